@@ -1,0 +1,1 @@
+"""fastvit's benchmark harness (installed as ``fastvit.benchmarks``; ``python -m benchmarks`` in a checkout)."""

@@ -1,0 +1,73 @@
+"""Input checks shared by the ops. Each error names the argument, what it got and what it needs."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    shape_hint: str = "",
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor of one of ``dtypes`` with ``ndim`` dims; return it.
+
+    Raises:
+        TypeError: not a tensor, or a dtype outside ``dtypes``.
+        ValueError: the wrong number of dimensions.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        hint = f" {shape_hint}" if shape_hint else ""
+        raise ValueError(f"{name} must have {ndim} dimensions{hint}, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_optional_tensor(name: str, t: object, **kwargs) -> torch.Tensor | None:
+    """``check_tensor`` for an argument that may be None."""
+    return None if t is None else check_tensor(name, t, **kwargs)
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All non-None tensors on one device; return it."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        got = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on the same device, got {got}")
+    return next(iter(present.values())).device
+
+
+def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
+    """All non-None tensors of one dtype (outside autocast); return it."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    dtypes = {v.dtype for v in present.values()}
+    if len(dtypes) > 1:
+        got = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in present.items())
+        raise TypeError(f"all tensors must have the same dtype (outside autocast), got {got}")
+    return next(iter(present.values())).dtype
+
+
+def check_unit_last_stride(name: str, t: torch.Tensor) -> None:
+    """The last dim must be unit-stride (other strides are free: views need no copy)."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have a unit stride in its last dimension, got strides {tuple(t.stride())} "
+            f"for shape {tuple(t.shape)}; call .contiguous() on it"
+        )
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device`` if autocast is enabled there, else None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None

@@ -1,0 +1,1 @@
+"""Model surgery: swap fused modules into existing timm, torchvision and Hugging Face ViTs."""

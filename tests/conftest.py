@@ -1,0 +1,47 @@
+"""Test set-up: pick the kernel device and make unwritten kernel outputs visible.
+
+Without a GPU, the Triton kernels run in Triton's interpreter. ``TRITON_INTERPRET`` is read when
+``@triton.jit`` decorates a kernel (at import), so it is set here, before any test imports
+fastvit. Ahead-of-time compile checks run in a subprocess with the variable unset.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "interpreter: runs the Triton kernels in the interpreter (CPU only)")
+    config.addinivalue_line("markers", "slow: long-running; still part of the default run")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_interp = pytest.mark.skip(reason="a GPU is present: kernels are tested compiled, not interpreted")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and HAS_CUDA:
+            item.add_marker(skip_interp)
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs():
+    """Every launcher's outputs start as NaN, so elements a kernel never writes fail the checks."""
+    from fastvit.kernels import runtime
+
+    runtime.FILL_OUTPUTS_WITH_NAN = True
+    yield
+    runtime.FILL_OUTPUTS_WITH_NAN = False
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernels run: the GPU when there is one, else the CPU interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
