@@ -4,13 +4,15 @@
 (never as top-level `kernels` / `benchmarks`: both names belong to other PyPI projects).
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="fastvit",
     version="0.1.0",
     description="Fused GPU kernels (flash attention, patch embedding, LayerNorm+MLP) for Vision Transformers",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[

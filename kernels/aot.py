@@ -131,7 +131,8 @@ def problems(report: dict[str, Any]) -> list[str]:
     if report["stack"] or report["local"]:
         found.append(f"spills: stack frame {report['stack']} B, local {report['local']} B")
     if report["shared"] > report["shared_limit"]:
-        found.append(f"shared memory {report['shared']} B over the sm_{report['arch']} limit {report['shared_limit']} B")
+        limit = report["shared_limit"]
+        found.append(f"shared memory {report['shared']} B over the sm_{report['arch']} limit {limit} B")
     if report["needs_wgmma"] and report["arch"] == 90 and report["hgmma"] == 0:
         found.append("fp16/bf16 matmul without warpgroup MMA (no HGMMA) on sm_90")
     return found

@@ -1,0 +1,325 @@
+"""fastvit.flash_attention: the Triton kernels (interpreter on CPU, compiled on a GPU) against the
+float64 reference, the torch route, dispatch, autocast, validation and torch.compile."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvit
+from fastvit import reference
+from tests.tolerance import assert_close_to_reference
+
+ON_GPU = torch.cuda.is_available()
+
+
+def _inputs(batch, heads, n_q, n_k, head_dim, dtype, device, *, packed=False, seed=0):
+    """Fresh random q, k, v (leaf tensors). ``packed``: views into one (B, N, 3, H, D) qkv
+    projection output, as timm's Attention makes them (non-contiguous, shared storage)."""
+    gen = torch.Generator().manual_seed(seed)
+    if packed:
+        assert n_q == n_k
+        qkv = torch.randn(batch, n_q, 3, heads, head_dim, generator=gen).to(device, dtype)
+        qkv.requires_grad_(True)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return (q, k, v), qkv
+    tensors = [
+        torch.randn(batch, heads, n, head_dim, generator=gen).to(device, dtype).requires_grad_(True)
+        for n in (n_q, n_k, n_k)
+    ]
+    return tuple(tensors), None
+
+
+def _reference(q, k, v, grad_out, dtype, *, scale=None, causal=False):
+    """(out, lse, dq, dk, dv) of the reference on copies of q, k, v cast to ``dtype`` (on CPU)."""
+    leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out, lse = reference.attention(*leaves, scale=scale, causal=causal)
+    out.backward(grad_out.detach().cpu().to(dtype))
+    return (out, lse, *(t.grad for t in leaves))
+
+
+def _check_against_reference(q, k, v, out, lse, grad_out, grads, *, scale=None, causal=False):
+    oracle = _reference(q, k, v, grad_out, torch.float64, scale=scale, causal=causal)
+    lowp = _reference(q, k, v, grad_out, q.dtype, scale=scale, causal=causal)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, actual, exp64, explow in zip(names, (out, lse, *grads), oracle, lowp, strict=True):
+        # lse is fp32 whatever the input dtype: its own budget is the fp32 slack
+        assert_close_to_reference(actual.detach().cpu(), exp64, explow, name=name, dtype=q.dtype)
+
+
+def _run_kernel(q, k, v, grad_out=None, **kwargs):
+    with fastvit.backend("triton"):
+        out, lse = fastvit.flash_attention(q, k, v, return_lse=True, **kwargs)
+        if grad_out is None:
+            grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, lse, grad_out, grads
+
+
+kernel_test = pytest.mark.interpreter if not ON_GPU else pytest.mark.gpu
+
+
+# N, M: 1 (a single row/key), 7 (below every block), 64 (exactly whole blocks), 197 (ViT-B/16 at
+# 224: cls + 14*14, prime), 257 (cls + 16*16, one past a power of two); M != N exercises the key
+# boundary separately from the query boundary.
+LENGTHS = [(1, 1), (7, 7), (64, 64), (197, 197), (257, 257), (7, 33), (70, 19)]
+
+
+@kernel_test
+@pytest.mark.parametrize("n_q,n_k", LENGTHS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_lengths_fp32(kernel_device, n_q, n_k, causal):
+    (q, k, v), _ = _inputs(1, 2, n_q, n_k, 64, torch.float32, kernel_device, seed=n_q * 1000 + n_k)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
+
+
+# Every supported head dim; 80 (ViT-H/14) and 96 are not powers of two and are masked.
+@kernel_test
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_head_dims(kernel_device, head_dim, dtype):
+    (q, k, v), _ = _inputs(2, 2, 37, 53, head_dim, dtype, kernel_device, seed=head_dim)
+    out, lse, grad_out, grads = _run_kernel(q, k, v)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads)
+
+
+@kernel_test
+@pytest.mark.parametrize("n_q,n_k", [(197, 197), (50, 77)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_fp16(kernel_device, n_q, n_k, causal):
+    (q, k, v), _ = _inputs(1, 3, n_q, n_k, 64, torch.float16, kernel_device, seed=7)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_packed_qkv_views_are_not_copied(kernel_device, dtype, monkeypatch):
+    """timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` views reach the kernel as they are."""
+    (q, k, v), _ = _inputs(2, 3, 41, 41, 32, dtype, kernel_device, packed=True, seed=3)
+    assert not q.is_contiguous() and q.data_ptr() != k.data_ptr()
+    from fastvit.kernels import flash_attention as kernels
+
+    seen = {}
+    original = kernels.flash_attention_forward
+
+    def spy(q_, k_, v_, scale, causal):
+        seen.update(q=q_.data_ptr(), k=k_.data_ptr(), v=v_.data_ptr(), strides=q_.stride())
+        return original(q_, k_, v_, scale, causal)
+
+    monkeypatch.setattr(kernels, "flash_attention_forward", spy)
+    out, lse, grad_out, grads = _run_kernel(q, k, v)
+    assert seen == {"q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "strides": q.stride()}
+    _check_against_reference(q, k, v, out, lse, grad_out, grads)
+
+
+@kernel_test
+def test_kernel_expanded_grad_output(kernel_device):
+    """``out.sum().backward()`` hands the op a grad_output with all strides 0."""
+    (q, k, v), _ = _inputs(2, 2, 45, 45, 64, torch.float32, kernel_device, seed=11)
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention(q, k, v)
+        out.sum().backward()
+    grad_out = torch.ones_like(out)
+    oracle = _reference(q, k, v, grad_out, torch.float64)
+    lowp = _reference(q, k, v, grad_out, torch.float32)
+    for name, t, i in (("dq", q, 2), ("dk", k, 3), ("dv", v, 4)):
+        assert_close_to_reference(t.grad.cpu(), oracle[i], lowp[i], name=name)
+
+
+@kernel_test
+def test_kernel_grad_output_with_odd_strides(kernel_device):
+    """A grad_output that is a transposed view (stride 1 not in the last dim)."""
+    (q, k, v), _ = _inputs(1, 2, 33, 20, 32, torch.float32, kernel_device, seed=5)
+    grad_out = torch.randn(1, 2, 32, 33, device=kernel_device).transpose(-1, -2)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, grad_out=grad_out)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads)
+
+
+@kernel_test
+def test_kernel_custom_scale_and_output_layout(kernel_device):
+    (q, k, v), _ = _inputs(2, 3, 29, 29, 16, torch.float32, kernel_device, seed=13)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, scale=0.3)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, scale=0.3)
+    # (B, N, H, D) in memory: merging heads after the usual transpose is free
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@kernel_test
+def test_kernel_matches_torch_route(kernel_device):
+    (q, k, v), _ = _inputs(2, 2, 40, 40, 64, torch.float32, kernel_device, seed=17)
+    with fastvit.backend("triton"):
+        fast = fastvit.flash_attention(q, k, v, causal=True)
+    with fastvit.backend("torch"):
+        slow = fastvit.flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@kernel_test
+def test_kernel_deterministic(kernel_device):
+    (q, k, v), _ = _inputs(1, 2, 70, 70, 32, torch.float16, kernel_device, seed=19)
+    first = _run_kernel(q, k, v, grad_out=torch.ones(1, 2, 70, 32, dtype=torch.float16, device=kernel_device))
+    second = _run_kernel(q, k, v, grad_out=torch.ones(1, 2, 70, 32, dtype=torch.float16, device=kernel_device))
+    for a, b in zip(first[3], second[3], strict=True):
+        assert torch.equal(a, b)
+
+
+@kernel_test
+def test_kernel_opcheck(kernel_device):
+    """Schema, fake tensor, autograd registration and AOT dispatch of the custom ops."""
+    (q, k, v), _ = _inputs(1, 2, 19, 23, 16, torch.float32, kernel_device, seed=23)
+    with fastvit.backend("triton"):
+        torch.library.opcheck(torch.ops.fastvit.flash_attention_fwd.default, (q, k, v, 0.25, False))
+        torch.library.opcheck(torch.ops.fastvit.flash_attention_fwd.default, (q, k, v, 0.25, True))
+
+
+@kernel_test
+def test_kernel_under_torch_compile(kernel_device):
+    (q, k, v), _ = _inputs(1, 2, 19, 19, 32, torch.float32, kernel_device, seed=29)
+
+    def block(q, k, v):
+        return fastvit.flash_attention(q * 1.5, k, v).transpose(1, 2).flatten(2).square().sum()
+
+    backend = "inductor" if ON_GPU else "aot_eager"
+    with fastvit.backend("triton"):
+        compiled = torch.compile(block, fullgraph=True, backend=backend)
+        loss = compiled(q, k, v)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        eager_loss = block(q, k, v)
+        eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@kernel_test
+def test_kernel_autocast_casts_like_sdpa(kernel_device):
+    """Under autocast, fp32 q and k (timm's qk_norm) beside a low-precision v are cast to the
+    autocast dtype; the output has that dtype, like SDPA's."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    (q, k, v), _ = _inputs(1, 2, 24, 24, 32, torch.float32, kernel_device, seed=31)
+    v_low = v.detach().to(dtype)
+    with fastvit.backend("triton"), torch.autocast(kernel_device.type, dtype=dtype):
+        out = fastvit.flash_attention(q, k, v_low)
+        expected = F.scaled_dot_product_attention(q, k, v_low)
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch, fallbacks and the torch route (no kernels involved)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_route_matches_reference_with_lse(causal):
+    (q, k, v), _ = _inputs(2, 3, 31, 47, 24, torch.float32, "cpu", seed=37)
+    with fastvit.backend("torch"):
+        out, lse = fastvit.flash_attention(q, k, v, causal=causal, return_lse=True)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert not lse.requires_grad
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
+
+
+def test_auto_backend_on_cpu_is_the_torch_route(monkeypatch):
+    from fastvit.ops import flash_attention as op
+
+    called = []
+    monkeypatch.setattr(op, "_torch_route", lambda *a: called.append(a) or a[0])
+    q = torch.randn(1, 1, 4, 8)
+    fastvit.flash_attention(q, q, q)
+    assert len(called) == 1
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("FASTVIT_BACKEND", "torch")
+    assert fastvit.current_backend() == "torch"
+    with fastvit.backend("triton"):
+        assert fastvit.current_backend() == "triton"
+    monkeypatch.setenv("FASTVIT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTVIT_BACKEND"):
+        fastvit.current_backend()
+    with pytest.raises(ValueError, match="backend name"):
+        fastvit.backend("cudnn").__enter__()
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU-only: the interpreter message")
+def test_triton_on_cpu_without_interpreter_says_so():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastvit\n"
+        "q = torch.randn(1, 1, 4, 16)\n"
+        "with fastvit.backend('triton'):\n"
+        "    fastvit.flash_attention(q, q, q)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "TRITON_INTERPRET=1" in result.stderr and "before" in result.stderr
+
+
+@pytest.mark.skipif(ON_GPU, reason="needs the interpreter")
+def test_unsupported_head_dim_falls_back_with_one_warning():
+    import sys
+
+    sys.modules["fastvit.backend"]._warned.clear()  # the module; fastvit.backend is the context manager
+    q = torch.randn(1, 2, 9, 192)  # D = 192: larger than the kernels cover
+    with fastvit.backend("triton"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fastvit.flash_attention(q, q, q)
+        fastvit.flash_attention(q, q, q)
+    fallback = [w for w in caught if issubclass(w.category, fastvit.FastvitFallbackWarning)]
+    assert len(fallback) == 1 and "head_dim 192" in str(fallback[0].message)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+
+
+def test_empty_query_sequence():
+    q = torch.randn(2, 3, 0, 16, requires_grad=True)
+    k = torch.randn(2, 3, 5, 16, requires_grad=True)
+    out = fastvit.flash_attention(q, k, k)
+    assert out.shape == (2, 3, 0, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument
+# ---------------------------------------------------------------------------------------------
+def _bad(**overrides):
+    base = {"q": torch.randn(2, 3, 5, 16), "k": torch.randn(2, 3, 7, 16), "v": torch.randn(2, 3, 7, 16)}
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize(
+    "args,error,pattern",
+    [
+        (_bad(q=torch.randn(3, 5, 16)), ValueError, r"q must have 4 dimensions.*\(3, 5, 16\)"),
+        (_bad(k=torch.randn(2, 4, 7, 16)), ValueError, r"k must match q in batch, heads and head_dim"),
+        (_bad(v=torch.randn(1, 3, 7, 16)), ValueError, r"v must match q"),
+        (_bad(k=torch.randn(2, 3, 7, 8)), ValueError, r"k must match q.*head_dim"),
+        (_bad(v=torch.randn(2, 3, 6, 16)), ValueError, r"k and v must have the same number of keys"),
+        (_bad(k=torch.randn(2, 3, 0, 16), v=torch.randn(2, 3, 0, 16)), ValueError, r"at least one key"),
+        (_bad(v=torch.randn(2, 3, 7, 16, dtype=torch.float16)), TypeError, r"same dtype.*v float16"),
+        (_bad(q=torch.randint(0, 5, (2, 3, 5, 16))), TypeError, r"q must have dtype in .*got int64"),
+        (_bad(q=[[1.0]]), TypeError, r"q must be a torch.Tensor, got list"),
+        (_bad(k=torch.randn(2, 3, 16, 7).transpose(-1, -2)), ValueError, r"k must have a unit stride"),
+        (_bad(q=torch.randn(2, 3, 5, 16, device="meta")), ValueError, r"same device.*q on meta"),
+    ],
+)
+def test_bad_input(args, error, pattern):
+    with pytest.raises(error, match=pattern):
+        fastvit.flash_attention(**args)
+
+
+def test_bad_scale():
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(TypeError, match="scale"):
+        fastvit.flash_attention(q, q, q, scale=math.inf)
+    with pytest.raises(TypeError, match="scale"):
+        fastvit.flash_attention(q, q, q, scale="0.5")
