@@ -31,7 +31,10 @@ setup(
     install_requires=["torch>=2.11", "triton>=3.6"],
     extras_require={
         "bench": ["numpy", "matplotlib", "rich", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "rich", "tqdm", "ruff"],
+        "test": [
+            "pytest", "pytest-xdist", "pytest-benchmark", "numpy", "matplotlib", "rich", "tqdm", "ruff",
+            "timm", "transformers",
+        ],
         "models": ["timm", "transformers"],
     },
     entry_points={"console_scripts": ["fastvit-bench=fastvit.benchmarks.__main__:main"]},

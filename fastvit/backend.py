@@ -97,8 +97,12 @@ def resolve_backend(device: torch.device) -> str:
 
 
 def warn_once(key: str, message: str) -> None:
-    """Emit ``FastvitFallbackWarning(message)`` the first time ``key`` is seen in this process."""
-    if key in _warned:
+    """Emit ``FastvitFallbackWarning(message)`` the first time ``key`` is seen in this process.
+
+    Silent while ``torch.compile`` traces (a warning there would break the graph); the eager
+    call that precedes or follows compilation warns as usual.
+    """
+    if key in _warned or torch.compiler.is_compiling():
         return
     _warned.add(key)
     warnings.warn(message, FastvitFallbackWarning, stacklevel=3)

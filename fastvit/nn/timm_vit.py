@@ -1,0 +1,212 @@
+"""Fused subclasses of timm's ViT modules, swapped onto a model by ``fastvit.patch``.
+
+timm's ``Attention``, its pre-norm ``Block`` and the ``VisionTransformer`` / DeiT
+``VisionTransformerDistilled`` embedding (``PatchEmbed`` + class/distillation/register tokens +
+``pos_embed``). See ``fastvit.nn.fused`` for how the swap works and ``fastvit/patching/timm.py`` for
+what is checked before a module is swapped. Importing this module imports timm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention, DropPath, LayerScale, PatchEmbed, resample_abs_pos_embed
+from timm.layers.activations import GELU as TimmGELU
+from timm.layers.activations import GELUTanh as TimmGELUTanh
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+
+import fastvit
+from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
+from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+
+__all__ = [
+    "FusedAttention",
+    "FusedBlock",
+    "FusedPatchEmbed",
+    "FusedVisionTransformer",
+    "FusedVisionTransformerDistilled",
+    "drop_path_scale",
+    "gelu_approximate",
+]
+
+
+def gelu_approximate(act: nn.Module) -> str | None:
+    """``"none"`` / ``"tanh"`` for the GELU modules timm builds, None for any other activation."""
+    if type(act) is nn.GELU:
+        return act.approximate
+    if type(act) is TimmGELU:
+        return "none"
+    if type(act) is TimmGELUTanh:
+        return "tanh"
+    return None
+
+
+def drop_path_scale(drop_path: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """timm's drop-path mask as the op's per-sample ``sample_scale`` (B,), or None when inactive.
+
+    Draws exactly what ``timm.layers.drop_path`` draws (B Bernoulli samples in x's dtype, divided
+    by keep_prob when ``scale_by_keep``), so a seeded run matches the unpatched block.
+    """
+    if not isinstance(drop_path, DropPath) or not dropout_active(drop_path.drop_prob, drop_path.training):
+        return None
+    keep_prob = 1.0 - drop_path.drop_prob
+    scale = x.new_empty((x.shape[0],)).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and drop_path.scale_by_keep:
+        scale.div_(keep_prob)
+    return scale
+
+
+class FusedAttention(FusedModule, Attention):
+    """timm ``Attention`` running ``fastvit.flash_attention``.
+
+    Same signature, ``forward(x, attn_mask=None, is_causal=False)``; q, k, v are views into the
+    packed ``qkv`` projection (no copies), ``q_norm``/``k_norm``, ``norm`` (scale_norm) and the
+    optional gate apply as in timm. Calls with ``attn_mask``, and calls in training with attention
+    dropout > 0, run timm's own forward.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if attn_mask is not None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if dropout_active(self.attn_drop.p, self.training):
+            warn_attention_dropout("timm Attention", self.attn_drop.p)
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        gate_layer = getattr(self, "gate", None)
+        gate = gate_layer(x).sigmoid() if gate_layer is not None else None
+        q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, H, N, D) views
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal)))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
+
+
+class FusedBlock(FusedModule, Block):
+    """timm pre-norm ``Block`` whose second half, ``x + drop_path2(ls2(mlp(norm2(x))))``, is one
+    ``fastvit.layernorm_mlp`` call (LayerScale as ``layer_scale``, drop-path as ``sample_scale``).
+
+    The attention half runs as in timm (through ``self.attn``, fused or not). In training with MLP
+    dropout > 0 the second half runs timm's modules.
+    """
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        mlp, norm = self.mlp, self.norm2
+        if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
+            warn_fallback(
+                "patched-mlp-dropout:timm",
+                "fastvit: a patched timm Block has MLP dropout > 0 and is in training mode; "
+                "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
+            )
+            return x + self.drop_path2(self.ls2(mlp(norm(x))))
+        return fastvit.layernorm_mlp(
+            x,
+            norm.weight,
+            norm.bias,
+            mlp.fc1.weight,
+            mlp.fc1.bias,
+            mlp.fc2.weight,
+            mlp.fc2.bias,
+            eps=norm.eps,
+            approximate=gelu_approximate(mlp.act),
+            layer_scale=self.ls2.gamma if isinstance(self.ls2, LayerScale) else None,
+            sample_scale=drop_path_scale(self.drop_path2, x),
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.norm2.normalized_shape[0]}, eps={self.norm2.eps}, fastvit={self.fastvit_op}"
+
+
+class FusedPatchEmbed(FusedModule, PatchEmbed):
+    """timm ``PatchEmbed`` of a patched ``VisionTransformer``: returns the finished tokens.
+
+    Its forward is one ``fastvit.patch_embed`` call that also prepends the model's class /
+    distillation / register tokens and adds its ``pos_embed`` (resampled as timm does under
+    ``dynamic_img_size``), so the model's ``_pos_embed`` only applies ``pos_drop``. It reads those
+    tensors from the model at call time; it is swapped in and out together with the model.
+    """
+
+    fastvit_part = "patch_embed"
+    fastvit_op = "patch_embed"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.img_size is not None:  # timm's checks, with timm's messages
+            for name, size, model_size, patch in zip(
+                ("height", "width"), x.shape[-2:], self.img_size, self.patch_size, strict=True
+            ):
+                if self.strict_img_size:
+                    message = f"Input {name} ({size}) doesn't match model ({model_size})."
+                    torch._assert(size == model_size, message)
+                elif not self.dynamic_img_pad:
+                    message = f"Input {name} ({size}) should be divisible by patch size ({patch})."
+                    torch._assert(size % patch == 0, message)
+        return self._fastvit_vit._fastvit_tokens(x)
+
+    def _fastvit_detach(self) -> None:
+        self.__dict__.pop("_fastvit_vit", None)
+
+
+class _FusedEmbedding(FusedModule):
+    """What the fused ``VisionTransformer`` classes share: the embedding through ``patch_embed``."""
+
+    fastvit_part = "patch_embed"
+    fastvit_op = "patch_embed"
+
+    def _fastvit_prefix(self) -> list[torch.Tensor]:
+        return [t for t in (self.cls_token, self.reg_token) if t is not None]
+
+    def _fastvit_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, P+N, D) tokens with prefix tokens and pos_embed."""
+        embed = self.patch_embed
+        prefix = self._fastvit_prefix()
+        prefix_tokens = None if not prefix else prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)
+        pos_embed = self.pos_embed
+        if pos_embed is not None and self.dynamic_img_size:
+            pos_embed = resample_abs_pos_embed(
+                pos_embed,
+                new_size=embed.dynamic_feat_size(x.shape[-2:]),  # rounded up under dynamic_img_pad
+                old_size=embed.grid_size,
+                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            )
+        padding = {"dynamic_img_pad": True} if embed.dynamic_img_pad else {}  # zero-pads bottom/right
+        return fastvit.patch_embed(
+            x, embed.proj.weight, embed.proj.bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, **padding
+        )
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.patch_embed, FusedPatchEmbed):  # patch_embed was replaced since
+            return super()._pos_embed(x)
+        return x if self.pos_embed is None else self.pos_drop(x)  # timm skips pos_drop without pos_embed
+
+    def _fastvit_attach(self) -> None:
+        FusedPatchEmbed.swap_in(self.patch_embed)
+        self.patch_embed.__dict__["_fastvit_vit"] = self  # a plain reference, not a submodule
+
+    def _fastvit_detach(self) -> None:
+        if isinstance(self.patch_embed, FusedPatchEmbed):
+            self.patch_embed.swap_out()
+
+
+class FusedVisionTransformer(_FusedEmbedding, VisionTransformer):
+    """timm ``VisionTransformer`` embedding its input with ``fastvit.patch_embed``."""
+
+
+class FusedVisionTransformerDistilled(_FusedEmbedding, VisionTransformerDistilled):
+    """DeiT ``VisionTransformerDistilled``: class then distillation token, then the patches."""
+
+    def _fastvit_prefix(self) -> list[torch.Tensor]:
+        return [self.cls_token, self.dist_token]

@@ -1,0 +1,174 @@
+"""Fused subclasses of torchvision's ViT modules, swapped onto a model by ``fastvit.patch``.
+
+``nn.MultiheadAttention`` (self-attention calls), ``EncoderBlock`` (its LayerNorm+MLP half) and
+the ``VisionTransformer`` embedding (``conv_proj`` + ``class_token`` + ``encoder.pos_embedding``).
+See ``fastvit.nn.fused`` for how the swap works and ``fastvit/patching/torchvision.py`` for what
+is checked first. Importing this module imports torchvision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.vision_transformer import Encoder, EncoderBlock, VisionTransformer
+
+import fastvit
+from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
+from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+
+__all__ = ["FusedEncoder", "FusedEncoderBlock", "FusedMultiheadAttention", "FusedVisionTransformer"]
+
+
+class FusedMultiheadAttention(FusedModule, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose self-attention calls run ``fastvit.flash_attention``.
+
+    Same signature and return, ``(out, weights)``. Covered: ``query is key is value`` (3-D, batch
+    first or not), ``need_weights=False``, no masks, no ``bias_k``/``bias_v``/``add_zero_attn``,
+    packed ``in_proj``, and dropout inactive; the fused call returns ``(out, None)`` exactly as
+    PyTorch does with ``need_weights=False``. Every other call runs PyTorch's forward.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+
+    def _fastvit_covers(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
+    ) -> bool:
+        return (
+            query is key
+            and key is value
+            and query.dim() == 3
+            and not need_weights
+            and key_padding_mask is None
+            and attn_mask is None
+            and not is_causal
+            and self._qkv_same_embed_dim
+            and self.bias_k is None
+            and self.bias_v is None
+            and not self.add_zero_attn
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        covered = self._fastvit_covers(
+            query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
+        )
+        if covered and dropout_active(self.dropout, self.training):
+            warn_attention_dropout("nn.MultiheadAttention", self.dropout)
+            covered = False
+        if not covered:
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3E) or (N, B, 3E)
+        q, k, v = split_packed_qkv(qkv, self.num_heads, self.head_dim, batch_first=self.batch_first)
+        out = merge_heads(self_attention(q, k, v), batch_first=self.batch_first)  # scale 1/sqrt(D), as MHA
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
+
+
+def _mlp_layers(block: EncoderBlock) -> tuple[nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout]:
+    fc1, act, drop1, fc2, drop2 = block.mlp  # torchvision's MLPBlock: Linear, GELU, Dropout, Linear, Dropout
+    return fc1, act, drop1, fc2, drop2
+
+
+class FusedEncoderBlock(FusedModule, EncoderBlock):
+    """torchvision ``EncoderBlock`` whose second half, ``x + mlp(ln_2(x))``, is one
+    ``fastvit.layernorm_mlp`` call. The attention half runs as in torchvision; in training with
+    MLP dropout > 0 the second half runs torchvision's modules."""
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = self.dropout(x)
+        x = x + input
+
+        fc1, act, drop1, fc2, drop2 = _mlp_layers(self)
+        if dropout_active(drop1.p, drop1.training) or dropout_active(drop2.p, drop2.training):
+            warn_fallback(
+                "patched-mlp-dropout:torchvision",
+                "fastvit: a patched torchvision EncoderBlock has MLP dropout > 0 and is in training "
+                "mode; fastvit.layernorm_mlp has no dropout, so its MLP half runs torchvision's modules",
+            )
+            return x + self.mlp(self.ln_2(x))
+        norm = self.ln_2
+        return fastvit.layernorm_mlp(
+            x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+            eps=norm.eps, approximate=act.approximate,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"dim={self.ln_2.normalized_shape[0]}, eps={self.ln_2.eps}, fastvit={self.fastvit_op}"
+
+
+class FusedEncoder(FusedModule, Encoder):
+    """torchvision ``Encoder`` of a patched ``VisionTransformer``: ``pos_embedded=True`` skips the
+    ``pos_embedding`` add (the fused embedding already did it); called without it, it is unchanged."""
+
+    fastvit_part = "patch_embed"
+    fastvit_op = "patch_embed"
+
+    def forward(self, input: torch.Tensor, pos_embedded: bool = False) -> torch.Tensor:
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        if not pos_embedded:
+            input = input + self.pos_embedding
+        return self.ln(self.layers(self.dropout(input)))
+
+
+class FusedVisionTransformer(FusedModule, VisionTransformer):
+    """torchvision ``VisionTransformer`` embedding its input with one ``fastvit.patch_embed`` call
+    (``conv_proj``, ``class_token`` prepended, ``encoder.pos_embedding`` added). The encoder is
+    swapped in and out with it."""
+
+    fastvit_part = "patch_embed"
+    fastvit_op = "patch_embed"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.encoder, FusedEncoder):  # the encoder was replaced since
+            return super().forward(x)
+        _, _, height, width = x.shape  # torchvision's checks, with its messages
+        torch._assert(
+            height == self.image_size, f"Wrong image height! Expected {self.image_size} but got {height}!"
+        )
+        torch._assert(
+            width == self.image_size, f"Wrong image width! Expected {self.image_size} but got {width}!"
+        )
+        x = fastvit.patch_embed(
+            x,
+            self.conv_proj.weight,
+            self.conv_proj.bias,
+            pos_embed=self.encoder.pos_embedding,
+            prefix_tokens=self.class_token,
+        )
+        x = self.encoder(x, pos_embedded=True)
+        return self.heads(x[:, 0])
+
+    def _fastvit_attach(self) -> None:
+        FusedEncoder.swap_in(self.encoder)
+
+    def _fastvit_detach(self) -> None:
+        if isinstance(self.encoder, FusedEncoder):
+            self.encoder.swap_out()

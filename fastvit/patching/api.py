@@ -1,0 +1,155 @@
+"""``fastvit.patch(model)`` and ``fastvit.unpatch(model)``.
+
+Patching swaps the class of each recognised module for a fused subclass (``fastvit.nn.fused``):
+nothing is copied, moved or re-registered, so ``state_dict()`` keys, shapes and storages, the
+Parameters an optimizer holds, hooks and checkpoints are exactly as before, and unpatching swaps
+the original classes back.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch.nn as nn
+
+import fastvit
+from fastvit.nn.fused import FusedModule
+from fastvit.patching.registry import ADAPTERS, OP_OF_PART, Patched, Skip, Swap, loaded_adapters
+from fastvit.patching.report import PatchEntry, PatchReport
+
+__all__ = ["patch", "unpatch"]
+
+
+def _check_model(model: object, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastvit.{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_not_meta(model: nn.Module) -> None:
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    meta = [name for name, t in tensors if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"fastvit.patch: {type(model).__name__} has {len(meta)} tensors on the meta device (e.g. "
+            f"{meta[0]!r}); materialize it first (model.to_empty(device=...) and load its weights), then "
+            "patch. The model is unchanged."
+        )
+
+
+def _replacement_detail(swap: Swap) -> str:
+    fused = swap.fused
+    detail = f"{fused.fastvit_original().__name__} -> {fused.__name__} (fastvit.{fused.fastvit_op})"
+    return "; ".join((detail, *swap.notes))
+
+
+def _find_swaps(model: nn.Module, parts: dict[str, bool], report: PatchReport) -> list[Swap]:
+    """Ask each loaded adapter what it finds; record skips and earlier patches in ``report``."""
+    swaps: list[Swap] = []
+    for adapter in loaded_adapters():
+        try:
+            family = adapter.load()
+        except (ImportError, AttributeError) as err:  # a library version the adapter cannot read
+            reason = f"fastvit's {adapter.family} adapter does not load with the installed {adapter.library}: {err}"
+            report.skipped.append(PatchEntry("", "model", reason))
+            continue
+        for finding in family.find(model):
+            if finding.part in parts and not parts[finding.part]:
+                continue  # a part not asked for is neither patched nor reported
+            if isinstance(finding, Skip):
+                report.skipped.append(PatchEntry(finding.path, finding.part, finding.reason))
+            elif isinstance(finding, Patched):
+                detail = f"{type(finding.module).__name__} (an earlier fastvit.patch)"
+                report.already_patched.append(PatchEntry(finding.path, finding.part, detail))
+            elif not hasattr(fastvit, OP_OF_PART[finding.part]):
+                op = OP_OF_PART[finding.part]
+                reason = f"fastvit.{op} is not available in this fastvit (fastvit/ops/{op}.py is missing)"
+                report.skipped.append(PatchEntry(finding.path, finding.part, reason))
+            else:
+                swaps.append(finding)
+    return swaps
+
+
+def patch(
+    model: nn.Module, *, attention: bool = True, patch_embed: bool = True, mlp: bool = True
+) -> PatchReport:
+    """Make ``model`` run fastvit's fused ops, in place, keeping every Parameter where it is.
+
+    Recognised: timm ``VisionTransformer`` and the models sharing its blocks (vit_*, deit_*,
+    deit3_* ...), torchvision ``VisionTransformer`` and Hugging Face ``ViTModel`` /
+    ``ViTForImageClassification``, alone or inside a larger model. Each part is replaced per
+    module: the attention (``fastvit.flash_attention``), the LayerNorm+MLP half of each block with
+    its residual add (``fastvit.layernorm_mlp``) and the patch embedding with its class/register
+    tokens and position embedding (``fastvit.patch_embed``). A module that cannot be fused is left
+    alone and listed in the report with the reason; calls a fused module does not cover (attention
+    masks, dropout in training, attention weights requested) run its original forward.
+
+    Args:
+        model: the model, on any device (not meta), with or without trained weights.
+        attention, patch_embed, mlp: which parts to fuse.
+
+    Returns:
+        A ``PatchReport``: ``replaced``, ``skipped`` (with reasons) and ``already_patched``;
+        ``print(report)`` gives a short table. Patching a patched model again is a no-op.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or a flag is not a bool.
+        ValueError: nothing in ``model`` can be patched (the message says why), no part was
+            asked for, or the model has tensors on the meta device. The model is then unchanged.
+
+    Example:
+        >>> model = timm.create_model("vit_base_patch16_224", pretrained=True).cuda()
+        >>> print(fastvit.patch(model))
+        >>> fastvit.unpatch(model)  # back to timm's own modules
+    """
+    _check_model(model, "patch")
+    parts = {"attention": attention, "patch_embed": patch_embed, "mlp": mlp}
+    for name, flag in parts.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"fastvit.patch: {name} must be a bool, got {flag!r}")
+    if not any(parts.values()):
+        raise ValueError("fastvit.patch: attention, patch_embed and mlp are all False; nothing was asked for")
+    _check_not_meta(model)
+
+    report = PatchReport(model=type(model).__name__)
+    swaps = _find_swaps(model, parts, report)
+    if not swaps and not report.already_patched:
+        families = ", ".join(a.family for a in ADAPTERS)
+        reasons = "\n".join(f"  {e.part:<12} {e.where}: {e.detail}" for e in report.skipped)
+        found = f"; what was found:\n{reasons}" if reasons else f": no {families} ViT modules found"
+        name = type(model).__name__
+        raise ValueError(f"fastvit.patch: nothing to patch in {name}{found}\nThe model is unchanged.")
+
+    done: list[nn.Module] = []
+    try:
+        for swap in swaps:
+            swap.fused.swap_in(swap.module)
+            done.append(swap.module)
+    except BaseException:
+        for module in reversed(done):  # leave the model as it was
+            module.swap_out()
+        raise
+    report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
+    return report
+
+
+def unpatch(model: nn.Module) -> PatchReport:
+    """Undo ``fastvit.patch``: every fused module gets its original class back.
+
+    The model then computes exactly what it did before patching (same modules, same tensors). A
+    model that was never patched is left as it is (the report lists nothing).
+
+    Returns:
+        A ``PatchReport`` whose ``replaced`` lists the modules restored.
+
+    Example:
+        >>> report = fastvit.patch(model)
+        >>> fastvit.unpatch(model)
+    """
+    _check_model(model, "unpatch")
+    restored = []
+    for path, module in list(model.named_modules()):
+        if isinstance(module, FusedModule):  # not if its parent has swapped it back already
+            fused = type(module)
+            module.swap_out()
+            restored.append(PatchEntry(path, fused.fastvit_part, f"{fused.__name__} -> {type(module).__name__}"))
+    return PatchReport(model=type(model).__name__, action="unpatch", replaced=restored)

@@ -1,0 +1,52 @@
+"""Structural checks the adapters share. Each returns the problems it found, as report reasons
+naming the submodule (empty list: fine). Types are compared exactly: a subclass may change the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+__all__ = ["exact_type", "layernorm_problems", "missing_attributes", "patch_conv_problems"]
+
+
+def _name(cls: type) -> str:
+    return cls.__qualname__
+
+
+def exact_type(module: object, name: str, allowed: Iterable[type], what: str) -> list[str]:
+    """``[]`` if ``type(module)`` is one of ``allowed``, else ``["<name> is X, not <what>"]``."""
+    if type(module) in tuple(allowed):
+        return []
+    return [f"{name} is {_name(type(module))}, not {what}"]
+
+
+def missing_attributes(module: nn.Module, names: Iterable[str], family: str) -> list[str]:
+    """A problem if ``module`` lacks attributes the fused forward reads (another library version)."""
+    missing = [n for n in names if not hasattr(module, n)]
+    if not missing:
+        return []
+    return [f"{_name(type(module))} has no {', '.join(missing)} (a {family} version fastvit does not know)"]
+
+
+def layernorm_problems(norm: object, name: str, allowed: Iterable[type] = (nn.LayerNorm,)) -> list[str]:
+    """``norm`` must be a LayerNorm over the last dim only."""
+    problems = exact_type(norm, name, allowed, "nn.LayerNorm")
+    if not problems and len(norm.normalized_shape) != 1:
+        problems.append(f"{name} normalizes over {tuple(norm.normalized_shape)}, not the last dim only")
+    return problems
+
+
+def patch_conv_problems(conv: object, name: str) -> list[str]:
+    """``conv`` must be a patchify Conv2d: square kernel p, stride p, no padding/dilation/groups."""
+    problems = exact_type(conv, name, (nn.Conv2d,), "nn.Conv2d")
+    if problems:
+        return problems
+    kernel, stride = tuple(conv.kernel_size), tuple(conv.stride)
+    if kernel[0] != kernel[1] or stride != kernel:
+        needs = "the fused op needs square patches, stride = kernel"
+        problems.append(f"{name} has kernel {kernel} and stride {stride}; {needs}")
+    if conv.padding not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+        problems.append(f"{name} has padding {conv.padding}, dilation {conv.dilation}, groups {conv.groups}")
+    return problems

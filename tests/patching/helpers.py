@@ -1,0 +1,128 @@
+"""Tiny models of each family, built locally (no downloads), and the comparisons the tests share.
+
+Sizes: 16x16 images with 4x4 patches (16 patch tokens, plus prefix tokens: 17 to 19, never a
+power of two), embedding dim 32, 2 heads (head_dim 16), 2 blocks, batch 3 (odd).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+import fastvit
+
+# The torch route of every op runs the same PyTorch math as the unpatched modules (fp32).
+RTOL, ATOL = 1e-5, 1e-6
+OPS = ("flash_attention", "layernorm_mlp", "patch_embed")
+HAS_PATCH_EMBED = hasattr(fastvit, "patch_embed")
+IMG, PATCH, DIM, HEADS, DEPTH, BATCH = 16, 4, 32, 2, 2, 3
+
+
+def images(batch: int = BATCH, size: int | tuple[int, int] = IMG, seed: int = 0) -> torch.Tensor:
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def perturb_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    """Move every parameter off its init (LayerScale 1e-6, zero biases and heads, ~0 class
+    tokens would hide a wrong operand), keeping LayerNorm weights near 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return model
+
+
+def timm_vit(**overrides) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=5)
+    return perturb_(VisionTransformer(**(args | overrides)))
+
+
+def timm_model(name: str, **overrides) -> nn.Module:
+    import timm
+
+    args = dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=5)
+    return perturb_(timm.create_model(name, pretrained=False, **(args | overrides)))
+
+
+def torchvision_vit(**overrides) -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    args = dict(image_size=IMG, patch_size=PATCH, num_layers=DEPTH, num_heads=HEADS, hidden_dim=DIM)
+    return perturb_(VisionTransformer(**(args | dict(mlp_dim=64, num_classes=5) | overrides)))
+
+
+def hf_config(**overrides):
+    from transformers import ViTConfig
+
+    args = dict(
+        image_size=IMG, patch_size=PATCH, hidden_size=DIM, num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS, intermediate_size=64, num_labels=5,
+    )  # fmt: skip
+    return ViTConfig(**(args | overrides))
+
+
+def hf_classifier(**overrides) -> nn.Module:
+    from transformers import ViTForImageClassification
+
+    return perturb_(ViTForImageClassification(hf_config(**overrides)))
+
+
+def pair(model: nn.Module, **patch_args) -> tuple[nn.Module, nn.Module, fastvit.PatchReport]:
+    """(unpatched reference, patched deep copy, report)."""
+    patched = copy.deepcopy(model)
+    report = fastvit.patch(patched, **patch_args)
+    return model, patched, report
+
+
+def expected_parts(attention: int, mlp: int, patch_embed: int) -> dict[str, int]:
+    """The report's counts() for a model with these many fusable modules, given which ops exist."""
+    counts = {"attention": attention, "mlp": mlp, "patch_embed": patch_embed if HAS_PATCH_EMBED else 0}
+    return {part: n for part, n in counts.items() if n}
+
+
+def assert_outputs_and_grads_match(
+    reference: nn.Module,
+    patched: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x),
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    seed: int | None = None,
+) -> None:
+    """Same output and the same gradient on every parameter (and the input), for a random
+    upstream gradient. ``seed`` reseeds the RNG before each run (drop-path, dropout)."""
+    outputs, grads = [], []
+    for model in (reference, patched):
+        x = inputs.clone().requires_grad_(True)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = run(model, x)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        (out * upstream).sum().backward()
+        outputs.append(out.detach())
+        grads.append([("input", x.grad)] + [(n, p.grad) for n, p in model.named_parameters()])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=rtol, atol=atol)
+    assert len(grads[1]) == len(grads[0])
+    for (name, ref_grad), (_, got) in zip(grads[0], grads[1], strict=True):  # same order of Parameters
+        if ref_grad is None:
+            assert got is None, f"{name}: patched model has a gradient the reference lacks"
+            continue
+        assert got is not None, f"{name}: no gradient in the patched model"
+        message = lambda m, n=name: f"grad of {n}: {m}"
+        torch.testing.assert_close(got, ref_grad, rtol=rtol, atol=atol, msg=message)
+
+
+def storage_map(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
+    """state_dict keys in order, with each tensor's shape and data pointer."""
+    return [(k, tuple(v.shape), v.data_ptr()) for k, v in model.state_dict().items()]
+
+
+def module_types(model: nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in model.named_modules()}

@@ -1,0 +1,56 @@
+"""Patched models on a GPU (the compiled Triton kernels), bf16 autocast, against the unpatched
+model: outputs and every gradient within bf16 error, relative to each tensor's magnitude.
+
+Models: dim 128, 2 heads (head_dim 64), 2 blocks, 64x64 images with 8x8 patches (64 patches +
+prefix tokens: 65 to 67, not a multiple of the kernels' blocks). Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import hf_classifier, pair, timm_vit, torchvision_vit
+
+pytestmark = pytest.mark.gpu
+
+FAMILIES = {
+    "timm": lambda: (
+        timm_vit(img_size=64, patch_size=8, embed_dim=128, reg_tokens=2, qk_norm=True, init_values=0.5),
+        lambda m, x: m(x),
+    ),
+    "torchvision": lambda: (
+        torchvision_vit(image_size=64, patch_size=8, hidden_dim=128, mlp_dim=512),
+        lambda m, x: m(x),
+    ),
+    "transformers": lambda: (
+        hf_classifier(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512),
+        lambda m, x: m(x).logits,
+    ),
+}
+
+
+def _assert_close_relative(got: torch.Tensor, want: torch.Tensor, name: str, rel: float = 3e-2) -> None:
+    scale = want.float().abs().max().item() + 1e-6
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= rel * scale, f"{name}: max error {err:.3e} > {rel} x max |reference| {scale:.3e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_autocast_matches_unpatched(family, op_calls):
+    pytest.importorskip(family)
+    model, run = FAMILIES[family]()
+    reference, patched, _ = pair(model.cuda().train())
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want, got = run(reference, x), run(patched, x)
+    assert got.dtype == want.dtype
+    _assert_close_relative(got, want, "output")
+    upstream = torch.randn_like(want, dtype=torch.float32)
+    (got.float() * upstream).sum().backward()
+    (want.float() * upstream).sum().backward()
+    for (name, p), q in zip(patched.named_parameters(), reference.parameters(), strict=True):
+        _assert_close_relative(p.grad, q.grad, f"grad of {name}", rel=5e-2)
+    assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]
+    assert fastvit.unpatch(patched).replaced
