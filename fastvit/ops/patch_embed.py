@@ -1,0 +1,288 @@
+"""``fastvit.patch_embed``: input checks, autocast rule, backend dispatch and autograd.
+
+The Triton route is a forward custom op (``fastvit::patch_embed_fwd``: the implicit-GEMM kernel
+that writes the whole (B, P+N, D) token buffer) and three backward custom ops
+(``fastvit::patch_embed_bwd_weight``, ``fastvit::patch_embed_bwd_input`` and
+``fastvit::patch_embed_bwd_tokens``), each with a fake implementation, so the op runs under
+``torch.compile(fullgraph=True)`` without a graph break. The ``torch`` route is the composite it
+replaces: ``F.conv2d`` + flatten + transpose + ``torch.cat`` + add.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastvit.backend import resolve_backend, warn_once
+from fastvit.ops._checks import autocast_dtype, check_optional_tensor, check_same_device, check_same_dtype, check_tensor
+
+__all__ = ["patch_embed"]
+
+# dtypes the Triton kernels take; float64 is valid input and runs on the torch route.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ALL_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton route: custom ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    prefix_tokens: torch.Tensor | None,
+    pad: bool,
+) -> torch.Tensor:
+    from fastvit.kernels.patch_embed import patch_embed_forward
+
+    return patch_embed_forward(x, weight, bias, pos_embed, prefix_tokens, pad)
+
+
+@_patch_embed_fwd.register_fake
+def _(x, weight, bias, pos_embed, prefix_tokens, pad):
+    from fastvit.kernels.patch_embed import grid_size
+
+    gh, gw = grid_size(x.shape[2], x.shape[3], weight.shape[-1], pad)
+    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    dtype = next((t.dtype for t in (prefix_tokens, pos_embed) if t is not None), weight.dtype)
+    return x.new_empty((x.shape[0], num_prefix + gh * gw, weight.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("fastvit::patch_embed_bwd_weight", mutates_args=())
+def _patch_embed_bwd_weight(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pad: bool) -> torch.Tensor:
+    from fastvit.kernels.patch_embed import patch_embed_backward_weight
+
+    return patch_embed_backward_weight(grad, x, weight, pad)
+
+
+@_patch_embed_bwd_weight.register_fake
+def _(grad, x, weight, pad):
+    from fastvit.kernels.patch_embed import weight_grad_like
+
+    return weight_grad_like(x, weight)
+
+
+@torch.library.custom_op("fastvit::patch_embed_bwd_input", mutates_args=())
+def _patch_embed_bwd_input(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pad: bool) -> torch.Tensor:
+    from fastvit.kernels.patch_embed import patch_embed_backward_input
+
+    return patch_embed_backward_input(grad, x, weight, pad)
+
+
+@_patch_embed_bwd_input.register_fake
+def _(grad, x, weight, pad):
+    from fastvit.kernels.patch_embed import image_like
+
+    return image_like(x)
+
+
+@torch.library.custom_op("fastvit::patch_embed_bwd_tokens", mutates_args=())
+def _patch_embed_bwd_tokens(grad: torch.Tensor) -> torch.Tensor:
+    from fastvit.kernels.patch_embed import patch_embed_backward_tokens
+
+    return patch_embed_backward_tokens(grad)
+
+
+@_patch_embed_bwd_tokens.register_fake
+def _(grad):
+    return grad.new_empty(grad.shape[1:], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, pos_embed, prefix_tokens, pad = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.pad = pad
+    ctx.num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    ctx.pos_len = None if pos_embed is None else pos_embed.shape[1]
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, pos_embed, prefix_tokens))
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_bias, need_pos, need_prefix = ctx.needs_input_grad[:5]
+    dx = _patch_embed_bwd_input(grad, x, weight, ctx.pad) if need_x else None
+    dw = _patch_embed_bwd_weight(grad, x, weight, ctx.pad) if need_w else None
+    dbias = dpos = dprefix = None
+    if need_bias or need_pos or need_prefix:
+        # (P+N, D) fp32 sums over the batch; the three small gradients are slices of it
+        sums = _patch_embed_bwd_tokens(grad)
+        num_prefix = ctx.num_prefix
+        bias_dtype, pos_dtype, prefix_dtype = ctx.dtypes
+        if need_bias:
+            dbias = sums[num_prefix:].sum(0).to(bias_dtype)
+        if need_pos:
+            rows = sums if ctx.pos_len == sums.shape[0] else sums[num_prefix:]
+            dpos = rows.unsqueeze(0).to(pos_dtype)
+        if need_prefix:
+            dprefix = sums[:num_prefix].unsqueeze(0).to(prefix_dtype)
+    return dx, dw, dbias, dpos, dprefix, None
+
+
+_patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch route
+# ---------------------------------------------------------------------------------------------
+def _pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Zero-pad the bottom and right of ``x`` to multiples of ``patch`` (timm's dynamic_img_pad)."""
+    pad_h = -x.shape[2] % patch
+    pad_w = -x.shape[3] % patch
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def _torch_route(x, weight, bias, pos_embed, prefix_tokens, pad):
+    patch = weight.shape[-1]
+    if pad:
+        x = _pad_to_patches(x, patch)
+    tokens = F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)  # NCHW -> NLC
+    if pos_embed is not None and pos_embed.shape[1] == tokens.shape[1]:
+        tokens = tokens + pos_embed  # patches only (also the P == 0 case)
+        pos_embed = None
+    if prefix_tokens is not None:
+        tokens = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------------------------
+def _validate(x, weight, bias, pos_embed, prefix_tokens, pad) -> None:
+    check_tensor("x", x, ndim=4, dtypes=_ALL_DTYPES, shape_hint="(batch, channels, height, width)")
+    check_tensor("weight", weight, ndim=4, dtypes=_ALL_DTYPES, shape_hint="(embed_dim, channels, patch, patch)")
+    check_optional_tensor("bias", bias, ndim=1, dtypes=_ALL_DTYPES, shape_hint="(embed_dim,)")
+    check_optional_tensor("pos_embed", pos_embed, ndim=3, dtypes=_ALL_DTYPES, shape_hint="(1, tokens, embed_dim)")
+    check_optional_tensor(
+        "prefix_tokens", prefix_tokens, ndim=3, dtypes=_ALL_DTYPES, shape_hint="(1, num_prefix, embed_dim)"
+    )
+    check_same_device(x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens)
+    _, chans, height, width = x.shape
+    dim, w_chans, kh, kw = weight.shape
+    if kh != kw:
+        raise ValueError(f"weight must be a square (embed_dim, channels, p, p) kernel, got shape {tuple(weight.shape)}")
+    if kh == 0:
+        raise ValueError(f"weight must have a patch size of at least 1, got shape {tuple(weight.shape)}")
+    if w_chans != chans:
+        raise ValueError(
+            f"x has {chans} channels but weight expects {w_chans}: x is {tuple(x.shape)} (B, C, H, W), "
+            f"weight is {tuple(weight.shape)} (D, C, p, p)"
+        )
+    if bias is not None and bias.shape[0] != dim:
+        raise ValueError(
+            f"bias must have shape ({dim},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
+    patch = kh
+    if not pad and (height % patch or width % patch):
+        raise ValueError(
+            f"x's height and width must be multiples of the patch size {patch}, got x {tuple(x.shape)}; "
+            "pass dynamic_img_pad=True to zero-pad the bottom and right edges"
+        )
+    grid_h, grid_w = -(-height // patch), -(-width // patch)
+    n = grid_h * grid_w
+    num_prefix = 0
+    if prefix_tokens is not None:
+        if prefix_tokens.shape[0] != 1 or prefix_tokens.shape[2] != dim:
+            raise ValueError(
+                f"prefix_tokens must have shape (1, P, {dim}) (embed_dim from weight {tuple(weight.shape)}), "
+                f"got {tuple(prefix_tokens.shape)}"
+            )
+        num_prefix = prefix_tokens.shape[1]
+    if pos_embed is not None and (
+        pos_embed.shape[0] != 1 or pos_embed.shape[2] != dim or pos_embed.shape[1] not in (n, num_prefix + n)
+    ):
+        lengths = f"{n} or {num_prefix + n}" if num_prefix else f"{n}"
+        raise ValueError(
+            f"pos_embed must have shape (1, L, {dim}) with L = {lengths} ({n} patches of x {tuple(x.shape)} "
+            f"with patch size {patch}, {num_prefix} prefix tokens), got {tuple(pos_embed.shape)}"
+        )
+
+
+def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    # bias, pos_embed and prefix tokens are read along D as vectors; the rare strided view of one
+    # of these small tensors is copied (they hold D or (P+N)*D elements, never the image)
+    return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    prefix_tokens: torch.Tensor | None = None,
+    dynamic_img_pad: bool = False,
+) -> torch.Tensor:
+    """A ViT's patch embedding in one kernel: Conv2d(stride = kernel = p), flatten, transpose,
+    prefix-token concat and position-embedding add.
+
+    Args:
+        x: (B, C, H, W) images, contiguous or channels_last (any strides; never copied).
+        weight: (D, C, p, p) Conv2d weight (timm ``PatchEmbed.proj.weight``, torchvision
+            ``conv_proj.weight``, Hugging Face ``ViTPatchEmbeddings.projection.weight``).
+        bias: (D,) Conv2d bias, or None.
+        pos_embed: (1, P+N, D), added to every token after the prefix tokens are prepended, or
+            (1, N, D), added to the patch tokens only (timm's ``no_embed_class``); or None.
+        prefix_tokens: (1, P, D) cls, distillation and register tokens, in that order; or None.
+        dynamic_img_pad: zero-pad the bottom and right edges of x to multiples of p (timm's
+            ``dynamic_img_pad``; the padding is masked in the kernel, never materialised). Without
+            it, H and W must be multiples of p.
+
+    Returns:
+        (B, P+N, D) tokens, N = (H/p) * (W/p), in the dtype the composite would give: the inputs'
+        dtype, or under autocast the autocast dtype, promoted with that of prefix_tokens and
+        pos_embed (fp32 model parameters give fp32 tokens, as torch.cat and + would).
+
+    dtypes: fp16, bf16 and fp32 run the kernels (fp32 with IEEE fp32 dots, no TF32); float64 runs
+    the ``torch`` route. Under autocast the GEMM runs in the autocast dtype like F.conv2d (fp32
+    images are rounded in registers, not copied). Differentiable in every tensor argument.
+
+    Example:
+        >>> x = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+        >>> conv = torch.nn.Conv2d(3, 768, 16, stride=16, device="cuda", dtype=torch.bfloat16)
+        >>> cls = torch.zeros(1, 1, 768, device="cuda", dtype=torch.bfloat16)
+        >>> pos = torch.zeros(1, 197, 768, device="cuda", dtype=torch.bfloat16)
+        >>> fastvit.patch_embed(x, conv.weight, conv.bias, pos_embed=pos, prefix_tokens=cls).shape
+        torch.Size([8, 197, 768])
+    """
+    pad = bool(dynamic_img_pad)
+    _validate(x, weight, bias, pos_embed, prefix_tokens, pad)
+    if prefix_tokens is not None and prefix_tokens.shape[1] == 0:
+        prefix_tokens = None  # nothing to prepend (and, like the composite, no dtype promotion)
+    device = x.device
+    route = resolve_backend(device)
+    if route == "triton":
+        cast_to = autocast_dtype(device)
+        dtypes = {t.dtype for t in (x, weight, bias, pos_embed, prefix_tokens) if t is not None}
+        if not dtypes <= set(_KERNEL_DTYPES) or (cast_to is not None and cast_to not in _KERNEL_DTYPES):
+            warn_once(
+                "patch_embed:float64",
+                "fastvit.patch_embed: the Triton kernels take fp16, bf16 and fp32; running the torch "
+                f"composite for dtypes {sorted(str(d) for d in dtypes)}",
+            )
+            route = "torch"
+    if route == "torch":
+        if autocast_dtype(device) is None:
+            check_same_dtype(x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens)
+        return _torch_route(x, weight, bias, pos_embed, prefix_tokens, pad)
+
+    cast_to = autocast_dtype(device)
+    if cast_to is None:
+        check_same_dtype(x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens)
+    else:
+        # F.conv2d's rule: the GEMM in the autocast dtype. fp32 images stay fp32 (the kernel rounds
+        # them as it loads them); the tokens take the dtype torch.cat / + would promote to.
+        weight = weight.to(cast_to)
+        bias = None if bias is None else bias.to(cast_to)
+        if x.dtype not in (torch.float32, cast_to):
+            x = x.to(cast_to)
+        out_dtype = cast_to
+        for t in (pos_embed, prefix_tokens):
+            if t is not None:
+                out_dtype = torch.promote_types(out_dtype, t.dtype)
+        pos_embed = None if pos_embed is None else pos_embed.to(out_dtype)
+        prefix_tokens = None if prefix_tokens is None else prefix_tokens.to(out_dtype)
+    return _patch_embed_fwd(x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens), pad)

@@ -1,0 +1,800 @@
+"""Patch embedding (strided Conv2d + flatten + transpose + prefix concat + pos add) in Triton.
+
+The convolution with stride = kernel = p is a GEMM over non-overlapping patches::
+
+    tokens[b, P + n, d] = sum_k  A[b*N + n, k] * W[d, k]  + bias[d] + pos[row(n), d]
+    A[m, k] = x[b, c, gh*p + i, gw*p + j],   m = b*N + n, n = gh*GW + gw,  k = (c*p + i)*p + j
+
+Forward: one launch. ``A`` is never built: each program gathers its (BLOCK_M, BLOCK_K) tile of
+patches straight from the image through its strides, in runs of pixels (an implicit GEMM, see
+"Gathering patches" below; channels_last images need no copy), multiplies by the weight with fp32
+accumulation, adds bias and pos_embed in the epilogue and writes its rows into the (B, P+N, D)
+token buffer. Extra programs of the same grid write the prefix rows (``prefix_tokens[t] + pos[t]``).
+
+Backward (deterministic, no atomics; ``G[m, d] = dOut[b, P + n, d]``, the patch rows of dOut):
+    dW[d, k] = sum_m G[m, d] A[m, k]   split over m into fp32 partials, summed by a second kernel
+    S[t, d]  = sum_b dOut[b, t, d]     (fp32, split over b the same way); then, in the op,
+               dprefix = S[:P], dpos = S or S[P:], dbias = sum_t S[P:, d]
+    dx       = col2im(G @ W)           patches do not overlap, so col2im is a scatter: the GEMM's
+                                       epilogue stores each element at its pixel, no accumulation
+
+``EDGE`` programs (timm's ``dynamic_img_pad``) take a grid of ceil(H/p) x ceil(W/p) patches and
+mask the pixels past the image, which reads them as zeros: the padding is never materialised.
+
+Precision: fp16/bf16 weights use tensor-core dots with fp32 accumulation; fp32 images are rounded
+to the weight's dtype in registers (autocast: fp32 images, bf16 GEMM); fp32 weights use IEEE fp32
+dots (no TF32). Batch offsets are int64; offsets inside one image are int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRETER
+from .aot import ARCHS, KernelSpec
+from .runtime import arch_of, new_output
+
+# ---------------------------------------------------------------------------------------------
+# Gathering patches: runs of RUN pixels
+# ---------------------------------------------------------------------------------------------
+# The GEMM's reduction runs over "virtual columns": run u = v // RUN, element v % RUN of it. A patch
+# is R rows of row_len elements that are evenly strided in memory: per-channel rows (R = C*p rows of
+# p pixels, stride along W) for any image, or pixel rows (R = p rows of p*C values, stride along C)
+# for channels_last images. Each row is cut into S = cdiv(row_len, RUN) runs, the last one masked.
+# A run starts at an aligned position of its row, so with a unit stride along the row and a row
+# length that is a multiple of RUN (p = 16 or 32; channels_last p*C = 48) a run is one vector load.
+RUN = 16
+
+
+@triton.jit
+def _patch_rows(offs_m, N, GW, PATCH):
+    """Patch rows m -> (image b, patch n, top-left pixel row h0 and column w0)."""
+    b = offs_m // N
+    n = offs_m % N
+    h0 = (n // GW) * PATCH
+    w0 = (n % GW) * PATCH
+    return b, n, h0, w0
+
+
+@triton.jit
+def _patch_cols(offs_v, PATCH, R, row_len, S, RUN: tl.constexpr):
+    """Virtual columns v -> (patch row q, position along the row, pixel row i in the patch, valid)."""
+    run = offs_v // RUN
+    q = run // S
+    pos = (run % S) * RUN + offs_v % RUN
+    return q, pos, q % PATCH, (q < R) & (pos < row_len)
+
+
+@triton.jit
+def _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run):
+    """Offset of element ``pos`` of patch row q from the patch's top-left pixel (int32: one image)."""
+    return (q // PATCH) * stride_outer + i * stride_xh + pos * stride_run
+
+
+@triton.jit
+def _inside_image(h0, w0, i, pos, H, W, cpr):
+    """(rows, cols) mask of the pixels that lie inside the image (edge patches of a padded grid)."""
+    return (h0[:, None] + i[None, :] < H) & (w0[:, None] + (pos // cpr)[None, :] < W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "S", "cpr", "pos_row0"])
+def patch_embed_fwd_kernel(
+    X,  # (B, C, H, W) images, any strides
+    Wt,  # (D, R*row_len) conv weight in gather order (see above), unit stride along a row
+    Bias,  # (D,) bias, or None (HAS_BIAS=False)
+    Pos,  # (L, D) position embedding, L = P+N or N, or None (HAS_POS=False)
+    Prefix,  # (P, D) prefix tokens (read only when P > 0)
+    Out,  # (B, P+N, D) tokens
+    stride_xb, stride_xh, stride_xw,
+    stride_outer,  # image stride between per-channel patch rows (stride along C), or 0
+    stride_run,  # image stride between consecutive elements of a patch row
+    stride_wd,
+    stride_bias,
+    stride_pos_t, stride_pos_d,
+    stride_pre_t, stride_pre_d,
+    stride_ob, stride_ot, stride_od,
+    B, H, W,
+    D, P, GW, N,  # embed dim, prefix tokens, patch columns, patches per image
+    PATCH,  # p
+    R, row_len, S,  # patch rows, elements per row, runs per row
+    cpr,  # elements per pixel along a row: 1 (per-channel rows) or C (pixel rows)
+    pos_row0,  # Pos row of patch 0: P when Pos covers the prefix rows, 0 when it covers patches only
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    EDGE: tl.constexpr,  # patches may reach past the image (dynamic padding): mask pixels
+    BLOCK_M: tl.constexpr,  # patch rows per program
+    BLOCK_N: tl.constexpr,  # embed dims per program
+    BLOCK_K: tl.constexpr,  # virtual columns per step, a multiple of RUN
+    RUN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 weights
+):
+    M = B * N
+    num_n = tl.cdiv(D, BLOCK_N)
+    num_gemm = tl.cdiv(M, BLOCK_M) * num_n
+    pid = tl.program_id(0)
+    pid_n = pid % num_n  # programs sharing a block of patches run side by side (L2 reuse of A)
+    offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_valid = offs_d < D
+    if pid < num_gemm:
+        # -- this program's patches and where each one starts in its image --
+        offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < M
+        b, n, h0, w0 = _patch_rows(offs_m, N, GW, PATCH)
+        x_rows = X + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+        w_cols = Wt + offs_d.to(tl.int64) * stride_wd
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for v0 in range(0, R * S * RUN, BLOCK_K):
+            # -- A tile: gather BLOCK_K // RUN runs of every patch (the implicit im2col) --
+            q, pos, i, k_valid = _patch_cols(v0 + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
+            a_mask = m_valid[:, None] & k_valid[None, :]
+            if EDGE:
+                a_mask &= _inside_image(h0, w0, i, pos, H, W, cpr)
+            x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
+            a = tl.load(x_rows[:, None] + x_cols[None, :], mask=a_mask, other=0.0)
+            # -- B tile: the matching weight columns, W^T (BLOCK_K, BLOCK_N) --
+            w = tl.load(w_cols[None, :] + (q * row_len + pos)[:, None],
+                        mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        # -- epilogue: bias, pos_embed, store into the patch rows of the token buffer --
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_d * stride_bias, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+        mask = m_valid[:, None] & d_valid[None, :]
+        if HAS_POS:
+            pos_rows = Pos + (n + pos_row0).to(tl.int64) * stride_pos_t
+            acc += tl.load(pos_rows[:, None] + offs_d[None, :] * stride_pos_d, mask=mask, other=0.0).to(tl.float32)
+        out_rows = Out + b.to(tl.int64) * stride_ob + (n + P).to(tl.int64) * stride_ot
+        tl.store(out_rows[:, None] + offs_d[None, :] * stride_od, acc.to(Out.dtype.element_ty), mask=mask)
+    else:
+        # -- prefix rows r = b*P + t: prefix_tokens[t] (+ pos[t] when Pos covers them) --
+        offs_r = ((pid - num_gemm) // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = offs_r % P
+        b = offs_r // P
+        mask = (offs_r < B * P)[:, None] & d_valid[None, :]
+        val = tl.load(Prefix + t[:, None] * stride_pre_t + offs_d[None, :] * stride_pre_d, mask=mask, other=0.0)
+        val = val.to(tl.float32)
+        if HAS_POS:
+            pos_t = t - P + pos_row0  # negative when Pos covers the patches only
+            val += tl.load(Pos + pos_t[:, None] * stride_pos_t + offs_d[None, :] * stride_pos_d,
+                           mask=mask & (pos_t >= 0)[:, None], other=0.0).to(tl.float32)
+        out_rows = Out + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot
+        tl.store(out_rows[:, None] + offs_d[None, :] * stride_od, val.to(Out.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "S", "cpr", "rows_per_split"])
+def patch_embed_bwd_weight_kernel(
+    X,  # (B, C, H, W) images, any strides
+    dOut,  # (B, P+N, D) token gradient, any strides (stride 0 from out.sum() is fine)
+    dWs,  # (S_split, D, R*row_len) fp32 partial weight gradients in gather order, contiguous
+    stride_xb, stride_xh, stride_xw, stride_outer, stride_run,
+    stride_gb, stride_gt, stride_gd,
+    B, H, W,
+    D, P, GW, N,
+    PATCH, R, row_len, S, cpr,
+    rows_per_split,  # patch rows summed by one split, a multiple of BLOCK_M
+    EDGE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,  # the dot's operand dtype (the forward's weight dtype)
+    BLOCK_D: tl.constexpr,  # embed dims per program
+    BLOCK_K: tl.constexpr,  # virtual weight columns per program, a multiple of RUN
+    BLOCK_M: tl.constexpr,  # patch rows per reduction step
+    RUN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    M = B * N
+    K = R * row_len
+    num_k = tl.cdiv(R * S * RUN, BLOCK_K)
+    num_d = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0)
+    split = pid // (num_d * num_k)
+    pid_d = (pid // num_k) % num_d
+    pid_k = pid % num_k
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    # -- this program's weight columns: fixed pixel offsets inside every patch --
+    q, pos, i, k_valid = _patch_cols(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
+    x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
+    g_cols = offs_d.to(tl.int64) * stride_gd
+
+    m_start = split * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < m_end
+        b, n, h0, w0 = _patch_rows(offs_m, N, GW, PATCH)
+        # -- G^T tile (BLOCK_D, BLOCK_M): the patch rows of dOut --
+        g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P).to(tl.int64) * stride_gt
+        g_t = tl.load(g_rows[None, :] + g_cols[:, None], mask=d_valid[:, None] & m_valid[None, :], other=0.0)
+        # -- A tile (BLOCK_M, BLOCK_K): the same patches' pixels --
+        x_rows = X + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+        a_mask = m_valid[:, None] & k_valid[None, :]
+        if EDGE:
+            a_mask &= _inside_image(h0, w0, i, pos, H, W, cpr)
+        a = tl.load(x_rows[:, None] + x_cols[None, :], mask=a_mask, other=0.0)
+        acc = tl.dot(g_t.to(COMPUTE_DTYPE), a.to(COMPUTE_DTYPE), acc, input_precision=DOT_PRECISION)
+    out = dWs + split.to(tl.int64) * D * K + offs_d[:, None] * K + (q * row_len + pos)[None, :]
+    tl.store(out, acc, mask=d_valid[:, None] & k_valid[None, :])
+
+
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "S", "cpr"])
+def patch_embed_bwd_input_kernel(
+    dOut,  # (B, P+N, D) token gradient, any strides
+    Wt,  # (D, R*row_len) forward weight in gather order, unit stride along a row
+    dX,  # (B, C, H, W) image gradient, any strides; every pixel is written exactly once
+    stride_gb, stride_gt, stride_gd,
+    stride_wd,
+    stride_xb, stride_xh, stride_xw, stride_outer, stride_run,
+    B, H, W,
+    D, P, GW, N,
+    PATCH, R, row_len, S, cpr,
+    EDGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # patch rows per program
+    BLOCK_K: tl.constexpr,  # virtual columns (pixels of a patch) per program, a multiple of RUN
+    BLOCK_D: tl.constexpr,  # reduction step over embed dims
+    RUN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    M = B * N
+    num_k = tl.cdiv(R * S * RUN, BLOCK_K)
+    pid = tl.program_id(0)
+    offs_m = (pid // num_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < M
+    b, n, h0, w0 = _patch_rows(offs_m, N, GW, PATCH)
+    q, pos, i, k_valid = _patch_cols((pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
+    g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P).to(tl.int64) * stride_gt
+    w_cols = Wt + q * row_len + pos
+
+    # -- (G @ W) tile for these patches and pixels --
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_valid = offs_d < D
+        g = tl.load(g_rows[:, None] + offs_d.to(tl.int64)[None, :] * stride_gd,
+                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        w = tl.load(w_cols[None, :] + offs_d.to(tl.int64)[:, None] * stride_wd,
+                    mask=d_valid[:, None] & k_valid[None, :], other=0.0)
+        acc = tl.dot(g.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+
+    # -- col2im: patches do not overlap, so each element lands on its own pixel --
+    x_rows = dX + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+    x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
+    mask = m_valid[:, None] & k_valid[None, :]
+    if EDGE:
+        mask &= _inside_image(h0, w0, i, pos, H, W, cpr)
+    tl.store(x_rows[:, None] + x_cols[None, :], acc.to(dX.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["B", "T", "batches_per_split"])
+def patch_embed_bwd_token_sum_kernel(
+    dOut,  # (B, T, D) token gradient, any strides
+    Partial,  # (S_split, T, D) fp32 sums over each split's images, contiguous
+    stride_gb, stride_gt, stride_gd,
+    B, T, D,
+    batches_per_split,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    num_t = tl.cdiv(T, BLOCK_T)
+    num_d = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0)
+    split = pid // (num_t * num_d)
+    offs_t = ((pid // num_d) % num_t) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = (pid % num_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    b_start = split * batches_per_split
+    b_end = tl.minimum(B, b_start + batches_per_split)
+    ptrs = (dOut + b_start.to(tl.int64) * stride_gb
+            + offs_t.to(tl.int64)[:, None] * stride_gt + offs_d.to(tl.int64)[None, :] * stride_gd)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for _ in range(b_start, b_end):  # images in order: deterministic
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        ptrs += stride_gb
+    out = Partial + split.to(tl.int64) * T * D + offs_t[:, None] * D + offs_d[None, :]
+    tl.store(out, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["S"])
+def sum_splits_kernel(
+    Partial,  # (S_split, numel) fp32, contiguous
+    Out,  # (numel,) contiguous, any float dtype
+    S, numel,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    ptrs = Partial + offs
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(0, S):  # in split order: deterministic
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += numel
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations (chosen per architecture from the ahead-of-time register/spill report)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes of one GEMM kernel: ``block_m`` x ``block_n`` outputs, ``block_k`` per step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Under the interpreter: one small config, so short test grids still cross several tiles.
+_INTERPRETER_CONFIG = GemmConfig(32, 32, 32, 4, 1)
+
+# 16-bit weights, runs loaded as vectors ("vec" walk), per architecture. sm_90: warpgroup MMA on two
+# warpgroups; sm_89 (and sm_86, sm_120): 99 KB of shared memory; sm_80: 163 KB.
+_VEC_CONFIGS = {
+    "fwd": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
+    "dw": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(64, 128, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
+    "dx": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
+}
+# 16-bit weights, element-wise gathers ("gather" walk: p = 14, strided views, odd widths). Every
+# address and the row indices of each patch stay in registers across the loop, so the tiles are
+# small (64 x 64 forward tiles spill on sm_80/89); sm_90 keeps 64 rows, the least warpgroup MMA takes.
+_GATHER_CONFIGS = {
+    "fwd": {90: GemmConfig(64, 64, 16, 4, 2), 89: GemmConfig(32, 64, 32, 4, 2), 80: GemmConfig(32, 64, 32, 4, 2)},
+    "dw": {90: GemmConfig(64, 128, 32, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(64, 128, 32, 8, 3)},
+    "dx": {90: GemmConfig(64, 64, 32, 4, 2), 89: GemmConfig(32, 64, 32, 4, 2), 80: GemmConfig(32, 64, 32, 4, 2)},
+}
+# fp32 weights: IEEE fp32 dots run on FMA units, small tiles on every architecture.
+_FP32_CONFIGS = {  # keyed by vec
+    True: {"fwd": GemmConfig(64, 64, 32, 4, 2), "dw": GemmConfig(64, 64, 32, 4, 2), "dx": GemmConfig(64, 64, 32, 4, 2)},
+    False: {
+        "fwd": GemmConfig(32, 64, 16, 4, 2), "dw": GemmConfig(64, 64, 16, 4, 2), "dx": GemmConfig(32, 64, 32, 4, 2)
+    },
+}
+
+
+def gemm_config(kernel: str, arch: int, dtype: torch.dtype, vec: bool) -> GemmConfig:
+    """Tiles of one GEMM kernel for (architecture, weight dtype, walk).
+
+    Args:
+        kernel: "fwd" (patch rows, embed dims, pixels per step), "dw" (embed dims, weight columns,
+            patch rows per step) or "dx" (patch rows, pixels, embed dims per step).
+        vec: the walk's runs are vector loads (``runs_vectorize``).
+    """
+    if INTERPRETER:
+        return _INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return _FP32_CONFIGS[vec][kernel]
+    # sm_80 and sm_90 (and sm_100) have large shared memories; the rest (sm_86, sm_89, sm_120) 99 KB
+    key = 80 if arch == 80 else 90 if 90 <= arch < 120 else 89
+    return (_VEC_CONFIGS if vec else _GATHER_CONFIGS)[kernel][key]
+
+
+# token sums: (tokens, embed dims) per program; the reduction over splits: elements per program
+TOKEN_SUM_BLOCK = (16, 128)
+SUM_SPLITS_BLOCK = 1024
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About two waves of programs: enough to fill the GPU when a reduction is split."""
+    if device.type != "cuda":
+        return 8  # the interpreter: small, but more than one split on test shapes
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _split(total: int, step: int, tiles: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """Split ``total`` reduction items (in multiples of ``step``) so that ``tiles`` x splits fills
+    the GPU; returns (items per split, number of splits)."""
+    wanted = splits if splits is not None else triton.cdiv(_programs_wanted(device), max(tiles, 1))
+    wanted = max(1, min(wanted, triton.cdiv(total, step)))
+    per_split = triton.cdiv(triton.cdiv(total, wanted), step) * step
+    return per_split, triton.cdiv(total, per_split)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (inputs already validated by fastvit.ops.patch_embed)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Gather:
+    """How the kernels walk a patch of one image layout: ``rows`` rows of ``row_len`` elements.
+
+    Per-channel rows (any strides): C*p rows of p pixels, ``stride_outer`` between channels and
+    ``stride_run`` along W. Pixel rows (channels_last images): p rows of p*C values, consecutive in
+    memory, so runs are long and contiguous; the weight is then walked in (i, j, c) order.
+    """
+
+    rows: int  # R
+    row_len: int
+    runs: int  # S = cdiv(row_len, RUN)
+    stride_outer: int
+    stride_run: int
+    cpr: int  # elements per pixel along a row: 1, or C for pixel rows
+
+    @property
+    def pixel_rows(self) -> bool:
+        return self.cpr > 1
+
+
+def gather_plan(x: torch.Tensor, patch: int) -> Gather:
+    """The walk for ``x``'s strides: pixel rows when C > 1 and a pixel's channels sit side by side
+    with the next pixel's (channels_last), per-channel rows otherwise."""
+    chans = x.shape[1]
+    _, stride_c, _, stride_w = x.stride()
+    if chans > 1 and stride_c == 1 and stride_w == chans:
+        row_len = patch * chans
+        return Gather(patch, row_len, triton.cdiv(row_len, RUN), 0, 1, chans)
+    return Gather(chans * patch, patch, triton.cdiv(patch, RUN), stride_c, stride_w, 1)
+
+
+def runs_vectorize(
+    image: torch.Tensor, plan: Gather, patch: int, dim: int, grad_out: torch.Tensor | None = None
+) -> bool:
+    """Whether Triton's argument specialisation will turn each run into vector loads (the AOT specs'
+    "vec" walk): unit stride along rows, 16-divisible row lengths, patch size, embed dim, strides and
+    addresses. Otherwise the smaller "gather" tiles are used."""
+    ok = plan.stride_run == 1 and patch % 16 == 0 and plan.row_len % 16 == 0 and dim % 16 == 0
+    ok = ok and image.data_ptr() % 16 == 0
+    ok = ok and all(st % 16 == 0 for st in (image.stride(0), image.stride(2), plan.stride_outer))
+    if grad_out is not None:
+        ok = ok and grad_out.stride(2) == 1 and grad_out.data_ptr() % 16 == 0
+        ok = ok and grad_out.stride(0) % 16 == 0 and grad_out.stride(1) % 16 == 0
+    return ok
+
+
+def grid_size(height: int, width: int, patch: int, pad: bool) -> tuple[int, int]:
+    """Patch rows and columns of an image: floor division, or ceil with dynamic padding."""
+    if pad:
+        return triton.cdiv(height, patch), triton.cdiv(width, patch)
+    return height // patch, width // patch
+
+
+def _weight_in_gather_order(weight: torch.Tensor, plan: Gather) -> torch.Tensor:
+    """(D, C, p, p) -> (D, K) with unit stride in K, in the order the plan walks a patch.
+
+    A view for a contiguous weight and per-channel rows (or a channels_last weight and pixel rows);
+    otherwise a copy of D*K elements -- the weight, never the image."""
+    w = weight.permute(0, 2, 3, 1) if plan.pixel_rows else weight
+    flat = w.reshape(w.shape[0], -1)
+    return flat if flat.stride(1) == 1 else flat.contiguous()
+
+
+def _edge(height: int, width: int, patch: int, pad: bool) -> bool:
+    return pad and (height % patch != 0 or width % patch != 0)
+
+
+def patch_embed_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    prefix_tokens: torch.Tensor | None,
+    pad: bool,
+) -> torch.Tensor:
+    """Launch the forward kernel.
+
+    Args:
+        x: (B, C, H, W) images, any strides, fp32 or the weight's dtype.
+        weight: (D, C, p, p); bias: (D,) or None, in the weight's dtype.
+        pos_embed: (1, P+N, D) or (1, N, D), or None; prefix_tokens: (1, P, D) with P >= 1, or
+            None; both in the output dtype (the weight's, or fp32 under autocast).
+        pad: the grid is ceil(H/p) x ceil(W/p) and pixels past the image read as zeros; without
+            it H and W are multiples of p.
+
+    Returns:
+        (B, P+N, D) tokens, contiguous, in the dtype of prefix_tokens / pos_embed if given, else
+        the weight's.
+    """
+    batch, _, height, width = x.shape
+    dim, patch = weight.shape[0], weight.shape[-1]
+    gh, gw = grid_size(height, width, patch, pad)
+    n = gh * gw
+    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    out_dtype = next((t.dtype for t in (prefix_tokens, pos_embed) if t is not None), weight.dtype)
+    out = new_output((batch, num_prefix + n, dim), dtype=out_dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    plan = gather_plan(x, patch)
+    w = _weight_in_gather_order(weight, plan)
+    cfg = gemm_config("fwd", arch_of(x.device), weight.dtype, runs_vectorize(x, plan, patch, dim))
+    num_n = triton.cdiv(dim, cfg.block_n)
+    grid = ((triton.cdiv(batch * n, cfg.block_m) + triton.cdiv(batch * num_prefix, cfg.block_m)) * num_n,)
+    pos = pos_embed[0] if pos_embed is not None else None
+    pre = prefix_tokens[0] if num_prefix else out[0]  # out[0]: a placeholder, never read when P == 0
+    patch_embed_fwd_kernel[grid](
+        x, w, bias, pos, pre, out,
+        x.stride(0), x.stride(2), x.stride(3), plan.stride_outer, plan.stride_run,
+        w.stride(0),
+        bias.stride(0) if bias is not None else 0,
+        *(pos.stride() if pos is not None else (0, 0)),
+        *pre.stride(),
+        *out.stride(),
+        batch, height, width,
+        dim, num_prefix, gw, n,
+        patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+        num_prefix if pos is not None and pos.shape[0] == num_prefix + n else 0,
+        HAS_BIAS=bias is not None, HAS_POS=pos is not None, EDGE=_edge(height, width, patch, pad),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RUN=RUN,
+        DOT_PRECISION=_dot_precision(weight.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _sum_splits(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (contiguous, numel = partial[0].numel()) = partial.sum(0), summed in split order."""
+    numel = out.numel()
+    sum_splits_kernel[(triton.cdiv(numel, SUM_SPLITS_BLOCK),)](
+        partial, out, partial.shape[0], numel, BLOCK=SUM_SPLITS_BLOCK, num_warps=4
+    )
+    return out
+
+
+def weight_grad_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A new (D, C, p, p) weight gradient laid out in the gather order of ``x`` (channels_last
+    images give a channels_last gradient), in the weight's dtype."""
+    dim, chans, patch, _ = weight.shape
+    if gather_plan(x, patch).pixel_rows:
+        return new_output((dim, patch, patch, chans), dtype=weight.dtype, device=weight.device).permute(0, 3, 1, 2)
+    return new_output((dim, chans, patch, patch), dtype=weight.dtype, device=weight.device)
+
+
+def patch_embed_backward_weight(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pad: bool, splits: int | None = None
+) -> torch.Tensor:
+    """dW (D, C, p, p) in the weight's dtype (layout: ``weight_grad_like``).
+
+    Args:
+        grad_out: (B, P+N, D) gradient of the tokens, any strides.
+        x: (B, C, H, W) the forward's images; weight: the forward's (D, C, p, p) weight.
+        pad: as in the forward.
+        splits: how many partial sums the patch rows are split into (default: enough programs to
+            fill the GPU); the partials are summed in a fixed order, so the result is deterministic.
+    """
+    batch, _, height, width = x.shape
+    dim, patch = weight.shape[0], weight.shape[-1]
+    gh, gw = grid_size(height, width, patch, pad)
+    n = gh * gw
+    dw = weight_grad_like(x, weight)
+    plan = gather_plan(x, patch)
+    dw_flat = (dw.permute(0, 2, 3, 1) if plan.pixel_rows else dw).view(dim, -1)  # gather order
+    if batch * n == 0 or dim == 0:
+        return dw.zero_()
+    cfg = gemm_config("dw", arch_of(x.device), weight.dtype, runs_vectorize(x, plan, patch, dim, grad_out))
+    tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.rows * plan.runs * RUN, cfg.block_n)
+    rows_per_split, num_splits = _split(batch * n, cfg.block_k, tiles, x.device, splits)
+    partial = new_output((num_splits, *dw_flat.shape), dtype=torch.float32, device=x.device)
+    patch_embed_bwd_weight_kernel[(tiles * num_splits,)](
+        x, grad_out, partial,
+        x.stride(0), x.stride(2), x.stride(3), plan.stride_outer, plan.stride_run,
+        *grad_out.stride(),
+        batch, height, width,
+        dim, grad_out.shape[1] - n, gw, n,
+        patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+        rows_per_split,
+        EDGE=_edge(height, width, patch, pad),
+        COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
+        BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=RUN,
+        DOT_PRECISION=_dot_precision(weight.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _sum_splits(partial, dw_flat)
+    return dw
+
+
+def image_like(x: torch.Tensor) -> torch.Tensor:
+    """A new (B, C, H, W) tensor in x's dtype and memory format (channels_last stays channels_last)."""
+    batch, chans, height, width = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return new_output((batch, height, width, chans), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    return new_output((batch, chans, height, width), dtype=x.dtype, device=x.device)
+
+
+def patch_embed_backward_input(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pad: bool
+) -> torch.Tensor:
+    """dx (B, C, H, W) in x's dtype and memory format (``image_like``): col2im(G @ W) as one GEMM
+    whose epilogue scatters each element to its pixel.
+
+    Args:
+        grad_out: (B, P+N, D) gradient of the tokens, any strides.
+        x: the forward's images (for their shape, dtype and layout); weight: the forward's weight.
+        pad: as in the forward (the padding is never stored, so it gets no gradient).
+    """
+    batch, _, height, width = x.shape
+    dim, patch = weight.shape[0], weight.shape[-1]
+    gh, gw = grid_size(height, width, patch, pad)
+    n = gh * gw
+    dx = image_like(x)
+    if dx.numel() == 0:
+        return dx
+    if dim == 0:
+        return dx.zero_()
+    plan = gather_plan(dx, patch)
+    w = _weight_in_gather_order(weight, plan)
+    cfg = gemm_config("dx", arch_of(x.device), weight.dtype, runs_vectorize(dx, plan, patch, dim, grad_out))
+    grid = (triton.cdiv(batch * n, cfg.block_m) * triton.cdiv(plan.rows * plan.runs * RUN, cfg.block_n),)
+    patch_embed_bwd_input_kernel[grid](
+        grad_out, w, dx,
+        *grad_out.stride(),
+        w.stride(0),
+        dx.stride(0), dx.stride(2), dx.stride(3), plan.stride_outer, plan.stride_run,
+        batch, height, width,
+        dim, grad_out.shape[1] - n, gw, n,
+        patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+        EDGE=_edge(height, width, patch, pad),
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_D=cfg.block_k, RUN=RUN,
+        DOT_PRECISION=_dot_precision(weight.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dx
+
+
+def patch_embed_backward_tokens(grad_out: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """(T, D) fp32 sum over the batch of the token gradient (B, T, D), any strides.
+
+    The op derives dprefix_tokens (rows :P), dpos_embed (all rows, or rows P:) and dbias (the sum
+    of rows P:) from it. Split over the batch into fp32 partials, summed in a fixed order.
+    """
+    batch, tokens, dim = grad_out.shape
+    out = new_output((tokens, dim), dtype=torch.float32, device=grad_out.device)
+    if out.numel() == 0:
+        return out
+    if batch == 0:
+        return out.zero_()
+    block_t, block_d = TOKEN_SUM_BLOCK if not INTERPRETER else (8, 32)
+    tiles = triton.cdiv(tokens, block_t) * triton.cdiv(dim, block_d)
+    per_split, num_splits = _split(batch, 1, tiles, grad_out.device, splits)
+    partial = new_output((num_splits, tokens, dim), dtype=torch.float32, device=grad_out.device)
+    patch_embed_bwd_token_sum_kernel[(tiles * num_splits,)](
+        grad_out, partial, *grad_out.stride(), batch, tokens, dim, per_split,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+    )
+    return _sum_splits(partial, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time specs: every configuration the launchers can pick
+# ---------------------------------------------------------------------------------------------
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# (image, weight = GEMM operand, token) dtypes the op passes: plain fp16 / bf16 / fp32, and under
+# autocast fp32 (or autocast-dtype) images with a 16-bit GEMM and 16-bit or fp32 tokens (fp32 when
+# fp32 prefix tokens or pos_embed take part, as torch.cat and + would promote).
+DTYPE_RECIPES: tuple[tuple[torch.dtype, torch.dtype, torch.dtype], ...] = (
+    (torch.float16, torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float32, torch.float16, torch.float32),
+    (torch.float32, torch.float16, torch.float16),
+    (torch.float16, torch.float16, torch.float32),
+)
+
+# Runtime specialisation, which the specs mirror: Triton compiles an int argument equal to 1 as a
+# constant and marks one divisible by 16 (sizes in a kernel's do_not_specialize never are). Walks:
+#   "vec"    the common case (``runs_vectorize``): unit strides along rows and D, 16-divisible
+#            sizes and strides, so runs are vector loads; the large tiles.
+#   "edge"   "vec" plus the dynamic-padding masks.
+#   "gather" the worst case: no unit stride or 16-divisible size on the image or gradient side,
+#            scalar loads (every address in registers), with the padding masks; the small tiles.
+# The op makes bias, pos_embed and prefix_tokens unit-stride along D, and the launchers allocate
+# the tokens, the weight in gather order and the partial sums, so those are unit-stride everywhere.
+_ALWAYS_UNIT = {"stride_bias", "stride_pos_d", "stride_pre_d", "stride_od"}
+_UNIT_IN_VEC = {"stride_xw", "stride_run", "stride_gd"}
+_OURS = {"Wt", "Out", "dWs", "Partial", "Bias", "Pos", "Prefix"}  # always 16-byte aligned
+
+
+def _signature(kernel, pointers: dict[str, str], walk: str) -> tuple[dict[str, str], dict[str, int], tuple]:
+    """Signature, constant-1 arguments and 16-divisible arguments of ``kernel`` for one walk."""
+    sig: dict[str, str] = {}
+    ones: dict[str, int] = {}
+    divisible = []
+    for index, name in enumerate(kernel.arg_names):
+        param = kernel.params[index]
+        if name in pointers:
+            sig[name] = pointers[name]
+            if walk != "gather" or name in _OURS:
+                divisible.append(name)
+        elif param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in _ALWAYS_UNIT or (name in _UNIT_IN_VEC and walk != "gather"):
+            sig[name], ones[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if not param.do_not_specialize and walk != "gather":
+                divisible.append(name)
+    return sig, ones, tuple(divisible)
+
+
+# What is compiled ahead of time, per architecture: each GEMM kernel in the heaviest recipe of each
+# (dtype class, walk) -- fp32 images and fp32 tokens around a bf16 GEMM, the widest loads and
+# stores -- plus the fp16 MMA and the fp32 (IEEE) path. The other recipes go through the same
+# configurations with narrower loads and stores (fp16 and bf16 MMAs are the same instructions), so
+# their registers and shared memory are bounded by these.
+_AOT_RECIPES = (
+    ((torch.float32, torch.bfloat16, torch.float32), ("vec", "edge", "gather")),
+    ((torch.float16, torch.float16, torch.float16), ("vec",)),
+    ((torch.float32, torch.float32, torch.float32), ("vec", "gather")),
+)
+
+
+def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: str) -> list[KernelSpec]:
+    xdt, wdt, odt = recipe
+    x, w, o = _TY[xdt], _TY[wdt], _TY[odt]
+    label = f"x {x} w {w} out {o} {walk}"
+    common = {"EDGE": walk != "vec", "RUN": RUN, "DOT_PRECISION": _dot_precision(wdt)}
+    mma = wdt != torch.float32
+    specs = []
+    cfg = gemm_config("fwd", arch, wdt, walk != "gather")
+    sig, ones, div = _signature(patch_embed_fwd_kernel, {
+        "X": f"*{x}", "Wt": f"*{w}", "Bias": f"*{w}", "Pos": f"*{o}", "Prefix": f"*{o}", "Out": f"*{o}"}, walk)
+    specs.append(KernelSpec(
+        "patch_embed.patch_embed_fwd_kernel", f"{label} {_label(cfg)}", sig,
+        {**ones, **common, "HAS_BIAS": True, "HAS_POS": True,
+         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
+        cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
+    ))
+    cfg = gemm_config("dw", arch, wdt, walk != "gather")
+    sig, ones, div = _signature(patch_embed_bwd_weight_kernel, {"X": f"*{x}", "dOut": f"*{o}", "dWs": "*fp32"}, walk)
+    specs.append(KernelSpec(
+        "patch_embed.patch_embed_bwd_weight_kernel", f"{label} {_label(cfg)}", sig,
+        {**ones, **common, "COMPUTE_DTYPE": _TL_DTYPE[wdt],
+         "BLOCK_D": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_M": cfg.block_k},
+        cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
+    ))
+    cfg = gemm_config("dx", arch, wdt, walk != "gather")
+    sig, ones, div = _signature(patch_embed_bwd_input_kernel, {"dOut": f"*{o}", "Wt": f"*{w}", "dX": f"*{x}"}, walk)
+    specs.append(KernelSpec(
+        "patch_embed.patch_embed_bwd_input_kernel", f"{label} {_label(cfg)}", sig,
+        {**ones, **common, "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_D": cfg.block_k},
+        cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
+    ))
+    return specs
+
+
+def aot_specs() -> list[KernelSpec]:
+    """The GEMM kernels' (recipe, walk) configurations of ``_AOT_RECIPES`` and the two reductions,
+    for every architecture. The forward is compiled with bias and pos_embed present (its largest
+    variant); without them its epilogue only loses loads."""
+    specs = []
+    for arch in ARCHS:
+        for recipe, walks in _AOT_RECIPES:
+            for walk in walks:
+                specs.extend(_gemm_specs(arch, recipe, walk))
+        block_t, block_d = TOKEN_SUM_BLOCK
+        sig, ones, div = _signature(patch_embed_bwd_token_sum_kernel, {"dOut": "*fp32", "Partial": "*fp32"}, "vec")
+        specs.append(KernelSpec(
+            "patch_embed.patch_embed_bwd_token_sum_kernel", f"dOut fp32 BT={block_t} BD={block_d} w=4",
+            sig, {**ones, "BLOCK_T": block_t, "BLOCK_D": block_d}, 4, 3, arch, divisible_by_16=div,
+        ))
+        sig, ones, div = _signature(sum_splits_kernel, {"Partial": "*fp32", "Out": "*bf16"}, "vec")
+        specs.append(KernelSpec(
+            "patch_embed.sum_splits_kernel", f"out bf16 BLOCK={SUM_SPLITS_BLOCK} w=4",
+            sig, {**ones, "BLOCK": SUM_SPLITS_BLOCK}, 4, 3, arch, divisible_by_16=div,
+        ))
+    return specs
+
+
+def _label(cfg: GemmConfig) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w={cfg.num_warps} s={cfg.num_stages}"
