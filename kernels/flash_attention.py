@@ -544,9 +544,9 @@ _FP32_CONFIGS = {
     128: AttentionConfig(16, 16, 4, 1),
 }
 _FP32_CONFIGS_BWD = {
-    16: AttentionConfig(32, 32, 4, 1),
+    16: AttentionConfig(16, 32, 4, 1),
     32: AttentionConfig(16, 32, 4, 1),
-    64: AttentionConfig(16, 32, 4, 1),
+    64: AttentionConfig(16, 16, 4, 1),
     128: AttentionConfig(16, 16, 4, 1),
 }
 
