@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import INTERPRETER
 from .aot import ARCHS, KernelSpec
-from .runtime import arch_of, new_output
+from .runtime import arch_of, device_guard, new_output, rows_addressable_in_int32
 
 LOG2E = math.log2(math.e)
 
@@ -160,7 +160,7 @@ def flash_attention_fwd_kernel(
     # -- key ranges: whole blocks off the diagonal need no mask; the rest is masked --
     full_end = (M // BLOCK_N) * BLOCK_N  # keys in whole blocks
     if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, M)
+        hi = tl.minimum(tl.minimum(start_m + BLOCK_M, M), N)  # queries i < N see keys j <= i
         unmasked_end = tl.minimum(start_m, full_end)
     else:
         hi = M
@@ -385,8 +385,12 @@ def _attention_bwd_dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + local_n
         key_valid = offs_n < M
-        k_t = tl.load(k_ptrs, mask=d_valid[:, None] & key_valid[None, :], other=0.0)
-        v_t = tl.load(v_ptrs, mask=d_valid[:, None] & key_valid[None, :], other=0.0)
+        if MASK_KEYS:
+            k_t = tl.load(k_ptrs, mask=d_valid[:, None] & key_valid[None, :], other=0.0)
+            v_t = tl.load(v_ptrs, mask=d_valid[:, None] & key_valid[None, :], other=0.0)
+        else:
+            k_t = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
+            v_t = tl.load(v_ptrs, mask=d_valid[:, None], other=0.0)
         # -- P = exp(scale * q k^T - lse) --
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         p = tl.math.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
@@ -460,7 +464,7 @@ def flash_attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     full_end = (M // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, M)
+        hi = tl.minimum(tl.minimum(start_m + BLOCK_M, M), N)  # queries i < N see keys j <= i
         unmasked_end = tl.minimum(start_m, full_end)
     else:
         hi = M
@@ -517,9 +521,9 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units and need many registers
         return _FP32_CONFIGS[head_dim_pad]
     small = head_dim_pad <= 64
-    if arch >= 90:  # two warpgroups of warpgroup MMA over 128 query rows
+    if 90 <= arch < 100:  # Hopper: two warpgroups of warpgroup MMA over 128 query rows
         return AttentionConfig(128, 64, 8, 3) if small else AttentionConfig(128, 64, 8, 2)
-    if arch >= 89:  # 99 KB of shared memory
+    if arch >= 89:  # Ada and consumer Blackwell: ~99 KB of shared memory, no warpgroup MMA
         return AttentionConfig(128, 64, 8, 2) if small else AttentionConfig(64, 32, 4, 2)
     return AttentionConfig(128, 64, 8, 3) if small else AttentionConfig(128, 32, 8, 3)
 
@@ -532,7 +536,7 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     if dtype == torch.float32:
         return _FP32_CONFIGS_BWD[head_dim_pad]
     small = head_dim_pad <= 64
-    if arch >= 90:
+    if 90 <= arch < 100:
         return AttentionConfig(32, 128, 8, 2) if small else AttentionConfig(32, 64, 8, 2)
     return AttentionConfig(32, 64, 4, 2) if small else AttentionConfig(32, 64, 8, 2)
 
@@ -554,6 +558,9 @@ _FP32_CONFIGS_BWD = {
 # ---------------------------------------------------------------------------------------------
 # Launchers (inputs already validated by fastvit.ops.flash_attention)
 # ---------------------------------------------------------------------------------------------
+DELTA_BLOCK_M = 64  # rows per program of the delta pre-pass (memory-bound, 4 warps)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -574,6 +581,7 @@ def flash_attention_forward(
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
+    q, k, v = (rows_addressable_in_int32(t) for t in (q, k, v))
     out = new_output((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = new_output((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -581,17 +589,18 @@ def flash_attention_forward(
     pad = head_dim_padded(head_dim)
     cfg = fwd_config(arch_of(q.device), q.dtype, pad)
     grid = (triton.cdiv(n_q, cfg.block_m) * batch * heads,)
-    flash_attention_fwd_kernel[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, n_q, n_k, scale,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(q):
+        flash_attention_fwd_kernel[grid](
+            q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            heads, n_q, n_k, scale,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out, lse
 
 
@@ -616,6 +625,7 @@ def flash_attention_backward(
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
+    q, k, v, grad_out = (rows_addressable_in_int32(t) for t in (q, k, v, grad_out))
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
@@ -623,40 +633,41 @@ def flash_attention_backward(
         return dq, dk.zero_(), dv.zero_()
     pad = head_dim_padded(head_dim)
     cfg = bwd_config(arch_of(q.device), q.dtype, pad)
-    precision = _dot_precision(q.dtype)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
-    flash_attention_bwd_delta_kernel[(triton.cdiv(n_q, 64) * batch * heads,)](
-        out, grad_out, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        *grad_out.stride(),
-        heads, n_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=64,
-    )
-    flash_attention_bwd_dkdv_kernel[(triton.cdiv(n_k, cfg.block_n) * batch * heads,)](
-        q, k, v, grad_out, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *grad_out.stride(),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        heads, n_q, n_k, scale,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    flash_attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg.block_n) * batch * heads,)](
-        q, k, v, grad_out, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *grad_out.stride(),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        heads, n_q, n_k, scale,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m,
-        CAUSAL=causal, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    precision = _dot_precision(q.dtype)
+    with device_guard(q):
+        flash_attention_bwd_delta_kernel[(triton.cdiv(n_q, DELTA_BLOCK_M) * batch * heads,)](
+            out, grad_out, delta,
+            out.stride(0), out.stride(1), out.stride(2),
+            *grad_out.stride(),
+            heads, n_q,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=DELTA_BLOCK_M,
+        )
+        flash_attention_bwd_dkdv_kernel[(triton.cdiv(n_k, cfg.block_n) * batch * heads,)](
+            q, k, v, grad_out, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *grad_out.stride(),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            heads, n_q, n_k, scale,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        flash_attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg.block_n) * batch * heads,)](
+            q, k, v, grad_out, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *grad_out.stride(),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            heads, n_q, n_k, scale,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m,
+            CAUSAL=causal, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return dq, dk, dv
 
 
@@ -694,8 +705,17 @@ def aot_specs() -> list[KernelSpec]:
                         **qkv_strides, **do_strides, **_strides("dk", "bhn"), **_strides("dv", "bhn"), **sizes, **meta}
             dq_sig = {**qkv, "dOut": f"*{ty}", "Lse": "*fp32", "Delta": "*fp32", "dQ": f"*{ty}",
                       **qkv_strides, **do_strides, **_strides("dq", "bhn"), **sizes, **meta}
+            delta_sig = {"Out": f"*{ty}", "dOut": f"*{ty}", "Delta": "*fp32", **_strides("o", "bhn"),
+                         **_strides("do", "bhnd"), "H": "i32", "N": "i32",
+                         "HEAD_DIM": "constexpr", "HEAD_DIM_PAD": "constexpr", "BLOCK_M": "constexpr"}
             for head_dim in AOT_HEAD_DIMS:
                 pad = head_dim_padded(head_dim)
+                # the delta pre-pass reads dO with any strides (stride 0 included): no alignment
+                specs.append(KernelSpec(
+                    "flash_attention.flash_attention_bwd_delta_kernel", f"{ty} D={head_dim} BM={DELTA_BLOCK_M} w=4",
+                    delta_sig, {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": DELTA_BLOCK_M}, 4, 1, arch,
+                    divisible_by_16=("Out", "Delta", "stride_ob", "stride_oh", "stride_on"),
+                ))
                 fwd, bwd = fwd_config(arch, dtype, pad), bwd_config(arch, dtype, pad)
                 for causal in (False, True):
                     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal,

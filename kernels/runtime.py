@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -19,7 +20,7 @@ def new_output(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.devi
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_capability(device_index: int) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device."""
     return torch.cuda.get_device_capability(device_index)
@@ -31,3 +32,22 @@ def arch_of(device: torch.device) -> int:
         return 90
     major, minor = cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
     return major * 10 + minor
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current device while launching: Triton launches on the current device,
+    which need not be the one holding the tensors (``model.to("cuda:1")`` with cuda:0 current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def rows_addressable_in_int32(t: torch.Tensor, rows_per_block: int = 256) -> torch.Tensor:
+    """``t`` itself, unless a block of rows (dim -2) spans 2^31 elements or more.
+
+    Kernels keep (batch, head) base offsets in int64 but offsets inside a tile in int32, which
+    is exact while ``rows_per_block * stride(-2) < 2**31``. A view whose row stride is larger
+    (e.g. a sequence-first packed qkv at a very large batch) is copied once to the contiguous
+    layout, where the row stride is the last dim.
+    """
+    if abs(t.stride(-2)) * rows_per_block < 2**31:
+        return t
+    return t.contiguous()

@@ -66,7 +66,8 @@ def _flash_attention_bwd(
         # the kernels take any dO strides, but the head dim is read as a vector: a gradient
         # that is neither unit-stride nor broadcast there is rare enough to copy.
         grad_out = grad_out.contiguous()
-    return flash_attention_backward(grad_out, q, k, v, out, lse, scale, causal)
+    # lse is this op's own saved output (contiguous); .contiguous() is a no-op guard for direct callers
+    return flash_attention_backward(grad_out, q, k, v, out, lse.contiguous(), scale, causal)
 
 
 @_flash_attention_bwd.register_fake

@@ -79,9 +79,10 @@ def test_kernel_lengths_fp32(kernel_device, n_q, n_k, causal):
     _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
 
 
-# Every supported head dim; 80 (ViT-H/14) and 96 are not powers of two and are masked.
+# Every supported head dim; 80 (ViT-H/14) and 96 are not powers of two and are masked; 24 pads
+# to 32 in registers.
 @kernel_test
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128])
+@pytest.mark.parametrize("head_dim", [16, 24, 32, 64, 80, 96, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_head_dims(kernel_device, head_dim, dtype):
     (q, k, v), _ = _inputs(2, 2, 37, 53, head_dim, dtype, kernel_device, seed=head_dim)
@@ -134,6 +135,90 @@ def test_kernel_expanded_grad_output(kernel_device):
 
 
 @kernel_test
+@pytest.mark.parametrize("n_q,n_k", [(37, 20), (20, 37)])
+def test_kernel_causal_odd_head_dim_with_broadcast_grad(kernel_device, n_q, n_k):
+    """Causal with N != M both ways, a masked head dim, and a grad_output broadcast along D
+    ((B, H, N, 1).expand: stride 0 in the last dim, non-zero row stride)."""
+    (q, k, v), _ = _inputs(1, 2, n_q, n_k, 40, torch.float32, kernel_device, seed=n_q)
+    grad_out = torch.randn(1, 2, n_q, 1, device=kernel_device).expand(1, 2, n_q, 40)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, grad_out=grad_out, causal=True)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=True)
+
+
+@kernel_test
+def test_kernel_production_block_shapes(kernel_device, monkeypatch):
+    """The block shapes the GPU launchers pick (not only the small interpreter tiles) give the
+    same answers: every distinct (forward, backward) pair, causal with N != M."""
+    if ON_GPU:
+        pytest.skip("on a GPU the production shapes are what every test runs")
+    from fastvit.kernels import flash_attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    pairs = {(kernels.fwd_config(a, d, p), kernels.bwd_config(a, d, p)) for a, d, p in _config_keys()}
+    monkeypatch.setattr(kernels, "INTERPRETER", True)
+    (q, k, v), _ = _inputs(1, 1, 150, 70, 40, torch.float32, kernel_device, seed=41)
+    for fwd, bwd in sorted(pairs, key=str):
+        monkeypatch.setattr(kernels, "_INTERPRETER_FWD", fwd)
+        monkeypatch.setattr(kernels, "_INTERPRETER_BWD", bwd)
+        out, lse, grad_out, grads = _run_kernel(q, k, v, causal=True)
+        _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=True)
+
+
+def _config_keys():
+    return [
+        (arch, dtype, pad)
+        for arch in (80, 86, 89, 90, 100, 120)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32)
+        for pad in (16, 32, 64, 128)
+    ]
+
+
+def test_block_size_rules_hold_for_every_config(monkeypatch):
+    """The causal diagonal split needs the forward's BLOCK_M % BLOCK_N == 0 and the backward's
+    block_n % block_m == 0 (dK/dV keeps block_n keys and steps block_m queries; dQ the reverse);
+    a config breaking them would give silently wrong causal results."""
+    from fastvit.kernels import flash_attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    for arch, dtype, pad in _config_keys():
+        fwd, bwd = kernels.fwd_config(arch, dtype, pad), kernels.bwd_config(arch, dtype, pad)
+        assert fwd.block_m % fwd.block_n == 0, (arch, dtype, pad, fwd)
+        assert bwd.block_n % bwd.block_m == 0, (arch, dtype, pad, bwd)
+        assert min(fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n) >= 16  # tl.dot's minimum
+    assert kernels._INTERPRETER_FWD.block_m % kernels._INTERPRETER_FWD.block_n == 0
+    assert kernels._INTERPRETER_BWD.block_n % kernels._INTERPRETER_BWD.block_m == 0
+
+
+@kernel_test
+def test_kernel_empty_query_sequence(kernel_device):
+    q = torch.randn(2, 3, 0, 16, device=kernel_device, requires_grad=True)
+    k = torch.randn(2, 3, 5, 16, device=kernel_device, requires_grad=True)
+    v = torch.randn(2, 3, 5, 16, device=kernel_device, requires_grad=True)
+    with fastvit.backend("triton"):
+        out, lse = fastvit.flash_attention(q, k, v, return_lse=True)
+        out.sum().backward()
+    assert out.shape == (2, 3, 0, 16) and lse.shape == (2, 3, 0)
+    assert q.grad.shape == q.shape
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+@kernel_test
+def test_kernel_lse_has_no_gradient_and_nonpositive_scale_falls_back(kernel_device):
+    import sys
+
+    (q, k, v), _ = _inputs(1, 2, 9, 9, 16, torch.float32, kernel_device, seed=43)
+    with fastvit.backend("triton"):
+        out, lse = fastvit.flash_attention(q, k, v, return_lse=True)
+        assert out.requires_grad and not lse.requires_grad
+        sys.modules["fastvit.backend"]._warned.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            negative = fastvit.flash_attention(q, k, v, scale=-0.5)
+    assert [str(w.message) for w in caught if "non-positive scale" in str(w.message)]
+    torch.testing.assert_close(negative, reference.attention(q, k, v, scale=-0.5)[0], rtol=1e-5, atol=1e-5)
+
+
+@kernel_test
 def test_kernel_grad_output_with_odd_strides(kernel_device):
     """A grad_output that is a transposed view (stride 1 not in the last dim)."""
     (q, k, v), _ = _inputs(1, 2, 33, 20, 32, torch.float32, kernel_device, seed=5)
@@ -177,6 +262,11 @@ def test_kernel_opcheck(kernel_device):
     with fastvit.backend("triton"):
         torch.library.opcheck(torch.ops.fastvit.flash_attention_fwd.default, (q, k, v, 0.25, False))
         torch.library.opcheck(torch.ops.fastvit.flash_attention_fwd.default, (q, k, v, 0.25, True))
+        out, lse = torch.ops.fastvit.flash_attention_fwd(q, k, v, 0.25, True)
+        out, lse = out.detach(), lse.detach()
+        for grad_out in (torch.randn_like(out), torch.ones(()).expand_as(out)):  # dense and stride 0
+            args = (grad_out, q.detach(), k.detach(), v.detach(), out, lse, 0.25, True)
+            torch.library.opcheck(torch.ops.fastvit.flash_attention_bwd.default, args)
 
 
 @kernel_test
