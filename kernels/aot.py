@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 # Kernel modules (under fastvit.kernels) that provide aot_specs().
-KERNEL_MODULES: tuple[str, ...] = ("flash_attention",)
+KERNEL_MODULES: tuple[str, ...] = ("flash_attention", "patch_embed", "layernorm_mlp")
 
 ARCHS: tuple[int, ...] = (80, 89, 90)
 

@@ -7,6 +7,10 @@ fastvit. Ahead-of-time compile checks run in a subprocess with the variable unse
 
 import os
 
+# The interpreter runs each tl.dot as a small NumPy matmul: a multithreaded BLAS spins on those and
+# slows the interpreter tests ~3x on a small machine. Set before NumPy or torch is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import pytest
 import torch
 

@@ -1,0 +1,251 @@
+"""The mlp suite: the LayerNorm + MLP half of a ViT block, fused against the composite it replaces.
+
+    python -m benchmarks mlp                    # ViT-S/B/L/H widths at 256 x 197 and 64 x 1025 tokens (GPU)
+    python -m benchmarks mlp --heads 12 --head-dim 64 --seq-lens 197 --batch 256 --mode fwd
+
+Implementations, on ``x + fc2(gelu(fc1(layer_norm(x))))`` (timm's pre-norm Block; width D = heads x
+head_dim, hidden 4 D, eps 1e-6, exact GELU), every tensor in ``--dtype``:
+
+- ``eager``: the composite of torch ops (F.layer_norm, F.linear, F.gelu, the residual add), as
+  timm runs it: LN(x), fc1's output and GELU's output are materialised;
+- ``compiled``: the same function under ``torch.compile(fullgraph=True)`` (inductor, default mode);
+- ``compiled-max-autotune``: ``mode="max-autotune"`` (inductor autotunes Triton GEMM templates
+  with fused epilogues; GPU only: on the CPU it would only add minutes of compilation);
+- ``fastvit[<route>]``: ``fastvit.layernorm_mlp``, labelled with the route that ran.
+
+``fwd`` is inference (no autograd); ``fwd+bwd`` is a training step: forward, then the gradients of
+x and of every parameter. Sizes: ``n_tokens`` is N per image and ``batch`` the images, so a point
+has batch x N token rows; ``heads`` x ``head_dim`` encodes the width (ViT-S 6 x 64, ViT-B 12 x 64,
+ViT-L 16 x 64, ViT-H 16 x 80).
+
+Extra columns: ``dim``, ``hidden``, ``model``; and for ``fwd+bwd`` points ``saved_bytes``, the bytes
+autograd keeps for the backward (the activation memory: every tensor the forward saves, not
+counting the inputs and parameters), measured with ``saved_tensors_hooks`` in one extra, untimed
+forward after the timing. FLOPs: the two GEMMs, 4 * T * D * hidden forward (T token rows), three
+times that for forward+backward (fastvit recomputes LN and GELU, never a GEMM).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .measure import Workload, input_sets, op_step, randn
+from .options import modes, torch_dtype
+from .progress import Progress
+from .records import Point, Record
+from .runner import not_run, run_points
+
+__all__ = ["IMPLS", "build", "eager_mlp", "flops", "run", "saved_bytes"]
+
+NAME = "mlp"
+IMPLS = ("eager", "compiled", "compiled-max-autotune", "fastvit")
+MLP_RATIO = 4
+EPS = 1e-6
+
+# (model, heads, head_dim): the ViT widths D = heads x head_dim
+WIDTHS = {
+    "vit_s": (6, 64),  # 384
+    "vit_b": (12, 64),  # 768
+    "vit_l": (16, 64),  # 1024
+    "vit_h": (16, 80),  # 1280
+}
+# (batch, tokens per image): ViT-B/16 at 224 px (cls + 14 x 14) and at 512 px (cls + 32 x 32)
+SIZES = {"cuda": ((256, 197), (64, 1025)), "cpu": ((4, 197), (1, 1025))}
+QUICK = {"cuda": (("vit_b",), ((64, 197),)), "cpu": (("vit_s",), ((2, 197),))}
+DEFAULT_WIDTHS = {"cuda": tuple(WIDTHS), "cpu": ("vit_s", "vit_b")}
+ROWS_PER_POINT = {"cuda": 50432, "cpu": 788}  # --seq-lens without --batch: batch = this // N
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side: which points
+# ---------------------------------------------------------------------------------------------
+def _widths(args: Any) -> list[tuple[str, int, int]]:
+    """(model label, heads, head_dim) of each width to run."""
+    if args.heads or args.head_dim:
+        heads, head_dim = args.heads or 12, args.head_dim or 64
+        return [(f"D={heads * head_dim}", heads, head_dim)]
+    names = QUICK[args.device][0] if args.quick else DEFAULT_WIDTHS[args.device]
+    return [(name, *WIDTHS[name]) for name in names]
+
+
+def _sizes(args: Any) -> list[tuple[int, int]]:
+    """(batch, tokens per image) of each size to run, fewest token rows first."""
+    if args.seq_lens:
+        sizes = [(args.batch or max(1, ROWS_PER_POINT[args.device] // n), n) for n in args.seq_lens]
+    else:
+        sizes = list(QUICK[args.device][1] if args.quick else SIZES[args.device])
+        if args.batch:
+            sizes = [(args.batch, n) for _, n in sizes]
+    return sorted(set(sizes), key=lambda s: (s[0] * s[1], s[1]))
+
+
+def points(args: Any, impl: str) -> list[Point]:
+    """The points of one implementation: each width, size and mode."""
+    return [
+        Point(
+            suite=NAME,
+            impl=impl,
+            mode=mode,
+            n_tokens=n,
+            batch=batch,
+            heads=heads,
+            head_dim=head_dim,
+            dtype=args.dtype,
+            device=args.device,
+            params={"model": model, "dim": heads * head_dim, "hidden": MLP_RATIO * heads * head_dim},
+        )
+        for model, heads, head_dim in _widths(args)
+        for batch, n in _sizes(args)
+        for mode in modes(args)
+    ]
+
+
+def _not_here(impl: str, device: str) -> str | None:
+    """Why ``impl`` cannot run at all here (checked in the parent), or None."""
+    if impl.startswith("compiled") and device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
+        return "torch.compile (inductor) on the CPU needs a C++ compiler; none is on PATH"
+    if impl == "compiled-max-autotune" and device == "cpu":
+        return "max-autotune tunes GPU GEMM kernels; on the CPU it only adds compile time (see 'compiled')"
+    if impl == "fastvit":
+        import fastvit
+
+        if not hasattr(fastvit, "layernorm_mlp"):
+            return "fastvit.layernorm_mlp is not in this build"
+    return None
+
+
+def run(args: Any, progress: Progress) -> list[Record]:
+    """Every implementation in ``args.impls`` (default: all), every width, size and mode."""
+    unknown = set(args.impls or ()) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"unknown mlp implementations {sorted(unknown)}; choose from {IMPLS}")
+    impls = list(args.impls or IMPLS)
+    records, runnable = [], []
+    for impl in impls:
+        reason = _not_here(impl, args.device)
+        if reason is not None:
+            records += not_run(points(args, impl), "unavailable", reason, progress)
+        else:
+            runnable += points(args, impl)
+    # size-major order: every implementation advances together, so a --time-limit cuts the
+    # largest problems, not the last implementations
+    runnable.sort(key=lambda p: (p.params["dim"] * p.batch * p.n_tokens, p.mode, impls.index(p.impl)))
+    records += run_points(runnable, build, args, progress)
+    return sorted(records, key=lambda r: (r.extra.get("dim", 0), r.batch * r.n_tokens, r.mode, r.impl))
+
+
+# ---------------------------------------------------------------------------------------------
+# the arithmetic of a point
+# ---------------------------------------------------------------------------------------------
+def flops(point: Point) -> float:
+    """The two GEMMs: 4 * T * D * hidden forward; forward+backward three times that."""
+    rows, dim, hidden = point.batch * point.n_tokens, point.params["dim"], point.params["hidden"]
+    return 4.0 * rows * dim * hidden * (3.0 if point.mode == "fwd+bwd" else 1.0)
+
+
+def saved_bytes(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> int:
+    """Bytes of the tensors autograd keeps for the backward of one ``fn(*inputs)`` (each storage
+    once), not counting the inputs' own storages."""
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    del out
+    return sum(kept.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side: the implementations and the workload
+# ---------------------------------------------------------------------------------------------
+def eager_mlp(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+) -> torch.Tensor:
+    """timm's ``x + mlp(norm2(x))``: LayerNorm, Linear, GELU, Linear, residual add."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, EPS)
+    return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+def _implementation(point: Point) -> tuple[Callable[..., torch.Tensor], str]:
+    """(fn(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias), label)."""
+    if point.impl == "eager":
+        return eager_mlp, "eager"
+    if point.impl == "compiled":
+        return torch.compile(eager_mlp, fullgraph=True, dynamic=False), "compiled"
+    if point.impl == "compiled-max-autotune":
+        return torch.compile(eager_mlp, fullgraph=True, dynamic=False, mode="max-autotune"), point.impl
+    if point.impl == "fastvit":
+        import fastvit
+        from fastvit.backend import resolve_backend
+
+        def fused(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+            return fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                         eps=EPS)
+
+        return fused, f"fastvit[{resolve_backend(torch.device(point.device))}]"
+    raise ValueError(f"unknown mlp implementation {point.impl!r}")
+
+
+def build(point: Point) -> Workload:
+    """Inputs (rotated sets of random tokens and parameters, and grad_output for fwd+bwd) and the step."""
+    dtype, device = torch_dtype(point.dtype), point.device
+    fn, label = _implementation(point)
+    b, n, d, hidden = point.batch, point.n_tokens, point.params["dim"], point.params["hidden"]
+    backward = point.mode == "fwd+bwd"
+
+    def param(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        t = randn(shape, dtype=dtype, device=device)
+        return t.mul_(scale).add_(shift).requires_grad_(backward)
+
+    def make() -> tuple[torch.Tensor, ...]:
+        # a trained block's scales: O(1) activations in bf16
+        return (
+            randn((b, n, d), dtype=dtype, device=device, requires_grad=backward),
+            param(d, scale=0.1, shift=1.0),
+            param(d, scale=0.1),
+            param(hidden, d, scale=d**-0.5),
+            param(hidden, scale=0.1),
+            param(d, hidden, scale=hidden**-0.5),
+            param(d, scale=0.1),
+        )
+
+    sets = input_sets(make, device)
+    grads = [randn((b, n, d), dtype=dtype, device=device) for _ in sets] if backward else None
+    workload = Workload(
+        step=op_step(fn, sets, point.mode, grads),
+        flops=flops(point),
+        impl=label,
+        extra={"input_sets": len(sets)},
+    )
+    if backward:
+        workload.finish = lambda ms: {"saved_bytes": saved_bytes(fn, sets[0])}
+    if point.impl == "fastvit":
+
+        def after_warmup(caught: list[warnings.WarningMessage]) -> None:
+            from fastvit import FastvitFallbackWarning
+
+            fallbacks = [w for w in caught if issubclass(w.category, FastvitFallbackWarning)]
+            if fallbacks:  # the kernels did not take this case: the torch route ran
+                workload.impl = "fastvit[torch]"
+                workload.note = str(fallbacks[0].message)
+
+        workload.after_warmup = after_warmup
+    return workload

@@ -1,0 +1,484 @@
+"""Fused LayerNorm + MLP (the second half of a pre-norm ViT block) in Triton: forward kernels,
+the shared GEMM helpers and configurations, and the ahead-of-time specs of both directions.
+
+    y = x + ss[b] * ls * (gelu(LN(x) @ W1^T + b1) @ W2^T + b2)        (x: (B, N, D), W1: (HD, D))
+
+Forward, three launches:
+    1. ``_ln_stats_kernel``: per-row mean and rstd in fp32 (two passes over the row in registers).
+    2. ``_fc1_kernel``: ``a = LN(x) @ W1^T + b1``. LayerNorm is applied to each A tile as it is
+       loaded (fp32, then rounded to the GEMM dtype), so the normalised x is never written;
+       the epilogue adds b1, rounds ``a`` to the GEMM dtype (as the composite does), and writes
+       ``g = gelu(a)`` and, when a backward will run, ``a`` itself.
+    3. ``_fc2_kernel``: ``z = g @ W2^T``; the epilogue adds b2, multiplies by the layer scale and
+       the per-sample scale (drop-path), adds the residual and writes y once. The same kernel with
+       every epilogue flag off computes ``dLN = dA @ W1`` in the backward.
+
+Backward (``layernorm_mlp_bwd.py``) recomputes LN (from the saved row statistics) and GELU (from
+the saved pre-activation) instead of storing them.
+
+Trade-off, decided here: the backward KEEPS the FC1 pre-activation ``a`` (T x HD, GEMM dtype)
+plus mean/rstd (2 x T fp32), and recomputes ``LN(x)`` (in the dW1 GEMM's operand load and the
+LN-backward row pass) and ``gelu(a)``, ``gelu'(a)`` (in the dA GEMM's epilogue). Recomputing ``a``
+as well would cost one more T x D x HD GEMM in every backward (+25% of the backward's FLOPs) to
+save the last 4 x T x D elements. Measured on the CPU with ``saved_tensors_hooks``
+(tests/ops/test_layernorm_mlp.py, and the ``saved_bytes`` column of the ``mlp`` benchmark) at
+mlp_ratio 4: eager keeps LN(x), a and gelu(a), 9 x T x D elements (10 with a layer scale, which
+keeps fc2's output too); this op keeps 4 x T x D + 2 x T fp32, 40-45% of eager's. GPU timings of
+the alternative: not measured (no GPU was available when this was written).
+
+Conventions: x is read through (B, N, D) strides with a unit stride in D (views of a token buffer
+are not copied); weights have the nn.Linear layout with a unit stride in their last dim. Token
+row offsets are int64; GEMM tiles are folded into grid axis 0 (grouped for L2 reuse as in
+Triton's matmul tutorial; axis 1 holds at most 8 token splits), so no CUDA grid limit applies.
+Every load and store is masked, so any D, hidden size and token count work (timm allows any
+mlp_ratio). fp16/bf16 use tensor-core dots
+with fp32 accumulation; fp32 uses IEEE fp32 dots (no TF32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRETER
+from .aot import ARCHS, KernelSpec
+from .runtime import new_output
+
+# Widest rows (D) the row kernels hold in registers (8192 spills); wider rows run on the torch route.
+MAX_DIM = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU (shared by the forward and the backward). The tile-order and token-offset arithmetic is
+# written out in each kernel instead of in jit helpers: the interpreter re-patches triton.language
+# on every helper call (~2 ms), which made the CPU tests minutes slower.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (exp(2u) + 1): saturates to +-1 without overflow, needs no libdevice (interpreter)
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def gelu(a, TANH: tl.constexpr):
+    """GELU of fp32 ``a``: exact (erf) or, with TANH, the tanh approximation."""
+    if TANH:
+        g = 0.5 * a * (1.0 + _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a)))  # sqrt(2/pi)
+    else:
+        g = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))  # 1/sqrt(2)
+    return g
+
+
+@triton.jit
+def gelu_and_grad(a, TANH: tl.constexpr):
+    """(gelu(a), d gelu / da) of fp32 ``a``, sharing the erf / tanh."""
+    if TANH:
+        t = _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a))
+        g = 0.5 * a * (1.0 + t)
+        dg = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
+        g = a * cdf
+        dg = cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327  # 1/sqrt(2 pi)
+    return g, dg
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _ln_stats_kernel(
+    X,  # (B, N_TOK, D) tokens, unit stride in D
+    Mean,  # (T,) fp32 out: row means, T = B * N_TOK
+    Rstd,  # (T,) fp32 out: 1 / sqrt(var + eps)
+    T, N_TOK, D,
+    stride_xb, stride_xn,
+    eps,
+    BLOCK_ROWS: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # D rounded up to a width in ROW_BUCKETS
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
+    x_rows = b.to(tl.int64) * stride_xb + (rows - b * N_TOK).to(tl.int64) * stride_xn
+    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # two passes over the row in registers: mean, then the centred variance (no cancellation)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, tl.math.rsqrt(var + eps), mask=row_ok)
+
+
+@triton.jit
+def _fc1_kernel(
+    X,  # (B, N_TOK, D) tokens, unit stride in D
+    Mean, Rstd,  # (T,) fp32 row statistics of X
+    NormW, NormB,  # (D,) LayerNorm weight and bias (HAS_NORM_W / HAS_NORM_B)
+    W1,  # (HD, D) fc1 weight, unit stride in D
+    B1,  # (HD,) fc1 bias (HAS_B1)
+    G,  # (T, HD) out: gelu(a) in the GEMM dtype, contiguous
+    Pre,  # (T, HD) out: the pre-activation a, contiguous (SAVE_PRE)
+    T, N_TOK, D, HD,
+    stride_xb, stride_xn, stride_w1h,
+    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, HAS_B1: tl.constexpr,
+    SAVE_PRE: tl.constexpr,  # write a for the backward
+    TANH: tl.constexpr,  # tanh-approximated GELU
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32, else "tf32" (ignored by fp16/bf16 dots)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
+    pid = tl.program_id(0)
+    num_n = (HD + BLOCK_N - 1) // BLOCK_N
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum((T + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = rows < T
+    col_ok = cols < HD
+    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
+    x_rows = b.to(tl.int64) * stride_xb + (rows - b * N_TOK).to(tl.int64) * stride_xn
+    x_ptrs = X + x_rows[:, None] + offs_k[None, :]
+    w_ptrs = W1 + cols[None, :] * stride_w1h + offs_k[:, None]  # (BLOCK_K, BLOCK_N) tile of W1^T
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
+        # -- A tile: LayerNorm applied on load, in fp32, zero in padded columns --
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        h = (x - mean[:, None]) * rstd[:, None]
+        if HAS_NORM_W:
+            h = h * tl.load(NormW + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_NORM_B:
+            h = h + tl.load(NormB + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        h = tl.where(k_ok[None, :], h, 0.0)
+        # -- B tile and the product --
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    # -- epilogue: bias, round a to the GEMM dtype (as the composite does), GELU, write --
+    if HAS_B1:
+        acc += tl.load(B1 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    a = acc.to(G.dtype.element_ty)
+    offs = rows.to(tl.int64)[:, None] * HD + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if SAVE_PRE:
+        tl.store(Pre + offs, a, mask=mask)
+    tl.store(G + offs, gelu(a.to(tl.float32), TANH).to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fc2_kernel(
+    A,  # (T, K) left operand, contiguous: gelu(a) (forward) or dA (backward, dLN = dA @ W1)
+    W,  # (K, N_OUT) right operand by strides: fc2_weight^T (forward) or fc1_weight (backward)
+    Bias,  # (N_OUT,) fc2 bias (HAS_BIAS)
+    X,  # (B, N_TOK, N_OUT) residual input, unit stride in N_OUT (RESIDUAL)
+    LS,  # (N_OUT,) layer scale (HAS_LS)
+    SS,  # (B,) per-sample scale (HAS_SS)
+    Y,  # (T, N_OUT) out, contiguous
+    T, N_TOK, N_OUT, K,
+    stride_wk, stride_wn,  # one of them is 1
+    stride_xb, stride_xn,
+    HAS_BIAS: tl.constexpr, HAS_LS: tl.constexpr, HAS_SS: tl.constexpr, RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
+    pid = tl.program_id(0)
+    num_n = (N_OUT + BLOCK_N - 1) // BLOCK_N
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum((T + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = rows < T
+    col_ok = cols < N_OUT
+    a_ptrs = A + rows.to(tl.int64)[:, None] * K + offs_k[None, :]
+    w_ptrs = W + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+
+    # -- epilogue: bias, layer scale, per-sample scale, residual; y written once --
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LS:
+        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    b = rows // N_TOK  # token row t = b * N_TOK + n
+    if HAS_SS:
+        acc *= tl.load(SS + b, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if RESIDUAL:
+        x_rows = b.to(tl.int64) * stride_xb + (rows - b * N_TOK).to(tl.int64) * stride_xn
+        acc += tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + rows.to(tl.int64)[:, None] * N_OUT + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations (per architecture and dtype, from the ahead-of-time register/spill report)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RowConfig:
+    block_rows: int
+    block_d: int
+    num_warps: int
+
+
+# Under the interpreter the cost is per program, not per element, so tiles are wide (tests pick
+# shapes that still cross several tiles in every direction): one config for the token-row GEMMs
+# and a wider one for the weight gradients, whose output (D x HD) is the big dimension there.
+_INTERPRETER_GEMM = GemmConfig(32, 256, 64, num_warps=4, num_stages=1, group_m=2)
+_INTERPRETER_WGRAD = GemmConfig(128, 256, 64, num_warps=4, num_stages=1, group_m=2)
+
+# GEMM kinds: "fc1" (LN applied to A on load), "fc2" (plain A; also dLN), "fc2_bwd" (dY * ls
+# applied to A on load, GELU' epilogue), "wgrad" (A^T B over token rows, LN or ss on load).
+GEMM_KINDS = ("fc1", "fc2", "fc2_bwd", "wgrad")
+
+
+def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
+    """Block sizes of one GEMM kind for (architecture, GEMM dtype)."""
+    if INTERPRETER:
+        return _INTERPRETER_WGRAD if kind == "wgrad" else _INTERPRETER_GEMM
+    if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles, short K steps
+        return GemmConfig(64, 64, 16, num_warps=8 if kind == "wgrad" else 4, num_stages=2)
+    # fc2_bwd keeps a, gelu(a), gelu'(a) and the accumulator live in its epilogue: half-width tiles
+    block_n = 64 if kind == "fc2_bwd" else 128
+    if arch >= 90:  # warpgroup MMA, two warpgroups of 64 rows; 227 KB of shared memory
+        return GemmConfig(128, block_n, 64, num_warps=8, num_stages=3)
+    if arch >= 89:  # 99 KB of shared memory
+        return GemmConfig(128, block_n, 32, num_warps=8, num_stages=3)
+    return GemmConfig(128, block_n, 32, num_warps=8, num_stages=4)
+
+
+# Row kernels: D is padded to one of a few widths (each a separate compile; the row kernels are
+# memory-bound, so masked lanes cost little). Wider rows than the last run on the torch route.
+ROW_BUCKETS = (128, 512, 1024, 2048, 4096)
+
+
+def row_config(dim: int) -> RowConfig:
+    """Rows per program and warps of the row kernels (LN statistics, LN backward) for width D."""
+    block_d = next(b for b in ROW_BUCKETS if b >= dim)
+    block_rows = max(1, min(16, 2048 // block_d))
+    num_warps = 4 if block_d <= 2048 else 8
+    return RowConfig(block_rows, block_d, num_warps)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward launcher (inputs already validated by fastvit.ops.layernorm_mlp)
+# ---------------------------------------------------------------------------------------------
+def layernorm_mlp_fwd(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    layer_scale: torch.Tensor | None,
+    sample_scale: torch.Tensor | None,
+    *,
+    eps: float,
+    approximate: str,
+    residual: bool,
+    out_dtype: torch.dtype,
+    save_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Launch the forward: LN statistics, fc1 (+GELU), fc2 (+scales, residual).
+
+    Args:
+        x: (B, N, D) tokens, unit stride in D, any dtype the kernels take.
+        norm_weight, norm_bias: (D,) or None, any float dtype.
+        fc1_weight: (HD, D), fc1_bias: (HD,) or None; fc2_weight: (D, HD), fc2_bias: (D,) or None;
+            all in the GEMM dtype, unit stride in the last dim.
+        layer_scale: (D,) or None; sample_scale: (B,) or None; any float dtype.
+        out_dtype: dtype of y.
+        save_preact: also return the pre-activation a for the backward.
+
+    Returns:
+        y (B, N, D) contiguous in ``out_dtype``; a (B*N, HD) in the GEMM dtype or None; mean and
+        rstd (B*N,) float32.
+    """
+    batch, n_tok, dim = x.shape
+    hidden = fc1_weight.shape[0]
+    rows = batch * n_tok
+    device, gemm_dtype = x.device, fc1_weight.dtype
+    mean = new_output((rows,), dtype=torch.float32, device=device)
+    rstd = new_output((rows,), dtype=torch.float32, device=device)
+    g = new_output((rows, hidden), dtype=gemm_dtype, device=device)
+    pre = new_output((rows, hidden), dtype=gemm_dtype, device=device) if save_preact else None
+    y = new_output((batch, n_tok, dim), dtype=out_dtype, device=device)
+    if rows == 0:
+        return y, pre, mean, rstd
+    from .runtime import arch_of
+
+    arch = arch_of(device)
+    precision = dot_precision(gemm_dtype)
+
+    rc = row_config(dim)
+    _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
+        x, mean, rstd, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
+        BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
+    )
+    c1 = gemm_config(arch, gemm_dtype, "fc1")
+    _fc1_kernel[(triton.cdiv(rows, c1.block_m) * triton.cdiv(hidden, c1.block_n),)](
+        x, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, g, pre,
+        rows, n_tok, dim, hidden, x.stride(0), x.stride(1), fc1_weight.stride(0),
+        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, HAS_B1=fc1_bias is not None,
+        SAVE_PRE=save_preact, TANH=approximate == "tanh", DOT_PRECISION=precision,
+        BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k, GROUP_M=c1.group_m,
+        num_warps=c1.num_warps, num_stages=c1.num_stages,
+    )
+    c2 = gemm_config(arch, gemm_dtype, "fc2")
+    _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
+        g, fc2_weight, fc2_bias, x if residual else None, layer_scale, sample_scale, y,
+        rows, n_tok, dim, hidden, fc2_weight.stride(1), fc2_weight.stride(0), x.stride(0), x.stride(1),
+        HAS_BIAS=fc2_bias is not None, HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
+        RESIDUAL=residual, DOT_PRECISION=precision,
+        BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
+        num_warps=c2.num_warps, num_stages=c2.num_stages,
+    )
+    return y, pre, mean, rstd
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time specs: every configuration the launchers of both directions can pick
+# ---------------------------------------------------------------------------------------------
+# The backward kernels live in layernorm_mlp_bwd.py; the specs name every kernel of this op
+# "layernorm_mlp.<kernel>" (this op is one entry of aot.KERNEL_MODULES), resolved through here.
+_BACKWARD_KERNELS = ("_fc2_bwd_kernel", "_wgrad_kernel", "_ln_bwd_kernel")
+
+
+def __getattr__(name: str):
+    if name in _BACKWARD_KERNELS:
+        from . import layernorm_mlp_bwd
+
+        return getattr(layernorm_mlp_bwd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def gemm_spec(kernel: str, label: str, signature: dict[str, str], constexprs: dict, cfg: GemmConfig,
+              arch: int, dtype: torch.dtype, divisible_by_16: tuple[str, ...]) -> KernelSpec:
+    """A KernelSpec for one GEMM kernel configuration (block sizes filled in from ``cfg``)."""
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "DOT_PRECISION"):
+        signature[name] = "constexpr"
+    constexprs = {**constexprs, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                  "GROUP_M": cfg.group_m, "DOT_PRECISION": dot_precision(dtype)}
+    return KernelSpec(
+        kernel, f"{label} BM={cfg.block_m} BN={cfg.block_n} BK={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages}",
+        signature, constexprs, cfg.num_warps, cfg.num_stages, arch,
+        needs_wgmma=dtype != torch.float32, divisible_by_16=divisible_by_16,
+    )
+
+
+def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[KernelSpec]:
+    ty, xty = TL_DTYPE[dtype], TL_DTYPE[x_dtype]
+    label = f"{ty}" if dtype == x_dtype else f"{ty} (x {xty}, autocast)"
+    # every optional input present (the heaviest variant); unit strides as the runtime specialises
+    c1 = gemm_config(arch, dtype, "fc1")
+    fc1 = gemm_spec(
+        "layernorm_mlp._fc1_kernel", f"fc1 {label}",
+        {"X": f"*{xty}", "Mean": "*fp32", "Rstd": "*fp32", "NormW": f"*{xty}", "NormB": f"*{xty}",
+         "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}",
+         "T": "i32", "N_TOK": "i32", "D": "i32", "HD": "i32", "stride_xb": "i32", "stride_xn": "i32",
+         "stride_w1h": "i32", "HAS_NORM_W": "constexpr", "HAS_NORM_B": "constexpr", "HAS_B1": "constexpr",
+         "SAVE_PRE": "constexpr", "TANH": "constexpr"},
+        {"HAS_NORM_W": True, "HAS_NORM_B": True, "HAS_B1": True, "SAVE_PRE": True, "TANH": False},
+        c1, arch, dtype,
+        ("X", "Mean", "Rstd", "NormW", "NormB", "W1", "B1", "G", "Pre", "D", "HD", "stride_xb", "stride_xn",
+         "stride_w1h"),
+    )
+    c2 = gemm_config(arch, dtype, "fc2")
+    fc2 = gemm_spec(
+        "layernorm_mlp._fc2_kernel", f"fc2 {label}",
+        {"A": f"*{ty}", "W": f"*{ty}", "Bias": f"*{ty}", "X": f"*{xty}", "LS": f"*{xty}", "SS": f"*{xty}",
+         "Y": f"*{xty}", "T": "i32", "N_TOK": "i32", "N_OUT": "i32", "K": "i32",
+         "stride_wk": "constexpr", "stride_wn": "i32", "stride_xb": "i32", "stride_xn": "i32",
+         "HAS_BIAS": "constexpr", "HAS_LS": "constexpr", "HAS_SS": "constexpr", "RESIDUAL": "constexpr"},
+        {"stride_wk": 1, "HAS_BIAS": True, "HAS_LS": True, "HAS_SS": True, "RESIDUAL": True},
+        c2, arch, dtype,
+        ("A", "W", "Bias", "X", "LS", "SS", "Y", "N_OUT", "K", "stride_wn", "stride_xb", "stride_xn"),
+    )
+    return [fc1, fc2]
+
+
+def _row_specs(arch: int) -> list[KernelSpec]:
+    from . import layernorm_mlp_bwd as bwd
+
+    specs = []
+    for block_d in ROW_BUCKETS:
+        rc = row_config(block_d)
+        specs.append(KernelSpec(
+            "layernorm_mlp._ln_stats_kernel", f"ln stats bf16 BLOCK_D={block_d} rows={rc.block_rows} w={rc.num_warps}",
+            {"X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "T": "i32", "N_TOK": "i32", "D": "i32",
+             "stride_xb": "i32", "stride_xn": "i32", "eps": "fp32", "BLOCK_ROWS": "constexpr", "BLOCK_D": "constexpr"},
+            {"BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}, rc.num_warps, 1, arch,
+            divisible_by_16=("X", "Mean", "Rstd", "stride_xb", "stride_xn"),
+        ))
+        specs.append(bwd.ln_bwd_spec(arch, rc))
+    return specs
+
+
+def aot_specs() -> list[KernelSpec]:
+    """Every (kernel, GEMM dtype, row width bucket, architecture) configuration the launchers use.
+
+    GEMMs: bf16 and fp32 in both directions; bf16 GEMMs beside an fp32 x and dy (autocast with
+    timm's fp32 residual stream; dLN reads no x, so it is the bf16 one). fp16 takes the bf16
+    configurations and compiles to the same code but for the conversion instructions, so it is
+    left out to keep the compile time down (~2 CPU-minutes for these 81 specs). Each spec is the
+    heaviest variant (every optional input present). Row kernels: each width bucket, bf16.
+    """
+    from . import layernorm_mlp_bwd as bwd
+
+    specs = []
+    for arch in ARCHS:
+        for dtype in (torch.bfloat16, torch.float32):
+            specs += _forward_specs(arch, dtype, dtype)
+            specs += bwd.backward_specs(arch, dtype, dtype)
+        specs += _forward_specs(arch, torch.bfloat16, torch.float32)
+        specs += bwd.backward_specs(arch, torch.bfloat16, torch.float32, with_dln=False)
+        specs += _row_specs(arch)
+    return specs

@@ -1,0 +1,538 @@
+"""Backward of the fused LayerNorm + MLP (``layernorm_mlp.py`` has the forward and the design notes).
+
+With ``h = LN(x)``, ``a = h W1^T + b1``, ``g = gelu(a)``, ``z = g W2^T + b2``,
+``y = [x +] s * z`` where ``s[t, d] = ss[b(t)] * ls[d]``, and ``dy`` the incoming gradient:
+
+    u      = (dy * ls) W2                    (T, HD)   } ``_fc2_bwd_kernel``: one GEMM, GELU'
+    da     = ss * u * gelu'(a)               (T, HD)   } in the epilogue, gelu(a) recomputed
+    M2     = (dy * ss)^T g                   (D, HD)     ``_wgrad_kernel`` (split over tokens)
+    dW2    = ls[:, None] * M2                            finished in torch (D x HD, cheap)
+    dW1    = da^T LN(x)                      (HD, D)     ``_wgrad_kernel``, LN recomputed on load
+    dLN    = da W1                           (T, D)      ``_fc2_kernel`` with no epilogue
+    dx     = rstd * (dxh - mean(dxh) - xhat * mean(dxh * xhat)) [+ dy],  dxh = dLN * w
+                                                         ``_ln_bwd_kernel`` (rows in registers)
+    db1    = sum_t da;   dw = sum_t dLN * xhat;   db = sum_t dLN;   P = sum_t dy * ss
+    db2    = ls * P;     dls = rowsum(W2 * M2) + b2 * P
+    dss[b] = sum_{t in b} (rowsum(g * u) + sum_d dy * ls * b2)
+
+so neither the fc2 output z nor LN(x) nor gelu(a) is ever stored by the forward: the gradients of
+the layer scale and the per-sample scale come from M2 and u, which the backward computes anyway.
+Every column / row reduction is written as per-program partials and summed in torch afterwards:
+deterministic, no atomics. The weight-gradient GEMMs (K = tokens, e.g. 50k) are split over token
+ranges when their output has too few tiles to fill the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import KernelSpec
+from .layernorm_mlp import (
+    TL_DTYPE,
+    RowConfig,
+    _fc2_kernel,
+    dot_precision,
+    gelu_and_grad,
+    gemm_config,
+    gemm_spec,
+    num_sms,
+    row_config,
+)
+from .runtime import arch_of, new_output
+
+# Order of the gradients the launcher returns (and of the ``needs`` flags it takes).
+GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
+              "layer_scale", "sample_scale")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _fc2_bwd_kernel(
+    DY,  # (B, N_TOK, D) gradient of y, any strides (0 where broadcast)
+    LS,  # (D,) layer scale (HAS_LS)
+    W2,  # (D, HD) fc2 weight, unit stride in HD
+    Pre,  # (T, HD) saved pre-activation a, contiguous
+    SS,  # (B,) per-sample scale (HAS_SS)
+    DA,  # (T, HD) out: dL/da in the GEMM dtype, contiguous
+    G,  # (T, HD) out: gelu(a) recomputed for dW2, contiguous (WRITE_G)
+    DB1Part,  # (cdiv(T, BLOCK_M), HD) fp32 out: column sums of dA per row block (COMPUTE_DB1)
+    DSSPart,  # (T, cdiv(HD, BLOCK_N)) fp32 out: row sums of g * u per column block (COMPUTE_DSS)
+    T, N_TOK, D, HD,
+    stride_dyb, stride_dyn, stride_dyd, stride_w2d,
+    HAS_LS: tl.constexpr, HAS_SS: tl.constexpr,
+    WRITE_G: tl.constexpr, COMPUTE_DB1: tl.constexpr, COMPUTE_DSS: tl.constexpr,
+    TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
+    pid = tl.program_id(0)
+    num_n = (HD + BLOCK_N - 1) // BLOCK_N
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum((T + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = rows < T
+    col_ok = cols < HD
+    b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
+    dy_rows = b.to(tl.int64) * stride_dyb + (rows - b * N_TOK).to(tl.int64) * stride_dyn
+    dy_ptrs = DY + dy_rows[:, None] + offs_k[None, :] * stride_dyd
+    w_ptrs = W2 + offs_k[:, None] * stride_w2d + cols[None, :]  # (BLOCK_K, BLOCK_N) tile of W2
+
+    # -- u = (dy * ls) @ W2, the layer scale applied to the A tile on load --
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
+        dz = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_LS:
+            dz = dz * tl.load(LS + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_K * stride_dyd
+        w_ptrs += BLOCK_K * stride_w2d
+
+    # -- epilogue: recompute gelu(a) and gelu'(a); da = ss * u * gelu'(a) --
+    offs = rows.to(tl.int64)[:, None] * HD + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    a = tl.load(Pre + offs, mask=mask, other=0.0).to(tl.float32)
+    g, dg = gelu_and_grad(a, TANH)
+    g = g.to(DA.dtype.element_ty)  # the g that the forward fed to fc2
+    if WRITE_G:
+        tl.store(G + offs, g, mask=mask)
+    if COMPUTE_DSS:  # sum_j g * u: this column block's share of dL/dss for each row
+        part = tl.sum(tl.where(mask, g.to(tl.float32) * acc, 0.0), axis=1)
+        tl.store(DSSPart + rows.to(tl.int64) * num_n + pid_n, part, mask=row_ok)
+    if HAS_SS:
+        acc *= tl.load(SS + b, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    da = (acc * dg).to(DA.dtype.element_ty)
+    tl.store(DA + offs, da, mask=mask)
+    if COMPUTE_DB1:
+        part = tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0)
+        tl.store(DB1Part + pid_m.to(tl.int64) * HD + cols, part, mask=col_ok)
+
+
+@triton.jit
+def _wgrad_kernel(
+    P,  # (B, N_TOK, M) left operand rows, any strides: dy (dW2) or dA (dW1)
+    SS,  # (B,) per-sample scale multiplying P's rows (P_SCALE)
+    Q,  # (B, N_TOK, N) right operand rows, unit stride in N: gelu(a) (dW2) or x (dW1)
+    Mean, Rstd,  # (T,) fp32 row statistics of Q (Q_LN)
+    NormW, NormB,  # (N,) LayerNorm affine applied to Q (Q_LN with HAS_NORM_W / HAS_NORM_B)
+    Out,  # (SPLIT_K, M, N) fp32 out: sums over each split's token rows of P'[t, m] * Q'[t, n]
+    T, N_TOK, M, N,
+    rows_per_split,  # token rows per split, a multiple of BLOCK_K
+    stride_pb, stride_pn, stride_pm, stride_qb, stride_qn,
+    P_SCALE: tl.constexpr,  # P' = P * ss[b], in the GEMM dtype (Q's)
+    Q_LN: tl.constexpr,  # Q' = LayerNorm(Q), in the GEMM dtype (P's)
+    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
+    pid = tl.program_id(0)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    t_lo = split * rows_per_split
+    t_hi = tl.minimum(t_lo + rows_per_split, T)
+    if Q_LN:
+        if HAS_NORM_W:
+            nw = tl.load(NormW + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_NORM_B:
+            nb = tl.load(NormB + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BLOCK_K):
+        ts = t0 + offs_k
+        t_ok = ts < t_hi
+        # -- P^T tile (BLOCK_M, BLOCK_K) and Q tile (BLOCK_K, BLOCK_N) of these token rows --
+        b = ts // N_TOK  # token row t = b * N_TOK + n; int64 offsets
+        n = (ts - b * N_TOK).to(tl.int64)
+        p_ptrs = P + (b.to(tl.int64) * stride_pb + n * stride_pn)[None, :] + offs_m[:, None] * stride_pm
+        q_ptrs = Q + (b.to(tl.int64) * stride_qb + n * stride_qn)[:, None] + offs_n[None, :]
+        p = tl.load(p_ptrs, mask=m_ok[:, None] & t_ok[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+        if P_SCALE:
+            p = p.to(tl.float32) * tl.load(SS + b, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        if Q_LN:  # LayerNorm recomputed from the saved statistics, zero in padded rows/columns
+            mean = tl.load(Mean + ts, mask=t_ok, other=0.0)
+            rstd = tl.load(Rstd + ts, mask=t_ok, other=0.0)
+            q = (q.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if HAS_NORM_W:
+                q = q * nw[None, :]
+            if HAS_NORM_B:
+                q = q + nb[None, :]
+            q = tl.where(t_ok[:, None] & n_ok[None, :], q, 0.0).to(P.dtype.element_ty)
+        else:
+            p = p.to(Q.dtype.element_ty)
+        acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
+
+    out_ptrs = Out + split.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    DLN,  # (T, D) fp32 gradient of LN(x), contiguous (COMPUTE_DX / COMPUTE_DNW / COMPUTE_DNB)
+    X,  # (B, N_TOK, D) tokens, unit stride in D
+    Mean, Rstd,  # (T,) fp32 row statistics of X
+    NormW,  # (D,) LayerNorm weight (HAS_NORM_W)
+    DY,  # (B, N_TOK, D) gradient of y, any strides (0 where broadcast)
+    SS,  # (B,) per-sample scale (HAS_SS)
+    LS,  # (D,) layer scale (HAS_LS)
+    B2,  # (D,) fc2 bias (COMPUTE_ROWTERM)
+    DX,  # (T, D) out: dL/dx in x's dtype, contiguous (COMPUTE_DX)
+    DNWPart, DNBPart,  # (num_programs, D) fp32 out: partial sums of dLN * xhat and of dLN
+    DPPart,  # (num_programs, D) fp32 out: partial sums of dy * ss (COMPUTE_DP)
+    RowTerm,  # (T,) fp32 out: sum_d dy * ls * b2 per row (COMPUTE_ROWTERM)
+    T, N_TOK, D,
+    stride_xb, stride_xn, stride_dyb, stride_dyn, stride_dyd,
+    HAS_NORM_W: tl.constexpr, HAS_SS: tl.constexpr, HAS_LS: tl.constexpr, RESIDUAL: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DNW: tl.constexpr, COMPUTE_DNB: tl.constexpr,
+    COMPUTE_DP: tl.constexpr, COMPUTE_ROWTERM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_NORM_W:
+        w = tl.load(NormW + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_LS:
+        ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if COMPUTE_ROWTERM:
+        b2 = tl.load(B2 + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dnw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dnb = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dp = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    # each program walks row blocks pid, pid + num_programs, ...: fixed order, deterministic sums
+    for blk in range(pid, (T + BLOCK_ROWS - 1) // BLOCK_ROWS, tl.num_programs(0)):
+        rows = blk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < T
+        mask = row_ok[:, None] & col_ok[None, :]
+        b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
+        n = (rows - b * N_TOK).to(tl.int64)
+        dy_ptrs = DY + (b.to(tl.int64) * stride_dyb + n * stride_dyn)[:, None] + cols[None, :] * stride_dyd
+        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB:
+            dln = tl.load(DLN + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+            x_ptrs = X + (b.to(tl.int64) * stride_xb + n * stride_xn)[:, None] + cols[None, :]
+            x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if COMPUTE_DNW:
+                dnw += tl.sum(dln * xhat, axis=0)
+            if COMPUTE_DNB:
+                dnb += tl.sum(dln, axis=0)
+            if COMPUTE_DX:
+                # LayerNorm backward: dx = rstd * (dxh - mean(dxh) - xhat * mean(dxh * xhat))
+                dxh = dln * w[None, :] if HAS_NORM_W else dln
+                c1 = tl.sum(dxh * xhat, axis=1) / D
+                c2 = tl.sum(dxh, axis=1) / D
+                dx = (dxh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                if RESIDUAL:
+                    dx += dy
+                tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DP:
+            if HAS_SS:
+                ss = tl.load(SS + b, mask=row_ok, other=0.0).to(tl.float32)
+                dp += tl.sum(dy * ss[:, None], axis=0)
+            else:
+                dp += tl.sum(dy, axis=0)
+        if COMPUTE_ROWTERM:
+            scale = ls * b2 if HAS_LS else b2
+            tl.store(RowTerm + rows, tl.sum(dy * scale[None, :], axis=1), mask=row_ok)
+
+    part = pid.to(tl.int64) * D + cols
+    if COMPUTE_DNW:
+        tl.store(DNWPart + part, dnw, mask=col_ok)
+    if COMPUTE_DNB:
+        tl.store(DNBPart + part, dnb, mask=col_ok)
+    if COMPUTE_DP:
+        tl.store(DPPart + part, dp, mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher (inputs already validated by fastvit.ops.layernorm_mlp)
+# ---------------------------------------------------------------------------------------------
+def wgrad_splits(tiles: int, rows: int, block_k: int, sms: int, max_splits: int = 8) -> int:
+    """How many token ranges a weight-gradient GEMM with ``tiles`` output tiles is split into.
+
+    The smallest split count whose last wave is at least 85% full (wave quantisation), keeping
+    at least 8 K-steps per split; 1 when the output alone fills the GPU.
+    """
+    best, best_eff = 1, 0.0
+    for s in range(1, max_splits + 1):
+        if s > 1 and rows < s * 8 * block_k:
+            break
+        programs = tiles * s
+        eff = programs / (triton.cdiv(programs, sms) * sms)
+        if eff >= 0.85:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def _wgrad(
+    p: torch.Tensor, p_strides: tuple[int, int, int], ss: torch.Tensor | None,
+    q: torch.Tensor, q_strides: tuple[int, int], ln: tuple | None,
+    batch: int, n_tok: int, m: int, n: int, splits: int | None,
+) -> torch.Tensor:
+    """sum over token rows of P'^T Q' as (M, N) fp32 (see ``_wgrad_kernel``)."""
+    rows = batch * n_tok
+    arch = arch_of(p.device)
+    cfg = gemm_config(arch, q.dtype if ln is None else p.dtype, "wgrad")
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if splits is None:
+        splits = wgrad_splits(tiles, rows, cfg.block_k, num_sms(p.device))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(rows, rows_per_split)
+    out = new_output((splits, m, n), dtype=torch.float32, device=p.device)
+    mean, rstd, nw, nb = ln if ln is not None else (None, None, None, None)
+    _wgrad_kernel[(tiles, splits)](
+        p, ss, q, mean, rstd, nw, nb, out,
+        rows, n_tok, m, n, rows_per_split, *p_strides, *q_strides,
+        P_SCALE=ss is not None, Q_LN=ln is not None, HAS_NORM_W=nw is not None, HAS_NORM_B=nb is not None,
+        DOT_PRECISION=dot_precision(q.dtype if ln is None else p.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out[0] if splits == 1 else out.sum(0)
+
+
+def layernorm_mlp_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    layer_scale: torch.Tensor | None,
+    sample_scale: torch.Tensor | None,
+    preact: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    *,
+    approximate: str,
+    residual: bool,
+    needs: tuple[bool, ...],
+    wgrad_split: int | None = None,
+) -> list[torch.Tensor | None]:
+    """Launch the backward and finish the small reductions in torch.
+
+    Args:
+        grad_out: (B, N, D) gradient of y, any strides (stride 0 from ``y.sum()`` is fine).
+        x, norm_weight, ..., sample_scale: the forward's inputs (x (B, N, D), unit stride in D).
+        preact: (B*N, HD) saved pre-activation; mean, rstd: (B*N,) fp32 saved statistics.
+        needs: one flag per entry of ``GRAD_NAMES``; gradients not needed (or of None inputs)
+            come back as None and their GEMMs / reductions are skipped.
+        wgrad_split: force the token-split count of the weight-gradient GEMMs (tests).
+
+    Returns:
+        The gradients in ``GRAD_NAMES`` order, each in its input's dtype and shape, or None.
+    """
+    inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
+    need = {k: bool(flag) and t is not None for k, flag, t in zip(GRAD_NAMES, needs, inputs, strict=True)}
+    batch, n_tok, dim = x.shape
+    hidden = fc1_weight.shape[0]
+    rows = batch * n_tok
+    device, gemm_dtype = x.device, fc1_weight.dtype
+    grads: dict[str, torch.Tensor] = {}
+    if rows == 0:  # no tokens: parameter gradients are zeros, x's is empty
+        return [torch.zeros_like(t) if need[k] else None for k, t in zip(GRAD_NAMES, inputs, strict=True)]
+    arch = arch_of(device)
+    precision = dot_precision(gemm_dtype)
+    tanh = approximate == "tanh"
+    dy_strides = grad_out.stride()
+
+    # -- 1. dA = ss * ((dy * ls) @ W2) * gelu'(a); g = gelu(a); db1 and dss partials --
+    need_m2 = need["fc2_weight"] or need["layer_scale"]
+    need_dss = need["sample_scale"]
+    cfg = gemm_config(arch, gemm_dtype, "fc2_bwd")
+    num_m, num_n = triton.cdiv(rows, cfg.block_m), triton.cdiv(hidden, cfg.block_n)
+    da = new_output((rows, hidden), dtype=gemm_dtype, device=device)
+    g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
+    db1_part = new_output((num_m, hidden), dtype=torch.float32, device=device) if need["fc1_bias"] else None
+    dss_part = new_output((rows, num_n), dtype=torch.float32, device=device) if need_dss else None
+    _fc2_bwd_kernel[(num_m * num_n,)](
+        grad_out, layer_scale, fc2_weight, preact, sample_scale, da, g, db1_part, dss_part,
+        rows, n_tok, dim, hidden, *dy_strides, fc2_weight.stride(0),
+        HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
+        WRITE_G=need_m2, COMPUTE_DB1=need["fc1_bias"], COMPUTE_DSS=need_dss,
+        TANH=tanh, DOT_PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if need["fc1_bias"]:
+        grads["fc1_bias"] = db1_part.sum(0).to(fc1_bias.dtype)
+
+    # -- 2. M2 = (dy * ss)^T g  ->  dW2 = ls * M2 (and dls below) --
+    m2 = None
+    if need_m2:
+        m2 = _wgrad(grad_out, dy_strides, sample_scale, g, (n_tok * hidden, hidden), None,
+                    batch, n_tok, dim, hidden, wgrad_split)
+        del g
+        if need["fc2_weight"]:
+            w2_grad = m2 * layer_scale.float()[:, None] if layer_scale is not None else m2
+            grads["fc2_weight"] = w2_grad.to(fc2_weight.dtype)
+
+    # -- 3. dW1 = dA^T LN(x) --
+    if need["fc1_weight"]:
+        grads["fc1_weight"] = _wgrad(
+            da, (n_tok * hidden, hidden, 1), None, x, (x.stride(0), x.stride(1)),
+            (mean, rstd, norm_weight, norm_bias), batch, n_tok, hidden, dim, wgrad_split,
+        ).to(fc1_weight.dtype)
+
+    # -- 4. dLN = dA @ W1 (fp32) --
+    need_dln = need["x"] or need["norm_weight"] or need["norm_bias"]
+    dln = None
+    if need_dln:
+        dln = new_output((rows, dim), dtype=torch.float32, device=device)
+        c2 = gemm_config(arch, gemm_dtype, "fc2")
+        _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
+            da, fc1_weight, None, None, None, None, dln,
+            rows, n_tok, dim, hidden, fc1_weight.stride(0), fc1_weight.stride(1), 0, 0,
+            HAS_BIAS=False, HAS_LS=False, HAS_SS=False, RESIDUAL=False, DOT_PRECISION=precision,
+            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
+            num_warps=c2.num_warps, num_stages=c2.num_stages,
+        )
+    del da
+
+    # -- 5. row pass: dx (LN backward + residual), dw / db / P partials, dss row term --
+    need_dp = need["fc2_bias"] or need["layer_scale"]
+    need_rowterm = need_dss and fc2_bias is not None
+    if need_dln or need_dp or need_rowterm:
+        rc = row_config(dim)
+        programs = min(triton.cdiv(rows, rc.block_rows), 4 * num_sms(device))
+        dx = new_output((batch, n_tok, dim), dtype=x.dtype, device=device) if need["x"] else None
+        dnw_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_weight"] else None
+        dnb_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_bias"] else None
+        dp_part = new_output((programs, dim), dtype=torch.float32, device=device) if need_dp else None
+        rowterm = new_output((rows,), dtype=torch.float32, device=device) if need_rowterm else None
+        _ln_bwd_kernel[(programs,)](
+            dln, x, mean, rstd, norm_weight, grad_out, sample_scale, layer_scale, fc2_bias,
+            dx, dnw_part, dnb_part, dp_part, rowterm,
+            rows, n_tok, dim, x.stride(0), x.stride(1), *dy_strides,
+            HAS_NORM_W=norm_weight is not None, HAS_SS=sample_scale is not None, HAS_LS=layer_scale is not None,
+            RESIDUAL=residual, COMPUTE_DX=need["x"], COMPUTE_DNW=need["norm_weight"],
+            COMPUTE_DNB=need["norm_bias"], COMPUTE_DP=need_dp, COMPUTE_ROWTERM=need_rowterm,
+            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
+        )
+        if need["x"]:
+            grads["x"] = dx
+        if need["norm_weight"]:
+            grads["norm_weight"] = dnw_part.sum(0).to(norm_weight.dtype)
+        if need["norm_bias"]:
+            grads["norm_bias"] = dnb_part.sum(0).to(norm_bias.dtype)
+        if need_dp:
+            p_sum = dp_part.sum(0)  # sum_t dy * ss
+            if need["fc2_bias"]:
+                b2_grad = p_sum * layer_scale.float() if layer_scale is not None else p_sum
+                grads["fc2_bias"] = b2_grad.to(fc2_bias.dtype)
+            if need["layer_scale"]:
+                ls_grad = (fc2_weight.float() * m2).sum(1)
+                if fc2_bias is not None:
+                    ls_grad += fc2_bias.float() * p_sum
+                grads["layer_scale"] = ls_grad.to(layer_scale.dtype)
+    if need_dss:
+        per_row = dss_part.sum(1)
+        if need_rowterm:
+            per_row += rowterm
+        grads["sample_scale"] = per_row.view(batch, n_tok).sum(1).to(sample_scale.dtype)
+    return [grads.get(k) for k in GRAD_NAMES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time specs (collected by layernorm_mlp.aot_specs)
+# ---------------------------------------------------------------------------------------------
+def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_dln: bool = True) -> list[KernelSpec]:
+    """The backward GEMM configurations for one GEMM dtype (x and dy in ``x_dtype``)."""
+    ty, xty = TL_DTYPE[dtype], TL_DTYPE[x_dtype]
+    label = f"{ty}" if dtype == x_dtype else f"{ty} (x {xty}, autocast)"
+    specs = []
+    cfg = gemm_config(arch, dtype, "fc2_bwd")
+    specs.append(gemm_spec(
+        "layernorm_mlp._fc2_bwd_kernel", f"fc2 bwd (dA) {label}",
+        {"DY": f"*{xty}", "LS": f"*{xty}", "W2": f"*{ty}", "Pre": f"*{ty}", "SS": f"*{xty}", "DA": f"*{ty}",
+         "G": f"*{ty}", "DB1Part": "*fp32", "DSSPart": "*fp32", "T": "i32", "N_TOK": "i32", "D": "i32",
+         "HD": "i32", "stride_dyb": "i32", "stride_dyn": "i32", "stride_dyd": "constexpr", "stride_w2d": "i32",
+         "HAS_LS": "constexpr", "HAS_SS": "constexpr", "WRITE_G": "constexpr", "COMPUTE_DB1": "constexpr",
+         "COMPUTE_DSS": "constexpr", "TANH": "constexpr"},
+        {"stride_dyd": 1, "HAS_LS": True, "HAS_SS": True, "WRITE_G": True, "COMPUTE_DB1": True,
+         "COMPUTE_DSS": True, "TANH": False},
+        cfg, arch, dtype,
+        ("DY", "LS", "W2", "Pre", "SS", "DA", "G", "DB1Part", "DSSPart", "D", "HD", "stride_dyb", "stride_dyn",
+         "stride_w2d"),
+    ))
+    cfg = gemm_config(arch, dtype, "wgrad")
+    common = {"T": "i32", "N_TOK": "i32", "M": "i32", "N": "i32", "rows_per_split": "i32",
+              "stride_pb": "i32", "stride_pn": "i32", "stride_pm": "constexpr", "stride_qb": "i32",
+              "stride_qn": "i32", "P_SCALE": "constexpr", "Q_LN": "constexpr", "HAS_NORM_W": "constexpr",
+              "HAS_NORM_B": "constexpr"}
+    div = ("P", "SS", "Q", "Mean", "Rstd", "NormW", "NormB", "Out", "M", "N", "rows_per_split",
+           "stride_pb", "stride_pn", "stride_qb", "stride_qn")
+    specs.append(gemm_spec(  # dW2: P = dy * ss, Q = gelu(a)
+        "layernorm_mlp._wgrad_kernel", f"wgrad dW2 {label}",
+        {"P": f"*{xty}", "SS": f"*{xty}", "Q": f"*{ty}", "Mean": "constexpr", "Rstd": "constexpr",
+         "NormW": "constexpr", "NormB": "constexpr", "Out": "*fp32", **common},
+        {"Mean": None, "Rstd": None, "NormW": None, "NormB": None, "stride_pm": 1, "P_SCALE": True,
+         "Q_LN": False, "HAS_NORM_W": False, "HAS_NORM_B": False},
+        cfg, arch, dtype, tuple(d for d in div if d not in ("Mean", "Rstd", "NormW", "NormB")),
+    ))
+    specs.append(gemm_spec(  # dW1: P = dA, Q = LN(x)
+        "layernorm_mlp._wgrad_kernel", f"wgrad dW1 {label}",
+        {"P": f"*{ty}", "SS": "constexpr", "Q": f"*{xty}", "Mean": "*fp32", "Rstd": "*fp32",
+         "NormW": f"*{xty}", "NormB": f"*{xty}", "Out": "*fp32", **common},
+        {"SS": None, "stride_pm": 1, "P_SCALE": False, "Q_LN": True, "HAS_NORM_W": True, "HAS_NORM_B": True},
+        cfg, arch, dtype, tuple(d for d in div if d != "SS"),
+    ))
+    if not with_dln:
+        return specs
+    cfg = gemm_config(arch, dtype, "fc2")
+    specs.append(gemm_spec(  # dLN = dA @ W1: the fc2 kernel with no epilogue, fp32 out
+        "layernorm_mlp._fc2_kernel", f"dLN {label}",
+        {"A": f"*{ty}", "W": f"*{ty}", "Bias": "constexpr", "X": "constexpr", "LS": "constexpr",
+         "SS": "constexpr", "Y": "*fp32", "T": "i32", "N_TOK": "i32", "N_OUT": "i32", "K": "i32",
+         "stride_wk": "i32", "stride_wn": "constexpr", "stride_xb": "i32", "stride_xn": "i32",
+         "HAS_BIAS": "constexpr", "HAS_LS": "constexpr", "HAS_SS": "constexpr", "RESIDUAL": "constexpr"},
+        {"Bias": None, "X": None, "LS": None, "SS": None, "stride_wn": 1, "HAS_BIAS": False, "HAS_LS": False,
+         "HAS_SS": False, "RESIDUAL": False},
+        cfg, arch, dtype, ("A", "W", "Y", "N_OUT", "K", "stride_wk"),
+    ))
+    return specs
+
+
+def ln_bwd_spec(arch: int, rc: RowConfig) -> KernelSpec:
+    """The LayerNorm-backward row kernel for one width bucket (bf16 x and dy, every output on)."""
+    sig = {"DLN": "*fp32", "X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "NormW": "*bf16", "DY": "*bf16",
+           "SS": "*bf16", "LS": "*bf16", "B2": "*bf16", "DX": "*bf16", "DNWPart": "*fp32", "DNBPart": "*fp32",
+           "DPPart": "*fp32", "RowTerm": "*fp32", "T": "i32", "N_TOK": "i32", "D": "i32", "stride_xb": "i32",
+           "stride_xn": "i32", "stride_dyb": "i32", "stride_dyn": "i32", "stride_dyd": "constexpr"}
+    flags = {"HAS_NORM_W": True, "HAS_SS": True, "HAS_LS": True, "RESIDUAL": True, "COMPUTE_DX": True,
+             "COMPUTE_DNW": True, "COMPUTE_DNB": True, "COMPUTE_DP": True, "COMPUTE_ROWTERM": True,
+             "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
+    sig.update({k: "constexpr" for k in flags})
+    return KernelSpec(
+        "layernorm_mlp._ln_bwd_kernel", f"ln bwd bf16 BLOCK_D={rc.block_d} rows={rc.block_rows} w={rc.num_warps}",
+        sig, {"stride_dyd": 1, **flags}, rc.num_warps, 1, arch,
+        divisible_by_16=("DLN", "X", "Mean", "Rstd", "NormW", "DY", "SS", "LS", "B2", "DX", "DNWPart", "DNBPart",
+                         "DPPart", "RowTerm", "stride_xb", "stride_xn", "stride_dyb", "stride_dyn"),
+    )

@@ -1,0 +1,178 @@
+"""fastvit.nn.FusedLayerNormMLP: structure, from_modules (the same modules, not copies), drop-path,
+and agreement with timm's Block on both routes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastvit
+from fastvit.nn import FusedLayerNormMLP
+
+ON_GPU = torch.cuda.is_available()
+kernel_test = pytest.mark.interpreter if not ON_GPU else pytest.mark.gpu
+
+
+def _composite(module: FusedLayerNormMLP, x: torch.Tensor) -> torch.Tensor:
+    """The unfused math, through the module's own submodules."""
+    h = module.fc2(F.gelu(module.fc1(module.norm(x)), approximate=module.approximate))
+    if module.gamma is not None:
+        h = h * module.gamma
+    return x + h if module.residual else h
+
+
+def test_standalone_structure_and_state_dict():
+    m = FusedLayerNormMLP(64, mlp_ratio=8 / 3, eps=1e-12, init_values=1e-5)
+    assert isinstance(m.norm, nn.LayerNorm) and m.norm.eps == 1e-12
+    assert (m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (64, 170, 64)
+    assert set(m.state_dict()) == {"norm.weight", "norm.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+                                   "layer_scale"}
+    assert torch.equal(m.layer_scale, torch.full((64,), 1e-5))
+    plain = FusedLayerNormMLP(48, 96, bias=False)
+    assert plain.fc1.bias is None and plain.fc2.bias is None and plain.layer_scale is None
+    assert "layer_scale" not in plain.state_dict()
+
+
+def test_extra_repr_describes_the_module():
+    text = repr(FusedLayerNormMLP(32, 80, approximate="tanh", drop_path=0.1))
+    for part in ("dim=32", "hidden_dim=80", "eps=1e-06", "approximate='tanh'", "drop_path=0.1", "backend="):
+        assert part in text, part
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_forward_is_the_composite_of_its_modules(residual, approximate):
+    torch.manual_seed(0)
+    m = FusedLayerNormMLP(24, 40, approximate=approximate, residual=residual, init_values=0.5)
+    x = torch.randn(3, 5, 24)
+    with fastvit.backend("torch"):
+        torch.testing.assert_close(m(x), _composite(m, x))
+
+
+def test_from_modules_registers_the_same_modules():
+    """timm's Mlp / LayerNorm / LayerScale are used as they are: same objects, same Parameters,
+    gradients land on them."""
+    from timm.layers import LayerScale, Mlp
+
+    torch.manual_seed(1)
+    norm, mlp, ls = nn.LayerNorm(32, eps=1e-6), Mlp(32, 96), LayerScale(32, init_values=0.1)
+    fused = FusedLayerNormMLP.from_modules(norm, mlp.fc1, mlp.fc2, ls)
+    assert fused.norm is norm and fused.fc1 is mlp.fc1 and fused.fc2 is mlp.fc2 and fused.ls is ls
+    assert fused.gamma is ls.gamma
+    own = {id(p) for p in fused.parameters()}
+    assert own == {id(p) for p in (*norm.parameters(), *mlp.fc1.parameters(), *mlp.fc2.parameters(), ls.gamma)}
+    x = torch.randn(2, 7, 32)
+    with fastvit.backend("torch"):
+        fused(x).sum().backward()
+    assert mlp.fc1.weight.grad is not None and ls.gamma.grad is not None
+    with torch.no_grad():
+        ls.gamma.mul_(2.0)  # read at call time, not copied
+        torch.testing.assert_close(fused(x), x + ls(mlp(norm(x))))
+
+
+def test_from_modules_layer_scale_as_parameter_or_tensor():
+    norm, fc1, fc2 = nn.LayerNorm(16), nn.Linear(16, 48), nn.Linear(48, 16)
+    gamma = nn.Parameter(torch.rand(16))
+    fused = FusedLayerNormMLP.from_modules(norm, fc1, fc2, gamma)
+    assert fused.layer_scale is gamma and fused.gamma is gamma
+    plain = torch.rand(16)
+    fused = FusedLayerNormMLP.from_modules(norm, fc1, fc2, plain, residual=False)
+    assert fused.gamma is plain and "layer_scale" not in fused.state_dict()  # a non-persistent buffer
+    assert FusedLayerNormMLP.from_modules(norm, fc1, fc2, nn.Identity()).gamma is None
+
+
+@pytest.mark.parametrize(
+    "build,error,pattern",
+    [
+        (lambda: (nn.BatchNorm1d(16), nn.Linear(16, 32), nn.Linear(32, 16)), TypeError, "norm must be an nn.LayerNorm"),
+        (lambda: (nn.LayerNorm((4, 16)), nn.Linear(16, 32), nn.Linear(32, 16)), TypeError, "over the last dim"),
+        (lambda: (nn.LayerNorm(16), nn.Conv1d(16, 32, 1), nn.Linear(32, 16)), TypeError, "fc1 must be an nn.Linear"),
+        (lambda: (nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(24, 16)), ValueError, "modules do not chain"),
+        (lambda: (nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 8)), ValueError, "modules do not chain"),
+        (lambda: (nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16), torch.ones(8)), ValueError,
+         r"layer_scale must have shape \(16,\)"),
+        (lambda: (nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16), 0.5), TypeError, "layer_scale must be"),
+    ],
+)
+def test_from_modules_rejects_modules_that_do_not_fit(build, error, pattern):
+    with pytest.raises(error, match=pattern):
+        FusedLayerNormMLP.from_modules(*build())
+
+
+def test_from_modules_rejects_an_inplace_layer_scale():
+    from timm.layers import LayerScale
+
+    with pytest.raises(ValueError, match="inplace"):
+        FusedLayerNormMLP.from_modules(nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16),
+                                       LayerScale(16, inplace=True))
+
+
+@pytest.mark.parametrize("kwargs,pattern",
+                         [(dict(approximate="relu"), "approximate"), (dict(drop_path=1.0), "drop_path")])
+def test_bad_constructor_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        FusedLayerNormMLP(16, 32, **kwargs)
+
+
+def test_drop_path_in_training_only():
+    """In training each sample's branch is dropped (y = x) or scaled by 1 / keep; in eval it is
+    the plain block. An explicit sample_scale multiplies drop-path's."""
+    torch.manual_seed(2)
+    m = FusedLayerNormMLP(16, 32, drop_path=0.5, init_values=1.0)
+    x = torch.randn(64, 3, 16)
+    branch = _composite(m, x) - x
+    with fastvit.backend("torch"):
+        m.eval()
+        torch.testing.assert_close(m(x), x + branch)
+        m.train()
+        y = m(x)
+        explicit = torch.full((64,), 3.0)
+        torch.manual_seed(5)
+        y_scaled = m(x, sample_scale=explicit)
+    dropped = [(y[b] - x[b]).abs().max() == 0 for b in range(64)]
+    assert 10 < sum(dropped) < 54  # Bernoulli(0.5) over 64 samples
+    for b in range(64):
+        if not dropped[b]:
+            torch.testing.assert_close(y[b], x[b] + branch[b] / 0.5)
+    torch.manual_seed(5)
+    mask = torch.empty(64).bernoulli_(0.5) / 0.5
+    torch.testing.assert_close(y_scaled, x + branch * (3.0 * mask)[:, None, None])
+
+
+@kernel_test
+def test_kernel_route_matches_timm_block(kernel_device):
+    """The second half of timm's Block, ``x + drop_path2(ls2(mlp(norm2(x))))``, from its own
+    modules: output and every parameter's gradient on the Triton route match timm's."""
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(3)
+    block = Block(48, num_heads=2, mlp_ratio=8 / 3, init_values=0.3).to(kernel_device).eval()
+    fused = FusedLayerNormMLP.from_modules(block.norm2, block.mlp.fc1, block.mlp.fc2, block.ls2)
+    x = torch.randn(2, 11, 48, device=kernel_device, requires_grad=True)
+    expected = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    params = list(fused.parameters())
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *params])
+    with fastvit.backend("triton"):
+        out = fused(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *params])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@kernel_test
+def test_kernel_route_drop_path_training(kernel_device):
+    """Training with drop-path stays on the fused route (sample_scale): same result as the torch
+    route for the same random mask."""
+    torch.manual_seed(4)
+    m = FusedLayerNormMLP(32, 64, drop_path=0.25, init_values=0.5).to(kernel_device).train()
+    x = torch.randn(4, 9, 32, device=kernel_device)
+    with fastvit.backend("triton"):
+        torch.manual_seed(6)
+        y = m(x)
+    with fastvit.backend("torch"):
+        torch.manual_seed(6)
+        expected = m(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
