@@ -558,7 +558,7 @@ _FP32_CONFIGS_BWD = {
 # ---------------------------------------------------------------------------------------------
 # Launchers (inputs already validated by fastvit.ops.flash_attention)
 # ---------------------------------------------------------------------------------------------
-DELTA_BLOCK_M = 64  # rows per program of the delta pre-pass (memory-bound, 4 warps)
+DELTA_BLOCK_M = 32  # rows per program of the delta pre-pass (memory-bound, 4 warps)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -678,6 +678,9 @@ _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 # One head dim per padded width (16, 32, 64, 128) and 80, the masked representative of the
 # non-powers of two (80 and 96 share the 128-wide registers and differ only in a mask constant).
 AOT_HEAD_DIMS = (16, 32, 64, 80, 128)
+# fp16 and bf16 share every block configuration and compile to the same code but for the
+# conversions; to keep the compile check short, fp16 is compiled for the forward only.
+_BWD_AOT_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _strides(prefix: str, dims: str) -> dict[str, str]:
@@ -711,11 +714,12 @@ def aot_specs() -> list[KernelSpec]:
             for head_dim in AOT_HEAD_DIMS:
                 pad = head_dim_padded(head_dim)
                 # the delta pre-pass reads dO with any strides (stride 0 included): no alignment
-                specs.append(KernelSpec(
-                    "flash_attention.flash_attention_bwd_delta_kernel", f"{ty} D={head_dim} BM={DELTA_BLOCK_M} w=4",
-                    delta_sig, {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": DELTA_BLOCK_M}, 4, 1, arch,
-                    divisible_by_16=("Out", "Delta", "stride_ob", "stride_oh", "stride_on"),
-                ))
+                if dtype in _BWD_AOT_DTYPES:
+                    specs.append(KernelSpec(
+                        "flash_attention.flash_attention_bwd_delta_kernel", f"{ty} D={head_dim} BM={DELTA_BLOCK_M} w=4",
+                        delta_sig, {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": DELTA_BLOCK_M}, 4, 1, arch,
+                        divisible_by_16=("Out", "Delta", "stride_ob", "stride_oh", "stride_on"),
+                    ))
                 fwd, bwd = fwd_config(arch, dtype, pad), bwd_config(arch, dtype, pad)
                 for causal in (False, True):
                     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal,
@@ -728,6 +732,8 @@ def aot_specs() -> list[KernelSpec]:
                         ("flash_attention_bwd_dq_kernel", dq_sig, bwd, bwd.block_n, bwd.block_m),
                     )
                     for kernel, sig, cfg, block_m, block_n in launches:
+                        if kernel != "flash_attention_fwd_kernel" and dtype not in _BWD_AOT_DTYPES:
+                            continue
                         constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}
                         if "stride_dod" in sig:
                             constexprs["stride_dod"] = 1
