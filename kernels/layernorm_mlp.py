@@ -45,7 +45,7 @@ import triton.language as tl
 
 from . import INTERPRETER
 from .aot import ARCHS, KernelSpec
-from .runtime import new_output
+from .runtime import arch_of, device_guard, new_output
 
 # Widest rows (D) the row kernels hold in registers (8192 spills); wider rows run on the torch route.
 MAX_DIM = 4096
@@ -154,14 +154,15 @@ def _fc1_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k0
-        # -- A tile: LayerNorm applied on load, in fp32, zero in padded columns --
+        # -- A tile: LayerNorm applied on load, in fp32 --
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         h = (x - mean[:, None]) * rstd[:, None]
         if HAS_NORM_W:
             h = h * tl.load(NormW + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_NORM_B:
             h = h + tl.load(NormB + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        h = tl.where(k_ok[None, :], h, 0.0)
+        # h is finite but not zero in padded columns (no affine: -mean * rstd); the W1 rows
+        # there load as zero, so they add nothing and h needs no select
         # -- B tile and the product --
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
@@ -289,7 +290,11 @@ def row_config(dim: int) -> RowConfig:
     """Rows per program and warps of the row kernels (LN statistics, LN backward) for width D."""
     block_d = next(b for b in ROW_BUCKETS if b >= dim)
     block_rows = max(1, min(16, 2048 // block_d))
-    num_warps = 4 if block_d <= 2048 else 8
+    # the LN backward keeps three (BLOCK_D,) fp32 column accumulators beside its row tiles: at
+    # 2048 / 4096 with 4 / 8 warps that is 16 values each per thread and ~230 registers on
+    # Triton 3.8 (too close to 255); 8 warps at 2048 spill 8 B on sm_90; 16 warps are clean
+    # (82 / 128 registers, 128 being the cap at 512 threads)
+    num_warps = 4 if block_d <= 1024 else 16
     return RowConfig(block_rows, block_d, num_warps)
 
 
@@ -350,34 +355,34 @@ def layernorm_mlp_fwd(
     y = new_output((batch, n_tok, dim), dtype=out_dtype, device=device)
     if rows == 0:
         return y, pre, mean, rstd
-    from .runtime import arch_of
-
     arch = arch_of(device)
     precision = dot_precision(gemm_dtype)
 
-    rc = row_config(dim)
-    _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
-        x, mean, rstd, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
-        BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
-    )
-    c1 = gemm_config(arch, gemm_dtype, "fc1")
-    _fc1_kernel[(triton.cdiv(rows, c1.block_m) * triton.cdiv(hidden, c1.block_n),)](
-        x, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, g, pre,
-        rows, n_tok, dim, hidden, x.stride(0), x.stride(1), fc1_weight.stride(0),
-        HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, HAS_B1=fc1_bias is not None,
-        SAVE_PRE=save_preact, TANH=approximate == "tanh", DOT_PRECISION=precision,
-        BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k, GROUP_M=c1.group_m,
-        num_warps=c1.num_warps, num_stages=c1.num_stages,
-    )
-    c2 = gemm_config(arch, gemm_dtype, "fc2")
-    _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
-        g, fc2_weight, fc2_bias, x if residual else None, layer_scale, sample_scale, y,
-        rows, n_tok, dim, hidden, fc2_weight.stride(1), fc2_weight.stride(0), x.stride(0), x.stride(1),
-        HAS_BIAS=fc2_bias is not None, HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
-        RESIDUAL=residual, DOT_PRECISION=precision,
-        BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
-        num_warps=c2.num_warps, num_stages=c2.num_stages,
-    )
+    # Triton launches on the current device, which need not hold x (model.to('cuda:1'))
+    with device_guard(x):
+        rc = row_config(dim)
+        _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
+            x, mean, rstd, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
+            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
+        )
+        c1 = gemm_config(arch, gemm_dtype, "fc1")
+        _fc1_kernel[(triton.cdiv(rows, c1.block_m) * triton.cdiv(hidden, c1.block_n),)](
+            x, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, g, pre,
+            rows, n_tok, dim, hidden, x.stride(0), x.stride(1), fc1_weight.stride(0),
+            HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, HAS_B1=fc1_bias is not None,
+            SAVE_PRE=save_preact, TANH=approximate == "tanh", DOT_PRECISION=precision,
+            BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k, GROUP_M=c1.group_m,
+            num_warps=c1.num_warps, num_stages=c1.num_stages,
+        )
+        c2 = gemm_config(arch, gemm_dtype, "fc2")
+        _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
+            g, fc2_weight, fc2_bias, x if residual else None, layer_scale, sample_scale, y,
+            rows, n_tok, dim, hidden, fc2_weight.stride(1), fc2_weight.stride(0), x.stride(0), x.stride(1),
+            HAS_BIAS=fc2_bias is not None, HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
+            RESIDUAL=residual, DOT_PRECISION=precision,
+            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
+            num_warps=c2.num_warps, num_stages=c2.num_stages,
+        )
     return y, pre, mean, rstd
 
 

@@ -40,7 +40,7 @@ from .layernorm_mlp import (
     num_sms,
     row_config,
 )
-from .runtime import arch_of, new_output
+from .runtime import arch_of, device_guard, new_output
 
 # Order of the gradients the launcher returns (and of the ``needs`` flags it takes).
 GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
@@ -168,7 +168,9 @@ def _wgrad_kernel(
         q = tl.load(q_ptrs, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
         if P_SCALE:
             p = p.to(tl.float32) * tl.load(SS + b, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        if Q_LN:  # LayerNorm recomputed from the saved statistics, zero in padded rows/columns
+        if Q_LN:  # LayerNorm recomputed from the saved statistics
+            # padded token rows come out as norm_bias (finite) but meet zero P columns; padded
+            # columns are never stored: no select needed
             mean = tl.load(Mean + ts, mask=t_ok, other=0.0)
             rstd = tl.load(Rstd + ts, mask=t_ok, other=0.0)
             q = (q.to(tl.float32) - mean[:, None]) * rstd[:, None]
@@ -176,7 +178,7 @@ def _wgrad_kernel(
                 q = q * nw[None, :]
             if HAS_NORM_B:
                 q = q + nb[None, :]
-            q = tl.where(t_ok[:, None] & n_ok[None, :], q, 0.0).to(P.dtype.element_ty)
+            q = q.to(P.dtype.element_ty)
         else:
             p = p.to(Q.dtype.element_ty)
         acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
@@ -358,105 +360,107 @@ def layernorm_mlp_bwd(
     grads: dict[str, torch.Tensor] = {}
     if rows == 0:  # no tokens: parameter gradients are zeros, x's is empty
         return [torch.zeros_like(t) if need[k] else None for k, t in zip(GRAD_NAMES, inputs, strict=True)]
-    arch = arch_of(device)
-    precision = dot_precision(gemm_dtype)
-    tanh = approximate == "tanh"
-    dy_strides = grad_out.stride()
+    # Triton launches on the current device, which need not hold x (model.to('cuda:1'))
+    with device_guard(x):
+        arch = arch_of(device)
+        precision = dot_precision(gemm_dtype)
+        tanh = approximate == "tanh"
+        dy_strides = grad_out.stride()
 
-    # -- 1. dA = ss * ((dy * ls) @ W2) * gelu'(a); g = gelu(a); db1 and dss partials --
-    need_m2 = need["fc2_weight"] or need["layer_scale"]
-    need_dss = need["sample_scale"]
-    cfg = gemm_config(arch, gemm_dtype, "fc2_bwd")
-    num_m, num_n = triton.cdiv(rows, cfg.block_m), triton.cdiv(hidden, cfg.block_n)
-    da = new_output((rows, hidden), dtype=gemm_dtype, device=device)
-    g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
-    db1_part = new_output((num_m, hidden), dtype=torch.float32, device=device) if need["fc1_bias"] else None
-    dss_part = new_output((rows, num_n), dtype=torch.float32, device=device) if need_dss else None
-    _fc2_bwd_kernel[(num_m * num_n,)](
-        grad_out, layer_scale, fc2_weight, preact, sample_scale, da, g, db1_part, dss_part,
-        rows, n_tok, dim, hidden, *dy_strides, fc2_weight.stride(0),
-        HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
-        WRITE_G=need_m2, COMPUTE_DB1=need["fc1_bias"], COMPUTE_DSS=need_dss,
-        TANH=tanh, DOT_PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if need["fc1_bias"]:
-        grads["fc1_bias"] = db1_part.sum(0).to(fc1_bias.dtype)
-
-    # -- 2. M2 = (dy * ss)^T g  ->  dW2 = ls * M2 (and dls below) --
-    m2 = None
-    if need_m2:
-        m2 = _wgrad(grad_out, dy_strides, sample_scale, g, (n_tok * hidden, hidden), None,
-                    batch, n_tok, dim, hidden, wgrad_split)
-        del g
-        if need["fc2_weight"]:
-            w2_grad = m2 * layer_scale.float()[:, None] if layer_scale is not None else m2
-            grads["fc2_weight"] = w2_grad.to(fc2_weight.dtype)
-
-    # -- 3. dW1 = dA^T LN(x) --
-    if need["fc1_weight"]:
-        grads["fc1_weight"] = _wgrad(
-            da, (n_tok * hidden, hidden, 1), None, x, (x.stride(0), x.stride(1)),
-            (mean, rstd, norm_weight, norm_bias), batch, n_tok, hidden, dim, wgrad_split,
-        ).to(fc1_weight.dtype)
-
-    # -- 4. dLN = dA @ W1 (fp32) --
-    need_dln = need["x"] or need["norm_weight"] or need["norm_bias"]
-    dln = None
-    if need_dln:
-        dln = new_output((rows, dim), dtype=torch.float32, device=device)
-        c2 = gemm_config(arch, gemm_dtype, "fc2")
-        _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
-            da, fc1_weight, None, None, None, None, dln,
-            rows, n_tok, dim, hidden, fc1_weight.stride(0), fc1_weight.stride(1), 0, 0,
-            HAS_BIAS=False, HAS_LS=False, HAS_SS=False, RESIDUAL=False, DOT_PRECISION=precision,
-            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
-            num_warps=c2.num_warps, num_stages=c2.num_stages,
+        # -- 1. dA = ss * ((dy * ls) @ W2) * gelu'(a); g = gelu(a); db1 and dss partials --
+        need_m2 = need["fc2_weight"] or need["layer_scale"]
+        need_dss = need["sample_scale"]
+        cfg = gemm_config(arch, gemm_dtype, "fc2_bwd")
+        num_m, num_n = triton.cdiv(rows, cfg.block_m), triton.cdiv(hidden, cfg.block_n)
+        da = new_output((rows, hidden), dtype=gemm_dtype, device=device)
+        g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
+        db1_part = new_output((num_m, hidden), dtype=torch.float32, device=device) if need["fc1_bias"] else None
+        dss_part = new_output((rows, num_n), dtype=torch.float32, device=device) if need_dss else None
+        _fc2_bwd_kernel[(num_m * num_n,)](
+            grad_out, layer_scale, fc2_weight, preact, sample_scale, da, g, db1_part, dss_part,
+            rows, n_tok, dim, hidden, *dy_strides, fc2_weight.stride(0),
+            HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
+            WRITE_G=need_m2, COMPUTE_DB1=need["fc1_bias"], COMPUTE_DSS=need_dss,
+            TANH=tanh, DOT_PRECISION=precision,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    del da
+        if need["fc1_bias"]:
+            grads["fc1_bias"] = db1_part.sum(0).to(fc1_bias.dtype)
 
-    # -- 5. row pass: dx (LN backward + residual), dw / db / P partials, dss row term --
-    need_dp = need["fc2_bias"] or need["layer_scale"]
-    need_rowterm = need_dss and fc2_bias is not None
-    if need_dln or need_dp or need_rowterm:
-        rc = row_config(dim)
-        programs = min(triton.cdiv(rows, rc.block_rows), 4 * num_sms(device))
-        dx = new_output((batch, n_tok, dim), dtype=x.dtype, device=device) if need["x"] else None
-        dnw_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_weight"] else None
-        dnb_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_bias"] else None
-        dp_part = new_output((programs, dim), dtype=torch.float32, device=device) if need_dp else None
-        rowterm = new_output((rows,), dtype=torch.float32, device=device) if need_rowterm else None
-        _ln_bwd_kernel[(programs,)](
-            dln, x, mean, rstd, norm_weight, grad_out, sample_scale, layer_scale, fc2_bias,
-            dx, dnw_part, dnb_part, dp_part, rowterm,
-            rows, n_tok, dim, x.stride(0), x.stride(1), *dy_strides,
-            HAS_NORM_W=norm_weight is not None, HAS_SS=sample_scale is not None, HAS_LS=layer_scale is not None,
-            RESIDUAL=residual, COMPUTE_DX=need["x"], COMPUTE_DNW=need["norm_weight"],
-            COMPUTE_DNB=need["norm_bias"], COMPUTE_DP=need_dp, COMPUTE_ROWTERM=need_rowterm,
-            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
-        )
-        if need["x"]:
-            grads["x"] = dx
-        if need["norm_weight"]:
-            grads["norm_weight"] = dnw_part.sum(0).to(norm_weight.dtype)
-        if need["norm_bias"]:
-            grads["norm_bias"] = dnb_part.sum(0).to(norm_bias.dtype)
-        if need_dp:
-            p_sum = dp_part.sum(0)  # sum_t dy * ss
-            if need["fc2_bias"]:
-                b2_grad = p_sum * layer_scale.float() if layer_scale is not None else p_sum
-                grads["fc2_bias"] = b2_grad.to(fc2_bias.dtype)
-            if need["layer_scale"]:
-                ls_grad = (fc2_weight.float() * m2).sum(1)
-                if fc2_bias is not None:
-                    ls_grad += fc2_bias.float() * p_sum
-                grads["layer_scale"] = ls_grad.to(layer_scale.dtype)
-    if need_dss:
-        per_row = dss_part.sum(1)
-        if need_rowterm:
-            per_row += rowterm
-        grads["sample_scale"] = per_row.view(batch, n_tok).sum(1).to(sample_scale.dtype)
+        # -- 2. M2 = (dy * ss)^T g  ->  dW2 = ls * M2 (and dls below) --
+        m2 = None
+        if need_m2:
+            m2 = _wgrad(grad_out, dy_strides, sample_scale, g, (n_tok * hidden, hidden), None,
+                        batch, n_tok, dim, hidden, wgrad_split)
+            del g
+            if need["fc2_weight"]:
+                w2_grad = m2 * layer_scale.float()[:, None] if layer_scale is not None else m2
+                grads["fc2_weight"] = w2_grad.to(fc2_weight.dtype)
+
+        # -- 3. dW1 = dA^T LN(x) --
+        if need["fc1_weight"]:
+            grads["fc1_weight"] = _wgrad(
+                da, (n_tok * hidden, hidden, 1), None, x, (x.stride(0), x.stride(1)),
+                (mean, rstd, norm_weight, norm_bias), batch, n_tok, hidden, dim, wgrad_split,
+            ).to(fc1_weight.dtype)
+
+        # -- 4. dLN = dA @ W1 (fp32) --
+        need_dln = need["x"] or need["norm_weight"] or need["norm_bias"]
+        dln = None
+        if need_dln:
+            dln = new_output((rows, dim), dtype=torch.float32, device=device)
+            c2 = gemm_config(arch, gemm_dtype, "fc2")
+            _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
+                da, fc1_weight, None, None, None, None, dln,
+                rows, n_tok, dim, hidden, fc1_weight.stride(0), fc1_weight.stride(1), 0, 0,
+                HAS_BIAS=False, HAS_LS=False, HAS_SS=False, RESIDUAL=False, DOT_PRECISION=precision,
+                BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
+                num_warps=c2.num_warps, num_stages=c2.num_stages,
+            )
+        del da
+
+        # -- 5. row pass: dx (LN backward + residual), dw / db / P partials, dss row term --
+        need_dp = need["fc2_bias"] or need["layer_scale"]
+        need_rowterm = need_dss and fc2_bias is not None
+        if need_dln or need_dp or need_rowterm:
+            rc = row_config(dim)
+            programs = min(triton.cdiv(rows, rc.block_rows), 4 * num_sms(device))
+            dx = new_output((batch, n_tok, dim), dtype=x.dtype, device=device) if need["x"] else None
+            dnw_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_weight"] else None
+            dnb_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_bias"] else None
+            dp_part = new_output((programs, dim), dtype=torch.float32, device=device) if need_dp else None
+            rowterm = new_output((rows,), dtype=torch.float32, device=device) if need_rowterm else None
+            _ln_bwd_kernel[(programs,)](
+                dln, x, mean, rstd, norm_weight, grad_out, sample_scale, layer_scale, fc2_bias,
+                dx, dnw_part, dnb_part, dp_part, rowterm,
+                rows, n_tok, dim, x.stride(0), x.stride(1), *dy_strides,
+                HAS_NORM_W=norm_weight is not None, HAS_SS=sample_scale is not None, HAS_LS=layer_scale is not None,
+                RESIDUAL=residual, COMPUTE_DX=need["x"], COMPUTE_DNW=need["norm_weight"],
+                COMPUTE_DNB=need["norm_bias"], COMPUTE_DP=need_dp, COMPUTE_ROWTERM=need_rowterm,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
+            )
+            if need["x"]:
+                grads["x"] = dx
+            if need["norm_weight"]:
+                grads["norm_weight"] = dnw_part.sum(0).to(norm_weight.dtype)
+            if need["norm_bias"]:
+                grads["norm_bias"] = dnb_part.sum(0).to(norm_bias.dtype)
+            if need_dp:
+                p_sum = dp_part.sum(0)  # sum_t dy * ss
+                if need["fc2_bias"]:
+                    b2_grad = p_sum * layer_scale.float() if layer_scale is not None else p_sum
+                    grads["fc2_bias"] = b2_grad.to(fc2_bias.dtype)
+                if need["layer_scale"]:
+                    ls_grad = (fc2_weight.float() * m2).sum(1)
+                    if fc2_bias is not None:
+                        ls_grad += fc2_bias.float() * p_sum
+                    grads["layer_scale"] = ls_grad.to(layer_scale.dtype)
+        if need_dss:
+            per_row = dss_part.sum(1)
+            if need_rowterm:
+                per_row += rowterm
+            grads["sample_scale"] = per_row.view(batch, n_tok).sum(1).to(sample_scale.dtype)
     return [grads.get(k) for k in GRAD_NAMES]
 
 

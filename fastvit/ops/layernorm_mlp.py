@@ -266,7 +266,7 @@ def layernorm_mlp(
         scale).
 
     dtypes: fp16, bf16 and fp32 run the kernels (fp32 with IEEE fp32 dots, no TF32); float64
-    runs the ``torch`` route, as do rows wider than 8192, with one warning. Under autocast the
+    runs the ``torch`` route, as do rows wider than 4096 (``MAX_DIM``), with one warning. Under autocast the
     linears run in the autocast dtype (weights cast like ``F.linear``), LayerNorm statistics in
     fp32. Differentiable in every tensor argument.
 
