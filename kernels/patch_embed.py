@@ -23,7 +23,9 @@ mask the pixels past the image, which reads them as zeros: the padding is never 
 
 Precision: fp16/bf16 weights use tensor-core dots with fp32 accumulation; fp32 images are rounded
 to the weight's dtype in registers (autocast: fp32 images, bf16 GEMM); fp32 weights use IEEE fp32
-dots (no TF32). Batch offsets are int64; offsets inside one image are int32.
+dots (no TF32). Batch offsets are int64; offsets inside one image are int32 (a view whose offsets
+inside an image would reach 2^31 is copied first, ``image_addressable_in_int32``; the op sends
+images of 2^31 elements or more to the torch route). Every launch runs under ``device_guard``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import triton.language as tl
 
 from . import INTERPRETER
 from .aot import ARCHS, KernelSpec
-from .runtime import arch_of, new_output
+from .runtime import arch_of, device_guard, new_output
 
 # ---------------------------------------------------------------------------------------------
 # Gathering patches: runs of RUN pixels
@@ -124,24 +126,26 @@ def patch_embed_fwd_kernel(
     offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d_valid = offs_d < D
     if pid < num_gemm:
-        # -- this program's patches and where each one starts in its image --
+        # -- this program's patches and where each one starts in its image; rows past the last
+        #    patch (and dims past D) re-read the last one, are never stored, and so need no mask
+        #    in the loop: its masks are per column only --
         offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < M
-        b, n, h0, w0 = _patch_rows(offs_m, N, GW, PATCH)
+        b, n, h0, w0 = _patch_rows(tl.minimum(offs_m, M - 1), N, GW, PATCH)
         x_rows = X + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
-        w_cols = Wt + offs_d.to(tl.int64) * stride_wd
+        w_cols = Wt + tl.minimum(offs_d, D - 1).to(tl.int64) * stride_wd
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for v0 in range(0, R * S * RUN, BLOCK_K):
             # -- A tile: gather BLOCK_K // RUN runs of every patch (the implicit im2col) --
             q, pos, i, k_valid = _patch_cols(v0 + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
-            a_mask = m_valid[:, None] & k_valid[None, :]
-            if EDGE:
-                a_mask &= _inside_image(h0, w0, i, pos, H, W, cpr)
             x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
-            a = tl.load(x_rows[:, None] + x_cols[None, :], mask=a_mask, other=0.0)
+            if EDGE:
+                a_mask = k_valid[None, :] & _inside_image(h0, w0, i, pos, H, W, cpr)
+                a = tl.load(x_rows[:, None] + x_cols[None, :], mask=a_mask, other=0.0)
+            else:
+                a = tl.load(x_rows[:, None] + x_cols[None, :], mask=k_valid[None, :], other=0.0)
             # -- B tile: the matching weight columns, W^T (BLOCK_K, BLOCK_N) --
-            w = tl.load(w_cols[None, :] + (q * row_len + pos)[:, None],
-                        mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+            w = tl.load(w_cols[None, :] + (q * row_len + pos)[:, None], mask=k_valid[:, None], other=0.0)
             acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
         # -- epilogue: bias, pos_embed, store into the patch rows of the token buffer --
         if HAS_BIAS:
@@ -250,20 +254,20 @@ def patch_embed_bwd_input_kernel(
     pid = tl.program_id(0)
     offs_m = (pid // num_k) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < M
-    b, n, h0, w0 = _patch_rows(offs_m, N, GW, PATCH)
+    # rows past the last patch re-read the last one and are never stored: no row mask in the loop
+    b, n, h0, w0 = _patch_rows(tl.minimum(offs_m, M - 1), N, GW, PATCH)
     q, pos, i, k_valid = _patch_cols((pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
     g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P).to(tl.int64) * stride_gt
     w_cols = Wt + q * row_len + pos
 
-    # -- (G @ W) tile for these patches and pixels --
+    # -- (G @ W) tile for these patches and pixels; G is zero past D, so W needs no mask there --
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_valid = offs_d < D
         g = tl.load(g_rows[:, None] + offs_d.to(tl.int64)[None, :] * stride_gd,
-                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        w = tl.load(w_cols[None, :] + offs_d.to(tl.int64)[:, None] * stride_wd,
-                    mask=d_valid[:, None] & k_valid[None, :], other=0.0)
+                    mask=(offs_d < D)[None, :], other=0.0)
+        w = tl.load(w_cols[None, :] + tl.minimum(offs_d, D - 1).to(tl.int64)[:, None] * stride_wd,
+                    mask=k_valid[None, :], other=0.0)
         acc = tl.dot(g.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
 
     # -- col2im: patches do not overlap, so each element lands on its own pixel --
@@ -335,29 +339,38 @@ class GemmConfig:
     num_stages: int
 
 
-# Under the interpreter: one small config, so short test grids still cross several tiles.
-_INTERPRETER_CONFIG = GemmConfig(32, 32, 32, 4, 1)
+# Under the interpreter: small tiles, so short test grids still cross several tiles of patches and
+# embed dims; the weight gradient and col2im take 128 pixels of a patch per program (the
+# interpreter's cost is per program and op, and K = C*p*p is the long side on test shapes: 192 to
+# 1024 columns, still 2 to 8 tiles, the last one partial).
+_INTERPRETER_CONFIGS = {
+    "fwd": GemmConfig(32, 32, 32, 4, 1), "dw": GemmConfig(32, 128, 32, 4, 1), "dx": GemmConfig(32, 128, 32, 4, 1)
+}
 
 # 16-bit weights, runs loaded as vectors ("vec" walk), per architecture. sm_90: warpgroup MMA on two
-# warpgroups; sm_89 (and sm_86, sm_120): 99 KB of shared memory; sm_80: 163 KB.
+# warpgroups; sm_89 (and sm_86, sm_120): 99 KB of shared memory; sm_80: 163 KB. Every entry keeps
+# ptxas (Triton 3.8) at <= ~230 registers per thread with no spills, leaving headroom for other
+# Triton versions (the GPU machines run 3.6): e.g. the forward's 128x128 tile on 8 warps reaches
+# 246-252 registers on sm_80 (fp32 images are converted to bf16 in registers), 128x64 on 8 warps 148.
 _VEC_CONFIGS = {
-    "fwd": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
-    "dw": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(64, 128, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
-    "dx": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
+    "fwd": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 8, 3), 80: GemmConfig(128, 64, 32, 8, 3)},
+    "dw": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
+    "dx": {90: GemmConfig(128, 128, 64, 8, 2), 89: GemmConfig(128, 64, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
 }
 # 16-bit weights, element-wise gathers ("gather" walk: p = 14, strided views, odd widths). Every
 # address and the row indices of each patch stay in registers across the loop, so the tiles are
-# small (64 x 64 forward tiles spill on sm_80/89); sm_90 keeps 64 rows, the least warpgroup MMA takes.
+# small; sm_90 keeps 64 rows, the least warpgroup MMA takes, on 8 warps (on 4: 251-254 registers).
 _GATHER_CONFIGS = {
-    "fwd": {90: GemmConfig(64, 64, 16, 4, 2), 89: GemmConfig(32, 64, 32, 4, 2), 80: GemmConfig(32, 64, 32, 4, 2)},
+    "fwd": {90: GemmConfig(64, 64, 32, 8, 2), 89: GemmConfig(32, 64, 16, 4, 2), 80: GemmConfig(32, 64, 16, 4, 2)},
     "dw": {90: GemmConfig(64, 128, 32, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(64, 128, 32, 8, 3)},
-    "dx": {90: GemmConfig(64, 64, 32, 4, 2), 89: GemmConfig(32, 64, 32, 4, 2), 80: GemmConfig(32, 64, 32, 4, 2)},
+    "dx": {90: GemmConfig(64, 64, 32, 8, 2), 89: GemmConfig(32, 64, 32, 4, 2), 80: GemmConfig(32, 64, 32, 4, 2)},
 }
-# fp32 weights: IEEE fp32 dots run on FMA units, small tiles on every architecture.
+# fp32 weights: IEEE fp32 dots run on FMA units, small tiles on every architecture (an FMA dot holds
+# a row of A and a column of B per thread: the forward's 64x64x32 tile on 4 warps hits 255 on sm_80).
 _FP32_CONFIGS = {  # keyed by vec
-    True: {"fwd": GemmConfig(64, 64, 32, 4, 2), "dw": GemmConfig(64, 64, 32, 4, 2), "dx": GemmConfig(64, 64, 32, 4, 2)},
+    True: {"fwd": GemmConfig(64, 64, 32, 8, 2), "dw": GemmConfig(64, 64, 32, 8, 2), "dx": GemmConfig(64, 64, 32, 4, 2)},
     False: {
-        "fwd": GemmConfig(32, 64, 16, 4, 2), "dw": GemmConfig(64, 64, 16, 4, 2), "dx": GemmConfig(32, 64, 32, 4, 2)
+        "fwd": GemmConfig(32, 64, 16, 8, 2), "dw": GemmConfig(64, 64, 16, 4, 2), "dx": GemmConfig(32, 64, 32, 4, 2)
     },
 }
 
@@ -371,7 +384,7 @@ def gemm_config(kernel: str, arch: int, dtype: torch.dtype, vec: bool) -> GemmCo
         vec: the walk's runs are vector loads (``runs_vectorize``).
     """
     if INTERPRETER:
-        return _INTERPRETER_CONFIG
+        return _INTERPRETER_CONFIGS[kernel]
     if dtype == torch.float32:
         return _FP32_CONFIGS[vec][kernel]
     # sm_80 and sm_90 (and sm_100) have large shared memories; the rest (sm_86, sm_89, sm_120) 99 KB
@@ -480,6 +493,23 @@ def _edge(height: int, width: int, patch: int, pad: bool) -> bool:
     return pad and (height % patch != 0 or width % patch != 0)
 
 
+# Offsets inside one image (channel, row and column terms) are int32 in the kernels; the batch term
+# is int64. One image of 2^31 elements or more is left to the torch route by the op.
+INT32_SPAN = 2**31
+
+
+def image_addressable_in_int32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, unless an offset inside one image reaches 2^31 (a view with a huge channel or
+    row stride, e.g. a batch-minor permute of a large batch): then a copy in x's layout (channels_last
+    stays channels_last, so the walk and the weight gradient's layout do not change), whose offsets
+    inside one image stay below C*H*W."""
+    span = sum(abs(st) * (size - 1) for st, size in zip(x.stride()[1:], x.shape[1:], strict=True) if size > 0)
+    if span < INT32_SPAN:
+        return x
+    layout = torch.channels_last if gather_plan(x, 1).pixel_rows else torch.contiguous_format
+    return x.contiguous(memory_format=layout)
+
+
 def patch_embed_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -511,6 +541,7 @@ def patch_embed_forward(
     out = new_output((batch, num_prefix + n, dim), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
+    x = image_addressable_in_int32(x)
     plan = gather_plan(x, patch)
     w = _weight_in_gather_order(weight, plan)
     cfg = gemm_config("fwd", arch_of(x.device), weight.dtype, runs_vectorize(x, plan, patch, dim))
@@ -518,32 +549,34 @@ def patch_embed_forward(
     grid = ((triton.cdiv(batch * n, cfg.block_m) + triton.cdiv(batch * num_prefix, cfg.block_m)) * num_n,)
     pos = pos_embed[0] if pos_embed is not None else None
     pre = prefix_tokens[0] if num_prefix else out[0]  # out[0]: a placeholder, never read when P == 0
-    patch_embed_fwd_kernel[grid](
-        x, w, bias, pos, pre, out,
-        x.stride(0), x.stride(2), x.stride(3), plan.stride_outer, plan.stride_run,
-        w.stride(0),
-        bias.stride(0) if bias is not None else 0,
-        *(pos.stride() if pos is not None else (0, 0)),
-        *pre.stride(),
-        *out.stride(),
-        batch, height, width,
-        dim, num_prefix, gw, n,
-        patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
-        num_prefix if pos is not None and pos.shape[0] == num_prefix + n else 0,
-        HAS_BIAS=bias is not None, HAS_POS=pos is not None, EDGE=_edge(height, width, patch, pad),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RUN=RUN,
-        DOT_PRECISION=_dot_precision(weight.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(x):
+        patch_embed_fwd_kernel[grid](
+            x, w, bias, pos, pre, out,
+            x.stride(0), x.stride(2), x.stride(3), plan.stride_outer, plan.stride_run,
+            w.stride(0),
+            bias.stride(0) if bias is not None else 0,
+            *(pos.stride() if pos is not None else (0, 0)),
+            *pre.stride(),
+            *out.stride(),
+            batch, height, width,
+            dim, num_prefix, gw, n,
+            patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+            num_prefix if pos is not None and pos.shape[0] == num_prefix + n else 0,
+            HAS_BIAS=bias is not None, HAS_POS=pos is not None, EDGE=_edge(height, width, patch, pad),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RUN=RUN,
+            DOT_PRECISION=_dot_precision(weight.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 
 def _sum_splits(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (contiguous, numel = partial[0].numel()) = partial.sum(0), summed in split order."""
     numel = out.numel()
-    sum_splits_kernel[(triton.cdiv(numel, SUM_SPLITS_BLOCK),)](
-        partial, out, partial.shape[0], numel, BLOCK=SUM_SPLITS_BLOCK, num_warps=4
-    )
+    with device_guard(out):
+        sum_splits_kernel[(triton.cdiv(numel, SUM_SPLITS_BLOCK),)](
+            partial, out, partial.shape[0], numel, BLOCK=SUM_SPLITS_BLOCK, num_warps=4
+        )
     return out
 
 
@@ -573,28 +606,32 @@ def patch_embed_backward_weight(
     gh, gw = grid_size(height, width, patch, pad)
     n = gh * gw
     dw = weight_grad_like(x, weight)
+    if dw.numel() == 0:
+        return dw
+    if batch * n == 0:
+        return dw.zero_()
+    x = image_addressable_in_int32(x)
     plan = gather_plan(x, patch)
     dw_flat = (dw.permute(0, 2, 3, 1) if plan.pixel_rows else dw).view(dim, -1)  # gather order
-    if batch * n == 0 or dim == 0:
-        return dw.zero_()
     cfg = gemm_config("dw", arch_of(x.device), weight.dtype, runs_vectorize(x, plan, patch, dim, grad_out))
     tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.rows * plan.runs * RUN, cfg.block_n)
     rows_per_split, num_splits = _split(batch * n, cfg.block_k, tiles, x.device, splits)
     partial = new_output((num_splits, *dw_flat.shape), dtype=torch.float32, device=x.device)
-    patch_embed_bwd_weight_kernel[(tiles * num_splits,)](
-        x, grad_out, partial,
-        x.stride(0), x.stride(2), x.stride(3), plan.stride_outer, plan.stride_run,
-        *grad_out.stride(),
-        batch, height, width,
-        dim, grad_out.shape[1] - n, gw, n,
-        patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
-        rows_per_split,
-        EDGE=_edge(height, width, patch, pad),
-        COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
-        BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=RUN,
-        DOT_PRECISION=_dot_precision(weight.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(x):
+        patch_embed_bwd_weight_kernel[(tiles * num_splits,)](
+            x, grad_out, partial,
+            x.stride(0), x.stride(2), x.stride(3), plan.stride_outer, plan.stride_run,
+            *grad_out.stride(),
+            batch, height, width,
+            dim, grad_out.shape[1] - n, gw, n,
+            patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+            rows_per_split,
+            EDGE=_edge(height, width, patch, pad),
+            COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
+            BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=RUN,
+            DOT_PRECISION=_dot_precision(weight.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     _sum_splits(partial, dw_flat)
     return dw
 
@@ -631,19 +668,20 @@ def patch_embed_backward_input(
     w = _weight_in_gather_order(weight, plan)
     cfg = gemm_config("dx", arch_of(x.device), weight.dtype, runs_vectorize(dx, plan, patch, dim, grad_out))
     grid = (triton.cdiv(batch * n, cfg.block_m) * triton.cdiv(plan.rows * plan.runs * RUN, cfg.block_n),)
-    patch_embed_bwd_input_kernel[grid](
-        grad_out, w, dx,
-        *grad_out.stride(),
-        w.stride(0),
-        dx.stride(0), dx.stride(2), dx.stride(3), plan.stride_outer, plan.stride_run,
-        batch, height, width,
-        dim, grad_out.shape[1] - n, gw, n,
-        patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
-        EDGE=_edge(height, width, patch, pad),
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_D=cfg.block_k, RUN=RUN,
-        DOT_PRECISION=_dot_precision(weight.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with device_guard(dx):
+        patch_embed_bwd_input_kernel[grid](
+            grad_out, w, dx,
+            *grad_out.stride(),
+            w.stride(0),
+            dx.stride(0), dx.stride(2), dx.stride(3), plan.stride_outer, plan.stride_run,
+            batch, height, width,
+            dim, grad_out.shape[1] - n, gw, n,
+            patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+            EDGE=_edge(height, width, patch, pad),
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_D=cfg.block_k, RUN=RUN,
+            DOT_PRECISION=_dot_precision(weight.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return dx
 
 
@@ -663,10 +701,11 @@ def patch_embed_backward_tokens(grad_out: torch.Tensor, splits: int | None = Non
     tiles = triton.cdiv(tokens, block_t) * triton.cdiv(dim, block_d)
     per_split, num_splits = _split(batch, 1, tiles, grad_out.device, splits)
     partial = new_output((num_splits, tokens, dim), dtype=torch.float32, device=grad_out.device)
-    patch_embed_bwd_token_sum_kernel[(tiles * num_splits,)](
-        grad_out, partial, *grad_out.stride(), batch, tokens, dim, per_split,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
-    )
+    with device_guard(grad_out):
+        patch_embed_bwd_token_sum_kernel[(tiles * num_splits,)](
+            grad_out, partial, *grad_out.stride(), batch, tokens, dim, per_split,
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        )
     return _sum_splits(partial, out)
 
 
@@ -700,9 +739,14 @@ DTYPE_RECIPES: tuple[tuple[torch.dtype, torch.dtype, torch.dtype], ...] = (
 #            scalar loads (every address in registers), with the padding masks; the small tiles.
 # The op makes bias, pos_embed and prefix_tokens unit-stride along D, and the launchers allocate
 # the tokens, the weight in gather order and the partial sums, so those are unit-stride everywhere.
+# stride_xw is 1 for NCHW images but C (3: neither 1 nor 16-divisible) for channels_last ones, which
+# also take the "vec" walk, so the specs compile it as a plain int: the heavier of the two.
+# Bias, Pos and Prefix are parameters (16-byte aligned unless a user passes an odd view, which
+# only narrows the epilogue's loads).
 _ALWAYS_UNIT = {"stride_bias", "stride_pos_d", "stride_pre_d", "stride_od"}
-_UNIT_IN_VEC = {"stride_xw", "stride_run", "stride_gd"}
-_OURS = {"Wt", "Out", "dWs", "Partial", "Bias", "Pos", "Prefix"}  # always 16-byte aligned
+_UNIT_IN_VEC = {"stride_run", "stride_gd"}
+_PLAIN_INT = {"stride_xw"}
+_OURS = {"Wt", "Out", "dWs", "Partial", "Bias", "Pos", "Prefix"}  # 16-byte aligned
 
 
 def _signature(kernel, pointers: dict[str, str], walk: str) -> tuple[dict[str, str], dict[str, int], tuple]:
@@ -722,20 +766,23 @@ def _signature(kernel, pointers: dict[str, str], walk: str) -> tuple[dict[str, s
             sig[name], ones[name] = "constexpr", 1
         else:
             sig[name] = "i32"
-            if not param.do_not_specialize and walk != "gather":
+            if not param.do_not_specialize and walk != "gather" and name not in _PLAIN_INT:
                 divisible.append(name)
     return sig, ones, tuple(divisible)
 
 
 # What is compiled ahead of time, per architecture: each GEMM kernel in the heaviest recipe of each
-# (dtype class, walk) -- fp32 images and fp32 tokens around a bf16 GEMM, the widest loads and
-# stores -- plus the fp16 MMA and the fp32 (IEEE) path. The other recipes go through the same
-# configurations with narrower loads and stores (fp16 and bf16 MMAs are the same instructions), so
-# their registers and shared memory are bounded by these.
+# (dtype class, walk) -- fp32 images and fp32 tokens around a bf16 GEMM (autocast), the widest loads
+# and stores, the images converted in registers -- and the fp32 (IEEE) path; on sm_90 also the
+# all-bf16 stem (the performance target, operands straight from memory into warpgroup MMA). The
+# other recipes go through the same configurations with narrower loads and stores (fp16 and bf16
+# MMAs are the same instructions): in every comparison made (fp16 vs fp32-image recipes, all
+# three architectures) they took fewer registers and less shared memory. Kept to 54 compiles: this
+# module's AOT run takes about 75 CPU-seconds from a cold Triton cache on the 2-core CI machine.
 _AOT_RECIPES = (
-    ((torch.float32, torch.bfloat16, torch.float32), ("vec", "edge", "gather")),
-    ((torch.float16, torch.float16, torch.float16), ("vec",)),
-    ((torch.float32, torch.float32, torch.float32), ("vec", "gather")),
+    ((torch.float32, torch.bfloat16, torch.float32), ("vec", "edge", "gather"), ARCHS),
+    ((torch.bfloat16, torch.bfloat16, torch.bfloat16), ("vec",), (90,)),
+    ((torch.float32, torch.float32, torch.float32), ("vec", "gather"), ARCHS),
 )
 
 
@@ -779,8 +826,8 @@ def aot_specs() -> list[KernelSpec]:
     variant); without them its epilogue only loses loads."""
     specs = []
     for arch in ARCHS:
-        for recipe, walks in _AOT_RECIPES:
-            for walk in walks:
+        for recipe, walks, archs in _AOT_RECIPES:
+            for walk in walks if arch in archs else ():
                 specs.extend(_gemm_specs(arch, recipe, walk))
         block_t, block_d = TOKEN_SUM_BLOCK
         sig, ones, div = _signature(patch_embed_bwd_token_sum_kernel, {"dOut": "*fp32", "Partial": "*fp32"}, "vec")

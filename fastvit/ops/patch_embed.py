@@ -21,6 +21,9 @@ __all__ = ["patch_embed"]
 # dtypes the Triton kernels take; float64 is valid input and runs on the torch route.
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALL_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+# The kernels address pixels inside one image with int32 offsets (the batch offset is int64): a
+# single image of 2^31 elements or more runs on the torch route (kernels/patch_embed.py).
+_MAX_IMAGE_NUMEL = 2**31
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +165,10 @@ def _validate(x, weight, bias, pos_embed, prefix_tokens, pad) -> None:
     check_same_device(x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens)
     _, chans, height, width = x.shape
     dim, w_chans, kh, kw = weight.shape
+    if chans == 0 or height == 0 or width == 0:
+        raise ValueError(f"x must have at least one channel, row and column, got shape {tuple(x.shape)}")
+    if dim == 0:
+        raise ValueError(f"weight must have at least one output channel (embed_dim), got shape {tuple(weight.shape)}")
     if kh != kw:
         raise ValueError(f"weight must be a square (embed_dim, channels, p, p) kernel, got shape {tuple(weight.shape)}")
     if kh == 0:
@@ -262,6 +269,13 @@ def patch_embed(
                 "patch_embed:float64",
                 "fastvit.patch_embed: the Triton kernels take fp16, bf16 and fp32; running the torch "
                 f"composite for dtypes {sorted(str(d) for d in dtypes)}",
+            )
+            route = "torch"
+        elif x.shape[1] * x.shape[2] * x.shape[3] >= _MAX_IMAGE_NUMEL:
+            warn_once(
+                "patch_embed:huge-image",
+                f"fastvit.patch_embed: one image of x {tuple(x.shape)} has 2^31 elements or more, past "
+                "the kernels' int32 offsets; running the torch composite",
             )
             route = "torch"
     if route == "torch":

@@ -118,9 +118,14 @@ def test_kernel_fp32(kernel_device, shape, channels_last):
 
 
 @kernel_test
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=["p8", "p32"])
-def test_kernel_fp16(kernel_device, shape):
-    inputs = _inputs(*shape, dtype=torch.float16, device=kernel_device, seed=5)
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [(SHAPES[0], False), (SHAPES[3], False), (SHAPES[1], True), (SHAPES[2], True)],
+    # p = 14 channels_last: pixel rows of 42 values, the last run of each masked
+    ids=["p8", "p32", "p14-channels_last", "C4-p16-channels_last"],
+)
+def test_kernel_fp16(kernel_device, shape, channels_last):
+    inputs = _inputs(*shape, dtype=torch.float16, device=kernel_device, channels_last=channels_last, seed=5)
     out, grad_out, grads = _run_kernel(inputs)
     _check(inputs, out, grad_out, grads)
 
@@ -170,13 +175,23 @@ def test_kernel_expanded_grad_output(kernel_device):
 
 
 @kernel_test
-@pytest.mark.parametrize("height,width", [(21, 35), (16, 19)], ids=["both-edges", "right-edge"])
-def test_kernel_dynamic_img_pad(kernel_device, height, width):
+@pytest.mark.parametrize(
+    "height,width,num_prefix,pos,channels_last",
+    [
+        (21, 35, 1, "all", False),  # both edges padded
+        (16, 19, 1, "all", False),  # the right edge only
+        (13, 30, 2, "patches", True),  # pixel rows: the mask is on pos // C; no_embed_class
+        (5, 6, 0, "all", False),  # the image is smaller than one patch: a 1x1 grid, mostly padding
+    ],
+    ids=["both-edges", "right-edge", "channels_last", "sub-patch"],
+)
+def test_kernel_dynamic_img_pad(kernel_device, height, width, num_prefix, pos, channels_last):
     """H, W not multiples of p: the bottom/right padding is masked in the kernels, the image
     gradient has the image's shape, and pixels of the padding get none."""
-    inputs = _inputs(2, 3, height, width, 8, 24, 1, "all", device=kernel_device, seed=height)
+    inputs = _inputs(2, 3, height, width, 8, 24, num_prefix, pos, device=kernel_device,
+                     channels_last=channels_last, seed=height)
     out, grad_out, grads = _run_kernel(inputs, pad=True)
-    assert out.shape[1] == 1 + (-(-height // 8)) * (-(-width // 8))
+    assert out.shape[1] == num_prefix + (-(-height // 8)) * (-(-width // 8))
     _check(inputs, out, grad_out, grads, pad=True)
 
 
@@ -221,6 +236,139 @@ def test_kernel_empty_batch_and_empty_prefix(kernel_device):
     with fastvit.backend("triton"):
         out = _call(inputs)
     assert out.shape == (2, 4, 12)
+
+
+@kernel_test
+def test_kernel_empty_batch_gradients(kernel_device):
+    """No images: empty tokens and image gradient, zero weight, bias, pos and prefix gradients."""
+    inputs = _inputs(0, 3, 16, 16, 8, 12, 2, "all", device=kernel_device, seed=19)
+    with fastvit.backend("triton"):
+        out = _call(inputs)
+        grads = torch.autograd.grad(out, [inputs[k] for k in NAMES], torch.randn_like(out))
+    for name, grad in zip(NAMES, grads, strict=True):
+        assert grad.shape == inputs[name].shape and not grad.count_nonzero(), name
+
+
+@kernel_test
+def test_kernel_views_of_images_and_parameters(kernel_device):
+    """A batch-minor image (permuted from (C, B, H, W): the batch stride is the smallest), prefix
+    tokens that are a strided slice (row stride 2*D) and a pos_embed stored transposed (stride L
+    along D: the op copies that small tensor); gradients reach the underlying leaves."""
+    gen = torch.Generator().manual_seed(59)
+    batch, chans, height, width, patch, dim, num_prefix = 3, 3, 16, 24, 8, 20, 2
+    tokens = num_prefix + (height // patch) * (width // patch)
+    leaves = {
+        "x_base": torch.randn(chans, batch, height, width, generator=gen),
+        "weight": torch.randn(dim, chans, patch, patch, generator=gen) / (chans * patch * patch) ** 0.5,
+        "bias": torch.randn(dim, generator=gen),
+        "pos_base": torch.randn(1, dim, tokens, generator=gen),
+        "prefix_base": torch.randn(1, 2 * num_prefix, dim, generator=gen),
+    }
+
+    def stem(t):
+        return fastvit.patch_embed(
+            t["x_base"].permute(1, 0, 2, 3), t["weight"], t["bias"],
+            pos_embed=t["pos_base"].transpose(1, 2), prefix_tokens=t["prefix_base"][:, ::2],
+        )
+
+    def grads_of(dtype, device, route):
+        t = {k: v.to(device=device, dtype=dtype).requires_grad_(True) for k, v in leaves.items()}
+        with fastvit.backend(route):
+            out = stem(t)
+            grads = torch.autograd.grad(out, list(t.values()), grad_out.to(device=device, dtype=dtype))
+        return out, dict(zip(t, grads, strict=True))
+
+    grad_out = torch.randn(batch, tokens, dim, generator=gen)
+    out, grads = grads_of(torch.float32, kernel_device, "triton")
+    oracle, oracle_grads = grads_of(torch.float64, "cpu", "torch")
+    lowp, lowp_grads = grads_of(torch.float32, "cpu", "torch")
+    assert_close_to_reference(out.detach().cpu(), oracle, lowp, name="tokens")
+    for name, grad in grads.items():
+        assert_close_to_reference(grad.cpu(), oracle_grads[name], lowp_grads[name], name=f"d{name}")
+
+
+def test_image_offsets_stay_int32():
+    """Offsets inside one image are int32 in the kernels: a view whose channel or row stride would
+    pass 2^31 is copied (in its own layout) before the launch; ordinary images are not."""
+    from fastvit.kernels.patch_embed import gather_plan, image_addressable_in_int32
+
+    image = torch.empty(2, 3, 16, 16, device="meta")
+    assert image_addressable_in_int32(image) is image
+    cl = image.to(memory_format=torch.channels_last)
+    assert image_addressable_in_int32(cl) is cl
+    batch_minor = torch.empty_strided((2, 3, 16, 16), (1, 2**30, 32, 2), device="meta")
+    copied = image_addressable_in_int32(batch_minor)
+    assert copied.is_contiguous() and not gather_plan(copied, 8).pixel_rows
+    pixel_rows = torch.empty_strided((2, 3, 16, 16), (1, 1, 2**28, 3), device="meta")
+    assert gather_plan(pixel_rows, 8).pixel_rows
+    copied = image_addressable_in_int32(pixel_rows)
+    assert copied.is_contiguous(memory_format=torch.channels_last) and gather_plan(copied, 8).pixel_rows
+
+
+@kernel_test
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_kernel_copies_views_past_int32_in_their_layout(kernel_device, monkeypatch, channels_last):
+    """The copy a huge-stride view gets (forced here by lowering the limit) keeps the image's
+    layout, so the forward, the weight gradient's layout (the fake impl's) and dx all agree."""
+    from fastvit.kernels import patch_embed as kernels
+
+    monkeypatch.setattr(kernels, "INT32_SPAN", 1)
+    inputs = _inputs(2, 3, 16, 24, 8, 20, 1, "all", device=kernel_device, channels_last=channels_last, seed=71)
+    out, grad_out, grads = _run_kernel(inputs)
+    _check(inputs, out, grad_out, grads)
+    assert grads["weight"].stride() == kernels.weight_grad_like(inputs["x"], inputs["weight"]).stride()
+
+
+@kernel_test
+def test_every_launch_runs_under_the_device_guard(kernel_device, monkeypatch):
+    """Triton launches on the current device: every launcher must enter ``device_guard`` of its
+    tensors first (checked here by recording; ``test_gpu_tensors_on_a_non_current_device`` runs
+    it for real where there are two GPUs)."""
+    import contextlib
+
+    from fastvit.kernels import patch_embed as kernels
+
+    state = {"inside": 0, "launches": []}
+
+    @contextlib.contextmanager
+    def guard(t):
+        state["inside"] += 1
+        try:
+            yield
+        finally:
+            state["inside"] -= 1
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                state["launches"].append((self.name, state["inside"] > 0))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    names = [n for n in dir(kernels) if n.endswith("_kernel") and hasattr(getattr(kernels, n), "fn")]
+    assert len(names) == 5, names
+    for name in names:
+        monkeypatch.setattr(kernels, name, Recorder(name, getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "device_guard", guard)
+    inputs = _inputs(2, 3, 16, 16, 8, 16, 1, "all", device=kernel_device, seed=61)
+    _run_kernel(inputs)
+    assert {name for name, _ in state["launches"]} == set(names)
+    assert all(inside for _, inside in state["launches"]), state["launches"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_non_current_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launch must follow the tensors."""
+    inputs = _inputs(2, 3, 32, 48, 16, 64, 1, "all", device="cuda:1", seed=67)
+    with torch.cuda.device(0):
+        out, grad_out, grads = _run_kernel(inputs)
+    torch.cuda.synchronize(1)
+    _check(inputs, out, grad_out, grads)
 
 
 @kernel_test
@@ -276,9 +424,14 @@ def test_kernel_autocast_follows_the_composite(kernel_device):
         lowp_grads = torch.autograd.grad(_call(inputs), [inputs[k] for k in NAMES], grad_out)
     for name, lowp in zip(NAMES, lowp_grads, strict=True):
         assert_close_to_reference(grads[name].cpu(), oracle_grads[name], lowp.cpu(), name=f"d{name}", dtype=dtype)
-    # without prefix tokens or pos_embed the tokens stay in the autocast dtype, like F.conv2d's
+    # without prefix tokens or pos_embed the tokens stay in the autocast dtype, like F.conv2d's;
+    # fp32 prefix tokens alone promote them to fp32, as torch.cat does
     with torch.autocast(kernel_device.type, dtype=dtype), fastvit.backend("triton"):
         assert fastvit.patch_embed(inputs["x"], inputs["weight"], inputs["bias"]).dtype == dtype
+        with_cls = fastvit.patch_embed(inputs["x"], inputs["weight"], prefix_tokens=inputs["prefix_tokens"])
+        with fastvit.backend("torch"):
+            composite = fastvit.patch_embed(inputs["x"], inputs["weight"], prefix_tokens=inputs["prefix_tokens"])
+    assert with_cls.dtype == composite.dtype == torch.float32
 
 
 @pytest.mark.gpu
@@ -396,6 +549,10 @@ def _bad(**overrides):
         (_bad(prefix_tokens=torch.randn(2, 1, 8)), ValueError, r"prefix_tokens must have shape \(1, P, 8\).*\(2, 1, 8"),
         (_bad(bias=torch.randn(7)), ValueError, r"bias must have shape \(8,\).*\(7,\)"),
         (_bad(x=torch.randn(2, 3, 30, 48)), ValueError, r"multiples of the patch size 16.*30, 48.*dynamic_img_pad"),
+        (_bad(x=torch.randn(2, 3, 0, 48)), ValueError, r"x must have at least one channel, row and column.*0, 48"),
+        (_bad(x=torch.randn(2, 0, 32, 48), weight=torch.randn(8, 0, 16, 16)), ValueError, r"at least one channel"),
+        (_bad(weight=torch.randn(0, 3, 16, 16), bias=None, pos_embed=None, prefix_tokens=None), ValueError,
+         r"weight must have at least one output channel \(embed_dim\).*\(0, 3, 16, 16\)"),
         (_bad(bias=torch.randn(8, dtype=torch.float16)), TypeError, r"same dtype.*bias float16"),
         (_bad(x=torch.randint(0, 5, (2, 3, 32, 48))), TypeError, r"x must have dtype in .*got int64"),
         (_bad(weight=[[1.0]]), TypeError, r"weight must be a torch.Tensor, got list"),
