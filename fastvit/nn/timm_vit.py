@@ -23,7 +23,7 @@ from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 __all__ = [
     "FusedAttention",
     "FusedBlock",
-    "FusedPatchEmbed",
+    "FusedTimmPatchEmbed",
     "FusedVisionTransformer",
     "FusedVisionTransformerDistilled",
     "drop_path_scale",
@@ -131,7 +131,7 @@ class FusedBlock(FusedModule, Block):
         return f"dim={self.norm2.normalized_shape[0]}, eps={self.norm2.eps}, fastvit={self.fastvit_op}"
 
 
-class FusedPatchEmbed(FusedModule, PatchEmbed):
+class FusedTimmPatchEmbed(FusedModule, PatchEmbed):
     """timm ``PatchEmbed`` of a patched ``VisionTransformer``: returns the finished tokens.
 
     Its forward is one ``fastvit.patch_embed`` call that also prepends the model's class /
@@ -188,16 +188,16 @@ class _FusedEmbedding(FusedModule):
         )
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.patch_embed, FusedPatchEmbed):  # patch_embed was replaced since
+        if not isinstance(self.patch_embed, FusedTimmPatchEmbed):  # patch_embed was replaced since
             return super()._pos_embed(x)
         return x if self.pos_embed is None else self.pos_drop(x)  # timm skips pos_drop without pos_embed
 
     def _fastvit_attach(self) -> None:
-        FusedPatchEmbed.swap_in(self.patch_embed)
+        FusedTimmPatchEmbed.swap_in(self.patch_embed)
         self.patch_embed.__dict__["_fastvit_vit"] = self  # a plain reference, not a submodule
 
     def _fastvit_detach(self) -> None:
-        if isinstance(self.patch_embed, FusedPatchEmbed):
+        if isinstance(self.patch_embed, FusedTimmPatchEmbed):
             self.patch_embed.swap_out()
 
 
