@@ -3,15 +3,31 @@
 Public API::
 
     fastvit.flash_attention(q, k, v, *, scale=None, causal=False, return_lse=False)
+    fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ...)
+    fastvit.patch_embed(x, weight, bias=None, *, pos_embed=None, prefix_tokens=None)
+    fastvit.axial_attention(q, k, v, grid, num_prefix_tokens=0)     # the axial baseline
+    report = fastvit.patch(model); fastvit.unpatch(model)
     with fastvit.backend("auto" | "triton" | "torch"): ...
 """
 
 from fastvit.backend import FastvitFallbackWarning, backend, current_backend
+from fastvit.ops.axial_attention import axial_attention
+from fastvit.ops.flash_attention import flash_attention
+from fastvit.ops.layernorm_mlp import layernorm_mlp
+from fastvit.ops.patch_embed import patch_embed
+from fastvit.patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FastvitFallbackWarning",
+    "PatchReport",
+    "axial_attention",
     "backend",
     "current_backend",
+    "flash_attention",
+    "layernorm_mlp",
+    "patch",
+    "patch_embed",
+    "unpatch",
 ]

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "layernorm_mlp", "patch_embed"]
+__all__ = ["attention", "axial_attention", "layernorm_mlp", "patch_embed"]
 
 
 def attention(
@@ -117,3 +117,46 @@ def layernorm_mlp(
     if sample_scale is not None:
         h = h * sample_scale.reshape((-1,) + (1,) * (x.dim() - 1))
     return x + h if residual else h
+
+
+def axial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int],
+    num_prefix_tokens: int = 0,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Axial attention (summed form) as explicit masked attention over all N tokens: the definition.
+
+    N = P + h*w tokens, P prefix tokens first, then the h x w grid row-major. A grid token's output
+    is softmax attention over (its row + the prefix) plus softmax attention over (its column + the
+    prefix); a prefix token's output is softmax attention over all N tokens.
+
+    Args:
+        q, k, v: (B, H, N, D).
+        grid: (h, w).
+        num_prefix_tokens: P.
+        scale: multiplies q.k; default 1/sqrt(D).
+
+    Returns:
+        (B, H, N, D).
+    """
+    n, d = q.shape[-2], q.shape[-1]
+    w = grid[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    idx = torch.arange(n, device=q.device)
+    prefix = idx < num_prefix_tokens
+    row = torch.div(idx - num_prefix_tokens, w, rounding_mode="floor")
+    col = (idx - num_prefix_tokens) % w
+    both_grid = ~prefix[:, None] & ~prefix[None, :]
+    same_row = prefix[None, :] | (both_grid & (row[:, None] == row[None, :]))  # (N queries, N keys)
+    same_col = prefix[None, :] | (both_grid & (col[:, None] == col[None, :]))
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+
+    def masked(keep: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1), v)
+
+    full = torch.matmul(torch.softmax(s, dim=-1), v)
+    return torch.where(prefix[:, None], full, masked(same_row) + masked(same_col))

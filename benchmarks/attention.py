@@ -1,0 +1,256 @@
+"""The attention suite: time and peak memory of self-attention implementations against N.
+
+This module is also the model of a suite. A suite is a module ``benchmarks/<name>.py`` with
+
+- ``run(args, progress) -> list[Record]`` (in the parent process): turn the command line into
+  ``Point`` s, one per implementation x mode x size, each group in increasing size; hand them to
+  ``runner.run_points`` (or ``runner.not_run`` for an implementation that cannot run here);
+- ``build(point) -> Workload`` (module level: it runs in a worker process): make the inputs
+  (``measure.input_sets``, random, rotated) and the step (``measure.op_step``); raise
+  ``measure.Unavailable(reason)`` when the implementation cannot run.
+
+Everything else (warm-up, timing, peak memory, time limits, out-of-memory handling, records,
+tables, plots) is the harness's.
+
+Implementations (``impl``), on (B, H, N, D) self-attention with N = 1 + (r / 16)^2 at resolution r:
+
+- ``eager``: timm's materialised attention, ``softmax((q * scale) @ k^T) @ v``;
+- ``axial``: ``fastvit.axial_attention`` on the 1 + h x w token grid (a different model, O(N^1.5));
+- ``sdpa[math|efficient|flash|cudnn]``: ``F.scaled_dot_product_attention`` pinned to one backend
+  with ``torch.nn.attention.sdpa_kernel`` (unavailable where the device lacks it);
+- ``flash-attn``, ``xformers``: when importable (their (B, N, H, D) layout);
+- ``fastvit[<route>]``: ``fastvit.flash_attention`` labelled with the route that ran.
+
+FLOPs follow flash-attn's convention (forward 4 * B * H * N^2 * D, forward+backward 3.5x); the
+axial rows count the work axial attention does, 4 * B * H * D * (h*w * (2P + h + w) + P * N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .measure import Unavailable, Workload, input_sets, op_step, randn
+from .options import modes, square_grid, torch_dtype, vit_tokens
+from .progress import Progress
+from .records import Point, Record
+from .runner import not_run, run_points
+
+__all__ = ["IMPLS", "build", "eager_attention", "flops", "run"]
+
+NAME = "attention"
+SDPA_BACKENDS = {
+    "sdpa[math]": "MATH",
+    "sdpa[efficient]": "EFFICIENT_ATTENTION",
+    "sdpa[flash]": "FLASH_ATTENTION",
+    "sdpa[cudnn]": "CUDNN_ATTENTION",
+}
+IMPLS = ("eager", "axial", *SDPA_BACKENDS, "flash-attn", "xformers", "fastvit")
+PREFIX = 1  # one cls token before the grid
+
+# ViT-B/16 token counts at growing resolutions: 197, 577, 1025, 2305, 4097, 8101 on the CPU
+# (2 cores: eager attention at 8101 tokens takes ~15 s a call), up to 65537 (4096 px) on a GPU.
+RESOLUTIONS = {
+    "cpu": (224, 384, 512, 768, 1024, 1440),
+    "cuda": (224, 384, 512, 768, 1024, 1536, 2048, 3072, 4096),
+}
+QUICK_RESOLUTIONS = (224, 320, 384, 512)  # 197, 401, 577, 1025 tokens
+DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
+DEFAULT_HEADS, DEFAULT_HEAD_DIM = 12, 64  # ViT-B
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side: which points
+# ---------------------------------------------------------------------------------------------
+def seq_lens(args: Any) -> list[int]:
+    if args.seq_lens:
+        return sorted(args.seq_lens)
+    resolutions = QUICK_RESOLUTIONS if args.quick else RESOLUTIONS[args.device]
+    return [vit_tokens(r, 16, PREFIX) for r in resolutions]
+
+
+def flops(point: Point) -> float:
+    """FLOPs of one call (flash-attn's convention; the axial rows count their own work)."""
+    b, h, n, d = point.batch, point.heads, point.n_tokens, point.head_dim
+    if point.impl == "axial":
+        gh, gw = (int(s) for s in point.params["grid"].split("x"))
+        p = point.params["num_prefix_tokens"]
+        forward = 4.0 * b * h * d * (gh * gw * (2 * p + gh + gw) + p * n)
+    else:
+        forward = 4.0 * b * h * n * n * d
+    return forward * (3.5 if point.mode == "fwd+bwd" else 1.0)
+
+
+def _not_here(impl: str, device: str, dtype: str) -> str | None:
+    """Why ``impl`` cannot run at all here (checked in the parent: no worker needed), or None."""
+    if impl in ("flash-attn", "xformers"):
+        module = "flash_attn" if impl == "flash-attn" else "xformers"
+        if importlib.util.find_spec(module) is None:
+            return f"{impl} is not installed (pip install {impl})"
+        if device != "cuda":
+            return f"{impl} runs on CUDA tensors only"
+        if impl == "flash-attn" and dtype == "float32":
+            return "flash-attn takes float16 and bfloat16 only"
+    if impl == "fastvit":
+        import fastvit
+
+        if not hasattr(fastvit, "flash_attention"):
+            return "fastvit.flash_attention is not in this build"
+    return None
+
+
+def points(args: Any, impl: str) -> list[Point]:
+    """The points of one implementation: each mode, N increasing."""
+    out = []
+    for mode in modes(args):
+        for n in seq_lens(args):
+            params: dict[str, Any] = {}
+            if impl == "axial":
+                gh, gw = square_grid(n, PREFIX)
+                params = {"grid": f"{gh}x{gw}", "num_prefix_tokens": PREFIX}
+            out.append(
+                Point(
+                    suite=NAME,
+                    impl=impl,
+                    mode=mode,
+                    n_tokens=n,
+                    batch=args.batch or DEFAULT_BATCH[args.device],
+                    heads=args.heads or DEFAULT_HEADS,
+                    head_dim=args.head_dim or DEFAULT_HEAD_DIM,
+                    dtype=args.dtype,
+                    device=args.device,
+                    params=params,
+                )
+            )
+    return out
+
+
+def run(args: Any, progress: Progress) -> list[Record]:
+    """Every implementation in ``args.impls`` (default: all), every mode and sequence length."""
+    unknown = set(args.impls or ()) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"unknown attention implementations {sorted(unknown)}; choose from {IMPLS}")
+    impls = list(args.impls or IMPLS)
+    records, runnable = [], []
+    for impl in impls:
+        reason = _not_here(impl, args.device, args.dtype)
+        if reason is not None:
+            records += not_run(points(args, impl), "unavailable", reason, progress)
+        else:
+            runnable += points(args, impl)
+    # size-major order: every implementation and mode advances together, so a --time-limit cuts
+    # the largest sizes, not the last implementations (each group still runs in increasing N)
+    order = {mode: i for i, mode in enumerate(modes(args))}
+    runnable.sort(key=lambda p: (p.n_tokens, order[p.mode], impls.index(p.impl)))
+    records += run_points(runnable, build, args, progress)
+    return sorted(records, key=lambda r: (impls.index(_base(r.impl)), order[r.mode], r.n_tokens))
+
+
+def _base(impl: str) -> str:
+    """ "fastvit[torch]" -> "fastvit" (the label records the route; the point has the name)."""
+    return "fastvit" if impl.startswith("fastvit[") else impl
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side: the implementations and the workload
+# ---------------------------------------------------------------------------------------------
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """timm's non-fused path: the (B, H, N, N) scores and probabilities are materialised."""
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return attn.softmax(dim=-1) @ v
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _probe(fn: Callable, label: str, shape: tuple[int, ...], dtype: torch.dtype, device: str, context) -> None:
+    """Run ``fn`` once on a tiny input; an implementation that cannot take it is Unavailable."""
+    tiny = tuple(randn(shape, dtype=dtype, device=device) for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with context:
+                fn(*tiny)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            reasons = [str(w.message).splitlines()[0] for w in caught] or [str(exc).splitlines()[0]]
+            why = "; ".join(dict.fromkeys(reasons))
+            raise Unavailable(f"{label} cannot run {str(dtype)[6:]} on {device} here: {why}"[:300]) from exc
+
+
+def _implementation(point: Point) -> tuple[Callable, str, Callable[[], Any]]:
+    """(fn(q, k, v), label, a factory of the context entered around the calls) for the point's impl."""
+    impl = point.impl
+    if impl == "eager":
+        return eager_attention, impl, contextlib.nullcontext
+    if impl == "axial":
+        import fastvit
+
+        grid = tuple(int(s) for s in point.params["grid"].split("x"))
+        prefix = point.params["num_prefix_tokens"]
+        return lambda q, k, v: fastvit.axial_attention(q, k, v, grid, prefix), impl, contextlib.nullcontext
+    if impl in SDPA_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[impl])
+        return _sdpa, impl, lambda: sdpa_kernel([backend])
+    if impl == "flash-attn":
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func, impl, contextlib.nullcontext
+    if impl == "xformers":
+        from xformers.ops import memory_efficient_attention
+
+        return memory_efficient_attention, impl, contextlib.nullcontext
+    if impl == "fastvit":
+        import fastvit
+        from fastvit.backend import resolve_backend
+
+        route = resolve_backend(torch.device(point.device))
+        return fastvit.flash_attention, f"fastvit[{route}]", contextlib.nullcontext
+    raise Unavailable(f"unknown attention implementation {impl!r}")
+
+
+def build(point: Point) -> Workload:
+    """Inputs (rotated sets of random q, k, v, and grad_output for fwd+bwd) and the step."""
+    dtype, device = torch_dtype(point.dtype), point.device
+    fn, label, context = _implementation(point)  # context: a factory (one context per use)
+    b, h, n, d = point.batch, point.heads, point.n_tokens, point.head_dim
+    bnhd = point.impl in ("flash-attn", "xformers")  # these two take (B, N, H, D)
+    shape = (b, n, h, d) if bnhd else (b, h, n, d)
+    if point.impl in SDPA_BACKENDS or bnhd:
+        tiny = min(n, 8)  # the backend's constraints depend on dtype, head dim and device, not N
+        _probe(fn, label, (b, tiny, h, d) if bnhd else (b, h, tiny, d), dtype, device, context())
+
+    backward = point.mode == "fwd+bwd"
+
+    def make() -> tuple[torch.Tensor, ...]:
+        return tuple(randn(shape, dtype=dtype, device=device, requires_grad=backward) for _ in range(3))
+
+    sets = input_sets(make, device)
+    grads = [randn(shape, dtype=dtype, device=device) for _ in sets] if backward else None
+    workload = Workload(
+        step=op_step(fn, sets, point.mode, grads),
+        flops=flops(point),
+        impl=label,
+        context=context(),
+        extra={"input_sets": len(sets)},
+    )
+    if point.impl == "fastvit":
+
+        def after_warmup(caught: list[warnings.WarningMessage]) -> None:
+            from fastvit import FastvitFallbackWarning
+
+            fallbacks = [w for w in caught if issubclass(w.category, FastvitFallbackWarning)]
+            if fallbacks:  # the kernels did not take this case: the torch route ran
+                workload.impl = "fastvit[torch]"
+                workload.note = str(fallbacks[0].message)
+
+        workload.after_warmup = after_warmup
+    return workload

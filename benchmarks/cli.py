@@ -1,0 +1,199 @@
+"""The command line: ``python -m benchmarks [SUITE ...] [options]`` (also ``fastvit-bench``).
+
+    python -m benchmarks                          # attention, then model (with timm): GPU if any
+    python -m benchmarks attention --quick --device cpu --out /tmp/smoke
+    python -m benchmarks model --model vit_base_patch16_224 --resolutions 224,384,512,1024
+    python -m benchmarks all --out DIR            # every suite
+    python -m benchmarks compare BASE.json NEW.json
+
+Suites are modules of this package, registered below by name; a registered suite whose module
+is not in this build yet is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import runner
+from .options import DTYPES, canonical_dtype
+from .output import default_out_dir, meta, write_results
+from .progress import Progress
+from .report import print_tables
+
+__all__ = ["SUITES", "main", "parse_args"]
+
+# command-line name -> module of this package; "all" runs every one that exists
+SUITES = {"attention": "attention", "patch-embed": "patch_embed", "mlp": "mlp", "model": "model"}
+DEFAULT_SUITES = ("attention", "model")
+# a --time-limit is shared among the suites in these proportions (what is left over carries on)
+WEIGHTS = {"attention": 4.0, "patch-embed": 1.0, "mlp": 1.0, "model": 1.5}
+# without --time-limit: the default job on a CPU stays within the 10 minutes it promises, and
+# `all` on a GPU within one 10-minute GPU session call
+DEFAULT_TIME_LIMIT_MIN = {"cpu-default": 9.0, "cuda-all": 8.0}
+_PACKAGE = __package__ or "benchmarks"
+
+
+def _module_exists(name: str) -> bool:
+    return importlib.util.find_spec(f"{_PACKAGE}.{SUITES[name]}") is not None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v for v in text.replace(" ", "").split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="fastvit benchmarks: time and peak memory against N, tables, JSON/CSV and plots. "
+        "`python -m benchmarks compare BASE.json NEW.json` compares two runs.",
+    )
+    p.add_argument(
+        "suites",
+        nargs="*",
+        metavar="SUITE",
+        help=f"{', '.join(SUITES)} or all (default: attention, then model when timm is installed)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seq-lens", type=_ints, help="tokens N, comma-separated (default: ViT lengths, 197 up)")
+    p.add_argument("--batch", type=int, help="batch size (default: per suite and device)")
+    p.add_argument("--heads", type=int, help="attention heads (default 12)")
+    p.add_argument("--head-dim", type=int, help="head dim (default 64)")
+    p.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both", help="default: both")
+    p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>-<date>)")
+    p.add_argument("--quick", action="store_true", help="few small sizes and short budgets (CI smoke test)")
+    p.add_argument("--budget", type=float, help="seconds per point (default: 60 cpu, 20 cuda, 8 --quick cpu)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads per worker (default: PyTorch's; 1 is steadier on a busy machine)"
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="minutes for the whole run, shared among the suites; points past it are recorded as "
+        "timeout without running (default: 9 for the default CPU run, 8 for `all` on a GPU, else none)",
+    )
+    p.add_argument("--impls", type=_names, help="implementations to run, comma-separated (default: all)")
+    p.add_argument("--model", help="timm model name for the model suite (default: vit_base_patch16_224)")
+    p.add_argument("--resolutions", type=_ints, help="image sizes for the model suite, comma-separated")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-point lines")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse and resolve the defaults that depend on the machine (device, dtype, suites)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to PyTorch")
+    args.dtype = canonical_dtype(args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    for name in ("batch", "heads", "head_dim", "budget", "time_limit", "threads"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+    unknown = [s for s in args.suites if s not in SUITES and s != "all"]
+    if unknown:
+        parser.error(f"unknown suite(s) {unknown}; choose from {[*SUITES, 'all']}")
+    has_timm = importlib.util.find_spec("timm") is not None
+    if args.time_limit is None:
+        if not args.suites and args.device == "cpu":
+            args.time_limit = DEFAULT_TIME_LIMIT_MIN["cpu-default"]
+        elif "all" in args.suites and args.device == "cuda":
+            args.time_limit = DEFAULT_TIME_LIMIT_MIN["cuda-all"]
+    if not args.suites:
+        args.suites = [s for s in DEFAULT_SUITES if s != "model" or has_timm]
+    elif "all" in args.suites:
+        args.suites = list(SUITES)
+    args.suites = list(dict.fromkeys(args.suites))
+    args.deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks`` and ``fastvit-bench``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
+    args = parse_args(argv)
+    suites = []
+    for name in args.suites:
+        if _module_exists(name):
+            suites.append(name)
+        else:
+            print(
+                f"suite {name!r} is not in this build yet (no {_PACKAGE}.{SUITES[name]}); skipped",
+                file=sys.stderr,
+            )
+    out_dir = args.out or default_out_dir(args.device)
+    runner.set_preload(["fastvit", *(f"{_PACKAGE}.{SUITES[s]}" for s in suites)])
+    if "model" in suites:
+        runner.set_preload(["timm"])
+
+    def write(records: list, *, plots: bool) -> list[Path]:
+        settings = {
+            "suites": suites,
+            "time_limit_min": args.time_limit,
+            "policy": runner.policy_from_args(args).__dict__,
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
+        run_meta = meta(args.device, [sys.argv[0], *argv], settings)
+        return write_results(out_dir, records, run_meta, plots=plots and not args.no_plots)
+
+    records, failed, interrupted = [], [], False
+    started = time.monotonic()
+    run_deadline = args.deadline
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM
+    progress = Progress(enabled=not args.no_progress)
+    try:
+        with progress:
+            for i, name in enumerate(suites):
+                if run_deadline is not None:  # share what is left of --time-limit among the suites left
+                    share = WEIGHTS.get(name, 1.0) / sum(WEIGHTS.get(s, 1.0) for s in suites[i:])
+                    args.deadline = time.monotonic() + (run_deadline - time.monotonic()) * share
+                module = importlib.import_module(f".{SUITES[name]}", _PACKAGE)
+                try:
+                    records += module.run(args, progress)
+                except Exception:
+                    failed.append(name)
+                    print(f"suite {name!r} failed:\n{traceback.format_exc()}", file=sys.stderr)
+                write(records, plots=False)  # a run killed later still leaves these
+    except KeyboardInterrupt:
+        interrupted = True
+        records = progress.records  # every point measured so far, the interrupted suite's too
+        print(f"\ninterrupted: writing the {len(records)} records measured so far", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        runner.shutdown()
+
+    print_tables(records)
+    files = write(records, plots=True)
+    print(f"\nwrote {len(records)} records to {out_dir}: " + ", ".join(f.name for f in files))
+    return 130 if interrupted else 1 if failed else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,149 @@
+"""Writing a run's folder: results.json ({"meta", "records"}), results.csv, summary.md, plots."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .records import RECORD_FIELDS, Record
+from .report import SLOPE_HEADER, TABLE_HEADER, markdown_table, slope_rows, table_rows
+
+__all__ = ["default_out_dir", "device_name", "load_results", "meta", "write_results"]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """ "NVIDIA H100 80GB HBM3" or "AMD EPYC (2 cores)"."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{_cpu_name()} ({os.cpu_count()} cores)"
+
+
+def _driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: the meta says None
+        return None
+
+
+def default_out_dir(device: str, when: datetime.date | None = None) -> Path:
+    """``benchmarks/results/<device>-<date>``: device "cpu", or the GPU's model ("h100")."""
+    when = when or datetime.date.today()
+    slug = device
+    if device == "cuda":
+        match = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", torch.cuda.get_device_name(0))
+        slug = match.group(1).lower() if match else "cuda"
+    return Path("benchmarks") / "results" / f"{slug}-{when.isoformat()}"
+
+
+def meta(device: str, argv: list[str] | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where and how the results were produced."""
+    argv = sys.argv if argv is None else argv
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "driver": _driver() if device == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "fastvit": _version("fastvit"),
+        "timm": _version("timm"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks", *argv[1:]]),
+        "settings": settings or {},
+    }
+
+
+def write_results(out_dir: Path, records: list[Record], run_meta: dict[str, Any], *, plots: bool = True) -> list[Path]:
+    """Write results.json, results.csv, summary.md and (with matplotlib) the plots; return the files."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r.to_dict() for r in records]
+    files = [out_dir / "results.json", out_dir / "results.csv"]
+    files[0].write_text(json.dumps({"meta": run_meta, "records": rows}, indent=1, default=str) + "\n")
+
+    extra_columns = sorted({k for row in rows for k in row} - set(RECORD_FIELDS))
+    with open(files[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*RECORD_FIELDS, *extra_columns])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+    images: list[Path] = []
+    if plots:
+        from .plots import plot_all
+
+        images = plot_all(records, out_dir)
+    files += images
+    files.append(_write_summary(out_dir, records, run_meta, images))
+    return files
+
+
+def _write_summary(out_dir: Path, records: list[Record], run_meta: dict[str, Any], images: list[Path]) -> Path:
+    lines = [
+        f"# fastvit benchmarks: {run_meta['device_name']}",
+        "",
+        f"`{run_meta['command']}` on {run_meta['date']}: torch {run_meta['torch']}, triton "
+        f"{run_meta['triton']}, fastvit {run_meta['fastvit']}"
+        + (f", driver {run_meta['driver']}" if run_meta.get("driver") else "")
+        + ".",
+        "",
+        "## Scaling: log-log slopes against N",
+        "",
+        markdown_table(SLOPE_HEADER, slope_rows(records)),
+        "",
+    ]
+    if images:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
+    lines += ["## Results", "", markdown_table(TABLE_HEADER, table_rows(records)), ""]
+    path = Path(out_dir) / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def load_results(path: str | Path) -> tuple[dict[str, Any], list[Record]]:
+    """(meta, records) of a results.json."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "records" not in data:
+        raise ValueError(f"{path}: not a fastvit results.json (no 'records')")
+    return data.get("meta", {}), [Record.from_dict(row) for row in data["records"]]

@@ -1,0 +1,166 @@
+"""Reading results: log-log scaling slopes, and the tables printed at the end of a run.
+
+The slope of time (or peak memory) against N is the least-squares fit of log y = a + s log N over
+a group's ``ok`` points with y > 0: eager attention's memory grows ~N^2 (s ~ 2), flash
+attention's ~N (s ~ 1), axial attention's time ~N^1.5.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .records import Record
+
+__all__ = [
+    "Slope",
+    "fit_slope",
+    "format_bytes",
+    "print_table",
+    "print_tables",
+    "series",
+    "slope_rows",
+    "slopes",
+    "table_rows",
+]
+
+
+@dataclass(frozen=True)
+class Slope:
+    """A fitted power law y ~ c * N^slope over ``points`` points spanning ``n_min``..``n_max``."""
+
+    slope: float
+    intercept: float  # natural log of c
+    points: int
+    n_min: int
+    n_max: int
+
+    def __str__(self) -> str:
+        return f"{self.slope:.2f}"
+
+
+def fit_slope(ns: Sequence[float], ys: Sequence[float | None]) -> Slope | None:
+    """Least-squares slope of log(y) against log(n); None with fewer than two distinct n.
+
+    Points with y None or y <= 0 (not measured, or below the memory counter's resolution) are
+    left out.
+    """
+    pairs = [(float(n), float(y)) for n, y in zip(ns, ys, strict=True) if y is not None and y > 0 and n > 0]
+    if len({n for n, _ in pairs}) < 2:
+        return None
+    xs = [math.log(n) for n, _ in pairs]
+    ls = [math.log(y) for _, y in pairs]
+    mx, my = sum(xs) / len(xs), sum(ls) / len(ls)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ls, strict=True)) / sxx
+    return Slope(slope, my - slope * mx, len(pairs), int(min(n for n, _ in pairs)), int(max(n for n, _ in pairs)))
+
+
+def series(records: Iterable[Record]) -> dict[tuple, list[Record]]:
+    """Records grouped into series (suite, impl, mode, batch, heads, head_dim, dtype), N ascending.
+
+    Each series is one line in a plot and one row of the slope table.
+    """
+    out: dict[tuple, list[Record]] = {}
+    for r in records:
+        out.setdefault((r.suite, r.impl, r.mode, r.batch, r.heads, r.head_dim, r.dtype), []).append(r)
+    for rs in out.values():
+        rs.sort(key=lambda r: r.n_tokens)
+    return out
+
+
+def slopes(records: Iterable[Record]) -> dict[tuple, tuple[Slope | None, Slope | None]]:
+    """Per series: (time slope, memory slope), fitted on its ok points."""
+    out = {}
+    for key, rs in series(records).items():
+        ok = [r for r in rs if r.status == "ok"]
+        ns = [r.n_tokens for r in ok]
+        out[key] = (fit_slope(ns, [r.ms for r in ok]), fit_slope(ns, [r.peak_mem_bytes for r in ok]))
+    return out
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table_rows(records: Iterable[Record]) -> list[list[str]]:
+    """The result table: impl, mode, N, ms, p25-p75, TFLOP/s, peak memory, status, note."""
+    rows = []
+    for r in records:
+        iqr = "-" if r.ms_p25 is None else f"{r.ms_p25:.3g}-{r.ms_p75:.3g}"
+        rows.append(
+            [
+                r.suite,
+                r.impl,
+                r.mode,
+                str(r.n_tokens),
+                _fmt(r.ms, ".4g"),
+                iqr,
+                _fmt(r.tflops, ".3g"),
+                format_bytes(r.peak_mem_bytes),
+                r.status,
+                r.note,
+            ]
+        )
+    return rows
+
+
+TABLE_HEADER = ["suite", "impl", "mode", "N", "ms", "ms p25-p75", "TFLOP/s", "peak mem", "status", "note"]
+SLOPE_HEADER = ["suite", "impl", "mode", "time slope", "memory slope", "points", "N range"]
+
+
+def slope_rows(records: Iterable[Record]) -> list[list[str]]:
+    """Per series: time slope, memory slope, its ok points and their range of N."""
+    records = list(records)
+    fits = slopes(records)
+    rows = []
+    for key, rs in series(records).items():
+        suite, impl, mode = key[:3]
+        t, m = fits[key]
+        ok = sorted(r.n_tokens for r in rs if r.status == "ok")
+        span = f"{ok[0]}-{ok[-1]}" if ok else "-"
+        rows.append([suite, impl, mode, str(t) if t else "-", str(m) if m else "-", str(len(ok)), span])
+    return rows
+
+
+def print_tables(records: list[Record], *, file=None) -> None:
+    """Print the result table and the slope table (rich when installed, else plain text)."""
+    print_table("results", TABLE_HEADER, table_rows(records), file)
+    print_table("log-log slopes against N (ok points)", SLOPE_HEADER, slope_rows(records), file)
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], file=None) -> None:
+    """One titled table on ``file`` (stdout by default)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+    except ImportError:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        print(f"\n{title}", file=file)
+        for row in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=file)
+        return
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, overflow="fold", justify="right" if h in ("N", "ms", "TFLOP/s") else "left")
+    for row in rows:
+        table.add_row(*(Text(c) for c in row))  # Text: "sdpa[flash]" is not rich markup
+    Console(file=file, width=200).print(table)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""``compare``: rows matched on the key fields, BASE.ms / NEW.ms (above 1 = NEW faster)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.compare import compare, main
+from benchmarks.output import meta, write_results
+from benchmarks.records import Record
+
+
+def rec(impl, n, ms, status="ok", dtype="float32"):
+    return Record("attention", impl, "fwd", n, 1, 12, 64, dtype, "cpu", ms=ms, ms_p25=ms, ms_p75=ms, status=status)
+
+
+BASE = [rec("eager", 197, 4.0), rec("eager", 577, 30.0), rec("eager", 1025, 90.0, "ok"), rec("axial", 197, 1.0)]
+NEW = [
+    rec("eager", 577, 15.0),
+    rec("eager", 197, 8.0),
+    rec("eager", 1025, None, "oom"),
+    rec("eager", 197, 1.0, dtype="bfloat16"),
+]
+
+
+def test_rows_match_on_the_key_fields():
+    matched, only_base, only_new = compare(BASE, NEW)
+    assert [(c.key[1], c.key[3], c.speedup) for c in matched] == [
+        ("eager", 197, pytest.approx(0.5)),  # NEW slower
+        ("eager", 577, pytest.approx(2.0)),  # NEW faster
+        ("eager", 1025, None),  # NEW ran out of memory: no ratio
+    ]
+    assert [r.impl for r in only_base] == ["axial"]
+    assert [(r.impl, r.dtype) for r in only_new] == [("eager", "bfloat16")]
+
+
+def test_compare_command(tmp_path, capsys):
+    write_results(tmp_path / "base", BASE, meta("cpu", ["p"]), plots=False)
+    write_results(tmp_path / "new", NEW, meta("cpu", ["p"]), plots=False)
+    assert main([str(tmp_path / "base" / "results.json"), str(tmp_path / "new" / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2.000" in out and "0.500" in out and "oom" in out
+    assert "1.000" in out  # geometric mean of 0.5 and 2.0
+    assert "1 rows only in BASE: axial fwd N=197" in out

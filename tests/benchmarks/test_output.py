@@ -1,0 +1,99 @@
+"""The output folder: results.json's schema, results.csv with the same rows, summary and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from benchmarks.output import load_results, meta, write_results
+from benchmarks.records import KEY_FIELDS, MODES, RECORD_FIELDS, STATUSES, Point, Record
+
+META_KEYS = {"device", "device_name", "driver", "torch", "triton", "fastvit", "date", "command"}
+
+
+def records() -> list[Record]:
+    out = []
+    for impl, mem_power in (("eager", 2), ("fastvit[torch]", 1)):
+        for mode in MODES:
+            for n in (197, 577, 1025):
+                p = Point("attention", impl, mode, n, 1, 12, 64, "float32", "cpu")
+                out.append(
+                    Record.from_point(
+                        p,
+                        status="ok",
+                        ms=n / 100,
+                        ms_p25=n / 110,
+                        ms_p75=n / 90,
+                        tflops=0.1,
+                        peak_mem_bytes=n**mem_power,
+                        extra={"reps": 5},
+                    )
+                )
+    p = Point("attention", "axial", "fwd", 197, 1, 12, 64, "float32", "cpu", {"grid": "14x14"})
+    out.append(Record.from_point(p, status="error", note="ValueError: boom, with a comma"))
+    p = Point("attention", "flash-attn", "fwd", 197, 1, 12, 64, "float32", "cpu")
+    out.append(Record.from_point(p, status="unavailable", note="flash-attn is not installed"))
+    return out
+
+
+def validate_results_json(data: dict) -> None:
+    """The schema of issue 5: meta + records with at least RECORD_FIELDS, valid status and mode."""
+    assert set(data) == {"meta", "records"}
+    assert set(data["meta"]) >= META_KEYS
+    for row in data["records"]:
+        assert set(RECORD_FIELDS) <= set(row), set(RECORD_FIELDS) - set(row)
+        assert row["status"] in STATUSES and row["mode"] in MODES
+        assert isinstance(row["n_tokens"], int) and isinstance(row["note"], str)
+        if row["status"] == "ok":
+            assert row["ms_p25"] <= row["ms"] <= row["ms_p75"]
+        else:
+            assert row["ms"] is None
+
+
+def test_results_json_csv_summary_and_plots(tmp_path):
+    recs = records()
+    files = write_results(tmp_path / "out", recs, meta("cpu", ["prog", "attention", "--quick"]))
+    names = sorted(f.name for f in files)
+    assert names == ["attention-fwd.png", "attention-fwd_bwd.png", "results.csv", "results.json", "summary.md"]
+    for f in files:
+        assert f.stat().st_size > 0
+    assert (tmp_path / "out" / "attention-fwd.png").read_bytes()[:4] == b"\x89PNG"
+
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    validate_results_json(data)
+    assert data["meta"]["command"] == "python -m benchmarks attention --quick"
+    assert data["records"][0]["reps"] == 5 and data["records"][-2]["grid"] == "14x14"
+
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["records"])
+    assert list(rows[0])[: len(RECORD_FIELDS)] == list(RECORD_FIELDS)
+    for row, rec in zip(rows, data["records"], strict=True):
+        assert [row[k] for k in KEY_FIELDS] == [str(rec[k]) for k in KEY_FIELDS]
+        assert row["ms"] == ("" if rec["ms"] is None else str(rec["ms"]))
+        assert row["note"] == rec["note"]
+
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| attention | eager | fwd | 1.00 | 2.00 | 3 | 197-1025 |" in summary
+    assert "![attention-fwd](attention-fwd.png)" in summary
+
+
+def test_load_results_round_trip(tmp_path):
+    recs = records()
+    write_results(tmp_path, recs, meta("cpu", ["prog"]), plots=False)
+    run_meta, loaded = load_results(tmp_path / "results.json")
+    assert run_meta["device"] == "cpu"
+    assert [r.to_dict() for r in loaded] == [r.to_dict() for r in recs]
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"not a fastvit results\.json"):
+        load_results(tmp_path / "bad.json")
+
+
+def test_record_validation():
+    p = Point("attention", "eager", "fwd", 197, 1, 12, 64, "float32", "cpu")
+    with pytest.raises(ValueError, match="status"):
+        Record.from_point(p, status="crashed")
+    with pytest.raises(ValueError, match="mode"):
+        Point("attention", "eager", "bwd", 197, 1, 12, 64, "float32", "cpu")

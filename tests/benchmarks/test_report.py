@@ -1,0 +1,79 @@
+"""Slope fits on synthetic data, and the slope table built from records."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks.records import Record
+from benchmarks.report import fit_slope, format_bytes, slope_rows, slopes, table_rows
+
+NS = [197, 577, 1025, 2305, 4097, 9217]
+
+
+@pytest.mark.parametrize("power", [1.0, 1.5, 2.0])
+def test_fit_recovers_the_power_of_a_noisy_power_law(power):
+    rng = random.Random(0)
+    ys = [3e-4 * n**power * rng.uniform(0.95, 1.05) for n in NS]
+    fit = fit_slope(NS, ys)
+    assert fit.slope == pytest.approx(power, abs=0.05)
+    assert (fit.points, fit.n_min, fit.n_max) == (6, 197, 9217)
+
+
+def test_fit_of_an_exact_power_law_is_exact():
+    fit = fit_slope([10, 100, 1000], [7 * n**2 for n in (10, 100, 1000)])
+    assert fit.slope == pytest.approx(2.0, abs=1e-12)
+    assert fit.intercept == pytest.approx(__import__("math").log(7))
+
+
+def test_fit_skips_missing_and_non_positive_values():
+    fit = fit_slope([1, 2, 4, 8], [None, 0, 16, 64])
+    assert fit.slope == pytest.approx(2.0) and fit.points == 2
+
+
+@pytest.mark.parametrize("ns, ys", [([], []), ([5], [1.0]), ([5, 5], [1.0, 2.0]), ([1, 2], [None, 3.0])])
+def test_fit_needs_two_distinct_sizes(ns, ys):
+    assert fit_slope(ns, ys) is None
+
+
+def record(impl, n, ms, mem, status="ok", mode="fwd"):
+    return Record(
+        "attention",
+        impl,
+        mode,
+        n,
+        1,
+        12,
+        64,
+        "float32",
+        "cpu",
+        ms=ms,
+        ms_p25=ms,
+        ms_p75=ms,
+        peak_mem_bytes=mem,
+        status=status,
+    )
+
+
+def test_slopes_per_series_use_only_ok_points():
+    records = [record("eager", n, 1e-6 * n**2, 48 * n**2) for n in NS[:4]]
+    records += [record("eager", 9217, None, None, status="oom")]
+    records += [record("flash", n, 1e-6 * n**2, 1000 * n) for n in NS]
+    records += [record("flash", 197, 1.0, 10, mode="fwd+bwd")]  # one point: no fit
+    fits = slopes(records)
+    t, m = fits[("attention", "eager", "fwd", 1, 12, 64, "float32")]
+    assert t.slope == pytest.approx(2.0) and m.slope == pytest.approx(2.0) and m.points == 4
+    t, m = fits[("attention", "flash", "fwd", 1, 12, 64, "float32")]
+    assert m.slope == pytest.approx(1.0)
+    assert fits[("attention", "flash", "fwd+bwd", 1, 12, 64, "float32")] == (None, None)
+    rows = slope_rows(records)
+    assert ["attention", "eager", "fwd", "2.00", "2.00", "4", "197-2305"] in rows
+    assert ["attention", "flash", "fwd+bwd", "-", "-", "1", "197-197"] in rows
+
+
+def test_table_rows_and_bytes():
+    rows = table_rows([record("sdpa[flash]", 197, 1.5, 3 << 20), record("eager", 9217, None, None, "oom")])
+    assert rows[0][1:9] == ["sdpa[flash]", "fwd", "197", "1.5", "1.5-1.5", "-", "3.0 MiB", "ok"]
+    assert rows[1][4:9] == ["-", "-", "-", "-", "oom"]
+    assert format_bytes(512) == "512 B" and format_bytes(5 << 30) == "5.0 GiB"

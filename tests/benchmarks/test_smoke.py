@@ -1,0 +1,61 @@
+"""CI's smoke test: the quick CPU attention run, as a user runs it, within its time budget."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .test_output import validate_results_json
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS_EVERYWHERE = ("eager", "axial", "sdpa[math]", "sdpa[flash]", "fastvit[torch]")
+
+
+def test_quick_attention_run_on_cpu(tmp_path):
+    out = tmp_path / "quick"
+    # --threads 1: steady on a shared CI machine, where two threads can wait on each other
+    cmd = [sys.executable, "-m", "benchmarks", "attention", "--quick", "--device", "cpu", "--out", str(out)]
+    start = time.monotonic()
+    proc = subprocess.run([*cmd, "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the promise is 2 minutes on an idle 2-core machine; a busy CI machine gets some slack
+    assert elapsed < 180, f"--quick took {elapsed:.0f} s"
+
+    data = json.loads((out / "results.json").read_text())
+    validate_results_json(data)
+    records = data["records"]
+    assert {r["suite"] for r in records} == {"attention"} and {r["device"] for r in records} == {"cpu"}
+    for impl in RUNS_EVERYWHERE:
+        for mode in ("fwd", "fwd+bwd"):
+            ok = {r["n_tokens"] for r in records if (r["impl"], r["mode"], r["status"]) == (impl, mode, "ok")}
+            assert len(ok) >= 4, (impl, mode, [(r["n_tokens"], r["status"], r["note"]) for r in records
+                                               if r["impl"] == impl])  # fmt: skip
+    unavailable = {r["impl"] for r in records if r["status"] == "unavailable"}
+    assert {"sdpa[efficient]", "sdpa[cudnn]", "flash-attn", "xformers"} <= unavailable
+    for name in ("results.csv", "summary.md", "attention-fwd.png", "attention-fwd_bwd.png"):
+        assert (out / name).stat().st_size > 0
+    assert "log-log slopes" in proc.stdout and "sdpa[flash]" in proc.stdout
+
+
+def test_a_terminated_run_writes_what_it_measured(tmp_path):
+    # `timeout` (and CI) end a run with SIGTERM: the records measured so far must be written
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "benchmarks", "attention", "--quick", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--threads", "1", "--no-plots"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # one line per finished point
+            if line.startswith("[2/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    data = json.loads((out / "results.json").read_text())
+    validate_results_json(data)
+    assert len(data["records"]) >= 2

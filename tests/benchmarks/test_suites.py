@@ -1,0 +1,111 @@
+"""The attention and model suites end to end on tiny sizes, in process (workers still fork)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import attention, model
+from benchmarks.progress import Progress
+from benchmarks.records import Point
+
+SEQ_LENS = [17, 26]  # 1 cls token + 4x4, 5x5 grids
+
+
+def args(**overrides):
+    base = dict(
+        device="cpu",
+        dtype="float32",
+        mode="both",
+        seq_lens=None,
+        batch=1,
+        heads=2,
+        head_dim=16,
+        quick=True,
+        budget=10.0,
+        threads=1,
+        impls=None,
+        model=None,
+        resolutions=None,
+        deadline=None,
+    )
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def point_of(r):
+    params = {k: r.extra[k] for k in ("grid", "num_prefix_tokens") if k in r.extra}
+    return Point(r.suite, r.impl, r.mode, r.n_tokens, r.batch, r.heads, r.head_dim, r.dtype, r.device, params)
+
+
+def test_eager_attention_is_softmax_attention():
+    from fastvit import reference
+
+    q, k, v = torch.randn(3, 2, 3, 19, 16, dtype=torch.float64).unbind(0)
+    torch.testing.assert_close(attention.eager_attention(q, k, v), reference.attention(q, k, v)[0])
+
+
+def test_attention_suite_rows():
+    impls = ["eager", "axial", "sdpa[efficient]", "fastvit", "flash-attn"]  # the smoke test runs them all
+    records = attention.run(args(seq_lens=SEQ_LENS, impls=impls), Progress(enabled=False))
+    assert len(records) == len(impls) * 2 * len(SEQ_LENS)
+    by_impl = {}
+    for r in records:
+        by_impl.setdefault(r.impl, []).append(r)
+    for impl in ("eager", "axial", "fastvit[torch]"):  # fastvit: labelled with the route that ran
+        rows = by_impl[impl]
+        assert [r.status for r in rows] == ["ok"] * 4, [(r.status, r.note) for r in rows]
+        assert [(r.mode, r.n_tokens) for r in rows] == [(m, n) for m in ("fwd", "fwd+bwd") for n in SEQ_LENS]
+        for r in rows:
+            assert r.ms > 0 and r.peak_mem_bytes is not None
+            assert r.tflops == pytest.approx(attention.flops(point_of(r)) / (r.ms * 1e-3) / 1e12)
+    assert [r.extra["grid"] for r in by_impl["axial"][:2]] == ["4x4", "5x5"]
+    # no CPU kernel for the memory-efficient backend; flash-attn is not installed here
+    assert {r.status for r in by_impl["sdpa[efficient]"]} == {"unavailable"}
+    assert all(r.note for r in by_impl["sdpa[efficient]"])
+    assert {r.status for r in by_impl["flash-attn"]} == {"unavailable"}
+    assert "not installed" in by_impl["flash-attn"][0].note
+
+
+def test_attention_flops():
+    dense = Point("attention", "eager", "fwd", 197, 2, 12, 64, "float32", "cpu")
+    assert attention.flops(dense) == 4 * 2 * 12 * 197 * 197 * 64
+    both = Point("attention", "eager", "fwd+bwd", 197, 2, 12, 64, "float32", "cpu")
+    assert attention.flops(both) == 3.5 * attention.flops(dense)
+    axial = Point(
+        "attention", "axial", "fwd", 197, 1, 1, 1, "float32", "cpu", {"grid": "14x14", "num_prefix_tokens": 1}
+    )
+    # 196 grid queries see 14 + 1 keys per axis; the cls query sees all 197
+    assert attention.flops(axial) == 4 * (196 * 2 * 15 + 197)
+
+
+def test_unknown_implementation_is_an_error():
+    with pytest.raises(ValueError, match="unknown attention implementations"):
+        attention.run(args(impls=["nope"]), Progress(enabled=False))
+
+
+def test_model_suite_rows():
+    records = model.run(args(model="vit_tiny_patch16_224", resolutions=[32, 48], batch=2), Progress(enabled=False))
+    assert [(r.impl, r.mode, r.n_tokens) for r in records] == [
+        (impl, mode, n) for impl in ("timm", "timm+fastvit") for mode in ("fwd", "fwd+bwd") for n in (5, 10)
+    ]
+    for r in records:
+        assert r.status == "ok", (r.impl, r.mode, r.note)
+        assert (r.heads, r.head_dim, r.batch) == (3, 64, 2)
+        assert r.extra["images_per_s"] == pytest.approx(2 / (r.ms * 1e-3))
+        assert r.tflops > 0 and r.peak_mem_bytes > 0
+        if r.mode == "fwd":
+            parts = [r.extra[k] for k in ("ms_patch_embed", "ms_attention", "ms_mlp", "ms_rest")]
+            assert all(p >= 0 for p in parts[:3])
+            assert sum(parts) == pytest.approx(r.extra["ms_forward_hooked"])
+        else:
+            assert "ms_attention" not in r.extra
+    patched = [r for r in records if r.impl == "timm+fastvit"]
+    assert all(r.note.startswith("patched: ") for r in patched)
+
+
+def test_model_suite_reports_a_model_it_cannot_build():
+    records = model.run(args(model="resnet_no_such_model", resolutions=[32]), Progress(enabled=False))
+    assert {r.status for r in records} == {"error"}
+    assert "cannot build resnet_no_such_model at 32" in records[0].note
