@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .measure import Unavailable, Workload, input_sets, op_step, randn
+from .measure import Unavailable, Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import modes, square_grid, torch_dtype, vit_tokens
 from .progress import Progress
 from .records import Point, Record
@@ -243,14 +243,5 @@ def build(point: Point) -> Workload:
         extra={"input_sets": len(sets)},
     )
     if point.impl == "fastvit":
-
-        def after_warmup(caught: list[warnings.WarningMessage]) -> None:
-            from fastvit import FastvitFallbackWarning
-
-            fallbacks = [w for w in caught if issubclass(w.category, FastvitFallbackWarning)]
-            if fallbacks:  # the kernels did not take this case: the torch route ran
-                workload.impl = "fastvit[torch]"
-                workload.note = str(fallbacks[0].message)
-
-        workload.after_warmup = after_warmup
+        workload.after_warmup = relabel_on_fallback(workload)
     return workload

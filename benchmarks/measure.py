@@ -114,6 +114,22 @@ def randn(
     return torch.randn(tuple(shape), dtype=dtype, device=device).requires_grad_(requires_grad)
 
 
+def relabel_on_fallback(workload: Workload) -> Callable[[list[warnings.WarningMessage]], None]:
+    """An ``after_warmup`` hook for a ``fastvit`` workload: if the warm-up raised a
+    ``FastvitFallbackWarning`` (the kernels did not take this case and the torch route ran), the
+    row is labelled ``fastvit[torch]`` and the warning becomes its note."""
+
+    def after_warmup(caught: list[warnings.WarningMessage]) -> None:
+        from fastvit import FastvitFallbackWarning
+
+        fallbacks = [w for w in caught if issubclass(w.category, FastvitFallbackWarning)]
+        if fallbacks:
+            workload.impl = "fastvit[torch]"
+            workload.note = str(fallbacks[0].message)
+
+    return after_warmup
+
+
 def cache_bytes(device: str | torch.device) -> int:
     """The largest cache the inputs could sit in: the GPU's L2, or the CPU's last-level cache."""
     device = torch.device(device)

@@ -28,14 +28,13 @@ times that for forward+backward (fastvit recomputes LN and GELU, never a GEMM).
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .measure import Workload, input_sets, op_step, randn
+from .measure import Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import modes, torch_dtype
 from .progress import Progress
 from .records import Point, Record
@@ -238,14 +237,5 @@ def build(point: Point) -> Workload:
     if backward:
         workload.finish = lambda ms: {"saved_bytes": saved_bytes(fn, sets[0])}
     if point.impl == "fastvit":
-
-        def after_warmup(caught: list[warnings.WarningMessage]) -> None:
-            from fastvit import FastvitFallbackWarning
-
-            fallbacks = [w for w in caught if issubclass(w.category, FastvitFallbackWarning)]
-            if fallbacks:  # the kernels did not take this case: the torch route ran
-                workload.impl = "fastvit[torch]"
-                workload.note = str(fallbacks[0].message)
-
-        workload.after_warmup = after_warmup
+        workload.after_warmup = relabel_on_fallback(workload)
     return workload

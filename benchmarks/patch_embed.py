@@ -22,14 +22,13 @@ writes the parameter gradients), and ``gb_per_s``, that traffic over the measure
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .measure import Workload, input_sets, op_step, randn
+from .measure import Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import modes, torch_dtype, vit_tokens
 from .progress import Progress
 from .records import Point, Record
@@ -180,14 +179,5 @@ def build(point: Point) -> Workload:
         finish=lambda ms: {"gb_per_s": traffic / (ms * 1e-3) / 1e9 if ms > 0 else None},
     )
     if point.impl == "fastvit":
-
-        def after_warmup(caught: list[warnings.WarningMessage]) -> None:
-            from fastvit import FastvitFallbackWarning
-
-            fallbacks = [w for w in caught if issubclass(w.category, FastvitFallbackWarning)]
-            if fallbacks:  # the kernels did not take this case: the torch route ran
-                workload.impl = "fastvit[torch]"
-                workload.note = str(fallbacks[0].message)
-
-        workload.after_warmup = after_warmup
+        workload.after_warmup = relabel_on_fallback(workload)
     return workload

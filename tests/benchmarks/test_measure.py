@@ -149,3 +149,23 @@ def test_classify_exception():
     assert classify_exception(RuntimeError("DefaultCPUAllocator: can't allocate memory: 9 bytes"))[0] == "oom"
     assert classify_exception(MemoryError())[0] == "oom"
     assert classify_exception(ValueError("bad\nsecond line")) == ("error", "ValueError: bad")
+
+
+def test_relabel_on_fallback_names_the_route_that_ran():
+    import warnings
+
+    from benchmarks.measure import Workload, relabel_on_fallback
+    from fastvit import FastvitFallbackWarning
+
+    workload = Workload(step=lambda i: None)
+    hook = relabel_on_fallback(workload)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("unrelated", UserWarning, stacklevel=1)
+    hook(list(caught))
+    assert workload.impl is None and workload.note == ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("head_dim 192 > 128", FastvitFallbackWarning, stacklevel=1)
+    hook(list(caught))
+    assert workload.impl == "fastvit[torch]" and "head_dim 192" in workload.note
