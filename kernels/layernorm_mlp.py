@@ -57,6 +57,20 @@ MAX_DIM = 4096
 # on every helper call (~2 ms), which made the CPU tests minutes slower.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def grouped_tile(
+    pid, rows_total, cols_total, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr
+):
+    """(pid_m, pid_n) of program ``pid`` over a rows_total x cols_total output, in GROUP_M-row
+    groups that walk each column block together, so the B tiles they share stay in L2."""
+    num_n = (cols_total + BLOCK_N - 1) // BLOCK_N
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum((rows_total + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def _tanh(u):
     # 1 - 2 / (exp(2u) + 1): saturates to +-1 without overflow, needs no libdevice (interpreter)
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
@@ -133,12 +147,7 @@ def _fc1_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
-    pid = tl.program_id(0)
-    num_n = (HD + BLOCK_N - 1) // BLOCK_N
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    group_rows = tl.minimum((T + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), T, HD, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -197,12 +206,7 @@ def _fc2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
-    pid = tl.program_id(0)
-    num_n = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    group_rows = tl.minimum((T + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), T, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

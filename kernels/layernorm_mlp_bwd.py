@@ -37,6 +37,7 @@ from .layernorm_mlp import (
     gelu_and_grad,
     gemm_config,
     gemm_spec,
+    grouped_tile,
     num_sms,
     row_config,
 )
@@ -69,12 +70,7 @@ def _fc2_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
-    pid = tl.program_id(0)
-    num_n = (HD + BLOCK_N - 1) // BLOCK_N
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    group_rows = tl.minimum((T + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), T, HD, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -107,7 +103,7 @@ def _fc2_bwd_kernel(
         tl.store(G + offs, g, mask=mask)
     if COMPUTE_DSS:  # sum_j g * u: this column block's share of dL/dss for each row
         part = tl.sum(tl.where(mask, g.to(tl.float32) * acc, 0.0), axis=1)
-        tl.store(DSSPart + rows.to(tl.int64) * num_n + pid_n, part, mask=row_ok)
+        tl.store(DSSPart + rows.to(tl.int64) * tl.cdiv(HD, BLOCK_N) + pid_n, part, mask=row_ok)
     if HAS_SS:
         acc *= tl.load(SS + b, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     da = (acc * dg).to(DA.dtype.element_ty)
@@ -135,12 +131,7 @@ def _wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
-    pid = tl.program_id(0)
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    group_rows = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
