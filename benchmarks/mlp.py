@@ -11,7 +11,10 @@ head_dim, hidden 4 D, eps 1e-6, exact GELU), every tensor in ``--dtype``:
 - ``compiled``: the same function under ``torch.compile(fullgraph=True)`` (inductor, default mode);
 - ``compiled-max-autotune``: ``mode="max-autotune"`` (inductor autotunes Triton GEMM templates
   with fused epilogues; GPU only: on the CPU it would only add minutes of compilation);
-- ``fastvit[<route>]``: ``fastvit.layernorm_mlp``, labelled with the route that ran.
+- ``fastvit[<route>]``: ``fastvit.layernorm_mlp`` under the backend selection in force (``auto``:
+  the route the tuning table picks, Triton where it has no entry), labelled with the route that ran;
+- ``fastvit-triton``, ``fastvit-cuda``: the same op pinned to one backend (``fastvit.backend``), so
+  a run compares the Triton kernels with the extension's cuBLAS + CUDA-kernel route (GPU only).
 
 ``fwd`` is inference (no autograd); ``fwd+bwd`` is a training step: forward, then the gradients of
 x and of every parameter. Sizes: ``n_tokens`` is N per image and ``batch`` the images, so a point
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .backends import FASTVIT_IMPLS, fastvit_implementation, fastvit_unavailable
 from .measure import Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import modes, torch_dtype
 from .progress import Progress
@@ -43,7 +47,7 @@ from .runner import not_run, run_points
 __all__ = ["IMPLS", "build", "eager_mlp", "flops", "run", "saved_bytes"]
 
 NAME = "mlp"
-IMPLS = ("eager", "compiled", "compiled-max-autotune", "fastvit")
+IMPLS = ("eager", "compiled", "compiled-max-autotune", *FASTVIT_IMPLS)
 MLP_RATIO = 4
 EPS = 1e-6
 
@@ -111,11 +115,8 @@ def _not_here(impl: str, device: str) -> str | None:
         return "torch.compile (inductor) on the CPU needs a C++ compiler; none is on PATH"
     if impl == "compiled-max-autotune" and device == "cpu":
         return "max-autotune tunes GPU GEMM kernels; on the CPU it only adds compile time (see 'compiled')"
-    if impl == "fastvit":
-        import fastvit
-
-        if not hasattr(fastvit, "layernorm_mlp"):
-            return "fastvit.layernorm_mlp is not in this build"
+    if impl in FASTVIT_IMPLS:
+        return fastvit_unavailable(impl, device)
     return None
 
 
@@ -191,15 +192,22 @@ def _implementation(point: Point) -> tuple[Callable[..., torch.Tensor], str]:
         return torch.compile(eager_mlp, fullgraph=True, dynamic=False), "compiled"
     if point.impl == "compiled-max-autotune":
         return torch.compile(eager_mlp, fullgraph=True, dynamic=False, mode="max-autotune"), point.impl
-    if point.impl == "fastvit":
+    if point.impl in FASTVIT_IMPLS:
         import fastvit
         from fastvit.backend import resolve_backend
+        from fastvit.tuning import layernorm_mlp_bucket
 
         def fused(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
             return fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                          eps=EPS)
 
-        return fused, f"fastvit[{resolve_backend(torch.device(point.device))}]"
+        def bucket() -> str:
+            rows, dtype = point.batch * point.n_tokens, torch_dtype(point.dtype)
+            return layernorm_mlp_bucket(point.params["dim"], point.params["hidden"], dtype, rows, point.mode != "fwd")
+
+        return fastvit_implementation(
+            point.impl, fused, lambda: resolve_backend(torch.device(point.device), "layernorm_mlp", bucket)
+        )
     raise ValueError(f"unknown mlp implementation {point.impl!r}")
 
 
@@ -236,6 +244,6 @@ def build(point: Point) -> Workload:
     )
     if backward:
         workload.finish = lambda ms: {"saved_bytes": saved_bytes(fn, sets[0])}
-    if point.impl == "fastvit":
+    if point.impl in FASTVIT_IMPLS:
         workload.after_warmup = relabel_on_fallback(workload)
     return workload

@@ -9,7 +9,10 @@ token, pos_embed over all 1 + (r/16)^2 tokens), every tensor in ``--dtype``:
 - ``eager``: ``nn.Conv2d`` (F.conv2d) + flatten + transpose + ``torch.cat`` of the cls token + pos
   add, as timm's VisionTransformer runs it (the (B, D, r/16, r/16) conv output is materialised);
 - ``compiled``: the same function under ``torch.compile(fullgraph=True)`` (inductor);
-- ``fastvit[<route>]``: ``fastvit.patch_embed``, labelled with the route that ran.
+- ``fastvit[<route>]``: ``fastvit.patch_embed`` under the backend selection in force (``auto``: the
+  route the tuning table picks, Triton where it has no entry), labelled with the route that ran;
+- ``fastvit-triton``, ``fastvit-cuda``: the same op pinned to one backend (GPU only): the implicit-
+  GEMM Triton kernel against the extension's patchify kernel + cuBLAS GEMM.
 
 ``fwd`` is inference (no autograd); ``fwd+bwd`` is a training step of the stem: forward, then the
 gradients of the weight, bias, cls token and pos_embed (the images do not require grad).
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .backends import FASTVIT_IMPLS, fastvit_implementation, fastvit_unavailable
 from .measure import Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import modes, torch_dtype, vit_tokens
 from .progress import Progress
@@ -37,7 +41,7 @@ from .runner import not_run, run_points
 __all__ = ["IMPLS", "build", "bytes_moved", "eager_patch_embed", "flops", "run"]
 
 NAME = "patch-embed"
-IMPLS = ("eager", "compiled", "fastvit")
+IMPLS = ("eager", "compiled", *FASTVIT_IMPLS)
 PATCH, IN_CHANS, PREFIX = 16, 3, 1  # ViT-B/16: RGB images, one cls token
 RESOLUTIONS = (224, 384)
 QUICK_RESOLUTIONS = (224,)
@@ -74,11 +78,8 @@ def _not_here(impl: str, device: str) -> str | None:
     """Why ``impl`` cannot run at all here (checked in the parent), or None."""
     if impl == "compiled" and device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
         return "torch.compile (inductor) on the CPU needs a C++ compiler; none is on PATH"
-    if impl == "fastvit":
-        import fastvit
-
-        if not hasattr(fastvit, "patch_embed"):
-            return "fastvit.patch_embed is not in this build"
+    if impl in FASTVIT_IMPLS:
+        return fastvit_unavailable(impl, device)
     return None
 
 
@@ -141,14 +142,21 @@ def _implementation(point: Point) -> tuple[Callable[..., torch.Tensor], str]:
         return eager_patch_embed, "eager"
     if point.impl == "compiled":
         return torch.compile(eager_patch_embed, fullgraph=True, dynamic=False), "compiled"
-    if point.impl == "fastvit":
+    if point.impl in FASTVIT_IMPLS:
         import fastvit
         from fastvit.backend import resolve_backend
+        from fastvit.tuning import patch_embed_bucket
 
         def fused(x, weight, bias, pos_embed, cls_token):
             return fastvit.patch_embed(x, weight, bias, pos_embed=pos_embed, prefix_tokens=cls_token)
 
-        return fused, f"fastvit[{resolve_backend(torch.device(point.device))}]"
+        def bucket() -> str:
+            b, c, _, p, d, n = _sizes(point)
+            return patch_embed_bucket(c, p, d, torch_dtype(point.dtype), b * n, point.mode != "fwd")
+
+        return fastvit_implementation(
+            point.impl, fused, lambda: resolve_backend(torch.device(point.device), "patch_embed", bucket)
+        )
     raise ValueError(f"unknown patch-embed implementation {point.impl!r}")
 
 
@@ -178,6 +186,6 @@ def build(point: Point) -> Workload:
         extra={"input_sets": len(sets), "bytes_moved": traffic},
         finish=lambda ms: {"gb_per_s": traffic / (ms * 1e-3) / 1e9 if ms > 0 else None},
     )
-    if point.impl == "fastvit":
+    if point.impl in FASTVIT_IMPLS:
         workload.after_warmup = relabel_on_fallback(workload)
     return workload

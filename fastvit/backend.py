@@ -4,6 +4,12 @@
 - ``"triton"``: the Triton kernels; on CPU tensors they run in Triton's interpreter, which needs
   ``TRITON_INTERPRET=1`` in the environment *before* fastvit's kernels are imported.
 - ``"torch"``: PyTorch's own best route (SDPA for attention, else the composite of torch ops).
+- ``"cuda"``: the C++/CUDA extension ``fastvit._C`` (``csrc/``, Apex/Megatron style: cuBLAS(Lt)
+  GEMMs around hand-written LayerNorm, bias+GELU, residual and patchify kernels) for the ops it
+  covers (``layernorm_mlp``, ``patch_embed``); the others run their Triton kernels. It is built
+  where it runs (``fastvit.extension``); on CPU tensors it runs the extension's CPU loops (the same
+  row math, for testing). ``auto`` picks it only where ``python -m benchmarks tune`` measured it
+  faster (``fastvit.tuning``).
 
 The choice comes from the innermost ``with fastvit.backend(name):`` block, else the environment
 variable ``FASTVIT_BACKEND``, else ``"auto"``.
@@ -15,12 +21,13 @@ import contextlib
 import contextvars
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 __all__ = [
     "BACKENDS",
+    "CUDA_OPS",
     "FastvitFallbackWarning",
     "backend",
     "current_backend",
@@ -28,7 +35,9 @@ __all__ = [
     "warn_once",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cuda")
+# the ops the extension implements; the others run their Triton kernels under "cuda"
+CUDA_OPS = ("layernorm_mlp", "patch_embed")
 
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastvit_backend", default=None)
 _warned: set[str] = set()
@@ -49,7 +58,7 @@ def backend(name: str) -> Iterator[None]:
     """Run the fastvit ops inside the block on backend ``name``.
 
     Args:
-        name: ``"auto"``, ``"triton"`` or ``"torch"``.
+        name: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cuda"``.
 
     Example:
         >>> with fastvit.backend("torch"):
@@ -73,26 +82,75 @@ def current_backend() -> str:
     return "auto"
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The concrete route, ``"triton"`` or ``"torch"``, for tensors on ``device``.
+def _interpreter_check(device: torch.device) -> None:
+    from fastvit.kernels import INTERPRETER
+
+    if not INTERPRETER:
+        raise RuntimeError(
+            f"fastvit backend 'triton' on {device.type} tensors runs the Triton kernels in "
+            "Triton's interpreter, which needs TRITON_INTERPRET=1 set in the environment before "
+            "fastvit's kernels are imported; it was not set then. Set it before starting Python "
+            "(TRITON_INTERPRET=1 python ...), or use fastvit.backend('torch') on the CPU."
+        )
+
+
+def _extension_check(device: torch.device) -> None:
+    from fastvit import extension
+
+    if not extension.load():
+        raise RuntimeError(
+            "fastvit backend 'cuda' needs the C++/CUDA extension fastvit._C, which is not available: "
+            f"{extension.unavailable_reason()}"
+        )
+    if device.type == "cuda" and not extension.has_cuda_kernels():
+        raise RuntimeError(
+            "fastvit backend 'cuda': the extension fastvit._C was built without its CUDA kernels (no CUDA "
+            "toolkit was found when it was compiled), so it runs on CPU tensors only. Install a CUDA "
+            "toolkit (nvcc) matching torch.version.cuda and rebuild it (fastvit.extension.load(build=True))."
+        )
+
+
+def resolve_backend(device: torch.device, op: str | None = None, bucket: Callable[[], str] | None = None) -> str:
+    """The concrete route, ``"triton"``, ``"torch"`` or ``"cuda"``, for ``op`` on ``device``.
+
+    Args:
+        device: the tensors' device.
+        op: the op's name (``"layernorm_mlp"``, ``"patch_embed"``, ``"flash_attention"``); ops not in
+            ``CUDA_OPS`` run their Triton kernels under the ``cuda`` backend.
+        bucket: builds the op's tuning-table key (``fastvit.tuning``); ``auto`` on a GPU follows the
+            measured winner for it and runs Triton where the table has no entry.
 
     Raises:
         RuntimeError: ``"triton"`` was asked for on CPU tensors but the kernels were imported
-            without ``TRITON_INTERPRET=1``, so they cannot run in the interpreter.
+            without ``TRITON_INTERPRET=1``, so they cannot run in the interpreter; or ``"cuda"`` was
+            asked for and the extension cannot be built or loaded here (the message says why).
     """
     name = current_backend()
+    covered = op in CUDA_OPS
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name == "triton" and device.type != "cuda":
-        from fastvit.kernels import INTERPRETER
+        if device.type != "cuda":
+            return "torch"
+        if covered and bucket is not None:
+            from fastvit import tuning
 
-        if not INTERPRETER:
-            raise RuntimeError(
-                f"fastvit backend 'triton' on {device.type} tensors runs the Triton kernels in "
-                "Triton's interpreter, which needs TRITON_INTERPRET=1 set in the environment before "
-                "fastvit's kernels are imported; it was not set then. Set it before starting Python "
-                "(TRITON_INTERPRET=1 python ...), or use fastvit.backend('torch') on the CPU."
-            )
+            if tuning.lookup(device, op, bucket()) == "cuda":
+                from fastvit import extension
+
+                if extension.load() and extension.has_cuda_kernels():
+                    return "cuda"
+                warn_once(
+                    "auto:cuda-unavailable",
+                    "fastvit: the tuning table prefers the 'cuda' backend here, but the extension is "
+                    f"not available ({extension.unavailable_reason()}); running the Triton kernels",
+                )
+        return "triton"
+    if name == "cuda":
+        if covered:
+            _extension_check(device)
+            return "cuda"
+        name = "triton"
+    if name == "triton" and device.type != "cuda":
+        _interpreter_check(device)
     return name
 
 

@@ -49,3 +49,20 @@ def _nan_filled_outputs():
 def kernel_device() -> torch.device:
     """Where the Triton kernels run: the GPU when there is one, else the CPU interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def cuda_extension():
+    """The C++/CUDA extension ``fastvit._C``, built here on first use (cached in the user's cache
+    folder; pytest-xdist workers wait on the build lock). A machine with a C++ compiler must build
+    it — a failure there is a failure, not a skip."""
+    import shutil
+
+    from fastvit import extension
+
+    if not extension.load(build=True):
+        reason = extension.unavailable_reason()
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail(f"the extension fastvit._C did not build or load: {reason}")
+        pytest.skip(f"no C++ compiler: {reason}")
+    return extension

@@ -2,8 +2,10 @@
 
 The Triton route is a pair of ``torch.library`` custom ops (``fastvit::layernorm_mlp_fwd`` and
 ``fastvit::layernorm_mlp_bwd``) with fake implementations and an autograd formula, so the op
-works under ``torch.compile(fullgraph=True)``. The ``torch`` route is the composite of torch ops
-(``F.layer_norm``, ``F.linear``, ``F.gelu``, multiplies and the residual add).
+works under ``torch.compile(fullgraph=True)``. The ``cuda`` route is the extension's pair
+(``fastvit_C::layernorm_mlp_fwd`` / ``_bwd``, ``TORCH_LIBRARY`` ops with fakes in
+``fastvit.extension``), its autograd formula registered here. The ``torch`` route is the
+composite of torch ops (``F.layer_norm``, ``F.linear``, ``F.gelu``, multiplies and the residual add).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from fastvit.backend import resolve_backend, warn_once
 from fastvit.ops._checks import autocast_dtype, check_optional_tensor, check_same_device, check_same_dtype, check_tensor
+from fastvit.tuning import layernorm_mlp_bucket
 
 __all__ = ["layernorm_mlp"]
 
@@ -23,6 +26,8 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALL_DTYPES = (*_KERNEL_DTYPES, torch.float64)
 _APPROXIMATE = ("none", "tanh")
 _NUM_GRADS = 9  # x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale
+# widest rows the extension's LayerNorm kernels take (one row per block, in registers)
+_CUDA_MAX_DIM = 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +163,51 @@ _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
+# cuda route: the extension's ops, with this autograd formula
+# ---------------------------------------------------------------------------------------------
+def _cuda_setup_context(ctx, inputs, output):
+    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+     _eps, approximate, residual, _out_dtype, save_for_backward) = inputs
+    _, preact, mean, rstd, branch = output
+    ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                          layer_scale, sample_scale, preact, mean, rstd, branch)
+    ctx.approximate = approximate
+    ctx.residual = residual
+    ctx.save_preact = save_for_backward
+
+
+def _cuda_backward(ctx, grad_out, grad_preact, grad_mean, grad_rstd, grad_branch):
+    if not ctx.save_preact:
+        raise RuntimeError(
+            "fastvit.layernorm_mlp: the forward ran without saving activations (no input required "
+            "grad when it ran), so it cannot be differentiated"
+        )
+    saved = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:_NUM_GRADS]]
+    if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
+        # the kernels read D as unit-stride vectors (row strides are free, 0 included); a gradient
+        # strided or broadcast along D (out.sum() gives one) is copied once
+        grad_out = grad_out.contiguous()
+    grads = torch.ops.fastvit_C.layernorm_mlp_bwd(
+        grad_out, *saved, ctx.approximate, ctx.residual, needs,
+    )
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None, None)
+
+
+_cuda_registered = False
+
+
+def _register_cuda_autograd() -> None:
+    """Attach the autograd formula to ``fastvit_C::layernorm_mlp_fwd`` (once, after the extension loads)."""
+    global _cuda_registered
+    if not _cuda_registered:
+        torch.library.register_autograd(
+            "fastvit_C::layernorm_mlp_fwd", _cuda_backward, setup_context=_cuda_setup_context
+        )
+        _cuda_registered = True
+
+
+# ---------------------------------------------------------------------------------------------
 # torch route: the composite
 # ---------------------------------------------------------------------------------------------
 def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate,
@@ -287,20 +337,27 @@ def layernorm_mlp(
         check_same_dtype(**tensors)
         cast_to = None
 
-    route = resolve_backend(device)
-    if route == "triton":
+    gemm_dtype = fc1_weight.dtype if cast_to is None else cast_to
+    save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values())
+    route = resolve_backend(
+        device, "layernorm_mlp",
+        lambda: layernorm_mlp_bucket(x.shape[-1], fc1_weight.shape[0], gemm_dtype, x.numel() // x.shape[-1],
+                                     save_preact),
+    )
+    if route in ("triton", "cuda"):
         from fastvit.kernels.layernorm_mlp import MAX_DIM
 
+        max_dim = MAX_DIM if route == "triton" else _CUDA_MAX_DIM
         reason = None
         if x.dtype == torch.float64:
             reason = "dtype float64"
-        elif x.shape[-1] > MAX_DIM:
-            reason = f"D = {x.shape[-1]} > {MAX_DIM}"
+        elif x.shape[-1] > max_dim:
+            reason = f"D = {x.shape[-1]} > {max_dim}"
         if reason is not None:
             warn_once(
-                f"layernorm_mlp:{reason}",
-                f"fastvit.layernorm_mlp: the Triton kernels do not cover {reason}; running the composite of "
-                "torch ops instead",
+                f"layernorm_mlp:{route}:{reason}",
+                f"fastvit.layernorm_mlp: the {route} backend does not cover {reason}; running the composite "
+                "of torch ops instead",
             )
             route = "torch"
         elif x.numel() == 0:
@@ -311,9 +368,7 @@ def layernorm_mlp(
 
     # -- autocast rule (F.linear's): the GEMMs in the autocast dtype; LN statistics in fp32; the
     #    output in the composite's dtype (its scale multiplies and residual add promote) --
-    gemm_dtype = fc1_weight.dtype
     if cast_to is not None:
-        gemm_dtype = cast_to
         fc1_weight, fc2_weight = fc1_weight.to(cast_to), fc2_weight.to(cast_to)
         fc1_bias = fc1_bias.to(cast_to) if fc1_bias is not None else None
         fc2_bias = fc2_bias.to(cast_to) if fc2_bias is not None else None
@@ -328,10 +383,13 @@ def layernorm_mlp(
         _unit_last_stride(t)
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
     )
-    save_preact = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
-    )
+    if route == "cuda":
+        _register_cuda_autograd()
+        y = torch.ops.fastvit_C.layernorm_mlp_fwd(
+            _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
+            sample_scale, float(eps), approximate, residual, out_dtype, save_preact,
+        )[0]
+        return y.view(x.shape)
     y, _, _, _ = _layernorm_mlp_fwd(
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
         float(eps), approximate, residual, out_dtype, save_preact,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastvit.backend import resolve_backend, warn_once
 from fastvit.ops._checks import autocast_dtype, check_optional_tensor, check_same_device, check_same_dtype, check_tensor
+from fastvit.tuning import patch_embed_bucket
 
 __all__ = ["patch_embed"]
 
@@ -124,6 +125,47 @@ def _backward(ctx, grad):
 
 
 _patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda route: the extension's ops (fastvit_C::patch_embed_fwd / _bwd), with this autograd formula
+# ---------------------------------------------------------------------------------------------
+def _cuda_setup_context(ctx, inputs, output):
+    x, weight, bias, pos_embed, prefix_tokens = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    ctx.pos_len = 0 if pos_embed is None else pos_embed.shape[1]
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, pos_embed, prefix_tokens))
+
+
+def _cuda_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    if grad.shape[-1] > 1 and grad.stride(-1) != 1:
+        grad = grad.contiguous()  # the GEMMs read D with a unit stride; a broadcast gradient is copied once
+    dx, dw, dbias, dpos, dprefix = torch.ops.fastvit_C.patch_embed_bwd(
+        grad, x, weight, ctx.num_prefix, ctx.pos_len, needs
+    )
+    # the small gradients come back as fp32 sums; each takes its parameter's dtype
+    bias_dtype, pos_dtype, prefix_dtype = ctx.dtypes
+    return (
+        dx if needs[0] else None,
+        dw if needs[1] else None,
+        dbias.to(bias_dtype) if needs[2] else None,
+        dpos.to(pos_dtype) if needs[3] else None,
+        dprefix.to(prefix_dtype) if needs[4] else None,
+    )
+
+
+_cuda_registered = False
+
+
+def _register_cuda_autograd() -> None:
+    """Attach the autograd formula to ``fastvit_C::patch_embed_fwd`` (once, after the extension loads)."""
+    global _cuda_registered
+    if not _cuda_registered:
+        torch.library.register_autograd("fastvit_C::patch_embed_fwd", _cuda_backward, setup_context=_cuda_setup_context)
+        _cuda_registered = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,14 +302,26 @@ def patch_embed(
     if prefix_tokens is not None and prefix_tokens.shape[1] == 0:
         prefix_tokens = None  # nothing to prepend (and, like the composite, no dtype promotion)
     device = x.device
-    route = resolve_backend(device)
-    if route == "triton":
-        cast_to = autocast_dtype(device)
+    cast_to = autocast_dtype(device)
+    train = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, pos_embed, prefix_tokens)
+    )
+    patch = weight.shape[-1]
+    route = resolve_backend(
+        device, "patch_embed",
+        lambda: patch_embed_bucket(x.shape[1], patch, weight.shape[0], cast_to or weight.dtype,
+                                   x.shape[0] * -(-x.shape[2] // patch) * -(-x.shape[3] // patch), train),
+    )
+    if route == "cuda" and pad:
+        # the extension does not cover dynamic padding (the Triton kernel masks it): run what an op
+        # outside the extension runs under this backend
+        route = resolve_backend(device)
+    if route in ("triton", "cuda"):
         dtypes = {t.dtype for t in (x, weight, bias, pos_embed, prefix_tokens) if t is not None}
         if not dtypes <= set(_KERNEL_DTYPES) or (cast_to is not None and cast_to not in _KERNEL_DTYPES):
             warn_once(
                 "patch_embed:float64",
-                "fastvit.patch_embed: the Triton kernels take fp16, bf16 and fp32; running the torch "
+                f"fastvit.patch_embed: the {route} backend takes fp16, bf16 and fp32; running the torch "
                 f"composite for dtypes {sorted(str(d) for d in dtypes)}",
             )
             route = "torch"
@@ -299,4 +353,9 @@ def patch_embed(
                 out_dtype = torch.promote_types(out_dtype, t.dtype)
         pos_embed = None if pos_embed is None else pos_embed.to(out_dtype)
         prefix_tokens = None if prefix_tokens is None else prefix_tokens.to(out_dtype)
+    if route == "cuda":
+        _register_cuda_autograd()
+        return torch.ops.fastvit_C.patch_embed_fwd(
+            x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens)
+        )
     return _patch_embed_fwd(x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens), pad)

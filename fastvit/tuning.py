@@ -1,0 +1,160 @@
+"""The measured choice between the ``triton`` and ``cuda`` backends that ``auto`` follows.
+
+``python -m benchmarks tune`` times both backends per (device, op, shape bucket) and records the
+winner here, in ``<cache>/tune.json`` (``fastvit.cache.cache_dir()``). ``auto`` looks the call's
+bucket up and runs Triton wherever the table has no entry: nothing in it is a guess, each entry
+keeps the timings it was chosen from.
+
+A bucket names the shape features that decide which backend is faster: the op's widths, the GEMM
+dtype, the token rows rounded up to a power of two, and whether a backward will follow (``train``)
+or not (``infer``), e.g. ``"D=768,hidden=3072,bfloat16,rows<=65536,train"``.
+
+File layout::
+
+    {"version": 1,
+     "entries": {"<device name>": {"<op>": {"<bucket>": {
+         "backend": "cuda", "ms": {"triton": 1.93, "cuda": 1.71},
+         "shape": "...", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-11-25"}}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvit.cache import cache_dir
+
+__all__ = [
+    "TUNABLE_BACKENDS",
+    "bucket",
+    "device_name",
+    "layernorm_mlp_bucket",
+    "load_table",
+    "lookup",
+    "patch_embed_bucket",
+    "record",
+    "table_path",
+]
+
+VERSION = 1
+TUNABLE_BACKENDS = ("triton", "cuda")
+
+_lock = threading.Lock()
+_cache: dict[str, Any] = {"path": None, "mtime": None, "table": None}
+
+
+def table_path() -> Path:
+    """``<cache>/tune.json``; ``FASTVIT_TUNE_TABLE`` names another file."""
+    explicit = os.environ.get("FASTVIT_TUNE_TABLE")
+    return Path(explicit).expanduser() if explicit else cache_dir() / "tune.json"
+
+
+def device_name(device: torch.device) -> str:
+    """The table's device key: the GPU's marketing name (``"NVIDIA H100 80GB HBM3"``), or ``"cpu"``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _rows_bucket(rows: int) -> str:
+    return f"rows<={1 << max(0, int(rows) - 1).bit_length()}"
+
+
+def bucket(*features: object, rows: int, train: bool) -> str:
+    """A bucket key: the given features, the rows rounded up to a power of two, train or infer.
+
+    Example:
+        >>> bucket("D=768", "hidden=3072", "bfloat16", rows=50432, train=True)
+        'D=768,hidden=3072,bfloat16,rows<=65536,train'
+    """
+    return ",".join([*(str(f) for f in features), _rows_bucket(rows), "train" if train else "infer"])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def layernorm_mlp_bucket(dim: int, hidden: int, dtype: torch.dtype, rows: int, train: bool) -> str:
+    """The bucket of a ``layernorm_mlp`` call: width, hidden size, GEMM dtype, token rows, mode."""
+    return bucket(f"D={dim}", f"hidden={hidden}", _dtype_name(dtype), rows=rows, train=train)
+
+
+def patch_embed_bucket(channels: int, patch: int, dim: int, dtype: torch.dtype, rows: int, train: bool) -> str:
+    """The bucket of a ``patch_embed`` call: channels, patch size, width, GEMM dtype, patch rows, mode."""
+    return bucket(f"C={channels}", f"p={patch}", f"D={dim}", _dtype_name(dtype), rows=rows, train=train)
+
+
+def load_table(path: Path | None = None) -> dict[str, Any]:
+    """The table at ``path`` (default ``table_path()``): re-read when the file changes, empty when
+    there is none. A file that is not a table of this version is ignored (and says why once)."""
+    path = table_path() if path is None else path
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        return {"version": VERSION, "entries": {}}
+    with _lock:
+        if _cache["path"] == path and _cache["mtime"] == mtime:
+            return _cache["table"]
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict) or table.get("version") != VERSION or not isinstance(
+                table.get("entries"), dict
+            ):
+                raise ValueError(f"not a version-{VERSION} fastvit tuning table")
+        except (OSError, ValueError) as err:
+            from fastvit.backend import warn_once
+
+            warn_once(f"tune-table:{path}", f"fastvit: ignoring the tuning table {path}: {err}")
+            table = {"version": VERSION, "entries": {}}
+        _cache.update(path=path, mtime=mtime, table=table)
+        return table
+
+
+def lookup(device: torch.device | str, op: str, key: str) -> str | None:
+    """The measured faster backend for ``op`` at bucket ``key`` on ``device``, or None (no entry).
+
+    Example:
+        >>> lookup(torch.device("cuda"), "layernorm_mlp", layernorm_mlp_bucket(768, 3072, torch.bfloat16, 50432, True))
+        'cuda'
+    """
+    name = device if isinstance(device, str) else device_name(device)
+    entry = load_table()["entries"].get(name, {}).get(op, {}).get(key)
+    if not isinstance(entry, dict):
+        return None
+    choice = entry.get("backend")
+    return choice if choice in TUNABLE_BACKENDS else None
+
+
+def record(device: str, op: str, key: str, ms: dict[str, float], *, shape: str = "", path: Path | None = None) -> str:
+    """Store the measured times ``ms`` (backend -> milliseconds) of one bucket and return the
+    faster backend; the file is replaced atomically, other entries are kept."""
+    timed = {b: float(t) for b, t in ms.items() if b in TUNABLE_BACKENDS and t == t and t > 0}
+    if not timed:
+        raise ValueError(f"no usable timing among {ms!r} (backends {TUNABLE_BACKENDS})")
+    winner = min(timed, key=timed.__getitem__)
+    path = table_path() if path is None else path
+    table = json.loads(json.dumps(load_table(path)))  # a private copy
+    import datetime
+
+    import triton
+
+    table["entries"].setdefault(device, {}).setdefault(op, {})[key] = {
+        "backend": winner,
+        "ms": {b: round(t, 5) for b, t in timed.items()},
+        "shape": shape,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tune-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return winner

@@ -1,0 +1,115 @@
+"""fastvit.tuning (the measured table ``auto`` follows) and the backend choice it drives."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+import fastvit
+from fastvit import extension, tuning
+
+backend_module = importlib.import_module("fastvit.backend")  # fastvit.backend is also the function
+GPU = torch.device("cuda")  # only handed to the (patched) lookups below, never used for memory
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv("FASTVIT_TUNE_TABLE", str(path))
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Test GPU" if device.type == "cuda" else "cpu")
+    return path
+
+
+def test_buckets_round_rows_up_to_powers_of_two():
+    assert tuning.layernorm_mlp_bucket(768, 3072, torch.bfloat16, 50432, True) == (
+        "D=768,hidden=3072,bfloat16,rows<=65536,train"
+    )
+    assert tuning.layernorm_mlp_bucket(768, 3072, torch.bfloat16, 65536, False).endswith("rows<=65536,infer")
+    assert tuning.layernorm_mlp_bucket(768, 3072, torch.bfloat16, 65537, False).endswith("rows<=131072,infer")
+    assert tuning.layernorm_mlp_bucket(384, 1536, torch.float16, 1, False).endswith("rows<=1,infer")
+    assert tuning.patch_embed_bucket(3, 16, 768, torch.float32, 196 * 8, True) == (
+        "C=3,p=16,D=768,float32,rows<=2048,train"
+    )
+
+
+def test_record_keeps_the_timings_and_returns_the_faster(table):
+    assert tuning.lookup("Test GPU", "layernorm_mlp", "k1") is None
+    assert tuning.record("Test GPU", "layernorm_mlp", "k1", {"triton": 2.0, "cuda": 1.5}, shape="s") == "cuda"
+    assert tuning.record("Test GPU", "layernorm_mlp", "k2", {"triton": 1.0, "cuda": 1.5}) == "triton"
+    assert tuning.record("Other GPU", "patch_embed", "k1", {"triton": 3.0, "cuda": 1.0}) == "cuda"
+    data = json.loads(table.read_text())
+    entry = data["entries"]["Test GPU"]["layernorm_mlp"]["k1"]
+    assert entry["backend"] == "cuda" and entry["ms"] == {"triton": 2.0, "cuda": 1.5} and entry["shape"] == "s"
+    assert tuning.lookup("Test GPU", "layernorm_mlp", "k1") == "cuda"
+    assert tuning.lookup("Test GPU", "layernorm_mlp", "k2") == "triton"
+    assert tuning.lookup("Test GPU", "patch_embed", "k1") is None  # another device's entry
+    # re-measuring a bucket replaces its entry
+    tuning.record("Test GPU", "layernorm_mlp", "k1", {"triton": 1.0, "cuda": 1.5})
+    assert tuning.lookup("Test GPU", "layernorm_mlp", "k1") == "triton"
+
+
+def test_record_refuses_an_empty_measurement(table):
+    with pytest.raises(ValueError, match="no usable timing"):
+        tuning.record("Test GPU", "layernorm_mlp", "k", {"triton": float("nan")})
+
+
+def test_a_broken_table_is_ignored_with_a_warning(table):
+    table.write_text("{not json")
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="ignoring the tuning table"):
+        assert tuning.lookup("Test GPU", "layernorm_mlp", "k") is None
+
+
+def _pretend_extension(monkeypatch, cuda_kernels=True):
+    monkeypatch.setattr(extension, "load", lambda build=None: True)
+    monkeypatch.setattr(extension, "has_cuda_kernels", lambda: cuda_kernels)
+
+
+def test_auto_follows_the_table_on_a_gpu_and_defaults_to_triton(table, monkeypatch):
+    _pretend_extension(monkeypatch)
+    key = tuning.layernorm_mlp_bucket(768, 3072, torch.bfloat16, 50432, True)
+    assert backend_module.resolve_backend(GPU, "layernorm_mlp", lambda: key) == "triton"  # no entry
+    tuning.record("Test GPU", "layernorm_mlp", key, {"triton": 2.0, "cuda": 1.0})
+    assert backend_module.resolve_backend(GPU, "layernorm_mlp", lambda: key) == "cuda"
+    # other buckets, other ops and the CPU are untouched by the entry
+    other = tuning.layernorm_mlp_bucket(768, 3072, torch.bfloat16, 50432, False)
+    assert backend_module.resolve_backend(GPU, "layernorm_mlp", lambda: other) == "triton"
+    assert backend_module.resolve_backend(GPU, "flash_attention", lambda: key) == "triton"
+    assert backend_module.resolve_backend(torch.device("cpu"), "layernorm_mlp", lambda: key) == "torch"
+    # an explicit choice wins over the table
+    with fastvit.backend("triton"):
+        assert backend_module.resolve_backend(GPU, "layernorm_mlp", lambda: key) == "triton"
+
+
+def test_auto_falls_back_to_triton_when_the_table_names_a_missing_extension(table, monkeypatch):
+    monkeypatch.setattr(extension, "load", lambda build=None: False)
+    monkeypatch.setattr(extension, "unavailable_reason", lambda: "not built")
+    monkeypatch.setattr(backend_module, "_warned", set())
+    tuning.record("Test GPU", "patch_embed", "k", {"triton": 2.0, "cuda": 1.0})
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="not built"):
+        assert backend_module.resolve_backend(GPU, "patch_embed", lambda: "k") == "triton"
+
+
+def test_the_bucket_is_built_only_when_auto_consults_the_table(table, monkeypatch):
+    def explode() -> str:
+        raise AssertionError("bucket built")
+
+    assert backend_module.resolve_backend(torch.device("cpu"), "layernorm_mlp", explode) == "torch"
+    with fastvit.backend("torch"):
+        assert backend_module.resolve_backend(GPU, "layernorm_mlp", explode) == "torch"
+
+
+def test_cuda_backend_on_a_gpu_needs_the_cuda_kernels(monkeypatch):
+    _pretend_extension(monkeypatch, cuda_kernels=False)
+    with fastvit.backend("cuda"), pytest.raises(RuntimeError, match="without its CUDA kernels"):
+        backend_module.resolve_backend(GPU, "layernorm_mlp")
+
+
+def test_backend_names(monkeypatch):
+    assert "cuda" in fastvit.backend.__doc__ or "cuda" in backend_module.BACKENDS
+    monkeypatch.setenv("FASTVIT_BACKEND", "CUDA")
+    assert fastvit.current_backend() == "cuda"
+    with pytest.raises(ValueError, match="must be one of"), fastvit.backend("cudnn"):
+        pass
