@@ -5,9 +5,15 @@
     python -m benchmarks model --model vit_base_patch16_224 --resolutions 224,384,512,1024
     python -m benchmarks all --out DIR            # every suite
     python -m benchmarks compare BASE.json NEW.json
+    python -m benchmarks static [--arch 80,89,90] [--json PATH] [--only triton|csrc]
+    python -m benchmarks tune [options]           # measure the triton and cuda backends per shape
 
 Suites are modules of this package, registered below by name; a registered suite whose module
-is not in this build yet is skipped with a message.
+is not in this build yet is skipped with a message. Commands (``compare``, ``static``, ``tune``)
+are modules with ``main(argv) -> int``, imported only when asked for.
+
+Every run measures the device's ceilings once (a large copy and a large matmul, see
+``roofline.py``) and reports each time against the roofline floor of its op and shape.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import runner
+from . import roofline, runner
 from .options import DTYPES, canonical_dtype
 from .output import default_out_dir, meta, write_results
 from .progress import Progress
@@ -40,6 +46,13 @@ WEIGHTS = {"attention": 4.0, "patch-embed": 1.0, "mlp": 1.0, "model": 1.5}
 # `all` on a GPU within one 10-minute GPU session call
 DEFAULT_TIME_LIMIT_MIN = {"cpu-default": 9.0, "cuda-all": 8.0}
 _PACKAGE = __package__ or "benchmarks"
+CEILINGS_TIMEOUT_S = 300.0  # a CUDA context and ~2.5 GiB on a GPU: seconds, unless something is wrong
+# command-line name -> (module of this package with main(argv) -> int, what it does)
+COMMANDS = {
+    "compare": ("compare", "compare two runs: BASE.json NEW.json"),
+    "static": ("static", "compile every kernel for sm_80/89/90 and report registers, spills, shared memory, MMA"),
+    "tune": ("tune", "measure the triton and cuda backends per op and shape; `auto` then uses the table"),
+}
 
 
 def _module_exists(name: str) -> bool:
@@ -61,10 +74,13 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  python -m benchmarks {name:<8} {what}" for name, (_, what) in COMMANDS.items())
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="fastvit benchmarks: time and peak memory against N, tables, JSON/CSV and plots. "
-        "`python -m benchmarks compare BASE.json NEW.json` compares two runs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="fastvit benchmarks: time and peak memory against N, % of the roofline floor, tables,\n"
+        "JSON/CSV and plots.",
+        epilog=f"other commands (each has its own --help):\n{commands}",
     )
     p.add_argument(
         "suites",
@@ -134,10 +150,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks`` and ``fastvit-bench``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "compare":
-        from .compare import main as compare_main
-
-        return compare_main(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv[0], argv[1:])
     args = parse_args(argv)
     suites = []
     for name in args.suites:
@@ -152,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     runner.set_preload(["fastvit", *(f"{_PACKAGE}.{SUITES[s]}" for s in suites)])
     if "model" in suites:
         runner.set_preload(["timm"])
+    ceilings = measure_ceilings(args)
 
     def write(records: list, *, plots: bool) -> list[Path]:
         settings = {
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "policy": runner.policy_from_args(args).__dict__,
             "elapsed_s": round(time.monotonic() - started, 1),
         }
-        run_meta = meta(args.device, [sys.argv[0], *argv], settings)
+        run_meta = meta(args.device, [sys.argv[0], *argv], settings, ceilings)
         return write_results(out_dir, records, run_meta, plots=plots and not args.no_plots)
 
     records, failed, interrupted = [], [], False
@@ -189,10 +204,35 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
         runner.shutdown()
 
+    roofline.annotate(records, ceilings)
     print_tables(records)
+    print(roofline.ceilings_line(ceilings))
     files = write(records, plots=True)
     print(f"\nwrote {len(records)} records to {out_dir}: " + ", ".join(f.name for f in files))
     return 130 if interrupted else 1 if failed else 0
+
+
+def measure_ceilings(args: argparse.Namespace) -> dict:
+    """The device's copy bandwidth and matmul throughput (``roofline.measure_ceilings``), measured
+    once per run in a worker process; ``{"error": ...}`` when that fails (the run goes on without
+    a roofline floor)."""
+    try:
+        return runner.call_in_worker(
+            roofline.measure_ceilings, args.device, [args.dtype], args.threads, timeout_s=CEILINGS_TIMEOUT_S
+        )
+    except Exception as exc:  # the benchmark is still worth running
+        print(f"could not measure the device's ceilings ({exc}); no roofline floor", file=sys.stderr)
+        return {"error": str(exc)}
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Import the command's module lazily and return its ``main(argv)``; exit status 2 with a
+    message when the module is not in this build."""
+    module_name = f"{_PACKAGE}.{COMMANDS[name][0]}"
+    if importlib.util.find_spec(module_name) is None:
+        print(f"`{name}` is not in this build yet (no module {module_name})", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(module_name).main(argv) or 0)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -1,4 +1,8 @@
-"""Writing a run's folder: results.json ({"meta", "records"}), results.csv, summary.md, plots."""
+"""Writing a run's folder: results.json ({"meta", "records"}), results.csv, summary.md, plots.
+
+The records are annotated with their roofline floor (``roofline.annotate``) against the device
+ceilings in ``meta["ceilings"]`` as they are written, so every suite's rows get it.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from .records import RECORD_FIELDS, Record
 from .report import SLOPE_HEADER, TABLE_HEADER, markdown_table, slope_rows, table_rows
+from .roofline import annotate, ceilings_line
 
 __all__ = ["default_out_dir", "device_name", "load_results", "meta", "write_results"]
 
@@ -72,8 +77,14 @@ def default_out_dir(device: str, when: datetime.date | None = None) -> Path:
     return Path("benchmarks") / "results" / f"{slug}-{when.isoformat()}"
 
 
-def meta(device: str, argv: list[str] | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Where and how the results were produced."""
+def meta(
+    device: str,
+    argv: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+    ceilings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Where and how the results were produced; ``ceilings`` are the device's measured copy
+    bandwidth and matmul throughput (``roofline.measure_ceilings``), the floors' reference."""
     argv = sys.argv if argv is None else argv
     return {
         "device": device,
@@ -91,11 +102,17 @@ def meta(device: str, argv: list[str] | None = None, settings: dict[str, Any] | 
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks", *argv[1:]]),
         "settings": settings or {},
+        "ceilings": ceilings,
     }
 
 
 def write_results(out_dir: Path, records: list[Record], run_meta: dict[str, Any], *, plots: bool = True) -> list[Path]:
-    """Write results.json, results.csv, summary.md and (with matplotlib) the plots; return the files."""
+    """Write results.json, results.csv, summary.md and (with matplotlib) the plots; return the files.
+
+    The records get their roofline columns (``roofline.annotate``, in place) against
+    ``run_meta["ceilings"]``.
+    """
+    annotate(records, run_meta.get("ceilings"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r.to_dict() for r in records]
@@ -127,6 +144,8 @@ def _write_summary(out_dir: Path, records: list[Record], run_meta: dict[str, Any
         f"{run_meta['triton']}, fastvit {run_meta['fastvit']}"
         + (f", driver {run_meta['driver']}" if run_meta.get("driver") else "")
         + ".",
+        "",
+        ceilings_line(run_meta.get("ceilings")),
         "",
         "## Scaling: log-log slopes against N",
         "",

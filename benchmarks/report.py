@@ -95,7 +95,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table_rows(records: Iterable[Record]) -> list[list[str]]:
-    """The result table: impl, mode, N, ms, p25-p75, TFLOP/s, peak memory, status, note."""
+    """The result table: impl, mode, N, ms, p25-p75, TFLOP/s, the roofline floor and the percentage
+    of it reached (``roofline.annotate``), peak memory, status, note."""
     rows = []
     for r in records:
         iqr = "-" if r.ms_p25 is None else f"{r.ms_p25:.3g}-{r.ms_p75:.3g}"
@@ -108,6 +109,8 @@ def table_rows(records: Iterable[Record]) -> list[list[str]]:
                 _fmt(r.ms, ".4g"),
                 iqr,
                 _fmt(r.tflops, ".3g"),
+                _fmt(r.extra.get("floor_ms"), ".3g"),
+                _fmt(r.extra.get("pct_of_floor"), ".3g"),
                 format_bytes(r.peak_mem_bytes),
                 r.status,
                 r.note,
@@ -116,7 +119,10 @@ def table_rows(records: Iterable[Record]) -> list[list[str]]:
     return rows
 
 
-TABLE_HEADER = ["suite", "impl", "mode", "N", "ms", "ms p25-p75", "TFLOP/s", "peak mem", "status", "note"]
+TABLE_HEADER = [
+    "suite", "impl", "mode", "N", "ms", "ms p25-p75", "TFLOP/s", "floor ms", "% floor", "peak mem", "status", "note",
+]  # fmt: skip
+RIGHT_ALIGNED = ("N", "ms", "TFLOP/s", "floor ms", "% floor", "REG", "stack B", "HMMA", "HGMMA")
 SLOPE_HEADER = ["suite", "impl", "mode", "time slope", "memory slope", "points", "N range"]
 
 
@@ -154,7 +160,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]], file=None)
         return
     table = Table(title=title)
     for h in header:
-        table.add_column(h, overflow="fold", justify="right" if h in ("N", "ms", "TFLOP/s") else "left")
+        table.add_column(h, overflow="fold", justify="right" if h in RIGHT_ALIGNED else "left")
     for row in rows:
         table.add_row(*(Text(c) for c in row))  # Text: "sdpa[flash]" is not rich markup
     Console(file=file, width=200).print(table)

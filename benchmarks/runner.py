@@ -36,7 +36,7 @@ from .measure import Policy, Workload, classify_exception, measure
 from .progress import Progress
 from .records import Point, Record
 
-__all__ = ["not_run", "policy_from_args", "run_point", "run_points", "set_preload", "shutdown"]
+__all__ = ["call_in_worker", "not_run", "policy_from_args", "run_point", "run_points", "set_preload", "shutdown"]
 
 Build = Callable[[Point], Workload]
 
@@ -241,6 +241,47 @@ def run_point(point: Point, build: Build, policy: Policy) -> Record:
         extra=info.get("extra"),
         **fields,
     )
+
+
+def _call_and_send(conn: Any, fn: Callable[..., Any], args: tuple) -> None:
+    try:
+        conn.send((True, fn(*args)))
+    except Exception as exc:
+        conn.send((False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def call_in_worker(fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0) -> Any:
+    """``fn(*args)`` in a fresh process forked from the fork server (no CUDA context or memory of
+    it stays in this one); returns its (picklable) result.
+
+    Raises:
+        RuntimeError: ``fn`` raised (its message), or the process died.
+        TimeoutError: no result within ``timeout_s`` (the process is killed).
+    """
+    ctx = _mp_context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_and_send, args=(send, fn, args), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not receive.poll(timeout_s):
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} took over {timeout_s:.3g} s")
+        ok, value = receive.recv()
+    except EOFError:
+        proc.join(10)
+        raise RuntimeError(f"the worker process died (exit code {proc.exitcode})") from None
+    finally:
+        receive.close()
+        if proc.is_alive():
+            proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+    if not ok:
+        raise RuntimeError(value)
+    return value
 
 
 def not_run(points: Iterable[Point], status: str, note: str, progress: Progress | None = None) -> list[Record]:

@@ -33,6 +33,9 @@ ARCHS: tuple[int, ...] = (80, 89, 90)
 
 # Largest shared memory one block may use, per architecture (bytes, opt-in maximum).
 SHARED_MEMORY_LIMIT: dict[int, int] = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# sm_90 cubins reserve 1 KiB of shared memory per block for the system (.nv.shared.reserved);
+# cuobjdump's SHARED counts it, the opt-in limit above does not
+SM90_RESERVED_SHARED = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +64,95 @@ class KernelSpec:
     divisible_by_16: tuple[str, ...] = ()
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
+    """Path of a CUDA binary tool (``cuobjdump``, ``nvdisasm``) shipped in Triton's wheel."""
     import triton
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the machine code: cuobjdump's and ptxas's text, per function
+# ---------------------------------------------------------------------------------------------
+_FUNCTION_USAGE = re.compile(r"^\s*Function\s+(\S+?):?\s*$")
+_SASS_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$")
+_USAGE_FIELD = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
+# an instruction (after an optional predicate such as @P0 or @!UP1), up to its first modifier
+_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """``cuobjdump --dump-resource-usage`` output -> {function: {"REG", "STACK", "SHARED", "LOCAL"}}.
+
+    The output lists each function as ``Function NAME:`` followed by a line of ``KEY:VALUE``
+    fields (``REG:`` registers per thread, ``STACK:`` stack frame bytes, non-zero when registers
+    spill, ``SHARED:`` static shared memory bytes, ``LOCAL:`` local memory bytes).
+    """
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        match = _FUNCTION_USAGE.match(line)
+        if match:
+            current = match.group(1)
+            out[current] = {}
+            continue
+        if current is not None and out[current] == {}:
+            fields = {k: int(v) for k, v in _USAGE_FIELD.findall(line)}
+            if fields:
+                out[current] = fields
+    return out
+
+
+def parse_sass(text: str) -> dict[str, dict[str, int]]:
+    """``cuobjdump -sass`` (or ``nvdisasm``) output -> {function: instruction counts}.
+
+    Counts ``hmma`` (warp-level tensor-core MMA, sm_80/89/90), ``hgmma`` (warpgroup MMA, sm_90
+    only), and ``local_stores`` / ``local_loads`` (STL / LDL: spilled registers or local arrays).
+    """
+    out: dict[str, dict[str, int]] = {}
+    counts = None
+    for line in text.splitlines():
+        match = _SASS_FUNCTION.match(line)
+        if match:
+            counts = out[match.group(1)] = {"hmma": 0, "hgmma": 0, "local_stores": 0, "local_loads": 0}
+            continue
+        op = _OPCODE.match(line)
+        if counts is None or op is None:
+            continue
+        key = {"HMMA": "hmma", "HGMMA": "hgmma", "STL": "local_stores", "LDL": "local_loads"}.get(op.group(1))
+        if key:
+            counts[key] += 1
+    return out
+
+
+_PTXAS_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas_log(text: str) -> dict[str, dict[str, int]]:
+    """``ptxas -v`` output (``nvcc -Xptxas -v``) -> {function: fields}.
+
+    Fields: ``stack``, ``spill_stores``, ``spill_loads`` (bytes), and for entry functions
+    (kernels) ``entry`` = 1, ``registers`` and ``smem`` (static shared memory bytes, without the
+    system reservation that cuobjdump's SHARED includes on sm_90).
+    """
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            out.setdefault(m.group(1), {})["entry"] = 1
+        if m := _PTXAS_PROPERTIES.search(line):
+            current = m.group(1)
+            out.setdefault(current, {})
+        elif current is not None and (m := _PTXAS_FRAME.search(line)):
+            stack, stores, loads = (int(g) for g in m.groups())
+            out[current].update(stack=stack, spill_stores=stores, spill_loads=loads)
+        elif current is not None and (m := _PTXAS_USED.search(line)):
+            out[current]["registers"] = int(m.group(1))
+            out[current]["smem"] = int(m.group(2) or 0)
+    return out
 
 
 def _resolve(kernel: str):
@@ -102,23 +190,30 @@ def compile_spec(spec: KernelSpec) -> dict[str, Any]:
         report["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
         return report
     report["compile_s"] = round(time.perf_counter() - start, 2)
-    report["shared"] = int(compiled.metadata.shared)
+    dynamic = int(compiled.metadata.shared)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
         cubin = f.name
     try:
-        usage = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
-        ).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(cubin)
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    report["registers"] = int(fields.get("REG", -1))
-    report["stack"] = int(fields.get("STACK", 0))
-    report["local"] = int(fields.get("LOCAL", 0))
-    report["hgmma"] = len(re.findall(r"\bHGMMA\.", sass))
-    report["hmma"] = len(re.findall(r"\bHMMA\.", sass))
+    # one kernel per Triton cubin
+    resources = next(iter(parse_resource_usage(usage).values()), {})
+    code = next(iter(parse_sass(sass).values()), {})
+    report["registers"] = resources.get("REG", -1)
+    report["stack"] = resources.get("STACK", 0)
+    report["local"] = resources.get("LOCAL", 0)
+    # Triton allocates its shared memory dynamically at launch (metadata.shared); the cubin's
+    # SHARED (shared_cubin) holds, on sm_90, the 1 KiB system reservation that the opt-in limit excludes
+    cubin_shared = resources.get("SHARED", 0)
+    report["shared_static"] = max(0, cubin_shared - (SM90_RESERVED_SHARED if spec.arch >= 90 else 0))
+    report["shared_dynamic"] = dynamic
+    report["shared"] = report["shared_static"] + dynamic
+    report["shared_cubin"] = cubin_shared
+    report.update(code)
     report["shared_limit"] = SHARED_MEMORY_LIMIT[spec.arch]
     return report
 
@@ -128,8 +223,9 @@ def problems(report: dict[str, Any]) -> list[str]:
     if "error" in report:
         return [f"does not compile: {report['error']}"]
     found = []
-    if report["stack"] or report["local"]:
-        found.append(f"spills: stack frame {report['stack']} B, local {report['local']} B")
+    spilled = {k: report.get(k) or 0 for k in ("stack", "local", "spill_stores", "spill_loads")}
+    if any(spilled.values()):
+        found.append("spills: " + ", ".join(f"{k.replace('_', ' ')} {v} B" for k, v in spilled.items() if v))
     if report["shared"] > report["shared_limit"]:
         limit = report["shared_limit"]
         found.append(f"shared memory {report['shared']} B over the sm_{report['arch']} limit {limit} B")

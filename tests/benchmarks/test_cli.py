@@ -56,3 +56,23 @@ def test_main_defines_the_console_script_entry_point():
     from benchmarks.__main__ import main
 
     assert main is cli.main
+
+
+def test_commands_are_dispatched_lazily(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["static", "--help"])
+    assert exc.value.code == 0 and "--only" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["static", "--arch", "75"])  # not an architecture the report knows
+    assert "--arch" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "later", ("no_such_module", "not written yet"))
+    assert cli.main(["later", "x"]) == 2
+    assert "not in this build yet" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for name in ("compare", "static", "tune"):
+        assert f"python -m benchmarks {name}" in out

@@ -97,3 +97,29 @@ def test_record_validation():
         Record.from_point(p, status="crashed")
     with pytest.raises(ValueError, match="mode"):
         Point("attention", "eager", "bwd", 197, 1, 12, 64, "float32", "cpu")
+
+
+CEILINGS = {"device": "cpu", "copy_gbps": 10.0, "matmul_tflops": {"float32": 0.1}, "threads": 1, "method": "canned"}
+
+
+def test_roofline_columns_and_ceilings_in_the_outputs(tmp_path):
+    write_results(tmp_path, records(), meta("cpu", ["prog"], ceilings=CEILINGS), plots=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["ceilings"] == CEILINGS
+    first = data["records"][0]  # eager fwd, B=1, H=12, N=197, D=64, fp32: 1.97 ms
+    flops = 4 * 12 * 197**2 * 64  # 119 MFLOP at 0.1 TFLOP/s: 1.19 ms
+    assert first["flops"] == flops and first["min_bytes"] == 4 * 12 * 4 * 197 * 64  # q, k, v, o: 0.24 ms at 10 GB/s
+    assert first["floor_bound"] == "compute" and first["floor_ms"] == pytest.approx(flops / 0.1e12 * 1e3)
+    assert first["pct_of_floor"] == pytest.approx(100 * first["floor_ms"] / 1.97)
+    assert all("pct_of_floor" not in row for row in data["records"] if row["status"] != "ok")
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert "pct_of_floor" in next(csv.reader(f))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Device ceilings: copy 10 GB/s (read + write), matmul float32 0.1 TFLOP/s" in summary
+    assert "| % floor |" in summary and f"| {first['pct_of_floor']:.3g} |" in summary
+
+
+def test_summary_says_when_there_are_no_ceilings(tmp_path):
+    write_results(tmp_path, records(), meta("cpu", ["prog"], ceilings={"error": "TimeoutError: slow"}), plots=False)
+    assert "could not be measured (TimeoutError: slow)" in (tmp_path / "summary.md").read_text()
+    assert "pct_of_floor" not in json.loads((tmp_path / "results.json").read_text())["records"][0]

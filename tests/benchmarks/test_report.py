@@ -7,7 +7,7 @@ import random
 import pytest
 
 from benchmarks.records import Record
-from benchmarks.report import fit_slope, format_bytes, slope_rows, slopes, table_rows
+from benchmarks.report import TABLE_HEADER, fit_slope, format_bytes, slope_rows, slopes, table_rows
 
 NS = [197, 577, 1025, 2305, 4097, 9217]
 
@@ -74,6 +74,13 @@ def test_slopes_per_series_use_only_ok_points():
 
 def test_table_rows_and_bytes():
     rows = table_rows([record("sdpa[flash]", 197, 1.5, 3 << 20), record("eager", 9217, None, None, "oom")])
-    assert rows[0][1:9] == ["sdpa[flash]", "fwd", "197", "1.5", "1.5-1.5", "-", "3.0 MiB", "ok"]
-    assert rows[1][4:9] == ["-", "-", "-", "-", "oom"]
+    assert rows[0][1:11] == ["sdpa[flash]", "fwd", "197", "1.5", "1.5-1.5", "-", "-", "-", "3.0 MiB", "ok"]
+    assert rows[1][4:11] == ["-", "-", "-", "-", "-", "-", "oom"]
     assert format_bytes(512) == "512 B" and format_bytes(5 << 30) == "5.0 GiB"
+
+
+def test_table_shows_the_roofline_floor_and_the_percentage_of_it():
+    r = record("fastvit[triton]", 197, 2.0, 1 << 20)
+    r.extra.update(floor_ms=0.5, pct_of_floor=25.0)
+    row = table_rows([r])[0]
+    assert row[TABLE_HEADER.index("floor ms")] == "0.5" and row[TABLE_HEADER.index("% floor")] == "25"

@@ -145,3 +145,15 @@ def test_predict_call_s():
     assert runner.predict_call_s([(100, 10.0), (200, 10.0)], 400) == pytest.approx(0.02)  # at least N^1
     assert runner.predict_call_s([(100, 1.0), (200, 100.0)], 400) == pytest.approx(0.8)  # at most N^3
     assert runner.predict_call_s([(100, 10.0), (200, 40.0)], 200) is None  # not larger than measured
+
+
+def test_call_in_worker_returns_raises_and_times_out():
+    import math
+
+    assert runner.call_in_worker(math.factorial, 5, timeout_s=60) == 120
+    with pytest.raises(RuntimeError, match="ValueError"):
+        runner.call_in_worker(math.factorial, -1, timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        runner.call_in_worker(time.sleep, 30, timeout_s=0.5)
+    assert time.monotonic() - start < 20

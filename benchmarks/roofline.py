@@ -1,0 +1,325 @@
+"""The roofline floor of each benchmarked op and shape, and the device ceilings it is measured against.
+
+For a point, the floor is the least time any implementation could take on this device:
+
+    floor_ms = 1e3 * max(flops / peak_flops, min_bytes / peak_bandwidth)
+
+and each implementation's row gets ``pct_of_floor = 100 * floor_ms / ms`` (100 % = at the floor),
+with ``floor_bound`` saying which term set it ("compute" or "memory").
+
+**FLOPs** are the suite's own (its ``flops(point)``, the same number as the TFLOP/s column):
+flash-attn's convention for attention (4 B H N M D forward, 3.5x for forward+backward; axial
+rows count the work axial attention does), the GEMMs for the mlp (4 T D hidden forward, 3x with
+the backward) and patch embed (2 B N K D forward, 2x with the weight gradient).
+
+**Bytes** are the compulsory traffic of one timed call, element sizes from the point's dtype
+(LSE and LayerNorm statistics in fp32):
+
+- the forward reads each input and parameter once and writes each output once; in a training
+  step (``fwd+bwd``) it also writes what the backward needs that it cannot recompute without a
+  GEMM: attention's LSE (B H N), the mlp's FC1 pre-activation (T x hidden) and LayerNorm mean and
+  rstd (2 T fp32) — the FLOPs above count no recomputed GEMM, so neither do the bytes;
+- the backward is a separate pass (autograd runs it after the forward returns): it reads each
+  tensor it needs once — the gradient of the output, the saved tensors and the inputs it uses
+  again — and writes each gradient once.
+
+Per suite (s = the dtype's bytes; attention M = N, self-attention):
+
+- attention ``fwd``: q, k, v read, o written: s B H (2 N D + 2 M D). ``fwd+bwd`` adds the LSE
+  written (4 B H N) and the backward's q, k, v, o, dO, LSE read and dq, dk, dv written: in all
+  s B H (6 N D + 6 M D) + 8 B H N. (q, k, v are counted again in the backward; a floor that reads
+  them once for the whole step is lower by s B H (N D + 2 M D).)
+- mlp ``fwd``: x, the LayerNorm weight and bias, W1, b1, W2, b2 read, y written. ``fwd+bwd``: the
+  forward also writes the pre-activation and the statistics; the backward reads dy, x, the
+  statistics, the pre-activation, the LayerNorm weight and bias, W1 and W2 (the biases are not
+  needed), and writes dx and every parameter's gradient.
+- patch-embed ``fwd``: the images, weight, bias, cls token(s) and pos_embed read, the (B, P+N, D)
+  tokens written. ``fwd+bwd`` (the images need no gradient): the backward reads dTokens and the
+  images again and writes the gradients of the weight, bias, prefix tokens and pos_embed (the
+  suite's ``bytes_moved``).
+- model: no floor (a whole network's floor is the sum of its ops'; its rows have per-component
+  times only for the forward, and those include ops no suite measures).
+
+**Ceilings** are measured once per harness run, in a fresh worker process, on the run's device
+(``measure_ceilings``): the copy bandwidth is a large device-to-device ``copy_`` (1 GiB on a GPU,
+four times the last-level cache on a CPU), counted as the bytes read plus written, best of a few
+calls; the matmul peak is ``torch.mm`` of n x n matrices (n = 8192 on a GPU, 1024 in fp32 on a
+CPU, 256 in other CPU dtypes), best of a few after a warm-up, in bfloat16 (GPU) or float32 (CPU)
+and in the run's dtype if different. CUDA events time the GPU, ``perf_counter`` the CPU. The
+figures are kept in results.json's ``meta["ceilings"]`` and stated in summary.md. They are what
+PyTorch reaches on the device, not datasheet numbers: a kernel may beat them a little.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .records import Point, Record
+
+__all__ = [
+    "SUITES",
+    "Cost",
+    "annotate",
+    "attention_bytes",
+    "ceilings_line",
+    "cost",
+    "element_size",
+    "floor",
+    "measure_ceilings",
+    "mlp_bytes",
+    "patch_embed_bytes",
+]
+
+# suite name -> module of this package (its flops(point) is the FLOP count)
+SUITES = {"attention": "attention", "mlp": "mlp", "patch-embed": "patch_embed"}
+ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+FP32 = 4  # LSE and LayerNorm statistics
+_PACKAGE = __package__ or "benchmarks"
+
+# measurement sizes (see the module docstring)
+CUDA_COPY_BYTES = 1 << 30
+CPU_COPY_BYTES = (64 << 20, 512 << 20)  # at least, at most (4x the last-level cache in between)
+CUDA_MATMUL_N = 8192
+CPU_MATMUL_N = {"float32": 1024}
+CPU_MATMUL_N_OTHER = 256
+REPS = {"cuda": 5, "cpu": 3}
+CUDA_WARMUP_S = 0.25  # GPU clocks ramp up under load
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The work of one call: floating-point operations and the fewest bytes that must move."""
+
+    flops: float
+    min_bytes: int
+
+
+def element_size(dtype: str) -> int:
+    """Bytes per element of a dtype name ("bfloat16" -> 2)."""
+    try:
+        return ELEMENT_SIZE[dtype]
+    except KeyError:
+        raise ValueError(f"no element size for dtype {dtype!r}; known: {sorted(ELEMENT_SIZE)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes per op
+# ---------------------------------------------------------------------------------------------
+def attention_bytes(batch: int, heads: int, n: int, m: int, head_dim: int, dtype: str, mode: str) -> int:
+    """Compulsory bytes of attention with N queries and M keys (module docstring)."""
+    s, bh = element_size(dtype), batch * heads
+    q, kv = n * head_dim, 2 * m * head_dim  # elements per (batch, head)
+    forward = s * bh * (q + kv + q)  # q, k, v read; o written
+    if mode == "fwd":
+        return forward
+    lse = FP32 * bh * n
+    # backward: q, k, v, o, dO, lse read; dq, dk, dv written
+    backward = s * bh * (q + kv + q + q) + lse + s * bh * (q + kv)
+    return forward + lse + backward
+
+
+def mlp_bytes(rows: int, dim: int, hidden: int, dtype: str, mode: str) -> int:
+    """Compulsory bytes of x + fc2(gelu(fc1(layer_norm(x)))) over ``rows`` tokens (module docstring)."""
+    s = element_size(dtype)
+    params = 2 * dim + hidden * dim + hidden + dim * hidden + dim  # norm w, b; W1, b1; W2, b2
+    forward = s * (rows * dim + params + rows * dim)  # x and parameters read, y written
+    if mode == "fwd":
+        return forward
+    saved = s * rows * hidden + 2 * FP32 * rows  # pre-activation, mean and rstd
+    # backward: dy, x, saved, norm w and b, W1, W2 read; dx and every parameter gradient written
+    backward = s * (2 * rows * dim + 2 * dim + 2 * hidden * dim) + saved + s * (rows * dim + params)
+    return forward + saved + backward
+
+
+def patch_embed_bytes(
+    batch: int, in_chans: int, resolution: int, patch: int, dim: int, prefix: int, dtype: str, mode: str
+) -> int:
+    """Compulsory bytes of patch embedding into (B, prefix + N, D) tokens, pos_embed over all of them."""
+    s = element_size(dtype)
+    tokens = prefix + (resolution // patch) ** 2
+    images = batch * in_chans * resolution * resolution
+    params = dim * in_chans * patch * patch + dim + prefix * dim + tokens * dim  # weight, bias, prefix, pos
+    forward = s * (images + params + batch * tokens * dim)
+    if mode == "fwd":
+        return forward
+    return forward + s * (batch * tokens * dim + images + params)  # dTokens, images read; gradients written
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+# ---------------------------------------------------------------------------------------------
+def _point(record: Record) -> Point:
+    return Point(
+        record.suite, record.impl, record.mode, record.n_tokens, record.batch, record.heads, record.head_dim,
+        record.dtype, record.device, dict(record.extra),
+    )  # fmt: skip
+
+
+def _suite_flops(suite: str) -> Callable[[Point], float] | None:
+    try:
+        module = importlib.import_module(f".{SUITES[suite]}", _PACKAGE)
+    except ImportError:
+        return None
+    return getattr(module, "flops", None)
+
+
+def cost(record: Record) -> Cost | None:
+    """FLOPs and compulsory bytes of a record's op and shape; None for suites without a floor."""
+    if record.suite not in SUITES or record.dtype not in ELEMENT_SIZE:
+        return None
+    flops_of = _suite_flops(record.suite)
+    if flops_of is None:
+        return None
+    x = record.extra
+    try:
+        if record.suite == "attention":
+            n = record.n_tokens
+            nbytes = attention_bytes(record.batch, record.heads, n, n, record.head_dim, record.dtype, record.mode)
+        elif record.suite == "mlp":
+            nbytes = mlp_bytes(record.batch * record.n_tokens, x["dim"], x["hidden"], record.dtype, record.mode)
+        else:
+            prefix = record.n_tokens - (x["resolution"] // x["patch"]) ** 2
+            nbytes = patch_embed_bytes(record.batch, x["in_chans"], x["resolution"], x["patch"], x["embed_dim"],
+                                       prefix, record.dtype, record.mode)  # fmt: skip
+        return Cost(float(flops_of(_point(record))), int(nbytes))
+    except (KeyError, ValueError, TypeError):  # a record without the suite's fields
+        return None
+
+
+def floor(c: Cost, ceilings: dict[str, Any] | None, dtype: str) -> tuple[float, str] | None:
+    """(floor_ms, "compute" | "memory") of a cost on a device; None without the dtype's ceilings."""
+    if not ceilings:
+        return None
+    tflops = (ceilings.get("matmul_tflops") or {}).get(dtype)
+    gbps = ceilings.get("copy_gbps")
+    if not tflops or not gbps:
+        return None
+    compute_ms = c.flops / (tflops * 1e12) * 1e3
+    memory_ms = c.min_bytes / (gbps * 1e9) * 1e3
+    return (compute_ms, "compute") if compute_ms >= memory_ms else (memory_ms, "memory")
+
+
+def annotate(records: Iterable[Record], ceilings: dict[str, Any] | None) -> None:
+    """Add ``flops``, ``min_bytes`` and, with ceilings for the dtype, ``floor_ms``, ``floor_bound``
+    and ``pct_of_floor`` to the extra fields of every ``ok`` record of the attention, mlp and
+    patch-embed suites (in place; running it again changes nothing)."""
+    for r in records:
+        if r.status != "ok" or not r.ms:
+            continue
+        c = cost(r)
+        if c is None:
+            continue
+        r.extra.update(flops=c.flops, min_bytes=c.min_bytes)
+        found = floor(c, ceilings, r.dtype)
+        if found is not None:
+            floor_ms, bound = found
+            r.extra.update(floor_ms=floor_ms, floor_bound=bound, pct_of_floor=100.0 * floor_ms / r.ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# device ceilings
+# ---------------------------------------------------------------------------------------------
+def _best_ms(fn: Callable[[], Any], reps: int, cuda: bool, warmup_s: float = 0.0) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` after one call (and ``warmup_s`` more)."""
+    import torch
+
+    fn()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def measure_ceilings(device: str, dtypes: Sequence[str] = (), threads: int | None = None) -> dict[str, Any]:
+    """Copy bandwidth and matmul throughput of ``device`` (module docstring); JSON-ready.
+
+    Returns ``{"device", "copy_gbps", "copy_bytes", "matmul_tflops": {dtype: TFLOP/s},
+    "matmul_n": {dtype: n}, "reps", "threads", "method", "elapsed_s"}``. Run it in a process of
+    its own (``runner.call_in_worker``): on a GPU it creates a CUDA context and allocates ~2.5 GiB.
+    """
+    import torch
+
+    from .measure import cache_bytes
+    from .options import torch_dtype
+
+    start = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = device == "cuda"
+    reps = REPS["cuda" if cuda else "cpu"]
+    names = list(dict.fromkeys(["bfloat16" if cuda else "float32", *dtypes]))
+    if cuda:
+        copy_bytes = CUDA_COPY_BYTES
+    else:
+        low, high = CPU_COPY_BYTES
+        copy_bytes = max(low, min(high, 4 * cache_bytes(device)))
+    warmup_s = CUDA_WARMUP_S if cuda else 0.0
+
+    def copy_ms() -> float:  # the buffers are freed when it returns
+        src = torch.ones(copy_bytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        return _best_ms(lambda: dst.copy_(src), reps, cuda, warmup_s)
+
+    def matmul_ms(dtype: torch.dtype, n: int) -> float:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        out = torch.empty(n, n, dtype=dtype, device=device)
+        return _best_ms(lambda: torch.mm(a, b, out=out), reps, cuda, warmup_s)
+
+    copy_gbps = 2.0 * copy_bytes / (copy_ms() * 1e-3) / 1e9
+    tflops, sizes = {}, {}
+    for name in names:
+        n = sizes[name] = CUDA_MATMUL_N if cuda else CPU_MATMUL_N.get(name, CPU_MATMUL_N_OTHER)
+        tflops[name] = 2.0 * n**3 / (matmul_ms(torch_dtype(name), n) * 1e-3) / 1e12
+    if cuda:
+        torch.cuda.empty_cache()
+    clock = "CUDA events" if cuda else "perf_counter"
+    tf32 = f", TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}" if cuda else ""
+    return {
+        "device": device,
+        "copy_gbps": copy_gbps,
+        "copy_bytes": copy_bytes,
+        "matmul_tflops": tflops,
+        "matmul_n": sizes,
+        "reps": reps,
+        "threads": torch.get_num_threads(),
+        "method": (
+            f"best of {reps} ({clock}{tf32}): copy_ of {copy_bytes} B on {device}, counted as the bytes read plus "
+            f"written; torch.mm of n x n matrices per dtype, 2 n^3 FLOPs"
+        ),
+        "elapsed_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def ceilings_line(ceilings: dict[str, Any] | None) -> str:
+    """One line for the console and summary.md: what the floors were computed against."""
+    if not ceilings:
+        return "Device ceilings: not measured (no roofline floor)."
+    if "error" in ceilings:
+        return f"Device ceilings: could not be measured ({ceilings['error']}); no roofline floor."
+    mm = ", ".join(f"{name} {value:.3g}" for name, value in ceilings.get("matmul_tflops", {}).items())
+    return (
+        f"Device ceilings: copy {ceilings['copy_gbps']:.4g} GB/s (read + write), matmul {mm} TFLOP/s, "
+        f"{ceilings.get('threads')} threads; {ceilings['method']}. "
+        "`% floor` = 100 x floor / time, floor = max(FLOPs / matmul peak, compulsory bytes / copy bandwidth)."
+    )

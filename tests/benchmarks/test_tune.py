@@ -1,0 +1,68 @@
+"""``python -m benchmarks tune``: a real (tiny) run on the CPU — the Triton kernels in the
+interpreter against the extension's CPU loops — writes a table whose entries ``auto`` reads back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import tune
+from fastvit import tuning
+
+TINY = [
+    "--device", "cpu", "--dtype", "float32", "--modes", "fwd,fwd+bwd", "--target-s", "0.01",
+    "--widths", "32", "--sizes", "1x7", "--patch-shapes", "16:8", "--batches", "1", "--resolution", "16",
+]
+
+
+@pytest.mark.usefixtures("cuda_extension")
+def test_tune_measures_both_backends_and_records_the_faster(tmp_path, capsys):
+    table, runs = tmp_path / "tune.json", tmp_path / "run.json"
+    assert tune.main([*TINY, "--table", str(table), "--json", str(runs)]) == 0
+    rows = json.loads(runs.read_text())["rows"]
+    assert {(r["op"], r["bucket"].rsplit(",", 1)[1]) for r in rows} == {
+        ("layernorm_mlp", "infer"), ("layernorm_mlp", "train"), ("patch_embed", "infer"), ("patch_embed", "train"),
+    }
+    for row in rows:
+        assert set(row["ms"]) == {"triton", "cuda"} and all(t > 0 for t in row["ms"].values()), row
+        faster = min(row["ms"], key=row["ms"].get)
+        assert row["backend"] == faster
+        entry = json.loads(table.read_text())["entries"]["cpu"][row["op"]][row["bucket"]]
+        assert entry["backend"] == faster and set(entry["ms"]) == {"triton", "cuda"}
+    key = tuning.layernorm_mlp_bucket(32, 128, torch.float32, 7, True)
+    assert key in {r["bucket"] for r in rows}
+    out = capsys.readouterr().out
+    assert "4 of 4 buckets recorded" in out
+    # --print shows what was stored
+    assert tune.main(["--print", "--table", str(table)]) == 0
+    assert "layernorm_mlp" in capsys.readouterr().out
+
+
+def test_tune_without_a_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert tune.main(["--quick"]) == 2
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_tune_rejects_unknown_ops(capsys):
+    assert tune.main(["--ops", "conv", "--device", "cpu"]) == 2
+    assert "unknown ops" in capsys.readouterr().out
+
+
+def test_tune_print_on_an_empty_table(tmp_path, capsys):
+    assert tune.main(["--print", "--table", str(tmp_path / "none.json")]) == 0
+    assert "no entries" in capsys.readouterr().out
+
+
+def test_default_shapes_cover_the_vit_widths():
+    args = tune._parser().parse_args([])
+    args.dtype, args.device = "bfloat16", "cuda"
+    points = tune.tune_points(args)
+    buckets = {(op, key) for op, key, _ in points}
+    assert len(buckets) == len(points), "two default shapes fall in one bucket"
+    widths = {key.split(",")[0] for op, key, _ in points if op == "layernorm_mlp"}
+    assert widths == {"D=384", "D=768", "D=1024", "D=1280"}
+    assert any(op == "patch_embed" and "p=14" in key for op, key, _ in points)
