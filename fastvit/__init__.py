@@ -7,7 +7,7 @@ Public API::
     fastvit.patch_embed(x, weight, bias=None, *, pos_embed=None, prefix_tokens=None)
     fastvit.axial_attention(q, k, v, grid, num_prefix_tokens=0)     # the axial baseline
     report = fastvit.patch(model); fastvit.unpatch(model)
-    with fastvit.backend("auto" | "triton" | "torch"): ...
+    with fastvit.backend("auto" | "triton" | "torch" | "cuda"): ...
 """
 
 from fastvit.backend import FastvitFallbackWarning, backend, current_backend
