@@ -158,13 +158,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                                               const std::optional<at::Tensor>& weight,
                                                               const at::Tensor& mean, const at::Tensor& rstd,
-                                                              std::array<bool, 3> output_mask) {
+                                                              std::array<bool, 3> output_mask,
+                                                              const std::optional<at::Tensor>& residual_grad) {
   constexpr const char* op = "layer_norm_bwd";
   check_cpu(op, x);
   TORCH_CHECK(x.dim() == 2, "fastvit_C::layer_norm_bwd: x must be (rows, D), got ", x.sizes());
   const int64_t rows = x.size(0), dim = x.size(1);
   const RowMatrix xm = row_matrix(op, "x", x, rows, dim);
   const RowMatrix gm = row_matrix(op, "grad_y", grad_y, rows, dim);
+  const bool has_res = residual_grad.has_value() && residual_grad->defined();
+  const RowMatrix rm = has_res ? row_matrix(op, "residual_grad", *residual_grad, rows, dim) : RowMatrix{};
   TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == rows &&
                   rstd.numel() == rows,
               "fastvit_C::layer_norm_bwd: mean and rstd must be (", rows, ",) float32, got ", mean.sizes(), " ",
@@ -187,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   std::vector<float> part_w(need_dw ? chunks * dim : 0, 0.0f), part_b(need_db ? chunks * dim : 0, 0.0f);
 
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<float> g(dim), xv(dim);
+    std::vector<float> g(dim), xv(dim), res(has_res && need_dx ? dim : 0);
     for (int64_t c = cbegin; c < cend; ++c) {
       for (int64_t r = c * kReduceChunk; r < std::min(rows, (c + 1) * kReduceChunk); ++r) {
         gm.load(r, dim, g.data());
@@ -205,8 +208,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
         }
         if (need_dx) {
           const float c1 = sum_gx / static_cast<float>(dim), c2 = sum_g / static_cast<float>(dim);
-          for (int64_t j = 0; j < dim; ++j) {
-            g[j] = layer_norm_grad_input(g[j] * (w.empty() ? 1.0f : w[j]), xv[j], c1, c2, rs);
+          if (has_res) {  // dx = LN-backward + residual_grad in fp32, rounded once on the store
+            rm.load(r, dim, res.data());
+            for (int64_t j = 0; j < dim; ++j) {
+              g[j] = layer_norm_add_residual(
+                  layer_norm_grad_input(g[j] * (w.empty() ? 1.0f : w[j]), xv[j], c1, c2, rs), res[j]);
+            }
+          } else {
+            for (int64_t j = 0; j < dim; ++j) {
+              g[j] = layer_norm_grad_input(g[j] * (w.empty() ? 1.0f : w[j]), xv[j], c1, c2, rs);
+            }
           }
           store_row(g.data(), x.scalar_type(), dim, dx_ptr + r * dx_row_bytes);
         }

@@ -52,20 +52,29 @@ void layer_norm_fwd(const void* x, int64_t x_row_stride, DType x_dtype, const fl
 // the fixed-order reduction gives the same bits on every run on the same device model).
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t dim, DType x_dtype, DType grad_dtype, int sm_count);
 
+// Residual-gradient dtypes layer_norm_bwd reads: x's or float32 (each is an unrolled copy of the dx store;
+// more copies spill the scalar path). The caller upcasts any other to float32 (exact).
+inline bool layer_norm_residual_supported(DType x_dtype, DType residual_dtype) {
+  return residual_dtype == x_dtype || residual_dtype == DType::kFloat32;
+}
+
 // dx, dweight, dbias of layer_norm_fwd.
 //   grad_y:   (rows, dim) grad_dtype, row stride grad_row_stride (0: an expanded gradient)
 //   x:        (rows, dim) x_dtype, row stride x_row_stride
 //   weight:   (dim,) float32, 16-byte aligned, or null (1)
 //   mean, rstd: (rows,) float32 from the forward
 //   dx:       (rows, dim) x_dtype contiguous, or null (not wanted)
+//   residual_grad: (rows, dim) residual_dtype, row stride residual_row_stride (0 allowed), or null: added
+//             to dx in fp32 before the rounding; layer_norm_residual_supported(x_dtype, residual_dtype) must hold
 //   partials: (2, partial_rows, dim) float32 workspace (partial_rows from layer_norm_bwd_partial_rows),
 //             null when neither dweight nor dbias is wanted
 //   dweight, dbias: (dim,) param_dtype, each null when not wanted
 // dtype_pair_supported(x_dtype, grad_dtype) must hold.
 void layer_norm_bwd(const void* grad_y, int64_t grad_row_stride, DType grad_dtype, const void* x,
                     int64_t x_row_stride, DType x_dtype, const float* weight, const float* mean, const float* rstd,
-                    int64_t rows, int64_t dim, void* dx, float* partials, int64_t partial_rows, void* dweight,
-                    void* dbias, DType param_dtype, int sm_count, cudaStream_t stream);
+                    int64_t rows, int64_t dim, void* dx, const void* residual_grad, int64_t residual_row_stride,
+                    DType residual_dtype, float* partials, int64_t partial_rows, void* dweight, void* dbias,
+                    DType param_dtype, int sm_count, cudaStream_t stream);
 
 // ---- bias + GELU (bias_gelu_kernels.cu) ---------------------------------------------------------
 

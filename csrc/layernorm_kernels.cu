@@ -16,19 +16,21 @@
 // partial sums live in registers: one warp for D <= 512, 16 warps up to D = 8192; wider rows run a
 // looped kernel) recompute xhat from the saved mean and rstd,
 // reduce c1 = mean(g_hat * xhat) and c2 = mean(g_hat) (g_hat = grad_y * weight) across the row
-// group, write dx, and accumulate grad_y * xhat and grad_y for their own columns in registers over
-// all the rows they visit (a fixed, grid-strided set). At the end each block sums its row groups in
-// a fixed order and writes one fp32 partial row of dweight and of dbias; a second kernel
-// (layer_norm_param_grad_kernel) reduces the partial rows per column, threads along D (coalesced),
-// in a fixed order. x and grad_y are read once (PyTorch's and Apex's column kernels read them a
-// second time), and the result is deterministic: the number of partial rows depends only on the
-// shape, the dtypes and the SM count.
+// group, write dx (plus an optional residual gradient, added in fp32: the skip connection's, so the
+// caller needs no second pass over dx), and accumulate grad_y * xhat and grad_y for their own
+// columns in registers over all the rows they visit (a fixed, grid-strided set). At the end each
+// block sums its row groups in a fixed order and writes one fp32 partial row of dweight and of
+// dbias; a second kernel (layer_norm_param_grad_kernel) reduces the partial rows per column,
+// threads along D (coalesced), in a fixed order. x and grad_y are read once (PyTorch's and Apex's
+// column kernels read them a second time), and the result is deterministic: the number of partial
+// rows depends only on the shape, the dtypes and the SM count.
 //
 // Dtypes: x/grad/y in {f16, bf16, f32} with the pairs of dtype_pair_supported (7 pairs); weight and
 // bias arrive as float32 (ops_cuda.cpp converts those D-vectors).
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "launchers.h"
 #include "row_math.h"
@@ -40,6 +42,7 @@ namespace {
 using detail::dispatch_dtype;
 using detail::kPairSupported;
 using detail::load_floats;
+using detail::load_floats_as;
 using detail::next_pow2;
 using detail::row_group_sum;
 using detail::store_floats;
@@ -227,21 +230,50 @@ void launch_fwd(const TIn* x, int64_t x_row_stride, const float* weight, const f
 
 // ---- backward -----------------------------------------------------------------------------------
 
+// Stores dx = (LN term, already in dl) + residual for the row chunks a thread holds (chunk i at column
+// (i * threads + tid) * VEC), rounded once to TX; res_row is the residual gradient's row of type TR
+// (TR = void: none). The residual's dtype is switched on once per row, outside this loop. The LN term
+// is finished in registers first (xhat dies there), so the residual loads do not compete with xhat,
+// g_hat and the dweight/dbias accumulators for the scalar path's 128 registers.
+template <typename TR, typename TX, int VEC, int ITEMS>
+__device__ __forceinline__ void store_dx_row(TX* __restrict__ dxr, const TR* __restrict__ res_row,
+                                             const float (&dl)[ITEMS][VEC], int tid, int threads, int chunks) {
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int c = i * threads + tid;
+    if (c < chunks) {
+      float out[VEC];
+      if constexpr (std::is_void<TR>::value) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = dl[i][k];
+      } else {
+        load_floats<VEC>(res_row + static_cast<int64_t>(c) * VEC, out);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = layer_norm_add_residual(dl[i][k], out[k]);
+      }
+      store_floats<VEC>(dxr + static_cast<int64_t>(c) * VEC, out);
+    }
+  }
+}
+
 // Launch: block (T, R), grid G = layer_norm_bwd_partial_rows (<= ceil(rows / R)); blocks stride
 // over rows, so block b visits rows b * R + ty, then + G * R, ...
 //   grad:  (rows, dim) TG, row stride grad_row_stride (0 allowed)
 //   x:     (rows, dim) TX, row stride x_row_stride;  weight: (dim,) float32 or null
 //   mean, rstd: (rows,) float32;  dx: (rows, dim) TX contiguous, or null
+//   residual: (rows, dim) residual_dtype (TX's or float32; a run-time switch, uniform over the grid, once
+//             per row), row stride residual_row_stride (0 allowed), or null; on the vector path aligned like grad
 //   partials: (2, G, dim) float32, or null: [0, b] = sum over block b's rows of grad * xhat, [1, b] of grad
 // Steps per row: load x, grad (+ weight) chunks; xhat = (x - mean) rstd; accumulate the partials;
 // g_hat = grad * weight; reduce sum(g_hat xhat), sum(g_hat) over the row group; dx = rstd (g_hat -
-// xhat c1 - c2). After the rows: row groups of a block add their partials in order 0..R-1 (shared
+// xhat c1 - c2) + residual. After the rows: row groups of a block add their partials in order 0..R-1 (shared
 // memory), and the block writes its partial rows.
 template <typename TX, typename TG, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     layer_norm_bwd_kernel(const TG* __restrict__ grad, int64_t grad_row_stride, const TX* __restrict__ x,
                           int64_t x_row_stride, const float* __restrict__ weight, const float* __restrict__ mean,
                           const float* __restrict__ rstd, int64_t rows, int dim, TX* __restrict__ dx,
+                          const void* __restrict__ residual, int64_t residual_row_stride, DType residual_dtype,
                           float* __restrict__ partials) {
   constexpr int ITEMS = kBwdElems / VEC;
   __shared__ float scratch[64];
@@ -301,16 +333,21 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float c1 = sums[0] / fdim;
     const float c2 = sums[1] / fdim;
     if (valid && dx != nullptr) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {  // gh becomes dx's LN term (chunks past the row end are not stored)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) gh[i][k] = layer_norm_grad_input(gh[i][k], xh[i][k], c1, c2, rs);
+      }
       TX* dxr = dx + row * dim;
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int c = i * threads + tid;
-        if (c < chunks) {
-          float out[VEC];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) out[k] = layer_norm_grad_input(gh[i][k], xh[i][k], c1, c2, rs);
-          store_floats<VEC>(dxr + static_cast<int64_t>(c) * VEC, out);
-        }
+      const int64_t res_offset = row * residual_row_stride;
+      // residual_dtype is TX's or float32 (launchers.h): at most two copies of the unrolled store, as
+      // four (one per dtype) spill the scalar path
+      if (residual == nullptr) {
+        store_dx_row<void>(dxr, nullptr, gh, tid, threads, chunks);
+      } else if (std::is_same<TX, float>::value || residual_dtype == DType::kFloat32) {
+        store_dx_row<float>(dxr, static_cast<const float*>(residual) + res_offset, gh, tid, threads, chunks);
+      } else {
+        store_dx_row<TX>(dxr, static_cast<const TX*>(residual) + res_offset, gh, tid, threads, chunks);
       }
     }
   }
@@ -355,14 +392,15 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Rows wider than the registers hold: one block (kLoopThreads) per row group, grid G; two passes
-// over the row in global memory (the c1/c2 sums, then dx), the block's partial rows accumulated in
+// over the row in global memory (the c1/c2 sums, then dx + residual), the block's partial rows accumulated in
 // place in `partials` (only this block touches them: first row written, later rows added).
 template <typename TX, typename TG>
 __global__ void __launch_bounds__(kLoopThreads)
     layer_norm_bwd_looped_kernel(const TG* __restrict__ grad, int64_t grad_row_stride, const TX* __restrict__ x,
                                  int64_t x_row_stride, const float* __restrict__ weight,
                                  const float* __restrict__ mean, const float* __restrict__ rstd, int64_t rows,
-                                 int dim, TX* __restrict__ dx, float* __restrict__ partials) {
+                                 int dim, TX* __restrict__ dx, const void* __restrict__ residual,
+                                 int64_t residual_row_stride, DType residual_dtype, float* __restrict__ partials) {
   __shared__ float scratch[64];
   const int tid = static_cast<int>(threadIdx.x);
   const int threads = static_cast<int>(blockDim.x);
@@ -395,11 +433,18 @@ __global__ void __launch_bounds__(kLoopThreads)
       const float c1 = sums[0] / fdim;
       const float c2 = sums[1] / fdim;
       TX* dxr = dx + row * dim;
+      const int64_t res_row = row * residual_row_stride;
       for (int j = tid; j < dim; j += threads) {
         const float xhat = (detail::to_float(xr[j]) - mu) * rs;
         const float g = detail::to_float(gr[j]);
         const float g_hat = weight != nullptr ? g * weight[j] : g;
-        dxr[j] = detail::from_float<TX>(layer_norm_grad_input(g_hat, xhat, c1, c2, rs));
+        float dxj = layer_norm_grad_input(g_hat, xhat, c1, c2, rs);
+        if (residual != nullptr) {
+          float res[1];
+          load_floats_as<1>(residual, residual_dtype, res_row + j, res);
+          dxj = layer_norm_add_residual(dxj, res[0]);
+        }
+        dxr[j] = detail::from_float<TX>(dxj);
       }
     }
   }
@@ -465,25 +510,34 @@ BwdPlan bwd_plan(int64_t rows, int64_t dim, int sm_count) {
 
 template <typename TX, typename TG>
 void launch_bwd(const TG* grad, int64_t grad_row_stride, const TX* x, int64_t x_row_stride, const float* weight,
-                const float* mean, const float* rstd, int64_t rows, int dim, TX* dx, float* partials,
-                const BwdPlan& plan, cudaStream_t stream) {
+                const float* mean, const float* rstd, int64_t rows, int dim, TX* dx, const void* residual,
+                int64_t residual_row_stride, DType residual_dtype, float* partials, const BwdPlan& plan,
+                cudaStream_t stream) {
   const int grid = static_cast<int>(plan.grid);
   if (plan.looped) {
     layer_norm_bwd_looped_kernel<TX, TG><<<grid, kLoopThreads, 0, stream>>>(
-        grad, grad_row_stride, x, x_row_stride, weight, mean, rstd, rows, dim, dx, partials);
+        grad, grad_row_stride, x, x_row_stride, weight, mean, rstd, rows, dim, dx, residual, residual_row_stride,
+        residual_dtype, partials);
     return;
   }
   constexpr int V = detail::vec16<TX>();
   const dim3 block(plan.geo.threads, plan.geo.groups);
+  // the residual is read in V-element packs too: its rows must start on a pack boundary, else the scalar path
+  const bool residual_vector =
+      residual == nullptr ||
+      (residual_row_stride % V == 0 &&
+       detail::is_aligned(residual, std::min<int64_t>(16, V * dtype_size(residual_dtype))));
   const bool vector = dim % V == 0 && x_row_stride % V == 0 && grad_row_stride % V == 0 &&
                       detail::is_aligned(x, 16) && detail::is_aligned(grad, std::min<int64_t>(16, V * sizeof(TG))) &&
-                      (weight == nullptr || detail::is_aligned(weight, 16));
+                      (weight == nullptr || detail::is_aligned(weight, 16)) && residual_vector;
   if (vector) {
     layer_norm_bwd_kernel<TX, TG, V><<<grid, block, 0, stream>>>(grad, grad_row_stride, x, x_row_stride, weight,
-                                                                 mean, rstd, rows, dim, dx, partials);
+                                                                 mean, rstd, rows, dim, dx, residual,
+                                                                 residual_row_stride, residual_dtype, partials);
   } else {
     layer_norm_bwd_kernel<TX, TG, 1><<<grid, block, 0, stream>>>(grad, grad_row_stride, x, x_row_stride, weight,
-                                                                 mean, rstd, rows, dim, dx, partials);
+                                                                 mean, rstd, rows, dim, dx, residual,
+                                                                 residual_row_stride, residual_dtype, partials);
   }
 }
 
@@ -512,8 +566,9 @@ int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t dim, DType /*x_dtype*/
 
 void layer_norm_bwd(const void* grad_y, int64_t grad_row_stride, DType grad_dtype, const void* x,
                     int64_t x_row_stride, DType x_dtype, const float* weight, const float* mean, const float* rstd,
-                    int64_t rows, int64_t dim, void* dx, float* partials, int64_t partial_rows, void* dweight,
-                    void* dbias, DType param_dtype, int sm_count, cudaStream_t stream) {
+                    int64_t rows, int64_t dim, void* dx, const void* residual_grad, int64_t residual_row_stride,
+                    DType residual_dtype, float* partials, int64_t partial_rows, void* dweight, void* dbias,
+                    DType param_dtype, int sm_count, cudaStream_t stream) {
   if (rows == 0 || dim == 0) return;  // the caller zero-fills dweight / dbias
   const bool want_params = partials != nullptr && partial_rows > 0 && (dweight != nullptr || dbias != nullptr);
   if (dx == nullptr && !want_params) return;
@@ -526,6 +581,7 @@ void layer_norm_bwd(const void* grad_y, int64_t grad_row_stride, DType grad_dtyp
       if constexpr (kPairSupported<TX, TG>) {
         launch_bwd<TX, TG>(static_cast<const TG*>(grad_y), grad_row_stride, static_cast<const TX*>(x), x_row_stride,
                            weight, mean, rstd, rows, static_cast<int>(dim), static_cast<TX*>(dx),
+                           dx != nullptr ? residual_grad : nullptr, residual_row_stride, residual_dtype,
                            want_params ? partials : nullptr, plan, stream);
       }
     });

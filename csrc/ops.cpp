@@ -16,7 +16,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
@@ -34,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                                               const std::optional<at::Tensor>& weight,
                                                               const at::Tensor& mean, const at::Tensor& rstd,
-                                                              std::array<bool, 3> output_mask);
+                                                              std::array<bool, 3> output_mask,
+                                                              const std::optional<at::Tensor>& residual_grad);
 at::Tensor bias_gelu_fwd(const at::Tensor& pre, const std::optional<at::Tensor>& bias, std::string_view approximate);
 at::Tensor bias_gelu_bwd(const at::Tensor& grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
                          std::string_view approximate);
@@ -65,9 +65,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                                               const OptTensor& weight, const at::Tensor& mean,
-                                                              const at::Tensor& rstd, std::array<bool, 3> mask) {
+                                                              const at::Tensor& rstd, std::array<bool, 3> mask,
+                                                              const OptTensor& residual_grad) {
   static const auto op = block_op<decltype(cpu::layer_norm_bwd)>("fastvit_C::layer_norm_bwd");
-  return op.call(grad_y, x, weight, mean, rstd, mask);
+  return op.call(grad_y, x, weight, mean, rstd, mask, residual_grad);
 }
 
 at::Tensor bias_gelu_fwd(const at::Tensor& pre, const OptTensor& bias, std::string_view approximate) {
@@ -172,7 +173,8 @@ std::vector<at::Tensor> layernorm_mlp_bwd(const at::Tensor& grad_out, const at::
                                           const OptTensor& fc2_bias, const OptTensor& layer_scale,
                                           const OptTensor& sample_scale, const at::Tensor& preact,
                                           const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& branch,
-                                          std::string_view approximate, bool residual, c10::List<bool> needs) {
+                                          double eps, std::string_view approximate, bool residual,
+                                          c10::List<bool> needs) {
   constexpr const char* op = "layernorm_mlp_bwd";
   TORCH_CHECK(needs.size() == 9, "fastvit_C::layernorm_mlp_bwd: needs must have 9 entries, got ", needs.size());
   TORCH_CHECK(x.dim() == 3 && grad_out.sizes() == x.sizes(), "fastvit_C::layernorm_mlp_bwd: x and grad_out must be ",
@@ -226,20 +228,18 @@ std::vector<at::Tensor> layernorm_mlp_bwd(const at::Tensor& grad_out, const at::
   const at::Tensor dpre = bias_gelu_bwd(at::mm(gz, fc2_weight), preact, std::nullopt, approximate);  // (rows, hidden)
   const at::Tensor x2 = x.reshape({rows, dim});
   if (need[3]) {
-    // xn = LN(x) from the saved statistics (the schema carries no eps to recompute them)
-    at::Tensor xn = at::sub(x2, mean.unsqueeze(1)).mul_(rstd.unsqueeze(1));  // fp32
-    if (given(norm_weight)) xn.mul_(*norm_weight);
-    if (given(norm_bias)) xn.add_(*norm_bias);
-    grads[3] = at::mm(dpre.t(), xn.to(gemm));  // (hidden, D)
+    // xn = LN(x) in the GEMM dtype, by the forward's block (one kernel on CUDA): it recomputes the
+    // forward's statistics bit for bit (deterministic, same x and eps) and writes xn once, as the forward did
+    const at::Tensor xn = std::get<0>(layer_norm_fwd(x2, norm_weight, norm_bias, eps, gemm));
+    grads[3] = at::mm(dpre.t(), xn);  // (hidden, D)
   }
   if (need[4]) grads[4] = sum_rows_fp32(dpre).to(fc1_bias->scalar_type());
   if (need[0] || need[1] || need[2]) {
     const at::Tensor dxn = at::mm(dpre, fc1_weight);  // (rows, D)
-    auto [dx, dnw, dnb] = layer_norm_bwd(dxn, x2, norm_weight, mean, rstd, {need[0], need[1], need[2]});
-    if (need[0]) {
-      if (residual) dx.add_(g2);
-      grads[0] = dx.view(x.sizes());
-    }
+    // the skip connection's gradient (grad_out) is added inside the block, in fp32 before dx's rounding
+    auto [dx, dnw, dnb] = layer_norm_bwd(dxn, x2, norm_weight, mean, rstd, {need[0], need[1], need[2]},
+                                         residual && need[0] ? OptTensor(g2) : std::nullopt);
+    if (need[0]) grads[0] = dx.view(x.sizes());
     if (need[1]) grads[1] = dnw.to(norm_weight->scalar_type());
     if (need[2]) grads[2] = dnb.to(norm_bias->scalar_type());
   }
@@ -344,8 +344,8 @@ TORCH_LIBRARY(fastvit_C, m) {
   m.set_python_module("fastvit.extension");  // where the fake (meta) implementations live
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType out_dtype)"
         " -> (Tensor y, Tensor mean, Tensor rstd)");
-  m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool[3] output_mask)"
-        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool[3] output_mask,"
+        " Tensor? residual_grad=None) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def("bias_gelu_fwd(Tensor pre, Tensor? bias, str approximate) -> Tensor");
   m.def("bias_gelu_bwd(Tensor grad, Tensor pre, Tensor? bias, str approximate) -> Tensor");
   m.def("scaled_residual(Tensor branch, Tensor? residual, Tensor? layer_scale, Tensor? sample_scale,"
@@ -358,8 +358,8 @@ TORCH_LIBRARY(fastvit_C, m) {
         " -> (Tensor y, Tensor preact, Tensor mean, Tensor rstd, Tensor branch)");
   m.def("layernorm_mlp_bwd(Tensor grad_out, Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor fc1_weight,"
         " Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? layer_scale, Tensor? sample_scale,"
-        " Tensor preact, Tensor mean, Tensor rstd, Tensor branch, str approximate, bool residual, bool[] needs)"
-        " -> Tensor[]");
+        " Tensor preact, Tensor mean, Tensor rstd, Tensor branch, float eps, str approximate, bool residual,"
+        " bool[] needs) -> Tensor[]");
   m.def("patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? prefix_tokens) -> Tensor");
   m.def("patch_embed_bwd(Tensor grad, Tensor x, Tensor weight, int num_prefix, int pos_embed_len, bool[5] needs)"
         " -> Tensor[]");

@@ -149,7 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                                                    const OptTensor& weight, const at::Tensor& mean,
                                                                    const at::Tensor& rstd,
-                                                                   std::array<bool, 3> output_mask) {
+                                                                   std::array<bool, 3> output_mask,
+                                                                   const OptTensor& residual_grad) {
   constexpr const char* op = "layer_norm_bwd";
   TORCH_CHECK(x.dim() == 2, "fastvit_C::layer_norm_bwd: x must be (rows, D), got ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -175,6 +176,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   const at::Tensor xs = unit_last_stride(op, "x", x, rows, dim);
   const at::Tensor w = float_vector(op, "weight", weight, dim, x.device());
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  // residual_grad: read in its row stride (0 too) and in x's dtype or fp32 (another one is upcast, exactly),
+  // added to dx in fp32
+  at::Tensor res;
+  DType r_dtype = DType::kFloat32;
+  if (given(residual_grad)) {
+    r_dtype = to_dtype(op, "residual_grad", residual_grad->scalar_type());
+    check_cuda(op, "residual_grad", *residual_grad, x.device());
+    res = *residual_grad;
+    if (!cuda::layer_norm_residual_supported(x_dtype, r_dtype)) {
+      const bool one_row = res.dim() == 2 && res.size(0) == rows && res.size(1) == dim && rows > 1 &&
+                           res.stride(0) == 0;  // broadcast over rows: upcast the one row, expand again
+      res = one_row ? res.select(0, 0).to(at::kFloat).expand({rows, dim}) : res.to(at::kFloat);
+      r_dtype = DType::kFloat32;
+    }
+    res = unit_last_stride(op, "residual_grad", res, rows, dim);
+  }
 
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2];
   at::Tensor dx = need_dx ? at::empty({rows, dim}, x.options()) : at::empty({0}, x.options());
@@ -196,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   cuda::layer_norm_bwd(gs.const_data_ptr(), row_stride(gs), g_dtype, xs.const_data_ptr(), row_stride(xs), x_dtype,
                        w.defined() ? w.const_data_ptr<float>() : nullptr, mean_c.const_data_ptr<float>(),
                        rstd_c.const_data_ptr<float>(), rows, dim, need_dx ? dx.data_ptr() : nullptr,
+                       res.defined() ? res.const_data_ptr() : nullptr, res.defined() ? row_stride(res) : 0, r_dtype,
                        partials.defined() ? partials.data_ptr<float>() : nullptr, parts,
                        need_dw ? dweight.data_ptr() : nullptr, need_db ? dbias.data_ptr() : nullptr, p_dtype,
                        sm_count, current_stream());

@@ -14,7 +14,7 @@
 //   mean = sum(x) / D, var = sum((x - mean)^2) / D (biased), rstd = 1 / sqrt(var + eps)
 //   xhat = (x - mean) rstd, y = xhat * weight + bias
 //   backward with g_hat = grad_y * weight, c1 = mean_j(g_hat * xhat), c2 = mean_j(g_hat):
-//   dx = rstd (g_hat - xhat c1 - c2), dweight = sum_rows(grad_y * xhat), dbias = sum_rows(grad_y)
+//   dx = rstd (g_hat - xhat c1 - c2) (+ residual_grad), dweight = sum_rows(grad_y * xhat), dbias = sum_rows(grad_y)
 #pragma once
 
 #include <cmath>
@@ -104,6 +104,13 @@ FASTVIT_HOST_DEVICE float layer_norm_apply(float x, float mean, float rstd, floa
 // c1 = mean over the row of g_hat * xhat, c2 = mean over the row of g_hat.
 FASTVIT_HOST_DEVICE float layer_norm_grad_input(float g_hat, float xhat, float c1, float c2, float rstd) {
   return rstd * (g_hat - xhat * c1 - c2);
+}
+
+// dx of one element (layer_norm_grad_input) plus a residual gradient, added in fp32 before the caller's
+// single rounding: the skip connection of a pre-norm block, out = x + f(LN(x)), gives dx = LN-backward +
+// grad_out. A separate step so the kernels can finish the LN term before loading the residual.
+FASTVIT_HOST_DEVICE float layer_norm_add_residual(float grad_input, float residual_grad) {
+  return grad_input + residual_grad;
 }
 
 // ---- scaled residual ----------------------------------------------------------------------------

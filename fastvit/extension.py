@@ -444,7 +444,7 @@ def _register_fakes() -> None:
         )
 
     @register("fastvit_C::layer_norm_bwd")
-    def _(grad_y, x, weight, mean, rstd, output_mask):
+    def _(grad_y, x, weight, mean, rstd, output_mask, residual_grad=None):
         param_dtype = x.dtype if weight is None else weight.dtype
         dim = x.shape[1]
         return (
@@ -490,7 +490,7 @@ def _register_fakes() -> None:
 
     @register("fastvit_C::layernorm_mlp_bwd")
     def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-          sample_scale, preact, mean, rstd, branch, approximate, residual, needs):
+          sample_scale, preact, mean, rstd, branch, eps, approximate, residual, needs):
         inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
         return [
             _empty0(x, x.dtype) if t is None else (x.new_empty(t.shape, dtype=t.dtype) if need else _empty0(x, t.dtype))

@@ -4,7 +4,8 @@ The Triton route is a pair of ``torch.library`` custom ops (``fastvit::layernorm
 ``fastvit::layernorm_mlp_bwd``) with fake implementations and an autograd formula, so the op
 works under ``torch.compile(fullgraph=True)``. The ``cuda`` route is the extension's pair
 (``fastvit_C::layernorm_mlp_fwd`` / ``_bwd``, ``TORCH_LIBRARY`` ops with fakes in
-``fastvit.extension``), its autograd formula registered here. The ``torch`` route is the
+``fastvit.extension``) inside a custom-op pair defined here at import (``fastvit::layernorm_mlp_cuda_fwd``
+/ ``_bwd``) with its fake and autograd formula. The ``torch`` route is the
 composite of torch ops (``F.layer_norm``, ``F.linear``, ``F.gelu``, multiplies and the residual add).
 """
 
@@ -163,14 +164,93 @@ _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# cuda route: the extension's ops, with this autograd formula
+# cuda route: the extension's fastvit_C::layernorm_mlp_fwd / _bwd inside a custom-op pair defined
+# here, at import, with its fake and autograd: torch.compile can trace a call whatever the order
+# in which the extension is loaded (the C++ ops have their own fakes for direct use)
 # ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::layernorm_mlp_cuda_fwd", mutates_args=())
+def _layernorm_mlp_cuda_fwd(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    layer_scale: torch.Tensor | None,
+    sample_scale: torch.Tensor | None,
+    eps: float,
+    approximate: str,
+    residual: bool,
+    out_dtype: torch.dtype,
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, preact, mean, rstd, branch) of ``fastvit_C::layernorm_mlp_fwd``; x is (B, N, D)."""
+    return tuple(torch.ops.fastvit_C.layernorm_mlp_fwd(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale, eps,
+        approximate, residual, out_dtype, save_for_backward,
+    ))
+
+
+@_layernorm_mlp_cuda_fwd.register_fake
+def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale, eps,
+      approximate, residual, out_dtype, save_for_backward):
+    rows, dim, gemm = x.shape[0] * x.shape[1], x.shape[2], fc1_weight.dtype
+    keep_branch = save_for_backward and (layer_scale is not None or sample_scale is not None)
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty((rows, fc1_weight.shape[0]) if save_for_backward else (0,), dtype=gemm),
+        x.new_empty((rows,), dtype=torch.float32),
+        x.new_empty((rows,), dtype=torch.float32),
+        x.new_empty((rows, dim) if keep_branch else (0,), dtype=gemm),
+    )
+
+
+@torch.library.custom_op("fastvit::layernorm_mlp_cuda_bwd", mutates_args=())
+def _layernorm_mlp_cuda_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    layer_scale: torch.Tensor | None,
+    sample_scale: torch.Tensor | None,
+    preact: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    branch: torch.Tensor,
+    eps: float,
+    approximate: str,
+    residual: bool,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients of the 9 tensor inputs of ``fastvit_C::layernorm_mlp_bwd``; (0,) where not needed."""
+    return list(torch.ops.fastvit_C.layernorm_mlp_bwd(
+        grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+        preact, mean, rstd, branch, eps, approximate, residual, needs,
+    ))
+
+
+@_layernorm_mlp_cuda_bwd.register_fake
+def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+      preact, mean, rstd, branch, eps, approximate, residual, needs):
+    inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
+    return [
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty((0,))
+        for t, need in zip(inputs, needs, strict=True)
+    ]
+
+
 def _cuda_setup_context(ctx, inputs, output):
     (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-     _eps, approximate, residual, _out_dtype, save_for_backward) = inputs
+     eps, approximate, residual, _out_dtype, save_for_backward) = inputs
     _, preact, mean, rstd, branch = output
     ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                           layer_scale, sample_scale, preact, mean, rstd, branch)
+    ctx.eps = eps  # the backward recomputes LN(x) for fc1's weight gradient with the forward's block
     ctx.approximate = approximate
     ctx.residual = residual
     ctx.save_preact = save_for_backward
@@ -182,29 +262,16 @@ def _cuda_backward(ctx, grad_out, grad_preact, grad_mean, grad_rstd, grad_branch
             "fastvit.layernorm_mlp: the forward ran without saving activations (no input required "
             "grad when it ran), so it cannot be differentiated"
         )
-    saved = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:_NUM_GRADS]]
     if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
         # the kernels read D as unit-stride vectors (row strides are free, 0 included); a gradient
         # strided or broadcast along D (out.sum() gives one) is copied once
         grad_out = grad_out.contiguous()
-    grads = torch.ops.fastvit_C.layernorm_mlp_bwd(
-        grad_out, *saved, ctx.approximate, ctx.residual, needs,
-    )
+    grads = _layernorm_mlp_cuda_bwd(grad_out, *ctx.saved_tensors, ctx.eps, ctx.approximate, ctx.residual, needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None, None)
 
 
-_cuda_registered = False
-
-
-def _register_cuda_autograd() -> None:
-    """Attach the autograd formula to ``fastvit_C::layernorm_mlp_fwd`` (once, after the extension loads)."""
-    global _cuda_registered
-    if not _cuda_registered:
-        torch.library.register_autograd(
-            "fastvit_C::layernorm_mlp_fwd", _cuda_backward, setup_context=_cuda_setup_context
-        )
-        _cuda_registered = True
+_layernorm_mlp_cuda_fwd.register_autograd(_cuda_backward, setup_context=_cuda_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +451,7 @@ def layernorm_mlp(
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
     )
     if route == "cuda":
-        _register_cuda_autograd()
-        y = torch.ops.fastvit_C.layernorm_mlp_fwd(
+        y = _layernorm_mlp_cuda_fwd(
             _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
             sample_scale, float(eps), approximate, residual, out_dtype, save_preact,
         )[0]

@@ -4,8 +4,10 @@ The Triton route is a forward custom op (``fastvit::patch_embed_fwd``: the impli
 that writes the whole (B, P+N, D) token buffer) and three backward custom ops
 (``fastvit::patch_embed_bwd_weight``, ``fastvit::patch_embed_bwd_input`` and
 ``fastvit::patch_embed_bwd_tokens``), each with a fake implementation, so the op runs under
-``torch.compile(fullgraph=True)`` without a graph break. The ``torch`` route is the composite it
-replaces: ``F.conv2d`` + flatten + transpose + ``torch.cat`` + add.
+``torch.compile(fullgraph=True)`` without a graph break. The ``cuda`` route wraps the extension's
+``fastvit_C::patch_embed_fwd`` / ``_bwd`` in a second custom-op pair (``fastvit::patch_embed_cuda_fwd``
+/ ``_bwd``). The ``torch`` route is the composite it replaces: ``F.conv2d`` + flatten + transpose +
+``torch.cat`` + add.
 """
 
 from __future__ import annotations
@@ -128,8 +130,50 @@ _patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# cuda route: the extension's ops (fastvit_C::patch_embed_fwd / _bwd), with this autograd formula
+# cuda route: the extension's fastvit_C::patch_embed_fwd / _bwd inside a custom-op pair defined
+# here, at import, with its fake and autograd: torch.compile can trace a call whatever the order
+# in which the extension is loaded (the C++ ops have their own fakes for direct use)
 # ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit::patch_embed_cuda_fwd", mutates_args=())
+def _patch_embed_cuda_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    prefix_tokens: torch.Tensor | None,
+) -> torch.Tensor:
+    return torch.ops.fastvit_C.patch_embed_fwd(x, weight, bias, pos_embed, prefix_tokens)
+
+
+@_patch_embed_cuda_fwd.register_fake
+def _(x, weight, bias, pos_embed, prefix_tokens):
+    patch = weight.shape[-1]
+    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    dtype = next((t.dtype for t in (pos_embed, prefix_tokens) if t is not None), weight.dtype)
+    tokens = (x.shape[2] // patch) * (x.shape[3] // patch)
+    return x.new_empty((x.shape[0], num_prefix + tokens, weight.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("fastvit::patch_embed_cuda_bwd", mutates_args=())
+def _patch_embed_cuda_bwd(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, num_prefix: int, pos_len: int, needs: list[bool]
+) -> list[torch.Tensor]:
+    """(dx, dweight, dbias, dpos_embed, dprefix_tokens); the last three fp32 sums; (0,) where not needed."""
+    return list(torch.ops.fastvit_C.patch_embed_bwd(grad, x, weight, num_prefix, pos_len, needs))
+
+
+@_patch_embed_cuda_bwd.register_fake
+def _(grad, x, weight, num_prefix, pos_len, needs):
+    dim = weight.shape[0]
+    shapes = (
+        (tuple(x.shape), x.dtype), (tuple(weight.shape), weight.dtype), ((dim,), torch.float32),
+        ((1, pos_len, dim), torch.float32), ((1, num_prefix, dim), torch.float32),
+    )
+    return [
+        x.new_empty(shape if need else (0,), dtype=dtype) for (shape, dtype), need in zip(shapes, needs, strict=True)
+    ]
+
+
 def _cuda_setup_context(ctx, inputs, output):
     x, weight, bias, pos_embed, prefix_tokens = inputs
     ctx.save_for_backward(x, weight)
@@ -143,9 +187,7 @@ def _cuda_backward(ctx, grad):
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if grad.shape[-1] > 1 and grad.stride(-1) != 1:
         grad = grad.contiguous()  # the GEMMs read D with a unit stride; a broadcast gradient is copied once
-    dx, dw, dbias, dpos, dprefix = torch.ops.fastvit_C.patch_embed_bwd(
-        grad, x, weight, ctx.num_prefix, ctx.pos_len, needs
-    )
+    dx, dw, dbias, dpos, dprefix = _patch_embed_cuda_bwd(grad, x, weight, ctx.num_prefix, ctx.pos_len, needs)
     # the small gradients come back as fp32 sums; each takes its parameter's dtype
     bias_dtype, pos_dtype, prefix_dtype = ctx.dtypes
     return (
@@ -157,15 +199,7 @@ def _cuda_backward(ctx, grad):
     )
 
 
-_cuda_registered = False
-
-
-def _register_cuda_autograd() -> None:
-    """Attach the autograd formula to ``fastvit_C::patch_embed_fwd`` (once, after the extension loads)."""
-    global _cuda_registered
-    if not _cuda_registered:
-        torch.library.register_autograd("fastvit_C::patch_embed_fwd", _cuda_backward, setup_context=_cuda_setup_context)
-        _cuda_registered = True
+_patch_embed_cuda_fwd.register_autograd(_cuda_backward, setup_context=_cuda_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +388,5 @@ def patch_embed(
         pos_embed = None if pos_embed is None else pos_embed.to(out_dtype)
         prefix_tokens = None if prefix_tokens is None else prefix_tokens.to(out_dtype)
     if route == "cuda":
-        _register_cuda_autograd()
-        return torch.ops.fastvit_C.patch_embed_fwd(
-            x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens)
-        )
+        return _patch_embed_cuda_fwd(x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens))
     return _patch_embed_fwd(x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens), pad)

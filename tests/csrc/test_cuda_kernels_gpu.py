@@ -221,10 +221,11 @@ def test_layer_norm_fwd_rows_wider_than_the_registers(ops, dim):
 # ---------------------------------------------------------------------------------------------
 # LayerNorm backward
 # ---------------------------------------------------------------------------------------------
-def _check_layer_norm_bwd(ops, gy, x, w, mask=(True, True, True), eps=1e-6):
+def _check_layer_norm_bwd(ops, gy, x, w, mask=(True, True, True), eps=1e-6, residual=None):
+    """CUDA layer_norm_bwd (with residual_grad: dx = LN-backward + residual) vs float64 math and vs the CPU op."""
     rows, dim = x.shape
     _, mean, rstd = ops.layer_norm_fwd(x, w, None, eps, x.dtype)
-    dx, dw, db = ops.layer_norm_bwd(gy, x, w, mean, rstd, list(mask))
+    dx, dw, db = ops.layer_norm_bwd(gy, x, w, mean, rstd, list(mask), residual)
     param_dtype = w.dtype if w is not None else x.dtype
     xc, gc = x.cpu(), gy.cpu()
     wc = w.cpu() if w is not None else None
@@ -238,7 +239,11 @@ def _check_layer_norm_bwd(ops, gy, x, w, mask=(True, True, True), eps=1e-6):
 
     oracle = grads(xc.double(), None if wc is None else wc.double(), gc.double())
     lowp = grads(xc, None if wc is None else wc.to(xc.dtype), gc.to(xc.dtype))
-    cpu = ops.layer_norm_bwd(gc, xc, wc, mean.cpu(), rstd.cpu(), list(mask))
+    rc = None if residual is None else residual.cpu()  # keeps a row stride of 0
+    if rc is not None:
+        oracle = (oracle[0] + rc.double(), *oracle[1:])
+        lowp = (lowp[0] + rc.to(xc.dtype), *lowp[1:])
+    cpu = ops.layer_norm_bwd(gc, xc, wc, mean.cpu(), rstd.cpu(), list(mask), rc)
     xhat = (xc.double() - mean.cpu().double()[:, None]) * rstd.cpu().double()[:, None]
     g_mag = gc.double().abs().max().item() * (1.0 if wc is None else max(1.0, wc.double().abs().max().item()))
     term = g_mag * max(1.0, xhat.abs().max().item())  # |grad * xhat|, |grad * weight| bound
@@ -327,6 +332,41 @@ def test_layer_norm_bwd_rows_wider_than_the_registers(ops, dim):
     x = _matrix(9, dim, torch.float32, gen, "contiguous", shift=1.0)
     gy = _matrix(9, dim, torch.float32, gen, "contiguous")
     _check_layer_norm_bwd(ops, gy, x, torch.randn(dim, generator=gen).cuda())
+
+
+@pytest.mark.parametrize(
+    "x_dtype,grad_dtype,res_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # the composite in bf16
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # a wider residual: 8 fp32 values per pack (two loads)
+        (torch.float32, torch.bfloat16, torch.float32),  # fp32 stream under bf16 autocast
+        (torch.float32, torch.float32, torch.float16),  # a narrower residual: 4 fp16 values per pack
+        (torch.float16, torch.bfloat16, torch.float32),  # no kernel for the x/grad pair: grad upcast first
+    ],
+)
+@pytest.mark.parametrize("res_kind", ["contiguous", "expanded", "padded", "misaligned"])
+@pytest.mark.parametrize("dim", [37, 768, 4100, 8200])
+def test_layer_norm_bwd_residual_grad(ops, x_dtype, grad_dtype, res_dtype, res_kind, dim):
+    # residual_grad in each layout: packed; one row broadcast (row stride 0, as grad_out of out.sum() over
+    # tokens); a padded row stride; rows one element off alignment (the vector path falls back to scalar).
+    # 37: scalar path; 768, 4100: register kernels; 8200: the looped kernel.
+    gen = _gen(dim + 3 * len(res_kind))
+    rows = 3 * 197
+    x = _matrix(rows, dim, x_dtype, gen, "contiguous", shift=1.0)
+    gy = _matrix(rows, dim, grad_dtype, gen, "contiguous")
+    w = (1 + 0.3 * torch.randn(dim, generator=gen)).cuda()
+    if res_kind == "expanded":
+        res = torch.randn(dim, generator=gen).to(res_dtype).cuda().expand(rows, dim)
+    else:
+        res = _matrix(rows, dim, res_dtype, gen, res_kind)
+    dx, dw, db = _check_layer_norm_bwd(ops, gy, x, w, residual=res)
+    _, mean, rstd = ops.layer_norm_fwd(x, w, None, 1e-6, x_dtype)
+    # dweight / dbias do not see the residual: the same bits as without it
+    _, dw0, db0 = ops.layer_norm_bwd(gy, x, w, mean, rstd, [False, True, True])
+    assert torch.equal(dw, dw0) and torch.equal(db, db0)
+    if res_kind == "expanded":  # row stride 0 reads what its materialised copy holds (same kernel path)
+        packed, _, _ = ops.layer_norm_bwd(gy, x, w, mean, rstd, [True, False, False], res.contiguous())
+        assert torch.equal(packed, dx)
 
 
 @pytest.mark.parametrize("dim", [768, 1024, 8200])

@@ -154,6 +154,65 @@ def test_layer_norm_bwd_output_mask_and_no_weight(ops):
     assert dx2.shape == db2.shape == (0,) and dw2.shape == (37,)
 
 
+def _residual_grad(kind: str, rows: int, dim: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """The skip connection's gradient in one of three layouts."""
+    if kind == "broadcast":  # one row expanded (row stride 0): a (B, N, D) gradient broadcast over tokens
+        return torch.randn(dim, generator=gen).to(dtype).expand(rows, dim)
+    if kind == "strided":  # a padded row stride
+        return _row_view(rows, dim, dtype, gen, pad=7)
+    return torch.randn(rows, dim, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,grad_dtype,res_dtype",
+    [
+        (torch.float32, torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16, torch.float32),  # a bf16 stream whose grad_out came back in fp32
+        (torch.float32, torch.bfloat16, torch.float32),  # fp32 stream, bf16 GEMM gradient (autocast)
+        (torch.float16, torch.float32, torch.bfloat16),  # three different dtypes
+    ],
+)
+@pytest.mark.parametrize("res_kind", ["contiguous", "strided", "broadcast"])
+@pytest.mark.parametrize("rows,dim", [(7, 48), (197, 768)])
+def test_layer_norm_bwd_residual_grad(ops, x_dtype, grad_dtype, res_dtype, res_kind, rows, dim):
+    gen = _gen(rows + dim + len(res_kind))
+    x = (_row_view(rows, dim, torch.float32, gen) + 1).to(x_dtype)
+    w = (1 + 0.3 * torch.randn(dim, generator=gen)).to(x_dtype)
+    gy = _row_view(rows, dim, grad_dtype, gen, pad=3)
+    res = _residual_grad(res_kind, rows, dim, res_dtype, gen)
+    _, mean, rstd = ops.layer_norm_fwd(x, w, None, 1e-6, x_dtype)
+    dx, dw, db = ops.layer_norm_bwd(gy, x, w, mean, rstd, [True, True, True], res)
+    assert dx.dtype == x_dtype and dx.is_contiguous()
+    # the residual touches dx only: dweight / dbias are those of the call without it, bit for bit
+    _, dw0, db0 = ops.layer_norm_bwd(gy, x, w, mean, rstd, [True, True, True])
+    assert torch.equal(dw, dw0) and torch.equal(db, db0)
+
+    def dx_of(xt, wt, g, r):
+        xt = xt.detach().requires_grad_(True)
+        return torch.autograd.grad(F.layer_norm(xt, (dim,), wt, None, 1e-6), xt, g)[0] + r
+
+    oracle = dx_of(x.double(), w.double(), gy.double(), res.double())
+    low = min((x_dtype, grad_dtype, res_dtype), key=lambda d: torch.finfo(d).bits)
+    lowp = dx_of(x.to(low), w.to(low), gy.to(low), res.to(low))
+    assert_close_to_reference(dx, oracle, lowp, name="dx + residual_grad", dtype=low)
+    # one rounding: the fp32 twin of x (same values, same code path) gives fp32 dx + residual, which rounds to dx
+    dx32, _, _ = ops.layer_norm_bwd(gy, x.float(), w, mean, rstd, [True, False, False], res)
+    assert torch.equal(dx32.to(x_dtype), dx)
+    # any layout of the residual reads the same values
+    dx_packed, _, _ = ops.layer_norm_bwd(gy, x, w, mean, rstd, [True, False, False], res.contiguous())
+    assert torch.equal(dx_packed, dx)
+
+
+def test_layer_norm_bwd_residual_grad_is_checked(ops):
+    x = torch.randn(7, 48)
+    _, mean, rstd = ops.layer_norm_fwd(x, None, None, 1e-6, torch.float32)
+    with pytest.raises(RuntimeError, match=r"residual_grad must have shape \(7, 48\)"):
+        ops.layer_norm_bwd(x, x, None, mean, rstd, [True, False, False], torch.randn(7, 47))
+    with pytest.raises(RuntimeError, match="residual_grad must be float16, bfloat16 or float32"):
+        ops.layer_norm_bwd(x, x, None, mean, rstd, [True, False, False], x.double())
+
+
 def test_layer_norm_bwd_is_deterministic_across_thread_counts(ops):
     gen = _gen(2)
     rows, dim = 1000, 96  # many 64-row chunks
@@ -338,7 +397,7 @@ def test_layernorm_mlp_composite(ops, dtype, case, batch, tokens, dim, hidden):
     assert y.shape == (batch, tokens, dim) and y.dtype == dtype
     assert preact.shape == (batch * tokens, hidden) and mean.shape == rstd.shape == (batch * tokens,)
     assert branch.shape == ((batch * tokens, dim) if (ls or ss) else (0,))
-    grads = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, approximate, residual, [True] * 9)
+    grads = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, 1e-6, approximate, residual, [True] * 9)
 
     y64, g64 = _mlp_reference({k: None if v is None else v.double() for k, v in t.items()}, grad_out.double(),
                               approximate, residual)
@@ -370,7 +429,7 @@ def test_layernorm_mlp_inference_paths_and_needs(ops):
     _, preact, mean, rstd, branch = ops.layernorm_mlp_fwd(*args, 1e-6, "none", True, torch.float32, True)
     grad_out = torch.ones(1, 1, 48).expand(2, 7, 48)
     needs = [False] * 5 + [True, True, False, False]
-    grads = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, "none", True, needs)
+    grads = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, 1e-6, "none", True, needs)
     _, g64 = _mlp_reference({k: v.double() for k, v in t.items()}, grad_out.double(), "none", True)
     for i, name in enumerate(MLP_NAMES):
         if needs[i]:
@@ -379,8 +438,8 @@ def test_layernorm_mlp_inference_paths_and_needs(ops):
             assert grads[i].shape == (0,), name
     # every gradient from out.sum()'s gradient (strides (0, 0, 0)), twice: the same bits
     grad_out = torch.ones(()).expand(2, 7, 48)
-    first = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, "none", True, [True] * 9)
-    again = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, "none", True, [True] * 9)
+    first = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, 1e-6, "none", True, [True] * 9)
+    again = ops.layernorm_mlp_bwd(grad_out, *args, preact, mean, rstd, branch, 1e-6, "none", True, [True] * 9)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     _, g64 = _mlp_reference({k: v.double() for k, v in t.items()}, grad_out.double(), "none", True)
     for name, got in zip(MLP_NAMES, first, strict=True):
@@ -492,6 +551,8 @@ def _opcheck_cases():
     return [
         ("layer_norm_fwd", (x, w, None, 1e-6, torch.float32)),
         ("layer_norm_bwd", (x.float().expand(7, 37), x, w, mean, rstd, [True, False, True])),
+        ("layer_norm_bwd", (x, x, w, mean, rstd, [True, True, False],
+                            torch.randn(37, generator=gen).half().expand(7, 37))),  # residual_grad, row stride 0
         ("bias_gelu_fwd", (pre, None, "tanh")),
         ("bias_gelu_bwd", (pre, pre, torch.randn(97, generator=gen), "none")),
         ("scaled_residual", (x, x.float(), w, torch.rand(7, generator=gen), 1, torch.bfloat16)),
@@ -499,8 +560,8 @@ def _opcheck_cases():
         ("unpatchify", (torch.randn(12, 48, generator=gen), [2, 3, 8, 12], 4, torch.float32)),
         ("layernorm_mlp_fwd", (*mlp, 1e-6, "tanh", True, torch.float32, True)),
         ("layernorm_mlp_fwd", (*mlp, 1e-6, "tanh", False, torch.float32, False)),
-        ("layernorm_mlp_bwd", (torch.randn(2, 7, 48, generator=gen), *mlp, pre_m, mean_m, rstd_m, branch_m, "none",
-                               True, [True, False, True, True, False, True, True, True, True])),
+        ("layernorm_mlp_bwd", (torch.randn(2, 7, 48, generator=gen), *mlp, pre_m, mean_m, rstd_m, branch_m, 1e-6,
+                               "none", True, [True, False, True, True, False, True, True, True, True])),
         ("patch_embed_fwd", (img, pw, torch.randn(16, generator=gen), torch.randn(1, 7, 16, generator=gen),
                              torch.randn(1, 1, 16, generator=gen))),
         ("patch_embed_bwd", (torch.randn(2, 7, 16, generator=gen), img, pw, 1, 6, [True, True, True, True, True])),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fastvit
 from fastvit import reference
-from tests.tolerance import assert_close_to_reference
+from tests.tolerance import ATOL, assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
 NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "layer_scale",
@@ -83,16 +83,43 @@ def _reference(inputs, grad_out, dtype, **kwargs):
     return out, {k: t.grad for k, t in leaves.items() if t is not None}
 
 
+# The gradients of layer_scale and sample_scale are sums over token rows: a handful of values
+# (with batch 1, dsample_scale is one number), for which the low-precision reference's own error
+# can be far below that of such a sum by luck. For those two the slack also holds the forward-error
+# bound of the sum itself, eps(dtype) * sum |terms| (terms g * scale * branch, in float64).
+FEW_VALUED = ("layer_scale", "sample_scale")
+
+
+def _sum_bound(inputs, grad_out, name, dtype, **kwargs):
+    leaves = {k: None if t is None else t.detach().cpu().double() for k, t in inputs.items()}
+    branch = reference.layernorm_mlp(
+        leaves["x"], leaves["norm_weight"], leaves["norm_bias"], leaves["fc1_weight"], leaves["fc1_bias"],
+        leaves["fc2_weight"], leaves["fc2_bias"], approximate=kwargs.get("approximate", "none"), residual=False,
+        eps=kwargs.get("eps", 1e-6),
+    )
+    terms = (grad_out.detach().cpu().double() * branch).abs()
+    if name == "layer_scale":  # sum over rows of |g * sample_scale * branch|
+        if leaves["sample_scale"] is not None:
+            terms = terms * leaves["sample_scale"].abs().view(-1, *([1] * (terms.dim() - 1)))
+        sums = terms.reshape(-1, terms.shape[-1]).sum(0)
+    else:  # per-sample sums of |g * layer_scale * branch|
+        if leaves["layer_scale"] is not None:
+            terms = terms * leaves["layer_scale"].abs()
+        sums = terms.reshape(terms.shape[0], -1).sum(1)
+    return torch.finfo(dtype).eps * sums.max().item()
+
+
 def _check_against_reference(inputs, out, grad_out, grads, **kwargs):
     dtype = inputs["x"].dtype
     out64, grads64 = _reference(inputs, grad_out, torch.float64, **kwargs)
     outlow, gradslow = _reference(inputs, grad_out, dtype, **kwargs)
     assert out.dtype == dtype and out.shape == inputs["x"].shape
-    assert_close_to_reference(out.detach().cpu(), out64, outlow, name="out", dtype=dtype)
+    assert_close_to_reference(out.detach().cpu(), out64, outlow.detach(), name="out", dtype=dtype)
     assert set(grads) == set(grads64)
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
-        assert_close_to_reference(grad.cpu(), grads64[name], gradslow[name], name=f"d{name}", dtype=dtype)
+        slack = ATOL[dtype] + _sum_bound(inputs, grad_out, name, dtype, **kwargs) if name in FEW_VALUED else None
+        assert_close_to_reference(grad.cpu(), grads64[name], gradslow[name], name=f"d{name}", dtype=dtype, atol=slack)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +280,8 @@ def test_kernel_partial_requires_grad(kernel_device):
             out = _call(inputs)
             grads = torch.autograd.grad(out, [inputs[k] for k in wanted], grad_out)
         for k, g in zip(wanted, grads, strict=True):
-            assert_close_to_reference(g.cpu(), grads64[k], grads32[k], name=f"d{k}")
+            slack = ATOL[torch.float32] + _sum_bound(inputs, grad_out, k, torch.float32) if k in FEW_VALUED else None
+            assert_close_to_reference(g.cpu(), grads64[k], grads32[k], name=f"d{k}", atol=slack)
 
 
 @kernel_test
