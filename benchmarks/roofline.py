@@ -10,7 +10,9 @@ with ``floor_bound`` saying which term set it ("compute" or "memory").
 **FLOPs** are the suite's own (its ``flops(point)``, the same number as the TFLOP/s column):
 flash-attn's convention for attention (4 B H N M D forward, 3.5x for forward+backward; axial
 rows count the work axial attention does), the GEMMs for the mlp (4 T D hidden forward, 3x with
-the backward) and patch embed (2 B N K D forward, 2x with the weight gradient).
+the backward) and patch embed (2 B N K D forward, 2x with the weight gradient), and a nominal
+arithmetic count for LayerNorm (8 T D forward, 21 T D forward + backward: no matmul, so its floor
+is always the memory term).
 
 **Bytes** are the compulsory traffic of one timed call, element sizes from the point's dtype
 (LSE and LayerNorm statistics in fp32):
@@ -37,6 +39,11 @@ Per suite (s = the dtype's bytes; attention M = N, self-attention):
   tokens written. ``fwd+bwd`` (the images need no gradient): the backward reads dTokens and the
   images again and writes the gradients of the weight, bias, prefix tokens and pos_embed (the
   suite's ``bytes_moved``).
+- layernorm ``fwd`` (T = B N rows of width D): x read, weight and bias read, y written:
+  s (2 T D + 2 D). ``fwd+bwd``: the forward also writes mean and rstd (8 T); the backward reads dy,
+  x again, the weight and mean and rstd (8 T), and writes dx, dweight and dbias: in all
+  s (5 T D + 5 D) + 16 T. (The statistics are counted as saved, as PyTorch and fastvit do; a floor
+  that recomputes them from x, which the backward reads anyway, is lower by 16 T.)
 - model: no floor (a whole network's floor is the sum of its ops'; its rows have per-component
   times only for the forward, and those include ops no suite measures).
 
@@ -69,13 +76,14 @@ __all__ = [
     "cost",
     "element_size",
     "floor",
+    "layernorm_bytes",
     "measure_ceilings",
     "mlp_bytes",
     "patch_embed_bytes",
 ]
 
 # suite name -> module of this package (its flops(point) is the FLOP count)
-SUITES = {"attention": "attention", "mlp": "mlp", "patch-embed": "patch_embed"}
+SUITES = {"attention": "attention", "mlp": "mlp", "patch-embed": "patch_embed", "layernorm": "layernorm"}
 ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 FP32 = 4  # LSE and LayerNorm statistics
 _PACKAGE = __package__ or "benchmarks"
@@ -135,6 +143,18 @@ def mlp_bytes(rows: int, dim: int, hidden: int, dtype: str, mode: str) -> int:
     return forward + saved + backward
 
 
+def layernorm_bytes(rows: int, dim: int, dtype: str, mode: str) -> int:
+    """Compulsory bytes of an affine LayerNorm over ``rows`` rows of width ``dim`` (module docstring)."""
+    s = element_size(dtype)
+    forward = s * (rows * dim + 2 * dim + rows * dim)  # x, weight and bias read; y written
+    if mode == "fwd":
+        return forward
+    stats = 2 * FP32 * rows  # mean and rstd: written by the forward, read by the backward
+    # backward: dy, x and the weight read; dx, dweight and dbias written
+    backward = s * (2 * rows * dim + dim) + stats + s * (rows * dim + 2 * dim)
+    return forward + stats + backward
+
+
 def patch_embed_bytes(
     batch: int, in_chans: int, resolution: int, patch: int, dim: int, prefix: int, dtype: str, mode: str
 ) -> int:
@@ -181,6 +201,8 @@ def cost(record: Record) -> Cost | None:
             nbytes = attention_bytes(record.batch, record.heads, n, n, record.head_dim, record.dtype, record.mode)
         elif record.suite == "mlp":
             nbytes = mlp_bytes(record.batch * record.n_tokens, x["dim"], x["hidden"], record.dtype, record.mode)
+        elif record.suite == "layernorm":
+            nbytes = layernorm_bytes(record.batch * record.n_tokens, x["dim"], record.dtype, record.mode)
         else:
             prefix = record.n_tokens - (x["resolution"] // x["patch"]) ** 2
             nbytes = patch_embed_bytes(record.batch, x["in_chans"], x["resolution"], x["patch"], x["embed_dim"],
@@ -205,8 +227,8 @@ def floor(c: Cost, ceilings: dict[str, Any] | None, dtype: str) -> tuple[float, 
 
 def annotate(records: Iterable[Record], ceilings: dict[str, Any] | None) -> None:
     """Add ``flops``, ``min_bytes`` and, with ceilings for the dtype, ``floor_ms``, ``floor_bound``
-    and ``pct_of_floor`` to the extra fields of every ``ok`` record of the attention, mlp and
-    patch-embed suites (in place; running it again changes nothing)."""
+    and ``pct_of_floor`` to the extra fields of every ``ok`` record of the attention, mlp,
+    patch-embed and layernorm suites (in place; running it again changes nothing)."""
     for r in records:
         if r.status != "ok" or not r.ms:
             continue
