@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -137,7 +138,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   at::Tensor y = at::empty({rows, dim}, x.options().dtype(out_dtype));
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-  if (rows == 0 || dim == 0) return {y, mean, rstd};
+  if (rows == 0) return {y, mean, rstd};
+  if (dim == 0) {  // empty rows: the CPU loop's statistics of no values (mean 0, variance 0), not garbage
+    mean.zero_();
+    rstd.fill_(1.0f / std::sqrt(0.0f + static_cast<float>(eps)));
+    return {y, mean, rstd};
+  }
   cuda::layer_norm_fwd(xs.const_data_ptr(), row_stride(xs), x_dtype,
                        w.defined() ? w.const_data_ptr<float>() : nullptr,
                        b.defined() ? b.const_data_ptr<float>() : nullptr, rows, dim, static_cast<float>(eps),

@@ -218,6 +218,19 @@ def test_layer_norm_fwd_rows_wider_than_the_registers(ops, dim):
     _check_layer_norm_fwd(ops, x, torch.randn(dim, generator=gen).cuda(), None, torch.bfloat16)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_layer_norm_fwd_zero_width_rows(ops, out_dtype):
+    # D = 0: nothing to normalise, but mean and rstd (rows,) are still outputs. The CPU loop gives the
+    # statistics of an empty row (mean 0, rstd 1 / sqrt(eps)); the CUDA op used to return before any
+    # kernel ran and leave them uninitialised (NaN under fill_uninitialized_memory).
+    for eps in (1e-6, 1e-5):
+        x = torch.empty(5, 0, dtype=torch.bfloat16, device="cuda")
+        y, mean, rstd = ops.layer_norm_fwd(x, None, None, eps, out_dtype)
+        y_cpu, mean_cpu, rstd_cpu = ops.layer_norm_fwd(x.cpu(), None, None, eps, out_dtype)
+        assert y.shape == y_cpu.shape == (5, 0) and y.dtype == out_dtype
+        assert torch.equal(mean.cpu(), mean_cpu) and torch.equal(rstd.cpu(), rstd_cpu)
+
+
 # ---------------------------------------------------------------------------------------------
 # LayerNorm backward
 # ---------------------------------------------------------------------------------------------
