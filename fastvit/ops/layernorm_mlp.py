@@ -86,6 +86,15 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lay
     )
 
 
+def _fake_grads(needs, *inputs):
+    """The fake of a backward op: a contiguous gradient per needed input, (0,) elsewhere."""
+    x = inputs[0]
+    return [
+        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty((0,))
+        for t, need in zip(inputs, needs, strict=True)
+    ]
+
+
 @torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
 def _layernorm_mlp_bwd(
     grad_out: torch.Tensor,
@@ -125,11 +134,8 @@ def _layernorm_mlp_bwd(
 @_layernorm_mlp_bwd.register_fake
 def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
       sample_scale, preact, mean, rstd, approximate, residual, needs):
-    inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
-    return [
-        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty((0,))
-        for t, need in zip(inputs, needs, strict=True)
-    ]
+    return _fake_grads(needs, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
+                       sample_scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -237,11 +243,8 @@ def _layernorm_mlp_cuda_bwd(
 @_layernorm_mlp_cuda_bwd.register_fake
 def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
       preact, mean, rstd, branch, eps, approximate, residual, needs):
-    inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
-    return [
-        torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty((0,))
-        for t, need in zip(inputs, needs, strict=True)
-    ]
+    return _fake_grads(needs, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
+                       sample_scale)
 
 
 def _cuda_setup_context(ctx, inputs, output):
