@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .backends import fastvit_unavailable
 from .measure import Unavailable, Workload, input_sets, op_step, randn
-from .options import modes, torch_dtype
+from .options import VIT_WIDTHS, modes, token_sizes, torch_dtype, vit_widths
 from .progress import Progress
 from .records import Point, Record
 from .runner import not_run, run_points
@@ -55,17 +55,10 @@ IMPLS = ("eager", "compiled", "fastvit-cuda")
 EPS = 1e-6
 FLOPS_PER_ELEMENT = {"fwd": 8, "fwd+bwd": 21}  # nominal (module docstring)
 
-# (model, heads, head_dim): the ViT widths D = heads x head_dim
-WIDTHS = {
-    "vit_s": (6, 64),  # 384
-    "vit_b": (12, 64),  # 768
-    "vit_l": (16, 64),  # 1024
-    "vit_h": (16, 80),  # 1280
-}
 # (batch, tokens per image): ViT-B/16 at 224 px (cls + 14 x 14) and at 512 px (cls + 32 x 32)
 SIZES = {"cuda": ((256, 197), (64, 1025)), "cpu": ((4, 197),)}
 QUICK = {"cuda": (("vit_b",), ((64, 197),)), "cpu": (("vit_b",), ((2, 197),))}
-DEFAULT_WIDTHS = {"cuda": tuple(WIDTHS), "cpu": ("vit_s", "vit_b")}
+DEFAULT_WIDTHS = {"cuda": tuple(VIT_WIDTHS), "cpu": ("vit_s", "vit_b")}
 ROWS_PER_POINT = {"cuda": 50432, "cpu": 788}  # --seq-lens without --batch: batch = this // N
 
 
@@ -74,22 +67,12 @@ ROWS_PER_POINT = {"cuda": 50432, "cpu": 788}  # --seq-lens without --batch: batc
 # ---------------------------------------------------------------------------------------------
 def _widths(args: Any) -> list[tuple[str, int, int]]:
     """(model label, heads, head_dim) of each width to run."""
-    if args.heads or args.head_dim:
-        heads, head_dim = args.heads or 12, args.head_dim or 64
-        return [(f"D={heads * head_dim}", heads, head_dim)]
-    names = QUICK[args.device][0] if args.quick else DEFAULT_WIDTHS[args.device]
-    return [(name, *WIDTHS[name]) for name in names]
+    return vit_widths(args, QUICK[args.device][0] if args.quick else DEFAULT_WIDTHS[args.device])
 
 
 def _sizes(args: Any) -> list[tuple[int, int]]:
     """(batch, tokens per image) of each size to run, fewest token rows first."""
-    if args.seq_lens:
-        sizes = [(args.batch or max(1, ROWS_PER_POINT[args.device] // n), n) for n in args.seq_lens]
-    else:
-        sizes = list(QUICK[args.device][1] if args.quick else SIZES[args.device])
-        if args.batch:
-            sizes = [(args.batch, n) for _, n in sizes]
-    return sorted(set(sizes), key=lambda s: (s[0] * s[1], s[1]))
+    return token_sizes(args, QUICK[args.device][1] if args.quick else SIZES[args.device], ROWS_PER_POINT[args.device])
 
 
 def points(args: Any, impl: str) -> list[Point]:

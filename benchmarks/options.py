@@ -10,6 +10,7 @@ default: ``device`` ("cpu" | "cuda"), ``dtype`` (a name from ``DTYPES``), ``mode
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,3 +61,31 @@ def square_grid(n_tokens: int, prefix: int = 1) -> tuple[int, int]:
     while cells % h:
         h -= 1
     return h, cells // h
+
+
+# (model, heads, head_dim): the ViT widths D = heads x head_dim, for the suites sized by width
+VIT_WIDTHS = {
+    "vit_s": (6, 64),  # 384
+    "vit_b": (12, 64),  # 768
+    "vit_l": (16, 64),  # 1024
+    "vit_h": (16, 80),  # 1280
+}
+
+
+def vit_widths(args: Any, names: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(model label, heads, head_dim) of each width to run: ``--heads`` / ``--head-dim`` if given
+    (labelled ``D=<width>``), else the named ViT widths."""
+    if args.heads or args.head_dim:
+        heads, head_dim = args.heads or 12, args.head_dim or 64
+        return [(f"D={heads * head_dim}", heads, head_dim)]
+    return [(name, *VIT_WIDTHS[name]) for name in names]
+
+
+def token_sizes(args: Any, sizes: Sequence[tuple[int, int]], rows_per_point: int) -> list[tuple[int, int]]:
+    """(batch, tokens per image) of each size to run, fewest token rows first: ``--seq-lens`` (batch
+    ``--batch``, else ``rows_per_point // N``), else ``sizes`` (their batch replaced by ``--batch``)."""
+    if args.seq_lens:
+        chosen = [(args.batch or max(1, rows_per_point // n), n) for n in args.seq_lens]
+    else:
+        chosen = [(args.batch, n) for _, n in sizes] if args.batch else list(sizes)
+    return sorted(set(chosen), key=lambda s: (s[0] * s[1], s[1]))
