@@ -139,31 +139,29 @@ def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2
 
 
 def _setup_context(ctx, inputs, output):
-    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-     _eps, approximate, residual, _out_dtype, save_preact) = inputs
-    _, preact, mean, rstd = output
-    ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                          layer_scale, sample_scale, preact, mean, rstd)
-    ctx.approximate = approximate
-    ctx.residual = residual
-    ctx.save_preact = save_preact
+    """Both routes: keep the 9 tensor inputs and every internal output (preact, mean, rstd, and on
+    the cuda route branch) for the backward, and the scalar arguments it needs."""
+    ctx.save_for_backward(*inputs[:_NUM_GRADS], *output[1:])
+    ctx.eps, ctx.approximate, ctx.residual, _out_dtype, ctx.save_preact = inputs[_NUM_GRADS:]
 
 
-def _backward(ctx, grad_out, grad_preact, grad_mean, grad_rstd):
-    # preact, mean and rstd are internal (the public function returns y only): their grads are None.
+def _run_backward(ctx, backward_op):
+    """Both routes: the gradients ``backward_op(needs)`` computes, None where not needed. The
+    internal outputs (preact, mean, rstd, branch) get no gradient: the public op returns y only."""
     if not ctx.save_preact:
         raise RuntimeError(
             "fastvit.layernorm_mlp: the forward ran without saving activations (no input required "
             "grad when it ran), so it cannot be differentiated"
         )
-    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-     preact, mean, rstd) = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:_NUM_GRADS]]
-    grads = _layernorm_mlp_bwd(
-        grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-        sample_scale, preact, mean, rstd, ctx.approximate, ctx.residual, needs,
-    )
+    grads = backward_op(needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None, None)
+
+
+def _backward(ctx, grad_out, *_internal):
+    return _run_backward(ctx, lambda needs: _layernorm_mlp_bwd(
+        grad_out, *ctx.saved_tensors, ctx.approximate, ctx.residual, needs,
+    ))
 
 
 _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -247,34 +245,17 @@ def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2
                        sample_scale)
 
 
-def _cuda_setup_context(ctx, inputs, output):
-    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-     eps, approximate, residual, _out_dtype, save_for_backward) = inputs
-    _, preact, mean, rstd, branch = output
-    ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                          layer_scale, sample_scale, preact, mean, rstd, branch)
-    ctx.eps = eps  # the backward recomputes LN(x) for fc1's weight gradient with the forward's block
-    ctx.approximate = approximate
-    ctx.residual = residual
-    ctx.save_preact = save_for_backward
-
-
-def _cuda_backward(ctx, grad_out, grad_preact, grad_mean, grad_rstd, grad_branch):
-    if not ctx.save_preact:
-        raise RuntimeError(
-            "fastvit.layernorm_mlp: the forward ran without saving activations (no input required "
-            "grad when it ran), so it cannot be differentiated"
-        )
-    needs = [bool(n) for n in ctx.needs_input_grad[:_NUM_GRADS]]
+def _cuda_backward(ctx, grad_out, *_internal):
     if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
         # the kernels read D as unit-stride vectors (row strides are free, 0 included); a gradient
         # strided or broadcast along D (out.sum() gives one) is copied once
         grad_out = grad_out.contiguous()
-    grads = _layernorm_mlp_cuda_bwd(grad_out, *ctx.saved_tensors, ctx.eps, ctx.approximate, ctx.residual, needs)
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None, None)
+    return _run_backward(ctx, lambda needs: _layernorm_mlp_cuda_bwd(
+        grad_out, *ctx.saved_tensors, ctx.eps, ctx.approximate, ctx.residual, needs,
+    ))
 
 
-_layernorm_mlp_cuda_fwd.register_autograd(_cuda_backward, setup_context=_cuda_setup_context)
+_layernorm_mlp_cuda_fwd.register_autograd(_cuda_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
