@@ -44,12 +44,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (col >= hidden) return;  // no block-level synchronisation below
   float b[VEC];
-  if (bias != nullptr) {
-    detail::load_floats_as<VEC>(bias, bias_dtype, col, b);
-  } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) b[k] = 0.0f;
-  }
+  detail::load_floats_as_or<VEC>(bias, bias_dtype, col, 0.0f, b);
   constexpr int kUnroll = kUnrollRows<VEC>;
   const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t row0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row0 < rows;

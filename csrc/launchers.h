@@ -210,6 +210,30 @@ __device__ __forceinline__ void load_floats_as(const void* p, DType t, int64_t o
   }
 }
 
+// An optional per-column parameter (LayerNorm weight/bias, a GELU bias, layer_scale): N values at
+// p + offset as floats, or `fill` (its identity: 1 for a scale, 0 for a bias) when p is null.
+template <int N, typename T>
+__device__ __forceinline__ void load_floats_or(const T* p, int64_t offset, float fill, float (&out)[N]) {
+  if (p != nullptr) {
+    load_floats<N>(p + offset, out);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = fill;
+  }
+}
+
+// The same for a parameter whose dtype is only known at run time (see load_floats_as).
+template <int N>
+__device__ __forceinline__ void load_floats_as_or(const void* p, DType t, int64_t offset, float fill,
+                                                  float (&out)[N]) {
+  if (p != nullptr) {
+    load_floats_as<N>(p, t, offset, out);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = fill;
+  }
+}
+
 // True when p is aligned to `bytes` (a power of two).
 __host__ __device__ inline bool is_aligned(const void* p, int64_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(bytes - 1)) == 0;

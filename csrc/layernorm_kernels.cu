@@ -43,6 +43,7 @@ using detail::dispatch_dtype;
 using detail::kPairSupported;
 using detail::load_floats;
 using detail::load_floats_as;
+using detail::load_floats_or;
 using detail::next_pow2;
 using detail::row_group_sum;
 using detail::store_floats;
@@ -137,18 +138,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         const int c = i * threads + tid;
         if (c < chunks) {
           float w[VEC], b[VEC], out[VEC];
-          if (weight != nullptr) {
-            load_floats<VEC>(weight + c * VEC, w);
-          } else {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) w[k] = 1.0f;
-          }
-          if (bias != nullptr) {
-            load_floats<VEC>(bias + c * VEC, b);
-          } else {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) b[k] = 0.0f;
-          }
+          load_floats_or<VEC>(weight, c * VEC, 1.0f, w);
+          load_floats_or<VEC>(bias, c * VEC, 0.0f, b);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) out[k] = layer_norm_apply(v[i][k], mean, rstd, w[k], b[k]);
           store_floats<VEC>(yr + static_cast<int64_t>(c) * VEC, out);
@@ -309,12 +300,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         load_floats<VEC>(xr + static_cast<int64_t>(c) * VEC, xh[i]);
         load_floats<VEC>(gr + static_cast<int64_t>(c) * VEC, gh[i]);
         float w[VEC];
-        if (weight != nullptr) {
-          load_floats<VEC>(weight + c * VEC, w);
-        } else {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) w[k] = 1.0f;
-        }
+        load_floats_or<VEC>(weight, c * VEC, 1.0f, w);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           xh[i][k] = (xh[i][k] - mu) * rs;

@@ -62,12 +62,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (col >= dim) return;  // no block-level synchronisation below
   float ls[VEC];
-  if (layer_scale != nullptr) {
-    detail::load_floats_as<VEC>(layer_scale, ls_dtype, col, ls);
-  } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) ls[k] = 1.0f;
-  }
+  detail::load_floats_as_or<VEC>(layer_scale, ls_dtype, col, 1.0f, ls);
   constexpr int kUnroll = kUnrollRows<VEC>;
   const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t row0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row0 < rows;
