@@ -1,9 +1,7 @@
-"""fastvit: fused Triton kernels for Vision Transformers.
-
-`kernels/` is installed as `fastvit.kernels` and `benchmarks/` as `fastvit.benchmarks`
-(never as top-level `kernels` / `benchmarks`: both names belong to other PyPI projects), and the
-extension sources `csrc/` as package data of `fastvit.csrc`, so any install can compile them on
-first use (fastvit/extension.py).
+"""fastvit's optional ahead-of-time build of the C++/CUDA extension; the metadata, packages and
+dependencies are in pyproject.toml (which says why kernels/ and benchmarks/ have no __init__.py).
+The extension sources csrc/ are package data of `fastvit.csrc`, so any install can also compile
+them on first use (fastvit/extension.py).
 
 The C++/CUDA extension `fastvit._C` is built here, ahead of time, when FASTVIT_BUILD_EXT=1, or when
 that variable is unset and torch with CUDA and a CUDA toolkit (nvcc) are found while setup.py runs;
@@ -77,38 +75,4 @@ def _extension_options() -> dict:
     }
 
 
-setup(
-    name="fastvit",
-    version="0.1.0",
-    description="Fused GPU kernels (flash attention, patch embedding, LayerNorm+MLP) for Vision Transformers",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=[
-        "fastvit",
-        "fastvit.ops",
-        "fastvit.nn",
-        "fastvit.patching",
-        "fastvit.kernels",
-        "fastvit.benchmarks",
-        "fastvit.csrc",
-    ],
-    package_dir={
-        "fastvit": "fastvit",
-        "fastvit.kernels": "kernels",
-        "fastvit.benchmarks": "benchmarks",
-        "fastvit.csrc": "csrc",
-    },
-    package_data={"fastvit.csrc": ["*.h", "*.cuh", "*.cpp", "*.cu", "README.md"]},
-    install_requires=["torch>=2.11", "triton>=3.6"],
-    extras_require={
-        "bench": ["numpy", "matplotlib", "rich", "tqdm"],
-        "test": [
-            "pytest", "pytest-xdist", "pytest-benchmark", "numpy", "matplotlib", "rich", "tqdm", "ruff",
-            "timm", "transformers",
-        ],
-        "models": ["timm", "transformers"],
-    },
-    entry_points={"console_scripts": ["fastvit-bench=fastvit.benchmarks.__main__:main"]},
-    **_extension_options(),
-)
+setup(**_extension_options())  # everything else is in pyproject.toml

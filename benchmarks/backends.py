@@ -29,7 +29,7 @@ def backend_unavailable(impl: str, device: str) -> str | None:
     """Why the pinned row ``impl`` cannot run on ``device`` at all, or None (``tune`` uses this
     directly: on a CPU it may compare the interpreter with the CPU loops, to test itself)."""
     if impl == "fastvit-triton" and device != "cuda":
-        from fastvit.kernels import INTERPRETER
+        from fastvit.kernels.runtime import INTERPRETER
 
         if not INTERPRETER:
             return "the Triton kernels run on a CPU only in Triton's interpreter, and TRITON_INTERPRET=1 was not set"

@@ -51,7 +51,7 @@ WEIGHTS = {"attention": 4.0, "patch-embed": 1.0, "mlp": 1.0, "layernorm": 1.0, "
 # without --time-limit: the default job on a CPU stays within the 10 minutes it promises, and
 # `all` on a GPU within one 10-minute GPU session call
 DEFAULT_TIME_LIMIT_MIN = {"cpu-default": 9.0, "cuda-all": 8.0}
-_PACKAGE = __package__ or "benchmarks"
+_PACKAGE = __package__  # "fastvit.benchmarks"
 CEILINGS_TIMEOUT_S = 300.0  # a CUDA context and ~2.5 GiB on a GPU: seconds, unless something is wrong
 # command-line name -> (module of this package with main(argv) -> int, what it does)
 COMMANDS = {

@@ -86,7 +86,7 @@ __all__ = [
 SUITES = {"attention": "attention", "mlp": "mlp", "patch-embed": "patch_embed", "layernorm": "layernorm"}
 ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 FP32 = 4  # LSE and LayerNorm statistics
-_PACKAGE = __package__ or "benchmarks"
+_PACKAGE = __package__  # "fastvit.benchmarks"
 
 # measurement sizes (see the module docstring)
 CUDA_COPY_BYTES = 1 << 30

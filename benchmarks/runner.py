@@ -40,7 +40,7 @@ __all__ = ["call_in_worker", "not_run", "policy_from_args", "run_point", "run_po
 
 Build = Callable[[Point], Workload]
 
-_PACKAGE = __package__ or "benchmarks"
+_PACKAGE = __package__  # "fastvit.benchmarks"
 # imported once by the fork server, so that workers start without importing them (a missing
 # module is skipped); the CLI adds the suites it runs
 _preload: list[str] = [

@@ -83,7 +83,7 @@ def current_backend() -> str:
 
 
 def _interpreter_check(device: torch.device) -> None:
-    from fastvit.kernels import INTERPRETER
+    from fastvit.kernels.runtime import INTERPRETER
 
     if not INTERPRETER:
         raise RuntimeError(

@@ -82,7 +82,7 @@ _build_error: str | None = None  # a failed build is not retried in the same pro
 # Sources, toolkit, tag
 # ---------------------------------------------------------------------------------------------
 def _csrc_dir() -> Path | None:
-    """csrc/ next to the package: ``fastvit/csrc`` (installed as package data by setup.py) or the
+    """csrc/ next to the package: ``fastvit/csrc`` (installed as package data, pyproject.toml) or the
     repository's ``csrc/`` (a checkout or an editable install)."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "csrc", package.parent / "csrc"):

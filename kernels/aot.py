@@ -247,7 +247,7 @@ def run(
     modules: tuple[str, ...] = KERNEL_MODULES, archs: tuple[int, ...] = ARCHS, jobs: int | None = None
 ) -> list[dict[str, Any]]:
     """Compile every spec (in parallel processes); return one report per spec."""
-    from fastvit.kernels import INTERPRETER
+    from fastvit.kernels.runtime import INTERPRETER
 
     if INTERPRETER:
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (it is set to 1)")

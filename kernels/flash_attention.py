@@ -35,9 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETER
 from .aot import ARCHS, KernelSpec
-from .runtime import arch_of, device_guard, new_output, rows_addressable_in_int32
+from .runtime import INTERPRETER, arch_of, device_guard, new_output, rows_addressable_in_int32
 
 LOG2E = math.log2(math.e)
 

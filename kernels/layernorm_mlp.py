@@ -43,9 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETER
 from .aot import ARCHS, KernelSpec
-from .runtime import arch_of, device_guard, new_output
+from .runtime import INTERPRETER, arch_of, device_guard, new_output
 
 # Widest rows (D) the row kernels hold in registers (8192 spills); wider rows run on the torch route.
 MAX_DIM = 4096

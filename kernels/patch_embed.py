@@ -37,9 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETER
 from .aot import ARCHS, KernelSpec
-from .runtime import arch_of, device_guard, new_output
+from .runtime import INTERPRETER, arch_of, device_guard, new_output
 
 # ---------------------------------------------------------------------------------------------
 # Gathering patches: runs of RUN pixels

@@ -1,11 +1,18 @@
-"""Helpers shared by the launchers: output allocation and device facts."""
+"""Helpers shared by the launchers: the interpreter flag, output allocation and device facts.
+
+``INTERPRETER`` records whether ``TRITON_INTERPRET=1`` was set when the kernels were decorated
+(Triton reads it at ``@triton.jit`` time, i.e. at import): a process either interprets or compiles.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
+
+INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tests set this to True so that every launcher's outputs start as NaN (floating point) and any
 # element a kernel fails to write shows up in the comparison with the reference.

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks.measure import Unavailable, Workload, randn
+from fastvit.benchmarks.measure import Unavailable, Workload, randn
 
 
 def build(point) -> Workload:

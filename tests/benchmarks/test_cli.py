@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import cli
+from fastvit.benchmarks import cli
 
 
 def test_defaults_on_this_machine():
@@ -53,7 +53,7 @@ def test_cuda_without_a_gpu_is_refused(capsys):
 
 
 def test_main_defines_the_console_script_entry_point():
-    from benchmarks.__main__ import main
+    from fastvit.benchmarks.__main__ import main
 
     assert main is cli.main
 

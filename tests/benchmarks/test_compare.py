@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.compare import compare, main
-from benchmarks.output import meta, write_results
-from benchmarks.records import Record
+from fastvit.benchmarks.compare import compare, main
+from fastvit.benchmarks.output import meta, write_results
+from fastvit.benchmarks.records import Record
 
 
 def rec(impl, n, ms, status="ok", dtype="float32"):

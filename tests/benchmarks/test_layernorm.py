@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import cli, layernorm, roofline
-from benchmarks.progress import Progress
-from benchmarks.records import Point, Record
+from fastvit.benchmarks import cli, layernorm, roofline
+from fastvit.benchmarks.progress import Progress
+from fastvit.benchmarks.records import Point, Record
 from tests.tolerance import ATOL, assert_close_to_reference
 
 

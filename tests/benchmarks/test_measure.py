@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.measure import (
+from fastvit.benchmarks.measure import (
     Policy,
     Workload,
     _percentile,
@@ -30,7 +30,7 @@ def test_percentile_is_numpys_linear_percentile(values, q):
 
 
 def test_rotation_covers_twice_the_cache():
-    from benchmarks.measure import cache_bytes
+    from fastvit.benchmarks.measure import cache_bytes
 
     cache = cache_bytes("cpu")
     assert rotation_count(cache, "cpu") == 2
@@ -142,7 +142,7 @@ def test_a_slow_first_call_within_the_compile_grace_is_measured():
 
 
 def test_classify_exception():
-    from benchmarks.measure import Unavailable
+    from fastvit.benchmarks.measure import Unavailable
 
     assert classify_exception(Unavailable("no cudnn")) == ("unavailable", "no cudnn")
     assert classify_exception(torch.OutOfMemoryError("CUDA out of memory"))[0] == "oom"
@@ -154,8 +154,8 @@ def test_classify_exception():
 def test_relabel_on_fallback_names_the_route_that_ran():
     import warnings
 
-    from benchmarks.measure import Workload, relabel_on_fallback
     from fastvit import FastvitFallbackWarning
+    from fastvit.benchmarks.measure import Workload, relabel_on_fallback
 
     workload = Workload(step=lambda i: None)
     hook = relabel_on_fallback(workload)

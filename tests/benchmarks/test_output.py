@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from benchmarks.output import load_results, meta, write_results
-from benchmarks.records import KEY_FIELDS, MODES, RECORD_FIELDS, STATUSES, Point, Record
+from fastvit.benchmarks.output import load_results, meta, write_results
+from fastvit.benchmarks.records import KEY_FIELDS, MODES, RECORD_FIELDS, STATUSES, Point, Record
 
 META_KEYS = {"device", "device_name", "driver", "torch", "triton", "fastvit", "date", "command"}
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from benchmarks.records import Record
-from benchmarks.report import TABLE_HEADER, fit_slope, format_bytes, slope_rows, slopes, table_rows
+from fastvit.benchmarks.records import Record
+from fastvit.benchmarks.report import TABLE_HEADER, fit_slope, format_bytes, slope_rows, slopes, table_rows
 
 NS = [197, 577, 1025, 2305, 4097, 9217]
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from benchmarks import cli, mlp, patch_embed, roofline
-from benchmarks.records import Point, Record
+from fastvit.benchmarks import cli, mlp, patch_embed, roofline
+from fastvit.benchmarks.records import Point, Record
 
 
 def record(suite, mode, n, batch, heads, head_dim, dtype="float32", ms=1.0, status="ok", **extra):

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import runner
-from benchmarks.measure import Policy
-from benchmarks.progress import Progress
-from benchmarks.records import Point
+from fastvit.benchmarks import runner
+from fastvit.benchmarks.measure import Policy
+from fastvit.benchmarks.progress import Progress
+from fastvit.benchmarks.records import Point
 
 from . import _workloads
 

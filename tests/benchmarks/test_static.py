@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastvit.kernels.aot import ARCHS, KERNEL_MODULES, problems
 
-from benchmarks import static
+from fastvit.benchmarks import static
+from fastvit.kernels.aot import ARCHS, KERNEL_MODULES, problems
 
 ROOT = Path(__file__).resolve().parents[2]
 NVCC = static.find_nvcc()

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks import attention, model
-from benchmarks.progress import Progress
-from benchmarks.records import Point
+from fastvit.benchmarks import attention, model
+from fastvit.benchmarks.progress import Progress
+from fastvit.benchmarks.records import Point
 
 SEQ_LENS = [17, 26]  # 1 cls token + 4x4, 5x5 grids
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import tune
 from fastvit import tuning
+from fastvit.benchmarks import tune
 
 TINY = [
     "--device", "cpu", "--dtype", "float32", "--modes", "fwd,fwd+bwd", "--target-s", "0.01",

@@ -214,7 +214,7 @@ def test_patch_embed_dynamic_padding_runs_the_triton_kernel(monkeypatch):
     monkeypatch.setattr(torch.ops.fastvit_C, "patch_embed_fwd", lambda *a: calls.append(a))
     inputs = pe._inputs(1, 3, 20, 20, 8, 16, 1, None, device=DEVICE, seed=47)
     if not ON_GPU:
-        from fastvit.kernels import INTERPRETER
+        from fastvit.kernels.runtime import INTERPRETER
 
         assert INTERPRETER  # conftest runs the kernels in the interpreter on CPU
     with fastvit.backend("cuda"):
