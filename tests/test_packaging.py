@@ -48,7 +48,8 @@ def _run(args: list[str], *, site: Path | None, cwd: Path = ROOT, timeout: float
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    tails = f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{tails}"
     return proc.stdout
 
 
@@ -150,7 +151,8 @@ def test_wheel_holds_kernels_benchmarks_and_csrc(tmp_path: Path):
     _ok(subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
                        capture_output=True, text=True, timeout=300))
     script = (
-        "import fastvit, fastvit.kernels.flash_attention as fa, fastvit.benchmarks.cli as cli, fastvit.extension as ext\n"
+        "import fastvit, fastvit.extension as ext\n"
+        "import fastvit.kernels.flash_attention as fa, fastvit.benchmarks.cli as cli\n"
         f"assert fa.__file__.startswith({str(target)!r}) and cli.__file__.startswith({str(target)!r}), fa.__file__\n"
         f"assert str(ext._csrc_dir()).startswith({str(target)!r}), ext._csrc_dir()\n"
         "print('ok')\n"
