@@ -16,13 +16,29 @@ Implementations (``impl``), on (B, H, N, D) self-attention with N = 1 + (r / 16)
 
 - ``eager``: timm's materialised attention, ``softmax((q * scale) @ k^T) @ v``;
 - ``axial``: ``fastvit.axial_attention`` on the 1 + h x w token grid (a different model, O(N^1.5));
+- ``window``: ``fastvit.window_attention`` with 14 x 14 windows on the same grid, like ViTDet's
+  windowed blocks (a different model, O(N * window^2));
 - ``sdpa[math|efficient|flash|cudnn]``: ``F.scaled_dot_product_attention`` pinned to one backend
   with ``torch.nn.attention.sdpa_kernel`` (unavailable where the device lacks it);
 - ``flash-attn``, ``xformers``: when importable (their (B, N, H, D) layout);
 - ``fastvit[<route>]``: ``fastvit.flash_attention`` labelled with the route that ran.
 
-FLOPs follow flash-attn's convention (forward 4 * B * H * N^2 * D, forward+backward 3.5x); the
-axial rows count the work axial attention does, 4 * B * H * D * (h*w * (2P + h + w) + P * N).
+Attention with a learnable bias, as the relative-position models run it (fwd+bwd includes the
+bias's gradient):
+
+- ``fastvit+bias[<route>]`` / ``sdpa+bias``: a float ``attn_mask`` of shape (1, H, N, N) that
+  requires grad (BEiT's / Swin's gathered relative-position bias), given to
+  ``fastvit.flash_attention`` and to ``F.scaled_dot_product_attention``;
+- ``fastvit+rel_pos[<route>]`` / ``sdpa+rel_pos``: SAM's decomposed relative position on the
+  h x w grid (no cls token: N = h * w), ``rel_h`` (B, H, N, h) and ``rel_w`` (B, H, N, w):
+  computed inside fastvit's kernel, materialised as a (B, H, N, N) bias for SDPA.
+
+``--quick`` runs the biased pairs only when ``--impls`` names them.
+
+FLOPs follow flash-attn's convention (forward 4 * B * H * N^2 * D, forward+backward 3.5x; the bias
+adds no FLOPs); the axial rows count the work axial attention does,
+4 * B * H * D * (h*w * (2P + h + w) + P * N), and the window rows theirs,
+4 * B * H * D * (windows * w^2 * (P + w^2) + P * N), padded windows included.
 """
 
 from __future__ import annotations
@@ -51,8 +67,13 @@ SDPA_BACKENDS = {
     "sdpa[flash]": "FLASH_ATTENTION",
     "sdpa[cudnn]": "CUDNN_ATTENTION",
 }
-IMPLS = ("eager", "axial", *SDPA_BACKENDS, "flash-attn", "xformers", "fastvit")
+BIAS_IMPLS = ("fastvit+bias", "sdpa+bias", "fastvit+rel_pos", "sdpa+rel_pos")
+IMPLS = ("eager", "axial", "window", *SDPA_BACKENDS, "flash-attn", "xformers", "fastvit", *BIAS_IMPLS)
+FASTVIT_IMPLS = ("fastvit", "fastvit+bias", "fastvit+rel_pos")  # labelled with the route that ran
+# --quick (CI's smoke run, 2 minutes on a 2-core CPU) leaves the biased pairs out unless named
+QUICK_IMPLS = tuple(impl for impl in IMPLS if impl not in BIAS_IMPLS)
 PREFIX = 1  # one cls token before the grid
+WINDOW = 14  # ViTDet's window (14 x 14 patches of a 1024 px image at patch 16)
 
 # ViT-B/16 token counts at growing resolutions: 197, 577, 1025, 2305, 4097, 8101 on the CPU
 # (2 cores: eager attention at 8101 tokens takes ~15 s a call), up to 65537 (4096 px) on a GPU.
@@ -82,6 +103,11 @@ def flops(point: Point) -> float:
         gh, gw = (int(s) for s in point.params["grid"].split("x"))
         p = point.params["num_prefix_tokens"]
         forward = 4.0 * b * h * d * (gh * gw * (2 * p + gh + gw) + p * n)
+    elif point.impl == "window":
+        gh, gw = (int(s) for s in point.params["grid"].split("x"))
+        p, w = point.params["num_prefix_tokens"], point.params["window"]
+        windows = -(-gh // w) * -(-gw // w)
+        forward = 4.0 * b * h * d * (windows * w * w * (p + w * w) + p * n)
     else:
         forward = 4.0 * b * h * n * n * d
     return forward * (3.5 if point.mode == "fwd+bwd" else 1.0)
@@ -97,11 +123,17 @@ def _not_here(impl: str, device: str, dtype: str) -> str | None:
             return f"{impl} runs on CUDA tensors only"
         if impl == "flash-attn" and dtype == "float32":
             return "flash-attn takes float16 and bfloat16 only"
-    if impl == "fastvit":
+    if impl in ("fastvit", "window", "fastvit+bias", "fastvit+rel_pos"):
+        import inspect
+
         import fastvit
 
-        if not hasattr(fastvit, "flash_attention"):
-            return "fastvit.flash_attention is not in this build"
+        op = "window_attention" if impl == "window" else "flash_attention"
+        if not hasattr(fastvit, op):
+            return f"fastvit.{op} is not in this build"
+        needs = {"fastvit+bias": "attn_mask", "fastvit+rel_pos": "rel_pos"}.get(impl)
+        if needs and needs not in inspect.signature(fastvit.flash_attention).parameters:
+            return f"fastvit.flash_attention has no {needs} in this build"
     return None
 
 
@@ -111,9 +143,14 @@ def points(args: Any, impl: str) -> list[Point]:
     for mode in modes(args):
         for n in seq_lens(args):
             params: dict[str, Any] = {}
-            if impl == "axial":
+            if impl in ("axial", "window"):
                 gh, gw = square_grid(n, PREFIX)
                 params = {"grid": f"{gh}x{gw}", "num_prefix_tokens": PREFIX}
+                if impl == "window":
+                    params["window"] = WINDOW
+            elif impl.endswith("+rel_pos"):
+                gh, gw = square_grid(n, PREFIX)  # SAM has no cls token: N = h * w
+                n, params = gh * gw, {"grid": f"{gh}x{gw}"}
             out.append(
                 Point(
                     suite=NAME,
@@ -136,7 +173,7 @@ def run(args: Any, progress: Progress) -> list[Record]:
     unknown = set(args.impls or ()) - set(IMPLS)
     if unknown:
         raise ValueError(f"unknown attention implementations {sorted(unknown)}; choose from {IMPLS}")
-    impls = list(args.impls or IMPLS)
+    impls = list(args.impls or (QUICK_IMPLS if args.quick else IMPLS))
     records, runnable = [], []
     for impl in impls:
         reason = _not_here(impl, args.device, args.dtype)
@@ -153,8 +190,8 @@ def run(args: Any, progress: Progress) -> list[Record]:
 
 
 def _base(impl: str) -> str:
-    """ "fastvit[torch]" -> "fastvit" (the label records the route; the point has the name)."""
-    return "fastvit" if impl.startswith("fastvit[") else impl
+    """ "fastvit+bias[torch]" -> "fastvit+bias" (the label records the route; the point has the name)."""
+    return impl.split("[")[0] if impl.split("[")[0] in FASTVIT_IMPLS else impl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +205,16 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def _sdpa_with_bias(q, k, v, bias) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _sdpa_materialised_rel_pos(q, k, v, rel_h, rel_w) -> torch.Tensor:
+    """SAM's way: the (B, H, N, h * w) bias rel_h[..., j // w] + rel_w[..., j % w], materialised."""
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def _probe(fn: Callable, label: str, shape: tuple[int, ...], dtype: torch.dtype, device: str, context) -> None:
@@ -208,12 +255,31 @@ def _implementation(point: Point) -> tuple[Callable, str, Callable[[], Any]]:
         from xformers.ops import memory_efficient_attention
 
         return memory_efficient_attention, impl, contextlib.nullcontext
-    if impl == "fastvit":
+    if impl == "window":
+        import fastvit
+
+        grid = tuple(int(s) for s in point.params["grid"].split("x"))
+        prefix, window = point.params["num_prefix_tokens"], point.params["window"]
+
+        def window_attention(q, k, v):
+            return fastvit.window_attention(q, k, v, grid, window, num_prefix_tokens=prefix)
+
+        return window_attention, impl, contextlib.nullcontext
+    if impl in FASTVIT_IMPLS:
         import fastvit
         from fastvit.backend import resolve_backend
 
         route = resolve_backend(torch.device(point.device))
-        return fastvit.flash_attention, f"fastvit[{route}]", contextlib.nullcontext
+        fns = {
+            "fastvit": fastvit.flash_attention,
+            "fastvit+bias": lambda q, k, v, bias: fastvit.flash_attention(q, k, v, attn_mask=bias),
+            "fastvit+rel_pos": lambda q, k, v, rel_h, rel_w: fastvit.flash_attention(q, k, v, rel_pos=(rel_h, rel_w)),
+        }
+        return fns[impl], f"{impl}[{route}]", contextlib.nullcontext
+    if impl == "sdpa+bias":
+        return _sdpa_with_bias, impl, contextlib.nullcontext
+    if impl == "sdpa+rel_pos":
+        return _sdpa_materialised_rel_pos, impl, contextlib.nullcontext
     raise Unavailable(f"unknown attention implementation {impl!r}")
 
 
@@ -229,10 +295,18 @@ def build(point: Point) -> Workload:
         _probe(fn, label, (b, tiny, h, d) if bnhd else (b, h, tiny, d), dtype, device, context())
 
     backward = point.mode == "fwd+bwd"
+    # the extra inputs of the biased impls: a (1, H, N, N) bias, or SAM's rel_h / rel_w tables
+    if point.impl.endswith("+bias"):
+        extra_shapes = [(1, h, n, n)]
+    elif point.impl.endswith("+rel_pos"):
+        gh, gw = (int(s) for s in point.params["grid"].split("x"))
+        extra_shapes = [(b, h, n, gh), (b, h, n, gw)]
+    else:
+        extra_shapes = []
 
     def make() -> tuple[torch.Tensor, ...]:
-        return tuple(randn(shape, dtype=dtype, device=device, requires_grad=backward) for _ in range(3))
-
+        shapes = [shape] * 3 + extra_shapes
+        return tuple(randn(s, dtype=dtype, device=device, requires_grad=backward) for s in shapes)
     sets = input_sets(make, device)
     grads = [randn(shape, dtype=dtype, device=device) for _ in sets] if backward else None
     workload = Workload(
@@ -242,6 +316,6 @@ def build(point: Point) -> Workload:
         context=context(),
         extra={"input_sets": len(sets)},
     )
-    if point.impl == "fastvit":
+    if point.impl in FASTVIT_IMPLS:
         workload.after_warmup = relabel_on_fallback(workload)
     return workload

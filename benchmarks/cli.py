@@ -44,10 +44,11 @@ SUITES = {
     "mlp": "mlp",
     "layernorm": "layernorm",
     "model": "model",
+    "varlen": "varlen",
 }
 DEFAULT_SUITES = ("attention", "model")
 # a --time-limit is shared among the suites in these proportions (what is left over carries on)
-WEIGHTS = {"attention": 4.0, "patch-embed": 1.0, "mlp": 1.0, "layernorm": 1.0, "model": 1.5}
+WEIGHTS = {"attention": 4.0, "patch-embed": 1.0, "mlp": 1.0, "layernorm": 1.0, "model": 1.5, "varlen": 1.5}
 # without --time-limit: the default job on a CPU stays within the 10 minutes it promises, and
 # `all` on a GPU within one 10-minute GPU session call
 DEFAULT_TIME_LIMIT_MIN = {"cpu-default": 9.0, "cuda-all": 8.0}

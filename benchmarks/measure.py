@@ -117,14 +117,15 @@ def randn(
 def relabel_on_fallback(workload: Workload) -> Callable[[list[warnings.WarningMessage]], None]:
     """An ``after_warmup`` hook for a ``fastvit`` workload: if the warm-up raised a
     ``FastvitFallbackWarning`` (the kernels did not take this case and the torch route ran), the
-    row is labelled ``fastvit[torch]`` and the warning becomes its note."""
+    row is labelled ``<name>[torch]`` (``fastvit[torch]``, ``fastvit+bias[torch]``) and the warning
+    becomes its note."""
 
     def after_warmup(caught: list[warnings.WarningMessage]) -> None:
         from fastvit import FastvitFallbackWarning
 
         fallbacks = [w for w in caught if issubclass(w.category, FastvitFallbackWarning)]
-        if fallbacks:
-            workload.impl = "fastvit[torch]"
+        if fallbacks:  # "fastvit[triton]" -> "fastvit[torch]", "fastvit+bias[triton]" -> "fastvit+bias[torch]"
+            workload.impl = (workload.impl or "fastvit").split("[")[0] + "[torch]"
             workload.note = str(fallbacks[0].message)
 
     return after_warmup

@@ -30,7 +30,11 @@ Per suite (s = the dtype's bytes; attention M = N, self-attention):
 - attention ``fwd``: q, k, v read, o written: s B H (2 N D + 2 M D). ``fwd+bwd`` adds the LSE
   written (4 B H N) and the backward's q, k, v, o, dO, LSE read and dq, dk, dv written: in all
   s B H (6 N D + 6 M D) + 8 B H N. (q, k, v are counted again in the backward; a floor that reads
-  them once for the whole step is lower by s B H (N D + 2 M D).)
+  them once for the whole step is lower by s B H (N D + 2 M D).) Rows with a bias (``+bias``,
+  ``+rel_pos``) add the bias's own tensors: read by the forward; read again, and their gradient
+  written, by the backward.
+- varlen (packed sequences, T tokens in all): the attention bytes at N = M = T with B = 1 (the
+  per-sequence terms are linear in the lengths, so they sum to that); padding is not counted.
 - mlp ``fwd``: x, the LayerNorm weight and bias, W1, b1, W2, b2 read, y written. ``fwd+bwd``: the
   forward also writes the pre-activation and the statistics; the backward reads dy, x, the
   statistics, the pre-activation, the LayerNorm weight and bias, W1 and W2 (the biases are not
@@ -80,10 +84,17 @@ __all__ = [
     "measure_ceilings",
     "mlp_bytes",
     "patch_embed_bytes",
+    "varlen_attention_bytes",
 ]
 
 # suite name -> module of this package (its flops(point) is the FLOP count)
-SUITES = {"attention": "attention", "mlp": "mlp", "patch-embed": "patch_embed", "layernorm": "layernorm"}
+SUITES = {
+    "attention": "attention",
+    "mlp": "mlp",
+    "patch-embed": "patch_embed",
+    "layernorm": "layernorm",
+    "varlen": "varlen",
+}
 ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 FP32 = 4  # LSE and LayerNorm statistics
 _PACKAGE = __package__  # "fastvit.benchmarks"
@@ -117,17 +128,40 @@ def element_size(dtype: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # bytes per op
 # ---------------------------------------------------------------------------------------------
-def attention_bytes(batch: int, heads: int, n: int, m: int, head_dim: int, dtype: str, mode: str) -> int:
-    """Compulsory bytes of attention with N queries and M keys (module docstring)."""
+def attention_bytes(
+    batch: int, heads: int, n: int, m: int, head_dim: int, dtype: str, mode: str, bias_elements: int = 0
+) -> int:
+    """Compulsory bytes of attention with N queries and M keys (module docstring); ``bias_elements``:
+    the elements of an additive bias's own tensors (a (1, H, N, M) mask, or rel_pos's tables), read
+    by the forward and, in ``fwd+bwd``, read again and their gradient written by the backward."""
     s, bh = element_size(dtype), batch * heads
     q, kv = n * head_dim, 2 * m * head_dim  # elements per (batch, head)
-    forward = s * bh * (q + kv + q)  # q, k, v read; o written
+    forward = s * bh * (q + kv + q) + s * bias_elements  # q, k, v, bias read; o written
     if mode == "fwd":
         return forward
     lse = FP32 * bh * n
-    # backward: q, k, v, o, dO, lse read; dq, dk, dv written
-    backward = s * bh * (q + kv + q + q) + lse + s * bh * (q + kv)
+    # backward: q, k, v, o, dO, lse, bias read; dq, dk, dv, dbias written
+    backward = s * bh * (q + kv + q + q) + lse + s * bh * (q + kv) + 2 * s * bias_elements
     return forward + lse + backward
+
+
+def attention_bias_elements(record: Record) -> int:
+    """Elements of the bias tensors an attention-suite row reads (0 for unbiased rows)."""
+    impl, n = record.impl.split("[")[0], record.n_tokens
+    if impl.endswith("+bias"):
+        return record.heads * n * n  # (1, H, N, N)
+    if impl.endswith("+rel_pos"):
+        gh, gw = (int(v) for v in record.extra["grid"].split("x"))
+        return record.batch * record.heads * n * (gh + gw)  # rel_h (B, H, N, h), rel_w (B, H, N, w)
+    return 0
+
+
+def varlen_attention_bytes(total_tokens: int, heads: int, head_dim: int, dtype: str, mode: str) -> int:
+    """Compulsory bytes of packed variable-length attention over T tokens in all (module docstring):
+    each sequence moves attention's bytes at its own length, and those are linear in the lengths,
+    so the sum is one (1, H, T, D) attention's. Padding, where an implementation pads, is not
+    compulsory and not counted."""
+    return attention_bytes(1, heads, total_tokens, total_tokens, head_dim, dtype, mode)
 
 
 def mlp_bytes(rows: int, dim: int, hidden: int, dtype: str, mode: str) -> int:
@@ -198,7 +232,10 @@ def cost(record: Record) -> Cost | None:
     try:
         if record.suite == "attention":
             n = record.n_tokens
-            nbytes = attention_bytes(record.batch, record.heads, n, n, record.head_dim, record.dtype, record.mode)
+            nbytes = attention_bytes(record.batch, record.heads, n, n, record.head_dim, record.dtype, record.mode,
+                                     attention_bias_elements(record))
+        elif record.suite == "varlen":
+            nbytes = varlen_attention_bytes(record.n_tokens, record.heads, record.head_dim, record.dtype, record.mode)
         elif record.suite == "mlp":
             nbytes = mlp_bytes(record.batch * record.n_tokens, x["dim"], x["hidden"], record.dtype, record.mode)
         elif record.suite == "layernorm":
@@ -227,7 +264,7 @@ def floor(c: Cost, ceilings: dict[str, Any] | None, dtype: str) -> tuple[float, 
 
 def annotate(records: Iterable[Record], ceilings: dict[str, Any] | None) -> None:
     """Add ``flops``, ``min_bytes`` and, with ceilings for the dtype, ``floor_ms``, ``floor_bound``
-    and ``pct_of_floor`` to the extra fields of every ``ok`` record of the attention, mlp,
+    and ``pct_of_floor`` to the extra fields of every ``ok`` record of the attention, varlen, mlp,
     patch-embed and layernorm suites (in place; running it again changes nothing)."""
     for r in records:
         if r.status != "ok" or not r.ms:

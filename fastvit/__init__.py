@@ -2,10 +2,12 @@
 
 Public API::
 
-    fastvit.flash_attention(q, k, v, *, scale=None, causal=False, return_lse=False)
+    fastvit.flash_attention(q, k, v, *, scale=None, causal=False, attn_mask=None, rel_pos=None, return_lse=False)
+    fastvit.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, max_seqlen_q=None, ...)
     fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ...)
     fastvit.patch_embed(x, weight, bias=None, *, pos_embed=None, prefix_tokens=None)
     fastvit.axial_attention(q, k, v, grid, num_prefix_tokens=0)     # the axial baseline
+    fastvit.window_attention(q, k, v, grid, window, *, shift=0, num_prefix_tokens=0)  # (shifted) windows
     report = fastvit.patch(model); fastvit.unpatch(model)
     with fastvit.backend("auto" | "triton" | "torch" | "cuda"): ...
 """
@@ -13,8 +15,10 @@ Public API::
 from fastvit.backend import FastvitFallbackWarning, backend, current_backend
 from fastvit.ops.axial_attention import axial_attention
 from fastvit.ops.flash_attention import flash_attention
+from fastvit.ops.flash_attention_varlen import flash_attention_varlen
 from fastvit.ops.layernorm_mlp import layernorm_mlp
 from fastvit.ops.patch_embed import patch_embed
+from fastvit.ops.window_attention import window_attention
 from fastvit.patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
@@ -26,8 +30,10 @@ __all__ = [
     "backend",
     "current_backend",
     "flash_attention",
+    "flash_attention_varlen",
     "layernorm_mlp",
     "patch",
     "patch_embed",
     "unpatch",
+    "window_attention",
 ]

@@ -12,7 +12,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "axial_attention", "layernorm_mlp", "patch_embed"]
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "axial_attention",
+    "layernorm_mlp",
+    "patch_embed",
+    "window_attention",
+    "window_attention_mask",
+]
 
 
 def attention(
@@ -22,8 +30,10 @@ def attention(
     *,
     scale: float | None = None,
     causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    rel_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialised softmax attention.
+    """Materialised softmax attention, with an optional mask and decomposed relative position.
 
     Args:
         q: (B, H, N, D) queries.
@@ -31,18 +41,30 @@ def attention(
         v: (B, H, M, D) values.
         scale: multiplies q.k; default 1/sqrt(D).
         causal: query i sees keys j <= i (top-left aligned, like SDPA's ``is_causal``).
+        attn_mask: broadcastable to (B, H, N, M): bool (True = may attend) or floating (added to
+            ``scale * q.k``; cast to q's dtype, as SDPA requires).
+        rel_pos: (rel_h (B|1, H|1, N, kh), rel_w (B|1, H|1, N, kw)) with M = kh * kw: the bias
+            ``rel_h[..., i, j // kw] + rel_w[..., i, j % kw]`` (SAM / ViTDet), cast to q's dtype.
 
     Returns:
-        out (B, H, N, D) and lse (B, H, N), the natural-log logsumexp over keys of scale * q.k.
+        out (B, H, N, D) and lse (B, H, N), the natural-log logsumexp over keys of the biased
+        scores. Fully masked query rows give out = 0 and lse = -inf (and zero gradients).
     """
     n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if rel_pos is not None:
+        rel_h, rel_w = (t.to(q.dtype) for t in rel_pos)
+        s = s + (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    if attn_mask is not None:
+        is_bool = attn_mask.dtype == torch.bool
+        s = s.masked_fill(~attn_mask, float("-inf")) if is_bool else s + attn_mask.to(q.dtype)
     if causal:
         keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
-    p = torch.softmax(s, dim=-1)
+    dead = torch.isneginf(s).all(-1, keepdim=True)  # fully masked rows: zeros, not NaN
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return torch.matmul(p, v), lse
 
 
@@ -160,3 +182,109 @@ def axial_attention(
 
     full = torch.matmul(torch.softmax(s, dim=-1), v)
     return torch.where(prefix[:, None], full, masked(same_row) + masked(same_col))
+
+
+def window_attention_mask(
+    grid: tuple[int, int],
+    window: tuple[int, int],
+    shift: tuple[int, int] = (0, 0),
+    num_prefix_tokens: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The (N, N) bool mask of (shifted) window attention, True = query i may attend to key j.
+
+    N = P + gh*gw, P prefix tokens first, then the grid row-major. The grid is rolled by -shift
+    (``torch.roll``), padded at the bottom and right to a multiple of the window and cut into
+    windows; grid tokens attend within their window and their region, the region of the token at
+    (r, c) being whether the roll wrapped it around, (r < sh, c < sw) (Swin's SW-MSA mask).
+    Prefix tokens attend to and are attended by every token.
+
+    Args:
+        grid: (gh, gw).
+        window: (wh, ww).
+        shift: (sh, sw), each taken modulo the grid side like ``torch.roll``.
+        num_prefix_tokens: P.
+        device: where the mask lives.
+
+    Returns:
+        (N, N) bool.
+    """
+    (gh, gw), (wh, ww), prefix = grid, window, num_prefix_tokens
+    sh, sw = shift[0] % gh, shift[1] % gw
+    ids = torch.arange(gh * gw, device=device).reshape(gh, gw)
+    rolled = torch.roll(ids, shifts=(-sh, -sw), dims=(0, 1))
+    pad_h, pad_w = -gh % wh, -gw % ww
+    placed = F.pad(rolled, (0, pad_w, 0, pad_h), value=-1)  # token id at each padded position; -1: padding
+    rows = torch.arange(gh + pad_h, device=device) // wh
+    cols = torch.arange(gw + pad_w, device=device) // ww
+    window_at = rows[:, None] * ((gw + pad_w) // ww) + cols[None, :]
+    real = placed >= 0
+    window_of = torch.empty(gh * gw, dtype=torch.long, device=device)
+    window_of[placed[real]] = window_at[real]
+    r, c = ids.flatten() // gw, ids.flatten() % gw
+    region_of = (r < sh).long() * 2 + (c < sw).long()
+    grid_keep = (window_of[:, None] == window_of[None, :]) & (region_of[:, None] == region_of[None, :])
+    keep = torch.ones(prefix + gh * gw, prefix + gh * gw, dtype=torch.bool, device=device)
+    keep[prefix:, prefix:] = grid_keep
+    return keep
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int],
+    window: tuple[int, int],
+    *,
+    shift: tuple[int, int] = (0, 0),
+    num_prefix_tokens: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """(Shifted) window attention as masked attention over all N tokens: the definition.
+
+    Args:
+        q, k, v: (B, H, N, D), N = P + gh*gw.
+        grid, window, shift, num_prefix_tokens: as in ``window_attention_mask`` (pairs here).
+        scale: multiplies q.k; default 1/sqrt(D).
+
+    Returns:
+        (B, H, N, D).
+    """
+    keep = window_attention_mask(grid, window, shift, num_prefix_tokens, q.device)
+    return attention(q, k, v, scale=scale, attn_mask=keep)[0]
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention: ``attention`` on each sequence on its own.
+
+    Args:
+        q: (T, H, D) queries of S sequences packed end to end.
+        k, v: (Tk, H, D) keys and values, packed the same way.
+        cu_seqlens_q: (S+1,) integer offsets of the query sequences (0, ..., T).
+        cu_seqlens_k: (S+1,) offsets of the key sequences; None: ``cu_seqlens_q``.
+        scale: multiplies q.k; default 1/sqrt(D).
+        causal: top-left aligned within each sequence.
+
+    Returns:
+        out (T, H, D) and lse (H, T). A sequence with queries but no keys gives zeros and -inf.
+    """
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_k.tolist()
+    outs, lses = [], []
+    for s in range(len(bounds_q) - 1):
+        q_s = q[bounds_q[s] : bounds_q[s + 1]].transpose(0, 1)[None]  # (1, H, Lq, D)
+        k_s = k[bounds_k[s] : bounds_k[s + 1]].transpose(0, 1)[None]
+        v_s = v[bounds_k[s] : bounds_k[s + 1]].transpose(0, 1)[None]
+        out, lse = attention(q_s, k_s, v_s, scale=scale, causal=causal)  # no keys: zeros, -inf
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)

@@ -24,6 +24,33 @@ pointers advance block by block, so no int32 product of a row index and a stride
 Precision: fp16/bf16 inputs use tensor-core dots with fp32 accumulation (P is rounded to the
 input dtype before the P V product, as in FlashAttention); fp32 inputs use IEEE fp32 dots (no
 TF32), so fp32 results are accurate to fp32 rounding.
+
+Masks and biases (constexpr flags, all off by default: plain attention compiles to the same code):
+    HAS_BIAS      an attn_mask, 4-D, each dim 1 or full, read in place through its own strides
+                  (stride 0 in broadcast dims), one (rows, keys) tile per key block, int64 row
+                  offsets; BIAS_BOOL: uint8 (0 = masked -> -inf), else float, added (x log2 e).
+    HAS_REL_POS   SAM's decomposed bias rel_h[i, j // kw] + rel_w[i, j % kw], gathered from the
+                  (N, kh) and (N, kw) tables per tile: O(N * (kh + kw)) memory.
+    A row whose every score is -inf (fully masked) is guarded: the online softmax subtracts 0
+    instead of a -inf max, l = 0 gives out = 0 and lse = -inf, and the backward turns lse = -inf
+    into +inf so that P = 0 there (zero gradients, never NaN).
+    dBias (a float mask that requires grad) = dS = P * (dP - delta), summed over the mask's
+    broadcast dims by ``flash_attention_bwd_dbias_kernel``: one program per tile of the mask's own
+    shape looping over the (batch, head, row block, key block) that broadcast onto it in a fixed
+    order and recomputing P and dP (extra FLOPs only when the mask needs grad; no atomics).
+    d rel_h / d rel_w (REL_POS_GRAD): the dQ pass reduces each dS tile into kh and kw bins with
+    dots against 0/1 selection matrices and writes per-(batch, head) fp32 partials (B*H, N, k),
+    which the launcher sums over the tables' broadcast dims (fixed order, deterministic).
+
+Packed variable-length sequences (VARLEN, flash-attn's varlen layout; constexpr, off by default):
+    q (T, H, D), k and v (Tk, H, D) hold S sequences end to end at the int32 offsets cu_seqlens_q,
+    cu_seqlens_k (S+1,). The forward, dK/dV and dQ kernels take a (2, G) tile table built on the
+    device from cu_seqlens (``varlen_tiles``): program (head, tile) reads its sequence and block
+    start there, moves its pointers to the sequence's first token and uses the sequence's lengths
+    as N and M, so tiles never see another sequence's keys and the work is sum(len_q * len_k) up
+    to tile granularity (at most S idle programs per head beyond the tiles, which do nothing). A
+    sequence with queries but no keys takes the fully masked guard (zeros, lse -inf). Lse and
+    delta are (H, T); the delta pre-pass is row-wise and runs on the packed rows as one batch.
 """
 
 from __future__ import annotations
@@ -48,6 +75,31 @@ MAX_HEAD_DIM = 128
 # Forward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _add_bias(
+    t,  # (R, C) fp32 scores in log2 units (scale * q.k * log2 e)
+    bias_ptrs,  # (R, C) pointers into the attn_mask (HAS_BIAS), else None
+    rh_ptrs, rw_ptrs,  # (R, C) gathered pointers into rel_h and rel_w (HAS_REL_POS), else None
+    valid,  # (R, C) in-range (query, key) pairs: out-of-range loads are skipped
+    HAS_BIAS: tl.constexpr,
+    BIAS_BOOL: tl.constexpr,  # the mask is bool (read as uint8, 0 = masked), else float (added)
+    HAS_REL_POS: tl.constexpr,
+):
+    # -- t += (rel_h[i, j // kw] + rel_w[i, j % kw]) * log2 e --
+    if HAS_REL_POS:
+        rh = tl.load(rh_ptrs, mask=valid, other=0.0).to(tl.float32)
+        rw = tl.load(rw_ptrs, mask=valid, other=0.0).to(tl.float32)
+        t += (rh + rw) * 1.4426950408889634
+    # -- bool: -inf where masked;  float: t += bias * log2 e (bias may hold -inf) --
+    if HAS_BIAS:
+        if BIAS_BOOL:
+            keep = tl.load(bias_ptrs, mask=valid, other=0)
+            t = tl.where(keep != 0, t, float("-inf"))
+        else:
+            t += tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+    return t
+
+
+@triton.jit
 def _attention_fwd_inner(
     acc, l_i, m_i,  # running output (BLOCK_M, HEAD_DIM_PAD) fp32, row sum, row max (log2 units)
     q,  # (BLOCK_M, HEAD_DIM_PAD) query tile
@@ -59,12 +111,19 @@ def _attention_fwd_inner(
     lo, hi,  # key range [lo, hi) to visit, lo a multiple of BLOCK_N
     M,  # number of keys
     qk_scale,  # softmax scale * log2(e)
+    row_valid,  # (BLOCK_M,) offs_m < N
+    bias_rows,  # (BLOCK_M,) pointers to key 0 of this program's rows of the attn_mask, or None
+    rh_rows, rw_rows,  # (BLOCK_M,) pointers to this program's rows of rel_h / rel_w, or None
+    stride_bm, stride_rhk, stride_rwk, KW,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,  # the range holds key columns >= M
     CAUSAL_MASK: tl.constexpr,  # the range crosses the causal diagonal
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
+    BIAS_BOOL: tl.constexpr = False,
+    HAS_REL_POS: tl.constexpr = False,
 ):
     # only scalar block pointers are carried through the loop; tile offsets are cheap to rebuild
     k_block = k_head + tl.cast(lo, tl.int64) * stride_kn
@@ -81,14 +140,37 @@ def _attention_fwd_inner(
         else:
             k = tl.load(k_block + offs_n[None, :] * stride_kn + offs_d[:, None], mask=d_valid[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
-        if MASK_KEYS:
-            s = tl.where(key_valid[None, :], s, float("-inf"))
-        if CAUSAL_MASK:
-            s = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], s, float("-inf"))
-        # -- online softmax: new row max, rescale the old sum and accumulator --
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if HAS_BIAS or HAS_REL_POS:
+            # -- t = s * scale * log2 e + bias * log2 e; a row may be -inf throughout --
+            cols = start_n + offs_n
+            valid = row_valid[:, None] & (cols < M)[None, :]
+            bias_ptrs = bias_rows[:, None] + cols[None, :] * stride_bm if HAS_BIAS else bias_rows
+            if HAS_REL_POS:
+                rh_ptrs = rh_rows[:, None] + (cols // KW)[None, :] * stride_rhk
+                rw_ptrs = rw_rows[:, None] + (cols % KW)[None, :] * stride_rwk
+            else:
+                rh_ptrs = rh_rows
+                rw_ptrs = rw_rows
+            t = _add_bias(s * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+                          HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
+            if MASK_KEYS:
+                t = tl.where(key_valid[None, :], t, float("-inf"))
+            if CAUSAL_MASK:
+                t = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], t, float("-inf"))
+            # -- online softmax guarded for fully masked rows: max -inf would make exp2 NaN --
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(t - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        else:
+            if MASK_KEYS:
+                s = tl.where(key_valid[None, :], s, float("-inf"))
+            if CAUSAL_MASK:
+                s = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], s, float("-inf"))
+            # -- online softmax: new row max, rescale the old sum and accumulator --
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc += p v --
         if MASK_KEYS:
@@ -107,17 +189,45 @@ def _attention_fwd_inner(
 
 
 @triton.jit
+def _varlen_tile(
+    Tiles,  # (2, num_tiles) int32 tile table: the sequence of each tile (-1 past the last), its first row
+    CuSeqA,  # (S+1,) int32 offsets of the sequences the tiles cut (queries, or keys for dK/dV)
+    CuSeqB,  # (S+1,) int32 offsets of the other side's sequences
+    tile, num_tiles,
+):
+    """(first row of the tile in its sequence, the sequence's first token and length on side A,
+    and on side B) of one tile of a VARLEN launch. A tile past the last one gets lengths 0, so its
+    program loads nothing, loops over nothing and stores nothing."""
+    seq = tl.load(Tiles + tile)
+    start = tl.load(Tiles + num_tiles + tile)
+    live = seq >= 0
+    seq = tl.maximum(seq, 0)
+    a_row0 = tl.load(CuSeqA + seq)
+    b_row0 = tl.load(CuSeqB + seq)
+    a_len = tl.where(live, tl.load(CuSeqA + seq + 1) - a_row0, 0)
+    b_len = tl.where(live, tl.load(CuSeqB + seq + 1) - b_row0, 0)
+    return start, a_row0.to(tl.int64), a_len, b_row0.to(tl.int64), b_len
+
+
+@triton.jit
 def flash_attention_fwd_kernel(
     Q,  # (B, H, N, D) queries, unit stride in D
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     Out,  # (B, H, N, D) output, unit stride in D
-    Lse,  # (B*H, N) fp32 natural-log logsumexp of scale * q.k, contiguous
+    Lse,  # (B*H, N) fp32 natural-log logsumexp of the biased scores, contiguous; -inf on fully masked rows
+    Bias,  # (B|1, H|1, N|1, M|1) attn_mask (HAS_BIAS, else None): uint8 (bool) or float, any strides
+    RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None), any strides
+    RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None), any strides
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
+    stride_rhb, stride_rhh, stride_rhn, stride_rhk,  # 0 in rel_h's broadcast dims
+    stride_rwb, stride_rwh, stride_rwn, stride_rwk,
     H, N, M,  # heads, queries, keys
+    KW,  # rel_pos grid width: key j is grid cell (j // KW, j % KW)
     sm_scale,  # softmax scale (> 0)
     HEAD_DIM: tl.constexpr,  # D
     HEAD_DIM_PAD: tl.constexpr,  # D rounded up to a power of two >= 16
@@ -125,14 +235,37 @@ def flash_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step; divides BLOCK_M
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (unused by fp16/bf16 dots)
+    HAS_BIAS: tl.constexpr = False,  # attn_mask given
+    BIAS_BOOL: tl.constexpr = False,  # ... and it is bool
+    HAS_REL_POS: tl.constexpr = False,  # rel_pos given
+    CuSeqQ=None,  # (S+1,) int32 offsets of the packed query sequences (VARLEN, else None)
+    CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
+    Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
+    VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
 ):
-    # -- which query block and which (batch, head); the heaviest causal blocks start first --
-    num_m_blocks = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    start_m = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
+    if VARLEN:
+        # -- (head, tile): the tile table gives the sequence and the query block; the pointers move
+        #    to the sequence's first token and N, M become its lengths (N came in as T, Lse's rows) --
+        pid = tl.program_id(0)
+        num_tiles = tl.num_programs(0) // H
+        off_h = (pid // num_tiles).to(tl.int64)
+        start_m, q_row0, n_seq, k_row0, m_seq = _varlen_tile(Tiles, CuSeqQ, CuSeqK, pid % num_tiles, num_tiles)
+        lse_row = Lse + off_h * N + q_row0
+        Q += q_row0 * stride_qn
+        Out += q_row0 * stride_on
+        K += k_row0 * stride_kn
+        V += k_row0 * stride_vn
+        N = n_seq
+        M = m_seq
+        off_b = off_h * 0  # no batch dim (its strides are 0)
+    else:
+        # -- which query block and which (batch, head); the heaviest causal blocks start first --
+        num_m_blocks = tl.cdiv(N, BLOCK_M)
+        pid = tl.program_id(0)
+        bh = pid // num_m_blocks
+        start_m = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
+        off_b = (bh // H).to(tl.int64)
+        off_h = (bh % H).to(tl.int64)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -150,6 +283,14 @@ def flash_attention_fwd_kernel(
         mask=row_valid[:, None] & d_valid[None, :],
         other=0.0,
     )
+    # -- per-row pointers into the mask and the rel_pos tables (int64 row offsets) --
+    bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m.to(tl.int64) * stride_bn if HAS_BIAS else Bias
+    if HAS_REL_POS:
+        rh_rows = RelH + off_b * stride_rhb + off_h * stride_rhh + offs_m.to(tl.int64) * stride_rhn
+        rw_rows = RelW + off_b * stride_rwb + off_h * stride_rwh + offs_m.to(tl.int64) * stride_rwn
+    else:
+        rh_rows = RelH
+        rw_rows = RelW
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -167,26 +308,42 @@ def flash_attention_fwd_kernel(
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         0, unmasked_end, M, qk_scale,
+        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
+        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
     )
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         unmasked_end, hi, M, qk_scale,
+        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
+        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
     )
 
     # -- epilogue: normalise, write out and the natural-log lse --
-    acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
+    if HAS_BIAS or HAS_REL_POS or VARLEN:
+        # a fully masked row (VARLEN: a sequence with no keys) has l = 0: out 0 (not 0/0), lse -inf
+        # (one approximate reciprocal per row: the IEEE division's slow-path subroutine calls made
+        # ptxas spill around them, 8 B on sm_80)
+        dead = l_i == 0.0
+        l_safe = tl.where(dead, 1.0, l_i)
+        acc = acc * tl.fdiv(1.0, l_safe, ieee_rounding=False)[:, None]
+        lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    else:
+        acc = acc / l_i[:, None]
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
     o_base = Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_on
     tl.store(
         o_base + local_m[:, None] * stride_on + offs_d[None, :],
         acc.to(Out.dtype.element_ty),
         mask=row_valid[:, None] & d_valid[None, :],
     )
-    tl.store(Lse + bh.to(tl.int64) * N + offs_m, lse, mask=row_valid)
+    if VARLEN:
+        tl.store(lse_row + offs_m, lse, mask=row_valid)
+    else:
+        tl.store(Lse + bh.to(tl.int64) * N + offs_m, lse, mask=row_valid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +398,16 @@ def _attention_bwd_dkdv_inner(
     lo, hi,  # query range [lo, hi)
     N,
     qk_scale,
+    bias_cols,  # (BLOCK_N,) pointers to query 0 of this program's key columns of the attn_mask, or None
+    rh_cols, rw_cols,  # (BLOCK_N,) pointers to rel_h[.., 0, j // kw] / rel_w[.., 0, j % kw], or None
+    key_valid,  # (BLOCK_N,) offs_n < M
+    stride_bn, stride_rhn, stride_rwn,
     BLOCK_M: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
+    BIAS_BOOL: tl.constexpr = False,
+    HAS_REL_POS: tl.constexpr = False,
 ):
     q_ptrs += tl.cast(lo, tl.int64) * stride_qn
     do_ptrs += tl.cast(lo, tl.int64) * stride_don
@@ -255,7 +419,23 @@ def _attention_bwd_dkdv_inner(
         lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=float("inf"))
         # -- P^T = exp(scale * k q^T - lse) --
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
+        if HAS_BIAS or HAS_REL_POS:
+            # -- with the bias (transposed tile: keys x queries); lse = -inf (fully masked row) -> P = 0 --
+            valid = key_valid[:, None] & row_valid[None, :]
+            rows64 = offs_m.to(tl.int64)
+            bias_ptrs = bias_cols[:, None] + (rows64 * stride_bn)[None, :] if HAS_BIAS else bias_cols
+            if HAS_REL_POS:
+                rh_ptrs = rh_cols[:, None] + (rows64 * stride_rhn)[None, :]
+                rw_ptrs = rw_cols[:, None] + (rows64 * stride_rwn)[None, :]
+            else:
+                rh_ptrs = rh_cols
+                rw_ptrs = rw_cols
+            t_t = _add_bias(s_t * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+                            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            p_t = tl.math.exp2(t_t - lse[None, :] * 1.4426950408889634)
+        else:
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         do = tl.load(do_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
@@ -277,17 +457,24 @@ def flash_attention_bwd_dkdv_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
-    Lse,  # (B*H, N) fp32 forward logsumexp (natural log)
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
     Delta,  # (B*H, N) fp32 rowsum(dO * O)
     dK,  # (B, H, M, D) key gradient, unit stride in D
     dV,  # (B, H, M, D) value gradient, unit stride in D
+    Bias,  # (B|1, H|1, N|1, M|1) attn_mask (HAS_BIAS, else None): uint8 (bool) or float, any strides
+    RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None)
+    RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
+    stride_rhb, stride_rhh, stride_rhn, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwn, stride_rwk,
     H, N, M,
+    KW,  # rel_pos grid width
     sm_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -295,20 +482,45 @@ def flash_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program; a multiple of BLOCK_M
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
+    BIAS_BOOL: tl.constexpr = False,
+    HAS_REL_POS: tl.constexpr = False,
+    CuSeqQ=None,  # (S+1,) int32 offsets of the packed query sequences (VARLEN, else None)
+    CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
+    Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
+    VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
 ):
-    num_n_blocks = tl.cdiv(M, BLOCK_N)
-    pid = tl.program_id(0)
-    bh = pid // num_n_blocks
-    start_n = (pid % num_n_blocks) * BLOCK_N
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
+    if VARLEN:
+        # -- (head, key tile) of the packed sequences, as in the forward (N came in as T) --
+        pid = tl.program_id(0)
+        num_tiles = tl.num_programs(0) // H
+        off_h = (pid // num_tiles).to(tl.int64)
+        start_n, k_row0, m_seq, q_row0, n_seq = _varlen_tile(Tiles, CuSeqK, CuSeqQ, pid % num_tiles, num_tiles)
+        total_q = N
+        Q += q_row0 * stride_qn
+        dOut += q_row0 * stride_don
+        K += k_row0 * stride_kn
+        V += k_row0 * stride_vn
+        dK += k_row0 * stride_dkn
+        dV += k_row0 * stride_dvn
+        N = n_seq
+        M = m_seq
+        off_b = off_h * 0  # no batch dim (its strides are 0)
+    else:
+        num_n_blocks = tl.cdiv(M, BLOCK_N)
+        pid = tl.program_id(0)
+        bh = pid // num_n_blocks
+        start_n = (pid % num_n_blocks) * BLOCK_N
+        off_b = (bh // H).to(tl.int64)
+        off_h = (bh % H).to(tl.int64)
 
     local_n = tl.arange(0, BLOCK_N)
     offs_n = start_n + local_n
     local_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
-    kv_mask = (offs_n < M)[:, None] & d_valid[None, :]
+    key_valid = offs_n < M
+    kv_mask = key_valid[:, None] & d_valid[None, :]
 
     # -- this program's keys and values stay in registers for the whole loop --
     k = tl.load(
@@ -325,9 +537,21 @@ def flash_attention_bwd_dkdv_kernel(
     do_ptrs = (
         dOut + off_b * stride_dob + off_h * stride_doh + local_m[:, None] * stride_don + offs_d[None, :] * stride_dod
     )
-    lse_ptr = Lse + bh.to(tl.int64) * N
-    delta_ptr = Delta + bh.to(tl.int64) * N
+    if VARLEN:
+        lse_ptr = Lse + off_h * total_q + q_row0
+        delta_ptr = Delta + off_h * total_q + q_row0
+    else:
+        lse_ptr = Lse + bh.to(tl.int64) * N
+        delta_ptr = Delta + bh.to(tl.int64) * N
     qk_scale = sm_scale * 1.4426950408889634
+    # -- per-key-column pointers into the mask and the rel_pos tables --
+    bias_cols = Bias + off_b * stride_bb + off_h * stride_bh + offs_n * stride_bm if HAS_BIAS else Bias
+    if HAS_REL_POS:
+        rh_cols = RelH + off_b * stride_rhb + off_h * stride_rhh + (offs_n // KW) * stride_rhk
+        rw_cols = RelW + off_b * stride_rwb + off_h * stride_rwh + (offs_n % KW) * stride_rwk
+    else:
+        rh_cols = RelH
+        rw_cols = RelW
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -338,7 +562,9 @@ def flash_attention_bwd_dkdv_kernel(
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
             offs_n, local_m, d_valid, lo, diag_end, N, qk_scale,
+            bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
             BLOCK_M=BLOCK_M, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
+            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
         )
         lo = diag_end
     else:
@@ -346,7 +572,9 @@ def flash_attention_bwd_dkdv_kernel(
     dk, dv = _attention_bwd_dkdv_inner(
         dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
         offs_n, local_m, d_valid, lo, N, N, qk_scale,
+        bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
         BLOCK_M=BLOCK_M, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
+        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
     )
 
     dk = dk * sm_scale
@@ -365,6 +593,7 @@ def flash_attention_bwd_dkdv_kernel(
 @triton.jit
 def _attention_bwd_dq_inner(
     dq,  # (BLOCK_M, HEAD_DIM_PAD) fp32 accumulator
+    drh, drw,  # (BLOCK_M, KH_PAD), (BLOCK_M, KW_PAD) fp32 rel_pos gradient accumulators (REL_POS_GRAD)
     q, do,  # (BLOCK_M, HEAD_DIM_PAD) this program's queries and output gradients
     lse, delta,  # (BLOCK_M,) fp32
     k_ptrs,  # (HEAD_DIM_PAD, BLOCK_N) pointers to K^T at key 0 of this head
@@ -374,10 +603,20 @@ def _attention_bwd_dq_inner(
     lo, hi,  # key range [lo, hi)
     M,
     qk_scale,
+    row_valid,  # (BLOCK_M,) offs_m < N
+    bias_rows,  # (BLOCK_M,) pointers to key 0 of this program's rows of the attn_mask, or None
+    rh_rows, rw_rows,  # (BLOCK_M,) pointers to this program's rows of rel_h / rel_w, or None
+    stride_bm, stride_rhk, stride_rwk, KW,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,  # keys >= M or past the causal diagonal are in the range
     CAUSAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
+    BIAS_BOOL: tl.constexpr = False,
+    HAS_REL_POS: tl.constexpr = False,
+    REL_POS_GRAD: tl.constexpr = False,
+    KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16
+    KW_PAD: tl.constexpr = 16,
 ):
     k_ptrs += tl.cast(lo, tl.int64) * stride_kn
     v_ptrs += tl.cast(lo, tl.int64) * stride_vn
@@ -392,7 +631,21 @@ def _attention_bwd_dq_inner(
             v_t = tl.load(v_ptrs, mask=d_valid[:, None], other=0.0)
         # -- P = exp(scale * q k^T - lse) --
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+        if HAS_BIAS or HAS_REL_POS:
+            # -- P = exp(scale * q k^T + bias - lse); lse is +inf (not -inf) on fully masked rows --
+            valid = row_valid[:, None] & key_valid[None, :]
+            bias_ptrs = bias_rows[:, None] + offs_n[None, :] * stride_bm if HAS_BIAS else bias_rows
+            if HAS_REL_POS:
+                rh_ptrs = rh_rows[:, None] + (offs_n // KW)[None, :] * stride_rhk
+                rw_ptrs = rw_rows[:, None] + (offs_n % KW)[None, :] * stride_rwk
+            else:
+                rh_ptrs = rh_rows
+                rw_ptrs = rw_rows
+            t = _add_bias(s * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+                          HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
+            p = tl.math.exp2(t - lse[:, None] * 1.4426950408889634)
+        else:
+            p = tl.math.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
         if MASK_KEYS:
             p = tl.where(key_valid[None, :], p, 0.0)
         if CAUSAL_MASK:
@@ -401,9 +654,19 @@ def _attention_bwd_dq_inner(
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+        if REL_POS_GRAD:
+            # -- d rel_h[i, a] += sum_{j // kw == a} dS[i, j]; d rel_w[i, c] += sum_{j % kw == c} dS[i, j]:
+            #    dots with 0/1 selection matrices, dS rounded as for dQ (fp32 accumulation, tensor cores) --
+            bins_h = tl.arange(0, KH_PAD)
+            bins_w = tl.arange(0, KW_PAD)
+            sel_h = ((offs_n // KW)[:, None] == bins_h[None, :]) & key_valid[:, None]
+            sel_w = ((offs_n % KW)[:, None] == bins_w[None, :]) & key_valid[:, None]
+            ds_low = ds.to(k_t.dtype)
+            drh = tl.dot(ds_low, sel_h.to(k_t.dtype), drh, input_precision=DOT_PRECISION)
+            drw = tl.dot(ds_low, sel_w.to(k_t.dtype), drw, input_precision=DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-    return dq
+    return dq, drh, drw
 
 
 @triton.jit
@@ -412,15 +675,24 @@ def flash_attention_bwd_dq_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
-    Lse,  # (B*H, N) fp32 forward logsumexp (natural log)
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
     Delta,  # (B*H, N) fp32 rowsum(dO * O)
     dQ,  # (B, H, N, D) query gradient, unit stride in D
+    Bias,  # (B|1, H|1, N|1, M|1) attn_mask (HAS_BIAS, else None): uint8 (bool) or float, any strides
+    RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None)
+    RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None)
+    dRelH,  # (B*H, N, kh) fp32 per-(batch, head) gradient of rel_h, contiguous (REL_POS_GRAD, else None)
+    dRelW,  # (B*H, N, kw) fp32 per-(batch, head) gradient of rel_w, contiguous (REL_POS_GRAD, else None)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn,
+    stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
+    stride_rhb, stride_rhh, stride_rhn, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwn, stride_rwk,
     H, N, M,
+    KH, KW,  # rel_pos grid: M == KH * KW
     sm_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -428,13 +700,39 @@ def flash_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
+    BIAS_BOOL: tl.constexpr = False,
+    HAS_REL_POS: tl.constexpr = False,
+    REL_POS_GRAD: tl.constexpr = False,  # write dRelH and dRelW
+    KH_PAD: tl.constexpr = 16,  # KH rounded up to a power of two >= 16
+    KW_PAD: tl.constexpr = 16,
+    CuSeqQ=None,  # (S+1,) int32 offsets of the packed query sequences (VARLEN, else None)
+    CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
+    Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
+    VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
 ):
-    num_m_blocks = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    start_m = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
+    if VARLEN:
+        # -- (head, query tile) of the packed sequences, as in the forward (N came in as T) --
+        pid = tl.program_id(0)
+        num_tiles = tl.num_programs(0) // H
+        off_h = (pid // num_tiles).to(tl.int64)
+        start_m, q_row0, n_seq, k_row0, m_seq = _varlen_tile(Tiles, CuSeqQ, CuSeqK, pid % num_tiles, num_tiles)
+        total_q = N
+        Q += q_row0 * stride_qn
+        dOut += q_row0 * stride_don
+        dQ += q_row0 * stride_dqn
+        K += k_row0 * stride_kn
+        V += k_row0 * stride_vn
+        N = n_seq
+        M = m_seq
+        off_b = off_h * 0  # no batch dim (its strides are 0)
+    else:
+        num_m_blocks = tl.cdiv(N, BLOCK_M)
+        pid = tl.program_id(0)
+        bh = pid // num_m_blocks
+        start_m = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
+        off_b = (bh // H).to(tl.int64)
+        off_h = (bh % H).to(tl.int64)
 
     local_m = tl.arange(0, BLOCK_M)
     offs_m = start_m + local_m
@@ -454,11 +752,31 @@ def flash_attention_bwd_dq_kernel(
         + local_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
         mask=mask, other=0.0,
     )
-    lse = tl.load(Lse + bh.to(tl.int64) * N + offs_m, mask=row_valid, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * N + offs_m, mask=row_valid, other=0.0)
+    if VARLEN:
+        lse = tl.load(Lse + off_h * total_q + q_row0 + offs_m, mask=row_valid, other=float("inf"))
+        delta = tl.load(Delta + off_h * total_q + q_row0 + offs_m, mask=row_valid, other=0.0)
+    else:
+        lse = tl.load(Lse + bh.to(tl.int64) * N + offs_m, mask=row_valid, other=float("inf"))
+        delta = tl.load(Delta + bh.to(tl.int64) * N + offs_m, mask=row_valid, other=0.0)
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh + local_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + local_n[None, :] * stride_vn + offs_d[:, None]
     qk_scale = sm_scale * 1.4426950408889634
+    # -- per-row pointers into the mask and the rel_pos tables; fully masked rows: lse -> +inf, P = 0 --
+    if HAS_BIAS or HAS_REL_POS:
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m.to(tl.int64) * stride_bn if HAS_BIAS else Bias
+    if HAS_REL_POS:
+        rh_rows = RelH + off_b * stride_rhb + off_h * stride_rhh + offs_m.to(tl.int64) * stride_rhn
+        rw_rows = RelW + off_b * stride_rwb + off_h * stride_rwh + offs_m.to(tl.int64) * stride_rwn
+    else:
+        rh_rows = RelH
+        rw_rows = RelW
+    if REL_POS_GRAD:
+        drh = tl.zeros([BLOCK_M, KH_PAD], dtype=tl.float32)
+        drw = tl.zeros([BLOCK_M, KW_PAD], dtype=tl.float32)
+    else:
+        drh = 0.0
+        drw = 0.0
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     full_end = (M // BLOCK_N) * BLOCK_N
@@ -468,15 +786,21 @@ def flash_attention_bwd_dq_kernel(
     else:
         hi = M
         unmasked_end = full_end
-    dq = _attention_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
+    dq, drh, drw = _attention_bwd_dq_inner(
+        dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         0, unmasked_end, M, qk_scale,
+        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         BLOCK_N=BLOCK_N, MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
+        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD,
     )
-    dq = _attention_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
+    dq, drh, drw = _attention_bwd_dq_inner(
+        dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         unmasked_end, hi, M, qk_scale,
+        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         BLOCK_N=BLOCK_N, MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
+        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD,
     )
     dq = dq * sm_scale
     tl.store(
@@ -484,6 +808,146 @@ def flash_attention_bwd_dq_kernel(
         + local_m[:, None] * stride_dqn + offs_d[None, :],
         dq.to(dQ.dtype.element_ty), mask=mask,
     )
+    if REL_POS_GRAD:
+        # -- this (batch, head)'s partial rel_pos gradients (rows of rows_valid, bins < KH / KW) --
+        bins_h = tl.arange(0, KH_PAD)
+        bins_w = tl.arange(0, KW_PAD)
+        rows64 = offs_m.to(tl.int64)
+        tl.store(dRelH + bh.to(tl.int64) * N * KH + rows64[:, None] * KH + bins_h[None, :], drh,
+                 mask=row_valid[:, None] & (bins_h < KH)[None, :])
+        tl.store(dRelW + bh.to(tl.int64) * N * KW + rows64[:, None] * KW + bins_w[None, :], drw,
+                 mask=row_valid[:, None] & (bins_w < KW)[None, :])
+
+
+@triton.jit
+def flash_attention_bwd_dbias_kernel(
+    Q,  # (B, H, N, D) queries, unit stride in D
+    K,  # (B, H, M, D) keys, unit stride in D
+    V,  # (B, H, M, D) values, unit stride in D
+    dOut,  # (B, H, N, D) output gradient, any strides
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
+    Delta,  # (B*H, N) fp32 rowsum(dO * O)
+    Bias,  # (Bb, Hb, Nb, Mb) float attn_mask, each dim 1 or the full size, any strides
+    RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None)
+    RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None)
+    dBias,  # (Bb, Hb, Nb, Mb) fp32 gradient of the mask, contiguous
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
+    stride_rhb, stride_rhh, stride_rhn, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwn, stride_rwk,
+    H, N, M,
+    KW,  # rel_pos grid width
+    BIAS_H,  # Hb: the mask's own number of heads (1 or H)
+    B_LOOP, H_LOOP,  # batches / heads summed into each element: B or 1, H or 1
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per tile
+    BLOCK_N: tl.constexpr,  # key columns per tile
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROWS_BCAST: tl.constexpr,  # Nb == 1: sum over all query rows
+    COLS_BCAST: tl.constexpr,  # Mb == 1: sum over all key columns
+    HAS_REL_POS: tl.constexpr = False,
+):
+    """dBias = sum over the mask's broadcast dims of dS = P * (dP - delta) (no softmax scale).
+
+    One program per tile of the mask's own (Bb, Hb, Nb, Mb) shape; it loops over the (batch,
+    head, row block, column block) that broadcast onto the tile in a fixed order, recomputing P and
+    dP, and accumulates in fp32 registers: deterministic, no atomics, no (B, H, N, M) buffer.
+    """
+    num_col_tiles = 1 if COLS_BCAST else tl.cdiv(M, BLOCK_N)
+    num_row_tiles = 1 if ROWS_BCAST else tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    col_tile = pid % num_col_tiles
+    row_tile = (pid // num_col_tiles) % num_row_tiles
+    own_bh = pid // (num_col_tiles * num_row_tiles)
+    own_b = own_bh // BIAS_H
+    own_h = own_bh % BIAS_H
+    if ROWS_BCAST:
+        row_lo, row_hi = 0, N
+    else:
+        row_lo = row_tile * BLOCK_M
+        row_hi = row_lo + BLOCK_M
+    if COLS_BCAST:
+        col_lo, col_hi = 0, M
+    else:
+        col_lo = col_tile * BLOCK_N
+        col_hi = col_lo + BLOCK_N
+
+    local_m = tl.arange(0, BLOCK_M)
+    local_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    qk_scale = sm_scale * 1.4426950408889634
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ib in range(0, B_LOOP):
+        off_b = (own_b + ib).to(tl.int64)
+        for ih in range(0, H_LOOP):
+            off_h = (own_h + ih).to(tl.int64)
+            bh = off_b * H + off_h
+            bias_head = Bias + off_b * stride_bb + off_h * stride_bh
+            for start_m in range(row_lo, row_hi, BLOCK_M):
+                # -- this row block's queries, output gradients, lse (-inf -> +inf: P = 0) and delta --
+                offs_m = start_m + local_m
+                row_valid = offs_m < N
+                rows64 = offs_m.to(tl.int64)
+                mask = row_valid[:, None] & d_valid[None, :]
+                q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qn + offs_d[None, :],
+                            mask=mask, other=0.0)
+                do = tl.load(dOut + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_don
+                             + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+                lse = tl.load(Lse + bh * N + offs_m, mask=row_valid, other=float("inf"))
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
+                bias_rows = bias_head + rows64 * stride_bn
+                if HAS_REL_POS:
+                    rh_rows = RelH + off_b * stride_rhb + off_h * stride_rhh + rows64 * stride_rhn
+                    rw_rows = RelW + off_b * stride_rwb + off_h * stride_rwh + rows64 * stride_rwn
+                else:
+                    rh_rows = RelH
+                    rw_rows = RelW
+                for start_n in range(col_lo, col_hi, BLOCK_N):
+                    offs_n = start_n + local_n
+                    key_valid = offs_n < M
+                    kv_mask = d_valid[:, None] & key_valid[None, :]
+                    k_t = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn
+                                  + offs_d[:, None], mask=kv_mask, other=0.0)
+                    v_t = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[None, :] * stride_vn
+                                  + offs_d[:, None], mask=kv_mask, other=0.0)
+                    # -- P = exp(scale * q k^T + bias - lse);  dS = P * (dO V^T - delta) --
+                    valid = row_valid[:, None] & key_valid[None, :]
+                    if HAS_REL_POS:
+                        rh_ptrs = rh_rows[:, None] + (offs_n // KW)[None, :] * stride_rhk
+                        rw_ptrs = rw_rows[:, None] + (offs_n % KW)[None, :] * stride_rwk
+                    else:
+                        rh_ptrs = rh_rows
+                        rw_ptrs = rw_rows
+                    t = _add_bias(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale,
+                                  bias_rows[:, None] + offs_n[None, :] * stride_bm, rh_ptrs, rw_ptrs, valid,
+                                  HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=HAS_REL_POS)
+                    p = tl.math.exp2(t - lse[:, None] * 1.4426950408889634)
+                    p = tl.where(valid, p, 0.0)
+                    if CAUSAL:
+                        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+                    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+                    acc += p * (dp - delta[:, None])
+    # -- reduce the broadcast dims of the tile and store it (fp32) --
+    out_head = dBias + own_bh.to(tl.int64) * (1 if ROWS_BCAST else N) * (1 if COLS_BCAST else M)
+    rows = row_lo + local_m
+    cols = col_lo + local_n
+    if ROWS_BCAST and COLS_BCAST:
+        tl.store(out_head, tl.sum(tl.sum(acc, 1), 0))
+    elif ROWS_BCAST:
+        tl.store(out_head + cols, tl.sum(acc, 0), mask=cols < M)
+    elif COLS_BCAST:
+        tl.store(out_head + rows, tl.sum(acc, 1), mask=rows < N)
+    else:
+        tl.store(out_head + rows.to(tl.int64)[:, None] * M + cols[None, :], acc,
+                 mask=(rows < N)[:, None] & (cols < M)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +1004,57 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     return AttentionConfig(32, 64, 4, 2) if small else AttentionConfig(32, 64, 8, 2)
 
 
+def fwd_mask_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+    """Forward block sizes with an attn_mask or rel_pos, from the ahead-of-time report. The mask
+    and rel_pos tiles are gathered through (BLOCK_M, BLOCK_N) tiles of 64-bit pointers: for 16-bit
+    inputs with head dims > 64 the plain tiles then spill (sm_90: 568 B with a bool mask), so
+    BLOCK_N is halved and 8 warps share the tile."""
+    cfg = fwd_config(arch, dtype, head_dim_pad)
+    if INTERPRETER or dtype == torch.float32 or head_dim_pad <= 64:
+        return cfg
+    return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8)
+
+
+def bwd_mask_configs(
+    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool
+) -> tuple[AttentionConfig, AttentionConfig]:
+    """(dK/dV, dQ) block sizes with an attn_mask or rel_pos, from the ahead-of-time report (same
+    conventions as ``bwd_config``). Off Hopper, 16-bit tiles of 32 x 32 with 8 warps (the plain
+    32 x 64 spill 240-320 B with the gathered mask tiles), and fp32 8 warps and two stages (the
+    plain fp32 tiles spill 8-16 B there, not on Hopper). With the rel_pos
+    gradients the dQ pass holds two more (rows, kh / kw) fp32 accumulators: its query rows are
+    capped at 64 on Hopper (128 spill 112 B) and 32 elsewhere."""
+    cfg = bwd_config(arch, dtype, head_dim_pad)
+    if INTERPRETER:
+        return cfg, cfg
+    hopper = 90 <= arch < 100
+    if dtype == torch.float32:
+        if not hopper:
+            cfg = dataclasses.replace(cfg, num_warps=8, num_stages=2)
+        return cfg, cfg
+    if not hopper:
+        cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
+    dq = cfg
+    if rel_pos_grad:
+        dq = dataclasses.replace(cfg, block_n=max(cfg.block_m, min(cfg.block_n, 64 if hopper else 32)))
+    return cfg, dq
+
+
+def dbias_config(dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+    """Tiles of the dBias kernel (``block_m`` query rows x ``block_n`` key columns of the mask's
+    own tiles), from the ahead-of-time report. Each program holds a q, dO, k and v tile and the
+    fp32 accumulator: fp32 (IEEE dots on the FMA units) takes 16 x 16 tiles and 4 warps, 16-bit
+    inputs 8 warps over 32 x 32 tiles, 32 x 16 with D = 128 (32 x 32 spills 16-32 B on sm_80); no
+    software pipelining of the nested loops (two stages spill 8-24 B)."""
+    if INTERPRETER:
+        return AttentionConfig(16, 16, 4, 1)
+    if dtype == torch.float32:
+        return AttentionConfig(16, 16, 4, 1)
+    if head_dim_pad > 64:
+        return AttentionConfig(32, 16, 8, 1)
+    return AttentionConfig(32, 32, 8, 1)
+
+
 _FP32_CONFIGS = {
     16: AttentionConfig(64, 32, 4, 2),
     32: AttentionConfig(32, 32, 4, 2),
@@ -564,8 +1079,41 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """Strides of a 4-D view with 0 in its size-1 (broadcast) dims; zeros for None."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
+def _bias_args(bias, rel_h, rel_w):
+    """(kernel pointer args, stride args, KW, flags) for the optional attn_mask and rel_pos."""
+    if bias is not None:
+        if abs(bias.stride(-1)) * bias.shape[-1] >= 2**31:  # column offsets are int32
+            bias = bias.contiguous()
+        bias_arg = bias.view(torch.uint8) if bias.dtype == torch.bool else bias
+    else:
+        bias_arg = None
+    kw = 1 if rel_w is None else rel_w.shape[-1]
+    strides = (*_strides4(bias), *_strides4(rel_h), *_strides4(rel_w))
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "BIAS_BOOL": bias is not None and bias.dtype == torch.bool,
+        "HAS_REL_POS": rel_h is not None,
+    }
+    return (bias_arg, rel_h, rel_w), strides, kw, flags
+
+
 def flash_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    *,
+    bias: torch.Tensor | None = None,
+    rel_h: torch.Tensor | None = None,
+    rel_w: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -573,10 +1121,14 @@ def flash_attention_forward(
         q: (B, H, N, D); k, v: (B, H, M, D); one dtype, unit stride in D.
         scale: softmax scale (> 0).
         causal: top-left aligned causal mask.
+        bias: 4-D attn_mask broadcastable to (B, H, N, M), bool (True = attend) or float (added),
+            any strides; read in place (size-1 dims get stride 0), never expanded.
+        rel_h, rel_w: (B|1, H|1, N, kh), (B|1, H|1, N, kw) with M == kh * kw, any float dtype.
 
     Returns:
         out (B, H, N, D) in q's dtype, laid out as (B, N, H, D) in memory so that
-        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; lse (B, H, N) float32.
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; lse (B, H, N) float32 (-inf on
+        fully masked rows, whose out is 0).
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -586,18 +1138,21 @@ def flash_attention_forward(
     if out.numel() == 0:
         return out, lse
     pad = head_dim_padded(head_dim)
-    cfg = fwd_config(arch_of(q.device), q.dtype, pad)
+    masked = bias is not None or rel_h is not None
+    cfg = (fwd_mask_config if masked else fwd_config)(arch_of(q.device), q.dtype, pad)
     grid = (triton.cdiv(n_q, cfg.block_m) * batch * heads,)
+    pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     with device_guard(q):
         flash_attention_fwd_kernel[grid](
-            q, k, v, out, lse,
+            q, k, v, out, lse, *pointers,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            heads, n_q, n_k, scale,
+            *bias_strides,
+            heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+            CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), **flags,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
@@ -612,15 +1167,28 @@ def flash_attention_backward(
     lse: torch.Tensor,
     scale: float,
     causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward passes: delta, dK/dV, dQ.
+    *,
+    bias: torch.Tensor | None = None,
+    rel_h: torch.Tensor | None = None,
+    rel_w: torch.Tensor | None = None,
+    bias_grad: bool = False,
+    rel_pos_grad: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the backward passes: delta, dK/dV, dQ (+ rel_pos partials), and dBias if asked.
 
     Args:
         grad_out: (B, H, N, D) gradient of ``out``, any strides (stride 0 from ``out.sum()`` is fine).
         q, k, v, out, lse: the forward's inputs and outputs.
+        bias, rel_h, rel_w: the forward's attn_mask (4-D) and rel_pos tables, or None.
+        bias_grad: compute the gradient of the (float) ``bias``.
+        rel_pos_grad: compute the gradients of ``rel_h`` and ``rel_w``.
 
     Returns:
-        dq (B, H, N, D), dk, dv (B, H, M, D) in the inputs' dtype.
+        dq (B, H, N, D), dk, dv (B, H, M, D) in the inputs' dtype; then dbias (bias's shape and
+        dtype) or None, drel_h, drel_w (their tables' shapes and dtypes) or None. dBias comes from
+        its own kernel (one program per tile of the mask's own shape, summing its broadcast dims
+        in a fixed order); the rel_pos gradients from the dQ pass as per-(batch, head) fp32
+        partials, summed over their broadcast dims here. Both are deterministic.
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -628,12 +1196,25 @@ def flash_attention_backward(
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    bias_grad = bias_grad and bias is not None
+    rel_pos_grad = rel_pos_grad and rel_h is not None
     if n_q == 0:  # no query sees any key: all gradients are zero
-        return dq, dk.zero_(), dv.zero_()
+        zeros = [torch.zeros_like(t) if wanted else None for t, wanted in
+                 ((bias, bias_grad), (rel_h, rel_pos_grad), (rel_w, rel_pos_grad))]
+        return dq, dk.zero_(), dv.zero_(), *zeros
     pad = head_dim_padded(head_dim)
-    cfg = bwd_config(arch_of(q.device), q.dtype, pad)
+    if bias is not None or rel_h is not None:
+        cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad)
+    else:
+        cfg = dq_cfg = bwd_config(arch_of(q.device), q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
     precision = _dot_precision(q.dtype)
+    pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
+    kh = 1 if rel_h is None else rel_h.shape[-1]
+    if rel_pos_grad:
+        drel_parts = [new_output((batch * heads, n_q, n), dtype=torch.float32, device=q.device) for n in (kh, kw)]
+    else:
+        drel_parts = [None, None]
     with device_guard(q):
         flash_attention_bwd_delta_kernel[(triton.cdiv(n_q, DELTA_BLOCK_M) * batch * heads,)](
             out, grad_out, delta,
@@ -643,30 +1224,240 @@ def flash_attention_backward(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=DELTA_BLOCK_M,
         )
         flash_attention_bwd_dkdv_kernel[(triton.cdiv(n_k, cfg.block_n) * batch * heads,)](
-            q, k, v, grad_out, lse, delta, dk, dv,
+            q, k, v, grad_out, lse, delta, dk, dv, *pointers,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             *grad_out.stride(),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            heads, n_q, n_k, scale,
+            *bias_strides,
+            heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=precision,
+            CAUSAL=causal, DOT_PRECISION=precision, **flags,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        flash_attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg.block_n) * batch * heads,)](
-            q, k, v, grad_out, lse, delta, dq,
+        rel_flags = {}
+        if rel_pos_grad:
+            rel_flags = {"REL_POS_GRAD": True, "KH_PAD": rel_pos_padded(kh), "KW_PAD": rel_pos_padded(kw)}
+        flash_attention_bwd_dq_kernel[(triton.cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
+            q, k, v, grad_out, lse, delta, dq, *pointers, *drel_parts,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             *grad_out.stride(),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            heads, n_q, n_k, scale,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m,
-            CAUSAL=causal, DOT_PRECISION=precision,
+            *bias_strides,
+            heads, n_q, n_k, kh, kw, scale,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
+            CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags,
+            num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+        )
+        dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal, flags) \
+            if bias_grad else None
+    drel = [None, None]
+    if rel_pos_grad:
+        for i, (table, part) in enumerate(zip((rel_h, rel_w), drel_parts, strict=True)):
+            part = part.view(batch, heads, n_q, -1)
+            # fixed-order sum of the per-(batch, head) partials over the table's broadcast dims
+            dims = [d for d in (0, 1) if table.shape[d] == 1 and part.shape[d] != 1]
+            drel[i] = (part.sum(dim=dims, keepdim=True) if dims else part).to(table.dtype)
+    return dq, dk, dv, dbias, *drel
+
+
+def rel_pos_padded(n: int) -> int:
+    """The power of two >= 16 that a rel_pos table width (kh, kw) is padded to in registers."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal, flags):
+    """dBias in the mask's own shape and dtype (fp32 accumulation, deterministic)."""
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    bias_b, bias_h, bias_n, bias_m = bias.shape
+    rows_bcast, cols_bcast = bias_n == 1, bias_m == 1
+    pad = head_dim_padded(head_dim)
+    cfg = dbias_config(q.dtype, pad)
+    dbias = new_output(bias.shape, dtype=torch.float32, device=q.device)
+    tiles = (1 if rows_bcast else triton.cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else triton.cdiv(n_k, cfg.block_n))
+    flash_attention_bwd_dbias_kernel[(bias_b * bias_h * tiles,)](
+        q, k, v, grad_out, lse, delta, *pointers, dbias,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *grad_out.stride(),
+        *bias_strides,
+        heads, n_q, n_k, kw, bias_h,
+        batch if bias_b == 1 else 1, heads if bias_h == 1 else 1, scale,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dbias.to(bias.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed variable-length launchers (the same kernels with VARLEN=True)
+# ---------------------------------------------------------------------------------------------
+def varlen_tiles(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, block: int) -> torch.Tensor:
+    """The tile table of a VARLEN launch, built on the device without a host sync.
+
+    Sequence s (``cu_seqlens[s+1] - cu_seqlens[s]`` rows) is cut into ``ceil(len / block)`` tiles,
+    numbered sequence after sequence. The table has ``G`` columns, G = min(S * ceil(max_seqlen /
+    block), (total + S * (block - 1)) // block): from shapes and ``max_seqlen`` alone, at least the
+    number of tiles and at most S more (those get sequence -1: their programs do nothing).
+
+    Args:
+        cu_seqlens: (S+1,) int32 offsets, 0 to ``total``, non-decreasing.
+        total: the packed rows, ``cu_seqlens[-1]``.
+        max_seqlen: at least the longest sequence.
+        block: rows per tile.
+
+    Returns:
+        (2, G) int32: row 0 the sequence of each tile (-1 past the last), row 1 its first row
+        within the sequence.
+    """
+    n_seqs = cu_seqlens.shape[0] - 1
+    count = max(0, min(n_seqs * triton.cdiv(max_seqlen, block), (total + n_seqs * (block - 1)) // block))
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    blocks = (lengths + block - 1) // block
+    ends = blocks.cumsum(0)  # tiles up to the end of each sequence
+    tile = torch.arange(count, device=cu_seqlens.device)
+    seq = torch.searchsorted(ends, tile, right=True)  # the first sequence ending after the tile
+    live = seq < n_seqs
+    seq = seq.clamp(max=n_seqs - 1)
+    start = (tile - (ends[seq] - blocks[seq])) * block
+    return torch.stack([torch.where(live, seq, -1), torch.where(live, start, 0)]).to(torch.int32)
+
+
+def _packed_rows_in_int32(t: torch.Tensor, rows_per_block: int = 256) -> torch.Tensor:
+    """``rows_addressable_in_int32`` for a packed (T, H, D) tensor, whose rows are dim 0."""
+    return t if abs(t.stride(0)) * rows_per_block < 2**31 else t.contiguous()
+
+
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a packed (T, H, D) tensor as the kernels take them: no batch."""
+    return 0, t.stride(1), t.stride(0)
+
+
+_NO_BIAS_STRIDES = (0,) * 12  # attn_mask, rel_h, rel_w: absent
+
+
+def flash_attention_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel over packed sequences (``VARLEN``): one program per (head,
+    query tile) of the tile table.
+
+    Args:
+        q: (T, H, D); k, v: (Tk, H, D); one dtype, unit stride in D.
+        cu_seqlens_q, cu_seqlens_k: (S+1,) int32 offsets on q's device (valid: checked by the op).
+        max_seqlen_q, max_seqlen_k: at least the longest query / key sequence.
+        scale: softmax scale (> 0).
+        causal: top-left aligned within each sequence.
+
+    Returns:
+        out (T, H, D) in q's dtype, contiguous; lse (H, T) float32 (-inf for the queries of a
+        sequence without keys, whose out is 0).
+    """
+    total, heads, head_dim = q.shape
+    q, k, v = (_packed_rows_in_int32(t) for t in (q, k, v))
+    out = new_output((total, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = new_output((heads, total), dtype=torch.float32, device=q.device)
+    pad = head_dim_padded(head_dim)
+    cfg = fwd_config(arch_of(q.device), q.dtype, pad)
+    tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, cfg.block_m)
+    if tiles.shape[1] == 0 or heads == 0:
+        return out, lse
+    with device_guard(q):
+        flash_attention_fwd_kernel[(tiles.shape[1] * heads,)](
+            q, k, v, out, lse, None, None, None,
+            *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(out),
+            *_NO_BIAS_STRIDES,
+            heads, total, k.shape[0], 1, scale,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+            CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k, Tiles=tiles, VARLEN=True,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    return out, lse
+
+
+def flash_attention_varlen_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward passes over packed sequences: the delta pre-pass (row-wise: the
+    packed rows as one (1, H, T) batch), dK/dV over key tiles and dQ over query tiles (VARLEN).
+
+    Args:
+        grad_out: (T, H, D) gradient of ``out``, any strides with stride 0 or 1 in D.
+        q, k, v, out, lse, cu_seqlens_*, max_seqlen_*, scale, causal: as in the forward.
+
+    Returns:
+        dq (T, H, D), dk, dv (Tk, H, D) in the inputs' dtype, contiguous. Keys of a sequence
+        without queries get zero gradients, as do the queries of a sequence without keys.
+    """
+    total, heads, head_dim = q.shape
+    total_k = k.shape[0]
+    q, k, v, grad_out = (_packed_rows_in_int32(t) for t in (q, k, v, grad_out))
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    if total == 0 or total_k == 0 or heads == 0:  # no query sees any key: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    pad = head_dim_padded(head_dim)
+    cfg = bwd_config(arch_of(q.device), q.dtype, pad)
+    precision = _dot_precision(q.dtype)
+    delta = new_output((heads, total), dtype=torch.float32, device=q.device)
+    key_tiles = varlen_tiles(cu_seqlens_k, total_k, max_seqlen_k, cfg.block_n)
+    query_tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, cfg.block_n)  # dQ's rows: block_n
+    varlen = {"CuSeqQ": cu_seqlens_q, "CuSeqK": cu_seqlens_k, "VARLEN": True}
+    do_strides = (*_packed_strides(grad_out), grad_out.stride(2))
+    with device_guard(q):
+        flash_attention_bwd_delta_kernel[(triton.cdiv(total, DELTA_BLOCK_M) * heads,)](
+            out, grad_out, delta, *_packed_strides(out), *do_strides, heads, total,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=DELTA_BLOCK_M,
+        )
+        if key_tiles.shape[1]:
+            flash_attention_bwd_dkdv_kernel[(key_tiles.shape[1] * heads,)](
+                q, k, v, grad_out, lse, delta, dk, dv, None, None, None,
+                *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *do_strides,
+                *_packed_strides(dk), *_packed_strides(dv), *_NO_BIAS_STRIDES,
+                heads, total, total_k, 1, scale,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                CAUSAL=causal, DOT_PRECISION=precision, Tiles=key_tiles, **varlen,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        if query_tiles.shape[1]:
+            flash_attention_bwd_dq_kernel[(query_tiles.shape[1] * heads,)](
+                q, k, v, grad_out, lse, delta, dq, None, None, None, None, None,
+                *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *do_strides,
+                *_packed_strides(dq), *_NO_BIAS_STRIDES,
+                heads, total, total_k, 1, 1, scale,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m,
+                CAUSAL=causal, DOT_PRECISION=precision, Tiles=query_tiles, **varlen,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
     return dq, dk, dv
 
 
@@ -688,25 +1479,61 @@ def _strides(prefix: str, dims: str) -> dict[str, str]:
 
 def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
     """Pointers and strides, which the runtime specialises as 16-divisible for the usual
-    contiguous or packed-qkv layouts (D a multiple of 16); unit strides become constants."""
-    return tuple(n for n, ty in signature.items() if ty != "constexpr" and (ty[0] == "*" or n.startswith("stride_")))
+    contiguous or packed-qkv layouts (D a multiple of 16); unit strides become constants. The
+    strides of the mask and the rel_pos tables are not (a (N, M) mask with M = 197, kh = 14)."""
+    free = ("stride_b", "stride_rh", "stride_rw")
+    return tuple(
+        n for n, ty in signature.items()
+        if ty != "constexpr" and (ty[0] == "*" or (n.startswith("stride_") and not n.startswith(free)))
+    )
+
+
+# Masks and rel_pos, compiled for the head dims of the ViTs that use them (64: ViT-B, SAM-B;
+# 128: ViT-g, SAM-H's 80 pads to 128) and the table widths of SAM's 64 x 64 global attention
+# (kh = kw = 64) -- ViTDet's 14 x 14 windows pad to 16, a lighter case.
+_MASK_AOT_HEAD_DIMS = (64, 128)
+_MASK_AOT_DTYPES = (torch.bfloat16, torch.float32)
+_REL_POS_AOT_PAD = 64
+
+
+# The packed variable-length arguments, last in the forward, dK/dV and dQ kernels.
+_VARLEN_SIG = {"CuSeqQ": "constexpr", "CuSeqK": "constexpr", "Tiles": "constexpr", "VARLEN": "constexpr"}
+_VARLEN_OFF = {"CuSeqQ": None, "CuSeqK": None, "Tiles": None, "VARLEN": False}
+# VARLEN launches, compiled for bf16 (training) and fp32 at ViT-B's and ViT-g's head dims, non-causal
+# (ViTs). The fp32 causal backward spills 8 B there (dK/dV D = 128 on sm_80, dQ D = 64 on sm_89,
+# Triton 3.8, 2026-12-04), so causal is left out of this list; the kernels take it.
+_VARLEN_AOT_DTYPES = (torch.bfloat16, torch.float32)
+_VARLEN_AOT_HEAD_DIMS = (64, 128)
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every (kernel, dtype, head dim, causal, architecture) configuration the launchers use."""
+    """Every (kernel, dtype, head dim, causal, architecture) configuration the launchers use, and
+    the attn_mask / rel_pos variants (float and bool masks, rel_pos, their gradients)."""
     meta = {name: "constexpr" for name in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N", "CAUSAL", "DOT_PRECISION")}
-    sizes = {"H": "i32", "N": "i32", "M": "i32", "sm_scale": "fp32"}
+    flags = {name: "constexpr" for name in ("HAS_BIAS", "BIAS_BOOL", "HAS_REL_POS")}
+    sizes = {"H": "i32", "N": "i32", "M": "i32", "KW": "i32", "sm_scale": "fp32"}
+    mask_strides = {**_strides("b", "bhnm"), **_strides("rh", "bhnk"), **_strides("rw", "bhnk")}
+    plain = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False,
+             "Bias": None, "RelH": None, "RelW": None, "dRelH": None, "dRelW": None, **_VARLEN_OFF}
     specs = []
     for arch in ARCHS:
         for dtype, ty in _TL_DTYPE.items():
             qkv = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}"}
+            masks = {"Bias": "constexpr", "RelH": "constexpr", "RelW": "constexpr"}
             qkv_strides = {**_strides("q", "bhn"), **_strides("k", "bhn"), **_strides("v", "bhn")}
             do_strides = {**_strides("do", "bhn"), "stride_dod": "constexpr"}  # dO unit-stride in D
-            fwd_sig = {**qkv, "Out": f"*{ty}", "Lse": "*fp32", **qkv_strides, **_strides("o", "bhn"), **sizes, **meta}
+            fwd_sig = {**qkv, "Out": f"*{ty}", "Lse": "*fp32", **masks, **qkv_strides, **_strides("o", "bhn"),
+                       **mask_strides, **sizes, **meta, **flags}
             dkdv_sig = {**qkv, "dOut": f"*{ty}", "Lse": "*fp32", "Delta": "*fp32", "dK": f"*{ty}", "dV": f"*{ty}",
-                        **qkv_strides, **do_strides, **_strides("dk", "bhn"), **_strides("dv", "bhn"), **sizes, **meta}
-            dq_sig = {**qkv, "dOut": f"*{ty}", "Lse": "*fp32", "Delta": "*fp32", "dQ": f"*{ty}",
-                      **qkv_strides, **do_strides, **_strides("dq", "bhn"), **sizes, **meta}
+                        **masks, **qkv_strides, **do_strides, **_strides("dk", "bhn"), **_strides("dv", "bhn"),
+                        **mask_strides, **sizes, **meta, **flags}
+            dq_sizes = {"H": "i32", "N": "i32", "M": "i32", "KH": "i32", "KW": "i32", "sm_scale": "fp32"}
+            dq_sig = {**qkv, "dOut": f"*{ty}", "Lse": "*fp32", "Delta": "*fp32", "dQ": f"*{ty}", **masks,
+                      "dRelH": "constexpr", "dRelW": "constexpr", **qkv_strides, **do_strides, **_strides("dq", "bhn"),
+                      **mask_strides, **dq_sizes, **meta, **flags,
+                      "REL_POS_GRAD": "constexpr", "KH_PAD": "constexpr", "KW_PAD": "constexpr"}
+            # the VARLEN arguments come last; plain launches pass none of them
+            fwd_sig, dkdv_sig, dq_sig = ({**sig, **_VARLEN_SIG} for sig in (fwd_sig, dkdv_sig, dq_sig))
             delta_sig = {"Out": f"*{ty}", "dOut": f"*{ty}", "Delta": "*fp32", **_strides("o", "bhn"),
                          **_strides("do", "bhnd"), "H": "i32", "N": "i32",
                          "HEAD_DIM": "constexpr", "HEAD_DIM_PAD": "constexpr", "BLOCK_M": "constexpr"}
@@ -734,6 +1561,9 @@ def aot_specs() -> list[KernelSpec]:
                         if kernel != "flash_attention_fwd_kernel" and dtype not in _BWD_AOT_DTYPES:
                             continue
                         constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                        constexprs.update({n: v for n, v in plain.items() if n in sig})
+                        if "REL_POS_GRAD" in sig:
+                            constexprs.update(REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
                         if "stride_dod" in sig:
                             constexprs["stride_dod"] = 1
                         specs.append(KernelSpec(
@@ -743,4 +1573,102 @@ def aot_specs() -> list[KernelSpec]:
                             needs_wgmma=dtype != torch.float32 and kernel == "flash_attention_fwd_kernel",
                             divisible_by_16=_aligned(sig),
                         ))
+                if dtype in _MASK_AOT_DTYPES and head_dim in _MASK_AOT_HEAD_DIMS:
+                    specs.extend(_mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
+                if dtype in _VARLEN_AOT_DTYPES and head_dim in _VARLEN_AOT_HEAD_DIMS:
+                    specs.extend(_varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
+    return specs
+
+
+def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[KernelSpec]:
+    """The attn_mask / rel_pos variants: forward with an fp32 bias (a learnable table under
+    autocast), a bool mask, rel_pos (tables in q's dtype, as SAM computes them); dK/dV and dQ with
+    a bias and rel_pos, dQ writing the rel_pos gradients; the dBias kernel, per-tile and summed
+    over rows (a (B, 1, 1, M) key-padding bias)."""
+    pad = head_dim_padded(head_dim)
+    fwd = fwd_mask_config(arch, dtype, pad)
+    bwd, dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True)
+    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": _dot_precision(dtype)}
+    tables = {"RelH": f"*{ty}", "RelW": f"*{ty}"}
+    no_tables = {"RelH": None, "RelW": None}
+    specs = []
+
+    def add(kernel, label, sig, constexprs, cfg, block_m, block_n, wgmma=False):
+        sig = {n: sig[n] for n in sig}  # keep the argument order
+        for name, value in constexprs.items():
+            if name in sig and sig[name] == "constexpr" and isinstance(value, str) and value.startswith("*"):
+                sig[name] = value  # a pointer that this variant passes
+        values = {n: v for n, v in constexprs.items() if sig.get(n) == "constexpr"}
+        values.update({n: v for n, v in _VARLEN_OFF.items() if n in sig})
+        values.update(common, BLOCK_M=block_m, BLOCK_N=block_n)
+        if "stride_dod" in sig:
+            values["stride_dod"] = 1
+        specs.append(KernelSpec(
+            f"flash_attention.{kernel}",
+            f"{ty} D={head_dim} {label} BM={block_m} BN={block_n} w={cfg.num_warps} s={cfg.num_stages}",
+            sig, values, cfg.num_warps, cfg.num_stages, arch,
+            needs_wgmma=wgmma and dtype != torch.float32, divisible_by_16=_aligned(sig),
+        ))
+
+    fwd_bias = {"Bias": "*fp32", **no_tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": False}
+    fwd_bool = {"Bias": "*u8", **no_tables, "HAS_BIAS": True, "BIAS_BOOL": True, "HAS_REL_POS": False}
+    fwd_rel = {"Bias": None, **tables, "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": True}
+    add("flash_attention_fwd_kernel", "bias=fp32", fwd_sig, fwd_bias, fwd, fwd.block_m, fwd.block_n, True)
+    add("flash_attention_fwd_kernel", "mask=bool", fwd_sig, fwd_bool, fwd, fwd.block_m, fwd.block_n, True)
+    add("flash_attention_fwd_kernel", "rel_pos", fwd_sig, fwd_rel, fwd, fwd.block_m, fwd.block_n, True)
+    both = {"Bias": "*fp32", **tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": True}
+    add("flash_attention_bwd_dkdv_kernel", "bias=fp32 rel_pos", dkdv_sig, both, bwd, bwd.block_m, bwd.block_n)
+    bias_only = {**fwd_bias, "dRelH": None, "dRelW": None, "REL_POS_GRAD": False, "KH_PAD": 16, "KW_PAD": 16}
+    add("flash_attention_bwd_dq_kernel", "bias=fp32", dq_sig, bias_only, bwd, bwd.block_n, bwd.block_m)
+    rel_grad = {**both, "dRelH": "*fp32", "dRelW": "*fp32", "REL_POS_GRAD": True,
+                "KH_PAD": _REL_POS_AOT_PAD, "KW_PAD": _REL_POS_AOT_PAD}
+    add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad k={_REL_POS_AOT_PAD}", dq_sig, rel_grad, dq,
+        dq.block_n, dq.block_m)
+    dbias_cfg = dbias_config(dtype, pad)
+    for rows_bcast, rel in ((False, True), (True, False)):
+        sig = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
+               "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
+               **_strides("q", "bhn"), **_strides("k", "bhn"), **_strides("v", "bhn"),
+               **_strides("do", "bhn"), "stride_dod": "constexpr",
+               **_strides("b", "bhnm"), **_strides("rh", "bhnk"), **_strides("rw", "bhnk"),
+               "H": "i32", "N": "i32", "M": "i32", "KW": "i32", "BIAS_H": "i32", "B_LOOP": "i32", "H_LOOP": "i32",
+               "sm_scale": "fp32", **{n: "constexpr" for n in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N",
+                                                                "CAUSAL", "DOT_PRECISION", "ROWS_BCAST",
+                                                                "COLS_BCAST", "HAS_REL_POS")}}
+        values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel}
+        if not rel:
+            values.update(RelH=None, RelW=None)
+        label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M) rel_pos"
+        add("flash_attention_bwd_dbias_kernel", label, sig, values, dbias_cfg, dbias_cfg.block_m, dbias_cfg.block_n)
+    return specs
+
+
+def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[KernelSpec]:
+    """The packed variable-length variants (VARLEN) of the forward, dK/dV and dQ kernels, with the
+    plain configurations their launchers pick and int32 cu_seqlens and tile tables."""
+    pad = head_dim_padded(head_dim)
+    fwd, bwd = fwd_config(arch, dtype, pad), bwd_config(arch, dtype, pad)
+    tables = {"CuSeqQ": "*i32", "CuSeqK": "*i32", "Tiles": "*i32"}
+    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": _dot_precision(dtype),
+              "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None, "RelW": None,
+              "VARLEN": True}
+    specs = []
+    for kernel, sig, cfg, block_m, block_n in (
+        ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),
+        ("flash_attention_bwd_dkdv_kernel", dkdv_sig, bwd, bwd.block_m, bwd.block_n),
+        ("flash_attention_bwd_dq_kernel", dq_sig, bwd, bwd.block_n, bwd.block_m),
+    ):
+        sig = {**sig, **tables}  # the same argument order, pointers where the plain specs have None
+        constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        if "REL_POS_GRAD" in sig:
+            constexprs.update(dRelH=None, dRelW=None, REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
+        if "stride_dod" in sig:
+            constexprs["stride_dod"] = 1
+        specs.append(KernelSpec(
+            f"flash_attention.{kernel}",
+            f"{ty} D={head_dim} varlen BM={block_m} BN={block_n} w={cfg.num_warps} s={cfg.num_stages}",
+            sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
+            needs_wgmma=dtype != torch.float32 and kernel == "flash_attention_fwd_kernel",
+            divisible_by_16=_aligned(sig),
+        ))
     return specs

@@ -11,8 +11,8 @@ from fastvit.benchmarks import cli, mlp, patch_embed, roofline
 from fastvit.benchmarks.records import Point, Record
 
 
-def record(suite, mode, n, batch, heads, head_dim, dtype="float32", ms=1.0, status="ok", **extra):
-    p = Point(suite, "impl", mode, n, batch, heads, head_dim, dtype, "cpu", extra)
+def record(suite, mode, n, batch, heads, head_dim, dtype="float32", ms=1.0, status="ok", impl="impl", **extra):
+    p = Point(suite, impl, mode, n, batch, heads, head_dim, dtype, "cpu", extra)
     return Record.from_point(p, status=status, ms=ms if status == "ok" else None)
 
 
@@ -24,6 +24,26 @@ def test_attention_bytes_by_hand():
     assert roofline.attention_bytes(2, 3, 5, 5, 4, "float16", "fwd+bwd") == 960 + 6 * 5 * 4 + backward
     # M keys != N queries: k, v and their gradients scale with M
     assert roofline.attention_bytes(1, 1, 2, 7, 4, "float32", "fwd") == 4 * (8 + 56 + 8)
+
+
+def test_attention_bias_bytes_by_hand():
+    # a bias of 5 x 5 elements, fp16: read by the forward; read again and its gradient written by the backward
+    plain = roofline.attention_bytes(2, 3, 5, 5, 4, "float16", "fwd")
+    assert roofline.attention_bytes(2, 3, 5, 5, 4, "float16", "fwd", bias_elements=25) == plain + 2 * 25
+    plain = roofline.attention_bytes(2, 3, 5, 5, 4, "float16", "fwd+bwd")
+    assert roofline.attention_bytes(2, 3, 5, 5, 4, "float16", "fwd+bwd", bias_elements=25) == plain + 3 * 2 * 25
+
+
+def test_attention_cost_counts_the_bias_tensors():
+    # (1, H, N, N) for +bias rows; rel_h (B, H, N, h) and rel_w (B, H, N, w) for +rel_pos rows
+    biased = record("attention", "fwd", 197, 2, 12, 64, "bfloat16", impl="fastvit+bias[triton]")
+    expected = roofline.attention_bytes(2, 12, 197, 197, 64, "bfloat16", "fwd", 12 * 197**2)
+    assert roofline.cost(biased).min_bytes == expected
+    rel = record("attention", "fwd", 196, 2, 12, 64, "bfloat16", impl="sdpa+rel_pos", grid="14x14")
+    expected = roofline.attention_bytes(2, 12, 196, 196, 64, "bfloat16", "fwd", 24 * 196 * 28)
+    assert roofline.cost(rel).min_bytes == expected
+    plain = record("attention", "fwd", 197, 2, 12, 64, "bfloat16", impl="fastvit[triton]")
+    assert roofline.cost(plain).min_bytes == roofline.attention_bytes(2, 12, 197, 197, 64, "bfloat16", "fwd")
 
 
 def test_mlp_bytes_by_hand():

@@ -35,7 +35,7 @@ def args(**overrides):
 
 
 def point_of(r):
-    params = {k: r.extra[k] for k in ("grid", "num_prefix_tokens") if k in r.extra}
+    params = {k: r.extra[k] for k in ("grid", "num_prefix_tokens", "window") if k in r.extra}
     return Point(r.suite, r.impl, r.mode, r.n_tokens, r.batch, r.heads, r.head_dim, r.dtype, r.device, params)
 
 
@@ -78,6 +78,35 @@ def test_attention_flops():
     )
     # 196 grid queries see 14 + 1 keys per axis; the cls query sees all 197
     assert attention.flops(axial) == 4 * (196 * 2 * 15 + 197)
+
+
+def test_window_flops_count_padded_windows_and_prefix():
+    # 14 x 14 grid in 14 x 14 windows: one window of 196 queries over 1 + 196 keys; the cls query sees 197
+    window = Point("attention", "window", "fwd", 197, 1, 1, 1, "float32", "cpu",
+                   {"grid": "14x14", "num_prefix_tokens": 1, "window": 14})  # fmt: skip
+    assert attention.flops(window) == 4 * (196 * 197 + 197)
+    # 15 x 15 grid: padded to 2 x 2 windows of 14 x 14
+    window = Point("attention", "window", "fwd+bwd", 226, 2, 3, 4, "float32", "cpu",
+                   {"grid": "15x15", "num_prefix_tokens": 1, "window": 14})  # fmt: skip
+    assert attention.flops(window) == 3.5 * 4 * 2 * 3 * 4 * (4 * 196 * 197 + 226)
+
+
+def test_biased_attention_rows():
+    """window, fastvit+bias vs sdpa+bias and fastvit+rel_pos vs sdpa+rel_pos: all run on the CPU;
+    rel_pos rows have no cls token (N = h * w); fwd+bwd includes the bias's gradient."""
+    impls = ["window", "fastvit+bias", "sdpa+bias", "fastvit+rel_pos", "sdpa+rel_pos"]
+    records = attention.run(args(seq_lens=SEQ_LENS, impls=impls), Progress(enabled=False))
+    by_impl = {}
+    for r in records:
+        by_impl.setdefault(r.impl, []).append(r)
+    assert set(by_impl) == {"window", "fastvit+bias[torch]", "sdpa+bias", "fastvit+rel_pos[torch]", "sdpa+rel_pos"}
+    for impl, rows in by_impl.items():
+        assert [r.status for r in rows] == ["ok"] * 4, (impl, [(r.status, r.note) for r in rows])
+        expected_n = [16, 25] if impl.split("[")[0].endswith("rel_pos") else SEQ_LENS
+        assert [r.n_tokens for r in rows] == expected_n * 2, impl
+        for r in rows:
+            assert r.tflops == pytest.approx(attention.flops(point_of(r)) / (r.ms * 1e-3) / 1e12)
+    assert [r.extra["window"] for r in by_impl["window"][:2]] == [14, 14]
 
 
 def test_unknown_implementation_is_an_error():

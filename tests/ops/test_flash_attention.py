@@ -110,9 +110,9 @@ def test_kernel_packed_qkv_views_are_not_copied(kernel_device, dtype, monkeypatc
     seen = {}
     original = kernels.flash_attention_forward
 
-    def spy(q_, k_, v_, scale, causal):
+    def spy(q_, k_, v_, scale, causal, **masks):
         seen.update(q=q_.data_ptr(), k=k_.data_ptr(), v=v_.data_ptr(), strides=q_.stride())
-        return original(q_, k_, v_, scale, causal)
+        return original(q_, k_, v_, scale, causal, **masks)
 
     monkeypatch.setattr(kernels, "flash_attention_forward", spy)
     out, lse, grad_out, grads = _run_kernel(q, k, v)

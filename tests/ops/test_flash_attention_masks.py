@@ -1,0 +1,504 @@
+"""fastvit.flash_attention with ``attn_mask`` (bool / float, every broadcast pattern, learnable
+biases) and ``rel_pos`` (SAM's decomposed 2-D relative position): the Triton kernels (interpreter on
+CPU, compiled on a GPU) and the torch route against the float64 reference, fully masked rows, bad
+masks, opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvit
+from fastvit import reference
+from tests.tolerance import assert_close_to_reference
+
+ON_GPU = torch.cuda.is_available()
+kernel_test = pytest.mark.interpreter if not ON_GPU else pytest.mark.gpu
+# both routes: the Triton kernels and PyTorch's SDPA (with the chunked rel_pos path)
+ROUTES = [pytest.param("triton", marks=kernel_test), "torch"]
+
+# B=2, H=3: broadcast over either; N=33 (one past two 16-row interpreter blocks), M=35 = 5 x 7
+# (a rel_pos key grid, and not a multiple of any block); D=16.
+B, H, N, M, D = 2, 3, 33, 35, 16
+KH, KW = 5, 7
+
+# (mask shape, why): every broadcast pattern SDPA accepts
+MASK_SHAPES = [
+    ((N, M), "2-D, shared by every batch and head"),
+    ((M,), "1-D key padding mask, shared by every row"),
+    ((B, 1, 1, M), "per-sample key padding"),
+    ((1, H, N, M), "per-head bias (BEiT / Swin relative-position table)"),
+    ((B, H, N, M), "full"),
+    ((B, 1, N, M), "per-sample, shared by heads"),
+    ((H, N, 1), "3-D, broadcast over keys"),
+]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _qkv(dtype, device, *, seed=0, n_q=N, n_k=M):
+    gen = _gen(seed)
+    return [
+        torch.randn(B, H, n, D, generator=gen).to(device, dtype).requires_grad_(True) for n in (n_q, n_k, n_k)
+    ]
+
+
+def _mask(shape, kind, device, *, seed=1, dtype=torch.float32, requires_grad=True):
+    """A bool mask (~25% masked) or a float bias (N(0, 1) with ~10% -inf), on ``device``."""
+    gen = _gen(seed)
+    if kind == "bool":
+        return (torch.rand(shape, generator=gen) > 0.25).to(device)
+    bias = torch.randn(shape, generator=gen)
+    bias = bias.masked_fill(torch.rand(shape, generator=gen) < 0.1, float("-inf"))
+    return bias.to(device, dtype).requires_grad_(requires_grad)
+
+
+def _rel_pos(batch, heads, device, *, seed=2, dtype=torch.float32, n_q=N):
+    gen = _gen(seed)
+    return tuple(
+        torch.randn(batch, heads, n_q, k, generator=gen).to(device, dtype).requires_grad_(True) for k in (KH, KW)
+    )
+
+
+def _leaves(q, k, v, attn_mask, rel_pos):
+    """The tensors whose gradients are checked: q, k, v, a float mask that requires grad, rel_pos."""
+    leaves = [q, k, v]
+    if attn_mask is not None and attn_mask.requires_grad:
+        leaves.append(attn_mask)
+    if rel_pos is not None:
+        leaves.extend(rel_pos)
+    return leaves
+
+
+def _run(route, q, k, v, grad_out=None, *, attn_mask=None, rel_pos=None, causal=False):
+    """(out, lse, grad_out, grads of _leaves) of ``fastvit.flash_attention`` on ``route``."""
+    with fastvit.backend(route):
+        out, lse = fastvit.flash_attention(q, k, v, causal=causal, attn_mask=attn_mask, rel_pos=rel_pos,
+                                           return_lse=True)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=_gen(99)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, _leaves(q, k, v, attn_mask, rel_pos), grad_out)
+    return out, lse, grad_out, grads
+
+
+def _reference(q, k, v, grad_out, dtype, *, attn_mask=None, rel_pos=None, causal=False):
+    """(out, lse, grads) of the reference on CPU copies cast to ``dtype`` (a bool mask stays bool)."""
+
+    def copy(t):
+        if t is None:
+            return None
+        if t.dtype == torch.bool:
+            return t.cpu()
+        return t.detach().cpu().to(dtype).requires_grad_(t.requires_grad)
+
+    q_, k_, v_, mask_ = (copy(t) for t in (q, k, v, attn_mask))
+    rel_ = None if rel_pos is None else tuple(copy(t) for t in rel_pos)
+    out, lse = reference.attention(q_, k_, v_, causal=causal, attn_mask=mask_, rel_pos=rel_)
+    grads = torch.autograd.grad(out, _leaves(q_, k_, v_, mask_, rel_), grad_out.detach().cpu().to(dtype))
+    return out, lse, grads
+
+
+def _check(q, k, v, result, *, attn_mask=None, rel_pos=None, causal=False):
+    """Every output and gradient against the float64 reference, with the budget of the same math
+    in q's dtype; lse must be -inf exactly on the fully masked rows and close elsewhere."""
+    out, lse, grad_out, grads = result
+    kw = {"attn_mask": attn_mask, "rel_pos": rel_pos, "causal": causal}
+    oracle = _reference(q, k, v, grad_out, torch.float64, **kw)
+    lowp = _reference(q, k, v, grad_out, q.dtype, **kw)
+    leaves = _leaves(q, k, v, attn_mask, rel_pos)
+    names = ["dq", "dk", "dv", "dmask", "drel_h", "drel_w"]
+    if attn_mask is None or not attn_mask.requires_grad:
+        names.remove("dmask")
+    if rel_pos is None:
+        names = names[: len(names) - 2]
+    for name, actual, exp64, explow, leaf in zip(["out", *names], (out, *grads), (oracle[0], *oracle[2]),
+                                                 (lowp[0], *lowp[2]), (out, *leaves), strict=True):
+        assert actual.dtype == leaf.dtype, f"{name} is {actual.dtype}, its tensor {leaf.dtype}"
+        assert_close_to_reference(actual.detach().cpu(), exp64, explow, name=name, dtype=q.dtype)
+    dead = torch.isneginf(oracle[1])
+    assert torch.equal(torch.isneginf(lse.cpu()), dead), "lse must be -inf exactly on the fully masked rows"
+    assert_close_to_reference(lse.cpu()[~dead], oracle[1][~dead], lowp[1][~dead], name="lse", dtype=q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# attn_mask: broadcast patterns, bool and float, gradients in the mask's own shape
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", [s for s, _ in MASK_SHAPES], ids=[why.split(",")[0] for _, why in MASK_SHAPES])
+def test_mask_broadcast_patterns(kernel_device, route, kind, shape):
+    q, k, v = _qkv(torch.float32, kernel_device, seed=len(shape))
+    mask = _mask(shape, kind, kernel_device, seed=sum(shape))
+    result = _run(route, q, k, v, attn_mask=mask)
+    if kind == "float":
+        assert result[3][3].shape == mask.shape  # the gradient has the mask's own shape
+    _check(q, k, v, result, attn_mask=mask)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_mask_stride0_expanded_view(kernel_device, route, monkeypatch):
+    """A (1, H, N, M) bias expanded to (B, H, N, M) (stride 0 over B) is read in place, not copied;
+    its gradient reaches the (1, H, N, M) leaf summed over the batch."""
+    q, k, v = _qkv(torch.float32, kernel_device, seed=3)
+    table = _mask((1, H, N, M), "float", kernel_device, seed=4)
+    expanded = table.expand(B, H, N, M)
+    assert expanded.stride(0) == 0
+    if route == "triton":
+        from fastvit.kernels import flash_attention as kernels
+
+        seen = []
+        original = kernels.flash_attention_forward
+
+        def spy(*args, bias=None, **kwargs):
+            seen.append((bias.data_ptr(), bias.stride()))
+            return original(*args, bias=bias, **kwargs)
+
+        monkeypatch.setattr(kernels, "flash_attention_forward", spy)
+    result = _run(route, q, k, v, attn_mask=expanded)
+    if route == "triton":
+        assert seen == [(table.data_ptr(), expanded.stride())]
+    _check(q, k, v, result, attn_mask=expanded)
+    (grad_table,) = torch.autograd.grad(expanded, table, result[3][3])
+    oracle = _reference(q, k, v, result[2], torch.float64, attn_mask=expanded)[2][3].sum(0, keepdim=True)
+    torch.testing.assert_close(grad_table.cpu().double(), oracle, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("n_q,n_k", [(40, 21), (21, 40)])  # causal with N != M both ways
+def test_mask_with_causal(kernel_device, route, kind, n_q, n_k):
+    q, k, v = _qkv(torch.float32, kernel_device, seed=n_q, n_q=n_q, n_k=n_k)
+    mask = _mask((1, H, n_q, n_k), kind, kernel_device, seed=n_k)
+    result = _run(route, q, k, v, attn_mask=mask, causal=True)
+    _check(q, k, v, result, attn_mask=mask, causal=True)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_masked_rows(kernel_device, route, kind, causal):
+    """Rows that may attend to no key: zeros, zero gradients, lse -inf, no NaN anywhere. Row 0
+    is killed only by mask + causal (it keeps every key but key 0, the only one causal allows)."""
+    q, k, v = _qkv(torch.float32, kernel_device, seed=5)
+    mask = _mask((B, 1, N, M), kind, kernel_device, seed=6, requires_grad=False)
+    dead_rows = [3, 17, 32]
+    masked, open_ = (False, True) if kind == "bool" else (float("-inf"), 0.0)
+    with torch.no_grad():
+        mask[:, :, dead_rows] = masked
+        if causal:
+            mask[:, :, 0, 0] = masked
+            mask[:, :, 0, 1:] = open_
+    if kind == "float":
+        mask.requires_grad_(True)
+    result = _run(route, q, k, v, attn_mask=mask, causal=causal)
+    out, lse, _, grads = result
+    dead = dead_rows + ([0] if causal else [])
+    assert torch.equal(out[:, :, dead], torch.zeros_like(out[:, :, dead]))
+    assert torch.isneginf(lse[:, :, dead]).all() and torch.isfinite(lse[:, :, [1, 2]]).all()
+    assert torch.equal(grads[0][:, :, dead], torch.zeros_like(grads[0][:, :, dead]))  # dq
+    if kind == "float":
+        assert torch.equal(grads[3][:, :, dead], torch.zeros_like(grads[3][:, :, dead]))  # dmask
+    for t in (out, *grads):
+        assert not torch.isnan(t).any()
+    _check(q, k, v, result, attn_mask=mask, causal=causal)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_fp16(kernel_device, route, kind):
+    """fp16 q, k, v with an fp16 bias (its gradient in fp16) or a bool mask."""
+    q, k, v = _qkv(torch.float16, kernel_device, seed=7)
+    mask = _mask((1, H, N, M), kind, kernel_device, seed=8, dtype=torch.float16)
+    result = _run(route, q, k, v, attn_mask=mask)
+    _check(q, k, v, result, attn_mask=mask)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("q_dtype,mask_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_mask_dtype_differs_from_q(kernel_device, route, q_dtype, mask_dtype):
+    """A float mask of another dtype than q (SDPA needs q's dtype: the torch route casts a copy);
+    its gradient still reaches it in its own dtype and shape."""
+    q, k, v = _qkv(q_dtype, kernel_device, seed=9)
+    mask = _mask((B, 1, 1, M), "float", kernel_device, seed=10, dtype=mask_dtype)
+    result = _run(route, q, k, v, attn_mask=mask)
+    assert result[3][3].dtype == mask_dtype and result[3][3].shape == mask.shape
+    _check(q, k, v, result, attn_mask=mask)
+
+
+@kernel_test
+def test_kernel_mask_gradient_is_deterministic_and_never_full_size(kernel_device, monkeypatch):
+    """dBias of a (1, H, N, M) bias sums over the batch without an (B, H, N, M) buffer, and
+    twice the same inputs give bit-identical gradients (no atomics)."""
+    from fastvit.kernels import flash_attention as kernels
+
+    sizes = []
+    original = kernels.new_output
+
+    def spy(shape, **kwargs):
+        sizes.append(int(torch.Size(shape).numel()))
+        return original(shape, **kwargs)
+
+    monkeypatch.setattr(kernels, "new_output", spy)
+    q, k, v = _qkv(torch.float16, kernel_device, seed=11)
+    mask = _mask((1, H, N, M), "float", kernel_device, seed=12)
+    rel_pos = _rel_pos(1, H, kernel_device, seed=13)
+    grad_out = torch.ones(B, H, N, D, dtype=torch.float16, device=kernel_device)
+    first = _run("triton", q, k, v, grad_out, attn_mask=mask, rel_pos=rel_pos)
+    second = _run("triton", q, k, v, grad_out, attn_mask=mask, rel_pos=rel_pos)
+    for a, b in zip(first[3], second[3], strict=True):
+        assert torch.equal(a, b)
+    assert sizes and max(sizes) < B * H * N * M
+
+
+# ---------------------------------------------------------------------------------------------
+# rel_pos: SAM / ViTDet decomposed relative position
+# ---------------------------------------------------------------------------------------------
+# (rel_h batch, rel_h heads, rel_w batch, rel_w heads): per sample and head (SAM computes them from
+# q), shared by the batch, shared by everything, and rel_h and rel_w broadcast differently
+REL_POS_PATTERNS = [(B, H, B, H), (1, H, 1, H), (1, 1, 1, 1), (B, H, 1, 1)]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("pattern", REL_POS_PATTERNS, ids=["BH", "1H", "11", "mixed"])
+def test_rel_pos_broadcast_patterns(kernel_device, route, pattern):
+    q, k, v = _qkv(torch.float32, kernel_device, seed=14)
+    rel_h = _rel_pos(pattern[0], pattern[1], kernel_device, seed=15)[0]
+    rel_w = _rel_pos(pattern[2], pattern[3], kernel_device, seed=16)[1]
+    result = _run(route, q, k, v, rel_pos=(rel_h, rel_w))
+    assert result[3][3].shape == rel_h.shape and result[3][4].shape == rel_w.shape
+    _check(q, k, v, result, rel_pos=(rel_h, rel_w))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_rel_pos_with_mask_and_causal(kernel_device, route, kind):
+    """rel_pos plus an attn_mask (added / applied together), with causal, and a dead row."""
+    q, k, v = _qkv(torch.float32, kernel_device, seed=17)
+    mask = _mask((N, M), kind, kernel_device, seed=18, requires_grad=False)
+    with torch.no_grad():
+        mask[9] = False if kind == "bool" else float("-inf")
+    mask.requires_grad_(kind == "float")
+    rel_pos = _rel_pos(1, H, kernel_device, seed=19)
+    result = _run(route, q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=True)
+    assert torch.isneginf(result[1][:, :, 9]).all()
+    _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=True)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_rel_pos_equals_its_materialised_bias(kernel_device, route):
+    """rel_pos computed in the kernels gives what the same route gives with the (B, H, N, M) bias
+    materialised and passed as attn_mask, gradients of the tables included."""
+    q, k, v = _qkv(torch.float32, kernel_device, seed=32)
+    rel_h, rel_w = _rel_pos(1, H, kernel_device, seed=33)
+    grad_out = torch.randn(B, H, N, D, generator=_gen(34)).to(kernel_device)
+    decomposed = _run(route, q, k, v, grad_out, rel_pos=(rel_h, rel_w), causal=True)
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)  # (1, H, N, kh * kw)
+    with fastvit.backend(route):
+        out = fastvit.flash_attention(q, k, v, attn_mask=bias, causal=True)
+    materialised = torch.autograd.grad(out, (q, k, v, rel_h, rel_w), grad_out)
+    torch.testing.assert_close(decomposed[0], out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(decomposed[3], materialised, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_rel_pos_fp16(kernel_device, route):
+    q, k, v = _qkv(torch.float16, kernel_device, seed=20)
+    rel_pos = _rel_pos(B, H, kernel_device, seed=21, dtype=torch.float16)
+    result = _run(route, q, k, v, rel_pos=rel_pos)
+    _check(q, k, v, result, rel_pos=rel_pos)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_route_blocks_of_rows(monkeypatch, causal):
+    """The torch route's row blocks (here 4 rows: 9 blocks for N = 33, the last one short) give the
+    reference's answers, with causal rows offset by the block start and the checkpointed rel_pos."""
+    from fastvit.ops import flash_attention as op
+
+    monkeypatch.setattr(op, "TORCH_ROUTE_BLOCK_ELEMENTS", B * H * M * 4)
+    q, k, v = _qkv(torch.float32, "cpu", seed=22)
+    mask = _mask((B, 1, N, M), "float", "cpu", seed=23)
+    rel_pos = _rel_pos(B, 1, "cpu", seed=24)
+    result = _run("torch", q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=causal)
+    _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=causal)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: opcheck and torch.compile with a mask and rel_pos
+# ---------------------------------------------------------------------------------------------
+@kernel_test
+def test_kernel_masked_opcheck(kernel_device):
+    """Schema, fake tensors, autograd and AOT dispatch of the custom ops with the optional tensors."""
+    gen = _gen(25)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen).to(kernel_device) for n in (9, 12, 12))
+    bias = torch.randn(1, 2, 9, 12, generator=gen).to(kernel_device).requires_grad_(True)
+    keep = (torch.rand(1, 1, 1, 12, generator=gen) > 0.3).to(kernel_device)
+    rel_h = torch.randn(1, 2, 9, 3, generator=gen).to(kernel_device).requires_grad_(True)
+    rel_w = torch.randn(1, 1, 9, 4, generator=gen).to(kernel_device).requires_grad_(True)
+    fwd, bwd = torch.ops.fastvit.flash_attention_fwd.default, torch.ops.fastvit.flash_attention_bwd.default
+    with fastvit.backend("triton"):
+        for masks in ((bias, None, None), (keep, rel_h, rel_w), (bias, rel_h, rel_w)):
+            torch.library.opcheck(fwd, (q, k, v, 0.25, True, *masks))
+        out, lse = fwd(q, k, v, 0.25, False, bias.detach(), rel_h.detach(), rel_w.detach())
+        args = (torch.randn_like(out), q, k, v, out, lse, 0.25, False, bias.detach(), rel_h.detach(),
+                rel_w.detach(), True, True)
+        torch.library.opcheck(bwd, args)
+
+
+@kernel_test
+def test_kernel_masked_under_torch_compile(kernel_device):
+    q, k, v = _qkv(torch.float32, kernel_device, seed=26)
+    mask = _mask((1, H, N, M), "float", kernel_device, seed=27)
+    rel_pos = _rel_pos(1, H, kernel_device, seed=28)
+
+    def block(q, k, v, mask, rel_h, rel_w):
+        out = fastvit.flash_attention(q * 1.5, k, v, attn_mask=mask * 0.5, rel_pos=(rel_h, rel_w))
+        return out.square().sum()
+
+    backend = "inductor" if ON_GPU else "aot_eager"
+    inputs = (q, k, v, mask, *rel_pos)
+    with fastvit.backend("triton"):
+        compiled = torch.compile(block, fullgraph=True, backend=backend)
+        loss = compiled(*inputs)
+        grads = torch.autograd.grad(loss, inputs)
+        eager_loss = block(*inputs)
+        eager_grads = torch.autograd.grad(eager_loss, inputs)
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad masks: errors naming attn_mask / rel_pos, with what they got and what they need
+# ---------------------------------------------------------------------------------------------
+def _bad_call(**overrides):
+    q, k, v = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 6, 16), torch.randn(2, 3, 6, 16)
+    kwargs = {"attn_mask": None, "rel_pos": None, **overrides}
+    fastvit.flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,pattern",
+    [
+        ({"attn_mask": torch.ones(1, 2, 3, 5, 6, dtype=torch.bool)}, ValueError,
+         r"attn_mask must have at most 4 dimensions.*\(1, 2, 3, 5, 6\)"),
+        ({"attn_mask": torch.ones(5, 7)}, ValueError,
+         r"attn_mask of shape \(5, 7\) is not broadcastable to \(B, H, N, M\) = \(2, 3, 5, 6\)"),
+        ({"attn_mask": torch.ones(2, 4, 5, 6)}, ValueError, r"attn_mask of shape \(2, 4, 5, 6\) is not broadcastable"),
+        ({"attn_mask": torch.ones(3, 2, 6)}, ValueError, r"attn_mask of shape \(3, 2, 6\) is not broadcastable"),
+        ({"attn_mask": torch.ones(5, 6, dtype=torch.int32)}, TypeError, r"attn_mask must be bool .*got dtype int32"),
+        ({"attn_mask": torch.ones(5, 6, dtype=torch.uint8)}, TypeError, r"attn_mask must be bool .*got dtype uint8"),
+        ({"attn_mask": torch.ones(5, 6, device="meta")}, ValueError, r"attn_mask must be on q's device cpu, got meta"),
+        ({"attn_mask": [[True]]}, TypeError, r"attn_mask must be a torch.Tensor or None, got list"),
+        ({"rel_pos": (torch.randn(2, 3, 5, 2), torch.randn(2, 3, 5, 4))}, ValueError,
+         r"rel_pos needs M == kh \* kw.*kh \* kw = 8, M = 6"),
+        ({"rel_pos": (torch.randn(2, 3, 4, 2), torch.randn(2, 3, 5, 3))}, ValueError,
+         r"rel_pos rel_h must have shape \(B\|1, H\|1, N, k\).*got \(2, 3, 4, 2\)"),
+        ({"rel_pos": (torch.randn(2, 2, 5, 2), torch.randn(2, 3, 5, 3))}, ValueError, r"rel_pos rel_h must have shape"),
+        ({"rel_pos": (torch.randn(2, 3, 5, 2), torch.randn(3, 5, 3))}, ValueError,
+         r"rel_pos rel_w must have 4 dimensions.*\(3, 5, 3\)"),
+        ({"rel_pos": (torch.ones(2, 3, 5, 2, dtype=torch.int64), torch.randn(2, 3, 5, 3))}, TypeError,
+         r"rel_pos rel_h must have dtype in .*got int64"),
+        ({"rel_pos": (torch.randn(2, 3, 5, 2), torch.randn(2, 3, 5, 3, device="meta"))}, ValueError,
+         r"rel_pos rel_w must be on q's device cpu, got meta"),
+        ({"rel_pos": torch.randn(2, 3, 5, 6)}, TypeError, r"rel_pos must be a pair \(rel_h, rel_w\).*got Tensor"),
+    ],
+)
+def test_bad_masks(overrides, error, pattern):
+    with pytest.raises(error, match=pattern):
+        _bad_call(**overrides)
+
+
+def test_bad_masks_are_rejected_before_any_route():
+    """Validation does not depend on the backend: the Triton route rejects the same inputs."""
+    with fastvit.backend("triton"), pytest.raises(ValueError, match="attn_mask of shape"):
+        _bad_call(attn_mask=torch.ones(2, 3, 5, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The block shapes the GPU launchers pick with masks (not only the small interpreter tiles)
+# ---------------------------------------------------------------------------------------------
+def _mask_configs(kernels, monkeypatch):
+    """Every distinct (forward, dK/dV, dQ, dBias) configuration over architectures, dtypes and
+    padded head dims, with and without the rel_pos gradients."""
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    found = {"fwd": set(), "bwd": set(), "dbias": set()}
+    for arch in (80, 86, 89, 90, 100, 120):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for pad in (16, 32, 64, 128):
+                found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad))
+                for rel_pos_grad in (False, True):
+                    found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
+                found["dbias"].add(kernels.dbias_config(dtype, pad))
+    monkeypatch.setattr(kernels, "INTERPRETER", True)
+    return {name: sorted(configs, key=str) for name, configs in found.items()}
+
+
+def test_mask_block_size_rules_hold_for_every_config(monkeypatch):
+    """The causal diagonal split needs the forward's BLOCK_M % BLOCK_N == 0 and the backward's
+    block_n % block_m == 0 (in both passes); tl.dot needs 16."""
+    from fastvit.kernels import flash_attention as kernels
+
+    configs = _mask_configs(kernels, monkeypatch)
+    for fwd in configs["fwd"]:
+        assert fwd.block_m % fwd.block_n == 0 and min(fwd.block_m, fwd.block_n) >= 16, fwd
+    for pair in configs["bwd"]:
+        for bwd in pair:
+            assert bwd.block_n % bwd.block_m == 0 and min(bwd.block_m, bwd.block_n) >= 16, pair
+    for dbias in configs["dbias"]:
+        assert min(dbias.block_m, dbias.block_n) >= 16, dbias
+
+
+@kernel_test
+def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
+    """Each production configuration of the masked kernels (forward, dK/dV, dQ with the rel_pos
+    reduction, dBias with unequal tiles) gives the reference's answers: causal, N != M, a masked
+    head dim, a float bias summed over the batch and rel_pos shared by the batch."""
+    if ON_GPU:
+        pytest.skip("on a GPU the production shapes are what every test runs")
+    from fastvit.kernels import flash_attention as kernels
+
+    configs = _mask_configs(kernels, monkeypatch)
+    runs = max(len(c) for c in configs.values())
+    gen = _gen(29)
+    n_q, n_k = 150, 70  # 70 keys = a 7 x 10 grid
+    q, k, v = (torch.randn(2, 1, n, 40, generator=gen).to(kernel_device).requires_grad_(True)
+               for n in (n_q, n_k, n_k))
+    bias = torch.randn(1, 1, n_q, n_k, generator=gen).to(kernel_device).requires_grad_(True)
+    rel_pos = tuple(torch.randn(1, 1, n_q, n, generator=gen).to(kernel_device).requires_grad_(True) for n in (7, 10))
+    for i in range(runs):
+        fwd = configs["fwd"][i % len(configs["fwd"])]
+        bwd = configs["bwd"][i % len(configs["bwd"])]
+        dbias = configs["dbias"][i % len(configs["dbias"])]
+        monkeypatch.setattr(kernels, "fwd_mask_config", lambda *a, fwd=fwd: fwd)
+        monkeypatch.setattr(kernels, "bwd_mask_configs", lambda *a, bwd=bwd: bwd)
+        monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias: dbias)
+        result = _run("triton", q, k, v, attn_mask=bias, rel_pos=rel_pos, causal=True)
+        _check(q, k, v, result, attn_mask=bias, rel_pos=rel_pos, causal=True)
+
+
+def test_aot_specs_cover_the_mask_variants_with_every_argument():
+    """The ahead-of-time list holds, per architecture, the forward with a float bias, a bool mask
+    and rel_pos, the backward with a bias and rel_pos (dQ with the rel_pos gradients) and the dBias
+    kernel; every spec names its kernel's arguments in order (a drifted signature would only show
+    as a compile error in the slow static report)."""
+    from fastvit.kernels import flash_attention as kernels
+    from fastvit.kernels.aot import ARCHS
+
+    specs = kernels.aot_specs()
+    for spec in specs:
+        fn = getattr(kernels, spec.kernel.split(".")[-1])
+        assert list(spec.signature) == list(fn.arg_names), spec.config
+        constexprs = [n for n, ty in spec.signature.items() if ty == "constexpr"]
+        assert set(constexprs) <= set(spec.constexprs), (spec.config, set(constexprs) - set(spec.constexprs))
+    for arch in ARCHS:
+        flags = [(s.kernel.split(".")[-1], s.constexprs) for s in specs if s.arch == arch]
+        assert any(k == "flash_attention_fwd_kernel" and c["HAS_BIAS"] and not c["BIAS_BOOL"] for k, c in flags)
+        assert any(k == "flash_attention_fwd_kernel" and c["BIAS_BOOL"] for k, c in flags)
+        assert any(k == "flash_attention_fwd_kernel" and c["HAS_REL_POS"] for k, c in flags)
+        assert any(k == "flash_attention_bwd_dkdv_kernel" and c["HAS_BIAS"] and c["HAS_REL_POS"] for k, c in flags)
+        assert any(k == "flash_attention_bwd_dq_kernel" and c.get("REL_POS_GRAD") for k, c in flags)
+        assert {c["ROWS_BCAST"] for k, c in flags if k == "flash_attention_bwd_dbias_kernel"} == {False, True}
+
