@@ -56,7 +56,7 @@ from .measure import Unavailable, Workload, input_sets, op_step, randn, relabel_
 from .options import modes, square_grid, torch_dtype, vit_tokens
 from .progress import Progress
 from .records import Point, Record
-from .runner import not_run, run_points
+from .runner import run_impls
 
 __all__ = ["IMPLS", "build", "eager_attention", "flops", "run"]
 
@@ -170,22 +170,12 @@ def points(args: Any, impl: str) -> list[Point]:
 
 def run(args: Any, progress: Progress) -> list[Record]:
     """Every implementation in ``args.impls`` (default: all), every mode and sequence length."""
-    unknown = set(args.impls or ()) - set(IMPLS)
-    if unknown:
-        raise ValueError(f"unknown attention implementations {sorted(unknown)}; choose from {IMPLS}")
-    impls = list(args.impls or (QUICK_IMPLS if args.quick else IMPLS))
-    records, runnable = [], []
-    for impl in impls:
-        reason = _not_here(impl, args.device, args.dtype)
-        if reason is not None:
-            records += not_run(points(args, impl), "unavailable", reason, progress)
-        else:
-            runnable += points(args, impl)
-    # size-major order: every implementation and mode advances together, so a --time-limit cuts
-    # the largest sizes, not the last implementations (each group still runs in increasing N)
+    records, impls = run_impls(
+        NAME, IMPLS, args.impls, lambda impl: _not_here(impl, args.device, args.dtype),
+        lambda impl: points(args, impl), lambda p: p.n_tokens, build, args, progress,
+        default=QUICK_IMPLS if args.quick else None,
+    )  # fmt: skip
     order = {mode: i for i, mode in enumerate(modes(args))}
-    runnable.sort(key=lambda p: (p.n_tokens, order[p.mode], impls.index(p.impl)))
-    records += run_points(runnable, build, args, progress)
     return sorted(records, key=lambda r: (impls.index(_base(r.impl)), order[r.mode], r.n_tokens))
 
 

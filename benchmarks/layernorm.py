@@ -46,7 +46,7 @@ from .measure import Unavailable, Workload, input_sets, op_step, randn
 from .options import VIT_WIDTHS, modes, token_sizes, torch_dtype, vit_widths
 from .progress import Progress
 from .records import Point, Record
-from .runner import not_run, run_points
+from .runner import run_impls
 
 __all__ = ["IMPLS", "CudaLayerNorm", "build", "cuda_layer_norm", "eager_layer_norm", "flops", "points", "run"]
 
@@ -108,21 +108,10 @@ def _not_here(impl: str, device: str) -> str | None:
 def run(args: Any, progress: Progress) -> list[Record]:
     """Every implementation in ``args.impls`` (default: all), every width, size and mode; the records
     sorted by width, token rows, implementation and mode (each fwd row above its fwd+bwd row)."""
-    unknown = set(args.impls or ()) - set(IMPLS)
-    if unknown:
-        raise ValueError(f"unknown layernorm implementations {sorted(unknown)}; choose from {IMPLS}")
-    impls = list(args.impls or IMPLS)
-    records, runnable = [], []
-    for impl in impls:
-        reason = _not_here(impl, args.device)
-        if reason is not None:
-            records += not_run(points(args, impl), "unavailable", reason, progress)
-        else:
-            runnable += points(args, impl)
-    # size-major order: every implementation advances together, so a --time-limit cuts the
-    # largest problems, not the last implementations
-    runnable.sort(key=lambda p: (p.params["dim"] * p.batch * p.n_tokens, p.mode, impls.index(p.impl)))
-    records += run_points(runnable, build, args, progress)
+    records, impls = run_impls(
+        NAME, IMPLS, args.impls, lambda impl: _not_here(impl, args.device), lambda impl: points(args, impl),
+        lambda p: p.params["dim"] * p.batch * p.n_tokens, build, args, progress,
+    )  # fmt: skip
     order = {impl: i for i, impl in enumerate(impls)}
     return sorted(
         records,

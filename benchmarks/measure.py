@@ -178,7 +178,7 @@ def op_step(
     """A ``Workload.step`` for an op ``fn(*inputs) -> Tensor``.
 
     Args:
-        fn: the op.
+        fn: the op; it may return a tuple of outputs (then each ``grads[i]`` is a tuple too).
         sets: input tuples, rotated.
         mode: "fwd" (no autograd) or "fwd+bwd" (forward, then the gradients of every input that
             requires grad, against ``grads[i]``).

@@ -42,7 +42,7 @@ from .measure import Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import VIT_WIDTHS, modes, token_sizes, torch_dtype, vit_widths
 from .progress import Progress
 from .records import Point, Record
-from .runner import not_run, run_points
+from .runner import run_impls
 
 __all__ = ["IMPLS", "build", "eager_mlp", "flops", "run", "saved_bytes"]
 
@@ -105,21 +105,10 @@ def _not_here(impl: str, device: str) -> str | None:
 
 def run(args: Any, progress: Progress) -> list[Record]:
     """Every implementation in ``args.impls`` (default: all), every width, size and mode."""
-    unknown = set(args.impls or ()) - set(IMPLS)
-    if unknown:
-        raise ValueError(f"unknown mlp implementations {sorted(unknown)}; choose from {IMPLS}")
-    impls = list(args.impls or IMPLS)
-    records, runnable = [], []
-    for impl in impls:
-        reason = _not_here(impl, args.device)
-        if reason is not None:
-            records += not_run(points(args, impl), "unavailable", reason, progress)
-        else:
-            runnable += points(args, impl)
-    # size-major order: every implementation advances together, so a --time-limit cuts the
-    # largest problems, not the last implementations
-    runnable.sort(key=lambda p: (p.params["dim"] * p.batch * p.n_tokens, p.mode, impls.index(p.impl)))
-    records += run_points(runnable, build, args, progress)
+    records, _ = run_impls(
+        NAME, IMPLS, args.impls, lambda impl: _not_here(impl, args.device), lambda impl: points(args, impl),
+        lambda p: p.params["dim"] * p.batch * p.n_tokens, build, args, progress,
+    )  # fmt: skip
     return sorted(records, key=lambda r: (r.extra.get("dim", 0), r.batch * r.n_tokens, r.mode, r.impl))
 
 

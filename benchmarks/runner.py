@@ -36,7 +36,9 @@ from .measure import Policy, Workload, classify_exception, measure
 from .progress import Progress
 from .records import Point, Record
 
-__all__ = ["call_in_worker", "not_run", "policy_from_args", "run_point", "run_points", "set_preload", "shutdown"]
+__all__ = [
+    "call_in_worker", "not_run", "policy_from_args", "run_impls", "run_point", "run_points", "set_preload", "shutdown",
+]
 
 Build = Callable[[Point], Workload]
 
@@ -364,3 +366,44 @@ def run_points(
         records.append(record)
         progress.advance(f"{record.suite} {record.impl} {record.mode} N={record.n_tokens}: {record.status}", record)
     return records
+
+
+def run_impls(
+    suite: str,
+    known: tuple[str, ...],
+    requested: Iterable[str] | None,
+    not_here: Callable[[str], str | None],
+    points: Callable[[str], list[Point]],
+    size: Callable[[Point], float],
+    build: Build,
+    args: Any,
+    progress: Progress,
+    *,
+    default: tuple[str, ...] | None = None,
+) -> tuple[list[Record], list[str]]:
+    """The body of a suite's ``run``: the implementations asked for (else ``default``, else
+    ``known``; a name outside ``known`` is a ValueError), ``unavailable`` rows for those that
+    ``not_here(impl)`` rules out, and the rest measured size-major: every implementation and mode
+    advance together, so a --time-limit cuts the largest sizes, not the last implementations (each
+    group still runs in increasing size).
+
+    Returns:
+        the records (unsorted: each suite orders its own table) and the implementations, in order.
+
+    Example:
+        >>> records, impls = run_impls("attention", IMPLS, args.impls, why_not, points_of, lambda p: p.n_tokens,
+        ...                            build, args, progress)
+    """
+    unknown = set(requested or ()) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {suite} implementations {sorted(unknown)}; choose from {tuple(known)}")
+    impls = list(requested or default or known)
+    records, runnable = [], []
+    for impl in impls:
+        reason = not_here(impl)
+        if reason is not None:
+            records += not_run(points(impl), "unavailable", reason, progress)
+        else:
+            runnable += points(impl)
+    runnable.sort(key=lambda p: (size(p), p.mode, impls.index(p.impl)))  # "fwd" < "fwd+bwd"
+    return records + run_points(runnable, build, args, progress), impls

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .measure import Unavailable, Workload, input_sets, randn, relabel_on_fallback
+from .measure import Unavailable, Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import modes, torch_dtype
 from .progress import Progress
 from .records import Point, Record
-from .runner import not_run, run_points
+from .runner import run_impls
 
 __all__ = ["IMPLS", "build", "flops", "lengths", "points", "run"]
 
@@ -116,21 +116,11 @@ def _not_here(impl: str) -> str | None:
 
 def run(args: Any, progress: Progress) -> list[Record]:
     """Every implementation in ``args.impls`` (default: all), every mode and size."""
-    unknown = set(args.impls or ()) - set(IMPLS)
-    if unknown:
-        raise ValueError(f"unknown varlen implementations {sorted(unknown)}; choose from {IMPLS}")
-    impls = list(args.impls or IMPLS)
-    records, runnable = [], []
-    for impl in impls:
-        reason = _not_here(impl)
-        if reason is not None:
-            records += not_run(points(args, impl), "unavailable", reason, progress)
-        else:
-            runnable += points(args, impl)
+    records, impls = run_impls(
+        NAME, IMPLS, args.impls, _not_here, lambda impl: points(args, impl), lambda p: p.n_tokens, build, args,
+        progress,
+    )  # fmt: skip
     order = {mode: i for i, mode in enumerate(modes(args))}
-    # size-major: a --time-limit cuts the largest batches, not the last implementations
-    runnable.sort(key=lambda p: (p.n_tokens, order[p.mode], impls.index(p.impl)))
-    records += run_points(runnable, build, args, progress)
     return sorted(records, key=lambda r: (impls.index(r.impl.split("[")[0]), order[r.mode], r.n_tokens))
 
 
@@ -142,25 +132,6 @@ def _cu_seqlens(lens: Sequence[int], device: str) -> torch.Tensor:
     for n in lens:
         offsets.append(offsets[-1] + n)
     return torch.tensor(offsets, dtype=torch.int32, device=device)
-
-
-def _step(fn: Callable[..., tuple[torch.Tensor, ...]], sets: list[tuple], mode: str,
-          grads: list[tuple[torch.Tensor, ...]] | None) -> Callable[[int], None]:
-    """A ``Workload.step`` for ``fn(*inputs) -> tuple of outputs`` (one per bucket or one)."""
-    n = len(sets)
-    if mode == "fwd":
-
-        def step(i: int) -> None:
-            with torch.no_grad():
-                fn(*sets[i % n])
-
-        return step
-    wrt = [[t for t in s if isinstance(t, torch.Tensor) and t.requires_grad] for s in sets]
-
-    def step(i: int) -> None:
-        torch.autograd.grad(fn(*sets[i % n]), wrt[i % n], grads[i % n])
-
-    return step
 
 
 def _implementation(point: Point, lens: list[int]) -> tuple[Callable, Callable[[], tuple], list, str]:
@@ -234,7 +205,7 @@ def build(point: Point) -> Workload:
         grads = [tuple(randn(s, dtype=dtype, device=device) for s in out_shapes) for _ in sets]
     calls = {"fastvit-dense": len(out_shapes), "sdpa-per-image": len(lens)}.get(point.impl, 1)
     workload = Workload(
-        step=_step(fn, sets, point.mode, grads),
+        step=op_step(fn, sets, point.mode, grads),  # fn returns a tuple of outputs, grads a tuple each
         flops=flops(point),
         impl=label,
         extra={"input_sets": len(sets), "calls": calls},

@@ -56,6 +56,7 @@ Packed variable-length sequences (VARLEN, flash-attn's varlen layout; constexpr,
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -1004,6 +1005,16 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     return AttentionConfig(32, 64, 4, 2) if small else AttentionConfig(32, 64, 8, 2)
 
 
+def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+    """Backward block sizes of the VARLEN kernels: ``bwd_config``'s, except fp32 on 8 warps — with
+    the tile table's extra live values the 4-warp fp32 tiles put 8 B on the stack in the causal
+    dK/dV (D = 128, sm_80) and dQ (D = 64, sm_89) passes (Triton 3.8, 2026-12-04); 8 warps are clean."""
+    cfg = bwd_config(arch, dtype, head_dim_pad)
+    if INTERPRETER or dtype != torch.float32:
+        return cfg
+    return dataclasses.replace(cfg, num_warps=8)
+
+
 def fwd_mask_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     """Forward block sizes with an attn_mask or rel_pos, from the ahead-of-time report. The mask
     and rel_pos tiles are gathered through (BLOCK_M, BLOCK_N) tiles of 64-bit pointers: for 16-bit
@@ -1426,7 +1437,7 @@ def flash_attention_varlen_backward(
     if total == 0 or total_k == 0 or heads == 0:  # no query sees any key: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
     pad = head_dim_padded(head_dim)
-    cfg = bwd_config(arch_of(q.device), q.dtype, pad)
+    cfg = varlen_bwd_config(arch_of(q.device), q.dtype, pad)
     precision = _dot_precision(q.dtype)
     delta = new_output((heads, total), dtype=torch.float32, device=q.device)
     key_tiles = varlen_tiles(cu_seqlens_k, total_k, max_seqlen_k, cfg.block_n)
@@ -1499,9 +1510,8 @@ _REL_POS_AOT_PAD = 64
 # The packed variable-length arguments, last in the forward, dK/dV and dQ kernels.
 _VARLEN_SIG = {"CuSeqQ": "constexpr", "CuSeqK": "constexpr", "Tiles": "constexpr", "VARLEN": "constexpr"}
 _VARLEN_OFF = {"CuSeqQ": None, "CuSeqK": None, "Tiles": None, "VARLEN": False}
-# VARLEN launches, compiled for bf16 (training) and fp32 at ViT-B's and ViT-g's head dims, non-causal
-# (ViTs). The fp32 causal backward spills 8 B there (dK/dV D = 128 on sm_80, dQ D = 64 on sm_89,
-# Triton 3.8, 2026-12-04), so causal is left out of this list; the kernels take it.
+# VARLEN launches, compiled for bf16 (training) and fp32 at ViT-B's and ViT-g's head dims, causal
+# and not.
 _VARLEN_AOT_DTYPES = (torch.bfloat16, torch.float32)
 _VARLEN_AOT_HEAD_DIMS = (64, 128)
 
@@ -1647,26 +1657,27 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     """The packed variable-length variants (VARLEN) of the forward, dK/dV and dQ kernels, with the
     plain configurations their launchers pick and int32 cu_seqlens and tile tables."""
     pad = head_dim_padded(head_dim)
-    fwd, bwd = fwd_config(arch, dtype, pad), bwd_config(arch, dtype, pad)
+    fwd, bwd = fwd_config(arch, dtype, pad), varlen_bwd_config(arch, dtype, pad)
     tables = {"CuSeqQ": "*i32", "CuSeqK": "*i32", "Tiles": "*i32"}
-    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": _dot_precision(dtype),
+    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "DOT_PRECISION": _dot_precision(dtype),
               "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None, "RelW": None,
               "VARLEN": True}
     specs = []
-    for kernel, sig, cfg, block_m, block_n in (
+    for causal, (kernel, sig, cfg, block_m, block_n) in itertools.product((False, True), (
         ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),
         ("flash_attention_bwd_dkdv_kernel", dkdv_sig, bwd, bwd.block_m, bwd.block_n),
         ("flash_attention_bwd_dq_kernel", dq_sig, bwd, bwd.block_n, bwd.block_m),
-    ):
+    )):
         sig = {**sig, **tables}  # the same argument order, pointers where the plain specs have None
-        constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
         if "REL_POS_GRAD" in sig:
             constexprs.update(dRelH=None, dRelW=None, REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
         if "stride_dod" in sig:
             constexprs["stride_dod"] = 1
         specs.append(KernelSpec(
             f"flash_attention.{kernel}",
-            f"{ty} D={head_dim} varlen BM={block_m} BN={block_n} w={cfg.num_warps} s={cfg.num_stages}",
+            f"{ty} D={head_dim} varlen{' causal' if causal else ''} BM={block_m} BN={block_n} "
+            f"w={cfg.num_warps} s={cfg.num_stages}",
             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
             needs_wgmma=dtype != torch.float32 and kernel == "flash_attention_fwd_kernel",
             divisible_by_16=_aligned(sig),

@@ -9,17 +9,15 @@ instead of O(N^2). Swin's learned relative-position bias is not part of it.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
+from fastvit.nn.grid_attention import GridAttention
 from fastvit.ops.window_attention import check_window_and_shift, window_attention
 
 __all__ = ["WindowAttention"]
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(GridAttention):
     """Multi-head (shifted) window self-attention on (B, N, C) tokens: N = num_prefix_tokens + h * w.
 
     Args:
@@ -52,43 +50,14 @@ class WindowAttention(nn.Module):
         proj_bias: bool = True,
         grid_size: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim must be a multiple of num_heads, got dim={dim}, num_heads={num_heads}")
-        if num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        super().__init__(
+            dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, grid_size=grid_size,
+            num_prefix_tokens=num_prefix_tokens,
+        )  # fmt: skip
         self.window, self.shift = check_window_and_shift(window, shift)
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.grid_size = tuple(grid_size) if grid_size is not None else None
-        self.num_prefix_tokens = num_prefix_tokens
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def _grid(self, n_tokens: int) -> tuple[int, int]:
-        if self.grid_size is not None:
-            return self.grid_size
-        side = math.isqrt(max(0, n_tokens - self.num_prefix_tokens))
-        if side * side + self.num_prefix_tokens != n_tokens or side == 0:
-            raise ValueError(
-                f"cannot infer a square grid from {n_tokens} tokens with {self.num_prefix_tokens} prefix "
-                "tokens; pass grid_size=(h, w) to the constructor or grid=(h, w) to forward"
-            )
-        return side, side
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """x: (B, N, C) tokens; grid: (h, w) for this call (default: grid_size, else square)."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
-        B, N, C = x.shape
-        grid = tuple(grid) if grid is not None else self._grid(N)
-        # (B, N, 3C) -> (3, B, H, N, D): views, no copies
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = window_attention(
-            q, k, v, grid, self.window, shift=self.shift, num_prefix_tokens=self.num_prefix_tokens
-        )  # (B, H, N, D), (B, N, H, D) in memory: the reshape below is free
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return window_attention(q, k, v, grid, self.window, shift=self.shift, num_prefix_tokens=self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
         return (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,3 +73,57 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def check_grid_self_attention(q: object, k: object, v: object, scale: object, dtypes: tuple[torch.dtype, ...]) -> None:
+    """The checks of a self-attention over one token grid (axial, window): q, k and v 4-D tensors
+    (B, H, N, D) of one shape, dtype in ``dtypes``, one device, D >= 1; ``scale`` a finite float
+    or None.
+
+    Example:
+        >>> check_grid_self_attention(q, k, v, None, (torch.float32,))  # raises, naming the argument
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, dtypes=dtypes, shape_hint="(batch, heads, tokens, head_dim)")
+    check_same_device(q=q, k=k, v=v)
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"{name} must have q's shape (self-attention over one token grid): q is "
+                f"{tuple(q.shape)}, {name} is {tuple(t.shape)}"
+            )
+    if q.shape[-1] == 0:
+        raise ValueError(f"head_dim must be at least 1, got q {tuple(q.shape)}")
+    bad_scale = not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
+    if scale is not None and bad_scale:
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+
+
+def check_token_grid(grid: object, num_prefix_tokens: object, n_tokens: int) -> tuple[int, int, int]:
+    """Check that ``n_tokens`` tokens are ``num_prefix_tokens`` prefix tokens then an h x w grid.
+
+    Returns:
+        (h, w, num_prefix_tokens).
+
+    Example:
+        >>> check_token_grid((14, 14), 1, 197)  # (14, 14, 1); (14, 14), 1, 196 raises ValueError
+    """
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in grid)
+    ):
+        raise TypeError(f"grid must be a pair of ints (h, w), got {grid!r}")
+    h, w = grid
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must have positive sides (h, w), got {tuple(grid)}")
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool):
+        raise TypeError(f"num_prefix_tokens must be an int, got {num_prefix_tokens!r}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    if num_prefix_tokens + h * w != n_tokens:
+        raise ValueError(
+            f"q, k and v must hold num_prefix_tokens + h * w tokens: got {n_tokens} tokens, "
+            f"expected {num_prefix_tokens} + {h} * {w} = {num_prefix_tokens + h * w}"
+        )
+    return h, w, num_prefix_tokens

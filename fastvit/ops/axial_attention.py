@@ -20,51 +20,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastvit.ops._checks import autocast_dtype, check_same_device, check_same_dtype, check_tensor
+from fastvit.ops._checks import autocast_dtype, check_grid_self_attention, check_same_dtype, check_token_grid
 
 __all__ = ["axial_attention"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_grid(grid: object, num_prefix_tokens: object, n_tokens: int) -> tuple[int, int, int]:
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in grid)
-    ):
-        raise TypeError(f"grid must be a pair of ints (h, w), got {grid!r}")
-    h, w = grid
-    if h < 1 or w < 1:
-        raise ValueError(f"grid must have positive sides (h, w), got {tuple(grid)}")
-    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool):
-        raise TypeError(f"num_prefix_tokens must be an int, got {num_prefix_tokens!r}")
-    if num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
-    if num_prefix_tokens + h * w != n_tokens:
-        raise ValueError(
-            f"q, k and v must hold num_prefix_tokens + h * w tokens: got {n_tokens} tokens, "
-            f"expected {num_prefix_tokens} + {h} * {w} = {num_prefix_tokens + h * w}"
-        )
-    return h, w, num_prefix_tokens
-
-
 def _validate(q, k, v, grid, num_prefix_tokens, scale) -> tuple[int, int, int]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4, dtypes=_DTYPES, shape_hint="(batch, heads, tokens, head_dim)")
-    check_same_device(q=q, k=k, v=v)
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(
-                f"{name} must have q's shape (self-attention over one token grid): q is "
-                f"{tuple(q.shape)}, {name} is {tuple(t.shape)}"
-            )
-    if q.shape[-1] == 0:
-        raise ValueError(f"head_dim must be at least 1, got q {tuple(q.shape)}")
-    bad_scale = not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
-    if scale is not None and bad_scale:
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    return _check_grid(grid, num_prefix_tokens, q.shape[2])
+    check_grid_self_attention(q, k, v, scale, _DTYPES)
+    return check_token_grid(grid, num_prefix_tokens, q.shape[2])
 
 
 def _axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp, vp, scale: float) -> torch.Tensor:

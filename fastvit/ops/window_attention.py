@@ -21,19 +21,17 @@ Gradients flow through autograd of the gathers and of ``flash_attention``; every
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from fastvit.ops._checks import (
     autocast_dtype,
-    check_same_device,
+    check_grid_self_attention,
     check_same_dtype,
-    check_tensor,
+    check_token_grid,
     check_unit_last_stride,
 )
-from fastvit.ops.axial_attention import _check_grid
 from fastvit.ops.flash_attention import flash_attention
 
 __all__ = ["window_attention"]
@@ -180,23 +178,10 @@ def cached_window_layout(
 
 
 def _validate(q, k, v, grid, window, shift, num_prefix_tokens, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4, dtypes=_DTYPES, shape_hint="(batch, heads, tokens, head_dim)")
-    check_same_device(q=q, k=k, v=v)
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(
-                f"{name} must have q's shape (self-attention over one token grid): q is "
-                f"{tuple(q.shape)}, {name} is {tuple(t.shape)}"
-            )
-    if q.shape[-1] == 0:
-        raise ValueError(f"head_dim must be at least 1, got q {tuple(q.shape)}")
+    check_grid_self_attention(q, k, v, scale, _DTYPES)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_unit_last_stride(name, t)
-    bad_scale = not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
-    if scale is not None and bad_scale:
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    gh, gw, prefix = _check_grid(grid, num_prefix_tokens, q.shape[2])
+    gh, gw, prefix = check_token_grid(grid, num_prefix_tokens, q.shape[2])
     window, shift = check_window_and_shift(window, shift)
     return (gh, gw), window, shift, prefix
 
