@@ -1051,16 +1051,20 @@ def bwd_mask_configs(
     return cfg, dq
 
 
-def dbias_config(dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+def dbias_config(dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False) -> AttentionConfig:
     """Tiles of the dBias kernel (``block_m`` query rows x ``block_n`` key columns of the mask's
     own tiles), from the ahead-of-time report. Each program holds a q, dO, k and v tile and the
-    fp32 accumulator: fp32 (IEEE dots on the FMA units) takes 16 x 16 tiles and 4 warps, 16-bit
-    inputs 8 warps over 32 x 32 tiles, 32 x 16 with D = 128 (32 x 32 spills 16-32 B on sm_80); no
-    software pipelining of the nested loops (two stages spill 8-24 B)."""
+    fp32 accumulator: fp32 (IEEE dots on the FMA units) takes 16 x 16 tiles and 4 warps. 16-bit
+    inputs: 64 x 32 tiles on 4 warps — one warpgroup, 16 rows per warp, so no MMA row is computed
+    twice, and HGMMA on sm_90 (125-192 registers, no spills on sm_80/89/90); with rel_pos also
+    gathered (two more tables per tile) those spill 24-200 B, so 8 warps over 32 x 32 tiles
+    (32 x 16 with D = 128). No software pipelining of the nested loops (two stages spill 8-240 B)."""
     if INTERPRETER:
         return AttentionConfig(16, 16, 4, 1)
     if dtype == torch.float32:
         return AttentionConfig(16, 16, 4, 1)
+    if not rel_pos:
+        return AttentionConfig(64, 32, 4, 1)
     if head_dim_pad > 64:
         return AttentionConfig(32, 16, 8, 1)
     return AttentionConfig(32, 32, 8, 1)
@@ -1288,7 +1292,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     bias_b, bias_h, bias_n, bias_m = bias.shape
     rows_bcast, cols_bcast = bias_n == 1, bias_m == 1
     pad = head_dim_padded(head_dim)
-    cfg = dbias_config(q.dtype, pad)
+    cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"])
     dbias = new_output(bias.shape, dtype=torch.float32, device=q.device)
     tiles = (1 if rows_bcast else triton.cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else triton.cdiv(n_k, cfg.block_n))
     flash_attention_bwd_dbias_kernel[(bias_b * bias_h * tiles,)](
@@ -1634,8 +1638,8 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
                 "KH_PAD": _REL_POS_AOT_PAD, "KW_PAD": _REL_POS_AOT_PAD}
     add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad k={_REL_POS_AOT_PAD}", dq_sig, rel_grad, dq,
         dq.block_n, dq.block_m)
-    dbias_cfg = dbias_config(dtype, pad)
-    for rows_bcast, rel in ((False, True), (True, False)):
+    for rows_bcast, rel in ((False, True), (False, False), (True, False)):
+        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel)
         sig = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
                "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
                **_strides("q", "bhn"), **_strides("k", "bhn"), **_strides("v", "bhn"),
@@ -1648,7 +1652,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel}
         if not rel:
             values.update(RelH=None, RelW=None)
-        label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M) rel_pos"
+        label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" rel_pos" if rel else "")
         add("flash_attention_bwd_dbias_kernel", label, sig, values, dbias_cfg, dbias_cfg.block_m, dbias_cfg.block_n)
     return specs
 

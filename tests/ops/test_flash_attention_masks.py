@@ -431,7 +431,8 @@ def _mask_configs(kernels, monkeypatch):
                 found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
-                found["dbias"].add(kernels.dbias_config(dtype, pad))
+                for rel_pos in (False, True):
+                    found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos))
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     return {name: sorted(configs, key=str) for name, configs in found.items()}
 
@@ -474,7 +475,7 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
         dbias = configs["dbias"][i % len(configs["dbias"])]
         monkeypatch.setattr(kernels, "fwd_mask_config", lambda *a, fwd=fwd: fwd)
         monkeypatch.setattr(kernels, "bwd_mask_configs", lambda *a, bwd=bwd: bwd)
-        monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias: dbias)
+        monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias, **kw: dbias)
         result = _run("triton", q, k, v, attn_mask=bias, rel_pos=rel_pos, causal=True)
         _check(q, k, v, result, attn_mask=bias, rel_pos=rel_pos, causal=True)
 
