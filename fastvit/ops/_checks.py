@@ -127,3 +127,15 @@ def check_token_grid(grid: object, num_prefix_tokens: object, n_tokens: int) -> 
             f"expected {num_prefix_tokens} + {h} * {w} = {num_prefix_tokens + h * w}"
         )
     return h, w, num_prefix_tokens
+
+
+def check_flags(**flags: object) -> None:
+    """Each keyword must be a real bool: a string such as "False" is truthy, and would silently
+    turn a flag on. TypeError naming the flag.
+
+    Example:
+        >>> check_flags(causal=False, return_lse=True)  # check_flags(causal="False") raises TypeError
+    """
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")

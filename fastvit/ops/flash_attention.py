@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastvit.backend import resolve_backend, warn_once
 from fastvit.ops._checks import (
     autocast_dtype,
+    check_flags,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -145,9 +146,13 @@ def _logsumexp_chunked(q: torch.Tensor, k: torch.Tensor, scale: float, causal: b
     n_k = k.shape[2]
     rows = max(1, (1 << 24) // max(1, batch * heads * n_k))  # ~64 MB of fp32 scores per block
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    # fp32 scores, never fp16/bf16 ones: q.k in fp16 overflows (q = k = 40, D = 64: 102400) and
+    # rounds the logits; float64 input keeps float64
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k_t = k.to(work).transpose(-2, -1)
     with torch.no_grad():
         for start in range(0, n_q, rows):
-            scores = torch.matmul(q[:, :, start : start + rows], k.transpose(-2, -1)).float() * scale
+            scores = torch.matmul(q[:, :, start : start + rows].to(work), k_t) * scale
             if causal:
                 i = torch.arange(start, min(start + rows, n_q), device=q.device)[:, None]
                 scores = scores.masked_fill(torch.arange(n_k, device=q.device)[None, :] > i, float("-inf"))
@@ -393,6 +398,7 @@ def flash_attention(
         >>> rel_h = torch.randn(2, 12, 196, 14, device="cuda")               # 14 x 14 key grid
         >>> out = fastvit.flash_attention(q, k, v, rel_pos=(rel_h, rel_h.clone()))
     """
+    check_flags(causal=causal, return_lse=return_lse)
     _validate(q, k, v, scale, attn_mask, rel_pos)
     device = q.device
     cast_to = autocast_dtype(device)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from fastvit.backend import resolve_backend, warn_once
 from fastvit.ops._checks import (
     autocast_dtype,
+    check_flags,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -320,6 +321,7 @@ def flash_attention_varlen(
         >>> out = fastvit.flash_attention_varlen(q, k, v, cu, max_seqlen_q=197)  # (312, 12, 64)
         >>> out, lse = fastvit.flash_attention_varlen(q, k, v, cu, return_lse=True)  # lse (12, 312)
     """
+    check_flags(causal=causal, return_lse=return_lse)
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q

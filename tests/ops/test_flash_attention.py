@@ -413,3 +413,33 @@ def test_bad_scale():
         fastvit.flash_attention(q, q, q, scale=math.inf)
     with pytest.raises(TypeError, match="scale"):
         fastvit.flash_attention(q, q, q, scale="0.5")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_route_lse_is_computed_in_fp32(dtype):
+    """q.k in the input dtype overflows fp16 (q = k = 40, D = 64: 102400 > 65504) and rounds the
+    logits; the torch route's lse comes from fp32 scores, like the kernels'."""
+    q = torch.full((1, 1, 3, 64), 40.0, dtype=dtype)
+    with fastvit.backend("torch"):
+        _, lse = fastvit.flash_attention(q, q, q, return_lse=True)
+    expected = 40.0 * 40.0 * 64 / 8 + math.log(3)  # scale 1/8, three equal logits
+    torch.testing.assert_close(lse, torch.full_like(lse, expected))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 33, 64, generator=gen).to(dtype) for _ in range(3))
+    with fastvit.backend("torch"):
+        _, lse = fastvit.flash_attention(q, k, v, return_lse=True)
+    _, lse_ref = reference.attention(q.double(), k.double(), v.double())
+    assert (lse.double() - lse_ref).abs().max() < 1e-4  # fp32 arithmetic on the same (rounded) inputs
+
+
+@pytest.mark.parametrize("flag", ["causal", "return_lse"])
+@pytest.mark.parametrize("value", ["False", 0, 1, None])
+def test_flags_must_be_bools(flag, value):
+    """A truthy non-bool (causal="False") would silently turn the flag on: every route rejects it."""
+    q, k, v = torch.randn(3, 1, 1, 5, 16).unbind(0)
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        fastvit.flash_attention(q, k, v, **{flag: value})
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        fastvit.flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu,
+                                       **{flag: value})
