@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import resolve_backend, warn_once
-from fastvit.ops._checks import autocast_dtype, check_optional_tensor, check_same_device, check_same_dtype, check_tensor
+from fastvit.ops._checks import (
+    autocast_dtype,
+    check_flags,
+    check_optional_tensor,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
 from fastvit.tuning import layernorm_mlp_bucket
 
 __all__ = ["layernorm_mlp"]
@@ -324,8 +331,7 @@ def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if approximate not in _APPROXIMATE:
         raise ValueError(f"approximate must be one of {_APPROXIMATE} (GELU flavour), got {approximate!r}")
-    if not isinstance(residual, bool):
-        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    check_flags(residual=residual)
 
 
 def layernorm_mlp(

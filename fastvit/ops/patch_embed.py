@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import resolve_backend, warn_once
-from fastvit.ops._checks import autocast_dtype, check_optional_tensor, check_same_device, check_same_dtype, check_tensor
+from fastvit.ops._checks import (
+    autocast_dtype,
+    check_flags,
+    check_optional_tensor,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
 from fastvit.tuning import patch_embed_bucket
 
 __all__ = ["patch_embed"]
@@ -331,7 +338,8 @@ def patch_embed(
         >>> fastvit.patch_embed(x, conv.weight, conv.bias, pos_embed=pos, prefix_tokens=cls).shape
         torch.Size([8, 197, 768])
     """
-    pad = bool(dynamic_img_pad)
+    check_flags(dynamic_img_pad=dynamic_img_pad)
+    pad = dynamic_img_pad
     _validate(x, weight, bias, pos_embed, prefix_tokens, pad)
     if prefix_tokens is not None and prefix_tokens.shape[1] == 0:
         prefix_tokens = None  # nothing to prepend (and, like the composite, no dtype promotion)

@@ -565,3 +565,11 @@ def test_bad_input(args, error, pattern):
     bias = args.pop("bias")
     with pytest.raises(error, match=pattern):
         fastvit.patch_embed(x, weight, bias, **args)
+
+
+@pytest.mark.parametrize("value", ["False", 0, 1, None])
+def test_dynamic_img_pad_must_be_a_bool(value):
+    """A truthy non-bool (dynamic_img_pad="False") would silently pad: rejected on every route."""
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 4, 4)
+    with pytest.raises(TypeError, match="dynamic_img_pad must be a bool"):
+        fastvit.patch_embed(x, w, dynamic_img_pad=value)
