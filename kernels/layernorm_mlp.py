@@ -169,8 +169,10 @@ def _fc1_kernel(
             h = h * tl.load(NormW + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_NORM_B:
             h = h + tl.load(NormB + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        # h is finite but not zero in padded columns (no affine: -mean * rstd); the W1 rows
-        # there load as zero, so they add nothing and h needs no select
+        if not HAS_NORM_W:
+            # padded columns hold -mean * rstd, which can overflow the GEMM dtype (fp16: -inf,
+            # and -inf * 0 = NaN); with a norm weight they are already 0 (the weight loads as 0)
+            h = tl.where(k_ok[None, :], h, 0.0)
         # -- B tile and the product --
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PRECISION)

@@ -613,3 +613,22 @@ def test_composite_semantics_of_the_torch_route_under_autocast():
         expected = inputs["x"] + h * inputs["layer_scale"]
     assert out.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(out, expected)
+
+
+@kernel_test
+@pytest.mark.parametrize("with_norm_bias", [False, True])
+def test_kernel_no_norm_weight_with_a_constant_row_in_fp16(kernel_device, with_norm_bias):
+    """No LayerNorm weight, D not a multiple of the K tile: the padded columns must not carry
+    -mean * rstd (a constant row of 100 gives -1e5, -inf in fp16, and -inf * 0 = NaN)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.full((1, 2, 8), 100.0, dtype=torch.float16)
+    x[0, 1] = torch.randn(8, generator=gen).half()
+    w1, w2 = torch.randn(16, 8, generator=gen).half(), torch.randn(8, 16, generator=gen).half()
+    norm_b = torch.randn(8, generator=gen).half() if with_norm_bias else None
+    args = [t.to(kernel_device) if t is not None else None for t in (x, None, norm_b, w1, None, w2, None)]
+    with fastvit.backend("triton"):
+        y = fastvit.layernorm_mlp(*args, eps=1e-6)
+    expected = reference.layernorm_mlp(*[t.double() if t is not None else None for t in (x, None, norm_b, w1,
+                                                                                        None, w2, None)], eps=1e-6)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.cpu().double(), expected, atol=0.5, rtol=2e-2)
