@@ -139,3 +139,20 @@ def check_flags(**flags: object) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def may_overlap(t: torch.Tensor) -> bool:
+    """True when two indices of ``t`` may share memory through non-zero strides (e.g.
+    ``x.unfold(0, 8, 1)``), judged from sizes and strides: sorted by stride, each dim of size > 1
+    must step past the whole extent of the dims below it. Broadcast (stride-0) dims do not count:
+    PyTorch's kernels read those correctly. False for every view of a packed qkv.
+
+    Example:
+        >>> may_overlap(torch.randn(64).unfold(0, 8, 1)), may_overlap(torch.randn(4, 8).t())  # True, False
+    """
+    extent = 1  # elements spanned by the dims visited so far (smallest strides first)
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1 and st != 0):
+        if stride < extent:
+            return True
+        extent = stride * (size - 1) + extent
+    return False

@@ -23,6 +23,7 @@ from fastvit.ops._checks import (
     check_same_dtype,
     check_tensor,
     check_unit_last_stride,
+    may_overlap,
 )
 
 __all__ = ["flash_attention"]
@@ -161,6 +162,9 @@ def _logsumexp_chunked(q: torch.Tensor, k: torch.Tensor, scale: float, causal: b
 
 
 def _torch_route(q, k, v, scale, causal, return_lse, attn_mask=None, rel_pos=None):
+    # PyTorch's CPU SDPA reads inputs whose elements share memory (x.unfold(...) views) as garbage:
+    # copy those (packed-qkv views never overlap; broadcast stride-0 dims are read correctly)
+    q, k, v = (t.contiguous() if may_overlap(t) else t for t in (q, k, v))
     if attn_mask is not None or rel_pos is not None:
         return _masked_torch_route(q, k, v, scale, causal, return_lse, attn_mask, rel_pos)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)

@@ -37,6 +37,7 @@ from fastvit.ops._checks import (
     check_same_dtype,
     check_tensor,
     check_unit_last_stride,
+    may_overlap,
 )
 
 __all__ = ["flash_attention_varlen"]
@@ -71,6 +72,8 @@ def _sequence_lse(q_s: torch.Tensor, k_s: torch.Tensor, scale: float, causal: bo
 def _torch_route(q, k, v, bounds_q, bounds_k, scale, causal, return_lse):
     """One SDPA call per sequence; a sequence with queries but no keys gives zeros (lse -inf),
     still connected to q so that the output has a (zero) gradient."""
+    # CPU SDPA misreads inputs whose elements share memory (see flash_attention's torch route)
+    q, k, v = (t.contiguous() if may_overlap(t) else t for t in (q, k, v))
     total, heads, _ = q.shape
     outs = []
     lse = torch.full((heads, total), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None

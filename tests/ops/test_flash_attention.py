@@ -443,3 +443,20 @@ def test_flags_must_be_bools(flag, value):
     with pytest.raises(TypeError, match=f"{flag} must be a bool"):
         fastvit.flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu,
                                        **{flag: value})
+
+
+def test_torch_route_copies_self_overlapping_inputs():
+    """PyTorch's CPU SDPA gives garbage (different on every call) for q, k, v whose elements share
+    memory; the torch route copies exactly those, and never a packed-qkv view or a broadcast."""
+    from fastvit.ops._checks import may_overlap
+
+    q = torch.randn(64, dtype=torch.float64).float().unfold(0, 8, 1)[:5].reshape(1, 1, 5, 8)
+    assert may_overlap(q)
+    with fastvit.backend("torch"):
+        outs = [fastvit.flash_attention(q, q, q) for _ in range(2)]
+    expected, _ = reference.attention(q.double(), q.double(), q.double())
+    for out in outs:
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    packed = torch.randn(2, 197, 3, 12, 64).permute(2, 0, 3, 1, 4)
+    assert not any(may_overlap(t) for t in packed.unbind(0))
+    assert not may_overlap(torch.randn(1, 4, 40, 64).expand(3, -1, -1, -1))
