@@ -8,6 +8,8 @@ modules (``from_modules``: the given modules themselves, not copies).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -100,11 +102,18 @@ class FusedLayerNormMLP(nn.Module):
                 ``layer_scale``), nn.Identity or None.
             approximate, residual, drop_path: as in the constructor.
         """
-        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-            raise TypeError(f"norm must be an nn.LayerNorm over the last dim, got {norm!r}")
+        # exact types: the fused op reads the weights, so a subclass's own forward would be ignored
+        if type(norm) not in _layernorm_types() or len(norm.normalized_shape) != 1:
+            raise TypeError(
+                f"norm must be an nn.LayerNorm (or timm's LayerNorm) over the last dim, not a subclass whose "
+                f"forward the fused op would ignore; got {type(norm).__name__} {norm!r}"
+            )
         for name, mod in (("fc1", fc1), ("fc2", fc2)):
-            if not isinstance(mod, nn.Linear):
-                raise TypeError(f"{name} must be an nn.Linear, got {type(mod).__name__}")
+            if type(mod) is not nn.Linear:
+                raise TypeError(
+                    f"{name} must be exactly nn.Linear, not a subclass or wrapper whose forward the fused op "
+                    f"would ignore; got {type(mod).__name__}"
+                )
         dim = norm.normalized_shape[0]
         if fc1.in_features != dim or fc2.out_features != dim or fc2.in_features != fc1.out_features:
             raise ValueError(
@@ -166,3 +175,10 @@ class FusedLayerNormMLP(nn.Module):
             f"approximate={self.approximate!r}, residual={self.residual}, layer_scale={self.gamma is not None}, "
             f"drop_path={self.drop_path}, backend={current_backend()!r}"
         )
+
+
+def _layernorm_types() -> tuple[type, ...]:
+    """nn.LayerNorm, and timm's LayerNorm (the same math) when timm is loaded."""
+    timm_layers = sys.modules.get("timm.layers")
+    timm_norm = getattr(timm_layers, "LayerNorm", None) if timm_layers is not None else None
+    return (nn.LayerNorm, timm_norm) if isinstance(timm_norm, type) else (nn.LayerNorm,)

@@ -108,10 +108,14 @@ class FusedPatchEmbed(nn.Module):
             img_size, strict_img_size, dynamic_img_pad: as in the constructor.
 
         Raises:
+            TypeError: not exactly an nn.Conv2d (a subclass's forward would be ignored).
             ValueError: the conv is not a non-overlapping square patchifier.
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if type(conv) is not nn.Conv2d:  # a subclass (timm's StdConv2d) computes something else
+            raise TypeError(
+                f"conv must be exactly nn.Conv2d, not a subclass whose forward the fused op would ignore "
+                f"(timm's StdConv2d standardizes its weight); got {type(conv).__name__}"
+            )
         kernel, stride = tuple(conv.kernel_size), tuple(conv.stride)
         padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         problems = []

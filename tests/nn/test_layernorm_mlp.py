@@ -88,7 +88,7 @@ def test_from_modules_layer_scale_as_parameter_or_tensor():
     [
         (lambda: (nn.BatchNorm1d(16), nn.Linear(16, 32), nn.Linear(32, 16)), TypeError, "norm must be an nn.LayerNorm"),
         (lambda: (nn.LayerNorm((4, 16)), nn.Linear(16, 32), nn.Linear(32, 16)), TypeError, "over the last dim"),
-        (lambda: (nn.LayerNorm(16), nn.Conv1d(16, 32, 1), nn.Linear(32, 16)), TypeError, "fc1 must be an nn.Linear"),
+        (lambda: (nn.LayerNorm(16), nn.Conv1d(16, 32, 1), nn.Linear(32, 16)), TypeError, "fc1 must be exactly"),
         (lambda: (nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(24, 16)), ValueError, "modules do not chain"),
         (lambda: (nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 8)), ValueError, "modules do not chain"),
         (lambda: (nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16), torch.ones(8)), ValueError,
@@ -176,3 +176,25 @@ def test_kernel_route_drop_path_training(kernel_device):
         torch.manual_seed(6)
         expected = m(x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_from_modules_rejects_subclasses_whose_forward_would_be_ignored():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    norm, fc1, fc2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
+    with pytest.raises(TypeError, match=r"fc1 must be exactly nn\.Linear.*Scaled"):
+        FusedLayerNormMLP.from_modules(norm, Scaled(8, 16), fc2)
+    with pytest.raises(TypeError, match=r"fc2 must be exactly nn\.Linear"):
+        FusedLayerNormMLP.from_modules(norm, fc1, Scaled(16, 8))
+
+    class CenteredOnly(nn.LayerNorm):
+        def forward(self, x):
+            return x - x.mean(-1, keepdim=True)
+
+    with pytest.raises(TypeError, match=r"norm must be an nn\.LayerNorm"):
+        FusedLayerNormMLP.from_modules(CenteredOnly(8), fc1, fc2)
+    from timm.layers import LayerNorm as TimmLayerNorm  # the same math: accepted
+
+    FusedLayerNormMLP.from_modules(TimmLayerNorm(8), fc1, fc2)

@@ -129,7 +129,7 @@ def test_from_conv_rejects_convs_that_are_not_patchifiers(conv, pattern):
 
 
 def test_from_conv_rejects_other_modules_and_clashing_names():
-    with pytest.raises(TypeError, match=r"nn\.Conv2d, got Linear"):
+    with pytest.raises(TypeError, match=r"exactly nn\.Conv2d.*got Linear"):
         FusedPatchEmbed.from_conv(nn.Linear(3, 8))
     with pytest.raises(ValueError, match=r"name must be an identifier.*'forward'"):
         FusedPatchEmbed.from_conv(nn.Conv2d(3, 8, 4, stride=4), name="forward")
@@ -142,3 +142,20 @@ def test_extra_repr_describes_the_module():
     for part in ("img_size=(224, 224)", "patch_size=14", "in_chans=3", "embed_dim=384", "dynamic_img_pad=True",
                  "backend=auto", "(proj): Conv2d(3, 384"):
         assert part in text, part
+
+
+def test_from_conv_rejects_conv_subclasses():
+    """timm's StdConv2d standardizes its weight in forward; the fused op would read the raw weight
+    (an error of ~15 before this check): only nn.Conv2d itself is taken."""
+    from timm.layers import StdConv2d
+
+    with pytest.raises(TypeError, match=r"exactly nn\.Conv2d.*StdConv2d"):
+        FusedPatchEmbed.from_conv(StdConv2d(3, 8, 4, stride=4))
+
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match=r"exactly nn\.Conv2d"):
+        FusedPatchEmbed.from_conv(Scaled(3, 8, 4, stride=4))
+    FusedPatchEmbed.from_conv(nn.Conv2d(3, 8, 4, stride=4))  # the class itself is fine
