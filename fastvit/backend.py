@@ -82,6 +82,21 @@ def current_backend() -> str:
     return "auto"
 
 
+def interpreter_dtype_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the ``triton`` route cannot run ``dtype`` on ``device``, or None: in Triton's interpreter
+    (the ``triton`` route on CPU tensors) ``tl.dot`` multiplies bf16's raw bits (an upstream bug),
+    so bf16 results would be garbage; the caller runs the ``torch`` route with one warning.
+
+    Example:
+        >>> interpreter_dtype_problem(torch.device("cpu"), torch.bfloat16)  # under TRITON_INTERPRET=1: a reason
+    """
+    if device.type == "cuda" or dtype != torch.bfloat16:
+        return None
+    from fastvit.kernels.runtime import INTERPRETER
+
+    return "bfloat16 in Triton's interpreter (its tl.dot is wrong for bf16)" if INTERPRETER else None
+
+
 def _interpreter_check(device: torch.device) -> None:
     from fastvit.kernels.runtime import INTERPRETER
 

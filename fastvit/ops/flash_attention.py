@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastvit.backend import resolve_backend, warn_once
+from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
 from fastvit.ops._checks import (
     autocast_dtype,
     check_flags,
@@ -227,12 +227,15 @@ def _masked_torch_route(q, k, v, scale, causal, return_lse, mask, rel_pos):
     recompute = rel_pos is not None and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mask, rel_h, rel_w)
     )
+    # blocks as torch.split views: the backward concatenates the blocks' gradients once (slicing
+    # would give every block a full-size zero gradient of q, the mask and the tables to add up)
+    q_blocks = q.split(rows, dim=2)
+    count = len(q_blocks)
+    mask_blocks = [mask] * count if mask is None or mask.shape[2] == 1 else mask.split(rows, dim=2)
+    rh_blocks, rw_blocks = ([None] * count,) * 2 if rel_h is None else (rel_h.split(rows, 2), rel_w.split(rows, 2))
     outs, lses = [], []
-    for row0 in range(0, n_q, rows):
-        sl = slice(row0, min(row0 + rows, n_q))
-        q_rows = q[:, :, sl]
-        mask_rows = None if mask is None else (mask if mask.shape[2] == 1 else mask[:, :, sl])
-        rh, rw = (None, None) if rel_h is None else (rel_h[:, :, sl], rel_w[:, :, sl])
+    for i, (q_rows, mask_rows, rh, rw) in enumerate(zip(q_blocks, mask_blocks, rh_blocks, rw_blocks, strict=True)):
+        row0 = i * rows
         args = (q_rows, k, v, mask_rows, rh, rw, row0, scale, causal)
         outs.append(checkpoint(_masked_chunk, *args, use_reentrant=False) if recompute else _masked_chunk(*args))
         if return_lse:
@@ -421,6 +424,8 @@ def flash_attention(
             reason = f"head_dim {head_dim} > {MAX_HEAD_DIM}"
         elif q.dtype not in _KERNEL_DTYPES:
             reason = f"dtype {q.dtype}"
+        elif interpreter_dtype_problem(device, q.dtype):
+            reason = interpreter_dtype_problem(device, q.dtype)
         elif scale <= 0:
             reason = f"non-positive scale {scale}"
         if reason is not None:

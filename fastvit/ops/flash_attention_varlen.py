@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastvit.backend import resolve_backend, warn_once
+from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
 from fastvit.ops._checks import (
     autocast_dtype,
     check_flags,
@@ -258,6 +258,8 @@ def _fallback_reason(q: torch.Tensor, scale: float) -> str | None:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype}"
+    if interpreter_dtype_problem(q.device, q.dtype):
+        return interpreter_dtype_problem(q.device, q.dtype)
     if scale <= 0:
         return f"non-positive scale {scale}"
     return None

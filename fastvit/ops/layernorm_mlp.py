@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastvit.backend import resolve_backend, warn_once
+from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
 from fastvit.ops._checks import (
     autocast_dtype,
     check_flags,
@@ -410,6 +410,8 @@ def layernorm_mlp(
             reason = "dtype float64"
         elif x.shape[-1] > max_dim:
             reason = f"D = {x.shape[-1]} > {max_dim}"
+        elif route == "triton" and interpreter_dtype_problem(device, gemm_dtype):
+            reason = interpreter_dtype_problem(device, gemm_dtype)
         if reason is not None:
             warn_once(
                 f"layernorm_mlp:{route}:{reason}",

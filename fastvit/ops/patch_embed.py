@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvit.backend import resolve_backend, warn_once
+from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
 from fastvit.ops._checks import (
     autocast_dtype,
     check_flags,
@@ -366,6 +366,11 @@ def patch_embed(
                 f"fastvit.patch_embed: the {route} backend takes fp16, bf16 and fp32; running the torch "
                 f"composite for dtypes {sorted(str(d) for d in dtypes)}",
             )
+            route = "torch"
+        elif route == "triton" and interpreter_dtype_problem(device, cast_to or weight.dtype):
+            problem = interpreter_dtype_problem(device, cast_to or weight.dtype)
+            warn_once(f"patch_embed:{problem}", f"fastvit.patch_embed: the triton backend does not cover {problem}; "
+                      "running the torch composite instead")
             route = "torch"
         elif x.shape[1] * x.shape[2] * x.shape[3] >= _MAX_IMAGE_NUMEL:
             warn_once(
