@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fastvit
 from fastvit import reference
+from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -276,16 +277,7 @@ def test_kernel_under_torch_compile(kernel_device):
     def block(q, k, v):
         return fastvit.flash_attention(q * 1.5, k, v).transpose(1, 2).flatten(2).square().sum()
 
-    backend = "inductor" if ON_GPU else "aot_eager"
-    with fastvit.backend("triton"):
-        compiled = torch.compile(block, fullgraph=True, backend=backend)
-        loss = compiled(q, k, v)
-        grads = torch.autograd.grad(loss, (q, k, v))
-        eager_loss = block(q, k, v)
-        eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
-    torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(block, (q, k, v), "triton")
 
 
 @kernel_test

@@ -10,6 +10,7 @@ import torch
 
 import fastvit
 from fastvit import reference
+from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -357,17 +358,7 @@ def test_kernel_masked_under_torch_compile(kernel_device):
         out = fastvit.flash_attention(q * 1.5, k, v, attn_mask=mask * 0.5, rel_pos=(rel_h, rel_w))
         return out.square().sum()
 
-    backend = "inductor" if ON_GPU else "aot_eager"
-    inputs = (q, k, v, mask, *rel_pos)
-    with fastvit.backend("triton"):
-        compiled = torch.compile(block, fullgraph=True, backend=backend)
-        loss = compiled(*inputs)
-        grads = torch.autograd.grad(loss, inputs)
-        eager_loss = block(*inputs)
-        eager_grads = torch.autograd.grad(eager_loss, inputs)
-    torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(block, (q, k, v, mask, *rel_pos), "triton")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 import fastvit
 from fastvit import reference
+from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -219,16 +220,7 @@ def test_kernel_under_torch_compile(kernel_device):
         out = fastvit.flash_attention_varlen(q * 1.5, k, v, cu_q, cu_k, max_seqlen_q=17, max_seqlen_k=17)
         return out.flatten(1).square().sum()
 
-    backend = "inductor" if ON_GPU else "aot_eager"
-    with fastvit.backend("triton"):
-        compiled = torch.compile(block, fullgraph=True, backend=backend)
-        loss = compiled(q, k, v)
-        grads = torch.autograd.grad(loss, (q, k, v))
-        eager_loss = block(q, k, v)
-        eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
-    torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(block, (q, k, v), "triton")
 
 
 @pytest.mark.parametrize("lengths", [(17, 1, 9, 0, 13), (0, 0, 5), (64,), (16, 16, 1)])

@@ -17,6 +17,7 @@ import torch
 import fastvit
 from fastvit import reference
 from fastvit.ops import window_attention as window_attention_module
+from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -380,16 +381,7 @@ def test_under_torch_compile_fullgraph(route, kernel_device):
         out = fastvit.window_attention(q * 1.5, k, v, (5, 7), 3, shift=1, num_prefix_tokens=1)
         return out.square().sum()
 
-    backend = "inductor" if ON_GPU else "aot_eager"
-    with fastvit.backend(route):
-        compiled = torch.compile(block, fullgraph=True, backend=backend)
-        loss = compiled(q, k, v)
-        grads = torch.autograd.grad(loss, (q, k, v))
-        eager_loss = block(q, k, v)
-        eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
-    torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(block, (q, k, v), route)
 
 
 def test_layouts_are_reused_and_serve_training_after_inference_mode():
