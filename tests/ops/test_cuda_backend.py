@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastvit
+from tests.compile_check import assert_compiled_matches_eager
 from tests.ops import test_layernorm_mlp as lnm
 from tests.ops import test_patch_embed as pe
 from tests.tolerance import ATOL, assert_close_to_reference
@@ -147,15 +148,7 @@ def test_layernorm_mlp_under_torch_compile():
     def block(x, nw, nb, w1, b1, w2, b2, ls):
         return fastvit.layernorm_mlp(x * 2, nw, nb, w1, b1, w2, b2, layer_scale=ls).square().sum()
 
-    with fastvit.backend("cuda"):
-        compiled = torch.compile(block, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
-        loss = compiled(*leaves)
-        grads = torch.autograd.grad(loss, leaves)
-        eager = block(*leaves)
-        eager_grads = torch.autograd.grad(eager, leaves)
-    torch.testing.assert_close(loss, eager)
-    for a, b in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(block, leaves, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fastvit
 from fastvit import reference
+from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import ATOL, assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -425,16 +426,7 @@ def test_kernel_under_torch_compile(kernel_device):
         return y.square().sum()
 
     leaves = [inputs[k] for k in names]
-    backend = "inductor" if ON_GPU else "aot_eager"
-    with fastvit.backend("triton"):
-        compiled = torch.compile(block, fullgraph=True, backend=backend)
-        loss = compiled(*leaves)
-        grads = torch.autograd.grad(loss, leaves)
-        eager_loss = block(*leaves)
-        eager_grads = torch.autograd.grad(eager_loss, leaves)
-    torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(block, leaves, "triton")
 
 
 @kernel_test

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fastvit
 from fastvit import reference
+from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -394,15 +395,7 @@ def test_kernel_under_torch_compile(kernel_device):
         return fastvit.patch_embed(x * 2, weight, bias, pos_embed=pos, prefix_tokens=cls).square().sum()
 
     leaves = [inputs[k] for k in NAMES]
-    backend = "inductor" if ON_GPU else "aot_eager"
-    with fastvit.backend("triton"):
-        loss = torch.compile(stem, fullgraph=True, backend=backend)(*leaves)
-        grads = torch.autograd.grad(loss, leaves)
-        eager_loss = stem(*leaves)
-        eager_grads = torch.autograd.grad(eager_loss, leaves)
-    torch.testing.assert_close(loss, eager_loss)
-    for a, b in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(stem, leaves, "triton")
 
 
 @kernel_test
