@@ -8,6 +8,12 @@ against the original class still pass), and unpatching assigns the original clas
 ``forward`` reads the module's own tensors at call time and runs the original ``forward``
 (``super().forward``) for any call it does not cover (attention masks, dropout in training,
 attention weights requested).
+
+A fused forward reads some submodules' tensors without calling them (``fastvit_bypassed``: the
+MLP's ``fc1``, the patch embedding's ``proj`` ...). Their hooks would not run and a replacement
+(a LoRA wrapper, a parametrization) would be ignored, so: a module whose bypassed submodules have
+hooks is not patched (the report says why), and a call finding a hook, a replaced submodule or a
+global module hook added since patching runs the original forward (``_fastvit_intact``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,36 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _module_state
 
 from fastvit.backend import warn_once
 
-__all__ = ["FusedModule", "dropout_active", "warn_fallback"]
+__all__ = ["FusedModule", "dropout_active", "hook_kinds", "warn_fallback"]
+
+
+def hook_kinds(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``module`` itself (empty: none)."""
+    kinds = {
+        "forward pre-hook": module._forward_pre_hooks,
+        "forward hook": module._forward_hooks,
+        "backward pre-hook": module._backward_pre_hooks,
+        "backward hook": module._backward_hooks,
+    }
+    found = [kind for kind, hooks in kinds.items() if hooks]
+    if "forward" in module.__dict__:  # accelerate's hooks and monkeypatching replace it per instance
+        found.append("forward replaced on the instance")
+    return found
+
+
+def _global_hooks_registered() -> bool:
+    """Whether ``torch.nn.modules.module.register_module_*_hook`` hooks exist (they run on every
+    module call, so also on the calls a fused forward leaves out)."""
+    return bool(
+        _module_state._global_forward_pre_hooks
+        or _module_state._global_forward_hooks
+        or _module_state._global_backward_pre_hooks
+        or _module_state._global_backward_hooks
+    )
 
 
 class FusedModule:
@@ -28,10 +60,28 @@ class FusedModule:
     Class attributes:
         fastvit_part: which part of a ViT it fuses: ``"attention"``, ``"mlp"`` or ``"patch_embed"``.
         fastvit_op: the fastvit op its forward calls (``"flash_attention"`` ...).
+        fastvit_bypassed: dotted paths of the submodules whose tensors the fused forward reads
+            without calling them (each listed on its own: ``("mlp", "mlp.fc1", ...)``).
     """
 
     fastvit_part: ClassVar[str]
     fastvit_op: ClassVar[str]
+    fastvit_bypassed: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def fastvit_hook_problems(cls, module: nn.Module) -> list[str]:
+        """Why ``module`` cannot be fused because of hooks (report reasons; empty: it can)."""
+        if _global_hooks_registered():
+            return ["global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"]
+        problems = []
+        for path in cls.fastvit_bypassed:
+            kinds = hook_kinds(module.get_submodule(path))
+            if kinds:
+                problems.append(
+                    f"{path} has a {' and a '.join(kinds)} (a user hook, torch.nn.utils.prune, weight_norm, "
+                    "accelerate): the fused forward does not call it, so that would not run"
+                )
+        return problems
 
     @classmethod
     def fastvit_original(cls) -> type[nn.Module]:
@@ -47,13 +97,56 @@ class FusedModule:
         original = cls.fastvit_original()
         if type(module) is not original:
             raise TypeError(f"{cls.__name__} replaces {original.__name__}, got {type(module).__name__}")
+        watched = []
+        for path in cls.fastvit_bypassed:
+            parent_path, _, name = path.rpartition(".")
+            parent = module.get_submodule(parent_path)
+            child = parent._modules[name]
+            watched.append((parent, name, child, type(child)))
         module.__class__ = cls
-        module._fastvit_attach()
+        try:
+            module.__dict__["_fastvit_watched"] = tuple(watched)
+            module._fastvit_attach()
+        except BaseException:
+            module.__dict__.pop("_fastvit_watched", None)
+            module.__class__ = original  # all or nothing
+            raise
 
     def swap_out(self) -> None:
         """Restore the original class (and drop anything ``_fastvit_attach`` added)."""
         self._fastvit_detach()
+        self.__dict__.pop("_fastvit_watched", None)
         self.__class__ = type(self).fastvit_original()
+
+    def _fastvit_intact(self) -> bool:
+        """Whether the fused forward still computes what the original would: every bypassed
+        submodule is the one seen at patch time, of the same class, without hooks, and no global
+        module hook exists. A few dict and identity checks per call (traced by torch.compile
+        without a graph break). False also warns once, naming the module's class."""
+        broken = "a global module hook" if _global_hooks_registered() else None
+        watched = () if broken else zip(self.fastvit_bypassed, self._fastvit_watched, strict=True)
+        for path, (parent, name, child, cls) in watched:
+            if parent._modules.get(name) is not child or type(child) is not cls:
+                broken = f"{path} replaced or wrapped"
+            elif (
+                child._forward_pre_hooks
+                or child._forward_hooks
+                or child._backward_pre_hooks
+                or child._backward_hooks
+                or "forward" in child.__dict__
+            ):
+                broken = f"a hook on {path}"
+            if broken:
+                break
+        intact = broken is None
+        if not intact:
+            name = type(self).fastvit_original().__name__
+            warn_fallback(
+                f"patched-not-intact:{name}",
+                f"fastvit: a patched {name} found {broken} (its fused forward reads that submodule "
+                "without calling it); such calls run its original forward until that is undone",
+            )
+        return intact
 
     def _fastvit_attach(self) -> None:
         """Per-instance set-up after the class swap (most fused classes need none)."""

@@ -73,6 +73,7 @@ class FusedViTLayer(FusedModule, ViTLayer):
 
     fastvit_part = "mlp"
     fastvit_op = "layernorm_mlp"
+    fastvit_bypassed = ("layernorm_after", "mlp", "mlp.fc1", "mlp.activation_fn", "mlp.fc2", "dropout")
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -81,6 +82,8 @@ class FusedViTLayer(FusedModule, ViTLayer):
         hidden_states = self.layernorm_before(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
         hidden_states = self.dropout(hidden_states) + residual
+        if not self._fastvit_intact():
+            return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
 
         if dropout_active(self.dropout.p, self.dropout.training):
             warn_fallback(
@@ -107,6 +110,7 @@ class FusedViTEmbeddings(FusedModule, ViTEmbeddings):
 
     fastvit_part = "patch_embed"
     fastvit_op = "patch_embed"
+    fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
 
     def forward(
         self,
@@ -114,7 +118,7 @@ class FusedViTEmbeddings(FusedModule, ViTEmbeddings):
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
-        if bool_masked_pos is not None or interpolate_pos_encoding:
+        if bool_masked_pos is not None or interpolate_pos_encoding or not self._fastvit_intact():
             return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         _, channels, height, width = pixel_values.shape  # Hugging Face's checks, with its messages
         if channels != self.patch_embeddings.num_channels:

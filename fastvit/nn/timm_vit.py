@@ -2,17 +2,19 @@
 
 timm's ``Attention``, its pre-norm ``Block`` and the ``VisionTransformer`` / DeiT
 ``VisionTransformerDistilled`` embedding (``PatchEmbed`` + class/distillation/register tokens +
-``pos_embed``). See ``fastvit.nn.fused`` for how the swap works and ``fastvit/patching/timm.py`` for
-what is checked before a module is swapped. Importing this module imports timm.
+``pos_embed``, fused in the model's ``forward_features``). See ``fastvit.nn.fused`` for how the
+swap works and ``fastvit/patching/timm.py`` for what is checked before a module is swapped.
+Importing this module imports timm.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, DropPath, LayerScale, PatchEmbed, resample_abs_pos_embed
+from timm.layers import Attention, DropPath, LayerScale, resample_abs_pos_embed
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
+from timm.models._manipulate import checkpoint_seq
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -23,7 +25,6 @@ from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 __all__ = [
     "FusedAttention",
     "FusedBlock",
-    "FusedTimmPatchEmbed",
     "FusedVisionTransformer",
     "FusedVisionTransformerDistilled",
     "drop_path_scale",
@@ -68,11 +69,12 @@ class FusedAttention(FusedModule, Attention):
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        if attn_mask is not None:
+        if attn_mask is not None or not self._fastvit_intact():
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if dropout_active(self.attn_drop.p, self.training):
             warn_attention_dropout("timm Attention", self.attn_drop.p)
@@ -100,12 +102,17 @@ class FusedBlock(FusedModule, Block):
 
     fastvit_part = "mlp"
     fastvit_op = "layernorm_mlp"
+    fastvit_bypassed = (
+        "norm2", "mlp", "mlp.fc1", "mlp.act", "mlp.drop1", "mlp.norm", "mlp.fc2", "mlp.drop2", "ls2", "drop_path2"
+    )  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         mlp, norm = self.mlp, self.norm2
+        if not self._fastvit_intact():
+            return x + self.drop_path2(self.ls2(mlp(norm(x))))
         if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
             warn_fallback(
                 "patched-mlp-dropout:timm",
@@ -131,40 +138,21 @@ class FusedBlock(FusedModule, Block):
         return f"dim={self.norm2.normalized_shape[0]}, eps={self.norm2.eps}, fastvit={self.fastvit_op}"
 
 
-class FusedTimmPatchEmbed(FusedModule, PatchEmbed):
-    """timm ``PatchEmbed`` of a patched ``VisionTransformer``: returns the finished tokens.
+class _FusedEmbedding(FusedModule):
+    """What the fused ``VisionTransformer`` classes share: ``forward_features`` embeds with one
+    ``fastvit.patch_embed`` call, in place of ``patch_embed`` then ``_pos_embed``.
 
-    Its forward is one ``fastvit.patch_embed`` call that also prepends the model's class /
-    distillation / register tokens and adds its ``pos_embed`` (resampled as timm does under
-    ``dynamic_img_size``), so the model's ``_pos_embed`` only applies ``pos_drop``. It reads those
-    tensors from the model at call time; it is swapped in and out together with the model.
+    That call projects the patches, prepends the class / distillation / register tokens and adds
+    ``pos_embed`` (resampled as timm does under ``dynamic_img_size``); ``pos_drop``, ``patch_drop``,
+    ``norm_pre``, the blocks and ``norm`` then run as in timm. ``model.patch_embed`` itself is not
+    touched: called on its own (or by ``forward_intermediates``, which runs timm's embedding) it
+    returns what it always did. A hook on ``patch_embed`` or its ``proj`` / ``norm``, or a
+    replaced ``patch_embed``, sends the call to timm's ``forward_features``.
     """
 
     fastvit_part = "patch_embed"
     fastvit_op = "patch_embed"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.img_size is not None:  # timm's checks, with timm's messages
-            for name, size, model_size, patch in zip(
-                ("height", "width"), x.shape[-2:], self.img_size, self.patch_size, strict=True
-            ):
-                if self.strict_img_size:
-                    message = f"Input {name} ({size}) doesn't match model ({model_size})."
-                    torch._assert(size == model_size, message)
-                elif not self.dynamic_img_pad:
-                    message = f"Input {name} ({size}) should be divisible by patch size ({patch})."
-                    torch._assert(size % patch == 0, message)
-        return self._fastvit_vit._fastvit_tokens(x)
-
-    def _fastvit_detach(self) -> None:
-        self.__dict__.pop("_fastvit_vit", None)
-
-
-class _FusedEmbedding(FusedModule):
-    """What the fused ``VisionTransformer`` classes share: the embedding through ``patch_embed``."""
-
-    fastvit_part = "patch_embed"
-    fastvit_op = "patch_embed"
+    fastvit_bypassed = ("patch_embed", "patch_embed.proj", "patch_embed.norm")
 
     def _fastvit_prefix(self) -> list[torch.Tensor]:
         return [t for t in (self.cls_token, self.reg_token) if t is not None]
@@ -172,6 +160,16 @@ class _FusedEmbedding(FusedModule):
     def _fastvit_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, P+N, D) tokens with prefix tokens and pos_embed."""
         embed = self.patch_embed
+        if embed.img_size is not None:  # timm's PatchEmbed checks, with timm's messages
+            height, width = x.shape[-2], x.shape[-1]
+            (model_height, model_width), (patch_height, patch_width) = embed.img_size, embed.patch_size
+            if embed.strict_img_size:
+                torch._assert(height == model_height, f"Input height ({height}) doesn't match model ({model_height}).")
+                torch._assert(width == model_width, f"Input width ({width}) doesn't match model ({model_width}).")
+            elif not embed.dynamic_img_pad:
+                message = "Input {} ({}) should be divisible by patch size ({})."
+                torch._assert(height % patch_height == 0, message.format("height", height, patch_height))
+                torch._assert(width % patch_width == 0, message.format("width", width, patch_width))
         prefix = self._fastvit_prefix()
         prefix_tokens = None if not prefix else prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)
         pos_embed = self.pos_embed
@@ -185,20 +183,25 @@ class _FusedEmbedding(FusedModule):
         padding = {"dynamic_img_pad": True} if embed.dynamic_img_pad else {}  # zero-pads bottom/right
         return fastvit.patch_embed(
             x, embed.proj.weight, embed.proj.bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, **padding
-        )
+        )  # fmt: skip
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.patch_embed, FusedTimmPatchEmbed):  # patch_embed was replaced since
-            return super()._pos_embed(x)
-        return x if self.pos_embed is None else self.pos_drop(x)  # timm skips pos_drop without pos_embed
-
-    def _fastvit_attach(self) -> None:
-        FusedTimmPatchEmbed.swap_in(self.patch_embed)
-        self.patch_embed.__dict__["_fastvit_vit"] = self  # a plain reference, not a submodule
-
-    def _fastvit_detach(self) -> None:
-        if isinstance(self.patch_embed, FusedTimmPatchEmbed):
-            self.patch_embed.swap_out()
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if not self._fastvit_intact():
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self._fastvit_tokens(x)
+        if self.pos_embed is not None:  # timm applies pos_drop only with a pos_embed
+            x = self.pos_drop(x)
+        x = self.norm_pre(self.patch_drop(x))
+        if attn_mask is not None or is_causal:  # timm's block loop, as in its forward_features
+            for block in self.blocks:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
 
 class FusedVisionTransformer(_FusedEmbedding, VisionTransformer):

@@ -1,7 +1,8 @@
 """Fused subclasses of torchvision's ViT modules, swapped onto a model by ``fastvit.patch``.
 
 ``nn.MultiheadAttention`` (self-attention calls), ``EncoderBlock`` (its LayerNorm+MLP half) and
-the ``VisionTransformer`` embedding (``conv_proj`` + ``class_token`` + ``encoder.pos_embedding``).
+the ``VisionTransformer`` embedding (``conv_proj`` + ``class_token`` + ``encoder.pos_embedding``,
+fused in the model's ``forward``).
 See ``fastvit.nn.fused`` for how the swap works and ``fastvit/patching/torchvision.py`` for what
 is checked first. Importing this module imports torchvision.
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.vision_transformer import Encoder, EncoderBlock, VisionTransformer
+from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 
-__all__ = ["FusedEncoder", "FusedEncoderBlock", "FusedMultiheadAttention", "FusedVisionTransformer"]
+__all__ = ["FusedEncoderBlock", "FusedMultiheadAttention", "FusedVisionTransformer"]
 
 
 class FusedMultiheadAttention(FusedModule, nn.MultiheadAttention):
@@ -98,6 +99,7 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
 
     fastvit_part = "mlp"
     fastvit_op = "layernorm_mlp"
+    fastvit_bypassed = ("ln_2", "mlp", "mlp.0", "mlp.1", "mlp.2", "mlp.3", "mlp.4")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
@@ -106,6 +108,8 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
         x = self.dropout(x)
         x = x + input
 
+        if not self._fastvit_intact():
+            return x + self.mlp(self.ln_2(x))
         fc1, act, drop1, fc2, drop2 = _mlp_layers(self)
         if dropout_active(drop1.p, drop1.training) or dropout_active(drop2.p, drop2.training):
             warn_fallback(
@@ -124,30 +128,18 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
         return f"dim={self.ln_2.normalized_shape[0]}, eps={self.ln_2.eps}, fastvit={self.fastvit_op}"
 
 
-class FusedEncoder(FusedModule, Encoder):
-    """torchvision ``Encoder`` of a patched ``VisionTransformer``: ``pos_embedded=True`` skips the
-    ``pos_embedding`` add (the fused embedding already did it); called without it, it is unchanged."""
-
-    fastvit_part = "patch_embed"
-    fastvit_op = "patch_embed"
-
-    def forward(self, input: torch.Tensor, pos_embedded: bool = False) -> torch.Tensor:
-        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
-        if not pos_embedded:
-            input = input + self.pos_embedding
-        return self.ln(self.layers(self.dropout(input)))
-
-
 class FusedVisionTransformer(FusedModule, VisionTransformer):
     """torchvision ``VisionTransformer`` embedding its input with one ``fastvit.patch_embed`` call
-    (``conv_proj``, ``class_token`` prepended, ``encoder.pos_embedding`` added). The encoder is
-    swapped in and out with it."""
+    (``conv_proj``, ``class_token`` prepended, ``encoder.pos_embedding`` added), then running the
+    encoder's dropout, layers and norm. ``conv_proj`` and ``encoder`` keep their classes and
+    meaning; a hook on either, or a replaced one, sends the call to torchvision's forward."""
 
     fastvit_part = "patch_embed"
     fastvit_op = "patch_embed"
+    fastvit_bypassed = ("conv_proj", "encoder")  # the encoder's own forward adds pos_embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.encoder, FusedEncoder):  # the encoder was replaced since
+        if not self._fastvit_intact():
             return super().forward(x)
         _, _, height, width = x.shape  # torchvision's checks, with its messages
         torch._assert(
@@ -156,19 +148,13 @@ class FusedVisionTransformer(FusedModule, VisionTransformer):
         torch._assert(
             width == self.image_size, f"Wrong image width! Expected {self.image_size} but got {width}!"
         )
+        encoder = self.encoder
         x = fastvit.patch_embed(
             x,
             self.conv_proj.weight,
             self.conv_proj.bias,
-            pos_embed=self.encoder.pos_embedding,
+            pos_embed=encoder.pos_embedding,
             prefix_tokens=self.class_token,
         )
-        x = self.encoder(x, pos_embedded=True)
+        x = encoder.ln(encoder.layers(encoder.dropout(x)))
         return self.heads(x[:, 0])
-
-    def _fastvit_attach(self) -> None:
-        FusedEncoder.swap_in(self.encoder)
-
-    def _fastvit_detach(self) -> None:
-        if isinstance(self.encoder, FusedEncoder):
-            self.encoder.swap_out()

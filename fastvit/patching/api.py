@@ -45,6 +45,7 @@ def _replacement_detail(swap: Swap) -> str:
 def _find_swaps(model: nn.Module, parts: dict[str, bool], report: PatchReport) -> list[Swap]:
     """Ask each loaded adapter what it finds; record skips and earlier patches in ``report``."""
     swaps: list[Swap] = []
+    seen: set[int] = set()
     for adapter in loaded_adapters():
         try:
             family = adapter.load()
@@ -64,7 +65,8 @@ def _find_swaps(model: nn.Module, parts: dict[str, bool], report: PatchReport) -
                 op = OP_OF_PART[finding.part]
                 reason = f"fastvit.{op} is not available in this fastvit (fastvit/ops/{op}.py is missing)"
                 report.skipped.append(PatchEntry(finding.path, finding.part, reason))
-            else:
+            elif id(finding.module) not in seen:  # a module shared by two models (or paths) once
+                seen.add(id(finding.module))
                 swaps.append(finding)
     return swaps
 
@@ -122,7 +124,7 @@ def patch(
     done: list[nn.Module] = []
     try:
         for swap in swaps:
-            swap.fused.swap_in(swap.module)
+            swap.fused.swap_in(swap.module)  # all or nothing for one module
             done.append(swap.module)
     except BaseException:
         for module in reversed(done):  # leave the model as it was

@@ -120,12 +120,13 @@ def slot(
     """The finding for ``module``, an instance of ``fused`` or of exactly ``fused.fastvit_original()``.
 
     Args:
-        problems: why this instance cannot be fused (empty: it can).
+        problems: why this instance cannot be fused (empty: it can). Hooks on the submodules the
+            fused forward bypasses are checked after these (``FusedModule.fastvit_hook_problems``).
         notes: what the report should add about a replacement (e.g. dropout fallbacks).
     """
     if type(module) is fused:
         return Patched(path, part, module)
-    reasons = problems(module)
+    reasons = problems(module) or fused.fastvit_hook_problems(module)
     if reasons:
         return Skip(path, part, "; ".join(reasons))
     return Swap(path, part, module, fused, tuple(notes(module)) if notes else ())

@@ -71,6 +71,8 @@ def _embed_problems(model: nn.Module) -> list[str]:
             f"conv_proj kernel {model.conv_proj.kernel_size} differs from patch_size {model.patch_size}"
         )
     problems += exact_type(model.encoder, "encoder", (Encoder,), "torchvision's Encoder")
+    if not problems:
+        problems += missing_attributes(model.encoder, ("pos_embedding", "dropout", "layers", "ln"), "torchvision")
     if getattr(model, "class_token", None) is None:
         problems.append("no class_token")
     return problems

@@ -109,7 +109,7 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly():
     assert module_types(model) == before_types
     assert storage_map(model) == before_storage
     assert torch.equal(model(x), before_out)
-    assert "_fastvit_vit" not in model.patch_embed.__dict__
+    assert not any("_fastvit_watched" in module.__dict__ for module in model.modules())
 
 
 def test_patching_twice_is_a_no_op():
@@ -243,8 +243,8 @@ def test_hooks_deepcopy_and_pickle():
     for clone in (copy.deepcopy(model), _pickled(model)):
         assert type(clone.blocks[1].attn) is fused.FusedAttention
         torch.testing.assert_close(clone(images()), reference_out, rtol=1e-5, atol=1e-6)
-        if HAS_PATCH_EMBED:
-            assert clone.patch_embed._fastvit_vit is clone  # the copy points at itself
+        watched = clone.blocks[1]._fastvit_watched  # the copy watches its own submodules
+        assert all(parent in set(clone.modules()) for parent, *_ in watched)
         fastvit.unpatch(clone)
         assert type(clone.blocks[1].attn) is Attention
 
