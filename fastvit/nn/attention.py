@@ -29,12 +29,9 @@ def split_packed_qkv(
     Returns:
         q, k, v, each (B, H, N, D) with a unit stride in D (strided views into ``qkv``).
     """
-    if batch_first:
-        batch, tokens = qkv.shape[0], qkv.shape[1]
-        qkv = qkv.view(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
-    else:
-        tokens, batch = qkv.shape[0], qkv.shape[1]
-        qkv = qkv.view(tokens, batch, 3, num_heads, head_dim).permute(2, 1, 3, 0, 4)  # (3, B, H, N, D)
+    qkv = qkv.unflatten(-1, (3, num_heads, head_dim))
+    # (B, N, 3, H, D) or (N, B, 3, H, D) -> (3, B, H, N, D)
+    qkv = qkv.permute(2, 0, 3, 1, 4) if batch_first else qkv.permute(2, 1, 3, 0, 4)
     q, k, v = qkv.unbind(0)
     return q, k, v
 
@@ -44,18 +41,26 @@ def merge_heads(out: torch.Tensor, *, batch_first: bool = True) -> torch.Tensor:
 
     The Triton kernel writes ``out`` as (B, N, H, D) in memory, so the batch-first merge is a view.
     """
-    batch, heads, tokens, head_dim = out.shape
     if batch_first:
-        return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-    return out.permute(2, 0, 1, 3).reshape(tokens, batch, heads * head_dim)
+        return out.transpose(1, 2).flatten(2)
+    return out.permute(2, 0, 1, 3).flatten(2)
 
 
 def self_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fastvit.flash_attention`` on (B, H, N, D) q, k, v (looked up at call time, so the op a
-    test or a user swaps in is the one that runs)."""
-    return fastvit.flash_attention(q, k, v, scale=scale, causal=causal)
+    test or a user swaps in is the one that runs). ``attn_mask`` follows SDPA's convention (bool
+    True = may attend, or an additive float mask), broadcastable to (B, H, N, N)."""
+    if attn_mask is None:
+        return fastvit.flash_attention(q, k, v, scale=scale, causal=causal)
+    return fastvit.flash_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
 
 
 def warn_attention_dropout(kind: str, p: float) -> None:

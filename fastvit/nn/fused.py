@@ -18,6 +18,7 @@ global module hook added since patching runs the original forward (``_fastvit_in
 
 from __future__ import annotations
 
+import types
 from typing import ClassVar
 
 import torch
@@ -67,6 +68,28 @@ class FusedModule:
     fastvit_part: ClassVar[str]
     fastvit_op: ClassVar[str]
     fastvit_bypassed: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Give each fused class ``_fastvit_original_<name>``: the original class's method under
+        another name, for the TorchScript branch of the fused methods (``super()`` and
+        ``Base.forward(self, ...)`` do not compile in TorchScript; a renamed alias does)."""
+        super().__init_subclass__(**kwargs)
+        original = next((b for b in cls.__mro__ if not issubclass(b, FusedModule)), object)
+        for name in _SCRIPTED_METHODS:
+            method = getattr(original, name, None)
+            if callable(method):
+                setattr(cls, f"_fastvit_original_{name}", _renamed(method, f"_fastvit_original_{name}"))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles the original modules' math: TorchScript cannot call the
+        Triton kernels. Said once; ``torch.compile`` and ``torch.export`` keep the fused ops."""
+        warn_once(
+            "torchscript-original-math",
+            "fastvit: torch.jit.script of a patched model compiles the original PyTorch math of its "
+            "patched modules (TorchScript cannot call fastvit's kernels); torch.compile and "
+            "torch.export keep the fused ops",
+        )
+        return self
 
     @classmethod
     def fastvit_hook_problems(cls, module: nn.Module) -> list[str]:
@@ -157,6 +180,24 @@ class FusedModule:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # the original class's
         return f"{base}, fastvit={self.fastvit_op}" if base else f"fastvit={self.fastvit_op}"
+
+
+# The methods a fused class may override whose TorchScript branch runs the original.
+_SCRIPTED_METHODS = ("forward", "forward_features")
+
+
+def _renamed(function: object, name: str) -> object:
+    """A copy of ``function`` (same code, globals, defaults, closure) called ``name``: TorchScript
+    names a compiled method after ``__name__``, and the original's ``forward`` is taken."""
+    function = getattr(function, "__func__", function)
+    copy = types.FunctionType(
+        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__annotations__ = dict(function.__annotations__)
+    copy.__qualname__ = f"{function.__qualname__.rpartition('.')[0]}.{name}".lstrip(".")
+    copy.__module__ = function.__module__
+    return copy
 
 
 def dropout_active(p: float, training: bool) -> bool:

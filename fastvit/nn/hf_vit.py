@@ -37,9 +37,10 @@ def gelu_approximate(act: nn.Module) -> str | None:
 class FusedViTAttention(FusedModule, ViTAttention):
     """``ViTAttention`` running ``fastvit.flash_attention``; returns ``(attn_output, None)``.
 
-    Calls with an ``attention_mask``, with ``output_attentions`` (argument or config), or in
-    training with attention dropout > 0 run Hugging Face's forward (its configured
-    ``attn_implementation``), which returns the attention weights where it computes them.
+    An ``attention_mask`` (SDPA's convention, as Hugging Face passes it: bool or additive float,
+    broadcastable to (B, H, N, N)) goes to the op's ``attn_mask``. Calls with ``output_attentions``
+    (argument or config), or in training with attention dropout > 0, run Hugging Face's forward (its
+    configured ``attn_implementation``), which returns the attention weights where it computes them.
     """
 
     fastvit_part = "attention"
@@ -49,18 +50,17 @@ class FusedViTAttention(FusedModule, ViTAttention):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         wants_weights = kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
-        if attention_mask is not None or wants_weights:
+        if wants_weights:
             return super().forward(hidden_states, attention_mask, **kwargs)
         if dropout_active(self.attention_dropout, self.training):
             warn_attention_dropout("Hugging Face ViTAttention", self.attention_dropout)
             return super().forward(hidden_states, attention_mask, **kwargs)
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, N, D) views
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        out = self_attention(q, k, v, scale=self.scaling).transpose(1, 2).reshape(*input_shape, -1)
-        return self.o_proj(out), None
+        heads = (-1, self.head_dim)  # (B, N, H*D) -> (B, H, N, D) views, traceable by torch.fx
+        q = self.q_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)
+        k = self.k_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)
+        v = self.v_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)
+        out = self_attention(q, k, v, scale=self.scaling, attn_mask=attention_mask)
+        return self.o_proj(out.transpose(1, 2).flatten(-2)), None
 
     def extra_repr(self) -> str:
         return f"heads={self.num_attention_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"

@@ -63,8 +63,8 @@ class FusedAttention(FusedModule, Attention):
 
     Same signature, ``forward(x, attn_mask=None, is_causal=False)``; q, k, v are views into the
     packed ``qkv`` projection (no copies), ``q_norm``/``k_norm``, ``norm`` (scale_norm) and the
-    optional gate apply as in timm. Calls with ``attn_mask``, and calls in training with attention
-    dropout > 0, run timm's own forward.
+    optional gate apply as in timm; ``attn_mask`` (timm's, SDPA's convention) goes to the op's
+    ``attn_mask``. Calls in training with attention dropout > 0 run timm's own forward.
     """
 
     fastvit_part = "attention"
@@ -74,7 +74,9 @@ class FusedAttention(FusedModule, Attention):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        if attn_mask is not None or not self._fastvit_intact():
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if not self._fastvit_intact():
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if dropout_active(self.attn_drop.p, self.training):
             warn_attention_dropout("timm Attention", self.attn_drop.p)
@@ -83,7 +85,7 @@ class FusedAttention(FusedModule, Attention):
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, H, N, D) views
         q, k = self.q_norm(q), self.k_norm(k)
-        x = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal)))
+        x = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
@@ -109,6 +111,8 @@ class FusedBlock(FusedModule, Block):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         mlp, norm = self.mlp, self.norm2
         if not self._fastvit_intact():
@@ -188,6 +192,8 @@ class _FusedEmbedding(FusedModule):
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         if not self._fastvit_intact():
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         x = self._fastvit_tokens(x)

@@ -10,6 +10,7 @@ is checked first. Importing this module imports torchvision.
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
@@ -39,7 +40,7 @@ class FusedMultiheadAttention(FusedModule, nn.MultiheadAttention):
         return (
             query is key
             and key is value
-            and query.dim() == 3
+            and (isinstance(query, torch.fx.Proxy) or query.dim() == 3)  # FX: EncoderBlock's 3-D input
             and not need_weights
             and key_padding_mask is None
             and attn_mask is None
@@ -61,6 +62,10 @@ class FusedMultiheadAttention(FusedModule, nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         covered = self._fastvit_covers(
             query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
         )
@@ -102,6 +107,8 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
     fastvit_bypassed = ("ln_2", "mlp", "mlp.0", "mlp.1", "mlp.2", "mlp.3", "mlp.4")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(input)
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         x = self.ln_1(input)
         x, _ = self.self_attention(x, x, x, need_weights=False)
@@ -139,6 +146,8 @@ class FusedVisionTransformer(FusedModule, VisionTransformer):
     fastvit_bypassed = ("conv_proj", "encoder")  # the encoder's own forward adds pos_embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
         if not self._fastvit_intact():
             return super().forward(x)
         _, _, height, width = x.shape  # torchvision's checks, with its messages

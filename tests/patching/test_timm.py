@@ -154,7 +154,14 @@ def test_attention_mask_and_causal_keep_timm_semantics(op_calls):
         return model(x, attn_mask=mask)
 
     assert_outputs_and_grads_match(reference, patched, images(), run=masked)
-    assert len(op_calls["flash_attention"]) == DEPTH  # the masked calls ran timm's own attention
+    assert len(op_calls["flash_attention"]) == 2 * DEPTH  # the masked calls run the fused op too
+    assert all(c["kwargs"]["attn_mask"] is mask for c in op_calls["flash_attention"][DEPTH:])
+    additive = torch.zeros(tokens, tokens).masked_fill(~mask, float("-inf"))
+
+    def masked_float(model, x):
+        return model(x, attn_mask=additive)
+
+    assert_outputs_and_grads_match(reference, patched, images(), run=masked_float)
 
 
 def test_grad_checkpointing(op_calls):

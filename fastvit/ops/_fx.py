@@ -1,0 +1,50 @@
+"""The public ops as leaves of ``torch.fx`` graphs.
+
+``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` and timm's FX feature
+extraction call a model's code with ``Proxy`` objects in place of tensors. The ops validate and
+dispatch on real tensors, so under tracing each public op records itself as one ``call_function``
+node instead (what ``torch.fx.wrap`` does for a function called from one module's globals, but for
+every tracer and every caller). The ``GraphModule`` then calls the op on real tensors: the fused
+kernels, their autograd and their fallbacks run exactly as in eager mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.fx
+
+__all__ = ["fx_leaf"]
+
+Op = TypeVar("Op", bound=Callable)
+
+
+def _first_proxy(args: tuple, kwargs: dict) -> torch.fx.Proxy | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.fx.Proxy):
+            return value
+        if isinstance(value, (tuple, list)):  # rel_pos=(rel_h, rel_w)
+            for item in value:
+                if isinstance(item, torch.fx.Proxy):
+                    return item
+    return None
+
+
+def fx_leaf(op: Op) -> Op:
+    """``op``, recorded as a single ``call_function`` node when called with ``torch.fx`` proxies.
+
+    Example:
+        >>> flash_attention = fx_leaf(flash_attention)
+        >>> graph = torch.fx.symbolic_trace(model)  # one flash_attention node per attention call
+    """
+
+    @functools.wraps(op)
+    def leaf(*args, **kwargs):
+        proxy = _first_proxy(args, kwargs)
+        if proxy is None:
+            return op(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", leaf, args, kwargs)
+
+    return leaf

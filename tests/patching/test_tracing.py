@@ -1,0 +1,200 @@
+"""Patched models keep what their users rely on: torch.fx tracing (and the feature extractors built
+on it), TorchScript and torch.export (issue 16), for timm, torchvision and Hugging Face models.
+
+- FX: each fastvit op is one ``call_function`` leaf (fastvit/ops/_fx.py); the GraphModule runs the
+  fused ops and gives the patched model's outputs and gradients.
+- TorchScript compiles the original modules' math (``FusedModule.__prepare_scriptable__``, said
+  once in a warning) and leaves the Python model patched.
+- torch.export keeps fastvit's custom ops in the graph (Triton route, in the interpreter here) with
+  a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+import fastvit
+from fastvit.nn.fused import FusedModule
+from tests.patching.helpers import (
+    ATOL,
+    DEPTH,
+    RTOL,
+    assert_outputs_and_grads_match,
+    hf_classifier,
+    images,
+    module_types,
+    timm_vit,
+    torchvision_vit,
+)
+
+pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+
+
+def _leaf_ops(graph_module: torch.fx.GraphModule) -> list[str]:
+    return [node.target.__name__ for node in graph_module.graph.nodes if node.op == "call_function"
+            and getattr(node.target, "__module__", "").startswith("fastvit.ops")]  # fmt: skip
+
+
+FX_MODELS = {
+    "timm": lambda: timm_vit(reg_tokens=1, init_values=0.1, qk_norm=True).eval(),
+    "torchvision": lambda: torchvision_vit().eval(),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FX_MODELS))
+def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, op_calls):
+    reference = FX_MODELS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    traced = torch.fx.symbolic_trace(patched)
+    leaves = _leaf_ops(traced)
+    assert sorted(set(leaves)) == ["flash_attention", "layernorm_mlp", "patch_embed"]
+    assert leaves.count("flash_attention") == leaves.count("layernorm_mlp") == DEPTH
+    assert_outputs_and_grads_match(reference, traced, images())
+    assert len(op_calls["flash_attention"]) == DEPTH  # the GraphModule called the fused op
+
+
+def test_fx_leaf_op_standalone():
+    def attend(q, k, v):
+        return fastvit.flash_attention(q, k, v, causal=True) * 2
+
+    traced = torch.fx.symbolic_trace(attend)
+    assert _leaf_ops(traced) == ["flash_attention"]
+    q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)
+    torch.testing.assert_close(traced(q, k, v), attend(q, k, v))
+    node = next(n for n in traced.graph.nodes if n.op == "call_function" and "flash" in str(n.target))
+    assert node.kwargs == {"causal": True}
+
+
+def test_torchvision_create_feature_extractor():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    reference = torchvision_vit().eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    nodes = {"encoder.layers.encoder_layer_0": "block0", "encoder.ln": "final"}
+    want = create_feature_extractor(reference, return_nodes=nodes)(images())
+    got = create_feature_extractor(patched, return_nodes=nodes)(images())
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL)
+
+
+def test_timm_fx_feature_extraction():
+    from timm.models._features_fx import create_feature_extractor
+
+    reference = timm_vit(reg_tokens=1).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    nodes = {"blocks.0": "block0", "norm": "final"}
+    extractor = create_feature_extractor(patched, return_nodes=nodes)
+    want = create_feature_extractor(reference, return_nodes=nodes)(images())
+    got = extractor(images())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL)
+    assert "patch_embed" in _leaf_ops(extractor)
+
+
+def test_timm_features_only_and_forward_intermediates():
+    import timm
+
+    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=DEPTH, num_heads=2, out_indices=(0, 1))
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, features_only=True, **args).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    for got, want in zip(patched(images()), reference(images()), strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", sorted(FX_MODELS))
+def test_torchscript_compiles_the_original_math_and_leaves_the_model_patched(family, fresh_warnings, op_calls):
+    reference = FX_MODELS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    types_before = module_types(patched)
+    expected = pytest.warns(UserWarning, match="torch.jit.script of a patched model compiles the original")
+    with expected, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream
+        scripted = torch.jit.script(patched)
+    assert module_types(patched) == types_before  # still patched in Python
+    x = images()
+    torch.testing.assert_close(scripted(x), reference(x), rtol=RTOL, atol=ATOL)
+    assert not any(op_calls.values())  # TorchScript ran the original math
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)  # deployable
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), reference(x), rtol=RTOL, atol=ATOL)
+    patched(x)
+    assert op_calls["flash_attention"]  # and the Python model still runs the fused ops
+
+
+EXPORT_MODELS = {
+    "timm": lambda: timm_vit(img_size=8, reg_tokens=1).eval(),
+    "torchvision": lambda: torchvision_vit(image_size=8).eval(),
+    "transformers": lambda: hf_classifier(image_size=8).eval(),
+}
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", sorted(EXPORT_MODELS))
+def test_export_keeps_the_custom_ops_with_a_dynamic_batch(family):
+    pytest.importorskip("transformers")
+    reference = EXPORT_MODELS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with fastvit.backend("triton"):
+        exported = torch.export.export(patched, (x,), dynamic_shapes=({0: Dim("batch", min=2)},))
+        ops = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
+        assert ops == {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default",
+                       "fastvit.patch_embed_fwd.default"}  # fmt: skip
+        x5 = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        got = _logits(exported.module()(x5))
+    torch.testing.assert_close(got, _logits(reference(x5)), rtol=1e-4, atol=1e-5)
+
+
+def test_hugging_face_attention_mask_runs_the_fused_op(op_calls):
+    pytest.importorskip("transformers")
+    reference = hf_classifier().eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    tokens = 17
+    keep = torch.rand(3, 1, tokens, tokens, generator=torch.Generator().manual_seed(0)) > 0.3
+    keep |= torch.eye(tokens, dtype=torch.bool)
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    hidden = torch.randn(3, tokens, 32, generator=torch.Generator().manual_seed(2))
+    for mask in (keep, additive):
+        want, _ = reference.vit.layers[0].attention(hidden, mask)
+        got, _ = patched.vit.layers[0].attention(hidden, mask)
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    calls = op_calls["flash_attention"]
+    assert len(calls) == 2 and calls[0]["kwargs"]["attn_mask"] is keep and calls[1]["kwargs"]["attn_mask"] is additive
+
+
+def test_every_fused_forward_has_a_torchscript_branch():
+    """A fused class overriding forward / forward_features gets the renamed original for its
+    TorchScript branch (``FusedModule.__init_subclass__``)."""
+    from fastvit.nn import timm_vit as timm_fused
+    from fastvit.nn import torchvision_vit as tv_fused
+
+    classes = [
+        timm_fused.FusedAttention, timm_fused.FusedBlock, timm_fused.FusedVisionTransformer,
+        tv_fused.FusedMultiheadAttention, tv_fused.FusedEncoderBlock, tv_fused.FusedVisionTransformer,
+    ]  # fmt: skip
+    for cls in classes:
+        assert issubclass(cls, FusedModule) and issubclass(cls, nn.Module)
+        original = cls.fastvit_original()
+        alias = cls._fastvit_original_forward
+        assert alias.__code__ is original.forward.__code__ and alias.__name__ == "_fastvit_original_forward"
