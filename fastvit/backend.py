@@ -11,15 +11,25 @@
   row math, for testing). ``auto`` picks it only where ``python -m benchmarks tune`` measured it
   faster (``fastvit.tuning``).
 
-The choice comes from the innermost ``with fastvit.backend(name):`` block, else the environment
-variable ``FASTVIT_BACKEND``, else ``"auto"``.
+The choice comes from the innermost ``with fastvit.backend(name):`` block of the calling thread
+(a context variable, so asyncio tasks and ``contextvars.copy_context`` see it too), else the most
+recently entered block still open in any thread of the process (threads started inside a block,
+such as ``nn.DataParallel``'s replicas, which do not inherit context variables), else the
+environment variable ``FASTVIT_BACKEND``, else ``"auto"``.
+
+Meta tensors (FSDP and ``torch.compile`` build models on the ``meta`` device) run no kernel: under
+``auto``, ``triton`` and ``cuda`` the ops return meta outputs from the fake implementations of
+their custom ops (the shapes, dtypes and strides the kernels produce), with no interpreter or
+extension needed; under ``torch`` the composite runs on meta tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -40,6 +50,12 @@ BACKENDS = ("auto", "triton", "torch", "cuda")
 CUDA_OPS = ("layernorm_mlp", "patch_embed")
 
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastvit_backend", default=None)
+# (id, name) of the blocks open in any thread, by entry order: a thread (or context) without a block
+# of its own follows the last one; a block leaves on exit, whatever the order of exits. Replaced as
+# a whole under the lock, so readers take it without one (torch.compile traces the reads).
+_open_blocks: tuple[tuple[int, str], ...] = ()
+_block_ids = itertools.count()
+_blocks_lock = threading.Lock()
 _warned: set[str] = set()
 
 
@@ -57,6 +73,10 @@ def _check_name(name: object, source: str) -> str:
 def backend(name: str) -> Iterator[None]:
     """Run the fastvit ops inside the block on backend ``name``.
 
+    The block rules the calling thread; threads that have no block of their own (such as the
+    replicas ``nn.DataParallel`` starts) follow the most recently entered block still open in the
+    process.
+
     Args:
         name: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cuda"``.
 
@@ -64,18 +84,29 @@ def backend(name: str) -> Iterator[None]:
         >>> with fastvit.backend("torch"):
         ...     out = fastvit.flash_attention(q, k, v)
     """
-    token = _selected.set(_check_name(name, "backend name"))
+    global _open_blocks
+    name = _check_name(name, "backend name")
+    token = _selected.set(name)
+    with _blocks_lock:
+        block = next(_block_ids)
+        _open_blocks = (*_open_blocks, (block, name))
     try:
         yield
     finally:
+        with _blocks_lock:
+            _open_blocks = tuple(entry for entry in _open_blocks if entry[0] != block)
         _selected.reset(token)
 
 
 def current_backend() -> str:
-    """The selected backend name: the innermost ``backend()`` block, else ``FASTVIT_BACKEND``, else auto."""
+    """The selected backend name: the innermost ``backend()`` block of this thread, else the latest block
+    open in another thread, else ``FASTVIT_BACKEND``, else auto."""
     name = _selected.get()
     if name is not None:
         return name
+    blocks = _open_blocks
+    if blocks:
+        return blocks[-1][1]
     env = os.environ.get("FASTVIT_BACKEND")
     if env:
         return _check_name(env.strip().lower(), "environment variable FASTVIT_BACKEND")
@@ -90,8 +121,8 @@ def interpreter_dtype_problem(device: torch.device, dtype: torch.dtype) -> str |
     Example:
         >>> interpreter_dtype_problem(torch.device("cpu"), torch.bfloat16)  # under TRITON_INTERPRET=1: a reason
     """
-    if device.type == "cuda" or dtype != torch.bfloat16:
-        return None
+    if device.type in ("cuda", "meta") or dtype != torch.bfloat16:
+        return None  # meta tensors run no kernel, only the fake implementations
     from fastvit.kernels.runtime import INTERPRETER
 
     return "bfloat16 in Triton's interpreter (its tl.dot is wrong for bf16)" if INTERPRETER else None
@@ -135,6 +166,10 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
         bucket: builds the op's tuning-table key (``fastvit.tuning``); ``auto`` on a GPU follows the
             measured winner for it and runs Triton where the table has no entry.
 
+    On ``meta`` tensors: ``"torch"`` under the ``torch`` backend, else the custom ops (``"cuda"``
+    for an op the extension covers under ``cuda``, else ``"triton"``), whose fake implementations
+    return meta outputs; neither the interpreter nor the extension is checked, as nothing runs.
+
     Raises:
         RuntimeError: ``"triton"`` was asked for on CPU tensors but the kernels were imported
             without ``TRITON_INTERPRET=1``, so they cannot run in the interpreter; or ``"cuda"`` was
@@ -142,6 +177,11 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
     """
     name = current_backend()
     covered = op in CUDA_OPS
+    if device.type == "meta":
+        # no kernel runs: the custom ops' fake implementations give the outputs' metadata
+        if name == "torch":
+            return "torch"
+        return "cuda" if name == "cuda" and covered else "triton"
     if name == "auto":
         if device.type != "cuda":
             return "torch"

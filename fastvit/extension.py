@@ -74,7 +74,8 @@ _lock = threading.Lock()
 _loaded = False
 _cuda_kernels = False
 _probed = False  # the no-build probe (fastvit._C, then the cache) ran and found nothing
-_reason: str | None = "fastvit.extension.load() has not run"
+_NOT_RUN = "fastvit.extension.load() has not run"
+_reason: str | None = _NOT_RUN
 _build_error: str | None = None  # a failed build is not retried in the same process
 
 
@@ -338,10 +339,11 @@ def _load_locked(build: bool | None) -> bool:
     if build is None:
         build = torch.cuda.is_available()
     if not build:
-        _reason = _reason or (
-            f"not built: no fastvit._C module and no cached build in {build_dir}; "
-            "call fastvit.extension.load(build=True) to compile it"
-        )
+        if _reason in (None, _NOT_RUN):  # keep a more specific reason found above (a broken fastvit._C)
+            _reason = (
+                f"not built: no fastvit._C module and no cached build in {build_dir}; "
+                "call fastvit.extension.load(build=True) to compile it"
+            )
         return False
     if _build_error is not None:
         _reason = _build_error

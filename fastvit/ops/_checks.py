@@ -20,11 +20,12 @@ def check_tensor(
     """Check that ``t`` is a tensor of one of ``dtypes`` with ``ndim`` dims; return it.
 
     Raises:
-        TypeError: not a tensor, or a dtype outside ``dtypes``.
+        TypeError: not a tensor, not dense (sparse, nested), or a dtype outside ``dtypes``.
         ValueError: the wrong number of dimensions.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(name, t)
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
@@ -32,6 +33,21 @@ def check_tensor(
         hint = f" {shape_hint}" if shape_hint else ""
         raise ValueError(f"{name} must have {ndim} dimensions{hint}, got shape {tuple(t.shape)}")
     return t
+
+
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """``t`` must be a dense (strided, not nested) tensor: the kernels address elements through
+    strides. TypeError naming ``name`` and the layout otherwise.
+
+    Example:
+        >>> check_dense("q", torch.randn(4, 4).to_sparse())  # TypeError: ... call .to_dense() on it
+    """
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor; pad it (torch.nested.to_padded_tensor) "
+                        "or pack it for flash_attention_varlen")
+    if t.layout != torch.strided:
+        layout = str(t.layout).replace("torch.", "")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {layout}; call .to_dense() on it")
 
 
 def check_optional_tensor(name: str, t: object, **kwargs) -> torch.Tensor | None:
@@ -50,12 +66,21 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
-    """All non-None tensors of one dtype (outside autocast); return it."""
+    """All non-None tensors of one dtype; return it. Outside autocast the inputs as given; under
+    autocast (the ops call this after its casts) what is left mismatched is a float64 tensor, which
+    autocast does not cast: the message says which case it is."""
     present = {k: v for k, v in tensors.items() if v is not None}
     dtypes = {v.dtype for v in present.values()}
     if len(dtypes) > 1:
         got = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in present.items())
-        raise TypeError(f"all tensors must have the same dtype (outside autocast), got {got}")
+        device = next(iter(present.values())).device
+        if autocast_dtype(device) is None:
+            raise TypeError(f"all tensors must have the same dtype (outside autocast), got {got}")
+        raise TypeError(
+            f"all tensors must have the same dtype after autocast's casts (autocast to "
+            f"{str(autocast_dtype(device)).replace('torch.', '')} on {device.type} leaves float64 as it is), "
+            f"got {got}; cast the float64 tensors, or all of them, to one dtype"
+        )
     return next(iter(present.values())).dtype
 
 
@@ -68,9 +93,29 @@ def check_unit_last_stride(name: str, t: torch.Tensor) -> None:
         )
 
 
+def usable_in_autograd(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors``, with a clone (a normal tensor) in place of each inference tensor when this call
+    records autograd (grad mode on, outside inference mode, some tensor requires grad): an input
+    made under ``torch.inference_mode()`` beside a weight that requires grad cannot be saved for
+    the backward as it is. Copies only in that case.
+
+    Example:
+        >>> with torch.inference_mode():
+        ...     x = torch.randn(2, 8)
+        >>> x2, w2 = usable_in_autograd(x, torch.randn(8, requires_grad=True))  # x2 a normal clone
+    """
+    # grad mode is off inside inference mode; torch.compile traces no inference tensors
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return tensors
+    if not any(t is not None and t.requires_grad for t in tensors):
+        return tensors
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``device`` if autocast is enabled there, else None."""
-    if torch.is_autocast_enabled(device.type):
+    """The autocast dtype for ``device`` if autocast is enabled there, else None (also for device
+    types autocast does not know, such as ``meta``: no autocast applies there)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 

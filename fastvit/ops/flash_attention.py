@@ -16,14 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
+from fastvit.ops._autograd import call, function_twin, no_double_backward
 from fastvit.ops._checks import (
     autocast_dtype,
+    check_dense,
     check_flags,
     check_same_device,
     check_same_dtype,
     check_tensor,
     check_unit_last_stride,
     may_overlap,
+    usable_in_autograd,
 )
 
 __all__ = ["flash_attention"]
@@ -124,8 +127,9 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, bias, rel_h, rel_w = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[5]
     rel_pos_grad = rel_h is not None and (ctx.needs_input_grad[6] or ctx.needs_input_grad[7])
-    dq, dk, dv, dbias, drel_h, drel_w = _flash_attention_bwd(
-        grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, bias, rel_h, rel_w, bias_grad, rel_pos_grad
+    dq, dk, dv, dbias, drel_h, drel_w = call(
+        _flash_attention_bwd, _flash_attention_bwd_function,
+        grad_out, q, k, v, out, lse, ctx.scale, ctx.causal, bias, rel_h, rel_w, bias_grad, rel_pos_grad,
     )
     return (
         dq, dk, dv, None, None,
@@ -136,6 +140,10 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+# the kernels have first derivatives only: a double backward raises an error naming the torch route
+_flash_attention_bwd_function = no_double_backward(_flash_attention_bwd, "flash_attention")
+# the same pair as autograd.Functions, for torch.func transforms (fastvit.ops._autograd.call)
+_flash_attention_fwd_function = function_twin(_flash_attention_fwd, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,13 +169,24 @@ def _logsumexp_chunked(q: torch.Tensor, k: torch.Tensor, scale: float, causal: b
     return lse
 
 
+def keep_nan_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with NaN in every query row where ``q`` holds a NaN, as the math gives (the reference,
+    the Triton kernels, SDPA's math backend): PyTorch's CPU flash SDPA without a mask returns zeros
+    there. One pass over q and one over out; the rows set here get no gradient from out.
+
+    Example:
+        >>> keep_nan_rows(q, F.scaled_dot_product_attention(q, k, v))  # q[0, 0, 3] has a NaN: row 3 NaN
+    """
+    return out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
+
+
 def _torch_route(q, k, v, scale, causal, return_lse, attn_mask=None, rel_pos=None):
     # PyTorch's CPU SDPA reads inputs whose elements share memory (x.unfold(...) views) as garbage:
     # copy those (packed-qkv views never overlap; broadcast stride-0 dims are read correctly)
     q, k, v = (t.contiguous() if may_overlap(t) else t for t in (q, k, v))
     if attn_mask is not None or rel_pos is not None:
         return _masked_torch_route(q, k, v, scale, causal, return_lse, attn_mask, rel_pos)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    out = keep_nan_rows(q, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale))
     if not return_lse:
         return out
     return out, _logsumexp_chunked(q, k, scale, causal)
@@ -294,6 +313,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _validate_mask(mask, device, target) -> None:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    check_dense("attn_mask", mask)
     if mask.dtype != torch.bool and mask.dtype not in _ALL_DTYPES:
         raise TypeError(
             f"attn_mask must be bool (True = may attend) or floating (added to the scores), "
@@ -375,7 +395,10 @@ def flash_attention(
     Returns:
         ``out`` (B, H, N, D) in q's dtype, or ``(out, lse)`` with ``lse`` (B, H, N) float32,
         returned without gradient. A query row that may attend to no key (fully masked) gets
-        zeros, zero gradients and lse = -inf, never NaN. The kernels add the mask in log2 units
+        zeros, zero gradients and lse = -inf, never NaN. Otherwise a NaN in a query row gives
+        NaN in that output row on every route (the torch route restores it where PyTorch's CPU
+        SDPA gives zeros). The fused routes have first derivatives only: a double backward raises
+        an error naming the torch route (with SDPA's math backend) that has them. The kernels add the mask in log2 units
         (times log2 e) in fp32, so a finite bias below -2.3e38 (``torch.finfo(torch.float32).min``,
         as in Hugging Face masks) counts as -inf there: rows partly masked that way match SDPA,
         a row masked that way everywhere is fully masked (zeros), where SDPA averages it.
@@ -408,6 +431,9 @@ def flash_attention(
     check_flags(causal=causal, return_lse=return_lse)
     _validate(q, k, v, scale, attn_mask, rel_pos)
     device = q.device
+    rel_h, rel_w = (None, None) if rel_pos is None else rel_pos
+    q, k, v, attn_mask, rel_h, rel_w = usable_in_autograd(q, k, v, attn_mask, rel_h, rel_w)
+    rel_pos = None if rel_pos is None else (rel_h, rel_w)
     cast_to = autocast_dtype(device)
     if cast_to is not None:
         q, k, v = (t.to(cast_to) if t.dtype in _KERNEL_DTYPES else t for t in (q, k, v))
@@ -439,6 +465,6 @@ def flash_attention(
     if route == "torch":
         return _torch_route(q, k, v, scale, causal, return_lse, attn_mask, rel_pos)
     bias = None if attn_mask is None else attn_mask[(None,) * (4 - attn_mask.dim())]  # 4-D view
-    rel_h, rel_w = (None, None) if rel_pos is None else rel_pos
-    out, lse = _flash_attention_fwd(q, k, v, scale, bool(causal), bias, rel_h, rel_w)
+    out, lse = call(_flash_attention_fwd, _flash_attention_fwd_function, q, k, v, scale, bool(causal), bias, rel_h,
+                    rel_w)
     return (out, lse.detach()) if return_lse else out

@@ -30,15 +30,19 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
+from fastvit.ops._autograd import call, function_twin, no_double_backward
 from fastvit.ops._checks import (
     autocast_dtype,
+    check_dense,
     check_flags,
     check_same_device,
     check_same_dtype,
     check_tensor,
     check_unit_last_stride,
     may_overlap,
+    usable_in_autograd,
 )
+from fastvit.ops.flash_attention import keep_nan_rows
 
 __all__ = ["flash_attention_varlen"]
 
@@ -86,7 +90,8 @@ def _torch_route(q, k, v, bounds_q, bounds_k, scale, causal, return_lse):
             outs.append(torch.where(no, q[q0:q1], 0.0))  # zeros, zero gradient, never NaN
             continue
         k_s, v_s = k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
-        outs.append(F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=causal, scale=scale).transpose(0, 1))
+        out_s = keep_nan_rows(q_s, F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=causal, scale=scale))
+        outs.append(out_s.transpose(0, 1))
         if return_lse:
             with torch.no_grad():
                 lse[:, q0:q1] = _sequence_lse(q_s, k_s, scale, causal)
@@ -161,12 +166,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     # lse is returned without gradient (the public function detaches it): grad_lse is ignored
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens,
-                             ctx.scale, ctx.causal)
+    dq, dk, dv = call(_varlen_bwd, _varlen_bwd_function, grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                      *ctx.max_seqlens, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None, None, None, None, None
 
 
 _varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+# first derivatives only: a double backward raises an error naming the torch route; the twins run
+# under torch.func transforms (fastvit.ops._autograd)
+_varlen_bwd_function = no_double_backward(_varlen_bwd, "flash_attention_varlen")
+_varlen_fwd_function = function_twin(_varlen_fwd, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +184,7 @@ _varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _check_cu_seqlens(name: str, cu: object, device: torch.device) -> torch.Tensor:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
+    check_dense(name, cu)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must have dtype int32 (cumulative sequence lengths), got "
                         f"{str(cu.dtype).replace('torch.', '')}")
@@ -328,6 +338,8 @@ def flash_attention_varlen(
     """
     check_flags(causal=causal, return_lse=return_lse)
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    # the Triton route saves cu_seqlens for the backward too
+    q, k, v, cu_seqlens_q, cu_seqlens_k = usable_in_autograd(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
         if max_seqlen_k is None:
@@ -337,6 +349,13 @@ def flash_attention_varlen(
         q, k, v = (t.to(cast_to) if t.dtype in _KERNEL_DTYPES else t for t in (q, k, v))
     check_same_dtype(q=q, k=k, v=v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+    if q.device.type == "meta":
+        # meta tensors hold no cu_seqlens values to read; every route gives out (T, H, D) in q's
+        # dtype and lse (H, T) float32: the custom op's fake implementation returns those
+        out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0),
+                        int(max_seqlen_k or 0), scale, bool(causal))
+        return (out, lse.detach()) if return_lse else out
 
     # values of cu_seqlens: checked (and the longest length found) only where no max was given
     bounds_q = bounds_k = None
@@ -363,6 +382,6 @@ def flash_attention_varlen(
         if bounds_k is None:
             bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k")
         return _torch_route(q, k, v, bounds_q, bounds_k, scale, bool(causal), return_lse)
-    out, lse = _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                           bool(causal))
+    out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                    int(max_seqlen_k), scale, bool(causal))
     return (out, lse.detach()) if return_lse else out

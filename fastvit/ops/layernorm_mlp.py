@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
+from fastvit.ops._autograd import call, function_twin, no_double_backward
 from fastvit.ops._checks import (
     autocast_dtype,
     check_flags,
@@ -24,6 +25,7 @@ from fastvit.ops._checks import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    usable_in_autograd,
 )
 from fastvit.tuning import layernorm_mlp_bucket
 
@@ -166,12 +168,17 @@ def _run_backward(ctx, backward_op):
 
 
 def _backward(ctx, grad_out, *_internal):
-    return _run_backward(ctx, lambda needs: _layernorm_mlp_bwd(
-        grad_out, *ctx.saved_tensors, ctx.approximate, ctx.residual, needs,
+    return _run_backward(ctx, lambda needs: call(
+        _layernorm_mlp_bwd, _layernorm_mlp_bwd_function, grad_out, *ctx.saved_tensors, ctx.approximate,
+        ctx.residual, needs,
     ))
 
 
 _layernorm_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+# first derivatives only: a double backward raises an error naming the torch route; the twins run
+# under torch.func transforms (fastvit.ops._autograd)
+_layernorm_mlp_bwd_function = no_double_backward(_layernorm_mlp_bwd, "layernorm_mlp")
+_layernorm_mlp_fwd_function = function_twin(_layernorm_mlp_fwd, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,12 +264,15 @@ def _cuda_backward(ctx, grad_out, *_internal):
         # the kernels read D as unit-stride vectors (row strides are free, 0 included); a gradient
         # strided or broadcast along D (out.sum() gives one) is copied once
         grad_out = grad_out.contiguous()
-    return _run_backward(ctx, lambda needs: _layernorm_mlp_cuda_bwd(
-        grad_out, *ctx.saved_tensors, ctx.eps, ctx.approximate, ctx.residual, needs,
+    return _run_backward(ctx, lambda needs: call(
+        _layernorm_mlp_cuda_bwd, _layernorm_mlp_cuda_bwd_function, grad_out, *ctx.saved_tensors, ctx.eps,
+        ctx.approximate, ctx.residual, needs,
     ))
 
 
 _layernorm_mlp_cuda_fwd.register_autograd(_cuda_backward, setup_context=_setup_context)
+_layernorm_mlp_cuda_bwd_function = no_double_backward(_layernorm_mlp_cuda_bwd, "layernorm_mlp")
+_layernorm_mlp_cuda_fwd_function = function_twin(_layernorm_mlp_cuda_fwd, _setup_context, _cuda_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +397,10 @@ def layernorm_mlp(
     _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate,
               residual, layer_scale, sample_scale)
     device = x.device
+    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale = (
+        usable_in_autograd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
+                           sample_scale)
+    )
     tensors = dict(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                    fc2_weight=fc2_weight, fc2_bias=fc2_bias, layer_scale=layer_scale, sample_scale=sample_scale)
     cast_to = autocast_dtype(device)
@@ -422,6 +436,12 @@ def layernorm_mlp(
         elif x.numel() == 0:
             route = "torch"  # nothing to compute; the composite gives the empty result and its grads
     if route == "torch":
+        if cast_to is not None:
+            # LayerNorm in fp32 under autocast, as CUDA's autocast runs F.layer_norm; CPU autocast
+            # leaves it alone, and it rejects affine parameters of a dtype other than x's or fp32
+            norm_weight, norm_bias = (
+                t if t is None or t.dtype == x.dtype else t.float() for t in (norm_weight, norm_bias)
+            )
         return _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps),
                           approximate, residual, layer_scale, sample_scale)
 
@@ -443,12 +463,14 @@ def layernorm_mlp(
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
     )
     if route == "cuda":
-        y = _layernorm_mlp_cuda_fwd(
+        y = call(
+            _layernorm_mlp_cuda_fwd, _layernorm_mlp_cuda_fwd_function,
             _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
             sample_scale, float(eps), approximate, residual, out_dtype, save_preact,
         )[0]
         return y.view(x.shape)
-    y, _, _, _ = _layernorm_mlp_fwd(
+    y, _, _, _ = call(
+        _layernorm_mlp_fwd, _layernorm_mlp_fwd_function,
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
         float(eps), approximate, residual, out_dtype, save_preact,
     )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
+from fastvit.ops._autograd import call, function_twin, no_double_backward
 from fastvit.ops._checks import (
     autocast_dtype,
     check_flags,
@@ -23,6 +24,7 @@ from fastvit.ops._checks import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    usable_in_autograd,
 )
 from fastvit.tuning import patch_embed_bucket
 
@@ -115,12 +117,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_bias, need_pos, need_prefix = ctx.needs_input_grad[:5]
-    dx = _patch_embed_bwd_input(grad, x, weight, ctx.pad) if need_x else None
-    dw = _patch_embed_bwd_weight(grad, x, weight, ctx.pad) if need_w else None
+    dx = call(_patch_embed_bwd_input, _bwd_input_function, grad, x, weight, ctx.pad) if need_x else None
+    dw = call(_patch_embed_bwd_weight, _bwd_weight_function, grad, x, weight, ctx.pad) if need_w else None
     dbias = dpos = dprefix = None
     if need_bias or need_pos or need_prefix:
         # (P+N, D) fp32 sums over the batch; the three small gradients are slices of it
-        sums = _patch_embed_bwd_tokens(grad)
+        sums = call(_patch_embed_bwd_tokens, _bwd_tokens_function, grad)
         num_prefix = ctx.num_prefix
         bias_dtype, pos_dtype, prefix_dtype = ctx.dtypes
         if need_bias:
@@ -134,6 +136,12 @@ def _backward(ctx, grad):
 
 
 _patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+# first derivatives only: a double backward raises an error naming the torch route; the twins run
+# under torch.func transforms (fastvit.ops._autograd)
+_bwd_input_function = no_double_backward(_patch_embed_bwd_input, "patch_embed")
+_bwd_weight_function = no_double_backward(_patch_embed_bwd_weight, "patch_embed")
+_bwd_tokens_function = no_double_backward(_patch_embed_bwd_tokens, "patch_embed")
+_patch_embed_fwd_function = function_twin(_patch_embed_fwd, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +202,9 @@ def _cuda_backward(ctx, grad):
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if grad.shape[-1] > 1 and grad.stride(-1) != 1:
         grad = grad.contiguous()  # the GEMMs read D with a unit stride; a broadcast gradient is copied once
-    dx, dw, dbias, dpos, dprefix = _patch_embed_cuda_bwd(grad, x, weight, ctx.num_prefix, ctx.pos_len, needs)
+    dx, dw, dbias, dpos, dprefix = call(
+        _patch_embed_cuda_bwd, _cuda_bwd_function, grad, x, weight, ctx.num_prefix, ctx.pos_len, needs
+    )
     # the small gradients come back as fp32 sums; each takes its parameter's dtype
     bias_dtype, pos_dtype, prefix_dtype = ctx.dtypes
     return (
@@ -207,6 +217,8 @@ def _cuda_backward(ctx, grad):
 
 
 _patch_embed_cuda_fwd.register_autograd(_cuda_backward, setup_context=_cuda_setup_context)
+_cuda_bwd_function = no_double_backward(_patch_embed_cuda_bwd, "patch_embed")
+_patch_embed_cuda_fwd_function = function_twin(_patch_embed_cuda_fwd, _cuda_setup_context, _cuda_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +355,7 @@ def patch_embed(
     _validate(x, weight, bias, pos_embed, prefix_tokens, pad)
     if prefix_tokens is not None and prefix_tokens.shape[1] == 0:
         prefix_tokens = None  # nothing to prepend (and, like the composite, no dtype promotion)
+    x, weight, bias, pos_embed, prefix_tokens = usable_in_autograd(x, weight, bias, pos_embed, prefix_tokens)
     device = x.device
     cast_to = autocast_dtype(device)
     train = torch.is_grad_enabled() and any(
@@ -401,5 +414,7 @@ def patch_embed(
         pos_embed = None if pos_embed is None else pos_embed.to(out_dtype)
         prefix_tokens = None if prefix_tokens is None else prefix_tokens.to(out_dtype)
     if route == "cuda":
-        return _patch_embed_cuda_fwd(x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens))
-    return _patch_embed_fwd(x, weight, _unit_last(bias), _unit_last(pos_embed), _unit_last(prefix_tokens), pad)
+        return call(_patch_embed_cuda_fwd, _patch_embed_cuda_fwd_function, x, weight, _unit_last(bias),
+                    _unit_last(pos_embed), _unit_last(prefix_tokens))
+    return call(_patch_embed_fwd, _patch_embed_fwd_function, x, weight, _unit_last(bias), _unit_last(pos_embed),
+                _unit_last(prefix_tokens), pad)

@@ -9,6 +9,7 @@ build where nvcc is found (CI compiles and links the CUDA side on the CPU machin
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -618,6 +619,41 @@ def test_load_is_thread_safe_and_adopts_a_library_loaded_by_other_means(ops, tmp
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0 and "adopted" in out.stdout, out.stderr[-2000:]
+
+
+def test_cuda_backend_without_a_build_says_how_to_build_not_that_load_has_not_run(tmp_path):
+    """A fresh process with an empty cache and no GPU: ``backend("cuda")`` runs ``load()``, which finds
+    no build and does not compile; the error gives that reason (and how to build), not the
+    placeholder "load() has not run" that stood before ``load()`` ran."""
+    script = textwrap.dedent(
+        """
+        import importlib.util
+        import torch
+        import fastvit
+        from fastvit import extension
+        if importlib.util.find_spec("fastvit._C") is not None:
+            print("ahead-of-time build")
+            raise SystemExit(0)
+        x = torch.randn(2, 3, 8)
+        try:
+            with fastvit.backend("cuda"):
+                fastvit.layernorm_mlp(x, None, None, torch.randn(16, 8), None, torch.randn(8, 16), None)
+        except RuntimeError as exc:
+            print("ERROR:", exc)
+            print("REASON:", extension.unavailable_reason())
+        """
+    )
+    env = {**os.environ, "FASTVIT_CACHE_DIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    if "ahead-of-time build" in out.stdout:
+        pytest.skip("fastvit._C is installed ahead of time: nothing is left unbuilt")
+    assert "ERROR: fastvit backend 'cuda' needs the C++/CUDA extension" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "has not run" not in out.stdout
+    assert "not built: no fastvit._C module and no cached build in" in out.stdout
+    assert "fastvit.extension.load(build=True)" in out.stdout
+    assert str(tmp_path) in out.stdout
 
 
 def test_sources_are_found_next_to_the_package():
