@@ -13,7 +13,6 @@ Public API::
 """
 
 from fastvit.backend import FastvitFallbackWarning, backend, current_backend
-from fastvit.ops._fx import fx_leaf
 from fastvit.ops.axial_attention import axial_attention
 from fastvit.ops.flash_attention import flash_attention
 from fastvit.ops.flash_attention_varlen import flash_attention_varlen
@@ -21,14 +20,6 @@ from fastvit.ops.layernorm_mlp import layernorm_mlp
 from fastvit.ops.patch_embed import patch_embed
 from fastvit.ops.window_attention import window_attention
 from fastvit.patching import PatchReport, patch, unpatch
-
-# Each public op is one node in a torch.fx graph (fastvit/ops/_fx.py).
-axial_attention = fx_leaf(axial_attention)
-flash_attention = fx_leaf(flash_attention)
-flash_attention_varlen = fx_leaf(flash_attention_varlen)
-layernorm_mlp = fx_leaf(layernorm_mlp)
-patch_embed = fx_leaf(patch_embed)
-window_attention = fx_leaf(window_attention)
 
 __version__ = "0.1.0"
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.ops._checks import autocast_dtype, check_grid_self_attention, check_same_dtype, check_token_grid
+from fastvit.ops._fx import fx_leaf
 
 __all__ = ["axial_attention"]
 
@@ -55,6 +56,7 @@ def _axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp, vp, s
     return out.reshape(batch, heads, lines, size, dim)
 
 
+@fx_leaf  # one node in torch.fx graphs
 def axial_attention(
     q: torch.Tensor,
     k: torch.Tensor,

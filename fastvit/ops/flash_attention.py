@@ -28,6 +28,7 @@ from fastvit.ops._checks import (
     may_overlap,
     usable_in_autograd,
 )
+from fastvit.ops._fx import fx_leaf
 
 __all__ = ["flash_attention"]
 
@@ -353,6 +354,7 @@ def _validate_rel_pos(rel_pos, device, target) -> None:
         )
 
 
+@fx_leaf  # one node in torch.fx graphs
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,

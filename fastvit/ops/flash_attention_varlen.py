@@ -42,6 +42,7 @@ from fastvit.ops._checks import (
     may_overlap,
     usable_in_autograd,
 )
+from fastvit.ops._fx import fx_leaf
 from fastvit.ops.flash_attention import keep_nan_rows
 
 __all__ = ["flash_attention_varlen"]
@@ -278,6 +279,7 @@ def _fallback_reason(q: torch.Tensor, scale: float) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------
+@fx_leaf  # one node in torch.fx graphs
 def flash_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,

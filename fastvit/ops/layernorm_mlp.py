@@ -27,6 +27,7 @@ from fastvit.ops._checks import (
     check_tensor,
     usable_in_autograd,
 )
+from fastvit.ops._fx import fx_leaf
 from fastvit.tuning import layernorm_mlp_bucket
 
 __all__ = ["layernorm_mlp"]
@@ -344,6 +345,7 @@ def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
     check_flags(residual=residual)
 
 
+@fx_leaf  # one node in torch.fx graphs
 def layernorm_mlp(
     x: torch.Tensor,
     norm_weight: torch.Tensor | None,

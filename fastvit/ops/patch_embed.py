@@ -26,6 +26,7 @@ from fastvit.ops._checks import (
     check_tensor,
     usable_in_autograd,
 )
+from fastvit.ops._fx import fx_leaf
 from fastvit.tuning import patch_embed_bucket
 
 __all__ = ["patch_embed"]
@@ -309,6 +310,7 @@ def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+@fx_leaf  # one node in torch.fx graphs
 def patch_embed(
     x: torch.Tensor,
     weight: torch.Tensor,

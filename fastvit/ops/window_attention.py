@@ -32,6 +32,7 @@ from fastvit.ops._checks import (
     check_token_grid,
     check_unit_last_stride,
 )
+from fastvit.ops._fx import fx_leaf
 from fastvit.ops.flash_attention import flash_attention
 
 __all__ = ["window_attention"]
@@ -186,6 +187,7 @@ def _validate(q, k, v, grid, window, shift, num_prefix_tokens, scale):
     return (gh, gw), window, shift, prefix
 
 
+@fx_leaf  # one node in torch.fx graphs
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,

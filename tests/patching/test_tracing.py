@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -72,6 +73,35 @@ def test_fx_leaf_op_standalone():
     torch.testing.assert_close(traced(q, k, v), attend(q, k, v))
     node = next(n for n in traced.graph.nodes if n.op == "call_function" and "flash" in str(n.target))
     assert node.kwargs == {"causal": True}
+
+
+def _op_calls() -> dict[str, tuple[Callable, tuple]]:
+    """Each public op with real inputs, as a traced function would call it."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 5, 8, generator=g).unbind(0)
+    packed = torch.randn(3, 7, 2, 8, generator=g).unbind(0)  # (T, H, D) with T = 3 + 4
+    grid_q = torch.randn(3, 1, 2, 1 + 16, 8, generator=g).unbind(0)
+    x = torch.randn(2, 5, 8, generator=g)
+    mlp = (torch.ones(8), torch.zeros(8), torch.randn(16, 8, generator=g), None, torch.randn(8, 16, generator=g), None)
+    image = torch.randn(2, 3, 8, 8, generator=g)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    keep = torch.ones(5, 5, dtype=torch.bool).tril()
+    return {
+        "flash_attention": (lambda a, b, c: fastvit.flash_attention(a, b, c, attn_mask=keep), (q, k, v)),
+        "flash_attention_varlen": (lambda a, b, c: fastvit.flash_attention_varlen(a, b, c, cu), packed),
+        "window_attention": (lambda a, b, c: fastvit.window_attention(a, b, c, (4, 4), 2, num_prefix_tokens=1), grid_q),
+        "axial_attention": (lambda a, b, c: fastvit.axial_attention(a, b, c, (4, 4), num_prefix_tokens=1), grid_q),
+        "layernorm_mlp": (lambda t: fastvit.layernorm_mlp(t, *mlp), (x,)),
+        "patch_embed": (lambda i: fastvit.patch_embed(i, torch.ones(8, 3, 4, 4)), (image,)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(_op_calls()))
+def test_every_public_op_is_one_fx_node(op):
+    function, inputs = _op_calls()[op]
+    traced = torch.fx.symbolic_trace(function)
+    assert _leaf_ops(traced) == [op]
+    torch.testing.assert_close(traced(*inputs), function(*inputs))
 
 
 def test_torchvision_create_feature_extractor():
