@@ -14,10 +14,13 @@ import torch.nn as nn
 
 import fastvit
 from fastvit.nn.fused import FusedModule
+from fastvit.patching import hf_interface
 from fastvit.patching.registry import ADAPTERS, OP_OF_PART, Patched, Skip, Swap, loaded_adapters
 from fastvit.patching.report import PatchEntry, PatchReport
 
 __all__ = ["patch", "unpatch"]
+
+hf_interface.install()  # attn_implementation="fastvit" in transformers, whenever it is imported
 
 
 def _check_model(model: object, caller: str) -> None:
@@ -85,6 +88,11 @@ def patch(
     alone and listed in the report with the reason; calls a fused module does not cover (attention
     masks, dropout in training, attention weights requested) run its original forward.
 
+    Every other Hugging Face attention module that goes through transformers' ``AttentionInterface``
+    (CLIP, SigLIP/SigLIP2, DINOv2/v3, DeiT, ViTMAE, AIMv2, Pixtral, BEiT, Swin ...) is routed
+    instead: the config it reads is switched to ``attn_implementation="fastvit"``
+    (``fastvit.nn.hf_attention``; ``unpatch`` restores each config's previous value).
+
     Args:
         model: the model, on any device (not meta), with or without trained weights.
         attention, patch_embed, mlp: which parts to fuse.
@@ -114,7 +122,8 @@ def patch(
 
     report = PatchReport(model=type(model).__name__)
     swaps = _find_swaps(model, parts, report)
-    if not swaps and not report.already_patched:
+    routing = hf_interface.route(model, {id(s.module) for s in swaps}, report) if attention else None
+    if not swaps and not routing and not report.already_patched:
         families = ", ".join(a.family for a in ADAPTERS)
         reasons = "\n".join(f"  {e.part:<12} {e.where}: {e.detail}" for e in report.skipped)
         found = f"; what was found:\n{reasons}" if reasons else f": no {families} ViT modules found"
@@ -131,6 +140,8 @@ def patch(
             module.swap_out()
         raise
     report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
+    if routing:  # attention through transformers' AttentionInterface: its configs, not its modules
+        routing.apply(report)
     return report
 
 
@@ -154,4 +165,5 @@ def unpatch(model: nn.Module) -> PatchReport:
             fused = type(module)
             module.swap_out()
             restored.append(PatchEntry(path, fused.fastvit_part, f"{fused.__name__} -> {type(module).__name__}"))
+    restored += hf_interface.restore(model)
     return PatchReport(model=type(model).__name__, action="unpatch", replaced=restored)

@@ -6,18 +6,42 @@
 The 4.x layout (``attention.attention.{query,key,value}``, ``intermediate.dense``,
 ``output.dense``) is recognised and left alone with a message saying so, both when transformers
 4.x is installed and for 4.x-layout modules seen beside 5.x.
+
+Every other attention module of a transformers model that goes through transformers'
+``AttentionInterface`` (CLIP, SigLIP, SigLIP2, DINOv2, DINOv3, DeiT, ViTMAE, AIMv2, Pixtral, BEiT,
+Swin ...) is routed rather than swapped: ``find_interface`` plans switching the configs those
+modules read to ``attn_implementation="fastvit"`` (``fastvit.nn.hf_attention``), and
+``restore_interface`` puts back what each had. The modules themselves, their hooks and their
+``state_dict()`` are untouched. Attention modules that compute attention in their own forward
+(Swinv2, attention-pooling heads, ``nn.MultiheadAttention``) are reported as skipped, with why.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass, field
+
 import torch.nn as nn
 import transformers
+from transformers.modeling_utils import PreTrainedModel
 from transformers.models.vit import modeling_vit
 
+from fastvit.nn.fused import FusedModule
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
+from fastvit.patching.hf_interface import register_now
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
+from fastvit.patching.report import PatchEntry, PatchReport
 
-__all__ = ["FAMILY", "INSTALLED_LAYOUT_SUPPORTED", "find"]
+__all__ = [
+    "FAMILY",
+    "INSTALLED_LAYOUT_SUPPORTED",
+    "INTERFACE_NAME",
+    "InterfaceRouting",
+    "find",
+    "find_interface",
+    "restore_interface",
+]
 
 FAMILY = "transformers"
 # 5.x has ViTMLP (mlp.fc1/fc2) and ViTAttention with q_proj ...; 4.x has ViTIntermediate/ViTOutput.
@@ -119,3 +143,174 @@ def find(model: nn.Module) -> list[Finding]:
         elif _is_v4_layer(module):
             findings.append(Skip(path, "model", V4_LAYOUT_REASON))
     return findings
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention through transformers' AttentionInterface: routed by config, not swapped
+# ---------------------------------------------------------------------------------------------
+INTERFACE_NAME = "fastvit"  # fastvit.nn.hf_attention.NAME, without importing it before registration
+# Set on each routed attention module (a plain attribute: not in state_dict): the config's
+# attn_implementation before fastvit.patch, which fastvit.unpatch restores.
+_PREVIOUS = "_fastvit_previous_attn_implementation"
+
+
+@functools.cache
+def calls_interface(cls: type) -> bool:
+    """Whether ``cls.forward`` looks its attention function up in transformers' interface by
+    ``config._attn_implementation`` (the same source heuristic transformers uses for
+    ``set_attn_implementation``)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (a REPL class, a C function)
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source and "_attn_implementation" in source
+
+
+def _routable(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return calls_interface(type(module)) and hasattr(config, "_attn_implementation_internal")
+
+
+def _from_transformers(module: nn.Module | None) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+def _attention_like(path: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """A transformers module named *Attention*, or an ``nn.MultiheadAttention`` in one."""
+    if type(module) is nn.MultiheadAttention:
+        return _from_transformers(modules.get(path.rpartition(".")[0]))
+    return _from_transformers(module) and "Attention" in type(module).__name__
+
+
+def _owner(path: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The nearest ``PreTrainedModel`` enclosing ``path`` (itself excluded), or None."""
+    while path:
+        path = path.rpartition(".")[0]
+        if isinstance(modules[path], PreTrainedModel):
+            return modules[path]
+    return None
+
+
+def _sdpa_problem(path: str, modules: dict[str, nn.Module]) -> str | None:
+    """fastvit's function follows SDPA's contract; transformers marks the models whose eager
+    attention does more (sinks read from the module, in-function softcapping ...) as not SDPA-ready."""
+    owner = _owner(path, modules)
+    if owner is None or getattr(owner, "_supports_sdpa", True):
+        return None
+    return (
+        f"{type(modules[path]).__qualname__}: transformers marks {type(owner).__name__} as not supporting SDPA "
+        "(its eager attention computes more than softmax(q.k) v), whose contract fastvit's attention follows: "
+        "left alone"
+    )
+
+
+def _dropout_notes(module: nn.Module) -> list[str]:
+    p = getattr(module, "attention_dropout", getattr(module, "dropout", 0.0))
+    p = p.p if isinstance(p, nn.Dropout) else p
+    if isinstance(p, (int, float)) and p > 0:
+        return [f"attention dropout {p}: in training it runs transformers' sdpa attention"]
+    return []
+
+
+def _not_routed_reason(path: str, module: nn.Module, parents: dict[str, nn.Module]) -> str:
+    if type(module) is nn.MultiheadAttention:
+        parent = parents.get(path.rpartition(".")[0])
+        inside = f" (in {type(parent).__qualname__})" if parent is not None else ""
+        return f"nn.MultiheadAttention{inside} does not go through transformers' AttentionInterface: left alone"
+    if calls_interface(type(module)):  # reads the interface, but not through a config fastvit can set
+        return f"{type(module).__qualname__} has no transformers config to set attn_implementation on: left alone"
+    return (
+        f"{type(module).__qualname__} computes its attention in its own forward, not through transformers' "
+        "AttentionInterface: left alone"
+    )
+
+
+@dataclass
+class InterfaceRouting:
+    """The attention modules ``fastvit.patch`` switches to ``attn_implementation="fastvit"``.
+
+    Attributes:
+        routes: (path, attention module) pairs, in model order.
+        notes: what the report adds per path (dropout fallbacks).
+    """
+
+    routes: list[tuple[str, nn.Module]] = field(default_factory=list)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.routes)
+
+    def apply(self, report: PatchReport) -> None:
+        """Switch each module's config to ``"fastvit"`` (remembering the previous value on the
+        module) and list the modules in ``report.replaced``."""
+        for path, module in self.routes:  # read every previous value before any config changes
+            previous = module.config._attn_implementation_internal
+            setattr(module, _PREVIOUS, previous)
+            detail = (
+                f"{type(module).__name__}: attn_implementation {previous!r} -> "
+                f"{INTERFACE_NAME!r} (fastvit.flash_attention through transformers' AttentionInterface)"
+            )
+            report.replaced.append(PatchEntry(path, "attention", "; ".join((detail, *self.notes.get(path, ())))))
+        for _, module in self.routes:
+            module.config._attn_implementation_internal = INTERFACE_NAME
+
+
+def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> InterfaceRouting:
+    """Plan routing ``model``'s interface attention through fastvit; changes nothing.
+
+    Registers ``"fastvit"`` with transformers first (a no-op if the import hook did). Modules
+    already on ``"fastvit"`` go to ``report.already_patched``, attention modules that bypass the
+    interface to ``report.skipped`` with the reason.
+
+    Args:
+        model: any module holding transformers models (a VLM's vision tower, a CLIPModel ...).
+        report: where skips and earlier patches are recorded.
+        claimed: ids of modules a module swap of this patch already covers (ViT's attention).
+    """
+    routing = InterfaceRouting()
+    modules = dict(model.named_modules())
+    if not any(_from_transformers(m) for m in modules.values()):
+        return routing  # no transformers module in this model: nothing to register or report
+    problem = register_now()
+    if problem is not None:
+        report.skipped.append(PatchEntry("", "attention", f"attn_implementation='fastvit' unavailable: {problem}"))
+        return routing
+    attention_paths = [p for p, m in modules.items() if _attention_like(p, m, modules) or _routable(m)]
+    for path, module in modules.items():
+        if id(module) in claimed or isinstance(module, FusedModule):
+            continue  # a module swap covers it (and the report lists it)
+        if _routable(module):
+            if (problem := _sdpa_problem(path, modules)) is not None:
+                report.skipped.append(PatchEntry(path, "attention", problem))
+            elif module.config._attn_implementation == INTERFACE_NAME:
+                how = "an earlier fastvit.patch" if hasattr(module, _PREVIOUS) else "attn_implementation='fastvit'"
+                detail = f"{type(module).__name__} runs fastvit through transformers' AttentionInterface ({how})"
+                report.already_patched.append(PatchEntry(path, "attention", detail))
+            else:
+                routing.routes.append((path, module))
+                routing.notes[path] = _dropout_notes(module)
+            continue
+        if not _attention_like(path, module, modules):
+            continue
+        inner = any(other.startswith(f"{path}.") for other in attention_paths) if path else len(attention_paths) > 1
+        if not inner:  # a container (Swinv2Attention around Swinv2SelfAttention) is not reported
+            report.skipped.append(PatchEntry(path, "attention", _not_routed_reason(path, module, modules)))
+    routed = {path for path, _ in routing.routes}  # e.g. a ViTAttention the module swap had to skip
+    report.skipped[:] = [e for e in report.skipped if not (e.part == "attention" and e.path in routed)]
+    return routing
+
+
+def restore_interface(model: nn.Module) -> list[PatchEntry]:
+    """Undo ``InterfaceRouting.apply``: each routed module's config gets back the
+    ``attn_implementation`` it had (unless it was changed again since). Returns what was restored."""
+    restored = []
+    for path, module in model.named_modules():
+        if _PREVIOUS not in vars(module):
+            continue
+        previous = vars(module).pop(_PREVIOUS)
+        config = module.config
+        if config._attn_implementation_internal == INTERFACE_NAME:
+            config._attn_implementation_internal = previous
+        detail = f"{type(module).__name__}: attn_implementation {INTERFACE_NAME!r} -> {previous!r}"
+        restored.append(PatchEntry(path, "attention", detail))
+    return restored

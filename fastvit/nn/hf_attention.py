@@ -1,0 +1,237 @@
+"""fastvit as a Hugging Face attention implementation: ``attn_implementation="fastvit"``.
+
+transformers (>= 5) routes the attention of most of its models through one function looked up by
+name in ``AttentionInterface`` (``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+eager_attention_forward)``), and builds their masks through the function of the same name in
+``AttentionMaskInterface``. ``register()`` adds ``"fastvit"`` to both: the attention runs
+``fastvit.flash_attention`` (``fastvit.flash_attention_varlen`` where the model passes flash-attn's
+``cu_seq_lens_q``), and the masks are SDPA's (bool, True = attend; ``None`` when nothing is masked),
+which the op takes as ``attn_mask``. Without a mask function of its own, a custom name gets no mask
+at all (transformers drops padding masks for it), hence both registrations.
+
+Calls the op does not cover run transformers' own function for that call, with one warning:
+attention weights requested (``output_attentions=True``: the model's ``eager_attention_forward``),
+attention dropout in training, and value head dim != query head dim (SDPA), softcapping and
+attention sinks (eager).
+
+``register()`` runs when ``transformers.modeling_utils`` is imported, before or after fastvit
+(``fastvit.patching.hf_interface``). Importing this module imports transformers (not its
+``modeling_utils``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from transformers.integrations.sdpa_attention import create_position_bias_mask, repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+try:  # transformers' output capture (output_attentions=True fills it through forward hooks)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # another transformers layout: only the output_attentions kwarg is seen
+    _active_collector = None
+
+import fastvit
+from fastvit.nn.fused import warn_fallback
+
+__all__ = ["NAME", "fallback_reason", "fastvit_attention_forward", "register"]
+
+NAME = "fastvit"
+
+
+def _eager_of(module: nn.Module) -> Callable | None:
+    """The ``eager_attention_forward`` of ``module``'s modeling file (each has its own), or None."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _capturing_attentions() -> bool:
+    """Whether the model's ``capture_outputs`` is collecting attention weights in this call.
+
+    Many attention modules (CLIP, SigLIP, SigLIP2 ...) do not pass ``output_attentions`` on to the
+    attention function; the collector the model's forward sets is how transformers knows.
+    """
+    if _active_collector is None:
+        return False
+    if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", False):
+        return False  # no capture started inside this graph (and a ContextVar read does not trace)
+    collected = _active_collector.get()
+    return bool(collected) and any(key.endswith("attentions") for key in collected)
+
+
+def _wants_weights(module: nn.Module, kwargs: dict) -> bool:
+    config = getattr(module, "config", None)
+    requested = kwargs.get("output_attentions", getattr(config, "output_attentions", False))
+    return bool(requested) or _capturing_attentions()
+
+
+def fallback_reason(
+    module: nn.Module,
+    query: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict,
+) -> tuple[str, str] | None:
+    """Why this call cannot run fastvit's op: ``(reason, "eager" | "sdpa")``, or None if it can.
+
+    Args:
+        module: the attention module calling the interface.
+        query: (B, H, N, D); value: (B, Hkv, M, Dv).
+        attention_mask: what the model passes (None, a tensor, or something else such as a
+            flex ``BlockMask`` of another implementation).
+        dropout: the attention dropout the module asks for (0 outside training).
+        kwargs: the remaining keyword arguments of the call.
+    """
+    if _wants_weights(module, kwargs):
+        return "the attention weights are requested (output_attentions=True)", "eager"
+    if kwargs.get("softcap") is not None:
+        return "logit softcapping", "eager"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks (s_aux)", "eager"
+    if dropout > 0.0:
+        return f"attention dropout p={dropout} in training", "sdpa"
+    if value.shape[-1] != query.shape[-1]:
+        return f"value head dim {value.shape[-1]} != query head dim {query.shape[-1]}", "sdpa"
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        return f"an attention mask of type {type(attention_mask).__name__}", "sdpa"
+    return None
+
+
+def _fallback(
+    module: nn.Module,
+    reason: str,
+    route: str,
+    args: tuple,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    eager = _eager_of(module) if route == "eager" else None
+    target = eager or sdpa_attention_forward
+    name = "its eager attention" if eager is not None else "transformers' sdpa attention"
+    warn_fallback(
+        f"hf-attention:{reason}:{type(module).__qualname__}",
+        f"fastvit: {type(module).__name__} (attn_implementation='{NAME}') runs {name} for calls with {reason}; "
+        "fastvit.flash_attention does not cover them",
+    )
+    if eager is not None:  # the eager functions take no is_causal (the mask carries causality)
+        module, query, key, value, mask = args
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # they need it given
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if mask is None and is_causal and query.shape[2] > 1:  # SDPA's mask skipped causality: spell it out
+            mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:  # they add the mask: make it additive
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        return target(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    return target(*args, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def _varlen(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, causal: bool, kwargs: dict
+) -> torch.Tensor:
+    """flash-attn's packed layout: (B, H, T, D) with B*T tokens split by ``cu_seq_lens_q``; -> (B, T, H, D)."""
+    batch, heads, tokens, head_dim = query.shape
+    q = query.transpose(1, 2).reshape(batch * tokens, heads, head_dim)  # (B*T, H, D), B is 1 when packed
+    k = key.transpose(1, 2).reshape(-1, heads, head_dim)
+    v = value.transpose(1, 2).reshape(-1, heads, head_dim)
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    out = fastvit.flash_attention_varlen(
+        q, k, v, cu_q.to(torch.int32), None if cu_k is None else cu_k.to(torch.int32),
+        max_seqlen_q=None if max_q is None else int(max_q), max_seqlen_k=None if max_k is None else int(max_k),
+        scale=scale, causal=causal,
+    )  # fmt: skip
+    return out.view(batch, tokens, heads, head_dim)
+
+
+def fastvit_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention-function contract, computed by ``fastvit.flash_attention``.
+
+    Called by the model's attention module as ``ALL_ATTENTION_FUNCTIONS["fastvit"]``; the
+    conventions are ``sdpa_attention_forward``'s (transformers/integrations/sdpa_attention.py).
+
+    Args:
+        module: the calling attention module (``num_key_value_groups`` and ``is_causal`` are read
+            from it, ``config.output_attentions`` too).
+        query: (B, H, N, D).
+        key, value: (B, Hkv, M, D), H a multiple of Hkv (grouped-query attention repeats them).
+        attention_mask: None, or a bool (True = attend) or additive float mask broadcastable to
+            (B, H, N, M), e.g. (B, 1, N, M) from ``AttentionMaskInterface["fastvit"]`` (SDPA's) or a
+            bias the model builds itself (BEiT, Swin: relative position bias plus window mask).
+        dropout: attention dropout probability (the module passes 0 outside training).
+        scaling: multiplies q.k; None: 1/sqrt(D).
+        is_causal: None: ``module.is_causal``. Causal only without a mask and with N > 1, as SDPA.
+        position_bias: an additive (B|1, H, N, M) bias (T5-style), combined with the mask as SDPA
+            does.
+        **kwargs: ``output_attentions``, flash-attn's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
+            ``max_length_q`` / ``max_length_k`` (then ``fastvit.flash_attention_varlen`` runs
+            over the packed sequences), and what the model passes along (ignored).
+
+    Returns:
+        ``(attn_output, None)``, attn_output (B, N, H, D) contiguous; ``(attn_output,
+        attn_weights)`` from the eager fallback when weights are requested.
+
+    Example:
+        >>> from transformers import CLIPVisionConfig, CLIPVisionModel
+        >>> import fastvit  # registers "fastvit" once transformers is imported
+        >>> model = CLIPVisionModel(CLIPVisionConfig(attn_implementation="fastvit"))
+        >>> model.set_attn_implementation("fastvit")  # or switch an existing model
+    """
+    reason = fallback_reason(module, query, value, attention_mask, dropout, kwargs)
+    if reason is not None:
+        args = (module, query, key, value, attention_mask)
+        if position_bias is not None:
+            kwargs["position_bias"] = position_bias
+        return _fallback(module, *reason, args, dropout, scaling, is_causal, kwargs)
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # the kernels take as many key/value heads as query heads
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q_length, kv_length = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and bool(is_causal)  # SDPA's rule
+    if kwargs.get("cu_seq_lens_q") is not None and attention_mask is None:  # packed, as flash-attn's
+        return _varlen(query, key, value, scaling, is_causal, kwargs), None
+    if is_causal and kv_length > q_length:  # prefill into an empty static cache, as SDPA crops it
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+        position_bias = None if position_bias is None else position_bias[..., :q_length]
+    if position_bias is not None:
+        attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        is_causal = False
+
+    out = fastvit.flash_attention(query, key, value, scale=scaling, causal=is_causal, attn_mask=attention_mask)
+    return out.transpose(1, 2).contiguous(), None  # (B, N, H, D): the kernels write it so (no copy)
+
+
+def register() -> None:
+    """Register ``"fastvit"`` in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
+
+    Idempotent. Runs by itself when transformers' ``modeling_utils`` is imported; call it directly
+    only after removing the registration (tests) or to re-register over another ``"fastvit"``.
+
+    Example:
+        >>> register()
+        >>> model = AutoModel.from_pretrained("facebook/dinov2-base", attn_implementation="fastvit")
+    """
+    # imported here: importing transformers.modeling_utils is what runs the registration hook
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(NAME, fastvit_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -1,0 +1,544 @@
+"""attn_implementation="fastvit": Hugging Face models whose attention goes through transformers'
+``AttentionInterface``, routed by ``fastvit.patch`` or chosen with ``from_pretrained`` /
+``set_attn_implementation``.
+
+Every family is built from a tiny config (dim 32, 2 heads of 16, 2 layers, 16x16 images with 4x4
+patches; no downloads) and compared with its unpatched self (transformers' sdpa) under the
+tolerance rule: the patched fp32 model's error against the unpatched model in float64 is at most
+twice the unpatched fp32 model's, plus fp32's slack (tests/tolerance.py), for the output and the
+gradient of every parameter. On the CPU the op runs its torch route; the interpreter test runs
+the Triton kernels on the masked families.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastvit
+from tests.patching.helpers import perturb_, storage_map
+from tests.tolerance import assert_close_to_reference
+
+transformers = pytest.importorskip("transformers")
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
+
+from fastvit.nn import hf_attention  # noqa: E402
+from fastvit.patching import hf_interface  # noqa: E402
+
+T = transformers
+BATCH, DEPTH = 3, 2
+BLOCK = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=DEPTH, num_attention_heads=2)
+VISION = dict(BLOCK, image_size=16, patch_size=4)
+TEXT = dict(BLOCK, vocab_size=50, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _pixels(dtype: torch.dtype, size: int = 16) -> torch.Tensor:
+    return torch.randn(BATCH, 3, size, size, generator=_gen(0)).to(dtype)
+
+
+def _text() -> dict:
+    """Token ids with right padding (lengths 7, 5, 3): the text towers' padding masks."""
+    ids = torch.randint(1, 50, (BATCH, 7), generator=_gen(1))
+    mask = (torch.arange(7) < torch.tensor([[7], [5], [3]])).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _siglip2_inputs(dtype: torch.dtype) -> dict:
+    """NaFlex: 16 patch slots per image, filled 16, 12 and 6 (grids 4x4, 3x4, 2x3), rest padding."""
+    shapes = torch.tensor([[4, 4], [3, 4], [2, 3]])
+    valid = shapes.prod(-1)
+    return {
+        "pixel_values": torch.randn(BATCH, 16, 3 * 4 * 4, generator=_gen(0)).to(dtype),
+        "pixel_attention_mask": (torch.arange(16) < valid[:, None]).long(),
+        "spatial_shapes": shapes,
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to build it, its forward inputs, the output compared, and how many
+    attention modules the patch routes (``masked``: how many of the op calls carry a mask)."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.dtype], dict]
+    output: Callable[[object], torch.Tensor]
+    routed: int
+    masked: int = 0
+
+
+def _hidden(out: object) -> torch.Tensor:
+    return out.last_hidden_state
+
+
+FAMILIES = {
+    # text tower: causal + padding masks; vision tower: none
+    "clip": Family(
+        lambda: T.CLIPModel(T.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)),
+        lambda dtype: {"pixel_values": _pixels(dtype), **_text()},
+        lambda out: out.logits_per_image,
+        routed=2 * DEPTH,
+        masked=DEPTH,
+    ),
+    "siglip": Family(
+        lambda: T.SiglipModel(T.SiglipConfig(text_config=TEXT, vision_config=VISION)),
+        lambda dtype: {"pixel_values": _pixels(dtype), **_text()},
+        lambda out: out.logits_per_image,
+        routed=2 * DEPTH,
+        masked=DEPTH,
+    ),
+    "siglip2": Family(
+        lambda: T.Siglip2VisionModel(T.Siglip2VisionConfig(**BLOCK, patch_size=4, num_patches=16)),
+        _siglip2_inputs,
+        _hidden,
+        routed=DEPTH,
+        masked=DEPTH,
+    ),
+    "dinov2": Family(
+        lambda: T.Dinov2Model(T.Dinov2Config(**VISION)), lambda d: {"pixel_values": _pixels(d)}, _hidden, DEPTH
+    ),
+    "dinov2_registers": Family(
+        lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**VISION, num_register_tokens=2)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+    ),
+    "dinov3": Family(
+        lambda: T.DINOv3ViTModel(T.DINOv3ViTConfig(**VISION, num_register_tokens=2)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+    ),
+    "deit": Family(lambda: T.DeiTModel(T.DeiTConfig(**VISION)), lambda d: {"pixel_values": _pixels(d)}, _hidden, DEPTH),
+    # random masking keeps 4 of the 16 patches: the noise fixes which
+    "vit_mae": Family(
+        lambda: T.ViTMAEModel(T.ViTMAEConfig(**VISION)),
+        lambda d: {"pixel_values": _pixels(d), "noise": torch.rand(BATCH, 16, generator=_gen(2)).to(d)},
+        _hidden,
+        DEPTH,
+    ),
+    "aimv2": Family(
+        lambda: T.Aimv2VisionModel(T.Aimv2VisionConfig(**VISION)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+    ),
+    # three images of their own sizes packed in one sequence (16 + 6 + 6 tokens): block-diagonal mask
+    "pixtral": Family(
+        lambda: T.PixtralVisionModel(T.PixtralVisionConfig(**BLOCK, image_size=16, patch_size=4, head_dim=16)),
+        lambda d: {"pixel_values": _pixels(d), "image_sizes": [(16, 16), (8, 12), (12, 8)]},
+        _hidden,
+        DEPTH,
+        masked=DEPTH,
+    ),
+    # the relative position bias is a float mask that requires grad (its table learns through it)
+    "beit": Family(
+        lambda: T.BeitModel(T.BeitConfig(**VISION, use_relative_position_bias=True)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+        masked=DEPTH,
+    ),
+    # 2x2 windows, shifted in every second block: bias + shift mask, (B * windows, H, 4, 4)
+    "swin": Family(
+        lambda: T.SwinModel(
+            T.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2)
+        ),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        routed=4,
+        masked=4,
+    ),
+    # beyond vision: a decoder with grouped-query attention (2 query heads on 1 kv head), causal
+    # attention and padding
+    "llama": Family(
+        lambda: T.LlamaModel(T.LlamaConfig(**TEXT, num_key_value_heads=1)),
+        lambda dtype: _text(),
+        _hidden,
+        DEPTH,
+        masked=DEPTH,
+    ),
+}
+
+
+def build(name: str) -> nn.Module:
+    return perturb_(FAMILIES[name].build()).eval()
+
+
+@pytest.fixture
+def attention_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Each call of fastvit.flash_attention / flash_attention_varlen: {"op", "mask", "causal"}."""
+    calls: list[dict] = []
+    for op in ("flash_attention", "flash_attention_varlen"):
+        real = getattr(fastvit, op)
+
+        def spy(*args, _real=real, _op=op, **kwargs):
+            calls.append({"op": _op, "mask": kwargs.get("attn_mask"), "causal": kwargs.get("causal")})
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fastvit, op, spy)
+    return calls
+
+
+def run_with_grads(model: nn.Module, inputs: dict, output: Callable) -> tuple[torch.Tensor, dict]:
+    """The output, and the gradients of every parameter for a fixed random upstream gradient."""
+    model.zero_grad(set_to_none=True)
+    out = output(model(**inputs))
+    upstream = torch.randn(out.shape, generator=_gen(3), dtype=torch.float64).to(out.dtype)
+    (out * upstream).sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def assert_follows_tolerance_rule(reference: nn.Module, patched: nn.Module, family: Family) -> None:
+    """Patched fp32 vs the unpatched model in float64, budget from the unpatched model in fp32."""
+    oracle = copy.deepcopy(reference).double()
+    want, want_grads = run_with_grads(oracle, family.inputs(torch.float64), family.output)
+    lowp, lowp_grads = run_with_grads(reference, family.inputs(torch.float32), family.output)
+    got, got_grads = run_with_grads(patched, family.inputs(torch.float32), family.output)
+    assert_close_to_reference(got, want, lowp, name="output")
+    assert got_grads.keys() == lowp_grads.keys() == want_grads.keys()
+    for name, grad in got_grads.items():
+        assert_close_to_reference(grad, want_grads[name], lowp_grads[name], name=f"grad of {name}")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_patched_matches_unpatched(name, attention_calls):
+    family = FAMILIES[name]
+    reference = build(name)
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    routed = [e for e in report.replaced if "AttentionInterface" in e.detail]
+    assert report.counts() == {"attention": family.routed} and len(routed) == family.routed
+    assert_follows_tolerance_rule(reference, patched, family)
+    assert len(attention_calls) == family.routed  # once per attention module
+    assert {c["op"] for c in attention_calls} == {"flash_attention"}
+    assert sum(c["mask"] is not None for c in attention_calls) == family.masked
+
+
+def test_autocast_bf16(attention_calls):
+    # q, k, v cast to bf16 (the bool NaFlex mask as it is), as SDPA under autocast: bf16's budget
+    family = FAMILIES["siglip2"]
+    reference = build("siglip2")
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    with torch.no_grad():
+        want = family.output(copy.deepcopy(reference).double()(**family.inputs(torch.float64)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lowp = family.output(reference(**family.inputs(torch.float32)))
+            got = family.output(patched(**family.inputs(torch.float32)))
+    assert got.dtype == lowp.dtype and len(attention_calls) == DEPTH
+    assert_close_to_reference(got, want, lowp, name="output", dtype=torch.bfloat16)
+
+
+def test_masks_reach_the_op(attention_calls):
+    # CLIP text: SDPA's bool mask, padding and causality folded in (so causal=False); BEiT: the
+    # float bias, requiring grad; Siglip2: the NaFlex padding of the keys
+    for name in ("clip", "beit", "siglip2"):
+        model = build(name)
+        fastvit.patch(model)
+        model(**FAMILIES[name].inputs(torch.float32))
+    text = [c for c in attention_calls[: 2 * DEPTH] if c["mask"] is not None]
+    assert len(text) == DEPTH and text[0]["mask"].dtype == torch.bool and text[0]["causal"] is False
+    mask = text[0]["mask"][:, 0]  # (B, N, M)
+    assert mask[2, 6, :3].all() and not mask[2, 6, 3:].any()  # the third text: 3 tokens, then padding
+    assert not mask[0, 2, 3:].any() and mask[0, 2, :3].all()  # causal
+    beit = attention_calls[2 * DEPTH : 3 * DEPTH]
+    assert all(c["mask"].dtype == torch.float32 and c["mask"].requires_grad for c in beit)
+    siglip2 = attention_calls[3 * DEPTH :][0]["mask"]
+    assert siglip2.shape == (BATCH, 1, 16, 16) and siglip2[2, 0, :, :6].all() and not siglip2[2, 0, :, 6:].any()
+
+
+def test_unpatched_vit_through_set_attn_implementation(attention_calls):
+    # ViTModel's attention is swapped by fastvit.patch; the interface route works on it too
+    config = T.ViTConfig(**VISION)
+    reference = perturb_(T.ViTModel(config)).eval()
+    routed = copy.deepcopy(reference)
+    routed.set_attn_implementation("fastvit")
+    x = _pixels(torch.float32)
+    torch.testing.assert_close(routed(x).last_hidden_state, reference(x).last_hidden_state, rtol=1e-5, atol=1e-6)
+    assert len(attention_calls) == DEPTH
+
+
+def test_state_dict_unchanged_and_unpatch_restores_each_sub_config():
+    model = build("clip")
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    inputs = FAMILIES["clip"].inputs(torch.float32)
+    before, storages = model(**inputs).logits_per_image, storage_map(model)
+    top = model.config._attn_implementation
+    fastvit.patch(model)
+    assert model.config.text_config._attn_implementation == model.config.vision_config._attn_implementation == "fastvit"
+    assert model.config._attn_implementation == top  # no attention module reads the top config
+    assert storage_map(model) == storages
+    assert "fastvit" not in str(model.config.to_dict())  # nothing fastvit's in a saved config
+    report = fastvit.unpatch(model)
+    assert len(report.replaced) == 2 * DEPTH
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == top
+    assert storage_map(model) == storages
+    assert not any(hasattr(m, "_fastvit_previous_attn_implementation") for m in model.modules())
+    assert torch.equal(model(**inputs).logits_per_image, before)
+    assert fastvit.unpatch(model).replaced == []  # twice: nothing left to restore
+
+
+def test_patch_twice_and_implementation_changed_in_between():
+    model = build("dinov2")
+    fastvit.patch(model)
+    again = fastvit.patch(model)
+    assert again.replaced == [] and len(again.already_patched) == DEPTH
+    assert "an earlier fastvit.patch" in again.already_patched[0].detail
+    model.set_attn_implementation("eager")  # the user's later choice wins over unpatch's memory
+    fastvit.unpatch(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_output_attentions_and_hidden_states(attention_calls, fresh_warnings):
+    # weights requested: that call runs the model's eager attention (which returns them), warned
+    reference = build("siglip2")
+    eager = copy.deepcopy(reference)
+    eager.set_attn_implementation("eager")
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    inputs = FAMILIES["siglip2"].inputs(torch.float32)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="output_attentions=True"):
+        got = patched(**inputs, output_attentions=True)
+    assert attention_calls == []
+    want = eager(**inputs, output_attentions=True)
+    assert len(got.attentions) == DEPTH
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    got, want = patched(**inputs, output_hidden_states=True), reference(**inputs, output_hidden_states=True)
+    assert len(attention_calls) == DEPTH and len(got.hidden_states) == DEPTH + 1
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padding", "no padding"])
+def test_output_attentions_of_a_causal_text_tower(padded, fresh_warnings):
+    # without padding SDPA's mask function returns None (causality left to is_causal): the eager
+    # fallback must still be causal
+    reference = build("clip")
+    eager, patched = copy.deepcopy(reference), copy.deepcopy(reference)
+    eager.set_attn_implementation("eager")
+    fastvit.patch(patched)
+    inputs = FAMILIES["clip"].inputs(torch.float32)
+    if not padded:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    with pytest.warns(fastvit.FastvitFallbackWarning):
+        got = patched(**inputs, output_attentions=True)
+    want = eager(**inputs, output_attentions=True)
+    for tower in ("text_model_output", "vision_model_output"):
+        pairs = zip(got[tower].attentions, want[tower].attentions, strict=True)
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got.text_model_output.attentions[0][0, 0].triu(1).abs().max() == 0  # causal
+
+
+def test_training_step(attention_calls):
+    reference = build("dinov2").train()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    x = _pixels(torch.float32)
+    for model in (reference, patched):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(x).pooler_output.square().mean().backward()
+        optimizer.step()
+    assert len(attention_calls) == DEPTH
+    for (name, a), (_, b) in zip(reference.named_parameters(), patched.named_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_attention_dropout_in_training_falls_back(attention_calls, fresh_warnings):
+    reference = perturb_(T.Dinov2Model(T.Dinov2Config(**VISION, attention_probs_dropout_prob=0.2))).train()
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    assert all("attention dropout 0.2" in e.detail for e in report.replaced)
+    x = _pixels(torch.float32)
+    outs = []
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="attention dropout p=0.2 in training"):
+        for model in (reference, patched):
+            torch.manual_seed(5)
+            outs.append(model(x).last_hidden_state)
+    assert attention_calls == []  # transformers' sdpa ran, with the same dropout draws
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    patched.eval()
+    patched(x)
+    assert len(attention_calls) == DEPTH
+
+
+def test_torch_compile_fullgraph(attention_calls):
+    torch._dynamo.reset()
+    family = FAMILIES["clip"]  # padding + causal masks built inside the graph
+    reference = build("clip")
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    try:
+        got, got_grads = run_with_grads(compiled, family.inputs(torch.float32), family.output)
+    finally:
+        torch._dynamo.reset()
+    assert len(attention_calls) == family.routed  # traced through fastvit's function, not a fallback
+    want, want_grads = run_with_grads(reference, family.inputs(torch.float32), family.output)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_and_set_attn_implementation(tmp_path, attention_calls):
+    model = build("dinov2")
+    model.save_pretrained(tmp_path)
+    x = _pixels(torch.float32)
+    loaded = T.Dinov2Model.from_pretrained(tmp_path, attn_implementation="fastvit").eval()
+    assert loaded.config._attn_implementation == "fastvit"
+    torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-6)
+    assert len(attention_calls) == DEPTH
+    report = fastvit.patch(loaded)  # already fastvit: reported, not an error, and unpatch keeps it
+    assert report.replaced == [] and len(report.already_patched) == DEPTH
+    fastvit.unpatch(loaded)
+    assert loaded.config._attn_implementation == "fastvit"
+    model.set_attn_implementation("fastvit")
+    model(x)
+    assert len(attention_calls) == 2 * DEPTH
+
+
+def test_models_outside_the_interface_say_why():
+    swinv2 = T.Swinv2Model(
+        T.Swinv2Config(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2)
+    )
+    with pytest.raises(ValueError, match=r"(?s)nothing to patch.*Swinv2SelfAttention computes its attention"):
+        fastvit.patch(swinv2)
+    report = fastvit.patch(build("siglip2"))
+    (head,) = report.skipped
+    assert (
+        head.path == "head.attention"
+        and "nn.MultiheadAttention (in Siglip2MultiheadAttentionPoolingHead)" in head.detail
+    )
+    report = fastvit.patch(build("aimv2"))
+    assert [e.path for e in report.skipped] == ["head"]  # the pooling head's own SDPA call
+    # through the interface, but transformers keeps it off SDPA (softcapping in its eager attention)
+    gemma2 = T.Gemma2Model(T.Gemma2Config(**TEXT, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(ValueError, match=r"(?s)nothing to patch.*Gemma2Attention: .* not supporting SDPA"):
+        fastvit.patch(gemma2)
+
+
+def test_registration_hook_when_transformers_comes_later(tmp_path):
+    # fastvit first, transformers after: the import hook registers "fastvit" in both interfaces and
+    # leaves no finder and no loader of its own behind (run outside the checkout: see README, Layout)
+    code = (
+        "import sys, fastvit\n"
+        "assert 'transformers.modeling_utils' not in sys.modules\n"
+        "from transformers import AttentionInterface\n"
+        "from transformers.masking_utils import AttentionMaskInterface\n"
+        "assert 'fastvit' in AttentionInterface._global_mapping\n"
+        "assert 'fastvit' in AttentionMaskInterface._global_mapping\n"
+        "assert not any(type(f).__name__ == '_Finder' for f in sys.meta_path)\n"
+        "assert type(sys.modules['transformers.modeling_utils'].__loader__).__name__ == 'SourceFileLoader'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
+
+
+def test_registration_when_transformers_came_first(monkeypatch):
+    monkeypatch.setattr(AttentionInterface, "_global_mapping", {**AttentionInterface._global_mapping})
+    monkeypatch.setattr(AttentionMaskInterface, "_global_mapping", {**AttentionMaskInterface._global_mapping})
+    del AttentionInterface._global_mapping["fastvit"], AttentionMaskInterface._global_mapping["fastvit"]
+    assert "fastvit" not in ALL_ATTENTION_FUNCTIONS
+    hf_interface.install()
+    assert ALL_ATTENTION_FUNCTIONS["fastvit"] is hf_attention.fastvit_attention_forward
+
+
+# --- the attention function itself, against transformers' sdpa_attention_forward -------------
+def _module(groups: int = 1, causal: bool = False) -> nn.Module:
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups = causal, groups
+    module.config = types.SimpleNamespace(output_attentions=False)
+    return module
+
+
+# (what, key/value heads, mask kind, module causal): bool and float masks broadcast over heads
+# (B, 1, N, M) and over batch and heads (1, 1, N, M); GQA with 4 query heads on 2 kv heads
+CASES = [
+    ("no mask", 4, None, False),
+    ("causal", 4, None, True),
+    ("bool (B,1,N,M)", 4, "bool", False),
+    ("float (1,1,N,M)", 4, "float", False),
+    ("causal module with a mask (the mask wins)", 4, "bool", True),
+    ("GQA", 2, None, False),
+]
+
+
+@pytest.mark.parametrize(("what", "kv_heads", "mask", "causal"), CASES, ids=[c[0] for c in CASES])
+def test_function_matches_sdpa(what, kv_heads, mask, causal):
+    gen = _gen(4)
+    q = torch.randn(2, 4, 13, 16, generator=gen, requires_grad=True)  # N = 13, M = 11: prime, unequal
+    k = torch.randn(2, kv_heads, 11 if not causal else 13, 16, generator=gen, requires_grad=True)
+    v = torch.randn(k.shape, generator=gen, requires_grad=True)
+    m = None
+    if mask == "bool":
+        m = torch.rand(2, 1, 13, k.shape[2], generator=gen) > 0.3
+        m[..., 0] = True  # no fully masked row
+    elif mask == "float":
+        m = torch.randn(1, 1, 13, k.shape[2], generator=gen)
+    module = _module(groups=4 // kv_heads, causal=causal)
+    outs = []
+    for fn in (hf_attention.fastvit_attention_forward, sdpa_attention_forward):
+        out, weights = fn(module, q, k, v, m, dropout=0.0, scaling=0.3)
+        assert weights is None and out.shape == (2, 13, 4, 16) and out.is_contiguous()
+        outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for got, want in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_function_varlen_route_with_cu_seqlens(attention_calls):
+    # flash-attn's packed layout, as models pass it for flash implementations: batch 1, 3 sequences
+    gen = _gen(5)
+    lens = [7, 1, 12]
+    q, k, v = torch.randn(3, 1, 2, sum(lens), 16, generator=gen).unbind(0)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    out, _ = hf_attention.fastvit_attention_forward(
+        _module(), q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12
+    )
+    assert [c["op"] for c in attention_calls] == ["flash_attention_varlen"]
+    want = torch.cat(
+        [
+            F.scaled_dot_product_attention(*(t[:, :, a:b] for t in (q, k, v)), scale=0.25)
+            for a, b in itertools.pairwise(cu.tolist())
+        ],
+        dim=2,
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.interpreter
+# Pixtral's mask holds finfo(fp32).min, which NumPy's interpreter overflows to -inf when scaling it
+# by log2(e): documented in fastvit.flash_attention (it counts as -inf), and harmless here
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("name", ["siglip2", "beit", "pixtral"])
+def test_triton_kernels_on_masked_families(name, attention_calls):
+    # the kernels (interpreter) on NaFlex padding (bool), a learnt bias (float, with its gradient)
+    # and the block-diagonal mask of packed images (float, -finfo.min off the blocks)
+    family = FAMILIES[name]
+    reference = build(name)
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    with fastvit.backend("triton"):
+        assert_follows_tolerance_rule(reference, patched, family)
+    assert (
+        len(attention_calls) == family.routed and sum(c["mask"] is not None for c in attention_calls) == family.masked
+    )
