@@ -165,19 +165,28 @@ def _train_steps(model: nn.Module, steps: int = 2) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_pruning_is_honoured_and_trains(when):
-    def prune_fc1(model: nn.Module) -> None:
-        for block in model.blocks:
-            prune.l1_unstructured(block.mlp.fc1, "weight", amount=0.5)
+# The MLP's first Linear of each block, per family.
+FC1_PATHS = {
+    "timm": ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"],
+    "torchvision": ["encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.mlp.0"],
+    "transformers": ["vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"],
+}
 
-    reference = timm_vit().train()
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_pruning_is_honoured_and_trains(family, when):
+    def prune_fc1(model: nn.Module) -> None:
+        for path in FC1_PATHS[family]:
+            prune.l1_unstructured(model.get_submodule(path), "weight", amount=0.5)
+
+    reference = BUILDERS[family]().train()
     patched = copy.deepcopy(reference)
     prune_fc1(reference)
     if when == "before":
         prune_fc1(patched)
         report = fastvit.patch(patched)
-        assert any("mlp.fc1 has a forward pre-hook" in e.detail for e in report.skipped)
+        assert sum("has a forward pre-hook" in e.detail for e in report.skipped) == len(FC1_PATHS[family])
     else:
         fastvit.patch(patched)
         prune_fc1(patched)
@@ -324,6 +333,14 @@ def _shared_timm_pair() -> nn.ModuleList:
     return nn.ModuleList([first, second])
 
 
+def _shared_hf_pair() -> nn.ModuleList:
+    first, second = hf_classifier().eval(), hf_classifier().eval()
+    perturb_(second, seed=5)
+    second.vit.embeddings = first.vit.embeddings
+    second.vit.layers[0] = first.vit.layers[0]
+    return nn.ModuleList([first, second])
+
+
 def _shared_torchvision_pair() -> nn.ModuleList:
     first, second = torchvision_vit().eval(), torchvision_vit().eval()
     perturb_(second, seed=5)
@@ -331,7 +348,7 @@ def _shared_torchvision_pair() -> nn.ModuleList:
     return nn.ModuleList([first, second])
 
 
-@pytest.mark.parametrize("build", [_shared_timm_pair, _shared_torchvision_pair])
+@pytest.mark.parametrize("build", [_shared_timm_pair, _shared_torchvision_pair, _shared_hf_pair])
 def test_models_sharing_modules_are_patched_once_and_both_work(build, op_calls):
     pair = build()
     reference = copy.deepcopy(pair)  # deepcopy keeps the sharing
@@ -341,13 +358,13 @@ def test_models_sharing_modules_are_patched_once_and_both_work(build, op_calls):
     paths = [entry.path for entry in report.replaced]
     assert len(paths) == len(set(paths))
     for model, ref in zip(pair, reference, strict=True):
-        torch.testing.assert_close(model(x), ref(x), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(run(model, x), run(ref, x), rtol=RTOL, atol=ATOL)
     assert op_calls["patch_embed"] and op_calls["layernorm_mlp"]
     fastvit.unpatch(pair)
     assert module_types(pair) == before_types and storage_map(pair) == before_storage
 
 
-@pytest.mark.parametrize("build", [_shared_timm_pair, _shared_torchvision_pair, lambda: hf_classifier()])
+@pytest.mark.parametrize("build", [_shared_timm_pair, _shared_torchvision_pair, _shared_hf_pair])
 def test_a_failing_swap_rolls_everything_back(build, monkeypatch):
     model = build()
     before_types = module_types(model)
