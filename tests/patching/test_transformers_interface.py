@@ -80,6 +80,7 @@ class Family:
     output: Callable[[object], torch.Tensor]
     routed: int
     masked: int = 0
+    mlp: int = 0  # LayerNorm+MLP halves swapped (fastvit.nn.hf_layers)
 
 
 def _hidden(out: object) -> torch.Tensor:
@@ -101,6 +102,7 @@ FAMILIES = {
         lambda out: out.logits_per_image,
         routed=2 * DEPTH,
         masked=DEPTH,
+        mlp=2 * DEPTH,
     ),
     "siglip2": Family(
         lambda: T.Siglip2VisionModel(T.Siglip2VisionConfig(**BLOCK, patch_size=4, num_patches=16)),
@@ -108,29 +110,39 @@ FAMILIES = {
         _hidden,
         routed=DEPTH,
         masked=DEPTH,
+        mlp=DEPTH,
     ),
     "dinov2": Family(
-        lambda: T.Dinov2Model(T.Dinov2Config(**VISION)), lambda d: {"pixel_values": _pixels(d)}, _hidden, DEPTH
+        lambda: T.Dinov2Model(T.Dinov2Config(**VISION)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+        mlp=DEPTH,
     ),
     "dinov2_registers": Family(
         lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**VISION, num_register_tokens=2)),
         lambda d: {"pixel_values": _pixels(d)},
         _hidden,
         DEPTH,
+        mlp=DEPTH,
     ),
     "dinov3": Family(
         lambda: T.DINOv3ViTModel(T.DINOv3ViTConfig(**VISION, num_register_tokens=2)),
         lambda d: {"pixel_values": _pixels(d)},
         _hidden,
         DEPTH,
+        mlp=DEPTH,
     ),
-    "deit": Family(lambda: T.DeiTModel(T.DeiTConfig(**VISION)), lambda d: {"pixel_values": _pixels(d)}, _hidden, DEPTH),
+    "deit": Family(
+        lambda: T.DeiTModel(T.DeiTConfig(**VISION)), lambda d: {"pixel_values": _pixels(d)}, _hidden, DEPTH, mlp=DEPTH
+    ),
     # random masking keeps 4 of the 16 patches: the noise fixes which
     "vit_mae": Family(
         lambda: T.ViTMAEModel(T.ViTMAEConfig(**VISION)),
         lambda d: {"pixel_values": _pixels(d), "noise": torch.rand(BATCH, 16, generator=_gen(2)).to(d)},
         _hidden,
         DEPTH,
+        mlp=DEPTH,
     ),
     "aimv2": Family(
         lambda: T.Aimv2VisionModel(T.Aimv2VisionConfig(**VISION)),
@@ -224,7 +236,8 @@ def test_patched_matches_unpatched(name, attention_calls):
     patched = copy.deepcopy(reference)
     report = fastvit.patch(patched)
     routed = [e for e in report.replaced if "AttentionInterface" in e.detail]
-    assert report.counts() == {"attention": family.routed} and len(routed) == family.routed
+    assert report.counts() == {"attention": family.routed} | ({"mlp": family.mlp} if family.mlp else {})
+    assert len(routed) == family.routed
     assert_follows_tolerance_rule(reference, patched, family)
     assert len(attention_calls) == family.routed  # once per attention module
     assert {c["op"] for c in attention_calls} == {"flash_attention"}
@@ -301,8 +314,8 @@ def test_patch_twice_and_implementation_changed_in_between():
     model = build("dinov2")
     fastvit.patch(model)
     again = fastvit.patch(model)
-    assert again.replaced == [] and len(again.already_patched) == DEPTH
-    assert "an earlier fastvit.patch" in again.already_patched[0].detail
+    assert again.replaced == [] and len(again.already_patched) == 2 * DEPTH  # attention and MLP halves
+    assert all("an earlier fastvit.patch" in entry.detail for entry in again.already_patched)
     model.set_attn_implementation("eager")  # the user's later choice wins over unpatch's memory
     fastvit.unpatch(model)
     assert model.config._attn_implementation == "eager"
@@ -368,7 +381,7 @@ def test_attention_dropout_in_training_falls_back(attention_calls, fresh_warning
     reference = perturb_(T.Dinov2Model(T.Dinov2Config(**VISION, attention_probs_dropout_prob=0.2))).train()
     patched = copy.deepcopy(reference)
     report = fastvit.patch(patched)
-    assert all("attention dropout 0.2" in e.detail for e in report.replaced)
+    assert all("attention dropout 0.2" in e.detail for e in report.replaced if e.part == "attention")
     x = _pixels(torch.float32)
     outs = []
     with pytest.warns(fastvit.FastvitFallbackWarning, match="attention dropout p=0.2 in training"):
@@ -409,8 +422,8 @@ def test_from_pretrained_and_set_attn_implementation(tmp_path, attention_calls):
     assert loaded.config._attn_implementation == "fastvit"
     torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-6)
     assert len(attention_calls) == DEPTH
-    report = fastvit.patch(loaded)  # already fastvit: reported, not an error, and unpatch keeps it
-    assert report.replaced == [] and len(report.already_patched) == DEPTH
+    report = fastvit.patch(loaded)  # attention already fastvit: reported, and unpatch keeps it
+    assert report.counts() == {"mlp": DEPTH} and len(report.already_patched) == DEPTH
     fastvit.unpatch(loaded)
     assert loaded.config._attn_implementation == "fastvit"
     model.set_attn_implementation("fastvit")

@@ -1,0 +1,249 @@
+"""Fused subclasses of Hugging Face's pre-norm encoder layers beyond ViT: the LayerNorm+MLP half
+of each layer as one ``fastvit.layernorm_mlp`` call.
+
+Covered: ``DeiTLayer``, ``ViTMAELayer`` (ViT's layout), ``CLIPEncoderLayer``, ``SiglipEncoderLayer``,
+``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
+(LayerScale, drop path). Their attention runs as in Hugging Face (through transformers' attention interface, which
+``fastvit.patch`` points at fastvit); the attention half of each forward below is Hugging Face's,
+line for line. The second half, ``x + drop_path(layer_scale * mlp(norm(x)))`` (or with hidden
+dropout), is one op call; calls it does not cover (dropout or drop path active in training, a hook
+or a replaced submodule) run the layer's own modules in Hugging Face's order. Importing this
+module imports transformers.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.deit.modeling_deit import DeiTLayer
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
+from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
+
+import fastvit
+from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.hf_vit import gelu_approximate
+
+__all__ = [
+    "FusedCLIPEncoderLayer",
+    "FusedDINOv3ViTLayer",
+    "FusedDeiTLayer",
+    "FusedDinov2Layer",
+    "FusedDinov2WithRegistersLayer",
+    "FusedPreNormLayer",
+    "FusedSiglip2EncoderLayer",
+    "FusedSiglipEncoderLayer",
+    "FusedViTMAELayer",
+    "MlpHalf",
+]
+
+
+class MlpHalf:
+    """Where a layer keeps the parts of its MLP half (attribute names; None: the layer has none).
+
+    Attributes:
+        norm: the LayerNorm before the MLP (``layernorm_after``, ``norm2``, ``layer_norm2``).
+        fc1, act, fc2: the MLP's Linear, activation and Linear, inside ``layer.mlp``.
+        layer_scale: a module with a ``lambda1`` (D,) Parameter (DINOv2/v3), or None.
+        drop_path: the layer's drop path (Identity or a ``drop_prob`` module), or None.
+        dropout: the hidden dropout applied to the MLP's output (ViT layout), or None.
+    """
+
+    def __init__(
+        self,
+        norm: str,
+        fc1: str = "fc1",
+        act: str = "activation_fn",
+        fc2: str = "fc2",
+        *,
+        layer_scale: str | None = None,
+        drop_path: str | None = None,
+        dropout: str | None = None,
+    ) -> None:
+        self.norm, self.fc1, self.act, self.fc2 = norm, fc1, act, fc2
+        self.layer_scale, self.drop_path, self.dropout = layer_scale, drop_path, dropout
+
+    def bypassed(self) -> tuple[str, ...]:
+        """The submodules the fused half reads without calling (``FusedModule.fastvit_bypassed``)."""
+        names = (self.norm, "mlp", f"mlp.{self.fc1}", f"mlp.{self.act}", f"mlp.{self.fc2}")
+        optional = (self.layer_scale, self.drop_path, self.dropout)
+        return names + tuple(name for name in optional if name is not None)
+
+
+class FusedPreNormLayer(FusedModule):
+    """The fused MLP half the layer classes below share; each names its parts in ``fastvit_mlp``."""
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+    fastvit_mlp: ClassVar[MlpHalf]
+
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module, in its order."""
+        parts = self.fastvit_mlp
+        out = self.mlp(getattr(self, parts.norm)(hidden_states))
+        for name in (parts.layer_scale, parts.drop_path, parts.dropout):
+            if name is not None:
+                out = getattr(self, name)(out)
+        return out + hidden_states
+
+    def _fastvit_regularised(self) -> bool:
+        """Dropout or drop path would change values in this call (the op has neither)."""
+        parts = self.fastvit_mlp
+        dropout = getattr(self, parts.dropout) if parts.dropout else None
+        drop_path = getattr(self, parts.drop_path) if parts.drop_path else None
+        return (dropout is not None and dropout_active(dropout.p, dropout.training)) or (
+            drop_path is not None and dropout_active(getattr(drop_path, "drop_prob", 0.0), drop_path.training)
+        )
+
+    def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``hidden_states + [drop_path/dropout](layer_scale * mlp(norm(hidden_states)))``, fused."""
+        if not self._fastvit_intact():
+            return self._fastvit_original_half(hidden_states)
+        if self._fastvit_regularised():
+            name = type(self).fastvit_original().__name__
+            warn_fallback(
+                f"patched-mlp-dropout:{name}",
+                f"fastvit: a patched Hugging Face {name} has hidden dropout or drop path > 0 and is in "
+                "training mode; fastvit.layernorm_mlp has neither, so its MLP half runs Hugging Face's modules",
+            )
+            return self._fastvit_original_half(hidden_states)
+        parts = self.fastvit_mlp
+        norm, mlp = getattr(self, parts.norm), self.mlp
+        fc1, fc2 = getattr(mlp, parts.fc1), getattr(mlp, parts.fc2)
+        layer_scale = getattr(self, parts.layer_scale).lambda1 if parts.layer_scale else None
+        return fastvit.layernorm_mlp(
+            hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+            eps=norm.eps, approximate=gelu_approximate(getattr(mlp, parts.act)), layer_scale=layer_scale,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        norm = getattr(self, self.fastvit_mlp.norm)
+        return f"dim={norm.normalized_shape[0]}, eps={norm.eps}, fastvit={self.fastvit_op}"
+
+
+_VIT_LAYOUT = MlpHalf("layernorm_after", dropout="dropout")
+
+
+class _ViTLayoutForward(FusedPreNormLayer):
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        hidden_states = self.dropout(hidden_states) + residual
+        return self._fastvit_mlp_half(hidden_states)
+
+
+class FusedDeiTLayer(_ViTLayoutForward, DeiTLayer):
+    """``DeiTLayer`` whose LayerNorm+MLP half (with hidden dropout) is one op call."""
+
+    fastvit_mlp = _VIT_LAYOUT
+    fastvit_bypassed = _VIT_LAYOUT.bypassed()
+
+
+class FusedViTMAELayer(_ViTLayoutForward, ViTMAELayer):
+    """``ViTMAELayer`` whose LayerNorm+MLP half (with hidden dropout) is one op call."""
+
+    fastvit_mlp = _VIT_LAYOUT
+    fastvit_bypassed = _VIT_LAYOUT.bypassed()
+
+
+class _SiglipLayoutForward(FusedPreNormLayer):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
+        return self._fastvit_mlp_half(residual + hidden_states)
+
+
+_SIGLIP_LAYOUT = MlpHalf("layer_norm2")
+
+
+class FusedSiglipEncoderLayer(_SiglipLayoutForward, SiglipEncoderLayer):
+    """``SiglipEncoderLayer`` (vision and text towers) whose LayerNorm+MLP half is one op call."""
+
+    fastvit_mlp = _SIGLIP_LAYOUT
+    fastvit_bypassed = _SIGLIP_LAYOUT.bypassed()
+
+
+class FusedSiglip2EncoderLayer(_SiglipLayoutForward, Siglip2EncoderLayer):
+    """``Siglip2EncoderLayer`` whose LayerNorm+MLP half is one op call."""
+
+    fastvit_mlp = _SIGLIP_LAYOUT
+    fastvit_bypassed = _SIGLIP_LAYOUT.bypassed()
+
+
+class FusedCLIPEncoderLayer(_SiglipLayoutForward, CLIPEncoderLayer):
+    """``CLIPEncoderLayer`` (vision and text towers) whose LayerNorm+MLP half is one op call."""
+
+    fastvit_mlp = _SIGLIP_LAYOUT
+    fastvit_bypassed = _SIGLIP_LAYOUT.bypassed()
+
+
+_DINOV2_LAYOUT = MlpHalf("norm2", layer_scale="layer_scale2", drop_path="drop_path")
+_DINOV3_LAYOUT = MlpHalf("norm2", "up_proj", "act_fn", "down_proj", layer_scale="layer_scale2", drop_path="drop_path")
+
+
+class _Dinov2LayoutForward(FusedPreNormLayer):
+    fastvit_mlp = _DINOV2_LAYOUT
+    fastvit_bypassed = _DINOV2_LAYOUT.bypassed()
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.norm1(hidden_states)
+        hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = self.layer_scale1(hidden_states)
+        return self._fastvit_mlp_half(self.drop_path(hidden_states) + residual)
+
+
+class FusedDinov2Layer(_Dinov2LayoutForward, Dinov2Layer):
+    """``Dinov2Layer`` whose LayerNorm+MLP half with LayerScale is one op call (drop path in
+    training runs Hugging Face's modules)."""
+
+
+class FusedDinov2WithRegistersLayer(_Dinov2LayoutForward, Dinov2WithRegistersLayer):
+    """``Dinov2WithRegistersLayer``: DINOv2's layout, as ``FusedDinov2Layer``."""
+
+
+class FusedDINOv3ViTLayer(FusedPreNormLayer, DINOv3ViTLayer):
+    """``DINOv3ViTLayer`` (non-gated MLP) whose LayerNorm+MLP half with LayerScale is one op call."""
+
+    fastvit_mlp = _DINOV3_LAYOUT
+    fastvit_bypassed = _DINOV3_LAYOUT.bypassed()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.norm1(hidden_states)
+        hidden_states, _ = self.attention(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs
+        )
+        hidden_states = self.layer_scale1(hidden_states)
+        return self._fastvit_mlp_half(self.drop_path(hidden_states) + residual)
+
+
+def mlp_parts(module: nn.Module) -> MlpHalf:
+    """The ``MlpHalf`` of a fused layer class or of an instance of its original."""
+    return FUSED_LAYERS[type(module)].fastvit_mlp
+
+
+FUSED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
+for _fused in (
+    FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
+    FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer,
+):  # fmt: skip
+    FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused

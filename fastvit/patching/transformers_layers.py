@@ -1,0 +1,105 @@
+"""Hugging Face adapter, part two: the LayerNorm+MLP half of pre-norm encoder layers beyond ViT
+(``fastvit.nn.hf_layers``: DeiT, ViTMAE, SigLIP, SigLIP2, DINOv2 (+ registers), DINOv3).
+
+``layer_finding`` says whether one such layer can be fused: its norm must be an ``nn.LayerNorm``
+over the last dim, its MLP the family's plain (not gated) MLP of two ``nn.Linear`` with a GELU
+(exact or tanh), and its LayerScale, drop path and dropout the family's own modules. Layers with
+another activation (CLIP's quick_gelu) or a gated MLP (SwiGLU) are reported with the reason.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from transformers.models.clip.modeling_clip import CLIPMLP
+from transformers.models.deit.modeling_deit import DeiTMLP
+from transformers.models.dinov2.modeling_dinov2 import Dinov2DropPath, Dinov2LayerScale, Dinov2MLP
+from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_registers
+from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+    Dinov3ViTDropPath,
+    DINOv3ViTLayerScale,
+    DINOv3ViTMLP,
+)
+from transformers.models.siglip.modeling_siglip import SiglipMLP
+from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
+
+from fastvit.nn import hf_layers
+from fastvit.nn.hf_vit import gelu_approximate
+from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes
+from fastvit.patching.registry import Finding, slot
+
+__all__ = ["layer_finding"]
+
+# The plain MLP class, LayerScale class and drop-path class each family's layer may hold.
+_MLPS = {
+    hf_layers.FusedDeiTLayer: DeiTMLP,
+    hf_layers.FusedViTMAELayer: ViTMAEMLP,
+    hf_layers.FusedCLIPEncoderLayer: CLIPMLP,
+    hf_layers.FusedSiglipEncoderLayer: SiglipMLP,
+    hf_layers.FusedSiglip2EncoderLayer: Siglip2MLP,
+    hf_layers.FusedDinov2Layer: Dinov2MLP,
+    hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersMLP,
+    hf_layers.FusedDINOv3ViTLayer: DINOv3ViTMLP,
+}
+_LAYER_SCALES = {
+    hf_layers.FusedDinov2Layer: Dinov2LayerScale,
+    hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersLayerScale,
+    hf_layers.FusedDINOv3ViTLayer: DINOv3ViTLayerScale,
+}
+_DROP_PATHS = {
+    hf_layers.FusedDinov2Layer: Dinov2DropPath,
+    hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
+    hf_layers.FusedDINOv3ViTLayer: Dinov3ViTDropPath,
+}
+
+
+def _problems(layer: nn.Module) -> list[str]:
+    fused = hf_layers.FUSED_LAYERS[type(layer)]
+    parts = fused.fastvit_mlp
+    present = (parts.norm, "mlp", parts.layer_scale, parts.drop_path, parts.dropout)
+    problems = missing_attributes(layer, [name for name in present if name], "transformers")
+    if problems:
+        return problems
+    mlp_cls = _MLPS[fused]
+    problems += exact_type(layer.mlp, "mlp", (mlp_cls,), f"{mlp_cls.__name__} (a gated MLP is not fused yet)")
+    problems += layernorm_problems(getattr(layer, parts.norm), parts.norm)
+    if parts.layer_scale:
+        scale_cls = _LAYER_SCALES[fused]
+        problems += exact_type(getattr(layer, parts.layer_scale), parts.layer_scale, (scale_cls,), scale_cls.__name__)
+    if parts.drop_path:
+        allowed = (nn.Identity, _DROP_PATHS[fused])
+        problems += exact_type(getattr(layer, parts.drop_path), parts.drop_path, allowed, "its drop path")
+    if parts.dropout:
+        problems += exact_type(getattr(layer, parts.dropout), parts.dropout, (nn.Dropout,), "nn.Dropout")
+    if problems:
+        return problems
+    mlp = layer.mlp
+    problems += missing_attributes(mlp, (parts.fc1, parts.act, parts.fc2), "transformers")
+    if problems:
+        return problems
+    problems += exact_type(getattr(mlp, parts.fc1), f"mlp.{parts.fc1}", (nn.Linear,), "nn.Linear")
+    problems += exact_type(getattr(mlp, parts.fc2), f"mlp.{parts.fc2}", (nn.Linear,), "nn.Linear")
+    act = getattr(mlp, parts.act)
+    if gelu_approximate(act) is None:
+        problems.append(
+            f"mlp.{parts.act} is {type(act).__qualname__}; the fused op computes GELU (exact or tanh)"
+        )
+    return problems
+
+
+def _notes(layer: nn.Module) -> list[str]:
+    parts = hf_layers.FUSED_LAYERS[type(layer)].fastvit_mlp
+    rates = []
+    if parts.dropout and getattr(layer, parts.dropout).p > 0:
+        rates.append(f"hidden dropout {getattr(layer, parts.dropout).p}")
+    if parts.drop_path and getattr(getattr(layer, parts.drop_path), "drop_prob", 0.0) > 0:
+        rates.append(f"drop path {getattr(layer, parts.drop_path).drop_prob}")
+    return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
+
+
+def layer_finding(path: str, module: nn.Module) -> Finding | None:
+    """The finding for ``module`` if it is one of the covered layer classes (or fused), else None."""
+    fused = hf_layers.FUSED_LAYERS.get(type(module))
+    if fused is None:
+        return None
+    return slot(path, module, "mlp", fused, _problems, _notes)

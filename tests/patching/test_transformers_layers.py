@@ -1,0 +1,85 @@
+"""The LayerNorm+MLP halves of Hugging Face's pre-norm layers beyond ViT (fastvit.nn.hf_layers):
+what is fused and what is reported, LayerScale, drop path and hooks. Outputs and gradients of every
+covered family are compared in test_transformers_interface.py::test_patched_matches_unpatched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import (
+    ATOL,
+    DEPTH,
+    RTOL,
+    assert_outputs_and_grads_match,
+    images,
+    module_types,
+    perturb_,
+    storage_map,
+)
+
+T = pytest.importorskip("transformers")
+
+VISION = dict(hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2, image_size=16, patch_size=4)
+
+
+def dinov2(**overrides) -> torch.nn.Module:
+    return perturb_(T.Dinov2Model(T.Dinov2Config(**(VISION | overrides)))).eval()
+
+
+def hidden(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=x).last_hidden_state
+
+
+def test_layer_scale_goes_to_the_op(op_calls):
+    reference = dinov2(layerscale_value=0.3)
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    assert report.counts()["mlp"] == DEPTH
+    assert_outputs_and_grads_match(reference, patched, images(), run=hidden)
+    calls = op_calls["layernorm_mlp"]
+    assert len(calls) == DEPTH
+    assert calls[0]["kwargs"]["layer_scale"] is patched.encoder.layer[0].layer_scale2.lambda1
+
+
+def test_drop_path_in_training_runs_hugging_face_and_says_so(op_calls, fresh_warnings):
+    reference = dinov2(drop_path_rate=0.5).train()
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    assert all("drop path 0.5" in e.detail for e in report.replaced if e.part == "mlp")
+    with pytest.warns(UserWarning, match="hidden dropout or drop path"):
+        assert_outputs_and_grads_match(reference, patched, images(), run=hidden, seed=0)
+    assert not op_calls["layernorm_mlp"]
+    patched.eval()
+    reference.eval()
+    torch.testing.assert_close(hidden(patched, images()), hidden(reference, images()), rtol=RTOL, atol=ATOL)
+    assert len(op_calls["layernorm_mlp"]) == DEPTH
+
+
+def test_gated_and_other_activations_are_reported():
+    gated = fastvit.patch(dinov2(use_swiglu_ffn=True))
+    assert [e.path for e in gated.skipped if e.part == "mlp"] == [f"encoder.layer.{i}" for i in range(DEPTH)]
+    assert "Dinov2SwiGLUFFN" in gated.skipped[0].detail and "gated MLP" in gated.skipped[0].detail
+    clip = T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64))  # quick_gelu
+    report = fastvit.patch(clip)
+    reasons = [e.detail for e in report.skipped if e.part == "mlp"]
+    assert len(reasons) == DEPTH and "QuickGELUActivation" in reasons[0]
+
+
+def test_hook_on_the_mlp_skips_the_layer_and_unpatch_is_exact():
+    model = dinov2()
+    x = images()
+    before, storages, types = hidden(model, x), storage_map(model), module_types(model)
+    model.encoder.layer[1].layer_scale2.register_forward_hook(lambda m, args, out: out * 2)
+    hooked = hidden(model, x)
+    report = fastvit.patch(model)
+    assert [(e.path, e.part) for e in report.skipped] == [("encoder.layer.1", "mlp")]
+    assert "layer_scale2 has a forward hook" in report.skipped[0].detail
+    torch.testing.assert_close(hidden(model, x), hooked, rtol=RTOL, atol=ATOL)
+    fastvit.unpatch(model)
+    model.encoder.layer[1].layer_scale2._forward_hooks.clear()
+    assert module_types(model) == types and storage_map(model) == storages
+    assert torch.equal(hidden(model, x), before)
