@@ -75,7 +75,7 @@ def _v4_findings(model: nn.Module) -> list[Finding]:
 
 if INSTALLED_LAYOUT_SUPPORTED:  # fastvit.nn.hf_vit subclasses the 5.x classes
     from fastvit.nn import hf_vit as fused
-    from fastvit.patching import transformers_layers
+    from fastvit.patching import transformers_families
 
     _ATTENTIONS = fused_table(fused.FusedViTAttention)
     _LAYERS = fused_table(fused.FusedViTLayer)
@@ -141,8 +141,8 @@ def find(model: nn.Module) -> list[Finding]:
                 findings.append(Skip(join(path, "attention"), "attention", foreign(attn, "ViTAttention")))
         elif cls in _EMBEDDINGS:
             findings.append(slot(path, module, "patch_embed", _EMBEDDINGS[cls], _embedding_problems))
-        elif (layer := transformers_layers.layer_finding(path, module)) is not None:
-            findings.append(layer)
+        elif (finding := transformers_families.finding(path, module)) is not None:
+            findings.append(finding)
         elif _is_v4_layer(module):
             findings.append(Skip(path, "model", V4_LAYOUT_REASON))
     return findings

@@ -81,6 +81,12 @@ class Family:
     routed: int
     masked: int = 0
     mlp: int = 0  # LayerNorm+MLP halves swapped (fastvit.nn.hf_layers)
+    embed: int = 0  # patch embeddings swapped (fastvit.nn.hf_embeddings)
+
+    def counts(self) -> dict[str, int]:
+        """The patch report's counts() for this family."""
+        counts = {"attention": self.routed, "mlp": self.mlp, "patch_embed": self.embed}
+        return {part: n for part, n in counts.items() if n}
 
 
 def _hidden(out: object) -> torch.Tensor:
@@ -95,6 +101,7 @@ FAMILIES = {
         lambda out: out.logits_per_image,
         routed=2 * DEPTH,
         masked=DEPTH,
+        embed=1,
     ),
     "siglip": Family(
         lambda: T.SiglipModel(T.SiglipConfig(text_config=TEXT, vision_config=VISION)),
@@ -103,6 +110,7 @@ FAMILIES = {
         routed=2 * DEPTH,
         masked=DEPTH,
         mlp=2 * DEPTH,
+        embed=1,
     ),
     "siglip2": Family(
         lambda: T.Siglip2VisionModel(T.Siglip2VisionConfig(**BLOCK, patch_size=4, num_patches=16)),
@@ -118,6 +126,7 @@ FAMILIES = {
         _hidden,
         DEPTH,
         mlp=DEPTH,
+        embed=1,
     ),
     "dinov2_registers": Family(
         lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**VISION, num_register_tokens=2)),
@@ -125,6 +134,7 @@ FAMILIES = {
         _hidden,
         DEPTH,
         mlp=DEPTH,
+        embed=1,
     ),
     "dinov3": Family(
         lambda: T.DINOv3ViTModel(T.DINOv3ViTConfig(**VISION, num_register_tokens=2)),
@@ -132,9 +142,15 @@ FAMILIES = {
         _hidden,
         DEPTH,
         mlp=DEPTH,
+        embed=1,
     ),
     "deit": Family(
-        lambda: T.DeiTModel(T.DeiTConfig(**VISION)), lambda d: {"pixel_values": _pixels(d)}, _hidden, DEPTH, mlp=DEPTH
+        lambda: T.DeiTModel(T.DeiTConfig(**VISION)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+        mlp=DEPTH,
+        embed=1,
     ),
     # random masking keeps 4 of the 16 patches: the noise fixes which
     "vit_mae": Family(
@@ -236,7 +252,7 @@ def test_patched_matches_unpatched(name, attention_calls):
     patched = copy.deepcopy(reference)
     report = fastvit.patch(patched)
     routed = [e for e in report.replaced if "AttentionInterface" in e.detail]
-    assert report.counts() == {"attention": family.routed} | ({"mlp": family.mlp} if family.mlp else {})
+    assert report.counts() == family.counts()
     assert len(routed) == family.routed
     assert_follows_tolerance_rule(reference, patched, family)
     assert len(attention_calls) == family.routed  # once per attention module
@@ -300,7 +316,7 @@ def test_state_dict_unchanged_and_unpatch_restores_each_sub_config():
     assert storage_map(model) == storages
     assert "fastvit" not in str(model.config.to_dict())  # nothing fastvit's in a saved config
     report = fastvit.unpatch(model)
-    assert len(report.replaced) == 2 * DEPTH
+    assert report.counts() == {"attention": 2 * DEPTH, "patch_embed": 1}  # CLIP's quick_gelu MLPs: not fused
     assert model.config.text_config._attn_implementation == "eager"
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == top
@@ -314,7 +330,7 @@ def test_patch_twice_and_implementation_changed_in_between():
     model = build("dinov2")
     fastvit.patch(model)
     again = fastvit.patch(model)
-    assert again.replaced == [] and len(again.already_patched) == 2 * DEPTH  # attention and MLP halves
+    assert again.replaced == [] and len(again.already_patched) == 2 * DEPTH + 1  # attention, MLPs, embedding
     assert all("an earlier fastvit.patch" in entry.detail for entry in again.already_patched)
     model.set_attn_implementation("eager")  # the user's later choice wins over unpatch's memory
     fastvit.unpatch(model)
@@ -423,7 +439,7 @@ def test_from_pretrained_and_set_attn_implementation(tmp_path, attention_calls):
     torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-6)
     assert len(attention_calls) == DEPTH
     report = fastvit.patch(loaded)  # attention already fastvit: reported, and unpatch keeps it
-    assert report.counts() == {"mlp": DEPTH} and len(report.already_patched) == DEPTH
+    assert report.counts() == {"mlp": DEPTH, "patch_embed": 1} and len(report.already_patched) == DEPTH
     fastvit.unpatch(loaded)
     assert loaded.config._attn_implementation == "fastvit"
     model.set_attn_implementation("fastvit")

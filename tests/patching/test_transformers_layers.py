@@ -83,3 +83,31 @@ def test_hook_on_the_mlp_skips_the_layer_and_unpatch_is_exact():
     model.encoder.layer[1].layer_scale2._forward_hooks.clear()
     assert module_types(model) == types and storage_map(model) == storages
     assert torch.equal(hidden(model, x), before)
+
+
+def test_embeddings_at_another_resolution_or_masked_run_hugging_face(op_calls):
+    reference = dinov2()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    assert_outputs_and_grads_match(reference, patched, images(), run=hidden)
+    assert len(op_calls["patch_embed"]) == 1
+    assert_outputs_and_grads_match(reference, patched, images(size=24), run=hidden)  # resampled pos_embed
+    masked = torch.zeros(3, 16, dtype=torch.bool)
+    masked[:, ::3] = True
+    reference.embeddings.mask_token.data.normal_()
+    patched.embeddings.mask_token.data.copy_(reference.embeddings.mask_token)
+
+    def run_masked(model, x):
+        return model(pixel_values=x, bool_masked_pos=masked).last_hidden_state
+
+    assert_outputs_and_grads_match(reference, patched, images(), run=run_masked)
+    assert len(op_calls["patch_embed"]) == 1  # both ran Hugging Face's embedding
+    clip = T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64)).eval()
+    clip_patched = copy.deepcopy(clip)
+    fastvit.patch(clip_patched)
+
+    def interpolated(model, x):
+        return model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+
+    assert_outputs_and_grads_match(clip, clip_patched, images(size=24), run=interpolated)
+    assert len(op_calls["patch_embed"]) == 1

@@ -1,7 +1,9 @@
-"""Hugging Face adapter, part two: the LayerNorm+MLP half of pre-norm encoder layers beyond ViT
-(``fastvit.nn.hf_layers``: DeiT, ViTMAE, SigLIP, SigLIP2, DINOv2 (+ registers), DINOv3).
+"""Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
+encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, DINOv2 (+
+registers), DINOv3) and their patch embeddings (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2
+(+ registers), DINOv3, DeiT).
 
-``layer_finding`` says whether one such layer can be fused: its norm must be an ``nn.LayerNorm``
+A layer can be fused when its norm must be an ``nn.LayerNorm``
 over the last dim, its MLP the family's plain (not gated) MLP of two ``nn.Linear`` with a GELU
 (exact or tanh), and its LayerScale, drop path and dropout the family's own modules. Layers with
 another activation (CLIP's quick_gelu) or a gated MLP (SwiGLU) are reported with the reason.
@@ -11,8 +13,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 from transformers.models.clip.modeling_clip import CLIPMLP
-from transformers.models.deit.modeling_deit import DeiTMLP
-from transformers.models.dinov2.modeling_dinov2 import Dinov2DropPath, Dinov2LayerScale, Dinov2MLP
+from transformers.models.deit.modeling_deit import DeiTMLP, DeiTPatchEmbeddings
+from transformers.models.dinov2.modeling_dinov2 import (
+    Dinov2DropPath,
+    Dinov2LayerScale,
+    Dinov2MLP,
+    Dinov2PatchEmbeddings,
+)
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_registers
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     Dinov3ViTDropPath,
@@ -23,12 +30,12 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 
-from fastvit.nn import hf_layers
+from fastvit.nn import hf_embeddings, hf_layers
 from fastvit.nn.hf_vit import gelu_approximate
-from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes
+from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, slot
 
-__all__ = ["layer_finding"]
+__all__ = ["finding"]
 
 # The plain MLP class, LayerScale class and drop-path class each family's layer may hold.
 _MLPS = {
@@ -97,9 +104,37 @@ def _notes(layer: nn.Module) -> list[str]:
     return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
 
 
-def layer_finding(path: str, module: nn.Module) -> Finding | None:
-    """The finding for ``module`` if it is one of the covered layer classes (or fused), else None."""
-    fused = hf_layers.FUSED_LAYERS.get(type(module))
-    if fused is None:
-        return None
-    return slot(path, module, "mlp", fused, _problems, _notes)
+_PATCH_HOLDERS = {
+    hf_embeddings.FusedDinov2Embeddings: Dinov2PatchEmbeddings,
+    hf_embeddings.FusedDinov2WithRegistersEmbeddings: dinov2_registers.Dinov2WithRegistersPatchEmbeddings,
+    hf_embeddings.FusedDeiTEmbeddings: DeiTPatchEmbeddings,
+}
+
+
+def _embedding_problems(embeddings: nn.Module) -> list[str]:
+    """The projection must be a patchify Conv2d (inside ``patch_embeddings`` where the family has one)."""
+    fused = hf_embeddings.FUSED_EMBEDDINGS[type(embeddings)]
+    conv_path = fused.fastvit_bypassed[-1]  # "patch_embedding", "patch_embeddings" or "...projection"
+    holder_cls = _PATCH_HOLDERS.get(fused)
+    if holder_cls is not None:  # the projection sits in the family's PatchEmbeddings module
+        holder = getattr(embeddings, "patch_embeddings", None)
+        problems = exact_type(holder, "patch_embeddings", (holder_cls,), holder_cls.__name__)
+        if problems:
+            return problems
+    problems = []
+    problems += patch_conv_problems(embeddings.get_submodule(conv_path), conv_path)
+    if hasattr(embeddings, "position_embedding"):
+        problems += exact_type(embeddings.position_embedding, "position_embedding", (nn.Embedding,), "nn.Embedding")
+    return problems
+
+
+def finding(path: str, module: nn.Module) -> Finding | None:
+    """The finding for ``module`` if it is one of the covered layer or embedding classes (or their
+    fused classes), else None."""
+    layer = hf_layers.FUSED_LAYERS.get(type(module))
+    if layer is not None:
+        return slot(path, module, "mlp", layer, _problems, _notes)
+    embeddings = hf_embeddings.FUSED_EMBEDDINGS.get(type(module))
+    if embeddings is not None:
+        return slot(path, module, "patch_embed", embeddings, _embedding_problems)
+    return None

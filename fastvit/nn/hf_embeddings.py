@@ -1,0 +1,175 @@
+"""Fused subclasses of Hugging Face's patch embeddings beyond ViT: the projection, the prefix tokens
+and the position embedding as one ``fastvit.patch_embed`` call.
+
+Covered: ``CLIPVisionEmbeddings``, ``SiglipVisionEmbeddings``, ``Dinov2Embeddings``,
+``Dinov2WithRegistersEmbeddings``, ``DINOv3ViTEmbeddings`` and ``DeiTEmbeddings``. Calls the op
+does not cover (``interpolate_pos_encoding``, a resolution whose position embedding Hugging Face
+would resample, ``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which
+also keeps its own error messages. Importing this module imports transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+from transformers.models.deit.modeling_deit import DeiTEmbeddings
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersEmbeddings,
+)
+from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTEmbeddings
+from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+
+import fastvit
+from fastvit.nn.fused import FusedModule
+
+__all__ = [
+    "FUSED_EMBEDDINGS",
+    "FusedCLIPVisionEmbeddings",
+    "FusedDINOv3ViTEmbeddings",
+    "FusedDeiTEmbeddings",
+    "FusedDinov2Embeddings",
+    "FusedDinov2WithRegistersEmbeddings",
+    "FusedSiglipVisionEmbeddings",
+]
+
+
+class _FusedEmbeddings(FusedModule):
+    fastvit_part = "patch_embed"
+    fastvit_op = "patch_embed"
+
+
+class FusedCLIPVisionEmbeddings(_FusedEmbeddings, CLIPVisionEmbeddings):
+    """CLIP's embedding: class embedding prepended, ``position_embedding(position_ids)`` added."""
+
+    fastvit_bypassed = ("patch_embedding",)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        exact = height == self.image_size and width == self.image_size
+        if interpolate_pos_encoding or not exact or not self._fastvit_intact():
+            return super().forward(pixel_values, interpolate_pos_encoding)
+        conv = self.patch_embedding
+        return fastvit.patch_embed(
+            pixel_values.to(dtype=conv.weight.dtype),  # as Hugging Face casts
+            conv.weight,
+            conv.bias,
+            pos_embed=self.position_embedding(self.position_ids),  # (1, 1+N, D)
+            prefix_tokens=self.class_embedding.view(1, 1, -1),
+        )
+
+
+class FusedSiglipVisionEmbeddings(_FusedEmbeddings, SiglipVisionEmbeddings):
+    """SigLIP's embedding: patches plus ``position_embedding(position_ids)``, no prefix tokens."""
+
+    fastvit_bypassed = ("patch_embedding",)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        grid = (height // self.patch_size) * (width // self.patch_size)
+        if interpolate_pos_encoding or grid != self.num_patches or not self._fastvit_intact():
+            return super().forward(pixel_values, interpolate_pos_encoding)  # its shape error, if any
+        conv = self.patch_embedding
+        return fastvit.patch_embed(
+            pixel_values.to(dtype=conv.weight.dtype),
+            conv.weight,
+            conv.bias,
+            pos_embed=self.position_embedding(self.position_ids),  # (1, N, D)
+        )
+
+
+class _DinoEmbeddings(_FusedEmbeddings):
+    """DINOv2's embedding at the trained resolution (Hugging Face resamples the position embedding
+    at any other, or for non-square images): class token, position embedding, dropout."""
+
+    fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
+
+    def _fastvit_covers(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> bool:
+        projection = self.patch_embeddings.projection
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        patch_h, patch_w = projection.stride
+        grid = (height // patch_h) * (width // patch_w)
+        return (
+            bool_masked_pos is None
+            and height == width
+            and grid == self.position_embeddings.shape[1] - 1
+            and pixel_values.shape[1] == self.patch_embeddings.num_channels
+            and not torch.jit.is_tracing()  # Hugging Face always resamples when tracing
+            and self._fastvit_intact()
+        )
+
+    def _fastvit_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix tokens and the position embedding over prefix + patches."""
+        return self.cls_token, self.position_embeddings
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._fastvit_covers(pixel_values, bool_masked_pos):
+            return super().forward(pixel_values, bool_masked_pos)
+        projection = self.patch_embeddings.projection
+        prefix, pos_embed = self._fastvit_prefix()
+        tokens = fastvit.patch_embed(
+            pixel_values.to(projection.weight.dtype), projection.weight, projection.bias,
+            pos_embed=pos_embed, prefix_tokens=prefix,
+        )  # fmt: skip
+        return self.dropout(tokens)
+
+
+class FusedDinov2Embeddings(_DinoEmbeddings, Dinov2Embeddings):
+    """``Dinov2Embeddings`` as one ``fastvit.patch_embed`` call, then its dropout."""
+
+
+class FusedDinov2WithRegistersEmbeddings(_DinoEmbeddings, Dinov2WithRegistersEmbeddings):
+    """DINOv2 with registers: class token, registers (no position embedding), patches."""
+
+    def _fastvit_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        registers = self.register_tokens
+        pos = self.position_embeddings  # (1, 1+N, D): the registers get none, so zeros in their slots
+        pos = torch.cat((pos[:, :1], pos.new_zeros(1, registers.shape[1], pos.shape[2]), pos[:, 1:]), dim=1)
+        return torch.cat((self.cls_token, registers), dim=1), pos
+
+
+class FusedDINOv3ViTEmbeddings(_FusedEmbeddings, DINOv3ViTEmbeddings):
+    """DINOv3's embedding (position comes from RoPE in attention): class token, registers, patches."""
+
+    fastvit_bypassed = ("patch_embeddings",)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if bool_masked_pos is not None or not self._fastvit_intact():
+            return super().forward(pixel_values, bool_masked_pos)
+        conv = self.patch_embeddings
+        return fastvit.patch_embed(
+            pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias,
+            prefix_tokens=torch.cat((self.cls_token, self.register_tokens), dim=1),
+        )  # fmt: skip
+
+
+class FusedDeiTEmbeddings(_FusedEmbeddings, DeiTEmbeddings):
+    """``DeiTEmbeddings``: class and distillation tokens, position embedding, then dropout."""
+
+    fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        channels = pixel_values.shape[1] == self.patch_embeddings.num_channels
+        exact = (height, width) == tuple(self.image_size) and channels
+        if bool_masked_pos is not None or interpolate_pos_encoding or not exact or not self._fastvit_intact():
+            return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
+        projection = self.patch_embeddings.projection
+        tokens = fastvit.patch_embed(
+            pixel_values, projection.weight, projection.bias, pos_embed=self.position_embeddings,
+            prefix_tokens=torch.cat((self.cls_token, self.distillation_token), dim=1),
+        )  # fmt: skip
+        return self.dropout(tokens)
+
+
+FUSED_EMBEDDINGS: dict[type, type[FusedModule]] = {}
+for _fused in (
+    FusedCLIPVisionEmbeddings, FusedSiglipVisionEmbeddings, FusedDinov2Embeddings, FusedDinov2WithRegistersEmbeddings,
+    FusedDINOv3ViTEmbeddings, FusedDeiTEmbeddings,
+):  # fmt: skip
+    FUSED_EMBEDDINGS[_fused.fastvit_original()] = FUSED_EMBEDDINGS[_fused] = _fused
