@@ -5,9 +5,11 @@ the ``VisionTransformer`` embedding (``conv_proj`` + ``class_token`` + ``encoder
 fused in the model's ``forward``).
 See ``fastvit.nn.fused`` for how the swap works and ``fastvit/patching/torchvision.py`` for what
 is checked first. Importing this module imports torchvision.
+
+Annotations here are evaluated (no ``from __future__ import annotations``): ``torch.fx`` copies the
+root ``forward``'s annotations into a ``GraphModule``'s code, and TorchScript must resolve them.
 """
 
-from __future__ import annotations
 
 import torch
 import torch.fx

@@ -5,7 +5,8 @@ extraction call a model's code with ``Proxy`` objects in place of tensors. The o
 dispatch on real tensors, so under tracing each public op records itself as one ``call_function``
 node instead (what ``torch.fx.wrap`` does for a function called from one module's globals, but for
 every tracer and every caller). The ``GraphModule`` then calls the op on real tensors: the fused
-kernels, their autograd and their fallbacks run exactly as in eager mode.
+kernels, their autograd and their fallbacks run exactly as in eager mode. A leaf also carries
+its TorchScript form (``fastvit/ops/_torchscript.py``), so that such a graph can be scripted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch.fx
+
+from fastvit.ops import _torchscript
 
 __all__ = ["fx_leaf"]
 
@@ -47,4 +50,9 @@ def fx_leaf(op: Op) -> Op:
             return op(*args, **kwargs)
         return proxy.tracer.create_proxy("call_function", leaf, args, kwargs)
 
+    scriptable = _torchscript.SCRIPTABLE.get(op.__name__)
+    if scriptable is not None:  # torch.jit.script of a graph calling the leaf compiles this instead
+        _torchscript.EAGER[op.__name__] = op
+        setattr(leaf, "__original_fn", scriptable)
+        setattr(leaf, "__script_if_tracing_wrapper", True)
     return leaf

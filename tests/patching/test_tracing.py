@@ -39,6 +39,23 @@ pytest.importorskip("timm")
 pytest.importorskip("torchvision")
 
 
+@pytest.fixture
+def attention_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the torch route of fastvit.flash_attention actually running (not traced): a graph's
+    nodes hold the op object itself, so the spies on ``fastvit.<op>`` do not see its calls."""
+    import fastvit.ops.flash_attention as module
+
+    runs: list[int] = []
+    real = module._torch_route
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_torch_route", counted)
+    return runs
+
+
 def _leaf_ops(graph_module: torch.fx.GraphModule) -> list[str]:
     return [node.target.__name__ for node in graph_module.graph.nodes if node.op == "call_function"
             and getattr(node.target, "__module__", "").startswith("fastvit.ops")]  # fmt: skip
@@ -51,7 +68,7 @@ FX_MODELS = {
 
 
 @pytest.mark.parametrize("family", sorted(FX_MODELS))
-def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, op_calls):
+def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, attention_runs):
     reference = FX_MODELS[family]()
     patched = copy.deepcopy(reference)
     fastvit.patch(patched)
@@ -59,8 +76,9 @@ def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, op_calls):
     leaves = _leaf_ops(traced)
     assert sorted(set(leaves)) == ["flash_attention", "layernorm_mlp", "patch_embed"]
     assert leaves.count("flash_attention") == leaves.count("layernorm_mlp") == DEPTH
+    assert not attention_runs  # tracing ran nothing
     assert_outputs_and_grads_match(reference, traced, images())
-    assert len(op_calls["flash_attention"]) == DEPTH  # the GraphModule called the fused op
+    assert len(attention_runs) == DEPTH  # the GraphModule ran the op
 
 
 def test_fx_leaf_op_standalone():
@@ -164,6 +182,68 @@ def test_torchscript_compiles_the_original_math_and_leaves_the_model_patched(fam
     torch.testing.assert_close(torch.jit.load(buffer)(x), reference(x), rtol=RTOL, atol=ATOL)
     patched(x)
     assert op_calls["flash_attention"]  # and the Python model still runs the fused ops
+
+
+@pytest.mark.parametrize("family", sorted(FX_MODELS))
+def test_scripting_an_fx_graph_of_a_patched_model(family, attention_runs):
+    """timm's test_model_forward_fx_torchscript: trace, then script the GraphModule."""
+    reference = FX_MODELS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    traced = torch.fx.symbolic_trace(patched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(traced)
+    x = images()
+    torch.testing.assert_close(scripted(x), reference(x), rtol=RTOL, atol=ATOL)
+    assert not attention_runs  # the scripted graph runs the ops' TorchScript math
+    torch.testing.assert_close(traced(x), reference(x), rtol=RTOL, atol=ATOL)
+    assert len(attention_runs) == DEPTH  # the GraphModule itself still runs the ops
+
+
+@pytest.mark.parametrize("op", ["flash_attention", "layernorm_mlp", "patch_embed"])
+def test_torchscript_forms_match_the_ops(op):
+    """The TorchScript form of each op computes what the op computes (masks, rel_pos, causal,
+    prefix tokens, dynamic padding, LayerScale)."""
+    from fastvit.ops import _torchscript
+
+    g = torch.Generator().manual_seed(0)
+    if op == "flash_attention":
+        q, k, v = torch.randn(3, 2, 2, 6, 8, generator=g).unbind(0)
+        keep = torch.rand(2, 1, 6, 6, generator=g) > 0.4
+        keep[0, 0, 2] = False  # a fully masked row: zeros
+        rel = (torch.randn(2, 2, 6, 2, generator=g), torch.randn(1, 2, 6, 3, generator=g))
+
+        def call(fn):
+            return fn(q, k, v, scale=0.3, causal=True, attn_mask=keep, rel_pos=rel)
+    elif op == "layernorm_mlp":
+        x = torch.randn(2, 5, 8, generator=g)
+        params = [torch.randn(shape, generator=g) for shape in ((8,), (8,), (16, 8), (16,), (8, 16), (8,), (8,))]
+
+        def call(fn):
+            return fn(x, *params[:6], eps=1e-5, approximate="tanh", layer_scale=params[6], sample_scale=None)
+    else:
+        x = torch.randn(2, 3, 10, 9, generator=g)
+        weight, bias = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, generator=g)
+        pos, prefix = torch.randn(1, 2 + 9, 8, generator=g), torch.randn(1, 2, 8, generator=g)
+
+        def call(fn):
+            return fn(x, weight, bias, pos_embed=pos, prefix_tokens=prefix, dynamic_img_pad=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(_torchscript.SCRIPTABLE[op])
+    torch.testing.assert_close(call(scripted), call(getattr(fastvit, op)), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_of_an_fx_graph_still_runs_the_fused_ops(attention_runs):
+    """torch.compile reads a leaf's TorchScript form too: its non-TorchScript branch is the op."""
+    patched = FX_MODELS["timm"]()
+    fastvit.patch(patched)
+    traced = torch.fx.symbolic_trace(patched)
+    compiled = torch.compile(traced, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images()), patched(images()), rtol=RTOL, atol=ATOL)
+    assert len(attention_runs) == 2 * DEPTH  # traced by compile once, and the eager call
 
 
 EXPORT_MODELS = {
