@@ -1,7 +1,8 @@
 """The fastvit rows of the op suites: ``fastvit`` (the backend selection in force, ``auto`` by
-default, labelled with the route that ran) and the pinned ``fastvit-triton`` / ``fastvit-cuda``
-(one backend each, labelled with their own name), so one run compares the two backends and what
-``auto`` made of them."""
+default, labelled with the route that ran) and the pinned ``fastvit-triton`` / ``fastvit-cuda`` /
+``fastvit-torch`` (one route each, labelled with their own name; ``torch`` is PyTorch's own
+composite, the third candidate of ``python -m benchmarks tune``), so one run compares the routes
+and what ``auto`` made of them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 __all__ = ["FASTVIT_IMPLS", "PINNED", "backend_unavailable", "fastvit_implementation", "fastvit_unavailable"]
 
-PINNED = {"fastvit-triton": "triton", "fastvit-cuda": "cuda"}
+PINNED = {"fastvit-triton": "triton", "fastvit-cuda": "cuda", "fastvit-torch": "torch"}
 FASTVIT_IMPLS = ("fastvit", *PINNED)
 
 
@@ -22,6 +23,8 @@ def fastvit_unavailable(impl: str, device: str) -> str | None:
         return "the Triton kernels run on a CPU only in Triton's interpreter: a test path, not a benchmark"
     if impl == "fastvit-cuda" and device != "cuda":
         return "the cuda backend's CPU loops are its test path, not a CPU implementation worth timing"
+    if impl == "fastvit-torch" and device != "cuda":
+        return "on a CPU the fastvit row runs this route already"
     return backend_unavailable(impl, device)
 
 

@@ -17,8 +17,11 @@ __all__ = [
     "Slope",
     "fit_slope",
     "format_bytes",
+    "is_fastvit",
+    "is_pytorch",
     "print_table",
     "print_tables",
+    "pytorch_speedups",
     "series",
     "slope_rows",
     "slopes",
@@ -94,11 +97,59 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+PYTORCH_IMPLS = ("eager", "compiled", "compiled-max-autotune")
+# Point parameters that tell two rows of one suite apart beyond (mode, N, batch, heads, dtype).
+_SHAPE_KEYS = ("model", "dim", "hidden", "resolution", "patch", "embed_dim", "in_chans")
+
+
+def _base(impl: str) -> str:
+    return impl.split("[")[0]  # "fastvit[torch]" -> "fastvit", "sdpa[flash]" -> "sdpa"
+
+
+def is_fastvit(record: Record) -> bool:
+    """A row fastvit ran: ``fastvit``, ``fastvit-*``, ``fastvit+*`` or a model's ``+fastvit``."""
+    base = _base(record.impl)
+    return base.startswith("fastvit") or base.endswith("+fastvit")
+
+
+def is_pytorch(record: Record) -> bool:
+    """A row PyTorch ran: eager, compiled, SDPA (any backend), or an unpatched model."""
+    base = _base(record.impl)
+    if record.suite == "model":
+        return not base.endswith("+fastvit")
+    return base.split("+")[0] in PYTORCH_IMPLS or base.split("+")[0].startswith("sdpa")
+
+
+def _group(record: Record) -> tuple:
+    base = _base(record.impl)
+    variant = "" if record.suite == "model" or "+" not in base else base.split("+", 1)[1]  # +bias, +rel_pos
+    shape = tuple(record.extra.get(k) for k in _SHAPE_KEYS)
+    return (record.suite, record.mode, record.n_tokens, record.batch, record.heads, record.head_dim, record.dtype,
+            record.device, variant, shape)  # fmt: skip
+
+
+def pytorch_speedups(records: Sequence[Record]) -> list[float | None]:
+    """Per record: for a fastvit row, the best (fastest) PyTorch row's time over its own, among the
+    rows of the same run with the same suite, mode, shape and variant (``fastvit+bias`` against
+    ``sdpa+bias``); above 1 fastvit is faster. None for other rows, or without a PyTorch row."""
+    best: dict[tuple, float] = {}
+    for r in records:
+        if r.status == "ok" and r.ms and is_pytorch(r):
+            key = _group(r)
+            best[key] = min(best.get(key, r.ms), r.ms)
+    return [
+        best[_group(r)] / r.ms if r.status == "ok" and r.ms and is_fastvit(r) and _group(r) in best else None
+        for r in records
+    ]
+
+
 def table_rows(records: Iterable[Record]) -> list[list[str]]:
     """The result table: impl, mode, N, ms, p25-p75, TFLOP/s, the roofline floor and the percentage
-    of it reached (``roofline.annotate``), peak memory, status, note."""
+    of it reached (``roofline.annotate``), each fastvit row's speedup over the best PyTorch row of
+    the same shape (``pytorch_speedups``), peak memory, status, note."""
+    records = list(records)
     rows = []
-    for r in records:
+    for r, speedup in zip(records, pytorch_speedups(records), strict=True):
         iqr = "-" if r.ms_p25 is None else f"{r.ms_p25:.3g}-{r.ms_p75:.3g}"
         rows.append(
             [
@@ -111,6 +162,7 @@ def table_rows(records: Iterable[Record]) -> list[list[str]]:
                 _fmt(r.tflops, ".3g"),
                 _fmt(r.extra.get("floor_ms"), ".3g"),
                 _fmt(r.extra.get("pct_of_floor"), ".3g"),
+                "-" if speedup is None else f"{speedup:.2f}x",
                 format_bytes(r.peak_mem_bytes),
                 r.status,
                 r.note,
@@ -120,9 +172,10 @@ def table_rows(records: Iterable[Record]) -> list[list[str]]:
 
 
 TABLE_HEADER = [
-    "suite", "impl", "mode", "N", "ms", "ms p25-p75", "TFLOP/s", "floor ms", "% floor", "peak mem", "status", "note",
+    "suite", "impl", "mode", "N", "ms", "ms p25-p75", "TFLOP/s", "floor ms", "% floor", "vs PyTorch", "peak mem",
+    "status", "note",
 ]  # fmt: skip
-RIGHT_ALIGNED = ("N", "ms", "TFLOP/s", "floor ms", "% floor", "REG", "stack B", "HMMA", "HGMMA")
+RIGHT_ALIGNED = ("N", "ms", "TFLOP/s", "floor ms", "% floor", "vs PyTorch", "REG", "stack B", "HMMA", "HGMMA")
 SLOPE_HEADER = ["suite", "impl", "mode", "time slope", "memory slope", "points", "N range"]
 
 

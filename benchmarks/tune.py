@@ -1,20 +1,26 @@
-"""``python -m benchmarks tune``: time the ``triton`` and ``cuda`` backends per (device, op, shape
-bucket) and write the table that ``auto`` follows (``fastvit.tuning``, ``~/.cache/fastvit/tune.json``).
+"""``python -m benchmarks tune``: time fastvit's ``triton`` and ``cuda`` backends and PyTorch's own
+route (``torch``) per (device, op, shape bucket) and write the table that ``auto`` follows
+(``fastvit.tuning``, ``~/.cache/fastvit/tune.json``): where PyTorch is faster, ``auto`` runs it.
 
     python -m benchmarks tune                          # every op, ViT widths, GPU, bf16
     python -m benchmarks tune --ops layernorm_mlp --quick
     python -m benchmarks tune --print                  # show the table, measure nothing
 
-Each shape is built by its suite (``benchmarks.mlp`` / ``benchmarks.patch_embed``: the same inputs
-and steps as the benchmark rows ``fastvit-triton`` and ``fastvit-cuda``), timed in this process
-(warm-up, then the median of repeated calls: CUDA events on a GPU), and the faster backend is
-stored for the shape's bucket with both timings. A backend that cannot run here, or that fell back
-to another route while timed, is reported and not recorded; a bucket is recorded only when both
-backends were timed. Buckets never measured keep ``auto`` on Triton.
+Each LayerNorm+MLP and patch-embedding shape is built by its suite (``benchmarks.mlp`` /
+``benchmarks.patch_embed``: the same inputs and steps as the benchmark rows ``fastvit-triton``,
+``fastvit-cuda`` and ``fastvit-torch``); attention shapes are q, k, v of (B, H, N, D) through
+``fastvit.flash_attention`` pinned to ``triton`` or to ``torch`` (SDPA, which picks its fastest
+backend itself). Each is timed in this process (warm-up, then the median of repeated calls: CUDA
+events on a GPU) and the fastest route is stored for the shape's bucket with every timing. A route
+that cannot run here, or that fell back to another while timed, is reported and not recorded; a
+bucket is recorded when ``triton`` and ``torch`` were both timed (``cuda`` too where the extension
+is available). Buckets never measured keep ``auto`` on Triton. ``torch.compile`` forms are not
+candidates: ``auto`` cannot run them (the suites time them beside the routes).
 
 Shapes: ``layernorm_mlp`` at ViT-S/B/L/H widths (hidden 4 D) with 197 x {1, 8, 32, 128, 256} token
 rows; ``patch_embed`` at 224 px with (D, p) in (384, 16), (768, 16), (1024, 16), (1280, 14) and
-batch {1, 8, 64, 256}; each for inference (``fwd``) and training (``fwd+bwd``).
+batch {1, 8, 64, 256}; ``flash_attention`` at head dims 64, 80 and 128 with N in {197, 577, 1025,
+4097} and B x H in {12, 96, 384}; each for inference (``fwd``) and training (``fwd+bwd``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +40,21 @@ import torch
 from .options import DTYPES, canonical_dtype, torch_dtype
 from .records import Point
 
-__all__ = ["main", "measure_backend", "tune_points"]
+__all__ = ["TuneShape", "main", "measure_attention", "measure_backend", "tune_points"]
 
-BACKEND_IMPLS = {"triton": "fastvit-triton", "cuda": "fastvit-cuda"}
-OPS = ("layernorm_mlp", "patch_embed")
+BACKEND_IMPLS = {"triton": "fastvit-triton", "cuda": "fastvit-cuda", "torch": "fastvit-torch"}
+REQUIRED = ("triton", "torch")  # a bucket is recorded only when these were timed
+ATTENTION_BACKENDS = ("triton", "torch")  # flash_attention has no cuda backend
+OPS = ("layernorm_mlp", "patch_embed", "flash_attention")
 MLP_WIDTHS = (384, 768, 1024, 1280)
 MLP_SIZES = ((1, 197), (8, 197), (32, 197), (128, 197), (256, 197))
 PATCH_SHAPES = ((384, 16), (768, 16), (1024, 16), (1280, 14))
 PATCH_BATCHES = (1, 8, 64, 256)
-QUICK = {"mlp_widths": (768,), "mlp_sizes": ((8, 197), (256, 197)), "patch_shapes": ((768, 16),), "batches": (8, 256)}
+ATTENTION_SHAPES = tuple(
+    (d, n, bh) for d in (64, 80, 128) for n in (197, 577, 1025, 4097) for bh in (12, 96, 384)
+)  # (head_dim, tokens, batch x heads); heads = 12
+QUICK = {"mlp_widths": (768,), "mlp_sizes": ((8, 197), (256, 197)), "patch_shapes": ((768, 16),), "batches": (8, 256),
+         "attention": ((64, 197, 96), (64, 1025, 96))}  # fmt: skip
 
 
 def _mlp_point(dim: int, batch: int, n: int, mode: str, dtype: str, device: str, impl: str) -> Point:
@@ -64,20 +77,38 @@ def _patch_point(dim: int, patch: int, batch: int, resolution: int, mode: str, d
                  params={"resolution": resolution, "patch": patch, "in_chans": patch_embed.IN_CHANS, "embed_dim": dim})
 
 
-def tune_points(args: argparse.Namespace) -> list[tuple[str, str, Callable[[str], Point]]]:
-    """(op, bucket, point_for(impl)) for every shape and mode ``args`` asks for."""
-    from fastvit.tuning import layernorm_mlp_bucket, patch_embed_bucket
+@dataclass(frozen=True)
+class TuneShape:
+    """One bucket to measure: ``measure(backend) -> (median ms or None, note)`` per route."""
+
+    op: str
+    key: str
+    shape: str
+    backends: tuple[str, ...]
+    measure: Callable[[str], tuple[float | None, str]]
+
+
+def _suite_shape(op: str, key: str, point_for: Callable[[str], Point], target_s: float) -> TuneShape:
+    point = point_for("fastvit")
+    shape = f"batch={point.batch},tokens={point.n_tokens},mode={point.mode}"
+    return TuneShape(op, key, shape, tuple(BACKEND_IMPLS),
+                     lambda backend: measure_backend(point_for(BACKEND_IMPLS[backend]), target_s=target_s))
+
+
+def tune_points(args: argparse.Namespace) -> list[TuneShape]:
+    """Every shape and mode ``args`` asks for, with how to time each route on it."""
+    from fastvit.tuning import attention_bucket, layernorm_mlp_bucket, patch_embed_bucket
 
     dtype, device = args.dtype, args.device
-    out: list[tuple[str, str, Callable[[str], Point]]] = []
+    out: list[TuneShape] = []
     modes = args.modes
     if "layernorm_mlp" in args.ops:
         for dim in args.widths or (QUICK["mlp_widths"] if args.quick else MLP_WIDTHS):
             for batch, n in args.sizes or (QUICK["mlp_sizes"] if args.quick else MLP_SIZES):
                 for mode in modes:
                     key = layernorm_mlp_bucket(dim, 4 * dim, torch_dtype(dtype), batch * n, mode != "fwd")
-                    out.append(("layernorm_mlp", key,
-                                lambda impl, d=dim, b=batch, n=n, m=mode: _mlp_point(d, b, n, m, dtype, device, impl)))
+                    point_for = lambda impl, d=dim, b=batch, n=n, m=mode: _mlp_point(d, b, n, m, dtype, device, impl)
+                    out.append(_suite_shape("layernorm_mlp", key, point_for, args.target_s))
     if "patch_embed" in args.ops:
         shapes = args.patch_shapes or (QUICK["patch_shapes"] if args.quick else PATCH_SHAPES)
         for dim, patch in shapes:
@@ -85,10 +116,64 @@ def tune_points(args: argparse.Namespace) -> list[tuple[str, str, Callable[[str]
                 for mode in modes:
                     rows = batch * (args.resolution // patch) ** 2
                     key = patch_embed_bucket(3, patch, dim, torch_dtype(dtype), rows, mode != "fwd")
-                    out.append(("patch_embed", key,
-                                lambda impl, d=dim, p=patch, b=batch, m=mode: _patch_point(
-                                    d, p, b, args.resolution, m, dtype, device, impl)))
+                    point_for = lambda impl, d=dim, p=patch, b=batch, m=mode: _patch_point(
+                        d, p, b, args.resolution, m, dtype, device, impl)
+                    out.append(_suite_shape("patch_embed", key, point_for, args.target_s))
+    if "flash_attention" in args.ops:
+        for head_dim, tokens, batch_heads in args.attention_shapes or (
+            QUICK["attention"] if args.quick else ATTENTION_SHAPES
+        ):
+            for mode in modes:
+                key = attention_bucket(head_dim, torch_dtype(dtype), tokens, batch_heads, False, False, mode != "fwd")
+                shape = f"batch*heads={batch_heads},tokens={tokens},head_dim={head_dim},mode={mode}"
+                measure = lambda backend, d=head_dim, n=tokens, bh=batch_heads, m=mode: measure_attention(
+                    d, n, bh, m, dtype, device, backend, target_s=args.target_s)
+                out.append(TuneShape("flash_attention", key, shape, ATTENTION_BACKENDS, measure))
     return out
+
+
+def measure_attention(
+    head_dim: int, tokens: int, batch_heads: int, mode: str, dtype: str, device: str, backend: str,
+    target_s: float = 0.25, max_reps: int = 200,
+) -> tuple[float | None, str]:
+    """(median ms, note) of ``fastvit.flash_attention`` on (B, H, N, D) q, k, v pinned to
+    ``backend`` (``"torch"``: SDPA with its own backend choice), forward or forward + backward;
+    None when it fell back to another route or could not run."""
+    import fastvit
+    from fastvit.backend import FastvitFallbackWarning
+
+    from .measure import classify_exception
+
+    heads = 12 if batch_heads % 12 == 0 else 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(batch_heads // heads, heads, tokens, head_dim, device=device, dtype=torch_dtype(dtype),
+                    generator=gen).requires_grad_(mode != "fwd")
+        for _ in range(3)
+    )  # fmt: skip
+    grad = torch.randn(q.shape, device=device, dtype=q.dtype, generator=gen) if mode != "fwd" else None
+
+    def step(_: int) -> None:
+        with fastvit.backend(backend):
+            out = fastvit.flash_attention(q, k, v)
+        if grad is not None:
+            out.backward(grad)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(0)
+        fallback = next((w for w in caught if issubclass(w.category, FastvitFallbackWarning)), None)
+        if fallback is not None:
+            return None, f"fell back: {fallback.message}"
+        times = _timed_ms(step, torch.device(device), target_s, max_reps)
+    except Exception as exc:
+        status, note = classify_exception(exc)
+        return None, f"{status}: {note}"
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return statistics.median(times), ""
 
 
 def _timed_ms(step: Callable[[int], Any], device: torch.device, target_s: float, max_reps: int) -> list[float]:
@@ -155,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="patch_embed D:p pairs (e.g. 768:16,1280:14)")
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], help="patch_embed batch sizes")
     p.add_argument("--resolution", type=int, default=224, help="patch_embed image size (default 224)")
+    p.add_argument("--attention-shapes", type=lambda s: [tuple(int(x) for x in v.split(":")) for v in s.split(",")],
+                   help="flash_attention HEAD_DIM:TOKENS:BATCHxHEADS triples (e.g. 64:197:96,64:1025:96)")
     p.add_argument("--quick", action="store_true", help="ViT-B width and two sizes only")
     p.add_argument("--target-s", type=float, default=0.25, help="timed seconds per backend and shape")
     p.add_argument("--table", type=Path, help="the table file (default: fastvit.tuning.table_path())")
@@ -203,28 +290,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     for backend, reason in blocked.items():
         if reason:
             print(f"backend {backend}: {reason}")
-    if any(blocked.values()):
-        print("nothing recorded: both backends must run to compare them")
+    if any(blocked[b] for b in REQUIRED):
+        print(f"nothing recorded: {' and '.join(REQUIRED)} must both run to compare them")
         return 1
     device = torch.device(args.device)
     name = device_name(device)
     rows = []
     print(f"tuning on {name}, {args.dtype}; table {path}")
-    for op, key, point_for in tune_points(args):
+    for shape in tune_points(args):
         ms, notes = {}, []
-        for backend, impl in BACKEND_IMPLS.items():
-            t, note = measure_backend(point_for(impl), target_s=args.target_s)
+        for backend in shape.backends:
+            if blocked.get(backend):
+                continue
+            t, note = shape.measure(backend)
             if t is None:
                 notes.append(f"{backend}: {note}")
             else:
                 ms[backend] = t
-        point = point_for("fastvit")
-        shape = f"batch={point.batch},tokens={point.n_tokens},mode={point.mode}"
-        winner = record(name, op, key, ms, shape=shape, path=path) if len(ms) == len(BACKEND_IMPLS) else None
-        rows.append({"device": name, "op": op, "bucket": key, "shape": shape, "ms": ms, "backend": winner,
-                     "note": "; ".join(notes)})
+        complete = all(b in ms for b in REQUIRED)
+        winner = record(name, shape.op, shape.key, ms, shape=shape.shape, path=path) if complete else None
+        rows.append({"device": name, "op": shape.op, "bucket": shape.key, "shape": shape.shape, "ms": ms,
+                     "backend": winner, "note": "; ".join(notes)})
         timing = "  ".join(f"{b} {t:8.4f} ms" for b, t in ms.items())
-        print(f"{op:14s} {key:48s} {timing}  -> {winner or 'not recorded: ' + '; '.join(notes)}")
+        print(f"{shape.op:15s} {shape.key:52s} {timing}  -> {winner or 'not recorded: ' + '; '.join(notes)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "dtype": args.dtype, "torch": torch.__version__,

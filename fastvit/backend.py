@@ -164,7 +164,8 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
         op: the op's name (``"layernorm_mlp"``, ``"patch_embed"``, ``"flash_attention"``); ops not in
             ``CUDA_OPS`` run their Triton kernels under the ``cuda`` backend.
         bucket: builds the op's tuning-table key (``fastvit.tuning``); ``auto`` on a GPU follows the
-            measured winner for it and runs Triton where the table has no entry.
+            measured winner for it (``triton``, ``cuda`` or PyTorch's ``torch`` route) and runs
+            Triton where the table has no entry.
 
     On ``meta`` tensors: ``"torch"`` under the ``torch`` backend, else the custom ops (``"cuda"``
     for an op the extension covers under ``cuda``, else ``"triton"``), whose fake implementations
@@ -185,10 +186,13 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
     if name == "auto":
         if device.type != "cuda":
             return "torch"
-        if covered and bucket is not None:
+        if bucket is not None:
             from fastvit import tuning
 
-            if tuning.lookup(device, op, bucket()) == "cuda":
+            choice = tuning.lookup(device, op, bucket())
+            if choice == "torch":  # PyTorch's own route measured fastest for this bucket
+                return "torch"
+            if choice == "cuda" and covered:
                 from fastvit import extension
 
                 if extension.load() and extension.has_cuda_kernels():

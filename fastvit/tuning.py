@@ -1,19 +1,25 @@
-"""The measured choice between the ``triton`` and ``cuda`` backends that ``auto`` follows.
+"""The measured choice between the ``triton``, ``cuda`` and ``torch`` routes that ``auto`` follows.
 
-``python -m benchmarks tune`` times both backends per (device, op, shape bucket) and records the
-winner here, in ``<cache>/tune.json`` (``fastvit.cache.cache_dir()``). ``auto`` looks the call's
-bucket up and runs Triton wherever the table has no entry: nothing in it is a guess, each entry
-keeps the timings it was chosen from.
+``python -m benchmarks tune`` times the routes per (device, op, shape bucket): fastvit's Triton
+kernels, the ``cuda`` backend where the op has one, and PyTorch's own route (SDPA with its best
+backend for attention, the eager composite for the LayerNorm+MLP, Conv2d + flatten + cat + add
+for the patch embedding), and records the fastest here, in ``<cache>/tune.json``
+(``fastvit.cache.cache_dir()``). ``auto`` looks the call's bucket up, so where PyTorch measured
+faster it runs PyTorch: ``auto`` is never slower than PyTorch on a measured bucket. It runs Triton
+wherever the table has no entry: nothing in it is a guess, each entry keeps the timings it was
+chosen from.
 
 A bucket names the shape features that decide which backend is faster: the op's widths, the GEMM
 dtype, the token rows rounded up to a power of two, and whether a backward will follow (``train``)
-or not (``infer``), e.g. ``"D=768,hidden=3072,bfloat16,rows<=65536,train"``.
+or not (``infer``), e.g. ``"D=768,hidden=3072,bfloat16,rows<=65536,train"``. For attention the
+rows are the query tokens per sequence, beside the (batch x heads) bucket and the causal / masked
+flags: ``"D=64,bfloat16,BH<=64,full,dense,rows<=256,infer"``.
 
 File layout::
 
     {"version": 1,
      "entries": {"<device name>": {"<op>": {"<bucket>": {
-         "backend": "cuda", "ms": {"triton": 1.93, "cuda": 1.71},
+         "backend": "cuda", "ms": {"triton": 1.93, "cuda": 1.71, "torch": 2.40},
          "shape": "...", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-11-25"}}}}}
 """
 
@@ -32,8 +38,10 @@ from fastvit.cache import cache_dir
 
 __all__ = [
     "TUNABLE_BACKENDS",
+    "attention_bucket",
     "bucket",
     "device_name",
+    "has_table",
     "layernorm_mlp_bucket",
     "load_table",
     "lookup",
@@ -43,7 +51,7 @@ __all__ = [
 ]
 
 VERSION = 1
-TUNABLE_BACKENDS = ("triton", "cuda")
+TUNABLE_BACKENDS = ("triton", "cuda", "torch")
 
 _lock = threading.Lock()
 _cache: dict[str, Any] = {"path": None, "mtime": None, "table": None}
@@ -90,9 +98,37 @@ def patch_embed_bucket(channels: int, patch: int, dim: int, dtype: torch.dtype, 
     return bucket(f"C={channels}", f"p={patch}", f"D={dim}", _dtype_name(dtype), rows=rows, train=train)
 
 
+def attention_bucket(
+    head_dim: int, dtype: torch.dtype, tokens: int, batch_heads: int, causal: bool, masked: bool, train: bool
+) -> str:
+    """The bucket of a ``flash_attention`` call: head dim, dtype, (B x H) rounded up to a power of
+    two, causal or full, masked (attn_mask / rel_pos) or dense, query tokens per sequence, mode.
+
+    Example:
+        >>> attention_bucket(64, torch.bfloat16, 197, 48, False, False, False)
+        'D=64,bfloat16,BH<=64,full,dense,rows<=256,infer'
+    """
+    heads = f"BH<={1 << max(0, int(batch_heads) - 1).bit_length()}"
+    return bucket(
+        f"D={head_dim}", _dtype_name(dtype), heads, "causal" if causal else "full", "masked" if masked else "dense",
+        rows=tokens, train=train,
+    )  # fmt: skip
+
+
+def has_table(device: torch.device | str) -> bool:
+    """Whether the table holds any measurement for ``device`` (``fastvit.patch`` says how to make one
+    when it does not)."""
+    name = device if isinstance(device, str) else device_name(device)
+    return bool(load_table()["entries"].get(name))
+
+
 def load_table(path: Path | None = None) -> dict[str, Any]:
     """The table at ``path`` (default ``table_path()``): re-read when the file changes, empty when
-    there is none. A file that is not a table of this version is ignored (and says why once)."""
+    there is none. A file that is not a table of this version is ignored (and says why once).
+    While ``torch.compile`` traces, the table last read (no file access in a traced graph)."""
+    if path is None and torch.compiler.is_compiling():
+        # no file I/O while torch.compile traces (a graph break): the table as last read eagerly
+        return _cache["table"] or {"version": VERSION, "entries": {}}
     path = table_path() if path is None else path
     try:
         mtime = path.stat().st_mtime_ns

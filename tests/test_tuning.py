@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -83,6 +84,37 @@ def test_auto_follows_the_table_on_a_gpu_and_defaults_to_triton(table, monkeypat
         assert backend_module.resolve_backend(GPU, "layernorm_mlp", lambda: key) == "triton"
 
 
+def test_auto_runs_pytorch_where_pytorch_measured_faster(table, monkeypatch):
+    """issue 15: auto is never slower than PyTorch on a measured bucket, for every op."""
+    _pretend_extension(monkeypatch)
+    mlp = tuning.layernorm_mlp_bucket(384, 1536, torch.bfloat16, 197, False)
+    attention = tuning.attention_bucket(64, torch.bfloat16, 197, 12, False, False, False)
+    assert attention == "D=64,bfloat16,BH<=16,full,dense,rows<=256,infer"
+    tuning.record("Test GPU", "layernorm_mlp", mlp, {"triton": 2.0, "cuda": 1.5, "torch": 1.0})
+    tuning.record("Test GPU", "flash_attention", attention, {"triton": 0.5, "torch": 0.4})
+    assert backend_module.resolve_backend(GPU, "layernorm_mlp", lambda: mlp) == "torch"
+    assert backend_module.resolve_backend(GPU, "flash_attention", lambda: attention) == "torch"
+    tuning.record("Test GPU", "flash_attention", attention, {"triton": 0.3, "torch": 0.4})
+    assert backend_module.resolve_backend(GPU, "flash_attention", lambda: attention) == "triton"
+    # a table naming cuda for an op the extension does not cover runs Triton
+    tuning.record("Test GPU", "flash_attention", attention, {"triton": 0.3, "cuda": 0.1, "torch": 0.4})
+    assert backend_module.resolve_backend(GPU, "flash_attention", lambda: attention) == "triton"
+
+
+def test_flash_attention_consults_the_table_with_its_bucket(table, monkeypatch):
+    seen = []
+    real = backend_module.resolve_backend
+
+    def spy(device, op=None, bucket=None):
+        seen.append((op, bucket() if bucket is not None else None))
+        return real(device, op, bucket)
+
+    monkeypatch.setattr("fastvit.ops.flash_attention.resolve_backend", spy)
+    q = torch.randn(2, 3, 5, 8)
+    fastvit.flash_attention(q, q, q, causal=True)
+    assert seen == [("flash_attention", "D=8,float32,BH<=8,causal,dense,rows<=8,infer")]
+
+
 def test_auto_falls_back_to_triton_when_the_table_names_a_missing_extension(table, monkeypatch):
     monkeypatch.setattr(extension, "load", lambda build=None: False)
     monkeypatch.setattr(extension, "unavailable_reason", lambda: "not built")
@@ -113,3 +145,25 @@ def test_backend_names(monkeypatch):
     assert fastvit.current_backend() == "cuda"
     with pytest.raises(ValueError, match="must be one of"), fastvit.backend("cudnn"):
         pass
+
+
+def test_patch_on_a_gpu_without_a_table_says_how_to_make_one(table, monkeypatch):
+    from fastvit.patching import api
+    from tests.patching.helpers import timm_vit
+
+    pytest.importorskip("timm")
+    monkeypatch.setattr(backend_module, "_warned", set())
+    monkeypatch.setattr(api, "_gpu_of", lambda model: GPU)  # as if the model were on a GPU
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="python -m benchmarks tune"):
+        fastvit.patch(timm_vit())
+    tuning.record("Test GPU", "layernorm_mlp", "k", {"triton": 1.0, "torch": 2.0})
+    monkeypatch.setattr(backend_module, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvit.FastvitFallbackWarning)
+        fastvit.patch(timm_vit())  # a table exists: nothing to say
+    monkeypatch.setattr(api, "_gpu_of", lambda model: None)
+    monkeypatch.setattr(backend_module, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvit.FastvitFallbackWarning)
+        tuning.table_path().unlink()
+        fastvit.patch(timm_vit())  # on a CPU: nothing to say

@@ -29,6 +29,7 @@ from fastvit.ops._checks import (
     usable_in_autograd,
 )
 from fastvit.ops._fx import fx_leaf
+from fastvit.tuning import attention_bucket
 
 __all__ = ["flash_attention"]
 
@@ -443,7 +444,12 @@ def flash_attention(
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
-    route = resolve_backend(device)
+    route = resolve_backend(
+        device, "flash_attention",
+        lambda: attention_bucket(head_dim, q.dtype, q.shape[-2], q.shape[0] * q.shape[1], causal,
+                                 attn_mask is not None or rel_pos is not None,
+                                 torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))),
+    )  # fmt: skip
     if route == "triton":
         from fastvit.kernels.flash_attention import MAX_HEAD_DIM
 

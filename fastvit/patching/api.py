@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 import torch.nn as nn
 
 import fastvit
+from fastvit import tuning
+from fastvit.backend import warn_once
 from fastvit.nn.fused import FusedModule
 from fastvit.patching import hf_interface
 from fastvit.patching.registry import ADAPTERS, OP_OF_PART, Patched, Skip, Swap, loaded_adapters
@@ -37,6 +40,29 @@ def _check_not_meta(model: nn.Module) -> None:
             f"{meta[0]!r}); materialize it first (model.to_empty(device=...) and load its weights), then "
             "patch. The model is unchanged."
         )
+
+
+def _gpu_of(model: nn.Module) -> torch.device | None:
+    """The CUDA device of the model's first Parameter or buffer on one, or None."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_cuda:
+            return tensor.device
+    return None
+
+
+def _tuning_hint(model: nn.Module) -> None:
+    """On a GPU with no tuning table, say once how to make one: without it ``auto`` runs the
+    Triton kernels everywhere, also where PyTorch's route or the cuda backend is faster."""
+    device = _gpu_of(model)
+    if device is None or tuning.has_table(device):
+        return
+    warn_once(
+        "patch:no-tuning-table",
+        f"fastvit: no tuning table for {tuning.device_name(device)}: the patched model runs fastvit's "
+        "Triton kernels everywhere, even for shapes where PyTorch's own route or the cuda backend is "
+        "faster. Run `python -m benchmarks tune` once on this machine (a few minutes) and `auto` "
+        f"follows what it measured ({tuning.table_path()}).",
+    )
 
 
 def _replacement_detail(swap: Swap) -> str:
@@ -140,6 +166,7 @@ def patch(
             module.swap_out()
         raise
     report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
+    _tuning_hint(model)
     if routing:  # attention through transformers' AttentionInterface: its configs, not its modules
         routing.apply(report)
     return report

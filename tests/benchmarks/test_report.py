@@ -7,7 +7,15 @@ import random
 import pytest
 
 from fastvit.benchmarks.records import Record
-from fastvit.benchmarks.report import TABLE_HEADER, fit_slope, format_bytes, slope_rows, slopes, table_rows
+from fastvit.benchmarks.report import (
+    TABLE_HEADER,
+    fit_slope,
+    format_bytes,
+    pytorch_speedups,
+    slope_rows,
+    slopes,
+    table_rows,
+)
 
 NS = [197, 577, 1025, 2305, 4097, 9217]
 
@@ -74,8 +82,8 @@ def test_slopes_per_series_use_only_ok_points():
 
 def test_table_rows_and_bytes():
     rows = table_rows([record("sdpa[flash]", 197, 1.5, 3 << 20), record("eager", 9217, None, None, "oom")])
-    assert rows[0][1:11] == ["sdpa[flash]", "fwd", "197", "1.5", "1.5-1.5", "-", "-", "-", "3.0 MiB", "ok"]
-    assert rows[1][4:11] == ["-", "-", "-", "-", "-", "-", "oom"]
+    assert rows[0][1:12] == ["sdpa[flash]", "fwd", "197", "1.5", "1.5-1.5", "-", "-", "-", "-", "3.0 MiB", "ok"]
+    assert rows[1][4:12] == ["-", "-", "-", "-", "-", "-", "-", "oom"]
     assert format_bytes(512) == "512 B" and format_bytes(5 << 30) == "5.0 GiB"
 
 
@@ -84,3 +92,28 @@ def test_table_shows_the_roofline_floor_and_the_percentage_of_it():
     r.extra.update(floor_ms=0.5, pct_of_floor=25.0)
     row = table_rows([r])[0]
     assert row[TABLE_HEADER.index("floor ms")] == "0.5" and row[TABLE_HEADER.index("% floor")] == "25"
+
+
+def test_each_fastvit_row_shows_its_speedup_over_the_best_pytorch_row():
+    """issue 15: every suite's table compares each fastvit row with the fastest PyTorch row of the
+    same run and shape (same variant: fastvit+bias against sdpa+bias)."""
+    records = [
+        record("eager", 197, 8.0, 1),
+        record("sdpa[flash]", 197, 2.0, 1),
+        record("sdpa[math]", 197, 4.0, 1),
+        record("fastvit[triton]", 197, 1.0, 1),
+        record("fastvit[triton]", 577, 3.0, 1),  # no PyTorch row at this N
+        record("sdpa+bias", 197, 6.0, 1),
+        record("fastvit+bias[triton]", 197, 3.0, 1),
+        record("axial", 197, 0.5, 1),  # another model: never the baseline
+        record("sdpa[cudnn]", 197, None, None, status="error"),  # failed rows are not baselines
+    ]
+    speedups = pytorch_speedups(records)
+    assert speedups == [None, None, None, 2.0, None, None, 2.0, None, None]
+    rows = table_rows(records)
+    column = TABLE_HEADER.index("vs PyTorch")
+    assert [row[column] for row in rows[3:5]] == ["2.00x", "-"]
+    model = [Record("model", impl, "fwd", 197, 8, 12, 64, "bfloat16", "cuda", ms=ms, extra={"model": name})
+             for impl, ms, name in (("timm", 10.0, "vit_b"), ("timm+fastvit", 8.0, "vit_b"),
+                                    ("timm", 30.0, "vit_l"), ("timm+fastvit", 20.0, "vit_l"))]  # fmt: skip
+    assert pytorch_speedups(model) == [None, 1.25, None, 1.5]
