@@ -1,7 +1,12 @@
-"""The static GPU report: ``python -m benchmarks static [--arch 80,89,90] [--json PATH] [--only triton|csrc]``.
+"""The static GPU report: ``python -m benchmarks static [--arch 80,89,90] [--json PATH] [--figures PATH]
+[--only triton|csrc] [--match TEXT]``.
+
+One tool in four files: this one (the command, the csrc half, the table), ``static_triton`` (the
+Triton compile), ``static_sass`` / ``static_ttgir`` (reading machine code and Triton's IR) and
+``static_model`` (the performance model and the problems).
 
 Compiles, on this machine (no GPU needed), every Triton kernel configuration the launchers can
-pick (``fastvit.kernels.aot``: each kernel module's ``aot_specs()``) and every kernel of the CUDA
+pick (each kernel module's ``aot_specs()``, ``fastvit.kernels.aot.KernelSpec``) and every kernel of the CUDA
 extension (each ``csrc/*_kernels.cu``, compiled standalone with
 ``nvcc -cubin -arch=sm_XX -O3 -std=c++17 -I csrc -Xptxas -v``: by contract these files include
 only CUDA headers and csrc headers) for sm_80, sm_89 and sm_90, and reports per kernel (per
@@ -15,18 +20,31 @@ template instantiation for the .cu files) and architecture:
   reservation) plus, for Triton, the dynamic amount its launch requests. The csrc kernels'
   dynamic shared memory (if any) is chosen by their launchers at run time and not counted;
 - ``hmma`` / ``hgmma``: the warp-level and warpgroup (sm_90) tensor-core MMA instructions in the
-  SASS (``cuobjdump -sass``).
+  SASS (``cuobjdump -sass``);
+- Triton rows only, the performance model (``static_model``; the constants are stated there):
+  ``ctas_per_sm`` and ``regs_to_cliff`` (occupancy), ``mma_shapes`` (the MMA histogram),
+  ``mma_rows_replicated`` (a dot's MMA layout spans more rows than its tile: rows computed twice;
+  ``mma_tiles`` lists every dot's tile and layout), ``loop_issue_ratio`` (the hot loop's issue
+  cycles over its tensor-core cycles, with ``loop_instructions``, ``loop_mma_cycles``,
+  ``loop_mma_shapes``), ``async_copy`` (``"tma"``, ``"cp.async"`` or ``"none"``) and
+  ``wgmma_wait_pendings`` (the hot loop's wgmma waits, sm_90).
 
-A row has problems (``fastvit.kernels.aot.problems``) when it does not compile, spills, uses more
-shared memory than the architecture allows per block, or is an fp16/bf16 matmul-bound kernel
+A row has problems (``static_model.problems``) when it does not compile, spills, uses more
+shared memory than the architecture allows per block, is an fp16/bf16 matmul-bound kernel
 (``KernelSpec.needs_wgmma``; the csrc kernels are memory-bound and never need it) without HGMMA on
-sm_90. The exit status is 1 when any row has a problem, 2 on a usage error.
+sm_90, replicates MMA rows, has an HGMMA narrower than 32 in its hot loop, has a 16-bit MMA hot
+loop on sm_90 with an issue ratio above 1, or aims at 2+ CTAs/SM with fewer than 8 registers to the
+occupancy cliff. The exit status is 1 when any row has a problem, 2 on a usage error.
 
-The Triton part runs ``python -m fastvit.kernels.aot`` in a subprocess with ``TRITON_INTERPRET``
+``--figures PATH`` writes the Triton rows' figures, keyed by row, in the compact form that
+``benchmarks/results/static/`` keeps under review (``static_figures``); with ``--match`` it
+replaces only the matching rows of an existing file.
+
+The Triton part runs ``python -m fastvit.benchmarks.static_triton`` in a subprocess with ``TRITON_INTERPRET``
 unset (the interpreter replaces ``@triton.jit`` functions at import), on a process pool of
-``--jobs`` workers; the nvcc compiles run beside it on as many threads. nvcc is found as the
-extension's build finds it: ``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, ``/usr/local/cuda/bin``, then
-``PATH``; without it the csrc part is skipped (said in the output and in the JSON's meta).
+``--jobs`` workers; the nvcc compiles run beside it on as many threads. nvcc is the one of the
+toolkit the extension builds with (``fastvit.extension.cuda_home``); without it the csrc part is
+skipped (said in the output and in the JSON's meta).
 """
 
 from __future__ import annotations
@@ -44,6 +62,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from fastvit.kernels.aot import ARCHS
+
+from .static_model import SHARED_MEMORY_LIMIT, problems
+from .static_sass import parse_ptxas_log, parse_resource_usage, parse_sass
+
 __all__ = [
     "ARCHS",
     "compile_cu",
@@ -57,12 +80,11 @@ __all__ = [
     "table_rows",
 ]
 
-ARCHS = (80, 89, 90)
 CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"  # beside benchmarks/ in a checkout
 TRITON_TIMEOUT_S = 3600.0
 NVCC_TIMEOUT_S = 600.0
 TABLE_HEADER = ["kernel", "config", "sm", "REG", "stack B", "spill st/ld B", "STL/LDL", "smem", "HMMA", "HGMMA",
-                "problems"]  # fmt: skip
+                "CTAs/SM", "to cliff", "issue", "copy", "problems"]  # fmt: skip
 # demangled type names -> the short names the Triton rows use
 _SHORT_TYPES = (
     (r"\b__nv_bfloat16\b", "bf16"),
@@ -79,11 +101,12 @@ _SHORT_TYPES = (
 # tools
 # ---------------------------------------------------------------------------------------------
 def find_nvcc() -> str | None:
-    """nvcc: ``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, ``/usr/local/cuda/bin``, then ``PATH``; None without."""
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
-            return os.path.join(root, "bin", "nvcc")
-    return shutil.which("nvcc")
+    """The nvcc of the toolkit the extension builds with (``fastvit.extension.cuda_home``: one
+    finder for both); None without one."""
+    from fastvit.extension import cuda_home
+
+    home = cuda_home()
+    return str(home / "bin" / ("nvcc.exe" if os.name == "nt" else "nvcc")) if home is not None else None
 
 
 def _cuobjdump(nvcc: str | None) -> str:
@@ -92,7 +115,7 @@ def _cuobjdump(nvcc: str | None) -> str:
         candidate = os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump")
         if os.access(candidate, os.X_OK):
             return candidate
-    from fastvit.kernels.aot import tool
+    from .static_triton import tool
 
     return tool("cuobjdump")
 
@@ -175,8 +198,6 @@ def compile_cu(path: Path, arch: int, nvcc: str, include: Path | None = None) ->
     A file that does not compile, or whose cubin holds no kernel (templates never instantiated),
     gives one row with an ``error``.
     """
-    from fastvit.kernels.aot import SHARED_MEMORY_LIMIT, parse_ptxas_log, parse_resource_usage, parse_sass
-
     path = Path(path)
     include = Path(include) if include is not None else path.parent
     base = {"source": "csrc", "file": path.name, "arch": arch, "needs_wgmma": False}
@@ -246,13 +267,15 @@ def run_csrc(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton: fastvit.kernels.aot in a subprocess without TRITON_INTERPRET
+# Triton: fastvit.benchmarks.static_triton in a subprocess without TRITON_INTERPRET
 # ---------------------------------------------------------------------------------------------
-def _start_triton(archs: tuple[int, ...], jobs: int | None, out: Path, log: Any) -> subprocess.Popen:
+def _start_triton(archs: tuple[int, ...], jobs: int | None, out: Path, log: Any, match: str | None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fastvit.kernels.aot", "--json", str(out), "--archs", *map(str, archs)]
+    cmd = [sys.executable, "-m", "fastvit.benchmarks.static_triton", "--json", str(out), "--archs", *map(str, archs)]
     if jobs:
         cmd += ["--jobs", str(jobs)]
+    if match:
+        cmd += ["--match", match]
     # the per-configuration lines go nowhere: this module prints its own table from the JSON
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
 
@@ -270,12 +293,14 @@ def _triton_rows(proc: subprocess.Popen, out: Path, log_path: Path) -> list[dict
     return [{"source": "triton", **row} for row in json.loads(out.read_text())]
 
 
-def run_triton(archs: tuple[int, ...] = ARCHS, jobs: int | None = None) -> list[dict[str, Any]]:
-    """Every Triton kernel configuration for ``archs`` (``python -m fastvit.kernels.aot``)."""
+def run_triton(archs: tuple[int, ...] = ARCHS, jobs: int | None = None, match: str | None = None
+               ) -> list[dict[str, Any]]:  # fmt: skip
+    """Every Triton kernel configuration for ``archs`` whose ``kernel [config]`` contains ``match``
+    (``python -m fastvit.benchmarks.static_triton``)."""
     with tempfile.TemporaryDirectory(prefix="fastvit-static-") as tmp:
         out, log_path = Path(tmp) / "triton.json", Path(tmp) / "triton.log"
         with open(log_path, "w") as log:
-            proc = _start_triton(archs, jobs, out, log)
+            proc = _start_triton(archs, jobs, out, log, match)
         return _triton_rows(proc, out, log_path)
 
 
@@ -286,15 +311,24 @@ def _pair(a: Any, b: Any) -> str:
     return "-" if a is None and b is None else f"{a if a is not None else '-'}/{b if b is not None else '-'}"
 
 
+def _model_cells(row: dict[str, Any]) -> list[str]:
+    if "ctas_per_sm" not in row:  # a csrc row: launch sizes unknown here
+        return ["-"] * 4
+    ratio = row.get("loop_issue_ratio")
+    return [str(row["ctas_per_sm"]), str(row["regs_to_cliff"]), "-" if ratio is None else f"{ratio:.2f}",
+            row["async_copy"]]  # fmt: skip
+
+
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """The printed table: kernel, config, sm, registers, stack, spills, STL/LDL, smem, MMA, problems."""
+    """The printed table: kernel, config, sm, registers, stack, spills, STL/LDL, smem, MMA, the model's
+    CTAs/SM, registers to the cliff, hot-loop issue ratio and async copy, problems."""
     from .report import format_bytes
 
     out = []
     for r in rows:
         if "error" in r:
             why = " ".join("; ".join(r["problems"]).split())  # one line
-            out.append([r["kernel"], r["config"], str(r["arch"]), *["-"] * 7, why[:300]])
+            out.append([r["kernel"], r["config"], str(r["arch"]), *["-"] * 11, why[:300]])
             continue
         out.append([
             r["kernel"],
@@ -307,6 +341,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             format_bytes(r["shared"]),
             str(r["hmma"]),
             str(r["hgmma"]),
+            *_model_cells(r),
             "; ".join(r["problems"]),
         ])  # fmt: skip
     return out
@@ -320,14 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks static",
         description="Compile every Triton kernel configuration and every csrc/*_kernels.cu kernel for the given "
-        "architectures (no GPU needed) and report registers, spills, shared memory and MMA instructions; "
-        "exit status 1 when any kernel spills, exceeds the shared memory limit, fails to compile, or is an "
-        "fp16/bf16 matmul without HGMMA on sm_90.",
+        "architectures (no GPU needed) and report registers, spills, shared memory, MMA instructions and a "
+        "static performance model (occupancy, replicated MMA rows, the hot loop's issue ratio); exit status 1 "
+        "when any kernel has a problem (see the module docstring of benchmarks/static.py).",
     )
     p.add_argument("--arch", default=",".join(map(str, ARCHS)), help="SM architectures, comma-separated "
                    "(default: 80,89,90)")  # fmt: skip
     p.add_argument("--json", type=Path, help="write the rows (and the run's meta) to this file")
+    p.add_argument("--figures", type=Path, help="write the Triton rows' figures, keyed by row, to this file (the "
+                   "form benchmarks/results/static/ keeps)")  # fmt: skip
     p.add_argument("--only", choices=("triton", "csrc"), help="only the Triton kernels or only the CUDA extension's")
+    p.add_argument("--match", help="only the Triton configurations whose 'kernel [config]' contains this text "
+                   "(implies --only triton)")  # fmt: skip
     p.add_argument("--jobs", type=int, help="parallel compiles (default: the CPU count)")
     p.add_argument("--csrc", type=Path, default=CSRC_DIR, help=f"the .cu files' folder (default: {CSRC_DIR})")
     p.add_argument("--no-table", action="store_true", help="print only the summary and the rows with problems")
@@ -336,8 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks static``: compile, print the table and summary, write the JSON."""
-    from fastvit.kernels.aot import SHARED_MEMORY_LIMIT, problems
-
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -350,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be positive, got {args.jobs}")
     jobs = args.jobs or os.cpu_count() or 1
+    if args.match:
+        args.only = "triton"
 
     started = time.monotonic()
     nvcc = find_nvcc()
@@ -364,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     rows: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=1) as waiter:  # the Triton subprocess compiles beside nvcc
-        triton = waiter.submit(run_triton, archs, jobs) if args.only != "csrc" else None
+        triton = waiter.submit(run_triton, archs, jobs, args.match) if args.only != "csrc" else None
         if args.only != "triton" and csrc_skipped is None:
             rows += run_csrc(archs, jobs, args.csrc, nvcc)
         if triton is not None:
@@ -385,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     if csrc_skipped:
         summary.append(f"csrc skipped: {csrc_skipped}")
     print("\n" + "\n".join(summary))
+    if args.figures:
+        from .static_figures import write_figures
+
+        write_figures(args.figures, rows, _version("triton"), args.match, archs)
+        print(f"wrote the figures of the Triton rows to {args.figures}")
     if args.json:
         meta = {
             "archs": list(archs),
@@ -416,7 +460,12 @@ def _summary(rows: list[dict[str, Any]], archs: tuple[int, ...], elapsed: float)
             "compile errors": sum("error" in r for r in part),
             "spills": sum(any("spills" in p for p in r["problems"]) for r in part),
             "over the shared memory limit": sum(any("shared memory" in p for p in r["problems"]) for r in part),
-            "matmuls without HGMMA on sm_90": sum(any("HGMMA" in p for p in r["problems"]) for r in part),
+            "matmuls without HGMMA on sm_90": sum(any("without warpgroup MMA" in p for p in r["problems"])
+                                                  for r in part),
+            "replicated MMA rows": sum(any("replicated MMA rows" in p for p in r["problems"]) for r in part),
+            "narrow hot-loop HGMMA": sum(any("N < 32" in p for p in r["problems"]) for r in part),
+            "issue-bound hot loops": sum(any("issue-bound" in p for p in r["problems"]) for r in part),
+            "below the occupancy aim": sum(any("CTAs/SM" in p for p in r["problems"]) for r in part),
         }
         max_regs = max((r["registers"] for r in ok), default=0)
         lines.append(

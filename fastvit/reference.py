@@ -111,29 +111,63 @@ def layernorm_mlp(
     fc2_bias: torch.Tensor | None,
     *,
     eps: float = 1e-6,
-    approximate: str = "none",
+    approximate: str | None = None,
+    activation: str | None = None,
+    norm: str = "layernorm",
+    gated: bool | None = None,
+    fc1_gate_weight: torch.Tensor | None = None,
+    fc1_gate_bias: torch.Tensor | None = None,
     residual: bool = True,
     layer_scale: torch.Tensor | None = None,
     sample_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x + sample_scale * layer_scale * fc2(gelu(fc1(layer_norm(x))))`` over the last dim.
+    """``x + sample_scale * layer_scale * fc2(act(fc1(norm(x))))`` over the last dim, written out.
 
     Args:
         x: (..., D) tokens.
-        norm_weight, norm_bias: (D,) LayerNorm affine parameters (None: no affine).
-        fc1_weight: (Hd, D), fc1_bias: (Hd,) or None -- nn.Linear layout.
+        norm_weight, norm_bias: (D,) norm affine parameters (None: no affine; no bias for RMSNorm).
+        fc1_weight: (Hd, D), fc1_bias: (Hd,) or None -- nn.Linear layout; gated with no
+            fc1_gate_weight: (2 Hd, D) packed [gate; value] (timm SwiGLUPacked, HF Dinov2SwiGLUFFN).
         fc2_weight: (D, Hd), fc2_bias: (D,) or None.
-        eps: LayerNorm epsilon.
-        approximate: "none" (exact erf GELU) or "tanh".
+        eps: norm epsilon.
+        approximate: "none" (erf GELU) or "tanh"; the older spelling of activation="gelu" / "gelu_tanh".
+        activation: "gelu", "gelu_tanh", "quick_gelu" (a * sigmoid(1.702 a)) or "silu".
+        norm: "layernorm" or "rms" (x / sqrt(mean(x^2) + eps) * norm_weight).
+        gated: act(gate) * value; None means gated iff fc1_gate_weight is given.
+        fc1_gate_weight: (Hd, D) gate projection (fc1 is then the value projection); fc1_gate_bias: (Hd,).
         residual: add x to the branch.
-        layer_scale: (D,) timm LayerScale gamma, or None.
+        layer_scale: (D,) LayerScale gamma, or None.
         sample_scale: (x.shape[0],) per-sample factor on the branch (drop-path), or None.
 
     Returns:
         Tensor of x's shape.
     """
-    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-    h = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
+    if approximate is not None:
+        activation = {"none": "gelu", "tanh": "gelu_tanh"}[approximate]
+    activation = activation or "gelu"
+    gated = fc1_gate_weight is not None if gated is None else gated
+    if norm == "rms":
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        h = h * norm_weight if norm_weight is not None else h
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+
+    def act(a: torch.Tensor) -> torch.Tensor:
+        if activation == "quick_gelu":
+            return a * torch.sigmoid(1.702 * a)
+        if activation == "silu":
+            return a * torch.sigmoid(a)
+        return F.gelu(a, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+    a = F.linear(h, fc1_weight, fc1_bias)
+    if not gated:
+        h = act(a)
+    elif fc1_gate_weight is not None:
+        h = act(F.linear(h, fc1_gate_weight, fc1_gate_bias)) * a
+    else:
+        gate, value = a.chunk(2, dim=-1)
+        h = act(gate) * value
+    h = F.linear(h, fc2_weight, fc2_bias)
     if layer_scale is not None:
         h = h * layer_scale
     if sample_scale is not None:

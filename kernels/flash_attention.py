@@ -57,16 +57,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .aot import ARCHS, KernelSpec
+from .aot import ARCHS, KernelSpec, signature
 from .runtime import INTERPRETER, arch_of, device_guard, new_output, rows_addressable_in_int32
-
-LOG2E = math.log2(math.e)
 
 # Largest head dim the kernels cover (padded to a power of two in registers).
 MAX_HEAD_DIM = 128
@@ -977,7 +974,7 @@ _INTERPRETER_BWD = AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stag
 def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     """Forward block sizes for one (architecture, dtype, padded head dim).
 
-    Picked from the ahead-of-time report (``python -m fastvit.kernels.aot``): the largest tiles
+    Picked from the ahead-of-time report (``python -m benchmarks static``): the largest tiles
     that compile without spills on each architecture. Not yet tuned by timing on a GPU.
     """
     if INTERPRETER:
@@ -994,14 +991,21 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
 
 def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     """Backward block sizes, used by both passes: dK/dV keeps ``block_n`` keys per program and
-    steps ``block_m`` queries; dQ keeps ``block_n`` queries and steps ``block_m`` keys."""
+    steps ``block_m`` queries; dQ keeps ``block_n`` queries and steps ``block_m`` keys.
+
+    Hopper: each warp of a warpgroup MMA owns 16 rows, so 8 warps take ``block_n`` = 128 rows
+    (with 64 both warpgroups computed every S / dP row: 64x16 wgmma, each tile twice). The query
+    (dK/dV) and key (dQ) step is 64 up to D = 64, so S and dP are 64-wide wgmma, and 32 above,
+    where the two (128, D) fp32 accumulators of dK/dV leave no room for a wider S tile (64 spills
+    8-160 B at D = 128). Static report, Triton 3.8: no replicated rows, 102-254 registers, no spills.
+    """
     if INTERPRETER:
         return _INTERPRETER_BWD
     if dtype == torch.float32:
         return _FP32_CONFIGS_BWD[head_dim_pad]
     small = head_dim_pad <= 64
     if 90 <= arch < 100:
-        return AttentionConfig(32, 128, 8, 2) if small else AttentionConfig(32, 64, 8, 2)
+        return AttentionConfig(64, 128, 8, 2) if small else AttentionConfig(32, 128, 8, 2)
     return AttentionConfig(32, 64, 4, 2) if small else AttentionConfig(32, 64, 8, 2)
 
 
@@ -1032,9 +1036,15 @@ def bwd_mask_configs(
     """(dK/dV, dQ) block sizes with an attn_mask or rel_pos, from the ahead-of-time report (same
     conventions as ``bwd_config``). Off Hopper, 16-bit tiles of 32 x 32 with 8 warps (the plain
     32 x 64 spill 240-320 B with the gathered mask tiles), and fp32 8 warps and two stages (the
-    plain fp32 tiles spill 8-16 B there, not on Hopper). With the rel_pos
-    gradients the dQ pass holds two more (rows, kh / kw) fp32 accumulators: its query rows are
-    capped at 64 on Hopper (128 spill 112 B) and 32 elsewhere."""
+    plain fp32 tiles spill 8-16 B there, not on Hopper).
+
+    Hopper, 16-bit: the dQ pass without the rel_pos gradients takes ``bwd_config``'s tiles. The
+    gathered mask and rel_pos tiles take registers from the others: dK/dV up to D = 64 steps 32
+    queries, not 64 (64 spills 32 B under Triton 3.6, the GPU machine's); dK/dV above D = 64 and
+    the dQ pass with the rel_pos gradients (two more (rows, kh / kw) fp32 accumulators) take
+    ``_HOPPER_MASK_BWD``, 64 rows on 8 warps, so S and dP are computed twice (a known problem of
+    the static report): 128 rows spill 288-352 B (dK/dV, D = 128) and 112-408 B (dQ), 64 rows on
+    4 warps 224-552 B."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
@@ -1045,10 +1055,14 @@ def bwd_mask_configs(
         return cfg, cfg
     if not hopper:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
-    dq = cfg
-    if rel_pos_grad:
-        dq = dataclasses.replace(cfg, block_n=max(cfg.block_m, min(cfg.block_n, 64 if hopper else 32)))
-    return cfg, dq
+        return cfg, cfg
+    dkdv = _HOPPER_MASK_BWD_SMALL if head_dim_pad <= 64 else _HOPPER_MASK_BWD
+    return dkdv, _HOPPER_MASK_BWD if rel_pos_grad else cfg
+
+
+# Hopper's backward tiles where the mask and rel_pos gathers leave fewer registers (above)
+_HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 128, 8, 2)
+_HOPPER_MASK_BWD = AttentionConfig(32, 64, 8, 2)
 
 
 def dbias_config(dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False) -> AttentionConfig:
@@ -1488,17 +1502,13 @@ AOT_HEAD_DIMS = (16, 32, 64, 80, 128)
 _BWD_AOT_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def _strides(prefix: str, dims: str) -> dict[str, str]:
-    return {f"stride_{prefix}{c}": "i32" for c in dims}
-
-
-def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
+def _aligned(sig: dict[str, str]) -> tuple[str, ...]:
     """Pointers and strides, which the runtime specialises as 16-divisible for the usual
     contiguous or packed-qkv layouts (D a multiple of 16); unit strides become constants. The
     strides of the mask and the rel_pos tables are not (a (N, M) mask with M = 197, kh = 14)."""
     free = ("stride_b", "stride_rh", "stride_rw")
     return tuple(
-        n for n, ty in signature.items()
+        n for n, ty in sig.items()
         if ty != "constexpr" and (ty[0] == "*" or (n.startswith("stride_") and not n.startswith(free)))
     )
 
@@ -1512,7 +1522,6 @@ _REL_POS_AOT_PAD = 64
 
 
 # The packed variable-length arguments, last in the forward, dK/dV and dQ kernels.
-_VARLEN_SIG = {"CuSeqQ": "constexpr", "CuSeqK": "constexpr", "Tiles": "constexpr", "VARLEN": "constexpr"}
 _VARLEN_OFF = {"CuSeqQ": None, "CuSeqK": None, "Tiles": None, "VARLEN": False}
 # VARLEN launches, compiled for bf16 (training) and fp32 at ViT-B's and ViT-g's head dims, causal
 # and not.
@@ -1523,34 +1532,24 @@ _VARLEN_AOT_HEAD_DIMS = (64, 128)
 def aot_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, head dim, causal, architecture) configuration the launchers use, and
     the attn_mask / rel_pos variants (float and bool masks, rel_pos, their gradients)."""
-    meta = {name: "constexpr" for name in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N", "CAUSAL", "DOT_PRECISION")}
-    flags = {name: "constexpr" for name in ("HAS_BIAS", "BIAS_BOOL", "HAS_REL_POS")}
-    sizes = {"H": "i32", "N": "i32", "M": "i32", "KW": "i32", "sm_scale": "fp32"}
-    mask_strides = {**_strides("b", "bhnm"), **_strides("rh", "bhnk"), **_strides("rw", "bhnk")}
     plain = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False,
              "Bias": None, "RelH": None, "RelW": None, "dRelH": None, "dRelW": None, **_VARLEN_OFF}
+    # None pointers (the masks, rel_pos tables and varlen tables a plain launch leaves out) and dO's
+    # unit stride in D are constants; the other sizes and strides are i32 (aot.signature)
+    absent = dict.fromkeys(("Bias", "RelH", "RelW", "dRelH", "dRelW", "CuSeqQ", "CuSeqK", "Tiles", "stride_dod"),
+                           "constexpr")  # fmt: skip
     specs = []
     for arch in ARCHS:
         for dtype, ty in _TL_DTYPE.items():
-            qkv = {"Q": f"*{ty}", "K": f"*{ty}", "V": f"*{ty}"}
-            masks = {"Bias": "constexpr", "RelH": "constexpr", "RelW": "constexpr"}
-            qkv_strides = {**_strides("q", "bhn"), **_strides("k", "bhn"), **_strides("v", "bhn")}
-            do_strides = {**_strides("do", "bhn"), "stride_dod": "constexpr"}  # dO unit-stride in D
-            fwd_sig = {**qkv, "Out": f"*{ty}", "Lse": "*fp32", **masks, **qkv_strides, **_strides("o", "bhn"),
-                       **mask_strides, **sizes, **meta, **flags}
-            dkdv_sig = {**qkv, "dOut": f"*{ty}", "Lse": "*fp32", "Delta": "*fp32", "dK": f"*{ty}", "dV": f"*{ty}",
-                        **masks, **qkv_strides, **do_strides, **_strides("dk", "bhn"), **_strides("dv", "bhn"),
-                        **mask_strides, **sizes, **meta, **flags}
-            dq_sizes = {"H": "i32", "N": "i32", "M": "i32", "KH": "i32", "KW": "i32", "sm_scale": "fp32"}
-            dq_sig = {**qkv, "dOut": f"*{ty}", "Lse": "*fp32", "Delta": "*fp32", "dQ": f"*{ty}", **masks,
-                      "dRelH": "constexpr", "dRelW": "constexpr", **qkv_strides, **do_strides, **_strides("dq", "bhn"),
-                      **mask_strides, **dq_sizes, **meta, **flags,
-                      "REL_POS_GRAD": "constexpr", "KH_PAD": "constexpr", "KW_PAD": "constexpr"}
-            # the VARLEN arguments come last; plain launches pass none of them
-            fwd_sig, dkdv_sig, dq_sig = ({**sig, **_VARLEN_SIG} for sig in (fwd_sig, dkdv_sig, dq_sig))
-            delta_sig = {"Out": f"*{ty}", "dOut": f"*{ty}", "Delta": "*fp32", **_strides("o", "bhn"),
-                         **_strides("do", "bhnd"), "H": "i32", "N": "i32",
-                         "HEAD_DIM": "constexpr", "HEAD_DIM_PAD": "constexpr", "BLOCK_M": "constexpr"}
+            tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV")},
+                       "Lse": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"}  # fmt: skip
+            fwd_sig, dkdv_sig, dq_sig = (
+                signature(kernel, {n: t for n, t in {**tensors, **absent}.items() if n in kernel.arg_names})
+                for kernel in (flash_attention_fwd_kernel, flash_attention_bwd_dkdv_kernel,
+                               flash_attention_bwd_dq_kernel)
+            )  # fmt: skip
+            delta_sig = signature(flash_attention_bwd_delta_kernel,
+                                  {"Out": f"*{ty}", "dOut": f"*{ty}", "Delta": "*fp32"})  # fmt: skip
             for head_dim in AOT_HEAD_DIMS:
                 pad = head_dim_padded(head_dim)
                 # the delta pre-pass reads dO with any strides (stride 0 included): no alignment
@@ -1580,12 +1579,14 @@ def aot_specs() -> list[KernelSpec]:
                             constexprs.update(REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
                         if "stride_dod" in sig:
                             constexprs["stride_dod"] = 1
+                        fwd16 = dtype != torch.float32 and kernel == "flash_attention_fwd_kernel"
                         specs.append(KernelSpec(
                             f"flash_attention.{kernel}",
                             f"{label} BM={block_m} BN={block_n} w={cfg.num_warps} s={cfg.num_stages}",
                             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
-                            needs_wgmma=dtype != torch.float32 and kernel == "flash_attention_fwd_kernel",
-                            divisible_by_16=_aligned(sig),
+                            needs_wgmma=fwd16, divisible_by_16=_aligned(sig),
+                            # Hopper's 16-bit forward up to D = 64 is sized for two CTAs per SM
+                            target_ctas_per_sm=2 if fwd16 and arch == 90 and pad <= 64 else 1,
                         ))
                 if dtype in _MASK_AOT_DTYPES and head_dim in _MASK_AOT_HEAD_DIMS:
                     specs.extend(_mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
@@ -1602,6 +1603,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     pad = head_dim_padded(head_dim)
     fwd = fwd_mask_config(arch, dtype, pad)
     bwd, dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True)
+    dq_plain = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False)[1]  # dQ without the rel_pos gradients
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": _dot_precision(dtype)}
     tables = {"RelH": f"*{ty}", "RelW": f"*{ty}"}
     no_tables = {"RelH": None, "RelW": None}
@@ -1633,22 +1635,17 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     both = {"Bias": "*fp32", **tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": True}
     add("flash_attention_bwd_dkdv_kernel", "bias=fp32 rel_pos", dkdv_sig, both, bwd, bwd.block_m, bwd.block_n)
     bias_only = {**fwd_bias, "dRelH": None, "dRelW": None, "REL_POS_GRAD": False, "KH_PAD": 16, "KW_PAD": 16}
-    add("flash_attention_bwd_dq_kernel", "bias=fp32", dq_sig, bias_only, bwd, bwd.block_n, bwd.block_m)
+    add("flash_attention_bwd_dq_kernel", "bias=fp32", dq_sig, bias_only, dq_plain, dq_plain.block_n, dq_plain.block_m)
     rel_grad = {**both, "dRelH": "*fp32", "dRelW": "*fp32", "REL_POS_GRAD": True,
                 "KH_PAD": _REL_POS_AOT_PAD, "KW_PAD": _REL_POS_AOT_PAD}
     add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad k={_REL_POS_AOT_PAD}", dq_sig, rel_grad, dq,
         dq.block_n, dq.block_m)
     for rows_bcast, rel in ((False, True), (False, False), (True, False)):
         dbias_cfg = dbias_config(dtype, pad, rel_pos=rel)
-        sig = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
-               "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
-               **_strides("q", "bhn"), **_strides("k", "bhn"), **_strides("v", "bhn"),
-               **_strides("do", "bhn"), "stride_dod": "constexpr",
-               **_strides("b", "bhnm"), **_strides("rh", "bhnk"), **_strides("rw", "bhnk"),
-               "H": "i32", "N": "i32", "M": "i32", "KW": "i32", "BIAS_H": "i32", "B_LOOP": "i32", "H_LOOP": "i32",
-               "sm_scale": "fp32", **{n: "constexpr" for n in ("HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_M", "BLOCK_N",
-                                                                "CAUSAL", "DOT_PRECISION", "ROWS_BCAST",
-                                                                "COLS_BCAST", "HAS_REL_POS")}}
+        sig = signature(flash_attention_bwd_dbias_kernel, {
+            **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
+            "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
+            "stride_dod": "constexpr", "sm_scale": "fp32"})  # fmt: skip
         values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel}
         if not rel:
             values.update(RelH=None, RelW=None)

@@ -13,8 +13,15 @@ Forward, three launches:
        the per-sample scale (drop-path), adds the residual and writes y once. The same kernel with
        every epilogue flag off computes ``dLN = dA @ W1`` in the backward.
 
-Backward (``layernorm_mlp_bwd.py``) recomputes LN (from the saved row statistics) and GELU (from
-the saved pre-activation) instead of storing them.
+Variants, as constexprs of the same kernels: ``ACTIVATION`` ("gelu" erf, "gelu_tanh",
+"quick_gelu", "silu") in fc1's epilogue and the dA epilogue; ``RMS`` (RMSNorm: the statistics
+kernel stores mean = 0 and rstd = 1 / sqrt(mean(x^2) + eps), so every consumer's
+``(x - mean) * rstd`` is unchanged; only the LN backward drops its mean(dxh) term); ``GATED``
+(``g = act(a_gate) * a_value``: fc1 runs two accumulators over the same normalised A tiles, with
+half-width tiles so the registers match the plain kernel, and saves [a_gate | a_value]).
+
+Backward (``layernorm_mlp_bwd.py``) recomputes LN (from the saved row statistics) and the
+activation (from the saved pre-activation) instead of storing them.
 
 Trade-off, decided here: the backward KEEPS the FC1 pre-activation ``a`` (T x HD, GEMM dtype)
 plus mean/rstd (2 x T fp32), and recomputes ``LN(x)`` (in the dW1 GEMM's operand load and the
@@ -38,12 +45,13 @@ with fp32 accumulation; fp32 uses IEEE fp32 dots (no TF32).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from .aot import ARCHS, KernelSpec
+from .aot import ARCHS, KernelSpec, signature
 from .runtime import INTERPRETER, arch_of, device_guard, new_output
 
 # Widest rows (D) the row kernels hold in registers (8192 spills); wider rows run on the torch route.
@@ -51,9 +59,7 @@ MAX_DIM = 4096
 
 
 # ---------------------------------------------------------------------------------------------
-# GELU (shared by the forward and the backward). The tile-order and token-offset arithmetic is
-# written out in each kernel instead of in jit helpers: the interpreter re-patches triton.language
-# on every helper call (~2 ms), which made the CPU tests minutes slower.
+# Tile order and activations (shared by the forward and the backward)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def grouped_tile(
@@ -76,22 +82,41 @@ def _tanh(u):
 
 
 @triton.jit
-def gelu(a, TANH: tl.constexpr):
-    """GELU of fp32 ``a``: exact (erf) or, with TANH, the tanh approximation."""
-    if TANH:
+def _sigmoid(u):
+    # exp(-u) overflows to inf for u < -88: 1 / inf = 0, no NaN
+    return 1.0 / (1.0 + tl.exp(-u))
+
+
+@triton.jit
+def activation(a, ACTIVATION: tl.constexpr):
+    """The MLP activation of fp32 ``a``: "gelu" (erf), "gelu_tanh", "quick_gelu" (CLIP's
+    a * sigmoid(1.702 a)) or "silu" (a * sigmoid(a))."""
+    if ACTIVATION == "gelu_tanh":
         g = 0.5 * a * (1.0 + _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a)))  # sqrt(2/pi)
+    elif ACTIVATION == "quick_gelu":
+        g = a * _sigmoid(1.702 * a)
+    elif ACTIVATION == "silu":
+        g = a * _sigmoid(a)
     else:
         g = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))  # 1/sqrt(2)
     return g
 
 
 @triton.jit
-def gelu_and_grad(a, TANH: tl.constexpr):
-    """(gelu(a), d gelu / da) of fp32 ``a``, sharing the erf / tanh."""
-    if TANH:
+def activation_and_grad(a, ACTIVATION: tl.constexpr):
+    """(act(a), d act / da) of fp32 ``a``, sharing the erf / tanh / sigmoid."""
+    if ACTIVATION == "gelu_tanh":
         t = _tanh(0.7978845608028654 * (a + 0.044715 * a * a * a))
         g = 0.5 * a * (1.0 + t)
         dg = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
+    elif ACTIVATION == "quick_gelu":
+        s = _sigmoid(1.702 * a)
+        g = a * s
+        dg = s + 1.702 * g * (1.0 - s)
+    elif ACTIVATION == "silu":
+        s = _sigmoid(a)
+        g = a * s
+        dg = s + g * (1.0 - s)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         g = a * cdf
@@ -106,12 +131,13 @@ def gelu_and_grad(a, TANH: tl.constexpr):
 def _ln_stats_kernel(
     X,  # (B, N_TOK, D) tokens, unit stride in D
     Mean,  # (T,) fp32 out: row means, T = B * N_TOK
-    Rstd,  # (T,) fp32 out: 1 / sqrt(var + eps)
+    Rstd,  # (T,) fp32 out: 1 / sqrt(var + eps) (RMS: 1 / sqrt(mean(x^2) + eps))
     T, N_TOK, D,
     stride_xb, stride_xn,
     eps,
     BLOCK_ROWS: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # D rounded up to a width in ROW_BUCKETS
+    RMS: tl.constexpr = False,  # RMSNorm: mean stored as 0, so every consumer's (x - mean) * rstd holds
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -120,10 +146,14 @@ def _ln_stats_kernel(
     b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
     x_rows = b.to(tl.int64) * stride_xb + (rows - b * N_TOK).to(tl.int64) * stride_xn
     x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    # two passes over the row in registers: mean, then the centred variance (no cancellation)
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / D
+    if RMS:
+        mean = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+        var = tl.sum(x * x, axis=1) / D  # the mean square (masked lanes load 0)
+    else:
+        # two passes over the row in registers: mean, then the centred variance (no cancellation)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / D
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, tl.math.rsqrt(var + eps), mask=row_ok)
 
@@ -133,17 +163,21 @@ def _fc1_kernel(
     X,  # (B, N_TOK, D) tokens, unit stride in D
     Mean, Rstd,  # (T,) fp32 row statistics of X
     NormW, NormB,  # (D,) LayerNorm weight and bias (HAS_NORM_W / HAS_NORM_B)
-    W1,  # (HD, D) fc1 weight, unit stride in D
-    B1,  # (HD,) fc1 bias (HAS_B1)
-    G,  # (T, HD) out: gelu(a) in the GEMM dtype, contiguous
-    Pre,  # (T, HD) out: the pre-activation a, contiguous (SAVE_PRE)
+    W1,  # (HD, D) fc1 weight (GATED: the gate's), unit stride in D
+    B1,  # (HD,) fc1 bias (HAS_B1; GATED: the gate's)
+    G,  # (T, HD) out: act(a) (GATED: act(a_gate) * a_value) in the GEMM dtype, contiguous
+    Pre,  # (T, HD) out: the pre-activation a (GATED: (T, 2 HD), [a_gate | a_value]), contiguous (SAVE_PRE)
     T, N_TOK, D, HD,
     stride_xb, stride_xn, stride_w1h,
     HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, HAS_B1: tl.constexpr,
     SAVE_PRE: tl.constexpr,  # write a for the backward
-    TANH: tl.constexpr,  # tanh-approximated GELU
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32, else "tf32" (ignored by fp16/bf16 dots)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W1V=None,  # (HD, D) fc1 value weight, unit stride in D (GATED)
+    B1V=None,  # (HD,) fc1 value bias (GATED and HAS_B1)
+    stride_w1vh=0,
+    ACTIVATION: tl.constexpr = "gelu",  # "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "silu"
+    GATED: tl.constexpr = False,  # two accumulators over the same LN(x) tiles: gate and value
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
     pid_m, pid_n = grouped_tile(tl.program_id(0), T, HD, BLOCK_M, BLOCK_N, GROUP_M)
@@ -158,6 +192,9 @@ def _fc1_kernel(
     x_rows = b.to(tl.int64) * stride_xb + (rows - b * N_TOK).to(tl.int64) * stride_xn
     x_ptrs = X + x_rows[:, None] + offs_k[None, :]
     w_ptrs = W1 + cols[None, :] * stride_w1h + offs_k[:, None]  # (BLOCK_K, BLOCK_N) tile of W1^T
+    if GATED:
+        wv_ptrs = W1V + cols[None, :] * stride_w1vh + offs_k[:, None]
+        acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -175,19 +212,33 @@ def _fc1_kernel(
             h = tl.where(k_ok[None, :], h, 0.0)
         # -- B tile and the product --
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        h = h.to(w.dtype)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        if GATED:  # the value half reuses the normalised A tile
+            wv = tl.load(wv_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_v = tl.dot(h, wv, acc_v, input_precision=DOT_PRECISION)
+            wv_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    # -- epilogue: bias, round a to the GEMM dtype (as the composite does), GELU, write --
+    # -- epilogue: bias, round a to the GEMM dtype (as the composite does), activation, write --
     if HAS_B1:
         acc += tl.load(B1 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     a = acc.to(G.dtype.element_ty)
-    offs = rows.to(tl.int64)[:, None] * HD + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    if SAVE_PRE:
-        tl.store(Pre + offs, a, mask=mask)
-    tl.store(G + offs, gelu(a.to(tl.float32), TANH).to(G.dtype.element_ty), mask=mask)
+    g = activation(a.to(tl.float32), ACTIVATION)
+    if GATED:
+        if HAS_B1:
+            acc_v += tl.load(B1V + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        a_v = acc_v.to(G.dtype.element_ty)
+        g = g * a_v.to(tl.float32)
+        if SAVE_PRE:
+            pre_offs = rows.to(tl.int64)[:, None] * (2 * HD) + cols[None, :]
+            tl.store(Pre + pre_offs, a, mask=mask)
+            tl.store(Pre + pre_offs + HD, a_v, mask=mask)
+    elif SAVE_PRE:
+        tl.store(Pre + rows.to(tl.int64)[:, None] * HD + cols[None, :], a, mask=mask)
+    tl.store(G + rows.to(tl.int64)[:, None] * HD + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -268,7 +319,6 @@ _INTERPRETER_WGRAD = GemmConfig(128, 256, 64, num_warps=4, num_stages=1, group_m
 
 # GEMM kinds: "fc1" (LN applied to A on load), "fc2" (plain A; also dLN), "fc2_bwd" (dY * ls
 # applied to A on load, GELU' epilogue), "wgrad" (A^T B over token rows, LN or ss on load).
-GEMM_KINDS = ("fc1", "fc2", "fc2_bwd", "wgrad")
 
 
 def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
@@ -329,34 +379,53 @@ def layernorm_mlp_fwd(
     sample_scale: torch.Tensor | None,
     *,
     eps: float,
-    approximate: str,
+    activation: str,
     residual: bool,
     out_dtype: torch.dtype,
     save_preact: bool,
+    rms: bool = False,
+    gated: bool = False,
+    fc1_gate_weight: torch.Tensor | None = None,
+    fc1_gate_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Launch the forward: LN statistics, fc1 (+GELU), fc2 (+scales, residual).
+    """Launch the forward: norm statistics, fc1 (+activation, gating), fc2 (+scales, residual).
 
     Args:
         x: (B, N, D) tokens, unit stride in D, any dtype the kernels take.
-        norm_weight, norm_bias: (D,) or None, any float dtype.
-        fc1_weight: (HD, D), fc1_bias: (HD,) or None; fc2_weight: (D, HD), fc2_bias: (D,) or None;
-            all in the GEMM dtype, unit stride in the last dim.
+        norm_weight, norm_bias: (D,) or None, any float dtype (norm_bias None when ``rms``).
+        fc1_weight: (HD, D), fc1_bias: (HD,) or None; fc2_weight: (D, HD'), fc2_bias: (D,) or
+            None; all in the GEMM dtype, unit stride in the last dim. Gated: HD' = HD / 2 and
+            fc1 is packed [gate; value] (timm's SwiGLUPacked), or, with ``fc1_gate_weight`` /
+            ``fc1_gate_bias`` (HD', D) / (HD',), fc1 is the value (up) projection alone.
         layer_scale: (D,) or None; sample_scale: (B,) or None; any float dtype.
+        activation: "gelu" | "gelu_tanh" | "quick_gelu" | "silu".
         out_dtype: dtype of y.
-        save_preact: also return the pre-activation a for the backward.
+        save_preact: also return the pre-activation for the backward.
+        rms: RMSNorm instead of LayerNorm.
+        gated: g = act(a_gate) * a_value.
 
     Returns:
-        y (B, N, D) contiguous in ``out_dtype``; a (B*N, HD) in the GEMM dtype or None; mean and
-        rstd (B*N,) float32.
+        y (B, N, D) contiguous in ``out_dtype``; the pre-activation (B*N, HD) (gated: (B*N, 2 HD'),
+        [a_gate | a_value]) in the GEMM dtype, or None; mean (zeros for RMSNorm) and rstd (B*N,) float32.
     """
     batch, n_tok, dim = x.shape
-    hidden = fc1_weight.shape[0]
+    w_gate, b_gate, w_value, b_value = fc1_weight, fc1_bias, None, None
+    if gated:  # the kernel takes gate and value as two (HD', D) operands: views, no copies
+        if fc1_gate_weight is None:
+            half = fc1_weight.shape[0] // 2
+            w_gate, w_value = fc1_weight[:half], fc1_weight[half:]
+            if fc1_bias is not None:
+                b_gate, b_value = fc1_bias[:half], fc1_bias[half:]
+        else:
+            w_gate, b_gate, w_value, b_value = fc1_gate_weight, fc1_gate_bias, fc1_weight, fc1_bias
+    hidden = w_gate.shape[0]
     rows = batch * n_tok
     device, gemm_dtype = x.device, fc1_weight.dtype
     mean = new_output((rows,), dtype=torch.float32, device=device)
     rstd = new_output((rows,), dtype=torch.float32, device=device)
     g = new_output((rows, hidden), dtype=gemm_dtype, device=device)
-    pre = new_output((rows, hidden), dtype=gemm_dtype, device=device) if save_preact else None
+    pre_cols = 2 * hidden if gated else hidden
+    pre = new_output((rows, pre_cols), dtype=gemm_dtype, device=device) if save_preact else None
     y = new_output((batch, n_tok, dim), dtype=out_dtype, device=device)
     if rows == 0:
         return y, pre, mean, rstd
@@ -368,15 +437,19 @@ def layernorm_mlp_fwd(
         rc = row_config(dim)
         _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
             x, mean, rstd, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
-            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
+            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, num_warps=rc.num_warps,
         )
         c1 = gemm_config(arch, gemm_dtype, "fc1")
+        if gated:  # two accumulators: half-width tiles hold the registers of one full tile
+            c1 = dataclasses.replace(c1, block_n=c1.block_n // 2)
         _fc1_kernel[(triton.cdiv(rows, c1.block_m) * triton.cdiv(hidden, c1.block_n),)](
-            x, mean, rstd, norm_weight, norm_bias, fc1_weight, fc1_bias, g, pre,
-            rows, n_tok, dim, hidden, x.stride(0), x.stride(1), fc1_weight.stride(0),
-            HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, HAS_B1=fc1_bias is not None,
-            SAVE_PRE=save_preact, TANH=approximate == "tanh", DOT_PRECISION=precision,
+            x, mean, rstd, norm_weight, norm_bias, w_gate, b_gate, g, pre,
+            rows, n_tok, dim, hidden, x.stride(0), x.stride(1), w_gate.stride(0),
+            HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, HAS_B1=b_gate is not None,
+            SAVE_PRE=save_preact, DOT_PRECISION=precision,
             BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k, GROUP_M=c1.group_m,
+            W1V=w_value, B1V=b_value, stride_w1vh=w_value.stride(0) if gated else 0,
+            ACTIVATION=activation, GATED=gated,
             num_warps=c1.num_warps, num_stages=c1.num_stages,
         )
         c2 = gemm_config(arch, gemm_dtype, "fc2")
@@ -410,16 +483,16 @@ def __getattr__(name: str):
 TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def gemm_spec(kernel: str, label: str, signature: dict[str, str], constexprs: dict, cfg: GemmConfig,
+def gemm_spec(kernel: str, label: str, types: dict[str, str], constexprs: dict, cfg: GemmConfig,
               arch: int, dtype: torch.dtype, divisible_by_16: tuple[str, ...]) -> KernelSpec:
-    """A KernelSpec for one GEMM kernel configuration (block sizes filled in from ``cfg``)."""
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "DOT_PRECISION"):
-        signature[name] = "constexpr"
+    """A KernelSpec for one GEMM kernel configuration (block sizes filled in from ``cfg``); the
+    signature is ``aot.signature`` of the kernel with ``types`` (pointers, constant arguments)."""
+    fn = getattr(sys.modules[__name__], kernel.rsplit(".", 1)[1])  # the backward kernels via __getattr__
     constexprs = {**constexprs, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                   "GROUP_M": cfg.group_m, "DOT_PRECISION": dot_precision(dtype)}
     return KernelSpec(
         kernel, f"{label} BM={cfg.block_m} BN={cfg.block_n} BK={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages}",
-        signature, constexprs, cfg.num_warps, cfg.num_stages, arch,
+        signature(fn, types), constexprs, cfg.num_warps, cfg.num_stages, arch,
         needs_wgmma=dtype != torch.float32, divisible_by_16=divisible_by_16,
     )
 
@@ -432,11 +505,8 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
     fc1 = gemm_spec(
         "layernorm_mlp._fc1_kernel", f"fc1 {label}",
         {"X": f"*{xty}", "Mean": "*fp32", "Rstd": "*fp32", "NormW": f"*{xty}", "NormB": f"*{xty}",
-         "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}",
-         "T": "i32", "N_TOK": "i32", "D": "i32", "HD": "i32", "stride_xb": "i32", "stride_xn": "i32",
-         "stride_w1h": "i32", "HAS_NORM_W": "constexpr", "HAS_NORM_B": "constexpr", "HAS_B1": "constexpr",
-         "SAVE_PRE": "constexpr", "TANH": "constexpr"},
-        {"HAS_NORM_W": True, "HAS_NORM_B": True, "HAS_B1": True, "SAVE_PRE": True, "TANH": False},
+         "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}"},
+        {"HAS_NORM_W": True, "HAS_NORM_B": True, "HAS_B1": True, "SAVE_PRE": True},
         c1, arch, dtype,
         ("X", "Mean", "Rstd", "NormW", "NormB", "W1", "B1", "G", "Pre", "D", "HD", "stride_xb", "stride_xn",
          "stride_w1h"),
@@ -445,13 +515,13 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
     fc2 = gemm_spec(
         "layernorm_mlp._fc2_kernel", f"fc2 {label}",
         {"A": f"*{ty}", "W": f"*{ty}", "Bias": f"*{ty}", "X": f"*{xty}", "LS": f"*{xty}", "SS": f"*{xty}",
-         "Y": f"*{xty}", "T": "i32", "N_TOK": "i32", "N_OUT": "i32", "K": "i32",
-         "stride_wk": "constexpr", "stride_wn": "i32", "stride_xb": "i32", "stride_xn": "i32",
-         "HAS_BIAS": "constexpr", "HAS_LS": "constexpr", "HAS_SS": "constexpr", "RESIDUAL": "constexpr"},
+         "Y": f"*{xty}", "stride_wk": "constexpr"},
         {"stride_wk": 1, "HAS_BIAS": True, "HAS_LS": True, "HAS_SS": True, "RESIDUAL": True},
         c2, arch, dtype,
         ("A", "W", "Bias", "X", "LS", "SS", "Y", "N_OUT", "K", "stride_wn", "stride_xb", "stride_xn"),
     )
+    if arch == 90 and dtype != torch.float32:  # two CTAs/SM: one's epilogue overlaps the other's main loop
+        fc2 = dataclasses.replace(fc2, target_ctas_per_sm=2)
     return [fc1, fc2]
 
 
@@ -463,8 +533,7 @@ def _row_specs(arch: int) -> list[KernelSpec]:
         rc = row_config(block_d)
         specs.append(KernelSpec(
             "layernorm_mlp._ln_stats_kernel", f"ln stats bf16 BLOCK_D={block_d} rows={rc.block_rows} w={rc.num_warps}",
-            {"X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "T": "i32", "N_TOK": "i32", "D": "i32",
-             "stride_xb": "i32", "stride_xn": "i32", "eps": "fp32", "BLOCK_ROWS": "constexpr", "BLOCK_D": "constexpr"},
+            signature(_ln_stats_kernel, {"X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "eps": "fp32"}),
             {"BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}, rc.num_warps, 1, arch,
             divisible_by_16=("X", "Mean", "Rstd", "stride_xb", "stride_xn"),
         ))

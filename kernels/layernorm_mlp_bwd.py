@@ -15,6 +15,11 @@ With ``h = LN(x)``, ``a = h W1^T + b1``, ``g = gelu(a)``, ``z = g W2^T + b2``,
     db2    = ls * P;     dls = rowsum(W2 * M2) + b2 * P
     dss[b] = sum_{t in b} (rowsum(g * u) + sum_d dy * ls * b2)
 
+Gated (``g = act(a_g) * a_v``): ``da_g = ss * u * a_v * act'(a_g)``, ``da_v = ss * u * act(a_g)``, written
+as one (T, 2 HD) dA = [da_g | da_v], so dW1 = dA^T LN(x) and dLN = dA [W_g; W_v] stay single GEMMs
+(two separate fc1 weights are stacked once per backward unless they are adjacent rows of one
+tensor). RMSNorm: mean = 0 and dx = rstd * (dxh - xhat * mean(dxh * xhat)).
+
 so neither the fc2 output z nor LN(x) nor gelu(a) is ever stored by the forward: the gradients of
 the layer scale and the per-sample scale come from M2 and u, which the backward computes anyway.
 Every column / row reduction is written as per-program partials and summed in torch afterwards:
@@ -28,13 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import KernelSpec
+from .aot import KernelSpec, signature
 from .layernorm_mlp import (
     TL_DTYPE,
     RowConfig,
     _fc2_kernel,
+    activation_and_grad,
     dot_precision,
-    gelu_and_grad,
     gemm_config,
     gemm_spec,
     grouped_tile,
@@ -45,7 +50,7 @@ from .runtime import arch_of, device_guard, new_output
 
 # Order of the gradients the launcher returns (and of the ``needs`` flags it takes).
 GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
-              "layer_scale", "sample_scale")
+              "layer_scale", "sample_scale", "fc1_gate_weight", "fc1_gate_bias")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,18 +61,20 @@ def _fc2_bwd_kernel(
     DY,  # (B, N_TOK, D) gradient of y, any strides (0 where broadcast)
     LS,  # (D,) layer scale (HAS_LS)
     W2,  # (D, HD) fc2 weight, unit stride in HD
-    Pre,  # (T, HD) saved pre-activation a, contiguous
+    Pre,  # (T, HD) saved pre-activation a (GATED: (T, 2 HD), [a_gate | a_value]), contiguous
     SS,  # (B,) per-sample scale (HAS_SS)
-    DA,  # (T, HD) out: dL/da in the GEMM dtype, contiguous
-    G,  # (T, HD) out: gelu(a) recomputed for dW2, contiguous (WRITE_G)
-    DB1Part,  # (cdiv(T, BLOCK_M), HD) fp32 out: column sums of dA per row block (COMPUTE_DB1)
+    DA,  # (T, HD) out: dL/da (GATED: (T, 2 HD), [da_gate | da_value]) in the GEMM dtype, contiguous
+    G,  # (T, HD) out: g = act(a) (GATED: act(a_gate) * a_value) recomputed for dW2, contiguous (WRITE_G)
+    DB1Part,  # (cdiv(T, BLOCK_M), HD or 2 HD) fp32 out: column sums of dA per row block (COMPUTE_DB1)
     DSSPart,  # (T, cdiv(HD, BLOCK_N)) fp32 out: row sums of g * u per column block (COMPUTE_DSS)
     T, N_TOK, D, HD,
     stride_dyb, stride_dyn, stride_dyd, stride_w2d,
     HAS_LS: tl.constexpr, HAS_SS: tl.constexpr,
     WRITE_G: tl.constexpr, COMPUTE_DB1: tl.constexpr, COMPUTE_DSS: tl.constexpr,
-    TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACTIVATION: tl.constexpr = "gelu",  # "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "silu"
+    GATED: tl.constexpr = False,  # g = act(a_gate) * a_value
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
     pid_m, pid_n = grouped_tile(tl.program_id(0), T, HD, BLOCK_M, BLOCK_N, GROUP_M)
@@ -93,12 +100,20 @@ def _fc2_bwd_kernel(
         dy_ptrs += BLOCK_K * stride_dyd
         w_ptrs += BLOCK_K * stride_w2d
 
-    # -- epilogue: recompute gelu(a) and gelu'(a); da = ss * u * gelu'(a) --
+    # -- epilogue: recompute act(a) and act'(a); da = ss * u * act'(a)
+    #    (GATED: da_gate = ss * u * a_value * act'(a_gate), da_value = ss * u * act(a_gate)) --
     offs = rows.to(tl.int64)[:, None] * HD + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    a = tl.load(Pre + offs, mask=mask, other=0.0).to(tl.float32)
-    g, dg = gelu_and_grad(a, TANH)
-    g = g.to(DA.dtype.element_ty)  # the g that the forward fed to fc2
+    if GATED:
+        pre_offs = rows.to(tl.int64)[:, None] * (2 * HD) + cols[None, :]
+        a = tl.load(Pre + pre_offs, mask=mask, other=0.0).to(tl.float32)
+        a_v = tl.load(Pre + pre_offs + HD, mask=mask, other=0.0).to(tl.float32)
+        s, ds = activation_and_grad(a, ACTIVATION)
+        g = (s * a_v).to(DA.dtype.element_ty)  # the g that the forward fed to fc2
+    else:
+        a = tl.load(Pre + offs, mask=mask, other=0.0).to(tl.float32)
+        g, dg = activation_and_grad(a, ACTIVATION)
+        g = g.to(DA.dtype.element_ty)  # the g that the forward fed to fc2
     if WRITE_G:
         tl.store(G + offs, g, mask=mask)
     if COMPUTE_DSS:  # sum_j g * u: this column block's share of dL/dss for each row
@@ -106,11 +121,22 @@ def _fc2_bwd_kernel(
         tl.store(DSSPart + rows.to(tl.int64) * tl.cdiv(HD, BLOCK_N) + pid_n, part, mask=row_ok)
     if HAS_SS:
         acc *= tl.load(SS + b, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    da = (acc * dg).to(DA.dtype.element_ty)
-    tl.store(DA + offs, da, mask=mask)
-    if COMPUTE_DB1:
-        part = tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0)
-        tl.store(DB1Part + pid_m.to(tl.int64) * HD + cols, part, mask=col_ok)
+    if GATED:
+        da = (acc * a_v * ds).to(DA.dtype.element_ty)
+        da_v = (acc * s).to(DA.dtype.element_ty)
+        tl.store(DA + pre_offs, da, mask=mask)
+        tl.store(DA + pre_offs + HD, da_v, mask=mask)
+        if COMPUTE_DB1:
+            part = tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0)
+            tl.store(DB1Part + pid_m.to(tl.int64) * (2 * HD) + cols, part, mask=col_ok)
+            part = tl.sum(tl.where(mask, da_v.to(tl.float32), 0.0), axis=0)
+            tl.store(DB1Part + pid_m.to(tl.int64) * (2 * HD) + HD + cols, part, mask=col_ok)
+    else:
+        da = (acc * dg).to(DA.dtype.element_ty)
+        tl.store(DA + offs, da, mask=mask)
+        if COMPUTE_DB1:
+            part = tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0)
+            tl.store(DB1Part + pid_m.to(tl.int64) * HD + cols, part, mask=col_ok)
 
 
 @triton.jit
@@ -198,6 +224,7 @@ def _ln_bwd_kernel(
     COMPUTE_DX: tl.constexpr, COMPUTE_DNW: tl.constexpr, COMPUTE_DNB: tl.constexpr,
     COMPUTE_DP: tl.constexpr, COMPUTE_ROWTERM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr = False,  # RMSNorm (Mean holds zeros): no mean(dxh) term
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -233,11 +260,14 @@ def _ln_bwd_kernel(
             if COMPUTE_DNB:
                 dnb += tl.sum(dln, axis=0)
             if COMPUTE_DX:
-                # LayerNorm backward: dx = rstd * (dxh - mean(dxh) - xhat * mean(dxh * xhat))
+                # LayerNorm backward: dx = rstd * (dxh - mean(dxh) - xhat * mean(dxh * xhat));
+                # RMSNorm's has no mean(dxh) term
                 dxh = dln * w[None, :] if HAS_NORM_W else dln
                 c1 = tl.sum(dxh * xhat, axis=1) / D
-                c2 = tl.sum(dxh, axis=1) / D
-                dx = (dxh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                dx = dxh - xhat * c1[:, None]
+                if not RMS:
+                    dx -= (tl.sum(dxh, axis=1) / D)[:, None]
+                dx = dx * rstd[:, None]
                 if RESIDUAL:
                     dx += dy
                 tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -309,6 +339,18 @@ def _wgrad(
     return out[0] if splits == 1 else out.sum(0)
 
 
+def _stacked(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """[top; bottom] of two (H, D) weights: a view when ``bottom`` follows ``top`` in memory (the
+    halves of one packed weight), else a copy (2 H x D elements, once per backward: separate
+    gate_proj / up_proj Linears)."""
+    h, d = top.shape
+    if (top.stride() == bottom.stride() and top.stride(1) == 1 and top.stride(0) >= d
+            and bottom.untyped_storage().data_ptr() == top.untyped_storage().data_ptr()
+            and bottom.storage_offset() == top.storage_offset() + h * top.stride(0)):
+        return top.as_strided((2 * h, d), top.stride())
+    return torch.cat((top, bottom))
+
+
 def layernorm_mlp_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -324,28 +366,40 @@ def layernorm_mlp_bwd(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     *,
-    approximate: str,
+    activation: str,
     residual: bool,
     needs: tuple[bool, ...],
+    rms: bool = False,
+    gated: bool = False,
+    fc1_gate_weight: torch.Tensor | None = None,
+    fc1_gate_bias: torch.Tensor | None = None,
     wgrad_split: int | None = None,
 ) -> list[torch.Tensor | None]:
     """Launch the backward and finish the small reductions in torch.
 
     Args:
         grad_out: (B, N, D) gradient of y, any strides (stride 0 from ``y.sum()`` is fine).
-        x, norm_weight, ..., sample_scale: the forward's inputs (x (B, N, D), unit stride in D).
-        preact: (B*N, HD) saved pre-activation; mean, rstd: (B*N,) fp32 saved statistics.
-        needs: one flag per entry of ``GRAD_NAMES``; gradients not needed (or of None inputs)
-            come back as None and their GEMMs / reductions are skipped.
+        x, norm_weight, ..., sample_scale, fc1_gate_weight, fc1_gate_bias: the forward's inputs
+            (x (B, N, D), unit stride in D; see ``layernorm_mlp_fwd`` for the gated layouts).
+        preact: (B*N, HD) saved pre-activation (gated: (B*N, 2 HD'), [a_gate | a_value]);
+            mean, rstd: (B*N,) fp32 saved statistics.
+        activation, rms, gated: as in the forward.
+        needs: one flag per entry of ``GRAD_NAMES`` (9 flags: the gate tensors not needed);
+            gradients not needed (or of None inputs) come back as None and their GEMMs /
+            reductions are skipped.
         wgrad_split: force the token-split count of the weight-gradient GEMMs (tests).
 
     Returns:
         The gradients in ``GRAD_NAMES`` order, each in its input's dtype and shape, or None.
     """
-    inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
+    inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+              fc1_gate_weight, fc1_gate_bias)
+    needs = tuple(needs) + (False,) * (len(GRAD_NAMES) - len(needs))
     need = {k: bool(flag) and t is not None for k, flag, t in zip(GRAD_NAMES, needs, inputs, strict=True)}
     batch, n_tok, dim = x.shape
-    hidden = fc1_weight.shape[0]
+    split_fc1 = gated and fc1_gate_weight is not None  # two fc1 weights: gate and value
+    hidden = fc2_weight.shape[1]  # g's width (gated: each half's)
+    fc1_rows = 2 * hidden if gated else hidden  # dA's width: [gate | value] when gated
     rows = batch * n_tok
     device, gemm_dtype = x.device, fc1_weight.dtype
     grads: dict[str, torch.Tensor] = {}
@@ -355,29 +409,36 @@ def layernorm_mlp_bwd(
     with device_guard(x):
         arch = arch_of(device)
         precision = dot_precision(gemm_dtype)
-        tanh = approximate == "tanh"
         dy_strides = grad_out.stride()
 
         # -- 1. dA = ss * ((dy * ls) @ W2) * gelu'(a); g = gelu(a); db1 and dss partials --
         need_m2 = need["fc2_weight"] or need["layer_scale"]
         need_dss = need["sample_scale"]
+        need_db1 = need["fc1_bias"] or need["fc1_gate_bias"]
         cfg = gemm_config(arch, gemm_dtype, "fc2_bwd")
         num_m, num_n = triton.cdiv(rows, cfg.block_m), triton.cdiv(hidden, cfg.block_n)
-        da = new_output((rows, hidden), dtype=gemm_dtype, device=device)
+        da = new_output((rows, fc1_rows), dtype=gemm_dtype, device=device)
         g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
-        db1_part = new_output((num_m, hidden), dtype=torch.float32, device=device) if need["fc1_bias"] else None
+        db1_part = new_output((num_m, fc1_rows), dtype=torch.float32, device=device) if need_db1 else None
         dss_part = new_output((rows, num_n), dtype=torch.float32, device=device) if need_dss else None
         _fc2_bwd_kernel[(num_m * num_n,)](
             grad_out, layer_scale, fc2_weight, preact, sample_scale, da, g, db1_part, dss_part,
             rows, n_tok, dim, hidden, *dy_strides, fc2_weight.stride(0),
             HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
-            WRITE_G=need_m2, COMPUTE_DB1=need["fc1_bias"], COMPUTE_DSS=need_dss,
-            TANH=tanh, DOT_PRECISION=precision,
+            WRITE_G=need_m2, COMPUTE_DB1=need_db1, COMPUTE_DSS=need_dss, DOT_PRECISION=precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            ACTIVATION=activation, GATED=gated,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if need["fc1_bias"]:
-            grads["fc1_bias"] = db1_part.sum(0).to(fc1_bias.dtype)
+        if need_db1:
+            db1 = db1_part.sum(0)  # gated: [gate | value]
+            if split_fc1:  # separate tensors (a custom op's outputs may not alias each other)
+                if need["fc1_gate_bias"]:
+                    grads["fc1_gate_bias"] = db1[:hidden].to(fc1_gate_bias.dtype, copy=True)
+                if need["fc1_bias"]:
+                    grads["fc1_bias"] = db1[hidden:].to(fc1_bias.dtype, copy=True)
+            else:
+                grads["fc1_bias"] = db1.to(fc1_bias.dtype)
 
         # -- 2. M2 = (dy * ss)^T g  ->  dW2 = ls * M2 (and dls below) --
         m2 = None
@@ -389,22 +450,38 @@ def layernorm_mlp_bwd(
                 w2_grad = m2 * layer_scale.float()[:, None] if layer_scale is not None else m2
                 grads["fc2_weight"] = w2_grad.to(fc2_weight.dtype)
 
-        # -- 3. dW1 = dA^T LN(x) --
-        if need["fc1_weight"]:
-            grads["fc1_weight"] = _wgrad(
-                da, (n_tok * hidden, hidden, 1), None, x, (x.stride(0), x.stride(1)),
-                (mean, rstd, norm_weight, norm_bias), batch, n_tok, hidden, dim, wgrad_split,
+        # -- 3. dW1 = dA^T LN(x) (gated: [dW_gate; dW_value], one GEMM, or the half needed) --
+        ln = (mean, rstd, norm_weight, norm_bias)
+        if split_fc1 and need["fc1_weight"] != need["fc1_gate_weight"]:
+            first = 0 if need["fc1_gate_weight"] else hidden
+            name = "fc1_gate_weight" if need["fc1_gate_weight"] else "fc1_weight"
+            grads[name] = _wgrad(
+                da[:, first:], (n_tok * fc1_rows, fc1_rows, 1), None, x, (x.stride(0), x.stride(1)), ln,
+                batch, n_tok, hidden, dim, wgrad_split,
             ).to(fc1_weight.dtype)
+        elif need["fc1_weight"]:
+            dw1 = _wgrad(
+                da, (n_tok * fc1_rows, fc1_rows, 1), None, x, (x.stride(0), x.stride(1)), ln,
+                batch, n_tok, fc1_rows, dim, wgrad_split,
+            )
+            if split_fc1:  # separate tensors (a custom op's outputs may not alias each other)
+                grads["fc1_gate_weight"] = dw1[:hidden].to(fc1_gate_weight.dtype, copy=True)
+                grads["fc1_weight"] = dw1[hidden:].to(fc1_weight.dtype, copy=True)
+            else:
+                grads["fc1_weight"] = dw1.to(fc1_weight.dtype)
 
-        # -- 4. dLN = dA @ W1 (fp32) --
+        # -- 4. dLN = dA @ W1 (fp32; gated: W1 = [W_gate; W_value]) --
         need_dln = need["x"] or need["norm_weight"] or need["norm_bias"]
         dln = None
         if need_dln:
+            w1 = fc1_weight
+            if split_fc1:
+                w1 = _stacked(fc1_gate_weight, fc1_weight)
             dln = new_output((rows, dim), dtype=torch.float32, device=device)
             c2 = gemm_config(arch, gemm_dtype, "fc2")
             _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
-                da, fc1_weight, None, None, None, None, dln,
-                rows, n_tok, dim, hidden, fc1_weight.stride(0), fc1_weight.stride(1), 0, 0,
+                da, w1, None, None, None, None, dln,
+                rows, n_tok, dim, fc1_rows, w1.stride(0), w1.stride(1), 0, 0,
                 HAS_BIAS=False, HAS_LS=False, HAS_SS=False, RESIDUAL=False, DOT_PRECISION=precision,
                 BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
                 num_warps=c2.num_warps, num_stages=c2.num_stages,
@@ -429,7 +506,7 @@ def layernorm_mlp_bwd(
                 HAS_NORM_W=norm_weight is not None, HAS_SS=sample_scale is not None, HAS_LS=layer_scale is not None,
                 RESIDUAL=residual, COMPUTE_DX=need["x"], COMPUTE_DNW=need["norm_weight"],
                 COMPUTE_DNB=need["norm_bias"], COMPUTE_DP=need_dp, COMPUTE_ROWTERM=need_rowterm,
-                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, num_warps=rc.num_warps,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, num_warps=rc.num_warps,
             )
             if need["x"]:
                 grads["x"] = dx
@@ -467,21 +544,15 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
     specs.append(gemm_spec(
         "layernorm_mlp._fc2_bwd_kernel", f"fc2 bwd (dA) {label}",
         {"DY": f"*{xty}", "LS": f"*{xty}", "W2": f"*{ty}", "Pre": f"*{ty}", "SS": f"*{xty}", "DA": f"*{ty}",
-         "G": f"*{ty}", "DB1Part": "*fp32", "DSSPart": "*fp32", "T": "i32", "N_TOK": "i32", "D": "i32",
-         "HD": "i32", "stride_dyb": "i32", "stride_dyn": "i32", "stride_dyd": "constexpr", "stride_w2d": "i32",
-         "HAS_LS": "constexpr", "HAS_SS": "constexpr", "WRITE_G": "constexpr", "COMPUTE_DB1": "constexpr",
-         "COMPUTE_DSS": "constexpr", "TANH": "constexpr"},
+         "G": f"*{ty}", "DB1Part": "*fp32", "DSSPart": "*fp32", "stride_dyd": "constexpr"},
         {"stride_dyd": 1, "HAS_LS": True, "HAS_SS": True, "WRITE_G": True, "COMPUTE_DB1": True,
-         "COMPUTE_DSS": True, "TANH": False},
+         "COMPUTE_DSS": True},
         cfg, arch, dtype,
         ("DY", "LS", "W2", "Pre", "SS", "DA", "G", "DB1Part", "DSSPart", "D", "HD", "stride_dyb", "stride_dyn",
          "stride_w2d"),
     ))
     cfg = gemm_config(arch, dtype, "wgrad")
-    common = {"T": "i32", "N_TOK": "i32", "M": "i32", "N": "i32", "rows_per_split": "i32",
-              "stride_pb": "i32", "stride_pn": "i32", "stride_pm": "constexpr", "stride_qb": "i32",
-              "stride_qn": "i32", "P_SCALE": "constexpr", "Q_LN": "constexpr", "HAS_NORM_W": "constexpr",
-              "HAS_NORM_B": "constexpr"}
+    common = {"stride_pm": "constexpr"}
     div = ("P", "SS", "Q", "Mean", "Rstd", "NormW", "NormB", "Out", "M", "N", "rows_per_split",
            "stride_pb", "stride_pn", "stride_qb", "stride_qn")
     specs.append(gemm_spec(  # dW2: P = dy * ss, Q = gelu(a)
@@ -505,9 +576,7 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
     specs.append(gemm_spec(  # dLN = dA @ W1: the fc2 kernel with no epilogue, fp32 out
         "layernorm_mlp._fc2_kernel", f"dLN {label}",
         {"A": f"*{ty}", "W": f"*{ty}", "Bias": "constexpr", "X": "constexpr", "LS": "constexpr",
-         "SS": "constexpr", "Y": "*fp32", "T": "i32", "N_TOK": "i32", "N_OUT": "i32", "K": "i32",
-         "stride_wk": "i32", "stride_wn": "constexpr", "stride_xb": "i32", "stride_xn": "i32",
-         "HAS_BIAS": "constexpr", "HAS_LS": "constexpr", "HAS_SS": "constexpr", "RESIDUAL": "constexpr"},
+         "SS": "constexpr", "Y": "*fp32", "stride_wn": "constexpr"},
         {"Bias": None, "X": None, "LS": None, "SS": None, "stride_wn": 1, "HAS_BIAS": False, "HAS_LS": False,
          "HAS_SS": False, "RESIDUAL": False},
         cfg, arch, dtype, ("A", "W", "Y", "N_OUT", "K", "stride_wk"),
@@ -517,14 +586,13 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
 
 def ln_bwd_spec(arch: int, rc: RowConfig) -> KernelSpec:
     """The LayerNorm-backward row kernel for one width bucket (bf16 x and dy, every output on)."""
-    sig = {"DLN": "*fp32", "X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "NormW": "*bf16", "DY": "*bf16",
-           "SS": "*bf16", "LS": "*bf16", "B2": "*bf16", "DX": "*bf16", "DNWPart": "*fp32", "DNBPart": "*fp32",
-           "DPPart": "*fp32", "RowTerm": "*fp32", "T": "i32", "N_TOK": "i32", "D": "i32", "stride_xb": "i32",
-           "stride_xn": "i32", "stride_dyb": "i32", "stride_dyn": "i32", "stride_dyd": "constexpr"}
+    sig = signature(_ln_bwd_kernel, {
+        "DLN": "*fp32", "X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "NormW": "*bf16", "DY": "*bf16", "SS": "*bf16",
+        "LS": "*bf16", "B2": "*bf16", "DX": "*bf16", "DNWPart": "*fp32", "DNBPart": "*fp32", "DPPart": "*fp32",
+        "RowTerm": "*fp32", "stride_dyd": "constexpr"})  # fmt: skip
     flags = {"HAS_NORM_W": True, "HAS_SS": True, "HAS_LS": True, "RESIDUAL": True, "COMPUTE_DX": True,
              "COMPUTE_DNW": True, "COMPUTE_DNB": True, "COMPUTE_DP": True, "COMPUTE_ROWTERM": True,
              "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
-    sig.update({k: "constexpr" for k in flags})
     return KernelSpec(
         "layernorm_mlp._ln_bwd_kernel", f"ln bwd bf16 BLOCK_D={rc.block_d} rows={rc.block_rows} w={rc.num_warps}",
         sig, {"stride_dyd": 1, **flags}, rc.num_warps, 1, arch,

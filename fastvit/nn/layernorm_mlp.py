@@ -1,9 +1,10 @@
-"""``FusedLayerNormMLP``: the LayerNorm + MLP half of a pre-norm ViT block as one fused op.
+"""``FusedLayerNormMLP``: the norm + MLP half of a pre-norm ViT block as one fused op.
 
-    x + drop_path(layer_scale * fc2(gelu(fc1(norm(x)))))
+    x + drop_path(layer_scale * fc2(act(fc1(norm(x)))))          (gated: fc2(act(gate) * value))
 
-with timm's submodule names (``norm``, ``fc1``, ``fc2``), built standalone or around existing
-modules (``from_modules``: the given modules themselves, not copies).
+with timm's submodule names (``norm``, ``fc1``, ``fc2``; ``fc1_gate`` for a two-linear gated MLP),
+built standalone or around existing modules (``from_modules``: the given modules themselves, not
+copies). LayerNorm or RMSNorm; GELU (erf or tanh), quick_gelu, SiLU; plain or gated (SwiGLU).
 """
 
 from __future__ import annotations
@@ -14,21 +15,25 @@ import torch
 import torch.nn as nn
 
 from fastvit.backend import current_backend
-from fastvit.ops.layernorm_mlp import layernorm_mlp
+from fastvit.ops.layernorm_mlp import layernorm_mlp, resolve_activation
 
 __all__ = ["FusedLayerNormMLP"]
 
 
 class FusedLayerNormMLP(nn.Module):
-    """LayerNorm -> fc1 -> GELU -> fc2 -> LayerScale -> drop-path -> residual add, one op.
+    """Norm -> fc1 -> activation (-> gate) -> fc2 -> LayerScale -> drop-path -> residual add, one op.
 
     Args:
         dim: token width D.
-        hidden_dim: fc1's output width; default ``int(dim * mlp_ratio)``.
+        hidden_dim: fc2's input width; default ``int(dim * mlp_ratio)``. Gated, fc1 produces twice
+            that, packed [gate; value] (timm's SwiGLUPacked layout).
         mlp_ratio: hidden_dim / dim when hidden_dim is not given (timm allows any ratio).
         bias: fc1 and fc2 have biases.
-        eps: LayerNorm epsilon (timm 1e-6, Hugging Face ViT 1e-12).
-        approximate: GELU flavour, ``"none"`` (erf) or ``"tanh"``.
+        eps: norm epsilon (timm 1e-6, Hugging Face ViT 1e-12).
+        approximate: F.gelu's keyword, kept working: ``"none"`` (erf) or ``"tanh"``.
+        activation: ``"gelu"`` (default), ``"gelu_tanh"``, ``"quick_gelu"`` or ``"silu"``.
+        norm: ``"layernorm"`` (nn.LayerNorm) or ``"rms"`` (nn.RMSNorm).
+        gated: a gated MLP: fc2(act(gate) * value).
         residual: add x to the branch.
         init_values: LayerScale init (timm's name); None for no layer scale.
         drop_path: stochastic-depth rate: in training, each sample's branch is dropped with this
@@ -41,6 +46,7 @@ class FusedLayerNormMLP(nn.Module):
         >>> mlp = FusedLayerNormMLP(768, mlp_ratio=4.0, init_values=1e-5, drop_path=0.1).cuda()
         >>> y = mlp(torch.randn(8, 197, 768, device="cuda"))          # (8, 197, 768)
         >>> fused = FusedLayerNormMLP.from_modules(block.norm2, block.mlp.fc1, block.mlp.fc2, block.ls2)
+        >>> swiglu = FusedLayerNormMLP(1024, 2816, norm="rms", activation="silu", gated=True)  # AIMv2-large
     """
 
     def __init__(
@@ -51,7 +57,10 @@ class FusedLayerNormMLP(nn.Module):
         mlp_ratio: float = 4.0,
         bias: bool = True,
         eps: float = 1e-6,
-        approximate: str = "none",
+        approximate: str | None = None,
+        activation: str | None = None,
+        norm: str = "layernorm",
+        gated: bool = False,
         residual: bool = True,
         init_values: float | None = None,
         drop_path: float = 0.0,
@@ -61,24 +70,36 @@ class FusedLayerNormMLP(nn.Module):
         super().__init__()
         hidden_dim = int(dim * mlp_ratio) if hidden_dim is None else hidden_dim
         factory = {"device": device, "dtype": dtype}
-        self.norm = nn.LayerNorm(dim, eps=eps, **factory)
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, **factory)
+        if norm not in ("layernorm", "rms"):
+            raise ValueError(f"norm must be 'layernorm' or 'rms', got {norm!r}")
+        self.norm = nn.LayerNorm(dim, eps=eps, **factory) if norm == "layernorm" else nn.RMSNorm(dim, eps, **factory)
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim if gated else hidden_dim, bias=bias, **factory)
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, **factory)
-        self._configure(approximate, residual, drop_path)
+        self.fc1_gate: nn.Linear | None = None
+        self.gated = bool(gated)
+        self._configure(approximate, activation, residual, drop_path)
         self.ls: nn.Module | None = None
         if init_values is None:
             self.register_parameter("layer_scale", None)
         else:
             self.layer_scale = nn.Parameter(torch.full((dim,), float(init_values), **factory))
 
-    def _configure(self, approximate: str, residual: bool, drop_path: float) -> None:
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"approximate must be 'none' or 'tanh' (GELU flavour), got {approximate!r}")
+    def _configure(self, approximate: str | None, activation: str | None, residual: bool, drop_path: float) -> None:
+        self.activation = resolve_activation(approximate, activation)
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
-        self.approximate = approximate
         self.residual = bool(residual)
         self.drop_path = float(drop_path)
+
+    @property
+    def approximate(self) -> str | None:
+        """F.gelu's keyword for the GELU activations ("none" / "tanh"); None for the others."""
+        return {"gelu": "none", "gelu_tanh": "tanh"}.get(self.activation)
+
+    @property
+    def norm_kind(self) -> str:
+        """``"rms"`` for an nn.RMSNorm, else ``"layernorm"``."""
+        return "rms" if isinstance(self.norm, nn.RMSNorm) else "layernorm"
 
     @classmethod
     def from_modules(
@@ -88,42 +109,61 @@ class FusedLayerNormMLP(nn.Module):
         fc2: nn.Linear,
         layer_scale: nn.Module | torch.Tensor | None = None,
         *,
-        approximate: str = "none",
+        approximate: str | None = None,
+        activation: str | None = None,
+        gated: bool = False,
+        fc1_gate: nn.Linear | None = None,
         residual: bool = True,
         drop_path: float = 0.0,
     ) -> FusedLayerNormMLP:
         """Wrap existing modules (registered as they are: same objects, same Parameters).
 
         Args:
-            norm: nn.LayerNorm over the last dim (D,).
-            fc1: nn.Linear(D, hidden); fc2: nn.Linear(hidden, D).
+            norm: nn.LayerNorm (or timm's LayerNorm) or nn.RMSNorm over the last dim (D,).
+            fc1: nn.Linear(D, hidden); fc2: nn.Linear(hidden, D). Gated with ``fc1_gate``: fc1 is
+                the value (``up_proj``) and ``fc1_gate`` the gate (``gate_proj``), both (D -> hidden);
+                gated without: fc1 is nn.Linear(D, 2 * hidden) packed [gate; value] (SwiGLUPacked).
             layer_scale: timm's LayerScale module (its ``gamma`` is read at call time; the module
                 becomes the submodule ``ls``), a (D,) Parameter or tensor (registered as
                 ``layer_scale``), nn.Identity or None.
-            approximate, residual, drop_path: as in the constructor.
+            approximate, activation, residual, drop_path: as in the constructor.
+            gated: a gated MLP (implied by ``fc1_gate``).
+            fc1_gate: the gate projection of a two-linear gated MLP (registered as ``fc1_gate``).
         """
         # exact types: the fused op reads the weights, so a subclass's own forward would be ignored
-        if type(norm) not in _layernorm_types() or len(norm.normalized_shape) != 1:
+        if type(norm) not in (*_layernorm_types(), nn.RMSNorm) or len(norm.normalized_shape) != 1:
             raise TypeError(
-                f"norm must be an nn.LayerNorm (or timm's LayerNorm) over the last dim, not a subclass whose "
-                f"forward the fused op would ignore; got {type(norm).__name__} {norm!r}"
+                f"norm must be an nn.LayerNorm (or timm's LayerNorm) or nn.RMSNorm over the last dim, not a "
+                f"subclass whose forward the fused op would ignore; got {type(norm).__name__} {norm!r}"
             )
-        for name, mod in (("fc1", fc1), ("fc2", fc2)):
+        gated = gated or fc1_gate is not None
+        linears = (("fc1", fc1), ("fc2", fc2)) + ((("fc1_gate", fc1_gate),) if fc1_gate is not None else ())
+        for name, mod in linears:
             if type(mod) is not nn.Linear:
                 raise TypeError(
                     f"{name} must be exactly nn.Linear, not a subclass or wrapper whose forward the fused op "
                     f"would ignore; got {type(mod).__name__}"
                 )
         dim = norm.normalized_shape[0]
-        if fc1.in_features != dim or fc2.out_features != dim or fc2.in_features != fc1.out_features:
+        fc1_out = fc1.out_features // 2 if gated and fc1_gate is None else fc1.out_features
+        if (fc1.in_features != dim or fc2.out_features != dim or fc2.in_features != fc1_out
+                or (gated and fc1_gate is None and fc1.out_features % 2)):
+            need = f"fc1 {dim} -> 2H (packed [gate; value])" if gated and fc1_gate is None else f"fc1 {dim} -> H"
             raise ValueError(
                 f"modules do not chain: norm over {dim}, fc1 {fc1.in_features} -> {fc1.out_features}, "
-                f"fc2 {fc2.in_features} -> {fc2.out_features}; need fc1 {dim} -> H and fc2 H -> {dim}"
+                f"fc2 {fc2.in_features} -> {fc2.out_features}; need {need} and fc2 H -> {dim}"
+            )
+        if fc1_gate is not None and (fc1_gate.in_features, fc1_gate.out_features) != (dim, fc1.out_features):
+            raise ValueError(
+                f"fc1_gate must map {dim} -> {fc1.out_features} like fc1, got "
+                f"{fc1_gate.in_features} -> {fc1_gate.out_features}"
             )
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.norm, self.fc1, self.fc2 = norm, fc1, fc2
-        self._configure(approximate, residual, drop_path)
+        self.fc1_gate = fc1_gate
+        self.gated = gated
+        self._configure(approximate, activation, residual, drop_path)
         self.ls = None
         self.register_parameter("layer_scale", None)
         if isinstance(layer_scale, nn.Identity) or layer_scale is None:
@@ -163,16 +203,23 @@ class FusedLayerNormMLP(nn.Module):
         drop = self._drop_path_scale(x) if x.dim() >= 2 else None
         if drop is not None:
             sample_scale = drop if sample_scale is None else sample_scale * drop
+        gate = self.fc1_gate
+        eps = self.norm.eps
+        if eps is None:  # nn.RMSNorm's default: the input dtype's machine epsilon
+            eps = torch.finfo(x.dtype).eps
         return layernorm_mlp(
-            x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-            eps=self.norm.eps, approximate=self.approximate, residual=self.residual, layer_scale=self.gamma,
-            sample_scale=sample_scale,
+            x, self.norm.weight, getattr(self.norm, "bias", None), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+            self.fc2.bias, eps=eps, activation=self.activation, norm=self.norm_kind, gated=self.gated,
+            fc1_gate_weight=gate.weight if gate is not None else None,
+            fc1_gate_bias=gate.bias if gate is not None else None,
+            residual=self.residual, layer_scale=self.gamma, sample_scale=sample_scale,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.fc1.in_features}, hidden_dim={self.fc1.out_features}, eps={self.norm.eps}, "
-            f"approximate={self.approximate!r}, residual={self.residual}, layer_scale={self.gamma is not None}, "
+            f"dim={self.fc1.in_features}, hidden_dim={self.fc2.in_features}, eps={self.norm.eps}, "
+            f"norm={self.norm_kind!r}, activation={self.activation!r}, gated={self.gated}, "
+            f"residual={self.residual}, layer_scale={self.gamma is not None}, "
             f"drop_path={self.drop_path}, backend={current_backend()!r}"
         )
 

@@ -72,14 +72,49 @@ def layernorm_mlp(
     fc2_weight: torch.Tensor,
     fc2_bias: Optional[torch.Tensor],  # noqa: UP045
     eps: float = 1e-6,
-    approximate: str = "none",
+    approximate: Optional[str] = None,  # noqa: UP045
+    activation: Optional[str] = None,  # noqa: UP045
+    norm: str = "layernorm",
+    gated: Optional[bool] = None,  # noqa: UP045
+    fc1_gate_weight: Optional[torch.Tensor] = None,  # noqa: UP045
+    fc1_gate_bias: Optional[torch.Tensor] = None,  # noqa: UP045
     residual: bool = True,
     layer_scale: Optional[torch.Tensor] = None,  # noqa: UP045
     sample_scale: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     if torch.jit.is_scripting():
-        hidden = F.layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
-        hidden = F.gelu(F.linear(hidden, fc1_weight, fc1_bias), approximate=approximate)
+        act = "gelu" if activation is None else activation
+        if approximate is not None:
+            act = "gelu_tanh" if approximate == "tanh" else "gelu"
+        if act == "gelu_pytorch_tanh" or act == "gelu_new":
+            act = "gelu_tanh"
+        if act == "swish":
+            act = "silu"
+        if norm == "rms":
+            hidden = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            if norm_weight is not None:
+                hidden = hidden * norm_weight
+        else:
+            hidden = F.layer_norm(x, [x.shape[-1]], norm_weight, norm_bias, eps)
+        pre = F.linear(hidden, fc1_weight, fc1_bias)
+        is_gated = fc1_gate_weight is not None if gated is None else gated
+        value: Optional[torch.Tensor] = None  # noqa: UP045
+        if is_gated:
+            if fc1_gate_weight is not None:
+                value = pre
+                pre = F.linear(hidden, fc1_gate_weight, fc1_gate_bias)
+            else:
+                half = pre.shape[-1] // 2
+                value = pre[..., half:]
+                pre = pre[..., :half]
+        if act == "quick_gelu":
+            hidden = pre * torch.sigmoid(1.702 * pre)
+        elif act == "silu":
+            hidden = F.silu(pre)
+        else:
+            hidden = F.gelu(pre, approximate="tanh" if act == "gelu_tanh" else "none")
+        if value is not None:
+            hidden = hidden * value
         out = F.linear(hidden, fc2_weight, fc2_bias)
         if layer_scale is not None:
             out = out * layer_scale
@@ -89,7 +124,8 @@ def layernorm_mlp(
         return x + out if residual else out
     return EAGER["layernorm_mlp"](
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
-        residual=residual, layer_scale=layer_scale, sample_scale=sample_scale,
+        activation=activation, norm=norm, gated=gated, fc1_gate_weight=fc1_gate_weight,
+        fc1_gate_bias=fc1_gate_bias, residual=residual, layer_scale=layer_scale, sample_scale=sample_scale,
     )  # fmt: skip
 
 

@@ -1,5 +1,11 @@
 """``fastvit.layernorm_mlp``: input checks, autocast rule, backend dispatch and autograd.
 
+Variants (the MLPs of today's vision towers): ``activation`` "gelu" (erf), "gelu_tanh",
+"quick_gelu" (CLIP), "silu"; ``norm`` "layernorm" or "rms" (Pixtral, AIMv2); gated MLPs (SwiGLU:
+DINOv2-giant, DINOv3, AIMv2), packed or as two linears; LayerScale (DINOv2/v3, timm). The Triton
+route covers all of them; the ``cuda`` route covers the GELU LayerNorm MLP and runs the others on
+the ``torch`` route with one warning.
+
 The Triton route is a pair of ``torch.library`` custom ops (``fastvit::layernorm_mlp_fwd`` and
 ``fastvit::layernorm_mlp_bwd``) with fake implementations and an autograd formula, so the op
 works under ``torch.compile(fullgraph=True)``. The ``cuda`` route is the extension's pair
@@ -35,8 +41,15 @@ __all__ = ["layernorm_mlp"]
 # dtypes the Triton kernels take; float64 is valid input and runs on the torch route.
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALL_DTYPES = (*_KERNEL_DTYPES, torch.float64)
-_APPROXIMATE = ("none", "tanh")
-_NUM_GRADS = 9  # x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale
+_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}  # the GELU keyword of F.gelu -> activation
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+# other names the same functions go by (Hugging Face's ACT2FN keys, nn.SiLU's old name)
+_ACTIVATION_ALIASES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "swish": "silu"}
+NORMS = ("layernorm", "rms")
+# tensor inputs of the Triton custom op: x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+# fc2_bias, layer_scale, sample_scale, fc1_gate_weight, fc1_gate_bias; the cuda op takes the first 9
+_NUM_GRADS = 11
+_NUM_GRADS_CUDA = 9
 # widest rows the extension's LayerNorm kernels take (one row per block, in registers)
 _CUDA_MAX_DIM = 8192
 
@@ -65,8 +78,12 @@ def _layernorm_mlp_fwd(
     fc2_bias: torch.Tensor | None,
     layer_scale: torch.Tensor | None,
     sample_scale: torch.Tensor | None,
+    fc1_gate_weight: torch.Tensor | None,
+    fc1_gate_bias: torch.Tensor | None,
     eps: float,
-    approximate: str,
+    activation: str,
+    norm: str,
+    gated: bool,
     residual: bool,
     out_dtype: torch.dtype,
     save_preact: bool,
@@ -75,8 +92,9 @@ def _layernorm_mlp_fwd(
 
     y, pre, mean, rstd = layernorm_mlp_fwd(
         _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-        sample_scale, eps=eps, approximate=approximate, residual=residual, out_dtype=out_dtype,
-        save_preact=save_preact,
+        sample_scale, eps=eps, activation=activation, residual=residual, out_dtype=out_dtype,
+        save_preact=save_preact, rms=norm == "rms", gated=gated, fc1_gate_weight=fc1_gate_weight,
+        fc1_gate_bias=fc1_gate_bias,
     )
     if pre is None:  # inference: nothing kept for a backward
         pre = x.new_empty((0,), dtype=fc1_weight.dtype)
@@ -85,9 +103,9 @@ def _layernorm_mlp_fwd(
 
 @_layernorm_mlp_fwd.register_fake
 def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-      eps, approximate, residual, out_dtype, save_preact):
+      fc1_gate_weight, fc1_gate_bias, eps, activation, norm, gated, residual, out_dtype, save_preact):
     rows = x.numel() // x.shape[-1]
-    pre_shape = (rows, fc1_weight.shape[0]) if save_preact else (0,)
+    pre_shape = (rows, 2 * fc2_weight.shape[1] if gated else fc2_weight.shape[1]) if save_preact else (0,)
     return (
         x.new_empty(x.shape, dtype=out_dtype),
         x.new_empty(pre_shape, dtype=fc1_weight.dtype),
@@ -117,14 +135,18 @@ def _layernorm_mlp_bwd(
     fc2_bias: torch.Tensor | None,
     layer_scale: torch.Tensor | None,
     sample_scale: torch.Tensor | None,
+    fc1_gate_weight: torch.Tensor | None,
+    fc1_gate_bias: torch.Tensor | None,
     preact: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    approximate: str,
+    activation: str,
+    norm: str,
+    gated: bool,
     residual: bool,
     needs: list[bool],
 ) -> list[torch.Tensor]:
-    """Gradients for the 9 tensor inputs; an empty (0,) tensor stands for "not computed"."""
+    """Gradients for the 11 tensor inputs; an empty (0,) tensor stands for "not computed"."""
     from fastvit.kernels.layernorm_mlp_bwd import layernorm_mlp_bwd
 
     if grad_out.shape[-1] > 1 and grad_out.stride(-1) not in (0, 1):
@@ -134,7 +156,8 @@ def _layernorm_mlp_bwd(
     grads = layernorm_mlp_bwd(
         _as_tokens(grad_out), _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
         fc2_bias, layer_scale, sample_scale, preact, mean, rstd,
-        approximate=approximate, residual=residual, needs=tuple(needs),
+        activation=activation, residual=residual, needs=tuple(needs), rms=norm == "rms", gated=gated,
+        fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias,
     )
     if grads[0] is not None:
         grads[0] = grads[0].view(x.shape)
@@ -143,16 +166,24 @@ def _layernorm_mlp_bwd(
 
 @_layernorm_mlp_bwd.register_fake
 def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-      sample_scale, preact, mean, rstd, approximate, residual, needs):
+      sample_scale, fc1_gate_weight, fc1_gate_bias, preact, mean, rstd, activation, norm, gated, residual, needs):
     return _fake_grads(needs, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-                       sample_scale)
+                       sample_scale, fc1_gate_weight, fc1_gate_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    """Both routes: keep the 9 tensor inputs and every internal output (preact, mean, rstd, and on
-    the cuda route branch) for the backward, and the scalar arguments it needs."""
+    """Triton route: keep the 11 tensor inputs and the internal outputs (preact, mean, rstd) for
+    the backward, and the scalar arguments it needs."""
+    ctx.num_grads = _NUM_GRADS
     ctx.save_for_backward(*inputs[:_NUM_GRADS], *output[1:])
-    ctx.eps, ctx.approximate, ctx.residual, _out_dtype, ctx.save_preact = inputs[_NUM_GRADS:]
+    _eps, ctx.activation, ctx.norm, ctx.gated, ctx.residual, _out_dtype, ctx.save_preact = inputs[_NUM_GRADS:]
+
+
+def _cuda_setup_context(ctx, inputs, output):
+    """cuda route: keep the 9 tensor inputs and the internal outputs (preact, mean, rstd, branch)."""
+    ctx.num_grads = _NUM_GRADS_CUDA
+    ctx.save_for_backward(*inputs[:_NUM_GRADS_CUDA], *output[1:])
+    ctx.eps, ctx.approximate, ctx.residual, _out_dtype, ctx.save_preact = inputs[_NUM_GRADS_CUDA:]
 
 
 def _run_backward(ctx, backward_op):
@@ -163,15 +194,16 @@ def _run_backward(ctx, backward_op):
             "fastvit.layernorm_mlp: the forward ran without saving activations (no input required "
             "grad when it ran), so it cannot be differentiated"
         )
-    needs = [bool(n) for n in ctx.needs_input_grad[:_NUM_GRADS]]
+    needs = [bool(n) for n in ctx.needs_input_grad[:ctx.num_grads]]
     grads = backward_op(needs)
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None, None)
+    scalars = len(ctx.needs_input_grad) - ctx.num_grads
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * scalars)
 
 
 def _backward(ctx, grad_out, *_internal):
     return _run_backward(ctx, lambda needs: call(
-        _layernorm_mlp_bwd, _layernorm_mlp_bwd_function, grad_out, *ctx.saved_tensors, ctx.approximate,
-        ctx.residual, needs,
+        _layernorm_mlp_bwd, _layernorm_mlp_bwd_function, grad_out, *ctx.saved_tensors, ctx.activation,
+        ctx.norm, ctx.gated, ctx.residual, needs,
     ))
 
 
@@ -271,18 +303,37 @@ def _cuda_backward(ctx, grad_out, *_internal):
     ))
 
 
-_layernorm_mlp_cuda_fwd.register_autograd(_cuda_backward, setup_context=_setup_context)
+_layernorm_mlp_cuda_fwd.register_autograd(_cuda_backward, setup_context=_cuda_setup_context)
 _layernorm_mlp_cuda_bwd_function = no_double_backward(_layernorm_mlp_cuda_bwd, "layernorm_mlp")
-_layernorm_mlp_cuda_fwd_function = function_twin(_layernorm_mlp_cuda_fwd, _setup_context, _cuda_backward)
+_layernorm_mlp_cuda_fwd_function = function_twin(_layernorm_mlp_cuda_fwd, _cuda_setup_context, _cuda_backward)
 
 
 # ---------------------------------------------------------------------------------------------
 # torch route: the composite
 # ---------------------------------------------------------------------------------------------
-def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate,
-               residual, layer_scale, sample_scale):
-    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-    h = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
+def _activate(a: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "quick_gelu":
+        return a * torch.sigmoid(1.702 * a)
+    if activation == "silu":
+        return F.silu(a)
+    return F.gelu(a, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, norm,
+               gated, fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale):
+    if norm == "rms":
+        h = F.rms_norm(x, (x.shape[-1],), norm_weight, eps)
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    a = F.linear(h, fc1_weight, fc1_bias)
+    if not gated:
+        h = _activate(a, activation)
+    elif fc1_gate_weight is not None:  # two linears: fc1 is the value (up) projection
+        h = _activate(F.linear(h, fc1_gate_weight, fc1_gate_bias), activation) * a
+    else:  # packed [gate; value]
+        gate, value = a.chunk(2, dim=-1)
+        h = _activate(gate, activation) * value
+    h = F.linear(h, fc2_weight, fc2_bias)
     if layer_scale is not None:
         h = h * layer_scale
     if sample_scale is not None:
@@ -305,28 +356,84 @@ def _check_vector(name: str, t: torch.Tensor | None, length: int, what: str) -> 
         raise ValueError(f"{name} must have shape ({length},) ({what}), got {tuple(t.shape)}")
 
 
-def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate,
-              residual, layer_scale, sample_scale) -> None:
+def resolve_activation(approximate: str | None, activation: str | None) -> str:
+    """The activation named by ``activation`` and the older GELU keyword ``approximate`` together.
+
+    ``approximate="none"`` means ``"gelu"`` and ``"tanh"`` means ``"gelu_tanh"``; both may be given
+    when they agree. Neither given: ``"gelu"``. Hugging Face's names ``"gelu_pytorch_tanh"`` and
+    ``"gelu_new"`` mean ``"gelu_tanh"``, ``"swish"`` means ``"silu"``.
+
+    Example:
+        >>> resolve_activation("tanh", None), resolve_activation(None, "quick_gelu")
+        ('gelu_tanh', 'quick_gelu')
+    """
+    if approximate is not None and approximate not in _APPROXIMATE:
+        raise ValueError(
+            f"approximate must be one of {tuple(_APPROXIMATE)} (GELU flavour) or None, got {approximate!r}"
+        )
+    if activation is not None:
+        if not isinstance(activation, str) or _ACTIVATION_ALIASES.get(activation, activation) not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        activation = _ACTIVATION_ALIASES.get(activation, activation)
+    if approximate is None:
+        return activation or "gelu"
+    if activation is not None and activation != _APPROXIMATE[approximate]:
+        raise ValueError(
+            f"approximate={approximate!r} means activation={_APPROXIMATE[approximate]!r}, which conflicts "
+            f"with activation={activation!r}; pass activation alone"
+        )
+    return _APPROXIMATE[approximate]
+
+
+def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, norm, gated,
+              fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale) -> None:
     check_tensor("x", x, dtypes=_ALL_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., D) with D >= 1, got {tuple(x.shape)}")
     dim = x.shape[-1]
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(gated, bool):
+        raise TypeError(f"gated must be a bool or None, got {type(gated).__name__}")
+    if fc1_gate_weight is not None and not gated:
+        raise ValueError("fc1_gate_weight was given with gated=False; a gate weight makes the MLP gated")
+    if fc1_gate_bias is not None and fc1_gate_weight is None:
+        raise ValueError("fc1_gate_bias was given without fc1_gate_weight")
     check_tensor("fc1_weight", fc1_weight, ndim=2, dtypes=_ALL_DTYPES, shape_hint="(hidden, D)")
-    hidden = fc1_weight.shape[0]
-    if fc1_weight.shape[1] != dim or hidden == 0:
+    fc1_rows = fc1_weight.shape[0]
+    if fc1_weight.shape[1] != dim or fc1_rows == 0:
         raise ValueError(
             f"fc1_weight must have shape (hidden, D={dim}) with hidden >= 1 (nn.Linear layout), "
             f"got {tuple(fc1_weight.shape)} for x of shape {tuple(x.shape)}"
         )
+    hidden = fc1_rows
+    if gated and fc1_gate_weight is None:
+        if fc1_rows % 2:
+            raise ValueError(
+                f"gated=True with one fc1_weight needs it packed as [gate; value], (2 * hidden, D={dim}); "
+                f"got {tuple(fc1_weight.shape)} (odd rows)"
+            )
+        hidden = fc1_rows // 2
+    if fc1_gate_weight is not None:
+        check_tensor("fc1_gate_weight", fc1_gate_weight, ndim=2, dtypes=_ALL_DTYPES, shape_hint="(hidden, D)")
+        if fc1_gate_weight.shape != fc1_weight.shape:
+            raise ValueError(
+                f"fc1_gate_weight must have fc1_weight's shape {tuple(fc1_weight.shape)} (gate_proj beside "
+                f"up_proj), got {tuple(fc1_gate_weight.shape)}"
+            )
     check_tensor("fc2_weight", fc2_weight, ndim=2, dtypes=_ALL_DTYPES, shape_hint="(D, hidden)")
     if tuple(fc2_weight.shape) != (dim, hidden):
+        what = " (gated: half of fc1's rows)" if gated and fc1_gate_weight is None else ""
         raise ValueError(
-            f"fc2_weight must have shape (D={dim}, hidden={hidden}) (nn.Linear layout), "
+            f"fc2_weight must have shape (D={dim}, hidden={hidden}){what} (nn.Linear layout), "
             f"got {tuple(fc2_weight.shape)}"
         )
     _check_vector("norm_weight", norm_weight, dim, "D")
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError("norm_bias must be None with norm='rms' (RMSNorm has no bias)")
     _check_vector("norm_bias", norm_bias, dim, "D")
-    _check_vector("fc1_bias", fc1_bias, hidden, "hidden")
+    _check_vector("fc1_bias", fc1_bias, fc1_rows, "fc1_weight.shape[0]")
+    _check_vector("fc1_gate_bias", fc1_gate_bias, fc1_rows, "fc1_gate_weight.shape[0]")
     _check_vector("fc2_bias", fc2_bias, dim, "D")
     _check_vector("layer_scale", layer_scale, dim, "D")
     if sample_scale is not None:
@@ -335,13 +442,11 @@ def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
         _check_vector("sample_scale", sample_scale, x.shape[0], "x.shape[0]")
     check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight,
                       fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias, layer_scale=layer_scale,
-                      sample_scale=sample_scale)
+                      sample_scale=sample_scale, fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if approximate not in _APPROXIMATE:
-        raise ValueError(f"approximate must be one of {_APPROXIMATE} (GELU flavour), got {approximate!r}")
     check_flags(residual=residual)
 
 
@@ -356,26 +461,44 @@ def layernorm_mlp(
     fc2_bias: torch.Tensor | None,
     *,
     eps: float = 1e-6,
-    approximate: str = "none",
+    approximate: str | None = None,
+    activation: str | None = None,
+    norm: str = "layernorm",
+    gated: bool | None = None,
+    fc1_gate_weight: torch.Tensor | None = None,
+    fc1_gate_bias: torch.Tensor | None = None,
     residual: bool = True,
     layer_scale: torch.Tensor | None = None,
     sample_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The LayerNorm + MLP half of a pre-norm ViT block, fused.
+    """The norm + MLP half of a pre-norm ViT block, fused.
 
-    ``x + sample_scale * layer_scale * fc2(gelu(fc1(layer_norm(x))))`` over the last dim, written
-    once; the backward recomputes LayerNorm and GELU (it keeps only fc1's pre-activation and two
-    fp32 statistics per token).
+    ``x + sample_scale * layer_scale * fc2(act(fc1(norm(x))))`` over the last dim, written once;
+    gated: ``fc2(act(gate) * value)``. The backward recomputes the norm and the activation (it
+    keeps only fc1's pre-activation and two fp32 statistics per token).
 
     Args:
         x: (..., D) tokens, e.g. (B, N, D) or (T, D).
-        norm_weight, norm_bias: (D,) LayerNorm affine parameters, or None.
-        fc1_weight: (hidden, D), fc1_bias: (hidden,) or None -- nn.Linear layout.
+        norm_weight, norm_bias: (D,) norm affine parameters, or None (``norm_bias`` None for RMSNorm).
+        fc1_weight: (hidden, D), fc1_bias: (hidden,) or None -- nn.Linear layout. Gated with one
+            fc1 (timm's ``SwiGLUPacked``, Hugging Face's ``Dinov2SwiGLUFFN`` ``weights_in``):
+            (2 * hidden, D) packed as [gate; value], ``act(first half) * second half``. Gated with
+            ``fc1_gate_weight``: fc1 is the value (``up_proj``, timm ``SwiGLU.fc1_x``).
         fc2_weight: (D, hidden), fc2_bias: (D,) or None.
-        eps: LayerNorm epsilon (> 0; timm uses 1e-6, Hugging Face ViT 1e-12).
-        approximate: GELU flavour, ``"none"`` (erf) or ``"tanh"``.
+        eps: norm epsilon (> 0; timm uses 1e-6, Hugging Face ViT 1e-12).
+        approximate: F.gelu's keyword, kept working: ``"none"`` means ``activation="gelu"``,
+            ``"tanh"`` means ``"gelu_tanh"``; an error if it contradicts ``activation``.
+        activation: ``"gelu"`` (erf; the default), ``"gelu_tanh"``, ``"quick_gelu"`` (CLIP's
+            ``a * sigmoid(1.702 a)``) or ``"silu"`` (SwiGLU); Hugging Face's ``"gelu_pytorch_tanh"``,
+            ``"gelu_new"`` and ``"swish"`` are accepted as aliases.
+        norm: ``"layernorm"`` or ``"rms"`` (RMSNorm: ``x * rsqrt(mean(x^2) + eps) * norm_weight``,
+            Pixtral, AIMv2).
+        gated: gated MLP (GLU family); None (default) means "gated iff ``fc1_gate_weight`` is given".
+        fc1_gate_weight: (hidden, D) gate projection (``gate_proj``, timm ``SwiGLU.fc1_g``), or None;
+            fc1_gate_bias: (hidden,) or None. timm's ``GluMlp`` (gate_last=True, [value; gate])
+            passes row views: ``fc1_weight=W[:hidden], fc1_gate_weight=W[hidden:]`` (no copies).
         residual: add x to the branch (False returns the branch alone).
-        layer_scale: (D,) timm LayerScale gamma, or None.
+        layer_scale: (D,) LayerScale gamma (timm, DINOv2/v3 ``lambda1``), or None.
         sample_scale: (x.shape[0],) per-sample factor on the branch (drop-path's mask / keep_prob
             in training), or None.
 
@@ -384,10 +507,12 @@ def layernorm_mlp(
         for timm's fp32 residual stream, the autocast dtype for ``residual=False`` with no fp32
         scale).
 
-    dtypes: fp16, bf16 and fp32 run the kernels (fp32 with IEEE fp32 dots, no TF32); float64
-    runs the ``torch`` route, as do rows wider than 4096 (``MAX_DIM``), with one warning. Under autocast the
-    linears run in the autocast dtype (weights cast like ``F.linear``), LayerNorm statistics in
-    fp32. Differentiable in every tensor argument.
+    Routes: fp16, bf16 and fp32 run the Triton kernels (fp32 with IEEE fp32 dots, no TF32), every
+    activation, norm and gating included; float64 and rows wider than 4096 (``MAX_DIM``) run the
+    ``torch`` route with one warning. The ``cuda`` backend covers LayerNorm with GELU (either
+    form), ungated; RMSNorm, the other activations and gated MLPs run the ``torch`` route there
+    with one warning. Under autocast the linears run in the autocast dtype (weights cast like
+    ``F.linear``), norm statistics in fp32. Differentiable in every tensor argument.
 
     Example:
         >>> mlp = torch.nn.ModuleDict(dict(norm=nn.LayerNorm(768, eps=1e-6), fc1=nn.Linear(768, 3072),
@@ -395,27 +520,35 @@ def layernorm_mlp(
         >>> x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16)
         >>> y = fastvit.layernorm_mlp(x, mlp.norm.weight, mlp.norm.bias, mlp.fc1.weight, mlp.fc1.bias,
         ...                           mlp.fc2.weight, mlp.fc2.bias)   # (8, 197, 768)
+        >>> # SwiGLU with RMSNorm (AIMv2): gate_proj / up_proj as two weights
+        >>> y = fastvit.layernorm_mlp(x, rms.weight, None, up.weight, None, down.weight, None, eps=1e-5,
+        ...                           norm="rms", activation="silu", fc1_gate_weight=gate.weight)
     """
-    _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate,
-              residual, layer_scale, sample_scale)
+    activation = resolve_activation(approximate, activation)
+    gated = fc1_gate_weight is not None if gated is None else gated
+    _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, norm, gated,
+              fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale)
     device = x.device
-    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale = (
-        usable_in_autograd(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-                           sample_scale)
+    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+     fc1_gate_weight, fc1_gate_bias) = usable_in_autograd(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+        fc1_gate_weight, fc1_gate_bias,
     )
     tensors = dict(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
-                   fc2_weight=fc2_weight, fc2_bias=fc2_bias, layer_scale=layer_scale, sample_scale=sample_scale)
+                   fc2_weight=fc2_weight, fc2_bias=fc2_bias, layer_scale=layer_scale, sample_scale=sample_scale,
+                   fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias)
     cast_to = autocast_dtype(device)
     if cast_to is None or any(t is not None and t.dtype == torch.float64 for t in tensors.values()):
         check_same_dtype(**tensors)
         cast_to = None
 
     gemm_dtype = fc1_weight.dtype if cast_to is None else cast_to
+    hidden = fc2_weight.shape[1]
     save_preact = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values())
     route = resolve_backend(
         device, "layernorm_mlp",
-        lambda: layernorm_mlp_bucket(x.shape[-1], fc1_weight.shape[0], gemm_dtype, x.numel() // x.shape[-1],
-                                     save_preact),
+        lambda: layernorm_mlp_bucket(x.shape[-1], 2 * hidden if gated else hidden, gemm_dtype,
+                                     x.numel() // x.shape[-1], save_preact),
     )
     if route in ("triton", "cuda"):
         from fastvit.kernels.layernorm_mlp import MAX_DIM
@@ -428,6 +561,9 @@ def layernorm_mlp(
             reason = f"D = {x.shape[-1]} > {max_dim}"
         elif route == "triton" and interpreter_dtype_problem(device, gemm_dtype):
             reason = interpreter_dtype_problem(device, gemm_dtype)
+        elif route == "cuda" and (gated or norm == "rms" or activation not in _APPROXIMATE.values()):
+            # the extension's composite has LayerNorm and GELU row kernels only
+            reason = "gated MLPs" if gated else "RMSNorm" if norm == "rms" else f"activation {activation!r}"
         if reason is not None:
             warn_once(
                 f"layernorm_mlp:{route}:{reason}",
@@ -439,20 +575,22 @@ def layernorm_mlp(
             route = "torch"  # nothing to compute; the composite gives the empty result and its grads
     if route == "torch":
         if cast_to is not None:
-            # LayerNorm in fp32 under autocast, as CUDA's autocast runs F.layer_norm; CPU autocast
+            # the norm in fp32 under autocast, as CUDA's autocast runs F.layer_norm; CPU autocast
             # leaves it alone, and it rejects affine parameters of a dtype other than x's or fp32
             norm_weight, norm_bias = (
                 t if t is None or t.dtype == x.dtype else t.float() for t in (norm_weight, norm_bias)
             )
         return _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps),
-                          approximate, residual, layer_scale, sample_scale)
+                          activation, norm, gated, fc1_gate_weight, fc1_gate_bias, residual, layer_scale,
+                          sample_scale)
 
-    # -- autocast rule (F.linear's): the GEMMs in the autocast dtype; LN statistics in fp32; the
+    # -- autocast rule (F.linear's): the GEMMs in the autocast dtype; norm statistics in fp32; the
     #    output in the composite's dtype (its scale multiplies and residual add promote) --
     if cast_to is not None:
         fc1_weight, fc2_weight = fc1_weight.to(cast_to), fc2_weight.to(cast_to)
-        fc1_bias = fc1_bias.to(cast_to) if fc1_bias is not None else None
-        fc2_bias = fc2_bias.to(cast_to) if fc2_bias is not None else None
+        fc1_bias, fc2_bias, fc1_gate_weight, fc1_gate_bias = (
+            t.to(cast_to) if t is not None else None for t in (fc1_bias, fc2_bias, fc1_gate_weight, fc1_gate_bias)
+        )
     out_dtype = gemm_dtype
     for t in (layer_scale, sample_scale, x if residual else None):
         if t is not None:
@@ -460,20 +598,23 @@ def layernorm_mlp(
 
     # the kernels read every last dim with a unit stride (x's other strides are free: views of a
     # token buffer are not copied); a transposed weight or strided vector is rare enough to copy
-    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale = (
+    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+     fc1_gate_weight, fc1_gate_bias) = (
         _unit_last_stride(t)
-        for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale)
+        for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+                  fc1_gate_weight, fc1_gate_bias)
     )
     if route == "cuda":
         y = call(
             _layernorm_mlp_cuda_fwd, _layernorm_mlp_cuda_fwd_function,
             _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-            sample_scale, float(eps), approximate, residual, out_dtype, save_preact,
+            sample_scale, float(eps), "tanh" if activation == "gelu_tanh" else "none", residual, out_dtype,
+            save_preact,
         )[0]
         return y.view(x.shape)
     y, _, _, _ = call(
         _layernorm_mlp_fwd, _layernorm_mlp_fwd_function,
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-        float(eps), approximate, residual, out_dtype, save_preact,
+        fc1_gate_weight, fc1_gate_bias, float(eps), activation, norm, gated, residual, out_dtype, save_preact,
     )
     return y

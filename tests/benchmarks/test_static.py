@@ -1,11 +1,14 @@
 """The static GPU report, on this machine without a GPU: every Triton kernel configuration and every
 csrc/*_kernels.cu kernel compiles for sm_80, sm_89 and sm_90 without register spills, within each
 architecture's shared memory, and every fp16/bf16 matmul-bound kernel uses warpgroup MMA (HGMMA)
-on sm_90.
+on sm_90; the performance model finds no problem that the committed figures
+(benchmarks/results/static/figures-triton-<version>.json) do not already list, and every figure
+matches them, so that a change of registers, occupancy, MMA shapes or issue ratio shows in review.
 
-The compile runs once per test session, as a user runs it: ``python -m benchmarks static --json``
-in a subprocess (Triton compiles need TRITON_INTERPRET unset, and this process interprets).
-The parsers are tested on canned output in tests/kernels/test_aot.py.
+The compile runs once per test session, as a user runs it: ``python -m benchmarks static --json
+--figures`` in a subprocess (Triton compiles need TRITON_INTERPRET unset, and this process
+interprets). The parsers are tested on canned output in test_static_sass.py, the model on
+hand-made kernels in test_static_model.py.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from pathlib import Path
 import pytest
 
 from fastvit.benchmarks import static
-from fastvit.kernels.aot import ARCHS, KERNEL_MODULES, problems
+from fastvit.benchmarks.static_figures import compare, figures_path
+from fastvit.benchmarks.static_model import problems
+from fastvit.benchmarks.static_triton import KERNEL_MODULES
+from fastvit.kernels.aot import ARCHS
 
 ROOT = Path(__file__).resolve().parents[2]
 NVCC = static.find_nvcc()
@@ -37,13 +43,14 @@ def report(tmp_path_factory):
     """The report, compiled once per session: the first xdist worker to get here runs it under a
     file lock, the others wait for it and read the same files."""
     shared = _session_dir(tmp_path_factory)
-    out, run = shared / "static-report.json", shared / "static-run.json"
+    out, run, figures = shared / "static-report.json", shared / "static-run.json", shared / "static-figures.json"
     with open(shared / "static-report.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not run.exists():
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
             proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks", "static", "--json", str(out), "--no-table"],
+                [sys.executable, "-m", "benchmarks", "static", "--json", str(out), "--figures", str(figures),
+                 "--no-table"],
                 cwd=ROOT, capture_output=True, text=True, env=env, timeout=1800,
             )  # fmt: skip
             run.write_text(json.dumps({"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}))
@@ -51,7 +58,8 @@ def report(tmp_path_factory):
     if not out.exists():
         pytest.fail(f"the static report did not finish (exit {result['returncode']}):\n{result['stdout'][-3000:]}\n"
                     f"{result['stderr'][-3000:]}")  # fmt: skip
-    return {**json.loads(out.read_text()), "returncode": result["returncode"], "stdout": result["stdout"]}
+    return {**json.loads(out.read_text()), "returncode": result["returncode"], "stdout": result["stdout"],
+            "figures": json.loads(figures.read_text())}
 
 
 def _offenders(rows, predicate):
@@ -89,6 +97,31 @@ def test_fp16_bf16_matmuls_use_warpgroup_mma_on_sm90(report):
     assert wgmma, "no fp16/bf16 matmul-bound kernel was compiled for sm_90"
     assert not _offenders(wgmma, lambda r: "error" not in r and r["hgmma"] == 0)
     assert all(r["hmma"] > 0 for r in report["rows"] if r["needs_wgmma"] and r["arch"] == 80 and "error" not in r)
+
+
+def _committed_figures(report):
+    path = figures_path(report["meta"]["triton"])
+    if not path.exists():
+        pytest.skip(f"no committed figures for Triton {report['meta']['triton']}: create {path} with "
+                    f"`python -m benchmarks static --only triton --figures {path}`")  # fmt: skip
+    return json.loads(path.read_text())["rows"]
+
+
+def test_no_new_problems_against_the_committed_figures(report):
+    """Every problem of the performance model (replicated MMA rows, narrow hot-loop HGMMA, an
+    issue-bound sm_90 hot loop, a config short of its occupancy aim) is one the committed figures
+    list; a new one fails."""
+    diff = compare(report["figures"]["rows"], _committed_figures(report))
+    assert not diff["new_problems"], "\n".join(diff["new_problems"])
+
+
+def test_figures_match_the_committed_file(report):
+    """The committed figures are this code's: after a kernel or config change, regenerate them with
+    ``python -m benchmarks static --only triton --figures benchmarks/results/static/figures-triton-<v>.json``
+    and commit the diff."""
+    diff = compare(report["figures"]["rows"], _committed_figures(report))
+    stale = diff["changed"] + [f"added: {k}" for k in diff["added"]] + [f"removed: {k}" for k in diff["removed"]]
+    assert not stale, "\n".join(stale[:50])
 
 
 def test_exit_status_and_summary_agree_with_the_rows(report):

@@ -37,7 +37,11 @@ def test_standalone_structure_and_state_dict():
 
 def test_extra_repr_describes_the_module():
     text = repr(FusedLayerNormMLP(32, 80, approximate="tanh", drop_path=0.1))
-    for part in ("dim=32", "hidden_dim=80", "eps=1e-06", "approximate='tanh'", "drop_path=0.1", "backend="):
+    for part in ("dim=32", "hidden_dim=80", "eps=1e-06", "activation='gelu_tanh'", "norm='layernorm'",
+                 "gated=False", "drop_path=0.1", "backend="):
+        assert part in text, part
+    text = repr(FusedLayerNormMLP(32, 80, activation="silu", norm="rms", gated=True))
+    for part in ("hidden_dim=80", "activation='silu'", "norm='rms'", "gated=True"):
         assert part in text, part
 
 
@@ -109,8 +113,11 @@ def test_from_modules_rejects_an_inplace_layer_scale():
                                        LayerScale(16, inplace=True))
 
 
-@pytest.mark.parametrize("kwargs,pattern",
-                         [(dict(approximate="relu"), "approximate"), (dict(drop_path=1.0), "drop_path")])
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(approximate="relu"), "approximate"), (dict(drop_path=1.0), "drop_path"),
+    (dict(activation="relu"), "activation must be one of"), (dict(norm="batch"), "norm must be"),
+    (dict(approximate="tanh", activation="silu"), "conflicts"),
+])
 def test_bad_constructor_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         FusedLayerNormMLP(16, 32, **kwargs)
@@ -198,3 +205,72 @@ def test_from_modules_rejects_subclasses_whose_forward_would_be_ignored():
     from timm.layers import LayerNorm as TimmLayerNorm  # the same math: accepted
 
     FusedLayerNormMLP.from_modules(TimmLayerNorm(8), fc1, fc2)
+
+
+def test_variant_modules_structure():
+    """Gated: fc1 packed [gate; value] with twice fc2's input width (timm's SwiGLUPacked layout);
+    RMSNorm: an nn.RMSNorm without bias; state_dict keys are the modules' own."""
+    m = FusedLayerNormMLP(32, 48, norm="rms", activation="silu", gated=True, bias=False)
+    assert isinstance(m.norm, nn.RMSNorm) and m.norm.eps == 1e-6
+    assert (m.fc1.out_features, m.fc2.in_features) == (96, 48)
+    assert set(m.state_dict()) == {"norm.weight", "fc1.weight", "fc2.weight"}
+    assert m.approximate is None and FusedLayerNormMLP(8, 16, approximate="tanh").activation == "gelu_tanh"
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rms"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "quick_gelu", "silu"])
+def test_variant_forward_is_the_composite_of_its_modules(norm, activation):
+    torch.manual_seed(7)
+    m = FusedLayerNormMLP(24, 40, norm=norm, activation=activation, gated=True, init_values=0.5)
+    x = torch.randn(3, 5, 24)
+    act = {"gelu": F.gelu, "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
+           "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a), "silu": F.silu}[activation]
+    gate, value = m.fc1(m.norm(x)).chunk(2, dim=-1)
+    expected = x + m.fc2(act(gate) * value) * m.gamma
+    with fastvit.backend("torch"):
+        torch.testing.assert_close(m(x), expected)
+
+
+def test_from_modules_two_linear_gated_mlp_with_rms_norm():
+    """Hugging Face's AIMv2 / DINOv3 gated MLP: gate_proj, up_proj, down_proj around an RMSNorm;
+    the modules are registered as they are and gradients land on them."""
+    torch.manual_seed(8)
+    norm = nn.RMSNorm(16, eps=1e-5)
+    gate, up, down = nn.Linear(16, 40, bias=False), nn.Linear(16, 40, bias=False), nn.Linear(40, 16, bias=False)
+    fused = FusedLayerNormMLP.from_modules(norm, up, down, fc1_gate=gate, activation="silu")
+    assert fused.gated and fused.fc1_gate is gate and fused.fc1 is up and fused.norm is norm
+    assert set(fused.state_dict()) == {"norm.weight", "fc1.weight", "fc2.weight", "fc1_gate.weight"}
+    x = torch.randn(2, 7, 16)
+    expected = x + down(F.silu(gate(norm(x))) * up(norm(x)))
+    with fastvit.backend("torch"):
+        y = fused(x)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert gate.weight.grad is not None and up.weight.grad is not None
+    with pytest.raises(ValueError, match="fc1_gate must map 16 -> 40"):
+        FusedLayerNormMLP.from_modules(norm, up, down, fc1_gate=nn.Linear(16, 24))
+    with pytest.raises(ValueError, match=r"packed \[gate; value\]"):
+        FusedLayerNormMLP.from_modules(norm, up, down, gated=True)  # fc1 (16 -> 40) is not 2 x 40
+
+
+@kernel_test
+def test_kernel_route_matches_timm_swiglu_packed(kernel_device):
+    """timm's SwiGLUPacked under LayerScale (DINOv2-giant's layout) on the Triton route: output
+    and every parameter's gradient match timm's modules."""
+    from timm.layers import LayerScale
+    from timm.layers.mlp import SwiGLUPacked
+
+    torch.manual_seed(9)
+    norm, mlp, ls = nn.LayerNorm(32), SwiGLUPacked(32, 96), LayerScale(32, init_values=0.3)
+    norm, mlp, ls = norm.to(kernel_device), mlp.to(kernel_device), ls.to(kernel_device)
+    fused = FusedLayerNormMLP.from_modules(norm, mlp.fc1, mlp.fc2, ls, activation="silu", gated=True)
+    x = torch.randn(2, 9, 32, device=kernel_device, requires_grad=True)
+    expected = x + ls(mlp(norm(x)))
+    params = list(fused.parameters())
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *params])
+    with fastvit.backend("triton"):
+        out = fused(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *params])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -230,6 +231,45 @@ def test_patch_embed_under_torch_compile():
     torch.testing.assert_close(loss, eager)
     for a, b in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# variants the extension's composite does not cover: each runs the torch route with one warning
+CUDA_FALLBACKS = [
+    # (gated, norm, activation, what the warning names)
+    ("split", "layernorm", "silu", "gated MLPs"),
+    ("packed", "rms", "silu", "gated MLPs"),
+    (None, "rms", "gelu", "RMSNorm"),
+    (None, "layernorm", "quick_gelu", "activation 'quick_gelu'"),
+    (None, "layernorm", "silu", "activation 'silu'"),
+]
+
+
+@pytest.mark.parametrize("gated,norm,activation,reason", CUDA_FALLBACKS, ids=[f[3] for f in CUDA_FALLBACKS])
+def test_layernorm_mlp_variants_fall_back_with_one_warning(monkeypatch, gated, norm, activation, reason):
+    """Gated MLPs, RMSNorm and the non-GELU activations: the torch route under ``cuda``, one
+    FastvitFallbackWarning naming what is not covered, results and gradients still right."""
+    monkeypatch.setattr(backend_module, "_warned", set())
+    build, call = lnm._variant(gated, norm, activation)
+    inputs = lnm._inputs(2, 5, 24, 40, layer_scale=True, device=DEVICE, seed=17, **build)
+    names = [k for k in lnm.ALL_NAMES if inputs.get(k) is not None]
+    with fastvit.backend("cuda"), pytest.warns(fastvit.FastvitFallbackWarning, match=reason):
+        out = lnm._call(inputs, **call)
+    grad_out = torch.randn_like(out)
+    grads = dict(zip(names, torch.autograd.grad(out, [inputs[k] for k in names], grad_out), strict=True))
+    lnm._check_against_reference(inputs, out, grad_out, grads, **call)
+    with fastvit.backend("cuda"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lnm._call(inputs, **call)  # the second time: no warning
+
+
+def test_layernorm_mlp_gelu_activation_names_run_the_extension():
+    """``activation="gelu"`` / ``"gelu_tanh"`` are the extension's two GELU forms: no fallback."""
+    inputs = lnm._inputs(2, 5, 24, 40, device=DEVICE, seed=19)
+    for activation in ("gelu", "gelu_tanh"):
+        with fastvit.backend("cuda"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, grad_out, grads = _mlp(inputs, activation=activation)
+        lnm._check_against_reference(inputs, out, grad_out, grads, activation=activation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,15 +20,19 @@ from tests.tolerance import ATOL, assert_close_to_reference
 ON_GPU = torch.cuda.is_available()
 NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "layer_scale",
          "sample_scale")
+GATE_NAMES = ("fc1_gate_weight", "fc1_gate_bias")  # keyword-only; present with gated="split"
+ALL_NAMES = NAMES + GATE_NAMES
 
 kernel_test = pytest.mark.interpreter if not ON_GPU else pytest.mark.gpu
 
 
 def _inputs(batch, n_tok, dim, hidden, *, bias=True, affine=True, layer_scale=False, sample_scale=False,
-            dtype=torch.float32, device="cpu", seed=0):
+            gated=None, norm="layernorm", dtype=torch.float32, device="cpu", seed=0):
     """Fresh random leaf tensors (None where absent), scaled like a trained block so every value
     stays O(1) in fp16. x gets a non-zero mean per row (LayerNorm's centring matters); the sample
-    scale looks like drop-path's mask / keep_prob, one sample dropped (0) when batch > 1."""
+    scale looks like drop-path's mask / keep_prob, one sample dropped (0) when batch > 1.
+    ``gated``: None, "packed" (fc1 (2 hidden, D), [gate; value]) or "split" (fc1_gate_weight beside
+    fc1); ``norm="rms"`` leaves out norm_bias."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -49,21 +53,34 @@ def _inputs(batch, n_tok, dim, hidden, *, bias=True, affine=True, layer_scale=Fa
         "fc2_bias": 0.2 * randn(dim) if bias else None,
         "layer_scale": 0.5 * randn(dim) if layer_scale else None,
         "sample_scale": ss,
+        "fc1_gate_weight": None,
+        "fc1_gate_bias": None,
     }
+    if gated == "packed":
+        tensors["fc1_weight"] = randn(2 * hidden, dim) / math.sqrt(dim)
+        tensors["fc1_bias"] = 0.2 * randn(2 * hidden) if bias else None
+    elif gated == "split":
+        tensors["fc1_gate_weight"] = randn(hidden, dim) / math.sqrt(dim)
+        tensors["fc1_gate_bias"] = 0.2 * randn(hidden) if bias else None
+    if norm == "rms":
+        tensors["norm_bias"] = None
     return {k: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True) for k, t in tensors.items()}
 
 
-def _call(inputs, **kwargs):
-    return fastvit.layernorm_mlp(
+def _call(inputs, op=None, **kwargs):
+    """``op`` (fastvit.layernorm_mlp by default, or fastvit.reference's) on the tensors of ``inputs``."""
+    op = op or fastvit.layernorm_mlp
+    gate = {k: inputs[k] for k in GATE_NAMES if inputs.get(k) is not None}
+    return op(
         inputs["x"], inputs["norm_weight"], inputs["norm_bias"], inputs["fc1_weight"], inputs["fc1_bias"],
         inputs["fc2_weight"], inputs["fc2_bias"], layer_scale=inputs["layer_scale"],
-        sample_scale=inputs["sample_scale"], **kwargs,
+        sample_scale=inputs["sample_scale"], **gate, **kwargs,
     )
 
 
 def _run_kernel(inputs, grad_out=None, **kwargs):
     """Output and the gradient of every present input (dict), through the Triton route."""
-    names = [k for k in NAMES if inputs[k] is not None]
+    names = [k for k in ALL_NAMES if inputs.get(k) is not None]
     with fastvit.backend("triton"):
         out = _call(inputs, **kwargs)
         if grad_out is None:
@@ -75,11 +92,7 @@ def _run_kernel(inputs, grad_out=None, **kwargs):
 def _reference(inputs, grad_out, dtype, **kwargs):
     """(out, grads) of fastvit.reference on CPU copies of the inputs cast to ``dtype``."""
     leaves = {k: None if t is None else t.detach().cpu().to(dtype).requires_grad_(True) for k, t in inputs.items()}
-    out = reference.layernorm_mlp(
-        leaves["x"], leaves["norm_weight"], leaves["norm_bias"], leaves["fc1_weight"], leaves["fc1_bias"],
-        leaves["fc2_weight"], leaves["fc2_bias"], layer_scale=leaves["layer_scale"],
-        sample_scale=leaves["sample_scale"], **kwargs,
-    )
+    out = _call(leaves, reference.layernorm_mlp, **kwargs)
     out.backward(grad_out.detach().cpu().to(dtype))
     return out, {k: t.grad for k, t in leaves.items() if t is not None}
 
@@ -93,11 +106,8 @@ FEW_VALUED = ("layer_scale", "sample_scale")
 
 def _sum_bound(inputs, grad_out, name, dtype, **kwargs):
     leaves = {k: None if t is None else t.detach().cpu().double() for k, t in inputs.items()}
-    branch = reference.layernorm_mlp(
-        leaves["x"], leaves["norm_weight"], leaves["norm_bias"], leaves["fc1_weight"], leaves["fc1_bias"],
-        leaves["fc2_weight"], leaves["fc2_bias"], approximate=kwargs.get("approximate", "none"), residual=False,
-        eps=kwargs.get("eps", 1e-6),
-    )
+    leaves.update(layer_scale=None, sample_scale=None)
+    branch = _call(leaves, reference.layernorm_mlp, **{**kwargs, "residual": False})
     terms = (grad_out.detach().cpu().double() * branch).abs()
     if name == "layer_scale":  # sum over rows of |g * sample_scale * branch|
         if leaves["sample_scale"] is not None:
@@ -372,14 +382,17 @@ def test_kernel_weight_gradient_token_splits(kernel_device):
     inputs = _inputs(3, 50, 48, 128, layer_scale=True, sample_scale=True, device=kernel_device, seed=41)
     args = [inputs[k].detach() for k in NAMES]
     x = args[0]
-    _, pre, mean, rstd = layernorm_mlp_fwd(*args, eps=1e-6, approximate="none", residual=True,
+    _, pre, mean, rstd = layernorm_mlp_fwd(*args, eps=1e-6, activation="gelu", residual=True,
                                            out_dtype=x.dtype, save_preact=True)
     grad_out = torch.randn_like(x)
-    kw = dict(approximate="none", residual=True, needs=(True,) * 9)
+    kw = dict(activation="gelu", residual=True, needs=(True,) * 9)
     one = layernorm_mlp_bwd(grad_out, *args, pre, mean, rstd, wgrad_split=1, **kw)
     three = layernorm_mlp_bwd(grad_out, *args, pre, mean, rstd, wgrad_split=3, **kw)
-    for name, a, b in zip(NAMES, one, three, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for name, a, b in zip(ALL_NAMES, one, three, strict=True):
+        if name in GATE_NAMES:  # not gated: no gradient
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_weight_gradient_split_heuristic():
@@ -395,21 +408,40 @@ def test_weight_gradient_split_heuristic():
 def test_kernel_opcheck(kernel_device):
     """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops."""
     inputs = _inputs(2, 3, 16, 24, layer_scale=True, sample_scale=True, device=kernel_device, seed=43)
-    args = [inputs[k] for k in NAMES]
+    args = [inputs[k] for k in NAMES] + [None, None]  # not gated: no gate weight, no gate bias
     with fastvit.backend("triton"):
         torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_fwd.default, (*args, 1e-6, "tanh", True, torch.float32, True)
+            torch.ops.fastvit.layernorm_mlp_fwd.default,
+            (*args, 1e-6, "gelu_tanh", "layernorm", False, True, torch.float32, True),
         )
-        frozen = [t.detach() for t in args]  # inference: nothing saved, nothing to differentiate
+        frozen = [t.detach() if t is not None else None for t in args]  # inference: nothing saved
         torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_fwd.default, (*frozen[:4], None, frozen[5], None, None, None, 1e-5,
-                                                          "none", False, torch.float32, False)
+            torch.ops.fastvit.layernorm_mlp_fwd.default, (*frozen[:4], None, frozen[5], None, None, None, None, None,
+                                                          1e-5, "gelu", "layernorm", False, False, torch.float32,
+                                                          False)
         )
-        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(*args, 1e-6, "none", True, torch.float32, True)
+        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
+            *args, 1e-6, "gelu", "layernorm", False, True, torch.float32, True)
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_bwd.default,
-            (torch.randn_like(out), *frozen, pre.detach(), mean.detach(), rstd.detach(), "none", True,
-             [True, False] * 4 + [True]),
+            (torch.randn_like(out), *frozen, pre.detach(), mean.detach(), rstd.detach(), "gelu", "layernorm", False,
+             True, [True, False] * 4 + [True, False, False]),
+        )
+    # gated (two weights), RMSNorm, SiLU: the other schema paths
+    gated = _inputs(2, 3, 16, 24, gated="split", norm="rms", device=kernel_device, seed=44)
+    gargs = [gated[k] for k in ALL_NAMES]
+    with fastvit.backend("triton"):
+        torch.library.opcheck(
+            torch.ops.fastvit.layernorm_mlp_fwd.default,
+            (*gargs, 1e-6, "silu", "rms", True, True, torch.float32, True),
+        )
+        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
+            *gargs, 1e-6, "silu", "rms", True, True, torch.float32, True)
+        gfrozen = [t.detach() if t is not None else None for t in gargs]
+        torch.library.opcheck(
+            torch.ops.fastvit.layernorm_mlp_bwd.default,
+            (torch.randn_like(out), *gfrozen, pre.detach(), mean.detach(), rstd.detach(), "silu", "rms", True,
+             True, [True] * 11),
         )
 
 
@@ -427,6 +459,24 @@ def test_kernel_under_torch_compile(kernel_device):
 
     leaves = [inputs[k] for k in names]
     assert_compiled_matches_eager(block, leaves, "triton")
+
+
+@kernel_test
+def test_kernel_gated_rms_under_torch_compile(kernel_device):
+    """A gated (two-weight) RMSNorm SwiGLU through torch.compile(fullgraph=True): the new custom-op
+    arguments trace, and every gradient (the gate's included) matches eager."""
+    inputs = _inputs(2, 9, 32, 40, gated="split", norm="rms", layer_scale=True, device=kernel_device, seed=49)
+    names = [k for k in ALL_NAMES if inputs[k] is not None]
+
+    def block(*tensors):
+        t = dict(zip(names, tensors, strict=True))
+        y = fastvit.layernorm_mlp(t["x"] * 1.5, t["norm_weight"], None, t["fc1_weight"], t["fc1_bias"],
+                                  t["fc2_weight"], t["fc2_bias"], norm="rms", activation="silu",
+                                  fc1_gate_weight=t["fc1_gate_weight"], fc1_gate_bias=t["fc1_gate_bias"],
+                                  layer_scale=t["layer_scale"])
+        return y.square().sum()
+
+    assert_compiled_matches_eager(block, [inputs[k] for k in names], "triton")
 
 
 @kernel_test
@@ -624,3 +674,248 @@ def test_kernel_no_norm_weight_with_a_constant_row_in_fp16(kernel_device, with_n
                                                                                         None, w2, None)], eps=1e-6)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.cpu().double(), expected, atol=0.5, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants: activations, RMSNorm, gated MLPs (issue 13, item 3)
+# ---------------------------------------------------------------------------------------------
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+GATINGS = (None, "packed", "split")
+
+
+def _variant(gated, norm, activation):
+    """Build and call options of one variant: (keyword arguments of _inputs, of the op)."""
+    call = dict(activation=activation, norm=norm)
+    if gated == "packed":  # "split" is gated by its fc1_gate_weight alone
+        call["gated"] = True
+    return dict(gated=gated, norm=norm), call
+
+
+@kernel_test
+@pytest.mark.parametrize("norm", ["layernorm", "rms"])
+@pytest.mark.parametrize("gated", GATINGS, ids=["plain", "packed", "split"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_kernel_variants_fp32(kernel_device, activation, gated, norm):
+    """Every activation x gating x norm, output and every gradient, at D=48 (one partial K tile) and
+    hidden 72 (not a multiple of the tile: masked columns in both halves of a gated fc1), with the
+    layer scale and the per-sample scale on."""
+    build, call = _variant(gated, norm, activation)
+    inputs = _inputs(2, 7, 48, 72, layer_scale=True, sample_scale=True, device=kernel_device, seed=101, **build)
+    out, grad_out, grads = _run_kernel(inputs, **call)
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+# (activation, gating, norm, bias): each activation, gating and norm in fp16 at least once
+FP16_VARIANTS = [
+    ("silu", "packed", "rms", True),  # DINOv2-giant's SwiGLU (packed) under RMSNorm
+    ("silu", "split", "rms", False),  # AIMv2 / Pixtral: gate_proj / up_proj, no biases, RMSNorm
+    ("quick_gelu", None, "layernorm", True),  # CLIP
+    ("gelu_tanh", "split", "layernorm", True),
+    ("gelu", None, "rms", True),
+]
+
+
+@kernel_test
+@pytest.mark.parametrize("activation,gated,norm,bias", FP16_VARIANTS,
+                         ids=["-".join(map(str, v)) for v in FP16_VARIANTS])
+def test_kernel_variants_fp16(kernel_device, activation, gated, norm, bias):
+    """fp16 tensor-core dots; 29 tokens (a partial row tile), hidden 80 (masked)."""
+    build, call = _variant(gated, norm, activation)
+    inputs = _inputs(2, 29, 64, 80, bias=bias, layer_scale=True, sample_scale=True, dtype=torch.float16,
+                     device=kernel_device, seed=103, **build)
+    out, grad_out, grads = _run_kernel(inputs, **call)
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+@kernel_test
+def test_kernel_variants_odd_shapes(kernel_device):
+    """Odd D and hidden (37, 97: no alignment anywhere), 197 tokens (ViT-B/16 at 224, prime), one
+    sample, an RMSNorm eps that visibly matters, gated with two weights and no layer scale."""
+    inputs = _inputs(1, 197, 37, 97, gated="split", norm="rms", sample_scale=True, device=kernel_device, seed=107)
+    call = dict(activation="silu", norm="rms", eps=0.25)
+    out, grad_out, grads = _run_kernel(inputs, **call)
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+@kernel_test
+def test_kernel_rms_without_weight_and_partial_grads(kernel_device):
+    """RMSNorm with no weight; only some inputs require grad (each gated gradient alone: the
+    backward computes just the half of dW1 that is asked for)."""
+    inputs = _inputs(2, 7, 48, 40, gated="split", norm="rms", affine=False, device=kernel_device, seed=109)
+    call = dict(activation="gelu", norm="rms")
+    for wanted in (["fc1_gate_weight"], ["fc1_weight"], ["fc1_gate_bias", "x"]):
+        leaves = {k: None if t is None else t.detach().requires_grad_(k in wanted) for k, t in inputs.items()}
+        with fastvit.backend("triton"):
+            out = _call(leaves, **call)
+        grad_out = torch.randn_like(out)
+        grads = dict(zip(wanted, torch.autograd.grad(out, [leaves[k] for k in wanted], grad_out), strict=True))
+        _, grads64 = _reference(inputs, grad_out, torch.float64, **call)
+        _, gradslow = _reference(inputs, grad_out, torch.float32, **call)
+        for k, g in grads.items():
+            assert_close_to_reference(g, grads64[k], gradslow[k], name=f"d{k}", dtype=torch.float32)
+
+
+@kernel_test
+@pytest.mark.parametrize("layout", ["glu_gate_last", "adjacent_views"])
+def test_kernel_gate_and_value_as_views_of_one_weight(kernel_device, layout):
+    """No copies for other packings: timm's GluMlp (gate_last=True, fc1 = [value; gate]) passes row
+    views ``fc1_weight=W[:H], fc1_gate_weight=W[H:]`` (the backward stacks them once); views in the
+    kernel's own order ([gate; value]) are used as one weight. Gradients land in W's layout."""
+    hidden = 40
+    packed = _inputs(2, 7, 48, hidden, gated="packed", layer_scale=True, device=kernel_device, seed=113)
+    w, b = packed["fc1_weight"], packed["fc1_bias"]
+    if layout == "glu_gate_last":
+        value, gate = (w[:hidden], b[:hidden]), (w[hidden:], b[hidden:])
+    else:
+        gate, value = (w[:hidden], b[:hidden]), (w[hidden:], b[hidden:])
+    with fastvit.backend("triton"):
+        out = fastvit.layernorm_mlp(
+            packed["x"], packed["norm_weight"], packed["norm_bias"], value[0], value[1], packed["fc2_weight"],
+            packed["fc2_bias"], activation="silu", fc1_gate_weight=gate[0], fc1_gate_bias=gate[1],
+            layer_scale=packed["layer_scale"],
+        )
+    grad_out = torch.randn_like(out)
+    dw, db, dx = torch.autograd.grad(out, [w, b, packed["x"]], grad_out)
+    # the same math through the reference, packed in the order the layout says
+    first, second = slice(0, hidden), slice(hidden, None)
+    order = [second, first] if layout == "glu_gate_last" else [first, second]  # [gate, value] rows of W
+    leaves = {k: None if t is None else t.detach().double().requires_grad_(True) for k, t in packed.items()}
+    w64, b64 = leaves["fc1_weight"], leaves["fc1_bias"]
+    ref = reference.layernorm_mlp(
+        leaves["x"], leaves["norm_weight"], leaves["norm_bias"], w64[order[1]], b64[order[1]],
+        leaves["fc2_weight"], leaves["fc2_bias"], activation="silu", fc1_gate_weight=w64[order[0]],
+        fc1_gate_bias=b64[order[0]], layer_scale=leaves["layer_scale"],
+    )
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.double(), b64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx.double(), leaves["x"].grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm", ["layernorm", "rms"])
+@pytest.mark.parametrize("gated", GATINGS, ids=["plain", "packed", "split"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_torch_route_variants(activation, gated, norm, dtype):
+    """The composite of torch ops (the CPU route, and every fallback) against the float64
+    reference with the tolerance rule, output and every gradient."""
+    build, call = _variant(gated, norm, activation)
+    inputs = _inputs(2, 9, 24, 20, layer_scale=True, sample_scale=True, dtype=dtype, seed=127, **build)
+    names = [k for k in ALL_NAMES if inputs.get(k) is not None]
+    with fastvit.backend("torch"):
+        out = _call(inputs, **call)
+    grad_out = torch.randn_like(out)
+    grads = dict(zip(names, torch.autograd.grad(out, [inputs[k] for k in names], grad_out), strict=True))
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+def test_variants_match_timm_and_hugging_face_modules():
+    """The conventions are the models' own: timm's SwiGLUPacked (fc1 = [gate; value], act on the
+    first half) and SwiGLU (fc1_g / fc1_x), Hugging Face's gate_proj / up_proj MLPs (AIMv2, DINOv3,
+    DINOv2 SwiGLU) with its RMSNorm, CLIP's quick_gelu."""
+    timm_mlp = pytest.importorskip("timm.layers.mlp")
+    torch.manual_seed(0)
+    dim, hidden, x = 16, 24, torch.randn(2, 5, 16)
+    norm = torch.nn.LayerNorm(dim)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(dim))
+    h = norm(x)
+
+    packed = timm_mlp.SwiGLUPacked(dim, 2 * hidden)
+    y = fastvit.layernorm_mlp(x, norm.weight, norm.bias, packed.fc1.weight, packed.fc1.bias, packed.fc2.weight,
+                              packed.fc2.bias, eps=norm.eps, activation="silu", gated=True, residual=False)
+    torch.testing.assert_close(y, packed(h))
+
+    glu = timm_mlp.GluMlp(dim, 2 * hidden, act_layer=torch.nn.SiLU)  # gate_last=True: [value; gate]
+    w, b = glu.fc1.weight, glu.fc1.bias
+    y = fastvit.layernorm_mlp(x, norm.weight, norm.bias, w[:hidden], b[:hidden], glu.fc2.weight, glu.fc2.bias,
+                              eps=norm.eps, activation="silu", fc1_gate_weight=w[hidden:], fc1_gate_bias=b[hidden:],
+                              residual=False)
+    torch.testing.assert_close(y, glu(h))
+
+    split = timm_mlp.SwiGLU(dim, hidden)
+    y = fastvit.layernorm_mlp(x, norm.weight, norm.bias, split.fc1_x.weight, split.fc1_x.bias, split.fc2.weight,
+                              split.fc2.bias, eps=norm.eps, activation="silu", fc1_gate_weight=split.fc1_g.weight,
+                              fc1_gate_bias=split.fc1_g.bias, residual=False)
+    torch.testing.assert_close(y, split(h))
+
+    aimv2 = pytest.importorskip("transformers.models.aimv2.modeling_aimv2")
+    from transformers import Aimv2VisionConfig
+
+    config = Aimv2VisionConfig(hidden_size=dim, intermediate_size=hidden, hidden_act="silu", mlp_bias=False)
+    rms, mlp = aimv2.Aimv2RMSNorm(dim, eps=1e-5), aimv2.Aimv2MLP(config)
+    with torch.no_grad():
+        rms.weight.add_(0.1 * torch.randn(dim))
+    y = fastvit.layernorm_mlp(x, rms.weight, None, mlp.up_proj.weight, None, mlp.down_proj.weight, None, eps=1e-5,
+                              norm="rms", activation=config.hidden_act, fc1_gate_weight=mlp.gate_proj.weight)
+    torch.testing.assert_close(y, x + mlp(rms(x)))
+
+    clip = pytest.importorskip("transformers.activations")
+    fc1, fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+    y = fastvit.layernorm_mlp(x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,
+                              activation="quick_gelu")
+    torch.testing.assert_close(y, x + fc2(clip.ACT2FN["quick_gelu"](fc1(h))))
+
+
+def test_approximate_keeps_working_and_maps_to_activation():
+    inputs = _inputs(2, 3, 16, 24, seed=131)
+    with fastvit.backend("torch"), torch.no_grad():
+        for approximate, activation in (("none", "gelu"), ("tanh", "gelu_tanh")):
+            torch.testing.assert_close(_call(inputs, approximate=approximate), _call(inputs, activation=activation))
+            # both given and agreeing is fine
+            torch.testing.assert_close(_call(inputs, approximate=approximate, activation=activation),
+                                       _call(inputs, activation=activation))
+        torch.testing.assert_close(_call(inputs), _call(inputs, activation="gelu"))  # the default
+        torch.testing.assert_close(_call(inputs, activation="swish"), _call(inputs, activation="silu"))
+        torch.testing.assert_close(_call(inputs, activation="gelu_pytorch_tanh"), _call(inputs, activation="gelu_tanh"))
+        assert not torch.allclose(_call(inputs, activation="silu"), _call(inputs, activation="gelu"))
+
+
+VARIANT_BAD = [
+    (dict(approximate="tanh", activation="silu"), ValueError, "conflicts with activation='silu'"),
+    (dict(approximate="none", activation="gelu_tanh"), ValueError, "conflicts"),
+    (dict(approximate="exact"), ValueError, "approximate must be one of"),
+    (dict(activation="relu"), ValueError, "activation must be one of"),
+    (dict(norm="batchnorm"), ValueError, "norm must be one of"),
+    (dict(norm="rms"), ValueError, "norm_bias must be None with norm='rms'"),
+    (dict(gated=True), ValueError, r"fc2_weight must have shape \(D=16, hidden=12\)"),
+    (dict(gated="yes"), TypeError, "gated must be a bool"),
+    (dict(fc1_gate_bias=torch.zeros(24)), ValueError, "fc1_gate_bias was given without fc1_gate_weight"),
+    (dict(fc1_gate_weight=torch.zeros(24, 16), gated=False), ValueError, "with gated=False"),
+    (dict(fc1_gate_weight=torch.zeros(12, 16)), ValueError, r"fc1_gate_weight must have fc1_weight's shape \(24, 16\)"),
+    (dict(fc1_gate_weight=torch.zeros(24, 16), fc1_gate_bias=torch.zeros(12)), ValueError,
+     r"fc1_gate_bias must have shape \(24,\)"),
+    (dict(fc1_gate_weight=torch.zeros(24, 16, dtype=torch.float16)), TypeError, "dtype"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,pattern", VARIANT_BAD, ids=[p for _, _, p in VARIANT_BAD])
+def test_bad_variant_arguments(kwargs, error, pattern):
+    inputs = _inputs(2, 3, 16, 24, seed=137)
+    with pytest.raises(error, match=pattern):
+        _call(inputs, **kwargs)
+
+
+def test_gated_packed_needs_an_even_fc1():
+    inputs = _inputs(2, 3, 16, 24, seed=139)
+    inputs["fc1_weight"] = torch.randn(25, 16)
+    inputs["fc1_bias"] = None
+    inputs["fc2_weight"] = torch.randn(16, 12)
+    with pytest.raises(ValueError, match=r"packed as \[gate; value\].*odd rows"):
+        _call(inputs, gated=True)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("activation,gated,norm", [("silu", "split", "rms"), ("gelu_tanh", "packed", "layernorm"),
+                                                   ("quick_gelu", None, "rms")])
+def test_torchscript_form_covers_the_variants(activation, gated, norm):
+    """The TorchScript twin that FX graphs script (fastvit/ops/_torchscript.py) takes the same
+    keywords and computes the same variants as the reference."""
+    from fastvit.ops import _torchscript
+
+    scripted = torch.jit.script(_torchscript.layernorm_mlp)
+    build, call = _variant(gated, norm, activation)
+    inputs = {k: None if t is None else t.detach()
+              for k, t in _inputs(2, 3, 16, 24, layer_scale=True, seed=149, **build).items()}
+    torch.testing.assert_close(_call(inputs, scripted, **call), _call(inputs, reference.layernorm_mlp, **call))

@@ -1,9 +1,20 @@
-"""Reading machine code: the cuobjdump and ptxas parsers on canned output, and what counts as a
-problem. (The compile of every configuration runs once, in tests/benchmarks/test_static.py.)"""
+"""Reading machine code (benchmarks/static_sass.py): the cuobjdump and ptxas parsers on canned
+output — instruction counts, the MMA histogram, loops, async copies, wgmma waits. (The compile of
+every configuration runs once, in tests/benchmarks/test_static.py; the model over these figures
+is tested in test_static_model.py.)"""
 
 from __future__ import annotations
 
-from fastvit.kernels.aot import parse_ptxas_log, parse_resource_usage, parse_sass, problems
+from fastvit.benchmarks.static_sass import (
+    async_copy,
+    loops,
+    mma_shapes,
+    parse_ptxas_log,
+    parse_resource_usage,
+    parse_sass,
+    sass_functions,
+    wgmma_wait_pendings,
+)
 
 # cuobjdump --dump-resource-usage of an nvcc cubin: two kernels, one spilling (-maxrregcount=32)
 USAGE = """
@@ -78,18 +89,43 @@ def test_ptxas_log_spills_registers_and_entries():
     assert "entry" not in log["_ZN7fastvit6helperEf"]  # a device function, not a kernel
 
 
-def _report(**overrides):
-    base = {"arch": 90, "needs_wgmma": True, "stack": 0, "local": 0, "shared": 1024, "shared_limit": 232448,
-            "hgmma": 4, "hmma": 0}  # fmt: skip
-    return {**base, **overrides}
+# a loop of sm_90 SASS: a prologue, a 6-instruction body from 0x0040 to 0x0090 (the backward
+# branch's target to the branch), cp.async and TMA loads, and the trap's branch to itself
+LOOP = """
+\t\tFunction : loop_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R25+0x8000], desc[UR16][R10.64], !P6 ;
+        /*0030*/                   HGMMA.64x16x16.F32.BF16 R96, gdesc[UR56], RZ, !UPT ;
+        /*0040*/                   IMAD R2, R3, R4, R5 ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0080*/                   ISETP.GE.AND P0, PT, R2, R6, PT ;
+        /*0090*/               @P0 BRA 0x40 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0;
+"""
 
 
-def test_problems():
-    assert problems(_report()) == []
-    assert problems(_report(stack=56)) == ["spills: stack 56 B"]
-    assert problems(_report(spill_stores=8, spill_loads=8)) == ["spills: spill stores 8 B, spill loads 8 B"]
-    assert "over the sm_90 limit" in problems(_report(shared=232449))[0]
-    assert "without warpgroup MMA" in problems(_report(hgmma=0))[0]
-    assert problems(_report(hgmma=0, arch=80)) == []  # HGMMA exists on sm_90 only
-    assert problems(_report(hgmma=0, needs_wgmma=False)) == []  # fp32 / memory-bound kernels
-    assert problems({"error": "boom"}) == ["does not compile: boom"]
+def test_instructions_with_addresses_opcodes_and_branch_targets():
+    code = sass_functions(LOOP)["loop_kernel"]
+    assert [i.address for i in code[:2]] == [0, 0x10] and len(code) == 12
+    assert code[9].opcode == "BRA" and code[9].predicated and code[9].branch_target == 0x40
+    assert code[5].name == "HGMMA" and code[5].opcode == "HGMMA.64x64x16.F32.BF16"
+
+
+def test_loops_are_the_bodies_of_backward_branches():
+    (body,) = loops(sass_functions(LOOP)["loop_kernel"])  # the trap's branch to itself is no loop
+    assert [i.address for i in body] == [0x40, 0x50, 0x60, 0x70, 0x80, 0x90]
+
+
+def test_mma_histogram_async_copy_and_wgmma_waits():
+    code = sass_functions(LOOP)["loop_kernel"]
+    assert mma_shapes(code) == {"HGMMA.64x16x16": 1, "HGMMA.64x64x16": 2}
+    assert mma_shapes(sass_functions(SASS)["_Z10mma_kernelPK6__halfS1_Pf"]) == {"HGMMA.64x64x16": 1,
+                                                                               "HMMA.16816": 2}  # fmt: skip
+    assert async_copy(code) == "tma"
+    assert async_copy([i for i in code if i.name != "UTMALDG"]) == "cp.async"
+    assert async_copy(code[:1]) == "none"
+    assert wgmma_wait_pendings(code) == [1]

@@ -1,0 +1,203 @@
+"""The static performance model: what a kernel's machine code says about its speed, without a GPU.
+
+From the figures of one compiled configuration (registers, shared memory, warps, the SASS and the
+TTGIR's MMA layouts) it derives, per architecture:
+
+- ``ctas_per_sm``: resident programs per SM, the least of the register, shared memory, warp and
+  block limits (the CUDA occupancy calculator's rules: registers are allocated per warp in units
+  of 256, per SM sub-partition of 16384);
+- ``regs_to_cliff``: registers per thread the kernel could still grow by before ``ctas_per_sm``
+  drops (or before the 255-register cap);
+- ``loop_issue_ratio`` of the hot loop: the issue cycles its SASS needs, ``instructions x warps /
+  4`` (one instruction per cycle per scheduler, four schedulers per SM), over the tensor-core
+  cycles of its MMAs. Above 1 the loop is bound by instruction issue, not by the tensor cores.
+
+Tensor-core cycles: an MMA of m x n x k is ``m * n * k`` FMAs, issued by every warp (HMMA) or
+every warpgroup of four warps (HGMMA), at ``TENSOR_FMA_PER_CLK[arch]`` dense 16-bit FMAs per
+cycle per SM (TF32 at half that), from the datasheets' dense 16-bit tensor TFLOP/s over SMs and
+boost clock: sm_90 2048 (H100 SXM: 989 TFLOP/s, 132 SMs, 1.83 GHz), sm_80 1024 (A100: 312 TFLOP/s,
+108 SMs, 1.41 GHz), sm_89 512 (L40S: 362 TFLOP/s, 142 SMs, 2.52 GHz). On sm_90 an HGMMA m64nNk16
+that both warpgroups of 8 warps issue then takes N cycles. (Issue 15 names 1024 for sm_90 but
+works its FC1 example, 361 instructions x 8 warps / 4 = 722 issue cycles against 512 tensor-core
+cycles for four HGMMA.64x128x16, at 2048; 2048 is used here, and at 1024 every sm_90 ratio would
+halve.)
+
+The hot loop is the innermost loop (a backward branch in the SASS) with MMA instructions; where
+several have them (a causal kernel's masked diagonal block and its unmasked steady state), the one
+with the most tensor-core cycles, then the fewest instructions: the steady state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .static_sass import Instruction, loops, mma_shape, mma_shapes, wgmma_wait_pendings
+
+__all__ = [
+    "CLIFF_MARGIN_REGS",
+    "HOT_LOOP_MIN_HGMMA_N",
+    "ISSUE_RATIO_LIMIT",
+    "SHARED_MEMORY_LIMIT",
+    "SM90_RESERVED_SHARED",
+    "TENSOR_FMA_PER_CLK",
+    "HotLoop",
+    "ctas_per_sm",
+    "hot_loop",
+    "model_problems",
+    "problems",
+    "regs_to_cliff",
+]
+
+SCHEDULERS_PER_SM = 4  # warp schedulers, one instruction issued per cycle each
+WARPS_PER_WARPGROUP = 4
+# dense 16-bit (fp16/bf16 in, fp32 accumulate) tensor-core FMAs per cycle per SM (see the docstring)
+TENSOR_FMA_PER_CLK = {80: 1024, 86: 512, 89: 512, 90: 2048}
+TF32_RATE = 0.5  # TF32 MMAs run at half the 16-bit rate
+
+REGISTERS_PER_SM = 65536
+SUB_PARTITIONS = 4  # register file slices; a warp's registers come from one
+REGISTER_ALLOCATION_UNIT = 256  # registers, per warp
+MAX_REGISTERS_PER_THREAD = 255
+THREADS_PER_WARP = 32
+# per architecture: resident warps, resident blocks, shared memory per SM (bytes)
+MAX_WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
+MAX_CTAS_PER_SM = {80: 32, 86: 16, 89: 24, 90: 32}
+SHARED_MEMORY_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+SHARED_RESERVED_PER_CTA = 1024  # the system's shared memory per resident block (sm_80 and later)
+# Largest shared memory one block may use, per architecture (bytes, opt-in maximum).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# sm_90 cubins reserve 1 KiB of shared memory per block for the system (.nv.shared.reserved);
+# cuobjdump's SHARED counts it, the opt-in limit above does not
+SM90_RESERVED_SHARED = 1024
+
+# the problem thresholds of issue 15
+ISSUE_RATIO_LIMIT = 1.0  # a 16-bit MMA hot loop above this on sm_90 is issue-bound
+HOT_LOOP_MIN_HGMMA_N = 32  # narrower warpgroup MMAs in a hot loop waste the tensor cores' issue
+CLIFF_MARGIN_REGS = 8  # a config aiming at 2+ CTAs/SM wants this many registers of headroom
+
+
+def _register_ctas(registers: int, num_warps: int) -> int:
+    """Blocks per SM that the register file holds."""
+    per_warp = -(-max(registers, 1) * THREADS_PER_WARP // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    warps = SUB_PARTITIONS * ((REGISTERS_PER_SM // SUB_PARTITIONS) // per_warp)
+    return warps // num_warps
+
+
+def ctas_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
+    """Resident blocks per SM: the least of the register, shared memory, warp and block limits."""
+    by_shared = SHARED_MEMORY_PER_SM[arch] // (shared + SHARED_RESERVED_PER_CTA)
+    by_warps = MAX_WARPS_PER_SM[arch] // num_warps
+    return min(_register_ctas(registers, num_warps), by_shared, by_warps, MAX_CTAS_PER_SM[arch])
+
+
+def regs_to_cliff(arch: int, registers: int, shared: int, num_warps: int) -> int:
+    """Registers per thread to spare before ``ctas_per_sm`` drops (or the 255-register cap)."""
+    now = ctas_per_sm(arch, registers, shared, num_warps)
+    more = registers
+    while more < MAX_REGISTERS_PER_THREAD and ctas_per_sm(arch, more + 1, shared, num_warps) >= now:
+        more += 1
+    return more - registers
+
+
+@dataclasses.dataclass(frozen=True)
+class HotLoop:
+    """The hot loop's figures: SASS ``instructions`` per iteration (per thread), the tensor-core
+    ``mma_cycles`` per iteration of the whole program, its MMA histogram, whether its MMAs take
+    16-bit operands, and its wgmma waits."""
+
+    instructions: int
+    mma_cycles: float
+    mma_shapes: dict[str, int]
+    sixteen_bit: bool
+    wait_pendings: list[int]
+    issue_cycles: float
+
+    @property
+    def issue_ratio(self) -> float:
+        return self.issue_cycles / self.mma_cycles
+
+
+def _mma_cycles(body: list[Instruction], arch: int, num_warps: int) -> float:
+    cycles = 0.0
+    for ins in body:
+        shape = mma_shape(ins)
+        if shape is None:
+            continue
+        _, m, n, k = shape
+        issuers = max(1, num_warps // WARPS_PER_WARPGROUP) if ins.name == "HGMMA" else num_warps
+        rate = TENSOR_FMA_PER_CLK[arch] * (TF32_RATE if ".TF32" in ins.opcode else 1.0)
+        cycles += m * n * k * issuers / rate
+    return cycles
+
+
+def _innermost(bodies: list[list[Instruction]]) -> list[list[Instruction]]:
+    """The bodies that hold no other body with MMAs."""
+    spans = [(b[0].address, b[-1].address) for b in bodies]
+    out = []
+    for body, (lo, hi) in zip(bodies, spans, strict=True):
+        inner = any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans)
+        if not inner:
+            out.append(body)
+    return out
+
+
+def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotLoop | None:
+    """The hot loop's figures; None where no loop issues an MMA."""
+    with_mma = [b for b in loops(instructions) if any(mma_shape(i) for i in b)]
+    candidates = _innermost(with_mma)
+    if not candidates:
+        return None
+    body = max(candidates, key=lambda b: (_mma_cycles(b, arch, num_warps), -len(b)))
+    sixteen = any(mma_shape(i) and (".BF16" in i.opcode or ".F16" in i.opcode) for i in body)
+    return HotLoop(
+        instructions=len(body),
+        mma_cycles=_mma_cycles(body, arch, num_warps),
+        mma_shapes=mma_shapes(body),
+        sixteen_bit=sixteen,
+        wait_pendings=wgmma_wait_pendings(body),
+        issue_cycles=len(body) * num_warps / SCHEDULERS_PER_SM,
+    )
+
+
+def model_problems(row: dict[str, Any]) -> list[str]:
+    """The performance model's problems of one compiled Triton configuration (issue 15): replicated
+    MMA rows; a hot-loop HGMMA narrower than 32; a 16-bit MMA hot loop on sm_90 whose issue ratio
+    is above 1; fewer than 8 registers to the occupancy cliff where the config aims at 2+ CTAs/SM
+    (or occupancy already below its aim)."""
+    found = []
+    if row.get("mma_rows_replicated"):
+        tiles = ", ".join(row.get("mma_replicated_tiles", []))
+        found.append(f"replicated MMA rows ({tiles})")
+    narrow = {s: n for s, n in (row.get("loop_mma_shapes") or {}).items()
+              if s.startswith("HGMMA.") and int(s.split(".")[1].split("x")[1]) < HOT_LOOP_MIN_HGMMA_N}  # fmt: skip
+    if narrow:
+        found.append("hot-loop HGMMA with N < 32: " + ", ".join(f"{n}x {s}" for s, n in narrow.items()))
+    ratio = row.get("loop_issue_ratio")
+    if row.get("arch") == 90 and row.get("loop_sixteen_bit") and ratio is not None and ratio > ISSUE_RATIO_LIMIT:
+        found.append(f"hot loop issue-bound: issue ratio {ratio:.2f} > {ISSUE_RATIO_LIMIT}")
+    aim = row.get("target_ctas_per_sm", 1)
+    if aim >= 2 and "ctas_per_sm" in row:
+        if row["ctas_per_sm"] < aim:
+            found.append(f"{row['ctas_per_sm']} CTAs/SM where the config aims at {aim}")
+        elif row["regs_to_cliff"] < CLIFF_MARGIN_REGS:
+            found.append(f"{row['regs_to_cliff']} registers to the occupancy cliff (< {CLIFF_MARGIN_REGS}, "
+                         f"aims at {aim} CTAs/SM)")  # fmt: skip
+    return found
+
+
+def problems(row: dict[str, Any]) -> list[str]:
+    """What is wrong with one compiled configuration, Triton's or csrc's (empty when it is fine):
+    it does not compile, spills, uses more shared memory than the architecture allows per block, is
+    an fp16/bf16 matmul-bound kernel without HGMMA on sm_90, or has a ``model_problems`` one."""
+    if "error" in row:
+        return [f"does not compile: {row['error']}"]
+    found = []
+    spilled = {k: row.get(k) or 0 for k in ("stack", "local", "spill_stores", "spill_loads")}
+    if any(spilled.values()):
+        found.append("spills: " + ", ".join(f"{k.replace('_', ' ')} {v} B" for k, v in spilled.items() if v))
+    if row["shared"] > row["shared_limit"]:
+        found.append(f"shared memory {row['shared']} B over the sm_{row['arch']} limit {row['shared_limit']} B")
+    if row["needs_wgmma"] and row["arch"] == 90 and row["hgmma"] == 0:
+        found.append("fp16/bf16 matmul without warpgroup MMA (no HGMMA) on sm_90")
+    return found + model_problems(row)

@@ -1,0 +1,182 @@
+"""The static performance model (benchmarks/static_model.py, static_ttgir.py): occupancy, the
+hot loop's issue ratio, replicated MMA rows and the problems, first on canned text whose answer is
+worked out by hand, then on hand-made kernels compiled for sm_90 (tests/benchmarks/_static_kernels.py:
+a 64-row attention tile on 8 warps must be flagged replicated, a loop of integer ops must be
+issue-bound, clean tiles must pass)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastvit.benchmarks.static_figures import compare
+from fastvit.benchmarks.static_model import ctas_per_sm, hot_loop, model_problems, problems, regs_to_cliff
+from fastvit.benchmarks.static_sass import sass_functions
+from fastvit.benchmarks.static_ttgir import mma_tiles
+
+from .test_static_sass import LOOP
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# canned text
+# ---------------------------------------------------------------------------------------------
+def test_occupancy_and_the_register_cliff():
+    # 8 warps: 128 registers = 4096 per warp, 16 warps fit the 64K register file: 2 CTAs, and one
+    # more register (rounded to 136 per thread) leaves room for 15 warps: 1 CTA
+    assert ctas_per_sm(90, 128, 0, 8) == 2 and regs_to_cliff(90, 128, 0, 8) == 0
+    assert ctas_per_sm(90, 129, 0, 8) == 1
+    assert ctas_per_sm(90, 120, 0, 8) == 2 and regs_to_cliff(90, 120, 0, 8) == 8
+    # shared memory: 228 KiB per SM, 1 KiB reserved per CTA -> two 100 KiB CTAs, one of 120 KiB
+    assert ctas_per_sm(90, 64, 100 * 1024, 4) == 2 and ctas_per_sm(90, 64, 120 * 1024, 4) == 1
+    # one CTA: the cliff is the 255-register cap
+    assert ctas_per_sm(80, 200, 0, 8) == 1 and regs_to_cliff(80, 200, 0, 8) == 55
+    # sm_89 holds 48 resident warps: three CTAs of 16 warps, one of 32
+    assert ctas_per_sm(89, 32, 0, 16) == 3 and ctas_per_sm(89, 32, 0, 32) == 1
+
+
+def test_issue_ratio_of_a_hand_counted_loop():
+    """LOOP's body: 6 instructions and two HGMMA m64n64k16. On 8 warps: issue 6 * 8 / 4 = 12
+    cycles; tensor cores: two warpgroups x 2 x 64*64*16 FMAs / 2048 per cycle = 128 cycles."""
+    loop = hot_loop(sass_functions(LOOP)["loop_kernel"], arch=90, num_warps=8)
+    assert loop.instructions == 6 and loop.issue_cycles == 12 and loop.mma_cycles == 128
+    assert loop.issue_ratio == pytest.approx(12 / 128)
+    assert loop.mma_shapes == {"HGMMA.64x64x16": 2} and loop.sixteen_bit and loop.wait_pendings == [1]
+    # 4 warps, one warpgroup: half the issue cycles and half the tensor-core cycles per iteration
+    four = hot_loop(sass_functions(LOOP)["loop_kernel"], arch=90, num_warps=4)
+    assert four.mma_cycles == 64 and four.issue_cycles == 6
+    # the rate is per architecture: at sm_80's 1024 FMAs per cycle the same MMAs take twice as long
+    assert hot_loop(sass_functions(LOOP)["loop_kernel"], arch=80, num_warps=8).mma_cycles == 256
+    assert hot_loop(sass_functions(LOOP)["loop_kernel"][:5], arch=90, num_warps=8) is None  # no loop
+
+
+TTGIR = """
+#blocked = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [4, 8], warpsPerCTA = [8, 1], order = [1, 0]}>
+#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], instrShape = [16, 16, 16]}>
+#mma1 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 2], instrShape = [16, 64, 16]}>
+module {
+  %s_t = ttng.warp_group_dot %k, %q, %c {inputPrecision = 0 : i32} : !ttg.memdesc<64x128xbf16> * \
+!ttg.memdesc<128x32xbf16> -> tensor<64x32xf32, #mma> loc(#loc1)
+  %dv = ttng.warp_group_dot %p, %do, %acc {inputPrecision = 0 : i32} : tensor<64x32xbf16> * \
+!ttg.memdesc<32x128xbf16> -> tensor<64x128xf32, #mma1> loc(#loc2)
+  %f = tt.dot %a, %b, %c : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32, #blocked> loc(#loc3)
+}
+"""
+
+
+def test_replicated_rows_from_the_mma_layouts():
+    tiles = mma_tiles(TTGIR)
+    assert [t.label() for t in tiles] == ["64x32 warps [8, 1] v3", "64x128 warps [4, 2] v3"]  # FMA dot left out
+    assert [t.replicated for t in tiles] == [True, False]
+    assert tiles[0].rows_covered == 128
+
+
+def _row(**overrides):
+    base = {"arch": 90, "needs_wgmma": True, "stack": 0, "local": 0, "shared": 1024, "shared_limit": 232448,
+            "hgmma": 4, "hmma": 0, "ctas_per_sm": 1, "regs_to_cliff": 50, "target_ctas_per_sm": 1,
+            "mma_rows_replicated": False, "loop_mma_shapes": {"HGMMA.64x64x16": 4}, "loop_issue_ratio": 0.5,
+            "loop_sixteen_bit": True}  # fmt: skip
+    return {**base, **overrides}
+
+
+def test_problems():
+    assert problems(_row()) == []
+    assert problems(_row(stack=56)) == ["spills: stack 56 B"]
+    assert problems(_row(spill_stores=8, spill_loads=8)) == ["spills: spill stores 8 B, spill loads 8 B"]
+    assert "over the sm_90 limit" in problems(_row(shared=232449))[0]
+    assert "without warpgroup MMA" in problems(_row(hgmma=0))[0]
+    assert problems(_row(hgmma=0, arch=80)) == []  # HGMMA exists on sm_90 only
+    assert problems(_row(hgmma=0, needs_wgmma=False)) == []  # fp32 / memory-bound kernels
+    assert problems({"error": "boom"}) == ["does not compile: boom"]
+
+
+def test_model_problems():
+    replicated = _row(mma_rows_replicated=True, mma_replicated_tiles=["64x32 warps [8, 1] v3"])
+    assert model_problems(replicated) == ["replicated MMA rows (64x32 warps [8, 1] v3)"]
+    narrow = model_problems(_row(loop_mma_shapes={"HGMMA.64x16x16": 32, "HGMMA.64x32x16": 2}))
+    assert narrow == ["hot-loop HGMMA with N < 32: 32x HGMMA.64x16x16"]
+    assert "issue-bound" in model_problems(_row(loop_issue_ratio=1.2))[0]
+    assert model_problems(_row(loop_issue_ratio=1.2, arch=80)) == []  # flagged on sm_90 only
+    assert model_problems(_row(loop_issue_ratio=1.2, loop_sixteen_bit=False)) == []  # TF32 / fp32
+    assert model_problems(_row(target_ctas_per_sm=2, ctas_per_sm=2, regs_to_cliff=7))[0].startswith(
+        "7 registers to the occupancy cliff")
+    assert model_problems(_row(target_ctas_per_sm=2, ctas_per_sm=1))[0].startswith("1 CTAs/SM")
+    assert model_problems(_row(target_ctas_per_sm=2, ctas_per_sm=2, regs_to_cliff=8)) == []
+    assert model_problems(_row(regs_to_cliff=0)) == []  # a 1-CTA config has no cliff to keep
+
+
+def test_compare_figures():
+    committed = {"a": {"registers": 100, "problems": ["known"]}, "gone": {"registers": 1, "problems": []}}
+    fresh = {"a": {"registers": 104, "problems": ["known", "new"]}, "b": {"registers": 1, "problems": ["x"]}}
+    diff = compare(fresh, committed)
+    assert diff["new_problems"] == ["a: new", "b: x"]
+    assert diff["changed"] == ["a: registers 100 -> 104"]
+    assert diff["added"] == ["b"] and diff["removed"] == ["gone"]
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-made kernels, compiled for sm_90 in a subprocess (this process may interpret)
+# ---------------------------------------------------------------------------------------------
+COMPILE = """
+import json, sys
+from fastvit.benchmarks.static_triton import compile_spec
+from tests.benchmarks._static_kernels import SPECS
+json.dump({name: compile_spec(spec) for name, spec in SPECS.items()}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def hand_made(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static-model") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", COMPILE, str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"compiling the hand-made kernels failed:\n{proc.stderr[-3000:]}")
+    rows = json.loads(out.read_text())
+    errors = {name: row["error"] for name, row in rows.items() if "error" in row}
+    assert not errors
+    return rows
+
+
+def test_a_64_row_tile_on_8_warps_is_flagged_replicated(hand_made):
+    row = hand_made["chained 64 rows on 8 warps"]
+    assert row["mma_rows_replicated"] and "64x64 warps [8, 1] v3" in row["mma_replicated_tiles"]
+    assert any(p.startswith("replicated MMA rows") for p in row["problems"])
+
+
+@pytest.mark.parametrize("name", ["chained 64 rows on 4 warps", "chained 128 rows on 8 warps", "128x128 on 8 warps"])
+def test_clean_tiles_pass(hand_made, name):
+    row = hand_made[name]
+    assert row["problems"] == [] and not row["mma_rows_replicated"]
+    assert row["hgmma"] > 0 and all(int(s.split("x")[1]) >= 32 for s in row["loop_mma_shapes"])
+    assert 0 < row["loop_issue_ratio"] <= 1.0 and row["ctas_per_sm"] >= 1 and row["async_copy"] == "cp.async"
+
+
+def test_a_loop_of_integer_ops_is_issue_bound(hand_made):
+    heavy, plain = hand_made["integer-heavy loop"], hand_made["chained 64 rows on 4 warps"]
+    assert heavy["loop_issue_ratio"] > 1.0 and heavy["loop_instructions"] > 3 * plain["loop_instructions"]
+    assert any("issue-bound" in p for p in heavy["problems"])
+
+
+def test_figures_of_a_match_replace_only_its_rows(tmp_path):
+    from fastvit.benchmarks.static_figures import write_figures
+
+    def row(arch, config, registers):
+        return {"arch": arch, "kernel": "m.k", "config": config, "registers": registers, "problems": []}
+
+    path = tmp_path / "figures.json"
+    write_figures(path, [row(90, "a BM=64", 1), row(80, "a BM=64", 2), row(90, "b", 3)], "3.8.0")
+    write_figures(path, [row(90, "a BM=32", 9)], "3.8.0", match="m.k [a", archs=(90,))
+    rows = json.loads(path.read_text())["rows"]
+    assert {k: r["registers"] for k, r in rows.items()} == {"sm_90 m.k [a BM=32]": 9, "sm_80 m.k [a BM=64]": 2,
+                                                            "sm_90 m.k [b]": 3}  # fmt: skip
+    write_figures(path, [row(90, "c", 5)], "3.6.0", match="m.k [c", archs=(90,))  # another version: replaced
+    assert list(json.loads(path.read_text())["rows"]) == ["sm_90 m.k [c]"]
