@@ -3,7 +3,12 @@
 
 That covers vit_* (register tokens, ``qk_norm``, ``no_embed_class``, ``class_token=False``,
 ``dynamic_img_size``), deit_* (distilled too), deit3_* (LayerScale) and the other timm models built
-from the same blocks. Other timm architectures (``fastvit_*``, Eva, Swin ...) are left alone.
+from the same blocks. The attention of the relative-position-bias families (BEiT / BEiTv2,
+``VisionTransformerRelPos``, TinyViT, LeViT: ``fastvit.nn.timm_relpos``), of Swin V1 / V2
+(``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
+Hiera (mask-unit and global: ``timm_hiera``) is fused too; those families' MLP halves and
+embeddings are reported as left alone, with the reason. Other timm architectures (``fastvit_*``,
+Eva ...) are left alone.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.format import Format
 
+from fastvit.nn import timm_hiera, timm_relpos, timm_sam, timm_swin
 from fastvit.nn import timm_vit as fused
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
@@ -23,6 +29,85 @@ FAMILY = "timm"
 _ATTENTIONS = fused_table(fused.FusedAttention)
 _BLOCKS = fused_table(fused.FusedBlock)
 _MODELS = fused_table(fused.FusedVisionTransformer, fused.FusedVisionTransformerDistilled)
+# the relative-position, window and SAM attentions: {class: (fused class, attributes its forward reads)}
+_QKV = ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")
+_BIASED = ("proj", "num_heads", "scale", "key_dim", "val_dim", "get_attention_biases")  # TinyViT, LeViT
+_OTHER_ATTENTIONS = {
+    cls: (table[cls], names)
+    for table, names in (
+        (fused_table(timm_relpos.FusedBeitAttention), (*_QKV, "q_bias", "k_bias", "v_bias", "qkv_bias_separate",
+                                                      "relative_position_bias_table")),
+        (fused_table(timm_relpos.FusedRelPosAttention), (*_QKV, "head_dim", "q_norm", "k_norm", "rel_pos")),
+        (fused_table(timm_swin.FusedSwinWindowAttention), (*_QKV, "softmax", "relative_position_bias_table",
+                                                           "relative_position_index")),
+        (fused_table(timm_swin.FusedSwinV2WindowAttention), (*_QKV[:-1], "softmax", "logit_scale", "cpb_mlp",
+                                                             "q_bias", "k_bias", "v_bias", "qkv_bias_separate",
+                                                             "relative_coords_table", "relative_position_index")),
+        (fused_table(timm_sam.FusedSamAttention), (*_QKV, "head_dim", "q_norm", "k_norm", "use_rel_pos", "rope")),
+        (
+            fused_table(timm_hiera.FusedMaskUnitAttention),
+            ("qkv", "proj", "heads", "head_dim", "scale", "q_stride", "window_size", "use_mask_unit_attn", "dim_out"),
+        ),
+        (fused_table(timm_relpos.FusedTinyVitAttention), (*_BIASED, "qkv", "norm")),
+        (fused_table(timm_relpos.FusedLevitAttention), (*_BIASED, "qkv", "use_conv")),
+        (fused_table(timm_relpos.FusedLevitAttentionDownsample), (*_BIASED, "q", "kv", "use_conv", "stride",
+                                                                  "val_attn_dim")),
+    )
+    for cls in table
+}
+# Blocks and models of those families whose other parts are not fused yet: (module, class) -> (part, reason)
+_LEFT_ALONE = {
+    ("timm.models.beit", "Block"): (
+        "mlp", "BEiT's Block (gamma_2 LayerScale, SwiGLU / scale_mlp variants) is not fused yet: its MLP half "
+        "runs timm's modules",
+    ),
+    ("timm.models.vision_transformer_relpos", "RelPosBlock"): (
+        "mlp", "RelPosBlock (it passes shared_rel_pos to its attention) is not fused yet: its MLP half runs "
+        "timm's modules",
+    ),
+    ("timm.models.vision_transformer_relpos", "ResPostRelPosBlock"): (
+        "mlp", "ResPostRelPosBlock normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
+        "x + mlp(layer_norm(x))",
+    ),
+    ("timm.models.swin_transformer", "SwinTransformerBlock"): (
+        "mlp", "Swin's block is not fused yet: its MLP half runs timm's modules",
+    ),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): (
+        "mlp", "Swin V2's block normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
+        "x + mlp(layer_norm(x))",
+    ),
+    ("timm.models.vision_transformer_sam", "Block"): (
+        "mlp", "SAM's Block (window partition around its attention) is not fused yet: its MLP half runs "
+        "timm's modules",
+    ),
+    ("timm.models.tiny_vit", "TinyVitBlock"): (
+        "mlp", "TinyVitBlock (a depthwise local conv between its attention and its NormMlp) is not fused yet: its "
+        "MLP half runs timm's modules",
+    ),
+    ("timm.models.hiera", "HieraBlock"): (
+        "mlp",
+        "HieraBlock (its attention half projects and pools the residual between stages) is not fused yet: its MLP "
+        "half runs timm's modules",
+    ),
+    ("timm.models.levit", "LevitBlock"): (
+        "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
+        "modules",
+    ),
+}
+_NOT_YET = "patch embedding is not fused yet: it runs timm's modules"
+_CONV_STEM = "stem is a stack of strided convolutions, not one patchify conv (fastvit.patch_embed): left alone"
+_LEFT_ALONE_MODELS = {
+    ("timm.models.beit", "Beit"): _NOT_YET,
+    ("timm.models.vision_transformer_relpos", "VisionTransformerRelPos"): _NOT_YET,
+    ("timm.models.swin_transformer", "SwinTransformer"): _NOT_YET,
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2"): _NOT_YET,
+    ("timm.models.vision_transformer_sam", "VisionTransformerSAM"): _NOT_YET,
+    ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
+    ("timm.models.levit", "Levit"): _CONV_STEM,
+    ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
+    ("timm.models.hiera", "Hiera"): "patch embedding is an overlapping conv (kernel 7, stride 4, padding 3), not "
+    "a patchify conv (fastvit.patch_embed): left alone",
+}
 
 
 def _attention_problems(attn: nn.Module) -> list[str]:
@@ -44,6 +129,11 @@ def _attention_problems(attn: nn.Module) -> list[str]:
 def _attention_notes(attn: nn.Module) -> list[str]:
     p = attn.attn_drop.p
     return [f"attention dropout {p}: in training it runs timm's forward"] if p > 0 else []
+
+
+def _other_attention_notes(attn: nn.Module) -> list[str]:
+    """``_attention_notes`` for the attentions that may have no ``attn_drop`` (TinyViT, LeViT)."""
+    return _attention_notes(attn) if hasattr(attn, "attn_drop") else []
 
 
 def _block_problems(block: nn.Module) -> list[str]:
@@ -112,6 +202,15 @@ def find(model: nn.Module) -> list[Finding]:
                 findings.append(Skip(join(path, "attn"), "attention", foreign(attn, "timm's Attention")))
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
+        elif cls in _OTHER_ATTENTIONS:
+            fused_cls, names = _OTHER_ATTENTIONS[cls]
+            problems = lambda m, names=names: missing_attributes(m, names, "timm")
+            findings.append(slot(path, module, "attention", fused_cls, problems, _other_attention_notes))
+        elif (cls.__module__, cls.__name__) in _LEFT_ALONE:
+            findings.append(Skip(path, *_LEFT_ALONE[cls.__module__, cls.__name__]))
+        elif (cls.__module__, cls.__name__) in _LEFT_ALONE_MODELS and not path:
+            reason = _LEFT_ALONE_MODELS[cls.__module__, cls.__name__]
+            findings.append(Skip(path, "patch_embed", f"{cls.__name__}'s {reason}"))
         elif cls.__module__ == "timm.models.vision_transformer" and cls.__name__.endswith("Block"):
             findings.append(Skip(path, "mlp", f"{cls.__name__} is not timm's pre-norm Block: left alone"))
         elif cls.__module__ == "timm.models.fastvit" and not path:

@@ -104,7 +104,7 @@ def assert_outputs_and_grads_match(
         if seed is not None:
             torch.manual_seed(seed)
         out = run(model, x)
-        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
         (out * upstream).sum().backward()
         outputs.append(out.detach())
         grads.append([("input", x.grad)] + [(n, p.grad) for n, p in model.named_parameters()])

@@ -1,0 +1,267 @@
+"""Fused subclasses of timm's relative-position-bias attentions, swapped onto a model by ``fastvit.patch``.
+
+- ``timm.models.beit.Attention`` (BEiT, BEiTv2): the ``relative_position_bias_table`` gathered
+  through ``relative_position_index`` into a (1, H, N, N) bias (cls row and column included), plus
+  the model's shared ``rel_pos_bias`` when it has one.
+- ``timm.models.vision_transformer_relpos.RelPosAttention`` (``vit_relpos_*``, ``vit_srelpos_*``):
+  its ``rel_pos`` module's ``get_bias()`` (``RelPosBias``'s table, ``RelPosMlp``'s log-coordinate
+  MLP, ``RelPosBiasTf``'s einsum lookup), or the model's ``shared_rel_pos`` bias.
+- ``timm.models.tiny_vit.Attention`` (TinyViT's window attention; the block partitions and pads)
+  and LeViT's ``Attention`` / ``AttentionDownsample`` (linear and ``use_conv`` layouts; the
+  downsampling one is cross-attention from a subsampled grid, M > N): ``get_attention_biases()``,
+  the (H, N, M) gather of ``attention_biases`` by offset. LeViT's values are wider than its keys
+  (``attn_ratio`` 2 or 4) while the op takes one head dim, so q and k are zero-padded to the value
+  width (q.k unchanged, ``scale`` passed explicitly): a copy of q and k, and a QK^T 2-4x wider.
+
+In each case the bias goes to ``fastvit.flash_attention`` as ``attn_mask``: the kernels read it
+through its strides (stride 0 over the batch), and because it is computed from the model's own
+Parameters at call time, the table (or MLP) learns through the op's mask gradient. q, k and v are
+views into the qkv output (no copies), except LeViT's padded q and k (and its conv layout's
+transposed views, copied to a unit stride). See ``fastvit.nn.fused`` for how the swap works.
+Importing this module imports timm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.beit import Attention as BeitAttention
+from timm.models.levit import Attention as LevitAttention
+from timm.models.levit import AttentionDownsample as LevitAttentionDownsample
+from timm.models.tiny_vit import Attention as TinyVitAttention
+from timm.models.vision_transformer_relpos import RelPosAttention
+
+from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
+from fastvit.nn.fused import FusedModule, dropout_active
+
+__all__ = [
+    "FusedBeitAttention",
+    "FusedLevitAttention",
+    "FusedLevitAttentionDownsample",
+    "FusedRelPosAttention",
+    "FusedTinyVitAttention",
+    "biased_attention",
+]
+
+
+def biased_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    *,
+    key_dim: int,
+    val_dim: int,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + bias) @ v`` through ``fastvit.flash_attention``, for heads
+    whose q / k width may differ from v's (LeViT's ``attn_ratio``): the narrower side is
+    zero-padded (zero columns add nothing to q.k; zero value columns are sliced off the output).
+
+    Args:
+        q: (B, H, N, Dk); k: (B, H, M, Dk); v: (B, H, M, Dv).
+        bias: broadcastable to (B, H, N, M), e.g. (H, N, M).
+        scale: multiplies q.k.
+        key_dim, val_dim: Dk and Dv, the module's own ints (so torch.fx traces no shape test).
+        contiguous: copy q, k, v to a unit last-dim stride (transposed views of a conv layout);
+            a padded tensor is a fresh contiguous one already.
+
+    Returns:
+        (B, H, N, Dv).
+    """
+    if key_dim < val_dim:
+        q, k = F.pad(q, (0, val_dim - key_dim)), F.pad(k, (0, val_dim - key_dim))
+    elif val_dim < key_dim:
+        v = F.pad(v, (0, key_dim - val_dim))
+    if contiguous:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops on the padded ones
+    out = self_attention(q, k, v, scale=scale, attn_mask=bias)
+    return out if val_dim >= key_dim else out[..., :val_dim]
+
+
+class FusedBeitAttention(FusedModule, BeitAttention):
+    """timm BEiT ``Attention`` running ``fastvit.flash_attention`` with its relative-position bias.
+
+    Same signature, ``forward(x, shared_rel_pos_bias=None)``. The qkv projection is timm's (the
+    ``q_bias`` / zero ``k_bias`` / ``v_bias`` concatenated, added after the matmul under
+    ``qkv_bias_separate``); the bias is ``_get_rel_pos_bias()`` (1, H, N, N) plus
+    ``shared_rel_pos_bias`` where given, as timm adds them. Calls in training with attention
+    dropout > 0 run timm's forward.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        if not self._fastvit_intact():
+            return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        if dropout_active(self.attn_drop.p, self.training):
+            warn_attention_dropout("timm BEiT Attention", self.attn_drop.p)
+            return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x) + qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        q, k, v = split_packed_qkv(qkv, self.num_heads, head_dim)  # (B, H, N, D) views
+        bias = shared_rel_pos_bias
+        if self.relative_position_bias_table is not None:
+            bias = self._get_rel_pos_bias()  # (1, H, N, N), from the table
+            if shared_rel_pos_bias is not None:
+                bias = bias + shared_rel_pos_bias
+        x = merge_heads(self_attention(q, k, v, scale=self.scale, attn_mask=bias))
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        window = None if self.window_size is None else tuple(self.window_size)
+        return f"heads={self.num_heads}, rel_pos_window={window}, fastvit={self.fastvit_op}"
+
+
+class FusedRelPosAttention(FusedModule, RelPosAttention):
+    """timm ``RelPosAttention`` (``VisionTransformerRelPos``) running ``fastvit.flash_attention``
+    with ``rel_pos.get_bias()`` (or ``shared_rel_pos``) as ``attn_mask``.
+
+    Same signature, ``forward(x, shared_rel_pos=None)``, and timm's fused-path semantics: a block
+    with its own ``rel_pos`` uses that bias (``VisionTransformerRelPos`` never gives it a shared
+    one too), else ``shared_rel_pos``. ``rel_pos.get_bias()`` is called as timm calls it, so
+    ``RelPosMlp``'s MLP (with its dropout in training) runs as a module. Calls in training with
+    attention dropout > 0 run timm's forward.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
+        if not self._fastvit_intact():
+            return super().forward(x, shared_rel_pos=shared_rel_pos)
+        if dropout_active(self.attn_drop.p, self.training):
+            warn_attention_dropout("timm RelPosAttention", self.attn_drop.p)
+            return super().forward(x, shared_rel_pos=shared_rel_pos)
+        q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, H, N, D) views
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos  # (1, H, N, N)
+        x = merge_heads(self_attention(q, k, v, scale=self.scale, attn_mask=bias))
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        rel_pos = type(self.rel_pos).__name__ if self.rel_pos is not None else "shared"
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, rel_pos={rel_pos}, fastvit={self.fastvit_op}"
+
+
+class FusedTinyVitAttention(FusedModule, TinyVitAttention):
+    """timm TinyViT ``Attention`` (one window of a ``TinyVitBlock``) running
+    ``fastvit.flash_attention`` with ``get_attention_biases()`` (H, N, N) as ``attn_mask``.
+
+    Same signature, ``forward(x)``, x (B*nW, N, C). The LayerNorm and the projections run as in
+    timm; q, k, v are views into the per-head [q, k, v] layout of the qkv output. TinyViT's blocks
+    build it with ``attn_ratio=1`` (v as wide as k); other widths are zero-padded
+    (``biased_attention``).
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if not self._fastvit_intact():
+            return super().forward(x)
+        bias = self.get_attention_biases(x.device)  # (H, N, N)
+        qkv = self.qkv(self.norm(x)).unflatten(-1, (self.num_heads, -1))  # (B, N, H, 2*Dk + Dv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
+        out = biased_attention(q, k, v, bias, self.scale, key_dim=self.key_dim, val_dim=self.val_dim)
+        return self.proj(merge_heads(out))  # (B, N, H*Dv) -> (B, N, C)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}, "
+            f"resolution={tuple(self.resolution)}, fastvit={self.fastvit_op}"
+        )
+
+
+class FusedLevitAttention(FusedModule, LevitAttention):
+    """timm LeViT ``Attention`` running ``fastvit.flash_attention`` with ``get_attention_biases()``
+    (H, N, N) as ``attn_mask``; q and k zero-padded to the value width (``biased_attention``).
+
+    Same signature, ``forward(x)``: (B, N, C) tokens, or (B, C, H, W) with ``use_conv``.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if not self._fastvit_intact():
+            return super().forward(x)
+        bias = self.get_attention_biases(x.device)  # (H, N, N)
+        dims, head_dims = [self.key_dim, self.key_dim, self.val_dim], {"key_dim": self.key_dim, "val_dim": self.val_dim}
+        if self.use_conv:  # (B, C, H, W): channels (heads, 2*Dk + Dv) by N = H*W
+            qkv = self.qkv(x).flatten(2).unflatten(1, (self.num_heads, -1))  # (B, heads, 2*Dk + Dv, N)
+            q, k, v = qkv.split(dims, dim=2)
+            q, k, v = q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1)  # (B, heads, N, D)
+            out = biased_attention(q, k, v, bias, self.scale, contiguous=True, **head_dims)
+            x = out.transpose(-2, -1).reshape(x.shape[0], -1, x.shape[2], x.shape[3])  # (B, heads*Dv, H, W)
+        else:  # (B, N, C)
+            qkv = self.qkv(x).unflatten(-1, (self.num_heads, -1))  # (B, N, heads, 2*Dk + Dv)
+            q, k, v = qkv.split(dims, dim=3)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, D) views
+            x = merge_heads(biased_attention(q, k, v, bias, self.scale, **head_dims))  # (B, N, heads*Dv)
+        return self.proj(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}, conv={self.use_conv}, "
+            f"fastvit={self.fastvit_op}"
+        )
+
+
+class FusedLevitAttentionDownsample(FusedModule, LevitAttentionDownsample):
+    """timm LeViT ``AttentionDownsample``: cross-attention from the subsampled grid (N queries) to
+    the full grid (M keys) running ``fastvit.flash_attention`` with ``get_attention_biases()``
+    (H, N, M) as ``attn_mask``; q and k zero-padded to the value width (``biased_attention``).
+
+    Same signature, ``forward(x)``: (B, M, C) tokens, or (B, C, H, W) with ``use_conv``.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if not self._fastvit_intact():
+            return super().forward(x)
+        bias = self.get_attention_biases(x.device)  # (H, N, M)
+        dims, head_dims = [self.key_dim, self.val_dim], {"key_dim": self.key_dim, "val_dim": self.val_dim}
+        if self.use_conv:  # (B, C, H, W)
+            k, v = self.kv(x).flatten(2).unflatten(1, (self.num_heads, -1)).split(dims, dim=2)  # (B, heads, D, M)
+            q = self.q(x).flatten(2).unflatten(1, (self.num_heads, self.key_dim))  # (B, heads, Dk, N)
+            q, k, v = q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1)  # (B, heads, N|M, D)
+            out = biased_attention(q, k, v, bias, self.scale, contiguous=True, **head_dims)
+            rows, cols = (x.shape[2] - 1) // self.stride + 1, (x.shape[3] - 1) // self.stride + 1
+            x = out.transpose(-2, -1).reshape(x.shape[0], self.val_attn_dim, rows, cols)
+        else:  # (B, M, C)
+            k, v = self.kv(x).unflatten(-1, (self.num_heads, -1)).split(dims, dim=3)  # (B, M, heads, D)
+            q = self.q(x).unflatten(-1, (self.num_heads, self.key_dim))  # (B, N, heads, Dk)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N|M, D) views
+            x = merge_heads(biased_attention(q, k, v, bias, self.scale, **head_dims))  # (B, N, heads*Dv)
+        return self.proj(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}, stride={self.stride}, "
+            f"conv={self.use_conv}, fastvit={self.fastvit_op}"
+        )

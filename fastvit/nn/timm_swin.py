@@ -1,0 +1,150 @@
+"""Fused subclasses of timm's Swin window attentions (``swin_*`` and ``swinv2_*``), swapped onto a
+model by ``fastvit.patch``.
+
+timm's Swin blocks keep their window math: the cyclic shift, the padding to a multiple of the
+window, the window partition and its reverse, and the shifted-window mask (-100 between regions,
+built by the block) all stay in the block. The block hands its ``WindowAttention`` the windows,
+(B*nW, N, C) with N = wh * ww, and the (nW, N, N) mask or None; only that module changes. Its
+softmax attention becomes one ``fastvit.flash_attention`` call with the relative-position bias
+(V1's table, V2's continuous-position-bias MLP, ``16 * sigmoid``) plus the mask as ``attn_mask``,
+so the table (or the CPB MLP) learns through the op's mask gradient. V2's cosine attention is exact
+attention on normalised q pre-scaled by the per-head ``exp(clamp(logit_scale, max=log 100))`` and
+normalised k, with ``scale=1``.
+
+Layout. Without a mask (W-MSA, or a shift the block dropped) q, k, v are views of the packed qkv
+output, (B*nW, H, N, D), and the bias (1, H, N, N) is read through stride 0 for every window. With
+the mask (SW-MSA) the bias depends on the window, and the windows of one image are consecutive in
+the batch, which no stride can express; so windows become heads: q, k, v are copied once into
+(B, nW*H, N, D) (O(tokens * C), like the qkv projection itself) and the bias plus the mask is one
+(1, nW*H, N, N) tensor, the size of one image's scores, read for every image (timm's fused path
+materialises (B*nW, H, N, N)). See ``fastvit.nn.fused`` for how the swap works. Importing this
+module imports timm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
+from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
+
+from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
+from fastvit.nn.fused import FusedModule, dropout_active
+
+__all__ = ["FusedSwinV2WindowAttention", "FusedSwinWindowAttention", "windowed_attention"]
+
+
+def windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Attention within windows with a per-head bias and timm's optional per-window mask.
+
+    Args:
+        q, k, v: (B*nW, H, N, D), the windows of B images in the batch, image-major (timm's
+            ``window_partition`` order); any strides with a unit stride in D.
+        bias: (1, H, N, N) relative-position bias, added to every window.
+        mask: (nW, N, N) additive mask of the window (0 or -100 in Swin) or None; window w of
+            every image gets ``mask[w]``.
+        scale: multiplies q.k; None: 1/sqrt(D).
+
+    Returns:
+        (B*nW, N, H*D), the heads merged, as timm's ``x.transpose(1, 2).reshape(B_, N, -1)``.
+    """
+    if mask is None:
+        return merge_heads(self_attention(q, k, v, scale=scale, attn_mask=bias))
+    windows, heads, tokens, head_dim = q.shape
+    num_windows = mask.shape[0]
+    # windows as heads: (B*nW, H, N, D) -> (B, nW*H, N, D), one copy each
+    q, k, v = (t.reshape(-1, num_windows * heads, tokens, head_dim) for t in (q, k, v))
+    # (1, H, N, N) + (nW, 1, N, N) -> (1, nW*H, N, N), shared by every image
+    window_bias = (bias + mask.unsqueeze(1)).reshape(1, num_windows * heads, tokens, tokens)
+    out = self_attention(q, k, v, scale=scale, attn_mask=window_bias)  # (B, nW*H, N, D), (B, N, nW*H, D) in memory
+    out = out.transpose(1, 2).reshape(-1, tokens, num_windows, heads * head_dim)  # (B, N, nW, H*D), a view
+    return out.transpose(1, 2).reshape(windows, tokens, heads * head_dim)  # (B*nW, N, H*D)
+
+
+class FusedSwinWindowAttention(FusedModule, SwinWindowAttention):
+    """timm Swin V1 ``WindowAttention`` running ``fastvit.flash_attention`` with the
+    relative-position bias (and the block's shifted-window mask) as ``attn_mask``.
+
+    Same signature, ``forward(x, mask=None)``: x (B*nW, N, C), mask (nW, N, N) or None. Calls in
+    training with attention dropout > 0 run timm's forward.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop", "softmax")  # timm's unfused path calls them; the op replaces both
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, mask=mask)
+        if not self._fastvit_intact():
+            return super().forward(x, mask=mask)
+        if dropout_active(self.attn_drop.p, self.training):
+            warn_attention_dropout("timm Swin WindowAttention", self.attn_drop.p)
+            return super().forward(x, mask=mask)
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, head_dim)  # (B*nW, H, N, D) views
+        x = windowed_attention(q, k, v, self._get_rel_pos_bias(), mask, self.scale)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, window={tuple(self.window_size)}, fastvit={self.fastvit_op}"
+
+
+class FusedSwinV2WindowAttention(FusedModule, SwinV2WindowAttention):
+    """timm Swin V2 ``WindowAttention``: cosine attention as one ``fastvit.flash_attention`` call on
+    normalised q times the per-head logit scale and normalised k (``scale=1``), with the continuous
+    position bias (``16 * sigmoid(cpb_mlp(...))``) and the block's mask as ``attn_mask``.
+
+    Same signature, ``forward(x, mask=None)``. ``cpb_mlp`` is called as a module. Calls in
+    training with attention dropout > 0 run timm's forward.
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop", "softmax")  # the op replaces timm's softmax and attention dropout
+
+    def _fastvit_bias(self) -> torch.Tensor:
+        """timm's continuous position bias, (1, H, N, N)."""
+        tokens = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1)  # N, N, H
+        return (16 * torch.sigmoid(bias.permute(2, 0, 1))).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, mask=mask)
+        if not self._fastvit_intact():
+            return super().forward(x, mask=mask)
+        if dropout_active(self.attn_drop.p, self.training):
+            warn_attention_dropout("timm Swin V2 WindowAttention", self.attn_drop.p)
+            return super().forward(x, mask=mask)
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x) + qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        q, k, v = split_packed_qkv(qkv, self.num_heads, head_dim)  # (B*nW, H, N, D) views
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)
+        q = F.normalize(q, dim=-1) * logit_scale
+        k = F.normalize(k, dim=-1)
+        x = windowed_attention(q, k, v, self._fastvit_bias(), mask, 1.0)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.num_heads}, window={tuple(self.window_size)}, cosine, "
+            f"fastvit={self.fastvit_op}"
+        )

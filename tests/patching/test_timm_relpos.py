@@ -1,0 +1,286 @@
+"""fastvit.patch on timm's relative-position-bias ViTs: BEiT / BEiTv2 (``beit.Attention``, the
+per-block table or the model's shared ``rel_pos_bias``), ``VisionTransformerRelPos``
+(``RelPosAttention`` with ``RelPosMlp``, ``RelPosBias`` or the shared bias of ``vit_srelpos_*``),
+TinyViT (window attention with ``attention_biases``) and LeViT (``Attention`` and the downsampling
+cross-attention ``AttentionDownsample``, values wider than keys, linear and conv layouts).
+
+Each model is compared with an unpatched deep copy on the CPU (the torch route, fp32): the same
+output and the same gradient on every parameter, the bias tables and the relative-position MLP
+included. Tiny models (tests/patching/helpers.py): 16x16 images, 4x4 patches (a 4x4 grid, +1 class
+token where the model has one), dim 32, 2 heads, 2 blocks, batch 3. TinyViT and LeViT on 64x64
+images: TinyViT's attention stages see 8x8 (3x3 windows, padded to 9x9), 4x4 and 2x2 maps (one
+window: no partition); LeViT's a 4x4 grid (key_dim 16, values 32), the 4x4 -> 2x2 downsampling
+attention (values 64), then 2x2.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import (
+    DEPTH,
+    HEADS,
+    assert_outputs_and_grads_match,
+    images,
+    module_types,
+    pair,
+    perturb_,
+    storage_map,
+    timm_model,
+)
+
+pytest.importorskip("timm")
+from timm.models.beit import Attention as BeitAttention
+from timm.models.vision_transformer_relpos import RelPosAttention
+
+from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_relpos import FusedBeitAttention, FusedRelPosAttention
+
+# name -> (builder, tokens N)
+MODELS = {
+    # per-block table, cls row/column (+3 entries), q/v biases, gamma LayerScale
+    "beitv2": (lambda **kw: timm_model("beitv2_base_patch16_224", init_values=0.1, **kw), 17),
+    # one RelativePositionBias module shared by the blocks (shared_rel_pos_bias)
+    "beit_shared": (
+        lambda **kw: timm_model("beit_base_patch16_224", use_rel_pos_bias=False, use_shared_rel_pos_bias=True, **kw),
+        17,
+    ),
+    # RelPosMlp (log-coordinate MLP, 'cr' mode), no class token
+    "relpos_mlp": (lambda **kw: timm_model("vit_relpos_base_patch16_224", **kw), 16),
+    # RelPosBias table with a class token (prefix row / column)
+    "relpos_bias_cls": (lambda **kw: timm_model("vit_relpos_medium_patch16_cls_224", rel_pos_type="bias", **kw), 17),
+    # RelPosMlp in Swin V2 mode (16 * sigmoid), one module shared by the blocks (shared_rel_pos)
+    "srelpos": (lambda **kw: timm_model("vit_srelpos_small_patch16_224", rel_pos_type="mlp_swin", **kw), 16),
+}
+
+
+def _model(name: str, **overrides) -> torch.nn.Module:
+    return MODELS[name][0](**overrides)
+
+
+def levit(conv: bool = False, **overrides) -> torch.nn.Module:
+    import timm
+
+    args = dict(img_size=64, embed_dim=(32, 48), key_dim=16, num_heads=(2, 3), depth=(1, 1), num_classes=5)
+    return perturb_(
+        timm.create_model("levit_conv_128s" if conv else "levit_128s", pretrained=False, **(args | overrides))
+    )
+
+
+def tiny_vit(**overrides) -> torch.nn.Module:
+    import timm
+
+    args = dict(
+        embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_sizes=(2, 3, 2, 2),
+        drop_path_rate=0.0, num_classes=5,
+    )  # fmt: skip
+    return perturb_(timm.create_model("tiny_vit_5m_224", pretrained=False, **(args | overrides)))
+
+
+BIAS_MODELS = {"levit": levit, "levit_conv": lambda **kw: levit(conv=True, **kw), "tiny_vit": tiny_vit}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_patched_matches_unpatched(name, op_calls):
+    reference, patched, report = pair(_model(name).eval())
+    assert report.counts() == {"attention": DEPTH}
+    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}  # each with its reason
+    assert all("not fused yet" in e.detail or "normalises after" in e.detail for e in report.skipped)
+    assert_outputs_and_grads_match(reference, patched, images())
+    calls = op_calls["flash_attention"]
+    assert len(calls) == DEPTH
+    tokens = MODELS[name][1]
+    mask = calls[0]["kwargs"]["attn_mask"]
+    # one bias for the batch: (1, H, N, N), or (H, N, N) from BEiT's shared RelativePositionBias
+    assert mask.shape[-3:] == (HEADS, tokens, tokens) and mask.numel() == HEADS * tokens * tokens
+    assert mask.requires_grad and mask.dtype == torch.float32  # the table / MLP learns through it
+
+
+def test_bias_tables_get_gradients():
+    # the per-block tables and the shared RelativePositionBias get non-zero gradients, equal to timm's
+    for name, table in (("beitv2", "blocks.0.attn.relative_position_bias_table"),
+                        ("beit_shared", "rel_pos_bias.relative_position_bias_table")):  # fmt: skip
+        reference, patched, _ = pair(_model(name).eval())
+        grads = []
+        for model in (reference, patched):
+            model(images()).square().sum().backward()
+            grads.append(model.get_parameter(table).grad)
+        assert grads[1].abs().max() > 0
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(BIAS_MODELS))
+def test_attention_bias_models_match_unpatched(name, op_calls):
+    reference, patched, report = pair(BIAS_MODELS[name]().eval())
+    assert report.counts() == {"attention": 3}
+    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}  # each with its reason
+    assert_outputs_and_grads_match(reference, patched, images(size=64))
+    calls = op_calls["flash_attention"]
+    assert len(calls) == 3
+    assert all(c["kwargs"]["attn_mask"].requires_grad for c in calls)  # attention_biases learn through it
+    shapes = [(c["args"][0].shape[1:], c["args"][1].shape[2], c["kwargs"]["attn_mask"].shape) for c in calls]
+    if name == "tiny_vit":  # windows of 3x3 (8x8 map padded to 9x9: 9 windows), 2x2, then the whole 2x2 map
+        assert calls[0]["args"][0].shape[0] == 3 * 9
+        assert shapes == [((2, 9, 16), 9, (2, 9, 9)), ((2, 4, 16), 4, (2, 4, 4)), ((4, 4, 16), 4, (4, 4, 4))]
+    else:  # q, k zero-padded to the value width; the downsampling attention: 4 queries, 16 keys
+        assert shapes == [((2, 16, 32), 16, (2, 16, 16)), ((2, 4, 64), 16, (2, 4, 16)), ((3, 4, 32), 4, (3, 4, 4))]
+
+
+def test_levit_training_step(op_calls):
+    # BatchNorm in training (batch statistics, running stats updated) and drop path
+    reference, patched, _ = pair(levit(drop_path_rate=0.3).train())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, patched)]
+    for model, optimizer in zip((reference, patched), optimizers, strict=True):
+        torch.manual_seed(3)
+        model(images(size=64)).square().mean().backward()
+        optimizer.step()
+    assert len(op_calls["flash_attention"]) == 3
+    for (name, want), got in zip(reference.state_dict().items(), patched.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["beitv2", "relpos_mlp"])
+def test_non_default_resolution(name, op_calls):
+    # 12x20 images: a 3x5 grid, so the bias tables and index are built for a non-square window
+    reference, patched, _ = pair(_model(name, img_size=(12, 20)).eval())
+    assert_outputs_and_grads_match(reference, patched, images(size=(12, 20)))
+    tokens = 15 + (name == "beitv2")
+    assert op_calls["flash_attention"][0]["kwargs"]["attn_mask"].shape == (1, HEADS, tokens, tokens)
+
+
+@pytest.mark.parametrize("name", ["beitv2", "srelpos", "levit_conv", "tiny_vit"])
+def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
+    model = (BIAS_MODELS[name]() if name in BIAS_MODELS else _model(name)).eval()
+    x = images(size=64 if name in BIAS_MODELS else 16)
+    before_out, before_storage, before_types = model(x), storage_map(model), module_types(model)
+    report = fastvit.patch(model)
+    assert storage_map(model) == before_storage
+    fused = [m for m in model.modules() if isinstance(m, FusedModule)]
+    assert len(fused) == len(report.replaced) == (3 if name in BIAS_MODELS else DEPTH)
+    assert all(isinstance(m, type(m).fastvit_original()) for m in fused)  # isinstance checks still pass
+    if name not in BIAS_MODELS:
+        assert type(model.blocks[0].attn) in (FusedBeitAttention, FusedRelPosAttention)
+        assert isinstance(model.blocks[0].attn, (BeitAttention, RelPosAttention))
+    assert len(fastvit.unpatch(model).replaced) == len(report.replaced)
+    assert module_types(model) == before_types and storage_map(model) == before_storage
+    assert torch.equal(model(x), before_out)
+
+
+def test_training_step_with_drop_path_and_mlp_dropout(op_calls):
+    # RelPosMlp's MLP has dropout 0.125 in training and runs as a module: the same draws as timm's
+    reference, patched, _ = pair(_model("relpos_mlp", drop_path_rate=0.3).train())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, patched)]
+    for model, optimizer in zip((reference, patched), optimizers, strict=True):
+        torch.manual_seed(3)
+        model(images()).square().mean().backward()
+        optimizer.step()
+    assert len(op_calls["flash_attention"]) == DEPTH
+    for (name, want), got in zip(reference.named_parameters(), patched.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_attention_dropout_in_training_runs_timm(op_calls, fresh_warnings):
+    reference, patched, report = pair(_model("beitv2", attn_drop_rate=0.2).train())
+    assert all("attention dropout 0.2" in e.detail for e in report.replaced)
+    outputs = []
+    for model in (reference, patched):
+        torch.manual_seed(5)
+        if model is patched:
+            with pytest.warns(UserWarning, match="attention dropout p=0.2"):
+                outputs.append(model(images()))
+        else:
+            outputs.append(model(images()))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    assert not op_calls["flash_attention"]
+    patched.eval()(images())
+    assert len(op_calls["flash_attention"]) == DEPTH  # in eval: fused
+
+
+@pytest.mark.parametrize("name", ["beitv2", "tiny_vit"])
+def test_forward_intermediates(name, op_calls):
+    reference, patched, _ = pair((tiny_vit() if name == "tiny_vit" else _model(name)).eval())
+    x = images(size=64 if name == "tiny_vit" else 16)
+    want_final, want = reference.forward_intermediates(x)
+    got_final, got = patched.forward_intermediates(x)
+    assert len(op_calls["flash_attention"]) == 3 if name == "tiny_vit" else DEPTH
+    torch.testing.assert_close(got_final, want_final, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["beitv2", "levit"])
+def test_torch_compile_fullgraph(name, op_calls):
+    torch._dynamo.reset()
+    try:
+        reference, patched, _ = pair((levit() if name == "levit" else _model(name)).eval())
+        compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+        assert_outputs_and_grads_match(reference, compiled, images(size=64 if name == "levit" else 16))
+        assert op_calls["flash_attention"]  # traced through the op
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["relpos_bias_cls", "levit", "levit_conv"])
+def test_fx_symbolic_trace(name):
+    # (timm's TinyViT does not trace: its block branches on shapes, patched or not)
+    model = BIAS_MODELS[name]() if name in BIAS_MODELS else _model(name)
+    reference, patched, _ = pair(model.eval())
+    traced = torch.fx.symbolic_trace(patched)
+    targets = [getattr(n.target, "__name__", "") for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets.count("flash_attention") == (3 if name in BIAS_MODELS else DEPTH)  # fastvit's op is an FX leaf
+    assert_outputs_and_grads_match(reference, traced, images(size=64 if name in BIAS_MODELS else 16))
+
+
+def test_torchscript_compiles_the_original_math(op_calls, fresh_warnings):
+    reference, patched, _ = pair(_model("beitv2").eval())
+    with pytest.warns(UserWarning, match="compiles the original"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream
+        scripted = torch.jit.script(patched)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+    x = images()
+    torch.testing.assert_close(loaded(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert not op_calls["flash_attention"]  # TorchScript ran timm's math
+    patched(x)
+    assert len(op_calls["flash_attention"]) == DEPTH  # the Python model is still patched
+
+
+@pytest.mark.interpreter
+def test_triton_route_in_the_interpreter(op_calls):
+    # BEiTv2 on 8x8 images: a 2x2 grid + cls (5 tokens); the bias gradient through the Triton dBias
+    # kernel. LeViT: q, k zero-padded to 32 and 64, the 4 -> 16 cross-attention
+    reference, patched, _ = pair(_model("beitv2", img_size=8).eval())
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with fastvit.backend("triton"):
+        assert_outputs_and_grads_match(reference, patched, x, rtol=1e-4, atol=1e-5)
+        reference, patched, _ = pair(levit().eval())
+        assert_outputs_and_grads_match(reference, patched, images(size=64), rtol=1e-4, atol=1e-5)
+    assert len(op_calls["flash_attention"]) == DEPTH + 3
+
+
+def _compiled_kernels_check(name: str, device: torch.device) -> None:
+    """fp32 through the Triton kernels (IEEE fp32 dots, another summation order than PyTorch's),
+    the bias gradient through the dBias kernel; then bf16 autocast within bf16's error."""
+    model = BIAS_MODELS[name]() if name in BIAS_MODELS else _model(name)
+    reference, patched, _ = pair(model.to(device).eval())
+    x = images(size=64 if name in BIAS_MODELS else 16).to(device)
+    with fastvit.backend("triton"):  # the output compared on the CPU, where the helper's upstream gradient is
+        assert_outputs_and_grads_match(reference, patched, x, run=lambda m, t: m(t).cpu(), rtol=1e-4, atol=1e-5)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            got, want = patched(x), reference(x)
+    scale = want.float().abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 3e-2 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["beitv2", "relpos_mlp", "levit", "tiny_vit"])
+def test_compiled_kernels_on_the_gpu(name, op_calls):
+    _compiled_kernels_check(name, torch.device("cuda"))
+    assert len(op_calls["flash_attention"]) == 2 * (3 if name in BIAS_MODELS else DEPTH)
