@@ -1,6 +1,25 @@
-"""The model suite: a timm ViT as is (``timm``) and patched by ``fastvit.patch`` (``timm+fastvit``).
+"""The model suite: each model as is and patched by ``fastvit.patch`` (``<family>+fastvit``).
 
     python -m benchmarks model --model vit_base_patch16_224 --resolutions 224,384,512,1024
+    python -m benchmarks model --model hf-clip-vit-b16,tv-swin-b
+
+``--model`` takes comma-separated names: a timm model name (implementations ``timm`` and
+``timm+fastvit``) or one of the ``ZOO`` models, whose implementations carry the model's name
+(``hf-clip-vit-b16`` and ``hf-clip-vit-b16+fastvit``) so that rows of several models never share
+a series:
+
+- ``hf-clip-vit-b16``, ``hf-siglip-base-p16``, ``hf-dinov2-vit-b14``, ``hf-swin-b``: Hugging Face
+  ``*ForImageClassification`` built from configs (CLIP ViT-B/16 vision tower, SigLIP base/16,
+  DINOv2 ViT-B/14, Swin-B window 7); patching routes their attention through transformers'
+  ``AttentionInterface`` (``attn_implementation="fastvit"``) and swaps the modules that fit;
+  unpatched they run transformers' default (``sdpa``);
+- ``tv-swin-b``: torchvision's ``swin_b`` (window attention and MLP halves patched,
+  ``fastvit.nn.torchvision_swin``).
+
+Without ``--model``: ``vit_base_patch16_224`` and the whole zoo. Reduced on the CPU: the zoo
+models at 224 only, with 4 blocks (the ViTs) or stages of (2, 2, 2, 2) blocks (Swin-B); their
+rows say ``depth``. On a GPU they run at full depth at 224 and 384 (DINOv2: 224 and 518, its
+pretraining size; sizes are multiples of 14 there), 224 only with ``--quick``.
 
 For each resolution: images/s and peak memory of inference (``fwd``: forward without autograd,
 ``model.eval()``) and of a training step (``fwd+bwd``: forward, cross-entropy against random
@@ -12,12 +31,14 @@ it under ``torch.autocast`` (fp32 parameters), the usual mixed precision.
 Inference rows also carry a per-component breakdown of the forward pass, from module hooks
 timed with the same clock in a separate pass (so the hooks do not slow the timed calls):
 ``ms_patch_embed`` (everything before the first block: patch projection, class token, position
-embedding), ``ms_attention`` (the blocks' ``attn`` modules), ``ms_mlp`` (the rest of the blocks:
+embedding), ``ms_attention`` (the blocks' attention modules), ``ms_mlp`` (the rest of the blocks:
 norm2 + MLP and the norm1 / residual adds around attention), ``ms_rest`` (after the last block:
-final norm, head). Patching degrades to the fused ops this build has: a part whose op is missing
-is left as timm's (the patch report in the note says what was replaced).
+final norm, head; for Swin also the patch merging between stages). Patching degrades to the
+fused ops this build has: a part whose op is missing is left as the model's (the patch report in
+the note says what was replaced).
 
-``n_tokens``, ``heads`` and ``head_dim`` are the model's; FLOPs come from PyTorch's FLOP counter
+``n_tokens``, ``heads`` and ``head_dim`` are the model's (Swin: the first stage's tokens and
+heads; its attention runs on windows of 49 of them); FLOPs come from PyTorch's FLOP counter
 run on the meta device (the unpatched model: the patched one does the same math).
 """
 
@@ -38,89 +59,251 @@ from .progress import Progress
 from .records import Point, Record
 from .runner import not_run, policy_from_args, run_points
 
-__all__ = ["IMPLS", "build", "run"]
+__all__ = ["IMPLS", "ZOO", "build", "run"]
 
 NAME = "model"
-IMPLS = ("timm", "timm+fastvit")
+IMPLS = ("timm", "timm+fastvit")  # a timm model's; a zoo model's are its name and name+fastvit
 DEFAULT_MODEL = "vit_base_patch16_224"
 RESOLUTIONS = {"cpu": (224, 384), "cuda": (224, 384, 512, 1024)}
 QUICK_RESOLUTIONS = {"cpu": (224,), "cuda": (224, 384)}
 DEFAULT_BATCH = {"cpu": 1, "cuda": 32}
+NUM_CLASSES = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# the models
+# ---------------------------------------------------------------------------------------------
+def _quiet_transformers() -> Any:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the configs' unused text towers warn about token ids
+    return transformers
+
+
+def _hf_clip(resolution: int, depth: int | None) -> torch.nn.Module:
+    t = _quiet_transformers()
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=depth or 12, num_attention_heads=12,
+                  patch_size=16, image_size=resolution)  # fmt: skip
+    return t.CLIPForImageClassification(t.CLIPConfig(vision_config=vision, num_labels=NUM_CLASSES))
+
+
+def _hf_siglip(resolution: int, depth: int | None) -> torch.nn.Module:
+    t = _quiet_transformers()
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=depth or 12, num_attention_heads=12,
+                  patch_size=16, image_size=resolution)  # fmt: skip
+    return t.SiglipForImageClassification(t.SiglipConfig(vision_config=vision, num_labels=NUM_CLASSES))
+
+
+def _hf_dinov2(resolution: int, depth: int | None) -> torch.nn.Module:
+    t = _quiet_transformers()
+    config = t.Dinov2Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=depth or 12,
+                            num_attention_heads=12, patch_size=14, image_size=resolution,
+                            num_labels=NUM_CLASSES)  # fmt: skip
+    return t.Dinov2ForImageClassification(config)
+
+
+def _swin_b_depths(depth: int | None) -> list[int]:
+    return [2, 2, 18, 2] if depth is None else [min(depth, 2), min(depth, 2), depth, min(depth, 2)]
+
+
+def _hf_swin(resolution: int, depth: int | None) -> torch.nn.Module:
+    t = _quiet_transformers()
+    config = t.SwinConfig(image_size=resolution, patch_size=4, embed_dim=128, depths=_swin_b_depths(depth),
+                          num_heads=[4, 8, 16, 32], window_size=7, num_labels=NUM_CLASSES)  # fmt: skip
+    return t.SwinForImageClassification(config)
+
+
+def _tv_swin(resolution: int, depth: int | None) -> torch.nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=128, depths=_swin_b_depths(depth), num_heads=[4, 8, 16, 32],
+                           window_size=[7, 7], stochastic_depth_prob=0.5, num_classes=NUM_CLASSES)  # fmt: skip
+
+
+def _vit_blocks(layers: Any, attn: str) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    return [(block, getattr(block, attn)) for block in layers]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    """A model of the zoo: how to build it and where its blocks and their attention are.
+
+    Attributes:
+        create: ``(resolution, depth) -> model``; depth None is the full model, else the reduced
+            one (ViTs: that many blocks; Swin-B: stages of (2, 2, depth, 2) blocks, at most 2 each
+            outside the third).
+        blocks: ``model -> [(block, attention module)]`` in call order, for the breakdown.
+        patch: the ``(height, width)`` stride of the first-stage tokens.
+        cpu_depth: the reduced depth the CPU runs.
+        description: one line, for ``--help`` and the notes.
+        gpu_resolutions: the sizes a GPU runs without ``--quick`` (the CPU and ``--quick``: the
+            first only).
+    """
+
+    create: Any
+    blocks: Any
+    patch: int
+    cpu_depth: int
+    description: str
+    gpu_resolutions: tuple[int, ...] = (224, 384)
+
+
+ZOO: dict[str, ZooModel] = {
+    "hf-clip-vit-b16": ZooModel(
+        _hf_clip, lambda m: _vit_blocks(m.vision_model.encoder.layers, "self_attn"), 16, 4,
+        "CLIP ViT-B/16 vision tower (transformers CLIPForImageClassification)",
+    ),
+    "hf-siglip-base-p16": ZooModel(
+        _hf_siglip, lambda m: _vit_blocks(m.vision_model.encoder.layers, "self_attn"), 16, 4,
+        "SigLIP base/16 vision tower (transformers SiglipForImageClassification)",
+    ),
+    "hf-dinov2-vit-b14": ZooModel(
+        _hf_dinov2, lambda m: _vit_blocks(m.dinov2.encoder.layer, "attention"), 14, 4,
+        "DINOv2 ViT-B/14 (transformers Dinov2ForImageClassification)", (224, 518),  # multiples of 14
+    ),
+    "hf-swin-b": ZooModel(
+        _hf_swin, lambda m: [(b, b.attention) for stage in m.swin.encoder.layers for b in stage.blocks], 4, 2,
+        "Swin-B, window 7 (transformers SwinForImageClassification)",
+    ),
+    "tv-swin-b": ZooModel(
+        _tv_swin, lambda m: [(b, b.attn) for stage in m.features[1::2] for b in stage], 4, 2,
+        "Swin-B, window 7 (torchvision swin_b)",
+    ),
+}  # fmt: skip
+
+
+def impls_of(name: str) -> tuple[str, str]:
+    """The two implementations of a model: unpatched and patched."""
+    label = name if name in ZOO else "timm"
+    return label, f"{label}+fastvit"
+
+
+def depth_of(name: str, device: str) -> int | None:
+    """The depth a zoo model runs with on ``device`` (None: full)."""
+    return ZOO[name].cpu_depth if name in ZOO and device == "cpu" else None
 
 
 # ---------------------------------------------------------------------------------------------
 # parent side
 # ---------------------------------------------------------------------------------------------
-def _create(name: str, resolution: int, device: str | torch.device) -> torch.nn.Module:
+def _create(name: str, resolution: int, device: str | torch.device, depth: int | None = None) -> torch.nn.Module:
+    if name in ZOO:
+        return ZOO[name].create(resolution, depth).to(device)
     import timm
 
     return timm.create_model(name, pretrained=False, img_size=resolution).to(device)
 
 
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _shape_of(name: str, model: torch.nn.Module, resolution: int) -> dict[str, Any]:
+    if name not in ZOO:
+        attn = model.blocks[0].attn
+        return {
+            "n_tokens": model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 0),
+            "heads": attn.num_heads,
+            "head_dim": attn.head_dim,
+        }
+    spec = ZOO[name]
+    config = getattr(model, "config", None)
+    if name.endswith("swin-b"):
+        heads, width = 4, 128
+        prefix = 0
+    else:
+        vision = getattr(config, "vision_config", config)
+        heads, width = vision.num_attention_heads, vision.hidden_size
+        prefix = 0 if "siglip" in name else 1  # SigLIP has no class token
+    return {"n_tokens": prefix + (resolution // spec.patch) ** 2, "heads": heads, "head_dim": width // heads}
+
+
 @functools.cache
-def model_shape(name: str, resolution: int, batch: int) -> dict[str, Any]:
-    """Tokens, heads, head dim and FLOPs of a timm ViT, from an instance on the meta device."""
+def model_shape(name: str, resolution: int, batch: int, depth: int | None = None) -> dict[str, Any]:
+    """Tokens, heads, head dim and FLOPs of a model, from an instance on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = _create(name, resolution, "meta")
-    attn = model.blocks[0].attn
-    shape = {
-        "n_tokens": model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 0),
-        "heads": attn.num_heads,
-        "head_dim": attn.head_dim,
-    }
+        model = _create(name, resolution, "meta", depth)
+    shape = _shape_of(name, model, resolution)
     x = torch.empty(batch, 3, resolution, resolution, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     shape["flops_fwd"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
-        out = model(x)
+        out = _logits(model(x))
         F.cross_entropy(out.float(), torch.zeros(batch, dtype=torch.long, device="meta")).backward()
     shape["flops_fwd_bwd"] = counter.get_total_flops()
     return shape
 
 
+def model_names(args: Any) -> list[str]:
+    """``--model``'s comma-separated names, or the default: the timm ViT-B/16 and the zoo."""
+    if not args.model:
+        return [DEFAULT_MODEL, *ZOO]
+    return list(dict.fromkeys(n.strip() for n in str(args.model).split(",") if n.strip()))
+
+
+def _resolutions(args: Any, name: str) -> tuple[int, ...]:
+    if args.resolutions:
+        return tuple(args.resolutions)
+    if name in ZOO:
+        sizes = ZOO[name].gpu_resolutions
+        return sizes if args.device == "cuda" and not args.quick else sizes[:1]
+    return (QUICK_RESOLUTIONS if args.quick else RESOLUTIONS)[args.device]
+
+
 def run(args: Any, progress: Progress) -> list[Record]:
-    """Both implementations, every mode and resolution of ``args.model``."""
-    name = args.model or DEFAULT_MODEL
-    resolutions = args.resolutions or (QUICK_RESOLUTIONS if args.quick else RESOLUTIONS)[args.device]
+    """Both implementations, every mode and resolution of each model of ``args.model``."""
+    names = model_names(args)
     batch = args.batch or DEFAULT_BATCH[args.device]
     records: list[Record] = []
     runnable: list[Point] = []
-    for impl in IMPLS:
-        for mode in modes(args):
-            for res in sorted(resolutions):
-                try:
-                    shape = model_shape(name, res, batch)
-                except Exception as exc:  # not a timm ViT, unknown name, size not divisible ...
-                    shape, error = {"n_tokens": 0, "heads": 0, "head_dim": 0}, f"{type(exc).__name__}: {exc}"
-                else:
-                    error = None
-                point = Point(
-                    suite=NAME,
-                    impl=impl,
-                    mode=mode,
-                    n_tokens=shape["n_tokens"],
-                    batch=batch,
-                    heads=shape["heads"],
-                    head_dim=shape["head_dim"],
-                    dtype=args.dtype,
-                    device=args.device,
-                    params={"model": name, "resolution": res, "flops": shape.get(f"flops_{mode.replace('+', '_')}")},
-                )
-                if error is not None:
-                    records += not_run([point], "error", f"cannot build {name} at {res}: {error}"[:300], progress)
-                elif impl == "timm+fastvit" and not _has_patch():
-                    records += not_run([point], "unavailable", "fastvit.patch is not in this build", progress)
-                else:
-                    runnable.append(point)
-    # resolution-major: both implementations advance together under a --time-limit
+    for name in names:
+        depth = depth_of(name, args.device)
+        for impl in impls_of(name):
+            for mode in modes(args):
+                for res in sorted(_resolutions(args, name)):
+                    try:
+                        shape = model_shape(name, res, batch, depth)
+                    except Exception as exc:  # not a timm ViT, unknown name, size not divisible ...
+                        shape, error = {"n_tokens": 0, "heads": 0, "head_dim": 0}, f"{type(exc).__name__}: {exc}"
+                    else:
+                        error = None
+                    params = {"model": name, "resolution": res, "flops": shape.get(f"flops_{mode.replace('+', '_')}")}
+                    if depth is not None:
+                        params["depth"] = depth
+                    point = Point(
+                        suite=NAME,
+                        impl=impl,
+                        mode=mode,
+                        n_tokens=shape["n_tokens"],
+                        batch=batch,
+                        heads=shape["heads"],
+                        head_dim=shape["head_dim"],
+                        dtype=args.dtype,
+                        device=args.device,
+                        params=params,
+                    )
+                    if error is not None:
+                        records += not_run([point], "error", f"cannot build {name} at {res}: {error}"[:300], progress)
+                    elif impl.endswith("+fastvit") and not _has_patch():
+                        records += not_run([point], "unavailable", "fastvit.patch is not in this build", progress)
+                    else:
+                        runnable.append(point)
+    # model- then resolution-major: both implementations advance together under a --time-limit
     order = {mode: i for i, mode in enumerate(modes(args))}
-    runnable.sort(key=lambda p: (p.params["resolution"], order[p.mode], IMPLS.index(p.impl)))
+    rank = {name: i for i, name in enumerate(names)}
+
+    runnable.sort(
+        key=lambda p: (rank[p.params["model"]], p.params["resolution"], order[p.mode], p.impl.endswith("+fastvit"))
+    )
     policy = dataclasses.replace(policy_from_args(args), build_timeout_s=300.0)  # model creation
     records += run_points(runnable, build, args, progress, policy=policy)
-    return sorted(records, key=lambda r: (IMPLS.index(r.impl), order[r.mode], r.extra["resolution"]))
+    return sorted(
+        records,
+        key=lambda r: (rank[r.extra["model"]], r.impl.endswith("+fastvit"), order[r.mode], r.extra["resolution"]),
+    )
 
 
 def _has_patch() -> bool:
@@ -149,23 +332,25 @@ def _patch(model: torch.nn.Module) -> str:
 
 
 class _Breakdown:
-    """Forward-pass time per component of a timm ViT, from module hooks (see the module docstring)."""
+    """Forward-pass time per component of a model, from module hooks (see the module docstring).
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        if not hasattr(model, "blocks") or not all(hasattr(b, "attn") for b in model.blocks):
-            raise Unavailable("no per-component breakdown: not a timm ViT (blocks[i].attn)")
+    ``blocks``: the model's ``(block, attention module)`` pairs in call order."""
+
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, blocks: list[tuple[torch.nn.Module, torch.nn.Module]]
+    ) -> None:
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, Any]] = []
         self.handles = [
             model.register_forward_pre_hook(self._mark("start")),
             model.register_forward_hook(self._mark("end")),
         ]
-        for block in model.blocks:
+        for block, attn in blocks:
             self.handles += [
                 block.register_forward_pre_hook(self._mark("block+")),
                 block.register_forward_hook(self._mark("block-")),
-                block.attn.register_forward_pre_hook(self._mark("attn+")),
-                block.attn.register_forward_hook(self._mark("attn-")),
+                attn.register_forward_pre_hook(self._mark("attn+")),
+                attn.register_forward_hook(self._mark("attn-")),
             ]
 
     def _mark(self, label: str):
@@ -224,26 +409,38 @@ class _Breakdown:
             handle.remove()
 
 
+def _blocks(name: str, model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """The ``(block, attention)`` pairs the breakdown hooks (``Unavailable``: none found)."""
+    if name in ZOO:
+        return ZOO[name].blocks(model)
+    if not hasattr(model, "blocks") or not all(hasattr(b, "attn") for b in model.blocks):
+        raise Unavailable("no per-component breakdown: not a timm ViT (blocks[i].attn)")
+    return [(block, block.attn) for block in model.blocks]
+
+
 def build(point: Point) -> Workload:
-    """The model (patched for ``timm+fastvit``), rotated image batches, and the step."""
+    """The model (patched for ``<family>+fastvit``), rotated image batches, and the step."""
     device = torch.device(point.device)
     dtype = torch_dtype(point.dtype)
-    res, batch = point.params["resolution"], point.batch
-    model = _create(point.params["model"], res, device)
-    note = _patch(model) if point.impl == "timm+fastvit" else ""
+    name, res, batch = point.params["model"], point.params["resolution"], point.batch
+    model = _create(name, res, device, point.params.get("depth"))
+    note = _patch(model) if point.impl.endswith("+fastvit") else ""
+    if "depth" in point.params:
+        note = "; ".join(n for n in (f"depth {point.params['depth']} (reduced on the CPU)", note) if n)
     training = point.mode == "fwd+bwd"
     model.train(training)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     sets = input_sets(lambda: randn((batch, 3, res, res), dtype=torch.float32, device=device), device)
-    labels = torch.randint(0, model.num_classes, (batch,), device=device)
+    labels = torch.randint(0, NUM_CLASSES if name in ZOO else model.num_classes, (batch,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     if training:
 
         def step(i: int) -> None:
             with autocast():
-                out = model(sets[i % len(sets)])
-            torch.autograd.grad(F.cross_entropy(out.float(), labels), params)
+                out = _logits(model(sets[i % len(sets)]))
+            # allow_unused: CLIP's classifier reads the mean token, not the post-layernorm pooled one
+            torch.autograd.grad(F.cross_entropy(out.float(), labels), params, allow_unused=True)
 
     else:
 
@@ -255,7 +452,7 @@ def build(point: Point) -> Workload:
         extra: dict[str, Any] = {"images_per_s": batch / (ms * 1e-3)}
         if not training:
             try:
-                hooks = _Breakdown(model, device)
+                hooks = _Breakdown(model, device, _blocks(name, model))
             except Unavailable as exc:
                 extra["breakdown"] = str(exc)
             else:

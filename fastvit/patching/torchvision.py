@@ -1,6 +1,10 @@
 """torchvision adapter: ``VisionTransformer`` (vit_b_16 ... vit_h_14): each ``EncoderBlock``'s
 ``nn.MultiheadAttention`` and LayerNorm+MLP half, and the embedding (``conv_proj``, ``class_token``,
-``encoder.pos_embedding``).
+``encoder.pos_embedding``); the window attention of ``SwinTransformer`` (swin_t/s/b:
+``ShiftedWindowAttention``; swin_v2_t/s/b: ``ShiftedWindowAttentionV2``) and of ``MaxVit``
+(maxvit_t: ``RelativePositionalMultiHeadAttention``), wherever those modules sit, and the
+LayerNorm+MLP half of Swin V1's ``SwinTransformerBlock`` (V2's post-norm blocks and MaxViT's
+``PartitionAttentionLayer`` MLP halves are reported as skipped, with why).
 
 ``nn.MultiheadAttention`` is patched only as an ``EncoderBlock``'s ``self_attention``, where it is
 known to be called as self-attention without weights; elsewhere in a model it is left alone.
@@ -9,8 +13,13 @@ known to be called as self-attention without weights; elsewhere in a model it is
 from __future__ import annotations
 
 import torch.nn as nn
+from torchvision.models.maxvit import PartitionAttentionLayer
+from torchvision.models.swin_transformer import SwinTransformerBlockV2
 from torchvision.models.vision_transformer import Encoder, MLPBlock
+from torchvision.ops.misc import MLP
+from torchvision.ops.stochastic_depth import StochasticDepth
 
+from fastvit.nn import torchvision_maxvit, torchvision_swin
 from fastvit.nn import torchvision_vit as fused
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
@@ -21,6 +30,19 @@ FAMILY = "torchvision"
 _ATTENTIONS = fused_table(fused.FusedMultiheadAttention)
 _BLOCKS = fused_table(fused.FusedEncoderBlock)
 _MODELS = fused_table(fused.FusedVisionTransformer)
+_SWIN_BLOCKS = fused_table(torchvision_swin.FusedSwinTransformerBlock)
+_WINDOW_ATTENTIONS = fused_table(
+    torchvision_swin.FusedShiftedWindowAttention,
+    torchvision_swin.FusedShiftedWindowAttentionV2,
+    torchvision_maxvit.FusedRelativePositionalMultiHeadAttention,
+)
+
+
+_POST_NORM = (
+    "Swin V2's block is post-norm, x + norm2(mlp(x)); fastvit.layernorm_mlp normalises the MLP's input "
+    "(its window attention is fused)"
+)
+_MAXVIT_MLP = "MaxViT's LayerNorm+MLP half (mlp_layer, with the partition around it) is not fused yet"
 
 
 def _attention_problems(mha: nn.Module) -> list[str]:
@@ -78,8 +100,81 @@ def _embed_problems(model: nn.Module) -> list[str]:
     return problems
 
 
+def _swin_attention_problems(attn: nn.Module) -> list[str]:
+    problems = missing_attributes(
+        attn, ("qkv", "proj", "window_size", "shift_size", "num_heads", "attention_dropout", "dropout"), "torchvision"
+    )
+    if problems:
+        return problems
+    problems += exact_type(attn.qkv, "qkv", (nn.Linear,), "nn.Linear")
+    problems += exact_type(attn.proj, "proj", (nn.Linear,), "nn.Linear")
+    if problems:
+        return problems
+    dim = attn.proj.in_features
+    if attn.qkv.in_features != dim or attn.qkv.out_features != 3 * dim or attn.proj.out_features != dim:
+        problems.append(
+            f"qkv is {attn.qkv.in_features} -> {attn.qkv.out_features} and proj {dim} -> "
+            f"{attn.proj.out_features}; the fused forward needs C -> 3C and C -> C"
+        )
+    if dim % attn.num_heads:
+        problems.append(f"width {dim} is not a multiple of num_heads {attn.num_heads}")
+    if len(attn.window_size) != 2 or len(attn.shift_size) != 2:
+        problems.append(f"window_size {attn.window_size} / shift_size {attn.shift_size} are not 2-D")
+    return problems
+
+
+def _swin_attention_notes(attn: nn.Module) -> list[str]:
+    p = max(attn.attention_dropout, attn.dropout)
+    return [f"dropout {p}: in training it runs torchvision's forward"] if p > 0 else []
+
+
+def _swin_block_problems(block: nn.Module) -> list[str]:
+    problems = missing_attributes(block, ("norm1", "attn", "stochastic_depth", "norm2", "mlp"), "torchvision")
+    if problems:
+        return problems
+    problems += layernorm_problems(block.norm2, "norm2")
+    problems += exact_type(block.stochastic_depth, "stochastic_depth", (StochasticDepth,), "StochasticDepth")
+    if not problems and block.stochastic_depth.mode != "row":
+        problems.append(f"stochastic_depth mode {block.stochastic_depth.mode!r}, not 'row'")
+    problems += exact_type(block.mlp, "mlp", (MLP,), "torchvision's MLP")
+    if problems:
+        return problems
+    expected = (nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout)
+    got = tuple(type(layer) for layer in block.mlp)
+    if got != expected:
+        names = ", ".join(cls.__name__ for cls in got)
+        problems.append(f"mlp holds ({names}), not (Linear, GELU, Dropout, Linear, Dropout)")
+    return problems
+
+
+def _swin_block_notes(block: nn.Module) -> list[str]:
+    p = max(block.mlp[2].p, block.mlp[4].p)
+    return [f"MLP dropout {p}: in training its MLP half runs torchvision's modules"] if p > 0 else []
+
+
+def _maxvit_attention_problems(attn: nn.Module) -> list[str]:
+    problems = missing_attributes(
+        attn, ("to_qkv", "merge", "n_heads", "head_dim", "scale_factor", "max_seq_len"), "torchvision"
+    )
+    if problems:
+        return problems
+    problems += exact_type(attn.to_qkv, "to_qkv", (nn.Linear,), "nn.Linear")
+    width = attn.n_heads * attn.head_dim
+    if not problems and attn.to_qkv.out_features != 3 * width:
+        problems.append(f"to_qkv gives {attn.to_qkv.out_features} features, not 3 * {width}")
+    return problems
+
+
+def _window_attention_slot(path: str, module: nn.Module) -> Finding:
+    fused_cls = _WINDOW_ATTENTIONS[type(module)]
+    if fused_cls is torchvision_maxvit.FusedRelativePositionalMultiHeadAttention:
+        return slot(path, module, "attention", fused_cls, _maxvit_attention_problems)
+    return slot(path, module, "attention", fused_cls, _swin_attention_problems, _swin_attention_notes)
+
+
 def find(model: nn.Module) -> list[Finding]:
-    """What can be fused in ``model``'s torchvision ViT modules (see ``fastvit.patching.registry``)."""
+    """What can be fused in ``model``'s torchvision ViT, Swin and MaxViT modules (see
+    ``fastvit.patching.registry``)."""
     findings: list[Finding] = []
     for path, module in model.named_modules():
         cls = type(module)
@@ -102,4 +197,12 @@ def find(model: nn.Module) -> list[Finding]:
                 findings.append(Skip(mha_path, "attention", foreign(mha, "nn.MultiheadAttention")))
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
+        elif cls in _WINDOW_ATTENTIONS:
+            findings.append(_window_attention_slot(path, module))
+        elif cls in _SWIN_BLOCKS:
+            findings.append(slot(path, module, "mlp", _SWIN_BLOCKS[cls], _swin_block_problems, _swin_block_notes))
+        elif cls is SwinTransformerBlockV2:
+            findings.append(Skip(path, "mlp", _POST_NORM))
+        elif cls is PartitionAttentionLayer:
+            findings.append(Skip(path, "mlp", _MAXVIT_MLP))
     return findings

@@ -138,3 +138,42 @@ def test_model_suite_reports_a_model_it_cannot_build():
     records = model.run(args(model="resnet_no_such_model", resolutions=[32]), Progress(enabled=False))
     assert {r.status for r in records} == {"error"}
     assert "cannot build resnet_no_such_model at 32" in records[0].note
+
+
+def test_model_suite_default_models_and_their_shapes():
+    assert model.model_names(args()) == [model.DEFAULT_MODEL, *model.ZOO]
+    assert model.model_names(args(model="tv-swin-b, hf-swin-b")) == ["tv-swin-b", "hf-swin-b"]
+    assert model.impls_of("vit_small_patch16_224") == ("timm", "timm+fastvit")
+    assert model.impls_of("hf-dinov2-vit-b14") == ("hf-dinov2-vit-b14", "hf-dinov2-vit-b14+fastvit")
+    assert model.depth_of("tv-swin-b", "cpu") == 2 and model.depth_of("tv-swin-b", "cuda") is None
+    # (tokens, heads, head_dim) of the full models at 224: Swin's first stage is 56 x 56 tokens
+    expected = {
+        "hf-clip-vit-b16": (197, 12, 64),
+        "hf-siglip-base-p16": (196, 12, 64),  # no class token
+        "hf-dinov2-vit-b14": (257, 12, 64),
+        "hf-swin-b": (3136, 4, 32),
+        "tv-swin-b": (3136, 4, 32),
+    }
+    for name, (n, heads, head_dim) in expected.items():
+        shape = model.model_shape(name, 224, 1)
+        assert (shape["n_tokens"], shape["heads"], shape["head_dim"]) == (n, heads, head_dim), name
+        assert shape["flops_fwd_bwd"] > 2 * shape["flops_fwd"] > 0
+
+
+def test_model_suite_zoo_rows():
+    # torchvision's Swin-B (stages of 2 blocks) and Hugging Face's CLIP ViT-B/16 (4 blocks), the
+    # CPU's reduced depths, at 64 px: 16 x 16 first-stage tokens, 4 x 4 patches + class token
+    names = ("tv-swin-b", "hf-clip-vit-b16")
+    records = model.run(args(model=",".join(names), resolutions=[64], mode="fwd"), Progress(enabled=False))
+    assert [r.impl for r in records] == [impl for name in names for impl in model.impls_of(name)]
+    for r in records:
+        assert r.status == "ok", (r.impl, r.note)
+        assert r.extra["depth"] == model.ZOO[r.extra["model"]].cpu_depth and "reduced on the CPU" in r.note
+        parts = [r.extra[k] for k in ("ms_patch_embed", "ms_attention", "ms_mlp", "ms_rest")]
+        assert all(p >= 0 for p in parts[:3]) and parts[1] > 0
+        assert sum(parts) == pytest.approx(r.extra["ms_forward_hooked"])
+    swin, swin_fused, clip, clip_fused = records
+    assert (swin.n_tokens, swin.heads, swin.head_dim) == (256, 4, 32)
+    assert (clip.n_tokens, clip.heads, clip.head_dim) == (17, 12, 64)
+    assert "patched: 8 mlp, 8 attention" in swin_fused.note  # every block: window attention, MLP half
+    assert "4 attention" in clip_fused.note  # through transformers' AttentionInterface
