@@ -39,6 +39,13 @@ class _FusedEmbeddings(FusedModule):
     fastvit_op = "patch_embed"
 
 
+def _whole_patches(pixel_values: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether the image is a whole number of patches (Hugging Face's Conv2d drops a remainder,
+    which ``fastvit.patch_embed`` does not: such calls run Hugging Face's forward)."""
+    patch_h, patch_w = conv.stride
+    return pixel_values.shape[-2] % patch_h == 0 and pixel_values.shape[-1] % patch_w == 0
+
+
 class FusedCLIPVisionEmbeddings(_FusedEmbeddings, CLIPVisionEmbeddings):
     """CLIP's embedding: class embedding prepended, ``position_embedding(position_ids)`` added."""
 
@@ -67,7 +74,8 @@ class FusedSiglipVisionEmbeddings(_FusedEmbeddings, SiglipVisionEmbeddings):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         height, width = pixel_values.shape[-2], pixel_values.shape[-1]
         grid = (height // self.patch_size) * (width // self.patch_size)
-        if interpolate_pos_encoding or grid != self.num_patches or not self._fastvit_intact():
+        covered = grid == self.num_patches and _whole_patches(pixel_values, self.patch_embedding)
+        if interpolate_pos_encoding or not covered or not self._fastvit_intact():
             return super().forward(pixel_values, interpolate_pos_encoding)  # its shape error, if any
         conv = self.patch_embedding
         return fastvit.patch_embed(
@@ -91,6 +99,7 @@ class _DinoEmbeddings(_FusedEmbeddings):
         grid = (height // patch_h) * (width // patch_w)
         return (
             bool_masked_pos is None
+            and _whole_patches(pixel_values, projection)
             and height == width
             and grid == self.position_embeddings.shape[1] - 1
             and pixel_values.shape[1] == self.patch_embeddings.num_channels
@@ -134,7 +143,8 @@ class FusedDINOv3ViTEmbeddings(_FusedEmbeddings, DINOv3ViTEmbeddings):
     fastvit_bypassed = ("patch_embeddings",)
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        if bool_masked_pos is not None or not self._fastvit_intact():
+        whole = _whole_patches(pixel_values, self.patch_embeddings)
+        if bool_masked_pos is not None or not whole or not self._fastvit_intact():
             return super().forward(pixel_values, bool_masked_pos)
         conv = self.patch_embeddings
         return fastvit.patch_embed(

@@ -92,6 +92,7 @@ def test_embeddings_at_another_resolution_or_masked_run_hugging_face(op_calls):
     assert_outputs_and_grads_match(reference, patched, images(), run=hidden)
     assert len(op_calls["patch_embed"]) == 1
     assert_outputs_and_grads_match(reference, patched, images(size=24), run=hidden)  # resampled pos_embed
+    assert_outputs_and_grads_match(reference, patched, images(size=(18, 18)), run=hidden)  # not whole patches
     masked = torch.zeros(3, 16, dtype=torch.bool)
     masked[:, ::3] = True
     reference.embeddings.mask_token.data.normal_()
