@@ -28,7 +28,7 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 
 import fastvit
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
-from fastvit.nn.hf_vit import gelu_approximate
+from fastvit.nn.hf_vit import activation_of
 
 __all__ = [
     "FusedCLIPEncoderLayer",
@@ -119,7 +119,7 @@ class FusedPreNormLayer(FusedModule):
         layer_scale = getattr(self, parts.layer_scale).lambda1 if parts.layer_scale else None
         return fastvit.layernorm_mlp(
             hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-            eps=norm.eps, approximate=gelu_approximate(getattr(mlp, parts.act)), layer_scale=layer_scale,
+            eps=norm.eps, activation=activation_of(getattr(mlp, parts.act)), layer_scale=layer_scale,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

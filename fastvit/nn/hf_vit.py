@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
+from transformers.activations import (
+    GELUActivation,
+    GELUTanh,
+    NewGELUActivation,
+    QuickGELUActivation,
+    SiLUActivation,
+)
 from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, ViTLayer
 
 import fastvit
 from fastvit.nn.attention import self_attention, warn_attention_dropout
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 
-__all__ = ["FusedViTAttention", "FusedViTEmbeddings", "FusedViTLayer", "gelu_approximate"]
+__all__ = ["FusedViTAttention", "FusedViTEmbeddings", "FusedViTLayer", "activation_of", "gelu_approximate"]
 
 
 def gelu_approximate(act: nn.Module) -> str | None:
@@ -31,6 +37,24 @@ def gelu_approximate(act: nn.Module) -> str | None:
         return "none"
     if type(act) in (GELUTanh, NewGELUActivation):  # "gelu_pytorch_tanh", "gelu_new"
         return "tanh"
+    return None
+
+
+def activation_of(act: nn.Module) -> str | None:
+    """``fastvit.layernorm_mlp``'s ``activation=`` for an ``ACT2FN`` module (or torch's GELU/SiLU),
+    None for one it does not compute (FastGELU, ClippedGELU, ...).
+
+    Example:
+        >>> activation_of(ACT2FN["quick_gelu"]), activation_of(nn.GELU(approximate="tanh"))
+        ('quick_gelu', 'gelu_tanh')
+    """
+    approximate = gelu_approximate(act)
+    if approximate is not None:
+        return "gelu" if approximate == "none" else "gelu_tanh"
+    if type(act) is QuickGELUActivation:  # x * sigmoid(1.702 x), CLIP's
+        return "quick_gelu"
+    if type(act) in (SiLUActivation, nn.SiLU):
+        return "silu"
     return None
 
 

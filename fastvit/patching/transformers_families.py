@@ -31,7 +31,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 
 from fastvit.nn import hf_embeddings, hf_layers
-from fastvit.nn.hf_vit import gelu_approximate
+from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, slot
 
@@ -87,9 +87,10 @@ def _problems(layer: nn.Module) -> list[str]:
     problems += exact_type(getattr(mlp, parts.fc1), f"mlp.{parts.fc1}", (nn.Linear,), "nn.Linear")
     problems += exact_type(getattr(mlp, parts.fc2), f"mlp.{parts.fc2}", (nn.Linear,), "nn.Linear")
     act = getattr(mlp, parts.act)
-    if gelu_approximate(act) is None:
+    if activation_of(act) is None:
         problems.append(
-            f"mlp.{parts.act} is {type(act).__qualname__}; the fused op computes GELU (exact or tanh)"
+            f"mlp.{parts.act} is {type(act).__qualname__}; the fused op computes GELU (exact or tanh), "
+            "quick_gelu and SiLU"
         )
     return problems
 

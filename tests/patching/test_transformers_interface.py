@@ -101,6 +101,7 @@ FAMILIES = {
         lambda out: out.logits_per_image,
         routed=2 * DEPTH,
         masked=DEPTH,
+        mlp=2 * DEPTH,
         embed=1,
     ),
     "siglip": Family(
@@ -316,7 +317,7 @@ def test_state_dict_unchanged_and_unpatch_restores_each_sub_config():
     assert storage_map(model) == storages
     assert "fastvit" not in str(model.config.to_dict())  # nothing fastvit's in a saved config
     report = fastvit.unpatch(model)
-    assert report.counts() == {"attention": 2 * DEPTH, "patch_embed": 1}  # CLIP's quick_gelu MLPs: not fused
+    assert report.counts() == {"attention": 2 * DEPTH, "mlp": 2 * DEPTH, "patch_embed": 1}
     assert model.config.text_config._attn_implementation == "eager"
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert model.config._attn_implementation == top

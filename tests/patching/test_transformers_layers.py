@@ -59,14 +59,21 @@ def test_drop_path_in_training_runs_hugging_face_and_says_so(op_calls, fresh_war
     assert len(op_calls["layernorm_mlp"]) == DEPTH
 
 
-def test_gated_and_other_activations_are_reported():
+def test_activations_go_to_the_op_and_others_are_reported(op_calls):
+    clip = perturb_(T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64))).eval()  # quick_gelu
+    patched = copy.deepcopy(clip)
+    assert fastvit.patch(patched).counts()["mlp"] == DEPTH
+    assert_outputs_and_grads_match(clip, patched, images(), run=hidden)
+    assert [c["kwargs"]["activation"] for c in op_calls["layernorm_mlp"]] == ["quick_gelu"] * DEPTH
+    fast = T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64, hidden_act="gelu_fast"))
+    reasons = [e.detail for e in fastvit.patch(fast).skipped if e.part == "mlp"]
+    assert len(reasons) == DEPTH and "FastGELUActivation" in reasons[0]
+
+
+def test_gated_mlps_not_yet_swapped_are_reported():
     gated = fastvit.patch(dinov2(use_swiglu_ffn=True))
     assert [e.path for e in gated.skipped if e.part == "mlp"] == [f"encoder.layer.{i}" for i in range(DEPTH)]
     assert "Dinov2SwiGLUFFN" in gated.skipped[0].detail and "gated MLP" in gated.skipped[0].detail
-    clip = T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64))  # quick_gelu
-    report = fastvit.patch(clip)
-    reasons = [e.detail for e in report.skipped if e.part == "mlp"]
-    assert len(reasons) == DEPTH and "QuickGELUActivation" in reasons[0]
 
 
 def test_hook_on_the_mlp_skips_the_layer_and_unpatch_is_exact():
