@@ -17,11 +17,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from transformers.models.aimv2.modeling_aimv2 import Aimv2EncoderLayer
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
+from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
@@ -31,11 +33,13 @@ from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 from fastvit.nn.hf_vit import activation_of
 
 __all__ = [
+    "FusedAimv2EncoderLayer",
     "FusedCLIPEncoderLayer",
     "FusedDINOv3ViTLayer",
     "FusedDeiTLayer",
     "FusedDinov2Layer",
     "FusedDinov2WithRegistersLayer",
+    "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
@@ -48,8 +52,12 @@ class MlpHalf:
     """Where a layer keeps the parts of its MLP half (attribute names; None: the layer has none).
 
     Attributes:
-        norm: the LayerNorm before the MLP (``layernorm_after``, ``norm2``, ``layer_norm2``).
-        fc1, act, fc2: the MLP's Linear, activation and Linear, inside ``layer.mlp``.
+        norm: the norm before the MLP (``layernorm_after``, ``norm2``, ``layer_norm2``, ``ffn_norm``).
+        fc1, act, fc2: the MLP's first Linear (the value projection of a gated MLP), activation and
+            second Linear, inside the layer's ``mlp`` module.
+        mlp: the MLP module's name in the layer (``mlp``, ``ffn``, ``feed_forward``).
+        gate: a gated MLP's gate projection (``gate_proj``: ``fc2(act(gate(x)) * fc1(x))``), or None.
+        rms: the norm is an RMSNorm (``weight``, ``variance_epsilon``), not a LayerNorm.
         layer_scale: a module with a ``lambda1`` (D,) Parameter (DINOv2/v3), or None.
         drop_path: the layer's drop path (Identity or a ``drop_prob`` module), or None.
         dropout: the hidden dropout applied to the MLP's output (ViT layout), or None.
@@ -62,16 +70,21 @@ class MlpHalf:
         act: str = "activation_fn",
         fc2: str = "fc2",
         *,
+        mlp: str = "mlp",
+        gate: str | None = None,
+        rms: bool = False,
         layer_scale: str | None = None,
         drop_path: str | None = None,
         dropout: str | None = None,
     ) -> None:
         self.norm, self.fc1, self.act, self.fc2 = norm, fc1, act, fc2
+        self.mlp, self.gate, self.rms = mlp, gate, rms
         self.layer_scale, self.drop_path, self.dropout = layer_scale, drop_path, dropout
 
     def bypassed(self) -> tuple[str, ...]:
         """The submodules the fused half reads without calling (``FusedModule.fastvit_bypassed``)."""
-        names = (self.norm, "mlp", f"mlp.{self.fc1}", f"mlp.{self.act}", f"mlp.{self.fc2}")
+        inner = (self.fc1, self.act, self.fc2) + ((self.gate,) if self.gate else ())
+        names = (self.norm, self.mlp, *(f"{self.mlp}.{name}" for name in inner))
         optional = (self.layer_scale, self.drop_path, self.dropout)
         return names + tuple(name for name in optional if name is not None)
 
@@ -86,7 +99,7 @@ class FusedPreNormLayer(FusedModule):
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
         parts = self.fastvit_mlp
-        out = self.mlp(getattr(self, parts.norm)(hidden_states))
+        out = getattr(self, parts.mlp)(getattr(self, parts.norm)(hidden_states))
         for name in (parts.layer_scale, parts.drop_path, parts.dropout):
             if name is not None:
                 out = getattr(self, name)(out)
@@ -114,17 +127,26 @@ class FusedPreNormLayer(FusedModule):
             )
             return self._fastvit_original_half(hidden_states)
         parts = self.fastvit_mlp
-        norm, mlp = getattr(self, parts.norm), self.mlp
+        norm, mlp = getattr(self, parts.norm), getattr(self, parts.mlp)
         fc1, fc2 = getattr(mlp, parts.fc1), getattr(mlp, parts.fc2)
         layer_scale = getattr(self, parts.layer_scale).lambda1 if parts.layer_scale else None
+        gate = getattr(mlp, parts.gate) if parts.gate else None
+        variant = {"activation": activation_of(getattr(mlp, parts.act))}
+        if parts.rms:
+            variant.update(norm="rms", eps=norm.variance_epsilon)
+        else:
+            variant.update(eps=norm.eps)
+        if gate is not None:  # fc2(act(gate(x)) * fc1(x)): fc1 is the value (up) projection
+            variant.update(fc1_gate_weight=gate.weight, fc1_gate_bias=gate.bias)
         return fastvit.layernorm_mlp(
-            hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-            eps=norm.eps, activation=activation_of(getattr(mlp, parts.act)), layer_scale=layer_scale,
+            hidden_states, norm.weight, None if parts.rms else norm.bias, fc1.weight, fc1.bias, fc2.weight,
+            fc2.bias, layer_scale=layer_scale, **variant,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         norm = getattr(self, self.fastvit_mlp.norm)
-        return f"dim={norm.normalized_shape[0]}, eps={norm.eps}, fastvit={self.fastvit_op}"
+        eps = norm.variance_epsilon if self.fastvit_mlp.rms else norm.eps
+        return f"dim={norm.weight.shape[0]}, eps={eps}, fastvit={self.fastvit_op}"
 
 
 _VIT_LAYOUT = MlpHalf("layernorm_after", dropout="dropout")
@@ -236,6 +258,47 @@ class FusedDINOv3ViTLayer(FusedPreNormLayer, DINOv3ViTLayer):
         return self._fastvit_mlp_half(self.drop_path(hidden_states) + residual)
 
 
+_GATED_RMS = {"fc1": "up_proj", "act": "act_fn", "fc2": "down_proj", "gate": "gate_proj", "rms": True}
+_AIMV2_LAYOUT = MlpHalf("rms_norm2", mlp="ffn", **_GATED_RMS)
+_PIXTRAL_LAYOUT = MlpHalf("ffn_norm", mlp="feed_forward", **_GATED_RMS)
+
+
+class FusedAimv2EncoderLayer(FusedPreNormLayer, Aimv2EncoderLayer):
+    """``Aimv2EncoderLayer`` whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
+
+    fastvit_mlp = _AIMV2_LAYOUT
+    fastvit_bypassed = _AIMV2_LAYOUT.bypassed()
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        norm_hidden_states = self.rms_norm1(hidden_states)
+        attn_output, _ = self.attention(hidden_states=norm_hidden_states, attention_mask=attention_mask, **kwargs)
+        return self._fastvit_mlp_half(hidden_states + attn_output)
+
+
+class FusedPixtralAttentionLayer(FusedPreNormLayer, PixtralAttentionLayer):
+    """Pixtral's vision layer whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
+
+    fastvit_mlp = _PIXTRAL_LAYOUT
+    fastvit_bypassed = _PIXTRAL_LAYOUT.bypassed()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.attention_norm(hidden_states)
+        hidden_states, _ = self.attention(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+            **kwargs,
+        )  # fmt: skip
+        return self._fastvit_mlp_half(residual + hidden_states)
+
+
 def mlp_parts(module: nn.Module) -> MlpHalf:
     """The ``MlpHalf`` of a fused layer class or of an instance of its original."""
     return FUSED_LAYERS[type(module)].fastvit_mlp
@@ -244,6 +307,7 @@ def mlp_parts(module: nn.Module) -> MlpHalf:
 FUSED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
 for _fused in (
     FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
-    FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer,
+    FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer, FusedAimv2EncoderLayer,
+    FusedPixtralAttentionLayer,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused

@@ -1,5 +1,5 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
-encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, DINOv2 (+
+encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
 registers), DINOv3) and their patch embeddings (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2
 (+ registers), DINOv3, DeiT).
 
@@ -12,6 +12,7 @@ another activation (CLIP's quick_gelu) or a gated MLP (SwiGLU) are reported with
 from __future__ import annotations
 
 import torch.nn as nn
+from transformers.models.aimv2.modeling_aimv2 import Aimv2MLP, Aimv2RMSNorm
 from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.deit.modeling_deit import DeiTMLP, DeiTPatchEmbeddings
 from transformers.models.dinov2.modeling_dinov2 import (
@@ -26,6 +27,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTLayerScale,
     DINOv3ViTMLP,
 )
+from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
@@ -42,12 +44,15 @@ _MLPS = {
     hf_layers.FusedDeiTLayer: DeiTMLP,
     hf_layers.FusedViTMAELayer: ViTMAEMLP,
     hf_layers.FusedCLIPEncoderLayer: CLIPMLP,
+    hf_layers.FusedAimv2EncoderLayer: Aimv2MLP,
+    hf_layers.FusedPixtralAttentionLayer: PixtralMLP,
     hf_layers.FusedSiglipEncoderLayer: SiglipMLP,
     hf_layers.FusedSiglip2EncoderLayer: Siglip2MLP,
     hf_layers.FusedDinov2Layer: Dinov2MLP,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersMLP,
     hf_layers.FusedDINOv3ViTLayer: DINOv3ViTMLP,
 }
+_RMS_NORMS = {hf_layers.FusedAimv2EncoderLayer: Aimv2RMSNorm, hf_layers.FusedPixtralAttentionLayer: PixtralRMSNorm}
 _LAYER_SCALES = {
     hf_layers.FusedDinov2Layer: Dinov2LayerScale,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersLayerScale,
@@ -63,13 +68,19 @@ _DROP_PATHS = {
 def _problems(layer: nn.Module) -> list[str]:
     fused = hf_layers.FUSED_LAYERS[type(layer)]
     parts = fused.fastvit_mlp
-    present = (parts.norm, "mlp", parts.layer_scale, parts.drop_path, parts.dropout)
+    present = (parts.norm, parts.mlp, parts.layer_scale, parts.drop_path, parts.dropout)
     problems = missing_attributes(layer, [name for name in present if name], "transformers")
     if problems:
         return problems
     mlp_cls = _MLPS[fused]
-    problems += exact_type(layer.mlp, "mlp", (mlp_cls,), f"{mlp_cls.__name__} (a gated MLP is not fused yet)")
-    problems += layernorm_problems(getattr(layer, parts.norm), parts.norm)
+    expected = mlp_cls.__name__ if parts.gate else f"{mlp_cls.__name__} (a gated MLP is not swapped yet here)"
+    problems += exact_type(getattr(layer, parts.mlp), parts.mlp, (mlp_cls,), expected)
+    norm = getattr(layer, parts.norm)
+    if parts.rms:
+        norm_cls = _RMS_NORMS[fused]
+        problems += exact_type(norm, parts.norm, (norm_cls,), norm_cls.__name__)
+    else:
+        problems += layernorm_problems(norm, parts.norm)
     if parts.layer_scale:
         scale_cls = _LAYER_SCALES[fused]
         problems += exact_type(getattr(layer, parts.layer_scale), parts.layer_scale, (scale_cls,), scale_cls.__name__)
@@ -80,16 +91,17 @@ def _problems(layer: nn.Module) -> list[str]:
         problems += exact_type(getattr(layer, parts.dropout), parts.dropout, (nn.Dropout,), "nn.Dropout")
     if problems:
         return problems
-    mlp = layer.mlp
-    problems += missing_attributes(mlp, (parts.fc1, parts.act, parts.fc2), "transformers")
+    mlp = getattr(layer, parts.mlp)
+    linears = (parts.fc1, parts.fc2) + ((parts.gate,) if parts.gate else ())
+    problems += missing_attributes(mlp, (*linears, parts.act), "transformers")
     if problems:
         return problems
-    problems += exact_type(getattr(mlp, parts.fc1), f"mlp.{parts.fc1}", (nn.Linear,), "nn.Linear")
-    problems += exact_type(getattr(mlp, parts.fc2), f"mlp.{parts.fc2}", (nn.Linear,), "nn.Linear")
+    for name in linears:
+        problems += exact_type(getattr(mlp, name), f"{parts.mlp}.{name}", (nn.Linear,), "nn.Linear")
     act = getattr(mlp, parts.act)
     if activation_of(act) is None:
         problems.append(
-            f"mlp.{parts.act} is {type(act).__qualname__}; the fused op computes GELU (exact or tanh), "
+            f"{parts.mlp}.{parts.act} is {type(act).__qualname__}; the fused op computes GELU (exact or tanh), "
             "quick_gelu and SiLU"
         )
     return problems

@@ -166,6 +166,7 @@ FAMILIES = {
         lambda d: {"pixel_values": _pixels(d)},
         _hidden,
         DEPTH,
+        mlp=DEPTH,
     ),
     # three images of their own sizes packed in one sequence (16 + 6 + 6 tokens): block-diagonal mask
     "pixtral": Family(
@@ -174,6 +175,7 @@ FAMILIES = {
         _hidden,
         DEPTH,
         masked=DEPTH,
+        mlp=DEPTH,
     ),
     # the relative position bias is a float mask that requires grad (its table learns through it)
     "beit": Family(

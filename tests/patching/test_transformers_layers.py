@@ -70,6 +70,27 @@ def test_activations_go_to_the_op_and_others_are_reported(op_calls):
     assert len(reasons) == DEPTH and "FastGELUActivation" in reasons[0]
 
 
+def test_rms_norm_swiglu_layers_go_to_the_op(op_calls):
+    """AIMv2 and Pixtral: RMSNorm + SwiGLU (gate_proj / up_proj) as norm="rms" with fc1_gate_weight."""
+    block = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=DEPTH, num_attention_heads=2)
+    aimv2 = perturb_(T.Aimv2VisionModel(T.Aimv2VisionConfig(**VISION, intermediate_size=64))).eval()
+    patched = copy.deepcopy(aimv2)
+    assert fastvit.patch(patched).counts()["mlp"] == DEPTH
+    assert_outputs_and_grads_match(aimv2, patched, images(), run=hidden, rtol=1e-4, atol=1e-5)
+    call = op_calls["layernorm_mlp"][0]["kwargs"]
+    layer = patched.encoder.layers[0]
+    assert call["norm"] == "rms" and call["activation"] == "silu"
+    assert call["fc1_gate_weight"] is layer.ffn.gate_proj.weight and call["eps"] == layer.rms_norm2.variance_epsilon
+    pixtral = perturb_(T.PixtralVisionModel(T.PixtralVisionConfig(**block, image_size=16, patch_size=4, head_dim=16)))
+    pixtral_patched = copy.deepcopy(pixtral.eval())
+    assert fastvit.patch(pixtral_patched).counts()["mlp"] == DEPTH
+
+    def run(model, x):
+        return model(pixel_values=x, image_sizes=[(16, 16)] * x.shape[0]).last_hidden_state
+
+    assert_outputs_and_grads_match(pixtral, pixtral_patched, images(), run=run, rtol=1e-4, atol=1e-5)
+
+
 def test_gated_mlps_not_yet_swapped_are_reported():
     gated = fastvit.patch(dinov2(use_swiglu_ffn=True))
     assert [e.path for e in gated.skipped if e.part == "mlp"] == [f"encoder.layer.{i}" for i in range(DEPTH)]
