@@ -25,6 +25,7 @@ File layout::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -58,8 +59,14 @@ _cache: dict[str, Any] = {"path": None, "mtime": None, "table": None}
 
 
 def table_path() -> Path:
-    """``<cache>/tune.json``; ``FASTVIT_TUNE_TABLE`` names another file."""
-    explicit = os.environ.get("FASTVIT_TUNE_TABLE")
+    """``<cache>/tune.json``; ``FASTVIT_TUNE_TABLE`` names another file. Resolved once per value of
+    the environment variables it reads (``auto`` asks on every op call on a GPU)."""
+    env = os.environ
+    return _table_path(env.get("FASTVIT_TUNE_TABLE"), env.get("FASTVIT_CACHE_DIR"), env.get("XDG_CACHE_HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _table_path(explicit: str | None, cache: str | None, xdg: str | None) -> Path:
     return Path(explicit).expanduser() if explicit else cache_dir() / "tune.json"
 
 
