@@ -6,9 +6,10 @@ That covers vit_* (register tokens, ``qk_norm``, ``no_embed_class``, ``class_tok
 from the same blocks. The attention of the relative-position-bias families (BEiT / BEiTv2,
 ``VisionTransformerRelPos``, TinyViT, LeViT: ``fastvit.nn.timm_relpos``), of Swin V1 / V2
 (``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
-Hiera (mask-unit and global: ``timm_hiera``) is fused too; those families' MLP halves and
-embeddings are reported as left alone, with the reason. Other timm architectures (``fastvit_*``,
-Eva ...) are left alone.
+Hiera (mask-unit and global: ``timm_hiera``) and of Eva (EVA02, RoPE ViTs, timm's DINOv3:
+``timm_eva``, RoPE as timm computes it) is fused too; those families' MLP halves and embeddings
+are reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left
+alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.format import Format
 
-from fastvit.nn import timm_hiera, timm_relpos, timm_sam, timm_swin
+from fastvit.nn import timm_eva, timm_hiera, timm_relpos, timm_sam, timm_swin
 from fastvit.nn import timm_vit as fused
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
@@ -48,6 +49,9 @@ _OTHER_ATTENTIONS = {
             fused_table(timm_hiera.FusedMaskUnitAttention),
             ("qkv", "proj", "heads", "head_dim", "scale", "q_stride", "window_size", "use_mask_unit_attn", "dim_out"),
         ),
+        (fused_table(timm_eva.FusedEvaAttention), (*_QKV, "q_proj", "k_proj", "v_proj", "q_bias", "k_bias",
+                                                   "v_bias", "qkv_bias_separate", "q_norm", "k_norm", "norm",
+                                                   "gate", "num_prefix_tokens")),
         (fused_table(timm_relpos.FusedTinyVitAttention), (*_BIASED, "qkv", "norm")),
         (fused_table(timm_relpos.FusedLevitAttention), (*_BIASED, "qkv", "use_conv")),
         (fused_table(timm_relpos.FusedLevitAttentionDownsample), (*_BIASED, "q", "kv", "use_conv", "stride",
@@ -57,6 +61,14 @@ _OTHER_ATTENTIONS = {
 }
 # Blocks and models of those families whose other parts are not fused yet: (module, class) -> (part, reason)
 _LEFT_ALONE = {
+    ("timm.models.eva", "EvaBlock"): (
+        "mlp", "Eva's block (SwiGLU / scale_mlp variants, gamma LayerScale) is not fused yet: its MLP half runs "
+        "timm's modules",
+    ),
+    ("timm.models.eva", "EvaBlockPostNorm"): (
+        "mlp", "EvaBlockPostNorm normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
+        "x + mlp(layer_norm(x))",
+    ),
     ("timm.models.beit", "Block"): (
         "mlp", "BEiT's Block (gamma_2 LayerScale, SwiGLU / scale_mlp variants) is not fused yet: its MLP half "
         "runs timm's modules",
@@ -105,6 +117,7 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
+    ("timm.models.eva", "Eva"): _NOT_YET,
     ("timm.models.hiera", "Hiera"): "patch embedding is an overlapping conv (kernel 7, stride 4, padding 3), not "
     "a patchify conv (fastvit.patch_embed): left alone",
 }
