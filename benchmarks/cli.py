@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         "timeout without running (default: 9 for the default CPU run, 8 for `all` on a GPU, else none)",
     )
     p.add_argument("--impls", type=_names, help="implementations to run, comma-separated (default: all)")
-    p.add_argument("--model", help="timm model name for the model suite (default: vit_base_patch16_224)")
+    p.add_argument(
+        "--model",
+        help="model suite: comma-separated timm model names and zoo names (hf-clip-vit-b16, hf-siglip-base-p16, "
+        "hf-dinov2-vit-b14, hf-swin-b, tv-swin-b); default: vit_base_patch16_224 and the zoo",
+    )
     p.add_argument("--resolutions", type=_ints, help="image sizes for the model suite, comma-separated")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-point lines")

@@ -105,14 +105,22 @@ def patch(
 ) -> PatchReport:
     """Make ``model`` run fastvit's fused ops, in place, keeping every Parameter where it is.
 
-    Recognised: timm ``VisionTransformer`` and the models sharing its blocks (vit_*, deit_*,
-    deit3_* ...), torchvision ``VisionTransformer`` and Hugging Face ``ViTModel`` /
-    ``ViTForImageClassification``, alone or inside a larger model. Each part is replaced per
-    module: the attention (``fastvit.flash_attention``), the LayerNorm+MLP half of each block with
-    its residual add (``fastvit.layernorm_mlp``) and the patch embedding with its class/register
-    tokens and position embedding (``fastvit.patch_embed``). A module that cannot be fused is left
-    alone and listed in the report with the reason; calls a fused module does not cover (attention
-    masks, dropout in training, attention weights requested) run its original forward.
+    Recognised, alone or inside a larger model:
+
+    - timm: ``VisionTransformer`` and the models sharing its blocks (vit_*, deit_*, deit3_* ...);
+      the attention of BEiT/BEiTv2, ``vit_relpos_*``, TinyViT, LeViT, Swin V1/V2, SAM, Hiera and
+      Eva (EVA02, RoPE ViTs, timm's DINOv3);
+    - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;
+    - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
+      embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3, AIMv2 and Pixtral, and every
+      attention going through transformers' ``AttentionInterface`` (below).
+
+    Each part is replaced per module: the attention (``fastvit.flash_attention``), the
+    LayerNorm+MLP half of each block with its residual add (``fastvit.layernorm_mlp``) and the
+    patch embedding with its class/register tokens and position embedding (``fastvit.patch_embed``).
+    A module that cannot be fused is left alone and listed in the report with the reason; calls a
+    fused module does not cover (dropout in training, attention weights requested, a hook or a
+    replaced submodule) run its original forward.
 
     Every other Hugging Face attention module that goes through transformers' ``AttentionInterface``
     (CLIP, SigLIP/SigLIP2, DINOv2/v3, DeiT, ViTMAE, AIMv2, Pixtral, BEiT, Swin ...) is routed
