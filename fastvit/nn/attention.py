@@ -8,11 +8,13 @@ The replacements themselves subclass each family's attention module and live bes
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import fastvit
-from fastvit.nn.fused import warn_fallback
+from fastvit.nn.fused import warn_attention_dropout  # re-exported: the fused classes import it from here
 
-__all__ = ["merge_heads", "self_attention", "split_packed_qkv", "warn_attention_dropout"]
+__all__ = ["biased_qkv", "merge_heads", "self_attention", "split_packed_qkv", "warn_attention_dropout"]
 
 
 def split_packed_qkv(
@@ -63,11 +65,24 @@ def self_attention(
     return fastvit.flash_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
 
 
-def warn_attention_dropout(kind: str, p: float) -> None:
-    """Warn once that a patched attention with dropout ``p`` in training runs its original forward."""
-    warn_fallback(
-        f"patched-attention-dropout:{kind}",
-        f"fastvit: a patched {kind} has attention dropout p={p} and is in training mode; "
-        "fastvit.flash_attention has no dropout, so these calls run the module's original PyTorch "
-        "forward (model.eval() or p=0 runs the fused op)",
-    )
+def biased_qkv(
+    x: torch.Tensor,
+    qkv: nn.Linear,
+    q_bias: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    v_bias: torch.Tensor | None,
+    bias_separate: bool,
+) -> torch.Tensor:
+    """timm's packed q/k/v projection with separate biases (BEiT, EVA, Swin V2: ``q_bias``, a zero
+    ``k_bias`` buffer, ``v_bias``), as timm computes it: (..., C) -> (..., 3*H*D).
+
+    Args:
+        qkv: the bias-free packed Linear.
+        q_bias, k_bias, v_bias: (H*D,) each, or all None (then ``qkv(x)``).
+        bias_separate: add the biases after the matmul (timm's ``qkv_bias_separate``) rather than in
+            ``F.linear``.
+    """
+    if q_bias is None:
+        return qkv(x)
+    bias = torch.cat((q_bias, k_bias, v_bias))
+    return qkv(x) + bias if bias_separate else F.linear(x, weight=qkv.weight, bias=bias)

@@ -27,7 +27,7 @@ from torch.nn.modules import module as _module_state
 
 from fastvit.backend import warn_once
 
-__all__ = ["FusedModule", "dropout_active", "hook_kinds", "warn_fallback"]
+__all__ = ["FusedModule", "dropout_active", "hook_kinds", "warn_attention_dropout", "warn_fallback"]
 
 
 def hook_kinds(module: nn.Module) -> list[str]:
@@ -141,6 +141,17 @@ class FusedModule:
         self.__dict__.pop("_fastvit_watched", None)
         self.__class__ = type(self).fastvit_original()
 
+    def _fastvit_unfused(self, attention_dropout: float, kind: str) -> bool:
+        """Whether this call of a fused attention runs the original forward: a hook on or a
+        replacement of a bypassed submodule (``_fastvit_intact``), or attention dropout
+        ``attention_dropout`` active in training (the op has none; ``warn_attention_dropout(kind)``)."""
+        if not self._fastvit_intact():
+            return True
+        if dropout_active(attention_dropout, self.training):
+            warn_attention_dropout(kind, attention_dropout)
+            return True
+        return False
+
     def _fastvit_intact(self) -> bool:
         """Whether the fused forward still computes what the original would: every bypassed
         submodule is the one seen at patch time, of the same class, without hooks, and no global
@@ -210,3 +221,13 @@ def warn_fallback(key: str, message: str) -> None:
     (and the patch report already lists every such fallback)."""
     if not torch.compiler.is_compiling():
         warn_once(key, message)
+
+
+def warn_attention_dropout(kind: str, p: float) -> None:
+    """Warn once that a patched attention with dropout ``p`` in training runs its original forward."""
+    warn_fallback(
+        f"patched-attention-dropout:{kind}",
+        f"fastvit: a patched {kind} has attention dropout p={p} and is in training mode; "
+        "fastvit.flash_attention has no dropout, so these calls run the module's original PyTorch "
+        "forward (model.eval() or p=0 runs the fused op)",
+    )

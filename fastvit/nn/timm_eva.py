@@ -11,12 +11,11 @@ computes it (a fused rotation is issue 14's next step). Importing this module im
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import EvaAttention
 
-from fastvit.nn.attention import merge_heads, self_attention, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active
+from fastvit.nn.attention import biased_qkv, merge_heads, self_attention
+from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedEvaAttention"]
 
@@ -39,23 +38,12 @@ class FusedEvaAttention(FusedModule, EvaAttention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if not self._fastvit_intact():
-            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if dropout_active(self.attn_drop.p, self.training):
-            warn_attention_dropout("timm EvaAttention", self.attn_drop.p)
+        if self._fastvit_unfused(self.attn_drop.p, "timm EvaAttention"):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         heads = (self.num_heads, -1)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         if self.qkv is not None:  # timm's packed projection, EVA's zero k bias included
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x)
-                    qkv += qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+            qkv = biased_qkv(x, self.qkv, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
             q, k, v = qkv.unflatten(-1, (3, *heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) views
         else:
             q, k, v = (proj(x).unflatten(-1, heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))

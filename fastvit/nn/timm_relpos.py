@@ -31,8 +31,8 @@ from timm.models.levit import AttentionDownsample as LevitAttentionDownsample
 from timm.models.tiny_vit import Attention as TinyVitAttention
 from timm.models.vision_transformer_relpos import RelPosAttention
 
-from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active
+from fastvit.nn.attention import biased_qkv, merge_heads, self_attention, split_packed_qkv
+from fastvit.nn.fused import FusedModule
 
 __all__ = [
     "FusedBeitAttention",
@@ -97,19 +97,9 @@ class FusedBeitAttention(FusedModule, BeitAttention):
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
-        if not self._fastvit_intact():
+        if self._fastvit_unfused(self.attn_drop.p, "timm BEiT Attention"):
             return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
-        if dropout_active(self.attn_drop.p, self.training):
-            warn_attention_dropout("timm BEiT Attention", self.attn_drop.p)
-            return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x) + qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = biased_qkv(x, self.qkv, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
         q, k, v = split_packed_qkv(qkv, self.num_heads, head_dim)  # (B, H, N, D) views
         bias = shared_rel_pos_bias
@@ -143,10 +133,7 @@ class FusedRelPosAttention(FusedModule, RelPosAttention):
     def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
-        if not self._fastvit_intact():
-            return super().forward(x, shared_rel_pos=shared_rel_pos)
-        if dropout_active(self.attn_drop.p, self.training):
-            warn_attention_dropout("timm RelPosAttention", self.attn_drop.p)
+        if self._fastvit_unfused(self.attn_drop.p, "timm RelPosAttention"):
             return super().forward(x, shared_rel_pos=shared_rel_pos)
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, H, N, D) views
         q, k = self.q_norm(q), self.k_norm(k)

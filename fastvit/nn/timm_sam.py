@@ -22,8 +22,8 @@ from timm.layers import apply_rot_embed_cat
 from timm.models import vision_transformer_sam as sam
 
 import fastvit
-from fastvit.nn.attention import merge_heads, split_packed_qkv, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active
+from fastvit.nn.attention import merge_heads, split_packed_qkv
+from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedSamAttention", "decomposed_rel_pos"]
 
@@ -68,10 +68,7 @@ class FusedSamAttention(FusedModule, sam.Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if not self._fastvit_intact():
-            return super().forward(x)
-        if dropout_active(self.attn_drop.p, self.training):
-            warn_attention_dropout("timm SAM Attention", self.attn_drop.p)
+        if self._fastvit_unfused(self.attn_drop.p, "timm SAM Attention"):
             return super().forward(x)
         batch, height, width, channels = x.shape  # NHWC
         tokens = x.reshape(batch, height * width, channels)  # NHWC -> NLC

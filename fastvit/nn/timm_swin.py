@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 
-from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active
+from fastvit.nn.attention import biased_qkv, merge_heads, self_attention, split_packed_qkv
+from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedSwinV2WindowAttention", "FusedSwinWindowAttention", "windowed_attention"]
 
@@ -85,10 +85,7 @@ class FusedSwinWindowAttention(FusedModule, SwinWindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, mask=mask)
-        if not self._fastvit_intact():
-            return super().forward(x, mask=mask)
-        if dropout_active(self.attn_drop.p, self.training):
-            warn_attention_dropout("timm Swin WindowAttention", self.attn_drop.p)
+        if self._fastvit_unfused(self.attn_drop.p, "timm Swin WindowAttention"):
             return super().forward(x, mask=mask)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, head_dim)  # (B*nW, H, N, D) views
@@ -122,19 +119,9 @@ class FusedSwinV2WindowAttention(FusedModule, SwinV2WindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, mask=mask)
-        if not self._fastvit_intact():
+        if self._fastvit_unfused(self.attn_drop.p, "timm Swin V2 WindowAttention"):
             return super().forward(x, mask=mask)
-        if dropout_active(self.attn_drop.p, self.training):
-            warn_attention_dropout("timm Swin V2 WindowAttention", self.attn_drop.p)
-            return super().forward(x, mask=mask)
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x) + qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = biased_qkv(x, self.qkv, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
         q, k, v = split_packed_qkv(qkv, self.num_heads, head_dim)  # (B*nW, H, N, D) views
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)

@@ -19,7 +19,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import fastvit
-from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
+from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 
 __all__ = [
@@ -76,10 +76,7 @@ class FusedAttention(FusedModule, Attention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if not self._fastvit_intact():
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if dropout_active(self.attn_drop.p, self.training):
-            warn_attention_dropout("timm Attention", self.attn_drop.p)
+        if self._fastvit_unfused(self.attn_drop.p, "timm Attention"):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         gate_layer = getattr(self, "gate", None)
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None
