@@ -331,7 +331,7 @@ std::vector<at::Tensor> patch_embed_bwd(const at::Tensor& grad, const at::Tensor
                             s.patch, x.scalar_type());
     }
   }
-  if (needs[2]) grads[2] = at::sum(dy3, {0, 1}, false, at::kFloat);
+  if (needs[2]) grads[2] = at::sum(dy3, at::IntArrayRef{0, 1}, false, at::kFloat);
   if (needs[3]) grads[3] = at::sum(pos_embed_len == total ? grad : dy3, {0}, true, at::kFloat);
   if (needs[4]) grads[4] = at::sum(grad.narrow(1, 0, num_prefix), {0}, true, at::kFloat);
   return grads;

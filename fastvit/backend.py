@@ -98,12 +98,19 @@ def backend(name: str) -> Iterator[None]:
         _selected.reset(token)
 
 
+# torch < 2.14's dynamo cannot trace ContextVar.get (torch 2.11: "Dynamo does not know how to trace
+# method `get` of class `ContextVar`", a graph break, and fullgraph fails): while it traces there,
+# the selection is read from the open blocks alone, the innermost being the one entered last
+_DYNAMO_READS_CONTEXT_VARS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
 def current_backend() -> str:
     """The selected backend name: the innermost ``backend()`` block of this thread, else the latest block
     open in another thread, else ``FASTVIT_BACKEND``, else auto."""
-    name = _selected.get()
-    if name is not None:
-        return name
+    if _DYNAMO_READS_CONTEXT_VARS or not torch.compiler.is_compiling():
+        name = _selected.get()
+        if name is not None:
+            return name
     blocks = _open_blocks
     if blocks:
         return blocks[-1][1]

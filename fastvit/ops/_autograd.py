@@ -113,11 +113,30 @@ def function_twin(
         Twin.__name__ = Twin.__qualname__ = name
         return Twin
 
+    def make_eager(run: Callable[..., Any], name: str) -> type[torch.autograd.Function]:
+        # the classic form (ctx as forward's first argument, setup done inside it): apply() of a
+        # Function with a separate setup_context binds the arguments to forward's signature with
+        # inspect on every call, ~17 us of ~24 us per apply on this CPU
+        class Eager(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, *args: Any) -> Any:
+                result = run(*args)
+                result = tuple(result) if isinstance(result, list) else result
+                setup_context(ctx, args, result)
+                return result
+
+            @staticmethod
+            def backward(ctx: Any, *grads: Any) -> Any:
+                return backward(ctx, *grads)
+
+        Eager.__name__ = Eager.__qualname__ = name
+        return Eager
+
     twin = make(custom_op, f"{custom_op._name}_function")
     # the implementation itself, when the op has one for every device (no register_kernel override)
     implementation = getattr(custom_op, "_init_fn", None)
     plain = implementation is not None and set(getattr(custom_op, "_backend_fns", {None: None})) <= {None}
-    twin.eager = make(implementation, f"{custom_op._name}_eager") if plain else None
+    twin.eager = make_eager(implementation, f"{custom_op._name}_eager") if plain else None
     return twin
 
 

@@ -115,7 +115,11 @@ def usable_in_autograd(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | No
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``device`` if autocast is enabled there, else None (also for device
     types autocast does not know, such as ``meta``: no autocast applies there)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    # torch.compile traces only real devices here, and torch < 2.12's dynamo cannot trace
+    # is_autocast_available (torch 2.11 on an H200: "Attempted to call function marked as skipped")
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device.type):
+        return None
+    if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 

@@ -227,6 +227,11 @@ def _masked_chunk(q_rows, k, v, mask, rel_h, rel_w, row0, scale, causal):
     combined, dead = _chunk_mask(q_rows, k.shape[2], mask, rel_h, rel_w, row0, causal)
     # let dead rows attend to everything (finite softmax, no NaN in the backward), then zero them
     combined = combined.masked_fill(dead, True if combined.dtype == torch.bool else 0.0)
+    if combined.shape[-1] != k.shape[2] or combined.stride(-1) != 1:
+        # CUDA SDPA's memory-efficient kernel reads the mask's last dim with a unit stride ("last
+        # dimension must be contiguous"): a mask broadcast over keys is written out, for this
+        # block of query rows only
+        combined = combined.expand(*combined.shape[:-1], k.shape[2]).contiguous()
     out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=combined, scale=scale)
     return out.masked_fill(dead, 0.0)
 

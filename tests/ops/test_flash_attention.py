@@ -15,6 +15,7 @@ import fastvit
 from fastvit import reference
 from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
+from tests.torch_compat import OPCHECK_UTILS
 
 ON_GPU = torch.cuda.is_available()
 
@@ -261,13 +262,14 @@ def test_kernel_opcheck(kernel_device):
     """Schema, fake tensor, autograd registration and AOT dispatch of the custom ops."""
     (q, k, v), _ = _inputs(1, 2, 19, 23, 16, torch.float32, kernel_device, seed=23)
     with fastvit.backend("triton"):
-        torch.library.opcheck(torch.ops.fastvit.flash_attention_fwd.default, (q, k, v, 0.25, False))
-        torch.library.opcheck(torch.ops.fastvit.flash_attention_fwd.default, (q, k, v, 0.25, True))
+        fwd = torch.ops.fastvit.flash_attention_fwd.default
+        torch.library.opcheck(fwd, (q, k, v, 0.25, False), test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(fwd, (q, k, v, 0.25, True), test_utils=OPCHECK_UTILS)
         out, lse = torch.ops.fastvit.flash_attention_fwd(q, k, v, 0.25, True)
         out, lse = out.detach(), lse.detach()
         for grad_out in (torch.randn_like(out), torch.ones(()).expand_as(out)):  # dense and stride 0
             args = (grad_out, q.detach(), k.detach(), v.detach(), out, lse, 0.25, True)
-            torch.library.opcheck(torch.ops.fastvit.flash_attention_bwd.default, args)
+            torch.library.opcheck(torch.ops.fastvit.flash_attention_bwd.default, args, test_utils=OPCHECK_UTILS)
 
 
 @kernel_test

@@ -14,6 +14,7 @@ import fastvit
 from fastvit import reference
 from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
+from tests.torch_compat import OPCHECK_UTILS
 
 ON_GPU = torch.cuda.is_available()
 kernel_test = pytest.mark.interpreter if not ON_GPU else pytest.mark.gpu
@@ -204,11 +205,13 @@ def test_kernel_opcheck(kernel_device):
     args = (q, k, v, cu_q, cu_k, max(CROSS_Q), max(CROSS_K), 0.25)
     with fastvit.backend("triton"):
         for causal in (False, True):
-            torch.library.opcheck(torch.ops.fastvit.flash_attention_varlen_fwd.default, (*args, causal))
+            fwd = torch.ops.fastvit.flash_attention_varlen_fwd.default
+            torch.library.opcheck(fwd, (*args, causal), test_utils=OPCHECK_UTILS)
         out, lse = torch.ops.fastvit.flash_attention_varlen_fwd(*args, True)
         for grad_out in (torch.randn_like(out), torch.ones(()).expand_as(out)):  # dense and stride 0
             bwd_args = (grad_out, q, k, v, out, lse, cu_q, cu_k, max(CROSS_Q), max(CROSS_K), 0.25, True)
-            torch.library.opcheck(torch.ops.fastvit.flash_attention_varlen_bwd.default, bwd_args)
+            bwd = torch.ops.fastvit.flash_attention_varlen_bwd.default
+            torch.library.opcheck(bwd, bwd_args, test_utils=OPCHECK_UTILS)
 
 
 @kernel_test

@@ -11,6 +11,7 @@ grid padded to window 2), so the interpreter runs them in seconds.
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 
 import pytest
@@ -20,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastvit
 from fastvit import reference
 from tests.tolerance import assert_close_to_reference
+from tests.torch_compat import TORCH_VERSION
 
 backend_module = importlib.import_module("fastvit.backend")  # fastvit.backend is also the function
 ON_GPU = torch.cuda.is_available()
@@ -36,6 +38,13 @@ def _use_route(route: str, request: pytest.FixtureRequest) -> None:
     """The ``cuda`` route needs the extension (built on first use; see conftest's fixture)."""
     if route == "cuda":
         request.getfixturevalue("cuda_extension")
+
+
+def _rerun_tolerance(t: torch.Tensor) -> dict[str, float]:
+    """Two runs of the same math: bitwise equal on the CPU; on a GPU an input copied by the op
+    lands at another alignment, and the kernels (Triton's and SDPA's) specialise on alignment, so
+    the same sums may round in another order (seen on an H200: window_attention, 2.4e-7)."""
+    return dict(rtol=0, atol=0) if t.device.type == "cpu" else dict(rtol=1e-5, atol=1e-6)
 
 
 def _case(op: str, device: torch.device | str = DEVICE, dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -167,7 +176,7 @@ def test_torch_func_grad_on_a_fused_route_matches_autograd(op, route, request):
         leaves = _leaves(tensors)
         autograd_grads = torch.autograd.grad(loss(*leaves), leaves)
         for got, expected in zip(func_grads, autograd_grads, strict=True):
-            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            torch.testing.assert_close(got, expected, **_rerun_tolerance(got))
 
         def first_grad_norm(t0):
             return torch.func.grad(loss)(t0, *tensors[1:]).square().sum()
@@ -228,9 +237,9 @@ def test_an_inference_mode_input_beside_a_weight_that_requires_grad(op, route, r
         grads = torch.autograd.grad(out.square().sum(), leaves)
         expected_out = call(tensors[0], *leaves)
         expected = torch.autograd.grad(expected_out.square().sum(), leaves)
-    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected_out, **_rerun_tolerance(out))
     for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want, **_rerun_tolerance(got))
 
 
 def test_cpu_autocast_with_an_fp32_stream_and_fp16_layernorm_parameters():
@@ -328,3 +337,43 @@ def test_the_backend_block_reaches_threads_started_inside_it(monkeypatch):
         "inside": "torch", "route": "torch", "latest": "auto", "after own block closed": "auto",
         "after all closed": "triton",
     }
+
+
+@pytest.mark.parametrize("reads_context_vars", [True, False], ids=["contextvar", "open-blocks"])
+def test_backend_blocks_rule_inside_torch_compile(reads_context_vars, monkeypatch):
+    """Under torch.compile the innermost backend() block picks the route, also where dynamo cannot
+    read context variables (torch < 2.14, simulated here): there the open blocks decide."""
+    if reads_context_vars and TORCH_VERSION < (2, 14):
+        pytest.skip("this torch's dynamo cannot trace ContextVar.get")
+    backend_module = sys.modules["fastvit.backend"]
+    monkeypatch.setattr(backend_module, "_DYNAMO_READS_CONTEXT_VARS", reads_context_vars)
+    torch._dynamo.reset()
+    seen = []
+
+    def record(x):
+        seen.append(fastvit.current_backend())  # runs while dynamo traces
+        return x * 2
+
+    compiled = torch.compile(record, backend="eager", fullgraph=True)
+    with fastvit.backend("torch"), fastvit.backend("triton"):
+        compiled(torch.ones(3))
+    assert seen == ["triton"]
+    torch._dynamo.reset()
+
+
+def test_autocast_dtype_inside_torch_compile():
+    """The autocast rule is read while dynamo traces, without a graph break (torch 2.11's dynamo
+    cannot trace torch.amp.is_autocast_available, so it is not asked there)."""
+    from fastvit.ops._checks import autocast_dtype
+
+    torch._dynamo.reset()
+
+    def dtype_code(x):
+        dtype = autocast_dtype(x.device)
+        return x * (2 if dtype is None else 3)
+
+    compiled = torch.compile(dtype_code, backend="eager", fullgraph=True)
+    assert compiled(torch.ones(2)).tolist() == [2.0, 2.0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compiled(torch.ones(2)).tolist() == [3.0, 3.0]
+    torch._dynamo.reset()
