@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ VERSION = 1
 TUNABLE_BACKENDS = ("triton", "cuda", "torch")
 
 _lock = threading.Lock()
-_cache: dict[str, Any] = {"path": None, "mtime": None, "table": None}
+_cache: dict[str, Any] = {"path": None, "mtime": None, "table": None, "checked": float("-inf")}
+# seconds between two looks at the table file's mtime (a changed table is read within this time)
+RECHECK_S = 1.0
 
 
 def table_path() -> Path:
@@ -73,8 +76,14 @@ def _table_path(explicit: str | None, cache: str | None, xdg: str | None) -> Pat
 def device_name(device: torch.device) -> str:
     """The table's device key: the GPU's marketing name (``"NVIDIA H100 80GB HBM3"``), or ``"cpu"``."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return _cuda_device_name(torch.cuda.current_device() if device.index is None else device.index)
     return device.type
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_device_name(index: int) -> str:
+    # asked on every GPU op call under ``auto``: the name is read from the driver once per device
+    return torch.cuda.get_device_name(index)
 
 
 def _rows_bucket(rows: int) -> str:
@@ -130,19 +139,26 @@ def has_table(device: torch.device | str) -> bool:
 
 
 def load_table(path: Path | None = None) -> dict[str, Any]:
-    """The table at ``path`` (default ``table_path()``): re-read when the file changes, empty when
+    """The table at ``path`` (default ``table_path()``): re-read when the file changes (its mtime is
+    looked at again at most every ``RECHECK_S`` seconds; ``record`` re-reads at once), empty when
     there is none. A file that is not a table of this version is ignored (and says why once).
     While ``torch.compile`` traces, the table last read (no file access in a traced graph)."""
     if path is None and torch.compiler.is_compiling():
         # no file I/O while torch.compile traces (a graph break): the table as last read eagerly
         return _cache["table"] or {"version": VERSION, "entries": {}}
     path = table_path() if path is None else path
+    now = time.monotonic()
+    if _cache["path"] == path and now - _cache["checked"] < RECHECK_S:
+        # auto asks on every GPU op call: the file is looked at again at most every RECHECK_S
+        # (a stat per call cost ~10+ us on the sandboxed H200 host)
+        return _cache["table"]
     try:
         mtime = path.stat().st_mtime_ns
     except OSError:
         return {"version": VERSION, "entries": {}}
     with _lock:
         if _cache["path"] == path and _cache["mtime"] == mtime:
+            _cache["checked"] = now
             return _cache["table"]
         try:
             table = json.loads(path.read_text())
@@ -155,7 +171,7 @@ def load_table(path: Path | None = None) -> dict[str, Any]:
 
             warn_once(f"tune-table:{path}", f"fastvit: ignoring the tuning table {path}: {err}")
             table = {"version": VERSION, "entries": {}}
-        _cache.update(path=path, mtime=mtime, table=table)
+        _cache.update(path=path, mtime=mtime, table=table, checked=now)
         return table
 
 
@@ -182,6 +198,7 @@ def record(device: str, op: str, key: str, ms: dict[str, float], *, shape: str =
         raise ValueError(f"no usable timing among {ms!r} (backends {TUNABLE_BACKENDS})")
     winner = min(timed, key=timed.__getitem__)
     path = table_path() if path is None else path
+    _cache["checked"] = float("-inf")  # read the file as it is now (another process may have written)
     table = json.loads(json.dumps(load_table(path)))  # a private copy
     import datetime
 
@@ -200,4 +217,5 @@ def record(device: str, op: str, key: str, ms: dict[str, float], *, shape: str =
     with os.fdopen(fd, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+    _cache["checked"] = float("-inf")  # the next lookup sees this entry
     return winner

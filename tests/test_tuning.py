@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import time
 import warnings
 
 import pytest
@@ -167,3 +169,28 @@ def test_patch_on_a_gpu_without_a_table_says_how_to_make_one(table, monkeypatch)
         warnings.simplefilter("error", fastvit.FastvitFallbackWarning)
         tuning.table_path().unlink()
         fastvit.patch(timm_vit())  # on a CPU: nothing to say
+
+
+def test_lookup_looks_at_the_file_once_per_recheck_interval(table, monkeypatch):
+    """auto asks the table on every GPU op call: no stat per call (slow on sandboxed hosts), and a
+    table another process replaced is still seen once RECHECK_S has passed."""
+    tuning.record("Test GPU", "layernorm_mlp", "k", {"triton": 2.0, "cuda": 1.5})
+    stats = []
+    real_stat = type(table).stat
+
+    def counting_stat(self, *args, **kwargs):
+        stats.append(self)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(table), "stat", counting_stat)
+    monkeypatch.setattr(tuning, "RECHECK_S", 3600.0)
+    for _ in range(100):
+        assert tuning.lookup("Test GPU", "layernorm_mlp", "k") == "cuda"
+    assert len(stats) <= 1
+    # another process replaces the table: seen after the interval (0 here)
+    data = json.loads(table.read_text())
+    data["entries"]["Test GPU"]["layernorm_mlp"]["k"]["backend"] = "triton"
+    table.write_text(json.dumps(data))
+    os.utime(table, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime, whatever the clock
+    monkeypatch.setattr(tuning, "RECHECK_S", 0.0)
+    assert tuning.lookup("Test GPU", "layernorm_mlp", "k") == "triton"

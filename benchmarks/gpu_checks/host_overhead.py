@@ -1,5 +1,6 @@
 """Host-side overhead of one fastvit.flash_attention call at a small shape (N=197): wall time per
-call without synchronising (the host's cost) vs SDPA's, and the top of a cProfile of 200 calls."""
+call without synchronising (the host's cost) vs SDPA's, forward and forward+backward, the GPU time
+of each (do_bench medians), and the top of a cProfile of 200 forward+backward steps."""
 import cProfile
 import pstats
 import sys
@@ -27,10 +28,36 @@ for name, fn in CALLS:
     host = (time.perf_counter() - t0) / 200 * 1e6
     torch.cuda.synchronize()
     print(f"{name}: host {host:.1f} us per call (not synchronised)")
+qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+grad = torch.randn_like(q)
+
+
+def step(attention):
+    attention(qg, kg, vg).backward(grad)
+
+
+STEPS = (
+    ("fastvit", lambda: step(fastvit.flash_attention)),
+    ("sdpa", lambda: step(F.scaled_dot_product_attention)),
+)
+for name, fn in STEPS:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        fn()
+    host = (time.perf_counter() - t0) / 200 * 1e6
+    torch.cuda.synchronize()
+    print(f"{name} fwd+bwd: host {host:.1f} us per step (not synchronised)")
+from triton.testing import do_bench  # noqa: E402
+
+for name, fn in (*CALLS, *((f"{n} fwd+bwd", f) for n, f in STEPS)):
+    print(f"{name}: {do_bench(fn, warmup=25, rep=200, return_mode='median') * 1e3:.1f} us per call (GPU, do_bench)")
 profile = cProfile.Profile()
 profile.enable()
 for _ in range(200):
-    fastvit.flash_attention(q, k, v)
+    STEPS[0][1]()
 profile.disable()
 torch.cuda.synchronize()
-pstats.Stats(profile).sort_stats("tottime").print_stats(22)
+pstats.Stats(profile).sort_stats("tottime").print_stats(30)

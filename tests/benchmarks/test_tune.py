@@ -1,5 +1,6 @@
-"""``python -m benchmarks tune``: a real (tiny) run on the CPU — the Triton kernels in the
-interpreter against the extension's CPU loops — writes a table whose entries ``auto`` reads back."""
+"""``python -m benchmarks tune``: a real (tiny) run — on the CPU the Triton kernels in the interpreter
+against the extension's CPU loops, on a GPU the compiled kernels — writes a table whose entries
+``auto`` reads back."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import torch
 from fastvit import tuning
 from fastvit.benchmarks import tune
 
+# the kernels' device: the GPU where there is one (there the Triton kernels are compiled, not
+# interpreted: TRITON_INTERPRET is set only on machines without CUDA), else the CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = [
-    "--device", "cpu", "--dtype", "float32", "--modes", "fwd,fwd+bwd", "--target-s", "0.01",
+    "--device", DEVICE, "--dtype", "float32", "--modes", "fwd,fwd+bwd", "--target-s", "0.01",
     "--widths", "32", "--sizes", "1x7", "--patch-shapes", "16:8", "--batches", "1", "--resolution", "16",
     "--attention-shapes", "16:7:2",
 ]
@@ -33,7 +37,8 @@ def test_tune_measures_every_route_and_records_the_fastest(tmp_path, capsys):
         assert set(row["ms"]) == routes and all(t > 0 for t in row["ms"].values()), row
         faster = min(row["ms"], key=row["ms"].get)
         assert row["backend"] == faster
-        entry = json.loads(table.read_text())["entries"]["cpu"][row["op"]][row["bucket"]]
+        device_key = tuning.device_name(torch.device(DEVICE))
+        entry = json.loads(table.read_text())["entries"][device_key][row["op"]][row["bucket"]]
         assert entry["backend"] == faster and set(entry["ms"]) == routes
     key = tuning.layernorm_mlp_bucket(32, 128, torch.float32, 7, True)
     assert key in {r["bucket"] for r in rows}

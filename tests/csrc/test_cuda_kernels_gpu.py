@@ -443,6 +443,9 @@ def test_bias_gelu(ops, dtype, approximate, rows, hidden, bias_kind):
         ops.bias_gelu_bwd(gc, pc, bc, approximate),
         name="dgelu vs CPU",
         scale=(arg.abs() * d[2].abs()).clamp_min(1.0),
+        # the derivative chains erff/expf (tanhf): CUDA's have up to 2 ulp each, so two libms may
+        # land ~2.5 ulp apart in fp32 (H200, 2026-12-04: 1.1e-7 past a 2-ulp bound at |x g| ~ 10)
+        ulps=4.0,
     )
 
 
