@@ -8,6 +8,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+from triton.testing import do_bench
 
 sys.path.insert(0, ".")
 import fastvit
@@ -50,7 +53,6 @@ for name, fn in STEPS:
     host = (time.perf_counter() - t0) / 200 * 1e6
     torch.cuda.synchronize()
     print(f"{name} fwd+bwd: host {host:.1f} us per step (not synchronised)")
-from triton.testing import do_bench  # noqa: E402
 
 for name, fn in (*CALLS, *((f"{n} fwd+bwd", f) for n, f in STEPS)):
     print(f"{name}: {do_bench(fn, warmup=25, rep=200, return_mode='median') * 1e3:.1f} us per call (GPU, do_bench)")
@@ -61,3 +63,17 @@ for _ in range(200):
 profile.disable()
 torch.cuda.synchronize()
 pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+
+# where the forward+backward step's time goes, host and device side (the ~1 ms fixed cost of
+# fastvit's backward seen on the H200, 2026-12-04, is not in the Python frames above): torch.profiler
+# over 20 steps, the table sorted by self CPU time, and a Chrome trace when an output folder is given
+
+for name, fn in STEPS:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    print(f"--- torch.profiler, {name} forward+backward, 20 steps ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if len(sys.argv) > 1:
+        prof.export_chrome_trace(f"{sys.argv[1]}/host-overhead-{name}.trace.json")

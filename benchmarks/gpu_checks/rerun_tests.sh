@@ -12,7 +12,7 @@ ok = extension.load(build=True)
 print('extension loaded:', ok, '| CUDA kernels:', ok and extension.has_cuda_kernels(), '|', extension.unavailable_reason())
 " > "$out/extension-build.txt" 2>&1 &
 build=$!
-timeout 40 python benchmarks/gpu_checks/host_overhead.py > "$out/host-overhead.txt" 2>&1
+timeout 60 python benchmarks/gpu_checks/host_overhead.py "$out" > "$out/host-overhead.txt" 2>&1
 head -9 "$out/host-overhead.txt"
 wait $build; echo "extension after $(( $(date +%s) - t0 )) s: $(tail -1 "$out/extension-build.txt" | cut -c1-300)"
 mapfile -t ids < "${1:?a file of pytest node ids}"
