@@ -341,7 +341,7 @@ std::vector<at::Tensor> patch_embed_bwd(const at::Tensor& grad, const at::Tensor
 }  // namespace fastvit
 
 TORCH_LIBRARY(fastvit_C, m) {
-  m.set_python_module("fastvit.extension");  // where the fake (meta) implementations live
+  m.set_python_module("fastvit.ops._extension_fakes");  // where the fake (meta) implementations live
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType out_dtype)"
         " -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool[3] output_mask,"

@@ -63,7 +63,15 @@ import triton
 import triton.language as tl
 
 from .aot import ARCHS, KernelSpec, signature
-from .runtime import INTERPRETER, arch_of, device_guard, new_output, rows_addressable_in_int32
+from .runtime import (
+    AOT_DTYPE_NAMES,
+    INTERPRETER,
+    arch_of,
+    device_guard,
+    dot_precision,
+    new_output,
+    rows_addressable_in_int32,
+)
 
 # Largest head dim the kernels cover (padded to a power of two in registers).
 MAX_HEAD_DIM = 128
@@ -1104,10 +1112,6 @@ _FP32_CONFIGS_BWD = {
 DELTA_BLOCK_M = 32  # rows per program of the delta pre-pass (memory-bound, 4 warps)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     """Strides of a 4-D view with 0 in its size-1 (broadcast) dims; zeros for None."""
     if t is None:
@@ -1181,7 +1185,7 @@ def flash_attention_forward(
             *bias_strides,
             heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), **flags,
+            CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), **flags,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
@@ -1237,7 +1241,7 @@ def flash_attention_backward(
     else:
         cfg = dq_cfg = bwd_config(arch_of(q.device), q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     kh = 1 if rel_h is None else rel_h.shape[-1]
     if rel_pos_grad:
@@ -1319,7 +1323,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
         heads, n_q, n_k, kw, bias_h,
         batch if bias_b == 1 else 1, heads if bias_h == 1 else 1, scale,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -1414,7 +1418,7 @@ def flash_attention_varlen_forward(
             *_NO_BIAS_STRIDES,
             heads, total, k.shape[0], 1, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+            CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
             CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k, Tiles=tiles, VARLEN=True,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -1456,7 +1460,7 @@ def flash_attention_varlen_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     pad = head_dim_padded(head_dim)
     cfg = varlen_bwd_config(arch_of(q.device), q.dtype, pad)
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     delta = new_output((heads, total), dtype=torch.float32, device=q.device)
     key_tiles = varlen_tiles(cu_seqlens_k, total_k, max_seqlen_k, cfg.block_n)
     query_tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, cfg.block_n)  # dQ's rows: block_n
@@ -1493,7 +1497,6 @@ def flash_attention_varlen_backward(
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time specs: every configuration the launchers can pick
 # ---------------------------------------------------------------------------------------------
-_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # One head dim per padded width (16, 32, 64, 128) and 80, the masked representative of the
 # non-powers of two (80 and 96 share the 128-wide registers and differ only in a mask constant).
 AOT_HEAD_DIMS = (16, 32, 64, 80, 128)
@@ -1540,7 +1543,7 @@ def aot_specs() -> list[KernelSpec]:
                            "constexpr")  # fmt: skip
     specs = []
     for arch in ARCHS:
-        for dtype, ty in _TL_DTYPE.items():
+        for dtype, ty in AOT_DTYPE_NAMES.items():
             tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV")},
                        "Lse": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"}  # fmt: skip
             fwd_sig, dkdv_sig, dq_sig = (
@@ -1562,7 +1565,7 @@ def aot_specs() -> list[KernelSpec]:
                 fwd, bwd = fwd_config(arch, dtype, pad), bwd_config(arch, dtype, pad)
                 for causal in (False, True):
                     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal,
-                              "DOT_PRECISION": _dot_precision(dtype)}
+                              "DOT_PRECISION": dot_precision(dtype)}
                     label = f"{ty} D={head_dim}{' causal' if causal else ''}"
                     # (kernel, signature, config, BLOCK_M, BLOCK_N) as the launchers pass them
                     launches = (
@@ -1604,7 +1607,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     fwd = fwd_mask_config(arch, dtype, pad)
     bwd, dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True)
     dq_plain = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False)[1]  # dQ without the rel_pos gradients
-    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": _dot_precision(dtype)}
+    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": dot_precision(dtype)}
     tables = {"RelH": f"*{ty}", "RelW": f"*{ty}"}
     no_tables = {"RelH": None, "RelW": None}
     specs = []
@@ -1660,7 +1663,7 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     pad = head_dim_padded(head_dim)
     fwd, bwd = fwd_config(arch, dtype, pad), varlen_bwd_config(arch, dtype, pad)
     tables = {"CuSeqQ": "*i32", "CuSeqK": "*i32", "Tiles": "*i32"}
-    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "DOT_PRECISION": _dot_precision(dtype),
+    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "DOT_PRECISION": dot_precision(dtype),
               "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None, "RelW": None,
               "VARLEN": True}
     specs = []

@@ -45,14 +45,14 @@ with fp32 accumulation; fp32 uses IEEE fp32 dots (no TF32).
 from __future__ import annotations
 
 import dataclasses
-import sys
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import ARCHS, KernelSpec, signature
-from .runtime import INTERPRETER, arch_of, device_guard, new_output
+from .runtime import AOT_DTYPE_NAMES, INTERPRETER, GemmConfig, arch_of, device_guard, dot_precision, new_output
 
 # Widest rows (D) the row kernels hold in registers (8192 spills); wider rows run on the torch route.
 MAX_DIM = 4096
@@ -295,16 +295,6 @@ def _fc2_kernel(
 # Configurations (per architecture and dtype, from the ahead-of-time register/spill report)
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class GemmConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
 class RowConfig:
     block_rows: int
     block_d: int
@@ -351,17 +341,6 @@ def row_config(dim: int) -> RowConfig:
     # (82 / 128 registers, 128 being the cap at 512 threads)
     num_warps = 4 if block_d <= 1024 else 16
     return RowConfig(block_rows, block_d, num_warps)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (4 for the CPU interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,29 +444,13 @@ def layernorm_mlp_fwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time specs: every configuration the launchers of both directions can pick
+# Ahead-of-time specs of the forward (the backward's are in layernorm_mlp_bwd.aot_specs)
 # ---------------------------------------------------------------------------------------------
-# The backward kernels live in layernorm_mlp_bwd.py; the specs name every kernel of this op
-# "layernorm_mlp.<kernel>" (this op is one entry of aot.KERNEL_MODULES), resolved through here.
-_BACKWARD_KERNELS = ("_fc2_bwd_kernel", "_wgrad_kernel", "_ln_bwd_kernel")
-
-
-def __getattr__(name: str):
-    if name in _BACKWARD_KERNELS:
-        from . import layernorm_mlp_bwd
-
-        return getattr(layernorm_mlp_bwd, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def gemm_spec(kernel: str, label: str, types: dict[str, str], constexprs: dict, cfg: GemmConfig,
+def gemm_spec(kernel: str, fn: Any, label: str, types: dict[str, str], constexprs: dict, cfg: GemmConfig,
               arch: int, dtype: torch.dtype, divisible_by_16: tuple[str, ...]) -> KernelSpec:
-    """A KernelSpec for one GEMM kernel configuration (block sizes filled in from ``cfg``); the
-    signature is ``aot.signature`` of the kernel with ``types`` (pointers, constant arguments)."""
-    fn = getattr(sys.modules[__name__], kernel.rsplit(".", 1)[1])  # the backward kernels via __getattr__
+    """A KernelSpec for one GEMM kernel configuration (block sizes filled in from ``cfg``): ``kernel``
+    names the ``@triton.jit`` function ``fn`` as ``"module.function"``; the signature is
+    ``aot.signature`` of ``fn`` with ``types`` (pointers, constant arguments)."""
     constexprs = {**constexprs, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                   "GROUP_M": cfg.group_m, "DOT_PRECISION": dot_precision(dtype)}
     return KernelSpec(
@@ -498,12 +461,12 @@ def gemm_spec(kernel: str, label: str, types: dict[str, str], constexprs: dict, 
 
 
 def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[KernelSpec]:
-    ty, xty = TL_DTYPE[dtype], TL_DTYPE[x_dtype]
+    ty, xty = AOT_DTYPE_NAMES[dtype], AOT_DTYPE_NAMES[x_dtype]
     label = f"{ty}" if dtype == x_dtype else f"{ty} (x {xty}, autocast)"
     # every optional input present (the heaviest variant); unit strides as the runtime specialises
     c1 = gemm_config(arch, dtype, "fc1")
     fc1 = gemm_spec(
-        "layernorm_mlp._fc1_kernel", f"fc1 {label}",
+        "layernorm_mlp._fc1_kernel", _fc1_kernel, f"fc1 {label}",
         {"X": f"*{xty}", "Mean": "*fp32", "Rstd": "*fp32", "NormW": f"*{xty}", "NormB": f"*{xty}",
          "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}"},
         {"HAS_NORM_W": True, "HAS_NORM_B": True, "HAS_B1": True, "SAVE_PRE": True},
@@ -513,7 +476,7 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
     )
     c2 = gemm_config(arch, dtype, "fc2")
     fc2 = gemm_spec(
-        "layernorm_mlp._fc2_kernel", f"fc2 {label}",
+        "layernorm_mlp._fc2_kernel", _fc2_kernel, f"fc2 {label}",
         {"A": f"*{ty}", "W": f"*{ty}", "Bias": f"*{ty}", "X": f"*{xty}", "LS": f"*{xty}", "SS": f"*{xty}",
          "Y": f"*{xty}", "stride_wk": "constexpr"},
         {"stride_wk": 1, "HAS_BIAS": True, "HAS_LS": True, "HAS_SS": True, "RESIDUAL": True},
@@ -526,8 +489,6 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
 
 
 def _row_specs(arch: int) -> list[KernelSpec]:
-    from . import layernorm_mlp_bwd as bwd
-
     specs = []
     for block_d in ROW_BUCKETS:
         rc = row_config(block_d)
@@ -537,27 +498,22 @@ def _row_specs(arch: int) -> list[KernelSpec]:
             {"BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}, rc.num_warps, 1, arch,
             divisible_by_16=("X", "Mean", "Rstd", "stride_xb", "stride_xn"),
         ))
-        specs.append(bwd.ln_bwd_spec(arch, rc))
     return specs
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every (kernel, GEMM dtype, row width bucket, architecture) configuration the launchers use.
+    """Every forward (kernel, GEMM dtype, row width bucket, architecture) configuration the launcher
+    uses (``layernorm_mlp_bwd.aot_specs`` has the backward's).
 
-    GEMMs: bf16 and fp32 in both directions; bf16 GEMMs beside an fp32 x and dy (autocast with
-    timm's fp32 residual stream; dLN reads no x, so it is the bf16 one). fp16 takes the bf16
-    configurations and compiles to the same code but for the conversion instructions, so it is
-    left out to keep the compile time down (~2 CPU-minutes for these 81 specs). Each spec is the
-    heaviest variant (every optional input present). Row kernels: each width bucket, bf16.
+    GEMMs: bf16 and fp32; bf16 GEMMs beside an fp32 x (autocast with timm's fp32 residual stream).
+    fp16 takes the bf16 configurations and compiles to the same code but for the conversion
+    instructions, so it is left out to keep the compile time down. Each spec is the heaviest
+    variant (every optional input present). Row kernels: each width bucket, bf16.
     """
-    from . import layernorm_mlp_bwd as bwd
-
     specs = []
     for arch in ARCHS:
         for dtype in (torch.bfloat16, torch.float32):
             specs += _forward_specs(arch, dtype, dtype)
-            specs += bwd.backward_specs(arch, dtype, dtype)
         specs += _forward_specs(arch, torch.bfloat16, torch.float32)
-        specs += bwd.backward_specs(arch, torch.bfloat16, torch.float32, with_dln=False)
         specs += _row_specs(arch)
     return specs

@@ -33,20 +33,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import KernelSpec, signature
+from .aot import ARCHS, KernelSpec, signature
 from .layernorm_mlp import (
-    TL_DTYPE,
+    ROW_BUCKETS,
     RowConfig,
     _fc2_kernel,
     activation_and_grad,
-    dot_precision,
     gemm_config,
     gemm_spec,
     grouped_tile,
-    num_sms,
     row_config,
 )
-from .runtime import arch_of, device_guard, new_output
+from .runtime import AOT_DTYPE_NAMES, arch_of, device_guard, dot_precision, new_output, sm_count
 
 # Order of the gradients the launcher returns (and of the ``needs`` flags it takes).
 GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
@@ -323,7 +321,7 @@ def _wgrad(
     cfg = gemm_config(arch, q.dtype if ln is None else p.dtype, "wgrad")
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if splits is None:
-        splits = wgrad_splits(tiles, rows, cfg.block_k, num_sms(p.device))
+        splits = wgrad_splits(tiles, rows, cfg.block_k, sm_count(p.device))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(rows, rows_per_split)
     out = new_output((splits, m, n), dtype=torch.float32, device=p.device)
@@ -493,7 +491,7 @@ def layernorm_mlp_bwd(
         need_rowterm = need_dss and fc2_bias is not None
         if need_dln or need_dp or need_rowterm:
             rc = row_config(dim)
-            programs = min(triton.cdiv(rows, rc.block_rows), 4 * num_sms(device))
+            programs = min(triton.cdiv(rows, rc.block_rows), 4 * sm_count(device))
             dx = new_output((batch, n_tok, dim), dtype=x.dtype, device=device) if need["x"] else None
             dnw_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_weight"] else None
             dnb_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_bias"] else None
@@ -533,16 +531,16 @@ def layernorm_mlp_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time specs (collected by layernorm_mlp.aot_specs)
+# Ahead-of-time specs: every configuration the backward launcher can pick
 # ---------------------------------------------------------------------------------------------
 def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_dln: bool = True) -> list[KernelSpec]:
     """The backward GEMM configurations for one GEMM dtype (x and dy in ``x_dtype``)."""
-    ty, xty = TL_DTYPE[dtype], TL_DTYPE[x_dtype]
+    ty, xty = AOT_DTYPE_NAMES[dtype], AOT_DTYPE_NAMES[x_dtype]
     label = f"{ty}" if dtype == x_dtype else f"{ty} (x {xty}, autocast)"
     specs = []
     cfg = gemm_config(arch, dtype, "fc2_bwd")
     specs.append(gemm_spec(
-        "layernorm_mlp._fc2_bwd_kernel", f"fc2 bwd (dA) {label}",
+        "layernorm_mlp_bwd._fc2_bwd_kernel", _fc2_bwd_kernel, f"fc2 bwd (dA) {label}",
         {"DY": f"*{xty}", "LS": f"*{xty}", "W2": f"*{ty}", "Pre": f"*{ty}", "SS": f"*{xty}", "DA": f"*{ty}",
          "G": f"*{ty}", "DB1Part": "*fp32", "DSSPart": "*fp32", "stride_dyd": "constexpr"},
         {"stride_dyd": 1, "HAS_LS": True, "HAS_SS": True, "WRITE_G": True, "COMPUTE_DB1": True,
@@ -556,7 +554,7 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
     div = ("P", "SS", "Q", "Mean", "Rstd", "NormW", "NormB", "Out", "M", "N", "rows_per_split",
            "stride_pb", "stride_pn", "stride_qb", "stride_qn")
     specs.append(gemm_spec(  # dW2: P = dy * ss, Q = gelu(a)
-        "layernorm_mlp._wgrad_kernel", f"wgrad dW2 {label}",
+        "layernorm_mlp_bwd._wgrad_kernel", _wgrad_kernel, f"wgrad dW2 {label}",
         {"P": f"*{xty}", "SS": f"*{xty}", "Q": f"*{ty}", "Mean": "constexpr", "Rstd": "constexpr",
          "NormW": "constexpr", "NormB": "constexpr", "Out": "*fp32", **common},
         {"Mean": None, "Rstd": None, "NormW": None, "NormB": None, "stride_pm": 1, "P_SCALE": True,
@@ -564,7 +562,7 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
         cfg, arch, dtype, tuple(d for d in div if d not in ("Mean", "Rstd", "NormW", "NormB")),
     ))
     specs.append(gemm_spec(  # dW1: P = dA, Q = LN(x)
-        "layernorm_mlp._wgrad_kernel", f"wgrad dW1 {label}",
+        "layernorm_mlp_bwd._wgrad_kernel", _wgrad_kernel, f"wgrad dW1 {label}",
         {"P": f"*{ty}", "SS": "constexpr", "Q": f"*{xty}", "Mean": "*fp32", "Rstd": "*fp32",
          "NormW": f"*{xty}", "NormB": f"*{xty}", "Out": "*fp32", **common},
         {"SS": None, "stride_pm": 1, "P_SCALE": False, "Q_LN": True, "HAS_NORM_W": True, "HAS_NORM_B": True},
@@ -574,7 +572,7 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
         return specs
     cfg = gemm_config(arch, dtype, "fc2")
     specs.append(gemm_spec(  # dLN = dA @ W1: the fc2 kernel with no epilogue, fp32 out
-        "layernorm_mlp._fc2_kernel", f"dLN {label}",
+        "layernorm_mlp._fc2_kernel", _fc2_kernel, f"dLN {label}",
         {"A": f"*{ty}", "W": f"*{ty}", "Bias": "constexpr", "X": "constexpr", "LS": "constexpr",
          "SS": "constexpr", "Y": "*fp32", "stride_wn": "constexpr"},
         {"Bias": None, "X": None, "LS": None, "SS": None, "stride_wn": 1, "HAS_BIAS": False, "HAS_LS": False,
@@ -594,8 +592,23 @@ def ln_bwd_spec(arch: int, rc: RowConfig) -> KernelSpec:
              "COMPUTE_DNW": True, "COMPUTE_DNB": True, "COMPUTE_DP": True, "COMPUTE_ROWTERM": True,
              "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
     return KernelSpec(
-        "layernorm_mlp._ln_bwd_kernel", f"ln bwd bf16 BLOCK_D={rc.block_d} rows={rc.block_rows} w={rc.num_warps}",
+        "layernorm_mlp_bwd._ln_bwd_kernel", f"ln bwd bf16 BLOCK_D={rc.block_d} rows={rc.block_rows} w={rc.num_warps}",
         sig, {"stride_dyd": 1, **flags}, rc.num_warps, 1, arch,
         divisible_by_16=("DLN", "X", "Mean", "Rstd", "NormW", "DY", "SS", "LS", "B2", "DX", "DNWPart", "DNBPart",
                          "DPPart", "RowTerm", "stride_xb", "stride_xn", "stride_dyb", "stride_dyn"),
     )
+
+
+def aot_specs() -> list[KernelSpec]:
+    """Every backward (kernel, GEMM dtype, row width bucket, architecture) configuration the
+    launcher uses: bf16 and fp32 GEMMs, bf16 GEMMs beside an fp32 x and dy (autocast with timm's
+    fp32 residual stream; dLN reads no x, so only its bf16 one), and the LayerNorm-backward row
+    kernel for each width bucket (bf16). As for the forward, fp16 compiles to the bf16 code but for
+    conversions and is left out; each spec is the heaviest variant."""
+    specs = []
+    for arch in ARCHS:
+        for dtype in (torch.bfloat16, torch.float32):
+            specs += backward_specs(arch, dtype, dtype)
+        specs += backward_specs(arch, torch.bfloat16, torch.float32, with_dln=False)
+        specs += [ln_bwd_spec(arch, row_config(block_d)) for block_d in ROW_BUCKETS]
+    return specs

@@ -31,14 +31,22 @@ images of 2^31 elements or more to the torch route). Every launch runs under ``d
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import ARCHS, KernelSpec
-from .runtime import INTERPRETER, arch_of, device_guard, new_output
+from .runtime import (
+    AOT_DTYPE_NAMES,
+    INTERPRETER,
+    GemmConfig,
+    arch_of,
+    device_guard,
+    dot_precision,
+    new_output,
+    sm_count,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Gathering patches: runs of RUN pixels
@@ -327,17 +335,6 @@ def sum_splits_kernel(
 # ---------------------------------------------------------------------------------------------
 # Configurations (chosen per architecture from the ahead-of-time register/spill report)
 # ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class GemmConfig:
-    """Tile sizes of one GEMM kernel: ``block_m`` x ``block_n`` outputs, ``block_k`` per step."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
 # Under the interpreter: small tiles, so short test grids still cross several tiles of patches and
 # embed dims; the weight gradient and col2im take 128 pixels of a patch per program (the
 # interpreter's cost is per program and op, and K = C*p*p is the long side on test shapes: 192 to
@@ -396,16 +393,11 @@ TOKEN_SUM_BLOCK = (16, 128)
 SUM_SPLITS_BLOCK = 1024
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _programs_wanted(device: torch.device) -> int:
     """About two waves of programs: enough to fill the GPU when a reduction is split."""
     if device.type != "cuda":
         return 8  # the interpreter: small, but more than one split on test shapes
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * sm_count(device)
 
 
 def _split(total: int, step: int, tiles: int, device: torch.device, splits: int | None) -> tuple[int, int]:
@@ -415,10 +407,6 @@ def _split(total: int, step: int, tiles: int, device: torch.device, splits: int 
     wanted = max(1, min(wanted, triton.cdiv(total, step)))
     per_split = triton.cdiv(triton.cdiv(total, wanted), step) * step
     return per_split, triton.cdiv(total, per_split)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +551,7 @@ def patch_embed_forward(
             num_prefix if pos is not None and pos.shape[0] == num_prefix + n else 0,
             HAS_BIAS=bias is not None, HAS_POS=pos is not None, EDGE=_edge(height, width, patch, pad),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RUN=RUN,
-            DOT_PRECISION=_dot_precision(weight.dtype),
+            DOT_PRECISION=dot_precision(weight.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
@@ -628,7 +616,7 @@ def patch_embed_backward_weight(
             EDGE=_edge(height, width, patch, pad),
             COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
             BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=RUN,
-            DOT_PRECISION=_dot_precision(weight.dtype),
+            DOT_PRECISION=dot_precision(weight.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     _sum_splits(partial, dw_flat)
@@ -678,7 +666,7 @@ def patch_embed_backward_input(
             patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
             EDGE=_edge(height, width, patch, pad),
             BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_D=cfg.block_k, RUN=RUN,
-            DOT_PRECISION=_dot_precision(weight.dtype),
+            DOT_PRECISION=dot_precision(weight.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dx
@@ -712,7 +700,6 @@ def patch_embed_backward_tokens(grad_out: torch.Tensor, splits: int | None = Non
 # Ahead-of-time specs: every configuration the launchers can pick
 # ---------------------------------------------------------------------------------------------
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # (image, weight = GEMM operand, token) dtypes the op passes: plain fp16 / bf16 / fp32, and under
 # autocast fp32 (or autocast-dtype) images with a 16-bit GEMM and 16-bit or fp32 tokens (fp32 when
@@ -787,9 +774,9 @@ _AOT_RECIPES = (
 
 def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: str) -> list[KernelSpec]:
     xdt, wdt, odt = recipe
-    x, w, o = _TY[xdt], _TY[wdt], _TY[odt]
+    x, w, o = AOT_DTYPE_NAMES[xdt], AOT_DTYPE_NAMES[wdt], AOT_DTYPE_NAMES[odt]
     label = f"x {x} w {w} out {o} {walk}"
-    common = {"EDGE": walk != "vec", "RUN": RUN, "DOT_PRECISION": _dot_precision(wdt)}
+    common = {"EDGE": walk != "vec", "RUN": RUN, "DOT_PRECISION": dot_precision(wdt)}
     mma = wdt != torch.float32
     specs = []
     cfg = gemm_config("fwd", arch, wdt, walk != "gather")

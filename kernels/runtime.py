@@ -1,4 +1,5 @@
-"""Helpers shared by the launchers: the interpreter flag, output allocation and device facts.
+"""Helpers shared by the launchers: the interpreter flag, output allocation, device facts, the GEMM
+tile config, tl.dot's precision and the dtype names of ahead-of-time signatures.
 
 ``INTERPRETER`` records whether ``TRITON_INTERPRET=1`` was set when the kernels were decorated
 (Triton reads it at ``@triton.jit`` time, i.e. at import): a process either interprets or compiles.
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -58,3 +60,40 @@ def rows_addressable_in_int32(t: torch.Tensor, rows_per_block: int = 256) -> tor
     if abs(t.stride(-2)) * rows_per_block < 2**31:
         return t
     return t.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of one GEMM kernel: ``block_m`` x ``block_n`` outputs, ``block_k`` per step, on
+    ``num_warps`` warps with ``num_stages`` pipeline stages; ``group_m`` row tiles per group in
+    the grouped (L2-friendly) program order of the kernels that use one."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``: IEEE for fp32 (tf32 would lose 13
+    mantissa bits against the float32 reference), "tf32" otherwise (ignored for 16-bit operands)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (read once per device); 4 for the CPU
+    interpreter, where a "wave" only needs to cross a few programs."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# the names ahead-of-time signatures (fastvit.kernels.aot.signature) give the kernels' tensor dtypes
+AOT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
