@@ -56,6 +56,7 @@ from .measure import Unavailable, Workload, input_sets, op_step, randn, relabel_
 from .options import modes, square_grid, torch_dtype, vit_tokens
 from .progress import Progress
 from .records import Point, Record
+from .roofline import attention_bytes
 from .runner import run_impls
 
 __all__ = ["IMPLS", "build", "eager_attention", "flops", "run"]
@@ -94,6 +95,24 @@ def seq_lens(args: Any) -> list[int]:
         return sorted(args.seq_lens)
     resolutions = QUICK_RESOLUTIONS if args.quick else RESOLUTIONS[args.device]
     return [vit_tokens(r, 16, PREFIX) for r in resolutions]
+
+
+def attention_bias_elements(point: Point) -> int:
+    """Elements of the bias tensors an attention-suite row reads (0 for unbiased rows)."""
+    impl, n = point.impl.split("[")[0], point.n_tokens
+    if impl.endswith("+bias"):
+        return point.heads * n * n  # (1, H, N, N)
+    if impl.endswith("+rel_pos"):
+        gh, gw = (int(v) for v in point.params["grid"].split("x"))
+        return point.batch * point.heads * n * (gh + gw)  # rel_h (B, H, N, h), rel_w (B, H, N, w)
+    return 0
+
+
+def min_bytes(point: Point) -> int:
+    """Compulsory bytes of one call (``roofline.attention_bytes``: q, k, v, out, the LSE, the bias)."""
+    n = point.n_tokens
+    return attention_bytes(point.batch, point.heads, n, n, point.head_dim, point.dtype, point.mode,
+                           attention_bias_elements(point))
 
 
 def flops(point: Point) -> float:

@@ -46,6 +46,7 @@ from .measure import Unavailable, Workload, input_sets, op_step, randn
 from .options import VIT_WIDTHS, modes, token_sizes, torch_dtype, vit_widths
 from .progress import Progress
 from .records import Point, Record
+from .roofline import layernorm_bytes
 from .runner import run_impls
 
 __all__ = ["IMPLS", "CudaLayerNorm", "build", "cuda_layer_norm", "eager_layer_norm", "flops", "points", "run"]
@@ -122,6 +123,11 @@ def run(args: Any, progress: Progress) -> list[Record]:
 # ---------------------------------------------------------------------------------------------
 # the arithmetic of a point
 # ---------------------------------------------------------------------------------------------
+def min_bytes(point: Point) -> int:
+    """Compulsory bytes of one call (``roofline.layernorm_bytes``)."""
+    return layernorm_bytes(point.batch * point.n_tokens, point.params["dim"], point.dtype, point.mode)
+
+
 def flops(point: Point) -> float:
     """Nominal: 8 per element forward, 21 per element forward + backward (module docstring)."""
     return float(FLOPS_PER_ELEMENT[point.mode] * point.batch * point.n_tokens * point.params["dim"])

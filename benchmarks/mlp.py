@@ -42,6 +42,7 @@ from .measure import Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import VIT_WIDTHS, modes, token_sizes, torch_dtype, vit_widths
 from .progress import Progress
 from .records import Point, Record
+from .roofline import mlp_bytes
 from .runner import run_impls
 
 __all__ = ["IMPLS", "build", "eager_mlp", "flops", "run", "saved_bytes"]
@@ -115,6 +116,12 @@ def run(args: Any, progress: Progress) -> list[Record]:
 # ---------------------------------------------------------------------------------------------
 # the arithmetic of a point
 # ---------------------------------------------------------------------------------------------
+def min_bytes(point: Point) -> int:
+    """Compulsory bytes of one call (``roofline.mlp_bytes``)."""
+    return mlp_bytes(point.batch * point.n_tokens, point.params["dim"], point.params["hidden"], point.dtype,
+                     point.mode)
+
+
 def flops(point: Point) -> float:
     """The two GEMMs: 4 * T * D * hidden forward; forward+backward three times that."""
     rows, dim, hidden = point.batch * point.n_tokens, point.params["dim"], point.params["hidden"]

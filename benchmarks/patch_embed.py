@@ -36,9 +36,10 @@ from .measure import Workload, input_sets, op_step, randn, relabel_on_fallback
 from .options import modes, torch_dtype, vit_tokens
 from .progress import Progress
 from .records import Point, Record
+from .roofline import patch_embed_bytes
 from .runner import not_run, run_points
 
-__all__ = ["IMPLS", "build", "bytes_moved", "eager_patch_embed", "flops", "run"]
+__all__ = ["IMPLS", "build", "eager_patch_embed", "flops", "min_bytes", "run"]
 
 NAME = "patch-embed"
 IMPLS = ("eager", "compiled", *FASTVIT_IMPLS)
@@ -113,16 +114,11 @@ def flops(point: Point) -> float:
     return forward * (2.0 if point.mode == "fwd+bwd" else 1.0)
 
 
-def bytes_moved(point: Point) -> int:
-    """Compulsory memory traffic of one call, in bytes (what no implementation can avoid)."""
+def min_bytes(point: Point) -> int:
+    """Compulsory memory traffic of one call, in bytes (what no implementation can avoid:
+    ``roofline.patch_embed_bytes``, the prefix tokens being the point's tokens beyond the grid)."""
     b, c, r, p, d, n = _sizes(point)
-    size = torch.tensor([], dtype=torch_dtype(point.dtype)).element_size()
-    images, tokens = b * c * r * r, b * (PREFIX + n) * d
-    params = d * c * p * p + d + PREFIX * d + (PREFIX + n) * d  # weight, bias, cls, pos_embed
-    elements = images + params + tokens
-    if point.mode == "fwd+bwd":
-        elements += tokens + images + params  # read dOut and the images again, write the gradients
-    return elements * size
+    return patch_embed_bytes(b, c, r, p, d, point.n_tokens - n, point.dtype, point.mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +174,7 @@ def build(point: Point) -> Workload:
 
     sets = input_sets(make, device)
     grads = [randn((b, PREFIX + n, d), dtype=dtype, device=device) for _ in sets] if backward else None
-    traffic = bytes_moved(point)
+    traffic = min_bytes(point)
     workload = Workload(
         step=op_step(fn, sets, point.mode, grads),
         flops=flops(point),

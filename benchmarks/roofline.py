@@ -42,7 +42,7 @@ Per suite (s = the dtype's bytes; attention M = N, self-attention):
 - patch-embed ``fwd``: the images, weight, bias, cls token(s) and pos_embed read, the (B, P+N, D)
   tokens written. ``fwd+bwd`` (the images need no gradient): the backward reads dTokens and the
   images again and writes the gradients of the weight, bias, prefix tokens and pos_embed (the
-  suite's ``bytes_moved``).
+  suite's ``min_bytes``).
 - layernorm ``fwd`` (T = B N rows of width D): x read, weight and bias read, y written:
   s (2 T D + 2 D). ``fwd+bwd``: the forward also writes mean and rstd (8 T); the backward reads dy,
   x again, the weight and mean and rstd (8 T), and writes dx, dweight and dbias: in all
@@ -145,17 +145,6 @@ def attention_bytes(
     return forward + lse + backward
 
 
-def attention_bias_elements(record: Record) -> int:
-    """Elements of the bias tensors an attention-suite row reads (0 for unbiased rows)."""
-    impl, n = record.impl.split("[")[0], record.n_tokens
-    if impl.endswith("+bias"):
-        return record.heads * n * n  # (1, H, N, N)
-    if impl.endswith("+rel_pos"):
-        gh, gw = (int(v) for v in record.extra["grid"].split("x"))
-        return record.batch * record.heads * n * (gh + gw)  # rel_h (B, H, N, h), rel_w (B, H, N, w)
-    return 0
-
-
 def varlen_attention_bytes(total_tokens: int, heads: int, head_dim: int, dtype: str, mode: str) -> int:
     """Compulsory bytes of packed variable-length attention over T tokens in all (module docstring):
     each sequence moves attention's bytes at its own length, and those are linear in the lengths,
@@ -213,38 +202,25 @@ def _point(record: Record) -> Point:
     )  # fmt: skip
 
 
-def _suite_flops(suite: str) -> Callable[[Point], float] | None:
+def _suite_module(suite: str) -> Any:
     try:
-        module = importlib.import_module(f".{SUITES[suite]}", _PACKAGE)
+        return importlib.import_module(f".{SUITES[suite]}", _PACKAGE)
     except ImportError:
         return None
-    return getattr(module, "flops", None)
 
 
 def cost(record: Record) -> Cost | None:
-    """FLOPs and compulsory bytes of a record's op and shape; None for suites without a floor."""
+    """FLOPs and compulsory bytes of a record's op and shape, from its suite's ``flops(point)`` and
+    ``min_bytes(point)``; None for suites without a floor or a record without their fields."""
     if record.suite not in SUITES or record.dtype not in ELEMENT_SIZE:
         return None
-    flops_of = _suite_flops(record.suite)
-    if flops_of is None:
+    module = _suite_module(record.suite)
+    flops_of, bytes_of = getattr(module, "flops", None), getattr(module, "min_bytes", None)
+    if flops_of is None or bytes_of is None:
         return None
-    x = record.extra
+    point = _point(record)
     try:
-        if record.suite == "attention":
-            n = record.n_tokens
-            nbytes = attention_bytes(record.batch, record.heads, n, n, record.head_dim, record.dtype, record.mode,
-                                     attention_bias_elements(record))
-        elif record.suite == "varlen":
-            nbytes = varlen_attention_bytes(record.n_tokens, record.heads, record.head_dim, record.dtype, record.mode)
-        elif record.suite == "mlp":
-            nbytes = mlp_bytes(record.batch * record.n_tokens, x["dim"], x["hidden"], record.dtype, record.mode)
-        elif record.suite == "layernorm":
-            nbytes = layernorm_bytes(record.batch * record.n_tokens, x["dim"], record.dtype, record.mode)
-        else:
-            prefix = record.n_tokens - (x["resolution"] // x["patch"]) ** 2
-            nbytes = patch_embed_bytes(record.batch, x["in_chans"], x["resolution"], x["patch"], x["embed_dim"],
-                                       prefix, record.dtype, record.mode)  # fmt: skip
-        return Cost(float(flops_of(_point(record))), int(nbytes))
+        return Cost(float(flops_of(point)), int(bytes_of(point)))
     except (KeyError, ValueError, TypeError):  # a record without the suite's fields
         return None
 

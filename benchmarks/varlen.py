@@ -40,6 +40,7 @@ from .measure import Unavailable, Workload, input_sets, op_step, randn, relabel_
 from .options import modes, torch_dtype
 from .progress import Progress
 from .records import Point, Record
+from .roofline import varlen_attention_bytes
 from .runner import run_impls
 
 __all__ = ["IMPLS", "build", "flops", "lengths", "points", "run"]
@@ -62,6 +63,11 @@ def lengths(images: int, min_len: int, max_len: int, seed: int = SEED) -> list[i
     """Token counts of the batch: ``images`` draws from [min_len, max_len], fixed by ``seed``."""
     rng = random.Random(f"{seed}:{images}:{min_len}:{max_len}")
     return [rng.randint(min_len, max_len) for _ in range(images)]
+
+
+def min_bytes(point: Point) -> int:
+    """Compulsory bytes of one call (``roofline.varlen_attention_bytes``: padding is not compulsory)."""
+    return varlen_attention_bytes(point.n_tokens, point.heads, point.head_dim, point.dtype, point.mode)
 
 
 def flops(point: Point) -> float:

@@ -63,7 +63,7 @@ def test_patch_embed_bytes_by_hand_and_as_the_suite_counts_them():
     for mode in ("fwd", "fwd+bwd"):
         params = {"resolution": 224, "patch": 16, "in_chans": 3, "embed_dim": 768}
         p = Point("patch-embed", "eager", mode, 197, 8, 12, 64, "bfloat16", "cpu", params)
-        assert roofline.cost(Record.from_point(p, status="ok", ms=1.0)).min_bytes == patch_embed.bytes_moved(p)
+        assert roofline.cost(Record.from_point(p, status="ok", ms=1.0)).min_bytes == patch_embed.min_bytes(p)
 
 
 def test_cost_uses_the_suites_flops():
