@@ -1,23 +1,33 @@
-"""Fused subclass of timm's ``EvaAttention`` (EVA02, the ``vit_*_rope_*`` ViTs, timm's DINOv3),
-swapped onto a model by ``fastvit.patch``.
+"""Fused subclasses of timm's Eva modules (EVA02, the ``vit_*_rope_*`` ViTs, timm's DINOv3), swapped
+onto a model by ``fastvit.patch``: ``EvaAttention``, the MLP half of ``EvaBlock`` and the ``Eva``
+embedding.
 
 The attention is one ``fastvit.flash_attention`` call. Everything around it is timm's, line for
 line: the packed or separate q/k/v projections (with EVA's zero k bias), ``q_norm`` / ``k_norm``,
 the rotary position embedding applied to the patch tokens only (prefix tokens stay unrotated, in
 timm's dtype handling), the output norm, the gate and the projection. RoPE itself runs as timm
-computes it (a fused rotation is issue 14's next step). Importing this module imports timm.
+computes it (a fused rotation is issue 14's next step).
+
+``EvaBlock``'s MLP half, ``x + drop_path2(gamma_2 * mlp(norm2(x)))`` with timm's ``Mlp``, packed
+SwiGLU (``GluMlp``) or ``SwiGLU``, is one ``fastvit.layernorm_mlp`` call (``fastvit.nn.timm_mlp``).
+``Eva.forward_features`` embeds with one ``fastvit.patch_embed`` call (patches, class and register
+tokens, ``pos_embed``, resampled under ``dynamic_img_size`` as timm does); the rotary embedding,
+``pos_drop``, ``patch_drop`` and the blocks run as in timm. Importing this module imports timm.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import apply_rot_embed_cat
-from timm.models.eva import EvaAttention
+from timm.layers import apply_keep_indices_nlc, apply_rot_embed_cat
+from timm.models._manipulate import checkpoint
+from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 from fastvit.nn.attention import biased_qkv, merge_heads, self_attention
 from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_vit import _FusedEmbedding
 
-__all__ = ["FusedEvaAttention"]
+__all__ = ["FusedEva", "FusedEvaAttention", "FusedEvaBlock", "FusedEvaSwiGLUBlock"]
 
 
 class FusedEvaAttention(FusedModule, EvaAttention):
@@ -60,3 +70,85 @@ class FusedEvaAttention(FusedModule, EvaAttention):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
+
+
+class _EvaBlockForward(FusedGammaMlpHalf):
+    """``EvaBlock.forward``: the attention half as timm's, the MLP half fused."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if self.gamma_1 is not None:
+            x_attn = self.gamma_1 * x_attn
+        x = x + self.drop_path1(x_attn)
+        return self._fastvit_mlp_half(x)
+
+
+class FusedEvaBlock(_EvaBlockForward, EvaBlock):
+    """timm ``EvaBlock`` with a ``Mlp`` (GELU) or a packed SwiGLU (``GluMlp``): its MLP half, with
+    ``gamma_2`` and drop path, is one ``fastvit.layernorm_mlp`` call."""
+
+    fastvit_bypassed = MLP_BYPASSED
+
+
+class FusedEvaSwiGLUBlock(_EvaBlockForward, EvaBlock):
+    """timm ``EvaBlock`` with a ``SwiGLU`` MLP (``fc1_g`` gate, ``fc1_x`` value): its MLP half is one
+    gated ``fastvit.layernorm_mlp`` call."""
+
+    fastvit_bypassed = SWIGLU_BYPASSED
+
+
+class FusedEva(_FusedEmbedding, Eva):
+    """timm ``Eva`` embedding its input with ``fastvit.patch_embed`` in ``forward_features``.
+
+    The rest of timm's ``_pos_embed`` runs as timm's, in its order: the rotary embedding
+    (``rope.get_embed``, on the grid the input gives under ``dynamic_img_size``), ``pos_drop``,
+    ``patch_drop`` (keeping the rotary rows of the kept patches), then ``norm_pre`` and the blocks.
+    ``model.patch_embed`` and ``forward_intermediates`` are timm's (see ``_FusedEmbedding``).
+    """
+
+    def _fastvit_rope(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """timm's rotary embedding for a (H, W) patch grid, as ``Eva._pos_embed`` gets it."""
+        if self.rope is None:
+            return None
+        if self.dynamic_img_size:
+            return self.rope.get_embed(shape=grid)
+        if hasattr(self.rope, "feat_shape"):
+            return self.rope.get_embed()
+        return self.rope.get_embed(shape=self.patch_embed.grid_size)  # e.g. MRoPE: no feat_shape
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        if not self._fastvit_intact():
+            return Eva.forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
+        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])  # the (H, W) of timm's NHWC patches
+        x = self._fastvit_tokens(x)  # (B, C, H, W) -> (B, P+N, D): patches, prefix tokens, pos_embed
+        rot_pos_embed = self._fastvit_rope(grid)
+        x = self.pos_drop(x)
+        if self.patch_drop is not None:  # timm's patch dropout, the rotary rows kept alike
+            x, keep_indices = self.patch_drop(x)
+            if rot_pos_embed is not None and keep_indices is not None:
+                rot_pos_embed = apply_keep_indices_nlc(x, rot_pos_embed, keep_indices)
+                if getattr(self, "rope_mixed", False):  # B, depth, H, N, dim -> depth, B, H, N, dim
+                    rot_pos_embed = rot_pos_embed.transpose(0, 1)
+                else:  # B, N, dim -> B, 1, N, dim
+                    rot_pos_embed = rot_pos_embed.unsqueeze(1)
+        x = self.norm_pre(x)
+        mixed = getattr(self, "rope_mixed", False) and rot_pos_embed is not None  # one embedding per block
+        for i, block in enumerate(self.blocks):
+            rope = rot_pos_embed[i] if mixed else rot_pos_embed
+            if self.grad_checkpointing:
+                x = checkpoint(block, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            else:
+                x = block(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        return self.norm(x)

@@ -18,6 +18,9 @@ through its strides (stride 0 over the batch), and because it is computed from t
 Parameters at call time, the table (or MLP) learns through the op's mask gradient. q, k and v are
 views into the qkv output (no copies), except LeViT's padded q and k (and its conv layout's
 transposed views, copied to a unit stride). See ``fastvit.nn.fused`` for how the swap works.
+
+BEiT's ``Block`` also gets its MLP half, ``x + drop_path2(gamma_2 * mlp(norm2(x)))`` with timm's
+``Mlp`` or ``SwiGLU``, as one ``fastvit.layernorm_mlp`` call (shared with Eva: ``fastvit.nn.timm_mlp``).
 Importing this module imports timm.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import Block as BeitBlock
 from timm.models.levit import Attention as LevitAttention
 from timm.models.levit import AttentionDownsample as LevitAttentionDownsample
 from timm.models.tiny_vit import Attention as TinyVitAttention
@@ -33,9 +37,12 @@ from timm.models.vision_transformer_relpos import RelPosAttention
 
 from fastvit.nn.attention import biased_qkv, merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 
 __all__ = [
     "FusedBeitAttention",
+    "FusedBeitBlock",
+    "FusedBeitSwiGLUBlock",
     "FusedLevitAttention",
     "FusedLevitAttentionDownsample",
     "FusedRelPosAttention",
@@ -252,3 +259,29 @@ class FusedLevitAttentionDownsample(FusedModule, LevitAttentionDownsample):
             f"heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}, stride={self.stride}, "
             f"conv={self.use_conv}, fastvit={self.fastvit_op}"
         )
+
+
+class _BeitBlockForward(FusedGammaMlpHalf):
+    """BEiT ``Block.forward``: the attention half as timm's, the MLP half fused."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        x_attn = self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
+        if self.gamma_1 is not None:
+            x_attn = self.gamma_1 * x_attn
+        x = x + self.drop_path1(x_attn)
+        return self._fastvit_mlp_half(x)
+
+
+class FusedBeitBlock(_BeitBlockForward, BeitBlock):
+    """timm BEiT ``Block`` with a ``Mlp`` (GELU): its MLP half, with ``gamma_2`` and drop path, is
+    one ``fastvit.layernorm_mlp`` call."""
+
+    fastvit_bypassed = MLP_BYPASSED
+
+
+class FusedBeitSwiGLUBlock(_BeitBlockForward, BeitBlock):
+    """timm BEiT ``Block`` with a ``SwiGLU`` MLP (``swiglu_mlp=True``): one gated op call."""
+
+    fastvit_bypassed = SWIGLU_BYPASSED

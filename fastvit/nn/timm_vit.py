@@ -140,8 +140,9 @@ class FusedBlock(FusedModule, Block):
 
 
 class _FusedEmbedding(FusedModule):
-    """What the fused ``VisionTransformer`` classes share: ``forward_features`` embeds with one
-    ``fastvit.patch_embed`` call, in place of ``patch_embed`` then ``_pos_embed``.
+    """What the fused ``VisionTransformer`` classes (and ``fastvit.nn.timm_eva.FusedEva``) share:
+    ``forward_features`` embeds with one ``fastvit.patch_embed`` call, in place of ``patch_embed``
+    then ``_pos_embed``.
 
     That call projects the patches, prepends the class / distillation / register tokens and adds
     ``pos_embed`` (resampled as timm does under ``dynamic_img_size``); ``pos_drop``, ``patch_drop``,

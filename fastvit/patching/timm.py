@@ -7,20 +7,22 @@ from the same blocks. The attention of the relative-position-bias families (BEiT
 ``VisionTransformerRelPos``, TinyViT, LeViT: ``fastvit.nn.timm_relpos``), of Swin V1 / V2
 (``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
 Hiera (mask-unit and global: ``timm_hiera``) and of Eva (EVA02, RoPE ViTs, timm's DINOv3:
-``timm_eva``, RoPE as timm computes it) is fused too; those families' MLP halves and embeddings
-are reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left
-alone.
+``timm_eva``, RoPE as timm computes it) is fused too, and so are Eva's embedding and the MLP halves
+of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``);
+the other families' MLP halves and embeddings are reported as left alone, with the reason. Other
+timm architectures (``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
+from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.format import Format
 
-from fastvit.nn import timm_eva, timm_hiera, timm_relpos, timm_sam, timm_swin
+from fastvit.nn import timm_eva, timm_hiera, timm_mlp, timm_relpos, timm_sam, timm_swin
 from fastvit.nn import timm_vit as fused
+from fastvit.nn.fused import FusedModule
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
 
@@ -29,7 +31,16 @@ __all__ = ["FAMILY", "find"]
 FAMILY = "timm"
 _ATTENTIONS = fused_table(fused.FusedAttention)
 _BLOCKS = fused_table(fused.FusedBlock)
-_MODELS = fused_table(fused.FusedVisionTransformer, fused.FusedVisionTransformerDistilled)
+_MODELS = fused_table(fused.FusedVisionTransformer, fused.FusedVisionTransformerDistilled, timm_eva.FusedEva)
+# blocks ending in x + drop_path2(gamma_2 * mlp(norm2(x))): {class: (fused for Mlp / GluMlp, fused for SwiGLU)}
+_GAMMA_BLOCKS = {
+    cls: pair
+    for pair in (
+        (timm_eva.FusedEvaBlock, timm_eva.FusedEvaSwiGLUBlock),
+        (timm_relpos.FusedBeitBlock, timm_relpos.FusedBeitSwiGLUBlock),
+    )
+    for cls in (pair[0].fastvit_original(), *pair)
+}
 # the relative-position, window and SAM attentions: {class: (fused class, attributes its forward reads)}
 _QKV = ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")
 _BIASED = ("proj", "num_heads", "scale", "key_dim", "val_dim", "get_attention_biases")  # TinyViT, LeViT
@@ -61,17 +72,9 @@ _OTHER_ATTENTIONS = {
 }
 # Blocks and models of those families whose other parts are not fused yet: (module, class) -> (part, reason)
 _LEFT_ALONE = {
-    ("timm.models.eva", "EvaBlock"): (
-        "mlp", "Eva's block (SwiGLU / scale_mlp variants, gamma LayerScale) is not fused yet: its MLP half runs "
-        "timm's modules",
-    ),
     ("timm.models.eva", "EvaBlockPostNorm"): (
         "mlp", "EvaBlockPostNorm normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
         "x + mlp(layer_norm(x))",
-    ),
-    ("timm.models.beit", "Block"): (
-        "mlp", "BEiT's Block (gamma_2 LayerScale, SwiGLU / scale_mlp variants) is not fused yet: its MLP half "
-        "runs timm's modules",
     ),
     ("timm.models.vision_transformer_relpos", "RelPosBlock"): (
         "mlp", "RelPosBlock (it passes shared_rel_pos to its attention) is not fused yet: its MLP half runs "
@@ -117,7 +120,6 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
-    ("timm.models.eva", "Eva"): _NOT_YET,
     ("timm.models.hiera", "Hiera"): "patch embedding is an overlapping conv (kernel 7, stride 4, padding 3), not "
     "a patchify conv (fastvit.patch_embed): left alone",
 }
@@ -174,6 +176,41 @@ def _block_problems(block: nn.Module) -> list[str]:
     return problems
 
 
+def _gamma_block_fused(block: nn.Module) -> type[FusedModule]:
+    """The fused class for an Eva / BEiT block: by its MLP's kind (the submodules it bypasses)."""
+    if isinstance(block, FusedModule):
+        return type(block)
+    packed, swiglu = _GAMMA_BLOCKS[type(block)]
+    return swiglu if type(getattr(block, "mlp", None)) is SwiGLU else packed
+
+
+def _gamma_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of an Eva / BEiT block, x + drop_path2(gamma_2 * mlp(norm2(x))), cannot be fused."""
+    problems = missing_attributes(block, ("norm2", "mlp", "gamma_2", "drop_path2"), "timm")
+    if problems:
+        return problems
+    problems += layernorm_problems(block.norm2, "norm2", (nn.LayerNorm, TimmLayerNorm))
+    problems += exact_type(block.drop_path2, "drop_path2", (nn.Identity, DropPath), "DropPath")
+    mlp = block.mlp
+    problems += exact_type(mlp, "mlp", (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
+    if problems:
+        return problems
+    for name in ("fc1_g", "fc1_x", "fc2") if type(mlp) is SwiGLU else ("fc1", "fc2"):
+        problems += exact_type(getattr(mlp, name), f"mlp.{name}", (nn.Linear,), "nn.Linear")
+    problems += exact_type(mlp.drop1, "mlp.drop1", (nn.Dropout,), "nn.Dropout")
+    problems += exact_type(mlp.drop2, "mlp.drop2", (nn.Dropout,), "nn.Dropout")
+    if type(mlp.norm) is not nn.Identity:
+        problems.append(
+            f"mlp.norm is {type(mlp.norm).__qualname__} (scale_mlp: a norm between the activation and fc2); "
+            "fastvit.layernorm_mlp normalises only its input"
+        )
+    if timm_mlp.mlp_activation(mlp.act) is None:
+        problems.append(
+            f"mlp.act is {type(mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), QuickGELU or SiLU"
+        )
+    return problems
+
+
 def _block_notes(block: nn.Module) -> list[str]:
     notes = []
     p = max(block.mlp.drop1.p, block.mlp.drop2.p)
@@ -213,6 +250,10 @@ def find(model: nn.Module) -> list[Finding]:
             attn = getattr(module, "attn", None)
             if type(attn) not in _ATTENTIONS:
                 findings.append(Skip(join(path, "attn"), "attention", foreign(attn, "timm's Attention")))
+        elif cls in _GAMMA_BLOCKS:
+            findings.append(
+                slot(path, module, "mlp", _gamma_block_fused(module), _gamma_block_problems, _block_notes)
+            )
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
         elif cls in _OTHER_ATTENTIONS:

@@ -88,8 +88,9 @@ BIAS_MODELS = {"levit": levit, "levit_conv": lambda **kw: levit(conv=True, **kw)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_patched_matches_unpatched(name, op_calls):
     reference, patched, report = pair(_model(name).eval())
-    assert report.counts() == {"attention": DEPTH}
-    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}  # each with its reason
+    beit = name.startswith("beit")  # BEiT's Block: its MLP half is fused too (test_beit_mlp_half_*)
+    assert report.counts() == ({"attention": DEPTH, "mlp": DEPTH} if beit else {"attention": DEPTH})
+    assert {e.part for e in report.skipped} == ({"patch_embed"} if beit else {"mlp", "patch_embed"})
     assert all("not fused yet" in e.detail or "normalises after" in e.detail for e in report.skipped)
     assert_outputs_and_grads_match(reference, patched, images())
     calls = op_calls["flash_attention"]
@@ -161,7 +162,7 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    assert len(fused) == len(report.replaced) == (3 if name in BIAS_MODELS else DEPTH)
+    assert len(fused) == len(report.replaced) == (3 if name in BIAS_MODELS else DEPTH * (1 + (name == "beitv2")))
     assert all(isinstance(m, type(m).fastvit_original()) for m in fused)  # isinstance checks still pass
     if name not in BIAS_MODELS:
         assert type(model.blocks[0].attn) in (FusedBeitAttention, FusedRelPosAttention)
@@ -169,6 +170,42 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     assert len(fastvit.unpatch(model).replaced) == len(report.replaced)
     assert module_types(model) == before_types and storage_map(model) == before_storage
     assert torch.equal(model(x), before_out)
+
+
+# BEiT's Block: the MLP half shared with Eva (fastvit.nn.timm_mlp); name -> (overrides, fused block class)
+BEIT_BLOCKS = {
+    "mlp": (dict(), "FusedBeitBlock"),  # GELU Mlp, no gamma
+    "mlp_gamma": (dict(init_values=0.1), "FusedBeitBlock"),
+    "swiglu_gamma": (dict(swiglu_mlp=True, mlp_ratio=4 * 2 / 3, init_values=0.1), "FusedBeitSwiGLUBlock"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEIT_BLOCKS))
+def test_beit_mlp_half_matches_unpatched(name, op_calls):
+    overrides, fused_name = BEIT_BLOCKS[name]
+    reference, patched, report = pair(timm_model("beitv2_base_patch16_224", **overrides).eval())
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
+    assert all(f"Block -> {fused_name}" in e.detail for e in report.replaced if e.part == "mlp")
+    assert_outputs_and_grads_match(reference, patched, images())
+    calls = op_calls["layernorm_mlp"]
+    assert len(calls) == DEPTH and calls[0]["kwargs"]["layer_scale"] is patched.blocks[0].gamma_2
+    if name.startswith("swiglu"):  # act(fc1_g(x)) * fc1_x(x)
+        assert calls[0]["kwargs"]["fc1_gate_weight"] is patched.blocks[0].mlp.fc1_g.weight
+
+
+def test_beit_scale_mlp_is_left_alone_with_its_reason(op_calls):
+    reference, patched, report = pair(timm_model("beitv2_base_patch16_224", scale_mlp=True).eval())
+    reasons = [e.detail for e in report.skipped if e.part == "mlp"]
+    assert len(reasons) == DEPTH and all("mlp.norm is LayerNorm (scale_mlp" in r for r in reasons)
+    assert_outputs_and_grads_match(reference, patched, images())
+    assert op_calls["layernorm_mlp"] == []
+
+
+def test_beit_drop_path_training_step_matches_timm(op_calls):
+    # the same seed draws timm's DropPath masks; the MLP branch's reaches the op as sample_scale
+    reference, patched, _ = pair(timm_model("beitv2_base_patch16_224", drop_path_rate=0.5, init_values=0.1).train())
+    assert_outputs_and_grads_match(reference, patched, images(), seed=3)
+    assert op_calls["layernorm_mlp"][1]["kwargs"]["sample_scale"].shape == (images().shape[0],)
 
 
 def test_training_step_with_drop_path_and_mlp_dropout(op_calls):
@@ -186,7 +223,7 @@ def test_training_step_with_drop_path_and_mlp_dropout(op_calls):
 
 def test_attention_dropout_in_training_runs_timm(op_calls, fresh_warnings):
     reference, patched, report = pair(_model("beitv2", attn_drop_rate=0.2).train())
-    assert all("attention dropout 0.2" in e.detail for e in report.replaced)
+    assert all("attention dropout 0.2" in e.detail for e in report.replaced if e.part == "attention")
     outputs = []
     for model in (reference, patched):
         torch.manual_seed(5)

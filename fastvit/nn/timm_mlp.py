@@ -1,0 +1,108 @@
+"""The MLP half of timm's Eva and BEiT blocks as one ``fastvit.layernorm_mlp`` call.
+
+Both blocks end in ``x + drop_path2(gamma_2 * mlp(norm2(x)))``: ``gamma_2`` is a bare (D,)
+Parameter or None (not a ``LayerScale`` module), ``mlp`` is one of timm's
+
+- ``Mlp``: fc2(act(fc1(x))), act GELU (erf or tanh), QuickGELU or SiLU;
+- ``GluMlp`` (Eva's packed SwiGLU, ``gate_last=False``): fc1 packed [gate; value], fc2(act(gate) * value),
+  the op's packed layout; ``gate_last=True`` ([value; gate]) passes row views of fc1 (no copies);
+- ``SwiGLU``: fc2(act(fc1_g(x)) * fc1_x(x)), fc1_x the value and fc1_g the gate projection.
+
+``gamma_2`` goes to the op as ``layer_scale``, ``drop_path2`` as ``sample_scale`` (the same
+Bernoulli draws as timm's ``DropPath``, so a seeded training step matches timm exactly). What the
+op cannot express (``scale_mlp``'s norm between the activation and fc2, a post-norm block) is
+reported and left alone by ``fastvit/patching/timm.py``. The fused block classes live beside their
+attention: ``fastvit.nn.timm_eva`` (``EvaBlock``) and ``fastvit.nn.timm_relpos`` (BEiT's ``Block``).
+Importing this module imports timm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import GluMlp, SwiGLU
+from timm.layers.activations import QuickGELU
+
+import fastvit
+from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.timm_vit import drop_path_scale, gelu_approximate
+
+__all__ = ["MLP_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "mlp_activation", "mlp_arguments"]
+
+# the submodules the fused half reads without calling them (FusedModule.fastvit_bypassed)
+_SHARED = ("norm2", "mlp", "mlp.act", "mlp.drop1", "mlp.norm", "mlp.fc2", "mlp.drop2", "drop_path2")
+MLP_BYPASSED = (*_SHARED, "mlp.fc1")  # Mlp, GluMlp
+SWIGLU_BYPASSED = (*_SHARED, "mlp.fc1_g", "mlp.fc1_x")  # SwiGLU
+
+
+def mlp_activation(act: nn.Module) -> str | None:
+    """The op's ``activation`` name for a timm MLP's ``act`` module, or None if it has none."""
+    approximate = gelu_approximate(act)
+    if approximate is not None:
+        return "gelu" if approximate == "none" else "gelu_tanh"
+    if type(act) is nn.SiLU:
+        return "silu"
+    if type(act) is QuickGELU:
+        return "quick_gelu"
+    return None
+
+
+def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]:
+    """``fastvit.layernorm_mlp``'s MLP arguments for a timm ``Mlp``, ``GluMlp`` or ``SwiGLU``
+    (the patcher has checked which, and that its activation has a name)."""
+    arguments = {"fc2_weight": mlp.fc2.weight, "fc2_bias": mlp.fc2.bias, "activation": mlp_activation(mlp.act)}
+    if type(mlp) is SwiGLU:  # act(fc1_g(x)) * fc1_x(x): fc1_x is the value, fc1_g the gate
+        fc1, gate = mlp.fc1_x, mlp.fc1_g
+        arguments.update(fc1_weight=fc1.weight, fc1_bias=fc1.bias, fc1_gate_weight=gate.weight,
+                         fc1_gate_bias=gate.bias)  # fmt: skip
+    elif type(mlp) is GluMlp and mlp.gate_last:  # [value; gate]: row views, value then gate
+        weight, bias = mlp.fc1.weight, mlp.fc1.bias
+        hidden = weight.shape[0] // 2
+        arguments.update(
+            fc1_weight=weight[:hidden], fc1_bias=None if bias is None else bias[:hidden],
+            fc1_gate_weight=weight[hidden:], fc1_gate_bias=None if bias is None else bias[hidden:],
+        )  # fmt: skip
+    else:  # Mlp; GluMlp with gate_last=False is packed [gate; value], the op's own layout
+        arguments.update(fc1_weight=mlp.fc1.weight, fc1_bias=mlp.fc1.bias, gated=type(mlp) is GluMlp)
+    return arguments
+
+
+class FusedGammaMlpHalf(FusedModule):
+    """What the fused Eva and BEiT blocks share: ``_fastvit_mlp_half(x)`` computes
+    ``x + drop_path2(gamma_2 * mlp(norm2(x)))`` with one op call.
+
+    Calls the op does not cover (MLP dropout active in training, a hook on or a replacement of a
+    bypassed submodule) run timm's modules in timm's order.
+    """
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+
+    def _fastvit_timm_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module."""
+        x_mlp = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            x_mlp = self.gamma_2 * x_mlp
+        return x + self.drop_path2(x_mlp)
+
+    def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D): the block's MLP half, fused."""
+        mlp, norm = self.mlp, self.norm2
+        if not self._fastvit_intact():
+            return self._fastvit_timm_half(x)
+        if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
+            name = type(self).fastvit_original().__name__
+            warn_fallback(
+                f"patched-mlp-dropout:timm-{name}",
+                f"fastvit: a patched timm {name} has MLP dropout > 0 and is in training mode; "
+                "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
+            )
+            return self._fastvit_timm_half(x)
+        return fastvit.layernorm_mlp(
+            x, norm.weight, norm.bias, eps=norm.eps, layer_scale=self.gamma_2,
+            sample_scale=drop_path_scale(self.drop_path2, x), **mlp_arguments(mlp),
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        kind = type(self.mlp).__name__
+        return f"dim={self.norm2.normalized_shape[0]}, eps={self.norm2.eps}, mlp={kind}, fastvit={self.fastvit_op}"
