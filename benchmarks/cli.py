@@ -59,6 +59,7 @@ COMMANDS = {
     "compare": ("compare", "compare two runs: BASE.json NEW.json"),
     "static": ("static", "compile every kernel for sm_80/89/90 and report registers, spills, shared memory, MMA"),
     "tune": ("tune", "measure the triton and cuda backends per op and shape; `auto` then uses the table"),
+    "shape-model": ("shape_model", "the shape model beside a run's fastvit attention rows: RESULTS.json"),
 }
 
 

@@ -77,6 +77,14 @@ def default_out_dir(device: str, when: datetime.date | None = None) -> Path:
     return Path("benchmarks") / "results" / f"{slug}-{when.isoformat()}"
 
 
+def _arch(device: str) -> int | None:
+    """The GPU's SM architecture (90 for an H100), None on the CPU."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
 def meta(
     device: str,
     argv: list[str] | None = None,
@@ -89,6 +97,7 @@ def meta(
     return {
         "device": device,
         "device_name": device_name(device),
+        "arch": _arch(device),
         "driver": _driver() if device == "cuda" else None,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
@@ -152,6 +161,7 @@ def _write_summary(out_dir: Path, records: list[Record], run_meta: dict[str, Any
         markdown_table(SLOPE_HEADER, slope_rows(records)),
         "",
     ]
+    lines += _shape_model_section(records, run_meta)
     if images:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
     lines += ["## Results", "", markdown_table(TABLE_HEADER, table_rows(records)), ""]
@@ -166,3 +176,25 @@ def load_results(path: str | Path) -> tuple[dict[str, Any], list[Record]]:
     if not isinstance(data, dict) or "records" not in data:
         raise ValueError(f"{path}: not a fastvit results.json (no 'records')")
     return data.get("meta", {}), [Record.from_dict(row) for row in data["records"]]
+
+
+def _shape_model_section(records: list[Record], run_meta: dict[str, Any]) -> list[str]:
+    """The shape model beside the measured fastvit attention forward rows of a GPU run (none on
+    the CPU): what the static figures predict, and how far the measurement is from it."""
+    from .shape_model import SHAPE_MODEL_HEADER, attention_forward_rows, load_figures, run_arch
+
+    arch = run_arch(run_meta)
+    figures_rows, version = load_figures(run_meta.get("triton"))
+    rows = attention_forward_rows(records, figures_rows, arch)
+    if not rows:
+        return []
+    return [
+        "## Shape model: fastvit attention forward",
+        "",
+        f"`benchmarks/shape_model.py` with the sm_{arch} static figures of Triton {version}: the floor over "
+        "(useful share of the padded tiles x wave efficiency x hot-loop issue efficiency). `ms / model` far "
+        "above 1 is time the model does not see (host overhead, memory latency, the softmax, the epilogue).",
+        "",
+        markdown_table(SHAPE_MODEL_HEADER, rows),
+        "",
+    ]

@@ -22,9 +22,16 @@ Static figures only: ``ctas_per_sm`` and ``loop_issue_ratio`` come from the stat
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["SM_COUNT", "ShapeModel", "attention_forward", "padded_fraction", "predicted_s", "waves"]
+__all__ = [
+    "SHAPE_MODEL_HEADER", "SM_COUNT", "ShapeModel", "arch_of_name", "attention_forward", "attention_forward_rows",
+    "load_figures", "main", "padded_fraction", "predicted_s", "run_arch", "waves",
+]
 
 # SMs of the parts the architectures stand for: A100 SXM (sm_80), L40S (sm_89), H100/H200 SXM (sm_90)
 SM_COUNT = {80: 108, 89: 142, 90: 132}
@@ -85,3 +92,114 @@ def attention_forward(batch: int, heads: int, n: int, m: int, block_m: int, bloc
     count, wave_eff = waves(programs, arch, ctas_per_sm)
     issue = 1.0 if not loop_issue_ratio else min(1.0, 1.0 / loop_issue_ratio)
     return ShapeModel(padded_fraction(n, m, block_m, block_n, key_tail), count, wave_eff, issue)
+
+
+# ---------------------------------------------------------------------------------------------
+# beside the measured rows: the attention suite's fastvit forward rows of a run
+# ---------------------------------------------------------------------------------------------
+# the plain forward configurations' labels in the static report ("bf16 D=64 BM=128 BN=64 w=8 s=3")
+_FWD_LABEL = re.compile(r"^(bf16|fp16|fp32) D=(\d+) BM=(\d+) BN=(\d+) w=\d+ s=\d+$")
+_FWD_KERNEL = "flash_attention.flash_attention_fwd_kernel"
+_DTYPE_LABEL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# GPU names -> the architecture whose static figures stand for them
+_ARCH_OF_NAME = (("H100", 90), ("H200", 90), ("H800", 90), ("GH200", 90), ("A100", 80), ("A800", 80),
+                 ("A30", 80), ("L40", 89), ("L4", 89), ("RTX 40", 89), ("Ada", 89))  # fmt: skip
+SHAPE_MODEL_HEADER = ["N", "B x H", "D", "ms", "floor ms", "useful", "waves", "wave eff", "issue eff", "model ms",
+                      "ms / model"]  # fmt: skip
+
+
+def arch_of_name(device_name: str) -> int | None:
+    """The SM architecture of a GPU named like ``torch.cuda.get_device_name`` (None if unknown)."""
+    for part, arch in _ARCH_OF_NAME:
+        if part in device_name:
+            return arch
+    return None
+
+
+def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: str,
+                     head_dim_pad: int) -> tuple[int, int, dict[str, Any]] | None:  # fmt: skip
+    """(block_m, block_n, figures) of the plain forward configuration for (arch, dtype, padded D)."""
+    prefix = f"sm_{arch} {_FWD_KERNEL} ["
+    for key, row in figures_rows.items():
+        if not key.startswith(prefix):
+            continue
+        label = _FWD_LABEL.match(key[len(prefix):-1])
+        if label and label[1] == _DTYPE_LABEL.get(dtype) and int(label[2]) == head_dim_pad:
+            return int(label[3]), int(label[4]), row
+    return None
+
+
+def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[str, Any]],
+                           arch: int | None) -> list[list[str]]:  # fmt: skip
+    """Table rows (``SHAPE_MODEL_HEADER``) of the shape model beside the measured time, for each
+    ``ok`` forward row of fastvit's dense attention with a roofline floor; the block sizes and the
+    static figures come from the static report's row of the configuration the launcher picks."""
+    rows = []
+    if arch is None:
+        return rows
+    for r in records:
+        if (r.suite, r.mode, r.status) != ("attention", "fwd", "ok") or r.impl.split("[")[0] != "fastvit":
+            continue
+        floor_ms = r.extra.get("floor_ms")
+        if not floor_ms or not r.ms:
+            continue
+        head_dim_pad = max(16, 1 << (r.head_dim - 1).bit_length())
+        found = _forward_figures(figures_rows, arch, r.dtype, head_dim_pad)
+        if found is None:
+            continue
+        block_m, block_n, fig = found
+        model = attention_forward(r.batch, r.heads, r.n_tokens, r.n_tokens, block_m, block_n, arch,
+                                  fig.get("ctas_per_sm") or 1, fig.get("loop_issue_ratio"))  # fmt: skip
+        predicted_ms = model.predicted_s(floor_ms / 1e3) * 1e3
+        rows.append([
+            str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",
+            f"{model.padded_fraction:.2f}", f"{model.waves:.2f}", f"{model.wave_efficiency:.2f}",
+            f"{model.issue_efficiency:.2f}", f"{predicted_ms:.3g}", f"{r.ms / predicted_ms:.3g}",
+        ])  # fmt: skip
+    return rows
+
+
+def run_arch(run_meta: dict[str, Any]) -> int | None:
+    """The architecture a run's GPU stands for: recorded in its meta, else from its name."""
+    if run_meta.get("device") != "cuda":
+        return None
+    return run_meta.get("arch") or arch_of_name(run_meta.get("device_name") or "")
+
+
+def load_figures(triton_version: str | None) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The committed static figures of ``triton_version``, else of the newest version there is
+    (Triton's code generation differs per version: then the model is approximate); (rows, version)."""
+    from .static_figures import FIGURES_DIR, figures_path
+
+    path = figures_path(triton_version)
+    if not path.exists():
+        found = sorted(FIGURES_DIR.glob("figures-triton-*.json"))
+        if not found:
+            return {}, None
+        path = found[-1]
+    data = json.loads(path.read_text())
+    return data["rows"], data["meta"].get("triton")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks shape-model RESULTS.json``: the shape model beside a run's measured
+    fastvit attention forward rows (the first GPU run calibrates the model)."""
+    import argparse
+
+    from .output import load_results
+    from .report import markdown_table
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks shape-model", description=main.__doc__)
+    parser.add_argument("results", help="a run's results.json")
+    parser.add_argument("--arch", type=int, help="the GPU's SM architecture (default: from the run)")
+    args = parser.parse_args(argv)
+    run_meta, records = load_results(args.results)
+    arch = args.arch or run_arch(run_meta)
+    figures_rows, version = load_figures(run_meta.get("triton"))
+    rows = attention_forward_rows(records, figures_rows, arch)
+    if not rows:
+        print("no fastvit attention forward rows with a floor on a known GPU architecture in this run")
+        return 1
+    print(f"shape model: sm_{arch} static figures of Triton {version} (the run used Triton {run_meta.get('triton')})")
+    print(markdown_table(SHAPE_MODEL_HEADER, rows))
+    return 0

@@ -43,3 +43,74 @@ def test_attention_forward_prediction():
     assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, None).issue_efficiency == 1.0
     assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, 0.5).issue_efficiency == 1.0
     assert predicted_s(1.0, 0.0) == math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# beside a run's measured rows
+# ---------------------------------------------------------------------------------------------
+def _fwd_record(n, ms, floor_ms, impl="fastvit[triton]", mode="fwd"):
+    from fastvit.benchmarks.records import Record
+
+    return Record("attention", impl, mode, n, 4, 12, 64, "bfloat16", "cuda", ms=ms, status="ok",
+                  extra={"floor_ms": floor_ms})  # fmt: skip
+
+
+FIGURES = {
+    # the plain forward row the model reads, and rows it must not pick (a mask, another dtype or D)
+    "sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 BM=128 BN=64 w=8 s=3]":
+        {"ctas_per_sm": 2, "loop_issue_ratio": 1.25},
+    "sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 mask=bool BM=128 BN=32 w=8 s=2]":
+        {"ctas_per_sm": 1, "loop_issue_ratio": 9.0},
+    "sm_90 flash_attention.flash_attention_fwd_kernel [fp16 D=64 BM=64 BN=64 w=4 s=3]": {"ctas_per_sm": 3},
+    "sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=128 BM=128 BN=64 w=8 s=2]": {"ctas_per_sm": 1},
+}
+
+
+def test_attention_rows_put_the_model_beside_the_measurement():
+    from fastvit.benchmarks.shape_model import SHAPE_MODEL_HEADER, attention_forward_rows
+
+    records = [
+        _fwd_record(197, ms=0.3, floor_ms=0.001),
+        _fwd_record(197, ms=0.1, floor_ms=0.001, impl="sdpa[flash]"),  # not fastvit: no model
+        _fwd_record(197, ms=1.0, floor_ms=0.003, mode="fwd+bwd"),  # the backward: not modelled
+        _fwd_record(197, ms=0.3, floor_ms=None),  # no floor (no ceilings measured): no model
+    ]
+    rows = attention_forward_rows(records, FIGURES, arch=90)
+    assert len(rows) == 1
+    row = dict(zip(SHAPE_MODEL_HEADER, rows[0], strict=True))
+    # 128 x 64 tiles at N = 197: 0.59 useful; 2 * 48 programs on 132 x 2 slots; issue 1 / 1.25
+    expected = attention_forward(4, 12, 197, 197, 128, 64, 90, 2, 1.25)
+    assert row["useful"] == "0.59" and row["issue eff"] == "0.80"
+    assert float(row["model ms"]) == pytest.approx(expected.predicted_s(1e-6) * 1e3, rel=1e-2)
+    assert float(row["ms / model"]) == pytest.approx(0.3 / (expected.predicted_s(1e-6) * 1e3), rel=1e-2)
+    assert attention_forward_rows(records, FIGURES, arch=None) == []  # not a GPU run
+
+
+def test_the_architecture_of_a_run():
+    from fastvit.benchmarks.shape_model import arch_of_name, run_arch
+
+    assert arch_of_name("NVIDIA H200") == arch_of_name("NVIDIA H100 80GB HBM3") == 90
+    assert arch_of_name("NVIDIA A100-SXM4-80GB") == 80 and arch_of_name("NVIDIA L40S") == 89
+    assert arch_of_name("Some CPU") is None
+    assert run_arch({"device": "cuda", "arch": 86, "device_name": "NVIDIA H200"}) == 86  # recorded wins
+    assert run_arch({"device": "cuda", "device_name": "NVIDIA H200"}) == 90  # older runs: from the name
+    assert run_arch({"device": "cpu", "device_name": "x86_64"}) is None
+
+
+def test_the_command_on_a_gpu_run(tmp_path, capsys):
+    """`python -m benchmarks shape-model RESULTS.json` on a run file; the summary gets the same table."""
+    import json
+
+    from fastvit.benchmarks import cli
+    from fastvit.benchmarks.output import _shape_model_section
+
+    run_meta = {"device": "cuda", "device_name": "NVIDIA H200", "triton": "3.8.0"}
+    records = [_fwd_record(2305, ms=0.339, floor_ms=0.0972)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": run_meta, "records": [r.to_dict() for r in records]}))
+    assert cli.main(["shape-model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 2305 | 4 x 12 | 64 | 0.339 |" in out
+    section = "\n".join(_shape_model_section(records, run_meta))
+    assert "## Shape model" in section and "| 2305 | 4 x 12 | 64 | 0.339 |" in section
+    assert _shape_model_section(records, {**run_meta, "device": "cpu"}) == []
