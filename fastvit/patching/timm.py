@@ -6,11 +6,13 @@ That covers vit_* (register tokens, ``qk_norm``, ``no_embed_class``, ``class_tok
 from the same blocks. The attention of the relative-position-bias families (BEiT / BEiTv2,
 ``VisionTransformerRelPos``, TinyViT, LeViT: ``fastvit.nn.timm_relpos``), of Swin V1 / V2
 (``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
-Hiera (mask-unit and global: ``timm_hiera``) and of Eva (EVA02, RoPE ViTs, timm's DINOv3:
-``timm_eva``, RoPE as timm computes it) is fused too, and so are Eva's embedding and the MLP halves
-of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``);
-the other families' MLP halves and embeddings are reported as left alone, with the reason. Other
-timm architectures (``fastvit_*`` ...) are left alone.
+Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3:
+``timm_eva``, RoPE as timm computes it), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
+CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call) and of
+MViTv2 (pooling attention with its relative position: ``timm_mvit``) is fused too, and so are Eva's
+embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
+``gamma_2``: ``timm_mlp``); the other families' MLP halves and embeddings are reported as left
+alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.format import Format
 
-from fastvit.nn import timm_eva, timm_hiera, timm_mlp, timm_relpos, timm_sam, timm_swin
+from fastvit.nn import timm_cait, timm_eva, timm_hiera, timm_mlp, timm_mvit, timm_pvt, timm_relpos, timm_sam, timm_swin
 from fastvit.nn import timm_vit as fused
 from fastvit.nn.fused import FusedModule
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
@@ -41,7 +43,7 @@ _GAMMA_BLOCKS = {
     )
     for cls in (pair[0].fastvit_original(), *pair)
 }
-# the relative-position, window and SAM attentions: {class: (fused class, attributes its forward reads)}
+# the other families' attentions: {class: (fused class, attributes its forward reads)}
 _QKV = ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")
 _BIASED = ("proj", "num_heads", "scale", "key_dim", "val_dim", "get_attention_biases")  # TinyViT, LeViT
 _OTHER_ATTENTIONS = {
@@ -63,6 +65,13 @@ _OTHER_ATTENTIONS = {
         (fused_table(timm_eva.FusedEvaAttention), (*_QKV, "q_proj", "k_proj", "v_proj", "q_bias", "k_bias",
                                                    "v_bias", "qkv_bias_separate", "q_norm", "k_norm", "norm",
                                                    "gate", "num_prefix_tokens")),
+        (fused_table(timm_pvt.FusedPvtAttention), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                   "head_dim", "scale", "sr", "norm", "pool", "act")),
+        (fused_table(timm_cait.FusedClassAttn), ("q", "k", "v", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                 "scale")),
+        (fused_table(timm_mvit.FusedMultiScaleAttention), ("qkv", "proj", "num_heads", "scale", "has_cls_token",
+                                                           "pool_q", "pool_k", "pool_v", "norm_q", "norm_k",
+                                                           "norm_v", "rel_pos_type", "residual_pooling")),
         (fused_table(timm_relpos.FusedTinyVitAttention), (*_BIASED, "qkv", "norm")),
         (fused_table(timm_relpos.FusedLevitAttention), (*_BIASED, "qkv", "use_conv")),
         (fused_table(timm_relpos.FusedLevitAttentionDownsample), (*_BIASED, "q", "kv", "use_conv", "stride",
@@ -104,6 +113,31 @@ _LEFT_ALONE = {
         "HieraBlock (its attention half projects and pools the residual between stages) is not fused yet: its MLP "
         "half runs timm's modules",
     ),
+    ("timm.models.pvt_v2", "Block"): (
+        "mlp", "PVTv2's MLP (MlpWithDepthwiseConv: a 3x3 depthwise conv between fc1 and the GELU) is not a "
+        "LayerNorm+GELU MLP: it runs timm's modules",
+    ),
+    ("timm.models.cait", "TalkingHeadAttn"): (
+        "attention", "CaiT's TalkingHeadAttn mixes the heads with a linear layer before and after the softmax "
+        "(proj_l, proj_w), which no single flash_attention call computes: it runs timm's forward",
+    ),
+    ("timm.models.cait", "LayerScaleBlock"): (
+        "mlp", "CaiT's LayerScaleBlock (gamma_1 / gamma_2 LayerScale parameters) is not fused yet: its MLP half "
+        "runs timm's modules",
+    ),
+    ("timm.models.cait", "LayerScaleBlockClassAttn"): (
+        "mlp", "CaiT's LayerScaleBlockClassAttn (it updates the class token only) is not fused yet: its MLP half "
+        "runs timm's modules",
+    ),
+    ("timm.models.mvitv2", "MultiScaleAttentionPoolFirst"): (
+        "attention", "MViTv2's MultiScaleAttentionPoolFirst (pool_first=True) is left alone: its timm forward "
+        "multiplies q by an untransposed k ((B, M, H, D)) and fails for real shapes, so there is no result to "
+        "match",
+    ),
+    ("timm.models.mvitv2", "MultiScaleBlock"): (
+        "mlp", "MViTv2's MultiScaleBlock (its shortcut is projected and pooled between stages) is not fused yet: "
+        "its MLP half runs timm's modules",
+    ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
         "modules",
@@ -120,6 +154,11 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
+    ("timm.models.cait", "Cait"): _NOT_YET,
+    ("timm.models.pvt_v2", "PyramidVisionTransformerV2"): "patch embedding is an overlapping conv (kernel 7, "
+    "stride 4, padding 3) followed by a LayerNorm, not a patchify conv (fastvit.patch_embed): left alone",
+    ("timm.models.mvitv2", "MultiScaleVit"): "patch embedding is an overlapping conv (kernel 7, stride 4, "
+    "padding 3), not a patchify conv (fastvit.patch_embed): left alone",
     ("timm.models.hiera", "Hiera"): "patch embedding is an overlapping conv (kernel 7, stride 4, padding 3), not "
     "a patchify conv (fastvit.patch_embed): left alone",
 }

@@ -1,0 +1,46 @@
+"""Fused subclass of timm's CaiT class attention (``cait_*``), swapped onto a model by ``fastvit.patch``.
+
+``timm.models.cait.ClassAttn`` is cross-attention from the class token: one query (the class
+token, x[:, 0]) against the keys and values of all N tokens (class token + patches), in the
+``LayerScaleBlockClassAttn`` blocks at the end of the model. timm's q, k, v and output
+projections stay; the softmax attention becomes one ``fastvit.flash_attention`` call with N = 1
+query. CaiT's other attention, ``TalkingHeadAttn``, mixes the heads with a linear layer before and
+after the softmax, so no single attention call computes it: the timm adapter reports it as
+skipped. See ``fastvit.nn.fused`` for how the swap works. Importing this module imports timm.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.cait import ClassAttn
+
+import fastvit
+from fastvit.nn.attention import merge_heads
+from fastvit.nn.fused import FusedModule
+
+__all__ = ["FusedClassAttn"]
+
+
+class FusedClassAttn(FusedModule, ClassAttn):
+    """timm CaiT ``ClassAttn`` running ``fastvit.flash_attention``. Same signature, ``forward(x)``
+    with x (B, N, C) (class token first); returns the class token's update (B, 1, C). Calls in
+    training with attention dropout > 0 run timm's forward."""
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if self._fastvit_unfused(self.attn_drop.p, "timm CaiT ClassAttn"):
+            return super().forward(x)
+        heads = (self.num_heads, x.shape[-1] // self.num_heads)
+        q = self.q(x[:, 0]).unflatten(-1, heads).unsqueeze(2)  # class token: (B, C) -> (B, H, 1, D)
+        k = self.k(x).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, D), a view
+        v = self.v(x).unflatten(-1, heads).transpose(1, 2)
+        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, H, 1, D)
+        return self.proj_drop(self.proj(merge_heads(out)))  # (B, 1, C)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, class token query, fastvit={self.fastvit_op}"
