@@ -3,6 +3,7 @@
     python -m benchmarks                          # attention, then model (with timm): GPU if any
     python -m benchmarks attention --quick --device cpu --out /tmp/smoke
     python -m benchmarks model --model vit_base_patch16_224 --resolutions 224,384,512,1024
+    python -m benchmarks model --model scaling    # ViT-B, EVA02-B, SAM-B: time and memory against N
     python -m benchmarks all --out DIR            # every suite
     python -m benchmarks compare BASE.json NEW.json
     python -m benchmarks static [--arch 80,89,90] [--json PATH] [--only triton|csrc]
@@ -98,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--seq-lens", type=_ints, help="tokens N, comma-separated (default: ViT lengths, 197 up)")
+    p.add_argument(
+        "--seq-lens",
+        type=_ints,
+        help="tokens N, comma-separated (default: ViT lengths, 197 up); the model suite runs each model at "
+        "the image size giving it about N tokens, N = prefix + (size/patch)^2 (197: 224 px at patch 16, 196 px "
+        "at patch 14)",
+    )
     p.add_argument("--batch", type=int, help="batch size (default: per suite and device)")
     p.add_argument("--heads", type=int, help="attention heads (default 12)")
     p.add_argument("--head-dim", type=int, help="head dim (default 64)")
@@ -118,10 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", type=_names, help="implementations to run, comma-separated (default: all)")
     p.add_argument(
         "--model",
-        help="model suite: comma-separated timm model names and zoo names (hf-clip-vit-b16, hf-siglip-base-p16, "
-        "hf-dinov2-vit-b14, hf-swin-b, tv-swin-b); default: vit_base_patch16_224 and the zoo",
+        help="model suite: comma-separated timm model names, zoo names (hf-clip-vit-b16, hf-siglip-base-p16, "
+        "hf-dinov2-vit-b14, hf-swin-b, tv-swin-b) or the group scaling (vit_base_patch16_224, "
+        "eva02_base_patch14_224, samvit_base_patch16 against N: 197, 577, 1025, 4097 tokens on a GPU, "
+        "50, 197, 577 on the CPU, unless --seq-lens or --resolutions say otherwise); default: "
+        "vit_base_patch16_224, eva02_base_patch14_224, vit_base_patch16_rope_reg1_gap_256, "
+        "swin_base_patch4_window7_224, samvit_base_patch16 (at 1024), beitv2_base_patch16_224, "
+        "each at its native size, and the zoo",
     )
-    p.add_argument("--resolutions", type=_ints, help="image sizes for the model suite, comma-separated")
+    p.add_argument(
+        "--resolutions",
+        type=_ints,
+        help="image sizes for the model and patch-embed suites, comma-separated (the model suite: every model at "
+        "each size, instead of --seq-lens)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-point lines")
     return p

@@ -1,12 +1,14 @@
-"""The model suite: each model as is and patched by ``fastvit.patch`` (``<family>+fastvit``).
+"""The model suite: each model as is and patched by ``fastvit.patch`` (``<model>+fastvit``).
 
     python -m benchmarks model --model vit_base_patch16_224 --resolutions 224,384,512,1024
     python -m benchmarks model --model hf-clip-vit-b16,tv-swin-b
+    python -m benchmarks model --model scaling        # ViT-B, EVA02-B, SAM-B against N
+    python -m benchmarks model --model vit_base_patch16_224,eva02_base_patch14_224 --seq-lens 197,577,1025
 
-``--model`` takes comma-separated names: a timm model name (implementations ``timm`` and
-``timm+fastvit``) or one of the ``ZOO`` models, whose implementations carry the model's name
-(``hf-clip-vit-b16`` and ``hf-clip-vit-b16+fastvit``) so that rows of several models never share
-a series:
+``--model`` takes comma-separated names: timm model names, ``ZOO`` models or the group
+``scaling``. Every model's implementations carry its name (``eva02_base_patch14_224`` and
+``eva02_base_patch14_224+fastvit``, ``hf-clip-vit-b16`` and ``hf-clip-vit-b16+fastvit``) so that
+rows of several models never share a series (a plot line, a slope, a ``compare`` key). The zoo:
 
 - ``hf-clip-vit-b16``, ``hf-siglip-base-p16``, ``hf-dinov2-vit-b14``, ``hf-swin-b``: Hugging Face
   ``*ForImageClassification`` built from configs (CLIP ViT-B/16 vision tower, SigLIP base/16,
@@ -16,30 +18,46 @@ a series:
 - ``tv-swin-b``: torchvision's ``swin_b`` (window attention and MLP halves patched,
   ``fastvit.nn.torchvision_swin``).
 
-Without ``--model``: ``vit_base_patch16_224`` and the whole zoo. Reduced on the CPU: the zoo
-models at 224 only, with 4 blocks (the ViTs) or stages of (2, 2, 2, 2) blocks (Swin-B); their
-rows say ``depth``. On a GPU they run at full depth at 224 and 384 (DINOv2: 224 and 518, its
-pretraining size; sizes are multiples of 14 there), 224 only with ``--quick``.
+Without ``--model``: ``vit_base_patch16_224``, the ``TIMM_MODELS`` (``eva02_base_patch14_224``,
+``vit_base_patch16_rope_reg1_gap_256``, ``swin_base_patch4_window7_224``, ``samvit_base_patch16``,
+``beitv2_base_patch16_224``: each at its native size, SAM-B at 1024) and the whole zoo. Reduced on
+the CPU: the zoo and the ``TIMM_MODELS`` at their first size only (SAM-B at 448: 2 x 2 of its
+14 x 14 windows), with 4 blocks (the ViTs), 2 blocks (SAM-B: one windowed, one global) or
+stages of (2, 2, 2, 2) blocks (the Swins); their rows say ``depth``. On a GPU they run at full
+depth: the zoo at 224 and 384 (DINOv2: 224 and 518, its pretraining size; sizes are multiples
+of 14 there), 224 only with ``--quick``; the ``TIMM_MODELS`` at their native size.
+
+**Sequence-length scaling.** ``--resolutions`` runs every model at those image sizes; ``--seq-lens``
+runs each model at the image size that gives it about N tokens, ``N = prefix + (size / patch)^2``
+(its class and register tokens; Swin: its first stage's tokens): N = 197 is 224 px for ViT-B/16,
+196 px for EVA02-B/14 (patch 14) and 224 px for SAM-B (no prefix: 196 tokens). ``--resolutions``
+wins over ``--seq-lens``. The group ``scaling`` (``SCALING``: ViT-B/16, EVA02-B/14, SAM-B) sweeps
+``SCALING_SEQ_LENS`` unless either is given. Each (model, size) is one row with the model's own
+``n_tokens``, so the slope table (``report.slope_rows``, summary.md's "Scaling" section) fits
+time and memory against N per model. timm builds each size with ``img_size=`` (position
+embeddings, RoPE grids and SAM's relative positions sized for it).
 
 For each resolution: images/s and peak memory of inference (``fwd``: forward without autograd,
 ``model.eval()``) and of a training step (``fwd+bwd``: forward, cross-entropy against random
 labels, gradients of every parameter; ``model.train()``; no optimizer step; its peak memory
 includes the parameters' gradients, 4 bytes per parameter). Random weights, no downloads
-(``pretrained=False``). ``dtype`` float32 runs the model in fp32; bfloat16 / float16 run
-it under ``torch.autocast`` (fp32 parameters), the usual mixed precision.
+(``pretrained=False``; timm models get a 1000-class head, also those whose default has none).
+``dtype`` float32 runs the model in fp32; bfloat16 / float16 run it under ``torch.autocast``
+(fp32 parameters), the usual mixed precision.
 
 Inference rows also carry a per-component breakdown of the forward pass, from module hooks
 timed with the same clock in a separate pass (so the hooks do not slow the timed calls):
 ``ms_patch_embed`` (everything before the first block: patch projection, class token, position
 embedding), ``ms_attention`` (the blocks' attention modules), ``ms_mlp`` (the rest of the blocks:
-norm2 + MLP and the norm1 / residual adds around attention), ``ms_rest`` (after the last block:
-final norm, head; for Swin also the patch merging between stages). Patching degrades to the
-fused ops this build has: a part whose op is missing is left as the model's (the patch report in
-the note says what was replaced).
+norm2 + MLP and the norm1 / residual adds around attention; SAM's window partition), ``ms_rest``
+(after the last block: final norm, head, SAM's neck; for Swin also the patch merging between
+stages). Patching degrades to the fused ops this build has: a part whose op is missing is left
+as the model's (the patch report in the note says what was replaced and how much was skipped).
 
 ``n_tokens``, ``heads`` and ``head_dim`` are the model's (Swin: the first stage's tokens and
-heads; its attention runs on windows of 49 of them); FLOPs come from PyTorch's FLOP counter
-run on the meta device (the unpatched model: the patched one does the same math).
+heads; its attention runs on windows of 49 of them; SAM: the image's tokens, which its windowed
+blocks split into 14 x 14 windows); FLOPs come from PyTorch's FLOP counter run on the meta device
+(the unpatched model: the patched one does the same math).
 """
 
 from __future__ import annotations
@@ -47,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 from typing import Any
 
@@ -59,15 +78,18 @@ from .progress import Progress
 from .records import Point, Record
 from .runner import not_run, policy_from_args, run_points
 
-__all__ = ["IMPLS", "ZOO", "build", "run"]
+__all__ = ["SCALING", "TIMM_MODELS", "ZOO", "build", "resolution_for", "run", "token_layout"]
 
 NAME = "model"
-IMPLS = ("timm", "timm+fastvit")  # a timm model's; a zoo model's are its name and name+fastvit
 DEFAULT_MODEL = "vit_base_patch16_224"
-RESOLUTIONS = {"cpu": (224, 384), "cuda": (224, 384, 512, 1024)}
+RESOLUTIONS = {"cpu": (224, 384), "cuda": (224, 384, 512, 1024)}  # DEFAULT_MODEL's and other timm names'
 QUICK_RESOLUTIONS = {"cpu": (224,), "cuda": (224, 384)}
 DEFAULT_BATCH = {"cpu": 1, "cuda": 32}
 NUM_CLASSES = 1000
+# the group ``--model scaling``: whole models against N, and the N it sweeps by default (first
+# two with --quick): 197 tokens is ViT-B/16 at 224, 4097 at 1024 (SAM-B's native 4096 tokens)
+SCALING = ("vit_base_patch16_224", "eva02_base_patch14_224", "samvit_base_patch16")
+SCALING_SEQ_LENS = {"cpu": (50, 197, 577), "cuda": (197, 577, 1025, 4097)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +160,7 @@ class ZooModel:
         description: one line, for ``--help`` and the notes.
         gpu_resolutions: the sizes a GPU runs without ``--quick`` (the CPU and ``--quick``: the
             first only).
+        prefix: the tokens before the patches (class token: 1; SigLIP and Swin: none).
     """
 
     create: Any
@@ -146,6 +169,7 @@ class ZooModel:
     cpu_depth: int
     description: str
     gpu_resolutions: tuple[int, ...] = (224, 384)
+    prefix: int = 1
 
 
 ZOO: dict[str, ZooModel] = {
@@ -155,7 +179,7 @@ ZOO: dict[str, ZooModel] = {
     ),
     "hf-siglip-base-p16": ZooModel(
         _hf_siglip, lambda m: _vit_blocks(m.vision_model.encoder.layers, "self_attn"), 16, 4,
-        "SigLIP base/16 vision tower (transformers SiglipForImageClassification)",
+        "SigLIP base/16 vision tower (transformers SiglipForImageClassification)", prefix=0,
     ),
     "hf-dinov2-vit-b14": ZooModel(
         _hf_dinov2, lambda m: _vit_blocks(m.dinov2.encoder.layer, "attention"), 14, 4,
@@ -163,24 +187,72 @@ ZOO: dict[str, ZooModel] = {
     ),
     "hf-swin-b": ZooModel(
         _hf_swin, lambda m: [(b, b.attention) for stage in m.swin.encoder.layers for b in stage.blocks], 4, 2,
-        "Swin-B, window 7 (transformers SwinForImageClassification)",
+        "Swin-B, window 7 (transformers SwinForImageClassification)", prefix=0,
     ),
     "tv-swin-b": ZooModel(
         _tv_swin, lambda m: [(b, b.attn) for stage in m.features[1::2] for b in stage], 4, 2,
-        "Swin-B, window 7 (torchvision swin_b)",
+        "Swin-B, window 7 (torchvision swin_b)", prefix=0,
     ),
 }  # fmt: skip
 
 
+def _depth(depth: int) -> dict[str, Any]:
+    return {"depth": depth}
+
+
+def _swin_depths(depth: int) -> dict[str, Any]:
+    return {"depths": tuple(_swin_b_depths(depth))}
+
+
+def _sam_depth(depth: int) -> dict[str, Any]:
+    # every third block counted back from the last is global, as blocks 2, 5, 8, 11 of SAM-B
+    return {"depth": depth, "global_attn_indexes": tuple(range(depth - 1, -1, -3))[::-1]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmModel:
+    """A timm model of the default set beside ``DEFAULT_MODEL``: its size and its reduced CPU build.
+
+    Attributes:
+        resolution: its native image size, which a GPU runs by default.
+        cpu_depth: the reduced depth the CPU builds (see ``reduce``).
+        description: one line: what the model is.
+        reduce: ``depth -> timm.create_model keyword arguments`` of the reduced model.
+        cpu_resolution: the size the CPU runs by default (None: ``resolution``).
+    """
+
+    resolution: int
+    cpu_depth: int
+    description: str
+    reduce: Any = _depth
+    cpu_resolution: int | None = None
+
+
+TIMM_MODELS: dict[str, TimmModel] = {
+    "eva02_base_patch14_224": TimmModel(224, 4, "EVA02-B/14: RoPE, SwiGLU, patch 14 (16 x 16 + 1 tokens at 224)"),
+    "vit_base_patch16_rope_reg1_gap_256": TimmModel(
+        256, 4, "ViT-B/16 with RoPE, 1 register token, average pooling (timm Eva class; 16 x 16 + 1 at 256)"
+    ),
+    "swin_base_patch4_window7_224": TimmModel(224, 2, "Swin-B, window 7 (timm)", _swin_depths),
+    "samvit_base_patch16": TimmModel(
+        1024, 2, "SAM ViT-B image encoder: 14 x 14 windows, 4 global blocks, decomposed relative position",
+        _sam_depth, cpu_resolution=448,
+    ),
+    "beitv2_base_patch16_224": TimmModel(224, 4, "BEiT v2 B/16: relative position bias"),
+}  # fmt: skip
+
+
 def impls_of(name: str) -> tuple[str, str]:
-    """The two implementations of a model: unpatched and patched."""
-    label = name if name in ZOO else "timm"
-    return label, f"{label}+fastvit"
+    """The two implementations of a model, unpatched and patched: its name and ``name+fastvit``."""
+    return name, f"{name}+fastvit"
 
 
 def depth_of(name: str, device: str) -> int | None:
-    """The depth a zoo model runs with on ``device`` (None: full)."""
-    return ZOO[name].cpu_depth if name in ZOO and device == "cpu" else None
+    """The depth a zoo or ``TIMM_MODELS`` model runs with on ``device`` (None: full)."""
+    if device != "cpu":
+        return None
+    spec = ZOO.get(name) or TIMM_MODELS.get(name)
+    return spec.cpu_depth if spec is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,31 +263,76 @@ def _create(name: str, resolution: int, device: str | torch.device, depth: int |
         return ZOO[name].create(resolution, depth).to(device)
     import timm
 
-    return timm.create_model(name, pretrained=False, img_size=resolution).to(device)
+    kwargs = TIMM_MODELS[name].reduce(depth) if depth is not None else {}
+    model = timm.create_model(name, pretrained=False, img_size=resolution, num_classes=NUM_CLASSES, **kwargs)
+    return model.to(device)
 
 
 def _logits(out: Any) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _timm_blocks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """A timm model's ``(block, attention)`` pairs: ``blocks[i].attn`` (ViT, Eva, BEiT, SAM) or
+    ``layers[i].blocks[j].attn`` (Swin); ``Unavailable`` for other layouts."""
+    if hasattr(model, "blocks"):
+        blocks = list(model.blocks)
+    else:
+        blocks = [b for stage in getattr(model, "layers", ()) for b in getattr(stage, "blocks", ())]
+    if not blocks or not all(hasattr(b, "attn") for b in blocks):
+        raise Unavailable("not a timm ViT (blocks[i].attn or layers[i].blocks[j].attn)")
+    return [(block, block.attn) for block in blocks]
+
+
+def _prefix_tokens(model: torch.nn.Module) -> int:
+    return getattr(model, "num_prefix_tokens", 0) or 0  # class and register tokens; Swin, SAM: none
+
+
 def _shape_of(name: str, model: torch.nn.Module, resolution: int) -> dict[str, Any]:
     if name not in ZOO:
-        attn = model.blocks[0].attn
+        attn = _timm_blocks(model)[0][1]
+        heads = attn.num_heads
+        # BEiT's and Swin's attention keep no head_dim: their packed qkv projection has 3 x H x head_dim
+        head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * heads)
         return {
-            "n_tokens": model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 0),
-            "heads": attn.num_heads,
-            "head_dim": attn.head_dim,
+            "n_tokens": model.patch_embed.num_patches + _prefix_tokens(model),
+            "heads": heads,
+            "head_dim": head_dim,
         }
     spec = ZOO[name]
     config = getattr(model, "config", None)
     if name.endswith("swin-b"):
         heads, width = 4, 128
-        prefix = 0
     else:
         vision = getattr(config, "vision_config", config)
         heads, width = vision.num_attention_heads, vision.hidden_size
-        prefix = 0 if "siglip" in name else 1  # SigLIP has no class token
-    return {"n_tokens": prefix + (resolution // spec.patch) ** 2, "heads": heads, "head_dim": width // heads}
+    return {"n_tokens": spec.prefix + (resolution // spec.patch) ** 2, "heads": heads, "head_dim": width // heads}
+
+
+@functools.cache
+def token_layout(name: str) -> tuple[int, int]:
+    """(patch, prefix tokens) of a model: at a square size it has ``prefix + (size // patch)^2``
+    tokens (Swin: its first stage's). timm models: read from an instance on the meta device."""
+    if name in ZOO:
+        return ZOO[name].patch, ZOO[name].prefix
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    patch = model.patch_embed.patch_size
+    return (patch[0] if isinstance(patch, tuple | list) else int(patch)), _prefix_tokens(model)
+
+
+def resolution_for(name: str, n_tokens: int) -> int:
+    """The square image size that gives a model the number of tokens nearest ``n_tokens``:
+    ``patch * round(sqrt(n_tokens - prefix))`` (197 -> 224 for ViT-B/16, 196 for EVA02-B/14,
+    224 for SAM-B: 196 tokens, no prefix). An unknown name maps as a ViT-B/16 (then fails to build
+    with its own error)."""
+    try:
+        patch, prefix = token_layout(name)
+    except Exception:  # not a timm name: model_shape reports why
+        patch, prefix = 16, 1
+    return patch * max(1, round(math.sqrt(max(n_tokens - prefix, 1))))
 
 
 @functools.cache
@@ -237,19 +354,45 @@ def model_shape(name: str, resolution: int, batch: int, depth: int | None = None
     return shape
 
 
+def _requested(args: Any) -> list[str]:
+    return [n.strip() for n in str(args.model or "").split(",") if n.strip()]
+
+
 def model_names(args: Any) -> list[str]:
-    """``--model``'s comma-separated names, or the default: the timm ViT-B/16 and the zoo."""
+    """``--model``'s comma-separated names (the group ``scaling`` expanded to ``SCALING``), or the
+    default: the timm ViT-B/16, the ``TIMM_MODELS`` and the zoo."""
     if not args.model:
-        return [DEFAULT_MODEL, *ZOO]
-    return list(dict.fromkeys(n.strip() for n in str(args.model).split(",") if n.strip()))
+        return [DEFAULT_MODEL, *TIMM_MODELS, *ZOO]
+    names = [m for n in _requested(args) for m in (SCALING if n == "scaling" else (n,))]
+    return list(dict.fromkeys(names))
 
 
-def _resolutions(args: Any, name: str) -> tuple[int, ...]:
+def sweep_seq_lens(args: Any) -> tuple[int, ...] | None:
+    """The token counts the models are sized for: ``--seq-lens``, else ``SCALING_SEQ_LENS`` (the
+    first two with ``--quick``) when ``--model`` names the group ``scaling``, else None (each
+    model's own sizes). ``--resolutions`` overrides both (see ``resolutions``)."""
+    if getattr(args, "seq_lens", None):
+        return tuple(args.seq_lens)
+    if "scaling" in _requested(args):
+        lens = SCALING_SEQ_LENS[args.device]
+        return lens[:2] if args.quick else lens
+    return None
+
+
+def resolutions(args: Any, name: str) -> tuple[int, ...]:
+    """The image sizes to run ``name`` at, ascending: ``--resolutions``, else the sizes that give it
+    ``sweep_seq_lens`` tokens (``resolution_for``), else its defaults (see the module docstring)."""
     if args.resolutions:
-        return tuple(args.resolutions)
+        return tuple(sorted(set(args.resolutions)))
+    seq_lens = sweep_seq_lens(args)
+    if seq_lens:
+        return tuple(sorted({resolution_for(name, n) for n in seq_lens}))
     if name in ZOO:
         sizes = ZOO[name].gpu_resolutions
         return sizes if args.device == "cuda" and not args.quick else sizes[:1]
+    if name in TIMM_MODELS:
+        spec = TIMM_MODELS[name]
+        return ((spec.cpu_resolution or spec.resolution) if args.device == "cpu" else spec.resolution,)
     return (QUICK_RESOLUTIONS if args.quick else RESOLUTIONS)[args.device]
 
 
@@ -263,7 +406,7 @@ def run(args: Any, progress: Progress) -> list[Record]:
         depth = depth_of(name, args.device)
         for impl in impls_of(name):
             for mode in modes(args):
-                for res in sorted(_resolutions(args, name)):
+                for res in resolutions(args, name):
                     try:
                         shape = model_shape(name, res, batch, depth)
                     except Exception as exc:  # not a timm ViT, unknown name, size not divisible ...
@@ -413,9 +556,10 @@ def _blocks(name: str, model: torch.nn.Module) -> list[tuple[torch.nn.Module, to
     """The ``(block, attention)`` pairs the breakdown hooks (``Unavailable``: none found)."""
     if name in ZOO:
         return ZOO[name].blocks(model)
-    if not hasattr(model, "blocks") or not all(hasattr(b, "attn") for b in model.blocks):
-        raise Unavailable("no per-component breakdown: not a timm ViT (blocks[i].attn)")
-    return [(block, block.attn) for block in model.blocks]
+    try:
+        return _timm_blocks(model)
+    except Unavailable as exc:
+        raise Unavailable(f"no per-component breakdown: {exc}") from None
 
 
 def build(point: Point) -> Workload:
@@ -431,7 +575,7 @@ def build(point: Point) -> Workload:
     model.train(training)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     sets = input_sets(lambda: randn((batch, 3, res, res), dtype=torch.float32, device=device), device)
-    labels = torch.randint(0, NUM_CLASSES if name in ZOO else model.num_classes, (batch,), device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     if training:

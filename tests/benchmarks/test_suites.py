@@ -10,6 +10,7 @@ import torch
 from fastvit.benchmarks import attention, model
 from fastvit.benchmarks.progress import Progress
 from fastvit.benchmarks.records import Point
+from fastvit.benchmarks.report import SLOPE_HEADER, slope_rows
 
 SEQ_LENS = [17, 26]  # 1 cls token + 4x4, 5x5 grids
 
@@ -116,8 +117,9 @@ def test_unknown_implementation_is_an_error():
 
 def test_model_suite_rows():
     records = model.run(args(model="vit_tiny_patch16_224", resolutions=[32, 48], batch=2), Progress(enabled=False))
+    impls = ("vit_tiny_patch16_224", "vit_tiny_patch16_224+fastvit")  # a timm model's rows carry its name
     assert [(r.impl, r.mode, r.n_tokens) for r in records] == [
-        (impl, mode, n) for impl in ("timm", "timm+fastvit") for mode in ("fwd", "fwd+bwd") for n in (5, 10)
+        (impl, mode, n) for impl in impls for mode in ("fwd", "fwd+bwd") for n in (5, 10)
     ]
     for r in records:
         assert r.status == "ok", (r.impl, r.mode, r.note)
@@ -130,7 +132,7 @@ def test_model_suite_rows():
             assert sum(parts) == pytest.approx(r.extra["ms_forward_hooked"])
         else:
             assert "ms_attention" not in r.extra
-    patched = [r for r in records if r.impl == "timm+fastvit"]
+    patched = [r for r in records if r.impl.endswith("+fastvit")]
     assert all(r.note.startswith("patched: ") for r in patched)
 
 
@@ -141,11 +143,24 @@ def test_model_suite_reports_a_model_it_cannot_build():
 
 
 def test_model_suite_default_models_and_their_shapes():
-    assert model.model_names(args()) == [model.DEFAULT_MODEL, *model.ZOO]
+    timm_models = [
+        "eva02_base_patch14_224", "vit_base_patch16_rope_reg1_gap_256", "swin_base_patch4_window7_224",
+        "samvit_base_patch16", "beitv2_base_patch16_224",
+    ]  # fmt: skip
+    assert model.model_names(args()) == [model.DEFAULT_MODEL, *timm_models, *model.ZOO]
     assert model.model_names(args(model="tv-swin-b, hf-swin-b")) == ["tv-swin-b", "hf-swin-b"]
-    assert model.impls_of("vit_small_patch16_224") == ("timm", "timm+fastvit")
+    assert model.impls_of("vit_small_patch16_224") == ("vit_small_patch16_224", "vit_small_patch16_224+fastvit")
     assert model.impls_of("hf-dinov2-vit-b14") == ("hf-dinov2-vit-b14", "hf-dinov2-vit-b14+fastvit")
     assert model.depth_of("tv-swin-b", "cpu") == 2 and model.depth_of("tv-swin-b", "cuda") is None
+    assert model.depth_of("samvit_base_patch16", "cpu") == 2 and model.depth_of("samvit_base_patch16", "cuda") is None
+    assert model.depth_of(model.DEFAULT_MODEL, "cpu") is None  # the timm ViT-B/16 runs whole on the CPU too
+    # the GPU runs each at its native size (SAM-B at 1024); the CPU at the same size, SAM-B at 448
+    native = {name: model.resolutions(args(device="cuda", quick=False), name) for name in timm_models}
+    assert native == {
+        "eva02_base_patch14_224": (224,), "vit_base_patch16_rope_reg1_gap_256": (256,),
+        "swin_base_patch4_window7_224": (224,), "samvit_base_patch16": (1024,), "beitv2_base_patch16_224": (224,),
+    }  # fmt: skip
+    assert model.resolutions(args(quick=False), "samvit_base_patch16") == (448,)
     # (tokens, heads, head_dim) of the full models at 224: Swin's first stage is 56 x 56 tokens
     expected = {
         "hf-clip-vit-b16": (197, 12, 64),
@@ -158,6 +173,17 @@ def test_model_suite_default_models_and_their_shapes():
         shape = model.model_shape(name, 224, 1)
         assert (shape["n_tokens"], shape["heads"], shape["head_dim"]) == (n, heads, head_dim), name
         assert shape["flops_fwd_bwd"] > 2 * shape["flops_fwd"] > 0
+    # the timm models at their native sizes (reduced depth: the shape does not depend on it)
+    expected = {
+        "eva02_base_patch14_224": (257, 12, 64),  # patch 14: 16 x 16 + class token
+        "vit_base_patch16_rope_reg1_gap_256": (257, 12, 64),  # 16 x 16 + 1 register token, no class token
+        "swin_base_patch4_window7_224": (3136, 4, 32),
+        "samvit_base_patch16": (4096, 12, 64),  # 64 x 64, no prefix
+        "beitv2_base_patch16_224": (197, 12, 64),
+    }
+    for name, (n, heads, head_dim) in expected.items():
+        shape = model.model_shape(name, native[name][0], 1, model.depth_of(name, "cpu"))
+        assert (shape["n_tokens"], shape["heads"], shape["head_dim"]) == (n, heads, head_dim), name
 
 
 def test_model_suite_zoo_rows():
@@ -177,3 +203,67 @@ def test_model_suite_zoo_rows():
     assert (clip.n_tokens, clip.heads, clip.head_dim) == (17, 12, 64)
     assert "patched: 8 mlp, 8 attention" in swin_fused.note  # every block: window attention, MLP half
     assert "4 attention" in clip_fused.note  # through transformers' AttentionInterface
+
+
+def test_model_suite_timm_models_rows():
+    # the five timm models of the default set, reduced on the CPU, at 112 px (a multiple of 14 and 16)
+    names = list(model.TIMM_MODELS)
+    records = model.run(args(model=",".join(names), resolutions=[112], mode="fwd"), Progress(enabled=False))
+    assert [r.impl for r in records] == [impl for name in names for impl in model.impls_of(name)]
+    tokens = {
+        "eva02_base_patch14_224": 65,  # 8 x 8 patches of 14 + class token
+        "vit_base_patch16_rope_reg1_gap_256": 50,  # 7 x 7 + register token
+        "swin_base_patch4_window7_224": 784,  # 28 x 28 first-stage tokens
+        "samvit_base_patch16": 49,  # 7 x 7, no prefix
+        "beitv2_base_patch16_224": 50,
+    }
+    for r in records:
+        name = r.extra["model"]
+        assert r.status == "ok", (r.impl, r.note)
+        assert r.n_tokens == tokens[name] and r.extra["resolution"] == 112
+        assert r.extra["depth"] == model.TIMM_MODELS[name].cpu_depth and "reduced on the CPU" in r.note
+        parts = [r.extra[k] for k in ("ms_patch_embed", "ms_attention", "ms_mlp", "ms_rest")]
+        assert all(p >= 0 for p in parts[:3]) and parts[1] > 0  # Swin's blocks too (layers[i].blocks[j])
+        if r.impl.endswith("+fastvit"):  # the patch report's counts: every block's attention, the rest skipped
+            blocks = 8 if "swin" in name else r.extra["depth"]
+            assert f"patched: {blocks} attention; " in r.note and " skipped" in r.note, r.note
+
+
+def test_model_suite_maps_seq_lens_to_each_models_size():
+    # N = prefix + (size / patch)^2: ViT-B/16 and EVA02-B/14 have a class token, SAM-B none
+    assert model.token_layout("vit_base_patch16_224") == (16, 1)
+    assert model.token_layout("eva02_base_patch14_224") == (14, 1)
+    assert model.token_layout("vit_base_patch16_rope_reg1_gap_256") == (16, 1)  # 1 register token
+    assert model.token_layout("samvit_base_patch16") == (16, 0)
+    assert model.token_layout("hf-siglip-base-p16") == (16, 0)
+    sweep = args(seq_lens=[197, 577, 1025, 4097])
+    assert model.resolutions(sweep, "vit_base_patch16_224") == (224, 384, 512, 1024)
+    assert model.resolutions(sweep, "eva02_base_patch14_224") == (196, 336, 448, 896)
+    assert model.resolutions(sweep, "samvit_base_patch16") == (224, 384, 512, 1024)  # 196 ... 4096 tokens
+    assert model.resolutions(args(seq_lens=[3136]), "swin_base_patch4_window7_224") == (224,)  # first stage
+    # --resolutions wins; the group `scaling` sweeps SCALING_SEQ_LENS unless told otherwise
+    assert model.resolutions(args(seq_lens=[197], resolutions=[64, 32]), "eva02_base_patch14_224") == (32, 64)
+    scaling = args(model="scaling", quick=False)
+    assert model.model_names(scaling) == list(model.SCALING)
+    assert model.sweep_seq_lens(scaling) == model.SCALING_SEQ_LENS["cpu"]
+    assert model.sweep_seq_lens(args(model="scaling", seq_lens=[65])) == (65,)
+    assert model.sweep_seq_lens(args(model="vit_base_patch16_224")) is None
+
+
+def test_model_suite_sweep_rows_and_slopes():
+    # one row per (model, size) at N ~ 5 and 17: EVA02 (patch 14, class token) at 28 and 56 px, SAM
+    # (patch 16, no prefix) at 32 and 64 px with 4 and 16 tokens; each model is its own series
+    names = ("eva02_base_patch14_224", "samvit_base_patch16")
+    records = model.run(args(model=",".join(names), seq_lens=[5, 17], mode="fwd"), Progress(enabled=False))
+    assert [(r.impl, r.extra["resolution"], r.n_tokens) for r in records] == [
+        (impl, res, n)
+        for name, sizes in zip(names, [((28, 5), (56, 17)), ((32, 4), (64, 16))], strict=True)
+        for impl in model.impls_of(name)
+        for res, n in sizes
+    ]
+    assert all(r.status == "ok" for r in records), [(r.impl, r.note) for r in records if r.status != "ok"]
+    rows = {row[1]: dict(zip(SLOPE_HEADER, row, strict=True)) for row in slope_rows(records)}
+    assert set(rows) == {impl for name in names for impl in model.impls_of(name)}
+    for impl, row in rows.items():
+        assert row["suite"] == "model" and row["points"] == "2" and row["time slope"] != "-", (impl, row)
+    assert rows["samvit_base_patch16"]["N range"] == "4-16"
