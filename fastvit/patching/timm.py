@@ -9,7 +9,8 @@ from the same blocks. The attention of the relative-position-bias families (BEiT
 Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3:
 ``timm_eva``, RoPE as timm computes it), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
 CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call) and of
-MViTv2 (pooling attention with its relative position: ``timm_mvit``) is fused too, and so are Eva's
+MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
+head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
 embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
 ``gamma_2``: ``timm_mlp``); the other families' MLP halves and embeddings are reported as left
 alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
@@ -22,7 +23,18 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.format import Format
 
-from fastvit.nn import timm_cait, timm_eva, timm_hiera, timm_mlp, timm_mvit, timm_pvt, timm_relpos, timm_sam, timm_swin
+from fastvit.nn import (
+    timm_cait,
+    timm_eva,
+    timm_hiera,
+    timm_mlp,
+    timm_mvit,
+    timm_pool,
+    timm_pvt,
+    timm_relpos,
+    timm_sam,
+    timm_swin,
+)
 from fastvit.nn import timm_vit as fused
 from fastvit.nn.fused import FusedModule
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
@@ -67,6 +79,9 @@ _OTHER_ATTENTIONS = {
                                                    "gate", "num_prefix_tokens")),
         (fused_table(timm_pvt.FusedPvtAttention), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
                                                    "head_dim", "scale", "sr", "norm", "pool", "act")),
+        (fused_table(timm_pool.FusedAttentionPoolLatent), ("pos_embed", "latent", "latent_len", "q", "kv", "q_norm",
+                                                           "k_norm", "proj", "proj_drop", "norm", "mlp", "pool",
+                                                           "num_heads", "head_dim", "scale")),
         (fused_table(timm_cait.FusedClassAttn), ("q", "k", "v", "attn_drop", "proj", "proj_drop", "num_heads",
                                                  "scale")),
         (fused_table(timm_mvit.FusedMultiScaleAttention), ("qkv", "proj", "num_heads", "scale", "has_cls_token",
@@ -140,6 +155,11 @@ _LEFT_ALONE = {
     ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
+        "modules",
+    ),
+    ("timm.models.xcit", "XCA"): (
+        "attention", "XCiT's cross-covariance attention attends across channels: its softmax rows are the head's "
+        "channels and its 'head dim' is the token count (196 at 224 px), above the kernels' 128: it runs timm's "
         "modules",
     ),
 }

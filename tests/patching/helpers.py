@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import fastvit
+from tests.tolerance import assert_close_to_reference
 
 # The torch route of every op runs the same PyTorch math as the unpatched modules (fp32).
 RTOL, ATOL = 1e-5, 1e-6
@@ -126,3 +127,24 @@ def storage_map(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
 
 def module_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
+
+
+def _outputs_and_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """The output and every gradient (the input's and each Parameter's) for a fixed upstream gradient."""
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * upstream.to(out.device)).sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}  # torch.compile's wrapper
+    return {"output": out.detach(), "input": x.grad} | grads
+
+
+def assert_matches_by_the_rule(reference: nn.Module, patched: nn.Module, x: torch.Tensor) -> None:
+    """Output and every gradient within the tolerance rule, against the unpatched model in float64."""
+    oracle = _outputs_and_grads(copy.deepcopy(reference).double(), x.double())
+    lowp, got = _outputs_and_grads(reference, x), _outputs_and_grads(patched, x)
+    assert got.keys() == oracle.keys()
+    for name, want in oracle.items():
+        assert (want is None) == (got[name] is None), f"{name}: gradient present in one model only"
+        if want is not None:
+            assert_close_to_reference(got[name], want, lowp[name], name=name)

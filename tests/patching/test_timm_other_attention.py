@@ -30,8 +30,7 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from tests.patching.helpers import module_types, pair, perturb_, storage_map
-from tests.patching.test_timm_windows import assert_matches_by_the_rule
+from tests.patching.helpers import assert_matches_by_the_rule, module_types, pair, perturb_, storage_map
 
 timm = pytest.importorskip("timm")
 from timm.models.cait import ClassAttn, TalkingHeadAttn  # noqa: E402

@@ -19,7 +19,6 @@ rel_pos; 40x24 images give a 10x6 map (the rel_pos tables resized by timm's get_
 
 from __future__ import annotations
 
-import copy
 import io
 import warnings
 
@@ -28,8 +27,7 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from tests.patching.helpers import module_types, pair, perturb_, storage_map
-from tests.tolerance import assert_close_to_reference
+from tests.patching.helpers import assert_matches_by_the_rule, module_types, pair, perturb_, storage_map
 
 timm = pytest.importorskip("timm")
 from timm.models.hiera import MaskUnitAttention  # noqa: E402
@@ -72,27 +70,6 @@ BLOCKS = {"swin": SWIN_BLOCKS, "swinv2": SWIN_BLOCKS, "sam": SAM_BLOCKS, "hiera"
 def images(size: int | tuple[int, int] = 32, seed: int = 0) -> torch.Tensor:
     h, w = (size, size) if isinstance(size, int) else size
     return torch.randn(BATCH, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def _run(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """The output and every gradient (the input's and each Parameter's) for a fixed upstream gradient."""
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    (out * upstream.to(out.device)).sum().backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}  # torch.compile's wrapper
-    return {"output": out.detach(), "input": x.grad} | grads
-
-
-def assert_matches_by_the_rule(reference: nn.Module, patched: nn.Module, x: torch.Tensor) -> None:
-    """Output and every gradient within the tolerance rule, against the unpatched model in float64."""
-    oracle = _run(copy.deepcopy(reference).double(), x.double())
-    lowp, got = _run(reference, x), _run(patched, x)
-    assert got.keys() == oracle.keys()
-    for name, want in oracle.items():
-        assert (want is None) == (got[name] is None), f"{name}: gradient present in one model only"
-        if want is not None:
-            assert_close_to_reference(got[name], want, lowp[name], name=name)
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
