@@ -8,7 +8,8 @@ from the same blocks. The attention of the relative-position-bias families (BEiT
 (``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
 Hiera (mask-unit and global: ``timm_hiera``) and of Eva (EVA02, RoPE ViTs, timm's DINOv3:
 ``timm_eva``, RoPE as timm computes it) is fused too, and so are Eva's embedding and the MLP halves
-of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``);
+of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``),
+and NaFlexVit's embedding and padding mask (``timm_naflex``);
 the other families' MLP halves and embeddings are reported as left alone, with the reason. Other
 timm architectures (``fastvit_*`` ...) are left alone.
 """
@@ -25,6 +26,13 @@ from fastvit.nn import timm_vit as fused
 from fastvit.nn.fused import FusedModule
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
+
+try:  # NaFlexVit, in timm's recent releases: its embedding and padding mask (fastvit.nn.timm_naflex)
+    from fastvit.nn import timm_naflex
+
+    _NAFLEX = fused_table(timm_naflex.FusedNaFlexVit)
+except ImportError:
+    _NAFLEX = {}
 
 __all__ = ["FAMILY", "find"]
 
@@ -103,6 +111,10 @@ _LEFT_ALONE = {
         "mlp",
         "HieraBlock (its attention half projects and pools the residual between stages) is not fused yet: its MLP "
         "half runs timm's modules",
+    ),
+    ("timm.layers.attention", "AttentionRope"): (
+        "attention", "timm's AttentionRope (Eva and NaFlexVit with attn_type='rope': vit_pe_*, NaFlexVit's "
+        "default with a rope_type) is not fused yet: it runs timm's attention",
     ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
@@ -256,6 +268,9 @@ def find(model: nn.Module) -> list[Finding]:
             )
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
+        elif cls in _NAFLEX:
+            problems, notes = timm_naflex.embed_problems, timm_naflex.embed_notes
+            findings.append(slot(path, module, "patch_embed", _NAFLEX[cls], problems, notes))
         elif cls in _OTHER_ATTENTIONS:
             fused_cls, names = _OTHER_ATTENTIONS[cls]
             problems = lambda m, names=names: missing_attributes(m, names, "timm")
