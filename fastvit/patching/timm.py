@@ -12,8 +12,9 @@ CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attenti
 MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
 head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
 embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
-``gamma_2``: ``timm_mlp``); the other families' MLP halves and embeddings are reported as left
-alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
+``gamma_2``: ``timm_mlp``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
+other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
+architectures (``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ from fastvit.nn import timm_vit as fused
 from fastvit.nn.fused import FusedModule
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
+
+try:  # NaFlexVit, in timm's recent releases: its embedding and padding mask (fastvit.nn.timm_naflex)
+    from fastvit.nn import timm_naflex
+
+    _NAFLEX = fused_table(timm_naflex.FusedNaFlexVit)
+except ImportError:
+    _NAFLEX = {}
 
 __all__ = ["FAMILY", "find"]
 
@@ -152,6 +160,10 @@ _LEFT_ALONE = {
     ("timm.models.mvitv2", "MultiScaleBlock"): (
         "mlp", "MViTv2's MultiScaleBlock (its shortcut is projected and pooled between stages) is not fused yet: "
         "its MLP half runs timm's modules",
+    ),
+    ("timm.layers.attention", "AttentionRope"): (
+        "attention", "timm's AttentionRope (Eva and NaFlexVit with attn_type='rope': vit_pe_*, NaFlexVit's "
+        "default with a rope_type) is not fused yet: it runs timm's attention",
     ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
@@ -315,6 +327,9 @@ def find(model: nn.Module) -> list[Finding]:
             )
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
+        elif cls in _NAFLEX:
+            problems, notes = timm_naflex.embed_problems, timm_naflex.embed_notes
+            findings.append(slot(path, module, "patch_embed", _NAFLEX[cls], problems, notes))
         elif cls in _OTHER_ATTENTIONS:
             fused_cls, names = _OTHER_ATTENTIONS[cls]
             problems = lambda m, names=names: missing_attributes(m, names, "timm")
