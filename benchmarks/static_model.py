@@ -91,9 +91,10 @@ def ctas_per_sm(arch: int, registers: int, shared: int, num_warps: int) -> int:
     return min(_register_ctas(registers, num_warps), by_shared, by_warps, MAX_CTAS_PER_SM[arch])
 
 
-def regs_to_cliff(arch: int, registers: int, shared: int, num_warps: int) -> int:
-    """Registers per thread to spare before ``ctas_per_sm`` drops (or the 255-register cap)."""
-    now = ctas_per_sm(arch, registers, shared, num_warps)
+def regs_to_cliff(arch: int, registers: int, shared: int, num_warps: int, ctas: int | None = None) -> int:
+    """Registers per thread to spare before ``ctas_per_sm`` drops below ``ctas`` (default: below
+    what it is now), or the 255-register cap."""
+    now = ctas_per_sm(arch, registers, shared, num_warps) if ctas is None else ctas
     more = registers
     while more < MAX_REGISTERS_PER_THREAD and ctas_per_sm(arch, more + 1, shared, num_warps) >= now:
         more += 1
@@ -180,9 +181,15 @@ def model_problems(row: dict[str, Any]) -> list[str]:
     if aim >= 2 and "ctas_per_sm" in row:
         if row["ctas_per_sm"] < aim:
             found.append(f"{row['ctas_per_sm']} CTAs/SM where the config aims at {aim}")
-        elif row["regs_to_cliff"] < CLIFF_MARGIN_REGS:
-            found.append(f"{row['regs_to_cliff']} registers to the occupancy cliff (< {CLIFF_MARGIN_REGS}, "
-                         f"aims at {aim} CTAs/SM)")  # fmt: skip
+        else:
+            # the cliff that matters is the one below the aim: a config above its aim (3 CTAs/SM
+            # aiming at 2) may lose the extra CTA without a problem
+            margin = row["regs_to_cliff"]
+            if row["ctas_per_sm"] > aim and {"registers", "shared", "num_warps"} <= row.keys():
+                margin = regs_to_cliff(row["arch"], row["registers"], row["shared"], row["num_warps"], aim)
+            if margin < CLIFF_MARGIN_REGS:
+                found.append(f"{margin} registers to the occupancy cliff (< {CLIFF_MARGIN_REGS}, "
+                             f"aims at {aim} CTAs/SM)")  # fmt: skip
     return found
 
 

@@ -320,6 +320,11 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
     # fc2_bwd keeps a, gelu(a), gelu'(a) and the accumulator live in its epilogue: half-width tiles
     block_n = 64 if kind == "fc2_bwd" else 128
     if arch >= 90:  # warpgroup MMA, two warpgroups of 64 rows; 227 KB of shared memory
+        if kind == "fc2":
+            # fc2 (and dLN) aim at 2 CTAs/SM, one's epilogue (residual, LayerScale, drop-path scale)
+            # overlapping the other's main loop: a 128 x 64 tile keeps the fp32 accumulator at 32
+            # registers a thread (the 128 x 128 one took 174 registers with the epilogue: 1 CTA/SM)
+            return GemmConfig(128, 64, 64, num_warps=8, num_stages=3)
         return GemmConfig(128, block_n, 64, num_warps=8, num_stages=3)
     if arch >= 89:  # 99 KB of shared memory
         return GemmConfig(128, block_n, 32, num_warps=8, num_stages=3)

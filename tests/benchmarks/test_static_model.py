@@ -109,6 +109,14 @@ def test_model_problems():
     assert model_problems(_row(target_ctas_per_sm=2, ctas_per_sm=1))[0].startswith("1 CTAs/SM")
     assert model_problems(_row(target_ctas_per_sm=2, ctas_per_sm=2, regs_to_cliff=8)) == []
     assert model_problems(_row(regs_to_cliff=0)) == []  # a 1-CTA config has no cliff to keep
+    # above its aim: 80 registers on 8 warps give 3 CTAs/SM on sm_90, 0 to that cliff but 48 to the
+    # aim's (2 CTAs up to 128 registers): fine; 126 registers at an aim of 2 are not
+    above = _row(arch=90, target_ctas_per_sm=2, ctas_per_sm=3, regs_to_cliff=0, registers=80, shared=73728,
+                 num_warps=8)  # fmt: skip
+    assert model_problems(above) == []
+    tight = _row(arch=90, target_ctas_per_sm=2, ctas_per_sm=2, regs_to_cliff=2, registers=126, shared=73728,
+                 num_warps=8)  # fmt: skip
+    assert model_problems(tight)[0].startswith("2 registers to the occupancy cliff")
 
 
 def test_compare_figures():
