@@ -57,11 +57,17 @@ from .runtime import (
 # for channels_last images. Each row is cut into S = cdiv(row_len, RUN) runs, the last one masked.
 # A run starts at an aligned position of its row, so with a unit stride along the row and a row
 # length that is a multiple of RUN (p = 16 or 32; channels_last p*C = 48) a run is one vector load.
+# The patch size p and the elements per pixel along a row (CPR: 1, or C for pixel rows) are
+# constexprs, so row_len = p*CPR and S are too and the gather's divisions and moduli are shifts,
+# masks or multiply-highs: one compile per (p, CPR), i.e. per patch size for NCHW images and per
+# (patch size, channels) for channels_last ones (ViTs use p in {8, 14, 16, 32} and C = 3). The
+# weight gradient's loop also splits patch rows into (image, patch) by the runtime N and GW: those
+# divisions use magic numbers computed once per program (``_magic_divisor``).
 RUN = 16
 
 
 @triton.jit
-def _patch_rows(offs_m, N, GW, PATCH):
+def _patch_rows(offs_m, N, GW, PATCH: tl.constexpr):
     """Patch rows m -> (image b, patch n, top-left pixel row h0 and column w0)."""
     b = offs_m // N
     n = offs_m % N
@@ -71,30 +77,54 @@ def _patch_rows(offs_m, N, GW, PATCH):
 
 
 @triton.jit
-def _patch_cols(offs_v, PATCH, R, row_len, S, RUN: tl.constexpr):
-    """Virtual columns v -> (patch row q, position along the row, pixel row i in the patch, valid)."""
-    run = offs_v // RUN
+def _magic_divisor(d):
+    """(magic, shift) with n // d == umulhi(2n, magic) >> shift for all 0 <= n < 2^31 (1 <= d < 2^31):
+    Granlund and Montgomery's round-up method, shift = ceil(log2 d), magic = ceil(2^(31+shift) / d),
+    which lies in [2^31, 2^32). Computed once per program (ceil(log2 d) from the exponent of d - 1
+    as a double, exact), so a loop divides by a runtime d in three integer instructions."""
+    shift = tl.maximum(((d - 1).to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1022, 0)
+    magic = ((tl.full((), 1, tl.int64) << (shift + 31)) + d - 1) // d
+    return magic.to(tl.uint32), shift.to(tl.uint32)
+
+
+@triton.jit
+def _divide(n, magic, shift):
+    """n // d for 0 <= n < 2^31, with (magic, shift) = _magic_divisor(d)."""
+    return (tl.umulhi(n.to(tl.uint32) << 1, magic) >> shift).to(tl.int32)
+
+
+@triton.jit
+def _patch_cols(offs_v, R, PATCH: tl.constexpr, CPR: tl.constexpr, RUN: tl.constexpr):
+    """Virtual columns v -> (patch row q, position along the row, pixel row i in the patch, valid).
+
+    Every divisor is a compile-time constant (RUN, S = cdiv(PATCH * CPR, RUN), PATCH): shifts and
+    masks for power-of-two patches, a multiply-high for the others (p = 14), never a division."""
+    ROW_LEN: tl.constexpr = PATCH * CPR
+    S: tl.constexpr = (ROW_LEN + RUN - 1) // RUN
+    v = offs_v.to(tl.uint32)
+    run = v // RUN
     q = run // S
-    pos = (run % S) * RUN + offs_v % RUN
-    return q, pos, q % PATCH, (q < R) & (pos < row_len)
+    pos = (run % S) * RUN + v % RUN
+    i = q % PATCH
+    return q.to(tl.int32), pos.to(tl.int32), i.to(tl.int32), (q < R) & (pos < ROW_LEN)
 
 
 @triton.jit
-def _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run):
+def _pixel_offsets(q, pos, i, PATCH: tl.constexpr, stride_outer, stride_xh, stride_run):
     """Offset of element ``pos`` of patch row q from the patch's top-left pixel (int32: one image)."""
-    return (q // PATCH) * stride_outer + i * stride_xh + pos * stride_run
+    return (q.to(tl.uint32) // PATCH).to(tl.int32) * stride_outer + i * stride_xh + pos * stride_run
 
 
 @triton.jit
-def _inside_image(h0, w0, i, pos, H, W, cpr):
+def _inside_image(h0, w0, i, pos, H, W, CPR: tl.constexpr):
     """(rows, cols) mask of the pixels that lie inside the image (edge patches of a padded grid)."""
-    return (h0[:, None] + i[None, :] < H) & (w0[:, None] + (pos // cpr)[None, :] < W)
+    return (h0[:, None] + i[None, :] < H) & (w0[:, None] + (pos // CPR)[None, :] < W)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "S", "cpr", "pos_row0"])
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "pos_row0"])
 def patch_embed_fwd_kernel(
     X,  # (B, C, H, W) images, any strides
     Wt,  # (D, R*row_len) conv weight in gather order (see above), unit stride along a row
@@ -112,10 +142,10 @@ def patch_embed_fwd_kernel(
     stride_ob, stride_ot, stride_od,
     B, H, W,
     D, P, GW, N,  # embed dim, prefix tokens, patch columns, patches per image
-    PATCH,  # p
-    R, row_len, S,  # patch rows, elements per row, runs per row
-    cpr,  # elements per pixel along a row: 1 (per-channel rows) or C (pixel rows)
+    R,  # patch rows: C*p (per-channel rows) or p (pixel rows)
     pos_row0,  # Pos row of patch 0: P when Pos covers the prefix rows, 0 when it covers patches only
+    PATCH: tl.constexpr,  # p
+    CPR: tl.constexpr,  # elements per pixel along a row: 1 (per-channel rows) or C (pixel rows)
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
     EDGE: tl.constexpr,  # patches may reach past the image (dynamic padding): mask pixels
@@ -125,6 +155,8 @@ def patch_embed_fwd_kernel(
     RUN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 weights
 ):
+    ROW_LEN: tl.constexpr = PATCH * CPR  # elements per patch row
+    RUNS: tl.constexpr = (ROW_LEN + RUN - 1) // RUN  # runs per patch row (S)
     M = B * N
     num_n = tl.cdiv(D, BLOCK_N)
     num_gemm = tl.cdiv(M, BLOCK_M) * num_n
@@ -142,19 +174,23 @@ def patch_embed_fwd_kernel(
         x_rows = X + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
         w_cols = Wt + tl.minimum(offs_d, D - 1).to(tl.int64) * stride_wd
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for v0 in range(0, R * S * RUN, BLOCK_K):
+        for v0 in range(0, R * RUNS * RUN, BLOCK_K):
             # -- A tile: gather BLOCK_K // RUN runs of every patch (the implicit im2col) --
-            q, pos, i, k_valid = _patch_cols(v0 + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
+            q, pos, i, k_valid = _patch_cols(v0 + tl.arange(0, BLOCK_K), R, PATCH, CPR, RUN)
             x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
             if EDGE:
-                a_mask = k_valid[None, :] & _inside_image(h0, w0, i, pos, H, W, cpr)
+                a_mask = k_valid[None, :] & _inside_image(h0, w0, i, pos, H, W, CPR)
                 a = tl.load(x_rows[:, None] + x_cols[None, :], mask=a_mask, other=0.0)
             else:
                 a = tl.load(x_rows[:, None] + x_cols[None, :], mask=k_valid[None, :], other=0.0)
             # -- B tile: the matching weight columns, W^T (BLOCK_K, BLOCK_N) --
-            w = tl.load(w_cols[None, :] + (q * row_len + pos)[:, None], mask=k_valid[:, None], other=0.0)
+            w = tl.load(w_cols[None, :] + (q * ROW_LEN + pos)[:, None], mask=k_valid[:, None], other=0.0)
             acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-        # -- epilogue: bias, pos_embed, store into the patch rows of the token buffer --
+        # -- epilogue: bias, pos_embed, store into the patch rows of the token buffer; the rows'
+        #    patches are split again (unclamped: rows past the last patch are masked) rather than
+        #    kept alive across the loop --
+        b = offs_m // N
+        n = offs_m % N
         if HAS_BIAS:
             acc += tl.load(Bias + offs_d * stride_bias, mask=d_valid, other=0.0).to(tl.float32)[None, :]
         mask = m_valid[:, None] & d_valid[None, :]
@@ -182,7 +218,7 @@ def patch_embed_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "S", "cpr", "rows_per_split"])
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "rows_per_split"])
 def patch_embed_bwd_weight_kernel(
     X,  # (B, C, H, W) images, any strides
     dOut,  # (B, P+N, D) token gradient, any strides (stride 0 from out.sum() is fine)
@@ -191,8 +227,10 @@ def patch_embed_bwd_weight_kernel(
     stride_gb, stride_gt, stride_gd,
     B, H, W,
     D, P, GW, N,
-    PATCH, R, row_len, S, cpr,
+    R,
     rows_per_split,  # patch rows summed by one split, a multiple of BLOCK_M
+    PATCH: tl.constexpr,
+    CPR: tl.constexpr,
     EDGE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,  # the dot's operand dtype (the forward's weight dtype)
     BLOCK_D: tl.constexpr,  # embed dims per program
@@ -201,9 +239,11 @@ def patch_embed_bwd_weight_kernel(
     RUN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    ROW_LEN: tl.constexpr = PATCH * CPR
+    RUNS: tl.constexpr = (ROW_LEN + RUN - 1) // RUN
     M = B * N
-    K = R * row_len
-    num_k = tl.cdiv(R * S * RUN, BLOCK_K)
+    K = R * ROW_LEN
+    num_k = tl.cdiv(R * RUNS * RUN, BLOCK_K)
     num_d = tl.cdiv(D, BLOCK_D)
     pid = tl.program_id(0)
     split = pid // (num_d * num_k)
@@ -213,17 +253,24 @@ def patch_embed_bwd_weight_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     # -- this program's weight columns: fixed pixel offsets inside every patch --
-    q, pos, i, k_valid = _patch_cols(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
+    q, pos, i, k_valid = _patch_cols(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), R, PATCH, CPR, RUN)
     x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
     g_cols = offs_d.to(tl.int64) * stride_gd
 
     m_start = split * rows_per_split
     m_end = tl.minimum(M, m_start + rows_per_split)
+    # -- patch rows -> patches by multiply-high with magic numbers of N and GW: no division in the loop --
+    magic_n, shift_n = _magic_divisor(N)
+    magic_gw, shift_gw = _magic_divisor(GW)
     acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_valid = offs_m < m_end
-        b, n, h0, w0 = _patch_rows(offs_m, N, GW, PATCH)
+        b = _divide(offs_m, magic_n, shift_n)
+        n = offs_m - b * N
+        gh = _divide(n, magic_gw, shift_gw)
+        h0 = gh * PATCH
+        w0 = (n - gh * GW) * PATCH
         # -- G^T tile (BLOCK_D, BLOCK_M): the patch rows of dOut --
         g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P).to(tl.int64) * stride_gt
         g_t = tl.load(g_rows[None, :] + g_cols[:, None], mask=d_valid[:, None] & m_valid[None, :], other=0.0)
@@ -231,14 +278,14 @@ def patch_embed_bwd_weight_kernel(
         x_rows = X + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
         a_mask = m_valid[:, None] & k_valid[None, :]
         if EDGE:
-            a_mask &= _inside_image(h0, w0, i, pos, H, W, cpr)
+            a_mask &= _inside_image(h0, w0, i, pos, H, W, CPR)
         a = tl.load(x_rows[:, None] + x_cols[None, :], mask=a_mask, other=0.0)
         acc = tl.dot(g_t.to(COMPUTE_DTYPE), a.to(COMPUTE_DTYPE), acc, input_precision=DOT_PRECISION)
-    out = dWs + split.to(tl.int64) * D * K + offs_d[:, None] * K + (q * row_len + pos)[None, :]
+    out = dWs + split.to(tl.int64) * D * K + offs_d[:, None] * K + (q * ROW_LEN + pos)[None, :]
     tl.store(out, acc, mask=d_valid[:, None] & k_valid[None, :])
 
 
-@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "S", "cpr"])
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N"])
 def patch_embed_bwd_input_kernel(
     dOut,  # (B, P+N, D) token gradient, any strides
     Wt,  # (D, R*row_len) forward weight in gather order, unit stride along a row
@@ -248,7 +295,9 @@ def patch_embed_bwd_input_kernel(
     stride_xb, stride_xh, stride_xw, stride_outer, stride_run,
     B, H, W,
     D, P, GW, N,
-    PATCH, R, row_len, S, cpr,
+    R,
+    PATCH: tl.constexpr,
+    CPR: tl.constexpr,
     EDGE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # patch rows per program
     BLOCK_K: tl.constexpr,  # virtual columns (pixels of a patch) per program, a multiple of RUN
@@ -256,16 +305,18 @@ def patch_embed_bwd_input_kernel(
     RUN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    ROW_LEN: tl.constexpr = PATCH * CPR
+    RUNS: tl.constexpr = (ROW_LEN + RUN - 1) // RUN
     M = B * N
-    num_k = tl.cdiv(R * S * RUN, BLOCK_K)
+    num_k = tl.cdiv(R * RUNS * RUN, BLOCK_K)
     pid = tl.program_id(0)
     offs_m = (pid // num_k) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < M
     # rows past the last patch re-read the last one and are never stored: no row mask in the loop
     b, n, h0, w0 = _patch_rows(tl.minimum(offs_m, M - 1), N, GW, PATCH)
-    q, pos, i, k_valid = _patch_cols((pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K), PATCH, R, row_len, S, RUN)
+    q, pos, i, k_valid = _patch_cols((pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K), R, PATCH, CPR, RUN)
     g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P).to(tl.int64) * stride_gt
-    w_cols = Wt + q * row_len + pos
+    w_cols = Wt + q * ROW_LEN + pos
 
     # -- (G @ W) tile for these patches and pixels; G is zero past D, so W needs no mask there --
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -282,7 +333,7 @@ def patch_embed_bwd_input_kernel(
     x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
     mask = m_valid[:, None] & k_valid[None, :]
     if EDGE:
-        mask &= _inside_image(h0, w0, i, pos, H, W, cpr)
+        mask &= _inside_image(h0, w0, i, pos, H, W, CPR)
     tl.store(x_rows[:, None] + x_cols[None, :], acc.to(dX.dtype.element_ty), mask=mask)
 
 
@@ -347,7 +398,7 @@ _INTERPRETER_CONFIGS = {
 # warpgroups; sm_89 (and sm_86, sm_120): 99 KB of shared memory; sm_80: 163 KB. Every entry keeps
 # ptxas (Triton 3.8) at <= ~230 registers per thread with no spills, leaving headroom for other
 # Triton versions (the GPU machines run 3.6): e.g. the forward's 128x128 tile on 8 warps reaches
-# 246-252 registers on sm_80 (fp32 images are converted to bf16 in registers), 128x64 on 8 warps 148.
+# 246-252 registers on sm_80 (fp32 images are converted to bf16 in registers), 128x64 on 8 warps 126.
 _VEC_CONFIGS = {
     "fwd": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 8, 3), 80: GemmConfig(128, 64, 32, 8, 3)},
     "dw": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
@@ -547,8 +598,9 @@ def patch_embed_forward(
             *out.stride(),
             batch, height, width,
             dim, num_prefix, gw, n,
-            patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+            plan.rows,
             num_prefix if pos is not None and pos.shape[0] == num_prefix + n else 0,
+            PATCH=patch, CPR=plan.cpr,
             HAS_BIAS=bias is not None, HAS_POS=pos is not None, EDGE=_edge(height, width, patch, pad),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RUN=RUN,
             DOT_PRECISION=dot_precision(weight.dtype),
@@ -611,8 +663,9 @@ def patch_embed_backward_weight(
             *grad_out.stride(),
             batch, height, width,
             dim, grad_out.shape[1] - n, gw, n,
-            patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+            plan.rows,
             rows_per_split,
+            PATCH=patch, CPR=plan.cpr,
             EDGE=_edge(height, width, patch, pad),
             COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
             BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=RUN,
@@ -663,7 +716,8 @@ def patch_embed_backward_input(
             dx.stride(0), dx.stride(2), dx.stride(3), plan.stride_outer, plan.stride_run,
             batch, height, width,
             dim, grad_out.shape[1] - n, gw, n,
-            patch, plan.rows, plan.row_len, plan.runs, plan.cpr,
+            plan.rows,
+            PATCH=patch, CPR=plan.cpr,
             EDGE=_edge(height, width, patch, pad),
             BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_D=cfg.block_k, RUN=RUN,
             DOT_PRECISION=dot_precision(weight.dtype),
@@ -717,42 +771,72 @@ DTYPE_RECIPES: tuple[tuple[torch.dtype, torch.dtype, torch.dtype], ...] = (
 )
 
 # Runtime specialisation, which the specs mirror: Triton compiles an int argument equal to 1 as a
-# constant and marks one divisible by 16 (sizes in a kernel's do_not_specialize never are). Walks:
-#   "vec"    the common case (``runs_vectorize``): unit strides along rows and D, 16-divisible
-#            sizes and strides, so runs are vector loads; the large tiles.
-#   "edge"   "vec" plus the dynamic-padding masks.
-#   "gather" the worst case: no unit stride or 16-divisible size on the image or gradient side,
-#            scalar loads (every address in registers), with the padding masks; the small tiles.
+# constant and marks one divisible by 16 (sizes in a kernel's do_not_specialize never are); PATCH and
+# CPR are constexprs, so each (patch size, layout) is its own compile. Walks:
+#   "vec"     the common case (``runs_vectorize``): unit strides along rows and D, 16-divisible
+#             sizes and strides, so runs are vector loads; the large tiles. NCHW (stride_xw = 1) or
+#             channels_last ("C=3": pixel rows, stride_xw = C, neither 1 nor 16-divisible).
+#   "edge"    "vec" plus the dynamic-padding masks.
+#   "aligned" a contiguous NCHW image whose patch is not a multiple of 16 (p = 14, 8): unit strides
+#             and 16-divisible strides, but R = C*p (and for p = 14 the weight's row, C*p*p) are not
+#             16-divisible; the small tiles.
+#   "gather"  the worst case: no unit stride or 16-divisible size on the image or gradient side,
+#             scalar loads (every address in registers), with the padding masks; the small tiles.
 # The op makes bias, pos_embed and prefix_tokens unit-stride along D, and the launchers allocate
 # the tokens, the weight in gather order and the partial sums, so those are unit-stride everywhere.
-# stride_xw is 1 for NCHW images but C (3: neither 1 nor 16-divisible) for channels_last ones, which
-# also take the "vec" walk, so the specs compile it as a plain int: the heavier of the two.
 # Bias, Pos and Prefix are parameters (16-byte aligned unless a user passes an odd view, which
 # only narrows the epilogue's loads).
 _ALWAYS_UNIT = {"stride_bias", "stride_pos_d", "stride_pre_d", "stride_od"}
 _UNIT_IN_VEC = {"stride_run", "stride_gd"}
-_PLAIN_INT = {"stride_xw"}
 _OURS = {"Wt", "Out", "dWs", "Partial", "Bias", "Pos", "Prefix"}  # 16-byte aligned
 
 
-def _signature(kernel, pointers: dict[str, str], walk: str) -> tuple[dict[str, str], dict[str, int], tuple]:
+@dataclasses.dataclass(frozen=True)
+class _Walk:
+    """One AOT walk: the tiles (``runs_vectorize``), the argument specialisation and the patch."""
+
+    kind: str  # "vec", "edge", "aligned" or "gather" (above)
+    patch: int
+    cpr: int = 1  # C for a channels_last image (pixel rows), else 1
+    odd: frozenset[str] = frozenset()  # ints that are not 16-divisible in this walk
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} p={self.patch}" + (f" C={self.cpr}" if self.cpr > 1 else "")
+
+    @property
+    def vec(self) -> bool:
+        return self.kind in ("vec", "edge")
+
+    @property
+    def aligned(self) -> bool:
+        return self.kind != "gather"
+
+    @property
+    def edge(self) -> bool:
+        return self.kind in ("edge", "gather")
+
+
+def _signature(kernel, pointers: dict[str, str], walk: _Walk) -> tuple[dict[str, str], dict[str, int], tuple]:
     """Signature, constant-1 arguments and 16-divisible arguments of ``kernel`` for one walk."""
     sig: dict[str, str] = {}
     ones: dict[str, int] = {}
     divisible = []
+    unit = _ALWAYS_UNIT | (_UNIT_IN_VEC if walk.aligned else set()) | (
+        {"stride_xw"} if walk.aligned and walk.cpr == 1 else set())
     for index, name in enumerate(kernel.arg_names):
         param = kernel.params[index]
         if name in pointers:
             sig[name] = pointers[name]
-            if walk != "gather" or name in _OURS:
+            if walk.aligned or name in _OURS:
                 divisible.append(name)
         elif param.is_constexpr:
             sig[name] = "constexpr"
-        elif name in _ALWAYS_UNIT or (name in _UNIT_IN_VEC and walk != "gather"):
+        elif name in unit:
             sig[name], ones[name] = "constexpr", 1
         else:
             sig[name] = "i32"
-            if not param.do_not_specialize and walk != "gather" and name not in _PLAIN_INT:
+            if not param.do_not_specialize and walk.aligned and name not in walk.odd and name != "stride_xw":
                 divisible.append(name)
     return sig, ones, tuple(divisible)
 
@@ -763,23 +847,29 @@ def _signature(kernel, pointers: dict[str, str], walk: str) -> tuple[dict[str, s
 # all-bf16 stem (the performance target, operands straight from memory into warpgroup MMA). The
 # other recipes go through the same configurations with narrower loads and stores (fp16 and bf16
 # MMAs are the same instructions): in every comparison made (fp16 vs fp32-image recipes, all
-# three architectures) they took fewer registers and less shared memory. Kept to 54 compiles: this
-# module's AOT run takes about 75 CPU-seconds from a cold Triton cache on the 2-core CI machine.
+# three architectures) they took fewer registers and less shared memory. The patch sizes are the
+# ViTs' (16; 14 for DINOv2 and EVA02; 8 and 32) and channels_last RGB at 16; the less common ones on
+# sm_80 and sm_90 only (sm_89 has sm_80's instructions, on smaller tiles). 84 compiles.
+_VEC16, _EDGE16, _GATHER14 = _Walk("vec", 16), _Walk("edge", 16), _Walk("gather", 14)
+_ALIGNED14 = _Walk("aligned", 14, odd=frozenset({"R", "stride_wd"}))
+_MORE_PATCHES = (_Walk("vec", 32), _Walk("vec", 16, 3), _Walk("aligned", 8, odd=frozenset({"R"})))
 _AOT_RECIPES = (
-    ((torch.float32, torch.bfloat16, torch.float32), ("vec", "edge", "gather"), ARCHS),
-    ((torch.bfloat16, torch.bfloat16, torch.bfloat16), ("vec",), (90,)),
-    ((torch.float32, torch.float32, torch.float32), ("vec", "gather"), ARCHS),
+    ((torch.float32, torch.bfloat16, torch.float32), (_VEC16, _EDGE16, _ALIGNED14, _GATHER14), ARCHS),
+    ((torch.float32, torch.bfloat16, torch.float32), _MORE_PATCHES, (80, 90)),
+    ((torch.bfloat16, torch.bfloat16, torch.bfloat16), (_VEC16, _ALIGNED14), (90,)),
+    ((torch.float32, torch.float32, torch.float32), (_VEC16, _GATHER14), ARCHS),
 )
 
 
-def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: str) -> list[KernelSpec]:
+def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: _Walk) -> list[KernelSpec]:
     xdt, wdt, odt = recipe
     x, w, o = AOT_DTYPE_NAMES[xdt], AOT_DTYPE_NAMES[wdt], AOT_DTYPE_NAMES[odt]
-    label = f"x {x} w {w} out {o} {walk}"
-    common = {"EDGE": walk != "vec", "RUN": RUN, "DOT_PRECISION": dot_precision(wdt)}
+    label = f"x {x} w {w} out {o} {walk.label}"
+    common = {"EDGE": walk.edge, "RUN": RUN, "DOT_PRECISION": dot_precision(wdt), "PATCH": walk.patch,
+              "CPR": walk.cpr}  # fmt: skip
     mma = wdt != torch.float32
     specs = []
-    cfg = gemm_config("fwd", arch, wdt, walk != "gather")
+    cfg = gemm_config("fwd", arch, wdt, walk.vec)
     sig, ones, div = _signature(patch_embed_fwd_kernel, {
         "X": f"*{x}", "Wt": f"*{w}", "Bias": f"*{w}", "Pos": f"*{o}", "Prefix": f"*{o}", "Out": f"*{o}"}, walk)
     specs.append(KernelSpec(
@@ -788,7 +878,7 @@ def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: str) -> list[K
          "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
         cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
     ))
-    cfg = gemm_config("dw", arch, wdt, walk != "gather")
+    cfg = gemm_config("dw", arch, wdt, walk.vec)
     sig, ones, div = _signature(patch_embed_bwd_weight_kernel, {"X": f"*{x}", "dOut": f"*{o}", "dWs": "*fp32"}, walk)
     specs.append(KernelSpec(
         "patch_embed.patch_embed_bwd_weight_kernel", f"{label} {_label(cfg)}", sig,
@@ -796,7 +886,7 @@ def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: str) -> list[K
          "BLOCK_D": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_M": cfg.block_k},
         cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
     ))
-    cfg = gemm_config("dx", arch, wdt, walk != "gather")
+    cfg = gemm_config("dx", arch, wdt, walk.vec)
     sig, ones, div = _signature(patch_embed_bwd_input_kernel, {"dOut": f"*{o}", "Wt": f"*{w}", "dX": f"*{x}"}, walk)
     specs.append(KernelSpec(
         "patch_embed.patch_embed_bwd_input_kernel", f"{label} {_label(cfg)}", sig,
@@ -816,12 +906,12 @@ def aot_specs() -> list[KernelSpec]:
             for walk in walks if arch in archs else ():
                 specs.extend(_gemm_specs(arch, recipe, walk))
         block_t, block_d = TOKEN_SUM_BLOCK
-        sig, ones, div = _signature(patch_embed_bwd_token_sum_kernel, {"dOut": "*fp32", "Partial": "*fp32"}, "vec")
+        sig, ones, div = _signature(patch_embed_bwd_token_sum_kernel, {"dOut": "*fp32", "Partial": "*fp32"}, _VEC16)
         specs.append(KernelSpec(
             "patch_embed.patch_embed_bwd_token_sum_kernel", f"dOut fp32 BT={block_t} BD={block_d} w=4",
             sig, {**ones, "BLOCK_T": block_t, "BLOCK_D": block_d}, 4, 3, arch, divisible_by_16=div,
         ))
-        sig, ones, div = _signature(sum_splits_kernel, {"Partial": "*fp32", "Out": "*bf16"}, "vec")
+        sig, ones, div = _signature(sum_splits_kernel, {"Partial": "*fp32", "Out": "*bf16"}, _VEC16)
         specs.append(KernelSpec(
             "patch_embed.sum_splits_kernel", f"out bf16 BLOCK={SUM_SPLITS_BLOCK} w=4",
             sig, {**ones, "BLOCK": SUM_SPLITS_BLOCK}, 4, 3, arch, divisible_by_16=div,

@@ -10,9 +10,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import fastvit
 from fastvit import reference
+from fastvit.kernels.patch_embed import _divide, _magic_divisor
 from tests.compile_check import assert_compiled_matches_eager
 from tests.tolerance import assert_close_to_reference
 
@@ -304,6 +307,36 @@ def test_image_offsets_stay_int32():
     assert gather_plan(pixel_rows, 8).pixel_rows
     copied = image_addressable_in_int32(pixel_rows)
     assert copied.is_contiguous(memory_format=torch.channels_last) and gather_plan(copied, 8).pixel_rows
+
+
+@triton.jit
+def _divide_kernel(Num, Den, Out, count, BLOCK: tl.constexpr):
+    """Out[d, :] = Num // Den[d] through the weight gradient's magic-number division."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    magic, shift = _magic_divisor(tl.load(Den + row))
+    num = tl.load(Num + offs, mask=offs < count, other=0)
+    tl.store(Out + row * BLOCK + offs, _divide(num, magic, shift), mask=offs < count)
+
+
+@kernel_test
+def test_magic_division_is_exact_over_int31(kernel_device):
+    """The weight gradient splits patch rows m < 2^31 into (image, patch) by the runtime N and GW
+    with a multiply-high: exact for every divisor, checked at the edges of each quotient, at 2^31 - 1
+    and at powers of two (d = 1, where the magic number is 2^31; d = 2^30 + 1, where it is largest)."""
+    top = 2**31 - 1
+    divisors = [1, 2, 3, 7, 14, 16, 17, 196, 197, 577, 4096, 65535, 2**30 - 1, 2**30, 2**30 + 1, top]
+    gen = torch.Generator().manual_seed(0)
+    nums = [0, 1, 13, 14, 15, 195, 196, 197, 2**30, 2**31 - 2, top]
+    nums += [q * d + r for d in divisors for q in (1, top // d) for r in (-1, 0) if 0 <= q * d + r <= top]
+    nums += torch.randint(0, top, (64,), generator=gen).tolist()
+    num = torch.tensor(nums, dtype=torch.int32, device=kernel_device)
+    den = torch.tensor(divisors, dtype=torch.int32, device=kernel_device)
+    block = triton.next_power_of_2(len(nums))
+    out = torch.full((len(divisors), block), -1, dtype=torch.int32, device=kernel_device)
+    _divide_kernel[(len(divisors),)](num, den, out, len(nums), BLOCK=block)
+    expected = num.long()[None, :] // den.long()[:, None]
+    torch.testing.assert_close(out[:, : len(nums)].long().cpu(), expected.cpu(), rtol=0, atol=0)
 
 
 @kernel_test
