@@ -4,11 +4,16 @@ the shared GEMM helpers and configurations, and the ahead-of-time specs of both 
     y = x + ss[b] * ls * (gelu(LN(x) @ W1^T + b1) @ W2^T + b2)        (x: (B, N, D), W1: (HD, D))
 
 Forward, three launches:
-    1. ``_ln_stats_kernel``: per-row mean and rstd in fp32 (two passes over the row in registers).
-    2. ``_fc1_kernel``: ``a = LN(x) @ W1^T + b1``. LayerNorm is applied to each A tile as it is
-       loaded (fp32, then rounded to the GEMM dtype), so the normalised x is never written;
-       the epilogue adds b1, rounds ``a`` to the GEMM dtype (as the composite does), and writes
-       ``g = gelu(a)`` and, when a backward will run, ``a`` itself.
+    1. ``_ln_stats_kernel``: per-row mean and rstd in fp32 (two passes over the row in registers),
+       and the normalised row ``LN(x)`` (fp32, then rounded to the GEMM dtype, as the composite
+       rounds LayerNorm's output before its GEMM) written once to a contiguous (T, D) buffer.
+    2. ``_fc1_kernel``: ``a = LN(x) @ W1^T + b1``, a plain GEMM over that buffer: no LayerNorm in
+       its operand loads (applying it there cost ~360 SASS instructions per thread per K step on
+       sm_90, an issue-bound loop), no masks in the loop when D is a multiple of BLOCK_K
+       (``EVEN_K``), no integer division (rows and columns past the edge are clamped, not masked,
+       on load). The buffer costs one T x D write and read in the GEMM dtype, against the GEMM's
+       2 T D HD FLOPs. The epilogue adds b1, rounds ``a`` to the GEMM dtype (as the composite
+       does), and writes ``g = gelu(a)`` and, when a backward will run, ``a`` itself.
     3. ``_fc2_kernel``: ``z = g @ W2^T``; the epilogue adds b2, multiplies by the layer scale and
        the per-sample scale (drop-path), adds the residual and writes y once. The same kernel with
        every epilogue flag off computes ``dLN = dA @ W1`` in the backward.
@@ -20,8 +25,9 @@ kernel stores mean = 0 and rstd = 1 / sqrt(mean(x^2) + eps), so every consumer's
 (``g = act(a_gate) * a_value``: fc1 runs two accumulators over the same normalised A tiles, with
 half-width tiles so the registers match the plain kernel, and saves [a_gate | a_value]).
 
-Backward (``layernorm_mlp_bwd.py``) recomputes LN (from the saved row statistics) and the
-activation (from the saved pre-activation) instead of storing them.
+Backward (``layernorm_mlp_bwd.py``) recomputes LN (from the saved row statistics; the forward's
+normalised buffer is not kept) and the activation (from the saved pre-activation) instead of
+storing them.
 
 Trade-off, decided here: the backward KEEPS the FC1 pre-activation ``a`` (T x HD, GEMM dtype)
 plus mean/rstd (2 x T fp32), and recomputes ``LN(x)`` (in the dW1 GEMM's operand load and the
@@ -132,12 +138,17 @@ def _ln_stats_kernel(
     X,  # (B, N_TOK, D) tokens, unit stride in D
     Mean,  # (T,) fp32 out: row means, T = B * N_TOK
     Rstd,  # (T,) fp32 out: 1 / sqrt(var + eps) (RMS: 1 / sqrt(mean(x^2) + eps))
+    XHat,  # (T, D) out: LN(x) = (x - mean) * rstd * w + b in the GEMM dtype, contiguous (WRITE_XHAT)
+    NormW, NormB,  # (D,) LayerNorm weight and bias (HAS_NORM_W / HAS_NORM_B)
     T, N_TOK, D,
     stride_xb, stride_xn,
     eps,
     BLOCK_ROWS: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # D rounded up to a width in ROW_BUCKETS
     RMS: tl.constexpr = False,  # RMSNorm: mean stored as 0, so every consumer's (x - mean) * rstd holds
+    WRITE_XHAT: tl.constexpr = False,
+    HAS_NORM_W: tl.constexpr = False,
+    HAS_NORM_B: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -154,22 +165,29 @@ def _ln_stats_kernel(
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(xc * xc, axis=1) / D
+    rstd = tl.math.rsqrt(var + eps)
     tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, tl.math.rsqrt(var + eps), mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+    if WRITE_XHAT:  # the normalised rows fc1 reads as a plain GEMM operand
+        col_ok = cols < D
+        h = (x - mean[:, None]) * rstd[:, None]
+        if HAS_NORM_W:
+            h = h * tl.load(NormW + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_NORM_B:
+            h = h + tl.load(NormB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(XHat + rows.to(tl.int64)[:, None] * D + cols[None, :], h.to(XHat.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fc1_kernel(
-    X,  # (B, N_TOK, D) tokens, unit stride in D
-    Mean, Rstd,  # (T,) fp32 row statistics of X
-    NormW, NormB,  # (D,) LayerNorm weight and bias (HAS_NORM_W / HAS_NORM_B)
+    A,  # (T, D) LN(x) in the GEMM dtype, contiguous (written by _ln_stats_kernel)
     W1,  # (HD, D) fc1 weight (GATED: the gate's), unit stride in D
     B1,  # (HD,) fc1 bias (HAS_B1; GATED: the gate's)
     G,  # (T, HD) out: act(a) (GATED: act(a_gate) * a_value) in the GEMM dtype, contiguous
     Pre,  # (T, HD) out: the pre-activation a (GATED: (T, 2 HD), [a_gate | a_value]), contiguous (SAVE_PRE)
-    T, N_TOK, D, HD,
-    stride_xb, stride_xn, stride_w1h,
-    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr, HAS_B1: tl.constexpr,
+    T, D, HD,
+    stride_w1h,
+    HAS_B1: tl.constexpr,
     SAVE_PRE: tl.constexpr,  # write a for the backward
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32, else "tf32" (ignored by fp16/bf16 dots)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -177,7 +195,8 @@ def _fc1_kernel(
     B1V=None,  # (HD,) fc1 value bias (GATED and HAS_B1)
     stride_w1vh=0,
     ACTIVATION: tl.constexpr = "gelu",  # "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "silu"
-    GATED: tl.constexpr = False,  # two accumulators over the same LN(x) tiles: gate and value
+    GATED: tl.constexpr = False,  # two accumulators over the same A tiles: gate and value
+    EVEN_K: tl.constexpr = False,  # D % BLOCK_K == 0: whole K steps, no masks in the loop
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
     pid_m, pid_n = grouped_tile(tl.program_id(0), T, HD, BLOCK_M, BLOCK_N, GROUP_M)
@@ -186,39 +205,33 @@ def _fc1_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows < T
     col_ok = cols < HD
-    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-    b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
-    x_rows = b.to(tl.int64) * stride_xb + (rows - b * N_TOK).to(tl.int64) * stride_xn
-    x_ptrs = X + x_rows[:, None] + offs_k[None, :]
-    w_ptrs = W1 + cols[None, :] * stride_w1h + offs_k[:, None]  # (BLOCK_K, BLOCK_N) tile of W1^T
+    # rows and columns past the edge load the last valid ones (their results are never stored),
+    # so the loads need no row or column masks
+    a_ptrs = A + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * D + offs_k[None, :]
+    w_cols = tl.minimum(cols, HD - 1)
+    w_ptrs = W1 + w_cols[None, :] * stride_w1h + offs_k[:, None]  # (BLOCK_K, BLOCK_N) tile of W1^T
     if GATED:
-        wv_ptrs = W1V + cols[None, :] * stride_w1vh + offs_k[:, None]
+        wv_ptrs = W1V + w_cols[None, :] * stride_w1vh + offs_k[:, None]
         acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        k_ok = offs_k < D - k0
-        # -- A tile: LayerNorm applied on load, in fp32 --
-        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        h = (x - mean[:, None]) * rstd[:, None]
-        if HAS_NORM_W:
-            h = h * tl.load(NormW + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_NORM_B:
-            h = h + tl.load(NormB + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        if not HAS_NORM_W:
-            # padded columns hold -mean * rstd, which can overflow the GEMM dtype (fp16: -inf,
-            # and -inf * 0 = NaN); with a norm weight they are already 0 (the weight loads as 0)
-            h = tl.where(k_ok[None, :], h, 0.0)
-        # -- B tile and the product --
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        h = h.to(w.dtype)
+        if EVEN_K:
+            h = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:  # the last step's columns past D load 0 on both sides
+            k_ok = offs_k < D - k0
+            h = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-        if GATED:  # the value half reuses the normalised A tile
-            wv = tl.load(wv_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if GATED:  # the value half reuses the A tile
+            if EVEN_K:  # noqa: SIM108 (constexpr branches: k_ok exists only in the other one)
+                wv = tl.load(wv_ptrs)
+            else:
+                wv = tl.load(wv_ptrs, mask=k_ok[:, None], other=0.0)
             acc_v = tl.dot(h, wv, acc_v, input_precision=DOT_PRECISION)
             wv_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     # -- epilogue: bias, round a to the GEMM dtype (as the composite does), activation, write --
@@ -407,6 +420,7 @@ def layernorm_mlp_fwd(
     device, gemm_dtype = x.device, fc1_weight.dtype
     mean = new_output((rows,), dtype=torch.float32, device=device)
     rstd = new_output((rows,), dtype=torch.float32, device=device)
+    xhat = new_output((rows, dim), dtype=gemm_dtype, device=device)  # LN(x), fc1's A operand
     g = new_output((rows, hidden), dtype=gemm_dtype, device=device)
     pre_cols = 2 * hidden if gated else hidden
     pre = new_output((rows, pre_cols), dtype=gemm_dtype, device=device) if save_preact else None
@@ -420,20 +434,20 @@ def layernorm_mlp_fwd(
     with device_guard(x):
         rc = row_config(dim)
         _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
-            x, mean, rstd, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
-            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, num_warps=rc.num_warps,
+            x, mean, rstd, xhat, norm_weight, norm_bias, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
+            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, WRITE_XHAT=True,
+            HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,
         )
         c1 = gemm_config(arch, gemm_dtype, "fc1")
         if gated:  # two accumulators: half-width tiles hold the registers of one full tile
             c1 = dataclasses.replace(c1, block_n=c1.block_n // 2)
         _fc1_kernel[(triton.cdiv(rows, c1.block_m) * triton.cdiv(hidden, c1.block_n),)](
-            x, mean, rstd, norm_weight, norm_bias, w_gate, b_gate, g, pre,
-            rows, n_tok, dim, hidden, x.stride(0), x.stride(1), w_gate.stride(0),
-            HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, HAS_B1=b_gate is not None,
-            SAVE_PRE=save_preact, DOT_PRECISION=precision,
+            xhat, w_gate, b_gate, g, pre,
+            rows, dim, hidden, w_gate.stride(0),
+            HAS_B1=b_gate is not None, SAVE_PRE=save_preact, DOT_PRECISION=precision,
             BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k, GROUP_M=c1.group_m,
             W1V=w_value, B1V=b_value, stride_w1vh=w_value.stride(0) if gated else 0,
-            ACTIVATION=activation, GATED=gated,
+            ACTIVATION=activation, GATED=gated, EVEN_K=dim % c1.block_k == 0,
             num_warps=c1.num_warps, num_stages=c1.num_stages,
         )
         c2 = gemm_config(arch, gemm_dtype, "fc2")
@@ -471,13 +485,10 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
     # every optional input present (the heaviest variant); unit strides as the runtime specialises
     c1 = gemm_config(arch, dtype, "fc1")
     fc1 = gemm_spec(
-        "layernorm_mlp._fc1_kernel", _fc1_kernel, f"fc1 {label}",
-        {"X": f"*{xty}", "Mean": "*fp32", "Rstd": "*fp32", "NormW": f"*{xty}", "NormB": f"*{xty}",
-         "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}"},
-        {"HAS_NORM_W": True, "HAS_NORM_B": True, "HAS_B1": True, "SAVE_PRE": True},
-        c1, arch, dtype,
-        ("X", "Mean", "Rstd", "NormW", "NormB", "W1", "B1", "G", "Pre", "D", "HD", "stride_xb", "stride_xn",
-         "stride_w1h"),
+        "layernorm_mlp._fc1_kernel", _fc1_kernel, f"fc1 {ty}",
+        {"A": f"*{ty}", "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}"},
+        {"HAS_B1": True, "SAVE_PRE": True, "EVEN_K": True},  # ViT widths are multiples of BLOCK_K
+        c1, arch, dtype, ("A", "W1", "B1", "G", "Pre", "D", "HD", "stride_w1h"),
     )
     c2 = gemm_config(arch, dtype, "fc2")
     fc2 = gemm_spec(
@@ -490,7 +501,8 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
     )
     if arch == 90 and dtype != torch.float32:  # two CTAs/SM: one's epilogue overlaps the other's main loop
         fc2 = dataclasses.replace(fc2, target_ctas_per_sm=2)
-    return [fc1, fc2]
+    # fc1 reads LN(x) in the GEMM dtype, which the statistics pass writes: x's dtype never reaches it
+    return [fc1, fc2] if dtype == x_dtype else [fc2]
 
 
 def _row_specs(arch: int) -> list[KernelSpec]:
@@ -499,9 +511,11 @@ def _row_specs(arch: int) -> list[KernelSpec]:
         rc = row_config(block_d)
         specs.append(KernelSpec(
             "layernorm_mlp._ln_stats_kernel", f"ln stats bf16 BLOCK_D={block_d} rows={rc.block_rows} w={rc.num_warps}",
-            signature(_ln_stats_kernel, {"X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "eps": "fp32"}),
-            {"BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}, rc.num_warps, 1, arch,
-            divisible_by_16=("X", "Mean", "Rstd", "stride_xb", "stride_xn"),
+            signature(_ln_stats_kernel, {"X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "XHat": "*bf16",
+                                         "NormW": "*bf16", "NormB": "*bf16", "eps": "fp32"}),
+            {"BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d, "WRITE_XHAT": True, "HAS_NORM_W": True,
+             "HAS_NORM_B": True}, rc.num_warps, 1, arch,
+            divisible_by_16=("X", "Mean", "Rstd", "XHat", "NormW", "NormB", "D", "stride_xb", "stride_xn"),
         ))
     return specs
 
