@@ -33,7 +33,17 @@ bias's gradient):
   h x w grid (no cls token: N = h * w), ``rel_h`` (B, H, N, h) and ``rel_w`` (B, H, N, w):
   computed inside fastvit's kernel, materialised as a (B, H, N, N) bias for SDPA.
 
-``--quick`` runs the biased pairs only when ``--impls`` names them.
+RoPE models (EVA02, the ``vit_*_rope_*`` ViTs, DINOv3), one cls token left unrotated, q, k and v
+views of a packed (B, N, 3, H, D) qkv, timm's fp32 (N - 1, 2D) interleaved embedding; fwd+bwd gives
+the packed qkv's gradient:
+
+- ``fastvit+rope[<route>]``: ``fastvit.rotary_qk`` (q and k rotated in one pass) then
+  ``fastvit.flash_attention``: the one-pass option of issue 14;
+- ``sdpa+rope``: timm's ``EvaAttention`` code, ``apply_rot_embed_cat`` on the patch rows of q and
+  of k, ``torch.cat`` of the cls row, ``type_as(v)``, then ``F.scaled_dot_product_attention``.
+
+``--quick`` runs the biased pairs and the RoPE pair only when ``--impls`` names them; the default
+CPU run leaves the RoPE pair out too (a GPU run's default measures it).
 
 FLOPs follow flash-attn's convention (forward 4 * B * H * N^2 * D, forward+backward 3.5x; the bias
 adds no FLOPs); the axial rows count the work axial attention does,
@@ -69,10 +79,14 @@ SDPA_BACKENDS = {
     "sdpa[cudnn]": "CUDNN_ATTENTION",
 }
 BIAS_IMPLS = ("fastvit+bias", "sdpa+bias", "fastvit+rel_pos", "sdpa+rel_pos")
-IMPLS = ("eager", "axial", "window", *SDPA_BACKENDS, "flash-attn", "xformers", "fastvit", *BIAS_IMPLS)
-FASTVIT_IMPLS = ("fastvit", "fastvit+bias", "fastvit+rel_pos")  # labelled with the route that ran
-# --quick (CI's smoke run, 2 minutes on a 2-core CPU) leaves the biased pairs out unless named
-QUICK_IMPLS = tuple(impl for impl in IMPLS if impl not in BIAS_IMPLS)
+ROPE_IMPLS = ("fastvit+rope", "sdpa+rope")
+IMPLS = ("eager", "axial", "window", *SDPA_BACKENDS, "flash-attn", "xformers", "fastvit", *BIAS_IMPLS, *ROPE_IMPLS)
+# labelled with the route that ran
+FASTVIT_IMPLS = ("fastvit", "fastvit+bias", "fastvit+rel_pos", "fastvit+rope")
+# --quick (CI's smoke run, 2 minutes on a 2-core CPU) leaves the biased and RoPE pairs out unless named
+QUICK_IMPLS = tuple(impl for impl in IMPLS if impl not in BIAS_IMPLS + ROPE_IMPLS)
+# the default CPU run leaves the RoPE pair out unless named (its time stays what it was); on a GPU it runs
+CPU_DEFAULT_IMPLS = tuple(impl for impl in IMPLS if impl not in ROPE_IMPLS)
 PREFIX = 1  # one cls token before the grid
 WINDOW = 14  # ViTDet's window (14 x 14 patches of a 1024 px image at patch 16)
 
@@ -108,11 +122,23 @@ def attention_bias_elements(point: Point) -> int:
     return 0
 
 
+def rope_bytes(point: Point) -> int:
+    """Compulsory bytes of the RoPE rows' embedding (0 for other rows): timm's fp32 (N - P, 2D)
+    [sin, cos] table, read by the forward and again by the backward (the inverse rotation of dq and
+    dk). The floor is the rotation fused into the attention's loads, so the rotated q and k are
+    never written: a one-pass rotation's extra q and k traffic is above the floor."""
+    if not point.impl.split("[")[0].endswith("+rope"):
+        return 0
+    rows = point.n_tokens - point.params["num_prefix_tokens"]
+    return 4 * rows * 2 * point.head_dim * (2 if point.mode == "fwd+bwd" else 1)
+
+
 def min_bytes(point: Point) -> int:
-    """Compulsory bytes of one call (``roofline.attention_bytes``: q, k, v, out, the LSE, the bias)."""
+    """Compulsory bytes of one call (``roofline.attention_bytes``: q, k, v, out, the LSE, the bias;
+    the RoPE rows' embedding)."""
     n = point.n_tokens
     return attention_bytes(point.batch, point.heads, n, n, point.head_dim, point.dtype, point.mode,
-                           attention_bias_elements(point))
+                           attention_bias_elements(point)) + rope_bytes(point)
 
 
 def flops(point: Point) -> float:
@@ -142,14 +168,15 @@ def _not_here(impl: str, device: str, dtype: str) -> str | None:
             return f"{impl} runs on CUDA tensors only"
         if impl == "flash-attn" and dtype == "float32":
             return "flash-attn takes float16 and bfloat16 only"
-    if impl in ("fastvit", "window", "fastvit+bias", "fastvit+rel_pos"):
+    if impl in ("fastvit", "window", "fastvit+bias", "fastvit+rel_pos", "fastvit+rope"):
         import inspect
 
         import fastvit
 
-        op = "window_attention" if impl == "window" else "flash_attention"
-        if not hasattr(fastvit, op):
-            return f"fastvit.{op} is not in this build"
+        ops = {"window": ("window_attention",), "fastvit+rope": ("rotary_qk", "flash_attention")}
+        for op in ops.get(impl, ("flash_attention",)):
+            if not hasattr(fastvit, op):
+                return f"fastvit.{op} is not in this build"
         needs = {"fastvit+bias": "attn_mask", "fastvit+rel_pos": "rel_pos"}.get(impl)
         if needs and needs not in inspect.signature(fastvit.flash_attention).parameters:
             return f"fastvit.flash_attention has no {needs} in this build"
@@ -170,6 +197,8 @@ def points(args: Any, impl: str) -> list[Point]:
             elif impl.endswith("+rel_pos"):
                 gh, gw = square_grid(n, PREFIX)  # SAM has no cls token: N = h * w
                 n, params = gh * gw, {"grid": f"{gh}x{gw}"}
+            elif impl.endswith("+rope"):
+                params = {"num_prefix_tokens": PREFIX}  # the cls token stays unrotated
             out.append(
                 Point(
                     suite=NAME,
@@ -189,10 +218,10 @@ def points(args: Any, impl: str) -> list[Point]:
 
 def run(args: Any, progress: Progress) -> list[Record]:
     """Every implementation in ``args.impls`` (default: all), every mode and sequence length."""
+    default = QUICK_IMPLS if args.quick else (None if args.device == "cuda" else CPU_DEFAULT_IMPLS)
     records, impls = run_impls(
         NAME, IMPLS, args.impls, lambda impl: _not_here(impl, args.device, args.dtype),
-        lambda impl: points(args, impl), lambda p: p.n_tokens, build, args, progress,
-        default=QUICK_IMPLS if args.quick else None,
+        lambda impl: points(args, impl), lambda p: p.n_tokens, build, args, progress, default=default,
     )  # fmt: skip
     order = {mode: i for i, mode in enumerate(modes(args))}
     return sorted(records, key=lambda r: (impls.index(_base(r.impl)), order[r.mode], r.n_tokens))
@@ -224,6 +253,43 @@ def _sdpa_materialised_rel_pos(q, k, v, rel_h, rel_w) -> torch.Tensor:
     """SAM's way: the (B, H, N, h * w) bias rel_h[..., j // w] + rel_w[..., j % w], materialised."""
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _packed_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3, H, D) -> q, k, v (B, H, N, D) views, as timm's attention unbinds its packed qkv."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _fastvit_rope(qkv: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """The one-pass rotation of q and k, then fastvit's attention (FusedEvaAttention's path)."""
+    import fastvit
+
+    q, k, v = _packed_views(qkv)
+    q, k = fastvit.rotary_qk(q, k, rope, num_prefix_tokens=PREFIX)
+    return fastvit.flash_attention(q.type_as(v), k.type_as(v), v)
+
+
+def _sdpa_rope(qkv: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """timm's EvaAttention: apply_rot_embed_cat on the patch rows of q and k, the cls row cat back."""
+    try:
+        from timm.layers import apply_rot_embed_cat
+    except ImportError:  # the same math without timm (fastvit's oracle is timm's code, op for op)
+        from fastvit.reference import rotary_qk
+
+        def apply_rot_embed_cat(x, emb, half=False):
+            return rotary_qk(x, x, emb, rotate_half=half)[0]
+
+    q, k, v = _packed_views(qkv)
+    q = torch.cat([q[:, :, :PREFIX], apply_rot_embed_cat(q[:, :, PREFIX:], rope)], dim=2).type_as(v)
+    k = torch.cat([k[:, :, :PREFIX], apply_rot_embed_cat(k[:, :, PREFIX:], rope)], dim=2).type_as(v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _rope_table(rows: int, head_dim: int, device: str) -> torch.Tensor:
+    """timm's interleaved fp32 [sin, cos] embedding of ``rows`` tokens (random angles)."""
+    angles = (torch.rand(rows, head_dim // 2, device=device) * 20).repeat_interleave(2, -1)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def _probe(fn: Callable, label: str, shape: tuple[int, ...], dtype: torch.dtype, device: str, context) -> None:
@@ -283,12 +349,15 @@ def _implementation(point: Point) -> tuple[Callable, str, Callable[[], Any]]:
             "fastvit": fastvit.flash_attention,
             "fastvit+bias": lambda q, k, v, bias: fastvit.flash_attention(q, k, v, attn_mask=bias),
             "fastvit+rel_pos": lambda q, k, v, rel_h, rel_w: fastvit.flash_attention(q, k, v, rel_pos=(rel_h, rel_w)),
+            "fastvit+rope": _fastvit_rope,
         }
         return fns[impl], f"{impl}[{route}]", contextlib.nullcontext
     if impl == "sdpa+bias":
         return _sdpa_with_bias, impl, contextlib.nullcontext
     if impl == "sdpa+rel_pos":
         return _sdpa_materialised_rel_pos, impl, contextlib.nullcontext
+    if impl == "sdpa+rope":
+        return _sdpa_rope, impl, contextlib.nullcontext
     raise Unavailable(f"unknown attention implementation {impl!r}")
 
 
@@ -314,6 +383,9 @@ def build(point: Point) -> Workload:
         extra_shapes = []
 
     def make() -> tuple[torch.Tensor, ...]:
+        if point.impl.endswith("+rope"):  # a packed qkv (its gradient in fwd+bwd) and timm's fp32 table
+            qkv = randn((b, n, 3, h, d), dtype=dtype, device=device, requires_grad=backward)
+            return qkv, _rope_table(n - point.params["num_prefix_tokens"], d, device)
         shapes = [shape] * 3 + extra_shapes
         return tuple(randn(s, dtype=dtype, device=device, requires_grad=backward) for s in shapes)
     sets = input_sets(make, device)

@@ -33,6 +33,9 @@ Per suite (s = the dtype's bytes; attention M = N, self-attention):
   them once for the whole step is lower by s B H (N D + 2 M D).) Rows with a bias (``+bias``,
   ``+rel_pos``) add the bias's own tensors: read by the forward; read again, and their gradient
   written, by the backward.
+  RoPE rows (``+rope``) add timm's fp32 (N - P, 2D) [sin, cos] table, read by the forward and
+  again by the backward: the floor of the rotation fused into the attention's loads (a rotation in
+  its own pass also writes and reads the rotated q and k, above the floor).
 - varlen (packed sequences, T tokens in all): the attention bytes at N = M = T with B = 1 (the
   per-sequence terms are linear in the lengths, so they sum to that); padding is not counted.
 - mlp ``fwd``: x, the LayerNorm weight and bias, W1, b1, W2, b2 read, y written. ``fwd+bwd``: the

@@ -43,7 +43,7 @@ from .static_ttgir import mma_tiles
 __all__ = ["KERNEL_MODULES", "all_specs", "compile_spec", "main", "model_fields", "run", "tool"]
 
 # Kernel modules (under fastvit.kernels) that provide aot_specs().
-KERNEL_MODULES: tuple[str, ...] = ("flash_attention", "patch_embed", "layernorm_mlp", "layernorm_mlp_bwd")
+KERNEL_MODULES: tuple[str, ...] = ("flash_attention", "patch_embed", "layernorm_mlp", "layernorm_mlp_bwd", "rotary")
 
 
 def tool(name: str) -> str:

@@ -8,6 +8,7 @@ Public API::
     fastvit.patch_embed(x, weight, bias=None, *, pos_embed=None, prefix_tokens=None)
     fastvit.axial_attention(q, k, v, grid, num_prefix_tokens=0)     # the axial baseline
     fastvit.window_attention(q, k, v, grid, window, *, shift=0, num_prefix_tokens=0)  # (shifted) windows
+    fastvit.rotary_qk(q, k, rope, *, num_prefix_tokens=0, rotate_half=False)  # timm's RoPE of q and k, one pass
     report = fastvit.patch(model); fastvit.unpatch(model)
     with fastvit.backend("auto" | "triton" | "torch" | "cuda"): ...
 """
@@ -18,6 +19,7 @@ from fastvit.ops.flash_attention import flash_attention
 from fastvit.ops.flash_attention_varlen import flash_attention_varlen
 from fastvit.ops.layernorm_mlp import layernorm_mlp
 from fastvit.ops.patch_embed import patch_embed
+from fastvit.ops.rotary import rotary_qk
 from fastvit.ops.window_attention import window_attention
 from fastvit.patching import PatchReport, patch, unpatch
 
@@ -34,6 +36,7 @@ __all__ = [
     "layernorm_mlp",
     "patch",
     "patch_embed",
+    "rotary_qk",
     "unpatch",
     "window_attention",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "axial_attention",
     "layernorm_mlp",
     "patch_embed",
+    "rotary_qk",
     "window_attention",
     "window_attention_mask",
 ]
@@ -322,3 +323,39 @@ def attention_varlen(
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def rotary_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rope: torch.Tensor,
+    *,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's rotary embedding of q and k, as ``EvaAttention`` applies it: ``apply_rot_embed_cat``
+    on the rows past the prefix (``x * cos + rot(x) * sin`` in the promoted dtype of x and rope,
+    cast back to x's dtype), then ``torch.cat`` of the unrotated prefix rows.
+
+    Args:
+        q, k: (B, H, N, D).
+        rope: [sin, cos] along the last dim, broadcastable to (B, H, N - P, 2D).
+        num_prefix_tokens: P.
+        rotate_half: lanes i and i + D/2 pair up (``rope_rotate_half``), else 2i and 2i + 1 (``rot``).
+
+    Returns:
+        (q_rot, k_rot), (B, H, N, D) each in its input's dtype.
+    """
+    sin, cos = rope.chunk(2, dim=-1)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        if rotate_half:
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat([-x2, x1], dim=-1)
+        return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        body = x[:, :, num_prefix_tokens:]
+        return torch.cat([x[:, :, :num_prefix_tokens], (body * cos + rot(body) * sin).to(x.dtype)], dim=2)
+
+    return one(q), one(k)

@@ -2,11 +2,13 @@
 onto a model by ``fastvit.patch``: ``EvaAttention``, the MLP half of ``EvaBlock`` and the ``Eva``
 embedding.
 
-The attention is one ``fastvit.flash_attention`` call. Everything around it is timm's, line for
-line: the packed or separate q/k/v projections (with EVA's zero k bias), ``q_norm`` / ``k_norm``,
-the rotary position embedding applied to the patch tokens only (prefix tokens stay unrotated, in
-timm's dtype handling), the output norm, the gate and the projection. RoPE itself runs as timm
-computes it (a fused rotation is issue 14's next step).
+The attention is one ``fastvit.rotary_qk`` call (the rotary position embedding of the patch rows
+of q and k in one pass, prefix tokens copied unrotated, the rotation in fp32 as timm computes it
+with its fp32 embedding) and one ``fastvit.flash_attention`` call. Everything around them is timm's,
+line for line: the packed or separate q/k/v projections (with EVA's zero k bias), ``q_norm`` /
+``k_norm``, the ``type_as(v)`` after the rotation, the output norm, the gate and the projection.
+An embedding the op does not take (not broadcastable to (B, H, N - P, 2D), q and k of different
+dtypes or shapes) runs timm's ``apply_rot_embed_cat`` + ``torch.cat``.
 
 ``EvaBlock``'s MLP half, ``x + drop_path2(gamma_2 * mlp(norm2(x)))`` with timm's ``Mlp``, packed
 SwiGLU (``GluMlp``) or ``SwiGLU``, is one ``fastvit.layernorm_mlp`` call (``fastvit.nn.timm_mlp``).
@@ -22,6 +24,7 @@ from timm.layers import apply_keep_indices_nlc, apply_rot_embed_cat
 from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
+import fastvit
 from fastvit.nn.attention import biased_qkv, merge_heads, self_attention
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
@@ -30,10 +33,33 @@ from fastvit.nn.timm_vit import _FusedEmbedding
 __all__ = ["FusedEva", "FusedEvaAttention", "FusedEvaBlock", "FusedEvaSwiGLUBlock"]
 
 
+def _rotary_qk_takes(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int) -> bool:
+    """Whether ``fastvit.rotary_qk`` takes timm's arguments: q and k (B, H, N, D) of one shape and
+    dtype with D even, and the embedding [sin, cos] broadcastable to (B, H, N - P, 2D).
+
+    Example:
+        >>> _rotary_qk_takes(q, k, rope, attn.num_prefix_tokens)  # else timm's apply_rot_embed_cat
+    """
+    if isinstance(q, torch.fx.Proxy) or isinstance(rope, torch.fx.Proxy):
+        return True  # torch.fx tracing: the op is one leaf node (fastvit/ops/_fx.py), checked when it runs
+    if q.dim() != 4 or q.shape != k.shape or q.dtype != k.dtype or not 2 <= rope.dim() <= 4:
+        return False
+    if not (rope.is_floating_point() and q.is_floating_point()) or q.shape[-1] % 2:
+        return False
+    batch, heads, n_tokens, head_dim = q.shape
+    padded = (1,) * (4 - rope.dim()) + tuple(rope.shape)
+    return (
+        0 <= num_prefix_tokens <= n_tokens
+        and padded[2:] == (n_tokens - num_prefix_tokens, 2 * head_dim)
+        and padded[0] in (1, batch)
+        and padded[1] in (1, heads)
+    )
+
+
 class FusedEvaAttention(FusedModule, EvaAttention):
-    """timm ``EvaAttention`` running ``fastvit.flash_attention`` (same signature,
-    ``forward(x, rope=None, attn_mask=None, is_causal=False)``); ``attn_mask`` goes to the op's
-    ``attn_mask``. Calls in training with attention dropout > 0 run timm's forward."""
+    """timm ``EvaAttention`` running ``fastvit.rotary_qk`` and ``fastvit.flash_attention`` (same
+    signature, ``forward(x, rope=None, attn_mask=None, is_causal=False)``); ``attn_mask`` goes to the
+    op's ``attn_mask``. Calls in training with attention dropout > 0 run timm's forward."""
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
@@ -61,8 +87,13 @@ class FusedEvaAttention(FusedModule, EvaAttention):
         if rope is not None:  # patch tokens only, as timm
             npt = self.num_prefix_tokens
             half = getattr(self, "rotate_half", False)
-            q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
-            k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+            if _rotary_qk_takes(q, k, rope, npt):  # one pass over q and k (looked up on fastvit at call time)
+                q, k = fastvit.rotary_qk(q, k, rope, num_prefix_tokens=npt, rotate_half=half)
+                q, k = q.type_as(v), k.type_as(v)
+            else:
+                q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2)
+                k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2)
+                q, k = q.type_as(v), k.type_as(v)
         out = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
         if gate is not None:
             out = out * gate

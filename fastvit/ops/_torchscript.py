@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple  # noqa: UP035 (TorchScript reads
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SCRIPTABLE", "flash_attention", "layernorm_mlp", "patch_embed"]
+__all__ = ["SCRIPTABLE", "flash_attention", "layernorm_mlp", "patch_embed", "rotary_qk"]
 
 # The public ops, filled in by fastvit.ops.<op> as they are defined (no import cycle).
 EAGER: Dict[str, object] = {}  # noqa: UP006
@@ -153,4 +153,36 @@ def patch_embed(
     )
 
 
-SCRIPTABLE = {"flash_attention": flash_attention, "layernorm_mlp": layernorm_mlp, "patch_embed": patch_embed}
+def _rotate_lanes(x: torch.Tensor, half: bool) -> torch.Tensor:
+    """timm's ``rope_rotate_half`` (half) or ``rot`` (interleaved pairs)."""
+    if half:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
+def rotary_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rope: torch.Tensor,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
+    if torch.jit.is_scripting():
+        compute = torch.float64 if torch.float64 in (q.dtype, rope.dtype) else torch.float32
+        sin, cos = rope.to(compute).chunk(2, dim=-1)
+        outs: List[torch.Tensor] = []  # noqa: UP006
+        for x in (q, k):
+            body = x[:, :, num_prefix_tokens:].to(compute)
+            rotated = (body * cos + _rotate_lanes(body, rotate_half) * sin).to(q.dtype)
+            outs.append(torch.cat([x[:, :, :num_prefix_tokens], rotated], dim=2))
+        return outs[0], outs[1]
+    return EAGER["rotary_qk"](q, k, rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
+
+
+SCRIPTABLE = {
+    "flash_attention": flash_attention,
+    "layernorm_mlp": layernorm_mlp,
+    "patch_embed": patch_embed,
+    "rotary_qk": rotary_qk,
+}

@@ -46,6 +46,15 @@ def test_attention_cost_counts_the_bias_tensors():
     assert roofline.cost(plain).min_bytes == roofline.attention_bytes(2, 12, 197, 197, 64, "bfloat16", "fwd")
 
 
+def test_attention_cost_counts_the_rope_table():
+    # RoPE rows: timm's fp32 (N - 1, 2D) table read by the forward, and again by the backward
+    for mode, reads in (("fwd", 1), ("fwd+bwd", 2)):
+        for impl in ("fastvit+rope[triton]", "sdpa+rope"):
+            rope = record("attention", mode, 197, 2, 12, 64, "bfloat16", impl=impl, num_prefix_tokens=1)
+            expected = roofline.attention_bytes(2, 12, 197, 197, 64, "bfloat16", mode) + reads * 4 * 196 * 128
+            assert roofline.cost(rope).min_bytes == expected
+
+
 def test_mlp_bytes_by_hand():
     # T=10 rows, D=4, hidden=16, fp32; parameters: 2*4 (LN) + 64 + 16 (fc1) + 64 + 4 (fc2) = 156
     assert roofline.mlp_bytes(10, 4, 16, "float32", "fwd") == 4 * (40 + 156 + 40)

@@ -110,6 +110,28 @@ def test_biased_attention_rows():
     assert [r.extra["window"] for r in by_impl["window"][:2]] == [14, 14]
 
 
+def test_rope_attention_rows():
+    """fastvit+rope (rotary_qk + flash_attention) vs sdpa+rope (timm's apply_rot_embed_cat + SDPA) on
+    a packed qkv with a cls token: both run on the CPU, compute the same attention, and stay out of
+    the quick and the default CPU runs unless named (on a GPU the default runs them)."""
+    impls = ["fastvit+rope", "sdpa+rope"]
+    records = attention.run(args(seq_lens=SEQ_LENS, impls=impls), Progress(enabled=False))
+    by_impl = {}
+    for r in records:
+        by_impl.setdefault(r.impl, []).append(r)
+    assert set(by_impl) == {"fastvit+rope[torch]", "sdpa+rope"}
+    for impl, rows in by_impl.items():
+        assert [r.status for r in rows] == ["ok"] * 4, (impl, [(r.status, r.note) for r in rows])
+        assert [r.n_tokens for r in rows] == SEQ_LENS * 2
+        assert all(r.extra["num_prefix_tokens"] == 1 for r in rows)
+    assert not set(attention.ROPE_IMPLS) & set(attention.QUICK_IMPLS + attention.CPU_DEFAULT_IMPLS)
+    assert set(attention.BIAS_IMPLS) <= set(attention.CPU_DEFAULT_IMPLS)  # the CPU default run is as it was
+    # the two implementations compute the same thing
+    qkv = torch.randn(2, 26, 3, 2, 16)
+    rope = attention._rope_table(25, 16, "cpu")
+    torch.testing.assert_close(attention._fastvit_rope(qkv, rope), attention._sdpa_rope(qkv, rope))
+
+
 def test_unknown_implementation_is_an_error():
     with pytest.raises(ValueError, match="unknown attention implementations"):
         attention.run(args(impls=["nope"]), Progress(enabled=False))

@@ -1,9 +1,9 @@
 """timm's Eva (EVA02, the RoPE ViTs, timm's DINOv3) patched (issue 14, item 1): the attention on
-fastvit.flash_attention (RoPE as timm computes it), ``EvaBlock``'s MLP half on fastvit.layernorm_mlp
-(``Mlp``, packed ``GluMlp`` and ``SwiGLU``, ``gamma_2``, drop path) and the embedding on
-fastvit.patch_embed (``dynamic_img_size`` too). Tiny random configs, no downloads: the named
-models at their smallest, and ``Eva`` built directly (tests/patching/helpers.py sizes: 16x16
-images, 4x4 patches, dim 32, 2 heads, 2 blocks, batch 3).
+fastvit.rotary_qk + fastvit.flash_attention (RoPE in one pass, as timm computes it), ``EvaBlock``'s
+MLP half on fastvit.layernorm_mlp (``Mlp``, packed ``GluMlp`` and ``SwiGLU``, ``gamma_2``, drop path)
+and the embedding on fastvit.patch_embed (``dynamic_img_size`` too). Tiny random configs, no
+downloads: the named models at their smallest, and ``Eva`` built directly (tests/patching/helpers.py
+sizes: 16x16 images, 4x4 patches, dim 32, 2 heads, 2 blocks, batch 3).
 """
 
 from __future__ import annotations
@@ -294,3 +294,57 @@ def test_triton_route_swiglu_dynamic_drop_path(op_calls):
     with fastvit.backend("triton"):
         assert_outputs_and_grads_match(reference, patched, images(size=(20, 12)), rtol=1e-4, atol=1e-5, seed=2)
     assert len(op_calls["layernorm_mlp"]) == DEPTH and len(op_calls["patch_embed"]) == 1
+
+
+@pytest.mark.parametrize(
+    "rope_type, overrides",
+    [("cat", {}), ("dinov3", {"rope_rotate_half": True}), ("mixed", {})],  # mixed: a learnable embedding
+)
+def test_rope_is_one_rotary_qk_call_per_block(monkeypatch, rope_type, overrides):
+    """q and k are rotated by one fastvit.rotary_qk call per block (class + 2 register tokens left
+    unrotated), matching timm's apply_rot_embed_cat + torch.cat, gradients included."""
+    calls, real = [], fastvit.rotary_qk
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastvit, "rotary_qk", spy)
+    reference, patched, _ = pair(eva(rope_type=rope_type, init_values=0.3, **ROPE, **overrides))
+    assert_outputs_and_grads_match(reference, patched, images())
+    half = overrides.get("rope_rotate_half", False)
+    assert calls and len(calls) % DEPTH == 0
+    assert {(c["num_prefix_tokens"], c["rotate_half"]) for c in calls} == {(3, half)}
+
+
+def test_rope_the_op_does_not_take_runs_timms_code():
+    from fastvit.nn.timm_eva import _rotary_qk_takes
+
+    q, rope = torch.randn(2, 3, 5, 8), torch.randn(4, 16)
+    assert _rotary_qk_takes(q, q, rope, 1)
+    assert _rotary_qk_takes(q, q, rope.expand(3, 4, 16), 1)  # (H, N - P, 2D): mixed RoPE's per block
+    assert not _rotary_qk_takes(q, q.half(), rope, 1)  # q and k of different dtypes
+    assert not _rotary_qk_takes(q, q, rope, 2)  # the embedding covers other tokens
+    assert not _rotary_qk_takes(q, q, torch.randn(2, 2, 4, 16), 1)  # 2 heads for 3
+
+
+def test_fx_feature_extraction_records_rotary_qk_and_scripts():
+    """timm's FX feature extraction of a patched Eva: each block's rotation is one rotary_qk leaf node;
+    the GraphModule matches timm, and so does its TorchScript form."""
+    import warnings
+
+    from timm.models._features_fx import create_feature_extractor
+
+    reference = build("eva02_tiny_patch14_224")
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    graph = create_feature_extractor(patched, return_nodes=["norm"])
+    called = [getattr(n.target, "__name__", "") for n in graph.graph.nodes if n.op == "call_function"]
+    assert called.count("rotary_qk") == TINY["depth"]
+    x = torch.randn(2, 3, 28, 28)
+    expected = reference.forward_features(x)
+    torch.testing.assert_close(graph(x)["norm"], expected, rtol=RTOL, atol=ATOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(graph)
+    torch.testing.assert_close(scripted(x)["norm"], expected, rtol=RTOL, atol=ATOL)
