@@ -73,8 +73,10 @@ from .runtime import (
     rows_addressable_in_int32,
 )
 
-# Largest head dim the kernels cover (padded to a power of two in registers).
-MAX_HEAD_DIM = 128
+# Largest head dim the kernels cover (padded to a power of two in registers), and the largest with an
+# attn_mask or rel_pos, whose gathered tiles have configurations up to 128 wide only.
+MAX_HEAD_DIM = 256
+MAX_MASK_HEAD_DIM = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -989,6 +991,8 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
         return _INTERPRETER_FWD
     if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units and need many registers
         return _FP32_CONFIGS[head_dim_pad]
+    if head_dim_pad > 128:
+        return _FWD_256_HOPPER if 90 <= arch < 100 else _FWD_256
     small = head_dim_pad <= 64
     if 90 <= arch < 100:  # Hopper: two warpgroups of warpgroup MMA over 128 query rows
         return AttentionConfig(128, 64, 8, 3) if small else AttentionConfig(128, 64, 8, 2)
@@ -1006,11 +1010,19 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     (dK/dV) and key (dQ) step is 64 up to D = 64, so S and dP are 64-wide wgmma, and 32 above,
     where the two (128, D) fp32 accumulators of dK/dV leave no room for a wider S tile (64 spills
     8-160 B at D = 128). Static report, Triton 3.8: no replicated rows, 102-254 registers, no spills.
+
+    Head dims above 128 (padded to 256) take ``_BWD_256`` on every architecture, Hopper included:
+    a warpgroup MMA gives each warp 16 rows of its accumulator, so the two (rows, 256) fp32
+    accumulators of dK/dV alone are 2 x 128 registers per thread whatever the warp count (every
+    wgmma tiling spilled 144-1040 B or replicated rows; 16 warps cap registers at 128 and
+    replicate). Tiles of 32 rows are below wgmma's 64 and compile to warp-level MMA (HMMA) there.
     """
     if INTERPRETER:
         return _INTERPRETER_BWD
     if dtype == torch.float32:
         return _FP32_CONFIGS_BWD[head_dim_pad]
+    if head_dim_pad > 128:
+        return _BWD_256
     small = head_dim_pad <= 64
     if 90 <= arch < 100:
         return AttentionConfig(64, 128, 8, 2) if small else AttentionConfig(32, 128, 8, 2)
@@ -1020,7 +1032,8 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
 def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     """Backward block sizes of the VARLEN kernels: ``bwd_config``'s, except fp32 on 8 warps — with
     the tile table's extra live values the 4-warp fp32 tiles put 8 B on the stack in the causal
-    dK/dV (D = 128, sm_80) and dQ (D = 64, sm_89) passes (Triton 3.8, 2026-12-04); 8 warps are clean."""
+    dK/dV (D = 128, sm_80) and dQ (D = 64, sm_89) passes (Triton 3.8, 2026-12-04); 8 warps are clean
+    (at D = 256 too, where the dense passes take 16)."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER or dtype != torch.float32:
         return cfg
@@ -1028,7 +1041,8 @@ def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Atten
 
 
 def fwd_mask_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
-    """Forward block sizes with an attn_mask or rel_pos, from the ahead-of-time report. The mask
+    """Forward block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``: the
+    op runs SDPA above), from the ahead-of-time report. The mask
     and rel_pos tiles are gathered through (BLOCK_M, BLOCK_N) tiles of 64-bit pointers: for 16-bit
     inputs with head dims > 64 the plain tiles then spill (sm_90: 568 B with a bool mask), so
     BLOCK_N is halved and 8 warps share the tile."""
@@ -1041,10 +1055,10 @@ def fwd_mask_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attenti
 def bwd_mask_configs(
     arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool
 ) -> tuple[AttentionConfig, AttentionConfig]:
-    """(dK/dV, dQ) block sizes with an attn_mask or rel_pos, from the ahead-of-time report (same
-    conventions as ``bwd_config``). Off Hopper, 16-bit tiles of 32 x 32 with 8 warps (the plain
-    32 x 64 spill 240-320 B with the gathered mask tiles), and fp32 8 warps and two stages (the
-    plain fp32 tiles spill 8-16 B there, not on Hopper).
+    """(dK/dV, dQ) block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``),
+    from the ahead-of-time report (same conventions as ``bwd_config``). Off Hopper, 16-bit tiles of
+    32 x 32 with 8 warps (the plain 32 x 64 spill 240-320 B with the gathered mask tiles), and fp32
+    8 warps and two stages (the plain fp32 tiles spill 8-16 B there, not on Hopper).
 
     Hopper, 16-bit: the dQ pass without the rel_pos gradients takes ``bwd_config``'s tiles. The
     gathered mask and rel_pos tiles take registers from the others: dK/dV up to D = 64 steps 32
@@ -1067,6 +1081,18 @@ def bwd_mask_configs(
     dkdv = _HOPPER_MASK_BWD_SMALL if head_dim_pad <= 64 else _HOPPER_MASK_BWD
     return dkdv, _HOPPER_MASK_BWD if rel_pos_grad else cfg
 
+
+# Head dims 129..256 (padded to 256), 16-bit inputs; masks and rel_pos take no head dim above
+# MAX_MASK_HEAD_DIM. Static report, Triton 3.8 (dense, causal and VARLEN; sm_80 / sm_89 / sm_90):
+# forward off Hopper, 64 query rows on 8 warps over 32-key tiles, two stages (178-216 registers,
+# 68 KiB of shared memory, within sm_89's 99 KB); 4 warps spill 32-288 B, 64-key tiles 32-264 B or
+# overflow sm_89's shared memory. Hopper's forward: two warpgroups of wgmma over 128 query rows,
+# 32-key tiles, one stage (249-255 registers, 80 KiB); two stages or 64 keys spill 8-80 B.
+# Backward (``bwd_config``): 32 x 32 tiles on 8 warps (dK/dV 187-227, dQ 252-255 registers,
+# 64 KiB), warp-level MMA everywhere; 64-row tiles spill in dQ (576-1448 B).
+_FWD_256 = AttentionConfig(64, 32, 8, 2)
+_FWD_256_HOPPER = AttentionConfig(128, 32, 8, 1)
+_BWD_256 = AttentionConfig(32, 32, 8, 1)
 
 # Hopper's backward tiles where the mask and rel_pos gathers leave fewer registers (above)
 _HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 128, 8, 2)
@@ -1097,12 +1123,16 @@ _FP32_CONFIGS = {
     32: AttentionConfig(32, 32, 4, 2),
     64: AttentionConfig(32, 16, 4, 2),
     128: AttentionConfig(16, 16, 4, 1),
+    # two stages: with one, the VARLEN forward spills 8-24 B on sm_80 (8 warps: 8 B, the plain one)
+    256: AttentionConfig(16, 16, 4, 2),
 }
 _FP32_CONFIGS_BWD = {
     16: AttentionConfig(16, 32, 4, 1),
     32: AttentionConfig(16, 32, 4, 1),
     64: AttentionConfig(16, 16, 4, 1),
     128: AttentionConfig(16, 16, 4, 1),
+    # 16 warps (60-86 registers): the causal dK/dV pass spills 8-200 B on 4 warps, 8 B on 8 (sm_80)
+    256: AttentionConfig(16, 16, 16, 1),
 }
 
 
@@ -1497,9 +1527,9 @@ def flash_attention_varlen_backward(
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time specs: every configuration the launchers can pick
 # ---------------------------------------------------------------------------------------------
-# One head dim per padded width (16, 32, 64, 128) and 80, the masked representative of the
+# One head dim per padded width (16, 32, 64, 128, 256) and 80, the masked representative of the
 # non-powers of two (80 and 96 share the 128-wide registers and differ only in a mask constant).
-AOT_HEAD_DIMS = (16, 32, 64, 80, 128)
+AOT_HEAD_DIMS = (16, 32, 64, 80, 128, 256)
 # fp16 and bf16 share every block configuration and compile to the same code but for the
 # conversions; to keep the compile check short, fp16 is compiled for the forward only.
 _BWD_AOT_DTYPES = (torch.bfloat16, torch.float32)
@@ -1526,10 +1556,10 @@ _REL_POS_AOT_PAD = 64
 
 # The packed variable-length arguments, last in the forward, dK/dV and dQ kernels.
 _VARLEN_OFF = {"CuSeqQ": None, "CuSeqK": None, "Tiles": None, "VARLEN": False}
-# VARLEN launches, compiled for bf16 (training) and fp32 at ViT-B's and ViT-g's head dims, causal
-# and not.
+# VARLEN launches, compiled for bf16 (training) and fp32 at ViT-B's and ViT-g's head dims and the
+# widest (256), causal and not.
 _VARLEN_AOT_DTYPES = (torch.bfloat16, torch.float32)
-_VARLEN_AOT_HEAD_DIMS = (64, 128)
+_VARLEN_AOT_HEAD_DIMS = (64, 128, 256)
 
 
 def aot_specs() -> list[KernelSpec]:

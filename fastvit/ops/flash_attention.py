@@ -414,8 +414,9 @@ def flash_attention(
     Tensors may have any strides with a unit stride in the last dim (views of a packed qkv are
     not copied). dtypes: fp16, bf16 and fp32 run the kernels; fp32 uses IEEE fp32 dot products
     (no TF32), so it matches an fp32 reference to rounding; float64 runs the ``torch`` route.
-    Head dims 1 to 128 run the kernels (padded to a power of two in registers); larger head dims
-    and non-positive scales run the ``torch`` route with one warning. Under autocast, q, k and v
+    Head dims 1 to 256 run the kernels (padded to a power of two in registers), 1 to 128 with an
+    ``attn_mask`` or ``rel_pos``; larger head dims and non-positive scales run the ``torch`` route
+    with one warning. Under autocast, q, k and v
     are cast to the autocast dtype, like SDPA (masks and rel_pos keep their dtype). On the
     ``torch`` route a mask or rel_pos runs SDPA a block of query rows at a time, so no
     (B, H, N, M) tensor exists at once there either.
@@ -456,11 +457,13 @@ def flash_attention(
                                  torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))),
     )  # fmt: skip
     if route == "triton":
-        from fastvit.kernels.flash_attention import MAX_HEAD_DIM
+        from fastvit.kernels.flash_attention import MAX_HEAD_DIM, MAX_MASK_HEAD_DIM
 
         reason = None
         if head_dim > MAX_HEAD_DIM:
             reason = f"head_dim {head_dim} > {MAX_HEAD_DIM}"
+        elif head_dim > MAX_MASK_HEAD_DIM and (attn_mask is not None or rel_pos is not None):
+            reason = f"head_dim {head_dim} > {MAX_MASK_HEAD_DIM} with attn_mask or rel_pos"
         elif q.dtype not in _KERNEL_DTYPES:
             reason = f"dtype {q.dtype}"
         elif interpreter_dtype_problem(device, q.dtype):

@@ -321,7 +321,7 @@ def flash_attention_varlen(
 
     dtypes, strides, head dims, autocast and fallbacks as in ``fastvit.flash_attention``: any
     strides with a unit stride in D (views of a packed (T, 3, H, D) qkv are not copied); fp16,
-    bf16, fp32 in the kernels, float64 and head dims > 128 on the ``torch`` route (one SDPA call
+    bf16, fp32 in the kernels, float64 and head dims > 256 on the ``torch`` route (one SDPA call
     per sequence, which reads ``cu_seqlens`` on the host).
 
     Raises:

@@ -8,8 +8,9 @@ from the same blocks. The attention of the relative-position-bias families (BEiT
 (``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
 Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3:
 ``timm_eva``, RoPE as timm computes it), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
-CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call) and of
-MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
+CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of
+XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the tokens are the head dim)
+and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
 head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
 embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
 ``gamma_2``: ``timm_mlp``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
@@ -35,6 +36,7 @@ from fastvit.nn import (
     timm_relpos,
     timm_sam,
     timm_swin,
+    timm_xcit,
 )
 from fastvit.nn import timm_vit as fused
 from fastvit.nn.fused import FusedModule
@@ -92,6 +94,7 @@ _OTHER_ATTENTIONS = {
                                                            "num_heads", "head_dim", "scale")),
         (fused_table(timm_cait.FusedClassAttn), ("q", "k", "v", "attn_drop", "proj", "proj_drop", "num_heads",
                                                  "scale")),
+        (fused_table(timm_xcit.FusedXCA), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "temperature")),
         (fused_table(timm_mvit.FusedMultiScaleAttention), ("qkv", "proj", "num_heads", "scale", "has_cls_token",
                                                            "pool_q", "pool_k", "pool_v", "norm_q", "norm_k",
                                                            "norm_v", "rel_pos_type", "residual_pooling")),
@@ -167,11 +170,6 @@ _LEFT_ALONE = {
     ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
-        "modules",
-    ),
-    ("timm.models.xcit", "XCA"): (
-        "attention", "XCiT's cross-covariance attention attends across channels: its softmax rows are the head's "
-        "channels and its 'head dim' is the token count (196 at 224 px), above the kernels' 128: it runs timm's "
         "modules",
     ),
 }

@@ -166,6 +166,6 @@ def test_relabel_on_fallback_names_the_route_that_ran():
     assert workload.impl is None and workload.note == ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.warn("head_dim 192 > 128", FastvitFallbackWarning, stacklevel=1)
+        warnings.warn("head_dim 320 > 256", FastvitFallbackWarning, stacklevel=1)
     hook(list(caught))
-    assert workload.impl == "fastvit[torch]" and "head_dim 192" in workload.note
+    assert workload.impl == "fastvit[torch]" and "head_dim 320" in workload.note

@@ -92,6 +92,18 @@ def test_kernel_head_dims(kernel_device, head_dim, dtype):
     _check_against_reference(q, k, v, out, lse, grad_out, grads)
 
 
+# Head dims above 128, padded to 256 in registers: 160 is not a power of two (masked), 256 the
+# widest the kernels take; short odd lengths (19 queries, 23 keys) keep the interpreter fast.
+@kernel_test
+@pytest.mark.parametrize("head_dim", [160, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_large_head_dims(kernel_device, head_dim, causal, dtype):
+    (q, k, v), _ = _inputs(1, 2, 19, 23, head_dim, dtype, kernel_device, seed=head_dim)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
+
+
 @kernel_test
 @pytest.mark.parametrize("n_q,n_k", [(197, 197), (50, 77)])
 @pytest.mark.parametrize("causal", [False, True])
@@ -171,7 +183,7 @@ def _config_keys():
         (arch, dtype, pad)
         for arch in (80, 86, 89, 90, 100, 120)
         for dtype in (torch.float16, torch.bfloat16, torch.float32)
-        for pad in (16, 32, 64, 128)
+        for pad in (16, 32, 64, 128, 256)
     ]
 
 
@@ -354,14 +366,32 @@ def test_unsupported_head_dim_falls_back_with_one_warning():
     import sys
 
     sys.modules["fastvit.backend"]._warned.clear()  # the module; fastvit.backend is the context manager
-    q = torch.randn(1, 2, 9, 192)  # D = 192: larger than the kernels cover
+    q = torch.randn(1, 2, 9, 257)  # D = 257: one past the widest head dim the kernels cover
     with fastvit.backend("triton"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fastvit.flash_attention(q, q, q)
         fastvit.flash_attention(q, q, q)
     fallback = [w for w in caught if issubclass(w.category, fastvit.FastvitFallbackWarning)]
-    assert len(fallback) == 1 and "head_dim 192" in str(fallback[0].message)
+    assert len(fallback) == 1 and "head_dim 257 > 256" in str(fallback[0].message)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+
+
+@pytest.mark.skipif(ON_GPU, reason="needs the interpreter")
+def test_masked_head_dim_above_128_falls_back_with_its_reason():
+    """Head dims 129..256 run the kernels without a mask; with an attn_mask (or rel_pos) they
+    have no configurations and run SDPA, with a warning that says so."""
+    import sys
+
+    sys.modules["fastvit.backend"]._warned.clear()
+    q = torch.randn(1, 2, 9, 160)
+    keep = torch.rand(9, 9) > 0.3
+    keep[:, 0] = True  # no fully masked row: SDPA's answer is defined
+    with fastvit.backend("triton"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fastvit.flash_attention(q, q, q, attn_mask=keep)
+    fallback = [w for w in caught if issubclass(w.category, fastvit.FastvitFallbackWarning)]
+    assert len(fallback) == 1 and "head_dim 160 > 128 with attn_mask or rel_pos" in str(fallback[0].message)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=keep))
 
 
 def test_empty_query_sequence():

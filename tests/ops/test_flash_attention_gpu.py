@@ -26,7 +26,7 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128, 160, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_bf16_against_float64_reference(head_dim, causal):
     q, k, v = _qkv(2, 3, 197, head_dim, torch.bfloat16, seed=head_dim)

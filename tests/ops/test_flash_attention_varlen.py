@@ -101,6 +101,16 @@ def test_kernel_matches_reference(kernel_device, dtype, causal):
 
 
 @kernel_test
+@pytest.mark.parametrize("head_dim", [160, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_large_head_dims(kernel_device, head_dim, causal):
+    """Head dims above 128, padded to 256: 160 masked, 256 the widest; fp32, short sequences."""
+    q, k, v, cu_q, cu_k = _inputs((19, 0, 5), (19, 0, 5), 2, head_dim, torch.float32, kernel_device, seed=head_dim)
+    out, lse, grad_out, grads = _run("triton", q, k, v, cu_q, None, causal=causal)
+    _check(q, k, v, cu_q, cu_k, out, lse, grad_out, grads, causal=causal)
+
+
+@kernel_test
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernel_cross_lengths(kernel_device, causal):
     """cu_seqlens_k != cu_seqlens_q: queries without keys (zeros, lse -inf, zero dq), keys
@@ -158,7 +168,7 @@ def test_kernel_production_block_shapes(kernel_device, monkeypatch):
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
     pairs = {(kernels.fwd_config(a, d, p), kernels.bwd_config(a, d, p))
-             for a in (80, 89, 90) for d in (torch.float16, torch.float32) for p in (16, 64, 128)}
+             for a in (80, 89, 90) for d in (torch.float16, torch.float32) for p in (16, 64, 128, 256)}
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     q, k, v, cu_q, cu_k = _inputs((130, 0, 20), (70, 5, 0), 1, 16, torch.float32, kernel_device, seed=15)
     for fwd, bwd in sorted(pairs, key=str):
@@ -296,13 +306,13 @@ def test_auto_backend_on_cpu_is_the_torch_route(monkeypatch):
 @pytest.mark.skipif(ON_GPU, reason="needs the interpreter")
 def test_unsupported_head_dim_falls_back_with_one_warning():
     sys.modules["fastvit.backend"]._warned.clear()
-    q, k, v, cu_q, _ = _inputs((5, 3), (5, 3), 2, 192, torch.float32, "cpu", seed=5)
+    q, k, v, cu_q, _ = _inputs((5, 3), (5, 3), 2, 257, torch.float32, "cpu", seed=5)  # one past the widest
     with fastvit.backend("triton"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fastvit.flash_attention_varlen(q, k, v, cu_q, max_seqlen_q=5)
         fastvit.flash_attention_varlen(q, k, v, cu_q, max_seqlen_q=5)
     fallback = [w for w in caught if issubclass(w.category, fastvit.FastvitFallbackWarning)]
-    assert len(fallback) == 1 and "head_dim 192" in str(fallback[0].message)
+    assert len(fallback) == 1 and "head_dim 257 > 256" in str(fallback[0].message)
     torch.testing.assert_close(out, reference.attention_varlen(q, k, v, cu_q)[0])
 
 
