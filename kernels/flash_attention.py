@@ -76,6 +76,8 @@ from .runtime import (
 # Largest head dim the kernels cover (padded to a power of two in registers), and the largest with an
 # attn_mask or rel_pos, whose gathered tiles have configurations up to 128 wide only.
 MAX_HEAD_DIM = 256
+# log2(e): the kernels work in base 2 (exp(x) = exp2(x * LOG2E)), scores and LSE scaled by it
+LOG2E = tl.constexpr(1.4426950408889634)
 MAX_MASK_HEAD_DIM = 128
 
 
@@ -96,14 +98,14 @@ def _add_bias(
     if HAS_REL_POS:
         rh = tl.load(rh_ptrs, mask=valid, other=0.0).to(tl.float32)
         rw = tl.load(rw_ptrs, mask=valid, other=0.0).to(tl.float32)
-        t += (rh + rw) * 1.4426950408889634
+        t += (rh + rw) * LOG2E
     # -- bool: -inf where masked;  float: t += bias * log2 e (bias may hold -inf) --
     if HAS_BIAS:
         if BIAS_BOOL:
             keep = tl.load(bias_ptrs, mask=valid, other=0)
             t = tl.where(keep != 0, t, float("-inf"))
         else:
-            t += tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+            t += tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32) * LOG2E
     return t
 
 
@@ -303,7 +305,7 @@ def flash_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2 e)
+    qk_scale = sm_scale * LOG2E
 
     # -- key ranges: whole blocks off the diagonal need no mask; the rest is masked --
     full_end = (M // BLOCK_N) * BLOCK_N  # keys in whole blocks
@@ -441,9 +443,9 @@ def _attention_bwd_dkdv_inner(
             t_t = _add_bias(s_t * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            p_t = tl.math.exp2(t_t - lse[None, :] * 1.4426950408889634)
+            p_t = tl.math.exp2(t_t - lse[None, :] * LOG2E)
         else:
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         do = tl.load(do_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
@@ -551,7 +553,7 @@ def flash_attention_bwd_dkdv_kernel(
     else:
         lse_ptr = Lse + bh.to(tl.int64) * N
         delta_ptr = Delta + bh.to(tl.int64) * N
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     # -- per-key-column pointers into the mask and the rel_pos tables --
     bias_cols = Bias + off_b * stride_bb + off_h * stride_bh + offs_n * stride_bm if HAS_BIAS else Bias
     if HAS_REL_POS:
@@ -651,9 +653,9 @@ def _attention_bwd_dq_inner(
                 rw_ptrs = rw_rows
             t = _add_bias(s * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                           HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
-            p = tl.math.exp2(t - lse[:, None] * 1.4426950408889634)
+            p = tl.math.exp2(t - lse[:, None] * LOG2E)
         else:
-            p = tl.math.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+            p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
         if MASK_KEYS:
             p = tl.where(key_valid[None, :], p, 0.0)
         if CAUSAL_MASK:
@@ -768,7 +770,7 @@ def flash_attention_bwd_dq_kernel(
         delta = tl.load(Delta + bh.to(tl.int64) * N + offs_m, mask=row_valid, other=0.0)
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh + local_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + local_n[None, :] * stride_vn + offs_d[:, None]
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     # -- per-row pointers into the mask and the rel_pos tables; fully masked rows: lse -> +inf, P = 0 --
     if HAS_BIAS or HAS_REL_POS:
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -890,7 +892,7 @@ def flash_attention_bwd_dbias_kernel(
     local_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for ib in range(0, B_LOOP):
         off_b = (own_b + ib).to(tl.int64)
@@ -937,7 +939,7 @@ def flash_attention_bwd_dbias_kernel(
                     t = _add_bias(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale,
                                   bias_rows[:, None] + offs_n[None, :] * stride_bm, rh_ptrs, rw_ptrs, valid,
                                   HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=HAS_REL_POS)
-                    p = tl.math.exp2(t - lse[:, None] * 1.4426950408889634)
+                    p = tl.math.exp2(t - lse[:, None] * LOG2E)
                     p = tl.where(valid, p, 0.0)
                     if CAUSAL:
                         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
