@@ -161,6 +161,22 @@ def _rotate_lanes(x: torch.Tensor, half: bool) -> torch.Tensor:
     return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
 
 
+def rotary_composite(
+    q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, rotate_half: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
+    """timm's ``apply_rot_embed_cat`` on rows P: of q and k and ``torch.cat`` of rows :P, computed
+    in float64 when q or the embedding is float64, else float32, and returned in q's dtype: the
+    torch route of ``fastvit.rotary_qk`` and its TorchScript form."""
+    compute = torch.float64 if torch.float64 in (q.dtype, rope.dtype) else torch.float32
+    sin, cos = rope.to(compute).chunk(2, dim=-1)
+    outs: List[torch.Tensor] = []  # noqa: UP006
+    for x in (q, k):
+        body = x[:, :, num_prefix_tokens:].to(compute)
+        rotated = (body * cos + _rotate_lanes(body, rotate_half) * sin).to(q.dtype)
+        outs.append(torch.cat([x[:, :, :num_prefix_tokens], rotated], dim=2))
+    return outs[0], outs[1]
+
+
 def rotary_qk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -169,14 +185,7 @@ def rotary_qk(
     rotate_half: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
     if torch.jit.is_scripting():
-        compute = torch.float64 if torch.float64 in (q.dtype, rope.dtype) else torch.float32
-        sin, cos = rope.to(compute).chunk(2, dim=-1)
-        outs: List[torch.Tensor] = []  # noqa: UP006
-        for x in (q, k):
-            body = x[:, :, num_prefix_tokens:].to(compute)
-            rotated = (body * cos + _rotate_lanes(body, rotate_half) * sin).to(q.dtype)
-            outs.append(torch.cat([x[:, :, :num_prefix_tokens], rotated], dim=2))
-        return outs[0], outs[1]
+        return rotary_composite(q, k, rope, num_prefix_tokens, rotate_half)
     return EAGER["rotary_qk"](q, k, rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
 
 

@@ -17,6 +17,7 @@ from fastvit.backend import resolve_backend, warn_once
 from fastvit.ops._autograd import call, function_twin, no_double_backward
 from fastvit.ops._checks import check_flags, check_same_device, check_tensor, usable_in_autograd
 from fastvit.ops._fx import fx_leaf
+from fastvit.ops._torchscript import rotary_composite
 
 __all__ = ["rotary_qk"]
 
@@ -85,26 +86,10 @@ _rotary_qk_fwd_function = function_twin(_rotary_qk_fwd, _setup_context, _backwar
 # ---------------------------------------------------------------------------------------------
 # torch route: timm's composite
 # ---------------------------------------------------------------------------------------------
-def _rot(x: torch.Tensor, half: bool) -> torch.Tensor:
-    """timm's ``rope_rotate_half`` (half) or ``rot`` (interleaved pairs)."""
-    if half:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([-x2, x1], dim=-1)
-    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
-
-
 def _torch_route(q, k, rope, num_prefix, half):
-    """timm's ``apply_rot_embed_cat`` on rows P: of q and k and ``torch.cat`` of rows :P, computed in
-    the promoted dtype of x and the embedding, at least fp32, and returned in q's dtype."""
-    compute = torch.promote_types(torch.promote_types(q.dtype, rope.dtype), torch.float32)
-    sin, cos = rope.to(compute).chunk(2, dim=-1)
-
-    def one(x: torch.Tensor) -> torch.Tensor:
-        body = x[:, :, num_prefix:].to(compute)
-        rotated = (body * cos + _rot(body, half) * sin).to(q.dtype)
-        return torch.cat([x[:, :, :num_prefix], rotated], dim=2)
-
-    return one(q), one(k)
+    """timm's composite (``apply_rot_embed_cat`` on rows P: and ``torch.cat`` of rows :P), at least
+    fp32, in q's dtype: the function the TorchScript form runs too."""
+    return rotary_composite(q, k, rope, num_prefix, half)
 
 
 # ---------------------------------------------------------------------------------------------
