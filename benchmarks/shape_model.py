@@ -38,12 +38,12 @@ SM_COUNT = {80: 108, 89: 142, 90: 132}
 
 
 def _padded(length: int, block: int, tail: int | None = None) -> int:
-    """``length`` rounded up to whole blocks; with ``tail``, the last partial block rounds up to
-    a multiple of ``tail`` instead (a short last block)."""
+    """``length`` rounded up to whole blocks; with ``tail``, a partial last block of at most
+    ``tail`` keys takes one ``tail``-wide step instead (the forward kernel's BLOCK_TAIL)."""
     full, rest = divmod(length, block)
     if rest == 0:
         return length
-    return full * block + (block if tail is None else -(-rest // tail) * tail)
+    return full * block + (tail if tail is not None and rest <= tail else block)
 
 
 def padded_fraction(n: int, m: int, block_m: int, block_n: int, key_tail: int | None = None) -> float:
@@ -97,8 +97,9 @@ def attention_forward(batch: int, heads: int, n: int, m: int, block_m: int, bloc
 # ---------------------------------------------------------------------------------------------
 # beside the measured rows: the attention suite's fastvit forward rows of a run
 # ---------------------------------------------------------------------------------------------
-# the plain forward configurations' labels in the static report ("bf16 D=64 BM=128 BN=64 w=8 s=3")
-_FWD_LABEL = re.compile(r"^(bf16|fp16|fp32) D=(\d+) BM=(\d+) BN=(\d+) w=\d+ s=\d+$")
+# the plain forward configurations' labels in the static report ("bf16 D=64 BM=128 BN=64 tail=32 w=8 s=3";
+# "bf16 D=64 tma BM=64 ...": the tensor-descriptor tiles Hopper runs for inputs a descriptor can address)
+_FWD_LABEL = re.compile(r"^(bf16|fp16|fp32) D=(\d+)( tma)? BM=(\d+) BN=(\d+)(?: tail=(\d+))? w=\d+ s=\d+$")
 _FWD_KERNEL = "flash_attention.flash_attention_fwd_kernel"
 _DTYPE_LABEL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # GPU names -> the architecture whose static figures stand for them
@@ -117,16 +118,19 @@ def arch_of_name(device_name: str) -> int | None:
 
 
 def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: str,
-                     head_dim_pad: int) -> tuple[int, int, dict[str, Any]] | None:  # fmt: skip
-    """(block_m, block_n, figures) of the plain forward configuration for (arch, dtype, padded D)."""
+                     head_dim_pad: int) -> tuple[int, int, int | None, dict[str, Any]] | None:  # fmt: skip
+    """(block_m, block_n, key tail or None, figures) of the plain forward configuration for
+    (arch, dtype, padded D): the tensor-descriptor one where the architecture has it (the
+    benchmark's contiguous inputs qualify), else the pointer one."""
     prefix = f"sm_{arch} {_FWD_KERNEL} ["
+    found = {}
     for key, row in figures_rows.items():
         if not key.startswith(prefix):
             continue
         label = _FWD_LABEL.match(key[len(prefix):-1])
         if label and label[1] == _DTYPE_LABEL.get(dtype) and int(label[2]) == head_dim_pad:
-            return int(label[3]), int(label[4]), row
-    return None
+            found[bool(label[3])] = (int(label[4]), int(label[5]), int(label[6]) if label[6] else None, row)
+    return found.get(True) or found.get(False)
 
 
 def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[str, Any]],
@@ -147,9 +151,9 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
         found = _forward_figures(figures_rows, arch, r.dtype, head_dim_pad)
         if found is None:
             continue
-        block_m, block_n, fig = found
+        block_m, block_n, key_tail, fig = found
         model = attention_forward(r.batch, r.heads, r.n_tokens, r.n_tokens, block_m, block_n, arch,
-                                  fig.get("ctas_per_sm") or 1, fig.get("loop_issue_ratio"))  # fmt: skip
+                                  fig.get("ctas_per_sm") or 1, fig.get("loop_issue_ratio"), key_tail)  # fmt: skip
         predicted_ms = model.predicted_s(floor_ms / 1e3) * 1e3
         rows.append([
             str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",

@@ -110,7 +110,8 @@ def compile_spec(spec: KernelSpec) -> dict[str, Any]:
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", spec.arch, 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                     **({"maxnreg": spec.max_registers} if spec.max_registers else {})},
         )
     except Exception as exc:  # reported, and the test fails on it
         row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"

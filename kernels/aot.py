@@ -35,6 +35,7 @@ class KernelSpec:
         divisible_by_16: arguments (pointers, strides) the runtime specialises as 16-divisible.
         target_ctas_per_sm: the programs per SM the configuration is sized for; at 2 or more the
             report asks for 8 registers of headroom below the occupancy cliff.
+        max_registers: ptxas's register cap per thread (Triton's ``maxnreg`` launch option), or None.
     """
 
     kernel: str
@@ -47,6 +48,7 @@ class KernelSpec:
     needs_wgmma: bool = False
     divisible_by_16: tuple[str, ...] = ()
     target_ctas_per_sm: int = 1
+    max_registers: int | None = None
 
 
 def signature(kernel: Any, types: dict[str, str]) -> dict[str, str]:

@@ -113,7 +113,9 @@ def _add_bias(
 def _attention_fwd_inner(
     acc, l_i, m_i,  # running output (BLOCK_M, HEAD_DIM_PAD) fp32, row sum, row max (log2 units)
     q,  # (BLOCK_M, HEAD_DIM_PAD) query tile
-    k_head, v_head,  # scalar pointers to key 0 of this (batch, head) in K and V
+    k_head, v_head,  # scalar pointers to key 0 of this (batch, head) in K and V; with USE_TMA the
+                     # (B, H, M, D) tensor descriptors of K and V with (1, 1, BLOCK_N, HEAD_DIM_PAD) boxes
+    off_b, off_h,  # this program's batch and head (the descriptors' coordinates)
     stride_kn, stride_vn,
     offs_m,  # (BLOCK_M,) query rows of this program
     offs_n,  # (BLOCK_N,) 0..BLOCK_N-1
@@ -134,15 +136,21 @@ def _attention_fwd_inner(
     HAS_BIAS: tl.constexpr = False,
     BIAS_BOOL: tl.constexpr = False,
     HAS_REL_POS: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     # only scalar block pointers are carried through the loop; tile offsets are cheap to rebuild
-    k_block = k_head + tl.cast(lo, tl.int64) * stride_kn
-    v_block = v_head + tl.cast(lo, tl.int64) * stride_vn
+    if not USE_TMA:
+        k_block = k_head + tl.cast(lo, tl.int64) * stride_kn
+        v_block = v_head + tl.cast(lo, tl.int64) * stride_vn
     d_valid = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         # -- s = q k^T for this key block (fp32) --
         if MASK_KEYS:
             key_valid = offs_n < M - start_n
+        if USE_TMA:
+            # one bulk copy; keys >= M and head-dim columns >= HEAD_DIM arrive as zeros
+            k = k_head.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD).T
+        elif MASK_KEYS:
             k = tl.load(k_block + offs_n[None, :] * stride_kn + offs_d[:, None],
                         mask=d_valid[:, None] & key_valid[None, :], other=0.0)
         elif HEAD_DIM == HEAD_DIM_PAD:
@@ -183,7 +191,9 @@ def _attention_fwd_inner(
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc += p v --
-        if MASK_KEYS:
+        if USE_TMA:
+            v = v_head.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+        elif MASK_KEYS:
             v = tl.load(v_block + offs_n[:, None] * stride_vn + offs_d[None, :],
                         mask=key_valid[:, None] & d_valid[None, :], other=0.0)
         elif HEAD_DIM == HEAD_DIM_PAD:
@@ -193,8 +203,9 @@ def _attention_fwd_inner(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        k_block += BLOCK_N * stride_kn
-        v_block += BLOCK_N * stride_vn
+        if not USE_TMA:
+            k_block += BLOCK_N * stride_kn
+            v_block += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -242,7 +253,7 @@ def flash_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,  # D
     HEAD_DIM_PAD: tl.constexpr,  # D rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # queries per program
-    BLOCK_N: tl.constexpr,  # keys per inner step; divides BLOCK_M
+    BLOCK_N: tl.constexpr,  # keys per inner step
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (unused by fp16/bf16 dots)
     HAS_BIAS: tl.constexpr = False,  # attn_mask given
@@ -252,6 +263,11 @@ def flash_attention_fwd_kernel(
     CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
     Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
     VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
+    BLOCK_TAIL: tl.constexpr = 0,  # keys per step past the last whole key block when they fit (0: BLOCK_N)
+    KTail=None,  # USE_TMA and BLOCK_TAIL: K's (B, H, M, D) descriptor with (1, 1, BLOCK_TAIL, HEAD_DIM_PAD) boxes
+    VTail=None,  # ... and V's
+    USE_TMA: tl.constexpr = False,  # Q, K, V, Out are (B, H, N|M, D) tensor descriptors (Hopper's TMA), their
+                                    # boxes (1, 1, BLOCK_M|BLOCK_N, HEAD_DIM_PAD); not with VARLEN
 ):
     if VARLEN:
         # -- (head, tile): the tile table gives the sequence and the query block; the pointers move
@@ -283,16 +299,30 @@ def flash_attention_fwd_kernel(
     d_valid = offs_d < HEAD_DIM
     row_valid = offs_m < N
 
-    # -- base pointers of this (batch, head) in int64, local offsets in int32 --
-    q_base = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qn
-    k_head = K + off_b * stride_kb + off_h * stride_kh
-    v_head = V + off_b * stride_vb + off_h * stride_vh
     local_m = tl.arange(0, BLOCK_M)
-    q = tl.load(
-        q_base + local_m[:, None] * stride_qn + offs_d[None, :],
-        mask=row_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
+    if USE_TMA:
+        # -- bulk copies addressed by (batch, head, row, 0); rows and columns past the tensor read as 0 --
+        tma_b = off_b.to(tl.int32)
+        tma_h = off_h.to(tl.int32)
+        q = Q.load([tma_b, tma_h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)
+        k_head = K
+        v_head = V
+        k_tail = KTail
+        v_tail = VTail
+    else:
+        tma_b = 0
+        tma_h = 0
+        # -- base pointers of this (batch, head) in int64, local offsets in int32 --
+        q_base = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qn
+        k_head = K + off_b * stride_kb + off_h * stride_kh
+        v_head = V + off_b * stride_vb + off_h * stride_vh
+        k_tail = k_head
+        v_tail = v_head
+        q = tl.load(
+            q_base + local_m[:, None] * stride_qn + offs_d[None, :],
+            mask=row_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
     # -- per-row pointers into the mask and the rel_pos tables (int64 row offsets) --
     bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m.to(tl.int64) * stride_bn if HAS_BIAS else Bias
     if HAS_REL_POS:
@@ -307,29 +337,56 @@ def flash_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
 
-    # -- key ranges: whole blocks off the diagonal need no mask; the rest is masked --
+    # -- key ranges: whole blocks off the diagonal need no mask, diagonal blocks the causal one;
+    #    the M % BLOCK_N keys past the last whole block take one masked step, of BLOCK_TAIL keys
+    #    when they fit (M = 197 with 64-key blocks: 5 keys in a 32-key step, not a 64-key one) --
     full_end = (M // BLOCK_N) * BLOCK_N  # keys in whole blocks
     if CAUSAL:
         hi = tl.minimum(tl.minimum(start_m + BLOCK_M, M), N)  # queries i < N see keys j <= i
-        unmasked_end = tl.minimum(start_m, full_end)
+        # whole key blocks left of this query block's first row (BLOCK_N may exceed BLOCK_M)
+        unmasked_end = (tl.minimum(start_m, full_end) // BLOCK_N) * BLOCK_N
     else:
         hi = M
         unmasked_end = full_end
     acc, l_i, m_i = _attention_fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         0, unmasked_end, M, qk_scale,
         row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
-        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
+        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
     )
+    if CAUSAL:
+        # whole blocks on the diagonal (every key < M; a last block past hi is causally masked)
+        acc, l_i, m_i = _attention_fwd_inner(
+            acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+            unmasked_end, tl.minimum(hi, full_end), M, qk_scale,
+            row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
+            MASK_KEYS=False, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
+            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
+        )
+    # the keys past the last whole block (none when hi <= full_end): at most one step of either size
+    if BLOCK_TAIL > 0 and BLOCK_TAIL < BLOCK_N:
+        short = hi - full_end <= BLOCK_TAIL
+        acc, l_i, m_i = _attention_fwd_inner(
+            acc, l_i, m_i, q, k_tail, v_tail, tma_b, tma_h, stride_kn, stride_vn,
+            offs_m, tl.arange(0, BLOCK_TAIL), offs_d, full_end, tl.where(short, hi, full_end), M, qk_scale,
+            row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_TAIL,
+            MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
+            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
+        )
+        long_end = tl.where(short, full_end, hi)
+    else:
+        long_end = hi
     acc, l_i, m_i = _attention_fwd_inner(
-        acc, l_i, m_i, q, k_head, v_head, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        unmasked_end, hi, M, qk_scale,
+        acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        full_end, long_end, M, qk_scale,
         row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
-        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
+        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
     )
 
     # -- epilogue: normalise, write out and the natural-log lse --
@@ -344,12 +401,15 @@ def flash_attention_fwd_kernel(
     else:
         acc = acc / l_i[:, None]
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
-    o_base = Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_on
-    tl.store(
-        o_base + local_m[:, None] * stride_on + offs_d[None, :],
-        acc.to(Out.dtype.element_ty),
-        mask=row_valid[:, None] & d_valid[None, :],
-    )
+    if USE_TMA:
+        Out.store([tma_b, tma_h, start_m, 0], acc.to(Out.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM_PAD))
+    else:
+        o_base = Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_on
+        tl.store(
+            o_base + local_m[:, None] * stride_on + offs_d[None, :],
+            acc.to(Out.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
     if VARLEN:
         tl.store(lse_row + offs_m, lse, mask=row_valid)
     else:
@@ -969,6 +1029,32 @@ class AttentionConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # forward only: keys per step past the last whole key block when they fit (0: one whole block)
+    key_tail: int = 0
+    # forward only: Q, K, V and the output move by tensor descriptors (Hopper's TMA), see fwd_tma_descriptors
+    tma: bool = False
+    # ptxas's register cap per thread (Triton's maxnreg), where the default allocation crosses an
+    # occupancy cliff that the tiles are sized for
+    max_registers: int | None = None
+
+    def launch_options(self) -> dict[str, int]:
+        """The Triton launch options of these tiles."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.max_registers:
+            options["maxnreg"] = self.max_registers
+        return options
+
+
+# The forward's short last key step. Every ViT length is a square plus class/register tokens
+# (197, 257, 577, 785, 1025, 2305): 1-21 keys past the last whole 64-key block, computed in a
+# 32-key step instead of a 64-key one (useful share of the 128 x 64 score tiles, the shape model's
+# padded_fraction: N = 197 0.59 -> 0.68, 785 0.83 -> 0.86, 2305 0.92 -> 0.94). HGMMA 64x32x16
+# there on Hopper; the steady-state loop is unchanged.
+KEY_TAIL = 32
+
+
+def _with_key_tail(cfg: AttentionConfig) -> AttentionConfig:
+    return dataclasses.replace(cfg, key_tail=KEY_TAIL if cfg.block_n > KEY_TAIL else 0)
 
 
 def head_dim_padded(head_dim: int) -> int:
@@ -979,18 +1065,43 @@ def head_dim_padded(head_dim: int) -> int:
 # Under the interpreter: small tiles, so short test sequences still cross several blocks. The
 # forward needs block_m % block_n == 0; the backward needs block_n % block_m == 0 (dK/dV keeps
 # block_n keys and steps block_m queries; dQ keeps block_n queries and steps block_m keys).
-_INTERPRETER_FWD = AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+_INTERPRETER_FWD = AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, key_tail=8)
 _INTERPRETER_BWD = AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
 
 
-def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
-    """Forward block sizes for one (architecture, dtype, padded head dim).
+def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False) -> AttentionConfig:
+    """Forward block sizes for one (architecture, dtype, padded head dim); ``tma``: the inputs
+    qualify for tensor descriptors (``fwd_tma_descriptors``), which Hopper's 16-bit tiles up to
+    D = 128 then use.
 
     Picked from the ahead-of-time report (``python -m benchmarks static``): the largest tiles
-    that compile without spills on each architecture. Not yet tuned by timing on a GPU.
+    that compile without spills on each architecture. Not yet tuned by timing on a GPU. Tiles
+    wider than ``KEY_TAIL`` keys end with a ``KEY_TAIL``-key step where the keys left fit in it.
+
+    Hopper with TMA (Triton 3.8 static report, 2026-12-04): the bulk copies need no per-thread
+    addresses, so the tiles widen. Up to D = 64: 64 query rows on one warpgroup, 128-key steps,
+    two stages, capped at 160 registers (ptxas allocates 180-198 uncapped: 2 CTAs/SM; at 160 no
+    spill and the same hot loop, 3 CTAs/SM with 8 registers to the cliff; at 152 it recomputes
+    values and the loop grows 453 -> 474 instructions), hot-loop issue ratio 0.89 (the pointer
+    loads of the same tiles: 244 registers, 0.96; the 128 x 64 pointer tiles: 126-128 registers,
+    1.14: the softmax's ~5.5 instructions per score against a 64-wide K dimension).
+    Not modelled: each query row block re-reads every K/V block, so 64-row blocks read K and V
+    from L2 twice as often per FLOP as 128-row ones (64 vs 32 bytes per tensor-core cycle per
+    SM at the tensor-core peak, D-independent): the first GPU run arbitrates. D = 128 keeps 128 x 64
+    tiles on two warpgroups (138 registers with TMA, 238 with pointer loads; one CTA/SM).
     """
     if INTERPRETER:
-        return _INTERPRETER_FWD
+        return dataclasses.replace(_INTERPRETER_FWD, tma=tma)
+    if tma and 90 <= arch < 100 and dtype != torch.float32 and head_dim_pad <= 128:
+        if head_dim_pad <= 64:
+            tiles = AttentionConfig(64, 128, 4, 2, max_registers=160)
+        else:
+            tiles = AttentionConfig(128, 64, 8, 2)
+        return dataclasses.replace(_with_key_tail(tiles), tma=True)
+    return _with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad))
+
+
+def _fwd_tiles(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units and need many registers
         return _FP32_CONFIGS[head_dim_pad]
     if head_dim_pad > 128:
@@ -1051,7 +1162,7 @@ def fwd_mask_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attenti
     cfg = fwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER or dtype == torch.float32 or head_dim_pad <= 64:
         return cfg
-    return dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8)
+    return _with_key_tail(dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8))
 
 
 def bwd_mask_configs(
@@ -1204,12 +1315,20 @@ def flash_attention_forward(
         return out, lse
     pad = head_dim_padded(head_dim)
     masked = bias is not None or rel_h is not None
-    cfg = (fwd_mask_config if masked else fwd_config)(arch_of(q.device), q.dtype, pad)
+    arch = arch_of(q.device)
+    if masked:
+        cfg = fwd_mask_config(arch, q.dtype, pad)
+    else:
+        cfg = fwd_config(arch, q.dtype, pad, tma=tma_capable(arch, q.dtype, pad) and tma_ready(q, k, v, out))
     grid = (triton.cdiv(n_q, cfg.block_m) * batch * heads,)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
+    qkvo: tuple = (q, k, v, out)
+    if cfg.tma:
+        qkvo, tails = fwd_tma_descriptors(q, k, v, out, cfg, pad)
+        flags = {**flags, **tails, "USE_TMA": True}
     with device_guard(q):
         flash_attention_fwd_kernel[grid](
-            q, k, v, out, lse, *pointers,
+            *qkvo, lse, *pointers,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -1217,10 +1336,58 @@ def flash_attention_forward(
             *bias_strides,
             heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), **flags,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), **flags, BLOCK_TAIL=cfg.key_tail,
+            **cfg.launch_options(),
         )
     return out, lse
+
+
+# Under the interpreter the TMA path runs only when a test asks for it (the default follows sm_80/89's)
+INTERPRETER_TMA = False
+
+
+def tma_capable(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
+    """Whether the forward has TMA tiles for (architecture, dtype, padded head dim): Hopper, fp16/bf16,
+    head dims up to 128 (the interpreter: when ``INTERPRETER_TMA``)."""
+    if INTERPRETER:
+        return INTERPRETER_TMA
+    return 90 <= arch < 100 and dtype in (torch.float16, torch.bfloat16) and head_dim_pad <= 128
+
+
+def _tma_strides(t: torch.Tensor) -> list[int] | None:
+    """``t``'s strides as a tensor descriptor takes them (16-byte multiples, unit last), with the
+    stride of each size-1 dim replaced by a dense one (never used for addressing); None where ``t``
+    does not qualify: a base not 16-byte aligned, a broadcast (stride-0) dim, or a stride that
+    is not a multiple of 16 bytes."""
+    if t.data_ptr() % 16 or t.stride(-1) != 1:
+        return None
+    strides, extent = [1], t.shape[-1]  # extent: elements spanned by the dims inside the current one
+    for n, st in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1]), strict=True):
+        st = extent if n == 1 else st
+        if st <= 0 or (st * t.element_size()) % 16:
+            return None
+        strides.append(st)
+        extent = max(extent, st * n)
+    return strides[::-1]
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor can be read or written through a tensor descriptor (``_tma_strides``)."""
+    return all(_tma_strides(t) is not None for t in tensors)
+
+
+def fwd_tma_descriptors(q, k, v, out, cfg: AttentionConfig, pad: int) -> tuple[tuple, dict]:
+    """The (B, H, rows, D) tensor descriptors of q, k, v and out with the boxes of ``cfg``'s tiles
+    (zero-filled past the rows and past D), and the kernel's KTail / VTail (BLOCK_TAIL-key boxes).
+    Only for tensors ``tma_ready`` accepts."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
+        return TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, pad])
+
+    qkvo = (desc(q, cfg.block_m), desc(k, cfg.block_n), desc(v, cfg.block_n), desc(out, cfg.block_m))
+    tails = {"KTail": desc(k, cfg.key_tail), "VTail": desc(v, cfg.key_tail)} if cfg.key_tail else {}
+    return qkvo, tails
 
 
 def flash_attention_backward(
@@ -1451,7 +1618,7 @@ def flash_attention_varlen_forward(
             heads, total, k.shape[0], 1, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
-            CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k, Tiles=tiles, VARLEN=True,
+            CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k, Tiles=tiles, VARLEN=True, BLOCK_TAIL=cfg.key_tail,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
@@ -1564,6 +1731,15 @@ _VARLEN_AOT_DTYPES = (torch.bfloat16, torch.float32)
 _VARLEN_AOT_HEAD_DIMS = (64, 128, 256)
 
 
+def _tail(kernel: str, cfg: AttentionConfig) -> dict[str, int]:
+    """The forward's BLOCK_TAIL constexpr as its launchers pass it (the backward has none)."""
+    return {"BLOCK_TAIL": cfg.key_tail} if kernel == "flash_attention_fwd_kernel" else {}
+
+
+def _tail_label(kernel: str, cfg: AttentionConfig) -> str:
+    return f" tail={cfg.key_tail}" if kernel == "flash_attention_fwd_kernel" and cfg.key_tail else ""
+
+
 def aot_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, head dim, causal, architecture) configuration the launchers use, and
     the attn_mask / rel_pos variants (float and bool masks, rel_pos, their gradients)."""
@@ -1608,7 +1784,7 @@ def aot_specs() -> list[KernelSpec]:
                     for kernel, sig, cfg, block_m, block_n in launches:
                         if kernel != "flash_attention_fwd_kernel" and dtype not in _BWD_AOT_DTYPES:
                             continue
-                        constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                        constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, **_tail(kernel, cfg)}
                         constexprs.update({n: v for n, v in plain.items() if n in sig})
                         if "REL_POS_GRAD" in sig:
                             constexprs.update(REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
@@ -1617,17 +1793,50 @@ def aot_specs() -> list[KernelSpec]:
                         fwd16 = dtype != torch.float32 and kernel == "flash_attention_fwd_kernel"
                         specs.append(KernelSpec(
                             f"flash_attention.{kernel}",
-                            f"{label} BM={block_m} BN={block_n} w={cfg.num_warps} s={cfg.num_stages}",
+                            f"{label} BM={block_m} BN={block_n}{_tail_label(kernel, cfg)} w={cfg.num_warps} "
+                            f"s={cfg.num_stages}",
                             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
                             needs_wgmma=fwd16, divisible_by_16=_aligned(sig),
                             # Hopper's 16-bit forward up to D = 64 is sized for two CTAs per SM
                             target_ctas_per_sm=2 if fwd16 and arch == 90 and pad <= 64 else 1,
                         ))
+                    if tma_capable(arch, dtype, pad):
+                        specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig))
                 if dtype in _MASK_AOT_DTYPES and head_dim in _MASK_AOT_HEAD_DIMS:
                     specs.extend(_mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
                 if dtype in _VARLEN_AOT_DTYPES and head_dim in _VARLEN_AOT_HEAD_DIMS:
                     specs.extend(_varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
     return specs
+
+
+def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig) -> KernelSpec:
+    """The forward with tensor descriptors (Hopper, 16-bit; what the launcher runs when q, k, v
+    and out qualify): Q, K, V, Out and the key-tail descriptors typed with their boxes."""
+    pad = head_dim_padded(head_dim)
+    cfg = fwd_config(arch, dtype, pad, tma=True)
+
+    def desc(rows: int) -> str:
+        return f"tensordesc<{ty}[1, 1, {rows}, {pad}]>"
+
+    sig = {**fwd_sig, "Q": desc(cfg.block_m), "K": desc(cfg.block_n), "V": desc(cfg.block_n),
+           "Out": desc(cfg.block_m)}  # fmt: skip
+    if cfg.key_tail:
+        sig.update(KTail=desc(cfg.key_tail), VTail=desc(cfg.key_tail))
+    constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype),
+                  "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_TAIL": cfg.key_tail, "USE_TMA": True,
+                  "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None,
+                  "RelW": None, **_VARLEN_OFF}  # fmt: skip
+    if not cfg.key_tail:
+        constexprs.update(KTail=None, VTail=None)
+    return KernelSpec(
+        "flash_attention.flash_attention_fwd_kernel",
+        f"{ty} D={head_dim}{' causal' if causal else ''} tma BM={cfg.block_m} BN={cfg.block_n}"
+        f"{_tail_label('flash_attention_fwd_kernel', cfg)} w={cfg.num_warps} s={cfg.num_stages}",
+        sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
+        needs_wgmma=True, divisible_by_16=_aligned(sig),
+        # up to D = 64 the tiles are sized for three CTAs per SM (one warpgroup each)
+        target_ctas_per_sm=3 if pad <= 64 else 1, max_registers=cfg.max_registers,
+    )
 
 
 def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[KernelSpec]:
@@ -1651,12 +1860,13 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
                 sig[name] = value  # a pointer that this variant passes
         values = {n: v for n, v in constexprs.items() if sig.get(n) == "constexpr"}
         values.update({n: v for n, v in _VARLEN_OFF.items() if n in sig})
-        values.update(common, BLOCK_M=block_m, BLOCK_N=block_n)
+        values.update(common, BLOCK_M=block_m, BLOCK_N=block_n, **_tail(kernel, cfg))
         if "stride_dod" in sig:
             values["stride_dod"] = 1
         specs.append(KernelSpec(
             f"flash_attention.{kernel}",
-            f"{ty} D={head_dim} {label} BM={block_m} BN={block_n} w={cfg.num_warps} s={cfg.num_stages}",
+            f"{ty} D={head_dim} {label} BM={block_m} BN={block_n}{_tail_label(kernel, cfg)} w={cfg.num_warps} "
+            f"s={cfg.num_stages}",
             sig, values, cfg.num_warps, cfg.num_stages, arch,
             needs_wgmma=wgmma and dtype != torch.float32, divisible_by_16=_aligned(sig),
         ))
@@ -1705,15 +1915,15 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
         ("flash_attention_bwd_dq_kernel", dq_sig, bwd, bwd.block_n, bwd.block_m),
     )):
         sig = {**sig, **tables}  # the same argument order, pointers where the plain specs have None
-        constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, **_tail(kernel, cfg)}
         if "REL_POS_GRAD" in sig:
             constexprs.update(dRelH=None, dRelW=None, REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
         if "stride_dod" in sig:
             constexprs["stride_dod"] = 1
         specs.append(KernelSpec(
             f"flash_attention.{kernel}",
-            f"{ty} D={head_dim} varlen{' causal' if causal else ''} BM={block_m} BN={block_n} "
-            f"w={cfg.num_warps} s={cfg.num_stages}",
+            f"{ty} D={head_dim} varlen{' causal' if causal else ''} BM={block_m} BN={block_n}"
+            f"{_tail_label(kernel, cfg)} w={cfg.num_warps} s={cfg.num_stages}",
             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
             needs_wgmma=dtype != torch.float32 and kernel == "flash_attention_fwd_kernel",
             divisible_by_16=_aligned(sig),

@@ -17,6 +17,10 @@ def test_padded_fraction_at_vit_lengths():
     assert padded_fraction(197, 197, 128, 64, key_tail=16) == pytest.approx(197 * 197 / (256 * 208))  # 0.73
     assert round(padded_fraction(197, 197, 128, 64), 2) == 0.59
     assert round(padded_fraction(197, 197, 128, 64, key_tail=16), 2) == 0.73
+    # the kernel takes ONE short step: more keys left than the tail holds take a whole block
+    # (785 = DINOv2's 28 * 28 + 1: 17 keys past 768 fit a 32-key tail; with a 16-key one: a 64-key block)
+    assert padded_fraction(785, 785, 128, 64, key_tail=32) == pytest.approx(785 * 785 / (896 * 800))
+    assert padded_fraction(785, 785, 128, 64, key_tail=16) == padded_fraction(785, 785, 128, 64)
     assert padded_fraction(256, 1024, 128, 64) == 1.0  # whole tiles
     assert padded_fraction(0, 5, 128, 64) == 1.0  # nothing to compute, nothing wasted
 
@@ -84,6 +88,22 @@ def test_attention_rows_put_the_model_beside_the_measurement():
     assert float(row["model ms"]) == pytest.approx(expected.predicted_s(1e-6) * 1e3, rel=1e-2)
     assert float(row["ms / model"]) == pytest.approx(0.3 / (expected.predicted_s(1e-6) * 1e3), rel=1e-2)
     assert attention_forward_rows(records, FIGURES, arch=None) == []  # not a GPU run
+
+
+def test_the_key_tail_is_read_from_the_configuration_label():
+    figures = {"sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 BM=128 BN=64 tail=32 w=8 s=3]":
+               {"ctas_per_sm": 2, "loop_issue_ratio": 1.0}}  # fmt: skip
+    from fastvit.benchmarks.shape_model import SHAPE_MODEL_HEADER, attention_forward_rows
+
+    row = dict(zip(SHAPE_MODEL_HEADER, attention_forward_rows([_fwd_record(197, ms=0.3, floor_ms=0.001)], figures,
+                                                             arch=90)[0], strict=True))  # fmt: skip
+    assert row["useful"] == f"{197 * 197 / (256 * 224):.2f}" == "0.68"  # keys: 192 + one 32-key step
+    # Hopper's tensor-descriptor tiles win over the pointer ones where both are in the figures
+    figures["sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 tma BM=64 BN=128 tail=32 w=4 s=2]"] = {
+        "ctas_per_sm": 3, "loop_issue_ratio": 0.5}
+    row = dict(zip(SHAPE_MODEL_HEADER, attention_forward_rows([_fwd_record(197, ms=0.3, floor_ms=0.001)], figures,
+                                                             arch=90)[0], strict=True))  # fmt: skip
+    assert row["useful"] == f"{197 * 197 / (256 * 256):.2f}" and row["issue eff"] == "1.00"  # 128 + 69 keys: 2 blocks
 
 
 def test_the_architecture_of_a_run():

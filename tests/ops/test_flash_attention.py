@@ -68,8 +68,10 @@ kernel_test = pytest.mark.interpreter if not ON_GPU else pytest.mark.gpu
 
 # N, M: 1 (a single row/key), 7 (below every block), 64 (exactly whole blocks), 197 (ViT-B/16 at
 # 224: cls + 14*14, prime), 257 (cls + 16*16, one past a power of two); M != N exercises the key
-# boundary separately from the query boundary.
-LENGTHS = [(1, 1), (7, 7), (64, 64), (197, 197), (257, 257), (7, 33), (70, 19)]
+# boundary separately from the query boundary. The forward ends with one short masked step where the
+# keys past the last whole block fit in it (the interpreter's 16-key blocks: an 8-key tail, 197 -> 5
+# keys), else a whole masked block: 29 and 45 leave 13 keys past a block.
+LENGTHS = [(1, 1), (7, 7), (64, 64), (197, 197), (257, 257), (7, 33), (70, 19), (40, 29), (29, 45)]
 
 
 @kernel_test
@@ -168,14 +170,53 @@ def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    pairs = {(kernels.fwd_config(a, d, p), kernels.bwd_config(a, d, p)) for a, d, p in _config_keys()}
+    pairs = {(kernels.fwd_config(a, d, p, tma=tma), kernels.bwd_config(a, d, p))
+             for a, d, p in _config_keys() for tma in (False, True)}  # fmt: skip
     monkeypatch.setattr(kernels, "INTERPRETER", True)
-    (q, k, v), _ = _inputs(1, 1, 150, 70, 40, torch.float32, kernel_device, seed=41)
     for fwd, bwd in sorted(pairs, key=str):
         monkeypatch.setattr(kernels, "_INTERPRETER_FWD", fwd)
         monkeypatch.setattr(kernels, "_INTERPRETER_BWD", bwd)
-        out, lse, grad_out, grads = _run_kernel(q, k, v, causal=True)
-        _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=True)
+        monkeypatch.setattr(kernels, "INTERPRETER_TMA", fwd.tma)
+        # fp16 (the TMA tiles are 16-bit only); 64-row query blocks under 128-key steps both ways
+        for n_q, n_k in ((150, 70), (70, 150)):
+            (q, k, v), _ = _inputs(1, 1, n_q, n_k, 40, torch.float16, kernel_device, seed=n_q)
+            out, lse, grad_out, grads = _run_kernel(q, k, v, causal=True)
+            _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=True)
+
+
+@kernel_test
+@pytest.mark.parametrize("n_q,n_k", LENGTHS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_tma_forward(kernel_device, n_q, n_k, causal, monkeypatch):
+    """Hopper's forward reads Q, K, V and writes out through tensor descriptors (zero-filled past the
+    rows and past D): the interpreter runs that path when asked, with packed-qkv-like strides and a
+    masked head dim (40, padded to 64)."""
+    from fastvit.kernels import flash_attention as kernels
+
+    if ON_GPU and kernels.arch_of(torch.device(kernel_device)) // 10 != 9:
+        pytest.skip("tensor descriptors are Hopper's")
+    monkeypatch.setattr(kernels, "INTERPRETER_TMA", True)
+    used = []
+    original = kernels.fwd_tma_descriptors
+    monkeypatch.setattr(kernels, "fwd_tma_descriptors", lambda *a: used.append(1) or original(*a))
+    (q, k, v), _ = _inputs(1, 2, n_q, n_k, 40, torch.float16, kernel_device, seed=n_q * 7 + n_k)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
+    assert used
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
+
+
+def test_tma_takes_only_what_a_descriptor_can_address():
+    from fastvit.kernels.flash_attention import _tma_strides, tma_ready
+
+    qkv = torch.zeros(2, 197, 3, 12, 64, dtype=torch.bfloat16)
+    q = qkv[:, :, 0].transpose(1, 2)  # timm's packed view: (B, H, N, D) with strides (N*3*H*D, D, 3*H*D, 1)
+    assert _tma_strides(q) == list(q.stride())
+    single = torch.zeros(1, 12, 197, 64, dtype=torch.bfloat16)
+    assert _tma_strides(single)[1:] == [197 * 64, 64, 1]  # the size-1 batch dim gets a dense stride
+    assert not tma_ready(torch.zeros(2, 12, 197, 20, dtype=torch.bfloat16))  # 40-byte rows
+    assert not tma_ready(single.expand(3, 12, 197, 64))  # a broadcast batch
+    assert not tma_ready(torch.zeros(2, 12, 197, 65, dtype=torch.bfloat16)[..., 1:])  # base off 16 bytes
+    assert not tma_ready(torch.zeros(2, 12, 64, 197, dtype=torch.bfloat16).transpose(-1, -2))  # D not unit
 
 
 def _config_keys():
@@ -188,18 +229,19 @@ def _config_keys():
 
 
 def test_block_size_rules_hold_for_every_config(monkeypatch):
-    """The causal diagonal split needs the forward's BLOCK_M % BLOCK_N == 0 and the backward's
-    block_n % block_m == 0 (dK/dV keeps block_n keys and steps block_m queries; dQ the reverse);
-    a config breaking them would give silently wrong causal results."""
+    """The backward's causal diagonal split needs block_n % block_m == 0 (dK/dV keeps block_n keys
+    and steps block_m queries; dQ the reverse); a config breaking it would give silently wrong
+    causal results. The forward takes any pair (its whole-block range rounds down to BLOCK_N),
+    and its key tail divides its key block."""
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
     for arch, dtype, pad in _config_keys():
-        fwd, bwd = kernels.fwd_config(arch, dtype, pad), kernels.bwd_config(arch, dtype, pad)
-        assert fwd.block_m % fwd.block_n == 0, (arch, dtype, pad, fwd)
+        bwd = kernels.bwd_config(arch, dtype, pad)
         assert bwd.block_n % bwd.block_m == 0, (arch, dtype, pad, bwd)
-        assert min(fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n) >= 16  # tl.dot's minimum
-    assert kernels._INTERPRETER_FWD.block_m % kernels._INTERPRETER_FWD.block_n == 0
+        for fwd in (kernels.fwd_config(arch, dtype, pad), kernels.fwd_config(arch, dtype, pad, tma=True)):
+            assert fwd.key_tail == 0 or (fwd.block_n % fwd.key_tail == 0 and fwd.key_tail >= 16), fwd
+            assert min(fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n) >= 16  # tl.dot's minimum
     assert kernels._INTERPRETER_BWD.block_n % kernels._INTERPRETER_BWD.block_m == 0
 
 
