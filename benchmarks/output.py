@@ -192,8 +192,9 @@ def _shape_model_section(records: list[Record], run_meta: dict[str, Any]) -> lis
         "## Shape model: fastvit attention forward",
         "",
         f"`benchmarks/shape_model.py` with the sm_{arch} static figures of Triton {version}: the floor over "
-        "(useful share of the padded tiles x wave efficiency x hot-loop issue efficiency). `ms / model` far "
-        "above 1 is time the model does not see (host overhead, memory latency, the softmax, the epilogue).",
+        "(useful share of the padded tiles x wave efficiency x hot-loop efficiency: 1 / the larger of its "
+        "issue and MUFU ratios, at most 1). `ms / model` far above 1 is time the model does not see (host "
+        "overhead, memory latency, L2 bandwidth, the epilogue).",
         "",
         markdown_table(SHAPE_MODEL_HEADER, rows),
         "",

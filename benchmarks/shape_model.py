@@ -10,13 +10,14 @@ For one launch of a tiled kernel over a shape:
   ``wave_efficiency``: the share of those slots the last, partial wave keeps busy, averaged over
   the waves.
 - ``predicted_s``: the roofline floor (``benchmarks/roofline.py``'s, measured per run) over the
-  kernel's static efficiency: padded fraction x wave efficiency x ``min(1, 1 / loop_issue_ratio)``
-  (the static report's hot-loop figure: an issue-bound loop runs the tensor cores at most 1 / ratio
-  of the time). A first GPU run calibrates it: the measured time over the prediction is what the
-  model misses (memory latency, softmax, the epilogue).
+  kernel's static efficiency: padded fraction x wave efficiency x ``min(1, 1 / max(loop_issue_ratio,
+  loop_mufu_ratio))`` (the static report's hot-loop figures: a loop bound by instruction issue or by
+  the special-function units runs the tensor cores at most 1 / ratio of the time). A first GPU run
+  calibrates it: the measured time over the prediction is what the model misses (memory latency,
+  L2 bandwidth, the epilogue, host time).
 
-Static figures only: ``ctas_per_sm`` and ``loop_issue_ratio`` come from the static report's rows
-(``benchmarks/results/static/figures-triton-<version>.json``).
+Static figures only: ``ctas_per_sm``, ``loop_issue_ratio`` and ``loop_mufu_ratio`` come from the
+static report's rows (``benchmarks/results/static/figures-triton-<version>.json``).
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ class ShapeModel:
     padded_fraction: float
     waves: float
     wave_efficiency: float
-    issue_efficiency: float  # min(1, 1 / loop_issue_ratio); 1 where the row has no MMA loop
+    loop_efficiency: float  # min(1, 1 / max(issue ratio, MUFU ratio)); 1 where the row has no MMA loop
 
     @property
     def efficiency(self) -> float:
-        return self.padded_fraction * self.wave_efficiency * self.issue_efficiency
+        return self.padded_fraction * self.wave_efficiency * self.loop_efficiency
 
     def predicted_s(self, floor_s: float) -> float:
         return predicted_s(floor_s, self.efficiency)
@@ -84,14 +85,16 @@ class ShapeModel:
 
 def attention_forward(batch: int, heads: int, n: int, m: int, block_m: int, block_n: int, arch: int,
                       ctas_per_sm: int, loop_issue_ratio: float | None,
-                      key_tail: int | None = None) -> ShapeModel:  # fmt: skip
+                      key_tail: int | None = None, loop_mufu_ratio: float | None = None) -> ShapeModel:  # fmt: skip
     """The forward attention's shape model: one program per (block_m queries, batch, head), each
-    walking all m keys in block_n steps (the non-causal kernel; the figures of the configuration's
-    static-report row give ``ctas_per_sm`` and ``loop_issue_ratio``)."""
+    walking all m keys in block_n steps and one ``key_tail`` step where the last keys fit (the
+    non-causal kernel; the figures of the configuration's static-report row give ``ctas_per_sm``,
+    ``loop_issue_ratio`` and ``loop_mufu_ratio``)."""
     programs = math.ceil(n / block_m) * batch * heads
     count, wave_eff = waves(programs, arch, ctas_per_sm)
-    issue = 1.0 if not loop_issue_ratio else min(1.0, 1.0 / loop_issue_ratio)
-    return ShapeModel(padded_fraction(n, m, block_m, block_n, key_tail), count, wave_eff, issue)
+    bound = max(loop_issue_ratio or 0.0, loop_mufu_ratio or 0.0)
+    loop = 1.0 if not bound else min(1.0, 1.0 / bound)
+    return ShapeModel(padded_fraction(n, m, block_m, block_n, key_tail), count, wave_eff, loop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ _DTYPE_LABEL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # GPU names -> the architecture whose static figures stand for them
 _ARCH_OF_NAME = (("H100", 90), ("H200", 90), ("H800", 90), ("GH200", 90), ("A100", 80), ("A800", 80),
                  ("A30", 80), ("L40", 89), ("L4", 89), ("RTX 40", 89), ("Ada", 89))  # fmt: skip
-SHAPE_MODEL_HEADER = ["N", "B x H", "D", "ms", "floor ms", "useful", "waves", "wave eff", "issue eff", "model ms",
+SHAPE_MODEL_HEADER = ["N", "B x H", "D", "ms", "floor ms", "useful", "waves", "wave eff", "loop eff", "model ms",
                       "ms / model"]  # fmt: skip
 
 
@@ -153,12 +156,13 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
             continue
         block_m, block_n, key_tail, fig = found
         model = attention_forward(r.batch, r.heads, r.n_tokens, r.n_tokens, block_m, block_n, arch,
-                                  fig.get("ctas_per_sm") or 1, fig.get("loop_issue_ratio"), key_tail)  # fmt: skip
+                                  fig.get("ctas_per_sm") or 1, fig.get("loop_issue_ratio"), key_tail,
+                                  fig.get("loop_mufu_ratio"))  # fmt: skip
         predicted_ms = model.predicted_s(floor_ms / 1e3) * 1e3
         rows.append([
             str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",
             f"{model.padded_fraction:.2f}", f"{model.waves:.2f}", f"{model.wave_efficiency:.2f}",
-            f"{model.issue_efficiency:.2f}", f"{predicted_ms:.3g}", f"{r.ms / predicted_ms:.3g}",
+            f"{model.loop_efficiency:.2f}", f"{predicted_ms:.3g}", f"{r.ms / predicted_ms:.3g}",
         ])  # fmt: skip
     return rows
 

@@ -26,7 +26,8 @@ template instantiation for the .cu files) and architecture:
   ``mma_rows_replicated`` (a dot's MMA layout spans more rows than its tile: rows computed twice;
   ``mma_tiles`` lists every dot's tile and layout), ``loop_issue_ratio`` (the hot loop's issue
   cycles over its tensor-core cycles, with ``loop_instructions``, ``loop_mma_cycles``,
-  ``loop_mma_shapes``), ``async_copy`` (``"tma"``, ``"cp.async"`` or ``"none"``) and
+  ``loop_mma_shapes``), ``loop_mufu_ratio`` (its special-function cycles over the same),
+  ``async_copy`` (``"tma"``, ``"cp.async"`` or ``"none"``) and
   ``wgmma_wait_pendings`` (the hot loop's wgmma waits, sm_90).
 
 A row has problems (``static_model.problems``) when it does not compile, spills, uses more
@@ -84,7 +85,7 @@ CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"  # beside benchmarks/ in
 TRITON_TIMEOUT_S = 3600.0
 NVCC_TIMEOUT_S = 600.0
 TABLE_HEADER = ["kernel", "config", "sm", "REG", "stack B", "spill st/ld B", "STL/LDL", "smem", "HMMA", "HGMMA",
-                "CTAs/SM", "to cliff", "issue", "copy", "problems"]  # fmt: skip
+                "CTAs/SM", "to cliff", "issue", "MUFU", "copy", "problems"]  # fmt: skip
 # demangled type names -> the short names the Triton rows use
 _SHORT_TYPES = (
     (r"\b__nv_bfloat16\b", "bf16"),
@@ -313,15 +314,15 @@ def _pair(a: Any, b: Any) -> str:
 
 def _model_cells(row: dict[str, Any]) -> list[str]:
     if "ctas_per_sm" not in row:  # a csrc row: launch sizes unknown here
-        return ["-"] * 4
-    ratio = row.get("loop_issue_ratio")
+        return ["-"] * 5
+    ratio, mufu = row.get("loop_issue_ratio"), row.get("loop_mufu_ratio")
     return [str(row["ctas_per_sm"]), str(row["regs_to_cliff"]), "-" if ratio is None else f"{ratio:.2f}",
-            row["async_copy"]]  # fmt: skip
+            "-" if mufu is None else f"{mufu:.2f}", row["async_copy"]]  # fmt: skip
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """The printed table: kernel, config, sm, registers, stack, spills, STL/LDL, smem, MMA, the model's
-    CTAs/SM, registers to the cliff, hot-loop issue ratio and async copy, problems."""
+    CTAs/SM, registers to the cliff, hot-loop issue and MUFU ratios and async copy, problems."""
     from .report import format_bytes
 
     out = []

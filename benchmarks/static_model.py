@@ -10,7 +10,13 @@ TTGIR's MMA layouts) it derives, per architecture:
   drops (or before the 255-register cap);
 - ``loop_issue_ratio`` of the hot loop: the issue cycles its SASS needs, ``instructions x warps /
   4`` (one instruction per cycle per scheduler, four schedulers per SM), over the tensor-core
-  cycles of its MMAs. Above 1 the loop is bound by instruction issue, not by the tensor cores.
+  cycles of its MMAs. Above 1 the loop is bound by instruction issue, not by the tensor cores;
+- ``loop_mufu_ratio`` of the hot loop: the cycles of its special-function instructions (MUFU:
+  exp2, log2, reciprocal), ``MUFU x 32 lanes x warps / MUFU_PER_CLK``, over the same tensor-core
+  cycles. Above 1 the loop waits on the special-function units: attention's softmax takes one
+  exp2 per score against 2 x D tensor-core FMAs per score, so at D = 64 on sm_90 the ratio is
+  about 1 whatever the tiling (16 exp2 per cycle per SM vs 2048 FMAs per cycle / 128 per score),
+  and 2 at D = 32. Reported, not flagged: no tiling changes it.
 
 Tensor-core cycles: an MMA of m x n x k is ``m * n * k`` FMAs, issued by every warp (HMMA) or
 every warpgroup of four warps (HGMMA), at ``TENSOR_FMA_PER_CLK[arch]`` dense 16-bit FMAs per
@@ -54,6 +60,9 @@ WARPS_PER_WARPGROUP = 4
 # dense 16-bit (fp16/bf16 in, fp32 accumulate) tensor-core FMAs per cycle per SM (see the docstring)
 TENSOR_FMA_PER_CLK = {80: 1024, 86: 512, 89: 512, 90: 2048}
 TF32_RATE = 0.5  # TF32 MMAs run at half the 16-bit rate
+# special-function (MUFU) results per cycle per SM: 16 on sm_80/86/89/90 (the CUDA programming
+# guide's arithmetic-throughput table: exp2f, log2f, rcp, rsqrt, sin, cos)
+MUFU_PER_CLK = {80: 16, 86: 16, 89: 16, 90: 16}
 
 REGISTERS_PER_SM = 65536
 SUB_PARTITIONS = 4  # register file slices; a warp's registers come from one
@@ -105,7 +114,8 @@ def regs_to_cliff(arch: int, registers: int, shared: int, num_warps: int, ctas: 
 class HotLoop:
     """The hot loop's figures: SASS ``instructions`` per iteration (per thread), the tensor-core
     ``mma_cycles`` per iteration of the whole program, its MMA histogram, whether its MMAs take
-    16-bit operands, and its wgmma waits."""
+    16-bit operands, its wgmma waits, and the cycles its instructions take to issue and its MUFU
+    instructions to run."""
 
     instructions: int
     mma_cycles: float
@@ -113,10 +123,15 @@ class HotLoop:
     sixteen_bit: bool
     wait_pendings: list[int]
     issue_cycles: float
+    mufu_cycles: float = 0.0
 
     @property
     def issue_ratio(self) -> float:
         return self.issue_cycles / self.mma_cycles
+
+    @property
+    def mufu_ratio(self) -> float:
+        return self.mufu_cycles / self.mma_cycles
 
 
 def _mma_cycles(body: list[Instruction], arch: int, num_warps: int) -> float:
@@ -158,6 +173,7 @@ def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotL
         sixteen_bit=sixteen,
         wait_pendings=wgmma_wait_pendings(body),
         issue_cycles=len(body) * num_warps / SCHEDULERS_PER_SM,
+        mufu_cycles=sum(ins.name == "MUFU" for ins in body) * THREADS_PER_WARP * num_warps / MUFU_PER_CLK[arch],
     )
 
 

@@ -75,6 +75,7 @@ def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: in
         "mma_rows_replicated": any(t.replicated for t in tiles),
         "mma_replicated_tiles": [t.label() for t in tiles if t.replicated],
         "loop_issue_ratio": round(loop.issue_ratio, 3) if loop else None,
+        "loop_mufu_ratio": round(loop.mufu_ratio, 3) if loop else None,
         "loop_instructions": loop.instructions if loop else None,
         "loop_mma_cycles": loop.mma_cycles if loop else None,
         "loop_mma_shapes": loop.mma_shapes if loop else None,

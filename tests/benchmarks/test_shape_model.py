@@ -39,13 +39,15 @@ def test_attention_forward_prediction():
     programs = 2 * 64 * 12  # 1536 programs over 264 slots: 5.8 waves
     assert model.waves == pytest.approx(programs / 264)
     assert model.wave_efficiency == pytest.approx(programs / 264 / 6)
-    assert model.issue_efficiency == pytest.approx(0.8)
+    assert model.loop_efficiency == pytest.approx(0.8)
     expected = 197 * 197 / 256**2 * (programs / 264 / 6) * 0.8
     assert model.efficiency == pytest.approx(expected)
     assert model.predicted_s(1e-3) == pytest.approx(1e-3 / expected)
     # no MMA loop (fp32) or a loop under 1: the issue rate costs nothing
-    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, None).issue_efficiency == 1.0
-    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, 0.5).issue_efficiency == 1.0
+    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, None).loop_efficiency == 1.0
+    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, 0.5).loop_efficiency == 1.0
+    # the special-function units bound it too: an exp2 per score at D = 32 is a MUFU ratio of ~2
+    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, 0.5, loop_mufu_ratio=2.0).loop_efficiency == 0.5
     assert predicted_s(1.0, 0.0) == math.inf
 
 
@@ -84,7 +86,7 @@ def test_attention_rows_put_the_model_beside_the_measurement():
     row = dict(zip(SHAPE_MODEL_HEADER, rows[0], strict=True))
     # 128 x 64 tiles at N = 197: 0.59 useful; 2 * 48 programs on 132 x 2 slots; issue 1 / 1.25
     expected = attention_forward(4, 12, 197, 197, 128, 64, 90, 2, 1.25)
-    assert row["useful"] == "0.59" and row["issue eff"] == "0.80"
+    assert row["useful"] == "0.59" and row["loop eff"] == "0.80"
     assert float(row["model ms"]) == pytest.approx(expected.predicted_s(1e-6) * 1e3, rel=1e-2)
     assert float(row["ms / model"]) == pytest.approx(0.3 / (expected.predicted_s(1e-6) * 1e3), rel=1e-2)
     assert attention_forward_rows(records, FIGURES, arch=None) == []  # not a GPU run
@@ -103,7 +105,7 @@ def test_the_key_tail_is_read_from_the_configuration_label():
         "ctas_per_sm": 3, "loop_issue_ratio": 0.5}
     row = dict(zip(SHAPE_MODEL_HEADER, attention_forward_rows([_fwd_record(197, ms=0.3, floor_ms=0.001)], figures,
                                                              arch=90)[0], strict=True))  # fmt: skip
-    assert row["useful"] == f"{197 * 197 / (256 * 256):.2f}" and row["issue eff"] == "1.00"  # 128 + 69 keys: 2 blocks
+    assert row["useful"] == f"{197 * 197 / (256 * 256):.2f}" and row["loop eff"] == "1.00"  # 128 + 69 keys: 2 blocks
 
 
 def test_the_architecture_of_a_run():

@@ -70,6 +70,30 @@ module {
 """
 
 
+SOFTMAX_LOOP = """
+\t\tFunction : softmax_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0040*/                   MUFU.EX2 R30, R24 ;
+        /*0050*/                   MUFU.EX2 R31, R25 ;
+        /*0060*/                   MUFU.EX2 R32, R26 ;
+        /*0070*/                   MUFU.RCP R33, R27 ;
+        /*0080*/                   ISETP.GE.AND P0, PT, R2, R6, PT ;
+        /*0090*/               @P0 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_mufu_ratio_of_a_hand_counted_loop():
+    """Four MUFU per thread per iteration on 8 warps: 4 x 32 lanes x 8 warps / 16 per cycle = 64
+    cycles, against two warpgroups x 2 HGMMA m64n64k16 = 128 tensor-core cycles: 0.5."""
+    loop = hot_loop(sass_functions(SOFTMAX_LOOP)["softmax_kernel"], arch=90, num_warps=8)
+    assert loop.mma_cycles == 128 and loop.mufu_cycles == 64 and loop.mufu_ratio == 0.5
+    assert hot_loop(sass_functions(LOOP)["loop_kernel"], arch=90, num_warps=8).mufu_ratio == 0  # none
+
+
 def test_replicated_rows_from_the_mma_layouts():
     tiles = mma_tiles(TTGIR)
     assert [t.label() for t in tiles] == ["64x32 warps [8, 1] v3", "64x128 warps [4, 2] v3"]  # FMA dot left out
