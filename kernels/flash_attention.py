@@ -468,8 +468,10 @@ def _attention_bwd_dkdv_inner(
     lo, hi,  # query range [lo, hi)
     N,
     qk_scale,
-    bias_cols,  # (BLOCK_N,) pointers to query 0 of this program's key columns of the attn_mask, or None
-    rh_cols, rw_cols,  # (BLOCK_N,) pointers to rel_h[.., 0, j // kw] / rel_w[.., 0, j % kw], or None
+    bias_base,  # attn_mask at (query 0, key start_n) of this head (HAS_BIAS), else None
+    rh_base, rw_base,  # rel_h / rel_w at (query 0, bin 0) of this head (HAS_REL_POS), else None
+    bias_cols, rh_cols, rw_cols,  # (BLOCK_N,) int32 column offsets: local key * stride_bm, (j // kw) * stride_rhk,
+    #                               (j % kw) * stride_rwk
     key_valid,  # (BLOCK_N,) offs_n < M
     stride_bn, stride_rhn, stride_rwn,
     BLOCK_M: tl.constexpr,
@@ -481,6 +483,21 @@ def _attention_bwd_dkdv_inner(
 ):
     q_ptrs += tl.cast(lo, tl.int64) * stride_qn
     do_ptrs += tl.cast(lo, tl.int64) * stride_don
+    # the mask and rel_pos tiles: one 64-bit base per table (advanced by BLOCK_M rows per step) plus
+    # int32 offsets inside the tile, (BLOCK_N, BLOCK_M) and loop-invariant (the launcher keeps them < 2^31)
+    if HAS_BIAS:
+        bias_base += tl.cast(lo, tl.int64) * stride_bn
+        bias_offs = bias_cols[:, None] + (local_m * stride_bn)[None, :]
+    else:
+        bias_offs = bias_cols
+    if HAS_REL_POS:
+        rh_base += tl.cast(lo, tl.int64) * stride_rhn
+        rw_base += tl.cast(lo, tl.int64) * stride_rwn
+        rh_offs = rh_cols[:, None] + (local_m * stride_rhn)[None, :]
+        rw_offs = rw_cols[:, None] + (local_m * stride_rwn)[None, :]
+    else:
+        rh_offs = rh_cols
+        rw_offs = rw_cols
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + local_m
         row_valid = offs_m < N
@@ -492,15 +509,9 @@ def _attention_bwd_dkdv_inner(
         if HAS_BIAS or HAS_REL_POS:
             # -- with the bias (transposed tile: keys x queries); lse = -inf (fully masked row) -> P = 0 --
             valid = key_valid[:, None] & row_valid[None, :]
-            rows64 = offs_m.to(tl.int64)
-            bias_ptrs = bias_cols[:, None] + (rows64 * stride_bn)[None, :] if HAS_BIAS else bias_cols
-            if HAS_REL_POS:
-                rh_ptrs = rh_cols[:, None] + (rows64 * stride_rhn)[None, :]
-                rw_ptrs = rw_cols[:, None] + (rows64 * stride_rwn)[None, :]
-            else:
-                rh_ptrs = rh_cols
-                rw_ptrs = rw_cols
-            t_t = _add_bias(s_t * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+            t_t = _add_bias(s_t * qk_scale, bias_base + bias_offs if HAS_BIAS else bias_base,
+                            rh_base + rh_offs if HAS_REL_POS else rh_base,
+                            rw_base + rw_offs if HAS_REL_POS else rw_base, valid,
                             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             p_t = tl.math.exp2(t_t - lse[None, :] * LOG2E)
@@ -518,6 +529,11 @@ def _attention_bwd_dkdv_inner(
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
+        if HAS_BIAS:
+            bias_base += BLOCK_M * stride_bn
+        if HAS_REL_POS:
+            rh_base += BLOCK_M * stride_rhn
+            rw_base += BLOCK_M * stride_rwn
     return dk, dv
 
 
@@ -614,14 +630,24 @@ def flash_attention_bwd_dkdv_kernel(
         lse_ptr = Lse + bh.to(tl.int64) * N
         delta_ptr = Delta + bh.to(tl.int64) * N
     qk_scale = sm_scale * LOG2E
-    # -- per-key-column pointers into the mask and the rel_pos tables --
-    bias_cols = Bias + off_b * stride_bb + off_h * stride_bh + offs_n * stride_bm if HAS_BIAS else Bias
-    if HAS_REL_POS:
-        rh_cols = RelH + off_b * stride_rhb + off_h * stride_rhh + (offs_n // KW) * stride_rhk
-        rw_cols = RelW + off_b * stride_rwb + off_h * stride_rwh + (offs_n % KW) * stride_rwk
+    # -- the mask and rel_pos tables: this head's 64-bit bases, int32 offsets of this program's key columns
+    #    (the rel_pos split j // kw, j % kw once per program, not per element) --
+    if HAS_BIAS:
+        bias_base = Bias + off_b * stride_bb + off_h * stride_bh + start_n.to(tl.int64) * stride_bm
+        bias_cols = local_n * stride_bm
     else:
-        rh_cols = RelH
-        rw_cols = RelW
+        bias_base = Bias
+        bias_cols = local_n
+    if HAS_REL_POS:
+        rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh
+        rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh
+        rh_cols = (offs_n // KW) * stride_rhk
+        rw_cols = (offs_n % KW) * stride_rwk
+    else:
+        rh_base = RelH
+        rw_base = RelW
+        rh_cols = local_n
+        rw_cols = local_n
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -632,7 +658,7 @@ def flash_attention_bwd_dkdv_kernel(
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
             offs_n, local_m, d_valid, lo, diag_end, N, qk_scale,
-            bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
+            bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
             BLOCK_M=BLOCK_M, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
         )
@@ -642,7 +668,7 @@ def flash_attention_bwd_dkdv_kernel(
     dk, dv = _attention_bwd_dkdv_inner(
         dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
         offs_n, local_m, d_valid, lo, N, N, qk_scale,
-        bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
+        bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
         BLOCK_M=BLOCK_M, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
     )
@@ -674,8 +700,9 @@ def _attention_bwd_dq_inner(
     M,
     qk_scale,
     row_valid,  # (BLOCK_M,) offs_m < N
-    bias_rows,  # (BLOCK_M,) pointers to key 0 of this program's rows of the attn_mask, or None
-    rh_rows, rw_rows,  # (BLOCK_M,) pointers to this program's rows of rel_h / rel_w, or None
+    bias_base,  # attn_mask at (this program's first row, key 0) of this head (HAS_BIAS), else None
+    rh_base, rw_base,  # rel_h / rel_w at (this program's first row, bin 0) (HAS_REL_POS), else None
+    bias_rows, rh_rows, rw_rows,  # (BLOCK_M,) int32 row offsets: local row * stride_bn / stride_rhn / stride_rwn
     stride_bm, stride_rhk, stride_rwk, KW,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,  # keys >= M or past the causal diagonal are in the range
@@ -690,6 +717,24 @@ def _attention_bwd_dq_inner(
 ):
     k_ptrs += tl.cast(lo, tl.int64) * stride_kn
     v_ptrs += tl.cast(lo, tl.int64) * stride_vn
+    # the mask tile: a 64-bit base advanced by BLOCK_N keys per step plus int32 offsets inside the tile
+    if HAS_BIAS:
+        bias_base += tl.cast(lo, tl.int64) * stride_bm
+        bias_offs = bias_rows[:, None] + (local_n * stride_bm)[None, :]
+    else:
+        bias_offs = bias_rows
+    # the rel_pos column split (j // kw, j % kw): one division per call, then carried from step to step
+    # (BLOCK_N % kw < kw: adding it wraps at most once)
+    if HAS_REL_POS or REL_POS_GRAD:
+        col_h = (lo + local_n) // KW
+        col_w = (lo + local_n) % KW
+        step_h = BLOCK_N // KW
+        step_w = BLOCK_N % KW
+    else:
+        col_h = local_n
+        col_w = local_n
+        step_h = 0
+        step_w = 0
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + local_n
         key_valid = offs_n < M
@@ -704,13 +749,13 @@ def _attention_bwd_dq_inner(
         if HAS_BIAS or HAS_REL_POS:
             # -- P = exp(scale * q k^T + bias - lse); lse is +inf (not -inf) on fully masked rows --
             valid = row_valid[:, None] & key_valid[None, :]
-            bias_ptrs = bias_rows[:, None] + offs_n[None, :] * stride_bm if HAS_BIAS else bias_rows
+            bias_ptrs = bias_base + bias_offs if HAS_BIAS else bias_base
             if HAS_REL_POS:
-                rh_ptrs = rh_rows[:, None] + (offs_n // KW)[None, :] * stride_rhk
-                rw_ptrs = rw_rows[:, None] + (offs_n % KW)[None, :] * stride_rwk
+                rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :])
+                rw_ptrs = rw_base + (rw_rows[:, None] + (col_w * stride_rwk)[None, :])
             else:
-                rh_ptrs = rh_rows
-                rw_ptrs = rw_rows
+                rh_ptrs = rh_base
+                rw_ptrs = rw_base
             t = _add_bias(s * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                           HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
             p = tl.math.exp2(t - lse[:, None] * LOG2E)
@@ -729,13 +774,20 @@ def _attention_bwd_dq_inner(
             #    dots with 0/1 selection matrices, dS rounded as for dQ (fp32 accumulation, tensor cores) --
             bins_h = tl.arange(0, KH_PAD)
             bins_w = tl.arange(0, KW_PAD)
-            sel_h = ((offs_n // KW)[:, None] == bins_h[None, :]) & key_valid[:, None]
-            sel_w = ((offs_n % KW)[:, None] == bins_w[None, :]) & key_valid[:, None]
+            sel_h = (col_h[:, None] == bins_h[None, :]) & key_valid[:, None]
+            sel_w = (col_w[:, None] == bins_w[None, :]) & key_valid[:, None]
             ds_low = ds.to(k_t.dtype)
             drh = tl.dot(ds_low, sel_h.to(k_t.dtype), drh, input_precision=DOT_PRECISION)
             drw = tl.dot(ds_low, sel_w.to(k_t.dtype), drw, input_precision=DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        if HAS_BIAS:
+            bias_base += BLOCK_N * stride_bm
+        if HAS_REL_POS or REL_POS_GRAD:
+            col_w += step_w
+            wrap = col_w >= KW
+            col_w = tl.where(wrap, col_w - KW, col_w)
+            col_h += tl.where(wrap, step_h + 1, step_h)
     return dq, drh, drw
 
 
@@ -831,16 +883,26 @@ def flash_attention_bwd_dq_kernel(
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh + local_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + local_n[None, :] * stride_vn + offs_d[:, None]
     qk_scale = sm_scale * LOG2E
-    # -- per-row pointers into the mask and the rel_pos tables; fully masked rows: lse -> +inf, P = 0 --
+    # -- with a mask or rel_pos, fully masked rows: lse -> +inf, P = 0 --
     if HAS_BIAS or HAS_REL_POS:
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m.to(tl.int64) * stride_bn if HAS_BIAS else Bias
-    if HAS_REL_POS:
-        rh_rows = RelH + off_b * stride_rhb + off_h * stride_rhh + offs_m.to(tl.int64) * stride_rhn
-        rw_rows = RelW + off_b * stride_rwb + off_h * stride_rwh + offs_m.to(tl.int64) * stride_rwn
+    # -- the mask and rel_pos tables: 64-bit bases at this program's first row, int32 row offsets --
+    if HAS_BIAS:
+        bias_base = Bias + off_b * stride_bb + off_h * stride_bh + start_m.to(tl.int64) * stride_bn
+        bias_rows = local_m * stride_bn
     else:
-        rh_rows = RelH
-        rw_rows = RelW
+        bias_base = Bias
+        bias_rows = local_m
+    if HAS_REL_POS:
+        rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh + start_m.to(tl.int64) * stride_rhn
+        rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh + start_m.to(tl.int64) * stride_rwn
+        rh_rows = local_m * stride_rhn
+        rw_rows = local_m * stride_rwn
+    else:
+        rh_base = RelH
+        rw_base = RelW
+        rh_rows = local_m
+        rw_rows = local_m
     if REL_POS_GRAD:
         drh = tl.zeros([BLOCK_M, KH_PAD], dtype=tl.float32)
         drw = tl.zeros([BLOCK_M, KW_PAD], dtype=tl.float32)
@@ -859,7 +921,7 @@ def flash_attention_bwd_dq_kernel(
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         0, unmasked_end, M, qk_scale,
-        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        row_valid, bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         BLOCK_N=BLOCK_N, MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
         KH_PAD=KH_PAD, KW_PAD=KW_PAD,
@@ -867,7 +929,7 @@ def flash_attention_bwd_dq_kernel(
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         unmasked_end, hi, M, qk_scale,
-        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        row_valid, bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         BLOCK_N=BLOCK_N, MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
         KH_PAD=KH_PAD, KW_PAD=KW_PAD,
@@ -953,6 +1015,15 @@ def flash_attention_bwd_dbias_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     qk_scale = sm_scale * LOG2E
+    # -- int32 offsets inside the mask and rel_pos tiles (64-bit bases per (batch, head, row block, column
+    #    block); the launcher keeps the offsets < 2^31); the rel_pos column split once per program unless
+    #    the columns are summed over --
+    bias_offs = (local_m * stride_bn)[:, None] + (local_n * stride_bm)[None, :]
+    if HAS_REL_POS:
+        rh_rows = local_m * stride_rhn
+        rw_rows = local_m * stride_rwn
+        rh_offs = rh_rows[:, None] + (((col_lo + local_n) // KW) * stride_rhk)[None, :]
+        rw_offs = rw_rows[:, None] + (((col_lo + local_n) % KW) * stride_rwk)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for ib in range(0, B_LOOP):
         off_b = (own_b + ib).to(tl.int64)
@@ -973,13 +1044,13 @@ def flash_attention_bwd_dbias_kernel(
                 lse = tl.load(Lse + bh * N + offs_m, mask=row_valid, other=float("inf"))
                 lse = tl.where(lse == float("-inf"), float("inf"), lse)
                 delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
-                bias_rows = bias_head + rows64 * stride_bn
+                bias_rows = bias_head + tl.cast(start_m, tl.int64) * stride_bn
                 if HAS_REL_POS:
-                    rh_rows = RelH + off_b * stride_rhb + off_h * stride_rhh + rows64 * stride_rhn
-                    rw_rows = RelW + off_b * stride_rwb + off_h * stride_rwh + rows64 * stride_rwn
+                    rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh + tl.cast(start_m, tl.int64) * stride_rhn
+                    rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh + tl.cast(start_m, tl.int64) * stride_rwn
                 else:
-                    rh_rows = RelH
-                    rw_rows = RelW
+                    rh_base = RelH
+                    rw_base = RelW
                 for start_n in range(col_lo, col_hi, BLOCK_N):
                     offs_n = start_n + local_n
                     key_valid = offs_n < M
@@ -991,13 +1062,17 @@ def flash_attention_bwd_dbias_kernel(
                     # -- P = exp(scale * q k^T + bias - lse);  dS = P * (dO V^T - delta) --
                     valid = row_valid[:, None] & key_valid[None, :]
                     if HAS_REL_POS:
-                        rh_ptrs = rh_rows[:, None] + (offs_n // KW)[None, :] * stride_rhk
-                        rw_ptrs = rw_rows[:, None] + (offs_n % KW)[None, :] * stride_rwk
+                        if COLS_BCAST:
+                            rh_offs = rh_rows[:, None] + ((offs_n // KW) * stride_rhk)[None, :]
+                            rw_offs = rw_rows[:, None] + ((offs_n % KW) * stride_rwk)[None, :]
+                        rh_ptrs = rh_base + rh_offs
+                        rw_ptrs = rw_base + rw_offs
                     else:
-                        rh_ptrs = rh_rows
-                        rw_ptrs = rw_rows
+                        rh_ptrs = rh_base
+                        rw_ptrs = rw_base
+                    bias_ptrs = bias_rows + tl.cast(start_n, tl.int64) * stride_bm + bias_offs
                     t = _add_bias(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale,
-                                  bias_rows[:, None] + offs_n[None, :] * stride_bm, rh_ptrs, rw_ptrs, valid,
+                                  bias_ptrs, rh_ptrs, rw_ptrs, valid,
                                   HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=HAS_REL_POS)
                     p = tl.math.exp2(t - lse[:, None] * LOG2E)
                     p = tl.where(valid, p, 0.0)
@@ -1179,7 +1254,15 @@ def bwd_mask_configs(
     the dQ pass with the rel_pos gradients (two more (rows, kh / kw) fp32 accumulators) take
     ``_HOPPER_MASK_BWD``, 64 rows on 8 warps, so S and dP are computed twice (a known problem of
     the static report): 128 rows spill 288-352 B (dK/dV, D = 128) and 112-408 B (dQ), 64 rows on
-    4 warps 224-552 B."""
+    4 warps 224-552 B.
+
+    Re-measured (Triton 3.8, 2026-12-04) after the gathers became int32 offsets from one 64-bit
+    base with the rel_pos column split carried per key block (no per-element division): sm_90
+    dK/dV D = 128 on the plain 32 x 128 tiles, 8 warps, spills 88 B (one stage) / 112 B (two);
+    64 keys on 4 warps 192-712 B; 64 x 64 on 8 warps still replicates (a chained S dot takes
+    warps [8, 1]) and spills 16-208 B. dQ with the rel_pos gradients on 128 rows x 32 keys,
+    8 warps: 24 B (D = 64) and 176-256 B (D = 128); 64 rows on 4 warps 32-832 B. So the tiles
+    stay; what is left is the gathers' register use (see the report of issue 15)."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
@@ -1187,6 +1270,8 @@ def bwd_mask_configs(
     if dtype == torch.float32:
         if not hopper:
             cfg = dataclasses.replace(cfg, num_warps=8, num_stages=2)
+            # dQ with the rel_pos gradients: one stage (two spill 8 B on sm_80 at D = 128, Triton 3.8)
+            return cfg, dataclasses.replace(cfg, num_stages=1) if rel_pos_grad else cfg
         return cfg, cfg
     if not hopper:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
@@ -1212,19 +1297,23 @@ _HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 128, 8, 2)
 _HOPPER_MASK_BWD = AttentionConfig(32, 64, 8, 2)
 
 
-def dbias_config(dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False) -> AttentionConfig:
+def dbias_config(dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False, arch: int = 0) -> AttentionConfig:
     """Tiles of the dBias kernel (``block_m`` query rows x ``block_n`` key columns of the mask's
     own tiles), from the ahead-of-time report. Each program holds a q, dO, k and v tile and the
     fp32 accumulator: fp32 (IEEE dots on the FMA units) takes 16 x 16 tiles and 4 warps. 16-bit
     inputs: 64 x 32 tiles on 4 warps — one warpgroup, 16 rows per warp, so no MMA row is computed
-    twice, and HGMMA on sm_90 (125-192 registers, no spills on sm_80/89/90); with rel_pos also
-    gathered (two more tables per tile) those spill 24-200 B, so 8 warps over 32 x 32 tiles
-    (32 x 16 with D = 128). No software pipelining of the nested loops (two stages spill 8-240 B)."""
+    twice, and HGMMA on sm_90 (125-192 registers, no spills on sm_80/89/90). With rel_pos also
+    gathered (two more tables per tile; int32 tile offsets, the column split once per program):
+    Hopper up to D = 64 takes the same 64 x 32 tiles on 4 warps (255 registers, no spills; 8 warps
+    over 32 x 32 computed every MMA row twice). Elsewhere, and at D = 128, those spill (sm_80/89
+    D = 64: 24 B; sm_90 D = 128: 80 B), so 8 warps over 32 x 32 tiles (32 x 16 with D = 128), rows
+    replicated (static report, Triton 3.8, 2026-12-04). No software pipelining of the nested loops
+    (two stages spill 8-240 B)."""
     if INTERPRETER:
         return AttentionConfig(16, 16, 4, 1)
     if dtype == torch.float32:
         return AttentionConfig(16, 16, 4, 1)
-    if not rel_pos:
+    if not rel_pos or (90 <= arch < 100 and head_dim_pad <= 64):
         return AttentionConfig(64, 32, 4, 1)
     if head_dim_pad > 64:
         return AttentionConfig(32, 16, 8, 1)
@@ -1435,6 +1524,7 @@ def flash_attention_backward(
                  ((bias, bias_grad), (rel_h, rel_pos_grad), (rel_w, rel_pos_grad))]
         return dq, dk.zero_(), dv.zero_(), *zeros
     pad = head_dim_padded(head_dim)
+    bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     if bias is not None or rel_h is not None:
         cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad)
     else:
@@ -1497,6 +1587,18 @@ def flash_attention_backward(
     return dq, dk, dv, dbias, *drel
 
 
+def _tiles_in_int32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself (an attn_mask or rel_pos table), unless an offset inside one of the backward's
+    tiles of it could overflow int32. The backward kernels address these tables from a 64-bit base
+    per (batch, head, block) plus int32 offsets ``row * stride(-2) + col * stride(-1)`` with
+    row < 256 (a block of rows) and col < max(256, size(-1)) (a block of keys, or a rel_pos bin):
+    exact while ``256 * |stride(-2)| + max(256, size(-1)) * |stride(-1)| < 2**31``. Other views
+    are copied once to the contiguous layout."""
+    if t is None or abs(t.stride(-2)) * 256 + abs(t.stride(-1)) * max(256, t.shape[-1]) < 2**31:
+        return t
+    return t.contiguous()
+
+
 def rel_pos_padded(n: int) -> int:
     """The power of two >= 16 that a rel_pos table width (kh, kw) is padded to in registers."""
     return max(16, triton.next_power_of_2(n))
@@ -1509,7 +1611,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     bias_b, bias_h, bias_n, bias_m = bias.shape
     rows_bcast, cols_bcast = bias_n == 1, bias_m == 1
     pad = head_dim_padded(head_dim)
-    cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"])
+    cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch_of(q.device))
     dbias = new_output(bias.shape, dtype=torch.float32, device=q.device)
     tiles = (1 if rows_bcast else triton.cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else triton.cdiv(n_k, cfg.block_n))
     flash_attention_bwd_dbias_kernel[(bias_b * bias_h * tiles,)](
@@ -1886,7 +1988,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad k={_REL_POS_AOT_PAD}", dq_sig, rel_grad, dq,
         dq.block_n, dq.block_m)
     for rows_bcast, rel in ((False, True), (False, False), (True, False)):
-        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel)
+        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel, arch=arch)
         sig = signature(flash_attention_bwd_dbias_kernel, {
             **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
             "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",

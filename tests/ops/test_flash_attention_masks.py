@@ -423,7 +423,7 @@ def _mask_configs(kernels, monkeypatch):
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
                 for rel_pos in (False, True):
-                    found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos))
+                    found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos, arch=arch))
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     return {name: sorted(configs, key=str) for name, configs in found.items()}
 
