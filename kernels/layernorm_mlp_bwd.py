@@ -3,11 +3,11 @@
 With ``h = LN(x)``, ``a = h W1^T + b1``, ``g = gelu(a)``, ``z = g W2^T + b2``,
 ``y = [x +] s * z`` where ``s[t, d] = ss[b(t)] * ls[d]``, and ``dy`` the incoming gradient:
 
-    u      = (dy * ls) W2                    (T, HD)   } ``_fc2_bwd_kernel``: one GEMM, GELU'
+    u      = dy (ls * W2)                    (T, HD)   } ``_fc2_bwd_kernel``: one plain GEMM, GELU'
     da     = ss * u * gelu'(a)               (T, HD)   } in the epilogue, gelu(a) recomputed
-    M2     = (dy * ss)^T g                   (D, HD)     ``_wgrad_kernel`` (split over tokens)
+    M2     = (dy * ss)^T g = dy^T (ss * g)   (D, HD)     ``_wgrad_kernel`` (split over tokens)
     dW2    = ls[:, None] * M2                            finished in torch (D x HD, cheap)
-    dW1    = da^T LN(x)                      (HD, D)     ``_wgrad_kernel``, LN recomputed on load
+    dW1    = da^T LN(x)                      (HD, D)     ``_wgrad_kernel``
     dLN    = da W1                           (T, D)      ``_fc2_kernel`` with no epilogue
     dx     = rstd * (dxh - mean(dxh) - xhat * mean(dxh * xhat)) [+ dy],  dxh = dLN * w
                                                          ``_ln_bwd_kernel`` (rows in registers)
@@ -20,7 +20,15 @@ as one (T, 2 HD) dA = [da_g | da_v], so dW1 = dA^T LN(x) and dLN = dA [W_g; W_v]
 (two separate fc1 weights are stacked once per backward unless they are adjacent rows of one
 tensor). RMSNorm: mean = 0 and dx = rstd * (dxh - xhat * mean(dxh * xhat)).
 
-so neither the fc2 output z nor LN(x) nor gelu(a) is ever stored by the forward: the gradients of
+Every GEMM reads plain operand tiles in the GEMM dtype (issue 15: scaling, LayerNorm or dtype
+conversion in the operand loads made the sm_90 loops issue-bound, ratios 1.2-2.7): dy as (T, D)
+rows (a view of grad_out when it already is one, else one T x D conversion copy: autocast's fp32 dy,
+broadcast dy), ``ls * W2`` (D x HD, once per backward), ``ss * g`` written by the dA epilogue, and
+LN(x) (T x D in the GEMM dtype) written by the LayerNorm-backward row pass, which now runs before
+dW1. The weight gradients take the token-major P^T operand straight from shared memory (wgmma
+reads a transposed 16-bit A there), with no integer division in the loop.
+
+The forward stores neither the fc2 output z nor LN(x) nor gelu(a): the gradients of
 the layer scale and the per-sample scale come from M2 and u, which the backward computes anyway.
 Every column / row reduction is written as per-program partials and summed in torch afterwards:
 deterministic, no atomics. The weight-gradient GEMMs (K = tokens, e.g. 50k) are split over token
@@ -56,23 +64,24 @@ GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_we
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _fc2_bwd_kernel(
-    DY,  # (B, N_TOK, D) gradient of y, any strides (0 where broadcast)
-    LS,  # (D,) layer scale (HAS_LS)
-    W2,  # (D, HD) fc2 weight, unit stride in HD
+    DY,  # (T, D) gradient of y in the GEMM dtype, token rows at stride_dyt, unit stride in D
+    W2,  # (D, HD) fc2 weight times the layer scale (ls[:, None] * W2), unit stride in HD
     Pre,  # (T, HD) saved pre-activation a (GATED: (T, 2 HD), [a_gate | a_value]), contiguous
     SS,  # (B,) per-sample scale (HAS_SS)
     DA,  # (T, HD) out: dL/da (GATED: (T, 2 HD), [da_gate | da_value]) in the GEMM dtype, contiguous
-    G,  # (T, HD) out: g = act(a) (GATED: act(a_gate) * a_value) recomputed for dW2, contiguous (WRITE_G)
+    G,  # (T, HD) out: ss * g, g = act(a) (GATED: act(a_gate) * a_value) recomputed, dW2's right
+    #     operand (dW2 = dy^T (ss * g)), contiguous (WRITE_G)
     DB1Part,  # (cdiv(T, BLOCK_M), HD or 2 HD) fp32 out: column sums of dA per row block (COMPUTE_DB1)
     DSSPart,  # (T, cdiv(HD, BLOCK_N)) fp32 out: row sums of g * u per column block (COMPUTE_DSS)
     T, N_TOK, D, HD,
-    stride_dyb, stride_dyn, stride_dyd, stride_w2d,
-    HAS_LS: tl.constexpr, HAS_SS: tl.constexpr,
+    stride_dyt, stride_w2d,
+    HAS_SS: tl.constexpr,
     WRITE_G: tl.constexpr, COMPUTE_DB1: tl.constexpr, COMPUTE_DSS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ACTIVATION: tl.constexpr = "gelu",  # "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "silu"
     GATED: tl.constexpr = False,  # g = act(a_gate) * a_value
+    EVEN_K: tl.constexpr = False,  # D % BLOCK_K == 0: whole K steps, no K masks in the loop
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
     pid_m, pid_n = grouped_tile(tl.program_id(0), T, HD, BLOCK_M, BLOCK_N, GROUP_M)
@@ -81,21 +90,22 @@ def _fc2_bwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows < T
     col_ok = cols < HD
-    b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
-    dy_rows = b.to(tl.int64) * stride_dyb + (rows - b * N_TOK).to(tl.int64) * stride_dyn
-    dy_ptrs = DY + dy_rows[:, None] + offs_k[None, :] * stride_dyd
-    w_ptrs = W2 + offs_k[:, None] * stride_w2d + cols[None, :]  # (BLOCK_K, BLOCK_N) tile of W2
+    # rows past the edge load the last valid one (never stored): no row masks on the A tile
+    dy_ptrs = DY + tl.minimum(rows, T - 1).to(tl.int64)[:, None] * stride_dyt + offs_k[None, :]
+    w_ptrs = W2 + offs_k[:, None] * stride_w2d + cols[None, :]  # (BLOCK_K, BLOCK_N) tile of ls * W2
 
-    # -- u = (dy * ls) @ W2, the layer scale applied to the A tile on load --
+    # -- u = dy @ (ls * W2): a plain GEMM (the layer scale is folded into the weight in torch) --
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        k_ok = offs_k < D - k0
-        dz = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_LS:
-            dz = dz * tl.load(LS + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyd
+        if EVEN_K:
+            dz = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:  # the last step's columns past D load 0 on both sides
+            k_ok = offs_k < D - k0
+            dz = tl.load(dy_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_w2d
 
     # -- epilogue: recompute act(a) and act'(a); da = ss * u * act'(a)
@@ -112,13 +122,16 @@ def _fc2_bwd_kernel(
         a = tl.load(Pre + offs, mask=mask, other=0.0).to(tl.float32)
         g, dg = activation_and_grad(a, ACTIVATION)
         g = g.to(DA.dtype.element_ty)  # the g that the forward fed to fc2
-    if WRITE_G:
-        tl.store(G + offs, g, mask=mask)
+    if HAS_SS:
+        ss = tl.load(SS + rows // N_TOK, mask=row_ok, other=0.0).to(tl.float32)[:, None]  # t = b * N_TOK + n
+    if WRITE_G:  # dW2 = (dy * ss)^T g = dy^T (ss * g): the scale rides on the operand written here;
+        # the product in the GEMM dtype (an fp32 one kept g live in fp32: 175 registers, not 130)
+        tl.store(G + offs, g * ss.to(G.dtype.element_ty) if HAS_SS else g, mask=mask)
     if COMPUTE_DSS:  # sum_j g * u: this column block's share of dL/dss for each row
         part = tl.sum(tl.where(mask, g.to(tl.float32) * acc, 0.0), axis=1)
         tl.store(DSSPart + rows.to(tl.int64) * tl.cdiv(HD, BLOCK_N) + pid_n, part, mask=row_ok)
     if HAS_SS:
-        acc *= tl.load(SS + b, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        acc *= ss
     if GATED:
         da = (acc * a_v * ds).to(DA.dtype.element_ty)
         da_v = (acc * s).to(DA.dtype.element_ty)
@@ -139,21 +152,18 @@ def _fc2_bwd_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    P,  # (B, N_TOK, M) left operand rows, any strides: dy (dW2) or dA (dW1)
-    SS,  # (B,) per-sample scale multiplying P's rows (P_SCALE)
-    Q,  # (B, N_TOK, N) right operand rows, unit stride in N: gelu(a) (dW2) or x (dW1)
-    Mean, Rstd,  # (T,) fp32 row statistics of Q (Q_LN)
-    NormW, NormB,  # (N,) LayerNorm affine applied to Q (Q_LN with HAS_NORM_W / HAS_NORM_B)
-    Out,  # (SPLIT_K, M, N) fp32 out: sums over each split's token rows of P'[t, m] * Q'[t, n]
-    T, N_TOK, M, N,
+    P,  # (T, M) left operand rows in the GEMM dtype, unit stride in M: dy (dW2) or dA (dW1)
+    Q,  # (T, N) right operand rows in the GEMM dtype, unit stride in N: ss * g (dW2) or LN(x) (dW1)
+    Out,  # (SPLIT_K, M, N) fp32 out: sums over each split's token rows of P[t, m] * Q[t, n]
+    T, M, N,
     rows_per_split,  # token rows per split, a multiple of BLOCK_K
-    stride_pb, stride_pn, stride_pm, stride_qb, stride_qn,
-    P_SCALE: tl.constexpr,  # P' = P * ss[b], in the GEMM dtype (Q's)
-    Q_LN: tl.constexpr,  # Q' = LayerNorm(Q), in the GEMM dtype (P's)
-    HAS_NORM_W: tl.constexpr, HAS_NORM_B: tl.constexpr,
+    stride_pt, stride_qt,  # token row strides of P and Q
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # A plain GEMM over token rows: both operands are tiles of (T, .) row-major buffers, so the
+    # P^T tile is read M-major straight into shared memory (wgmma takes a transposed 16-bit A from
+    # shared memory); nothing is scaled, normalised or converted on load, no integer division.
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
@@ -164,39 +174,21 @@ def _wgrad_kernel(
     n_ok = offs_n < N
     t_lo = split * rows_per_split
     t_hi = tl.minimum(t_lo + rows_per_split, T)
-    if Q_LN:
-        if HAS_NORM_W:
-            nw = tl.load(NormW + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_NORM_B:
-            nb = tl.load(NormB + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    ts = (t_lo + offs_k).to(tl.int64)
+    p_ptrs = P + ts[:, None] * stride_pt + offs_m[None, :]  # (BLOCK_K, BLOCK_M) tile of P
+    q_ptrs = Q + ts[:, None] * stride_qt + offs_n[None, :]  # (BLOCK_K, BLOCK_N) tile of Q
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t0 in range(t_lo, t_hi, BLOCK_K):
-        ts = t0 + offs_k
-        t_ok = ts < t_hi
-        # -- P^T tile (BLOCK_M, BLOCK_K) and Q tile (BLOCK_K, BLOCK_N) of these token rows --
-        b = ts // N_TOK  # token row t = b * N_TOK + n; int64 offsets
-        n = (ts - b * N_TOK).to(tl.int64)
-        p_ptrs = P + (b.to(tl.int64) * stride_pb + n * stride_pn)[None, :] + offs_m[:, None] * stride_pm
-        q_ptrs = Q + (b.to(tl.int64) * stride_qb + n * stride_qn)[:, None] + offs_n[None, :]
-        p = tl.load(p_ptrs, mask=m_ok[:, None] & t_ok[None, :], other=0.0)
+        # token rows past the split load 0 on both sides (the mask costs ~40 instructions a step on
+        # sm_90; peeling the last step out of the loop saved them but took 174 registers in the
+        # fp32 config on sm_80, against 148 with the mask here)
+        t_ok = offs_k < t_hi - t0
+        p = tl.load(p_ptrs, mask=t_ok[:, None] & m_ok[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-        if P_SCALE:
-            p = p.to(tl.float32) * tl.load(SS + b, mask=t_ok, other=0.0).to(tl.float32)[None, :]
-        if Q_LN:  # LayerNorm recomputed from the saved statistics
-            # padded token rows come out as norm_bias (finite) but meet zero P columns; padded
-            # columns are never stored: no select needed
-            mean = tl.load(Mean + ts, mask=t_ok, other=0.0)
-            rstd = tl.load(Rstd + ts, mask=t_ok, other=0.0)
-            q = (q.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            if HAS_NORM_W:
-                q = q * nw[None, :]
-            if HAS_NORM_B:
-                q = q + nb[None, :]
-            q = q.to(P.dtype.element_ty)
-        else:
-            p = p.to(Q.dtype.element_ty)
-        acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(p), q, acc, input_precision=DOT_PRECISION)
+        p_ptrs += BLOCK_K * stride_pt
+        q_ptrs += BLOCK_K * stride_qt
 
     out_ptrs = Out + split.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -208,11 +200,13 @@ def _ln_bwd_kernel(
     X,  # (B, N_TOK, D) tokens, unit stride in D
     Mean, Rstd,  # (T,) fp32 row statistics of X
     NormW,  # (D,) LayerNorm weight (HAS_NORM_W)
+    NormB,  # (D,) LayerNorm bias (WRITE_LN and HAS_NORM_B)
     DY,  # (B, N_TOK, D) gradient of y, any strides (0 where broadcast)
     SS,  # (B,) per-sample scale (HAS_SS)
     LS,  # (D,) layer scale (HAS_LS)
     B2,  # (D,) fc2 bias (COMPUTE_ROWTERM)
     DX,  # (T, D) out: dL/dx in x's dtype, contiguous (COMPUTE_DX)
+    LN,  # (T, D) out: LN(x) = xhat * w + b in the GEMM dtype, contiguous: dW1's right operand (WRITE_LN)
     DNWPart, DNBPart,  # (num_programs, D) fp32 out: partial sums of dLN * xhat and of dLN
     DPPart,  # (num_programs, D) fp32 out: partial sums of dy * ss (COMPUTE_DP)
     RowTerm,  # (T,) fp32 out: sum_d dy * ls * b2 per row (COMPUTE_ROWTERM)
@@ -223,12 +217,16 @@ def _ln_bwd_kernel(
     COMPUTE_DP: tl.constexpr, COMPUTE_ROWTERM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     RMS: tl.constexpr = False,  # RMSNorm (Mean holds zeros): no mean(dxh) term
+    WRITE_LN: tl.constexpr = False,
+    HAS_NORM_B: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     if HAS_NORM_W:
         w = tl.load(NormW + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if WRITE_LN and HAS_NORM_B:
+        nb = tl.load(NormB + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_LS:
         ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)
     if COMPUTE_ROWTERM:
@@ -245,14 +243,21 @@ def _ln_bwd_kernel(
         b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
         n = (rows - b * N_TOK).to(tl.int64)
         dy_ptrs = DY + (b.to(tl.int64) * stride_dyb + n * stride_dyn)[:, None] + cols[None, :] * stride_dyd
-        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB:
-            dln = tl.load(DLN + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        if (COMPUTE_DX and RESIDUAL) or COMPUTE_DP or COMPUTE_ROWTERM:
+            dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB or WRITE_LN:
             x_ptrs = X + (b.to(tl.int64) * stride_xb + n * stride_xn)[:, None] + cols[None, :]
             x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
             rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if WRITE_LN:  # as the forward's statistics pass wrote it (same statistics, same rounding)
+                h = xhat * w[None, :] if HAS_NORM_W else xhat
+                if HAS_NORM_B:
+                    h = h + nb[None, :]
+                tl.store(LN + rows.to(tl.int64)[:, None] * D + cols[None, :], h.to(LN.dtype.element_ty), mask=mask)
+        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB:
+            dln = tl.load(DLN + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
             if COMPUTE_DNW:
                 dnw += tl.sum(dln * xhat, axis=0)
             if COMPUTE_DNB:
@@ -310,27 +315,22 @@ def wgrad_splits(tiles: int, rows: int, block_k: int, sms: int, max_splits: int 
     return best
 
 
-def _wgrad(
-    p: torch.Tensor, p_strides: tuple[int, int, int], ss: torch.Tensor | None,
-    q: torch.Tensor, q_strides: tuple[int, int], ln: tuple | None,
-    batch: int, n_tok: int, m: int, n: int, splits: int | None,
-) -> torch.Tensor:
-    """sum over token rows of P'^T Q' as (M, N) fp32 (see ``_wgrad_kernel``)."""
-    rows = batch * n_tok
+def _wgrad(p: torch.Tensor, q: torch.Tensor, splits: int | None) -> torch.Tensor:
+    """sum over token rows of P^T Q as (M, N) fp32 (see ``_wgrad_kernel``): p (T, M), q (T, N),
+    both in the GEMM dtype with a unit stride in their last dim."""
+    rows, m = p.shape
+    n = q.shape[1]
     arch = arch_of(p.device)
-    cfg = gemm_config(arch, q.dtype if ln is None else p.dtype, "wgrad")
+    cfg = gemm_config(arch, p.dtype, "wgrad")
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if splits is None:
         splits = wgrad_splits(tiles, rows, cfg.block_k, sm_count(p.device))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(rows, rows_per_split)
     out = new_output((splits, m, n), dtype=torch.float32, device=p.device)
-    mean, rstd, nw, nb = ln if ln is not None else (None, None, None, None)
     _wgrad_kernel[(tiles, splits)](
-        p, ss, q, mean, rstd, nw, nb, out,
-        rows, n_tok, m, n, rows_per_split, *p_strides, *q_strides,
-        P_SCALE=ss is not None, Q_LN=ln is not None, HAS_NORM_W=nw is not None, HAS_NORM_B=nb is not None,
-        DOT_PRECISION=dot_precision(q.dtype if ln is None else p.dtype),
+        p, q, out, rows, m, n, rows_per_split, p.stride(0), q.stride(0),
+        DOT_PRECISION=dot_precision(p.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -409,7 +409,18 @@ def layernorm_mlp_bwd(
         precision = dot_precision(gemm_dtype)
         dy_strides = grad_out.stride()
 
-        # -- 1. dA = ss * ((dy * ls) @ W2) * gelu'(a); g = gelu(a); db1 and dss partials --
+        # -- 0. the GEMM operands: dy as (T, D) rows in the GEMM dtype (a view when grad_out already
+        #    is one; else one conversion copy, T x D in the GEMM dtype: autocast's fp32 dy, broadcast
+        #    or strided dy), and ls * W2, so that the dA GEMM and dW2 load plain tiles --
+        dy_rows = grad_out.reshape(rows, dim) if grad_out.dtype == gemm_dtype else None
+        if dy_rows is None or dy_rows.stride(1) != 1 or dy_rows.stride(0) < dim:
+            dy_rows = new_output((rows, dim), dtype=gemm_dtype, device=device)
+            dy_rows.view(batch, n_tok, dim).copy_(grad_out)
+        w2 = fc2_weight
+        if layer_scale is not None:  # u = (dy * ls) @ W2 = dy @ (ls * W2): D x HD, once per backward
+            w2 = (fc2_weight.float() * layer_scale.float()[:, None]).to(gemm_dtype)
+
+        # -- 1. dA = ss * (dy @ (ls * W2)) * gelu'(a); ss * gelu(a); db1 and dss partials --
         need_m2 = need["fc2_weight"] or need["layer_scale"]
         need_dss = need["sample_scale"]
         need_db1 = need["fc1_bias"] or need["fc1_gate_bias"]
@@ -420,14 +431,15 @@ def layernorm_mlp_bwd(
         db1_part = new_output((num_m, fc1_rows), dtype=torch.float32, device=device) if need_db1 else None
         dss_part = new_output((rows, num_n), dtype=torch.float32, device=device) if need_dss else None
         _fc2_bwd_kernel[(num_m * num_n,)](
-            grad_out, layer_scale, fc2_weight, preact, sample_scale, da, g, db1_part, dss_part,
-            rows, n_tok, dim, hidden, *dy_strides, fc2_weight.stride(0),
-            HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,
+            dy_rows, w2, preact, sample_scale, da, g, db1_part, dss_part,
+            rows, n_tok, dim, hidden, dy_rows.stride(0), w2.stride(0),
+            HAS_SS=sample_scale is not None,
             WRITE_G=need_m2, COMPUTE_DB1=need_db1, COMPUTE_DSS=need_dss, DOT_PRECISION=precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            ACTIVATION=activation, GATED=gated,
+            ACTIVATION=activation, GATED=gated, EVEN_K=dim % cfg.block_k == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        del w2
         if need_db1:
             db1 = db1_part.sum(0)  # gated: [gate | value]
             if split_fc1:  # separate tensors (a custom op's outputs may not alias each other)
@@ -438,37 +450,17 @@ def layernorm_mlp_bwd(
             else:
                 grads["fc1_bias"] = db1.to(fc1_bias.dtype)
 
-        # -- 2. M2 = (dy * ss)^T g  ->  dW2 = ls * M2 (and dls below) --
+        # -- 2. M2 = (dy * ss)^T g = dy^T (ss * g)  ->  dW2 = ls * M2 (and dls below) --
         m2 = None
         if need_m2:
-            m2 = _wgrad(grad_out, dy_strides, sample_scale, g, (n_tok * hidden, hidden), None,
-                        batch, n_tok, dim, hidden, wgrad_split)
+            m2 = _wgrad(dy_rows, g, wgrad_split)
             del g
             if need["fc2_weight"]:
                 w2_grad = m2 * layer_scale.float()[:, None] if layer_scale is not None else m2
                 grads["fc2_weight"] = w2_grad.to(fc2_weight.dtype)
+        del dy_rows
 
-        # -- 3. dW1 = dA^T LN(x) (gated: [dW_gate; dW_value], one GEMM, or the half needed) --
-        ln = (mean, rstd, norm_weight, norm_bias)
-        if split_fc1 and need["fc1_weight"] != need["fc1_gate_weight"]:
-            first = 0 if need["fc1_gate_weight"] else hidden
-            name = "fc1_gate_weight" if need["fc1_gate_weight"] else "fc1_weight"
-            grads[name] = _wgrad(
-                da[:, first:], (n_tok * fc1_rows, fc1_rows, 1), None, x, (x.stride(0), x.stride(1)), ln,
-                batch, n_tok, hidden, dim, wgrad_split,
-            ).to(fc1_weight.dtype)
-        elif need["fc1_weight"]:
-            dw1 = _wgrad(
-                da, (n_tok * fc1_rows, fc1_rows, 1), None, x, (x.stride(0), x.stride(1)), ln,
-                batch, n_tok, fc1_rows, dim, wgrad_split,
-            )
-            if split_fc1:  # separate tensors (a custom op's outputs may not alias each other)
-                grads["fc1_gate_weight"] = dw1[:hidden].to(fc1_gate_weight.dtype, copy=True)
-                grads["fc1_weight"] = dw1[hidden:].to(fc1_weight.dtype, copy=True)
-            else:
-                grads["fc1_weight"] = dw1.to(fc1_weight.dtype)
-
-        # -- 4. dLN = dA @ W1 (fp32; gated: W1 = [W_gate; W_value]) --
+        # -- 3. dLN = dA @ W1 (fp32; gated: W1 = [W_gate; W_value]) --
         need_dln = need["x"] or need["norm_weight"] or need["norm_bias"]
         dln = None
         if need_dln:
@@ -484,12 +476,14 @@ def layernorm_mlp_bwd(
                 BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
                 num_warps=c2.num_warps, num_stages=c2.num_stages,
             )
-        del da
 
-        # -- 5. row pass: dx (LN backward + residual), dw / db / P partials, dss row term --
+        # -- 4. row pass: dx (LN backward + residual), dw / db / P partials, dss row term, and
+        #    LN(x) in the GEMM dtype for dW1 (one T x D write; the x read is the pass's own) --
+        need_dw1 = need["fc1_weight"] or need["fc1_gate_weight"]
         need_dp = need["fc2_bias"] or need["layer_scale"]
         need_rowterm = need_dss and fc2_bias is not None
-        if need_dln or need_dp or need_rowterm:
+        ln_rows = new_output((rows, dim), dtype=gemm_dtype, device=device) if need_dw1 else None
+        if need_dln or need_dp or need_rowterm or need_dw1:
             rc = row_config(dim)
             programs = min(triton.cdiv(rows, rc.block_rows), 4 * sm_count(device))
             dx = new_output((batch, n_tok, dim), dtype=x.dtype, device=device) if need["x"] else None
@@ -498,14 +492,16 @@ def layernorm_mlp_bwd(
             dp_part = new_output((programs, dim), dtype=torch.float32, device=device) if need_dp else None
             rowterm = new_output((rows,), dtype=torch.float32, device=device) if need_rowterm else None
             _ln_bwd_kernel[(programs,)](
-                dln, x, mean, rstd, norm_weight, grad_out, sample_scale, layer_scale, fc2_bias,
-                dx, dnw_part, dnb_part, dp_part, rowterm,
+                dln, x, mean, rstd, norm_weight, norm_bias, grad_out, sample_scale, layer_scale, fc2_bias,
+                dx, ln_rows, dnw_part, dnb_part, dp_part, rowterm,
                 rows, n_tok, dim, x.stride(0), x.stride(1), *dy_strides,
                 HAS_NORM_W=norm_weight is not None, HAS_SS=sample_scale is not None, HAS_LS=layer_scale is not None,
                 RESIDUAL=residual, COMPUTE_DX=need["x"], COMPUTE_DNW=need["norm_weight"],
                 COMPUTE_DNB=need["norm_bias"], COMPUTE_DP=need_dp, COMPUTE_ROWTERM=need_rowterm,
-                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, num_warps=rc.num_warps,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms,
+                WRITE_LN=need_dw1, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,
             )
+            del dln
             if need["x"]:
                 grads["x"] = dx
             if need["norm_weight"]:
@@ -527,49 +523,53 @@ def layernorm_mlp_bwd(
             if need_rowterm:
                 per_row += rowterm
             grads["sample_scale"] = per_row.view(batch, n_tok).sum(1).to(sample_scale.dtype)
+
+        # -- 5. dW1 = dA^T LN(x) (gated: [dW_gate; dW_value], one GEMM, or the half needed) --
+        if split_fc1 and need["fc1_weight"] != need["fc1_gate_weight"]:
+            first = 0 if need["fc1_gate_weight"] else hidden
+            name = "fc1_gate_weight" if need["fc1_gate_weight"] else "fc1_weight"
+            grads[name] = _wgrad(da[:, first:first + hidden], ln_rows, wgrad_split).to(fc1_weight.dtype)
+        elif need["fc1_weight"]:
+            dw1 = _wgrad(da, ln_rows, wgrad_split)
+            if split_fc1:  # separate tensors (a custom op's outputs may not alias each other)
+                grads["fc1_gate_weight"] = dw1[:hidden].to(fc1_gate_weight.dtype, copy=True)
+                grads["fc1_weight"] = dw1[hidden:].to(fc1_weight.dtype, copy=True)
+            else:
+                grads["fc1_weight"] = dw1.to(fc1_weight.dtype)
     return [grads.get(k) for k in GRAD_NAMES]
 
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time specs: every configuration the backward launcher can pick
 # ---------------------------------------------------------------------------------------------
-def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_dln: bool = True) -> list[KernelSpec]:
-    """The backward GEMM configurations for one GEMM dtype (x and dy in ``x_dtype``)."""
+def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_gemms: bool = True) -> list[KernelSpec]:
+    """The backward GEMM configurations for one GEMM dtype (x and dy in ``x_dtype``).
+
+    Only the dA GEMM's epilogue reads an input in x's dtype (the per-sample scale): dy reaches
+    the GEMMs as (T, D) rows in the GEMM dtype and LN(x) is written in it by the row pass, so the
+    weight gradients and dLN are the same code for any x dtype (``with_gemms=False``: only dA)."""
     ty, xty = AOT_DTYPE_NAMES[dtype], AOT_DTYPE_NAMES[x_dtype]
     label = f"{ty}" if dtype == x_dtype else f"{ty} (x {xty}, autocast)"
     specs = []
     cfg = gemm_config(arch, dtype, "fc2_bwd")
     specs.append(gemm_spec(
         "layernorm_mlp_bwd._fc2_bwd_kernel", _fc2_bwd_kernel, f"fc2 bwd (dA) {label}",
-        {"DY": f"*{xty}", "LS": f"*{xty}", "W2": f"*{ty}", "Pre": f"*{ty}", "SS": f"*{xty}", "DA": f"*{ty}",
-         "G": f"*{ty}", "DB1Part": "*fp32", "DSSPart": "*fp32", "stride_dyd": "constexpr"},
-        {"stride_dyd": 1, "HAS_LS": True, "HAS_SS": True, "WRITE_G": True, "COMPUTE_DB1": True,
-         "COMPUTE_DSS": True},
+        {"DY": f"*{ty}", "W2": f"*{ty}", "Pre": f"*{ty}", "SS": f"*{xty}", "DA": f"*{ty}",
+         "G": f"*{ty}", "DB1Part": "*fp32", "DSSPart": "*fp32"},
+        {"HAS_SS": True, "WRITE_G": True, "COMPUTE_DB1": True, "COMPUTE_DSS": True,
+         "EVEN_K": True},  # ViT widths are multiples of BLOCK_K
         cfg, arch, dtype,
-        ("DY", "LS", "W2", "Pre", "SS", "DA", "G", "DB1Part", "DSSPart", "D", "HD", "stride_dyb", "stride_dyn",
-         "stride_w2d"),
+        ("DY", "W2", "Pre", "SS", "DA", "G", "DB1Part", "DSSPart", "D", "HD", "stride_dyt", "stride_w2d"),
     ))
-    cfg = gemm_config(arch, dtype, "wgrad")
-    common = {"stride_pm": "constexpr"}
-    div = ("P", "SS", "Q", "Mean", "Rstd", "NormW", "NormB", "Out", "M", "N", "rows_per_split",
-           "stride_pb", "stride_pn", "stride_qb", "stride_qn")
-    specs.append(gemm_spec(  # dW2: P = dy * ss, Q = gelu(a)
-        "layernorm_mlp_bwd._wgrad_kernel", _wgrad_kernel, f"wgrad dW2 {label}",
-        {"P": f"*{xty}", "SS": f"*{xty}", "Q": f"*{ty}", "Mean": "constexpr", "Rstd": "constexpr",
-         "NormW": "constexpr", "NormB": "constexpr", "Out": "*fp32", **common},
-        {"Mean": None, "Rstd": None, "NormW": None, "NormB": None, "stride_pm": 1, "P_SCALE": True,
-         "Q_LN": False, "HAS_NORM_W": False, "HAS_NORM_B": False},
-        cfg, arch, dtype, tuple(d for d in div if d not in ("Mean", "Rstd", "NormW", "NormB")),
-    ))
-    specs.append(gemm_spec(  # dW1: P = dA, Q = LN(x)
-        "layernorm_mlp_bwd._wgrad_kernel", _wgrad_kernel, f"wgrad dW1 {label}",
-        {"P": f"*{ty}", "SS": "constexpr", "Q": f"*{xty}", "Mean": "*fp32", "Rstd": "*fp32",
-         "NormW": f"*{xty}", "NormB": f"*{xty}", "Out": "*fp32", **common},
-        {"SS": None, "stride_pm": 1, "P_SCALE": False, "Q_LN": True, "HAS_NORM_W": True, "HAS_NORM_B": True},
-        cfg, arch, dtype, tuple(d for d in div if d != "SS"),
-    ))
-    if not with_dln:
+    if not with_gemms:
         return specs
+    cfg = gemm_config(arch, dtype, "wgrad")
+    # dW2 (P = dy, Q = ss * g) and dW1 (P = dA, Q = LN(x)) run the same code: one spec
+    specs.append(gemm_spec(
+        "layernorm_mlp_bwd._wgrad_kernel", _wgrad_kernel, f"wgrad dW1 dW2 {label}",
+        {"P": f"*{ty}", "Q": f"*{ty}", "Out": "*fp32"}, {},
+        cfg, arch, dtype, ("P", "Q", "Out", "M", "N", "rows_per_split", "stride_pt", "stride_qt"),
+    ))
     cfg = gemm_config(arch, dtype, "fc2")
     specs.append(gemm_spec(  # dLN = dA @ W1: the fc2 kernel with no epilogue, fp32 out
         "layernorm_mlp._fc2_kernel", _fc2_kernel, f"dLN {label}",
@@ -585,30 +585,31 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
 def ln_bwd_spec(arch: int, rc: RowConfig) -> KernelSpec:
     """The LayerNorm-backward row kernel for one width bucket (bf16 x and dy, every output on)."""
     sig = signature(_ln_bwd_kernel, {
-        "DLN": "*fp32", "X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "NormW": "*bf16", "DY": "*bf16", "SS": "*bf16",
-        "LS": "*bf16", "B2": "*bf16", "DX": "*bf16", "DNWPart": "*fp32", "DNBPart": "*fp32", "DPPart": "*fp32",
-        "RowTerm": "*fp32", "stride_dyd": "constexpr"})  # fmt: skip
+        "DLN": "*fp32", "X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "NormW": "*bf16", "NormB": "*bf16",
+        "DY": "*bf16", "SS": "*bf16", "LS": "*bf16", "B2": "*bf16", "DX": "*bf16", "LN": "*bf16", "DNWPart": "*fp32",
+        "DNBPart": "*fp32", "DPPart": "*fp32", "RowTerm": "*fp32", "stride_dyd": "constexpr"})  # fmt: skip
     flags = {"HAS_NORM_W": True, "HAS_SS": True, "HAS_LS": True, "RESIDUAL": True, "COMPUTE_DX": True,
              "COMPUTE_DNW": True, "COMPUTE_DNB": True, "COMPUTE_DP": True, "COMPUTE_ROWTERM": True,
-             "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
+             "WRITE_LN": True, "HAS_NORM_B": True, "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
     return KernelSpec(
         "layernorm_mlp_bwd._ln_bwd_kernel", f"ln bwd bf16 BLOCK_D={rc.block_d} rows={rc.block_rows} w={rc.num_warps}",
         sig, {"stride_dyd": 1, **flags}, rc.num_warps, 1, arch,
-        divisible_by_16=("DLN", "X", "Mean", "Rstd", "NormW", "DY", "SS", "LS", "B2", "DX", "DNWPart", "DNBPart",
-                         "DPPart", "RowTerm", "stride_xb", "stride_xn", "stride_dyb", "stride_dyn"),
+        divisible_by_16=("DLN", "X", "Mean", "Rstd", "NormW", "NormB", "DY", "SS", "LS", "B2", "DX", "LN", "DNWPart",
+                         "DNBPart", "DPPart", "RowTerm", "stride_xb", "stride_xn", "stride_dyb", "stride_dyn"),
     )
 
 
 def aot_specs() -> list[KernelSpec]:
     """Every backward (kernel, GEMM dtype, row width bucket, architecture) configuration the
-    launcher uses: bf16 and fp32 GEMMs, bf16 GEMMs beside an fp32 x and dy (autocast with timm's
-    fp32 residual stream; dLN reads no x, so only its bf16 one), and the LayerNorm-backward row
+    launcher uses: bf16 and fp32 GEMMs, the bf16 dA GEMM beside an fp32 x and dy (autocast with
+    timm's fp32 residual stream; its epilogue reads the per-sample scale in x's dtype; the other
+    GEMMs see only GEMM-dtype operands, so only their bf16 ones), and the LayerNorm-backward row
     kernel for each width bucket (bf16). As for the forward, fp16 compiles to the bf16 code but for
     conversions and is left out; each spec is the heaviest variant."""
     specs = []
     for arch in ARCHS:
         for dtype in (torch.bfloat16, torch.float32):
             specs += backward_specs(arch, dtype, dtype)
-        specs += backward_specs(arch, torch.bfloat16, torch.float32, with_dln=False)
+        specs += backward_specs(arch, torch.bfloat16, torch.float32, with_gemms=False)
         specs += [ln_bwd_spec(arch, row_config(block_d)) for block_d in ROW_BUCKETS]
     return specs

@@ -396,6 +396,33 @@ def test_kernel_weight_gradient_token_splits(kernel_device):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@kernel_test
+def test_kernel_grad_out_layouts_give_the_same_gradients(kernel_device):
+    """The backward's GEMMs read dy as (T, D) rows in the GEMM dtype: a view when grad_out already
+    is one (a slice of wider rows: row stride > D), else one conversion copy (D not the unit
+    stride). Either way the gradients are those of the contiguous grad_out, exactly."""
+    from fastvit.kernels.layernorm_mlp import layernorm_mlp_fwd
+    from fastvit.kernels.layernorm_mlp_bwd import layernorm_mlp_bwd
+
+    inputs = _inputs(2, 33, 48, 128, layer_scale=True, sample_scale=True, device=kernel_device, seed=43)
+    args = [inputs[k].detach() for k in NAMES]
+    x = args[0]
+    _, pre, mean, rstd = layernorm_mlp_fwd(*args, eps=1e-6, activation="gelu", residual=True,
+                                           out_dtype=x.dtype, save_preact=True)
+    grad_out = torch.randn_like(x)
+    wide = torch.zeros(2, 33, 64, device=kernel_device)
+    wide[..., :48] = grad_out
+    transposed = grad_out.transpose(1, 2).contiguous().transpose(1, 2)  # unit stride in N, not D
+    kw = dict(activation="gelu", residual=True, needs=(True,) * 9)
+    want = layernorm_mlp_bwd(grad_out, *args, pre, mean, rstd, **kw)
+    for dy in (wide[..., :48], transposed):
+        got = layernorm_mlp_bwd(dy, *args, pre, mean, rstd, **kw)
+        for name, a, b in zip(ALL_NAMES, want, got, strict=True):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(a, b), name
+
+
 def test_weight_gradient_split_heuristic():
     from fastvit.kernels.layernorm_mlp_bwd import wgrad_splits
 
