@@ -1183,7 +1183,9 @@ def _fwd_tiles(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
         return _FWD_256_HOPPER if 90 <= arch < 100 else _FWD_256
     small = head_dim_pad <= 64
     if 90 <= arch < 100:  # Hopper: two warpgroups of warpgroup MMA over 128 query rows
-        return AttentionConfig(128, 64, 8, 3) if small else AttentionConfig(128, 64, 8, 2)
+        # up to D = 64 capped at 120 registers: two CTAs/SM with 8 to spare (uncapped 126-128, at
+        # the cliff; capped: no spill, the same hot loop; Triton 3.8 and 3.6, 2026-12-04)
+        return AttentionConfig(128, 64, 8, 3, max_registers=120) if small else AttentionConfig(128, 64, 8, 2)
     if arch >= 89:  # Ada and consumer Blackwell: ~99 KB of shared memory, no warpgroup MMA
         return AttentionConfig(128, 64, 8, 2) if small else AttentionConfig(64, 32, 4, 2)
     return AttentionConfig(128, 64, 8, 3) if small else AttentionConfig(128, 32, 8, 3)
@@ -1234,7 +1236,8 @@ def fwd_mask_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attenti
     and rel_pos tiles are gathered through (BLOCK_M, BLOCK_N) tiles of 64-bit pointers: for 16-bit
     inputs with head dims > 64 the plain tiles then spill (sm_90: 568 B with a bool mask), so
     BLOCK_N is halved and 8 warps share the tile."""
-    cfg = fwd_config(arch, dtype, head_dim_pad)
+    # the plain tiles' register cap is sized for their own code, not for the gathers
+    cfg = dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), max_registers=None)
     if INTERPRETER or dtype == torch.float32 or head_dim_pad <= 64:
         return cfg
     return _with_key_tail(dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8))
@@ -1721,7 +1724,7 @@ def flash_attention_varlen_forward(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
             CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k, Tiles=tiles, VARLEN=True, BLOCK_TAIL=cfg.key_tail,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cfg.launch_options(),
         )
     return out, lse
 
@@ -1901,6 +1904,7 @@ def aot_specs() -> list[KernelSpec]:
                             needs_wgmma=fwd16, divisible_by_16=_aligned(sig),
                             # Hopper's 16-bit forward up to D = 64 is sized for two CTAs per SM
                             target_ctas_per_sm=2 if fwd16 and arch == 90 and pad <= 64 else 1,
+                            max_registers=cfg.max_registers,
                         ))
                     if tma_capable(arch, dtype, pad):
                         specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig))
@@ -2028,6 +2032,6 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
             f"{_tail_label(kernel, cfg)} w={cfg.num_warps} s={cfg.num_stages}",
             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
             needs_wgmma=dtype != torch.float32 and kernel == "flash_attention_fwd_kernel",
-            divisible_by_16=_aligned(sig),
+            divisible_by_16=_aligned(sig), max_registers=cfg.max_registers,
         ))
     return specs
