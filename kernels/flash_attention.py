@@ -61,6 +61,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .aot import ARCHS, KernelSpec, signature
 from .runtime import (
@@ -1449,17 +1450,19 @@ def tma_capable(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
 def _tma_strides(t: torch.Tensor) -> list[int] | None:
     """``t``'s strides as a tensor descriptor takes them (16-byte multiples, unit last), with the
     stride of each size-1 dim replaced by a dense one (never used for addressing); None where ``t``
-    does not qualify: a base not 16-byte aligned, a broadcast (stride-0) dim, or a stride that
-    is not a multiple of 16 bytes."""
-    if t.data_ptr() % 16 or t.stride(-1) != 1:
+    does not qualify: an empty dim, a base not 16-byte aligned, a broadcast (stride-0) dim, or a
+    stride that is not a multiple of 16 bytes."""
+    shape, stride = t.shape, t.stride()
+    if stride[-1] != 1 or t.data_ptr() % 16 or 0 in shape:
         return None
-    strides, extent = [1], t.shape[-1]  # extent: elements spanned by the dims inside the current one
-    for n, st in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1]), strict=True):
-        st = extent if n == 1 else st
-        if st <= 0 or (st * t.element_size()) % 16:
+    elements = 16 // t.element_size()  # a stride must be a multiple of this many elements
+    strides, extent = [1], shape[-1]  # extent: elements spanned by the dims inside the current one
+    for i in range(len(shape) - 2, -1, -1):
+        st = extent if shape[i] == 1 else stride[i]
+        if st <= 0 or st % elements:
             return None
         strides.append(st)
-        extent = max(extent, st * n)
+        extent = max(extent, st * shape[i])
     return strides[::-1]
 
 
@@ -1468,17 +1471,33 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     return all(_tma_strides(t) is not None for t in tensors)
 
 
+# TensorDescriptor's fields with defaults (padding, ...), whatever the Triton version defines
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
+                        if f.default is not dataclasses.MISSING}  # fmt: skip
+
+
+def _descriptor(t: torch.Tensor, strides: list[int], block: list[int]) -> TensorDescriptor:
+    """A TensorDescriptor of ``t`` without the constructor's checks, which ``_tma_strides`` already
+    made (16-byte base and strides, unit last stride, positive sizes) and the power-of-two boxes
+    satisfy: the checks cost more host time than the launch's own descriptor encoding."""
+    desc = TensorDescriptor.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=list(t.shape), strides=strides, block_shape=block)
+    return desc
+
+
 def fwd_tma_descriptors(q, k, v, out, cfg: AttentionConfig, pad: int) -> tuple[tuple, dict]:
     """The (B, H, rows, D) tensor descriptors of q, k, v and out with the boxes of ``cfg``'s tiles
     (zero-filled past the rows and past D), and the kernel's KTail / VTail (BLOCK_TAIL-key boxes).
     Only for tensors ``tma_ready`` accepts."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    def desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
-        return TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, pad])
-
-    qkvo = (desc(q, cfg.block_m), desc(k, cfg.block_n), desc(v, cfg.block_n), desc(out, cfg.block_m))
-    tails = {"KTail": desc(k, cfg.key_tail), "VTail": desc(v, cfg.key_tail)} if cfg.key_tail else {}
+    k_strides, v_strides = _tma_strides(k), _tma_strides(v)
+    qkvo = (_descriptor(q, _tma_strides(q), [1, 1, cfg.block_m, pad]),
+            _descriptor(k, k_strides, [1, 1, cfg.block_n, pad]),
+            _descriptor(v, v_strides, [1, 1, cfg.block_n, pad]),
+            _descriptor(out, _tma_strides(out), [1, 1, cfg.block_m, pad]))  # fmt: skip
+    tails = {}
+    if cfg.key_tail:
+        tails = {"KTail": _descriptor(k, k_strides, [1, 1, cfg.key_tail, pad]),
+                 "VTail": _descriptor(v, v_strides, [1, 1, cfg.key_tail, pad])}  # fmt: skip
     return qkvo, tails
 
 

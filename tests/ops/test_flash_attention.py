@@ -217,6 +217,25 @@ def test_tma_takes_only_what_a_descriptor_can_address():
     assert not tma_ready(single.expand(3, 12, 197, 64))  # a broadcast batch
     assert not tma_ready(torch.zeros(2, 12, 197, 65, dtype=torch.bfloat16)[..., 1:])  # base off 16 bytes
     assert not tma_ready(torch.zeros(2, 12, 64, 197, dtype=torch.bfloat16).transpose(-1, -2))  # D not unit
+    assert not tma_ready(torch.zeros(2, 12, 0, 64, dtype=torch.bfloat16))  # no rows: no descriptor
+
+
+def test_unchecked_descriptors_equal_the_checked_ones():
+    """The launcher builds descriptors without TensorDescriptor's checks (its own come first): every
+    field must equal what the checked constructor gives, on this Triton version."""
+    import dataclasses
+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from fastvit.kernels.flash_attention import _descriptor, _tma_strides
+
+    q = torch.zeros(2, 197, 3, 12, 64, dtype=torch.bfloat16)[:, :, 0].transpose(1, 2)
+    strides = _tma_strides(q)
+    fast, checked = _descriptor(q, strides, [1, 1, 64, 64]), TensorDescriptor(q, list(q.shape), strides, [1, 1, 64, 64])
+    for field in dataclasses.fields(TensorDescriptor):
+        if field.name != "base":
+            assert getattr(fast, field.name) == getattr(checked, field.name), field.name
+    assert fast.base is q and checked.base is q
 
 
 def _config_keys():
