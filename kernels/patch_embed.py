@@ -431,18 +431,33 @@ _VEC_CONFIGS = {
 }
 # 16-bit weights, unit strides but rows that are not whole runs ("aligned" walk: p = 14, rows of 14
 # padded to runs of 16): the image side loads pairs of pixels, the weight (padded, see
-# ``_weight_in_virtual_order``) and the gradient 16-byte vectors.
+# ``_weight_in_virtual_order``) and the gradient 16-byte vectors. The vec tiles, except the image
+# gradient: its col2im epilogue stores pairs of pixels, each with its own address, and the vec
+# tiles reached 254-255 registers (fp32 images; sm_90 128x128x64 233 with bf16 ones), so 128 rows
+# x 64 pixels: sm_90 with 128 embed dims per step (194 / 92 registers, issue ratio 0.80 / 0.51),
+# sm_80 and sm_89 32 on 8 warps (126 and 128 registers; Triton 3.8, 2026-12-04).
 _ALIGNED_CONFIGS = {
     "fwd": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 8, 3), 80: GemmConfig(128, 64, 32, 8, 3)},
     "dw": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
-    "dx": {90: GemmConfig(128, 64, 128, 8, 2), 89: GemmConfig(128, 64, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
+    "dx": {90: GemmConfig(128, 64, 128, 8, 2), 89: GemmConfig(128, 64, 32, 8, 3), 80: GemmConfig(128, 64, 32, 8, 3)},
 }
+# The weight gradient on sm_90 when images and token gradients are both 16-bit (no conversion in
+# registers, both tiles cp.async): wider tiles, since its loop is issue-bound on the patch rows'
+# addresses (each thread splits every row it loads into image and patch, ~20 instructions, and
+# the rows per thread grow with BLOCK_M x tile width / vector width). Figures of the all-bf16 stem
+# (Triton 3.8, 2026-12-04): vec p=16 128x128x64 0.92 -> 128x256x64 0.73 (168 registers); aligned
+# p=14 (pairs of pixels: 4x the rows of vec) 128x128x64 2.29 -> 256x128x64 1.37 (167). With fp32
+# images these tiles reach 255 registers and spill, so the autocast recipes keep the tables above.
+_DW_16BIT_SM90 = {"vec": GemmConfig(128, 256, 64, 8, 3), "aligned": GemmConfig(256, 128, 64, 8, 3)}
 # 16-bit weights, element-wise gathers ("gather" walk: strided views, odd widths). Every
 # address and the row indices of each patch stay in registers across the loop, so the tiles are
-# small; sm_90 keeps 64 rows, the least warpgroup MMA takes, on 8 warps (on 4: 251-254 registers).
+# small; sm_90 keeps 64 rows, the least warpgroup MMA takes, on 8 warps (on 4: 251-254 registers);
+# its forward and weight gradient take wider steps (64x128x32 forward: 180 registers, issue ratio
+# 2.59 against 4.97 at 64x64x32; weight gradient 64x128x64: 195, 8.1 against 12.7 at 64x128x32;
+# 128-row tiles spill; Triton 3.8, 2026-12-04).
 _GATHER_CONFIGS = {
-    "fwd": {90: GemmConfig(64, 64, 32, 8, 2), 89: GemmConfig(32, 64, 16, 4, 2), 80: GemmConfig(32, 64, 16, 4, 2)},
-    "dw": {90: GemmConfig(64, 128, 32, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(64, 128, 32, 8, 3)},
+    "fwd": {90: GemmConfig(64, 128, 32, 8, 3), 89: GemmConfig(32, 64, 16, 4, 2), 80: GemmConfig(32, 64, 16, 4, 2)},
+    "dw": {90: GemmConfig(64, 128, 64, 8, 2), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(64, 128, 32, 8, 3)},
     "dx": {90: GemmConfig(64, 64, 32, 8, 2), 89: GemmConfig(32, 64, 32, 4, 2), 80: GemmConfig(32, 64, 32, 4, 2)},
 }
 # fp32 weights: IEEE fp32 dots run on FMA units, small tiles on every architecture (an FMA dot holds
@@ -455,13 +470,14 @@ _FP32_CONFIGS = {  # keyed by vec
 }
 
 
-def gemm_config(kernel: str, arch: int, dtype: torch.dtype, walk: str) -> GemmConfig:
+def gemm_config(kernel: str, arch: int, dtype: torch.dtype, walk: str, io16: bool = False) -> GemmConfig:
     """Tiles of one GEMM kernel for (architecture, weight dtype, walk).
 
     Args:
         kernel: "fwd" (patch rows, embed dims, pixels per step), "dw" (embed dims, weight columns,
             patch rows per step) or "dx" (patch rows, pixels, embed dims per step).
         walk: "vec", "aligned" or "gather" (``walk_kind``).
+        io16: the weight gradient's images and token gradient are both 16-bit (not autocast's fp32).
     """
     if INTERPRETER:
         return _INTERPRETER_CONFIGS[kernel]
@@ -469,6 +485,8 @@ def gemm_config(kernel: str, arch: int, dtype: torch.dtype, walk: str) -> GemmCo
         return _FP32_CONFIGS[walk != "gather"][kernel]
     # sm_80 and sm_90 (and sm_100) have large shared memories; the rest (sm_86, sm_89, sm_120) 99 KB
     key = 80 if arch == 80 else 90 if 90 <= arch < 120 else 89
+    if kernel == "dw" and key == 90 and io16 and walk in _DW_16BIT_SM90:
+        return _DW_16BIT_SM90[walk]
     return {"vec": _VEC_CONFIGS, "aligned": _ALIGNED_CONFIGS, "gather": _GATHER_CONFIGS}[walk][kernel][key]
 
 
@@ -712,7 +730,8 @@ def patch_embed_backward_weight(
     grad_out = tokens_addressable_in_int32(grad_out)
     plan = gather_plan(x, patch)
     dw_flat = (dw.permute(0, 2, 3, 1) if plan.pixel_rows else dw).view(dim, -1)  # gather order
-    cfg = gemm_config("dw", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim, grad_out))
+    io16 = x.element_size() == 2 and grad_out.element_size() == 2
+    cfg = gemm_config("dw", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim, grad_out), io16)
     tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.virtual_cols, cfg.block_n)
     rows_per_split, num_splits = _split(batch * n, cfg.block_k, tiles, x.device, splits)
     partial = new_output((num_splits, *dw_flat.shape), dtype=torch.float32, device=x.device)
@@ -942,7 +961,7 @@ def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: _Walk) -> list
          "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
         cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
     ))
-    cfg = gemm_config("dw", arch, wdt, walk.tiles)
+    cfg = gemm_config("dw", arch, wdt, walk.tiles, xdt.itemsize == 2 and odt.itemsize == 2)
     sig, ones, div = _signature(patch_embed_bwd_weight_kernel, {"X": f"*{x}", "dOut": f"*{o}", "dWs": "*fp32"}, walk)
     specs.append(KernelSpec(
         "patch_embed.patch_embed_bwd_weight_kernel", f"{label} {_label(cfg)}", sig,
