@@ -7,7 +7,9 @@ The convolution with stride = kernel = p is a GEMM over non-overlapping patches:
 
 Forward: one launch. ``A`` is never built: each program gathers its (BLOCK_M, BLOCK_K) tile of
 patches straight from the image through its strides, in runs of pixels (an implicit GEMM, see
-"Gathering patches" below; channels_last images need no copy), multiplies by the weight with fp32
+"Gathering patches" below; channels_last images need no copy), multiplies by the weight (read in
+the same virtual-column order: a view of it, or where patch rows are not whole runs, p = 14, a
+zero-padded copy of the weight, never of the image: ``_weight_in_virtual_order``) with fp32
 accumulation, adds bias and pos_embed in the epilogue and writes its rows into the (B, P+N, D)
 token buffer. Extra programs of the same grid write the prefix rows (``prefix_tokens[t] + pos[t]``).
 
@@ -22,7 +24,14 @@ Backward (deterministic, no atomics; ``G[m, d] = dOut[b, P + n, d]``, the patch 
 mask the pixels past the image, which reads them as zeros: the padding is never materialised.
 
 Precision: fp16/bf16 weights use tensor-core dots with fp32 accumulation; fp32 images are rounded
-to the weight's dtype in registers (autocast: fp32 images, bf16 GEMM); fp32 weights use IEEE fp32
+to the weight's dtype in registers (autocast: fp32 images, bf16 GEMM), not copied first as
+F.conv2d's autocast does: by the static model (sm_90, Triton 3.8) the forward converting on load
+stays tensor-bound (issue ratio 0.50-0.59 against 0.33-0.43 for bf16 images) and reads 4 bytes a
+pixel against 8 (read fp32, write and read bf16) for a cast; the weight gradient converts either
+operand through registers and shared memory, and under autocast its token gradient is fp32 too
+whenever pos_embed or prefix tokens are fp32 parameters (timm): vec p=16 at 128x128x64 issues at
+1.87 with both fp32, 1.68 with bf16 images and fp32 tokens, 0.92 with both bf16, so a cast of the
+image alone would buy 10% of that loop for a whole extra pass over the image; fp32 weights use IEEE fp32
 dots (no TF32). Batch offsets are int64; offsets inside one image are int32 (a view whose offsets
 inside an image would reach 2^31 is copied first, ``image_addressable_in_int32``; the op sends
 images of 2^31 elements or more to the torch route), and so are the weight gradient's offsets inside
@@ -286,8 +295,9 @@ def patch_embed_bwd_weight_kernel(
         m_valid = offs_m < m_end
         # rows past the split's end re-read its last row; their G is masked to zero, so the A tile
         # needs no row mask (its mask is per column: loop-invariant outside the padding walk)
-        b = _divide(tl.minimum(offs_m, m_end - 1), magic_n, shift_n)
-        n = tl.minimum(offs_m, m_end - 1) - b * N
+        rows = tl.minimum(offs_m, m_end - 1)
+        b = _divide(rows, magic_n, shift_n)
+        n = rows - b * N
         gh = _divide(n, magic_gw, shift_gw)
         h0 = gh * PATCH
         w0 = (n - gh * GW) * PATCH
@@ -447,7 +457,8 @@ _ALIGNED_CONFIGS = {
 # the rows per thread grow with BLOCK_M x tile width / vector width). Figures of the all-bf16 stem
 # (Triton 3.8, 2026-12-04): vec p=16 128x128x64 0.92 -> 128x256x64 0.73 (168 registers); aligned
 # p=14 (pairs of pixels: 4x the rows of vec) 128x128x64 2.29 -> 256x128x64 1.37 (167). With fp32
-# images these tiles reach 255 registers and spill, so the autocast recipes keep the tables above.
+# images these tiles reach 255 registers and spill, so the autocast recipes keep the tables above;
+# so do launches with dynamic padding (its per-pixel masks: 242 registers at 128x256x64, bf16).
 _DW_16BIT_SM90 = {"vec": GemmConfig(128, 256, 64, 8, 3), "aligned": GemmConfig(256, 128, 64, 8, 3)}
 # 16-bit weights, element-wise gathers ("gather" walk: strided views, odd widths). Every
 # address and the row indices of each patch stay in registers across the loop, so the tiles are
@@ -477,7 +488,8 @@ def gemm_config(kernel: str, arch: int, dtype: torch.dtype, walk: str, io16: boo
         kernel: "fwd" (patch rows, embed dims, pixels per step), "dw" (embed dims, weight columns,
             patch rows per step) or "dx" (patch rows, pixels, embed dims per step).
         walk: "vec", "aligned" or "gather" (``walk_kind``).
-        io16: the weight gradient's images and token gradient are both 16-bit (not autocast's fp32).
+        io16: the weight gradient's images and token gradient are both 16-bit (not autocast's fp32)
+            and it has no padding masks (``_DW_16BIT_SM90``).
     """
     if INTERPRETER:
         return _INTERPRETER_CONFIGS[kernel]
@@ -586,8 +598,8 @@ def _weight_in_virtual_order(weight: torch.Tensor, plan: Gather) -> torch.Tensor
     whose rows are whole runs (p = 8, 16, 32; channels_last 16*3); otherwise a copy of the weight
     (never the image): for p = 14, D*R*16 elements, 8/7 of the weight. The copy is what lets the
     forward and the image gradient load the weight's tile as 16-byte vectors with one mask per
-    step: rows of 14 elements leave every offset odd-aligned (the weight's row stride C*196 is not
-    16-divisible), so in gather order each element was its own 2-byte load and shared-memory store
+    step: rows of 14 elements leave offsets 4-byte aligned at best and the weight's row stride C*196
+    is not 16-divisible, so in gather order each element was its own 2-byte load and shared-memory store
     (sm_90, Triton 3.8: 8 of each per thread per 64x64x32 step of the forward)."""
     w = weight.permute(0, 2, 3, 1) if plan.pixel_rows else weight
     flat = w.reshape(w.shape[0], -1)
@@ -730,7 +742,8 @@ def patch_embed_backward_weight(
     grad_out = tokens_addressable_in_int32(grad_out)
     plan = gather_plan(x, patch)
     dw_flat = (dw.permute(0, 2, 3, 1) if plan.pixel_rows else dw).view(dim, -1)  # gather order
-    io16 = x.element_size() == 2 and grad_out.element_size() == 2
+    edge = _edge(height, width, patch, pad)
+    io16 = x.element_size() == 2 and grad_out.element_size() == 2 and not edge
     cfg = gemm_config("dw", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim, grad_out), io16)
     tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.virtual_cols, cfg.block_n)
     rows_per_split, num_splits = _split(batch * n, cfg.block_k, tiles, x.device, splits)
@@ -745,7 +758,7 @@ def patch_embed_backward_weight(
             plan.rows,
             rows_per_split,
             PATCH=patch, CPR=plan.cpr,
-            EDGE=_edge(height, width, patch, pad),
+            EDGE=edge,
             COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
             BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=plan.run,
             DOT_PRECISION=dot_precision(weight.dtype),
@@ -875,7 +888,7 @@ _OURS_DIVISIBLE = {"stride_wd"}  # the virtual-order weight's row stride
 
 @dataclasses.dataclass(frozen=True)
 class _Walk:
-    """One AOT walk: the tiles (``runs_vectorize``), the argument specialisation and the patch."""
+    """One AOT walk: the tiles (``walk_kind``), the argument specialisation and the patch."""
 
     kind: str  # "vec", "edge", "aligned" or "gather" (above)
     patch: int
@@ -961,7 +974,7 @@ def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: _Walk) -> list
          "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
         cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
     ))
-    cfg = gemm_config("dw", arch, wdt, walk.tiles, xdt.itemsize == 2 and odt.itemsize == 2)
+    cfg = gemm_config("dw", arch, wdt, walk.tiles, xdt.itemsize == 2 and odt.itemsize == 2 and not walk.edge)
     sig, ones, div = _signature(patch_embed_bwd_weight_kernel, {"X": f"*{x}", "dOut": f"*{o}", "dWs": "*fp32"}, walk)
     specs.append(KernelSpec(
         "patch_embed.patch_embed_bwd_weight_kernel", f"{label} {_label(cfg)}", sig,
