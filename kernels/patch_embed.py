@@ -30,8 +30,9 @@ stays tensor-bound (issue ratio 0.50-0.59 against 0.33-0.43 for bf16 images) and
 pixel against 8 (read fp32, write and read bf16) for a cast; the weight gradient converts either
 operand through registers and shared memory, and under autocast its token gradient is fp32 too
 whenever pos_embed or prefix tokens are fp32 parameters (timm): vec p=16 at 128x128x64 issues at
-1.87 with both fp32, 1.68 with bf16 images and fp32 tokens, 0.92 with both bf16, so a cast of the
-image alone would buy 10% of that loop for a whole extra pass over the image; fp32 weights use IEEE fp32
+1.86 with both fp32, 1.69 with bf16 images and fp32 tokens, 0.92 with both bf16 (flat rows; 1.37,
+1.25, 0.71 walking image tiles), so a cast of the image alone would buy ~10% of that loop for a
+whole extra pass over the image; fp32 weights use IEEE fp32
 dots (no TF32). Batch offsets are int64; offsets inside one image are int32 (a view whose offsets
 inside an image would reach 2^31 is copied first, ``image_addressable_in_int32``; the op sends
 images of 2^31 elements or more to the torch route), and so are the weight gradient's offsets inside
@@ -245,7 +246,7 @@ def patch_embed_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "rows_per_split"])
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "steps_per_split"])
 def patch_embed_bwd_weight_kernel(
     X,  # (B, C, H, W) images, any strides
     dOut,  # (B, P+N, D) token gradient, any strides (stride 0 from out.sum() is fine)
@@ -255,10 +256,11 @@ def patch_embed_bwd_weight_kernel(
     B, H, W,
     D, P, GW, N,
     R,
-    rows_per_split,  # patch rows summed by one split, a multiple of BLOCK_M
+    steps_per_split,  # reduction steps (row tiles) summed by one split
     PATCH: tl.constexpr,
     CPR: tl.constexpr,
     EDGE: tl.constexpr,
+    IMAGE_TILES: tl.constexpr,  # row tiles of one image each (cdiv(N, BLOCK_M) an image), else of B*N rows
     COMPUTE_DTYPE: tl.constexpr,  # the dot's operand dtype (the forward's weight dtype)
     BLOCK_D: tl.constexpr,  # embed dims per program
     BLOCK_K: tl.constexpr,  # virtual weight columns per program, a multiple of RUN
@@ -284,29 +286,45 @@ def patch_embed_bwd_weight_kernel(
     x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
     g_cols = offs_d.to(tl.int64) * stride_gd
 
-    m_start = split * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
-    # -- patch rows -> patches by multiply-high with magic numbers of N and GW: no division in the loop --
-    magic_n, shift_n = _magic_divisor(N)
+    # -- the reduction walks row tiles of BLOCK_M patch rows. IMAGE_TILES: consecutive patches of one
+    #    image (its last tile masked), so a step's image is one scalar and a row's address costs a
+    #    multiply-high and a few adds; else consecutive rows of all B*N, no tile padded but every
+    #    row split into (image, patch) with 64-bit image offsets (the launcher picks: padding) --
+    if IMAGE_TILES:
+        steps_per_image = (N + BLOCK_M - 1) // BLOCK_M
+        num_steps = B * steps_per_image
+        magic_s, shift_s = _magic_divisor(steps_per_image)
+    else:
+        num_steps = tl.cdiv(M, BLOCK_M)
+        magic_n, shift_n = _magic_divisor(N)
+    s_start = split * steps_per_split
+    s_end = tl.minimum(num_steps, s_start + steps_per_split)
+    m_end = tl.minimum(M, s_end * BLOCK_M)
     magic_gw, shift_gw = _magic_divisor(GW)
     acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < m_end
-        # rows past the split's end re-read its last row; their G is masked to zero, so the A tile
-        # needs no row mask (its mask is per column: loop-invariant outside the padding walk)
-        rows = tl.minimum(offs_m, m_end - 1)
-        b = _divide(rows, magic_n, shift_n)
-        n = rows - b * N
+    for step in range(s_start, s_end):
+        # rows past an image's (or the split's) last re-read it; their G is masked to zero, so the
+        # A tile needs no row mask (its mask is per column: loop-invariant outside the padding walk)
+        if IMAGE_TILES:
+            b = _divide(tl.full((), step, tl.int32), magic_s, shift_s)  # (a tensor under the interpreter too)
+            n = (step - b * steps_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_valid = n < N
+            n = tl.minimum(n, N - 1)
+        else:
+            offs_m = step * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_valid = offs_m < m_end
+            rows = tl.minimum(offs_m, m_end - 1)
+            b = _divide(rows, magic_n, shift_n)
+            n = rows - b * N
         gh = _divide(n, magic_gw, shift_gw)
         h0 = gh * PATCH
         w0 = (n - gh * GW) * PATCH
         # -- G^T tile (BLOCK_D, BLOCK_M): the patch rows of dOut (token offsets inside an image in
         #    int32, like the pixels': the op sends images of 2^31 tokens x dims to the torch route) --
-        g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P) * stride_gt
-        g_t = tl.load(g_rows[None, :] + g_cols[:, None], mask=d_valid[:, None] & m_valid[None, :], other=0.0)
+        g_rows = (dOut + b.to(tl.int64) * stride_gb) + (n + P) * stride_gt
+        g_t = tl.load(g_rows[None, :] + g_cols[:, None], mask=d_valid[:, None] & row_valid[None, :], other=0.0)
         # -- A tile (BLOCK_M, BLOCK_K): the same patches' pixels --
-        x_rows = X + b.to(tl.int64) * stride_xb + (h0 * stride_xh + w0 * stride_xw)  # int32 inside an image
+        x_rows = (X + b.to(tl.int64) * stride_xb) + (h0 * stride_xh + w0 * stride_xw)  # int32 inside an image
         a_mask = k_valid[None, :]
         if EDGE:
             a_mask &= _inside_image(h0, w0, i, pos, H, W, CPR)
@@ -453,13 +471,15 @@ _ALIGNED_CONFIGS = {
 }
 # The weight gradient on sm_90 when images and token gradients are both 16-bit (no conversion in
 # registers, both tiles cp.async): wider tiles, since its loop is issue-bound on the patch rows'
-# addresses (each thread splits every row it loads into image and patch, ~20 instructions, and
-# the rows per thread grow with BLOCK_M x tile width / vector width). Figures of the all-bf16 stem
-# (Triton 3.8, 2026-12-04): vec p=16 128x128x64 0.92 -> 128x256x64 0.73 (168 registers); aligned
-# p=14 (pairs of pixels: 4x the rows of vec) 128x128x64 2.29 -> 256x128x64 1.37 (167). With fp32
-# images these tiles reach 255 registers and spill, so the autocast recipes keep the tables above;
-# so do launches with dynamic padding (its per-pixel masks: 242 registers at 128x256x64, bf16).
-_DW_16BIT_SM90 = {"vec": GemmConfig(128, 256, 64, 8, 3), "aligned": GemmConfig(256, 128, 64, 8, 3)}
+# addresses (each row a thread loads costs a multiply-high and 64-bit adds, and rows per thread
+# grow with BLOCK_M x tile width / vector width). Figures of the all-bf16 stem (Triton 3.8,
+# 2026-12-04; flat rows / image tiles, ``dw_image_tiles``): vec p=16 128x128x64 0.92 / 0.71 ->
+# 128x256x64 0.73 / 0.48 (168 / 198 registers); aligned p=14 (pairs of pixels: 4x the rows of vec)
+# 128x128x64 2.29 / 1.42 -> 256x64x64 1.66 / 1.16 (165 / 124; 256x128x64 image tiles reach 0.84 at
+# 252 registers, 128x256x64 1.15 at 242). With fp32 images the wide tiles reach 255 registers and
+# spill, so the autocast recipes keep the tables above; so do launches with dynamic padding (its
+# per-pixel masks: 242 registers at 128x256x64, bf16).
+_DW_16BIT_SM90 = {"vec": GemmConfig(128, 256, 64, 8, 3), "aligned": GemmConfig(256, 64, 64, 8, 3)}
 # 16-bit weights, element-wise gathers ("gather" walk: strided views, odd widths). Every
 # address and the row indices of each patch stay in registers across the loop, so the tiles are
 # small; sm_90 keeps 64 rows, the least warpgroup MMA takes, on 8 warps (on 4: 251-254 registers);
@@ -505,6 +525,15 @@ def gemm_config(kernel: str, arch: int, dtype: torch.dtype, walk: str, io16: boo
 # token sums: (tokens, embed dims) per program; the reduction over splits: elements per program
 TOKEN_SUM_BLOCK = (16, 128)
 SUM_SPLITS_BLOCK = 1024
+
+
+def dw_image_tiles(patches: int, block_m: int) -> bool:
+    """Whether the weight gradient walks row tiles of one image each (``IMAGE_TILES``): when that
+    pads at most 1/16 of the rows (N = 256 at p = 14 / 224 px, 1369 at 518 px, 576 at p = 16 / 384
+    px), not at N = 196 (p = 16, 224 px: 64-row tiles pad 31%, tensor time the static model does not
+    count in the loop's issue ratio)."""
+    padded = triton.cdiv(patches, block_m) * block_m - patches
+    return 16 * padded <= patches
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -746,7 +775,9 @@ def patch_embed_backward_weight(
     io16 = x.element_size() == 2 and grad_out.element_size() == 2 and not edge
     cfg = gemm_config("dw", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim, grad_out), io16)
     tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.virtual_cols, cfg.block_n)
-    rows_per_split, num_splits = _split(batch * n, cfg.block_k, tiles, x.device, splits)
+    image_tiles = dw_image_tiles(n, cfg.block_k)
+    steps = batch * triton.cdiv(n, cfg.block_k) if image_tiles else triton.cdiv(batch * n, cfg.block_k)
+    steps_per_split, num_splits = _split(steps, 1, tiles, x.device, splits)
     partial = new_output((num_splits, *dw_flat.shape), dtype=torch.float32, device=x.device)
     with device_guard(x):
         patch_embed_bwd_weight_kernel[(tiles * num_splits,)](
@@ -756,9 +787,9 @@ def patch_embed_backward_weight(
             batch, height, width,
             dim, grad_out.shape[1] - n, gw, n,
             plan.rows,
-            rows_per_split,
+            steps_per_split,
             PATCH=patch, CPR=plan.cpr,
-            EDGE=edge,
+            EDGE=edge, IMAGE_TILES=image_tiles,
             COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
             BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=plan.run,
             DOT_PRECISION=dot_precision(weight.dtype),
@@ -976,12 +1007,14 @@ def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: _Walk) -> list
     ))
     cfg = gemm_config("dw", arch, wdt, walk.tiles, xdt.itemsize == 2 and odt.itemsize == 2 and not walk.edge)
     sig, ones, div = _signature(patch_embed_bwd_weight_kernel, {"X": f"*{x}", "dOut": f"*{o}", "dWs": "*fp32"}, walk)
-    specs.append(KernelSpec(
-        "patch_embed.patch_embed_bwd_weight_kernel", f"{label} {_label(cfg)}", sig,
-        {**ones, **common, "COMPUTE_DTYPE": _TL_DTYPE[wdt],
-         "BLOCK_D": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_M": cfg.block_k},
-        cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
-    ))
+    for image_tiles in (True, False):  # both reduction walks (``dw_image_tiles``)
+        specs.append(KernelSpec(
+            "patch_embed.patch_embed_bwd_weight_kernel",
+            f"{label} rows={'image' if image_tiles else 'flat'} {_label(cfg)}", sig,
+            {**ones, **common, "COMPUTE_DTYPE": _TL_DTYPE[wdt], "IMAGE_TILES": image_tiles,
+             "BLOCK_D": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_M": cfg.block_k},
+            cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
+        ))
     cfg = gemm_config("dx", arch, wdt, walk.tiles)
     sig, ones, div = _signature(patch_embed_bwd_input_kernel, {"dOut": f"*{o}", "Wt": f"*{w}", "dX": f"*{x}"}, walk)
     specs.append(KernelSpec(

@@ -231,6 +231,29 @@ def test_kernel_backward_is_deterministic_and_split_invariant(kernel_device):
 
 
 @kernel_test
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_kernel_weight_gradient_walks_image_tiles(kernel_device, channels_last):
+    """N a multiple of the weight gradient's row tile (4x8 patches of 8: N = 32, the interpreter's
+    step): it walks row tiles of one image each (``dw_image_tiles``), the other walk of the tests
+    above; checked against the reference, split-invariant, and equal to the flat walk's sum."""
+    from fastvit.kernels import patch_embed as kernels
+
+    inputs = _inputs(3, 3, 32, 64, 8, 24, 1, "all", device=kernel_device, channels_last=channels_last, seed=23)
+    assert kernels.dw_image_tiles(32, kernels.gemm_config("dw", 0, torch.float32, "vec").block_k)
+    out, grad_out, grads = _run_kernel(inputs)
+    _check(inputs, out, grad_out, grads)
+    x, w = inputs["x"].detach(), inputs["weight"].detach()
+    one = kernels.patch_embed_backward_weight(grad_out, x, w, False, splits=1)
+    torch.testing.assert_close(one, kernels.patch_embed_backward_weight(grad_out, x, w, False, splits=2))
+    flat = kernels.dw_image_tiles
+    try:
+        kernels.dw_image_tiles = lambda patches, block_m: False
+        torch.testing.assert_close(one, kernels.patch_embed_backward_weight(grad_out, x, w, False, splits=1))
+    finally:
+        kernels.dw_image_tiles = flat
+
+
+@kernel_test
 def test_kernel_empty_batch_and_empty_prefix(kernel_device):
     inputs = _inputs(0, 3, 16, 16, 8, 12, 2, "all", device=kernel_device, seed=19)
     with fastvit.backend("triton"):
