@@ -976,7 +976,9 @@ def _signature(kernel, pointers: dict[str, str], walk: _Walk) -> tuple[dict[str,
 # MMAs are the same instructions): in every comparison made (fp16 vs fp32-image recipes, all
 # three architectures) they took fewer registers and less shared memory. The patch sizes are the
 # ViTs' (16; 14 for DINOv2 and EVA02; 8 and 32) and channels_last RGB at 16; the less common ones on
-# sm_80 and sm_90 only (sm_89 has sm_80's instructions, on smaller tiles). 84 compiles.
+# sm_80 and sm_90 only (sm_89 has sm_80's instructions, on smaller tiles). The weight gradient is
+# compiled in both reduction walks (rows=image / rows=flat, ``dw_image_tiles``), and on sm_90 the
+# all-16-bit stem takes its own tiles (``_DW_16BIT_SM90``; fp16 as bf16). 110 compiles.
 _VEC16, _EDGE16, _GATHER14 = _Walk("vec", 16), _Walk("edge", 16), _Walk("gather", 14)
 _ALIGNED14 = _Walk("aligned", 14, odd=frozenset({"R"}))
 _MORE_PATCHES = (_Walk("vec", 32), _Walk("vec", 16, 3), _Walk("vec", 8, odd=frozenset({"R"})))
