@@ -7,7 +7,9 @@ The convolution with stride = kernel = p is a GEMM over non-overlapping patches:
 
 Forward: one launch. ``A`` is never built: each program gathers its (BLOCK_M, BLOCK_K) tile of
 patches straight from the image through its strides, in runs of pixels (an implicit GEMM, see
-"Gathering patches" below; channels_last images need no copy), multiplies by the weight with fp32
+"Gathering patches" below; channels_last images need no copy), multiplies by the weight (read in
+the same virtual-column order: a view of it, or where patch rows are not whole runs, p = 14, a
+zero-padded copy of the weight, never of the image: ``_weight_in_virtual_order``) with fp32
 accumulation, adds bias and pos_embed in the epilogue and writes its rows into the (B, P+N, D)
 token buffer. Extra programs of the same grid write the prefix rows (``prefix_tokens[t] + pos[t]``).
 
@@ -22,10 +24,20 @@ Backward (deterministic, no atomics; ``G[m, d] = dOut[b, P + n, d]``, the patch 
 mask the pixels past the image, which reads them as zeros: the padding is never materialised.
 
 Precision: fp16/bf16 weights use tensor-core dots with fp32 accumulation; fp32 images are rounded
-to the weight's dtype in registers (autocast: fp32 images, bf16 GEMM); fp32 weights use IEEE fp32
+to the weight's dtype in registers (autocast: fp32 images, bf16 GEMM), not copied first as
+F.conv2d's autocast does: by the static model (sm_90, Triton 3.8) the forward converting on load
+stays tensor-bound (issue ratio 0.50-0.59 against 0.33-0.43 for bf16 images) and reads 4 bytes a
+pixel against 8 (read fp32, write and read bf16) for a cast; the weight gradient converts either
+operand through registers and shared memory, and under autocast its token gradient is fp32 too
+whenever pos_embed or prefix tokens are fp32 parameters (timm): vec p=16 at 128x128x64 issues at
+1.86 with both fp32, 1.69 with bf16 images and fp32 tokens, 0.92 with both bf16 (flat rows; 1.37,
+1.25, 0.71 walking image tiles), so a cast of the image alone would buy ~10% of that loop for a
+whole extra pass over the image; fp32 weights use IEEE fp32
 dots (no TF32). Batch offsets are int64; offsets inside one image are int32 (a view whose offsets
 inside an image would reach 2^31 is copied first, ``image_addressable_in_int32``; the op sends
-images of 2^31 elements or more to the torch route). Every launch runs under ``device_guard``.
+images of 2^31 elements or more to the torch route), and so are the weight gradient's offsets inside
+one image's token gradient (``tokens_addressable_in_int32``; the op sends (P+N)*D >= 2^31 to the
+torch route). Every launch runs under ``device_guard``.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -57,6 +70,8 @@ from .runtime import (
 # for channels_last images. Each row is cut into S = cdiv(row_len, RUN) runs, the last one masked.
 # A run starts at an aligned position of its row, so with a unit stride along the row and a row
 # length that is a multiple of RUN (p = 16 or 32; channels_last p*C = 48) a run is one vector load.
+# RUN is 16, or 8 where a row holds a multiple of 8 but not of 16 elements (p = 8; channels_last
+# 8*3 = 24): no padded columns there, and runs of 8 are still 16-byte loads of 16-bit images.
 # The patch size p and the elements per pixel along a row (CPR: 1, or C for pixel rows) are
 # constexprs, so row_len = p*CPR and S are too and the gather's divisions and moduli are shifts,
 # masks or multiply-highs: one compile per (p, CPR), i.e. per patch size for NCHW images and per
@@ -64,6 +79,11 @@ from .runtime import (
 # weight gradient's loop also splits patch rows into (image, patch) by the runtime N and GW: those
 # divisions use magic numbers computed once per program (``_magic_divisor``).
 RUN = 16
+
+
+def run_length(row_len: int) -> int:
+    """RUN for rows of ``row_len`` elements: 8 when that divides them and 16 does not, else 16."""
+    return 8 if row_len % 16 and row_len % 8 == 0 else RUN
 
 
 @triton.jit
@@ -106,7 +126,11 @@ def _patch_cols(offs_v, R, PATCH: tl.constexpr, CPR: tl.constexpr, RUN: tl.const
     q = run // S
     pos = (run % S) * RUN + v % RUN
     i = q % PATCH
-    return q.to(tl.int32), pos.to(tl.int32), i.to(tl.int32), (q < R) & (pos < ROW_LEN)
+    if ROW_LEN % RUN == 0:  # noqa: SIM108 (a constexpr branch) -- no padded columns: only the last row bounds the walk
+        valid = offs_v < R * S * RUN  # (q < R), written as the weight's mask is
+    else:
+        valid = (q < R) & (pos < ROW_LEN)
+    return q.to(tl.int32), pos.to(tl.int32), i.to(tl.int32), valid
 
 
 @triton.jit
@@ -127,7 +151,7 @@ def _inside_image(h0, w0, i, pos, H, W, CPR: tl.constexpr):
 @triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "pos_row0"])
 def patch_embed_fwd_kernel(
     X,  # (B, C, H, W) images, any strides
-    Wt,  # (D, R*row_len) conv weight in gather order (see above), unit stride along a row
+    Wt,  # (D, R*S*RUN) conv weight in virtual-column order (patch rows padded with zeros to S*RUN)
     Bias,  # (D,) bias, or None (HAS_BIAS=False)
     Pos,  # (L, D) position embedding, L = P+N or N, or None (HAS_POS=False)
     Prefix,  # (P, D) prefix tokens (read only when P > 0)
@@ -171,12 +195,16 @@ def patch_embed_fwd_kernel(
         offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_valid = offs_m < M
         b, n, h0, w0 = _patch_rows(tl.minimum(offs_m, M - 1), N, GW, PATCH)
-        x_rows = X + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+        x_rows = X + b.to(tl.int64) * stride_xb + (h0 * stride_xh + w0 * stride_xw)  # int32 inside an image
+        # the weight is walked in virtual columns, so its tile is BLOCK_K consecutive elements of
+        # each row (vector loads; padded columns hold zeros)
+        num_v = R * RUNS * RUN
         w_cols = Wt + tl.minimum(offs_d, D - 1).to(tl.int64) * stride_wd
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for v0 in range(0, R * RUNS * RUN, BLOCK_K):
+        for v0 in range(0, num_v, BLOCK_K):
             # -- A tile: gather BLOCK_K // RUN runs of every patch (the implicit im2col) --
-            q, pos, i, k_valid = _patch_cols(v0 + tl.arange(0, BLOCK_K), R, PATCH, CPR, RUN)
+            offs_v = v0 + tl.arange(0, BLOCK_K)
+            q, pos, i, k_valid = _patch_cols(offs_v, R, PATCH, CPR, RUN)
             x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
             if EDGE:
                 a_mask = k_valid[None, :] & _inside_image(h0, w0, i, pos, H, W, CPR)
@@ -184,7 +212,7 @@ def patch_embed_fwd_kernel(
             else:
                 a = tl.load(x_rows[:, None] + x_cols[None, :], mask=k_valid[None, :], other=0.0)
             # -- B tile: the matching weight columns, W^T (BLOCK_K, BLOCK_N) --
-            w = tl.load(w_cols[None, :] + (q * ROW_LEN + pos)[:, None], mask=k_valid[:, None], other=0.0)
+            w = tl.load(w_cols[None, :] + offs_v[:, None], mask=(offs_v < num_v)[:, None], other=0.0)
             acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
         # -- epilogue: bias, pos_embed, store into the patch rows of the token buffer; the rows'
         #    patches are split again (unclamped: rows past the last patch are masked) rather than
@@ -218,7 +246,7 @@ def patch_embed_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "rows_per_split"])
+@triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N", "steps_per_split"])
 def patch_embed_bwd_weight_kernel(
     X,  # (B, C, H, W) images, any strides
     dOut,  # (B, P+N, D) token gradient, any strides (stride 0 from out.sum() is fine)
@@ -228,10 +256,11 @@ def patch_embed_bwd_weight_kernel(
     B, H, W,
     D, P, GW, N,
     R,
-    rows_per_split,  # patch rows summed by one split, a multiple of BLOCK_M
+    steps_per_split,  # reduction steps (row tiles) summed by one split
     PATCH: tl.constexpr,
     CPR: tl.constexpr,
     EDGE: tl.constexpr,
+    IMAGE_TILES: tl.constexpr,  # row tiles of one image each (cdiv(N, BLOCK_M) an image), else of B*N rows
     COMPUTE_DTYPE: tl.constexpr,  # the dot's operand dtype (the forward's weight dtype)
     BLOCK_D: tl.constexpr,  # embed dims per program
     BLOCK_K: tl.constexpr,  # virtual weight columns per program, a multiple of RUN
@@ -257,26 +286,46 @@ def patch_embed_bwd_weight_kernel(
     x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
     g_cols = offs_d.to(tl.int64) * stride_gd
 
-    m_start = split * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
-    # -- patch rows -> patches by multiply-high with magic numbers of N and GW: no division in the loop --
-    magic_n, shift_n = _magic_divisor(N)
+    # -- the reduction walks row tiles of BLOCK_M patch rows. IMAGE_TILES: consecutive patches of one
+    #    image (its last tile masked), so a step's image is one scalar and a row's address costs a
+    #    multiply-high and a few adds; else consecutive rows of all B*N, no tile padded but every
+    #    row split into (image, patch) with 64-bit image offsets (the launcher picks: padding) --
+    if IMAGE_TILES:
+        steps_per_image = (N + BLOCK_M - 1) // BLOCK_M
+        num_steps = B * steps_per_image
+        magic_s, shift_s = _magic_divisor(steps_per_image)
+    else:
+        num_steps = tl.cdiv(M, BLOCK_M)
+        magic_n, shift_n = _magic_divisor(N)
+    s_start = split * steps_per_split
+    s_end = tl.minimum(num_steps, s_start + steps_per_split)
+    m_end = tl.minimum(M, s_end * BLOCK_M)
     magic_gw, shift_gw = _magic_divisor(GW)
     acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < m_end
-        b = _divide(offs_m, magic_n, shift_n)
-        n = offs_m - b * N
+    for step in range(s_start, s_end):
+        # rows past an image's (or the split's) last re-read it; their G is masked to zero, so the
+        # A tile needs no row mask (its mask is per column: loop-invariant outside the padding walk)
+        if IMAGE_TILES:
+            b = _divide(tl.full((), step, tl.int32), magic_s, shift_s)  # (a tensor under the interpreter too)
+            n = (step - b * steps_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_valid = n < N
+            n = tl.minimum(n, N - 1)
+        else:
+            offs_m = step * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_valid = offs_m < m_end
+            rows = tl.minimum(offs_m, m_end - 1)
+            b = _divide(rows, magic_n, shift_n)
+            n = rows - b * N
         gh = _divide(n, magic_gw, shift_gw)
         h0 = gh * PATCH
         w0 = (n - gh * GW) * PATCH
-        # -- G^T tile (BLOCK_D, BLOCK_M): the patch rows of dOut --
-        g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P).to(tl.int64) * stride_gt
-        g_t = tl.load(g_rows[None, :] + g_cols[:, None], mask=d_valid[:, None] & m_valid[None, :], other=0.0)
+        # -- G^T tile (BLOCK_D, BLOCK_M): the patch rows of dOut (token offsets inside an image in
+        #    int32, like the pixels': the op sends images of 2^31 tokens x dims to the torch route) --
+        g_rows = (dOut + b.to(tl.int64) * stride_gb) + (n + P) * stride_gt
+        g_t = tl.load(g_rows[None, :] + g_cols[:, None], mask=d_valid[:, None] & row_valid[None, :], other=0.0)
         # -- A tile (BLOCK_M, BLOCK_K): the same patches' pixels --
-        x_rows = X + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
-        a_mask = m_valid[:, None] & k_valid[None, :]
+        x_rows = (X + b.to(tl.int64) * stride_xb) + (h0 * stride_xh + w0 * stride_xw)  # int32 inside an image
+        a_mask = k_valid[None, :]
         if EDGE:
             a_mask &= _inside_image(h0, w0, i, pos, H, W, CPR)
         a = tl.load(x_rows[:, None] + x_cols[None, :], mask=a_mask, other=0.0)
@@ -288,7 +337,7 @@ def patch_embed_bwd_weight_kernel(
 @triton.jit(do_not_specialize=["B", "H", "W", "P", "GW", "N"])
 def patch_embed_bwd_input_kernel(
     dOut,  # (B, P+N, D) token gradient, any strides
-    Wt,  # (D, R*row_len) forward weight in gather order, unit stride along a row
+    Wt,  # (D, R*S*RUN) forward weight in virtual-column order (as the forward's)
     dX,  # (B, C, H, W) image gradient, any strides; every pixel is written exactly once
     stride_gb, stride_gt, stride_gd,
     stride_wd,
@@ -308,15 +357,19 @@ def patch_embed_bwd_input_kernel(
     ROW_LEN: tl.constexpr = PATCH * CPR
     RUNS: tl.constexpr = (ROW_LEN + RUN - 1) // RUN
     M = B * N
-    num_k = tl.cdiv(R * RUNS * RUN, BLOCK_K)
+    num_v = R * RUNS * RUN
+    num_k = tl.cdiv(num_v, BLOCK_K)
     pid = tl.program_id(0)
     offs_m = (pid // num_k) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < M
     # rows past the last patch re-read the last one and are never stored: no row mask in the loop
     b, n, h0, w0 = _patch_rows(tl.minimum(offs_m, M - 1), N, GW, PATCH)
-    q, pos, i, k_valid = _patch_cols((pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K), R, PATCH, CPR, RUN)
+    offs_v = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    q, pos, i, k_valid = _patch_cols(offs_v, R, PATCH, CPR, RUN)
     g_rows = dOut + b.to(tl.int64) * stride_gb + (n + P).to(tl.int64) * stride_gt
-    w_cols = Wt + q * ROW_LEN + pos
+    # the weight's virtual columns: BLOCK_K consecutive elements of each row (padded ones are zero)
+    w_cols = Wt + offs_v
+    w_mask = offs_v < num_v
 
     # -- (G @ W) tile for these patches and pixels; G is zero past D, so W needs no mask there --
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -325,11 +378,11 @@ def patch_embed_bwd_input_kernel(
         g = tl.load(g_rows[:, None] + offs_d.to(tl.int64)[None, :] * stride_gd,
                     mask=(offs_d < D)[None, :], other=0.0)
         w = tl.load(w_cols[None, :] + tl.minimum(offs_d, D - 1).to(tl.int64)[:, None] * stride_wd,
-                    mask=k_valid[None, :], other=0.0)
+                    mask=w_mask[None, :], other=0.0)
         acc = tl.dot(g.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
 
     # -- col2im: patches do not overlap, so each element lands on its own pixel --
-    x_rows = dX + b.to(tl.int64) * stride_xb + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+    x_rows = dX + b.to(tl.int64) * stride_xb + (h0 * stride_xh + w0 * stride_xw)  # int32 inside an image
     x_cols = _pixel_offsets(q, pos, i, PATCH, stride_outer, stride_xh, stride_run)
     mask = m_valid[:, None] & k_valid[None, :]
     if EDGE:
@@ -404,12 +457,38 @@ _VEC_CONFIGS = {
     "dw": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
     "dx": {90: GemmConfig(128, 128, 64, 8, 2), 89: GemmConfig(128, 64, 32, 4, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
 }
-# 16-bit weights, element-wise gathers ("gather" walk: p = 14, strided views, odd widths). Every
+# 16-bit weights, unit strides but rows that are not whole runs ("aligned" walk: p = 14, rows of 14
+# padded to runs of 16): the image side loads pairs of pixels, the weight (padded, see
+# ``_weight_in_virtual_order``) and the gradient 16-byte vectors. The vec tiles, except the image
+# gradient: its col2im epilogue stores pairs of pixels, each with its own address, and the vec
+# tiles reached 254-255 registers (fp32 images; sm_90 128x128x64 233 with bf16 ones), so 128 rows
+# x 64 pixels: sm_90 with 128 embed dims per step (194 / 92 registers, issue ratio 0.80 / 0.51),
+# sm_80 and sm_89 32 on 8 warps (126 and 128 registers; Triton 3.8, 2026-12-04).
+_ALIGNED_CONFIGS = {
+    "fwd": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(128, 64, 32, 8, 3), 80: GemmConfig(128, 64, 32, 8, 3)},
+    "dw": {90: GemmConfig(128, 128, 64, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(128, 128, 32, 8, 3)},
+    "dx": {90: GemmConfig(128, 64, 128, 8, 2), 89: GemmConfig(128, 64, 32, 8, 3), 80: GemmConfig(128, 64, 32, 8, 3)},
+}
+# The weight gradient on sm_90 when images and token gradients are both 16-bit (no conversion in
+# registers, both tiles cp.async): wider tiles, since its loop is issue-bound on the patch rows'
+# addresses (each row a thread loads costs a multiply-high and 64-bit adds, and rows per thread
+# grow with BLOCK_M x tile width / vector width). Figures of the all-bf16 stem (Triton 3.8,
+# 2026-12-04; flat rows / image tiles, ``dw_image_tiles``): vec p=16 128x128x64 0.92 / 0.71 ->
+# 128x256x64 0.73 / 0.48 (168 / 198 registers); aligned p=14 (pairs of pixels: 4x the rows of vec)
+# 128x128x64 2.29 / 1.42 -> 256x64x64 1.66 / 1.16 (165 / 124; 256x128x64 image tiles reach 0.84 at
+# 252 registers, 128x256x64 1.15 at 242). With fp32 images the wide tiles reach 255 registers and
+# spill, so the autocast recipes keep the tables above; so do launches with dynamic padding (its
+# per-pixel masks: 242 registers at 128x256x64, bf16).
+_DW_16BIT_SM90 = {"vec": GemmConfig(128, 256, 64, 8, 3), "aligned": GemmConfig(256, 64, 64, 8, 3)}
+# 16-bit weights, element-wise gathers ("gather" walk: strided views, odd widths). Every
 # address and the row indices of each patch stay in registers across the loop, so the tiles are
-# small; sm_90 keeps 64 rows, the least warpgroup MMA takes, on 8 warps (on 4: 251-254 registers).
+# small; sm_90 keeps 64 rows, the least warpgroup MMA takes, on 8 warps (on 4: 251-254 registers);
+# its forward and weight gradient take wider steps (64x128x32 forward: 180 registers, issue ratio
+# 2.59 against 4.97 at 64x64x32; weight gradient 64x128x64: 195, 8.1 against 12.7 at 64x128x32;
+# 128-row tiles spill; Triton 3.8, 2026-12-04).
 _GATHER_CONFIGS = {
-    "fwd": {90: GemmConfig(64, 64, 32, 8, 2), 89: GemmConfig(32, 64, 16, 4, 2), 80: GemmConfig(32, 64, 16, 4, 2)},
-    "dw": {90: GemmConfig(64, 128, 32, 8, 3), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(64, 128, 32, 8, 3)},
+    "fwd": {90: GemmConfig(64, 128, 32, 8, 3), 89: GemmConfig(32, 64, 16, 4, 2), 80: GemmConfig(32, 64, 16, 4, 2)},
+    "dw": {90: GemmConfig(64, 128, 64, 8, 2), 89: GemmConfig(64, 128, 32, 8, 3), 80: GemmConfig(64, 128, 32, 8, 3)},
     "dx": {90: GemmConfig(64, 64, 32, 8, 2), 89: GemmConfig(32, 64, 32, 4, 2), 80: GemmConfig(32, 64, 32, 4, 2)},
 }
 # fp32 weights: IEEE fp32 dots run on FMA units, small tiles on every architecture (an FMA dot holds
@@ -422,26 +501,39 @@ _FP32_CONFIGS = {  # keyed by vec
 }
 
 
-def gemm_config(kernel: str, arch: int, dtype: torch.dtype, vec: bool) -> GemmConfig:
+def gemm_config(kernel: str, arch: int, dtype: torch.dtype, walk: str, io16: bool = False) -> GemmConfig:
     """Tiles of one GEMM kernel for (architecture, weight dtype, walk).
 
     Args:
         kernel: "fwd" (patch rows, embed dims, pixels per step), "dw" (embed dims, weight columns,
             patch rows per step) or "dx" (patch rows, pixels, embed dims per step).
-        vec: the walk's runs are vector loads (``runs_vectorize``).
+        walk: "vec", "aligned" or "gather" (``walk_kind``).
+        io16: the weight gradient's images and token gradient are both 16-bit (not autocast's fp32)
+            and it has no padding masks (``_DW_16BIT_SM90``).
     """
     if INTERPRETER:
         return _INTERPRETER_CONFIGS[kernel]
     if dtype == torch.float32:
-        return _FP32_CONFIGS[vec][kernel]
+        return _FP32_CONFIGS[walk != "gather"][kernel]
     # sm_80 and sm_90 (and sm_100) have large shared memories; the rest (sm_86, sm_89, sm_120) 99 KB
     key = 80 if arch == 80 else 90 if 90 <= arch < 120 else 89
-    return (_VEC_CONFIGS if vec else _GATHER_CONFIGS)[kernel][key]
+    if kernel == "dw" and key == 90 and io16 and walk in _DW_16BIT_SM90:
+        return _DW_16BIT_SM90[walk]
+    return {"vec": _VEC_CONFIGS, "aligned": _ALIGNED_CONFIGS, "gather": _GATHER_CONFIGS}[walk][kernel][key]
 
 
 # token sums: (tokens, embed dims) per program; the reduction over splits: elements per program
 TOKEN_SUM_BLOCK = (16, 128)
 SUM_SPLITS_BLOCK = 1024
+
+
+def dw_image_tiles(patches: int, block_m: int) -> bool:
+    """Whether the weight gradient walks row tiles of one image each (``IMAGE_TILES``): when that
+    pads at most 1/16 of the rows (N = 256 at p = 14 / 224 px, 1369 at 518 px, 576 at p = 16 / 384
+    px), not at N = 196 (p = 16, 224 px: 64-row tiles pad 31%, tensor time the static model does not
+    count in the loop's issue ratio)."""
+    padded = triton.cdiv(patches, block_m) * block_m - patches
+    return 16 * padded <= patches
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -474,7 +566,7 @@ class Gather:
 
     rows: int  # R
     row_len: int
-    runs: int  # S = cdiv(row_len, RUN)
+    run: int  # RUN (``run_length``)
     stride_outer: int
     stride_run: int
     cpr: int  # elements per pixel along a row: 1, or C for pixel rows
@@ -482,6 +574,14 @@ class Gather:
     @property
     def pixel_rows(self) -> bool:
         return self.cpr > 1
+
+    @property
+    def runs(self) -> int:  # S = cdiv(row_len, RUN)
+        return triton.cdiv(self.row_len, self.run)
+
+    @property
+    def virtual_cols(self) -> int:  # R * S * RUN: the GEMM's reduction length, padded rows included
+        return self.rows * self.runs * self.run
 
 
 def gather_plan(x: torch.Tensor, patch: int) -> Gather:
@@ -491,23 +591,25 @@ def gather_plan(x: torch.Tensor, patch: int) -> Gather:
     _, stride_c, _, stride_w = x.stride()
     if chans > 1 and stride_c == 1 and stride_w == chans:
         row_len = patch * chans
-        return Gather(patch, row_len, triton.cdiv(row_len, RUN), 0, 1, chans)
-    return Gather(chans * patch, patch, triton.cdiv(patch, RUN), stride_c, stride_w, 1)
+        return Gather(patch, row_len, run_length(row_len), 0, 1, chans)
+    return Gather(chans * patch, patch, run_length(patch), stride_c, stride_w, 1)
 
 
-def runs_vectorize(
+def walk_kind(
     image: torch.Tensor, plan: Gather, patch: int, dim: int, grad_out: torch.Tensor | None = None
-) -> bool:
-    """Whether Triton's argument specialisation will turn each run into vector loads (the AOT specs'
-    "vec" walk): unit stride along rows, 16-divisible row lengths, patch size, embed dim, strides and
-    addresses. Otherwise the smaller "gather" tiles are used."""
-    ok = plan.stride_run == 1 and patch % 16 == 0 and plan.row_len % 16 == 0 and dim % 16 == 0
-    ok = ok and image.data_ptr() % 16 == 0
+) -> str:
+    """The AOT specs' walk whose tiles a launch takes, from what Triton's argument specialisation
+    will see: "aligned" with unit strides along rows and D and 16-divisible embed dim, strides and
+    addresses; "vec" when runs are vector loads too (rows and patches a multiple of RUN: p = 8, 16,
+    32); "gather" otherwise (scalar loads of the image and gradient)."""
+    ok = plan.stride_run == 1 and dim % 16 == 0 and image.data_ptr() % 16 == 0
     ok = ok and all(st % 16 == 0 for st in (image.stride(0), image.stride(2), plan.stride_outer))
     if grad_out is not None:
         ok = ok and grad_out.stride(2) == 1 and grad_out.data_ptr() % 16 == 0
         ok = ok and grad_out.stride(0) % 16 == 0 and grad_out.stride(1) % 16 == 0
-    return ok
+    if not ok:
+        return "gather"
+    return "vec" if patch % plan.run == 0 and plan.row_len % plan.run == 0 else "aligned"
 
 
 def grid_size(height: int, width: int, patch: int, pad: bool) -> tuple[int, int]:
@@ -517,14 +619,23 @@ def grid_size(height: int, width: int, patch: int, pad: bool) -> tuple[int, int]
     return height // patch, width // patch
 
 
-def _weight_in_gather_order(weight: torch.Tensor, plan: Gather) -> torch.Tensor:
-    """(D, C, p, p) -> (D, K) with unit stride in K, in the order the plan walks a patch.
+def _weight_in_virtual_order(weight: torch.Tensor, plan: Gather) -> torch.Tensor:
+    """(D, C, p, p) -> (D, R*S*RUN) with unit stride along a row: the weight in the order the plan
+    walks a patch, each patch row padded with zeros to whole runs (the kernels' virtual columns).
 
-    A view for a contiguous weight and per-channel rows (or a channels_last weight and pixel rows);
-    otherwise a copy of D*K elements -- the weight, never the image."""
+    A view for a contiguous weight and per-channel rows (or a channels_last weight and pixel rows)
+    whose rows are whole runs (p = 8, 16, 32; channels_last 16*3); otherwise a copy of the weight
+    (never the image): for p = 14, D*R*16 elements, 8/7 of the weight. The copy is what lets the
+    forward and the image gradient load the weight's tile as 16-byte vectors with one mask per
+    step: rows of 14 elements leave offsets 4-byte aligned at best and the weight's row stride C*196
+    is not 16-divisible, so in gather order each element was its own 2-byte load and shared-memory store
+    (sm_90, Triton 3.8: 8 of each per thread per 64x64x32 step of the forward)."""
     w = weight.permute(0, 2, 3, 1) if plan.pixel_rows else weight
     flat = w.reshape(w.shape[0], -1)
-    return flat if flat.stride(1) == 1 else flat.contiguous()
+    if plan.row_len % plan.run == 0:
+        return flat if flat.stride(1) == 1 else flat.contiguous()
+    rows = flat.reshape(flat.shape[0], plan.rows, plan.row_len)
+    return F.pad(rows, (0, plan.runs * plan.run - plan.row_len)).view(flat.shape[0], -1)
 
 
 def _edge(height: int, width: int, patch: int, pad: bool) -> bool:
@@ -546,6 +657,13 @@ def image_addressable_in_int32(x: torch.Tensor) -> torch.Tensor:
         return x
     layout = torch.channels_last if gather_plan(x, 1).pixel_rows else torch.contiguous_format
     return x.contiguous(memory_format=layout)
+
+
+def tokens_addressable_in_int32(grad_out: torch.Tensor) -> torch.Tensor:
+    """``grad_out`` (B, T, D) itself, unless an offset inside one image's tokens reaches 2^31 (a view
+    with huge strides): then a contiguous copy, whose offsets stay below T*D (< 2^31, the op's rule)."""
+    span = sum(abs(st) * (size - 1) for st, size in zip(grad_out.stride()[1:], grad_out.shape[1:], strict=True))
+    return grad_out if span < INT32_SPAN else grad_out.contiguous()
 
 
 def patch_embed_forward(
@@ -581,8 +699,8 @@ def patch_embed_forward(
         return out
     x = image_addressable_in_int32(x)
     plan = gather_plan(x, patch)
-    w = _weight_in_gather_order(weight, plan)
-    cfg = gemm_config("fwd", arch_of(x.device), weight.dtype, runs_vectorize(x, plan, patch, dim))
+    w = _weight_in_virtual_order(weight, plan)
+    cfg = gemm_config("fwd", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim))
     num_n = triton.cdiv(dim, cfg.block_n)
     grid = ((triton.cdiv(batch * n, cfg.block_m) + triton.cdiv(batch * num_prefix, cfg.block_m)) * num_n,)
     pos = pos_embed[0] if pos_embed is not None else None
@@ -602,7 +720,7 @@ def patch_embed_forward(
             num_prefix if pos is not None and pos.shape[0] == num_prefix + n else 0,
             PATCH=patch, CPR=plan.cpr,
             HAS_BIAS=bias is not None, HAS_POS=pos is not None, EDGE=_edge(height, width, patch, pad),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RUN=RUN,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RUN=plan.run,
             DOT_PRECISION=dot_precision(weight.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -650,11 +768,16 @@ def patch_embed_backward_weight(
     if batch * n == 0:
         return dw.zero_()
     x = image_addressable_in_int32(x)
+    grad_out = tokens_addressable_in_int32(grad_out)
     plan = gather_plan(x, patch)
     dw_flat = (dw.permute(0, 2, 3, 1) if plan.pixel_rows else dw).view(dim, -1)  # gather order
-    cfg = gemm_config("dw", arch_of(x.device), weight.dtype, runs_vectorize(x, plan, patch, dim, grad_out))
-    tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.rows * plan.runs * RUN, cfg.block_n)
-    rows_per_split, num_splits = _split(batch * n, cfg.block_k, tiles, x.device, splits)
+    edge = _edge(height, width, patch, pad)
+    io16 = x.element_size() == 2 and grad_out.element_size() == 2 and not edge
+    cfg = gemm_config("dw", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim, grad_out), io16)
+    tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.virtual_cols, cfg.block_n)
+    image_tiles = dw_image_tiles(n, cfg.block_k)
+    steps = batch * triton.cdiv(n, cfg.block_k) if image_tiles else triton.cdiv(batch * n, cfg.block_k)
+    steps_per_split, num_splits = _split(steps, 1, tiles, x.device, splits)
     partial = new_output((num_splits, *dw_flat.shape), dtype=torch.float32, device=x.device)
     with device_guard(x):
         patch_embed_bwd_weight_kernel[(tiles * num_splits,)](
@@ -664,11 +787,11 @@ def patch_embed_backward_weight(
             batch, height, width,
             dim, grad_out.shape[1] - n, gw, n,
             plan.rows,
-            rows_per_split,
+            steps_per_split,
             PATCH=patch, CPR=plan.cpr,
-            EDGE=_edge(height, width, patch, pad),
+            EDGE=edge, IMAGE_TILES=image_tiles,
             COMPUTE_DTYPE=_TL_DTYPE[weight.dtype],
-            BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=RUN,
+            BLOCK_D=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k, RUN=plan.run,
             DOT_PRECISION=dot_precision(weight.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -705,9 +828,9 @@ def patch_embed_backward_input(
     if dim == 0:
         return dx.zero_()
     plan = gather_plan(dx, patch)
-    w = _weight_in_gather_order(weight, plan)
-    cfg = gemm_config("dx", arch_of(x.device), weight.dtype, runs_vectorize(dx, plan, patch, dim, grad_out))
-    grid = (triton.cdiv(batch * n, cfg.block_m) * triton.cdiv(plan.rows * plan.runs * RUN, cfg.block_n),)
+    w = _weight_in_virtual_order(weight, plan)
+    cfg = gemm_config("dx", arch_of(x.device), weight.dtype, walk_kind(dx, plan, patch, dim, grad_out))
+    grid = (triton.cdiv(batch * n, cfg.block_m) * triton.cdiv(plan.virtual_cols, cfg.block_n),)
     with device_guard(dx):
         patch_embed_bwd_input_kernel[grid](
             grad_out, w, dx,
@@ -719,7 +842,7 @@ def patch_embed_backward_input(
             plan.rows,
             PATCH=patch, CPR=plan.cpr,
             EDGE=_edge(height, width, patch, pad),
-            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_D=cfg.block_k, RUN=RUN,
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_D=cfg.block_k, RUN=plan.run,
             DOT_PRECISION=dot_precision(weight.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -773,27 +896,30 @@ DTYPE_RECIPES: tuple[tuple[torch.dtype, torch.dtype, torch.dtype], ...] = (
 # Runtime specialisation, which the specs mirror: Triton compiles an int argument equal to 1 as a
 # constant and marks one divisible by 16 (sizes in a kernel's do_not_specialize never are); PATCH and
 # CPR are constexprs, so each (patch size, layout) is its own compile. Walks:
-#   "vec"     the common case (``runs_vectorize``): unit strides along rows and D, 16-divisible
+#   "vec"     the common case (``walk_kind``): unit strides along rows and D, 16-divisible
 #             sizes and strides, so runs are vector loads; the large tiles. NCHW (stride_xw = 1) or
-#             channels_last ("C=3": pixel rows, stride_xw = C, neither 1 nor 16-divisible).
+#             channels_last ("C=3": pixel rows, stride_xw = C, neither 1 nor 16-divisible); p = 8
+#             walks runs of 8 (R = 3*8 is not 16-divisible).
 #   "edge"    "vec" plus the dynamic-padding masks.
-#   "aligned" a contiguous NCHW image whose patch is not a multiple of 16 (p = 14, 8): unit strides
-#             and 16-divisible strides, but R = C*p (and for p = 14 the weight's row, C*p*p) are not
-#             16-divisible; the small tiles.
+#   "aligned" a contiguous NCHW image whose patch is not a multiple of 8 (p = 14): unit and
+#             16-divisible strides, but R = C*p is not 16-divisible and the image's runs are pairs of
+#             pixels; the weight, padded to runs, is vectors (its row stride R*16 is 16-divisible).
 #   "gather"  the worst case: no unit stride or 16-divisible size on the image or gradient side,
 #             scalar loads (every address in registers), with the padding masks; the small tiles.
 # The op makes bias, pos_embed and prefix_tokens unit-stride along D, and the launchers allocate
-# the tokens, the weight in gather order and the partial sums, so those are unit-stride everywhere.
+# the tokens, the weight in virtual-column order (rows of R*S*RUN elements: a multiple of 16 for
+# every patch and layout a ViT uses) and the partial sums, so those are unit-stride everywhere.
 # Bias, Pos and Prefix are parameters (16-byte aligned unless a user passes an odd view, which
 # only narrows the epilogue's loads).
 _ALWAYS_UNIT = {"stride_bias", "stride_pos_d", "stride_pre_d", "stride_od"}
 _UNIT_IN_VEC = {"stride_run", "stride_gd"}
 _OURS = {"Wt", "Out", "dWs", "Partial", "Bias", "Pos", "Prefix"}  # 16-byte aligned
+_OURS_DIVISIBLE = {"stride_wd"}  # the virtual-order weight's row stride
 
 
 @dataclasses.dataclass(frozen=True)
 class _Walk:
-    """One AOT walk: the tiles (``runs_vectorize``), the argument specialisation and the patch."""
+    """One AOT walk: the tiles (``walk_kind``), the argument specialisation and the patch."""
 
     kind: str  # "vec", "edge", "aligned" or "gather" (above)
     patch: int
@@ -805,8 +931,8 @@ class _Walk:
         return f"{self.kind} p={self.patch}" + (f" C={self.cpr}" if self.cpr > 1 else "")
 
     @property
-    def vec(self) -> bool:
-        return self.kind in ("vec", "edge")
+    def tiles(self) -> str:  # the launchers' ``walk_kind``
+        return "vec" if self.kind == "edge" else self.kind
 
     @property
     def aligned(self) -> bool:
@@ -836,7 +962,8 @@ def _signature(kernel, pointers: dict[str, str], walk: _Walk) -> tuple[dict[str,
             sig[name], ones[name] = "constexpr", 1
         else:
             sig[name] = "i32"
-            if not param.do_not_specialize and walk.aligned and name not in walk.odd and name != "stride_xw":
+            ours = name in _OURS_DIVISIBLE
+            if ours or (not param.do_not_specialize and walk.aligned and name not in walk.odd and name != "stride_xw"):
                 divisible.append(name)
     return sig, ones, tuple(divisible)
 
@@ -849,10 +976,12 @@ def _signature(kernel, pointers: dict[str, str], walk: _Walk) -> tuple[dict[str,
 # MMAs are the same instructions): in every comparison made (fp16 vs fp32-image recipes, all
 # three architectures) they took fewer registers and less shared memory. The patch sizes are the
 # ViTs' (16; 14 for DINOv2 and EVA02; 8 and 32) and channels_last RGB at 16; the less common ones on
-# sm_80 and sm_90 only (sm_89 has sm_80's instructions, on smaller tiles). 84 compiles.
+# sm_80 and sm_90 only (sm_89 has sm_80's instructions, on smaller tiles). The weight gradient is
+# compiled in both reduction walks (rows=image / rows=flat, ``dw_image_tiles``), and on sm_90 the
+# all-16-bit stem takes its own tiles (``_DW_16BIT_SM90``; fp16 as bf16). 110 compiles.
 _VEC16, _EDGE16, _GATHER14 = _Walk("vec", 16), _Walk("edge", 16), _Walk("gather", 14)
-_ALIGNED14 = _Walk("aligned", 14, odd=frozenset({"R", "stride_wd"}))
-_MORE_PATCHES = (_Walk("vec", 32), _Walk("vec", 16, 3), _Walk("aligned", 8, odd=frozenset({"R"})))
+_ALIGNED14 = _Walk("aligned", 14, odd=frozenset({"R"}))
+_MORE_PATCHES = (_Walk("vec", 32), _Walk("vec", 16, 3), _Walk("vec", 8, odd=frozenset({"R"})))
 _AOT_RECIPES = (
     ((torch.float32, torch.bfloat16, torch.float32), (_VEC16, _EDGE16, _ALIGNED14, _GATHER14), ARCHS),
     ((torch.float32, torch.bfloat16, torch.float32), _MORE_PATCHES, (80, 90)),
@@ -865,11 +994,11 @@ def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: _Walk) -> list
     xdt, wdt, odt = recipe
     x, w, o = AOT_DTYPE_NAMES[xdt], AOT_DTYPE_NAMES[wdt], AOT_DTYPE_NAMES[odt]
     label = f"x {x} w {w} out {o} {walk.label}"
-    common = {"EDGE": walk.edge, "RUN": RUN, "DOT_PRECISION": dot_precision(wdt), "PATCH": walk.patch,
-              "CPR": walk.cpr}  # fmt: skip
+    common = {"EDGE": walk.edge, "RUN": run_length(walk.patch * walk.cpr), "DOT_PRECISION": dot_precision(wdt),
+              "PATCH": walk.patch, "CPR": walk.cpr}  # fmt: skip
     mma = wdt != torch.float32
     specs = []
-    cfg = gemm_config("fwd", arch, wdt, walk.vec)
+    cfg = gemm_config("fwd", arch, wdt, walk.tiles)
     sig, ones, div = _signature(patch_embed_fwd_kernel, {
         "X": f"*{x}", "Wt": f"*{w}", "Bias": f"*{w}", "Pos": f"*{o}", "Prefix": f"*{o}", "Out": f"*{o}"}, walk)
     specs.append(KernelSpec(
@@ -878,15 +1007,17 @@ def _gemm_specs(arch: int, recipe: tuple[torch.dtype, ...], walk: _Walk) -> list
          "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
         cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
     ))
-    cfg = gemm_config("dw", arch, wdt, walk.vec)
+    cfg = gemm_config("dw", arch, wdt, walk.tiles, xdt.itemsize == 2 and odt.itemsize == 2 and not walk.edge)
     sig, ones, div = _signature(patch_embed_bwd_weight_kernel, {"X": f"*{x}", "dOut": f"*{o}", "dWs": "*fp32"}, walk)
-    specs.append(KernelSpec(
-        "patch_embed.patch_embed_bwd_weight_kernel", f"{label} {_label(cfg)}", sig,
-        {**ones, **common, "COMPUTE_DTYPE": _TL_DTYPE[wdt],
-         "BLOCK_D": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_M": cfg.block_k},
-        cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
-    ))
-    cfg = gemm_config("dx", arch, wdt, walk.vec)
+    for image_tiles in (True, False):  # both reduction walks (``dw_image_tiles``)
+        specs.append(KernelSpec(
+            "patch_embed.patch_embed_bwd_weight_kernel",
+            f"{label} rows={'image' if image_tiles else 'flat'} {_label(cfg)}", sig,
+            {**ones, **common, "COMPUTE_DTYPE": _TL_DTYPE[wdt], "IMAGE_TILES": image_tiles,
+             "BLOCK_D": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_M": cfg.block_k},
+            cfg.num_warps, cfg.num_stages, arch, needs_wgmma=mma, divisible_by_16=div,
+        ))
+    cfg = gemm_config("dx", arch, wdt, walk.tiles)
     sig, ones, div = _signature(patch_embed_bwd_input_kernel, {"dOut": f"*{o}", "Wt": f"*{w}", "dX": f"*{x}"}, walk)
     specs.append(KernelSpec(
         "patch_embed.patch_embed_bwd_input_kernel", f"{label} {_label(cfg)}", sig,

@@ -35,7 +35,8 @@ __all__ = ["patch_embed"]
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALL_DTYPES = (*_KERNEL_DTYPES, torch.float64)
 # The kernels address pixels inside one image with int32 offsets (the batch offset is int64): a
-# single image of 2^31 elements or more runs on the torch route (kernels/patch_embed.py).
+# single image of 2^31 elements or more runs on the torch route (kernels/patch_embed.py); so do
+# tokens of one image of 2^31 elements or more ((P+N)*D: the weight gradient reads them in int32).
 _MAX_IMAGE_NUMEL = 2**31
 
 
@@ -304,6 +305,11 @@ def _validate(x, weight, bias, pos_embed, prefix_tokens, pad) -> None:
         )
 
 
+def _num_tokens(x: torch.Tensor, patch: int, prefix_tokens: torch.Tensor | None) -> int:
+    """P + N tokens per image (with dynamic padding's ceil grid: the larger of the two)."""
+    return (0 if prefix_tokens is None else prefix_tokens.shape[1]) + -(-x.shape[2] // patch) * -(-x.shape[3] // patch)
+
+
 def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
     # bias, pos_embed and prefix tokens are read along D as vectors; the rare strided view of one
     # of these small tensors is copied (they hold D or (P+N)*D elements, never the image)
@@ -392,6 +398,13 @@ def patch_embed(
                 "patch_embed:huge-image",
                 f"fastvit.patch_embed: one image of x {tuple(x.shape)} has 2^31 elements or more, past "
                 "the kernels' int32 offsets; running the torch composite",
+            )
+            route = "torch"
+        elif _num_tokens(x, patch, prefix_tokens) * weight.shape[0] >= _MAX_IMAGE_NUMEL:
+            warn_once(
+                "patch_embed:huge-tokens",
+                f"fastvit.patch_embed: the tokens of one image of x {tuple(x.shape)} hold 2^31 elements or "
+                "more (tokens x embed dim), past the kernels' int32 offsets; running the torch composite",
             )
             route = "torch"
     if route == "torch":

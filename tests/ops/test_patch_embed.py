@@ -231,6 +231,29 @@ def test_kernel_backward_is_deterministic_and_split_invariant(kernel_device):
 
 
 @kernel_test
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_kernel_weight_gradient_walks_image_tiles(kernel_device, channels_last):
+    """N a multiple of the weight gradient's row tile (4x8 patches of 8: N = 32, the interpreter's
+    step): it walks row tiles of one image each (``dw_image_tiles``), the other walk of the tests
+    above; checked against the reference, split-invariant, and equal to the flat walk's sum."""
+    from fastvit.kernels import patch_embed as kernels
+
+    inputs = _inputs(3, 3, 32, 64, 8, 24, 1, "all", device=kernel_device, channels_last=channels_last, seed=23)
+    assert kernels.dw_image_tiles(32, kernels.gemm_config("dw", 0, torch.float32, "vec").block_k)
+    out, grad_out, grads = _run_kernel(inputs)
+    _check(inputs, out, grad_out, grads)
+    x, w = inputs["x"].detach(), inputs["weight"].detach()
+    one = kernels.patch_embed_backward_weight(grad_out, x, w, False, splits=1)
+    torch.testing.assert_close(one, kernels.patch_embed_backward_weight(grad_out, x, w, False, splits=2))
+    flat = kernels.dw_image_tiles
+    try:
+        kernels.dw_image_tiles = lambda patches, block_m: False
+        torch.testing.assert_close(one, kernels.patch_embed_backward_weight(grad_out, x, w, False, splits=1))
+    finally:
+        kernels.dw_image_tiles = flat
+
+
+@kernel_test
 def test_kernel_empty_batch_and_empty_prefix(kernel_device):
     inputs = _inputs(0, 3, 16, 16, 8, 12, 2, "all", device=kernel_device, seed=19)
     with fastvit.backend("triton"):
@@ -307,6 +330,68 @@ def test_image_offsets_stay_int32():
     assert gather_plan(pixel_rows, 8).pixel_rows
     copied = image_addressable_in_int32(pixel_rows)
     assert copied.is_contiguous(memory_format=torch.channels_last) and gather_plan(copied, 8).pixel_rows
+
+
+def test_token_offsets_stay_int32():
+    """The weight gradient reads one image's token gradient with int32 offsets: a view whose token
+    or dim stride would pass 2^31 is copied before the launch; ordinary gradients (and the expanded
+    one of out.sum()) are not."""
+    from fastvit.kernels.patch_embed import tokens_addressable_in_int32
+
+    grad = torch.empty(2, 197, 768, device="meta")
+    assert tokens_addressable_in_int32(grad) is grad
+    expanded = torch.empty(1, 1, 1, device="meta").expand(2, 197, 768)
+    assert tokens_addressable_in_int32(expanded) is expanded
+    strided = torch.empty_strided((2, 197, 768), (1, 2**24, 2), device="meta")
+    assert tokens_addressable_in_int32(strided).is_contiguous()
+
+
+@kernel_test
+def test_huge_token_buffers_take_the_torch_route(kernel_device, monkeypatch):
+    """(P+N)*D of 2^31 or more per image: past the weight gradient's int32 token offsets, so the op
+    runs the composite, once warned (the limit is lowered here)."""
+    from fastvit.ops import patch_embed as op
+
+    monkeypatch.setattr(op, "_MAX_IMAGE_NUMEL", 100)  # an image: 64 elements; its tokens: (1 + 4) x 20
+    inputs = _inputs(2, 1, 8, 8, 4, 20, 1, "all", device=kernel_device, seed=3)
+    with fastvit.backend("triton"), pytest.warns(UserWarning, match="tokens of one image"):
+        out = _call(inputs)
+    assert out.shape == (2, 5, 20)
+
+
+@pytest.mark.parametrize(
+    "patch,chans,channels_last,walk,copied",
+    [
+        (16, 3, False, "vec", False),  # rows of 16: whole runs, the weight is a view
+        (14, 3, False, "aligned", True),  # rows of 14 padded to 16 (DINOv2, EVA02, ViT-H/14)
+        (8, 3, False, "vec", False),  # runs of 8
+        (16, 3, True, "vec", False),  # pixel rows of 48
+        (14, 3, True, "aligned", True),  # pixel rows of 42 padded to 48
+    ],
+)
+def test_weight_in_virtual_order_and_walks(patch, chans, channels_last, walk, copied):
+    """The weight the forward and dx read: rows of whole runs (padded with zeros where a patch row
+    is not a multiple of RUN), a view where nothing is padded; and the walk each layout takes."""
+    from fastvit.kernels.patch_embed import _weight_in_virtual_order, gather_plan, walk_kind
+
+    x = torch.zeros(2, chans, patch * 16, patch * 16)  # rows of 16*p pixels: 16-divisible strides
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(32, chans, patch, patch)
+    if channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    plan = gather_plan(x, patch)
+    assert walk_kind(x, plan, patch, 32) == walk
+    w = _weight_in_virtual_order(weight, plan)
+    assert w.shape == (32, plan.virtual_cols) and w.stride(1) == 1 and plan.virtual_cols % 16 == 0
+    assert (w.data_ptr() != weight.data_ptr()) == copied
+    order = weight.permute(0, 2, 3, 1) if plan.pixel_rows else weight
+    rows = w.view(32, plan.rows, plan.runs * plan.run)
+    torch.testing.assert_close(rows[..., : plan.row_len], order.reshape(32, plan.rows, plan.row_len), rtol=0, atol=0)
+    assert not rows[..., plan.row_len:].any()
+    view = torch.empty_strided(x.shape, (x.stride(0), x.stride(1), x.stride(2), 2)) if not channels_last else None
+    if view is not None:
+        assert walk_kind(view, gather_plan(view, patch), patch, 32) == "gather"
 
 
 @triton.jit
