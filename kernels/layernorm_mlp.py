@@ -29,15 +29,15 @@ Backward (``layernorm_mlp_bwd.py``) recomputes LN (from the saved row statistics
 normalised buffer is not kept) and the activation (from the saved pre-activation) instead of
 storing them.
 
-Trade-off, decided here: the backward KEEPS the FC1 pre-activation ``a`` (T x HD, GEMM dtype)
-plus mean/rstd (2 x T fp32), and recomputes ``LN(x)`` (in the dW1 GEMM's operand load and the
-LN-backward row pass) and ``gelu(a)``, ``gelu'(a)`` (in the dA GEMM's epilogue). Recomputing ``a``
-as well would cost one more T x D x HD GEMM in every backward (+25% of the backward's FLOPs) to
-save the last 4 x T x D elements. Measured on the CPU with ``saved_tensors_hooks``
-(tests/ops/test_layernorm_mlp.py, and the ``saved_bytes`` column of the ``mlp`` benchmark) at
-mlp_ratio 4: eager keeps LN(x), a and gelu(a), 9 x T x D elements (10 with a layer scale, which
-keeps fc2's output too); this op keeps 4 x T x D + 2 x T fp32, 40-45% of eager's. GPU timings of
-the alternative: not measured (no GPU was available when this was written).
+Trade-off, decided here: the backward KEEPS the FC1 pre-activation ``a`` (T x HD, GEMM dtype) plus
+mean/rstd (2 x T fp32), and recomputes ``LN(x)`` (a row pass from the saved statistics writes it for
+dW1; the LN-backward row pass recomputes xhat) and ``gelu(a)``, ``gelu'(a)`` (in the dA GEMM's
+epilogue). Recomputing ``a`` as well would cost one more T x D x HD GEMM in every backward (+25% of
+the backward's FLOPs) to save the last 4 x T x D elements. Measured on the CPU with
+``saved_tensors_hooks`` (tests/ops/test_layernorm_mlp.py, and the ``saved_bytes`` column of the
+``mlp`` benchmark) at mlp_ratio 4: eager keeps LN(x), a and gelu(a), 9 x T x D elements (10 with a
+layer scale, which keeps fc2's output too); this op keeps 4 x T x D + 2 x T fp32, 40-45% of eager's.
+GPU timings of the alternative: not measured (no GPU was available when this was written).
 
 Conventions: x is read through (B, N, D) strides with a unit stride in D (views of a token buffer
 are not copied); weights have the nn.Linear layout with a unit stride in their last dim. Token
@@ -136,19 +136,20 @@ def activation_and_grad(a, ACTIVATION: tl.constexpr):
 @triton.jit
 def _ln_stats_kernel(
     X,  # (B, N_TOK, D) tokens, unit stride in D
-    Mean,  # (T,) fp32 out: row means, T = B * N_TOK
-    Rstd,  # (T,) fp32 out: 1 / sqrt(var + eps) (RMS: 1 / sqrt(mean(x^2) + eps))
+    Mean,  # (T,) fp32 out: row means, T = B * N_TOK (SAVED_STATS: in, the forward's)
+    Rstd,  # (T,) fp32 out: 1 / sqrt(var + eps) (RMS: 1 / sqrt(mean(x^2) + eps)) (SAVED_STATS: in)
     XHat,  # (T, D) out: LN(x) = (x - mean) * rstd * w + b in the GEMM dtype, contiguous (WRITE_XHAT)
     NormW, NormB,  # (D,) LayerNorm weight and bias (HAS_NORM_W / HAS_NORM_B)
     T, N_TOK, D,
     stride_xb, stride_xn,
-    eps,
+    eps,  # unused with SAVED_STATS
     BLOCK_ROWS: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # D rounded up to a width in ROW_BUCKETS
     RMS: tl.constexpr = False,  # RMSNorm: mean stored as 0, so every consumer's (x - mean) * rstd holds
     WRITE_XHAT: tl.constexpr = False,
     HAS_NORM_W: tl.constexpr = False,
     HAS_NORM_B: tl.constexpr = False,
+    SAVED_STATS: tl.constexpr = False,  # read Mean / Rstd (the backward's LN(x) for dW1) instead of computing them
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -157,17 +158,21 @@ def _ln_stats_kernel(
     b = rows // N_TOK  # token row t = b * N_TOK + n; int64 offsets
     x_rows = b.to(tl.int64) * stride_xb + (rows - b * N_TOK).to(tl.int64) * stride_xn
     x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if RMS:
-        mean = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
-        var = tl.sum(x * x, axis=1) / D  # the mean square (masked lanes load 0)
+    if SAVED_STATS:  # the same fp32 statistics as the forward's, so the same LN(x), bit for bit
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
     else:
-        # two passes over the row in registers: mean, then the centred variance (no cancellation)
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / D
-    rstd = tl.math.rsqrt(var + eps)
-    tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+        if RMS:
+            mean = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+            var = tl.sum(x * x, axis=1) / D  # the mean square (masked lanes load 0)
+        else:
+            # two passes over the row in registers: mean, then the centred variance (no cancellation)
+            mean = tl.sum(x, axis=1) / D
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            var = tl.sum(xc * xc, axis=1) / D
+        rstd = tl.math.rsqrt(var + eps)
+        tl.store(Mean + rows, mean, mask=row_ok)
+        tl.store(Rstd + rows, rstd, mask=row_ok)
     if WRITE_XHAT:  # the normalised rows fc1 reads as a plain GEMM operand
         col_ok = cols < D
         h = (x - mean[:, None]) * rstd[:, None]
@@ -320,8 +325,9 @@ class RowConfig:
 _INTERPRETER_GEMM = GemmConfig(32, 256, 64, num_warps=4, num_stages=1, group_m=2)
 _INTERPRETER_WGRAD = GemmConfig(128, 256, 64, num_warps=4, num_stages=1, group_m=2)
 
-# GEMM kinds: "fc1" (LN applied to A on load), "fc2" (plain A; also dLN), "fc2_bwd" (dY * ls
-# applied to A on load, GELU' epilogue), "wgrad" (A^T B over token rows, LN or ss on load).
+# GEMM kinds: "fc1" (A = LN(x) rows), "fc2" (plain A; also dLN), "fc2_bwd" (dA = dy @ (ls * W2),
+# GELU', per-sample scale and the db1 / dss partial sums in the epilogue), "wgrad" (P^T Q over
+# token rows, plain tiles).
 
 
 def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
@@ -329,9 +335,21 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
     if INTERPRETER:
         return _INTERPRETER_WGRAD if kind == "wgrad" else _INTERPRETER_GEMM
     if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles, short K steps
-        return GemmConfig(64, 64, 16, num_warps=8 if kind == "wgrad" else 4, num_stages=2)
+        if kind == "wgrad":
+            # BK=32: with BK=16 the token-major P^T tile took 148 registers on sm_80 (1 CTA/SM);
+            # BK=32 takes 75 / 64 / 68 on sm_80 / 89 / 90 (3 / 4 / 3 CTAs/SM; static figures,
+            # Triton 3.8, 2026-12-04)
+            return GemmConfig(64, 64, 32, num_warps=8, num_stages=2)
+        return GemmConfig(64, 64, 16, num_warps=4, num_stages=2)
     # fc2_bwd keeps a, gelu(a), gelu'(a) and the accumulator live in its epilogue: half-width tiles
     block_n = 64 if kind == "fc2_bwd" else 128
+    if kind == "fc2_bwd" and arch < 90:
+        # mma.sync: 64 x 64 tiles on 4 warps (each warp 32 x 32 as in 128 x 64 on 8). The epilogue
+        # (per-sample scale, ss * g, db1 / dss partials) takes ~165 registers a thread either way;
+        # on 4 warps that is 3 CTAs/SM (12 warps), on 8 it was 1 (168 registers). Static figures
+        # (Triton 3.8, 2026-12-04): issue ratio 0.63 on sm_80, 0.31 on sm_89 (128 x 64: 0.65 / 0.32
+        # at 1 CTA/SM; the old operand-scaling kernel 0.81 / 0.40 at 2)
+        return GemmConfig(64, 64, 32, num_warps=4, num_stages=3 if arch >= 89 else 4)
     if arch >= 90:  # warpgroup MMA, two warpgroups of 64 rows; 227 KB of shared memory
         if kind == "fc2":
             # fc2 (and dLN) aim at 2 CTAs/SM, one's epilogue (residual, LayerScale, drop-path scale)
@@ -505,19 +523,23 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
     return [fc1, fc2] if dtype == x_dtype else [fc2]
 
 
+def ln_stats_spec(arch: int, block_d: int, *, saved_stats: bool = False) -> KernelSpec:
+    """The statistics kernel for one width bucket (bf16 x and LN(x), affine on): the forward's, or
+    (``saved_stats``) the backward's pass that writes LN(x) from the saved statistics for dW1."""
+    rc = row_config(block_d)
+    name = "ln apply (saved stats)" if saved_stats else "ln stats"
+    return KernelSpec(
+        "layernorm_mlp._ln_stats_kernel", f"{name} bf16 BLOCK_D={block_d} rows={rc.block_rows} w={rc.num_warps}",
+        signature(_ln_stats_kernel, {"X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "XHat": "*bf16",
+                                     "NormW": "*bf16", "NormB": "*bf16", "eps": "fp32"}),
+        {"BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d, "WRITE_XHAT": True, "HAS_NORM_W": True,
+         "HAS_NORM_B": True, **({"SAVED_STATS": True} if saved_stats else {})}, rc.num_warps, 1, arch,
+        divisible_by_16=("X", "Mean", "Rstd", "XHat", "NormW", "NormB", "D", "stride_xb", "stride_xn"),
+    )
+
+
 def _row_specs(arch: int) -> list[KernelSpec]:
-    specs = []
-    for block_d in ROW_BUCKETS:
-        rc = row_config(block_d)
-        specs.append(KernelSpec(
-            "layernorm_mlp._ln_stats_kernel", f"ln stats bf16 BLOCK_D={block_d} rows={rc.block_rows} w={rc.num_warps}",
-            signature(_ln_stats_kernel, {"X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "XHat": "*bf16",
-                                         "NormW": "*bf16", "NormB": "*bf16", "eps": "fp32"}),
-            {"BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d, "WRITE_XHAT": True, "HAS_NORM_W": True,
-             "HAS_NORM_B": True}, rc.num_warps, 1, arch,
-            divisible_by_16=("X", "Mean", "Rstd", "XHat", "NormW", "NormB", "D", "stride_xb", "stride_xn"),
-        ))
-    return specs
+    return [ln_stats_spec(arch, block_d) for block_d in ROW_BUCKETS]
 
 
 def aot_specs() -> list[KernelSpec]:

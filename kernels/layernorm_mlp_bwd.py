@@ -24,9 +24,13 @@ Every GEMM reads plain operand tiles in the GEMM dtype (issue 15: scaling, Layer
 conversion in the operand loads made the sm_90 loops issue-bound, ratios 1.2-2.7): dy as (T, D)
 rows (a view of grad_out when it already is one, else one T x D conversion copy: autocast's fp32 dy,
 broadcast dy), ``ls * W2`` (D x HD, once per backward), ``ss * g`` written by the dA epilogue, and
-LN(x) (T x D in the GEMM dtype) written by the LayerNorm-backward row pass, which now runs before
-dW1. The weight gradients take the token-major P^T operand straight from shared memory (wgmma
-reads a transposed 16-bit A there), with no integer division in the loop.
+LN(x) (T x D in the GEMM dtype) written just before dW1 by the forward's ``_ln_stats_kernel`` in its
+SAVED_STATS mode (the saved mean / rstd, no eps: the forward's LN(x) bit for bit). That pass costs
+one T x D read of x (x's dtype) and one T x D write in the GEMM dtype; its buffer is allocated after
+the fp32 dLN is freed, so the peak transient memory does not rise. (Writing LN(x) from the
+LayerNorm-backward row pass instead took its 128 / 512-wide buckets from 3 to 2 CTAs/SM.) The
+weight gradients take the token-major P^T operand straight from shared memory (wgmma reads a
+transposed 16-bit A there), with no integer division in the loop.
 
 The forward stores neither the fc2 output z nor LN(x) nor gelu(a): the gradients of
 the layer scale and the per-sample scale come from M2 and u, which the backward computes anyway.
@@ -46,10 +50,12 @@ from .layernorm_mlp import (
     ROW_BUCKETS,
     RowConfig,
     _fc2_kernel,
+    _ln_stats_kernel,
     activation_and_grad,
     gemm_config,
     gemm_spec,
     grouped_tile,
+    ln_stats_spec,
     row_config,
 )
 from .runtime import AOT_DTYPE_NAMES, arch_of, device_guard, dot_precision, new_output, sm_count
@@ -200,13 +206,11 @@ def _ln_bwd_kernel(
     X,  # (B, N_TOK, D) tokens, unit stride in D
     Mean, Rstd,  # (T,) fp32 row statistics of X
     NormW,  # (D,) LayerNorm weight (HAS_NORM_W)
-    NormB,  # (D,) LayerNorm bias (WRITE_LN and HAS_NORM_B)
     DY,  # (B, N_TOK, D) gradient of y, any strides (0 where broadcast)
     SS,  # (B,) per-sample scale (HAS_SS)
     LS,  # (D,) layer scale (HAS_LS)
     B2,  # (D,) fc2 bias (COMPUTE_ROWTERM)
     DX,  # (T, D) out: dL/dx in x's dtype, contiguous (COMPUTE_DX)
-    LN,  # (T, D) out: LN(x) = xhat * w + b in the GEMM dtype, contiguous: dW1's right operand (WRITE_LN)
     DNWPart, DNBPart,  # (num_programs, D) fp32 out: partial sums of dLN * xhat and of dLN
     DPPart,  # (num_programs, D) fp32 out: partial sums of dy * ss (COMPUTE_DP)
     RowTerm,  # (T,) fp32 out: sum_d dy * ls * b2 per row (COMPUTE_ROWTERM)
@@ -217,16 +221,12 @@ def _ln_bwd_kernel(
     COMPUTE_DP: tl.constexpr, COMPUTE_ROWTERM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     RMS: tl.constexpr = False,  # RMSNorm (Mean holds zeros): no mean(dxh) term
-    WRITE_LN: tl.constexpr = False,
-    HAS_NORM_B: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     if HAS_NORM_W:
         w = tl.load(NormW + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if WRITE_LN and HAS_NORM_B:
-        nb = tl.load(NormB + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_LS:
         ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)
     if COMPUTE_ROWTERM:
@@ -245,19 +245,13 @@ def _ln_bwd_kernel(
         dy_ptrs = DY + (b.to(tl.int64) * stride_dyb + n * stride_dyn)[:, None] + cols[None, :] * stride_dyd
         if (COMPUTE_DX and RESIDUAL) or COMPUTE_DP or COMPUTE_ROWTERM:
             dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB or WRITE_LN:
+        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB:
+            dln = tl.load(DLN + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
             x_ptrs = X + (b.to(tl.int64) * stride_xb + n * stride_xn)[:, None] + cols[None, :]
             x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
             rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            if WRITE_LN:  # as the forward's statistics pass wrote it (same statistics, same rounding)
-                h = xhat * w[None, :] if HAS_NORM_W else xhat
-                if HAS_NORM_B:
-                    h = h + nb[None, :]
-                tl.store(LN + rows.to(tl.int64)[:, None] * D + cols[None, :], h.to(LN.dtype.element_ty), mask=mask)
-        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB:
-            dln = tl.load(DLN + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
             if COMPUTE_DNW:
                 dnw += tl.sum(dln * xhat, axis=0)
             if COMPUTE_DNB:
@@ -477,13 +471,10 @@ def layernorm_mlp_bwd(
                 num_warps=c2.num_warps, num_stages=c2.num_stages,
             )
 
-        # -- 4. row pass: dx (LN backward + residual), dw / db / P partials, dss row term, and
-        #    LN(x) in the GEMM dtype for dW1 (one T x D write; the x read is the pass's own) --
-        need_dw1 = need["fc1_weight"] or need["fc1_gate_weight"]
+        # -- 4. row pass: dx (LN backward + residual), dw / db / P partials, dss row term --
         need_dp = need["fc2_bias"] or need["layer_scale"]
         need_rowterm = need_dss and fc2_bias is not None
-        ln_rows = new_output((rows, dim), dtype=gemm_dtype, device=device) if need_dw1 else None
-        if need_dln or need_dp or need_rowterm or need_dw1:
+        if need_dln or need_dp or need_rowterm:
             rc = row_config(dim)
             programs = min(triton.cdiv(rows, rc.block_rows), 4 * sm_count(device))
             dx = new_output((batch, n_tok, dim), dtype=x.dtype, device=device) if need["x"] else None
@@ -492,14 +483,13 @@ def layernorm_mlp_bwd(
             dp_part = new_output((programs, dim), dtype=torch.float32, device=device) if need_dp else None
             rowterm = new_output((rows,), dtype=torch.float32, device=device) if need_rowterm else None
             _ln_bwd_kernel[(programs,)](
-                dln, x, mean, rstd, norm_weight, norm_bias, grad_out, sample_scale, layer_scale, fc2_bias,
-                dx, ln_rows, dnw_part, dnb_part, dp_part, rowterm,
+                dln, x, mean, rstd, norm_weight, grad_out, sample_scale, layer_scale, fc2_bias,
+                dx, dnw_part, dnb_part, dp_part, rowterm,
                 rows, n_tok, dim, x.stride(0), x.stride(1), *dy_strides,
                 HAS_NORM_W=norm_weight is not None, HAS_SS=sample_scale is not None, HAS_LS=layer_scale is not None,
                 RESIDUAL=residual, COMPUTE_DX=need["x"], COMPUTE_DNW=need["norm_weight"],
                 COMPUTE_DNB=need["norm_bias"], COMPUTE_DP=need_dp, COMPUTE_ROWTERM=need_rowterm,
-                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms,
-                WRITE_LN=need_dw1, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, num_warps=rc.num_warps,
             )
             del dln
             if need["x"]:
@@ -524,7 +514,19 @@ def layernorm_mlp_bwd(
                 per_row += rowterm
             grads["sample_scale"] = per_row.view(batch, n_tok).sum(1).to(sample_scale.dtype)
 
-        # -- 5. dW1 = dA^T LN(x) (gated: [dW_gate; dW_value], one GEMM, or the half needed) --
+        # -- 5. LN(x) in the GEMM dtype from the saved statistics (the forward's statistics kernel in
+        #    its SAVED_STATS mode: the same LN(x) as the forward's, bit for bit; one T x D read of x
+        #    and one T x D write, allocated after dLN is freed); then dW1 = dA^T LN(x)
+        #    (gated: [dW_gate; dW_value], one GEMM, or the half needed) --
+        ln_rows = None
+        if need["fc1_weight"] or need["fc1_gate_weight"]:
+            ln_rows = new_output((rows, dim), dtype=gemm_dtype, device=device)
+            rc = row_config(dim)
+            _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
+                x, mean, rstd, ln_rows, norm_weight, norm_bias, rows, n_tok, dim, x.stride(0), x.stride(1), 0.0,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, WRITE_XHAT=True, SAVED_STATS=True,
+                HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,
+            )
         if split_fc1 and need["fc1_weight"] != need["fc1_gate_weight"]:
             first = 0 if need["fc1_gate_weight"] else hidden
             name = "fc1_gate_weight" if need["fc1_gate_weight"] else "fc1_weight"
@@ -546,7 +548,7 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
     """The backward GEMM configurations for one GEMM dtype (x and dy in ``x_dtype``).
 
     Only the dA GEMM's epilogue reads an input in x's dtype (the per-sample scale): dy reaches
-    the GEMMs as (T, D) rows in the GEMM dtype and LN(x) is written in it by the row pass, so the
+    the GEMMs as (T, D) rows in the GEMM dtype and LN(x) is written in it by its own row pass, so the
     weight gradients and dLN are the same code for any x dtype (``with_gemms=False``: only dA)."""
     ty, xty = AOT_DTYPE_NAMES[dtype], AOT_DTYPE_NAMES[x_dtype]
     label = f"{ty}" if dtype == x_dtype else f"{ty} (x {xty}, autocast)"
@@ -585,17 +587,17 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
 def ln_bwd_spec(arch: int, rc: RowConfig) -> KernelSpec:
     """The LayerNorm-backward row kernel for one width bucket (bf16 x and dy, every output on)."""
     sig = signature(_ln_bwd_kernel, {
-        "DLN": "*fp32", "X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "NormW": "*bf16", "NormB": "*bf16",
-        "DY": "*bf16", "SS": "*bf16", "LS": "*bf16", "B2": "*bf16", "DX": "*bf16", "LN": "*bf16", "DNWPart": "*fp32",
-        "DNBPart": "*fp32", "DPPart": "*fp32", "RowTerm": "*fp32", "stride_dyd": "constexpr"})  # fmt: skip
+        "DLN": "*fp32", "X": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "NormW": "*bf16", "DY": "*bf16", "SS": "*bf16",
+        "LS": "*bf16", "B2": "*bf16", "DX": "*bf16", "DNWPart": "*fp32", "DNBPart": "*fp32", "DPPart": "*fp32",
+        "RowTerm": "*fp32", "stride_dyd": "constexpr"})  # fmt: skip
     flags = {"HAS_NORM_W": True, "HAS_SS": True, "HAS_LS": True, "RESIDUAL": True, "COMPUTE_DX": True,
              "COMPUTE_DNW": True, "COMPUTE_DNB": True, "COMPUTE_DP": True, "COMPUTE_ROWTERM": True,
-             "WRITE_LN": True, "HAS_NORM_B": True, "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
+             "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
     return KernelSpec(
         "layernorm_mlp_bwd._ln_bwd_kernel", f"ln bwd bf16 BLOCK_D={rc.block_d} rows={rc.block_rows} w={rc.num_warps}",
         sig, {"stride_dyd": 1, **flags}, rc.num_warps, 1, arch,
-        divisible_by_16=("DLN", "X", "Mean", "Rstd", "NormW", "NormB", "DY", "SS", "LS", "B2", "DX", "LN", "DNWPart",
-                         "DNBPart", "DPPart", "RowTerm", "stride_xb", "stride_xn", "stride_dyb", "stride_dyn"),
+        divisible_by_16=("DLN", "X", "Mean", "Rstd", "NormW", "DY", "SS", "LS", "B2", "DX", "DNWPart", "DNBPart",
+                         "DPPart", "RowTerm", "stride_xb", "stride_xn", "stride_dyb", "stride_dyn"),
     )
 
 
@@ -603,13 +605,15 @@ def aot_specs() -> list[KernelSpec]:
     """Every backward (kernel, GEMM dtype, row width bucket, architecture) configuration the
     launcher uses: bf16 and fp32 GEMMs, the bf16 dA GEMM beside an fp32 x and dy (autocast with
     timm's fp32 residual stream; its epilogue reads the per-sample scale in x's dtype; the other
-    GEMMs see only GEMM-dtype operands, so only their bf16 ones), and the LayerNorm-backward row
-    kernel for each width bucket (bf16). As for the forward, fp16 compiles to the bf16 code but for
-    conversions and is left out; each spec is the heaviest variant."""
+    GEMMs see only GEMM-dtype operands, so only their bf16 ones), and, for each width bucket (bf16),
+    the LayerNorm-backward row kernel and the statistics kernel's SAVED_STATS pass (LN(x) for dW1).
+    As for the forward, fp16 compiles to the bf16 code but for conversions and is left out; each
+    spec is the heaviest variant."""
     specs = []
     for arch in ARCHS:
         for dtype in (torch.bfloat16, torch.float32):
             specs += backward_specs(arch, dtype, dtype)
         specs += backward_specs(arch, torch.bfloat16, torch.float32, with_gemms=False)
         specs += [ln_bwd_spec(arch, row_config(block_d)) for block_d in ROW_BUCKETS]
+        specs += [ln_stats_spec(arch, block_d, saved_stats=True) for block_d in ROW_BUCKETS]
     return specs
