@@ -27,10 +27,13 @@ TF32), so fp32 results are accurate to fp32 rounding.
 
 Masks and biases (constexpr flags, all off by default: plain attention compiles to the same code):
     HAS_BIAS      an attn_mask, 4-D, each dim 1 or full, read in place through its own strides
-                  (stride 0 in broadcast dims), one (rows, keys) tile per key block, int64 row
-                  offsets; BIAS_BOOL: uint8 (0 = masked -> -inf), else float, added (x log2 e).
+                  (stride 0 in broadcast dims), one (rows, keys) tile per key block: a 64-bit base
+                  per (batch, head, block) plus int32 offsets inside the tile (the launcher copies a
+                  table whose tile offsets could overflow, ``_tiles_in_int32``); BIAS_BOOL: uint8
+                  (0 = masked -> -inf), else float, added (x log2 e).
     HAS_REL_POS   SAM's decomposed bias rel_h[i, j // kw] + rel_w[i, j % kw], gathered from the
-                  (N, kh) and (N, kw) tables per tile: O(N * (kh + kw)) memory.
+                  (N, kh) and (N, kw) tables per tile: O(N * (kh + kw)) memory; the column split
+                  (j // kw, j % kw) is a (keys,) vector per key block, carried from block to block.
     A row whose every score is -inf (fully masked) is guarded: the online softmax subtracts 0
     instead of a -inf max, l = 0 gives out = 0 and lse = -inf, and the backward turns lse = -inf
     into +inf so that P = 0 there (zero gradients, never NaN).
@@ -90,23 +93,28 @@ def _add_bias(
     t,  # (R, C) fp32 scores in log2 units (scale * q.k * log2 e)
     bias_ptrs,  # (R, C) pointers into the attn_mask (HAS_BIAS), else None
     rh_ptrs, rw_ptrs,  # (R, C) gathered pointers into rel_h and rel_w (HAS_REL_POS), else None
-    valid,  # (R, C) in-range (query, key) pairs: out-of-range loads are skipped
+    valid,  # (R, C) in-range (query, key) pairs: out-of-range loads are skipped; None: all in range
     HAS_BIAS: tl.constexpr,
     BIAS_BOOL: tl.constexpr,  # the mask is bool (read as uint8, 0 = masked), else float (added)
     HAS_REL_POS: tl.constexpr,
 ):
     # -- t += (rel_h[i, j // kw] + rel_w[i, j % kw]) * log2 e --
     if HAS_REL_POS:
-        rh = tl.load(rh_ptrs, mask=valid, other=0.0).to(tl.float32)
-        rw = tl.load(rw_ptrs, mask=valid, other=0.0).to(tl.float32)
+        if valid is None:
+            rh = tl.load(rh_ptrs).to(tl.float32)
+            rw = tl.load(rw_ptrs).to(tl.float32)
+        else:
+            rh = tl.load(rh_ptrs, mask=valid, other=0.0).to(tl.float32)
+            rw = tl.load(rw_ptrs, mask=valid, other=0.0).to(tl.float32)
         t += (rh + rw) * LOG2E
     # -- bool: -inf where masked;  float: t += bias * log2 e (bias may hold -inf) --
     if HAS_BIAS:
         if BIAS_BOOL:
-            keep = tl.load(bias_ptrs, mask=valid, other=0)
+            keep = tl.load(bias_ptrs) if valid is None else tl.load(bias_ptrs, mask=valid, other=0)
             t = tl.where(keep != 0, t, float("-inf"))
         else:
-            t += tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32) * LOG2E
+            b = tl.load(bias_ptrs) if valid is None else tl.load(bias_ptrs, mask=valid, other=0.0)
+            t += b.to(tl.float32) * LOG2E
     return t
 
 
@@ -124,9 +132,10 @@ def _attention_fwd_inner(
     lo, hi,  # key range [lo, hi) to visit, lo a multiple of BLOCK_N
     M,  # number of keys
     qk_scale,  # softmax scale * log2(e)
-    row_valid,  # (BLOCK_M,) offs_m < N
-    bias_rows,  # (BLOCK_M,) pointers to key 0 of this program's rows of the attn_mask, or None
-    rh_rows, rw_rows,  # (BLOCK_M,) pointers to this program's rows of rel_h / rel_w, or None
+    bias_base,  # attn_mask at (this program's first row, key 0) of this head (HAS_BIAS), else None
+    rh_base, rw_base,  # rel_h / rel_w at (this program's first row, bin 0) (HAS_REL_POS), else None
+    bias_rows, rh_rows, rw_rows,  # (BLOCK_M,) int32 row offsets from the bases (rows past N clamped to
+    #                               row N - 1, so every row reads inside the tables: no row predicate)
     stride_bm, stride_rhk, stride_rwk, KW,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -144,6 +153,20 @@ def _attention_fwd_inner(
         k_block = k_head + tl.cast(lo, tl.int64) * stride_kn
         v_block = v_head + tl.cast(lo, tl.int64) * stride_vn
     d_valid = offs_d < HEAD_DIM
+    # the mask tile: a 64-bit base advanced by BLOCK_N keys per step plus loop-invariant int32 offsets
+    # inside the tile (the launcher keeps them < 2^31)
+    if HAS_BIAS:
+        bias_base += tl.cast(lo, tl.int64) * stride_bm
+        bias_offs = bias_rows[:, None] + (offs_n * stride_bm)[None, :]
+    else:
+        bias_offs = bias_rows
+    # the rel_pos column split (j // kw, j % kw) as (BLOCK_N,) vectors: one division per call, then
+    # carried from step to step (BLOCK_N % kw < kw: adding it wraps at most once)
+    if HAS_REL_POS:
+        col_h = (lo + offs_n) // KW
+        col_w = (lo + offs_n) % KW
+        step_h = BLOCK_N // KW
+        step_w = BLOCK_N % KW
     for start_n in range(lo, hi, BLOCK_N):
         # -- s = q k^T for this key block (fp32) --
         if MASK_KEYS:
@@ -161,15 +184,15 @@ def _attention_fwd_inner(
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if HAS_BIAS or HAS_REL_POS:
             # -- t = s * scale * log2 e + bias * log2 e; a row may be -inf throughout --
-            cols = start_n + offs_n
-            valid = row_valid[:, None] & (cols < M)[None, :]
-            bias_ptrs = bias_rows[:, None] + cols[None, :] * stride_bm if HAS_BIAS else bias_rows
+            # (rows are clamped inside the tables; only keys >= M need a predicate)
+            valid = key_valid[None, :] if MASK_KEYS else None
+            bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
             if HAS_REL_POS:
-                rh_ptrs = rh_rows[:, None] + (cols // KW)[None, :] * stride_rhk
-                rw_ptrs = rw_rows[:, None] + (cols % KW)[None, :] * stride_rwk
+                rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :]).to(tl.uint32)
+                rw_ptrs = rw_base + (rw_rows[:, None] + (col_w * stride_rwk)[None, :]).to(tl.uint32)
             else:
-                rh_ptrs = rh_rows
-                rw_ptrs = rw_rows
+                rh_ptrs = rh_base
+                rw_ptrs = rw_base
             t = _add_bias(s * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                           HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
             if MASK_KEYS:
@@ -207,6 +230,13 @@ def _attention_fwd_inner(
         if not USE_TMA:
             k_block += BLOCK_N * stride_kn
             v_block += BLOCK_N * stride_vn
+        if HAS_BIAS:
+            bias_base += BLOCK_N * stride_bm
+        if HAS_REL_POS:
+            col_w += step_w
+            wrap = col_w >= KW
+            col_w = tl.where(wrap, col_w - KW, col_w)
+            col_h += tl.where(wrap, step_h + 1, step_h)
     return acc, l_i, m_i
 
 
@@ -324,14 +354,25 @@ def flash_attention_fwd_kernel(
             mask=row_valid[:, None] & d_valid[None, :],
             other=0.0,
         )
-    # -- per-row pointers into the mask and the rel_pos tables (int64 row offsets) --
-    bias_rows = Bias + off_b * stride_bb + off_h * stride_bh + offs_m.to(tl.int64) * stride_bn if HAS_BIAS else Bias
-    if HAS_REL_POS:
-        rh_rows = RelH + off_b * stride_rhb + off_h * stride_rhh + offs_m.to(tl.int64) * stride_rhn
-        rw_rows = RelW + off_b * stride_rwb + off_h * stride_rwh + offs_m.to(tl.int64) * stride_rwn
+    # -- the mask and rel_pos tables: 64-bit bases at this program's first row, int32 row offsets
+    #    (rows past N read row N - 1: their scores are never stored, and the loads need no row mask) --
+    mask_rows = tl.minimum(offs_m, N - 1) - start_m
+    if HAS_BIAS:
+        bias_base = Bias + off_b * stride_bb + off_h * stride_bh + start_m.to(tl.int64) * stride_bn
+        bias_rows = mask_rows * stride_bn
     else:
-        rh_rows = RelH
-        rw_rows = RelW
+        bias_base = Bias
+        bias_rows = mask_rows
+    if HAS_REL_POS:
+        rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh + start_m.to(tl.int64) * stride_rhn
+        rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh + start_m.to(tl.int64) * stride_rwn
+        rh_rows = mask_rows * stride_rhn
+        rw_rows = mask_rows * stride_rwn
+    else:
+        rh_base = RelH
+        rw_base = RelW
+        rh_rows = mask_rows
+        rw_rows = mask_rows
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -352,7 +393,7 @@ def flash_attention_fwd_kernel(
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         0, unmasked_end, M, qk_scale,
-        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
@@ -362,7 +403,7 @@ def flash_attention_fwd_kernel(
         acc, l_i, m_i = _attention_fwd_inner(
             acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
             unmasked_end, tl.minimum(hi, full_end), M, qk_scale,
-            row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+            bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
             MASK_KEYS=False, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
@@ -373,7 +414,7 @@ def flash_attention_fwd_kernel(
         acc, l_i, m_i = _attention_fwd_inner(
             acc, l_i, m_i, q, k_tail, v_tail, tma_b, tma_h, stride_kn, stride_vn,
             offs_m, tl.arange(0, BLOCK_TAIL), offs_d, full_end, tl.where(short, hi, full_end), M, qk_scale,
-            row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+            bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_TAIL,
             MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
@@ -384,7 +425,7 @@ def flash_attention_fwd_kernel(
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         full_end, long_end, M, qk_scale,
-        row_valid, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
@@ -750,10 +791,10 @@ def _attention_bwd_dq_inner(
         if HAS_BIAS or HAS_REL_POS:
             # -- P = exp(scale * q k^T + bias - lse); lse is +inf (not -inf) on fully masked rows --
             valid = row_valid[:, None] & key_valid[None, :]
-            bias_ptrs = bias_base + bias_offs if HAS_BIAS else bias_base
+            bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
             if HAS_REL_POS:
-                rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :])
-                rw_ptrs = rw_base + (rw_rows[:, None] + (col_w * stride_rwk)[None, :])
+                rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :]).to(tl.uint32)
+                rw_ptrs = rw_base + (rw_rows[:, None] + (col_w * stride_rwk)[None, :]).to(tl.uint32)
             else:
                 rh_ptrs = rh_base
                 rw_ptrs = rw_base
@@ -1231,15 +1272,37 @@ def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Atten
     return dataclasses.replace(cfg, num_warps=8)
 
 
-def fwd_mask_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+def fwd_mask_config(
+    arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False, float_bias_only: bool = False
+) -> AttentionConfig:
     """Forward block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``: the
-    op runs SDPA above), from the ahead-of-time report. The mask
-    and rel_pos tiles are gathered through (BLOCK_M, BLOCK_N) tiles of 64-bit pointers: for 16-bit
-    inputs with head dims > 64 the plain tiles then spill (sm_90: 568 B with a bool mask), so
-    BLOCK_N is halved and 8 warps share the tile."""
+    op runs SDPA above), from the ahead-of-time report; ``tma`` as in ``fwd_config``,
+    ``float_bias_only``: the mask is a float bias and there is no rel_pos. The mask and rel_pos
+    tiles are gathered with unsigned int32 offsets from one 64-bit base per table (rows past N
+    clamped, so only the key tail is predicated; a float bias's offsets are loop-invariant, and
+    its tiles are software-pipelined through shared memory by cp.async).
+
+    Pointer loads of Q, K, V: for 16-bit inputs with head dims > 64 the plain 128 x 64 tiles spill
+    (sm_90, Triton 3.8, 2026-12-04: 16 B with a float bias, 256-352 B with a bool mask or rel_pos),
+    so BLOCK_N is halved and 8 warps share the tile.
+
+    Hopper with TMA, a float bias only, D > 64: the bulk copies take Q, K and V's addresses out of the
+    registers, so the plain 128 x 64 tiles fit (238 registers, no spill; hot-loop issue ratio 0.96,
+    against 1.33 for 128 x 32 with pointer loads). Not taken elsewhere (same report): with a bool
+    mask or rel_pos the gathers are software-pipelined in registers next to the bulk copies and every
+    tiling spills (D = 64: 16-1232 B from 64 x 64 on 4 warps to 128 x 128 on 8, issue ratios 6.7-8.9;
+    D = 128, 128 x 64: 168-200 B), while 128 x 32 gains 1% (issue ratio 3.41 -> 3.38 with a bool mask,
+    4.00 -> 3.96 with rel_pos); a float bias up to D = 64 goes 1.77 -> 1.86."""
+    if INTERPRETER:
+        return fwd_config(arch, dtype, head_dim_pad, tma=tma)
+    if tma and float_bias_only and 90 <= arch < 100 and dtype != torch.float32 and 64 < head_dim_pad <= 128:
+        return dataclasses.replace(_with_key_tail(AttentionConfig(128, 64, 8, 2)), tma=True)
     # the plain tiles' register cap is sized for their own code, not for the gathers
     cfg = dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), max_registers=None)
-    if INTERPRETER or dtype == torch.float32 or head_dim_pad <= 64:
+    if dtype == torch.float32 and 90 <= arch < 100 and head_dim_pad == 64:
+        # one stage: two spill 8 B with a bool mask (sm_90, Triton 3.8); 92-94 registers, not 206-217
+        return dataclasses.replace(cfg, num_stages=1)
+    if dtype == torch.float32 or head_dim_pad <= 64:
         return cfg
     return _with_key_tail(dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8))
 
@@ -1408,11 +1471,14 @@ def flash_attention_forward(
         return out, lse
     pad = head_dim_padded(head_dim)
     masked = bias is not None or rel_h is not None
+    bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     arch = arch_of(q.device)
+    tma = tma_capable(arch, q.dtype, pad) and tma_ready(q, k, v, out)
     if masked:
-        cfg = fwd_mask_config(arch, q.dtype, pad)
+        float_bias_only = rel_h is None and bias.dtype != torch.bool
+        cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias_only)
     else:
-        cfg = fwd_config(arch, q.dtype, pad, tma=tma_capable(arch, q.dtype, pad) and tma_ready(q, k, v, out))
+        cfg = fwd_config(arch, q.dtype, pad, tma=tma)
     grid = (triton.cdiv(n_q, cfg.block_m) * batch * heads,)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     qkvo: tuple = (q, k, v, out)
@@ -1610,8 +1676,8 @@ def flash_attention_backward(
 
 
 def _tiles_in_int32(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` itself (an attn_mask or rel_pos table), unless an offset inside one of the backward's
-    tiles of it could overflow int32. The backward kernels address these tables from a 64-bit base
+    """``t`` itself (an attn_mask or rel_pos table), unless an offset inside one of the kernels'
+    tiles of it could overflow int32. The forward and backward kernels address these tables from a 64-bit base
     per (batch, head, block) plus int32 offsets ``row * stride(-2) + col * stride(-1)`` with
     row < 256 (a block of rows) and col < max(256, size(-1)) (a block of keys, or a rel_pos bin):
     exact while ``256 * |stride(-2)| + max(256, size(-1)) * |stride(-1)| < 2**31``. Other views
@@ -1855,9 +1921,12 @@ _VARLEN_AOT_DTYPES = (torch.bfloat16, torch.float32)
 _VARLEN_AOT_HEAD_DIMS = (64, 128, 256)
 
 
-def _tail(kernel: str, cfg: AttentionConfig) -> dict[str, int]:
-    """The forward's BLOCK_TAIL constexpr as its launchers pass it (the backward has none)."""
-    return {"BLOCK_TAIL": cfg.key_tail} if kernel == "flash_attention_fwd_kernel" else {}
+def _tail(kernel: str, cfg: AttentionConfig) -> dict:
+    """The forward's BLOCK_TAIL constexpr as its launchers pass it (the backward has none), with the
+    TMA arguments off (``_tma_fwd_spec`` sets them)."""
+    if kernel != "flash_attention_fwd_kernel":
+        return {}
+    return {"BLOCK_TAIL": cfg.key_tail, "USE_TMA": False, "KTail": None, "VTail": None}
 
 
 def _tail_label(kernel: str, cfg: AttentionConfig) -> str:
@@ -1934,11 +2003,12 @@ def aot_specs() -> list[KernelSpec]:
     return specs
 
 
-def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig) -> KernelSpec:
+def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig, masks=None, label="", cfg=None) -> KernelSpec:
     """The forward with tensor descriptors (Hopper, 16-bit; what the launcher runs when q, k, v
-    and out qualify): Q, K, V, Out and the key-tail descriptors typed with their boxes."""
+    and out qualify): Q, K, V, Out and the key-tail descriptors typed with their boxes. ``masks``:
+    the mask / rel_pos pointer types and flags of a masked variant (``_mask_specs``), run with ``cfg``."""
     pad = head_dim_padded(head_dim)
-    cfg = fwd_config(arch, dtype, pad, tma=True)
+    cfg = cfg or fwd_config(arch, dtype, pad, tma=True)
 
     def desc(rows: int) -> str:
         return f"tensordesc<{ty}[1, 1, {rows}, {pad}]>"
@@ -1947,20 +2017,24 @@ def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig) -> KernelSpec:
            "Out": desc(cfg.block_m)}  # fmt: skip
     if cfg.key_tail:
         sig.update(KTail=desc(cfg.key_tail), VTail=desc(cfg.key_tail))
+    flags = masks or {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None,
+                      "RelW": None}  # fmt: skip
+    for name, value in flags.items():
+        if isinstance(value, str):
+            sig[name] = value  # a pointer this variant passes
     constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype),
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_TAIL": cfg.key_tail, "USE_TMA": True,
-                  "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None,
-                  "RelW": None, **_VARLEN_OFF}  # fmt: skip
+                  **{n: v for n, v in flags.items() if not isinstance(v, str)}, **_VARLEN_OFF}  # fmt: skip
     if not cfg.key_tail:
         constexprs.update(KTail=None, VTail=None)
     return KernelSpec(
         "flash_attention.flash_attention_fwd_kernel",
-        f"{ty} D={head_dim}{' causal' if causal else ''} tma BM={cfg.block_m} BN={cfg.block_n}"
+        f"{ty} D={head_dim}{' causal' if causal else ''}{label} tma BM={cfg.block_m} BN={cfg.block_n}"
         f"{_tail_label('flash_attention_fwd_kernel', cfg)} w={cfg.num_warps} s={cfg.num_stages}",
         sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
         needs_wgmma=True, divisible_by_16=_aligned(sig),
-        # up to D = 64 the tiles are sized for three CTAs per SM (one warpgroup each)
-        target_ctas_per_sm=3 if pad <= 64 else 1, max_registers=cfg.max_registers,
+        # up to D = 64 the plain tiles are sized for three CTAs per SM (one warpgroup each)
+        target_ctas_per_sm=3 if pad <= 64 and masks is None else 1, max_registers=cfg.max_registers,
     )
 
 
@@ -2002,6 +2076,9 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     add("flash_attention_fwd_kernel", "bias=fp32", fwd_sig, fwd_bias, fwd, fwd.block_m, fwd.block_n, True)
     add("flash_attention_fwd_kernel", "mask=bool", fwd_sig, fwd_bool, fwd, fwd.block_m, fwd.block_n, True)
     add("flash_attention_fwd_kernel", "rel_pos", fwd_sig, fwd_rel, fwd, fwd.block_m, fwd.block_n, True)
+    tma_cfg = fwd_mask_config(arch, dtype, pad, tma=True, float_bias_only=True)
+    if tma_capable(arch, dtype, pad) and tma_cfg.tma:  # what the launcher runs when q, k, v, out qualify
+        specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, False, fwd_sig, fwd_bias, " bias=fp32", tma_cfg))
     both = {"Bias": "*fp32", **tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": True}
     add("flash_attention_bwd_dkdv_kernel", "bias=fp32 rel_pos", dkdv_sig, both, bwd, bwd.block_m, bwd.block_n)
     bias_only = {**fwd_bias, "dRelH": None, "dRelW": None, "REL_POS_GRAD": False, "KH_PAD": 16, "KW_PAD": 16}

@@ -312,6 +312,37 @@ def test_rel_pos_fp16(kernel_device, route):
     _check(q, k, v, result, rel_pos=rel_pos)
 
 
+@kernel_test
+@pytest.mark.parametrize("kind", ["float", "bool", "rel_pos"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_masked_tma_forward(kernel_device, kind, causal, monkeypatch):
+    """The masked forward with Q, K, V and out moved by tensor descriptors (Hopper's TMA; on a GPU
+    only a float bias above D = 64 takes it, the interpreter runs every mask through it when asked):
+    the gathers' clamped rows and the key tail, with a fully masked row."""
+    from fastvit.kernels import flash_attention as kernels
+
+    if ON_GPU and kernels.arch_of(torch.device(kernel_device)) // 10 != 9:
+        pytest.skip("tensor descriptors are Hopper's")
+    monkeypatch.setattr(kernels, "INTERPRETER_TMA", True)
+    used = []
+    original = kernels.fwd_tma_descriptors
+    monkeypatch.setattr(kernels, "fwd_tma_descriptors", lambda *a: used.append(1) or original(*a))
+    q, k, v = _qkv(torch.float16, kernel_device, seed=40)
+    mask = rel_pos = None
+    if kind == "rel_pos":
+        rel_pos = _rel_pos(B, 1, kernel_device, seed=41, dtype=torch.float16)
+    else:
+        mask = _mask((1, H, N, M), kind, kernel_device, seed=42, dtype=torch.float16, requires_grad=False)
+        with torch.no_grad():
+            mask[:, :, 5] = False if kind == "bool" else float("-inf")
+        mask.requires_grad_(kind == "float")
+    result = _run("triton", q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=causal)
+    assert used
+    if mask is not None:
+        assert torch.isneginf(result[1][:, :, 5]).all()
+    _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=causal)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_torch_route_blocks_of_rows(monkeypatch, causal):
     """The torch route's row blocks (here 4 rows: 9 blocks for N = 33, the last one short) give the
