@@ -1225,9 +1225,12 @@ def _fwd_tiles(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
         return _FWD_256_HOPPER if 90 <= arch < 100 else _FWD_256
     small = head_dim_pad <= 64
     if 90 <= arch < 100:  # Hopper: two warpgroups of warpgroup MMA over 128 query rows
-        # up to D = 64 capped at 120 registers: two CTAs/SM with 8 to spare (uncapped 126-128, at
-        # the cliff; capped: no spill, the same hot loop; Triton 3.8 and 3.6, 2026-12-04)
-        return AttentionConfig(128, 64, 8, 3, max_registers=120) if small else AttentionConfig(128, 64, 8, 2)
+        # up to D = 64 capped at 120 registers: two CTAs/SM with 8 to spare (uncapped 118-128, and
+        # 180 for fp16 causal; capped: no spill, the same hot loop; Triton 3.8 and 3.6, 2026-12-04).
+        # fp16 takes two stages: with three, fp16 causal spills 8 B at the cap (1.13 -> 1.15 issue)
+        if small:
+            return AttentionConfig(128, 64, 8, 2 if dtype == torch.float16 else 3, max_registers=120)
+        return AttentionConfig(128, 64, 8, 2)
     if arch >= 89:  # Ada and consumer Blackwell: ~99 KB of shared memory, no warpgroup MMA
         return AttentionConfig(128, 64, 8, 2) if small else AttentionConfig(64, 32, 4, 2)
     return AttentionConfig(128, 64, 8, 3) if small else AttentionConfig(128, 32, 8, 3)
