@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 
 import torch
 import triton
@@ -1510,9 +1511,12 @@ INTERPRETER_TMA = False
 
 def tma_capable(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
     """Whether the forward has TMA tiles for (architecture, dtype, padded head dim): Hopper, fp16/bf16,
-    head dims up to 128 (the interpreter: when ``INTERPRETER_TMA``)."""
+    head dims up to 128 (the interpreter: when ``INTERPRETER_TMA``). ``FASTVIT_TMA=0`` in the
+    environment turns the path off (every launch then takes the pointer tiles)."""
     if INTERPRETER:
         return INTERPRETER_TMA
+    if os.environ.get("FASTVIT_TMA", "1") == "0":
+        return False
     return 90 <= arch < 100 and dtype in (torch.float16, torch.bfloat16) and head_dim_pad <= 128
 
 

@@ -220,6 +220,16 @@ def test_tma_takes_only_what_a_descriptor_can_address():
     assert not tma_ready(torch.zeros(2, 12, 0, 64, dtype=torch.bfloat16))  # no rows: no descriptor
 
 
+def test_fastvit_tma_0_turns_the_descriptor_path_off(monkeypatch):
+    from fastvit.kernels import flash_attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    assert kernels.tma_capable(90, torch.bfloat16, 64) and not kernels.tma_capable(80, torch.bfloat16, 64)
+    assert not kernels.tma_capable(90, torch.float32, 64) and not kernels.tma_capable(90, torch.bfloat16, 256)
+    monkeypatch.setenv("FASTVIT_TMA", "0")
+    assert not kernels.tma_capable(90, torch.bfloat16, 64)
+
+
 def test_unchecked_descriptors_equal_the_checked_ones():
     """The launcher builds descriptors without TensorDescriptor's checks (its own come first): every
     field must equal what the checked constructor gives, on this Triton version."""
