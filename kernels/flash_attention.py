@@ -1341,8 +1341,11 @@ def bwd_mask_configs(
     if dtype == torch.float32:
         if not hopper:
             cfg = dataclasses.replace(cfg, num_warps=8, num_stages=2)
-            # dQ with the rel_pos gradients: one stage (two spill 8 B on sm_80 at D = 128, Triton 3.8)
-            return cfg, dataclasses.replace(cfg, num_stages=1) if rel_pos_grad else cfg
+            # dQ with the rel_pos gradients: 4 warps, one stage (199-230 registers, no spill; on
+            # 8 warps ptxas holds 128 registers and spilled 8 B on sm_80 at D = 128, one stage or
+            # two, in the full regeneration of 2026-12-04; 16 warps are clean too, 100-104
+            # registers, but spread a 16 x 16 tile over 512 threads; Triton 3.8)
+            return cfg, dataclasses.replace(cfg, num_warps=4, num_stages=1) if rel_pos_grad else cfg
         return cfg, cfg
     if not hopper:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
