@@ -356,6 +356,15 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
             # overlapping the other's main loop: a 128 x 64 tile keeps the fp32 accumulator at 32
             # registers a thread (the 128 x 128 one took 174 registers with the epilogue: 1 CTA/SM)
             return GemmConfig(128, 64, 64, num_warps=8, num_stages=3)
+        if kind == "fc1":
+            # fc1 aims at 3 CTAs/SM, one's epilogue (b1, erf-GELU, a and g written; ~2.5k SASS
+            # instructions a thread) overlapping the others' main loops: one warpgroup on a 64 x 128
+            # tile (64 x 64 gated, two accumulators). Static figures (Triton 3.8, 2026-12-04): 159
+            # registers (gated 155), 3 CTAs/SM (3 x 72 KB of shared memory at 3 stages), issue ratio
+            # 0.43 (gated 0.48). The 128 x 128 tile on 8 warps took 171 (1 CTA/SM, 0.39); 128 x 64 on
+            # 8 warps 98 (2 CTAs/SM, 0.70); 128 x 128 capped at 128 registers spilled 8 B; 64 x 256
+            # on 4 warps spilled 176 B
+            return GemmConfig(64, block_n, 64, num_warps=4, num_stages=3)
         return GemmConfig(128, block_n, 64, num_warps=8, num_stages=3)
     if arch >= 89:  # 99 KB of shared memory
         return GemmConfig(128, block_n, 32, num_warps=8, num_stages=3)
@@ -508,6 +517,15 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
         {"HAS_B1": True, "SAVE_PRE": True, "EVEN_K": True},  # ViT widths are multiples of BLOCK_K
         c1, arch, dtype, ("A", "W1", "B1", "G", "Pre", "D", "HD", "stride_w1h"),
     )
+    # gated (SwiGLU-style: act(a_gate) * a_value): two accumulators on half-width tiles, as launched
+    fc1_gated = gemm_spec(
+        "layernorm_mlp._fc1_kernel", _fc1_kernel, f"fc1 gated {ty}",
+        {"A": f"*{ty}", "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}", "W1V": f"*{ty}",
+         "B1V": f"*{ty}"},
+        {"HAS_B1": True, "SAVE_PRE": True, "EVEN_K": True, "GATED": True},
+        dataclasses.replace(c1, block_n=c1.block_n // 2), arch, dtype,
+        ("A", "W1", "B1", "G", "Pre", "W1V", "B1V", "D", "HD", "stride_w1h", "stride_w1vh"),
+    )
     c2 = gemm_config(arch, dtype, "fc2")
     fc2 = gemm_spec(
         "layernorm_mlp._fc2_kernel", _fc2_kernel, f"fc2 {label}",
@@ -517,10 +535,15 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
         c2, arch, dtype,
         ("A", "W", "Bias", "X", "LS", "SS", "Y", "N_OUT", "K", "stride_wn", "stride_xb", "stride_xn"),
     )
-    if arch == 90 and dtype != torch.float32:  # two CTAs/SM: one's epilogue overlaps the other's main loop
+    if arch == 90 and dtype != torch.float32:  # 2+ CTAs/SM: one's epilogue overlaps another's main loop
+        fc1 = dataclasses.replace(fc1, target_ctas_per_sm=3)
+        fc1_gated = dataclasses.replace(fc1_gated, target_ctas_per_sm=3)
         fc2 = dataclasses.replace(fc2, target_ctas_per_sm=2)
-    # fc1 reads LN(x) in the GEMM dtype, which the statistics pass writes: x's dtype never reaches it
-    return [fc1, fc2] if dtype == x_dtype else [fc2]
+    # fc1 reads LN(x) in the GEMM dtype, which the statistics pass writes: x's dtype never reaches it;
+    # the gated fc1 in bf16 only (fp32 takes the same FMA tiles)
+    if dtype != x_dtype:
+        return [fc2]
+    return [fc1, fc1_gated, fc2] if dtype != torch.float32 else [fc1, fc2]
 
 
 def ln_stats_spec(arch: int, block_d: int, *, saved_stats: bool = False) -> KernelSpec:
@@ -549,7 +572,8 @@ def aot_specs() -> list[KernelSpec]:
     GEMMs: bf16 and fp32; bf16 GEMMs beside an fp32 x (autocast with timm's fp32 residual stream).
     fp16 takes the bf16 configurations and compiles to the same code but for the conversion
     instructions, so it is left out to keep the compile time down. Each spec is the heaviest
-    variant (every optional input present). Row kernels: each width bucket, bf16.
+    variant (every optional input present); the gated fc1 (two accumulators) is a spec of its own
+    in bf16. Row kernels: each width bucket, bf16.
     """
     specs = []
     for arch in ARCHS:
