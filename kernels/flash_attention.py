@@ -1435,9 +1435,12 @@ def bwd_mask_configs(
     / 1.45; D = 128: 248 / 0 / 0.93, against the gathers' replicated 64 x 32 at 1.91 - 2.96; two
     stages 252-255 / 0 / 1.05-1.68; 128 x 64 spills 16 B, 64 rows on 4 warps 152 B at D = 128).
     Adding the dots' result to the scores as a separate tile spilled 24 B on dK/dV's 32 x 128; they
-    accumulate onto the scores. Off Hopper the 32 x 32 tiles stay (sm_80 D = 64: dK/dV 128 / 0 /
-    1.34, dQ 255 / 0 / 0.70; 4 warps over 64 rows spill 0-56 B or replicate nothing but cost more
-    issue)."""
+    accumulate onto the scores. Off Hopper dK/dV keeps its 32 x 32 tiles on 8 warps (sm_80 D = 64:
+    128 / 0 / 1.34; sm_89 128 / 0 / 0.63; 64 keys on 4 warps 255 / 0 / 1.04 and 0.52, or 16 B spilled
+    with one stage); dQ with the rel_pos gradients takes 64 rows x 32 keys on 4 warps, two stages
+    (sm_80 255 / 0 / 1.08, sm_89 255 / 0 / 0.50: 1.08 and 0.50 hot-loop instructions per score
+    against 2.8 and 1.4 on 32 x 32 over 8 warps, which put the chained score dots at warps [8, 1],
+    every MMA row twice; one stage spills 40-48 B)."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
@@ -1453,6 +1456,9 @@ def bwd_mask_configs(
         return cfg, cfg
     if not hopper:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
+        if rel_pos_mma and rel_pos_grad:
+            # dQ: 64 rows x 32 keys on 4 warps (the chained score dots put 8 warps over 32 rows at [8, 1])
+            return cfg, AttentionConfig(32, 64, 4, 2)
         return cfg, cfg
     if rel_pos_mma:
         return _HOPPER_REL_MMA_BWD, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
