@@ -34,6 +34,9 @@ Masks and biases (constexpr flags, all off by default: plain attention compiles 
     HAS_REL_POS   SAM's decomposed bias rel_h[i, j // kw] + rel_w[i, j % kw], gathered from the
                   (N, kh) and (N, kw) tables per tile: O(N * (kh + kw)) memory; the column split
                   (j // kw, j % kw) is a (keys,) vector per key block, carried from block to block.
+                  REL_POS_MMA (backward, ``rel_pos_by_mma``: 16-bit tables in q's dtype, kh, kw <= 16):
+                  no gathers; scale * q k^T + rel_h sel_h^T + rel_w sel_w^T with one-hot (keys, bins)
+                  selection matrices, dots accumulated onto the scores (one non-zero term each: exact).
     A row whose every score is -inf (fully masked) is guarded: the online softmax subtracts 0
     instead of a -inf max, l = 0 gives out = 0 and lse = -inf, and the backward turns lse = -inf
     into +inf so that P = 0 there (zero gradients, never NaN).
