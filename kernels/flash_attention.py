@@ -34,6 +34,9 @@ Masks and biases (constexpr flags, all off by default: plain attention compiles 
     HAS_REL_POS   SAM's decomposed bias rel_h[i, j // kw] + rel_w[i, j % kw], gathered from the
                   (N, kh) and (N, kw) tables per tile: O(N * (kh + kw)) memory; the column split
                   (j // kw, j % kw) is a (keys,) vector per key block, carried from block to block.
+                  REL_POS_MMA (backward, ``rel_pos_by_mma``: 16-bit tables in q's dtype, kh, kw <= 16):
+                  no gathers; scale * q k^T + rel_h sel_h^T + rel_w sel_w^T with one-hot (keys, bins)
+                  selection matrices, dots accumulated onto the scores (one non-zero term each: exact).
     A row whose every score is -inf (fully masked) is guarded: the online softmax subtracts 0
     instead of a -inf max, l = 0 gives out = 0 and lse = -inf, and the backward turns lse = -inf
     into +inf so that P = 0 there (zero gradients, never NaN).
@@ -517,13 +520,19 @@ def _attention_bwd_dkdv_inner(
     #                               (j % kw) * stride_rwk
     key_valid,  # (BLOCK_N,) offs_n < M
     stride_bn, stride_rhn, stride_rwn,
+    sel_h, sel_w,  # (BLOCK_N, KH_PAD), (BLOCK_N, KW_PAD) one-hot [j, j // kw] / [j, j % kw] in q's dtype (REL_POS_MMA)
+    stride_rhk, stride_rwk, KH, KW,
     BLOCK_M: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr = False,
     BIAS_BOOL: tl.constexpr = False,
     HAS_REL_POS: tl.constexpr = False,
+    REL_POS_MMA: tl.constexpr = False,
+    KH_PAD: tl.constexpr = 16,
+    KW_PAD: tl.constexpr = 16,
 ):
+    GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     q_ptrs += tl.cast(lo, tl.int64) * stride_qn
     do_ptrs += tl.cast(lo, tl.int64) * stride_don
     # the mask and rel_pos tiles: one 64-bit base per table (advanced by BLOCK_M rows per step) plus
@@ -536,6 +545,13 @@ def _attention_bwd_dkdv_inner(
     if HAS_REL_POS:
         rh_base += tl.cast(lo, tl.int64) * stride_rhn
         rw_base += tl.cast(lo, tl.int64) * stride_rwn
+    if REL_POS_MMA:
+        # (KH_PAD, BLOCK_M) / (KW_PAD, BLOCK_M) slabs of rel_h^T / rel_w^T per step (bins past kh / kw: 0)
+        bins_h = tl.arange(0, KH_PAD)
+        bins_w = tl.arange(0, KW_PAD)
+        rh_offs = (bins_h * stride_rhk)[:, None] + (local_m * stride_rhn)[None, :]
+        rw_offs = (bins_w * stride_rwk)[:, None] + (local_m * stride_rwn)[None, :]
+    elif HAS_REL_POS:
         rh_offs = rh_cols[:, None] + (local_m * stride_rhn)[None, :]
         rw_offs = rw_cols[:, None] + (local_m * stride_rwn)[None, :]
     else:
@@ -552,10 +568,19 @@ def _attention_bwd_dkdv_inner(
         if HAS_BIAS or HAS_REL_POS:
             # -- with the bias (transposed tile: keys x queries); lse = -inf (fully masked row) -> P = 0 --
             valid = key_valid[:, None] & row_valid[None, :]
-            t_t = _add_bias(s_t * qk_scale, bias_base + bias_offs if HAS_BIAS else bias_base,
-                            rh_base + rh_offs if HAS_REL_POS else rh_base,
-                            rw_base + rw_offs if HAS_REL_POS else rw_base, valid,
-                            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
+            if REL_POS_MMA:
+                # -- scale * k q^T + rel_pos^T, rel_pos^T = sel_h rel_h^T + sel_w rel_w^T accumulated onto the
+                #    scores (one non-zero product per element: exact), then in log2 units --
+                rh_t = tl.load(rh_base + rh_offs, mask=(bins_h < KH)[:, None] & row_valid[None, :], other=0.0)
+                rw_t = tl.load(rw_base + rw_offs, mask=(bins_w < KW)[:, None] & row_valid[None, :], other=0.0)
+                s_t = tl.dot(sel_h, rh_t, s_t * (qk_scale / LOG2E))
+                s_t = tl.dot(sel_w, rw_t, s_t) * LOG2E
+            else:
+                s_t = s_t * qk_scale
+            t_t = _add_bias(s_t, bias_base + bias_offs if HAS_BIAS else bias_base,
+                            rh_base + rh_offs if GATHER else rh_base,
+                            rw_base + rw_offs if GATHER else rw_base, valid,
+                            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             p_t = tl.math.exp2(t_t - lse[None, :] * LOG2E)
         else:
@@ -614,6 +639,9 @@ def flash_attention_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr = False,
     BIAS_BOOL: tl.constexpr = False,
     HAS_REL_POS: tl.constexpr = False,
+    REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
+    KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
+    KW_PAD: tl.constexpr = 16,
     CuSeqQ=None,  # (S+1,) int32 offsets of the packed query sequences (VARLEN, else None)
     CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
     Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
@@ -691,6 +719,14 @@ def flash_attention_bwd_dkdv_kernel(
         rw_base = RelW
         rh_cols = local_n
         rw_cols = local_n
+    kh = M // KW  # rel_pos grid height (M == kh * kw)
+    if REL_POS_MMA:
+        # loop-invariant one-hot selections of this program's keys: [j, j // kw] and [j, j % kw]
+        sel_h = ((offs_n // KW)[:, None] == tl.arange(0, KH_PAD)[None, :]).to(K.dtype.element_ty)
+        sel_w = ((offs_n % KW)[:, None] == tl.arange(0, KW_PAD)[None, :]).to(K.dtype.element_ty)
+    else:
+        sel_h = rh_cols
+        sel_w = rw_cols
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -702,8 +738,10 @@ def flash_attention_bwd_dkdv_kernel(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
             offs_n, local_m, d_valid, lo, diag_end, N, qk_scale,
             bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
+            sel_h, sel_w, stride_rhk, stride_rwk, kh, KW,
             BLOCK_M=BLOCK_M, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
+            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
         )
         lo = diag_end
     else:
@@ -712,8 +750,10 @@ def flash_attention_bwd_dkdv_kernel(
         dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
         offs_n, local_m, d_valid, lo, N, N, qk_scale,
         bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
+        sel_h, sel_w, stride_rhk, stride_rwk, kh, KW,
         BLOCK_M=BLOCK_M, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
+        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
     )
 
     dk = dk * sm_scale
@@ -747,6 +787,7 @@ def _attention_bwd_dq_inner(
     rh_base, rw_base,  # rel_h / rel_w at (this program's first row, bin 0) (HAS_REL_POS), else None
     bias_rows, rh_rows, rw_rows,  # (BLOCK_M,) int32 row offsets: local row * stride_bn / stride_rhn / stride_rwn
     stride_bm, stride_rhk, stride_rwk, KW,
+    rh_slab, rw_slab,  # (BLOCK_M, KH_PAD), (BLOCK_M, KW_PAD) this program's rel_h / rel_w rows (REL_POS_MMA)
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,  # keys >= M or past the causal diagonal are in the range
     CAUSAL_MASK: tl.constexpr,
@@ -757,7 +798,9 @@ def _attention_bwd_dq_inner(
     REL_POS_GRAD: tl.constexpr = False,
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16
     KW_PAD: tl.constexpr = 16,
+    REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
 ):
+    GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     k_ptrs += tl.cast(lo, tl.int64) * stride_kn
     v_ptrs += tl.cast(lo, tl.int64) * stride_vn
     # the mask tile: a 64-bit base advanced by BLOCK_N keys per step plus int32 offsets inside the tile
@@ -793,14 +836,23 @@ def _attention_bwd_dq_inner(
             # -- P = exp(scale * q k^T + bias - lse); lse is +inf (not -inf) on fully masked rows --
             valid = row_valid[:, None] & key_valid[None, :]
             bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
-            if HAS_REL_POS:
+            if GATHER:
                 rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :]).to(tl.uint32)
                 rw_ptrs = rw_base + (rw_rows[:, None] + (col_w * stride_rwk)[None, :]).to(tl.uint32)
             else:
                 rh_ptrs = rh_base
                 rw_ptrs = rw_base
-            t = _add_bias(s * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                          HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
+            if REL_POS_MMA:
+                # -- scale * q k^T + rel_pos, rel_pos = rel_h sel_h^T + rel_w sel_w^T accumulated onto the scores
+                #    (one non-zero product per element: exact), then in log2 units --
+                sel_h_t = (tl.arange(0, KH_PAD)[:, None] == col_h[None, :]).to(k_t.dtype)
+                sel_w_t = (tl.arange(0, KW_PAD)[:, None] == col_w[None, :]).to(k_t.dtype)
+                s = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
+                s = tl.dot(rw_slab, sel_w_t, s) * LOG2E
+            else:
+                s = s * qk_scale
+            t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+                          HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
             p = tl.math.exp2(t - lse[:, None] * LOG2E)
         else:
             p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
@@ -871,6 +923,7 @@ def flash_attention_bwd_dq_kernel(
     REL_POS_GRAD: tl.constexpr = False,  # write dRelH and dRelW
     KH_PAD: tl.constexpr = 16,  # KH rounded up to a power of two >= 16
     KW_PAD: tl.constexpr = 16,
+    REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
     CuSeqQ=None,  # (S+1,) int32 offsets of the packed query sequences (VARLEN, else None)
     CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
     Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
@@ -946,6 +999,18 @@ def flash_attention_bwd_dq_kernel(
         rw_base = RelW
         rh_rows = local_m
         rw_rows = local_m
+    if REL_POS_MMA:
+        # -- this program's rel_h / rel_w rows, held for the whole loop (bins past kh / kw: 0); re-reading
+        #    them each step from L1 spilled more (sm_90 D = 64, Triton 3.8: 584-800 B against 96 B at k = 64) --
+        bins_h = tl.arange(0, KH_PAD)
+        bins_w = tl.arange(0, KW_PAD)
+        rh_slab = tl.load(rh_base + rh_rows[:, None] + (bins_h * stride_rhk)[None, :],
+                          mask=row_valid[:, None] & (bins_h < KH)[None, :], other=0.0)
+        rw_slab = tl.load(rw_base + rw_rows[:, None] + (bins_w * stride_rwk)[None, :],
+                          mask=row_valid[:, None] & (bins_w < KW)[None, :], other=0.0)
+    else:
+        rh_slab = rh_rows
+        rw_slab = rw_rows
     if REL_POS_GRAD:
         drh = tl.zeros([BLOCK_M, KH_PAD], dtype=tl.float32)
         drw = tl.zeros([BLOCK_M, KW_PAD], dtype=tl.float32)
@@ -965,17 +1030,19 @@ def flash_attention_bwd_dq_kernel(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         0, unmasked_end, M, qk_scale,
         row_valid, bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
     )
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         unmasked_end, hi, M, qk_scale,
         row_valid, bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
     )
     dq = dq * sm_scale
     tl.store(
@@ -1027,6 +1094,9 @@ def flash_attention_bwd_dbias_kernel(
     ROWS_BCAST: tl.constexpr,  # Nb == 1: sum over all query rows
     COLS_BCAST: tl.constexpr,  # Mb == 1: sum over all key columns
     HAS_REL_POS: tl.constexpr = False,
+    REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
+    KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
+    KW_PAD: tl.constexpr = 16,
 ):
     """dBias = sum over the mask's broadcast dims of dS = P * (dP - delta) (no softmax scale).
 
@@ -1034,6 +1104,7 @@ def flash_attention_bwd_dbias_kernel(
     head, row block, column block) that broadcast onto the tile in a fixed order, recomputing P and
     dP, and accumulates in fp32 registers: deterministic, no atomics, no (B, H, N, M) buffer.
     """
+    GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     num_col_tiles = 1 if COLS_BCAST else tl.cdiv(M, BLOCK_N)
     num_row_tiles = 1 if ROWS_BCAST else tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
@@ -1065,6 +1136,16 @@ def flash_attention_bwd_dbias_kernel(
     if HAS_REL_POS:
         rh_rows = local_m * stride_rhn
         rw_rows = local_m * stride_rwn
+    if REL_POS_MMA:
+        # (BLOCK_M, KH_PAD) / (BLOCK_M, KW_PAD) slabs per row block; one-hot selections of the columns
+        bins_h = tl.arange(0, KH_PAD)
+        bins_w = tl.arange(0, KW_PAD)
+        kh = M // KW  # M == kh * kw
+        rh_offs = rh_rows[:, None] + (bins_h * stride_rhk)[None, :]
+        rw_offs = rw_rows[:, None] + (bins_w * stride_rwk)[None, :]
+        sel_h_t = (bins_h[:, None] == ((col_lo + local_n) // KW)[None, :]).to(Q.dtype.element_ty)
+        sel_w_t = (bins_w[:, None] == ((col_lo + local_n) % KW)[None, :]).to(Q.dtype.element_ty)
+    elif HAS_REL_POS:
         rh_offs = rh_rows[:, None] + (((col_lo + local_n) // KW) * stride_rhk)[None, :]
         rw_offs = rw_rows[:, None] + (((col_lo + local_n) % KW) * stride_rwk)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -1094,6 +1175,9 @@ def flash_attention_bwd_dbias_kernel(
                 else:
                     rh_base = RelH
                     rw_base = RelW
+                if REL_POS_MMA:
+                    rh_slab = tl.load(rh_base + rh_offs, mask=row_valid[:, None] & (bins_h < kh)[None, :], other=0.0)
+                    rw_slab = tl.load(rw_base + rw_offs, mask=row_valid[:, None] & (bins_w < KW)[None, :], other=0.0)
                 for start_n in range(col_lo, col_hi, BLOCK_N):
                     offs_n = start_n + local_n
                     key_valid = offs_n < M
@@ -1104,7 +1188,7 @@ def flash_attention_bwd_dbias_kernel(
                                   + offs_d[:, None], mask=kv_mask, other=0.0)
                     # -- P = exp(scale * q k^T + bias - lse);  dS = P * (dO V^T - delta) --
                     valid = row_valid[:, None] & key_valid[None, :]
-                    if HAS_REL_POS:
+                    if GATHER:
                         if COLS_BCAST:
                             rh_offs = rh_rows[:, None] + ((offs_n // KW) * stride_rhk)[None, :]
                             rw_offs = rw_rows[:, None] + ((offs_n % KW) * stride_rwk)[None, :]
@@ -1114,9 +1198,19 @@ def flash_attention_bwd_dbias_kernel(
                         rh_ptrs = rh_base
                         rw_ptrs = rw_base
                     bias_ptrs = bias_rows + tl.cast(start_n, tl.int64) * stride_bm + bias_offs
-                    t = _add_bias(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale,
-                                  bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                                  HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=HAS_REL_POS)
+                    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+                    if REL_POS_MMA:
+                        # -- scale * q k^T + rel_h sel_h^T + rel_w sel_w^T, accumulated onto the scores (one
+                        #    non-zero product per element: exact), then in log2 units --
+                        if COLS_BCAST:
+                            sel_h_t = (bins_h[:, None] == (offs_n // KW)[None, :]).to(Q.dtype.element_ty)
+                            sel_w_t = (bins_w[:, None] == (offs_n % KW)[None, :]).to(Q.dtype.element_ty)
+                        s = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
+                        s = tl.dot(rw_slab, sel_w_t, s) * LOG2E
+                    else:
+                        s = s * qk_scale
+                    t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+                                  HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=GATHER)
                     p = tl.math.exp2(t - lse[:, None] * LOG2E)
                     p = tl.where(valid, p, 0.0)
                     if CAUSAL:
@@ -1312,7 +1406,7 @@ def fwd_mask_config(
 
 
 def bwd_mask_configs(
-    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool
+    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool, rel_pos_mma: bool = False
 ) -> tuple[AttentionConfig, AttentionConfig]:
     """(dK/dV, dQ) block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``),
     from the ahead-of-time report (same conventions as ``bwd_config``). Off Hopper, 16-bit tiles of
@@ -1333,7 +1427,23 @@ def bwd_mask_configs(
     64 keys on 4 warps 192-712 B; 64 x 64 on 8 warps still replicates (a chained S dot takes
     warps [8, 1]) and spills 16-208 B. dQ with the rel_pos gradients on 128 rows x 32 keys,
     8 warps: 24 B (D = 64) and 176-256 B (D = 128); 64 rows on 4 warps 32-832 B. So the tiles
-    stay; what is left is the gathers' register use (see the report of issue 15)."""
+    stay; what is left is the gathers' register use (see the report of issue 15).
+
+    ``rel_pos_mma`` (rel_pos by selection-matrix dots, ``rel_pos_by_mma``; 16 bins): no gathered
+    rel_pos tiles, so Hopper takes one warpgroup row per 16 rows in both passes (sm_90, Triton 3.8,
+    2026-12-04; bf16, with an fp32 bias; regs / spill / issue ratio): dK/dV on 128 keys x 32
+    queries, 8 warps, one stage (D = 64: 215 / 0 / 1.38; D = 128: 252 / 0 / 0.92, against the
+    gathers' replicated 32 x 64: 218 / 0 / 1.81; two stages 255 / 0 / 1.04; 64 keys on 4 warps spill
+    56 B), dQ with the rel_pos gradients on 128 rows x 32 keys, 8 warps, one stage (D = 64: 246 / 0
+    / 1.45; D = 128: 248 / 0 / 0.93, against the gathers' replicated 64 x 32 at 1.91 - 2.96; two
+    stages 252-255 / 0 / 1.05-1.68; 128 x 64 spills 16 B, 64 rows on 4 warps 152 B at D = 128).
+    Adding the dots' result to the scores as a separate tile spilled 24 B on dK/dV's 32 x 128; they
+    accumulate onto the scores. Off Hopper dK/dV keeps its 32 x 32 tiles on 8 warps (sm_80 D = 64:
+    128 / 0 / 1.34; sm_89 128 / 0 / 0.63; 64 keys on 4 warps 255 / 0 / 1.04 and 0.52, or 16 B spilled
+    with one stage); dQ with the rel_pos gradients takes 64 rows x 32 keys on 4 warps, two stages
+    (sm_80 255 / 0 / 1.08, sm_89 255 / 0 / 0.50: 1.08 and 0.50 hot-loop instructions per score
+    against 2.8 and 1.4 on 32 x 32 over 8 warps, which put the chained score dots at warps [8, 1],
+    every MMA row twice; one stage spills 40-48 B)."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
@@ -1349,7 +1459,12 @@ def bwd_mask_configs(
         return cfg, cfg
     if not hopper:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
+        if rel_pos_mma and rel_pos_grad:
+            # dQ: 64 rows x 32 keys on 4 warps (the chained score dots put 8 warps over 32 rows at [8, 1])
+            return cfg, AttentionConfig(32, 64, 4, 2)
         return cfg, cfg
+    if rel_pos_mma:
+        return _HOPPER_REL_MMA_BWD, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
     dkdv = _HOPPER_MASK_BWD_SMALL if head_dim_pad <= 64 else _HOPPER_MASK_BWD
     return dkdv, _HOPPER_MASK_BWD if rel_pos_grad else cfg
 
@@ -1369,9 +1484,13 @@ _BWD_256 = AttentionConfig(32, 32, 8, 1)
 # Hopper's backward tiles where the mask and rel_pos gathers leave fewer registers (above)
 _HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 128, 8, 2)
 _HOPPER_MASK_BWD = AttentionConfig(32, 64, 8, 2)
+# ... and with rel_pos by selection-matrix dots (dK/dV: 128 keys x 32 queries; dQ: 128 rows x 32 keys)
+_HOPPER_REL_MMA_BWD = AttentionConfig(32, 128, 8, 1)
 
 
-def dbias_config(dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False, arch: int = 0) -> AttentionConfig:
+def dbias_config(
+    dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False, arch: int = 0, rel_pos_mma: bool = False
+) -> AttentionConfig:
     """Tiles of the dBias kernel (``block_m`` query rows x ``block_n`` key columns of the mask's
     own tiles), from the ahead-of-time report. Each program holds a q, dO, k and v tile and the
     fp32 accumulator: fp32 (IEEE dots on the FMA units) takes 16 x 16 tiles and 4 warps. 16-bit
@@ -1382,12 +1501,19 @@ def dbias_config(dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False, a
     over 32 x 32 computed every MMA row twice). Elsewhere, and at D = 128, those spill (sm_80/89
     D = 64: 24 B; sm_90 D = 128: 80 B), so 8 warps over 32 x 32 tiles (32 x 16 with D = 128), rows
     replicated (static report, Triton 3.8, 2026-12-04). No software pipelining of the nested loops
-    (two stages spill 8-240 B)."""
+    (two stages spill 8-240 B).
+
+    ``rel_pos_mma`` (rel_pos by selection-matrix dots, 16 bins; Triton 3.8, 2026-12-04; regs /
+    spill / issue ratio): up to D = 64 the 64 x 32 tiles on 4 warps everywhere (sm_90 223 / 0 /
+    3.78 against the gathers' 255 / 0 / 5.74; sm_80 254 / 0 / 1.86 and sm_89 245 / 0 / 0.92, where
+    the gathers spilled 24 B); 64 x 64 spills 48-272 B. D = 128 keeps 32 x 16 on 8 warps (sm_90
+    152 / 0 / 2.37 against 190 / 0 / 2.84): 64 x 32 and 64 x 16 on 4 warps and 128 x 16 / 128 x 32
+    on 8 spill 8-64 B on sm_80 and sm_90."""
     if INTERPRETER:
         return AttentionConfig(16, 16, 4, 1)
     if dtype == torch.float32:
         return AttentionConfig(16, 16, 4, 1)
-    if not rel_pos or (90 <= arch < 100 and head_dim_pad <= 64):
+    if not rel_pos or (head_dim_pad <= 64 and (rel_pos_mma or 90 <= arch < 100)):
         return AttentionConfig(64, 32, 4, 1)
     if head_dim_pad > 64:
         return AttentionConfig(32, 16, 8, 1)
@@ -1623,14 +1749,18 @@ def flash_attention_backward(
         return dq, dk.zero_(), dv.zero_(), *zeros
     pad = head_dim_padded(head_dim)
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
+    rel_mma = rel_pos_by_mma(arch_of(q.device), q.dtype, pad, rel_h, rel_w)
     if bias is not None or rel_h is not None:
-        cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad)
+        cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad, rel_mma)
     else:
         cfg = dq_cfg = bwd_config(arch_of(q.device), q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
     precision = dot_precision(q.dtype)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     kh = 1 if rel_h is None else rel_h.shape[-1]
+    mma_flags = {}
+    if rel_mma:
+        mma_flags = {"REL_POS_MMA": True, "KH_PAD": rel_pos_padded(kh), "KW_PAD": rel_pos_padded(kw)}
     if rel_pos_grad:
         drel_parts = [new_output((batch * heads, n_q, n), dtype=torch.float32, device=q.device) for n in (kh, kw)]
     else:
@@ -1654,12 +1784,12 @@ def flash_attention_backward(
             *bias_strides,
             heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=precision, **flags,
+            CAUSAL=causal, DOT_PRECISION=precision, **flags, **mma_flags,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        rel_flags = {}
+        rel_flags = dict(mma_flags)
         if rel_pos_grad:
-            rel_flags = {"REL_POS_GRAD": True, "KH_PAD": rel_pos_padded(kh), "KW_PAD": rel_pos_padded(kw)}
+            rel_flags.update(REL_POS_GRAD=True, KH_PAD=rel_pos_padded(kh), KW_PAD=rel_pos_padded(kw))
         flash_attention_bwd_dq_kernel[(triton.cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
             q, k, v, grad_out, lse, delta, dq, *pointers, *drel_parts,
             q.stride(0), q.stride(1), q.stride(2),
@@ -1673,7 +1803,8 @@ def flash_attention_backward(
             CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags,
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
         )
-        dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal, flags) \
+        dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
+                               {**flags, **mma_flags}) \
             if bias_grad else None
     drel = [None, None]
     if rel_pos_grad:
@@ -1697,6 +1828,32 @@ def _tiles_in_int32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
+# rel_pos grids whose kh and kw pad to at most this many bins (ViTDet's and SAM's 14 x 14 windows) take the
+# backward's selection-matrix dots (REL_POS_MMA); wider ones (SAM's 64 x 64 global attention) keep the gathers
+REL_POS_MMA_MAX_PAD = 16
+
+
+def rel_pos_by_mma(
+    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_h: torch.Tensor | None, rel_w: torch.Tensor | None
+) -> bool:
+    """Whether the backward kernels (dK/dV, dQ, dBias) add rel_pos with tensor-core dots against
+    one-hot selection matrices (REL_POS_MMA) instead of per-element gathers: 16-bit inputs with
+    both tables in q's dtype (each product sums one non-zero term in fp32: exact), kh and kw
+    padded to at most ``REL_POS_MMA_MAX_PAD``, and off Hopper head dims up to 64.
+
+    Static report (Triton 3.8, 2026-12-04), the dots accumulated onto the scores: with 64 bins
+    (SAM's global 64 x 64 grid) sm_90 dQ spills at D = 128 (192 B on its 64 x 32 tiles, 400 B on
+    128 x 32) and dK/dV's 32 x 128 tiles spill 136 B at D = 128; off Hopper, dQ at D = 128 spills
+    72 B (sm_80) / 32 B (sm_89) even with 16 bins on its 32 x 32 tiles (24 B with one stage)."""
+    if rel_h is None or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if rel_h.dtype != dtype or rel_w.dtype != dtype:
+        return False
+    if max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1])) > REL_POS_MMA_MAX_PAD:
+        return False
+    return 90 <= arch < 100 or head_dim_pad <= 64
+
+
 def rel_pos_padded(n: int) -> int:
     """The power of two >= 16 that a rel_pos table width (kh, kw) is padded to in registers."""
     return max(16, triton.next_power_of_2(n))
@@ -1709,7 +1866,8 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     bias_b, bias_h, bias_n, bias_m = bias.shape
     rows_bcast, cols_bcast = bias_n == 1, bias_m == 1
     pad = head_dim_padded(head_dim)
-    cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch_of(q.device))
+    cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch_of(q.device),
+                       rel_pos_mma=flags.get("REL_POS_MMA", False))
     dbias = new_output(bias.shape, dtype=torch.float32, device=q.device)
     tiles = (1 if rows_bcast else triton.cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else triton.cdiv(n_k, cfg.block_n))
     flash_attention_bwd_dbias_kernel[(bias_b * bias_h * tiles,)](
@@ -1724,6 +1882,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"],
+        **{n: flags[n] for n in ("REL_POS_MMA", "KH_PAD", "KW_PAD") if n in flags},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dbias.to(bias.dtype)
@@ -1925,6 +2084,8 @@ _REL_POS_AOT_PAD = 64
 
 # The packed variable-length arguments, last in the forward, dK/dV and dQ kernels.
 _VARLEN_OFF = {"CuSeqQ": None, "CuSeqK": None, "Tiles": None, "VARLEN": False}
+# the backward kernels' rel_pos by gathers (no tables, or fp32 ones): no selection-matrix dots
+_REL_POS_GATHER = {"REL_POS_MMA": False, "KH_PAD": 16, "KW_PAD": 16}
 # VARLEN launches, compiled for bf16 (training) and fp32 at ViT-B's and ViT-g's head dims and the
 # widest (256), causal and not.
 _VARLEN_AOT_DTYPES = (torch.bfloat16, torch.float32)
@@ -1946,7 +2107,7 @@ def _tail_label(kernel: str, cfg: AttentionConfig) -> str:
 def aot_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, head dim, causal, architecture) configuration the launchers use, and
     the attn_mask / rel_pos variants (float and bool masks, rel_pos, their gradients)."""
-    plain = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False,
+    plain = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, **_REL_POS_GATHER,
              "Bias": None, "RelH": None, "RelW": None, "dRelH": None, "dRelW": None, **_VARLEN_OFF}
     # None pointers (the masks, rel_pos tables and varlen tables a plain launch leaves out) and dO's
     # unit stride in D are constants; the other sizes and strides are i32 (aot.signature)
@@ -2067,7 +2228,8 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         for name, value in constexprs.items():
             if name in sig and sig[name] == "constexpr" and isinstance(value, str) and value.startswith("*"):
                 sig[name] = value  # a pointer that this variant passes
-        values = {n: v for n, v in constexprs.items() if sig.get(n) == "constexpr"}
+        values = {n: v for n, v in _REL_POS_GATHER.items() if n in sig}
+        values.update({n: v for n, v in constexprs.items() if sig.get(n) == "constexpr"})
         values.update({n: v for n, v in _VARLEN_OFF.items() if n in sig})
         values.update(common, BLOCK_M=block_m, BLOCK_N=block_n, **_tail(kernel, cfg))
         if "stride_dod" in sig:
@@ -2097,16 +2259,29 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
                 "KH_PAD": _REL_POS_AOT_PAD, "KW_PAD": _REL_POS_AOT_PAD}
     add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad k={_REL_POS_AOT_PAD}", dq_sig, rel_grad, dq,
         dq.block_n, dq.block_m)
-    for rows_bcast, rel in ((False, True), (False, False), (True, False)):
-        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel, arch=arch)
+    # the backward's rel_pos by selection-matrix dots: 16-bit tables in q's dtype, 14 x 14 windows (16 bins)
+    rel_mma = {"REL_POS_MMA": True, "KH_PAD": REL_POS_MMA_MAX_PAD, "KW_PAD": REL_POS_MMA_MAX_PAD}
+    mma = dtype != torch.float32 and (90 <= arch < 100 or pad <= 64)
+    if mma:
+        bwd_mma, dq_mma = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True, rel_pos_mma=True)
+        add("flash_attention_bwd_dkdv_kernel", f"bias=fp32 rel_pos mma k={REL_POS_MMA_MAX_PAD}", dkdv_sig,
+            {**both, **rel_mma}, bwd_mma, bwd_mma.block_m, bwd_mma.block_n)
+        add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad mma k={REL_POS_MMA_MAX_PAD}", dq_sig,
+            {**rel_grad, **rel_mma}, dq_mma, dq_mma.block_n, dq_mma.block_m)
+    for rows_bcast, rel, rel_dots in ((False, True, False), (False, True, True), (False, False, False),
+                                      (True, False, False)):
+        if rel_dots and not mma:
+            continue
+        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel, arch=arch, rel_pos_mma=rel_dots)
         sig = signature(flash_attention_bwd_dbias_kernel, {
             **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
             "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
             "stride_dod": "constexpr", "sm_scale": "fp32"})  # fmt: skip
-        values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel}
+        values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel, **(rel_mma if rel_dots else {})}
         if not rel:
             values.update(RelH=None, RelW=None)
         label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" rel_pos" if rel else "")
+        label += f" mma k={REL_POS_MMA_MAX_PAD}" if rel_dots else ""
         add("flash_attention_bwd_dbias_kernel", label, sig, values, dbias_cfg, dbias_cfg.block_m, dbias_cfg.block_n)
     return specs
 
@@ -2128,6 +2303,7 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     )):
         sig = {**sig, **tables}  # the same argument order, pointers where the plain specs have None
         constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, **_tail(kernel, cfg)}
+        constexprs.update({n: v for n, v in _REL_POS_GATHER.items() if n in sig})
         if "REL_POS_GRAD" in sig:
             constexprs.update(dRelH=None, dRelW=None, REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
         if "stride_dod" in sig:

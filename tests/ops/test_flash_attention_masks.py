@@ -313,6 +313,29 @@ def test_rel_pos_fp16(kernel_device, route):
 
 
 @kernel_test
+@kernel_test
+@pytest.mark.parametrize("mask_shape", [(1, H, N, M), (H, N, 1)], ids=["per-head", "keys-broadcast"])
+def test_kernel_rel_pos_by_mma_with_mask_gradient(kernel_device, mask_shape, monkeypatch):
+    """16-bit rel_pos tables in q's dtype take the backward's selection-matrix dots (REL_POS_MMA) in
+    dK/dV, dQ and dBias (per tile, and summed over the key columns), with a non-square 5 x 7 grid
+    (neither a power of two nor a divisor of a block), causal, and a float mask that needs grad;
+    the same tables in fp32 with 16-bit q keep the gathers and give the same answers (fp16: the
+    interpreter's bf16 dots are wrong, so bf16 runs only on the GPU)."""
+    from fastvit.kernels import flash_attention as kernels
+
+    seen = []
+    real = kernels.rel_pos_by_mma
+    monkeypatch.setattr(kernels, "rel_pos_by_mma", lambda *a: seen.append(real(*a)) or seen[-1])
+    dtype = torch.float16
+    q, k, v = _qkv(dtype, kernel_device, seed=50)
+    mask = _mask(mask_shape, "float", kernel_device, seed=51)
+    for table_dtype in (dtype, torch.float32):
+        rel_pos = _rel_pos(1, H, kernel_device, seed=52, dtype=table_dtype)
+        result = _run("triton", q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=True)
+        _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=True)
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("kind", ["float", "bool", "rel_pos"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernel_masked_tma_forward(kernel_device, kind, causal, monkeypatch):
