@@ -62,6 +62,7 @@ Packed variable-length sequences (VARLEN, flash-attn's varlen layout; constexpr,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 
@@ -1304,6 +1305,12 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = Fal
     """
     if INTERPRETER:
         return dataclasses.replace(_INTERPRETER_FWD, tma=tma)
+    return _hardware_fwd_config(arch, dtype, head_dim_pad, tma)
+
+
+@functools.cache
+def _hardware_fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool) -> AttentionConfig:
+    """``fwd_config`` off the interpreter, computed once per key (it runs on every launch)."""
     if tma and 90 <= arch < 100 and dtype != torch.float32 and head_dim_pad <= 128:
         if head_dim_pad <= 64:
             tiles = AttentionConfig(64, 128, 4, 2, max_registers=160)
@@ -1606,7 +1613,9 @@ def flash_attention_forward(
     masked = bias is not None or rel_h is not None
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     arch = arch_of(q.device)
-    tma = tma_capable(arch, q.dtype, pad) and tma_ready(q, k, v, out)
+    # the descriptors' strides, computed once: None where TMA is off or a tensor does not qualify
+    strides = [_tma_strides(t) for t in (q, k, v, out)] if tma_capable(arch, q.dtype, pad) else [None]
+    tma = None not in strides
     if masked:
         float_bias_only = rel_h is None and bias.dtype != torch.bool
         cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias_only)
@@ -1616,7 +1625,7 @@ def flash_attention_forward(
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     qkvo: tuple = (q, k, v, out)
     if cfg.tma:
-        qkvo, tails = fwd_tma_descriptors(q, k, v, out, cfg, pad)
+        qkvo, tails = fwd_tma_descriptors(q, k, v, out, cfg, pad, strides)
         flags = {**flags, **tails, "USE_TMA": True}
     with device_guard(q):
         flash_attention_fwd_kernel[grid](
@@ -1687,15 +1696,16 @@ def _descriptor(t: torch.Tensor, strides: list[int], block: list[int]) -> Tensor
     return desc
 
 
-def fwd_tma_descriptors(q, k, v, out, cfg: AttentionConfig, pad: int) -> tuple[tuple, dict]:
+def fwd_tma_descriptors(q, k, v, out, cfg: AttentionConfig, pad: int,
+                        strides: list | None = None) -> tuple[tuple, dict]:  # fmt: skip
     """The (B, H, rows, D) tensor descriptors of q, k, v and out with the boxes of ``cfg``'s tiles
     (zero-filled past the rows and past D), and the kernel's KTail / VTail (BLOCK_TAIL-key boxes).
-    Only for tensors ``tma_ready`` accepts."""
-    k_strides, v_strides = _tma_strides(k), _tma_strides(v)
-    qkvo = (_descriptor(q, _tma_strides(q), [1, 1, cfg.block_m, pad]),
+    Only for tensors ``tma_ready`` accepts; ``strides``: their ``_tma_strides``, if already known."""
+    q_strides, k_strides, v_strides, o_strides = strides or [_tma_strides(t) for t in (q, k, v, out)]
+    qkvo = (_descriptor(q, q_strides, [1, 1, cfg.block_m, pad]),
             _descriptor(k, k_strides, [1, 1, cfg.block_n, pad]),
             _descriptor(v, v_strides, [1, 1, cfg.block_n, pad]),
-            _descriptor(out, _tma_strides(out), [1, 1, cfg.block_m, pad]))  # fmt: skip
+            _descriptor(out, o_strides, [1, 1, cfg.block_m, pad]))  # fmt: skip
     tails = {}
     if cfg.key_tail:
         tails = {"KTail": _descriptor(k, k_strides, [1, 1, cfg.key_tail, pad]),
