@@ -1614,8 +1614,8 @@ def flash_attention_forward(
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     arch = arch_of(q.device)
     # the descriptors' strides, computed once: None where TMA is off or a tensor does not qualify
-    strides = [_tma_strides(t) for t in (q, k, v, out)] if tma_capable(arch, q.dtype, pad) else [None]
-    tma = None not in strides
+    strides = tma_strides(q, k, v, out) if tma_capable(arch, q.dtype, pad) else None
+    tma = strides is not None
     if masked:
         float_bias_only = rel_h is None and bias.dtype != torch.bool
         cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias_only)
@@ -1677,9 +1677,11 @@ def _tma_strides(t: torch.Tensor) -> list[int] | None:
     return strides[::-1]
 
 
-def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether every tensor can be read or written through a tensor descriptor (``_tma_strides``)."""
-    return all(_tma_strides(t) is not None for t in tensors)
+def tma_strides(*tensors: torch.Tensor) -> list[list[int]] | None:
+    """Each tensor's descriptor strides (``_tma_strides``), or None where any one cannot be read or
+    written through a tensor descriptor."""
+    strides = [_tma_strides(t) for t in tensors]
+    return None if None in strides else strides
 
 
 # TensorDescriptor's fields with defaults (padding, ...), whatever the Triton version defines
@@ -1700,8 +1702,8 @@ def fwd_tma_descriptors(q, k, v, out, cfg: AttentionConfig, pad: int,
                         strides: list | None = None) -> tuple[tuple, dict]:  # fmt: skip
     """The (B, H, rows, D) tensor descriptors of q, k, v and out with the boxes of ``cfg``'s tiles
     (zero-filled past the rows and past D), and the kernel's KTail / VTail (BLOCK_TAIL-key boxes).
-    Only for tensors ``tma_ready`` accepts; ``strides``: their ``_tma_strides``, if already known."""
-    q_strides, k_strides, v_strides, o_strides = strides or [_tma_strides(t) for t in (q, k, v, out)]
+    Only for tensors ``tma_strides`` accepts; ``strides``: what it returned for them, if known."""
+    q_strides, k_strides, v_strides, o_strides = strides or tma_strides(q, k, v, out)
     qkvo = (_descriptor(q, q_strides, [1, 1, cfg.block_m, pad]),
             _descriptor(k, k_strides, [1, 1, cfg.block_n, pad]),
             _descriptor(v, v_strides, [1, 1, cfg.block_n, pad]),

@@ -187,37 +187,29 @@ def test_kernel_production_block_shapes(kernel_device, monkeypatch):
 @kernel_test
 @pytest.mark.parametrize("n_q,n_k", LENGTHS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernel_tma_forward(kernel_device, n_q, n_k, causal, monkeypatch):
+def test_kernel_tma_forward(kernel_device, n_q, n_k, causal, tma_forward):
     """Hopper's forward reads Q, K, V and writes out through tensor descriptors (zero-filled past the
     rows and past D): the interpreter runs that path when asked, with packed-qkv-like strides and a
     masked head dim (40, padded to 64)."""
-    from fastvit.kernels import flash_attention as kernels
-
-    if ON_GPU and kernels.arch_of(torch.device(kernel_device)) // 10 != 9:
-        pytest.skip("tensor descriptors are Hopper's")
-    monkeypatch.setattr(kernels, "INTERPRETER_TMA", True)
-    used = []
-    original = kernels.fwd_tma_descriptors
-    monkeypatch.setattr(kernels, "fwd_tma_descriptors", lambda *a: used.append(1) or original(*a))
     (q, k, v), _ = _inputs(1, 2, n_q, n_k, 40, torch.float16, kernel_device, seed=n_q * 7 + n_k)
     out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
-    assert used
+    assert tma_forward
     _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
 
 
 def test_tma_takes_only_what_a_descriptor_can_address():
-    from fastvit.kernels.flash_attention import _tma_strides, tma_ready
+    from fastvit.kernels.flash_attention import _tma_strides, tma_strides
 
     qkv = torch.zeros(2, 197, 3, 12, 64, dtype=torch.bfloat16)
     q = qkv[:, :, 0].transpose(1, 2)  # timm's packed view: (B, H, N, D) with strides (N*3*H*D, D, 3*H*D, 1)
     assert _tma_strides(q) == list(q.stride())
     single = torch.zeros(1, 12, 197, 64, dtype=torch.bfloat16)
     assert _tma_strides(single)[1:] == [197 * 64, 64, 1]  # the size-1 batch dim gets a dense stride
-    assert not tma_ready(torch.zeros(2, 12, 197, 20, dtype=torch.bfloat16))  # 40-byte rows
-    assert not tma_ready(single.expand(3, 12, 197, 64))  # a broadcast batch
-    assert not tma_ready(torch.zeros(2, 12, 197, 65, dtype=torch.bfloat16)[..., 1:])  # base off 16 bytes
-    assert not tma_ready(torch.zeros(2, 12, 64, 197, dtype=torch.bfloat16).transpose(-1, -2))  # D not unit
-    assert not tma_ready(torch.zeros(2, 12, 0, 64, dtype=torch.bfloat16))  # no rows: no descriptor
+    assert tma_strides(torch.zeros(2, 12, 197, 20, dtype=torch.bfloat16)) is None  # 40-byte rows
+    assert tma_strides(single.expand(3, 12, 197, 64)) is None  # a broadcast batch
+    assert tma_strides(torch.zeros(2, 12, 197, 65, dtype=torch.bfloat16)[..., 1:]) is None  # base off 16 bytes
+    assert tma_strides(torch.zeros(2, 12, 64, 197, dtype=torch.bfloat16).transpose(-1, -2)) is None  # D not unit
+    assert tma_strides(torch.zeros(2, 12, 0, 64, dtype=torch.bfloat16)) is None  # no rows: no descriptor
 
 
 def test_fastvit_tma_0_turns_the_descriptor_path_off(monkeypatch):
