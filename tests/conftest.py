@@ -51,6 +51,22 @@ def kernel_device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+@pytest.fixture
+def tma_forward(kernel_device, monkeypatch) -> list:
+    """The attention forward's tensor-descriptor (TMA) path, taken where it exists: Hopper on a GPU
+    (skipped on other GPUs), and in the interpreter when asked. Returns the list that records each
+    ``fwd_tma_descriptors`` call, so a test can assert the path ran."""
+    from fastvit.kernels import flash_attention as kernels
+
+    if HAS_CUDA and kernels.arch_of(kernel_device) // 10 != 9:
+        pytest.skip("tensor descriptors are Hopper's")
+    monkeypatch.setattr(kernels, "INTERPRETER_TMA", True)
+    used = []
+    original = kernels.fwd_tma_descriptors
+    monkeypatch.setattr(kernels, "fwd_tma_descriptors", lambda *a: used.append(1) or original(*a))
+    return used
+
+
 @pytest.fixture(scope="session")
 def cuda_extension():
     """The C++/CUDA extension ``fastvit._C``, built here on first use (cached in the user's cache

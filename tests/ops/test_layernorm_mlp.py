@@ -373,19 +373,26 @@ def test_kernel_deterministic(kernel_device):
         assert torch.equal(first[2][k], second[2][k]), k
 
 
+def _saved_forward(batch, tokens, device, *, seed):
+    """(args in NAMES order, pre-activation, mean, rstd) of one kernel forward (D = 48, hidden 128,
+    GELU, residual, layer and sample scales), what the backward launcher takes beside grad_out."""
+    from fastvit.kernels.layernorm_mlp import layernorm_mlp_fwd
+
+    inputs = _inputs(batch, tokens, 48, 128, layer_scale=True, sample_scale=True, device=device, seed=seed)
+    args = [inputs[k].detach() for k in NAMES]
+    _, pre, mean, rstd = layernorm_mlp_fwd(*args, eps=1e-6, activation="gelu", residual=True,
+                                           out_dtype=args[0].dtype, save_preact=True)
+    return args, pre, mean, rstd
+
+
 @kernel_test
 def test_kernel_weight_gradient_token_splits(kernel_device):
     """The weight-gradient GEMMs split over token ranges (chosen automatically on large GPUs);
     forced here: 3 splits of 64 rows over 150 tokens (the last split partial) give the same sums."""
-    from fastvit.kernels.layernorm_mlp import layernorm_mlp_fwd
     from fastvit.kernels.layernorm_mlp_bwd import layernorm_mlp_bwd
 
-    inputs = _inputs(3, 50, 48, 128, layer_scale=True, sample_scale=True, device=kernel_device, seed=41)
-    args = [inputs[k].detach() for k in NAMES]
-    x = args[0]
-    _, pre, mean, rstd = layernorm_mlp_fwd(*args, eps=1e-6, activation="gelu", residual=True,
-                                           out_dtype=x.dtype, save_preact=True)
-    grad_out = torch.randn_like(x)
+    args, pre, mean, rstd = _saved_forward(3, 50, kernel_device, seed=41)
+    grad_out = torch.randn_like(args[0])
     kw = dict(activation="gelu", residual=True, needs=(True,) * 9)
     one = layernorm_mlp_bwd(grad_out, *args, pre, mean, rstd, wgrad_split=1, **kw)
     three = layernorm_mlp_bwd(grad_out, *args, pre, mean, rstd, wgrad_split=3, **kw)
@@ -401,15 +408,10 @@ def test_kernel_grad_out_layouts_give_the_same_gradients(kernel_device):
     """The backward's GEMMs read dy as (T, D) rows in the GEMM dtype: a view when grad_out already
     is one (a slice of wider rows: row stride > D), else one conversion copy (D not the unit
     stride). Either way the gradients are those of the contiguous grad_out, exactly."""
-    from fastvit.kernels.layernorm_mlp import layernorm_mlp_fwd
     from fastvit.kernels.layernorm_mlp_bwd import layernorm_mlp_bwd
 
-    inputs = _inputs(2, 33, 48, 128, layer_scale=True, sample_scale=True, device=kernel_device, seed=43)
-    args = [inputs[k].detach() for k in NAMES]
-    x = args[0]
-    _, pre, mean, rstd = layernorm_mlp_fwd(*args, eps=1e-6, activation="gelu", residual=True,
-                                           out_dtype=x.dtype, save_preact=True)
-    grad_out = torch.randn_like(x)
+    args, pre, mean, rstd = _saved_forward(2, 33, kernel_device, seed=43)
+    grad_out = torch.randn_like(args[0])
     wide = torch.zeros(2, 33, 64, device=kernel_device)
     wide[..., :48] = grad_out
     transposed = grad_out.transpose(1, 2).contiguous().transpose(1, 2)  # unit stride in N, not D
