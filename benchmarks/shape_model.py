@@ -123,8 +123,11 @@ def arch_of_name(device_name: str) -> int | None:
 def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: str,
                      head_dim_pad: int) -> tuple[int, int, int | None, dict[str, Any]] | None:  # fmt: skip
     """(block_m, block_n, key tail or None, figures) of the plain forward configuration for
-    (arch, dtype, padded D): the tensor-descriptor one where the architecture has it (the
-    benchmark's contiguous inputs qualify), else the pointer one."""
+    (arch, dtype, padded D) that the launcher takes: the pointer one, or the tensor-descriptor one
+    where the architecture has it and ``FASTVIT_TMA=1`` asks for it (the benchmark's contiguous
+    inputs qualify)."""
+    from fastvit.kernels.flash_attention import tma_enabled
+
     prefix = f"sm_{arch} {_FWD_KERNEL} ["
     found = {}
     for key, row in figures_rows.items():
@@ -133,7 +136,7 @@ def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: 
         label = _FWD_LABEL.match(key[len(prefix):-1])
         if label and label[1] == _DTYPE_LABEL.get(dtype) and int(label[2]) == head_dim_pad:
             found[bool(label[3])] = (int(label[4]), int(label[5]), int(label[6]) if label[6] else None, row)
-    return found.get(True) or found.get(False)
+    return (found.get(True) if tma_enabled() else None) or found.get(False)
 
 
 def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[str, Any]],

@@ -142,10 +142,7 @@ def load_table(path: Path | None = None) -> dict[str, Any]:
     """The table at ``path`` (default ``table_path()``): re-read when the file changes (its mtime is
     looked at again at most every ``RECHECK_S`` seconds; ``record`` re-reads at once), empty when
     there is none. A file that is not a table of this version is ignored (and says why once).
-    While ``torch.compile`` traces, the table last read (no file access in a traced graph)."""
-    if path is None and torch.compiler.is_compiling():
-        # no file I/O while torch.compile traces (a graph break): the table as last read eagerly
-        return _cache["table"] or {"version": VERSION, "entries": {}}
+    Not traceable by torch.compile: ``lookup``, which reads it, is a constant there."""
     path = table_path() if path is None else path
     now = time.monotonic()
     if _cache["path"] == path and now - _cache["checked"] < RECHECK_S:
@@ -175,8 +172,13 @@ def load_table(path: Path | None = None) -> dict[str, Any]:
         return table
 
 
+@torch.compiler.assume_constant_result
 def lookup(device: torch.device | str, op: str, key: str) -> str | None:
     """The measured faster backend for ``op`` at bucket ``key`` on ``device``, or None (no entry).
+
+    Under ``torch.compile`` the answer is read once, when the graph is traced, and kept in it as a
+    constant (the table file, its mtime and the GPU's name are not traceable, and a route chosen
+    per call would be a graph break under ``fullgraph=True``).
 
     Example:
         >>> lookup(torch.device("cuda"), "layernorm_mlp", layernorm_mlp_bucket(768, 3072, torch.bfloat16, 50432, True))

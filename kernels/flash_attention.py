@@ -1647,13 +1647,22 @@ def flash_attention_forward(
 INTERPRETER_TMA = False
 
 
+def tma_enabled() -> bool:
+    """Whether the forward's tensor-descriptor tiles are asked for: ``FASTVIT_TMA=1`` in the
+    environment. Off by default: on an H200 (bf16, 2026-12-04, ``benchmarks/gpu_checks/
+    attention_quick.py``) they were slower than the pointer tiles at D = 64 (B=2, H=12, N=4097:
+    0.445 vs 0.246 ms) and no faster at D = 128 (0.652 vs 0.664 ms), and their six descriptors
+    add host time to every launch."""
+    return os.environ.get("FASTVIT_TMA", "0") == "1"
+
+
 def tma_capable(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
-    """Whether the forward has TMA tiles for (architecture, dtype, padded head dim): Hopper, fp16/bf16,
-    head dims up to 128 (the interpreter: when ``INTERPRETER_TMA``). ``FASTVIT_TMA=0`` in the
-    environment turns the path off (every launch then takes the pointer tiles)."""
+    """Whether the forward takes TMA tiles for (architecture, dtype, padded head dim): Hopper,
+    fp16/bf16, head dims up to 128, when ``tma_enabled()`` (the interpreter: when
+    ``INTERPRETER_TMA``). Otherwise every launch takes the pointer tiles."""
     if INTERPRETER:
         return INTERPRETER_TMA
-    if os.environ.get("FASTVIT_TMA", "1") == "0":
+    if not tma_enabled():
         return False
     return 90 <= arch < 100 and dtype in (torch.float16, torch.bfloat16) and head_dim_pad <= 128
 

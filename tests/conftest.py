@@ -61,6 +61,7 @@ def tma_forward(kernel_device, monkeypatch) -> list:
     if HAS_CUDA and kernels.arch_of(kernel_device) // 10 != 9:
         pytest.skip("tensor descriptors are Hopper's")
     monkeypatch.setattr(kernels, "INTERPRETER_TMA", True)
+    monkeypatch.setenv("FASTVIT_TMA", "1")  # off by default on a GPU
     used = []
     original = kernels.fwd_tma_descriptors
     monkeypatch.setattr(kernels, "fwd_tma_descriptors", lambda *a: used.append(1) or original(*a))

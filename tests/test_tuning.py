@@ -194,3 +194,17 @@ def test_lookup_looks_at_the_file_once_per_recheck_interval(table, monkeypatch):
     os.utime(table, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime, whatever the clock
     monkeypatch.setattr(tuning, "RECHECK_S", 0.0)
     assert tuning.lookup("Test GPU", "layernorm_mlp", "k") == "triton"
+
+
+def test_lookup_is_a_constant_under_torch_compile(table):
+    """Under fullgraph torch.compile on a GPU, ``auto`` reads the table (a file, its mtime and the
+    GPU's name: none traceable) once while tracing; it was a graph break (H200, torch 2.11)."""
+    key = tuning.attention_bucket(64, torch.bfloat16, 197, 12, False, False, False)
+    tuning.record("Test GPU", "flash_attention", key, {"triton": 0.5, "torch": 0.4})
+
+    def route_dependent(x):
+        return x * 2 if tuning.lookup(GPU, "flash_attention", key) == "torch" else x * 3
+
+    torch._dynamo.reset()
+    x = torch.ones(3)
+    torch.testing.assert_close(torch.compile(route_dependent, fullgraph=True, backend="eager")(x), x * 2)

@@ -92,7 +92,7 @@ def test_attention_rows_put_the_model_beside_the_measurement():
     assert attention_forward_rows(records, FIGURES, arch=None) == []  # not a GPU run
 
 
-def test_the_key_tail_is_read_from_the_configuration_label():
+def test_the_key_tail_is_read_from_the_configuration_label(monkeypatch):
     figures = {"sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 BM=128 BN=64 tail=32 w=8 s=3]":
                {"ctas_per_sm": 2, "loop_issue_ratio": 1.0}}  # fmt: skip
     from fastvit.benchmarks.shape_model import SHAPE_MODEL_HEADER, attention_forward_rows
@@ -100,11 +100,18 @@ def test_the_key_tail_is_read_from_the_configuration_label():
     row = dict(zip(SHAPE_MODEL_HEADER, attention_forward_rows([_fwd_record(197, ms=0.3, floor_ms=0.001)], figures,
                                                              arch=90)[0], strict=True))  # fmt: skip
     assert row["useful"] == f"{197 * 197 / (256 * 224):.2f}" == "0.68"  # keys: 192 + one 32-key step
-    # Hopper's tensor-descriptor tiles win over the pointer ones where both are in the figures
+    # Hopper's tensor-descriptor tiles stand for the run only where FASTVIT_TMA=1 asked for them
     figures["sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 tma BM=64 BN=128 tail=32 w=4 s=2]"] = {
         "ctas_per_sm": 3, "loop_issue_ratio": 0.5}
-    row = dict(zip(SHAPE_MODEL_HEADER, attention_forward_rows([_fwd_record(197, ms=0.3, floor_ms=0.001)], figures,
-                                                             arch=90)[0], strict=True))  # fmt: skip
+
+    def model_row():
+        return dict(zip(SHAPE_MODEL_HEADER, attention_forward_rows([_fwd_record(197, ms=0.3, floor_ms=0.001)],
+                                                                   figures, arch=90)[0], strict=True))  # fmt: skip
+
+    monkeypatch.delenv("FASTVIT_TMA", raising=False)
+    assert model_row()["useful"] == "0.68" and model_row()["loop eff"] == "1.00"
+    monkeypatch.setenv("FASTVIT_TMA", "1")
+    row = model_row()
     assert row["useful"] == f"{197 * 197 / (256 * 256):.2f}" and row["loop eff"] == "1.00"  # 128 + 69 keys: 2 blocks
 
 

@@ -212,10 +212,14 @@ def test_tma_takes_only_what_a_descriptor_can_address():
     assert tma_strides(torch.zeros(2, 12, 0, 64, dtype=torch.bfloat16)) is None  # no rows: no descriptor
 
 
-def test_fastvit_tma_0_turns_the_descriptor_path_off(monkeypatch):
+def test_the_descriptor_path_is_taken_only_with_fastvit_tma_1(monkeypatch):
+    """Off by default (slower than the pointer tiles on an H200); FASTVIT_TMA=1 asks for it."""
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
+    monkeypatch.delenv("FASTVIT_TMA", raising=False)
+    assert not kernels.tma_capable(90, torch.bfloat16, 64)
+    monkeypatch.setenv("FASTVIT_TMA", "1")
     assert kernels.tma_capable(90, torch.bfloat16, 64) and not kernels.tma_capable(80, torch.bfloat16, 64)
     assert not kernels.tma_capable(90, torch.float32, 64) and not kernels.tma_capable(90, torch.bfloat16, 256)
     monkeypatch.setenv("FASTVIT_TMA", "0")
@@ -342,7 +346,7 @@ def test_kernel_opcheck(kernel_device):
         torch.library.opcheck(fwd, (q, k, v, 0.25, True), test_utils=OPCHECK_UTILS)
         out, lse = torch.ops.fastvit.flash_attention_fwd(q, k, v, 0.25, True)
         out, lse = out.detach(), lse.detach()
-        for grad_out in (torch.randn_like(out), torch.ones(()).expand_as(out)):  # dense and stride 0
+        for grad_out in (torch.randn_like(out), torch.ones((), device=out.device).expand_as(out)):  # dense and stride 0
             args = (grad_out, q.detach(), k.detach(), v.detach(), out, lse, 0.25, True)
             torch.library.opcheck(torch.ops.fastvit.flash_attention_bwd.default, args, test_utils=OPCHECK_UTILS)
 

@@ -218,7 +218,7 @@ def test_kernel_opcheck(kernel_device):
             fwd = torch.ops.fastvit.flash_attention_varlen_fwd.default
             torch.library.opcheck(fwd, (*args, causal), test_utils=OPCHECK_UTILS)
         out, lse = torch.ops.fastvit.flash_attention_varlen_fwd(*args, True)
-        for grad_out in (torch.randn_like(out), torch.ones(()).expand_as(out)):  # dense and stride 0
+        for grad_out in (torch.randn_like(out), torch.ones((), device=out.device).expand_as(out)):  # dense and stride 0
             bwd_args = (grad_out, q, k, v, out, lse, cu_q, cu_k, max(CROSS_Q), max(CROSS_K), 0.25, True)
             bwd = torch.ops.fastvit.flash_attention_varlen_bwd.default
             torch.library.opcheck(bwd, bwd_args, test_utils=OPCHECK_UTILS)
