@@ -1,0 +1,156 @@
+"""Sweep of the attention kernels' block configurations on a GPU (fits a few device minutes).
+
+For each head dim and candidate configuration: the forward kernel and the backward's dK/dV and dQ
+kernels are checked against SDPA (relative error, bf16) and their device times read from the
+PyTorch profiler (CUDA kernel durations, mean of REPS launches; host overhead excluded), at a ViT-B
+training batch and two long sequences. The candidates are tried in order, current configuration
+first, and the sweep stops at its time budget; each result is appended to OUT/attention_configs.jsonl
+as it is measured, and a table is printed last.
+
+    python benchmarks/gpu_checks/attention_configs.py OUT_DIR [TIME_BUDGET_S]
+
+Off a GPU it runs one tiny shape in Triton's interpreter (wall-clock times; a check of the script).
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from fastvit.kernels import flash_attention as kernels
+from fastvit.kernels.flash_attention import AttentionConfig
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else "."
+BUDGET_S = float(sys.argv[2]) if len(sys.argv) > 2 else 180.0
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPE = torch.bfloat16 if GPU else torch.float32
+REPS = 10
+# (batch, heads, tokens): a ViT-B/16 training batch, ViT at 512 px, a 64 x 64 grid
+SHAPES = [(64, 12, 197), (8, 12, 1025), (2, 12, 4097)] if GPU else [(1, 2, 37)]
+C = AttentionConfig
+# forward candidates per padded head dim; the first is the launcher's default on Hopper
+FWD = {
+    64: [C(128, 64, 8, 3, max_registers=120), C(128, 64, 8, 3), C(128, 128, 8, 2), C(128, 128, 8, 3),
+         C(64, 64, 4, 3), C(128, 64, 4, 3), C(128, 64, 8, 2, tma=True), C(128, 128, 8, 2, tma=True),
+         C(64, 128, 4, 2, tma=True, max_registers=160)],
+    128: [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(128, 32, 8, 3),
+          C(128, 64, 8, 2, tma=True), C(128, 128, 8, 2, tma=True)],
+}  # fmt: skip
+# backward candidates (block_m: the step of each pass, block_n: the rows a program keeps)
+BWD = {
+    64: [C(64, 128, 8, 2), C(64, 128, 8, 3), C(64, 128, 8, 1), C(32, 128, 8, 2), C(64, 64, 4, 2),
+         C(32, 64, 4, 2), C(128, 128, 8, 2), C(64, 128, 4, 2)],
+    128: [C(32, 128, 8, 2), C(32, 128, 8, 1), C(32, 128, 8, 3), C(64, 128, 8, 2), C(32, 64, 4, 2),
+          C(64, 64, 4, 2), C(16, 128, 8, 2), C(64, 128, 8, 1)],
+}  # fmt: skip
+KERNELS = {"fwd": "flash_attention_fwd_kernel", "dkdv": "flash_attention_bwd_dkdv_kernel",
+           "dq": "flash_attention_bwd_dq_kernel", "delta": "flash_attention_bwd_delta_kernel"}  # fmt: skip
+
+
+def label(cfg: AttentionConfig) -> str:
+    text = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    return text + (" tma" if cfg.tma else "") + (f" maxnreg={cfg.max_registers}" if cfg.max_registers else "")
+
+
+def kernel_times(fn) -> dict[str, float]:
+    """Mean device microseconds of each attention kernel over REPS calls of ``fn`` (wall time per
+    call off a GPU, under 'wall')."""
+    fn()
+    if not GPU:
+        start = time.perf_counter()
+        fn()
+        return {"wall": (time.perf_counter() - start) * 1e6}
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        for short, name in KERNELS.items():
+            if event.key.startswith(name):
+                total = getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+                times[short] = total / REPS
+    return times
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def measure(kind: str, tensors: tuple, scale: float) -> dict:
+    """Check one candidate (relative error to SDPA of out, or of out, dq, dk and dv) and time its
+    kernels."""
+    q, k, v, grad, ref, dq_ref, dk_ref, dv_ref = tensors
+    out, lse = kernels.flash_attention_forward(q, k, v, scale, False)
+    err = rel_error(out, ref)
+    if kind == "fwd":
+        times = kernel_times(lambda: kernels.flash_attention_forward(q, k, v, scale, False))
+    else:
+        grads = kernels.flash_attention_backward(grad, q, k, v, out, lse, scale, False)
+        err = max(err, *(rel_error(a, r) for a, r in zip(grads[:3], (dq_ref, dk_ref, dv_ref), strict=True)))
+        times = kernel_times(lambda: kernels.flash_attention_backward(grad, q, k, v, out, lse, scale, False))
+    return {"rel_err": err, "ok": err < 2e-2, "us": times}
+
+
+def main() -> None:
+    start = time.time()
+    os.makedirs(OUT, exist_ok=True)
+    log = open(os.path.join(OUT, "attention_configs.jsonl"), "a")  # noqa: SIM115
+    meta = {"device": torch.cuda.get_device_name() if GPU else "cpu (interpreter)", "torch": torch.__version__,
+            "dtype": str(DTYPE).removeprefix("torch.")}  # fmt: skip
+    print(meta, flush=True)
+    inputs = {}
+    for d in FWD:
+        for b, h, n in SHAPES:
+            g = torch.Generator(device=DEVICE).manual_seed(n + d)
+            q, k, v, grad = (torch.randn(b, h, n, d, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(4))
+            qs, ks, vs = (t.detach().requires_grad_(True) for t in (q, k, v))
+            ref = F.scaled_dot_product_attention(qs, ks, vs)
+            ref.backward(grad)
+            inputs[(d, b, h, n)] = (q, k, v, grad, ref.detach(), qs.grad, ks.grad, vs.grad)
+    rows = []
+    original_fwd, original_bwd = kernels._hardware_fwd_config, kernels.bwd_config
+    os.environ["FASTVIT_TMA"] = "1"  # descriptors qualify; each candidate's own tma field decides
+    arch = kernels.arch_of(torch.device(DEVICE)) if GPU else 90
+    try:
+        # the passes alternate per head dim, so a short budget still sees both
+        plan = [(kind, d, cfg) for d in FWD for kind, table in (("fwd", FWD), ("bwd", BWD)) for cfg in table[d]]
+        plan.sort(key=lambda item: [c for c in (FWD if item[0] == "fwd" else BWD)[item[1]]].index(item[2]))
+        for kind, d, cfg in plan:
+            if time.time() - start > BUDGET_S:
+                print(f"budget reached: {kind} D={d} {label(cfg)} and later candidates not run", flush=True)
+                break
+            if kind == "fwd":
+                kernels._hardware_fwd_config = lambda *a, _c=cfg: kernels._with_key_tail(_c)
+                kernels.bwd_config = original_bwd
+            else:
+                kernels._hardware_fwd_config = original_fwd
+                kernels.bwd_config = lambda *a, _c=cfg: _c
+            for b, h, n in SHAPES:
+                row = {"pass": kind, "D": d, "B": b, "H": h, "N": n, "config": label(cfg),
+                       "arch": arch, **meta}  # fmt: skip
+                try:
+                    row.update(measure(kind, inputs[(d, b, h, n)], d**-0.5))
+                except Exception as exc:  # a candidate that does not compile or launch is recorded
+                    row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                rows.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                us = " ".join(f"{k}={t:.1f}" for k, t in row.get("us", {}).items())
+                status = f"{'ok' if row['ok'] else 'FAIL'} {row.get('rel_err', float('nan')):.1e}"
+                print(f"{kind:3s} D={d:3d} B={b:2d} N={n:5d} {label(cfg):28s} {status} {us} {row.get('error', '')}",
+                      flush=True)  # fmt: skip
+    finally:
+        kernels._hardware_fwd_config, kernels.bwd_config = original_fwd, original_bwd
+        del os.environ["FASTVIT_TMA"]
+    print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {OUT}/attention_configs.jsonl")
+
+
+if __name__ == "__main__":
+    main()
