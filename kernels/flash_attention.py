@@ -76,9 +76,11 @@ from .runtime import (
     AOT_DTYPE_NAMES,
     INTERPRETER,
     arch_of,
+    cdiv,
     device_guard,
     dot_precision,
     new_output,
+    next_power_of_2,
     rows_addressable_in_int32,
 )
 
@@ -1272,7 +1274,7 @@ def _with_key_tail(cfg: AttentionConfig) -> AttentionConfig:
 
 def head_dim_padded(head_dim: int) -> int:
     """The power of two >= 16 that a head dim is padded to in registers."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 # Under the interpreter: small tiles, so short test sequences still cross several blocks. The
@@ -1621,7 +1623,7 @@ def flash_attention_forward(
         cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias_only)
     else:
         cfg = fwd_config(arch, q.dtype, pad, tma=tma)
-    grid = (triton.cdiv(n_q, cfg.block_m) * batch * heads,)
+    grid = (cdiv(n_q, cfg.block_m) * batch * heads,)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     qkvo: tuple = (q, k, v, out)
     if cfg.tma:
@@ -1787,14 +1789,14 @@ def flash_attention_backward(
     else:
         drel_parts = [None, None]
     with device_guard(q):
-        flash_attention_bwd_delta_kernel[(triton.cdiv(n_q, DELTA_BLOCK_M) * batch * heads,)](
+        flash_attention_bwd_delta_kernel[(cdiv(n_q, DELTA_BLOCK_M) * batch * heads,)](
             out, grad_out, delta,
             out.stride(0), out.stride(1), out.stride(2),
             *grad_out.stride(),
             heads, n_q,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=DELTA_BLOCK_M,
         )
-        flash_attention_bwd_dkdv_kernel[(triton.cdiv(n_k, cfg.block_n) * batch * heads,)](
+        flash_attention_bwd_dkdv_kernel[(cdiv(n_k, cfg.block_n) * batch * heads,)](
             q, k, v, grad_out, lse, delta, dk, dv, *pointers,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -1811,7 +1813,7 @@ def flash_attention_backward(
         rel_flags = dict(mma_flags)
         if rel_pos_grad:
             rel_flags.update(REL_POS_GRAD=True, KH_PAD=rel_pos_padded(kh), KW_PAD=rel_pos_padded(kw))
-        flash_attention_bwd_dq_kernel[(triton.cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
+        flash_attention_bwd_dq_kernel[(cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
             q, k, v, grad_out, lse, delta, dq, *pointers, *drel_parts,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -1877,7 +1879,7 @@ def rel_pos_by_mma(
 
 def rel_pos_padded(n: int) -> int:
     """The power of two >= 16 that a rel_pos table width (kh, kw) is padded to in registers."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal, flags):
@@ -1890,7 +1892,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch_of(q.device),
                        rel_pos_mma=flags.get("REL_POS_MMA", False))
     dbias = new_output(bias.shape, dtype=torch.float32, device=q.device)
-    tiles = (1 if rows_bcast else triton.cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else triton.cdiv(n_k, cfg.block_n))
+    tiles = (1 if rows_bcast else cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else cdiv(n_k, cfg.block_n))
     flash_attention_bwd_dbias_kernel[(bias_b * bias_h * tiles,)](
         q, k, v, grad_out, lse, delta, *pointers, dbias,
         q.stride(0), q.stride(1), q.stride(2),
@@ -1931,7 +1933,7 @@ def varlen_tiles(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, block: i
         within the sequence.
     """
     n_seqs = cu_seqlens.shape[0] - 1
-    count = max(0, min(n_seqs * triton.cdiv(max_seqlen, block), (total + n_seqs * (block - 1)) // block))
+    count = max(0, min(n_seqs * cdiv(max_seqlen, block), (total + n_seqs * (block - 1)) // block))
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     blocks = (lengths + block - 1) // block
     ends = blocks.cumsum(0)  # tiles up to the end of each sequence
@@ -2046,7 +2048,7 @@ def flash_attention_varlen_backward(
     varlen = {"CuSeqQ": cu_seqlens_q, "CuSeqK": cu_seqlens_k, "VARLEN": True}
     do_strides = (*_packed_strides(grad_out), grad_out.stride(2))
     with device_guard(q):
-        flash_attention_bwd_delta_kernel[(triton.cdiv(total, DELTA_BLOCK_M) * heads,)](
+        flash_attention_bwd_delta_kernel[(cdiv(total, DELTA_BLOCK_M) * heads,)](
             out, grad_out, delta, *_packed_strides(out), *do_strides, heads, total,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=DELTA_BLOCK_M,
         )

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .aot import ARCHS, KernelSpec, signature
-from .runtime import AOT_DTYPE_NAMES, INTERPRETER, GemmConfig, arch_of, device_guard, dot_precision, new_output
+from .runtime import AOT_DTYPE_NAMES, INTERPRETER, GemmConfig, arch_of, cdiv, device_guard, dot_precision, new_output
 
 # Widest rows (D) the row kernels hold in registers (8192 spills); wider rows run on the torch route.
 MAX_DIM = 4096
@@ -460,7 +460,7 @@ def layernorm_mlp_fwd(
     # Triton launches on the current device, which need not hold x (model.to('cuda:1'))
     with device_guard(x):
         rc = row_config(dim)
-        _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
+        _ln_stats_kernel[(cdiv(rows, rc.block_rows),)](
             x, mean, rstd, xhat, norm_weight, norm_bias, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
             BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, WRITE_XHAT=True,
             HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,
@@ -468,7 +468,7 @@ def layernorm_mlp_fwd(
         c1 = gemm_config(arch, gemm_dtype, "fc1")
         if gated:  # two accumulators: half-width tiles hold the registers of one full tile
             c1 = dataclasses.replace(c1, block_n=c1.block_n // 2)
-        _fc1_kernel[(triton.cdiv(rows, c1.block_m) * triton.cdiv(hidden, c1.block_n),)](
+        _fc1_kernel[(cdiv(rows, c1.block_m) * cdiv(hidden, c1.block_n),)](
             xhat, w_gate, b_gate, g, pre,
             rows, dim, hidden, w_gate.stride(0),
             HAS_B1=b_gate is not None, SAVE_PRE=save_preact, DOT_PRECISION=precision,
@@ -478,7 +478,7 @@ def layernorm_mlp_fwd(
             num_warps=c1.num_warps, num_stages=c1.num_stages,
         )
         c2 = gemm_config(arch, gemm_dtype, "fc2")
-        _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
+        _fc2_kernel[(cdiv(rows, c2.block_m) * cdiv(dim, c2.block_n),)](
             g, fc2_weight, fc2_bias, x if residual else None, layer_scale, sample_scale, y,
             rows, n_tok, dim, hidden, fc2_weight.stride(1), fc2_weight.stride(0), x.stride(0), x.stride(1),
             HAS_BIAS=fc2_bias is not None, HAS_LS=layer_scale is not None, HAS_SS=sample_scale is not None,

@@ -58,7 +58,7 @@ from .layernorm_mlp import (
     ln_stats_spec,
     row_config,
 )
-from .runtime import AOT_DTYPE_NAMES, arch_of, device_guard, dot_precision, new_output, sm_count
+from .runtime import AOT_DTYPE_NAMES, arch_of, cdiv, device_guard, dot_precision, new_output, sm_count
 
 # Order of the gradients the launcher returns (and of the ``needs`` flags it takes).
 GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
@@ -301,7 +301,7 @@ def wgrad_splits(tiles: int, rows: int, block_k: int, sms: int, max_splits: int 
         if s > 1 and rows < s * 8 * block_k:
             break
         programs = tiles * s
-        eff = programs / (triton.cdiv(programs, sms) * sms)
+        eff = programs / (cdiv(programs, sms) * sms)
         if eff >= 0.85:
             return s
         if eff > best_eff + 1e-9:
@@ -316,11 +316,11 @@ def _wgrad(p: torch.Tensor, q: torch.Tensor, splits: int | None) -> torch.Tensor
     n = q.shape[1]
     arch = arch_of(p.device)
     cfg = gemm_config(arch, p.dtype, "wgrad")
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     if splits is None:
         splits = wgrad_splits(tiles, rows, cfg.block_k, sm_count(p.device))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(rows, rows_per_split)
+    rows_per_split = cdiv(cdiv(rows, splits), cfg.block_k) * cfg.block_k
+    splits = cdiv(rows, rows_per_split)
     out = new_output((splits, m, n), dtype=torch.float32, device=p.device)
     _wgrad_kernel[(tiles, splits)](
         p, q, out, rows, m, n, rows_per_split, p.stride(0), q.stride(0),
@@ -419,7 +419,7 @@ def layernorm_mlp_bwd(
         need_dss = need["sample_scale"]
         need_db1 = need["fc1_bias"] or need["fc1_gate_bias"]
         cfg = gemm_config(arch, gemm_dtype, "fc2_bwd")
-        num_m, num_n = triton.cdiv(rows, cfg.block_m), triton.cdiv(hidden, cfg.block_n)
+        num_m, num_n = cdiv(rows, cfg.block_m), cdiv(hidden, cfg.block_n)
         da = new_output((rows, fc1_rows), dtype=gemm_dtype, device=device)
         g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
         db1_part = new_output((num_m, fc1_rows), dtype=torch.float32, device=device) if need_db1 else None
@@ -463,7 +463,7 @@ def layernorm_mlp_bwd(
                 w1 = _stacked(fc1_gate_weight, fc1_weight)
             dln = new_output((rows, dim), dtype=torch.float32, device=device)
             c2 = gemm_config(arch, gemm_dtype, "fc2")
-            _fc2_kernel[(triton.cdiv(rows, c2.block_m) * triton.cdiv(dim, c2.block_n),)](
+            _fc2_kernel[(cdiv(rows, c2.block_m) * cdiv(dim, c2.block_n),)](
                 da, w1, None, None, None, None, dln,
                 rows, n_tok, dim, fc1_rows, w1.stride(0), w1.stride(1), 0, 0,
                 HAS_BIAS=False, HAS_LS=False, HAS_SS=False, RESIDUAL=False, DOT_PRECISION=precision,
@@ -476,7 +476,7 @@ def layernorm_mlp_bwd(
         need_rowterm = need_dss and fc2_bias is not None
         if need_dln or need_dp or need_rowterm:
             rc = row_config(dim)
-            programs = min(triton.cdiv(rows, rc.block_rows), 4 * sm_count(device))
+            programs = min(cdiv(rows, rc.block_rows), 4 * sm_count(device))
             dx = new_output((batch, n_tok, dim), dtype=x.dtype, device=device) if need["x"] else None
             dnw_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_weight"] else None
             dnb_part = new_output((programs, dim), dtype=torch.float32, device=device) if need["norm_bias"] else None
@@ -522,7 +522,7 @@ def layernorm_mlp_bwd(
         if need["fc1_weight"] or need["fc1_gate_weight"]:
             ln_rows = new_output((rows, dim), dtype=gemm_dtype, device=device)
             rc = row_config(dim)
-            _ln_stats_kernel[(triton.cdiv(rows, rc.block_rows),)](
+            _ln_stats_kernel[(cdiv(rows, rc.block_rows),)](
                 x, mean, rstd, ln_rows, norm_weight, norm_bias, rows, n_tok, dim, x.stride(0), x.stride(1), 0.0,
                 BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, WRITE_XHAT=True, SAVED_STATS=True,
                 HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,

@@ -55,6 +55,7 @@ from .runtime import (
     INTERPRETER,
     GemmConfig,
     arch_of,
+    cdiv,
     device_guard,
     dot_precision,
     new_output,
@@ -532,7 +533,7 @@ def dw_image_tiles(patches: int, block_m: int) -> bool:
     pads at most 1/16 of the rows (N = 256 at p = 14 / 224 px, 1369 at 518 px, 576 at p = 16 / 384
     px), not at N = 196 (p = 16, 224 px: 64-row tiles pad 31%, tensor time the static model does not
     count in the loop's issue ratio)."""
-    padded = triton.cdiv(patches, block_m) * block_m - patches
+    padded = cdiv(patches, block_m) * block_m - patches
     return 16 * padded <= patches
 
 
@@ -546,10 +547,10 @@ def _programs_wanted(device: torch.device) -> int:
 def _split(total: int, step: int, tiles: int, device: torch.device, splits: int | None) -> tuple[int, int]:
     """Split ``total`` reduction items (in multiples of ``step``) so that ``tiles`` x splits fills
     the GPU; returns (items per split, number of splits)."""
-    wanted = splits if splits is not None else triton.cdiv(_programs_wanted(device), max(tiles, 1))
-    wanted = max(1, min(wanted, triton.cdiv(total, step)))
-    per_split = triton.cdiv(triton.cdiv(total, wanted), step) * step
-    return per_split, triton.cdiv(total, per_split)
+    wanted = splits if splits is not None else cdiv(_programs_wanted(device), max(tiles, 1))
+    wanted = max(1, min(wanted, cdiv(total, step)))
+    per_split = cdiv(cdiv(total, wanted), step) * step
+    return per_split, cdiv(total, per_split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,7 +578,7 @@ class Gather:
 
     @property
     def runs(self) -> int:  # S = cdiv(row_len, RUN)
-        return triton.cdiv(self.row_len, self.run)
+        return cdiv(self.row_len, self.run)
 
     @property
     def virtual_cols(self) -> int:  # R * S * RUN: the GEMM's reduction length, padded rows included
@@ -615,7 +616,7 @@ def walk_kind(
 def grid_size(height: int, width: int, patch: int, pad: bool) -> tuple[int, int]:
     """Patch rows and columns of an image: floor division, or ceil with dynamic padding."""
     if pad:
-        return triton.cdiv(height, patch), triton.cdiv(width, patch)
+        return cdiv(height, patch), cdiv(width, patch)
     return height // patch, width // patch
 
 
@@ -701,8 +702,8 @@ def patch_embed_forward(
     plan = gather_plan(x, patch)
     w = _weight_in_virtual_order(weight, plan)
     cfg = gemm_config("fwd", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim))
-    num_n = triton.cdiv(dim, cfg.block_n)
-    grid = ((triton.cdiv(batch * n, cfg.block_m) + triton.cdiv(batch * num_prefix, cfg.block_m)) * num_n,)
+    num_n = cdiv(dim, cfg.block_n)
+    grid = ((cdiv(batch * n, cfg.block_m) + cdiv(batch * num_prefix, cfg.block_m)) * num_n,)
     pos = pos_embed[0] if pos_embed is not None else None
     pre = prefix_tokens[0] if num_prefix else out[0]  # out[0]: a placeholder, never read when P == 0
     with device_guard(x):
@@ -731,7 +732,7 @@ def _sum_splits(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (contiguous, numel = partial[0].numel()) = partial.sum(0), summed in split order."""
     numel = out.numel()
     with device_guard(out):
-        sum_splits_kernel[(triton.cdiv(numel, SUM_SPLITS_BLOCK),)](
+        sum_splits_kernel[(cdiv(numel, SUM_SPLITS_BLOCK),)](
             partial, out, partial.shape[0], numel, BLOCK=SUM_SPLITS_BLOCK, num_warps=4
         )
     return out
@@ -774,9 +775,9 @@ def patch_embed_backward_weight(
     edge = _edge(height, width, patch, pad)
     io16 = x.element_size() == 2 and grad_out.element_size() == 2 and not edge
     cfg = gemm_config("dw", arch_of(x.device), weight.dtype, walk_kind(x, plan, patch, dim, grad_out), io16)
-    tiles = triton.cdiv(dim, cfg.block_m) * triton.cdiv(plan.virtual_cols, cfg.block_n)
+    tiles = cdiv(dim, cfg.block_m) * cdiv(plan.virtual_cols, cfg.block_n)
     image_tiles = dw_image_tiles(n, cfg.block_k)
-    steps = batch * triton.cdiv(n, cfg.block_k) if image_tiles else triton.cdiv(batch * n, cfg.block_k)
+    steps = batch * cdiv(n, cfg.block_k) if image_tiles else cdiv(batch * n, cfg.block_k)
     steps_per_split, num_splits = _split(steps, 1, tiles, x.device, splits)
     partial = new_output((num_splits, *dw_flat.shape), dtype=torch.float32, device=x.device)
     with device_guard(x):
@@ -830,7 +831,7 @@ def patch_embed_backward_input(
     plan = gather_plan(dx, patch)
     w = _weight_in_virtual_order(weight, plan)
     cfg = gemm_config("dx", arch_of(x.device), weight.dtype, walk_kind(dx, plan, patch, dim, grad_out))
-    grid = (triton.cdiv(batch * n, cfg.block_m) * triton.cdiv(plan.virtual_cols, cfg.block_n),)
+    grid = (cdiv(batch * n, cfg.block_m) * cdiv(plan.virtual_cols, cfg.block_n),)
     with device_guard(dx):
         patch_embed_bwd_input_kernel[grid](
             grad_out, w, dx,
@@ -862,7 +863,7 @@ def patch_embed_backward_tokens(grad_out: torch.Tensor, splits: int | None = Non
     if batch == 0:
         return out.zero_()
     block_t, block_d = TOKEN_SUM_BLOCK if not INTERPRETER else (8, 32)
-    tiles = triton.cdiv(tokens, block_t) * triton.cdiv(dim, block_d)
+    tiles = cdiv(tokens, block_t) * cdiv(dim, block_d)
     per_split, num_splits = _split(batch, 1, tiles, grad_out.device, splits)
     partial = new_output((num_splits, tokens, dim), dtype=torch.float32, device=grad_out.device)
     with device_guard(grad_out):

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .aot import ARCHS, KernelSpec, signature
-from .runtime import AOT_DTYPE_NAMES, device_guard, new_output
+from .runtime import AOT_DTYPE_NAMES, cdiv, device_guard, new_output, next_power_of_2
 
 __all__ = ["aot_specs", "rotary_config", "rotary_qk_backward", "rotary_qk_forward"]
 
@@ -49,7 +49,7 @@ NUM_WARPS = 4
 
 def rotary_config(head_dim: int) -> tuple[int, int]:
     """(BLOCK_PAIRS, BLOCK_N): the lane pairs padded to a power of two, and the rows per program."""
-    block_pairs = triton.next_power_of_2(max(head_dim // 2, 1))
+    block_pairs = next_power_of_2(max(head_dim // 2, 1))
     return block_pairs, max(1, TILE_ELEMENTS // (2 * block_pairs))
 
 
@@ -168,7 +168,7 @@ def _launch(q, k, rope, num_prefix, half, backward, dtype):
     if q_out.numel() == 0:
         return q_out, k_out
     block_pairs, block_n = rotary_config(head_dim)
-    grid = (batch * heads * triton.cdiv(n_tokens, block_n),)
+    grid = (batch * heads * cdiv(n_tokens, block_n),)
     with device_guard(q):
         rotary_qk_kernel[grid](
             q, k, q_out, k_out, rope,

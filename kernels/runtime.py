@@ -21,6 +21,28 @@ INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FILL_OUTPUTS_WITH_NAN: bool = False
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of ints, in plain Python. ``triton.cdiv`` and ``triton.next_power_of_2`` are
+    constexpr functions whose host calls cost ~2-5 us each (Triton 3.8, cProfile of the launchers
+    with a mock driver), several per launch; the launchers use these two instead.
+
+    Example:
+        >>> cdiv(197, 64)
+        4
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n`` <= 1), in plain Python (see ``cdiv``).
+
+    Example:
+        >>> next_power_of_2(80)
+        128
+    """
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def new_output(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` for a kernel's output; NaN-filled while ``FILL_OUTPUTS_WITH_NAN`` is set."""
     out = torch.empty(shape, dtype=dtype, device=device)

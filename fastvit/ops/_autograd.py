@@ -137,6 +137,7 @@ def function_twin(
     implementation = getattr(custom_op, "_init_fn", None)
     plain = implementation is not None and set(getattr(custom_op, "_backend_fns", {None: None})) <= {None}
     twin.eager = make_eager(implementation, f"{custom_op._name}_eager") if plain else None
+    twin.implementation = implementation if plain else None
     return twin
 
 
@@ -157,7 +158,9 @@ def call(custom_op: Any, twin: type[torch.autograd.Function], *args: Any) -> Any
     """Run ``custom_op(*args)``: as the registered op while ``torch.compile`` traces (and wherever
     the arguments are not plain eager tensors), as ``twin`` while a ``torch.func`` transform (grad,
     vjp, jacrev, ...) is active (PyTorch's custom-op autograd does not run under those), and as
-    ``twin.eager`` (the implementation called directly, no custom-op dispatch) in plain eager mode.
+    ``twin.eager`` (the implementation called directly, no custom-op dispatch) in plain eager mode
+    — without even the ``autograd.Function`` when grad mode is off (inference, and the backward
+    ops inside a first-order backward).
 
     Example:
         >>> out, lse = call(_flash_attention_fwd, _fwd_fn, q, k, v, 0.125, False, None, None, None)
@@ -167,5 +170,10 @@ def call(custom_op: Any, twin: type[torch.autograd.Function], *args: Any) -> Any
     if torch._C._are_functorch_transforms_active():
         return twin.apply(*args)
     if twin.eager is not None and _plain_eager(args):
+        if not torch.is_grad_enabled():
+            # nothing is recorded (inference, or a first-order backward): the implementation
+            # itself, without the autograd.Function around it
+            result = twin.implementation(*args)
+            return tuple(result) if isinstance(result, list) else result
         return twin.eager.apply(*args)
     return custom_op(*args)

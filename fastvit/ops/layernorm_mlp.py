@@ -176,6 +176,8 @@ def _setup_context(ctx, inputs, output):
     the backward, and the scalar arguments it needs."""
     ctx.num_grads = _NUM_GRADS
     ctx.save_for_backward(*inputs[:_NUM_GRADS], *output[1:])
+    # the internal outputs never get a gradient: no zeros of preact's (rows, hidden) per backward
+    ctx.set_materialize_grads(False)
     _eps, ctx.activation, ctx.norm, ctx.gated, ctx.residual, _out_dtype, ctx.save_preact = inputs[_NUM_GRADS:]
 
 
@@ -183,6 +185,7 @@ def _cuda_setup_context(ctx, inputs, output):
     """cuda route: keep the 9 tensor inputs and the internal outputs (preact, mean, rstd, branch)."""
     ctx.num_grads = _NUM_GRADS_CUDA
     ctx.save_for_backward(*inputs[:_NUM_GRADS_CUDA], *output[1:])
+    ctx.set_materialize_grads(False)  # the internal outputs never get a gradient (see _setup_context)
     ctx.eps, ctx.approximate, ctx.residual, _out_dtype, ctx.save_preact = inputs[_NUM_GRADS_CUDA:]
 
 
@@ -201,6 +204,8 @@ def _run_backward(ctx, backward_op):
 
 
 def _backward(ctx, grad_out, *_internal):
+    if grad_out is None:  # not materialised (see _setup_context): no gradient reached y
+        return (None,) * len(ctx.needs_input_grad)
     return _run_backward(ctx, lambda needs: call(
         _layernorm_mlp_bwd, _layernorm_mlp_bwd_function, grad_out, *ctx.saved_tensors, ctx.activation,
         ctx.norm, ctx.gated, ctx.residual, needs,
@@ -293,6 +298,8 @@ def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2
 
 
 def _cuda_backward(ctx, grad_out, *_internal):
+    if grad_out is None:  # not materialised (see _cuda_setup_context): no gradient reached y
+        return (None,) * len(ctx.needs_input_grad)
     if grad_out.shape[-1] > 1 and grad_out.stride(-1) != 1:
         # the kernels read D as unit-stride vectors (row strides are free, 0 included); a gradient
         # strided or broadcast along D (out.sum() gives one) is copied once
