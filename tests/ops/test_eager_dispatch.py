@@ -77,3 +77,57 @@ def test_every_fused_op_has_an_eager_form():
     assert _autograd._plain_eager((torch.ones(1), 2.0, None))
     assert not _autograd._plain_eager((torch.ones(1, device="meta"),))
     assert not _autograd._plain_eager((torch.ones(2).to_sparse(),))
+
+
+class _ZeroTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor of zeros created while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "zero" in str(func) and isinstance(out, torch.Tensor):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_outputs_that_never_get_a_gradient_are_not_filled_with_zeros():
+    """attention's lse and layernorm_mlp's saved preact / mean / rstd get no gradient: autograd
+    used to materialise a zeros tensor for each per backward ((rows, hidden) for preact: an
+    allocation and a fill launch on a GPU)."""
+    q, k, v = _qkv()
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention(q, k, v)
+    with _ZeroTensors() as zeros:
+        torch.autograd.grad(out.sum(), (q, k, v))
+    assert zeros.shapes == []
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, generator=g, requires_grad=True)
+    shapes = ((16,), (16,), (32, 16), (32,), (16, 32), (16,))
+    params = [torch.randn(*s, generator=g, requires_grad=True) for s in shapes]
+    with fastvit.backend("triton"):
+        y = fastvit.layernorm_mlp(x, *params)
+    with _ZeroTensors() as zeros:
+        torch.autograd.grad(y.sum(), [x, *params])
+    assert zeros.shapes == []
+
+
+def test_grad_mode_off_runs_the_implementation_without_an_autograd_function(monkeypatch):
+    """Inference and the backward ops of a first-order backward: nothing is recorded, so no
+    autograd.Function is applied (its apply() was host time per call); create_graph=True still
+    goes through it, so a double backward still raises the named error."""
+    twin = attention_module._flash_attention_fwd_function.eager
+    applied, real_apply = [], twin.apply
+    monkeypatch.setattr(twin, "apply", lambda *args: applied.append(1) or real_apply(*args))
+    q, k, v = _qkv()
+    with fastvit.backend("triton"), torch.no_grad():
+        out = fastvit.flash_attention(q, k, v)
+    assert applied == [] and out.grad_fn is None
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention(q, k, v)
+    assert applied == [1] and out.grad_fn is not None
+    grads = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grads[0].sum().backward()
