@@ -185,16 +185,18 @@ def _shape_model_section(records: list[Record], run_meta: dict[str, Any]) -> lis
 
     arch = run_arch(run_meta)
     figures_rows, version = load_figures(run_meta.get("triton"))
-    rows = attention_forward_rows(records, figures_rows, arch)
+    rows = attention_forward_rows(records, figures_rows, arch, run_meta.get("ceilings"))
     if not rows:
         return []
     return [
         "## Shape model: fastvit attention forward",
         "",
         f"`benchmarks/shape_model.py` with the sm_{arch} static figures of Triton {version}: the floor over "
-        "(useful share of the padded tiles x wave efficiency x hot-loop efficiency: 1 / the larger of its "
-        "issue and MUFU ratios, at most 1). `ms / model` far above 1 is time the model does not see (host "
-        "overhead, memory latency, L2 bandwidth, the epilogue).",
+        "(useful share of the padded tiles x wave efficiency x hot-loop efficiency x L2 efficiency: the "
+        "hot loop's MMAs and other work take turns inside a program and overlap across the programs of an "
+        "SM, c / max(c, c r, 1 + r) with r the larger of its issue and MUFU ratios; the K/V reads at the "
+        "matmul peak against the measured L2 bandwidth, where the run has it). `ms / model` far above 1 "
+        "is time the model does not see (host overhead, memory latency, the epilogue).",
         "",
         markdown_table(SHAPE_MODEL_HEADER, rows),
         "",

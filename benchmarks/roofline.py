@@ -110,6 +110,10 @@ CPU_MATMUL_N = {"float32": 1024}
 CPU_MATMUL_N_OTHER = 256
 REPS = {"cuda": 5, "cpu": 3}
 CUDA_WARMUP_S = 0.25  # GPU clocks ramp up under load
+# The L2 ceiling: copy_ of an 8 MiB buffer into another, both resident in the L2 (40-60 MB on
+# A100/H100/H200), L2_COPIES times in one CUDA graph (one copy alone is too short to time)
+L2_COPY_BYTES = 8 << 20
+L2_COPIES = 64
 
 
 @dataclass(frozen=True)
@@ -291,7 +295,8 @@ def _best_ms(fn: Callable[[], Any], reps: int, cuda: bool, warmup_s: float = 0.0
 def measure_ceilings(device: str, dtypes: Sequence[str] = (), threads: int | None = None) -> dict[str, Any]:
     """Copy bandwidth and matmul throughput of ``device`` (module docstring); JSON-ready.
 
-    Returns ``{"device", "copy_gbps", "copy_bytes", "matmul_tflops": {dtype: TFLOP/s},
+    Returns ``{"device", "copy_gbps", "copy_bytes", "l2_gbps" (CUDA: L2-resident copies; else None),
+    "matmul_tflops": {dtype: TFLOP/s},
     "matmul_n": {dtype: n}, "reps", "threads", "method", "elapsed_s"}``. Run it in a process of
     its own (``runner.call_in_worker``): on a GPU it creates a CUDA context and allocates ~2.5 GiB.
     """
@@ -324,7 +329,25 @@ def measure_ceilings(device: str, dtypes: Sequence[str] = (), threads: int | Non
         out = torch.empty(n, n, dtype=dtype, device=device)
         return _best_ms(lambda: torch.mm(a, b, out=out), reps, cuda, warmup_s)
 
+    def l2_gbps() -> float | None:
+        """Read + write bandwidth of L2-resident copies (a lower bound of the L2's: copy_'s own
+        kernel); None where CUDA graphs are unavailable."""
+        try:
+            src = torch.ones(L2_COPY_BYTES, dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
+            dst.copy_(src)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(L2_COPIES):
+                    dst.copy_(src)
+            ms = _best_ms(graph.replay, reps, cuda, warmup_s) / L2_COPIES
+        except RuntimeError:
+            return None
+        return 2.0 * L2_COPY_BYTES / (ms * 1e-3) / 1e9
+
     copy_gbps = 2.0 * copy_bytes / (copy_ms() * 1e-3) / 1e9
+    l2 = l2_gbps() if cuda else None
     tflops, sizes = {}, {}
     for name in names:
         n = sizes[name] = CUDA_MATMUL_N if cuda else CPU_MATMUL_N.get(name, CPU_MATMUL_N_OTHER)
@@ -337,13 +360,16 @@ def measure_ceilings(device: str, dtypes: Sequence[str] = (), threads: int | Non
         "device": device,
         "copy_gbps": copy_gbps,
         "copy_bytes": copy_bytes,
+        "l2_gbps": l2,
         "matmul_tflops": tflops,
         "matmul_n": sizes,
         "reps": reps,
         "threads": torch.get_num_threads(),
         "method": (
             f"best of {reps} ({clock}{tf32}): copy_ of {copy_bytes} B on {device}, counted as the bytes read plus "
-            f"written; torch.mm of n x n matrices per dtype, 2 n^3 FLOPs"
+            f"written"
+            + (f"; L2: {L2_COPIES} copies of {L2_COPY_BYTES} B in one CUDA graph, read plus written" if cuda else "")
+            + "; torch.mm of n x n matrices per dtype, 2 n^3 FLOPs"
         ),
         "elapsed_s": round(time.perf_counter() - start, 2),
     }
@@ -356,8 +382,9 @@ def ceilings_line(ceilings: dict[str, Any] | None) -> str:
     if "error" in ceilings:
         return f"Device ceilings: could not be measured ({ceilings['error']}); no roofline floor."
     mm = ", ".join(f"{name} {value:.3g}" for name, value in ceilings.get("matmul_tflops", {}).items())
+    l2 = f", L2 copy {ceilings['l2_gbps']:.4g} GB/s" if ceilings.get("l2_gbps") else ""
     return (
-        f"Device ceilings: copy {ceilings['copy_gbps']:.4g} GB/s (read + write), matmul {mm} TFLOP/s, "
+        f"Device ceilings: copy {ceilings['copy_gbps']:.4g} GB/s (read + write){l2}, matmul {mm} TFLOP/s, "
         f"{ceilings.get('threads')} threads; {ceilings['method']}. "
         "`% floor` = 100 x floor / time, floor = max(FLOPs / matmul peak, compulsory bytes / copy bandwidth)."
     )

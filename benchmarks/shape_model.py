@@ -9,12 +9,30 @@ For one launch of a tiled kernel over a shape:
 - ``waves``: programs over the SM's resident slots (``SM_COUNT[arch] * ctas_per_sm``), and
   ``wave_efficiency``: the share of those slots the last, partial wave keeps busy, averaged over
   the waves.
+- ``loop_efficiency``: the share of the hot loop's time the tensor cores are busy, from the static
+  report's hot-loop figures (r = the larger of ``loop_issue_ratio`` and ``loop_mufu_ratio``: the
+  non-MMA work in MMA-times) and the programs resident per SM (c = ``ctas_per_sm``). A program
+  runs its MMAs and its other instructions one after the other (Triton waits on each dot before
+  the softmax that reads it, and the warpgroups of one program meet at a barrier per pipeline
+  stage); the c programs of an SM overlap one another. So c loop iterations take
+  ``max(c, c * r, 1 + r)`` MMA-times: ``c / max(c, c r, 1 + r)``, i.e. 1 / (1 + r) for one program
+  per SM and min(1, 1 / r) from two on (while 1 + r <= c max(1, r)).
+- ``l2_efficiency``: where the run measured the L2's bandwidth (``roofline.measure_ceilings``'
+  ``l2_gbps``), at most that over the K/V bytes the forward's query blocks read per second at the
+  matmul peak (every query block reads all of K and V: ``element bytes / (2 block_m)`` bytes per
+  FLOP, so 64-row blocks need twice the L2 bandwidth of 128-row ones); 1 where it is unknown.
 - ``predicted_s``: the roofline floor (``benchmarks/roofline.py``'s, measured per run) over the
-  kernel's static efficiency: padded fraction x wave efficiency x ``min(1, 1 / max(loop_issue_ratio,
-  loop_mufu_ratio))`` (the static report's hot-loop figures: a loop bound by instruction issue or by
-  the special-function units runs the tensor cores at most 1 / ratio of the time). A first GPU run
-  calibrates it: the measured time over the prediction is what the model misses (memory latency,
-  L2 bandwidth, the epilogue, host time).
+  kernel's static efficiency, padded fraction x wave efficiency x loop efficiency x L2
+  efficiency. The measured time over the prediction is what the model misses (memory latency,
+  the epilogue, host time).
+
+Calibration, H200, bf16, B=2, H=12, N=4097, forward kernel (attention_quick.py, 2026-12-04,
+``benchmarks/results/h200-2026-12-04-session22/``; the measured 673 TFLOP/s matmul peak): the
+pointer tiles at D = 64 (2 CTAs/SM, r = 1.14) ran at 420 TFLOP/s, at D = 128 (1 CTA/SM, r = 0.72)
+at 311; the TMA tiles at D = 64 (64-row blocks, 3 CTAs/SM, r = 0.885) at 231, at D = 128 (1
+CTA/SM, r = 0.67) at 316. Measured over modelled: 1.32, 2.0, 2.8, 2.0 with ``min(1, 1 / r)``
+alone, 1.32, 1.18, 2.8, 1.2 with the serial term. The 64-row TMA tiles stay unexplained without a
+measured L2 bandwidth (they need 10.5 TB/s of K/V reads at the matmul peak, the 128-row ones 5.3).
 
 Static figures only: ``ctas_per_sm``, ``loop_issue_ratio`` and ``loop_mufu_ratio`` come from the
 static report's rows (``benchmarks/results/static/figures-triton-<version>.json``).
@@ -31,7 +49,7 @@ from typing import Any
 
 __all__ = [
     "SHAPE_MODEL_HEADER", "SM_COUNT", "ShapeModel", "arch_of_name", "attention_forward", "attention_forward_rows",
-    "load_figures", "main", "padded_fraction", "predicted_s", "run_arch", "waves",
+    "load_figures", "loop_efficiency", "main", "padded_fraction", "predicted_s", "run_arch", "waves",
 ]
 
 # SMs of the parts the architectures stand for: A100 SXM (sm_80), L40S (sm_89), H100/H200 SXM (sm_90)
@@ -73,28 +91,52 @@ class ShapeModel:
     padded_fraction: float
     waves: float
     wave_efficiency: float
-    loop_efficiency: float  # min(1, 1 / max(issue ratio, MUFU ratio)); 1 where the row has no MMA loop
+    loop_efficiency: float  # ``loop_efficiency()``; 1 where the row has no MMA loop
+    l2_efficiency: float = 1.0  # min(1, measured L2 bandwidth / the K/V reads at the peak); 1 if unknown
 
     @property
     def efficiency(self) -> float:
-        return self.padded_fraction * self.wave_efficiency * self.loop_efficiency
+        return self.padded_fraction * self.wave_efficiency * self.loop_efficiency * self.l2_efficiency
 
     def predicted_s(self, floor_s: float) -> float:
         return predicted_s(floor_s, self.efficiency)
 
 
+def loop_efficiency(loop_issue_ratio: float | None, loop_mufu_ratio: float | None, ctas_per_sm: int) -> float:
+    """The tensor cores' busy share of a hot loop: ``c / max(c, c r, 1 + r)`` with r the larger
+    ratio and c the programs per SM (module docstring); 1 without an MMA loop.
+
+    Example:
+        >>> loop_efficiency(0.72, 0.53, 1)  # one program per SM: MMA and softmax take turns
+        0.5813953488372093
+        >>> loop_efficiency(1.14, 0.53, 2)  # two: bound by instruction issue, 1 / 1.14
+        0.8771929824561404
+    """
+    bound = max(loop_issue_ratio or 0.0, loop_mufu_ratio or 0.0)
+    if not bound:
+        return 1.0
+    c = max(1, ctas_per_sm)
+    return c / max(c, c * bound, 1.0 + bound)
+
+
 def attention_forward(batch: int, heads: int, n: int, m: int, block_m: int, block_n: int, arch: int,
                       ctas_per_sm: int, loop_issue_ratio: float | None,
-                      key_tail: int | None = None, loop_mufu_ratio: float | None = None) -> ShapeModel:  # fmt: skip
+                      key_tail: int | None = None, loop_mufu_ratio: float | None = None, *,
+                      element_bytes: int = 2, l2_gbps: float | None = None,
+                      peak_tflops: float | None = None) -> ShapeModel:  # fmt: skip
     """The forward attention's shape model: one program per (block_m queries, batch, head), each
     walking all m keys in block_n steps and one ``key_tail`` step where the last keys fit (the
     non-causal kernel; the figures of the configuration's static-report row give ``ctas_per_sm``,
-    ``loop_issue_ratio`` and ``loop_mufu_ratio``)."""
+    ``loop_issue_ratio`` and ``loop_mufu_ratio``). With the run's measured ``l2_gbps`` and matmul
+    ``peak_tflops``, the L2 term caps it where the query blocks' K/V reads outrun the L2."""
     programs = math.ceil(n / block_m) * batch * heads
     count, wave_eff = waves(programs, arch, ctas_per_sm)
-    bound = max(loop_issue_ratio or 0.0, loop_mufu_ratio or 0.0)
-    loop = 1.0 if not bound else min(1.0, 1.0 / bound)
-    return ShapeModel(padded_fraction(n, m, block_m, block_n, key_tail), count, wave_eff, loop)
+    loop = loop_efficiency(loop_issue_ratio, loop_mufu_ratio, ctas_per_sm)
+    l2 = 1.0
+    if l2_gbps and peak_tflops:
+        need_gbps = peak_tflops * 1e3 * element_bytes / (2 * block_m)  # K/V bytes per FLOP x FLOP/s
+        l2 = min(1.0, l2_gbps / need_gbps)
+    return ShapeModel(padded_fraction(n, m, block_m, block_n, key_tail), count, wave_eff, loop, l2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +150,8 @@ _DTYPE_LABEL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # GPU names -> the architecture whose static figures stand for them
 _ARCH_OF_NAME = (("H100", 90), ("H200", 90), ("H800", 90), ("GH200", 90), ("A100", 80), ("A800", 80),
                  ("A30", 80), ("L40", 89), ("L4", 89), ("RTX 40", 89), ("Ada", 89))  # fmt: skip
-SHAPE_MODEL_HEADER = ["N", "B x H", "D", "ms", "floor ms", "useful", "waves", "wave eff", "loop eff", "model ms",
-                      "ms / model"]  # fmt: skip
+SHAPE_MODEL_HEADER = ["N", "B x H", "D", "ms", "floor ms", "useful", "waves", "wave eff", "loop eff", "L2 eff",
+                      "model ms", "ms / model"]  # fmt: skip
 
 
 def arch_of_name(device_name: str) -> int | None:
@@ -140,10 +182,12 @@ def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: 
 
 
 def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[str, Any]],
-                           arch: int | None) -> list[list[str]]:  # fmt: skip
+                           arch: int | None, ceilings: dict[str, Any] | None = None) -> list[list[str]]:  # fmt: skip
     """Table rows (``SHAPE_MODEL_HEADER``) of the shape model beside the measured time, for each
     ``ok`` forward row of fastvit's dense attention with a roofline floor; the block sizes and the
-    static figures come from the static report's row of the configuration the launcher picks."""
+    static figures come from the static report's row of the configuration the launcher picks, the
+    L2 term from the run's ``ceilings`` (``l2_gbps`` and the dtype's matmul TFLOP/s) where it has them."""
+    ceilings = ceilings or {}
     rows = []
     if arch is None:
         return rows
@@ -160,12 +204,15 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
         block_m, block_n, key_tail, fig = found
         model = attention_forward(r.batch, r.heads, r.n_tokens, r.n_tokens, block_m, block_n, arch,
                                   fig.get("ctas_per_sm") or 1, fig.get("loop_issue_ratio"), key_tail,
-                                  fig.get("loop_mufu_ratio"))  # fmt: skip
+                                  fig.get("loop_mufu_ratio"), element_bytes=4 if r.dtype == "float32" else 2,
+                                  l2_gbps=ceilings.get("l2_gbps"),
+                                  peak_tflops=(ceilings.get("matmul_tflops") or {}).get(r.dtype))  # fmt: skip
         predicted_ms = model.predicted_s(floor_ms / 1e3) * 1e3
         rows.append([
             str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",
             f"{model.padded_fraction:.2f}", f"{model.waves:.2f}", f"{model.wave_efficiency:.2f}",
-            f"{model.loop_efficiency:.2f}", f"{predicted_ms:.3g}", f"{r.ms / predicted_ms:.3g}",
+            f"{model.loop_efficiency:.2f}", f"{model.l2_efficiency:.2f}", f"{predicted_ms:.3g}",
+            f"{r.ms / predicted_ms:.3g}",
         ])  # fmt: skip
     return rows
 
@@ -207,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     run_meta, records = load_results(args.results)
     arch = args.arch or run_arch(run_meta)
     figures_rows, version = load_figures(run_meta.get("triton"))
-    rows = attention_forward_rows(records, figures_rows, arch)
+    rows = attention_forward_rows(records, figures_rows, arch, run_meta.get("ceilings"))
     if not rows:
         print("no fastvit attention forward rows with a floor on a known GPU architecture in this run")
         return 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fastvit.benchmarks import cli, mlp, patch_embed, roofline
 from fastvit.benchmarks.records import Point, Record
@@ -122,6 +123,14 @@ def test_ceilings_measured_on_this_cpu_are_json_ready():
     assert c["threads"] == 1 and "copy_" in c["method"]
     assert c["elapsed_s"] < 20  # well under two seconds on an idle machine
     assert "Device ceilings: copy" in roofline.ceilings_line(c)
+    assert c["l2_gbps"] is None and "L2" not in roofline.ceilings_line(c)  # a GPU's L2 only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_ceilings_on_a_gpu_include_the_l2_copy_bandwidth():
+    c = roofline.measure_ceilings("cuda", ["bfloat16"])
+    assert json.loads(json.dumps(c)) == c
+    assert c["l2_gbps"] > 0 and "L2 copy" in roofline.ceilings_line(c) and "CUDA graph" in c["method"]
 
 
 def test_a_run_reports_percent_of_floor(tmp_path, capsys):

@@ -43,12 +43,35 @@ def test_attention_forward_prediction():
     expected = 197 * 197 / 256**2 * (programs / 264 / 6) * 0.8
     assert model.efficiency == pytest.approx(expected)
     assert model.predicted_s(1e-3) == pytest.approx(1e-3 / expected)
-    # no MMA loop (fp32) or a loop under 1: the issue rate costs nothing
+    # no MMA loop (fp32): nothing to overlap; a loop under 1 costs nothing from two programs per SM on
     assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, None).loop_efficiency == 1.0
-    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, 0.5).loop_efficiency == 1.0
+    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 2, 0.5).loop_efficiency == 1.0
     # the special-function units bound it too: an exp2 per score at D = 32 is a MUFU ratio of ~2
-    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 1, 0.5, loop_mufu_ratio=2.0).loop_efficiency == 0.5
+    assert attention_forward(1, 1, 128, 64, 128, 64, 90, 2, 0.5, loop_mufu_ratio=2.0).loop_efficiency == 0.5
     assert predicted_s(1.0, 0.0) == math.inf
+
+
+def test_one_program_per_sm_runs_its_mma_and_its_other_work_in_turn():
+    """Calibrated on an H200 (bf16, N=4097): the D=128 forward at 1 CTA/SM and r = 0.72 ran at 311
+    TFLOP/s of a 673 peak, 2.0x the old min(1, 1/r) model, 1.18x this one."""
+    from fastvit.benchmarks.shape_model import loop_efficiency
+
+    assert loop_efficiency(0.72, 0.53, 1) == pytest.approx(1 / 1.72)
+    assert loop_efficiency(0.5, None, 1) == pytest.approx(1 / 1.5)
+    assert loop_efficiency(1.14, 0.53, 2) == pytest.approx(1 / 1.14)  # issue-bound across 2 programs
+    assert loop_efficiency(0.885, 0.5, 3) == 1.0
+    assert loop_efficiency(0.9, None, 2) == 1.0  # the other program fills each one's softmax
+
+
+def test_the_l2_term_needs_a_measured_bandwidth():
+    """64-row query blocks read K and V twice as often per FLOP as 128-row ones."""
+    plain = attention_forward(2, 12, 4097, 4097, 64, 128, 90, 3, 0.885)
+    assert plain.l2_efficiency == 1.0  # no measured L2 bandwidth: no cap
+    # 673 TFLOP/s x 2 bytes / (2 x 64 rows) = 10.5 TB/s of K/V reads; an L2 of 7 TB/s caps it at 2/3
+    capped = attention_forward(2, 12, 4097, 4097, 64, 128, 90, 3, 0.885, l2_gbps=7010.0, peak_tflops=673.0)
+    assert capped.l2_efficiency == pytest.approx(7010 / 10515.625)
+    wide = attention_forward(2, 12, 4097, 4097, 128, 64, 90, 2, 1.14, l2_gbps=7010.0, peak_tflops=673.0)
+    assert wide.l2_efficiency == 1.0  # 5.3 TB/s needed
 
 
 # ---------------------------------------------------------------------------------------------
