@@ -85,7 +85,7 @@ CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"  # beside benchmarks/ in
 TRITON_TIMEOUT_S = 3600.0
 NVCC_TIMEOUT_S = 600.0
 TABLE_HEADER = ["kernel", "config", "sm", "REG", "stack B", "spill st/ld B", "STL/LDL", "smem", "HMMA", "HGMMA",
-                "CTAs/SM", "to cliff", "issue", "MUFU", "copy", "problems"]  # fmt: skip
+                "CTAs/SM", "to cliff", "issue", "MUFU", "loop eff", "copy", "problems"]  # fmt: skip
 # demangled type names -> the short names the Triton rows use
 _SHORT_TYPES = (
     (r"\b__nv_bfloat16\b", "bf16"),
@@ -313,23 +313,28 @@ def _pair(a: Any, b: Any) -> str:
 
 
 def _model_cells(row: dict[str, Any]) -> list[str]:
+    from .shape_model import loop_efficiency
+
     if "ctas_per_sm" not in row:  # a csrc row: launch sizes unknown here
-        return ["-"] * 5
+        return ["-"] * 6
     ratio, mufu = row.get("loop_issue_ratio"), row.get("loop_mufu_ratio")
+    eff = "-" if ratio is None and mufu is None else f"{loop_efficiency(ratio, mufu, row['ctas_per_sm']):.2f}"
     return [str(row["ctas_per_sm"]), str(row["regs_to_cliff"]), "-" if ratio is None else f"{ratio:.2f}",
-            "-" if mufu is None else f"{mufu:.2f}", row["async_copy"]]  # fmt: skip
+            "-" if mufu is None else f"{mufu:.2f}", eff, row["async_copy"]]  # fmt: skip
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """The printed table: kernel, config, sm, registers, stack, spills, STL/LDL, smem, MMA, the model's
-    CTAs/SM, registers to the cliff, hot-loop issue and MUFU ratios and async copy, problems."""
+    CTAs/SM, registers to the cliff, hot-loop issue and MUFU ratios, the hot loop's tensor-core
+    share (``shape_model.loop_efficiency``: MMA and other work in turn within a program, overlapped
+    across the programs of an SM), async copy, problems."""
     from .report import format_bytes
 
     out = []
     for r in rows:
         if "error" in r:
             why = " ".join("; ".join(r["problems"]).split())  # one line
-            out.append([r["kernel"], r["config"], str(r["arch"]), *["-"] * 11, why[:300]])
+            out.append([r["kernel"], r["config"], str(r["arch"]), *["-"] * 12, why[:300]])
             continue
         out.append([
             r["kernel"],

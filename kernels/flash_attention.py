@@ -1658,15 +1658,19 @@ def tma_enabled() -> bool:
     return os.environ.get("FASTVIT_TMA", "0") == "1"
 
 
+def tma_supported(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
+    """Whether the forward has TMA tiles for (architecture, dtype, padded head dim): Hopper,
+    fp16/bf16, head dims up to 128 (the static report compiles them whether or not they are on)."""
+    return 90 <= arch < 100 and dtype in (torch.float16, torch.bfloat16) and head_dim_pad <= 128
+
+
 def tma_capable(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
-    """Whether the forward takes TMA tiles for (architecture, dtype, padded head dim): Hopper,
-    fp16/bf16, head dims up to 128, when ``tma_enabled()`` (the interpreter: when
-    ``INTERPRETER_TMA``). Otherwise every launch takes the pointer tiles."""
+    """Whether the forward takes TMA tiles for (architecture, dtype, padded head dim): where
+    ``tma_supported`` and ``tma_enabled()`` (the interpreter: when ``INTERPRETER_TMA``).
+    Otherwise every launch takes the pointer tiles."""
     if INTERPRETER:
         return INTERPRETER_TMA
-    if not tma_enabled():
-        return False
-    return 90 <= arch < 100 and dtype in (torch.float16, torch.bfloat16) and head_dim_pad <= 128
+    return tma_enabled() and tma_supported(arch, dtype, head_dim_pad)
 
 
 def _tma_strides(t: torch.Tensor) -> list[int] | None:
@@ -2188,7 +2192,7 @@ def aot_specs() -> list[KernelSpec]:
                             target_ctas_per_sm=2 if fwd16 and arch == 90 and pad <= 64 else 1,
                             max_registers=cfg.max_registers,
                         ))
-                    if tma_capable(arch, dtype, pad):
+                    if tma_supported(arch, dtype, pad):  # FASTVIT_TMA=1's tiles
                         specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig))
                 if dtype in _MASK_AOT_DTYPES and head_dim in _MASK_AOT_HEAD_DIMS:
                     specs.extend(_mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
@@ -2272,7 +2276,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     add("flash_attention_fwd_kernel", "mask=bool", fwd_sig, fwd_bool, fwd, fwd.block_m, fwd.block_n, True)
     add("flash_attention_fwd_kernel", "rel_pos", fwd_sig, fwd_rel, fwd, fwd.block_m, fwd.block_n, True)
     tma_cfg = fwd_mask_config(arch, dtype, pad, tma=True, float_bias_only=True)
-    if tma_capable(arch, dtype, pad) and tma_cfg.tma:  # what the launcher runs when q, k, v, out qualify
+    if tma_supported(arch, dtype, pad) and tma_cfg.tma:  # FASTVIT_TMA=1's tiles, when q, k, v, out qualify
         specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, False, fwd_sig, fwd_bias, " bias=fp32", tma_cfg))
     both = {"Bias": "*fp32", **tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": True}
     add("flash_attention_bwd_dkdv_kernel", "bias=fp32 rel_pos", dkdv_sig, both, bwd, bwd.block_m, bwd.block_n)
