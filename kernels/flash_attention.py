@@ -1344,11 +1344,23 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     """Backward block sizes, used by both passes: dK/dV keeps ``block_n`` keys per program and
     steps ``block_m`` queries; dQ keeps ``block_n`` queries and steps ``block_m`` keys.
 
-    Hopper: each warp of a warpgroup MMA owns 16 rows, so 8 warps take ``block_n`` = 128 rows
-    (with 64 both warpgroups computed every S / dP row: 64x16 wgmma, each tile twice). The query
-    (dK/dV) and key (dQ) step is 64 up to D = 64, so S and dP are 64-wide wgmma, and 32 above,
-    where the two (128, D) fp32 accumulators of dK/dV leave no room for a wider S tile (64 spills
-    8-160 B at D = 128). Static report, Triton 3.8: no replicated rows, 102-254 registers, no spills.
+    Hopper up to D = 64: one warpgroup (4 warps) per program over 64 kept rows and 32-row steps,
+    the tiles sm_80 runs, so that two to four programs share an SM. Why: the first H200 run
+    (2026-12-04) measured every kernel at one program per SM far below its static hot-loop ratio
+    (the D = 128 forward at 311 TFLOP/s, the backward ~2x cuDNN's) and the D = 64 forward, at two
+    programs per SM, above SDPA: a program runs its MMAs and its softmax / dS work in turn and
+    only other programs on the SM fill the gaps (the shape model's ``loop_efficiency``). The
+    8-warp tiles they replace (64-row steps over 128 kept rows) ran one program per SM (197-232
+    registers): loop efficiency 0.58 (dK/dV) and 0.60 (dQ). These (Triton 3.8 static report,
+    bf16): dK/dV 143 registers, 3 CTAs/SM, issue 0.91 (causal varlen 172, 2 CTAs/SM); dQ 112,
+    4 CTAs/SM, 0.83: loop efficiency 1.0, no spills in any variant (the 64-row step with 64 kept
+    rows spilled 16 B in the causal varlen dK/dV at 255 registers). UNMEASURED on a GPU:
+    ``benchmarks/gpu_checks/attention_configs.py`` times them against the 8-warp tiles.
+    Above D = 64 Hopper keeps 8 warps over 128 kept rows (32-row steps; with 64 kept rows on 8
+    warps both warpgroups computed every S / dP row): one program per SM, loop efficiency 0.65 /
+    0.64. One warpgroup there needs a dQ config of its own: 32-row steps over 64 kept rows give
+    dQ 203 registers at 2 CTAs/SM but spill 32-40 B in the causal dK/dV, whose 16-row steps fit
+    (249 registers, no spill) at a 16-wide dQ step (narrow HGMMA) if shared.
 
     Head dims above 128 (padded to 256) take ``_BWD_256`` on every architecture, Hopper included:
     a warpgroup MMA gives each warp 16 rows of its accumulator, so the two (rows, 256) fp32
@@ -1363,8 +1375,8 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     if head_dim_pad > 128:
         return _BWD_256
     small = head_dim_pad <= 64
-    if 90 <= arch < 100:
-        return AttentionConfig(64, 128, 8, 2) if small else AttentionConfig(32, 128, 8, 2)
+    if 90 <= arch < 100 and not small:
+        return AttentionConfig(32, 128, 8, 2)
     return AttentionConfig(32, 64, 4, 2) if small else AttentionConfig(32, 64, 8, 2)
 
 
