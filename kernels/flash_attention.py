@@ -1380,6 +1380,26 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     return AttentionConfig(32, 64, 4, 2) if small else AttentionConfig(32, 64, 8, 2)
 
 
+# Under the interpreter a test may give dQ tiles of their own (None: ``_INTERPRETER_BWD``'s)
+_INTERPRETER_DQ: AttentionConfig | None = None
+
+
+def bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+    """The dQ pass's block sizes (``block_n`` query rows kept, ``block_m`` keys per step) where
+    they differ from ``bwd_config``'s, which dK/dV takes.
+
+    Hopper, 16-bit, D = 65..128: one warpgroup over 64 query rows, 32-key steps: 2 CTAs/SM (193-205
+    registers, issue 0.51-0.54, no spill in the plain, causal and varlen kernels; Triton 3.8), hot
+    loop efficiency 0.64 -> 1.0 by the shape model against the 8-warp 128-row tiles dK/dV keeps
+    (one warpgroup there spills 32-40 B in the causal dK/dV). UNMEASURED on a GPU."""
+    if INTERPRETER:
+        return _INTERPRETER_DQ or _INTERPRETER_BWD
+    cfg = bwd_config(arch, dtype, head_dim_pad)
+    if dtype != torch.float32 and 90 <= arch < 100 and 64 < head_dim_pad <= 128:
+        return AttentionConfig(32, 64, 4, 2)
+    return cfg
+
+
 def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     """Backward block sizes of the VARLEN kernels: ``bwd_config``'s, except fp32 on 8 warps — with
     the tile table's extra live values the 4-warp fp32 tiles put 8 B on the stack in the causal
@@ -1389,6 +1409,14 @@ def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Atten
     if INTERPRETER or dtype != torch.float32:
         return cfg
     return dataclasses.replace(cfg, num_warps=8)
+
+
+def varlen_bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+    """The VARLEN dQ pass's block sizes: ``bwd_dq_config``'s for 16-bit inputs, fp32 as
+    ``varlen_bwd_config``."""
+    if INTERPRETER or dtype != torch.float32:
+        return bwd_dq_config(arch, dtype, head_dim_pad)
+    return varlen_bwd_config(arch, dtype, head_dim_pad)
 
 
 def fwd_mask_config(
@@ -1792,7 +1820,7 @@ def flash_attention_backward(
     if bias is not None or rel_h is not None:
         cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad, rel_mma)
     else:
-        cfg = dq_cfg = bwd_config(arch_of(q.device), q.dtype, pad)
+        cfg, dq_cfg = bwd_config(arch_of(q.device), q.dtype, pad), bwd_dq_config(arch_of(q.device), q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
     precision = dot_precision(q.dtype)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
@@ -2057,10 +2085,11 @@ def flash_attention_varlen_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     pad = head_dim_padded(head_dim)
     cfg = varlen_bwd_config(arch_of(q.device), q.dtype, pad)
+    dq_cfg = varlen_bwd_dq_config(arch_of(q.device), q.dtype, pad)
     precision = dot_precision(q.dtype)
     delta = new_output((heads, total), dtype=torch.float32, device=q.device)
     key_tiles = varlen_tiles(cu_seqlens_k, total_k, max_seqlen_k, cfg.block_n)
-    query_tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, cfg.block_n)  # dQ's rows: block_n
+    query_tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, dq_cfg.block_n)  # dQ's rows: block_n
     varlen = {"CuSeqQ": cu_seqlens_q, "CuSeqK": cu_seqlens_k, "VARLEN": True}
     do_strides = (*_packed_strides(grad_out), grad_out.stride(2))
     with device_guard(q):
@@ -2084,9 +2113,9 @@ def flash_attention_varlen_backward(
                 *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *do_strides,
                 *_packed_strides(dq), *_NO_BIAS_STRIDES,
                 heads, total, total_k, 1, 1, scale,
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
                 CAUSAL=causal, DOT_PRECISION=precision, Tiles=query_tiles, **varlen,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
             )
     return dq, dk, dv
 
@@ -2174,6 +2203,7 @@ def aot_specs() -> list[KernelSpec]:
                         divisible_by_16=("Out", "Delta", "stride_ob", "stride_oh", "stride_on"),
                     ))
                 fwd, bwd = fwd_config(arch, dtype, pad), bwd_config(arch, dtype, pad)
+                dq = bwd_dq_config(arch, dtype, pad)
                 for causal in (False, True):
                     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal,
                               "DOT_PRECISION": dot_precision(dtype)}
@@ -2182,7 +2212,7 @@ def aot_specs() -> list[KernelSpec]:
                     launches = (
                         ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),
                         ("flash_attention_bwd_dkdv_kernel", dkdv_sig, bwd, bwd.block_m, bwd.block_n),
-                        ("flash_attention_bwd_dq_kernel", dq_sig, bwd, bwd.block_n, bwd.block_m),
+                        ("flash_attention_bwd_dq_kernel", dq_sig, dq, dq.block_n, dq.block_m),
                     )
                     for kernel, sig, cfg, block_m, block_n in launches:
                         if kernel != "flash_attention_fwd_kernel" and dtype not in _BWD_AOT_DTYPES:
@@ -2330,6 +2360,7 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     plain configurations their launchers pick and int32 cu_seqlens and tile tables."""
     pad = head_dim_padded(head_dim)
     fwd, bwd = fwd_config(arch, dtype, pad), varlen_bwd_config(arch, dtype, pad)
+    dq = varlen_bwd_dq_config(arch, dtype, pad)
     tables = {"CuSeqQ": "*i32", "CuSeqK": "*i32", "Tiles": "*i32"}
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "DOT_PRECISION": dot_precision(dtype),
               "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None, "RelW": None,
@@ -2338,7 +2369,7 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     for causal, (kernel, sig, cfg, block_m, block_n) in itertools.product((False, True), (
         ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),
         ("flash_attention_bwd_dkdv_kernel", dkdv_sig, bwd, bwd.block_m, bwd.block_n),
-        ("flash_attention_bwd_dq_kernel", dq_sig, bwd, bwd.block_n, bwd.block_m),
+        ("flash_attention_bwd_dq_kernel", dq_sig, dq, dq.block_n, dq.block_m),
     )):
         sig = {**sig, **tables}  # the same argument order, pointers where the plain specs have None
         constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, **_tail(kernel, cfg)}

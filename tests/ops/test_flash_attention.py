@@ -164,18 +164,19 @@ def test_kernel_causal_odd_head_dim_with_broadcast_grad(kernel_device, n_q, n_k)
 @kernel_test
 def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     """The block shapes the GPU launchers pick (not only the small interpreter tiles) give the
-    same answers: every distinct (forward, backward) pair, causal with N != M."""
+    same answers: every distinct (forward, dK/dV, dQ) triple, causal with N != M."""
     if ON_GPU:
         pytest.skip("on a GPU the production shapes are what every test runs")
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    pairs = {(kernels.fwd_config(a, d, p, tma=tma), kernels.bwd_config(a, d, p))
-             for a, d, p in _config_keys() for tma in (False, True)}  # fmt: skip
+    triples = {(kernels.fwd_config(a, d, p, tma=tma), kernels.bwd_config(a, d, p), kernels.bwd_dq_config(a, d, p))
+               for a, d, p in _config_keys() for tma in (False, True)}  # fmt: skip
     monkeypatch.setattr(kernels, "INTERPRETER", True)
-    for fwd, bwd in sorted(pairs, key=str):
+    for fwd, bwd, dq in sorted(triples, key=str):
         monkeypatch.setattr(kernels, "_INTERPRETER_FWD", fwd)
         monkeypatch.setattr(kernels, "_INTERPRETER_BWD", bwd)
+        monkeypatch.setattr(kernels, "_INTERPRETER_DQ", dq)
         monkeypatch.setattr(kernels, "INTERPRETER_TMA", fwd.tma)
         # fp16 (the TMA tiles are 16-bit only); 64-row query blocks under 128-key steps both ways
         for n_q, n_k in ((150, 70), (70, 150)):
@@ -262,11 +263,12 @@ def test_block_size_rules_hold_for_every_config(monkeypatch):
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
     for arch, dtype, pad in _config_keys():
-        bwd = kernels.bwd_config(arch, dtype, pad)
-        assert bwd.block_n % bwd.block_m == 0, (arch, dtype, pad, bwd)
+        for bwd in (kernels.bwd_config(arch, dtype, pad), kernels.bwd_dq_config(arch, dtype, pad)):
+            assert bwd.block_n % bwd.block_m == 0, (arch, dtype, pad, bwd)
+            assert min(bwd.block_m, bwd.block_n) >= 16  # tl.dot's minimum
         for fwd in (kernels.fwd_config(arch, dtype, pad), kernels.fwd_config(arch, dtype, pad, tma=True)):
             assert fwd.key_tail == 0 or (fwd.block_n % fwd.key_tail == 0 and fwd.key_tail >= 16), fwd
-            assert min(fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n) >= 16  # tl.dot's minimum
+            assert min(fwd.block_m, fwd.block_n) >= 16
     assert kernels._INTERPRETER_BWD.block_n % kernels._INTERPRETER_BWD.block_m == 0
 
 

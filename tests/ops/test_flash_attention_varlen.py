@@ -161,19 +161,20 @@ def test_kernel_grid_size_and_max_seqlen_do_not_change_results(kernel_device):
 @kernel_test
 def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     """The block shapes the GPU launchers pick (not only the small interpreter tiles): every
-    distinct (forward, backward) pair, causal, cross lengths around them."""
+    distinct (forward, dK/dV, dQ) triple, causal, cross lengths around them."""
     if ON_GPU:
         pytest.skip("on a GPU the production shapes are what every test runs")
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    pairs = {(kernels.fwd_config(a, d, p), kernels.bwd_config(a, d, p))
-             for a in (80, 89, 90) for d in (torch.float16, torch.float32) for p in (16, 64, 128, 256)}
+    triples = {(kernels.fwd_config(a, d, p), kernels.varlen_bwd_config(a, d, p), kernels.varlen_bwd_dq_config(a, d, p))
+               for a in (80, 89, 90) for d in (torch.float16, torch.float32) for p in (16, 64, 128, 256)}  # fmt: skip
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     q, k, v, cu_q, cu_k = _inputs((130, 0, 20), (70, 5, 0), 1, 16, torch.float32, kernel_device, seed=15)
-    for fwd, bwd in sorted(pairs, key=str):
+    for fwd, bwd, dq in sorted(triples, key=str):
         monkeypatch.setattr(kernels, "_INTERPRETER_FWD", fwd)
         monkeypatch.setattr(kernels, "_INTERPRETER_BWD", bwd)
+        monkeypatch.setattr(kernels, "_INTERPRETER_DQ", dq)
         out, lse, grad_out, grads = _run("triton", q, k, v, cu_q, cu_k, causal=True)
         _check(q, k, v, cu_q, cu_k, out, lse, grad_out, grads, causal=True)
 
