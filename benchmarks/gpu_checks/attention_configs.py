@@ -41,10 +41,10 @@ FWD = {
     128: [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(128, 32, 8, 3),
           C(128, 64, 8, 2, tma=True), C(128, 128, 8, 2, tma=True)],
 }  # fmt: skip
-# backward candidates (block_m: the step of each pass, block_n: the rows a program keeps); the
-# first is the launcher's default on Hopper; at D = 64 the second is the 8-warp tiles it replaced,
-# at D = 128 the next two are one-warpgroup tiles (dQ's device time from the first, dK/dV's from
-# the second: the one-warpgroup design the static model favours there)
+# backward candidates (block_m: the step of each pass, block_n: the rows a program keeps), each
+# taken by both dK/dV and dQ; at D = 64 the first is the launcher's default on Hopper and the
+# second the 8-warp tiles it replaced; at D = 128 the launcher runs dK/dV on the first and dQ on
+# the second (bwd_dq_config), and the third is a one-warpgroup dK/dV without causal spills
 BWD = {
     64: [C(32, 64, 4, 2), C(64, 128, 8, 2), C(64, 64, 4, 2), C(32, 64, 4, 3), C(64, 64, 4, 3),
          C(32, 128, 8, 2), C(64, 128, 8, 3), C(128, 128, 8, 2)],
@@ -118,7 +118,7 @@ def main() -> None:
             ref.backward(grad)
             inputs[(d, b, h, n)] = (q, k, v, grad, ref.detach(), qs.grad, ks.grad, vs.grad)
     rows = []
-    original_fwd, original_bwd = kernels._hardware_fwd_config, kernels.bwd_config
+    original_fwd, original_bwd, original_dq = kernels._hardware_fwd_config, kernels.bwd_config, kernels.bwd_dq_config
     os.environ["FASTVIT_TMA"] = "1"  # descriptors qualify; each candidate's own tma field decides
     arch = kernels.arch_of(torch.device(DEVICE)) if GPU else 90
     try:
@@ -131,10 +131,11 @@ def main() -> None:
                 break
             if kind == "fwd":
                 kernels._hardware_fwd_config = lambda *a, _c=cfg: kernels._with_key_tail(_c)
-                kernels.bwd_config = original_bwd
+                kernels.bwd_config, kernels.bwd_dq_config = original_bwd, original_dq
             else:
                 kernels._hardware_fwd_config = original_fwd
-                kernels.bwd_config = lambda *a, _c=cfg: _c
+                # both passes take the candidate (the profiler times dK/dV and dQ separately)
+                kernels.bwd_config = kernels.bwd_dq_config = lambda *a, _c=cfg: _c
             for b, h, n in SHAPES:
                 row = {"pass": kind, "D": d, "B": b, "H": h, "N": n, "config": label(cfg),
                        "arch": arch, **meta}  # fmt: skip
@@ -150,7 +151,7 @@ def main() -> None:
                 print(f"{kind:3s} D={d:3d} B={b:2d} N={n:5d} {label(cfg):28s} {status} {us} {row.get('error', '')}",
                       flush=True)  # fmt: skip
     finally:
-        kernels._hardware_fwd_config, kernels.bwd_config = original_fwd, original_bwd
+        kernels._hardware_fwd_config, kernels.bwd_config, kernels.bwd_dq_config = original_fwd, original_bwd, original_dq
         del os.environ["FASTVIT_TMA"]
     print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {OUT}/attention_configs.jsonl")
 
