@@ -151,7 +151,8 @@ def main() -> None:
                 print(f"{kind:3s} D={d:3d} B={b:2d} N={n:5d} {label(cfg):28s} {status} {us} {row.get('error', '')}",
                       flush=True)  # fmt: skip
     finally:
-        kernels._hardware_fwd_config, kernels.bwd_config, kernels.bwd_dq_config = original_fwd, original_bwd, original_dq
+        kernels._hardware_fwd_config = original_fwd
+        kernels.bwd_config, kernels.bwd_dq_config = original_bwd, original_dq
         del os.environ["FASTVIT_TMA"]
     print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {OUT}/attention_configs.jsonl")
 
