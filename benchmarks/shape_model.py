@@ -187,6 +187,8 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
     ``ok`` forward row of fastvit's dense attention with a roofline floor; the block sizes and the
     static figures come from the static report's row of the configuration the launcher picks, the
     L2 term from the run's ``ceilings`` (``l2_gbps`` and the dtype's matmul TFLOP/s) where it has them."""
+    from fastvit.kernels.flash_attention import head_dim_padded
+
     ceilings = ceilings or {}
     rows = []
     if arch is None:
@@ -197,7 +199,7 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
         floor_ms = r.extra.get("floor_ms")
         if not floor_ms or not r.ms:
             continue
-        head_dim_pad = max(16, 1 << (r.head_dim - 1).bit_length())
+        head_dim_pad = head_dim_padded(r.head_dim)
         found = _forward_figures(figures_rows, arch, r.dtype, head_dim_pad)
         if found is None:
             continue

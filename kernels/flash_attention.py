@@ -1394,10 +1394,9 @@ def bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attention
     (one warpgroup there spills 32-40 B in the causal dK/dV). UNMEASURED on a GPU."""
     if INTERPRETER:
         return _INTERPRETER_DQ or _INTERPRETER_BWD
-    cfg = bwd_config(arch, dtype, head_dim_pad)
     if dtype != torch.float32 and 90 <= arch < 100 and 64 < head_dim_pad <= 128:
         return AttentionConfig(32, 64, 4, 2)
-    return cfg
+    return bwd_config(arch, dtype, head_dim_pad)
 
 
 def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
@@ -1710,7 +1709,7 @@ def tma_capable(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
     Otherwise every launch takes the pointer tiles."""
     if INTERPRETER:
         return INTERPRETER_TMA
-    return tma_enabled() and tma_supported(arch, dtype, head_dim_pad)
+    return tma_supported(arch, dtype, head_dim_pad) and tma_enabled()  # the environment read last
 
 
 def _tma_strides(t: torch.Tensor) -> list[int] | None:

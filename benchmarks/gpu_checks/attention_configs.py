@@ -124,7 +124,7 @@ def main() -> None:
     try:
         # the passes alternate per head dim, so a short budget still sees both
         plan = [(kind, d, cfg) for d in FWD for kind, table in (("fwd", FWD), ("bwd", BWD)) for cfg in table[d]]
-        plan.sort(key=lambda item: [c for c in (FWD if item[0] == "fwd" else BWD)[item[1]]].index(item[2]))
+        plan.sort(key=lambda item: (FWD if item[0] == "fwd" else BWD)[item[1]].index(item[2]))
         for kind, d, cfg in plan:
             if time.time() - start > BUDGET_S:
                 print(f"budget reached: {kind} D={d} {label(cfg)} and later candidates not run", flush=True)

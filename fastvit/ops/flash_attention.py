@@ -128,9 +128,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     # lse is returned without gradient (the public function detaches it), so grad_lse is ignored.
-    q, k, v, out, lse, bias, rel_h, rel_w = ctx.saved_tensors
     if grad_out is None:  # not materialised (see _setup_context): no gradient reached out
         return (None,) * 8
+    q, k, v, out, lse, bias, rel_h, rel_w = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[5]
     rel_pos_grad = rel_h is not None and (ctx.needs_input_grad[6] or ctx.needs_input_grad[7])
     dq, dk, dv, dbias, drel_h, drel_w = call(

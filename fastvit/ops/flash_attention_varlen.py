@@ -167,9 +167,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     # lse is returned without gradient (the public function detaches it): grad_lse is ignored
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     if grad_out is None:  # not materialised (see _setup_context): no gradient reached out
         return (None,) * 9
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = call(_varlen_bwd, _varlen_bwd_function, grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                       *ctx.max_seqlens, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None, None, None, None, None
