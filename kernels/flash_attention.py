@@ -144,6 +144,7 @@ def _attention_fwd_inner(
     bias_rows, rh_rows, rw_rows,  # (BLOCK_M,) int32 row offsets from the bases (rows past N clamped to
     #                               row N - 1, so every row reads inside the tables: no row predicate)
     stride_bm, stride_rhk, stride_rwk, KW,
+    rh_slab, rw_slab,  # (BLOCK_M, KH_PAD), (BLOCK_M, KW_PAD) this program's rel_h / rel_w rows (REL_POS_MMA)
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -154,7 +155,11 @@ def _attention_fwd_inner(
     BIAS_BOOL: tl.constexpr = False,
     HAS_REL_POS: tl.constexpr = False,
     USE_TMA: tl.constexpr = False,
+    REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
+    KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
+    KW_PAD: tl.constexpr = 16,
 ):
+    GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     # only scalar block pointers are carried through the loop; tile offsets are cheap to rebuild
     if not USE_TMA:
         k_block = k_head + tl.cast(lo, tl.int64) * stride_kn
@@ -194,14 +199,24 @@ def _attention_fwd_inner(
             # (rows are clamped inside the tables; only keys >= M need a predicate)
             valid = key_valid[None, :] if MASK_KEYS else None
             bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
-            if HAS_REL_POS:
+            if GATHER:
                 rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :]).to(tl.uint32)
                 rw_ptrs = rw_base + (rw_rows[:, None] + (col_w * stride_rwk)[None, :]).to(tl.uint32)
             else:
                 rh_ptrs = rh_base
                 rw_ptrs = rw_base
-            t = _add_bias(s * qk_scale, bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                          HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS)
+            if REL_POS_MMA:
+                # -- scale * q k^T + rel_h sel_h^T + rel_w sel_w^T accumulated onto the scores by dots with
+                #    one-hot (bins, keys) selection matrices (one non-zero product per element: exact),
+                #    then in log2 units; keys past M select nothing or a zero bin and are masked below --
+                sel_h_t = (tl.arange(0, KH_PAD)[:, None] == col_h[None, :]).to(q.dtype)
+                sel_w_t = (tl.arange(0, KW_PAD)[:, None] == col_w[None, :]).to(q.dtype)
+                t = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
+                t = tl.dot(rw_slab, sel_w_t, t) * LOG2E
+            else:
+                t = s * qk_scale
+            t = _add_bias(t, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+                          HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
             if MASK_KEYS:
                 t = tl.where(key_valid[None, :], t, float("-inf"))
             if CAUSAL_MASK:
@@ -306,6 +321,9 @@ def flash_attention_fwd_kernel(
     VTail=None,  # ... and V's
     USE_TMA: tl.constexpr = False,  # Q, K, V, Out are (B, H, N|M, D) tensor descriptors (Hopper's TMA), their
                                     # boxes (1, 1, BLOCK_M|BLOCK_N, HEAD_DIM_PAD); not with VARLEN
+    REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
+    KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
+    KW_PAD: tl.constexpr = 16,
 ):
     if VARLEN:
         # -- (head, tile): the tile table gives the sequence and the query block; the pointers move
@@ -380,6 +398,17 @@ def flash_attention_fwd_kernel(
         rw_base = RelW
         rh_rows = mask_rows
         rw_rows = mask_rows
+    if REL_POS_MMA:
+        # -- this program's rel_h / rel_w rows, held for the whole loop (bins past kh / kw: 0; kh = M / kw) --
+        bins_h = tl.arange(0, KH_PAD)
+        bins_w = tl.arange(0, KW_PAD)
+        rh_slab = tl.load(rh_base + rh_rows[:, None] + (bins_h * stride_rhk)[None, :],
+                          mask=(bins_h < M // KW)[None, :], other=0.0)
+        rw_slab = tl.load(rw_base + rw_rows[:, None] + (bins_w * stride_rwk)[None, :],
+                          mask=(bins_w < KW)[None, :], other=0.0)
+    else:
+        rh_slab = rh_rows
+        rw_slab = rw_rows
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -401,9 +430,11 @@ def flash_attention_fwd_kernel(
         acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         0, unmasked_end, M, qk_scale,
         bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        rh_slab, rw_slab,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
+        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
     )
     if CAUSAL:
         # whole blocks on the diagonal (every key < M; a last block past hi is causally masked)
@@ -411,9 +442,11 @@ def flash_attention_fwd_kernel(
             acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
             unmasked_end, tl.minimum(hi, full_end), M, qk_scale,
             bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        rh_slab, rw_slab,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
             MASK_KEYS=False, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
+        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
         )
     # the keys past the last whole block (none when hi <= full_end): at most one step of either size
     if BLOCK_TAIL > 0 and BLOCK_TAIL < BLOCK_N:
@@ -422,9 +455,11 @@ def flash_attention_fwd_kernel(
             acc, l_i, m_i, q, k_tail, v_tail, tma_b, tma_h, stride_kn, stride_vn,
             offs_m, tl.arange(0, BLOCK_TAIL), offs_d, full_end, tl.where(short, hi, full_end), M, qk_scale,
             bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        rh_slab, rw_slab,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_TAIL,
             MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
+        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
         )
         long_end = tl.where(short, full_end, hi)
     else:
@@ -433,9 +468,11 @@ def flash_attention_fwd_kernel(
         acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         full_end, long_end, M, qk_scale,
         bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        rh_slab, rw_slab,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
+        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
     )
 
     # -- epilogue: normalise, write out and the natural-log lse --
@@ -1419,7 +1456,8 @@ def varlen_bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> At
 
 
 def fwd_mask_config(
-    arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False, float_bias_only: bool = False
+    arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False, float_bias_only: bool = False,
+    rel_pos_mma_bins: int = 0,
 ) -> AttentionConfig:
     """Forward block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``: the
     op runs SDPA above), from the ahead-of-time report; ``tma`` as in ``fwd_config``,
@@ -1438,9 +1476,27 @@ def fwd_mask_config(
     mask or rel_pos the gathers are software-pipelined in registers next to the bulk copies and every
     tiling spills (D = 64: 16-1232 B from 64 x 64 on 4 warps to 128 x 128 on 8, issue ratios 6.7-8.9;
     D = 128, 128 x 64: 168-200 B), while 128 x 32 gains 1% (issue ratio 3.41 -> 3.38 with a bool mask,
-    4.00 -> 3.96 with rel_pos); a float bias up to D = 64 goes 1.77 -> 1.86."""
+    4.00 -> 3.96 with rel_pos); a float bias up to D = 64 goes 1.77 -> 1.86.
+
+    ``rel_pos_mma_bins``: rel_pos by selection-matrix dots (``rel_pos_by_mma``, no gathers) with
+    kh and kw padded to this many bins (0: gathers). The plain tiles compile without spills
+    (static report, Triton 3.8, 2026-12-04, bf16, 16 bins; hot-loop issue ratio against the
+    gathers' on the same architecture): sm_80 D = 128 128 x 32, 183 registers, 0.70 (gathers on
+    128 x 16: 2.28); sm_89 D = 128 64 x 32 on 4 warps, 177, 0.52 (0.88); sm_90 D = 128 128 x 64,
+    244, 0.80 (4.00 on 128 x 32). Hopper up to D = 64 with 16 bins takes two stages under a
+    128-register cap: two CTAs per SM, no spill, issue ratio 1.36 (uncapped: 171 registers, one
+    CTA, 1.28; the gathers 4.11). The report flags it 0 registers from the cliff; under the cap
+    the occupancy cannot drop (a compiler needing more would spill, a problem the report shows on
+    its own), and a 120 cap spills 8 B. With 32 bins the 128 cap spills 8 B, with 64 bins 32 B, so
+    those stay uncapped (179 / 209 registers, one CTA, 1.16 / 0.98)."""
     if INTERPRETER:
         return fwd_config(arch, dtype, head_dim_pad, tma=tma)
+    if rel_pos_mma_bins:
+        cfg = dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), max_registers=None)
+        if 90 <= arch < 100 and head_dim_pad <= 64:
+            cap = 128 if rel_pos_mma_bins <= 16 else None
+            return dataclasses.replace(cfg, num_stages=2, max_registers=cap)
+        return cfg
     if tma and float_bias_only and 90 <= arch < 100 and dtype != torch.float32 and 64 < head_dim_pad <= 128:
         return dataclasses.replace(_with_key_tail(AttentionConfig(128, 64, 8, 2)), tma=True)
     # the plain tiles' register cap is sized for their own code, not for the gathers
@@ -1657,13 +1713,16 @@ def flash_attention_forward(
     # the descriptors' strides, computed once: None where TMA is off or a tensor does not qualify
     strides = tma_strides(q, k, v, out) if tma_capable(arch, q.dtype, pad) else None
     tma = strides is not None
+    rel_mma = rel_pos_mma_flags(rel_h, rel_w) if rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w, forward=True) else {}
     if masked:
         float_bias_only = rel_h is None and bias.dtype != torch.bool
-        cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias_only)
+        bins = max(rel_mma["KH_PAD"], rel_mma["KW_PAD"]) if rel_mma else 0
+        cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias_only, rel_pos_mma_bins=bins)
     else:
         cfg = fwd_config(arch, q.dtype, pad, tma=tma)
     grid = (cdiv(n_q, cfg.block_m) * batch * heads,)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
+    flags = {**flags, **rel_mma}
     qkvo: tuple = (q, k, v, out)
     if cfg.tma:
         qkvo, tails = fwd_tma_descriptors(q, k, v, out, cfg, pad, strides)
@@ -1824,9 +1883,7 @@ def flash_attention_backward(
     precision = dot_precision(q.dtype)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     kh = 1 if rel_h is None else rel_h.shape[-1]
-    mma_flags = {}
-    if rel_mma:
-        mma_flags = {"REL_POS_MMA": True, "KH_PAD": rel_pos_padded(kh), "KW_PAD": rel_pos_padded(kw)}
+    mma_flags = rel_pos_mma_flags(rel_h, rel_w) if rel_mma else {}
     if rel_pos_grad:
         drel_parts = [new_output((batch * heads, n_q, n), dtype=torch.float32, device=q.device) for n in (kh, kw)]
     else:
@@ -1897,15 +1954,22 @@ def _tiles_in_int32(t: torch.Tensor | None) -> torch.Tensor | None:
 # rel_pos grids whose kh and kw pad to at most this many bins (ViTDet's and SAM's 14 x 14 windows) take the
 # backward's selection-matrix dots (REL_POS_MMA); wider ones (SAM's 64 x 64 global attention) keep the gathers
 REL_POS_MMA_MAX_PAD = 16
+# ... and the forward's, which holds its rows of the tables for the whole key loop: SAM's 64 x 64 global
+# attention too (static report, Triton 3.8, 2026-12-04, bf16 64 bins: no spill on sm_80/89/90 at D = 64
+# and 128; sm_90 hot-loop issue ratio 0.98 at D = 64 and 0.74 at D = 128, against 4.11 and 4.00 by gathers)
+REL_POS_FWD_MMA_MAX_PAD = 64
 
 
 def rel_pos_by_mma(
-    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_h: torch.Tensor | None, rel_w: torch.Tensor | None
+    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_h: torch.Tensor | None, rel_w: torch.Tensor | None,
+    forward: bool = False,
 ) -> bool:
-    """Whether the backward kernels (dK/dV, dQ, dBias) add rel_pos with tensor-core dots against
-    one-hot selection matrices (REL_POS_MMA) instead of per-element gathers: 16-bit inputs with
-    both tables in q's dtype (each product sums one non-zero term in fp32: exact), kh and kw
-    padded to at most ``REL_POS_MMA_MAX_PAD``, and off Hopper head dims up to 64.
+    """Whether the backward kernels (dK/dV, dQ, dBias), or with ``forward`` the forward kernel, add
+    rel_pos with tensor-core dots against one-hot selection matrices (REL_POS_MMA) instead of
+    per-element gathers: 16-bit inputs with both tables in q's dtype (each product sums one
+    non-zero term in fp32: exact). The backward: kh and kw padded to at most
+    ``REL_POS_MMA_MAX_PAD``, and off Hopper head dims up to 64. The forward: kh and kw padded to
+    at most ``REL_POS_FWD_MMA_MAX_PAD``, every architecture and head dim (``fwd_mask_config``).
 
     Static report (Triton 3.8, 2026-12-04), the dots accumulated onto the scores: with 64 bins
     (SAM's global 64 x 64 grid) sm_90 dQ spills at D = 128 (192 B on its 64 x 32 tiles, 400 B on
@@ -1915,9 +1979,15 @@ def rel_pos_by_mma(
         return False
     if rel_h.dtype != dtype or rel_w.dtype != dtype:
         return False
-    if max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1])) > REL_POS_MMA_MAX_PAD:
-        return False
-    return 90 <= arch < 100 or head_dim_pad <= 64
+    bins = max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1]))
+    if forward:
+        return bins <= REL_POS_FWD_MMA_MAX_PAD
+    return bins <= REL_POS_MMA_MAX_PAD and (90 <= arch < 100 or head_dim_pad <= 64)
+
+
+def rel_pos_mma_flags(rel_h: torch.Tensor, rel_w: torch.Tensor) -> dict:
+    """The kernels' constexprs for rel_pos by selection-matrix dots: REL_POS_MMA and the padded widths."""
+    return {"REL_POS_MMA": True, "KH_PAD": rel_pos_padded(rel_h.shape[-1]), "KW_PAD": rel_pos_padded(rel_w.shape[-1])}
 
 
 def rel_pos_padded(n: int) -> int:
@@ -2263,7 +2333,8 @@ def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig, masks=None, label=
             sig[name] = value  # a pointer this variant passes
     constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype),
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_TAIL": cfg.key_tail, "USE_TMA": True,
-                  **{n: v for n, v in flags.items() if not isinstance(v, str)}, **_VARLEN_OFF}  # fmt: skip
+                  **_REL_POS_GATHER, **{n: v for n, v in flags.items() if not isinstance(v, str)},
+                  **_VARLEN_OFF}  # fmt: skip
     if not cfg.key_tail:
         constexprs.update(KTail=None, VTail=None)
     return KernelSpec(
@@ -2291,7 +2362,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     no_tables = {"RelH": None, "RelW": None}
     specs = []
 
-    def add(kernel, label, sig, constexprs, cfg, block_m, block_n, wgmma=False):
+    def add(kernel, label, sig, constexprs, cfg, block_m, block_n, wgmma=False, target_ctas=1):
         sig = {n: sig[n] for n in sig}  # keep the argument order
         for name, value in constexprs.items():
             if name in sig and sig[name] == "constexpr" and isinstance(value, str) and value.startswith("*"):
@@ -2308,6 +2379,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
             f"s={cfg.num_stages}",
             sig, values, cfg.num_warps, cfg.num_stages, arch,
             needs_wgmma=wgmma and dtype != torch.float32, divisible_by_16=_aligned(sig),
+            target_ctas_per_sm=target_ctas, max_registers=cfg.max_registers,
         ))
 
     fwd_bias = {"Bias": "*fp32", **no_tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": False}
@@ -2316,6 +2388,14 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     add("flash_attention_fwd_kernel", "bias=fp32", fwd_sig, fwd_bias, fwd, fwd.block_m, fwd.block_n, True)
     add("flash_attention_fwd_kernel", "mask=bool", fwd_sig, fwd_bool, fwd, fwd.block_m, fwd.block_n, True)
     add("flash_attention_fwd_kernel", "rel_pos", fwd_sig, fwd_rel, fwd, fwd.block_m, fwd.block_n, True)
+    # the forward's rel_pos by selection-matrix dots: 16-bit tables in q's dtype, 14 x 14 windows (16 bins)
+    # and SAM's 64 x 64 global attention (64 bins); the gather row above: fp32 tables, or wider grids
+    if dtype != torch.float32:
+        for bins in (REL_POS_MMA_MAX_PAD, REL_POS_FWD_MMA_MAX_PAD):
+            fwd_mma = fwd_mask_config(arch, dtype, pad, rel_pos_mma_bins=bins)
+            add("flash_attention_fwd_kernel", f"rel_pos mma k={bins}", fwd_sig,
+                {**fwd_rel, "REL_POS_MMA": True, "KH_PAD": bins, "KW_PAD": bins}, fwd_mma,
+                fwd_mma.block_m, fwd_mma.block_n, True, target_ctas=2 if fwd_mma.max_registers else 1)
     tma_cfg = fwd_mask_config(arch, dtype, pad, tma=True, float_bias_only=True)
     if tma_supported(arch, dtype, pad) and tma_cfg.tma:  # FASTVIT_TMA=1's tiles, when q, k, v, out qualify
         specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, False, fwd_sig, fwd_bias, " bias=fp32", tma_cfg))

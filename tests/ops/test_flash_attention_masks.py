@@ -316,7 +316,7 @@ def test_rel_pos_fp16(kernel_device, route):
 @kernel_test
 @pytest.mark.parametrize("mask_shape", [(1, H, N, M), (H, N, 1)], ids=["per-head", "keys-broadcast"])
 def test_kernel_rel_pos_by_mma_with_mask_gradient(kernel_device, mask_shape, monkeypatch):
-    """16-bit rel_pos tables in q's dtype take the backward's selection-matrix dots (REL_POS_MMA) in
+    """16-bit rel_pos tables in q's dtype take the selection-matrix dots (REL_POS_MMA) in the forward,
     dK/dV, dQ and dBias (per tile, and summed over the key columns), with a non-square 5 x 7 grid
     (neither a power of two nor a divisor of a block), causal, and a float mask that needs grad;
     the same tables in fp32 with 16-bit q keep the gathers and give the same answers (fp16: the
@@ -325,7 +325,8 @@ def test_kernel_rel_pos_by_mma_with_mask_gradient(kernel_device, mask_shape, mon
 
     seen = []
     real = kernels.rel_pos_by_mma
-    monkeypatch.setattr(kernels, "rel_pos_by_mma", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(kernels, "rel_pos_by_mma",
+                        lambda *a, **kw: seen.append((kw.get("forward", False), real(*a, **kw))) or seen[-1][1])
     dtype = torch.float16
     q, k, v = _qkv(dtype, kernel_device, seed=50)
     mask = _mask(mask_shape, "float", kernel_device, seed=51)
@@ -333,7 +334,33 @@ def test_kernel_rel_pos_by_mma_with_mask_gradient(kernel_device, mask_shape, mon
         rel_pos = _rel_pos(1, H, kernel_device, seed=52, dtype=table_dtype)
         result = _run("triton", q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=True)
         _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=True)
-    assert seen == [True, False]
+    assert seen == [(True, True), (False, True), (True, False), (False, False)]
+
+
+@kernel_test
+@pytest.mark.parametrize(("kh", "kw", "forward_mma"), [(3, 20, True), (2, 70, False)],
+                         ids=["32-bin-forward-dots", "over-64-bins-gathers"])
+def test_kernel_rel_pos_wide_grids(kernel_device, kh, kw, forward_mma, monkeypatch):
+    """A key grid wider than the backward's 16 bins: the forward still takes the selection-matrix
+    dots up to 64 bins (a 20-wide row pads to 32), the backward gathers; past 64 bins both gather.
+    Causal, with a fully masked padding row (fp16: the interpreter's bf16 dots are wrong)."""
+    from fastvit.kernels import flash_attention as kernels
+
+    seen = []
+    real = kernels.rel_pos_by_mma
+    monkeypatch.setattr(kernels, "rel_pos_by_mma",
+                        lambda *a, **kw: seen.append((kw.get("forward", False), real(*a, **kw))) or seen[-1][1])
+    dtype, n_q = torch.float16, 37
+    q, k, v = _qkv(dtype, kernel_device, seed=60, n_q=n_q, n_k=kh * kw)
+    gen = _gen(61)
+    rel_pos = tuple(torch.randn(1, H, n_q, n, generator=gen).to(kernel_device, dtype).requires_grad_(True)
+                    for n in (kh, kw))
+    mask = torch.ones(B, 1, n_q, kh * kw, dtype=torch.bool)
+    mask[0, 0, 5] = False
+    mask = mask.to(kernel_device)
+    result = _run("triton", q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=True)
+    _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=True)
+    assert seen == [(True, forward_mma), (False, False)]
 
 
 # interpreter only: on a GPU the launcher takes the descriptors for a float bias above D = 64 alone,
@@ -468,7 +495,8 @@ def _mask_configs(kernels, monkeypatch):
     for arch in (80, 86, 89, 90, 100, 120):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for pad in (16, 32, 64, 128):
-                found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad))
+                for bins in (0, 16, 32, 64):
+                    found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, rel_pos_mma_bins=bins))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
                 for rel_pos in (False, True):
@@ -513,7 +541,7 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
         fwd = configs["fwd"][i % len(configs["fwd"])]
         bwd = configs["bwd"][i % len(configs["bwd"])]
         dbias = configs["dbias"][i % len(configs["dbias"])]
-        monkeypatch.setattr(kernels, "fwd_mask_config", lambda *a, fwd=fwd: fwd)
+        monkeypatch.setattr(kernels, "fwd_mask_config", lambda *a, fwd=fwd, **kw: fwd)
         monkeypatch.setattr(kernels, "bwd_mask_configs", lambda *a, bwd=bwd: bwd)
         monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias, **kw: dbias)
         result = _run("triton", q, k, v, attn_mask=bias, rel_pos=rel_pos, causal=True)
