@@ -34,9 +34,11 @@ Masks and biases (constexpr flags, all off by default: plain attention compiles 
     HAS_REL_POS   SAM's decomposed bias rel_h[i, j // kw] + rel_w[i, j % kw], gathered from the
                   (N, kh) and (N, kw) tables per tile: O(N * (kh + kw)) memory; the column split
                   (j // kw, j % kw) is a (keys,) vector per key block, carried from block to block.
-                  REL_POS_MMA (backward, ``rel_pos_by_mma``: 16-bit tables in q's dtype, kh, kw <= 16):
-                  no gathers; scale * q k^T + rel_h sel_h^T + rel_w sel_w^T with one-hot (keys, bins)
-                  selection matrices, dots accumulated onto the scores (one non-zero term each: exact).
+                  REL_POS_MMA (``rel_pos_by_mma``: 16-bit tables in q's dtype, kh, kw padded to <= 64
+                  bins in the forward, <= 16 in the backward): no gathers; scale * q k^T + rel_h sel_h^T
+                  + rel_w sel_w^T with one-hot (keys, bins) selection matrices, dots accumulated onto
+                  the scores (one non-zero term each: exact); the forward holds its table rows.
+                  A bool mask enters the forward's q k^T dot as its initial accumulator (0 / -inf).
     A row whose every score is -inf (fully masked) is guarded: the online softmax subtracts 0
     instead of a -inf max, l = 0 gives out = 0 and lse = -inf, and the backward turns lse = -inf
     into +inf so that P = 0 there (zero gradients, never NaN).
@@ -193,12 +195,22 @@ def _attention_fwd_inner(
             k = tl.load(k_block + offs_n[None, :] * stride_kn + offs_d[:, None])
         else:
             k = tl.load(k_block + offs_n[None, :] * stride_kn + offs_d[:, None], mask=d_valid[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        # (mask and rel_pos rows are clamped inside the tables; only keys >= M need a predicate)
+        valid = key_valid[None, :] if MASK_KEYS else None
+        bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
+        if HAS_BIAS and BIAS_BOOL:
+            # -- a bool mask enters as the dot's initial accumulator, 0 where kept and -inf where masked
+            #    (exact: -inf + x = -inf): selected after the load it would anchor the softmax in the
+            #    load's register layout, which Triton then ran twice, once per layout (sm_90: 70
+            #    MUFU per thread per step against 34) --
+            keep = tl.load(bias_ptrs) if valid is None else tl.load(bias_ptrs, mask=valid, other=0)
+            s = tl.dot(q, k, tl.where(keep != 0, 0.0, float("-inf")), input_precision=DOT_PRECISION)
+        else:
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if HAS_BIAS or HAS_REL_POS:
-            # -- t = s * scale * log2 e + bias * log2 e; a row may be -inf throughout --
-            # (rows are clamped inside the tables; only keys >= M need a predicate)
-            valid = key_valid[None, :] if MASK_KEYS else None
-            bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
+            # -- the scores in log2 units are t * t_scale, the scale folded into the exponent's fma
+            #    where nothing is added after it (as in the plain path); a row may be -inf throughout --
+            FLOAT_BIAS: tl.constexpr = HAS_BIAS and not BIAS_BOOL
             if GATHER:
                 rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :]).to(tl.uint32)
                 rw_ptrs = rw_base + (rw_rows[:, None] + (col_w * stride_rwk)[None, :]).to(tl.uint32)
@@ -208,23 +220,33 @@ def _attention_fwd_inner(
             if REL_POS_MMA:
                 # -- scale * q k^T + rel_h sel_h^T + rel_w sel_w^T accumulated onto the scores by dots with
                 #    one-hot (bins, keys) selection matrices (one non-zero product per element: exact),
-                #    then in log2 units; keys past M select nothing or a zero bin and are masked below --
+                #    in natural-log units; keys past M select nothing or a zero bin and are masked below --
                 sel_h_t = (tl.arange(0, KH_PAD)[:, None] == col_h[None, :]).to(q.dtype)
                 sel_w_t = (tl.arange(0, KW_PAD)[:, None] == col_w[None, :]).to(q.dtype)
                 t = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
-                t = tl.dot(rw_slab, sel_w_t, t) * LOG2E
-            else:
+                t = tl.dot(rw_slab, sel_w_t, t)
+                if FLOAT_BIAS:
+                    t = t * LOG2E
+                    t_scale = 1.0
+                else:
+                    t_scale = LOG2E
+            elif FLOAT_BIAS or GATHER:
                 t = s * qk_scale
+                t_scale = 1.0
+            else:  # a bool mask alone, already in s
+                t = s
+                t_scale = qk_scale
+            # -- + bias * log2 e, + (rel_h + rel_w) * log2 e by gathers --
             t = _add_bias(t, bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                          HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
+                          HAS_BIAS=FLOAT_BIAS, BIAS_BOOL=False, HAS_REL_POS=GATHER)
             if MASK_KEYS:
                 t = tl.where(key_valid[None, :], t, float("-inf"))
             if CAUSAL_MASK:
                 t = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], t, float("-inf"))
             # -- online softmax guarded for fully masked rows: max -inf would make exp2 NaN --
-            m_new = tl.maximum(m_i, tl.max(t, 1))
+            m_new = tl.maximum(m_i, tl.max(t, 1) * t_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(t - m_safe[:, None])
+            p = tl.math.exp2(t * t_scale - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
         else:
             if MASK_KEYS:
@@ -1456,56 +1478,53 @@ def varlen_bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> At
 
 
 def fwd_mask_config(
-    arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False, float_bias_only: bool = False,
-    rel_pos_mma_bins: int = 0,
+    arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False, float_bias: bool = False,
+    rel_pos_mma_bins: int = 0, rel_pos_gathers: bool = False,
 ) -> AttentionConfig:
     """Forward block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``: the
     op runs SDPA above), from the ahead-of-time report; ``tma`` as in ``fwd_config``,
-    ``float_bias_only``: the mask is a float bias and there is no rel_pos. The mask and rel_pos
-    tiles are gathered with unsigned int32 offsets from one 64-bit base per table (rows past N
-    clamped, so only the key tail is predicated; a float bias's offsets are loop-invariant, and
-    its tiles are software-pipelined through shared memory by cp.async).
+    ``float_bias``: the mask is a float bias (not bool); ``rel_pos_mma_bins``:
+    rel_pos by selection-matrix dots (``rel_pos_by_mma``) with kh and kw padded to this many bins;
+    ``rel_pos_gathers``: rel_pos by per-element gathers (fp32 tables, or wider grids). The mask and
+    gathered rel_pos tiles are read with unsigned int32 offsets from one 64-bit base per table (rows
+    past N clamped, so only the key tail is predicated; a float bias's offsets are loop-invariant,
+    and its tiles are software-pipelined through shared memory by cp.async; a bool mask enters as
+    the first dot's accumulator).
 
-    Pointer loads of Q, K, V: for 16-bit inputs with head dims > 64 the plain 128 x 64 tiles spill
-    (sm_90, Triton 3.8, 2026-12-04: 16 B with a float bias, 256-352 B with a bool mask or rel_pos),
-    so BLOCK_N is halved and 8 warps share the tile.
+    Static report (sm_90, Triton 3.8, 2026-12-04, bf16; hot-loop issue ratio): the plain tiles
+    take a mask or rel_pos by dots without spills at every head dim, the plain 128 x 64 at D = 128
+    included (a bool mask 1.23, was 3.41 on 128 x 32; rel_pos by dots with 16 / 64 bins 0.79 / 0.70,
+    by gathers 4.00; a float bias 1.16, was 1.33, without the 32-key tail step, which spills 16 B
+    there), as do sm_80's and sm_89's plain tiles. With
+    the rel_pos gathers, the plain 128 x 64 tiles spill at D > 64 (256-352 B), so BLOCK_N is halved
+    there and 8 warps share the tile. Hopper up to D = 64, rel_pos by dots over 16 bins: two stages
+    under a 128-register cap, two CTAs per SM, no spill, issue ratio 1.26 (uncapped: one CTA; the
+    gathers 4.11); the report flags it 2 registers from the cliff, but under the cap the occupancy
+    cannot drop (a compiler needing more would spill, a problem the report shows on its own), and
+    a 120 cap spills 8 B. With 32 bins the 128 cap spills 8 B, with 64 bins 32 B: those stay
+    uncapped (one CTA, issue ratio 0.92 with 64 bins).
 
     Hopper with TMA, a float bias only, D > 64: the bulk copies take Q, K and V's addresses out of the
-    registers, so the plain 128 x 64 tiles fit (238 registers, no spill; hot-loop issue ratio 0.96,
-    against 1.33 for 128 x 32 with pointer loads). Not taken elsewhere (same report): with a bool
-    mask or rel_pos the gathers are software-pipelined in registers next to the bulk copies and every
-    tiling spills (D = 64: 16-1232 B from 64 x 64 on 4 warps to 128 x 128 on 8, issue ratios 6.7-8.9;
-    D = 128, 128 x 64: 168-200 B), while 128 x 32 gains 1% (issue ratio 3.41 -> 3.38 with a bool mask,
-    4.00 -> 3.96 with rel_pos); a float bias up to D = 64 goes 1.77 -> 1.86.
-
-    ``rel_pos_mma_bins``: rel_pos by selection-matrix dots (``rel_pos_by_mma``, no gathers) with
-    kh and kw padded to this many bins (0: gathers). The plain tiles compile without spills
-    (static report, Triton 3.8, 2026-12-04, bf16, 16 bins; hot-loop issue ratio against the
-    gathers' on the same architecture): sm_80 D = 128 128 x 32, 183 registers, 0.70 (gathers on
-    128 x 16: 2.28); sm_89 D = 128 64 x 32 on 4 warps, 177, 0.52 (0.88); sm_90 D = 128 128 x 64,
-    244, 0.80 (4.00 on 128 x 32). Hopper up to D = 64 with 16 bins takes two stages under a
-    128-register cap: two CTAs per SM, no spill, issue ratio 1.36 (uncapped: 171 registers, one
-    CTA, 1.28; the gathers 4.11). The report flags it 0 registers from the cliff; under the cap
-    the occupancy cannot drop (a compiler needing more would spill, a problem the report shows on
-    its own), and a 120 cap spills 8 B. With 32 bins the 128 cap spills 8 B, with 64 bins 32 B, so
-    those stay uncapped (179 / 209 registers, one CTA, 1.16 / 0.98)."""
+    registers (128 x 64: 238 registers, issue ratio 0.96). Not taken elsewhere (same report): with a
+    bool mask or rel_pos every TMA tiling spilled (D = 64: 16-1232 B, D = 128: 168-200 B on
+    128 x 64), and a float bias up to D = 64 went 1.77 -> 1.86."""
     if INTERPRETER:
         return fwd_config(arch, dtype, head_dim_pad, tma=tma)
-    if rel_pos_mma_bins:
-        cfg = dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), max_registers=None)
-        if 90 <= arch < 100 and head_dim_pad <= 64:
-            cap = 128 if rel_pos_mma_bins <= 16 else None
-            return dataclasses.replace(cfg, num_stages=2, max_registers=cap)
-        return cfg
-    if tma and float_bias_only and 90 <= arch < 100 and dtype != torch.float32 and 64 < head_dim_pad <= 128:
+    hopper16 = 90 <= arch < 100 and dtype != torch.float32
+    rel_pos = rel_pos_mma_bins > 0 or rel_pos_gathers
+    if tma and float_bias and not rel_pos and hopper16 and 64 < head_dim_pad <= 128:
         return dataclasses.replace(_with_key_tail(AttentionConfig(128, 64, 8, 2)), tma=True)
-    # the plain tiles' register cap is sized for their own code, not for the gathers
+    # the plain tiles' register cap is sized for their own code, not for the mask's
     cfg = dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), max_registers=None)
+    if rel_pos_mma_bins and 90 <= arch < 100 and head_dim_pad <= 64:
+        return dataclasses.replace(cfg, num_stages=2, max_registers=128 if rel_pos_mma_bins <= 16 else None)
     if dtype == torch.float32 and 90 <= arch < 100 and head_dim_pad == 64:
         # one stage: two spill 8 B with a bool mask (sm_90, Triton 3.8); 92-94 registers, not 206-217
         return dataclasses.replace(cfg, num_stages=1)
     if dtype == torch.float32 or head_dim_pad <= 64:
         return cfg
+    if not rel_pos_gathers:
+        return dataclasses.replace(cfg, key_tail=0) if float_bias and hopper16 else cfg
     return _with_key_tail(dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8))
 
 
@@ -1715,9 +1734,10 @@ def flash_attention_forward(
     tma = strides is not None
     rel_mma = rel_pos_mma_flags(rel_h, rel_w) if rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w, forward=True) else {}
     if masked:
-        float_bias_only = rel_h is None and bias.dtype != torch.bool
+        float_bias = bias is not None and bias.dtype != torch.bool
         bins = max(rel_mma["KH_PAD"], rel_mma["KW_PAD"]) if rel_mma else 0
-        cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias_only, rel_pos_mma_bins=bins)
+        cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias, rel_pos_mma_bins=bins,
+                              rel_pos_gathers=rel_h is not None and not rel_mma)
     else:
         cfg = fwd_config(arch, q.dtype, pad, tma=tma)
     grid = (cdiv(n_q, cfg.block_m) * batch * heads,)
@@ -2355,6 +2375,8 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     over rows (a (B, 1, 1, M) key-padding bias)."""
     pad = head_dim_padded(head_dim)
     fwd = fwd_mask_config(arch, dtype, pad)
+    fwd_float = fwd_mask_config(arch, dtype, pad, float_bias=True)
+    fwd_gathers = fwd_mask_config(arch, dtype, pad, rel_pos_gathers=True)
     bwd, dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True)
     dq_plain = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False)[1]  # dQ without the rel_pos gradients
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": dot_precision(dtype)}
@@ -2385,9 +2407,11 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     fwd_bias = {"Bias": "*fp32", **no_tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": False}
     fwd_bool = {"Bias": "*u8", **no_tables, "HAS_BIAS": True, "BIAS_BOOL": True, "HAS_REL_POS": False}
     fwd_rel = {"Bias": None, **tables, "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": True}
-    add("flash_attention_fwd_kernel", "bias=fp32", fwd_sig, fwd_bias, fwd, fwd.block_m, fwd.block_n, True)
+    add("flash_attention_fwd_kernel", "bias=fp32", fwd_sig, fwd_bias, fwd_float, fwd_float.block_m,
+        fwd_float.block_n, True)
     add("flash_attention_fwd_kernel", "mask=bool", fwd_sig, fwd_bool, fwd, fwd.block_m, fwd.block_n, True)
-    add("flash_attention_fwd_kernel", "rel_pos", fwd_sig, fwd_rel, fwd, fwd.block_m, fwd.block_n, True)
+    add("flash_attention_fwd_kernel", "rel_pos", fwd_sig, fwd_rel, fwd_gathers, fwd_gathers.block_m,
+        fwd_gathers.block_n, True)
     # the forward's rel_pos by selection-matrix dots: 16-bit tables in q's dtype, 14 x 14 windows (16 bins)
     # and SAM's 64 x 64 global attention (64 bins); the gather row above: fp32 tables, or wider grids
     if dtype != torch.float32:
@@ -2396,7 +2420,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
             add("flash_attention_fwd_kernel", f"rel_pos mma k={bins}", fwd_sig,
                 {**fwd_rel, "REL_POS_MMA": True, "KH_PAD": bins, "KW_PAD": bins}, fwd_mma,
                 fwd_mma.block_m, fwd_mma.block_n, True, target_ctas=2 if fwd_mma.max_registers else 1)
-    tma_cfg = fwd_mask_config(arch, dtype, pad, tma=True, float_bias_only=True)
+    tma_cfg = fwd_mask_config(arch, dtype, pad, tma=True, float_bias=True)
     if tma_supported(arch, dtype, pad) and tma_cfg.tma:  # FASTVIT_TMA=1's tiles, when q, k, v, out qualify
         specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, False, fwd_sig, fwd_bias, " bias=fp32", tma_cfg))
     both = {"Bias": "*fp32", **tables, "HAS_BIAS": True, "BIAS_BOOL": False, "HAS_REL_POS": True}

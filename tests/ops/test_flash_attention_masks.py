@@ -497,6 +497,8 @@ def _mask_configs(kernels, monkeypatch):
             for pad in (16, 32, 64, 128):
                 for bins in (0, 16, 32, 64):
                     found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, rel_pos_mma_bins=bins))
+                found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, rel_pos_gathers=True))
+                found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, float_bias=True))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
                 for rel_pos in (False, True):
