@@ -106,8 +106,9 @@ def _add_bias(
     HAS_BIAS: tl.constexpr,
     BIAS_BOOL: tl.constexpr,  # the mask is bool (read as uint8, 0 = masked), else float (added)
     HAS_REL_POS: tl.constexpr,
+    UNIT: tl.constexpr = LOG2E,  # t's units per natural-log unit: log2 e, or 1.0 for scores in natural units
 ):
-    # -- t += (rel_h[i, j // kw] + rel_w[i, j % kw]) * log2 e --
+    # -- t += (rel_h[i, j // kw] + rel_w[i, j % kw]) * unit --
     if HAS_REL_POS:
         if valid is None:
             rh = tl.load(rh_ptrs).to(tl.float32)
@@ -115,15 +116,15 @@ def _add_bias(
         else:
             rh = tl.load(rh_ptrs, mask=valid, other=0.0).to(tl.float32)
             rw = tl.load(rw_ptrs, mask=valid, other=0.0).to(tl.float32)
-        t += (rh + rw) * LOG2E
-    # -- bool: -inf where masked;  float: t += bias * log2 e (bias may hold -inf) --
+        t += (rh + rw) * UNIT
+    # -- bool: -inf where masked;  float: t += bias * unit (bias may hold -inf) --
     if HAS_BIAS:
         if BIAS_BOOL:
             keep = tl.load(bias_ptrs) if valid is None else tl.load(bias_ptrs, mask=valid, other=0)
             t = tl.where(keep != 0, t, float("-inf"))
         else:
             b = tl.load(bias_ptrs) if valid is None else tl.load(bias_ptrs, mask=valid, other=0.0)
-            t += b.to(tl.float32) * LOG2E
+            t += b.to(tl.float32) * UNIT
     return t
 
 
@@ -208,8 +209,10 @@ def _attention_fwd_inner(
         else:
             s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if HAS_BIAS or HAS_REL_POS:
-            # -- the scores in log2 units are t * t_scale, the scale folded into the exponent's fma
-            #    where nothing is added after it (as in the plain path); a row may be -inf throughout --
+            # -- the scores in log2 units are t * t_scale, t_scale folded into the exponent's fma as in
+            #    the plain path: t in natural-log units (scale * q k^T + bias + rel_pos: one fma per
+            #    score for the scale and a bias), or a bool mask alone: t = q k^T, already masked;
+            #    a row may be -inf throughout --
             FLOAT_BIAS: tl.constexpr = HAS_BIAS and not BIAS_BOOL
             if GATHER:
                 rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :]).to(tl.uint32)
@@ -220,25 +223,21 @@ def _attention_fwd_inner(
             if REL_POS_MMA:
                 # -- scale * q k^T + rel_h sel_h^T + rel_w sel_w^T accumulated onto the scores by dots with
                 #    one-hot (bins, keys) selection matrices (one non-zero product per element: exact),
-                #    in natural-log units; keys past M select nothing or a zero bin and are masked below --
+                #    keys past M select nothing or a zero bin and are masked below --
                 sel_h_t = (tl.arange(0, KH_PAD)[:, None] == col_h[None, :]).to(q.dtype)
                 sel_w_t = (tl.arange(0, KW_PAD)[:, None] == col_w[None, :]).to(q.dtype)
                 t = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
                 t = tl.dot(rw_slab, sel_w_t, t)
-                if FLOAT_BIAS:
-                    t = t * LOG2E
-                    t_scale = 1.0
-                else:
-                    t_scale = LOG2E
+                t_scale = LOG2E
             elif FLOAT_BIAS or GATHER:
-                t = s * qk_scale
-                t_scale = 1.0
+                t = s * (qk_scale / LOG2E)
+                t_scale = LOG2E
             else:  # a bool mask alone, already in s
                 t = s
                 t_scale = qk_scale
-            # -- + bias * log2 e, + (rel_h + rel_w) * log2 e by gathers --
+            # -- + bias, + rel_h + rel_w by gathers --
             t = _add_bias(t, bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                          HAS_BIAS=FLOAT_BIAS, BIAS_BOOL=False, HAS_REL_POS=GATHER)
+                          HAS_BIAS=FLOAT_BIAS, BIAS_BOOL=False, HAS_REL_POS=GATHER, UNIT=1.0)
             if MASK_KEYS:
                 t = tl.where(key_valid[None, :], t, float("-inf"))
             if CAUSAL_MASK:
@@ -1494,7 +1493,7 @@ def fwd_mask_config(
     Static report (sm_90, Triton 3.8, 2026-12-04, bf16; hot-loop issue ratio): the plain tiles
     take a mask or rel_pos by dots without spills at every head dim, the plain 128 x 64 at D = 128
     included (a bool mask 1.23, was 3.41 on 128 x 32; rel_pos by dots with 16 / 64 bins 0.79 / 0.70,
-    by gathers 4.00; a float bias 1.16, was 1.33, without the 32-key tail step, which spills 16 B
+    by gathers 4.00; a float bias 0.93, was 1.33, without the 32-key tail step, which spills 16 B
     there), as do sm_80's and sm_89's plain tiles. With
     the rel_pos gathers, the plain 128 x 64 tiles spill at D > 64 (256-352 B), so BLOCK_N is halved
     there and 8 warps share the tile. Hopper up to D = 64, rel_pos by dots over 16 bins: two stages
