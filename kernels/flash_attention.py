@@ -99,14 +99,14 @@ MAX_MASK_HEAD_DIM = 128
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _add_bias(
-    t,  # (R, C) fp32 scores in log2 units (scale * q.k * log2 e)
+    t,  # (R, C) fp32 scores, in natural-log units (scale * q.k) or with UNIT = log2 e in log2 units
     bias_ptrs,  # (R, C) pointers into the attn_mask (HAS_BIAS), else None
     rh_ptrs, rw_ptrs,  # (R, C) gathered pointers into rel_h and rel_w (HAS_REL_POS), else None
     valid,  # (R, C) in-range (query, key) pairs: out-of-range loads are skipped; None: all in range
     HAS_BIAS: tl.constexpr,
     BIAS_BOOL: tl.constexpr,  # the mask is bool (read as uint8, 0 = masked), else float (added)
     HAS_REL_POS: tl.constexpr,
-    UNIT: tl.constexpr = LOG2E,  # t's units per natural-log unit: log2 e, or 1.0 for scores in natural units
+    UNIT: tl.constexpr = 1.0,  # t's units per natural-log unit (log2 e: scores in log2 units)
 ):
     # -- t += (rel_h[i, j // kw] + rel_w[i, j % kw]) * unit --
     if HAS_REL_POS:
@@ -237,7 +237,7 @@ def _attention_fwd_inner(
                 t_scale = qk_scale
             # -- + bias, + rel_h + rel_w by gathers --
             t = _add_bias(t, bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                          HAS_BIAS=FLOAT_BIAS, BIAS_BOOL=False, HAS_REL_POS=GATHER, UNIT=1.0)
+                          HAS_BIAS=FLOAT_BIAS, BIAS_BOOL=False, HAS_REL_POS=GATHER)
             if MASK_KEYS:
                 t = tl.where(key_valid[None, :], t, float("-inf"))
             if CAUSAL_MASK:
@@ -631,19 +631,20 @@ def _attention_bwd_dkdv_inner(
             valid = key_valid[:, None] & row_valid[None, :]
             if REL_POS_MMA:
                 # -- scale * k q^T + rel_pos^T, rel_pos^T = sel_h rel_h^T + sel_w rel_w^T accumulated onto the
-                #    scores (one non-zero product per element: exact), then in log2 units --
+                #    scores (one non-zero product per element: exact) --
                 rh_t = tl.load(rh_base + rh_offs, mask=(bins_h < KH)[:, None] & row_valid[None, :], other=0.0)
                 rw_t = tl.load(rw_base + rw_offs, mask=(bins_w < KW)[:, None] & row_valid[None, :], other=0.0)
                 s_t = tl.dot(sel_h, rh_t, s_t * (qk_scale / LOG2E))
-                s_t = tl.dot(sel_w, rw_t, s_t) * LOG2E
+                s_t = tl.dot(sel_w, rw_t, s_t)
             else:
-                s_t = s_t * qk_scale
+                s_t = s_t * (qk_scale / LOG2E)
+            # -- in natural-log units (scale and a bias: one fma), log2 e folded into the exponent's fma --
             t_t = _add_bias(s_t, bias_base + bias_offs if HAS_BIAS else bias_base,
                             rh_base + rh_offs if GATHER else rh_base,
                             rw_base + rw_offs if GATHER else rw_base, valid,
                             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            p_t = tl.math.exp2(t_t - lse[None, :] * LOG2E)
+            p_t = tl.math.exp2(t_t * LOG2E - lse[None, :] * LOG2E)
         else:
             p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
         if CAUSAL_MASK:
@@ -843,7 +844,6 @@ def _attention_bwd_dq_inner(
     lo, hi,  # key range [lo, hi)
     M,
     qk_scale,
-    row_valid,  # (BLOCK_M,) offs_m < N
     bias_base,  # attn_mask at (this program's first row, key 0) of this head (HAS_BIAS), else None
     rh_base, rw_base,  # rel_h / rel_w at (this program's first row, bin 0) (HAS_REL_POS), else None
     bias_rows, rh_rows, rw_rows,  # (BLOCK_M,) int32 row offsets: local row * stride_bn / stride_rhn / stride_rwn
@@ -895,7 +895,8 @@ def _attention_bwd_dq_inner(
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if HAS_BIAS or HAS_REL_POS:
             # -- P = exp(scale * q k^T + bias - lse); lse is +inf (not -inf) on fully masked rows --
-            valid = row_valid[:, None] & key_valid[None, :]
+            # (rows are clamped inside the tables; only keys >= M need a predicate)
+            valid = key_valid[None, :] if MASK_KEYS else None
             bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
             if GATHER:
                 rh_ptrs = rh_base + (rh_rows[:, None] + (col_h * stride_rhk)[None, :]).to(tl.uint32)
@@ -905,16 +906,17 @@ def _attention_bwd_dq_inner(
                 rw_ptrs = rw_base
             if REL_POS_MMA:
                 # -- scale * q k^T + rel_pos, rel_pos = rel_h sel_h^T + rel_w sel_w^T accumulated onto the scores
-                #    (one non-zero product per element: exact), then in log2 units --
+                #    (one non-zero product per element: exact) --
                 sel_h_t = (tl.arange(0, KH_PAD)[:, None] == col_h[None, :]).to(k_t.dtype)
                 sel_w_t = (tl.arange(0, KW_PAD)[:, None] == col_w[None, :]).to(k_t.dtype)
                 s = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
-                s = tl.dot(rw_slab, sel_w_t, s) * LOG2E
+                s = tl.dot(rw_slab, sel_w_t, s)
             else:
-                s = s * qk_scale
+                s = s * (qk_scale / LOG2E)
+            # -- in natural-log units (scale and a bias: one fma), log2 e folded into the exponent's fma --
             t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                           HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
-            p = tl.math.exp2(t - lse[:, None] * LOG2E)
+            p = tl.math.exp2(t * LOG2E - lse[:, None] * LOG2E)
         else:
             p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
         if MASK_KEYS:
@@ -1043,18 +1045,20 @@ def flash_attention_bwd_dq_kernel(
     # -- with a mask or rel_pos, fully masked rows: lse -> +inf, P = 0 --
     if HAS_BIAS or HAS_REL_POS:
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    # -- the mask and rel_pos tables: 64-bit bases at this program's first row, int32 row offsets --
+    # -- the mask and rel_pos tables: 64-bit bases at this program's first row, int32 row offsets
+    #    (rows past N read row N - 1: their P is 0 by lse = +inf, and the loads need no row mask) --
+    mask_rows = tl.minimum(offs_m, N - 1) - start_m
     if HAS_BIAS:
         bias_base = Bias + off_b * stride_bb + off_h * stride_bh + start_m.to(tl.int64) * stride_bn
-        bias_rows = local_m * stride_bn
+        bias_rows = mask_rows * stride_bn
     else:
         bias_base = Bias
         bias_rows = local_m
     if HAS_REL_POS:
         rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh + start_m.to(tl.int64) * stride_rhn
         rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh + start_m.to(tl.int64) * stride_rwn
-        rh_rows = local_m * stride_rhn
-        rw_rows = local_m * stride_rwn
+        rh_rows = mask_rows * stride_rhn
+        rw_rows = mask_rows * stride_rwn
     else:
         rh_base = RelH
         rw_base = RelW
@@ -1066,9 +1070,9 @@ def flash_attention_bwd_dq_kernel(
         bins_h = tl.arange(0, KH_PAD)
         bins_w = tl.arange(0, KW_PAD)
         rh_slab = tl.load(rh_base + rh_rows[:, None] + (bins_h * stride_rhk)[None, :],
-                          mask=row_valid[:, None] & (bins_h < KH)[None, :], other=0.0)
+                          mask=(bins_h < KH)[None, :], other=0.0)
         rw_slab = tl.load(rw_base + rw_rows[:, None] + (bins_w * stride_rwk)[None, :],
-                          mask=row_valid[:, None] & (bins_w < KW)[None, :], other=0.0)
+                          mask=(bins_w < KW)[None, :], other=0.0)
     else:
         rh_slab = rh_rows
         rw_slab = rw_rows
@@ -1090,7 +1094,7 @@ def flash_attention_bwd_dq_kernel(
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         0, unmasked_end, M, qk_scale,
-        row_valid, bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
@@ -1099,7 +1103,7 @@ def flash_attention_bwd_dq_kernel(
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
         unmasked_end, hi, M, qk_scale,
-        row_valid, bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
+        bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
@@ -1270,8 +1274,10 @@ def flash_attention_bwd_dbias_kernel(
                         s = tl.dot(rw_slab, sel_w_t, s) * LOG2E
                     else:
                         s = s * qk_scale
+                    # -- log2 units here: natural-log units with log2 e in the exponent's fma (as in the
+                    #    other kernels) spilled 24 B with the rel_pos gathers (sm_90 D = 64, Triton 3.8) --
                     t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                                  HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=GATHER)
+                                  HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=GATHER, UNIT=LOG2E)
                     p = tl.math.exp2(t - lse[:, None] * LOG2E)
                     p = tl.where(valid, p, 0.0)
                     if CAUSAL:
