@@ -200,12 +200,14 @@ def _attention_fwd_inner(
         valid = key_valid[None, :] if MASK_KEYS else None
         bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
         if HAS_BIAS and BIAS_BOOL:
-            # -- a bool mask enters as the dot's initial accumulator, 0 where kept and -inf where masked
-            #    (exact: -inf + x = -inf): selected after the load it would anchor the softmax in the
-            #    load's register layout, which Triton then ran twice, once per layout (sm_90: 70
-            #    MUFU per thread per step against 34) --
+            # -- a bool mask: its 0 / -inf tile enters the dot as the initial accumulator, which moves it
+            #    into the dot's register layout (selected against the loaded tile instead, it anchored the
+            #    softmax in the load's layout and Triton ran the softmax twice, once per layout: sm_90
+            #    70 MUFU per thread per step against 34); the select on that tile then gives masked keys
+            #    -inf whatever their score (NaN or inf included: q k^T + -inf alone could be NaN) --
             keep = tl.load(bias_ptrs) if valid is None else tl.load(bias_ptrs, mask=valid, other=0)
-            s = tl.dot(q, k, tl.where(keep != 0, 0.0, float("-inf")), input_precision=DOT_PRECISION)
+            masked = tl.where(keep != 0, 0.0, float("-inf"))
+            s = tl.where(masked == 0.0, tl.dot(q, k, masked, input_precision=DOT_PRECISION), float("-inf"))
         else:
             s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if HAS_BIAS or HAS_REL_POS:
@@ -1534,7 +1536,8 @@ def fwd_mask_config(
 
 
 def bwd_mask_configs(
-    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool, rel_pos_mma: bool = False
+    arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool, rel_pos_mma: bool = False,
+    rel_pos: bool = True,
 ) -> tuple[AttentionConfig, AttentionConfig]:
     """(dK/dV, dQ) block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``),
     from the ahead-of-time report (same conventions as ``bwd_config``). Off Hopper, 16-bit tiles of
@@ -1571,7 +1574,15 @@ def bwd_mask_configs(
     with one stage); dQ with the rel_pos gradients takes 64 rows x 32 keys on 4 warps, two stages
     (sm_80 255 / 0 / 1.08, sm_89 255 / 0 / 0.50: 1.08 and 0.50 hot-loop instructions per score
     against 2.8 and 1.4 on 32 x 32 over 8 warps, which put the chained score dots at warps [8, 1],
-    every MMA row twice; one stage spills 40-48 B)."""
+    every MMA row twice; one stage spills 40-48 B).
+
+    ``rel_pos`` False (a mask alone, nothing gathered but the mask): Hopper takes the plain tiles in
+    both passes (sm_90, Triton 3.8, 2026-12-04, bf16, dK/dV regs / spill / issue ratio: a bool mask,
+    which enters the score dot as its accumulator, D = 128 on 32 x 128, 8 warps: 240 / 0 / 1.00,
+    against 164 / 0 / 1.40 on ``_HOPPER_MASK_BWD``'s 32 x 64, which computes every MMA row twice
+    and is a 16-wide HGMMA; a float bias 245 / 0 / 0.96; D = 64 on 32 x 64 over 4 warps, two CTAs
+    per SM: bool 180 / 0 / 1.73, float 183 / 0 / 1.61, against one CTA on 32 x 128, 8 warps at
+    1.71 / 1.50). Off Hopper the plain tiles spill 40-80 B at D = 128 with a bool mask."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
@@ -1579,11 +1590,17 @@ def bwd_mask_configs(
     if dtype == torch.float32:
         if not hopper:
             cfg = dataclasses.replace(cfg, num_warps=8, num_stages=2)
+            if not rel_pos:
+                # a mask alone: dK/dV on one stage (two spilled 8 B on sm_89 at D = 128 with a float bias)
+                return dataclasses.replace(cfg, num_stages=1), cfg
             # dQ with the rel_pos gradients: 4 warps, one stage (199-230 registers, no spill; on
             # 8 warps ptxas holds 128 registers and spilled 8 B on sm_80 at D = 128, one stage or
             # two, in the full regeneration of 2026-12-04; 16 warps are clean too, 100-104
             # registers, but spread a 16 x 16 tile over 512 threads; Triton 3.8)
             return cfg, dataclasses.replace(cfg, num_warps=4, num_stages=1) if rel_pos_grad else cfg
+        if not rel_pos:
+            # a mask alone: dQ on two stages (one spilled 8 B with a bool mask at D = 64, sm_90, Triton 3.8)
+            return cfg, dataclasses.replace(cfg, num_stages=2)
         return cfg, cfg
     if not hopper:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
@@ -1593,6 +1610,8 @@ def bwd_mask_configs(
         return cfg, cfg
     if rel_pos_mma:
         return _HOPPER_REL_MMA_BWD, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
+    if not rel_pos:
+        return cfg, cfg
     dkdv = _HOPPER_MASK_BWD_SMALL if head_dim_pad <= 64 else _HOPPER_MASK_BWD
     return dkdv, _HOPPER_MASK_BWD if rel_pos_grad else cfg
 
@@ -1901,7 +1920,8 @@ def flash_attention_backward(
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     rel_mma = rel_pos_by_mma(arch_of(q.device), q.dtype, pad, rel_h, rel_w)
     if bias is not None or rel_h is not None:
-        cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad, rel_mma)
+        cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad, rel_mma,
+                                       rel_pos=rel_h is not None)
     else:
         cfg, dq_cfg = bwd_config(arch_of(q.device), q.dtype, pad), bwd_dq_config(arch_of(q.device), q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
@@ -2383,7 +2403,8 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     fwd_float = fwd_mask_config(arch, dtype, pad, float_bias=True)
     fwd_gathers = fwd_mask_config(arch, dtype, pad, rel_pos_gathers=True)
     bwd, dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True)
-    dq_plain = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False)[1]  # dQ without the rel_pos gradients
+    # dK/dV and dQ with a mask alone (no rel_pos tables)
+    mask_bwd, dq_plain = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False, rel_pos=False)
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": dot_precision(dtype)}
     tables = {"RelH": f"*{ty}", "RelW": f"*{ty}"}
     no_tables = {"RelH": None, "RelW": None}
@@ -2432,6 +2453,14 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     add("flash_attention_bwd_dkdv_kernel", "bias=fp32 rel_pos", dkdv_sig, both, bwd, bwd.block_m, bwd.block_n)
     bias_only = {**fwd_bias, "dRelH": None, "dRelW": None, "REL_POS_GRAD": False, "KH_PAD": 16, "KW_PAD": 16}
     add("flash_attention_bwd_dq_kernel", "bias=fp32", dq_sig, bias_only, dq_plain, dq_plain.block_n, dq_plain.block_m)
+    # dK/dV with a float bias alone (BEiT's, Swin's gathered tables); a bool mask (key padding, NaFlex's
+    # padded patches) in training: dK/dV and dQ
+    add("flash_attention_bwd_dkdv_kernel", "bias=fp32", dkdv_sig, fwd_bias, mask_bwd, mask_bwd.block_m,
+        mask_bwd.block_n)
+    add("flash_attention_bwd_dkdv_kernel", "mask=bool", dkdv_sig, fwd_bool, mask_bwd, mask_bwd.block_m,
+        mask_bwd.block_n)
+    bool_only = {**bias_only, **fwd_bool}
+    add("flash_attention_bwd_dq_kernel", "mask=bool", dq_sig, bool_only, dq_plain, dq_plain.block_n, dq_plain.block_m)
     rel_grad = {**both, "dRelH": "*fp32", "dRelW": "*fp32", "REL_POS_GRAD": True,
                 "KH_PAD": _REL_POS_AOT_PAD, "KW_PAD": _REL_POS_AOT_PAD}
     add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad k={_REL_POS_AOT_PAD}", dq_sig, rel_grad, dq,

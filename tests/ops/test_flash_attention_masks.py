@@ -314,6 +314,28 @@ def test_rel_pos_fp16(kernel_device, route):
 
 @kernel_test
 @kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_bool_mask_ignores_non_finite_scores_at_masked_keys(kernel_device, dtype):
+    """In the kernels a key that a bool mask hides scores -inf whatever q k^T is there: NaN and inf
+    in a masked key's k leave its rows finite and equal to the reference's (q k^T + -inf alone would
+    be NaN). The torch route gives NaN there, as SDPA does: it adds a bool mask as a -inf bias."""
+    route = "triton"
+    q, k, v = _qkv(dtype, kernel_device, seed=70)
+    with torch.no_grad():
+        k[0, 1, 4] = float("nan")
+        k[1, 2, 6] = float("inf")
+    mask = torch.ones(N, M, dtype=torch.bool)
+    mask[:, 4] = False
+    mask[:, 6] = False
+    with fastvit.backend(route), torch.no_grad():
+        out = fastvit.flash_attention(q, k, v, attn_mask=mask.to(kernel_device))
+    expected, _ = reference.attention(*(t.detach().double().cpu() for t in (q, k, v)), attn_mask=mask)
+    lowp, _ = reference.attention(*(t.detach().cpu().to(dtype) for t in (q, k, v)), attn_mask=mask)
+    assert torch.isfinite(out).all()
+    assert_close_to_reference(out.cpu(), expected, lowp, name="out", dtype=dtype)
+
+
+@kernel_test
 @pytest.mark.parametrize("mask_shape", [(1, H, N, M), (H, N, 1)], ids=["per-head", "keys-broadcast"])
 def test_kernel_rel_pos_by_mma_with_mask_gradient(kernel_device, mask_shape, monkeypatch):
     """16-bit rel_pos tables in q's dtype take the selection-matrix dots (REL_POS_MMA) in the forward,
@@ -501,6 +523,7 @@ def _mask_configs(kernels, monkeypatch):
                 found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, float_bias=True))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
+                found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False))
                 for rel_pos in (False, True):
                     found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos, arch=arch))
     monkeypatch.setattr(kernels, "INTERPRETER", True)
@@ -544,7 +567,7 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
         bwd = configs["bwd"][i % len(configs["bwd"])]
         dbias = configs["dbias"][i % len(configs["dbias"])]
         monkeypatch.setattr(kernels, "fwd_mask_config", lambda *a, fwd=fwd, **kw: fwd)
-        monkeypatch.setattr(kernels, "bwd_mask_configs", lambda *a, bwd=bwd: bwd)
+        monkeypatch.setattr(kernels, "bwd_mask_configs", lambda *a, bwd=bwd, **kw: bwd)
         monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias, **kw: dbias)
         result = _run("triton", q, k, v, attn_mask=bias, rel_pos=rel_pos, causal=True)
         _check(q, k, v, result, attn_mask=bias, rel_pos=rel_pos, causal=True)
