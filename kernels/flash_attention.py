@@ -38,7 +38,9 @@ Masks and biases (constexpr flags, all off by default: plain attention compiles 
                   bins in the forward, <= 16 in the backward): no gathers; scale * q k^T + rel_h sel_h^T
                   + rel_w sel_w^T with one-hot (keys, bins) selection matrices, dots accumulated onto
                   the scores (one non-zero term each: exact); the forward holds its table rows.
-                  A bool mask enters the forward's q k^T dot as its initial accumulator (0 / -inf).
+                  A bool mask's 0 / -inf tile enters the forward's q k^T dot as its initial
+                  accumulator (into the dot's register layout), then a select keeps masked keys at
+                  -inf whatever their score (NaN and inf included).
     A row whose every score is -inf (fully masked) is guarded: the online softmax subtracts 0
     instead of a -inf max, l = 0 gives out = 0 and lse = -inf, and the backward turns lse = -inf
     into +inf so that P = 0 there (zero gradients, never NaN).
