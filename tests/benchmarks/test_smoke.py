@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from .test_output import validate_results_json
 
@@ -59,3 +62,16 @@ def test_a_terminated_run_writes_what_it_measured(tmp_path):
     data = json.loads((out / "results.json").read_text())
     validate_results_json(data)
     assert len(data["records"]) >= 2
+
+
+@pytest.mark.interpreter
+def test_masked_attention_gpu_check_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_checks/attention_masked.py (a phase of .ci/gpu) on tiny shapes in the interpreter:
+    every masked case (bool, float bias, rel_pos on a 6 x 6 and a 20 x 20 grid) passes its check."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = ROOT / "benchmarks" / "gpu_checks" / "attention_masked.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checks = json.loads((tmp_path / "attention_masked.json").read_text())["checks"]
+    assert len(checks) == 4 and all(c.startswith("PASS") for c in checks), checks

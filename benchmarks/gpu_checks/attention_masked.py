@@ -1,0 +1,151 @@
+"""A short GPU check of fastvit.flash_attention with a mask or rel_pos (fits a minute): compiled
+Triton forward + backward against the float64 reference with the tolerance rule (err <= 2 x err of
+SDPA in the input dtype + atol), then timings against SDPA given the same mask (rel_pos
+materialised as SAM does) in the same run (triton.testing.do_bench, median). The cases are the
+kernels' masked paths: a bool key-padding mask (B, 1, 1, N), BEiT's / Swin's learnable float bias
+(1, H, N, N) with its gradient, and SAM's decomposed rel_pos on 14 x 14 windows and on its 64 x 64
+global grid (tables in q's dtype: the selection-matrix dots of ``rel_pos_by_mma``).
+
+    python benchmarks/gpu_checks/attention_masked.py OUT_DIR [TIME_BUDGET_S]
+
+Without a GPU (TRITON_INTERPRET=1) it runs the same checks on tiny shapes and times nothing: a smoke
+test of this script.
+"""
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, ".")
+import fastvit
+from fastvit import reference
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else "."
+BUDGET_S = float(sys.argv[2]) if len(sys.argv) > 2 else 60.0
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 dots are wrong
+ATOL = 1.6e-2
+rows, checks, start = [], [], time.time()
+
+
+def make_case(kind, b, h, n, d, seed):
+    """(q, k, v, attn_mask, rel_pos) on the GPU; the float bias and the rel_pos tables need grad."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape, grad=True, dtype=DTYPE):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=g).requires_grad_(grad)
+
+    q, k, v = (randn(b, h, n, d) for _ in range(3))
+    mask, rel = None, None
+    if kind == "bool":  # key padding: the last ~10% of each sample's keys are padding
+        mask = torch.ones(b, 1, 1, n, dtype=torch.bool, device=DEVICE)
+        mask[..., n - n // 10:] = False
+    elif kind == "bias":  # in q's dtype, as SDPA needs it
+        mask = randn(1, h, n, n)
+    else:  # rel_pos on a side x side grid
+        side = int(n**0.5)
+        rel = (randn(b, h, n, side), randn(b, h, n, side))
+    return q, k, v, mask, rel
+
+
+def leaves_of(q, k, v, mask, rel):
+    leaves = [q, k, v]
+    if mask is not None and mask.requires_grad:
+        leaves.append(mask)
+    return leaves + list(rel or ())
+
+
+def fastvit_call(q, k, v, mask, rel):
+    with fastvit.backend("triton"):
+        return fastvit.flash_attention(q, k, v, attn_mask=mask, rel_pos=rel)
+
+
+def sdpa_call(q, k, v, mask, rel):
+    if rel is not None:
+        mask = (rel[0][..., :, None] + rel[1][..., None, :]).flatten(-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def grads(fn, tensors, grad_out, dtype=None):
+    """(out, *grads of the leaves) of fn on detached copies (cast to ``dtype`` when given)."""
+    def copy(t):
+        if t is None or t.dtype == torch.bool:
+            return t
+        return t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
+
+    copies = [copy(t) for t in tensors[:4]]
+    rel = None if tensors[4] is None else tuple(copy(t) for t in tensors[4])
+    out = fn(*copies, rel)
+    if isinstance(out, tuple):
+        out = out[0]
+    leaves = leaves_of(*copies, rel)
+    return (out, *torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))
+
+
+def time_both(fn, tensors, leaves, grad_out):
+    """(forward ms, forward + backward ms), medians of do_bench."""
+    fwd = do_bench(lambda: fn(*tensors), warmup=10, rep=50, return_mode="median")
+    both = do_bench(lambda: torch.autograd.grad(fn(*tensors), leaves, grad_out), warmup=10, rep=50,
+                    return_mode="median")  # fmt: skip
+    return fwd, both
+
+
+def reference_call(q, k, v, mask, rel):
+    return reference.attention(q, k, v, attn_mask=mask, rel_pos=rel)
+
+
+CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global attention 64 x 64
+    ("bool", 8, 12, 1025, 64), ("bias", 8, 12, 197, 64), ("rel_pos", 64, 12, 196, 64),
+    ("rel_pos", 2, 12, 4096, 64), ("bool", 8, 16, 577, 128), ("bias", 8, 16, 577, 128), ("rel_pos", 2, 16, 4096, 128),
+]  # fmt: skip
+if DEVICE == "cpu":
+    CASES = [("bool", 1, 2, 37, 16), ("bias", 1, 2, 37, 16), ("rel_pos", 1, 2, 36, 16), ("rel_pos", 1, 1, 400, 16)]
+for kind, b, h, n, d in CASES:
+    if time.time() - start > BUDGET_S:
+        checks.append(f"SKIPPED (budget) {kind} B={b} N={n} D={d}")
+        continue
+    tensors = make_case(kind, b, h, n, d, seed=n + d)
+    grad_out = torch.randn(b, h, n, d, device=DEVICE, dtype=DTYPE)
+    label = f"{kind} B={b} H={h} N={n} D={d}"
+    try:
+        want = grads(reference_call, tensors, grad_out, torch.float64)
+        base = grads(sdpa_call, tensors, grad_out)
+        got = grads(fastvit_call, tensors, grad_out)
+        worst = 0.0
+        for i, (w, s, o) in enumerate(zip(want, base, got, strict=True)):
+            budget = 2 * (s.double() - w).abs().max().item() + ATOL
+            err = (o.double() - w).abs().max().item()
+            worst = max(worst, err / budget)
+            if not err <= budget:
+                checks.append(f"FAIL {label} tensor {i}: err {err:.3g} > budget {budget:.3g}")
+        checks.append(f"{'PASS' if worst <= 1 else 'FAIL'} {label} worst/budget={worst:.2f}")
+    except Exception as exc:  # a failing case is reported, the next one still runs
+        checks.append(f"ERROR {label}: {type(exc).__name__}: {exc}")
+        continue
+    print(checks[-1], flush=True)
+    if DEVICE == "cpu":
+        continue
+    q, k, v, mask, rel = tensors
+    leaves = leaves_of(q, k, v, mask, rel)
+    flops = 4.0 * b * h * n * n * d
+    for impl, fn in (("fastvit[triton]", fastvit_call), ("sdpa", sdpa_call)):
+        try:
+            fwd, both = time_both(fn, tensors, leaves, grad_out)
+        except torch.cuda.OutOfMemoryError:  # SDPA's materialised (B, H, N, N) rel_pos bias
+            checks.append(f"OOM {impl} {label}")
+            torch.cuda.empty_cache()
+            continue
+        rows.append({"impl": impl, "kind": kind, "B": b, "H": h, "N": n, "D": d, "dtype": "bfloat16",
+                     "fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_tflops": flops / fwd / 1e9,
+                     "fwd_bwd_tflops": 3.5 * flops / both / 1e9})  # fmt: skip
+        print(f"{impl:16s} {label:32s} fwd {fwd:8.4f} ms ({flops / fwd / 1e9:6.1f} TFLOP/s)  "
+              f"fwd+bwd {both:8.4f} ms ({3.5 * flops / both / 1e9:6.1f} TFLOP/s)", flush=True)
+
+device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
+meta = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__}
+with open(f"{OUT}/attention_masked.json", "w") as f:
+    json.dump({"meta": meta, "checks": checks, "rows": rows}, f, indent=1)
+print("\n".join(c for c in checks if not c.startswith("PASS")), meta, f"{time.time() - start:.0f}s")
