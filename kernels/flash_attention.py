@@ -467,11 +467,11 @@ def flash_attention_fwd_kernel(
             acc, l_i, m_i, q, k_head, v_head, tma_b, tma_h, stride_kn, stride_vn, offs_m, offs_n, offs_d,
             unmasked_end, tl.minimum(hi, full_end), M, qk_scale,
             bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
-        rh_slab, rw_slab,
+            rh_slab, rw_slab,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
             MASK_KEYS=False, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
-        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
         )
     # the keys past the last whole block (none when hi <= full_end): at most one step of either size
     if BLOCK_TAIL > 0 and BLOCK_TAIL < BLOCK_N:
@@ -480,11 +480,11 @@ def flash_attention_fwd_kernel(
             acc, l_i, m_i, q, k_tail, v_tail, tma_b, tma_h, stride_kn, stride_vn,
             offs_m, tl.arange(0, BLOCK_TAIL), offs_d, full_end, tl.where(short, hi, full_end), M, qk_scale,
             bias_base, rh_base, rw_base, bias_rows, rh_rows, rw_rows, stride_bm, stride_rhk, stride_rwk, KW,
-        rh_slab, rw_slab,
+            rh_slab, rw_slab,
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_TAIL,
             MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
-        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
         )
         long_end = tl.where(short, full_end, hi)
     else:
