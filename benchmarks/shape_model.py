@@ -35,7 +35,10 @@ alone, 1.32, 1.18, 2.8, 1.2 with the serial term. The 64-row TMA tiles stay unex
 measured L2 bandwidth (they need 10.5 TB/s of K/V reads at the matmul peak, the 128-row ones 5.3).
 
 Static figures only: ``ctas_per_sm``, ``loop_issue_ratio`` and ``loop_mufu_ratio`` come from the
-static report's rows (``benchmarks/results/static/figures-triton-<version>.json``).
+static report's rows (``benchmarks/results/static/figures-triton-<version>.json``): the plain
+forward's for ``fastvit`` rows, the masked forward's for ``fastvit+bias`` (a learnable bias) and
+``fastvit+rel_pos`` (the selection-matrix dots up to 64 bins); the masked forward is not yet
+calibrated on a GPU.
 """
 
 from __future__ import annotations
@@ -142,16 +145,20 @@ def attention_forward(batch: int, heads: int, n: int, m: int, block_m: int, bloc
 # ---------------------------------------------------------------------------------------------
 # beside the measured rows: the attention suite's fastvit forward rows of a run
 # ---------------------------------------------------------------------------------------------
-# the plain forward configurations' labels in the static report ("bf16 D=64 BM=128 BN=64 tail=32 w=8 s=3";
-# "bf16 D=64 tma BM=64 ...": the tensor-descriptor tiles Hopper runs for inputs a descriptor can address)
-_FWD_LABEL = re.compile(r"^(bf16|fp16|fp32) D=(\d+)( tma)? BM=(\d+) BN=(\d+)(?: tail=(\d+))? w=\d+ s=\d+$")
+# the forward configurations' labels in the static report ("bf16 D=64 BM=128 BN=64 tail=32 w=8 s=3";
+# "bf16 D=64 tma BM=64 ...": the tensor-descriptor tiles Hopper runs for inputs a descriptor can address;
+# "bf16 D=64 bias=fp32 BM=...", "bf16 D=64 rel_pos mma k=16 BM=...": the masked variants)
+_FWD_LABEL = re.compile(r"^(bf16|fp16|fp32) D=(\d+)(?: (bias=fp32|mask=bool|rel_pos mma k=\d+|rel_pos))?( tma)? "
+                        r"BM=(\d+) BN=(\d+)(?: tail=(\d+))? w=\d+ s=\d+$")  # fmt: skip
 _FWD_KERNEL = "flash_attention.flash_attention_fwd_kernel"
 _DTYPE_LABEL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # GPU names -> the architecture whose static figures stand for them
 _ARCH_OF_NAME = (("H100", 90), ("H200", 90), ("H800", 90), ("GH200", 90), ("A100", 80), ("A800", 80),
                  ("A30", 80), ("L40", 89), ("L4", 89), ("RTX 40", 89), ("Ada", 89))  # fmt: skip
-SHAPE_MODEL_HEADER = ["N", "B x H", "D", "ms", "floor ms", "useful", "waves", "wave eff", "loop eff", "L2 eff",
-                      "model ms", "ms / model"]  # fmt: skip
+# the attention suite's fastvit rows the model covers: plain, with a learnable bias, with rel_pos
+_MODELLED_IMPLS = ("fastvit", "fastvit+bias", "fastvit+rel_pos")
+SHAPE_MODEL_HEADER = ["impl", "N", "B x H", "D", "ms", "floor ms", "useful", "waves", "wave eff", "loop eff",
+                      "L2 eff", "model ms", "ms / model"]  # fmt: skip
 
 
 def arch_of_name(device_name: str) -> int | None:
@@ -162,12 +169,13 @@ def arch_of_name(device_name: str) -> int | None:
     return None
 
 
-def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: str,
-                     head_dim_pad: int) -> tuple[int, int, int | None, dict[str, Any]] | None:  # fmt: skip
-    """(block_m, block_n, key tail or None, figures) of the plain forward configuration for
-    (arch, dtype, padded D) that the launcher takes: the pointer one, or the tensor-descriptor one
-    where the architecture has it and ``FASTVIT_TMA=1`` asks for it (the benchmark's contiguous
-    inputs qualify)."""
+def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: str, head_dim_pad: int,
+                     variant: str | None = None) -> tuple[int, int, int | None, dict[str, Any]] | None:  # fmt: skip
+    """(block_m, block_n, key tail or None, figures) of the forward configuration for (arch, dtype,
+    padded D, ``variant``: None for plain attention, else the report's mask label such as
+    ``"bias=fp32"`` or ``"rel_pos mma k=16"``) that the launcher takes: the pointer one, or the
+    tensor-descriptor one where the report has it and ``FASTVIT_TMA=1`` asks for it (the benchmark's
+    contiguous inputs qualify)."""
     from fastvit.kernels.flash_attention import tma_enabled
 
     prefix = f"sm_{arch} {_FWD_KERNEL} ["
@@ -176,15 +184,32 @@ def _forward_figures(figures_rows: dict[str, dict[str, Any]], arch: int, dtype: 
         if not key.startswith(prefix):
             continue
         label = _FWD_LABEL.match(key[len(prefix):-1])
-        if label and label[1] == _DTYPE_LABEL.get(dtype) and int(label[2]) == head_dim_pad:
-            found[bool(label[3])] = (int(label[4]), int(label[5]), int(label[6]) if label[6] else None, row)
+        if label and label[1] == _DTYPE_LABEL.get(dtype) and int(label[2]) == head_dim_pad and label[3] == variant:
+            found[bool(label[4])] = (int(label[5]), int(label[6]), int(label[7]) if label[7] else None, row)
     return (found.get(True) if tma_enabled() else None) or found.get(False)
+
+
+def _mask_variant(record: Any) -> str | None:
+    """The static report's mask label standing for an attention row's fastvit variant: None for
+    plain ``fastvit``; the float-bias row for ``fastvit+bias`` (the suite's bias is in q's dtype,
+    the report's fp32: same tiles, wider loads); the selection-matrix dots for ``fastvit+rel_pos``
+    (its tables are in q's dtype) with the grid's padded bins, the gathers past 64 bins."""
+    from fastvit.kernels.flash_attention import REL_POS_FWD_MMA_MAX_PAD, rel_pos_padded
+
+    base = record.impl.split("[")[0]
+    if base == "fastvit+bias":
+        return "bias=fp32"
+    if base == "fastvit+rel_pos":
+        bins = max(rel_pos_padded(int(side)) for side in record.extra["grid"].split("x"))
+        return f"rel_pos mma k={bins}" if bins <= REL_POS_FWD_MMA_MAX_PAD else "rel_pos"
+    return None
 
 
 def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[str, Any]],
                            arch: int | None, ceilings: dict[str, Any] | None = None) -> list[list[str]]:  # fmt: skip
     """Table rows (``SHAPE_MODEL_HEADER``) of the shape model beside the measured time, for each
-    ``ok`` forward row of fastvit's dense attention with a roofline floor; the block sizes and the
+    ``ok`` forward row of fastvit's attention with a roofline floor (plain, ``fastvit+bias`` and
+    ``fastvit+rel_pos``: the masked forward's rows of the report, ``_mask_variant``); the block sizes and the
     static figures come from the static report's row of the configuration the launcher picks, the
     L2 term from the run's ``ceilings`` (``l2_gbps`` and the dtype's matmul TFLOP/s) where it has them."""
     from fastvit.kernels.flash_attention import head_dim_padded
@@ -194,13 +219,14 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
     if arch is None:
         return rows
     for r in records:
-        if (r.suite, r.mode, r.status) != ("attention", "fwd", "ok") or r.impl.split("[")[0] != "fastvit":
+        base = r.impl.split("[")[0]
+        if (r.suite, r.mode, r.status) != ("attention", "fwd", "ok") or base not in _MODELLED_IMPLS:
             continue
         floor_ms = r.extra.get("floor_ms")
         if not floor_ms or not r.ms:
             continue
         head_dim_pad = head_dim_padded(r.head_dim)
-        found = _forward_figures(figures_rows, arch, r.dtype, head_dim_pad)
+        found = _forward_figures(figures_rows, arch, r.dtype, head_dim_pad, _mask_variant(r))
         if found is None:
             continue
         block_m, block_n, key_tail, fig = found
@@ -211,7 +237,7 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
                                   peak_tflops=(ceilings.get("matmul_tflops") or {}).get(r.dtype))  # fmt: skip
         predicted_ms = model.predicted_s(floor_ms / 1e3) * 1e3
         rows.append([
-            str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",
+            base, str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",
             f"{model.padded_fraction:.2f}", f"{model.waves:.2f}", f"{model.wave_efficiency:.2f}",
             f"{model.loop_efficiency:.2f}", f"{model.l2_efficiency:.2f}", f"{predicted_ms:.3g}",
             f"{r.ms / predicted_ms:.3g}",

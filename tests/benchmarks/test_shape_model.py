@@ -115,6 +115,33 @@ def test_attention_rows_put_the_model_beside_the_measurement():
     assert attention_forward_rows(records, FIGURES, arch=None) == []  # not a GPU run
 
 
+def test_the_masked_rows_read_the_masked_configurations():
+    """fastvit+bias reads the report's float-bias forward, fastvit+rel_pos the selection-matrix dots
+    with its grid's padded bins (the gathers past 64 bins); a variant the report lacks gets no row."""
+    from fastvit.benchmarks.shape_model import SHAPE_MODEL_HEADER, attention_forward_rows
+
+    prefix = "sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 "
+    tiles = " BM=128 BN=64 tail=32 w=8 s=2]"
+    figures = {
+        **FIGURES,
+        prefix + "bias=fp32" + tiles: {"ctas_per_sm": 1, "loop_issue_ratio": 1.5},
+        prefix + "rel_pos mma k=16" + tiles: {"ctas_per_sm": 2, "loop_issue_ratio": 1.25},
+        prefix + "rel_pos mma k=64" + tiles: {"ctas_per_sm": 1, "loop_issue_ratio": 1.0},
+    }
+    bias = _fwd_record(197, ms=0.3, floor_ms=0.001, impl="fastvit+bias[triton]")
+    windows = _fwd_record(196, ms=0.3, floor_ms=0.001, impl="fastvit+rel_pos[triton]")
+    windows.extra["grid"] = "14x14"
+    sam_global = _fwd_record(4096, ms=3.0, floor_ms=0.1, impl="fastvit+rel_pos[triton]")
+    sam_global.extra["grid"] = "64x64"
+    wider = _fwd_record(9216, ms=9.0, floor_ms=1.0, impl="fastvit+rel_pos[triton]")
+    wider.extra["grid"] = "96x96"  # past 64 bins: the gathers, absent from these figures
+    rows = [dict(zip(SHAPE_MODEL_HEADER, row, strict=True))
+            for row in attention_forward_rows([bias, windows, sam_global, wider], figures, arch=90)]  # fmt: skip
+    assert [(r["impl"], r["N"], r["loop eff"]) for r in rows] == [
+        ("fastvit+bias", "197", f"{1 / 2.5:.2f}"), ("fastvit+rel_pos", "196", f"{1 / 1.25:.2f}"),
+        ("fastvit+rel_pos", "4096", "0.50")]  # fmt: skip
+
+
 def test_the_key_tail_is_read_from_the_configuration_label(monkeypatch):
     figures = {"sm_90 flash_attention.flash_attention_fwd_kernel [bf16 D=64 BM=128 BN=64 tail=32 w=8 s=3]":
                {"ctas_per_sm": 2, "loop_issue_ratio": 1.0}}  # fmt: skip
