@@ -1974,7 +1974,7 @@ def flash_attention_backward(
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
         )
         dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
-                               {**flags, **mma_flags}) \
+                               {**flags, **_dbias_rel_pos_flags(mma_flags)}) \
             if bias_grad else None
     drel = [None, None]
     if rel_pos_grad:
@@ -1999,11 +1999,15 @@ def _tiles_in_int32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # rel_pos grids whose kh and kw pad to at most this many bins (ViTDet's and SAM's 14 x 14 windows) take the
-# backward's selection-matrix dots (REL_POS_MMA); wider ones (SAM's 64 x 64 global attention) keep the gathers
+# backward's selection-matrix dots (REL_POS_MMA) in every backward kernel
 REL_POS_MMA_MAX_PAD = 16
-# ... and the forward's, which holds its rows of the tables for the whole key loop: SAM's 64 x 64 global
-# attention too (static report, Triton 3.8, 2026-12-04, bf16 64 bins: no spill on sm_80/89/90 at D = 64
-# and 128; sm_90 hot-loop issue ratio 0.98 at D = 64 and 0.74 at D = 128, against 4.11 and 4.00 by gathers)
+# ... and up to this many the forward's, which holds its rows of the tables for the whole key loop: SAM's
+# 64 x 64 global attention too (static report, Triton 3.8, 2026-12-04, bf16 64 bins: no spill on
+# sm_80/89/90 at D = 64 and 128; sm_90 hot-loop issue ratio 0.92 at D = 64 and 0.70 at D = 128, against
+# 3.99 and 4.00 by gathers), and Hopper's dK/dV and dQ up to D = 64 (same report, with a float bias:
+# dK/dV 238 registers, issue ratio 1.20 against the gathers' 2.91; dQ with the rel_pos gradients 255, 1.03
+# against 2.48; no spill; the dBias kernel spills 128 B there and keeps the gathers, as do sm_80/89's dQ,
+# which spill 160-288 B)
 REL_POS_FWD_MMA_MAX_PAD = 64
 
 
@@ -2015,8 +2019,10 @@ def rel_pos_by_mma(
     rel_pos with tensor-core dots against one-hot selection matrices (REL_POS_MMA) instead of
     per-element gathers: 16-bit inputs with both tables in q's dtype (each product sums one
     non-zero term in fp32: exact). The backward: kh and kw padded to at most
-    ``REL_POS_MMA_MAX_PAD``, and off Hopper head dims up to 64. The forward: kh and kw padded to
-    at most ``REL_POS_FWD_MMA_MAX_PAD``, every architecture and head dim (``fwd_mask_config``).
+    ``REL_POS_MMA_MAX_PAD``, and off Hopper head dims up to 64; on Hopper up to D = 64, up to
+    ``REL_POS_FWD_MMA_MAX_PAD`` bins (dK/dV and dQ only: the dBias kernel gathers past
+    ``REL_POS_MMA_MAX_PAD``, ``_dbias_rel_pos_flags``). The forward: kh and kw padded to at most
+    ``REL_POS_FWD_MMA_MAX_PAD``, every architecture and head dim (``fwd_mask_config``).
 
     Static report (Triton 3.8, 2026-12-04), the dots accumulated onto the scores: with 64 bins
     (SAM's global 64 x 64 grid) sm_90 dQ spills at D = 128 (192 B on its 64 x 32 tiles, 400 B on
@@ -2029,7 +2035,17 @@ def rel_pos_by_mma(
     bins = max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1]))
     if forward:
         return bins <= REL_POS_FWD_MMA_MAX_PAD
-    return bins <= REL_POS_MMA_MAX_PAD and (90 <= arch < 100 or head_dim_pad <= 64)
+    if bins <= REL_POS_MMA_MAX_PAD:
+        return 90 <= arch < 100 or head_dim_pad <= 64
+    return bins <= REL_POS_FWD_MMA_MAX_PAD and 90 <= arch < 100 and head_dim_pad <= 64
+
+
+def _dbias_rel_pos_flags(mma_flags: dict) -> dict:
+    """The dBias kernel's share of the backward's selection-matrix dots: up to ``REL_POS_MMA_MAX_PAD``
+    bins (wider tables spill there, so it gathers them)."""
+    if mma_flags and max(mma_flags["KH_PAD"], mma_flags["KW_PAD"]) <= REL_POS_MMA_MAX_PAD:
+        return mma_flags
+    return {}
 
 
 def rel_pos_mma_flags(rel_h: torch.Tensor, rel_w: torch.Tensor) -> dict:
@@ -2476,6 +2492,12 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
             {**both, **rel_mma}, bwd_mma, bwd_mma.block_m, bwd_mma.block_n)
         add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad mma k={REL_POS_MMA_MAX_PAD}", dq_sig,
             {**rel_grad, **rel_mma}, dq_mma, dq_mma.block_n, dq_mma.block_m)
+    if mma and 90 <= arch < 100 and pad <= 64:  # SAM's 64 x 64 global attention on Hopper
+        wide = {"REL_POS_MMA": True, "KH_PAD": REL_POS_FWD_MMA_MAX_PAD, "KW_PAD": REL_POS_FWD_MMA_MAX_PAD}
+        add("flash_attention_bwd_dkdv_kernel", f"bias=fp32 rel_pos mma k={REL_POS_FWD_MMA_MAX_PAD}", dkdv_sig,
+            {**both, **wide}, bwd_mma, bwd_mma.block_m, bwd_mma.block_n)
+        add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad mma k={REL_POS_FWD_MMA_MAX_PAD}", dq_sig,
+            {**rel_grad, **wide}, dq_mma, dq_mma.block_n, dq_mma.block_m)
     for rows_bcast, rel, rel_dots in ((False, True, False), (False, True, True), (False, False, False),
                                       (True, False, False)):
         if rel_dots and not mma:

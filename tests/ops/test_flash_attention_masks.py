@@ -360,12 +360,13 @@ def test_kernel_rel_pos_by_mma_with_mask_gradient(kernel_device, mask_shape, mon
 
 
 @kernel_test
-@pytest.mark.parametrize(("kh", "kw", "forward_mma"), [(3, 20, True), (2, 70, False)],
-                         ids=["32-bin-forward-dots", "over-64-bins-gathers"])
-def test_kernel_rel_pos_wide_grids(kernel_device, kh, kw, forward_mma, monkeypatch):
-    """A key grid wider than the backward's 16 bins: the forward still takes the selection-matrix
-    dots up to 64 bins (a 20-wide row pads to 32), the backward gathers; past 64 bins both gather.
-    Causal, with a fully masked padding row (fp16: the interpreter's bf16 dots are wrong)."""
+@pytest.mark.parametrize(("kh", "kw", "dots"), [(3, 20, (True, True)), (2, 70, (False, False))],
+                         ids=["32-bins-dots", "over-64-bins-gathers"])
+def test_kernel_rel_pos_wide_grids(kernel_device, kh, kw, dots, monkeypatch):
+    """A key grid wider than 16 bins: up to 64 the forward takes the selection-matrix dots, and so
+    do dK/dV and dQ on Hopper up to D = 64 (the interpreter stands for sm_90) while the dBias kernel
+    gathers; past 64 bins everything gathers. Causal, a float mask that needs grad, a fully masked
+    row (fp16: the interpreter's bf16 dots are wrong)."""
     from fastvit.kernels import flash_attention as kernels
 
     seen = []
@@ -377,12 +378,12 @@ def test_kernel_rel_pos_wide_grids(kernel_device, kh, kw, forward_mma, monkeypat
     gen = _gen(61)
     rel_pos = tuple(torch.randn(1, H, n_q, n, generator=gen).to(kernel_device, dtype).requires_grad_(True)
                     for n in (kh, kw))
-    mask = torch.ones(B, 1, n_q, kh * kw, dtype=torch.bool)
-    mask[0, 0, 5] = False
-    mask = mask.to(kernel_device)
+    mask = torch.randn(B, 1, n_q, kh * kw, generator=gen)
+    mask[0, 0, 5] = float("-inf")
+    mask = mask.to(kernel_device).requires_grad_(True)
     result = _run("triton", q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=True)
     _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=True)
-    assert seen == [(True, forward_mma), (False, False)]
+    assert seen == [(True, dots[0]), (False, dots[1])]
 
 
 # interpreter only: on a GPU the launcher takes the descriptors for a float bias above D = 64 alone,
