@@ -1502,7 +1502,7 @@ def fwd_mask_config(
 
     Static report (sm_90, Triton 3.8, 2026-12-04, bf16; hot-loop issue ratio): the plain tiles
     take a mask or rel_pos by dots without spills at every head dim, the plain 128 x 64 at D = 128
-    included (a bool mask 1.23, was 3.41 on 128 x 32; rel_pos by dots with 16 / 64 bins 0.79 / 0.70,
+    included (a bool mask 1.52, was 3.41 on 128 x 32; rel_pos by dots with 16 / 64 bins 0.79 / 0.70,
     by gathers 4.00; a float bias 0.93, was 1.33, without the 32-key tail step, which spills 16 B
     there), as do sm_80's and sm_89's plain tiles. With
     the rel_pos gathers, the plain 128 x 64 tiles spill at D > 64 (256-352 B), so BLOCK_N is halved
@@ -1579,12 +1579,12 @@ def bwd_mask_configs(
     every MMA row twice; one stage spills 40-48 B).
 
     ``rel_pos`` False (a mask alone, nothing gathered but the mask): Hopper takes the plain tiles in
-    both passes (sm_90, Triton 3.8, 2026-12-04, bf16, dK/dV regs / spill / issue ratio: a bool mask,
-    which enters the score dot as its accumulator, D = 128 on 32 x 128, 8 warps: 240 / 0 / 1.00,
-    against 164 / 0 / 1.40 on ``_HOPPER_MASK_BWD``'s 32 x 64, which computes every MMA row twice
-    and is a 16-wide HGMMA; a float bias 245 / 0 / 0.96; D = 64 on 32 x 64 over 4 warps, two CTAs
-    per SM: bool 180 / 0 / 1.73, float 183 / 0 / 1.61, against one CTA on 32 x 128, 8 warps at
-    1.71 / 1.50). Off Hopper the plain tiles spill 40-80 B at D = 128 with a bool mask."""
+    both passes (sm_90, Triton 3.8, 2026-12-04, bf16, dK/dV regs / spill / issue ratio: a bool mask
+    at D = 128 on 32 x 128, 8 warps: 241 / 0 / 1.02, against 164 / 0 / 1.40 on
+    ``_HOPPER_MASK_BWD``'s 32 x 64, which computes every MMA row twice and is a 16-wide HGMMA; a
+    float bias 245 / 0 / 0.96; D = 64 on 32 x 64 over 4 warps, two CTAs per SM: bool 181 / 0 / 1.79,
+    float 183 / 0 / 1.61, against one CTA on 32 x 128, 8 warps at 1.71 / 1.50). Off Hopper the
+    plain tiles spill 40-80 B at D = 128 with a bool mask."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
