@@ -1920,12 +1920,12 @@ def flash_attention_backward(
         return dq, dk.zero_(), dv.zero_(), *zeros
     pad = head_dim_padded(head_dim)
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
-    rel_mma = rel_pos_by_mma(arch_of(q.device), q.dtype, pad, rel_h, rel_w)
+    arch = arch_of(q.device)
+    rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)
     if bias is not None or rel_h is not None:
-        cfg, dq_cfg = bwd_mask_configs(arch_of(q.device), q.dtype, pad, rel_pos_grad, rel_mma,
-                                       rel_pos=rel_h is not None)
+        cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None)
     else:
-        cfg, dq_cfg = bwd_config(arch_of(q.device), q.dtype, pad), bwd_dq_config(arch_of(q.device), q.dtype, pad)
+        cfg, dq_cfg = bwd_config(arch, q.dtype, pad), bwd_dq_config(arch, q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
     precision = dot_precision(q.dtype)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
@@ -2216,8 +2216,9 @@ def flash_attention_varlen_backward(
     if total == 0 or total_k == 0 or heads == 0:  # no query sees any key: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
     pad = head_dim_padded(head_dim)
-    cfg = varlen_bwd_config(arch_of(q.device), q.dtype, pad)
-    dq_cfg = varlen_bwd_dq_config(arch_of(q.device), q.dtype, pad)
+    arch = arch_of(q.device)
+    cfg = varlen_bwd_config(arch, q.dtype, pad)
+    dq_cfg = varlen_bwd_dq_config(arch, q.dtype, pad)
     precision = dot_precision(q.dtype)
     delta = new_output((heads, total), dtype=torch.float32, device=q.device)
     key_tiles = varlen_tiles(cu_seqlens_k, total_k, max_seqlen_k, cfg.block_n)
