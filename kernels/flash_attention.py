@@ -163,6 +163,7 @@ def _attention_fwd_inner(
     REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
     KW_PAD: tl.constexpr = 16,
+    BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask is one row of keys for every query (bias_rows: (1,))
 ):
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     # only scalar block pointers are carried through the loop; tile offsets are cheap to rebuild
@@ -201,7 +202,11 @@ def _attention_fwd_inner(
         # (mask and rel_pos rows are clamped inside the tables; only keys >= M need a predicate)
         valid = key_valid[None, :] if MASK_KEYS else None
         bias_ptrs = bias_base + bias_offs.to(tl.uint32) if HAS_BIAS else bias_base
-        if HAS_BIAS and BIAS_BOOL:
+        if HAS_BIAS and BIAS_BOOL and BIAS_ROWS_BCAST:
+            # -- a key-padding bool mask: one (1, BLOCK_N) row for every query, selected on the scores --
+            keep = tl.load(bias_ptrs) if valid is None else tl.load(bias_ptrs, mask=valid, other=0)
+            s = tl.where(keep != 0, tl.dot(q, k, input_precision=DOT_PRECISION), float("-inf"))
+        elif HAS_BIAS and BIAS_BOOL:
             # -- a bool mask: its 0 / -inf tile enters the dot as the initial accumulator, which moves it
             #    into the dot's register layout (selected against the loaded tile instead, it anchored the
             #    softmax in the load's layout and Triton ran the softmax twice, once per layout: sm_90
@@ -349,6 +354,8 @@ def flash_attention_fwd_kernel(
     REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
     KW_PAD: tl.constexpr = 16,
+    BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask has one row for every query (stride_bn == 0: key
+                                            # padding), read as one (1, BLOCK_N) vector per key step
 ):
     if VARLEN:
         # -- (head, tile): the tile table gives the sequence and the query block; the pointers move
@@ -409,7 +416,8 @@ def flash_attention_fwd_kernel(
     mask_rows = tl.minimum(offs_m, N - 1) - start_m
     if HAS_BIAS:
         bias_base = Bias + off_b * stride_bb + off_h * stride_bh + start_m.to(tl.int64) * stride_bn
-        bias_rows = mask_rows * stride_bn
+        # a key-padding mask: one row offset, so its tiles are (1, BLOCK_N) and broadcast over the queries
+        bias_rows = tl.zeros([1], dtype=tl.int32) if BIAS_ROWS_BCAST else mask_rows * stride_bn
     else:
         bias_base = Bias
         bias_rows = mask_rows
@@ -459,7 +467,7 @@ def flash_attention_fwd_kernel(
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
-        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
     )
     if CAUSAL:
         # whole blocks on the diagonal (every key < M; a last block past hi is causally masked)
@@ -471,7 +479,7 @@ def flash_attention_fwd_kernel(
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
             MASK_KEYS=False, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
-            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
         )
     # the keys past the last whole block (none when hi <= full_end): at most one step of either size
     if BLOCK_TAIL > 0 and BLOCK_TAIL < BLOCK_N:
@@ -484,7 +492,7 @@ def flash_attention_fwd_kernel(
             HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_TAIL,
             MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
-            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
         )
         long_end = tl.where(short, full_end, hi)
     else:
@@ -497,7 +505,7 @@ def flash_attention_fwd_kernel(
         HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
         MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
-        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
     )
 
     # -- epilogue: normalise, write out and the natural-log lse --
@@ -587,6 +595,7 @@ def _attention_bwd_dkdv_inner(
     stride_bn, stride_rhn, stride_rwn,
     sel_h, sel_w,  # (BLOCK_N, KH_PAD), (BLOCK_N, KW_PAD) one-hot [j, j // kw] / [j, j % kw] in q's dtype (REL_POS_MMA)
     stride_rhk, stride_rwk, KH, KW,
+    key_bias,  # (BLOCK_N,) fp32 a key-padding float bias at this program's keys (BIAS_ROWS_BCAST), else unused
     BLOCK_M: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -596,13 +605,15 @@ def _attention_bwd_dkdv_inner(
     REL_POS_MMA: tl.constexpr = False,
     KH_PAD: tl.constexpr = 16,
     KW_PAD: tl.constexpr = 16,
+    BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask is key_bias, the same for every query (a float bias)
 ):
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
+    TILE_BIAS: tl.constexpr = HAS_BIAS and not BIAS_ROWS_BCAST  # the mask read as (BLOCK_N, BLOCK_M) tiles
     q_ptrs += tl.cast(lo, tl.int64) * stride_qn
     do_ptrs += tl.cast(lo, tl.int64) * stride_don
     # the mask and rel_pos tiles: one 64-bit base per table (advanced by BLOCK_M rows per step) plus
     # int32 offsets inside the tile, (BLOCK_N, BLOCK_M) and loop-invariant (the launcher keeps them < 2^31)
-    if HAS_BIAS:
+    if TILE_BIAS:
         bias_base += tl.cast(lo, tl.int64) * stride_bn
         bias_offs = bias_cols[:, None] + (local_m * stride_bn)[None, :]
     else:
@@ -643,10 +654,12 @@ def _attention_bwd_dkdv_inner(
             else:
                 s_t = s_t * (qk_scale / LOG2E)
             # -- in natural-log units (scale and a bias: one fma), log2 e folded into the exponent's fma --
-            t_t = _add_bias(s_t, bias_base + bias_offs if HAS_BIAS else bias_base,
+            t_t = _add_bias(s_t, bias_base + bias_offs if TILE_BIAS else bias_base,
                             rh_base + rh_offs if GATHER else rh_base,
                             rw_base + rw_offs if GATHER else rw_base, valid,
-                            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
+                            HAS_BIAS=TILE_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
+            if HAS_BIAS and BIAS_ROWS_BCAST:
+                t_t += key_bias[:, None]
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             p_t = tl.math.exp2(t_t * LOG2E - lse[None, :] * LOG2E)
         else:
@@ -663,7 +676,7 @@ def _attention_bwd_dkdv_inner(
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
-        if HAS_BIAS:
+        if TILE_BIAS:
             bias_base += BLOCK_M * stride_bn
         if HAS_REL_POS:
             rh_base += BLOCK_M * stride_rhn
@@ -712,6 +725,8 @@ def flash_attention_bwd_dkdv_kernel(
     CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
     Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
     VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
+    BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask has one row for every query (stride_bn == 0: key
+                                            # padding), read once per program at its keys
 ):
     if VARLEN:
         # -- (head, key tile) of the packed sequences, as in the forward (N came in as T) --
@@ -786,6 +801,20 @@ def flash_attention_bwd_dkdv_kernel(
         rh_cols = local_n
         rw_cols = local_n
     kh = M // KW  # rel_pos grid height (M == kh * kw)
+    # -- a key-padding mask (one row for every query): its values at this program's keys, read once. A
+    #    bool one leaves the unmasked keys' gradients as without it and the masked keys' are zero, so the
+    #    loop runs unmasked (a block of padding keys skips it) and the masked rows are zeroed at the end --
+    KEY_MASK: tl.constexpr = HAS_BIAS and BIAS_BOOL and BIAS_ROWS_BCAST
+    live = True
+    if HAS_BIAS and BIAS_ROWS_BCAST:
+        key_bias = tl.load(bias_base + bias_cols, mask=key_valid, other=0)
+        if KEY_MASK:
+            keep = key_bias != 0
+            live = tl.max(keep.to(tl.int32), 0) > 0
+        else:
+            key_bias = key_bias.to(tl.float32)
+    else:
+        key_bias = bias_cols
     if REL_POS_MMA:
         # loop-invariant one-hot selections of this program's keys: [j, j // kw] and [j, j % kw]
         sel_h = ((offs_n // KW)[:, None] == tl.arange(0, KH_PAD)[None, :]).to(K.dtype.element_ty)
@@ -796,31 +825,35 @@ def flash_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    if CAUSAL:
-        # queries i >= start_n see these keys; those below start_n + BLOCK_N cross the diagonal
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        diag_end = tl.minimum(start_n + BLOCK_N, N)
+    if live:  # (a block of padding keys visits no query)
+        if CAUSAL:
+            # queries i >= start_n see these keys; those below start_n + BLOCK_N cross the diagonal
+            lo = (start_n // BLOCK_M) * BLOCK_M
+            diag_end = tl.minimum(start_n + BLOCK_N, N)
+            dk, dv = _attention_bwd_dkdv_inner(
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
+                offs_n, local_m, d_valid, lo, diag_end, N, qk_scale,
+                bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
+                sel_h, sel_w, stride_rhk, stride_rwk, kh, KW, key_bias,
+                BLOCK_M=BLOCK_M, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
+                HAS_BIAS=HAS_BIAS and not KEY_MASK, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
+                REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+            )
+            lo = diag_end
+        else:
+            lo = 0
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-            offs_n, local_m, d_valid, lo, diag_end, N, qk_scale,
+            offs_n, local_m, d_valid, lo, N, N, qk_scale,
             bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
-            sel_h, sel_w, stride_rhk, stride_rwk, kh, KW,
-            BLOCK_M=BLOCK_M, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
-            HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
-            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
+            sel_h, sel_w, stride_rhk, stride_rwk, kh, KW, key_bias,
+            BLOCK_M=BLOCK_M, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
+            HAS_BIAS=HAS_BIAS and not KEY_MASK, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
+            REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
         )
-        lo = diag_end
-    else:
-        lo = 0
-    dk, dv = _attention_bwd_dkdv_inner(
-        dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-        offs_n, local_m, d_valid, lo, N, N, qk_scale,
-        bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
-        sel_h, sel_w, stride_rhk, stride_rwk, kh, KW,
-        BLOCK_M=BLOCK_M, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
-        HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
-        REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD,
-    )
+    if KEY_MASK:
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
 
     dk = dk * sm_scale
     tl.store(
@@ -864,8 +897,11 @@ def _attention_bwd_dq_inner(
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16
     KW_PAD: tl.constexpr = 16,
     REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
+    BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask tiles are (1, BLOCK_N) rows of keys (key padding)
 ):
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
+    # a key-padding bool mask alone: the plain exponent, then P = 0 at the masked keys
+    KEY_MASK: tl.constexpr = HAS_BIAS and BIAS_BOOL and BIAS_ROWS_BCAST and not HAS_REL_POS
     k_ptrs += tl.cast(lo, tl.int64) * stride_kn
     v_ptrs += tl.cast(lo, tl.int64) * stride_vn
     # the mask tile: a 64-bit base advanced by BLOCK_N keys per step plus int32 offsets inside the tile
@@ -897,7 +933,12 @@ def _attention_bwd_dq_inner(
             v_t = tl.load(v_ptrs, mask=d_valid[:, None], other=0.0)
         # -- P = exp(scale * q k^T - lse) --
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        if HAS_BIAS or HAS_REL_POS:
+        if KEY_MASK:
+            # -- P = exp(scale * q k^T - lse) where the key is kept, else 0 (NaN scores included) --
+            keep_ptrs = bias_base + bias_offs.to(tl.uint32)
+            keep = tl.load(keep_ptrs, mask=key_valid[None, :], other=0) if MASK_KEYS else tl.load(keep_ptrs)
+            p = tl.where(keep != 0, tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E), 0.0)
+        elif HAS_BIAS or HAS_REL_POS:
             # -- P = exp(scale * q k^T + bias - lse); lse is +inf (not -inf) on fully masked rows --
             # (rows are clamped inside the tables; only keys >= M need a predicate)
             valid = key_valid[None, :] if MASK_KEYS else None
@@ -995,6 +1036,8 @@ def flash_attention_bwd_dq_kernel(
     CuSeqK=None,  # (S+1,) int32 offsets of the packed key sequences (VARLEN, else None)
     Tiles=None,  # (2, G) int32 tile table of this launch (VARLEN, else None), see _varlen_tile
     VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
+    BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask has one row for every query (stride_bn == 0: key
+                                            # padding), read as one (1, BLOCK_N) vector per key step
 ):
     if VARLEN:
         # -- (head, query tile) of the packed sequences, as in the forward (N came in as T) --
@@ -1054,7 +1097,8 @@ def flash_attention_bwd_dq_kernel(
     mask_rows = tl.minimum(offs_m, N - 1) - start_m
     if HAS_BIAS:
         bias_base = Bias + off_b * stride_bb + off_h * stride_bh + start_m.to(tl.int64) * stride_bn
-        bias_rows = mask_rows * stride_bn
+        # a key-padding mask: one row offset, so its tiles are (1, BLOCK_N) and broadcast over the queries
+        bias_rows = tl.zeros([1], dtype=tl.int32) if BIAS_ROWS_BCAST else mask_rows * stride_bn
     else:
         bias_base = Bias
         bias_rows = local_m
@@ -1102,7 +1146,7 @@ def flash_attention_bwd_dq_kernel(
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
     )
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
@@ -1111,7 +1155,7 @@ def flash_attention_bwd_dq_kernel(
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
     )
     dq = dq * sm_scale
     tl.store(
@@ -1488,7 +1532,7 @@ def varlen_bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> At
 
 def fwd_mask_config(
     arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False, float_bias: bool = False,
-    rel_pos_mma_bins: int = 0, rel_pos_gathers: bool = False,
+    rel_pos_mma_bins: int = 0, rel_pos_gathers: bool = False, key_padding: bool = False,
 ) -> AttentionConfig:
     """Forward block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``: the
     op runs SDPA above), from the ahead-of-time report; ``tma`` as in ``fwd_config``,
@@ -1500,11 +1544,17 @@ def fwd_mask_config(
     and its tiles are software-pipelined through shared memory by cp.async; a bool mask enters as
     the first dot's accumulator).
 
-    Static report (sm_90, Triton 3.8, 2026-12-04, bf16; hot-loop issue ratio): the plain tiles
-    take a mask or rel_pos by dots without spills at every head dim, the plain 128 x 64 at D = 128
-    included (a bool mask 1.52, was 3.41 on 128 x 32; rel_pos by dots with 16 / 64 bins 0.79 / 0.70,
-    by gathers 4.00; a float bias 0.93, was 1.33, without the 32-key tail step, which spills 16 B
-    there), as do sm_80's and sm_89's plain tiles. With
+    Static report (sm_90, Triton 3.8, bf16; hot-loop issue ratio). Since 2026-12-05 the report
+    compiles the mask's and the rel_pos tables' last-dim stride as the constant 1, as the runtime
+    does for a contiguous mask (Triton specialises an integer argument equal to 1): the (rows, keys)
+    mask tiles then load coalesced along the keys, with more address arithmetic per element than
+    the variable stride the report compiled before (whose figures, quoted below where marked, were
+    lower for those tiles). The plain tiles take a mask or rel_pos by dots without spills at every
+    head dim (rel_pos by dots with 16 / 64 bins on 128 x 64 at D = 128: 0.75 / 0.68, by gathers
+    3.99), except at D = 128 with (rows, keys) mask tiles: a bool mask on one stage (1.42; two put
+    8 B on the stack), a float bias on 128 x 32 over three stages (1.36; 128 x 64 puts 8-280 B on
+    the stack at one to three stages, with or without the key tail); sm_80's and sm_89's plain tiles
+    too (sm_89 with a float bias up to D = 64 without the 32-key tail step, which spills 64 B). With
     the rel_pos gathers, the plain 128 x 64 tiles spill at D > 64 (256-352 B), so BLOCK_N is halved
     there and 8 warps share the tile. Hopper up to D = 64, rel_pos by dots over 16 bins: two stages
     under a 128-register cap, two CTAs per SM, no spill, issue ratio 1.26 (uncapped: one CTA; the
@@ -1513,14 +1563,25 @@ def fwd_mask_config(
     a 120 cap spills 8 B. With 32 bins the 128 cap spills 8 B, with 64 bins 32 B: those stay
     uncapped (one CTA, issue ratio 0.92 with 64 bins).
 
+    ``key_padding``: the mask is one row of keys for every query (``BIAS_ROWS_BCAST``), read as one
+    vector per key step. Hopper up to D = 64: two stages under a 120-register cap, two CTAs per SM,
+    no spill (bool 1.43, float 1.39, against the (rows, keys) tiles' 2.70 and 1.65 at one CTA; three
+    stages under the cap put 8-64 B on the stack). fp32 at D = 64 on sm_89/90: 8 warps (4 put 8 B on
+    the stack with a float bias).
+
     Hopper with TMA, a float bias only, D > 64: the bulk copies take Q, K and V's addresses out of the
-    registers (128 x 64: 238 registers, issue ratio 0.96). Not taken elsewhere (same report): with a
+    registers (128 x 64: 237 registers, issue ratio 0.90). Not taken elsewhere (variable-stride report): with a
     bool mask or rel_pos every TMA tiling spilled (D = 64: 16-1232 B, D = 128: 168-200 B on
     128 x 64), and a float bias up to D = 64 went 1.77 -> 1.86."""
     if INTERPRETER:
         return fwd_config(arch, dtype, head_dim_pad, tma=tma)
     hopper16 = 90 <= arch < 100 and dtype != torch.float32
     rel_pos = rel_pos_mma_bins > 0 or rel_pos_gathers
+    if key_padding and not rel_pos and not tma and hopper16 and head_dim_pad <= 64:
+        return dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), num_stages=2, max_registers=120)
+    if key_padding and not rel_pos and dtype == torch.float32 and head_dim_pad == 64 and arch >= 89:
+        cfg = fwd_mask_config(arch, dtype, head_dim_pad)
+        return dataclasses.replace(cfg, num_warps=8)
     if tma and float_bias and not rel_pos and hopper16 and 64 < head_dim_pad <= 128:
         return dataclasses.replace(_with_key_tail(AttentionConfig(128, 64, 8, 2)), tma=True)
     # the plain tiles' register cap is sized for their own code, not for the mask's
@@ -1530,8 +1591,15 @@ def fwd_mask_config(
     if dtype == torch.float32 and 90 <= arch < 100 and head_dim_pad == 64:
         # one stage: two spill 8 B with a bool mask (sm_90, Triton 3.8); 92-94 registers, not 206-217
         return dataclasses.replace(cfg, num_stages=1)
+    if float_bias and not rel_pos and 89 <= arch < 90 and dtype != torch.float32 and head_dim_pad <= 64:
+        return dataclasses.replace(cfg, key_tail=0)  # the 32-key tail step spills 64 B on sm_89
     if dtype == torch.float32 or head_dim_pad <= 64:
         return cfg
+    if hopper16 and not rel_pos and not key_padding:
+        # (rows, keys) mask tiles at D = 128: a float bias on 128 x 32, three stages (128 x 64 puts
+        # 8-280 B on the stack at one to three stages, with or without a key tail); a bool mask on one
+        # stage (two put 8 B on the stack, and run 1.51 against 1.42)
+        return AttentionConfig(128, 32, 8, 3) if float_bias else dataclasses.replace(cfg, num_stages=1)
     if not rel_pos_gathers:
         return dataclasses.replace(cfg, key_tail=0) if float_bias and hopper16 else cfg
     return _with_key_tail(dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8))
@@ -1539,7 +1607,7 @@ def fwd_mask_config(
 
 def bwd_mask_configs(
     arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool, rel_pos_mma: bool = False,
-    rel_pos: bool = True,
+    rel_pos: bool = True, key_padding: bool = False,
 ) -> tuple[AttentionConfig, AttentionConfig]:
     """(dK/dV, dQ) block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``),
     from the ahead-of-time report (same conventions as ``bwd_config``). Off Hopper, 16-bit tiles of
@@ -1584,7 +1652,22 @@ def bwd_mask_configs(
     ``_HOPPER_MASK_BWD``'s 32 x 64, which computes every MMA row twice and is a 16-wide HGMMA; a
     float bias 245 / 0 / 0.96; D = 64 on 32 x 64 over 4 warps, two CTAs per SM: bool 181 / 0 / 1.79,
     float 183 / 0 / 1.61, against one CTA on 32 x 128, 8 warps at 1.71 / 1.50). Off Hopper the
-    plain tiles spill 40-80 B at D = 128 with a bool mask."""
+    plain tiles spill 40-80 B at D = 128 with a bool mask.
+
+    ``key_padding`` (a mask alone, one row of keys for every query): the same tiles (Hopper bf16
+    D = 64: a bool mask's dK/dV runs the plain loop, 146 / 0 / 0.94, dQ 127 / 0 / 1.21; float
+    144 / 0 / 1.04 and 117 / 0 / 0.97), except Hopper fp32 at D = 64: dK/dV on 8 warps and dQ on one
+    stage (4 warps and two stages put 8 B on the stack).
+
+    The figures above compiled the mask's key stride as a variable; since 2026-12-05 the report
+    compiles the unit stride the runtime specialises for a contiguous mask (see ``fwd_mask_config``).
+    There (sm_90 bf16, regs / spill / issue ratio): a mask alone, dK/dV D = 64 bool 194 / 0 / 1.87,
+    float 188 / 0 / 1.91, D = 128 bool 246 / 0 / 1.02, float 250 / 0 / 1.12; dQ D = 64 bool 145 / 0 /
+    1.68, float 176 / 0 / 1.25; with rel_pos by dots (16 bins) dK/dV D = 64 217 / 0 / 1.74, D = 128 on
+    two stages 255 / 0 / 1.21 (one put 16 B on the stack); Hopper fp32 dK/dV at D = 128 on two
+    stages; off Hopper, dQ with rel_pos by dots and its gradients steps 16 keys (32 put 8 B on the
+    stack on sm_80), fp32 dK/dV with rel_pos one stage, fp32 dQ with the rel_pos gradients two
+    stages up to D = 64."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
@@ -1595,23 +1678,33 @@ def bwd_mask_configs(
             if not rel_pos:
                 # a mask alone: dK/dV on one stage (two spilled 8 B on sm_89 at D = 128 with a float bias)
                 return dataclasses.replace(cfg, num_stages=1), cfg
-            # dQ with the rel_pos gradients: 4 warps, one stage (199-230 registers, no spill; on
-            # 8 warps ptxas holds 128 registers and spilled 8 B on sm_80 at D = 128, one stage or
-            # two, in the full regeneration of 2026-12-04; 16 warps are clean too, 100-104
+            # dK/dV with rel_pos on one stage (two put 8 B on the stack on sm_80 at D = 128); dQ with
+            # the rel_pos gradients: 4 warps, two stages up to D = 64, one above (one put 8 B on the
+            # stack on sm_80 at D = 64, two 8-16 B on sm_80/89 at D = 128; on 8 warps ptxas holds 128
+            # registers and spilled 8 B on sm_80 at D = 128; 16 warps are clean too, 100-104
             # registers, but spread a 16 x 16 tile over 512 threads; Triton 3.8)
-            return cfg, dataclasses.replace(cfg, num_warps=4, num_stages=1) if rel_pos_grad else cfg
+            dkdv = dataclasses.replace(cfg, num_stages=1)
+            dq = dataclasses.replace(cfg, num_warps=4, num_stages=2 if head_dim_pad <= 64 else 1)
+            return dkdv, dq if rel_pos_grad else cfg
+        if not rel_pos and key_padding and head_dim_pad == 64:
+            return dataclasses.replace(cfg, num_warps=8), cfg
+        # dK/dV at D = 128 on two stages (one put 16 B on the stack with a bool mask or rel_pos)
+        dkdv = dataclasses.replace(cfg, num_stages=2) if head_dim_pad == 128 else cfg
         if not rel_pos:
             # a mask alone: dQ on two stages (one spilled 8 B with a bool mask at D = 64, sm_90, Triton 3.8)
-            return cfg, dataclasses.replace(cfg, num_stages=2)
-        return cfg, cfg
+            return dkdv, dataclasses.replace(cfg, num_stages=2)
+        return dkdv, cfg
     if not hopper:
         cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
         if rel_pos_mma and rel_pos_grad:
-            # dQ: 64 rows x 32 keys on 4 warps (the chained score dots put 8 warps over 32 rows at [8, 1])
-            return cfg, AttentionConfig(32, 64, 4, 2)
+            # dQ: 64 rows on 4 warps (the chained score dots put 8 warps over 32 rows at [8, 1]), 16-key
+            # steps (32-key steps put 8 B on the stack on sm_80)
+            return cfg, AttentionConfig(16, 64, 4, 2)
         return cfg, cfg
     if rel_pos_mma:
-        return _HOPPER_REL_MMA_BWD, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
+        # dK/dV at D = 128 on two stages (one put 16 B on the stack)
+        dkdv = dataclasses.replace(_HOPPER_REL_MMA_BWD, num_stages=2) if head_dim_pad > 64 else _HOPPER_REL_MMA_BWD
+        return dkdv, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
     if not rel_pos:
         return cfg, cfg
     dkdv = _HOPPER_MASK_BWD_SMALL if head_dim_pad <= 64 else _HOPPER_MASK_BWD
@@ -1661,7 +1754,9 @@ def dbias_config(
     if INTERPRETER:
         return AttentionConfig(16, 16, 4, 1)
     if dtype == torch.float32:
-        return AttentionConfig(16, 16, 4, 1)
+        # D = 128 on 2 warps (4 put 8 B on the stack on sm_89 with a (B, 1, 1, M) bias, 8 warps 8-32 B
+        # elsewhere), D <= 64 on 4 (2 put 16 B on the stack on sm_89)
+        return AttentionConfig(16, 16, 2 if head_dim_pad > 64 else 4, 1)
     if not rel_pos or (head_dim_pad <= 64 and (rel_pos_mma or 90 <= arch < 100)):
         return AttentionConfig(64, 32, 4, 1)
     if head_dim_pad > 64:
@@ -1700,6 +1795,12 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
+def key_padding(bias: torch.Tensor | None) -> bool:
+    """Whether an attn_mask is one row of keys for every query: (B|1, H|1, 1, M), or expanded over
+    the queries with stride 0 (a key-padding mask; the kernels' BIAS_ROWS_BCAST)."""
+    return bias is not None and _strides4(bias)[2] == 0
+
+
 def _bias_args(bias, rel_h, rel_w):
     """(kernel pointer args, stride args, KW, flags) for the optional attn_mask and rel_pos."""
     if bias is not None:
@@ -1714,6 +1815,7 @@ def _bias_args(bias, rel_h, rel_w):
         "HAS_BIAS": bias is not None,
         "BIAS_BOOL": bias is not None and bias.dtype == torch.bool,
         "HAS_REL_POS": rel_h is not None,
+        "BIAS_ROWS_BCAST": key_padding(bias),
     }
     return (bias_arg, rel_h, rel_w), strides, kw, flags
 
@@ -1763,7 +1865,7 @@ def flash_attention_forward(
         float_bias = bias is not None and bias.dtype != torch.bool
         bins = max(rel_mma["KH_PAD"], rel_mma["KW_PAD"]) if rel_mma else 0
         cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias, rel_pos_mma_bins=bins,
-                              rel_pos_gathers=rel_h is not None and not rel_mma)
+                              rel_pos_gathers=rel_h is not None and not rel_mma, key_padding=key_padding(bias))
     else:
         cfg = fwd_config(arch, q.dtype, pad, tma=tma)
     grid = (cdiv(n_q, cfg.block_m) * batch * heads,)
@@ -1923,7 +2025,8 @@ def flash_attention_backward(
     arch = arch_of(q.device)
     rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)
     if bias is not None or rel_h is not None:
-        cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None)
+        cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None,
+                                       key_padding=key_padding(bias))
     else:
         cfg, dq_cfg = bwd_config(arch, q.dtype, pad), bwd_dq_config(arch, q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
@@ -2308,7 +2411,7 @@ def _tail_label(kernel: str, cfg: AttentionConfig) -> str:
 def aot_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, head dim, causal, architecture) configuration the launchers use, and
     the attn_mask / rel_pos variants (float and bool masks, rel_pos, their gradients)."""
-    plain = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, **_REL_POS_GATHER,
+    plain = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "BIAS_ROWS_BCAST": False, **_REL_POS_GATHER,
              "Bias": None, "RelH": None, "RelW": None, "dRelH": None, "dRelW": None, **_VARLEN_OFF}
     # None pointers (the masks, rel_pos tables and varlen tables a plain launch leaves out) and dO's
     # unit stride in D are constants; the other sizes and strides are i32 (aot.signature)
@@ -2397,8 +2500,8 @@ def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig, masks=None, label=
             sig[name] = value  # a pointer this variant passes
     constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype),
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_TAIL": cfg.key_tail, "USE_TMA": True,
-                  **_REL_POS_GATHER, **{n: v for n, v in flags.items() if not isinstance(v, str)},
-                  **_VARLEN_OFF}  # fmt: skip
+                  "BIAS_ROWS_BCAST": False, **_REL_POS_GATHER,
+                  **{n: v for n, v in flags.items() if not isinstance(v, str)}, **_VARLEN_OFF}  # fmt: skip
     if not cfg.key_tail:
         constexprs.update(KTail=None, VTail=None)
     return KernelSpec(
@@ -2438,6 +2541,14 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         values.update({n: v for n, v in constexprs.items() if sig.get(n) == "constexpr"})
         values.update({n: v for n, v in _VARLEN_OFF.items() if n in sig})
         values.update(common, BLOCK_M=block_m, BLOCK_N=block_n, **_tail(kernel, cfg))
+        if "BIAS_ROWS_BCAST" in sig:
+            values.setdefault("BIAS_ROWS_BCAST", False)
+        # the mask and rel_pos tables contiguous in their last dim (BEiT's and Swin's gathered tables,
+        # SAM's einsum, NaFlex's padding row): the runtime specialises the unit stride to a constant
+        for name in ("stride_bm", "stride_rhk", "stride_rwk"):
+            if name in sig:
+                sig[name] = "constexpr"
+                values[name] = 1
         if "stride_dod" in sig:
             values["stride_dod"] = 1
         specs.append(KernelSpec(
@@ -2480,6 +2591,18 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         mask_bwd.block_n)
     bool_only = {**bias_only, **fwd_bool}
     add("flash_attention_bwd_dq_kernel", "mask=bool", dq_sig, bool_only, dq_plain, dq_plain.block_n, dq_plain.block_m)
+    # key-padding masks, one row of keys for every query (NaFlex's padded patches, HF's expanded
+    # (B, 1, N, M) padding masks): forward, dK/dV and dQ read one vector of keys (BIAS_ROWS_BCAST)
+    pad_bwd, pad_dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False, rel_pos=False, key_padding=True)
+    for label, flags, float_bias in (("mask=bool", fwd_bool, False), ("bias=fp32", fwd_bias, True)):
+        rows = {**flags, "BIAS_ROWS_BCAST": True}
+        pad_fwd = fwd_mask_config(arch, dtype, pad, float_bias=float_bias, key_padding=True)
+        add("flash_attention_fwd_kernel", f"{label} (B,1,1,M)", fwd_sig, rows, pad_fwd, pad_fwd.block_m,
+            pad_fwd.block_n, True, target_ctas=2 if pad_fwd.max_registers else 1)
+        add("flash_attention_bwd_dkdv_kernel", f"{label} (B,1,1,M)", dkdv_sig, rows, pad_bwd, pad_bwd.block_m,
+            pad_bwd.block_n)
+        add("flash_attention_bwd_dq_kernel", f"{label} (B,1,1,M)", dq_sig, {**bias_only, **rows}, pad_dq,
+            pad_dq.block_n, pad_dq.block_m)
     rel_grad = {**both, "dRelH": "*fp32", "dRelW": "*fp32", "REL_POS_GRAD": True,
                 "KH_PAD": _REL_POS_AOT_PAD, "KW_PAD": _REL_POS_AOT_PAD}
     add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad k={_REL_POS_AOT_PAD}", dq_sig, rel_grad, dq,
@@ -2525,8 +2648,8 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     dq = varlen_bwd_dq_config(arch, dtype, pad)
     tables = {"CuSeqQ": "*i32", "CuSeqK": "*i32", "Tiles": "*i32"}
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "DOT_PRECISION": dot_precision(dtype),
-              "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "Bias": None, "RelH": None, "RelW": None,
-              "VARLEN": True}
+              "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "BIAS_ROWS_BCAST": False, "Bias": None,
+              "RelH": None, "RelW": None, "VARLEN": True}
     specs = []
     for causal, (kernel, sig, cfg, block_m, block_n) in itertools.product((False, True), (
         ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),

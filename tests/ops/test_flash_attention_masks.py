@@ -206,6 +206,49 @@ def test_fully_masked_rows(kernel_device, route, kind, causal):
     _check(q, k, v, result, attn_mask=mask, causal=causal)
 
 
+@kernel_test
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("expanded", [False, True], ids=["B11M", "expanded-over-N"])
+def test_kernel_key_padding_mask(kernel_device, kind, causal, expanded, monkeypatch):
+    """A key-padding mask, (B, 1, 1, M) or expanded over the queries (stride 0), is read as one row
+    of keys for every query (BIAS_ROWS_BCAST: one vector per key step; a bool one leaves dK/dV's
+    loop unmasked and zeroes the masked keys' rows). Sample 0 pads every key (every row dead),
+    sample 1 the interpreter's first 32-key block (its dK/dV program skips its loop) and one more."""
+    from fastvit.kernels import flash_attention as kernels
+
+    flags = []
+    original = kernels._bias_args
+
+    def spy(*args):
+        result = original(*args)
+        flags.append(result[3]["BIAS_ROWS_BCAST"])
+        return result
+
+    monkeypatch.setattr(kernels, "_bias_args", spy)
+    q, k, v = _qkv(torch.float32, kernel_device, seed=14)
+    keep = torch.ones(B, 1, 1, M, dtype=torch.bool)
+    keep[0] = False
+    keep[1, ..., :32] = False
+    keep[1, ..., 33] = False
+    if kind == "bool":
+        mask = keep.to(kernel_device)
+    else:
+        values = torch.randn(B, 1, 1, M, generator=_gen(15)).masked_fill(~keep, float("-inf"))
+        mask = values.to(kernel_device).requires_grad_(True)
+    attn_mask = mask.expand(B, 1, N, M) if expanded else mask
+    result = _run("triton", q, k, v, attn_mask=attn_mask, causal=causal)
+    assert flags and all(flags), "the key-padding mask took the (rows, keys) tiles"
+    out, lse, _, grads = result
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    for t in (out, *grads):
+        assert not torch.isnan(t).any()
+    padded = ~keep[1, 0, 0].to(kernel_device)
+    assert torch.equal(grads[1][1][:, padded], torch.zeros_like(grads[1][1][:, padded]))  # dk
+    assert torch.equal(grads[2][1][:, padded], torch.zeros_like(grads[2][1][:, padded]))  # dv
+    _check(q, k, v, result, attn_mask=attn_mask, causal=causal)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_fp16(kernel_device, route, kind):
@@ -315,18 +358,20 @@ def test_rel_pos_fp16(kernel_device, route):
 @kernel_test
 @kernel_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_bool_mask_ignores_non_finite_scores_at_masked_keys(kernel_device, dtype):
+@pytest.mark.parametrize("shape", [(N, M), (M,)], ids=["tiles", "key-padding"])
+def test_kernel_bool_mask_ignores_non_finite_scores_at_masked_keys(kernel_device, dtype, shape):
     """In the kernels a key that a bool mask hides scores -inf whatever q k^T is there: NaN and inf
     in a masked key's k leave its rows finite and equal to the reference's (q k^T + -inf alone would
-    be NaN). The torch route gives NaN there, as SDPA does: it adds a bool mask as a -inf bias."""
+    be NaN), with the mask read as (rows, keys) tiles or as one row of keys (key padding). The torch
+    route gives NaN there, as SDPA does: it adds a bool mask as a -inf bias."""
     route = "triton"
     q, k, v = _qkv(dtype, kernel_device, seed=70)
     with torch.no_grad():
         k[0, 1, 4] = float("nan")
         k[1, 2, 6] = float("inf")
-    mask = torch.ones(N, M, dtype=torch.bool)
-    mask[:, 4] = False
-    mask[:, 6] = False
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[..., 4] = False
+    mask[..., 6] = False
     with fastvit.backend(route), torch.no_grad():
         out = fastvit.flash_attention(q, k, v, attn_mask=mask.to(kernel_device))
     expected, _ = reference.attention(*(t.detach().double().cpu() for t in (q, k, v)), attn_mask=mask)
@@ -512,7 +557,7 @@ def test_bad_masks_are_rejected_before_any_route():
 # ---------------------------------------------------------------------------------------------
 def _mask_configs(kernels, monkeypatch):
     """Every distinct (forward, dK/dV, dQ, dBias) configuration over architectures, dtypes and
-    padded head dims, with and without the rel_pos gradients."""
+    padded head dims, with and without the rel_pos gradients, with (rows, keys) and key-padding masks."""
     monkeypatch.setattr(kernels, "INTERPRETER", False)
     found = {"fwd": set(), "bwd": set(), "dbias": set()}
     for arch in (80, 86, 89, 90, 100, 120):
@@ -521,10 +566,13 @@ def _mask_configs(kernels, monkeypatch):
                 for bins in (0, 16, 32, 64):
                     found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, rel_pos_mma_bins=bins))
                 found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, rel_pos_gathers=True))
-                found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, float_bias=True))
+                for float_bias in (False, True):
+                    found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, float_bias=float_bias))
+                    found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, float_bias=float_bias, key_padding=True))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
                 found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False))
+                found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False, key_padding=True))
                 for rel_pos in (False, True):
                     found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos, arch=arch))
     monkeypatch.setattr(kernels, "INTERPRETER", True)
