@@ -590,13 +590,13 @@ def _attention_bwd_dkdv_inner(
     bias_base,  # attn_mask at (query 0, key start_n) of this head (HAS_BIAS), else None
     rh_base, rw_base,  # rel_h / rel_w at (query 0, bin 0) of this head (HAS_REL_POS), else None
     bias_cols, rh_cols, rw_cols,  # (BLOCK_N,) int32 column offsets: local key * stride_bm, (j // kw) * stride_rhk,
-    #                               (j % kw) * stride_rwk
-    key_valid,  # (BLOCK_N,) offs_n < M
+    #                               (j % kw) * stride_rwk, keys past M clamped to key M - 1 (no key predicate)
     stride_bn, stride_rhn, stride_rwn,
     sel_h, sel_w,  # (BLOCK_N, KH_PAD), (BLOCK_N, KW_PAD) one-hot [j, j // kw] / [j, j % kw] in q's dtype (REL_POS_MMA)
     stride_rhk, stride_rwk, KH, KW,
     key_bias,  # (BLOCK_N,) fp32 a key-padding float bias at this program's keys (BIAS_ROWS_BCAST), else unused
     BLOCK_M: tl.constexpr,
+    MASK_ROWS: tl.constexpr,  # the range holds query rows >= N (its last step); else every load is unpredicated
     CAUSAL_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr = False,
@@ -636,19 +636,28 @@ def _attention_bwd_dkdv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + local_m
         row_valid = offs_m < N
-        q_t = tl.load(q_ptrs, mask=d_valid[:, None] & row_valid[None, :], other=0.0)
-        # lse = +inf on missing query rows makes their P exactly 0
-        lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=float("inf"))
+        if MASK_ROWS:
+            q_t = tl.load(q_ptrs, mask=d_valid[:, None] & row_valid[None, :], other=0.0)
+            # lse = +inf on missing query rows makes their P exactly 0
+            lse = tl.load(lse_ptr + offs_m, mask=row_valid, other=float("inf"))
+        else:
+            q_t = tl.load(q_ptrs, mask=d_valid[:, None], other=0.0)
+            lse = tl.load(lse_ptr + offs_m)
         # -- P^T = exp(scale * k q^T - lse) --
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
         if HAS_BIAS or HAS_REL_POS:
-            # -- with the bias (transposed tile: keys x queries); lse = -inf (fully masked row) -> P = 0 --
-            valid = key_valid[:, None] & row_valid[None, :]
+            # -- with the bias (transposed tile: keys x queries); lse = -inf (fully masked row) -> P = 0;
+            #    the key columns are clamped inside the tables, so only a step with rows >= N predicates --
+            valid = row_valid[None, :] if MASK_ROWS else None
             if REL_POS_MMA:
                 # -- scale * k q^T + rel_pos^T, rel_pos^T = sel_h rel_h^T + sel_w rel_w^T accumulated onto the
                 #    scores (one non-zero product per element: exact) --
-                rh_t = tl.load(rh_base + rh_offs, mask=(bins_h < KH)[:, None] & row_valid[None, :], other=0.0)
-                rw_t = tl.load(rw_base + rw_offs, mask=(bins_w < KW)[:, None] & row_valid[None, :], other=0.0)
+                if MASK_ROWS:
+                    rh_t = tl.load(rh_base + rh_offs, mask=(bins_h < KH)[:, None] & row_valid[None, :], other=0.0)
+                    rw_t = tl.load(rw_base + rw_offs, mask=(bins_w < KW)[:, None] & row_valid[None, :], other=0.0)
+                else:
+                    rh_t = tl.load(rh_base + rh_offs, mask=(bins_h < KH)[:, None], other=0.0)
+                    rw_t = tl.load(rw_base + rw_offs, mask=(bins_w < KW)[:, None], other=0.0)
                 s_t = tl.dot(sel_h, rh_t, s_t * (qk_scale / LOG2E))
                 s_t = tl.dot(sel_w, rw_t, s_t)
             else:
@@ -666,11 +675,14 @@ def _attention_bwd_dkdv_inner(
             p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        do = tl.load(do_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        if MASK_ROWS:
+            do = tl.load(do_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        else:
+            do = tl.load(do_ptrs, mask=d_valid[None, :], other=0.0)
         # -- dV += P^T dO --
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         # -- dS^T = P^T * (V dO^T - delta);  dK += dS^T Q --
-        delta = tl.load(delta_ptr + offs_m, mask=row_valid, other=0.0)
+        delta = tl.load(delta_ptr + offs_m, mask=row_valid, other=0.0) if MASK_ROWS else tl.load(delta_ptr + offs_m)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
@@ -727,6 +739,7 @@ def flash_attention_bwd_dkdv_kernel(
     VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
     BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask has one row for every query (stride_bn == 0: key
                                             # padding), read once per program at its keys
+    SPLIT_ROWS: tl.constexpr = False,  # whole query blocks with no row predicate, then one predicated step
 ):
     if VARLEN:
         # -- (head, key tile) of the packed sequences, as in the forward (N came in as T) --
@@ -783,18 +796,20 @@ def flash_attention_bwd_dkdv_kernel(
         delta_ptr = Delta + bh.to(tl.int64) * N
     qk_scale = sm_scale * LOG2E
     # -- the mask and rel_pos tables: this head's 64-bit bases, int32 offsets of this program's key columns
-    #    (the rel_pos split j // kw, j % kw once per program, not per element) --
+    #    (the rel_pos split j // kw, j % kw once per program, not per element); keys past M read key M - 1
+    #    (their dK / dV rows are never stored), so no tile load needs a key predicate --
+    table_n = tl.minimum(offs_n, tl.maximum(M - 1, 0))
     if HAS_BIAS:
         bias_base = Bias + off_b * stride_bb + off_h * stride_bh + start_n.to(tl.int64) * stride_bm
-        bias_cols = local_n * stride_bm
+        bias_cols = (table_n - start_n) * stride_bm
     else:
         bias_base = Bias
         bias_cols = local_n
     if HAS_REL_POS:
         rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh
         rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh
-        rh_cols = (offs_n // KW) * stride_rhk
-        rw_cols = (offs_n % KW) * stride_rwk
+        rh_cols = (table_n // KW) * stride_rhk
+        rw_cols = (table_n % KW) * stride_rwk
     else:
         rh_base = RelH
         rw_base = RelW
@@ -833,21 +848,35 @@ def flash_attention_bwd_dkdv_kernel(
             dk, dv = _attention_bwd_dkdv_inner(
                 dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
                 offs_n, local_m, d_valid, lo, diag_end, N, qk_scale,
-                bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
+                bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, stride_bn, stride_rhn, stride_rwn,
                 sel_h, sel_w, stride_rhk, stride_rwk, kh, KW, key_bias,
-                BLOCK_M=BLOCK_M, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
+                BLOCK_M=BLOCK_M, MASK_ROWS=True, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
                 HAS_BIAS=HAS_BIAS and not KEY_MASK, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
                 REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
             )
-            lo = diag_end
+            lo = diag_end  # N, or a multiple of BLOCK_M
         else:
             lo = 0
+        if SPLIT_ROWS:
+            # -- whole query blocks with no row predicate, then the rows past the last one in one step --
+            full_end = tl.maximum((N // BLOCK_M) * BLOCK_M, lo)
+            dk, dv = _attention_bwd_dkdv_inner(
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
+                offs_n, local_m, d_valid, lo, full_end, N, qk_scale,
+                bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, stride_bn, stride_rhn, stride_rwn,
+                sel_h, sel_w, stride_rhk, stride_rwk, kh, KW, key_bias,
+                BLOCK_M=BLOCK_M, MASK_ROWS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
+                HAS_BIAS=HAS_BIAS and not KEY_MASK, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
+                REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+            )
+        else:
+            full_end = lo  # every step predicates its rows
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qn, stride_don,
-            offs_n, local_m, d_valid, lo, N, N, qk_scale,
-            bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, key_valid, stride_bn, stride_rhn, stride_rwn,
+            offs_n, local_m, d_valid, full_end, N, N, qk_scale,
+            bias_base, rh_base, rw_base, bias_cols, rh_cols, rw_cols, stride_bn, stride_rhn, stride_rwn,
             sel_h, sel_w, stride_rhk, stride_rwk, kh, KW, key_bias,
-            BLOCK_M=BLOCK_M, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M, MASK_ROWS=True, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS and not KEY_MASK, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS,
             REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
         )
@@ -1363,6 +1392,9 @@ class AttentionConfig:
     # ptxas's register cap per thread (Triton's maxnreg), where the default allocation crosses an
     # occupancy cliff that the tiles are sized for
     max_registers: int | None = None
+    # dK/dV only: whole query blocks step with no row predicate, the rows past the last one in a
+    # predicated step of their own (the kernel's SPLIT_ROWS)
+    row_split: bool = False
 
     def launch_options(self) -> dict[str, int]:
         """The Triton launch options of these tiles."""
@@ -1393,7 +1425,7 @@ def head_dim_padded(head_dim: int) -> int:
 # forward needs block_m % block_n == 0; the backward needs block_n % block_m == 0 (dK/dV keeps
 # block_n keys and steps block_m queries; dQ keeps block_n queries and steps block_m keys).
 _INTERPRETER_FWD = AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, key_tail=8)
-_INTERPRETER_BWD = AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+_INTERPRETER_BWD = AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=1, row_split=True)
 
 
 def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False) -> AttentionConfig:
@@ -1474,6 +1506,13 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     dQ 203 registers at 2 CTAs/SM but spill 32-40 B in the causal dK/dV, whose 16-row steps fit
     (249 registers, no spill) at a 16-wide dQ step (narrow HGMMA) if shared.
 
+    ``row_split`` and ``max_registers`` are dK/dV's (``bwd_dq_config`` clears the cap): 16-bit dK/dV
+    steps its whole query blocks with no row predicate and the rows past the last one in a step of
+    their own (the mask and rel_pos key columns clamped inside the tables, so their tiles load
+    unpredicated too). Static, sm_90 bf16 (issue ratio, same report): D = 64 0.91 -> 0.76 (162
+    registers, 3 CTAs/SM), causal 1.02 -> 0.84, D = 128 0.53 -> 0.47, D = 256 1.00 -> 0.92, D = 32
+    1.69 -> 1.43; off Hopper at D = 16 / 32 capped at 96 / 128 registers to keep 5 / 4 CTAs/SM.
+
     Head dims above 128 (padded to 256) take ``_BWD_256`` on every architecture, Hopper included:
     a warpgroup MMA gives each warp 16 rows of its accumulator, so the two (rows, 256) fp32
     accumulators of dK/dV alone are 2 x 128 registers per thread whatever the warp count (every
@@ -1488,8 +1527,14 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
         return _BWD_256
     small = head_dim_pad <= 64
     if 90 <= arch < 100 and not small:
-        return AttentionConfig(32, 128, 8, 2)
-    return AttentionConfig(32, 64, 4, 2) if small else AttentionConfig(32, 64, 8, 2)
+        return AttentionConfig(32, 128, 8, 2, row_split=True)
+    if not small:
+        return AttentionConfig(32, 64, 8, 2, row_split=True)
+    # off Hopper at D <= 32 the row split's second loop takes registers past an occupancy cliff:
+    # capped (no spill) to keep 5 (D = 16) and, on sm_80, 4 (D = 32) CTAs/SM (sm_89's D = 32 stayed
+    # at 3; capped there the causal pass puts 8 B on the stack)
+    cap = ({16: 96, 32: 128} if arch < 89 else {16: 96}).get(head_dim_pad) if arch < 90 else None
+    return AttentionConfig(32, 64, 4, 2, max_registers=cap, row_split=True)
 
 
 # Under the interpreter a test may give dQ tiles of their own (None: ``_INTERPRETER_BWD``'s)
@@ -1508,7 +1553,7 @@ def bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attention
         return _INTERPRETER_DQ or _INTERPRETER_BWD
     if dtype != torch.float32 and 90 <= arch < 100 and 64 < head_dim_pad <= 128:
         return AttentionConfig(32, 64, 4, 2)
-    return bwd_config(arch, dtype, head_dim_pad)
+    return dataclasses.replace(bwd_config(arch, dtype, head_dim_pad), max_registers=None)  # the cap is dK/dV's
 
 
 def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
@@ -1517,8 +1562,12 @@ def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Atten
     dK/dV (D = 128, sm_80) and dQ (D = 64, sm_89) passes (Triton 3.8, 2026-12-04); 8 warps are clean
     (at D = 256 too, where the dense passes take 16)."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
-    if INTERPRETER or dtype != torch.float32:
+    if INTERPRETER:
         return cfg
+    if dtype != torch.float32:
+        # Hopper up to D = 64 without the row split: the tile table's values and the split's second
+        # loop take 178 registers, 2 CTAs/SM instead of 3 (a 168 cap spills 8 B)
+        return dataclasses.replace(cfg, row_split=False) if 90 <= arch < 100 and head_dim_pad <= 64 else cfg
     return dataclasses.replace(cfg, num_warps=8)
 
 
@@ -1607,7 +1656,7 @@ def fwd_mask_config(
 
 def bwd_mask_configs(
     arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool, rel_pos_mma: bool = False,
-    rel_pos: bool = True, key_padding: bool = False,
+    rel_pos: bool = True, key_padding: bool = False, bool_mask: bool = False,
 ) -> tuple[AttentionConfig, AttentionConfig]:
     """(dK/dV, dQ) block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``),
     from the ahead-of-time report (same conventions as ``bwd_config``). Off Hopper, 16-bit tiles of
@@ -1676,8 +1725,11 @@ def bwd_mask_configs(
         if not hopper:
             cfg = dataclasses.replace(cfg, num_warps=8, num_stages=2)
             if not rel_pos:
-                # a mask alone: dK/dV on one stage (two spilled 8 B on sm_89 at D = 128 with a float bias)
-                return dataclasses.replace(cfg, num_stages=1), cfg
+                # a mask alone: dK/dV on one stage (two spilled 8 B on sm_89 at D = 128 with a float bias),
+                # a key-padding one on sm_89 on 4 warps (8 put 8 B on the stack at D = 128; on sm_80 4 put
+                # 24 B there)
+                warps = 4 if key_padding and 89 <= arch < 90 else 8
+                return dataclasses.replace(cfg, num_stages=1, num_warps=warps), cfg
             # dK/dV with rel_pos on one stage (two put 8 B on the stack on sm_80 at D = 128); dQ with
             # the rel_pos gradients: 4 warps, two stages up to D = 64, one above (one put 8 B on the
             # stack on sm_80 at D = 64, two 8-16 B on sm_80/89 at D = 128; on 8 warps ptxas holds 128
@@ -1695,18 +1747,30 @@ def bwd_mask_configs(
             return dkdv, dataclasses.replace(cfg, num_stages=2)
         return dkdv, cfg
     if not hopper:
-        cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8)
+        cfg = dataclasses.replace(cfg, block_n=cfg.block_m, num_warps=8, max_registers=None)
+        # dK/dV capped at 128 registers up to D = 64 and with a key-padding mask: the row split took it
+        # to 164-232 and one CTA/SM; capped, two without a spill (sm_80 D = 64 float bias 1.30 -> 1.02,
+        # bool 1.54 -> 1.46, rel_pos by dots 1.33 -> 1.16; key padding at D = 128 0.65 -> 0.62). The
+        # (rows, keys) tiles at D = 128 ran one CTA before the split and spill 8-24 B under the cap
+        capped = head_dim_pad <= 64 or key_padding
+        dkdv = dataclasses.replace(cfg, max_registers=128) if capped else cfg
         if rel_pos_mma and rel_pos_grad:
             # dQ: 64 rows on 4 warps (the chained score dots put 8 warps over 32 rows at [8, 1]), 16-key
             # steps (32-key steps put 8 B on the stack on sm_80)
-            return cfg, AttentionConfig(16, 64, 4, 2)
-        return cfg, cfg
+            return dkdv, AttentionConfig(16, 64, 4, 2)
+        return dkdv, cfg
     if rel_pos_mma:
-        # dK/dV at D = 128 on two stages (one put 16 B on the stack)
-        dkdv = dataclasses.replace(_HOPPER_REL_MMA_BWD, num_stages=2) if head_dim_pad > 64 else _HOPPER_REL_MMA_BWD
+        # dK/dV at D = 128 on two stages (one put 16 B on the stack), without the row split (with it
+        # 144 B on the stack)
+        wide = dataclasses.replace(_HOPPER_REL_MMA_BWD, num_stages=2, row_split=False)
+        dkdv = wide if head_dim_pad > 64 else _HOPPER_REL_MMA_BWD
         return dkdv, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
     if not rel_pos:
-        return cfg, cfg
+        # (rows, keys) mask tiles at D = 128 without the row split (with it 24-40 B on the stack); a
+        # bool key-padding mask up to D = 64 without it too (178 registers, 2 CTAs/SM against 3; a
+        # float one keeps it: 159 registers, 3 CTAs/SM, 1.04 -> 0.90)
+        no_split = (head_dim_pad > 64 and not key_padding) or (head_dim_pad <= 64 and key_padding and bool_mask)
+        return (dataclasses.replace(cfg, row_split=False) if no_split else cfg), cfg
     dkdv = _HOPPER_MASK_BWD_SMALL if head_dim_pad <= 64 else _HOPPER_MASK_BWD
     return dkdv, _HOPPER_MASK_BWD if rel_pos_grad else cfg
 
@@ -1721,13 +1785,13 @@ def bwd_mask_configs(
 # 64 KiB), warp-level MMA everywhere; 64-row tiles spill in dQ (576-1448 B).
 _FWD_256 = AttentionConfig(64, 32, 8, 2)
 _FWD_256_HOPPER = AttentionConfig(128, 32, 8, 1)
-_BWD_256 = AttentionConfig(32, 32, 8, 1)
+_BWD_256 = AttentionConfig(32, 32, 8, 1, row_split=True)
 
 # Hopper's backward tiles where the mask and rel_pos gathers leave fewer registers (above)
-_HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 128, 8, 2)
-_HOPPER_MASK_BWD = AttentionConfig(32, 64, 8, 2)
+_HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 128, 8, 2, row_split=True)
+_HOPPER_MASK_BWD = AttentionConfig(32, 64, 8, 2, row_split=True)
 # ... and with rel_pos by selection-matrix dots (dK/dV: 128 keys x 32 queries; dQ: 128 rows x 32 keys)
-_HOPPER_REL_MMA_BWD = AttentionConfig(32, 128, 8, 1)
+_HOPPER_REL_MMA_BWD = AttentionConfig(32, 128, 8, 1, row_split=True)
 
 
 def dbias_config(
@@ -2026,7 +2090,8 @@ def flash_attention_backward(
     rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)
     if bias is not None or rel_h is not None:
         cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None,
-                                       key_padding=key_padding(bias))
+                                       key_padding=key_padding(bias),
+                                       bool_mask=bias is not None and bias.dtype == torch.bool)
     else:
         cfg, dq_cfg = bwd_config(arch, q.dtype, pad), bwd_dq_config(arch, q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
@@ -2057,8 +2122,8 @@ def flash_attention_backward(
             *bias_strides,
             heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=precision, **flags, **mma_flags,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            CAUSAL=causal, DOT_PRECISION=precision, **flags, **mma_flags, SPLIT_ROWS=cfg.row_split,
+            **cfg.launch_options(),
         )
         rel_flags = dict(mma_flags)
         if rel_pos_grad:
@@ -2074,7 +2139,7 @@ def flash_attention_backward(
             heads, n_q, n_k, kh, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
             CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags,
-            num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+            **dq_cfg.launch_options(),
         )
         dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
                                {**flags, **_dbias_rel_pos_flags(mma_flags)}) \
@@ -2185,7 +2250,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"],
         **{n: flags[n] for n in ("REL_POS_MMA", "KH_PAD", "KW_PAD") if n in flags},
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )
     return dbias.to(bias.dtype)
 
@@ -2340,8 +2405,8 @@ def flash_attention_varlen_backward(
                 *_packed_strides(dk), *_packed_strides(dv), *_NO_BIAS_STRIDES,
                 heads, total, total_k, 1, scale,
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                CAUSAL=causal, DOT_PRECISION=precision, Tiles=key_tiles, **varlen,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                CAUSAL=causal, DOT_PRECISION=precision, Tiles=key_tiles, **varlen, SPLIT_ROWS=cfg.row_split,
+                **cfg.launch_options(),
             )
         if query_tiles.shape[1]:
             flash_attention_bwd_dq_kernel[(query_tiles.shape[1] * heads,)](
@@ -2351,7 +2416,7 @@ def flash_attention_varlen_backward(
                 heads, total, total_k, 1, 1, scale,
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
                 CAUSAL=causal, DOT_PRECISION=precision, Tiles=query_tiles, **varlen,
-                num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+                **dq_cfg.launch_options(),
             )
     return dq, dk, dv
 
@@ -2397,14 +2462,18 @@ _VARLEN_AOT_HEAD_DIMS = (64, 128, 256)
 
 
 def _tail(kernel: str, cfg: AttentionConfig) -> dict:
-    """The forward's BLOCK_TAIL constexpr as its launchers pass it (the backward has none), with the
-    TMA arguments off (``_tma_fwd_spec`` sets them)."""
+    """The forward's BLOCK_TAIL constexpr as its launchers pass it, with the TMA arguments off
+    (``_tma_fwd_spec`` sets them); dK/dV's SPLIT_ROWS (its row tail); none for dQ."""
+    if kernel == "flash_attention_bwd_dkdv_kernel":
+        return {"SPLIT_ROWS": cfg.row_split}
     if kernel != "flash_attention_fwd_kernel":
         return {}
     return {"BLOCK_TAIL": cfg.key_tail, "USE_TMA": False, "KTail": None, "VTail": None}
 
 
 def _tail_label(kernel: str, cfg: AttentionConfig) -> str:
+    if kernel == "flash_attention_bwd_dkdv_kernel":
+        return " split" if cfg.row_split else ""
     return f" tail={cfg.key_tail}" if kernel == "flash_attention_fwd_kernel" and cfg.key_tail else ""
 
 
@@ -2593,8 +2662,9 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     add("flash_attention_bwd_dq_kernel", "mask=bool", dq_sig, bool_only, dq_plain, dq_plain.block_n, dq_plain.block_m)
     # key-padding masks, one row of keys for every query (NaFlex's padded patches, HF's expanded
     # (B, 1, N, M) padding masks): forward, dK/dV and dQ read one vector of keys (BIAS_ROWS_BCAST)
-    pad_bwd, pad_dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False, rel_pos=False, key_padding=True)
     for label, flags, float_bias in (("mask=bool", fwd_bool, False), ("bias=fp32", fwd_bias, True)):
+        pad_bwd, pad_dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False, rel_pos=False, key_padding=True,
+                                           bool_mask=not float_bias)
         rows = {**flags, "BIAS_ROWS_BCAST": True}
         pad_fwd = fwd_mask_config(arch, dtype, pad, float_bias=float_bias, key_padding=True)
         add("flash_attention_fwd_kernel", f"{label} (B,1,1,M)", fwd_sig, rows, pad_fwd, pad_fwd.block_m,
