@@ -609,6 +609,8 @@ def _attention_bwd_dkdv_inner(
 ):
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     TILE_BIAS: tl.constexpr = HAS_BIAS and not BIAS_ROWS_BCAST  # the mask read as (BLOCK_N, BLOCK_M) tiles
+    # a bool mask tile alone: the plain exponent, then P = 0 where masked (one select, no rescaling)
+    BOOL_TILE: tl.constexpr = TILE_BIAS and BIAS_BOOL and not HAS_REL_POS
     q_ptrs += tl.cast(lo, tl.int64) * stride_qn
     do_ptrs += tl.cast(lo, tl.int64) * stride_don
     # the mask and rel_pos tiles: one 64-bit base per table (advanced by BLOCK_M rows per step) plus
@@ -645,7 +647,13 @@ def _attention_bwd_dkdv_inner(
             lse = tl.load(lse_ptr + offs_m)
         # -- P^T = exp(scale * k q^T - lse) --
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
-        if HAS_BIAS or HAS_REL_POS:
+        if BOOL_TILE:
+            # -- P^T where the (key, query) pair is kept, else 0 (NaN scores included); lse = -inf -> P = 0 --
+            keep_ptrs = bias_base + bias_offs
+            keep = tl.load(keep_ptrs, mask=row_valid[None, :], other=0) if MASK_ROWS else tl.load(keep_ptrs)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            p_t = tl.where(keep != 0, tl.math.exp2(s_t * qk_scale - lse[None, :] * LOG2E), 0.0)
+        elif HAS_BIAS or HAS_REL_POS:
             # -- with the bias (transposed tile: keys x queries); lse = -inf (fully masked row) -> P = 0;
             #    the key columns are clamped inside the tables, so only a step with rows >= N predicates --
             valid = row_valid[None, :] if MASK_ROWS else None
@@ -926,11 +934,10 @@ def _attention_bwd_dq_inner(
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16
     KW_PAD: tl.constexpr = 16,
     REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
-    BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask tiles are (1, BLOCK_N) rows of keys (key padding)
 ):
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
-    # a key-padding bool mask alone: the plain exponent, then P = 0 at the masked keys
-    KEY_MASK: tl.constexpr = HAS_BIAS and BIAS_BOOL and BIAS_ROWS_BCAST and not HAS_REL_POS
+    # a bool mask alone (tiles or a key-padding row): the plain exponent, then P = 0 where masked
+    BOOL_ONLY: tl.constexpr = HAS_BIAS and BIAS_BOOL and not HAS_REL_POS
     k_ptrs += tl.cast(lo, tl.int64) * stride_kn
     v_ptrs += tl.cast(lo, tl.int64) * stride_vn
     # the mask tile: a 64-bit base advanced by BLOCK_N keys per step plus int32 offsets inside the tile
@@ -962,8 +969,9 @@ def _attention_bwd_dq_inner(
             v_t = tl.load(v_ptrs, mask=d_valid[:, None], other=0.0)
         # -- P = exp(scale * q k^T - lse) --
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        if KEY_MASK:
-            # -- P = exp(scale * q k^T - lse) where the key is kept, else 0 (NaN scores included) --
+        if BOOL_ONLY:
+            # -- P = exp(scale * q k^T - lse) where the pair is kept, else 0 (NaN scores included; rows are
+            #    clamped inside the mask, so only key-tail steps predicate) --
             keep_ptrs = bias_base + bias_offs.to(tl.uint32)
             keep = tl.load(keep_ptrs, mask=key_valid[None, :], other=0) if MASK_KEYS else tl.load(keep_ptrs)
             p = tl.where(keep != 0, tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E), 0.0)
@@ -1175,7 +1183,7 @@ def flash_attention_bwd_dq_kernel(
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
     )
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
@@ -1184,7 +1192,7 @@ def flash_attention_bwd_dq_kernel(
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
     )
     dq = dq * sm_scale
     tl.store(
