@@ -1492,6 +1492,31 @@ def _fwd_tiles(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     return AttentionConfig(128, 64, 8, 3) if small else AttentionConfig(128, 32, 8, 3)
 
 
+# Query rows up to which the forward takes one warpgroup's 64-row tiles instead of 128-row ones
+SHORT_QUERIES = 64
+
+
+def short_query_config(cfg: AttentionConfig, arch: int, float_bias: bool = False) -> AttentionConfig:
+    """The forward's tiles for at most ``SHORT_QUERIES`` query rows (Swin's 7 x 7 windows: N = 49;
+    Hiera's 8 x 8 mask units: 64) where ``cfg`` spends 128 rows on 8 warps: 64 rows on 4 warps, so
+    no warpgroup computes rows that are all padding (at N = 49 the 128 x 64 tiles do 29% useful
+    work, 64 x 64 ones 59%) and twice as many programs fit an SM. Up to D = 64, no rel_pos, no TMA
+    (the launcher checks). Uncapped: the 120-register cap of Hopper's 128-row tiles puts 32 B on
+    the stack here (147 registers uncapped, 3 CTAs/SM). A float bias off Hopper steps 32 keys with
+    no key tail (64-key steps put 80 B on the stack on sm_80, 32 B on sm_89). Static report, Triton
+    3.8; UNMEASURED on a GPU."""
+    short = dataclasses.replace(cfg, block_m=SHORT_QUERIES, num_warps=4, max_registers=None)
+    if float_bias and arch < 90:
+        short = dataclasses.replace(short, block_n=32, key_tail=0)
+    return short
+
+
+def takes_short_tiles(cfg: AttentionConfig, n_q: int, head_dim_pad: int, rel_pos: bool) -> bool:
+    """Whether a forward launch of ``n_q`` query rows takes ``short_query_config``'s tiles."""
+    return (n_q <= SHORT_QUERIES and cfg.block_m == 2 * SHORT_QUERIES and not cfg.tma and head_dim_pad <= 64
+            and not rel_pos)
+
+
 def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     """Backward block sizes, used by both passes: dK/dV keeps ``block_n`` keys per program and
     steps ``block_m`` queries; dQ keeps ``block_n`` queries and steps ``block_m`` keys.
@@ -1940,6 +1965,8 @@ def flash_attention_forward(
                               rel_pos_gathers=rel_h is not None and not rel_mma, key_padding=key_padding(bias))
     else:
         cfg = fwd_config(arch, q.dtype, pad, tma=tma)
+    if takes_short_tiles(cfg, n_q, pad, rel_h is not None):
+        cfg = short_query_config(cfg, arch, float_bias=bias is not None and bias.dtype != torch.bool)
     grid = (cdiv(n_q, cfg.block_m) * batch * heads,)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     flags = {**flags, **rel_mma}
@@ -2551,6 +2578,8 @@ def aot_specs() -> list[KernelSpec]:
                         specs.append(_tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig))
                 if dtype in _MASK_AOT_DTYPES and head_dim in _MASK_AOT_HEAD_DIMS:
                     specs.extend(_mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
+                if dtype != torch.float32 and head_dim in _SHORT_AOT_HEAD_DIMS:
+                    specs.extend(_short_specs(arch, dtype, ty, head_dim, fwd_sig))
                 if dtype in _VARLEN_AOT_DTYPES and head_dim in _VARLEN_AOT_HEAD_DIMS:
                     specs.extend(_varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
     return specs
@@ -2715,6 +2744,52 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" rel_pos" if rel else "")
         label += f" mma k={REL_POS_MMA_MAX_PAD}" if rel_dots else ""
         add("flash_attention_bwd_dbias_kernel", label, sig, values, dbias_cfg, dbias_cfg.block_m, dbias_cfg.block_n)
+    return specs
+
+
+# Short sequences (``short_query_config``), compiled at Swin's head dim (32) and ViT-B's (64)
+_SHORT_AOT_HEAD_DIMS = (32, 64)
+
+
+def _short_specs(arch, dtype, ty, head_dim, fwd_sig) -> list[KernelSpec]:
+    """The forward's short-sequence tiles: plain (fp16 and bf16) and, in bf16, with an fp32 bias
+    (Swin's relative-position bias and shift mask), a bool mask and key-padding masks."""
+    pad = head_dim_padded(head_dim)
+    common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": dot_precision(dtype),
+              "RelH": None, "RelW": None, "HAS_REL_POS": False, **_REL_POS_GATHER, **_VARLEN_OFF}
+    kinds = [("", {"Bias": None, "HAS_BIAS": False, "BIAS_BOOL": False, "BIAS_ROWS_BCAST": False}, False, False)]
+    if dtype == torch.bfloat16:
+        for rows, label in ((False, ""), (True, " (B,1,1,M)")):
+            kinds += [
+                (f" bias=fp32{label}", {"Bias": "*fp32", "HAS_BIAS": True, "BIAS_BOOL": False, "BIAS_ROWS_BCAST": rows},
+                 True, rows),
+                (f" mask=bool{label}", {"Bias": "*u8", "HAS_BIAS": True, "BIAS_BOOL": True, "BIAS_ROWS_BCAST": rows},
+                 False, rows),
+            ]
+    specs = []
+    for label, flags, float_bias, rows in kinds:
+        if flags["HAS_BIAS"]:
+            base = fwd_mask_config(arch, dtype, pad, float_bias=float_bias, key_padding=rows)
+        else:
+            base = fwd_config(arch, dtype, pad)
+        if not takes_short_tiles(base, SHORT_QUERIES, pad, rel_pos=False):
+            continue
+        cfg = short_query_config(base, arch, float_bias=float_bias)
+        sig = dict(fwd_sig)
+        if isinstance(flags["Bias"], str):
+            sig["Bias"] = flags["Bias"]
+            sig["stride_bm"] = "constexpr"  # a contiguous mask's unit stride, as in _mask_specs
+        constexprs = {**common, **{n: v for n, v in flags.items() if not isinstance(v, str)},
+                      "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_tail("flash_attention_fwd_kernel", cfg)}
+        if flags["HAS_BIAS"]:
+            constexprs["stride_bm"] = 1
+        specs.append(KernelSpec(
+            "flash_attention.flash_attention_fwd_kernel",
+            f"{ty} D={head_dim} short{label} BM={cfg.block_m} BN={cfg.block_n}"
+            f"{_tail_label('flash_attention_fwd_kernel', cfg)} w={cfg.num_warps} s={cfg.num_stages}",
+            sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
+            needs_wgmma=True, divisible_by_16=_aligned(sig), max_registers=cfg.max_registers,
+        ))
     return specs
 
 

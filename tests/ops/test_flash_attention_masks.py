@@ -249,6 +249,38 @@ def test_kernel_key_padding_mask(kernel_device, kind, causal, expanded, monkeypa
     _check(q, k, v, result, attn_mask=attn_mask, causal=causal)
 
 
+@kernel_test
+@pytest.mark.parametrize("kind", [None, "bool", "float", "key-padding"])
+def test_kernel_short_sequences_take_64_row_tiles(kernel_device, kind, monkeypatch):
+    """Up to 64 query rows (Swin's 7 x 7 windows, N = 49) the forward swaps 128-row tiles on 8 warps
+    for one warpgroup's 64 rows (short_query_config), plain or masked, and gives the reference's
+    answers through those tiles."""
+    from fastvit.kernels import flash_attention as kernels
+
+    if not ON_GPU:  # the interpreter's own tiles are small: give the launcher the 128-row ones to swap
+        monkeypatch.setattr(kernels, "fwd_config", lambda *a, **kw: kernels.AttentionConfig(128, 64, 8, 2, key_tail=32))
+        monkeypatch.setattr(kernels, "fwd_mask_config", lambda *a, **kw: kernels.AttentionConfig(128, 64, 8, 2))
+    taken = []
+    original = kernels.short_query_config
+
+    def spy(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        taken.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(kernels, "short_query_config", spy)
+    n = 49
+    q, k, v = _qkv(torch.float16, kernel_device, seed=16, n_q=n, n_k=n)
+    mask = None
+    if kind == "key-padding":
+        mask = (torch.arange(n) < 40).view(1, 1, 1, n).expand(B, 1, 1, n).to(kernel_device)
+    elif kind is not None:
+        mask = _mask((1, H, n, n), kind, kernel_device, seed=17)
+    result = _run("triton", q, k, v, attn_mask=mask)
+    assert taken and taken[0].block_m == 64 and taken[0].num_warps == 4
+    _check(q, k, v, result, attn_mask=mask)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_fp16(kernel_device, route, kind):
@@ -567,8 +599,11 @@ def _mask_configs(kernels, monkeypatch):
                     found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, rel_pos_mma_bins=bins))
                 found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, rel_pos_gathers=True))
                 for float_bias in (False, True):
-                    found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, float_bias=float_bias))
-                    found["fwd"].add(kernels.fwd_mask_config(arch, dtype, pad, float_bias=float_bias, key_padding=True))
+                    for key_padding in (False, True):
+                        cfg = kernels.fwd_mask_config(arch, dtype, pad, float_bias=float_bias, key_padding=key_padding)
+                        found["fwd"].add(cfg)
+                        if kernels.takes_short_tiles(cfg, kernels.SHORT_QUERIES, pad, rel_pos=False):
+                            found["fwd"].add(kernels.short_query_config(cfg, arch, float_bias=float_bias))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
                 found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False))
