@@ -1736,20 +1736,24 @@ def bwd_mask_configs(
     float 183 / 0 / 1.61, against one CTA on 32 x 128, 8 warps at 1.71 / 1.50). Off Hopper the
     plain tiles spill 40-80 B at D = 128 with a bool mask.
 
-    ``key_padding`` (a mask alone, one row of keys for every query): the same tiles (Hopper bf16
-    D = 64: a bool mask's dK/dV runs the plain loop, 146 / 0 / 0.94, dQ 127 / 0 / 1.21; float
-    144 / 0 / 1.04 and 117 / 0 / 0.97), except Hopper fp32 at D = 64: dK/dV on 8 warps and dQ on one
-    stage (4 warps and two stages put 8 B on the stack).
+    ``key_padding`` (a mask alone, one row of keys for every query): the same tiles; a bool mask's
+    dK/dV runs the plain loop and zeroes the padded keys' rows. Hopper fp32 at D = 64: dK/dV on 8
+    warps and dQ on one stage (4 warps and two stages put 8 B on the stack).
 
-    The figures above compiled the mask's key stride as a variable; since 2026-12-05 the report
-    compiles the unit stride the runtime specialises for a contiguous mask (see ``fwd_mask_config``).
-    There (sm_90 bf16, regs / spill / issue ratio): a mask alone, dK/dV D = 64 bool 194 / 0 / 1.87,
-    float 188 / 0 / 1.91, D = 128 bool 246 / 0 / 1.02, float 250 / 0 / 1.12; dQ D = 64 bool 145 / 0 /
-    1.68, float 176 / 0 / 1.25; with rel_pos by dots (16 bins) dK/dV D = 64 217 / 0 / 1.74, D = 128 on
-    two stages 255 / 0 / 1.21 (one put 16 B on the stack); Hopper fp32 dK/dV at D = 128 on two
-    stages; off Hopper, dQ with rel_pos by dots and its gradients steps 16 keys (32 put 8 B on the
-    stack on sm_80), fp32 dK/dV with rel_pos one stage, fp32 dQ with the rel_pos gradients two
-    stages up to D = 64."""
+    The figures above compiled the mask's key stride as a variable and predicated every dK/dV row
+    step. Since 2026-12-05 the report compiles the unit stride the runtime specialises for a
+    contiguous mask (see ``fwd_mask_config``), and 16-bit dK/dV splits off its last row step
+    (``bwd_config``) with the mask's key columns clamped, and takes a bool mask alone by one select
+    on P. There (sm_90 bf16, regs / spill / issue ratio, CTAs/SM): (rows, keys) tiles, dK/dV D = 64
+    bool 226 / 0 / 1.47 / 2, float 254 / 0 / 1.44 / 2; D = 128 (no split: it spills 24-40 B) bool
+    239 / 0 / 1.02, float 255 / 0 / 0.96; dQ D = 64 bool 144 / 0 / 1.52 / 3, float 176 / 0 / 1.25 / 2,
+    D = 128 0.86 / 0.74. Key padding: dK/dV D = 64 bool 146 / 0 / 0.94 / 3 (no split: 178 registers,
+    2 CTAs/SM), float 159 / 0 / 0.90 / 3, D = 128 0.47 / 0.55; dQ D = 64 1.06 / 0.97 at 4 CTAs/SM.
+    rel_pos by dots (16 bins): dK/dV D = 64 251 / 0 / 1.40, D = 128 on two stages without the split
+    255 / 0 / 1.06 (one stage put 16 B on the stack, the split 144 B). Hopper fp32 dK/dV at D = 128
+    on two stages; off Hopper, dQ with rel_pos by dots and its gradients steps 16 keys (32 put 8 B
+    on the stack on sm_80), fp32 dK/dV with rel_pos one stage, fp32 dQ with the rel_pos gradients
+    two stages up to D = 64."""
     cfg = bwd_config(arch, dtype, head_dim_pad)
     if INTERPRETER:
         return cfg, cfg
