@@ -86,6 +86,7 @@ from .runtime import (
     new_output,
     next_power_of_2,
     rows_addressable_in_int32,
+    sm_count,
 )
 
 # Largest head dim the kernels cover (padded to a power of two in registers), and the largest with an
@@ -1222,7 +1223,7 @@ def flash_attention_bwd_dbias_kernel(
     Bias,  # (Bb, Hb, Nb, Mb) float attn_mask, each dim 1 or the full size, any strides
     RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None)
     RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None)
-    dBias,  # (Bb, Hb, Nb, Mb) fp32 gradient of the mask, contiguous
+    dBias,  # (S, Bb, Hb, Nb, Mb) fp32 partial gradients of the mask, one per batch chunk, contiguous
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -1233,7 +1234,9 @@ def flash_attention_bwd_dbias_kernel(
     H, N, M,
     KW,  # rel_pos grid width
     BIAS_H,  # Hb: the mask's own number of heads (1 or H)
+    BIAS_BH,  # Bb * Hb: the mask's own (batch, head) pairs
     B_LOOP, H_LOOP,  # batches / heads summed into each element: B or 1, H or 1
+    B_CHUNK,  # batches one program sums: chunk s of the B_LOOP batches goes to dBias[s]
     sm_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -1247,12 +1250,14 @@ def flash_attention_bwd_dbias_kernel(
     REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
     KW_PAD: tl.constexpr = 16,
+    SPLIT_BATCHES: tl.constexpr = False,  # the B_LOOP batches are split into chunks of B_CHUNK (else one)
 ):
     """dBias = sum over the mask's broadcast dims of dS = P * (dP - delta) (no softmax scale).
 
-    One program per tile of the mask's own (Bb, Hb, Nb, Mb) shape; it loops over the (batch,
-    head, row block, column block) that broadcast onto the tile in a fixed order, recomputing P and
-    dP, and accumulates in fp32 registers: deterministic, no atomics, no (B, H, N, M) buffer.
+    One program per tile of the mask's own (Bb, Hb, Nb, Mb) shape and chunk of B_CHUNK batches; it
+    loops over the (batch, head, row block, column block) that broadcast onto the tile in a fixed
+    order, recomputing P and dP, and accumulates in fp32 registers; the launcher sums the chunks'
+    partials in a fixed order: deterministic, no atomics, no (B, H, N, M) buffer.
     """
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     num_col_tiles = 1 if COLS_BCAST else tl.cdiv(M, BLOCK_N)
@@ -1260,8 +1265,15 @@ def flash_attention_bwd_dbias_kernel(
     pid = tl.program_id(0)
     col_tile = pid % num_col_tiles
     row_tile = (pid // num_col_tiles) % num_row_tiles
-    own_bh = pid // (num_col_tiles * num_row_tiles)
-    own_b = own_bh // BIAS_H
+    own_bh = pid // (num_col_tiles * num_row_tiles)  # (chunk, Bb, Hb) flattened: the output slab
+    if SPLIT_BATCHES:
+        b_lo = (own_bh // BIAS_BH) * B_CHUNK  # this chunk's first batch of the B_LOOP
+        b_hi = tl.minimum(b_lo + B_CHUNK, B_LOOP)
+        own_b = (own_bh % BIAS_BH) // BIAS_H
+    else:
+        b_lo = 0
+        b_hi = B_LOOP
+        own_b = own_bh // BIAS_H
     own_h = own_bh % BIAS_H
     if ROWS_BCAST:
         row_lo, row_hi = 0, N
@@ -1299,7 +1311,7 @@ def flash_attention_bwd_dbias_kernel(
         rh_offs = rh_rows[:, None] + (((col_lo + local_n) // KW) * stride_rhk)[None, :]
         rw_offs = rw_rows[:, None] + (((col_lo + local_n) % KW) * stride_rwk)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for ib in range(0, B_LOOP):
+    for ib in range(b_lo, b_hi):
         off_b = (own_b + ib).to(tl.int64)
         for ih in range(0, H_LOOP):
             off_h = (own_h + ih).to(tl.int64)
@@ -2283,24 +2295,49 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     pad = head_dim_padded(head_dim)
     cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch_of(q.device),
                        rel_pos_mma=flags.get("REL_POS_MMA", False))
-    dbias = new_output(bias.shape, dtype=torch.float32, device=q.device)
     tiles = (1 if rows_bcast else cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else cdiv(n_k, cfg.block_n))
-    flash_attention_bwd_dbias_kernel[(bias_b * bias_h * tiles,)](
-        q, k, v, grad_out, lse, delta, *pointers, dbias,
+    b_loop = batch if bias_b == 1 else 1
+    # rel_pos by gathers keeps one chunk: the chunk bounds' registers spilled 24-32 B there (sm_80
+    # fp32 D = 128, sm_90 bf16 D = 64; Triton 3.8)
+    gathers = flags["HAS_REL_POS"] and not flags.get("REL_POS_MMA", False)
+    chunk = b_loop if gathers else dbias_batch_chunk(b_loop, bias_b * bias_h * tiles, sm_count(q.device))
+    chunks = cdiv(b_loop, chunk)
+    parts = new_output((chunks, *bias.shape), dtype=torch.float32, device=q.device)
+    flash_attention_bwd_dbias_kernel[(chunks * bias_b * bias_h * tiles,)](
+        q, k, v, grad_out, lse, delta, *pointers, parts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *grad_out.stride(),
         *bias_strides,
-        heads, n_q, n_k, kw, bias_h,
-        batch if bias_b == 1 else 1, heads if bias_h == 1 else 1, scale,
+        heads, n_q, n_k, kw, bias_h, bias_b * bias_h,
+        b_loop, heads if bias_h == 1 else 1, chunk, scale,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
-        ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"],
+        ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"], SPLIT_BATCHES=chunks > 1,
         **{n: flags[n] for n in ("REL_POS_MMA", "KH_PAD", "KW_PAD") if n in flags},
         **cfg.launch_options(),
     )
+    dbias = parts[0] if chunks == 1 else parts.sum(0)  # fixed-order reduction of the chunks' partials
     return dbias.to(bias.dtype)
+
+
+# the dBias kernel aims at this many programs per SM before it splits the broadcast batches
+DBIAS_PROGRAMS_PER_SM = 4
+
+
+def dbias_batch_chunk(b_loop: int, programs: int, sms: int) -> int:
+    """Batches each dBias program sums, so that ``programs`` tiles of the mask's own shape fill
+    about ``DBIAS_PROGRAMS_PER_SM`` programs per SM: a (1, H, 49, 49) Swin table under 2048 windows
+    is 6 tiles, one per program looping all 2048 batches, with the GPU idle but for 6 SMs; split into
+    chunks of at least 2 batches (the partials buffer stays below (B, H, N, M)), summed afterwards.
+
+    Example: ``dbias_batch_chunk(2048, 6, 132)`` is 24 (86 chunks, 516 programs)."""
+    want = DBIAS_PROGRAMS_PER_SM * sms
+    if programs >= want or b_loop <= 2:
+        return max(b_loop, 1)
+    chunks = min(b_loop // 2, cdiv(want, programs))
+    return cdiv(b_loop, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2755,10 +2792,15 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
             **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
             "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
             "stride_dod": "constexpr", "sm_scale": "fp32"})  # fmt: skip
-        values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel, **(rel_mma if rel_dots else {})}
+        # a (1, H, N, M) table under a training batch splits its batches (dbias_batch_chunk), except
+        # with rel_pos by gathers
+        split = not rows_bcast and not (rel and not rel_dots)
+        values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel, "SPLIT_BATCHES": split,
+                  **(rel_mma if rel_dots else {})}  # fmt: skip
         if not rel:
             values.update(RelH=None, RelW=None)
-        label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" rel_pos" if rel else "")
+        label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" split" if split else "")
+        label += " rel_pos" if rel else ""
         label += f" mma k={REL_POS_MMA_MAX_PAD}" if rel_dots else ""
         add("flash_attention_bwd_dbias_kernel", label, sig, values, dbias_cfg, dbias_cfg.block_m, dbias_cfg.block_n)
     return specs

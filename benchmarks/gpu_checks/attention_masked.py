@@ -3,8 +3,9 @@ Triton forward + backward against the float64 reference with the tolerance rule 
 SDPA in the input dtype + atol), then timings against SDPA given the same mask (rel_pos
 materialised as SAM does) in the same run (triton.testing.do_bench, median). The cases are the
 kernels' masked paths: a bool key-padding mask (B, 1, 1, N), BEiT's / Swin's learnable float bias
-(1, H, N, N) with its gradient, and SAM's decomposed rel_pos on 14 x 14 windows and on its 64 x 64
-global grid (tables in q's dtype: the selection-matrix dots of ``rel_pos_by_mma``).
+(1, H, N, N) with its gradient (Swin's 7 x 7 windows: the short-sequence tiles and the dBias batch
+split), and SAM's decomposed rel_pos on 14 x 14 windows and on its 64 x 64 global grid (tables in
+q's dtype: the selection-matrix dots of ``rel_pos_by_mma``).
 
     python benchmarks/gpu_checks/attention_masked.py OUT_DIR [TIME_BUDGET_S]
 
@@ -97,7 +98,9 @@ def reference_call(q, k, v, mask, rel):
     return reference.attention(q, k, v, attn_mask=mask, rel_pos=rel)
 
 
-CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global attention 64 x 64
+CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global attention 64 x 64;
+    # Swin-T's first stage: 32 images x 64 windows of 7 x 7 tokens, a (1, 3, 49, 49) learnable table
+    ("bias", 2048, 3, 49, 32),
     ("bool", 8, 12, 1025, 64), ("bias", 8, 12, 197, 64), ("rel_pos", 64, 12, 196, 64),
     ("rel_pos", 2, 12, 4096, 64), ("bool", 8, 16, 577, 128), ("bias", 8, 16, 577, 128), ("rel_pos", 2, 16, 4096, 128),
 ]  # fmt: skip

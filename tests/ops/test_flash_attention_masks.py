@@ -328,6 +328,36 @@ def test_kernel_mask_gradient_is_deterministic_and_never_full_size(kernel_device
     assert sizes and max(sizes) < B * H * N * M
 
 
+@kernel_test
+def test_kernel_small_bias_under_many_batches_splits_its_gradient(kernel_device, monkeypatch):
+    """Swin's case: a small learnable (1, H, 7, 7) table under many windows. The dBias kernel, one
+    program per tile of the table's shape, splits the batches into chunks (more programs than tiles)
+    and sums the chunks' partials after: the gradient matches the reference and is bit-identical
+    from run to run."""
+    from fastvit.kernels import flash_attention as kernels
+
+    chunks = []
+    original = kernels.dbias_batch_chunk
+
+    def spy(b_loop, programs, sms):
+        chunk = original(b_loop, programs, sms)
+        chunks.append(-(-b_loop // chunk))
+        return chunk
+
+    monkeypatch.setattr(kernels, "dbias_batch_chunk", spy)
+    windows, heads, n = 9, 2, 7
+    gen = _gen(18)
+    q, k, v = (torch.randn(windows, heads, n, D, generator=gen).to(kernel_device, torch.float16).requires_grad_(True)
+               for _ in range(3))  # fmt: skip
+    table = torch.randn(1, heads, n, n, generator=gen).to(kernel_device).requires_grad_(True)
+    grad_out = torch.randn(windows, heads, n, D, generator=gen).to(kernel_device, torch.float16)
+    first = _run("triton", q, k, v, grad_out, attn_mask=table)
+    assert chunks and chunks[0] > 1, "the batches were not split"
+    second = _run("triton", q, k, v, grad_out, attn_mask=table)
+    assert torch.equal(first[3][3], second[3][3])
+    _check(q, k, v, first, attn_mask=table)
+
+
 # ---------------------------------------------------------------------------------------------
 # rel_pos: SAM / ViTDet decomposed relative position
 # ---------------------------------------------------------------------------------------------
