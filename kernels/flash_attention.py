@@ -2301,7 +2301,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     # fp32 D = 128, sm_90 bf16 D = 64; Triton 3.8)
     gathers = flags["HAS_REL_POS"] and not flags.get("REL_POS_MMA", False)
     chunk = b_loop if gathers else dbias_batch_chunk(b_loop, bias_b * bias_h * tiles, sm_count(q.device))
-    chunks = cdiv(b_loop, chunk)
+    chunks = max(1, cdiv(b_loop, chunk))  # one (zero-filled) chunk for an empty batch
     parts = new_output((chunks, *bias.shape), dtype=torch.float32, device=q.device)
     flash_attention_bwd_dbias_kernel[(chunks * bias_b * bias_h * tiles,)](
         q, k, v, grad_out, lse, delta, *pointers, parts,

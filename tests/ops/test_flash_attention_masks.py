@@ -358,6 +358,19 @@ def test_kernel_small_bias_under_many_batches_splits_its_gradient(kernel_device,
     _check(q, k, v, first, attn_mask=table)
 
 
+@kernel_test
+def test_kernel_bias_gradient_of_an_empty_batch(kernel_device):
+    """A learnable (1, H, N, M) table under an empty batch gets a zero gradient of its own shape (the
+    dBias launcher's one chunk with nothing to sum), not an error."""
+    q = torch.randn(0, H, N, D).to(kernel_device, torch.float16).requires_grad_(True)
+    k, v = (torch.randn(0, H, M, D).to(kernel_device, torch.float16) for _ in range(2))
+    table = _mask((1, H, N, M), "float", kernel_device, seed=19)
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention(q, k, v, attn_mask=table)
+    (grad,) = torch.autograd.grad(out.sum(), table)
+    assert grad.shape == table.shape and torch.equal(grad, torch.zeros_like(grad))
+
+
 # ---------------------------------------------------------------------------------------------
 # rel_pos: SAM / ViTDet decomposed relative position
 # ---------------------------------------------------------------------------------------------
