@@ -1983,17 +1983,18 @@ def flash_attention_forward(
     strides = tma_strides(q, k, v, out) if tma_capable(arch, q.dtype, pad) else None
     tma = strides is not None
     rel_mma = rel_pos_mma_flags(rel_h, rel_w) if rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w, forward=True) else {}
+    pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
+    float_bias = flags["HAS_BIAS"] and not flags["BIAS_BOOL"]
     if masked:
-        float_bias = bias is not None and bias.dtype != torch.bool
         bins = max(rel_mma["KH_PAD"], rel_mma["KW_PAD"]) if rel_mma else 0
         cfg = fwd_mask_config(arch, q.dtype, pad, tma, float_bias, rel_pos_mma_bins=bins,
-                              rel_pos_gathers=rel_h is not None and not rel_mma, key_padding=key_padding(bias))
+                              rel_pos_gathers=rel_h is not None and not rel_mma,
+                              key_padding=flags["BIAS_ROWS_BCAST"])
     else:
         cfg = fwd_config(arch, q.dtype, pad, tma=tma)
     if takes_short_tiles(cfg, n_q, pad, rel_h is not None):
-        cfg = short_query_config(cfg, arch, float_bias=bias is not None and bias.dtype != torch.bool)
+        cfg = short_query_config(cfg, arch, float_bias=float_bias)
     grid = (cdiv(n_q, cfg.block_m) * batch * heads,)
-    pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     flags = {**flags, **rel_mma}
     qkvo: tuple = (q, k, v, out)
     if cfg.tma:
@@ -2148,15 +2149,14 @@ def flash_attention_backward(
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     arch = arch_of(q.device)
     rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)
+    pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     if bias is not None or rel_h is not None:
         cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None,
-                                       key_padding=key_padding(bias),
-                                       bool_mask=bias is not None and bias.dtype == torch.bool)
+                                       key_padding=flags["BIAS_ROWS_BCAST"], bool_mask=flags["BIAS_BOOL"])
     else:
         cfg, dq_cfg = bwd_config(arch, q.dtype, pad), bwd_dq_config(arch, q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
     precision = dot_precision(q.dtype)
-    pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     kh = 1 if rel_h is None else rel_h.shape[-1]
     mma_flags = rel_pos_mma_flags(rel_h, rel_w) if rel_mma else {}
     if rel_pos_grad:
