@@ -9,7 +9,8 @@ For one launch of a tiled kernel over a shape:
 - ``waves``: programs over the SM's resident slots (``SM_COUNT[arch] * ctas_per_sm``), and
   ``wave_efficiency``: the share of those slots the last, partial wave keeps busy, averaged over
   the waves.
-- ``loop_efficiency``: the share of the hot loop's time the tensor cores are busy, from the static
+- ``loop_efficiency``: the share of the hot loop's time the tensor cores are busy
+  (``static_model.loop_efficiency``, which the static report also gives per row), from the static
   report's hot-loop figures (r = the larger of ``loop_issue_ratio`` and ``loop_mufu_ratio``: the
   non-MMA work in MMA-times) and the programs resident per SM (c = ``ctas_per_sm``). A program
   runs its MMAs and its other instructions one after the other (Triton waits on each dot before
@@ -49,6 +50,8 @@ import math
 import re
 from collections.abc import Iterable
 from typing import Any
+
+from .static_model import loop_efficiency
 
 __all__ = [
     "SHAPE_MODEL_HEADER", "SM_COUNT", "ShapeModel", "arch_of_name", "attention_forward", "attention_forward_rows",
@@ -103,23 +106,6 @@ class ShapeModel:
 
     def predicted_s(self, floor_s: float) -> float:
         return predicted_s(floor_s, self.efficiency)
-
-
-def loop_efficiency(loop_issue_ratio: float | None, loop_mufu_ratio: float | None, ctas_per_sm: int) -> float:
-    """The tensor cores' busy share of a hot loop: ``c / max(c, c r, 1 + r)`` with r the larger
-    ratio and c the programs per SM (module docstring); 1 without an MMA loop.
-
-    Example:
-        >>> loop_efficiency(0.72, 0.53, 1)  # one program per SM: MMA and softmax take turns
-        0.5813953488372093
-        >>> loop_efficiency(1.14, 0.53, 2)  # two: bound by instruction issue, 1 / 1.14
-        0.8771929824561404
-    """
-    bound = max(loop_issue_ratio or 0.0, loop_mufu_ratio or 0.0)
-    if not bound:
-        return 1.0
-    c = max(1, ctas_per_sm)
-    return c / max(c, c * bound, 1.0 + bound)
 
 
 def attention_forward(batch: int, heads: int, n: int, m: int, block_m: int, block_n: int, arch: int,

@@ -313,12 +313,10 @@ def _pair(a: Any, b: Any) -> str:
 
 
 def _model_cells(row: dict[str, Any]) -> list[str]:
-    from .shape_model import loop_efficiency
-
     if "ctas_per_sm" not in row:  # a csrc row: launch sizes unknown here
         return ["-"] * 6
     ratio, mufu = row.get("loop_issue_ratio"), row.get("loop_mufu_ratio")
-    eff = "-" if ratio is None and mufu is None else f"{loop_efficiency(ratio, mufu, row['ctas_per_sm']):.2f}"
+    eff = "-" if row.get("loop_efficiency") is None else f"{row['loop_efficiency']:.2f}"
     return [str(row["ctas_per_sm"]), str(row["regs_to_cliff"]), "-" if ratio is None else f"{ratio:.2f}",
             "-" if mufu is None else f"{mufu:.2f}", eff, row["async_copy"]]  # fmt: skip
 
@@ -326,8 +324,8 @@ def _model_cells(row: dict[str, Any]) -> list[str]:
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """The printed table: kernel, config, sm, registers, stack, spills, STL/LDL, smem, MMA, the model's
     CTAs/SM, registers to the cliff, hot-loop issue and MUFU ratios, the hot loop's tensor-core
-    share (``shape_model.loop_efficiency``: MMA and other work in turn within a program, overlapped
-    across the programs of an SM), async copy, problems."""
+    share (the row's ``loop_efficiency``, ``static_model.loop_efficiency``: MMA and other work in
+    turn within a program, overlapped across the programs of an SM), async copy, problems."""
     from .report import format_bytes
 
     out = []

@@ -17,6 +17,18 @@ TTGIR's MMA layouts) it derives, per architecture:
   exp2 per score against 2 x D tensor-core FMAs per score, so at D = 64 on sm_90 the ratio is
   about 1 whatever the tiling (16 exp2 per cycle per SM vs 2048 FMAs per cycle / 128 per score),
   and 2 at D = 32. Reported, not flagged: no tiling changes it.
+- ``loop_efficiency`` of the hot loop: the share of its time the tensor cores are busy, from the
+  two ratios (r, the larger) and the programs resident per SM (c). Where the loop waits on each
+  warpgroup MMA before the work that reads it (every ``wgmma_wait_pendings`` 0: attention, whose
+  softmax / dS reads the dot just issued; or warp-level MMA, whose results the next instructions
+  read), a program runs its MMAs and its other work in turn, its warpgroups meeting at a barrier
+  per pipeline stage, and only the other programs of the SM fill the gaps: c iterations take
+  ``max(c, c r, 1 + r)`` MMA-times, so ``c / max(c, c r, 1 + r)`` (1 / (1 + r) at one program per
+  SM). Where a wait keeps MMAs in flight (pendings >= 1: a GEMM main loop loading its next tiles
+  under the current MMAs), ``min(1, 1 / r)``. Calibrated on the first H200 run (2026-12-04, bf16,
+  N = 4097): the D = 128 forward at one program per SM (r = 0.72, 0.58 by this formula) ran at
+  311 TFLOP/s, 0.46 of the measured 673 TFLOP/s matmul peak, and the D = 64 forward at two
+  (r = 1.14, 0.88) at 420, 0.62; by ``min(1, 1 / r)`` alone the D = 128 one would be the faster.
 
 Tensor-core cycles: an MMA of m x n x k is ``m * n * k`` FMAs, issued by every warp (HMMA) or
 every warpgroup of four warps (HGMMA), at ``TENSOR_FMA_PER_CLK[arch]`` dense 16-bit FMAs per
@@ -44,15 +56,18 @@ __all__ = [
     "CLIFF_MARGIN_REGS",
     "HOT_LOOP_MIN_HGMMA_N",
     "ISSUE_RATIO_LIMIT",
+    "SERIAL_EFFICIENCY_LIMIT",
     "SHARED_MEMORY_LIMIT",
     "SM90_RESERVED_SHARED",
     "TENSOR_FMA_PER_CLK",
     "HotLoop",
     "ctas_per_sm",
     "hot_loop",
+    "loop_efficiency",
     "model_problems",
     "problems",
     "regs_to_cliff",
+    "sixteen_bit_inputs",
 ]
 
 SCHEDULERS_PER_SM = 4  # warp schedulers, one instruction issued per cycle each
@@ -82,6 +97,10 @@ SM90_RESERVED_SHARED = 1024
 
 # the problem thresholds of issue 15
 ISSUE_RATIO_LIMIT = 1.0  # a 16-bit MMA hot loop above this on sm_90 is issue-bound
+# a 16-bit MMA hot loop on sm_90 that runs one program per SM and takes turns (its MMAs, then its
+# other work) below this loop efficiency leaves the tensor cores idle that long: 1 / (1 + r) < 0.8
+# for any r > 0.25
+SERIAL_EFFICIENCY_LIMIT = 0.8
 HOT_LOOP_MIN_HGMMA_N = 32  # narrower warpgroup MMAs in a hot loop waste the tensor cores' issue
 CLIFF_MARGIN_REGS = 8  # a config aiming at 2+ CTAs/SM wants this many registers of headroom
 
@@ -133,6 +152,34 @@ class HotLoop:
     def mufu_ratio(self) -> float:
         return self.mufu_cycles / self.mma_cycles
 
+    @property
+    def serial(self) -> bool:
+        """Whether the loop waits on every warpgroup MMA it issues (or issues warp-level ones)."""
+        return not any(self.wait_pendings)
+
+
+def loop_efficiency(loop_issue_ratio: float | None, loop_mufu_ratio: float | None, ctas_per_sm: int,
+                    serial: bool = True) -> float:  # fmt: skip
+    """The tensor cores' busy share of a hot loop (the module docstring): ``c / max(c, c r, 1 + r)``
+    with r the larger ratio and c the programs per SM where the loop takes turns (``serial``),
+    ``min(1, 1 / r)`` where it keeps MMAs in flight; 1 without an MMA loop.
+
+    Example:
+        >>> loop_efficiency(0.72, 0.53, 1)  # one program per SM: MMA and softmax take turns
+        0.5813953488372093
+        >>> loop_efficiency(1.14, 0.53, 2)  # two: bound by instruction issue, 1 / 1.14
+        0.8771929824561404
+        >>> loop_efficiency(0.69, None, 1, serial=False)  # a pipelined GEMM loop
+        1.0
+    """
+    bound = max(loop_issue_ratio or 0.0, loop_mufu_ratio or 0.0)
+    if not bound:
+        return 1.0
+    if not serial:
+        return min(1.0, 1.0 / bound)
+    c = max(1, ctas_per_sm)
+    return c / max(c, c * bound, 1.0 + bound)
+
 
 def _mma_cycles(body: list[Instruction], arch: int, num_warps: int) -> float:
     cycles = 0.0
@@ -158,6 +205,22 @@ def _innermost(bodies: list[list[Instruction]]) -> list[list[Instruction]]:
     return out
 
 
+# the MMA input types SASS names after the accumulator's (fp16 inputs are the default, unnamed:
+# ``HGMMA.64x64x16.F32`` is fp16 x fp16 -> fp32, ``HGMMA.64x64x16.F32.BF16`` bf16 x bf16 -> fp32)
+_NAMED_MMA_INPUTS = {"BF16", "TF32", "E4M3", "E5M2", "S8", "U8", "S4", "U4"}
+
+
+def sixteen_bit_inputs(opcode: str) -> bool:
+    """Whether an MMA opcode takes fp16 or bf16 operands.
+
+    Example:
+        >>> [sixteen_bit_inputs(op) for op in ("HGMMA.64x64x16.F32", "HMMA.16816.F32.BF16", "HMMA.1684.F32.TF32")]
+        [True, True, False]
+    """
+    named = set(opcode.split(".")[2:]) & _NAMED_MMA_INPUTS
+    return named <= {"BF16"}
+
+
 def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotLoop | None:
     """The hot loop's figures; None where no loop issues an MMA."""
     with_mma = [b for b in loops(instructions) if any(mma_shape(i) for i in b)]
@@ -165,7 +228,7 @@ def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotL
     if not candidates:
         return None
     body = max(candidates, key=lambda b: (_mma_cycles(b, arch, num_warps), -len(b)))
-    sixteen = any(mma_shape(i) and (".BF16" in i.opcode or ".F16" in i.opcode) for i in body)
+    sixteen = any(mma_shape(i) and sixteen_bit_inputs(i.opcode) for i in body)
     return HotLoop(
         instructions=len(body),
         mma_cycles=_mma_cycles(body, arch, num_warps),
@@ -180,8 +243,9 @@ def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotL
 def model_problems(row: dict[str, Any]) -> list[str]:
     """The performance model's problems of one compiled Triton configuration (issue 15): replicated
     MMA rows; a hot-loop HGMMA narrower than 32; a 16-bit MMA hot loop on sm_90 whose issue ratio
-    is above 1; fewer than 8 registers to the occupancy cliff where the config aims at 2+ CTAs/SM
-    (or occupancy already below its aim)."""
+    is above 1, or that runs one program per SM taking turns below ``SERIAL_EFFICIENCY_LIMIT``;
+    fewer than 8 registers to the occupancy cliff where the config aims at 2+ CTAs/SM (or
+    occupancy already below its aim)."""
     found = []
     if row.get("mma_rows_replicated"):
         tiles = ", ".join(row.get("mma_replicated_tiles", []))
@@ -193,6 +257,12 @@ def model_problems(row: dict[str, Any]) -> list[str]:
     ratio = row.get("loop_issue_ratio")
     if row.get("arch") == 90 and row.get("loop_sixteen_bit") and ratio is not None and ratio > ISSUE_RATIO_LIMIT:
         found.append(f"hot loop issue-bound: issue ratio {ratio:.2f} > {ISSUE_RATIO_LIMIT}")
+    efficiency = row.get("loop_efficiency")
+    if (row.get("arch") == 90 and row.get("loop_sixteen_bit") and efficiency is not None
+            and row.get("ctas_per_sm") == 1 and not any(row.get("wgmma_wait_pendings") or [])
+            and efficiency < SERIAL_EFFICIENCY_LIMIT):  # fmt: skip
+        found.append(f"one program per SM takes turns (MMAs, then the rest): loop efficiency {efficiency:.2f} "
+                     f"< {SERIAL_EFFICIENCY_LIMIT}")  # fmt: skip
     aim = row.get("target_ctas_per_sm", 1)
     if aim >= 2 and "ctas_per_sm" in row:
         if row["ctas_per_sm"] < aim:

@@ -34,6 +34,7 @@ from .static_model import (
     SM90_RESERVED_SHARED,
     ctas_per_sm,
     hot_loop,
+    loop_efficiency,
     problems,
     regs_to_cliff,
 )
@@ -66,9 +67,10 @@ def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: in
     code = next(iter(sass_functions(sass).values()), [])
     tiles = mma_tiles(ttgir)
     loop = hot_loop(code, arch, num_warps)
+    ctas = ctas_per_sm(arch, registers, shared, num_warps)
     return {
         **instruction_counts(code),
-        "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps),
+        "ctas_per_sm": ctas,
         "regs_to_cliff": regs_to_cliff(arch, registers, shared, num_warps),
         "mma_shapes": mma_shapes(code),
         "mma_tiles": [t.label() for t in tiles],
@@ -76,6 +78,8 @@ def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: in
         "mma_replicated_tiles": [t.label() for t in tiles if t.replicated],
         "loop_issue_ratio": round(loop.issue_ratio, 3) if loop else None,
         "loop_mufu_ratio": round(loop.mufu_ratio, 3) if loop else None,
+        "loop_efficiency": round(loop_efficiency(loop.issue_ratio, loop.mufu_ratio, ctas, loop.serial), 3)
+        if loop else None,
         "loop_instructions": loop.instructions if loop else None,
         "loop_mma_cycles": loop.mma_cycles if loop else None,
         "loop_mma_shapes": loop.mma_shapes if loop else None,
