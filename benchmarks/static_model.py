@@ -244,8 +244,8 @@ def model_problems(row: dict[str, Any]) -> list[str]:
     """The performance model's problems of one compiled Triton configuration (issue 15): replicated
     MMA rows; a hot-loop HGMMA narrower than 32; a 16-bit MMA hot loop on sm_90 whose issue ratio
     is above 1, or that runs one program per SM taking turns below ``SERIAL_EFFICIENCY_LIMIT``;
-    fewer than 8 registers to the occupancy cliff where the config aims at 2+ CTAs/SM (or
-    occupancy already below its aim)."""
+    fewer than 8 registers to the occupancy cliff where the config aims at 2+ CTAs/SM, unless its
+    register cap keeps that aim (or occupancy already below its aim)."""
     found = []
     if row.get("mma_rows_replicated"):
         tiles = ", ".join(row.get("mma_replicated_tiles", []))
@@ -273,6 +273,12 @@ def model_problems(row: dict[str, Any]) -> list[str]:
             margin = row["regs_to_cliff"]
             if row["ctas_per_sm"] > aim and {"registers", "shared", "num_warps"} <= row.keys():
                 margin = regs_to_cliff(row["arch"], row["registers"], row["shared"], row["num_warps"], aim)
+            # a register cap (maxnreg) that itself keeps the aim holds the occupancy whatever the
+            # compiler needs: more would spill, a problem of its own
+            cap = row.get("max_registers")
+            if cap and {"shared", "num_warps"} <= row.keys() and ctas_per_sm(
+                    row["arch"], cap, row["shared"], row["num_warps"]) >= aim:  # fmt: skip
+                margin = CLIFF_MARGIN_REGS
             if margin < CLIFF_MARGIN_REGS:
                 found.append(f"{margin} registers to the occupancy cliff (< {CLIFF_MARGIN_REGS}, "
                              f"aims at {aim} CTAs/SM)")  # fmt: skip

@@ -109,6 +109,7 @@ def compile_spec(spec: KernelSpec) -> dict[str, Any]:
         "num_stages": spec.num_stages,
         "needs_wgmma": spec.needs_wgmma,
         "target_ctas_per_sm": spec.target_ctas_per_sm,
+        "max_registers": spec.max_registers,
     }
     start = time.perf_counter()
     try:

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import os
 
 import torch
@@ -1466,8 +1465,18 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = Fal
     1.14: the softmax's ~5.5 instructions per score against a 64-wide K dimension).
     Not modelled: each query row block re-reads every K/V block, so 64-row blocks read K and V
     from L2 twice as often per FLOP as 128-row ones (64 vs 32 bytes per tensor-core cycle per
-    SM at the tensor-core peak, D-independent): the first GPU run arbitrates. D = 128 keeps 128 x 64
-    tiles on two warpgroups (138 registers with TMA, 238 with pointer loads; one CTA/SM).
+    SM at the tensor-core peak, D-independent): the first GPU run arbitrates.
+
+    Hopper above D = 64 (to 128): two programs per SM. The 128 x 64 tiles on two warpgroups took
+    239-254 registers with pointer loads (159 with TMA): one program per SM, whose warpgroups run
+    their MMAs and their softmax in turn with nothing to fill the gaps (loop efficiency 0.58 by the
+    static report's model, which the first H200 run bore out: 311 TFLOP/s at N = 4097 against the
+    D = 64 tiles' 420 at two programs per SM). Pointer loads now take 128 x 32 tiles over three
+    stages under a 128-register cap with a 16-key tail step (plain, causal, varlen, fp16 and bf16:
+    no spill, issue ratio 1.02-1.05, loop efficiency ~0.97, 80 KiB of shared memory per program;
+    128 x 64 under the cap spills 80 B); TMA keeps 128 x 64 under the same cap (no spill, 0.71,
+    loop efficiency 1.0). Static report, Triton 3.8, 2026-12-05; UNMEASURED on a GPU
+    (``benchmarks/gpu_checks/attention_configs.py`` times them against the one-program tiles).
     """
     if INTERPRETER:
         return dataclasses.replace(_INTERPRETER_FWD, tma=tma)
@@ -1477,13 +1486,21 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = Fal
 @functools.cache
 def _hardware_fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool) -> AttentionConfig:
     """``fwd_config`` off the interpreter, computed once per key (it runs on every launch)."""
-    if tma and 90 <= arch < 100 and dtype != torch.float32 and head_dim_pad <= 128:
+    hopper16 = 90 <= arch < 100 and dtype != torch.float32
+    if tma and hopper16 and head_dim_pad <= 128:
         if head_dim_pad <= 64:
             tiles = AttentionConfig(64, 128, 4, 2, max_registers=160)
         else:
-            tiles = AttentionConfig(128, 64, 8, 2)
+            tiles = AttentionConfig(128, 64, 8, 2, max_registers=128)
         return dataclasses.replace(_with_key_tail(tiles), tma=True)
+    if hopper16 and 64 < head_dim_pad <= 128:
+        return _HOPPER_FWD_128
     return _with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad))
+
+
+# Hopper's plain 16-bit forward at D = 65..128: two programs per SM (the 128 x 64 tiles, 239-254
+# registers, ran one: see fwd_config), 32-key steps with a 16-key tail step
+_HOPPER_FWD_128 = AttentionConfig(128, 32, 8, 3, key_tail=16, max_registers=128)
 
 
 def _fwd_tiles(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
@@ -1529,9 +1546,10 @@ def takes_short_tiles(cfg: AttentionConfig, n_q: int, head_dim_pad: int, rel_pos
             and not rel_pos)
 
 
-def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, causal: bool = False) -> AttentionConfig:
     """Backward block sizes, used by both passes: dK/dV keeps ``block_n`` keys per program and
-    steps ``block_m`` queries; dQ keeps ``block_n`` queries and steps ``block_m`` keys.
+    steps ``block_m`` queries; dQ keeps ``block_n`` queries and steps ``block_m`` keys; ``causal``:
+    the launch is causal (Hopper's dK/dV above D = 64 differs).
 
     Hopper up to D = 64: one warpgroup (4 warps) per program over 64 kept rows and 32-row steps,
     the tiles sm_80 runs, so that two to four programs share an SM. Why: the first H200 run
@@ -1545,11 +1563,14 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     4 CTAs/SM, 0.83: loop efficiency 1.0, no spills in any variant (the 64-row step with 64 kept
     rows spilled 16 B in the causal varlen dK/dV at 255 registers). UNMEASURED on a GPU:
     ``benchmarks/gpu_checks/attention_configs.py`` times them against the 8-warp tiles.
-    Above D = 64 Hopper keeps 8 warps over 128 kept rows (32-row steps; with 64 kept rows on 8
-    warps both warpgroups computed every S / dP row): one program per SM, loop efficiency 0.65 /
-    0.64. One warpgroup there needs a dQ config of its own: 32-row steps over 64 kept rows give
-    dQ 203 registers at 2 CTAs/SM but spill 32-40 B in the causal dK/dV, whose 16-row steps fit
-    (249 registers, no spill) at a 16-wide dQ step (narrow HGMMA) if shared.
+    Above D = 64 (to 128) Hopper's dK/dV takes one warpgroup over 64 kept keys, 32-row steps,
+    without the row split (233 registers with VARLEN: 2 CTAs/SM, no spill, issue ratio 0.57, loop
+    efficiency 1.0; the split's second loop spills 40 B); the causal launches keep 8 warps over 128
+    kept keys with the split (one program per SM, loop efficiency 0.68 by the static report's
+    model), since one warpgroup spills 32-56 B there at one to three stages and fits only with
+    16-row steps (249 registers), a 16-wide HGMMA. With 64 kept rows on 8 warps both warpgroups
+    computed every S / dP row. dQ there takes a config of its own (``bwd_dq_config``). Static
+    report, Triton 3.8, 2026-12-05; UNMEASURED on a GPU.
 
     ``row_split`` and ``max_registers`` are dK/dV's (``bwd_dq_config`` clears the cap): 16-bit dK/dV
     steps its whole query blocks with no row predicate and the rows past the last one in a step of
@@ -1572,7 +1593,7 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
         return _BWD_256
     small = head_dim_pad <= 64
     if 90 <= arch < 100 and not small:
-        return AttentionConfig(32, 128, 8, 2, row_split=True)
+        return _HOPPER_BWD_WIDE if causal else AttentionConfig(32, 64, 4, 2)
     if not small:
         return AttentionConfig(32, 64, 8, 2, row_split=True)
     # off Hopper at D <= 32 the row split's second loop takes registers past an occupancy cliff:
@@ -1580,6 +1601,11 @@ def bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
     # at 3; capped there the causal pass puts 8 B on the stack)
     cap = ({16: 96, 32: 128} if arch < 89 else {16: 96}).get(head_dim_pad) if arch < 90 else None
     return AttentionConfig(32, 64, 4, 2, max_registers=cap, row_split=True)
+
+
+# Hopper's dK/dV tiles above D = 64 where one warpgroup spills (causal) or leaves no room for a
+# mask's or rel_pos's tiles (bwd_mask_configs' starting point): 8 warps over 128 kept keys
+_HOPPER_BWD_WIDE = AttentionConfig(32, 128, 8, 2, row_split=True)
 
 
 # Under the interpreter a test may give dQ tiles of their own (None: ``_INTERPRETER_BWD``'s)
@@ -1601,12 +1627,12 @@ def bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attention
     return dataclasses.replace(bwd_config(arch, dtype, head_dim_pad), max_registers=None)  # the cap is dK/dV's
 
 
-def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, causal: bool = False) -> AttentionConfig:
     """Backward block sizes of the VARLEN kernels: ``bwd_config``'s, except fp32 on 8 warps — with
     the tile table's extra live values the 4-warp fp32 tiles put 8 B on the stack in the causal
     dK/dV (D = 128, sm_80) and dQ (D = 64, sm_89) passes (Triton 3.8, 2026-12-04); 8 warps are clean
     (at D = 256 too, where the dense passes take 16)."""
-    cfg = bwd_config(arch, dtype, head_dim_pad)
+    cfg = bwd_config(arch, dtype, head_dim_pad, causal)
     if INTERPRETER:
         return cfg
     if dtype != torch.float32:
@@ -1660,7 +1686,11 @@ def fwd_mask_config(
     ``key_padding``: the mask is one row of keys for every query (``BIAS_ROWS_BCAST``), read as one
     vector per key step. Hopper up to D = 64: two stages under a 120-register cap, two CTAs per SM,
     no spill (bool 1.43, float 1.39, against the (rows, keys) tiles' 2.70 and 1.65 at one CTA; three
-    stages under the cap put 8-64 B on the stack). fp32 at D = 64 on sm_89/90: 8 warps (4 put 8 B on
+    stages under the cap put 8-64 B on the stack). Hopper above D = 64: the plain forward's 128 x 32
+    tiles under its 128-register cap, two CTAs per SM (bool issue ratio 1.20, float on two stages
+    without the key tail 1.19: loop efficiency 0.83-0.84, against 0.54-0.56 on 128 x 64 at one CTA;
+    static report, 2026-12-05). The (rows, keys) tiles and rel_pos spill 16-336 B under that cap
+    and keep one CTA per SM. fp32 at D = 64 on sm_89/90: 8 warps (4 put 8 B on
     the stack with a float bias).
 
     Hopper with TMA, a float bias only, D > 64: the bulk copies take Q, K and V's addresses out of the
@@ -1673,13 +1703,19 @@ def fwd_mask_config(
     rel_pos = rel_pos_mma_bins > 0 or rel_pos_gathers
     if key_padding and not rel_pos and not tma and hopper16 and head_dim_pad <= 64:
         return dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), num_stages=2, max_registers=120)
+    if key_padding and not rel_pos and not tma and hopper16 and head_dim_pad <= 128:
+        # the plain forward's two-program tiles; a float one on two stages without the key tail
+        # (three with the tail put 16 B on the stack)
+        return _HOPPER_FWD_128 if not float_bias else dataclasses.replace(_HOPPER_FWD_128, num_stages=2, key_tail=0)
     if key_padding and not rel_pos and dtype == torch.float32 and head_dim_pad == 64 and arch >= 89:
         cfg = fwd_mask_config(arch, dtype, head_dim_pad)
         return dataclasses.replace(cfg, num_warps=8)
     if tma and float_bias and not rel_pos and hopper16 and 64 < head_dim_pad <= 128:
         return dataclasses.replace(_with_key_tail(AttentionConfig(128, 64, 8, 2)), tma=True)
-    # the plain tiles' register cap is sized for their own code, not for the mask's
-    cfg = dataclasses.replace(fwd_config(arch, dtype, head_dim_pad), max_registers=None)
+    # the plain tiles without their register cap (sized for their own code, not for the mask's);
+    # Hopper above D = 64 from the 128 x 64 tiles, one program per SM (the plain forward's two-program
+    # 128 x 32 tiles under a 128-register cap leave no room for a mask's tiles)
+    cfg = dataclasses.replace(_with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad)), max_registers=None)
     if rel_pos_mma_bins and 90 <= arch < 100 and head_dim_pad <= 64:
         return dataclasses.replace(cfg, num_stages=2, max_registers=128 if rel_pos_mma_bins <= 16 else None)
     if dtype == torch.float32 and 90 <= arch < 100 and head_dim_pad == 64:
@@ -1703,7 +1739,7 @@ def fwd_mask_config(
 
 def bwd_mask_configs(
     arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool, rel_pos_mma: bool = False,
-    rel_pos: bool = True, key_padding: bool = False, bool_mask: bool = False,
+    rel_pos: bool = True, key_padding: bool = False, bool_mask: bool = False, causal: bool = False,
 ) -> tuple[AttentionConfig, AttentionConfig]:
     """(dK/dV, dQ) block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``),
     from the ahead-of-time report (same conventions as ``bwd_config``). Off Hopper, 16-bit tiles of
@@ -1754,6 +1790,13 @@ def bwd_mask_configs(
     dK/dV runs the plain loop and zeroes the padded keys' rows. Hopper fp32 at D = 64: dK/dV on 8
     warps and dQ on one stage (4 warps and two stages put 8 B on the stack).
 
+    Hopper, 16-bit, D = 65..128, not causal (2026-12-05, the report's loop efficiency): the passes
+    that fit one warpgroup take it, two programs per SM instead of one: with key padding dK/dV on
+    64 kept keys without the row split (bool 231 registers, issue ratio 0.56; float 228, 0.63) and
+    dQ on 64 kept rows (bool 185 / 0.65, float 204 / 0.60), a bool (rows, keys) mask's dQ too
+    (255 / 0.88): loop efficiency 0.61-0.68 -> 1.0. The (rows, keys) dK/dV and the float (rows,
+    keys) dQ keep the 8-warp tiles (one warpgroup spills 16-24 B). UNMEASURED on a GPU.
+
     The figures above compiled the mask's key stride as a variable and predicated every dK/dV row
     step. Since 2026-12-05 the report compiles the unit stride the runtime specialises for a
     contiguous mask (see ``fwd_mask_config``), and 16-bit dK/dV splits off its last row step
@@ -1772,6 +1815,8 @@ def bwd_mask_configs(
     if INTERPRETER:
         return cfg, cfg
     hopper = 90 <= arch < 100
+    if hopper and dtype != torch.float32 and 64 < head_dim_pad <= 128:
+        cfg = _HOPPER_BWD_WIDE  # (not the plain pass's one-warpgroup tiles: no room there for a mask's)
     if dtype == torch.float32:
         if not hopper:
             cfg = dataclasses.replace(cfg, num_warps=8, num_stages=2)
@@ -1824,6 +1869,16 @@ def bwd_mask_configs(
         dkdv = wide if head_dim_pad > 64 else _HOPPER_REL_MMA_BWD
         return dkdv, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
     if not rel_pos:
+        if head_dim_pad > 64 and not causal:
+            # D = 65..128: one warpgroup where it fits, two programs per SM (dK/dV on 64 kept keys
+            # without the row split, dQ on 64 kept rows): key padding in both passes, bool or float
+            # (dK/dV 228-231 registers, dQ 185-204), a bool (rows, keys) mask in dQ (255); the
+            # (rows, keys) dK/dV (either mask) and the float (rows, keys) dQ spill 16-24 B there and
+            # keep the 8-warp tiles, one program per SM. Causal launches too (one warpgroup spills in
+            # the plain causal dK/dV)
+            one_group = AttentionConfig(32, 64, 4, 2)
+            dkdv = one_group if key_padding else dataclasses.replace(cfg, row_split=False)
+            return dkdv, one_group if key_padding or bool_mask else cfg
         # (rows, keys) mask tiles at D = 128 without the row split (with it 24-40 B on the stack); a
         # bool key-padding mask up to D = 64 without it too (178 registers, 2 CTAs/SM against 3; a
         # float one keeps it: 159 registers, 3 CTAs/SM, 1.04 -> 0.90)
@@ -2152,9 +2207,10 @@ def flash_attention_backward(
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     if bias is not None or rel_h is not None:
         cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None,
-                                       key_padding=flags["BIAS_ROWS_BCAST"], bool_mask=flags["BIAS_BOOL"])
+                                       key_padding=flags["BIAS_ROWS_BCAST"], bool_mask=flags["BIAS_BOOL"],
+                                       causal=causal)
     else:
-        cfg, dq_cfg = bwd_config(arch, q.dtype, pad), bwd_dq_config(arch, q.dtype, pad)
+        cfg, dq_cfg = bwd_config(arch, q.dtype, pad, causal), bwd_dq_config(arch, q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
     precision = dot_precision(q.dtype)
     kh = 1 if rel_h is None else rel_h.shape[-1]
@@ -2470,7 +2526,7 @@ def flash_attention_varlen_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     pad = head_dim_padded(head_dim)
     arch = arch_of(q.device)
-    cfg = varlen_bwd_config(arch, q.dtype, pad)
+    cfg = varlen_bwd_config(arch, q.dtype, pad, causal)
     dq_cfg = varlen_bwd_dq_config(arch, q.dtype, pad)
     precision = dot_precision(q.dtype)
     delta = new_output((heads, total), dtype=torch.float32, device=q.device)
@@ -2594,9 +2650,9 @@ def aot_specs() -> list[KernelSpec]:
                         delta_sig, {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": DELTA_BLOCK_M}, 4, 1, arch,
                         divisible_by_16=("Out", "Delta", "stride_ob", "stride_oh", "stride_on"),
                     ))
-                fwd, bwd = fwd_config(arch, dtype, pad), bwd_config(arch, dtype, pad)
-                dq = bwd_dq_config(arch, dtype, pad)
+                fwd, dq = fwd_config(arch, dtype, pad), bwd_dq_config(arch, dtype, pad)
                 for causal in (False, True):
+                    bwd = bwd_config(arch, dtype, pad, causal)
                     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal,
                               "DOT_PRECISION": dot_precision(dtype)}
                     label = f"{ty} D={head_dim}{' causal' if causal else ''}"
@@ -2622,8 +2678,8 @@ def aot_specs() -> list[KernelSpec]:
                             f"s={cfg.num_stages}",
                             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
                             needs_wgmma=fwd16, divisible_by_16=_aligned(sig),
-                            # Hopper's 16-bit forward up to D = 64 is sized for two CTAs per SM
-                            target_ctas_per_sm=2 if fwd16 and arch == 90 and pad <= 64 else 1,
+                            # Hopper's 16-bit forward up to D = 128 is sized for two CTAs per SM
+                            target_ctas_per_sm=2 if fwd16 and arch == 90 and pad <= 128 else 1,
                             max_registers=cfg.max_registers,
                         ))
                     if tma_supported(arch, dtype, pad):  # FASTVIT_TMA=1's tiles
@@ -2668,8 +2724,8 @@ def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig, masks=None, label=
         f"{_tail_label('flash_attention_fwd_kernel', cfg)} w={cfg.num_warps} s={cfg.num_stages}",
         sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
         needs_wgmma=True, divisible_by_16=_aligned(sig),
-        # up to D = 64 the plain tiles are sized for three CTAs per SM (one warpgroup each)
-        target_ctas_per_sm=3 if pad <= 64 and masks is None else 1, max_registers=cfg.max_registers,
+        # the plain tiles are sized for three CTAs per SM up to D = 64 (one warpgroup each), two above
+        target_ctas_per_sm=(3 if pad <= 64 else 2) if masks is None else 1, max_registers=cfg.max_registers,
     )
 
 
@@ -2683,8 +2739,9 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     fwd_float = fwd_mask_config(arch, dtype, pad, float_bias=True)
     fwd_gathers = fwd_mask_config(arch, dtype, pad, rel_pos_gathers=True)
     bwd, dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True)
-    # dK/dV and dQ with a mask alone (no rel_pos tables)
+    # dK/dV and dQ with a mask alone (no rel_pos tables): a float bias, a bool mask
     mask_bwd, dq_plain = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False, rel_pos=False)
+    bool_bwd, bool_dq = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=False, rel_pos=False, bool_mask=True)
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": False, "DOT_PRECISION": dot_precision(dtype)}
     tables = {"RelH": f"*{ty}", "RelW": f"*{ty}"}
     no_tables = {"RelH": None, "RelW": None}
@@ -2747,10 +2804,10 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     # padded patches) in training: dK/dV and dQ
     add("flash_attention_bwd_dkdv_kernel", "bias=fp32", dkdv_sig, fwd_bias, mask_bwd, mask_bwd.block_m,
         mask_bwd.block_n)
-    add("flash_attention_bwd_dkdv_kernel", "mask=bool", dkdv_sig, fwd_bool, mask_bwd, mask_bwd.block_m,
-        mask_bwd.block_n)
+    add("flash_attention_bwd_dkdv_kernel", "mask=bool", dkdv_sig, fwd_bool, bool_bwd, bool_bwd.block_m,
+        bool_bwd.block_n)
     bool_only = {**bias_only, **fwd_bool}
-    add("flash_attention_bwd_dq_kernel", "mask=bool", dq_sig, bool_only, dq_plain, dq_plain.block_n, dq_plain.block_m)
+    add("flash_attention_bwd_dq_kernel", "mask=bool", dq_sig, bool_only, bool_dq, bool_dq.block_n, bool_dq.block_m)
     # key-padding masks, one row of keys for every query (NaFlex's padded patches, HF's expanded
     # (B, 1, N, M) padding masks): forward, dK/dV and dQ read one vector of keys (BIAS_ROWS_BCAST)
     for label, flags, float_bias in (("mask=bool", fwd_bool, False), ("bias=fp32", fwd_bias, True)):
@@ -2856,18 +2913,26 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     """The packed variable-length variants (VARLEN) of the forward, dK/dV and dQ kernels, with the
     plain configurations their launchers pick and int32 cu_seqlens and tile tables."""
     pad = head_dim_padded(head_dim)
-    fwd, bwd = fwd_config(arch, dtype, pad), varlen_bwd_config(arch, dtype, pad)
-    dq = varlen_bwd_dq_config(arch, dtype, pad)
+    fwd, dq = fwd_config(arch, dtype, pad), varlen_bwd_dq_config(arch, dtype, pad)
     tables = {"CuSeqQ": "*i32", "CuSeqK": "*i32", "Tiles": "*i32"}
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "DOT_PRECISION": dot_precision(dtype),
               "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "BIAS_ROWS_BCAST": False, "Bias": None,
               "RelH": None, "RelW": None, "VARLEN": True}
     specs = []
-    for causal, (kernel, sig, cfg, block_m, block_n) in itertools.product((False, True), (
-        ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),
-        ("flash_attention_bwd_dkdv_kernel", dkdv_sig, bwd, bwd.block_m, bwd.block_n),
-        ("flash_attention_bwd_dq_kernel", dq_sig, dq, dq.block_n, dq.block_m),
-    )):
+    for causal in (False, True):
+        bwd = varlen_bwd_config(arch, dtype, pad, causal)
+        specs += _varlen_causal_specs(arch, dtype, ty, head_dim, causal, tables, common, (
+            ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),
+            ("flash_attention_bwd_dkdv_kernel", dkdv_sig, bwd, bwd.block_m, bwd.block_n),
+            ("flash_attention_bwd_dq_kernel", dq_sig, dq, dq.block_n, dq.block_m),
+        ))
+    return specs
+
+
+def _varlen_causal_specs(arch, dtype, ty, head_dim, causal, tables, common, launches) -> list[KernelSpec]:
+    """``_varlen_specs``' rows of one causal flag: (kernel, signature, config, BLOCK_M, BLOCK_N) each."""
+    specs = []
+    for kernel, sig, cfg, block_m, block_n in launches:
         sig = {**sig, **tables}  # the same argument order, pointers where the plain specs have None
         constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, **_tail(kernel, cfg)}
         constexprs.update({n: v for n, v in _REL_POS_GATHER.items() if n in sig})

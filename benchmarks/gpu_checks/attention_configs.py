@@ -38,17 +38,21 @@ FWD = {
     64: [C(128, 64, 8, 3, max_registers=120), C(128, 64, 8, 3), C(128, 128, 8, 2), C(128, 128, 8, 3),
          C(64, 64, 4, 3), C(128, 64, 4, 3), C(128, 64, 8, 2, tma=True), C(128, 128, 8, 2, tma=True),
          C(64, 128, 4, 2, tma=True, max_registers=160)],
-    128: [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(128, 32, 8, 3),
+    128: [C(128, 32, 8, 3, key_tail=16, max_registers=128), C(128, 64, 8, 2), C(128, 64, 8, 3),
+          C(128, 128, 8, 2), C(64, 64, 4, 3), C(128, 32, 8, 3), C(128, 64, 8, 2, tma=True, max_registers=128),
           C(128, 64, 8, 2, tma=True), C(128, 128, 8, 2, tma=True)],
 }  # fmt: skip
+# (at D = 128 the first is the launcher's default on Hopper since 2026-12-05, two programs per SM,
+# and the second the one-program tiles it replaced)
 # backward candidates (block_m: the step of each pass, block_n: the rows a program keeps), each
 # taken by both dK/dV and dQ; at D = 64 the first is the launcher's default on Hopper and the
-# second the 8-warp tiles it replaced; at D = 128 the launcher runs dK/dV on the first and dQ on
-# the second (bwd_dq_config), and the third is a one-warpgroup dK/dV without causal spills
+# second the 8-warp tiles it replaced; at D = 128 the first is the launcher's non-causal dK/dV and
+# its dQ (one warpgroup each, since 2026-12-05), the second its causal dK/dV and the non-causal one
+# it replaced, and the third a one-warpgroup dK/dV without causal spills
 BWD = {
     64: [C(32, 64, 4, 2), C(64, 128, 8, 2), C(64, 64, 4, 2), C(32, 64, 4, 3), C(64, 64, 4, 3),
          C(32, 128, 8, 2), C(64, 128, 8, 3), C(128, 128, 8, 2)],
-    128: [C(32, 128, 8, 2), C(32, 64, 4, 2), C(16, 64, 4, 2), C(32, 64, 4, 1), C(32, 128, 8, 1),
+    128: [C(32, 64, 4, 2), C(32, 128, 8, 2, row_split=True), C(16, 64, 4, 2), C(32, 64, 4, 1), C(32, 128, 8, 1),
           C(64, 128, 8, 2), C(64, 64, 4, 2), C(16, 128, 8, 2)],
 }  # fmt: skip
 KERNELS = {"fwd": "flash_attention_fwd_kernel", "dkdv": "flash_attention_bwd_dkdv_kernel",
@@ -57,6 +61,8 @@ KERNELS = {"fwd": "flash_attention_fwd_kernel", "dkdv": "flash_attention_bwd_dkd
 
 def label(cfg: AttentionConfig) -> str:
     text = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    text += f" tail={cfg.key_tail}" if cfg.key_tail else ""
+    text += " split" if cfg.row_split else ""
     return text + (" tma" if cfg.tma else "") + (f" maxnreg={cfg.max_registers}" if cfg.max_registers else "")
 
 
@@ -130,7 +136,8 @@ def main() -> None:
                 print(f"budget reached: {kind} D={d} {label(cfg)} and later candidates not run", flush=True)
                 break
             if kind == "fwd":
-                kernels._hardware_fwd_config = lambda *a, _c=cfg: kernels._with_key_tail(_c)
+                # (a candidate naming its key tail keeps it; the others take the launcher's rule)
+                kernels._hardware_fwd_config = lambda *a, _c=cfg: _c if _c.key_tail else kernels._with_key_tail(_c)
                 kernels.bwd_config, kernels.bwd_dq_config = original_bwd, original_dq
             else:
                 kernels._hardware_fwd_config = original_fwd

@@ -149,6 +149,12 @@ def test_model_problems():
     tight = _row(arch=90, target_ctas_per_sm=2, ctas_per_sm=2, regs_to_cliff=2, registers=126, shared=73728,
                  num_warps=8)  # fmt: skip
     assert model_problems(tight)[0].startswith("2 registers to the occupancy cliff")
+    # under a register cap that keeps the aim the occupancy cannot drop (more registers would spill):
+    # 128 registers on 8 warps give 2 CTAs/SM on sm_90, 0 to the cliff
+    capped = _row(arch=90, target_ctas_per_sm=2, ctas_per_sm=2, regs_to_cliff=0, registers=128, shared=81920,
+                  num_warps=8, max_registers=128)  # fmt: skip
+    assert model_problems(capped) == []
+    assert model_problems({**capped, "max_registers": 168})[0].startswith("0 registers to the occupancy cliff")
 
 
 def test_loop_efficiency_takes_turns_only_where_the_loop_waits_on_its_mmas():

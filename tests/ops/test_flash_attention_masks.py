@@ -5,6 +5,8 @@ masks, opcheck and torch.compile."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -649,8 +651,10 @@ def _mask_configs(kernels, monkeypatch):
                             found["fwd"].add(kernels.short_query_config(cfg, arch, float_bias=float_bias))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
-                found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False))
-                found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False, key_padding=True))
+                for key_padding, bool_mask, causal in itertools.product((False, True), repeat=3):
+                    found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False,
+                                                              key_padding=key_padding, bool_mask=bool_mask,
+                                                              causal=causal))  # fmt: skip
                 for rel_pos in (False, True):
                     found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos, arch=arch))
     monkeypatch.setattr(kernels, "INTERPRETER", True)

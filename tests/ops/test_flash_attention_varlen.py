@@ -167,8 +167,10 @@ def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    triples = {(kernels.fwd_config(a, d, p), kernels.varlen_bwd_config(a, d, p), kernels.varlen_bwd_dq_config(a, d, p))
-               for a in (80, 89, 90) for d in (torch.float16, torch.float32) for p in (16, 64, 128, 256)}  # fmt: skip
+    triples = {(kernels.fwd_config(a, d, p), kernels.varlen_bwd_config(a, d, p, c),
+                kernels.varlen_bwd_dq_config(a, d, p))
+               for a in (80, 89, 90) for d in (torch.float16, torch.float32) for p in (16, 64, 128, 256)
+               for c in (False, True)}  # fmt: skip
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     q, k, v, cu_q, cu_k = _inputs((130, 0, 20), (70, 5, 0), 1, 16, torch.float32, kernel_device, seed=15)
     for fwd, bwd, dq in sorted(triples, key=str):
