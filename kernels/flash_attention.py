@@ -1681,7 +1681,17 @@ def fwd_mask_config(
     gathers 4.11); the report flags it 2 registers from the cliff, but under the cap the occupancy
     cannot drop (a compiler needing more would spill, a problem the report shows on its own), and
     a 120 cap spills 8 B. With 32 bins the 128 cap spills 8 B, with 64 bins 32 B: those stay
-    uncapped (one CTA, issue ratio 0.92 with 64 bins).
+    uncapped (one CTA, issue ratio 0.92 with 64 bins), and since 2026-12-05 take one warpgroup (below).
+
+    Hopper up to D = 64 since 2026-12-05 (the report's loop efficiency, which put the 128-row tiles
+    at one program per SM taking turns): (rows, keys) masks, rel_pos by dots over more than 16
+    bins and rel_pos by gathers take one warpgroup over 64 query rows (``short_query_config``'s
+    tiles, uncapped; rel_pos by dots on two stages): two programs per SM, no spill. Static, bf16,
+    D = 64 (issue ratio / loop efficiency): a float bias 1.82 / 0.55 (was 1.76 / 0.36 on 128 x 64),
+    a bool mask 2.83 / 0.35 (2.71 / 0.27), rel_pos by dots over 64 bins 1.12 / 0.89 (0.93 / 0.52;
+    32 bins: 180 registers, 1.22), by gathers 4.07 / 0.25 (4.04 / 0.20); D = 32 a float bias 0.29,
+    a bool mask 0.20 (0.23, 0.17). A 64-row query block reads all of K and V, so the K/V reads per
+    FLOP double (in L2 at ViT lengths). UNMEASURED on a GPU.
 
     ``key_padding``: the mask is one row of keys for every query (``BIAS_ROWS_BCAST``), read as one
     vector per key step. Hopper up to D = 64: two stages under a 120-register cap, two CTAs per SM,
@@ -1716,6 +1726,11 @@ def fwd_mask_config(
     # Hopper above D = 64 from the 128 x 64 tiles, one program per SM (the plain forward's two-program
     # 128 x 32 tiles under a 128-register cap leave no room for a mask's tiles)
     cfg = dataclasses.replace(_with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad)), max_registers=None)
+    if hopper16 and head_dim_pad <= 64 and not key_padding and (rel_pos_mma_bins > 16 or rel_pos_gathers
+                                                               or not rel_pos):  # fmt: skip
+        # one warpgroup over 64 query rows, uncapped: two programs per SM (the 128-row tiles ran one)
+        one_group = short_query_config(cfg, arch, float_bias=float_bias)
+        return dataclasses.replace(one_group, num_stages=2) if rel_pos_mma_bins else one_group
     if rel_pos_mma_bins and 90 <= arch < 100 and head_dim_pad <= 64:
         return dataclasses.replace(cfg, num_stages=2, max_registers=128 if rel_pos_mma_bins <= 16 else None)
     if dtype == torch.float32 and 90 <= arch < 100 and head_dim_pad == 64:
