@@ -1682,6 +1682,7 @@ def fwd_mask_config(
     cannot drop (a compiler needing more would spill, a problem the report shows on its own), and
     a 120 cap spills 8 B. With 32 bins the 128 cap spills 8 B, with 64 bins 32 B: those stay
     uncapped (one CTA, issue ratio 0.92 with 64 bins), and since 2026-12-05 take one warpgroup (below).
+    The D = 128 figures above are of the 128-row tiles, which since 2026-12-05 are one warpgroup's.
 
     Hopper up to D = 64 since 2026-12-05 (the report's loop efficiency, which put the 128-row tiles
     at one program per SM taking turns): (rows, keys) masks, rel_pos by dots over more than 16
@@ -1690,8 +1691,13 @@ def fwd_mask_config(
     D = 64 (issue ratio / loop efficiency): a float bias 1.82 / 0.55 (was 1.76 / 0.36 on 128 x 64),
     a bool mask 2.83 / 0.35 (2.71 / 0.27), rel_pos by dots over 64 bins 1.12 / 0.89 (0.93 / 0.52;
     32 bins: 180 registers, 1.22), by gathers 4.07 / 0.25 (4.04 / 0.20); D = 32 a float bias 0.29,
-    a bool mask 0.20 (0.23, 0.17). A 64-row query block reads all of K and V, so the K/V reads per
-    FLOP double (in L2 at ViT lengths). UNMEASURED on a GPU.
+    a bool mask 0.20 (0.23, 0.17). Above D = 64 (to 128) likewise, on 32-key steps except rel_pos
+    by dots (64): a float bias 64 x 32 over three stages 1.40 / 0.71 (1.36 / 0.42 on 128 x 32), a
+    bool mask two stages with a 16-key tail 1.83 / 0.55 (1.42 / 0.41), rel_pos by dots over 16 / 64
+    bins 0.96 / 1.0 and 0.91 / 1.0 (0.75 / 0.57, 0.68 / 0.60), by gathers 4.00 / 0.25 (3.99 /
+    0.20); not with key padding (above) nor with a float bias and rel_pos together. A 64-row query
+    block reads all of K and V, so the K/V reads per FLOP double (in L2 at ViT lengths).
+    UNMEASURED on a GPU.
 
     ``key_padding``: the mask is one row of keys for every query (``BIAS_ROWS_BCAST``), read as one
     vector per key step. Hopper up to D = 64: two stages under a 120-register cap, two CTAs per SM,
@@ -1742,11 +1748,16 @@ def fwd_mask_config(
         return dataclasses.replace(cfg, key_tail=0)  # the 32-key tail step spills 64 B on sm_89
     if dtype == torch.float32 or head_dim_pad <= 64:
         return cfg
-    if hopper16 and not rel_pos and not key_padding:
-        # (rows, keys) mask tiles at D = 128: a float bias on 128 x 32, three stages (128 x 64 puts
-        # 8-280 B on the stack at one to three stages, with or without a key tail); a bool mask on one
-        # stage (two put 8 B on the stack, and run 1.51 against 1.42)
-        return AttentionConfig(128, 32, 8, 3) if float_bias else dataclasses.replace(cfg, num_stages=1)
+    if hopper16 and not key_padding and not (rel_pos and float_bias):
+        # one warpgroup over 64 query rows: two programs per SM, where the 128-row tiles ran one (a
+        # float bias on 128 x 32, a bool mask on 128 x 64 over one stage, rel_pos on 128 x 64 / 128 x
+        # 32: 128 x 64 spilled 8-280 B with (rows, keys) tiles, and under a 128-register cap every
+        # 128-row mask tiling spills 72-336 B)
+        if rel_pos_mma_bins:
+            return _with_key_tail(AttentionConfig(64, 64, 4, 2))
+        if rel_pos_gathers:
+            return AttentionConfig(64, 32, 4, 2)
+        return AttentionConfig(64, 32, 4, 3) if float_bias else AttentionConfig(64, 32, 4, 2, key_tail=16)
     if not rel_pos_gathers:
         return dataclasses.replace(cfg, key_tail=0) if float_bias and hopper16 else cfg
     return _with_key_tail(dataclasses.replace(cfg, block_n=max(16, cfg.block_n // 2), num_warps=8))
@@ -1800,6 +1811,12 @@ def bwd_mask_configs(
     float bias 245 / 0 / 0.96; D = 64 on 32 x 64 over 4 warps, two CTAs per SM: bool 181 / 0 / 1.79,
     float 183 / 0 / 1.61, against one CTA on 32 x 128, 8 warps at 1.71 / 1.50). Off Hopper the
     plain tiles spill 40-80 B at D = 128 with a bool mask.
+
+    Hopper up to D = 64 since 2026-12-05: dK/dV with rel_pos (by gathers, by dots over 16 or 64
+    bins) on one warpgroup over 64 kept keys, two programs per SM (sm_90 bf16, issue ratio / loop
+    efficiency: gathers 2.38 / 0.42, was 2.37 / 0.30 on 32 x 128 over 8 warps; dots 1.30 / 0.77 and
+    1.45 / 0.69, were 1.40 / 0.42 and 1.22 / 0.45; no spill). dQ with the rel_pos gradients keeps
+    128 rows on 8 warps (one warpgroup spills 16-88 B with the gathers and with 64 bins).
 
     ``key_padding`` (a mask alone, one row of keys for every query): the same tiles; a bool mask's
     dK/dV runs the plain loop and zeroes the padded keys' rows. Hopper fp32 at D = 64: dK/dV on 8
@@ -1881,19 +1898,19 @@ def bwd_mask_configs(
         # dK/dV at D = 128 on two stages (one put 16 B on the stack), without the row split (with it
         # 144 B on the stack)
         wide = dataclasses.replace(_HOPPER_REL_MMA_BWD, num_stages=2, row_split=False)
-        dkdv = wide if head_dim_pad > 64 else _HOPPER_REL_MMA_BWD
+        dkdv = wide if head_dim_pad > 64 else _HOPPER_REL_MMA_BWD_SMALL
         return dkdv, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
     if not rel_pos:
         if head_dim_pad > 64 and not causal:
             # D = 65..128: one warpgroup where it fits, two programs per SM (dK/dV on 64 kept keys
             # without the row split, dQ on 64 kept rows): key padding in both passes, bool or float
-            # (dK/dV 228-231 registers, dQ 185-204), a bool (rows, keys) mask in dQ (255); the
-            # (rows, keys) dK/dV (either mask) and the float (rows, keys) dQ spill 16-24 B there and
-            # keep the 8-warp tiles, one program per SM. Causal launches too (one warpgroup spills in
-            # the plain causal dK/dV)
+            # (dK/dV 228-231 registers, dQ 185-204), a (rows, keys) mask in dQ (bool 255, float on one
+            # stage 190: two or three spill 8-16 B); the (rows, keys) dK/dV (either mask) spills 16-56 B
+            # at one to three stages and keeps the 8-warp tiles, one program per SM. Not causal
+            # launches (one warpgroup spills in the plain causal dK/dV)
             one_group = AttentionConfig(32, 64, 4, 2)
             dkdv = one_group if key_padding else dataclasses.replace(cfg, row_split=False)
-            return dkdv, one_group if key_padding or bool_mask else cfg
+            return dkdv, one_group if key_padding or bool_mask else dataclasses.replace(one_group, num_stages=1)
         # (rows, keys) mask tiles at D = 128 without the row split (with it 24-40 B on the stack); a
         # bool key-padding mask up to D = 64 without it too (178 registers, 2 CTAs/SM against 3; a
         # float one keeps it: 159 registers, 3 CTAs/SM, 1.04 -> 0.90)
@@ -1915,11 +1932,14 @@ _FWD_256 = AttentionConfig(64, 32, 8, 2)
 _FWD_256_HOPPER = AttentionConfig(128, 32, 8, 1)
 _BWD_256 = AttentionConfig(32, 32, 8, 1, row_split=True)
 
-# Hopper's backward tiles where the mask and rel_pos gathers leave fewer registers (above)
-_HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 128, 8, 2, row_split=True)
+# Hopper's backward tiles where the mask and rel_pos gathers leave fewer registers (above); up to
+# D = 64 the dK/dV on one warpgroup over 64 kept keys (2 programs per SM; 32 x 128 on 8 warps ran one)
+_HOPPER_MASK_BWD_SMALL = AttentionConfig(32, 64, 4, 2, row_split=True)
 _HOPPER_MASK_BWD = AttentionConfig(32, 64, 8, 2, row_split=True)
-# ... and with rel_pos by selection-matrix dots (dK/dV: 128 keys x 32 queries; dQ: 128 rows x 32 keys)
+# ... and with rel_pos by selection-matrix dots (dK/dV: 128 keys x 32 queries; dQ: 128 rows x 32 keys;
+# up to D = 64 the dK/dV on one warpgroup over 64 kept keys)
 _HOPPER_REL_MMA_BWD = AttentionConfig(32, 128, 8, 1, row_split=True)
+_HOPPER_REL_MMA_BWD_SMALL = AttentionConfig(32, 64, 4, 1, row_split=True)
 
 
 def dbias_config(
