@@ -1447,10 +1447,11 @@ _INTERPRETER_FWD = AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stag
 _INTERPRETER_BWD = AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=1, row_split=True)
 
 
-def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False) -> AttentionConfig:
+def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = False,
+               causal: bool = False) -> AttentionConfig:  # fmt: skip
     """Forward block sizes for one (architecture, dtype, padded head dim); ``tma``: the inputs
     qualify for tensor descriptors (``fwd_tma_descriptors``), which Hopper's 16-bit tiles up to
-    D = 128 then use.
+    D = 128 then use; ``causal``: the launch is causal (sm_80's register cap differs).
 
     Picked from the ahead-of-time report (``python -m benchmarks static``): the largest tiles
     that compile without spills on each architecture. Not yet tuned by timing on a GPU. Tiles
@@ -1480,11 +1481,12 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = Fal
     """
     if INTERPRETER:
         return dataclasses.replace(_INTERPRETER_FWD, tma=tma)
-    return _hardware_fwd_config(arch, dtype, head_dim_pad, tma)
+    return _hardware_fwd_config(arch, dtype, head_dim_pad, tma, causal)
 
 
 @functools.cache
-def _hardware_fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool) -> AttentionConfig:
+def _hardware_fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool,
+                         causal: bool = False) -> AttentionConfig:  # fmt: skip
     """``fwd_config`` off the interpreter, computed once per key (it runs on every launch)."""
     hopper16 = 90 <= arch < 100 and dtype != torch.float32
     if tma and hopper16 and head_dim_pad <= 128:
@@ -1495,7 +1497,15 @@ def _hardware_fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: 
         return dataclasses.replace(_with_key_tail(tiles), tma=True)
     if hopper16 and 64 < head_dim_pad <= 128:
         return _HOPPER_FWD_128
-    return _with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad))
+    tiles = _with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad))
+    if arch == 80 and dtype != torch.float32 and 32 <= head_dim_pad <= 64 and not (causal and head_dim_pad == 64):
+        # A100: two programs per SM under a 128-register cap, where 142-200 registers ran one (loop
+        # efficiency 0.49-0.59 -> 0.94-1.0 at D = 32 and 64, plain and varlen; the causal D = 32
+        # tiles take 128 anyway, the causal D = 64 ones spill 16 B under the cap, D = 16 needs no
+        # cap; static report, Triton 3.8, 2026-12-05; UNMEASURED on a GPU, and the model's serial
+        # term was calibrated on Hopper only)
+        return dataclasses.replace(tiles, max_registers=128)
+    return tiles
 
 
 # Hopper's plain 16-bit forward at D = 65..128: two programs per SM (the 128 x 64 tiles, 239-254
@@ -2081,7 +2091,7 @@ def flash_attention_forward(
                               rel_pos_gathers=rel_h is not None and not rel_mma,
                               key_padding=flags["BIAS_ROWS_BCAST"])
     else:
-        cfg = fwd_config(arch, q.dtype, pad, tma=tma)
+        cfg = fwd_config(arch, q.dtype, pad, tma=tma, causal=causal)
     if takes_short_tiles(cfg, n_q, pad, rel_h is not None):
         cfg = short_query_config(cfg, arch, float_bias=float_bias)
     grid = (cdiv(n_q, cfg.block_m) * batch * heads,)
@@ -2508,7 +2518,7 @@ def flash_attention_varlen_forward(
     out = new_output((total, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = new_output((heads, total), dtype=torch.float32, device=q.device)
     pad = head_dim_padded(head_dim)
-    cfg = fwd_config(arch_of(q.device), q.dtype, pad)
+    cfg = fwd_config(arch_of(q.device), q.dtype, pad, causal=causal)
     tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, cfg.block_m)
     if tiles.shape[1] == 0 or heads == 0:
         return out, lse
@@ -2685,9 +2695,9 @@ def aot_specs() -> list[KernelSpec]:
                         delta_sig, {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": DELTA_BLOCK_M}, 4, 1, arch,
                         divisible_by_16=("Out", "Delta", "stride_ob", "stride_oh", "stride_on"),
                     ))
-                fwd, dq = fwd_config(arch, dtype, pad), bwd_dq_config(arch, dtype, pad)
+                dq = bwd_dq_config(arch, dtype, pad)
                 for causal in (False, True):
-                    bwd = bwd_config(arch, dtype, pad, causal)
+                    fwd, bwd = fwd_config(arch, dtype, pad, causal=causal), bwd_config(arch, dtype, pad, causal)
                     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal,
                               "DOT_PRECISION": dot_precision(dtype)}
                     label = f"{ty} D={head_dim}{' causal' if causal else ''}"
@@ -2713,8 +2723,10 @@ def aot_specs() -> list[KernelSpec]:
                             f"s={cfg.num_stages}",
                             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
                             needs_wgmma=fwd16, divisible_by_16=_aligned(sig),
-                            # Hopper's 16-bit forward up to D = 128 is sized for two CTAs per SM
-                            target_ctas_per_sm=2 if fwd16 and arch == 90 and pad <= 128 else 1,
+                            # Hopper's 16-bit forward up to D = 128 is sized for two CTAs per SM,
+                            # and so is every one under a register cap (A100's up to D = 64)
+                            target_ctas_per_sm=2 if fwd16 and ((arch == 90 and pad <= 128) or cfg.max_registers)
+                            else 1,
                             max_registers=cfg.max_registers,
                         ))
                     if tma_supported(arch, dtype, pad):  # FASTVIT_TMA=1's tiles
@@ -2948,14 +2960,14 @@ def _varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[
     """The packed variable-length variants (VARLEN) of the forward, dK/dV and dQ kernels, with the
     plain configurations their launchers pick and int32 cu_seqlens and tile tables."""
     pad = head_dim_padded(head_dim)
-    fwd, dq = fwd_config(arch, dtype, pad), varlen_bwd_dq_config(arch, dtype, pad)
+    dq = varlen_bwd_dq_config(arch, dtype, pad)
     tables = {"CuSeqQ": "*i32", "CuSeqK": "*i32", "Tiles": "*i32"}
     common = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "DOT_PRECISION": dot_precision(dtype),
               "HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "BIAS_ROWS_BCAST": False, "Bias": None,
               "RelH": None, "RelW": None, "VARLEN": True}
     specs = []
     for causal in (False, True):
-        bwd = varlen_bwd_config(arch, dtype, pad, causal)
+        fwd, bwd = fwd_config(arch, dtype, pad, causal=causal), varlen_bwd_config(arch, dtype, pad, causal)
         specs += _varlen_causal_specs(arch, dtype, ty, head_dim, causal, tables, common, (
             ("flash_attention_fwd_kernel", fwd_sig, fwd, fwd.block_m, fwd.block_n),
             ("flash_attention_bwd_dkdv_kernel", dkdv_sig, bwd, bwd.block_m, bwd.block_n),

@@ -170,8 +170,9 @@ def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    # (dK/dV's causal tiles may differ: both run here, causal)
-    triples = {(kernels.fwd_config(a, d, p, tma=tma), kernels.bwd_config(a, d, p, c), kernels.bwd_dq_config(a, d, p))
+    # (the causal tiles may differ: both run here, causal)
+    triples = {(kernels.fwd_config(a, d, p, tma=tma, causal=c), kernels.bwd_config(a, d, p, c),
+                kernels.bwd_dq_config(a, d, p))
                for a, d, p in _config_keys() for tma in (False, True) for c in (False, True)}  # fmt: skip
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     for fwd, bwd, dq in sorted(triples, key=str):
@@ -268,7 +269,8 @@ def test_block_size_rules_hold_for_every_config(monkeypatch):
                     kernels.bwd_dq_config(arch, dtype, pad)):
             assert bwd.block_n % bwd.block_m == 0, (arch, dtype, pad, bwd)
             assert min(bwd.block_m, bwd.block_n) >= 16  # tl.dot's minimum
-        for fwd in (kernels.fwd_config(arch, dtype, pad), kernels.fwd_config(arch, dtype, pad, tma=True)):
+        for fwd in (kernels.fwd_config(arch, dtype, pad), kernels.fwd_config(arch, dtype, pad, tma=True),
+                    kernels.fwd_config(arch, dtype, pad, causal=True)):
             assert fwd.key_tail == 0 or (fwd.block_n % fwd.key_tail == 0 and fwd.key_tail >= 16), fwd
             assert min(fwd.block_m, fwd.block_n) >= 16
     assert kernels._INTERPRETER_BWD.block_n % kernels._INTERPRETER_BWD.block_m == 0

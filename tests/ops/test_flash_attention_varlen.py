@@ -167,7 +167,7 @@ def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    triples = {(kernels.fwd_config(a, d, p), kernels.varlen_bwd_config(a, d, p, c),
+    triples = {(kernels.fwd_config(a, d, p, causal=c), kernels.varlen_bwd_config(a, d, p, c),
                 kernels.varlen_bwd_dq_config(a, d, p))
                for a in (80, 89, 90) for d in (torch.float16, torch.float32) for p in (16, 64, 128, 256)
                for c in (False, True)}  # fmt: skip
