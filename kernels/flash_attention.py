@@ -1835,9 +1835,9 @@ def bwd_mask_configs(
     Hopper, 16-bit, D = 65..128, not causal (2026-12-05, the report's loop efficiency): the passes
     that fit one warpgroup take it, two programs per SM instead of one: with key padding dK/dV on
     64 kept keys without the row split (bool 231 registers, issue ratio 0.56; float 228, 0.63) and
-    dQ on 64 kept rows (bool 185 / 0.65, float 204 / 0.60), a bool (rows, keys) mask's dQ too
-    (255 / 0.88): loop efficiency 0.61-0.68 -> 1.0. The (rows, keys) dK/dV and the float (rows,
-    keys) dQ keep the 8-warp tiles (one warpgroup spills 16-24 B). UNMEASURED on a GPU.
+    dQ on 64 kept rows (bool 185 / 0.65, float 204 / 0.60), a (rows, keys) mask's dQ too (bool
+    255 / 0.88, float on one stage 190 / 0.62): loop efficiency 0.54-0.68 -> 1.0. The (rows, keys)
+    dK/dV keeps the 8-warp tiles (one warpgroup spills 16-56 B). UNMEASURED on a GPU.
 
     The figures above compiled the mask's key stride as a variable and predicated every dK/dV row
     step. Since 2026-12-05 the report compiles the unit stride the runtime specialises for a
