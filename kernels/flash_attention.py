@@ -1776,6 +1776,7 @@ def fwd_mask_config(
 def bwd_mask_configs(
     arch: int, dtype: torch.dtype, head_dim_pad: int, rel_pos_grad: bool, rel_pos_mma: bool = False,
     rel_pos: bool = True, key_padding: bool = False, bool_mask: bool = False, causal: bool = False,
+    rel_pos_bins: int = 64,
 ) -> tuple[AttentionConfig, AttentionConfig]:
     """(dK/dV, dQ) block sizes with an attn_mask or rel_pos (head dims up to ``MAX_MASK_HEAD_DIM``),
     from the ahead-of-time report (same conventions as ``bwd_config``). Off Hopper, 16-bit tiles of
@@ -1825,8 +1826,10 @@ def bwd_mask_configs(
     Hopper up to D = 64 since 2026-12-05: dK/dV with rel_pos (by gathers, by dots over 16 or 64
     bins) on one warpgroup over 64 kept keys, two programs per SM (sm_90 bf16, issue ratio / loop
     efficiency: gathers 2.38 / 0.42, was 2.37 / 0.30 on 32 x 128 over 8 warps; dots 1.30 / 0.77 and
-    1.45 / 0.69, were 1.40 / 0.42 and 1.22 / 0.45; no spill). dQ with the rel_pos gradients keeps
-    128 rows on 8 warps (one warpgroup spills 16-88 B with the gathers and with 64 bins).
+    1.45 / 0.69, were 1.40 / 0.42 and 1.22 / 0.45; no spill); dQ with the rel_pos gradients by dots
+    over up to 16 bins (``rel_pos_bins``: the padded kh / kw, SAM's 14 x 14 windows) on one
+    warpgroup over 64 kept rows, one stage (210 registers, 1.30 / 0.77, was 1.16 / 0.46); with
+    more bins and with the gathers it keeps 128 rows on 8 warps (one warpgroup spills 16-88 B).
 
     ``key_padding`` (a mask alone, one row of keys for every query): the same tiles; a bool mask's
     dK/dV runs the plain loop and zeroes the padded keys' rows. Hopper fp32 at D = 64: dK/dV on 8
@@ -1909,7 +1912,8 @@ def bwd_mask_configs(
         # 144 B on the stack)
         wide = dataclasses.replace(_HOPPER_REL_MMA_BWD, num_stages=2, row_split=False)
         dkdv = wide if head_dim_pad > 64 else _HOPPER_REL_MMA_BWD_SMALL
-        return dkdv, _HOPPER_REL_MMA_BWD if rel_pos_grad else cfg
+        narrow = head_dim_pad <= 64 and rel_pos_bins <= REL_POS_MMA_MAX_PAD
+        return dkdv, (_HOPPER_REL_MMA_DQ_SMALL if narrow else _HOPPER_REL_MMA_BWD) if rel_pos_grad else cfg
     if not rel_pos:
         if head_dim_pad > 64 and not causal:
             # D = 65..128: one warpgroup where it fits, two programs per SM (dK/dV on 64 kept keys
@@ -1950,6 +1954,8 @@ _HOPPER_MASK_BWD = AttentionConfig(32, 64, 8, 2, row_split=True)
 # up to D = 64 the dK/dV on one warpgroup over 64 kept keys)
 _HOPPER_REL_MMA_BWD = AttentionConfig(32, 128, 8, 1, row_split=True)
 _HOPPER_REL_MMA_BWD_SMALL = AttentionConfig(32, 64, 4, 1, row_split=True)
+# ... and its dQ with the rel_pos gradients over up to 16 bins up to D = 64: 64 rows x 32 keys
+_HOPPER_REL_MMA_DQ_SMALL = AttentionConfig(32, 64, 4, 1)
 
 
 def dbias_config(
@@ -2251,9 +2257,10 @@ def flash_attention_backward(
     rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
     if bias is not None or rel_h is not None:
+        bins = 0 if rel_h is None else max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1]))
         cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None,
                                        key_padding=flags["BIAS_ROWS_BCAST"], bool_mask=flags["BIAS_BOOL"],
-                                       causal=causal)
+                                       causal=causal, rel_pos_bins=bins)
     else:
         cfg, dq_cfg = bwd_config(arch, q.dtype, pad, causal), bwd_dq_config(arch, q.dtype, pad)
     delta = new_output((batch * heads, n_q), dtype=torch.float32, device=q.device)
@@ -2876,12 +2883,15 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
     rel_mma = {"REL_POS_MMA": True, "KH_PAD": REL_POS_MMA_MAX_PAD, "KW_PAD": REL_POS_MMA_MAX_PAD}
     mma = dtype != torch.float32 and (90 <= arch < 100 or pad <= 64)
     if mma:
-        bwd_mma, dq_mma = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True, rel_pos_mma=True)
+        bwd_mma, dq_mma = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True, rel_pos_mma=True,
+                                           rel_pos_bins=REL_POS_MMA_MAX_PAD)
         add("flash_attention_bwd_dkdv_kernel", f"bias=fp32 rel_pos mma k={REL_POS_MMA_MAX_PAD}", dkdv_sig,
             {**both, **rel_mma}, bwd_mma, bwd_mma.block_m, bwd_mma.block_n)
         add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad mma k={REL_POS_MMA_MAX_PAD}", dq_sig,
             {**rel_grad, **rel_mma}, dq_mma, dq_mma.block_n, dq_mma.block_m)
     if mma and 90 <= arch < 100 and pad <= 64:  # SAM's 64 x 64 global attention on Hopper
+        bwd_mma, dq_mma = bwd_mask_configs(arch, dtype, pad, rel_pos_grad=True, rel_pos_mma=True,
+                                           rel_pos_bins=REL_POS_FWD_MMA_MAX_PAD)
         wide = {"REL_POS_MMA": True, "KH_PAD": REL_POS_FWD_MMA_MAX_PAD, "KW_PAD": REL_POS_FWD_MMA_MAX_PAD}
         add("flash_attention_bwd_dkdv_kernel", f"bias=fp32 rel_pos mma k={REL_POS_FWD_MMA_MAX_PAD}", dkdv_sig,
             {**both, **wide}, bwd_mma, bwd_mma.block_m, bwd_mma.block_n)

@@ -651,6 +651,9 @@ def _mask_configs(kernels, monkeypatch):
                             found["fwd"].add(kernels.short_query_config(cfg, arch, float_bias=float_bias))
                 for rel_pos_grad in (False, True):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad))
+                    for bins in (16, 64):  # rel_pos by selection-matrix dots
+                        found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, rel_pos_grad, rel_pos_mma=True,
+                                                                  rel_pos_bins=bins))  # fmt: skip
                 for key_padding, bool_mask, causal in itertools.product((False, True), repeat=3):
                     found["bwd"].add(kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False,
                                                               key_padding=key_padding, bool_mask=bool_mask,
