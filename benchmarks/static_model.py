@@ -19,16 +19,17 @@ TTGIR's MMA layouts) it derives, per architecture:
   and 2 at D = 32. Reported, not flagged: no tiling changes it.
 - ``loop_efficiency`` of the hot loop: the share of its time the tensor cores are busy, from the
   two ratios (r, the larger) and the programs resident per SM (c). Where the loop waits on each
-  warpgroup MMA before the work that reads it (every ``wgmma_wait_pendings`` 0: attention, whose
-  softmax / dS reads the dot just issued; or warp-level MMA, whose results the next instructions
-  read), a program runs its MMAs and its other work in turn, its warpgroups meeting at a barrier
+  MMA before the work that reads it (every ``wgmma_wait_pendings`` 0: attention, whose softmax /
+  dS reads the dot just issued; with warp-level MMA, an HMMA result read by another instruction
+  of the loop), a program runs its MMAs and its other work in turn, its warps meeting at a barrier
   per pipeline stage, and only the other programs of the SM fill the gaps: c iterations take
   ``max(c, c r, 1 + r)`` MMA-times, so ``c / max(c, c r, 1 + r)`` (1 / (1 + r) at one program per
-  SM). Where a wait keeps MMAs in flight (pendings >= 1: a GEMM main loop loading its next tiles
-  under the current MMAs), ``min(1, 1 / r)``. Calibrated on the first H200 run (2026-12-04, bf16,
-  N = 4097): the D = 128 forward at one program per SM (r = 0.72, 0.58 by this formula) ran at
-  311 TFLOP/s, 0.46 of the measured 673 TFLOP/s matmul peak, and the D = 64 forward at two
-  (r = 1.14, 0.88) at 420, 0.62; by ``min(1, 1 / r)`` alone the D = 128 one would be the faster.
+  SM). Where MMAs stay in flight under the other work (a wait at pendings >= 1, or a GEMM main
+  loop whose HMMA accumulators only feed the next HMMA), ``min(1, 1 / r)``. Calibrated on the
+  first H200 run (2026-12-04, bf16, N = 4097): the D = 128 forward at one program per SM
+  (r = 0.72, 0.58 by this formula) ran at 311 TFLOP/s, 0.46 of the measured 673 TFLOP/s matmul
+  peak, and the D = 64 forward at two (r = 1.14, 0.88) at 420, 0.62; by ``min(1, 1 / r)`` alone
+  the D = 128 one would be the faster.
 
 Tensor-core cycles: an MMA of m x n x k is ``m * n * k`` FMAs, issued by every warp (HMMA) or
 every warpgroup of four warps (HGMMA), at ``TENSOR_FMA_PER_CLK[arch]`` dense 16-bit FMAs per
@@ -50,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .static_sass import Instruction, loops, mma_shape, mma_shapes, wgmma_wait_pendings
+from .static_sass import Instruction, loops, mma_shape, mma_shapes, warp_mma_results_read, wgmma_wait_pendings
 
 __all__ = [
     "CLIFF_MARGIN_REGS",
@@ -143,6 +144,9 @@ class HotLoop:
     wait_pendings: list[int]
     issue_cycles: float
     mufu_cycles: float = 0.0
+    # the loop waits on its MMAs before the work that reads them: every warpgroup MMA wait at
+    # pendings 0, or (warp-level MMA) an HMMA result read by another instruction of the loop
+    serial: bool = True
 
     @property
     def issue_ratio(self) -> float:
@@ -151,11 +155,6 @@ class HotLoop:
     @property
     def mufu_ratio(self) -> float:
         return self.mufu_cycles / self.mma_cycles
-
-    @property
-    def serial(self) -> bool:
-        """Whether the loop waits on every warpgroup MMA it issues (or issues warp-level ones)."""
-        return not any(self.wait_pendings)
 
 
 def loop_efficiency(loop_issue_ratio: float | None, loop_mufu_ratio: float | None, ctas_per_sm: int,
@@ -229,14 +228,17 @@ def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotL
         return None
     body = max(candidates, key=lambda b: (_mma_cycles(b, arch, num_warps), -len(b)))
     sixteen = any(mma_shape(i) and sixteen_bit_inputs(i.opcode) for i in body)
+    pendings = wgmma_wait_pendings(body)
+    warpgroup = any(i.name == "HGMMA" for i in body)
     return HotLoop(
         instructions=len(body),
         mma_cycles=_mma_cycles(body, arch, num_warps),
         mma_shapes=mma_shapes(body),
         sixteen_bit=sixteen,
-        wait_pendings=wgmma_wait_pendings(body),
+        wait_pendings=pendings,
         issue_cycles=len(body) * num_warps / SCHEDULERS_PER_SM,
         mufu_cycles=sum(ins.name == "MUFU" for ins in body) * THREADS_PER_WARP * num_warps / MUFU_PER_CLK[arch],
+        serial=not any(pendings) if warpgroup else warp_mma_results_read(body),
     )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "parse_resource_usage",
     "parse_sass",
     "sass_functions",
+    "warp_mma_results_read",
     "wgmma_wait_pendings",
 ]
 
@@ -172,6 +173,38 @@ def wgmma_wait_pendings(instructions: list[Instruction]) -> list[int]:
             if match:
                 out.append(int(match.group(1), 0))
     return out
+
+
+_REGISTER = re.compile(r"\bR(\d+)\b")
+
+
+def warp_mma_results_read(body: list[Instruction]) -> bool:
+    """Whether an instruction other than a warp-level MMA (HMMA) in ``body`` reads a register some
+    HMMA of ``body`` writes: attention's softmax reading its score tile, not a GEMM main loop,
+    whose accumulators only feed the next HMMA. An HMMA writes 4 registers with fp32
+    accumulators (m16n8), 2 with fp16 ones; a store's every operand is read, another
+    instruction's all but its first (the destination)."""
+    written: set[int] = set()
+    for ins in body:
+        if ins.name == "HMMA":
+            match = _REGISTER.search(ins.operands)
+            if match:
+                width = 4 if ".F32" in ins.opcode else 2
+                written.update(range(int(match.group(1)), int(match.group(1)) + width))
+    if not written:
+        return False
+    for ins in body:
+        if ins.name == "HMMA":
+            continue
+        if ins.name.startswith("ST"):
+            sources = ins.operands
+        elif "," in ins.operands:
+            sources = ins.operands.split(",", 1)[1]
+        else:
+            continue
+        if any(int(r) in written for r in _REGISTER.findall(sources)):
+            return True
+    return False
 
 
 def loops(instructions: list[Instruction]) -> list[list[Instruction]]:

@@ -13,6 +13,7 @@ from fastvit.benchmarks.static_sass import (
     parse_resource_usage,
     parse_sass,
     sass_functions,
+    warp_mma_results_read,
     wgmma_wait_pendings,
 )
 
@@ -129,3 +130,33 @@ def test_mma_histogram_async_copy_and_wgmma_waits():
     assert async_copy([i for i in code if i.name != "UTMALDG"]) == "cp.async"
     assert async_copy(code[:1]) == "none"
     assert wgmma_wait_pendings(code) == [1]
+
+
+def _body(lines: str):
+    text = "\n".join(f"        /*{16 * i:04x}*/ {line} ;" for i, line in enumerate(lines.strip().splitlines()))
+    return next(iter(sass_functions("        Function : k\n" + text).values()))
+
+
+def test_warp_mma_results_read_by_other_instructions():
+    # a GEMM main loop: the accumulators R16..R19 only feed the next HMMA
+    gemm = _body("""
+        LDSM.16.M88.4 R4, [R2]
+        HMMA.16816.F32 R16, R4, R8, R16
+        HMMA.16816.F32 R16, R6, R10, R16
+        IADD3 R2, R2, 0x1000, RZ""")
+    assert not warp_mma_results_read(gemm)
+    # attention: the softmax reads the score tile (R18 is inside R16..R19)
+    attention = _body("""
+        HMMA.16816.F32 R16, R4, R8, RZ
+        FMNMX R20, R18, R3, !PT""")
+    assert warp_mma_results_read(attention)
+    # a store of a result reads every operand; an fp16 accumulator is 2 registers (R17 only)
+    assert warp_mma_results_read(_body("""
+        HMMA.16816.F32 R16, R4, R8, RZ
+        STS [R16], R30"""))
+    assert not warp_mma_results_read(_body("""
+        HMMA.16816.F16 R16, R4, R8, RZ
+        FADD R20, R18, R3"""))
+    assert warp_mma_results_read(_body("""
+        HMMA.16816.F16 R16, R4, R8, RZ
+        FADD R20, R17, R3"""))
