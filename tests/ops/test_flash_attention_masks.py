@@ -730,3 +730,48 @@ def test_aot_specs_cover_the_mask_variants_with_every_argument():
         assert any(k == "flash_attention_bwd_dq_kernel" and c.get("REL_POS_GRAD") for k, c in flags)
         assert {c["ROWS_BCAST"] for k, c in flags if k == "flash_attention_bwd_dbias_kernel"} == {False, True}
 
+
+
+def test_aot_mask_specs_compile_the_tiles_the_launchers_pick(monkeypatch):
+    """For each mask kind (a float bias or a bool mask; (rows, keys) tiles or key padding) the
+    report's forward, dK/dV and dQ rows compile the configurations the launchers take for it (the
+    bool rows once compiled the float bias's backward tiles), so the figures describe what runs."""
+    from fastvit.kernels import flash_attention as kernels
+    from fastvit.kernels.aot import ARCHS
+
+    monkeypatch.setattr(kernels, "INTERPRETER", False)  # the report's configurations, not the interpreter's
+    specs = kernels.aot_specs()
+
+    def tiles(spec):
+        c = spec.constexprs
+        return (c["BLOCK_M"], c["BLOCK_N"], spec.num_warps, spec.num_stages, spec.max_registers,
+                c.get("BLOCK_TAIL"), c.get("SPLIT_ROWS"))  # fmt: skip
+
+    checked = 0
+    for arch, dtype, head_dim in itertools.product(ARCHS, kernels._MASK_AOT_DTYPES, kernels._MASK_AOT_HEAD_DIMS):
+        pad = kernels.head_dim_padded(head_dim)
+        for bool_mask, key_padding in itertools.product((False, True), repeat=2):
+            fwd = kernels.fwd_mask_config(arch, dtype, pad, float_bias=not bool_mask, key_padding=key_padding)
+            dkdv, dq = kernels.bwd_mask_configs(arch, dtype, pad, False, rel_pos=False, key_padding=key_padding,
+                                                bool_mask=bool_mask)  # fmt: skip
+            expected = {
+                "flash_attention_fwd_kernel": (fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages,
+                                               fwd.max_registers, fwd.key_tail, None),
+                "flash_attention_bwd_dkdv_kernel": (dkdv.block_m, dkdv.block_n, dkdv.num_warps, dkdv.num_stages,
+                                                    dkdv.max_registers, None, dkdv.row_split),
+                "flash_attention_bwd_dq_kernel": (dq.block_n, dq.block_m, dq.num_warps, dq.num_stages,
+                                                  dq.max_registers, None, None),
+            }  # fmt: skip
+            for spec in specs:
+                c, kernel = spec.constexprs, spec.kernel.split(".")[-1]
+                if (spec.arch, c.get("HEAD_DIM"), kernel) != (arch, head_dim, kernel) or kernel not in expected:
+                    continue
+                if spec.signature["Q"] != f"*{'bf16' if dtype == torch.bfloat16 else 'fp32'}":
+                    continue
+                if not c.get("HAS_BIAS") or c.get("HAS_REL_POS") or c.get("USE_TMA") or " short" in spec.config:
+                    continue
+                if (c["BIAS_BOOL"], c.get("BIAS_ROWS_BCAST", False)) != (bool_mask, key_padding):
+                    continue
+                assert tiles(spec) == expected[kernel], (spec.arch, spec.kernel, spec.config)
+                checked += 1
+    assert checked >= len(ARCHS) * len(kernels._MASK_AOT_HEAD_DIMS) * 4 * 3
