@@ -1505,6 +1505,13 @@ def _hardware_fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: 
         # cap; static report, Triton 3.8, 2026-12-05; UNMEASURED on a GPU, and the model's serial
         # term was calibrated on Hopper only)
         return dataclasses.replace(tiles, max_registers=128)
+    if arch == 80 and dtype != torch.float32 and 64 < head_dim_pad <= 128:
+        # A100 above D = 64 (ViT-H's 80, 128): one warpgroup's 64 rows on 32-key steps, two programs
+        # per SM (222-232 registers, plain, causal and varlen, no spill), where 128 x 32 on 8 warps
+        # took 202-255 and one (loop efficiency 0.61-0.62 -> 0.99; 128 x 32 under a 128 cap spills
+        # 16 B, on 4 warps 24 B). A 64-row query block reads all of K and V: 4.9 TB/s of L2 reads at
+        # the A100's 312 TFLOP/s. Static report, Triton 3.8, 2026-12-05; UNMEASURED on a GPU
+        return AttentionConfig(64, 32, 4, 3)
     if arch == 89 and dtype != torch.float32 and head_dim_pad == 64 and not causal:
         # Ada (L40S, RTX 4090): the 128 x 64 tiles on 4 warps, 32 rows each, two programs per SM
         # (255 registers, no spill, 96 KiB of shared memory for the two), where 8 warps took 191-194
