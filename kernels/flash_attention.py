@@ -1712,19 +1712,23 @@ def fwd_mask_config(
     The D = 128 figures above are of the 128-row tiles, which since 2026-12-05 are one warpgroup's.
 
     Hopper up to D = 64 since 2026-12-05 (the report's loop efficiency, which put the 128-row tiles
-    at one program per SM taking turns): (rows, keys) masks, rel_pos by dots over more than 16
-    bins and rel_pos by gathers take one warpgroup over 64 query rows (``short_query_config``'s
-    tiles, uncapped; rel_pos by dots on two stages): two programs per SM, no spill. Static, bf16,
-    D = 64 (issue ratio / loop efficiency): a float bias 1.82 / 0.55 (was 1.76 / 0.36 on 128 x 64),
-    a bool mask 2.83 / 0.35 (2.71 / 0.27), rel_pos by dots over 64 bins 1.12 / 0.89 (0.93 / 0.52;
-    32 bins: 180 registers, 1.22), by gathers 4.07 / 0.25 (4.04 / 0.20); D = 32 a float bias 0.29,
-    a bool mask 0.20 (0.23, 0.17). Above D = 64 (to 128) likewise, on 32-key steps except rel_pos
-    by dots (64): a float bias 64 x 32 over three stages 1.40 / 0.71 (1.36 / 0.42 on 128 x 32), a
-    bool mask two stages with a 16-key tail 1.83 / 0.55 (1.42 / 0.41), rel_pos by dots over 16 / 64
-    bins 0.96 / 1.0 and 0.91 / 1.0 (0.75 / 0.57, 0.68 / 0.60), by gathers 4.00 / 0.25 (3.99 /
-    0.20); at any D not with key padding (above) nor with a float bias and rel_pos together. A 64-row query
-    block reads all of K and V, so the K/V reads per FLOP double (in L2 at ViT lengths).
-    UNMEASURED on a GPU.
+    at one program per SM taking turns): (rows, keys) masks, rel_pos by dots over more than 16 bins
+    and rel_pos by gathers take one warpgroup over 64 query rows (``short_query_config``'s tiles,
+    uncapped; rel_pos by dots on two stages): two programs per SM, no spill. Static, bf16, D = 64
+    (issue ratio / loop efficiency): a float bias 1.82 / 0.55 (was 1.76 / 0.36 on 128 x 64), a bool
+    mask 2.83 / 0.35 (2.71 / 0.27), rel_pos by dots over 64 bins 1.12 / 0.89 (0.93 / 0.52; 32 bins:
+    180 registers, 1.22), by gathers 4.07 / 0.25 (4.04 / 0.20); D = 32 a float bias 0.29, a bool
+    mask 0.20 (0.23, 0.17). Off Hopper a mask alone up to D = 64 likewise (the 64-row tiles
+    ``short_query_config`` gives short sequences there: a float bias on 32-key steps): sm_80 D = 64
+    float bias 64 x 32 1.23 / 0.82 (was 1.04 / 0.49 at one program per SM), bool 1.58 / 0.63 (1.52 /
+    0.40), D = 32 loop efficiency float 0.49, bool 0.39 (0.37, 0.28); sm_89 D = 64 float bias 0.57 /
+    1.0 (0.50 / 0.67), bool 0.78 / 1.0 (0.76 / 0.57); no spill. Above D = 64 (to 128) on Hopper
+    likewise, on 32-key steps except rel_pos by dots (64): a float bias 64 x 32 over three stages
+    1.40 / 0.71 (1.36 / 0.42 on 128 x 32), a bool mask two stages with a 16-key tail 1.83 / 0.55
+    (1.42 / 0.41), rel_pos by dots over 16 / 64 bins 0.96 / 1.0 and 0.91 / 1.0 (0.75 / 0.57, 0.68 /
+    0.60), by gathers 4.00 / 0.25 (3.99 / 0.20); at any D not with key padding (above) nor with a
+    float bias and rel_pos together. A 64-row query block reads all of K and V, so the K/V reads per
+    FLOP double (in L2 at ViT lengths). UNMEASURED on a GPU.
 
     ``key_padding``: the mask is one row of keys for every query (``BIAS_ROWS_BCAST``), read as one
     vector per key step. Hopper up to D = 64: two stages under a 120-register cap, two CTAs per SM,
@@ -1759,10 +1763,12 @@ def fwd_mask_config(
     # Hopper above D = 64 from the 128 x 64 tiles, one program per SM (the plain forward's two-program
     # 128 x 32 tiles under a 128-register cap leave no room for a mask's tiles)
     cfg = dataclasses.replace(_with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad)), max_registers=None)
-    if (hopper16 and head_dim_pad <= 64 and not key_padding and not (rel_pos and float_bias)
-            and (rel_pos_mma_bins > 16 or rel_pos_gathers or not rel_pos)):  # fmt: skip
+    mask_alone16 = dtype != torch.float32 and head_dim_pad <= 64 and not key_padding and not rel_pos
+    if mask_alone16 or (hopper16 and head_dim_pad <= 64 and not key_padding and not (rel_pos and float_bias)
+                        and (rel_pos_mma_bins > 16 or rel_pos_gathers)):  # fmt: skip
         # one warpgroup over 64 query rows, uncapped: two programs per SM (the 128-row tiles ran one;
-        # not rel_pos with a float bias as well, which the report does not compile)
+        # not rel_pos with a float bias as well, which the report does not compile); off Hopper a
+        # mask alone likewise (below)
         one_group = short_query_config(cfg, arch, float_bias=float_bias)
         return dataclasses.replace(one_group, num_stages=2) if rel_pos_mma_bins else one_group
     if rel_pos_mma_bins and 90 <= arch < 100 and head_dim_pad <= 64:
