@@ -1498,6 +1498,10 @@ def _hardware_fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: 
     if hopper16 and 64 < head_dim_pad <= 128:
         return _HOPPER_FWD_128
     tiles = _with_key_tail(_fwd_tiles(arch, dtype, head_dim_pad))
+    if hopper16 and head_dim_pad == 64 and causal:
+        # causal D = 64: capped at 128, not 120 (two programs per SM either way): under 120 it put 8 B on
+        # the stack with Triton 3.6, the H200 machine's (bf16 and fp16; static report, 2026-12-05)
+        return dataclasses.replace(tiles, max_registers=128)
     if arch == 80 and dtype != torch.float32 and 32 <= head_dim_pad <= 64 and not (causal and head_dim_pad == 64):
         # A100: two programs per SM under a 128-register cap, where 142-200 registers ran one (loop
         # efficiency 0.49-0.59 -> 0.94-1.0 at D = 32 and 64, plain and varlen; the causal D = 32
@@ -1704,7 +1708,8 @@ def fwd_mask_config(
     too (sm_89 with a float bias up to D = 64 without the 32-key tail step, which spills 64 B). With
     the rel_pos gathers, the plain 128 x 64 tiles spill at D > 64 (256-352 B), so BLOCK_N is halved
     there and 8 warps share the tile. Hopper up to D = 64, rel_pos by dots over 16 bins: two stages
-    under a 128-register cap, two CTAs per SM, no spill, issue ratio 1.26 (uncapped: one CTA; the
+    under a 128-register cap with a 16-key tail step (the 32-key one put 8 B on the stack under
+    Triton 3.6), two CTAs per SM, no spill, issue ratio 1.26 (uncapped: one CTA; the
     gathers 4.11); the report flags it 2 registers from the cliff, but under the cap the occupancy
     cannot drop (a compiler needing more would spill, a problem the report shows on its own), and
     a 120 cap spills 8 B. With 32 bins the 128 cap spills 8 B, with 64 bins 32 B: those stay
@@ -1725,7 +1730,7 @@ def fwd_mask_config(
     1.0 (0.50 / 0.67), bool 0.78 / 1.0 (0.76 / 0.57); no spill. Above D = 64 (to 128) on Hopper
     likewise, on 32-key steps except rel_pos by dots (64): a float bias 64 x 32 over three stages
     1.40 / 0.71 (1.36 / 0.42 on 128 x 32), a bool mask two stages with a 16-key tail 1.83 / 0.55
-    (1.42 / 0.41), rel_pos by dots over 16 / 64 bins 0.96 / 1.0 and 0.91 / 1.0 (0.75 / 0.57, 0.68 /
+    (1.42 / 0.41), rel_pos by dots over 16 / 64 bins 0.86 / 1.0 (16-key tail) and 0.91 / 1.0 (0.75 / 0.57, 0.68 /
     0.60), by gathers 4.00 / 0.25 (3.99 / 0.20); at any D not with key padding (above) nor with a
     float bias and rel_pos together. A 64-row query block reads all of K and V, so the K/V reads per
     FLOP double (in L2 at ViT lengths). UNMEASURED on a GPU.
@@ -1734,11 +1739,11 @@ def fwd_mask_config(
     vector per key step. Hopper up to D = 64: two stages under a 120-register cap, two CTAs per SM,
     no spill (bool 1.43, float 1.39, against the (rows, keys) tiles' 2.70 and 1.65 at one CTA; three
     stages under the cap put 8-64 B on the stack). Hopper above D = 64: the plain forward's 128 x 32
-    tiles under its 128-register cap, two CTAs per SM (bool issue ratio 1.20, float on two stages
-    without the key tail 1.19: loop efficiency 0.83-0.84, against 0.54-0.56 on 128 x 64 at one CTA;
-    static report, 2026-12-05). The (rows, keys) tiles and rel_pos spill 16-336 B under that cap
-    and keep one CTA per SM. fp32 at D = 64 on sm_89/90: 8 warps (4 put 8 B on
-    the stack with a float bias).
+    tiles under its 128-register cap, two CTAs per SM (bool issue ratio 1.20, float on three stages
+    without the key tail 1.23, where two put 8 B on the stack under Triton 3.6: loop efficiency
+    0.81-0.83, against 0.54-0.56 on 128 x 64 at one CTA; static report, 2026-12-05). The (rows,
+    keys) tiles and rel_pos spill 16-336 B under that cap and keep one CTA per SM. fp32 at D = 64
+    on sm_89/90: 8 warps (4 put 8 B on the stack with a float bias).
 
     Hopper with TMA, a float bias only, D > 64: the bulk copies take Q, K and V's addresses out of the
     registers (128 x 64: 237 registers, issue ratio 0.90). Not taken elsewhere (variable-stride report): with a
@@ -1753,7 +1758,7 @@ def fwd_mask_config(
     if key_padding and not rel_pos and not tma and hopper16 and head_dim_pad <= 128:
         # the plain forward's two-program tiles; a float one on two stages without the key tail
         # (three with the tail put 16 B on the stack)
-        return _HOPPER_FWD_128 if not float_bias else dataclasses.replace(_HOPPER_FWD_128, num_stages=2, key_tail=0)
+        return _HOPPER_FWD_128 if not float_bias else dataclasses.replace(_HOPPER_FWD_128, key_tail=0)
     if key_padding and not rel_pos and dtype == torch.float32 and head_dim_pad == 64 and arch >= 89:
         cfg = fwd_mask_config(arch, dtype, head_dim_pad)
         return dataclasses.replace(cfg, num_warps=8)
@@ -1772,7 +1777,9 @@ def fwd_mask_config(
         one_group = short_query_config(cfg, arch, float_bias=float_bias)
         return dataclasses.replace(one_group, num_stages=2) if rel_pos_mma_bins else one_group
     if rel_pos_mma_bins and 90 <= arch < 100 and head_dim_pad <= 64:
-        return dataclasses.replace(cfg, num_stages=2, max_registers=128 if rel_pos_mma_bins <= 16 else None)
+        if rel_pos_mma_bins <= 16:  # the 32-key tail step put 8 B on the stack under Triton 3.6
+            return dataclasses.replace(cfg, num_stages=2, max_registers=128, key_tail=16)
+        return dataclasses.replace(cfg, num_stages=2)
     if dtype == torch.float32 and 90 <= arch < 100 and head_dim_pad == 64:
         # one stage: two spill 8 B with a bool mask (sm_90, Triton 3.8); 92-94 registers, not 206-217
         return dataclasses.replace(cfg, num_stages=1)
@@ -1788,7 +1795,8 @@ def fwd_mask_config(
         # 32: 128 x 64 spilled 8-280 B with (rows, keys) tiles, and under a 128-register cap every
         # 128-row mask tiling spills 72-336 B)
         if rel_pos_mma_bins:
-            return _with_key_tail(AttentionConfig(64, 64, 4, 2))
+            # up to 16 bins a 16-key tail step: the 32-key one put 8 B on the stack under Triton 3.6
+            return AttentionConfig(64, 64, 4, 2, key_tail=16 if rel_pos_mma_bins <= 16 else KEY_TAIL)
         if rel_pos_gathers:
             return AttentionConfig(64, 32, 4, 2)
         return AttentionConfig(64, 32, 4, 3) if float_bias else AttentionConfig(64, 32, 4, 2, key_tail=16)
