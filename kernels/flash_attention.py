@@ -6,13 +6,14 @@ the max grows, and write ``out = acc / l`` and the natural-log ``lse = (m + log2
 ``exp2`` is used throughout, with ``log2(e)`` folded into the softmax scale. Nothing N x M is ever
 written to memory.
 
-Backward (FlashAttention-2, no atomics, deterministic):
-    1. ``delta_i = sum_d dO_id * O_id``                      (pre-pass, fp32)
+Backward (FlashAttention-2, no atomics, deterministic), two launches in stream order:
+    1. per query block: ``delta_i = sum_d dO_id * O_id`` (fp32, written for the next pass)
+                        ``P = exp2(Q K^T * scale*log2e - lse*log2e)``
+                        ``dS = P * (dO V^T - delta)``; ``dQ += dS K``
     2. per key block:   ``P^T = exp2(K Q^T * scale*log2e - lse*log2e)``
                         ``dV += P^T dO``; ``dS^T = P^T * (V dO^T - delta)``; ``dK += dS^T Q``
-    3. per query block: ``P = exp2(Q K^T * scale*log2e - lse*log2e)``
-                        ``dS = P * (dO V^T - delta)``; ``dQ += dS K``
-    with ``dK`` and ``dQ`` multiplied by the softmax scale at the end.
+    with ``dK`` and ``dQ`` multiplied by the softmax scale at the end. The dQ pass holds its rows'
+    dO already, so delta costs it one load of their O (no pre-pass launch of its own).
 
 Conventions: q (B, H, N, D), k and v (B, H, M, D), any strides with unit stride in D (views of a
 packed qkv reach the kernels as they are). Head dims are padded to the next power of two
@@ -60,7 +61,7 @@ Packed variable-length sequences (VARLEN, flash-attn's varlen layout; constexpr,
     as N and M, so tiles never see another sequence's keys and the work is sum(len_q * len_k) up
     to tile granularity (at most S idle programs per head beyond the tiles, which do nothing). A
     sequence with queries but no keys takes the fully masked guard (zeros, lse -inf). Lse and
-    delta are (H, T); the delta pre-pass is row-wise and runs on the packed rows as one batch.
+    delta are (H, T); the dQ pass writes delta for its sequence's rows.
 """
 
 from __future__ import annotations
@@ -539,41 +540,6 @@ def flash_attention_fwd_kernel(
 # Backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def flash_attention_bwd_delta_kernel(
-    Out,  # (B, H, N, D) forward output, unit stride in D
-    dOut,  # (B, H, N, D) output gradient, any strides (an expanded gradient has stride 0)
-    Delta,  # (B*H, N) fp32 rowsum(dO * O), contiguous
-    stride_ob, stride_oh, stride_on,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    H, N,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    num_m_blocks = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m_blocks
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
-    local_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = (start_m + local_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_on
-        + local_m[:, None] * stride_on + offs_d[None, :],
-        mask=mask, other=0.0,
-    )
-    do = tl.load(
-        dOut + off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_don
-        + local_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-        mask=mask, other=0.0,
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + bh.to(tl.int64) * N + start_m + local_m, delta, mask=start_m + local_m < N)
-
-
-@triton.jit
 def _attention_bwd_dkdv_inner(
     dk, dv,  # (BLOCK_N, HEAD_DIM_PAD) fp32 accumulators
     k, v,  # (BLOCK_N, HEAD_DIM_PAD) this program's keys and values
@@ -934,6 +900,7 @@ def _attention_bwd_dq_inner(
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16
     KW_PAD: tl.constexpr = 16,
     REL_POS_MMA: tl.constexpr = False,  # rel_pos by selection-matrix dots (16-bit tables in q's dtype)
+    SYNC_KV: tl.constexpr = False,  # a CTA barrier after each step's K/V loads (dq_syncs_kv)
 ):
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     # a bool mask alone (tiles or a key-padding row): the plain exponent, then P = 0 where masked
@@ -967,6 +934,8 @@ def _attention_bwd_dq_inner(
         else:
             k_t = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
             v_t = tl.load(v_ptrs, mask=d_valid[:, None], other=0.0)
+        if SYNC_KV:
+            tl.debug_barrier()
         # -- P = exp(scale * q k^T - lse) --
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if BOOL_ONLY:
@@ -1037,8 +1006,9 @@ def flash_attention_bwd_dq_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
+    Out,  # (B, H, N, D) forward output, unit stride in D
     Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
-    Delta,  # (B*H, N) fp32 rowsum(dO * O)
+    Delta,  # (B*H, N) fp32 rowsum(dO * O), written here (the dK/dV and dBias passes read it after)
     dQ,  # (B, H, N, D) query gradient, unit stride in D
     Bias,  # (B|1, H|1, N|1, M|1) attn_mask (HAS_BIAS, else None): uint8 (bool) or float, any strides
     RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None)
@@ -1049,6 +1019,7 @@ def flash_attention_bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_ob, stride_oh, stride_on,
     stride_dqb, stride_dqh, stride_dqn,
     stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
     stride_rhb, stride_rhh, stride_rhn, stride_rhk,
@@ -1075,6 +1046,7 @@ def flash_attention_bwd_dq_kernel(
     VARLEN: tl.constexpr = False,  # packed sequences: Q (T, H, D), K, V (Tk, H, D), Lse (H, T); N = T
     BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask has one row for every query (stride_bn == 0: key
                                             # padding), read as one (1, BLOCK_N) vector per key step
+    SYNC_KV: tl.constexpr = False,  # a CTA barrier after each step's K/V loads (dq_syncs_kv)
 ):
     if VARLEN:
         # -- (head, query tile) of the packed sequences, as in the forward (N came in as T) --
@@ -1085,6 +1057,7 @@ def flash_attention_bwd_dq_kernel(
         total_q = N
         Q += q_row0 * stride_qn
         dOut += q_row0 * stride_don
+        Out += q_row0 * stride_on
         dQ += q_row0 * stride_dqn
         K += k_row0 * stride_kn
         V += k_row0 * stride_vn
@@ -1117,12 +1090,19 @@ def flash_attention_bwd_dq_kernel(
         + local_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
         mask=mask, other=0.0,
     )
+    # -- delta = rowsum(dO * O) of these rows, stored for the dK/dV (and dBias) pass launched next --
+    o = tl.load(
+        Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_on
+        + local_m[:, None] * stride_on + offs_d[None, :],
+        mask=mask, other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     if VARLEN:
         lse = tl.load(Lse + off_h * total_q + q_row0 + offs_m, mask=row_valid, other=float("inf"))
-        delta = tl.load(Delta + off_h * total_q + q_row0 + offs_m, mask=row_valid, other=0.0)
+        tl.store(Delta + off_h * total_q + q_row0 + offs_m, delta, mask=row_valid)
     else:
         lse = tl.load(Lse + bh.to(tl.int64) * N + offs_m, mask=row_valid, other=float("inf"))
-        delta = tl.load(Delta + bh.to(tl.int64) * N + offs_m, mask=row_valid, other=0.0)
+        tl.store(Delta + bh.to(tl.int64) * N + offs_m, delta, mask=row_valid)
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh + local_n[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + local_n[None, :] * stride_vn + offs_d[:, None]
     qk_scale = sm_scale * LOG2E
@@ -1183,7 +1163,7 @@ def flash_attention_bwd_dq_kernel(
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA, SYNC_KV=SYNC_KV,
     )
     dq, drh, drw = _attention_bwd_dq_inner(
         dq, drh, drw, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, local_n, d_valid,
@@ -1192,7 +1172,7 @@ def flash_attention_bwd_dq_kernel(
         rh_slab, rw_slab,
         BLOCK_N=BLOCK_N, MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, REL_POS_GRAD=REL_POS_GRAD,
-        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA,
+        KH_PAD=KH_PAD, KW_PAD=KW_PAD, REL_POS_MMA=REL_POS_MMA, SYNC_KV=SYNC_KV,
     )
     dq = dq * sm_scale
     tl.store(
@@ -1640,6 +1620,22 @@ _HOPPER_BWD_WIDE = AttentionConfig(32, 128, 8, 2, row_split=True)
 _INTERPRETER_DQ: AttentionConfig | None = None
 
 
+def dq_syncs_kv(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
+    """Whether the dQ pass puts a CTA barrier after each step's K/V loads (its SYNC_KV): wherever
+    its dots read their shared-memory operands with plain loads (fp32 FMA dots, sm_80/89 warp MMA),
+    not Hopper's 16-bit warpgroup MMA. With the barrier ahead of Q's operand loads, ptxas
+    interleaves them with the dot; without it, where the shared buffers happen to fall (since the
+    pass also computes delta, 2026-12-05) it loads all of Q first: fp32 D = 128 went 96 -> 255
+    registers + 224 B of stack, sm_89 bf16 D = 64 spilled 8 B (barrier: 168 registers, 3 CTAs/SM).
+    On Hopper's 16-bit path a barrier changed the pipelined loop (issue 0.82 -> 0.64 at D = 64)
+    and is not taken; off Hopper not at 16-bit D = 16 and 256 either, which need none (with it
+    sm_89's bf16 D = 256 causal put 8 B on the stack). fp32 takes it at every head dim (without
+    it D = 256 put 208-944 B on the stack). Static report, Triton 3.8."""
+    if dtype == torch.float32:
+        return True
+    return not 90 <= arch < 100 and 16 < head_dim_pad < 256
+
+
 def bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
     """The dQ pass's block sizes (``block_n`` query rows kept, ``block_m`` keys per step) where
     they differ from ``bwd_config``'s, which dK/dV takes.
@@ -1655,7 +1651,12 @@ def bwd_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attention
         return _INTERPRETER_DQ or _INTERPRETER_BWD
     if dtype != torch.float32 and (90 <= arch < 100 or arch == 80) and 64 < head_dim_pad <= 128:
         return AttentionConfig(32, 64, 4, 2)
-    return dataclasses.replace(bwd_config(arch, dtype, head_dim_pad), max_registers=None)  # the cap is dK/dV's
+    cfg = dataclasses.replace(bwd_config(arch, dtype, head_dim_pad), max_registers=None)  # the cap is dK/dV's
+    if dtype == torch.float32 and arch == 80 and head_dim_pad == 16:
+        # A100 fp32 D = 16 on 2 warps: on 4 the non-causal pass puts 8 B on the stack with the
+        # barrier after the K/V loads and the causal one without it (8-10 CTAs/SM on 2, no spill)
+        return dataclasses.replace(cfg, num_warps=2)
+    return cfg
 
 
 def varlen_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, causal: bool = False) -> AttentionConfig:
@@ -2045,7 +2046,6 @@ _FP32_CONFIGS_BWD = {
 # ---------------------------------------------------------------------------------------------
 # Launchers (inputs already validated by fastvit.ops.flash_attention)
 # ---------------------------------------------------------------------------------------------
-DELTA_BLOCK_M = 32  # rows per program of the delta pre-pass (memory-bound, 4 warps)
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -2255,7 +2255,7 @@ def flash_attention_backward(
     bias_grad: bool = False,
     rel_pos_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward passes: delta, dK/dV, dQ (+ rel_pos partials), and dBias if asked.
+    """Launch the backward passes: dQ (+ delta and the rel_pos partials), dK/dV, and dBias if asked.
 
     Args:
         grad_out: (B, H, N, D) gradient of ``out``, any strides (stride 0 from ``out.sum()`` is fine).
@@ -2304,12 +2304,23 @@ def flash_attention_backward(
     else:
         drel_parts = [None, None]
     with device_guard(q):
-        flash_attention_bwd_delta_kernel[(cdiv(n_q, DELTA_BLOCK_M) * batch * heads,)](
-            out, grad_out, delta,
-            out.stride(0), out.stride(1), out.stride(2),
+        rel_flags = dict(mma_flags)
+        if rel_pos_grad:
+            rel_flags.update(REL_POS_GRAD=True, KH_PAD=rel_pos_padded(kh), KW_PAD=rel_pos_padded(kw))
+        # dQ first: it writes delta, which dK/dV (and dBias) read after it in stream order
+        flash_attention_bwd_dq_kernel[(cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
+            q, k, v, grad_out, out, lse, delta, dq, *pointers, *drel_parts,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
             *grad_out.stride(),
-            heads, n_q,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=DELTA_BLOCK_M,
+            out.stride(0), out.stride(1), out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            *bias_strides,
+            heads, n_q, n_k, kh, kw, scale,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
+            CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags, SYNC_KV=dq_syncs_kv(arch, q.dtype, pad),
+            **dq_cfg.launch_options(),
         )
         flash_attention_bwd_dkdv_kernel[(cdiv(n_k, cfg.block_n) * batch * heads,)](
             q, k, v, grad_out, lse, delta, dk, dv, *pointers,
@@ -2324,22 +2335,6 @@ def flash_attention_backward(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=causal, DOT_PRECISION=precision, **flags, **mma_flags, SPLIT_ROWS=cfg.row_split,
             **cfg.launch_options(),
-        )
-        rel_flags = dict(mma_flags)
-        if rel_pos_grad:
-            rel_flags.update(REL_POS_GRAD=True, KH_PAD=rel_pos_padded(kh), KW_PAD=rel_pos_padded(kw))
-        flash_attention_bwd_dq_kernel[(cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
-            q, k, v, grad_out, lse, delta, dq, *pointers, *drel_parts,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *grad_out.stride(),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            *bias_strides,
-            heads, n_q, n_k, kh, kw, scale,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
-            CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags,
-            **dq_cfg.launch_options(),
         )
         dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
                                {**flags, **_dbias_rel_pos_flags(mma_flags)}) \
@@ -2589,8 +2584,8 @@ def flash_attention_varlen_backward(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward passes over packed sequences: the delta pre-pass (row-wise: the
-    packed rows as one (1, H, T) batch), dK/dV over key tiles and dQ over query tiles (VARLEN).
+    """Launch the backward passes over packed sequences (VARLEN): dQ over query tiles (writing
+    delta), then dK/dV over key tiles.
 
     Args:
         grad_out: (T, H, D) gradient of ``out``, any strides with stride 0 or 1 in D.
@@ -2619,10 +2614,17 @@ def flash_attention_varlen_backward(
     varlen = {"CuSeqQ": cu_seqlens_q, "CuSeqK": cu_seqlens_k, "VARLEN": True}
     do_strides = (*_packed_strides(grad_out), grad_out.stride(2))
     with device_guard(q):
-        flash_attention_bwd_delta_kernel[(cdiv(total, DELTA_BLOCK_M) * heads,)](
-            out, grad_out, delta, *_packed_strides(out), *do_strides, heads, total,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=DELTA_BLOCK_M,
-        )
+        # dQ first: it writes delta, which dK/dV reads after it in stream order
+        if query_tiles.shape[1]:
+            flash_attention_bwd_dq_kernel[(query_tiles.shape[1] * heads,)](
+                q, k, v, grad_out, out, lse, delta, dq, None, None, None, None, None,
+                *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *do_strides,
+                *_packed_strides(out), *_packed_strides(dq), *_NO_BIAS_STRIDES,
+                heads, total, total_k, 1, 1, scale,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
+                CAUSAL=causal, DOT_PRECISION=precision, Tiles=query_tiles, **varlen,
+                SYNC_KV=dq_syncs_kv(arch, q.dtype, pad), **dq_cfg.launch_options(),
+            )
         if key_tiles.shape[1]:
             flash_attention_bwd_dkdv_kernel[(key_tiles.shape[1] * heads,)](
                 q, k, v, grad_out, lse, delta, dk, dv, None, None, None,
@@ -2632,16 +2634,6 @@ def flash_attention_varlen_backward(
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 CAUSAL=causal, DOT_PRECISION=precision, Tiles=key_tiles, **varlen, SPLIT_ROWS=cfg.row_split,
                 **cfg.launch_options(),
-            )
-        if query_tiles.shape[1]:
-            flash_attention_bwd_dq_kernel[(query_tiles.shape[1] * heads,)](
-                q, k, v, grad_out, lse, delta, dq, None, None, None, None, None,
-                *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *do_strides,
-                *_packed_strides(dq), *_NO_BIAS_STRIDES,
-                heads, total, total_k, 1, 1, scale,
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
-                CAUSAL=causal, DOT_PRECISION=precision, Tiles=query_tiles, **varlen,
-                **dq_cfg.launch_options(),
             )
     return dq, dk, dv
 
@@ -2723,17 +2715,8 @@ def aot_specs() -> list[KernelSpec]:
                 for kernel in (flash_attention_fwd_kernel, flash_attention_bwd_dkdv_kernel,
                                flash_attention_bwd_dq_kernel)
             )  # fmt: skip
-            delta_sig = signature(flash_attention_bwd_delta_kernel,
-                                  {"Out": f"*{ty}", "dOut": f"*{ty}", "Delta": "*fp32"})  # fmt: skip
             for head_dim in AOT_HEAD_DIMS:
                 pad = head_dim_padded(head_dim)
-                # the delta pre-pass reads dO with any strides (stride 0 included): no alignment
-                if dtype in _BWD_AOT_DTYPES:
-                    specs.append(KernelSpec(
-                        "flash_attention.flash_attention_bwd_delta_kernel", f"{ty} D={head_dim} BM={DELTA_BLOCK_M} w=4",
-                        delta_sig, {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": DELTA_BLOCK_M}, 4, 1, arch,
-                        divisible_by_16=("Out", "Delta", "stride_ob", "stride_oh", "stride_on"),
-                    ))
                 dq = bwd_dq_config(arch, dtype, pad)
                 for causal in (False, True):
                     fwd, bwd = fwd_config(arch, dtype, pad, causal=causal), bwd_config(arch, dtype, pad, causal)
@@ -2776,7 +2759,12 @@ def aot_specs() -> list[KernelSpec]:
                     specs.extend(_short_specs(arch, dtype, ty, head_dim, fwd_sig))
                 if dtype in _VARLEN_AOT_DTYPES and head_dim in _VARLEN_AOT_HEAD_DIMS:
                     specs.extend(_varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
-    return specs
+    # every dQ spec with the barrier its launchers put after the K/V loads (arch, dtype, head dim)
+    fp32 = dot_precision(torch.float32)
+    return [dataclasses.replace(spec, constexprs={**spec.constexprs, "SYNC_KV": dq_syncs_kv(
+        spec.arch, torch.float32 if spec.constexprs["DOT_PRECISION"] == fp32 else torch.bfloat16,
+        spec.constexprs["HEAD_DIM_PAD"])}) if spec.kernel == "flash_attention.flash_attention_bwd_dq_kernel" else spec
+        for spec in specs]
 
 
 def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig, masks=None, label="", cfg=None) -> KernelSpec:

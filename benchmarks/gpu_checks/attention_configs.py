@@ -56,7 +56,7 @@ BWD = {
           C(64, 128, 8, 2), C(64, 64, 4, 2), C(16, 128, 8, 2)],
 }  # fmt: skip
 KERNELS = {"fwd": "flash_attention_fwd_kernel", "dkdv": "flash_attention_bwd_dkdv_kernel",
-           "dq": "flash_attention_bwd_dq_kernel", "delta": "flash_attention_bwd_delta_kernel"}  # fmt: skip
+           "dq": "flash_attention_bwd_dq_kernel"}  # fmt: skip (dQ writes delta: no pre-pass kernel)
 
 
 def label(cfg: AttentionConfig) -> str:

@@ -333,6 +333,68 @@ def test_kernel_matches_torch_route(kernel_device):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
+class _LaunchRecorder:
+    """Stands in for a Triton kernel object in the launcher's module: records the kernel's name at
+    each ``kernel[grid](...)`` and launches the real one."""
+
+    def __init__(self, kernel, name: str, calls: list) -> None:
+        self.kernel, self.name, self.calls = kernel, name, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.kernel[grid]
+
+
+def _record_launches(monkeypatch) -> list:
+    from fastvit.kernels import flash_attention as kernels
+
+    calls = []
+    for name in ("flash_attention_fwd_kernel", "flash_attention_bwd_dq_kernel", "flash_attention_bwd_dkdv_kernel",
+                 "flash_attention_bwd_dbias_kernel"):  # fmt: skip
+        monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), name.split("_")[-2], calls))
+    return calls
+
+
+@kernel_test
+def test_kernel_backward_is_two_launches_dq_first_writing_delta(kernel_device, monkeypatch):
+    """The backward launches dQ, which writes delta = rowsum(dO * O), then dK/dV, which reads it (no
+    pre-pass of its own; outputs start as NaN in tests, so an unwritten delta fails the check);
+    with a float bias that needs grad, dBias third. Dense, masked and packed (varlen) launchers."""
+    calls = _record_launches(monkeypatch)
+    (q, k, v), _ = _inputs(2, 2, 45, 29, 32, torch.float32, kernel_device, seed=41)
+    out, lse, grad_out, grads = _run_kernel(q, k, v)
+    assert calls == ["fwd", "dq", "dkdv"]
+    _check_against_reference(q, k, v, out, lse, grad_out, grads)
+
+    calls.clear()
+    bias = torch.randn(1, 2, 45, 29, device=kernel_device, requires_grad=True)
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention(q, k, v, attn_mask=bias)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    assert calls == ["fwd", "dq", "dkdv", "dbias"]
+    leaves = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v, bias)]
+    ref = F.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
+    for actual, expected in zip(grads, torch.autograd.grad(ref, leaves, grad_out.cpu().double()), strict=True):
+        torch.testing.assert_close(actual.cpu().double(), expected, rtol=1e-4, atol=1e-5)
+
+    calls.clear()
+    cu = torch.tensor([0, 7, 40, 41], dtype=torch.int32, device=kernel_device)
+    qp, kp, vp = (torch.randn(41, 2, 16, device=kernel_device, requires_grad=True) for _ in range(3))
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention_varlen(qp, kp, vp, cu)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (qp, kp, vp), grad_out)
+    assert calls == ["fwd", "dq", "dkdv"]
+    for start, end in ((0, 7), (7, 40), (40, 41)):
+        leaves = [t[start:end].detach().cpu().transpose(0, 1)[None].double().requires_grad_(True) for t in (qp, kp, vp)]
+        ref = F.scaled_dot_product_attention(*leaves)
+        ref_grads = torch.autograd.grad(ref, leaves, grad_out[start:end].cpu().transpose(0, 1)[None].double())
+        for actual, expected in zip(grads, ref_grads, strict=True):
+            actual = actual[start:end].cpu().transpose(0, 1)[None].double()
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
 @kernel_test
 def test_kernel_deterministic(kernel_device):
     (q, k, v), _ = _inputs(1, 2, 70, 70, 32, torch.float16, kernel_device, seed=19)
