@@ -55,8 +55,9 @@ BWD = {
     128: [C(32, 64, 4, 2), C(32, 128, 8, 2, row_split=True), C(16, 64, 4, 2), C(32, 64, 4, 1), C(32, 128, 8, 1),
           C(64, 128, 8, 2), C(64, 64, 4, 2), C(16, 128, 8, 2)],
 }  # fmt: skip
+# the backward's two kernels (dQ writes delta: no pre-pass kernel since 2026-12-05)
 KERNELS = {"fwd": "flash_attention_fwd_kernel", "dkdv": "flash_attention_bwd_dkdv_kernel",
-           "dq": "flash_attention_bwd_dq_kernel"}  # fmt: skip (dQ writes delta: no pre-pass kernel)
+           "dq": "flash_attention_bwd_dq_kernel"}  # fmt: skip
 
 
 def label(cfg: AttentionConfig) -> str:
