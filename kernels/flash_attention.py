@@ -1192,6 +1192,27 @@ def flash_attention_bwd_dq_kernel(
 
 
 @triton.jit
+def _dbias_accumulate(
+    acc,  # (BLOCK_M, BLOCK_N) fp32 dBias accumulator
+    t,  # (BLOCK_M, BLOCK_N) fp32 scores with the mask (and rel_pos) added, in log2 units
+    lse, delta,  # (BLOCK_M,) fp32 rows' logsumexp (+inf on fully masked rows) and rowsum(dO * O)
+    do,  # (BLOCK_M, HEAD_DIM_PAD) the rows' output gradients
+    v_t,  # (HEAD_DIM_PAD, BLOCK_N) the columns' values, transposed
+    valid,  # (BLOCK_M, BLOCK_N) in-range (query, key) pairs
+    offs_m, offs_n,  # (BLOCK_M,), (BLOCK_N,) query and key indices
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """acc + dS, dS = P * (dO V^T - delta) with P = exp2(t - lse log2 e) (0 out of range or causally masked)."""
+    p = tl.math.exp2(t - lse[:, None] * LOG2E)
+    p = tl.where(valid, p, 0.0)
+    if CAUSAL:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+    return acc + p * (dp - delta[:, None])
+
+
+@triton.jit
 def flash_attention_bwd_dbias_kernel(
     Q,  # (B, H, N, D) queries, unit stride in D
     K,  # (B, H, M, D) keys, unit stride in D
@@ -1230,6 +1251,7 @@ def flash_attention_bwd_dbias_kernel(
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
     KW_PAD: tl.constexpr = 16,
     SPLIT_BATCHES: tl.constexpr = False,  # the B_LOOP batches are split into chunks of B_CHUNK (else one)
+    TILE_WALK: tl.constexpr = False,  # no rows / columns summed, no rel_pos: one flat (batch, head) loop
 ):
     """dBias = sum over the mask's broadcast dims of dS = P * (dP - delta) (no softmax scale).
 
@@ -1290,76 +1312,110 @@ def flash_attention_bwd_dbias_kernel(
         rh_offs = rh_rows[:, None] + (((col_lo + local_n) // KW) * stride_rhk)[None, :]
         rw_offs = rw_rows[:, None] + (((col_lo + local_n) % KW) * stride_rwk)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for ib in range(b_lo, b_hi):
-        off_b = (own_b + ib).to(tl.int64)
-        for ih in range(0, H_LOOP):
-            off_h = (own_h + ih).to(tl.int64)
+    if TILE_WALK:
+        # -- one tile of the mask's own (rows, columns): its bias once (the same for every batch and
+        #    head summed here: those are its broadcast dims), then one flat loop over the (batch, head)
+        #    pairs, nothing but their q, dO, k, v, lse and delta loaded per step --
+        offs_m = row_lo + local_m
+        offs_n = col_lo + local_n
+        row_valid = offs_m < N
+        key_valid = offs_n < M
+        valid = row_valid[:, None] & key_valid[None, :]
+        mask = row_valid[:, None] & d_valid[None, :]
+        kv_mask = d_valid[:, None] & key_valid[None, :]
+        bias_t = tl.load(Bias + own_b.to(tl.int64) * stride_bb + own_h.to(tl.int64) * stride_bh
+                         + tl.cast(row_lo, tl.int64) * stride_bn + tl.cast(col_lo, tl.int64) * stride_bm + bias_offs,
+                         mask=valid, other=0.0).to(tl.float32) * LOG2E
+        q_offs = offs_m[:, None] * stride_qn + offs_d[None, :]
+        do_offs = offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+        k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
+        v_offs = offs_n[None, :] * stride_vn + offs_d[:, None]
+        for i in range(0, (b_hi - b_lo) * H_LOOP):
+            off_b = (own_b + b_lo + i // H_LOOP).to(tl.int64)
+            off_h = (own_h + i % H_LOOP).to(tl.int64)
             bh = off_b * H + off_h
-            bias_head = Bias + off_b * stride_bb + off_h * stride_bh
-            for start_m in range(row_lo, row_hi, BLOCK_M):
-                # -- this row block's queries, output gradients, lse (-inf -> +inf: P = 0) and delta --
-                offs_m = start_m + local_m
-                row_valid = offs_m < N
-                rows64 = offs_m.to(tl.int64)
-                mask = row_valid[:, None] & d_valid[None, :]
-                q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qn + offs_d[None, :],
-                            mask=mask, other=0.0)
-                do = tl.load(dOut + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_don
-                             + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-                lse = tl.load(Lse + bh * N + offs_m, mask=row_valid, other=float("inf"))
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
-                delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
-                bias_rows = bias_head + tl.cast(start_m, tl.int64) * stride_bn
-                if HAS_REL_POS:
-                    rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh + tl.cast(start_m, tl.int64) * stride_rhn
-                    rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh + tl.cast(start_m, tl.int64) * stride_rwn
-                else:
-                    rh_base = RelH
-                    rw_base = RelW
-                if REL_POS_MMA:
-                    rh_slab = tl.load(rh_base + rh_offs, mask=row_valid[:, None] & (bins_h < kh)[None, :], other=0.0)
-                    rw_slab = tl.load(rw_base + rw_offs, mask=row_valid[:, None] & (bins_w < KW)[None, :], other=0.0)
-                for start_n in range(col_lo, col_hi, BLOCK_N):
-                    offs_n = start_n + local_n
-                    key_valid = offs_n < M
-                    kv_mask = d_valid[:, None] & key_valid[None, :]
-                    k_t = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn
-                                  + offs_d[:, None], mask=kv_mask, other=0.0)
-                    v_t = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[None, :] * stride_vn
-                                  + offs_d[:, None], mask=kv_mask, other=0.0)
-                    # -- P = exp(scale * q k^T + bias - lse);  dS = P * (dO V^T - delta) --
-                    valid = row_valid[:, None] & key_valid[None, :]
-                    if GATHER:
-                        if COLS_BCAST:
-                            rh_offs = rh_rows[:, None] + ((offs_n // KW) * stride_rhk)[None, :]
-                            rw_offs = rw_rows[:, None] + ((offs_n % KW) * stride_rwk)[None, :]
-                        rh_ptrs = rh_base + rh_offs
-                        rw_ptrs = rw_base + rw_offs
+            q = tl.load(Q + (off_b * stride_qb + off_h * stride_qh) + q_offs, mask=mask, other=0.0)
+            do = tl.load(dOut + (off_b * stride_dob + off_h * stride_doh) + do_offs, mask=mask, other=0.0)
+            k_t = tl.load(K + (off_b * stride_kb + off_h * stride_kh) + k_offs, mask=kv_mask, other=0.0)
+            v_t = tl.load(V + (off_b * stride_vb + off_h * stride_vh) + v_offs, mask=kv_mask, other=0.0)
+            lse = tl.load(Lse + bh * N + offs_m, mask=row_valid, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
+            t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale + bias_t
+            acc = _dbias_accumulate(acc, t, lse, delta, do, v_t, valid, offs_m, offs_n,
+                                    CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
+    else:
+        # -- rows or columns summed too, or rel_pos: (batch, head, row block, column block) nested --
+        for ib in range(b_lo, b_hi):
+            off_b = (own_b + ib).to(tl.int64)
+            for ih in range(0, H_LOOP):
+                off_h = (own_h + ih).to(tl.int64)
+                bh = off_b * H + off_h
+                bias_head = Bias + off_b * stride_bb + off_h * stride_bh
+                for start_m in range(row_lo, row_hi, BLOCK_M):
+                    # -- this row block's queries, output gradients, lse (-inf -> +inf: P = 0) and delta --
+                    offs_m = start_m + local_m
+                    row_valid = offs_m < N
+                    rows64 = offs_m.to(tl.int64)
+                    mask = row_valid[:, None] & d_valid[None, :]
+                    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qn
+                                + offs_d[None, :],
+                                mask=mask, other=0.0)
+                    do = tl.load(dOut + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_don
+                                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+                    lse = tl.load(Lse + bh * N + offs_m, mask=row_valid, other=float("inf"))
+                    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                    delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
+                    bias_rows = bias_head + tl.cast(start_m, tl.int64) * stride_bn
+                    if HAS_REL_POS:
+                        row0 = tl.cast(start_m, tl.int64)
+                        rh_base = RelH + off_b * stride_rhb + off_h * stride_rhh + row0 * stride_rhn
+                        rw_base = RelW + off_b * stride_rwb + off_h * stride_rwh + row0 * stride_rwn
                     else:
-                        rh_ptrs = rh_base
-                        rw_ptrs = rw_base
-                    bias_ptrs = bias_rows + tl.cast(start_n, tl.int64) * stride_bm + bias_offs
-                    s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+                        rh_base = RelH
+                        rw_base = RelW
                     if REL_POS_MMA:
-                        # -- scale * q k^T + rel_h sel_h^T + rel_w sel_w^T, accumulated onto the scores (one
-                        #    non-zero product per element: exact), then in log2 units --
-                        if COLS_BCAST:
-                            sel_h_t = (bins_h[:, None] == (offs_n // KW)[None, :]).to(Q.dtype.element_ty)
-                            sel_w_t = (bins_w[:, None] == (offs_n % KW)[None, :]).to(Q.dtype.element_ty)
-                        s = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
-                        s = tl.dot(rw_slab, sel_w_t, s) * LOG2E
-                    else:
-                        s = s * qk_scale
-                    # -- log2 units here: natural-log units with log2 e in the exponent's fma (as in the
-                    #    other kernels) spilled 24 B with the rel_pos gathers (sm_90 D = 64, Triton 3.8) --
-                    t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
-                                  HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=GATHER, UNIT=LOG2E)
-                    p = tl.math.exp2(t - lse[:, None] * LOG2E)
-                    p = tl.where(valid, p, 0.0)
-                    if CAUSAL:
-                        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-                    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-                    acc += p * (dp - delta[:, None])
+                        rh_slab = tl.load(rh_base + rh_offs, mask=row_valid[:, None] & (bins_h < kh)[None, :],
+                                          other=0.0)
+                        rw_slab = tl.load(rw_base + rw_offs, mask=row_valid[:, None] & (bins_w < KW)[None, :],
+                                          other=0.0)
+                    for start_n in range(col_lo, col_hi, BLOCK_N):
+                        offs_n = start_n + local_n
+                        key_valid = offs_n < M
+                        kv_mask = d_valid[:, None] & key_valid[None, :]
+                        k_t = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn
+                                      + offs_d[:, None], mask=kv_mask, other=0.0)
+                        v_t = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[None, :] * stride_vn
+                                      + offs_d[:, None], mask=kv_mask, other=0.0)
+                        # -- P = exp(scale * q k^T + bias - lse);  dS = P * (dO V^T - delta) --
+                        valid = row_valid[:, None] & key_valid[None, :]
+                        if GATHER:
+                            if COLS_BCAST:
+                                rh_offs = rh_rows[:, None] + ((offs_n // KW) * stride_rhk)[None, :]
+                                rw_offs = rw_rows[:, None] + ((offs_n % KW) * stride_rwk)[None, :]
+                            rh_ptrs = rh_base + rh_offs
+                            rw_ptrs = rw_base + rw_offs
+                        else:
+                            rh_ptrs = rh_base
+                            rw_ptrs = rw_base
+                        bias_ptrs = bias_rows + tl.cast(start_n, tl.int64) * stride_bm + bias_offs
+                        s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+                        if REL_POS_MMA:
+                            # -- scale * q k^T + rel_h sel_h^T + rel_w sel_w^T, accumulated onto the scores (one
+                            #    non-zero product per element: exact), then in log2 units --
+                            if COLS_BCAST:
+                                sel_h_t = (bins_h[:, None] == (offs_n // KW)[None, :]).to(Q.dtype.element_ty)
+                                sel_w_t = (bins_w[:, None] == (offs_n % KW)[None, :]).to(Q.dtype.element_ty)
+                            s = tl.dot(rh_slab, sel_h_t, s * (qk_scale / LOG2E))
+                            s = tl.dot(rw_slab, sel_w_t, s) * LOG2E
+                        else:
+                            s = s * qk_scale
+                        # -- log2 units here: natural-log units with log2 e in the exponent's fma (as in the
+                        #    other kernels) spilled 24 B with the rel_pos gathers (sm_90 D = 64, Triton 3.8) --
+                        t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
+                                      HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=GATHER, UNIT=LOG2E)
+                        acc = _dbias_accumulate(acc, t, lse, delta, do, v_t, valid, offs_m, offs_n,
+                                                CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
     # -- reduce the broadcast dims of the tile and store it (fp32) --
     out_head = dBias + own_bh.to(tl.int64) * (1 if ROWS_BCAST else N) * (1 if COLS_BCAST else M)
     rows = row_lo + local_m
@@ -1992,7 +2048,8 @@ _HOPPER_REL_MMA_DQ_SMALL = AttentionConfig(32, 64, 4, 1)
 
 
 def dbias_config(
-    dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False, arch: int = 0, rel_pos_mma: bool = False
+    dtype: torch.dtype, head_dim_pad: int, rel_pos: bool = False, arch: int = 0, rel_pos_mma: bool = False,
+    tile_walk: bool = False,
 ) -> AttentionConfig:
     """Tiles of the dBias kernel (``block_m`` query rows x ``block_n`` key columns of the mask's
     own tiles), from the ahead-of-time report. Each program holds a q, dO, k and v tile and the
@@ -2011,13 +2068,23 @@ def dbias_config(
     3.78 against the gathers' 255 / 0 / 5.74; sm_80 254 / 0 / 1.86 and sm_89 245 / 0 / 0.92, where
     the gathers spilled 24 B); 64 x 64 spills 48-272 B. D = 128 keeps 32 x 16 on 8 warps (sm_90
     152 / 0 / 2.37 against 190 / 0 / 2.84): 64 x 32 and 64 x 16 on 4 warps and 128 x 16 / 128 x 32
-    on 8 spill 8-64 B on sm_80 and sm_90."""
+    on 8 spill 8-64 B on sm_80 and sm_90.
+
+    ``tile_walk`` (the kernel's TILE_WALK: no rows or columns summed, no rel_pos: a (1, H, N, M)
+    or (1, 1, N, M) table, BEiT's and Swin's; one flat loop over the (batch, head) pairs, the bias
+    tile loaded once): Hopper 16-bit up to D = 64 on 64 x 64 tiles (static, bf16, issue ratio /
+    loop efficiency against the nested loops' 64 x 32: D = 64 1.94 / 0.52 from 3.27 / 0.31, D = 32
+    3.45 / 0.29 from 6.02 / 0.17; 64 x 64 spills 32-88 B on sm_80/89 and at D = 128); fp32 on 4
+    warps at every head dim (2 at D = 128 put 8 B on the stack on sm_90). Triton 3.8, 2026-12-05;
+    UNMEASURED on a GPU."""
     if INTERPRETER:
         return AttentionConfig(16, 16, 4, 1)
     if dtype == torch.float32:
         # D = 128 on 2 warps (4 put 8 B on the stack on sm_89 with a (B, 1, 1, M) bias, 8 warps 8-32 B
         # elsewhere), D <= 64 on 4 (2 put 16 B on the stack on sm_89)
-        return AttentionConfig(16, 16, 2 if head_dim_pad > 64 else 4, 1)
+        return AttentionConfig(16, 16, 2 if head_dim_pad > 64 and not tile_walk else 4, 1)
+    if tile_walk and 90 <= arch < 100 and head_dim_pad <= 64:
+        return AttentionConfig(64, 64, 4, 1)
     if not rel_pos or (head_dim_pad <= 64 and (rel_pos_mma or 90 <= arch < 100)):
         return AttentionConfig(64, 32, 4, 1)
     if head_dim_pad > 64:
@@ -2428,8 +2495,9 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     bias_b, bias_h, bias_n, bias_m = bias.shape
     rows_bcast, cols_bcast = bias_n == 1, bias_m == 1
     pad = head_dim_padded(head_dim)
+    tile_walk = not rows_bcast and not cols_bcast and not flags["HAS_REL_POS"]
     cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch_of(q.device),
-                       rel_pos_mma=flags.get("REL_POS_MMA", False))
+                       rel_pos_mma=flags.get("REL_POS_MMA", False), tile_walk=tile_walk)
     tiles = (1 if rows_bcast else cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else cdiv(n_k, cfg.block_n))
     b_loop = batch if bias_b == 1 else 1
     # rel_pos by gathers keeps one chunk: the chunk bounds' registers spilled 24-32 B there (sm_80
@@ -2450,6 +2518,7 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"], SPLIT_BATCHES=chunks > 1,
+        TILE_WALK=tile_walk,
         **{n: flags[n] for n in ("REL_POS_MMA", "KH_PAD", "KW_PAD") if n in flags},
         **cfg.launch_options(),
     )
@@ -2921,7 +2990,8 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
                                       (True, False, False)):
         if rel_dots and not mma:
             continue
-        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel, arch=arch, rel_pos_mma=rel_dots)
+        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel, arch=arch, rel_pos_mma=rel_dots,
+                                 tile_walk=not rows_bcast and not rel)
         sig = signature(flash_attention_bwd_dbias_kernel, {
             **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
             "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
@@ -2930,7 +3000,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         # with rel_pos by gathers
         split = not rows_bcast and not (rel and not rel_dots)
         values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel, "SPLIT_BATCHES": split,
-                  **(rel_mma if rel_dots else {})}  # fmt: skip
+                  "TILE_WALK": not rows_bcast and not rel, **(rel_mma if rel_dots else {})}  # fmt: skip
         if not rel:
             values.update(RelH=None, RelW=None)
         label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" split" if split else "")

@@ -660,6 +660,7 @@ def _mask_configs(kernels, monkeypatch):
                                                               causal=causal))  # fmt: skip
                 for rel_pos in (False, True):
                     found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos, arch=arch))
+                found["dbias"].add(kernels.dbias_config(dtype, pad, arch=arch, tile_walk=True))
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     return {name: sorted(configs, key=str) for name, configs in found.items()}
 
@@ -683,7 +684,8 @@ def test_mask_block_size_rules_hold_for_every_config(monkeypatch):
 def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
     """Each production configuration of the masked kernels (forward, dK/dV, dQ with the rel_pos
     reduction, dBias with unequal tiles) gives the reference's answers: causal, N != M, a masked
-    head dim, a float bias summed over the batch and rel_pos shared by the batch."""
+    head dim, a float bias summed over the batch and rel_pos shared by the batch; then each dBias
+    tiling with the bias alone (its flat walk over the (batch, head) pairs, TILE_WALK)."""
     if ON_GPU:
         pytest.skip("on a GPU the production shapes are what every test runs")
     from fastvit.kernels import flash_attention as kernels
@@ -705,6 +707,10 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
         monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias, **kw: dbias)
         result = _run("triton", q, k, v, attn_mask=bias, rel_pos=rel_pos, causal=True)
         _check(q, k, v, result, attn_mask=bias, rel_pos=rel_pos, causal=True)
+    for dbias in configs["dbias"]:  # the bias alone: the dBias kernel's flat (batch, head) walk
+        monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias, **kw: dbias)
+        result = _run("triton", q, k, v, attn_mask=bias)
+        _check(q, k, v, result, attn_mask=bias)
 
 
 def test_aot_specs_cover_the_mask_variants_with_every_argument():
