@@ -2075,8 +2075,10 @@ def dbias_config(
     tile loaded once): Hopper 16-bit up to D = 64 on 64 x 64 tiles (static, bf16, issue ratio /
     loop efficiency against the nested loops' 64 x 32: D = 64 1.94 / 0.52 from 3.27 / 0.31, D = 32
     3.45 / 0.29 from 6.02 / 0.17; 64 x 64 spills 32-88 B on sm_80/89 and at D = 128); fp32 on 4
-    warps at every head dim (2 at D = 128 put 8 B on the stack on sm_90). Triton 3.8, 2026-12-05;
-    UNMEASURED on a GPU."""
+    warps at every head dim (2 at D = 128 put 8 B on the stack on sm_90). Two stages would pipeline
+    the walk's loads with cp.async (D = 64: 226 registers, 2 CTAs/SM, issue 2.04, loop efficiency
+    0.49): the model, blind to load latency, rates them just below one stage; a GPU run should
+    arbitrate. Triton 3.8, 2026-12-05; UNMEASURED on a GPU."""
     if INTERPRETER:
         return AttentionConfig(16, 16, 4, 1)
     if dtype == torch.float32:
