@@ -5,13 +5,16 @@ materialised as SAM does) in the same run (triton.testing.do_bench, median). The
 kernels' masked paths: a bool key-padding mask (B, 1, 1, N), BEiT's / Swin's learnable float bias
 (1, H, N, N) with its gradient (Swin's 7 x 7 windows: the short-sequence tiles and the dBias batch
 split), and SAM's decomposed rel_pos on 14 x 14 windows and on its 64 x 64 global grid (tables in
-q's dtype: the selection-matrix dots of ``rel_pos_by_mma``).
+q's dtype: the selection-matrix dots of ``rel_pos_by_mma``). With the learnable bias it also checks
+and times the dBias walk on two stages (``dbias_config``'s candidate: pipelined loads the static
+model cannot rate) against the default one.
 
     python benchmarks/gpu_checks/attention_masked.py OUT_DIR [TIME_BUDGET_S]
 
 Without a GPU (TRITON_INTERPRET=1) it runs the same checks on tiny shapes and times nothing: a smoke
 test of this script.
 """
+import dataclasses
 import json
 import sys
 import time
@@ -23,6 +26,7 @@ from triton.testing import do_bench
 sys.path.insert(0, ".")
 import fastvit
 from fastvit import reference
+from fastvit.kernels import flash_attention as kernels
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "."
 BUDGET_S = float(sys.argv[2]) if len(sys.argv) > 2 else 60.0
@@ -94,6 +98,15 @@ def time_both(fn, tensors, leaves, grad_out):
     return fwd, both
 
 
+def dbias_stages(stages):
+    """Make the dBias kernel run its launcher's tiles on ``stages`` pipeline stages (None: as they are)."""
+    kernels.dbias_config = ORIGINAL_DBIAS_CONFIG if stages is None else (
+        lambda *a, **kw: dataclasses.replace(ORIGINAL_DBIAS_CONFIG(*a, **kw), num_stages=stages))
+
+
+ORIGINAL_DBIAS_CONFIG = kernels.dbias_config
+
+
 def reference_call(q, k, v, mask, rel):
     return reference.attention(q, k, v, attn_mask=mask, rel_pos=rel)
 
@@ -116,16 +129,21 @@ for kind, b, h, n, d in CASES:
     try:
         want = grads(reference_call, tensors, grad_out, torch.float64)
         base = grads(sdpa_call, tensors, grad_out)
-        got = grads(fastvit_call, tensors, grad_out)
-        worst = 0.0
-        for i, (w, s, o) in enumerate(zip(want, base, got, strict=True)):
-            budget = 2 * (s.double() - w).abs().max().item() + ATOL
-            err = (o.double() - w).abs().max().item()
-            worst = max(worst, err / budget)
-            if not err <= budget:
-                checks.append(f"FAIL {label} tensor {i}: err {err:.3g} > budget {budget:.3g}")
-        checks.append(f"{'PASS' if worst <= 1 else 'FAIL'} {label} worst/budget={worst:.2f}")
+        variants = [("", None)] + ([(" (dBias 2 stages)", 2)] if kind == "bias" else [])
+        for suffix, stages in variants:
+            dbias_stages(stages)
+            got = grads(fastvit_call, tensors, grad_out)
+            dbias_stages(None)
+            worst = 0.0
+            for i, (w, s, o) in enumerate(zip(want, base, got, strict=True)):
+                budget = 2 * (s.double() - w).abs().max().item() + ATOL
+                err = (o.double() - w).abs().max().item()
+                worst = max(worst, err / budget)
+                if not err <= budget:
+                    checks.append(f"FAIL {label}{suffix} tensor {i}: err {err:.3g} > budget {budget:.3g}")
+            checks.append(f"{'PASS' if worst <= 1 else 'FAIL'} {label}{suffix} worst/budget={worst:.2f}")
     except Exception as exc:  # a failing case is reported, the next one still runs
+        dbias_stages(None)
         checks.append(f"ERROR {label}: {type(exc).__name__}: {exc}")
         continue
     print(checks[-1], flush=True)
@@ -134,13 +152,19 @@ for kind, b, h, n, d in CASES:
     q, k, v, mask, rel = tensors
     leaves = leaves_of(q, k, v, mask, rel)
     flops = 4.0 * b * h * n * n * d
-    for impl, fn in (("fastvit[triton]", fastvit_call), ("sdpa", sdpa_call)):
+    impls = [("fastvit[triton]", fastvit_call, None), ("sdpa", sdpa_call, None)]
+    if kind == "bias":
+        impls.insert(1, ("fastvit[dbias s2]", fastvit_call, 2))
+    for impl, fn, stages in impls:
+        dbias_stages(stages)
         try:
             fwd, both = time_both(fn, tensors, leaves, grad_out)
         except torch.cuda.OutOfMemoryError:  # SDPA's materialised (B, H, N, N) rel_pos bias
             checks.append(f"OOM {impl} {label}")
             torch.cuda.empty_cache()
             continue
+        finally:
+            dbias_stages(None)
         rows.append({"impl": impl, "kind": kind, "B": b, "H": h, "N": n, "D": d, "dtype": "bfloat16",
                      "fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_tflops": flops / fwd / 1e9,
                      "fwd_bwd_tflops": 3.5 * flops / both / 1e9})  # fmt: skip
