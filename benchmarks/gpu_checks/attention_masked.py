@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, ".")
+from within_budget import check_within_budget
+
 import fastvit
 from fastvit import reference
 from fastvit.kernels import flash_attention as kernels
@@ -134,14 +136,8 @@ for kind, b, h, n, d in CASES:
             dbias_stages(stages)
             got = grads(fastvit_call, tensors, grad_out)
             dbias_stages(None)
-            worst = 0.0
-            for i, (w, s, o) in enumerate(zip(want, base, got, strict=True)):
-                budget = 2 * (s.double() - w).abs().max().item() + ATOL
-                err = (o.double() - w).abs().max().item()
-                worst = max(worst, err / budget)
-                if not err <= budget:
-                    checks.append(f"FAIL {label}{suffix} tensor {i}: err {err:.3g} > budget {budget:.3g}")
-            checks.append(f"{'PASS' if worst <= 1 else 'FAIL'} {label}{suffix} worst/budget={worst:.2f}")
+            names = [f"tensor {i}" for i in range(len(want))]
+            check_within_budget(label + suffix, names, got, want, base, ATOL, checks)
     except Exception as exc:  # a failing case is reported, the next one still runs
         dbias_stages(None)
         checks.append(f"ERROR {label}: {type(exc).__name__}: {exc}")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, ".")
+from within_budget import check_within_budget
+
 import fastvit
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "."
@@ -76,15 +78,8 @@ for d, n, causal in [(64, 197, False), (80, 197, False), (128, 197, False), (64,
     base = run(sdpa, q, k, v, causal, grad)
     for impl, fn in IMPLS:
         got = run(fn, q, k, v, causal, grad)
-        worst = 0.0
-        for name, w, b, o in zip(("out", "dq", "dk", "dv"), want, base, got, strict=True):
-            budget = 2 * (b.double() - w).abs().max().item() + ATOL[dtype]
-            err = (o.double() - w).abs().max().item()
-            worst = max(worst, err / budget)
-            if not err <= budget:
-                checks.append(f"FAIL {impl} D={d} N={n} causal={causal} {name}: err {err:.3g} > budget {budget:.3g}")
-        checks.append(f"{'PASS' if worst <= 1 else 'FAIL'} {impl} D={d} N={n} causal={causal} "
-                      f"worst/budget={worst:.2f}")  # fmt: skip
+        check_within_budget(f"{impl} D={d} N={n} causal={causal}", ("out", "dq", "dk", "dv"), got, want, base,
+                            ATOL[dtype], checks)  # fmt: skip
 print("\n".join(checks), flush=True)
 
 for d in (64, 128):

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, ".")
+from within_budget import check_within_budget
+
 import fastvit
 from fastvit import reference
 
@@ -73,14 +75,7 @@ for d, n, half in [(64, 197, False), (64, 197, True), (128, 577, False), (80, 25
         outs = timm_rotation(qq, kk, rope.double() if upcast else rope, half)
         results.append((*outs, *torch.autograd.grad(outs, (qq, kk), [g.to(outs[0].dtype) for g in grads])))
     want, lowp = results
-    worst = 0.0
-    for name, o, w, lo in zip(("q_rot", "k_rot", "dq", "dk"), got, want, lowp, strict=True):
-        budget = 2 * (lo.double() - w).abs().max().item() + ATOL
-        err = (o.double() - w).abs().max().item()
-        worst = max(worst, err / budget)
-        if not err <= budget:
-            checks.append(f"FAIL D={d} N={n} half={half} {name}: err {err:.3g} > budget {budget:.3g}")
-    checks.append(f"{'PASS' if worst <= 1 else 'FAIL'} D={d} N={n} half={half} worst/budget={worst:.2f}")
+    check_within_budget(f"D={d} N={n} half={half}", ("q_rot", "k_rot", "dq", "dk"), got, want, lowp, ATOL, checks)
 print("\n".join(checks), flush=True)
 
 
