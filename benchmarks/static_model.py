@@ -19,17 +19,17 @@ TTGIR's MMA layouts) it derives, per architecture:
   and 2 at D = 32. Reported, not flagged: no tiling changes it.
 - ``loop_efficiency`` of the hot loop: the share of its time the tensor cores are busy, from the
   two ratios (r, the larger) and the programs resident per SM (c). Where the loop waits on each
-  MMA before the work that reads it (every ``wgmma_wait_pendings`` 0: attention, whose softmax /
-  dS reads the dot just issued; with warp-level MMA, an HMMA result read by another instruction
-  of the loop), a program runs its MMAs and its other work in turn, its warps meeting at a barrier
-  per pipeline stage, and only the other programs of the SM fill the gaps: c iterations take
-  ``max(c, c r, 1 + r)`` MMA-times, so ``c / max(c, c r, 1 + r)`` (1 / (1 + r) at one program per
-  SM). Where MMAs stay in flight under the other work (a wait at pendings >= 1, or a GEMM main
-  loop whose HMMA accumulators only feed the next HMMA), ``min(1, 1 / r)``. Calibrated on the
-  first H200 run (2026-12-04, bf16, N = 4097): the D = 128 forward at one program per SM
-  (r = 0.72, 0.58 by this formula) ran at 311 TFLOP/s, 0.46 of the measured 673 TFLOP/s matmul
-  peak, and the D = 64 forward at two (r = 1.14, 0.88) at 420, 0.62; by ``min(1, 1 / r)`` alone
-  the D = 128 one would be the faster.
+  MMA before the work that reads it (the row's ``loop_serial``: every ``wgmma_wait_pendings`` 0:
+  attention, whose softmax / dS reads the dot just issued; with warp-level MMA, an HMMA result
+  read by another instruction of the loop), a program runs its MMAs and its other work in turn,
+  its warps meeting at a barrier per pipeline stage, and only the other programs of the SM fill
+  the gaps: c iterations take ``max(c, c r, 1 + r)`` MMA-times, so ``c / max(c, c r, 1 + r)``
+  (1 / (1 + r) at one program per SM). Where MMAs stay in flight under the other work (a wait at
+  pendings >= 1, or a GEMM main loop whose HMMA accumulators only feed the next HMMA),
+  ``min(1, 1 / r)``. Calibrated on the first H200 run (2026-12-04, bf16, N = 4097): the D = 128
+  forward at one program per SM (r = 0.72, 0.58 by this formula) ran at 311 TFLOP/s, 0.46 of the
+  measured 673 TFLOP/s matmul peak, and the D = 64 forward at two (r = 1.14, 0.88) at 420, 0.62;
+  by ``min(1, 1 / r)`` alone the D = 128 one would be the faster.
 
 Tensor-core cycles: an MMA of m x n x k is ``m * n * k`` FMAs, issued by every warp (HMMA) or
 every warpgroup of four warps (HGMMA), at ``TENSOR_FMA_PER_CLK[arch]`` dense 16-bit FMAs per
@@ -245,7 +245,8 @@ def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotL
 def model_problems(row: dict[str, Any]) -> list[str]:
     """The performance model's problems of one compiled Triton configuration (issue 15): replicated
     MMA rows; a hot-loop HGMMA narrower than 32; a 16-bit MMA hot loop on sm_90 whose issue ratio
-    is above 1, or that runs one program per SM taking turns below ``SERIAL_EFFICIENCY_LIMIT``;
+    is above 1, or that runs one program per SM taking turns (the row's ``loop_serial``, the hot
+    loop's own verdict, ``HotLoop.serial``) below ``SERIAL_EFFICIENCY_LIMIT``;
     fewer than 8 registers to the occupancy cliff where the config aims at 2+ CTAs/SM, unless its
     register cap keeps that aim (or occupancy already below its aim)."""
     found = []
@@ -261,7 +262,7 @@ def model_problems(row: dict[str, Any]) -> list[str]:
         found.append(f"hot loop issue-bound: issue ratio {ratio:.2f} > {ISSUE_RATIO_LIMIT}")
     efficiency = row.get("loop_efficiency")
     if (row.get("arch") == 90 and row.get("loop_sixteen_bit") and efficiency is not None
-            and row.get("ctas_per_sm") == 1 and not any(row.get("wgmma_wait_pendings") or [])
+            and row.get("ctas_per_sm") == 1 and row["loop_serial"]
             and efficiency < SERIAL_EFFICIENCY_LIMIT):  # fmt: skip
         found.append(f"one program per SM takes turns (MMAs, then the rest): loop efficiency {efficiency:.2f} "
                      f"< {SERIAL_EFFICIENCY_LIMIT}")  # fmt: skip

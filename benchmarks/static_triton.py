@@ -84,6 +84,7 @@ def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: in
         "loop_mma_cycles": loop.mma_cycles if loop else None,
         "loop_mma_shapes": loop.mma_shapes if loop else None,
         "loop_sixteen_bit": loop.sixteen_bit if loop else False,
+        "loop_serial": loop.serial if loop else None,
         "async_copy": async_copy(code),
         "wgmma_wait_pendings": loop.wait_pendings if loop and arch >= 90 else None,
     }
