@@ -2751,11 +2751,14 @@ _VARLEN_AOT_DTYPES = (torch.bfloat16, torch.float32)
 _VARLEN_AOT_HEAD_DIMS = (64, 128, 256)
 
 
-def _tail(kernel: str, cfg: AttentionConfig) -> dict:
-    """The forward's BLOCK_TAIL constexpr as its launchers pass it, with the TMA arguments off
-    (``_tma_fwd_spec`` sets them); dK/dV's SPLIT_ROWS (its row tail); none for dQ."""
+def _launch_constexprs(kernel: str, cfg: AttentionConfig, arch: int, dtype: torch.dtype, head_dim_pad: int) -> dict:
+    """The constexprs a kernel's launchers derive from its config and (arch, dtype, head dim): the
+    forward's BLOCK_TAIL, with the TMA arguments off (``_tma_fwd_spec`` sets them); dK/dV's
+    SPLIT_ROWS (its row tail); dQ's SYNC_KV (``dq_syncs_kv``); none for dBias."""
     if kernel == "flash_attention_bwd_dkdv_kernel":
         return {"SPLIT_ROWS": cfg.row_split}
+    if kernel == "flash_attention_bwd_dq_kernel":
+        return {"SYNC_KV": dq_syncs_kv(arch, dtype, head_dim_pad)}
     if kernel != "flash_attention_fwd_kernel":
         return {}
     return {"BLOCK_TAIL": cfg.key_tail, "USE_TMA": False, "KTail": None, "VTail": None}
@@ -2803,7 +2806,8 @@ def aot_specs() -> list[KernelSpec]:
                     for kernel, sig, cfg, block_m, block_n in launches:
                         if kernel != "flash_attention_fwd_kernel" and dtype not in _BWD_AOT_DTYPES:
                             continue
-                        constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, **_tail(kernel, cfg)}
+                        constexprs = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                      **_launch_constexprs(kernel, cfg, arch, dtype, pad)}
                         constexprs.update({n: v for n, v in plain.items() if n in sig})
                         if "REL_POS_GRAD" in sig:
                             constexprs.update(REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
@@ -2830,12 +2834,7 @@ def aot_specs() -> list[KernelSpec]:
                     specs.extend(_short_specs(arch, dtype, ty, head_dim, fwd_sig))
                 if dtype in _VARLEN_AOT_DTYPES and head_dim in _VARLEN_AOT_HEAD_DIMS:
                     specs.extend(_varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
-    # every dQ spec with the barrier its launchers put after the K/V loads (arch, dtype, head dim)
-    fp32 = dot_precision(torch.float32)
-    return [dataclasses.replace(spec, constexprs={**spec.constexprs, "SYNC_KV": dq_syncs_kv(
-        spec.arch, torch.float32 if spec.constexprs["DOT_PRECISION"] == fp32 else torch.bfloat16,
-        spec.constexprs["HEAD_DIM_PAD"])}) if spec.kernel == "flash_attention.flash_attention_bwd_dq_kernel" else spec
-        for spec in specs]
+    return specs
 
 
 def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig, masks=None, label="", cfg=None) -> KernelSpec:
@@ -2902,7 +2901,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         values = {n: v for n, v in _REL_POS_GATHER.items() if n in sig}
         values.update({n: v for n, v in constexprs.items() if sig.get(n) == "constexpr"})
         values.update({n: v for n, v in _VARLEN_OFF.items() if n in sig})
-        values.update(common, BLOCK_M=block_m, BLOCK_N=block_n, **_tail(kernel, cfg))
+        values.update(common, BLOCK_M=block_m, BLOCK_N=block_n, **_launch_constexprs(kernel, cfg, arch, dtype, pad))
         if "BIAS_ROWS_BCAST" in sig:
             values.setdefault("BIAS_ROWS_BCAST", False)
         # the mask and rel_pos tables contiguous in their last dim (BEiT's and Swin's gathered tables,
@@ -3045,7 +3044,8 @@ def _short_specs(arch, dtype, ty, head_dim, fwd_sig) -> list[KernelSpec]:
             sig["Bias"] = flags["Bias"]
             sig["stride_bm"] = "constexpr"  # a contiguous mask's unit stride, as in _mask_specs
         constexprs = {**common, **{n: v for n, v in flags.items() if not isinstance(v, str)},
-                      "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, **_tail("flash_attention_fwd_kernel", cfg)}
+                      "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                      **_launch_constexprs("flash_attention_fwd_kernel", cfg, arch, dtype, pad)}
         if flags["HAS_BIAS"]:
             constexprs["stride_bm"] = 1
         specs.append(KernelSpec(
@@ -3083,7 +3083,8 @@ def _varlen_causal_specs(arch, dtype, ty, head_dim, causal, tables, common, laun
     specs = []
     for kernel, sig, cfg, block_m, block_n in launches:
         sig = {**sig, **tables}  # the same argument order, pointers where the plain specs have None
-        constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n, **_tail(kernel, cfg)}
+        constexprs = {**common, "CAUSAL": causal, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                      **_launch_constexprs(kernel, cfg, arch, dtype, head_dim_padded(head_dim))}
         constexprs.update({n: v for n, v in _REL_POS_GATHER.items() if n in sig})
         if "REL_POS_GRAD" in sig:
             constexprs.update(dRelH=None, dRelW=None, REL_POS_GRAD=False, KH_PAD=16, KW_PAD=16)
