@@ -48,7 +48,9 @@ Masks and biases (constexpr flags, all off by default: plain attention compiles 
     dBias (a float mask that requires grad) = dS = P * (dP - delta), summed over the mask's
     broadcast dims by ``flash_attention_bwd_dbias_kernel``: one program per tile of the mask's own
     shape looping over the (batch, head, row block, key block) that broadcast onto it in a fixed
-    order and recomputing P and dP (extra FLOPs only when the mask needs grad; no atomics).
+    order and recomputing P and dP (extra FLOPs only when the mask needs grad; no atomics). Where
+    one of its tiles holds every key of a (1, H, N, M)-like table (Swin's windows) it also writes
+    delta and dQ = scale * dS K and runs in place of the dQ pass (WITH_DQ).
     d rel_h / d rel_w (REL_POS_GRAD): the dQ pass reduces each dS tile into kh and kw bins with
     dots against 0/1 selection matrices and writes per-(batch, head) fp32 partials (B*H, N, k),
     which the launcher sums over the tables' broadcast dims (fixed order, deterministic).
@@ -1192,8 +1194,7 @@ def flash_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dbias_accumulate(
-    acc,  # (BLOCK_M, BLOCK_N) fp32 dBias accumulator
+def _dbias_ds(
     t,  # (BLOCK_M, BLOCK_N) fp32 scores with the mask (and rel_pos) added, in log2 units
     lse, delta,  # (BLOCK_M,) fp32 rows' logsumexp (+inf on fully masked rows) and rowsum(dO * O)
     do,  # (BLOCK_M, HEAD_DIM_PAD) the rows' output gradients
@@ -1203,13 +1204,13 @@ def _dbias_accumulate(
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """acc + dS, dS = P * (dO V^T - delta) with P = exp2(t - lse log2 e) (0 out of range or causally masked)."""
+    """dS = P * (dO V^T - delta) with P = exp2(t - lse log2 e) (0 out of range or causally masked)."""
     p = tl.math.exp2(t - lse[:, None] * LOG2E)
     p = tl.where(valid, p, 0.0)
     if CAUSAL:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-    return acc + p * (dp - delta[:, None])
+    return p * (dp - delta[:, None])
 
 
 @triton.jit
@@ -1218,8 +1219,10 @@ def flash_attention_bwd_dbias_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
+    Out,  # (B, H, N, D) forward output, unit stride in D (WITH_DQ, else None)
     Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
-    Delta,  # (B*H, N) fp32 rowsum(dO * O)
+    Delta,  # (B*H, N) fp32 rowsum(dO * O): read, or with WITH_DQ written here (dK/dV reads it after)
+    dQ,  # (B, H, N, D) query gradient, unit stride in D (WITH_DQ, else None)
     Bias,  # (Bb, Hb, Nb, Mb) float attn_mask, each dim 1 or the full size, any strides
     RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None)
     RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None)
@@ -1228,6 +1231,8 @@ def flash_attention_bwd_dbias_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_ob, stride_oh, stride_on,  # Out's (0 without WITH_DQ)
+    stride_dqb, stride_dqh, stride_dqn,  # dQ's (0 without WITH_DQ)
     stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
     stride_rhb, stride_rhh, stride_rhn, stride_rhk,
     stride_rwb, stride_rwh, stride_rwn, stride_rwk,
@@ -1252,6 +1257,7 @@ def flash_attention_bwd_dbias_kernel(
     KW_PAD: tl.constexpr = 16,
     SPLIT_BATCHES: tl.constexpr = False,  # the B_LOOP batches are split into chunks of B_CHUNK (else one)
     TILE_WALK: tl.constexpr = False,  # no rows / columns summed, no rel_pos: one flat (batch, head) loop
+    WITH_DQ: tl.constexpr = False,  # TILE_WALK with every key in one column tile: also delta and dQ
 ):
     """dBias = sum over the mask's broadcast dims of dS = P * (dP - delta) (no softmax scale).
 
@@ -1259,6 +1265,11 @@ def flash_attention_bwd_dbias_kernel(
     loops over the (batch, head, row block, column block) that broadcast onto the tile in a fixed
     order, recomputing P and dP, and accumulates in fp32 registers; the launcher sums the chunks'
     partials in a fixed order: deterministic, no atomics, no (B, H, N, M) buffer.
+
+    WITH_DQ (the flat walk over a table whose every key fits one column tile: Swin's 7 x 7 windows):
+    each (batch, head, row block) is visited exactly once, and its dS tile is all of its rows' dS,
+    so the program also computes delta (stored for dK/dV) and dQ = scale * dS K in place of the dQ
+    pass, which then is not launched: one launch and the two score dots of a pass fewer.
     """
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     num_col_tiles = 1 if COLS_BCAST else tl.cdiv(M, BLOCK_N)
@@ -1330,6 +1341,9 @@ def flash_attention_bwd_dbias_kernel(
         do_offs = offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
         k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
         v_offs = offs_n[None, :] * stride_vn + offs_d[:, None]
+        if WITH_DQ:
+            o_offs = offs_m[:, None] * stride_on + offs_d[None, :]
+            dq_offs = offs_m[:, None] * stride_dqn + offs_d[None, :]
         for i in range(0, (b_hi - b_lo) * H_LOOP):
             off_b = (own_b + b_lo + i // H_LOOP).to(tl.int64)
             off_h = (own_h + i % H_LOOP).to(tl.int64)
@@ -1340,10 +1354,21 @@ def flash_attention_bwd_dbias_kernel(
             v_t = tl.load(V + (off_b * stride_vb + off_h * stride_vh) + v_offs, mask=kv_mask, other=0.0)
             lse = tl.load(Lse + bh * N + offs_m, mask=row_valid, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
+            if WITH_DQ:
+                # -- delta = rowsum(dO * O) of these rows, stored for the dK/dV pass launched next --
+                o = tl.load(Out + (off_b * stride_ob + off_h * stride_oh) + o_offs, mask=mask, other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+                tl.store(Delta + bh * N + offs_m, delta, mask=row_valid)
+            else:
+                delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
             t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale + bias_t
-            acc = _dbias_accumulate(acc, t, lse, delta, do, v_t, valid, offs_m, offs_n,
-                                    CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
+            ds = _dbias_ds(t, lse, delta, do, v_t, valid, offs_m, offs_n, CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
+            acc += ds
+            if WITH_DQ:
+                # -- the tile holds every key of these rows: dQ = scale * dS K, complete --
+                dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION) * sm_scale
+                tl.store(dQ + (off_b * stride_dqb + off_h * stride_dqh) + dq_offs, dq.to(dQ.dtype.element_ty),
+                         mask=mask)
     else:
         # -- rows or columns summed too, or rel_pos: (batch, head, row block, column block) nested --
         for ib in range(b_lo, b_hi):
@@ -1414,8 +1439,8 @@ def flash_attention_bwd_dbias_kernel(
                         #    other kernels) spilled 24 B with the rel_pos gathers (sm_90 D = 64, Triton 3.8) --
                         t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                                       HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=GATHER, UNIT=LOG2E)
-                        acc = _dbias_accumulate(acc, t, lse, delta, do, v_t, valid, offs_m, offs_n,
-                                                CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
+                        acc += _dbias_ds(t, lse, delta, do, v_t, valid, offs_m, offs_n,
+                                         CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
     # -- reduce the broadcast dims of the tile and store it (fp32) --
     out_head = dBias + own_bh.to(tl.int64) * (1 if ROWS_BCAST else N) * (1 if COLS_BCAST else M)
     rows = row_lo + local_m
@@ -2094,6 +2119,33 @@ def dbias_config(
     return AttentionConfig(32, 32, 8, 1)
 
 
+def dbias_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
+    """Tiles of the dBias kernel's flat walk with dQ (WITH_DQ, ``dbias_tiles``): it runs where every
+    key fits one column tile, so 16-bit tiles are 64 keys wide (Swin's 7 x 7 and 8 x 8 windows); the
+    rows as the registers allow with a dQ tile more (static report, Triton 3.8, 2026-12-05, bf16;
+    registers / loop issue ratio / loop efficiency, no spill): Hopper up to D = 64 the walk's 64 x
+    64 on one warpgroup (D = 32 255 / 3.43 / 0.29, D = 64 254 / 2.22 / 0.45: the efficiency of the
+    walk without dQ, 0.29 and 0.52, now over its two score dots and the dS K one); above D = 64
+    32 x 64 on 4 warps (warp-level MMA, 255 / 2.59 / 0.39; 64 x 64 and 64 x 32 spill 128-584 B).
+    sm_80 / sm_89: D = 32 16 x 64 on 2 warps (168 / 2.55 / 0.39 and 168 / 1.30 / 0.77; 32 x 64 and
+    64 x 64 spill 8-64 B), D = 64 32 x 64 on 4 (222 / 1.62 / 0.62, 220 / 0.81 / 1.0), D = 128
+    16 x 64 on 4 (244 / 1.66 / 0.60, 230 / 0.86 / 1.0; 32 x 64 spills 16-32 B). fp32 on the walk's
+    16 x 16 tiles. Under Triton 3.6 (the GPU machine's) Hopper's D = 64 and D = 128 tiles put 16 B
+    and 8 B on the stack, outside the hot loop (32 x 64 at D = 64 is clean there but rates 0.31).
+    UNMEASURED on a GPU. In the interpreter, the walk's tiles."""
+    walk = dbias_config(dtype, head_dim_pad, arch=arch, tile_walk=True)
+    if INTERPRETER:
+        return walk
+    if dtype == torch.float32:
+        # sm_89 up to D = 32 on 2 warps (4 put 8 B on the stack; 2 spill 16 B on sm_80)
+        return dataclasses.replace(walk, num_warps=2) if 89 <= arch < 90 and head_dim_pad <= 32 else walk
+    if 90 <= arch < 100:
+        return AttentionConfig(64, 64, 4, 1) if head_dim_pad <= 64 else AttentionConfig(32, 64, 4, 1)
+    if head_dim_pad <= 32:
+        return AttentionConfig(16, 64, 2, 1)
+    return AttentionConfig(32, 64, 4, 1) if head_dim_pad <= 64 else AttentionConfig(16, 64, 4, 1)
+
+
 _FP32_CONFIGS = {
     16: AttentionConfig(64, 32, 4, 2),
     32: AttentionConfig(32, 32, 4, 2),
@@ -2324,7 +2376,9 @@ def flash_attention_backward(
     bias_grad: bool = False,
     rel_pos_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward passes: dQ (+ delta and the rel_pos partials), dK/dV, and dBias if asked.
+    """Launch the backward passes: dQ (+ delta and the rel_pos partials), dK/dV, and dBias if asked;
+    where the dBias kernel's tiles hold every key (``dbias_tiles``), it computes delta and dQ as well,
+    and runs first in place of the dQ pass.
 
     Args:
         grad_out: (B, H, N, D) gradient of ``out``, any strides (stride 0 from ``out.sum()`` is fine).
@@ -2376,21 +2430,29 @@ def flash_attention_backward(
         rel_flags = dict(mma_flags)
         if rel_pos_grad:
             rel_flags.update(REL_POS_GRAD=True, KH_PAD=rel_pos_padded(kh), KW_PAD=rel_pos_padded(kw))
-        # dQ first: it writes delta, which dK/dV (and dBias) read after it in stream order
-        flash_attention_bwd_dq_kernel[(cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
-            q, k, v, grad_out, out, lse, delta, dq, *pointers, *drel_parts,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *grad_out.stride(),
-            out.stride(0), out.stride(1), out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            *bias_strides,
-            heads, n_q, n_k, kh, kw, scale,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
-            CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags, SYNC_KV=dq_syncs_kv(arch, q.dtype, pad),
-            **dq_cfg.launch_options(),
-        )
+        dbias_flags = {**flags, **_dbias_rel_pos_flags(mma_flags)}
+        # a dBias walk whose tiles hold every key computes delta and dQ too: no dQ pass then
+        dbias_with_dq = bias_grad and dbias_tiles(q, n_k, bias, dbias_flags)[2]
+        dbias = None
+        # dQ (or that dBias walk) first: it writes delta, which dK/dV (and dBias) read after it in stream order
+        if dbias_with_dq:
+            dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
+                                   dbias_flags, out=out, dq=dq)  # fmt: skip
+        else:
+            flash_attention_bwd_dq_kernel[(cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
+                q, k, v, grad_out, out, lse, delta, dq, *pointers, *drel_parts,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                *grad_out.stride(),
+                out.stride(0), out.stride(1), out.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                *bias_strides,
+                heads, n_q, n_k, kh, kw, scale,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
+                CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags,
+                SYNC_KV=dq_syncs_kv(arch, q.dtype, pad), **dq_cfg.launch_options(),
+            )
         flash_attention_bwd_dkdv_kernel[(cdiv(n_k, cfg.block_n) * batch * heads,)](
             q, k, v, grad_out, lse, delta, dk, dv, *pointers,
             q.stride(0), q.stride(1), q.stride(2),
@@ -2405,9 +2467,9 @@ def flash_attention_backward(
             CAUSAL=causal, DOT_PRECISION=precision, **flags, **mma_flags, SPLIT_ROWS=cfg.row_split,
             **cfg.launch_options(),
         )
-        dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
-                               {**flags, **_dbias_rel_pos_flags(mma_flags)}) \
-            if bias_grad else None
+        if bias_grad and not dbias_with_dq:
+            dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
+                                   dbias_flags)  # fmt: skip
     drel = [None, None]
     if rel_pos_grad:
         for i, (table, part) in enumerate(zip((rel_h, rel_w), drel_parts, strict=True)):
@@ -2490,16 +2552,39 @@ def rel_pos_padded(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
-def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal, flags):
-    """dBias in the mask's own shape and dtype (fp32 accumulation, deterministic)."""
+# the dBias walk takes dQ where its tiles hold every key (False: the dQ pass always runs; the GPU
+# check benchmarks/gpu_checks/attention_masked.py times both)
+DBIAS_WITH_DQ = True
+
+
+def dbias_tiles(q: torch.Tensor, n_k: int, bias: torch.Tensor, flags: dict) -> tuple[AttentionConfig, bool, bool]:
+    """The dBias kernel's (config, TILE_WALK, WITH_DQ) for a float ``bias`` with ``flags`` (``_bias_args``'
+    and the rel_pos ones): the flat walk where no rows or columns are summed and there is no rel_pos
+    (a (1, H, N, M) or (1, 1, N, M) table, or one per batch), and with it dQ (and delta) where one
+    column tile of ``dbias_dq_config`` holds every key (Swin's windows up to 8 x 8)."""
+    pad = head_dim_padded(q.shape[-1])
+    arch = arch_of(q.device)
+    tile_walk = bias.shape[-2] != 1 and bias.shape[-1] != 1 and not flags["HAS_REL_POS"]
+    if tile_walk and DBIAS_WITH_DQ:
+        with_dq = dbias_dq_config(arch, q.dtype, pad)
+        if n_k <= with_dq.block_n:
+            return with_dq, True, True
+    cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch,
+                       rel_pos_mma=flags.get("REL_POS_MMA", False), tile_walk=tile_walk)
+    return cfg, tile_walk, False
+
+
+def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal, flags,
+                   out=None, dq=None):  # fmt: skip
+    """dBias in the mask's own shape and dtype (fp32 accumulation, deterministic); with ``out`` and
+    ``dq`` (where ``dbias_tiles`` says WITH_DQ) also delta and dQ, launched before dK/dV."""
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     bias_b, bias_h, bias_n, bias_m = bias.shape
     rows_bcast, cols_bcast = bias_n == 1, bias_m == 1
     pad = head_dim_padded(head_dim)
-    tile_walk = not rows_bcast and not cols_bcast and not flags["HAS_REL_POS"]
-    cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch_of(q.device),
-                       rel_pos_mma=flags.get("REL_POS_MMA", False), tile_walk=tile_walk)
+    cfg, tile_walk, _ = dbias_tiles(q, n_k, bias, flags)
+    with_dq = dq is not None
     tiles = (1 if rows_bcast else cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else cdiv(n_k, cfg.block_n))
     b_loop = batch if bias_b == 1 else 1
     # rel_pos by gathers keeps one chunk: the chunk bounds' registers spilled 24-32 B there (sm_80
@@ -2508,19 +2593,22 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     chunk = b_loop if gathers else dbias_batch_chunk(b_loop, bias_b * bias_h * tiles, sm_count(q.device))
     chunks = max(1, cdiv(b_loop, chunk))  # one (zero-filled) chunk for an empty batch
     parts = new_output((chunks, *bias.shape), dtype=torch.float32, device=q.device)
+    out_args = (out, *out.stride()[:3]) if with_dq else (None, 0, 0, 0)
+    dq_args = (dq, *dq.stride()[:3]) if with_dq else (None, 0, 0, 0)
     flash_attention_bwd_dbias_kernel[(chunks * bias_b * bias_h * tiles,)](
-        q, k, v, grad_out, lse, delta, *pointers, parts,
+        q, k, v, grad_out, out_args[0], lse, delta, dq_args[0], *pointers, parts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *grad_out.stride(),
+        *out_args[1:], *dq_args[1:],
         *bias_strides,
         heads, n_q, n_k, kw, bias_h, bias_b * bias_h,
         b_loop, heads if bias_h == 1 else 1, chunk, scale,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"], SPLIT_BATCHES=chunks > 1,
-        TILE_WALK=tile_walk,
+        TILE_WALK=tile_walk, WITH_DQ=with_dq,
         **{n: flags[n] for n in ("REL_POS_MMA", "KH_PAD", "KW_PAD") if n in flags},
         **cfg.launch_options(),
     )
@@ -2987,25 +3075,31 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
             {**both, **wide}, bwd_mma, bwd_mma.block_m, bwd_mma.block_n)
         add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad mma k={REL_POS_FWD_MMA_MAX_PAD}", dq_sig,
             {**rel_grad, **wide}, dq_mma, dq_mma.block_n, dq_mma.block_m)
-    for rows_bcast, rel, rel_dots in ((False, True, False), (False, True, True), (False, False, False),
-                                      (True, False, False)):
+    for rows_bcast, rel, rel_dots, with_dq in ((False, True, False, False), (False, True, True, False),
+                                               (False, False, False, False), (False, False, False, True),
+                                               (True, False, False, False)):  # fmt: skip
         if rel_dots and not mma:
             continue
-        dbias_cfg = dbias_config(dtype, pad, rel_pos=rel, arch=arch, rel_pos_mma=rel_dots,
-                                 tile_walk=not rows_bcast and not rel)
+        dbias_cfg = dbias_dq_config(arch, dtype, pad) if with_dq else dbias_config(
+            dtype, pad, rel_pos=rel, arch=arch, rel_pos_mma=rel_dots, tile_walk=not rows_bcast and not rel)
         sig = signature(flash_attention_bwd_dbias_kernel, {
             **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
             "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
+            "Out": f"*{ty}" if with_dq else "constexpr", "dQ": f"*{ty}" if with_dq else "constexpr",
             "stride_dod": "constexpr", "sm_scale": "fp32"})  # fmt: skip
         # a (1, H, N, M) table under a training batch splits its batches (dbias_batch_chunk), except
         # with rel_pos by gathers
         split = not rows_bcast and not (rel and not rel_dots)
         values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel, "SPLIT_BATCHES": split,
-                  "TILE_WALK": not rows_bcast and not rel, **(rel_mma if rel_dots else {})}  # fmt: skip
+                  "TILE_WALK": not rows_bcast and not rel, "WITH_DQ": with_dq,
+                  **(rel_mma if rel_dots else {})}  # fmt: skip
         if not rel:
             values.update(RelH=None, RelW=None)
+        if not with_dq:
+            values.update(Out=None, dQ=None)
         label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" split" if split else "")
         label += " rel_pos" if rel else ""
+        label += " +dq" if with_dq else ""
         label += f" mma k={REL_POS_MMA_MAX_PAD}" if rel_dots else ""
         add("flash_attention_bwd_dbias_kernel", label, sig, values, dbias_cfg, dbias_cfg.block_m, dbias_cfg.block_n)
     return specs

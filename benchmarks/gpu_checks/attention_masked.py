@@ -7,7 +7,8 @@ kernels' masked paths: a bool key-padding mask (B, 1, 1, N), BEiT's / Swin's lea
 split), and SAM's decomposed rel_pos on 14 x 14 windows and on its 64 x 64 global grid (tables in
 q's dtype: the selection-matrix dots of ``rel_pos_by_mma``). With the learnable bias (D <= 64) it also
 checks and times the dBias walk on two stages (``dbias_config``'s candidate: pipelined loads the static
-model cannot rate) against the default one.
+model cannot rate) and the dQ pass in place of the walk with dQ (``dbias_tiles``: Swin's windows)
+against the default.
 
     python benchmarks/gpu_checks/attention_masked.py OUT_DIR [TIME_BUDGET_S]
 
@@ -100,18 +101,26 @@ def time_both(fn, tensors, leaves, grad_out):
     return fwd, both
 
 
-def dbias_stages(stages):
-    """Make the dBias kernel run its launcher's tiles on ``stages`` pipeline stages (None: as they are)."""
-    kernels.dbias_config = ORIGINAL_DBIAS_CONFIG if stages is None else (
-        lambda *a, **kw: dataclasses.replace(ORIGINAL_DBIAS_CONFIG(*a, **kw), num_stages=stages))
+def dbias_variant(stages=None, with_dq=True):
+    """Make the dBias kernel run its launcher's tiles on ``stages`` pipeline stages (None: as they
+    are); ``with_dq`` False: never the walk with dQ (the dQ pass runs). No arguments: as shipped."""
+    for name, original in ORIGINAL_CONFIGS.items():
+        setattr(kernels, name, original if stages is None else (
+            lambda *a, original=original, **kw: dataclasses.replace(original(*a, **kw), num_stages=stages)))
+    kernels.DBIAS_WITH_DQ = with_dq
 
 
-ORIGINAL_DBIAS_CONFIG = kernels.dbias_config
+ORIGINAL_CONFIGS = {name: getattr(kernels, name) for name in ("dbias_config", "dbias_dq_config")}
 
 
 def reference_call(q, k, v, mask, rel):
     return reference.attention(q, k, v, attn_mask=mask, rel_pos=rel)
 
+
+# the dBias candidates checked and timed beside the default with the learnable bias (D <= 64): the dQ
+# pass in place of the walk with dQ (Swin's 49 keys fit its tiles, BEiT's 197 do not), two stages
+DBIAS_IMPLS = [("dq pass", {"with_dq": False}), ("dbias s2", {"stages": 2})]
+DBIAS_VARIANTS = [(f" ({tag})", variant) for tag, variant in DBIAS_IMPLS]
 
 CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global attention 64 x 64;
     # Swin-T's first stage: 32 images x 64 windows of 7 x 7 tokens, a (1, 3, 49, 49) learnable table
@@ -120,7 +129,8 @@ CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global 
     ("rel_pos", 2, 12, 4096, 64), ("bool", 8, 16, 577, 128), ("bias", 8, 16, 577, 128), ("rel_pos", 2, 16, 4096, 128),
 ]  # fmt: skip
 if DEVICE == "cpu":
-    CASES = [("bool", 1, 2, 37, 16), ("bias", 1, 2, 37, 16), ("rel_pos", 1, 2, 36, 16), ("rel_pos", 1, 1, 400, 16)]
+    # the bias under 3 batches on 13 keys: the interpreter's dBias walk with dQ (and the dQ pass beside it)
+    CASES = [("bool", 1, 2, 37, 16), ("bias", 3, 2, 13, 16), ("rel_pos", 1, 2, 36, 16), ("rel_pos", 1, 1, 400, 16)]
 for kind, b, h, n, d in CASES:
     if time.time() - start > BUDGET_S:
         checks.append(f"SKIPPED (budget) {kind} B={b} N={n} D={d}")
@@ -131,15 +141,15 @@ for kind, b, h, n, d in CASES:
     try:
         want = grads(reference_call, tensors, grad_out, torch.float64)
         base = grads(sdpa_call, tensors, grad_out)
-        variants = [("", None)] + ([(" (dBias 2 stages)", 2)] if kind == "bias" and d <= 64 else [])
-        for suffix, stages in variants:
-            dbias_stages(stages)
+        variants = [("", {})] + (DBIAS_VARIANTS if kind == "bias" and d <= 64 else [])
+        for suffix, variant in variants:
+            dbias_variant(**variant)
             got = grads(fastvit_call, tensors, grad_out)
-            dbias_stages(None)
+            dbias_variant()
             names = [f"tensor {i}" for i in range(len(want))]
             check_within_budget(label + suffix, names, got, want, base, ATOL, checks)
     except Exception as exc:  # a failing case is reported, the next one still runs
-        dbias_stages(None)
+        dbias_variant()
         checks.append(f"ERROR {label}: {type(exc).__name__}: {exc}")
         continue
     print(checks[-1], flush=True)
@@ -148,11 +158,11 @@ for kind, b, h, n, d in CASES:
     q, k, v, mask, rel = tensors
     leaves = leaves_of(q, k, v, mask, rel)
     flops = 4.0 * b * h * n * n * d
-    impls = [("fastvit[triton]", fastvit_call, None), ("sdpa", sdpa_call, None)]
+    impls = [("fastvit[triton]", fastvit_call, {}), ("sdpa", sdpa_call, {})]
     if kind == "bias" and d <= 64:  # where the walk takes 64 x 64 tiles on Hopper (Swin's, BEiT's)
-        impls.insert(1, ("fastvit[dbias s2]", fastvit_call, 2))
-    for impl, fn, stages in impls:
-        dbias_stages(stages)
+        impls[1:1] = [(f"fastvit[{tag}]", fastvit_call, variant) for tag, variant in DBIAS_IMPLS]
+    for impl, fn, variant in impls:
+        dbias_variant(**variant)
         try:
             fwd, both = time_both(fn, tensors, leaves, grad_out)
         except torch.cuda.OutOfMemoryError:  # SDPA's materialised (B, H, N, N) rel_pos bias
@@ -160,7 +170,7 @@ for kind, b, h, n, d in CASES:
             torch.cuda.empty_cache()
             continue
         finally:
-            dbias_stages(None)
+            dbias_variant()
         rows.append({"impl": impl, "kind": kind, "B": b, "H": h, "N": n, "D": d, "dtype": "bfloat16",
                      "fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_tflops": flops / fwd / 1e9,
                      "fwd_bwd_tflops": 3.5 * flops / both / 1e9})  # fmt: skip

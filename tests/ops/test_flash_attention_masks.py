@@ -636,7 +636,7 @@ def _mask_configs(kernels, monkeypatch):
     """Every distinct (forward, dK/dV, dQ, dBias) configuration over architectures, dtypes and
     padded head dims, with and without the rel_pos gradients, with (rows, keys) and key-padding masks."""
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    found = {"fwd": set(), "bwd": set(), "dbias": set()}
+    found = {"fwd": set(), "bwd": set(), "dbias": set(), "dbias_dq": set()}
     for arch in (80, 86, 89, 90, 100, 120):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for pad in (16, 32, 64, 128):
@@ -661,6 +661,7 @@ def _mask_configs(kernels, monkeypatch):
                 for rel_pos in (False, True):
                     found["dbias"].add(kernels.dbias_config(dtype, pad, rel_pos, arch=arch))
                 found["dbias"].add(kernels.dbias_config(dtype, pad, arch=arch, tile_walk=True))
+                found["dbias_dq"].add(kernels.dbias_dq_config(arch, dtype, pad))
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     return {name: sorted(configs, key=str) for name, configs in found.items()}
 
@@ -676,7 +677,7 @@ def test_mask_block_size_rules_hold_for_every_config(monkeypatch):
     for pair in configs["bwd"]:
         for bwd in pair:
             assert bwd.block_n % bwd.block_m == 0 and min(bwd.block_m, bwd.block_n) >= 16, pair
-    for dbias in configs["dbias"]:
+    for dbias in configs["dbias"] + configs["dbias_dq"]:
         assert min(dbias.block_m, dbias.block_n) >= 16, dbias
 
 
@@ -685,7 +686,8 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
     """Each production configuration of the masked kernels (forward, dK/dV, dQ with the rel_pos
     reduction, dBias with unequal tiles) gives the reference's answers: causal, N != M, a masked
     head dim, a float bias summed over the batch and rel_pos shared by the batch; then each dBias
-    tiling with the bias alone (its flat walk over the (batch, head) pairs, TILE_WALK)."""
+    tiling with the bias alone (its flat walk over the (batch, head) pairs, TILE_WALK), and each
+    tiling of that walk with dQ (WITH_DQ: fewer keys than its column tile)."""
     if ON_GPU:
         pytest.skip("on a GPU the production shapes are what every test runs")
     from fastvit.kernels import flash_attention as kernels
@@ -711,6 +713,12 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
         monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias, **kw: dbias)
         result = _run("triton", q, k, v, attn_mask=bias)
         _check(q, k, v, result, attn_mask=bias)
+    for with_dq in configs["dbias_dq"]:  # ... with dQ: every key in one column tile (no dQ pass), causal too
+        monkeypatch.setattr(kernels, "dbias_dq_config", lambda *a, cfg=with_dq, **kw: cfg)
+        keys = min(n_k, with_dq.block_n - 3)
+        for causal in (False, True):
+            result = _run("triton", q, k[:, :, :keys], v[:, :, :keys], attn_mask=bias[..., :keys], causal=causal)
+            _check(q, k[:, :, :keys], v[:, :, :keys], result, attn_mask=bias[..., :keys], causal=causal)
 
 
 def test_aot_specs_cover_the_mask_variants_with_every_argument():
