@@ -50,7 +50,8 @@ Masks and biases (constexpr flags, all off by default: plain attention compiles 
     shape looping over the (batch, head, row block, key block) that broadcast onto it in a fixed
     order and recomputing P and dP (extra FLOPs only when the mask needs grad; no atomics). Where
     one of its tiles holds every key of a (1, H, N, M)-like table (Swin's windows) it also writes
-    delta and dQ = scale * dS K and runs in place of the dQ pass (WITH_DQ).
+    delta and dQ = scale * dS K and runs in place of the dQ pass (WITH_DQ), and where it holds every
+    query too, dK and dV, in place of the dK/dV pass (WITH_DKDV): Swin's backward in one launch.
     d rel_h / d rel_w (REL_POS_GRAD): the dQ pass reduces each dS tile into kh and kw bins with
     dots against 0/1 selection matrices and writes per-(batch, head) fp32 partials (B*H, N, k),
     which the launcher sums over the tables' broadcast dims (fixed order, deterministic).
@@ -71,6 +72,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -1194,23 +1196,23 @@ def flash_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dbias_ds(
+def _dbias_p_dp(
     t,  # (BLOCK_M, BLOCK_N) fp32 scores with the mask (and rel_pos) added, in log2 units
-    lse, delta,  # (BLOCK_M,) fp32 rows' logsumexp (+inf on fully masked rows) and rowsum(dO * O)
+    lse,  # (BLOCK_M,) fp32 rows' logsumexp (+inf on fully masked rows)
     do,  # (BLOCK_M, HEAD_DIM_PAD) the rows' output gradients
     v_t,  # (HEAD_DIM_PAD, BLOCK_N) the columns' values, transposed
-    valid,  # (BLOCK_M, BLOCK_N) in-range (query, key) pairs
+    valid,  # (BLOCK_M, BLOCK_N) in-range (query, key) pairs; None: t is -inf out of range
     offs_m, offs_n,  # (BLOCK_M,), (BLOCK_N,) query and key indices
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dS = P * (dO V^T - delta) with P = exp2(t - lse log2 e) (0 out of range or causally masked)."""
+    """(P, dP): P = exp2(t - lse log2 e) (0 out of range or causally masked), dP = dO V^T."""
     p = tl.math.exp2(t - lse[:, None] * LOG2E)
-    p = tl.where(valid, p, 0.0)
+    if valid is not None:
+        p = tl.where(valid, p, 0.0)
     if CAUSAL:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-    return p * (dp - delta[:, None])
+    return p, tl.dot(do, v_t, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -1219,10 +1221,11 @@ def flash_attention_bwd_dbias_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
-    Out,  # (B, H, N, D) forward output, unit stride in D (WITH_DQ, else None)
     Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
     Delta,  # (B*H, N) fp32 rowsum(dO * O): read, or with WITH_DQ written here (dK/dV reads it after)
-    dQ,  # (B, H, N, D) query gradient, unit stride in D (WITH_DQ, else None)
+    dQ,  # (B, H, N, D) query gradient, contiguous (WITH_DQ, else None)
+    dK,  # (B, H, M, D) key gradient, contiguous (WITH_DKDV, else None)
+    dV,  # (B, H, M, D) value gradient, contiguous (WITH_DKDV, else None)
     Bias,  # (Bb, Hb, Nb, Mb) float attn_mask, each dim 1 or the full size, any strides
     RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None)
     RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None)
@@ -1231,8 +1234,6 @@ def flash_attention_bwd_dbias_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dod,
-    stride_ob, stride_oh, stride_on,  # Out's (0 without WITH_DQ)
-    stride_dqb, stride_dqh, stride_dqn,  # dQ's (0 without WITH_DQ)
     stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
     stride_rhb, stride_rhh, stride_rhn, stride_rhk,
     stride_rwb, stride_rwh, stride_rwn, stride_rwk,
@@ -1258,6 +1259,7 @@ def flash_attention_bwd_dbias_kernel(
     SPLIT_BATCHES: tl.constexpr = False,  # the B_LOOP batches are split into chunks of B_CHUNK (else one)
     TILE_WALK: tl.constexpr = False,  # no rows / columns summed, no rel_pos: one flat (batch, head) loop
     WITH_DQ: tl.constexpr = False,  # TILE_WALK with every key in one column tile: also delta and dQ
+    WITH_DKDV: tl.constexpr = False,  # WITH_DQ with every query in one row tile too: also dK and dV
 ):
     """dBias = sum over the mask's broadcast dims of dS = P * (dP - delta) (no softmax scale).
 
@@ -1267,9 +1269,13 @@ def flash_attention_bwd_dbias_kernel(
     partials in a fixed order: deterministic, no atomics, no (B, H, N, M) buffer.
 
     WITH_DQ (the flat walk over a table whose every key fits one column tile: Swin's 7 x 7 windows):
-    each (batch, head, row block) is visited exactly once, and its dS tile is all of its rows' dS,
-    so the program also computes delta (stored for dK/dV) and dQ = scale * dS K in place of the dQ
-    pass, which then is not launched: one launch and the two score dots of a pass fewer.
+    each (batch, head, row block) is visited exactly once, and its P and dP tiles hold all of its
+    rows' keys, so the program also computes delta = rowsum(dO * O) as rowsum(P * dP) (O = P V; no
+    O read), stores it for dK/dV, and writes dQ = scale * dS K in place of the dQ pass, which then
+    is not launched: one launch and the two score dots of a pass fewer. WITH_DKDV (the row tile
+    holds every query too): each (batch, head) is one step, which writes dV = P^T dO and
+    dK = scale * dS^T Q as well, in place of the dK/dV pass: the window's whole backward in one
+    launch, five dots, P and dS formed once.
     """
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     num_col_tiles = 1 if COLS_BCAST else tl.cdiv(M, BLOCK_N)
@@ -1334,16 +1340,24 @@ def flash_attention_bwd_dbias_kernel(
         valid = row_valid[:, None] & key_valid[None, :]
         mask = row_valid[:, None] & d_valid[None, :]
         kv_mask = d_valid[:, None] & key_valid[None, :]
-        bias_t = tl.load(Bias + own_b.to(tl.int64) * stride_bb + own_h.to(tl.int64) * stride_bh
-                         + tl.cast(row_lo, tl.int64) * stride_bn + tl.cast(col_lo, tl.int64) * stride_bm + bias_offs,
-                         mask=valid, other=0.0).to(tl.float32) * LOG2E
+        bias_tile = (Bias + own_b.to(tl.int64) * stride_bb + own_h.to(tl.int64) * stride_bh
+                     + tl.cast(row_lo, tl.int64) * stride_bn + tl.cast(col_lo, tl.int64) * stride_bm)
+        if WITH_DQ:
+            # (-inf out of range: P = 0 there without a (BLOCK_M, BLOCK_N) predicate held over the loop)
+            bias_t = tl.load(bias_tile + bias_offs, mask=valid, other=float("-inf")).to(tl.float32) * LOG2E
+            p_valid = None
+        else:
+            bias_t = tl.load(bias_tile + bias_offs, mask=valid, other=0.0).to(tl.float32) * LOG2E
+            p_valid = valid
         q_offs = offs_m[:, None] * stride_qn + offs_d[None, :]
         do_offs = offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
         k_offs = offs_n[None, :] * stride_kn + offs_d[:, None]
         v_offs = offs_n[None, :] * stride_vn + offs_d[:, None]
         if WITH_DQ:
-            o_offs = offs_m[:, None] * stride_on + offs_d[None, :]
-            dq_offs = offs_m[:, None] * stride_dqn + offs_d[None, :]
+            dq_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        if WITH_DKDV:
+            dkv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            kd_mask = key_valid[:, None] & d_valid[None, :]
         for i in range(0, (b_hi - b_lo) * H_LOOP):
             off_b = (own_b + b_lo + i // H_LOOP).to(tl.int64)
             off_h = (own_h + i % H_LOOP).to(tl.int64)
@@ -1354,21 +1368,34 @@ def flash_attention_bwd_dbias_kernel(
             v_t = tl.load(V + (off_b * stride_vb + off_h * stride_vh) + v_offs, mask=kv_mask, other=0.0)
             lse = tl.load(Lse + bh * N + offs_m, mask=row_valid, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            if WITH_DQ:
-                # -- delta = rowsum(dO * O) of these rows, stored for the dK/dV pass launched next --
-                o = tl.load(Out + (off_b * stride_ob + off_h * stride_oh) + o_offs, mask=mask, other=0.0)
-                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-                tl.store(Delta + bh * N + offs_m, delta, mask=row_valid)
-            else:
+            if not WITH_DQ:
                 delta = tl.load(Delta + bh * N + offs_m, mask=row_valid, other=0.0)
             t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale + bias_t
-            ds = _dbias_ds(t, lse, delta, do, v_t, valid, offs_m, offs_n, CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
+            p, dp = _dbias_p_dp(t, lse, do, v_t, p_valid, offs_m, offs_n, CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
+            if WITH_DQ:
+                # -- every key of these rows is here: delta = rowsum(dO * O) = rowsum(P * dP) (O = P V),
+                #    stored for the dK/dV pass (if one runs) --
+                delta = tl.sum(p * dp, axis=1)
+                if not WITH_DKDV:
+                    tl.store(Delta + bh * N + offs_m, delta, mask=row_valid)
+            ds = p * (dp - delta[:, None])
+            if WITH_DKDV:
+                # -- the tile holds every query too: dV = P^T dO, complete --
+                dv = tl.dot(tl.trans(p.to(v_t.dtype)), do, input_precision=DOT_PRECISION)
+                tl.store(dV + bh * M * HEAD_DIM + dkv_offs, dv.to(dV.dtype.element_ty),
+                         mask=kd_mask)
             acc += ds
             if WITH_DQ:
                 # -- the tile holds every key of these rows: dQ = scale * dS K, complete --
-                dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION) * sm_scale
-                tl.store(dQ + (off_b * stride_dqb + off_h * stride_dqh) + dq_offs, dq.to(dQ.dtype.element_ty),
+                ds_low = ds.to(k_t.dtype)
+                dq = tl.dot(ds_low, tl.trans(k_t), input_precision=DOT_PRECISION) * sm_scale
+                tl.store(dQ + bh * N * HEAD_DIM + dq_offs, dq.to(dQ.dtype.element_ty),
                          mask=mask)
+                if WITH_DKDV:
+                    # -- ... and dK = scale * dS^T Q --
+                    dk = tl.dot(tl.trans(ds_low), q, input_precision=DOT_PRECISION) * sm_scale
+                    tl.store(dK + bh * M * HEAD_DIM + dkv_offs, dk.to(dK.dtype.element_ty),
+                             mask=kd_mask)
     else:
         # -- rows or columns summed too, or rel_pos: (batch, head, row block, column block) nested --
         for ib in range(b_lo, b_hi):
@@ -1439,8 +1466,9 @@ def flash_attention_bwd_dbias_kernel(
                         #    other kernels) spilled 24 B with the rel_pos gathers (sm_90 D = 64, Triton 3.8) --
                         t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                                       HAS_BIAS=True, BIAS_BOOL=False, HAS_REL_POS=GATHER, UNIT=LOG2E)
-                        acc += _dbias_ds(t, lse, delta, do, v_t, valid, offs_m, offs_n,
-                                         CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
+                        p, dp = _dbias_p_dp(t, lse, do, v_t, valid, offs_m, offs_n, CAUSAL=CAUSAL,
+                                            DOT_PRECISION=DOT_PRECISION)
+                        acc += p * (dp - delta[:, None])
     # -- reduce the broadcast dims of the tile and store it (fp32) --
     out_head = dBias + own_bh.to(tl.int64) * (1 if ROWS_BCAST else N) * (1 if COLS_BCAST else M)
     rows = row_lo + local_m
@@ -1451,6 +1479,12 @@ def flash_attention_bwd_dbias_kernel(
         tl.store(out_head + cols, tl.sum(acc, 0), mask=cols < M)
     elif COLS_BCAST:
         tl.store(out_head + rows, tl.sum(acc, 1), mask=rows < N)
+    elif WITH_DQ:
+        # (a 64-bit base at the tile, int32 offsets inside it, BLOCK_M * M < 2^31: the 64-bit offsets
+        #    below put 64-120 B on the stack here; the other walks keep them, which the int32 ones spill)
+        tile_base = out_head + tl.cast(row_lo, tl.int64) * M + col_lo
+        tl.store(tile_base + (local_m[:, None] * M + local_n[None, :]), acc,
+                 mask=(rows < N)[:, None] & (cols < M)[None, :])
     else:
         tl.store(out_head + rows.to(tl.int64)[:, None] * M + cols[None, :], acc,
                  mask=(rows < N)[:, None] & (cols < M)[None, :])
@@ -2120,25 +2154,25 @@ def dbias_config(
 
 
 def dbias_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionConfig:
-    """Tiles of the dBias kernel's flat walk with dQ (WITH_DQ, ``dbias_tiles``): it runs where every
-    key fits one column tile, so 16-bit tiles are 64 keys wide (Swin's 7 x 7 and 8 x 8 windows); the
-    rows as the registers allow with a dQ tile more (static report, Triton 3.8, 2026-12-05, bf16;
-    registers / loop issue ratio / loop efficiency, no spill): Hopper up to D = 64 the walk's 64 x
-    64 on one warpgroup (D = 32 255 / 3.43 / 0.29, D = 64 254 / 2.22 / 0.45: the efficiency of the
-    walk without dQ, 0.29 and 0.52, now over its two score dots and the dS K one); above D = 64
-    32 x 64 on 4 warps (warp-level MMA, 255 / 2.59 / 0.39; 64 x 64 and 64 x 32 spill 128-584 B).
-    sm_80 / sm_89: D = 32 16 x 64 on 2 warps (168 / 2.55 / 0.39 and 168 / 1.30 / 0.77; 32 x 64 and
-    64 x 64 spill 8-64 B), D = 64 32 x 64 on 4 (222 / 1.62 / 0.62, 220 / 0.81 / 1.0), D = 128
-    16 x 64 on 4 (244 / 1.66 / 0.60, 230 / 0.86 / 1.0; 32 x 64 spills 16-32 B). fp32 on the walk's
-    16 x 16 tiles. Under Triton 3.6 (the GPU machine's) Hopper's D = 64 and D = 128 tiles put 16 B
-    and 8 B on the stack, outside the hot loop (32 x 64 at D = 64 is clean there but rates 0.31).
-    UNMEASURED on a GPU. In the interpreter, the walk's tiles."""
+    """Tiles of the dBias kernel's flat walk with dQ (WITH_DQ, ``dbias_plan``): it runs where every
+    key fits one column tile, so 16-bit tiles are 64 keys wide (Swin's 7 x 7 and 8 x 8 windows), with
+    delta = rowsum(P dP) from the tile itself (no O read); the rows as the registers allow with a dQ
+    tile more (static report, Triton 3.8, 2026-12-05, bf16; registers / loop issue ratio / loop
+    efficiency, no spill, none under Triton 3.6 either): Hopper up to D = 64 the walk's 64 x 64 on
+    one warpgroup (D = 32 220 / 2.64 / 0.38, D = 64 255 / 1.53 / 0.65, over its two score dots and
+    the dS K one; the walk without dQ rates 0.29 and 0.52 over two), above D = 64 32 x 64 on 4
+    warps (warp-level MMA, 255 / 2.06 / 0.49; 64 x 64 and 64 x 32 spilled 128-584 B). sm_80 / sm_89:
+    D = 32 16 x 64 on 2 warps (192 / 2.17 / 0.46 and 168 / 1.12 / 0.90; 32 x 64 and 64 x 64 spilled
+    8-64 B), D = 64 32 x 64 on 4 (216 / 1.35 / 0.74, 200 / 0.70 / 1.0), D = 128 16 x 64 on 4 (255 /
+    1.39 / 0.72, 255 / 0.70 / 1.0; 32 x 64 spilled 16-32 B). fp32 on the walk's 16 x 16 tiles, on 2
+    warps up to D = 32 (4 put 8 B on the stack on sm_90). UNMEASURED on a GPU. In the interpreter,
+    the walk's tiles."""
     walk = dbias_config(dtype, head_dim_pad, arch=arch, tile_walk=True)
     if INTERPRETER:
         return walk
     if dtype == torch.float32:
-        # sm_89 up to D = 32 on 2 warps (4 put 8 B on the stack; 2 spill 16 B on sm_80)
-        return dataclasses.replace(walk, num_warps=2) if 89 <= arch < 90 and head_dim_pad <= 32 else walk
+        # up to D = 32 on 2 warps (4 put 8 B on the stack on sm_90)
+        return dataclasses.replace(walk, num_warps=2) if head_dim_pad <= 32 else walk
     if 90 <= arch < 100:
         return AttentionConfig(64, 64, 4, 1) if head_dim_pad <= 64 else AttentionConfig(32, 64, 4, 1)
     if head_dim_pad <= 32:
@@ -2377,8 +2411,9 @@ def flash_attention_backward(
     rel_pos_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward passes: dQ (+ delta and the rel_pos partials), dK/dV, and dBias if asked;
-    where the dBias kernel's tiles hold every key (``dbias_tiles``), it computes delta and dQ as well,
-    and runs first in place of the dQ pass.
+    where the dBias kernel's tiles hold every key (``dbias_plan``), it computes delta and dQ as well,
+    and runs first in place of the dQ pass; where they hold every query too, dK and dV as well, in
+    place of the dK/dV pass.
 
     Args:
         grad_out: (B, H, N, D) gradient of ``out``, any strides (stride 0 from ``out.sum()`` is fine).
@@ -2431,13 +2466,14 @@ def flash_attention_backward(
         if rel_pos_grad:
             rel_flags.update(REL_POS_GRAD=True, KH_PAD=rel_pos_padded(kh), KW_PAD=rel_pos_padded(kw))
         dbias_flags = {**flags, **_dbias_rel_pos_flags(mma_flags)}
-        # a dBias walk whose tiles hold every key computes delta and dQ too: no dQ pass then
-        dbias_with_dq = bias_grad and dbias_tiles(q, n_k, bias, dbias_flags)[2]
+        # a dBias walk whose tiles hold every key computes delta and dQ too (no dQ pass), and where
+        # they hold every query as well dK and dV (no dK/dV pass): dbias_plan
+        plan = dbias_plan(q, n_k, bias, dbias_flags) if bias_grad else None
         dbias = None
         # dQ (or that dBias walk) first: it writes delta, which dK/dV (and dBias) read after it in stream order
-        if dbias_with_dq:
+        if plan and plan.with_dq:
             dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
-                                   dbias_flags, out=out, dq=dq)  # fmt: skip
+                                   dbias_flags, plan, dq=dq, dk=dk, dv=dv)  # fmt: skip
         else:
             flash_attention_bwd_dq_kernel[(cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
                 q, k, v, grad_out, out, lse, delta, dq, *pointers, *drel_parts,
@@ -2453,23 +2489,24 @@ def flash_attention_backward(
                 CAUSAL=causal, DOT_PRECISION=precision, **flags, **rel_flags,
                 SYNC_KV=dq_syncs_kv(arch, q.dtype, pad), **dq_cfg.launch_options(),
             )
-        flash_attention_bwd_dkdv_kernel[(cdiv(n_k, cfg.block_n) * batch * heads,)](
-            q, k, v, grad_out, lse, delta, dk, dv, *pointers,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *grad_out.stride(),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            *bias_strides,
-            heads, n_q, n_k, kw, scale,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, DOT_PRECISION=precision, **flags, **mma_flags, SPLIT_ROWS=cfg.row_split,
-            **cfg.launch_options(),
-        )
-        if bias_grad and not dbias_with_dq:
+        if not (plan and plan.with_dkdv):
+            flash_attention_bwd_dkdv_kernel[(cdiv(n_k, cfg.block_n) * batch * heads,)](
+                q, k, v, grad_out, lse, delta, dk, dv, *pointers,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                *grad_out.stride(),
+                dk.stride(0), dk.stride(1), dk.stride(2),
+                dv.stride(0), dv.stride(1), dv.stride(2),
+                *bias_strides,
+                heads, n_q, n_k, kw, scale,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                CAUSAL=causal, DOT_PRECISION=precision, **flags, **mma_flags, SPLIT_ROWS=cfg.row_split,
+                **cfg.launch_options(),
+            )
+        if plan and not plan.with_dq:
             dbias = _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal,
-                                   dbias_flags)  # fmt: skip
+                                   dbias_flags, plan)  # fmt: skip
     drel = [None, None]
     if rel_pos_grad:
         for i, (table, part) in enumerate(zip((rel_h, rel_w), drel_parts, strict=True)):
@@ -2552,39 +2589,64 @@ def rel_pos_padded(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
-# the dBias walk takes dQ where its tiles hold every key (False: the dQ pass always runs; the GPU
-# check benchmarks/gpu_checks/attention_masked.py times both)
+# the dBias walk takes dQ (and dK, dV) where its tiles hold every key (and query); False: the dQ and
+# dK/dV passes always run (the GPU check benchmarks/gpu_checks/attention_masked.py times both)
 DBIAS_WITH_DQ = True
 
 
-def dbias_tiles(q: torch.Tensor, n_k: int, bias: torch.Tensor, flags: dict) -> tuple[AttentionConfig, bool, bool]:
-    """The dBias kernel's (config, TILE_WALK, WITH_DQ) for a float ``bias`` with ``flags`` (``_bias_args``'
-    and the rel_pos ones): the flat walk where no rows or columns are summed and there is no rel_pos
-    (a (1, H, N, M) or (1, 1, N, M) table, or one per batch), and with it dQ (and delta) where one
-    column tile of ``dbias_dq_config`` holds every key (Swin's windows up to 8 x 8)."""
-    pad = head_dim_padded(q.shape[-1])
+class DbiasPlan(NamedTuple):
+    """How the dBias kernel runs in one backward (``dbias_plan``)."""
+
+    config: AttentionConfig
+    tile_walk: bool  # TILE_WALK: one flat (batch, head) loop per tile of the table
+    with_dq: bool  # WITH_DQ: its tile holds every key; it writes delta and dQ, no dQ pass runs
+    with_dkdv: bool  # WITH_DKDV: and every query; it writes dK and dV too, no dK/dV pass runs
+
+
+def dbias_takes_dkdv(arch: int, dtype: torch.dtype, head_dim_pad: int) -> bool:
+    """Whether the walk with dQ also takes dK and dV where its tile holds every query as well: the
+    whole backward of a window in one tile, P and dS formed once for the five dots (WITH_DKDV).
+    Hopper, 16-bit, up to D = 32 (Swin's): 250 registers, no spill, issue ratio 1.94, loop
+    efficiency 0.51 over the five dots (static report, Triton 3.8, 2026-12-05, bf16; Triton 3.6: 246,
+    0.53), against 0.38 for the walk with dQ alone (three dots) plus the dK/dV pass (0.37, four); at
+    D = 64 it spills 128 B (one warpgroup) or computes every MMA row twice (two), and off Hopper its
+    64 x 64 tiles spill 8-576 B. In the interpreter, wherever the tile holds the window. UNMEASURED
+    on a GPU."""
+    if INTERPRETER:
+        return True
+    return 90 <= arch < 100 and dtype != torch.float32 and head_dim_pad <= 32
+
+
+def dbias_plan(q: torch.Tensor, n_k: int, bias: torch.Tensor, flags: dict) -> DbiasPlan:
+    """The dBias kernel's plan for a float ``bias`` with ``flags`` (``_bias_args``' and the rel_pos
+    ones): the flat walk where no rows or columns are summed and there is no rel_pos (a (1, H, N, M)
+    or (1, 1, N, M) table, or one per batch); with it dQ where one column tile of
+    ``dbias_dq_config`` holds every key (Swin's windows up to 8 x 8), and dK, dV where one row tile
+    holds every query too (``dbias_takes_dkdv``)."""
+    n_q, head_dim = q.shape[2:]
+    pad = head_dim_padded(head_dim)
     arch = arch_of(q.device)
     tile_walk = bias.shape[-2] != 1 and bias.shape[-1] != 1 and not flags["HAS_REL_POS"]
     if tile_walk and DBIAS_WITH_DQ:
-        with_dq = dbias_dq_config(arch, q.dtype, pad)
-        if n_k <= with_dq.block_n:
-            return with_dq, True, True
+        cfg = dbias_dq_config(arch, q.dtype, pad)
+        if n_k <= cfg.block_n:
+            whole = n_q <= cfg.block_m and dbias_takes_dkdv(arch, q.dtype, pad)
+            return DbiasPlan(cfg, True, True, whole)
     cfg = dbias_config(q.dtype, pad, rel_pos=flags["HAS_REL_POS"], arch=arch,
                        rel_pos_mma=flags.get("REL_POS_MMA", False), tile_walk=tile_walk)
-    return cfg, tile_walk, False
+    return DbiasPlan(cfg, tile_walk, False, False)
 
 
 def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, kw, scale, causal, flags,
-                   out=None, dq=None):  # fmt: skip
-    """dBias in the mask's own shape and dtype (fp32 accumulation, deterministic); with ``out`` and
-    ``dq`` (where ``dbias_tiles`` says WITH_DQ) also delta and dQ, launched before dK/dV."""
+                   plan: DbiasPlan, dq=None, dk=None, dv=None):  # fmt: skip
+    """dBias in the mask's own shape and dtype (fp32 accumulation, deterministic); with ``plan``'s
+    WITH_DQ also delta and ``dq`` (launched before dK/dV), with WITH_DKDV ``dk`` and ``dv`` too."""
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     bias_b, bias_h, bias_n, bias_m = bias.shape
     rows_bcast, cols_bcast = bias_n == 1, bias_m == 1
     pad = head_dim_padded(head_dim)
-    cfg, tile_walk, _ = dbias_tiles(q, n_k, bias, flags)
-    with_dq = dq is not None
+    cfg = plan.config
     tiles = (1 if rows_bcast else cdiv(n_q, cfg.block_m)) * (1 if cols_bcast else cdiv(n_k, cfg.block_n))
     b_loop = batch if bias_b == 1 else 1
     # rel_pos by gathers keeps one chunk: the chunk bounds' registers spilled 24-32 B there (sm_80
@@ -2593,22 +2655,21 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     chunk = b_loop if gathers else dbias_batch_chunk(b_loop, bias_b * bias_h * tiles, sm_count(q.device))
     chunks = max(1, cdiv(b_loop, chunk))  # one (zero-filled) chunk for an empty batch
     parts = new_output((chunks, *bias.shape), dtype=torch.float32, device=q.device)
-    out_args = (out, *out.stride()[:3]) if with_dq else (None, 0, 0, 0)
-    dq_args = (dq, *dq.stride()[:3]) if with_dq else (None, 0, 0, 0)
     flash_attention_bwd_dbias_kernel[(chunks * bias_b * bias_h * tiles,)](
-        q, k, v, grad_out, out_args[0], lse, delta, dq_args[0], *pointers, parts,
+        q, k, v, grad_out, lse, delta, *(t if wanted else None for t, wanted in
+                                         ((dq, plan.with_dq), (dk, plan.with_dkdv), (dv, plan.with_dkdv))),
+        *pointers, parts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *grad_out.stride(),
-        *out_args[1:], *dq_args[1:],
         *bias_strides,
         heads, n_q, n_k, kw, bias_h, bias_b * bias_h,
         b_loop, heads if bias_h == 1 else 1, chunk, scale,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         ROWS_BCAST=rows_bcast, COLS_BCAST=cols_bcast, HAS_REL_POS=flags["HAS_REL_POS"], SPLIT_BATCHES=chunks > 1,
-        TILE_WALK=tile_walk, WITH_DQ=with_dq,
+        TILE_WALK=plan.tile_walk, WITH_DQ=plan.with_dq, WITH_DKDV=plan.with_dkdv,
         **{n: flags[n] for n in ("REL_POS_MMA", "KH_PAD", "KW_PAD") if n in flags},
         **cfg.launch_options(),
     )
@@ -3075,31 +3136,32 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
             {**both, **wide}, bwd_mma, bwd_mma.block_m, bwd_mma.block_n)
         add("flash_attention_bwd_dq_kernel", f"bias=fp32 rel_pos+grad mma k={REL_POS_FWD_MMA_MAX_PAD}", dq_sig,
             {**rel_grad, **wide}, dq_mma, dq_mma.block_n, dq_mma.block_m)
-    for rows_bcast, rel, rel_dots, with_dq in ((False, True, False, False), (False, True, True, False),
-                                               (False, False, False, False), (False, False, False, True),
-                                               (True, False, False, False)):  # fmt: skip
-        if rel_dots and not mma:
+    # (rows summed, rel_pos, rel_pos by dots, the walk's share of the other gradients: "", "dq", "dkdv")
+    for rows_bcast, rel, rel_dots, grads in ((False, True, False, ""), (False, True, True, ""),
+                                             (False, False, False, ""), (False, False, False, "dq"),
+                                             (False, False, False, "dkdv"), (True, False, False, "")):  # fmt: skip
+        if (rel_dots and not mma) or (grads == "dkdv" and not dbias_takes_dkdv(arch, dtype, pad)):
             continue
-        dbias_cfg = dbias_dq_config(arch, dtype, pad) if with_dq else dbias_config(
+        dbias_cfg = dbias_dq_config(arch, dtype, pad) if grads else dbias_config(
             dtype, pad, rel_pos=rel, arch=arch, rel_pos_mma=rel_dots, tile_walk=not rows_bcast and not rel)
         sig = signature(flash_attention_bwd_dbias_kernel, {
             **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
             "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
-            "Out": f"*{ty}" if with_dq else "constexpr", "dQ": f"*{ty}" if with_dq else "constexpr",
+            **{n: f"*{ty}" if wanted else "constexpr" for n, wanted in
+               (("dQ", bool(grads)), ("dK", grads == "dkdv"), ("dV", grads == "dkdv"))},
             "stride_dod": "constexpr", "sm_scale": "fp32"})  # fmt: skip
         # a (1, H, N, M) table under a training batch splits its batches (dbias_batch_chunk), except
         # with rel_pos by gathers
         split = not rows_bcast and not (rel and not rel_dots)
         values = {"ROWS_BCAST": rows_bcast, "COLS_BCAST": False, "HAS_REL_POS": rel, "SPLIT_BATCHES": split,
-                  "TILE_WALK": not rows_bcast and not rel, "WITH_DQ": with_dq,
+                  "TILE_WALK": not rows_bcast and not rel, "WITH_DQ": bool(grads), "WITH_DKDV": grads == "dkdv",
                   **(rel_mma if rel_dots else {})}  # fmt: skip
         if not rel:
             values.update(RelH=None, RelW=None)
-        if not with_dq:
-            values.update(Out=None, dQ=None)
+        values.update({n: None for n in ("dQ", "dK", "dV") if sig[n] == "constexpr"})
         label = "dbias (B,1,1,M)" if rows_bcast else "dbias (1,H,N,M)" + (" split" if split else "")
         label += " rel_pos" if rel else ""
-        label += " +dq" if with_dq else ""
+        label += {"": "", "dq": " +dq", "dkdv": " +dq+dkdv"}[grads]
         label += f" mma k={REL_POS_MMA_MAX_PAD}" if rel_dots else ""
         add("flash_attention_bwd_dbias_kernel", label, sig, values, dbias_cfg, dbias_cfg.block_m, dbias_cfg.block_n)
     return specs

@@ -7,8 +7,8 @@ kernels' masked paths: a bool key-padding mask (B, 1, 1, N), BEiT's / Swin's lea
 split), and SAM's decomposed rel_pos on 14 x 14 windows and on its 64 x 64 global grid (tables in
 q's dtype: the selection-matrix dots of ``rel_pos_by_mma``). With the learnable bias (D <= 64) it also
 checks and times the dBias walk on two stages (``dbias_config``'s candidate: pipelined loads the static
-model cannot rate) and the dQ pass in place of the walk with dQ (``dbias_tiles``: Swin's windows)
-against the default.
+model cannot rate) and the dQ and dK/dV passes in place of the walk that takes them
+(``dbias_plan``: Swin's windows) against the default.
 
     python benchmarks/gpu_checks/attention_masked.py OUT_DIR [TIME_BUDGET_S]
 
@@ -101,13 +101,14 @@ def time_both(fn, tensors, leaves, grad_out):
     return fwd, both
 
 
-def dbias_variant(stages=None, with_dq=True):
+def dbias_variant(stages=None, whole_walk=True):
     """Make the dBias kernel run its launcher's tiles on ``stages`` pipeline stages (None: as they
-    are); ``with_dq`` False: never the walk with dQ (the dQ pass runs). No arguments: as shipped."""
+    are); ``whole_walk`` False: never the walk with dQ (and dK, dV): the dQ and dK/dV passes run.
+    No arguments: as shipped."""
     for name, original in ORIGINAL_CONFIGS.items():
         setattr(kernels, name, original if stages is None else (
             lambda *a, original=original, **kw: dataclasses.replace(original(*a, **kw), num_stages=stages)))
-    kernels.DBIAS_WITH_DQ = with_dq
+    kernels.DBIAS_WITH_DQ = whole_walk
 
 
 ORIGINAL_CONFIGS = {name: getattr(kernels, name) for name in ("dbias_config", "dbias_dq_config")}
@@ -118,8 +119,9 @@ def reference_call(q, k, v, mask, rel):
 
 
 # the dBias candidates checked and timed beside the default with the learnable bias (D <= 64): the dQ
-# pass in place of the walk with dQ (Swin's 49 keys fit its tiles, BEiT's 197 do not), two stages
-DBIAS_IMPLS = [("dq pass", {"with_dq": False}), ("dbias s2", {"stages": 2})]
+# and dK/dV passes in place of the walk that takes them (Swin's 49 x 49 windows fit its tiles, BEiT's
+# 197 keys do not), two stages
+DBIAS_IMPLS = [("passes", {"whole_walk": False}), ("dbias s2", {"stages": 2})]
 DBIAS_VARIANTS = [(f" ({tag})", variant) for tag, variant in DBIAS_IMPLS]
 
 CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global attention 64 x 64;
@@ -129,7 +131,7 @@ CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global 
     ("rel_pos", 2, 12, 4096, 64), ("bool", 8, 16, 577, 128), ("bias", 8, 16, 577, 128), ("rel_pos", 2, 16, 4096, 128),
 ]  # fmt: skip
 if DEVICE == "cpu":
-    # the bias under 3 batches on 13 keys: the interpreter's dBias walk with dQ (and the dQ pass beside it)
+    # the bias under 3 batches, 13 x 13: the interpreter's dBias walk with dQ, dK and dV (and the passes beside it)
     CASES = [("bool", 1, 2, 37, 16), ("bias", 3, 2, 13, 16), ("rel_pos", 1, 2, 36, 16), ("rel_pos", 1, 1, 400, 16)]
 for kind, b, h, n, d in CASES:
     if time.time() - start > BUDGET_S:

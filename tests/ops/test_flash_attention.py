@@ -3,6 +3,7 @@ float64 reference, the torch route, dispatch, autocast, validation and torch.com
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -360,8 +361,8 @@ def test_kernel_backward_is_two_launches_dq_first_writing_delta(kernel_device, m
     """The backward launches dQ, which writes delta = rowsum(dO * O), then dK/dV, which reads it (no
     pre-pass of its own; outputs start as NaN in tests, so an unwritten delta fails the check);
     with a float bias that needs grad, dBias third; where the dBias kernel's tiles hold every key, it
-    writes delta and dQ itself, first, and no dQ pass runs (causal too). Dense, masked and packed
-    (varlen) launchers."""
+    writes delta and dQ itself, first, and no dQ pass runs, and where they hold every query too, dK
+    and dV as well: one launch (causal too). Dense, masked and packed (varlen) launchers."""
     calls = _record_launches(monkeypatch)
     (q, k, v), _ = _inputs(2, 2, 45, 29, 32, torch.float32, kernel_device, seed=41)
     out, lse, grad_out, grads = _run_kernel(q, k, v)
@@ -380,17 +381,23 @@ def test_kernel_backward_is_two_launches_dq_first_writing_delta(kernel_device, m
     for actual, expected in zip(grads, torch.autograd.grad(ref, leaves, grad_out.cpu().double()), strict=True):
         torch.testing.assert_close(actual.cpu().double(), expected, rtol=1e-4, atol=1e-5)
 
-    for causal in (False, True):  # 13 keys: one column tile of the fp32 (and the interpreter's) 16 x 16 dBias tiles
+    # 13 keys: one column tile of the fp32 (and the interpreter's) 16 x 16 dBias tiles; 11 queries: one row tile
+    # too, where the interpreter (not fp32 on a GPU) takes dK and dV in that walk as well
+    from fastvit.kernels import flash_attention as kernels
+
+    whole = kernels.dbias_takes_dkdv(0, torch.float32, 32)
+    for n_q, causal in itertools.product((21, 11), (False, True)):
         calls.clear()
-        (q, k, v), _ = _inputs(3, 2, 21, 13, 32, torch.float32, kernel_device, seed=43)
-        bias = torch.randn(1, 2, 21, 13, device=kernel_device, requires_grad=True)
+        (q, k, v), _ = _inputs(3, 2, n_q, 13, 32, torch.float32, kernel_device, seed=43)
+        bias = torch.randn(1, 2, n_q, 13, device=kernel_device, requires_grad=True)
         with fastvit.backend("triton"):
             out = fastvit.flash_attention(q, k, v, attn_mask=bias, causal=causal)
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
-        assert calls == ["fwd", "dbias", "dkdv"]
+        assert calls == (["fwd", "dbias"] if n_q <= 16 and whole else ["fwd", "dbias", "dkdv"])
         leaves = [t.detach().cpu().double().requires_grad_(True) for t in (q, k, v, bias)]
-        keep = torch.ones(21, 13, dtype=torch.bool).tril() if causal else torch.ones(21, 13, dtype=torch.bool)
+        keep = torch.ones(n_q, 13, dtype=torch.bool)
+        keep = keep.tril() if causal else keep
         ref = F.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3].masked_fill(~keep, float("-inf")))
         expected_grads = torch.autograd.grad(ref, leaves, grad_out.cpu().double())
         for actual, expected in zip(grads, expected_grads, strict=True):

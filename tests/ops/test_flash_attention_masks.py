@@ -687,7 +687,8 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
     reduction, dBias with unequal tiles) gives the reference's answers: causal, N != M, a masked
     head dim, a float bias summed over the batch and rel_pos shared by the batch; then each dBias
     tiling with the bias alone (its flat walk over the (batch, head) pairs, TILE_WALK), and each
-    tiling of that walk with dQ (WITH_DQ: fewer keys than its column tile)."""
+    tiling of that walk with dQ (WITH_DQ: fewer keys than its column tile), and with dK and dV too
+    (WITH_DKDV: fewer queries than its row tile as well)."""
     if ON_GPU:
         pytest.skip("on a GPU the production shapes are what every test runs")
     from fastvit.kernels import flash_attention as kernels
@@ -713,12 +714,15 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
         monkeypatch.setattr(kernels, "dbias_config", lambda *a, dbias=dbias, **kw: dbias)
         result = _run("triton", q, k, v, attn_mask=bias)
         _check(q, k, v, result, attn_mask=bias)
-    for with_dq in configs["dbias_dq"]:  # ... with dQ: every key in one column tile (no dQ pass), causal too
+    # ... with dQ: every key in one column tile (no dQ pass); and with dK and dV where every query is in
+    # one row tile too (no dK/dV pass either); causal too
+    for with_dq in configs["dbias_dq"]:
         monkeypatch.setattr(kernels, "dbias_dq_config", lambda *a, cfg=with_dq, **kw: cfg)
         keys = min(n_k, with_dq.block_n - 3)
-        for causal in (False, True):
-            result = _run("triton", q, k[:, :, :keys], v[:, :, :keys], attn_mask=bias[..., :keys], causal=causal)
-            _check(q, k[:, :, :keys], v[:, :, :keys], result, attn_mask=bias[..., :keys], causal=causal)
+        for rows, causal in itertools.product((n_q, with_dq.block_m - 5), (False, True)):
+            qs, ks, vs, table = q[:, :, :rows], k[:, :, :keys], v[:, :, :keys], bias[:, :, :rows, :keys]
+            result = _run("triton", qs, ks, vs, attn_mask=table, causal=causal)
+            _check(qs, ks, vs, result, attn_mask=table, causal=causal)
 
 
 def test_aot_specs_cover_the_mask_variants_with_every_argument():
