@@ -1480,8 +1480,9 @@ def flash_attention_bwd_dbias_kernel(
     elif COLS_BCAST:
         tl.store(out_head + rows, tl.sum(acc, 1), mask=rows < N)
     elif WITH_DQ:
-        # (a 64-bit base at the tile, int32 offsets inside it, BLOCK_M * M < 2^31: the 64-bit offsets
-        #    below put 64-120 B on the stack here; the other walks keep them, which the int32 ones spill)
+        # (a 64-bit base at the tile, int32 offsets inside it, BLOCK_M * M < 2^31: the per-element 64-bit
+        #    offsets below put 64-120 B on the stack here; the other walks keep those, int32 ones put 8-40 B
+        #    on the stack of the rel_pos walks)
         tile_base = out_head + tl.cast(row_lo, tl.int64) * M + col_lo
         tl.store(tile_base + (local_m[:, None] * M + local_n[None, :]), acc,
                  mask=(rows < N)[:, None] & (cols < M)[None, :])

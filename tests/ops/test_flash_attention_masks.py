@@ -719,7 +719,7 @@ def test_kernel_mask_production_block_shapes(kernel_device, monkeypatch):
     for with_dq in configs["dbias_dq"]:
         monkeypatch.setattr(kernels, "dbias_dq_config", lambda *a, cfg=with_dq, **kw: cfg)
         keys = min(n_k, with_dq.block_n - 3)
-        for rows, causal in itertools.product((n_q, with_dq.block_m - 5), (False, True)):
+        for rows, causal in ((n_q, False), (with_dq.block_m - 5, True)):
             qs, ks, vs, table = q[:, :, :rows], k[:, :, :keys], v[:, :, :keys], bias[:, :, :rows, :keys]
             result = _run("triton", qs, ks, vs, attn_mask=table, causal=causal)
             _check(qs, ks, vs, result, attn_mask=table, causal=causal)
