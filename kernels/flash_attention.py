@@ -2175,7 +2175,7 @@ def dbias_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attenti
         # up to D = 32 on 2 warps (4 put 8 B on the stack on sm_90)
         return dataclasses.replace(walk, num_warps=2) if head_dim_pad <= 32 else walk
     if 90 <= arch < 100:
-        return AttentionConfig(64, 64, 4, 1) if head_dim_pad <= 64 else AttentionConfig(32, 64, 4, 1)
+        return walk if head_dim_pad <= 64 else AttentionConfig(32, 64, 4, 1)  # the walk's own 64 x 64 up to D = 64
     if head_dim_pad <= 32:
         return AttentionConfig(16, 64, 2, 1)
     return AttentionConfig(32, 64, 4, 1) if head_dim_pad <= 64 else AttentionConfig(16, 64, 4, 1)
