@@ -14,6 +14,10 @@ Backward (FlashAttention-2, no atomics, deterministic), two launches in stream o
                         ``dV += P^T dO``; ``dS^T = P^T * (V dO^T - delta)``; ``dK += dS^T Q``
     with ``dK`` and ``dQ`` multiplied by the softmax scale at the end. The dQ pass holds its rows'
     dO already, so delta costs it one load of their O (no pre-pass launch of its own).
+    Short sequences (every query in one row tile and every key in one column tile, no mask
+    gradient: windows) take one launch instead, ``flash_attention_bwd_short_kernel``: per (batch,
+    head) pair ``delta = rowsum(P * dP)`` (= rowsum(dO * O), no O read), ``dV = P^T dO``,
+    ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, each complete after its one step.
 
 Conventions: q (B, H, N, D), k and v (B, H, M, D), any strides with unit stride in D (views of a
 packed qkv reach the kernels as they are). Head dims are padded to the next power of two
@@ -1491,6 +1495,107 @@ def flash_attention_bwd_dbias_kernel(
                  mask=(rows < N)[:, None] & (cols < M)[None, :])
 
 
+@triton.jit
+def flash_attention_bwd_short_kernel(
+    Q,  # (B, H, N, D) queries, unit stride in D
+    K,  # (B, H, M, D) keys, unit stride in D
+    V,  # (B, H, M, D) values, unit stride in D
+    dOut,  # (B, H, N, D) output gradient, any strides
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
+    dQ,  # (B, H, N, D) query gradient, contiguous
+    dK,  # (B, H, M, D) key gradient, contiguous
+    dV,  # (B, H, M, D) value gradient, contiguous
+    Bias,  # (Bb, Hb, N|1, M|1) attn_mask without a gradient (HAS_BIAS, else None), any strides
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_bb, stride_bh, stride_bn, stride_bm,  # 0 in the mask's broadcast dims
+    H, N, M,
+    BH,  # B * H: the (batch, head) pairs
+    PAIRS,  # (batch, head) pairs per program: program p takes [p * PAIRS, (p + 1) * PAIRS)
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # >= N: every query in one row tile
+    BLOCK_N: tl.constexpr,  # >= M >= 1: every key in one column tile
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
+    BIAS_BOOL: tl.constexpr = False,  # the mask is bool (read as uint8, 0 = masked), else float (added)
+):
+    """The whole backward of attention over short sequences (windows: Swin's 7 x 7 / 8 x 8 through
+    ``window_attention``, Hiera's mask units), one (batch, head) pair per step:
+
+        P = exp2(Q K^T * scale*log2e + mask - lse*log2e),  dP = dO V^T
+        delta = rowsum(P * dP)  (= rowsum(dO * O), since O = P V: no O read)
+        dS = P * (dP - delta)
+        dV = P^T dO,  dQ = scale * dS K,  dK = scale * dS^T Q
+
+    Every query fits one row tile and every key one column tile, so each gradient is complete after
+    one step and is written once: five dots with P and dS formed once, one launch instead of the dQ
+    and dK/dV passes (three and four dots, their score tiles formed twice), deterministic. Each
+    program walks a contiguous run of PAIRS pairs, so the loads of the next pair can be in flight
+    during this one's dots.
+    """
+    pid = tl.program_id(0)
+    local_m = tl.arange(0, BLOCK_M)
+    local_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_valid = local_m < N
+    key_valid = local_n < M
+    d_valid = offs_d < HEAD_DIM
+    mask = row_valid[:, None] & d_valid[None, :]
+    kv_mask = d_valid[:, None] & key_valid[None, :]
+    kd_mask = key_valid[:, None] & d_valid[None, :]
+    qk_scale = sm_scale * LOG2E
+    # -- int32 offsets inside one pair's tiles (a pair's rows: 64-bit bases below) --
+    q_offs = local_m[:, None] * stride_qn + offs_d[None, :]
+    do_offs = local_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    k_offs = local_n[None, :] * stride_kn + offs_d[:, None]
+    v_offs = local_n[None, :] * stride_vn + offs_d[:, None]
+    dq_offs = local_m[:, None] * HEAD_DIM + offs_d[None, :]
+    dkv_offs = local_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if HAS_BIAS:
+        bias_offs = (local_m * stride_bn)[:, None] + (local_n * stride_bm)[None, :]
+        valid = row_valid[:, None] & key_valid[None, :]
+    first = pid * PAIRS
+    for bh in range(first, tl.minimum(first + PAIRS, BH)):
+        off_b = tl.cast(bh // H, tl.int64)
+        off_h = tl.cast(bh % H, tl.int64)
+        row0 = tl.cast(bh, tl.int64) * N
+        key0 = tl.cast(bh, tl.int64) * M
+        q = tl.load(Q + (off_b * stride_qb + off_h * stride_qh) + q_offs, mask=mask, other=0.0)
+        do = tl.load(dOut + (off_b * stride_dob + off_h * stride_doh) + do_offs, mask=mask, other=0.0)
+        k_t = tl.load(K + (off_b * stride_kb + off_h * stride_kh) + k_offs, mask=kv_mask, other=0.0)
+        v_t = tl.load(V + (off_b * stride_vb + off_h * stride_vh) + v_offs, mask=kv_mask, other=0.0)
+        # -- lse -inf (a fully masked row) -> +inf, so that P = 0 on that row --
+        lse = tl.load(Lse + row0 + local_m, mask=row_valid, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        # -- scores in log2 units with the mask; keys past M at -inf (P = 0 there) --
+        t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias_ptrs = Bias + (off_b * stride_bb + off_h * stride_bh) + bias_offs
+            t = _add_bias(t, bias_ptrs, None, None, valid, HAS_BIAS=True, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=False,
+                          UNIT=LOG2E)
+        t = tl.where(key_valid[None, :], t, float("-inf"))
+        p = tl.math.exp2(t - lse[:, None] * LOG2E)
+        if CAUSAL:
+            p = tl.where(local_m[:, None] >= local_n[None, :], p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        # -- every key of every row is here: delta = rowsum(P * dP), dS = P * (dP - delta) --
+        delta = tl.sum(p * dp, axis=1)
+        ds = p * (dp - delta[:, None])
+        # -- dV = P^T dO; dQ = scale * dS K; dK = scale * dS^T Q: each complete, stored once --
+        dv = tl.dot(tl.trans(p.to(v_t.dtype)), do, input_precision=DOT_PRECISION)
+        tl.store(dV + key0 * HEAD_DIM + dkv_offs, dv.to(dV.dtype.element_ty), mask=kd_mask)
+        ds_low = ds.to(k_t.dtype)
+        dq = tl.dot(ds_low, tl.trans(k_t), input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dQ + row0 * HEAD_DIM + dq_offs, dq.to(dQ.dtype.element_ty), mask=mask)
+        dk = tl.dot(tl.trans(ds_low), q, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dK + key0 * HEAD_DIM + dkv_offs, dk.to(dK.dtype.element_ty), mask=kd_mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configurations (chosen per architecture from the ahead-of-time register/spill report)
 # ---------------------------------------------------------------------------------------------
@@ -2181,6 +2286,45 @@ def dbias_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attenti
     return AttentionConfig(32, 64, 4, 1) if head_dim_pad <= 64 else AttentionConfig(16, 64, 4, 1)
 
 
+# Under the interpreter: 16 x 16 tiles, so that sequences up to 16 queries and 16 keys take the short
+# backward and longer test sequences still cross the passes' blocks
+_INTERPRETER_SHORT = AttentionConfig(16, 16, 4, 1)
+
+
+def short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, masked: bool = False
+                     ) -> AttentionConfig | None:  # fmt: skip
+    """Tiles of the one-launch backward of short sequences (``flash_attention_bwd_short_kernel``:
+    every query in one row tile, every key in one column tile), or None where none fits;
+    ``masked``: with an attn_mask (bool, or float without a gradient).
+
+    16-bit: 64 x 64 on one warpgroup (Swin's 7 x 7 and 8 x 8 windows, Hiera's 64-token mask units).
+    Such a window is memory-bound: per (window, head) at D = 32 the five dots are ~1.3 MFLOP (padded
+    tiles) against ~22 KB moved (q, k, v, dO in, dQ, dK, dV out), ~60 FLOP/B, well below an H100's
+    ~295; the two passes move ~38 KB (each reads q, k, v, dO, the dQ pass O too). So Hopper without a
+    mask takes two stages: the next pair's loads in flight by cp.async during this pair's dots.
+    Static report, 2026-12-05, bf16, registers / CTAs per SM / loop efficiency over the five dots,
+    Triton 3.8 (3.6), no spill under either: Hopper D = 16 146 / 3 / 0.28 (HGMMA N = 16), D = 32 167
+    / 3 / 0.48 (156, 0.49), D = 64 255 / 2 / 0.79 (0.80); with a bool mask one stage (two spilled
+    16 B at D = 64 under 3.6), D = 32 184 / 2 / 0.33 (254, 0.24), D = 64 255 / 2 / 0.55 (0.42).
+    sm_80 / sm_89 on one stage (two spilled 8 B at sm_89 D = 32 under 3.6, 112 B at D = 64 under
+    3.8): D = 32
+    248 / 2 / 0.88 and 1.0, D = 64 255 / 2 / 1.0; with a mask up to D = 32 (0.50 and 0.93; at D = 64
+    the mask's tile spills 32-240 B: no short tiles). Above D = 64 none: the 64 x 128 accumulators
+    spill 32-376 B on one stage, and Hopper's two stages run one program per SM (0.51, taking
+    turns): those keep the two passes. fp32: 64 x 64 on 8 warps up to D = 32 (120-128 registers;
+    158-206 with a mask), 32 x 32 on 4 at D = 64 (120-142; 64 x 64 spills 248 B-8.7 KB).
+    UNMEASURED on a GPU: ``benchmarks/gpu_checks/attention_masked.py`` times it against the passes."""
+    if INTERPRETER:
+        return _INTERPRETER_SHORT
+    if head_dim_pad > 64:
+        return None
+    if dtype == torch.float32:
+        return AttentionConfig(64, 64, 8, 1) if head_dim_pad <= 32 else AttentionConfig(32, 32, 4, 1)
+    if 90 <= arch < 100:
+        return AttentionConfig(64, 64, 4, 1 if masked else 2)
+    return None if masked and head_dim_pad > 32 else AttentionConfig(64, 64, 4, 1)
+
+
 _FP32_CONFIGS = {
     16: AttentionConfig(64, 32, 4, 2),
     32: AttentionConfig(32, 32, 4, 2),
@@ -2447,6 +2591,13 @@ def flash_attention_backward(
     arch = arch_of(q.device)
     rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
+    short = None
+    if not bias_grad and rel_h is None:
+        short = short_backward_config(arch, q.dtype, pad, n_q, n_k, masked=bias is not None)
+    if short is not None:  # every query and key in one tile: the whole backward in one launch
+        _short_backward(q, k, v, grad_out, lse, dq, dk, dv, pointers[0], bias_strides[:4], scale, causal, flags,
+                        short)  # fmt: skip
+        return dq, dk, dv, None, None, None
     if bias is not None or rel_h is not None:
         bins = 0 if rel_h is None else max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1]))
         cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None,
@@ -2676,6 +2827,42 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
     )
     dbias = parts[0] if chunks == 1 else parts.sum(0)  # fixed-order reduction of the chunks' partials
     return dbias.to(bias.dtype)
+
+
+SHORT_BACKWARD = True
+# the short backward's programs per SM (each walks a contiguous run of (batch, head) pairs)
+SHORT_PROGRAMS_PER_SM = 4
+
+
+def short_backward_config(arch: int, dtype: torch.dtype, head_dim_pad: int, n_q: int, n_k: int, masked: bool
+                          ) -> AttentionConfig | None:  # fmt: skip
+    """``short_bwd_config``'s tiles where they hold all ``n_q`` queries and ``n_k`` (>= 1) keys (and
+    ``SHORT_BACKWARD`` is on), else None: the backward then runs the dQ and dK/dV passes."""
+    cfg = short_bwd_config(arch, dtype, head_dim_pad, masked) if SHORT_BACKWARD and n_k > 0 else None
+    return cfg if cfg is not None and n_q <= cfg.block_m and n_k <= cfg.block_n else None
+
+
+def _short_backward(q, k, v, grad_out, lse, dq, dk, dv, bias, bias_strides, scale, causal, flags,
+                    cfg: AttentionConfig) -> None:  # fmt: skip
+    """Launch ``flash_attention_bwd_short_kernel``: dq, dk and dv (contiguous) written in one launch,
+    each program walking ``cdiv(B * H, programs)`` (batch, head) pairs."""
+    batch, heads, n_q, head_dim = q.shape
+    pairs = batch * heads
+    if pairs == 0:
+        return
+    per_program = cdiv(pairs, min(pairs, SHORT_PROGRAMS_PER_SM * sm_count(q.device)))
+    flash_attention_bwd_short_kernel[(cdiv(pairs, per_program),)](
+        q, k, v, grad_out, lse, dq, dk, dv, bias,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *grad_out.stride(),
+        *bias_strides,
+        heads, n_q, k.shape[2], pairs, per_program, scale,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), HAS_BIAS=flags["HAS_BIAS"], BIAS_BOOL=flags["BIAS_BOOL"],
+        **cfg.launch_options(),
+    )
 
 
 # the dBias kernel aims at this many programs per SM before it splits the broadcast batches
@@ -2982,6 +3169,8 @@ def aot_specs() -> list[KernelSpec]:
                     specs.extend(_mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
                 if dtype != torch.float32 and head_dim in _SHORT_AOT_HEAD_DIMS:
                     specs.extend(_short_specs(arch, dtype, ty, head_dim, fwd_sig))
+                if dtype in _BWD_AOT_DTYPES:
+                    specs.extend(_short_bwd_specs(arch, dtype, ty, head_dim))
                 if dtype in _VARLEN_AOT_DTYPES and head_dim in _VARLEN_AOT_HEAD_DIMS:
                     specs.extend(_varlen_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig))
     return specs
@@ -3211,6 +3400,42 @@ def _short_specs(arch, dtype, ty, head_dim, fwd_sig) -> list[KernelSpec]:
             f"{_tail_label('flash_attention_fwd_kernel', cfg)} w={cfg.num_warps} s={cfg.num_stages}",
             sig, constexprs, cfg.num_warps, cfg.num_stages, arch,
             needs_wgmma=True, divisible_by_16=_aligned(sig), max_registers=cfg.max_registers,
+        ))
+    return specs
+
+
+def _short_bwd_specs(arch, dtype, ty, head_dim) -> list[KernelSpec]:
+    """The one-launch backward of short sequences (``flash_attention_bwd_short_kernel``) at every
+    16-bit head dim its tiles take; with a contiguous bool mask (``window_attention``'s shifted
+    windows, (windows, 1, N, M)) at Swin's and ViT-B's head dims, causal at ViT-B's; fp32 plain at
+    those, with the mask at Swin's."""
+    pad = head_dim_padded(head_dim)
+    wide = head_dim in _SHORT_AOT_HEAD_DIMS
+    if dtype == torch.float32 and not wide:
+        return []
+    variants = [("", False, False)]
+    if wide and (dtype != torch.float32 or head_dim == 32):
+        variants.append((" mask=bool", False, True))
+    if dtype != torch.float32 and head_dim == 64:
+        variants.append((" causal", True, False))
+    tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut", "dQ", "dK", "dV")}, "Lse": "*fp32",
+               "sm_scale": "fp32", "stride_dod": "constexpr"}  # fmt: skip
+    specs = []
+    for label, causal, mask in variants:
+        cfg = short_bwd_config(arch, dtype, pad, masked=mask)
+        if cfg is None:
+            continue
+        sig = signature(flash_attention_bwd_short_kernel,
+                        {**tensors, "Bias": "*u8" if mask else "constexpr",
+                         **({"stride_bm": "constexpr"} if mask else {})})  # fmt: skip
+        constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                      "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype), "HAS_BIAS": mask, "BIAS_BOOL": mask,
+                      "stride_dod": 1, **({"stride_bm": 1} if mask else {"Bias": None})}  # fmt: skip
+        specs.append(KernelSpec(
+            "flash_attention.flash_attention_bwd_short_kernel",
+            f"{ty} D={head_dim}{label} BM={cfg.block_m} BN={cfg.block_n} w={cfg.num_warps} s={cfg.num_stages}",
+            sig, constexprs, cfg.num_warps, cfg.num_stages, arch, divisible_by_16=_aligned(sig),
+            max_registers=cfg.max_registers,
         ))
     return specs
 

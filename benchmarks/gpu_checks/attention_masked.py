@@ -8,7 +8,10 @@ split), and SAM's decomposed rel_pos on 14 x 14 windows and on its 64 x 64 globa
 q's dtype: the selection-matrix dots of ``rel_pos_by_mma``). With the learnable bias (D <= 64) it also
 checks and times the dBias walk on two stages (``dbias_config``'s candidate: pipelined loads the static
 model cannot rate) and the dQ and dK/dV passes in place of the walk that takes them
-(``dbias_plan``: Swin's windows) against the default.
+(``dbias_plan``: Swin's windows) against the default. Windows without a bias gradient (Swin's shifted
+windows through ``window_attention``: a bool region mask per window; Hiera's 64-token mask units,
+no mask) take the one-launch short backward (``short_backward_config``); those are checked and timed
+beside the dQ and dK/dV passes too.
 
     python benchmarks/gpu_checks/attention_masked.py OUT_DIR [TIME_BUDGET_S]
 
@@ -48,12 +51,16 @@ def make_case(kind, b, h, n, d, seed):
 
     q, k, v = (randn(b, h, n, d) for _ in range(3))
     mask, rel = None, None
-    if kind == "bool":  # key padding: the last ~10% of each sample's keys are padding
+    if kind == "window":  # Swin's shift mask: every other window split into 3 regions that see only themselves
+        region = torch.arange(n, device=DEVICE) * 3 // n
+        mask = (region[:, None] == region[None, :]).expand(b, 1, n, n).clone()
+        mask[::2] = True
+    elif kind == "bool":  # key padding: the last ~10% of each sample's keys are padding
         mask = torch.ones(b, 1, 1, n, dtype=torch.bool, device=DEVICE)
         mask[..., n - n // 10:] = False
     elif kind == "bias":  # in q's dtype, as SDPA needs it
         mask = randn(1, h, n, n)
-    else:  # rel_pos on a side x side grid
+    elif kind == "rel_pos":  # on a side x side grid
         side = int(n**0.5)
         rel = (randn(b, h, n, side), randn(b, h, n, side))
     return q, k, v, mask, rel
@@ -101,38 +108,51 @@ def time_both(fn, tensors, leaves, grad_out):
     return fwd, both
 
 
-def dbias_variant(stages=None, whole_walk=True):
-    """Make the dBias kernel run its launcher's tiles on ``stages`` pipeline stages (None: as they
-    are); ``whole_walk`` False: never the walk with dQ (and dK, dV): the dQ and dK/dV passes run.
-    No arguments: as shipped."""
+def backward_variant(stages=None, whole_walk=True):
+    """Make the dBias kernel and the short backward run their launchers' tiles on ``stages`` pipeline
+    stages (None: as they are); ``whole_walk`` False: never the walk with dQ (and dK, dV) nor the
+    short backward: the dQ and dK/dV passes run. No arguments: as shipped."""
     for name, original in ORIGINAL_CONFIGS.items():
         setattr(kernels, name, original if stages is None else (
-            lambda *a, original=original, **kw: dataclasses.replace(original(*a, **kw), num_stages=stages)))
-    kernels.DBIAS_WITH_DQ = whole_walk
+            lambda *a, original=original, **kw: (cfg := original(*a, **kw)) and dataclasses.replace(
+                cfg, num_stages=stages)))
+    kernels.DBIAS_WITH_DQ = kernels.SHORT_BACKWARD = whole_walk
 
 
-ORIGINAL_CONFIGS = {name: getattr(kernels, name) for name in ("dbias_config", "dbias_dq_config")}
+ORIGINAL_CONFIGS = {name: getattr(kernels, name) for name in ("dbias_config", "dbias_dq_config", "short_bwd_config")}
 
 
 def reference_call(q, k, v, mask, rel):
     return reference.attention(q, k, v, attn_mask=mask, rel_pos=rel)
 
 
-# the dBias candidates checked and timed beside the default with the learnable bias (D <= 64): the dQ
-# and dK/dV passes in place of the walk that takes them (Swin's 49 x 49 windows fit its tiles, BEiT's
-# 197 keys do not), two stages
-DBIAS_IMPLS = [("passes", {"whole_walk": False}), ("dbias s2", {"stages": 2})]
-DBIAS_VARIANTS = [(f" ({tag})", variant) for tag, variant in DBIAS_IMPLS]
+# the candidates checked and timed beside the default: with the learnable bias (D <= 64) the dQ and
+# dK/dV passes in place of the walk that takes them (Swin's 49 x 49 windows fit its tiles, BEiT's 197
+# keys do not) and the walk on two stages; windows without a bias gradient, the passes in place of the
+# short backward, and the short backward on the stages it does not take on Hopper (two with the mask,
+# one without: the loads in flight that the static model cannot rate)
+VARIANTS = {"bias": [("passes", {"whole_walk": False}), ("dbias s2", {"stages": 2})],
+            "window": [("passes", {"whole_walk": False}), ("short s2", {"stages": 2})],
+            "plain": [("passes", {"whole_walk": False}), ("short s1", {"stages": 1})]}
+
+
+def variants_of(kind: str, d: int) -> list:
+    return VARIANTS.get(kind, []) if kind != "bias" or d <= 64 else []
+
 
 CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global attention 64 x 64;
-    # Swin-T's first stage: 32 images x 64 windows of 7 x 7 tokens, a (1, 3, 49, 49) learnable table
-    ("bias", 2048, 3, 49, 32),
-    ("bool", 8, 12, 1025, 64), ("bias", 8, 12, 197, 64), ("rel_pos", 64, 12, 196, 64),
+    # Swin-T's first stage: 32 images x 64 windows of 7 x 7 tokens, a (1, 3, 49, 49) learnable table,
+    # and through window_attention (shifted: a bool mask); Hiera-B+'s first stage: 32 images x 49 mask
+    # units of 64 tokens, D = 56
+    ("bias", 2048, 3, 49, 32), ("window", 2048, 3, 49, 32),
+    ("bool", 8, 12, 1025, 64), ("bias", 8, 12, 197, 64), ("rel_pos", 64, 12, 196, 64), ("plain", 1568, 2, 64, 56),
     ("rel_pos", 2, 12, 4096, 64), ("bool", 8, 16, 577, 128), ("bias", 8, 16, 577, 128), ("rel_pos", 2, 16, 4096, 128),
 ]  # fmt: skip
 if DEVICE == "cpu":
-    # the bias under 3 batches, 13 x 13: the interpreter's dBias walk with dQ, dK and dV (and the passes beside it)
-    CASES = [("bool", 1, 2, 37, 16), ("bias", 3, 2, 13, 16), ("rel_pos", 1, 2, 36, 16), ("rel_pos", 1, 1, 400, 16)]
+    # the bias under 3 batches, 13 x 13: the interpreter's dBias walk with dQ, dK and dV (and the passes beside
+    # it); 13 x 13 windows with a region mask: the short backward (and the passes)
+    CASES = [("bool", 1, 2, 37, 16), ("bias", 3, 2, 13, 16), ("window", 3, 2, 13, 16), ("rel_pos", 1, 2, 36, 16),
+             ("rel_pos", 1, 1, 400, 16)]  # fmt: skip
 for kind, b, h, n, d in CASES:
     if time.time() - start > BUDGET_S:
         checks.append(f"SKIPPED (budget) {kind} B={b} N={n} D={d}")
@@ -143,15 +163,14 @@ for kind, b, h, n, d in CASES:
     try:
         want = grads(reference_call, tensors, grad_out, torch.float64)
         base = grads(sdpa_call, tensors, grad_out)
-        variants = [("", {})] + (DBIAS_VARIANTS if kind == "bias" and d <= 64 else [])
-        for suffix, variant in variants:
-            dbias_variant(**variant)
+        for suffix, variant in [("", {})] + [(f" ({tag})", variant) for tag, variant in variants_of(kind, d)]:
+            backward_variant(**variant)
             got = grads(fastvit_call, tensors, grad_out)
-            dbias_variant()
+            backward_variant()
             names = [f"tensor {i}" for i in range(len(want))]
             check_within_budget(label + suffix, names, got, want, base, ATOL, checks)
     except Exception as exc:  # a failing case is reported, the next one still runs
-        dbias_variant()
+        backward_variant()
         checks.append(f"ERROR {label}: {type(exc).__name__}: {exc}")
         continue
     print(checks[-1], flush=True)
@@ -161,10 +180,9 @@ for kind, b, h, n, d in CASES:
     leaves = leaves_of(q, k, v, mask, rel)
     flops = 4.0 * b * h * n * n * d
     impls = [("fastvit[triton]", fastvit_call, {}), ("sdpa", sdpa_call, {})]
-    if kind == "bias" and d <= 64:  # where the walk takes 64 x 64 tiles on Hopper (Swin's, BEiT's)
-        impls[1:1] = [(f"fastvit[{tag}]", fastvit_call, variant) for tag, variant in DBIAS_IMPLS]
+    impls[1:1] = [(f"fastvit[{tag}]", fastvit_call, variant) for tag, variant in variants_of(kind, d)]
     for impl, fn, variant in impls:
-        dbias_variant(**variant)
+        backward_variant(**variant)
         try:
             fwd, both = time_both(fn, tensors, leaves, grad_out)
         except torch.cuda.OutOfMemoryError:  # SDPA's materialised (B, H, N, N) rel_pos bias
@@ -172,7 +190,7 @@ for kind, b, h, n, d in CASES:
             torch.cuda.empty_cache()
             continue
         finally:
-            dbias_variant()
+            backward_variant()
         rows.append({"impl": impl, "kind": kind, "B": b, "H": h, "N": n, "D": d, "dtype": "bfloat16",
                      "fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_tflops": flops / fwd / 1e9,
                      "fwd_bwd_tflops": 3.5 * flops / both / 1e9})  # fmt: skip

@@ -351,7 +351,7 @@ def _record_launches(monkeypatch) -> list:
 
     calls = []
     for name in ("flash_attention_fwd_kernel", "flash_attention_bwd_dq_kernel", "flash_attention_bwd_dkdv_kernel",
-                 "flash_attention_bwd_dbias_kernel"):  # fmt: skip
+                 "flash_attention_bwd_dbias_kernel", "flash_attention_bwd_short_kernel"):  # fmt: skip
         monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), name.split("_")[-2], calls))
     return calls
 
@@ -410,6 +410,87 @@ def test_kernel_backward_is_two_launches_dq_first_writing_delta(kernel_device, m
         for actual, expected in zip(grads, ref_grads, strict=True):
             actual = actual[start:end].cpu().transpose(0, 1)[None].double()
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def _short_tiles(kernels, dtype) -> tuple[int, int] | None:
+    cfg = kernels.short_bwd_config(kernels.arch_of(torch.device("cuda" if ON_GPU else "cpu")), dtype, 32)
+    return None if cfg is None else (cfg.block_m, cfg.block_n)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, monkeypatch):
+    """Where one tile holds every query and every key (windows up to 64 x 64 on a GPU, 16 x 16 in the
+    interpreter) and nothing needs a bias gradient, the backward is one launch of the short kernel
+    (delta from its own P * dP, dQ, dK, dV each written once), causal or not, N != M both ways,
+    with more (batch, head) pairs than programs (each program walks several); with
+    ``SHORT_BACKWARD`` off, or one key more than the tile, the two passes run and agree."""
+    from fastvit.kernels import flash_attention as kernels
+
+    tiles = _short_tiles(kernels, dtype)
+    if tiles is None:
+        pytest.skip("no short tiles for this dtype here")
+    rows, cols = tiles
+    calls = _record_launches(monkeypatch)
+    # 5 x 7 = 35 pairs: more than the interpreter's 8 programs (2 x 4 SMs), not a multiple of them
+    for n_q, n_k, causal in [(rows, cols, False), (rows - 3, cols - 5, True), (2, cols, True), (rows, 1, False)]:
+        calls.clear()
+        (q, k, v), _ = _inputs(5, 7, n_q, n_k, 24, dtype, kernel_device, seed=n_q * 100 + n_k)
+        out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
+        assert calls == ["fwd", "short"], (n_q, n_k)
+        _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
+        monkeypatch.setattr(kernels, "SHORT_BACKWARD", False)
+        calls.clear()
+        passes = _run_kernel(q, k, v, grad_out=grad_out, causal=causal)
+        monkeypatch.setattr(kernels, "SHORT_BACKWARD", True)
+        assert calls == ["fwd", "dq", "dkdv"]
+        _check_against_reference(q, k, v, *passes, causal=causal)
+    calls.clear()
+    (q, k, v), _ = _inputs(1, 2, rows, cols + 1, 24, dtype, kernel_device, seed=5)
+    _run_kernel(q, k, v)
+    assert calls == ["fwd", "dq", "dkdv"]
+
+
+@kernel_test
+def test_kernel_short_backward_takes_views_and_expanded_grads(kernel_device):
+    """The short kernel takes packed-qkv views and a grad_output with stride 0 (``out.sum()``), and
+    gives contiguous gradients of the views' shape."""
+    from fastvit.kernels import flash_attention as kernels
+
+    n = _short_tiles(kernels, torch.float32)[0] - 1
+    (q, k, v), _ = _inputs(3, 2, n, n, 16, torch.float32, kernel_device, packed=True, seed=21)
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))  # (the views of the packed qkv)
+    oracle = _reference(q, k, v, torch.ones_like(out), torch.float64)
+    lowp = _reference(q, k, v, torch.ones_like(out), torch.float32)
+    for name, grad, i in zip(("dq", "dk", "dv"), grads, (2, 3, 4), strict=True):
+        assert grad.shape == q.shape and grad.is_contiguous()
+        assert_close_to_reference(grad.cpu(), oracle[i], lowp[i], name=name)
+
+
+@kernel_test
+def test_kernel_short_backward_production_tiles(kernel_device, monkeypatch):
+    """Every tiling ``short_bwd_config`` gives a GPU, run in the interpreter: a 7 x 7 window (49
+    queries and keys) in the 64 x 64 tiles, 27 x 30 in the 32 x 32 ones; causal too."""
+    if ON_GPU:
+        pytest.skip("on a GPU the production tiles are what every test runs")
+    from fastvit.kernels import flash_attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER", False)
+    tilings = {cfg for a, d, p in _config_keys() for masked in (False, True)
+               if (cfg := kernels.short_bwd_config(a, d, p, masked)) is not None}  # fmt: skip
+    monkeypatch.setattr(kernels, "INTERPRETER", True)
+    calls = _record_launches(monkeypatch)
+    for cfg in sorted(tilings, key=str):
+        monkeypatch.setattr(kernels, "_INTERPRETER_SHORT", cfg)
+        n_q, n_k = (49, 49) if cfg.block_m >= 49 else (cfg.block_m - 5, cfg.block_n - 2)
+        for causal in (False, True):
+            calls.clear()
+            (q, k, v), _ = _inputs(1, 2, n_q, n_k, 40, torch.float16, kernel_device, seed=n_q + causal)
+            out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
+            assert calls == ["fwd", "short"], cfg
+            _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
 
 
 @kernel_test

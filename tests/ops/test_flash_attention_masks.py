@@ -252,6 +252,42 @@ def test_kernel_key_padding_mask(kernel_device, kind, causal, expanded, monkeypa
 
 
 @kernel_test
+@pytest.mark.parametrize("shape", [(B, 1, "N", "M"), (1, H, "N", "M"), ("N", "M"), (B, 1, 1, "M")],
+                         ids=["shifted-windows", "per-head", "2-D", "key-padding"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_short_backward_with_masks(kernel_device, shape, kind, causal, monkeypatch):
+    """Masks without a gradient (window_attention's shift mask, a frozen bias, key padding) in the
+    one-launch backward of short sequences, read through their broadcast strides, with rows that
+    attend to no key (zero gradients, never NaN); a float mask that needs grad keeps the passes
+    and the dBias kernel."""
+    from fastvit.kernels import flash_attention as kernels
+
+    cfg = kernels.short_bwd_config(kernels.arch_of(torch.device(kernel_device)), torch.float32, D, masked=True)
+    n_q, n_k = cfg.block_m - 3, cfg.block_n - 1
+    sizes = {"N": n_q, "M": n_k}
+    shape = tuple(sizes.get(s, s) for s in shape)
+    q, k, v = _qkv(torch.float32, kernel_device, seed=80, n_q=n_q, n_k=n_k)
+    mask = _mask(shape, kind, kernel_device, seed=81, requires_grad=False)
+    if shape[-2] != 1:
+        with torch.no_grad():
+            mask[..., 2, :] = False if kind == "bool" else float("-inf")  # a row that sees no key
+    launched = []
+    original = kernels.flash_attention_bwd_short_kernel
+    monkeypatch.setattr(kernels, "flash_attention_bwd_short_kernel",
+                        type("Spy", (), {"__getitem__": lambda _, grid: launched.append(grid) or original[grid]})())
+    result = _run("triton", q, k, v, attn_mask=mask, causal=causal)
+    assert launched
+    for t in (result[0], *result[3]):
+        assert not torch.isnan(t).any()
+    _check(q, k, v, result, attn_mask=mask, causal=causal)
+    if kind == "float":
+        launched.clear()
+        _run("triton", q, k, v, attn_mask=mask.requires_grad_(True), causal=causal)
+        assert not launched
+
+
+@kernel_test
 @pytest.mark.parametrize("kind", [None, "bool", "float", "key-padding"])
 def test_kernel_short_sequences_take_64_row_tiles(kernel_device, kind, monkeypatch):
     """Up to 64 query rows (Swin's 7 x 7 windows, N = 49) the forward swaps 128-row tiles on 8 warps

@@ -98,6 +98,30 @@ def test_triton_route_matches_the_definition(kernel_device, batch, heads, grid, 
     run_shape(batch, heads, grid, window, shift, prefix, dim, dtype, kernel_device, "triton")
 
 
+@kernel_test
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_backward_is_one_launch(kernel_device, shift, monkeypatch):
+    """Windows that fit the short backward's tile (4 x 4 in the interpreter's 16 x 16 tiles, Swin's 7 x 7
+    on a GPU) take it: one launch for the gradients of every window (with the shifted windows' region
+    mask), no dQ or dK/dV pass."""
+    from fastvit.kernels import flash_attention as kernels
+
+    launched = []
+    for kind in ("short", "dq", "dkdv"):
+        name = f"flash_attention_bwd_{kind}_kernel"
+        original = getattr(kernels, name)
+        spy = type("Spy", (), {"__getitem__": lambda _, grid, kind=kind, original=original:
+                               launched.append(kind) or original[grid]})  # fmt: skip
+        monkeypatch.setattr(kernels, name, spy())
+    window = 7 if ON_GPU else 4
+    grid = (2 * window, 2 * window)
+    n = grid[0] * grid[1]
+    q, k, v = make_qkv(2, 2, n, 16, torch.float16, kernel_device, seed=n + shift)
+    grad_out = torch.randn(2, 2, n, 16, generator=torch.Generator().manual_seed(3)).to(kernel_device, torch.float16)
+    check_against_reference(q, k, v, grid, window, grad_out, route="triton", shift=shift)
+    assert launched == ["short"]
+
+
 @pytest.mark.parametrize("route", ["torch", pytest.param("triton", marks=kernel_test)])
 def test_views_of_packed_qkv_and_an_expanded_grad_output(route, kernel_device):
     # the layout timm hands over (strided views, no copies) and out.sum()'s stride-0 gradient,
