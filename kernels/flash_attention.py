@@ -17,7 +17,8 @@ Backward (FlashAttention-2, no atomics, deterministic), two launches in stream o
     Short sequences (every query in one row tile and every key in one column tile, no mask
     gradient: windows) take one launch instead, ``flash_attention_bwd_short_kernel``: per (batch,
     head) pair ``delta = rowsum(P * dP)`` (= rowsum(dO * O), no O read), ``dV = P^T dO``,
-    ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, each complete after its one step.
+    ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, each complete after its one step (head dims
+    above 64 in two halves, SPLIT_D).
 
 Conventions: q (B, H, N, D), k and v (B, H, M, D), any strides with unit stride in D (views of a
 packed qkv reach the kernels as they are). Head dims are padded to the next power of two
@@ -1496,6 +1497,19 @@ def flash_attention_bwd_dbias_kernel(
 
 
 @triton.jit
+def _short_store_dv(
+    dv_ptrs,  # (BLOCK_N, HALF) pointers into dV's tile (or its second half)
+    p,  # (BLOCK_M, BLOCK_N) fp32 probabilities
+    do,  # (BLOCK_M, HALF) the rows' output gradients (or their second half)
+    kd_mask,  # (BLOCK_N, HALF) in-range (key, column) pairs
+    DOT_PRECISION: tl.constexpr,
+):
+    """dV = P^T dO for every key of the tile, complete: stored in dV's dtype."""
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    tl.store(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), mask=kd_mask)
+
+
+@triton.jit
 def flash_attention_bwd_short_kernel(
     Q,  # (B, H, N, D) queries, unit stride in D
     K,  # (B, H, M, D) keys, unit stride in D
@@ -1523,31 +1537,39 @@ def flash_attention_bwd_short_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr = False,
     BIAS_BOOL: tl.constexpr = False,  # the mask is bool (read as uint8, 0 = masked), else float (added)
+    SPLIT_D: tl.constexpr = False,  # the head dim in two halves of HEAD_DIM_PAD / 2 (D = 65..128)
 ):
     """The whole backward of attention over short sequences (windows: Swin's 7 x 7 / 8 x 8 through
     ``window_attention``, Hiera's mask units), one (batch, head) pair per step:
 
         P = exp2(Q K^T * scale*log2e + mask - lse*log2e),  dP = dO V^T
         delta = rowsum(P * dP)  (= rowsum(dO * O), since O = P V: no O read)
-        dS = P * (dP - delta)
-        dV = P^T dO,  dQ = scale * dS K,  dK = scale * dS^T Q
+        dS = P * (dP - delta),  dV = P^T dO,  dQ = scale * dS K,  dK = scale * dS^T Q
 
     Every query fits one row tile and every key one column tile, so each gradient is complete after
     one step and is written once: five dots with P and dS formed once, one launch instead of the dQ
     and dK/dV passes (three and four dots, their score tiles formed twice), deterministic. Each
     program walks a contiguous run of PAIRS pairs, so the loads of the next pair can be in flight
-    during this one's dots.
+    during this one's dots. SPLIT_D: q, k, v, dO in (rows, D / 2) halves, the score dots accumulating
+    over both and each gradient stored half by half, dV's before dP is formed: (64, 64) accumulators
+    where (64, 128) ones spilled.
     """
+    HALF: tl.constexpr = HEAD_DIM_PAD // 2 if SPLIT_D else HEAD_DIM_PAD  # the head-dim columns per tile
     pid = tl.program_id(0)
     local_m = tl.arange(0, BLOCK_M)
     local_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_d = tl.arange(0, HALF)
     row_valid = local_m < N
     key_valid = local_n < M
     d_valid = offs_d < HEAD_DIM
     mask = row_valid[:, None] & d_valid[None, :]
     kv_mask = d_valid[:, None] & key_valid[None, :]
     kd_mask = key_valid[:, None] & d_valid[None, :]
+    if SPLIT_D:  # the second half's columns HALF + offs_d
+        hi_valid = (HALF + offs_d) < HEAD_DIM
+        mask_hi = row_valid[:, None] & hi_valid[None, :]
+        kv_mask_hi = hi_valid[:, None] & key_valid[None, :]
+        kd_mask_hi = key_valid[:, None] & hi_valid[None, :]
     qk_scale = sm_scale * LOG2E
     # -- int32 offsets inside one pair's tiles (a pair's rows: 64-bit bases below) --
     q_offs = local_m[:, None] * stride_qn + offs_d[None, :]
@@ -1565,15 +1587,27 @@ def flash_attention_bwd_short_kernel(
         off_h = tl.cast(bh % H, tl.int64)
         row0 = tl.cast(bh, tl.int64) * N
         key0 = tl.cast(bh, tl.int64) * M
-        q = tl.load(Q + (off_b * stride_qb + off_h * stride_qh) + q_offs, mask=mask, other=0.0)
-        do = tl.load(dOut + (off_b * stride_dob + off_h * stride_doh) + do_offs, mask=mask, other=0.0)
-        k_t = tl.load(K + (off_b * stride_kb + off_h * stride_kh) + k_offs, mask=kv_mask, other=0.0)
-        v_t = tl.load(V + (off_b * stride_vb + off_h * stride_vh) + v_offs, mask=kv_mask, other=0.0)
+        q_ptrs = Q + (off_b * stride_qb + off_h * stride_qh) + q_offs
+        do_ptrs = dOut + (off_b * stride_dob + off_h * stride_doh) + do_offs
+        k_ptrs = K + (off_b * stride_kb + off_h * stride_kh) + k_offs
+        v_ptrs = V + (off_b * stride_vb + off_h * stride_vh) + v_offs
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        do = tl.load(do_ptrs, mask=mask, other=0.0)
+        k_t = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v_t = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if SPLIT_D:
+            q_hi = tl.load(q_ptrs + HALF, mask=mask_hi, other=0.0)
+            do_hi = tl.load(do_ptrs + HALF * stride_dod, mask=mask_hi, other=0.0)
+            k_t_hi = tl.load(k_ptrs + HALF, mask=kv_mask_hi, other=0.0)
+            v_t_hi = tl.load(v_ptrs + HALF, mask=kv_mask_hi, other=0.0)
         # -- lse -inf (a fully masked row) -> +inf, so that P = 0 on that row --
         lse = tl.load(Lse + row0 + local_m, mask=row_valid, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         # -- scores in log2 units with the mask; keys past M at -inf (P = 0 there) --
-        t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            s = tl.dot(q_hi, k_t_hi, s, input_precision=DOT_PRECISION)
+        t = s * qk_scale
         if HAS_BIAS:
             bias_ptrs = Bias + (off_b * stride_bb + off_h * stride_bh) + bias_offs
             t = _add_bias(t, bias_ptrs, None, None, valid, HAS_BIAS=True, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=False,
@@ -1582,18 +1616,32 @@ def flash_attention_bwd_short_kernel(
         p = tl.math.exp2(t - lse[:, None] * LOG2E)
         if CAUSAL:
             p = tl.where(local_m[:, None] >= local_n[None, :], p, 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        dv_ptrs = dV + key0 * HEAD_DIM + dkv_offs
+        if SPLIT_D:  # dV = P^T dO first, its accumulators gone before dP's is live (else 104-112 B spilled)
+            _short_store_dv(dv_ptrs, p, do, kd_mask, DOT_PRECISION)
+            _short_store_dv(dv_ptrs + HALF, p, do_hi, kd_mask_hi, DOT_PRECISION)
         # -- every key of every row is here: delta = rowsum(P * dP), dS = P * (dP - delta) --
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        if SPLIT_D:
+            dp = tl.dot(do_hi, v_t_hi, dp, input_precision=DOT_PRECISION)
         delta = tl.sum(p * dp, axis=1)
-        ds = p * (dp - delta[:, None])
-        # -- dV = P^T dO; dQ = scale * dS K; dK = scale * dS^T Q: each complete, stored once --
-        dv = tl.dot(tl.trans(p.to(v_t.dtype)), do, input_precision=DOT_PRECISION)
-        tl.store(dV + key0 * HEAD_DIM + dkv_offs, dv.to(dV.dtype.element_ty), mask=kd_mask)
-        ds_low = ds.to(k_t.dtype)
-        dq = tl.dot(ds_low, tl.trans(k_t), input_precision=DOT_PRECISION) * sm_scale
-        tl.store(dQ + row0 * HEAD_DIM + dq_offs, dq.to(dQ.dtype.element_ty), mask=mask)
-        dk = tl.dot(tl.trans(ds_low), q, input_precision=DOT_PRECISION) * sm_scale
-        tl.store(dK + key0 * HEAD_DIM + dkv_offs, dk.to(dK.dtype.element_ty), mask=kd_mask)
+        ds = (p * (dp - delta[:, None])).to(k_t.dtype)
+        if not SPLIT_D:  # dV = P^T dO after dS (first, a bool mask's D = 64 tiles spilled 24 B on sm_90)
+            _short_store_dv(dv_ptrs, p, do, kd_mask, DOT_PRECISION)
+        # -- dQ = scale * dS K; dK = scale * dS^T Q: complete, stored once --
+        dq_ptrs = dQ + row0 * HEAD_DIM + dq_offs
+        dq = tl.dot(ds, tl.trans(k_t), input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=mask)
+        if SPLIT_D:
+            dq = tl.dot(ds, tl.trans(k_t_hi), input_precision=DOT_PRECISION) * sm_scale
+            tl.store(dq_ptrs + HALF, dq.to(dQ.dtype.element_ty), mask=mask_hi)
+        ds_t = tl.trans(ds)
+        dk_ptrs = dK + key0 * HEAD_DIM + dkv_offs
+        dk = tl.dot(ds_t, q, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=kd_mask)
+        if SPLIT_D:
+            dk = tl.dot(ds_t, q_hi, input_precision=DOT_PRECISION) * sm_scale
+            tl.store(dk_ptrs + HALF, dk.to(dK.dtype.element_ty), mask=kd_mask_hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2297,32 +2345,36 @@ def short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, masked: b
     every query in one row tile, every key in one column tile), or None where none fits;
     ``masked``: with an attn_mask (bool, or float without a gradient).
 
-    16-bit: 64 x 64 on one warpgroup (Swin's 7 x 7 and 8 x 8 windows, Hiera's 64-token mask units).
-    Such a window is memory-bound: per (window, head) at D = 32 the five dots are ~1.3 MFLOP (padded
-    tiles) against ~22 KB moved (q, k, v, dO in, dQ, dK, dV out), ~60 FLOP/B, well below an H100's
-    ~295; the two passes move ~38 KB (each reads q, k, v, dO, the dQ pass O too). So Hopper without a
-    mask takes two stages: the next pair's loads in flight by cp.async during this pair's dots.
+    16-bit: 64 x 64 on one warpgroup (Swin's 7 x 7 and 8 x 8 windows, Hiera's 64-token mask units),
+    the head dim in two halves above 64 (SPLIT_D). Such a window is memory-bound: per (window, head)
+    at D = 32 the five dots are ~1.3 MFLOP (padded tiles) against ~22 KB moved (q, k, v, dO in; dQ,
+    dK, dV out), ~60 FLOP/B, well below an H100's ~295; the two passes move ~38 KB (each reads q, k,
+    v, dO, the dQ pass O too). So Hopper without a mask up to D = 64 takes two stages: the next
+    pair's loads in flight by cp.async during this pair's dots.
     Static report, 2026-12-05, bf16, registers / CTAs per SM / loop efficiency over the five dots,
-    Triton 3.8 (3.6), no spill under either: Hopper D = 16 146 / 3 / 0.28 (HGMMA N = 16), D = 32 167
-    / 3 / 0.48 (156, 0.49), D = 64 255 / 2 / 0.79 (0.80); with a bool mask one stage (two spilled
-    16 B at D = 64 under 3.6), D = 32 184 / 2 / 0.33 (254, 0.24), D = 64 255 / 2 / 0.55 (0.42).
-    sm_80 / sm_89 on one stage (two spilled 8 B at sm_89 D = 32 under 3.6, 112 B at D = 64 under
-    3.8): D = 32
-    248 / 2 / 0.88 and 1.0, D = 64 255 / 2 / 1.0; with a mask up to D = 32 (0.50 and 0.93; at D = 64
-    the mask's tile spills 32-240 B: no short tiles). Above D = 64 none: the 64 x 128 accumulators
-    spill 32-376 B on one stage, and Hopper's two stages run one program per SM (0.51, taking
-    turns): those keep the two passes. fp32: 64 x 64 on 8 warps up to D = 32 (120-128 registers;
-    158-206 with a mask), 32 x 32 on 4 at D = 64 (120-142; 64 x 64 spills 248 B-8.7 KB).
+    Triton 3.8 (3.6 where it differs), no spill: Hopper D = 16 146 / 3 / 0.28 (HGMMA N = 16), D = 32
+    167 / 3 / 0.48 (187 / 2 / 0.50), D = 64 255 / 2 / 0.79 (214 / 2 / 0.80); the halves, one stage:
+    D = 80 232 / 2 / 1.0, D = 128 222 / 2 / 1.0; a bool mask, one stage: D = 32 184 / 2 / 0.33 (254 /
+    2 / 0.24), D = 64 255 / 2 / 0.55 (0.42). sm_80 / sm_89 one stage: D = 32 240 / 2 / 0.88 and 222
+    / 2 / 1.0, D = 64 255 / 2 / 1.0; with a mask up to D = 32 (0.50 and 0.94; sm_89 puts 16 B on
+    the stack under 3.6). None where they spill: a mask at D = 64 off Hopper (32-240 B) and above
+    D = 64 on Hopper (halves: 96-144 B); off Hopper above D = 64 (halves: 104-312 B). What made the
+    halves fit: dV = P^T dO stored before dP is formed (after it they spilled 32 B on Hopper under
+    3.6; at D <= 64 the mask's tiles spill 24 B that way, so those keep dV after dS); whole 128-wide
+    tiles spilled 40 B on one stage and ran one program per SM on two (0.54). fp32: 64 x 64 on 8
+    warps up to D = 32 (116-128 registers, 158-206 with a mask), 32 x 32 on 4 at D = 64 and 128
+    (122-142 and 222-251, halves; 64 x 64 spilled 248 B-8.7 KB at D = 64).
     UNMEASURED on a GPU: ``benchmarks/gpu_checks/attention_masked.py`` times it against the passes."""
     if INTERPRETER:
         return _INTERPRETER_SHORT
-    if head_dim_pad > 64:
-        return None
     if dtype == torch.float32:
-        return AttentionConfig(64, 64, 8, 1) if head_dim_pad <= 32 else AttentionConfig(32, 32, 4, 1)
+        return {32: AttentionConfig(64, 64, 8, 1), 64: AttentionConfig(32, 32, 4, 1),
+                128: AttentionConfig(32, 32, 4, 1)}.get(max(head_dim_pad, 32))  # fmt: skip
     if 90 <= arch < 100:
-        return AttentionConfig(64, 64, 4, 1 if masked else 2)
-    return None if masked and head_dim_pad > 32 else AttentionConfig(64, 64, 4, 1)
+        if head_dim_pad <= 64:
+            return AttentionConfig(64, 64, 4, 1 if masked else 2)
+        return None if masked or head_dim_pad > 128 else AttentionConfig(64, 64, 4, 1)
+    return None if head_dim_pad > (32 if masked else 64) else AttentionConfig(64, 64, 4, 1)
 
 
 _FP32_CONFIGS = {
@@ -2830,6 +2882,8 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
 
 
 SHORT_BACKWARD = True
+# above this (padded) head dim the short backward takes the head dim in two halves (its SPLIT_D)
+SHORT_SPLIT_D = 64
 # the short backward's programs per SM (each walks a contiguous run of (batch, head) pairs)
 SHORT_PROGRAMS_PER_SM = 4
 
@@ -2861,7 +2915,7 @@ def _short_backward(q, k, v, grad_out, lse, dq, dk, dv, bias, bias_strides, scal
         heads, n_q, k.shape[2], pairs, per_program, scale,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), HAS_BIAS=flags["HAS_BIAS"], BIAS_BOOL=flags["BIAS_BOOL"],
-        **cfg.launch_options(),
+        SPLIT_D=head_dim_padded(head_dim) > SHORT_SPLIT_D, **cfg.launch_options(),
     )
 
 
@@ -3408,10 +3462,10 @@ def _short_bwd_specs(arch, dtype, ty, head_dim) -> list[KernelSpec]:
     """The one-launch backward of short sequences (``flash_attention_bwd_short_kernel``) at every
     16-bit head dim its tiles take; with a contiguous bool mask (``window_attention``'s shifted
     windows, (windows, 1, N, M)) at Swin's and ViT-B's head dims, causal at ViT-B's; fp32 plain at
-    those, with the mask at Swin's."""
+    those and at 128 (the head-dim halves), with the mask at Swin's."""
     pad = head_dim_padded(head_dim)
     wide = head_dim in _SHORT_AOT_HEAD_DIMS
-    if dtype == torch.float32 and not wide:
+    if dtype == torch.float32 and head_dim not in (*_SHORT_AOT_HEAD_DIMS, 128):
         return []
     variants = [("", False, False)]
     if wide and (dtype != torch.float32 or head_dim == 32):
@@ -3430,6 +3484,7 @@ def _short_bwd_specs(arch, dtype, ty, head_dim) -> list[KernelSpec]:
                          **({"stride_bm": "constexpr"} if mask else {})})  # fmt: skip
         constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                       "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype), "HAS_BIAS": mask, "BIAS_BOOL": mask,
+                      "SPLIT_D": pad > SHORT_SPLIT_D,
                       "stride_dod": 1, **({"stride_bm": 1} if mask else {"Bias": None})}  # fmt: skip
         specs.append(KernelSpec(
             "flash_attention.flash_attention_bwd_short_kernel",

@@ -412,30 +412,33 @@ def test_kernel_backward_is_two_launches_dq_first_writing_delta(kernel_device, m
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
-def _short_tiles(kernels, dtype) -> tuple[int, int] | None:
-    cfg = kernels.short_bwd_config(kernels.arch_of(torch.device("cuda" if ON_GPU else "cpu")), dtype, 32)
+def _short_tiles(kernels, dtype, head_dim=32) -> tuple[int, int] | None:
+    arch = kernels.arch_of(torch.device("cuda" if ON_GPU else "cpu"))
+    cfg = kernels.short_bwd_config(arch, dtype, kernels.head_dim_padded(head_dim))
     return None if cfg is None else (cfg.block_m, cfg.block_n)
 
 
 @kernel_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, monkeypatch):
+@pytest.mark.parametrize("head_dim", [24, 80])
+def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, head_dim, monkeypatch):
     """Where one tile holds every query and every key (windows up to 64 x 64 on a GPU, 16 x 16 in the
     interpreter) and nothing needs a bias gradient, the backward is one launch of the short kernel
     (delta from its own P * dP, dQ, dK, dV each written once), causal or not, N != M both ways,
-    with more (batch, head) pairs than programs (each program walks several); with
-    ``SHORT_BACKWARD`` off, or one key more than the tile, the two passes run and agree."""
+    with more (batch, head) pairs than programs (each program walks several), and at D = 80 in
+    head-dim halves (SPLIT_D); with ``SHORT_BACKWARD`` off, or one key more than the tile, the two
+    passes run and agree."""
     from fastvit.kernels import flash_attention as kernels
 
-    tiles = _short_tiles(kernels, dtype)
+    tiles = _short_tiles(kernels, dtype, head_dim)
     if tiles is None:
-        pytest.skip("no short tiles for this dtype here")
+        pytest.skip("no short tiles for this dtype and head dim here")
     rows, cols = tiles
     calls = _record_launches(monkeypatch)
     # 5 x 7 = 35 pairs: more than the interpreter's 8 programs (2 x 4 SMs), not a multiple of them
     for n_q, n_k, causal in [(rows, cols, False), (rows - 3, cols - 5, True), (2, cols, True), (rows, 1, False)]:
         calls.clear()
-        (q, k, v), _ = _inputs(5, 7, n_q, n_k, 24, dtype, kernel_device, seed=n_q * 100 + n_k)
+        (q, k, v), _ = _inputs(5, 7, n_q, n_k, head_dim, dtype, kernel_device, seed=n_q * 100 + n_k)
         out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
         assert calls == ["fwd", "short"], (n_q, n_k)
         _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
@@ -446,7 +449,7 @@ def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, mon
         assert calls == ["fwd", "dq", "dkdv"]
         _check_against_reference(q, k, v, *passes, causal=causal)
     calls.clear()
-    (q, k, v), _ = _inputs(1, 2, rows, cols + 1, 24, dtype, kernel_device, seed=5)
+    (q, k, v), _ = _inputs(1, 2, rows, cols + 1, head_dim, dtype, kernel_device, seed=5)
     _run_kernel(q, k, v)
     assert calls == ["fwd", "dq", "dkdv"]
 
@@ -472,22 +475,23 @@ def test_kernel_short_backward_takes_views_and_expanded_grads(kernel_device):
 @kernel_test
 def test_kernel_short_backward_production_tiles(kernel_device, monkeypatch):
     """Every tiling ``short_bwd_config`` gives a GPU, run in the interpreter: a 7 x 7 window (49
-    queries and keys) in the 64 x 64 tiles, 27 x 30 in the 32 x 32 ones; causal too."""
+    queries and keys) in the 64 x 64 tiles, 27 x 30 in the 32 x 32 ones, at D = 40 and, where a
+    head dim above 64 takes the tiling (its halves), at D = 96; causal too."""
     if ON_GPU:
         pytest.skip("on a GPU the production tiles are what every test runs")
     from fastvit.kernels import flash_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER", False)
-    tilings = {cfg for a, d, p in _config_keys() for masked in (False, True)
+    tilings = {(cfg, 96 if p > kernels.SHORT_SPLIT_D else 40) for a, d, p in _config_keys() for masked in (False, True)
                if (cfg := kernels.short_bwd_config(a, d, p, masked)) is not None}  # fmt: skip
     monkeypatch.setattr(kernels, "INTERPRETER", True)
     calls = _record_launches(monkeypatch)
-    for cfg in sorted(tilings, key=str):
+    for cfg, head_dim in sorted(tilings, key=str):
         monkeypatch.setattr(kernels, "_INTERPRETER_SHORT", cfg)
         n_q, n_k = (49, 49) if cfg.block_m >= 49 else (cfg.block_m - 5, cfg.block_n - 2)
         for causal in (False, True):
             calls.clear()
-            (q, k, v), _ = _inputs(1, 2, n_q, n_k, 40, torch.float16, kernel_device, seed=n_q + causal)
+            (q, k, v), _ = _inputs(1, 2, n_q, n_k, head_dim, torch.float16, kernel_device, seed=n_q + causal)
             out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
             assert calls == ["fwd", "short"], cfg
             _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
