@@ -18,7 +18,7 @@ Backward (FlashAttention-2, no atomics, deterministic), two launches in stream o
     gradient: windows) take one launch instead, ``flash_attention_bwd_short_kernel``: per (batch,
     head) pair ``delta = rowsum(P * dP)`` (= rowsum(dO * O), no O read), ``dV = P^T dO``,
     ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, each complete after its one step (head dims
-    above 64 in two halves, SPLIT_D).
+    above 64 in two halves, SPLIT_D); packed sequences too (VARLEN, a (sequence, head) pair a step).
 
 Conventions: q (B, H, N, D), k and v (B, H, M, D), any strides with unit stride in D (views of a
 packed qkv reach the kernels as they are). Head dims are padded to the next power of two
@@ -1497,6 +1497,21 @@ def flash_attention_bwd_dbias_kernel(
 
 
 @triton.jit
+def _short_valid(local_m, local_n, offs_d, n_rows, n_keys, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """In-range predicates of one pair's tiles: rows < n_rows, keys < n_keys, head-dim columns < D
+    in the first half (offs_d) and the second (HALF + offs_d; unused without SPLIT_D). Returns
+    (row_valid, key_valid, (rows, cols), (cols, keys) and (keys, cols) masks, the last three again
+    for the second half)."""
+    row_valid = local_m < n_rows
+    key_valid = local_n < n_keys
+    d_valid = offs_d < HEAD_DIM
+    hi_valid = (HALF + offs_d) < HEAD_DIM
+    return (row_valid, key_valid, row_valid[:, None] & d_valid[None, :], d_valid[:, None] & key_valid[None, :],
+            key_valid[:, None] & d_valid[None, :], row_valid[:, None] & hi_valid[None, :],
+            hi_valid[:, None] & key_valid[None, :], key_valid[:, None] & hi_valid[None, :])  # fmt: skip
+
+
+@triton.jit
 def _short_store_dv(
     dv_ptrs,  # (BLOCK_N, HALF) pointers into dV's tile (or its second half)
     p,  # (BLOCK_M, BLOCK_N) fp32 probabilities
@@ -1538,6 +1553,9 @@ def flash_attention_bwd_short_kernel(
     HAS_BIAS: tl.constexpr = False,
     BIAS_BOOL: tl.constexpr = False,  # the mask is bool (read as uint8, 0 = masked), else float (added)
     SPLIT_D: tl.constexpr = False,  # the head dim in two halves of HEAD_DIM_PAD / 2 (D = 65..128)
+    CuSeqQ=None,  # (S+1,) int32 query offsets of the packed sequences (VARLEN)
+    CuSeqK=None,  # (S+1,) int32 key offsets (VARLEN)
+    VARLEN: tl.constexpr = False,  # packed (T, H, D) sequences: pair = (sequence, head), BH = S * H
 ):
     """The whole backward of attention over short sequences (windows: Swin's 7 x 7 / 8 x 8 through
     ``window_attention``, Hiera's mask units), one (batch, head) pair per step:
@@ -1552,45 +1570,68 @@ def flash_attention_bwd_short_kernel(
     program walks a contiguous run of PAIRS pairs, so the loads of the next pair can be in flight
     during this one's dots. SPLIT_D: q, k, v, dO in (rows, D / 2) halves, the score dots accumulating
     over both and each gradient stored half by half, dV's before dP is formed: (64, 64) accumulators
-    where (64, 128) ones spilled.
+    where (64, 128) ones spilled. VARLEN (packed sequences no longer than the tiles: Qwen-VL's
+    windows): a pair is (sequence, head), BH = S * H; q, dO (T, H, D) and k, v (Tk, H, D) with
+    batch strides 0, Lse (H, T) with N = T, the gradients contiguous (T, H, D) and (Tk, H, D); each
+    step reads its sequence's first query and key and its lengths from cu_seqlens.
     """
     HALF: tl.constexpr = HEAD_DIM_PAD // 2 if SPLIT_D else HEAD_DIM_PAD  # the head-dim columns per tile
     pid = tl.program_id(0)
     local_m = tl.arange(0, BLOCK_M)
     local_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HALF)
-    row_valid = local_m < N
-    key_valid = local_n < M
-    d_valid = offs_d < HEAD_DIM
-    mask = row_valid[:, None] & d_valid[None, :]
-    kv_mask = d_valid[:, None] & key_valid[None, :]
-    kd_mask = key_valid[:, None] & d_valid[None, :]
-    if SPLIT_D:  # the second half's columns HALF + offs_d
-        hi_valid = (HALF + offs_d) < HEAD_DIM
-        mask_hi = row_valid[:, None] & hi_valid[None, :]
-        kv_mask_hi = hi_valid[:, None] & key_valid[None, :]
-        kd_mask_hi = key_valid[:, None] & hi_valid[None, :]
+    if not VARLEN:  # every pair's lengths: N and M
+        row_valid, key_valid, mask, kv_mask, kd_mask, mask_hi, kv_mask_hi, kd_mask_hi = _short_valid(
+            local_m, local_n, offs_d, N, M, HEAD_DIM, HALF)
     qk_scale = sm_scale * LOG2E
-    # -- int32 offsets inside one pair's tiles (a pair's rows: 64-bit bases below) --
+    # -- int32 offsets inside one pair's tiles (a pair's rows: 64-bit bases below); the gradients'
+    #    rows are D apart, H * D in the packed (T, H, D) layout --
     q_offs = local_m[:, None] * stride_qn + offs_d[None, :]
     do_offs = local_m[:, None] * stride_don + offs_d[None, :] * stride_dod
     k_offs = local_n[None, :] * stride_kn + offs_d[:, None]
     v_offs = local_n[None, :] * stride_vn + offs_d[:, None]
-    dq_offs = local_m[:, None] * HEAD_DIM + offs_d[None, :]
-    dkv_offs = local_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if VARLEN:
+        dq_offs = local_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+        dkv_offs = local_n[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    else:
+        dq_offs = local_m[:, None] * HEAD_DIM + offs_d[None, :]
+        dkv_offs = local_n[:, None] * HEAD_DIM + offs_d[None, :]
     if HAS_BIAS:
         bias_offs = (local_m * stride_bn)[:, None] + (local_n * stride_bm)[None, :]
         valid = row_valid[:, None] & key_valid[None, :]
     first = pid * PAIRS
     for bh in range(first, tl.minimum(first + PAIRS, BH)):
-        off_b = tl.cast(bh // H, tl.int64)
         off_h = tl.cast(bh % H, tl.int64)
-        row0 = tl.cast(bh, tl.int64) * N
-        key0 = tl.cast(bh, tl.int64) * M
-        q_ptrs = Q + (off_b * stride_qb + off_h * stride_qh) + q_offs
-        do_ptrs = dOut + (off_b * stride_dob + off_h * stride_doh) + do_offs
-        k_ptrs = K + (off_b * stride_kb + off_h * stride_kh) + k_offs
-        v_ptrs = V + (off_b * stride_vb + off_h * stride_vh) + v_offs
+        if VARLEN:
+            # -- sequence bh // H: its first query and key and its lengths, from cu_seqlens --
+            seq = bh // H
+            q_start = tl.load(CuSeqQ + seq)
+            k_start = tl.load(CuSeqK + seq)
+            row_valid, key_valid, mask, kv_mask, kd_mask, mask_hi, kv_mask_hi, kd_mask_hi = _short_valid(
+                local_m, local_n, offs_d, tl.load(CuSeqQ + seq + 1) - q_start, tl.load(CuSeqK + seq + 1) - k_start,
+                HEAD_DIM, HALF)
+            q_start = tl.cast(q_start, tl.int64)
+            k_start = tl.cast(k_start, tl.int64)
+            q_base = q_start * stride_qn + off_h * stride_qh
+            do_base = q_start * stride_don + off_h * stride_doh
+            k_base = k_start * stride_kn + off_h * stride_kh
+            v_base = k_start * stride_vn + off_h * stride_vh
+            row0 = off_h * N + q_start  # Lse (H, T)
+            dq_row0 = q_start * H + off_h  # rows of the (T * H, D) gradients
+            dkv_row0 = k_start * H + off_h
+        else:
+            off_b = tl.cast(bh // H, tl.int64)
+            q_base = off_b * stride_qb + off_h * stride_qh
+            do_base = off_b * stride_dob + off_h * stride_doh
+            k_base = off_b * stride_kb + off_h * stride_kh
+            v_base = off_b * stride_vb + off_h * stride_vh
+            row0 = tl.cast(bh, tl.int64) * N
+            dq_row0 = row0
+            dkv_row0 = tl.cast(bh, tl.int64) * M
+        q_ptrs = Q + q_base + q_offs
+        do_ptrs = dOut + do_base + do_offs
+        k_ptrs = K + k_base + k_offs
+        v_ptrs = V + v_base + v_offs
         q = tl.load(q_ptrs, mask=mask, other=0.0)
         do = tl.load(do_ptrs, mask=mask, other=0.0)
         k_t = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -1616,7 +1657,7 @@ def flash_attention_bwd_short_kernel(
         p = tl.math.exp2(t - lse[:, None] * LOG2E)
         if CAUSAL:
             p = tl.where(local_m[:, None] >= local_n[None, :], p, 0.0)
-        dv_ptrs = dV + key0 * HEAD_DIM + dkv_offs
+        dv_ptrs = dV + dkv_row0 * HEAD_DIM + dkv_offs
         if SPLIT_D:  # dV = P^T dO first, its accumulators gone before dP's is live (else 104-112 B spilled)
             _short_store_dv(dv_ptrs, p, do, kd_mask, DOT_PRECISION)
             _short_store_dv(dv_ptrs + HALF, p, do_hi, kd_mask_hi, DOT_PRECISION)
@@ -1629,14 +1670,14 @@ def flash_attention_bwd_short_kernel(
         if not SPLIT_D:  # dV = P^T dO after dS (first, a bool mask's D = 64 tiles spilled 24 B on sm_90)
             _short_store_dv(dv_ptrs, p, do, kd_mask, DOT_PRECISION)
         # -- dQ = scale * dS K; dK = scale * dS^T Q: complete, stored once --
-        dq_ptrs = dQ + row0 * HEAD_DIM + dq_offs
+        dq_ptrs = dQ + dq_row0 * HEAD_DIM + dq_offs
         dq = tl.dot(ds, tl.trans(k_t), input_precision=DOT_PRECISION) * sm_scale
         tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=mask)
         if SPLIT_D:
             dq = tl.dot(ds, tl.trans(k_t_hi), input_precision=DOT_PRECISION) * sm_scale
             tl.store(dq_ptrs + HALF, dq.to(dQ.dtype.element_ty), mask=mask_hi)
         ds_t = tl.trans(ds)
-        dk_ptrs = dK + key0 * HEAD_DIM + dkv_offs
+        dk_ptrs = dK + dkv_row0 * HEAD_DIM + dkv_offs
         dk = tl.dot(ds_t, q, input_precision=DOT_PRECISION) * sm_scale
         tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=kd_mask)
         if SPLIT_D:
@@ -2339,11 +2380,11 @@ def dbias_dq_config(arch: int, dtype: torch.dtype, head_dim_pad: int) -> Attenti
 _INTERPRETER_SHORT = AttentionConfig(16, 16, 4, 1)
 
 
-def short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, masked: bool = False
+def short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, masked: bool = False, varlen: bool = False
                      ) -> AttentionConfig | None:  # fmt: skip
     """Tiles of the one-launch backward of short sequences (``flash_attention_bwd_short_kernel``:
     every query in one row tile, every key in one column tile), or None where none fits;
-    ``masked``: with an attn_mask (bool, or float without a gradient).
+    ``masked``: with an attn_mask (bool, or float without a gradient); ``varlen``: packed sequences.
 
     16-bit: 64 x 64 on one warpgroup (Swin's 7 x 7 and 8 x 8 windows, Hiera's 64-token mask units),
     the head dim in two halves above 64 (SPLIT_D). Such a window is memory-bound: per (window, head)
@@ -2363,13 +2404,16 @@ def short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, masked: b
     3.6; at D <= 64 the mask's tiles spill 24 B that way, so those keep dV after dS); whole 128-wide
     tiles spilled 40 B on one stage and ran one program per SM on two (0.54). fp32: 64 x 64 on 8
     warps up to D = 32 (116-128 registers, 158-206 with a mask), 32 x 32 on 4 at D = 64 and 128
-    (122-142 and 222-251, halves; 64 x 64 spilled 248 B-8.7 KB at D = 64).
+    (122-142 and 222-251, halves; 64 x 64 spilled 248 B-8.7 KB at D = 64). Packed sequences (VARLEN:
+    lengths and starts per step) take the same tiles: bf16 sm_90 D = 64 181 / 2 / 0.76, D = 128 218
+    / 2 / 1.0, sm_80 / sm_89 D = 64 255 / 2 / 1.0; fp32 to D = 64 (94-128 registers; at D = 128
+    24 B spilled on sm_90: none).
     UNMEASURED on a GPU: ``benchmarks/gpu_checks/attention_masked.py`` times it against the passes."""
     if INTERPRETER:
         return _INTERPRETER_SHORT
     if dtype == torch.float32:
         return {32: AttentionConfig(64, 64, 8, 1), 64: AttentionConfig(32, 32, 4, 1),
-                128: AttentionConfig(32, 32, 4, 1)}.get(max(head_dim_pad, 32))  # fmt: skip
+                128: None if varlen else AttentionConfig(32, 32, 4, 1)}.get(max(head_dim_pad, 32))  # fmt: skip
     if 90 <= arch < 100:
         if head_dim_pad <= 64:
             return AttentionConfig(64, 64, 4, 1 if masked else 2)
@@ -2647,8 +2691,9 @@ def flash_attention_backward(
     if not bias_grad and rel_h is None:
         short = short_backward_config(arch, q.dtype, pad, n_q, n_k, masked=bias is not None)
     if short is not None:  # every query and key in one tile: the whole backward in one launch
-        _short_backward(q, k, v, grad_out, lse, dq, dk, dv, pointers[0], bias_strides[:4], scale, causal, flags,
-                        short)  # fmt: skip
+        with device_guard(q):
+            _short_backward(q, k, v, grad_out, lse, (dq, dk, dv), scale, causal, short, bias=pointers[0],
+                            bias_strides=bias_strides[:4], bias_bool=flags["BIAS_BOOL"])  # fmt: skip
         return dq, dk, dv, None, None, None
     if bias is not None or rel_h is not None:
         bins = 0 if rel_h is None else max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1]))
@@ -2888,34 +2933,42 @@ SHORT_SPLIT_D = 64
 SHORT_PROGRAMS_PER_SM = 4
 
 
-def short_backward_config(arch: int, dtype: torch.dtype, head_dim_pad: int, n_q: int, n_k: int, masked: bool
-                          ) -> AttentionConfig | None:  # fmt: skip
-    """``short_bwd_config``'s tiles where they hold all ``n_q`` queries and ``n_k`` (>= 1) keys (and
-    ``SHORT_BACKWARD`` is on), else None: the backward then runs the dQ and dK/dV passes."""
-    cfg = short_bwd_config(arch, dtype, head_dim_pad, masked) if SHORT_BACKWARD and n_k > 0 else None
+def short_backward_config(arch: int, dtype: torch.dtype, head_dim_pad: int, n_q: int, n_k: int, masked: bool,
+                          varlen: bool = False) -> AttentionConfig | None:  # fmt: skip
+    """``short_bwd_config``'s tiles where they hold all ``n_q`` queries and ``n_k`` (>= 1) keys (the
+    longest packed sequences with ``varlen``), and ``SHORT_BACKWARD`` is on; else None: the backward
+    then runs the dQ and dK/dV passes."""
+    cfg = short_bwd_config(arch, dtype, head_dim_pad, masked, varlen) if SHORT_BACKWARD and n_k > 0 else None
     return cfg if cfg is not None and n_q <= cfg.block_m and n_k <= cfg.block_n else None
 
 
-def _short_backward(q, k, v, grad_out, lse, dq, dk, dv, bias, bias_strides, scale, causal, flags,
-                    cfg: AttentionConfig) -> None:  # fmt: skip
-    """Launch ``flash_attention_bwd_short_kernel``: dq, dk and dv (contiguous) written in one launch,
-    each program walking ``cdiv(B * H, programs)`` (batch, head) pairs."""
-    batch, heads, n_q, head_dim = q.shape
+def _short_backward(q, k, v, grad_out, lse, grads, scale: float, causal: bool, cfg: AttentionConfig, *,
+                    bias=None, bias_strides=(0, 0, 0, 0), bias_bool=False, cu_seqlens=None) -> None:  # fmt: skip
+    """Launch ``flash_attention_bwd_short_kernel`` over dense (B, H, N, D) inputs, or packed (T, H, D)
+    ones with ``cu_seqlens`` = (cu_seqlens_q, cu_seqlens_k): ``grads`` = (dq, dk, dv), contiguous,
+    written in one launch, each program walking ``cdiv(pairs, programs)`` (batch or sequence, head)
+    pairs. ``bias``: a mask without a gradient (bool ones as uint8, ``bias_bool``) and its strides."""
+    if cu_seqlens is None:
+        batch, heads, n_q, head_dim = q.shape
+        n_k = k.shape[2]
+        strides = (*(s for t in (q, k, v) for s in t.stride()[:3]), *grad_out.stride())
+        varlen = {}
+    else:
+        n_q, heads, head_dim = q.shape
+        n_k, batch = k.shape[0], cu_seqlens[0].shape[0] - 1
+        strides = (*(s for t in (q, k, v, grad_out) for s in _packed_strides(t)), grad_out.stride(2))
+        varlen = {"CuSeqQ": cu_seqlens[0], "CuSeqK": cu_seqlens[1], "VARLEN": True}
     pairs = batch * heads
     if pairs == 0:
         return
+    pad = head_dim_padded(head_dim)
     per_program = cdiv(pairs, min(pairs, SHORT_PROGRAMS_PER_SM * sm_count(q.device)))
     flash_attention_bwd_short_kernel[(cdiv(pairs, per_program),)](
-        q, k, v, grad_out, lse, dq, dk, dv, bias,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *grad_out.stride(),
-        *bias_strides,
-        heads, n_q, k.shape[2], pairs, per_program, scale,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), HAS_BIAS=flags["HAS_BIAS"], BIAS_BOOL=flags["BIAS_BOOL"],
-        SPLIT_D=head_dim_padded(head_dim) > SHORT_SPLIT_D, **cfg.launch_options(),
+        q, k, v, grad_out, lse, *grads, bias, *strides, *bias_strides,
+        heads, n_q, n_k, pairs, per_program, scale,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+        DOT_PRECISION=dot_precision(q.dtype), HAS_BIAS=bias is not None, BIAS_BOOL=bias_bool,
+        SPLIT_D=pad > SHORT_SPLIT_D, **varlen, **cfg.launch_options(),
     )
 
 
@@ -3047,7 +3100,8 @@ def flash_attention_varlen_backward(
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward passes over packed sequences (VARLEN): dQ over query tiles (writing
-    delta), then dK/dV over key tiles.
+    delta), then dK/dV over key tiles; or, where every sequence fits the short backward's tiles
+    (``max_seqlen_*``: Qwen-VL's 64-token windows), that one launch.
 
     Args:
         grad_out: (T, H, D) gradient of ``out``, any strides with stride 0 or 1 in D.
@@ -3067,6 +3121,12 @@ def flash_attention_varlen_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     pad = head_dim_padded(head_dim)
     arch = arch_of(q.device)
+    short = short_backward_config(arch, q.dtype, pad, max_seqlen_q, max_seqlen_k, masked=False, varlen=True)
+    if short is not None:  # every sequence's queries and keys in one tile: the whole backward in one launch
+        with device_guard(q):
+            _short_backward(q, k, v, grad_out, lse, (dq, dk, dv), scale, causal, short,
+                            cu_seqlens=(cu_seqlens_q, cu_seqlens_k))  # fmt: skip
+        return dq, dk, dv
     cfg = varlen_bwd_config(arch, q.dtype, pad, causal)
     dq_cfg = varlen_bwd_dq_config(arch, q.dtype, pad)
     precision = dot_precision(q.dtype)
@@ -3462,30 +3522,35 @@ def _short_bwd_specs(arch, dtype, ty, head_dim) -> list[KernelSpec]:
     """The one-launch backward of short sequences (``flash_attention_bwd_short_kernel``) at every
     16-bit head dim its tiles take; with a contiguous bool mask (``window_attention``'s shifted
     windows, (windows, 1, N, M)) at Swin's and ViT-B's head dims, causal at ViT-B's; fp32 plain at
-    those and at 128 (the head-dim halves), with the mask at Swin's."""
+    those and at 128 (the head-dim halves), with the mask at Swin's; packed sequences (VARLEN) at
+    ViT-B's head dim and at 128 (Qwen-VL's windows, D = 80)."""
     pad = head_dim_padded(head_dim)
     wide = head_dim in _SHORT_AOT_HEAD_DIMS
     if dtype == torch.float32 and head_dim not in (*_SHORT_AOT_HEAD_DIMS, 128):
         return []
-    variants = [("", False, False)]
+    variants = [("", False, False, False)]  # (label, causal, mask, varlen)
     if wide and (dtype != torch.float32 or head_dim == 32):
-        variants.append((" mask=bool", False, True))
+        variants.append((" mask=bool", False, True, False))
     if dtype != torch.float32 and head_dim == 64:
-        variants.append((" causal", True, False))
+        variants.append((" causal", True, False, False))
+    if head_dim in (64, 128):
+        variants.append((" varlen", False, False, True))
     tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut", "dQ", "dK", "dV")}, "Lse": "*fp32",
                "sm_scale": "fp32", "stride_dod": "constexpr"}  # fmt: skip
     specs = []
-    for label, causal, mask in variants:
-        cfg = short_bwd_config(arch, dtype, pad, masked=mask)
+    for label, causal, mask, varlen in variants:
+        cfg = short_bwd_config(arch, dtype, pad, masked=mask, varlen=varlen)
         if cfg is None:
             continue
         sig = signature(flash_attention_bwd_short_kernel,
                         {**tensors, "Bias": "*u8" if mask else "constexpr",
-                         **({"stride_bm": "constexpr"} if mask else {})})  # fmt: skip
+                         **({"stride_bm": "constexpr"} if mask else {}),
+                         **({"CuSeqQ": "*i32", "CuSeqK": "*i32"} if varlen else {})})  # fmt: skip
         constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                       "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype), "HAS_BIAS": mask, "BIAS_BOOL": mask,
-                      "SPLIT_D": pad > SHORT_SPLIT_D,
-                      "stride_dod": 1, **({"stride_bm": 1} if mask else {"Bias": None})}  # fmt: skip
+                      "SPLIT_D": pad > SHORT_SPLIT_D, "VARLEN": varlen,
+                      "stride_dod": 1, **({"stride_bm": 1} if mask else {"Bias": None}),
+                      **({} if varlen else {"CuSeqQ": None, "CuSeqK": None})}  # fmt: skip
         specs.append(KernelSpec(
             "flash_attention.flash_attention_bwd_short_kernel",
             f"{ty} D={head_dim}{label} BM={cfg.block_m} BN={cfg.block_n} w={cfg.num_warps} s={cfg.num_stages}",

@@ -121,6 +121,39 @@ def test_kernel_cross_lengths(kernel_device, causal):
 
 
 @kernel_test
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, head_dim, causal, monkeypatch):
+    """Packed sequences no longer than the short backward's tiles (Qwen-VL's 64-token windows; 16 in
+    the interpreter) take its one launch, a (sequence, head) pair per step, at D = 80 in head-dim
+    halves: queries without keys and keys without queries get zero gradients, the rest the
+    reference's; with ``SHORT_BACKWARD`` off the two passes run and agree."""
+    from fastvit.kernels import flash_attention as kernels
+
+    arch = kernels.arch_of(torch.device(kernel_device))
+    cfg = kernels.short_bwd_config(arch, dtype, kernels.head_dim_padded(head_dim), varlen=True)
+    if cfg is None:
+        pytest.skip("no short tiles for this dtype and head dim here")
+    lens_q, lens_k = (5, 9, 0, 3, cfg.block_m, 1), (7, 0, 4, 12, cfg.block_n, 1)
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 3, head_dim, dtype, kernel_device, seed=head_dim + causal)
+    launched = []
+    for name in ("flash_attention_bwd_short_kernel", "flash_attention_bwd_dq_kernel"):
+        original = getattr(kernels, name)
+        spy = type("Spy", (), {"__getitem__": lambda _, grid, name=name, original=original:
+                               launched.append(name.split("_")[-2]) or original[grid]})  # fmt: skip
+        monkeypatch.setattr(kernels, name, spy())
+    out, lse, grad_out, grads = _run("triton", q, k, v, cu_q, cu_k, causal=causal)
+    assert launched == ["short"]
+    _check(q, k, v, cu_q, cu_k, out, lse, grad_out, grads, causal=causal)
+    monkeypatch.setattr(kernels, "SHORT_BACKWARD", False)
+    launched.clear()
+    passes = _run("triton", q, k, v, cu_q, cu_k, grad_out, causal=causal)
+    assert launched == ["dq"]
+    _check(q, k, v, cu_q, cu_k, *passes, causal=causal)
+
+
+@kernel_test
 def test_kernel_packed_qkv_views_and_expanded_grad_output(kernel_device, monkeypatch):
     """Views of a packed (T, 3, H, D) qkv reach the kernels as they are; ``out.sum()`` hands the
     backward a grad_output with all strides 0."""
