@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import fastvit
 from fastvit import reference
 from tests.compile_check import assert_compiled_matches_eager
+from tests.launches import record_launches
 from tests.tolerance import assert_close_to_reference
 from tests.torch_compat import OPCHECK_UTILS
 
@@ -334,28 +335,6 @@ def test_kernel_matches_torch_route(kernel_device):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-class _LaunchRecorder:
-    """Stands in for a Triton kernel object in the launcher's module: records the kernel's name at
-    each ``kernel[grid](...)`` and launches the real one."""
-
-    def __init__(self, kernel, name: str, calls: list) -> None:
-        self.kernel, self.name, self.calls = kernel, name, calls
-
-    def __getitem__(self, grid):
-        self.calls.append(self.name)
-        return self.kernel[grid]
-
-
-def _record_launches(monkeypatch) -> list:
-    from fastvit.kernels import flash_attention as kernels
-
-    calls = []
-    for name in ("flash_attention_fwd_kernel", "flash_attention_bwd_dq_kernel", "flash_attention_bwd_dkdv_kernel",
-                 "flash_attention_bwd_dbias_kernel", "flash_attention_bwd_short_kernel"):  # fmt: skip
-        monkeypatch.setattr(kernels, name, _LaunchRecorder(getattr(kernels, name), name.split("_")[-2], calls))
-    return calls
-
-
 @kernel_test
 def test_kernel_backward_is_two_launches_dq_first_writing_delta(kernel_device, monkeypatch):
     """The backward launches dQ, which writes delta = rowsum(dO * O), then dK/dV, which reads it (no
@@ -363,7 +342,7 @@ def test_kernel_backward_is_two_launches_dq_first_writing_delta(kernel_device, m
     with a float bias that needs grad, dBias third; where the dBias kernel's tiles hold every key, it
     writes delta and dQ itself, first, and no dQ pass runs, and where they hold every query too, dK
     and dV as well: one launch (causal too). Dense, masked and packed (varlen) launchers."""
-    calls = _record_launches(monkeypatch)
+    calls = record_launches(monkeypatch)
     (q, k, v), _ = _inputs(2, 2, 45, 29, 32, torch.float32, kernel_device, seed=41)
     out, lse, grad_out, grads = _run_kernel(q, k, v)
     assert calls == ["fwd", "dq", "dkdv"]
@@ -434,7 +413,7 @@ def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, hea
     if tiles is None:
         pytest.skip("no short tiles for this dtype and head dim here")
     rows, cols = tiles
-    calls = _record_launches(monkeypatch)
+    calls = record_launches(monkeypatch)
     # 5 x 7 = 35 pairs: more than the interpreter's 8 programs (2 x 4 SMs), not a multiple of them
     for n_q, n_k, causal in [(rows, cols, False), (rows - 3, cols - 5, True), (2, cols, True), (rows, 1, False)]:
         calls.clear()
@@ -485,7 +464,7 @@ def test_kernel_short_backward_production_tiles(kernel_device, monkeypatch):
     tilings = {(cfg, 96 if p > kernels.SHORT_SPLIT_D else 40) for a, d, p in _config_keys() for masked in (False, True)
                if (cfg := kernels.short_bwd_config(a, d, p, masked)) is not None}  # fmt: skip
     monkeypatch.setattr(kernels, "INTERPRETER", True)
-    calls = _record_launches(monkeypatch)
+    calls = record_launches(monkeypatch)
     for cfg, head_dim in sorted(tilings, key=str):
         monkeypatch.setattr(kernels, "_INTERPRETER_SHORT", cfg)
         n_q, n_k = (49, 49) if cfg.block_m >= 49 else (cfg.block_m - 5, cfg.block_n - 2)

@@ -13,6 +13,7 @@ import torch
 import fastvit
 from fastvit import reference
 from tests.compile_check import assert_compiled_matches_eager
+from tests.launches import record_launches
 from tests.tolerance import assert_close_to_reference
 from tests.torch_compat import OPCHECK_UTILS
 
@@ -137,19 +138,14 @@ def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, hea
         pytest.skip("no short tiles for this dtype and head dim here")
     lens_q, lens_k = (5, 9, 0, 3, cfg.block_m, 1), (7, 0, 4, 12, cfg.block_n, 1)
     q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 3, head_dim, dtype, kernel_device, seed=head_dim + causal)
-    launched = []
-    for name in ("flash_attention_bwd_short_kernel", "flash_attention_bwd_dq_kernel"):
-        original = getattr(kernels, name)
-        spy = type("Spy", (), {"__getitem__": lambda _, grid, name=name, original=original:
-                               launched.append(name.split("_")[-2]) or original[grid]})  # fmt: skip
-        monkeypatch.setattr(kernels, name, spy())
+    launched = record_launches(monkeypatch, ("short", "dq", "dkdv"))
     out, lse, grad_out, grads = _run("triton", q, k, v, cu_q, cu_k, causal=causal)
     assert launched == ["short"]
     _check(q, k, v, cu_q, cu_k, out, lse, grad_out, grads, causal=causal)
     monkeypatch.setattr(kernels, "SHORT_BACKWARD", False)
     launched.clear()
     passes = _run("triton", q, k, v, cu_q, cu_k, grad_out, causal=causal)
-    assert launched == ["dq"]
+    assert launched == ["dq", "dkdv"]
     _check(q, k, v, cu_q, cu_k, *passes, causal=causal)
 
 

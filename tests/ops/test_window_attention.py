@@ -18,6 +18,7 @@ import fastvit
 from fastvit import reference
 from fastvit.ops import window_attention as window_attention_module
 from tests.compile_check import assert_compiled_matches_eager
+from tests.launches import record_launches
 from tests.tolerance import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -104,15 +105,7 @@ def test_window_backward_is_one_launch(kernel_device, shift, monkeypatch):
     """Windows that fit the short backward's tile (4 x 4 in the interpreter's 16 x 16 tiles, Swin's 7 x 7
     on a GPU) take it: one launch for the gradients of every window (with the shifted windows' region
     mask), no dQ or dK/dV pass."""
-    from fastvit.kernels import flash_attention as kernels
-
-    launched = []
-    for kind in ("short", "dq", "dkdv"):
-        name = f"flash_attention_bwd_{kind}_kernel"
-        original = getattr(kernels, name)
-        spy = type("Spy", (), {"__getitem__": lambda _, grid, kind=kind, original=original:
-                               launched.append(kind) or original[grid]})  # fmt: skip
-        monkeypatch.setattr(kernels, name, spy())
+    launched = record_launches(monkeypatch, ("short", "dq", "dkdv"))
     window = 7 if ON_GPU else 4
     grid = (2 * window, 2 * window)
     n = grid[0] * grid[1]
