@@ -2930,8 +2930,10 @@ def _bias_backward(q, k, v, grad_out, lse, delta, pointers, bias, bias_strides, 
 SHORT_BACKWARD = True
 # above this (padded) head dim the short backward takes the head dim in two halves (its SPLIT_D)
 SHORT_SPLIT_D = 64
-# the short backward's programs per SM (each walks a contiguous run of (batch, head) pairs)
-SHORT_PROGRAMS_PER_SM = 4
+# the short backward's programs per SM, each walking a contiguous run of (batch, head) pairs: 12 is
+# a whole number of waves at 1, 2, 3, 4 or 6 resident programs per SM (its tiles run 1-4), so no
+# partial last wave leaves SMs idle for a whole program's run (at 4 per SM, 3 resident: 1.33 waves)
+SHORT_PROGRAMS_PER_SM = 12
 
 
 def short_backward_config(arch: int, dtype: torch.dtype, head_dim_pad: int, n_q: int, n_k: int, masked: bool,
