@@ -2398,19 +2398,29 @@ def short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, masked: b
     D = 80 232 / 2 / 1.0, D = 128 222 / 2 / 1.0; a bool mask, one stage: D = 32 184 / 2 / 0.33 (254 /
     2 / 0.24), D = 64 255 / 2 / 0.55 (0.42). sm_80 / sm_89 one stage: D = 32 240 / 2 / 0.88 and 222
     / 2 / 1.0, D = 64 255 / 2 / 1.0; with a mask up to D = 32 (0.50 and 0.94; sm_89 puts 16 B on
-    the stack under 3.6). None where they spill: a mask at D = 64 off Hopper (32-240 B) and above
-    D = 64 on Hopper (halves: 96-144 B); off Hopper above D = 64 (halves: 104-312 B). What made the
+    the stack under 3.6). A float mask (a frozen table) at D = 32: sm_90 233 / 2 / 0.36 (8 B on the
+    stack under 3.6), sm_80 255 / 2 / 0.64, sm_89 249 / 2 / 1.0. None where they spill: a mask at
+    D = 64 off Hopper (32-240 B) and above D = 64 on Hopper (halves: 96-144 B); off Hopper above
+    D = 64 (halves: 104-312 B). What made the
     halves fit: dV = P^T dO stored before dP is formed (after it they spilled 32 B on Hopper under
     3.6; at D <= 64 the mask's tiles spill 24 B that way, so those keep dV after dS); whole 128-wide
     tiles spilled 40 B on one stage and ran one program per SM on two (0.54). fp32: 64 x 64 on 8
     warps up to D = 32 (116-128 registers, 158-206 with a mask), 32 x 32 on 4 at D = 64 and 128
-    (122-142 and 222-251, halves; 64 x 64 spilled 248 B-8.7 KB at D = 64). Packed sequences (VARLEN:
-    lengths and starts per step) take the same tiles: bf16 sm_90 D = 64 181 / 2 / 0.76, D = 128 218
-    / 2 / 1.0, sm_80 / sm_89 D = 64 255 / 2 / 1.0; fp32 to D = 64 (94-128 registers; at D = 128
-    24 B spilled on sm_90: none).
-    UNMEASURED on a GPU: ``benchmarks/gpu_checks/attention_masked.py`` times it against the passes."""
+    (122-142 and 222-251, halves; with a mask 148-168 and 248-255; 64 x 64 spilled 248 B-8.7 KB at
+    D = 64). Packed sequences (VARLEN: lengths and starts per step) take the same tiles: bf16 sm_90
+    D = 64 181 / 2 / 0.76, D = 128 218 / 2 / 1.0, sm_80 / sm_89 D = 64 255 / 2 / 1.0; fp32 to D = 64
+    (94-128 registers; at D = 128 24 B spilled on sm_90: none).
+    UNMEASURED on a GPU: ``benchmarks/gpu_checks/attention_masked.py`` times it against the passes.
+    In the interpreter, ``_INTERPRETER_SHORT`` wherever Hopper takes short tiles, None where it does
+    not (so the CPU tests see the fallback to the passes too)."""
     if INTERPRETER:
-        return _INTERPRETER_SHORT
+        return _INTERPRETER_SHORT if _hardware_short_bwd_config(90, dtype, head_dim_pad, masked, varlen) else None
+    return _hardware_short_bwd_config(arch, dtype, head_dim_pad, masked, varlen)
+
+
+def _hardware_short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, masked: bool, varlen: bool
+                               ) -> AttentionConfig | None:  # fmt: skip
+    """``short_bwd_config`` on a GPU of ``arch``."""
     if dtype == torch.float32:
         return {32: AttentionConfig(64, 64, 8, 1), 64: AttentionConfig(32, 32, 4, 1),
                 128: None if varlen else AttentionConfig(32, 32, 4, 1)}.get(max(head_dim_pad, 32))  # fmt: skip
@@ -3524,33 +3534,36 @@ def _short_specs(arch, dtype, ty, head_dim, fwd_sig) -> list[KernelSpec]:
 def _short_bwd_specs(arch, dtype, ty, head_dim) -> list[KernelSpec]:
     """The one-launch backward of short sequences (``flash_attention_bwd_short_kernel``) at every
     16-bit head dim its tiles take; with a contiguous bool mask (``window_attention``'s shifted
-    windows, (windows, 1, N, M)) at Swin's and ViT-B's head dims, causal at ViT-B's; fp32 plain at
-    those and at 128 (the head-dim halves), with the mask at Swin's; packed sequences (VARLEN) at
-    ViT-B's head dim and at 128 (Qwen-VL's windows, D = 80)."""
+    windows, (windows, 1, N, M)) at Swin's and ViT-B's head dims, a float one at Swin's, causal at
+    ViT-B's; fp32 plain and with the bool mask at those and at 128 (the head-dim halves); packed
+    sequences (VARLEN) at ViT-B's head dim and at 128 (Qwen-VL's windows, D = 80)."""
     pad = head_dim_padded(head_dim)
     wide = head_dim in _SHORT_AOT_HEAD_DIMS
     if dtype == torch.float32 and head_dim not in (*_SHORT_AOT_HEAD_DIMS, 128):
         return []
-    variants = [("", False, False, False)]  # (label, causal, mask, varlen)
-    if wide and (dtype != torch.float32 or head_dim == 32):
-        variants.append((" mask=bool", False, True, False))
+    variants = [("", False, False, False)]  # (label, causal, mask: "" / "*u8" / "*fp32", varlen)
+    if wide or dtype == torch.float32:
+        variants.append((" mask=bool", False, "*u8", False))
+    if dtype != torch.float32 and head_dim == 32:  # a frozen float table (Swin's, without its gradient)
+        variants.append((" bias=fp32", False, "*fp32", False))
     if dtype != torch.float32 and head_dim == 64:
-        variants.append((" causal", True, False, False))
+        variants.append((" causal", True, "", False))
     if head_dim in (64, 128):
-        variants.append((" varlen", False, False, True))
+        variants.append((" varlen", False, "", True))
     tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut", "dQ", "dK", "dV")}, "Lse": "*fp32",
                "sm_scale": "fp32", "stride_dod": "constexpr"}  # fmt: skip
     specs = []
     for label, causal, mask, varlen in variants:
-        cfg = short_bwd_config(arch, dtype, pad, masked=mask, varlen=varlen)
+        cfg = short_bwd_config(arch, dtype, pad, masked=bool(mask), varlen=varlen)
         if cfg is None:
             continue
         sig = signature(flash_attention_bwd_short_kernel,
-                        {**tensors, "Bias": "*u8" if mask else "constexpr",
+                        {**tensors, "Bias": mask or "constexpr",
                          **({"stride_bm": "constexpr"} if mask else {}),
                          **({"CuSeqQ": "*i32", "CuSeqK": "*i32"} if varlen else {})})  # fmt: skip
         constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype), "HAS_BIAS": mask, "BIAS_BOOL": mask,
+                      "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype), "HAS_BIAS": bool(mask),
+                      "BIAS_BOOL": mask == "*u8",
                       "SPLIT_D": pad > SHORT_SPLIT_D, "VARLEN": varlen,
                       "stride_dod": 1, **({"stride_bm": 1} if mask else {"Bias": None}),
                       **({} if varlen else {"CuSeqQ": None, "CuSeqK": None})}  # fmt: skip

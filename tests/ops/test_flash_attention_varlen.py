@@ -129,18 +129,18 @@ def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, hea
     """Packed sequences no longer than the short backward's tiles (Qwen-VL's 64-token windows; 16 in
     the interpreter) take its one launch, a (sequence, head) pair per step, at D = 80 in head-dim
     halves: queries without keys and keys without queries get zero gradients, the rest the
-    reference's; with ``SHORT_BACKWARD`` off the two passes run and agree."""
+    reference's; with ``SHORT_BACKWARD`` off the two passes run and agree. Where no short tiles
+    fit (fp32 at D = 80: they spill), the passes run."""
     from fastvit.kernels import flash_attention as kernels
 
     arch = kernels.arch_of(torch.device(kernel_device))
     cfg = kernels.short_bwd_config(arch, dtype, kernels.head_dim_padded(head_dim), varlen=True)
-    if cfg is None:
-        pytest.skip("no short tiles for this dtype and head dim here")
-    lens_q, lens_k = (5, 9, 0, 3, cfg.block_m, 1), (7, 0, 4, 12, cfg.block_n, 1)
+    rows, cols = (16, 16) if cfg is None else (cfg.block_m, cfg.block_n)
+    lens_q, lens_k = (5, 9, 0, 3, rows, 1), (7, 0, 4, 12, cols, 1)
     q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 3, head_dim, dtype, kernel_device, seed=head_dim + causal)
     launched = record_launches(monkeypatch, ("short", "dq", "dkdv"))
     out, lse, grad_out, grads = _run("triton", q, k, v, cu_q, cu_k, causal=causal)
-    assert launched == ["short"]
+    assert launched == (["dq", "dkdv"] if cfg is None else ["short"])
     _check(q, k, v, cu_q, cu_k, out, lse, grad_out, grads, causal=causal)
     monkeypatch.setattr(kernels, "SHORT_BACKWARD", False)
     launched.clear()
