@@ -10,8 +10,9 @@ checks and times the dBias walk on two stages (``dbias_config``'s candidate: pip
 model cannot rate) and the dQ and dK/dV passes in place of the walk that takes them
 (``dbias_plan``: Swin's windows) against the default. Windows without a bias gradient (Swin's shifted
 windows through ``window_attention``: a bool region mask per window; Hiera's 64-token mask units at
-D = 96, no mask) take the one-launch short backward (``short_backward_config``); those are checked and
-timed beside the dQ and dK/dV passes and beside the short backward on two stages.
+D = 96, no mask; Qwen2.5-VL's 64-token windows packed through ``flash_attention_varlen``) take the
+one-launch short backward (``short_backward_config``); those are checked and timed beside the dQ and
+dK/dV passes (and, dense, beside the short backward on two stages).
 
     python benchmarks/gpu_checks/attention_masked.py OUT_DIR [TIME_BUDGET_S]
 
@@ -78,6 +79,17 @@ def fastvit_call(q, k, v, mask, rel):
         return fastvit.flash_attention(q, k, v, attn_mask=mask, rel_pos=rel)
 
 
+def fastvit_varlen_call(q, k, v, mask, rel):
+    """The B equal windows of (B, H, n, D) packed end to end, as Qwen-VL's tower hands them to
+    ``flash_attention_varlen`` (cu_seqlens every n tokens): (B, H, n, D) back."""
+    b, h, n, d = q.shape
+    cu = torch.arange(0, b * n + 1, n, dtype=torch.int32, device=q.device)
+    packed = [t.transpose(1, 2).reshape(b * n, h, d) for t in (q, k, v)]
+    with fastvit.backend("triton"):
+        out = fastvit.flash_attention_varlen(*packed, cu, max_seqlen_q=n)
+    return out.view(b, n, h, d).transpose(1, 2)
+
+
 def sdpa_call(q, k, v, mask, rel):
     if rel is not None:
         mask = (rel[0][..., :, None] + rel[1][..., None, :]).flatten(-2)
@@ -133,7 +145,7 @@ def reference_call(q, k, v, mask, rel):
 # loads in flight, which the static model cannot rate, against registers)
 SHORT_VARIANTS = [("passes", {"whole_walk": False}), ("short s2", {"stages": 2})]
 VARIANTS = {"bias": [("passes", {"whole_walk": False}), ("dbias s2", {"stages": 2})], "window": SHORT_VARIANTS,
-            "plain": SHORT_VARIANTS}
+            "plain": SHORT_VARIANTS, "varlen": SHORT_VARIANTS[:1]}
 
 
 def variants_of(kind: str, d: int) -> list:
@@ -143,16 +155,19 @@ def variants_of(kind: str, d: int) -> list:
 CASES = [  # (kind, B, H, N, D): SAM-B's windows are 14 x 14 tokens, its global attention 64 x 64;
     # Swin-T's first stage: 32 images x 64 windows of 7 x 7 tokens, a (1, 3, 49, 49) learnable table,
     # and through window_attention (shifted: a bool mask); Hiera-B's first stage: 32 images x 49 mask
-    # units of 64 tokens, one head of D = 96 (the short backward's head-dim halves)
+    # units of 64 tokens, one head of D = 96 (the short backward's head-dim halves); Qwen2.5-VL's windowed
+    # layers: 64-token windows packed (flash_attention_varlen), 16 heads of D = 80, 1024 windows
     ("bias", 2048, 3, 49, 32), ("window", 2048, 3, 49, 32),
     ("bool", 8, 12, 1025, 64), ("bias", 8, 12, 197, 64), ("rel_pos", 64, 12, 196, 64), ("plain", 1568, 1, 64, 96),
+    ("varlen", 1024, 16, 64, 80),
     ("rel_pos", 2, 12, 4096, 64), ("bool", 8, 16, 577, 128), ("bias", 8, 16, 577, 128), ("rel_pos", 2, 16, 4096, 128),
 ]  # fmt: skip
 if DEVICE == "cpu":
     # the bias under 3 batches, 13 x 13: the interpreter's dBias walk with dQ, dK and dV (and the passes beside
-    # it); 13 x 13 windows with a region mask, and 16-token ones at D = 80: the short backward (and the passes)
+    # it); 13 x 13 windows with a region mask, 16-token ones at D = 80, dense and packed: the short backward
+    # (and the passes)
     CASES = [("bool", 1, 2, 37, 16), ("bias", 3, 2, 13, 16), ("window", 3, 2, 13, 16), ("plain", 3, 1, 16, 80),
-             ("rel_pos", 1, 2, 36, 16), ("rel_pos", 1, 1, 400, 16)]  # fmt: skip
+             ("varlen", 3, 2, 16, 80), ("rel_pos", 1, 2, 36, 16), ("rel_pos", 1, 1, 400, 16)]  # fmt: skip
 for kind, b, h, n, d in CASES:
     if time.time() - start > BUDGET_S:
         checks.append(f"SKIPPED (budget) {kind} B={b} N={n} D={d}")
@@ -165,7 +180,7 @@ for kind, b, h, n, d in CASES:
         base = grads(sdpa_call, tensors, grad_out)
         for suffix, variant in [("", {})] + [(f" ({tag})", variant) for tag, variant in variants_of(kind, d)]:
             backward_variant(**variant)
-            got = grads(fastvit_call, tensors, grad_out)
+            got = grads(fastvit_varlen_call if kind == "varlen" else fastvit_call, tensors, grad_out)
             backward_variant()
             names = [f"tensor {i}" for i in range(len(want))]
             check_within_budget(label + suffix, names, got, want, base, ATOL, checks)
@@ -179,8 +194,9 @@ for kind, b, h, n, d in CASES:
     q, k, v, mask, rel = tensors
     leaves = leaves_of(q, k, v, mask, rel)
     flops = 4.0 * b * h * n * n * d
-    impls = [("fastvit[triton]", fastvit_call, {}), ("sdpa", sdpa_call, {})]
-    impls[1:1] = [(f"fastvit[{tag}]", fastvit_call, variant) for tag, variant in variants_of(kind, d)]
+    call = fastvit_varlen_call if kind == "varlen" else fastvit_call
+    impls = [("fastvit[triton]", call, {}), ("sdpa", sdpa_call, {})]
+    impls[1:1] = [(f"fastvit[{tag}]", call, variant) for tag, variant in variants_of(kind, d)]
     for impl, fn, variant in impls:
         backward_variant(**variant)
         try:

@@ -67,8 +67,8 @@ def test_a_terminated_run_writes_what_it_measured(tmp_path):
 @pytest.mark.interpreter
 def test_masked_attention_gpu_check_runs_on_cpu(tmp_path):
     """benchmarks/gpu_checks/attention_masked.py (a phase of .ci/gpu) on tiny shapes in the interpreter:
-    every masked case (bool, float bias, windows with a region mask, unmasked windows at D = 80, rel_pos
-    on a 6 x 6 and a 20 x 20 grid) passes its check, and so do the float bias with the dBias walk on two
+    every masked case (bool, float bias, windows with a region mask, unmasked windows at D = 80 dense and
+    packed, rel_pos on a 6 x 6 and a 20 x 20 grid) passes its check, and so do the float bias with the dBias walk on two
     stages and with the dQ and dK/dV passes in place of the walk that takes them, and the windows with
     the passes in place of the short backward and with its kernel on two stages (the candidates it
     times on a GPU)."""
@@ -78,5 +78,5 @@ def test_masked_attention_gpu_check_runs_on_cpu(tmp_path):
                           timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     checks = json.loads((tmp_path / "attention_masked.json").read_text())["checks"]
-    assert len(checks) == 12 and all(c.startswith("PASS") for c in checks), checks
-    assert [sum(f"({tag})" in c for c in checks) for tag in ("dbias s2", "passes", "short s2")] == [1, 3, 2], checks
+    assert len(checks) == 14 and all(c.startswith("PASS") for c in checks), checks
+    assert [sum(f"({tag})" in c for c in checks) for tag in ("dbias s2", "passes", "short s2")] == [1, 4, 2], checks
