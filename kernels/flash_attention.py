@@ -2696,16 +2696,15 @@ def flash_attention_backward(
     pad = head_dim_padded(head_dim)
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     arch = arch_of(q.device)
-    rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)
     pointers, bias_strides, kw, flags = _bias_args(bias, rel_h, rel_w)
-    short = None
-    if not bias_grad and rel_h is None:
-        short = short_backward_config(arch, q.dtype, pad, n_q, n_k, masked=bias is not None)
+    short = None if bias_grad or rel_h is not None else short_backward_config(arch, q.dtype, pad, n_q, n_k,
+                                                                               masked=bias is not None)
     if short is not None:  # every query and key in one tile: the whole backward in one launch
         with device_guard(q):
             _short_backward(q, k, v, grad_out, lse, (dq, dk, dv), scale, causal, short, bias=pointers[0],
                             bias_strides=bias_strides[:4], bias_bool=flags["BIAS_BOOL"])  # fmt: skip
         return dq, dk, dv, None, None, None
+    rel_mma = rel_pos_by_mma(arch, q.dtype, pad, rel_h, rel_w)  # (the passes' rel_pos tiles)
     if bias is not None or rel_h is not None:
         bins = 0 if rel_h is None else max(rel_pos_padded(rel_h.shape[-1]), rel_pos_padded(rel_w.shape[-1]))
         cfg, dq_cfg = bwd_mask_configs(arch, q.dtype, pad, rel_pos_grad, rel_mma, rel_pos=rel_h is not None,
