@@ -5,6 +5,7 @@
     python -m benchmarks model --model vit_base_patch16_224 --resolutions 224,384,512,1024
     python -m benchmarks model --model scaling    # ViT-B, EVA02-B, SAM-B: time and memory against N
     python -m benchmarks all --out DIR            # every suite
+    python -m benchmarks attention --cuda-graph   # GPU: replays of captured graphs, no host time
     python -m benchmarks compare BASE.json NEW.json
     python -m benchmarks static [--arch 80,89,90] [--json PATH] [--only triton|csrc]
     python -m benchmarks tune [options]           # measure the triton and cuda backends per shape
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="minutes for the whole run, shared among the suites; points past it are recorded as "
         "timeout without running (default: 9 for the default CPU run, 8 for `all` on a GPU, else none)",
     )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="GPU: capture each point's step as CUDA graphs after the warm-up and time their replays: the "
+        "kernels' time without host overhead, as under torch.cuda.graph or torch.compile(mode='reduce-overhead') "
+        "(eager calls at ViT sizes are mostly host time); a step that cannot be captured is an error row",
+    )
     p.add_argument("--impls", type=_names, help="implementations to run, comma-separated (default: all)")
     p.add_argument(
         "--model",
@@ -152,6 +160,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to PyTorch")
+    if args.cuda_graph and args.device != "cuda":
+        parser.error("--cuda-graph times CUDA graph replays: it needs --device cuda (a CUDA GPU)")
     args.dtype = canonical_dtype(args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     for name in ("batch", "heads", "head_dim", "budget", "time_limit", "threads"):
         value = getattr(args, name)

@@ -11,7 +11,7 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from .output import load_results
+from .output import load_results, timing_line
 from .records import KEY_FIELDS, Record
 from .report import print_table
 
@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("base", help="BASE results.json")
     parser.add_argument("new", help="NEW results.json")
     args = parser.parse_args(argv)
-    _, base = load_results(args.base)
-    _, new = load_results(args.new)
+    base_meta, base = load_results(args.base)
+    new_meta, new = load_results(args.new)
+    if timing_line(base_meta) != timing_line(new_meta):
+        print(f"note: the runs timed their calls differently\n  BASE: {timing_line(base_meta)}\n"
+              f"  NEW:  {timing_line(new_meta)}")
     matched, only_base, only_new = compare(base, new)
 
     rows = []

@@ -14,6 +14,10 @@ step, and the label of what really ran. ``measure`` then runs, in this order:
 2. **timed repetitions**: enough calls to fill ``target_s`` (between ``min_reps`` and
    ``max_reps``, within the budget). GPU: a pair of CUDA events per call; CPU: ``perf_counter``.
    The result is the median and the 25th/75th percentiles. Then ``Workload.finish``.
+   With ``Policy.cuda_graph`` (GPU), each input set's step is first captured as a CUDA graph
+   (``capture_graphs``) and the timed calls replay them: the GPU's time without the host's, as
+   under ``torch.cuda.graph`` or ``torch.compile(mode="reduce-overhead")``. At ViT sizes an eager
+   call's time is mostly host time; replays show the kernels (and how they scale with N).
 3. **memory pass**: one more call, untimed, whose peak memory is measured above what is already
    allocated (the inputs). GPU: ``torch.cuda.max_memory_allocated`` after
    ``reset_peak_memory_stats``. CPU: the process's peak resident set (``VmHWM``, reset through
@@ -38,9 +42,11 @@ from typing import Any
 import torch
 
 __all__ = [
+    "NotCapturable",
     "Policy",
     "Unavailable",
     "Workload",
+    "capture_graphs",
     "classify_exception",
     "input_sets",
     "measure",
@@ -52,6 +58,11 @@ __all__ = [
 
 class Unavailable(Exception):
     """Raised by a suite's ``build`` when an implementation cannot run here (with the reason)."""
+
+
+class NotCapturable(Exception):
+    """Raised by ``capture_graphs`` when a step cannot be captured as a CUDA graph (a host sync,
+    a CPU tensor, a library that refuses capture); the point is recorded as an error with why."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class Policy:
     fresh_process: bool = True  # one worker process per point (CPU: a clean memory baseline)
     slack_s: float = 5.0  # added to every hard time limit (process start-up, scheduling noise)
     threads: int | None = None  # torch.set_num_threads in the worker (None: PyTorch's default)
+    cuda_graph: bool = False  # GPU: time CUDA graph replays of each step (no host time), see capture_graphs
 
     @property
     def call_limit_s(self) -> float:
@@ -91,7 +103,8 @@ class Workload:
         after_warmup: called with the warnings the first call raised.
         finish: called after timing with the median ms; returns extra record fields (e.g. a
             per-component breakdown measured in a separate pass).
-        extra: extra record fields.
+        extra: extra record fields; ``extra["input_sets"]`` is how many input sets ``step``
+            rotates through (a CUDA graph run captures one graph per set; 1 if absent).
     """
 
     step: Callable[[int], Any]
@@ -304,6 +317,42 @@ class _Clock:
         return times
 
 
+def capture_graphs(step: Callable[[int], Any], sets: int, device: torch.device) -> Callable[[int], None]:
+    """``step(i)`` for each of the ``sets`` input sets captured as a CUDA graph; the returned step
+    replays graph ``i % sets`` (no host work but the replay's launch).
+
+    First one call per set on a side stream, as PyTorch's CUDA graph notes ask before a capture
+    (the autograd engine and libraries set up per stream). The graphs share one memory pool: a
+    step's tensors are freed by its end, and replays run one after another on one stream, so each
+    reuses the same memory. A capture that fails (a host sync such as ``.item()``, a CPU tensor, a
+    library that refuses capture) raises ``NotCapturable`` with the first line of the error.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for i in range(sets):
+            step(i)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs: list[torch.cuda.CUDAGraph] = []
+    try:
+        for i in range(sets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
+                step(i)
+            graphs.append(graph)
+    except Exception as exc:
+        cause = exc  # the error inside the capture, not the one ending the invalidated capture
+        while cause.__context__ is not None:
+            cause = cause.__context__
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise NotCapturable(f"not capturable as a CUDA graph: {type(cause).__name__}: {first}"[:300]) from exc
+
+    def replay(i: int) -> None:
+        graphs[i % sets].replay()
+
+    return replay
+
+
 def measure(
     workload: Workload,
     device: str | torch.device,
@@ -345,6 +394,14 @@ def measure(
         if est > limit:
             return _timeout(workload, est, policy)
 
+        eager_step, graphed = step, policy.cuda_graph and device.type == "cuda"
+        if graphed:
+            # the timed calls replay CUDA graphs of the step; the estimate is a replay's
+            step = capture_graphs(step, int(workload.extra.get("input_sets", 1)), device)
+            clock.call(step, calls)
+            est = clock.collect()[0] / 1e3
+            calls += 1
+
         # 2. timed repetitions (the budget keeps one call for the memory pass)
         est = max(est, 1e-7)
         reps = min(policy.max_reps, max(policy.min_reps, round(policy.target_s / est)))
@@ -358,9 +415,9 @@ def measure(
         if workload.finish is not None:
             extra.update(workload.finish(_percentile(sorted(times), 0.5)))
 
-        # 3. memory pass
+        # 3. memory pass (an eager call: a replay allocates nothing, its memory was set aside at capture)
         with _PeakMemory(device) as mem:
-            step(calls)
+            eager_step(calls)
 
     times.sort()
     ms = _percentile(times, 0.5)
@@ -374,7 +431,7 @@ def measure(
         "tflops": workload.flops / (ms * 1e-3) / 1e12 if workload.flops and ms > 0 else None,
         "peak_mem_bytes": mem.peak,
         "note": "; ".join(notes),
-        "extra": {"reps": len(times), **extra},
+        "extra": {"reps": len(times), **extra, **({"cuda_graph": True} if graphed else {})},
     }
 
 
@@ -395,6 +452,8 @@ def classify_exception(exc: BaseException) -> tuple[str, str]:
     """(status, note) for an exception raised while building or measuring a point."""
     if isinstance(exc, Unavailable):
         return "unavailable", str(exc)
+    if isinstance(exc, NotCapturable):
+        return "error", str(exc)
     text = str(exc).strip()
     first_line = text.splitlines()[0] if text else ""
     lowered = text.lower()

@@ -24,7 +24,7 @@ from .records import RECORD_FIELDS, Record
 from .report import SLOPE_HEADER, TABLE_HEADER, markdown_table, slope_rows, table_rows
 from .roofline import annotate, ceilings_line
 
-__all__ = ["default_out_dir", "device_name", "load_results", "meta", "write_results"]
+__all__ = ["default_out_dir", "device_name", "load_results", "meta", "timing_line", "write_results"]
 
 
 def _cpu_name() -> str:
@@ -156,6 +156,8 @@ def _write_summary(out_dir: Path, records: list[Record], run_meta: dict[str, Any
         "",
         ceilings_line(run_meta.get("ceilings")),
         "",
+        timing_line(run_meta),
+        "",
         "## Scaling: log-log slopes against N",
         "",
         markdown_table(SLOPE_HEADER, slope_rows(records)),
@@ -168,6 +170,17 @@ def _write_summary(out_dir: Path, records: list[Record], run_meta: dict[str, Any
     path = Path(out_dir) / "summary.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def timing_line(run_meta: dict[str, Any]) -> str:
+    """How the run timed its calls: eager calls (host time included) or CUDA graph replays."""
+    if run_meta.get("device") != "cuda":
+        return "Times: wall clock (perf_counter) around each call."
+    if (run_meta.get("settings") or {}).get("policy", {}).get("cuda_graph"):
+        return ("Times: CUDA events around replays of CUDA graphs captured from each step (`--cuda-graph`): "
+                "the GPU's time without host overhead; a row whose step could not be captured is an error.")
+    return ("Times: CUDA events around eager calls; where the host work of a call outlasts its GPU work (small "
+            "sizes) the host sets the pace. `--cuda-graph` times CUDA graph replays instead.")
 
 
 def load_results(path: str | Path) -> tuple[dict[str, Any], list[Record]]:

@@ -74,8 +74,8 @@ def _mp_context() -> Any:
 
 
 def policy_from_args(args: Any) -> Policy:
-    """The default measurement policy for ``args.device``, ``args.quick``, ``args.budget`` and
-    ``args.threads``."""
+    """The default measurement policy for ``args.device``, ``args.quick``, ``args.budget``,
+    ``args.threads`` and (GPU) ``args.cuda_graph``."""
     quick = bool(getattr(args, "quick", False))
     budget = getattr(args, "budget", None)
     threads = getattr(args, "threads", None)
@@ -90,6 +90,7 @@ def policy_from_args(args: Any) -> Policy:
             compile_grace_s=120.0,
             fresh_process=False,
             threads=threads,
+            cuda_graph=bool(getattr(args, "cuda_graph", False)),
         )
     budget = budget or (8.0 if quick else 60.0)
     return Policy(

@@ -112,6 +112,17 @@ def usable_in_autograd(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | No
     return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
 
 
+def stream_capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph capture is under way on ``device``'s current stream: a host read of a
+    tensor on it (``.tolist()``, ``.item()``) would break the capture with an opaque CUDA error.
+
+    Example:
+        >>> stream_capturing(torch.device("cpu"))
+        False
+    """
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``device`` if autocast is enabled there, else None (also for device
     types autocast does not know, such as ``meta``: no autocast applies there)."""

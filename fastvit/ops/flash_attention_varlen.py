@@ -18,7 +18,8 @@ Routes:
 Host syncs: checking the values of ``cu_seqlens`` (starts at 0, non-decreasing, ends at T) needs
 them on the host, so the Triton route does it only for a side whose ``max_seqlen_*`` is not given;
 with both given it never reads ``cu_seqlens`` on the host and trusts them. The torch route reads
-(and checks) them always.
+(and checks) them always. Inside a CUDA graph capture a read would break the capture, so there the
+op raises an error that says to pass both maxima.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from fastvit.ops._checks import (
     check_tensor,
     check_unit_last_stride,
     may_overlap,
+    stream_capturing,
     usable_in_autograd,
 )
 from fastvit.ops._fx import fx_leaf
@@ -209,8 +211,15 @@ def _check_max_seqlen(name: str, value: object) -> int | None:
     return value
 
 
-def _bounds(name: str, cu: torch.Tensor, total: int, tensor_name: str) -> list[tuple[int, int]]:
-    """[(start, end)] of each sequence, read on the host (a sync), after checking the values."""
+def _bounds(name: str, cu: torch.Tensor, total: int, tensor_name: str, why: str) -> list[tuple[int, int]]:
+    """[(start, end)] of each sequence, read on the host (a sync), after checking the values; ``why``
+    the read is needed, for the error raised inside a CUDA graph capture (which a sync would break)."""
+    if stream_capturing(cu.device):
+        raise RuntimeError(
+            f"fastvit.flash_attention_varlen reads {name} on the host here ({why}), which a CUDA graph "
+            "capture cannot do: pass max_seqlen_q and max_seqlen_k (at least the longest query / key "
+            "sequence) and let the Triton route run"
+        )
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {name}[0] = {values[0]}")
@@ -365,10 +374,11 @@ def flash_attention_varlen(
     # values of cu_seqlens: checked (and the longest length found) only where no max was given
     bounds_q = bounds_k = None
     if max_seqlen_q is None:
-        bounds_q = _bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q")
+        bounds_q = _bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", "max_seqlen_q not given")
         max_seqlen_q = max((b - a for a, b in bounds_q), default=0)
     if max_seqlen_k is None:
-        bounds_k = bounds_q if cu_seqlens_k is cu_seqlens_q else _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k")
+        bounds_k = bounds_q if cu_seqlens_k is cu_seqlens_q else _bounds(
+            "cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", "max_seqlen_k not given")
         max_seqlen_k = max((b - a for a, b in bounds_k), default=0)
 
     route = resolve_backend(q.device)
@@ -382,10 +392,11 @@ def flash_attention_varlen(
             )
             route = "torch"
     if route == "torch":
+        per_sequence = "the torch route runs one SDPA call per sequence"
         if bounds_q is None:
-            bounds_q = _bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q")
+            bounds_q = _bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", per_sequence)
         if bounds_k is None:
-            bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k")
+            bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", per_sequence)
         return _torch_route(q, k, v, bounds_q, bounds_k, scale, bool(causal), return_lse)
     out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                     int(max_seqlen_k), scale, bool(causal))

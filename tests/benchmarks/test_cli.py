@@ -52,6 +52,13 @@ def test_cuda_without_a_gpu_is_refused(capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_cuda_graph_timing_needs_the_gpu(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["attention", "--device", "cpu", "--cuda-graph"])
+    assert "--cuda-graph times CUDA graph replays: it needs --device cuda" in capsys.readouterr().err
+    assert cli.parse_args(["attention", "--device", "cpu"]).cuda_graph is False
+
+
 def test_main_defines_the_console_script_entry_point():
     from fastvit.benchmarks.__main__ import main
 

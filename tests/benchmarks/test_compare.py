@@ -41,3 +41,16 @@ def test_compare_command(tmp_path, capsys):
     assert "2.000" in out and "0.500" in out and "oom" in out
     assert "1.000" in out  # geometric mean of 0.5 and 2.0
     assert "1 rows only in BASE: axial fwd N=197" in out
+
+
+def test_compare_says_when_the_runs_timed_differently(tmp_path, capsys):
+    # an eager GPU run against a CUDA-graph one measures host overhead, not a kernel change
+    cpu = meta("cpu", ["p"])
+    write_results(tmp_path / "base", BASE, {**cpu, "device": "cuda"}, plots=False)
+    write_results(tmp_path / "new", NEW, {**cpu, "device": "cuda", "settings": {"policy": {"cuda_graph": True}}},
+                  plots=False)
+    main([str(tmp_path / "base" / "results.json"), str(tmp_path / "new" / "results.json")])
+    out = capsys.readouterr().out
+    assert "timed their calls differently" in out and "eager calls" in out and "CUDA graphs" in out
+    main([str(tmp_path / "base" / "results.json"), str(tmp_path / "base" / "results.json")])
+    assert "differently" not in capsys.readouterr().out

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from fastvit.benchmarks.measure import (
+    NotCapturable,
     Policy,
     Workload,
     _percentile,
+    capture_graphs,
     classify_exception,
     input_sets,
     measure,
@@ -149,6 +151,112 @@ def test_classify_exception():
     assert classify_exception(RuntimeError("DefaultCPUAllocator: can't allocate memory: 9 bytes"))[0] == "oom"
     assert classify_exception(MemoryError())[0] == "oom"
     assert classify_exception(ValueError("bad\nsecond line")) == ("error", "ValueError: bad")
+    assert classify_exception(NotCapturable("not capturable as a CUDA graph: why")) == (
+        "error", "not capturable as a CUDA graph: why")
+
+
+def test_cuda_graph_policy_times_plain_calls_on_the_cpu():
+    # the flag is a GPU option (the command line refuses it elsewhere); a CPU worker times calls
+    used = []
+    result = measure(Workload(step=used.append, extra={"input_sets": 3}), "cpu",
+                     Policy(budget_s=2.0, min_reps=3, max_reps=7, target_s=0.01, cuda_graph=True))
+    assert result["status"] == "ok" and "cuda_graph" not in result["extra"]
+    assert used == list(range(len(used)))
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: holds the calls made during its capture."""
+
+    def __init__(self):
+        self.calls, self.pool_from = [], None
+
+    def pool(self):
+        return id(self)
+
+
+def test_capture_graphs_captures_each_set_once_in_one_pool_and_replays_them_in_turn(monkeypatch):
+    import contextlib
+
+    events, current = [], []
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        g.pool_from = pool
+        current.append(g)
+        yield
+        current.pop()
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            events.append("wait")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(_FakeGraph, "replay", lambda self: events.append((self.calls, self.pool_from)),
+                        raising=False)
+
+    def step(i):
+        (current[-1].calls if current else events).append(i)
+
+    replay = capture_graphs(step, 3, torch.device("cpu"))
+    assert events == ["wait", 0, 1, 2, "wait"]  # one side-stream call per set before any capture
+    for i in range(5):
+        replay(i)
+    shared = events[6][1]  # the graphs after the first capture into its pool
+    assert shared is not None
+    assert events[5:] == [([0], None), ([1], shared), ([2], shared), ([0], None), ([1], shared)]
+
+    def host_sync(i):  # the error inside the capture, then the one ending it (torch.cuda.graph's __exit__)
+        if current:
+            try:
+                raise ValueError("operation not permitted when stream is capturing\nmore")
+            finally:
+                current.pop()
+                raise RuntimeError("capture_end: invalidated")
+
+    with pytest.raises(NotCapturable, match=r"ValueError: operation not permitted when stream is capturing$"):
+        capture_graphs(host_sync, 1, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_policy_replays_one_captured_graph_per_input_set():
+    sets = [torch.randn(256, 256, device="cuda") for _ in range(3)]
+    outs = [torch.empty(256, 256, device="cuda") for _ in range(3)]
+    eager_calls = []
+
+    def step(i):
+        eager_calls.append(i)
+        torch.matmul(sets[i % 3], sets[i % 3], out=outs[i % 3])
+
+    policy = Policy(budget_s=5.0, min_reps=3, max_reps=7, target_s=0.01, cuda_graph=True)
+    result = measure(Workload(step=step, extra={"input_sets": 3}), "cuda", policy)
+    assert result["status"] == "ok" and result["extra"]["cuda_graph"] is True
+    # warm-up calls, one side-stream call and one capture per set, then the eager memory pass:
+    # the timed calls replay graphs and run no Python
+    assert eager_calls[-7:-1] == [0, 1, 2, 0, 1, 2]
+    for i in range(3):
+        sets[i].normal_()
+    capture_graphs(step, 3, torch.device("cuda"))(1)  # a replay computes set 1 from its new values
+    torch.cuda.synchronize()
+    torch.testing.assert_close(outs[1], sets[1] @ sets[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_step_that_syncs_with_the_host_is_not_capturable():
+    x = torch.randn(8, device="cuda")
+    policy = Policy(budget_s=5.0, min_reps=3, max_reps=7, target_s=0.01, cuda_graph=True)
+    with pytest.raises(NotCapturable, match="not capturable as a CUDA graph"):
+        measure(Workload(step=lambda i: x.sum().item()), "cuda", policy)
+    torch.cuda.synchronize()  # the device is still usable after the failed capture
+    assert torch.isfinite(x.sum())
 
 
 def test_relabel_on_fallback_names_the_route_that_ran():

@@ -123,3 +123,16 @@ def test_summary_says_when_there_are_no_ceilings(tmp_path):
     write_results(tmp_path, records(), meta("cpu", ["prog"], ceilings={"error": "TimeoutError: slow"}), plots=False)
     assert "could not be measured (TimeoutError: slow)" in (tmp_path / "summary.md").read_text()
     assert "pct_of_floor" not in json.loads((tmp_path / "results.json").read_text())["records"][0]
+
+
+def test_summary_says_how_calls_were_timed(tmp_path):
+    from fastvit.benchmarks.output import timing_line
+
+    cpu = meta("cpu", ["prog"])
+    eager_gpu = {**cpu, "device": "cuda", "settings": {"policy": {"cuda_graph": False}}}
+    graphed_gpu = {**cpu, "device": "cuda", "settings": {"policy": {"cuda_graph": True}}}
+    assert "perf_counter" in timing_line(cpu)
+    assert "eager calls" in timing_line(eager_gpu) and "host sets the pace" in timing_line(eager_gpu)
+    assert "replays of CUDA graphs" in timing_line(graphed_gpu)
+    write_results(tmp_path, records(), graphed_gpu, plots=False)
+    assert timing_line(graphed_gpu) in (tmp_path / "summary.md").read_text()

@@ -356,6 +356,51 @@ def test_float64_runs_the_torch_route_exactly():
     torch.testing.assert_close(lse, ref_lse.float())
 
 
+@pytest.mark.parametrize("maxima,why", [({}, "max_seqlen_q not given"),
+                                         ({"max_seqlen_q": 6, "max_seqlen_k": 6}, "the torch route")])
+def test_host_read_inside_a_cuda_graph_capture_says_what_to_pass(monkeypatch, maxima, why):
+    # a .tolist() of cu_seqlens inside a capture would break it with an opaque CUDA error; the op
+    # says instead which arguments spare the read (the capture state is faked: no GPU here)
+    from fastvit.ops import flash_attention_varlen as op
+
+    monkeypatch.setattr(op, "stream_capturing", lambda device: True)
+    q, k, v, cu_q, _ = _inputs((4, 6), (4, 6), 2, 8, torch.float32, "cpu")
+    with fastvit.backend("torch"), pytest.raises(RuntimeError, match=rf"reads cu_seqlens_q on the host here \({why}.*"
+                                                 r"CUDA graph capture.*pass max_seqlen_q and max_seqlen_k"):
+        fastvit.flash_attention_varlen(q, k, v, cu_q, **maxima)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_kernel_captured_in_a_cuda_graph_matches_eager():
+    # with both maxima the Triton route never reads cu_seqlens on the host: forward and backward
+    # capture as one CUDA graph, and replays on new values in the same buffers match eager calls
+    q, k, v, cu_q, _ = _inputs(LENGTHS, LENGTHS, 4, 64, torch.bfloat16, "cuda", seed=11)
+    grad_out = torch.randn_like(q)
+    kwargs = {"max_seqlen_q": max(LENGTHS), "max_seqlen_k": max(LENGTHS)}
+
+    def step():
+        out = fastvit.flash_attention_varlen(q, k, v, cu_q, **kwargs)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for t in (q, k, v, grad_out):
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    for got, want in zip(captured, step(), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()), pytest.raises(RuntimeError, match="max_seqlen_q not given"):
+        fastvit.flash_attention_varlen(q, k, v, cu_q)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: clear errors naming the argument
 # ---------------------------------------------------------------------------------------------

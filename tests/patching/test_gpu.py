@@ -54,3 +54,36 @@ def test_bf16_autocast_matches_unpatched(family, op_calls):
         _assert_close_relative(p.grad, q.grad, f"grad of {name}", rel=5e-2)
     assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]
     assert fastvit.unpatch(patched).replaced
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_of_the_patched_model_replays_from_a_cuda_graph(family, op_calls):
+    # eager calls at ViT sizes are host-bound; a captured graph (torch.cuda.graph,
+    # torch.compile(mode="reduce-overhead")) removes the host time, so a patched model's whole
+    # training step must capture, and its replays on new images match eager steps
+    pytest.importorskip(family)
+    model, run = FAMILIES[family]()
+    _, patched, _ = pair(model.cuda().train())
+    params = [p for p in patched.parameters() if p.requires_grad]
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+
+    def step() -> list[torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(patched, x)
+        grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
+        return [out, *(g for g in grads if g is not None)]
+
+    side = torch.cuda.Stream()  # warm-up off the capture stream, as PyTorch's CUDA graph notes ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = step()
+    for i, (got, want) in enumerate(zip(captured, expected, strict=True)):
+        _assert_close_relative(got, want, f"replayed output {i}", rel=1e-2)
+    assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]
