@@ -330,11 +330,16 @@ _INTERPRETER_WGRAD = GemmConfig(128, 256, 64, num_warps=4, num_stages=1, group_m
 # token rows, plain tiles).
 
 
-def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
-    """Block sizes of one GEMM kind for (architecture, GEMM dtype)."""
+def gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False) -> GemmConfig:
+    """Block sizes of one GEMM kind for (architecture, GEMM dtype); ``gated``: the fc2_bwd epilogue
+    of a gated MLP (two pre-activations in, two gradients out)."""
     if INTERPRETER:
         return _INTERPRETER_WGRAD if kind == "wgrad" else _INTERPRETER_GEMM
     if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles, short K steps
+        if kind == "fc2_bwd" and gated:
+            # half-width tiles: 64 x 64 spilled 104-216 B with the tanh GELU (Triton 3.8 and 3.6); 64 x 32
+            # takes 96-166 registers, 3-5 CTAs/SM (static figures, 2026-12-05)
+            return GemmConfig(64, 32, 16, num_warps=4, num_stages=2)
         if kind == "wgrad":
             # BK=32: with BK=16 the token-major P^T tile took 148 registers on sm_80 (1 CTA/SM);
             # BK=32 takes 75 / 64 / 68 on sm_80 / 89 / 90 (3 / 4 / 3 CTAs/SM; static figures,
@@ -351,6 +356,16 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
         # at 1 CTA/SM; the old operand-scaling kernel 0.81 / 0.40 at 2)
         return GemmConfig(64, 64, 32, num_warps=4, num_stages=3 if arch >= 89 else 4)
     if arch >= 90:  # warpgroup MMA, two warpgroups of 64 rows; 227 KB of shared memory
+        if kind == "fc2_bwd" and not gated:
+            # one warpgroup on 64 x 64, 2-3 CTAs/SM: one's epilogue (the erf GELU and its derivative,
+            # ~80 instructions an element, about as long as the 768-deep main loop) overlaps another's
+            # main loop. The 128 x 64 tile on 8 warps took 130 registers under Triton 3.8 and 208
+            # under 3.6 (the erf: 128-134 with the other activations): 1 CTA/SM, the epilogue alone;
+            # capped at 128 it spilled 344 B under 3.6. 64 x 64: 136 registers, 3 CTAs/SM (3.8), 208
+            # and 2 (3.6), issue ratio 0.68 / 0.64 on four stages. It does 32 FLOP per byte of dy and
+            # W2 read from L2 where 128 x 64 did 43: a GPU run weighs that against the overlap (static
+            # figures, 2026-12-05; UNMEASURED)
+            return GemmConfig(64, 64, 64, num_warps=4, num_stages=4)
         if kind == "fc2":
             # fc2 (and dLN) aim at 2 CTAs/SM, one's epilogue (residual, LayerScale, drop-path scale)
             # overlapping the other's main loop: a 128 x 64 tile keeps the fp32 accumulator at 32
@@ -365,6 +380,8 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str) -> GemmConfig:
             # 8 warps 98 (2 CTAs/SM, 0.70); 128 x 128 capped at 128 registers spilled 8 B; 64 x 256
             # on 4 warps spilled 176 B
             return GemmConfig(64, block_n, 64, num_warps=4, num_stages=3)
+        # wgrad, and the gated fc2_bwd (221-249 registers, 1 CTA/SM: on 64 x 64 over 4 warps its tanh
+        # GELU put 16 B on the stack under Triton 3.8)
         return GemmConfig(128, block_n, 64, num_warps=8, num_stages=3)
     if arch >= 89:  # 99 KB of shared memory
         return GemmConfig(128, block_n, 32, num_warps=8, num_stages=3)
