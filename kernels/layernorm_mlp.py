@@ -383,6 +383,14 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False) -
         # wgrad, and the gated fc2_bwd (221-249 registers, 1 CTA/SM: on 64 x 64 over 4 warps its tanh
         # GELU put 16 B on the stack under Triton 3.8)
         return GemmConfig(128, block_n, 64, num_warps=8, num_stages=3)
+    if kind == "fc1":
+        # as on Hopper, 64 x 128 on 4 warps (gated 64 x 64), several CTAs/SM so that one's GELU epilogue
+        # overlaps another's main loop: sm_80 180 registers / 2 CTAs/SM (Triton 3.8; 174 under 3.6),
+        # sm_89 166 / 3 (164), gated 168 / 3 on both; issue ratio 0.50 and 0.25. The 128 x 128 tiles on
+        # 8 warps took 204 and 174 registers (175 under 3.6), 1 CTA/SM, the epilogue (~40 instructions
+        # an element) alone after the main loop. They read each A and W1 tile for 43 FLOP per byte,
+        # not 64 (static figures, 2026-12-05; UNMEASURED)
+        return GemmConfig(64, block_n, 32, num_warps=4, num_stages=3 if arch >= 89 else 4)
     if arch >= 89:  # 99 KB of shared memory
         return GemmConfig(128, block_n, 32, num_warps=8, num_stages=3)
     return GemmConfig(128, block_n, 32, num_warps=8, num_stages=4)
@@ -556,6 +564,9 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
         fc1 = dataclasses.replace(fc1, target_ctas_per_sm=3)
         fc1_gated = dataclasses.replace(fc1_gated, target_ctas_per_sm=3)
         fc2 = dataclasses.replace(fc2, target_ctas_per_sm=2)
+    elif dtype != torch.float32:  # sm_80 / sm_89: fc1 aims at 2 (sm_89 fits 3)
+        fc1 = dataclasses.replace(fc1, target_ctas_per_sm=2)
+        fc1_gated = dataclasses.replace(fc1_gated, target_ctas_per_sm=2)
     # fc1 reads LN(x) in the GEMM dtype, which the statistics pass writes: x's dtype never reaches it;
     # the gated fc1 in bf16 only (fp32 takes the same FMA tiles)
     if dtype != x_dtype:
