@@ -197,11 +197,12 @@ def _fc1_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32, else "tf32" (ignored by fp16/bf16 dots)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     W1V=None,  # (HD, D) fc1 value weight, unit stride in D (GATED)
-    B1V=None,  # (HD,) fc1 value bias (GATED and HAS_B1)
+    B1V=None,  # (HD,) fc1 value bias (GATED and HAS_B1V)
     stride_w1vh=0,
     ACTIVATION: tl.constexpr = "gelu",  # "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "silu"
     GATED: tl.constexpr = False,  # two accumulators over the same A tiles: gate and value
     EVEN_K: tl.constexpr = False,  # D % BLOCK_K == 0: whole K steps, no masks in the loop
+    HAS_B1V: tl.constexpr = False,  # the value projection has a bias (GATED; either bias may be absent)
 ):
     # -- tile order: GROUP_M row blocks walk each column block together (B tiles stay in L2) --
     pid_m, pid_n = grouped_tile(tl.program_id(0), T, HD, BLOCK_M, BLOCK_N, GROUP_M)
@@ -246,7 +247,7 @@ def _fc1_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     g = activation(a.to(tl.float32), ACTIVATION)
     if GATED:
-        if HAS_B1:
+        if HAS_B1V:
             acc_v += tl.load(B1V + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         a_v = acc_v.to(G.dtype.element_ty)
         g = g * a_v.to(tl.float32)
@@ -498,7 +499,7 @@ def layernorm_mlp_fwd(
             rows, dim, hidden, w_gate.stride(0),
             HAS_B1=b_gate is not None, SAVE_PRE=save_preact, DOT_PRECISION=precision,
             BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, BLOCK_K=c1.block_k, GROUP_M=c1.group_m,
-            W1V=w_value, B1V=b_value, stride_w1vh=w_value.stride(0) if gated else 0,
+            W1V=w_value, B1V=b_value, HAS_B1V=b_value is not None, stride_w1vh=w_value.stride(0) if gated else 0,
             ACTIVATION=activation, GATED=gated, EVEN_K=dim % c1.block_k == 0,
             num_warps=c1.num_warps, num_stages=c1.num_stages,
         )
@@ -547,7 +548,7 @@ def _forward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype) -> list[
         "layernorm_mlp._fc1_kernel", _fc1_kernel, f"fc1 gated {ty}",
         {"A": f"*{ty}", "W1": f"*{ty}", "B1": f"*{ty}", "G": f"*{ty}", "Pre": f"*{ty}", "W1V": f"*{ty}",
          "B1V": f"*{ty}"},
-        {"HAS_B1": True, "SAVE_PRE": True, "EVEN_K": True, "GATED": True},
+        {"HAS_B1": True, "HAS_B1V": True, "SAVE_PRE": True, "EVEN_K": True, "GATED": True},
         dataclasses.replace(c1, block_n=c1.block_n // 2), arch, dtype,
         ("A", "W1", "B1", "G", "Pre", "W1V", "B1V", "D", "HD", "stride_w1h", "stride_w1vh"),
     )

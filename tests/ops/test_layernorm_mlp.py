@@ -800,6 +800,18 @@ def test_kernel_dA_gemm_on_its_production_tiles(kernel_device, monkeypatch, arch
 
 
 @kernel_test
+@pytest.mark.parametrize("absent", ["fc1_gate_bias", "fc1_bias"])
+def test_kernel_separate_gate_with_one_bias(kernel_device, absent):
+    """A gate projection beside fc1 where only one of the two has a bias: each bias is added to its
+    own half or not at all (the value bias was dropped, or a missing one read, when the kernel took
+    one flag for both)."""
+    inputs = _inputs(2, 9, 48, 40, gated="split", layer_scale=True, device=kernel_device, seed=113)
+    inputs[absent] = None
+    out, grad_out, grads = _run_kernel(inputs, activation="silu")
+    _check_against_reference(inputs, out, grad_out, grads, activation="silu")
+
+
+@kernel_test
 def test_kernel_variants_odd_shapes(kernel_device):
     """Odd D and hidden (37, 97: no alignment anywhere), 197 tokens (ViT-B/16 at 224, prime), one
     sample, an RMSNorm eps that visibly matters, gated with two weights and no layer scale."""
