@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from kernel_timer import kernel_times, rel_error
 
 sys.path.insert(0, ".")
 from fastvit.kernels import flash_attention as kernels
@@ -67,32 +68,6 @@ def label(cfg: AttentionConfig) -> str:
     return text + (" tma" if cfg.tma else "") + (f" maxnreg={cfg.max_registers}" if cfg.max_registers else "")
 
 
-def kernel_times(fn) -> dict[str, float]:
-    """Mean device microseconds of each attention kernel over REPS calls of ``fn`` (wall time per
-    call off a GPU, under 'wall')."""
-    fn()
-    if not GPU:
-        start = time.perf_counter()
-        fn()
-        return {"wall": (time.perf_counter() - start) * 1e6}
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPS):
-            fn()
-        torch.cuda.synchronize()
-    times = {}
-    for event in prof.key_averages():
-        for short, name in KERNELS.items():
-            if event.key.startswith(name):
-                total = getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
-                times[short] = total / REPS
-    return times
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
 def measure(kind: str, tensors: tuple, scale: float) -> dict:
     """Check one candidate (relative error to SDPA of out, or of out, dq, dk and dv) and time its
     kernels."""
@@ -100,11 +75,12 @@ def measure(kind: str, tensors: tuple, scale: float) -> dict:
     out, lse = kernels.flash_attention_forward(q, k, v, scale, False)
     err = rel_error(out, ref)
     if kind == "fwd":
-        times = kernel_times(lambda: kernels.flash_attention_forward(q, k, v, scale, False))
+        times = kernel_times(lambda: kernels.flash_attention_forward(q, k, v, scale, False), KERNELS, REPS)
     else:
         grads = kernels.flash_attention_backward(grad, q, k, v, out, lse, scale, False)
         err = max(err, *(rel_error(a, r) for a, r in zip(grads[:3], (dq_ref, dk_ref, dv_ref), strict=True)))
-        times = kernel_times(lambda: kernels.flash_attention_backward(grad, q, k, v, out, lse, scale, False))
+        times = kernel_times(lambda: kernels.flash_attention_backward(grad, q, k, v, out, lse, scale, False), KERNELS,
+                             REPS)
     return {"rel_err": err, "ok": err < 2e-2, "us": times}
 
 

@@ -80,3 +80,22 @@ def test_masked_attention_gpu_check_runs_on_cpu(tmp_path):
     checks = json.loads((tmp_path / "attention_masked.json").read_text())["checks"]
     assert len(checks) == 14 and all(c.startswith("PASS") for c in checks), checks
     assert [sum(f"({tag})" in c for c in checks) for tag in ("dbias s2", "passes", "short s2")] == [1, 4, 2], checks
+
+
+@pytest.mark.interpreter
+def test_mlp_tile_sweep_gpu_check_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_checks/mlp_configs.py (a phase of .ci/gpu) on tiny shapes in the interpreter:
+    every candidate tiling of FC1 and the dA GEMM, plain and with a separate gate projection, matches
+    the float32 composite, and each kind's first candidate is the launcher's own Hopper tiles."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = ROOT / "benchmarks" / "gpu_checks" / "mlp_configs.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "300"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "mlp_configs.jsonl").read_text().splitlines()]
+    assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    shapes, kinds = ("tiny", "tiny_swiglu"), ("fc1", "fc2_bwd")
+    assert {(r["shape"], r["kind"]) for r in rows} == {(s, k) for s in shapes for k in kinds}
+    firsts = {(r["shape"], r["kind"]): r["config"] for r in reversed(rows)}
+    assert firsts[("tiny", "fc1")] == "64x128x64 w4 s3" and firsts[("tiny", "fc2_bwd")] == "64x64x64 w4 s4"
+    assert firsts[("tiny_swiglu", "fc2_bwd")] == "128x64x64 w8 s3"
