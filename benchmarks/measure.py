@@ -322,35 +322,54 @@ def capture_graphs(step: Callable[[int], Any], sets: int, device: torch.device) 
     replays graph ``i % sets`` (no host work but the replay's launch).
 
     First one call per set on a side stream, as PyTorch's CUDA graph notes ask before a capture
-    (the autograd engine and libraries set up per stream). The graphs share one memory pool: a
+    (the autograd engine and libraries set up per stream), with PyTorch's sync debug mode set to
+    raise: a step that synchronises with the host (``.item()``, ``.tolist()``, ``.cpu()``) fails
+    there, before a capture it would break (a broken capture leaves the thread on the capture
+    stream and the allocator capturing, under torch 2.11). The graphs share one memory pool: a
     step's tensors are freed by its end, and replays run one after another on one stream, so each
-    reuses the same memory. A capture that fails (a host sync such as ``.item()``, a CPU tensor, a
-    library that refuses capture) raises ``NotCapturable`` with the first line of the error.
+    reuses the same memory. A step that cannot be captured raises ``NotCapturable`` saying why;
+    running out of memory raises as it is.
     """
+    stream = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for i in range(sets):
-            step(i)
-    torch.cuda.current_stream(device).wait_stream(side)
+    side.wait_stream(stream)
     graphs: list[torch.cuda.CUDAGraph] = []
+    sync_mode = torch.cuda.get_sync_debug_mode()
     try:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):
+                for i in range(sets):
+                    step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+        stream.wait_stream(side)
         for i in range(sets):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
                 step(i)
             graphs.append(graph)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as exc:
-        cause = exc  # the error inside the capture, not the one ending the invalidated capture
-        while cause.__context__ is not None:
-            cause = cause.__context__
-        first = (str(cause).strip().splitlines() or [""])[0]
-        raise NotCapturable(f"not capturable as a CUDA graph: {type(cause).__name__}: {first}"[:300]) from exc
+        torch.cuda.set_stream(stream)  # a capture that failed to end leaves its stream current
+        raise NotCapturable(f"not capturable as a CUDA graph: {_why(exc)}"[:300]) from exc
 
     def replay(i: int) -> None:
         graphs[i % sets].replay()
 
     return replay
+
+
+def _why(exc: BaseException) -> str:
+    """The first line of ``exc``, and of the error it was raised while handling (a failed capture's
+    end raises over the error inside the capture)."""
+
+    def first(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+    context = exc.__context__
+    return first(exc) + (f" (while handling {first(context)})" if context is not None else "")
 
 
 def measure(
@@ -415,7 +434,12 @@ def measure(
         if workload.finish is not None:
             extra.update(workload.finish(_percentile(sorted(times), 0.5)))
 
-        # 3. memory pass (an eager call: a replay allocates nothing, its memory was set aside at capture)
+        # 3. memory pass (an eager call: a replay allocates nothing, its memory was set aside at
+        #    capture; the graphs go first, so their pool does not crowd the eager call)
+        if graphed:
+            step = None
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
         with _PeakMemory(device) as mem:
             eager_step(calls)
 

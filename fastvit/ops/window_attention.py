@@ -31,6 +31,7 @@ from fastvit.ops._checks import (
     check_same_dtype,
     check_token_grid,
     check_unit_last_stride,
+    stream_capturing,
 )
 from fastvit.ops._fx import fx_leaf
 from fastvit.ops.flash_attention import flash_attention
@@ -159,12 +160,13 @@ def cached_window_layout(
     device: torch.device,
 ) -> WindowLayout:
     """``window_layout``, kept for reuse across calls (built afresh while torch.compile traces, so
-    the graph holds the construction rather than a Python-side cache).
+    the graph holds the construction rather than a Python-side cache, and inside a CUDA graph
+    capture, whose tensors hold their values only once the graph replays).
 
     Example:
         >>> cached_window_layout((5, 7), (3, 3), (1, 1), 1, torch.device("cpu")).num_windows  # 6
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or stream_capturing(device):
         return window_layout(grid, window, shift, num_prefix_tokens, device)
     key = (grid, window, shift, num_prefix_tokens, device)
     layout = _LAYOUT_CACHE.get(key)

@@ -200,12 +200,17 @@ def test_capture_graphs_captures_each_set_once_in_one_pool_and_replays_them_in_t
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(_FakeGraph, "replay", lambda self: events.append((self.calls, self.pool_from)),
                         raising=False)
+    sync_mode = ["warn"]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: sync_mode[0])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: sync_mode.__setitem__(0, mode))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: events.append("stream restored"))
 
     def step(i):
-        (current[-1].calls if current else events).append(i)
+        (current[-1].calls if current else events).append(i if sync_mode[0] == "error" or current else "unchecked")
 
     replay = capture_graphs(step, 3, torch.device("cpu"))
-    assert events == ["wait", 0, 1, 2, "wait"]  # one side-stream call per set before any capture
+    # one side-stream call per set, with host syncs raising, before any capture; the mode restored
+    assert events == ["wait", 0, 1, 2, "wait"] and sync_mode == ["warn"]
     for i in range(5):
         replay(i)
     shared = events[6][1]  # the graphs after the first capture into its pool
@@ -220,8 +225,27 @@ def test_capture_graphs_captures_each_set_once_in_one_pool_and_replays_them_in_t
                 current.pop()
                 raise RuntimeError("capture_end: invalidated")
 
-    with pytest.raises(NotCapturable, match=r"ValueError: operation not permitted when stream is capturing$"):
+    events.clear()
+    with pytest.raises(NotCapturable, match=r"RuntimeError: capture_end: invalidated \(while handling ValueError: "
+                                            r"operation not permitted when stream is capturing\)$"):
         capture_graphs(host_sync, 1, torch.device("cpu"))
+    assert events[-1] == "stream restored"
+
+    def item(i):  # a host sync: PyTorch's sync debug mode raises in the warm-up, before any capture
+        if sync_mode[0] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    events.clear()
+    with pytest.raises(NotCapturable, match=r"RuntimeError: called a synchronizing CUDA operation$"):
+        capture_graphs(item, 2, torch.device("cpu"))
+    assert sync_mode == ["warn"] and "wait" in events
+
+    def out_of_memory(i):
+        if current:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # an oom row, not an error row
+        capture_graphs(out_of_memory, 1, torch.device("cpu"))
 
 
 @pytest.mark.gpu
@@ -235,7 +259,7 @@ def test_cuda_graph_policy_replays_one_captured_graph_per_input_set():
         eager_calls.append(i)
         torch.matmul(sets[i % 3], sets[i % 3], out=outs[i % 3])
 
-    policy = Policy(budget_s=5.0, min_reps=3, max_reps=7, target_s=0.01, cuda_graph=True)
+    policy = Policy(budget_s=5.0, min_reps=3, max_reps=7, target_s=0.01, compile_grace_s=30.0, cuda_graph=True)
     result = measure(Workload(step=step, extra={"input_sets": 3}), "cuda", policy)
     assert result["status"] == "ok" and result["extra"]["cuda_graph"] is True
     # warm-up calls, one side-stream call and one capture per set, then the eager memory pass:
@@ -252,10 +276,12 @@ def test_cuda_graph_policy_replays_one_captured_graph_per_input_set():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_step_that_syncs_with_the_host_is_not_capturable():
     x = torch.randn(8, device="cuda")
-    policy = Policy(budget_s=5.0, min_reps=3, max_reps=7, target_s=0.01, cuda_graph=True)
+    policy = Policy(budget_s=5.0, min_reps=3, max_reps=7, target_s=0.01, compile_grace_s=30.0, cuda_graph=True)
+    stream = torch.cuda.current_stream()
     with pytest.raises(NotCapturable, match="not capturable as a CUDA graph"):
         measure(Workload(step=lambda i: x.sum().item()), "cuda", policy)
-    torch.cuda.synchronize()  # the device is still usable after the failed capture
+    # refused in the warm-up by the sync debug mode: no capture started, nothing left behind
+    assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
     assert torch.isfinite(x.sum())
 
 

@@ -401,6 +401,19 @@ def test_under_torch_compile_fullgraph(route, kernel_device):
     assert_compiled_matches_eager(block, (q, k, v), route)
 
 
+def test_a_layout_built_inside_a_cuda_graph_capture_is_not_cached(monkeypatch):
+    # its tensors would hold their values only when the graph replays: an eager call reading them
+    # from the cache would get garbage (the capture state is faked: no GPU here)
+    window_attention_module._LAYOUT_CACHE.clear()
+    monkeypatch.setattr(window_attention_module, "stream_capturing", lambda device: True)
+    q, k, v = make_qkv(1, 2, 4 * 6, 16, torch.float32, seed=43)
+    fastvit.window_attention(q, k, v, (4, 6), 2, shift=1)
+    assert not window_attention_module._LAYOUT_CACHE
+    monkeypatch.setattr(window_attention_module, "stream_capturing", lambda device: False)
+    fastvit.window_attention(q, k, v, (4, 6), 2, shift=1)
+    assert len(window_attention_module._LAYOUT_CACHE) == 1
+
+
 def test_layouts_are_reused_and_serve_training_after_inference_mode():
     """The layout of a (grid, window, shift, P, device) is built once; one first built under
     inference_mode still serves a training call (its indices are saved for the backward)."""
