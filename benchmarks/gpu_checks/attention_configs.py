@@ -12,25 +12,20 @@ as it is measured, and a table is printed last.
 Off a GPU it runs one tiny shape in Triton's interpreter (wall-clock times; a check of the script).
 """
 
-import json
+import functools
 import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from kernel_timer import kernel_times, rel_error
+from sweep import DEVICE, DTYPE, GPU, REPS, kernel_times, record, rel_error, sweep_args
 
 sys.path.insert(0, ".")
 from fastvit.kernels import flash_attention as kernels
 from fastvit.kernels.flash_attention import AttentionConfig
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else "."
-BUDGET_S = float(sys.argv[2]) if len(sys.argv) > 2 else 180.0
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-DTYPE = torch.bfloat16 if GPU else torch.float32
-REPS = 10
+OUT, BUDGET_S = sweep_args(180.0)
 # (batch, heads, tokens): a ViT-B/16 training batch, ViT at 512 px, a 64 x 64 grid
 SHAPES = [(64, 12, 197), (8, 12, 1025), (2, 12, 4097)] if GPU else [(1, 2, 37)]
 C = AttentionConfig
@@ -123,17 +118,8 @@ def main() -> None:
             for b, h, n in SHAPES:
                 row = {"pass": kind, "D": d, "B": b, "H": h, "N": n, "config": label(cfg),
                        "arch": arch, **meta}  # fmt: skip
-                try:
-                    row.update(measure(kind, inputs[(d, b, h, n)], d**-0.5))
-                except Exception as exc:  # a candidate that does not compile or launch is recorded
-                    row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-                rows.append(row)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                us = " ".join(f"{k}={t:.1f}" for k, t in row.get("us", {}).items())
-                status = f"{'ok' if row['ok'] else 'FAIL'} {row.get('rel_err', float('nan')):.1e}"
-                print(f"{kind:3s} D={d:3d} B={b:2d} N={n:5d} {label(cfg):28s} {status} {us} {row.get('error', '')}",
-                      flush=True)  # fmt: skip
+                run = functools.partial(measure, kind, inputs[(d, b, h, n)], d**-0.5)
+                rows.append(record(row, run, log, f"{kind:3s} D={d:3d} B={b:2d} N={n:5d} {label(cfg):28s}"))
     finally:
         kernels._hardware_fwd_config = original_fwd
         kernels.bwd_config, kernels.bwd_dq_config = original_bwd, original_dq

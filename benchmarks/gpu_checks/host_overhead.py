@@ -15,6 +15,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, ".")
 import fastvit
+from fastvit.benchmarks.measure import capture_graphs
 
 q, k, v = (torch.randn(8, 12, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 for _ in range(20):
@@ -63,15 +64,8 @@ for name, fn in (*CALLS, *((f"{n} fwd+bwd", f) for n, f in STEPS)):
 # the same .grad tensors in both)
 for name, fn in (*CALLS, *((f"{n} fwd+bwd", f) for n, f in STEPS)):
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        us = do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+        replay = capture_graphs(lambda i, fn=fn: fn(), 1, torch.device("cuda"))
+        us = do_bench(lambda replay=replay: replay(0), warmup=25, rep=200, return_mode="median") * 1e3
         print(f"{name}: {us:.1f} us per call (GPU, CUDA graph replay, do_bench)")
     except Exception as exc:  # a failed capture is a finding, not the end of the script
         print(f"{name}: not capturable as a CUDA graph: {type(exc).__name__}: {str(exc)[:200]}")

@@ -15,14 +15,14 @@ OUT/mlp_configs.jsonl as it is measured.
 Off a GPU it runs one tiny shape in Triton's interpreter (fp32, wall-clock times; a check of the script).
 """
 
-import json
+import functools
 import math
 import os
 import sys
 import time
 
 import torch
-from kernel_timer import kernel_times, rel_error
+from sweep import DEVICE, DTYPE, GPU, REPS, kernel_times, record, rel_error, sweep_args
 
 sys.path.insert(0, ".")
 import fastvit
@@ -31,12 +31,7 @@ from fastvit.kernels import layernorm_mlp as forward_kernels
 from fastvit.kernels import layernorm_mlp_bwd as backward_kernels
 from fastvit.kernels.runtime import GemmConfig, arch_of
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else "."
-BUDGET_S = float(sys.argv[2]) if len(sys.argv) > 2 else 60.0
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-DTYPE = torch.bfloat16 if GPU else torch.float32
-REPS = 10
+OUT, BUDGET_S = sweep_args(60.0)
 # (name, batch, tokens, D, hidden, gating, activation)
 SHAPES = [
     ("vit_b", 32, 197, 768, 3072, None, "gelu"),
@@ -132,16 +127,8 @@ def main() -> None:
                     forward_kernels.gemm_config = backward_kernels.gemm_config = swept
                     row = {"shape": name, "B": batch, "N": tokens, "D": dim, "hidden": hidden, "gated": gated,
                            "activation": activation, "kind": kind, "config": label(cfg), **meta}  # fmt: skip
-                    try:
-                        row.update(measure(kind, inputs, grad_out, activation, want))
-                    except Exception as exc:  # a candidate that does not compile or launch is recorded
-                        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-                    rows.append(row)
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    us = " ".join(f"{k}={t:.1f}" for k, t in row.get("us", {}).items())
-                    status = f"{'ok' if row['ok'] else 'FAIL'} {row.get('rel_err', float('nan')):.1e}"
-                    print(f"{name:11s} {kind:7s} {label(cfg):20s} {status} {us} {row.get('error', '')}", flush=True)
+                    run = functools.partial(measure, kind, inputs, grad_out, activation, want)
+                    rows.append(record(row, run, log, f"{name:11s} {kind:7s} {label(cfg):20s}"))
     finally:
         forward_kernels.gemm_config, backward_kernels.gemm_config = real_forward, real_backward
         print(f"{len(rows)} rows in {time.time() - start:.0f} s -> {OUT}/mlp_configs.jsonl")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastvit
+from tests.cuda_graphs import capture
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")]
 
@@ -96,14 +97,7 @@ def test_captured_graph_replays_match_eager_calls(case, mode):
             outs = _outputs(fn)
             return [*outs, *torch.autograd.grad(outs, wrt, grad_outs)]
 
-        side = torch.cuda.Stream()  # warm-up off the capture stream, as PyTorch's CUDA graph notes ask
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
+        graph, captured = capture(step)
 
         with torch.no_grad():  # new values in the captured buffers
             for t in (*inputs, *grad_outs):

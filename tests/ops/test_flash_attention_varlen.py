@@ -13,6 +13,7 @@ import torch
 import fastvit
 from fastvit import reference
 from tests.compile_check import assert_compiled_matches_eager
+from tests.cuda_graphs import capture
 from tests.launches import record_launches
 from tests.tolerance import assert_close_to_reference
 from tests.torch_compat import OPCHECK_UTILS
@@ -383,14 +384,7 @@ def test_kernel_captured_in_a_cuda_graph_matches_eager():
         out = fastvit.flash_attention_varlen(q, k, v, cu_q, **kwargs)
         return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     with torch.no_grad():
         for t in (q, k, v, grad_out):
             t.copy_(torch.randn_like(t))

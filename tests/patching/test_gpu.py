@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastvit
+from tests.cuda_graphs import capture
 from tests.patching.helpers import hf_classifier, pair, timm_vit, torchvision_vit
 
 pytestmark = pytest.mark.gpu
@@ -73,14 +74,7 @@ def test_training_step_of_the_patched_model_replays_from_a_cuda_graph(family, op
         grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
         return [out, *(g for g in grads if g is not None)]
 
-    side = torch.cuda.Stream()  # warm-up off the capture stream, as PyTorch's CUDA graph notes ask
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     x.copy_(torch.randn_like(x))
     graph.replay()
     expected = step()
