@@ -248,7 +248,7 @@ def model_problems(row: dict[str, Any]) -> list[str]:
     is above 1, or that runs one program per SM taking turns (the row's ``loop_serial``, the hot
     loop's own verdict, ``HotLoop.serial``) below ``SERIAL_EFFICIENCY_LIMIT``;
     fewer than 8 registers to the occupancy cliff where the config aims at 2+ CTAs/SM, unless its
-    register cap keeps that aim (or occupancy already below its aim)."""
+    register cap (or the 255-register limit) keeps that aim (or occupancy already below its aim)."""
     found = []
     if row.get("mma_rows_replicated"):
         tiles = ", ".join(row.get("mma_replicated_tiles", []))
@@ -276,10 +276,11 @@ def model_problems(row: dict[str, Any]) -> list[str]:
             margin = row["regs_to_cliff"]
             if row["ctas_per_sm"] > aim and {"registers", "shared", "num_warps"} <= row.keys():
                 margin = regs_to_cliff(row["arch"], row["registers"], row["shared"], row["num_warps"], aim)
-            # a register cap (maxnreg) that itself keeps the aim holds the occupancy whatever the
-            # compiler needs: more would spill, a problem of its own
-            cap = row.get("max_registers")
-            if cap and {"shared", "num_warps"} <= row.keys() and ctas_per_sm(
+            # a register cap (maxnreg, else the 255 registers a thread may hold) that itself keeps the
+            # aim holds the occupancy whatever the compiler needs: more would spill, a problem of its
+            # own (4 warps at 255 registers still fit 2 CTAs/SM)
+            cap = row.get("max_registers") or MAX_REGISTERS_PER_THREAD
+            if {"shared", "num_warps"} <= row.keys() and ctas_per_sm(
                     row["arch"], cap, row["shared"], row["num_warps"]) >= aim:  # fmt: skip
                 margin = CLIFF_MARGIN_REGS
             if margin < CLIFF_MARGIN_REGS:

@@ -331,9 +331,11 @@ _INTERPRETER_WGRAD = GemmConfig(128, 256, 64, num_warps=4, num_stages=1, group_m
 # token rows, plain tiles).
 
 
-def gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False) -> GemmConfig:
-    """Block sizes of one GEMM kind for (architecture, GEMM dtype); ``gated``: the fc2_bwd epilogue
-    of a gated MLP (two pre-activations in, two gradients out)."""
+def gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False, activation: str = "gelu"
+                ) -> GemmConfig:  # fmt: skip
+    """Block sizes of one GEMM kind for (architecture, GEMM dtype); ``gated`` and ``activation``:
+    the fc2_bwd epilogue of a gated MLP (two pre-activations in, two gradients out) and its
+    activation."""
     if INTERPRETER:
         return _INTERPRETER_WGRAD if kind == "wgrad" else _INTERPRETER_GEMM
     if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles, short K steps
@@ -357,6 +359,13 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False) -
         # at 1 CTA/SM; the old operand-scaling kernel 0.81 / 0.40 at 2)
         return GemmConfig(64, 64, 32, num_warps=4, num_stages=3 if arch >= 89 else 4)
     if arch >= 90:  # warpgroup MMA, two warpgroups of 64 rows; 227 KB of shared memory
+        if kind == "fc2_bwd" and gated and activation != "gelu_tanh":
+            # gated (SwiGLU's SiLU, GeGLU's erf, quick_gelu) on one warpgroup's 64 x 64 too, 2 CTAs/SM:
+            # 242-255 registers under Triton 3.8, 221-242 under 3.6, no spill, issue ratio 0.69 / 0.64;
+            # the 128 x 64 tiles on 8 warps held 240-249 and 1 CTA/SM. The tanh GELU keeps those: on
+            # 64 x 64 it put 16 B on the stack under 3.8 at any stage count (static figures,
+            # 2026-12-05; UNMEASURED)
+            return GemmConfig(64, 64, 64, num_warps=4, num_stages=4)
         if kind == "fc2_bwd" and not gated:
             # one warpgroup on 64 x 64, 2-3 CTAs/SM: one's epilogue (the erf GELU and its derivative,
             # ~80 instructions an element, about as long as the 768-deep main loop) overlaps another's
@@ -381,8 +390,7 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False) -
             # 8 warps 98 (2 CTAs/SM, 0.70); 128 x 128 capped at 128 registers spilled 8 B; 64 x 256
             # on 4 warps spilled 176 B
             return GemmConfig(64, block_n, 64, num_warps=4, num_stages=3)
-        # wgrad, and the gated fc2_bwd (221-249 registers, 1 CTA/SM: on 64 x 64 over 4 warps its tanh
-        # GELU put 16 B on the stack under Triton 3.8)
+        # wgrad, and the gated fc2_bwd with the tanh GELU (237-242 registers, 1 CTA/SM)
         return GemmConfig(128, block_n, 64, num_warps=8, num_stages=3)
     if kind == "fc1":
         # as on Hopper, 64 x 128 on 4 warps (gated 64 x 64), several CTAs/SM so that one's GELU epilogue

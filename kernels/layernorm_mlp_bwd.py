@@ -420,7 +420,7 @@ def layernorm_mlp_bwd(
         need_m2 = need["fc2_weight"] or need["layer_scale"]
         need_dss = need["sample_scale"]
         need_db1 = need["fc1_bias"] or need["fc1_gate_bias"]
-        cfg = gemm_config(arch, gemm_dtype, "fc2_bwd", gated)
+        cfg = gemm_config(arch, gemm_dtype, "fc2_bwd", gated, activation)
         num_m, num_n = cdiv(rows, cfg.block_m), cdiv(hidden, cfg.block_n)
         da = new_output((rows, fc1_rows), dtype=gemm_dtype, device=device)
         g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
@@ -555,21 +555,28 @@ def backward_specs(arch: int, dtype: torch.dtype, x_dtype: torch.dtype, *, with_
     ty, xty = AOT_DTYPE_NAMES[dtype], AOT_DTYPE_NAMES[x_dtype]
     label = f"{ty}" if dtype == x_dtype else f"{ty} (x {xty}, autocast)"
     specs = []
-    # the dA GEMM: erf GELU (the heaviest plain epilogue), and gated with the tanh GELU (the heaviest
-    # gated one; SwiGLU's SiLU takes as many registers or fewer)
-    for gated in (False, True) if with_gemms else (False,):
-        cfg = gemm_config(arch, dtype, "fc2_bwd", gated)
+    # the dA GEMM: the erf GELU (the heaviest plain epilogue); gated with the tanh GELU (the heaviest
+    # gated one) and, where the tiles differ (Hopper 16-bit), gated with the erf GELU (the heaviest of
+    # the others: SwiGLU's SiLU takes as many registers or fewer)
+    variants = [(False, "gelu")]
+    if with_gemms:
+        variants.append((True, "gelu_tanh"))
+        if gemm_config(arch, dtype, "fc2_bwd", True, "gelu") != gemm_config(arch, dtype, "fc2_bwd", True, "gelu_tanh"):
+            variants.append((True, "gelu"))
+    for gated, activation in variants:
+        cfg = gemm_config(arch, dtype, "fc2_bwd", gated, activation)
         spec = gemm_spec(
-            "layernorm_mlp_bwd._fc2_bwd_kernel", _fc2_bwd_kernel, f"fc2 bwd (dA) {'gated gelu_tanh ' * gated}{label}",
+            "layernorm_mlp_bwd._fc2_bwd_kernel", _fc2_bwd_kernel,
+            f"fc2 bwd (dA) {f'gated {activation} ' if gated else ''}{label}",
             {"DY": f"*{ty}", "W2": f"*{ty}", "Pre": f"*{ty}", "SS": f"*{xty}", "DA": f"*{ty}",
              "G": f"*{ty}", "DB1Part": "*fp32", "DSSPart": "*fp32"},
             {"HAS_SS": True, "WRITE_G": True, "COMPUTE_DB1": True, "COMPUTE_DSS": True,
              "EVEN_K": True,  # ViT widths are multiples of BLOCK_K
-             **({"GATED": True, "ACTIVATION": "gelu_tanh"} if gated else {})},
+             "GATED": gated, "ACTIVATION": activation},
             cfg, arch, dtype,
             ("DY", "W2", "Pre", "SS", "DA", "G", "DB1Part", "DSSPart", "D", "HD", "stride_dyt", "stride_w2d"),
         )
-        if arch == 90 and dtype != torch.float32 and not gated:  # one's epilogue overlaps another's loop
+        if arch == 90 and dtype != torch.float32 and cfg.num_warps == 4:  # one's epilogue overlaps another's loop
             spec = dataclasses.replace(spec, target_ctas_per_sm=2)
         specs.append(spec)
     if not with_gemms:

@@ -41,13 +41,13 @@ SHAPES = [
 KERNELS = {"fc1": "_fc1_kernel", "fc2_bwd": "_fc2_bwd_kernel"}
 
 
-def candidates(kind: str, arch: int, gated: bool) -> list[GemmConfig]:
+def candidates(kind: str, arch: int, gated: bool, activation: str) -> list[GemmConfig]:
     """The launcher's tiles first, then the ones they replaced (2026-12-05), then others; a gated
     FC1 halves each block_n in the launcher itself."""
     with_hardware = forward_kernels.INTERPRETER
     forward_kernels.INTERPRETER = False
     try:
-        own = forward_kernels.gemm_config(arch, torch.bfloat16, kind, gated)
+        own = forward_kernels.gemm_config(arch, torch.bfloat16, kind, gated, activation)
     finally:
         forward_kernels.INTERPRETER = with_hardware
     bk, stages = (64, 3) if arch >= 90 else (32, 4 if arch == 80 else 3)
@@ -116,13 +116,13 @@ def main() -> None:
             f32 = {k: v.detach().float().requires_grad_(True) for k, v in inputs.items()}
             want = forward_backward(reference.layernorm_mlp, f32, grad_out.float(), activation)
             for kind in KERNELS:
-                for cfg in candidates(kind, arch, gated is not None):
+                for cfg in candidates(kind, arch, gated is not None, activation):
                     if time.time() - start > BUDGET_S:
                         print(f"budget reached: {name} {kind} {label(cfg)} and later candidates not run", flush=True)
                         return
 
-                    def swept(arch_, dtype, kind_, gated_=False, _cfg=cfg, _kind=kind):
-                        return _cfg if kind_ == _kind else real_forward(arch_, dtype, kind_, gated_)
+                    def swept(arch_, dtype, kind_, gated_=False, activation_="gelu", _cfg=cfg, _kind=kind):
+                        return _cfg if kind_ == _kind else real_forward(arch_, dtype, kind_, gated_, activation_)
 
                     forward_kernels.gemm_config = backward_kernels.gemm_config = swept
                     row = {"shape": name, "B": batch, "N": tokens, "D": dim, "hidden": hidden, "gated": gated,

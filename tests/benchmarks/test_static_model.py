@@ -155,6 +155,14 @@ def test_model_problems():
                   num_warps=8, max_registers=128)  # fmt: skip
     assert model_problems(capped) == []
     assert model_problems({**capped, "max_registers": 168})[0].startswith("0 registers to the occupancy cliff")
+    # nor where no thread can hold enough registers to drop it: 4 warps at 255 registers keep 2 CTAs/SM,
+    # but not 3
+    full = _row(arch=90, target_ctas_per_sm=2, ctas_per_sm=2, regs_to_cliff=0, registers=255, shared=65536,
+                num_warps=4)  # fmt: skip
+    assert model_problems(full) == []
+    three = _row(arch=90, target_ctas_per_sm=3, ctas_per_sm=3, regs_to_cliff=4, registers=164, shared=24576,
+                 num_warps=4)  # fmt: skip
+    assert model_problems(three)[0].startswith("4 registers to the occupancy cliff")
 
 
 def test_loop_efficiency_takes_turns_only_where_the_loop_waits_on_its_mmas():

@@ -763,36 +763,38 @@ def test_kernel_variants_fp16(kernel_device, activation, gated, norm, bias):
 # plain on one warpgroup's 64 x 64, gated on 128 x 64 over 8 warps, fp32 gated on 64 x 32, off Hopper
 # 64 x 64 with 32-deep K steps. Run in fp32 (the interpreter's 16-bit dots are wrong), so only the
 # tiling differs from the launcher's choice there.
-DA_TILES = [  # arch, dtype of the tiles, gating, (block_m, block_n, block_k, warps) expected
-    (90, torch.bfloat16, None, (64, 64, 64, 4)),
-    (90, torch.bfloat16, "split", (128, 64, 64, 8)),
-    (90, torch.float32, "packed", (64, 32, 16, 4)),
-    (80, torch.bfloat16, "packed", (64, 64, 32, 4)),
+DA_TILES = [  # arch, dtype of the tiles, gating, activation, (block_m, block_n, block_k, warps) expected
+    (90, torch.bfloat16, None, "gelu", (64, 64, 64, 4)),
+    (90, torch.bfloat16, "split", "gelu_tanh", (128, 64, 64, 8)),
+    (90, torch.bfloat16, "packed", "silu", (64, 64, 64, 4)),
+    (90, torch.float32, "packed", "gelu_tanh", (64, 32, 16, 4)),
+    (80, torch.bfloat16, "packed", "gelu_tanh", (64, 64, 32, 4)),
 ]
 
 
 @kernel_test
-@pytest.mark.parametrize("arch,tile_dtype,gated,expected", DA_TILES,
-                         ids=[f"sm{a}-{str(d)[6:]}-{g}" for a, d, g, _ in DA_TILES])
-def test_kernel_dA_gemm_on_its_production_tiles(kernel_device, monkeypatch, arch, tile_dtype, gated, expected):
+@pytest.mark.parametrize("arch,tile_dtype,gated,activation,expected", DA_TILES,
+                         ids=[f"sm{a}-{str(d)[6:]}-{g}-{act}" for a, d, g, act, _ in DA_TILES])
+def test_kernel_dA_gemm_on_its_production_tiles(kernel_device, monkeypatch, arch, tile_dtype, gated, activation,
+                                                expected):  # fmt: skip
     """D = 80 (a partial K step on 64- and 32-deep tiles), hidden 136 (a partial column tile),
-    2 x 70 tokens (a partial row tile), tanh GELU gated or erf GELU plain, every scale on."""
+    2 x 70 tokens (a partial row tile), every scale on."""
     from fastvit.kernels import layernorm_mlp as forward_kernels
     from fastvit.kernels import layernorm_mlp_bwd as backward_kernels
 
     real = forward_kernels.gemm_config
     tiles = []
 
-    def production(arch_, dtype, kind, gated_=False):
+    def production(arch_, dtype, kind, gated_=False, activation_="gelu"):
         if kind != "fc2_bwd":
-            return real(arch_, dtype, kind, gated_)
+            return real(arch_, dtype, kind, gated_, activation_)
         with monkeypatch.context() as m:
             m.setattr(forward_kernels, "INTERPRETER", False)
-            tiles.append(real(arch, tile_dtype, kind, gated_))
+            tiles.append(real(arch, tile_dtype, kind, gated_, activation_))
         return tiles[-1]
 
     monkeypatch.setattr(backward_kernels, "gemm_config", production)
-    build, call = _variant(gated, "layernorm", "gelu_tanh" if gated else "gelu")
+    build, call = _variant(gated, "layernorm", activation)
     inputs = _inputs(2, 70, 80, 136, layer_scale=True, sample_scale=True, device=kernel_device, seed=109, **build)
     out, grad_out, grads = _run_kernel(inputs, **call)
     _check_against_reference(inputs, out, grad_out, grads, **call)
