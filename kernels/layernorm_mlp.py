@@ -335,9 +335,16 @@ def gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False, a
                 ) -> GemmConfig:  # fmt: skip
     """Block sizes of one GEMM kind for (architecture, GEMM dtype); ``gated`` and ``activation``:
     the fc2_bwd epilogue of a gated MLP (two pre-activations in, two gradients out) and its
-    activation."""
+    activation. In the interpreter, its wide tiles; on a GPU ``hardware_gemm_config``'s."""
     if INTERPRETER:
         return _INTERPRETER_WGRAD if kind == "wgrad" else _INTERPRETER_GEMM
+    return hardware_gemm_config(arch, dtype, kind, gated, activation)
+
+
+def hardware_gemm_config(arch: int, dtype: torch.dtype, kind: str, gated: bool = False, activation: str = "gelu"
+                         ) -> GemmConfig:  # fmt: skip
+    """``gemm_config`` on a GPU of ``arch`` (also asked in the interpreter by the checks of the
+    production tiles)."""
     if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: small tiles, short K steps
         if kind == "fc2_bwd" and gated:
             # half-width tiles: 64 x 64 spilled 104-216 B with the tanh GELU (Triton 3.8 and 3.6); 64 x 32

@@ -44,12 +44,7 @@ KERNELS = {"fc1": "_fc1_kernel", "fc2_bwd": "_fc2_bwd_kernel"}
 def candidates(kind: str, arch: int, gated: bool, activation: str) -> list[GemmConfig]:
     """The launcher's tiles first, then the ones they replaced (2026-12-05), then others; a gated
     FC1 halves each block_n in the launcher itself."""
-    with_hardware = forward_kernels.INTERPRETER
-    forward_kernels.INTERPRETER = False
-    try:
-        own = forward_kernels.gemm_config(arch, torch.bfloat16, kind, gated, activation)
-    finally:
-        forward_kernels.INTERPRETER = with_hardware
+    own = forward_kernels.hardware_gemm_config(arch, torch.bfloat16, kind, gated, activation)
     bk, stages = (64, 3) if arch >= 90 else (32, 4 if arch == 80 else 3)
     G = GemmConfig
     if kind == "fc1":
