@@ -15,7 +15,7 @@ template instantiation for the .cu files) and architecture:
 - ``registers`` per thread, ``stack`` frame bytes and ``local`` memory bytes
   (``cuobjdump --dump-resource-usage``); ``spill_stores`` / ``spill_loads`` bytes (ptxas ``-v``,
   csrc only: Triton runs ptxas itself); ``local_stores`` / ``local_loads``, the STL / LDL
-  instructions in the machine code;
+  instructions in the machine code, and (Triton) ``local_in_loops``, those of them inside a loop;
 - ``shared``: shared memory per block, static (the cubin's, without sm_90's 1 KiB system
   reservation) plus, for Triton, the dynamic amount its launch requests. The csrc kernels'
   dynamic shared memory (if any) is chosen by their launchers at run time and not counted;
@@ -30,7 +30,9 @@ template instantiation for the .cu files) and architecture:
   ``async_copy`` (``"tma"``, ``"cp.async"`` or ``"none"``) and
   ``wgmma_wait_pendings`` (the hot loop's wgmma waits, sm_90).
 
-A row has problems (``static_model.problems``) when it does not compile, spills, uses more
+A row has problems (``static_model.problems``) when it does not compile, spills (except a spill of
+at most 64 B whose local loads and stores all lie outside every loop: registers saved before a main
+loop and restored after it, once per program; its ``stack`` shows in the figures), uses more
 shared memory than the architecture allows per block, is an fp16/bf16 matmul-bound kernel
 (``KernelSpec.needs_wgmma``; the csrc kernels are memory-bound and never need it) without HGMMA on
 sm_90, replicates MMA rows, has an HGMMA narrower than 32 in its hot loop, has a 16-bit MMA hot

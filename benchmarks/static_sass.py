@@ -18,6 +18,7 @@ __all__ = [
     "Instruction",
     "async_copy",
     "instruction_counts",
+    "local_accesses_in_loops",
     "loops",
     "mma_shape",
     "mma_shapes",
@@ -217,6 +218,14 @@ def loops(instructions: list[Instruction]) -> list[list[Instruction]]:
         if target is not None and target < ins.address:
             ends[target] = max(ends.get(target, target), ins.address)
     return [[i for i in instructions if start <= i.address <= end] for start, end in sorted(ends.items())]
+
+
+def local_accesses_in_loops(instructions: list[Instruction]) -> int:
+    """How many local-memory loads and stores (LDL / STL: spilled registers or local arrays) lie
+    inside a loop body (``loops``): each one runs every iteration. Those outside every loop run once
+    per program, such as registers saved before a main loop and restored after it."""
+    inside = {i.address for body in loops(instructions) for i in body}
+    return sum(1 for i in instructions if i.name in ("LDL", "STL") and i.address in inside)
 
 
 _PTXAS_PROPERTIES = re.compile(r"Function properties for (\S+)")

@@ -38,7 +38,14 @@ from .static_model import (
     problems,
     regs_to_cliff,
 )
-from .static_sass import async_copy, instruction_counts, mma_shapes, parse_resource_usage, sass_functions
+from .static_sass import (
+    async_copy,
+    instruction_counts,
+    local_accesses_in_loops,
+    mma_shapes,
+    parse_resource_usage,
+    sass_functions,
+)
 from .static_ttgir import mma_tiles
 
 __all__ = ["KERNEL_MODULES", "all_specs", "compile_spec", "main", "model_fields", "run", "tool"]
@@ -70,6 +77,7 @@ def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: in
     ctas = ctas_per_sm(arch, registers, shared, num_warps)
     return {
         **instruction_counts(code),
+        "local_in_loops": local_accesses_in_loops(code),
         "ctas_per_sm": ctas,
         "regs_to_cliff": regs_to_cliff(arch, registers, shared, num_warps),
         "mma_shapes": mma_shapes(code),

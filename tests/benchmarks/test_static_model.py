@@ -16,7 +16,9 @@ import pytest
 
 from fastvit.benchmarks.static_figures import compare
 from fastvit.benchmarks.static_model import (
+    HARMLESS_SPILL_BYTES,
     ctas_per_sm,
+    harmless_spill,
     hot_loop,
     loop_efficiency,
     model_problems,
@@ -126,6 +128,20 @@ def test_problems():
     assert problems(_row(hgmma=0, arch=80)) == []  # HGMMA exists on sm_90 only
     assert problems(_row(hgmma=0, needs_wgmma=False)) == []  # fp32 / memory-bound kernels
     assert problems({"error": "boom"}) == ["does not compile: boom"]
+
+
+def test_spills_outside_every_loop_are_reported_not_flagged():
+    # Triton 3.6's sm_80 ViT-B forward under its 128-register cap: 3 registers saved before the main
+    # loop and restored after it, once per program
+    saved = _row(stack=16, local_stores=3, local_loads=3, local_in_loops=0)
+    assert harmless_spill(saved) and problems(saved) == []
+    reloaded = {**saved, "local_in_loops": 2}
+    assert problems(reloaded) == ["spills: stack 16 B (2 of 6 local loads/stores inside a loop)"]
+    big = {**saved, "stack": HARMLESS_SPILL_BYTES + 8}
+    assert problems(big) == [f"spills: stack {HARMLESS_SPILL_BYTES + 8} B (0 of 6 local loads/stores inside a loop)"]
+    # no SASS figures (csrc's ptxas rows), or a stack frame without a local access seen: flagged
+    assert not harmless_spill(_row(stack=16))
+    assert not harmless_spill(_row(stack=16, local_stores=0, local_loads=0, local_in_loops=0))
 
 
 def test_model_problems():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fastvit.benchmarks.static_sass import (
     async_copy,
+    local_accesses_in_loops,
     loops,
     mma_shapes,
     parse_ptxas_log,
@@ -119,6 +120,31 @@ def test_instructions_with_addresses_opcodes_and_branch_targets():
 def test_loops_are_the_bodies_of_backward_branches():
     (body,) = loops(sass_functions(LOOP)["loop_kernel"])  # the trap's branch to itself is no loop
     assert [i.address for i in body] == [0x40, 0x50, 0x60, 0x70, 0x80, 0x90]
+
+
+# registers saved before a main loop and restored after it (Triton 3.6 under a register cap), and one
+# reloaded every iteration
+SPILL = """
+\t\tFunction : spill_kernel
+        /*0000*/                   STL [R1], R5 ;
+        /*0010*/                   STL [R1+0x4], R10 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R24, R4, R8, R24 ;
+        /*0030*/                   LDL R12, [R1+0x8] ;
+        /*0040*/                   ISETP.GE.AND P0, PT, R2, R6, PT ;
+        /*0050*/               @P0 BRA 0x20 ;
+        /*0060*/                   LDL R34, [R1+0x4] ;
+        /*0070*/                   LDL R35, [R1] ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_local_accesses_inside_loops_are_counted_apart():
+    code = sass_functions(SPILL)["spill_kernel"]
+    assert parse_sass(SPILL)["spill_kernel"]["local_stores"] == 2
+    assert parse_sass(SPILL)["spill_kernel"]["local_loads"] == 3
+    assert local_accesses_in_loops(code) == 1  # the LDL at 0x30; the saves and restores run once
+    assert local_accesses_in_loops([i for i in code if i.address != 0x30]) == 0
+    assert local_accesses_in_loops(sass_functions(LOOP)["loop_kernel"]) == 0
 
 
 def test_mma_histogram_async_copy_and_wgmma_waits():
