@@ -9,9 +9,10 @@
     python -m benchmarks compare BASE.json NEW.json
     python -m benchmarks static [--arch 80,89,90] [--json PATH] [--only triton|csrc]
     python -m benchmarks tune [options]           # measure the triton and cuda backends per shape
+    python -m benchmarks host [--json PATH]       # host time of fastvit's layers per op call (CPU)
 
 Suites are modules of this package, registered below by name; a registered suite whose module
-is not in this build yet is skipped with a message. Commands (``compare``, ``static``, ``tune``)
+is not in this build yet is skipped with a message. Commands (``compare``, ``static``, ``tune``, ``host``)
 are modules with ``main(argv) -> int``, imported only when asked for.
 
 Every run measures the device's ceilings once (a large copy and a large matmul, see
@@ -62,6 +63,7 @@ COMMANDS = {
     "static": ("static", "compile every kernel for sm_80/89/90 and report registers, spills, shared memory, MMA"),
     "tune": ("tune", "measure the triton and cuda backends per op and shape; `auto` then uses the table"),
     "shape-model": ("shape_model", "the shape model beside a run's fastvit attention rows: RESULTS.json"),
+    "host": ("host_time", "host time per op call of fastvit's own layers and Triton's argument binding (CPU)"),
 }
 
 
