@@ -2467,8 +2467,16 @@ def key_padding(bias: torch.Tensor | None) -> bool:
     return bias is not None and _strides4(bias)[2] == 0
 
 
+# _bias_args of a launch with neither an attn_mask nor rel_pos (the common case, on every call)
+_NO_MASK_FLAGS = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "BIAS_ROWS_BCAST": False}
+_NO_MASK_ARGS = ((None, None, None), (0,) * 12, 1, _NO_MASK_FLAGS)
+
+
 def _bias_args(bias, rel_h, rel_w):
-    """(kernel pointer args, stride args, KW, flags) for the optional attn_mask and rel_pos."""
+    """(kernel pointer args, stride args, KW, flags) for the optional attn_mask and rel_pos. The
+    flags dict may be shared between calls: callers merge it into new dicts, never change it."""
+    if bias is None and rel_h is None:
+        return _NO_MASK_ARGS
     if bias is not None:
         if abs(bias.stride(-1)) * bias.shape[-1] >= 2**31:  # column offsets are int32
             bias = bias.contiguous()
@@ -2547,10 +2555,7 @@ def flash_attention_forward(
     with device_guard(q):
         flash_attention_fwd_kernel[grid](
             *qkvo, lse, *pointers,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *bias_strides,
             heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -2736,12 +2741,8 @@ def flash_attention_backward(
         else:
             flash_attention_bwd_dq_kernel[(cdiv(n_q, dq_cfg.block_n) * batch * heads,)](
                 q, k, v, grad_out, out, lse, delta, dq, *pointers, *drel_parts,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                *grad_out.stride(),
-                out.stride(0), out.stride(1), out.stride(2),
-                dq.stride(0), dq.stride(1), dq.stride(2),
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride(),
+                *out.stride()[:3], *dq.stride()[:3],
                 *bias_strides,
                 heads, n_q, n_k, kh, kw, scale,
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=dq_cfg.block_n, BLOCK_N=dq_cfg.block_m,
@@ -2751,12 +2752,8 @@ def flash_attention_backward(
         if not (plan and plan.with_dkdv):
             flash_attention_bwd_dkdv_kernel[(cdiv(n_k, cfg.block_n) * batch * heads,)](
                 q, k, v, grad_out, lse, delta, dk, dv, *pointers,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                *grad_out.stride(),
-                dk.stride(0), dk.stride(1), dk.stride(2),
-                dv.stride(0), dv.stride(1), dv.stride(2),
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride(),
+                *dk.stride()[:3], *dv.stride()[:3],
                 *bias_strides,
                 heads, n_q, n_k, kw, scale,
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
