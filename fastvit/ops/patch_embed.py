@@ -133,7 +133,9 @@ def _backward(ctx, grad):
             rows = sums if ctx.pos_len == sums.shape[0] else sums[num_prefix:]
             dpos = rows.unsqueeze(0).to(pos_dtype)
         if need_prefix:
-            dprefix = sums[:num_prefix].unsqueeze(0).to(prefix_dtype)
+            # a copy (num_prefix x D): pos_embed's gradient may be a view of the same rows, and
+            # autograd keeps both views as .grad, where the next accumulation adds into both at once
+            dprefix = sums[:num_prefix].unsqueeze(0).to(prefix_dtype, copy=True)
     return dx, dw, dbias, dpos, dprefix, None
 
 

@@ -254,6 +254,23 @@ def test_kernel_weight_gradient_walks_image_tiles(kernel_device, channels_last):
 
 
 @kernel_test
+@pytest.mark.parametrize("pos", ["all", "patches"])
+def test_kernel_gradients_accumulate_into_separate_buffers(kernel_device, pos):
+    # pos_embed over the prefix rows and the prefix tokens' gradients came from overlapping views of
+    # one buffer: autograd kept both as .grad, and the second backward (gradient accumulation over
+    # micro-batches) added every prefix row into both, doubling the accumulated gradients there
+    inputs = _inputs(2, 3, 32, 32, 16, 8, 2, pos, device=kernel_device)
+    grad_out = torch.randn(2, 2 + 4, 8, device=kernel_device)
+    with fastvit.backend("triton"):
+        _call(inputs).backward(grad_out)
+        once = {k: t.grad.clone() for k, t in inputs.items()}
+        _call(inputs).backward(grad_out)
+    for name, t in inputs.items():
+        torch.testing.assert_close(t.grad, 2 * once[name], msg=name)
+    storages = {t.grad.untyped_storage().data_ptr() for t in inputs.values()}
+    assert len(storages) == len(inputs)  # no two gradients share memory
+
+
 def test_kernel_empty_batch_and_empty_prefix(kernel_device):
     inputs = _inputs(0, 3, 16, 16, 8, 12, 2, "all", device=kernel_device, seed=19)
     with fastvit.backend("triton"):
