@@ -96,9 +96,12 @@ def assert_outputs_and_grads_match(
     rtol: float = RTOL,
     atol: float = ATOL,
     seed: int | None = None,
+    backward_passes: int = 1,
 ) -> None:
     """Same output and the same gradient on every parameter (and the input), for a random
-    upstream gradient. ``seed`` reseeds the RNG before each run (drop-path, dropout)."""
+    upstream gradient. ``seed`` reseeds the RNG before each run (drop-path, dropout).
+    ``backward_passes`` > 1 runs the backward that often over one graph, so the gradients compared
+    are accumulated (micro-batches): one that shares memory with another accumulates wrongly."""
     outputs, grads = [], []
     for model in (reference, patched):
         x = inputs.clone().requires_grad_(True)
@@ -106,7 +109,9 @@ def assert_outputs_and_grads_match(
             torch.manual_seed(seed)
         out = run(model, x)
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
-        (out * upstream).sum().backward()
+        loss = (out * upstream).sum()
+        for left in range(backward_passes, 0, -1):
+            loss.backward(retain_graph=left > 1)
         outputs.append(out.detach())
         grads.append([("input", x.grad)] + [(n, p.grad) for n, p in model.named_parameters()])
     torch.testing.assert_close(outputs[1], outputs[0], rtol=rtol, atol=atol)
