@@ -18,12 +18,14 @@ modules read to ``attn_implementation="fastvit"`` (``fastvit.nn.hf_attention``),
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from dataclasses import dataclass, field
 
 import torch.nn as nn
 import transformers
+from transformers.configuration_utils import PretrainedConfig
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.vit import modeling_vit
 
@@ -235,17 +237,26 @@ class InterfaceRouting:
     Attributes:
         routes: (path, attention module) pairs, in model order.
         notes: what the report adds per path (dropout fallbacks).
+        modules: every module of the model (``named_modules``), whose config references ``apply``
+            points at the model's own copies.
     """
 
     routes: list[tuple[str, nn.Module]] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.routes)
 
     def apply(self, report: PatchReport) -> None:
         """Switch each module's config to ``"fastvit"`` (remembering the previous value on the
-        module) and list the modules in ``report.replaced``."""
+        module) and list the modules in ``report.replaced``.
+
+        The configs switched are the model's own: each config object a routed module reads is
+        replaced, on every module of the model holding it, by a shallow copy. Models built from one
+        config object (``Model(config)`` twice: teacher and student, an EMA copy) share it, and
+        patching one must not switch the others."""
+        self._own_configs()
         for path, module in self.routes:  # read every previous value before any config changes
             previous = module.config._attn_implementation_internal
             setattr(module, _PREVIOUS, previous)
@@ -256,6 +267,28 @@ class InterfaceRouting:
             report.replaced.append(PatchEntry(path, "attention", "; ".join((detail, *self.notes.get(path, ())))))
         for _, module in self.routes:
             module.config._attn_implementation_internal = INTERFACE_NAME
+
+    def _own_configs(self) -> None:
+        """Copy the routed modules' configs, and the model's configs that hold one of them as a
+        sub-config (``CLIPConfig.vision_config``, at any depth, so that ``model.config`` still
+        describes what runs), and point every module of the model at the copies."""
+        held = {id(c): c for m in self.modules.values() if isinstance(c := vars(m).get("config"), PretrainedConfig)}
+        originals = {id(module.config): module.config for _, module in self.routes}
+        grew = True
+        while grew:  # a config holding a copied one is copied too
+            parents = {key: c for key, c in held.items() if key not in originals and any(
+                id(v) in originals and v is originals[id(v)] for v in vars(c).values())}  # fmt: skip
+            originals.update(parents)
+            grew = bool(parents)
+        copies = {key: copy.copy(config) for key, config in originals.items()}
+        for config in copies.values():
+            for name, value in list(vars(config).items()):
+                if id(value) in originals and value is originals[id(value)]:
+                    setattr(config, name, copies[id(value)])
+        for module in self.modules.values():
+            config = vars(module).get("config")
+            if config is not None and config is originals.get(id(config)):
+                module.config = copies[id(config)]
 
 
 def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> InterfaceRouting:
@@ -270,8 +303,8 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> 
         report: where skips and earlier patches are recorded.
         claimed: ids of modules a module swap of this patch already covers (ViT's attention).
     """
-    routing = InterfaceRouting()
     modules = dict(model.named_modules())
+    routing = InterfaceRouting(modules=modules)
     if not any(_from_transformers(m) for m in modules.values()):
         return routing  # no transformers module in this model: nothing to register or report
     problem = register_now()

@@ -329,6 +329,40 @@ def test_state_dict_unchanged_and_unpatch_restores_each_sub_config():
     assert fastvit.unpatch(model).replaced == []  # twice: nothing left to restore
 
 
+@pytest.mark.parametrize("name", ["dinov2", "clip"])
+def test_models_built_from_one_config_stay_apart(name, attention_calls):
+    # teacher and student (or a model and its EMA copy) built from one config object: patching one
+    # switched the shared config, so the other silently ran fastvit too (and unpatching it did nothing)
+    model = build(name)
+    sibling = type(model)(model.config).eval()
+    before = {n: c._attn_implementation for n, c in _configs(sibling)}
+    fastvit.patch(model)
+    assert {n: c._attn_implementation for n, c in _configs(sibling)} == before
+    routed = [m for m in model.modules() if hasattr(m, "_fastvit_previous_attn_implementation")]
+    assert routed
+    # the configs the routed modules read are the model's own (model.config or its sub-configs)
+    own = dict(_configs(model))
+    assert all(m.config._attn_implementation == "fastvit" and any(m.config is c for c in own.values())
+               for m in routed)  # fmt: skip
+    inputs = FAMILIES[name].inputs(torch.float32)
+    sibling(**inputs)
+    assert attention_calls == []
+    model(**inputs)
+    assert attention_calls
+    fastvit.unpatch(model)
+    assert {n: c._attn_implementation for n, c in _configs(model)} == before
+    # every module of the patched model reads its own configs
+    assert all(m.config is model.config or m.config in dict(_configs(model)).values()
+               for m in model.modules() if hasattr(m, "config"))  # fmt: skip
+
+
+def _configs(model: nn.Module) -> list[tuple[str, object]]:
+    """``model.config`` and its sub-configs, by attribute path."""
+    found = [("config", model.config)]
+    found += [(f"config.{k}", v) for k, v in vars(model.config).items() if hasattr(v, "_attn_implementation")]
+    return found
+
+
 def test_patch_twice_and_implementation_changed_in_between():
     model = build("dinov2")
     fastvit.patch(model)
