@@ -155,8 +155,9 @@ def _plain_eager(args: tuple) -> bool:
 
 
 def call(custom_op: Any, twin: type[torch.autograd.Function], *args: Any) -> Any:
-    """Run ``custom_op(*args)``: as the registered op while ``torch.compile`` traces (and wherever
-    the arguments are not plain eager tensors), as ``twin`` while a ``torch.func`` transform (grad,
+    """Run ``custom_op(*args)``: as the registered op while ``torch.compile`` or ``torch.jit.trace``
+    traces (and wherever the arguments are not plain eager tensors), as ``twin`` while a
+    ``torch.func`` transform (grad,
     vjp, jacrev, ...) is active (PyTorch's custom-op autograd does not run under those), and as
     ``twin.eager`` (the implementation called directly, no custom-op dispatch) in plain eager mode
     — without even the ``autograd.Function`` when grad mode is off (inference, and the backward
@@ -165,7 +166,9 @@ def call(custom_op: Any, twin: type[torch.autograd.Function], *args: Any) -> Any
     Example:
         >>> out, lse = call(_flash_attention_fwd, _fwd_fn, q, k, v, 0.125, False, None, None, None)
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # torch.jit.trace records the registered op as one node (its implementation then runs with
+        # int sizes; traced Python code sees sizes as tensors, and a launch would not be recorded)
         return custom_op(*args)
     if torch._C._are_functorch_transforms_active():
         return twin.apply(*args)

@@ -6,7 +6,7 @@ on it), TorchScript and torch.export (issue 16), for timm, torchvision and Huggi
 - TorchScript compiles the original modules' math (``FusedModule.__prepare_scriptable__``, said
   once in a warning) and leaves the Python model patched.
 - torch.export keeps fastvit's custom ops in the graph (Triton route, in the interpreter here) with
-  a dynamic batch dimension.
+  a dynamic batch dimension; torch.jit.trace records them as nodes too.
 """
 
 from __future__ import annotations
@@ -273,6 +273,27 @@ def test_export_keeps_the_custom_ops_with_a_dynamic_batch(family):
         x5 = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         got = _logits(exported.module()(x5))
     torch.testing.assert_close(got, _logits(reference(x5)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", sorted(EXPORT_MODELS))
+def test_jit_trace_records_the_custom_ops(family):
+    # torch.jit.trace hands Python code sizes as tensors: the launchers failed on them, and a launch
+    # would not have been recorded. Traced, each fastvit op is one node of the registered op
+    pytest.importorskip("transformers")
+    reference = EXPORT_MODELS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with fastvit.backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trace's deprecation and constant-size warnings
+        traced = torch.jit.trace(patched, x, check_trace=False, strict=False)
+        kinds = {node.kind() for node in traced.inlined_graph.nodes() if node.kind().startswith("fastvit::")}
+        assert kinds == {"fastvit::flash_attention_fwd", "fastvit::layernorm_mlp_fwd", "fastvit::patch_embed_fwd"}
+        x2 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        got = traced(x2)
+    got = got["logits"] if isinstance(got, dict) else got  # a traced HF model returns its output as a dict
+    torch.testing.assert_close(got, _logits(reference(x2)), rtol=1e-4, atol=1e-5)
 
 
 def test_hugging_face_attention_mask_runs_the_fused_op(op_calls):
