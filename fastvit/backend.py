@@ -174,6 +174,7 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
             measured winner for it (``triton``, ``cuda`` or PyTorch's ``torch`` route) and runs
             Triton where the table has no entry.
 
+    Under ``torch.func.vmap`` (no batching rule for the kernels): ``"torch"``, with one warning.
     On ``meta`` tensors: ``"torch"`` under the ``torch`` backend, else the custom ops (``"cuda"``
     for an op the extension covers under ``cuda``, else ``"triton"``), whose fake implementations
     return meta outputs; neither the interpreter nor the extension is checked, as nothing runs.
@@ -185,6 +186,13 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
     """
     name = current_backend()
     covered = op in CUDA_OPS
+    if device.type != "meta" and name != "torch" and _vmapping():
+        warn_once(
+            f"vmap:{op}",
+            f"fastvit.{op}: the fused kernels have no torch.func.vmap batching rule; under vmap (per-sample "
+            "gradients, ensembles) the op runs PyTorch's route, which has one",
+        )
+        return "torch"
     if device.type == "meta":
         # no kernel runs: the custom ops' fake implementations give the outputs' metadata
         if name == "torch":
@@ -218,6 +226,17 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
     if name == "triton" and device.type != "cuda":
         _interpreter_check(device)
     return name
+
+
+def _vmapping() -> bool:
+    """Whether a ``torch.func.vmap`` transform is active around this call (outside torch.compile,
+    which traces functorch transforms itself)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters())
 
 
 def warn_once(key: str, message: str) -> None:

@@ -12,7 +12,8 @@ backward custom ops. Two gaps of that design are closed here:
 - **torch.func transforms.** PyTorch's custom-op autograd is not an ``autograd.Function`` that
   ``torch.func.grad`` / ``vjp`` / ``jacrev`` accept. ``function_twin`` builds one from the same
   setup and backward formulas, and ``call`` runs it in place of the custom op while a
-  ``torch.func`` transform is active.
+  ``torch.func`` transform is active. Its ``vmap`` rule loops over the vmapped dim (``jacrev``
+  vmaps the backward); a vmapped forward runs the torch route (``fastvit.backend``).
 - **Eager overhead.** The custom-op dispatch costs far more than the kernels at ViT sizes: on an
   H200 a flash_attention call at N=197 spent ~170 us on the host against SDPA's ~17 us, most of it
   in ``torch.library``'s dispatch (on this CPU build: ~90 us per call with inputs that require grad,
@@ -110,6 +111,10 @@ def function_twin(
             def backward(ctx: Any, *grads: Any) -> Any:
                 return backward(ctx, *grads)
 
+            @staticmethod
+            def vmap(info: Any, in_dims: tuple, *args: Any) -> Any:
+                return _loop_batching_rule(Twin, info, in_dims, args)
+
         Twin.__name__ = Twin.__qualname__ = name
         return Twin
 
@@ -139,6 +144,23 @@ def function_twin(
     twin.eager = make_eager(implementation, f"{custom_op._name}_eager") if plain else None
     twin.implementation = implementation if plain else None
     return twin
+
+
+def _loop_batching_rule(function: type[torch.autograd.Function], info: Any, in_dims: tuple, args: tuple) -> Any:
+    """``torch.func.vmap``'s rule for a twin: the kernels have no batched form, so one call per
+    entry of the vmapped dim, stacked. ``torch.func.jacrev`` vmaps the backward op over the rows
+    of the Jacobian this way; a vmapped forward never gets here (``resolve_backend`` sends the ops
+    to their torch route under vmap)."""
+    per_entry = []
+    for i in range(info.batch_size):
+        # in_dims holds an int for each vmapped tensor, None (or a pytree of Nones: a list of
+        # flags) for the rest
+        sliced = [arg.select(dim, i) if isinstance(dim, int) else arg for arg, dim in zip(args, in_dims, strict=True)]
+        per_entry.append(function.apply(*sliced))
+    if isinstance(per_entry[0], torch.Tensor):
+        return torch.stack(per_entry), 0
+    stacked = tuple(torch.stack(outputs) for outputs in zip(*per_entry, strict=True))
+    return stacked, (0,) * len(stacked)
 
 
 def _plain_eager(args: tuple) -> bool:

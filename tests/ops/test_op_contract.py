@@ -185,6 +185,27 @@ def test_torch_func_grad_on_a_fused_route_matches_autograd(op, route, request):
             torch.func.grad(first_grad_norm)(tensors[0])
 
 
+@pytest.mark.parametrize("route", FUSED_ROUTES)
+@pytest.mark.parametrize("op", OPS)
+def test_torch_func_jacrev_on_a_fused_route_matches_autograd(op, route, request):
+    """torch.func.jacrev vmaps the backward over the Jacobian's rows: the kernels have no batched
+    form, so their twins loop over the vmapped dim (it raised "does not have vmap support" before).
+    Each row equals the gradient of that output element by torch.autograd.grad."""
+    _use_route(route, request)
+    call, tensors = _case(op, seed=5)
+
+    def some_outputs(first):
+        return call(first, *tensors[1:]).sum(-1).flatten()[:5]
+
+    with fastvit.backend(route):
+        jacobian = torch.func.jacrev(some_outputs)(tensors[0])
+        (leaf,) = _leaves(tensors[:1])
+        outputs = some_outputs(leaf)
+        for i in range(outputs.numel()):
+            (row,) = torch.autograd.grad(outputs[i], leaf, retain_graph=True)
+            torch.testing.assert_close(jacobian[i], row, **_rerun_tolerance(row))
+
+
 # ---------------------------------------------------------------------------------------------
 # Meta tensors (issue 17, item 12)
 # ---------------------------------------------------------------------------------------------

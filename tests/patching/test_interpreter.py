@@ -52,3 +52,27 @@ def test_transformers(op_calls):
     pytest.importorskip("transformers")
     reference, patched, _ = pair(hf_classifier(image_size=8).eval())
     _check(reference, patched, op_calls, run=lambda m, x: m(x).logits)
+
+
+def test_per_sample_gradients_under_vmap(op_calls, fresh_warnings):
+    # torch.func.vmap(grad(...)) over a patched model: the kernels have no batching rule, so under
+    # vmap the ops run PyTorch's route (said once per op), where vmap raised before
+    pytest.importorskip("timm")
+    reference, patched, _ = pair(timm_vit(img_size=8).eval())
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def per_sample(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, image):
+            return torch.func.functional_call(model, p, (image[None],)).pow(2).sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    with fastvit.backend("triton"), pytest.warns(fastvit.FastvitFallbackWarning, match="vmap"):
+        got = per_sample(patched)
+    want = per_sample(reference)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert len(op_calls["flash_attention"]) == DEPTH  # the public ops ran (on their torch route)
