@@ -254,22 +254,32 @@ EXPORT_MODELS = {
 
 
 def _logits(out: object) -> torch.Tensor:
+    if isinstance(out, dict):  # a traced HF model returns its output as a dict
+        return out["logits"]
     return out.logits if hasattr(out, "logits") else out
+
+
+# each fused op's custom op: how torch.export and torch.jit.trace name it in their graphs
+CUSTOM_OPS = ("flash_attention_fwd", "layernorm_mlp_fwd", "patch_embed_fwd")
+
+
+def _patched_pair(family: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(unpatched, patched) copies of ``EXPORT_MODELS[family]`` and the input they are captured on."""
+    pytest.importorskip("transformers")
+    reference = EXPORT_MODELS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    return reference, patched, torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("family", sorted(EXPORT_MODELS))
 def test_export_keeps_the_custom_ops_with_a_dynamic_batch(family):
-    pytest.importorskip("transformers")
-    reference = EXPORT_MODELS[family]()
-    patched = copy.deepcopy(reference)
-    fastvit.patch(patched)
-    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference, patched, x = _patched_pair(family)
     with fastvit.backend("triton"):
         exported = torch.export.export(patched, (x,), dynamic_shapes=({0: Dim("batch", min=2)},))
         ops = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
-        assert ops == {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default",
-                       "fastvit.patch_embed_fwd.default"}  # fmt: skip
+        assert ops == {f"fastvit.{op}.default" for op in CUSTOM_OPS}
         x5 = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         got = _logits(exported.module()(x5))
     torch.testing.assert_close(got, _logits(reference(x5)), rtol=1e-4, atol=1e-5)
@@ -280,19 +290,14 @@ def test_export_keeps_the_custom_ops_with_a_dynamic_batch(family):
 def test_jit_trace_records_the_custom_ops(family):
     # torch.jit.trace hands Python code sizes as tensors: the launchers failed on them, and a launch
     # would not have been recorded. Traced, each fastvit op is one node of the registered op
-    pytest.importorskip("transformers")
-    reference = EXPORT_MODELS[family]()
-    patched = copy.deepcopy(reference)
-    fastvit.patch(patched)
-    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference, patched, x = _patched_pair(family)
     with fastvit.backend("triton"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trace's deprecation and constant-size warnings
         traced = torch.jit.trace(patched, x, check_trace=False, strict=False)
         kinds = {node.kind() for node in traced.inlined_graph.nodes() if node.kind().startswith("fastvit::")}
-        assert kinds == {"fastvit::flash_attention_fwd", "fastvit::layernorm_mlp_fwd", "fastvit::patch_embed_fwd"}
+        assert kinds == {f"fastvit::{op}" for op in CUSTOM_OPS}
         x2 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-        got = traced(x2)
-    got = got["logits"] if isinstance(got, dict) else got  # a traced HF model returns its output as a dict
+        got = _logits(traced(x2))
     torch.testing.assert_close(got, _logits(reference(x2)), rtol=1e-4, atol=1e-5)
 
 
