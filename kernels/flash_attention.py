@@ -77,6 +77,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
 from typing import NamedTuple
 
 import torch
@@ -2467,14 +2468,17 @@ def key_padding(bias: torch.Tensor | None) -> bool:
     return bias is not None and _strides4(bias)[2] == 0
 
 
-# _bias_args of a launch with neither an attn_mask nor rel_pos (the common case, on every call)
-_NO_MASK_FLAGS = {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "BIAS_ROWS_BCAST": False}
+# _bias_args of a launch with neither an attn_mask nor rel_pos (the common case, on every call);
+# its flags are read-only, as they are shared between calls
+_NO_MASK_FLAGS = types.MappingProxyType(
+    {"HAS_BIAS": False, "BIAS_BOOL": False, "HAS_REL_POS": False, "BIAS_ROWS_BCAST": False}
+)
 _NO_MASK_ARGS = ((None, None, None), (0,) * 12, 1, _NO_MASK_FLAGS)
 
 
 def _bias_args(bias, rel_h, rel_w):
-    """(kernel pointer args, stride args, KW, flags) for the optional attn_mask and rel_pos. The
-    flags dict may be shared between calls: callers merge it into new dicts, never change it."""
+    """(kernel pointer args, stride args, KW, flags) for the optional attn_mask and rel_pos; the
+    flags a mapping to read or merge into a new dict."""
     if bias is None and rel_h is None:
         return _NO_MASK_ARGS
     if bias is not None:

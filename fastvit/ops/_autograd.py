@@ -179,8 +179,8 @@ def _plain_eager(args: tuple) -> bool:
 def call(custom_op: Any, twin: type[torch.autograd.Function], *args: Any) -> Any:
     """Run ``custom_op(*args)``: as the registered op while ``torch.compile`` or ``torch.jit.trace``
     traces (and wherever the arguments are not plain eager tensors), as ``twin`` while a
-    ``torch.func`` transform (grad,
-    vjp, jacrev, ...) is active (PyTorch's custom-op autograd does not run under those), and as
+    ``torch.func`` transform (grad, vjp, jacrev, ...) is active (PyTorch's custom-op autograd does
+    not run under those), and as
     ``twin.eager`` (the implementation called directly, no custom-op dispatch) in plain eager mode
     — without even the ``autograd.Function`` when grad mode is off (inference, and the backward
     ops inside a first-order backward).
