@@ -57,12 +57,16 @@ def check_optional_tensor(name: str, t: object, **kwargs) -> torch.Tensor | None
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All non-None tensors on one device; return it."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        got = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"all tensors must be on the same device, got {got}")
-    return next(iter(present.values())).device
+    device = None
+    for t in tensors.values():  # (on every op call: the message is built only on a mismatch)
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            got = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+            raise ValueError(f"all tensors must be on the same device, got {got}")
+    return device
 
 
 def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
@@ -70,10 +74,10 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
     autocast (the ops call this after its casts) what is left mismatched is a float64 tensor, which
     autocast does not cast: the message says which case it is."""
     present = {k: v for k, v in tensors.items() if v is not None}
-    dtypes = {v.dtype for v in present.values()}
-    if len(dtypes) > 1:
+    first = next(iter(present.values()))
+    if any(v.dtype != first.dtype for v in present.values()):
         got = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in present.items())
-        device = next(iter(present.values())).device
+        device = first.device
         if autocast_dtype(device) is None:
             raise TypeError(f"all tensors must have the same dtype (outside autocast), got {got}")
         raise TypeError(
@@ -81,7 +85,7 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
             f"{str(autocast_dtype(device)).replace('torch.', '')} on {device.type} leaves float64 as it is), "
             f"got {got}; cast the float64 tensors, or all of them, to one dtype"
         )
-    return next(iter(present.values())).dtype
+    return first.dtype
 
 
 def check_unit_last_stride(name: str, t: torch.Tensor) -> None:
