@@ -18,6 +18,7 @@ from fastvit import tuning
 from fastvit.backend import warn_once
 from fastvit.nn.fused import FusedModule
 from fastvit.patching import hf_interface
+from fastvit.patching.no_split import rename_no_split, restore_no_split
 from fastvit.patching.registry import ADAPTERS, OP_OF_PART, Patched, Skip, Swap, loaded_adapters
 from fastvit.patching.report import PatchEntry, PatchReport
 
@@ -174,6 +175,7 @@ def patch(
             module.swap_out()
         raise
     report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
+    rename_no_split(model, {type(s.module) for s in swaps})  # the layer classes named by class name
     _tuning_hint(model)
     if routing:  # attention through transformers' AttentionInterface: its configs, not its modules
         routing.apply(report)
@@ -201,4 +203,5 @@ def unpatch(model: nn.Module) -> PatchReport:
             module.swap_out()
             restored.append(PatchEntry(path, fused.fastvit_part, f"{fused.__name__} -> {type(module).__name__}"))
     restored += hf_interface.restore(model)
+    restore_no_split(model)
     return PatchReport(model=type(model).__name__, action="unpatch", replaced=restored)

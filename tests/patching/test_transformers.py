@@ -71,6 +71,29 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly():
     assert torch.equal(model(x).logits, before_out)
 
 
+def test_no_split_modules_name_the_fused_layers():
+    # accelerate's device maps and the Trainer's FSDP find the layers by the class names the model
+    # lists; patched layers are instances of the fused classes, and a name matching no module raises
+    from transformers.trainer_pt_utils import get_module_class_from_name
+
+    def no_split(model):
+        return {path: set(m._no_split_modules) for path, m in model.named_modules()
+                if getattr(m, "_no_split_modules", None)}  # fmt: skip
+
+    model = hf_classifier().eval()
+    before = no_split(model)
+    assert before[""] == {"ViTEmbeddings", "ViTLayer"}
+    fastvit.patch(model)
+    for path in before:
+        names = model.get_submodule(path)._no_split_modules
+        assert {"ViTLayer", "ViTEmbeddings"}.isdisjoint(names)  # every instance was swapped
+        assert all(get_module_class_from_name(model, name) is not None for name in names)
+    assert {"FusedViTLayer", "FusedViTEmbeddings"} <= set(model._no_split_modules)
+    fastvit.unpatch(model)
+    assert no_split(model) == before
+    assert not any("_fastvit_previous_no_split_modules" in vars(m) for m in model.modules())
+
+
 def test_output_attentions_and_hidden_states(op_calls):
     # output_attentions runs Hugging Face's attention for that call (eager returns the weights);
     # hidden states are captured by hooks matched on ViTLayer, which the fused layer still is
