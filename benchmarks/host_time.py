@@ -87,11 +87,12 @@ CASES = (
 
 class _Recorder:
     """Stands in for Triton's interpreted launch while in use (``with _Recorder() as recorder``):
-    counts launches and keeps the last arguments of each kernel; the real launch comes back on exit."""
+    does nothing, and while ``recording`` keeps each launch's kernel and arguments in ``launches``
+    (not while timing: they hold the launch's output tensors); the real launch comes back on exit."""
 
     def __init__(self) -> None:
-        self.launches = 0
-        self.last: dict[Any, tuple[tuple, dict]] = {}
+        self.recording = False
+        self.launches: list[tuple[Any, tuple, dict]] = []
 
     def __enter__(self) -> _Recorder:
         from triton.runtime.interpreter import InterpretedFunction
@@ -99,8 +100,8 @@ class _Recorder:
         recorder, self._original = self, InterpretedFunction.run
 
         def run(kernel, *args, grid, warmup, **kwargs):  # InterpretedFunction.run's signature
-            recorder.launches += 1
-            recorder.last[kernel] = (args, kwargs)
+            if recorder.recording:
+                recorder.launches.append((kernel, args, kwargs))
 
         InterpretedFunction.run = run
         return self
@@ -123,18 +124,20 @@ def _per_call_us(fn: Callable[[], Any], calls: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def _bind_us(launches: dict[Any, tuple[tuple, dict]], calls: int, repeats: int) -> float:
+def _bind_us(launches: list[tuple[Any, tuple, dict]], calls: int, repeats: int) -> float:
     """Triton's binder (sm_90 target) over one call's launches, as ``JITFunction.run`` runs it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
+    binders: dict[Any, Callable] = {}  # one per kernel, as JITFunction keeps
     bound = []
-    for kernel, (args, kwargs) in launches.items():
-        jit = JITFunction(kernel.fn, **kernel.kwargs)
-        binder = create_function_from_signature(jit.signature, jit.params, backend)
-        bound.append((binder, args, {**kwargs, "debug": False, "instrumentation_mode": ""}))
+    for kernel, args, kwargs in launches:
+        if kernel not in binders:
+            jit = JITFunction(kernel.fn, **kernel.kwargs)
+            binders[kernel] = create_function_from_signature(jit.signature, jit.params, backend)
+        bound.append((binders[kernel], args, {**kwargs, "debug": False, "instrumentation_mode": ""}))
     cache: dict = {}
 
     def bind_all():
@@ -168,14 +171,14 @@ def measure_case(case: Case, mode: str, calls: int, repeats: int, recorder: _Rec
                 call(*inputs)
 
     with fastvit.backend("triton"):
-        recorder.last.clear()
-        before = recorder.launches
+        recorder.launches.clear()
+        recorder.recording = True
         step()
-        launches = recorder.launches - before
-        recorded = dict(recorder.last)
+        recorder.recording = False
+        recorded = list(recorder.launches)
         layers = _per_call_us(step, calls, repeats)
     return {"op": case.name, "shape": case.shape, "mode": mode, "layers_us": round(layers, 1),
-            "launches": launches, "bind_us": round(_bind_us(recorded, calls, repeats), 1)}  # fmt: skip
+            "launches": len(recorded), "bind_us": round(_bind_us(recorded, calls, repeats), 1)}  # fmt: skip
 
 
 def _cpu_name() -> str:
