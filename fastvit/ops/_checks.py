@@ -73,10 +73,9 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
     """All non-None tensors of one dtype; return it. Outside autocast the inputs as given; under
     autocast (the ops call this after its casts) what is left mismatched is a float64 tensor, which
     autocast does not cast: the message says which case it is."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    first = next(iter(present.values()))
-    if any(v.dtype != first.dtype for v in present.values()):
-        got = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in present.items())
+    first = next(t for t in tensors.values() if t is not None)
+    if any(t is not None and t.dtype != first.dtype for t in tensors.values()):  # (the message only then)
+        got = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in tensors.items() if v is not None)
         device = first.device
         if autocast_dtype(device) is None:
             raise TypeError(f"all tensors must have the same dtype (outside autocast), got {got}")

@@ -290,8 +290,7 @@ def _masked_torch_route(q, k, v, scale, causal, return_lse, mask, rel_pos):
 def _validate(q, k, v, scale, attn_mask=None, rel_pos=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, dtypes=_ALL_DTYPES, shape_hint="(batch, heads, tokens, head_dim)")
-    if k.device != q.device or v.device != q.device:  # (the common case without building the message's dicts)
-        check_same_device(q=q, k=k, v=v)
+    check_same_device(q=q, k=k, v=v)
     batch, heads, _, head_dim = q.shape
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != batch or t.shape[1] != heads or t.shape[3] != head_dim:
@@ -451,8 +450,7 @@ def flash_attention(
     cast_to = autocast_dtype(device)
     if cast_to is not None:
         q, k, v = (t.to(cast_to) if t.dtype in _KERNEL_DTYPES else t for t in (q, k, v))
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        check_same_dtype(q=q, k=k, v=v)
+    check_same_dtype(q=q, k=k, v=v)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 

@@ -17,7 +17,9 @@ import torch.nn as nn
 __all__ = ["rename_no_split", "restore_no_split"]
 
 _PREVIOUS = "_fastvit_previous_no_split_modules"
-_UNSET = "unset"  # the model had no instance attribute: the class's (if any) applied
+# the model had no instance attribute (the class's list, if any, applied); a string, so that it
+# survives copy.deepcopy and torch.save of a patched model
+_UNSET = "unset"
 
 
 def rename_no_split(model: nn.Module, fused_classes: Iterable[type]) -> None:
