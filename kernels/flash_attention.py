@@ -1770,8 +1770,8 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = Fal
     loop efficiency 1.0). Static report, Triton 3.8, 2026-12-05; UNMEASURED on a GPU
     (``benchmarks/gpu_checks/attention_configs.py`` times them against the one-program tiles).
     """
-    if INTERPRETER:
-        return dataclasses.replace(_INTERPRETER_FWD, tma=tma)
+    if INTERPRETER:  # no new config per launch unless it differs (the host-time tool times this path)
+        return _INTERPRETER_FWD if _INTERPRETER_FWD.tma == tma else dataclasses.replace(_INTERPRETER_FWD, tma=tma)
     return _hardware_fwd_config(arch, dtype, head_dim_pad, tma, causal)
 
 
@@ -1844,6 +1844,7 @@ def _fwd_tiles(arch: int, dtype: torch.dtype, head_dim_pad: int) -> AttentionCon
 SHORT_QUERIES = 64
 
 
+@functools.cache  # runs on every short launch: computed once per key
 def short_query_config(cfg: AttentionConfig, arch: int, float_bias: bool = False) -> AttentionConfig:
     """The forward's tiles for at most ``SHORT_QUERIES`` query rows (Swin's 7 x 7 windows: N = 49;
     Hiera's 8 x 8 mask units: 64) where ``cfg`` spends 128 rows on 8 warps: 64 rows on 4 warps, so
