@@ -141,16 +141,28 @@ class FusedModule:
         self.__dict__.pop("_fastvit_watched", None)
         self.__class__ = type(self).fastvit_original()
 
-    def _fastvit_unfused(self, attention_dropout: float, kind: str) -> bool:
-        """Whether this call of a fused attention runs the original forward: a hook on or a
-        replacement of a bypassed submodule (``_fastvit_intact``), or attention dropout
-        ``attention_dropout`` active in training (the op has none; ``warn_attention_dropout(kind)``)."""
+    def _fastvit_unfused(self, kind: str, *, sdpa_dropout: bool = True) -> bool:
+        """Whether this call of a fused timm attention runs the original forward: a hook on or a
+        replacement of a bypassed submodule (``_fastvit_intact``), or attention dropout that timm's
+        own forward would apply in this call (the op has none; ``warn_attention_dropout(kind)``).
+        ``sdpa_dropout=False`` for an attention whose SDPA path never drops (XCiT's ``XCA``)."""
         if not self._fastvit_intact():
             return True
-        if dropout_active(attention_dropout, self.training):
-            warn_attention_dropout(kind, attention_dropout)
+        p = self._fastvit_timm_attention_dropout(sdpa_dropout)
+        if p > 0.0:
+            warn_attention_dropout(kind, p)
             return True
         return False
+
+    def _fastvit_timm_attention_dropout(self, sdpa_dropout: bool) -> float:
+        """The attention dropout probability timm's forward applies in this call. Its SDPA path
+        (``fused_attn``) passes ``attn_drop.p if self.training else 0``; its eager path calls
+        ``attn_drop``, which drops while that Dropout is in training, whatever the attention's own
+        mode (Monte Carlo dropout: ``model.eval()``, then only the Dropout modules ``train()``)."""
+        drop = self.attn_drop
+        sdpa_path = getattr(self, "fused_attn", False)  # Swin V2 has no SDPA path (nor the attribute)
+        active = (sdpa_dropout and self.training) if sdpa_path else drop.training
+        return drop.p if active else 0.0
 
     def _fastvit_intact(self) -> bool:
         """Whether the fused forward still computes what the original would: every bypassed
@@ -227,7 +239,7 @@ def warn_attention_dropout(kind: str, p: float) -> None:
     """Warn once that a patched attention with dropout ``p`` in training runs its original forward."""
     warn_fallback(
         f"patched-attention-dropout:{kind}",
-        f"fastvit: a patched {kind} has attention dropout p={p} and is in training mode; "
+        f"fastvit: a patched {kind} applies attention dropout p={p} in this call (training mode); "
         "fastvit.flash_attention has no dropout, so these calls run the module's original PyTorch "
         "forward (model.eval() or p=0 runs the fused op)",
     )

@@ -33,7 +33,7 @@ class FusedClassAttn(FusedModule, ClassAttn):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if self._fastvit_unfused(self.attn_drop.p, "timm CaiT ClassAttn"):
+        if self._fastvit_unfused("timm CaiT ClassAttn"):
             return super().forward(x)
         heads = (self.num_heads, x.shape[-1] // self.num_heads)
         q = self.q(x[:, 0]).unflatten(-1, heads).unsqueeze(2)  # class token: (B, C) -> (B, H, 1, D)

@@ -74,7 +74,7 @@ class FusedEvaAttention(FusedModule, EvaAttention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if self._fastvit_unfused(self.attn_drop.p, "timm EvaAttention"):
+        if self._fastvit_unfused("timm EvaAttention"):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         heads = (self.num_heads, -1)
         gate = self.gate(x).sigmoid() if self.gate is not None else None

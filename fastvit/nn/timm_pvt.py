@@ -34,7 +34,7 @@ class FusedPvtAttention(FusedModule, pvt_v2.Attention):
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, feat_size)
-        if self._fastvit_unfused(self.attn_drop.p, "timm PVTv2 Attention"):
+        if self._fastvit_unfused("timm PVTv2 Attention"):
             return super().forward(x, feat_size)
         batch, _, channels = x.shape  # (B, N, C)
         height, width = feat_size

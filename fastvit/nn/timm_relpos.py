@@ -104,7 +104,7 @@ class FusedBeitAttention(FusedModule, BeitAttention):
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
-        if self._fastvit_unfused(self.attn_drop.p, "timm BEiT Attention"):
+        if self._fastvit_unfused("timm BEiT Attention"):
             return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
         qkv = biased_qkv(x, self.qkv, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
@@ -140,7 +140,7 @@ class FusedRelPosAttention(FusedModule, RelPosAttention):
     def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
-        if self._fastvit_unfused(self.attn_drop.p, "timm RelPosAttention"):
+        if self._fastvit_unfused("timm RelPosAttention"):
             return super().forward(x, shared_rel_pos=shared_rel_pos)
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, H, N, D) views
         q, k = self.q_norm(q), self.k_norm(k)

@@ -68,7 +68,7 @@ class FusedSamAttention(FusedModule, sam.Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if self._fastvit_unfused(self.attn_drop.p, "timm SAM Attention"):
+        if self._fastvit_unfused("timm SAM Attention"):
             return super().forward(x)
         batch, height, width, channels = x.shape  # NHWC
         tokens = x.reshape(batch, height * width, channels)  # NHWC -> NLC

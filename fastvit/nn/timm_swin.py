@@ -85,7 +85,7 @@ class FusedSwinWindowAttention(FusedModule, SwinWindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, mask=mask)
-        if self._fastvit_unfused(self.attn_drop.p, "timm Swin WindowAttention"):
+        if self._fastvit_unfused("timm Swin WindowAttention"):
             return super().forward(x, mask=mask)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, head_dim)  # (B*nW, H, N, D) views
@@ -119,7 +119,7 @@ class FusedSwinV2WindowAttention(FusedModule, SwinV2WindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, mask=mask)
-        if self._fastvit_unfused(self.attn_drop.p, "timm Swin V2 WindowAttention"):
+        if self._fastvit_unfused("timm Swin V2 WindowAttention"):
             return super().forward(x, mask=mask)
         qkv = biased_qkv(x, self.qkv, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
         head_dim = self.qkv.out_features // (3 * self.num_heads)

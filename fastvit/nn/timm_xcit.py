@@ -38,7 +38,7 @@ class FusedXCA(FusedModule, XCA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if self._fastvit_unfused(self.attn_drop.p, "timm XCiT XCA"):
+        if self._fastvit_unfused("timm XCiT XCA", sdpa_dropout=False):
             return super().forward(x)
         B, N, C = x.shape
         # (B, N, 3C) -> (3, B, H, C', N), the token axis last as in timm, copied once so that the op
