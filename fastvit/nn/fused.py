@@ -19,6 +19,7 @@ global module hook added since patching runs the original forward (``_fastvit_in
 from __future__ import annotations
 
 import types
+import weakref
 from typing import ClassVar
 
 import torch
@@ -27,7 +28,14 @@ from torch.nn.modules import module as _module_state
 
 from fastvit.backend import warn_once
 
-__all__ = ["FusedModule", "dropout_active", "hook_kinds", "warn_attention_dropout", "warn_fallback"]
+__all__ = [
+    "FusedModule",
+    "dropout_active",
+    "hook_kinds",
+    "unfused_class",
+    "warn_attention_dropout",
+    "warn_fallback",
+]
 
 
 def hook_kinds(module: nn.Module) -> list[str]:
@@ -68,13 +76,24 @@ class FusedModule:
     fastvit_part: ClassVar[str]
     fastvit_op: ClassVar[str]
     fastvit_bypassed: ClassVar[tuple[str, ...]] = ()
+    # The model class a fused class was declared for; None on the mixins the fused classes share.
+    # Set in each fused class's own namespace only: a class derived from a fused class on the fly
+    # (parametrize's ``ParametrizedFusedX``, FSDP2's ``FSDPFusedX``) inherits it.
+    _fastvit_original_class: ClassVar[type[nn.Module] | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
-        """Give each fused class ``_fastvit_original_<name>``: the original class's method under
-        another name, for the TorchScript branch of the fused methods (``super()`` and
-        ``Base.forward(self, ...)`` do not compile in TorchScript; a renamed alias does)."""
+        """Record a fused class's original (its first non-fused base) and give it
+        ``_fastvit_original_<name>``: the original class's method under another name, for the
+        TorchScript branch of the fused methods (``super()`` and ``Base.forward(self, ...)`` do
+        not compile in TorchScript; a renamed alias does). A class derived from a fused class after
+        patching inherits both from it."""
         super().__init_subclass__(**kwargs)
-        original = next((b for b in cls.__mro__ if not issubclass(b, FusedModule)), object)
+        if _derives_from_a_fused_class(cls):
+            return
+        original = next((b for b in cls.__bases__ if not issubclass(b, FusedModule)), None)
+        if original is None:
+            return  # a mixin the fused classes share
+        cls._fastvit_original_class = original
         for name in _SCRIPTED_METHODS:
             method = getattr(original, name, None)
             if callable(method):
@@ -108,11 +127,17 @@ class FusedModule:
 
     @classmethod
     def fastvit_original(cls) -> type[nn.Module]:
-        """The model class this fused class was derived from (what ``unpatch`` restores)."""
-        for base in cls.__bases__:
-            if not issubclass(base, FusedModule):
-                return base
-        raise TypeError(f"{cls.__name__} has no original (non-fused) base class")
+        """The model class this fused class was derived from (what ``unpatch`` restores; for a
+        class derived from a fused class after patching, its fused base's original)."""
+        original = cls._fastvit_original_class
+        if original is None:
+            raise TypeError(f"{cls.__name__} has no original (non-fused) base class")
+        return original
+
+    @classmethod
+    def fastvit_fused_class(cls) -> type[FusedModule]:
+        """The fused class fastvit declared that ``cls`` is or derives from."""
+        return next(c for c in cls.__mro__ if "_fastvit_original_class" in vars(c))
 
     @classmethod
     def swap_in(cls, module: nn.Module) -> None:
@@ -135,11 +160,14 @@ class FusedModule:
             module.__class__ = original  # all or nothing
             raise
 
-    def swap_out(self) -> None:
-        """Restore the original class (and drop anything ``_fastvit_attach`` added)."""
+    def swap_out(self, restored: type[nn.Module] | None = None) -> None:
+        """Give the module back its original class (``unfused_class``, unless ``restored`` is
+        given: ``fastvit.unpatch`` works them all out before changing any) and drop anything
+        ``_fastvit_attach`` added."""
+        restored = unfused_class(type(self)) if restored is None else restored  # raises before any change
         self._fastvit_detach()
         self.__dict__.pop("_fastvit_watched", None)
-        self.__class__ = type(self).fastvit_original()
+        self.__class__ = restored
 
     def _fastvit_unfused(self, kind: str, *, sdpa_dropout: bool = True) -> bool:
         """Whether this call of a fused timm attention runs the original forward: a hook on or a
@@ -207,6 +235,85 @@ class FusedModule:
 
 # The methods a fused class may override whose TorchScript branch runs the original.
 _SCRIPTED_METHODS = ("forward", "forward_features")
+
+
+def _derives_from_a_fused_class(cls: type) -> bool:
+    """Whether ``cls`` derives from a fused class (not only from the mixins they share): a class
+    another library made on the fly from a patched module's class, or a user's subclass."""
+    return any(issubclass(b, FusedModule) and b._fastvit_original_class is not None for b in cls.__bases__)
+
+
+# Each class derived from a fused class, with the namespace it was rebuilt from and the rebuilt
+# class: modules sharing a derived class (FSDP2 shares one per class) share the rebuilt one too.
+_REBUILT: weakref.WeakKeyDictionary[type, tuple[dict[str, object], type]] = weakref.WeakKeyDictionary()
+
+
+def unfused_class(cls: type[FusedModule]) -> type[nn.Module]:
+    """The class ``fastvit.unpatch`` gives a module of class ``cls``.
+
+    A fused class gives its original. A class derived from one after patching, such as
+    ``torch.nn.utils.parametrize``'s ``ParametrizedFusedVisionTransformer`` (bases
+    ``(FusedVisionTransformer,)``) or FSDP2's ``FSDPFusedBlock`` (bases ``(FSDPModule, FusedBlock)``),
+    gives the same derivation of the original: ``ParametrizedVisionTransformer`` with bases
+    ``(VisionTransformer,)`` and the same namespace (parametrize's properties), so what that
+    library did keeps working and its own undo (``remove_parametrizations``) lands on the original.
+
+    Raises:
+        TypeError: ``cls`` cannot be derived again (its methods are bound to it by ``super()``,
+            it derives from a fastvit mixin only, or Python refuses the new bases).
+
+    Example:
+        >>> unfused_class(FusedBlock) is Block
+        True
+    """
+    if "_fastvit_original_class" in vars(cls):
+        return cls._fastvit_original_class
+    namespace = _own_namespace(cls)
+    cached = _REBUILT.get(cls)
+    if cached is not None and cached[0] == namespace:
+        return cached[1]
+    rebuilt = _rebuild_on_the_original(cls, namespace)
+    _REBUILT[cls] = (namespace, rebuilt)
+    return rebuilt
+
+
+def _own_namespace(cls: type) -> dict[str, object]:
+    """What ``cls`` itself defines, as ``type(name, bases, namespace)`` takes it."""
+    return {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+
+
+def _rebuild_on_the_original(cls: type, namespace: dict[str, object]) -> type:
+    """``cls`` made again with each fused base replaced by its unfused class."""
+    fused = cls.fastvit_fused_class()
+    original = fused.fastvit_original()
+    bound = sorted(name for name, value in namespace.items() if _uses_class_cell(value))
+    if bound:
+        raise TypeError(
+            f"its class {cls.__qualname__} was derived from {fused.__name__} after patching and its "
+            f"{', '.join(bound)} call super() (bound to {cls.__name__} itself), so no class with "
+            f"{original.__name__} in place of {fused.__name__} can run them"
+        )
+    bases = []
+    for base in cls.__bases__:
+        if issubclass(base, FusedModule) and base._fastvit_original_class is None:
+            raise TypeError(f"its class {cls.__qualname__} derives from fastvit's mixin {base.__name__}")
+        bases.append(unfused_class(base) if issubclass(base, FusedModule) else base)
+    name = cls.__name__.replace(fused.__name__, original.__name__)
+    try:
+        rebuilt = type(cls)(name, tuple(bases), namespace)
+    except (TypeError, ValueError) as err:  # e.g. a layout or MRO conflict with the new bases
+        raise TypeError(f"its class {cls.__qualname__} cannot be rebuilt on {original.__name__}: {err}") from err
+    rebuilt.__qualname__ = cls.__qualname__.replace(fused.__name__, original.__name__)
+    return rebuilt
+
+
+def _uses_class_cell(value: object) -> bool:
+    """Whether a class attribute is (or wraps) a function using ``super()`` / ``__class__``."""
+    if isinstance(value, property):
+        return any(_uses_class_cell(f) for f in (value.fget, value.fset, value.fdel))
+    function = getattr(value, "__func__", value)  # staticmethod, classmethod
+    code = getattr(function, "__code__", None)
+    return code is not None and "__class__" in code.co_freevars
 
 
 def _renamed(function: object, name: str) -> object:

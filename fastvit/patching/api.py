@@ -16,7 +16,7 @@ import torch.nn as nn
 import fastvit
 from fastvit import tuning
 from fastvit.backend import warn_once
-from fastvit.nn.fused import FusedModule
+from fastvit.nn.fused import FusedModule, unfused_class
 from fastvit.patching import hf_interface
 from fastvit.patching.no_split import rename_no_split, restore_no_split
 from fastvit.patching.registry import ADAPTERS, OP_OF_PART, Patched, Skip, Swap, loaded_adapters
@@ -182,14 +182,36 @@ def patch(
     return report
 
 
+def _restoration_plan(model: nn.Module) -> list[tuple[str, FusedModule, type[nn.Module]]]:
+    """Each fused module of ``model`` (once, if shared) with the class ``unpatch`` gives it back.
+    Raises, naming the module, where one cannot be restored: before ``unpatch`` changes anything."""
+    plan = []
+    for path, module in model.named_modules():
+        if not isinstance(module, FusedModule):
+            continue
+        try:
+            plan.append((path, module, unfused_class(type(module))))
+        except TypeError as err:
+            where = path or f"the model ({type(model).__name__})"
+            raise TypeError(f"fastvit.unpatch: cannot restore {where}: {err}. The model is unchanged.") from err
+    return plan
+
+
 def unpatch(model: nn.Module) -> PatchReport:
     """Undo ``fastvit.patch``: every fused module gets its original class back.
 
     The model then computes exactly what it did before patching (same modules, same tensors). A
-    model that was never patched is left as it is (the report lists nothing).
+    model that was never patched is left as it is (the report lists nothing). A module whose class
+    another library derived from its fused class after patching (``torch.nn.utils.parametrize``'s
+    ``ParametrizedFusedX``, FSDP2's ``FSDPFusedX``) gets the same derivation of its original
+    (``ParametrizedX``, ``FSDPX``; ``fastvit.nn.fused.unfused_class``).
 
     Returns:
         A ``PatchReport`` whose ``replaced`` lists the modules restored.
+
+    Raises:
+        TypeError: a module's class cannot be restored (e.g. a subclass of a fused class whose
+            methods call ``super()``); the message names it, and the model is left unchanged.
 
     Example:
         >>> report = fastvit.patch(model)
@@ -197,11 +219,10 @@ def unpatch(model: nn.Module) -> PatchReport:
     """
     _check_model(model, "unpatch")
     restored = []
-    for path, module in list(model.named_modules()):
-        if isinstance(module, FusedModule):  # not if its parent has swapped it back already
-            fused = type(module)
-            module.swap_out()
-            restored.append(PatchEntry(path, fused.fastvit_part, f"{fused.__name__} -> {type(module).__name__}"))
+    for path, module, original in _restoration_plan(model):  # every class worked out, nothing changed yet
+        fused = type(module)
+        module.swap_out(original)
+        restored.append(PatchEntry(path, fused.fastvit_part, f"{fused.__name__} -> {original.__name__}"))
     restored += hf_interface.restore(model)
     restore_no_split(model)
     return PatchReport(model=type(model).__name__, action="unpatch", replaced=restored)
