@@ -13,7 +13,9 @@ A fused forward reads some submodules' tensors without calling them (``fastvit_b
 MLP's ``fc1``, the patch embedding's ``proj`` ...). Their hooks would not run and a replacement
 (a LoRA wrapper, a parametrization) would be ignored, so: a module whose bypassed submodules have
 hooks is not patched (the report says why), and a call finding a hook, a replaced submodule or a
-global module hook added since patching runs the original forward (``_fastvit_intact``).
+global module hook added since patching runs the original forward (``_fastvit_intact``). So does a
+call finding a method the fused forward replaces or bypasses overridden, on the module or on the
+original class (``_fastvit_overridden``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ class FusedModule:
     # Set in each fused class's own namespace only: a class derived from a fused class on the fly
     # (parametrize's ``ParametrizedFusedX``, FSDP2's ``FSDPFusedX``) inherits it.
     _fastvit_original_class: ClassVar[type[nn.Module] | None] = None
+    # Methods of the original class that its forward calls and the fused forward does not (timm's
+    # ``VisionTransformer._pos_embed``): overriding one sends the calls to the original forward.
+    fastvit_bypassed_methods: ClassVar[tuple[str, ...]] = ()
+    # (original, name, method) for each method the fused class overrides or bypasses, as the
+    # original class had it when fastvit declared the fused class; see ``_fastvit_overridden``.
+    _fastvit_methods: ClassVar[tuple[tuple[type, str, object], ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Record a fused class's original (its first non-fused base) and give it
@@ -94,6 +102,7 @@ class FusedModule:
         if original is None:
             return  # a mixin the fused classes share
         cls._fastvit_original_class = original
+        cls._fastvit_methods = _method_snapshot(cls, original)
         for name in _SCRIPTED_METHODS:
             method = getattr(original, name, None)
             if callable(method):
@@ -150,7 +159,7 @@ class FusedModule:
             parent_path, _, name = path.rpartition(".")
             parent = module.get_submodule(parent_path)
             child = parent._modules[name]
-            watched.append((parent, name, child, type(child)))
+            watched.append((parent, name, child, type(child), type(child).forward))
         module.__class__ = cls
         try:
             module.__dict__["_fastvit_watched"] = tuple(watched)
@@ -192,16 +201,52 @@ class FusedModule:
         active = (sdpa_dropout and self.training) if sdpa_path else drop.training
         return drop.p if active else 0.0
 
+    def _fastvit_overridden(self) -> bool:
+        """Whether a method the fused forward replaces or bypasses has been overridden since fastvit
+        declared the fused class: on the original class (``Attention.forward``,
+        ``VisionTransformer._pos_embed``: the fused class's own method hides such a monkeypatch)
+        or, for the bypassed ones, on this instance (``model._pos_embed = ...``). Then calls run
+        the original forward, which calls the override; said once per override. An identity check
+        per method and a dict lookup per bypassed method (traced by torch.compile)."""
+        for original, name, method in self._fastvit_methods:
+            if getattr(original, name, None) is not method:
+                return self._fastvit_override_found(f"{original.__name__}.{name} replaced on the class")
+        if self.fastvit_bypassed_methods:
+            instance = self.__dict__
+            for name in self.fastvit_bypassed_methods:
+                if name in instance:
+                    return self._fastvit_override_found(f"{name} replaced on the instance")
+        return False
+
+    def _fastvit_override_found(self, override: str) -> bool:
+        """Warn once that calls run the original forward because of ``override``; True."""
+        name = type(self).fastvit_original().__name__
+        warn_fallback(
+            f"patched-overridden:{name}:{override}",
+            f"fastvit: a patched {name} found {override} (its fused forward would not call it); "
+            "such calls run its original forward until that is undone",
+        )
+        return True
+
     def _fastvit_intact(self) -> bool:
-        """Whether the fused forward still computes what the original would: every bypassed
-        submodule is the one seen at patch time, of the same class, without hooks, and no global
-        module hook exists. A few dict and identity checks per call (traced by torch.compile
-        without a graph break). False also warns once, naming the module's class."""
+        """Whether the fused forward still computes what the original would: no method it
+        replaces or bypasses is overridden (``_fastvit_overridden``) and its bypassed submodules
+        are as at patch time (``_fastvit_submodules_intact``). False also warns once."""
+        return not self._fastvit_overridden() and self._fastvit_submodules_intact()
+
+    def _fastvit_submodules_intact(self) -> bool:
+        """Whether every bypassed submodule is the one seen at patch time, of the same class with
+        the same ``forward``, without hooks, and no global module hook exists (what a block's MLP
+        half checks once its forward has checked ``_fastvit_overridden``). A few dict and identity
+        checks per call (traced by torch.compile without a graph break). False also warns once,
+        naming the module's class."""
         broken = "a global module hook" if _global_hooks_registered() else None
         watched = () if broken else zip(self.fastvit_bypassed, self._fastvit_watched, strict=True)
-        for path, (parent, name, child, cls) in watched:
+        for path, (parent, name, child, cls, forward) in watched:
             if parent._modules.get(name) is not child or type(child) is not cls:
                 broken = f"{path} replaced or wrapped"
+            elif cls.forward is not forward:  # a class-level monkeypatch, e.g. of timm's Mlp.forward
+                broken = f"{cls.__name__}.forward replaced (on {path}'s class)"
             elif (
                 child._forward_pre_hooks
                 or child._forward_hooks
@@ -216,7 +261,7 @@ class FusedModule:
         if not intact:
             name = type(self).fastvit_original().__name__
             warn_fallback(
-                f"patched-not-intact:{name}",
+                f"patched-not-intact:{name}:{broken}",
                 f"fastvit: a patched {name} found {broken} (its fused forward reads that submodule "
                 "without calling it); such calls run its original forward until that is undone",
             )
@@ -235,6 +280,25 @@ class FusedModule:
 
 # The methods a fused class may override whose TorchScript branch runs the original.
 _SCRIPTED_METHODS = ("forward", "forward_features")
+
+
+def _method_snapshot(fused: type, original: type) -> tuple[tuple[type, str, object], ...]:
+    """(original, name, method) for each method of ``original`` that ``fused`` (or a fastvit
+    mixin of it) overrides, or lists in ``fastvit_bypassed_methods``. ``extra_repr`` computes
+    nothing; a method whose lookup gives a new object each time (a classmethod) is left out."""
+    mixins = [c for c in fused.__mro__ if issubclass(c, FusedModule) and c is not FusedModule]
+    overridden = {
+        name
+        for c in mixins
+        for name, value in vars(c).items()
+        if callable(value) and not name.startswith(("__", "_fastvit", "fastvit")) and name != "extra_repr"
+    }
+    names = sorted((overridden | set(fused.fastvit_bypassed_methods)) & set(dir(original)))
+    return tuple(
+        (original, name, getattr(original, name))
+        for name in names
+        if getattr(original, name) is getattr(original, name)  # identity is what the check compares
+    )
 
 
 def _derives_from_a_fused_class(cls: type) -> bool:

@@ -91,6 +91,7 @@ class _DinoEmbeddings(_FusedEmbeddings):
     at any other, or for non-square images): class token, position embedding, dropout."""
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
+    fastvit_bypassed_methods = ("interpolate_pos_encoding",)  # Hugging Face calls it at every size
 
     def _fastvit_covers(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> bool:
         projection = self.patch_embeddings.projection

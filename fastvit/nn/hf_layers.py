@@ -116,7 +116,7 @@ class FusedPreNormLayer(FusedModule):
 
     def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states + [drop_path/dropout](layer_scale * mlp(norm(hidden_states)))``, fused."""
-        if not self._fastvit_intact():
+        if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(hidden_states)
         if self._fastvit_regularised():
             name = type(self).fastvit_original().__name__
@@ -156,6 +156,8 @@ class _ViTLayoutForward(FusedPreNormLayer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
         residual = hidden_states
         hidden_states = self.layernorm_before(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
@@ -179,6 +181,8 @@ class FusedViTMAELayer(_ViTLayoutForward, ViTMAELayer):
 
 class _SiglipLayoutForward(FusedPreNormLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
@@ -220,6 +224,8 @@ class _Dinov2LayoutForward(FusedPreNormLayer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
         residual = hidden_states
         hidden_states = self.norm1(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
@@ -249,6 +255,8 @@ class FusedDINOv3ViTLayer(FusedPreNormLayer, DINOv3ViTLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, position_embeddings, **kwargs)
         residual = hidden_states
         hidden_states = self.norm1(hidden_states)
         hidden_states, _ = self.attention(
@@ -272,6 +280,8 @@ class FusedAimv2EncoderLayer(FusedPreNormLayer, Aimv2EncoderLayer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
         norm_hidden_states = self.rms_norm1(hidden_states)
         attn_output, _ = self.attention(hidden_states=norm_hidden_states, attention_mask=attention_mask, **kwargs)
         return self._fastvit_mlp_half(hidden_states + attn_output)
@@ -290,6 +300,8 @@ class FusedPixtralAttentionLayer(FusedPreNormLayer, PixtralAttentionLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, position_embeddings, **kwargs)
         residual = hidden_states
         hidden_states = self.attention_norm(hidden_states)
         hidden_states, _ = self.attention(

@@ -74,7 +74,7 @@ class FusedViTAttention(FusedModule, ViTAttention):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         wants_weights = kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
-        if wants_weights:
+        if wants_weights or self._fastvit_overridden():
             return super().forward(hidden_states, attention_mask, **kwargs)
         if dropout_active(self.attention_dropout, self.training):
             warn_attention_dropout("Hugging Face ViTAttention", self.attention_dropout)
@@ -102,11 +102,13 @@ class FusedViTLayer(FusedModule, ViTLayer):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be ViTLayer.forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
         residual = hidden_states
         hidden_states = self.layernorm_before(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
         hidden_states = self.dropout(hidden_states) + residual
-        if not self._fastvit_intact():
+        if not self._fastvit_submodules_intact():
             return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
 
         if dropout_active(self.dropout.p, self.dropout.training):

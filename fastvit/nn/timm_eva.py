@@ -115,6 +115,8 @@ class _EvaBlockForward(FusedGammaMlpHalf):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if self._fastvit_overridden():  # the whole forward: the override may be EvaBlock.forward itself
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         if self.gamma_1 is not None:
             x_attn = self.gamma_1 * x_attn

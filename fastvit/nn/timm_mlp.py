@@ -88,7 +88,7 @@ class FusedGammaMlpHalf(FusedModule):
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): the block's MLP half, fused."""
         mlp, norm = self.mlp, self.norm2
-        if not self._fastvit_intact():
+        if not self._fastvit_submodules_intact():
             return self._fastvit_timm_half(x)
         if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
             name = type(self).fastvit_original().__name__

@@ -267,6 +267,8 @@ class _BeitBlockForward(FusedGammaMlpHalf):
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        if self._fastvit_overridden():  # the whole forward: the override may be Block.forward itself
+            return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
         x_attn = self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
         if self.gamma_1 is not None:
             x_attn = self.gamma_1 * x_attn

@@ -279,8 +279,10 @@ class FusedSwinTransformerBlock(FusedModule, SwinTransformerBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
+        if self._fastvit_overridden():  # the whole forward: the override may be SwinTransformerBlock.forward
+            return super().forward(x)
         x = x + self.stochastic_depth(self.attn(self.norm1(x)))
-        if not self._fastvit_intact():
+        if not self._fastvit_submodules_intact():
             return x + self.stochastic_depth(self.mlp(self.norm2(x)))
         fc1, act, drop1, fc2, drop2 = self.mlp  # torchvision's MLP: Linear, GELU, Dropout, Linear, Dropout
         if dropout_active(drop1.p, drop1.training) or dropout_active(drop2.p, drop2.training):

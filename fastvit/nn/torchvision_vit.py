@@ -74,7 +74,7 @@ class FusedMultiheadAttention(FusedModule, nn.MultiheadAttention):
         if covered and dropout_active(self.dropout, self.training):
             warn_attention_dropout("nn.MultiheadAttention", self.dropout)
             covered = False
-        if not covered:
+        if not covered or self._fastvit_overridden():
             return super().forward(
                 query,
                 key,
@@ -111,13 +111,15 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(input)
+        if self._fastvit_overridden():  # the whole forward: the override may be EncoderBlock.forward itself
+            return super().forward(input)
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         x = self.ln_1(input)
         x, _ = self.self_attention(x, x, x, need_weights=False)
         x = self.dropout(x)
         x = x + input
 
-        if not self._fastvit_intact():
+        if not self._fastvit_submodules_intact():
             return x + self.mlp(self.ln_2(x))
         fc1, act, drop1, fc2, drop2 = _mlp_layers(self)
         if dropout_active(drop1.p, drop1.training) or dropout_active(drop2.p, drop2.training):
@@ -146,6 +148,7 @@ class FusedVisionTransformer(FusedModule, VisionTransformer):
     fastvit_part = "patch_embed"
     fastvit_op = "patch_embed"
     fastvit_bypassed = ("conv_proj", "encoder")  # the encoder's own forward adds pos_embedding
+    fastvit_bypassed_methods = ("_process_input",)  # torchvision's forward calls it; the op embeds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
