@@ -23,7 +23,8 @@ FIGURES_DIR = Path(__file__).resolve().parent / "results" / "static"
 FIGURE_FIELDS = (
     "num_warps", "num_stages", "registers", "stack", "shared", "hmma", "hgmma", "ctas_per_sm", "regs_to_cliff",
     "target_ctas_per_sm", "mma_shapes", "mma_tiles", "mma_rows_replicated", "loop_issue_ratio",
-    "loop_mufu_ratio", "loop_efficiency", "loop_serial", "loop_instructions", "loop_mma_shapes", "async_copy",
+    "loop_mufu_ratio", "loop_efficiency", "loop_serial", "loop_instructions", "loop_conditional_instructions",
+    "loop_mma_shapes", "async_copy",
     "wgmma_wait_pendings", "problems",
 )  # fmt: skip
 

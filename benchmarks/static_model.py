@@ -43,7 +43,11 @@ halve.)
 
 The hot loop is the innermost loop (a backward branch in the SASS) with MMA instructions; where
 several have them (a causal kernel's masked diagonal block and its unmasked steady state), the one
-with the most tensor-core cycles, then the fewest instructions: the steady state.
+with the most tensor-core cycles, then the fewest instructions: the steady state. Its conditional
+code (an ``if`` without ``else`` inside the loop, ``static_sass.skipped_in_loop``) is modelled as
+not taken and reported apart (``loop_conditional_instructions``): in fastvit's kernels the only such
+code is the attention forward's lazy rescale, which runs on a program's first key step and then only
+when a row max grows by 2^8.
 """
 
 from __future__ import annotations
@@ -51,7 +55,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .static_sass import Instruction, loops, mma_shape, mma_shapes, warp_mma_results_read, wgmma_wait_pendings
+from .static_sass import (
+    Instruction,
+    loops,
+    mma_shape,
+    mma_shapes,
+    skipped_in_loop,
+    warp_mma_results_read,
+    wgmma_wait_pendings,
+)
 
 __all__ = [
     "CLIFF_MARGIN_REGS",
@@ -153,6 +165,8 @@ class HotLoop:
     # the loop waits on its MMAs before the work that reads them: every warpgroup MMA wait at
     # pendings 0, or (warp-level MMA) an HMMA result read by another instruction of the loop
     serial: bool = True
+    # instructions of the loop's conditional code, not in ``instructions`` (modelled as not taken)
+    conditional_instructions: int = 0
 
     @property
     def issue_ratio(self) -> float:
@@ -236,15 +250,18 @@ def hot_loop(instructions: list[Instruction], arch: int, num_warps: int) -> HotL
     sixteen = any(mma_shape(i) and sixteen_bit_inputs(i.opcode) for i in body)
     pendings = wgmma_wait_pendings(body)
     warpgroup = any(i.name == "HGMMA" for i in body)
+    conditional = skipped_in_loop(body)
+    taken = [i for i in body if i.address not in conditional]  # the iterations that skip it
     return HotLoop(
-        instructions=len(body),
+        instructions=len(taken),
         mma_cycles=_mma_cycles(body, arch, num_warps),
         mma_shapes=mma_shapes(body),
         sixteen_bit=sixteen,
         wait_pendings=pendings,
-        issue_cycles=len(body) * num_warps / SCHEDULERS_PER_SM,
-        mufu_cycles=sum(ins.name == "MUFU" for ins in body) * THREADS_PER_WARP * num_warps / MUFU_PER_CLK[arch],
+        issue_cycles=len(taken) * num_warps / SCHEDULERS_PER_SM,
+        mufu_cycles=sum(ins.name == "MUFU" for ins in taken) * THREADS_PER_WARP * num_warps / MUFU_PER_CLK[arch],
         serial=not any(pendings) if warpgroup else warp_mma_results_read(body),
+        conditional_instructions=len(conditional),
     )
 
 

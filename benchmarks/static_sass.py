@@ -26,6 +26,7 @@ __all__ = [
     "parse_resource_usage",
     "parse_sass",
     "sass_functions",
+    "skipped_in_loop",
     "warp_mma_results_read",
     "wgmma_wait_pendings",
 ]
@@ -218,6 +219,25 @@ def loops(instructions: list[Instruction]) -> list[list[Instruction]]:
         if target is not None and target < ins.address:
             ends[target] = max(ends.get(target, target), ins.address)
     return [[i for i in instructions if start <= i.address <= end] for start, end in sorted(ends.items())]
+
+
+def skipped_in_loop(body: list[Instruction]) -> set[int]:
+    """Addresses of a loop body's conditional side code: the instructions that a predicated forward
+    branch inside the body jumps over, where that region holds no branch of its own (an ``if``
+    without ``else``) and no MMA (a region with the loop's MMAs is its main work, guarded: a
+    dBias walk's step skipped outside its rows). Those run only on the iterations that take the
+    ``if``."""
+    addresses = [i.address for i in body]
+    inside = set(addresses)
+    skipped: set[int] = set()
+    for ins in body:
+        target = ins.branch_target
+        if not ins.predicated or target is None or target <= ins.address or target not in inside:
+            continue
+        region = [i for i in body if ins.address < i.address < target]
+        if not any(i.name == "BRA" or mma_shape(i) for i in region):
+            skipped.update(i.address for i in region)
+    return skipped
 
 
 def local_accesses_in_loops(instructions: list[Instruction]) -> int:

@@ -89,6 +89,7 @@ def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: in
         "loop_efficiency": round(loop_efficiency(loop.issue_ratio, loop.mufu_ratio, ctas, loop.serial), 3)
         if loop else None,
         "loop_instructions": loop.instructions if loop else None,
+        "loop_conditional_instructions": loop.conditional_instructions if loop else None,
         "loop_mma_cycles": loop.mma_cycles if loop else None,
         "loop_mma_shapes": loop.mma_shapes if loop else None,
         "loop_sixteen_bit": loop.sixteen_bit if loop else False,

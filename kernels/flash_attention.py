@@ -105,6 +105,9 @@ MAX_HEAD_DIM = 256
 # log2(e): the kernels work in base 2 (exp(x) = exp2(x * LOG2E)), scores and LSE scaled by it
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_MASK_HEAD_DIM = 128
+# The forward's lazy rescaling (LAZY_RESCALE): the accumulator and the row sums are rescaled only when
+# some row's max grew by more than this many log2 units over the max its exponents are taken from
+RESCALE_THRESHOLD = tl.constexpr(8.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +145,27 @@ def _add_bias(
 
 
 @triton.jit
+def _rescale_if_grown(
+    acc, l_i, m_i,  # running output (BLOCK_M, HEAD_DIM_PAD) fp32, row sum, the rows' reference max (log2 units)
+    m_new,  # (BLOCK_M,) the rows' max with this key block (-inf where a row has seen no key yet)
+):
+    # -- lazy rescaling (FlashAttention-4's): the exponents of a key block are taken against m_i, the
+    #    max of an earlier block, as long as no row's max grew by more than RESCALE_THRESHOLD: then
+    #    p <= 2^8 (far inside fp16's range, no precision lost), and out = acc / l and lse = m + log2(l)
+    #    are the same whatever reference max a row's sum shares with its exponents. One CTA-wide test in
+    #    place of a multiply of the whole accumulator per step: the first step of a program rescales
+    #    (m_i = -inf), later ones only when a row's max grows past 2^8 times its reference. Rows that
+    #    have seen no key yet (-inf, masked) stay at -inf; a NaN row compares false and takes NaN from
+    #    its scores --
+    if tl.max((m_new > m_i + RESCALE_THRESHOLD).to(tl.int32), 0) > 0:
+        alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attention_fwd_inner(
     acc, l_i, m_i,  # running output (BLOCK_M, HEAD_DIM_PAD) fp32, row sum, row max (log2 units)
     q,  # (BLOCK_M, HEAD_DIM_PAD) query tile
@@ -175,6 +199,7 @@ def _attention_fwd_inner(
     KH_PAD: tl.constexpr = 16,  # kh and kw rounded up to a power of two >= 16 (REL_POS_MMA)
     KW_PAD: tl.constexpr = 16,
     BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask is one row of keys for every query (bias_rows: (1,))
+    LAZY_RESCALE: tl.constexpr = False,  # rescale acc only when a row max grows past RESCALE_THRESHOLD
 ):
     GATHER: tl.constexpr = HAS_REL_POS and not REL_POS_MMA  # rel_pos by per-element gathers
     # only scalar block pointers are carried through the loop; tile offsets are cheap to rebuild
@@ -264,9 +289,13 @@ def _attention_fwd_inner(
                 t = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], t, float("-inf"))
             # -- online softmax guarded for fully masked rows: max -inf would make exp2 NaN --
             m_new = tl.maximum(m_i, tl.max(t, 1) * t_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(t * t_scale - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
+            if LAZY_RESCALE:
+                acc, l_i, m_i = _rescale_if_grown(acc, l_i, m_i, m_new)
+                p = tl.math.exp2(t * t_scale - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+            else:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(t * t_scale - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
         else:
             if MASK_KEYS:
                 s = tl.where(key_valid[None, :], s, float("-inf"))
@@ -274,9 +303,16 @@ def _attention_fwd_inner(
                 s = tl.where(offs_m[:, None] >= start_n + offs_n[None, :], s, float("-inf"))
             # -- online softmax: new row max, rescale the old sum and accumulator --
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+            if LAZY_RESCALE:
+                acc, l_i, m_i = _rescale_if_grown(acc, l_i, m_i, m_new)
+                p = tl.math.exp2(s * qk_scale - m_i[:, None])
+            else:
+                p = tl.math.exp2(s * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+        if LAZY_RESCALE:
+            l_i += tl.sum(p, 1)
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc += p v --
         if USE_TMA:
             v = v_head.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
@@ -287,9 +323,10 @@ def _attention_fwd_inner(
             v = tl.load(v_block + offs_n[:, None] * stride_vn + offs_d[None, :])
         else:
             v = tl.load(v_block + offs_n[:, None] * stride_vn + offs_d[None, :], mask=d_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None]
+        if not LAZY_RESCALE:
+            acc = acc * alpha[:, None]
+            m_i = m_new
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
         if not USE_TMA:
             k_block += BLOCK_N * stride_kn
             v_block += BLOCK_N * stride_vn
@@ -367,6 +404,8 @@ def flash_attention_fwd_kernel(
     KW_PAD: tl.constexpr = 16,
     BIAS_ROWS_BCAST: tl.constexpr = False,  # the mask has one row for every query (stride_bn == 0: key
                                             # padding), read as one (1, BLOCK_N) vector per key step
+    LAZY_RESCALE: tl.constexpr = False,  # rescale the accumulator only when a row max grows past
+                                         # RESCALE_THRESHOLD (_rescale_if_grown; the launcher: lazy_rescale)
 ):
     if VARLEN:
         # -- (head, tile): the tile table gives the sequence and the query block; the pointers move
@@ -479,6 +518,7 @@ def flash_attention_fwd_kernel(
         MASK_KEYS=False, CAUSAL_MASK=False, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
         REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+        LAZY_RESCALE=LAZY_RESCALE,
     )
     if CAUSAL:
         # whole blocks on the diagonal (every key < M; a last block past hi is causally masked)
@@ -491,6 +531,7 @@ def flash_attention_fwd_kernel(
             MASK_KEYS=False, CAUSAL_MASK=True, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
             REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+            LAZY_RESCALE=LAZY_RESCALE,
         )
     # the keys past the last whole block (none when hi <= full_end): at most one step of either size
     if BLOCK_TAIL > 0 and BLOCK_TAIL < BLOCK_N:
@@ -504,6 +545,7 @@ def flash_attention_fwd_kernel(
             MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
             HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
             REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+            LAZY_RESCALE=LAZY_RESCALE,
         )
         long_end = tl.where(short, full_end, hi)
     else:
@@ -517,6 +559,7 @@ def flash_attention_fwd_kernel(
         MASK_KEYS=True, CAUSAL_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
         HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=HAS_REL_POS, USE_TMA=USE_TMA,
         REL_POS_MMA=REL_POS_MMA, KH_PAD=KH_PAD, KW_PAD=KW_PAD, BIAS_ROWS_BCAST=BIAS_ROWS_BCAST,
+        LAZY_RESCALE=LAZY_RESCALE,
     )
 
     # -- epilogue: normalise, write out and the natural-log lse --
@@ -1722,6 +1765,23 @@ class AttentionConfig:
 KEY_TAIL = 32
 
 
+# The forward rescales its accumulator lazily (LAZY_RESCALE, _rescale_if_grown) where, with 16-bit inputs,
+# it holds at least this many fp32 values per thread: D >= 65 (padded to 128) on the 128 x 32 / 8-warp
+# and 64 x 32 / 4-warp tiles, and D = 256. There the multiply of the whole accumulator on every key step
+# (64 FMULs a thread, 128 at D = 256) outweighs the CTA-wide test that replaces it (a shuffle reduction,
+# one shared-memory exchange and a barrier: ~30 instructions). sm_90 bf16 hot loops, static report,
+# Triton 3.8: D = 128 261 -> 228 instructions a step (issue ratio 1.02 -> 0.89), D = 256 326 -> 218;
+# at D = 64 (32 values a thread) 292 -> 283 only, not worth the barrier: those stay eager. fp32 inputs
+# stay eager too (their dots run on the FMA units, the rescale a sliver of it). UNMEASURED on a GPU.
+LAZY_RESCALE_MIN_VALUES = 64
+
+
+def lazy_rescale(cfg: AttentionConfig, head_dim_pad: int, dtype: torch.dtype) -> bool:
+    """Whether a forward launch with these tiles rescales lazily (``LAZY_RESCALE_MIN_VALUES``)."""
+    values_per_thread = cfg.block_m * head_dim_pad // (32 * cfg.num_warps)
+    return dtype != torch.float32 and values_per_thread >= LAZY_RESCALE_MIN_VALUES
+
+
 def _with_key_tail(cfg: AttentionConfig) -> AttentionConfig:
     return dataclasses.replace(cfg, key_tail=KEY_TAIL if cfg.block_n > KEY_TAIL else 0)
 
@@ -1766,6 +1826,7 @@ def fwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int, tma: bool = Fal
     D = 64 tiles' 420 at two programs per SM). Pointer loads now take 128 x 32 tiles over three
     stages under a 128-register cap with a 16-key tail step (plain, causal, varlen, fp16 and bf16:
     no spill, issue ratio 1.02-1.05, loop efficiency ~0.97, 80 KiB of shared memory per program;
+    with the lazy rescale (``lazy_rescale``) 0.85-0.89 and 1.0;
     128 x 64 under the cap spills 80 B); TMA keeps 128 x 64 under the same cap (no spill, 0.71,
     loop efficiency 1.0). Static report, Triton 3.8, 2026-12-05; UNMEASURED on a GPU
     (``benchmarks/gpu_checks/attention_configs.py`` times them against the one-program tiles).
@@ -2565,7 +2626,7 @@ def flash_attention_forward(
             heads, n_q, n_k, kw, scale,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), **flags, BLOCK_TAIL=cfg.key_tail,
-            **cfg.launch_options(),
+            LAZY_RESCALE=lazy_rescale(cfg, pad, q.dtype), **cfg.launch_options(),
         )
     return out, lse
 
@@ -3094,7 +3155,7 @@ def flash_attention_varlen_forward(
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
             CuSeqQ=cu_seqlens_q, CuSeqK=cu_seqlens_k, Tiles=tiles, VARLEN=True, BLOCK_TAIL=cfg.key_tail,
-            **cfg.launch_options(),
+            LAZY_RESCALE=lazy_rescale(cfg, pad, q.dtype), **cfg.launch_options(),
         )
     return out, lse
 
@@ -3218,7 +3279,7 @@ _VARLEN_AOT_HEAD_DIMS = (64, 128, 256)
 
 def _launch_constexprs(kernel: str, cfg: AttentionConfig, arch: int, dtype: torch.dtype, head_dim_pad: int) -> dict:
     """The constexprs a kernel's launchers derive from its config and (arch, dtype, head dim): the
-    forward's BLOCK_TAIL, with the TMA arguments off (``_tma_fwd_spec`` sets them); dK/dV's
+    forward's BLOCK_TAIL and LAZY_RESCALE, with the TMA arguments off (``_tma_fwd_spec`` sets them); dK/dV's
     SPLIT_ROWS (its row tail); dQ's SYNC_KV (``dq_syncs_kv``); none for dBias."""
     if kernel == "flash_attention_bwd_dkdv_kernel":
         return {"SPLIT_ROWS": cfg.row_split}
@@ -3226,7 +3287,8 @@ def _launch_constexprs(kernel: str, cfg: AttentionConfig, arch: int, dtype: torc
         return {"SYNC_KV": dq_syncs_kv(arch, dtype, head_dim_pad)}
     if kernel != "flash_attention_fwd_kernel":
         return {}
-    return {"BLOCK_TAIL": cfg.key_tail, "USE_TMA": False, "KTail": None, "VTail": None}
+    return {"BLOCK_TAIL": cfg.key_tail, "USE_TMA": False, "KTail": None, "VTail": None,
+            "LAZY_RESCALE": lazy_rescale(cfg, head_dim_pad, dtype)}
 
 
 def _tail_label(kernel: str, cfg: AttentionConfig) -> str:
@@ -3325,6 +3387,7 @@ def _tma_fwd_spec(arch, dtype, ty, head_dim, causal, fwd_sig, masks=None, label=
             sig[name] = value  # a pointer this variant passes
     constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_PAD": pad, "CAUSAL": causal, "DOT_PRECISION": dot_precision(dtype),
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_TAIL": cfg.key_tail, "USE_TMA": True,
+                  "LAZY_RESCALE": lazy_rescale(cfg, pad, dtype),
                   "BIAS_ROWS_BCAST": False, **_REL_POS_GATHER,
                   **{n: v for n, v in flags.items() if not isinstance(v, str)}, **_VARLEN_OFF}  # fmt: skip
     if not cfg.key_tail:

@@ -77,6 +77,30 @@ def tma_forward(kernel_device, monkeypatch) -> list:
     return used
 
 
+@pytest.fixture
+def lazy_rescale(monkeypatch) -> list:
+    """Every attention forward launch rescales lazily (``LAZY_RESCALE``; in the interpreter the tiles
+    hold too few values a thread for ``lazy_rescale``'s rule, and on a GPU small head dims do too).
+    Returns the list that records each forward launch's ``LAZY_RESCALE``, so a test can assert the
+    path ran."""
+    from fastvit.kernels import flash_attention as kernels
+
+    monkeypatch.setattr(kernels, "lazy_rescale", lambda cfg, head_dim_pad, dtype: True)
+    launched = []
+    kernel = kernels.flash_attention_fwd_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["LAZY_RESCALE"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "flash_attention_fwd_kernel", Recorder())
+    return launched
+
+
 @pytest.fixture(scope="session")
 def cuda_extension():
     """The C++/CUDA extension ``fastvit._C``, built here on first use (cached in the user's cache

@@ -104,6 +104,32 @@ def test_mufu_ratio_of_a_hand_counted_loop():
     assert hot_loop(sass_functions(LOOP)["loop_kernel"], arch=90, num_warps=8).mufu_ratio == 0  # none
 
 
+LAZY_RESCALE_LOOP = """
+\t\tFunction : lazy_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0020*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0030*/                   ISETP.NE.AND P0, PT, R9, RZ, PT ;
+        /*0040*/              @!P0 BRA 0x80 ;
+        /*0050*/                   MUFU.EX2 R7, R7 ;
+        /*0060*/                   FMUL R24, R24, R7 ;
+        /*0070*/                   FMUL R25, R25, R7 ;
+        /*0080*/                   MUFU.EX2 R30, R24 ;
+        /*0090*/               @P1 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_conditional_code_in_the_hot_loop_is_modelled_as_not_taken():
+    """LAZY_RESCALE_LOOP's body is 9 instructions, 3 of them an if without else (the forward's lazy
+    rescale): 6 issue per iteration that skips it, 1 MUFU; on 4 warps 6 issue cycles against one
+    warpgroup's HGMMA m64n64k16, 32 cycles."""
+    loop = hot_loop(sass_functions(LAZY_RESCALE_LOOP)["lazy_kernel"], arch=90, num_warps=4)
+    assert loop.instructions == 6 and loop.conditional_instructions == 3
+    assert loop.issue_cycles == 6 and loop.mma_cycles == 32 and loop.mufu_cycles == 1 * 32 * 4 / 16
+    assert hot_loop(sass_functions(LOOP)["loop_kernel"], arch=90, num_warps=8).conditional_instructions == 0
+
+
 def test_replicated_rows_from_the_mma_layouts():
     tiles = mma_tiles(TTGIR)
     assert [t.label() for t in tiles] == ["64x32 warps [8, 1] v3", "64x128 warps [4, 2] v3"]  # FMA dot left out

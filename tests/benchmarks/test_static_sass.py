@@ -14,6 +14,7 @@ from fastvit.benchmarks.static_sass import (
     parse_resource_usage,
     parse_sass,
     sass_functions,
+    skipped_in_loop,
     warp_mma_results_read,
     wgmma_wait_pendings,
 )
@@ -186,3 +187,38 @@ def test_warp_mma_results_read_by_other_instructions():
     assert warp_mma_results_read(_body("""
         HMMA.16816.F16 R16, R4, R8, RZ
         FADD R20, R17, R3"""))
+
+
+def test_conditional_code_in_a_loop_is_the_region_a_predicated_forward_branch_skips():
+    # the attention forward's lazy rescale: a CTA-wide test, then an if without else over the rescale
+    body = _body("""
+        HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24, gsb0
+        ISETP.NE.AND P0, PT, R9, RZ, PT
+        @!P0 BRA 0x70
+        MUFU.EX2 R7, R7
+        FMUL R24, R24, R7
+        FMUL R25, R25, R7
+        BSYNC B0
+        MUFU.EX2 R30, R24
+        @P1 BRA 0x0""")
+    assert skipped_in_loop(body) == {0x30, 0x40, 0x50, 0x60}
+    # an if / else: the predicated branch's region holds the jump over the else: both count
+    assert skipped_in_loop(_body("""
+        @!P0 BRA 0x30
+        FMUL R24, R24, R7
+        BRA 0x40
+        FADD R24, R24, R7
+        @P1 BRA 0x0""")) == set()
+    # a guarded region holding the loop's MMAs is its main work, not side code
+    assert skipped_in_loop(_body("""
+        @!P0 BRA 0x30
+        HMMA.16816.F32 R16, R4, R8, R16
+        FMUL R24, R24, R7
+        @P1 BRA 0x0""")) == set()
+    # an unpredicated forward branch, and a predicated one leaving the loop, skip nothing in it
+    assert skipped_in_loop(_body("""
+        BRA 0x20
+        FMUL R24, R24, R7
+        @P0 BRA 0x50
+        FADD R24, R24, R7
+        @P1 BRA 0x0""")) == set()

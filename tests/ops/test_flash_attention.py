@@ -202,6 +202,61 @@ def test_kernel_tma_forward(kernel_device, n_q, n_k, causal, tma_forward):
     _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
 
 
+@kernel_test
+@pytest.mark.parametrize("n_q,n_k", [(7, 33), (70, 150), (197, 197)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kernel_lazy_rescale(kernel_device, n_q, n_k, causal, dtype, lazy_rescale):
+    """The forward's lazy rescaling (the accumulator rescaled only when a row max grows by 2^8) gives
+    the same out, lse and gradients as the reference, with packed-qkv-like strides and a masked head
+    dim; the TMA path below takes it too."""
+    (q, k, v), _ = _inputs(1, 2, n_q, n_k, 40, dtype, kernel_device, seed=n_q + n_k)
+    out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
+    assert lazy_rescale and all(lazy_rescale)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)
+
+
+@kernel_test
+@pytest.mark.parametrize("ramp", ["jump", "climb"])
+def test_kernel_lazy_rescale_rows_whose_max_grows(kernel_device, ramp, lazy_rescale):
+    """Scores that grow along the keys: ``jump`` puts the max of every row 23 log2 units above the rest
+    in one late key block (a rescale after the first step), ``climb`` raises it ~4 log2 units a block
+    (the exponents taken against a max up to 2^8 below the row's, and a rescale every other block);
+    rows 0-3 of the second head see no growth at all. fp16: p up to 256 must stay exact enough."""
+    gen = torch.Generator().manual_seed(5)
+    n_q, n_k, d = 37, 150, 16
+    q = torch.randn(1, 2, n_q, d, generator=gen) * 0.3
+    k = torch.randn(1, 2, n_k, d, generator=gen) * 0.3
+    v = torch.randn(1, 2, n_k, d, generator=gen)
+    q[..., 0] = 4.0
+    if ramp == "jump":
+        k[..., 100:116, 0] = 4.0  # scores 16 (23 log2 units) above the rest, at key block 6
+    else:
+        k[..., 0] = torch.linspace(0.0, 8.0, n_k)  # up to 32 nats: ~4.6 log2 units a 16-key block
+    q[:, 1, :4, 0] = 0.0  # ... and rows that never grow
+    q, k, v = (t.to(kernel_device, torch.float16).requires_grad_(True) for t in (q, k, v))
+    out, lse, grad_out, grads = _run_kernel(q, k, v, scale=1.0)
+    assert lazy_rescale and all(lazy_rescale)
+    _check_against_reference(q, k, v, out, lse, grad_out, grads, scale=1.0)
+
+
+@kernel_test
+def test_kernel_lazy_rescale_keeps_nan_rows_to_themselves(kernel_device, lazy_rescale):
+    """A NaN in one query row gives NaN in that row only, also when the lazy test of the first step
+    compares that row's NaN max (false) against the others' -inf."""
+    (q, k, v), _ = _inputs(1, 1, 40, 50, 16, torch.float16, kernel_device, seed=3)
+    with torch.no_grad():
+        q[0, 0, 5, 2] = float("nan")
+        with fastvit.backend("triton"):
+            out = fastvit.flash_attention(q, k, v)
+    assert lazy_rescale
+    assert torch.isnan(out[0, 0, 5]).all()
+    rows = torch.arange(40) != 5
+    expected = reference.attention(q[:, :, rows].double(), k.double(), v.double())[0]
+    assert not torch.isnan(out[0, 0, rows]).any()
+    torch.testing.assert_close(out[:, :, rows].double(), expected, atol=2e-3, rtol=0)
+
+
 def test_tma_takes_only_what_a_descriptor_can_address():
     from fastvit.kernels.flash_attention import _tma_strides, tma_strides
 

@@ -210,6 +210,35 @@ def test_fully_masked_rows(kernel_device, route, kind, causal):
 
 
 @kernel_test
+@pytest.mark.parametrize("kind", ["bool", "float", "key-padding", "rel_pos"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_lazy_rescale_with_masks(kernel_device, kind, causal, lazy_rescale):
+    """The forward's lazy rescaling where rows start at -inf: rows 5-9 see nothing in the first key
+    block (a row turning finite later forces the rescale of the whole tile), rows 3 and 17 nothing at
+    all (zeros, lse -inf); a key-padding mask; rel_pos with a float mask."""
+    q, k, v = _qkv(torch.float32, kernel_device, seed=11)
+    rel_pos = None
+    if kind == "key-padding":
+        mask = (torch.rand(B, 1, 1, M, generator=_gen(12)) > 0.3).to(kernel_device)
+        mask[..., 20] = True  # every row keeps a key
+    else:
+        mask_kind = "bool" if kind == "bool" else "float"
+        mask = _mask((B, 1, N, M), mask_kind, kernel_device, seed=12, requires_grad=False)
+        masked, open_ = (False, True) if mask_kind == "bool" else (float("-inf"), 0.0)
+        with torch.no_grad():
+            mask[:, :, 5:10, :16] = masked
+            mask[:, :, 5:10, 16:] = open_
+            mask[:, :, [3, 17]] = masked
+        if mask_kind == "float":
+            mask.requires_grad_(True)
+        if kind == "rel_pos":
+            rel_pos = _rel_pos(B, H, kernel_device, seed=13)
+    result = _run("triton", q, k, v, attn_mask=mask, rel_pos=rel_pos, causal=causal)
+    assert lazy_rescale and all(lazy_rescale)
+    _check(q, k, v, result, attn_mask=mask, rel_pos=rel_pos, causal=causal)
+
+
+@kernel_test
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("expanded", [False, True], ids=["B11M", "expanded-over-N"])

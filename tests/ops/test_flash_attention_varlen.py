@@ -124,6 +124,17 @@ def test_kernel_cross_lengths(kernel_device, causal):
 
 @kernel_test
 @pytest.mark.parametrize("causal", [False, True])
+def test_kernel_lazy_rescale(kernel_device, causal, lazy_rescale):
+    """The forward's lazy rescaling over packed sequences: queries without keys keep zeros and
+    lse -inf (their rows stay at -inf through every step), fp16 and a masked head dim."""
+    q, k, v, cu_q, cu_k = _inputs(CROSS_Q, CROSS_K, 2, 40, torch.float16, kernel_device, seed=14)
+    out, lse, grad_out, grads = _run("triton", q, k, v, cu_q, cu_k, causal=causal, scale=0.3)
+    assert lazy_rescale and all(lazy_rescale)
+    _check(q, k, v, cu_q, cu_k, out, lse, grad_out, grads, causal=causal, scale=0.3)
+
+
+@kernel_test
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, head_dim, causal, monkeypatch):
