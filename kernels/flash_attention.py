@@ -2560,6 +2560,14 @@ def _bias_args(bias, rel_h, rel_w):
     return (bias_arg, rel_h, rel_w), strides, kw, flags
 
 
+def out_strides(shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The forward output's strides for a (B, H, N, D) shape: laid out as (B, N, H, D) in memory, so that
+    ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; allocated that way (``empty_strided``), out is
+    a tensor of its own, not a view, and may be edited in place like SDPA's."""
+    _, heads, n_q, head_dim = shape
+    return (n_q * heads * head_dim, head_dim, heads * head_dim, 1)
+
+
 def flash_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -2589,7 +2597,7 @@ def flash_attention_forward(
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     q, k, v = (rows_addressable_in_int32(t) for t in (q, k, v))
-    out = new_output((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = new_output((batch, heads, n_q, head_dim), dtype=q.dtype, device=q.device, strides=out_strides(q.shape))
     lse = new_output((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse

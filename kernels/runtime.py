@@ -43,9 +43,14 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def new_output(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` for a kernel's output; NaN-filled while ``FILL_OUTPUTS_WITH_NAN`` is set."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+def new_output(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device,
+               strides: tuple[int, ...] | None = None) -> torch.Tensor:  # fmt: skip
+    """``torch.empty`` for a kernel's output (``torch.empty_strided`` with ``strides``: a tensor of its
+    own in that layout, not a view); NaN-filled while ``FILL_OUTPUTS_WITH_NAN`` is set."""
+    if strides is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        out = torch.empty_strided(shape, strides, dtype=dtype, device=device)
     if FILL_OUTPUTS_WITH_NAN and out.is_floating_point():
         out.fill_(float("nan"))
     return out

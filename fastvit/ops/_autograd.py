@@ -32,9 +32,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["call", "double_backward_error", "function_twin", "no_double_backward"]
+__all__ = ["call", "double_backward_error", "forward_ad_error", "function_twin", "no_double_backward"]
 
 _ATTENTION_OPS = ("flash_attention", "flash_attention_varlen", "window_attention")
+
+
+def _torch_route_way_out(op: str) -> str:
+    """How to run ``fastvit.<op>`` where every derivative exists: its torch route (for the attention
+    ops with SDPA's math backend: PyTorch's fused SDPA kernels have first-order backwards too)."""
+    if op in _ATTENTION_OPS:
+        return (
+            "with fastvit.backend('torch'), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): "
+            f"... fastvit.{op}(...)  (SDPA's math backend has every derivative)"
+        )
+    return f"with fastvit.backend('torch'): ... fastvit.{op}(...)  (the composite of torch ops)"
 
 
 def double_backward_error(op: str) -> RuntimeError:
@@ -43,20 +54,35 @@ def double_backward_error(op: str) -> RuntimeError:
     Example:
         >>> raise double_backward_error("flash_attention")  # RuntimeError naming the torch route
     """
-    if op in _ATTENTION_OPS:
-        # PyTorch's fused SDPA kernels (flash, memory-efficient) have first-order backwards too
-        way_out = (
-            "with fastvit.backend('torch'), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): "
-            f"... fastvit.{op}(...)  (SDPA's math backend has every derivative)"
-        )
-    else:
-        way_out = f"with fastvit.backend('torch'): ... fastvit.{op}(...)  (the composite of torch ops)"
     return RuntimeError(
         f"fastvit.{op}: the fused kernels (the 'triton' and 'cuda' backends) compute first derivatives "
         "only, so this gradient of a gradient (double backward, create_graph=True then backward, "
         "torch.func.grad of torch.func.grad, a gradient penalty) cannot be taken. Run the op on the "
-        f"torch route for it: {way_out}"
+        f"torch route for it: {_torch_route_way_out(op)}"
     )
+
+
+def forward_ad_error(op: str) -> RuntimeError:
+    """The error raised when forward-mode AD (``torch.func.jvp`` / ``jacfwd`` / ``hessian``,
+    ``torch.autograd.forward_ad`` dual tensors) reaches ``fastvit.<op>`` on a fused route.
+
+    Example:
+        >>> raise forward_ad_error("layernorm_mlp")  # RuntimeError naming the torch route
+    """
+    return RuntimeError(
+        f"fastvit.{op}: the fused kernels (the 'triton' and 'cuda' backends) have reverse-mode "
+        "derivatives only, so forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+        "torch.autograd.forward_ad dual tensors) cannot run them. Run the op on the torch route for it: "
+        f"{_torch_route_way_out(op)}"
+    )
+
+
+def _public_op(custom_op: Any) -> str:
+    """The fastvit op a custom op implements: ``fastvit::layernorm_mlp_cuda_bwd`` -> ``layernorm_mlp``."""
+    name = custom_op._name.split("::")[-1]
+    for suffix in ("_fwd", "_bwd", "_cuda"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def _raise_double_backward(op: str) -> Callable[..., Any]:
@@ -115,6 +141,10 @@ def function_twin(
             def vmap(info: Any, in_dims: tuple, *args: Any) -> Any:
                 return _loop_batching_rule(Twin, info, in_dims, args)
 
+            @staticmethod
+            def jvp(ctx: Any, *tangents: Any) -> Any:
+                raise forward_ad_error(op)
+
         Twin.__name__ = Twin.__qualname__ = name
         return Twin
 
@@ -134,9 +164,14 @@ def function_twin(
             def backward(ctx: Any, *grads: Any) -> Any:
                 return backward(ctx, *grads)
 
+            @staticmethod
+            def jvp(ctx: Any, *tangents: Any) -> Any:
+                raise forward_ad_error(op)
+
         Eager.__name__ = Eager.__qualname__ = name
         return Eager
 
+    op = _public_op(custom_op)
     twin = make(custom_op, f"{custom_op._name}_function")
     # the implementation itself, when the op has one for every device (no register_kernel override)
     implementation = getattr(custom_op, "_init_fn", None)

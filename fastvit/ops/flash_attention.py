@@ -65,9 +65,11 @@ def _flash_attention_fwd(
 
 @_flash_attention_fwd.register_fake
 def _(q, k, v, scale, causal, bias=None, rel_h=None, rel_w=None):
-    batch, heads, n_q, head_dim = q.shape
+    from fastvit.kernels.flash_attention import out_strides
+
+    batch, heads, n_q, _ = q.shape
     # the kernel writes out as (B, N, H, D) in memory: report the same strides
-    out = q.new_empty((batch, n_q, heads, head_dim)).transpose(1, 2)
+    out = q.new_empty_strided(q.shape, out_strides(q.shape))
     return out, q.new_empty((batch, heads, n_q), dtype=torch.float32)
 
 

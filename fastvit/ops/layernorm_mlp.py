@@ -98,7 +98,9 @@ def _layernorm_mlp_fwd(
     )
     if pre is None:  # inference: nothing kept for a backward
         pre = x.new_empty((0,), dtype=fc1_weight.dtype)
-    return y.view(x.shape), pre, mean, rstd
+    # y itself, not a view, where it has x's shape (the public op passes (B, N, D) tokens): a view
+    # made inside the op could not be edited in place (a forward hook's o.add_()) before a backward
+    return y if y.shape == x.shape else y.view(x.shape), pre, mean, rstd
 
 
 @_layernorm_mlp_fwd.register_fake
@@ -392,6 +394,12 @@ def resolve_activation(approximate: str | None, activation: str | None) -> str:
     return _APPROXIMATE[approximate]
 
 
+def _fp32_norm_of_16bit_x(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None) -> bool:
+    """fp16 / bf16 x with fp32 norm parameters: F.layer_norm takes that mix outside autocast."""
+    params = [t for t in (norm_weight, norm_bias) if t is not None]
+    return x.dtype in (torch.float16, torch.bfloat16) and bool(params) and all(t.dtype == torch.float32 for t in params)
+
+
 def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, norm, gated,
               fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale) -> None:
     check_tensor("x", x, dtypes=_ALL_DTYPES)
@@ -486,7 +494,9 @@ def layernorm_mlp(
 
     Args:
         x: (..., D) tokens, e.g. (B, N, D) or (T, D).
-        norm_weight, norm_bias: (D,) norm affine parameters, or None (``norm_bias`` None for RMSNorm).
+        norm_weight, norm_bias: (D,) norm affine parameters, or None (``norm_bias`` None for RMSNorm);
+            in x's dtype, or fp32 with fp16 / bf16 x (F.layer_norm's mix: a 16-bit model keeping its
+            norms in fp32). Outside autocast every other tensor has x's dtype.
         fc1_weight: (hidden, D), fc1_bias: (hidden,) or None -- nn.Linear layout. Gated with one
             fc1 (timm's ``SwiGLUPacked``, Hugging Face's ``Dinov2SwiGLUFFN`` ``weights_in``):
             (2 * hidden, D) packed as [gate; value], ``act(first half) * second half``. Gated with
@@ -546,7 +556,12 @@ def layernorm_mlp(
                    fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias)
     cast_to = autocast_dtype(device)
     if cast_to is None or any(t is not None and t.dtype == torch.float64 for t in tensors.values()):
-        check_same_dtype(**tensors)
+        if _fp32_norm_of_16bit_x(x, norm_weight, norm_bias):
+            # F.layer_norm's mixed precision (a 16-bit model that keeps its norms in fp32): the
+            # statistics and affine in fp32, the normalised rows in x's dtype, as the kernels do
+            check_same_dtype(**{k: t for k, t in tensors.items() if k not in ("norm_weight", "norm_bias")})
+        else:
+            check_same_dtype(**tensors)
         cast_to = None
 
     gemm_dtype = fc1_weight.dtype if cast_to is None else cast_to
@@ -619,9 +634,11 @@ def layernorm_mlp(
             save_preact,
         )[0]
         return y.view(x.shape)
+    # the op on (B, N, D) tokens, reshaped outside it (as on the cuda route): its output is then no
+    # view of anything, so a user may edit it in place (a forward hook's o.add_()) before a backward
     y, _, _, _ = call(
         _layernorm_mlp_fwd, _layernorm_mlp_fwd_function,
-        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+        _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
         fc1_gate_weight, fc1_gate_bias, float(eps), activation, norm, gated, residual, out_dtype, save_preact,
     )
-    return y
+    return y if y.shape == x.shape else y.view(x.shape)

@@ -378,6 +378,11 @@ def test_kernel_custom_scale_and_output_layout(kernel_device):
     _check_against_reference(q, k, v, out, lse, grad_out, grads, scale=0.3)
     # (B, N, H, D) in memory: merging heads after the usual transpose is free
     assert out.transpose(1, 2).is_contiguous()
+    # ... allocated in that layout, not a view made inside the op (autograd refuses in-place edits of
+    # those with an error about views): an edit before a backward meets SDPA's saved-output check
+    assert out._base is None
+    with fastvit.backend("triton"), pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(fastvit.flash_attention(q, k, v).mul_(2.0).sum(), q)
 
 
 @kernel_test

@@ -278,6 +278,53 @@ def test_kernel_input_ranks(kernel_device, shape):
 
 
 @kernel_test
+@pytest.mark.parametrize("shape", [(2, 7, 48), (13, 48), (2, 3, 4, 48)], ids=["tokens", "rows", "grid"])
+def test_kernel_output_may_be_edited_in_place_before_the_backward(kernel_device, shape):
+    """The output is no view made inside the op: a forward hook's in-place edit (activation
+    steering, o.add_()) is recorded by autograd and the backward runs, as on the torch route,
+    whatever x's rank."""
+    gen = torch.Generator().manual_seed(29)
+    inputs = _inputs(1, 1, 48, 96, layer_scale=True, device=kernel_device, seed=29)
+    inputs["x"] = torch.randn(*shape, generator=gen).to(kernel_device).requires_grad_(True)
+    names = [k for k in ALL_NAMES if inputs.get(k) is not None]
+    grads = {}
+    for route in ("triton", "torch"):
+        with fastvit.backend(route):
+            out = _call(inputs)
+            out.mul_(2.0).add_(0.5)
+            grads[route] = torch.autograd.grad(out.square().sum(), [inputs[k] for k in names])
+    for name, g, expected in zip(names, grads["triton"], grads["torch"], strict=True):
+        torch.testing.assert_close(g, expected, rtol=2e-4, atol=2e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@kernel_test
+@pytest.mark.parametrize("route", ["triton", "torch"])
+def test_fp32_norm_parameters_with_16_bit_x(kernel_device, route):
+    """A 16-bit model that keeps its LayerNorms in fp32 (no autocast): F.layer_norm takes fp32
+    affine parameters with fp16 x, and so does the op, on both routes: out in fp16, the norm
+    parameters' gradients in fp32, all close to the same mix in the reference."""
+    inputs = _inputs(2, 9, 48, 96, layer_scale=True, dtype=torch.float16, device=kernel_device, seed=31)
+    for name in ("norm_weight", "norm_bias"):
+        inputs[name] = inputs[name].detach().float().requires_grad_(True)
+    names = [k for k in ALL_NAMES if inputs.get(k) is not None]
+    with fastvit.backend(route):
+        out = _call(inputs)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [inputs[k] for k in names], grad_out)
+    assert out.dtype == torch.float16
+    expected, expected_grads = _reference(inputs, grad_out, torch.float64)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=2e-2)
+    for name, g in zip(names, grads, strict=True):
+        assert g.dtype == inputs[name].dtype, name
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(g.double().cpu(), expected_grads[name], rtol=0, atol=2e-2 * max(1.0, scale),
+                                   msg=lambda m, n=name: f"d{n}: {m}")  # fmt: skip
+    with pytest.raises(TypeError, match="same dtype"):  # the linears' weights still take x's dtype
+        inputs["fc2_weight"] = inputs["fc2_weight"].detach().float()
+        _call(inputs)
+
+
+@kernel_test
 def test_kernel_partial_requires_grad(kernel_device):
     """Frozen weights (only x needs a gradient) and a frozen input (only the weights): the other
     gradients are skipped, the requested ones still match."""

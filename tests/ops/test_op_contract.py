@@ -161,6 +161,24 @@ def test_double_backward_on_a_fused_route_names_fastvit_and_the_torch_route(op, 
 
 @pytest.mark.parametrize("route", FUSED_ROUTES)
 @pytest.mark.parametrize("op", OPS)
+def test_forward_mode_ad_on_a_fused_route_names_fastvit_and_the_torch_route(op, route, request):
+    """torch.func.jvp (and forward_ad dual tensors) on a fused route raises an error naming the op and
+    the torch route (with SDPA's math backend for attention), which then computes the jvp."""
+    _use_route(route, request)
+    call, tensors = _case(op, seed=5)
+    tensors = tuple(tensors)
+    named = "flash_attention" if op == "window_attention" else op  # window attention runs flash_attention
+    tangents = tuple(torch.randn_like(t) for t in tensors)
+    message = rf"fastvit\.{named}: .*reverse-mode derivatives only.*backend\('torch'\)"
+    with fastvit.backend(route), pytest.raises(RuntimeError, match=message):
+        torch.func.jvp(call, tensors, tangents)
+    with fastvit.backend("torch"), sdpa_kernel(SDPBackend.MATH):  # the way out the message gives
+        _, jvp_out = torch.func.jvp(call, tensors, tangents)
+    assert torch.isfinite(jvp_out).all() and jvp_out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("route", FUSED_ROUTES)
+@pytest.mark.parametrize("op", OPS)
 def test_torch_func_grad_on_a_fused_route_matches_autograd(op, route, request):
     """torch.func.grad runs the kernels' backward (the same numbers as torch.autograd.grad); its grad
     of a grad raises the double-backward error."""
