@@ -419,7 +419,9 @@ def flash_attention(
 
     Tensors may have any strides with a unit stride in the last dim (views of a packed qkv are
     not copied). dtypes: fp16, bf16 and fp32 run the kernels; fp32 uses IEEE fp32 dot products
-    (no TF32), so it matches an fp32 reference to rounding; float64 runs the ``torch`` route.
+    (no TF32), so its forward matches an fp32 reference to rounding (its backward recomputes P from
+    the fp32 lse: a relative error ~|lse| x 2^-24 per element, more with a mask gradient; README);
+    float64 runs the ``torch`` route.
     Head dims 1 to 256 run the kernels (padded to a power of two in registers), 1 to 128 with an
     ``attn_mask`` or ``rel_pos``; larger head dims and non-positive scales run the ``torch`` route
     with one warning. Under autocast, q, k and v
