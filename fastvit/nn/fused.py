@@ -334,7 +334,7 @@ def unfused_class(cls: type[FusedModule]) -> type[nn.Module]:
         return cls._fastvit_original_class
     namespace = _own_namespace(cls)
     cached = _REBUILT.get(cls)
-    if cached is not None and cached[0] == namespace:
+    if cached is not None and _same_namespace(cached[0], namespace):
         return cached[1]
     rebuilt = _rebuild_on_the_original(cls, namespace)
     _REBUILT[cls] = (namespace, rebuilt)
@@ -344,6 +344,11 @@ def unfused_class(cls: type[FusedModule]) -> type[nn.Module]:
 def _own_namespace(cls: type) -> dict[str, object]:
     """What ``cls`` itself defines, as ``type(name, bases, namespace)`` takes it."""
     return {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+
+
+def _same_namespace(a: dict[str, object], b: dict[str, object]) -> bool:
+    """The same names bound to the same objects (identity: a value's ``==`` may not give a bool)."""
+    return a.keys() == b.keys() and all(a[name] is b[name] for name in a)
 
 
 def _rebuild_on_the_original(cls: type, namespace: dict[str, object]) -> type:

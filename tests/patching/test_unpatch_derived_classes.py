@@ -159,3 +159,22 @@ def test_a_class_that_cannot_be_derived_again_leaves_the_model_untouched():
     patched.blocks[1].attn.__class__ = fused_attention  # undone: unpatch goes through
     fastvit.unpatch(patched)
     assert module_types(patched) == module_types(reference)
+
+
+def test_derived_class_changed_between_unpatches_is_rebuilt():
+    # the rebuilt-class cache compares namespaces by identity (a tensor's == gives no bool), and a
+    # derived class changed since it was rebuilt (parametrize adds properties) is rebuilt again
+    models = [timm_vit().eval() for _ in range(2)]
+    for model in models:
+        fastvit.patch(model)
+    fused_attention = type(models[0].blocks[0].attn)
+    tagged = type(f"Tagged{fused_attention.__name__}", (fused_attention,), {"tag": torch.ones(3)})
+    for model in models:
+        model.blocks[0].attn.__class__ = tagged
+    fastvit.unpatch(models[0])
+    tagged.tag = torch.zeros(3)
+    fastvit.unpatch(models[1])
+    first, second = (type(model.blocks[0].attn) for model in models)
+    assert first is not second and first.__name__ == second.__name__ == "TaggedAttention"
+    assert first.__bases__ == second.__bases__ == (fused_attention.fastvit_original(),)
+    assert torch.equal(first.tag, torch.ones(3)) and torch.equal(second.tag, torch.zeros(3))
