@@ -227,8 +227,7 @@ def skipped_in_loop(body: list[Instruction]) -> set[int]:
     without ``else``) and no MMA (a region with the loop's MMAs is its main work, guarded: a
     dBias walk's step skipped outside its rows). Those run only on the iterations that take the
     ``if``."""
-    addresses = [i.address for i in body]
-    inside = set(addresses)
+    inside = {i.address for i in body}
     skipped: set[int] = set()
     for ins in body:
         target = ins.branch_target
