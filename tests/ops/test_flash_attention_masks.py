@@ -394,6 +394,32 @@ def test_kernel_mask_gradient_is_deterministic_and_never_full_size(kernel_device
 
 
 @kernel_test
+@pytest.mark.parametrize("n_q,n_k,head_dim", [(40, 7, 32), (40, 3, 24)])
+def test_kernel_fp32_mask_gradient_walk_normalises_its_rows(kernel_device, n_q, n_k, head_dim, monkeypatch):
+    """A learnable fp32 mask over fewer keys than the dBias kernel's column tile: its walk computes dQ
+    and delta = rowsum(P dP) from the tile. Its P, taken from lse, is off by a row-uniform factor
+    (lse's rounding; the forward's scores rounded otherwise, as in the interpreter's dots), which
+    that delta does not cancel: dS's rows no longer sum to 0, and dq, dk and dmask were 1.6-3.8x the
+    tolerance budget (dk 3.6-3.8x). fp32 P is normalised by its own row sum there (dk 0.35-0.52x)."""
+    from fastvit.kernels import flash_attention as kernels
+
+    gen = _gen(21)
+    q = (torch.randn(2, 2, n_q, head_dim, generator=gen) * 4).to(kernel_device).requires_grad_(True)
+    k, v = (torch.randn(2, 2, n_k, head_dim, generator=gen).to(kernel_device).requires_grad_(True) for _ in "kv")
+    mask = torch.randn(n_q, n_k, generator=gen).to(kernel_device).requires_grad_(True)
+    plans = []
+    original = kernels.dbias_plan
+
+    def spy(*args, **kwargs):
+        plans.append(original(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(kernels, "dbias_plan", spy)
+    _check(q, k, v, _run("triton", q, k, v, attn_mask=mask), attn_mask=mask)
+    assert [plan.with_dq for plan in plans] == [True]
+
+
+@kernel_test
 def test_kernel_small_bias_under_many_batches_splits_its_gradient(kernel_device, monkeypatch):
     """Swin's case: a small learnable (1, H, 7, 7) table under many windows. The dBias kernel, one
     program per tile of the table's shape, splits the batches into chunks (more programs than tiles)
