@@ -74,11 +74,55 @@ def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, attention_runs):
     fastvit.patch(patched)
     traced = torch.fx.symbolic_trace(patched)
     leaves = _leaf_ops(traced)
-    assert sorted(set(leaves)) == ["flash_attention", "layernorm_mlp", "patch_embed"]
-    assert leaves.count("flash_attention") == leaves.count("layernorm_mlp") == DEPTH
+    assert leaves.count("layernorm_mlp") == DEPTH and leaves.count("patch_embed") == 1
+    if family == "torchvision":
+        # nn.MultiheadAttention is a leaf module in the unpatched graph: the fused one is the same
+        # call_module node, whose forward runs the fused op when the graph runs
+        assert "flash_attention" not in leaves
+        assert _attention_modules(traced) == _attention_modules(torch.fx.symbolic_trace(reference)) != []
+    else:
+        assert leaves.count("flash_attention") == DEPTH
     assert not attention_runs  # tracing ran nothing
     assert_outputs_and_grads_match(reference, traced, images())
     assert len(attention_runs) == DEPTH  # the GraphModule ran the op
+
+
+def _attention_modules(graph_module: torch.fx.GraphModule) -> list[tuple[str, str]]:
+    """(node name, target) of the call_module nodes of nn.MultiheadAttention modules."""
+    return [(node.name, node.target) for node in graph_module.graph.nodes if node.op == "call_module"
+            and isinstance(graph_module.get_submodule(node.target), nn.MultiheadAttention)]  # fmt: skip
+
+
+def test_torchvision_attention_dropout_traces_and_decides_when_the_graph_runs(attention_runs):
+    """torchvision's ViT with attention_dropout > 0: its MultiheadAttention modules trace as one
+    call_module node each, as in the unpatched graph (tracing PyTorch's MHA forward, the fused
+    module's fallback in training, raised on its control flow: create_feature_extractor, which
+    traces in train and eval, failed). The graph calls the fused module, which picks per call: in
+    eval the fused op, in training PyTorch's forward with its dropout, the same draws as unpatched."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    reference = torchvision_vit(attention_dropout=0.25)
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    nodes = {"encoder.layers.encoder_layer_0": "block0", "encoder.ln": "final"}
+    want, got = (create_feature_extractor(m, return_nodes=nodes) for m in (reference, patched))
+    for mode in ("eval", "train"):
+        want, got = getattr(want, mode)(), getattr(got, mode)()
+        runs = len(attention_runs)
+        torch.manual_seed(0)
+        expected = want(images())
+        torch.manual_seed(0)
+        actual = got(images())
+        for name in nodes.values():
+            torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL)
+        assert len(attention_runs) - runs == (DEPTH if mode == "eval" else 0)
+    eval_graph = torch.fx.symbolic_trace(patched.eval())
+    assert _attention_modules(eval_graph) == _attention_modules(torch.fx.symbolic_trace(reference.eval()))
+    eval_graph.train()  # traced in eval, run in training: the dropout is decided when the graph runs
+    torch.manual_seed(1)
+    expected = reference.train()(images())
+    torch.manual_seed(1)
+    torch.testing.assert_close(eval_graph(images()), expected, rtol=RTOL, atol=ATOL)
 
 
 def test_fx_leaf_op_standalone():
