@@ -154,20 +154,49 @@ class FusedModule:
         original = cls.fastvit_original()
         if type(module) is not original:
             raise TypeError(f"{cls.__name__} replaces {original.__name__}, got {type(module).__name__}")
+        watched = cls._fastvit_watch(module)
+        module.__class__ = cls
+        try:
+            module.__dict__["_fastvit_watched"] = watched
+            module._fastvit_attach()
+        except BaseException:
+            module.__dict__.pop("_fastvit_watched", None)
+            module.__class__ = original  # all or nothing
+            raise
+
+    @classmethod
+    def _fastvit_watch(cls, module: nn.Module) -> tuple:
+        """(parent, name, child, class, forward) of each bypassed submodule of ``module`` as it is
+        now: what ``_fastvit_submodules_intact`` compares each call against."""
         watched = []
         for path in cls.fastvit_bypassed:
             parent_path, _, name = path.rpartition(".")
             parent = module.get_submodule(parent_path)
             child = parent._modules[name]
             watched.append((parent, name, child, type(child), type(child).forward))
-        module.__class__ = cls
-        try:
-            module.__dict__["_fastvit_watched"] = tuple(watched)
-            module._fastvit_attach()
-        except BaseException:
-            module.__dict__.pop("_fastvit_watched", None)
-            module.__class__ = original  # all or nothing
-            raise
+        return tuple(watched)
+
+    def fastvit_replaced_submodules(self) -> list[str]:
+        """The bypassed submodules replaced (another object or class in their slot) since this
+        module was fused: its calls run the original forward, and ``fastvit.patch`` called again
+        fuses it anew over the new submodules where they qualify. Quiet: no warning."""
+        return [
+            path
+            for path, (parent, name, child, cls, _) in zip(self.fastvit_bypassed, self._fastvit_watched, strict=True)
+            if parent._modules.get(name) is not child or type(child) is not cls
+        ]
+
+    def fastvit_refuse(self) -> tuple:
+        """Fuse this (already fused) module anew over its current submodules (``fastvit.patch``
+        called again after ``fastvit_replaced_submodules``); returns the earlier snapshot, which
+        ``fastvit_restore_watch`` puts back."""
+        earlier = self._fastvit_watched
+        self.__dict__["_fastvit_watched"] = type(self)._fastvit_watch(self)
+        return earlier
+
+    def fastvit_restore_watch(self, earlier: tuple) -> None:
+        """Undo ``fastvit_refuse`` (a later swap of the same ``fastvit.patch`` call failed)."""
+        self.__dict__["_fastvit_watched"] = earlier
 
     def swap_out(self, restored: type[nn.Module] | None = None) -> None:
         """Give the module back its original class (``unfused_class``, unless ``restored`` is
@@ -260,10 +289,11 @@ class FusedModule:
         intact = broken is None
         if not intact:
             name = type(self).fastvit_original().__name__
+            anew = " (or fastvit.patch, called again, fuses it anew)" if broken.endswith("replaced or wrapped") else ""
             warn_fallback(
                 f"patched-not-intact:{name}:{broken}",
                 f"fastvit: a patched {name} found {broken} (its fused forward reads that submodule "
-                "without calling it); such calls run its original forward until that is undone",
+                f"without calling it); such calls run its original forward until that is undone{anew}",
             )
         return intact
 

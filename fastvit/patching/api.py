@@ -165,14 +165,20 @@ def patch(
         name = type(model).__name__
         raise ValueError(f"fastvit.patch: nothing to patch in {name}{found}\nThe model is unchanged.")
 
-    done: list[nn.Module] = []
+    done: list[tuple[nn.Module, tuple | None]] = []
     try:
         for swap in swaps:
-            swap.fused.swap_in(swap.module)  # all or nothing for one module
-            done.append(swap.module)
+            if type(swap.module) is swap.fused:  # fused earlier, its submodules replaced since: anew
+                done.append((swap.module, swap.module.fastvit_refuse()))
+            else:
+                swap.fused.swap_in(swap.module)  # all or nothing for one module
+                done.append((swap.module, None))
     except BaseException:
-        for module in reversed(done):  # leave the model as it was
-            module.swap_out()
+        for module, earlier in reversed(done):  # leave the model as it was
+            if earlier is None:
+                module.swap_out()
+            else:
+                module.fastvit_restore_watch(earlier)
         raise
     report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
     rename_no_split(model, {type(s.module) for s in swaps})  # the layer classes named by class name

@@ -124,12 +124,19 @@ def slot(
             fused forward bypasses are checked after these (``FusedModule.fastvit_hook_problems``).
         notes: what the report should add about a replacement (e.g. dropout fallbacks).
     """
-    if type(module) is fused:
+    replaced = module.fastvit_replaced_submodules() if type(module) is fused else []
+    if type(module) is fused and not replaced:
         return Patched(path, part, module)
     reasons = problems(module) or fused.fastvit_hook_problems(module)
     if reasons:
+        if replaced:
+            reasons = [f"fused by an earlier fastvit.patch, then {', '.join(replaced)} replaced", *reasons,
+                       "its calls run the original forward"]  # fmt: skip
         return Skip(path, part, "; ".join(reasons))
-    return Swap(path, part, module, fused, tuple(notes(module)) if notes else ())
+    found = tuple(notes(module)) if notes else ()
+    if replaced:  # fused earlier, a bypassed submodule replaced since (timm's set_input_size ...): anew
+        found = (f"fused anew: {', '.join(replaced)} replaced since the earlier fastvit.patch", *found)
+    return Swap(path, part, module, fused, found)
 
 
 def fused_table(*fused: type[FusedModule]) -> dict[type, type[FusedModule]]:

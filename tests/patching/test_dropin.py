@@ -262,6 +262,49 @@ def test_submodule_changed_after_patching(family, path, change, fresh_warnings):
     torch.testing.assert_close(run(patched, x), run(reference, x), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize(
+    "family, path",
+    [("timm", "blocks.0.mlp.fc1"), ("torchvision", "encoder.layers.encoder_layer_1.mlp.3"),
+     ("transformers", "vit.layers.0.mlp.fc2"), ("timm", "patch_embed.proj")],
+)  # fmt: skip
+def test_patch_again_fuses_anew_over_a_replaced_submodule(family, path, op_calls, fresh_warnings):
+    """A bypassed submodule replaced after patching by one of the same kind (a new Linear, timm's
+    set_input_size giving patch_embed a new proj) sends the fused module's calls to its original
+    forward; ``fastvit.patch`` called again fuses it anew over the new submodule (it did nothing,
+    reporting the module as patched already), and the model computes the unpatched one's output. A
+    replacement that does not qualify (a wrapper) is reported as skipped and keeps the fallback."""
+    reference = BUILDERS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    parent_path, _, name = path.rpartition(".")
+    for model in (reference, patched):
+        old = model.get_submodule(path)
+        new = copy.deepcopy(old)
+        perturb_(new, seed=5)
+        setattr(model.get_submodule(parent_path), name, new)
+    x = images()
+    op = "patch_embed" if name == "proj" else "layernorm_mlp"
+    with pytest.warns(UserWarning, match="replaced or wrapped"):
+        run(patched, x)
+    op_calls[op].clear()
+    report = fastvit.patch(patched)
+    anew = [e for e in report.replaced if "fused anew" in e.detail]
+    assert len(anew) == 1, report
+    relative = path.removeprefix(f"{anew[0].path}.") if anew[0].path else path  # the fused module's own path
+    assert f"fused anew: {relative} replaced" in anew[0].detail
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the fused forward runs
+        torch.testing.assert_close(run(patched, x), run(reference, x), rtol=RTOL, atol=ATOL)
+    assert op_calls[op]
+    assert fastvit.patch(patched).replaced == []  # fused already
+    # a wrapper does not qualify: skipped, named, and the calls keep running the original forward
+    for model in (reference, patched):
+        setattr(model.get_submodule(parent_path), name, Scaled(model.get_submodule(path)))
+    skipped = [e for e in fastvit.patch(patched).skipped if "fused by an earlier fastvit.patch" in e.detail]
+    assert len(skipped) == 1 and f"then {relative} replaced" in skipped[0].detail
+    torch.testing.assert_close(run(patched, x), run(reference, x), rtol=RTOL, atol=ATOL)
+
+
 def test_global_module_hook_runs_the_original_forwards(fresh_warnings):
     reference = timm_vit().eval()
     patched = copy.deepcopy(reference)
