@@ -236,15 +236,16 @@ class FusedModule:
         ``VisionTransformer._pos_embed``: the fused class's own method hides such a monkeypatch)
         or, for the bypassed ones, on this instance (``model._pos_embed = ...``). Then calls run
         the original forward, which calls the override; said once per override. An identity check
-        per method and a dict lookup per bypassed method (traced by torch.compile)."""
+        per method, and per bypassed method one of the bound method's function: ``torch.compile``
+        guards that attribute lookup, so a compiled model recompiles when an override appears (a
+        test of ``self.__dict__`` it does not guard; ``getattr`` with a default, or ``hasattr``,
+        on a bound method it answers wrongly)."""
+        bypassed = self.fastvit_bypassed_methods
         for original, name, method in self._fastvit_methods:
             if getattr(original, name, None) is not method:
                 return self._fastvit_override_found(f"{original.__name__}.{name} replaced on the class")
-        if self.fastvit_bypassed_methods:
-            instance = self.__dict__
-            for name in self.fastvit_bypassed_methods:
-                if name in instance:
-                    return self._fastvit_override_found(f"{name} replaced on the instance")
+            if name in bypassed and not _bound_to(getattr(self, name), method):
+                return self._fastvit_override_found(f"{name} replaced on the instance")
         return False
 
     def _fastvit_override_found(self, override: str) -> bool:
@@ -276,14 +277,10 @@ class FusedModule:
                 broken = f"{path} replaced or wrapped"
             elif cls.forward is not forward:  # a class-level monkeypatch, e.g. of timm's Mlp.forward
                 broken = f"{cls.__name__}.forward replaced (on {path}'s class)"
-            elif (
-                child._forward_pre_hooks
-                or child._forward_hooks
-                or child._backward_pre_hooks
-                or child._backward_hooks
-                or "forward" in child.__dict__
-            ):
+            elif child._forward_pre_hooks or child._forward_hooks or child._backward_pre_hooks or child._backward_hooks:
                 broken = f"a hook on {path}"
+            elif not _bound_to(child.forward, forward):
+                broken = f"{path}.forward replaced on the instance"
             if broken:
                 break
         intact = broken is None
@@ -306,6 +303,13 @@ class FusedModule:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # the original class's
         return f"{base}, fastvit={self.fastvit_op}" if base else f"fastvit={self.fastvit_op}"
+
+
+def _bound_to(bound: object, function: object) -> bool:
+    """Whether ``bound`` (an attribute looked up on an instance) is ``function`` bound to it, not an
+    override set on the instance; in the form torch.compile traces and guards (see
+    ``FusedModule._fastvit_overridden``)."""
+    return isinstance(bound, types.MethodType) and bound.__func__ is function
 
 
 # The methods a fused class may override whose TorchScript branch runs the original.

@@ -166,6 +166,30 @@ def test_compiled_patched_model_honours_a_class_override_made_later(monkeypatch)
         torch.testing.assert_close(compiled(x), reference(x), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("where", ["_pos_embed", "blocks.1.mlp.forward"])
+def test_compiled_patched_model_honours_an_instance_override_made_later(where):
+    """An override set on a module instance after the model's first compiled call (a bypassed method
+    of the model, a bypassed submodule's forward) is seen: the fused checks look the attribute up
+    and compare the bound method's function, which torch.compile guards, so the graph recompiles as
+    the unpatched model's does. (They tested ``name in self.__dict__``, which it does not guard:
+    the compiled patched model kept its fused graph and ignored the override.)"""
+    reference, patched, _ = pair(BUILDERS["timm"]())
+    x = images()
+    compiled = torch.compile(patched, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), reference(x), rtol=RTOL, atol=ATOL)
+    path, _, name = where.rpartition(".")
+    for model in (reference, patched):
+        owner = model.get_submodule(path)
+        setattr(owner, name, halved(getattr(type(owner), name)).__get__(owner))
+    expected = reference(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(compiled(x), expected, rtol=RTOL, atol=ATOL)
+    for model in (reference, patched):
+        delattr(model.get_submodule(path), name)
+    torch.testing.assert_close(compiled(x), reference(x), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.interpreter
 def test_class_override_on_the_triton_route(op_calls, fresh_warnings, monkeypatch):
     reference, patched, _ = pair(timm_vit(img_size=8, init_values=0.1).eval())
