@@ -124,6 +124,11 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         x = self.ln_1(input)
         x, _ = self.self_attention(x, x, x, need_weights=False)
+        if dropout_active(self.dropout.p, self.dropout.training) and x.is_contiguous():
+            # the fused attention's (B, N, E) output, laid out as PyTorch's batch-first MHA returns it
+            # (a transposed view of (N, B, E) memory): dropout draws its mask in memory order, so a
+            # seed drops the same elements as in the unpatched model (one copy, in training only)
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)
         x = self.dropout(x)
         x = x + input
 

@@ -119,6 +119,17 @@ def test_dropout_runs_torchvision_in_training(op_calls, fresh_warnings):
     assert len(op_calls["flash_attention"]) == len(op_calls["layernorm_mlp"]) == DEPTH
 
 
+def test_block_dropout_draws_the_same_mask_for_the_same_seed(op_calls, fresh_warnings):
+    """With the encoder block's dropout > 0 (attention_dropout 0, so the attention runs fused) in
+    training, one seed gives the same output and gradients as the unpatched model: the fused
+    attention's output is laid out as PyTorch's batch-first MHA returns it before that dropout,
+    which draws its mask in memory order (a contiguous output dropped other elements: 0.44 apart)."""
+    reference, patched, _ = pair(torchvision_vit(dropout=0.2).train())
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="MLP dropout"):
+        assert_outputs_and_grads_match(reference, patched, images(), seed=7)
+    assert len(op_calls["flash_attention"]) == DEPTH  # the attention ran fused
+
+
 def test_autocast_bf16():
     reference, patched, _ = pair(torchvision_vit().eval())
     with torch.autocast("cpu", dtype=torch.bfloat16):
