@@ -16,7 +16,8 @@ Backward (FlashAttention-2, no atomics, deterministic), two launches in stream o
     dO already, so delta costs it one load of their O (no pre-pass launch of its own).
     Short sequences (every query in one row tile and every key in one column tile, no mask
     gradient: windows) take one launch instead, ``flash_attention_bwd_short_kernel``: per (batch,
-    head) pair ``delta = rowsum(P * dP)`` (= rowsum(dO * O), no O read), ``dV = P^T dO``,
+    head) pair ``delta = rowsum(P * dP)`` (= rowsum(dO * O), no O read; fp32: over rowsum(P),
+    ``_tile_delta``), ``dV = P^T dO``,
     ``dQ = scale * dS K``, ``dK = scale * dS^T Q``, each complete after its one step (head dims
     above 64 in two halves, SPLIT_D); packed sequences too (VARLEN, a (sequence, head) pair a step).
 
@@ -163,18 +164,6 @@ def _rescale_if_grown(
         l_i = l_i * alpha
         m_i = m_new
     return acc, l_i, m_i
-
-
-@triton.jit
-def _natural_lse(m_i, l_i, lse_ty: tl.constexpr):
-    """The rows' natural-log lse, (m + log2 l) ln 2, from the max m (log2 units) and the sum l of
-    exp2(t - m); in fp64 where the Lse buffer is fp64 (fp32 inputs, see ``lse_dtype``): the sum
-    exact, the product to 2^-53."""
-    if lse_ty == tl.float64:
-        lse = (m_i.to(tl.float64) + tl.math.log2(l_i).to(tl.float64)) * 0.6931471805599453
-    else:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
-    return lse
 
 
 @triton.jit
@@ -379,8 +368,7 @@ def flash_attention_fwd_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     Out,  # (B, H, N, D) output, unit stride in D
-    Lse,  # (B*H, N) natural-log logsumexp of the biased scores, fp32 (fp64 for fp32 inputs: lse_dtype), contiguous;
-          # -inf on fully masked rows
+    Lse,  # (B*H, N) fp32 natural-log logsumexp of the biased scores, contiguous; -inf on fully masked rows
     Bias,  # (B|1, H|1, N|1, M|1) attn_mask (HAS_BIAS, else None): uint8 (bool) or float, any strides
     RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None), any strides
     RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None), any strides
@@ -583,10 +571,10 @@ def flash_attention_fwd_kernel(
         dead = l_i == 0.0
         l_safe = tl.where(dead, 1.0, l_i)
         acc = acc * tl.fdiv(1.0, l_safe, ieee_rounding=False)[:, None]
-        lse = tl.where(dead, float("-inf"), _natural_lse(m_i, l_safe, Lse.dtype.element_ty))
+        lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     else:
         acc = acc / l_i[:, None]
-        lse = _natural_lse(m_i, l_i, Lse.dtype.element_ty)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
     if USE_TMA:
         Out.store([tma_b, tma_h, start_m, 0], acc.to(Out.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM_PAD))
     else:
@@ -605,32 +593,6 @@ def flash_attention_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _exp2_less_lse(x, x_scale, lse, LSE_ON_COLS: tl.constexpr):
-    """P = exp2(x * x_scale - lse * log2 e): the (rows,) lse broadcast over a (rows, keys) tile, or
-    over the columns of a transposed (keys, rows) tile (LSE_ON_COLS); +inf lse gives P = 0.
-
-    16-bit inputs' lse is fp32. fp32 inputs' is fp64 (``lse_dtype``): lse log2 e is split into fp32
-    hi + lo and the exponent formed as (x x_scale - hi) - lo, the large terms cancelling first. In
-    fp32 alone the row's offset is held to |lse| 2^-24, an error of every P of the row that grew
-    with the logits (at lse ~ 30, dV twice PyTorch's fp32 error); split, P's error is the score's."""
-    # (one return per static branch: the compiler does not stop at a return inside an if)
-    if lse.dtype == tl.float64:
-        lse2 = lse * LOG2E
-        hi = lse2.to(tl.float32)
-        lo = lse2 - hi.to(tl.float64)
-        lo = tl.where(lo == lo, lo, 0.0).to(tl.float32)  # infinite lse: inf - inf, P from hi alone
-        if LSE_ON_COLS:
-            p = tl.math.exp2((x * x_scale - hi[None, :]) - lo[None, :])
-        else:
-            p = tl.math.exp2((x * x_scale - hi[:, None]) - lo[:, None])
-    elif LSE_ON_COLS:
-        p = tl.math.exp2(x * x_scale - lse[None, :] * LOG2E)
-    else:
-        p = tl.math.exp2(x * x_scale - lse[:, None] * LOG2E)
-    return p
-
-
 @triton.jit
 def _attention_bwd_dkdv_inner(
     dk, dv,  # (BLOCK_N, HEAD_DIM_PAD) fp32 accumulators
@@ -710,7 +672,7 @@ def _attention_bwd_dkdv_inner(
             keep_ptrs = bias_base + bias_offs
             keep = tl.load(keep_ptrs, mask=row_valid[None, :], other=0) if MASK_ROWS else tl.load(keep_ptrs)
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            p_t = tl.where(keep != 0, _exp2_less_lse(s_t, qk_scale, lse, LSE_ON_COLS=True), 0.0)
+            p_t = tl.where(keep != 0, tl.math.exp2(s_t * qk_scale - lse[None, :] * LOG2E), 0.0)
         elif HAS_BIAS or HAS_REL_POS:
             # -- with the bias (transposed tile: keys x queries); lse = -inf (fully masked row) -> P = 0;
             #    the key columns are clamped inside the tables, so only a step with rows >= N predicates --
@@ -736,9 +698,9 @@ def _attention_bwd_dkdv_inner(
             if HAS_BIAS and BIAS_ROWS_BCAST:
                 t_t += key_bias[:, None]
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            p_t = _exp2_less_lse(t_t, LOG2E, lse, LSE_ON_COLS=True)
+            p_t = tl.math.exp2(t_t * LOG2E - lse[None, :] * LOG2E)
         else:
-            p_t = _exp2_less_lse(s_t, qk_scale, lse, LSE_ON_COLS=True)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * LOG2E)
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         if MASK_ROWS:
@@ -768,7 +730,7 @@ def flash_attention_bwd_dkdv_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
-    Lse,  # (B*H, N) forward logsumexp (natural log; fp32, fp64 for fp32 inputs), -inf on fully masked rows
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
     Delta,  # (B*H, N) fp32 rowsum(dO * O)
     dK,  # (B, H, M, D) key gradient, unit stride in D
     dV,  # (B, H, M, D) value gradient, unit stride in D
@@ -1035,7 +997,7 @@ def _attention_bwd_dq_inner(
             #    clamped inside the mask, so only key-tail steps predicate) --
             keep_ptrs = bias_base + bias_offs.to(tl.uint32)
             keep = tl.load(keep_ptrs, mask=key_valid[None, :], other=0) if MASK_KEYS else tl.load(keep_ptrs)
-            p = tl.where(keep != 0, _exp2_less_lse(s, qk_scale, lse, LSE_ON_COLS=False), 0.0)
+            p = tl.where(keep != 0, tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E), 0.0)
         elif HAS_BIAS or HAS_REL_POS:
             # -- P = exp(scale * q k^T + bias - lse); lse is +inf (not -inf) on fully masked rows --
             # (rows are clamped inside the tables; only keys >= M need a predicate)
@@ -1059,9 +1021,9 @@ def _attention_bwd_dq_inner(
             # -- in natural-log units (scale and a bias: one fma), log2 e folded into the exponent's fma --
             t = _add_bias(s, bias_ptrs, rh_ptrs, rw_ptrs, valid,
                           HAS_BIAS=HAS_BIAS, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=GATHER)
-            p = _exp2_less_lse(t, LOG2E, lse, LSE_ON_COLS=False)
+            p = tl.math.exp2(t * LOG2E - lse[:, None] * LOG2E)
         else:
-            p = _exp2_less_lse(s, qk_scale, lse, LSE_ON_COLS=False)
+            p = tl.math.exp2(s * qk_scale - lse[:, None] * LOG2E)
         if MASK_KEYS:
             p = tl.where(key_valid[None, :], p, 0.0)
         if CAUSAL_MASK:
@@ -1099,7 +1061,7 @@ def flash_attention_bwd_dq_kernel(
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
     Out,  # (B, H, N, D) forward output, unit stride in D
-    Lse,  # (B*H, N) forward logsumexp (natural log; fp32, fp64 for fp32 inputs), -inf on fully masked rows
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
     Delta,  # (B*H, N) fp32 rowsum(dO * O), written here (the dK/dV and dBias passes read it after)
     dQ,  # (B, H, N, D) query gradient, unit stride in D
     Bias,  # (B|1, H|1, N|1, M|1) attn_mask (HAS_BIAS, else None): uint8 (bool) or float, any strides
@@ -1284,21 +1246,34 @@ def flash_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _row_normalised(p):
-    """P (rows, keys) divided by its row sums, where a tile holds every key of its rows (the dBias
-    walk with dQ, the short backward): the softmax of these very scores, for fp32 inputs. P from lse
-    is off by a row-uniform factor 1 + e (lse's rounding, the forward's scores rounded otherwise)
-    that a delta taken as rowsum(P dP) from the same P does not cancel: dS's rows then sum to
-    -e delta, not 0 (dQ / dK / dmask 1.6-3.8x the tests' budget in the interpreter). Rows without a
-    key (sum 0) stay 0. 16-bit P is rounded to 2^-8 for its dots, far above e: not called there."""
-    p_sum = tl.sum(p, axis=1)
-    return p * (1.0 / tl.where(p_sum == 0.0, 1.0, p_sum))[:, None]
+def _add_pairs(a0, a1, b0, b1):
+    """The combine of a reduction of two sums at once (``_tile_delta``)."""
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _tile_delta(p, dp, FP32: tl.constexpr):
+    """delta = rowsum(P dP) (= rowsum(dO O)) where a tile holds every key of its rows (the dBias walk
+    with dQ, the short backward); for fp32 inputs divided by rowsum(P). P from lse is off by a
+    row-uniform factor 1 + e (lse's rounding, the forward's scores rounded otherwise) that a delta
+    from the same P carries too: dS = P (dP - delta) then has rows summing to -e delta, not 0
+    (dQ / dK / dmask 1.6-3.8x the tests' budget in the interpreter). Divided, dS rows sum to 0 and
+    the gradients keep only P's relative e, as in the passes that read delta from O. Rows without
+    a key (sum 0) keep delta 0. 16-bit P is rounded to 2^-8 for its dots, far above e. (One
+    reduction of both sums: two tl.sum put 448-544 B on the stack in the short kernel's fp32 64 x 64
+    tiles under Triton 3.6.)"""
+    if FP32:
+        delta, p_sum = tl.reduce((p * dp, p), 1, _add_pairs)
+        delta = delta * tl.fdiv(1.0, tl.where(p_sum == 0.0, 1.0, p_sum), ieee_rounding=False)
+    else:
+        delta = tl.sum(p * dp, axis=1)
+    return delta
 
 
 @triton.jit
 def _dbias_p_dp(
     t,  # (BLOCK_M, BLOCK_N) fp32 scores with the mask (and rel_pos) added, in log2 units
-    lse,  # (BLOCK_M,) rows' logsumexp, fp32 (fp64 for fp32 inputs), +inf on fully masked rows
+    lse,  # (BLOCK_M,) fp32 rows' logsumexp (+inf on fully masked rows)
     do,  # (BLOCK_M, HEAD_DIM_PAD) the rows' output gradients
     v_t,  # (HEAD_DIM_PAD, BLOCK_N) the columns' values, transposed
     valid,  # (BLOCK_M, BLOCK_N) in-range (query, key) pairs; None: t is -inf out of range
@@ -1307,7 +1282,7 @@ def _dbias_p_dp(
     DOT_PRECISION: tl.constexpr,
 ):
     """(P, dP): P = exp2(t - lse log2 e) (0 out of range or causally masked), dP = dO V^T."""
-    p = _exp2_less_lse(t, 1.0, lse, LSE_ON_COLS=False)
+    p = tl.math.exp2(t - lse[:, None] * LOG2E)
     if valid is not None:
         p = tl.where(valid, p, 0.0)
     if CAUSAL:
@@ -1321,7 +1296,7 @@ def flash_attention_bwd_dbias_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
-    Lse,  # (B*H, N) forward logsumexp (natural log; fp32, fp64 for fp32 inputs), -inf on fully masked rows
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
     Delta,  # (B*H, N) fp32 rowsum(dO * O): read, or with WITH_DQ written here (dK/dV reads it after)
     dQ,  # (B, H, N, D) query gradient, contiguous (WITH_DQ, else None)
     dK,  # (B, H, M, D) key gradient, contiguous (WITH_DKDV, else None)
@@ -1473,10 +1448,9 @@ def flash_attention_bwd_dbias_kernel(
             t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale + bias_t
             p, dp = _dbias_p_dp(t, lse, do, v_t, p_valid, offs_m, offs_n, CAUSAL=CAUSAL, DOT_PRECISION=DOT_PRECISION)
             if WITH_DQ:
-                if Q.dtype.element_ty == tl.float32:
-                    p = _row_normalised(p)  # -- every key of these rows is here: fp32 P, its own softmax --
-                # -- delta = rowsum(dO * O) = rowsum(P * dP) (O = P V), stored for the dK/dV pass (if one runs) --
-                delta = tl.sum(p * dp, axis=1)
+                # -- every key of these rows is here: delta = rowsum(dO * O) = rowsum(P * dP) (O = P V),
+                #    stored for the dK/dV pass (if one runs) --
+                delta = _tile_delta(p, dp, FP32=Q.dtype.element_ty == tl.float32)
                 if not WITH_DKDV:
                     tl.store(Delta + bh * N + offs_m, delta, mask=row_valid)
             ds = p * (dp - delta[:, None])
@@ -1626,7 +1600,7 @@ def flash_attention_bwd_short_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     dOut,  # (B, H, N, D) output gradient, any strides
-    Lse,  # (B*H, N) forward logsumexp (natural log; fp32, fp64 for fp32 inputs), -inf on fully masked rows
+    Lse,  # (B*H, N) fp32 forward logsumexp (natural log), -inf on fully masked rows
     dQ,  # (B, H, N, D) query gradient, contiguous
     dK,  # (B, H, M, D) key gradient, contiguous
     dV,  # (B, H, M, D) value gradient, contiguous
@@ -1750,11 +1724,9 @@ def flash_attention_bwd_short_kernel(
             t = _add_bias(t, bias_ptrs, None, None, valid, HAS_BIAS=True, BIAS_BOOL=BIAS_BOOL, HAS_REL_POS=False,
                           UNIT=LOG2E)
         t = tl.where(key_valid[None, :], t, float("-inf"))
-        p = _exp2_less_lse(t, 1.0, lse, LSE_ON_COLS=False)
+        p = tl.math.exp2(t - lse[:, None] * LOG2E)
         if CAUSAL:
             p = tl.where(local_m[:, None] >= local_n[None, :], p, 0.0)
-        if Q.dtype.element_ty == tl.float32:
-            p = _row_normalised(p)  # -- every key of every row is here: fp32 P, its own softmax --
         dv_ptrs = dV + dkv_row0 * HEAD_DIM + dkv_offs
         if SPLIT_D:  # dV = P^T dO first, its accumulators gone before dP's is live (after: 32 B spilled, sm_90, 3.6)
             _short_store_dv(dv_ptrs, p, do, kd_mask, DOT_PRECISION)
@@ -1763,7 +1735,7 @@ def flash_attention_bwd_short_kernel(
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if SPLIT_D:
             dp = tl.dot(do_hi, v_t_hi, dp, input_precision=DOT_PRECISION)
-        delta = tl.sum(p * dp, axis=1)
+        delta = _tile_delta(p, dp, FP32=Q.dtype.element_ty == tl.float32)
         ds = (p * (dp - delta[:, None])).to(k_t.dtype)
         if not SPLIT_D:  # dV = P^T dO after dS (first, a bool mask's D = 64 tiles spilled 24 B on sm_90)
             _short_store_dv(dv_ptrs, p, do, kd_mask, DOT_PRECISION)
@@ -1838,23 +1810,6 @@ def lazy_rescale(cfg: AttentionConfig, head_dim_pad: int, dtype: torch.dtype) ->
 
 def _with_key_tail(cfg: AttentionConfig) -> AttentionConfig:
     return dataclasses.replace(cfg, key_tail=KEY_TAIL if cfg.block_n > KEY_TAIL else 0)
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the forward's saved lse for inputs of ``dtype``: float32, and float64 for fp32
-    inputs, whose backward takes lse log2 e as an fp32 hi + lo pair (``_exp2_less_lse``): an fp32
-    lse holds each row's softmax offset to |lse| 2^-24 only, which cost the fp32 gradients up to
-    ~2x PyTorch's fp32 error at lse ~ 30, ~10x through the dBias walk. The public lse is float32.
-
-    Example:
-        >>> lse_dtype(torch.bfloat16), lse_dtype(torch.float32)  # (torch.float32, torch.float64)
-    """
-    return torch.float64 if dtype == torch.float32 else torch.float32
-
-
-def lse_signature(dtype: torch.dtype) -> str:
-    """The ahead-of-time signature type of the Lse pointer for inputs of ``dtype``."""
-    return "*fp64" if lse_dtype(dtype) == torch.float64 else "*fp32"
 
 
 def head_dim_padded(head_dim: int) -> int:
@@ -2556,8 +2511,10 @@ def _hardware_short_bwd_config(arch: int, dtype: torch.dtype, head_dim_pad: int,
                                ) -> AttentionConfig | None:  # fmt: skip
     """``short_bwd_config`` on a GPU of ``arch``."""
     if dtype == torch.float32:
+        # D = 128 on 8 warps: on 4, 255 registers, and with delta divided by rowsum(P) (_tile_delta) 24-32 B
+        # on the stack (sm_90 under Triton 3.8, sm_89 under 3.6); on 8, 142-255 and none (3.8 and 3.6)
         return {32: AttentionConfig(64, 64, 8, 1), 64: AttentionConfig(32, 32, 4, 1),
-                128: None if varlen else AttentionConfig(32, 32, 4, 1)}.get(max(head_dim_pad, 32))  # fmt: skip
+                128: None if varlen else AttentionConfig(32, 32, 8, 1)}.get(max(head_dim_pad, 32))  # fmt: skip
     if 90 <= arch < 100:
         if head_dim_pad <= 64:
             return AttentionConfig(64, 64, 4, 1 if masked else 2)
@@ -2662,14 +2619,14 @@ def flash_attention_forward(
 
     Returns:
         out (B, H, N, D) in q's dtype, laid out as (B, N, H, D) in memory so that
-        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; lse (B, H, N) in ``lse_dtype``
-        (float32; float64 for fp32 inputs), -inf on fully masked rows, whose out is 0.
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; lse (B, H, N) float32 (-inf on
+        fully masked rows, whose out is 0).
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     q, k, v = (rows_addressable_in_int32(t) for t in (q, k, v))
     out = new_output((batch, heads, n_q, head_dim), dtype=q.dtype, device=q.device, strides=out_strides(q.shape))
-    lse = new_output((batch, heads, n_q), dtype=lse_dtype(q.dtype), device=q.device)
+    lse = new_output((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     pad = head_dim_padded(head_dim)
@@ -3213,13 +3170,13 @@ def flash_attention_varlen_forward(
         causal: top-left aligned within each sequence.
 
     Returns:
-        out (T, H, D) in q's dtype, contiguous; lse (H, T) in ``lse_dtype`` (-inf for the queries
-        of a sequence without keys, whose out is 0).
+        out (T, H, D) in q's dtype, contiguous; lse (H, T) float32 (-inf for the queries of a
+        sequence without keys, whose out is 0).
     """
     total, heads, head_dim = q.shape
     q, k, v = (_packed_rows_in_int32(t) for t in (q, k, v))
     out = new_output((total, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = new_output((heads, total), dtype=lse_dtype(q.dtype), device=q.device)
+    lse = new_output((heads, total), dtype=torch.float32, device=q.device)
     pad = head_dim_padded(head_dim)
     cfg = fwd_config(arch_of(q.device), q.dtype, pad, causal=causal)
     tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, cfg.block_m)
@@ -3389,7 +3346,7 @@ def aot_specs() -> list[KernelSpec]:
     for arch in ARCHS:
         for dtype, ty in AOT_DTYPE_NAMES.items():
             tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV")},
-                       "Lse": lse_signature(dtype), "Delta": "*fp32", "sm_scale": "fp32"}  # fmt: skip
+                       "Lse": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"}  # fmt: skip
             fwd_sig, dkdv_sig, dq_sig = (
                 signature(kernel, {n: t for n, t in {**tensors, **absent}.items() if n in kernel.arg_names})
                 for kernel in (flash_attention_fwd_kernel, flash_attention_bwd_dkdv_kernel,
@@ -3605,8 +3562,7 @@ def _mask_specs(arch, dtype, ty, head_dim, fwd_sig, dkdv_sig, dq_sig) -> list[Ke
         dbias_cfg = dbias_dq_config(arch, dtype, pad) if grads else dbias_config(
             dtype, pad, rel_pos=rel, arch=arch, rel_pos_mma=rel_dots, tile_walk=not rows_bcast and not rel)
         sig = signature(flash_attention_bwd_dbias_kernel, {
-            **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": lse_signature(dtype), "Delta": "*fp32",
-            "Bias": "*fp32",
+            **{n: f"*{ty}" for n in ("Q", "K", "V", "dOut")}, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
             "RelH": f"*{ty}" if rel else "constexpr", "RelW": f"*{ty}" if rel else "constexpr", "dBias": "*fp32",
             **{n: f"*{ty}" if wanted else "constexpr" for n, wanted in
                (("dQ", bool(grads)), ("dK", grads == "dkdv"), ("dV", grads == "dkdv"))},
@@ -3694,7 +3650,7 @@ def _short_bwd_specs(arch, dtype, ty, head_dim) -> list[KernelSpec]:
         variants.append((" causal", True, "", False))
     if head_dim in (64, 128):
         variants.append((" varlen", False, "", True))
-    tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut", "dQ", "dK", "dV")}, "Lse": lse_signature(dtype),
+    tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "dOut", "dQ", "dK", "dV")}, "Lse": "*fp32",
                "sm_scale": "fp32", "stride_dod": "constexpr"}  # fmt: skip
     specs = []
     for label, causal, mask, varlen in variants:

@@ -65,12 +65,12 @@ def _flash_attention_fwd(
 
 @_flash_attention_fwd.register_fake
 def _(q, k, v, scale, causal, bias=None, rel_h=None, rel_w=None):
-    from fastvit.kernels.flash_attention import lse_dtype, out_strides
+    from fastvit.kernels.flash_attention import out_strides
 
     batch, heads, n_q, _ = q.shape
     # the kernel writes out as (B, N, H, D) in memory: report the same strides
     out = q.new_empty_strided(q.shape, out_strides(q.shape))
-    return out, q.new_empty((batch, heads, n_q), dtype=lse_dtype(q.dtype))
+    return out, q.new_empty((batch, heads, n_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastvit::flash_attention_bwd", mutates_args=())
@@ -491,5 +491,4 @@ def flash_attention(
     bias = None if attn_mask is None else attn_mask[(None,) * (4 - attn_mask.dim())]  # 4-D view
     out, lse = call(_flash_attention_fwd, _flash_attention_fwd_function, q, k, v, scale, bool(causal), bias, rel_h,
                     rel_w)
-    # the saved lse is float64 for fp32 inputs (lse_dtype); the public one is float32
-    return (out, lse.detach().to(torch.float32)) if return_lse else out
+    return (out, lse.detach()) if return_lse else out

@@ -125,11 +125,8 @@ def _varlen_fwd(
 
 @_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
-    from fastvit.kernels.flash_attention import lse_dtype
-
     total, heads, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty((heads, total), dtype=lse_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((heads, total), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastvit::flash_attention_varlen_bwd", mutates_args=())
@@ -372,8 +369,7 @@ def flash_attention_varlen(
         # dtype and lse (H, T) float32: the custom op's fake implementation returns those
         out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0),
                         int(max_seqlen_k or 0), scale, bool(causal))
-        # the saved lse is float64 for fp32 inputs (lse_dtype); the public one is float32
-        return (out, lse.detach().to(torch.float32)) if return_lse else out
+        return (out, lse.detach()) if return_lse else out
 
     # values of cu_seqlens: checked (and the longest length found) only where no max was given
     bounds_q = bounds_k = None
@@ -404,4 +400,4 @@ def flash_attention_varlen(
         return _torch_route(q, k, v, bounds_q, bounds_k, scale, bool(causal), return_lse)
     out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                     int(max_seqlen_k), scale, bool(causal))
-    return (out, lse.detach().to(torch.float32)) if return_lse else out
+    return (out, lse.detach()) if return_lse else out

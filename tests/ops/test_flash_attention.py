@@ -347,42 +347,6 @@ def test_kernel_empty_query_sequence(kernel_device):
 
 
 @kernel_test
-@pytest.mark.parametrize("n_q,n_k,mask", [(33, 20, False), (33, 20, True), (13, 11, False)],
-                         ids=["passes", "passes-float-mask", "short-backward"])
-def test_kernel_fp32_backward_at_large_logits(kernel_device, n_q, n_k, mask):
-    """fp32 gradients at logits of ~60-130 (|lse| up to ~130) stay within the tolerance rule. The
-    scores are exact (integer q and k, scale 1/2), so the forward and the backward see the same ones
-    and what is left is how each row's softmax offset is kept: an fp32 lse holds it to |lse| 2^-24,
-    an error of every P in the row that took dq to 2.1x, dk 1.3x and dv 1.3x (masked) the budget;
-    the fp64 lse of fp32 inputs (``lse_dtype``), split into fp32 hi + lo, takes them to <= 0.45x."""
-    from fastvit.kernels.flash_attention import lse_dtype
-
-    gen = torch.Generator().manual_seed(5)
-    head_dim = 32
-    q, k = (torch.randint(-4, 5, (1, 2, n, head_dim), generator=gen).float() for n in (n_q, n_k))
-    v = torch.randn(1, 2, n_k, head_dim, generator=gen)
-    q, k, v = (t.to(kernel_device).requires_grad_(True) for t in (q, k, v))
-    bias = torch.randint(-8, 9, (n_q, n_k), generator=gen).float().to(kernel_device) if mask else None
-    grad_out = torch.randn(1, 2, n_q, head_dim, generator=gen).to(kernel_device)
-    with fastvit.backend("triton"):
-        out, lse = fastvit.flash_attention(q, k, v, scale=0.5, attn_mask=bias, return_lse=True)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    assert lse.dtype == torch.float32 and lse_dtype(q.dtype) == torch.float64
-    assert lse.abs().max() > 50
-
-    def run(dtype):
-        leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in (q, k, v)]
-        mask_ = None if bias is None else bias.cpu().to(dtype)
-        ref_out, ref_lse = reference.attention(*leaves, scale=0.5, attn_mask=mask_)
-        return (ref_out, ref_lse, *torch.autograd.grad(ref_out, leaves, grad_out.cpu().to(dtype)))
-
-    oracle, lowp = run(torch.float64), run(torch.float32)
-    for name, actual, exp64, exp32 in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), oracle, lowp,
-                                          strict=True):
-        assert_close_to_reference(actual.detach().cpu(), exp64, exp32, name=name, dtype=torch.float32)
-
-
-@kernel_test
 def test_kernel_lse_has_no_gradient_and_nonpositive_scale_falls_back(kernel_device):
     import sys
 
@@ -537,8 +501,8 @@ def test_kernel_fp32_short_backward_normalises_its_rows(kernel_device, n_q, n_k,
     """The short backward takes delta = rowsum(P dP) from its own P, which, taken from lse, is off by
     a row-uniform factor (lse's rounding, and here the interpreter's forward dots, rounded otherwise
     than the backward's): dS's rows then do not sum to 0, and dk was 1.9-2.7x the budget at logits
-    of ~10-30 (D = 80: the head-dim halves, SPLIT_D). fp32 P is normalised by its own row sum there
-    (dk <= 0.5x)."""
+    of ~10-30 (D = 80: the head-dim halves, SPLIT_D). fp32 delta is divided by rowsum(P) there
+    (``_tile_delta``): dk 0.3-0.7x."""
     calls = record_launches(monkeypatch)
     gen = torch.Generator().manual_seed(21)
     q = (torch.randn(3, 2, n_q, head_dim, generator=gen) * amplitude).to(kernel_device).requires_grad_(True)

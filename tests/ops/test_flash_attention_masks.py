@@ -400,7 +400,8 @@ def test_kernel_fp32_mask_gradient_walk_normalises_its_rows(kernel_device, n_q, 
     and delta = rowsum(P dP) from the tile. Its P, taken from lse, is off by a row-uniform factor
     (lse's rounding; the forward's scores rounded otherwise, as in the interpreter's dots), which
     that delta does not cancel: dS's rows no longer sum to 0, and dq, dk and dmask were 1.6-3.8x the
-    tolerance budget (dk 3.6-3.8x). fp32 P is normalised by its own row sum there (dk 0.35-0.52x)."""
+    tolerance budget (dk 3.6-3.8x). fp32 delta is divided by rowsum(P) there (``_tile_delta``): dk
+    ~0.5x."""
     from fastvit.kernels import flash_attention as kernels
 
     gen = _gen(21)
