@@ -186,16 +186,17 @@ class FusedModule:
             if parent._modules.get(name) is not child or type(child) is not cls
         ]
 
-    def fastvit_refuse(self) -> tuple:
+    def fastvit_fuse_anew(self) -> tuple:
         """Fuse this (already fused) module anew over its current submodules (``fastvit.patch``
         called again after ``fastvit_replaced_submodules``); returns the earlier snapshot, which
-        ``fastvit_restore_watch`` puts back."""
+        ``fastvit_unfuse_anew`` puts back."""
         earlier = self._fastvit_watched
         self.__dict__["_fastvit_watched"] = type(self)._fastvit_watch(self)
         return earlier
 
-    def fastvit_restore_watch(self, earlier: tuple) -> None:
-        """Undo ``fastvit_refuse`` (a later swap of the same ``fastvit.patch`` call failed)."""
+    def fastvit_unfuse_anew(self, earlier: tuple) -> None:
+        """Undo ``fastvit_fuse_anew``: the earlier snapshot back (a later swap of the same
+        ``fastvit.patch`` call failed)."""
         self.__dict__["_fastvit_watched"] = earlier
 
     def swap_out(self, restored: type[nn.Module] | None = None) -> None:

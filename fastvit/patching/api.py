@@ -169,7 +169,7 @@ def patch(
     try:
         for swap in swaps:
             if type(swap.module) is swap.fused:  # fused earlier, its submodules replaced since: anew
-                done.append((swap.module, swap.module.fastvit_refuse()))
+                done.append((swap.module, swap.module.fastvit_fuse_anew()))
             else:
                 swap.fused.swap_in(swap.module)  # all or nothing for one module
                 done.append((swap.module, None))
@@ -178,7 +178,7 @@ def patch(
             if earlier is None:
                 module.swap_out()
             else:
-                module.fastvit_restore_watch(earlier)
+                module.fastvit_unfuse_anew(earlier)
         raise
     report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
     rename_no_split(model, {type(s.module) for s in swaps})  # the layer classes named by class name

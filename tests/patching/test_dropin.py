@@ -305,6 +305,24 @@ def test_patch_again_fuses_anew_over_a_replaced_submodule(family, path, op_calls
     torch.testing.assert_close(run(patched, x), run(reference, x), rtol=RTOL, atol=ATOL)
 
 
+def test_fusing_anew_is_rolled_back_when_a_later_swap_fails(monkeypatch):
+    from fastvit.nn import timm_vit as fused_timm
+
+    model = timm_vit()
+    fastvit.patch(model, mlp=False)
+    model.patch_embed.proj = copy.deepcopy(model.patch_embed.proj)  # the root fused module goes stale
+    assert model.fastvit_replaced_submodules() == ["patch_embed.proj"]
+
+    def fail(cls, module):
+        raise RuntimeError("swap failed")
+
+    monkeypatch.setattr(fused_timm.FusedBlock, "swap_in", classmethod(fail))
+    with pytest.raises(RuntimeError, match="swap failed"):
+        fastvit.patch(model)  # the root is fused anew first, then the first block's swap fails
+    assert model.fastvit_replaced_submodules() == ["patch_embed.proj"]  # its earlier snapshot is back
+    assert not any(isinstance(m, fused_timm.FusedBlock) for m in model.modules())
+
+
 def test_global_module_hook_runs_the_original_forwards(fresh_warnings):
     reference = timm_vit().eval()
     patched = copy.deepcopy(reference)
