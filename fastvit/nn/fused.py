@@ -158,9 +158,17 @@ class FusedModule:
         module.__class__ = cls
         try:
             module.__dict__["_fastvit_watched"] = watched
+            if _fx_leaf_class(original):
+                # torch.fx's tracers take a module whose __module__ is torch.nn's as a leaf (one
+                # call_module node; the graph calls the module, its hooks run then, once): the
+                # fused class lives in fastvit, so the instance names its original's module, and a
+                # patched model traces to the unpatched graph (an instance attribute: the class,
+                # its pickling and torch.compile's view of the class are untouched)
+                module.__dict__["__module__"] = original.__module__
             module._fastvit_attach()
         except BaseException:
             module.__dict__.pop("_fastvit_watched", None)
+            module.__dict__.pop("__module__", None)
             module.__class__ = original  # all or nothing
             raise
 
@@ -206,6 +214,8 @@ class FusedModule:
         restored = unfused_class(type(self)) if restored is None else restored  # raises before any change
         self._fastvit_detach()
         self.__dict__.pop("_fastvit_watched", None)
+        if _fx_leaf_class(type(self).fastvit_original()):
+            self.__dict__.pop("__module__", None)
         self.__class__ = restored
 
     def _fastvit_unfused(self, kind: str, *, sdpa_dropout: bool = True) -> bool:
@@ -304,6 +314,13 @@ class FusedModule:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # the original class's
         return f"{base}, fastvit={self.fastvit_op}" if base else f"fastvit={self.fastvit_op}"
+
+
+def _fx_leaf_class(cls: type[nn.Module]) -> bool:
+    """Whether torch.fx's default tracer takes instances of ``cls`` as leaves
+    (``torch.fx.Tracer.is_leaf_module``: ``torch.nn``'s own modules, except ``Sequential``), as
+    torchvision's and timm's tracers do for what they do not list themselves."""
+    return cls.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(cls, nn.Sequential)
 
 
 def _bound_to(bound: object, function: object) -> bool:

@@ -19,7 +19,6 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
-from fastvit.ops._fx import module_leaf
 
 __all__ = ["FusedEncoderBlock", "FusedMultiheadAttention", "FusedVisionTransformer"]
 
@@ -68,14 +67,6 @@ class FusedMultiheadAttention(FusedModule, nn.MultiheadAttention):
             return self._fastvit_original_forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
-        # torch.fx: one call_module node, as nn.MultiheadAttention (a leaf of every tracer) makes in the
-        # unpatched graph; the GraphModule calls this module, which picks the fused op or PyTorch's
-        # forward per call (tracing PyTorch's forward fails on its control flow: dropout in training)
-        traced = module_leaf(self, (query, key, value), {
-            "key_padding_mask": key_padding_mask, "need_weights": need_weights, "attn_mask": attn_mask,
-            "average_attn_weights": average_attn_weights, "is_causal": is_causal})  # fmt: skip
-        if traced is not None:
-            return traced
         covered = self._fastvit_covers(
             query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
         )

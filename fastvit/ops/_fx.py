@@ -19,7 +19,7 @@ import torch.fx
 
 from fastvit.ops import _torchscript
 
-__all__ = ["fx_leaf", "module_leaf"]
+__all__ = ["fx_leaf"]
 
 Op = TypeVar("Op", bound=Callable)
 
@@ -33,28 +33,6 @@ def _first_proxy(args: tuple, kwargs: dict) -> torch.fx.Proxy | None:
                 if isinstance(item, torch.fx.Proxy):
                     return item
     return None
-
-
-def module_leaf(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Proxy | None:
-    """Under ``torch.fx`` tracing (a proxy among ``args`` / ``kwargs``): ``module`` recorded as one
-    ``call_module`` node, as a tracer records a leaf module, so that the ``GraphModule`` calls it on
-    real tensors and its forward decides then what it runs; else None (not tracing).
-
-    For a fused module whose original is a leaf of every tracer (a ``torch.nn`` module, such as
-    ``nn.MultiheadAttention``): the graph then has the original's node, under the original's name,
-    and the choices the fused forward makes per call (dropout in training, hooks added after
-    tracing, overrides) are made when the graph runs, not frozen when it was traced.
-
-    Example:
-        >>> proxy = module_leaf(self, (query, key, value), {"need_weights": need_weights})
-        >>> if proxy is not None:
-        ...     return proxy  # the tracer's node; the GraphModule calls this module
-    """
-    proxy = _first_proxy(args, kwargs)
-    if proxy is None:
-        return None
-    tracer = proxy.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 def fx_leaf(op: Op) -> Op:

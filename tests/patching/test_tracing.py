@@ -125,6 +125,28 @@ def test_torchvision_attention_dropout_traces_and_decides_when_the_graph_runs(at
     torch.testing.assert_close(eval_graph(images()), expected, rtol=RTOL, atol=ATOL)
 
 
+def test_torchvision_attention_hooks_run_once_in_an_fx_graph():
+    """The fused nn.MultiheadAttention is a leaf of fx's tracers, as the unpatched one: its hooks
+    run when the graph runs, once (they ran at trace time too, on proxies, and again in the
+    graph's call of the module: a hook's edit applied twice), and a hook added after tracing
+    runs as well. Unpatching takes the instance's module name away again."""
+    reference = torchvision_vit().eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    for model in (reference, patched):
+        model.encoder.layers[0].self_attention.register_forward_hook(lambda m, args, out: (out[0] * 2, out[1]))
+    x = images()
+    traced = torch.fx.symbolic_trace(patched)
+    torch.testing.assert_close(traced(x), reference(x), rtol=RTOL, atol=ATOL)
+    for model in (reference, patched):  # added after tracing: the graph calls the module, which runs it
+        model.encoder.layers[1].self_attention.register_forward_pre_hook(lambda m, args: (args[0] + 1, *args[1:]))
+    torch.testing.assert_close(traced(x), reference(x), rtol=RTOL, atol=ATOL)
+    attention = patched.encoder.layers[0].self_attention
+    assert attention.__module__ == nn.MultiheadAttention.__module__ != type(attention).__module__
+    fastvit.unpatch(patched)
+    assert type(attention) is nn.MultiheadAttention and "__module__" not in vars(attention)
+
+
 def test_fx_leaf_op_standalone():
     def attend(q, k, v):
         return fastvit.flash_attention(q, k, v, causal=True) * 2
