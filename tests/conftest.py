@@ -84,20 +84,12 @@ def lazy_rescale(monkeypatch) -> list:
     Returns the list that records each forward launch's ``LAZY_RESCALE``, so a test can assert the
     path ran."""
     from fastvit.kernels import flash_attention as kernels
+    from tests.launches import LaunchRecorder
 
     monkeypatch.setattr(kernels, "lazy_rescale", lambda cfg, head_dim_pad, dtype: True)
-    launched = []
-    kernel = kernels.flash_attention_fwd_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["LAZY_RESCALE"])
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(kernels, "flash_attention_fwd_kernel", Recorder())
+    launched: list = []
+    recorder = LaunchRecorder(kernels.flash_attention_fwd_kernel, "fwd", launched, keyword="LAZY_RESCALE")
+    monkeypatch.setattr(kernels, "flash_attention_fwd_kernel", recorder)
     return launched
 
 

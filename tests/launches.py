@@ -15,14 +15,23 @@ KERNELS = {
 
 class LaunchRecorder:
     """Stands in for a Triton kernel object in the launcher's module: records ``kind`` at each
-    ``kernel[grid](...)`` and launches the real kernel."""
+    ``kernel[grid](...)`` (with ``keyword``: the launch's value of that keyword argument instead,
+    e.g. ``LAZY_RESCALE``) and launches the real kernel."""
 
-    def __init__(self, kernel, kind: str, calls: list) -> None:
-        self.kernel, self.kind, self.calls = kernel, kind, calls
+    def __init__(self, kernel, kind: str, calls: list, keyword: str | None = None) -> None:
+        self.kernel, self.kind, self.calls, self.keyword = kernel, kind, calls, keyword
 
     def __getitem__(self, grid):
-        self.calls.append(self.kind)
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+        if self.keyword is None:
+            self.calls.append(self.kind)
+            return launch
+
+        def recorded(*args, **kwargs):
+            self.calls.append(kwargs[self.keyword])
+            return launch(*args, **kwargs)
+
+        return recorded
 
 
 def record_launches(monkeypatch, kinds=tuple(KERNELS)) -> list[str]:
