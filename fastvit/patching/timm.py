@@ -168,6 +168,15 @@ _LEFT_ALONE = {
         "attention", "timm's AttentionRope (Eva and NaFlexVit with attn_type='rope': vit_pe_*, NaFlexVit's "
         "default with a rope_type) is not fused yet: it runs timm's attention",
     ),
+    ("timm.models.xcit", "XCABlock"): (
+        "mlp", "XCiT's XCABlock (a local patch interaction, LPI, between its attention and its MLP) is not fused "
+        "yet: its MLP half runs timm's modules",
+    ),
+    ("timm.models.xcit", "ClassAttentionBlock"): (
+        "mlp", "XCiT's ClassAttentionBlock normalises its residual stream before the MLP and runs the MLP on the "
+        "class token only (x + drop_path(cat(gamma2 * mlp(norm2(x)[:, :1]), norm2(x)[:, 1:]))); "
+        "fastvit.layernorm_mlp computes x + mlp(layer_norm(x)) over every token: it runs timm's modules",
+    ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
         "modules",
@@ -185,6 +194,7 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
     ("timm.models.cait", "Cait"): _NOT_YET,
+    ("timm.models.xcit", "Xcit"): _CONV_STEM,
     ("timm.models.pvt_v2", "PyramidVisionTransformerV2"): "patch embedding is an overlapping conv (kernel 7, "
     "stride 4, padding 3) followed by a LayerNorm, not a patchify conv (fastvit.patch_embed): left alone",
     ("timm.models.mvitv2", "MultiScaleVit"): "patch embedding is an overlapping conv (kernel 7, stride 4, "

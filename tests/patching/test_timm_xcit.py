@@ -53,6 +53,15 @@ def test_xcit_matches_unpatched(size, op_calls):
     assert [type(b.attn) for b in patched.blocks] == [FusedXCA] * XCA_BLOCKS
     assert [type(b.attn) for b in patched.cls_attn_blocks] == [FusedClassAttn] * CLASS_BLOCKS
     assert not [e for e in report.skipped if e.part == "attention"]
+    # what is not fused is listed with its reason, block by block (the report said nothing of it)
+    skipped = {e.where: (e.part, e.detail) for e in report.skipped}
+    assert skipped["(model)"][0] == "patch_embed" and "strided convolutions" in skipped["(model)"][1]
+    for i in range(XCA_BLOCKS):
+        assert skipped[f"blocks.{i}"][0] == "mlp" and "local patch interaction" in skipped[f"blocks.{i}"][1]
+    for i in range(CLASS_BLOCKS):
+        part, detail = skipped[f"cls_attn_blocks.{i}"]
+        assert part == "mlp" and "class token only" in detail
+    assert len(skipped) == 1 + XCA_BLOCKS + CLASS_BLOCKS
     assert_matches_by_the_rule(reference, patched, images(size))
     calls = _xca_calls(op_calls)
     tokens = (size // 16) ** 2
