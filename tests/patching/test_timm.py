@@ -323,3 +323,12 @@ def test_timm_fastvit_models_are_left_alone():
     with pytest.raises(ValueError, match=r"(?s)nothing to patch in FastVit.*Apple's FastViT"):
         fastvit.patch(model)
     assert module_types(model) == types
+
+
+def test_blocks_of_a_family_without_an_entry_are_reported():
+    """A transformer block (``attn`` and ``mlp`` submodules) of a timm family fastvit has no entry
+    for is named in the report with a reason, not left out of it (XCiT's blocks were)."""
+    model = timm.create_model("twins_svt_small", pretrained=False, depths=(1, 1, 1, 1), num_classes=5)
+    with pytest.raises(ValueError, match=r"(?s)nothing to patch in Twins.*blocks\.3\.0: Block \(timm\.models\.twins\) "
+                       r"is not a block fastvit fuses: its MLP half runs timm's modules"):  # fmt: skip
+        fastvit.patch(model)
