@@ -12,6 +12,7 @@ root ``forward``'s annotations into a ``GraphModule``'s code, and TorchScript mu
 
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
@@ -115,10 +116,12 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         x = self.ln_1(input)
         x, _ = self.self_attention(x, x, x, need_weights=False)
-        if dropout_active(self.dropout.p, self.dropout.training) and x.is_contiguous():
+        drop = self.dropout
+        if dropout_active(drop.p, drop.training) or (isinstance(x, torch.fx.Proxy) and drop.p > 0.0):
             # the fused attention's (B, N, E) output, laid out as PyTorch's batch-first MHA returns it
             # (a transposed view of (N, B, E) memory): dropout draws its mask in memory order, so a
-            # seed drops the same elements as in the unpatched model (one copy, in training only)
+            # seed drops the same elements as in the unpatched model (one copy, in training only; none
+            # where PyTorch's forward ran). Under torch.fx the graph decides training when it runs.
             x = x.transpose(0, 1).contiguous().transpose(0, 1)
         x = self.dropout(x)
         x = x + input

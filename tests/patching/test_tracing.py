@@ -147,6 +147,28 @@ def test_torchvision_attention_hooks_run_once_in_an_fx_graph():
     assert type(attention) is nn.MultiheadAttention and "__module__" not in vars(attention)
 
 
+def test_torchvision_encoder_dropout_traces_and_draws_as_unpatched():
+    """torchvision's ViT with encoder dropout > 0: create_feature_extractor (it traces in training
+    too) works on the patched model, and each of its graphs draws the unpatched model's dropout
+    masks for a seed (the fused attention's output takes PyTorch's layout before the dropout in the
+    graph too; tracing raised on that choice, made on the output's strides)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    reference = torchvision_vit(dropout=0.25)
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    nodes = {"encoder.layers.encoder_layer_0": "block0", "encoder.ln": "final"}
+    want, got = (create_feature_extractor(m, return_nodes=nodes) for m in (reference, patched))
+    for mode in ("train", "eval"):
+        want, got = getattr(want, mode)(), getattr(got, mode)()
+        torch.manual_seed(0)
+        expected = want(images())
+        torch.manual_seed(0)
+        actual = got(images())
+        for name in nodes.values():
+            torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL)
+
+
 def test_fx_leaf_op_standalone():
     def attend(q, k, v):
         return fastvit.flash_attention(q, k, v, causal=True) * 2
