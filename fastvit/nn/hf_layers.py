@@ -31,6 +31,7 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 import fastvit
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 from fastvit.nn.hf_vit import activation_of
+from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "FusedAimv2EncoderLayer",
@@ -116,6 +117,9 @@ class FusedPreNormLayer(FusedModule):
 
     def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states + [drop_path/dropout](layer_scale * mlp(norm(hidden_states)))``, fused."""
+        traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(hidden_states)
         if self._fastvit_regularised():

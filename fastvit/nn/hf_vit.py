@@ -25,6 +25,7 @@ from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, Vi
 import fastvit
 from fastvit.nn.attention import self_attention, warn_attention_dropout
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.ops._fx import method_leaf
 
 __all__ = ["FusedViTAttention", "FusedViTEmbeddings", "FusedViTLayer", "activation_of", "gelu_approximate"]
 
@@ -108,6 +109,14 @@ class FusedViTLayer(FusedModule, ViTLayer):
         hidden_states = self.layernorm_before(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
         hidden_states = self.dropout(hidden_states) + residual
+        return self._fastvit_mlp_half(hidden_states)
+
+    def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``dropout(mlp(layernorm_after(h))) + h``: one ``fastvit.layernorm_mlp`` call, or Hugging Face's
+        modules."""
+        traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
         if not self._fastvit_submodules_intact():
             return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
 

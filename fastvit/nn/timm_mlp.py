@@ -26,6 +26,7 @@ from timm.layers.activations import QuickGELU
 import fastvit
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 from fastvit.nn.timm_vit import drop_path_scale, gelu_approximate
+from fastvit.ops._fx import method_leaf
 
 __all__ = ["MLP_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "mlp_activation", "mlp_arguments"]
 
@@ -87,6 +88,16 @@ class FusedGammaMlpHalf(FusedModule):
 
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): the block's MLP half, fused."""
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_timm_half(x)
+        traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
+        return self._fastvit_fused_half(x)
+
+    def _fastvit_fused_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``_fastvit_mlp_half`` in eager mode (apart from its TorchScript branch: TorchScript parses
+        a method whole, and cannot parse the ``**`` of this one)."""
         mlp, norm = self.mlp, self.norm2
         if not self._fastvit_submodules_intact():
             return self._fastvit_timm_half(x)

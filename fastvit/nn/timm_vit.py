@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "FusedAttention",
@@ -113,6 +114,15 @@ class FusedBlock(FusedModule, Block):
         if self._fastvit_overridden():  # the whole forward: the override may be Block.forward itself
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return self._fastvit_mlp_half(x)
+
+    def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + drop_path2(ls2(mlp(norm2(x))))``: one ``fastvit.layernorm_mlp`` call, or timm's modules."""
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
         mlp, norm = self.mlp, self.norm2
         if not self._fastvit_submodules_intact():
             return x + self.drop_path2(self.ls2(mlp(norm(x))))

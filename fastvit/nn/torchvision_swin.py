@@ -42,6 +42,7 @@ from torchvision.ops.stochastic_depth import StochasticDepth
 import fastvit
 from fastvit.nn.attention import self_attention
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "FusedShiftedWindowAttention",
@@ -282,6 +283,16 @@ class FusedSwinTransformerBlock(FusedModule, SwinTransformerBlock):
         if self._fastvit_overridden():  # the whole forward: the override may be SwinTransformerBlock.forward
             return super().forward(x)
         x = x + self.stochastic_depth(self.attn(self.norm1(x)))
+        return self._fastvit_mlp_half(x)
+
+    def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + stochastic_depth(mlp(norm2(x)))``: one ``fastvit.layernorm_mlp`` call, or torchvision's
+        modules."""
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return x + self.stochastic_depth(self.mlp(self.norm2(x)))
+        traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
         if not self._fastvit_submodules_intact():
             return x + self.stochastic_depth(self.mlp(self.norm2(x)))
         fc1, act, drop1, fc2, drop2 = self.mlp  # torchvision's MLP: Linear, GELU, Dropout, Linear, Dropout

@@ -20,6 +20,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.ops._fx import method_leaf
 
 __all__ = ["FusedEncoderBlock", "FusedMultiheadAttention", "FusedVisionTransformer"]
 
@@ -125,7 +126,15 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
             x = x.transpose(0, 1).contiguous().transpose(0, 1)
         x = self.dropout(x)
         x = x + input
+        return self._fastvit_mlp_half(x)
 
+    def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + mlp(ln_2(x))``: one ``fastvit.layernorm_mlp`` call, or torchvision's modules."""
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return x + self.mlp(self.ln_2(x))
+        traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
         if not self._fastvit_submodules_intact():
             return x + self.mlp(self.ln_2(x))
         fc1, act, drop1, fc2, drop2 = _mlp_layers(self)

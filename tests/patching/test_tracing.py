@@ -68,13 +68,15 @@ FX_MODELS = {
 
 
 @pytest.mark.parametrize("family", sorted(FX_MODELS))
-def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, attention_runs):
+def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, attention_runs, op_calls):
     reference = FX_MODELS[family]()
     patched = copy.deepcopy(reference)
     fastvit.patch(patched)
     traced = torch.fx.symbolic_trace(patched)
     leaves = _leaf_ops(traced)
-    assert leaves.count("layernorm_mlp") == DEPTH and leaves.count("patch_embed") == 1
+    assert leaves.count("patch_embed") == 1 and "layernorm_mlp" not in leaves
+    # each block's MLP half is one call of its method, which decides when the graph runs
+    assert _mlp_halves(traced) == DEPTH
     if family == "torchvision":
         # nn.MultiheadAttention is a leaf module in the unpatched graph: the fused one is the same
         # call_module node, whose forward runs the fused op when the graph runs
@@ -82,9 +84,15 @@ def test_symbolic_trace_keeps_the_fused_ops_as_leaves(family, attention_runs):
         assert _attention_modules(traced) == _attention_modules(torch.fx.symbolic_trace(reference)) != []
     else:
         assert leaves.count("flash_attention") == DEPTH
-    assert not attention_runs  # tracing ran nothing
+    assert not attention_runs and not op_calls["layernorm_mlp"]  # tracing ran nothing
     assert_outputs_and_grads_match(reference, traced, images())
     assert len(attention_runs) == DEPTH  # the GraphModule ran the op
+    assert len(op_calls["layernorm_mlp"]) == DEPTH
+
+
+def _mlp_halves(graph_module: torch.fx.GraphModule) -> int:
+    """How many call_method nodes run a fused block's MLP half."""
+    return sum(node.op == "call_method" and node.target == "_fastvit_mlp_half" for node in graph_module.graph.nodes)
 
 
 def _attention_modules(graph_module: torch.fx.GraphModule) -> list[tuple[str, str]]:
@@ -167,6 +175,42 @@ def test_torchvision_encoder_dropout_traces_and_draws_as_unpatched():
         actual = got(images())
         for name in nodes.values():
             torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL)
+
+
+MLP_DROPOUT_MODELS = {
+    "timm": lambda: timm_vit(proj_drop_rate=0.25),
+    "torchvision": lambda: torchvision_vit(dropout=0.25),
+}
+
+
+def _first_fc1(model: nn.Module) -> nn.Module:
+    blocks = getattr(model, "blocks", None)
+    return blocks[0].mlp.fc1 if blocks is not None else model.encoder.layers[0].mlp[0]
+
+
+@pytest.mark.parametrize("family", sorted(MLP_DROPOUT_MODELS))
+def test_a_graph_decides_each_mlp_half_when_it_runs(family, op_calls):
+    """The fused MLP half is one call_method node, so a GraphModule decides it as the unpatched
+    graph decides its leaf modules (Linear, Dropout, LayerNorm): traced in eval and run in training,
+    the MLP dropout draws as unpatched (the fused op had frozen eval's choice: no dropout); a hook
+    added after tracing on fc1, which the fused op bypasses, runs."""
+    reference = MLP_DROPOUT_MODELS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    expected_graph, graph = (torch.fx.symbolic_trace(m.eval()) for m in (reference, patched))
+    assert _mlp_halves(graph) == DEPTH
+    expected_graph.train(), graph.train()
+    torch.manual_seed(0)
+    expected = expected_graph(images())
+    torch.manual_seed(0)
+    torch.testing.assert_close(graph(images()), expected, rtol=RTOL, atol=ATOL)
+    expected_graph.eval(), graph.eval()
+    runs = len(op_calls["layernorm_mlp"])
+    torch.testing.assert_close(graph(images()), expected_graph(images()), rtol=RTOL, atol=ATOL)
+    assert len(op_calls["layernorm_mlp"]) - runs == DEPTH  # in eval, the fused op
+    for model in (reference, patched):
+        _first_fc1(model).register_forward_hook(lambda module, args, out: out * 3)
+    torch.testing.assert_close(graph(images()), expected_graph(images()), rtol=RTOL, atol=ATOL)
 
 
 def test_fx_leaf_op_standalone():
