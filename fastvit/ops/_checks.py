@@ -157,8 +157,29 @@ def check_grid_self_attention(q: object, k: object, v: object, scale: object, dt
             )
     if q.shape[-1] == 0:
         raise ValueError(f"head_dim must be at least 1, got q {tuple(q.shape)}")
-    bad_scale = not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
-    if scale is not None and bad_scale:
+    check_scale(scale)
+
+
+def is_finite(value: float) -> bool:
+    """``math.isfinite`` in comparisons: also for the symbolic float that ``torch.compile`` with
+    dynamic shapes makes of a module's float attribute (an attention's ``scale``, a norm's ``eps``),
+    which ``math.isfinite`` cannot trace. False for NaN and the infinities.
+
+    Example:
+        >>> is_finite(0.125), is_finite(float("nan")), is_finite(float("inf"))  # True, False, False
+    """
+    return -math.inf < value < math.inf
+
+
+def check_scale(scale: object) -> None:
+    """An attention's ``scale``: a finite float (or int) or None. TypeError otherwise.
+
+    Example:
+        >>> check_scale(0.125)  # check_scale(float("inf")) and check_scale("0.1") raise TypeError
+    """
+    if scale is None:
+        return
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not is_finite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
 
 
@@ -213,8 +234,17 @@ def may_overlap(t: torch.Tensor) -> bool:
     Example:
         >>> may_overlap(torch.randn(64).unfold(0, 8, 1)), may_overlap(torch.randn(4, 8).t())  # True, False
     """
+    # (stride, size) of the dims that step through memory, smallest stride first: an insertion sort,
+    # as torch.compile cannot trace sorted() over the symbolic sizes of dynamic shapes
+    dims: list[tuple[int, int]] = []
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size > 1 and stride != 0:
+            at = len(dims)
+            while at > 0 and dims[at - 1][0] > stride:
+                at -= 1
+            dims.insert(at, (stride, size))
     extent = 1  # elements spanned by the dims visited so far (smallest strides first)
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1 and st != 0):
+    for stride, size in dims:
         if stride < extent:
             return True
         extent = stride * (size - 1) + extent

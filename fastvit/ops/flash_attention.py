@@ -23,6 +23,7 @@ from fastvit.ops._checks import (
     check_flags,
     check_same_device,
     check_same_dtype,
+    check_scale,
     check_tensor,
     check_unit_last_stride,
     may_overlap,
@@ -308,9 +309,7 @@ def _validate(q, k, v, scale, attn_mask=None, rel_pos=None) -> None:
         raise ValueError(f"head_dim must be at least 1, got q {tuple(q.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_unit_last_stride(name, t)
-    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if scale is not None and (not is_number or not math.isfinite(scale)):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    check_scale(scale)
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[2]
     if attn_mask is not None:

@@ -38,6 +38,7 @@ from fastvit.ops._checks import (
     check_flags,
     check_same_device,
     check_same_dtype,
+    check_scale,
     check_tensor,
     check_unit_last_stride,
     may_overlap,
@@ -269,9 +270,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
             )
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if scale is not None and (not is_number or not math.isfinite(scale)):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    check_scale(scale)
 
 
 def _fallback_reason(q: torch.Tensor, scale: float) -> str | None:

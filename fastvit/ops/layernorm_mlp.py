@@ -17,8 +17,6 @@ composite of torch ops (``F.layer_norm``, ``F.linear``, ``F.gelu``, multiplies a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +29,7 @@ from fastvit.ops._checks import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    is_finite,
     usable_in_autograd,
 )
 from fastvit.ops._fx import fx_leaf
@@ -460,7 +459,7 @@ def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
                       sample_scale=sample_scale, fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
+    if not (is_finite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     check_flags(residual=residual)
 

@@ -57,6 +57,23 @@ def test_fullgraph_torch_route(family):
         assert_outputs_and_grads_match(reference, compiled, images(), run=run, rtol=1e-5, atol=1e-5, seed=4)
 
 
+@pytest.mark.parametrize("route", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fullgraph_with_dynamic_shapes(route):
+    """Dynamic shapes: ``dynamic=True`` traces the attention's float ``scale`` and the norms' ``eps``
+    as symbolic floats (math.isfinite of them failed the graph), and a second call at another image
+    size makes the token count symbolic (the torch route's overlap check sorted symbolic strides:
+    "sort with non-constant keys"). The unpatched model compiles both ways."""
+    pytest.importorskip("timm")
+    reference, patched, _ = pair(timm_vit(img_size=8, dynamic_img_size=True).eval())
+    first, second = torch.randn(2, 3, 8, 8), torch.randn(3, 3, 12, 8)
+    with fastvit.backend(route), torch.no_grad():
+        for dynamic in (True, None):
+            torch._dynamo.reset()
+            compiled = torch.compile(patched, fullgraph=True, backend="eager", dynamic=dynamic)
+            for x in (first, second):
+                torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.interpreter
 def test_fullgraph_triton_route_in_the_interpreter(op_calls):
     # 8x8 images, patch 4, dim 32, 2 heads, 2 blocks: 4 patches + cls + 1 register = 6 tokens
