@@ -47,6 +47,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 from timm.layers import apply_keep_indices_nlc
 from timm.models.naflexvit import NaFlexEmbeds, NaFlexVit, create_attention_mask
@@ -232,6 +233,10 @@ class FusedNaFlexVit(FusedModule, NaFlexVit):
         self, x: torch.Tensor, patch_coord: torch.Tensor | None, patch_valid: torch.Tensor | None
     ) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """What ``self.embeds(x, patch_coord, patch_valid)`` returns: (tokens, grid or None)."""
+        if any(isinstance(t, torch.fx.Proxy) for t in (x, patch_coord, patch_valid)):
+            # torch.fx: timm's tracer keeps NaFlexEmbeds a leaf (one node, as in the unpatched graph);
+            # the fused embedding chooses on shapes and on patch_coord, which a traced graph fixes
+            return self.embeds(x, patch_coord=patch_coord, patch_valid=patch_valid)
         if patch_coord is None or not self.embeds.is_linear:  # images (a conv embeds ignores patch_coord)
             fused = self._fastvit_image_tokens(x)
             if fused is not None:

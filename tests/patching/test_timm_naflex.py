@@ -288,6 +288,21 @@ def test_compile_fullgraph_image_input(op_calls):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("name", ["gap_learned", "map_grid_sample"])
+def test_timm_fx_feature_extraction(name):
+    """timm's FX feature extraction keeps NaFlexEmbeds a leaf (one node): the patched model traces
+    too (the fused embedding branched on the traced input's shapes and patch_coord), and its last
+    node matches the unpatched model's."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    reference, patched, _ = pair(naflex(**CONFIGS[name]).eval())
+    x = images()
+    for model in (reference, patched):
+        last = get_graph_node_names(model)[1][-1]
+        extractor = create_feature_extractor(model, return_nodes=[last])
+        torch.testing.assert_close(extractor(x)[last], reference(x), rtol=RTOL, atol=1e-5)
+
+
 def test_report_entries():
     _, _, report = pair(naflex(**CONFIGS["gap_learned"]).eval())
     (entry,) = [e for e in report.replaced if e.part == "patch_embed"]
