@@ -101,28 +101,43 @@ def _attention_modules(graph_module: torch.fx.GraphModule) -> list[tuple[str, st
             and isinstance(graph_module.get_submodule(node.target), nn.MultiheadAttention)]  # fmt: skip
 
 
+# torchvision feature-extractor outputs: node -> key
+EXTRACTED = {"encoder.layers.encoder_layer_0": "block0", "encoder.ln": "final"}
+
+
+def _feature_extractors(reference: nn.Module, patched: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """torchvision's create_feature_extractor of both models (it traces each in train and eval)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    return create_feature_extractor(reference, return_nodes=EXTRACTED), create_feature_extractor(
+        patched, return_nodes=EXTRACTED
+    )
+
+
+def _assert_same_features(want: nn.Module, got: nn.Module, mode: str) -> None:
+    """Both extractors in ``mode`` give the same features for one seed (the same dropout draws)."""
+    want, got = getattr(want, mode)(), getattr(got, mode)()
+    torch.manual_seed(0)
+    expected = want(images())
+    torch.manual_seed(0)
+    actual = got(images())
+    for name in EXTRACTED.values():
+        torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL)
+
+
 def test_torchvision_attention_dropout_traces_and_decides_when_the_graph_runs(attention_runs):
     """torchvision's ViT with attention_dropout > 0: its MultiheadAttention modules trace as one
     call_module node each, as in the unpatched graph (tracing PyTorch's MHA forward, the fused
     module's fallback in training, raised on its control flow: create_feature_extractor, which
     traces in train and eval, failed). The graph calls the fused module, which picks per call: in
     eval the fused op, in training PyTorch's forward with its dropout, the same draws as unpatched."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-
     reference = torchvision_vit(attention_dropout=0.25)
     patched = copy.deepcopy(reference)
     fastvit.patch(patched)
-    nodes = {"encoder.layers.encoder_layer_0": "block0", "encoder.ln": "final"}
-    want, got = (create_feature_extractor(m, return_nodes=nodes) for m in (reference, patched))
+    want, got = _feature_extractors(reference, patched)
     for mode in ("eval", "train"):
-        want, got = getattr(want, mode)(), getattr(got, mode)()
         runs = len(attention_runs)
-        torch.manual_seed(0)
-        expected = want(images())
-        torch.manual_seed(0)
-        actual = got(images())
-        for name in nodes.values():
-            torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL)
+        _assert_same_features(want, got, mode)
         assert len(attention_runs) - runs == (DEPTH if mode == "eval" else 0)
     eval_graph = torch.fx.symbolic_trace(patched.eval())
     assert _attention_modules(eval_graph) == _attention_modules(torch.fx.symbolic_trace(reference.eval()))
@@ -160,21 +175,12 @@ def test_torchvision_encoder_dropout_traces_and_draws_as_unpatched():
     too) works on the patched model, and each of its graphs draws the unpatched model's dropout
     masks for a seed (the fused attention's output takes PyTorch's layout before the dropout in the
     graph too; tracing raised on that choice, made on the output's strides)."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-
     reference = torchvision_vit(dropout=0.25)
     patched = copy.deepcopy(reference)
     fastvit.patch(patched)
-    nodes = {"encoder.layers.encoder_layer_0": "block0", "encoder.ln": "final"}
-    want, got = (create_feature_extractor(m, return_nodes=nodes) for m in (reference, patched))
+    want, got = _feature_extractors(reference, patched)
     for mode in ("train", "eval"):
-        want, got = getattr(want, mode)(), getattr(got, mode)()
-        torch.manual_seed(0)
-        expected = want(images())
-        torch.manual_seed(0)
-        actual = got(images())
-        for name in nodes.values():
-            torch.testing.assert_close(actual[name], expected[name], rtol=RTOL, atol=ATOL)
+        _assert_same_features(want, got, mode)
 
 
 MLP_DROPOUT_MODELS = {
