@@ -106,7 +106,7 @@ DEFAULT_HEADS, DEFAULT_HEAD_DIM = 12, 64  # ViT-B
 # ---------------------------------------------------------------------------------------------
 def seq_lens(args: Any) -> list[int]:
     if args.seq_lens:
-        return sorted(args.seq_lens)
+        return sorted(set(args.seq_lens))
     resolutions = QUICK_RESOLUTIONS if args.quick else RESOLUTIONS[args.device]
     return [vit_tokens(r, 16, PREFIX) for r in resolutions]
 
@@ -189,7 +189,10 @@ def points(args: Any, impl: str) -> list[Point]:
     for mode in modes(args):
         for n in seq_lens(args):
             params: dict[str, Any] = {}
-            if impl in ("axial", "window"):
+            unavailable = ""
+            if (impl in ("axial", "window") or impl.endswith("+rel_pos")) and n <= PREFIX:
+                unavailable = f"N = {n} leaves no token grid after the {PREFIX} class token"
+            elif impl in ("axial", "window"):
                 gh, gw = square_grid(n, PREFIX)
                 params = {"grid": f"{gh}x{gw}", "num_prefix_tokens": PREFIX}
                 if impl == "window":
@@ -211,6 +214,7 @@ def points(args: Any, impl: str) -> list[Point]:
                     dtype=args.dtype,
                     device=args.device,
                     params=params,
+                    unavailable=unavailable,
                 )
             )
     return out

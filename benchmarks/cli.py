@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels' time without host overhead, as under torch.cuda.graph or torch.compile(mode='reduce-overhead') "
         "(eager calls at ViT sizes are mostly host time); a step that cannot be captured is an error row",
     )
-    p.add_argument("--impls", type=_names, help="implementations to run, comma-separated (default: all)")
+    p.add_argument(
+        "--impls", type=_names,
+        help="implementations to run, comma-separated (default: all); each suite runs those it has (the model "
+        "suite runs its rows whatever this says)",
+    )  # fmt: skip
     p.add_argument(
         "--model",
         help="model suite: comma-separated timm model names, zoo names (hf-clip-vit-b16, hf-siglip-base-p16, "
@@ -152,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-point lines")
     return p
+
+
+def _check_impls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each --impls name must be an implementation of some suite run (each suite then runs the
+    names it has); one line naming the choices otherwise. The model suite runs its rows whatever
+    --impls says."""
+    known: dict[str, tuple[str, ...]] = {}
+    for name in args.suites:
+        if name != "model" and _module_exists(name):
+            known[name] = tuple(importlib.import_module(f".{SUITES[name]}", _PACKAGE).IMPLS)
+    unknown = [impl for impl in args.impls if not any(impl in impls for impls in known.values())]
+    if unknown:
+        choices = "; ".join(f"{suite}: {', '.join(impls)}" for suite, impls in known.items())
+        parser.error(f"--impls {unknown} are not implementations of the suites run ({choices})")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -184,6 +202,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     elif "all" in args.suites:
         args.suites = list(SUITES)
     args.suites = list(dict.fromkeys(args.suites))
+    if args.impls:
+        _check_impls(parser, args)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; it must be a folder (made if missing)")
     args.deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
     return args
 

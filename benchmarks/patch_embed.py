@@ -37,7 +37,7 @@ from .options import modes, torch_dtype, vit_tokens
 from .progress import Progress
 from .records import Point, Record
 from .roofline import patch_embed_bytes
-from .runner import not_run, run_points
+from .runner import applicable_impls, not_run, run_points
 
 __all__ = ["IMPLS", "build", "eager_patch_embed", "flops", "min_bytes", "run"]
 
@@ -86,11 +86,9 @@ def _not_here(impl: str, device: str) -> str | None:
 
 def run(args: Any, progress: Progress) -> list[Record]:
     """Every implementation in ``args.impls`` (default: all), every mode and resolution."""
-    unknown = set(args.impls or ()) - set(IMPLS)
-    if unknown:
-        raise ValueError(f"unknown patch-embed implementations {sorted(unknown)}; choose from {IMPLS}")
+    impls = IMPLS if args.impls is None else applicable_impls(NAME, IMPLS, args.impls)
     records = []
-    for impl in args.impls or IMPLS:
+    for impl in impls:
         pts = points(args, impl)
         reason = _not_here(impl, args.device)
         records += not_run(pts, "unavailable", reason, progress) if reason else run_points(pts, build, args, progress)

@@ -50,6 +50,9 @@ class Point:
     dtype: str
     device: str
     params: dict[str, Any] = field(default_factory=dict)
+    # why this point cannot run, where the suite knows it before running (an attention grid at
+    # N = 1): it becomes an "unavailable" row with this note, and the other points still run
+    unavailable: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -57,11 +57,13 @@ Per suite (s = the dtype's bytes; attention M = N, self-attention):
 **Ceilings** are measured once per harness run, in a fresh worker process, on the run's device
 (``measure_ceilings``): the copy bandwidth is a large device-to-device ``copy_`` (1 GiB on a GPU,
 four times the last-level cache on a CPU), counted as the bytes read plus written, best of a few
-calls; the matmul peak is ``torch.mm`` of n x n matrices (n = 8192 on a GPU, 1024 in fp32 on a
-CPU, 256 in other CPU dtypes), best of a few after a warm-up, in bfloat16 (GPU) or float32 (CPU)
-and in the run's dtype if different. CUDA events time the GPU, ``perf_counter`` the CPU. The
-figures are kept in results.json's ``meta["ceilings"]`` and stated in summary.md. They are what
-PyTorch reaches on the device, not datasheet numbers: a kernel may beat them a little.
+calls; the matmul peak is ``torch.mm`` of n x n matrices (n = 8192 on a GPU, 1024 on a CPU: at
+256 CPU fp16 / bf16 matmuls ran at a fifth of their speed at 1024, and 16-bit rows showed up to
+400% of the floor), best of a few after a warm-up (0.25 s on a GPU, 0.2 s on a CPU: the first
+16-bit CPU calls are slow), in bfloat16 (GPU) or float32 (CPU) and in the run's dtype if
+different. CUDA events time the GPU, ``perf_counter`` the CPU. The figures are kept in
+results.json's ``meta["ceilings"]`` and stated in summary.md. They are what PyTorch reaches on the
+device, not datasheet numbers: a kernel may beat them a little.
 """
 
 from __future__ import annotations
@@ -106,10 +108,10 @@ _PACKAGE = __package__  # "fastvit.benchmarks"
 CUDA_COPY_BYTES = 1 << 30
 CPU_COPY_BYTES = (64 << 20, 512 << 20)  # at least, at most (4x the last-level cache in between)
 CUDA_MATMUL_N = 8192
-CPU_MATMUL_N = {"float32": 1024}
-CPU_MATMUL_N_OTHER = 256
+CPU_MATMUL_N = 1024
 REPS = {"cuda": 5, "cpu": 3}
 CUDA_WARMUP_S = 0.25  # GPU clocks ramp up under load
+CPU_WARMUP_S = 0.2  # the first fp16 / bf16 CPU matmuls of a process run at a fraction of their speed
 # The L2 ceiling: copy_ of an 8 MiB buffer into another, both resident in the L2 (40-60 MB on
 # A100/H100/H200), L2_COPIES times in one CUDA graph (one copy alone is too short to time)
 L2_COPY_BYTES = 8 << 20
@@ -316,7 +318,7 @@ def measure_ceilings(device: str, dtypes: Sequence[str] = (), threads: int | Non
     else:
         low, high = CPU_COPY_BYTES
         copy_bytes = max(low, min(high, 4 * cache_bytes(device)))
-    warmup_s = CUDA_WARMUP_S if cuda else 0.0
+    warmup_s = CUDA_WARMUP_S if cuda else CPU_WARMUP_S
 
     def copy_ms() -> float:  # the buffers are freed when it returns
         src = torch.ones(copy_bytes, dtype=torch.uint8, device=device)
@@ -350,7 +352,7 @@ def measure_ceilings(device: str, dtypes: Sequence[str] = (), threads: int | Non
     l2 = l2_gbps() if cuda else None
     tflops, sizes = {}, {}
     for name in names:
-        n = sizes[name] = CUDA_MATMUL_N if cuda else CPU_MATMUL_N.get(name, CPU_MATMUL_N_OTHER)
+        n = sizes[name] = CUDA_MATMUL_N if cuda else CPU_MATMUL_N
         tflops[name] = 2.0 * n**3 / (matmul_ms(torch_dtype(name), n) * 1e-3) / 1e12
     if cuda:
         torch.cuda.empty_cache()

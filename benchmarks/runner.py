@@ -27,7 +27,7 @@ import multiprocessing as mp
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,8 @@ from .progress import Progress
 from .records import Point, Record
 
 __all__ = [
-    "call_in_worker", "not_run", "policy_from_args", "run_impls", "run_point", "run_points", "set_preload", "shutdown",
+    "applicable_impls", "call_in_worker", "not_run", "policy_from_args", "run_impls", "run_point", "run_points",
+    "set_preload", "shutdown",
 ]
 
 Build = Callable[[Point], Workload]
@@ -287,6 +288,20 @@ def call_in_worker(fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0)
     return value
 
 
+def applicable_impls(suite: str, known: Sequence[str], requested: Sequence[str]) -> list[str]:
+    """The names of ``--impls`` that ``suite`` has (the command line checked that each name belongs
+    to some suite run); none: the suite is skipped, and says so on stderr.
+
+    Example:
+        >>> applicable_impls("varlen", IMPLS, ["eager", "fastvit-varlen"])  # ["fastvit-varlen"]
+    """
+    names = [name for name in requested if name in known]
+    if not names:
+        print(f"suite {suite!r}: none of --impls {list(requested)} is one of its implementations {tuple(known)}; "
+              "skipped", file=sys.stderr)  # fmt: skip
+    return names
+
+
 def not_run(points: Iterable[Point], status: str, note: str, progress: Progress | None = None) -> list[Record]:
     """Records for points that are not run (an implementation that is not installed, say)."""
     out = [Record.from_point(p, status=status, note=note) for p in points]
@@ -382,8 +397,8 @@ def run_impls(
     *,
     default: tuple[str, ...] | None = None,
 ) -> tuple[list[Record], list[str]]:
-    """The body of a suite's ``run``: the implementations asked for (else ``default``, else
-    ``known``; a name outside ``known`` is a ValueError), ``unavailable`` rows for those that
+    """The body of a suite's ``run``: the implementations asked for that the suite has
+    (``applicable_impls``; else ``default``, else ``known``), ``unavailable`` rows for those that
     ``not_here(impl)`` rules out, and the rest measured size-major: every implementation and mode
     advance together, so a --time-limit cuts the largest sizes, not the last implementations (each
     group still runs in increasing size).
@@ -395,16 +410,21 @@ def run_impls(
         >>> records, impls = run_impls("attention", IMPLS, args.impls, why_not, points_of, lambda p: p.n_tokens,
         ...                            build, args, progress)
     """
-    unknown = set(requested or ()) - set(known)
-    if unknown:
-        raise ValueError(f"unknown {suite} implementations {sorted(unknown)}; choose from {tuple(known)}")
+    if requested is not None:
+        requested = applicable_impls(suite, known, requested)
+        if not requested:
+            return [], []
     impls = list(requested or default or known)
     records, runnable = [], []
     for impl in impls:
         reason = not_here(impl)
         if reason is not None:
             records += not_run(points(impl), "unavailable", reason, progress)
-        else:
-            runnable += points(impl)
+            continue
+        for point in points(impl):
+            if point.unavailable:
+                records += not_run([point], "unavailable", point.unavailable, progress)
+            else:
+                runnable.append(point)
     runnable.sort(key=lambda p: (size(p), p.mode, impls.index(p.impl)))  # "fwd" < "fwd+bwd"
     return records + run_points(runnable, build, args, progress), impls

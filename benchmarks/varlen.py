@@ -84,7 +84,7 @@ def _sizes(args: Any) -> tuple[int, int, list[int]]:
     if args.seq_lens:
         max_lens = args.seq_lens
         min_len = min(min_len, *max_lens)
-    return args.batch or images, min_len, sorted(max_lens)
+    return args.batch or images, min_len, sorted(set(max_lens))
 
 
 def points(args: Any, impl: str) -> list[Point]:

@@ -77,9 +77,9 @@ def test_the_suite_is_registered_and_weighted():
     assert roofline.SUITES["layernorm"] == "layernorm"
 
 
-def test_unknown_implementation_is_an_error():
-    with pytest.raises(ValueError, match="unknown layernorm implementations"):
-        layernorm.run(args(impls=["fastvit-triton"]), Progress(enabled=False))
+def test_an_implementation_the_suite_lacks_is_skipped():
+    """The suite runs the --impls names it has (the command line refuses names no suite run has)."""
+    assert layernorm.run(args(impls=["fastvit-triton"]), Progress(enabled=False)) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastvit.benchmarks import attention, model
+from fastvit.benchmarks import attention, cli, model
 from fastvit.benchmarks.progress import Progress
 from fastvit.benchmarks.records import Point
 from fastvit.benchmarks.report import SLOPE_HEADER, slope_rows
@@ -132,9 +132,25 @@ def test_rope_attention_rows():
     torch.testing.assert_close(attention._fastvit_rope(qkv, rope), attention._sdpa_rope(qkv, rope))
 
 
-def test_unknown_implementation_is_an_error():
-    with pytest.raises(ValueError, match="unknown attention implementations"):
-        attention.run(args(impls=["nope"]), Progress(enabled=False))
+def test_an_implementation_the_suite_lacks_is_skipped_and_an_unknown_one_refused(capsys):
+    """`all --impls eager` ran the attention rows, then failed the varlen suite with a traceback (it
+    has no "eager"): each suite now runs the names it has, and the command line refuses a name no
+    suite run has, in one line, before measuring anything."""
+    assert attention.run(args(impls=["nope"]), Progress(enabled=False)) == []
+    assert "none of --impls ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["attention", "--impls", "nope"])
+    assert "--impls ['nope'] are not implementations of the suites run (attention: eager," in capsys.readouterr().err
+    parsed = cli.parse_args(["attention", "varlen", "--impls", "eager,fastvit-varlen"])
+    assert parsed.impls == ["eager", "fastvit-varlen"]
+
+
+def test_a_grid_attention_at_one_token_is_an_unavailable_row():
+    """--seq-lens 1 (no token grid after the class token) failed the whole attention suite, every
+    other point with it: those rows are "unavailable" now; repeated lengths count once."""
+    points = attention.points(args(seq_lens=[65, 1, 65], mode="fwd"), "axial")
+    assert [(p.n_tokens, bool(p.unavailable)) for p in points] == [(1, True), (65, False)]
+    assert "no token grid" in points[0].unavailable
 
 
 def test_model_suite_rows():
@@ -290,3 +306,12 @@ def test_model_suite_sweep_rows_and_slopes():
     for impl, row in rows.items():
         assert row["suite"] == "model" and row["points"] == "2" and row["time slope"] != "-", (impl, row)
     assert rows["samvit_base_patch16"]["N range"] == "4-16"
+
+
+def test_out_naming_a_file_is_refused_before_measuring(tmp_path, capsys):
+    """--out at a file measured a suite, then lost it to a FileExistsError traceback."""
+    path = tmp_path / "afile"
+    path.write_text("")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["attention", "--quick", "--out", str(path)])
+    assert "is a file; it must be a folder" in capsys.readouterr().err

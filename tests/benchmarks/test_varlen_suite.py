@@ -112,9 +112,9 @@ def test_registered_but_not_in_the_default_run():
     assert roofline.SUITES["varlen"] == "varlen"
 
 
-def test_unknown_implementation_is_an_error():
-    with pytest.raises(ValueError, match="unknown varlen implementations"):
-        varlen.run(args(impls=["nope"]), Progress(enabled=False))
+def test_an_implementation_the_suite_lacks_is_skipped():
+    """The suite runs the --impls names it has (the command line refuses names no suite run has)."""
+    assert varlen.run(args(impls=["nope"]), Progress(enabled=False)) == []
 
 
 def test_quick_cli_run_on_cpu(tmp_path):
