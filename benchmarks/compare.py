@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .output import load_results, timing_line
 from .records import KEY_FIELDS, Record
@@ -55,11 +56,18 @@ def _ms(r: Record) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks compare", description=__doc__.splitlines()[0])
-    parser.add_argument("base", help="BASE results.json")
-    parser.add_argument("new", help="NEW results.json")
+    parser.add_argument("base", help="BASE results.json (or the run's folder holding it)")
+    parser.add_argument("new", help="NEW results.json (or the run's folder holding it)")
     args = parser.parse_args(argv)
-    base_meta, base = load_results(args.base)
-    new_meta, new = load_results(args.new)
+    loaded = []
+    for path in (args.base, args.new):
+        if Path(path).is_dir():
+            path = Path(path) / "results.json"
+        try:
+            loaded.append(load_results(path))
+        except (OSError, ValueError) as error:  # a missing file, another file, a folder without one
+            parser.error(f"{path}: cannot read a fastvit results.json ({error})")
+    (base_meta, base), (new_meta, new) = loaded
     if timing_line(base_meta) != timing_line(new_meta):
         print(f"note: the runs timed their calls differently\n  BASE: {timing_line(base_meta)}\n"
               f"  NEW:  {timing_line(new_meta)}")

@@ -137,9 +137,12 @@ def write_results(out_dir: Path, records: list[Record], run_meta: dict[str, Any]
 
     images: list[Path] = []
     if plots:
-        from .plots import plot_all
-
-        images = plot_all(records, out_dir)
+        try:
+            from .plots import plot_all
+        except ImportError as error:  # matplotlib is in the [bench] extra; without it, the rest
+            print(f"plots skipped: {error} (pip install matplotlib)", file=sys.stderr)
+        else:
+            images = plot_all(records, out_dir)
     files += images
     files.append(_write_summary(out_dir, records, run_meta, images))
     return files

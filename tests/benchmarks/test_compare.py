@@ -54,3 +54,14 @@ def test_compare_says_when_the_runs_timed_differently(tmp_path, capsys):
     assert "timed their calls differently" in out and "eager calls" in out and "CUDA graphs" in out
     main([str(tmp_path / "base" / "results.json"), str(tmp_path / "base" / "results.json")])
     assert "differently" not in capsys.readouterr().out
+
+
+def test_compare_reads_a_run_folder_and_says_in_one_line_what_it_cannot_read(tmp_path, capsys):
+    """A missing file, a file that is not results.json or a folder without one gave a traceback."""
+    run = tmp_path / "run"
+    write_results(run, BASE, meta("cpu", ["p"]), plots=False)
+    assert main([str(run), str(run / "results.json")]) == 0
+    for bad in (tmp_path / "missing.json", run / "summary.md", tmp_path):
+        with pytest.raises(SystemExit):
+            main([str(bad), str(run)])
+        assert "cannot read a fastvit results.json" in capsys.readouterr().err
