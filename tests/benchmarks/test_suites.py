@@ -143,6 +143,7 @@ def test_an_implementation_the_suite_lacks_is_skipped_and_an_unknown_one_refused
     assert "--impls ['nope'] are not implementations of the suites run (attention: eager," in capsys.readouterr().err
     parsed = cli.parse_args(["attention", "varlen", "--impls", "eager,fastvit-varlen"])
     assert parsed.impls == ["eager", "fastvit-varlen"]
+    assert cli.parse_args(["model", "--impls", "eager"]).impls == ["eager"]  # the model suite ignores it
 
 
 def test_a_grid_attention_at_one_token_is_an_unavailable_row():
