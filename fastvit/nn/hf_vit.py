@@ -111,6 +111,10 @@ class FusedViTLayer(FusedModule, ViTLayer):
         hidden_states = self.dropout(hidden_states) + residual
         return self._fastvit_mlp_half(hidden_states)
 
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module."""
+        return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
+
     def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``dropout(mlp(layernorm_after(h))) + h``: one ``fastvit.layernorm_mlp`` call, or Hugging Face's
         modules."""
@@ -118,7 +122,7 @@ class FusedViTLayer(FusedModule, ViTLayer):
         if traced is not None:
             return traced
         if not self._fastvit_submodules_intact():
-            return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
+            return self._fastvit_original_half(hidden_states)
 
         if dropout_active(self.dropout.p, self.dropout.training):
             warn_fallback(
@@ -126,7 +130,7 @@ class FusedViTLayer(FusedModule, ViTLayer):
                 "fastvit: a patched Hugging Face ViTLayer has hidden dropout > 0 and is in training "
                 "mode; fastvit.layernorm_mlp has no dropout, so its MLP half runs Hugging Face's modules",
             )
-            return self.dropout(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
+            return self._fastvit_original_half(hidden_states)
         norm, mlp = self.layernorm_after, self.mlp
         return fastvit.layernorm_mlp(
             hidden_states, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,

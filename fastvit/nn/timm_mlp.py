@@ -79,7 +79,7 @@ class FusedGammaMlpHalf(FusedModule):
     fastvit_part = "mlp"
     fastvit_op = "layernorm_mlp"
 
-    def _fastvit_timm_half(self, x: torch.Tensor) -> torch.Tensor:
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
         """timm's second half, module by module."""
         x_mlp = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
@@ -89,7 +89,7 @@ class FusedGammaMlpHalf(FusedModule):
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): the block's MLP half, fused."""
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_timm_half(x)
+            return self._fastvit_original_half(x)
         traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
         if traced is not None:
             return traced
@@ -100,7 +100,7 @@ class FusedGammaMlpHalf(FusedModule):
         a method whole, and cannot parse the ``**`` of this one)."""
         mlp, norm = self.mlp, self.norm2
         if not self._fastvit_submodules_intact():
-            return self._fastvit_timm_half(x)
+            return self._fastvit_original_half(x)
         if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
             name = type(self).fastvit_original().__name__
             warn_fallback(
@@ -108,7 +108,7 @@ class FusedGammaMlpHalf(FusedModule):
                 f"fastvit: a patched timm {name} has MLP dropout > 0 and is in training mode; "
                 "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
             )
-            return self._fastvit_timm_half(x)
+            return self._fastvit_original_half(x)
         return fastvit.layernorm_mlp(
             x, norm.weight, norm.bias, eps=norm.eps, layer_scale=self.gamma_2,
             sample_scale=drop_path_scale(self.drop_path2, x), **mlp_arguments(mlp),

@@ -116,23 +116,27 @@ class FusedBlock(FusedModule, Block):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         return self._fastvit_mlp_half(x)
 
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module."""
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """``x + drop_path2(ls2(mlp(norm2(x))))``: one ``fastvit.layernorm_mlp`` call, or timm's modules."""
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            return self._fastvit_original_half(x)
         traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
         if traced is not None:
             return traced
         mlp, norm = self.mlp, self.norm2
         if not self._fastvit_submodules_intact():
-            return x + self.drop_path2(self.ls2(mlp(norm(x))))
+            return self._fastvit_original_half(x)
         if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
             warn_fallback(
                 "patched-mlp-dropout:timm",
                 "fastvit: a patched timm Block has MLP dropout > 0 and is in training mode; "
                 "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
             )
-            return x + self.drop_path2(self.ls2(mlp(norm(x))))
+            return self._fastvit_original_half(x)
         return fastvit.layernorm_mlp(
             x,
             norm.weight,

@@ -128,15 +128,19 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
         x = x + input
         return self._fastvit_mlp_half(x)
 
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's second half, module by module."""
+        return x + self.mlp(self.ln_2(x))
+
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """``x + mlp(ln_2(x))``: one ``fastvit.layernorm_mlp`` call, or torchvision's modules."""
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return x + self.mlp(self.ln_2(x))
+            return self._fastvit_original_half(x)
         traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
         if traced is not None:
             return traced
         if not self._fastvit_submodules_intact():
-            return x + self.mlp(self.ln_2(x))
+            return self._fastvit_original_half(x)
         fc1, act, drop1, fc2, drop2 = _mlp_layers(self)
         if dropout_active(drop1.p, drop1.training) or dropout_active(drop2.p, drop2.training):
             warn_fallback(
@@ -144,7 +148,7 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
                 "fastvit: a patched torchvision EncoderBlock has MLP dropout > 0 and is in training "
                 "mode; fastvit.layernorm_mlp has no dropout, so its MLP half runs torchvision's modules",
             )
-            return x + self.mlp(self.ln_2(x))
+            return self._fastvit_original_half(x)
         norm = self.ln_2
         return fastvit.layernorm_mlp(
             x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
