@@ -56,6 +56,26 @@ def _rotary_qk_takes(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor, num_p
     )
 
 
+def rotated_qk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, half: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's rotary step of ``EvaAttention`` / ``AttentionRope``: q and k (B, H|Hkv, N, D) with
+    their patch rows rotated by ``rope`` and the first ``num_prefix_tokens`` rows unrotated, cast to
+    v's dtype. One ``fastvit.rotary_qk`` pass where the op takes the arguments (looked up on fastvit
+    at call time), else timm's ``apply_rot_embed_cat`` + ``torch.cat``.
+
+    Example:
+        >>> q, k = rotated_qk(q, k, v, rope, attn.num_prefix_tokens, attn.rotate_half)
+    """
+    npt = num_prefix_tokens
+    if _rotary_qk_takes(q, k, rope, npt):
+        q, k = fastvit.rotary_qk(q, k, rope, num_prefix_tokens=npt, rotate_half=half)
+    else:
+        q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2)
+    return q.type_as(v), k.type_as(v)
+
+
 class FusedEvaAttention(FusedModule, EvaAttention):
     """timm ``EvaAttention`` running ``fastvit.rotary_qk`` and ``fastvit.flash_attention`` (same
     signature, ``forward(x, rope=None, attn_mask=None, is_causal=False)``); ``attn_mask`` goes to the
@@ -84,16 +104,8 @@ class FusedEvaAttention(FusedModule, EvaAttention):
         else:
             q, k, v = (proj(x).unflatten(-1, heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # patch tokens only, as timm
-            npt = self.num_prefix_tokens
-            half = getattr(self, "rotate_half", False)
-            if _rotary_qk_takes(q, k, rope, npt):  # one pass over q and k (looked up on fastvit at call time)
-                q, k = fastvit.rotary_qk(q, k, rope, num_prefix_tokens=npt, rotate_half=half)
-                q, k = q.type_as(v), k.type_as(v)
-            else:
-                q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2)
-                k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2)
-                q, k = q.type_as(v), k.type_as(v)
+        if rope is not None:
+            q, k = rotated_qk(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
         out = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
         if gate is not None:
             out = out * gate

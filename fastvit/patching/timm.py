@@ -7,7 +7,8 @@ from the same blocks. The attention of the relative-position-bias families (BEiT
 ``VisionTransformerRelPos``, TinyViT, LeViT: ``fastvit.nn.timm_relpos``), of Swin V1 / V2
 (``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
 Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3:
-``timm_eva``, RoPE as timm computes it), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
+``timm_eva``, RoPE as timm computes it; and timm's ``AttentionRope`` of vit_pe_*, NaFlexVit's
+RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
 CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of
 XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the tokens are the head dim)
 and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
@@ -49,6 +50,16 @@ try:  # NaFlexVit, in timm's recent releases: its embedding and padding mask (fa
     _NAFLEX = fused_table(timm_naflex.FusedNaFlexVit)
 except ImportError:
     _NAFLEX = {}
+
+try:  # AttentionRope, in timm's recent releases (vit_pe_*, NaFlexVit's RoPE, Qwen3-VL and DeepSeek towers)
+    from fastvit.nn import timm_rope
+
+    _ROPE_ATTENTIONS = ((fused_table(timm_rope.FusedAttentionRope), (
+        "qkv", "q_proj", "k_proj", "v_proj", "attn_drop", "proj", "proj_drop", "num_heads", "num_kv_heads",
+        "num_kv_groups", "head_dim", "scale", "q_norm", "k_norm", "norm", "gate", "num_prefix_tokens",
+    )),)  # fmt: skip
+except ImportError:
+    _ROPE_ATTENTIONS = ()
 
 __all__ = ["FAMILY", "find"]
 
@@ -102,6 +113,7 @@ _OTHER_ATTENTIONS = {
         (fused_table(timm_relpos.FusedLevitAttention), (*_BIASED, "qkv", "use_conv")),
         (fused_table(timm_relpos.FusedLevitAttentionDownsample), (*_BIASED, "q", "kv", "use_conv", "stride",
                                                                   "val_attn_dim")),
+        *_ROPE_ATTENTIONS,
     )
     for cls in table
 }
@@ -163,10 +175,6 @@ _LEFT_ALONE = {
     ("timm.models.mvitv2", "MultiScaleBlock"): (
         "mlp", "MViTv2's MultiScaleBlock (its shortcut is projected and pooled between stages) is not fused yet: "
         "its MLP half runs timm's modules",
-    ),
-    ("timm.layers.attention", "AttentionRope"): (
-        "attention", "timm's AttentionRope (Eva and NaFlexVit with attn_type='rope': vit_pe_*, NaFlexVit's "
-        "default with a rope_type) is not fused yet: it runs timm's attention",
     ),
     ("timm.models.xcit", "XCABlock"): (
         "mlp", "XCiT's XCABlock (a local patch interaction, LPI, between its attention and its MLP) is not fused "

@@ -59,9 +59,12 @@ CONFIGS = {
         pos_embed_interp_mode="bilinear", pos_embed_ar_preserving=True, pos_embed_antialias=False,
         pos_embed_align_corners=True,
     ),
-    # axial RoPE: EvaBlock / EvaAttention get the key-padding mask (attn_type="eva": timm's default
-    # for rope_type, "rope", builds timm.layers.AttentionRope, which fastvit does not fuse yet)
+    # axial RoPE: EvaBlock / EvaAttention get the key-padding mask
     "rope_max": dict(class_token=True, global_pool="max", rope_type="axial", attn_type="eva", pos_embed="none"),
+    # timm's default attention for a rope_type, AttentionRope (fastvit.nn.timm_rope), here with
+    # grouped-query attention (one kv head for two q heads, separate projections): the key-padding
+    # mask and the RoPE of the valid rows reach the fused attention
+    "rope_gqa": dict(class_token=True, global_pool="avg", rope_type="axial", num_kv_heads=1, qkv_fused=False),
     # per-block learned RoPE frequencies (timm's NaFlexRopeIterator), factorized table by grid_sample
     "mixed_rope_factorized_grid_sample": dict(
         reg_tokens=1, global_pool="avg", rope_type="mixed", attn_type="eva", pos_embed="factorized",
@@ -328,11 +331,12 @@ def test_report_entries():
         torch.testing.assert_close(patched(x), reference(x), rtol=RTOL, atol=1e-5)
     _, _, report = pair(naflex().eval(), patch_embed=False)
     assert "patch_embed" not in report.counts() and not report.skipped
-    # RoPE with timm's default attn_type="rope": AttentionRope is listed as left alone, not silently
+    # RoPE with timm's default attn_type="rope": AttentionRope is fused (fastvit.nn.timm_rope)
     _, patched, report = pair(naflex(rope_type="axial").eval())
-    assert report.counts() == expected_parts(attention=attentions(patched) - DEPTH, mlp=DEPTH, patch_embed=1)
-    assert [(e.path, e.part) for e in report.skipped] == [(f"blocks.{i}.attn", "attention") for i in range(DEPTH)]
-    assert all("AttentionRope" in e.detail for e in report.skipped)
+    assert report.counts() == expected_parts(attention=attentions(patched), mlp=DEPTH, patch_embed=1)
+    assert not report.skipped
+    rope_attentions = [e for e in report.replaced if e.path.endswith(".attn")]
+    assert len(rope_attentions) == DEPTH and all("FusedAttentionRope" in e.detail for e in rope_attentions)
 
 
 def test_hook_on_the_projection_runs_timm_embedding(op_calls, fresh_warnings):
