@@ -34,21 +34,15 @@ import torch
 
 from . import roofline, runner
 from .options import DTYPES, canonical_dtype
-from .output import default_out_dir, meta, write_results
+from .output import default_out_dir, incomplete_suites, meta, write_results
 from .progress import Progress
+from .records import SUITES as SUITE_NAMES
 from .report import print_tables
 
 __all__ = ["SUITES", "main", "parse_args"]
 
-# command-line name -> module of this package; "all" runs every one that exists
-SUITES = {
-    "attention": "attention",
-    "patch-embed": "patch_embed",
-    "mlp": "mlp",
-    "layernorm": "layernorm",
-    "model": "model",
-    "varlen": "varlen",
-}
+# command-line name (a record's suite) -> module of this package; "all" runs every one that exists
+SUITES = {name: name.replace("-", "_") for name in SUITE_NAMES}
 DEFAULT_SUITES = ("attention", "model")
 # a --time-limit is shared among the suites in these proportions (what is left over carries on)
 WEIGHTS = {"attention": 4.0, "patch-embed": 1.0, "mlp": 1.0, "layernorm": 1.0, "model": 1.5, "varlen": 1.5}
@@ -113,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, help="attention heads (default 12)")
     p.add_argument("--head-dim", type=int, help="head dim (default 64)")
     p.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both", help="default: both")
-    p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>-<date>)")
+    p.add_argument(
+        "--out", type=Path,
+        help="output folder (default: benchmarks/results/<device>-<date>); the run's files and plots replace those "
+        "of an earlier run there (its plots that this run does not write are removed)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="few small sizes and short budgets (CI smoke test)")
     p.add_argument("--budget", type=float, help="seconds per point (default: 60 cpu, 20 cuda, 8 --quick cpu)")
     p.add_argument(
@@ -122,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--time-limit",
         type=float,
-        help="minutes for the whole run, shared among the suites; points past it are recorded as "
-        "timeout without running (default: 9 for the default CPU run, 8 for `all` on a GPU, else none)",
+        help="minutes for the whole run from its start, shared among the suites (each gets a share of what is left "
+        "when it starts); checked before each point starts: points past it are recorded as timeout without "
+        "running, but a point already running finishes (within about its --budget, plus its build and first "
+        "call), so the run can end that much later, then writes its results and plots (default: 9 for the "
+        "default CPU run, 8 for `all` on a GPU, else none)",
     )
     p.add_argument(
         "--cuda-graph",
@@ -217,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv[0], argv[1:])
     args = parse_args(argv)
     suites = []
+    status: dict[str, dict[str, str]] = {}  # suite -> {"status", "note"}: output.SUITE_STATUSES
     for name in args.suites:
         if _module_exists(name):
             suites.append(name)
+            status[name] = {"status": "not-run", "note": "the run ended before this suite started"}
         else:
-            print(
-                f"suite {name!r} is not in this build yet (no {_PACKAGE}.{SUITES[name]}); skipped",
-                file=sys.stderr,
-            )
+            status[name] = {"status": "not-in-build", "note": f"no module {_PACKAGE}.{SUITES[name]}"}
+            print(f"suite {name!r} is not in this build yet ({status[name]['note']}); skipped", file=sys.stderr)
     out_dir = args.out or default_out_dir(args.device)
     runner.set_preload(["fastvit", *(f"{_PACKAGE}.{SUITES[s]}" for s in suites)])
     if "model" in suites:
@@ -238,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             "policy": runner.policy_from_args(args).__dict__,
             "elapsed_s": round(time.monotonic() - started, 1),
         }
-        run_meta = meta(args.device, [sys.argv[0], *argv], settings, ceilings)
+        run_meta = meta(args.device, [sys.argv[0], *argv], settings, ceilings, status)
         return write_results(out_dir, records, run_meta, plots=plots and not args.no_plots)
 
-    records, failed, interrupted = [], [], False
+    records, interrupted, name = [], False, None
     started = time.monotonic()
     run_deadline = args.deadline
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM
@@ -254,14 +255,19 @@ def main(argv: list[str] | None = None) -> int:
                     args.deadline = time.monotonic() + (run_deadline - time.monotonic()) * share
                 module = importlib.import_module(f".{SUITES[name]}", _PACKAGE)
                 try:
-                    records += module.run(args, progress)
-                except Exception:
-                    failed.append(name)
+                    suite_records = module.run(args, progress)
+                except Exception as exc:
+                    status[name] = {"status": "failed", "note": _one_line(exc)}
                     print(f"suite {name!r} failed:\n{traceback.format_exc()}", file=sys.stderr)
+                else:
+                    records += suite_records
+                    status[name] = _finished(suite_records)
                 write(records, plots=False)  # a run killed later still leaves these
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         interrupted = True
         records = progress.records  # every point measured so far, the interrupted suite's too
+        if name is not None and status[name]["status"] == "not-run":  # (not if it came while writing)
+            status[name] = {"status": "interrupted", "note": f"the run was stopped by {stop or 'Ctrl-C'}"}
         print(f"\ninterrupted: writing the {len(records)} records measured so far", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -272,7 +278,26 @@ def main(argv: list[str] | None = None) -> int:
     print(roofline.ceilings_line(ceilings))
     files = write(records, plots=True)
     print(f"\nwrote {len(records)} records to {out_dir}: " + ", ".join(f.name for f in files))
+    for line in incomplete_suites({"suite_status": status}):
+        print(f"suite {line}", file=sys.stderr)
+    failed = any(s["status"] == "failed" for s in status.values())
     return 130 if interrupted else 1 if failed else 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """``"ValueError: boom"``: the exception's type and the first line of its message."""
+    text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    return text.splitlines()[0]
+
+
+def _finished(records: list) -> dict[str, str]:
+    """The status of a suite that returned ``records``: ``completed``, or ``time-limit`` where the
+    run's --time-limit left some of its points not run."""
+    cut = sum(r.note == runner.TIME_LIMIT_NOTE for r in records)
+    if cut:
+        note = f"{cut} of its {len(records)} points not run: the --time-limit was reached"
+        return {"status": "time-limit", "note": note}
+    return {"status": "completed", "note": ""}
 
 
 def measure_ceilings(args: argparse.Namespace) -> dict:
@@ -299,4 +324,4 @@ def run_command(name: str, argv: list[str]) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt(f"signal {signum} ({signal.Signals(signum).name})")

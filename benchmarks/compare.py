@@ -2,7 +2,9 @@
 
 Rows match on (suite, impl, mode, n_tokens, batch, heads, head_dim, dtype). A ratio above 1
 means NEW is faster. Rows where either side is not ``ok`` show both statuses and no ratio; rows
-found on one side only are listed after the table.
+found on one side only are listed after the table; a suite that did not complete in either run
+(failed, interrupted, cut by --time-limit: ``meta["suite_status"]``, absent from older runs) is
+noted first.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .output import load_results, timing_line
+from .output import incomplete_suites, load_results, timing_line
 from .records import KEY_FIELDS, Record
 from .report import print_table
 
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if timing_line(base_meta) != timing_line(new_meta):
         print(f"note: the runs timed their calls differently\n  BASE: {timing_line(base_meta)}\n"
               f"  NEW:  {timing_line(new_meta)}")
+    for label, run_meta in (("BASE", base_meta), ("NEW", new_meta)):
+        for line in incomplete_suites(run_meta):
+            print(f"note: {label} suite {line}")
     matched, only_base, only_new = compare(base, new)
 
     rows = []

@@ -1,7 +1,9 @@
 """Writing a run's folder: results.json ({"meta", "records"}), results.csv, summary.md, plots.
 
 The records are annotated with their roofline floor (``roofline.annotate``) against the device
-ceilings in ``meta["ceilings"]`` as they are written, so every suite's rows get it.
+ceilings in ``meta["ceilings"]`` as they are written, so every suite's rows get it. What became
+of each suite (``meta["suite_status"]``, ``SUITE_STATUSES``) heads summary.md. A write replaces
+the plots of an earlier run into the same folder: plots it does not write are removed.
 """
 
 from __future__ import annotations
@@ -20,11 +22,25 @@ from typing import Any
 
 import torch
 
-from .records import RECORD_FIELDS, Record
+from .plots import plot_all, plot_name
+from .records import MODES, RECORD_FIELDS, SUITES, Record
 from .report import SLOPE_HEADER, TABLE_HEADER, markdown_table, slope_rows, table_rows
 from .roofline import annotate, ceilings_line
 
-__all__ = ["default_out_dir", "device_name", "load_results", "meta", "timing_line", "write_results"]
+__all__ = [
+    "SUITE_STATUSES", "default_out_dir", "device_name", "incomplete_suites", "load_results", "meta", "timing_line",
+    "write_results",
+]  # fmt: skip
+
+# meta["suite_status"][suite] = {"status": one of these, "note": why}: what became of each suite asked for
+SUITE_STATUSES = {
+    "completed": "ran to the end: every point has a row",
+    "time-limit": "ran to the end, but the --time-limit was reached: its later points are timeout rows, not run",
+    "failed": "raised an error (the note) before it returned its rows",
+    "interrupted": "the run was interrupted during it (Ctrl-C, SIGTERM): the rows measured so far are kept",
+    "not-run": "the run ended before it started",
+    "not-in-build": "its module is not in this build",
+}
 
 
 def _cpu_name() -> str:
@@ -90,11 +106,13 @@ def meta(
     argv: list[str] | None = None,
     settings: dict[str, Any] | None = None,
     ceilings: dict[str, Any] | None = None,
+    suite_status: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Where and how the results were produced; ``ceilings`` are the device's measured copy
-    bandwidth and matmul throughput (``roofline.measure_ceilings``), the floors' reference."""
+    bandwidth and matmul throughput (``roofline.measure_ceilings``), the floors' reference;
+    ``suite_status`` what became of each suite (``SUITE_STATUSES``), kept when given."""
     argv = sys.argv if argv is None else argv
-    return {
+    run_meta = {
         "device": device,
         "device_name": device_name(device),
         "arch": _arch(device),
@@ -113,13 +131,17 @@ def meta(
         "settings": settings or {},
         "ceilings": ceilings,
     }
+    if suite_status is not None:
+        run_meta["suite_status"] = suite_status
+    return run_meta
 
 
 def write_results(out_dir: Path, records: list[Record], run_meta: dict[str, Any], *, plots: bool = True) -> list[Path]:
     """Write results.json, results.csv, summary.md and (with matplotlib) the plots; return the files.
 
     The records get their roofline columns (``roofline.annotate``, in place) against
-    ``run_meta["ceilings"]``.
+    ``run_meta["ceilings"]``. Plots of an earlier run in ``out_dir`` that this write does not
+    replace are removed (``_remove_stale_plots``: the harness's plot names only).
     """
     annotate(records, run_meta.get("ceilings"))
     out_dir = Path(out_dir)
@@ -138,14 +160,50 @@ def write_results(out_dir: Path, records: list[Record], run_meta: dict[str, Any]
     images: list[Path] = []
     if plots:
         try:
-            from .plots import plot_all
+            images = plot_all(records, out_dir)
         except ImportError as error:  # matplotlib is in the [bench] extra; without it, the rest
             print(f"plots skipped: {error} (pip install matplotlib)", file=sys.stderr)
-        else:
-            images = plot_all(records, out_dir)
+    _remove_stale_plots(out_dir, records, images)
     files += images
     files.append(_write_summary(out_dir, records, run_meta, images))
     return files
+
+
+def _remove_stale_plots(out_dir: Path, records: list[Record], written: list[Path]) -> None:
+    """Remove the plots an earlier run left in ``out_dir`` that this write did not replace, so that
+    every figure beside results.json shows its records: only files named as the harness names
+    its plots (``plot_name`` of a suite and a mode), never other files."""
+    suites = {*SUITES, *(r.suite for r in records)}
+    stale = {plot_name(suite, mode) for suite in suites for mode in MODES} - {p.name for p in written}
+    removed = [name for name in sorted(stale) if (out_dir / name).is_file()]
+    for name in removed:
+        (out_dir / name).unlink()
+    if removed:
+        print(f"removed the plots of an earlier run in {out_dir}: {', '.join(removed)}", file=sys.stderr)
+
+
+def incomplete_suites(run_meta: dict[str, Any]) -> list[str]:
+    """One line per suite of the run that did not complete (``meta["suite_status"]``), e.g.
+    ``"mlp: failed (ValueError: boom)"``; none for a run whose meta predates the record."""
+    return [
+        f"{suite}: {s['status']}" + (f" ({s['note']})" if s.get("note") else "")
+        for suite, s in (run_meta.get("suite_status") or {}).items()
+        if s.get("status") != "completed"
+    ]
+
+
+def _suites_section(records: list[Record], run_meta: dict[str, Any]) -> list[str]:
+    """The table of what became of each suite (none for a meta without ``suite_status``)."""
+    status = run_meta.get("suite_status")
+    if not status:
+        return []
+    rows = [
+        [suite, s["status"], str(sum(r.suite == suite for r in records)), s.get("note", "")]
+        for suite, s in status.items()
+    ]
+    seen = dict.fromkeys(s["status"] for s in status.values())
+    legend = "; ".join(f"`{name}`: {SUITE_STATUSES[name]}" for name in seen if name in SUITE_STATUSES)
+    return ["## Suites", "", markdown_table(["suite", "status", "rows", "note"], rows), "", legend + ".", ""]
 
 
 def _write_summary(out_dir: Path, records: list[Record], run_meta: dict[str, Any], images: list[Path]) -> Path:
@@ -161,6 +219,7 @@ def _write_summary(out_dir: Path, records: list[Record], run_meta: dict[str, Any
         "",
         timing_line(run_meta),
         "",
+        *_suites_section(records, run_meta),
         "## Scaling: log-log slopes against N",
         "",
         markdown_table(SLOPE_HEADER, slope_rows(records)),

@@ -1,5 +1,5 @@
 """PNG plots: time and peak memory against N on log-log axes, one line per implementation,
-the fitted slope in the legend. One figure per suite and mode (``attention-fwd.png``)."""
+the fitted slope in the legend. One figure per suite and mode (``plot_name``: ``attention-fwd.png``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from pathlib import Path
 from .records import Record
 from .report import fit_slope, series
 
-__all__ = ["plot_all"]
+__all__ = ["plot_all", "plot_name"]
+
+
+def plot_name(suite: str, mode: str) -> str:
+    """The file name of a suite's plot in one mode: ``attention-fwd.png``, ``mlp-fwd_bwd.png``."""
+    return f"{suite}-{mode.replace('+', '_')}.png"
 
 
 def plot_all(records: list[Record], out_dir: Path) -> list[Path]:
@@ -55,7 +60,7 @@ def plot_all(records: list[Record], out_dir: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.suptitle(f"{suite} {mode} on {first.device}{shape}")
         fig.tight_layout()
-        path = Path(out_dir) / f"{suite}-{mode.replace('+', '_')}.png"
+        path = Path(out_dir) / plot_name(suite, mode)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

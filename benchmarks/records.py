@@ -10,8 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KEY_FIELDS", "MODES", "RECORD_FIELDS", "STATUSES", "Point", "Record"]
+__all__ = ["KEY_FIELDS", "MODES", "RECORD_FIELDS", "STATUSES", "SUITES", "Point", "Record"]
 
+# Every suite's name: a record's ``suite``, the command line's SUITE, the prefix of its plots.
+SUITES = ("attention", "patch-embed", "mlp", "layernorm", "model", "varlen")
 STATUSES = ("ok", "oom", "timeout", "error", "unavailable")
 MODES = ("fwd", "fwd+bwd")
 

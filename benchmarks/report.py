@@ -175,21 +175,27 @@ TABLE_HEADER = [
     "suite", "impl", "mode", "N", "ms", "ms p25-p75", "TFLOP/s", "floor ms", "% floor", "vs PyTorch", "peak mem",
     "status", "note",
 ]  # fmt: skip
-RIGHT_ALIGNED = ("N", "ms", "TFLOP/s", "floor ms", "% floor", "vs PyTorch", "REG", "stack B", "HMMA", "HGMMA")
-SLOPE_HEADER = ["suite", "impl", "mode", "time slope", "memory slope", "points", "N range"]
+RIGHT_ALIGNED = (
+    "N", "B", "H", "D", "ms", "TFLOP/s", "floor ms", "% floor", "vs PyTorch", "REG", "stack B", "HMMA", "HGMMA",
+)  # fmt: skip
+SLOPE_HEADER = [
+    "suite", "impl", "mode", "B", "H", "D", "dtype", "time slope", "memory slope", "points", "N range",
+]  # fmt: skip
 
 
 def slope_rows(records: Iterable[Record]) -> list[list[str]]:
-    """Per series: time slope, memory slope, its ok points and their range of N."""
+    """Per series: what it holds fixed (batch B, heads H, head dim D, dtype: ``series``), time
+    slope, memory slope, its ok points and their range of N."""
     records = list(records)
     fits = slopes(records)
     rows = []
     for key, rs in series(records).items():
-        suite, impl, mode = key[:3]
+        suite, impl, mode, batch, heads, head_dim, dtype = key
         t, m = fits[key]
         ok = sorted(r.n_tokens for r in rs if r.status == "ok")
         span = f"{ok[0]}-{ok[-1]}" if ok else "-"
-        rows.append([suite, impl, mode, str(t) if t else "-", str(m) if m else "-", str(len(ok)), span])
+        fixed = [str(batch), str(heads), str(head_dim), dtype]
+        rows.append([suite, impl, mode, *fixed, str(t) if t else "-", str(m) if m else "-", str(len(ok)), span])
     return rows
 
 

@@ -37,8 +37,8 @@ from .progress import Progress
 from .records import Point, Record
 
 __all__ = [
-    "applicable_impls", "call_in_worker", "not_run", "policy_from_args", "run_impls", "run_point", "run_points",
-    "set_preload", "shutdown",
+    "TIME_LIMIT_NOTE", "applicable_impls", "call_in_worker", "not_run", "policy_from_args", "run_impls", "run_point",
+    "run_points", "set_preload", "shutdown",
 ]
 
 Build = Callable[[Point], Workload]
@@ -312,6 +312,8 @@ def not_run(points: Iterable[Point], status: str, note: str, progress: Progress 
     return out
 
 
+# The note of a point not run because the run's --time-limit (the suite's share of it) was reached.
+TIME_LIMIT_NOTE = "not run: the run's --time-limit was reached"
 # A point is not run when the extrapolated time of one call is this many times the per-call limit:
 # it would time out after costing up to that limit (plus the compile grace) of waiting.
 PREDICTION_MARGIN = 2.0
@@ -363,8 +365,7 @@ def run_points(
             note = why[2] if why[0] == "unavailable" else f"not run: {why[0]} at N={why[1]}"
             record = Record.from_point(point, status=why[0], note=note, impl=labels.get(group))
         elif deadline is not None and time.monotonic() > deadline:
-            note = "not run: the run's --time-limit was reached"
-            record = Record.from_point(point, status="timeout", note=note, impl=labels.get(group))
+            record = Record.from_point(point, status="timeout", note=TIME_LIMIT_NOTE, impl=labels.get(group))
         elif predicted is not None and predicted > PREDICTION_MARGIN * policy.call_limit_s:
             note = (
                 f"not run: one call would take ~{predicted:.3g} s (extrapolated from the smaller N), "

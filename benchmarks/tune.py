@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .options import DTYPES, canonical_dtype, torch_dtype
-from .records import Point
+from .records import MODES, Point
 
 __all__ = ["TuneShape", "main", "measure_attention", "measure_backend", "tune_points"]
 
@@ -225,6 +225,49 @@ def measure_backend(point: Point, target_s: float = 0.25, max_reps: int = 200) -
     return statistics.median(times), ""
 
 
+# argparse types of the comma-separated options: a malformed value is argparse's one-line error,
+# "argument --sizes: expected ...", naming the form expected (not "invalid <lambda> value")
+def _positive_ints(text: str) -> list[int]:
+    """``--widths``, ``--batches``: comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 8,256), got {text!r}")
+    return values
+
+
+def _int_tuples(form: str, sep: str, example: str) -> Callable[[str], list[tuple[int, ...]]]:
+    """The argparse type of comma-separated ``form`` items (``BATCHxTOKENS``: positive integers
+    joined by ``sep``); its error names the form and ``example``."""
+    arity = form.count(sep) + 1
+
+    def parse(text: str) -> list[tuple[int, ...]]:
+        try:
+            values = [tuple(int(x) for x in v.split(sep)) for v in text.replace(" ", "").split(",") if v]
+        except ValueError:
+            values = []
+        if not values or any(len(v) != arity or min(v) < 1 for v in values):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {form} with positive integers (e.g. {example}), got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def _modes(text: str) -> list[str]:
+    """``--modes``: comma-separated choices from ``MODES``, each kept once."""
+    values = [v for v in text.replace(" ", "").split(",") if v]
+    wrong = [v for v in values if v not in MODES]
+    if wrong or not values:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {', '.join(wrong) or text!r} (choose from {', '.join(MODES)}, comma-separated)"
+        )
+    return list(dict.fromkeys(values))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"),
@@ -232,15 +275,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--ops", type=lambda s: [v for v in s.split(",") if v], default=list(OPS),
                    help=f"comma-separated, from {', '.join(OPS)}")
-    p.add_argument("--modes", type=lambda s: [v for v in s.split(",") if v], default=["fwd", "fwd+bwd"])
-    p.add_argument("--widths", type=lambda s: [int(v) for v in s.split(",")], help="layernorm_mlp widths D")
-    p.add_argument("--sizes", type=lambda s: [tuple(int(x) for x in v.split("x")) for v in s.split(",")],
+    p.add_argument("--modes", type=_modes, default=list(MODES), metavar="MODES",
+                   help=f"comma-separated, from {', '.join(MODES)} (default: both)")
+    p.add_argument("--widths", type=_positive_ints, help="layernorm_mlp widths D, comma-separated")
+    p.add_argument("--sizes", type=_int_tuples("BATCHxTOKENS", "x", "8x197,256x197"),
                    help="layernorm_mlp sizes BATCHxTOKENS, comma-separated (e.g. 8x197,256x197)")
-    p.add_argument("--patch-shapes", type=lambda s: [tuple(int(x) for x in v.split(":")) for v in s.split(",")],
+    p.add_argument("--patch-shapes", type=_int_tuples("D:p", ":", "768:16,1280:14"),
                    help="patch_embed D:p pairs (e.g. 768:16,1280:14)")
-    p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], help="patch_embed batch sizes")
+    p.add_argument("--batches", type=_positive_ints, help="patch_embed batch sizes, comma-separated")
     p.add_argument("--resolution", type=int, default=224, help="patch_embed image size (default 224)")
-    p.add_argument("--attention-shapes", type=lambda s: [tuple(int(x) for x in v.split(":")) for v in s.split(",")],
+    p.add_argument("--attention-shapes", type=_int_tuples("HEAD_DIM:TOKENS:BATCHxHEADS", ":", "64:197:96,64:1025:96"),
                    help="flash_attention HEAD_DIM:TOKENS:BATCHxHEADS triples (e.g. 64:197:96,64:1025:96)")
     p.add_argument("--quick", action="store_true", help="ViT-B width and two sizes only")
     p.add_argument("--target-s", type=float, default=0.25, help="timed seconds per backend and shape")

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import json
+import os
+import signal
+import sys
+import time
+import types
+
 import pytest
 import torch
 
-from fastvit.benchmarks import cli
+from fastvit.benchmarks import cli, runner
+from fastvit.benchmarks.progress import Progress
+from fastvit.benchmarks.records import Point, Record
 
 
 def test_defaults_on_this_machine():
@@ -83,3 +93,68 @@ def test_help_lists_the_commands(capsys):
     out = capsys.readouterr().out
     for name in ("compare", "static", "tune"):
         assert f"python -m benchmarks {name}" in out
+
+
+def _point(suite: str, n: int = 197) -> Point:
+    return Point(suite, "impl", "fwd", n, 1, 1, 8, "float32", "cpu")
+
+
+def _measured(suite: str, progress: Progress) -> list[Record]:
+    record = Record.from_point(_point(suite), status="ok", ms=1.0, ms_p25=1.0, ms_p75=1.0)
+    progress.add(1)
+    progress.advance(suite, record)
+    return [record]
+
+
+def _cut(args, progress: Progress) -> list[Record]:  # its share of --time-limit is spent before its last point
+    records = _measured("cut", progress)
+    args.deadline = time.monotonic() - 1
+    return records + runner.run_points([_point("cut", 577)], None, args, progress)
+
+
+def _stopped(args, progress: Progress) -> list[Record]:  # `timeout` sends SIGTERM during the suite
+    records = _measured("stop", progress)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises before this ends
+    return records
+
+
+FAKE_SUITES = {
+    "ok": lambda args, progress: _measured("ok", progress),
+    "cut": _cut,
+    "boom": lambda args, progress: (_ for _ in ()).throw(ValueError("boom\nsecond line of the message")),
+    "stop": _stopped,
+    "later": lambda args, progress: _measured("later", progress),
+}
+
+
+def test_results_say_which_suites_did_not_complete_and_why(tmp_path, monkeypatch, capsys):
+    """A failed or interrupted suite was reported only on stderr: results.json's meta and summary.md
+    must say, per suite, whether it completed, was cut by --time-limit, failed (the error) or was
+    interrupted, and which never ran."""
+    for name, run in FAKE_SUITES.items():
+        module = types.ModuleType(f"{cli._PACKAGE}.fake_{name}")
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+        module.IMPLS, module.run = ("impl",), run
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(cli.SUITES, name, f"fake_{name}")
+    monkeypatch.setitem(cli.SUITES, "missing", "no_such_suite_module")
+    monkeypatch.setattr(cli, "measure_ceilings", lambda args: {"error": "not measured in this test"})
+    monkeypatch.setattr(runner, "set_preload", lambda modules: None)
+    out = tmp_path / "run"
+    argv = [*FAKE_SUITES, "missing", "--device", "cpu", "--out", str(out), "--no-progress", "--no-plots"]
+    assert cli.main(argv) == 130
+    status = json.loads((out / "results.json").read_text())["meta"]["suite_status"]
+    assert {name: s["status"] for name, s in status.items()} == {
+        "ok": "completed", "cut": "time-limit", "boom": "failed", "stop": "interrupted", "later": "not-run",
+        "missing": "not-in-build",
+    }  # fmt: skip
+    assert status["boom"]["note"] == "ValueError: boom"  # one line
+    assert status["cut"]["note"] == "1 of its 2 points not run: the --time-limit was reached"
+    assert status["stop"]["note"] == "the run was stopped by signal 15 (SIGTERM)"
+    summary = (out / "summary.md").read_text()
+    for row in ("| ok | completed | 1 |  |", "| boom | failed | 0 | ValueError: boom |",
+                "| stop | interrupted | 1 | the run was stopped by signal 15 (SIGTERM) |",
+                "| later | not-run | 0 | the run ended before this suite started |"):  # fmt: skip
+        assert row in summary
+    assert "suite boom: failed (ValueError: boom)" in capsys.readouterr().err

@@ -56,6 +56,15 @@ def test_compare_says_when_the_runs_timed_differently(tmp_path, capsys):
     assert "differently" not in capsys.readouterr().out
 
 
+def test_compare_notes_the_suites_a_run_did_not_complete(tmp_path, capsys):
+    status = {"attention": {"status": "completed", "note": ""}, "mlp": {"status": "failed", "note": "ValueError: boom"}}
+    write_results(tmp_path / "base", BASE, meta("cpu", ["p"]), plots=False)  # an older run: no suite_status
+    write_results(tmp_path / "new", NEW, meta("cpu", ["p"], suite_status=status), plots=False)
+    assert main([str(tmp_path / "base"), str(tmp_path / "new")]) == 0
+    out = capsys.readouterr().out
+    assert "note: NEW suite mlp: failed (ValueError: boom)" in out and "suite attention" not in out
+
+
 def test_compare_reads_a_run_folder_and_says_in_one_line_what_it_cannot_read(tmp_path, capsys):
     """A missing file, a file that is not results.json or a folder without one gave a traceback."""
     run = tmp_path / "run"

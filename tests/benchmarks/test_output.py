@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 
@@ -76,7 +77,7 @@ def test_results_json_csv_summary_and_plots(tmp_path):
         assert row["note"] == rec["note"]
 
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| attention | eager | fwd | 1.00 | 2.00 | 3 | 197-1025 |" in summary
+    assert "| attention | eager | fwd | 1 | 12 | 64 | float32 | 1.00 | 2.00 | 3 | 197-1025 |" in summary
     assert "![attention-fwd](attention-fwd.png)" in summary
 
 
@@ -136,3 +137,46 @@ def test_summary_says_how_calls_were_timed(tmp_path):
     assert "replays of CUDA graphs" in timing_line(graphed_gpu)
     write_results(tmp_path, records(), graphed_gpu, plots=False)
     assert timing_line(graphed_gpu) in (tmp_path / "summary.md").read_text()
+
+
+def test_a_run_replaces_the_plots_of_an_earlier_run_in_its_folder(tmp_path, capsys):
+    """A second run into one --out folder left the first run's figures beside its results.json: the
+    plots a write does not replace are removed, those of the harness's naming only."""
+    earlier = ["attention-fwd.png", "attention-fwd_bwd.png", "mlp-fwd.png", "patch-embed-fwd_bwd.png"]
+    theirs = ["diagram-fwd.png", "attention.png", "attention-fwd.svg", "notes.md"]  # not the harness's plots
+    for name in earlier + theirs:
+        (tmp_path / name).write_bytes(b"earlier")
+    fwd_only = [r for r in records() if r.mode == "fwd"]
+    files = write_results(tmp_path, fwd_only, meta("cpu", ["prog", "attention", "--mode", "fwd"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["attention-fwd.png", "results.csv", "results.json", "summary.md", *theirs]
+    )
+    assert (tmp_path / "attention-fwd.png").read_bytes()[:4] == b"\x89PNG"  # this run's figure
+    assert "attention-fwd_bwd.png" in capsys.readouterr().err  # the removal is said
+    assert "attention-fwd_bwd" not in (tmp_path / "summary.md").read_text()
+    # a run without plots (--no-plots, or the writes during a run) leaves none of an earlier run
+    write_results(tmp_path, fwd_only, meta("cpu", ["prog"]), plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["results.csv", "results.json", "summary.md", *theirs])
+    assert [p.name for p in files if p.suffix == ".png"] == ["attention-fwd.png"]
+
+
+def test_without_matplotlib_the_plots_are_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    files = write_results(tmp_path, records(), meta("cpu", ["prog"]))
+    assert sorted(f.name for f in files) == ["results.csv", "results.json", "summary.md"]
+    assert "plots skipped" in capsys.readouterr().err
+
+
+def test_summary_and_meta_say_what_became_of_each_suite(tmp_path):
+    status = {
+        "attention": {"status": "completed", "note": ""},
+        "mlp": {"status": "failed", "note": "ValueError: boom"},
+        "model": {"status": "not-run", "note": "the run ended before this suite started"},
+    }
+    write_results(tmp_path, records(), meta("cpu", ["prog"], suite_status=status), plots=False)
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["suite_status"] == status
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| attention | completed | 14 |  |" in summary and "| mlp | failed | 0 | ValueError: boom |" in summary
+    assert "`failed`: raised an error" in summary
+    write_results(tmp_path, records(), meta("cpu", ["prog"]), plots=False)  # a meta without it (older runs)
+    assert "## Suites" not in (tmp_path / "summary.md").read_text()

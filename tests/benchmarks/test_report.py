@@ -8,6 +8,7 @@ import pytest
 
 from fastvit.benchmarks.records import Record
 from fastvit.benchmarks.report import (
+    SLOPE_HEADER,
     TABLE_HEADER,
     fit_slope,
     format_bytes,
@@ -76,8 +77,25 @@ def test_slopes_per_series_use_only_ok_points():
     assert m.slope == pytest.approx(1.0)
     assert fits[("attention", "flash", "fwd+bwd", 1, 12, 64, "float32")] == (None, None)
     rows = slope_rows(records)
-    assert ["attention", "eager", "fwd", "2.00", "2.00", "4", "197-2305"] in rows
-    assert ["attention", "flash", "fwd+bwd", "-", "-", "1", "197-197"] in rows
+    fixed = ["1", "12", "64", "float32"]  # B, H, D, dtype
+    assert ["attention", "eager", "fwd", *fixed, "2.00", "2.00", "4", "197-2305"] in rows
+    assert ["attention", "flash", "fwd+bwd", *fixed, "-", "-", "1", "197-197"] in rows
+
+
+def test_slope_rows_show_what_each_series_holds_fixed():
+    """The mlp suite without --batch sizes each point by its token rows (batch = rows // N), so each
+    width and batch is a one-point series: the rows must say which (B, H, D), not look alike."""
+    records = [
+        Record("mlp", "eager", "fwd", n, batch, heads, 64, "float32", "cpu", ms=1.0, extra={"model": model})
+        for model, heads in (("vit_s", 6), ("vit_b", 12))
+        for batch, n in ((4, 197), (1, 1025))
+    ]
+    rows = slope_rows(records)
+    assert len({tuple(row) for row in rows}) == 4
+    assert [row[SLOPE_HEADER.index("B"):SLOPE_HEADER.index("dtype") + 1] for row in rows] == [
+        ["4", "6", "64", "float32"], ["1", "6", "64", "float32"], ["4", "12", "64", "float32"],
+        ["1", "12", "64", "float32"],
+    ]  # fmt: skip
 
 
 def test_table_rows_and_bytes():

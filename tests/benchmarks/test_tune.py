@@ -61,6 +61,36 @@ def test_tune_rejects_unknown_ops(capsys):
     assert "unknown ops" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--sizes", "8", "BATCHxTOKENS"), ("--sizes", "8x", "BATCHxTOKENS"), ("--sizes", "8:197", "BATCHxTOKENS"),
+        ("--sizes", "0x197", "BATCHxTOKENS"), ("--patch-shapes", "768", "D:p"), ("--patch-shapes", "768x16", "D:p"),
+        ("--patch-shapes", "768:16:2", "D:p"), ("--attention-shapes", "64:197", "HEAD_DIM:TOKENS:BATCHxHEADS"),
+        ("--widths", "768,x", "positive integers"), ("--batches", "-1", "positive integers"),
+        ("--modes", "bwd", "choose from fwd, fwd+bwd"), ("--modes", "fwd,train", "choose from fwd, fwd+bwd"),
+        ("--modes", ",", "choose from fwd, fwd+bwd"),
+    ],
+)  # fmt: skip
+def test_malformed_shapes_and_modes_are_one_line_errors(option, value, expected, capsys):
+    """They gave "invalid <lambda> value", or passed the parser and ended in a traceback (a size
+    without its tokens) or ran a mode that is not one (bwd, timed as training)."""
+    with pytest.raises(SystemExit) as exc:
+        tune._parser().parse_args([option, value])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"python -m benchmarks tune: error: argument {option}: ") and expected in error
+    assert "<lambda>" not in error
+
+
+def test_well_formed_shapes_and_modes_are_parsed():
+    args = tune._parser().parse_args(["--sizes", "8x197,256x197", "--patch-shapes", "768:16", "--modes", "fwd+bwd,fwd",
+                                      "--widths", "384,768", "--attention-shapes", "64:197:96"])  # fmt: skip
+    assert args.sizes == [(8, 197), (256, 197)] and args.patch_shapes == [(768, 16)]
+    assert args.modes == ["fwd+bwd", "fwd"] and args.widths == [384, 768] and args.attention_shapes == [(64, 197, 96)]
+    assert tune._parser().parse_args([]).modes == ["fwd", "fwd+bwd"]
+
+
 def test_tune_print_on_an_empty_table(tmp_path, capsys):
     assert tune.main(["--print", "--table", str(tmp_path / "none.json")]) == 0
     assert "no entries" in capsys.readouterr().out
