@@ -109,7 +109,7 @@ def patch(
     Recognised, alone or inside a larger model:
 
     - timm: ``VisionTransformer`` and the models sharing its blocks (vit_*, deit_*, deit3_* ...);
-      the attention of BEiT/BEiTv2, ``vit_relpos_*``, TinyViT, LeViT, Swin V1/V2, SAM, Hiera,
+      the attention of BEiT/BEiTv2, ``vit_relpos_*``, TinyViT, LeViT, Swin V1/V2, SAM, Hiera, SAM 2's HieraDet,
       Eva (EVA02, RoPE ViTs, timm's DINOv3), ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the
       Qwen3-VL and DeepSeek towers), PVTv2, MViTv2 and CaiT's class attention;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;

@@ -8,7 +8,8 @@ from the same blocks. The attention of the relative-position-bias families (BEiT
 (``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
 Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3:
 ``timm_eva``, RoPE as timm computes it; and timm's ``AttentionRope`` of vit_pe_*, NaFlexVit's
-RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
+RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of SAM 2's HieraDet (windowed and global,
+q pooling: ``timm_hieradet``), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
 CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of
 XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the tokens are the head dim)
 and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
@@ -54,12 +55,21 @@ except ImportError:
 try:  # AttentionRope, in timm's recent releases (vit_pe_*, NaFlexVit's RoPE, Qwen3-VL and DeepSeek towers)
     from fastvit.nn import timm_rope
 
-    _ROPE_ATTENTIONS = ((fused_table(timm_rope.FusedAttentionRope), (
+    _RECENT_ATTENTIONS = ((fused_table(timm_rope.FusedAttentionRope), (
         "qkv", "q_proj", "k_proj", "v_proj", "attn_drop", "proj", "proj_drop", "num_heads", "num_kv_heads",
         "num_kv_groups", "head_dim", "scale", "q_norm", "k_norm", "norm", "gate", "num_prefix_tokens",
     )),)  # fmt: skip
 except ImportError:
-    _ROPE_ATTENTIONS = ()
+    _RECENT_ATTENTIONS = ()
+
+try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
+    from fastvit.nn import timm_hieradet
+
+    _RECENT_ATTENTIONS += ((fused_table(timm_hieradet.FusedHieraDetAttention), (
+        "qkv", "proj", "num_heads", "scale", "q_pool", "dim_out",
+    )),)  # fmt: skip
+except ImportError:
+    pass
 
 __all__ = ["FAMILY", "find"]
 
@@ -113,7 +123,7 @@ _OTHER_ATTENTIONS = {
         (fused_table(timm_relpos.FusedLevitAttention), (*_BIASED, "qkv", "use_conv")),
         (fused_table(timm_relpos.FusedLevitAttentionDownsample), (*_BIASED, "q", "kv", "use_conv", "stride",
                                                                   "val_attn_dim")),
-        *_ROPE_ATTENTIONS,
+        *_RECENT_ATTENTIONS,
     )
     for cls in table
 }
