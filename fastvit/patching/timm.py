@@ -9,7 +9,8 @@ from the same blocks. The attention of the relative-position-bias families (BEiT
 Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3:
 ``timm_eva``, RoPE as timm computes it; and timm's ``AttentionRope`` of vit_pe_*, NaFlexVit's
 RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of SAM 2's HieraDet (windowed and global,
-q pooling: ``timm_hieradet``), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
+q pooling: ``timm_hieradet``), of the Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``),
+of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
 CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of
 XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the tokens are the head dim)
 and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
@@ -61,6 +62,16 @@ try:  # AttentionRope, in timm's recent releases (vit_pe_*, NaFlexVit's RoPE, Qw
     )),)  # fmt: skip
 except ImportError:
     _RECENT_ATTENTIONS = ()
+
+try:  # the Gemma 4 vision tower, in timm's recent releases (fastvit.nn.timm_gemma4)
+    from fastvit.nn import timm_gemma4
+
+    _RECENT_ATTENTIONS += ((fused_table(timm_gemma4.FusedGemma4Attention), (
+        "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm", "attn_drop", "proj_drop", "num_heads",
+        "num_kv_heads", "num_kv_groups", "head_dim",
+    )),)  # fmt: skip
+except ImportError:
+    pass
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
     from fastvit.nn import timm_hieradet
