@@ -350,6 +350,29 @@ def _is_transformer_block(module: nn.Module) -> bool:
     return all(isinstance(module._modules.get(name), nn.Module) for name in ("attn", "mlp"))
 
 
+# submodules an attention module projects its queries / keys with, in timm's families
+_PROJECTIONS = ("qkv", "q", "kv", "qk", "wq", "q_proj")
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a timm attention: its class named for one (``...Attention``,
+    ``...Attn``, ``Attention2d``, ``AttentionCl``) with a query / key projection submodule
+    (``_PROJECTIONS``): named in the report when no entry fuses it."""
+    name = type(module).__name__
+    return ("Attention" in name or "Attn" in name) and any(
+        isinstance(module._modules.get(p), nn.Module) for p in _PROJECTIONS
+    )
+
+
+def _reported_on_its_own(attn: object) -> bool:
+    """Whether ``find`` reports a block's ``attn`` where it visits that module: one of the fused
+    classes' originals, or another timm attention (``_is_attention``); else the block says it."""
+    cls = type(attn)
+    return cls in _ATTENTIONS or cls in _OTHER_ATTENTIONS or (
+        isinstance(attn, nn.Module) and cls.__module__.startswith("timm.") and _is_attention(attn)
+    )
+
+
 def find(model: nn.Module) -> list[Finding]:
     """What can be fused in ``model``'s timm modules (see ``fastvit.patching.registry``)."""
     findings: list[Finding] = []
@@ -362,7 +385,7 @@ def find(model: nn.Module) -> list[Finding]:
         elif cls in _BLOCKS:
             findings.append(slot(path, module, "mlp", _BLOCKS[cls], _block_problems, _block_notes))
             attn = getattr(module, "attn", None)
-            if type(attn) not in _ATTENTIONS:
+            if not _reported_on_its_own(attn):
                 findings.append(Skip(join(path, "attn"), "attention", foreign(attn, "timm's Attention")))
         elif cls in _GAMMA_BLOCKS:
             findings.append(
@@ -388,6 +411,10 @@ def find(model: nn.Module) -> list[Finding]:
             # a block of a family fastvit has no entry for: said, not left out of the report
             findings.append(Skip(path, "mlp", f"{cls.__name__} ({cls.__module__}) is not a block fastvit fuses: "
                                  "its MLP half runs timm's modules"))  # fmt: skip
+        elif path and cls.__module__.startswith("timm.") and _is_attention(module):
+            # an attention of a family fastvit has no entry for: said, not left out of the report
+            findings.append(Skip(path, "attention", f"{cls.__name__} ({cls.__module__}) is not an attention "
+                                 "fastvit fuses: it runs timm's attention"))  # fmt: skip
         elif cls.__module__ == "timm.models.fastvit" and not path:
             findings.append(
                 Skip(path, "model", "timm's fastvit_* models are Apple's FastViT, a different architecture "

@@ -332,3 +332,30 @@ def test_blocks_of_a_family_without_an_entry_are_reported():
     with pytest.raises(ValueError, match=r"(?s)nothing to patch in Twins.*blocks\.3\.0: Block \(timm\.models\.twins\) "
                        r"is not a block fastvit fuses: its MLP half runs timm's modules"):  # fmt: skip
         fastvit.patch(model)
+
+
+def test_attentions_of_a_family_without_an_entry_are_reported():
+    """A timm attention module fastvit has no entry for (Twins' LocallyGroupedAttn and
+    GlobalSubSampleAttn; MaxViT's AttentionCl, DaViT's, GCViT's, NesT's ...) is named in the report
+    with a reason, not left out of it: the blocks' entries said nothing of their attention."""
+    model = timm.create_model("twins_svt_small", pretrained=False, depths=(1, 1, 2, 1), num_classes=5)
+    with pytest.raises(ValueError) as error:
+        fastvit.patch(model)
+    for path, cls in (("blocks.0.0.attn", "LocallyGroupedAttn"), ("blocks.2.1.attn", "GlobalSubSampleAttn")):
+        assert f"attention    {path}: {cls} (timm.models.twins) is not an attention fastvit fuses" in str(error.value)
+
+
+def test_a_block_holding_another_fused_attention_is_reported_once(op_calls):
+    """timm's Block built with another attention fastvit fuses (attn_layer=AttentionRope): the
+    attention is fused and reported as replaced only (it was also listed as skipped, "not timm's
+    Attention")."""
+    attention = pytest.importorskip("timm.layers.attention")
+    if not hasattr(attention, "AttentionRope"):
+        pytest.skip("this timm has no AttentionRope")
+    reference = timm_vit(attn_layer=attention.AttentionRope).eval()
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    assert not report.skipped
+    assert [e.path for e in report.replaced if e.part == "attention"] == [f"blocks.{i}.attn" for i in range(DEPTH)]
+    assert_outputs_and_grads_match(reference, patched, images())
+    assert len(op_calls["flash_attention"]) == DEPTH
