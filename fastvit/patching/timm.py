@@ -10,7 +10,8 @@ Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's D
 ``timm_eva``, RoPE as timm computes it; and timm's ``AttentionRope`` of vit_pe_*, NaFlexVit's
 RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of SAM 2's HieraDet (windowed and global,
 q pooling: ``timm_hieradet``), of the Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``),
-of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
+of MaxViT / CoAtNet (``AttentionCl``, ``Attention2d``, their relative-position bias as the op's
+learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
 CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of
 XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the tokens are the head dim)
 and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
@@ -32,6 +33,7 @@ from fastvit.nn import (
     timm_cait,
     timm_eva,
     timm_hiera,
+    timm_maxxvit,
     timm_mlp,
     timm_mvit,
     timm_pool,
@@ -100,6 +102,7 @@ _GAMMA_BLOCKS = {
 # the other families' attentions: {class: (fused class, attributes its forward reads)}
 _QKV = ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")
 _BIASED = ("proj", "num_heads", "scale", "key_dim", "val_dim", "get_attention_biases")  # TinyViT, LeViT
+_MAXXVIT = ("qkv", "rel_pos", "attn_drop", "proj", "proj_drop", "num_heads", "dim_head", "head_first", "scale")
 _OTHER_ATTENTIONS = {
     cls: (table[cls], names)
     for table, names in (
@@ -134,6 +137,7 @@ _OTHER_ATTENTIONS = {
         (fused_table(timm_relpos.FusedLevitAttention), (*_BIASED, "qkv", "use_conv")),
         (fused_table(timm_relpos.FusedLevitAttentionDownsample), (*_BIASED, "q", "kv", "use_conv", "stride",
                                                                   "val_attn_dim")),
+        (fused_table(timm_maxxvit.FusedAttentionCl, timm_maxxvit.FusedAttention2d), _MAXXVIT),
         *_RECENT_ATTENTIONS,
     )
     for cls in table

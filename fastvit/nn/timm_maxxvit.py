@@ -1,0 +1,104 @@
+"""Fused subclasses of the attentions of timm's MaxxVit family (``maxvit_*``, ``maxxvit_*``,
+``coatnet_*``), swapped onto a model by ``fastvit.patch``.
+
+``AttentionCl`` (channels-last: MaxViT's block and grid attention, CoAtNet's transformer stages)
+and ``Attention2d`` (channels-first, 1x1-conv projections) attend over the tokens of each window,
+grid cell or stage their block hands them, with the relative-position bias of their ``rel_pos``
+module (``get_bias()``: (1, heads, N, N), learnable) or the block's ``shared_rel_pos``. The bias
+goes to ``fastvit.flash_attention`` as its float ``attn_mask``, which learns through the op's mask
+gradient; the partitions, projections and the bias tables stay as in timm. ``AttentionCl``'s q, k
+and v are views of the qkv projection; ``Attention2d``'s (B, heads, D, N) channel-first q, k, v are
+laid out token-major first (one copy each, as timm's own SDPA path makes). Importing this module
+imports timm.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.maxxvit import Attention2d, AttentionCl
+
+import fastvit
+from fastvit.nn.fused import FusedModule
+
+__all__ = ["FusedAttention2d", "FusedAttentionCl"]
+
+
+def _bias(attn: AttentionCl | Attention2d, shared_rel_pos: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive bias timm's forward adds to the scores: the module's own relative-position
+    bias, else the block's shared one, else none."""
+    if attn.rel_pos is not None:
+        return attn.rel_pos.get_bias()
+    return shared_rel_pos
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, N, D) q, k, v -> (B, H, N, D), the bias as the op's float mask when there is one."""
+    if bias is None:
+        return fastvit.flash_attention(q, k, v, scale=scale)
+    return fastvit.flash_attention(q, k, v, scale=scale, attn_mask=bias)
+
+
+class FusedAttentionCl(FusedModule, AttentionCl):
+    """timm ``AttentionCl`` running ``fastvit.flash_attention``. Same signature,
+    ``forward(x, shared_rel_pos=None)`` with x (B, ..., C) channels-last tokens (a window or grid
+    partition, (B, N, C) in CoAtNet); returns (B, ..., dim_out). Calls in training with attention
+    dropout > 0 run timm's forward.
+
+    Example:
+        >>> model = timm.create_model("maxvit_tiny_tf_224")
+        >>> fastvit.patch(model)  # the block and grid attentions become FusedAttentionCl
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
+        if self._fastvit_unfused("timm AttentionCl"):
+            return super().forward(x, shared_rel_pos=shared_rel_pos)
+        batch, restore_shape = x.shape[0], x.shape[:-1]
+        if self.head_first:  # (B, N, H, 3D) -> three (B, H, N, D) views
+            q, k, v = self.qkv(x).view(batch, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
+        else:  # (B, N, 3, H, D) -> three (B, H, N, D) views
+            q, k, v = self.qkv(x).reshape(batch, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
+        out = _attend(q, k, v, self.scale, _bias(self, shared_rel_pos))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape((*restore_shape, -1))))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.dim_head}, fastvit={self.fastvit_op}"
+
+
+class FusedAttention2d(FusedModule, Attention2d):
+    """timm ``Attention2d`` (CoAtNet's channels-first transformer stages) running
+    ``fastvit.flash_attention``. Same signature, ``forward(x, shared_rel_pos=None)`` with x
+    (B, C, H, W); returns (B, dim_out, H, W). Calls in training with attention dropout > 0 run timm's
+    forward.
+
+    Example:
+        >>> model = timm.create_model("coatnet_0_rw_224")
+        >>> fastvit.patch(model)  # the stages' Attention2d become FusedAttention2d
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
+        if self._fastvit_unfused("timm Attention2d"):
+            return super().forward(x, shared_rel_pos=shared_rel_pos)
+        batch, _, height, width = x.shape
+        if self.head_first:  # (B, H, 3D, N) -> three (B, H, D, N) views
+            q, k, v = self.qkv(x).view(batch, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
+        else:  # (B, 3, H, D, N) -> three (B, H, D, N) views
+            q, k, v = self.qkv(x).reshape(batch, 3, self.num_heads, self.dim_head, -1).unbind(1)
+        # the op reads D with a unit stride: token-major copies, as timm's SDPA path makes
+        q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
+        out = _attend(q, k, v, self.scale, _bias(self, shared_rel_pos))  # (B, H, N, D)
+        return self.proj_drop(self.proj(out.transpose(-1, -2).reshape(batch, -1, height, width)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.dim_head}, fastvit={self.fastvit_op}"

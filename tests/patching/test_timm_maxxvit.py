@@ -1,0 +1,94 @@
+"""timm's MaxxVit family patched (fastvit.nn.timm_maxxvit): MaxViT's block and grid attention and
+CoAtNet's transformer stages (``AttentionCl`` channels-last, ``Attention2d`` channels-first) run
+fastvit.flash_attention with their relative-position bias (``RelPosMlp``, ``RelPosBias``,
+``RelPosBiasTf``) as the op's learnable float mask. Outputs and every gradient (the bias tables'
+too) by the tolerance rule against the unpatched model in float64. The named models' configs,
+shrunk to two stages of width 16 / 32 on 128 x 128 images; no downloads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import assert_matches_by_the_rule, module_types, pair, perturb_, storage_map
+
+timm = pytest.importorskip("timm")
+from timm.models import maxxvit  # noqa: E402
+
+IMG = 128  # partitions of img_size / 32 = 4 x 4 tokens (window and grid), CoAtNet's last stage 8 x 8
+
+# timm config -> (fused class, its bias module, head_first)
+CONFIGS = {
+    "maxvit_rmlp_nano_rw": ("FusedAttentionCl", "RelPosMlp", True),
+    "maxvit_tiny_tf": ("FusedAttentionCl", "RelPosBiasTf", False),
+    "maxxvitv2_nano_rw": ("FusedAttentionCl", "RelPosBias", True),
+    "coatnet_nano_rw": ("FusedAttention2d", "RelPosBias", True),
+    "coatnet_rmlp_nano_rw": ("FusedAttention2d", "RelPosMlp", True),
+}
+
+
+def build(name: str, img_size: int = IMG, **transformer) -> torch.nn.Module:
+    """timm's ``name`` config with its last two stages only, widths 16 / 32, head dim 8."""
+    cfg = maxxvit.model_cfgs[name]
+    cfg = dataclasses.replace(
+        cfg, embed_dim=(16, 32), depths=(1, 1), block_type=cfg.block_type[-2:], stem_width=16,
+        transformer_cfg=dataclasses.replace(cfg.transformer_cfg, dim_head=8, **transformer),
+    )  # fmt: skip
+    return perturb_(maxxvit.MaxxVit(cfg, img_size=img_size, num_classes=5)).eval()
+
+
+def fused_attentions(model: torch.nn.Module) -> set[tuple[str, str, bool]]:
+    return {(type(m).__name__, type(m.rel_pos).__name__, m.head_first)
+            for m in model.modules() if type(m).__name__.startswith("FusedAttention")}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_unpatched_by_the_rule(name, op_calls):
+    reference = build(name)
+    patched = copy.deepcopy(reference)
+    types, storages = module_types(patched), storage_map(patched)
+    report = fastvit.patch(patched)
+    attentions = sum(type(m) in (maxxvit.AttentionCl, maxxvit.Attention2d) for m in reference.modules())
+    assert report.counts()["attention"] == attentions > 0
+    assert fused_attentions(patched) == {CONFIGS[name]}
+    assert storage_map(patched) == storages
+    assert_matches_by_the_rule(reference, patched, torch.randn(2, 3, IMG, IMG))
+    masks = [c["kwargs"]["attn_mask"] for c in op_calls["flash_attention"][-attentions:]]
+    assert all(m.requires_grad and m.dtype == torch.float32 for m in masks)  # the learnable bias, shared by the batch
+    assert all(m.shape[-2:] == (q["args"][0].shape[2],) * 2 and m.shape[-2] > 1
+               for m, q in zip(masks, op_calls["flash_attention"][-attentions:], strict=True))  # fmt: skip
+    fastvit.unpatch(patched)
+    assert module_types(patched) == types
+
+
+def test_attention_dropout_in_training_runs_timm(op_calls, fresh_warnings):
+    reference, patched, _ = pair(build("maxvit_rmlp_nano_rw", attn_drop=0.3).train())
+    x = torch.randn(2, 3, IMG, IMG)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="attention dropout"):
+        torch.manual_seed(0)
+        got = patched(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-6)
+    assert op_calls["flash_attention"] == []
+
+
+def test_compile_fullgraph(op_calls):
+    reference, patched, _ = pair(build("coatnet_rmlp_nano_rw"))
+    x = torch.randn(2, 3, IMG, IMG)
+    compiled = torch.compile(patched, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name, size", [("coatnet_rmlp_nano_rw", 32), ("maxxvitv2_nano_rw", 64)])
+def test_triton_route(name, size, op_calls):
+    # small images for the interpreter: CoAtNet attends over 8 x 8 then 4 x 4 tokens, MaxxViTv2 over
+    # 2 x 2 windows and grid cells
+    reference, patched, _ = pair(build(name, img_size=size))
+    with fastvit.backend("triton"):
+        assert_matches_by_the_rule(reference, patched, torch.randn(2, 3, size, size))
