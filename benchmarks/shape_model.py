@@ -265,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", help="a run's results.json")
     parser.add_argument("--arch", type=int, help="the GPU's SM architecture (default: from the run)")
     args = parser.parse_args(argv)
-    run_meta, records = load_results(args.results)
+    try:
+        run_meta, records = load_results(args.results)
+    except (OSError, ValueError) as error:  # a missing file, another file, a folder: one line, as compare
+        parser.error(f"{args.results}: cannot read a fastvit results.json ({error})")
     arch = args.arch or run_arch(run_meta)
     figures_rows, version = load_figures(run_meta.get("triton"))
     rows = attention_forward_rows(records, figures_rows, arch, run_meta.get("ceilings"))

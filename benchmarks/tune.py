@@ -271,7 +271,8 @@ def _modes(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="default cuda; cpu only tests the tuner (the cuda backend's CPU loops vs the interpreter)")
+                   help="default cuda; cpu only tests the tuner (the cuda backend's CPU loops vs the interpreter); "
+                        "with --print, the device an empty table's note describes (default: cuda if visible)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--ops", type=lambda s: [v for v in s.split(",") if v], default=list(OPS),
                    help=f"comma-separated, from {', '.join(OPS)}")
@@ -294,12 +295,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show(path: Path) -> int:
-    from fastvit.tuning import load_table
+def _show(path: Path, device: str) -> int:
+    """``--print``: the table; an empty one says what ``auto`` runs on ``device`` ("cpu" / "cuda")."""
+    from fastvit.tuning import device_name, load_table
 
     table = load_table(path)
     if not table["entries"]:
-        print(f"{path}: no entries (auto runs the Triton kernels everywhere)")
+        if device == "cuda":
+            gpu = device_name(torch.device("cuda")) if torch.cuda.is_available() else "a GPU"
+            note = f"auto runs the Triton kernels everywhere on {gpu}"
+        else:  # fastvit.backend.resolve_backend: auto off CUDA tensors is the torch route, table or not
+            note = f"auto runs the torch route on {device} tensors, with or without a table"
+        print(f"{path}: no entries ({note})")
         return 0
     print(path)
     for device, ops in table["entries"].items():
@@ -317,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = args.table or table_path()
     if args.show:
-        return _show(path)
+        return _show(path, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = canonical_dtype(args.dtype)
     unknown = set(args.ops) - set(OPS)
     if unknown:

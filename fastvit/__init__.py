@@ -5,11 +5,11 @@ Public API::
     fastvit.flash_attention(q, k, v, *, scale=None, causal=False, attn_mask=None, rel_pos=None, return_lse=False)
     fastvit.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, max_seqlen_q=None, ...)
     fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ...)
-    fastvit.patch_embed(x, weight, bias=None, *, pos_embed=None, prefix_tokens=None)
-    fastvit.axial_attention(q, k, v, grid, num_prefix_tokens=0)     # the axial baseline
-    fastvit.window_attention(q, k, v, grid, window, *, shift=0, num_prefix_tokens=0)  # (shifted) windows
+    fastvit.patch_embed(x, weight, bias=None, *, pos_embed=None, prefix_tokens=None, dynamic_img_pad=False)
+    fastvit.axial_attention(q, k, v, grid, num_prefix_tokens=0, *, scale=None)  # the axial baseline
+    fastvit.window_attention(q, k, v, grid, window, *, shift=0, num_prefix_tokens=0, scale=None)  # (shifted) windows
     fastvit.rotary_qk(q, k, rope, *, num_prefix_tokens=0, rotate_half=False)  # timm's RoPE of q and k, one pass
-    report = fastvit.patch(model); fastvit.unpatch(model)
+    report = fastvit.patch(model, *, attention=True, patch_embed=True, mlp=True); fastvit.unpatch(model)
     with fastvit.backend("auto" | "triton" | "torch" | "cuda"): ...
 """
 

@@ -60,7 +60,19 @@ _warned: set[str] = set()
 
 
 class FastvitFallbackWarning(UserWarning):
-    """A valid call the fused kernels do not cover ran on the ``torch`` route instead."""
+    """A valid call the fused kernels do not cover ran on the ``torch`` route instead.
+
+    Emitted once per process for each reason (``warn_once``).
+
+    Example:
+        >>> import warnings
+        >>> q, k, v = torch.randn(3, 1, 2, 16, 512, device="cuda", dtype=torch.bfloat16).unbind(0)  # head dim 512
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", fastvit.FastvitFallbackWarning)  # make a fallback an error
+        ...     fastvit.flash_attention(q, k, v)
+        Traceback (most recent call last):
+        FastvitFallbackWarning: fastvit.flash_attention: the Triton kernels do not cover head_dim 512 > 256; ...
+    """
 
 
 def _check_name(name: object, source: str) -> str:
@@ -81,8 +93,9 @@ def backend(name: str) -> Iterator[None]:
         name: ``"auto"``, ``"triton"``, ``"torch"`` or ``"cuda"``.
 
     Example:
+        >>> q, k, v = torch.randn(3, 2, 12, 197, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
         >>> with fastvit.backend("torch"):
-        ...     out = fastvit.flash_attention(q, k, v)
+        ...     out = fastvit.flash_attention(q, k, v)  # PyTorch's SDPA, whatever auto would pick
     """
     global _open_blocks
     name = _check_name(name, "backend name")
@@ -106,7 +119,15 @@ _DYNAMO_READS_CONTEXT_VARS = tuple(int(p) for p in torch.__version__.split("+")[
 
 def current_backend() -> str:
     """The selected backend name: the innermost ``backend()`` block of this thread, else the latest block
-    open in another thread, else ``FASTVIT_BACKEND``, else auto."""
+    open in another thread, else ``FASTVIT_BACKEND``, else auto.
+
+    Example:
+        >>> fastvit.current_backend()  # no block open, FASTVIT_BACKEND unset
+        'auto'
+        >>> with fastvit.backend("torch"):
+        ...     fastvit.current_backend()
+        'torch'
+    """
     if _DYNAMO_READS_CONTEXT_VARS or not torch.compiler.is_compiling():
         name = _selected.get()
         if name is not None:

@@ -27,6 +27,10 @@ class AxialAttention(GridAttention):
         grid_size: (h, w) of the token grid; None: a square grid inferred from N at each call.
         num_prefix_tokens: P, the cls / distillation / register tokens before the grid.
 
+    dtypes: the parameters are created in the default dtype (``.to(dtype)`` moves them); x must
+    have their dtype (fp16, bf16, fp32; float64 runs the ``torch`` route), and the output has it.
+    Under autocast the projections and the attention run in the autocast dtype, as does the output.
+
     Example:
         >>> attn = fastvit.nn.AxialAttention(768, num_heads=12, num_prefix_tokens=1)
         >>> y = attn(torch.randn(2, 197, 768))  # 14 x 14 grid inferred; y: (2, 197, 768)

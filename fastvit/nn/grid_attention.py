@@ -68,7 +68,13 @@ class GridAttention(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v, grid)")
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """x: (B, N, C) tokens; grid: (h, w) for this call (default: grid_size, else square)."""
+        """x: (B, N, C) tokens; grid: (h, w) for this call (default: grid_size, else square).
+
+        Returns (B, N, C). dtype: x must have the dtype of the ``qkv`` / ``proj`` weights (as for
+        nn.Linear), and the output has it: fp16, bf16 and fp32 (the Triton kernels' dtypes), or
+        float64 (the ``torch`` route). Under autocast the projections and the attention run in the
+        autocast dtype, and so does the output (fp32 x and weights included).
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
         B, N, C = x.shape

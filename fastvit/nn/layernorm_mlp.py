@@ -38,15 +38,18 @@ class FusedLayerNormMLP(nn.Module):
         init_values: LayerScale init (timm's name); None for no layer scale.
         drop_path: stochastic-depth rate: in training, each sample's branch is dropped with this
             probability and the kept ones scaled by 1 / (1 - drop_path), as timm's DropPath.
+        device, dtype: of the new parameters (norm, fc1, fc2, layer scale), as for nn.Linear.
 
     Shapes: x (..., D) -> (..., D); ``forward(x, sample_scale=None)`` also takes an explicit
     (x.shape[0],) per-sample factor, multiplied with drop-path's.
 
     Example:
-        >>> mlp = FusedLayerNormMLP(768, mlp_ratio=4.0, init_values=1e-5, drop_path=0.1).cuda()
+        >>> mlp = fastvit.nn.FusedLayerNormMLP(768, mlp_ratio=4.0, init_values=1e-5, drop_path=0.1).cuda()
         >>> y = mlp(torch.randn(8, 197, 768, device="cuda"))          # (8, 197, 768)
-        >>> fused = FusedLayerNormMLP.from_modules(block.norm2, block.mlp.fc1, block.mlp.fc2, block.ls2)
-        >>> swiglu = FusedLayerNormMLP(1024, 2816, norm="rms", activation="silu", gated=True)  # AIMv2-large
+        >>> import timm
+        >>> block = timm.create_model("deit3_small_patch16_224").blocks[0]  # a block with LayerScale
+        >>> fused = fastvit.nn.FusedLayerNormMLP.from_modules(block.norm2, block.mlp.fc1, block.mlp.fc2, block.ls2)
+        >>> swiglu = fastvit.nn.FusedLayerNormMLP(1024, 2816, norm="rms", activation="silu", gated=True)  # AIMv2-large
     """
 
     def __init__(
@@ -129,6 +132,20 @@ class FusedLayerNormMLP(nn.Module):
             approximate, activation, residual, drop_path: as in the constructor.
             gated: a gated MLP (implied by ``fc1_gate``).
             fc1_gate: the gate projection of a two-linear gated MLP (registered as ``fc1_gate``).
+
+        Returns:
+            A ``FusedLayerNormMLP`` whose ``norm``, ``fc1``, ``fc2`` (``fc1_gate``, ``ls``) are the
+            given modules themselves: it shares their Parameters, and its forward computes
+            ``x + layer_scale * fc2(act(fc1(norm(x))))`` as one op.
+
+        Example:
+            >>> norm = torch.nn.LayerNorm(384, eps=1e-6)
+            >>> fc1, fc2 = torch.nn.Linear(384, 1536), torch.nn.Linear(1536, 384)
+            >>> mlp = fastvit.nn.FusedLayerNormMLP.from_modules(norm, fc1, fc2)
+            >>> mlp.fc1 is fc1
+            True
+            >>> x = torch.randn(2, 197, 384)
+            >>> torch.testing.assert_close(mlp(x), x + fc2(torch.nn.functional.gelu(fc1(norm(x)))))
         """
         # exact types: the fused op reads the weights, so a subclass's own forward would be ignored
         if type(norm) not in (*_layernorm_types(), nn.RMSNorm) or len(norm.normalized_shape) != 1:
@@ -200,6 +217,27 @@ class FusedLayerNormMLP(nn.Module):
         return x.new_empty((x.shape[0],)).bernoulli_(keep).div_(keep)
 
     def forward(self, x: torch.Tensor, sample_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x + drop_path(sample_scale * layer_scale * fc2(act(fc1(norm(x)))))``, one op.
+
+        Args:
+            x: (..., D) tokens, e.g. (B, N, D) or (T, D). Outside autocast in the parameters' dtype
+                (the norm's may be fp32 with fp16 / bf16 x, F.layer_norm's mix); fp16, bf16 and
+                fp32 run the kernels, float64 the ``torch`` route.
+            sample_scale: (x.shape[0],) per-sample factor on the branch, in x's dtype (needs a
+                leading batch dim), multiplied with drop-path's own in training; or None.
+
+        Returns:
+            x's shape (the branch alone with ``residual=False``). dtype: x's outside autocast;
+            under autocast that of ``fastvit.layernorm_mlp`` (fp32 for an fp32 residual stream,
+            the autocast dtype for ``residual=False`` with no fp32 scale).
+
+        Example:
+            >>> mlp = fastvit.nn.FusedLayerNormMLP(384).train()  # drop_path=0: no dropped samples
+            >>> x = torch.randn(2, 197, 384)
+            >>> y = mlp(x, sample_scale=torch.tensor([1.0, 0.0]))  # sample 1's branch off
+            >>> torch.equal(y[1], x[1]), y.shape, y.dtype
+            (True, torch.Size([2, 197, 384]), torch.float32)
+        """
         drop = self._drop_path_scale(x) if x.dim() >= 2 else None
         if drop is not None:
             sample_scale = drop if sample_scale is None else sample_scale * drop

@@ -42,7 +42,7 @@ class FusedPatchEmbed(nn.Module):
         device, dtype: of the new projection.
 
     Example:
-        >>> embed = FusedPatchEmbed(224, 16, 3, 768).cuda()
+        >>> embed = fastvit.nn.FusedPatchEmbed(224, 16, 3, 768).cuda()
         >>> cls, pos = torch.zeros(1, 1, 768).cuda(), torch.zeros(1, 197, 768).cuda()
         >>> embed(torch.randn(2, 3, 224, 224).cuda(), pos_embed=pos, prefix_tokens=cls).shape
         torch.Size([2, 197, 768])
@@ -107,9 +107,21 @@ class FusedPatchEmbed(nn.Module):
                 module this one replaces (``"proj"``, ``"conv_proj"``, ``"projection"``).
             img_size, strict_img_size, dynamic_img_pad: as in the constructor.
 
+        Returns:
+            A ``FusedPatchEmbed`` holding ``conv`` itself (same object, same Parameters) as
+            ``self.<name>``.
+
         Raises:
             TypeError: not exactly an nn.Conv2d (a subclass's forward would be ignored).
             ValueError: the conv is not a non-overlapping square patchifier.
+
+        Example:
+            >>> conv = torch.nn.Conv2d(3, 768, kernel_size=16, stride=16)  # e.g. torchvision's conv_proj
+            >>> embed = fastvit.nn.FusedPatchEmbed.from_conv(conv, name="conv_proj", img_size=224)
+            >>> embed.conv_proj is conv, list(embed.state_dict())
+            (True, ['conv_proj.weight', 'conv_proj.bias'])
+            >>> embed(torch.randn(2, 3, 224, 224)).shape  # no prefix tokens, no pos_embed
+            torch.Size([2, 196, 768])
         """
         if type(conv) is not nn.Conv2d:  # a subclass (timm's StdConv2d) computes something else
             raise TypeError(
@@ -156,6 +168,24 @@ class FusedPatchEmbed(nn.Module):
             x: images, contiguous or channels_last.
             pos_embed: (1, P+N, D) or (1, N, D) (patches only), owned by the model; or None.
             prefix_tokens: (1, P, D) cls / distillation / register tokens, owned by the model; or None.
+
+        Returns:
+            (B, P+N, D) tokens, N = (H / p) * (W / p) (rounded up with ``dynamic_img_pad``).
+
+        dtypes: outside autocast x, pos_embed and prefix_tokens must have the projection's dtype,
+        and the tokens have it (fp16, bf16 and fp32 run the kernels, float64 the ``torch`` route).
+        Under autocast the projection runs in the autocast dtype and the tokens take it, promoted
+        with pos_embed's and prefix_tokens' (fp32 model parameters give fp32 tokens), as in
+        ``fastvit.patch_embed``.
+
+        Example:
+            >>> embed = fastvit.nn.FusedPatchEmbed(224, 16, 3, 768)
+            >>> cls, pos = torch.zeros(1, 1, 768), torch.zeros(1, 197, 768)
+            >>> embed(torch.randn(2, 3, 224, 224), pos_embed=pos, prefix_tokens=cls).shape
+            torch.Size([2, 197, 768])
+            >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+            ...     embed(torch.randn(2, 3, 224, 224)).dtype  # no fp32 pos_embed to promote with
+            torch.bfloat16
         """
         strict = x.dim() == 4 and self.img_size is not None and self.strict_img_size
         if strict and tuple(x.shape[-2:]) != self.img_size:

@@ -31,6 +31,10 @@ class WindowAttention(GridAttention):
         proj_bias: bias in the output projection.
         grid_size: (h, w) of the token grid; None: a square grid inferred from N at each call.
 
+    dtypes: the parameters are created in the default dtype (``.to(dtype)`` moves them); x must
+    have their dtype (fp16, bf16, fp32; float64 runs the ``torch`` route), and the output has it.
+    Under autocast the projections and the attention run in the autocast dtype, as does the output.
+
     Example:
         >>> attn = fastvit.nn.WindowAttention(96, num_heads=3, window=7, shift=3)  # Swin-T, SW-MSA
         >>> y = attn(torch.randn(2, 56 * 56, 96))  # 56 x 56 grid inferred; y: (2, 3136, 96)

@@ -407,7 +407,10 @@ def flash_attention(
 
     Returns:
         ``out`` (B, H, N, D) in q's dtype, or ``(out, lse)`` with ``lse`` (B, H, N) float32,
-        returned without gradient. A query row that may attend to no key (fully masked) gets
+        returned without gradient. Where the Triton kernels run, ``out`` is laid out as
+        (B, N, H, D) in memory, so ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view; on the
+        ``torch`` route it is SDPA's own output (on the CPU a contiguous (B, H, N, D): that
+        reshape copies). A query row that may attend to no key (fully masked) gets
         zeros, zero gradients and lse = -inf, never NaN. Otherwise a NaN in a query row gives
         NaN in that output row on every route (the torch route restores it where PyTorch's CPU
         SDPA gives zeros). The fused routes have first derivatives only: a double backward raises
@@ -441,7 +444,7 @@ def flash_attention(
         >>> table = torch.zeros(1, 12, 197, 197, device="cuda", requires_grad=True)
         >>> fastvit.flash_attention(q, k, v, attn_mask=table).sum().backward()  # table.grad
         >>> q, k, v = torch.randn(3, 2, 12, 196, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
-        >>> rel_h = torch.randn(2, 12, 196, 14, device="cuda")               # 14 x 14 key grid
+        >>> rel_h = torch.randn(2, 12, 196, 14, device="cuda", dtype=q.dtype)  # 14 x 14 key grid, q's dtype
         >>> out = fastvit.flash_attention(q, k, v, rel_pos=(rel_h, rel_h.clone()))
     """
     check_flags(causal=causal, return_lse=return_lse)

@@ -342,6 +342,7 @@ def flash_attention_varlen(
         ending at the total tokens; ``max_seqlen_*`` not a non-negative int.
 
     Example:
+        >>> import torch.nn.functional as F
         >>> lens = torch.tensor([197, 50, 65])                       # three images, own sizes
         >>> cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32).cuda()  # [0, 197, 247, 312]
         >>> qkv = torch.randn(312, 3, 12, 64, device="cuda", dtype=torch.bfloat16)

@@ -531,14 +531,18 @@ def layernorm_mlp(
     ``F.linear``), norm statistics in fp32. Differentiable in every tensor argument.
 
     Example:
-        >>> mlp = torch.nn.ModuleDict(dict(norm=nn.LayerNorm(768, eps=1e-6), fc1=nn.Linear(768, 3072),
-        ...                                fc2=nn.Linear(3072, 768))).cuda().bfloat16()
+        >>> from torch import nn
+        >>> mlp = nn.ModuleDict(dict(norm=nn.LayerNorm(768, eps=1e-6), fc1=nn.Linear(768, 3072),
+        ...                          fc2=nn.Linear(3072, 768))).cuda().bfloat16()
         >>> x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16)
         >>> y = fastvit.layernorm_mlp(x, mlp.norm.weight, mlp.norm.bias, mlp.fc1.weight, mlp.fc1.bias,
         ...                           mlp.fc2.weight, mlp.fc2.bias)   # (8, 197, 768)
         >>> # SwiGLU with RMSNorm (AIMv2): gate_proj / up_proj as two weights
-        >>> y = fastvit.layernorm_mlp(x, rms.weight, None, up.weight, None, down.weight, None, eps=1e-5,
-        ...                           norm="rms", activation="silu", fc1_gate_weight=gate.weight)
+        >>> glu = nn.ModuleDict(dict(rms=nn.RMSNorm(768, eps=1e-5), gate=nn.Linear(768, 2048, bias=False),
+        ...                          up=nn.Linear(768, 2048, bias=False),
+        ...                          down=nn.Linear(2048, 768, bias=False))).cuda().bfloat16()
+        >>> y = fastvit.layernorm_mlp(x, glu.rms.weight, None, glu.up.weight, None, glu.down.weight, None,
+        ...                           eps=1e-5, norm="rms", activation="silu", fc1_gate_weight=glu.gate.weight)
     """
     activation = resolve_activation(approximate, activation)
     gated = fc1_gate_weight is not None if gated is None else gated

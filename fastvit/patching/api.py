@@ -136,7 +136,11 @@ def patch(
 
     Returns:
         A ``PatchReport``: ``replaced``, ``skipped`` (with reasons) and ``already_patched``;
-        ``print(report)`` gives a short table. Patching a patched model again is a no-op.
+        ``print(report)`` gives a short table. Patching a patched model again changes nothing
+        (its modules are listed in ``already_patched``), except where a submodule that a fused
+        module reads without calling (an MLP's ``fc1``, a patch projection) was replaced since:
+        that module is fused anew over the new submodule if it qualifies (listed in
+        ``replaced``, "fused anew") or listed in ``skipped`` if not.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a flag is not a bool.
@@ -144,6 +148,7 @@ def patch(
             asked for, or the model has tensors on the meta device. The model is then unchanged.
 
     Example:
+        >>> import timm
         >>> model = timm.create_model("vit_base_patch16_224", pretrained=True).cuda()
         >>> print(fastvit.patch(model))
         >>> fastvit.unpatch(model)  # back to timm's own modules
@@ -214,16 +219,24 @@ def unpatch(model: nn.Module) -> PatchReport:
     ``ParametrizedFusedX``, FSDP2's ``FSDPFusedX``) gets the same derivation of its original
     (``ParametrizedX``, ``FSDPX``; ``fastvit.nn.fused.unfused_class``).
 
+    Args:
+        model: the ``nn.Module`` that ``fastvit.patch`` patched (or any module holding patched
+            modules; every fused module inside it is restored, and the Hugging Face configs
+            ``patch`` switched get their previous ``attn_implementation`` back).
+
     Returns:
         A ``PatchReport`` whose ``replaced`` lists the modules restored.
 
     Raises:
-        TypeError: a module's class cannot be restored (e.g. a subclass of a fused class whose
-            methods call ``super()``); the message names it, and the model is left unchanged.
+        TypeError: ``model`` is not an ``nn.Module``, or a module's class cannot be restored (e.g.
+            a subclass of a fused class whose methods call ``super()``); the message names it, and
+            the model is left unchanged.
 
     Example:
+        >>> import timm
+        >>> model = timm.create_model("vit_base_patch16_224")
         >>> report = fastvit.patch(model)
-        >>> fastvit.unpatch(model)
+        >>> print(fastvit.unpatch(model))  # fastvit.unpatch(VisionTransformer): 25 restored ...
     """
     _check_model(model, "unpatch")
     restored = []

@@ -40,7 +40,20 @@ class PatchReport:
         action: ``"patch"`` or ``"unpatch"``.
         replaced: modules now running fused ops (for unpatch: the modules restored).
         skipped: modules left as they are, each with its reason.
-        already_patched: modules a previous ``patch`` call had replaced (patching twice is a no-op).
+        already_patched: modules a previous ``patch`` call had replaced and that this call left as
+            they are (one whose bypassed submodule was replaced since is fused anew: ``replaced``).
+
+    Example:
+        >>> import timm
+        >>> report = fastvit.patch(timm.create_model("vit_base_patch16_224"))
+        >>> print(report)  # the header line, then one row per group of modules
+        fastvit.patch(VisionTransformer): 25 replaced, 0 skipped
+          replaced:
+            patch_embed  (model)              VisionTransformer -> FusedVisionTransformer (fastvit.patch_embed)
+            attention    blocks.*.attn (x12)  Attention -> FusedAttention (fastvit.flash_attention)
+            mlp          blocks.* (x12)       Block -> FusedBlock (fastvit.layernorm_mlp)
+        >>> report.counts(), [e.path for e in report.replaced][:3]
+        ({'patch_embed': 1, 'mlp': 12, 'attention': 12}, ['', 'blocks.0', 'blocks.0.attn'])
     """
 
     model: str
@@ -50,7 +63,13 @@ class PatchReport:
     already_patched: list[PatchEntry] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """How many modules were replaced (restored, for unpatch) per part."""
+        """How many modules were replaced (restored, for unpatch) per part.
+
+        Example:
+            >>> import timm
+            >>> fastvit.patch(timm.create_model("vit_base_patch16_224")).counts()
+            {'patch_embed': 1, 'mlp': 12, 'attention': 12}
+        """
         return dict(Counter(entry.part for entry in self.replaced))
 
     def __str__(self) -> str:

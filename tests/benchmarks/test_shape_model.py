@@ -193,3 +193,20 @@ def test_the_command_on_a_gpu_run(tmp_path, capsys):
     section = "\n".join(_shape_model_section(records, run_meta))
     assert "## Shape model" in section and "| 2305 | 4 x 12 | 64 | 0.339 |" in section
     assert _shape_model_section(records, {**run_meta, "device": "cpu"}) == []
+
+
+def test_the_command_says_in_one_line_what_it_cannot_read(tmp_path, capsys):
+    """A missing file, a file that is not a results.json or a folder ended in a traceback
+    (FileNotFoundError, JSONDecodeError, IsADirectoryError); now a one-line error, exit code 2,
+    as ``compare`` gives."""
+    from fastvit.benchmarks import cli
+
+    summary = tmp_path / "summary.md"
+    summary.write_text("# not a results.json\n")
+    for bad in (tmp_path / "missing.json", summary, tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["shape-model", str(bad)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("python -m benchmarks shape-model: error: ") and str(bad) in err[-1]
+        assert "cannot read a fastvit results.json" in err[-1] and "Traceback" not in "\n".join(err)

@@ -108,3 +108,22 @@ def test_default_shapes_cover_the_vit_widths():
     head_dims = {p.key.split(",")[0] for p in points if p.op == "flash_attention"}
     assert head_dims == {"D=64", "D=80", "D=128"}  # ViT-B/L, ViT-H (80 pads to 128) and ViT-g
     assert all(p.backends == ("triton", "torch") for p in points if p.op == "flash_attention")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_tune_print_on_an_empty_table_says_what_auto_runs_on_the_device(device, tmp_path, capsys, monkeypatch):
+    """It said "auto runs the Triton kernels everywhere" on the CPU too, where ``auto`` runs the
+    torch route whatever the table holds (``fastvit.backend.resolve_backend``)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA H100 80GB HBM3" if d.type == "cuda" else d.type)
+    assert tune.main(["--print", "--table", str(tmp_path / "none.json")]) == 0
+    out = capsys.readouterr().out
+    assert "no entries" in out
+    if device == "cuda":
+        assert "auto runs the Triton kernels everywhere on NVIDIA H100 80GB HBM3" in out
+    else:
+        assert "Triton kernels everywhere" not in out and "auto runs the torch route on cpu tensors" in out
+    # --device names the device to describe, whatever this machine has
+    other = "cpu" if device == "cuda" else "cuda"
+    assert tune.main(["--print", "--device", other, "--table", str(tmp_path / "none.json")]) == 0
+    assert ("Triton kernels everywhere" in capsys.readouterr().out) == (other == "cuda")
