@@ -1,39 +1,84 @@
-"""The MLP half of timm's Eva and BEiT blocks as one ``fastvit.layernorm_mlp`` call.
+"""The MLP half of timm's pre-norm blocks as one ``fastvit.layernorm_mlp`` call.
 
-Both blocks end in ``x + drop_path2(gamma_2 * mlp(norm2(x)))``: ``gamma_2`` is a bare (D,)
-Parameter or None (not a ``LayerScale`` module), ``mlp`` is one of timm's
+timm's ViT ``Block`` ends in ``x + drop_path2(ls2(mlp(norm2(x))))`` (``ls2`` a ``LayerScale`` or
+Identity), Eva's and BEiT's blocks in ``x + drop_path2(gamma_2 * mlp(norm2(x)))`` (``gamma_2`` a
+bare (D,) Parameter or None); ``norm2`` is a LayerNorm or timm's ``RmsNorm`` (AIMv2), ``mlp`` one of
+timm's
 
 - ``Mlp``: fc2(act(fc1(x))), act GELU (erf or tanh), QuickGELU or SiLU;
 - ``GluMlp`` (Eva's packed SwiGLU, ``gate_last=False``): fc1 packed [gate; value], fc2(act(gate) * value),
   the op's packed layout; ``gate_last=True`` ([value; gate]) passes row views of fc1 (no copies);
 - ``SwiGLU``: fc2(act(fc1_g(x)) * fc1_x(x)), fc1_x the value and fc1_g the gate projection.
 
-``gamma_2`` goes to the op as ``layer_scale``, ``drop_path2`` as ``sample_scale`` (the same
+The layer scale goes to the op as ``layer_scale``, ``drop_path2`` as ``sample_scale`` (the same
 Bernoulli draws as timm's ``DropPath``, so a seeded training step matches timm exactly). What the
 op cannot express (``scale_mlp``'s norm between the activation and fc2, a post-norm block) is
 reported and left alone by ``fastvit/patching/timm.py``. The fused block classes live beside their
-attention: ``fastvit.nn.timm_eva`` (``EvaBlock``) and ``fastvit.nn.timm_relpos`` (BEiT's ``Block``).
-Importing this module imports timm.
+attention: ``fastvit.nn.timm_vit`` (``Block``), ``fastvit.nn.timm_eva`` (``EvaBlock``) and
+``fastvit.nn.timm_relpos`` (BEiT's ``Block``). Importing this module imports timm.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import GluMlp, SwiGLU
+from timm.layers import DropPath, GluMlp, RmsNorm, SwiGLU
+from timm.layers.activations import GELU as TimmGELU
+from timm.layers.activations import GELUTanh as TimmGELUTanh
 from timm.layers.activations import QuickGELU
 
 import fastvit
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
-from fastvit.nn.timm_vit import drop_path_scale, gelu_approximate
 from fastvit.ops._fx import method_leaf
 
-__all__ = ["MLP_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "mlp_activation", "mlp_arguments"]
+__all__ = [
+    "MLP_BYPASSED", "RMS_NORMS", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "drop_path_scale", "gelu_approximate",
+    "mlp_activation", "mlp_arguments", "norm_arguments",
+]  # fmt: skip
 
 # the submodules the fused half reads without calling them (FusedModule.fastvit_bypassed)
 _SHARED = ("norm2", "mlp", "mlp.act", "mlp.drop1", "mlp.norm", "mlp.fc2", "mlp.drop2", "drop_path2")
 MLP_BYPASSED = (*_SHARED, "mlp.fc1")  # Mlp, GluMlp
 SWIGLU_BYPASSED = (*_SHARED, "mlp.fc1_g", "mlp.fc1_x")  # SwiGLU
+
+
+# RMS norms the op computes as timm's (over the last dim, an optional weight, no bias)
+RMS_NORMS = (RmsNorm, nn.RMSNorm)
+
+
+def gelu_approximate(act: nn.Module) -> str | None:
+    """``"none"`` / ``"tanh"`` for the GELU modules timm builds, None for any other activation."""
+    if type(act) is nn.GELU:
+        return act.approximate
+    if type(act) is TimmGELU:
+        return "none"
+    if type(act) is TimmGELUTanh:
+        return "tanh"
+    return None
+
+
+def drop_path_scale(drop_path: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """timm's drop-path mask as the op's per-sample ``sample_scale`` (B,), or None when inactive.
+
+    Draws exactly what ``timm.layers.drop_path`` draws (B Bernoulli samples in x's dtype, divided
+    by keep_prob when ``scale_by_keep``), so a seeded run matches the unpatched block.
+    """
+    if not isinstance(drop_path, DropPath) or not dropout_active(drop_path.drop_prob, drop_path.training):
+        return None
+    keep_prob = 1.0 - drop_path.drop_prob
+    scale = x.new_empty((x.shape[0],)).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and drop_path.scale_by_keep:
+        scale.div_(keep_prob)
+    return scale
+
+
+def norm_arguments(norm: nn.Module) -> dict[str, torch.Tensor | float | str | None]:
+    """``fastvit.layernorm_mlp``'s norm arguments for a block's LayerNorm or RMS norm (``RMS_NORMS``;
+    the patcher has checked which)."""
+    if isinstance(norm, RMS_NORMS):
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # nn.RMSNorm's default
+        return {"norm_weight": norm.weight, "norm_bias": None, "eps": eps, "norm": "rms"}
+    return {"norm_weight": norm.weight, "norm_bias": norm.bias, "eps": norm.eps}
 
 
 def mlp_activation(act: nn.Module) -> str | None:
@@ -69,8 +114,10 @@ def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]
 
 
 class FusedGammaMlpHalf(FusedModule):
-    """What the fused Eva and BEiT blocks share: ``_fastvit_mlp_half(x)`` computes
-    ``x + drop_path2(gamma_2 * mlp(norm2(x)))`` with one op call.
+    """What the fused timm blocks share: ``_fastvit_mlp_half(x)`` computes
+    ``x + drop_path2(layer_scale * mlp(norm2(x)))`` with one op call (Eva / BEiT: ``gamma_2``, the
+    default here; timm's ``Block`` overrides ``_fastvit_original_half`` and ``_fastvit_layer_scale``
+    for its ``ls2``).
 
     Calls the op does not cover (MLP dropout active in training, a hook on or a replacement of a
     bypassed submodule) run timm's modules in timm's order.
@@ -85,6 +132,10 @@ class FusedGammaMlpHalf(FusedModule):
         if self.gamma_2 is not None:
             x_mlp = self.gamma_2 * x_mlp
         return x + self.drop_path2(x_mlp)
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        """The (D,) layer scale of the MLP branch, or None."""
+        return self.gamma_2
 
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): the block's MLP half, fused."""
@@ -110,10 +161,11 @@ class FusedGammaMlpHalf(FusedModule):
             )
             return self._fastvit_original_half(x)
         return fastvit.layernorm_mlp(
-            x, norm.weight, norm.bias, eps=norm.eps, layer_scale=self.gamma_2,
-            sample_scale=drop_path_scale(self.drop_path2, x), **mlp_arguments(mlp),
+            x, layer_scale=self._fastvit_layer_scale(), sample_scale=drop_path_scale(self.drop_path2, x),
+            **norm_arguments(norm), **mlp_arguments(mlp),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        kind = type(self.mlp).__name__
-        return f"dim={self.norm2.normalized_shape[0]}, eps={self.norm2.eps}, mlp={kind}, fastvit={self.fastvit_op}"
+        kind, norm = type(self.mlp).__name__, self.norm2
+        rms = ", norm=rms" if isinstance(norm, RMS_NORMS) else ""
+        return f"dim={norm.normalized_shape[0]}, eps={norm.eps}{rms}, mlp={kind}, fastvit={self.fastvit_op}"

@@ -10,53 +10,29 @@ Importing this module imports timm.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from timm.layers import Attention, DropPath, LayerScale, resample_abs_pos_embed
-from timm.layers.activations import GELU as TimmGELU
-from timm.layers.activations import GELUTanh as TimmGELUTanh
+from timm.layers import Attention, LayerScale, resample_abs_pos_embed
 from timm.models._manipulate import checkpoint_seq
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
-from fastvit.ops._fx import method_leaf
+from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_mlp import (
+    MLP_BYPASSED,
+    SWIGLU_BYPASSED,
+    FusedGammaMlpHalf,
+    drop_path_scale,  # noqa: F401 (fastvit.nn.timm_vit.drop_path_scale: where it lived)
+    gelu_approximate,  # noqa: F401 (fastvit.nn.timm_vit.gelu_approximate: where it lived)
+)
 
 __all__ = [
     "FusedAttention",
     "FusedBlock",
+    "FusedSwiGLUBlock",
     "FusedVisionTransformer",
     "FusedVisionTransformerDistilled",
-    "drop_path_scale",
-    "gelu_approximate",
 ]
-
-
-def gelu_approximate(act: nn.Module) -> str | None:
-    """``"none"`` / ``"tanh"`` for the GELU modules timm builds, None for any other activation."""
-    if type(act) is nn.GELU:
-        return act.approximate
-    if type(act) is TimmGELU:
-        return "none"
-    if type(act) is TimmGELUTanh:
-        return "tanh"
-    return None
-
-
-def drop_path_scale(drop_path: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """timm's drop-path mask as the op's per-sample ``sample_scale`` (B,), or None when inactive.
-
-    Draws exactly what ``timm.layers.drop_path`` draws (B Bernoulli samples in x's dtype, divided
-    by keep_prob when ``scale_by_keep``), so a seeded run matches the unpatched block.
-    """
-    if not isinstance(drop_path, DropPath) or not dropout_active(drop_path.drop_prob, drop_path.training):
-        return None
-    keep_prob = 1.0 - drop_path.drop_prob
-    scale = x.new_empty((x.shape[0],)).bernoulli_(keep_prob)
-    if keep_prob > 0.0 and drop_path.scale_by_keep:
-        scale.div_(keep_prob)
-    return scale
 
 
 class FusedAttention(FusedModule, Attention):
@@ -92,19 +68,15 @@ class FusedAttention(FusedModule, Attention):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
 
 
-class FusedBlock(FusedModule, Block):
-    """timm pre-norm ``Block`` whose second half, ``x + drop_path2(ls2(mlp(norm2(x))))``, is one
-    ``fastvit.layernorm_mlp`` call (LayerScale as ``layer_scale``, drop-path as ``sample_scale``).
+class _BlockForward(FusedGammaMlpHalf):
+    """timm's pre-norm ``Block`` whose second half, ``x + drop_path2(ls2(mlp(norm2(x))))``, is one
+    ``fastvit.layernorm_mlp`` call (``fastvit.nn.timm_mlp.FusedGammaMlpHalf``: LayerScale as
+    ``layer_scale``, drop-path as ``sample_scale``, a LayerNorm or timm's ``RmsNorm``, an ``Mlp``,
+    ``GluMlp`` or ``SwiGLU``).
 
     The attention half runs as in timm (through ``self.attn``, fused or not). In training with MLP
     dropout > 0 the second half runs timm's modules.
     """
-
-    fastvit_part = "mlp"
-    fastvit_op = "layernorm_mlp"
-    fastvit_bypassed = (
-        "norm2", "mlp", "mlp.fc1", "mlp.act", "mlp.drop1", "mlp.norm", "mlp.fc2", "mlp.drop2", "ls2", "drop_path2"
-    )  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -120,39 +92,22 @@ class FusedBlock(FusedModule, Block):
         """timm's second half, module by module."""
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + drop_path2(ls2(mlp(norm2(x))))``: one ``fastvit.layernorm_mlp`` call, or timm's modules."""
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_half(x)
-        traced = method_leaf(self, "_fastvit_mlp_half", x)  # torch.fx: decided when the graph runs
-        if traced is not None:
-            return traced
-        mlp, norm = self.mlp, self.norm2
-        if not self._fastvit_submodules_intact():
-            return self._fastvit_original_half(x)
-        if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
-            warn_fallback(
-                "patched-mlp-dropout:timm",
-                "fastvit: a patched timm Block has MLP dropout > 0 and is in training mode; "
-                "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
-            )
-            return self._fastvit_original_half(x)
-        return fastvit.layernorm_mlp(
-            x,
-            norm.weight,
-            norm.bias,
-            mlp.fc1.weight,
-            mlp.fc1.bias,
-            mlp.fc2.weight,
-            mlp.fc2.bias,
-            eps=norm.eps,
-            approximate=gelu_approximate(mlp.act),
-            layer_scale=self.ls2.gamma if isinstance(self.ls2, LayerScale) else None,
-            sample_scale=drop_path_scale(self.drop_path2, x),
-        )
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.ls2.gamma if isinstance(self.ls2, LayerScale) else None
 
-    def extra_repr(self) -> str:
-        return f"dim={self.norm2.normalized_shape[0]}, eps={self.norm2.eps}, fastvit={self.fastvit_op}"
+
+class FusedBlock(_BlockForward, Block):
+    """timm ``Block`` with an ``Mlp`` (GELU, QuickGELU or SiLU) or a packed ``GluMlp``: its MLP half
+    is one ``fastvit.layernorm_mlp`` call."""
+
+    fastvit_bypassed = (*MLP_BYPASSED, "ls2")
+
+
+class FusedSwiGLUBlock(_BlockForward, Block):
+    """timm ``Block`` with a ``SwiGLU`` MLP (``fc1_g`` gate, ``fc1_x`` value; AIMv2): its MLP half is
+    one gated ``fastvit.layernorm_mlp`` call."""
+
+    fastvit_bypassed = (*SWIGLU_BYPASSED, "ls2")
 
 
 class _FusedEmbedding(FusedModule):

@@ -88,7 +88,10 @@ __all__ = ["FAMILY", "find"]
 
 FAMILY = "timm"
 _ATTENTIONS = fused_table(fused.FusedAttention)
-_BLOCKS = fused_table(fused.FusedBlock)
+# timm's pre-norm Block: {class: (fused for Mlp / GluMlp, fused for SwiGLU)}
+_BLOCKS = {
+    cls: pair for pair in ((fused.FusedBlock, fused.FusedSwiGLUBlock),) for cls in (pair[0].fastvit_original(), *pair)
+}
 _MODELS = fused_table(fused.FusedVisionTransformer, fused.FusedVisionTransformerDistilled, timm_eva.FusedEva)
 # blocks ending in x + drop_path2(gamma_2 * mlp(norm2(x))): {class: (fused for Mlp / GluMlp, fused for SwiGLU)}
 _GAMMA_BLOCKS = {
@@ -264,44 +267,43 @@ def _other_attention_notes(attn: nn.Module) -> list[str]:
 
 
 def _block_problems(block: nn.Module) -> list[str]:
+    """Why timm's Block, x + drop_path1(ls1(attn(norm1(x)))) then x + drop_path2(ls2(mlp(norm2(x)))),
+    cannot have its MLP half fused."""
     problems = missing_attributes(
         block, ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"), "timm"
     )
     if problems:
         return problems
-    problems += layernorm_problems(block.norm2, "norm2", (nn.LayerNorm, TimmLayerNorm))
     problems += exact_type(block.ls2, "ls2", (nn.Identity, LayerScale), "LayerScale")
-    problems += exact_type(block.drop_path2, "drop_path2", (nn.Identity, DropPath), "DropPath")
-    mlp = block.mlp
-    problems += exact_type(mlp, "mlp", (Mlp,), "timm's Mlp (the fused op is a GELU MLP)")
-    if problems:
-        return problems
-    problems += exact_type(mlp.fc1, "mlp.fc1", (nn.Linear,), "nn.Linear")
-    problems += exact_type(mlp.fc2, "mlp.fc2", (nn.Linear,), "nn.Linear")
-    problems += exact_type(mlp.norm, "mlp.norm", (nn.Identity,), "Identity (scale_mlp_norm is not fused)")
-    problems += exact_type(mlp.drop1, "mlp.drop1", (nn.Dropout,), "nn.Dropout")
-    problems += exact_type(mlp.drop2, "mlp.drop2", (nn.Dropout,), "nn.Dropout")
-    if fused.gelu_approximate(mlp.act) is None:
-        problems.append(
-            f"mlp.act is {type(mlp.act).__qualname__}; the fused op computes GELU (exact or tanh)"
-        )
-    return problems
+    return problems + _mlp_half_problems(block)
 
 
-def _gamma_block_fused(block: nn.Module) -> type[FusedModule]:
-    """The fused class for an Eva / BEiT block: by its MLP's kind (the submodules it bypasses)."""
+def _block_fused(block: nn.Module, table: dict) -> type[FusedModule]:
+    """The fused class for a timm, Eva or BEiT block (``table``: ``_BLOCKS`` / ``_GAMMA_BLOCKS``):
+    by its MLP's kind (the submodules it bypasses)."""
     if isinstance(block, FusedModule):
         return type(block)
-    packed, swiglu = _GAMMA_BLOCKS[type(block)]
+    packed, swiglu = table[type(block)]
     return swiglu if type(getattr(block, "mlp", None)) is SwiGLU else packed
 
 
 def _gamma_block_problems(block: nn.Module) -> list[str]:
     """Why the MLP half of an Eva / BEiT block, x + drop_path2(gamma_2 * mlp(norm2(x))), cannot be fused."""
     problems = missing_attributes(block, ("norm2", "mlp", "gamma_2", "drop_path2"), "timm")
-    if problems:
-        return problems
-    problems += layernorm_problems(block.norm2, "norm2", (nn.LayerNorm, TimmLayerNorm))
+    return problems or _mlp_half_problems(block)
+
+
+def _mlp_half_problems(block: nn.Module) -> list[str]:
+    """What the op must be able to compute of a block's ``norm2``, ``mlp`` and ``drop_path2``: a
+    LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` of Linears with
+    an activation the op has, no norm inside the MLP."""
+    norm, layernorms = block.norm2, (nn.LayerNorm, TimmLayerNorm)
+    if type(norm) in timm_mlp.RMS_NORMS:
+        problems = layernorm_problems(norm, "norm2", timm_mlp.RMS_NORMS)  # over the last dim only
+    elif type(norm) in layernorms:
+        problems = layernorm_problems(norm, "norm2", layernorms)
+    else:
+        problems = [f"norm2 is {type(norm).__qualname__}, not nn.LayerNorm or an RMS norm (timm's RmsNorm)"]
     problems += exact_type(block.drop_path2, "drop_path2", (nn.Identity, DropPath), "DropPath")
     mlp = block.mlp
     problems += exact_type(mlp, "mlp", (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
@@ -387,13 +389,13 @@ def find(model: nn.Module) -> list[Finding]:
                 slot(path, module, "attention", _ATTENTIONS[cls], _attention_problems, _attention_notes)
             )
         elif cls in _BLOCKS:
-            findings.append(slot(path, module, "mlp", _BLOCKS[cls], _block_problems, _block_notes))
+            findings.append(slot(path, module, "mlp", _block_fused(module, _BLOCKS), _block_problems, _block_notes))
             attn = getattr(module, "attn", None)
             if not _reported_on_its_own(attn):
                 findings.append(Skip(join(path, "attn"), "attention", foreign(attn, "timm's Attention")))
         elif cls in _GAMMA_BLOCKS:
             findings.append(
-                slot(path, module, "mlp", _gamma_block_fused(module), _gamma_block_problems, _block_notes)
+                slot(path, module, "mlp", _block_fused(module, _GAMMA_BLOCKS), _gamma_block_problems, _block_notes)
             )
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
