@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, GluMlp, RmsNorm, SwiGLU
+from timm.layers import DropPath, GluMlp, RmsNorm, RmsNormFp32, SwiGLU
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
 from timm.layers.activations import QuickGELU
@@ -42,8 +42,9 @@ MLP_BYPASSED = (*_SHARED, "mlp.fc1")  # Mlp, GluMlp
 SWIGLU_BYPASSED = (*_SHARED, "mlp.fc1_g", "mlp.fc1_x")  # SwiGLU
 
 
-# RMS norms the op computes as timm's (over the last dim, an optional weight, no bias)
-RMS_NORMS = (RmsNorm, nn.RMSNorm)
+# RMS norms the op computes as timm's (over the last dim, an optional weight, no bias; the op's
+# statistics are fp32 whatever x's dtype, as RmsNormFp32's)
+RMS_NORMS = (RmsNorm, RmsNormFp32, nn.RMSNorm)
 
 
 def gelu_approximate(act: nn.Module) -> str | None:

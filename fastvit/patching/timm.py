@@ -17,9 +17,9 @@ XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the token
 and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
 head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
 embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
-``gamma_2``: ``timm_mlp``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
-other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
-architectures (``fastvit_*`` ...) are left alone.
+``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), and NaFlexVit's
+embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are
+reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
@@ -74,6 +74,13 @@ try:  # the Gemma 4 vision tower, in timm's recent releases (fastvit.nn.timm_gem
     )),)  # fmt: skip
 except ImportError:
     pass
+
+try:  # the DeepSeek tower's block (its AttentionRope: fastvit.nn.timm_rope), in timm's recent releases
+    from fastvit.nn import timm_deepseek
+
+    _OTHER_BLOCKS = fused_table(timm_deepseek.FusedDeepseekVitBlock)
+except ImportError:
+    _OTHER_BLOCKS = {}
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
     from fastvit.nn import timm_hieradet
@@ -293,6 +300,13 @@ def _gamma_block_problems(block: nn.Module) -> list[str]:
     return problems or _mlp_half_problems(block)
 
 
+def _other_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of another family's pre-norm block, x + drop_path2(mlp(norm2(x))) (DeepSeek's),
+    cannot be fused."""
+    problems = missing_attributes(block, ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"), "timm")
+    return problems or _mlp_half_problems(block)
+
+
 def _mlp_half_problems(block: nn.Module) -> list[str]:
     """What the op must be able to compute of a block's ``norm2``, ``mlp`` and ``drop_path2``: a
     LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` of Linears with
@@ -397,6 +411,8 @@ def find(model: nn.Module) -> list[Finding]:
             findings.append(
                 slot(path, module, "mlp", _block_fused(module, _GAMMA_BLOCKS), _gamma_block_problems, _block_notes)
             )
+        elif cls in _OTHER_BLOCKS:
+            findings.append(slot(path, module, "mlp", _OTHER_BLOCKS[cls], _other_block_problems, _block_notes))
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
         elif cls in _NAFLEX:

@@ -38,8 +38,8 @@ TINY = dict(embed_dim=32, depth=DEPTH, num_heads=2, num_classes=5)
 MODELS = {
     # Qwen3-VL tower: EvaBlock + AttentionRope, rotate_half RoPE, no prefix tokens, pos embed resampled
     "qwen3_vit_88m": (dict(img_size=32, patch_size=8, pos_embed_grid_size=4, mlp_ratio=2.0), (DEPTH, DEPTH, 0)),
-    # DeepSeek tower: its own block (RMSNorm, bias-free SwiGLU: MLP half left alone), AttentionRope
-    "deepseek_vit_412m": (dict(img_size=32, patch_size=8), (DEPTH, 0, 0)),
+    # DeepSeek tower: its own block (fp32 RMSNorm, bias-free packed SwiGLU: fastvit.nn.timm_deepseek)
+    "deepseek_vit_412m": (dict(img_size=32, patch_size=8), (DEPTH, DEPTH, 0)),
     # Perception Encoder: Eva with attn_type='rope', class token, attention-pool head ('map')
     "vit_pe_core_small_patch16_384": (dict(img_size=32, patch_size=8), (DEPTH + 1, DEPTH, 1)),
 }
@@ -162,3 +162,13 @@ def test_triton_route(op_calls):
     run = lambda m, x: m(x, rope=rope_table(6))
     with fastvit.backend("triton"):
         assert_outputs_and_grads_match(reference, patched, torch.randn(2, 7, 32), run=run, rtol=1e-4, atol=1e-5)
+
+
+def test_deepseek_block_mlp_half_is_one_op_call(op_calls):
+    reference, patched, _ = pair(build("deepseek_vit_412m", drop_path_rate=0.2))
+    assert all(type(block).__name__ == "FusedDeepseekVitBlock" for block in patched.encoder.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    assert_outputs_and_grads_match(reference.train(), patched.train(), x, seed=0)  # drop path drawn alike
+    call = op_calls["layernorm_mlp"][-1]["kwargs"]  # the last block (timm's drop path rate rises from 0)
+    assert call["norm"] == "rms" and call["gated"] and call["activation"] == "silu" and call["fc1_bias"] is None
+    assert call["sample_scale"] is not None  # drop path as the op's per-sample scale
