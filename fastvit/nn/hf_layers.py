@@ -3,7 +3,10 @@ of each layer as one ``fastvit.layernorm_mlp`` call.
 
 Covered: ``DeiTLayer``, ``ViTMAELayer`` (ViT's layout), ``CLIPEncoderLayer``, ``SiglipEncoderLayer``,
 ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
-(LayerScale, drop path). Their attention runs as in Hugging Face (through transformers' attention interface, which
+(LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
+the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
+``Qwen2_5_VLVisionBlock`` (RMSNorm + SwiGLU) and ``Qwen3VLVisionBlock`` (tanh-GELU MLP), on their
+packed (T, D) tokens. Their attention runs as in Hugging Face (through transformers' attention interface, which
 ``fastvit.patch`` points at fastvit); the attention half of each forward below is Hugging Face's,
 line for line. The second half, ``x + drop_path(layer_scale * mlp(norm(x)))`` (or with hidden
 dropout), is one op call; calls it does not cover (dropout or drop path active in training, a hook
@@ -24,6 +27,9 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
@@ -42,6 +48,9 @@ __all__ = [
     "FusedDinov2WithRegistersLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
+    "FusedQwen2VLVisionBlock",
+    "FusedQwen2_5_VLVisionBlock",
+    "FusedQwen3VLVisionBlock",
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
     "FusedViTMAELayer",
@@ -315,6 +324,51 @@ class FusedPixtralAttentionLayer(FusedPreNormLayer, PixtralAttentionLayer):
         return self._fastvit_mlp_half(residual + hidden_states)
 
 
+class _QwenVisionForward(FusedPreNormLayer):
+    """The Qwen-VL vision blocks' forward: the attention half as Hugging Face's (packed (T, D) tokens,
+    ``cu_seqlens``), then ``hidden_states + mlp(norm2(hidden_states))`` fused."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's forward itself
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, **kwargs)
+        hidden_states = hidden_states + self.attn(
+            self.norm1(hidden_states), cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs
+        )
+        return self._fastvit_mlp_half(hidden_states)
+
+
+_QWEN2_VL_LAYOUT = MlpHalf("norm2", act="act")
+_QWEN2_5_VL_LAYOUT = MlpHalf("norm2", **_GATED_RMS)
+_QWEN3_VL_LAYOUT = MlpHalf("norm2", "linear_fc1", "act_fn", "linear_fc2")
+
+
+class FusedQwen2VLVisionBlock(_QwenVisionForward, Qwen2VLVisionBlock):
+    """Qwen2-VL's vision block whose LayerNorm + QuickGELU MLP half is one op call."""
+
+    fastvit_mlp = _QWEN2_VL_LAYOUT
+    fastvit_bypassed = _QWEN2_VL_LAYOUT.bypassed()
+
+
+class FusedQwen2_5_VLVisionBlock(_QwenVisionForward, Qwen2_5_VLVisionBlock):
+    """Qwen2.5-VL's vision block whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
+
+    fastvit_mlp = _QWEN2_5_VL_LAYOUT
+    fastvit_bypassed = _QWEN2_5_VL_LAYOUT.bypassed()
+
+
+class FusedQwen3VLVisionBlock(_QwenVisionForward, Qwen3VLVisionBlock):
+    """Qwen3-VL's vision block whose LayerNorm + GELU MLP half is one op call."""
+
+    fastvit_mlp = _QWEN3_VL_LAYOUT
+    fastvit_bypassed = _QWEN3_VL_LAYOUT.bypassed()
+
+
 def mlp_parts(module: nn.Module) -> MlpHalf:
     """The ``MlpHalf`` of a fused layer class or of an instance of its original."""
     return FUSED_LAYERS[type(module)].fastvit_mlp
@@ -324,6 +378,6 @@ FUSED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
 for _fused in (
     FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
     FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer, FusedAimv2EncoderLayer,
-    FusedPixtralAttentionLayer,
+    FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused

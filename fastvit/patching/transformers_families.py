@@ -1,7 +1,7 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
-registers), DINOv3) and their patch embeddings (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2
-(+ registers), DINOv3, DeiT).
+registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
+(``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT).
 
 A layer can be fused when its norm must be an ``nn.LayerNorm``
 over the last dim, its MLP the family's plain (not gated) MLP of two ``nn.Linear`` with a GELU
@@ -28,6 +28,9 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTMLP,
 )
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
+from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
@@ -51,8 +54,15 @@ _MLPS = {
     hf_layers.FusedDinov2Layer: Dinov2MLP,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersMLP,
     hf_layers.FusedDINOv3ViTLayer: DINOv3ViTMLP,
+    hf_layers.FusedQwen2VLVisionBlock: Qwen2VLVisionMlp,
+    hf_layers.FusedQwen2_5_VLVisionBlock: Qwen2_5_VLMLP,
+    hf_layers.FusedQwen3VLVisionBlock: Qwen3VLVisionMLP,
 }
-_RMS_NORMS = {hf_layers.FusedAimv2EncoderLayer: Aimv2RMSNorm, hf_layers.FusedPixtralAttentionLayer: PixtralRMSNorm}
+_RMS_NORMS = {
+    hf_layers.FusedAimv2EncoderLayer: Aimv2RMSNorm,
+    hf_layers.FusedPixtralAttentionLayer: PixtralRMSNorm,
+    hf_layers.FusedQwen2_5_VLVisionBlock: Qwen2_5_VLRMSNorm,
+}
 _LAYER_SCALES = {
     hf_layers.FusedDinov2Layer: Dinov2LayerScale,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersLayerScale,

@@ -1,0 +1,103 @@
+"""The Qwen-VL vision towers of Hugging Face patched (fastvit.nn.hf_layers): Qwen2-VL (LayerNorm +
+QuickGELU MLP), Qwen2.5-VL (RMSNorm + SwiGLU, window and full attention) and Qwen3-VL (LayerNorm +
+tanh-GELU MLP, deepstack). Their attention goes through transformers' attention interface
+(``attn_implementation="fastvit"``), their MLP halves are one fastvit.layernorm_mlp call each over
+the packed (T, D) tokens of images of different sizes. Outputs and every gradient against the
+unpatched tower; tiny random configs, no downloads.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import assert_outputs_and_grads_match, module_types, perturb_, storage_map
+
+T = pytest.importorskip("transformers")
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen2_5  # noqa: E402
+from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2  # noqa: E402
+from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3  # noqa: E402
+
+DEPTH, PATCH = 2, 4
+GRID = torch.tensor([[1, 4, 4], [1, 4, 8]])  # two images: 16 and 32 patches, packed
+TOKENS = int(GRID.prod(-1).sum())
+SHARED = dict(depth=DEPTH, num_heads=2, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def qwen2_vl() -> torch.nn.Module:
+    cfg = T.Qwen2VLConfig().vision_config.__class__(embed_dim=32, hidden_size=32, mlp_ratio=2, **SHARED)
+    return qwen2.Qwen2VisionTransformerPretrainedModel._from_config(cfg, attn_implementation="sdpa")
+
+
+def qwen2_5_vl() -> torch.nn.Module:  # block 0 in 8-token windows, block 1 full attention
+    cfg = T.Qwen2_5_VLConfig().vision_config.__class__(
+        hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1], **SHARED
+    )
+    return qwen2_5.Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg, attn_implementation="sdpa")
+
+
+def qwen3_vl() -> torch.nn.Module:
+    cfg = T.Qwen3VLConfig().vision_config.__class__(
+        hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16,
+        deepstack_visual_indexes=[1], **SHARED,
+    )  # fmt: skip
+    return qwen3.Qwen3VLVisionModel._from_config(cfg, attn_implementation="sdpa")
+
+
+# tower -> (builder, fused block class, the op's keywords it must see)
+TOWERS = {
+    "qwen2_vl": (qwen2_vl, "FusedQwen2VLVisionBlock", dict(activation="quick_gelu")),
+    "qwen2_5_vl": (qwen2_5_vl, "FusedQwen2_5_VLVisionBlock", dict(norm="rms", activation="silu")),
+    "qwen3_vl": (qwen3_vl, "FusedQwen3VLVisionBlock", dict(activation="gelu_tanh")),
+}
+
+
+def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(hidden_states=x, grid_thw=GRID)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def patches() -> torch.Tensor:
+    return torch.randn(TOKENS, 3 * 2 * PATCH * PATCH, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("tower", sorted(TOWERS))
+def test_tower_matches_unpatched(tower, op_calls):
+    build, fused, keywords = TOWERS[tower]
+    reference = perturb_(build()).eval()
+    patched = copy.deepcopy(reference)
+    types, storages = module_types(patched), storage_map(patched)
+    report = fastvit.patch(patched)
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
+    assert [type(b).__name__ for b in patched.blocks] == [fused] * DEPTH
+    assert storage_map(patched) == storages
+    assert_outputs_and_grads_match(reference, patched, patches(), run=features, rtol=1e-4, atol=1e-5)
+    calls = op_calls["layernorm_mlp"]
+    assert len(calls) == DEPTH and calls[0]["args"][0].shape == (TOKENS, 32)  # the packed tokens
+    assert all(calls[0]["kwargs"].get(k) == v for k, v in keywords.items()), calls[0]["kwargs"]
+    fastvit.unpatch(patched)
+    assert module_types(patched) == types
+
+
+def test_hook_on_the_mlp_runs_hugging_face(op_calls, fresh_warnings):
+    reference = perturb_(qwen2_5_vl()).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    for model in (reference, patched):
+        model.blocks[0].mlp.gate_proj.register_forward_hook(lambda m, args, out: out * 2)
+    x = patches()
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on mlp.gate_proj"):
+        torch.testing.assert_close(features(patched, x), features(reference, x), rtol=1e-4, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == DEPTH - 1
+
+
+@pytest.mark.interpreter
+def test_triton_route(op_calls):
+    reference = perturb_(qwen2_5_vl()).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    with fastvit.backend("triton"):
+        assert_outputs_and_grads_match(reference, patched, patches(), run=features, rtol=1e-4, atol=1e-5)
