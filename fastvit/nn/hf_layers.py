@@ -23,9 +23,12 @@ import torch.nn as nn
 from transformers.models.aimv2.modeling_aimv2 import Aimv2EncoderLayer
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.deit.modeling_deit import DeiTLayer
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
-from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
-from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2SwiGLUFFN
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersLayer,
+    Dinov2WithRegistersSwiGLUFFN,
+)
+from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTLayer
 from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
@@ -42,9 +45,12 @@ from fastvit.ops._fx import method_leaf
 __all__ = [
     "FusedAimv2EncoderLayer",
     "FusedCLIPEncoderLayer",
+    "FusedDINOv3ViTGatedLayer",
     "FusedDINOv3ViTLayer",
     "FusedDeiTLayer",
+    "FusedDinov2GatedLayer",
     "FusedDinov2Layer",
+    "FusedDinov2WithRegistersGatedLayer",
     "FusedDinov2WithRegistersLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
@@ -228,6 +234,10 @@ class FusedCLIPEncoderLayer(_SiglipLayoutForward, CLIPEncoderLayer):
 
 _DINOV2_LAYOUT = MlpHalf("norm2", layer_scale="layer_scale2", drop_path="drop_path")
 _DINOV3_LAYOUT = MlpHalf("norm2", "up_proj", "act_fn", "down_proj", layer_scale="layer_scale2", drop_path="drop_path")
+# DINOv2-giant's SwiGLU FFN and DINOv3-L+'s gated MLP: fc2(act(gate_proj(x)) * up_proj(x))
+_DINO_GATED_LAYOUT = MlpHalf(
+    "norm2", "up_proj", "act_fn", "down_proj", gate="gate_proj", layer_scale="layer_scale2", drop_path="drop_path"
+)
 
 
 class _Dinov2LayoutForward(FusedPreNormLayer):
@@ -255,12 +265,22 @@ class FusedDinov2WithRegistersLayer(_Dinov2LayoutForward, Dinov2WithRegistersLay
     """``Dinov2WithRegistersLayer``: DINOv2's layout, as ``FusedDinov2Layer``."""
 
 
-class FusedDINOv3ViTLayer(FusedPreNormLayer, DINOv3ViTLayer):
-    """``DINOv3ViTLayer`` (non-gated MLP) whose LayerNorm+MLP half with LayerScale is one op call."""
+class FusedDinov2GatedLayer(_Dinov2LayoutForward, Dinov2Layer):
+    """``Dinov2Layer`` with the SwiGLU FFN (``use_swiglu_ffn``: DINOv2-giant) whose LayerNorm + SwiGLU
+    half with LayerScale is one gated op call."""
 
-    fastvit_mlp = _DINOV3_LAYOUT
-    fastvit_bypassed = _DINOV3_LAYOUT.bypassed()
+    fastvit_mlp = _DINO_GATED_LAYOUT
+    fastvit_bypassed = _DINO_GATED_LAYOUT.bypassed()
 
+
+class FusedDinov2WithRegistersGatedLayer(_Dinov2LayoutForward, Dinov2WithRegistersLayer):
+    """``Dinov2WithRegistersLayer`` with the SwiGLU FFN, as ``FusedDinov2GatedLayer``."""
+
+    fastvit_mlp = _DINO_GATED_LAYOUT
+    fastvit_bypassed = _DINO_GATED_LAYOUT.bypassed()
+
+
+class _DINOv3LayoutForward(FusedPreNormLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -277,6 +297,21 @@ class FusedDINOv3ViTLayer(FusedPreNormLayer, DINOv3ViTLayer):
         )
         hidden_states = self.layer_scale1(hidden_states)
         return self._fastvit_mlp_half(self.drop_path(hidden_states) + residual)
+
+
+class FusedDINOv3ViTLayer(_DINOv3LayoutForward, DINOv3ViTLayer):
+    """``DINOv3ViTLayer`` (non-gated MLP) whose LayerNorm+MLP half with LayerScale is one op call."""
+
+    fastvit_mlp = _DINOV3_LAYOUT
+    fastvit_bypassed = _DINOV3_LAYOUT.bypassed()
+
+
+class FusedDINOv3ViTGatedLayer(_DINOv3LayoutForward, DINOv3ViTLayer):
+    """``DINOv3ViTLayer`` with the gated MLP (``use_gated_mlp``: DINOv3 ViT-L and larger) whose
+    LayerNorm + gated MLP half with LayerScale is one gated op call."""
+
+    fastvit_mlp = _DINO_GATED_LAYOUT
+    fastvit_bypassed = _DINO_GATED_LAYOUT.bypassed()
 
 
 _GATED_RMS = {"fc1": "up_proj", "act": "act_fn", "fc2": "down_proj", "gate": "gate_proj", "rms": True}
@@ -369,11 +404,32 @@ class FusedQwen3VLVisionBlock(_QwenVisionForward, Qwen3VLVisionBlock):
     fastvit_bypassed = _QWEN3_VL_LAYOUT.bypassed()
 
 
+def fused_layer(module: nn.Module) -> type[FusedPreNormLayer] | None:
+    """The fused class for ``module`` (a covered layer, or one already fused): by its MLP's kind
+    where the family has a plain and a gated one (DINOv2, DINOv3); None for another class."""
+    fused = FUSED_LAYERS.get(type(module))
+    if fused is None or isinstance(module, FusedModule):
+        return fused
+    gated = GATED_LAYERS.get(type(module))
+    if gated is not None and type(getattr(module, "mlp", None)) in _GATED_MLPS:
+        return gated
+    return fused
+
+
 def mlp_parts(module: nn.Module) -> MlpHalf:
-    """The ``MlpHalf`` of a fused layer class or of an instance of its original."""
-    return FUSED_LAYERS[type(module)].fastvit_mlp
+    """The ``MlpHalf`` of a fused layer or of an instance of a covered original."""
+    return fused_layer(module).fastvit_mlp
 
 
+# the gated MLP classes of the families with two kinds (their layer's ``mlp``)
+_GATED_MLPS = (Dinov2SwiGLUFFN, Dinov2WithRegistersSwiGLUFFN, DINOv3ViTGatedMLP)
+# {original layer: its fused class for the gated MLP}
+GATED_LAYERS: dict[type, type[FusedPreNormLayer]] = {
+    Dinov2Layer: FusedDinov2GatedLayer,
+    Dinov2WithRegistersLayer: FusedDinov2WithRegistersGatedLayer,
+    DINOv3ViTLayer: FusedDINOv3ViTGatedLayer,
+}
+# {original layer or fused class: the fused class} (the plain MLP's, where there are two)
 FUSED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
 for _fused in (
     FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
@@ -381,3 +437,5 @@ for _fused in (
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
+for _fused in GATED_LAYERS.values():
+    FUSED_LAYERS[_fused] = _fused

@@ -20,10 +20,12 @@ from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2LayerScale,
     Dinov2MLP,
     Dinov2PatchEmbeddings,
+    Dinov2SwiGLUFFN,
 )
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_registers
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     Dinov3ViTDropPath,
+    DINOv3ViTGatedMLP,
     DINOv3ViTLayerScale,
     DINOv3ViTMLP,
 )
@@ -54,6 +56,9 @@ _MLPS = {
     hf_layers.FusedDinov2Layer: Dinov2MLP,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersMLP,
     hf_layers.FusedDINOv3ViTLayer: DINOv3ViTMLP,
+    hf_layers.FusedDinov2GatedLayer: Dinov2SwiGLUFFN,
+    hf_layers.FusedDinov2WithRegistersGatedLayer: dinov2_registers.Dinov2WithRegistersSwiGLUFFN,
+    hf_layers.FusedDINOv3ViTGatedLayer: DINOv3ViTGatedMLP,
     hf_layers.FusedQwen2VLVisionBlock: Qwen2VLVisionMlp,
     hf_layers.FusedQwen2_5_VLVisionBlock: Qwen2_5_VLMLP,
     hf_layers.FusedQwen3VLVisionBlock: Qwen3VLVisionMLP,
@@ -65,26 +70,31 @@ _RMS_NORMS = {
 }
 _LAYER_SCALES = {
     hf_layers.FusedDinov2Layer: Dinov2LayerScale,
+    hf_layers.FusedDinov2GatedLayer: Dinov2LayerScale,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersLayerScale,
+    hf_layers.FusedDinov2WithRegistersGatedLayer: dinov2_registers.Dinov2WithRegistersLayerScale,
     hf_layers.FusedDINOv3ViTLayer: DINOv3ViTLayerScale,
+    hf_layers.FusedDINOv3ViTGatedLayer: DINOv3ViTLayerScale,
 }
 _DROP_PATHS = {
     hf_layers.FusedDinov2Layer: Dinov2DropPath,
+    hf_layers.FusedDinov2GatedLayer: Dinov2DropPath,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
+    hf_layers.FusedDinov2WithRegistersGatedLayer: dinov2_registers.Dinov2WithRegistersDropPath,
     hf_layers.FusedDINOv3ViTLayer: Dinov3ViTDropPath,
+    hf_layers.FusedDINOv3ViTGatedLayer: Dinov3ViTDropPath,
 }
 
 
 def _problems(layer: nn.Module) -> list[str]:
-    fused = hf_layers.FUSED_LAYERS[type(layer)]
+    fused = hf_layers.fused_layer(layer)
     parts = fused.fastvit_mlp
     present = (parts.norm, parts.mlp, parts.layer_scale, parts.drop_path, parts.dropout)
     problems = missing_attributes(layer, [name for name in present if name], "transformers")
     if problems:
         return problems
     mlp_cls = _MLPS[fused]
-    expected = mlp_cls.__name__ if parts.gate else f"{mlp_cls.__name__} (a gated MLP is not swapped yet here)"
-    problems += exact_type(getattr(layer, parts.mlp), parts.mlp, (mlp_cls,), expected)
+    problems += exact_type(getattr(layer, parts.mlp), parts.mlp, (mlp_cls,), mlp_cls.__name__)
     norm = getattr(layer, parts.norm)
     if parts.rms:
         norm_cls = _RMS_NORMS[fused]
@@ -118,7 +128,7 @@ def _problems(layer: nn.Module) -> list[str]:
 
 
 def _notes(layer: nn.Module) -> list[str]:
-    parts = hf_layers.FUSED_LAYERS[type(layer)].fastvit_mlp
+    parts = hf_layers.mlp_parts(layer)
     rates = []
     if parts.dropout and getattr(layer, parts.dropout).p > 0:
         rates.append(f"hidden dropout {getattr(layer, parts.dropout).p}")
@@ -154,7 +164,7 @@ def _embedding_problems(embeddings: nn.Module) -> list[str]:
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer or embedding classes (or their
     fused classes), else None."""
-    layer = hf_layers.FUSED_LAYERS.get(type(module))
+    layer = hf_layers.fused_layer(module)
     if layer is not None:
         return slot(path, module, "mlp", layer, _problems, _notes)
     embeddings = hf_embeddings.FUSED_EMBEDDINGS.get(type(module))

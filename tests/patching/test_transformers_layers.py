@@ -91,10 +91,30 @@ def test_rms_norm_swiglu_layers_go_to_the_op(op_calls):
     assert_outputs_and_grads_match(pixtral, pixtral_patched, images(), run=run, rtol=1e-4, atol=1e-5)
 
 
-def test_gated_mlps_not_yet_swapped_are_reported():
-    gated = fastvit.patch(dinov2(use_swiglu_ffn=True))
-    assert [e.path for e in gated.skipped if e.part == "mlp"] == [f"encoder.layer.{i}" for i in range(DEPTH)]
-    assert "Dinov2SwiGLUFFN" in gated.skipped[0].detail and "gated MLP" in gated.skipped[0].detail
+@pytest.mark.parametrize(
+    "build, fused",
+    [
+        (lambda: dinov2(use_swiglu_ffn=True, layerscale_value=0.3), "FusedDinov2GatedLayer"),  # DINOv2-giant's
+        (lambda: perturb_(T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
+            **VISION, use_swiglu_ffn=True, num_register_tokens=2))).eval(), "FusedDinov2WithRegistersGatedLayer"),
+        (lambda: perturb_(T.DINOv3ViTModel(T.DINOv3ViTConfig(
+            **VISION, intermediate_size=64, use_gated_mlp=True, hidden_act="silu", num_register_tokens=1))).eval(),
+         "FusedDINOv3ViTGatedLayer"),  # DINOv3 ViT-L and larger
+    ],
+)  # fmt: skip
+def test_gated_mlps_go_to_the_op(build, fused, op_calls):
+    """DINOv2-giant's SwiGLU FFN and DINOv3-L+'s gated MLP: fc2(silu(gate_proj(x)) * up_proj(x)) with
+    LayerScale, one gated op call (they were reported as not swapped)."""
+    reference = build()
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    assert report.counts()["mlp"] == DEPTH and not [e for e in report.skipped if e.part == "mlp"]
+    layers = [m for m in patched.modules() if type(m).__name__ == fused]
+    assert len(layers) == DEPTH
+    assert_outputs_and_grads_match(reference, patched, images(), run=hidden, rtol=1e-4, atol=1e-5)
+    call = op_calls["layernorm_mlp"][0]["kwargs"]
+    assert call["fc1_gate_weight"] is layers[0].mlp.gate_proj.weight and call["activation"] == "silu"
+    assert call["layer_scale"] is layers[0].layer_scale2.lambda1
 
 
 def test_hook_on_the_mlp_skips_the_layer_and_unpatch_is_exact():
