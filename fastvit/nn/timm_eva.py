@@ -30,7 +30,7 @@ from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 from fastvit.nn.timm_vit import _FusedEmbedding
 
-__all__ = ["FusedEva", "FusedEvaAttention", "FusedEvaBlock", "FusedEvaSwiGLUBlock"]
+__all__ = ["FusedEva", "FusedEvaAttention", "FusedEvaBlock", "FusedEvaSwiGLUBlock", "rope_attention", "rotated_qk"]
 
 
 def _rotary_qk_takes(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int) -> bool:
@@ -76,6 +76,36 @@ def rotated_qk(
     return q.type_as(v), k.type_as(v)
 
 
+def rope_attention(
+    attn: torch.nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    rope: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """The rest of timm's ``EvaAttention`` / ``AttentionRope`` forward once q, k, v (B, H|Hkv, N, D)
+    are projected: ``q_norm`` / ``k_norm``, the rotary step (``rotated_qk``), the grouped-query
+    expansion of k and v (``num_kv_groups`` > 1: ``repeat_interleave``, as timm), one
+    ``fastvit.flash_attention`` call, the output ``norm``, the gate (B, N, H*D) and the projection.
+
+    Example:
+        >>> return rope_attention(self, q, k, v, gate, rope, attn_mask, is_causal)  # (B, N, dim_out)
+    """
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:  # patch tokens only, as timm
+        q, k = rotated_qk(q, k, v, rope, attn.num_prefix_tokens, getattr(attn, "rotate_half", False))
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:  # head h reads kv head h // groups, as timm
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = attn.norm(merge_heads(self_attention(q, k, v, scale=attn.scale, causal=is_causal, attn_mask=attn_mask)))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
 class FusedEvaAttention(FusedModule, EvaAttention):
     """timm ``EvaAttention`` running ``fastvit.rotary_qk`` and ``fastvit.flash_attention`` (same
     signature, ``forward(x, rope=None, attn_mask=None, is_causal=False)``); ``attn_mask`` goes to the
@@ -103,13 +133,7 @@ class FusedEvaAttention(FusedModule, EvaAttention):
             q, k, v = qkv.unflatten(-1, (3, *heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) views
         else:
             q, k, v = (proj(x).unflatten(-1, heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rotated_qk(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
-        out = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out))
+        return rope_attention(self, q, k, v, gate, rope, attn_mask, is_causal)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"

@@ -4,7 +4,7 @@
 (``qwen3_vit_*``, ``deepseek_vit_*``).
 
 The attention is one ``fastvit.rotary_qk`` call (patch rows of q and k rotated in one pass, prefix
-tokens copied, timm's fp32 math; ``fastvit.nn.timm_eva.rotated_qk``) and one
+tokens copied, timm's fp32 math; ``fastvit.nn.timm_eva.rope_attention``, shared with Eva's) and one
 ``fastvit.flash_attention`` call. Everything around them is timm's, line for line: the packed or
 separate q/k/v projections, ``q_norm`` / ``k_norm``, the ``type_as(v)`` after the rotation, the
 grouped-query expansion of k and v (``num_kv_heads``: ``repeat_interleave``, as timm does), the
@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 from timm.layers.attention import AttentionRope
 
-from fastvit.nn.attention import merge_heads, self_attention
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_eva import rotated_qk
+from fastvit.nn.timm_eva import rope_attention
 
 __all__ = ["FusedAttentionRope"]
 
@@ -58,16 +57,7 @@ class FusedAttentionRope(FusedModule, AttentionRope):
             q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
             k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
             v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # patch tokens only, as timm
-            q, k = rotated_qk(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
-        if self.num_kv_groups > 1:  # grouped-query attention: head h reads kv head h // groups, as timm
-            k = k.repeat_interleave(self.num_kv_groups, dim=1)
-            v = v.repeat_interleave(self.num_kv_groups, dim=1)
-        out = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out))
+        return rope_attention(self, q, k, v, gate, rope, attn_mask, is_causal)
 
     def extra_repr(self) -> str:
         heads = f"heads={self.num_heads}" + (f", kv_heads={self.num_kv_heads}" if self.num_kv_groups > 1 else "")
