@@ -33,6 +33,7 @@ from fastvit.backend import warn_once
 __all__ = [
     "FusedModule",
     "dropout_active",
+    "global_module_hooks",
     "hook_kinds",
     "unfused_class",
     "warn_attention_dropout",
@@ -54,7 +55,7 @@ def hook_kinds(module: nn.Module) -> list[str]:
     return found
 
 
-def _global_hooks_registered() -> bool:
+def global_module_hooks() -> bool:
     """Whether ``torch.nn.modules.module.register_module_*_hook`` hooks exist (they run on every
     module call, so also on the calls a fused forward leaves out)."""
     return bool(
@@ -122,7 +123,7 @@ class FusedModule:
     @classmethod
     def fastvit_hook_problems(cls, module: nn.Module) -> list[str]:
         """Why ``module`` cannot be fused because of hooks (report reasons; empty: it can)."""
-        if _global_hooks_registered():
+        if global_module_hooks():
             return ["global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"]
         problems = []
         for path in cls.fastvit_bypassed:
@@ -281,7 +282,7 @@ class FusedModule:
         half checks once its forward has checked ``_fastvit_overridden``). A few dict and identity
         checks per call (traced by torch.compile without a graph break). False also warns once,
         naming the module's class."""
-        broken = "a global module hook" if _global_hooks_registered() else None
+        broken = "a global module hook" if global_module_hooks() else None
         watched = () if broken else zip(self.fastvit_bypassed, self._fastvit_watched, strict=True)
         for path, (parent, name, child, cls, forward) in watched:
             if parent._modules.get(name) is not child or type(child) is not cls:

@@ -124,7 +124,8 @@ class FusedEvaAttention(FusedModule, EvaAttention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if self._fastvit_unfused("timm EvaAttention"):
+        # a mask with is_causal: timm's SDPA path raises, its eager path drops the mask: timm decides
+        if (attn_mask is not None and is_causal) or self._fastvit_unfused("timm EvaAttention"):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         heads = (self.num_heads, -1)
         gate = self.gate(x).sigmoid() if self.gate is not None else None

@@ -15,12 +15,43 @@ imports timm.
 from __future__ import annotations
 
 import torch
+from timm.layers import RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models.maxxvit import Attention2d, AttentionCl
 
 import fastvit
-from fastvit.nn.fused import FusedModule
+from fastvit.nn.fused import FusedModule, global_module_hooks, warn_fallback
 
 __all__ = ["FusedAttention2d", "FusedAttentionCl"]
+
+
+# the bias modules' own forward (attn + get_bias()), as timm defines them
+_REL_POS_FORWARDS = {cls: cls.forward for cls in (RelPosBias, RelPosBiasTf, RelPosMlp)}
+
+
+def _rel_pos_runs_as_bias(attn: AttentionCl | Attention2d) -> bool:
+    """Whether adding ``rel_pos.get_bias()`` computes what timm's forward does with ``rel_pos``. timm's
+    SDPA path (``fused_attn``) calls ``get_bias()`` too; its eager path calls the module,
+    ``rel_pos(attn)``, so there a hook on it, or its ``forward`` replaced (on the instance or on its
+    class), must run: such calls run timm's forward (said once)."""
+    rel_pos = attn.rel_pos
+    if attn.fused_attn or rel_pos is None:
+        return True
+    cls = type(rel_pos)
+    as_built = (
+        _REL_POS_FORWARDS.get(cls) is cls.forward
+        and "forward" not in rel_pos.__dict__
+        and not (rel_pos._forward_pre_hooks or rel_pos._forward_hooks or rel_pos._backward_pre_hooks
+                 or rel_pos._backward_hooks)
+        and not global_module_hooks()
+    )  # fmt: skip
+    if not as_built:
+        name = type(attn).fastvit_original().__name__
+        warn_fallback(
+            f"patched-rel-pos-called:{name}",
+            f"fastvit: a patched {name} with fused_attn=False calls its rel_pos module (timm's eager path), "
+            "which has a hook or a replaced forward; such calls run timm's forward",
+        )
+    return as_built
 
 
 def _bias(attn: AttentionCl | Attention2d, shared_rel_pos: torch.Tensor | None) -> torch.Tensor | None:
@@ -56,7 +87,7 @@ class FusedAttentionCl(FusedModule, AttentionCl):
     def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
-        if self._fastvit_unfused("timm AttentionCl"):
+        if self._fastvit_unfused("timm AttentionCl") or not _rel_pos_runs_as_bias(self):
             return super().forward(x, shared_rel_pos=shared_rel_pos)
         batch, restore_shape = x.shape[0], x.shape[:-1]
         if self.head_first:  # (B, N, H, 3D) -> three (B, H, N, D) views
@@ -64,7 +95,8 @@ class FusedAttentionCl(FusedModule, AttentionCl):
         else:  # (B, N, 3, H, D) -> three (B, H, N, D) views
             q, k, v = self.qkv(x).reshape(batch, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
         out = _attend(q, k, v, self.scale, _bias(self, shared_rel_pos))
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape((*restore_shape, -1))))
+        # tuple concatenation, as timm: torch.fx traces it (a Proxy size cannot be unpacked with *)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(restore_shape + (-1,))))  # noqa: RUF005
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.dim_head}, fastvit={self.fastvit_op}"
@@ -88,7 +120,7 @@ class FusedAttention2d(FusedModule, Attention2d):
     def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
-        if self._fastvit_unfused("timm Attention2d"):
+        if self._fastvit_unfused("timm Attention2d") or not _rel_pos_runs_as_bias(self):
             return super().forward(x, shared_rel_pos=shared_rel_pos)
         batch, _, height, width = x.shape
         if self.head_first:  # (B, H, 3D, N) -> three (B, H, D, N) views

@@ -169,4 +169,5 @@ class FusedGammaMlpHalf(FusedModule):
     def extra_repr(self) -> str:
         kind, norm = type(self.mlp).__name__, self.norm2
         rms = ", norm=rms" if isinstance(norm, RMS_NORMS) else ""
-        return f"dim={norm.normalized_shape[0]}, eps={norm.eps}{rms}, mlp={kind}, fastvit={self.fastvit_op}"
+        eps = norm_arguments(norm)["eps"]  # what the op uses (nn.RMSNorm's None: float32's eps)
+        return f"dim={norm.normalized_shape[0]}, eps={eps}{rms}, mlp={kind}, fastvit={self.fastvit_op}"

@@ -53,7 +53,8 @@ class FusedAttention(FusedModule, Attention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if self._fastvit_unfused("timm Attention"):
+        # a mask with is_causal: timm's SDPA path raises, its eager path drops the mask: timm decides
+        if (attn_mask is not None and is_causal) or self._fastvit_unfused("timm Attention"):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         gate_layer = getattr(self, "gate", None)
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None

@@ -244,6 +244,14 @@ _LEFT_ALONE_MODELS = {
     "padding 3), not a patchify conv (fastvit.patch_embed): left alone",
     ("timm.models.hiera", "Hiera"): "patch embedding is an overlapping conv (kernel 7, stride 4, padding 3), not "
     "a patchify conv (fastvit.patch_embed): left alone",
+    ("timm.models.hieradet_sam2", "HieraDet"): "patch embedding is an overlapping conv (kernel 7, stride 4, "
+    "padding 3), not a patchify conv (fastvit.patch_embed): left alone",
+    ("timm.models.maxxvit", "MaxxVit"): _CONV_STEM,
+    **{
+        ("timm.models." + module, cls): _NOT_YET
+        for module, prefix in (("qwen3_vit", "Qwen3Vit"), ("deepseek_vit", "DeepseekVit"), ("gemma4_vit", "Gemma4Vit"))
+        for cls in (prefix + "Classifier", prefix + "Encoder")
+    },
 }
 
 

@@ -131,3 +131,8 @@ def test_triton_route(op_calls):
         reference, patched, _ = pair(build(case))
         with fastvit.backend("triton"):
             assert_matches_by_the_rule(reference, patched, images(reference))
+
+
+def test_repr_gives_the_eps_the_op_uses():
+    _, patched, _ = pair(build("silu_mlp_torch_rmsnorm_layerscale"))  # nn.RMSNorm(eps=None): float32's eps
+    assert f"eps={torch.finfo(torch.float32).eps}, norm=rms, mlp=Mlp" in patched.blocks[0].extra_repr()

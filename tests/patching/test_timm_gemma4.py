@@ -86,3 +86,9 @@ def test_triton_route(op_calls):
     run = lambda m, x: m(x, patch_coord=batch["patch_coord"], patch_valid=batch["patch_valid"])
     with fastvit.backend("triton"):
         assert_outputs_and_grads_match(reference, patched, batch["patches"], run=run, rtol=1e-4, atol=1e-5)
+
+
+def test_report_names_the_patch_embedding():
+    report = fastvit.patch(build())
+    (skip,) = [e for e in report.skipped if e.part == "patch_embed"]
+    assert skip.path == "" and "Gemma4VitClassifier's patch embedding is not fused yet" in skip.detail

@@ -83,3 +83,9 @@ def test_triton_route(op_calls):
     reference, patched, _ = pair(build())
     with fastvit.backend("triton"):
         assert_outputs_and_grads_match(reference, patched, torch.randn(2, 3, 80, 80), rtol=1e-4, atol=1e-5)
+
+
+def test_report_names_the_patch_embedding():
+    report = fastvit.patch(build())
+    (skip,) = [e for e in report.skipped if e.part == "patch_embed"]
+    assert skip.path == "" and "overlapping conv" in skip.detail

@@ -92,3 +92,38 @@ def test_triton_route(name, size, op_calls):
     reference, patched, _ = pair(build(name, img_size=size))
     with fastvit.backend("triton"):
         assert_matches_by_the_rule(reference, patched, torch.randn(2, 3, size, size))
+
+
+def test_fx_traces_and_feature_extraction(op_calls):
+    """torch.fx and timm's FX feature extraction trace a patched MaxViT as the unpatched one (the
+    channels-last reshape once unpacked a traced size: TraceError)."""
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    reference, patched, _ = pair(build("maxvit_tiny_tf"))
+    x = torch.randn(2, 3, IMG, IMG)
+    attention = next(m for m in patched.modules() if type(m).__name__ == "FusedAttentionCl")
+    torch.fx.symbolic_trace(attention)
+    last = get_graph_node_names(patched)[1][-1]
+    want = create_feature_extractor(reference, return_nodes=[last])(x)[last]
+    torch.testing.assert_close(create_feature_extractor(patched, return_nodes=[last])(x)[last], want,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", ["AttentionCl", "Attention2d"])
+def test_eager_path_hook_on_rel_pos_runs_timm(cls, op_calls, fresh_warnings):
+    """With fused_attn=False timm calls its rel_pos module (rel_pos(attn)), so a hook on it runs there;
+    the fused forward reads get_bias() only, so such calls run timm's forward. With fused_attn=True
+    timm calls get_bias() too: the op runs."""
+    bias = lambda num_heads, **kw: maxxvit.RelPosBias(window_size=(2, 3), num_heads=num_heads, **kw)
+    reference = perturb_(getattr(maxxvit, cls)(32, dim_head=8, rel_pos_cls=bias)).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    for model in (reference, patched):
+        model.rel_pos.register_forward_hook(lambda module, args, out: out * 0)
+    x = torch.randn(2, 2, 3, 32) if cls == "AttentionCl" else torch.randn(2, 32, 2, 3)
+    torch.testing.assert_close(patched(x), reference(x), rtol=1e-5, atol=1e-6)  # fused_attn: the hook runs nowhere
+    assert len(op_calls["flash_attention"]) == 1
+    reference.fused_attn = patched.fused_attn = False
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="calls its rel_pos module"):
+        torch.testing.assert_close(patched(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert len(op_calls["flash_attention"]) == 1

@@ -172,3 +172,29 @@ def test_deepseek_block_mlp_half_is_one_op_call(op_calls):
     call = op_calls["layernorm_mlp"][-1]["kwargs"]  # the last block (timm's drop path rate rises from 0)
     assert call["norm"] == "rms" and call["gated"] and call["activation"] == "silu" and call["fc1_bias"] is None
     assert call["sample_scale"] is not None  # drop path as the op's per-sample scale
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_mask_with_is_causal_is_timms_to_decide(fused_attn, op_calls):
+    """attn_mask with is_causal=True: timm's SDPA path raises (SDPA's own error), its eager path lets
+    causal take precedence and drops the mask; the fused attentions (AttentionRope, timm's Attention,
+    Eva's) applied both, silently."""
+    from timm.layers import Attention
+    from timm.models.eva import EvaAttention
+
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., -2:] = False
+    x = torch.randn(2, 7, 32)
+    for reference in (rope_attention(), perturb_(Attention(32, num_heads=4, norm_layer=nn.LayerNorm)).eval(),
+                      perturb_(EvaAttention(32, num_heads=4, norm_layer=nn.LayerNorm)).eval()):  # fmt: skip
+        reference.fused_attn = fused_attn
+        patched = copy.deepcopy(reference)
+        fastvit.patch(patched)
+        if fused_attn:
+            for model in (reference, patched):
+                with pytest.raises(RuntimeError):
+                    model(x, attn_mask=mask, is_causal=True)
+        else:
+            torch.testing.assert_close(patched(x, attn_mask=mask, is_causal=True),
+                                       reference(x, attn_mask=mask, is_causal=True), rtol=RTOL, atol=ATOL)  # fmt: skip
+    assert op_calls["flash_attention"] == []
