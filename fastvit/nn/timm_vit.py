@@ -18,13 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import (
-    MLP_BYPASSED,
-    SWIGLU_BYPASSED,
-    FusedGammaMlpHalf,
-    drop_path_scale,  # noqa: F401 (fastvit.nn.timm_vit.drop_path_scale: where it lived)
-    gelu_approximate,  # noqa: F401 (fastvit.nn.timm_vit.gelu_approximate: where it lived)
-)
+from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 
 __all__ = [
     "FusedAttention",
