@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import fastvit
 from fastvit.nn.fused import warn_attention_dropout  # re-exported: the fused classes import it from here
 
-__all__ = ["biased_qkv", "merge_heads", "self_attention", "split_packed_qkv", "warn_attention_dropout"]
+__all__ = [
+    "biased_qkv", "mask_with_causal", "merge_heads", "self_attention", "split_packed_qkv", "warn_attention_dropout",
+]
 
 
 def split_packed_qkv(
@@ -63,6 +65,18 @@ def self_attention(
     if attn_mask is None:
         return fastvit.flash_attention(q, k, v, scale=scale, causal=causal)
     return fastvit.flash_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
+
+
+def mask_with_causal(attn_mask: object, is_causal: object) -> bool:
+    """Whether a call gives both a mask tensor and ``is_causal=True``: timm's SDPA path raises on
+    that and its eager path drops the mask, so the fused timm attentions leave it to timm's forward.
+    False under ``torch.fx`` tracing (a Proxy is neither): the graph passes both on to the op.
+
+    Example:
+        >>> if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm Attention"):
+        ...     return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+    """
+    return is_causal is True and isinstance(attn_mask, torch.Tensor)
 
 
 def biased_qkv(

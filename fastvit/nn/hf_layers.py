@@ -406,14 +406,16 @@ class FusedQwen3VLVisionBlock(_QwenVisionForward, Qwen3VLVisionBlock):
 
 def fused_layer(module: nn.Module) -> type[FusedPreNormLayer] | None:
     """The fused class for ``module`` (a covered layer, or one already fused): by its MLP's kind
-    where the family has a plain and a gated one (DINOv2, DINOv3); None for another class."""
+    where the family has a plain and a gated one (DINOv2, DINOv3), so a layer fused earlier whose MLP
+    was replaced by the other kind is fused anew as the other class; None for another class."""
     fused = FUSED_LAYERS.get(type(module))
-    if fused is None or isinstance(module, FusedModule):
-        return fused
-    gated = GATED_LAYERS.get(type(module))
+    if fused is None:
+        return None
+    original = fused.fastvit_original()
+    gated = GATED_LAYERS.get(original)
     if gated is not None and type(getattr(module, "mlp", None)) in _GATED_MLPS:
         return gated
-    return fused
+    return FUSED_LAYERS[original]  # a layer fused as gated whose MLP became a plain one: the plain class
 
 
 def mlp_parts(module: nn.Module) -> MlpHalf:

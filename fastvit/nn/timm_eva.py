@@ -25,7 +25,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 import fastvit
-from fastvit.nn.attention import biased_qkv, merge_heads, self_attention
+from fastvit.nn.attention import biased_qkv, mask_with_causal, merge_heads, self_attention
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 from fastvit.nn.timm_vit import _FusedEmbedding
@@ -124,8 +124,7 @@ class FusedEvaAttention(FusedModule, EvaAttention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        # a mask with is_causal: timm's SDPA path raises, its eager path drops the mask: timm decides
-        if (attn_mask is not None and is_causal) or self._fastvit_unfused("timm EvaAttention"):
+        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm EvaAttention"):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         heads = (self.num_heads, -1)
         gate = self.gate(x).sigmoid() if self.gate is not None else None

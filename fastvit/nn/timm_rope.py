@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from timm.layers.attention import AttentionRope
 
+from fastvit.nn.attention import mask_with_causal
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_eva import rope_attention
 
@@ -48,8 +49,7 @@ class FusedAttentionRope(FusedModule, AttentionRope):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        # a mask with is_causal: timm's SDPA path raises, its eager path drops the mask: timm decides
-        if (attn_mask is not None and is_causal) or self._fastvit_unfused("timm AttentionRope"):
+        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm AttentionRope"):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         if self.qkv is not None:  # (B, N, 3 H D) -> three (B, H, N, D) views

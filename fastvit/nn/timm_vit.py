@@ -16,7 +16,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import fastvit
-from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
+from fastvit.nn.attention import mask_with_causal, merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 
@@ -47,8 +47,7 @@ class FusedAttention(FusedModule, Attention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        # a mask with is_causal: timm's SDPA path raises, its eager path drops the mask: timm decides
-        if (attn_mask is not None and is_causal) or self._fastvit_unfused("timm Attention"):
+        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm Attention"):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         gate_layer = getattr(self, "gate", None)
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None

@@ -172,20 +172,25 @@ def patch(
         name = type(model).__name__
         raise ValueError(f"fastvit.patch: nothing to patch in {name}{found}\nThe model is unchanged.")
 
-    done: list[tuple[nn.Module, tuple | None]] = []
+    done: list[tuple[nn.Module, tuple | None, type | None]] = []  # (module, earlier snapshot, earlier class)
     try:
         for swap in swaps:
-            if type(swap.module) is swap.fused:  # fused earlier, its submodules replaced since: anew
-                done.append((swap.module, swap.module.fastvit_fuse_anew()))
+            module = swap.module
+            if type(module) is swap.fused:  # fused earlier, its submodules replaced since: anew
+                done.append((module, module.fastvit_fuse_anew(), None))
+            elif isinstance(module, FusedModule):  # fused earlier as another class (its MLP changed kind)
+                done.append((module, *_refuse_as(module, swap.fused)))
             else:
-                swap.fused.swap_in(swap.module)  # all or nothing for one module
-                done.append((swap.module, None))
+                swap.fused.swap_in(module)  # all or nothing for one module
+                done.append((module, None, None))
     except BaseException:
-        for module, earlier in reversed(done):  # leave the model as it was
+        for module, earlier, earlier_class in reversed(done):  # leave the model as it was
             if earlier is None:
                 module.swap_out()
-            else:
+            elif earlier_class is None:
                 module.fastvit_unfuse_anew(earlier)
+            else:
+                _restore_class(module, earlier_class, earlier)
         raise
     report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
     rename_no_split(model, {type(s.module) for s in swaps})  # the layer classes named by class name
@@ -193,6 +198,27 @@ def patch(
     if routing:  # attention through transformers' AttentionInterface: its configs, not its modules
         routing.apply(report)
     return report
+
+
+def _refuse_as(module: FusedModule, fused: type[FusedModule]) -> tuple[tuple, type[FusedModule]]:
+    """Make ``module``, fused earlier as another class of the same original, an instance of ``fused``
+    (all or nothing); returns its earlier snapshot and class for ``_restore_class``."""
+    earlier, earlier_class = module._fastvit_watched, type(module)
+    module.swap_out()
+    try:
+        fused.swap_in(module)
+    except BaseException:
+        _restore_class(module, earlier_class, earlier)
+        raise
+    return earlier, earlier_class
+
+
+def _restore_class(module: nn.Module, fused: type[FusedModule], watched: tuple) -> None:
+    """Undo ``_refuse_as``: ``module`` back to ``fused`` with its earlier snapshot."""
+    if isinstance(module, FusedModule):
+        module.swap_out()
+    fused.swap_in(module)
+    module.fastvit_unfuse_anew(watched)
 
 
 def _restoration_plan(model: nn.Module) -> list[tuple[str, FusedModule, type[nn.Module]]]:

@@ -24,24 +24,45 @@ _UNSET = "unset"
 
 def rename_no_split(model: nn.Module, fused_classes: Iterable[type]) -> None:
     """Add each fused class of ``fused_classes`` beside its original's name in every
-    ``_no_split_modules`` of ``model`` and its submodules, and drop an original's name that no
-    module of the model has any more (the lookups by name would raise on it).
+    ``_no_split_modules`` of ``model`` and its submodules, and drop the name of an original, or of a
+    fused class of the same original (an MLP kind fused earlier), that no module below that list has
+    any more (the lookups by name would raise on it). A list names the fused classes found below
+    it: an original with two fused classes (DINOv2's plain and gated layers) may have both.
 
     Example:
         >>> rename_no_split(model, [FusedViTLayer])  # {"ViTLayer"} -> {"FusedViTLayer"}
     """
-    renames = {cls.fastvit_original().__name__: cls.__name__ for cls in fused_classes}
-    present = {type(m).__name__ for m in model.modules()}
+    renames: dict[str, list[str]] = {}  # original's name -> the fused classes' names
+    for cls in fused_classes:
+        renames.setdefault(cls.fastvit_original().__name__, []).append(cls.__name__)
+    origin = {name: original for original, fused in _fused_names(renames).items() for name in fused}
     for module in model.modules():
         names = getattr(module, "_no_split_modules", None)
-        if not names or not any(name in renames for name in names):
+        if not names or not any(name in renames or name in origin for name in names):
             continue
-        kept = [name for name in names if name not in renames or name in present]
-        added = [renames[name] for name in names if name in renames and renames[name] not in names]
+        present = {type(m).__name__ for m in module.modules()}
+        covered = {name if name in renames else origin.get(name) for name in names} & renames.keys()
+        kept = [name for name in names if (name not in renames and name not in origin) or name in present]
+        added = [fused for original in sorted(covered) for fused in sorted(renames[original]) if fused in present]
         if _PREVIOUS not in vars(module):
             vars(module)[_PREVIOUS] = vars(module).get("_no_split_modules", _UNSET)
         updated = list(dict.fromkeys([*kept, *added]))
         module._no_split_modules = type(names)(updated) if isinstance(names, (list, set, tuple)) else updated
+
+
+def _fused_names(renames: dict[str, list[str]]) -> dict[str, set[str]]:
+    """For each original name in ``renames``, the names of every fused class fastvit declares for it."""
+    from fastvit.nn.fused import FusedModule
+
+    found: dict[str, set[str]] = {original: set() for original in renames}
+    pending = list(FusedModule.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        original = vars(cls).get("_fastvit_original_class")
+        if original is not None and original.__name__ in found:
+            found[original.__name__].add(cls.__name__)
+    return found
 
 
 def restore_no_split(model: nn.Module) -> None:

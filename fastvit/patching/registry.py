@@ -117,14 +117,17 @@ def slot(
     problems: Callable[[nn.Module], list[str]],
     notes: Callable[[nn.Module], list[str]] | None = None,
 ) -> Finding:
-    """The finding for ``module``, an instance of ``fused`` or of exactly ``fused.fastvit_original()``.
+    """The finding for ``module``, an instance of ``fused``, of exactly ``fused.fastvit_original()``, or
+    of another fused class of that original (fused earlier as a block whose MLP has changed kind since).
 
     Args:
         problems: why this instance cannot be fused (empty: it can). Hooks on the submodules the
             fused forward bypasses are checked after these (``FusedModule.fastvit_hook_problems``).
         notes: what the report should add about a replacement (e.g. dropout fallbacks).
     """
-    replaced = module.fastvit_replaced_submodules() if type(module) is fused else []
+    # fused earlier as this class, or as another of the same original (a block whose MLP changed kind)
+    reclassed = type(module) is not fused and isinstance(module, FusedModule)
+    replaced = module.fastvit_replaced_submodules() if type(module) is fused or reclassed else []
     if type(module) is fused and not replaced:
         return Patched(path, part, module)
     reasons = problems(module) or fused.fastvit_hook_problems(module)
@@ -134,8 +137,10 @@ def slot(
                        "its calls run the original forward"]  # fmt: skip
         return Skip(path, part, "; ".join(reasons))
     found = tuple(notes(module)) if notes else ()
-    if replaced:  # fused earlier, a bypassed submodule replaced since (timm's set_input_size ...): anew
-        found = (f"fused anew: {', '.join(replaced)} replaced since the earlier fastvit.patch", *found)
+    if replaced or reclassed:  # fused earlier, a bypassed submodule replaced since (set_input_size ...): anew
+        kind = f" as {fused.__name__}" if reclassed else ""
+        found = (f"fused anew{kind}: {', '.join(replaced) or 'a submodule'} replaced since the earlier fastvit.patch",
+                 *found)  # fmt: skip
     return Swap(path, part, module, fused, found)
 
 

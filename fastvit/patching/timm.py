@@ -295,9 +295,8 @@ def _block_problems(block: nn.Module) -> list[str]:
 
 def _block_fused(block: nn.Module, table: dict) -> type[FusedModule]:
     """The fused class for a timm, Eva or BEiT block (``table``: ``_BLOCKS`` / ``_GAMMA_BLOCKS``):
-    by its MLP's kind (the submodules it bypasses)."""
-    if isinstance(block, FusedModule):
-        return type(block)
+    by its MLP's kind (the submodules it bypasses), for a block fused earlier too (its MLP replaced
+    by the other kind since: fused anew as the other class)."""
     packed, swiglu = table[type(block)]
     return swiglu if type(getattr(block, "mlp", None)) is SwiGLU else packed
 

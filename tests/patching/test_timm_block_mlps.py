@@ -136,3 +136,22 @@ def test_triton_route(op_calls):
 def test_repr_gives_the_eps_the_op_uses():
     _, patched, _ = pair(build("silu_mlp_torch_rmsnorm_layerscale"))  # nn.RMSNorm(eps=None): float32's eps
     assert f"eps={torch.finfo(torch.float32).eps}, norm=rms, mlp=Mlp" in patched.blocks[0].extra_repr()
+
+
+def test_repatch_after_the_mlp_changed_kind_fuses_the_other_class(op_calls, fresh_warnings):
+    """A fused Block whose Mlp is replaced by a SwiGLU runs timm's modules; fastvit.patch called again
+    fuses it as FusedSwiGLUBlock (its bypassed submodules differ), unpatch gives timm's Block."""
+    reference = build("quick_gelu_mlp")
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    for model in (reference, patched):
+        torch.manual_seed(0)
+        model.blocks[0].mlp = perturb_(SwiGLU(32, 64, act_layer=nn.SiLU))
+    report = fastvit.patch(patched)
+    (entry,) = report.replaced
+    assert entry.path == "blocks.0" and "fused anew as FusedSwiGLUBlock" in entry.detail
+    assert type(patched.blocks[0]).__name__ == "FusedSwiGLUBlock"
+    assert_matches_by_the_rule(reference, patched, images(reference))
+    assert len(op_calls["layernorm_mlp"]) == DEPTH
+    fastvit.unpatch(patched)
+    assert type(patched.blocks[0]) is type(reference.blocks[0])

@@ -160,3 +160,56 @@ def test_embeddings_at_another_resolution_or_masked_run_hugging_face(op_calls):
 
     assert_outputs_and_grads_match(clip, clip_patched, images(size=24), run=interpolated)
     assert len(op_calls["patch_embed"]) == 1
+
+
+def test_no_split_modules_name_each_fused_class_present():
+    """A DINOv2 layer has two fused classes (plain and gated MLP): each model's _no_split_modules
+    names those its own layers are, whatever the order of the patch (it named one per original,
+    which one depending on a set's order: a teacher's gated layers or a student's plain ones were
+    named nowhere, and a name matching no module makes accelerate / the Trainer's FSDP raise)."""
+    from transformers.trainer_pt_utils import get_module_class_from_name
+
+    for _ in range(3):
+        teacher, student = dinov2(use_swiglu_ffn=True), dinov2()
+        fastvit.patch(torch.nn.ModuleList([teacher, student]))
+        assert {"FusedDinov2GatedLayer", "FusedDinov2Embeddings"} == set(teacher._no_split_modules)
+        assert {"FusedDinov2Layer", "FusedDinov2Embeddings"} == set(student._no_split_modules)
+    mixed = dinov2()
+    mixed.encoder.layer[0].mlp = T.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN(mixed.config)
+    fastvit.patch(mixed)
+    assert {"FusedDinov2GatedLayer", "FusedDinov2Layer"} <= set(mixed._no_split_modules)
+    assert all(get_module_class_from_name(mixed, name) is not None for name in mixed._no_split_modules)
+
+
+def test_repatch_after_the_mlp_changed_kind_fuses_the_other_class(op_calls, fresh_warnings):
+    """A fused DINOv2 / DINOv3 layer whose MLP is replaced by the other kind (plain <-> gated) falls
+    back to Hugging Face's modules (said once); fastvit.patch called again fuses it as the other
+    class (it was skipped: "not Dinov2MLP"), as a fresh patch would, and unpatch gives the original."""
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2MLP, Dinov2SwiGLUFFN
+
+    reference = dinov2(layerscale_value=0.3)
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    for model in (reference, patched):
+        torch.manual_seed(0)
+        model.encoder.layer[0].mlp = perturb_(Dinov2SwiGLUFFN(model.config))
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="mlp replaced or wrapped"):
+        torch.testing.assert_close(hidden(patched, images()), hidden(reference, images()), rtol=RTOL, atol=ATOL)
+    report = fastvit.patch(patched)
+    (entry,) = report.replaced
+    assert entry.path == "encoder.layer.0" and "fused anew as FusedDinov2GatedLayer" in entry.detail
+    assert type(patched.encoder.layer[0]).__name__ == "FusedDinov2GatedLayer"
+    assert {"FusedDinov2GatedLayer", "FusedDinov2Layer"} <= set(patched._no_split_modules)
+    op_calls["layernorm_mlp"].clear()
+    assert_outputs_and_grads_match(reference, patched, images(), run=hidden, rtol=1e-4, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == DEPTH
+    # and back: the gated layer's MLP replaced by a plain one
+    for model in (reference, patched):
+        torch.manual_seed(1)
+        model.encoder.layer[0].mlp = perturb_(Dinov2MLP(model.config))
+    fastvit.patch(patched)
+    assert type(patched.encoder.layer[0]).__name__ == "FusedDinov2Layer"
+    assert set(patched._no_split_modules) == {"FusedDinov2Layer", "FusedDinov2Embeddings"}  # no stale name
+    assert_outputs_and_grads_match(reference, patched, images(), run=hidden, rtol=1e-4, atol=1e-5)
+    fastvit.unpatch(patched)
+    assert type(patched.encoder.layer[0]).__name__ == "Dinov2Layer"
