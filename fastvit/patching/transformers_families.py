@@ -3,10 +3,12 @@ encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, A
 registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT).
 
-A layer can be fused when its norm must be an ``nn.LayerNorm``
-over the last dim, its MLP the family's plain (not gated) MLP of two ``nn.Linear`` with a GELU
-(exact or tanh), and its LayerScale, drop path and dropout the family's own modules. Layers with
-another activation (CLIP's quick_gelu) or a gated MLP (SwiGLU) are reported with the reason.
+A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
+AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
+``gate_proj``: AIMv2, Pixtral, Qwen2.5-VL, DINOv2's SwiGLU FFN, DINOv3's gated MLP) of ``nn.Linear``
+layers with an activation the op computes (GELU exact or tanh, quick_gelu, SiLU), and its
+LayerScale, drop path and dropout the family's own modules. Other layers are reported with the
+reason.
 """
 
 from __future__ import annotations
