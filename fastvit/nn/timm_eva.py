@@ -30,7 +30,9 @@ from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 from fastvit.nn.timm_vit import _FusedEmbedding
 
-__all__ = ["FusedEva", "FusedEvaAttention", "FusedEvaBlock", "FusedEvaSwiGLUBlock", "rope_attention", "rotated_qk"]
+__all__ = [
+    "FusedEva", "FusedEvaAttention", "FusedEvaBlock", "FusedEvaSwiGLUBlock", "RopeAttentionForward", "rotated_qk",
+]  # fmt: skip
 
 
 def _rotary_qk_takes(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int) -> bool:
@@ -76,40 +78,16 @@ def rotated_qk(
     return q.type_as(v), k.type_as(v)
 
 
-def rope_attention(
-    attn: torch.nn.Module,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    gate: torch.Tensor | None,
-    rope: torch.Tensor | None,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-) -> torch.Tensor:
-    """The rest of timm's ``EvaAttention`` / ``AttentionRope`` forward once q, k, v (B, H|Hkv, N, D)
-    are projected: ``q_norm`` / ``k_norm``, the rotary step (``rotated_qk``), the grouped-query
+class RopeAttentionForward(FusedModule):
+    """The forward the fused timm RoPE attentions share (``EvaAttention``, ``AttentionRope``):
+    ``forward(x, rope=None, attn_mask=None, is_causal=False)``, x (B, N, C) -> (B, N, dim_out).
+
+    Each class projects q, k, v in ``_fastvit_qkv`` (timm's packed or separate projections); then
+    ``q_norm`` / ``k_norm``, the rotary step of the patch rows (``rotated_qk``), the grouped-query
     expansion of k and v (``num_kv_groups`` > 1: ``repeat_interleave``, as timm), one
-    ``fastvit.flash_attention`` call, the output ``norm``, the gate (B, N, H*D) and the projection.
-
-    Example:
-        >>> return rope_attention(self, q, k, v, gate, rope, attn_mask, is_causal)  # (B, N, dim_out)
+    ``fastvit.flash_attention`` call, the output ``norm``, the gate and the projection, as timm.
+    Calls in training with attention dropout > 0, and a mask with ``is_causal``, run timm's forward.
     """
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:  # patch tokens only, as timm
-        q, k = rotated_qk(q, k, v, rope, attn.num_prefix_tokens, getattr(attn, "rotate_half", False))
-    groups = getattr(attn, "num_kv_groups", 1)
-    if groups > 1:  # head h reads kv head h // groups, as timm
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = attn.norm(merge_heads(self_attention(q, k, v, scale=attn.scale, causal=is_causal, attn_mask=attn_mask)))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
-
-
-class FusedEvaAttention(FusedModule, EvaAttention):
-    """timm ``EvaAttention`` running ``fastvit.rotary_qk`` and ``fastvit.flash_attention`` (same
-    signature, ``forward(x, rope=None, attn_mask=None, is_causal=False)``); ``attn_mask`` goes to the
-    op's ``attn_mask``. Calls in training with attention dropout > 0 run timm's forward."""
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
@@ -124,19 +102,45 @@ class FusedEvaAttention(FusedModule, EvaAttention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm EvaAttention"):
+        kind = f"timm {type(self).fastvit_original().__name__}"
+        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused(kind):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        heads = (self.num_heads, -1)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self._fastvit_qkv(x)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # patch tokens only, as timm
+            q, k = rotated_qk(q, k, v, rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:  # head h reads kv head h // groups, as timm
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+    def _fastvit_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, C) -> q (B, H, N, D), k and v (B, H or Hkv, N, D), as timm projects them."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        groups = getattr(self, "num_kv_groups", 1)
+        heads = f"heads={self.num_heads}" + (f", kv_heads={self.num_heads // groups}" if groups > 1 else "")
+        return f"{heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
+
+
+class FusedEvaAttention(RopeAttentionForward, EvaAttention):
+    """timm ``EvaAttention`` running ``fastvit.rotary_qk`` and ``fastvit.flash_attention`` (same
+    signature, ``forward(x, rope=None, attn_mask=None, is_causal=False)``); ``attn_mask`` goes to the
+    op's ``attn_mask``. Calls in training with attention dropout > 0 run timm's forward."""
+
+    def _fastvit_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = (self.num_heads, -1)
         if self.qkv is not None:  # timm's packed projection, EVA's zero k bias included
             qkv = biased_qkv(x, self.qkv, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
             q, k, v = qkv.unflatten(-1, (3, *heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) views
-        else:
-            q, k, v = (proj(x).unflatten(-1, heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return rope_attention(self, q, k, v, gate, rope, attn_mask, is_causal)
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
+            return q, k, v
+        q, k, v = (proj(x).unflatten(-1, heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return q, k, v
 
 
 class _EvaBlockForward(FusedGammaMlpHalf):
