@@ -115,7 +115,8 @@ def patch(
       class attention;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
-      embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3, AIMv2 and Pixtral, and every
+      embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,
+      the MLP halves of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers, and every
       attention going through transformers' ``AttentionInterface`` (below).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the
@@ -140,7 +141,8 @@ def patch(
         (its modules are listed in ``already_patched``), except where a submodule that a fused
         module reads without calling (an MLP's ``fc1``, a patch projection) was replaced since:
         that module is fused anew over the new submodule if it qualifies (listed in
-        ``replaced``, "fused anew") or listed in ``skipped`` if not.
+        ``replaced``, "fused anew"; as another fused class where the MLP changed kind, plain <->
+        gated) or listed in ``skipped`` if not.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or a flag is not a bool.
