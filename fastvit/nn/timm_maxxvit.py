@@ -19,7 +19,7 @@ from timm.layers import RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models.maxxvit import Attention2d, AttentionCl
 
 import fastvit
-from fastvit.nn.fused import FusedModule, global_module_hooks, warn_fallback
+from fastvit.nn.fused import FusedModule, global_module_hooks, hook_kinds, warn_fallback
 
 __all__ = ["FusedAttention2d", "FusedAttentionCl"]
 
@@ -37,13 +37,7 @@ def _rel_pos_runs_as_bias(attn: AttentionCl | Attention2d) -> bool:
     if attn.fused_attn or rel_pos is None:
         return True
     cls = type(rel_pos)
-    as_built = (
-        _REL_POS_FORWARDS.get(cls) is cls.forward
-        and "forward" not in rel_pos.__dict__
-        and not (rel_pos._forward_pre_hooks or rel_pos._forward_hooks or rel_pos._backward_pre_hooks
-                 or rel_pos._backward_hooks)
-        and not global_module_hooks()
-    )  # fmt: skip
+    as_built = _REL_POS_FORWARDS.get(cls) is cls.forward and not hook_kinds(rel_pos) and not global_module_hooks()
     if not as_built:
         name = type(attn).fastvit_original().__name__
         warn_fallback(
@@ -69,7 +63,32 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bia
     return fastvit.flash_attention(q, k, v, scale=scale, attn_mask=bias)
 
 
-class FusedAttentionCl(FusedModule, AttentionCl):
+class _RelPosAttentionForward(FusedModule):
+    """The forward both fused MaxxVit attentions share: ``forward(x, shared_rel_pos=None)``; the
+    fallbacks (attention dropout, a called ``rel_pos`` that is not as built), then the class's
+    ``_fastvit_fused(x, bias)`` with timm's additive bias (``_bias``)."""
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
+        kind = f"timm {type(self).fastvit_original().__name__}"
+        if self._fastvit_unfused(kind) or not _rel_pos_runs_as_bias(self):
+            return super().forward(x, shared_rel_pos=shared_rel_pos)
+        return self._fastvit_fused(x, _bias(self, shared_rel_pos))
+
+    def _fastvit_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The fused forward of one class: x and timm's bias in, timm's output layout out."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.dim_head}, fastvit={self.fastvit_op}"
+
+
+class FusedAttentionCl(_RelPosAttentionForward, AttentionCl):
     """timm ``AttentionCl`` running ``fastvit.flash_attention``. Same signature,
     ``forward(x, shared_rel_pos=None)`` with x (B, ..., C) channels-last tokens (a window or grid
     partition, (B, N, C) in CoAtNet); returns (B, ..., dim_out). Calls in training with attention
@@ -80,29 +99,18 @@ class FusedAttentionCl(FusedModule, AttentionCl):
         >>> fastvit.patch(model)  # the block and grid attentions become FusedAttentionCl
     """
 
-    fastvit_part = "attention"
-    fastvit_op = "flash_attention"
-    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
-
-    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
-        if self._fastvit_unfused("timm AttentionCl") or not _rel_pos_runs_as_bias(self):
-            return super().forward(x, shared_rel_pos=shared_rel_pos)
+    def _fastvit_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         batch, restore_shape = x.shape[0], x.shape[:-1]
         if self.head_first:  # (B, N, H, 3D) -> three (B, H, N, D) views
             q, k, v = self.qkv(x).view(batch, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
         else:  # (B, N, 3, H, D) -> three (B, H, N, D) views
             q, k, v = self.qkv(x).reshape(batch, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
-        out = _attend(q, k, v, self.scale, _bias(self, shared_rel_pos))
+        out = _attend(q, k, v, self.scale, bias)
         # tuple concatenation, as timm: torch.fx traces it (a Proxy size cannot be unpacked with *)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(restore_shape + (-1,))))  # noqa: RUF005
 
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.dim_head}, fastvit={self.fastvit_op}"
 
-
-class FusedAttention2d(FusedModule, Attention2d):
+class FusedAttention2d(_RelPosAttentionForward, Attention2d):
     """timm ``Attention2d`` (CoAtNet's channels-first transformer stages) running
     ``fastvit.flash_attention``. Same signature, ``forward(x, shared_rel_pos=None)`` with x
     (B, C, H, W); returns (B, dim_out, H, W). Calls in training with attention dropout > 0 run timm's
@@ -113,15 +121,7 @@ class FusedAttention2d(FusedModule, Attention2d):
         >>> fastvit.patch(model)  # the stages' Attention2d become FusedAttention2d
     """
 
-    fastvit_part = "attention"
-    fastvit_op = "flash_attention"
-    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
-
-    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
-        if self._fastvit_unfused("timm Attention2d") or not _rel_pos_runs_as_bias(self):
-            return super().forward(x, shared_rel_pos=shared_rel_pos)
+    def _fastvit_fused(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         batch, _, height, width = x.shape
         if self.head_first:  # (B, H, 3D, N) -> three (B, H, D, N) views
             q, k, v = self.qkv(x).view(batch, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
@@ -129,8 +129,5 @@ class FusedAttention2d(FusedModule, Attention2d):
             q, k, v = self.qkv(x).reshape(batch, 3, self.num_heads, self.dim_head, -1).unbind(1)
         # the op reads D with a unit stride: token-major copies, as timm's SDPA path makes
         q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
-        out = _attend(q, k, v, self.scale, _bias(self, shared_rel_pos))  # (B, H, N, D)
+        out = _attend(q, k, v, self.scale, bias)  # (B, H, N, D)
         return self.proj_drop(self.proj(out.transpose(-1, -2).reshape(batch, -1, height, width)))
-
-    def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.dim_head}, fastvit={self.fastvit_op}"
