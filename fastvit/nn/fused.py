@@ -219,16 +219,17 @@ class FusedModule:
             self.__dict__.pop("__module__", None)
         self.__class__ = restored
 
-    def _fastvit_unfused(self, kind: str, *, sdpa_dropout: bool = True) -> bool:
+    def _fastvit_unfused(self, kind: str | None = None, *, sdpa_dropout: bool = True) -> bool:
         """Whether this call of a fused timm attention runs the original forward: a hook on or a
         replacement of a bypassed submodule (``_fastvit_intact``), or attention dropout that timm's
-        own forward would apply in this call (the op has none; ``warn_attention_dropout(kind)``).
-        ``sdpa_dropout=False`` for an attention whose SDPA path never drops (XCiT's ``XCA``)."""
+        own forward would apply in this call (the op has none; ``warn_attention_dropout(kind)``,
+        ``kind`` "timm <original class>" unless given). ``sdpa_dropout=False`` for an attention
+        whose SDPA path never drops (XCiT's ``XCA``)."""
         if not self._fastvit_intact():
             return True
         p = self._fastvit_timm_attention_dropout(sdpa_dropout)
         if p > 0.0:
-            warn_attention_dropout(kind, p)
+            warn_attention_dropout(kind or f"timm {type(self).fastvit_original().__name__}", p)
             return True
         return False
 

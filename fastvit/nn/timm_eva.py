@@ -102,8 +102,7 @@ class RopeAttentionForward(FusedModule):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        kind = f"timm {type(self).fastvit_original().__name__}"
-        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused(kind):
+        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused():
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self._fastvit_qkv(x)

@@ -75,8 +75,7 @@ class _RelPosAttentionForward(FusedModule):
     def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
-        kind = f"timm {type(self).fastvit_original().__name__}"
-        if self._fastvit_unfused(kind) or not _rel_pos_runs_as_bias(self):
+        if self._fastvit_unfused() or not _rel_pos_runs_as_bias(self):
             return super().forward(x, shared_rel_pos=shared_rel_pos)
         return self._fastvit_fused(x, _bias(self, shared_rel_pos))
 
