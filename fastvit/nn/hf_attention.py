@@ -7,7 +7,9 @@ eager_attention_forward)``), and builds their masks through the function of the 
 ``fastvit.flash_attention`` (``fastvit.flash_attention_varlen`` where the model passes flash-attn's
 ``cu_seq_lens_q``), and the masks are SDPA's (bool, True = attend; ``None`` when nothing is masked),
 which the op takes as ``attn_mask``. Without a mask function of its own, a custom name gets no mask
-at all (transformers drops padding masks for it), hence both registrations.
+at all (transformers drops padding masks for it), hence both registrations. ``PACKED_NAME``
+(``"fastvit_flash_varlen"``) is the same pair under a name transformers reads as flash-attn's, for
+the vision towers that then pack their images (``fastvit.patch`` sets it on their configs).
 
 Calls the op does not cover run transformers' own function for that call, with one warning:
 attention weights requested (``output_attentions=True``: the model's ``eager_attention_forward``),
@@ -37,9 +39,18 @@ except ImportError:  # another transformers layout: only the output_attentions k
 import fastvit
 from fastvit.nn.fused import warn_fallback
 
-__all__ = ["NAME", "fallback_reason", "fastvit_attention_forward", "register"]
+__all__ = ["NAME", "PACKED_NAME", "fallback_reason", "fastvit_attention_forward", "register"]
 
 NAME = "fastvit"
+# The same function under a name transformers reads as a flash-attn implementation
+# (``utils.generic.is_flash_attention_requested``: "flash" in the name). Models written for
+# flash-attn's packed calls (the Qwen-VL, GLM-4V, Kimi, PaddleOCR-VL vision towers; Pixtral) then
+# pass their images as one packed sequence with ``cu_seq_lens_q`` instead of calling the attention
+# once per image or window (or with a block-diagonal (T, T) mask): one ``flash_attention_varlen``
+# launch. ``fastvit.patch`` sets it only on the configs of such towers (their masks stay SDPA's:
+# the mask function is SDPA's as for NAME). ``set_attn_implementation`` cannot take it (transformers
+# would look for a flash-attn package or Hub kernel of that name).
+PACKED_NAME = "fastvit_flash_varlen"
 
 
 def _eager_of(module: nn.Module) -> Callable | None:
@@ -150,6 +161,47 @@ def _varlen(
     return out.view(batch, tokens, heads, head_dim)
 
 
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_as_mask(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, causal: bool, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flash-attn's packed call as a dense one over the same tokens: q, k, v as (1, H, B*T, D) and a
+    bool (1, 1, B*T, B*S) mask that keeps each token in its own sequence of ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` (causal: key position <= query position within the sequence, as
+    ``flash_attention_varlen``), combined with ``mask`` if the model passed one as well. For the
+    calls the op does not cover (weights requested, dropout ...): the fallback then computes what
+    the unpacked model computes per image (Pixtral builds this very mask itself)."""
+    packed = [t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[-1]) for t in (query, key, value)]
+    cu_q = kwargs.pop("cu_seq_lens_q")
+    cu_k = kwargs.pop("cu_seq_lens_k", None)
+    cu_k = cu_q if cu_k is None else cu_k
+    for name in _PACKED_KWARGS[2:]:
+        kwargs.pop(name, None)
+
+    def sequence_and_position(cu: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cu = cu.to(device=query.device, dtype=torch.long)
+        index = torch.arange(tokens, device=query.device)
+        sequence = torch.bucketize(index, cu[1:], right=True)  # tokens past cu[-1]: a sequence of their own
+        return sequence, index - torch.cat([cu, cu[-1:]])[sequence]
+
+    seq_q, pos_q = sequence_and_position(cu_q, packed[0].shape[2])
+    seq_k, pos_k = sequence_and_position(cu_k, packed[1].shape[2])
+    allowed = seq_q[:, None] == seq_k[None, :]
+    if causal:
+        allowed &= pos_k[None, :] <= pos_q[:, None]
+    allowed = allowed[None, None]
+    if mask is not None:  # SDPA's conventions: bool True = attend, float added to the scores
+        if query.shape[0] != 1 and mask.shape[0] != 1:
+            raise ValueError(
+                f"a per-batch attention mask {tuple(mask.shape)} with packed sequences (cu_seq_lens_q) "
+                f"and batch {query.shape[0]}: flash-attn's packed layout has batch 1"
+            )
+        allowed = allowed & mask if mask.dtype == torch.bool else mask.masked_fill(~allowed, float("-inf"))
+    return *packed, allowed
+
+
 def fastvit_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -194,7 +246,16 @@ def fastvit_attention_forward(
         >>> model = CLIPVisionModel(CLIPVisionConfig(attn_implementation="fastvit"))
         >>> model.set_attn_implementation("fastvit")  # or switch an existing model
     """
+    packed = kwargs.get("cu_seq_lens_q") is not None  # flash-attn's layout (PACKED_NAME, or a caller's)
     reason = fallback_reason(module, query, value, attention_mask, dropout, kwargs)
+    if packed and (reason is not None or attention_mask is not None):  # one dense call, masked per sequence
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        batch, tokens = query.shape[0], query.shape[2]
+        query, key, value, attention_mask = _packed_as_mask(query, key, value, attention_mask, causal, kwargs)
+        out, weights = fastvit_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, False, position_bias, **kwargs
+        )
+        return out.reshape(batch, tokens, *out.shape[2:]), weights
     if reason is not None:
         args = (module, query, key, value, attention_mask)
         if position_bias is not None:
@@ -207,7 +268,7 @@ def fastvit_attention_forward(
     q_length, kv_length = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = q_length > 1 and attention_mask is None and bool(is_causal)  # SDPA's rule
-    if kwargs.get("cu_seq_lens_q") is not None and attention_mask is None:  # packed, as flash-attn's
+    if packed:  # flash-attn's packed sequences: one varlen launch
         return _varlen(query, key, value, scaling, is_causal, kwargs), None
     if is_causal and kv_length > q_length:  # prefill into an empty static cache, as SDPA crops it
         key, value = key[:, :, :q_length], value[:, :, :q_length]
@@ -233,5 +294,6 @@ def register() -> None:
     # imported here: importing transformers.modeling_utils is what runs the registration hook
     from transformers.modeling_utils import AttentionInterface
 
-    AttentionInterface.register(NAME, fastvit_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    for name in (NAME, PACKED_NAME):
+        AttentionInterface.register(name, fastvit_attention_forward)
+        AttentionMaskInterface.register(name, sdpa_mask)

@@ -129,7 +129,10 @@ def patch(
     Every other Hugging Face attention module that goes through transformers' ``AttentionInterface``
     (CLIP, SigLIP/SigLIP2, DINOv2/v3, DeiT, ViTMAE, AIMv2, Pixtral, BEiT, Swin ...) is routed
     instead: the config it reads is switched to ``attn_implementation="fastvit"``
-    (``fastvit.nn.hf_attention``; ``unpatch`` restores each config's previous value).
+    (``fastvit.nn.hf_attention``; ``unpatch`` restores each config's previous value), or, for the
+    vision towers that pack their images for flash-attn (Qwen-VL, GLM-4V, Pixtral ...), to
+    ``"fastvit_flash_varlen"``: one ``fastvit.flash_attention_varlen`` call per block over every
+    image or window, not one call per image.
 
     Args:
         model: the model, on any device (not meta), with or without trained weights.

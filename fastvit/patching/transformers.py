@@ -10,10 +10,12 @@ The 4.x layout (``attention.attention.{query,key,value}``, ``intermediate.dense`
 Every other attention module of a transformers model that goes through transformers'
 ``AttentionInterface`` (CLIP, SigLIP, SigLIP2, DINOv2, DINOv3, DeiT, ViTMAE, AIMv2, Pixtral, BEiT,
 Swin ...) is routed rather than swapped: ``find_interface`` plans switching the configs those
-modules read to ``attn_implementation="fastvit"`` (``fastvit.nn.hf_attention``), and
-``restore_interface`` puts back what each had. The modules themselves, their hooks and their
-``state_dict()`` are untouched. Attention modules that compute attention in their own forward
-(Swinv2, attention-pooling heads, ``nn.MultiheadAttention``) are reported as skipped, with why.
+modules read to ``attn_implementation="fastvit"`` (``fastvit.nn.hf_attention``; towers that pass
+flash-attn's packed ``cu_seq_lens_q`` to flash-named implementations get ``"fastvit_flash_varlen"``:
+one varlen call over all their images), and ``restore_interface`` puts back what each had. The
+modules themselves, their hooks and their ``state_dict()`` are untouched. Attention modules that
+compute attention in their own forward (Swinv2, attention-pooling heads, ``nn.MultiheadAttention``)
+are reported as skipped, with why.
 """
 
 from __future__ import annotations
@@ -154,21 +156,35 @@ def find(model: nn.Module) -> list[Finding]:
 # Attention through transformers' AttentionInterface: routed by config, not swapped
 # ---------------------------------------------------------------------------------------------
 INTERFACE_NAME = "fastvit"  # fastvit.nn.hf_attention.NAME, without importing it before registration
+PACKED_INTERFACE_NAME = "fastvit_flash_varlen"  # hf_attention.PACKED_NAME: for towers that pack their images
+FASTVIT_NAMES = (INTERFACE_NAME, PACKED_INTERFACE_NAME)
 # Set on each routed attention module (a plain attribute: not in state_dict): the config's
 # attn_implementation before fastvit.patch, which fastvit.unpatch restores.
 _PREVIOUS = "_fastvit_previous_attn_implementation"
 
 
 @functools.cache
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (a REPL class, a C function)
+        return ""
+
+
 def calls_interface(cls: type) -> bool:
     """Whether ``cls.forward`` looks its attention function up in transformers' interface by
     ``config._attn_implementation`` (the same source heuristic transformers uses for
     ``set_attn_implementation``)."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):  # no source (a REPL class, a C function)
-        return False
+    source = _forward_source(cls)
     return "ALL_ATTENTION_FUNCTIONS" in source and "_attn_implementation" in source
+
+
+def packs_for_flash(cls: type) -> bool:
+    """Whether ``cls.forward`` passes flash-attn's packed ``cu_seq_lens_q`` when the implementation's
+    name says flash (``is_flash_attention_requested``), and else splits the packed images itself or
+    masks them: the Qwen-VL / GLM-4V / Kimi / PaddleOCR-VL vision attentions, Pixtral's model."""
+    source = _forward_source(cls)
+    return "is_flash_attention_requested" in source and "cu_seq_lens_q" in source
 
 
 def _routable(module: nn.Module) -> bool:
@@ -257,16 +273,34 @@ class InterfaceRouting:
         config object (``Model(config)`` twice: teacher and student, an EMA copy) share it, and
         patching one must not switch the others."""
         self._own_configs()
+        names = self._names()
         for path, module in self.routes:  # read every previous value before any config changes
             previous = module.config._attn_implementation_internal
             setattr(module, _PREVIOUS, previous)
-            detail = (
-                f"{type(module).__name__}: attn_implementation {previous!r} -> "
-                f"{INTERFACE_NAME!r} (fastvit.flash_attention through transformers' AttentionInterface)"
-            )
+            name = names[id(module.config)]
+            how = "fastvit.flash_attention through transformers' AttentionInterface"
+            if name == PACKED_INTERFACE_NAME:
+                how = (
+                    "fastvit.flash_attention_varlen through transformers' AttentionInterface, one call over the "
+                    "packed images: transformers passes their cu_seq_lens_q only to implementations named *flash*"
+                )
+            detail = f"{type(module).__name__}: attn_implementation {previous!r} -> {name!r} ({how})"
             report.replaced.append(PatchEntry(path, "attention", "; ".join((detail, *self.notes.get(path, ())))))
         for _, module in self.routes:
-            module.config._attn_implementation_internal = INTERFACE_NAME
+            module.config._attn_implementation_internal = names[id(module.config)]
+
+    def _names(self) -> dict[int, str]:
+        """The implementation each routed config gets, by id: ``PACKED_INTERFACE_NAME`` where every
+        routed module reading it packs its images for flash-named implementations (its class or the
+        model that owns the config, ``packs_for_flash``), else ``INTERFACE_NAME``. The name is read
+        by every module holding the config, so one module that would take it for flash-attn's
+        conventions without packing keeps the whole config on ``"fastvit"``."""
+        packs: dict[int, bool] = {}
+        for path, module in self.routes:
+            owner = _owner(path, self.modules)
+            owned = owner is not None and owner.config is module.config and packs_for_flash(type(owner))
+            packs[id(module.config)] = packs.get(id(module.config), True) and (packs_for_flash(type(module)) or owned)
+        return {key: PACKED_INTERFACE_NAME if packed else INTERFACE_NAME for key, packed in packs.items()}
 
     def _own_configs(self) -> None:
         """Copy the routed modules' configs, and the model's configs that hold one of them as a
@@ -318,8 +352,8 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> 
         if _routable(module):
             if (problem := _sdpa_problem(path, modules)) is not None:
                 report.skipped.append(PatchEntry(path, "attention", problem))
-            elif module.config._attn_implementation == INTERFACE_NAME:
-                how = "an earlier fastvit.patch" if hasattr(module, _PREVIOUS) else "attn_implementation='fastvit'"
+            elif (name := module.config._attn_implementation) in FASTVIT_NAMES:
+                how = "an earlier fastvit.patch" if hasattr(module, _PREVIOUS) else f"attn_implementation={name!r}"
                 detail = f"{type(module).__name__} runs fastvit through transformers' AttentionInterface ({how})"
                 report.already_patched.append(PatchEntry(path, "attention", detail))
             else:
@@ -345,8 +379,9 @@ def restore_interface(model: nn.Module) -> list[PatchEntry]:
             continue
         previous = vars(module).pop(_PREVIOUS)
         config = module.config
-        if config._attn_implementation_internal == INTERFACE_NAME:
+        name = config._attn_implementation_internal
+        if name in FASTVIT_NAMES:
             config._attn_implementation_internal = previous
-        detail = f"{type(module).__name__}: attn_implementation {INTERFACE_NAME!r} -> {previous!r}"
+        detail = f"{type(module).__name__}: attn_implementation {name!r} -> {previous!r}"
         restored.append(PatchEntry(path, "attention", detail))
     return restored

@@ -17,7 +17,7 @@ from tests.tolerance import assert_close_to_reference
 
 # The torch route of every op runs the same PyTorch math as the unpatched modules (fp32).
 RTOL, ATOL = 1e-5, 1e-6
-OPS = ("flash_attention", "layernorm_mlp", "patch_embed")
+OPS = ("flash_attention", "flash_attention_varlen", "layernorm_mlp", "patch_embed")
 HAS_PATCH_EMBED = hasattr(fastvit, "patch_embed")
 IMG, PATCH, DIM, HEADS, DEPTH, BATCH = 16, 4, 32, 2, 2, 3
 

@@ -13,12 +13,12 @@ the Triton kernels on the masked families.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import subprocess
 import sys
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -70,16 +70,18 @@ def _siglip2_inputs(dtype: torch.dtype) -> dict:
     }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Family:
     """A model family: how to build it, its forward inputs, the output compared, and how many
-    attention modules the patch routes (``masked``: how many of the op calls carry a mask)."""
+    attention modules the patch routes (``masked``: how many of the op calls carry a mask;
+    ``packed``: how many are ``flash_attention_varlen`` calls over packed images)."""
 
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.dtype], dict]
     output: Callable[[object], torch.Tensor]
     routed: int
     masked: int = 0
+    packed: int = 0
     mlp: int = 0  # LayerNorm+MLP halves swapped (fastvit.nn.hf_layers)
     embed: int = 0  # patch embeddings swapped (fastvit.nn.hf_embeddings)
 
@@ -168,13 +170,14 @@ FAMILIES = {
         DEPTH,
         mlp=DEPTH,
     ),
-    # three images of their own sizes packed in one sequence (16 + 6 + 6 tokens): block-diagonal mask
+    # three images of their own sizes packed in one sequence (16 + 6 + 6 tokens): unpatched, a
+    # block-diagonal (28, 28) mask; patched, flash-attn's cu_seq_lens_q (fastvit_flash_varlen)
     "pixtral": Family(
         lambda: T.PixtralVisionModel(T.PixtralVisionConfig(**BLOCK, image_size=16, patch_size=4, head_dim=16)),
         lambda d: {"pixel_values": _pixels(d), "image_sizes": [(16, 16), (8, 12), (12, 8)]},
         _hidden,
         DEPTH,
-        masked=DEPTH,
+        packed=DEPTH,
         mlp=DEPTH,
     ),
     # the relative position bias is a float mask that requires grad (its table learns through it)
@@ -259,7 +262,7 @@ def test_patched_matches_unpatched(name, attention_calls):
     assert len(routed) == family.routed
     assert_follows_tolerance_rule(reference, patched, family)
     assert len(attention_calls) == family.routed  # once per attention module
-    assert {c["op"] for c in attention_calls} == {"flash_attention"}
+    assert sum(c["op"] == "flash_attention_varlen" for c in attention_calls) == family.packed
     assert sum(c["mask"] is not None for c in attention_calls) == family.masked
 
 
@@ -512,8 +515,8 @@ def test_registration_hook_when_transformers_comes_later(tmp_path):
         "assert 'transformers.modeling_utils' not in sys.modules\n"
         "from transformers import AttentionInterface\n"
         "from transformers.masking_utils import AttentionMaskInterface\n"
-        "assert 'fastvit' in AttentionInterface._global_mapping\n"
-        "assert 'fastvit' in AttentionMaskInterface._global_mapping\n"
+        "for name in ('fastvit', 'fastvit_flash_varlen'):\n"
+        "    assert name in AttentionInterface._global_mapping and name in AttentionMaskInterface._global_mapping\n"
         "assert not any(type(f).__name__ == '_Finder' for f in sys.meta_path)\n"
         "assert type(sys.modules['transformers.modeling_utils'].__loader__).__name__ == 'SourceFileLoader'\n"
     )
@@ -523,10 +526,13 @@ def test_registration_hook_when_transformers_comes_later(tmp_path):
 def test_registration_when_transformers_came_first(monkeypatch):
     monkeypatch.setattr(AttentionInterface, "_global_mapping", {**AttentionInterface._global_mapping})
     monkeypatch.setattr(AttentionMaskInterface, "_global_mapping", {**AttentionMaskInterface._global_mapping})
-    del AttentionInterface._global_mapping["fastvit"], AttentionMaskInterface._global_mapping["fastvit"]
-    assert "fastvit" not in ALL_ATTENTION_FUNCTIONS
+    for name in ("fastvit", "fastvit_flash_varlen"):
+        del AttentionInterface._global_mapping[name], AttentionMaskInterface._global_mapping[name]
+        assert name not in ALL_ATTENTION_FUNCTIONS
     hf_interface.install()
-    assert ALL_ATTENTION_FUNCTIONS["fastvit"] is hf_attention.fastvit_attention_forward
+    for name in ("fastvit", "fastvit_flash_varlen"):
+        assert ALL_ATTENTION_FUNCTIONS[name] is hf_attention.fastvit_attention_forward
+        assert AttentionMaskInterface._global_mapping[name] is hf_attention.sdpa_mask
 
 
 # --- the attention function itself, against transformers' sdpa_attention_forward -------------
@@ -591,20 +597,67 @@ def test_function_varlen_route_with_cu_seqlens(attention_calls):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["weights", "mask", "causal"])
+def test_function_packed_calls_it_does_not_cover_stay_per_sequence(case, attention_calls, fresh_warnings):
+    # packed sequences (cu_seq_lens_q) with weights requested (the eager fallback) or a mask beside
+    # them: one dense call whose mask keeps each sequence to itself, never attention across the
+    # packed images; causal: within each sequence
+    gen = _gen(6)
+    lens = [7, 1, 12]
+    q, k, v = torch.randn(3, 1, 2, sum(lens), 16, generator=gen).unbind(0)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    module, kwargs, mask = _module(causal=case == "causal"), {}, None
+    if case == "weights":  # a module of a modeling file: the fallback is its eager_attention_forward
+        module = T.models.clip.modeling_clip.CLIPAttention(T.CLIPVisionConfig(**VISION))
+        kwargs["output_attentions"] = True
+    if case == "mask":  # SDPA's bool mask over the packed keys: the last 2 keys of the third sequence
+        mask = torch.ones(1, 1, 20, 20, dtype=torch.bool)
+        mask[..., 18:] = False
+    out, weights = hf_attention.fastvit_attention_forward(
+        module, q, k, v, mask, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12,
+        **kwargs,
+    )  # fmt: skip
+    pieces, blocks = [], torch.zeros(1, 2, 20, 20)
+    for a, b in itertools.pairwise(cu.tolist()):
+        qs, ks, vs = (t[:, :, a:b] for t in (q, k, v))
+        keep = torch.ones(b - a, b - a, dtype=torch.bool)
+        if case == "mask":
+            keep = mask[0, 0, a:b, a:b]
+        if case == "causal":
+            keep = keep.tril()
+        p = (qs @ ks.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf")).softmax(-1)
+        pieces.append(p @ vs)
+        blocks[:, :, a:b, a:b] = p
+    torch.testing.assert_close(out, torch.cat(pieces, dim=2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+    if case == "weights":  # the eager function's weights: zero off each sequence's block
+        torch.testing.assert_close(weights, blocks, rtol=1e-5, atol=1e-6)
+        assert attention_calls == []
+    else:  # causal alone is the varlen op's own
+        assert weights is None
+        op = "flash_attention_varlen" if case == "causal" else "flash_attention"
+        assert [c["op"] for c in attention_calls] == [op]
+
+
 @pytest.mark.interpreter
 # Pixtral's mask holds finfo(fp32).min, which NumPy's interpreter overflows to -inf when scaling it
 # by log2(e): documented in fastvit.flash_attention (it counts as -inf), and harmless here
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
-@pytest.mark.parametrize("name", ["siglip2", "beit", "pixtral"])
+@pytest.mark.parametrize("name", ["siglip2", "beit", "pixtral", "pixtral-mask"])
 def test_triton_kernels_on_masked_families(name, attention_calls):
-    # the kernels (interpreter) on NaFlex padding (bool), a learnt bias (float, with its gradient)
-    # and the block-diagonal mask of packed images (float, -finfo.min off the blocks)
+    # the kernels (interpreter) on NaFlex padding (bool), a learnt bias (float, with its gradient),
+    # packed images (fastvit.patch: the varlen kernels) and, with attn_implementation="fastvit" set
+    # by the user, the block-diagonal mask Pixtral builds for them (float, -finfo.min off the blocks)
+    name, _, route = name.partition("-")
     family = FAMILIES[name]
     reference = build(name)
     patched = copy.deepcopy(reference)
-    fastvit.patch(patched)
+    if route == "mask":
+        patched.set_attn_implementation("fastvit")
+        family = dataclasses.replace(family, masked=family.packed, packed=0)
+    else:
+        fastvit.patch(patched)
     with fastvit.backend("triton"):
         assert_follows_tolerance_rule(reference, patched, family)
-    assert (
-        len(attention_calls) == family.routed and sum(c["mask"] is not None for c in attention_calls) == family.masked
-    )
+    assert len(attention_calls) == family.routed
+    assert sum(c["mask"] is not None for c in attention_calls) == family.masked
+    assert sum(c["op"] == "flash_attention_varlen" for c in attention_calls) == family.packed
