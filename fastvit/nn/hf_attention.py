@@ -23,6 +23,8 @@ attention sinks (eager).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sys
 from collections.abc import Callable
 
@@ -38,6 +40,7 @@ except ImportError:  # another transformers layout: only the output_attentions k
 
 import fastvit
 from fastvit.nn.fused import warn_fallback
+from fastvit.nn.hf_source import packs_for_flash
 
 __all__ = ["NAME", "PACKED_NAME", "fallback_reason", "fastvit_attention_forward", "register"]
 
@@ -48,8 +51,7 @@ NAME = "fastvit"
 # pass their images as one packed sequence with ``cu_seq_lens_q`` instead of calling the attention
 # once per image or window (or with a block-diagonal (T, T) mask): one ``flash_attention_varlen``
 # launch. ``fastvit.patch`` sets it only on the configs of such towers (their masks stay SDPA's:
-# the mask function is SDPA's as for NAME). ``set_attn_implementation`` cannot take it (transformers
-# would look for a flash-attn package or Hub kernel of that name).
+# the mask function is SDPA's as for NAME); transformers' model checks take it (_accept_packed_name).
 PACKED_NAME = "fastvit_flash_varlen"
 
 
@@ -202,6 +204,37 @@ def _packed_as_mask(
     return *packed, allowed
 
 
+def _per_sequence(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    kwargs: dict,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """A packed call (batch 1) as the module's own non-flash branch makes it: one call per sequence
+    of ``cu_seq_lens_q`` / ``cu_seq_lens_k``, each running what the op does not cover by itself
+    (weights, dropout); outputs concatenated over the tokens, weights as the list of each
+    sequence's (1, H, L, S), as those branches collect them (the Qwen-VL attentions drop them)."""
+    cu_q = kwargs.pop("cu_seq_lens_q")
+    cu_k = kwargs.pop("cu_seq_lens_k", None)
+    for name in _PACKED_KWARGS[2:]:
+        kwargs.pop(name, None)
+    bounds_q = cu_q.tolist()
+    bounds_k = bounds_q if cu_k is None else cu_k.tolist()
+    outs, weights = [], []
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k), strict=True):
+        out, weight = fastvit_attention_forward(
+            module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], None, dropout, scaling, is_causal,
+            **kwargs,
+        )  # fmt: skip
+        outs.append(out)
+        weights.append(weight)
+    return torch.cat(outs, dim=1), None if all(w is None for w in weights) else weights
+
+
 def fastvit_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -248,6 +281,9 @@ def fastvit_attention_forward(
     """
     packed = kwargs.get("cu_seq_lens_q") is not None  # flash-attn's layout (PACKED_NAME, or a caller's)
     reason = fallback_reason(module, query, value, attention_mask, dropout, kwargs)
+    per_sequence = packed and reason is not None and attention_mask is None and query.shape[0] == 1
+    if per_sequence and packs_for_flash(type(module)):  # as its own non-flash branch: a call per image
+        return _per_sequence(module, query, key, value, dropout, scaling, is_causal, kwargs)
     if packed and (reason is not None or attention_mask is not None):  # one dense call, masked per sequence
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         batch, tokens = query.shape[0], query.shape[2]
@@ -281,6 +317,32 @@ def fastvit_attention_forward(
     return out.transpose(1, 2).contiguous(), None  # (B, N, H, D): the kernels write it so (no copy)
 
 
+def _accept_packed_name() -> None:
+    """Let transformers build and switch models whose configs hold ``PACKED_NAME``.
+
+    ``PreTrainedModel._check_and_adjust_attn_implementation`` (run by ``Model(config)``,
+    ``from_pretrained``, ``from_config`` and ``set_attn_implementation``, for every sub-model) sends
+    a name holding "flash" to its flash-attn loader, which finds no package or Hub kernel of that
+    name and raises: a patched model's config could not build another model (an EMA copy,
+    ``type(model)(model.config)``). The check is wrapped once to return ``PACKED_NAME`` as it is
+    (a registered function, as ``"fastvit"``); every other name goes through transformers' check.
+    """
+    from transformers.modeling_utils import PreTrainedModel
+
+    check = PreTrainedModel._check_and_adjust_attn_implementation
+    if getattr(check, "_fastvit_accepts", None) == PACKED_NAME:
+        return
+
+    @functools.wraps(check)
+    def check_and_adjust(self, attn_implementation, *args, **kwargs):
+        if attn_implementation == PACKED_NAME:
+            return attn_implementation
+        return check(self, attn_implementation, *args, **kwargs)
+
+    check_and_adjust._fastvit_accepts = PACKED_NAME
+    PreTrainedModel._check_and_adjust_attn_implementation = check_and_adjust
+
+
 def register() -> None:
     """Register ``"fastvit"`` in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
 
@@ -297,3 +359,4 @@ def register() -> None:
     for name in (NAME, PACKED_NAME):
         AttentionInterface.register(name, fastvit_attention_forward)
         AttentionMaskInterface.register(name, sdpa_mask)
+    _accept_packed_name()

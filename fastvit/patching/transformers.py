@@ -21,8 +21,6 @@ are reported as skipped, with why.
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -32,6 +30,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.models.vit import modeling_vit
 
 from fastvit.nn.fused import FusedModule
+from fastvit.nn.hf_source import calls_interface, packs_for_flash
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.hf_interface import register_now
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
@@ -161,30 +160,6 @@ FASTVIT_NAMES = (INTERFACE_NAME, PACKED_INTERFACE_NAME)
 # Set on each routed attention module (a plain attribute: not in state_dict): the config's
 # attn_implementation before fastvit.patch, which fastvit.unpatch restores.
 _PREVIOUS = "_fastvit_previous_attn_implementation"
-
-
-@functools.cache
-def _forward_source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls.forward)
-    except (OSError, TypeError):  # no source (a REPL class, a C function)
-        return ""
-
-
-def calls_interface(cls: type) -> bool:
-    """Whether ``cls.forward`` looks its attention function up in transformers' interface by
-    ``config._attn_implementation`` (the same source heuristic transformers uses for
-    ``set_attn_implementation``)."""
-    source = _forward_source(cls)
-    return "ALL_ATTENTION_FUNCTIONS" in source and "_attn_implementation" in source
-
-
-def packs_for_flash(cls: type) -> bool:
-    """Whether ``cls.forward`` passes flash-attn's packed ``cu_seq_lens_q`` when the implementation's
-    name says flash (``is_flash_attention_requested``), and else splits the packed images itself or
-    masks them: the Qwen-VL / GLM-4V / Kimi / PaddleOCR-VL vision attentions, Pixtral's model."""
-    source = _forward_source(cls)
-    return "is_flash_attention_requested" in source and "cu_seq_lens_q" in source
 
 
 def _routable(module: nn.Module) -> bool:

@@ -638,6 +638,31 @@ def test_function_packed_calls_it_does_not_cover_stay_per_sequence(case, attenti
         assert [c["op"] for c in attention_calls] == [op]
 
 
+def test_function_packed_fallback_of_a_packing_attention_runs_per_sequence(attention_calls, fresh_warnings):
+    # an attention that packs for flash itself (Qwen2-VL's) splits its images in its other branch:
+    # the fallback does the same (one eager call per image, weights as a list of per-image maps, as
+    # PaddleOCR-VL's branch collects them), never (T, T) weights over a whole video
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionAttention
+
+    config = T.Qwen2VLConfig().vision_config.__class__(embed_dim=32, num_heads=2)
+    config._attn_implementation_internal = "fastvit_flash_varlen"
+    module = VisionAttention(config)
+    gen = _gen(7)
+    q, k, v = torch.randn(3, 1, 2, 20, 16, generator=gen).unbind(0)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    out, weights = hf_attention.fastvit_attention_forward(
+        module, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12,
+        output_attentions=True,
+    )  # fmt: skip
+    assert attention_calls == [] and [tuple(w.shape) for w in weights] == [(1, 2, 7, 7), (1, 2, 1, 1), (1, 2, 12, 12)]
+    bounds = list(itertools.pairwise(cu.tolist()))
+    pieces = [(q[:, :, a:b] @ k[:, :, a:b].transpose(-1, -2) * 0.25).softmax(-1) for a, b in bounds]
+    for got, p in zip(weights, pieces, strict=True):
+        torch.testing.assert_close(got, p, rtol=1e-5, atol=1e-6)
+    want = torch.cat([p @ v[:, :, a:b] for p, (a, b) in zip(pieces, bounds, strict=True)], dim=2)
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.interpreter
 # Pixtral's mask holds finfo(fp32).min, which NumPy's interpreter overflows to -inf when scaling it
 # by log2(e): documented in fastvit.flash_attention (it counts as -inf), and harmless here

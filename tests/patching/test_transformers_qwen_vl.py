@@ -172,3 +172,22 @@ def test_glm4v_tower_packs_its_images(op_calls):
     assert report.counts()["attention"] == DEPTH and patched.config._attn_implementation == "fastvit_flash_varlen"
     assert_outputs_and_grads_match(reference, patched, patches(), run=features, rtol=1e-4, atol=1e-5)
     assert len(op_calls["flash_attention_varlen"]) == DEPTH and not op_calls["flash_attention"]
+
+
+def test_patched_config_builds_and_switches_models(op_calls):
+    # transformers checks a config's implementation when it builds or switches a model, and sends
+    # names holding "flash" to its flash-attn loader: the patched tower's config must still build
+    # another tower (an EMA copy, type(model)(model.config)) and switch back and forth
+    reference = perturb_(qwen2_vl()).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    rebuilt = type(patched)(patched.config).eval()
+    rebuilt.load_state_dict(reference.state_dict())
+    assert rebuilt.config._attn_implementation == "fastvit_flash_varlen"
+    x = patches()
+    with torch.no_grad():
+        torch.testing.assert_close(features(rebuilt, x), features(reference, x), rtol=1e-5, atol=1e-6)
+    assert len(op_calls["flash_attention_varlen"]) == DEPTH
+    rebuilt.set_attn_implementation("sdpa")
+    rebuilt.set_attn_implementation("fastvit_flash_varlen")
+    assert rebuilt.config._attn_implementation == "fastvit_flash_varlen"
