@@ -17,7 +17,8 @@ XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the token
 and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
 head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
 embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
-``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), and NaFlexVit's
+``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and
+channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), and NaFlexVit's
 embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are
 reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
@@ -81,6 +82,21 @@ try:  # the DeepSeek tower's block (its AttentionRope: fastvit.nn.timm_rope), in
     _OTHER_BLOCKS = fused_table(timm_deepseek.FusedDeepseekVitBlock)
 except ImportError:
     _OTHER_BLOCKS = {}
+
+try:  # DaViT (Florence-2's encoders), in timm's recent releases (fastvit.nn.timm_davit)
+    from fastvit.nn import timm_davit
+
+    _RECENT_ATTENTIONS += (
+        (
+            fused_table(timm_davit.FusedDaVitWindowAttention),
+            ("qkv", "proj", "num_heads", "scale", "dim", "window_size"),
+        ),
+        (fused_table(timm_davit.FusedDaVitChannelAttention), ("qkv", "proj", "num_heads", "scale")),
+        (fused_table(timm_davit.FusedDaVitChannelAttentionV2), ("qkv", "proj", "groups", "head_dim", "dynamic_scale")),
+    )
+    _OTHER_BLOCKS |= fused_table(timm_davit.FusedDaVitSpatialBlock, timm_davit.FusedDaVitChannelBlock)
+except ImportError:
+    pass
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
     from fastvit.nn import timm_hieradet
@@ -247,6 +263,8 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.hieradet_sam2", "HieraDet"): "patch embedding is an overlapping conv (kernel 7, stride 4, "
     "padding 3), not a patchify conv (fastvit.patch_embed): left alone",
     ("timm.models.maxxvit", "MaxxVit"): _CONV_STEM,
+    ("timm.models.davit", "DaVit"): "stem is an overlapping conv (kernel 7, stride 4, padding 3) followed by a "
+    "LayerNorm2d, not a patchify conv (fastvit.patch_embed): left alone",
     **{
         ("timm.models." + module, cls): _NOT_YET
         for module, prefix in (("qwen3_vit", "Qwen3Vit"), ("deepseek_vit", "DeepseekVit"), ("gemma4_vit", "Gemma4Vit"))
@@ -308,8 +326,10 @@ def _gamma_block_problems(block: nn.Module) -> list[str]:
 
 
 def _other_block_problems(block: nn.Module) -> list[str]:
-    """Why the MLP half of another family's pre-norm block, x + drop_path2(mlp(norm2(x))) (DeepSeek's),
-    cannot be fused."""
+    """Why the MLP half of another family's pre-norm block, x + drop_path2(mlp(norm2(x))) (DeepSeek's,
+    DaViT's), cannot be fused."""
+    if hasattr(block, "mlp") and block.mlp is None:  # DaViT's ffn=False
+        return [f"{type(block).__name__} has no MLP (ffn=False): nothing to fuse"]
     problems = missing_attributes(block, ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"), "timm")
     return problems or _mlp_half_problems(block)
 

@@ -336,7 +336,7 @@ def test_blocks_of_a_family_without_an_entry_are_reported():
 
 def test_attentions_of_a_family_without_an_entry_are_reported():
     """A timm attention module fastvit has no entry for (Twins' LocallyGroupedAttn and
-    GlobalSubSampleAttn; DaViT's, GCViT's, NesT's, VOLO's ...) is named in the report
+    GlobalSubSampleAttn; GCViT's, NesT's, VOLO's ...) is named in the report
     with a reason, not left out of it: the blocks' entries said nothing of their attention."""
     model = timm.create_model("twins_svt_small", pretrained=False, depths=(1, 1, 2, 1), num_classes=5)
     with pytest.raises(ValueError) as error:
