@@ -18,7 +18,8 @@ and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and 
 head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
 embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
 ``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and
-channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), and NaFlexVit's
+channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
+sub-sampled attentions and its blocks' MLP halves (``timm_twins``), and NaFlexVit's
 embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are
 reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
@@ -95,6 +96,19 @@ try:  # DaViT (Florence-2's encoders), in timm's recent releases (fastvit.nn.tim
         (fused_table(timm_davit.FusedDaVitChannelAttentionV2), ("qkv", "proj", "groups", "head_dim", "dynamic_scale")),
     )
     _OTHER_BLOCKS |= fused_table(timm_davit.FusedDaVitSpatialBlock, timm_davit.FusedDaVitChannelBlock)
+except ImportError:
+    pass
+
+try:  # Twins (SVT's grouped and sub-sampled attentions, PCPVT's), in timm's recent releases (fastvit.nn.timm_twins)
+    from fastvit.nn import timm_twins
+
+    _RECENT_ATTENTIONS += (
+        (fused_table(timm_twins.FusedLocallyGroupedAttn), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                           "scale", "ws")),
+        (fused_table(timm_twins.FusedGlobalSubSampleAttn), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                            "scale", "sr", "norm", "sr_ratio")),
+    )  # fmt: skip
+    _OTHER_BLOCKS |= fused_table(timm_twins.FusedTwinsBlock)
 except ImportError:
     pass
 
@@ -263,6 +277,8 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.hieradet_sam2", "HieraDet"): "patch embedding is an overlapping conv (kernel 7, stride 4, "
     "padding 3), not a patchify conv (fastvit.patch_embed): left alone",
     ("timm.models.maxxvit", "MaxxVit"): _CONV_STEM,
+    ("timm.models.twins", "Twins"): "patch embeddings are one per stage (a patchify conv and a LayerNorm before "
+    "each stage), not a ViT's single embedding with its position embedding (fastvit.patch_embed): left alone",
     ("timm.models.davit", "DaVit"): "stem is an overlapping conv (kernel 7, stride 4, padding 3) followed by a "
     "LayerNorm2d, not a patchify conv (fastvit.patch_embed): left alone",
     **{

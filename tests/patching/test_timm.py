@@ -328,21 +328,22 @@ def test_timm_fastvit_models_are_left_alone():
 def test_blocks_of_a_family_without_an_entry_are_reported():
     """A transformer block (``attn`` and ``mlp`` submodules) of a timm family fastvit has no entry
     for is named in the report with a reason, not left out of it (XCiT's blocks were)."""
-    model = timm.create_model("twins_svt_small", pretrained=False, depths=(1, 1, 1, 1), num_classes=5)
-    with pytest.raises(ValueError, match=r"(?s)nothing to patch in Twins.*blocks\.3\.0: Block \(timm\.models\.twins\) "
-                       r"is not a block fastvit fuses: its MLP half runs timm's modules"):  # fmt: skip
+    model = timm.create_model("gcvit_xxtiny", pretrained=False, num_classes=5)
+    with pytest.raises(ValueError, match=r"(?s)nothing to patch in GlobalContextVit.*stages\.1\.blocks\.0: "
+                       r"GlobalContextVitBlock \(timm\.models\.gcvit\) is not a block fastvit fuses: its MLP half "
+                       r"runs timm's modules"):  # fmt: skip
         fastvit.patch(model)
 
 
 def test_attentions_of_a_family_without_an_entry_are_reported():
-    """A timm attention module fastvit has no entry for (Twins' LocallyGroupedAttn and
-    GlobalSubSampleAttn; GCViT's, NesT's, VOLO's ...) is named in the report
-    with a reason, not left out of it: the blocks' entries said nothing of their attention."""
-    model = timm.create_model("twins_svt_small", pretrained=False, depths=(1, 1, 2, 1), num_classes=5)
-    with pytest.raises(ValueError) as error:
-        fastvit.patch(model)
-    for path, cls in (("blocks.0.0.attn", "LocallyGroupedAttn"), ("blocks.2.1.attn", "GlobalSubSampleAttn")):
-        assert f"attention    {path}: {cls} (timm.models.twins) is not an attention fastvit fuses" in str(error.value)
+    """A timm attention module fastvit has no entry for (GCViT's WindowAttentionGlobal, NesT's
+    Attention ...) is named in the report with a reason, not left out of it: the blocks' entries
+    said nothing of their attention."""
+    for name, path, cls in (("gcvit_xxtiny", "stages.0.blocks.1.attn", "WindowAttentionGlobal (timm.models.gcvit)"),
+                            ("nest_tiny", "levels.1.transformer_encoder.0.attn", "Attention (timm.models.nest)")):
+        with pytest.raises(ValueError) as error:
+            fastvit.patch(timm.create_model(name, pretrained=False, num_classes=5))
+        assert f"attention    {path}: {cls} is not an attention fastvit fuses" in str(error.value)  # fmt: skip
 
 
 def test_a_block_holding_another_fused_attention_is_reported_once(op_calls):
