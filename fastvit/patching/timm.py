@@ -19,7 +19,8 @@ head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and 
 embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
 ``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and
 channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
-sub-sampled attentions and its blocks' MLP halves (``timm_twins``), and NaFlexVit's
+sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
+layers (``timm_nest``), and NaFlexVit's
 embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are
 reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
@@ -109,6 +110,16 @@ try:  # Twins (SVT's grouped and sub-sampled attentions, PCPVT's), in timm's rec
                                                             "scale", "sr", "norm", "sr_ratio")),
     )  # fmt: skip
     _OTHER_BLOCKS |= fused_table(timm_twins.FusedTwinsBlock)
+except ImportError:
+    pass
+
+try:  # NesT's block-local attention and layers (fastvit.nn.timm_nest)
+    from fastvit.nn import timm_nest
+
+    _RECENT_ATTENTIONS += (
+        (fused_table(timm_nest.FusedNestAttention), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")),
+    )
+    _OTHER_BLOCKS |= fused_table(timm_nest.FusedNestTransformerLayer)
 except ImportError:
     pass
 
@@ -279,6 +290,8 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.maxxvit", "MaxxVit"): _CONV_STEM,
     ("timm.models.twins", "Twins"): "patch embeddings are one per stage (a patchify conv and a LayerNorm before "
     "each stage), not a ViT's single embedding with its position embedding (fastvit.patch_embed): left alone",
+    ("timm.models.nest", "Nest"): "patch embedding feeds image blocks (its tokens blockified, a position "
+    "embedding per block), not a ViT's token sequence (fastvit.patch_embed): left alone",
     ("timm.models.davit", "DaVit"): "stem is an overlapping conv (kernel 7, stride 4, padding 3) followed by a "
     "LayerNorm2d, not a patchify conv (fastvit.patch_embed): left alone",
     **{
