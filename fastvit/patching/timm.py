@@ -20,7 +20,7 @@ embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``Gl
 ``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and
 channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
 sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
-layers (``timm_nest``), and NaFlexVit's
+layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), and NaFlexVit's
 embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are
 reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
@@ -120,6 +120,17 @@ try:  # NesT's block-local attention and layers (fastvit.nn.timm_nest)
         (fused_table(timm_nest.FusedNestAttention), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")),
     )
     _OTHER_BLOCKS |= fused_table(timm_nest.FusedNestTransformerLayer)
+except ImportError:
+    pass
+
+try:  # GCViT's local / global window attention and blocks (fastvit.nn.timm_gcvit)
+    from fastvit.nn import timm_gcvit
+
+    _RECENT_ATTENTIONS += ((fused_table(timm_gcvit.FusedWindowAttentionGlobal), (
+        "qkv", "rel_pos", "attn_drop", "proj", "proj_drop", "num_heads", "head_dim", "scale", "use_global",
+        "window_size",
+    )),)  # fmt: skip
+    _OTHER_BLOCKS |= fused_table(timm_gcvit.FusedGlobalContextVitBlock)
 except ImportError:
     pass
 
@@ -292,6 +303,7 @@ _LEFT_ALONE_MODELS = {
     "each stage), not a ViT's single embedding with its position embedding (fastvit.patch_embed): left alone",
     ("timm.models.nest", "Nest"): "patch embedding feeds image blocks (its tokens blockified, a position "
     "embedding per block), not a ViT's token sequence (fastvit.patch_embed): left alone",
+    ("timm.models.gcvit", "GlobalContextVit"): _CONV_STEM,
     ("timm.models.davit", "DaVit"): "stem is an overlapping conv (kernel 7, stride 4, padding 3) followed by a "
     "LayerNorm2d, not a patchify conv (fastvit.patch_embed): left alone",
     **{
@@ -355,11 +367,13 @@ def _gamma_block_problems(block: nn.Module) -> list[str]:
 
 
 def _other_block_problems(block: nn.Module) -> list[str]:
-    """Why the MLP half of another family's pre-norm block, x + drop_path2(mlp(norm2(x))) (DeepSeek's,
-    DaViT's), cannot be fused."""
+    """Why the MLP half of another family's pre-norm block, x + drop_path2([ls2](mlp(norm2(x))))
+    (DeepSeek's, DaViT's, Twins', NesT's, GCViT's), cannot be fused."""
     if hasattr(block, "mlp") and block.mlp is None:  # DaViT's ffn=False
         return [f"{type(block).__name__} has no MLP (ffn=False): nothing to fuse"]
     problems = missing_attributes(block, ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"), "timm")
+    if not problems and hasattr(block, "ls2"):  # GCViT's LayerScale
+        problems += exact_type(block.ls2, "ls2", (nn.Identity, LayerScale), "LayerScale")
     return problems or _mlp_half_problems(block)
 
 
