@@ -153,3 +153,18 @@ def assert_matches_by_the_rule(reference: nn.Module, patched: nn.Module, x: torc
         assert (want is None) == (got[name] is None), f"{name}: gradient present in one model only"
         if want is not None:
             assert_close_to_reference(got[name], want, lowp[name], name=name)
+
+
+def assert_matches_on_the_gpu(model: nn.Module, x: torch.Tensor) -> None:
+    """A patched copy of ``model`` through the compiled Triton kernels on CUDA: fp32 output and
+    every gradient by the tolerance rule against the unpatched model in float64, then the bf16
+    autocast output within 3e-2 of the largest reference value (bf16's error)."""
+    device = torch.device("cuda")
+    reference, patched, _ = pair(model.to(device).eval())
+    x = x.to(device)
+    with fastvit.backend("triton"):
+        assert_matches_by_the_rule(reference, patched, x)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = patched(x), reference(x)
+    scale = want.float().abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 3e-2 * scale

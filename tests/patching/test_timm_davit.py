@@ -17,6 +17,7 @@ import torch
 import fastvit
 from tests.patching.helpers import (
     assert_matches_by_the_rule,
+    assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
     module_types,
     pair,
@@ -139,3 +140,10 @@ def test_triton_route(name, size, window, op_calls):
     reference, patched, _ = pair(build(name, window_size=window))
     with fastvit.backend("triton"):
         assert_outputs_and_grads_match(reference, patched, images(size), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_kernels_on_the_gpu(name, op_calls):
+    assert_matches_on_the_gpu(build(name), images(96))
+    assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]

@@ -17,6 +17,7 @@ import torch
 import fastvit
 from tests.patching.helpers import (
     assert_matches_by_the_rule,
+    assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
     module_types,
     pair,
@@ -102,3 +103,9 @@ def test_triton_route(op_calls):
     reference, patched, _ = pair(build(depths=(1, 1, 1, 1), layer_scale=1e-2))
     with fastvit.backend("triton"):
         assert_outputs_and_grads_match(reference, patched, images(batch=2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_the_gpu(op_calls):
+    assert_matches_on_the_gpu(build(layer_scale=1e-2), images())
+    assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]

@@ -16,6 +16,7 @@ import torch
 import fastvit
 from tests.patching.helpers import (
     assert_matches_by_the_rule,
+    assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
     module_types,
     pair,
@@ -91,3 +92,9 @@ def test_triton_route(op_calls):
     reference, patched, _ = pair(build())
     with fastvit.backend("triton"):
         assert_outputs_and_grads_match(reference, patched, images(batch=2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_the_gpu(op_calls):
+    assert_matches_on_the_gpu(build(), images())
+    assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]

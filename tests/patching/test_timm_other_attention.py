@@ -30,7 +30,14 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from tests.patching.helpers import assert_matches_by_the_rule, module_types, pair, perturb_, storage_map
+from tests.patching.helpers import (
+    assert_matches_by_the_rule,
+    assert_matches_on_the_gpu,
+    module_types,
+    pair,
+    perturb_,
+    storage_map,
+)
 
 timm = pytest.importorskip("timm")
 from timm.models.cait import ClassAttn, TalkingHeadAttn  # noqa: E402
@@ -316,13 +323,5 @@ def test_triton_route_in_the_interpreter(op_calls):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_compiled_kernels_on_the_gpu(name, op_calls):
     # fp32 through the Triton kernels by the tolerance rule, then bf16 autocast within bf16's error
-    device = torch.device("cuda")
-    reference, patched, _ = pair(MODELS[name]().to(device).eval())
-    x = images(SIZES[name]).to(device)
-    with fastvit.backend("triton"):
-        assert_matches_by_the_rule(reference, patched, x)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            got, want = patched(x), reference(x)
-    scale = want.float().abs().max().item()
-    assert (got.float() - want.float()).abs().max().item() <= 3e-2 * scale
+    assert_matches_on_the_gpu(MODELS[name](), images(SIZES[name]))
     assert len(op_calls["flash_attention"]) == 2 * FUSED[name]
