@@ -12,13 +12,31 @@ skipped. See ``fastvit.nn.fused`` for how the swap works. Importing this module 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from timm.models.cait import ClassAttn
 
 import fastvit
 from fastvit.nn.attention import merge_heads
 from fastvit.nn.fused import FusedModule
 
-__all__ = ["FusedClassAttn"]
+__all__ = ["FusedClassAttn", "class_token_attention"]
+
+
+def class_token_attention(
+    x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module, num_heads: int, scale: float
+) -> torch.Tensor:
+    """The class token attending to every token (CaiT's ``ClassAttn``, CrossViT's
+    ``CrossAttention``): x (B, N, C), class token first, and the three projections -> the class
+    token's attention output (B, 1, C), heads merged, before the output projection.
+
+    Example:
+        >>> out = class_token_attention(x, attn.q, attn.k, attn.v, attn.num_heads, attn.scale)
+    """
+    heads = (num_heads, x.shape[-1] // num_heads)
+    q = q(x[:, 0]).unflatten(-1, heads).unsqueeze(2)  # class token: (B, C) -> (B, H, 1, D)
+    k = k(x).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, D), a view
+    v = v(x).unflatten(-1, heads).transpose(1, 2)
+    return merge_heads(fastvit.flash_attention(q, k, v, scale=scale))  # (B, 1, C)
 
 
 class FusedClassAttn(FusedModule, ClassAttn):
@@ -35,12 +53,8 @@ class FusedClassAttn(FusedModule, ClassAttn):
             return self._fastvit_original_forward(x)
         if self._fastvit_unfused("timm CaiT ClassAttn"):
             return super().forward(x)
-        heads = (self.num_heads, x.shape[-1] // self.num_heads)
-        q = self.q(x[:, 0]).unflatten(-1, heads).unsqueeze(2)  # class token: (B, C) -> (B, H, 1, D)
-        k = self.k(x).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, D), a view
-        v = self.v(x).unflatten(-1, heads).transpose(1, 2)
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, H, 1, D)
-        return self.proj_drop(self.proj(merge_heads(out)))  # (B, 1, C)
+        x = class_token_attention(x, self.q, self.k, self.v, self.num_heads, self.scale)
+        return self.proj_drop(self.proj(x))  # (B, 1, C)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, class token query, fastvit={self.fastvit_op}"

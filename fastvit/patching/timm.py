@@ -20,7 +20,8 @@ embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``Gl
 ``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and
 channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
 sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
-layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), and NaFlexVit's
+layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), Visformer's
+attention (``timm_visformer``), CrossViT's cross attention (``timm_crossvit``), and NaFlexVit's
 embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are
 reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
@@ -134,6 +135,24 @@ try:  # GCViT's local / global window attention and blocks (fastvit.nn.timm_gcvi
 except ImportError:
     pass
 
+try:  # Visformer's conv-projected attention (fastvit.nn.timm_visformer)
+    from fastvit.nn import timm_visformer
+
+    _RECENT_ATTENTIONS += ((fused_table(timm_visformer.FusedVisformerAttention), (
+        "qkv", "attn_drop", "proj", "proj_drop", "num_heads", "head_dim", "scale",
+    )),)  # fmt: skip
+except ImportError:
+    pass
+
+try:  # CrossViT's cross attention between its branches (fastvit.nn.timm_crossvit)
+    from fastvit.nn import timm_crossvit
+
+    _RECENT_ATTENTIONS += ((fused_table(timm_crossvit.FusedCrossAttention), (
+        "wq", "wk", "wv", "attn_drop", "proj", "proj_drop", "num_heads", "scale",
+    )),)  # fmt: skip
+except ImportError:
+    pass
+
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
     from fastvit.nn import timm_hieradet
 
@@ -242,6 +261,10 @@ _LEFT_ALONE = {
         "mlp", "PVTv2's MLP (MlpWithDepthwiseConv: a 3x3 depthwise conv between fc1 and the GELU) is not a "
         "LayerNorm+GELU MLP: it runs timm's modules",
     ),
+    ("timm.models.visformer", "Block"): (
+        "mlp", "Visformer's Block normalises with BatchNorm2d and its MLP is 1x1 convolutions (SpatialMlp), not a "
+        "LayerNorm MLP: it runs timm's modules",
+    ),
     ("timm.models.cait", "TalkingHeadAttn"): (
         "attention", "CaiT's TalkingHeadAttn mixes the heads with a linear layer before and after the softmax "
         "(proj_l, proj_w), which no single flash_attention call computes: it runs timm's forward",
@@ -304,6 +327,9 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.nest", "Nest"): "patch embedding feeds image blocks (its tokens blockified, a position "
     "embedding per block), not a ViT's token sequence (fastvit.patch_embed): left alone",
     ("timm.models.gcvit", "GlobalContextVit"): _CONV_STEM,
+    ("timm.models.visformer", "Visformer"): _CONV_STEM,
+    ("timm.models.crossvit", "CrossVit"): "patch embeddings are one per branch (two patch sizes, each with its "
+    "own class token and position embedding), not a ViT's single embedding (fastvit.patch_embed): left alone",
     ("timm.models.davit", "DaVit"): "stem is an overlapping conv (kernel 7, stride 4, padding 3) followed by a "
     "LayerNorm2d, not a patchify conv (fastvit.patch_embed): left alone",
     **{

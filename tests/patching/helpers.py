@@ -168,3 +168,16 @@ def assert_matches_on_the_gpu(model: nn.Module, x: torch.Tensor) -> None:
             got, want = patched(x), reference(x)
     scale = want.float().abs().max().item()
     assert (got.float() - want.float()).abs().max().item() <= 3e-2 * scale
+
+
+def assert_scripts_the_original(reference: nn.Module, patched: nn.Module, x: torch.Tensor) -> None:
+    """``torch.jit.script`` of a patched model compiles the original modules' math (with its one
+    warning): the scripted model computes what the unpatched one does, calling no fastvit op."""
+    import warnings
+
+    import pytest
+
+    with pytest.warns(UserWarning, match="compiles the original"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream
+        scripted = torch.jit.script(patched)
+    torch.testing.assert_close(scripted(x), reference(x), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ from tests.patching.helpers import (
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
+    assert_scripts_the_original,
     module_types,
     pair,
     perturb_,
@@ -90,7 +91,7 @@ def test_attention_dropout_in_training_runs_timm(fused_attn, op_calls, fresh_war
     assert op_calls["flash_attention"] == []
 
 
-def test_compile_fullgraph_and_fx(op_calls):
+def test_compile_fx_and_torchscript(op_calls, fresh_warnings):
     from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 
     reference, patched, _ = pair(build())
@@ -101,6 +102,7 @@ def test_compile_fullgraph_and_fx(op_calls):
     want = create_feature_extractor(reference, return_nodes=[last])(x)[last]
     got = create_feature_extractor(patched, return_nodes=[last])(x)[last]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_scripts_the_original(reference, patched, x)
 
 
 @pytest.mark.interpreter
