@@ -40,7 +40,7 @@ from timm.models.davit import (
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_mlp import PreNormMlpHalf
 
 __all__ = [
     "FusedDaVitChannelAttention", "FusedDaVitChannelAttentionV2", "FusedDaVitChannelBlock", "FusedDaVitSpatialBlock",
@@ -138,11 +138,9 @@ class FusedDaVitChannelAttentionV2(FusedModule, ChannelAttentionV2):
         return f"heads={self.groups}, channel attention (channels attend), scale={scale}, fastvit={self.fastvit_op}"
 
 
-class _DaVitMlpHalf(FusedGammaMlpHalf):
+class _DaVitMlpHalf(PreNormMlpHalf):
     """The DaViT blocks' MLP half on their (B, C, H, W) maps: ``x + drop_path2(mlp(norm2(x)))`` over
     the (B, H*W, C) tokens as one ``fastvit.layernorm_mlp`` call, returned as (B, C, H, W)."""
-
-    fastvit_bypassed = MLP_BYPASSED
 
     def _fastvit_map_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -150,13 +148,6 @@ class _DaVitMlpHalf(FusedGammaMlpHalf):
         # stride (timm's LayerNorm on this view makes the same copy)
         tokens = self._fastvit_mlp_half(x.flatten(2).transpose(1, 2))
         return tokens.transpose(1, 2).view(batch, channels, height, width)
-
-    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return None  # DaViT's blocks have no layer scale
 
 
 class FusedDaVitSpatialBlock(_DaVitMlpHalf, SpatialBlock):

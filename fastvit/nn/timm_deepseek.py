@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from timm.models.deepseek_vit import DeepseekVitBlock
 
-from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_mlp import PreNormMlpHalf
 
 __all__ = ["FusedDeepseekVitBlock"]
 
 
-class FusedDeepseekVitBlock(FusedGammaMlpHalf, DeepseekVitBlock):
+class FusedDeepseekVitBlock(PreNormMlpHalf, DeepseekVitBlock):
     """timm ``DeepseekVitBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same
     signature, ``forward(x, rope=None)``: x (B, N, D) -> (B, N, D)). In training with MLP dropout > 0
     the MLP half runs timm's modules.
@@ -29,8 +29,6 @@ class FusedDeepseekVitBlock(FusedGammaMlpHalf, DeepseekVitBlock):
         >>> fastvit.patch(model)  # blocks -> FusedDeepseekVitBlock, attentions -> FusedAttentionRope
     """
 
-    fastvit_bypassed = MLP_BYPASSED
-
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope)
@@ -38,10 +36,3 @@ class FusedDeepseekVitBlock(FusedGammaMlpHalf, DeepseekVitBlock):
             return super().forward(x, rope=rope)
         x = x + self.drop_path1(self.attn(self.norm1(x), rope=rope))
         return self._fastvit_mlp_half(x)
-
-    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return None  # the block has no layer scale

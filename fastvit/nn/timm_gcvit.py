@@ -16,13 +16,12 @@ Importing this module imports timm.
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerScale
 from timm.models.gcvit import GlobalContextVitBlock, WindowAttentionGlobal
 
 import fastvit
 from fastvit.nn.attention import merge_heads, split_packed_qkv
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_mlp import MLP_BYPASSED, PreNormMlpHalf
 
 __all__ = ["FusedGlobalContextVitBlock", "FusedWindowAttentionGlobal"]
 
@@ -69,7 +68,7 @@ class FusedWindowAttentionGlobal(FusedModule, WindowAttentionGlobal):
         )
 
 
-class FusedGlobalContextVitBlock(FusedGammaMlpHalf, GlobalContextVitBlock):
+class FusedGlobalContextVitBlock(PreNormMlpHalf, GlobalContextVitBlock):
     """timm GCViT ``GlobalContextVitBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call
     (same signature, ``forward(x, q_global=None)``: x (B, H, W, C) -> (B, H, W, C)); its attention
     is ``self.attn`` (fused on its own). In training with MLP dropout > 0 the MLP half runs timm's
@@ -84,10 +83,3 @@ class FusedGlobalContextVitBlock(FusedGammaMlpHalf, GlobalContextVitBlock):
             return super().forward(x, q_global)
         x = x + self.drop_path1(self.ls1(self._window_attn(self.norm1(x), q_global)))
         return self._fastvit_mlp_half(x)
-
-    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return self.ls2.gamma if isinstance(self.ls2, LayerScale) else None

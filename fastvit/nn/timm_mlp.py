@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, GluMlp, RmsNorm, RmsNormFp32, SwiGLU
+from timm.layers import DropPath, GluMlp, LayerScale, RmsNorm, RmsNormFp32, SwiGLU
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
 from timm.layers.activations import QuickGELU
@@ -32,8 +32,8 @@ from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
-    "MLP_BYPASSED", "RMS_NORMS", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "drop_path_scale", "gelu_approximate",
-    "mlp_activation", "mlp_arguments", "norm_arguments",
+    "MLP_BYPASSED", "RMS_NORMS", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "PreNormMlpHalf", "drop_path_scale",
+    "gelu_approximate", "mlp_activation", "mlp_arguments", "norm_arguments",
 ]  # fmt: skip
 
 # the submodules the fused half reads without calling them (FusedModule.fastvit_bypassed)
@@ -171,3 +171,24 @@ class FusedGammaMlpHalf(FusedModule):
         rms = ", norm=rms" if isinstance(norm, RMS_NORMS) else ""
         eps = norm_arguments(norm)["eps"]  # what the op uses (nn.RMSNorm's None: float32's eps)
         return f"dim={norm.normalized_shape[0]}, eps={eps}{rms}, mlp={kind}, fastvit={self.fastvit_op}"
+
+
+class PreNormMlpHalf(FusedGammaMlpHalf):
+    """The second half of timm's other pre-norm blocks, ``x + drop_path2([ls2](mlp(norm2(x))))``,
+    ``ls2`` a ``LayerScale`` (its gamma goes to the op) or Identity where the block has one (Swin,
+    SAM, Hiera, HieraDet, MaxViT, DaViT, Twins, NesT, GCViT, the DeepSeek tower ...). Each fused
+    block's forward runs timm's attention half, then ``self._fastvit_mlp_half(x)``."""
+
+    fastvit_bypassed = MLP_BYPASSED
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module."""
+        x_mlp = self.mlp(self.norm2(x))
+        ls2 = getattr(self, "ls2", None)
+        if ls2 is not None:
+            x_mlp = ls2(x_mlp)
+        return x + self.drop_path2(x_mlp)
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        ls2 = getattr(self, "ls2", None)
+        return ls2.gamma if isinstance(ls2, LayerScale) else None

@@ -17,7 +17,7 @@ from timm.models.nest import Attention, TransformerLayer
 
 import fastvit
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_mlp import PreNormMlpHalf
 
 __all__ = ["FusedNestAttention", "FusedNestTransformerLayer"]
 
@@ -54,12 +54,10 @@ class FusedNestAttention(FusedModule, Attention):
         return f"heads={self.num_heads}, fastvit={self.fastvit_op}"
 
 
-class FusedNestTransformerLayer(FusedGammaMlpHalf, TransformerLayer):
+class FusedNestTransformerLayer(PreNormMlpHalf, TransformerLayer):
     """timm NesT ``TransformerLayer`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same
     signature, ``forward(x)``: x (B, T, N, C) -> (B, T, N, C)); its attention is ``self.attn``
     (fused on its own). In training with MLP dropout > 0 the MLP half runs timm's modules."""
-
-    fastvit_bypassed = MLP_BYPASSED
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
@@ -68,10 +66,3 @@ class FusedNestTransformerLayer(FusedGammaMlpHalf, TransformerLayer):
             return super().forward(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return self._fastvit_mlp_half(x)
-
-    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return None  # NesT's layers have no layer scale

@@ -27,7 +27,7 @@ from timm.models.twins import Block, GlobalSubSampleAttn, LocallyGroupedAttn
 import fastvit
 from fastvit.nn.attention import merge_heads
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_mlp import PreNormMlpHalf
 
 __all__ = ["FusedGlobalSubSampleAttn", "FusedLocallyGroupedAttn", "FusedTwinsBlock"]
 
@@ -109,12 +109,10 @@ class FusedGlobalSubSampleAttn(FusedModule, GlobalSubSampleAttn):
         return f"heads={self.num_heads}, sr_ratio={self.sr_ratio}, fastvit={self.fastvit_op}"
 
 
-class FusedTwinsBlock(FusedGammaMlpHalf, Block):
+class FusedTwinsBlock(PreNormMlpHalf, Block):
     """timm Twins ``Block`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same signature,
     ``forward(x, size)``: x (B, N, C) -> (B, N, C)); its attention is ``self.attn`` (fused on its
     own). In training with MLP dropout > 0 the MLP half runs timm's modules."""
-
-    fastvit_bypassed = MLP_BYPASSED
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
@@ -123,10 +121,3 @@ class FusedTwinsBlock(FusedGammaMlpHalf, Block):
             return super().forward(x, size)
         x = x + self.drop_path1(self.attn(self.norm1(x), size))
         return self._fastvit_mlp_half(x)
-
-    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return None  # Twins' blocks have no layer scale

@@ -153,6 +153,16 @@ try:  # CrossViT's cross attention between its branches (fastvit.nn.timm_crossvi
 except ImportError:
     pass
 
+try:  # the MLP halves of the windowed / hierarchical blocks (fastvit.nn.timm_blocks)
+    from fastvit.nn import timm_blocks
+
+    _OTHER_BLOCKS |= fused_table(
+        timm_blocks.FusedSwinTransformerBlock, timm_blocks.FusedSamBlock, timm_blocks.FusedHieraDetBlock,
+        timm_blocks.FusedHieraBlock, timm_blocks.FusedPartitionAttentionCl, timm_blocks.FusedRelPosBlock,
+    )
+except ImportError:
+    pass
+
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
     from fastvit.nn import timm_hieradet
 
@@ -229,33 +239,17 @@ _LEFT_ALONE = {
         "mlp", "EvaBlockPostNorm normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
         "x + mlp(layer_norm(x))",
     ),
-    ("timm.models.vision_transformer_relpos", "RelPosBlock"): (
-        "mlp", "RelPosBlock (it passes shared_rel_pos to its attention) is not fused yet: its MLP half runs "
-        "timm's modules",
-    ),
     ("timm.models.vision_transformer_relpos", "ResPostRelPosBlock"): (
         "mlp", "ResPostRelPosBlock normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
         "x + mlp(layer_norm(x))",
-    ),
-    ("timm.models.swin_transformer", "SwinTransformerBlock"): (
-        "mlp", "Swin's block is not fused yet: its MLP half runs timm's modules",
     ),
     ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): (
         "mlp", "Swin V2's block normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
         "x + mlp(layer_norm(x))",
     ),
-    ("timm.models.vision_transformer_sam", "Block"): (
-        "mlp", "SAM's Block (window partition around its attention) is not fused yet: its MLP half runs "
-        "timm's modules",
-    ),
     ("timm.models.tiny_vit", "TinyVitBlock"): (
         "mlp", "TinyVitBlock (a depthwise local conv between its attention and its NormMlp) is not fused yet: its "
         "MLP half runs timm's modules",
-    ),
-    ("timm.models.hiera", "HieraBlock"): (
-        "mlp",
-        "HieraBlock (its attention half projects and pools the residual between stages) is not fused yet: its MLP "
-        "half runs timm's modules",
     ),
     ("timm.models.pvt_v2", "Block"): (
         "mlp", "PVTv2's MLP (MlpWithDepthwiseConv: a 3x3 depthwise conv between fc1 and the GELU) is not a "

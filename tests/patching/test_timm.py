@@ -328,21 +328,20 @@ def test_timm_fastvit_models_are_left_alone():
 def test_blocks_of_a_family_without_an_entry_are_reported():
     """A transformer block (``attn`` and ``mlp`` submodules) of a timm family fastvit has no entry
     for is named in the report with a reason, not left out of it (XCiT's blocks were)."""
-    model = timm.create_model("visformer_tiny", pretrained=False, num_classes=5)
-    with pytest.raises(ValueError, match=r"(?s)nothing to patch in Visformer.*stage2\.1: Block "
-                       r"\(timm\.models\.visformer\) is not a block fastvit fuses: its MLP half runs timm's "
+    model = timm.create_model("volo_d1_224", pretrained=False, num_classes=5)
+    with pytest.raises(ValueError, match=r"(?s)nothing to patch in VOLO.*network\.2\.0: Transformer "
+                       r"\(timm\.models\.volo\) is not a block fastvit fuses: its MLP half runs timm's "
                        r"modules"):  # fmt: skip
         fastvit.patch(model)
 
 
 def test_attentions_of_a_family_without_an_entry_are_reported():
-    """A timm attention module fastvit has no entry for (Visformer's, VOLO's, CrossViT's cross
-    attention ...) is named in the report with a reason, not left out of it: the blocks' entries
-    said nothing of their attention."""
+    """A timm attention module fastvit has no entry for (VOLO's, TNT's, CoaT's ...) is named in the
+    report with a reason, not left out of it: the blocks' entries said nothing of their attention."""
     with pytest.raises(ValueError) as error:
-        fastvit.patch(timm.create_model("visformer_tiny", pretrained=False, num_classes=5))
-    for path in ("stage2.0.attn", "stage3.1.attn"):
-        assert (f"attention    {path}: Attention (timm.models.visformer) is not an attention fastvit fuses"
+        fastvit.patch(timm.create_model("volo_d1_224", pretrained=False, num_classes=5))
+    for path, cls in (("network.2.0.attn", "Attention"), ("post_network.1.attn", "ClassAttention")):
+        assert (f"attention    {path}: {cls} (timm.models.volo) is not an attention fastvit fuses"
                 in str(error.value))  # fmt: skip
 
 

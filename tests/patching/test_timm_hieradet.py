@@ -40,8 +40,9 @@ def test_matches_unpatched(size, op_calls):
     patched = copy.deepcopy(reference)
     types, storages = module_types(patched), storage_map(patched)
     report = fastvit.patch(patched)
-    assert report.counts() == expected_parts(attention=sum(STAGES), mlp=0, patch_embed=0)
-    assert all("FusedHieraDetAttention" in e.detail for e in report.replaced)
+    assert report.counts() == expected_parts(attention=sum(STAGES), mlp=sum(STAGES), patch_embed=0)
+    assert all("FusedHieraDetAttention" in e.detail for e in report.replaced if e.part == "attention")
+    assert all("FusedHieraDetBlock" in e.detail for e in report.replaced if e.part == "mlp")  # timm_blocks
     assert storage_map(patched) == storages
     assert_outputs_and_grads_match(reference, patched, torch.randn(2, 3, size, size))
     calls = op_calls["flash_attention"]

@@ -88,9 +88,9 @@ BIAS_MODELS = {"levit": levit, "levit_conv": lambda **kw: levit(conv=True, **kw)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_patched_matches_unpatched(name, op_calls):
     reference, patched, report = pair(_model(name).eval())
-    beit = name.startswith("beit")  # BEiT's Block: its MLP half is fused too (test_beit_mlp_half_*)
-    assert report.counts() == ({"attention": DEPTH, "mlp": DEPTH} if beit else {"attention": DEPTH})
-    assert {e.part for e in report.skipped} == ({"patch_embed"} if beit else {"mlp", "patch_embed"})
+    # BEiT's Block (test_beit_mlp_half_*) and RelPosBlock (fastvit.nn.timm_blocks): their MLP halves are fused too
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
+    assert {e.part for e in report.skipped} == {"patch_embed"}
     assert all("not fused yet" in e.detail or "normalises after" in e.detail for e in report.skipped)
     assert_outputs_and_grads_match(reference, patched, images())
     calls = op_calls["flash_attention"]
@@ -162,7 +162,7 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    assert len(fused) == len(report.replaced) == (3 if name in BIAS_MODELS else DEPTH * (1 + (name == "beitv2")))
+    assert len(fused) == len(report.replaced) == (3 if name in BIAS_MODELS else 2 * DEPTH)  # attention and MLP
     assert all(isinstance(m, type(m).fastvit_original()) for m in fused)  # isinstance checks still pass
     if name not in BIAS_MODELS:
         assert type(model.blocks[0].attn) in (FusedBeitAttention, FusedRelPosAttention)

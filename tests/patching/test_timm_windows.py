@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 import fastvit
+from fastvit.nn.fused import FusedModule
 from tests.patching.helpers import assert_matches_by_the_rule, module_types, pair, perturb_, storage_map
 
 timm = pytest.importorskip("timm")
@@ -75,8 +76,9 @@ def images(size: int | tuple[int, int] = 32, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_swin_matches_unpatched(v2, op_calls):
     reference, patched, report = pair(swin(v2).eval())
-    assert report.counts() == {"attention": SWIN_BLOCKS}
-    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}  # each with its reason
+    # V1's blocks' MLP halves are fused (fastvit.nn.timm_blocks); V2's post-norm blocks are reported
+    assert report.counts() == ({"attention": SWIN_BLOCKS, "mlp": SWIN_BLOCKS} if not v2 else {"attention": SWIN_BLOCKS})
+    assert {e.part for e in report.skipped} == ({"mlp", "patch_embed"} if v2 else {"patch_embed"})
     assert_matches_by_the_rule(reference, patched, images())
     calls = op_calls["flash_attention"]
     assert len(calls) == SWIN_BLOCKS
@@ -113,8 +115,8 @@ def test_swin_padded_dynamic_size(v2, op_calls):
 @pytest.mark.parametrize("size", [32, (40, 24)], ids=["native", "other-size"])
 def test_sam_matches_unpatched(size, op_calls):
     reference, patched, report = pair(samvit().eval())
-    assert report.counts() == {"attention": SAM_BLOCKS}
-    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}
+    assert report.counts() == {"attention": SAM_BLOCKS, "mlp": SAM_BLOCKS}  # the blocks' MLP halves too
+    assert {e.part for e in report.skipped} == {"patch_embed"}
     assert_matches_by_the_rule(reference, patched, images(size))
     windowed, global_ = op_calls["flash_attention"]
     grid = (8, 8) if size == 32 else (10, 6)
@@ -130,8 +132,8 @@ def test_sam_matches_unpatched(size, op_calls):
 @pytest.mark.parametrize("size", [32, (32, 64)], ids=["native", "other-size"])
 def test_hiera_matches_unpatched(size, op_calls):
     reference, patched, report = pair(hiera(img_size=size).eval())
-    assert report.counts() == {"attention": HIERA_BLOCKS}
-    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}
+    assert report.counts() == {"attention": HIERA_BLOCKS, "mlp": HIERA_BLOCKS}  # the blocks' MLP halves too
+    assert {e.part for e in report.skipped} == {"patch_embed"}
     assert_matches_by_the_rule(reference, patched, images(size))
     units = 4 if size == 32 else 8
     shapes = [(c["args"][0].shape, c["args"][1].shape[2]) for c in op_calls["flash_attention"]]
@@ -152,9 +154,12 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     assert storage_map(model) == before_storage
     fused_classes = (FusedSwinWindowAttention, FusedSwinV2WindowAttention, FusedSamAttention, FusedMaskUnitAttention)
     fused = [m for m in model.modules() if type(m) in fused_classes]
-    assert len(fused) == len(report.replaced) == BLOCKS[name]
+    blocks = [m for m in model.modules() if isinstance(m, FusedModule) and type(m) not in fused_classes]
+    assert len(fused) == BLOCKS[name] and len(blocks) == (0 if name == "swinv2" else BLOCKS[name])
+    assert len(report.replaced) == len(fused) + len(blocks)
     timm_classes = (WindowAttention, WindowAttentionV2, SamAttention, MaskUnitAttention)
     assert all(isinstance(m, timm_classes) for m in fused)  # isinstance checks against timm's classes pass
+    assert all(isinstance(m, type(m).fastvit_original()) for m in blocks)
     assert len(fastvit.unpatch(model).replaced) == len(report.replaced)
     assert module_types(model) == before_types and storage_map(model) == before_storage
     assert torch.equal(model(x), before_out)
@@ -168,7 +173,7 @@ def test_report_names_each_class_and_hooks_on_softmax():
     model = swin()
     model.layers[0].blocks[0].attn.softmax.register_forward_hook(lambda *args: None)  # attention-map hook
     report = fastvit.patch(model)
-    assert report.counts() == {"attention": SWIN_BLOCKS - 1}
+    assert report.counts() == {"attention": SWIN_BLOCKS - 1, "mlp": SWIN_BLOCKS}
     (skip,) = [e for e in report.skipped if e.part == "attention"]
     assert skip.where == "layers.0.blocks.0.attn" and "softmax has a forward hook" in skip.detail
 
