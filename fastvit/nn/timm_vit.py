@@ -10,7 +10,7 @@ Importing this module imports timm.
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention, LayerScale, resample_abs_pos_embed
+from timm.layers import Attention, resample_abs_pos_embed
 from timm.models._manipulate import checkpoint_seq
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 import fastvit
 from fastvit.nn.attention import mask_with_causal, merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, PreNormMlpHalf
 
 __all__ = [
     "FusedAttention",
@@ -62,9 +62,9 @@ class FusedAttention(FusedModule, Attention):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
 
 
-class _BlockForward(FusedGammaMlpHalf):
+class _BlockForward(PreNormMlpHalf):
     """timm's pre-norm ``Block`` whose second half, ``x + drop_path2(ls2(mlp(norm2(x))))``, is one
-    ``fastvit.layernorm_mlp`` call (``fastvit.nn.timm_mlp.FusedGammaMlpHalf``: LayerScale as
+    ``fastvit.layernorm_mlp`` call (``fastvit.nn.timm_mlp.PreNormMlpHalf``: LayerScale as
     ``layer_scale``, drop-path as ``sample_scale``, a LayerNorm or timm's ``RmsNorm``, an ``Mlp``,
     ``GluMlp`` or ``SwiGLU``).
 
@@ -82,12 +82,6 @@ class _BlockForward(FusedGammaMlpHalf):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         return self._fastvit_mlp_half(x)
 
-    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return self.ls2.gamma if isinstance(self.ls2, LayerScale) else None
 
 
 class FusedBlock(_BlockForward, Block):
