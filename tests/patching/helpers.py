@@ -181,3 +181,39 @@ def assert_scripts_the_original(reference: nn.Module, patched: nn.Module, x: tor
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream
         scripted = torch.jit.script(patched)
     torch.testing.assert_close(scripted(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def assert_compiles_and_traces(
+    reference: nn.Module, patched: nn.Module, x: torch.Tensor, *, script: bool = True, fx: bool = True
+) -> None:
+    """A patched timm model under ``torch.compile`` (fullgraph, eager backend) and, with ``fx``, timm's
+    FX feature extraction (the last node), with ``script``, ``torch.jit.script`` (the original math):
+    each computes what the unpatched model does (a model timm itself cannot trace or script is
+    checked without)."""
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    compiled = torch.compile(patched, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
+    if fx:
+        nodes = {get_graph_node_names(reference)[1][-1]: "out"}  # the unpatched graph's last node (the head's)
+        want = create_feature_extractor(reference, return_nodes=nodes)(x)["out"]
+        got = create_feature_extractor(patched, return_nodes=nodes)(x)["out"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if script:
+        assert_scripts_the_original(reference, patched, x)
+
+
+def assert_attention_dropout_runs_timm(
+    reference: nn.Module, patched: nn.Module, x: torch.Tensor, fused_attn: bool
+) -> None:
+    """In training with attention dropout the fused attentions run timm's forward (with their
+    warning), on timm's SDPA path (``fused_attn``) and its eager path alike: the same draws, the
+    same outputs and gradients."""
+    import pytest
+
+    for model in (reference, patched):
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused_attn
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="attention dropout"):
+        assert_outputs_and_grads_match(reference.train(), patched.train(), x, seed=0, rtol=1e-4, atol=1e-5)

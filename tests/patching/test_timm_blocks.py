@@ -19,10 +19,10 @@ import torch
 
 import fastvit
 from tests.patching.helpers import (
+    assert_compiles_and_traces,
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
-    assert_scripts_the_original,
     module_types,
     pair,
     perturb_,
@@ -117,13 +117,11 @@ def test_mlp_dropout_and_hooks_run_timm(name, op_calls, fresh_warnings):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_compile_and_torchscript(name, op_calls, fresh_warnings):
+def test_compile_fx_and_torchscript(name, op_calls, fresh_warnings):
     reference, patched, _ = pair(build(name))
-    x = images(name)
-    compiled = torch.compile(patched, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-5)
-    if name != "hiera":  # timm's Hiera itself does not script (its unroll's list sizes)
-        assert_scripts_the_original(reference, patched, x)
+    # timm's Hiera itself neither scripts (its unroll's list sizes) nor FX-traces
+    others = name != "hiera"
+    assert_compiles_and_traces(reference, patched, images(name), script=others, fx=others)
 
 
 @pytest.mark.interpreter

@@ -16,10 +16,10 @@ import torch
 
 import fastvit
 from tests.patching.helpers import (
+    assert_compiles_and_traces,
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
-    assert_scripts_the_original,
     module_types,
     pair,
     perturb_,
@@ -87,17 +87,8 @@ def test_hook_on_rel_pos_runs_timm(op_calls, fresh_warnings):
 
 
 def test_compile_fx_and_torchscript(op_calls, fresh_warnings):
-    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
-
     reference, patched, _ = pair(build())
-    x = images()
-    compiled = torch.compile(patched, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
-    last = get_graph_node_names(patched)[1][-1]
-    want = create_feature_extractor(reference, return_nodes=[last])(x)[last]
-    got = create_feature_extractor(patched, return_nodes=[last])(x)[last]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert_scripts_the_original(reference, patched, x)
+    assert_compiles_and_traces(reference, patched, images())
 
 
 @pytest.mark.interpreter

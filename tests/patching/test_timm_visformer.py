@@ -15,10 +15,11 @@ import torch
 
 import fastvit
 from tests.patching.helpers import (
+    assert_attention_dropout_runs_timm,
+    assert_compiles_and_traces,
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
-    assert_scripts_the_original,
     module_types,
     pair,
     perturb_,
@@ -56,27 +57,13 @@ def test_matches_unpatched_by_the_rule(op_calls):
 @pytest.mark.parametrize("fused_attn", [True, False])
 def test_attention_dropout_in_training_runs_timm(fused_attn, op_calls, fresh_warnings):
     reference, patched, _ = pair(build(attn_drop_rate=0.2))
-    for model in (reference, patched):
-        for m in model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = fused_attn
-    with pytest.warns(fastvit.FastvitFallbackWarning, match="attention dropout"):
-        assert_outputs_and_grads_match(reference.train(), patched.train(), images(), seed=0, rtol=1e-4, atol=1e-5)
+    assert_attention_dropout_runs_timm(reference, patched, images(), fused_attn)
     assert op_calls["flash_attention"] == []
 
 
 def test_compile_fx_and_torchscript(op_calls, fresh_warnings):
-    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
-
     reference, patched, _ = pair(build())
-    x = images()
-    compiled = torch.compile(patched, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
-    last = get_graph_node_names(patched)[1][-1]
-    want = create_feature_extractor(reference, return_nodes=[last])(x)[last]
-    torch.testing.assert_close(create_feature_extractor(patched, return_nodes=[last])(x)[last], want,
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
-    assert_scripts_the_original(reference, patched, x)
+    assert_compiles_and_traces(reference, patched, images())
 
 
 @pytest.mark.interpreter
