@@ -349,10 +349,25 @@ def _method_snapshot(fused: type, original: type) -> tuple[tuple[type, str, obje
     }
     names = sorted((overridden | set(fused.fastvit_bypassed_methods)) & set(dir(original)))
     return tuple(
-        (original, name, getattr(original, name))
+        (original, name, getattr(original, name) if _defined_by(original, name) else _REPLACED_BEFORE_DECLARATION)
         for name in names
         if getattr(original, name) is getattr(original, name)  # identity is what the check compares
     )
+
+
+# What the snapshot records for a method that was already replaced when the fused class was declared
+# (on the first fastvit.patch): no lookup is this object, so every call finds the override.
+_REPLACED_BEFORE_DECLARATION = object()
+
+
+def _defined_by(original: type, name: str) -> bool:
+    """Whether ``original.name`` is still the function a class of its MRO defined (its qualified
+    name ``<Class>.<name>`` in that class's module), not one assigned to it afterwards, e.g. a
+    monkeypatch of ``timm...Attention.forward`` made before the first ``fastvit.patch`` declared
+    the fused class; that one's fused forward would not call it."""
+    function = getattr(getattr(original, name), "__func__", getattr(original, name))
+    qualname, module = getattr(function, "__qualname__", None), getattr(function, "__module__", None)
+    return any(qualname == f"{c.__qualname__}.{name}" and module == c.__module__ for c in original.__mro__)
 
 
 def _derives_from_a_fused_class(cls: type) -> bool:

@@ -13,9 +13,11 @@ attention half, ``cpe2``, then a pre-norm MLP half on the (B, H*W, C) tokens of 
   applied to q^T, i.e. attention with k as the queries, v as the keys and q as the values, s =
   C'^-0.5; ``ChannelAttentionV2`` (``channel_attn_v2``, Florence-2) softmax((q s)^T k) applied to
   v^T, s = N^-0.5 (``dynamic_scale``) or C'^-0.5. One ``fastvit.flash_attention`` call over the
-  (B, heads, C', N) tensors, whose "head dim" is the token count N: the kernels take N <= 256
-  (14 x 14 at DaViT's third stage at 224 px, 12 x 12 at Florence-2's fourth at 768 px); longer
-  rows run PyTorch's SDPA inside the op, with its one-time warning.
+  (B, heads, C', N) tensors, whose "head dim" is the token count N, where the kernels take it:
+  N <= 256 (DaViT's third and fourth stages at 224 px: 14 x 14, 7 x 7). Longer rows (its first
+  two stages; every stage of Florence-2's encoder at 768 px: 192 x 192 ... 24 x 24) run timm's
+  own math, which is what the op would fall back to (a C' x C' matrix per head; no copy, no
+  warning).
 - Both blocks' MLP half ``x + drop_path2(mlp(norm2(x)))`` is one ``fastvit.layernorm_mlp`` call
   (``fastvit.nn.timm_mlp.FusedGammaMlpHalf``); the rest of the block (convs, window partition,
   attention half) runs timm's code. Blocks built with ``ffn=False`` (no MLP) are left alone.
@@ -27,17 +29,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.davit import (
-    ChannelAttention,
-    ChannelAttentionV2,
-    ChannelBlock,
-    SpatialBlock,
-    WindowAttention,
-    window_partition,
-    window_reverse,
-)
+from timm.models import davit
+from timm.models.davit import ChannelAttention, ChannelAttentionV2, ChannelBlock, SpatialBlock, WindowAttention
 
 import fastvit
+from fastvit.kernels.flash_attention import MAX_HEAD_DIM
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import PreNormMlpHalf
@@ -83,6 +79,13 @@ def _channel_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Ten
     return q, k, v
 
 
+def _beyond_the_kernels(x: torch.Tensor) -> bool:
+    """Whether x's (B, N, C) rows are more than the kernels take as the head dim (N > 256). A size
+    torch.fx traces (a Proxy) is not: the graph keeps the op, which runs SDPA past 256 itself."""
+    tokens = x.shape[1]
+    return isinstance(tokens, int) and tokens > MAX_HEAD_DIM
+
+
 def _merge_channels(out: torch.Tensor) -> torch.Tensor:
     """(B, heads, C', N) -> (B, N, heads*C'), as timm's ``x.transpose(-1, -2)`` then merge."""
     return out.permute(0, 3, 1, 2).flatten(2)
@@ -93,7 +96,7 @@ class FusedDaVitChannelAttention(FusedModule, ChannelAttention):
     k as the queries, v as the keys, q as the values (timm: ``softmax((k * scale)^T v) @ q^T``).
 
     Same signature, ``forward(x)``: x (B, N, C) -> (B, N, C). The kernels take N <= 256 tokens;
-    longer inputs run SDPA inside the op (with its warning).
+    longer inputs run timm's math.
     """
 
     fastvit_part = "attention"
@@ -102,7 +105,7 @@ class FusedDaVitChannelAttention(FusedModule, ChannelAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if not self._fastvit_intact():  # e.g. ChannelAttention.forward replaced: timm's forward
+        if _beyond_the_kernels(x) or not self._fastvit_intact():  # rows the kernels do not take; an override
             return super().forward(x)
         q, k, v = _channel_qkv(self.qkv(x), self.num_heads)
         out = fastvit.flash_attention(k, v, q, scale=self.scale)  # (B, H, C', N)
@@ -118,7 +121,7 @@ class FusedDaVitChannelAttentionV2(FusedModule, ChannelAttentionV2):
     ``dynamic_scale``, else C'^-0.5).
 
     Same signature, ``forward(x)``: x (B, N, C) -> (B, N, C). The kernels take N <= 256 tokens;
-    longer inputs run SDPA inside the op (with its warning).
+    longer inputs run timm's math.
     """
 
     fastvit_part = "attention"
@@ -127,7 +130,7 @@ class FusedDaVitChannelAttentionV2(FusedModule, ChannelAttentionV2):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if not self._fastvit_intact():  # e.g. ChannelAttentionV2.forward replaced: timm's forward
+        if _beyond_the_kernels(x) or not self._fastvit_intact():  # rows the kernels do not take; an override
             return super().forward(x)
         q, k, v = _channel_qkv(self.qkv(x), self.groups)
         scale = x.shape[1] ** -0.5 if self.dynamic_scale else self.head_dim**-0.5
@@ -169,9 +172,9 @@ class FusedDaVitSpatialBlock(_DaVitMlpHalf, SpatialBlock):
         pad_b = (self.window_size[0] - H % self.window_size[0]) % self.window_size[0]
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         _, Hp, Wp, _ = x.shape
-        windows = window_partition(x, self.window_size).view(-1, self.window_size[0] * self.window_size[1], C)
+        windows = davit.window_partition(x, self.window_size).view(-1, self.window_size[0] * self.window_size[1], C)
         windows = self.attn(windows).view(-1, self.window_size[0], self.window_size[1], C)
-        x = window_reverse(windows, self.window_size, Hp, Wp)[:, :H, :W, :].contiguous().view(B, H * W, C)
+        x = davit.window_reverse(windows, self.window_size, Hp, Wp)[:, :H, :W, :].contiguous().view(B, H * W, C)
         x = self.cpe2((shortcut + self.drop_path1(x)).transpose(1, 2).view(B, C, H, W))
         return self._fastvit_map_mlp_half(x)
 

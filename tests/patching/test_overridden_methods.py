@@ -199,3 +199,26 @@ def test_class_override_on_the_triton_route(op_calls, fresh_warnings, monkeypatc
         warnings.simplefilter("ignore")
         torch.testing.assert_close(patched(x), reference(x), rtol=1e-4, atol=1e-5)
     assert not op_calls["layernorm_mlp"] and op_calls["flash_attention"]  # the MLP halves ran timm's
+
+
+def test_a_monkeypatch_made_before_the_first_patch_is_honoured(tmp_path):
+    # fastvit declares a family's fused classes (and snapshots the methods they replace) on the first
+    # fastvit.patch that needs them: a timm forward monkeypatched before that was taken for timm's
+    # own and silently skipped by the fused forward. A fresh process, so that no test declared them
+    # first (run outside the checkout, as the README's layout note says).
+    code = (
+        "import copy, torch, timm, fastvit\n"
+        "from timm.models import davit\n"
+        "original = davit.SpatialBlock.forward\n"
+        "davit.SpatialBlock.forward = lambda self, x: original(self, x) * 1.5\n"
+        "model = timm.create_model('davit_tiny', pretrained=False, depths=(1, 1, 1, 1), "
+        "embed_dims=(16, 32, 64, 128), num_heads=(2, 2, 4, 4), num_classes=5).eval()\n"
+        "patched = copy.deepcopy(model)\n"
+        "assert fastvit.patch(patched).counts()['mlp'] == 8\n"
+        "x = torch.randn(2, 3, 64, 64)\n"
+        "torch.testing.assert_close(patched(x), model(x), rtol=1e-5, atol=1e-5)\n"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True, timeout=180, cwd=tmp_path)
