@@ -163,7 +163,14 @@ def _varlen(
     return out.view(batch, tokens, heads, head_dim)
 
 
-_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+def _pop_packed(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take flash-attn's packing arguments out of ``kwargs`` (the fallbacks get none of them):
+    ``cu_seq_lens_q`` and ``cu_seq_lens_k`` (the queries' when not given); the max lengths dropped."""
+    cu_q = kwargs.pop("cu_seq_lens_q")
+    cu_k = kwargs.pop("cu_seq_lens_k", None)
+    kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
+    return cu_q, cu_q if cu_k is None else cu_k
 
 
 def _packed_as_mask(
@@ -176,11 +183,7 @@ def _packed_as_mask(
     calls the op does not cover (weights requested, dropout ...): the fallback then computes what
     the unpacked model computes per image (Pixtral builds this very mask itself)."""
     packed = [t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[-1]) for t in (query, key, value)]
-    cu_q = kwargs.pop("cu_seq_lens_q")
-    cu_k = kwargs.pop("cu_seq_lens_k", None)
-    cu_k = cu_q if cu_k is None else cu_k
-    for name in _PACKED_KWARGS[2:]:
-        kwargs.pop(name, None)
+    cu_q, cu_k = _pop_packed(kwargs)
 
     def sequence_and_position(cu: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         cu = cu.to(device=query.device, dtype=torch.long)
@@ -218,12 +221,8 @@ def _per_sequence(
     of ``cu_seq_lens_q`` / ``cu_seq_lens_k``, each running what the op does not cover by itself
     (weights, dropout); outputs concatenated over the tokens, weights as the list of each
     sequence's (1, H, L, S), as those branches collect them (the Qwen-VL attentions drop them)."""
-    cu_q = kwargs.pop("cu_seq_lens_q")
-    cu_k = kwargs.pop("cu_seq_lens_k", None)
-    for name in _PACKED_KWARGS[2:]:
-        kwargs.pop(name, None)
-    bounds_q = cu_q.tolist()
-    bounds_k = bounds_q if cu_k is None else cu_k.tolist()
+    cu_q, cu_k = _pop_packed(kwargs)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     outs, weights = [], []
     for (q0, q1), (k0, k1) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k), strict=True):
         out, weight = fastvit_attention_forward(
