@@ -78,6 +78,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import struct
 import types
 from typing import NamedTuple
 
@@ -164,6 +165,19 @@ def _rescale_if_grown(
         l_i = l_i * alpha
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _natural_lse(m_i, l_i, lse_ty: tl.constexpr):
+    """The rows' natural-log lse, (m + log2 l) ln 2, from the max m (log2 units) and the sum l of
+    exp2(t - m). In fp64 where the Lse buffer is fp64 (fp32 inputs, ``lse_dtype``): the sum of the
+    two fp32 terms exact, the product to 2^-53, so the backward can undo the rounding of the fp32
+    lse its kernels read (``backward_lse``)."""
+    if lse_ty == tl.float64:
+        lse = (m_i.to(tl.float64) + tl.math.log2(l_i).to(tl.float64)) * 0.6931471805599453
+    else:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
+    return lse
 
 
 @triton.jit
@@ -368,7 +382,8 @@ def flash_attention_fwd_kernel(
     K,  # (B, H, M, D) keys, unit stride in D
     V,  # (B, H, M, D) values, unit stride in D
     Out,  # (B, H, N, D) output, unit stride in D
-    Lse,  # (B*H, N) fp32 natural-log logsumexp of the biased scores, contiguous; -inf on fully masked rows
+    Lse,  # (B*H, N) natural-log logsumexp of the biased scores, fp32 (fp64 for fp32 inputs: lse_dtype),
+          # contiguous; -inf on fully masked rows
     Bias,  # (B|1, H|1, N|1, M|1) attn_mask (HAS_BIAS, else None): uint8 (bool) or float, any strides
     RelH,  # (B|1, H|1, N, kh) rel_pos row table (HAS_REL_POS, else None), any strides
     RelW,  # (B|1, H|1, N, kw) rel_pos column table (HAS_REL_POS, else None), any strides
@@ -571,10 +586,10 @@ def flash_attention_fwd_kernel(
         dead = l_i == 0.0
         l_safe = tl.where(dead, 1.0, l_i)
         acc = acc * tl.fdiv(1.0, l_safe, ieee_rounding=False)[:, None]
-        lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse = tl.where(dead, float("-inf"), _natural_lse(m_i, l_safe, Lse.dtype.element_ty))
     else:
         acc = acc / l_i[:, None]
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
+        lse = _natural_lse(m_i, l_i, Lse.dtype.element_ty)
     if USE_TMA:
         Out.store([tma_b, tma_h, start_m, 0], acc.to(Out.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM_PAD))
     else:
@@ -1812,6 +1827,59 @@ def _with_key_tail(cfg: AttentionConfig) -> AttentionConfig:
     return dataclasses.replace(cfg, key_tail=KEY_TAIL if cfg.block_n > KEY_TAIL else 0)
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the lse the forward writes (and autograd saves) for inputs of ``dtype``:
+    float32, and float64 for fp32 inputs, so that their backward can undo the rounding of the
+    fp32 lse its kernels read (``backward_lse``). The public lse (``return_lse``) is float32.
+
+    Example:
+        >>> lse_dtype(torch.bfloat16), lse_dtype(torch.float32)  # (torch.float32, torch.float64)
+    """
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def lse_signature(dtype: torch.dtype) -> str:
+    """The ahead-of-time signature type of the forward's Lse pointer for inputs of ``dtype``."""
+    return "*fp64" if lse_dtype(dtype) == torch.float64 else "*fp32"
+
+
+# log2(e) as the backward kernels multiply lse by it: the constexpr becomes an fp32 scalar there
+_LOG2E_FP32 = struct.unpack("f", struct.pack("f", LOG2E.value))[0]
+
+
+def backward_lse(
+    lse: torch.Tensor, grad_out: torch.Tensor, rows_last: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lse and the output gradient the backward kernels take, from the forward's lse.
+
+    The kernels recompute P = exp2(t - hi) with hi = fl32(fl32(lse) * log2 e) (their fp32 product)
+    where the exact row offset is L = lse * log2 e: each row's P is off by the factor
+    c = exp2(hi - L), ~|L| 2^-24 from 1, which the tolerance rule counts against fp32 gradients at
+    large logits (|lse| ~ 60-130: dq / dk / dv 1.3-2.1x its budget). For fp32 inputs the forward's
+    lse is float64 (``lse_dtype``): c is computed here, and dO's rows are multiplied by it. Every
+    pass is then exact in c: dV = P'^T (c dO) = P^T dO; delta' = rowsum(c dO * O) = c delta, so
+    dS = P' (dP' - delta') = c P' (dP - delta) = P (dP - delta), whence dQ, dK and dBias; the
+    short backward's and the dBias walk's in-tile delta is invariant to c. The kernels themselves
+    are unchanged; the cost is one fp32 copy of dO and a few (B, H, N) elementwise ops, fp32 only.
+    Rows whose lse is not finite (fully masked: -inf; NaN) keep c = 1.
+
+    Args:
+        lse: (B, H, N), or (H, T) for packed sequences, float32 or float64 (``lse_dtype``).
+        grad_out: (B, H, N, D) or, with ``rows_last=False``, packed (T, H, D).
+
+    Returns:
+        (lse as float32, grad_out), both unchanged for a float32 lse (16-bit inputs).
+    """
+    if lse.dtype != torch.float64:
+        return lse, grad_out
+    lse32 = lse.to(torch.float32)
+    hi = lse32 * _LOG2E_FP32  # fp32, as the kernels round it
+    lo = lse * LOG2E.value - hi.to(torch.float64)
+    c = torch.where(torch.isfinite(lo), torch.exp2(-lo), 1.0).to(torch.float32)
+    c = c[..., None] if rows_last else c.t()[..., None]
+    return lse32, grad_out * c
+
+
 def head_dim_padded(head_dim: int) -> int:
     """The power of two >= 16 that a head dim is padded to in registers."""
     return max(16, next_power_of_2(head_dim))
@@ -2619,14 +2687,14 @@ def flash_attention_forward(
 
     Returns:
         out (B, H, N, D) in q's dtype, laid out as (B, N, H, D) in memory so that
-        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; lse (B, H, N) float32 (-inf on
-        fully masked rows, whose out is 0).
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; lse (B, H, N) in ``lse_dtype``
+        (float32; float64 for fp32 inputs), -inf on fully masked rows, whose out is 0.
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     q, k, v = (rows_addressable_in_int32(t) for t in (q, k, v))
     out = new_output((batch, heads, n_q, head_dim), dtype=q.dtype, device=q.device, strides=out_strides(q.shape))
-    lse = new_output((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    lse = new_output((batch, heads, n_q), dtype=lse_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     pad = head_dim_padded(head_dim)
@@ -2791,6 +2859,7 @@ def flash_attention_backward(
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     q, k, v, grad_out = (rows_addressable_in_int32(t) for t in (q, k, v, grad_out))
+    lse, grad_out = backward_lse(lse, grad_out)  # fp32 inputs: dO's rows carry lse's rounding
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
@@ -3170,13 +3239,13 @@ def flash_attention_varlen_forward(
         causal: top-left aligned within each sequence.
 
     Returns:
-        out (T, H, D) in q's dtype, contiguous; lse (H, T) float32 (-inf for the queries of a
-        sequence without keys, whose out is 0).
+        out (T, H, D) in q's dtype, contiguous; lse (H, T) in ``lse_dtype`` (-inf for the queries
+        of a sequence without keys, whose out is 0).
     """
     total, heads, head_dim = q.shape
     q, k, v = (_packed_rows_in_int32(t) for t in (q, k, v))
     out = new_output((total, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = new_output((heads, total), dtype=torch.float32, device=q.device)
+    lse = new_output((heads, total), dtype=lse_dtype(q.dtype), device=q.device)
     pad = head_dim_padded(head_dim)
     cfg = fwd_config(arch_of(q.device), q.dtype, pad, causal=causal)
     tiles = varlen_tiles(cu_seqlens_q, total, max_seqlen_q, cfg.block_m)
@@ -3225,6 +3294,7 @@ def flash_attention_varlen_backward(
     total, heads, head_dim = q.shape
     total_k = k.shape[0]
     q, k, v, grad_out = (_packed_rows_in_int32(t) for t in (q, k, v, grad_out))
+    lse, grad_out = backward_lse(lse, grad_out, rows_last=False)  # fp32 inputs: dO's rows carry lse's rounding
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
@@ -3348,9 +3418,9 @@ def aot_specs() -> list[KernelSpec]:
             tensors = {**{n: f"*{ty}" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV")},
                        "Lse": "*fp32", "Delta": "*fp32", "sm_scale": "fp32"}  # fmt: skip
             fwd_sig, dkdv_sig, dq_sig = (
-                signature(kernel, {n: t for n, t in {**tensors, **absent}.items() if n in kernel.arg_names})
-                for kernel in (flash_attention_fwd_kernel, flash_attention_bwd_dkdv_kernel,
-                               flash_attention_bwd_dq_kernel)
+                signature(kernel, {n: t for n, t in {**tensors, **absent, **lse}.items() if n in kernel.arg_names})
+                for kernel, lse in ((flash_attention_fwd_kernel, {"Lse": lse_signature(dtype)}),
+                                    (flash_attention_bwd_dkdv_kernel, {}), (flash_attention_bwd_dq_kernel, {}))
             )  # fmt: skip
             for head_dim in AOT_HEAD_DIMS:
                 pad = head_dim_padded(head_dim)

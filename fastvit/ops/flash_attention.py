@@ -66,12 +66,12 @@ def _flash_attention_fwd(
 
 @_flash_attention_fwd.register_fake
 def _(q, k, v, scale, causal, bias=None, rel_h=None, rel_w=None):
-    from fastvit.kernels.flash_attention import out_strides
+    from fastvit.kernels.flash_attention import lse_dtype, out_strides
 
     batch, heads, n_q, _ = q.shape
     # the kernel writes out as (B, N, H, D) in memory: report the same strides
     out = q.new_empty_strided(q.shape, out_strides(q.shape))
-    return out, q.new_empty((batch, heads, n_q), dtype=torch.float32)
+    return out, q.new_empty((batch, heads, n_q), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastvit::flash_attention_bwd", mutates_args=())
@@ -422,8 +422,8 @@ def flash_attention(
     Tensors may have any strides with a unit stride in the last dim (views of a packed qkv are
     not copied). dtypes: fp16, bf16 and fp32 run the kernels; fp32 uses IEEE fp32 dot products
     (no TF32), so its forward matches an fp32 reference to rounding (its backward recomputes P from
-    the fp32 lse: a relative error ~|lse| x 2^-24 per element, more with a mask gradient; README);
-    float64 runs the ``torch`` route.
+    the saved lse, kept in fp64 for fp32 inputs; where the backward's scores round otherwise than
+    the forward's, P's error grows as |score| x 2^-24: README); float64 runs the ``torch`` route.
     Head dims 1 to 256 run the kernels (padded to a power of two in registers), 1 to 128 with an
     ``attn_mask`` or ``rel_pos``; larger head dims and non-positive scales run the ``torch`` route
     with one warning. Under autocast, q, k and v
@@ -493,4 +493,5 @@ def flash_attention(
     bias = None if attn_mask is None else attn_mask[(None,) * (4 - attn_mask.dim())]  # 4-D view
     out, lse = call(_flash_attention_fwd, _flash_attention_fwd_function, q, k, v, scale, bool(causal), bias, rel_h,
                     rel_w)
-    return (out, lse.detach()) if return_lse else out
+    # the saved lse is float64 for fp32 inputs (lse_dtype); the public one is float32
+    return (out, lse.detach().to(torch.float32)) if return_lse else out

@@ -126,8 +126,11 @@ def _varlen_fwd(
 
 @_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    from fastvit.kernels.flash_attention import lse_dtype
+
     total, heads, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((heads, total), dtype=torch.float32)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty((heads, total), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastvit::flash_attention_varlen_bwd", mutates_args=())
@@ -366,10 +369,11 @@ def flash_attention_varlen(
 
     if q.device.type == "meta":
         # meta tensors hold no cu_seqlens values to read; every route gives out (T, H, D) in q's
-        # dtype and lse (H, T) float32: the custom op's fake implementation returns those
+        # dtype and a float32 lse (H, T): the custom op's fake implementation gives those (its saved
+        # lse in lse_dtype, float64 for fp32 inputs)
         out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0),
                         int(max_seqlen_k or 0), scale, bool(causal))
-        return (out, lse.detach()) if return_lse else out
+        return (out, lse.detach().to(torch.float32)) if return_lse else out
 
     # values of cu_seqlens: checked (and the longest length found) only where no max was given
     bounds_q = bounds_k = None
@@ -400,4 +404,4 @@ def flash_attention_varlen(
         return _torch_route(q, k, v, bounds_q, bounds_k, scale, bool(causal), return_lse)
     out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                     int(max_seqlen_k), scale, bool(causal))
-    return (out, lse.detach()) if return_lse else out
+    return (out, lse.detach().to(torch.float32)) if return_lse else out

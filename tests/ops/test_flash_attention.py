@@ -347,6 +347,74 @@ def test_kernel_empty_query_sequence(kernel_device):
 
 
 @kernel_test
+@pytest.mark.parametrize("n_q,n_k,mask", [(33, 20, False), (33, 20, True), (13, 11, False)],
+                         ids=["passes", "passes-float-mask", "short-backward"])
+def test_kernel_fp32_backward_at_large_logits(kernel_device, n_q, n_k, mask):
+    """fp32 gradients at logits of ~50-80 (|lse| up to ~76) stay within the tolerance rule. The
+    scores are exact (integer q and k, scale 1/2), so the forward and the backward see the same ones
+    and what is left is how each row's softmax offset reaches the backward: its kernels take an fp32
+    lse, off by ~|lse| 2^-24, an error of every P of the row that took dq to 1.3-2.1x the budget and
+    dv (masked) to 1.3x; the forward's fp64 lse for fp32 inputs lets the launcher fold that
+    error into dO's rows (``backward_lse``)."""
+    from fastvit.kernels.flash_attention import lse_dtype
+
+    gen = torch.Generator().manual_seed(5)
+    head_dim = 32
+    q, k = (torch.randint(-4, 5, (1, 2, n, head_dim), generator=gen).float() for n in (n_q, n_k))
+    v = torch.randn(1, 2, n_k, head_dim, generator=gen)
+    q, k, v = (t.to(kernel_device).requires_grad_(True) for t in (q, k, v))
+    bias = torch.randint(-8, 9, (n_q, n_k), generator=gen).float().to(kernel_device) if mask else None
+    grad_out = torch.randn(1, 2, n_q, head_dim, generator=gen).to(kernel_device)
+    with fastvit.backend("triton"):
+        out, lse = fastvit.flash_attention(q, k, v, scale=0.5, attn_mask=bias, return_lse=True)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert lse.dtype == torch.float32 and lse_dtype(q.dtype) == torch.float64
+    assert lse.abs().max() > 50
+
+    def run(dtype):
+        leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        mask_ = None if bias is None else bias.cpu().to(dtype)
+        ref_out, ref_lse = reference.attention(*leaves, scale=0.5, attn_mask=mask_)
+        return (ref_out, ref_lse, *torch.autograd.grad(ref_out, leaves, grad_out.cpu().to(dtype)))
+
+    oracle, lowp = run(torch.float64), run(torch.float32)
+    for name, actual, exp64, exp32 in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), oracle, lowp,
+                                          strict=True):
+        assert_close_to_reference(actual.detach().cpu(), exp64, exp32, name=name, dtype=torch.float32)
+
+
+def test_backward_lse_folds_the_fp32_rounding_into_grad_out():
+    """``backward_lse``: a float32 lse (16-bit inputs) and its dO pass through untouched; a float64
+    one comes back as its float32 rounding with dO's rows multiplied by exp2(hi - lse log2 e),
+    hi = fl32(fl32(lse) log2 e) as the kernels form it, and by exactly 1 on rows whose lse is not
+    finite (fully masked -inf, NaN); packed (H, T) lse scales (T, H, D) rows."""
+    import struct
+
+    from fastvit.kernels.flash_attention import backward_lse
+
+    grad = torch.randn(1, 2, 4, 8)
+    lse32 = torch.randn(1, 2, 4)
+    same_lse, same_grad = backward_lse(lse32, grad)
+    assert same_lse is lse32 and same_grad is grad
+
+    lse = torch.tensor([[[70.123456789, float("-inf"), float("nan"), -3.25], [1e3 / 3, 0.0, 12.0, -99.5]]],
+                       dtype=torch.float64)  # fmt: skip
+    lse_out, grad_out = backward_lse(lse, grad)
+    assert lse_out.dtype == torch.float32
+    torch.testing.assert_close(lse_out, lse.float(), rtol=0, atol=0, equal_nan=True)
+    log2e = struct.unpack("f", struct.pack("f", math.log2(math.e)))[0]
+    hi = (lse.float() * log2e).double()
+    c = torch.exp2(hi - lse * math.log2(math.e))
+    c = torch.where(torch.isfinite(lse), c, torch.ones_like(c))
+    assert not torch.equal(c, torch.ones_like(c))  # the rounding is there to fold
+    torch.testing.assert_close(grad_out, grad * c.float()[..., None], rtol=0, atol=0)
+
+    packed = torch.randn(4, 2, 8)  # (T, H, D) with lse (H, T)
+    _, packed_out = backward_lse(lse[0], packed, rows_last=False)
+    torch.testing.assert_close(packed_out, packed * c[0].t().float()[..., None], rtol=0, atol=0)
+
+
+@kernel_test
 def test_kernel_lse_has_no_gradient_and_nonpositive_scale_falls_back(kernel_device):
     import sys
 

@@ -103,6 +103,24 @@ def test_kernel_matches_reference(kernel_device, dtype, causal):
 
 
 @kernel_test
+@pytest.mark.parametrize("lengths", [(40, 0, 23), (13, 9)], ids=["passes", "short-backward"])
+def test_kernel_fp32_backward_at_large_logits(kernel_device, lengths):
+    """Packed fp32 sequences at logits of ~40-80: exact scores (integer q and k, scale 1/2), so what
+    is left is how each row's softmax offset reaches the backward; the forward's fp64 lse for fp32
+    inputs lets the launcher fold the fp32 lse's rounding into dO's rows (``backward_lse`` on the
+    (H, T) lse and (T, H, D) rows): the two passes, a sequence with no tokens, the short backward."""
+    gen = torch.Generator().manual_seed(8)
+    total = sum(lengths)
+    q, k = (torch.randint(-4, 5, (total, 2, 32), generator=gen).float().to(kernel_device).requires_grad_(True)
+            for _ in range(2))  # fmt: skip
+    v = torch.randn(total, 2, 32, generator=gen).to(kernel_device).requires_grad_(True)
+    cu = cu_seqlens(lengths, kernel_device)
+    out, lse, grad_out, grads = _run("triton", q, k, v, cu, None, scale=0.5)
+    assert lse.abs().max() > 40
+    _check(q, k, v, cu, cu, out, lse, grad_out, grads, scale=0.5)
+
+
+@kernel_test
 @pytest.mark.parametrize("head_dim", [160, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernel_large_head_dims(kernel_device, head_dim, causal):
