@@ -6,20 +6,32 @@ token, x[:, 0]) against the keys and values of all N tokens (class token + patch
 projections stay; the softmax attention becomes one ``fastvit.flash_attention`` call with N = 1
 query. CaiT's other attention, ``TalkingHeadAttn``, mixes the heads with a linear layer before and
 after the softmax, so no single attention call computes it: the timm adapter reports it as
-skipped. See ``fastvit.nn.fused`` for how the swap works. Importing this module imports timm.
+skipped.
+
+Both kinds of block, ``LayerScaleBlock`` (talking heads, over every token) and
+``LayerScaleBlockClassAttn`` (the class token's update), run their attention half as timm does
+and their MLP half ``x + drop_path(gamma_2 * mlp(norm2(x)))`` as one ``fastvit.layernorm_mlp``
+call (``gamma_2`` as ``layer_scale``, the drop path as ``sample_scale``; the one ``drop_path``
+module is shared by both halves, as in timm). In training with MLP dropout > 0 the MLP half runs
+timm's modules. See ``fastvit.nn.fused`` for how the swap works. Importing this module imports
+timm.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.models.cait import ClassAttn
+from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn
 
 import fastvit
 from fastvit.nn.attention import merge_heads
 from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
 
-__all__ = ["FusedClassAttn", "class_token_attention"]
+__all__ = ["FusedClassAttn", "FusedLayerScaleBlock", "FusedLayerScaleBlockClassAttn", "class_token_attention"]
+
+# the MLP half's bypassed submodules: CaiT's one drop_path in place of drop_path2
+_CAIT_MLP_BYPASSED = (*(name for name in MLP_BYPASSED if name != "drop_path2"), "drop_path")
 
 
 def class_token_attention(
@@ -58,3 +70,50 @@ class FusedClassAttn(FusedModule, ClassAttn):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, class token query, fastvit={self.fastvit_op}"
+
+
+class _CaitMlpHalf(FusedGammaMlpHalf):
+    """CaiT's MLP half, ``x + drop_path(gamma_2 * mlp(norm2(x)))``: ``FusedGammaMlpHalf`` with the
+    block's single ``drop_path`` (timm calls it once per branch, each call its own draw)."""
+
+    fastvit_bypassed = _CAIT_MLP_BYPASSED
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module."""
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+    def _fastvit_drop_path(self) -> nn.Module:
+        return self.drop_path
+
+
+class FusedLayerScaleBlock(_CaitMlpHalf, LayerScaleBlock):
+    """timm CaiT ``LayerScaleBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same
+    signature, ``forward(x)``: x (B, N, C) -> (B, N, C)); its talking-heads attention runs timm's.
+
+    Example:
+        >>> model = timm.create_model("cait_xxs24_224")
+        >>> fastvit.patch(model)  # blocks.* -> FusedLayerScaleBlock, blocks_token_only.* -> ...ClassAttn
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x)
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
+        return self._fastvit_mlp_half(x)
+
+
+class FusedLayerScaleBlockClassAttn(_CaitMlpHalf, LayerScaleBlockClassAttn):
+    """timm CaiT ``LayerScaleBlockClassAttn`` whose MLP half is one ``fastvit.layernorm_mlp`` call
+    over the class token (same signature, ``forward(x, x_cls)``: x (B, N, C), x_cls (B, 1, C) ->
+    the updated class token (B, 1, C)); its class attention is ``FusedClassAttn`` where fused."""
+
+    def forward(self, x: torch.Tensor, x_cls: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, x_cls)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x, x_cls)
+        u = torch.cat((x_cls, x), dim=1)
+        x_cls = x_cls + self.drop_path(self.gamma_1 * self.attn(self.norm1(u)))
+        return self._fastvit_mlp_half(x_cls)

@@ -138,6 +138,10 @@ class FusedGammaMlpHalf(FusedModule):
         """The (D,) layer scale of the MLP branch, or None."""
         return self.gamma_2
 
+    def _fastvit_drop_path(self) -> nn.Module:
+        """The MLP branch's drop path (CaiT's blocks share one between both branches)."""
+        return self.drop_path2
+
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): the block's MLP half, fused."""
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
@@ -162,7 +166,7 @@ class FusedGammaMlpHalf(FusedModule):
             )
             return self._fastvit_original_half(x)
         return fastvit.layernorm_mlp(
-            x, layer_scale=self._fastvit_layer_scale(), sample_scale=drop_path_scale(self.drop_path2, x),
+            x, layer_scale=self._fastvit_layer_scale(), sample_scale=drop_path_scale(self._fastvit_drop_path(), x),
             **norm_arguments(norm), **mlp_arguments(mlp),
         )  # fmt: skip
 

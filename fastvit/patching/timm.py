@@ -12,7 +12,8 @@ RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of SAM 2's HieraDet (wi
 q pooling: ``timm_hieradet``), of the Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``),
 of MaxViT / CoAtNet (``AttentionCl``, ``Attention2d``, their relative-position bias as the op's
 learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
-CaiT's class attention (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of
+CaiT's class attention and both its blocks' MLP halves (``timm_cait``; its TalkingHeadAttn cannot be
+one attention call), of
 XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the tokens are the head dim)
 and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
 head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
@@ -190,6 +191,8 @@ _GAMMA_BLOCKS = {
     )
     for cls in (pair[0].fastvit_original(), *pair)
 }
+# CaiT's blocks, ending in x + drop_path(gamma_2 * mlp(norm2(x))) (one drop_path for both halves)
+_CAIT_BLOCKS = fused_table(timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn)
 # the other families' attentions: {class: (fused class, attributes its forward reads)}
 _QKV = ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")
 _BIASED = ("proj", "num_heads", "scale", "key_dim", "val_dim", "get_attention_biases")  # TinyViT, LeViT
@@ -262,14 +265,6 @@ _LEFT_ALONE = {
     ("timm.models.cait", "TalkingHeadAttn"): (
         "attention", "CaiT's TalkingHeadAttn mixes the heads with a linear layer before and after the softmax "
         "(proj_l, proj_w), which no single flash_attention call computes: it runs timm's forward",
-    ),
-    ("timm.models.cait", "LayerScaleBlock"): (
-        "mlp", "CaiT's LayerScaleBlock (gamma_1 / gamma_2 LayerScale parameters) is not fused yet: its MLP half "
-        "runs timm's modules",
-    ),
-    ("timm.models.cait", "LayerScaleBlockClassAttn"): (
-        "mlp", "CaiT's LayerScaleBlockClassAttn (it updates the class token only) is not fused yet: its MLP half "
-        "runs timm's modules",
     ),
     ("timm.models.mvitv2", "MultiScaleAttentionPoolFirst"): (
         "attention", "MViTv2's MultiScaleAttentionPoolFirst (pool_first=True) is left alone: its timm forward "
@@ -397,10 +392,16 @@ def _other_block_problems(block: nn.Module) -> list[str]:
     return problems or _mlp_half_problems(block)
 
 
-def _mlp_half_problems(block: nn.Module) -> list[str]:
-    """What the op must be able to compute of a block's ``norm2``, ``mlp`` and ``drop_path2``: a
-    LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` of Linears with
-    an activation the op has, no norm inside the MLP."""
+def _cait_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of a CaiT block, x + drop_path(gamma_2 * mlp(norm2(x))), cannot be fused."""
+    problems = missing_attributes(block, ("norm1", "attn", "gamma_1", "drop_path", "norm2", "mlp", "gamma_2"), "timm")
+    return problems or _mlp_half_problems(block, "drop_path")
+
+
+def _mlp_half_problems(block: nn.Module, drop_path: str = "drop_path2") -> list[str]:
+    """What the op must be able to compute of a block's ``norm2``, ``mlp`` and ``drop_path2`` (or
+    the ``drop_path`` named): a LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp``
+    or ``SwiGLU`` of Linears with an activation the op has, no norm inside the MLP."""
     norm, layernorms = block.norm2, (nn.LayerNorm, TimmLayerNorm)
     if type(norm) in timm_mlp.RMS_NORMS:
         problems = layernorm_problems(norm, "norm2", timm_mlp.RMS_NORMS)  # over the last dim only
@@ -408,7 +409,7 @@ def _mlp_half_problems(block: nn.Module) -> list[str]:
         problems = layernorm_problems(norm, "norm2", layernorms)
     else:
         problems = [f"norm2 is {type(norm).__qualname__}, not nn.LayerNorm or an RMS norm (timm's RmsNorm)"]
-    problems += exact_type(block.drop_path2, "drop_path2", (nn.Identity, DropPath), "DropPath")
+    problems += exact_type(getattr(block, drop_path), drop_path, (nn.Identity, DropPath), "DropPath")
     mlp = block.mlp
     problems += exact_type(mlp, "mlp", (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
     if problems:
@@ -434,8 +435,10 @@ def _block_notes(block: nn.Module) -> list[str]:
     p = max(block.mlp.drop1.p, block.mlp.drop2.p)
     if p > 0:
         notes.append(f"MLP dropout {p}: in training its MLP half runs timm's modules")
-    if isinstance(block.drop_path2, DropPath) and block.drop_path2.drop_prob > 0:
-        notes.append(f"drop path {block.drop_path2.drop_prob} as the op's sample_scale")
+    # CaiT's blocks have one drop_path for both halves
+    drop_path = block.drop_path2 if hasattr(block, "drop_path2") else getattr(block, "drop_path", None)
+    if isinstance(drop_path, DropPath) and drop_path.drop_prob > 0:
+        notes.append(f"drop path {drop_path.drop_prob} as the op's sample_scale")
     return notes
 
 
@@ -503,6 +506,8 @@ def find(model: nn.Module) -> list[Finding]:
             )
         elif cls in _OTHER_BLOCKS:
             findings.append(slot(path, module, "mlp", _OTHER_BLOCKS[cls], _other_block_problems, _block_notes))
+        elif cls in _CAIT_BLOCKS:
+            findings.append(slot(path, module, "mlp", _CAIT_BLOCKS[cls], _cait_block_problems, _block_notes))
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
         elif cls in _NAFLEX:

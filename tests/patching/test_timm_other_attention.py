@@ -1,9 +1,10 @@
 """fastvit.patch on timm's attentions whose keys are not their queries: PVTv2 (spatial-reduction
 ``Attention``: N queries, M < N keys from a strided conv, or the ``linear`` variant's 7x7 pool),
 CaiT (``ClassAttn``: one class-token query against every token; ``TalkingHeadAttn`` is reported as
-skipped) and MViTv2 (``MultiScaleAttention``: q, k, v pooled to different grids, the decomposed
-relative position through the op's ``rel_pos`` with grids of different sizes, residual pooling, and
-the class token of the ``*_cls`` models laid out on the key grid with a mask).
+skipped; its blocks' MLP halves are fused too: test_timm_cait.py) and MViTv2
+(``MultiScaleAttention``: q, k, v pooled to different grids, the decomposed relative position
+through the op's ``rel_pos`` with grids of different sizes, residual pooling, and the class token
+of the ``*_cls`` models laid out on the key grid with a mask).
 
 Each model is compared with an unpatched deep copy on the CPU (torch route, fp32) by the tolerance
 rule: the patched model's error against the unpatched model run in float64 is at most 2x the
@@ -40,15 +41,16 @@ from tests.patching.helpers import (
 )
 
 timm = pytest.importorskip("timm")
-from timm.models.cait import ClassAttn, TalkingHeadAttn  # noqa: E402
+from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn  # noqa: E402
 from timm.models.mvitv2 import MultiScaleAttention, MultiScaleVit, MultiScaleVitCfg  # noqa: E402
 from timm.models.pvt_v2 import Attention as PvtAttention  # noqa: E402
 
-from fastvit.nn.timm_cait import FusedClassAttn  # noqa: E402
+from fastvit.nn.timm_cait import FusedClassAttn, FusedLayerScaleBlock, FusedLayerScaleBlockClassAttn  # noqa: E402
 from fastvit.nn.timm_mvit import FusedMultiScaleAttention  # noqa: E402
 from fastvit.nn.timm_pvt import FusedPvtAttention  # noqa: E402
 
 BATCH, PVT_BLOCKS, CAIT_CLASS_BLOCKS, CAIT_TALKING_BLOCKS, MVIT_BLOCKS = 3, 4, 2, 2, 3
+CAIT_MLP_HALVES = CAIT_CLASS_BLOCKS + CAIT_TALKING_BLOCKS  # both kinds of CaiT block (test_timm_cait.py)
 
 
 def pvt(**overrides) -> nn.Module:
@@ -108,7 +110,7 @@ def test_pvt_matches_unpatched(linear, size, op_calls):
 
 def test_cait_class_attention_matches_unpatched(op_calls):
     reference, patched, report = pair(cait().eval())
-    assert report.counts() == {"attention": CAIT_CLASS_BLOCKS}
+    assert report.counts() == {"attention": CAIT_CLASS_BLOCKS, "mlp": CAIT_MLP_HALVES}
     assert_matches_by_the_rule(reference, patched, images(16))
     calls = op_calls["flash_attention"]
     assert len(calls) == CAIT_CLASS_BLOCKS
@@ -118,16 +120,16 @@ def test_cait_class_attention_matches_unpatched(op_calls):
 
 def test_cait_talking_heads_are_reported_skipped():
     report = fastvit.patch(cait())
-    replaced = {e.where for e in report.replaced}
-    assert replaced == {f"blocks_token_only.{i}.attn" for i in range(CAIT_CLASS_BLOCKS)}
-    assert all("ClassAttn -> FusedClassAttn" in e.detail for e in report.replaced)
+    attentions = [e for e in report.replaced if e.part == "attention"]
+    assert {e.where for e in attentions} == {f"blocks_token_only.{i}.attn" for i in range(CAIT_CLASS_BLOCKS)}
+    assert all("ClassAttn -> FusedClassAttn" in e.detail for e in attentions)
     talking = [e for e in report.skipped if e.part == "attention"]
     assert [e.where for e in talking] == [f"blocks.{i}.attn" for i in range(CAIT_TALKING_BLOCKS)]
     for entry in talking:
         assert "TalkingHeadAttn mixes the heads" in entry.detail and "before and after the softmax" in entry.detail
     skipped = {e.where: (e.part, e.detail) for e in report.skipped}
     assert skipped["(model)"][0] == "patch_embed" and "Cait's patch embedding" in skipped["(model)"][1]
-    assert skipped["blocks.0"][0] == skipped["blocks_token_only.0"][0] == "mlp"
+    assert "blocks.0" not in skipped and "blocks_token_only.0" not in skipped  # their MLP halves are fused
     model = cait()
     assert type(model.blocks[0].attn) is TalkingHeadAttn  # left as timm's class
 
@@ -204,9 +206,11 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     before_out, before_storage, before_types = model(x), storage_map(model), module_types(model)
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
-    fused = [m for m in model.modules() if type(m) in (FusedPvtAttention, FusedClassAttn, FusedMultiScaleAttention)]
-    assert len(fused) == len(report.replaced) == FUSED[name]
-    assert all(isinstance(m, (PvtAttention, ClassAttn, MultiScaleAttention)) for m in fused)
+    fused = [m for m in model.modules() if type(m) in (FusedPvtAttention, FusedClassAttn, FusedMultiScaleAttention,
+                                                         FusedLayerScaleBlock, FusedLayerScaleBlockClassAttn)]
+    assert len(fused) == len(report.replaced) == FUSED[name] + (CAIT_MLP_HALVES if name == "cait" else 0)
+    assert all(isinstance(m, (PvtAttention, ClassAttn, MultiScaleAttention, LayerScaleBlock,
+                              LayerScaleBlockClassAttn)) for m in fused)  # fmt: skip
     assert len(fastvit.unpatch(model).replaced) == len(report.replaced)
     assert module_types(model) == before_types and storage_map(model) == before_storage
     assert torch.equal(model(x), before_out)
@@ -232,7 +236,7 @@ def test_attention_dropout_in_training_runs_timm(name, op_calls, fresh_warnings)
         if type(attn) is ClassAttn:
             attn.attn_drop.p = 0.2
     reference, patched, report = pair(model)
-    assert all("attention dropout 0.2" in e.detail for e in report.replaced)
+    assert all("attention dropout 0.2" in e.detail for e in report.replaced if e.part == "attention")
     outputs = []
     for model in (reference, patched):
         torch.manual_seed(5)
