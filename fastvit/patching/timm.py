@@ -2,29 +2,29 @@
 ``VisionTransformer`` / ``VisionTransformerDistilled`` embedding.
 
 That covers vit_* (register tokens, ``qk_norm``, ``no_embed_class``, ``class_token=False``,
-``dynamic_img_size``), deit_* (distilled too), deit3_* (LayerScale) and the other timm models built
-from the same blocks. The attention of the relative-position-bias families (BEiT / BEiTv2,
+``dynamic_img_size``), deit_* (distilled too), deit3_* (LayerScale) and the other timm models built from
+the same blocks. The attention of the relative-position-bias families (BEiT / BEiTv2,
 ``VisionTransformerRelPos``, TinyViT, LeViT: ``fastvit.nn.timm_relpos``), of Swin V1 / V2
-(``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of
-Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3:
-``timm_eva``, RoPE as timm computes it; and timm's ``AttentionRope`` of vit_pe_*, NaFlexVit's
-RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of SAM 2's HieraDet (windowed and global,
-q pooling: ``timm_hieradet``), of the Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``),
-of MaxViT / CoAtNet (``AttentionCl``, ``Attention2d``, their relative-position bias as the op's
-learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction attention: ``timm_pvt``), of
-CaiT's class attention and both its blocks' MLP halves (``timm_cait``; its TalkingHeadAttn cannot be
-one attention call), of
-XCiT's cross-covariance attention (``timm_xcit``: the channels attend, the tokens are the head dim)
-and of MViTv2 (pooling attention with its relative position: ``timm_mvit``) and of the attention-pooling
-head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's
-embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``,
-``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and
-channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
-sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
-layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), Visformer's
-attention (``timm_visformer``), CrossViT's cross attention (``timm_crossvit``), and NaFlexVit's
-embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are
-reported as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
+(``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of Hiera
+(mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3: ``timm_eva``, RoPE as
+timm computes it; and timm's ``AttentionRope`` of vit_pe_*, NaFlexVit's RoPE and the Qwen3-VL / DeepSeek
+towers: ``timm_rope``), of SAM 2's HieraDet (windowed and global, q pooling: ``timm_hieradet``), of the
+Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``), of MaxViT / CoAtNet (``AttentionCl``,
+``Attention2d``, their relative-position bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2
+(spatial-reduction attention: ``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves
+(``timm_cait``; its TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention
+(``timm_xcit``: the channels attend, the tokens are the head dim), of MViTv2 (pooling attention with its
+relative position: ``timm_mvit``), of VOLO (self- and class attention, and the MLP halves of its three
+kinds of block: ``timm_volo``) and of the attention-pooling head (``AttentionPoolLatent``, the 'map'
+pool: ``timm_pool``) is fused too, and so are Eva's embedding and the MLP halves of ``EvaBlock`` and
+BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek
+tower's block (``timm_deepseek``), DaViT's window and channel attentions and its blocks' MLP halves
+(Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
+halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
+window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
+cross attention (``timm_crossvit``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
+other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
+architectures (``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from fastvit.nn import (
     timm_relpos,
     timm_sam,
     timm_swin,
+    timm_volo,
     timm_xcit,
 )
 from fastvit.nn import timm_vit as fused
@@ -164,6 +165,11 @@ try:  # the MLP halves of the windowed / hierarchical blocks (fastvit.nn.timm_bl
 except ImportError:
     pass
 
+# VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo)
+_OTHER_BLOCKS |= fused_table(
+    timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock
+)
+
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
     from fastvit.nn import timm_hieradet
 
@@ -224,6 +230,9 @@ _OTHER_ATTENTIONS = {
         (fused_table(timm_cait.FusedClassAttn), ("q", "k", "v", "attn_drop", "proj", "proj_drop", "num_heads",
                                                  "scale")),
         (fused_table(timm_xcit.FusedXCA), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "temperature")),
+        (fused_table(timm_volo.FusedVoloAttention), _QKV),
+        (fused_table(timm_volo.FusedVoloClassAttention), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                          "head_dim", "scale")),
         (fused_table(timm_mvit.FusedMultiScaleAttention), ("qkv", "proj", "num_heads", "scale", "has_cls_token",
                                                            "pool_q", "pool_k", "pool_v", "norm_q", "norm_k",
                                                            "norm_v", "rel_pos_type", "residual_pooling")),
@@ -261,6 +270,11 @@ _LEFT_ALONE = {
     ("timm.models.visformer", "Block"): (
         "mlp", "Visformer's Block normalises with BatchNorm2d and its MLP is 1x1 convolutions (SpatialMlp), not a "
         "LayerNorm MLP: it runs timm's modules",
+    ),
+    ("timm.models.volo", "OutlookAttention"): (
+        "attention", "VOLO's OutlookAttention mixes each position's k x k neighbourhood with weights predicted from "
+        "that position alone (no query-key product, no softmax over keys), which no flash_attention call computes: "
+        "it runs timm's forward",
     ),
     ("timm.models.cait", "TalkingHeadAttn"): (
         "attention", "CaiT's TalkingHeadAttn mixes the heads with a linear layer before and after the softmax "
@@ -301,6 +315,7 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
     ("timm.models.cait", "Cait"): _NOT_YET,
+    ("timm.models.volo", "VOLO"): _CONV_STEM,
     ("timm.models.xcit", "Xcit"): _CONV_STEM,
     ("timm.models.pvt_v2", "PyramidVisionTransformerV2"): "patch embedding is an overlapping conv (kernel 7, "
     "stride 4, padding 3) followed by a LayerNorm, not a patchify conv (fastvit.patch_embed): left alone",

@@ -328,20 +328,20 @@ def test_timm_fastvit_models_are_left_alone():
 def test_blocks_of_a_family_without_an_entry_are_reported():
     """A transformer block (``attn`` and ``mlp`` submodules) of a timm family fastvit has no entry
     for is named in the report with a reason, not left out of it (XCiT's blocks were)."""
-    model = timm.create_model("volo_d1_224", pretrained=False, num_classes=5)
-    with pytest.raises(ValueError, match=r"(?s)nothing to patch in VOLO.*network\.2\.0: Transformer "
-                       r"\(timm\.models\.volo\) is not a block fastvit fuses: its MLP half runs timm's "
+    model = timm.create_model("convit_tiny", pretrained=False, num_classes=5)
+    with pytest.raises(ValueError, match=r"(?s)nothing to patch in ConVit.*blocks\.0: Block "
+                       r"\(timm\.models\.convit\) is not a block fastvit fuses: its MLP half runs timm's "
                        r"modules"):  # fmt: skip
         fastvit.patch(model)
 
 
 def test_attentions_of_a_family_without_an_entry_are_reported():
-    """A timm attention module fastvit has no entry for (VOLO's, TNT's, CoaT's ...) is named in the
-    report with a reason, not left out of it: the blocks' entries said nothing of their attention."""
+    """A timm attention module fastvit has no entry for (TNT's, CoaT's, EfficientFormer's ...) is named
+    in the report with a reason, not left out of it: the blocks' entries said nothing of their attention."""
     with pytest.raises(ValueError) as error:
-        fastvit.patch(timm.create_model("volo_d1_224", pretrained=False, num_classes=5))
-    for path, cls in (("network.2.0.attn", "Attention"), ("post_network.1.attn", "ClassAttention")):
-        assert (f"attention    {path}: {cls} (timm.models.volo) is not an attention fastvit fuses"
+        fastvit.patch(timm.create_model("tnt_s_patch16_224", pretrained=False, num_classes=5))
+    for path in ("blocks.0.attn_in", "blocks.11.attn_out"):
+        assert (f"attention    {path}: Attention (timm.models.tnt) is not an attention fastvit fuses"
                 in str(error.value))  # fmt: skip
 
 
