@@ -19,8 +19,14 @@ keys (``class_token_grid``); its row's rel_h entry is -rel_w[..., 0], so the cla
 cancels to 0 (to fp32 rounding), and the class token's query row gets zero tables.
 
 ``MultiScaleAttentionPoolFirst`` (``pool_first=True``) is left alone: in timm 1.0.31 its forward
-multiplies q by an untransposed k and fails, so there is no result to match. See
-``fastvit.nn.fused`` for how the swap works. Importing this module imports timm.
+multiplies q by an untransposed k and fails, so there is no result to match.
+
+``MultiScaleBlock``'s MLP half, ``x + drop_path2(mlp(norm2(x)))``, is one ``fastvit.layernorm_mlp``
+call (``fastvit.nn.timm_mlp.PreNormMlpHalf``) where its residual is x itself: with the default
+``expand_attn=True`` every block (the attention changes the width). Blocks whose MLP widens the
+tokens (``expand_attn=False`` at a stage change: the residual is ``shortcut_proj_mlp(norm2(x))``)
+run timm's half and are reported. See ``fastvit.nn.fused`` for how the swap works. Importing this
+module imports timm.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_notrace_function
-from timm.models.mvitv2 import MultiScaleAttention, reshape_post_pool, reshape_pre_pool
+from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock, reshape_post_pool, reshape_pre_pool
 
 import fastvit
 from fastvit.nn.attention import merge_heads
 from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_mlp import PreNormMlpHalf
 
-__all__ = ["FusedMultiScaleAttention", "class_token_grid", "pooled_rel_pos"]
+__all__ = ["FusedMultiScaleAttention", "FusedMultiScaleBlock", "class_token_grid", "pooled_rel_pos"]
 
 
 @register_notrace_function
@@ -172,3 +179,31 @@ class FusedMultiScaleAttention(FusedModule, MultiScaleAttention):
             f"heads={self.num_heads}, head_dim={self.head_dim}, rel_pos={self.rel_pos_type}, "
             f"residual_pooling={self.residual_pooling}, fastvit={self.fastvit_op}"
         )
+
+
+class FusedMultiScaleBlock(PreNormMlpHalf, MultiScaleBlock):
+    """timm MViTv2 ``MultiScaleBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same
+    signature, ``forward(x, feat_size)``: x (B, N, C) -> ((B, N', C'), feat_size')); its attention
+    half (the residual projected and pooled at a stage change) runs as timm's, the attention fused
+    on its own. A block with ``shortcut_proj_mlp`` runs timm's MLP half."""
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module (the residual projected where the MLP widens)."""
+        x_norm = self.norm2(x)
+        x_shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
+        return x_shortcut + self.drop_path2(self.mlp(x_norm))
+
+    def forward(self, x: torch.Tensor, feat_size: list[int]) -> tuple[torch.Tensor, list[int]]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, feat_size)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x, feat_size)
+        # timm's attention half, as in MultiScaleBlock.forward
+        x_norm = self.norm1(x)
+        x_shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
+        x_shortcut = self._shortcut_pool(x_shortcut, feat_size)
+        x, feat_size_new = self.attn(x_norm, feat_size)
+        x = x_shortcut + self.drop_path1(x)
+        if self.shortcut_proj_mlp is not None:  # the residual is not x: not the op's half
+            return self._fastvit_original_half(x), feat_size_new
+        return self._fastvit_mlp_half(x), feat_size_new

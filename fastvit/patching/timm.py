@@ -14,17 +14,17 @@ Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``), of MaxViT / CoAt
 (spatial-reduction attention: ``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves
 (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention
 (``timm_xcit``: the channels attend, the tokens are the head dim), of MViTv2 (pooling attention with its
-relative position: ``timm_mvit``), of VOLO (self- and class attention, and the MLP halves of its three
-kinds of block: ``timm_volo``) and of the attention-pooling head (``AttentionPoolLatent``, the 'map'
-pool: ``timm_pool``) is fused too, and so are Eva's embedding and the MLP halves of ``EvaBlock`` and
-BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek
-tower's block (``timm_deepseek``), DaViT's window and channel attentions and its blocks' MLP halves
-(Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
-halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
-window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
-cross attention (``timm_crossvit``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
-other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
-architectures (``fastvit_*`` ...) are left alone.
+relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and class attention, and
+the MLP halves of its three kinds of block: ``timm_volo``) and of the attention-pooling head
+(``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's embedding and
+the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``:
+``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and channel
+attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
+sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
+layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), Visformer's
+attention (``timm_visformer``), CrossViT's cross attention (``timm_crossvit``), and NaFlexVit's
+embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are reported
+as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
@@ -165,9 +165,11 @@ try:  # the MLP halves of the windowed / hierarchical blocks (fastvit.nn.timm_bl
 except ImportError:
     pass
 
-# VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo)
+# VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
+# CaiT's two blocks and MViTv2's (checked by _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
-    timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock
+    timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
+    timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -197,8 +199,6 @@ _GAMMA_BLOCKS = {
     )
     for cls in (pair[0].fastvit_original(), *pair)
 }
-# CaiT's blocks, ending in x + drop_path(gamma_2 * mlp(norm2(x))) (one drop_path for both halves)
-_CAIT_BLOCKS = fused_table(timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn)
 # the other families' attentions: {class: (fused class, attributes its forward reads)}
 _QKV = ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")
 _BIASED = ("proj", "num_heads", "scale", "key_dim", "val_dim", "get_attention_biases")  # TinyViT, LeViT
@@ -284,10 +284,6 @@ _LEFT_ALONE = {
         "attention", "MViTv2's MultiScaleAttentionPoolFirst (pool_first=True) is left alone: its timm forward "
         "multiplies q by an untransposed k ((B, M, H, D)) and fails for real shapes, so there is no result to "
         "match",
-    ),
-    ("timm.models.mvitv2", "MultiScaleBlock"): (
-        "mlp", "MViTv2's MultiScaleBlock (its shortcut is projected and pooled between stages) is not fused yet: "
-        "its MLP half runs timm's modules",
     ),
     ("timm.models.xcit", "XCABlock"): (
         "mlp", "XCiT's XCABlock (a local patch interaction, LPI, between its attention and its MLP) is not fused "
@@ -413,6 +409,26 @@ def _cait_block_problems(block: nn.Module) -> list[str]:
     return problems or _mlp_half_problems(block, "drop_path")
 
 
+def _mvit_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of an MViTv2 block cannot be fused: the other blocks' checks, and a residual
+    that is x itself (no ``shortcut_proj_mlp``)."""
+    problems = _other_block_problems(block)
+    if not problems and getattr(block, "shortcut_proj_mlp", None) is not None:
+        problems.append(
+            "its MLP widens the tokens (expand_attn=False at a stage change): the residual is "
+            "shortcut_proj_mlp(norm2(x)), not x, where fastvit.layernorm_mlp adds x"
+        )
+    return problems
+
+
+# the blocks of _OTHER_BLOCKS whose MLP half is checked otherwise than _other_block_problems
+_BLOCK_CHECKS = {
+    timm_cait.FusedLayerScaleBlock: _cait_block_problems,
+    timm_cait.FusedLayerScaleBlockClassAttn: _cait_block_problems,
+    timm_mvit.FusedMultiScaleBlock: _mvit_block_problems,
+}
+
+
 def _mlp_half_problems(block: nn.Module, drop_path: str = "drop_path2") -> list[str]:
     """What the op must be able to compute of a block's ``norm2``, ``mlp`` and ``drop_path2`` (or
     the ``drop_path`` named): a LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp``
@@ -520,9 +536,9 @@ def find(model: nn.Module) -> list[Finding]:
                 slot(path, module, "mlp", _block_fused(module, _GAMMA_BLOCKS), _gamma_block_problems, _block_notes)
             )
         elif cls in _OTHER_BLOCKS:
-            findings.append(slot(path, module, "mlp", _OTHER_BLOCKS[cls], _other_block_problems, _block_notes))
-        elif cls in _CAIT_BLOCKS:
-            findings.append(slot(path, module, "mlp", _CAIT_BLOCKS[cls], _cait_block_problems, _block_notes))
+            fused_cls = _OTHER_BLOCKS[cls]
+            problems = _BLOCK_CHECKS.get(fused_cls, _other_block_problems)
+            findings.append(slot(path, module, "mlp", fused_cls, problems, _block_notes))
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
         elif cls in _NAFLEX:

@@ -4,7 +4,8 @@ CaiT (``ClassAttn``: one class-token query against every token; ``TalkingHeadAtt
 skipped; its blocks' MLP halves are fused too: test_timm_cait.py) and MViTv2
 (``MultiScaleAttention``: q, k, v pooled to different grids, the decomposed relative position
 through the op's ``rel_pos`` with grids of different sizes, residual pooling, and the class token
-of the ``*_cls`` models laid out on the key grid with a mask).
+of the ``*_cls`` models laid out on the key grid with a mask; its blocks' MLP halves, one
+layernorm_mlp call each where the residual is x).
 
 Each model is compared with an unpatched deep copy on the CPU (torch route, fp32) by the tolerance
 rule: the patched model's error against the unpatched model run in float64 is at most 2x the
@@ -42,11 +43,11 @@ from tests.patching.helpers import (
 
 timm = pytest.importorskip("timm")
 from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn  # noqa: E402
-from timm.models.mvitv2 import MultiScaleAttention, MultiScaleVit, MultiScaleVitCfg  # noqa: E402
+from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock, MultiScaleVit, MultiScaleVitCfg  # noqa: E402
 from timm.models.pvt_v2 import Attention as PvtAttention  # noqa: E402
 
 from fastvit.nn.timm_cait import FusedClassAttn, FusedLayerScaleBlock, FusedLayerScaleBlockClassAttn  # noqa: E402
-from fastvit.nn.timm_mvit import FusedMultiScaleAttention  # noqa: E402
+from fastvit.nn.timm_mvit import FusedMultiScaleAttention, FusedMultiScaleBlock  # noqa: E402
 from fastvit.nn.timm_pvt import FusedPvtAttention  # noqa: E402
 
 BATCH, PVT_BLOCKS, CAIT_CLASS_BLOCKS, CAIT_TALKING_BLOCKS, MVIT_BLOCKS = 3, 4, 2, 2, 3
@@ -83,6 +84,8 @@ MODELS = {
 }
 FUSED = {"pvt": PVT_BLOCKS, "pvt_linear": PVT_BLOCKS, "cait": CAIT_CLASS_BLOCKS, "mvit": MVIT_BLOCKS,
          "mvit_cls": MVIT_BLOCKS}  # fmt: skip
+# the blocks whose MLP halves are fused too (CaiT's: test_timm_cait.py)
+MLP_HALVES = {"cait": CAIT_MLP_HALVES, "mvit": MVIT_BLOCKS, "mvit_cls": MVIT_BLOCKS}
 SIZES = {"pvt": 64, "pvt_linear": 64, "cait": 16, "mvit": 32, "mvit_cls": 32}
 
 
@@ -148,11 +151,11 @@ MVIT_CASES = {
 @pytest.mark.parametrize("case", sorted(MVIT_CASES))
 def test_mvit_matches_unpatched(case, size, op_calls):
     reference, patched, report = pair(mvit(**MVIT_CASES[case]).eval())
-    assert report.counts() == {"attention": MVIT_BLOCKS}
-    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}
+    assert report.counts() == {"attention": MVIT_BLOCKS, "mlp": MVIT_BLOCKS}
+    assert {e.part for e in report.skipped} == {"patch_embed"}
     assert_matches_by_the_rule(reference, patched, images(size))
     calls = op_calls["flash_attention"]
-    assert len(calls) == MVIT_BLOCKS
+    assert len(calls) == MVIT_BLOCKS and len(op_calls["layernorm_mlp"]) == MVIT_BLOCKS
     cls = int(case == "rel_pos_cls")
     q, k = calls[0]["args"][:2]
     grid, keys = ((8, 8), (2, 2)) if size == 32 else ((7, 6), (2, 2))
@@ -191,12 +194,24 @@ def test_mvit_rel_pos_tables_learn(cls):
 
 
 def test_mvit_pool_first_is_reported_skipped():
-    # nothing else in the model is fused, so patch raises with every reason, attention's included
-    with pytest.raises(ValueError, match="nothing to patch in MultiScaleVit") as raised:
-        fastvit.patch(mvit(pool_first=True))
-    lines = [line for line in str(raised.value).splitlines() if line.lstrip().startswith("attention")]
-    assert len(lines) == MVIT_BLOCKS
-    assert all("MultiScaleAttentionPoolFirst" in line and "untransposed k" in line for line in lines)
+    # its attention is left alone (reported), its blocks' MLP halves are fused
+    report = fastvit.patch(mvit(pool_first=True))
+    assert report.counts() == {"mlp": MVIT_BLOCKS}
+    skipped = [e for e in report.skipped if e.part == "attention"]
+    assert len(skipped) == MVIT_BLOCKS
+    assert all("MultiScaleAttentionPoolFirst" in e.detail and "untransposed k" in e.detail for e in skipped)
+
+
+def test_mvit_block_whose_mlp_widens_runs_timms_half(op_calls):
+    """With expand_attn=False the stage's first block widens the tokens in its MLP: its residual is
+    shortcut_proj_mlp(norm2(x)), not x, so that half runs timm's modules (reported); the others are
+    one layernorm_mlp call each."""
+    reference, patched, report = pair(mvit(expand_attn=False).eval())
+    assert report.counts() == {"attention": MVIT_BLOCKS, "mlp": MVIT_BLOCKS - 1}
+    widened = [e for e in report.skipped if e.part == "mlp"]
+    assert [e.where for e in widened] == ["stages.0.blocks.0"] and "shortcut_proj_mlp" in widened[0].detail
+    assert_matches_by_the_rule(reference, patched, images(32))
+    assert len(op_calls["layernorm_mlp"]) == MVIT_BLOCKS - 1
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -207,10 +222,11 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if type(m) in (FusedPvtAttention, FusedClassAttn, FusedMultiScaleAttention,
-                                                         FusedLayerScaleBlock, FusedLayerScaleBlockClassAttn)]
-    assert len(fused) == len(report.replaced) == FUSED[name] + (CAIT_MLP_HALVES if name == "cait" else 0)
+                                                         FusedLayerScaleBlock, FusedLayerScaleBlockClassAttn,
+                                                         FusedMultiScaleBlock)]  # fmt: skip
+    assert len(fused) == len(report.replaced) == FUSED[name] + MLP_HALVES.get(name, 0)
     assert all(isinstance(m, (PvtAttention, ClassAttn, MultiScaleAttention, LayerScaleBlock,
-                              LayerScaleBlockClassAttn)) for m in fused)  # fmt: skip
+                              LayerScaleBlockClassAttn, MultiScaleBlock)) for m in fused)  # fmt: skip
     assert len(fastvit.unpatch(model).replaced) == len(report.replaced)
     assert module_types(model) == before_types and storage_map(model) == before_storage
     assert torch.equal(model(x), before_out)
