@@ -9,20 +9,26 @@ channels and the "head dim" is the token count N. timm's qkv and output projecti
 normalisation and the temperature stay as they are; the softmax attention becomes one
 ``fastvit.flash_attention`` call. Its kernels take head dims up to 256, so up to 256 tokens
 (196 at 224 px with 16 px patches); above that (e.g. 384 px: 576 tokens) the op itself runs
-PyTorch's SDPA with its one-time fallback warning. See ``fastvit.nn.fused`` for how the swap
-works. Importing this module imports timm.
+PyTorch's SDPA with its one-time fallback warning.
+
+``XCABlock``'s MLP half, ``x + drop_path2(gamma2 * mlp(norm2(x)))`` after the attention and the
+local patch interaction (LPI), is one ``fastvit.layernorm_mlp`` call (``gamma2`` as
+``layer_scale``); its attention and LPI run as timm's. The class-attention blocks
+(``ClassAttentionBlock``: the MLP on the normalised class token only) run timm's modules. See
+``fastvit.nn.fused`` for how the swap works. Importing this module imports timm.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.xcit import XCA
+from timm.models.xcit import XCA, XCABlock
 
 import fastvit
 from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
 
-__all__ = ["FusedXCA"]
+__all__ = ["FusedXCA", "FusedXCABlock"]
 
 
 class FusedXCA(FusedModule, XCA):
@@ -53,3 +59,27 @@ class FusedXCA(FusedModule, XCA):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, cross-covariance (channels attend), fastvit={self.fastvit_op}"
+
+
+class FusedXCABlock(FusedGammaMlpHalf, XCABlock):
+    """timm XCiT ``XCABlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same signature,
+    ``forward(x, H, W)``: x (B, N, C) -> (B, N, C)); its attention (fused on its own) and its local
+    patch interaction run as timm's."""
+
+    fastvit_bypassed = MLP_BYPASSED
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's third residual branch, module by module."""
+        return x + self.drop_path2(self.gamma2 * self.mlp(self.norm2(x)))
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.gamma2
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, H, W)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x, H, W)
+        x = x + self.drop_path1(self.gamma1 * self.attn(self.norm1(x)))
+        x = x + self.drop_path3(self.gamma3 * self.local_mp(self.norm3(x), H, W))
+        return self._fastvit_mlp_half(x)

@@ -114,7 +114,7 @@ def patch(
       Qwen3-VL and DeepSeek towers), the Gemma 4 tower, MaxViT / CoAtNet, DaViT (Florence-2's
       encoders), Twins (SVT, PCPVT), NesT, GCViT (the MLP halves of these four too), Visformer,
       CrossViT's cross attention, PVTv2, MViTv2, VOLO and CaiT's class attention; the MLP halves of
-      the Swin V1, SAM, HieraDet, Hiera, MaxViT, vit_relpos, CaiT, VOLO and MViTv2 blocks;
+      the Swin V1, SAM, HieraDet, Hiera, MaxViT, vit_relpos, CaiT, VOLO, MViTv2 and XCiT blocks;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,

@@ -13,18 +13,19 @@ Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``), of MaxViT / CoAt
 ``Attention2d``, their relative-position bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2
 (spatial-reduction attention: ``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves
 (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention
-(``timm_xcit``: the channels attend, the tokens are the head dim), of MViTv2 (pooling attention with its
-relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and class attention, and
-the MLP halves of its three kinds of block: ``timm_volo``) and of the attention-pooling head
-(``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's embedding and
-the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``:
-``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and channel
-attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
-sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
-layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), Visformer's
-attention (``timm_visformer``), CrossViT's cross attention (``timm_crossvit``), and NaFlexVit's
-embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are reported
-as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
+(``timm_xcit``: the channels attend, the tokens are the head dim; and its XCABlock's MLP half), of
+MViTv2 (pooling attention with its relative position, and its blocks' MLP halves: ``timm_mvit``), of
+VOLO (self- and class attention, and the MLP halves of its three kinds of block: ``timm_volo``) and of
+the attention-pooling head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so
+are Eva's embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or
+``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's
+window and channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins'
+grouped and sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local
+attention and layers (``timm_nest``), GCViT's local / global window attention and blocks
+(``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's cross attention
+(``timm_crossvit``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the other families'
+MLP halves and embeddings are reported as left alone, with the reason. Other timm architectures
+(``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
@@ -166,10 +167,11 @@ except ImportError:
     pass
 
 # VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
-# CaiT's two blocks and MViTv2's (checked by _BLOCK_CHECKS)
+# CaiT's two blocks, MViTv2's and XCiT's XCABlock (checked by _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
     timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
     timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
+    timm_xcit.FusedXCABlock,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -284,10 +286,6 @@ _LEFT_ALONE = {
         "attention", "MViTv2's MultiScaleAttentionPoolFirst (pool_first=True) is left alone: its timm forward "
         "multiplies q by an untransposed k ((B, M, H, D)) and fails for real shapes, so there is no result to "
         "match",
-    ),
-    ("timm.models.xcit", "XCABlock"): (
-        "mlp", "XCiT's XCABlock (a local patch interaction, LPI, between its attention and its MLP) is not fused "
-        "yet: its MLP half runs timm's modules",
     ),
     ("timm.models.xcit", "ClassAttentionBlock"): (
         "mlp", "XCiT's ClassAttentionBlock normalises its residual stream before the MLP and runs the MLP on the "
@@ -421,8 +419,17 @@ def _mvit_block_problems(block: nn.Module) -> list[str]:
     return problems
 
 
+def _xca_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of an XCiT block, x + drop_path2(gamma2 * mlp(norm2(x))) after its
+    attention and local patch interaction, cannot be fused."""
+    names = ("norm1", "attn", "gamma1", "drop_path1", "norm3", "local_mp", "gamma3", "drop_path3", "norm2", "mlp",
+             "gamma2", "drop_path2")  # fmt: skip
+    return missing_attributes(block, names, "timm") or _mlp_half_problems(block)
+
+
 # the blocks of _OTHER_BLOCKS whose MLP half is checked otherwise than _other_block_problems
 _BLOCK_CHECKS = {
+    timm_xcit.FusedXCABlock: _xca_block_problems,
     timm_cait.FusedLayerScaleBlock: _cait_block_problems,
     timm_cait.FusedLayerScaleBlockClassAttn: _cait_block_problems,
     timm_mvit.FusedMultiScaleBlock: _mvit_block_problems,

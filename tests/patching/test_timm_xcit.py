@@ -2,7 +2,8 @@
 ``fastvit.flash_attention`` call over each head's channels (the "sequence" is the C' = 32 channels
 of a head, the "head dim" the N tokens), with q and k L2-normalised over the tokens and q scaled by
 the per-head ``temperature`` (timm's ops); the class-attention blocks' ``ClassAttn`` is CaiT's
-(fused by ``timm_cait``).
+(fused by ``timm_cait``); the XCA blocks' MLP halves (after the attention and the local patch
+interaction) are one ``fastvit.layernorm_mlp`` call each.
 
 Model: ``xcit_nano_12_p16_224`` (dim 128, 4 heads, 16 px patches) shrunk to 2 XCA blocks and 1
 class-attention block, 5 classes, batch 3 (odd), parameters moved off their init. 64 px images
@@ -20,14 +21,22 @@ import pytest
 import torch
 
 import fastvit
-from tests.patching.helpers import assert_matches_by_the_rule, module_types, pair, perturb_, storage_map
+from tests.patching.helpers import (
+    assert_compiles_and_traces,
+    assert_matches_by_the_rule,
+    assert_outputs_and_grads_match,
+    module_types,
+    pair,
+    perturb_,
+    storage_map,
+)
 
 timm = pytest.importorskip("timm")
 from timm.models.cait import ClassAttn  # noqa: E402
 from timm.models.xcit import XCA  # noqa: E402
 
 from fastvit.nn.timm_cait import FusedClassAttn  # noqa: E402
-from fastvit.nn.timm_xcit import FusedXCA  # noqa: E402
+from fastvit.nn.timm_xcit import FusedXCA, FusedXCABlock  # noqa: E402
 
 BATCH, XCA_BLOCKS, CLASS_BLOCKS, HEADS, HEAD_CHANNELS = 3, 2, 1, 4, 32
 
@@ -49,20 +58,22 @@ def _xca_calls(op_calls) -> list[dict]:
 @pytest.mark.parametrize("size", [64, 224])
 def test_xcit_matches_unpatched(size, op_calls):
     reference, patched, report = pair(xcit(img_size=size).eval())
-    assert report.counts() == {"attention": XCA_BLOCKS + CLASS_BLOCKS}
+    assert report.counts() == {"attention": XCA_BLOCKS + CLASS_BLOCKS, "mlp": XCA_BLOCKS}
+    assert [type(b) for b in patched.blocks] == [FusedXCABlock] * XCA_BLOCKS
     assert [type(b.attn) for b in patched.blocks] == [FusedXCA] * XCA_BLOCKS
     assert [type(b.attn) for b in patched.cls_attn_blocks] == [FusedClassAttn] * CLASS_BLOCKS
     assert not [e for e in report.skipped if e.part == "attention"]
     # what is not fused is listed with its reason, block by block (the report said nothing of it)
     skipped = {e.where: (e.part, e.detail) for e in report.skipped}
     assert skipped["(model)"][0] == "patch_embed" and "strided convolutions" in skipped["(model)"][1]
-    for i in range(XCA_BLOCKS):
-        assert skipped[f"blocks.{i}"][0] == "mlp" and "local patch interaction" in skipped[f"blocks.{i}"][1]
     for i in range(CLASS_BLOCKS):
         part, detail = skipped[f"cls_attn_blocks.{i}"]
         assert part == "mlp" and "class token only" in detail
-    assert len(skipped) == 1 + XCA_BLOCKS + CLASS_BLOCKS
+    assert len(skipped) == 1 + CLASS_BLOCKS
     assert_matches_by_the_rule(reference, patched, images(size))
+    # the XCA blocks' MLP halves after the attention and the LPI, gamma2 as the layer scale
+    mlp_calls = op_calls["layernorm_mlp"]
+    assert len(mlp_calls) == XCA_BLOCKS and all(c["kwargs"]["layer_scale"] is not None for c in mlp_calls)
     calls = _xca_calls(op_calls)
     tokens = (size // 16) ** 2
     assert len(calls) == XCA_BLOCKS
@@ -113,3 +124,23 @@ def test_attention_dropout_in_training_runs_timm(op_calls):
     assert any("XCiT XCA" in str(w.message) for w in caught)
     patched.eval()(images(64))
     assert len(_xca_calls(op_calls)) == XCA_BLOCKS
+
+
+def test_training_step_with_drop_path_and_hooks(op_calls, fresh_warnings):
+    """A seeded training step with drop path matches the unpatched model (drop_path2's draw made in
+    timm's place); a hook on a block's mlp.fc1 runs timm's MLP half for that block."""
+    reference, patched, _ = pair(xcit(img_size=64, drop_path_rate=0.3))
+    assert_outputs_and_grads_match(reference.train(), patched.train(), images(64), seed=0, rtol=1e-4, atol=1e-5)
+    assert any(c["kwargs"]["sample_scale"] is not None for c in op_calls["layernorm_mlp"])
+    op_calls["layernorm_mlp"].clear()
+    reference, patched, _ = pair(xcit(img_size=64).eval())
+    for model in (reference, patched):
+        model.blocks[0].mlp.fc1.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on mlp.fc1"):
+        torch.testing.assert_close(patched(images(64)), reference(images(64)), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == XCA_BLOCKS - 1
+
+
+def test_fx_and_torchscript(op_calls, fresh_warnings):
+    reference, patched, _ = pair(xcit(img_size=64).eval())
+    assert_compiles_and_traces(reference, patched, images(64))
