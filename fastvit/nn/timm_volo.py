@@ -94,30 +94,27 @@ class FusedVoloClassAttention(FusedModule, volo.ClassAttention):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, class token query, fastvit={self.fastvit_op}"
 
 
-class FusedVoloOutlooker(PreNormMlpHalf, volo.Outlooker):
+class _VoloPreNormBlock(PreNormMlpHalf):
+    """The forward VOLO's ``Outlooker`` and ``Transformer`` share, ``x + drop_path1(attn(norm1(x)))``
+    as timm's, then the MLP half as one ``fastvit.layernorm_mlp`` call: x (B, H, W, C) -> (B, H, W, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return self._fastvit_mlp_half(x)
+
+
+class FusedVoloOutlooker(_VoloPreNormBlock, volo.Outlooker):
     """timm VOLO ``Outlooker`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same signature,
     ``forward(x)``: x (B, H, W, C) -> (B, H, W, C)); its outlook attention runs timm's."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(x)
-        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
-            return super().forward(x)
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return self._fastvit_mlp_half(x)
 
-
-class FusedVoloTransformer(PreNormMlpHalf, volo.Transformer):
+class FusedVoloTransformer(_VoloPreNormBlock, volo.Transformer):
     """timm VOLO ``Transformer`` block whose MLP half is one ``fastvit.layernorm_mlp`` call (same
     signature, ``forward(x)``: x (B, H, W, C) -> (B, H, W, C)); its attention is fused on its own."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(x)
-        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
-            return super().forward(x)
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return self._fastvit_mlp_half(x)
 
 
 class FusedVoloClassBlock(PreNormMlpHalf, volo.ClassBlock):
