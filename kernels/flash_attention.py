@@ -1855,7 +1855,7 @@ def backward_lse(
     The kernels recompute P = exp2(t - hi) with hi = fl32(fl32(lse) * log2 e) (their fp32 product)
     where the exact row offset is L = lse * log2 e: each row's P is off by the factor
     c = exp2(hi - L), ~|L| 2^-24 from 1, which the tolerance rule counts against fp32 gradients at
-    large logits (|lse| ~ 60-130: dq / dk / dv 1.3-2.1x its budget). For fp32 inputs the forward's
+    large logits (exact scores at |lse| ~ 50-130: dq / dk / dv 1.3-2.1x its budget). For fp32 inputs the forward's
     lse is float64 (``lse_dtype``): c is computed here, and dO's rows are multiplied by it. Every
     pass is then exact in c: dV = P'^T (c dO) = P^T dO; delta' = rowsum(c dO * O) = c delta, so
     dS = P' (dP' - delta') = c P' (dP - delta) = P (dP - delta), whence dQ, dK and dBias; the

@@ -9,12 +9,12 @@ after the softmax, so no single attention call computes it: the timm adapter rep
 skipped.
 
 Both kinds of block, ``LayerScaleBlock`` (talking heads, over every token) and
-``LayerScaleBlockClassAttn`` (the class token's update), run their attention half as timm does
-and their MLP half ``x + drop_path(gamma_2 * mlp(norm2(x)))`` as one ``fastvit.layernorm_mlp``
-call (``gamma_2`` as ``layer_scale``, the drop path as ``sample_scale``; the one ``drop_path``
-module is shared by both halves, as in timm). In training with MLP dropout > 0 the MLP half runs
-timm's modules. See ``fastvit.nn.fused`` for how the swap works. Importing this module imports
-timm.
+``LayerScaleBlockClassAttn`` (the class token's update), run their attention half as timm does and
+their MLP half ``x + drop_path(gamma_2 * mlp(norm2(x)))`` as one ``fastvit.layernorm_mlp`` call
+(``fastvit.nn.timm_mlp.SharedDropPathMlpHalf``: ``gamma_2`` as ``layer_scale``, the drop path as
+``sample_scale``; the one ``drop_path`` module is shared by both halves, as in timm). In training
+with MLP dropout > 0 the MLP half runs timm's modules. See ``fastvit.nn.fused`` for how the swap
+works. Importing this module imports timm.
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAtt
 import fastvit
 from fastvit.nn.attention import merge_heads
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
+from fastvit.nn.timm_mlp import SharedDropPathMlpHalf
 
 __all__ = ["FusedClassAttn", "FusedLayerScaleBlock", "FusedLayerScaleBlockClassAttn", "class_token_attention"]
-
-# the MLP half's bypassed submodules: CaiT's one drop_path in place of drop_path2
-_CAIT_MLP_BYPASSED = (*(name for name in MLP_BYPASSED if name != "drop_path2"), "drop_path")
 
 
 def class_token_attention(
@@ -72,21 +69,7 @@ class FusedClassAttn(FusedModule, ClassAttn):
         return f"heads={self.num_heads}, class token query, fastvit={self.fastvit_op}"
 
 
-class _CaitMlpHalf(FusedGammaMlpHalf):
-    """CaiT's MLP half, ``x + drop_path(gamma_2 * mlp(norm2(x)))``: ``FusedGammaMlpHalf`` with the
-    block's single ``drop_path`` (timm calls it once per branch, each call its own draw)."""
-
-    fastvit_bypassed = _CAIT_MLP_BYPASSED
-
-    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
-
-    def _fastvit_drop_path(self) -> nn.Module:
-        return self.drop_path
-
-
-class FusedLayerScaleBlock(_CaitMlpHalf, LayerScaleBlock):
+class FusedLayerScaleBlock(SharedDropPathMlpHalf, LayerScaleBlock):
     """timm CaiT ``LayerScaleBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same
     signature, ``forward(x)``: x (B, N, C) -> (B, N, C)); its talking-heads attention runs timm's.
 
@@ -104,7 +87,7 @@ class FusedLayerScaleBlock(_CaitMlpHalf, LayerScaleBlock):
         return self._fastvit_mlp_half(x)
 
 
-class FusedLayerScaleBlockClassAttn(_CaitMlpHalf, LayerScaleBlockClassAttn):
+class FusedLayerScaleBlockClassAttn(SharedDropPathMlpHalf, LayerScaleBlockClassAttn):
     """timm CaiT ``LayerScaleBlockClassAttn`` whose MLP half is one ``fastvit.layernorm_mlp`` call
     over the class token (same signature, ``forward(x, x_cls)``: x (B, N, C), x_cls (B, 1, C) ->
     the updated class token (B, 1, C)); its class attention is ``FusedClassAttn`` where fused."""

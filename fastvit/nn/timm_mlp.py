@@ -32,7 +32,8 @@ from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
-    "MLP_BYPASSED", "RMS_NORMS", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "PreNormMlpHalf", "drop_path_scale",
+    "MLP_BYPASSED", "RMS_NORMS", "SHARED_DROP_PATH_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "PreNormMlpHalf",
+    "SharedDropPathMlpHalf", "drop_path_scale",
     "gelu_approximate", "mlp_activation", "mlp_arguments", "norm_arguments",
 ]  # fmt: skip
 
@@ -196,3 +197,29 @@ class PreNormMlpHalf(FusedGammaMlpHalf):
     def _fastvit_layer_scale(self) -> torch.Tensor | None:
         ls2 = getattr(self, "ls2", None)
         return ls2.gamma if isinstance(ls2, LayerScale) else None
+
+
+# the bypassed submodules of a block with one drop_path for both branches (CaiT, ConViT)
+SHARED_DROP_PATH_BYPASSED = (*(name for name in MLP_BYPASSED if name != "drop_path2"), "drop_path")
+
+
+class SharedDropPathMlpHalf(FusedGammaMlpHalf):
+    """The MLP half of timm's blocks with one ``drop_path`` module for both branches (timm calls it
+    in each, each call its own draw): ``x + drop_path([gamma_2 *] mlp(norm2(x)))`` (CaiT, with its
+    ``gamma_2``; ConViT, without: set ``fastvit_gamma = False``)."""
+
+    fastvit_bypassed = SHARED_DROP_PATH_BYPASSED
+    fastvit_gamma = True  # the block scales its MLP branch by gamma_2
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module."""
+        x_mlp = self.mlp(self.norm2(x))
+        if self.fastvit_gamma:
+            x_mlp = self.gamma_2 * x_mlp
+        return x + self.drop_path(x_mlp)
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.gamma_2 if self.fastvit_gamma else None
+
+    def _fastvit_drop_path(self) -> nn.Module:
+        return self.drop_path

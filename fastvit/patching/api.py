@@ -113,8 +113,9 @@ def patch(
       Eva (EVA02, RoPE ViTs, timm's DINOv3), ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the
       Qwen3-VL and DeepSeek towers), the Gemma 4 tower, MaxViT / CoAtNet, DaViT (Florence-2's
       encoders), Twins (SVT, PCPVT), NesT, GCViT (the MLP halves of these four too), Visformer,
-      CrossViT's cross attention, PVTv2, MViTv2, VOLO and CaiT's class attention; the MLP halves of
-      the Swin V1, SAM, HieraDet, Hiera, MaxViT, vit_relpos, CaiT, VOLO, MViTv2 and XCiT blocks;
+      CrossViT's cross attention, PVTv2, MViTv2, VOLO, ConViT's MHSA and CaiT's class attention; the
+      MLP halves of the Swin V1, SAM, HieraDet, Hiera, MaxViT, vit_relpos, CaiT, VOLO, MViTv2, XCiT
+      and ConViT blocks;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,

@@ -15,17 +15,17 @@ Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``), of MaxViT / CoAt
 (``timm_cait``; its TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention
 (``timm_xcit``: the channels attend, the tokens are the head dim; and its XCABlock's MLP half), of
 MViTv2 (pooling attention with its relative position, and its blocks' MLP halves: ``timm_mvit``), of
-VOLO (self- and class attention, and the MLP halves of its three kinds of block: ``timm_volo``) and of
-the attention-pooling head (``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so
-are Eva's embedding and the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or
-``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's
-window and channel attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins'
-grouped and sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local
-attention and layers (``timm_nest``), GCViT's local / global window attention and blocks
-(``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's cross attention
-(``timm_crossvit``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the other families'
-MLP halves and embeddings are reported as left alone, with the reason. Other timm architectures
-(``fastvit_*`` ...) are left alone.
+VOLO (self- and class attention, and the MLP halves of its three kinds of block: ``timm_volo``), of
+ConViT (its MHSA and its blocks' MLP halves: ``timm_convit``) and of the attention-pooling head
+(``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's embedding and
+the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``:
+``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and channel
+attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
+sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
+layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), Visformer's
+attention (``timm_visformer``), CrossViT's cross attention (``timm_crossvit``), and NaFlexVit's
+embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are reported
+as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from timm.layers.format import Format
 
 from fastvit.nn import (
     timm_cait,
+    timm_convit,
     timm_eva,
     timm_hiera,
     timm_maxxvit,
@@ -167,11 +168,11 @@ except ImportError:
     pass
 
 # VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
-# CaiT's two blocks, MViTv2's and XCiT's XCABlock (checked by _BLOCK_CHECKS)
+# CaiT's two blocks, MViTv2's, XCiT's XCABlock and ConViT's (checked by _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
     timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
     timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
-    timm_xcit.FusedXCABlock,
+    timm_xcit.FusedXCABlock, timm_convit.FusedConvitBlock,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -233,6 +234,7 @@ _OTHER_ATTENTIONS = {
                                                  "scale")),
         (fused_table(timm_xcit.FusedXCA), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "temperature")),
         (fused_table(timm_volo.FusedVoloAttention), _QKV),
+        (fused_table(timm_convit.FusedConvitMHSA), _QKV),
         (fused_table(timm_volo.FusedVoloClassAttention), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
                                                           "head_dim", "scale")),
         (fused_table(timm_mvit.FusedMultiScaleAttention), ("qkv", "proj", "num_heads", "scale", "has_cls_token",
@@ -273,6 +275,10 @@ _LEFT_ALONE = {
         "mlp", "Visformer's Block normalises with BatchNorm2d and its MLP is 1x1 convolutions (SpatialMlp), not a "
         "LayerNorm MLP: it runs timm's modules",
     ),
+    ("timm.models.convit", "GPSA"): (
+        "attention", "ConViT's GPSA blends a softmax over relative positions into the content softmax through a "
+        "learned per-head gate, which no single flash_attention call computes: it runs timm's forward",
+    ),
     ("timm.models.volo", "OutlookAttention"): (
         "attention", "VOLO's OutlookAttention mixes each position's k x k neighbourhood with weights predicted from "
         "that position alone (no query-key product, no softmax over keys), which no flash_attention call computes: "
@@ -310,6 +316,7 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
     ("timm.models.cait", "Cait"): _NOT_YET,
     ("timm.models.volo", "VOLO"): _CONV_STEM,
+    ("timm.models.convit", "ConVit"): _NOT_YET,
     ("timm.models.xcit", "Xcit"): _CONV_STEM,
     ("timm.models.pvt_v2", "PyramidVisionTransformerV2"): "patch embedding is an overlapping conv (kernel 7, "
     "stride 4, padding 3) followed by a LayerNorm, not a patchify conv (fastvit.patch_embed): left alone",
@@ -401,9 +408,11 @@ def _other_block_problems(block: nn.Module) -> list[str]:
     return problems or _mlp_half_problems(block)
 
 
-def _cait_block_problems(block: nn.Module) -> list[str]:
-    """Why the MLP half of a CaiT block, x + drop_path(gamma_2 * mlp(norm2(x))), cannot be fused."""
-    problems = missing_attributes(block, ("norm1", "attn", "gamma_1", "drop_path", "norm2", "mlp", "gamma_2"), "timm")
+def _shared_drop_path_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of a block with one drop_path for both branches, x + drop_path([gamma_2 *]
+    mlp(norm2(x))) (CaiT's, with the gammas; ConViT's), cannot be fused."""
+    gammas = ("gamma_1", "gamma_2") if type(block).__module__ == "timm.models.cait" else ()
+    problems = missing_attributes(block, ("norm1", "attn", "drop_path", "norm2", "mlp", *gammas), "timm")
     return problems or _mlp_half_problems(block, "drop_path")
 
 
@@ -430,8 +439,9 @@ def _xca_block_problems(block: nn.Module) -> list[str]:
 # the blocks of _OTHER_BLOCKS whose MLP half is checked otherwise than _other_block_problems
 _BLOCK_CHECKS = {
     timm_xcit.FusedXCABlock: _xca_block_problems,
-    timm_cait.FusedLayerScaleBlock: _cait_block_problems,
-    timm_cait.FusedLayerScaleBlockClassAttn: _cait_block_problems,
+    timm_cait.FusedLayerScaleBlock: _shared_drop_path_problems,
+    timm_cait.FusedLayerScaleBlockClassAttn: _shared_drop_path_problems,
+    timm_convit.FusedConvitBlock: _shared_drop_path_problems,
     timm_mvit.FusedMultiScaleBlock: _mvit_block_problems,
 }
 
