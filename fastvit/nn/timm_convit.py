@@ -18,6 +18,7 @@ import torch
 from timm.models import convit
 
 import fastvit
+from fastvit.nn.attention import merge_heads, split_packed_qkv
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import SharedDropPathMlpHalf
 
@@ -44,13 +45,10 @@ class FusedConvitMHSA(FusedModule, convit.MHSA):
             return self._fastvit_original_forward(x)
         if self._fastvit_unfused("timm ConViT MHSA"):
             return super().forward(x)
-        B, N, C = x.shape
-        # (B, N, 3C) -> (3, B, heads, N, D): views of the projection, unit stride in D
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # (B, N, 3C) -> q, k, v (B, heads, N, D): views of the projection, unit stride in D
+        q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, x.shape[-1] // self.num_heads)
         out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, heads, N, D)
-        x = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, fastvit={self.fastvit_op}"

@@ -25,6 +25,7 @@ import torch
 from timm.models import volo
 
 import fastvit
+from fastvit.nn.attention import merge_heads, split_packed_qkv
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import PreNormMlpHalf
 
@@ -54,12 +55,11 @@ class FusedVoloAttention(FusedModule, volo.Attention):
             return self._fastvit_original_forward(x)
         if self._fastvit_unfused("timm VOLO Attention"):
             return super().forward(x)
-        B, H, W, C = x.shape
-        # (B, H, W, 3C) -> (3, B, heads, H*W, D): views of the projection, unit stride in D
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        _, H, W, C = x.shape
+        # (B, H, W, 3C) -> q, k, v (B, heads, H*W, D): views of the projection, unit stride in D
+        q, k, v = split_packed_qkv(self.qkv(x).flatten(1, 2), self.num_heads, C // self.num_heads)
         out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, heads, H*W, D)
-        x = out.transpose(1, 2).reshape(B, H, W, C)  # a view where the kernels ran (README)
+        x = merge_heads(out).unflatten(1, (H, W))  # a view where the kernels ran (README)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
