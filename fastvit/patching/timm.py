@@ -411,7 +411,7 @@ def _other_block_problems(block: nn.Module) -> list[str]:
 def _shared_drop_path_problems(block: nn.Module) -> list[str]:
     """Why the MLP half of a block with one drop_path for both branches, x + drop_path([gamma_2 *]
     mlp(norm2(x))) (CaiT's, with the gammas; ConViT's), cannot be fused."""
-    gammas = ("gamma_1", "gamma_2") if type(block).__module__ == "timm.models.cait" else ()
+    gammas = ("gamma_1", "gamma_2") if _OTHER_BLOCKS[type(block)].fastvit_gamma else ()  # CaiT's
     problems = missing_attributes(block, ("norm1", "attn", "drop_path", "norm2", "mlp", *gammas), "timm")
     return problems or _mlp_half_problems(block, "drop_path")
 
@@ -483,7 +483,7 @@ def _block_notes(block: nn.Module) -> list[str]:
     p = max(block.mlp.drop1.p, block.mlp.drop2.p)
     if p > 0:
         notes.append(f"MLP dropout {p}: in training its MLP half runs timm's modules")
-    # CaiT's blocks have one drop_path for both halves
+    # CaiT's and ConViT's blocks have one drop_path for both halves
     drop_path = block.drop_path2 if hasattr(block, "drop_path2") else getattr(block, "drop_path", None)
     if isinstance(drop_path, DropPath) and drop_path.drop_prob > 0:
         notes.append(f"drop path {drop_path.drop_prob} as the op's sample_scale")

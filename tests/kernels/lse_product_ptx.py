@@ -83,7 +83,7 @@ def lse_products(ptx: str, lse_param: str) -> dict:
             rows.update(dests)
         elif regs & address and not opcode.startswith("ld."):
             address.update(dests)
-        elif opcode.startswith(("mov", "selp", "cvt")) and regs & rows:
+        elif opcode.startswith(("mov", "selp", "cvt", "neg")) and regs & rows:
             rows.update(dests)
 
     def uses(reg: str) -> list[str]:

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # a canned PTX excerpt: the Lse pointer (parameter 4) and a predicated row load through it; the
 # scale's product (a parameter, not an lse row); an lse product reaching an fma's addend through a
-# neg, one by a register holding log2 e through a select; an fma taking an lse row and log2 e as
-# its factors (fused); one taking another value and log2 e (the scores' side: fine)
+# neg, one by a register holding log2 e through a select; fmas taking an lse row (or its negation)
+# and log2 e as their factors (fused); one taking another value and log2 e (the scores' side: fine)
 _PTX = """
 	ld.param.u64 	%rd1, [k_param_4];
 	ld.param.u64 	%rd2, [k_param_14];
@@ -38,13 +38,15 @@ _PTX = """
 	selp.f32 	%r16, 0f7F800000, %r15, %p2;
 	fma.rn.f32 	%r21, %r83, 0f3FB8AA3B, %r19;
 	fma.rn.f32 	%r22, %r84, %r66, %r16;
+	neg.f32 	%r23, %r83;
+	fma.rn.f32 	%r24, %r23, %r66, %r19;
 """
 
 
 def test_lse_products_reads_canned_ptx():
     found = lse_products(_PTX, "_param_4")
     assert [p["uses"] for p in found["products"]] == [["fma-addend"], ["selp.f32"]]
-    assert found["fused"] == ["fma.rn.f32 %r21, %r83, 0f3FB8AA3B, %r19"]
+    assert found["fused"] == ["fma.rn.f32 %r21, %r83, 0f3FB8AA3B, %r19", "fma.rn.f32 %r24, %r23, %r66, %r19"]
 
 
 @pytest.mark.parametrize("arch", [80, 90])
