@@ -2859,7 +2859,6 @@ def flash_attention_backward(
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     q, k, v, grad_out = (rows_addressable_in_int32(t) for t in (q, k, v, grad_out))
-    lse, grad_out = backward_lse(lse, grad_out)  # fp32 inputs: dO's rows carry lse's rounding
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
@@ -2869,6 +2868,7 @@ def flash_attention_backward(
         zeros = [torch.zeros_like(t) if wanted else None for t, wanted in
                  ((bias, bias_grad), (rel_h, rel_pos_grad), (rel_w, rel_pos_grad))]
         return dq, dk.zero_(), dv.zero_(), *zeros
+    lse, grad_out = backward_lse(lse, grad_out)  # fp32 inputs: dO's rows carry lse's rounding
     pad = head_dim_padded(head_dim)
     bias, rel_h, rel_w = (_tiles_in_int32(t) for t in (bias, rel_h, rel_w))
     arch = arch_of(q.device)
@@ -3294,12 +3294,12 @@ def flash_attention_varlen_backward(
     total, heads, head_dim = q.shape
     total_k = k.shape[0]
     q, k, v, grad_out = (_packed_rows_in_int32(t) for t in (q, k, v, grad_out))
-    lse, grad_out = backward_lse(lse, grad_out, rows_last=False)  # fp32 inputs: dO's rows carry lse's rounding
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     if total == 0 or total_k == 0 or heads == 0:  # no query sees any key: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
+    lse, grad_out = backward_lse(lse, grad_out, rows_last=False)  # fp32 inputs: dO's rows carry lse's rounding
     pad = head_dim_padded(head_dim)
     arch = arch_of(q.device)
     short = short_backward_config(arch, q.dtype, pad, max_seqlen_q, max_seqlen_k, masked=False, varlen=True)

@@ -26,7 +26,7 @@ from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAtt
 import fastvit
 from fastvit.nn.attention import merge_heads
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import SharedDropPathMlpHalf
+from fastvit.nn.timm_mlp import SharedDropPathBlock, SharedDropPathMlpHalf
 
 __all__ = ["FusedClassAttn", "FusedLayerScaleBlock", "FusedLayerScaleBlockClassAttn", "class_token_attention"]
 
@@ -69,22 +69,15 @@ class FusedClassAttn(FusedModule, ClassAttn):
         return f"heads={self.num_heads}, class token query, fastvit={self.fastvit_op}"
 
 
-class FusedLayerScaleBlock(SharedDropPathMlpHalf, LayerScaleBlock):
+class FusedLayerScaleBlock(SharedDropPathBlock, LayerScaleBlock):
     """timm CaiT ``LayerScaleBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same
-    signature, ``forward(x)``: x (B, N, C) -> (B, N, C)); its talking-heads attention runs timm's.
+    signature, ``forward(x)``: x (B, N, C) -> (B, N, C)); its talking-heads attention runs timm's
+    (the forward: ``fastvit.nn.timm_mlp.SharedDropPathBlock``, with ``gamma_1`` and ``gamma_2``).
 
     Example:
         >>> model = timm.create_model("cait_xxs24_224")
         >>> fastvit.patch(model)  # blocks.* -> FusedLayerScaleBlock, blocks_token_only.* -> ...ClassAttn
     """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(x)
-        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
-            return super().forward(x)
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
-        return self._fastvit_mlp_half(x)
 
 
 class FusedLayerScaleBlockClassAttn(SharedDropPathMlpHalf, LayerScaleBlockClassAttn):

@@ -7,7 +7,7 @@ attention call computes: reported, timm's forward), the last ones with ``MHSA``,
 self-attention: one ``fastvit.flash_attention`` call on views of the packed qkv projection. Every
 block's MLP half, ``x + drop_path(mlp(norm2(x)))`` with the block's one ``drop_path`` (timm calls
 it in both halves), is one ``fastvit.layernorm_mlp`` call
-(``fastvit.nn.timm_mlp.SharedDropPathMlpHalf``). Calls in training with attention dropout > 0 (or
+(``fastvit.nn.timm_mlp.SharedDropPathBlock``). Calls in training with attention dropout > 0 (or
 MLP dropout, for the MLP halves) run timm's forward. See ``fastvit.nn.fused`` for how the swap
 works. Importing this module imports timm.
 """
@@ -20,7 +20,7 @@ from timm.models import convit
 import fastvit
 from fastvit.nn.attention import merge_heads, split_packed_qkv
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import SharedDropPathMlpHalf
+from fastvit.nn.timm_mlp import SharedDropPathBlock
 
 __all__ = ["FusedConvitBlock", "FusedConvitMHSA"]
 
@@ -54,17 +54,9 @@ class FusedConvitMHSA(FusedModule, convit.MHSA):
         return f"heads={self.num_heads}, fastvit={self.fastvit_op}"
 
 
-class FusedConvitBlock(SharedDropPathMlpHalf, convit.Block):
+class FusedConvitBlock(SharedDropPathBlock, convit.Block):
     """timm ConViT ``Block`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same signature,
     ``forward(x)``: x (B, N, C) -> (B, N, C)); its attention (GPSA: timm's; MHSA: fused on its own)
-    runs first, as in timm."""
+    runs first, as in timm (the forward: ``fastvit.nn.timm_mlp.SharedDropPathBlock``)."""
 
     fastvit_gamma = False  # no layer scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(x)
-        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
-            return super().forward(x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return self._fastvit_mlp_half(x)

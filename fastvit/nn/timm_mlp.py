@@ -33,7 +33,7 @@ from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "MLP_BYPASSED", "RMS_NORMS", "SHARED_DROP_PATH_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "PreNormMlpHalf",
-    "SharedDropPathMlpHalf", "drop_path_scale",
+    "SharedDropPathBlock", "SharedDropPathMlpHalf", "drop_path_scale",
     "gelu_approximate", "mlp_activation", "mlp_arguments", "norm_arguments",
 ]  # fmt: skip
 
@@ -223,3 +223,20 @@ class SharedDropPathMlpHalf(FusedGammaMlpHalf):
 
     def _fastvit_drop_path(self) -> nn.Module:
         return self.drop_path
+
+
+class SharedDropPathBlock(SharedDropPathMlpHalf):
+    """A whole pre-norm block with one ``drop_path`` for both branches: timm's attention half
+    ``x + drop_path([gamma_1 *] attn(norm1(x)))``, then the fused MLP half (CaiT's
+    ``LayerScaleBlock``, with its gammas; ConViT's ``Block``, ``fastvit_gamma = False``). Same
+    signature as timm's, ``forward(x)``: x (B, N, C) -> (B, N, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x)
+        x_attn = self.attn(self.norm1(x))
+        if self.fastvit_gamma:
+            x_attn = self.gamma_1 * x_attn
+        return self._fastvit_mlp_half(x + self.drop_path(x_attn))

@@ -1,5 +1,5 @@
-"""Fused subclasses of timm's Swin window attentions (``swin_*`` and ``swinv2_*``), swapped onto a
-model by ``fastvit.patch``.
+"""Fused subclasses of timm's Swin window attentions (``swin_*``, ``swinv2_*`` and ``swinv2_cr_*``),
+swapped onto a model by ``fastvit.patch``.
 
 timm's Swin blocks keep their window math: the cyclic shift, the padding to a multiple of the
 window, the window partition and its reverse, and the shifted-window mask (-100 between regions,
@@ -9,7 +9,10 @@ softmax attention becomes one ``fastvit.flash_attention`` call with the relative
 (V1's table, V2's continuous-position-bias MLP, ``16 * sigmoid``) plus the mask as ``attn_mask``,
 so the table (or the CPB MLP) learns through the op's mask gradient. V2's cosine attention is exact
 attention on normalised q pre-scaled by the per-head ``exp(clamp(logit_scale, max=log 100))`` and
-normalised k, with ``scale=1``.
+normalised k, with ``scale=1``. Swin V2-CR's ``WindowMultiHeadAttention`` (``swinv2_cr_*``, timm's
+reimplementation of V2) is the same cosine attention with its own position bias, the
+log-spaced-coordinate ``meta_mlp`` added as it is (no sigmoid), called as a module so that its
+dropout (``drop=(0.125, 0)``, active in training) draws as in timm.
 
 Layout. Without a mask (W-MSA, or a shift the block dropped) q, k, v are views of the packed qkv
 output, (B*nW, H, N, D), and the bias (1, H, N, N) is read through stride 0 for every window. With
@@ -29,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
+from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrWindowAttention
 
 from fastvit.nn.attention import biased_qkv, merge_heads, self_attention, split_packed_qkv
 from fastvit.nn.fused import FusedModule
 
-__all__ = ["FusedSwinV2WindowAttention", "FusedSwinWindowAttention", "windowed_attention"]
+__all__ = ["FusedSwinV2CrWindowAttention", "FusedSwinV2WindowAttention", "FusedSwinWindowAttention", "cosine_qk",
+           "windowed_attention"]
 
 
 def windowed_attention(
@@ -68,6 +73,19 @@ def windowed_attention(
     out = self_attention(q, k, v, scale=scale, attn_mask=window_bias)  # (B, nW*H, N, D), (B, N, nW*H, D) in memory
     out = out.transpose(1, 2).reshape(-1, tokens, num_windows, heads * head_dim)  # (B, N, nW, H*D), a view
     return out.transpose(1, 2).reshape(windows, tokens, heads * head_dim)  # (B*nW, N, H*D)
+
+
+def cosine_qk(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swin V2's cosine attention as exact attention with ``scale=1``: q and k (B*nW, H, N, D)
+    L2-normalised over D, q times the per-head ``exp(clamp(logit_scale, max=log 100))``
+    (``logit_scale`` H elements, any shape). Returns the new q and k (B*nW, H, N, D).
+
+    Example:
+        >>> q, k = cosine_qk(q, k, attn.logit_scale)
+        >>> out = windowed_attention(q, k, v, bias, mask, 1.0)
+    """
+    scale = torch.clamp(logit_scale.reshape(-1, 1, 1), max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)
+    return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
 
 
 class FusedSwinWindowAttention(FusedModule, SwinWindowAttention):
@@ -124,14 +142,48 @@ class FusedSwinV2WindowAttention(FusedModule, SwinV2WindowAttention):
         qkv = biased_qkv(x, self.qkv, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
         q, k, v = split_packed_qkv(qkv, self.num_heads, head_dim)  # (B*nW, H, N, D) views
-        logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)
-        q = F.normalize(q, dim=-1) * logit_scale
-        k = F.normalize(k, dim=-1)
+        q, k = cosine_qk(q, k, self.logit_scale)
         x = windowed_attention(q, k, v, self._fastvit_bias(), mask, 1.0)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, heads={self.num_heads}, window={tuple(self.window_size)}, cosine, "
+            f"fastvit={self.fastvit_op}"
+        )
+
+
+class FusedSwinV2CrWindowAttention(FusedModule, SwinV2CrWindowAttention):
+    """timm Swin V2-CR ``WindowMultiHeadAttention``: cosine attention as one
+    ``fastvit.flash_attention`` call on normalised q times the per-head logit scale and normalised
+    k (``scale=1``), with the meta-network position bias (``_relative_positional_encodings()``,
+    (1, H, N, N)) and the block's shifted-window mask as ``attn_mask``.
+
+    Same signature, ``forward(x, mask=None)``: x (B*nW, N, C), mask (nW, N, N) or None. The
+    ``meta_mlp`` runs as a module (its dropout draws in training as in timm) and learns through the
+    op's mask gradient. Calls in training with attention dropout > 0 run timm's forward.
+
+    Example:
+        >>> model = timm.create_model("swinv2_cr_tiny_224")
+        >>> fastvit.patch(model)  # stages.*.blocks.*.attn -> FusedSwinV2CrWindowAttention
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("attn_drop",)  # the op replaces timm's softmax and attention dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, mask=mask)
+        if self._fastvit_unfused("timm Swin V2-CR WindowMultiHeadAttention"):
+            return super().forward(x, mask=mask)
+        q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, x.shape[-1] // self.num_heads)  # (B*nW, H, N, D)
+        q, k = cosine_qk(q, k, self.logit_scale)
+        x = windowed_attention(q, k, v, self._relative_positional_encodings(), mask, 1.0)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.in_features}, heads={self.num_heads}, window={tuple(self.window_size)}, cosine, "
             f"fastvit={self.fastvit_op}"
         )

@@ -5,28 +5,28 @@ That covers vit_* (register tokens, ``qk_norm``, ``no_embed_class``, ``class_tok
 ``dynamic_img_size``), deit_* (distilled too), deit3_* (LayerScale) and the other timm models built from
 the same blocks. The attention of the relative-position-bias families (BEiT / BEiTv2,
 ``VisionTransformerRelPos``, TinyViT, LeViT: ``fastvit.nn.timm_relpos``), of Swin V1 / V2
-(``WindowAttention``: ``timm_swin``), of SAM / ViTDet (windowed and global: ``timm_sam``) and of Hiera
-(mask-unit and global: ``timm_hiera``), of Eva (EVA02, RoPE ViTs, timm's DINOv3: ``timm_eva``, RoPE as
-timm computes it; and timm's ``AttentionRope`` of vit_pe_*, NaFlexVit's RoPE and the Qwen3-VL / DeepSeek
-towers: ``timm_rope``), of SAM 2's HieraDet (windowed and global, q pooling: ``timm_hieradet``), of the
-Gemma 4 tower (its 2-D RoPE and padding mask: ``timm_gemma4``), of MaxViT / CoAtNet (``AttentionCl``,
-``Attention2d``, their relative-position bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2
-(spatial-reduction attention: ``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves
-(``timm_cait``; its TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention
-(``timm_xcit``: the channels attend, the tokens are the head dim; and its XCABlock's MLP half), of
-MViTv2 (pooling attention with its relative position, and its blocks' MLP halves: ``timm_mvit``), of
-VOLO (self- and class attention, and the MLP halves of its three kinds of block: ``timm_volo``), of
-ConViT (its MHSA and its blocks' MLP halves: ``timm_convit``) and of the attention-pooling head
-(``AttentionPoolLatent``, the 'map' pool: ``timm_pool``) is fused too, and so are Eva's embedding and
-the MLP halves of ``EvaBlock`` and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``:
-``timm_mlp``) and of the DeepSeek tower's block (``timm_deepseek``), DaViT's window and channel
-attentions and its blocks' MLP halves (Florence-2's encoders: ``timm_davit``), Twins' grouped and
-sub-sampled attentions and its blocks' MLP halves (``timm_twins``), NesT's block-local attention and
-layers (``timm_nest``), GCViT's local / global window attention and blocks (``timm_gcvit``), Visformer's
-attention (``timm_visformer``), CrossViT's cross attention (``timm_crossvit``), and NaFlexVit's
-embedding and padding mask (``timm_naflex``); the other families' MLP halves and embeddings are reported
-as left alone, with the reason. Other timm architectures (``fastvit_*`` ...) are left alone.
-"""
+(``WindowAttention``, and V2-CR's ``WindowMultiHeadAttention``: ``timm_swin``), of SAM / ViTDet
+(windowed and global: ``timm_sam``) and of Hiera (mask-unit and global: ``timm_hiera``), of Eva (EVA02,
+RoPE ViTs, timm's DINOv3: ``timm_eva``, RoPE as timm computes it; and timm's ``AttentionRope`` of
+vit_pe_*, NaFlexVit's RoPE and the Qwen3-VL / DeepSeek towers: ``timm_rope``), of SAM 2's HieraDet
+(windowed and global, q pooling: ``timm_hieradet``), of the Gemma 4 tower (its 2-D RoPE and padding
+mask: ``timm_gemma4``), of MaxViT / CoAtNet (``AttentionCl``, ``Attention2d``, their relative-position
+bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction attention:
+``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves (``timm_cait``; its
+TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention (``timm_xcit``: the
+channels attend, the tokens are the head dim; and its XCABlock's MLP half), of MViTv2 (pooling attention
+with its relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and class
+attention, and the MLP halves of its three kinds of block: ``timm_volo``), of ConViT (its MHSA and its
+blocks' MLP halves: ``timm_convit``) and of the attention-pooling head (``AttentionPoolLatent``, the
+'map' pool: ``timm_pool``) is fused too, and so are Eva's embedding and the MLP halves of ``EvaBlock``
+and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek
+tower's block (``timm_deepseek``), DaViT's window and channel attentions and its blocks' MLP halves
+(Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
+halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
+window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
+cross attention (``timm_crossvit``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
+other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
+architectures (``fastvit_*`` ...) are left alone."""
 
 from __future__ import annotations
 
@@ -217,6 +217,9 @@ _OTHER_ATTENTIONS = {
         (fused_table(timm_swin.FusedSwinV2WindowAttention), (*_QKV[:-1], "softmax", "logit_scale", "cpb_mlp",
                                                              "q_bias", "k_bias", "v_bias", "qkv_bias_separate",
                                                              "relative_coords_table", "relative_position_index")),
+        (fused_table(timm_swin.FusedSwinV2CrWindowAttention), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                               "logit_scale", "meta_mlp", "window_size",
+                                                               "_relative_positional_encodings")),
         (fused_table(timm_sam.FusedSamAttention), (*_QKV, "head_dim", "q_norm", "k_norm", "use_rel_pos", "rope")),
         (
             fused_table(timm_hiera.FusedMaskUnitAttention),
@@ -262,6 +265,10 @@ _LEFT_ALONE = {
     ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): (
         "mlp", "Swin V2's block normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
         "x + mlp(layer_norm(x))",
+    ),
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"): (
+        "mlp", "Swin V2-CR's block normalises after its MLP (x + drop_path2(norm2(mlp(x)))); fastvit.layernorm_mlp "
+        "computes x + mlp(layer_norm(x))",
     ),
     ("timm.models.tiny_vit", "TinyVitBlock"): (
         "mlp", "TinyVitBlock (a depthwise local conv between its attention and its NormMlp) is not fused yet: its "
@@ -310,6 +317,7 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.vision_transformer_relpos", "VisionTransformerRelPos"): _NOT_YET,
     ("timm.models.swin_transformer", "SwinTransformer"): _NOT_YET,
     ("timm.models.swin_transformer_v2", "SwinTransformerV2"): _NOT_YET,
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr"): _NOT_YET,
     ("timm.models.vision_transformer_sam", "VisionTransformerSAM"): _NOT_YET,
     ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
     ("timm.models.levit", "Levit"): _CONV_STEM,
