@@ -20,6 +20,7 @@ original class (``_fastvit_overridden``).
 
 from __future__ import annotations
 
+import inspect
 import types
 import weakref
 from typing import ClassVar
@@ -104,6 +105,10 @@ class FusedModule:
             return  # a mixin the fused classes share
         cls._fastvit_original_class = original
         cls._fastvit_methods = _method_snapshot(cls, original)
+        # TorchScript types a module's attributes from its class's own annotations (timm's
+        # ``attention_bias_cache: Dict[str, Tensor]``, ``fused_attn: Final[bool]``), which a
+        # subclass does not inherit: without them an empty dict attribute does not script
+        cls.__annotations__ = {**inspect.get_annotations(original), **inspect.get_annotations(cls)}
         for name in _SCRIPTED_METHODS:
             method = getattr(original, name, None)
             if callable(method):

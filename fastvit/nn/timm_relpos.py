@@ -48,6 +48,7 @@ __all__ = [
     "FusedRelPosAttention",
     "FusedTinyVitAttention",
     "biased_attention",
+    "per_head_biased_attention",
 ]
 
 
@@ -85,6 +86,23 @@ def biased_attention(
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops on the padded ones
     out = self_attention(q, k, v, scale=scale, attn_mask=bias)
     return out if val_dim >= key_dim else out[..., :val_dim]
+
+
+def per_head_biased_attention(
+    qkv: torch.Tensor, num_heads: int, key_dim: int, val_dim: int, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``biased_attention`` on a projection laid out per head as [q; k; v] (TinyViT's, LeViT's and
+    EfficientFormer's ``qkv``): (B, N, H * (2 Dk + Dv)) -> (B, N, H * Dv), the heads merged.
+
+    q, k and v are views of ``qkv`` (B, H, N, D), except where ``biased_attention`` pads them.
+
+    Example:
+        >>> out = attn.proj(per_head_biased_attention(attn.qkv(x), attn.num_heads, attn.key_dim,
+        ...                                           attn.val_dim, attn.get_attention_biases(x.device), attn.scale))
+    """
+    q, k, v = qkv.unflatten(-1, (num_heads, -1)).split([key_dim, key_dim, val_dim], dim=3)  # (B, N, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
+    return merge_heads(biased_attention(q, k, v, bias, scale, key_dim=key_dim, val_dim=val_dim))
 
 
 class FusedBeitAttention(FusedModule, BeitAttention):
@@ -172,11 +190,9 @@ class FusedTinyVitAttention(FusedModule, TinyVitAttention):
         if not self._fastvit_intact():
             return super().forward(x)
         bias = self.get_attention_biases(x.device)  # (H, N, N)
-        qkv = self.qkv(self.norm(x)).unflatten(-1, (self.num_heads, -1))  # (B, N, H, 2*Dk + Dv)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
-        out = biased_attention(q, k, v, bias, self.scale, key_dim=self.key_dim, val_dim=self.val_dim)
-        return self.proj(merge_heads(out))  # (B, N, H*Dv) -> (B, N, C)
+        out = per_head_biased_attention(self.qkv(self.norm(x)), self.num_heads, self.key_dim, self.val_dim, bias,
+                                        self.scale)  # fmt: skip
+        return self.proj(out)  # (B, N, H*Dv) -> (B, N, C)
 
     def extra_repr(self) -> str:
         return (
@@ -201,18 +217,15 @@ class FusedLevitAttention(FusedModule, LevitAttention):
         if not self._fastvit_intact():
             return super().forward(x)
         bias = self.get_attention_biases(x.device)  # (H, N, N)
-        dims, head_dims = [self.key_dim, self.key_dim, self.val_dim], {"key_dim": self.key_dim, "val_dim": self.val_dim}
         if self.use_conv:  # (B, C, H, W): channels (heads, 2*Dk + Dv) by N = H*W
             qkv = self.qkv(x).flatten(2).unflatten(1, (self.num_heads, -1))  # (B, heads, 2*Dk + Dv, N)
-            q, k, v = qkv.split(dims, dim=2)
+            q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=2)
             q, k, v = q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1)  # (B, heads, N, D)
-            out = biased_attention(q, k, v, bias, self.scale, contiguous=True, **head_dims)
+            out = biased_attention(q, k, v, bias, self.scale, key_dim=self.key_dim, val_dim=self.val_dim,
+                                   contiguous=True)  # fmt: skip
             x = out.transpose(-2, -1).reshape(x.shape[0], -1, x.shape[2], x.shape[3])  # (B, heads*Dv, H, W)
-        else:  # (B, N, C)
-            qkv = self.qkv(x).unflatten(-1, (self.num_heads, -1))  # (B, N, heads, 2*Dk + Dv)
-            q, k, v = qkv.split(dims, dim=3)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, D) views
-            x = merge_heads(biased_attention(q, k, v, bias, self.scale, **head_dims))  # (B, N, heads*Dv)
+        else:  # (B, N, C) -> (B, N, heads*Dv)
+            x = per_head_biased_attention(self.qkv(x), self.num_heads, self.key_dim, self.val_dim, bias, self.scale)
         return self.proj(x)
 
     def extra_repr(self) -> str:
@@ -239,19 +252,21 @@ class FusedLevitAttentionDownsample(FusedModule, LevitAttentionDownsample):
         if not self._fastvit_intact():
             return super().forward(x)
         bias = self.get_attention_biases(x.device)  # (H, N, M)
-        dims, head_dims = [self.key_dim, self.val_dim], {"key_dim": self.key_dim, "val_dim": self.val_dim}
+        dims = [self.key_dim, self.val_dim]
         if self.use_conv:  # (B, C, H, W)
             k, v = self.kv(x).flatten(2).unflatten(1, (self.num_heads, -1)).split(dims, dim=2)  # (B, heads, D, M)
             q = self.q(x).flatten(2).unflatten(1, (self.num_heads, self.key_dim))  # (B, heads, Dk, N)
             q, k, v = q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1)  # (B, heads, N|M, D)
-            out = biased_attention(q, k, v, bias, self.scale, contiguous=True, **head_dims)
+            out = biased_attention(q, k, v, bias, self.scale, key_dim=self.key_dim, val_dim=self.val_dim,
+                                   contiguous=True)  # fmt: skip
             rows, cols = (x.shape[2] - 1) // self.stride + 1, (x.shape[3] - 1) // self.stride + 1
             x = out.transpose(-2, -1).reshape(x.shape[0], self.val_attn_dim, rows, cols)
         else:  # (B, M, C)
             k, v = self.kv(x).unflatten(-1, (self.num_heads, -1)).split(dims, dim=3)  # (B, M, heads, D)
             q = self.q(x).unflatten(-1, (self.num_heads, self.key_dim))  # (B, N, heads, Dk)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N|M, D) views
-            x = merge_heads(biased_attention(q, k, v, bias, self.scale, **head_dims))  # (B, N, heads*Dv)
+            out = biased_attention(q, k, v, bias, self.scale, key_dim=self.key_dim, val_dim=self.val_dim)
+            x = merge_heads(out)  # (B, N, heads*Dv)
         return self.proj(x)
 
     def extra_repr(self) -> str:

@@ -38,6 +38,7 @@ from timm.layers.format import Format
 from fastvit.nn import (
     timm_cait,
     timm_convit,
+    timm_efficientformer,
     timm_eva,
     timm_hiera,
     timm_maxxvit,
@@ -168,11 +169,12 @@ except ImportError:
     pass
 
 # VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
-# CaiT's two blocks, MViTv2's, XCiT's XCABlock and ConViT's (checked by _BLOCK_CHECKS)
+# CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's and EfficientFormer's MetaBlock1d (checked by
+# _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
     timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
     timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
-    timm_xcit.FusedXCABlock, timm_convit.FusedConvitBlock,
+    timm_xcit.FusedXCABlock, timm_convit.FusedConvitBlock, timm_efficientformer.FusedMetaBlock1d,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -245,6 +247,7 @@ _OTHER_ATTENTIONS = {
                                                            "norm_v", "rel_pos_type", "residual_pooling")),
         (fused_table(timm_relpos.FusedTinyVitAttention), (*_BIASED, "qkv", "norm")),
         (fused_table(timm_relpos.FusedLevitAttention), (*_BIASED, "qkv", "use_conv")),
+        (fused_table(timm_efficientformer.FusedEfficientFormerAttention), (*_BIASED, "qkv")),
         (fused_table(timm_relpos.FusedLevitAttentionDownsample), (*_BIASED, "q", "kv", "use_conv", "stride",
                                                                   "val_attn_dim")),
         (fused_table(timm_maxxvit.FusedAttentionCl, timm_maxxvit.FusedAttention2d), _MAXXVIT),
@@ -305,6 +308,10 @@ _LEFT_ALONE = {
         "class token only (x + drop_path(cat(gamma2 * mlp(norm2(x)[:, :1]), norm2(x)[:, 1:]))); "
         "fastvit.layernorm_mlp computes x + mlp(layer_norm(x)) over every token: it runs timm's modules",
     ),
+    ("timm.models.efficientformer", "MetaBlock2d"): (
+        "mlp", "EfficientFormer's MetaBlock2d mixes its (B, C, H, W) map by pooling and its MLP is 1x1 convolutions "
+        "with BatchNorm (ConvMlpWithNorm), not a LayerNorm MLP: it runs timm's modules",
+    ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
         "modules",
@@ -322,6 +329,7 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
+    ("timm.models.efficientformer", "EfficientFormer"): _CONV_STEM,
     ("timm.models.cait", "Cait"): _NOT_YET,
     ("timm.models.volo", "VOLO"): _CONV_STEM,
     ("timm.models.convit", "ConVit"): _NOT_YET,
@@ -444,6 +452,16 @@ def _xca_block_problems(block: nn.Module) -> list[str]:
     return missing_attributes(block, names, "timm") or _mlp_half_problems(block)
 
 
+def _metablock1d_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of an EfficientFormer MetaBlock1d, x + drop_path2(ls2(mlp(norm2(x)))) after
+    its attention half x + drop_path1(ls1(token_mixer(norm1(x)))), cannot be fused."""
+    names = ("norm1", "token_mixer", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    problems = missing_attributes(block, names, "timm")
+    if not problems:
+        problems += exact_type(block.ls2, "ls2", (nn.Identity, LayerScale), "LayerScale")
+    return problems or _mlp_half_problems(block)
+
+
 # the blocks of _OTHER_BLOCKS whose MLP half is checked otherwise than _other_block_problems
 _BLOCK_CHECKS = {
     timm_xcit.FusedXCABlock: _xca_block_problems,
@@ -451,6 +469,7 @@ _BLOCK_CHECKS = {
     timm_cait.FusedLayerScaleBlockClassAttn: _shared_drop_path_problems,
     timm_convit.FusedConvitBlock: _shared_drop_path_problems,
     timm_mvit.FusedMultiScaleBlock: _mvit_block_problems,
+    timm_efficientformer.FusedMetaBlock1d: _metablock1d_problems,
 }
 
 
