@@ -28,7 +28,35 @@ import fastvit
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, FusedGammaMlpHalf
 
-__all__ = ["FusedXCA", "FusedXCABlock"]
+__all__ = ["FusedXCA", "FusedXCABlock", "cross_covariance_attention"]
+
+
+def cross_covariance_attention(qkv: torch.Tensor, num_heads: int, temperature: torch.Tensor) -> torch.Tensor:
+    """XCiT's cross-covariance attention (also EdgeNeXt's) from its packed projection: the channels
+    of each head attend, the tokens are the head dim.
+
+    Args:
+        qkv: (B, N, 3C), the ``qkv`` Linear's output, laid out [q; k; v], each head-major.
+        num_heads: H (C / H channels per head).
+        temperature: (H, 1, 1) per-head temperature, multiplying the normalised q.
+
+    Returns:
+        (B, N, C): each head's (C', C') softmax weights applied to its value channels, as timm's
+        ``x.permute(0, 3, 1, 2).reshape(B, N, C)``, before the output projection.
+
+    Example:
+        >>> x = attn.proj(cross_covariance_attention(attn.qkv(x), attn.num_heads, attn.temperature))
+    """
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    # (B, N, 3C) -> (3, B, H, C', N), the token axis last as in timm, copied once so that the op
+    # reads its "head dim" (the tokens) with a unit stride (their stride in the projection is 3C)
+    qkv = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 4, 1)
+    q, k, v = qkv.contiguous().unbind(0)
+    q = F.normalize(q, dim=-1) * temperature  # over the tokens, then the per-head temperature
+    k = F.normalize(k, dim=-1)
+    out = fastvit.flash_attention(q, k, v, scale=1.0)  # (B, H, C', N)
+    return out.permute(0, 3, 1, 2).reshape(B, N, C)
 
 
 class FusedXCA(FusedModule, XCA):
@@ -46,15 +74,7 @@ class FusedXCA(FusedModule, XCA):
             return self._fastvit_original_forward(x)
         if self._fastvit_unfused("timm XCiT XCA", sdpa_dropout=False):
             return super().forward(x)
-        B, N, C = x.shape
-        # (B, N, 3C) -> (3, B, H, C', N), the token axis last as in timm, copied once so that the op
-        # reads its "head dim" (the tokens) with a unit stride (their stride in the projection is 3C)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
-        q, k, v = qkv.contiguous().unbind(0)
-        q = F.normalize(q, dim=-1) * self.temperature  # (H, 1, 1) per-head temperature
-        k = F.normalize(k, dim=-1)
-        out = fastvit.flash_attention(q, k, v, scale=1.0)  # (B, H, C', N)
-        x = out.permute(0, 3, 1, 2).reshape(B, N, C)
+        x = cross_covariance_attention(self.qkv(x), self.num_heads, self.temperature)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:

@@ -14,10 +14,12 @@ mask: ``timm_gemma4``), of MaxViT / CoAtNet (``AttentionCl``, ``Attention2d``, t
 bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction attention:
 ``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves (``timm_cait``; its
 TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention (``timm_xcit``: the
-channels attend, the tokens are the head dim; and its XCABlock's MLP half), of MViTv2 (pooling attention
-with its relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and class
-attention, and the MLP halves of its three kinds of block: ``timm_volo``), of ConViT (its MHSA and its
-blocks' MLP halves: ``timm_convit``) and of the attention-pooling head (``AttentionPoolLatent``, the
+channels attend, the tokens are the head dim; and its XCABlock's MLP half; EdgeNeXt's, the same
+attention: ``timm_edgenext``), of Next-ViT's spatial-reduction attention (``timm_nextvit``), of
+EfficientFormer's attention and MetaBlock1d MLP halves (``timm_efficientformer``), of MViTv2 (pooling
+attention with its relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and
+class attention, and the MLP halves of its three kinds of block: ``timm_volo``), of ConViT (its MHSA and
+its blocks' MLP halves: ``timm_convit``) and of the attention-pooling head (``AttentionPoolLatent``, the
 'map' pool: ``timm_pool``) is fused too, and so are Eva's embedding and the MLP halves of ``EvaBlock``
 and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek
 tower's block (``timm_deepseek``), DaViT's window and channel attentions and its blocks' MLP halves
@@ -38,12 +40,14 @@ from timm.layers.format import Format
 from fastvit.nn import (
     timm_cait,
     timm_convit,
+    timm_edgenext,
     timm_efficientformer,
     timm_eva,
     timm_hiera,
     timm_maxxvit,
     timm_mlp,
     timm_mvit,
+    timm_nextvit,
     timm_pool,
     timm_pvt,
     timm_relpos,
@@ -238,6 +242,10 @@ _OTHER_ATTENTIONS = {
         (fused_table(timm_cait.FusedClassAttn), ("q", "k", "v", "attn_drop", "proj", "proj_drop", "num_heads",
                                                  "scale")),
         (fused_table(timm_xcit.FusedXCA), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "temperature")),
+        (fused_table(timm_edgenext.FusedCrossCovarianceAttn), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                               "temperature")),
+        (fused_table(timm_nextvit.FusedEfficientAttention), ("q", "k", "v", "attn_drop", "proj", "proj_drop",
+                                                             "num_heads", "head_dim", "scale", "sr", "norm")),
         (fused_table(timm_volo.FusedVoloAttention), _QKV),
         (fused_table(timm_convit.FusedConvitMHSA), _QKV),
         (fused_table(timm_volo.FusedVoloClassAttention), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
@@ -312,6 +320,15 @@ _LEFT_ALONE = {
         "mlp", "EfficientFormer's MetaBlock2d mixes its (B, C, H, W) map by pooling and its MLP is 1x1 convolutions "
         "with BatchNorm (ConvMlpWithNorm), not a LayerNorm MLP: it runs timm's modules",
     ),
+    ("timm.models.nextvit", "NextTransformerBlock"): (
+        "mlp", "Next-ViT's NextTransformerBlock normalises with BatchNorm2d and its MLP is 1x1 convolutions (ConvMlp), "
+        "not a LayerNorm MLP: it runs timm's modules",
+    ),
+    ("timm.models.edgenext", "SplitTransposeBlock"): (
+        "mlp", "EdgeNeXt's SplitTransposeBlock adds its MLP branch to the block's input (taken before its split "
+        "depthwise convs and its attention), not to the tensor the MLP normalises; fastvit.layernorm_mlp computes "
+        "x + mlp(layer_norm(x)): it runs timm's modules",
+    ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
         "modules",
@@ -330,6 +347,9 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
     ("timm.models.efficientformer", "EfficientFormer"): _CONV_STEM,
+    ("timm.models.nextvit", "NextViT"): _CONV_STEM,
+    ("timm.models.edgenext", "EdgeNeXt"): "stem is a conv over a (B, C, H, W) map followed by a LayerNorm2d, "
+    "feeding conv stages, not a ViT's token embedding (fastvit.patch_embed): left alone",
     ("timm.models.cait", "Cait"): _NOT_YET,
     ("timm.models.volo", "VOLO"): _CONV_STEM,
     ("timm.models.convit", "ConVit"): _NOT_YET,
