@@ -16,7 +16,8 @@ bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction 
 TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention (``timm_xcit``: the
 channels attend, the tokens are the head dim; and its XCABlock's MLP half; EdgeNeXt's, the same
 attention: ``timm_edgenext``), of Next-ViT's spatial-reduction attention (``timm_nextvit``), of
-EfficientFormer's attention and MetaBlock1d MLP halves (``timm_efficientformer``), of MViTv2 (pooling
+EfficientFormer's attention and MetaBlock1d MLP halves (``timm_efficientformer``), of the last-stage
+attention of Apple's FastViT (``fastvit_sa*``, ``fastvit_mci*``: ``timm_fastvit``), of MViTv2 (pooling
 attention with its relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and
 class attention, and the MLP halves of its three kinds of block: ``timm_volo``), of ConViT (its MHSA and
 its blocks' MLP halves: ``timm_convit``) and of the attention-pooling head (``AttentionPoolLatent``, the
@@ -28,7 +29,7 @@ halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``)
 window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
 cross attention (``timm_crossvit``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
 other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
-architectures (``fastvit_*`` ...) are left alone."""
+architectures are left alone."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from fastvit.nn import (
     timm_edgenext,
     timm_efficientformer,
     timm_eva,
+    timm_fastvit,
     timm_hiera,
     timm_maxxvit,
     timm_mlp,
@@ -246,6 +248,8 @@ _OTHER_ATTENTIONS = {
                                                                "temperature")),
         (fused_table(timm_nextvit.FusedEfficientAttention), ("q", "k", "v", "attn_drop", "proj", "proj_drop",
                                                              "num_heads", "head_dim", "scale", "sr", "norm")),
+        (fused_table(timm_fastvit.FusedAppleFastVitAttention), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                                "head_dim", "scale")),
         (fused_table(timm_volo.FusedVoloAttention), _QKV),
         (fused_table(timm_convit.FusedConvitMHSA), _QKV),
         (fused_table(timm_volo.FusedVoloClassAttention), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
@@ -629,7 +633,9 @@ def find(model: nn.Module) -> list[Finding]:
                                  "fastvit fuses: it runs timm's attention"))  # fmt: skip
         elif cls.__module__ == "timm.models.fastvit" and not path:
             findings.append(
-                Skip(path, "model", "timm's fastvit_* models are Apple's FastViT, a different architecture "
-                     "(no ViT attention, MLP or patch-embed modules): left alone")
+                Skip(path, "model", "timm's fastvit_* models are Apple's FastViT, a different architecture: its "
+                     "conv stem, RepMixer blocks and BatchNorm conv MLPs are no ViT patch-embed or MLP modules and "
+                     "are left alone (the attention of its last stage, in the fastvit_sa* / ma* / mci* models, is "
+                     "fused)")
             )  # fmt: skip
     return findings
