@@ -143,6 +143,10 @@ class FusedGammaMlpHalf(FusedModule):
         """The MLP branch's drop path (CaiT's blocks share one between both branches)."""
         return self.drop_path2
 
+    def _fastvit_norm(self) -> nn.Module:
+        """The norm before the MLP (TinyViT's sits inside its ``NormMlp``)."""
+        return self.norm2
+
     def _fastvit_mlp_half(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): the block's MLP half, fused."""
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
@@ -155,7 +159,7 @@ class FusedGammaMlpHalf(FusedModule):
     def _fastvit_fused_half(self, x: torch.Tensor) -> torch.Tensor:
         """``_fastvit_mlp_half`` in eager mode (apart from its TorchScript branch: TorchScript parses
         a method whole, and cannot parse the ``**`` of this one)."""
-        mlp, norm = self.mlp, self.norm2
+        mlp, norm = self.mlp, self._fastvit_norm()
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(x)
         if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
@@ -172,7 +176,7 @@ class FusedGammaMlpHalf(FusedModule):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        kind, norm = type(self.mlp).__name__, self.norm2
+        kind, norm = type(self.mlp).__name__, self._fastvit_norm()
         rms = ", norm=rms" if isinstance(norm, RMS_NORMS) else ""
         eps = norm_arguments(norm)["eps"]  # what the op uses (nn.RMSNorm's None: float32's eps)
         return f"dim={norm.normalized_shape[0]}, eps={eps}{rms}, mlp={kind}, fastvit={self.fastvit_op}"

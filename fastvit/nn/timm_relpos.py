@@ -19,8 +19,11 @@ Parameters at call time, the table (or MLP) learns through the op's mask gradien
 views into the qkv output (no copies), except LeViT's padded q and k (and its conv layout's
 transposed views, copied to a unit stride). See ``fastvit.nn.fused`` for how the swap works.
 
-BEiT's ``Block`` also gets its MLP half, ``x + drop_path2(gamma_2 * mlp(norm2(x)))`` with timm's
-``Mlp`` or ``SwiGLU``, as one ``fastvit.layernorm_mlp`` call (shared with Eva: ``fastvit.nn.timm_mlp``).
+TinyViT's ``TinyVitBlock`` gets its MLP half, ``x + drop_path2(mlp(x))`` with the LayerNorm inside
+timm's ``NormMlp``, as one ``fastvit.layernorm_mlp`` call (its window partition, padding and
+depthwise local conv run as timm's). BEiT's ``Block`` also gets its MLP half, ``x +
+drop_path2(gamma_2 * mlp(norm2(x)))`` with timm's ``Mlp`` or ``SwiGLU``, as one
+``fastvit.layernorm_mlp`` call (shared with Eva: ``fastvit.nn.timm_mlp``).
 Importing this module imports timm.
 """
 
@@ -33,6 +36,7 @@ from timm.models.beit import Block as BeitBlock
 from timm.models.levit import Attention as LevitAttention
 from timm.models.levit import AttentionDownsample as LevitAttentionDownsample
 from timm.models.tiny_vit import Attention as TinyVitAttention
+from timm.models.tiny_vit import TinyVitBlock
 from timm.models.vision_transformer_relpos import RelPosAttention
 
 from fastvit.nn.attention import biased_qkv, merge_heads, self_attention, split_packed_qkv
@@ -47,6 +51,7 @@ __all__ = [
     "FusedLevitAttentionDownsample",
     "FusedRelPosAttention",
     "FusedTinyVitAttention",
+    "FusedTinyVitBlock",
     "biased_attention",
     "per_head_biased_attention",
 ]
@@ -302,3 +307,57 @@ class FusedBeitSwiGLUBlock(_BeitBlockForward, BeitBlock):
     """timm BEiT ``Block`` with a ``SwiGLU`` MLP (``swiglu_mlp=True``): one gated op call."""
 
     fastvit_bypassed = SWIGLU_BYPASSED
+
+
+class FusedTinyVitBlock(FusedGammaMlpHalf, TinyVitBlock):
+    """timm TinyViT ``TinyVitBlock`` whose MLP half, ``x + drop_path2(mlp(x))`` with timm's
+    ``NormMlp`` (``fc2(act(fc1(norm(x))))``), is one ``fastvit.layernorm_mlp`` call (same signature,
+    ``forward(x)``: x (B, H, W, C) -> (B, H, W, C)); its window attention (fused on its own) and the
+    depthwise local conv run as timm's.
+
+    Example:
+        >>> model = timm.create_model("tiny_vit_5m_224")
+        >>> fastvit.patch(model)  # stages.*.blocks.* -> FusedTinyVitBlock, their .attn -> FusedTinyVitAttention
+    """
+
+    fastvit_bypassed = ("mlp", "mlp.norm", "mlp.fc1", "mlp.act", "mlp.drop1", "mlp.fc2", "mlp.drop2", "drop_path2")
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module (the norm inside the MLP)."""
+        return x + self.drop_path2(self.mlp(x))
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return None
+
+    def _fastvit_norm(self) -> torch.nn.Module:
+        return self.mlp.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x)
+        # timm's attention half and local conv, as in TinyVitBlock.forward
+        B, H, W, C = x.shape
+        L = H * W
+        shortcut = x
+        window = self.window_size
+        if window == H and window == W:
+            x = self.attn(x.reshape(B, L, C)).view(B, H, W, C)
+        else:
+            pad_b = (self.window_size - H % self.window_size) % self.window_size
+            pad_r = (self.window_size - W % self.window_size) % self.window_size
+            padding = pad_b > 0 or pad_r > 0
+            if padding:
+                x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+            pH, pW = H + pad_b, W + pad_r
+            nH, nW = pH // self.window_size, pW // self.window_size
+            x = x.view(B, nH, self.window_size, nW, self.window_size, C).transpose(2, 3)
+            x = self.attn(x.reshape(B * nH * nW, self.window_size * self.window_size, C))
+            x = x.view(B, nH, nW, self.window_size, self.window_size, C).transpose(2, 3).reshape(B, pH, pW, C)
+            if padding:
+                x = x[:, :H, :W].contiguous()
+        x = shortcut + self.drop_path1(x)
+        x = self.local_conv(x.permute(0, 3, 1, 2))
+        x = x.reshape(B, C, L).transpose(1, 2)  # (B, L, C), a view of the conv's output
+        return self._fastvit_mlp_half(x).reshape(B, H, W, C)  # the op's output is (B, L, C)

@@ -37,6 +37,7 @@ import torch.nn as nn
 from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.format import Format
+from timm.models.tiny_vit import NormMlp as TinyVitNormMlp
 
 from fastvit.nn import (
     timm_cait,
@@ -175,12 +176,13 @@ except ImportError:
     pass
 
 # VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
-# CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's and EfficientFormer's MetaBlock1d (checked by
-# _BLOCK_CHECKS)
+# CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's, EfficientFormer's MetaBlock1d and TinyViT's
+# (checked by _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
     timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
     timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
     timm_xcit.FusedXCABlock, timm_convit.FusedConvitBlock, timm_efficientformer.FusedMetaBlock1d,
+    timm_relpos.FusedTinyVitBlock,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -284,10 +286,6 @@ _LEFT_ALONE = {
     ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"): (
         "mlp", "Swin V2-CR's block normalises after its MLP (x + drop_path2(norm2(mlp(x)))); fastvit.layernorm_mlp "
         "computes x + mlp(layer_norm(x))",
-    ),
-    ("timm.models.tiny_vit", "TinyVitBlock"): (
-        "mlp", "TinyVitBlock (a depthwise local conv between its attention and its NormMlp) is not fused yet: its "
-        "MLP half runs timm's modules",
     ),
     ("timm.models.pvt_v2", "Block"): (
         "mlp", "PVTv2's MLP (MlpWithDepthwiseConv: a 3x3 depthwise conv between fc1 and the GELU) is not a "
@@ -486,6 +484,22 @@ def _metablock1d_problems(block: nn.Module) -> list[str]:
     return problems or _mlp_half_problems(block)
 
 
+def _tinyvit_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of a TinyViT block, x + drop_path2(mlp(x)) with timm's NormMlp
+    (fc2(act(fc1(norm(x))))), cannot be fused."""
+    names = ("attn", "drop_path1", "local_conv", "mlp", "drop_path2", "window_size")
+    problems = missing_attributes(block, names, "timm")
+    if problems:
+        return problems
+    mlp = block.mlp
+    problems += exact_type(mlp, "mlp", (TinyVitNormMlp,), "TinyViT's NormMlp")
+    problems += exact_type(block.drop_path2, "drop_path2", (nn.Identity, DropPath), "DropPath")
+    if problems:
+        return problems
+    problems += layernorm_problems(mlp.norm, "mlp.norm", (nn.LayerNorm, TimmLayerNorm))
+    return problems + _mlp_layers_problems(mlp, ("fc1", "fc2"))
+
+
 # the blocks of _OTHER_BLOCKS whose MLP half is checked otherwise than _other_block_problems
 _BLOCK_CHECKS = {
     timm_xcit.FusedXCABlock: _xca_block_problems,
@@ -494,6 +508,7 @@ _BLOCK_CHECKS = {
     timm_convit.FusedConvitBlock: _shared_drop_path_problems,
     timm_mvit.FusedMultiScaleBlock: _mvit_block_problems,
     timm_efficientformer.FusedMetaBlock1d: _metablock1d_problems,
+    timm_relpos.FusedTinyVitBlock: _tinyvit_block_problems,
 }
 
 
@@ -513,15 +528,22 @@ def _mlp_half_problems(block: nn.Module, drop_path: str = "drop_path2") -> list[
     problems += exact_type(mlp, "mlp", (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
     if problems:
         return problems
-    for name in ("fc1_g", "fc1_x", "fc2") if type(mlp) is SwiGLU else ("fc1", "fc2"):
-        problems += exact_type(getattr(mlp, name), f"mlp.{name}", (nn.Linear,), "nn.Linear")
-    problems += exact_type(mlp.drop1, "mlp.drop1", (nn.Dropout,), "nn.Dropout")
-    problems += exact_type(mlp.drop2, "mlp.drop2", (nn.Dropout,), "nn.Dropout")
     if type(mlp.norm) is not nn.Identity:
         problems.append(
             f"mlp.norm is {type(mlp.norm).__qualname__} (scale_mlp: a norm between the activation and fc2); "
             "fastvit.layernorm_mlp normalises only its input"
         )
+    return problems + _mlp_layers_problems(mlp, ("fc1_g", "fc1_x", "fc2") if type(mlp) is SwiGLU else ("fc1", "fc2"))
+
+
+def _mlp_layers_problems(mlp: nn.Module, linears: tuple[str, ...]) -> list[str]:
+    """What the op must be able to compute of an MLP's layers: the ``linears`` named are
+    nn.Linear, ``drop1`` / ``drop2`` nn.Dropout, ``act`` an activation the op has."""
+    problems = []
+    for name in linears:
+        problems += exact_type(getattr(mlp, name), f"mlp.{name}", (nn.Linear,), "nn.Linear")
+    problems += exact_type(mlp.drop1, "mlp.drop1", (nn.Dropout,), "nn.Dropout")
+    problems += exact_type(mlp.drop2, "mlp.drop2", (nn.Dropout,), "nn.Dropout")
     if timm_mlp.mlp_activation(mlp.act) is None:
         problems.append(
             f"mlp.act is {type(mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), QuickGELU or SiLU"

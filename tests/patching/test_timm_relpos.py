@@ -118,8 +118,9 @@ def test_bias_tables_get_gradients():
 @pytest.mark.parametrize("name", sorted(BIAS_MODELS))
 def test_attention_bias_models_match_unpatched(name, op_calls):
     reference, patched, report = pair(BIAS_MODELS[name]().eval())
-    assert report.counts() == {"attention": 3}
-    assert {e.part for e in report.skipped} == {"mlp", "patch_embed"}  # each with its reason
+    # TinyViT's blocks' MLP halves are fused too; LeViT's BatchNorm MLPs are reported
+    assert report.counts() == ({"attention": 3, "mlp": 3} if name == "tiny_vit" else {"attention": 3})
+    assert {e.part for e in report.skipped} == ({"patch_embed"} if name == "tiny_vit" else {"mlp", "patch_embed"})
     assert_outputs_and_grads_match(reference, patched, images(size=64))
     calls = op_calls["flash_attention"]
     assert len(calls) == 3
@@ -130,6 +131,35 @@ def test_attention_bias_models_match_unpatched(name, op_calls):
         assert shapes == [((2, 9, 16), 9, (2, 9, 9)), ((2, 4, 16), 4, (2, 4, 4)), ((4, 4, 16), 4, (4, 4, 4))]
     else:  # q, k zero-padded to the value width; the downsampling attention: 4 queries, 16 keys
         assert shapes == [((2, 16, 32), 16, (2, 16, 16)), ((2, 4, 64), 16, (2, 4, 16)), ((3, 4, 32), 4, (3, 4, 4))]
+
+
+def test_tinyvit_mlp_half_is_one_call_with_the_norm_inside_the_mlp(op_calls):
+    reference, patched, _ = pair(tiny_vit().eval())
+    assert [type(b).__name__ for s in patched.stages[1:] for b in s.blocks] == ["FusedTinyVitBlock"] * 3
+    x = images(size=64)
+    assert_outputs_and_grads_match(reference, patched, x)
+    calls = op_calls["layernorm_mlp"]
+    block = patched.stages[1].blocks[0]
+    batch = x.shape[0]  # (B, L, C) tokens of the 8x8, 4x4 and 2x2 maps
+    assert [tuple(c["args"][0].shape) for c in calls] == [(batch, 64, 32), (batch, 16, 32), (batch, 4, 64)]
+    assert calls[0]["kwargs"]["norm_weight"] is block.mlp.norm.weight and calls[0]["kwargs"]["layer_scale"] is None
+
+
+def test_tinyvit_training_step_and_fallbacks(op_calls, fresh_warnings):
+    reference, patched, _ = pair(tiny_vit(drop_path_rate=0.5))
+    assert_outputs_and_grads_match(reference.train(), patched.train(), images(size=64), seed=0, rtol=1e-4, atol=1e-5)
+    assert any(c["kwargs"]["sample_scale"] is not None for c in op_calls["layernorm_mlp"])
+    reference, patched, _ = pair(tiny_vit().eval())
+    for model in (reference, patched):  # a hook on the norm inside the last block's NormMlp
+        model.stages[-1].blocks[0].mlp.norm.register_forward_hook(lambda m, args, out: out * 2)
+    calls = len(op_calls["layernorm_mlp"])
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="hook"):
+        torch.testing.assert_close(patched(images(size=64)), reference(images(size=64)), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == calls + 2
+    reference, patched, _ = pair(tiny_vit(proj_drop_rate=0.3))  # MLP dropout in training: timm's modules
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="MLP dropout"):
+        assert_outputs_and_grads_match(reference.train(), patched.train(), images(size=64), seed=0, rtol=1e-4,
+                                       atol=1e-5)  # fmt: skip
 
 
 def test_levit_training_step(op_calls):
@@ -162,7 +192,8 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    assert len(fused) == len(report.replaced) == (3 if name in BIAS_MODELS else 2 * DEPTH)  # attention and MLP
+    # attention and MLP halves (LeViT's attention only)
+    assert len(fused) == len(report.replaced) == (3 if name == "levit_conv" else 6 if name == "tiny_vit" else 2 * DEPTH)
     assert all(isinstance(m, type(m).fastvit_original()) for m in fused)  # isinstance checks still pass
     if name not in BIAS_MODELS:
         assert type(model.blocks[0].attn) in (FusedBeitAttention, FusedRelPosAttention)
@@ -250,13 +281,13 @@ def test_forward_intermediates(name, op_calls):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["beitv2", "levit"])
+@pytest.mark.parametrize("name", ["beitv2", "levit", "tiny_vit"])
 def test_torch_compile_fullgraph(name, op_calls):
     torch._dynamo.reset()
     try:
-        reference, patched, _ = pair((levit() if name == "levit" else _model(name)).eval())
+        reference, patched, _ = pair((BIAS_MODELS[name]() if name in BIAS_MODELS else _model(name)).eval())
         compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
-        assert_outputs_and_grads_match(reference, compiled, images(size=64 if name == "levit" else 16))
+        assert_outputs_and_grads_match(reference, compiled, images(size=64 if name in BIAS_MODELS else 16))
         assert op_calls["flash_attention"]  # traced through the op
     finally:
         torch._dynamo.reset()
@@ -303,7 +334,13 @@ def test_triton_route_in_the_interpreter(op_calls):
         assert_outputs_and_grads_match(reference, patched, x, rtol=1e-4, atol=1e-5)
         reference, patched, _ = pair(levit().eval())
         assert_outputs_and_grads_match(reference, patched, images(size=64), rtol=1e-4, atol=1e-5)
-    assert len(op_calls["flash_attention"]) == DEPTH + 3
+        # TinyViT's blocks' MLP halves through the fused MLP kernels, on one image: the op's input is
+        # a transposed view of the local conv's map, whose gradient must come back in that layout (a
+        # token-major one reached the conv's BatchNorm channels-last with batch stride C, which
+        # PyTorch 2.14's CPU BatchNorm backward misreads: wrong gradients before every MLP half)
+        reference, patched, _ = pair(tiny_vit().eval())
+        assert_outputs_and_grads_match(reference, patched, images(batch=1, size=64), rtol=1e-4, atol=1e-5)
+    assert len(op_calls["flash_attention"]) == DEPTH + 3 + 3 and len(op_calls["layernorm_mlp"]) == DEPTH + 3
 
 
 def _compiled_kernels_check(name: str, device: torch.device) -> None:
@@ -325,3 +362,4 @@ def _compiled_kernels_check(name: str, device: torch.device) -> None:
 def test_compiled_kernels_on_the_gpu(name, op_calls):
     _compiled_kernels_check(name, torch.device("cuda"))
     assert len(op_calls["flash_attention"]) == 2 * (3 if name in BIAS_MODELS else DEPTH)
+
