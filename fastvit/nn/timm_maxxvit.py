@@ -8,20 +8,25 @@ module (``get_bias()``: (1, heads, N, N), learnable) or the block's ``shared_rel
 goes to ``fastvit.flash_attention`` as its float ``attn_mask``, which learns through the op's mask
 gradient; the partitions, projections and the bias tables stay as in timm. ``AttentionCl``'s q, k
 and v are views of the qkv projection; ``Attention2d``'s (B, heads, D, N) channel-first q, k, v are
-laid out token-major first (one copy each, as timm's own SDPA path makes). Importing this module
-imports timm.
+laid out token-major first (one copy each, as timm's own SDPA path makes).
+
+CoAtNet's channels-first ``TransformerBlock2d`` also gets its MLP half,
+``x + drop_path2(ls2(mlp(norm2(x))))`` with ``LayerNorm2d`` and a 1x1-conv ``ConvMlp``, as one
+``fastvit.layernorm_mlp`` call over the (B, H, W, C) channels-last view of its map
+(``FusedTransformerBlock2d``). Importing this module imports timm.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import RelPosBias, RelPosBiasTf, RelPosMlp
-from timm.models.maxxvit import Attention2d, AttentionCl
+from timm.layers import LayerScale2d, RelPosBias, RelPosBiasTf, RelPosMlp
+from timm.models.maxxvit import Attention2d, AttentionCl, TransformerBlock2d
 
 import fastvit
-from fastvit.nn.fused import FusedModule, global_module_hooks, hook_kinds, warn_fallback
+from fastvit.nn.fused import FusedModule, dropout_active, global_module_hooks, hook_kinds, warn_fallback
+from fastvit.nn.timm_mlp import FusedGammaMlpHalf, drop_path_scale, mlp_activation
 
-__all__ = ["FusedAttention2d", "FusedAttentionCl"]
+__all__ = ["FusedAttention2d", "FusedAttentionCl", "FusedTransformerBlock2d"]
 
 
 # the bias modules' own forward (attn + get_bias()), as timm defines them
@@ -130,3 +135,58 @@ class FusedAttention2d(_RelPosAttentionForward, Attention2d):
         q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
         out = _attend(q, k, v, self.scale, bias)  # (B, H, N, D)
         return self.proj_drop(self.proj(out.transpose(-1, -2).reshape(batch, -1, height, width)))
+
+
+class FusedTransformerBlock2d(FusedGammaMlpHalf, TransformerBlock2d):
+    """timm CoAtNet ``TransformerBlock2d`` (channels-first) whose MLP half is one
+    ``fastvit.layernorm_mlp`` call (same signature, ``forward(x, shared_rel_pos=None)``: x
+    (B, C, H, W) -> (B, C', H', W')); its attention half (``Attention2d``, fused on its own) and
+    its shortcut downsampling run as timm's.
+
+    The op takes the map's channels-last view (B, H, W, C), ``LayerNorm2d``'s parameters as its
+    norm, the 1x1 convs' weights as (out, in) views, ``ls2``'s gamma as ``layer_scale``. Its
+    output is laid out channels-first again (one copy) as timm's block returns it, so that the
+    next block's ``view``s of it still hold.
+
+    Example:
+        >>> model = timm.create_model("coatnet_0_rw_224")
+        >>> fastvit.patch(model)  # stages.2.blocks.*, stages.3.blocks.* -> FusedTransformerBlock2d
+    """
+
+    fastvit_bypassed = ("norm2", "mlp", "mlp.fc1", "mlp.norm", "mlp.act", "mlp.drop", "mlp.fc2", "ls2", "drop_path2")
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module."""
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.ls2.gamma if isinstance(self.ls2, LayerScale2d) else None
+
+    def _fastvit_fused_half(self, x: torch.Tensor) -> torch.Tensor:
+        mlp, norm = self.mlp, self.norm2
+        if not self._fastvit_submodules_intact():
+            return self._fastvit_original_half(x)
+        if dropout_active(mlp.drop.p, mlp.drop.training):
+            warn_fallback(
+                "patched-mlp-dropout:timm-TransformerBlock2d",
+                "fastvit: a patched timm TransformerBlock2d has MLP dropout > 0 and is in training mode; "
+                "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
+            )
+            return self._fastvit_original_half(x)
+        y = fastvit.layernorm_mlp(
+            x.permute(0, 2, 3, 1), norm.weight, norm.bias, mlp.fc1.weight.flatten(1), mlp.fc1.bias,
+            mlp.fc2.weight.flatten(1), mlp.fc2.bias, eps=norm.eps, activation=mlp_activation(mlp.act),
+            layer_scale=self._fastvit_layer_scale(), sample_scale=drop_path_scale(self.drop_path2, x),
+        )  # (B, H, W, C)
+        return y.permute(0, 3, 1, 2).contiguous()  # channels-first memory, as timm's block returns
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x, shared_rel_pos=shared_rel_pos)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x, shared_rel_pos=shared_rel_pos)
+        x = self.shortcut(x) + self.drop_path1(self.ls1(self.attn(self.norm1(x), shared_rel_pos=shared_rel_pos)))
+        return self._fastvit_mlp_half(x)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.norm2.normalized_shape[0]}, channels-first, mlp=ConvMlp, fastvit={self.fastvit_op}"

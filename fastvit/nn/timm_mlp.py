@@ -20,6 +20,8 @@ attention: ``fastvit.nn.timm_vit`` (``Block``), ``fastvit.nn.timm_eva`` (``EvaBl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, GluMlp, LayerScale, RmsNorm, RmsNormFp32, SwiGLU
@@ -33,7 +35,7 @@ from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "MLP_BYPASSED", "RMS_NORMS", "SHARED_DROP_PATH_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "PreNormMlpHalf",
-    "SharedDropPathBlock", "SharedDropPathMlpHalf", "drop_path_scale",
+    "SharedDropPathBlock", "SharedDropPathMlpHalf", "drop_path_scale", "fused_mlp_half",
     "gelu_approximate", "mlp_activation", "mlp_arguments", "norm_arguments",
 ]  # fmt: skip
 
@@ -115,6 +117,44 @@ def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]
     return arguments
 
 
+def fused_mlp_half(
+    block: FusedModule,
+    x: torch.Tensor,
+    norm: nn.Module,
+    mlp: nn.Module,
+    drop_path: nn.Module,
+    layer_scale: torch.Tensor | None,
+    original: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """A timm block's MLP half, ``x + drop_path(layer_scale * mlp(norm(x)))``, as one
+    ``fastvit.layernorm_mlp`` call; ``original(x)`` (timm's modules, with a warning once) while the
+    MLP's dropout is active in training, which the op does not have.
+
+    Args:
+        block: the fused block (its original class names the warning).
+        x: (..., D) tokens.
+        norm, mlp, drop_path: the half's modules (checked by the patcher: a LayerNorm or RMS norm,
+            timm's Mlp / GluMlp / SwiGLU or a layout ``mlp_arguments`` reads, DropPath or Identity).
+        layer_scale: (D,) or None.
+        original: timm's half, module by module.
+
+    Example:
+        >>> x = fused_mlp_half(self, x, self.norm2, self.mlp, self.drop_path2, None, self._fastvit_original_half)
+    """
+    if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
+        name = type(block).fastvit_original().__name__
+        warn_fallback(
+            f"patched-mlp-dropout:timm-{name}",
+            f"fastvit: a patched timm {name} has MLP dropout > 0 and is in training mode; "
+            "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
+        )
+        return original(x)
+    return fastvit.layernorm_mlp(
+        x, layer_scale=layer_scale, sample_scale=drop_path_scale(drop_path, x), **norm_arguments(norm),
+        **mlp_arguments(mlp),
+    )  # fmt: skip
+
+
 class FusedGammaMlpHalf(FusedModule):
     """What the fused timm blocks share: ``_fastvit_mlp_half(x)`` computes
     ``x + drop_path2(layer_scale * mlp(norm2(x)))`` with one op call (Eva / BEiT: ``gamma_2``, the
@@ -158,22 +198,11 @@ class FusedGammaMlpHalf(FusedModule):
 
     def _fastvit_fused_half(self, x: torch.Tensor) -> torch.Tensor:
         """``_fastvit_mlp_half`` in eager mode (apart from its TorchScript branch: TorchScript parses
-        a method whole, and cannot parse the ``**`` of this one)."""
-        mlp, norm = self.mlp, self._fastvit_norm()
+        a method whole, and cannot parse the ``**`` of ``fused_mlp_half``)."""
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(x)
-        if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
-            name = type(self).fastvit_original().__name__
-            warn_fallback(
-                f"patched-mlp-dropout:timm-{name}",
-                f"fastvit: a patched timm {name} has MLP dropout > 0 and is in training mode; "
-                "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
-            )
-            return self._fastvit_original_half(x)
-        return fastvit.layernorm_mlp(
-            x, layer_scale=self._fastvit_layer_scale(), sample_scale=drop_path_scale(self._fastvit_drop_path(), x),
-            **norm_arguments(norm), **mlp_arguments(mlp),
-        )  # fmt: skip
+        return fused_mlp_half(self, x, self._fastvit_norm(), self.mlp, self._fastvit_drop_path(),
+                              self._fastvit_layer_scale(), self._fastvit_original_half)  # fmt: skip
 
     def extra_repr(self) -> str:
         kind, norm = type(self.mlp).__name__, self._fastvit_norm()

@@ -61,7 +61,7 @@ def biased_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    bias: torch.Tensor,
+    bias: torch.Tensor | None,
     scale: float,
     *,
     key_dim: int,
@@ -74,7 +74,7 @@ def biased_attention(
 
     Args:
         q: (B, H, N, Dk); k: (B, H, M, Dk); v: (B, H, M, Dv).
-        bias: broadcastable to (B, H, N, M), e.g. (H, N, M).
+        bias: broadcastable to (B, H, N, M), e.g. (H, N, M); or None.
         scale: multiplies q.k.
         key_dim, val_dim: Dk and Dv, the module's own ints (so torch.fx traces no shape test).
         contiguous: copy q, k, v to a unit last-dim stride (transposed views of a conv layout);

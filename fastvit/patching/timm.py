@@ -17,13 +17,14 @@ TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attent
 channels attend, the tokens are the head dim; and its XCABlock's MLP half; EdgeNeXt's, the same
 attention: ``timm_edgenext``), of Next-ViT's spatial-reduction attention (``timm_nextvit``), of
 EfficientFormer's attention and MetaBlock1d MLP halves (``timm_efficientformer``), of the last-stage
-attention of Apple's FastViT (``fastvit_sa*``, ``fastvit_mci*``: ``timm_fastvit``), of MViTv2 (pooling
-attention with its relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and
-class attention, and the MLP halves of its three kinds of block: ``timm_volo``), of ConViT (its MHSA and
-its blocks' MLP halves: ``timm_convit``) and of the attention-pooling head (``AttentionPoolLatent``, the
-'map' pool: ``timm_pool``) is fused too, and so are Eva's embedding and the MLP halves of ``EvaBlock``
-and BEiT's ``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek
-tower's block (``timm_deepseek``), DaViT's window and channel attentions and its blocks' MLP halves
+attention of Apple's FastViT (``fastvit_sa*``, ``fastvit_mci*``: ``timm_fastvit``), of TNT's inner and
+outer attention and its blocks' two MLP halves (``timm_tnt``), of MViTv2 (pooling attention with its
+relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and class attention, and
+the MLP halves of its three kinds of block: ``timm_volo``), of ConViT (its MHSA and its blocks' MLP
+halves: ``timm_convit``) and of the attention-pooling head (``AttentionPoolLatent``, the 'map' pool:
+``timm_pool``) is fused too, and so are Eva's embedding and the MLP halves of ``EvaBlock`` and BEiT's
+``Block`` (``Mlp``, ``GluMlp`` or ``SwiGLU``, ``gamma_2``: ``timm_mlp``) and of the DeepSeek tower's
+block (``timm_deepseek``), DaViT's window and channel attentions and its blocks' MLP halves
 (Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
 halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
 window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
@@ -34,8 +35,9 @@ architectures are left alone."""
 from __future__ import annotations
 
 import torch.nn as nn
-from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
+from timm.layers import ConvMlp, DropPath, GluMlp, LayerScale, LayerScale2d, Mlp, PatchEmbed, SwiGLU
 from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from timm.layers.format import Format
 from timm.models.tiny_vit import NormMlp as TinyVitNormMlp
 
@@ -56,6 +58,7 @@ from fastvit.nn import (
     timm_relpos,
     timm_sam,
     timm_swin,
+    timm_tnt,
     timm_volo,
     timm_xcit,
 )
@@ -176,13 +179,13 @@ except ImportError:
     pass
 
 # VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
-# CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's, EfficientFormer's MetaBlock1d and TinyViT's
-# (checked by _BLOCK_CHECKS)
+# CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's, EfficientFormer's MetaBlock1d, TinyViT's, TNT's
+# and CoAtNet's TransformerBlock2d (checked by _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
     timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
     timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
     timm_xcit.FusedXCABlock, timm_convit.FusedConvitBlock, timm_efficientformer.FusedMetaBlock1d,
-    timm_relpos.FusedTinyVitBlock,
+    timm_relpos.FusedTinyVitBlock, timm_tnt.FusedTntBlock, timm_maxxvit.FusedTransformerBlock2d,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -252,6 +255,8 @@ _OTHER_ATTENTIONS = {
                                                              "num_heads", "head_dim", "scale", "sr", "norm")),
         (fused_table(timm_fastvit.FusedAppleFastVitAttention), ("qkv", "attn_drop", "proj", "proj_drop", "num_heads",
                                                                 "head_dim", "scale")),
+        (fused_table(timm_tnt.FusedTntAttention), ("qk", "v", "attn_drop", "proj", "proj_drop", "num_heads",
+                                                   "head_dim", "scale")),
         (fused_table(timm_volo.FusedVoloAttention), _QKV),
         (fused_table(timm_convit.FusedConvitMHSA), _QKV),
         (fused_table(timm_volo.FusedVoloClassAttention), ("q", "kv", "attn_drop", "proj", "proj_drop", "num_heads",
@@ -350,6 +355,8 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
     ("timm.models.efficientformer", "EfficientFormer"): _CONV_STEM,
     ("timm.models.nextvit", "NextViT"): _CONV_STEM,
+    ("timm.models.tnt", "TNT"): "patch embedding is a PixelEmbed (each patch unfolded into pixel tokens for the "
+    "inner transformer) beside the patch tokens, not a ViT's single patchify conv (fastvit.patch_embed): left alone",
     ("timm.models.edgenext", "EdgeNeXt"): "stem is a conv over a (B, C, H, W) map followed by a LayerNorm2d, "
     "feeding conv stages, not a ViT's token embedding (fastvit.patch_embed): left alone",
     ("timm.models.cait", "Cait"): _NOT_YET,
@@ -500,6 +507,49 @@ def _tinyvit_block_problems(block: nn.Module) -> list[str]:
     return problems + _mlp_layers_problems(mlp, ("fc1", "fc2"))
 
 
+def _tnt_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP halves of a TNT block, pixel + drop_path(mlp_in(norm_mlp_in(pixel))) and
+    patch + drop_path(mlp(norm_mlp(patch))), cannot be fused."""
+    names = ("norm_in", "attn_in", "norm_mlp_in", "mlp_in", "norm1_proj", "proj", "norm2_proj", "norm_out",
+             "attn_out", "drop_path", "norm_mlp", "mlp")  # fmt: skip
+    problems = missing_attributes(block, names, "timm")
+    if problems:
+        return problems
+    inner = _mlp_half_problems(block, "drop_path", norm="norm_mlp_in", mlp="mlp_in")
+    return inner + [p for p in _mlp_half_problems(block, "drop_path", norm="norm_mlp") if p not in inner]
+
+
+def _transformer_block2d_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of a CoAtNet TransformerBlock2d, x + drop_path2(ls2(mlp(norm2(x)))) on a
+    (B, C, H, W) map with LayerNorm2d and a 1x1-conv ConvMlp, cannot be fused."""
+    names = ("shortcut", "norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+    problems = missing_attributes(block, names, "timm")
+    if problems:
+        return problems
+    problems += layernorm_problems(block.norm2, "norm2", (TimmLayerNorm2d,))
+    problems += exact_type(block.ls2, "ls2", (nn.Identity, LayerScale2d), "LayerScale2d")
+    problems += exact_type(block.drop_path2, "drop_path2", (nn.Identity, DropPath), "DropPath")
+    mlp = block.mlp
+    problems += exact_type(mlp, "mlp", (ConvMlp,), "timm's ConvMlp")
+    if problems:
+        return problems
+    for name in ("fc1", "fc2"):
+        conv = getattr(mlp, name)
+        problems += exact_type(conv, f"mlp.{name}", (nn.Conv2d,), "nn.Conv2d")
+        if not problems and (tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.groups != 1
+                             or conv.padding not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1)):
+            problems.append(f"mlp.{name} is not a plain 1x1 conv (kernel {tuple(conv.kernel_size)}, stride "
+                            f"{tuple(conv.stride)}, groups {conv.groups}, padding {conv.padding})")  # fmt: skip
+    if type(mlp.norm) is not nn.Identity:
+        problems.append(f"mlp.norm is {type(mlp.norm).__qualname__}; fastvit.layernorm_mlp normalises only its input")
+    problems += exact_type(mlp.drop, "mlp.drop", (nn.Dropout,), "nn.Dropout")
+    if timm_mlp.mlp_activation(mlp.act) is None:
+        problems.append(
+            f"mlp.act is {type(mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), QuickGELU or SiLU"
+        )
+    return problems
+
+
 # the blocks of _OTHER_BLOCKS whose MLP half is checked otherwise than _other_block_problems
 _BLOCK_CHECKS = {
     timm_xcit.FusedXCABlock: _xca_block_problems,
@@ -509,51 +559,58 @@ _BLOCK_CHECKS = {
     timm_mvit.FusedMultiScaleBlock: _mvit_block_problems,
     timm_efficientformer.FusedMetaBlock1d: _metablock1d_problems,
     timm_relpos.FusedTinyVitBlock: _tinyvit_block_problems,
+    timm_tnt.FusedTntBlock: _tnt_block_problems,
+    timm_maxxvit.FusedTransformerBlock2d: _transformer_block2d_problems,
 }
 
 
-def _mlp_half_problems(block: nn.Module, drop_path: str = "drop_path2") -> list[str]:
+def _mlp_half_problems(
+    block: nn.Module, drop_path: str = "drop_path2", norm: str = "norm2", mlp: str = "mlp"
+) -> list[str]:
     """What the op must be able to compute of a block's ``norm2``, ``mlp`` and ``drop_path2`` (or
-    the ``drop_path`` named): a LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp``
-    or ``SwiGLU`` of Linears with an activation the op has, no norm inside the MLP."""
-    norm, layernorms = block.norm2, (nn.LayerNorm, TimmLayerNorm)
+    the modules named): a LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp`` or
+    ``SwiGLU`` of Linears with an activation the op has, no norm inside the MLP."""
+    norm_name, norm, layernorms = norm, getattr(block, norm), (nn.LayerNorm, TimmLayerNorm)
     if type(norm) in timm_mlp.RMS_NORMS:
-        problems = layernorm_problems(norm, "norm2", timm_mlp.RMS_NORMS)  # over the last dim only
+        problems = layernorm_problems(norm, norm_name, timm_mlp.RMS_NORMS)  # over the last dim only
     elif type(norm) in layernorms:
-        problems = layernorm_problems(norm, "norm2", layernorms)
+        problems = layernorm_problems(norm, norm_name, layernorms)
     else:
-        problems = [f"norm2 is {type(norm).__qualname__}, not nn.LayerNorm or an RMS norm (timm's RmsNorm)"]
+        problems = [f"{norm_name} is {type(norm).__qualname__}, not nn.LayerNorm or an RMS norm (timm's RmsNorm)"]
     problems += exact_type(getattr(block, drop_path), drop_path, (nn.Identity, DropPath), "DropPath")
-    mlp = block.mlp
-    problems += exact_type(mlp, "mlp", (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
+    mlp_name, mlp = mlp, getattr(block, mlp)
+    problems += exact_type(mlp, mlp_name, (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
     if problems:
         return problems
     if type(mlp.norm) is not nn.Identity:
         problems.append(
-            f"mlp.norm is {type(mlp.norm).__qualname__} (scale_mlp: a norm between the activation and fc2); "
+            f"{mlp_name}.norm is {type(mlp.norm).__qualname__} (scale_mlp: a norm between the activation and fc2); "
             "fastvit.layernorm_mlp normalises only its input"
         )
-    return problems + _mlp_layers_problems(mlp, ("fc1_g", "fc1_x", "fc2") if type(mlp) is SwiGLU else ("fc1", "fc2"))
+    linears = ("fc1_g", "fc1_x", "fc2") if type(mlp) is SwiGLU else ("fc1", "fc2")
+    return problems + _mlp_layers_problems(mlp, linears, mlp_name)
 
 
-def _mlp_layers_problems(mlp: nn.Module, linears: tuple[str, ...]) -> list[str]:
-    """What the op must be able to compute of an MLP's layers: the ``linears`` named are
-    nn.Linear, ``drop1`` / ``drop2`` nn.Dropout, ``act`` an activation the op has."""
+def _mlp_layers_problems(mlp: nn.Module, linears: tuple[str, ...], name: str = "mlp") -> list[str]:
+    """What the op must be able to compute of an MLP's layers (the MLP named ``name`` in the
+    reasons): the ``linears`` named are nn.Linear, ``drop1`` / ``drop2`` nn.Dropout, ``act`` an
+    activation the op has."""
     problems = []
-    for name in linears:
-        problems += exact_type(getattr(mlp, name), f"mlp.{name}", (nn.Linear,), "nn.Linear")
-    problems += exact_type(mlp.drop1, "mlp.drop1", (nn.Dropout,), "nn.Dropout")
-    problems += exact_type(mlp.drop2, "mlp.drop2", (nn.Dropout,), "nn.Dropout")
+    for linear in linears:
+        problems += exact_type(getattr(mlp, linear), f"{name}.{linear}", (nn.Linear,), "nn.Linear")
+    problems += exact_type(mlp.drop1, f"{name}.drop1", (nn.Dropout,), "nn.Dropout")
+    problems += exact_type(mlp.drop2, f"{name}.drop2", (nn.Dropout,), "nn.Dropout")
     if timm_mlp.mlp_activation(mlp.act) is None:
         problems.append(
-            f"mlp.act is {type(mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), QuickGELU or SiLU"
+            f"{name}.act is {type(mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), QuickGELU or SiLU"
         )
     return problems
 
 
 def _block_notes(block: nn.Module) -> list[str]:
     notes = []
-    p = max(block.mlp.drop1.p, block.mlp.drop2.p)
+    mlp = block.mlp
+    p = mlp.drop.p if type(mlp) is ConvMlp else max(mlp.drop1.p, mlp.drop2.p)  # CoAtNet's ConvMlp: one dropout
     if p > 0:
         notes.append(f"MLP dropout {p}: in training its MLP half runs timm's modules")
     # CaiT's and ConViT's blocks have one drop_path for both halves

@@ -336,12 +336,13 @@ def test_blocks_of_a_family_without_an_entry_are_reported():
 
 
 def test_attentions_of_a_family_without_an_entry_are_reported():
-    """A timm attention module fastvit has no entry for (TNT's, CoaT's, EfficientFormer's ...) is named
-    in the report with a reason, not left out of it: the blocks' entries said nothing of their attention."""
+    """A timm attention module fastvit has no entry for (CoaT's factorized attention, HaloNet's ...) is
+    named in the report with a reason, not left out of it: the blocks' entries said nothing of their
+    attention."""
     with pytest.raises(ValueError) as error:
-        fastvit.patch(timm.create_model("tnt_s_patch16_224", pretrained=False, num_classes=5))
-    for path in ("blocks.0.attn_in", "blocks.11.attn_out"):
-        assert (f"attention    {path}: Attention (timm.models.tnt) is not an attention fastvit fuses"
+        fastvit.patch(timm.create_model("coat_lite_tiny", pretrained=False, num_classes=5))
+    for path in ("serial_blocks1.0.factoratt_crpe", "serial_blocks4.1.factoratt_crpe"):
+        assert (f"attention    {path}: FactorAttnConvRelPosEnc (timm.models.coat) is not an attention fastvit fuses"
                 in str(error.value))  # fmt: skip
 
 

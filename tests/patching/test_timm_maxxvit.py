@@ -1,7 +1,8 @@
 """timm's MaxxVit family patched (fastvit.nn.timm_maxxvit): MaxViT's block and grid attention and
 CoAtNet's transformer stages (``AttentionCl`` channels-last, ``Attention2d`` channels-first) run
 fastvit.flash_attention with their relative-position bias (``RelPosMlp``, ``RelPosBias``,
-``RelPosBiasTf``) as the op's learnable float mask. Outputs and every gradient (the bias tables'
+``RelPosBiasTf``) as the op's learnable float mask; CoAtNet's channels-first ``TransformerBlock2d``
+runs its MLP half as one fastvit.layernorm_mlp call. Outputs and every gradient (the bias tables'
 too) by the tolerance rule against the unpatched model in float64. The named models' configs,
 shrunk to two stages of width 16 / 32 on 128 x 128 images; no downloads.
 """
@@ -15,7 +16,15 @@ import pytest
 import torch
 
 import fastvit
-from tests.patching.helpers import assert_matches_by_the_rule, module_types, pair, perturb_, storage_map
+from tests.patching.helpers import (
+    assert_compiles_and_traces,
+    assert_matches_by_the_rule,
+    assert_outputs_and_grads_match,
+    module_types,
+    pair,
+    perturb_,
+    storage_map,
+)
 
 timm = pytest.importorskip("timm")
 from timm.models import maxxvit  # noqa: E402
@@ -92,6 +101,8 @@ def test_triton_route(name, size, op_calls):
     reference, patched, _ = pair(build(name, img_size=size))
     with fastvit.backend("triton"):
         assert_matches_by_the_rule(reference, patched, torch.randn(2, 3, size, size))
+    if name.startswith("coatnet"):  # its TransformerBlock2d's MLP halves too, through the MLP kernels
+        assert len(op_calls["layernorm_mlp"]) == 2
 
 
 def test_fx_traces_and_feature_extraction(op_calls):
@@ -127,3 +138,56 @@ def test_eager_path_hook_on_rel_pos_runs_timm(cls, op_calls, fresh_warnings):
     with pytest.warns(fastvit.FastvitFallbackWarning, match="calls its rel_pos module"):
         torch.testing.assert_close(patched(x), reference(x), rtol=1e-5, atol=1e-6)
     assert len(op_calls["flash_attention"]) == 1
+
+
+def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, maxxvit.TransformerBlock2d)]
+
+
+@pytest.mark.parametrize("init_values", [None, 1e-2], ids=["no-layer-scale", "layer-scale"])
+def test_coatnet_transformer_block_mlp_half_is_one_call(init_values, op_calls):
+    """CoAtNet's channels-first TransformerBlock2d: its MLP half (LayerNorm2d, 1x1-conv ConvMlp,
+    LayerScale2d) is one fastvit.layernorm_mlp call over the map's channels-last view; the block
+    hands on a channels-first contiguous map, as timm's does."""
+    reference = build("coatnet_nano_rw", init_values=init_values)
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    blocks = _transformer_blocks(patched)
+    assert report.counts()["mlp"] == len(blocks) == 2
+    assert all(type(b).__name__ == "FusedTransformerBlock2d" for b in blocks)
+    x = torch.randn(2, 3, IMG, IMG)
+    layouts = []
+    for block in blocks:
+        block.register_forward_hook(lambda m, args, out: layouts.append(out.is_contiguous()))
+    assert_matches_by_the_rule(reference, patched, x)
+    assert layouts and all(layouts)  # channels-first contiguous, as timm's blocks hand it on
+    calls = op_calls["layernorm_mlp"]
+    tokens = calls[0]["args"][0]
+    assert tokens.shape == (2, 32, 32, 16) and tokens.stride(-1) == 32 * 32  # the (B, C, H, W) map as (B, H, W, C)
+    scale = calls[0]["kwargs"]["layer_scale"]
+    assert (scale is None) if init_values is None else (scale is blocks[0].ls2.gamma)
+
+
+def test_coatnet_training_step_and_fallbacks(op_calls, fresh_warnings):
+    reference, patched, _ = pair(build("coatnet_nano_rw"))
+    x = torch.randn(2, 3, IMG, IMG)
+    for model in (reference, patched):  # drop path in both transformer blocks
+        for block in _transformer_blocks(model):
+            block.drop_path2 = timm.layers.DropPath(0.5)
+    assert_outputs_and_grads_match(reference.train(), patched.train(), x, seed=0, rtol=1e-4, atol=1e-5)
+    assert all(c["kwargs"]["sample_scale"] is not None for c in op_calls["layernorm_mlp"])
+    reference, patched, _ = pair(build("coatnet_nano_rw"))
+    for model in (reference, patched):  # a hook on the first block's fc2
+        _transformer_blocks(model)[0].mlp.fc2.register_forward_hook(lambda m, args, out: out * 2)
+    calls = len(op_calls["layernorm_mlp"])
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="hook"):
+        torch.testing.assert_close(patched(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == calls + 1
+    reference, patched, _ = pair(build("coatnet_nano_rw", proj_drop=0.3))  # MLP dropout: timm's modules
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="MLP dropout"):
+        assert_outputs_and_grads_match(reference.train(), patched.train(), x, seed=0, rtol=1e-4, atol=1e-5)
+
+
+def test_coatnet_compiles_traces_and_scripts(op_calls, fresh_warnings):
+    reference, patched, _ = pair(build("coatnet_nano_rw"))
+    assert_compiles_and_traces(reference, patched, torch.randn(2, 3, IMG, IMG))
