@@ -90,7 +90,7 @@ def _layernorm_mlp_fwd(
     from fastvit.kernels.layernorm_mlp import layernorm_mlp_fwd
 
     y, pre, mean, rstd = layernorm_mlp_fwd(
-        _unit_stride_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
+        _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
         sample_scale, eps=eps, activation=activation, residual=residual, out_dtype=out_dtype,
         save_preact=save_preact, rms=norm == "rms", gated=gated, fc1_gate_weight=fc1_gate_weight,
         fc1_gate_bias=fc1_gate_bias,
@@ -115,33 +115,13 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lay
     )
 
 
-def _fake_grads(needs, *inputs, x_layout: bool = False):
-    """The fake of a backward op: a contiguous gradient per needed input, (0,) elsewhere; with
-    ``x_layout``, x's in x's own layout (``_in_layout_of``)."""
+def _fake_grads(needs, *inputs):
+    """The fake of a backward op: a contiguous gradient per needed input, (0,) elsewhere."""
     x = inputs[0]
-    grads = [
+    return [
         torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty((0,))
         for t, need in zip(inputs, needs, strict=True)
     ]
-    if x_layout and needs[0]:
-        grads[0] = torch.empty_like(x)
-    return grads
-
-
-def _unit_stride_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``_as_tokens(x)`` with a unit stride in D, as the kernels read it: a transposed view (a conv
-    map's (B, C, H*W) seen as (B, N, C) tokens) is copied once, inside the op."""
-    tokens = _as_tokens(x)
-    return tokens if tokens.shape[-1] <= 1 or tokens.stride(-1) == 1 else tokens.contiguous()
-
-
-def _in_layout_of(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x's gradient (contiguous, x's shape) in x's own layout where x is dense (``torch.empty_like``),
-    as PyTorch's own ops return it: a token-major gradient of a conv map's transposed view would
-    reach the conv side channels-last (with a batch of one, a layout PyTorch 2.14's CPU BatchNorm
-    backward misreads); one copy, only for such x."""
-    out = torch.empty_like(x)
-    return grad if out.stride() == grad.stride() else out.copy_(grad)
 
 
 @torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
@@ -175,13 +155,13 @@ def _layernorm_mlp_bwd(
         # neither unit-stride nor broadcast in D is rare enough to copy
         grad_out = grad_out.contiguous()
     grads = layernorm_mlp_bwd(
-        _as_tokens(grad_out), _unit_stride_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+        _as_tokens(grad_out), _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
         fc2_bias, layer_scale, sample_scale, preact, mean, rstd,
         activation=activation, residual=residual, needs=tuple(needs), rms=norm == "rms", gated=gated,
         fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias,
     )
     if grads[0] is not None:
-        grads[0] = _in_layout_of(grads[0].view(x.shape), x)
+        grads[0] = grads[0].view(x.shape)
     return [g if g is not None else x.new_empty((0,)) for g in grads]
 
 
@@ -189,7 +169,7 @@ def _layernorm_mlp_bwd(
 def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
       sample_scale, fc1_gate_weight, fc1_gate_bias, preact, mean, rstd, activation, norm, gated, residual, needs):
     return _fake_grads(needs, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-                       sample_scale, fc1_gate_weight, fc1_gate_bias, x_layout=True)
+                       sample_scale, fc1_gate_weight, fc1_gate_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -513,8 +493,7 @@ def layernorm_mlp(
 
     Args:
         x: (..., D) tokens, e.g. (B, N, D) or (T, D); any strides (a transposed view, such as a
-            conv map's (B, C, H*W) seen as tokens, is copied once inside the op), its gradient
-            returned in x's own layout where x is dense, as PyTorch's ops return it.
+            conv map's (B, C, H*W) seen as tokens, is copied once to a unit stride in D).
         norm_weight, norm_bias: (D,) norm affine parameters, or None (``norm_bias`` None for RMSNorm);
             in x's dtype, or fp32 with fp16 / bf16 x (F.layer_norm's mix: a 16-bit model keeping its
             norms in fp32). Outside autocast every other tensor has x's dtype.
@@ -644,17 +623,14 @@ def layernorm_mlp(
             out_dtype = torch.promote_types(out_dtype, t.dtype)
 
     # the kernels read every last dim with a unit stride (x's other strides are free: views of a
-    # token buffer are not copied); a transposed weight or strided vector is rare enough to copy.
-    # The Triton op takes x as it is (a transposed view copied inside it, its gradient returned in
-    # x's layout); the extension's takes unit-stride x
-    (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+    # token buffer are not copied); a transposed weight or strided vector is rare enough to copy
+    (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
      fc1_gate_weight, fc1_gate_bias) = (
         _unit_last_stride(t)
-        for t in (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
+        for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
                   fc1_gate_weight, fc1_gate_bias)
     )
     if route == "cuda":
-        x = _unit_last_stride(x)
         y = call(
             _layernorm_mlp_cuda_fwd, _layernorm_mlp_cuda_fwd_function,
             _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,

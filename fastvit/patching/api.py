@@ -109,13 +109,15 @@ def patch(
     Recognised, alone or inside a larger model:
 
     - timm: ``VisionTransformer`` and the models sharing its blocks (vit_*, deit_*, deit3_* ...);
-      the attention of BEiT/BEiTv2, ``vit_relpos_*``, TinyViT, LeViT, Swin V1/V2, SAM, Hiera, SAM 2's HieraDet,
-      Eva (EVA02, RoPE ViTs, timm's DINOv3), ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the
-      Qwen3-VL and DeepSeek towers), the Gemma 4 tower, MaxViT / CoAtNet, DaViT (Florence-2's
-      encoders), Twins (SVT, PCPVT), NesT, GCViT (the MLP halves of these four too), Visformer,
-      CrossViT's cross attention, PVTv2, MViTv2, VOLO, ConViT's MHSA and CaiT's class attention; the
-      MLP halves of the Swin V1, SAM, HieraDet, Hiera, MaxViT, vit_relpos, CaiT, VOLO, MViTv2, XCiT
-      and ConViT blocks;
+      the attention of BEiT/BEiTv2, ``vit_relpos_*``, TinyViT, LeViT, EfficientFormer, Swin V1/V2
+      and V2-CR, SAM, Hiera, SAM 2's HieraDet, Eva (EVA02, RoPE ViTs, timm's DINOv3),
+      ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the Qwen3-VL and DeepSeek towers), the Gemma 4
+      tower, MaxViT / CoAtNet, DaViT (Florence-2's encoders), Twins (SVT, PCPVT), NesT, GCViT (the
+      MLP halves of these four too), Visformer, CrossViT's cross attention, PVTv2, MViTv2, VOLO,
+      ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt (cross-covariance), Next-ViT, TNT and
+      Apple's FastViT / MobileCLIP (``fastvit_sa*``, ``fastvit_mci*``); the MLP halves of the Swin
+      V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO,
+      MViTv2, XCiT, ConViT and TNT blocks;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,

