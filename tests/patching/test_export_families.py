@@ -1,0 +1,67 @@
+"""torch.export of the timm families fused beyond ViT's own blocks: the exported graph keeps
+fastvit's custom ops (the Triton route; kernels in the interpreter here) where the patched model
+calls them, and the exported module computes what the unpatched model does. The generic drop-in
+checks (tests/patching/test_tracing.py) export timm's ViT, torchvision's and Hugging Face's; each
+family here has its own fused classes and forwards (window masks, learnable biases, channels-first
+maps, two MLP halves per block, cross-covariance attention), any of which could break a capture.
+
+The models are each family test's own tiny builds (no downloads), one batch size, static shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import fastvit
+
+pytest.importorskip("timm")
+
+from tests.patching import (
+    test_timm_apple_fastvit,
+    test_timm_convit,
+    test_timm_edgenext,
+    test_timm_efficientformer,
+    test_timm_maxxvit,
+    test_timm_nextvit,
+    test_timm_relpos,
+    test_timm_swinv2_cr,
+    test_timm_tnt,
+    test_timm_volo,
+)
+
+# family -> (its tiny model, its input, the custom ops its graph must hold)
+ATTENTION, MLP = "fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"
+FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], torch.Tensor], set[str]]] = {
+    "swinv2_cr": (test_timm_swinv2_cr.build, lambda: test_timm_swinv2_cr.images(batch=2), {ATTENTION}),
+    "efficientformer": (test_timm_efficientformer.build, lambda: test_timm_efficientformer.images(batch=1),
+                        {ATTENTION, MLP}),
+    "edgenext": (test_timm_edgenext.build, test_timm_edgenext.images, {ATTENTION}),
+    "nextvit": (lambda: test_timm_nextvit.build(std=0.02), lambda: test_timm_nextvit.images(batch=1), {ATTENTION}),
+    "apple_fastvit": (test_timm_apple_fastvit.build, lambda: test_timm_apple_fastvit.images(batch=1), {ATTENTION}),
+    "tnt": (test_timm_tnt.build, test_timm_tnt.images, {ATTENTION, MLP}),
+    "volo": (test_timm_volo.build, lambda: test_timm_volo.images(batch=2), {ATTENTION, MLP}),
+    "convit": (test_timm_convit.build, lambda: test_timm_convit.images(batch=2), {ATTENTION, MLP}),
+    "tiny_vit": (lambda: test_timm_relpos.tiny_vit().eval(), lambda: torch.randn(2, 3, 64, 64), {ATTENTION, MLP}),
+    "coatnet": (lambda: test_timm_maxxvit.build("coatnet_nano_rw", img_size=32), lambda: torch.randn(2, 3, 32, 32),
+                {ATTENTION, MLP}),
+}  # fmt: skip
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_keeps_the_custom_ops(family):
+    build, images, ops = FAMILIES[family]
+    reference = build()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    x = images()
+    with fastvit.backend("triton"):
+        exported = torch.export.export(patched, (x,))
+        found = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
+        assert found == ops
+        got = exported.module()(x)
+    torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
