@@ -183,6 +183,16 @@ def assert_scripts_the_original(reference: nn.Module, patched: nn.Module, x: tor
     torch.testing.assert_close(scripted(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+def assert_patch_and_unpatch_keep_the_weights(model: nn.Module) -> None:
+    """``fastvit.patch`` swaps classes only (every Parameter and buffer keeps its storage) and
+    ``fastvit.unpatch`` restores every module's class."""
+    types, storages = module_types(model), storage_map(model)
+    fastvit.patch(model)
+    assert storage_map(model) == storages
+    fastvit.unpatch(model)
+    assert module_types(model) == types
+
+
 def assert_compiles_and_traces(
     reference: nn.Module, patched: nn.Module, x: torch.Tensor, *, script: bool = True, fx: bool = True
 ) -> None:

@@ -23,10 +23,9 @@ from tests.patching.helpers import (
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
-    module_types,
+    assert_patch_and_unpatch_keep_the_weights,
     pair,
     perturb_,
-    storage_map,
 )
 
 timm = pytest.importorskip("timm")
@@ -63,12 +62,7 @@ def test_a_model_without_attention_is_left_alone_with_the_reason():
 
 
 def test_patch_and_unpatch_keep_the_weights():
-    model = build()
-    types, storages = module_types(model), storage_map(model)
-    fastvit.patch(model)
-    assert storage_map(model) == storages
-    fastvit.unpatch(model)
-    assert module_types(model) == types
+    assert_patch_and_unpatch_keep_the_weights(build())
 
 
 def test_training_step_with_drop_path(op_calls):

@@ -24,10 +24,9 @@ from tests.patching.helpers import (
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
-    module_types,
+    assert_patch_and_unpatch_keep_the_weights,
     pair,
     perturb_,
-    storage_map,
 )
 
 timm = pytest.importorskip("timm")
@@ -81,12 +80,7 @@ def test_maps_longer_than_the_kernels_head_dim_run_sdpa_in_the_op(op_calls, fres
 
 
 def test_patch_and_unpatch_keep_the_weights():
-    model = build()
-    types, storages = module_types(model), storage_map(model)
-    fastvit.patch(model)
-    assert storage_map(model) == storages
-    fastvit.unpatch(model)
-    assert module_types(model) == types
+    assert_patch_and_unpatch_keep_the_weights(build())
 
 
 def test_training_step_with_drop_path(op_calls):
