@@ -23,8 +23,8 @@ from timm.layers import LayerScale2d, RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models.maxxvit import Attention2d, AttentionCl, TransformerBlock2d
 
 import fastvit
-from fastvit.nn.fused import FusedModule, dropout_active, global_module_hooks, hook_kinds, warn_fallback
-from fastvit.nn.timm_mlp import FusedGammaMlpHalf, drop_path_scale, mlp_activation
+from fastvit.nn.fused import FusedModule, global_module_hooks, hook_kinds, warn_fallback
+from fastvit.nn.timm_mlp import FusedGammaMlpHalf, drop_path_scale, mlp_activation, mlp_dropout_falls_back
 
 __all__ = ["FusedAttention2d", "FusedAttentionCl", "FusedTransformerBlock2d"]
 
@@ -166,12 +166,7 @@ class FusedTransformerBlock2d(FusedGammaMlpHalf, TransformerBlock2d):
         mlp, norm = self.mlp, self.norm2
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(x)
-        if dropout_active(mlp.drop.p, mlp.drop.training):
-            warn_fallback(
-                "patched-mlp-dropout:timm-TransformerBlock2d",
-                "fastvit: a patched timm TransformerBlock2d has MLP dropout > 0 and is in training mode; "
-                "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
-            )
+        if mlp_dropout_falls_back(self, mlp):
             return self._fastvit_original_half(x)
         y = fastvit.layernorm_mlp(
             x.permute(0, 2, 3, 1), norm.weight, norm.bias, mlp.fc1.weight.flatten(1), mlp.fc1.bias,

@@ -36,7 +36,8 @@ from fastvit.ops._fx import method_leaf
 __all__ = [
     "MLP_BYPASSED", "RMS_NORMS", "SHARED_DROP_PATH_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "PreNormMlpHalf",
     "SharedDropPathBlock", "SharedDropPathMlpHalf", "drop_path_scale", "fused_mlp_half",
-    "gelu_approximate", "mlp_activation", "mlp_arguments", "norm_arguments",
+    "gelu_approximate", "mlp_activation", "mlp_arguments", "mlp_dropout_falls_back", "mlp_dropout_p", "mlp_dropouts",
+    "norm_arguments",
 ]  # fmt: skip
 
 # the submodules the fused half reads without calling them (FusedModule.fastvit_bypassed)
@@ -117,6 +118,31 @@ def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]
     return arguments
 
 
+def mlp_dropouts(mlp: nn.Module) -> tuple[nn.Dropout, ...]:
+    """The dropout modules of a timm MLP the patcher has checked: ``drop1`` and ``drop2`` (Mlp, GluMlp,
+    SwiGLU), or the one ``drop`` of a ``ConvMlp`` (CoAtNet's TransformerBlock2d)."""
+    return (mlp.drop1, mlp.drop2) if hasattr(mlp, "drop1") else (mlp.drop,)
+
+
+def mlp_dropout_p(mlp: nn.Module) -> float:
+    """The largest dropout probability in a timm MLP (what the patch report names)."""
+    return max(drop.p for drop in mlp_dropouts(mlp))
+
+
+def mlp_dropout_falls_back(block: FusedModule, mlp: nn.Module) -> bool:
+    """True, with a warning once per block class, while ``mlp``'s dropout is active in training:
+    ``fastvit.layernorm_mlp`` has no dropout, so the caller runs timm's modules for the MLP half."""
+    if not any(dropout_active(drop.p, drop.training) for drop in mlp_dropouts(mlp)):
+        return False
+    name = type(block).fastvit_original().__name__
+    warn_fallback(
+        f"patched-mlp-dropout:timm-{name}",
+        f"fastvit: a patched timm {name} has MLP dropout > 0 and is in training mode; "
+        "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
+    )
+    return True
+
+
 def fused_mlp_half(
     block: FusedModule,
     x: torch.Tensor,
@@ -141,13 +167,7 @@ def fused_mlp_half(
     Example:
         >>> x = fused_mlp_half(self, x, self.norm2, self.mlp, self.drop_path2, None, self._fastvit_original_half)
     """
-    if dropout_active(mlp.drop1.p, mlp.drop1.training) or dropout_active(mlp.drop2.p, mlp.drop2.training):
-        name = type(block).fastvit_original().__name__
-        warn_fallback(
-            f"patched-mlp-dropout:timm-{name}",
-            f"fastvit: a patched timm {name} has MLP dropout > 0 and is in training mode; "
-            "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
-        )
+    if mlp_dropout_falls_back(block, mlp):
         return original(x)
     return fastvit.layernorm_mlp(
         x, layer_scale=layer_scale, sample_scale=drop_path_scale(drop_path, x), **norm_arguments(norm),

@@ -610,7 +610,7 @@ def _mlp_layers_problems(mlp: nn.Module, linears: tuple[str, ...], name: str = "
 def _block_notes(block: nn.Module) -> list[str]:
     notes = []
     mlp = block.mlp
-    p = mlp.drop.p if type(mlp) is ConvMlp else max(mlp.drop1.p, mlp.drop2.p)  # CoAtNet's ConvMlp: one dropout
+    p = timm_mlp.mlp_dropout_p(mlp)
     if p > 0:
         notes.append(f"MLP dropout {p}: in training its MLP half runs timm's modules")
     # CaiT's and ConViT's blocks have one drop_path for both halves
