@@ -542,11 +542,12 @@ def test_kernel_short_sequences_backward_in_one_launch(kernel_device, dtype, hea
         pytest.skip("no short tiles for this dtype and head dim here")
     rows, cols = tiles
     calls = record_launches(monkeypatch)
-    # 7 x 9 = 63 pairs: more than the interpreter's 48 programs (12 x 4 SMs): 32 programs, the last
-    # with one pair, the others two
-    for n_q, n_k, causal in [(rows, cols, False), (rows - 3, cols - 5, True), (2, cols, True), (rows, 1, False)]:
+    # the full tile on 7 x 9 = 63 pairs: more than the interpreter's 48 programs (12 x 4 SMs): 32
+    # programs, the last with one pair, the others two; the partial tiles on 2 x 3 pairs
+    for n_q, n_k, causal, batch, heads in [(rows, cols, False, 7, 9), (rows - 3, cols - 5, True, 2, 3),
+                                           (2, cols, True, 2, 3), (rows, 1, False, 2, 3)]:  # fmt: skip
         calls.clear()
-        (q, k, v), _ = _inputs(7, 9, n_q, n_k, head_dim, dtype, kernel_device, seed=n_q * 100 + n_k)
+        (q, k, v), _ = _inputs(batch, heads, n_q, n_k, head_dim, dtype, kernel_device, seed=n_q * 100 + n_k)
         out, lse, grad_out, grads = _run_kernel(q, k, v, causal=causal)
         assert calls == ["fwd", "short"], (n_q, n_k)
         _check_against_reference(q, k, v, out, lse, grad_out, grads, causal=causal)

@@ -52,13 +52,15 @@ MODELS = {
 
 def build(name: str, **overrides) -> torch.nn.Module:
     model, config, *_ = MODELS[name]
-    if name == "maxvit":  # timm's config with its last two stages only, widths 16 / 32, head dim 8
+    if name == "maxvit":  # timm's config with its last two stages only, widths 16 / 32, head dim 8,
+        # 4 x 4 windows and grids (partition ratio 16 at 64 px; timm's 32 gives 2 x 2 windows: four
+        # times the windows, the cost of the interpreter test, for no other path)
         from timm.models import maxxvit
 
         cfg = maxxvit.model_cfgs["maxvit_rmlp_nano_rw"]
         cfg = dataclasses.replace(
             cfg, embed_dim=(16, 32), depths=(1, 1), block_type=cfg.block_type[-2:], stem_width=16,
-            transformer_cfg=dataclasses.replace(cfg.transformer_cfg, dim_head=8),
+            transformer_cfg=dataclasses.replace(cfg.transformer_cfg, dim_head=8, partition_ratio=16),
         )  # fmt: skip
         return perturb_(maxxvit.MaxxVit(cfg, num_classes=5, **(config | overrides))).eval()
     return perturb_(timm.create_model(model, pretrained=False, num_classes=5, **(config | overrides))).eval()
