@@ -11,21 +11,26 @@ maps of up to 256 tokens (EdgeNeXt-S at 256 px: its third and fourth stages, 16 
 larger maps (its second stage, 32 x 32) run PyTorch's SDPA inside the op, with its one-time
 fallback warning.
 
-The block's other parts run timm's modules: its inverted-bottleneck MLP adds to the block's input
-(before the split depthwise convs and the attention), not to the tensor it normalises, so it is
-no ``fastvit.layernorm_mlp`` call (reported). See ``fastvit.nn.fused`` for how the swap works.
-Importing this module imports timm.
+The MLP halves of both block kinds, the ``ConvBlock`` (depthwise conv, then the inverted
+bottleneck) and the ``SplitTransposeBlock`` (after its attention), are one ``fastvit.layernorm_mlp``
+call each: timm adds their branch ``drop_path(gamma * mlp(norm(x)))`` to the block's input, not to
+the (B, H, W, C) tensor the MLP normalises, so the op runs with ``residual=False`` (``gamma`` as
+``layer_scale``, the drop path as ``sample_scale``) and the block adds its shortcut. See
+``fastvit.nn.fused`` for how the swap works. Importing this module imports timm.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.models.edgenext import CrossCovarianceAttn
+from timm.models.edgenext import ConvBlock, CrossCovarianceAttn, SplitTransposeBlock
 
+import fastvit
 from fastvit.nn.fused import FusedModule
+from fastvit.nn.timm_mlp import drop_path_scale, mlp_arguments, mlp_dropout_falls_back, norm_arguments
 from fastvit.nn.timm_xcit import cross_covariance_attention
+from fastvit.ops._fx import method_leaf
 
-__all__ = ["FusedCrossCovarianceAttn"]
+__all__ = ["FusedCrossCovarianceAttn", "FusedEdgeNextConvBlock", "FusedSplitTransposeBlock"]
 
 
 class FusedCrossCovarianceAttn(FusedModule, CrossCovarianceAttn):
@@ -52,3 +57,99 @@ class FusedCrossCovarianceAttn(FusedModule, CrossCovarianceAttn):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, cross-covariance (channels attend), fastvit={self.fastvit_op}"
+
+
+class EdgeNextMlpBranch(FusedModule):
+    """The MLP branch both EdgeNeXt blocks end in, ``drop_path(gamma * mlp(norm(x)))`` over a
+    (B, H, W, C) map, returned channels-first (B, C, H, W) for the block to add to its shortcut:
+    one ``fastvit.layernorm_mlp(..., residual=False)`` call. MLP dropout active in training, or a
+    hook on (or a replacement of) a bypassed submodule, run timm's modules in timm's order."""
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+    # drop_path too: SplitTransposeBlock calls it in its attention half as well, where it stays timm's
+    fastvit_bypassed = ("norm", "mlp", "mlp.fc1", "mlp.act", "mlp.drop1", "mlp.norm", "mlp.fc2", "mlp.drop2",
+                        "drop_path")  # fmt: skip
+
+    def _fastvit_original_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's branch, module by module: (B, H, W, C) -> (B, C, H, W)."""
+        x = self.mlp(self.norm(x))
+        if self.gamma is not None:
+            x = self.gamma * x
+        return self.drop_path(x.permute(0, 3, 1, 2))
+
+    def _fastvit_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, C, H, W), a channels-first view of the op's (B, H, W, C) output, as
+        timm's ``permute`` returns it."""
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_branch(x)
+        traced = method_leaf(self, "_fastvit_mlp_branch", x)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
+        if not self._fastvit_submodules_intact() or mlp_dropout_falls_back(self, self.mlp):
+            return self._fastvit_original_branch(x)
+        y = fastvit.layernorm_mlp(
+            x, residual=False, layer_scale=self.gamma, sample_scale=drop_path_scale(self.drop_path, x),
+            **norm_arguments(self.norm), **mlp_arguments(self.mlp),
+        )  # fmt: skip
+        return y.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.norm.normalized_shape[0]}, mlp=Mlp, residual: the block's input, fastvit={self.fastvit_op}"
+
+
+class FusedEdgeNextConvBlock(EdgeNextMlpBranch, ConvBlock):
+    """timm EdgeNeXt ``ConvBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same
+    signature, ``forward(x)``: x (B, C, H, W) -> (B, C', H', W')); its depthwise conv runs as timm's.
+
+    Example:
+        >>> model = timm.create_model("edgenext_small")
+        >>> fastvit.patch(model)  # stages.*.blocks.* (conv blocks) -> FusedEdgeNextConvBlock
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x)
+        shortcut = x
+        x = self.conv_dw(x)
+        if self.shortcut_after_dw:
+            shortcut = x
+        return shortcut + self._fastvit_mlp_branch(x.permute(0, 2, 3, 1))
+
+
+class FusedSplitTransposeBlock(EdgeNextMlpBranch, SplitTransposeBlock):
+    """timm EdgeNeXt ``SplitTransposeBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call
+    (same signature, ``forward(x)``: x (B, C, H, W) -> (B, C, H, W)); its split depthwise convs,
+    positional encoding and attention half (``CrossCovarianceAttn``, fused on its own) run as timm's.
+
+    Example:
+        >>> model = timm.create_model("edgenext_small")
+        >>> fastvit.patch(model)  # the last block of stages 2-4 -> FusedSplitTransposeBlock
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's own forward
+            return super().forward(x)
+        # timm's split convs and attention half, as in SplitTransposeBlock.forward
+        shortcut = x
+        spx = x.chunk(len(self.convs) + 1, dim=1)
+        spo = []
+        sp = spx[0]
+        for i, conv in enumerate(self.convs):
+            if i > 0:
+                sp = sp + spx[i]
+            sp = conv(sp)
+            spo.append(sp)
+        spo.append(spx[-1])
+        x = torch.cat(spo, 1)
+        B, C, H, W = x.shape
+        x = x.reshape(B, C, H * W).permute(0, 2, 1)
+        if self.pos_embd is not None:
+            pos_encoding = self.pos_embd((B, H, W)).reshape(B, -1, x.shape[1]).permute(0, 2, 1)
+            x = x + pos_encoding
+        x = x + self.drop_path(self.gamma_xca * self.xca(self.norm_xca(x)))
+        return shortcut + self._fastvit_mlp_branch(x.reshape(B, H, W, C))

@@ -15,8 +15,9 @@ bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction 
 ``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves (``timm_cait``; its
 TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention (``timm_xcit``: the
 channels attend, the tokens are the head dim; and its XCABlock's MLP half; EdgeNeXt's, the same
-attention: ``timm_edgenext``), of Next-ViT's spatial-reduction attention (``timm_nextvit``), of
-EfficientFormer's attention and MetaBlock1d MLP halves (``timm_efficientformer``), of the last-stage
+attention, and the MLP halves of its ConvBlock and SplitTransposeBlock: ``timm_edgenext``), of
+Next-ViT's spatial-reduction attention (``timm_nextvit``), of EfficientFormer's attention and
+MetaBlock1d MLP halves (``timm_efficientformer``), of the last-stage
 attention of Apple's FastViT (``fastvit_sa*``, ``fastvit_mci*``: ``timm_fastvit``), of TNT's inner and
 outer attention and its blocks' two MLP halves (``timm_tnt``), of MViTv2 (pooling attention with its
 relative position, and its blocks' MLP halves: ``timm_mvit``), of VOLO (self- and class attention, and
@@ -34,6 +35,7 @@ architectures are left alone."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from timm.layers import ConvMlp, DropPath, GluMlp, LayerScale, LayerScale2d, Mlp, PatchEmbed, SwiGLU
 from timm.layers import LayerNorm as TimmLayerNorm
@@ -179,13 +181,14 @@ except ImportError:
     pass
 
 # VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
-# CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's, EfficientFormer's MetaBlock1d, TinyViT's, TNT's
-# and CoAtNet's TransformerBlock2d (checked by _BLOCK_CHECKS)
+# CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's, EfficientFormer's MetaBlock1d, TinyViT's, TNT's,
+# CoAtNet's TransformerBlock2d and EdgeNeXt's two blocks (checked by _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
     timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
     timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
     timm_xcit.FusedXCABlock, timm_convit.FusedConvitBlock, timm_efficientformer.FusedMetaBlock1d,
     timm_relpos.FusedTinyVitBlock, timm_tnt.FusedTntBlock, timm_maxxvit.FusedTransformerBlock2d,
+    timm_edgenext.FusedEdgeNextConvBlock, timm_edgenext.FusedSplitTransposeBlock,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -330,11 +333,6 @@ _LEFT_ALONE = {
     ("timm.models.nextvit", "NextTransformerBlock"): (
         "mlp", "Next-ViT's NextTransformerBlock normalises with BatchNorm2d and its MLP is 1x1 convolutions (ConvMlp), "
         "not a LayerNorm MLP: it runs timm's modules",
-    ),
-    ("timm.models.edgenext", "SplitTransposeBlock"): (
-        "mlp", "EdgeNeXt's SplitTransposeBlock adds its MLP branch to the block's input (taken before its split "
-        "depthwise convs and its attention), not to the tensor the MLP normalises; fastvit.layernorm_mlp computes "
-        "x + mlp(layer_norm(x)): it runs timm's modules",
     ),
     ("timm.models.levit", "LevitBlock"): (
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
@@ -507,6 +505,21 @@ def _tinyvit_block_problems(block: nn.Module) -> list[str]:
     return problems + _mlp_layers_problems(mlp, ("fc1", "fc2"))
 
 
+def _edgenext_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of an EdgeNeXt ConvBlock or SplitTransposeBlock, shortcut +
+    drop_path(gamma * mlp(norm(x))) over its (B, H, W, C) map, cannot be fused."""
+    names = ("norm", "mlp", "gamma", "drop_path")
+    names += ("conv_dw", "shortcut_after_dw") if hasattr(block, "conv_dw") else ("convs", "pos_embd", "xca")
+    problems = missing_attributes(block, names, "timm")
+    if problems:
+        return problems
+    problems = _mlp_half_problems(block, "drop_path", norm="norm")
+    gamma, dim = block.gamma, block.mlp.fc2.out_features if not problems else None
+    if dim is not None and gamma is not None and (not isinstance(gamma, torch.Tensor) or gamma.shape != (dim,)):
+        problems.append(f"gamma is neither None nor a ({dim},) layer scale")
+    return problems
+
+
 def _tnt_block_problems(block: nn.Module) -> list[str]:
     """Why the MLP halves of a TNT block, pixel + drop_path(mlp_in(norm_mlp_in(pixel))) and
     patch + drop_path(mlp(norm_mlp(patch))), cannot be fused."""
@@ -561,6 +574,8 @@ _BLOCK_CHECKS = {
     timm_relpos.FusedTinyVitBlock: _tinyvit_block_problems,
     timm_tnt.FusedTntBlock: _tnt_block_problems,
     timm_maxxvit.FusedTransformerBlock2d: _transformer_block2d_problems,
+    timm_edgenext.FusedEdgeNextConvBlock: _edgenext_block_problems,
+    timm_edgenext.FusedSplitTransposeBlock: _edgenext_block_problems,
 }
 
 

@@ -38,7 +38,7 @@ FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], torch.Tens
     "swinv2_cr": (test_timm_swinv2_cr.build, lambda: test_timm_swinv2_cr.images(batch=1), {ATTENTION}),
     "efficientformer": (test_timm_efficientformer.build, lambda: test_timm_efficientformer.images(batch=1),
                         {ATTENTION, MLP}),
-    "edgenext": (test_timm_edgenext.build, test_timm_edgenext.images, {ATTENTION}),
+    "edgenext": (test_timm_edgenext.build, test_timm_edgenext.images, {ATTENTION, MLP}),
     "apple_fastvit": (test_timm_apple_fastvit.build, lambda: test_timm_apple_fastvit.images(batch=1), {ATTENTION}),
     "tnt": (test_timm_tnt.build, test_timm_tnt.images, {ATTENTION, MLP}),
     "volo": (test_timm_volo.build, lambda: test_timm_volo.images(batch=2), {ATTENTION, MLP}),
