@@ -117,7 +117,8 @@ def patch(
       ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt (cross-covariance), Next-ViT, TNT and
       Apple's FastViT / MobileCLIP (``fastvit_sa*``, ``fastvit_mci*``); the MLP halves of the Swin
       V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO,
-      MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks;
+      MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP
+      towers);
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,

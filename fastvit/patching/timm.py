@@ -15,7 +15,8 @@ bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction 
 ``timm_pvt``), of CaiT's class attention and both its blocks' MLP halves (``timm_cait``; its
 TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention (``timm_xcit``: the
 channels attend, the tokens are the head dim; and its XCABlock's MLP half; EdgeNeXt's, the same
-attention, and the MLP halves of its ConvBlock and SplitTransposeBlock: ``timm_edgenext``), of
+attention, and the MLP halves of its ConvBlock and SplitTransposeBlock: ``timm_edgenext``), of the
+MLP halves of ConvNeXt's blocks (``timm_convnext``), of
 Next-ViT's spatial-reduction attention (``timm_nextvit``), of EfficientFormer's attention and
 MetaBlock1d MLP halves (``timm_efficientformer``), of the last-stage
 attention of Apple's FastViT (``fastvit_sa*``, ``fastvit_mci*``: ``timm_fastvit``), of TNT's inner and
@@ -46,6 +47,7 @@ from timm.models.tiny_vit import NormMlp as TinyVitNormMlp
 from fastvit.nn import (
     timm_cait,
     timm_convit,
+    timm_convnext,
     timm_edgenext,
     timm_efficientformer,
     timm_eva,
@@ -182,13 +184,13 @@ except ImportError:
 
 # VOLO's outlooker, transformer and class blocks (their attentions below: fastvit.nn.timm_volo),
 # CaiT's two blocks, MViTv2's, XCiT's XCABlock, ConViT's, EfficientFormer's MetaBlock1d, TinyViT's, TNT's,
-# CoAtNet's TransformerBlock2d and EdgeNeXt's two blocks (checked by _BLOCK_CHECKS)
+# CoAtNet's TransformerBlock2d, EdgeNeXt's two blocks and ConvNeXt's (checked by _BLOCK_CHECKS)
 _OTHER_BLOCKS |= fused_table(
     timm_volo.FusedVoloOutlooker, timm_volo.FusedVoloTransformer, timm_volo.FusedVoloClassBlock,
     timm_cait.FusedLayerScaleBlock, timm_cait.FusedLayerScaleBlockClassAttn, timm_mvit.FusedMultiScaleBlock,
     timm_xcit.FusedXCABlock, timm_convit.FusedConvitBlock, timm_efficientformer.FusedMetaBlock1d,
     timm_relpos.FusedTinyVitBlock, timm_tnt.FusedTntBlock, timm_maxxvit.FusedTransformerBlock2d,
-    timm_edgenext.FusedEdgeNextConvBlock, timm_edgenext.FusedSplitTransposeBlock,
+    timm_edgenext.FusedEdgeNextConvBlock, timm_edgenext.FusedSplitTransposeBlock, timm_convnext.FusedConvNeXtBlock,
 )
 
 try:  # HieraDet, SAM 2's image encoder, in timm's recent releases (fastvit.nn.timm_hieradet)
@@ -355,6 +357,8 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.nextvit", "NextViT"): _CONV_STEM,
     ("timm.models.tnt", "TNT"): "patch embedding is a PixelEmbed (each patch unfolded into pixel tokens for the "
     "inner transformer) beside the patch tokens, not a ViT's single patchify conv (fastvit.patch_embed): left alone",
+    ("timm.models.convnext", "ConvNeXt"): "stem is a patchify conv followed by a LayerNorm2d over the (B, C, H, W) "
+    "map, feeding conv stages, not a ViT's token embedding (fastvit.patch_embed): left alone",
     ("timm.models.edgenext", "EdgeNeXt"): "stem is a conv over a (B, C, H, W) map followed by a LayerNorm2d, "
     "feeding conv stages, not a ViT's token embedding (fastvit.patch_embed): left alone",
     ("timm.models.cait", "Cait"): _NOT_YET,
@@ -514,9 +518,58 @@ def _edgenext_block_problems(block: nn.Module) -> list[str]:
     if problems:
         return problems
     problems = _mlp_half_problems(block, "drop_path", norm="norm")
-    gamma, dim = block.gamma, block.mlp.fc2.out_features if not problems else None
-    if dim is not None and gamma is not None and (not isinstance(gamma, torch.Tensor) or gamma.shape != (dim,)):
-        problems.append(f"gamma is neither None nor a ({dim},) layer scale")
+    return problems or _gamma_problems(block.gamma, block.mlp.fc2.out_features)
+
+
+def _gamma_problems(gamma: object, dim: int) -> list[str]:
+    """Why a block's ``gamma`` cannot be the op's ``layer_scale``: neither None nor a (dim,) tensor."""
+    if gamma is None or (isinstance(gamma, torch.Tensor) and gamma.shape == (dim,)):
+        return []
+    return [f"gamma is neither None nor a ({dim},) layer scale"]
+
+
+def _convnext_block_problems(block: nn.Module) -> list[str]:
+    """Why the MLP half of a ConvNeXt block, drop_path(gamma * mlp(norm(conv_dw(x)))) + shortcut(x),
+    cannot be fused: with ``conv_mlp`` a LayerNorm2d and an Mlp of plain 1x1 convs, else a
+    LayerNorm (or RMS norm) and timm's Mlp / GluMlp / SwiGLU of Linears."""
+    names = ("conv_dw", "norm", "mlp", "gamma", "shortcut", "drop_path", "use_conv_mlp")
+    problems = missing_attributes(block, names, "timm")
+    if problems:
+        return problems
+    mlp = block.mlp
+    if type(mlp).__name__ == "GlobalResponseNormMlp":
+        return ["mlp is ConvNeXt V2's GlobalResponseNormMlp (a response norm over the hidden activations' H x W "
+                "between the activation and fc2); fastvit.layernorm_mlp normalises only its input"]  # fmt: skip
+    if not block.use_conv_mlp:
+        problems = _mlp_half_problems(block, "drop_path", norm="norm")
+        return problems or _gamma_problems(block.gamma, mlp.fc2.out_features)
+    problems += layernorm_problems(block.norm, "norm", (TimmLayerNorm2d,))
+    problems += exact_type(block.drop_path, "drop_path", (nn.Identity, DropPath), "DropPath")
+    problems += exact_type(mlp, "mlp", (Mlp,), "timm's Mlp (of 1x1 convs)")
+    if problems:
+        return problems
+    problems += _pointwise_conv_problems(mlp, ("fc1", "fc2"))
+    if type(mlp.norm) is not nn.Identity:
+        problems.append(f"mlp.norm is {type(mlp.norm).__qualname__}; fastvit.layernorm_mlp normalises only its input")
+    problems += exact_type(mlp.drop1, "mlp.drop1", (nn.Dropout,), "nn.Dropout")
+    problems += exact_type(mlp.drop2, "mlp.drop2", (nn.Dropout,), "nn.Dropout")
+    if timm_mlp.mlp_activation(mlp.act) is None:
+        problems.append(
+            f"mlp.act is {type(mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), QuickGELU or SiLU"
+        )
+    return problems or _gamma_problems(block.gamma, mlp.fc2.out_channels)
+
+
+def _pointwise_conv_problems(mlp: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Why the named convs of an MLP are not plain 1x1 convs (an nn.Linear's (out, in) weight as a view)."""
+    problems = []
+    for name in names:
+        conv = getattr(mlp, name)
+        problems += exact_type(conv, f"mlp.{name}", (nn.Conv2d,), "nn.Conv2d")
+        if not problems and (tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.groups != 1
+                             or conv.padding not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1)):
+            problems.append(f"mlp.{name} is not a plain 1x1 conv (kernel {tuple(conv.kernel_size)}, stride "
+                            f"{tuple(conv.stride)}, groups {conv.groups}, padding {conv.padding})")  # fmt: skip
     return problems
 
 
@@ -546,13 +599,7 @@ def _transformer_block2d_problems(block: nn.Module) -> list[str]:
     problems += exact_type(mlp, "mlp", (ConvMlp,), "timm's ConvMlp")
     if problems:
         return problems
-    for name in ("fc1", "fc2"):
-        conv = getattr(mlp, name)
-        problems += exact_type(conv, f"mlp.{name}", (nn.Conv2d,), "nn.Conv2d")
-        if not problems and (tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.groups != 1
-                             or conv.padding not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1)):
-            problems.append(f"mlp.{name} is not a plain 1x1 conv (kernel {tuple(conv.kernel_size)}, stride "
-                            f"{tuple(conv.stride)}, groups {conv.groups}, padding {conv.padding})")  # fmt: skip
+    problems += _pointwise_conv_problems(mlp, ("fc1", "fc2"))
     if type(mlp.norm) is not nn.Identity:
         problems.append(f"mlp.norm is {type(mlp.norm).__qualname__}; fastvit.layernorm_mlp normalises only its input")
     problems += exact_type(mlp.drop, "mlp.drop", (nn.Dropout,), "nn.Dropout")
@@ -576,6 +623,7 @@ _BLOCK_CHECKS = {
     timm_maxxvit.FusedTransformerBlock2d: _transformer_block2d_problems,
     timm_edgenext.FusedEdgeNextConvBlock: _edgenext_block_problems,
     timm_edgenext.FusedSplitTransposeBlock: _edgenext_block_problems,
+    timm_convnext.FusedConvNeXtBlock: _convnext_block_problems,
 }
 
 

@@ -3,7 +3,8 @@ fastvit's custom ops (the Triton route; kernels in the interpreter here) where t
 calls them, and the exported module computes what the unpatched model does. The generic drop-in
 checks (tests/patching/test_tracing.py) export timm's ViT, torchvision's and Hugging Face's; each
 family here has its own fused classes and forwards (window masks, learnable biases, channels-first
-maps, two MLP halves per block, cross-covariance attention), any of which could break a capture.
+maps, two MLP halves per block, cross-covariance attention, an MLP branch beside the block's input),
+any of which could break a capture.
 
 The models are each family test's own tiny builds (no downloads), one batch size, static shapes.
 """
@@ -23,6 +24,7 @@ pytest.importorskip("timm")
 from tests.patching import (
     test_timm_apple_fastvit,
     test_timm_convit,
+    test_timm_convnext,
     test_timm_edgenext,
     test_timm_efficientformer,
     test_timm_maxxvit,
@@ -46,6 +48,7 @@ FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], torch.Tens
     "tiny_vit": (lambda: test_timm_relpos.tiny_vit().eval(), lambda: torch.randn(2, 3, 64, 64), {ATTENTION, MLP}),
     "coatnet": (lambda: test_timm_maxxvit.build("coatnet_nano_rw", img_size=32), lambda: torch.randn(2, 3, 32, 32),
                 {ATTENTION, MLP}),
+    "convnext": (lambda: test_timm_convnext.build("conv_mlp"), lambda: test_timm_convnext.images(batch=1), {MLP}),
 }  # fmt: skip
 
 
