@@ -52,6 +52,15 @@ def images(size: int = 64, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def block_output_strides(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    strides: list[tuple[int, ...]] = []
+    handles = [b.register_forward_hook(lambda m, args, out: strides.append(out.stride())) for b in blocks(model)]
+    model(x)
+    for handle in handles:
+        handle.remove()
+    return strides
+
+
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     kinds = (timm.models.edgenext.ConvBlock, timm.models.edgenext.SplitTransposeBlock)
     return [m for m in model.modules() if isinstance(m, kinds)]
@@ -78,6 +87,8 @@ def test_matches_unpatched_by_the_rule(op_calls):
     shapes = [tuple(c["args"][0].shape) for c in op_calls["flash_attention"]]
     assert shapes == [(2, 2, 12, 64), (2, 2, 16, 16), (2, 2, 24, 4)]
     assert all(c["kwargs"]["scale"] == 1.0 for c in op_calls["flash_attention"])
+    # each block's output laid out as timm's (a channels-last view of the MLP's output, plus the input)
+    assert block_output_strides(patched, images()) == block_output_strides(reference, images())
 
 
 def test_q_and_k_are_normalised_over_the_tokens(op_calls):
