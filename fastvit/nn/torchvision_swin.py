@@ -48,6 +48,7 @@ __all__ = [
     "FusedShiftedWindowAttention",
     "FusedShiftedWindowAttentionV2",
     "FusedSwinTransformerBlock",
+    "row_keep",
     "shifted_window_flash_attention",
 ]
 
@@ -251,7 +252,7 @@ class FusedShiftedWindowAttentionV2(FusedModule, ShiftedWindowAttentionV2):
         )
 
 
-def _row_keep(drop: StochasticDepth, x: torch.Tensor) -> torch.Tensor | None:
+def row_keep(drop: StochasticDepth, x: torch.Tensor) -> torch.Tensor | None:
     """torchvision's ``stochastic_depth(branch, p, "row")`` factor for a branch on ``x``, drawn as
     torchvision draws it (the same RNG calls, in the branch's dtype: the autocast dtype under
     autocast), flattened to the per-sample (B,) ``sample_scale``; None where it is the identity."""
@@ -310,7 +311,7 @@ class FusedSwinTransformerBlock(FusedModule, SwinTransformerBlock):
         norm = self.norm2
         return fastvit.layernorm_mlp(
             x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-            eps=norm.eps, approximate=act.approximate, sample_scale=_row_keep(self.stochastic_depth, x),
+            eps=norm.eps, approximate=act.approximate, sample_scale=row_keep(self.stochastic_depth, x),
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -3,8 +3,8 @@
 ``encoder.pos_embedding``); the window attention of ``SwinTransformer`` (swin_t/s/b:
 ``ShiftedWindowAttention``; swin_v2_t/s/b: ``ShiftedWindowAttentionV2``) and of ``MaxVit``
 (maxvit_t: ``RelativePositionalMultiHeadAttention``), wherever those modules sit, and the
-LayerNorm+MLP half of Swin V1's ``SwinTransformerBlock`` (V2's post-norm blocks and MaxViT's
-``PartitionAttentionLayer`` MLP halves are reported as skipped, with why).
+LayerNorm+MLP halves of Swin V1's ``SwinTransformerBlock`` and of MaxViT's
+``PartitionAttentionLayer`` (V2's post-norm blocks are reported as skipped, with why).
 
 ``nn.MultiheadAttention`` is patched only as an ``EncoderBlock``'s ``self_attention``, where it is
 known to be called as self-attention without weights; elsewhere in a model it is left alone.
@@ -13,7 +13,6 @@ known to be called as self-attention without weights; elsewhere in a model it is
 from __future__ import annotations
 
 import torch.nn as nn
-from torchvision.models.maxvit import PartitionAttentionLayer
 from torchvision.models.swin_transformer import SwinTransformerBlockV2
 from torchvision.models.vision_transformer import Encoder, MLPBlock
 from torchvision.ops.misc import MLP
@@ -31,6 +30,7 @@ _ATTENTIONS = fused_table(fused.FusedMultiheadAttention)
 _BLOCKS = fused_table(fused.FusedEncoderBlock)
 _MODELS = fused_table(fused.FusedVisionTransformer)
 _SWIN_BLOCKS = fused_table(torchvision_swin.FusedSwinTransformerBlock)
+_MAXVIT_LAYERS = fused_table(torchvision_maxvit.FusedPartitionAttentionLayer)
 _WINDOW_ATTENTIONS = fused_table(
     torchvision_swin.FusedShiftedWindowAttention,
     torchvision_swin.FusedShiftedWindowAttentionV2,
@@ -42,7 +42,6 @@ _POST_NORM = (
     "Swin V2's block is post-norm, x + norm2(mlp(x)); fastvit.layernorm_mlp normalises the MLP's input "
     "(its window attention is fused)"
 )
-_MAXVIT_MLP = "MaxViT's LayerNorm+MLP half (mlp_layer, with the partition around it) is not fused yet"
 
 
 def _attention_problems(mha: nn.Module) -> list[str]:
@@ -152,6 +151,36 @@ def _swin_block_notes(block: nn.Module) -> list[str]:
     return [f"MLP dropout {p}: in training its MLP half runs torchvision's modules"] if p > 0 else []
 
 
+def _maxvit_layer_problems(layer: nn.Module) -> list[str]:
+    """Why the MLP half of a MaxViT PartitionAttentionLayer, x + stochastic_dropout(mlp_layer(x)),
+    cannot be fused."""
+    names = ("partition_op", "departition_op", "partition_swap", "departition_swap", "attn_layer", "mlp_layer",
+             "stochastic_dropout", "p", "grid_size")  # fmt: skip
+    problems = missing_attributes(layer, names, "torchvision")
+    if problems:
+        return problems
+    drop = layer.stochastic_dropout
+    problems += exact_type(drop, "stochastic_dropout", (StochasticDepth,), "StochasticDepth")
+    if not problems and drop.mode != "row":
+        problems.append(f"stochastic_dropout mode {drop.mode!r}, not 'row'")
+    problems += exact_type(layer.mlp_layer, "mlp_layer", (nn.Sequential,), "nn.Sequential")
+    if problems:
+        return problems
+    got = tuple(type(m) for m in layer.mlp_layer)
+    if got[:2] + got[3:] != (nn.LayerNorm, nn.Linear, nn.Linear, nn.Dropout) or len(got) != 5:
+        names = ", ".join(cls.__name__ for cls in got)
+        return [f"mlp_layer holds ({names}), not (LayerNorm, Linear, activation, Linear, Dropout)"]
+    problems += layernorm_problems(layer.mlp_layer[0], "mlp_layer.0")
+    if torchvision_maxvit.torchvision_activation(layer.mlp_layer[2]) is None:
+        problems.append(f"mlp_layer.2 is {type(layer.mlp_layer[2]).__name__}; the fused op computes GELU or SiLU")
+    return problems
+
+
+def _maxvit_layer_notes(layer: nn.Module) -> list[str]:
+    p = layer.mlp_layer[4].p
+    return [f"MLP dropout {p}: in training its MLP half runs torchvision's modules"] if p > 0 else []
+
+
 def _maxvit_attention_problems(attn: nn.Module) -> list[str]:
     problems = missing_attributes(
         attn, ("to_qkv", "merge", "n_heads", "head_dim", "scale_factor", "max_seq_len"), "torchvision"
@@ -203,6 +232,7 @@ def find(model: nn.Module) -> list[Finding]:
             findings.append(slot(path, module, "mlp", _SWIN_BLOCKS[cls], _swin_block_problems, _swin_block_notes))
         elif cls is SwinTransformerBlockV2:
             findings.append(Skip(path, "mlp", _POST_NORM))
-        elif cls is PartitionAttentionLayer:
-            findings.append(Skip(path, "mlp", _MAXVIT_MLP))
+        elif cls in _MAXVIT_LAYERS:
+            findings.append(slot(path, module, "mlp", _MAXVIT_LAYERS[cls], _maxvit_layer_problems,
+                                 _maxvit_layer_notes))  # fmt: skip
     return findings

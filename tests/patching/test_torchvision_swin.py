@@ -1,7 +1,8 @@
 """fastvit.patch on torchvision's windowed models: SwinTransformer V1 (``ShiftedWindowAttention``
 and the blocks' LayerNorm+MLP half), V2 (``ShiftedWindowAttentionV2``, cosine attention with a
 continuous position bias; its post-norm MLP half is reported as skipped) and MaxVit
-(``RelativePositionalMultiHeadAttention``, block and grid attention), against unpatched copies on
+(``RelativePositionalMultiHeadAttention``, block and grid attention, and each
+``PartitionAttentionLayer``'s LayerNorm+MLP half), against unpatched copies on
 the CPU (torch route, fp32), by the tolerance rule: the patched model's error against the
 unpatched model run in float64 is at most 2x the unpatched fp32 model's, plus fp32's slack.
 
@@ -25,11 +26,11 @@ import torch.nn as nn
 
 import fastvit
 from fastvit.nn.fused import FusedModule
-from tests.patching.helpers import module_types, pair, perturb_, storage_map
+from tests.patching.helpers import assert_matches_on_the_gpu, module_types, pair, perturb_, storage_map
 from tests.tolerance import assert_close_to_reference
 
 pytest.importorskip("torchvision")
-from torchvision.models.maxvit import MaxVit, RelativePositionalMultiHeadAttention
+from torchvision.models.maxvit import MaxVit, PartitionAttentionLayer, RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import (
     PatchMergingV2,
     ShiftedWindowAttention,
@@ -124,11 +125,13 @@ def test_swin_shift_mask_reaches_the_op(op_calls):
 
 def test_maxvit_matches_unpatched(op_calls):
     reference, patched, report = pair(maxvit().eval())
-    assert report.counts() == {"attention": BLOCKS}
-    assert [e.part for e in report.skipped] == ["mlp"] * BLOCKS  # reported: not fused yet
+    assert report.counts() == {"attention": BLOCKS, "mlp": BLOCKS} and not report.skipped
     assert_matches_by_the_rule(reference, patched, images(32))
     calls = op_calls["flash_attention"]
     assert len(calls) == BLOCKS
+    # the MLP halves on the partitioned (B, G, P, C) tokens: 16 windows / grid cells of 4, then 4 of 4
+    shapes = [tuple(c["args"][0].shape) for c in op_calls["layernorm_mlp"]]
+    assert shapes == [(BATCH, 16, 4, 32), (BATCH, 16, 4, 32), (BATCH, 4, 4, 64), (BATCH, 4, 4, 64)]
     attn = patched.blocks[0].layers[0].layers.window_attention.attn_layer[1]
     assert calls[0]["kwargs"]["scale"] == attn.scale_factor == 32**-0.5  # feat_dim, not head_dim
     q, mask = calls[0]["args"][0], calls[0]["kwargs"]["attn_mask"]
@@ -144,9 +147,10 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    swaps = 2 * BLOCKS if name == "swin" else BLOCKS  # V1: attention and MLP half of each block
+    swaps = BLOCKS if name == "swin_v2" else 2 * BLOCKS  # V1 and MaxViT: attention and MLP half of each block
     assert len(fused) == swaps
-    originals = (ShiftedWindowAttention, SwinTransformerBlock, RelativePositionalMultiHeadAttention)
+    originals = (ShiftedWindowAttention, SwinTransformerBlock, RelativePositionalMultiHeadAttention,
+                 PartitionAttentionLayer)  # fmt: skip
     assert all(isinstance(m, originals) for m in fused)
     assert len(fastvit.unpatch(model).replaced) == len(report.replaced) == swaps
     assert module_types(model) == before_types and storage_map(model) == before_storage
@@ -194,6 +198,46 @@ def test_training_step_with_stochastic_depth(op_calls):
     patched.eval()
     reference.eval()
     assert_matches_by_the_rule(reference, patched, images(20))
+
+
+def test_maxvit_training_step_with_stochastic_depth(op_calls):
+    """The layer's one StochasticDepth module draws anew in each half: the fused MLP half's
+    sample_scale draws what torchvision's second call draws."""
+    reference, patched, _ = pair(maxvit(stochastic_depth_prob=0.5).train())
+    for model in (reference, patched):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # the MBConv's BatchNorm: batch statistics are not what this checks
+    outputs = []
+    for model in (reference, patched):
+        torch.manual_seed(3)
+        out = model(images())
+        out.square().mean().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    scales = [call["kwargs"]["sample_scale"] for call in op_calls["layernorm_mlp"]]
+    # the first MaxVitLayer's two partition layers at p = 0 (torchvision's Identity draw), the second's not
+    assert len(scales) == BLOCKS and scales[:2] == [None, None] and all(s is not None for s in scales[2:])
+    for (name, want), got in zip(reference.named_parameters(), patched.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_maxvit_mlp_dropout_and_hooks_run_torchvision(op_calls, fresh_warnings):
+    reference, patched, report = pair(maxvit(mlp_dropout=0.2).train())
+    assert sum("MLP dropout 0.2" in e.detail for e in report.replaced) == BLOCKS
+    outputs = []
+    for model in (reference, patched):
+        model.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)
+        torch.manual_seed(5)
+        outputs.append(model(images()))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)  # the same dropout draws
+    assert not op_calls["layernorm_mlp"]
+    reference, patched, _ = pair(maxvit().eval())
+    for model in (reference, patched):
+        model.blocks[1].layers[0].layers.grid_attention.mlp_layer[1].register_forward_hook(lambda m, a, out: out * 2)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on mlp_layer.1"):
+        torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == BLOCKS - 1
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
@@ -280,7 +324,7 @@ def test_torchscript_compiles_the_original_math(name, op_calls, fresh_warnings):
         loaded = torch.jit.load(buffer)
     x = images()
     torch.testing.assert_close(loaded(x), reference(x), rtol=1e-5, atol=1e-5)
-    assert not op_calls["flash_attention"]  # TorchScript ran torchvision's math
+    assert not op_calls["flash_attention"] and not op_calls["layernorm_mlp"]  # TorchScript ran torchvision's math
     patched(x)
     assert len(op_calls["flash_attention"]) == BLOCKS  # the Python model is still patched
 
@@ -292,3 +336,18 @@ def test_triton_route_in_the_interpreter(op_calls):
     with fastvit.backend("triton"):
         assert_matches_by_the_rule(reference, patched, images(16))
     assert len(op_calls["flash_attention"]) == BLOCKS
+
+
+@pytest.mark.interpreter
+def test_maxvit_triton_route_in_the_interpreter(op_calls):
+    reference, patched, _ = pair(maxvit().eval())
+    with fastvit.backend("triton"):  # one image: the bias gradient walks every window in the interpreter
+        assert_matches_by_the_rule(reference, patched, images(32)[:1])
+    assert len(op_calls["flash_attention"]) == len(op_calls["layernorm_mlp"]) == BLOCKS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_kernels_on_the_gpu(name, op_calls):
+    assert_matches_on_the_gpu(MODELS[name]().eval(), images(32))
+    assert op_calls["flash_attention"] and (name == "swin_v2" or op_calls["layernorm_mlp"])
