@@ -252,15 +252,18 @@ class FusedShiftedWindowAttentionV2(FusedModule, ShiftedWindowAttentionV2):
         )
 
 
-def row_keep(drop: StochasticDepth, x: torch.Tensor) -> torch.Tensor | None:
+def row_keep(drop: StochasticDepth, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """torchvision's ``stochastic_depth(branch, p, "row")`` factor for a branch on ``x``, drawn as
     torchvision draws it (the same RNG calls, in the branch's dtype: the autocast dtype under
-    autocast), flattened to the per-sample (B,) ``sample_scale``; None where it is the identity."""
+    autocast, promoted with ``scale``'s where the branch is ``scale * mlp(...)``), flattened to the
+    per-sample (B,) ``sample_scale``; None where it is the identity."""
     if not drop.training or drop.p == 0.0:
         return None
     survival = 1.0 - drop.p
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    if scale is not None:
+        dtype = torch.promote_types(dtype, scale.dtype)
     noise = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=dtype, device=x.device).bernoulli_(survival)
     if survival > 0.0:
         noise.div_(survival)

@@ -119,7 +119,8 @@ def patch(
       V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO,
       MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP
       towers);
-    - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``) and MaxViT;
+    - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``), MaxViT and ConvNeXt's
+      LayerNorm+MLP (``convnext_*``);
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,
       the MLP halves of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers, and every

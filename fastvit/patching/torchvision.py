@@ -4,7 +4,8 @@
 ``ShiftedWindowAttention``; swin_v2_t/s/b: ``ShiftedWindowAttentionV2``) and of ``MaxVit``
 (maxvit_t: ``RelativePositionalMultiHeadAttention``), wherever those modules sit, and the
 LayerNorm+MLP halves of Swin V1's ``SwinTransformerBlock`` and of MaxViT's
-``PartitionAttentionLayer`` (V2's post-norm blocks are reported as skipped, with why).
+``PartitionAttentionLayer`` (V2's post-norm blocks are reported as skipped, with why); and the
+LayerNorm+MLP of ConvNeXt's ``CNBlock`` (``convnext_*``).
 
 ``nn.MultiheadAttention`` is patched only as an ``EncoderBlock``'s ``self_attention``, where it is
 known to be called as self-attention without weights; elsewhere in a model it is left alone.
@@ -15,10 +16,10 @@ from __future__ import annotations
 import torch.nn as nn
 from torchvision.models.swin_transformer import SwinTransformerBlockV2
 from torchvision.models.vision_transformer import Encoder, MLPBlock
-from torchvision.ops.misc import MLP
+from torchvision.ops.misc import MLP, Permute
 from torchvision.ops.stochastic_depth import StochasticDepth
 
-from fastvit.nn import torchvision_maxvit, torchvision_swin
+from fastvit.nn import torchvision_convnext, torchvision_maxvit, torchvision_swin
 from fastvit.nn import torchvision_vit as fused
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
@@ -31,6 +32,7 @@ _BLOCKS = fused_table(fused.FusedEncoderBlock)
 _MODELS = fused_table(fused.FusedVisionTransformer)
 _SWIN_BLOCKS = fused_table(torchvision_swin.FusedSwinTransformerBlock)
 _MAXVIT_LAYERS = fused_table(torchvision_maxvit.FusedPartitionAttentionLayer)
+_CONVNEXT_BLOCKS = fused_table(torchvision_convnext.FusedCNBlock)
 _WINDOW_ATTENTIONS = fused_table(
     torchvision_swin.FusedShiftedWindowAttention,
     torchvision_swin.FusedShiftedWindowAttentionV2,
@@ -181,6 +183,35 @@ def _maxvit_layer_notes(layer: nn.Module) -> list[str]:
     return [f"MLP dropout {p}: in training its MLP half runs torchvision's modules"] if p > 0 else []
 
 
+def _convnext_block_problems(block: nn.Module) -> list[str]:
+    """Why a ConvNeXt CNBlock, stochastic_depth(layer_scale * block(x)) + x, cannot be fused: its
+    ``block`` must be (Conv2d, Permute to channels-last, LayerNorm, Linear, GELU, Linear, Permute back)."""
+    problems = missing_attributes(block, ("block", "layer_scale", "stochastic_depth"), "torchvision")
+    if problems:
+        return problems
+    drop = block.stochastic_depth
+    problems += exact_type(drop, "stochastic_depth", (StochasticDepth,), "StochasticDepth")
+    if not problems and drop.mode != "row":
+        problems.append(f"stochastic_depth mode {drop.mode!r}, not 'row'")
+    problems += exact_type(block.block, "block", (nn.Sequential,), "nn.Sequential")
+    if problems:
+        return problems
+    got = tuple(type(m) for m in block.block)
+    if len(got) != 7 or got[:4] + got[5:] != (nn.Conv2d, Permute, nn.LayerNorm, nn.Linear, nn.Linear, Permute):
+        names = ", ".join(cls.__name__ for cls in got)
+        return [f"block holds ({names}), not (Conv2d, Permute, LayerNorm, Linear, activation, Linear, Permute)"]
+    if list(block.block[1].dims) != [0, 2, 3, 1] or list(block.block[6].dims) != [0, 3, 1, 2]:
+        problems.append(f"block's permutes are {block.block[1].dims} and {block.block[6].dims}, not channels-last "
+                        "and back")  # fmt: skip
+    problems += layernorm_problems(block.block[2], "block.2")
+    if torchvision_maxvit.torchvision_activation(block.block[4]) is None:
+        problems.append(f"block.4 is {type(block.block[4]).__name__}; the fused op computes GELU or SiLU")
+    dim = block.block[5].out_features
+    if tuple(block.layer_scale.shape) not in ((dim, 1, 1), (dim,)):
+        problems.append(f"layer_scale has shape {tuple(block.layer_scale.shape)}, not ({dim}, 1, 1)")
+    return problems
+
+
 def _maxvit_attention_problems(attn: nn.Module) -> list[str]:
     problems = missing_attributes(
         attn, ("to_qkv", "merge", "n_heads", "head_dim", "scale_factor", "max_seq_len"), "torchvision"
@@ -202,7 +233,7 @@ def _window_attention_slot(path: str, module: nn.Module) -> Finding:
 
 
 def find(model: nn.Module) -> list[Finding]:
-    """What can be fused in ``model``'s torchvision ViT, Swin and MaxViT modules (see
+    """What can be fused in ``model``'s torchvision ViT, Swin, MaxViT and ConvNeXt modules (see
     ``fastvit.patching.registry``)."""
     findings: list[Finding] = []
     for path, module in model.named_modules():
@@ -232,6 +263,8 @@ def find(model: nn.Module) -> list[Finding]:
             findings.append(slot(path, module, "mlp", _SWIN_BLOCKS[cls], _swin_block_problems, _swin_block_notes))
         elif cls is SwinTransformerBlockV2:
             findings.append(Skip(path, "mlp", _POST_NORM))
+        elif cls in _CONVNEXT_BLOCKS:
+            findings.append(slot(path, module, "mlp", _CONVNEXT_BLOCKS[cls], _convnext_block_problems))
         elif cls in _MAXVIT_LAYERS:
             findings.append(slot(path, module, "mlp", _MAXVIT_LAYERS[cls], _maxvit_layer_problems,
                                  _maxvit_layer_notes))  # fmt: skip
