@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 from timm.models.edgenext import ConvBlock, CrossCovarianceAttn, SplitTransposeBlock
 
-import fastvit
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import drop_path_scale, mlp_arguments, mlp_dropout_falls_back, norm_arguments
+from fastvit.nn.timm_mlp import fused_mlp_branch, mlp_dropout_falls_back
 from fastvit.nn.timm_xcit import cross_covariance_attention
 from fastvit.ops._fx import method_leaf
 
@@ -88,11 +87,7 @@ class EdgeNextMlpBranch(FusedModule):
             return traced
         if not self._fastvit_submodules_intact() or mlp_dropout_falls_back(self, self.mlp):
             return self._fastvit_original_branch(x)
-        y = fastvit.layernorm_mlp(
-            x, residual=False, layer_scale=self.gamma, sample_scale=drop_path_scale(self.drop_path, x),
-            **norm_arguments(self.norm), **mlp_arguments(self.mlp),
-        )  # fmt: skip
-        return y.permute(0, 3, 1, 2)
+        return fused_mlp_branch(x, self.norm, self.mlp, self.drop_path, self.gamma).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return f"dim={self.norm.normalized_shape[0]}, mlp=Mlp, residual: the block's input, fastvit={self.fastvit_op}"

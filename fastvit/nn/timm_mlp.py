@@ -35,7 +35,7 @@ from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "MLP_BYPASSED", "RMS_NORMS", "SHARED_DROP_PATH_BYPASSED", "SWIGLU_BYPASSED", "FusedGammaMlpHalf", "PreNormMlpHalf",
-    "SharedDropPathBlock", "SharedDropPathMlpHalf", "drop_path_scale", "fused_mlp_half",
+    "SharedDropPathBlock", "SharedDropPathMlpHalf", "drop_path_scale", "fused_mlp_branch", "fused_mlp_half",
     "gelu_approximate", "mlp_activation", "mlp_arguments", "mlp_dropout_falls_back", "mlp_dropout_p", "mlp_dropouts",
     "norm_arguments",
 ]  # fmt: skip
@@ -172,6 +172,31 @@ def fused_mlp_half(
     return fastvit.layernorm_mlp(
         x, layer_scale=layer_scale, sample_scale=drop_path_scale(drop_path, x), **norm_arguments(norm),
         **mlp_arguments(mlp),
+    )  # fmt: skip
+
+
+def fused_mlp_branch(
+    x: torch.Tensor, norm: nn.Module, mlp: nn.Module, drop_path: nn.Module, layer_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """A block's MLP branch without its residual, ``drop_path(layer_scale * mlp(norm(x)))``, as one
+    ``fastvit.layernorm_mlp(..., residual=False)`` call: for the blocks that add it to another
+    tensor than the one the MLP normalises (ConvNeXt, EdgeNeXt: the block's input, before a conv).
+
+    Args:
+        x: (..., D) tokens, e.g. a (B, C, H, W) map's channels-last view (B, H, W, C).
+        norm, mlp, drop_path: checked by the patcher as for ``fused_mlp_half``; the caller has
+            handled MLP dropout (``mlp_dropout_falls_back``).
+        layer_scale: (D,) or None.
+
+    Returns:
+        (..., D), x's shape.
+
+    Example:
+        >>> branch = fused_mlp_branch(x.permute(0, 2, 3, 1), self.norm, self.mlp, self.drop_path, self.gamma)
+    """
+    return fastvit.layernorm_mlp(
+        x, residual=False, layer_scale=layer_scale, sample_scale=drop_path_scale(drop_path, x),
+        **norm_arguments(norm), **mlp_arguments(mlp),
     )  # fmt: skip
 
 
