@@ -485,6 +485,20 @@ def warn_fallback(key: str, message: str) -> None:
         warn_once(key, message)
 
 
+def mlp_dropout_fallback(library: str, name: str, *drops: nn.Module) -> bool:
+    """True, with a warning once per (library, class), while one of ``drops`` (``nn.Dropout``) is
+    active in training: ``fastvit.layernorm_mlp`` has no dropout, so the caller runs the library's
+    modules for its MLP half. ``name`` is the original class's (``"EncoderBlock"``)."""
+    if not any(dropout_active(drop.p, drop.training) for drop in drops):
+        return False
+    warn_fallback(
+        f"patched-mlp-dropout:{library}-{name}",
+        f"fastvit: a patched {library} {name} has MLP dropout > 0 and is in training mode; "
+        f"fastvit.layernorm_mlp has no dropout, so its MLP half runs {library}'s modules",
+    )
+    return True
+
+
 def warn_attention_dropout(kind: str, p: float) -> None:
     """Warn once that a patched attention with dropout ``p`` in training runs its original forward."""
     warn_fallback(

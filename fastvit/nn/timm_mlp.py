@@ -30,7 +30,7 @@ from timm.layers.activations import GELUTanh as TimmGELUTanh
 from timm.layers.activations import QuickGELU
 
 import fastvit
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
@@ -132,15 +132,7 @@ def mlp_dropout_p(mlp: nn.Module) -> float:
 def mlp_dropout_falls_back(block: FusedModule, mlp: nn.Module) -> bool:
     """True, with a warning once per block class, while ``mlp``'s dropout is active in training:
     ``fastvit.layernorm_mlp`` has no dropout, so the caller runs timm's modules for the MLP half."""
-    if not any(dropout_active(drop.p, drop.training) for drop in mlp_dropouts(mlp)):
-        return False
-    name = type(block).fastvit_original().__name__
-    warn_fallback(
-        f"patched-mlp-dropout:timm-{name}",
-        f"fastvit: a patched timm {name} has MLP dropout > 0 and is in training mode; "
-        "fastvit.layernorm_mlp has no dropout, so its MLP half runs timm's modules",
-    )
-    return True
+    return mlp_dropout_fallback("timm", type(block).fastvit_original().__name__, *mlp_dropouts(mlp))
 
 
 def fused_mlp_half(

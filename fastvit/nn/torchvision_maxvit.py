@@ -25,7 +25,7 @@ from torchvision.models.maxvit import PartitionAttentionLayer, RelativePositiona
 
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, mlp_dropout_fallback
 from fastvit.nn.torchvision_swin import row_keep
 from fastvit.ops._fx import method_leaf
 
@@ -116,12 +116,7 @@ class FusedPartitionAttentionLayer(FusedModule, PartitionAttentionLayer):
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(x)
         norm, fc1, act, fc2, drop = self.mlp_layer  # LayerNorm, Linear, GELU, Linear, Dropout
-        if dropout_active(drop.p, drop.training):
-            warn_fallback(
-                "patched-mlp-dropout:torchvision-maxvit",
-                "fastvit: a patched torchvision PartitionAttentionLayer has MLP dropout > 0 and is in training "
-                "mode; fastvit.layernorm_mlp has no dropout, so its MLP half runs torchvision's modules",
-            )
+        if mlp_dropout_fallback("torchvision", "PartitionAttentionLayer", drop):
             return self._fastvit_original_half(x)
         return fastvit.layernorm_mlp(
             x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,

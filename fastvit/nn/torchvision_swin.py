@@ -41,7 +41,7 @@ from torchvision.ops.stochastic_depth import StochasticDepth
 
 import fastvit
 from fastvit.nn.attention import self_attention
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback, warn_fallback
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
@@ -304,12 +304,7 @@ class FusedSwinTransformerBlock(FusedModule, SwinTransformerBlock):
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(x)
         fc1, act, drop1, fc2, drop2 = self.mlp  # torchvision's MLP: Linear, GELU, Dropout, Linear, Dropout
-        if dropout_active(drop1.p, drop1.training) or dropout_active(drop2.p, drop2.training):
-            warn_fallback(
-                "patched-mlp-dropout:torchvision-swin",
-                "fastvit: a patched torchvision SwinTransformerBlock has MLP dropout > 0 and is in training "
-                "mode; fastvit.layernorm_mlp has no dropout, so its MLP half runs torchvision's modules",
-            )
+        if mlp_dropout_fallback("torchvision", "SwinTransformerBlock", drop1, drop2):
             return self._fastvit_original_half(x)
         norm = self.norm2
         return fastvit.layernorm_mlp(

@@ -19,7 +19,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback
 from fastvit.ops._fx import method_leaf
 
 __all__ = ["FusedEncoderBlock", "FusedMultiheadAttention", "FusedVisionTransformer"]
@@ -142,12 +142,7 @@ class FusedEncoderBlock(FusedModule, EncoderBlock):
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(x)
         fc1, act, drop1, fc2, drop2 = _mlp_layers(self)
-        if dropout_active(drop1.p, drop1.training) or dropout_active(drop2.p, drop2.training):
-            warn_fallback(
-                "patched-mlp-dropout:torchvision",
-                "fastvit: a patched torchvision EncoderBlock has MLP dropout > 0 and is in training "
-                "mode; fastvit.layernorm_mlp has no dropout, so its MLP half runs torchvision's modules",
-            )
+        if mlp_dropout_fallback("torchvision", "EncoderBlock", drop1, drop2):
             return self._fastvit_original_half(x)
         norm = self.ln_2
         return fastvit.layernorm_mlp(
