@@ -129,14 +129,21 @@ def _swin_attention_notes(attn: nn.Module) -> list[str]:
     return [f"dropout {p}: in training it runs torchvision's forward"] if p > 0 else []
 
 
+def _row_stochastic_depth_problems(module: nn.Module, name: str) -> list[str]:
+    """Why ``module.<name>`` is no row-wise ``StochasticDepth`` (the op's per-sample ``sample_scale``)."""
+    drop = getattr(module, name)
+    problems = exact_type(drop, name, (StochasticDepth,), "StochasticDepth")
+    if not problems and drop.mode != "row":
+        problems.append(f"{name} mode {drop.mode!r}, not 'row'")
+    return problems
+
+
 def _swin_block_problems(block: nn.Module) -> list[str]:
     problems = missing_attributes(block, ("norm1", "attn", "stochastic_depth", "norm2", "mlp"), "torchvision")
     if problems:
         return problems
     problems += layernorm_problems(block.norm2, "norm2")
-    problems += exact_type(block.stochastic_depth, "stochastic_depth", (StochasticDepth,), "StochasticDepth")
-    if not problems and block.stochastic_depth.mode != "row":
-        problems.append(f"stochastic_depth mode {block.stochastic_depth.mode!r}, not 'row'")
+    problems += _row_stochastic_depth_problems(block, "stochastic_depth")
     problems += exact_type(block.mlp, "mlp", (MLP,), "torchvision's MLP")
     if problems:
         return problems
@@ -161,10 +168,7 @@ def _maxvit_layer_problems(layer: nn.Module) -> list[str]:
     problems = missing_attributes(layer, names, "torchvision")
     if problems:
         return problems
-    drop = layer.stochastic_dropout
-    problems += exact_type(drop, "stochastic_dropout", (StochasticDepth,), "StochasticDepth")
-    if not problems and drop.mode != "row":
-        problems.append(f"stochastic_dropout mode {drop.mode!r}, not 'row'")
+    problems += _row_stochastic_depth_problems(layer, "stochastic_dropout")
     problems += exact_type(layer.mlp_layer, "mlp_layer", (nn.Sequential,), "nn.Sequential")
     if problems:
         return problems
@@ -189,10 +193,7 @@ def _convnext_block_problems(block: nn.Module) -> list[str]:
     problems = missing_attributes(block, ("block", "layer_scale", "stochastic_depth"), "torchvision")
     if problems:
         return problems
-    drop = block.stochastic_depth
-    problems += exact_type(drop, "stochastic_depth", (StochasticDepth,), "StochasticDepth")
-    if not problems and drop.mode != "row":
-        problems.append(f"stochastic_depth mode {drop.mode!r}, not 'row'")
+    problems += _row_stochastic_depth_problems(block, "stochastic_depth")
     problems += exact_type(block.block, "block", (nn.Sequential,), "nn.Sequential")
     if problems:
         return problems
