@@ -123,6 +123,17 @@ def test_convnext_v2_global_response_norm_is_reported():
     assert not any(isinstance(m, FusedConvNeXtBlock) for m in model.modules())
 
 
+def test_unfusable_blocks_are_reported_with_why():
+    with pytest.raises(ValueError, match=r"mlp\.act is ReLU"):  # nothing else to fuse: the model is unchanged
+        fastvit.patch(build(act_layer="relu"))
+    model = build()
+    blocks(model)[1].gamma = torch.nn.Parameter(torch.ones(1))  # broadcasts in timm; no (C,) layer scale
+    report = fastvit.patch(model)
+    (skip,) = [e for e in report.skipped if e.part == "mlp"]
+    assert skip.path == "stages.1.blocks.0" and "gamma is neither None nor a (24,) layer scale" in skip.detail
+    assert report.counts() == {"mlp": BLOCKS - 1}
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_compile_fx_and_torchscript(layout, op_calls, fresh_warnings):
     reference, patched, _ = pair(build(layout))

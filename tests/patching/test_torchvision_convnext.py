@@ -92,6 +92,15 @@ def test_hook_runs_torchvision_modules(op_calls, fresh_warnings):
     assert len(op_calls["layernorm_mlp"]) == BLOCKS - 1
 
 
+def test_unfusable_blocks_are_reported_with_why():
+    model = build().eval()
+    blocks(model)[0].stochastic_depth.mode = "batch"  # one draw for the whole batch: no per-sample scale
+    blocks(model)[1].block[4] = torch.nn.ReLU()
+    with pytest.raises(ValueError, match="stochastic_depth mode 'batch', not 'row'") as raised:
+        fastvit.patch(model)  # nothing else to fuse: the model is unchanged
+    assert "block.4 is ReLU" in str(raised.value)
+
+
 def test_compile_fx_and_torchscript(op_calls, fresh_warnings):
     from torchvision.models.feature_extraction import create_feature_extractor
 
