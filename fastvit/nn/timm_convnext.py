@@ -21,7 +21,7 @@ from timm.models.convnext import ConvNeXtBlock
 
 import fastvit
 from fastvit.nn.fused import FusedModule
-from fastvit.nn.timm_mlp import drop_path_scale, fused_mlp_branch, mlp_activation, mlp_dropout_falls_back
+from fastvit.nn.timm_mlp import conv_mlp_arguments, drop_path_scale, fused_mlp_branch, mlp_dropout_falls_back
 from fastvit.ops._fx import method_leaf
 
 __all__ = ["FusedConvNeXtBlock"]
@@ -67,10 +67,9 @@ class FusedConvNeXtBlock(FusedModule, ConvNeXtBlock):
         x_cl = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         if self.use_conv_mlp:  # LayerNorm2d's parameters; the 1 x 1 convs' (out, in, 1, 1) weights as views
             y = fastvit.layernorm_mlp(
-                x_cl, norm.weight, norm.bias, mlp.fc1.weight.flatten(1), mlp.fc1.bias, mlp.fc2.weight.flatten(1),
-                mlp.fc2.bias, eps=norm.eps, activation=mlp_activation(mlp.act), residual=False,
-                layer_scale=self.gamma, sample_scale=drop_path_scale(self.drop_path, x),
-            )  # fmt: skip
+                x_cl, **conv_mlp_arguments(norm, mlp), residual=False, layer_scale=self.gamma,
+                sample_scale=drop_path_scale(self.drop_path, x),
+            )
         else:
             y = fused_mlp_branch(x_cl, norm, mlp, self.drop_path, self.gamma)
         return y.permute(0, 3, 1, 2)

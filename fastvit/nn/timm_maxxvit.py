@@ -24,7 +24,7 @@ from timm.models.maxxvit import Attention2d, AttentionCl, TransformerBlock2d
 
 import fastvit
 from fastvit.nn.fused import FusedModule, global_module_hooks, hook_kinds, warn_fallback
-from fastvit.nn.timm_mlp import FusedGammaMlpHalf, drop_path_scale, mlp_activation, mlp_dropout_falls_back
+from fastvit.nn.timm_mlp import FusedGammaMlpHalf, conv_mlp_arguments, drop_path_scale, mlp_dropout_falls_back
 
 __all__ = ["FusedAttention2d", "FusedAttentionCl", "FusedTransformerBlock2d"]
 
@@ -169,9 +169,8 @@ class FusedTransformerBlock2d(FusedGammaMlpHalf, TransformerBlock2d):
         if mlp_dropout_falls_back(self, mlp):
             return self._fastvit_original_half(x)
         y = fastvit.layernorm_mlp(
-            x.permute(0, 2, 3, 1), norm.weight, norm.bias, mlp.fc1.weight.flatten(1), mlp.fc1.bias,
-            mlp.fc2.weight.flatten(1), mlp.fc2.bias, eps=norm.eps, activation=mlp_activation(mlp.act),
-            layer_scale=self._fastvit_layer_scale(), sample_scale=drop_path_scale(self.drop_path2, x),
+            x.permute(0, 2, 3, 1), **conv_mlp_arguments(norm, mlp), layer_scale=self._fastvit_layer_scale(),
+            sample_scale=drop_path_scale(self.drop_path2, x),
         )  # (B, H, W, C)
         return y.permute(0, 3, 1, 2).contiguous()  # channels-first memory, as timm's block returns
 

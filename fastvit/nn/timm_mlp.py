@@ -118,6 +118,15 @@ def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]
     return arguments
 
 
+def conv_mlp_arguments(norm: nn.Module, mlp: nn.Module) -> dict[str, torch.Tensor | float | str | None]:
+    """``fastvit.layernorm_mlp``'s norm and MLP arguments for a ``LayerNorm2d`` and an MLP of 1 x 1
+    convs (timm's ``ConvMlp``, ConvNeXt's ``Mlp`` with ``conv_mlp``), applied to the map's
+    channels-last view: the convs' (out, in, 1, 1) weights passed as (out, in) views."""
+    return dict(norm_weight=norm.weight, norm_bias=norm.bias, fc1_weight=mlp.fc1.weight.flatten(1),
+                fc1_bias=mlp.fc1.bias, fc2_weight=mlp.fc2.weight.flatten(1), fc2_bias=mlp.fc2.bias, eps=norm.eps,
+                activation=mlp_activation(mlp.act))  # fmt: skip
+
+
 def mlp_dropouts(mlp: nn.Module) -> tuple[nn.Dropout, ...]:
     """The dropout modules of a timm MLP the patcher has checked: ``drop1`` and ``drop2`` (Mlp, GluMlp,
     SwiGLU), or the one ``drop`` of a ``ConvMlp`` (CoAtNet's TransformerBlock2d)."""

@@ -130,6 +130,19 @@ def storage_map(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
     return [(k, tuple(v.shape), v.data_ptr()) for k, v in model.state_dict().items()]
 
 
+def output_strides(modules: list[nn.Module], model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """The strides of each module's output in one forward of ``model`` (a fused block must hand the
+    next block the layout the unpatched one did)."""
+    strides: list[tuple[int, ...]] = []
+    handles = [m.register_forward_hook(lambda m, args, out: strides.append(out.stride())) for m in modules]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return strides
+
+
 def module_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
 

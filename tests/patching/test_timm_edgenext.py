@@ -27,6 +27,7 @@ from tests.patching.helpers import (
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
     assert_patch_and_unpatch_keep_the_weights,
+    output_strides,
     pair,
     perturb_,
 )
@@ -50,15 +51,6 @@ def build(**overrides) -> torch.nn.Module:
 
 def images(size: int = 64, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def block_output_strides(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
-    strides: list[tuple[int, ...]] = []
-    handles = [b.register_forward_hook(lambda m, args, out: strides.append(out.stride())) for b in blocks(model)]
-    model(x)
-    for handle in handles:
-        handle.remove()
-    return strides
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -88,7 +80,7 @@ def test_matches_unpatched_by_the_rule(op_calls):
     assert shapes == [(2, 2, 12, 64), (2, 2, 16, 16), (2, 2, 24, 4)]
     assert all(c["kwargs"]["scale"] == 1.0 for c in op_calls["flash_attention"])
     # each block's output laid out as timm's (a channels-last view of the MLP's output, plus the input)
-    assert block_output_strides(patched, images()) == block_output_strides(reference, images())
+    assert output_strides(blocks(patched), patched, images()) == output_strides(blocks(reference), reference, images())
 
 
 def test_q_and_k_are_normalised_over_the_tokens(op_calls):

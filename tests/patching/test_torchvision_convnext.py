@@ -23,6 +23,7 @@ from tests.patching.helpers import (
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
     assert_patch_and_unpatch_keep_the_weights,
+    output_strides,
     pair,
     perturb_,
 )
@@ -49,15 +50,6 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, CNBlock)]
 
 
-def block_output_strides(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
-    strides: list[tuple[int, ...]] = []
-    handles = [b.register_forward_hook(lambda m, args, out: strides.append(out.stride())) for b in blocks(model)]
-    model(x)
-    for handle in handles:
-        handle.remove()
-    return strides
-
-
 def test_matches_unpatched_by_the_rule(op_calls):
     reference, patched, report = pair(build().eval())
     assert report.counts() == {"mlp": BLOCKS} and not report.skipped
@@ -69,7 +61,7 @@ def test_matches_unpatched_by_the_rule(op_calls):
     # the (C, 1, 1) Parameter as a (C,) view: its gradient reaches the Parameter
     assert calls[0]["kwargs"]["layer_scale"].shape == (16,)
     assert calls[0]["kwargs"]["layer_scale"].data_ptr() == blocks(patched)[0].layer_scale.data_ptr()
-    assert block_output_strides(patched, images()) == block_output_strides(reference, images())
+    assert output_strides(blocks(patched), patched, images()) == output_strides(blocks(reference), reference, images())
 
 
 def test_patch_and_unpatch_keep_the_weights():
