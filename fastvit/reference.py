@@ -133,7 +133,7 @@ def layernorm_mlp(
         eps: norm epsilon.
         approximate: "none" (erf GELU) or "tanh"; the older spelling of activation="gelu" / "gelu_tanh".
         activation: "gelu", "gelu_tanh", "quick_gelu" (a * sigmoid(1.702 a)) or "silu".
-        norm: "layernorm" or "rms" (x / sqrt(mean(x^2) + eps) * norm_weight).
+        norm: "layernorm", "rms" (x / sqrt(mean(x^2) + eps) * norm_weight) or "none" (the MLP alone).
         gated: act(gate) * value; None means gated iff fc1_gate_weight is given.
         fc1_gate_weight: (Hd, D) gate projection (fc1 is then the value projection); fc1_gate_bias: (Hd,).
         residual: add x to the branch.
@@ -147,7 +147,9 @@ def layernorm_mlp(
         activation = {"none": "gelu", "tanh": "gelu_tanh"}[approximate]
     activation = activation or "gelu"
     gated = fc1_gate_weight is not None if gated is None else gated
-    if norm == "rms":
+    if norm == "none":  # the MLP alone (a post-norm block's)
+        h = x
+    elif norm == "rms":
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         h = h * norm_weight if norm_weight is not None else h
     else:

@@ -452,6 +452,7 @@ def layernorm_mlp_fwd(
     gated: bool = False,
     fc1_gate_weight: torch.Tensor | None = None,
     fc1_gate_bias: torch.Tensor | None = None,
+    no_norm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Launch the forward: norm statistics, fc1 (+activation, gating), fc2 (+scales, residual).
 
@@ -468,10 +469,12 @@ def layernorm_mlp_fwd(
         save_preact: also return the pre-activation for the backward.
         rms: RMSNorm instead of LayerNorm.
         gated: g = act(a_gate) * a_value.
+        no_norm: the MLP alone (fc1 reads x itself; norm_weight / norm_bias None, eps unused).
 
     Returns:
         y (B, N, D) contiguous in ``out_dtype``; the pre-activation (B*N, HD) (gated: (B*N, 2 HD'),
-        [a_gate | a_value]) in the GEMM dtype, or None; mean (zeros for RMSNorm) and rstd (B*N,) float32.
+        [a_gate | a_value]) in the GEMM dtype, or None; mean (zeros for RMSNorm) and rstd (B*N,) float32
+        (``no_norm``: both empty, (0,)).
     """
     batch, n_tok, dim = x.shape
     w_gate, b_gate, w_value, b_value = fc1_weight, fc1_bias, None, None
@@ -486,9 +489,11 @@ def layernorm_mlp_fwd(
     hidden = w_gate.shape[0]
     rows = batch * n_tok
     device, gemm_dtype = x.device, fc1_weight.dtype
-    mean = new_output((rows,), dtype=torch.float32, device=device)
-    rstd = new_output((rows,), dtype=torch.float32, device=device)
-    xhat = new_output((rows, dim), dtype=gemm_dtype, device=device)  # LN(x), fc1's A operand
+    stat_rows = 0 if no_norm else rows
+    mean = new_output((stat_rows,), dtype=torch.float32, device=device)
+    rstd = new_output((stat_rows,), dtype=torch.float32, device=device)
+    # fc1's A operand: LN(x) written by the statistics pass, or (no norm) x's rows themselves
+    xhat = token_rows(x, gemm_dtype) if no_norm else new_output((rows, dim), dtype=gemm_dtype, device=device)
     g = new_output((rows, hidden), dtype=gemm_dtype, device=device)
     pre_cols = 2 * hidden if gated else hidden
     pre = new_output((rows, pre_cols), dtype=gemm_dtype, device=device) if save_preact else None
@@ -500,12 +505,13 @@ def layernorm_mlp_fwd(
 
     # Triton launches on the current device, which need not hold x (model.to('cuda:1'))
     with device_guard(x):
-        rc = row_config(dim)
-        _ln_stats_kernel[(cdiv(rows, rc.block_rows),)](
-            x, mean, rstd, xhat, norm_weight, norm_bias, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
-            BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, WRITE_XHAT=True,
-            HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,
-        )
+        if not no_norm:
+            rc = row_config(dim)
+            _ln_stats_kernel[(cdiv(rows, rc.block_rows),)](
+                x, mean, rstd, xhat, norm_weight, norm_bias, rows, n_tok, dim, x.stride(0), x.stride(1), eps,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, WRITE_XHAT=True,
+                HAS_NORM_W=norm_weight is not None, HAS_NORM_B=norm_bias is not None, num_warps=rc.num_warps,
+            )
         c1 = gemm_config(arch, gemm_dtype, "fc1")
         if gated:  # two accumulators: half-width tiles hold the registers of one full tile
             c1 = dataclasses.replace(c1, block_n=c1.block_n // 2)
@@ -528,6 +534,20 @@ def layernorm_mlp_fwd(
             num_warps=c2.num_warps, num_stages=c2.num_stages,
         )
     return y, pre, mean, rstd
+
+
+def token_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (B, N, D) as the (B*N, D) rows a GEMM reads as its A operand (row stride D) in ``dtype``:
+    a view when x already is one; else one T x D copy (another dtype: autocast's fp32 x; strided
+    tokens: the GEMMs read A with a fixed row stride)."""
+    batch, n_tok, dim = x.shape
+    if x.dtype == dtype:
+        view = x.reshape(batch * n_tok, dim)  # a view where the tokens merge (reshape copies otherwise)
+        if view.stride() == (dim, 1):
+            return view
+    rows = new_output((batch * n_tok, dim), dtype=dtype, device=x.device)
+    rows.view(batch, n_tok, dim).copy_(x)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ With ``h = LN(x)``, ``a = h W1^T + b1``, ``g = gelu(a)``, ``z = g W2^T + b2``,
 Gated (``g = act(a_g) * a_v``): ``da_g = ss * u * a_v * act'(a_g)``, ``da_v = ss * u * act(a_g)``, written
 as one (T, 2 HD) dA = [da_g | da_v], so dW1 = dA^T LN(x) and dLN = dA [W_g; W_v] stay single GEMMs
 (two separate fc1 weights are stacked once per backward unless they are adjacent rows of one
-tensor). RMSNorm: mean = 0 and dx = rstd * (dxh - xhat * mean(dxh * xhat)).
+tensor). RMSNorm: mean = 0 and dx = rstd * (dxh - xhat * mean(dxh * xhat)). No norm (the MLP
+alone, a post-norm block's): LN(x) is x, so dW1 = dA^T x (x's rows, a view when they are GEMM-dtype
+rows) and the row pass writes dx = dLN [+ dy].
 
 Every GEMM reads plain operand tiles in the GEMM dtype (issue 15: scaling, LayerNorm or dtype
 conversion in the operand loads made the sm_90 loops issue-bound, ratios 1.2-2.7): dy as (T, D)
@@ -59,6 +61,7 @@ from .layernorm_mlp import (
     grouped_tile,
     ln_stats_spec,
     row_config,
+    token_rows,
 )
 from .runtime import AOT_DTYPE_NAMES, arch_of, cdiv, device_guard, dot_precision, new_output, sm_count
 
@@ -223,6 +226,7 @@ def _ln_bwd_kernel(
     COMPUTE_DP: tl.constexpr, COMPUTE_ROWTERM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     RMS: tl.constexpr = False,  # RMSNorm (Mean holds zeros): no mean(dxh) term
+    NO_NORM: tl.constexpr = False,  # the MLP alone: dx = dLN [+ dy] (X, Mean, Rstd, NormW unused)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -247,7 +251,12 @@ def _ln_bwd_kernel(
         dy_ptrs = DY + (b.to(tl.int64) * stride_dyb + n * stride_dyn)[:, None] + cols[None, :] * stride_dyd
         if (COMPUTE_DX and RESIDUAL) or COMPUTE_DP or COMPUTE_ROWTERM:
             dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB:
+        if NO_NORM and COMPUTE_DX:
+            dx = tl.load(DLN + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+            if RESIDUAL:
+                dx += dy
+            tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        elif COMPUTE_DX or COMPUTE_DNW or COMPUTE_DNB:
             dln = tl.load(DLN + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
             x_ptrs = X + (b.to(tl.int64) * stride_xb + n * stride_xn)[:, None] + cols[None, :]
             x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -368,6 +377,7 @@ def layernorm_mlp_bwd(
     fc1_gate_weight: torch.Tensor | None = None,
     fc1_gate_bias: torch.Tensor | None = None,
     wgrad_split: int | None = None,
+    no_norm: bool = False,
 ) -> list[torch.Tensor | None]:
     """Launch the backward and finish the small reductions in torch.
 
@@ -376,8 +386,8 @@ def layernorm_mlp_bwd(
         x, norm_weight, ..., sample_scale, fc1_gate_weight, fc1_gate_bias: the forward's inputs
             (x (B, N, D), unit stride in D; see ``layernorm_mlp_fwd`` for the gated layouts).
         preact: (B*N, HD) saved pre-activation (gated: (B*N, 2 HD'), [a_gate | a_value]);
-            mean, rstd: (B*N,) fp32 saved statistics.
-        activation, rms, gated: as in the forward.
+            mean, rstd: (B*N,) fp32 saved statistics (``no_norm``: unused).
+        activation, rms, gated, no_norm: as in the forward.
         needs: one flag per entry of ``GRAD_NAMES`` (9 flags: the gate tensors not needed);
             gradients not needed (or of None inputs) come back as None and their GEMMs /
             reductions are skipped.
@@ -491,7 +501,7 @@ def layernorm_mlp_bwd(
                 HAS_NORM_W=norm_weight is not None, HAS_SS=sample_scale is not None, HAS_LS=layer_scale is not None,
                 RESIDUAL=residual, COMPUTE_DX=need["x"], COMPUTE_DNW=need["norm_weight"],
                 COMPUTE_DNB=need["norm_bias"], COMPUTE_DP=need_dp, COMPUTE_ROWTERM=need_rowterm,
-                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, num_warps=rc.num_warps,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, RMS=rms, NO_NORM=no_norm, num_warps=rc.num_warps,
             )
             del dln
             if need["x"]:
@@ -521,7 +531,9 @@ def layernorm_mlp_bwd(
         #    and one T x D write, allocated after dLN is freed); then dW1 = dA^T LN(x)
         #    (gated: [dW_gate; dW_value], one GEMM, or the half needed) --
         ln_rows = None
-        if need["fc1_weight"] or need["fc1_gate_weight"]:
+        if (need["fc1_weight"] or need["fc1_gate_weight"]) and no_norm:  # x's rows themselves
+            ln_rows = token_rows(x, gemm_dtype)
+        elif need["fc1_weight"] or need["fc1_gate_weight"]:
             ln_rows = new_output((rows, dim), dtype=gemm_dtype, device=device)
             rc = row_config(dim)
             _ln_stats_kernel[(cdiv(rows, rc.block_rows),)](

@@ -12,8 +12,8 @@ timm's
 
 The layer scale goes to the op as ``layer_scale``, ``drop_path2`` as ``sample_scale`` (the same
 Bernoulli draws as timm's ``DropPath``, so a seeded training step matches timm exactly). What the
-op cannot express (``scale_mlp``'s norm between the activation and fc2, a post-norm block) is
-reported and left alone by ``fastvit/patching/timm.py``. The fused block classes live beside their
+op cannot express (``scale_mlp``'s norm between the activation and fc2) is reported and left alone
+by ``fastvit/patching/timm.py``; post-norm blocks' MLPs are fused alone (``fastvit.nn.timm_post_norm``). The fused block classes live beside their
 attention: ``fastvit.nn.timm_vit`` (``Block``), ``fastvit.nn.timm_eva`` (``EvaBlock``) and
 ``fastvit.nn.timm_relpos`` (BEiT's ``Block``). Importing this module imports timm.
 """
@@ -102,11 +102,12 @@ def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]
     """``fastvit.layernorm_mlp``'s MLP arguments for a timm ``Mlp``, ``GluMlp`` or ``SwiGLU``
     (the patcher has checked which, and that its activation has a name)."""
     arguments = {"fc2_weight": mlp.fc2.weight, "fc2_bias": mlp.fc2.bias, "activation": mlp_activation(mlp.act)}
-    if type(mlp) is SwiGLU:  # act(fc1_g(x)) * fc1_x(x): fc1_x is the value, fc1_g the gate
+    # isinstance: the MLP may itself run a fused class (timm_post_norm's, a subclass of timm's)
+    if isinstance(mlp, SwiGLU):  # act(fc1_g(x)) * fc1_x(x): fc1_x is the value, fc1_g the gate
         fc1, gate = mlp.fc1_x, mlp.fc1_g
         arguments.update(fc1_weight=fc1.weight, fc1_bias=fc1.bias, fc1_gate_weight=gate.weight,
                          fc1_gate_bias=gate.bias)  # fmt: skip
-    elif type(mlp) is GluMlp and mlp.gate_last:  # [value; gate]: row views, value then gate
+    elif isinstance(mlp, GluMlp) and mlp.gate_last:  # [value; gate]: row views, value then gate
         weight, bias = mlp.fc1.weight, mlp.fc1.bias
         hidden = weight.shape[0] // 2
         arguments.update(
@@ -114,7 +115,7 @@ def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]
             fc1_gate_weight=weight[hidden:], fc1_gate_bias=None if bias is None else bias[hidden:],
         )  # fmt: skip
     else:  # Mlp; GluMlp with gate_last=False is packed [gate; value], the op's own layout
-        arguments.update(fc1_weight=mlp.fc1.weight, fc1_bias=mlp.fc1.bias, gated=type(mlp) is GluMlp)
+        arguments.update(fc1_weight=mlp.fc1.weight, fc1_bias=mlp.fc1.bias, gated=isinstance(mlp, GluMlp))
     return arguments
 
 

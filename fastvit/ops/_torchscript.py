@@ -90,7 +90,9 @@ def layernorm_mlp(
             act = "gelu_tanh"
         if act == "swish":
             act = "silu"
-        if norm == "rms":
+        if norm == "none":  # the MLP alone (a post-norm block's)
+            hidden = x
+        elif norm == "rms":
             hidden = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
             if norm_weight is not None:
                 hidden = hidden * norm_weight

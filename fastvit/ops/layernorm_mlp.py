@@ -1,8 +1,9 @@
 """``fastvit.layernorm_mlp``: input checks, autocast rule, backend dispatch and autograd.
 
 Variants (the MLPs of today's vision towers): ``activation`` "gelu" (erf), "gelu_tanh",
-"quick_gelu" (CLIP), "silu"; ``norm`` "layernorm" or "rms" (Pixtral, AIMv2); gated MLPs (SwiGLU:
-DINOv2-giant, DINOv3, AIMv2), packed or as two linears; LayerScale (DINOv2/v3, timm). The Triton
+"quick_gelu" (CLIP), "silu"; ``norm`` "layernorm", "rms" (Pixtral, AIMv2) or "none" (the MLP
+alone: post-norm blocks, Swin V2); gated MLPs (SwiGLU: DINOv2-giant, DINOv3, AIMv2), packed or as
+two linears; LayerScale (DINOv2/v3, timm). The Triton
 route covers all of them; the ``cuda`` route covers the GELU LayerNorm MLP and runs the others on
 the ``torch`` route with one warning.
 
@@ -44,7 +45,7 @@ _APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}  # the GELU keyword of F.ge
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 # other names the same functions go by (Hugging Face's ACT2FN keys, nn.SiLU's old name)
 _ACTIVATION_ALIASES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "swish": "silu"}
-NORMS = ("layernorm", "rms")
+NORMS = ("layernorm", "rms", "none")
 # tensor inputs of the Triton custom op: x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
 # fc2_bias, layer_scale, sample_scale, fc1_gate_weight, fc1_gate_bias; the cuda op takes the first 9
 _NUM_GRADS = 11
@@ -93,7 +94,7 @@ def _layernorm_mlp_fwd(
         _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
         sample_scale, eps=eps, activation=activation, residual=residual, out_dtype=out_dtype,
         save_preact=save_preact, rms=norm == "rms", gated=gated, fc1_gate_weight=fc1_gate_weight,
-        fc1_gate_bias=fc1_gate_bias,
+        fc1_gate_bias=fc1_gate_bias, no_norm=norm == "none",
     )
     if pre is None:  # inference: nothing kept for a backward
         pre = x.new_empty((0,), dtype=fc1_weight.dtype)
@@ -107,11 +108,12 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lay
       fc1_gate_weight, fc1_gate_bias, eps, activation, norm, gated, residual, out_dtype, save_preact):
     rows = x.numel() // x.shape[-1]
     pre_shape = (rows, 2 * fc2_weight.shape[1] if gated else fc2_weight.shape[1]) if save_preact else (0,)
+    stat_rows = 0 if norm == "none" else rows
     return (
         x.new_empty(x.shape, dtype=out_dtype),
         x.new_empty(pre_shape, dtype=fc1_weight.dtype),
-        x.new_empty((rows,), dtype=torch.float32),
-        x.new_empty((rows,), dtype=torch.float32),
+        x.new_empty((stat_rows,), dtype=torch.float32),
+        x.new_empty((stat_rows,), dtype=torch.float32),
     )
 
 
@@ -158,7 +160,7 @@ def _layernorm_mlp_bwd(
         _as_tokens(grad_out), _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
         fc2_bias, layer_scale, sample_scale, preact, mean, rstd,
         activation=activation, residual=residual, needs=tuple(needs), rms=norm == "rms", gated=gated,
-        fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias,
+        fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias, no_norm=norm == "none",
     )
     if grads[0] is not None:
         grads[0] = grads[0].view(x.shape)
@@ -329,7 +331,9 @@ def _activate(a: torch.Tensor, activation: str) -> torch.Tensor:
 
 def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, norm,
                gated, fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale):
-    if norm == "rms":
+    if norm == "none":
+        h = x
+    elif norm == "rms":
         h = F.rms_norm(x, (x.shape[-1],), norm_weight, eps)
     else:
         h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
@@ -442,6 +446,8 @@ def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
             f"fc2_weight must have shape (D={dim}, hidden={hidden}){what} (nn.Linear layout), "
             f"got {tuple(fc2_weight.shape)}"
         )
+    if norm == "none" and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight and norm_bias must be None with norm='none' (the MLP alone)")
     _check_vector("norm_weight", norm_weight, dim, "D")
     if norm == "rms" and norm_bias is not None:
         raise ValueError("norm_bias must be None with norm='rms' (RMSNorm has no bias)")
@@ -508,8 +514,11 @@ def layernorm_mlp(
         activation: ``"gelu"`` (erf; the default), ``"gelu_tanh"``, ``"quick_gelu"`` (CLIP's
             ``a * sigmoid(1.702 a)``) or ``"silu"`` (SwiGLU); Hugging Face's ``"gelu_pytorch_tanh"``,
             ``"gelu_new"`` and ``"swish"`` are accepted as aliases.
-        norm: ``"layernorm"`` or ``"rms"`` (RMSNorm: ``x * rsqrt(mean(x^2) + eps) * norm_weight``,
-            Pixtral, AIMv2).
+        norm: ``"layernorm"``, ``"rms"`` (RMSNorm: ``x * rsqrt(mean(x^2) + eps) * norm_weight``,
+            Pixtral, AIMv2) or ``"none"``: the MLP alone, ``fc2(act(fc1(x)))`` (norm_weight and
+            norm_bias None; eps unused) -- the MLP of a post-norm block (Swin V2's
+            ``x + drop_path(norm(mlp(x)))``: the block applies its norm to the ``residual=False``
+            branch).
         gated: gated MLP (GLU family); None (default) means "gated iff ``fc1_gate_weight`` is given".
         fc1_gate_weight: (hidden, D) gate projection (``gate_proj``, timm ``SwiGLU.fc1_g``), or None;
             fc1_gate_bias: (hidden,) or None. timm's ``GluMlp`` (gate_last=True, [value; gate])
@@ -527,8 +536,8 @@ def layernorm_mlp(
     Routes: fp16, bf16 and fp32 run the Triton kernels (fp32 with IEEE fp32 dots, no TF32), every
     activation, norm and gating included; float64 and rows wider than 4096 (``MAX_DIM``) run the
     ``torch`` route with one warning. The ``cuda`` backend covers LayerNorm with GELU (either
-    form), ungated; RMSNorm, the other activations and gated MLPs run the ``torch`` route there
-    with one warning. Under autocast the linears run in the autocast dtype (weights cast like
+    form), ungated; RMSNorm, ``norm="none"``, the other activations and gated MLPs run the
+    ``torch`` route there with one warning. Under autocast the linears run in the autocast dtype (weights cast like
     ``F.linear``), norm statistics in fp32. Differentiable in every tensor argument.
 
     Example:
@@ -587,9 +596,10 @@ def layernorm_mlp(
             reason = f"D = {x.shape[-1]} > {max_dim}"
         elif route == "triton" and interpreter_dtype_problem(device, gemm_dtype):
             reason = interpreter_dtype_problem(device, gemm_dtype)
-        elif route == "cuda" and (gated or norm == "rms" or activation not in _APPROXIMATE.values()):
+        elif route == "cuda" and (gated or norm != "layernorm" or activation not in _APPROXIMATE.values()):
             # the extension's composite has LayerNorm and GELU row kernels only
-            reason = "gated MLPs" if gated else "RMSNorm" if norm == "rms" else f"activation {activation!r}"
+            reason = ("gated MLPs" if gated else "RMSNorm" if norm == "rms" else "norm='none'" if norm == "none"
+                      else f"activation {activation!r}")  # fmt: skip
         if reason is not None:
             warn_once(
                 f"layernorm_mlp:{route}:{reason}",

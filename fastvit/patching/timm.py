@@ -16,7 +16,9 @@ bias as the op's learnable mask: ``timm_maxxvit``), of PVTv2 (spatial-reduction 
 TalkingHeadAttn cannot be one attention call), of XCiT's cross-covariance attention (``timm_xcit``: the
 channels attend, the tokens are the head dim; and its XCABlock's MLP half; EdgeNeXt's, the same
 attention, and the MLP halves of its ConvBlock and SplitTransposeBlock: ``timm_edgenext``), of the
-MLP halves of ConvNeXt's blocks (``timm_convnext``), of
+MLP halves of ConvNeXt's blocks (``timm_convnext``), the MLP of timm's post-norm blocks
+(``x + drop_path2(norm2(mlp(x)))``: Swin V2, Swin V2-CR, ``EvaBlockPostNorm``, ``ResPostRelPosBlock``,
+``ResPostBlock``; the MLP module alone, ``norm="none"``: ``timm_post_norm``), of
 Next-ViT's spatial-reduction attention (``timm_nextvit``), of EfficientFormer's attention and
 MetaBlock1d MLP halves (``timm_efficientformer``), of the last-stage
 attention of Apple's FastViT (``fastvit_sa*``, ``fastvit_mci*``: ``timm_fastvit``), of TNT's inner and
@@ -58,6 +60,7 @@ from fastvit.nn import (
     timm_mvit,
     timm_nextvit,
     timm_pool,
+    timm_post_norm,
     timm_pvt,
     timm_relpos,
     timm_sam,
@@ -280,23 +283,16 @@ _OTHER_ATTENTIONS = {
     for cls in table
 }
 # Blocks and models of those families whose other parts are not fused yet: (module, class) -> (part, reason)
+# Post-norm blocks, x + drop_path2(norm2(mlp(x))): their ``mlp`` module alone is fused (timm_post_norm),
+# the block's norm2, drop_path2 and residual add run as timm's
+_POST_NORM_BLOCKS = {
+    ("timm.models.eva", "EvaBlockPostNorm"),
+    ("timm.models.vision_transformer_relpos", "ResPostRelPosBlock"),
+    ("timm.models.vision_transformer", "ResPostBlock"),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"),
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"),
+}
 _LEFT_ALONE = {
-    ("timm.models.eva", "EvaBlockPostNorm"): (
-        "mlp", "EvaBlockPostNorm normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
-        "x + mlp(layer_norm(x))",
-    ),
-    ("timm.models.vision_transformer_relpos", "ResPostRelPosBlock"): (
-        "mlp", "ResPostRelPosBlock normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
-        "x + mlp(layer_norm(x))",
-    ),
-    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"): (
-        "mlp", "Swin V2's block normalises after its MLP (x + norm2(mlp(x))); fastvit.layernorm_mlp computes "
-        "x + mlp(layer_norm(x))",
-    ),
-    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"): (
-        "mlp", "Swin V2-CR's block normalises after its MLP (x + drop_path2(norm2(mlp(x)))); fastvit.layernorm_mlp "
-        "computes x + mlp(layer_norm(x))",
-    ),
     ("timm.models.pvt_v2", "Block"): (
         "mlp", "PVTv2's MLP (MlpWithDepthwiseConv: a 3x3 depthwise conv between fc1 and the GELU) is not a "
         "LayerNorm+GELU MLP: it runs timm's modules",
@@ -643,15 +639,35 @@ def _mlp_half_problems(
     problems += exact_type(getattr(block, drop_path), drop_path, (nn.Identity, DropPath), "DropPath")
     mlp_name, mlp = mlp, getattr(block, mlp)
     problems += exact_type(mlp, mlp_name, (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
-    if problems:
-        return problems
+    return problems or _mlp_module_problems(mlp, mlp_name)
+
+
+def _mlp_module_problems(mlp: nn.Module, name: str = "mlp") -> list[str]:
+    """What the op must be able to compute of timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` (the module
+    named ``name`` in the reasons): no norm inside, Linears, an activation the op has."""
+    problems = []
     if type(mlp.norm) is not nn.Identity:
         problems.append(
-            f"{mlp_name}.norm is {type(mlp.norm).__qualname__} (scale_mlp: a norm between the activation and fc2); "
+            f"{name}.norm is {type(mlp.norm).__qualname__} (scale_mlp: a norm between the activation and fc2); "
             "fastvit.layernorm_mlp normalises only its input"
         )
     linears = ("fc1_g", "fc1_x", "fc2") if type(mlp) is SwiGLU else ("fc1", "fc2")
-    return problems + _mlp_layers_problems(mlp, linears, mlp_name)
+    return problems + _mlp_layers_problems(mlp, linears, name)
+
+
+def _post_norm_mlp(path: str, block: nn.Module) -> Finding:
+    """The finding for a post-norm block's ``mlp`` (``_POST_NORM_BLOCKS``): timm's Mlp, GluMlp or
+    SwiGLU becomes its fused class (``timm_post_norm``), the block itself stays timm's."""
+    mlp, mlp_path = block._modules.get("mlp"), join(path, "mlp")
+    fused_cls = timm_post_norm.fused_mlp_alone_class(mlp)
+    if fused_cls is None:
+        return Skip(mlp_path, "mlp", foreign(mlp, "timm's Mlp, GluMlp or SwiGLU"))
+    return slot(mlp_path, mlp, "mlp", fused_cls, _mlp_module_problems, _mlp_alone_notes)
+
+
+def _mlp_alone_notes(mlp: nn.Module) -> list[str]:
+    p = timm_mlp.mlp_dropout_p(mlp)
+    return [f"MLP dropout {p}: in training it runs timm's modules"] if p > 0 else []
 
 
 def _mlp_layers_problems(mlp: nn.Module, linears: tuple[str, ...], name: str = "mlp") -> list[str]:
@@ -758,6 +774,8 @@ def find(model: nn.Module) -> list[Finding]:
             fused_cls, names = _OTHER_ATTENTIONS[cls]
             problems = lambda m, names=names: missing_attributes(m, names, "timm")
             findings.append(slot(path, module, "attention", fused_cls, problems, _other_attention_notes))
+        elif (cls.__module__, cls.__name__) in _POST_NORM_BLOCKS:
+            findings.append(_post_norm_mlp(path, module))
         elif (cls.__module__, cls.__name__) in _LEFT_ALONE:
             findings.append(Skip(path, *_LEFT_ALONE[cls.__module__, cls.__name__]))
         elif (cls.__module__, cls.__name__) in _LEFT_ALONE_MODELS and not path:

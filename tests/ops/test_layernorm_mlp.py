@@ -33,7 +33,7 @@ def _inputs(batch, n_tok, dim, hidden, *, bias=True, affine=True, layer_scale=Fa
     stays O(1) in fp16. x gets a non-zero mean per row (LayerNorm's centring matters); the sample
     scale looks like drop-path's mask / keep_prob, one sample dropped (0) when batch > 1.
     ``gated``: None, "packed" (fc1 (2 hidden, D), [gate; value]) or "split" (fc1_gate_weight beside
-    fc1); ``norm="rms"`` leaves out norm_bias."""
+    fc1); ``norm="rms"`` leaves out norm_bias, ``norm="none"`` both norm parameters."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -65,6 +65,8 @@ def _inputs(batch, n_tok, dim, hidden, *, bias=True, affine=True, layer_scale=Fa
         tensors["fc1_gate_bias"] = 0.2 * randn(hidden) if bias else None
     if norm == "rms":
         tensors["norm_bias"] = None
+    elif norm == "none":  # the MLP alone
+        tensors["norm_weight"] = tensors["norm_bias"] = None
     return {k: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True) for k, t in tensors.items()}
 
 
@@ -537,6 +539,23 @@ def test_kernel_opcheck(kernel_device):
             (torch.randn_like(out), *gfrozen, pre.detach(), mean.detach(), rstd.detach(), "silu", "rms", True,
              True, [True] * 11),
         )
+    # the MLP alone (norm="none"): no norm parameters, empty statistics
+    alone = _inputs(2, 3, 16, 24, sample_scale=True, norm="none", device=kernel_device, seed=45)
+    aargs = [alone[k] for k in NAMES] + [None, None]
+    with fastvit.backend("triton"):
+        torch.library.opcheck(
+            torch.ops.fastvit.layernorm_mlp_fwd.default,
+            (*aargs, 1e-6, "gelu", "none", False, False, torch.float32, True),
+        )
+        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
+            *aargs, 1e-6, "gelu", "none", False, False, torch.float32, True)
+        assert mean.shape == rstd.shape == (0,)
+        afrozen = [t.detach() if t is not None else None for t in aargs]
+        torch.library.opcheck(
+            torch.ops.fastvit.layernorm_mlp_bwd.default,
+            (torch.randn_like(out), *afrozen, pre.detach(), mean.detach(), rstd.detach(), "gelu", "none", False,
+             False, [True] * 9 + [False, False]),
+        )
 
 
 @kernel_test
@@ -574,25 +593,28 @@ def test_kernel_gated_rms_under_torch_compile(kernel_device):
 
 
 @kernel_test
-@pytest.mark.parametrize("residual,scales", [(True, True), (True, False), (False, False)])
-def test_kernel_autocast(kernel_device, residual, scales):
+@pytest.mark.parametrize("residual,scales,norm", [(True, True, "layernorm"), (True, False, "layernorm"),
+                                                (False, False, "layernorm"), (True, True, "none")])
+def test_kernel_autocast(kernel_device, residual, scales, norm):
     """Under autocast with timm's fp32 residual stream and fp32 parameters: the GEMMs run in the
     autocast dtype, LN statistics in fp32, and the output and gradients have the composite's dtypes
-    (fp32 through the residual add or an fp32 scale; the autocast dtype for the bare branch)."""
+    (fp32 through the residual add or an fp32 scale; the autocast dtype for the bare branch).
+    norm="none": fc1 reads x's fp32 rows converted once to the autocast dtype."""
     low = torch.bfloat16 if ON_GPU else torch.float16
-    inputs = _inputs(2, 13, 48, 128, layer_scale=scales, sample_scale=scales, device=kernel_device, seed=53)
+    inputs = _inputs(2, 13, 48, 128, layer_scale=scales, sample_scale=scales, norm=norm, device=kernel_device,
+                     seed=53)
     names = [k for k in NAMES if inputs[k] is not None]
     leaves = [inputs[k] for k in names]
     with torch.autocast(kernel_device.type, dtype=low):
         with fastvit.backend("triton"):
-            out = _call(inputs, residual=residual)
+            out = _call(inputs, residual=residual, norm=norm)
         with fastvit.backend("torch"):
-            expected = _call(inputs, residual=residual)
+            expected = _call(inputs, residual=residual, norm=norm)
     assert out.dtype == expected.dtype == (torch.float32 if residual or scales else low)
     grad_out = torch.randn(out.shape, device=kernel_device).to(out.dtype)
     grads = torch.autograd.grad(out, leaves, grad_out)
     grads_low = torch.autograd.grad(expected, leaves, grad_out)
-    out64, grads64 = _reference(inputs, grad_out, torch.float64, residual=residual)
+    out64, grads64 = _reference(inputs, grad_out, torch.float64, residual=residual, norm=norm)
     assert_close_to_reference(out.float().cpu(), out64, expected.float().cpu(), name="out", dtype=low)
     for name, g, g_low in zip(names, grads, grads_low, strict=True):
         assert g.dtype == inputs[name].dtype == torch.float32
@@ -808,6 +830,8 @@ FP16_VARIANTS = [
     ("quick_gelu", None, "layernorm", True),  # CLIP
     ("gelu_tanh", "split", "layernorm", True),
     ("gelu", None, "rms", True),
+    ("gelu", None, "none", True),  # a post-norm block's MLP alone (Swin V2): fc1 reads x's own rows
+    ("silu", "split", "none", False),
 ]
 
 
@@ -904,6 +928,85 @@ def test_kernel_rms_without_weight_and_partial_grads(kernel_device):
 
 
 @kernel_test
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("gated", [None, "packed"], ids=["plain", "packed"])
+def test_kernel_mlp_alone(kernel_device, gated, residual):
+    """norm="none": the MLP alone, the branch of a post-norm block (Swin V2's mlp(x), the block
+    normalising its output): fc1 reads x's own rows, dx = dLN [+ dy]. Odd D and hidden (37, 97),
+    197 tokens, both scales, output and every gradient."""
+    build, call = _variant(gated, "none", "gelu")
+    inputs = _inputs(2, 197, 37, 97, layer_scale=True, sample_scale=True, device=kernel_device, seed=151, **build)
+    out, grad_out, grads = _run_kernel(inputs, **call, residual=residual)
+    _check_against_reference(inputs, out, grad_out, grads, **call, residual=residual)
+
+
+@kernel_test
+def test_kernel_mlp_alone_partial_grads(kernel_device):
+    """norm="none" with only some inputs requiring grad: x alone (the row pass writes dx = dLN + dy
+    and nothing else), fc1's weight alone (dW1 = dA^T x from x's rows), the scales and fc2's bias
+    (the row pass with no dx)."""
+    inputs = _inputs(2, 7, 48, 40, layer_scale=True, sample_scale=True, norm="none", device=kernel_device, seed=157)
+    call = dict(norm="none")
+    for wanted in (["x"], ["fc1_weight"], ["fc2_bias", "layer_scale", "sample_scale"]):
+        leaves = {k: None if t is None else t.detach().requires_grad_(k in wanted) for k, t in inputs.items()}
+        with fastvit.backend("triton"):
+            out = _call(leaves, **call)
+        grad_out = torch.randn_like(out)
+        grads = dict(zip(wanted, torch.autograd.grad(out, [leaves[k] for k in wanted], grad_out), strict=True))
+        _, grads64 = _reference(inputs, grad_out, torch.float64, **call)
+        _, gradslow = _reference(inputs, grad_out, torch.float32, **call)
+        for k, g in grads.items():
+            slack = None
+            if k in FEW_VALUED:
+                slack = ATOL[torch.float32] + _sum_bound(inputs, grad_out, k, torch.float32, **call)
+            assert_close_to_reference(g, grads64[k], gradslow[k], name=f"d{k}", dtype=torch.float32, atol=slack)
+
+
+@kernel_test
+@pytest.mark.parametrize("layout", ["token_strided", "padded_rows", "transposed"])
+def test_kernel_mlp_alone_strided_x_gives_the_contiguous_results(kernel_device, layout):
+    """norm="none" reads x's rows as fc1's A operand: a view of x when its tokens are GEMM rows, a
+    copy otherwise (every other token, rows padded past D, a conv map's transposed view): outputs
+    and every gradient exactly those of the contiguous x."""
+    inputs = _inputs(2, 9, 48, 64, layer_scale=True, norm="none", device=kernel_device, seed=163)
+    dense = inputs["x"].detach()
+    if layout == "token_strided":
+        base = torch.zeros(2, 18, 48, device=kernel_device)
+        base[:, ::2] = dense
+        x = base.requires_grad_(True)[:, ::2]
+    elif layout == "padded_rows":
+        base = torch.zeros(2, 9, 64, device=kernel_device)
+        base[..., :48] = dense
+        x = base.requires_grad_(True)[..., :48]
+    else:
+        x = dense.transpose(1, 2).contiguous().requires_grad_(True).transpose(1, 2)
+    grad_out = torch.randn_like(dense)
+    want_out, _, want = _run_kernel(inputs, grad_out, norm="none")
+    got_out, _, got = _run_kernel(dict(inputs, x=x), grad_out, norm="none")
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_mlp_alone_reads_x_rows_without_a_copy():
+    """The no-norm GEMM operand is x itself where x's tokens already are (T, D) rows in the GEMM
+    dtype (no copy the user did not ask for), and a copy only where they are not."""
+    from fastvit.kernels.layernorm_mlp import token_rows
+
+    buf = torch.randn(3, 5, 8)
+    for x in (buf, buf[1:], buf[:1, 2:]):
+        rows = token_rows(x, torch.float32)
+        assert rows.data_ptr() == x.data_ptr() and rows.stride() == (8, 1)
+        torch.testing.assert_close(rows, x.reshape(-1, 8), rtol=0, atol=0)
+    copied = ((buf[:, ::2], torch.float32), (buf[:, :1], torch.float32), (buf[..., :6], torch.float32),
+              (buf.transpose(0, 1), torch.float32), (buf, torch.float16))
+    for x, dtype in copied:
+        rows = token_rows(x, dtype)
+        assert rows.dtype == dtype and rows.stride() == (x.shape[-1], 1) and rows.data_ptr() != buf.data_ptr()
+        torch.testing.assert_close(rows, x.reshape(-1, x.shape[-1]).to(dtype), rtol=0, atol=0)
+
+
+@kernel_test
 @pytest.mark.parametrize("layout", ["glu_gate_last", "adjacent_views"])
 def test_kernel_gate_and_value_as_views_of_one_weight(kernel_device, layout):
     """No copies for other packings: timm's GluMlp (gate_last=True, fc1 = [value; gate]) passes row
@@ -942,7 +1045,7 @@ def test_kernel_gate_and_value_as_views_of_one_weight(kernel_device, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("norm", ["layernorm", "rms"])
+@pytest.mark.parametrize("norm", ["layernorm", "rms", "none"])
 @pytest.mark.parametrize("gated", GATINGS, ids=["plain", "packed", "split"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_torch_route_variants(activation, gated, norm, dtype):
@@ -1027,6 +1130,7 @@ VARIANT_BAD = [
     (dict(activation="relu"), ValueError, "activation must be one of"),
     (dict(norm="batchnorm"), ValueError, "norm must be one of"),
     (dict(norm="rms"), ValueError, "norm_bias must be None with norm='rms'"),
+    (dict(norm="none"), ValueError, "norm_weight and norm_bias must be None with norm='none'"),
     (dict(gated=True), ValueError, r"fc2_weight must have shape \(D=16, hidden=12\)"),
     (dict(gated="yes"), TypeError, "gated must be a bool"),
     (dict(fc1_gate_bias=torch.zeros(24)), ValueError, "fc1_gate_bias was given without fc1_gate_weight"),
@@ -1056,7 +1160,7 @@ def test_gated_packed_needs_an_even_fc1():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("activation,gated,norm", [("silu", "split", "rms"), ("gelu_tanh", "packed", "layernorm"),
-                                                   ("quick_gelu", None, "rms")])
+                                                   ("quick_gelu", None, "rms"), ("gelu", None, "none")])
 def test_torchscript_form_covers_the_variants(activation, gated, norm):
     """The TorchScript twin that FX graphs script (fastvit/ops/_torchscript.py) takes the same
     keywords and computes the same variants as the reference."""

@@ -76,9 +76,10 @@ def images(size: int | tuple[int, int] = 32, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_swin_matches_unpatched(v2, op_calls):
     reference, patched, report = pair(swin(v2).eval())
-    # V1's blocks' MLP halves are fused (fastvit.nn.timm_blocks); V2's post-norm blocks are reported
-    assert report.counts() == ({"attention": SWIN_BLOCKS, "mlp": SWIN_BLOCKS} if not v2 else {"attention": SWIN_BLOCKS})
-    assert {e.part for e in report.skipped} == ({"mlp", "patch_embed"} if v2 else {"patch_embed"})
+    # V1's blocks' MLP halves are fused (fastvit.nn.timm_blocks); V2's post-norm blocks' MLPs alone
+    # (fastvit.nn.timm_post_norm)
+    assert report.counts() == {"attention": SWIN_BLOCKS, "mlp": SWIN_BLOCKS}
+    assert {e.part for e in report.skipped} == {"patch_embed"}
     assert_matches_by_the_rule(reference, patched, images())
     calls = op_calls["flash_attention"]
     assert len(calls) == SWIN_BLOCKS
@@ -155,7 +156,7 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     fused_classes = (FusedSwinWindowAttention, FusedSwinV2WindowAttention, FusedSamAttention, FusedMaskUnitAttention)
     fused = [m for m in model.modules() if type(m) in fused_classes]
     blocks = [m for m in model.modules() if isinstance(m, FusedModule) and type(m) not in fused_classes]
-    assert len(fused) == BLOCKS[name] and len(blocks) == (0 if name == "swinv2" else BLOCKS[name])
+    assert len(fused) == BLOCKS[name] and len(blocks) == BLOCKS[name]  # Swin V2: its blocks' MLPs
     assert len(report.replaced) == len(fused) + len(blocks)
     timm_classes = (WindowAttention, WindowAttentionV2, SamAttention, MaskUnitAttention)
     assert all(isinstance(m, timm_classes) for m in fused)  # isinstance checks against timm's classes pass
@@ -167,9 +168,10 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
 
 def test_report_names_each_class_and_hooks_on_softmax():
     report = fastvit.patch(swin(v2=True))
-    assert all("WindowAttention -> FusedSwinV2WindowAttention" in e.detail for e in report.replaced)
-    skipped = {e.part: e.detail for e in report.skipped}
-    assert "normalises after its MLP" in skipped["mlp"]  # V2's res-post-norm block
+    expected = {"attention": "WindowAttention -> FusedSwinV2WindowAttention",
+                "mlp": "Mlp -> FusedMlpAlone"}  # V2's post-norm blocks' MLPs, fused alone  # fmt: skip
+    assert all(expected[e.part] in e.detail for e in report.replaced)
+    assert {e.part for e in report.skipped} == {"patch_embed"}  # V2's post-norm blocks' MLPs are fused alone
     model = swin()
     model.layers[0].blocks[0].attn.softmax.register_forward_hook(lambda *args: None)  # attention-map hook
     report = fastvit.patch(model)
