@@ -13,9 +13,10 @@ timm's
 The layer scale goes to the op as ``layer_scale``, ``drop_path2`` as ``sample_scale`` (the same
 Bernoulli draws as timm's ``DropPath``, so a seeded training step matches timm exactly). What the
 op cannot express (``scale_mlp``'s norm between the activation and fc2) is reported and left alone
-by ``fastvit/patching/timm.py``; post-norm blocks' MLPs are fused alone (``fastvit.nn.timm_post_norm``). The fused block classes live beside their
-attention: ``fastvit.nn.timm_vit`` (``Block``), ``fastvit.nn.timm_eva`` (``EvaBlock``) and
-``fastvit.nn.timm_relpos`` (BEiT's ``Block``). Importing this module imports timm.
+by ``fastvit/patching/timm.py``; post-norm blocks' MLPs are fused alone (``fastvit.nn.timm_post_norm``).
+The fused block classes live beside their attention: ``fastvit.nn.timm_vit`` (``Block``),
+``fastvit.nn.timm_eva`` (``EvaBlock``) and ``fastvit.nn.timm_relpos`` (BEiT's ``Block``). Importing
+this module imports timm.
 """
 
 from __future__ import annotations

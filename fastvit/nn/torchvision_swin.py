@@ -18,7 +18,9 @@ head but not on the image, is one (1, nW*H, N, N) tensor read through its stride
 
 ``SwinTransformerBlock`` (V1, pre-norm) runs ``x + stochastic_depth(mlp(norm2(x)))`` as one
 ``fastvit.layernorm_mlp`` call, the row-wise stochastic depth drawn as torchvision draws it and
-passed as ``sample_scale``. V2's block is post-norm (``x + norm2(mlp(x))``) and stays torchvision's.
+passed as ``sample_scale``. V2's block is post-norm (``x + stochastic_depth(norm2(mlp(x)))``) and
+stays torchvision's; its ``mlp`` alone (torchvision's ``MLP``: Linear, GELU, Dropout, Linear,
+Dropout) is one ``fastvit.layernorm_mlp(..., norm="none", residual=False)`` call (``FusedMLPAlone``).
 See ``fastvit.nn.fused`` for how the swap
 works and ``fastvit/patching/torchvision.py`` for what is checked first. Importing this module
 imports torchvision.
@@ -37,6 +39,7 @@ from torchvision.models.swin_transformer import (
     SwinTransformerBlock,
     shifted_window_attention,
 )
+from torchvision.ops.misc import MLP
 from torchvision.ops.stochastic_depth import StochasticDepth
 
 import fastvit
@@ -45,6 +48,7 @@ from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback, 
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
+    "FusedMLPAlone",
     "FusedShiftedWindowAttention",
     "FusedShiftedWindowAttentionV2",
     "FusedSwinTransformerBlock",
@@ -314,3 +318,45 @@ class FusedSwinTransformerBlock(FusedModule, SwinTransformerBlock):
 
     def extra_repr(self) -> str:
         return f"dim={self.norm2.normalized_shape[0]}, eps={self.norm2.eps}, fastvit={self.fastvit_op}"
+
+
+class FusedMLPAlone(FusedModule, MLP):
+    """torchvision ``MLP`` (Linear, GELU, Dropout, Linear, Dropout) whose forward is one
+    ``fastvit.layernorm_mlp`` call with ``norm="none"`` and ``residual=False``: the MLP of Swin V2's
+    post-norm block, ``x + stochastic_depth(norm2(mlp(x)))``, whose norm, stochastic depth and
+    residual add stay torchvision's. Same signature, ``forward(input)``: (..., C) -> (..., C). MLP
+    dropout in training, or a hook on (or a replacement of) a layer, run torchvision's layers.
+
+    Example:
+        >>> model = torchvision.models.swin_v2_t()
+        >>> fastvit.patch(model)  # features.*.*.mlp -> FusedMLPAlone
+    """
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+    fastvit_bypassed = ("0", "1", "2", "3", "4")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(input)
+        if self._fastvit_overridden():  # the override may be MLP's (Sequential's) forward itself
+            return super().forward(input)
+        return self._fastvit_mlp(input)
+
+    def _fastvit_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C): the MLP, fused (torchvision's layers where the op does not cover the call)."""
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(x)
+        traced = method_leaf(self, "_fastvit_mlp", x)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
+        if not self._fastvit_submodules_intact():
+            return self._fastvit_original_forward(x)
+        fc1, act, drop1, fc2, drop2 = self
+        if mlp_dropout_fallback("torchvision", "MLP", drop1, drop2):
+            return self._fastvit_original_forward(x)
+        return fastvit.layernorm_mlp(x, None, None, fc1.weight, fc1.bias, fc2.weight, fc2.bias, norm="none",
+                                     residual=False, approximate=act.approximate)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"fastvit={self.fastvit_op}, no norm (the block's post-norm runs after it)"

@@ -4,8 +4,9 @@
 ``ShiftedWindowAttention``; swin_v2_t/s/b: ``ShiftedWindowAttentionV2``) and of ``MaxVit``
 (maxvit_t: ``RelativePositionalMultiHeadAttention``), wherever those modules sit, and the
 LayerNorm+MLP halves of Swin V1's ``SwinTransformerBlock`` and of MaxViT's
-``PartitionAttentionLayer`` (V2's post-norm blocks are reported as skipped, with why); and the
-LayerNorm+MLP of ConvNeXt's ``CNBlock`` (``convnext_*``).
+``PartitionAttentionLayer``, the MLP alone of Swin V2's post-norm ``SwinTransformerBlockV2`` (its
+norm, stochastic depth and residual add stay torchvision's); and the LayerNorm+MLP of ConvNeXt's
+``CNBlock`` (``convnext_*``).
 
 ``nn.MultiheadAttention`` is patched only as an ``EncoderBlock``'s ``self_attention``, where it is
 known to be called as self-attention without weights; elsewhere in a model it is left alone.
@@ -33,16 +34,11 @@ _MODELS = fused_table(fused.FusedVisionTransformer)
 _SWIN_BLOCKS = fused_table(torchvision_swin.FusedSwinTransformerBlock)
 _MAXVIT_LAYERS = fused_table(torchvision_maxvit.FusedPartitionAttentionLayer)
 _CONVNEXT_BLOCKS = fused_table(torchvision_convnext.FusedCNBlock)
+_MLPS_ALONE = fused_table(torchvision_swin.FusedMLPAlone)  # Swin V2's post-norm blocks' MLPs
 _WINDOW_ATTENTIONS = fused_table(
     torchvision_swin.FusedShiftedWindowAttention,
     torchvision_swin.FusedShiftedWindowAttentionV2,
     torchvision_maxvit.FusedRelativePositionalMultiHeadAttention,
-)
-
-
-_POST_NORM = (
-    "Swin V2's block is post-norm, x + norm2(mlp(x)); fastvit.layernorm_mlp normalises the MLP's input "
-    "(its window attention is fused)"
 )
 
 
@@ -145,14 +141,31 @@ def _swin_block_problems(block: nn.Module) -> list[str]:
     problems += layernorm_problems(block.norm2, "norm2")
     problems += _row_stochastic_depth_problems(block, "stochastic_depth")
     problems += exact_type(block.mlp, "mlp", (MLP,), "torchvision's MLP")
-    if problems:
-        return problems
+    return problems or _mlp_layers_problems(block.mlp)
+
+
+def _mlp_layers_problems(mlp: nn.Module) -> list[str]:
+    """Why the layers of torchvision's ``MLP`` (a block's ``mlp``) are not the op's MLP."""
     expected = (nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout)
-    got = tuple(type(layer) for layer in block.mlp)
-    if got != expected:
-        names = ", ".join(cls.__name__ for cls in got)
-        problems.append(f"mlp holds ({names}), not (Linear, GELU, Dropout, Linear, Dropout)")
-    return problems
+    got = tuple(type(layer) for layer in mlp)
+    if got == expected:
+        return []
+    names = ", ".join(cls.__name__ for cls in got)
+    return [f"mlp holds ({names}), not (Linear, GELU, Dropout, Linear, Dropout)"]
+
+
+def _post_norm_mlp(path: str, block: nn.Module) -> Finding:
+    """The finding for Swin V2's post-norm block's ``mlp``: torchvision's ``MLP`` becomes
+    ``FusedMLPAlone``, the block itself stays torchvision's."""
+    mlp, mlp_path = block._modules.get("mlp"), join(path, "mlp")
+    if type(mlp) not in _MLPS_ALONE:
+        return Skip(mlp_path, "mlp", foreign(mlp, "torchvision's MLP"))
+    return slot(mlp_path, mlp, "mlp", _MLPS_ALONE[type(mlp)], _mlp_layers_problems, _mlp_alone_notes)
+
+
+def _mlp_alone_notes(mlp: nn.Module) -> list[str]:
+    p = max(mlp[2].p, mlp[4].p)
+    return [f"MLP dropout {p}: in training it runs torchvision's layers"] if p > 0 else []
 
 
 def _swin_block_notes(block: nn.Module) -> list[str]:
@@ -263,7 +276,7 @@ def find(model: nn.Module) -> list[Finding]:
         elif cls in _SWIN_BLOCKS:
             findings.append(slot(path, module, "mlp", _SWIN_BLOCKS[cls], _swin_block_problems, _swin_block_notes))
         elif cls is SwinTransformerBlockV2:
-            findings.append(Skip(path, "mlp", _POST_NORM))
+            findings.append(_post_norm_mlp(path, module))
         elif cls in _CONVNEXT_BLOCKS:
             findings.append(slot(path, module, "mlp", _CONVNEXT_BLOCKS[cls], _convnext_block_problems))
         elif cls in _MAXVIT_LAYERS:

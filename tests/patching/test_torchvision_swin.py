@@ -1,6 +1,6 @@
 """fastvit.patch on torchvision's windowed models: SwinTransformer V1 (``ShiftedWindowAttention``
 and the blocks' LayerNorm+MLP half), V2 (``ShiftedWindowAttentionV2``, cosine attention with a
-continuous position bias; its post-norm MLP half is reported as skipped) and MaxVit
+continuous position bias; its post-norm blocks' MLP alone, ``norm="none"``) and MaxVit
 (``RelativePositionalMultiHeadAttention``, block and grid attention, and each
 ``PartitionAttentionLayer``'s LayerNorm+MLP half), against unpatched copies on
 the CPU (torch route, fp32), by the tolerance rule: the patched model's error against the
@@ -26,7 +26,14 @@ import torch.nn as nn
 
 import fastvit
 from fastvit.nn.fused import FusedModule
-from tests.patching.helpers import assert_matches_on_the_gpu, module_types, pair, perturb_, storage_map
+from tests.patching.helpers import (
+    assert_matches_on_the_gpu,
+    assert_outputs_and_grads_match,
+    module_types,
+    pair,
+    perturb_,
+    storage_map,
+)
 from tests.tolerance import assert_close_to_reference
 
 pytest.importorskip("torchvision")
@@ -38,6 +45,7 @@ from torchvision.models.swin_transformer import (
     SwinTransformerBlock,
     SwinTransformerBlockV2,
 )
+from torchvision.ops.misc import MLP
 
 BATCH, BLOCKS = 3, 4  # 2 stages x 2 blocks; MaxVit: 2 layers x (block + grid attention)
 
@@ -95,14 +103,14 @@ def assert_matches_by_the_rule(reference: nn.Module, patched: nn.Module, x: torc
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 def test_swin_matches_unpatched(v2, size, op_calls):
     reference, patched, report = pair(swin(v2).eval())
-    if v2:  # post-norm blocks: x + norm2(mlp(x))
-        assert report.counts() == {"attention": BLOCKS} and len(report.skipped) == BLOCKS
-        assert all(e.part == "mlp" and "post-norm" in e.detail for e in report.skipped)
-    else:
-        assert report.counts() == {"attention": BLOCKS, "mlp": BLOCKS} and not report.skipped
+    # V1: each block's LayerNorm+MLP half; V2's post-norm blocks (x + stochastic_depth(norm2(mlp(x)))):
+    # the MLP alone, norm="none", the block's norm2 and residual add torchvision's
+    assert report.counts() == {"attention": BLOCKS, "mlp": BLOCKS} and not report.skipped
     assert_matches_by_the_rule(reference, patched, images(size))
     calls = op_calls["flash_attention"]
-    assert len(calls) == BLOCKS and len(op_calls["layernorm_mlp"]) == (0 if v2 else BLOCKS)
+    assert len(calls) == BLOCKS and len(op_calls["layernorm_mlp"]) == BLOCKS
+    mlp_call = op_calls["layernorm_mlp"][0]["kwargs"]
+    assert (mlp_call.get("norm"), mlp_call.get("residual")) == (("none", False) if v2 else (None, None))
     mask = calls[0]["kwargs"]["attn_mask"]
     assert mask.requires_grad and mask.dtype == torch.float32  # the bias table learns through it
     assert calls[0]["kwargs"]["scale"] == (1.0 if v2 else None)  # V2: q pre-scaled
@@ -147,10 +155,10 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    swaps = BLOCKS if name == "swin_v2" else 2 * BLOCKS  # V1 and MaxViT: attention and MLP half of each block
+    swaps = 2 * BLOCKS  # the attention and the MLP half (Swin V2: the MLP alone) of each block
     assert len(fused) == swaps
     originals = (ShiftedWindowAttention, SwinTransformerBlock, RelativePositionalMultiHeadAttention,
-                 PartitionAttentionLayer)  # fmt: skip
+                 PartitionAttentionLayer, MLP)  # fmt: skip
     assert all(isinstance(m, originals) for m in fused)
     assert len(fastvit.unpatch(model).replaced) == len(report.replaced) == swaps
     assert module_types(model) == before_types and storage_map(model) == before_storage
@@ -159,7 +167,10 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
 
 def test_report_names_each_class_and_hooks_run():
     report = fastvit.patch(swin(v2=True))
-    assert all("ShiftedWindowAttentionV2 -> FusedShiftedWindowAttentionV2" in e.detail for e in report.replaced)
+    expected = {"attention": "ShiftedWindowAttentionV2 -> FusedShiftedWindowAttentionV2",
+                "mlp": "MLP -> FusedMLPAlone"}  # fmt: skip
+    assert all(expected[e.part] in e.detail for e in report.replaced)
+    assert next(e.path for e in report.replaced if e.part == "mlp") == "features.1.0.mlp"
     # torchvision reads qkv and proj by weight without calling them, and so does the fused forward:
     # a hook there changes nothing either way; hooks on the attention module itself run
     model = swin().eval()
@@ -198,6 +209,40 @@ def test_training_step_with_stochastic_depth(op_calls):
     patched.eval()
     reference.eval()
     assert_matches_by_the_rule(reference, patched, images(20))
+
+
+def test_swin_v2_mlp_alone_in_training_and_with_hooks(op_calls, fresh_warnings):
+    """V2's post-norm blocks keep their stochastic depth, norm2 and residual add (torchvision's
+    draws); the fused MLP alone gives the same training step. A hook on one of its layers added
+    after patching runs torchvision's layers for that MLP."""
+    reference, patched, _ = pair(swin(v2=True, stochastic_depth_prob=0.5).train())
+    assert_outputs_and_grads_match(reference, patched, images(), seed=3, rtol=1e-4, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == BLOCKS
+    op_calls["layernorm_mlp"].clear()
+    reference, patched, _ = pair(swin(v2=True).eval())
+    for model in (reference, patched):
+        model.features[3][1].mlp[0].register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on 0"):
+        torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == BLOCKS - 1
+    # an MLP of other layers in a V2 block's slot is reported with why
+    model = swin(v2=True)
+    model.features[1][0].mlp = MLP(32, [64, 32], activation_layer=nn.ReLU)
+    (skip,) = fastvit.patch(model).skipped
+    assert skip.path == "features.1.0.mlp" and "mlp holds (Linear, ReLU, Dropout, Linear, Dropout)" in skip.detail
+
+
+def test_swin_v2_compile_and_fx(op_calls):
+    reference, patched, _ = pair(swin(v2=True).eval())
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+        assert_matches_by_the_rule(reference, compiled, images(20))
+    finally:
+        torch._dynamo.reset()
+    traced = torch.fx.symbolic_trace(patched)
+    assert sum(n.op == "call_method" and n.target == "_fastvit_mlp" for n in traced.graph.nodes) == BLOCKS
+    assert_matches_by_the_rule(reference, traced, images())
 
 
 def test_maxvit_training_step_with_stochastic_depth(op_calls):
@@ -245,9 +290,9 @@ def test_dropout_in_training_runs_torchvision(v2, op_calls, fresh_warnings):
     reference, patched, report = pair(swin(v2, attention_dropout=0.2, dropout=0.1).train())
     notes = [e.detail for e in report.replaced]
     assert sum("dropout 0.2: in training it runs torchvision's forward" in n for n in notes) == BLOCKS
-    assert sum("MLP dropout 0.1: in training its MLP half runs torchvision's modules" in n for n in notes) == (
-        0 if v2 else BLOCKS
-    )
+    mlp_note = "MLP dropout 0.1: in training it runs torchvision's layers" if v2 else (
+        "MLP dropout 0.1: in training its MLP half runs torchvision's modules")  # fmt: skip
+    assert sum(mlp_note in n for n in notes) == BLOCKS
     outputs = []
     for model in (reference, patched):
         torch.manual_seed(5)
@@ -256,14 +301,14 @@ def test_dropout_in_training_runs_torchvision(v2, op_calls, fresh_warnings):
                 outputs.append(model(images()))
             messages = " ".join(str(w.message) for w in warned)
             assert "attention_dropout p=0.2 and dropout p=0.1" in messages
-            assert ("MLP dropout > 0" in messages) is not v2
+            assert "MLP dropout > 0" in messages
         else:
             outputs.append(model(images()))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)  # the same math and dropout draws
     assert not op_calls["flash_attention"] and not op_calls["layernorm_mlp"]
     assert_matches_by_the_rule(reference.eval(), patched.eval(), images())
     assert len(op_calls["flash_attention"]) == BLOCKS  # in eval: fused
-    assert len(op_calls["layernorm_mlp"]) == (0 if v2 else BLOCKS)
+    assert len(op_calls["layernorm_mlp"]) == BLOCKS
 
 
 def test_torch_compile_fullgraph():
@@ -335,7 +380,7 @@ def test_triton_route_in_the_interpreter(op_calls):
     reference, patched, _ = pair(swin(v2=True).eval())
     with fastvit.backend("triton"):
         assert_matches_by_the_rule(reference, patched, images(16))
-    assert len(op_calls["flash_attention"]) == BLOCKS
+    assert len(op_calls["flash_attention"]) == len(op_calls["layernorm_mlp"]) == BLOCKS
 
 
 @pytest.mark.interpreter
@@ -350,4 +395,4 @@ def test_maxvit_triton_route_in_the_interpreter(op_calls):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_compiled_kernels_on_the_gpu(name, op_calls):
     assert_matches_on_the_gpu(MODELS[name]().eval(), images(32))
-    assert op_calls["flash_attention"] and (name == "swin_v2" or op_calls["layernorm_mlp"])
+    assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]
