@@ -1,7 +1,9 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
 registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
-(``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT).
+(``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
+``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
+reported).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch.nn as nn
 from transformers.models.aimv2.modeling_aimv2 import Aimv2MLP, Aimv2RMSNorm
 from transformers.models.clip.modeling_clip import CLIPMLP
+from transformers.models.convnext.modeling_convnext import ConvNextDropPath, ConvNextLayerNorm
+from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer
 from transformers.models.deit.modeling_deit import DeiTMLP, DeiTPatchEmbeddings
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2DropPath,
@@ -39,10 +43,10 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 
-from fastvit.nn import hf_embeddings, hf_layers
+from fastvit.nn import hf_convnext, hf_embeddings, hf_layers
 from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
-from fastvit.patching.registry import Finding, slot
+from fastvit.patching.registry import Finding, Skip, fused_table, slot
 
 __all__ = ["finding"]
 
@@ -163,9 +167,45 @@ def _embedding_problems(embeddings: nn.Module) -> list[str]:
     return problems
 
 
+_CONVNEXT_LAYERS = fused_table(hf_convnext.FusedConvNextLayer)
+_CONVNEXT_V2 = (
+    "ConvNeXt V2's layer applies a global response norm (ConvNextV2GRN: each channel scaled by its norm over "
+    "the map) between the activation and pwconv2, which fastvit.layernorm_mlp does not compute: it runs "
+    "Hugging Face's modules"
+)
+
+
+def _convnext_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a ``ConvNextLayer``'s branch: a channels-last
+    ``ConvNextLayerNorm``, two Linears with an activation the op has, a (C,) layer scale or None, its
+    drop path or Identity."""
+    names = ("dwconv", "layernorm", "pwconv1", "act", "pwconv2", "layer_scale_parameter", "drop_path")
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    norm = layer.layernorm
+    problems += layernorm_problems(norm, "layernorm", (ConvNextLayerNorm,))
+    if not problems and norm.data_format != "channels_last":
+        problems.append(f"layernorm's data_format is {norm.data_format!r}, not 'channels_last'")
+    for name in ("pwconv1", "pwconv2"):
+        problems += exact_type(getattr(layer, name), name, (nn.Linear,), "nn.Linear")
+    problems += exact_type(layer.drop_path, "drop_path", (nn.Identity, ConvNextDropPath), "its drop path")
+    if activation_of(layer.act) is None:
+        problems.append(f"act is {type(layer.act).__qualname__}; the fused op computes GELU (exact or tanh), "
+                        "quick_gelu and SiLU")  # fmt: skip
+    scale, dim = layer.layer_scale_parameter, norm.normalized_shape[0]
+    if scale is not None and tuple(scale.shape) != (dim,):
+        problems.append(f"layer_scale_parameter has shape {tuple(scale.shape)}, not ({dim},)")
+    return problems
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer or embedding classes (or their
     fused classes), else None."""
+    if type(module) in _CONVNEXT_LAYERS:
+        return slot(path, module, "mlp", _CONVNEXT_LAYERS[type(module)], _convnext_problems)
+    if type(module) is ConvNextV2Layer:
+        return Skip(path, "mlp", _CONVNEXT_V2)
     layer = hf_layers.fused_layer(module)
     if layer is not None:
         return slot(path, module, "mlp", layer, _problems, _notes)
