@@ -66,6 +66,8 @@ def test_matches_unpatched_by_the_rule(op_calls):
     reference, patched, report = pair(build())
     assert report.counts() == {"mlp": LAYERS} and not report.skipped
     assert [type(layer) for layer in layers(patched)] == [FusedConvNextLayer] * LAYERS
+    # accelerate's device_map / FSDP look the layers up by class name
+    assert set(patched.model._no_split_modules) == {"FusedConvNextLayer", "ConvNextStage"}
     assert_matches_by_the_rule(reference, patched, images())
     calls = op_calls["layernorm_mlp"]
     assert [tuple(c["args"][0].shape) for c in calls[:2]] == [(2, 16, 16, 16), (2, 8, 8, 24)]  # channels-last views
