@@ -118,12 +118,14 @@ def patch(
       Apple's FastViT / MobileCLIP (``fastvit_sa*``, ``fastvit_mci*``); the MLP halves of the Swin
       V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO,
       MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP
-      towers);
-    - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``), MaxViT and ConvNeXt's
-      LayerNorm+MLP (``convnext_*``);
+      towers); the MLP alone (``norm="none"``) of the post-norm blocks (Swin V2, V2-CR,
+      ``EvaBlockPostNorm``, ``ResPostRelPosBlock``, ``ResPostBlock``);
+    - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``: V2's post-norm MLP
+      alone), MaxViT and ConvNeXt's LayerNorm+MLP (``convnext_*``);
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,
-      the MLP halves of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers, and every
+      the MLP halves of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's
+      ``ConvNextLayer`` branch, and every
       attention going through transformers' ``AttentionInterface`` (below).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the
