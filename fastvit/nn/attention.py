@@ -7,6 +7,8 @@ The replacements themselves subclass each family's attention module and live bes
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,7 +17,8 @@ import fastvit
 from fastvit.nn.fused import warn_attention_dropout  # re-exported: the fused classes import it from here
 
 __all__ = [
-    "biased_qkv", "mask_with_causal", "merge_heads", "self_attention", "split_packed_qkv", "warn_attention_dropout",
+    "biased_qkv", "cosine_qk", "mask_with_causal", "merge_heads", "self_attention", "split_packed_qkv",
+    "warn_attention_dropout", "windowed_attention",
 ]
 
 
@@ -100,3 +103,54 @@ def biased_qkv(
         return qkv(x)
     bias = torch.cat((q_bias, k_bias, v_bias))
     return qkv(x) + bias if bias_separate else F.linear(x, weight=qkv.weight, bias=bias)
+
+
+def windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Attention within windows with a per-head bias and an optional per-window mask (Swin V2 in timm
+    and Hugging Face).
+
+    Args:
+        q, k, v: (B*nW, H, N, D), the windows of B images in the batch, image-major (timm's and
+            Hugging Face's ``window_partition`` order); any strides with a unit stride in D.
+        bias: (1, H, N, N) relative-position bias, added to every window.
+        mask: (nW, N, N) additive mask of the window (0 or -100 in Swin) or None; window w of
+            every image gets ``mask[w]``.
+        scale: multiplies q.k; None: 1/sqrt(D).
+
+    Returns:
+        (B*nW, N, H*D), the heads merged, as timm's ``x.transpose(1, 2).reshape(B_, N, -1)``.
+
+    Example:
+        >>> out = windowed_attention(q, k, v, bias, mask, scale=None)  # Swin V1: the bias table's (1, H, N, N)
+    """
+    if mask is None:
+        return merge_heads(self_attention(q, k, v, scale=scale, attn_mask=bias))
+    windows, heads, tokens, head_dim = q.shape
+    num_windows = mask.shape[0]
+    # windows as heads: (B*nW, H, N, D) -> (B, nW*H, N, D), one copy each
+    q, k, v = (t.reshape(-1, num_windows * heads, tokens, head_dim) for t in (q, k, v))
+    # (1, H, N, N) + (nW, 1, N, N) -> (1, nW*H, N, N), shared by every image
+    window_bias = (bias + mask.unsqueeze(1)).reshape(1, num_windows * heads, tokens, tokens)
+    out = self_attention(q, k, v, scale=scale, attn_mask=window_bias)  # (B, nW*H, N, D), (B, N, nW*H, D) in memory
+    out = out.transpose(1, 2).reshape(-1, tokens, num_windows, heads * head_dim)  # (B, N, nW, H*D), a view
+    return out.transpose(1, 2).reshape(windows, tokens, heads * head_dim)  # (B*nW, N, H*D)
+
+
+def cosine_qk(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swin V2's cosine attention as exact attention with ``scale=1``: q and k (B*nW, H, N, D)
+    L2-normalised over D, q times the per-head ``exp(clamp(logit_scale, max=log 100))``
+    (``logit_scale`` H elements, any shape). Returns the new q and k (B*nW, H, N, D).
+
+    Example:
+        >>> q, k = cosine_qk(q, k, attn.logit_scale)
+        >>> out = windowed_attention(q, k, v, bias, mask, 1.0)
+    """
+    scale = torch.clamp(logit_scale.reshape(-1, 1, 1), max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)
+    return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)

@@ -26,66 +26,20 @@ module imports timm.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrWindowAttention
 
-from fastvit.nn.attention import biased_qkv, merge_heads, self_attention, split_packed_qkv
+from fastvit.nn.attention import (
+    biased_qkv,
+    cosine_qk,
+    split_packed_qkv,
+    windowed_attention,
+)
 from fastvit.nn.fused import FusedModule
 
-__all__ = ["FusedSwinV2CrWindowAttention", "FusedSwinV2WindowAttention", "FusedSwinWindowAttention", "cosine_qk",
-           "windowed_attention"]
-
-
-def windowed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
-    """Attention within windows with a per-head bias and timm's optional per-window mask.
-
-    Args:
-        q, k, v: (B*nW, H, N, D), the windows of B images in the batch, image-major (timm's
-            ``window_partition`` order); any strides with a unit stride in D.
-        bias: (1, H, N, N) relative-position bias, added to every window.
-        mask: (nW, N, N) additive mask of the window (0 or -100 in Swin) or None; window w of
-            every image gets ``mask[w]``.
-        scale: multiplies q.k; None: 1/sqrt(D).
-
-    Returns:
-        (B*nW, N, H*D), the heads merged, as timm's ``x.transpose(1, 2).reshape(B_, N, -1)``.
-    """
-    if mask is None:
-        return merge_heads(self_attention(q, k, v, scale=scale, attn_mask=bias))
-    windows, heads, tokens, head_dim = q.shape
-    num_windows = mask.shape[0]
-    # windows as heads: (B*nW, H, N, D) -> (B, nW*H, N, D), one copy each
-    q, k, v = (t.reshape(-1, num_windows * heads, tokens, head_dim) for t in (q, k, v))
-    # (1, H, N, N) + (nW, 1, N, N) -> (1, nW*H, N, N), shared by every image
-    window_bias = (bias + mask.unsqueeze(1)).reshape(1, num_windows * heads, tokens, tokens)
-    out = self_attention(q, k, v, scale=scale, attn_mask=window_bias)  # (B, nW*H, N, D), (B, N, nW*H, D) in memory
-    out = out.transpose(1, 2).reshape(-1, tokens, num_windows, heads * head_dim)  # (B, N, nW, H*D), a view
-    return out.transpose(1, 2).reshape(windows, tokens, heads * head_dim)  # (B*nW, N, H*D)
-
-
-def cosine_qk(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Swin V2's cosine attention as exact attention with ``scale=1``: q and k (B*nW, H, N, D)
-    L2-normalised over D, q times the per-head ``exp(clamp(logit_scale, max=log 100))``
-    (``logit_scale`` H elements, any shape). Returns the new q and k (B*nW, H, N, D).
-
-    Example:
-        >>> q, k = cosine_qk(q, k, attn.logit_scale)
-        >>> out = windowed_attention(q, k, v, bias, mask, 1.0)
-    """
-    scale = torch.clamp(logit_scale.reshape(-1, 1, 1), max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)
-    return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+__all__ = ["FusedSwinV2CrWindowAttention", "FusedSwinV2WindowAttention", "FusedSwinWindowAttention"]
 
 
 class FusedSwinWindowAttention(FusedModule, SwinWindowAttention):

@@ -13,9 +13,10 @@ Swin ...) is routed rather than swapped: ``find_interface`` plans switching the 
 modules read to ``attn_implementation="fastvit"`` (``fastvit.nn.hf_attention``; towers that pass
 flash-attn's packed ``cu_seq_lens_q`` to flash-named implementations get ``"fastvit_flash_varlen"``:
 one varlen call over all their images), and ``restore_interface`` puts back what each had. The
-modules themselves, their hooks and their ``state_dict()`` are untouched. Attention modules that
-compute attention in their own forward (Swinv2, attention-pooling heads, ``nn.MultiheadAttention``)
-are reported as skipped, with why.
+modules themselves, their hooks and their ``state_dict()`` are untouched. Swin V2's attention,
+which computes its scores in its own forward, is swapped (``fastvit.nn.hf_swinv2``); other attention
+modules that do (attention-pooling heads, ``nn.MultiheadAttention``) are reported as skipped, with
+why.
 """
 
 from __future__ import annotations
@@ -321,6 +322,8 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> 
         report.skipped.append(PatchEntry("", "attention", f"attn_implementation='fastvit' unavailable: {problem}"))
         return routing
     attention_paths = [p for p, m in modules.items() if _attention_like(p, m, modules) or _routable(m)]
+    # attention a module swap of this patch left alone (Swin V2's, with a hook): already said, with why
+    said = {e.path for e in report.skipped if e.part == "attention"}
     for path, module in modules.items():
         if id(module) in claimed or isinstance(module, FusedModule):
             continue  # a module swap covers it (and the report lists it)
@@ -338,7 +341,7 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> 
         if not _attention_like(path, module, modules):
             continue
         inner = any(other.startswith(f"{path}.") for other in attention_paths) if path else len(attention_paths) > 1
-        if not inner:  # a container (Swinv2Attention around Swinv2SelfAttention) is not reported
+        if not inner and path not in said:  # a container (Swinv2Attention around its self-attention) is not reported
             report.skipped.append(PatchEntry(path, "attention", _not_routed_reason(path, module, modules)))
     routed = {path for path, _ in routing.routes}  # e.g. a ViTAttention the module swap had to skip
     report.skipped[:] = [e for e in report.skipped if not (e.part == "attention" and e.path in routed)]

@@ -3,7 +3,8 @@ encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, A
 registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
-reported).
+reported); and Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself:
+``fastvit.nn.hf_swinv2``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -43,7 +44,7 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 
-from fastvit.nn import hf_convnext, hf_embeddings, hf_layers
+from fastvit.nn import hf_convnext, hf_embeddings, hf_layers, hf_swinv2
 from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, fused_table, slot
@@ -167,6 +168,7 @@ def _embedding_problems(embeddings: nn.Module) -> list[str]:
     return problems
 
 
+_SWINV2_ATTENTIONS = fused_table(hf_swinv2.FusedSwinv2SelfAttention)
 _CONVNEXT_LAYERS = fused_table(hf_convnext.FusedConvNextLayer)
 _CONVNEXT_V2 = (
     "ConvNeXt V2's layer applies a global response norm (ConvNextV2GRN: each channel scaled by its norm over "
@@ -199,9 +201,26 @@ def _convnext_problems(layer: nn.Module) -> list[str]:
     return problems
 
 
+def _swinv2_attention_problems(attn: nn.Module) -> list[str]:
+    """What the fused Swin V2 attention reads: the projections, the bias MLP and its tables, the
+    logit scale; Hugging Face's dropout module."""
+    names = ("query", "key", "value", "dropout", "logit_scale", "continuous_position_bias_mlp", "relative_coords_table",
+             "relative_position_index", "num_attention_heads", "attention_head_size", "window_size")  # fmt: skip
+    problems = missing_attributes(attn, names, "transformers")
+    return problems or exact_type(attn.dropout, "dropout", (nn.Dropout,), "nn.Dropout")
+
+
+def _swinv2_attention_notes(attn: nn.Module) -> list[str]:
+    p = attn.dropout.p
+    return [f"attention dropout {p}: in training it runs Hugging Face's forward"] if p > 0 else []
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
-    """The finding for ``module`` if it is one of the covered layer or embedding classes (or their
-    fused classes), else None."""
+    """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
+    (or their fused classes), else None."""
+    if type(module) in _SWINV2_ATTENTIONS:
+        return slot(path, module, "attention", _SWINV2_ATTENTIONS[type(module)], _swinv2_attention_problems,
+                    _swinv2_attention_notes)  # fmt: skip
     if type(module) in _CONVNEXT_LAYERS:
         return slot(path, module, "mlp", _CONVNEXT_LAYERS[type(module)], _convnext_problems)
     if type(module) is ConvNextV2Layer:

@@ -1,0 +1,128 @@
+"""Hugging Face's Swin V2 patched (fastvit.nn.hf_swinv2): ``Swinv2SelfAttention`` computes its scores
+itself (cosine attention, logit scale, continuous position bias, the shifted-window mask added
+twice), so it is swapped rather than routed through ``attn_implementation``: one
+fastvit.flash_attention call per forward. Outputs and every gradient (the bias MLP and the logit
+scale included) by the tolerance rule against the unpatched model in float64, on shifted and
+padded maps; ``output_attentions`` and attention dropout run Hugging Face's forward; hooks; unpatch;
+torch.compile; the Triton kernels in the interpreter.
+
+A tiny Swin V2: 2 x 2 patches, dim 32, two stages of two layers (2 and 4 heads), 4 x 4 windows
+(every other layer shifted); no downloads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import (
+    assert_matches_by_the_rule,
+    assert_matches_on_the_gpu,
+    assert_outputs_and_grads_match,
+    assert_patch_and_unpatch_keep_the_weights,
+    pair,
+    perturb_,
+)
+
+T = pytest.importorskip("transformers")
+
+from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention  # noqa: E402
+
+from fastvit.nn.hf_swinv2 import FusedSwinv2SelfAttention  # noqa: E402
+
+LAYERS = 4
+
+
+class Logits(torch.nn.Module):
+    """A Hugging Face image classifier returning its logits tensor (the helpers compare tensors)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def build(**overrides) -> torch.nn.Module:
+    args = dict(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                num_labels=5)  # fmt: skip
+    return Logits(perturb_(T.Swinv2ForImageClassification(T.Swinv2Config(**(args | overrides))))).eval()
+
+
+def images(size: int = 32, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, Swinv2SelfAttention)]
+
+
+@pytest.mark.parametrize("size", [32, 20], ids=["shifted", "padded"])
+def test_matches_unpatched_by_the_rule(size, op_calls):
+    reference, patched, report = pair(build())
+    assert report.counts() == {"attention": LAYERS} and not report.skipped
+    assert [type(a) for a in attentions(patched)] == [FusedSwinv2SelfAttention] * LAYERS
+    assert all("Swinv2SelfAttention -> FusedSwinv2SelfAttention" in e.detail for e in report.replaced)
+    assert_matches_by_the_rule(reference, patched, images(size))
+    calls = op_calls["flash_attention"]
+    assert len(calls) == LAYERS
+    kwargs = calls[1]["kwargs"]  # layer 1 shifts: windows as heads, the bias plus the doubled mask
+    assert kwargs["scale"] == 1.0 and kwargs["attn_mask"].requires_grad  # the bias MLP learns through it
+    assert kwargs["attn_mask"].min().item() < -150  # HF adds its -100 mask twice
+
+
+def test_attention_weights_and_dropout_run_hugging_face(op_calls, fresh_warnings):
+    reference, patched, _ = pair(build())
+    want = reference.model(pixel_values=images(), output_attentions=True)
+    got = patched.model(pixel_values=images(), output_attentions=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not op_calls["flash_attention"]
+    reference, patched, report = pair(build(attention_probs_dropout_prob=0.2))
+    assert sum("attention dropout 0.2" in e.detail for e in report.replaced) == LAYERS
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="Swinv2SelfAttention"):
+        assert_outputs_and_grads_match(reference.train(), patched.train(), images(), seed=0)
+    assert not op_calls["flash_attention"]
+
+
+def test_hooks():
+    # a hook on the dropout the op replaces: left alone, with why
+    model = build()
+    attentions(model)[1].dropout.register_forward_hook(lambda *args: None)
+    report = fastvit.patch(model)
+    (skip,) = report.skipped
+    assert skip.path.endswith("blocks.1.attention.self") and "dropout has a forward hook" in skip.detail
+    # hooks on the projections and the bias MLP run (the fused forward calls them)
+    _, patched, _ = pair(build())
+    seen = []
+    attentions(patched)[0].query.register_forward_hook(lambda *args: seen.append("q"))
+    attentions(patched)[0].continuous_position_bias_mlp.register_forward_hook(lambda *args: seen.append("cpb"))
+    patched(images())
+    assert seen == ["q", "cpb"]
+
+
+def test_patch_and_unpatch_keep_the_weights():
+    assert_patch_and_unpatch_keep_the_weights(build())
+
+
+def test_torch_compile_fullgraph(op_calls):
+    reference, patched, _ = pair(build())
+    compiled = torch.compile(patched, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images()), reference(images()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_triton_route(op_calls):
+    reference, patched, _ = pair(build())
+    with fastvit.backend("triton"):
+        assert_matches_by_the_rule(reference, patched, images(20, batch=1))
+    assert op_calls["flash_attention"]
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_the_gpu(op_calls):
+    assert_matches_on_the_gpu(build(), images())
+    assert len(op_calls["flash_attention"]) >= LAYERS
