@@ -143,6 +143,17 @@ def output_strides(modules: list[nn.Module], model: nn.Module, x: torch.Tensor) 
     return strides
 
 
+class HFLogits(nn.Module):
+    """A Hugging Face image classifier returning its logits tensor (the helpers compare tensors)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
 def module_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
 

@@ -17,6 +17,7 @@ import torch
 
 import fastvit
 from tests.patching.helpers import (
+    HFLogits,
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
@@ -35,23 +36,12 @@ from fastvit.nn.hf_convnext import FusedConvNextLayer  # noqa: E402
 LAYERS = 5
 
 
-class Logits(torch.nn.Module):
-    """A Hugging Face image classifier returning its logits tensor (the helpers compare tensors)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
-
-
 def build(v2: bool = False, **overrides) -> torch.nn.Module:
     args = dict(hidden_sizes=[16, 24, 32, 48], depths=[1, 1, 2, 1], num_labels=5, layer_scale_init_value=0.5)
     if v2:
         args.pop("layer_scale_init_value")
-        return Logits(perturb_(T.ConvNextV2ForImageClassification(T.ConvNextV2Config(**(args | overrides))))).eval()
-    return Logits(perturb_(T.ConvNextForImageClassification(T.ConvNextConfig(**(args | overrides))))).eval()
+        return HFLogits(perturb_(T.ConvNextV2ForImageClassification(T.ConvNextV2Config(**(args | overrides))))).eval()
+    return HFLogits(perturb_(T.ConvNextForImageClassification(T.ConvNextConfig(**(args | overrides))))).eval()
 
 
 def images(size: int = 64, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 import fastvit
 from tests.patching.helpers import (
+    HFLogits,
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
@@ -34,21 +35,10 @@ from fastvit.nn.hf_swinv2 import FusedSwinv2SelfAttention  # noqa: E402
 LAYERS = 4
 
 
-class Logits(torch.nn.Module):
-    """A Hugging Face image classifier returning its logits tensor (the helpers compare tensors)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
-
-
 def build(**overrides) -> torch.nn.Module:
     args = dict(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4,
                 num_labels=5)  # fmt: skip
-    return Logits(perturb_(T.Swinv2ForImageClassification(T.Swinv2Config(**(args | overrides))))).eval()
+    return HFLogits(perturb_(T.Swinv2ForImageClassification(T.Swinv2Config(**(args | overrides))))).eval()
 
 
 def images(size: int = 32, batch: int = 2, seed: int = 0) -> torch.Tensor:
