@@ -10,19 +10,33 @@ on normalised q times the logit scale and normalised k (``scale=1``), the bias p
 ``attn_mask``, so the bias MLP and the logit scale learn through the op's gradients. Hugging
 Face's forward adds the window mask to the scores twice; so does the fused one (the mask, doubled,
 in ``attn_mask``). ``output_attentions=True`` and attention dropout in training run Hugging Face's
-forward. The MLP half of ``Swinv2Layer`` is post-norm and stays Hugging Face's. Importing this
-module imports transformers.
+forward.
+
+``Swinv2Layer`` is post-norm: ``h + drop_path(layernorm_after(output(intermediate(h))))``. Its MLP
+alone (``intermediate.dense``, the activation, ``output.dense``) is one
+``fastvit.layernorm_mlp(..., norm="none", residual=False)`` call; the norm, drop path and residual
+add stay Hugging Face's. The layer's forward is Hugging Face's, line for line, up to that call
+(the window partition, shift, attention, and the attention half's post-norm). Importing this module
+imports transformers.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+from transformers.models.swinv2.modeling_swinv2 import (
+    Swinv2Layer,
+    Swinv2SelfAttention,
+    window_partition,
+    window_reverse,
+)
 
+import fastvit
 from fastvit.nn.attention import cosine_qk, warn_attention_dropout, windowed_attention
-from fastvit.nn.fused import FusedModule, dropout_active
+from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback
+from fastvit.nn.hf_vit import activation_of
+from fastvit.ops._fx import method_leaf
 
-__all__ = ["FusedSwinv2SelfAttention"]
+__all__ = ["FusedSwinv2Layer", "FusedSwinv2SelfAttention"]
 
 
 class FusedSwinv2SelfAttention(FusedModule, Swinv2SelfAttention):
@@ -82,3 +96,86 @@ class FusedSwinv2SelfAttention(FusedModule, Swinv2SelfAttention):
         return (
             f"heads={self.num_attention_heads}, window={tuple(self.window_size)}, cosine, fastvit={self.fastvit_op}"
         )
+
+
+class FusedSwinv2Layer(FusedModule, Swinv2Layer):
+    """Hugging Face ``Swinv2Layer`` whose MLP (``intermediate``, ``output``) is one
+    ``fastvit.layernorm_mlp`` call with ``norm="none"``, between Hugging Face's attention half and its
+    post-norm, drop path and residual add. Same signature, ``forward(hidden_states, input_dimensions,
+    output_attentions=False)``; its ``attention`` is patched on its own. Hidden dropout in training,
+    or a hook on (or a replacement of) an MLP submodule, run Hugging Face's modules.
+
+    Example:
+        >>> model = transformers.Swinv2Model(transformers.Swinv2Config())
+        >>> fastvit.patch(model)  # encoder.layers.*.blocks.* -> FusedSwinv2Layer
+    """
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+    fastvit_bypassed = ("intermediate", "intermediate.dense", "intermediate.intermediate_act_fn", "output",
+                        "output.dense", "output.dropout")  # fmt: skip
+
+    def _fastvit_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``output(intermediate(hidden_states))`` (B, N, C) -> (B, N, C): one op call, or Hugging
+        Face's modules."""
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self.output(self.intermediate(hidden_states))
+        traced = method_leaf(self, "_fastvit_mlp", hidden_states)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
+        if not self._fastvit_submodules_intact() or mlp_dropout_fallback(
+            "Hugging Face", "Swinv2Layer", self.output.dropout
+        ):
+            return self.output(self.intermediate(hidden_states))
+        fc1, fc2 = self.intermediate.dense, self.output.dense
+        return fastvit.layernorm_mlp(
+            hidden_states, None, None, fc1.weight, fc1.bias, fc2.weight, fc2.bias, norm="none", residual=False,
+            activation=activation_of(self.intermediate.intermediate_act_fn),
+        )  # fmt: skip
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_dimensions: tuple[int, int],
+        output_attentions: bool | None = False,
+    ) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, input_dimensions, output_attentions)
+        if self._fastvit_overridden():  # the whole forward: the override may be Swinv2Layer.forward itself
+            return super().forward(hidden_states, input_dimensions, output_attentions)
+        # -- Hugging Face's attention half, line for line --
+        height, width = input_dimensions
+        batch_size, _, channels = hidden_states.size()
+        shortcut = hidden_states
+        hidden_states = hidden_states.view(batch_size, height, width, channels)
+        hidden_states, pad_values = self.maybe_pad(hidden_states, height, width)
+        _, height_pad, width_pad, _ = hidden_states.shape
+        if self.shift_size > 0:
+            shifted_hidden_states = torch.roll(hidden_states, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        else:
+            shifted_hidden_states = hidden_states
+        hidden_states_windows = window_partition(shifted_hidden_states, self.window_size)
+        hidden_states_windows = hidden_states_windows.view(-1, self.window_size * self.window_size, channels)
+        attn_mask = self.get_attn_mask(
+            height_pad, width_pad, dtype=hidden_states.dtype, device=hidden_states_windows.device
+        )
+        attention_outputs = self.attention(hidden_states_windows, attn_mask, output_attentions=output_attentions)
+        attention_output = attention_outputs[0]
+        attention_windows = attention_output.view(-1, self.window_size, self.window_size, channels)
+        shifted_windows = window_reverse(attention_windows, self.window_size, height_pad, width_pad)
+        if self.shift_size > 0:
+            attention_windows = torch.roll(shifted_windows, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        else:
+            attention_windows = shifted_windows
+        was_padded = pad_values[3] > 0 or pad_values[5] > 0
+        if was_padded:
+            attention_windows = attention_windows[:, :height, :width, :].contiguous()
+        attention_windows = attention_windows.view(batch_size, height * width, channels)
+        hidden_states = self.layernorm_before(attention_windows)
+        hidden_states = shortcut + self.drop_path(hidden_states)
+        # -- the MLP alone, fused; Hugging Face's post-norm, drop path and residual add --
+        layer_output = hidden_states + self.drop_path(self.layernorm_after(self._fastvit_mlp(hidden_states)))
+        return (layer_output, attention_outputs[1]) if output_attentions else (layer_output,)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window_size}, shift={self.shift_size}, MLP alone (post-norm), fastvit={self.fastvit_op}"

@@ -125,7 +125,8 @@ def patch(
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,
       the MLP halves of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's
-      ``ConvNextLayer`` branch, Swin V2's attention (``Swinv2SelfAttention``), and every
+      ``ConvNextLayer`` branch, Swin V2's attention (``Swinv2SelfAttention``) and its post-norm
+      layers' MLP alone, and every
       attention going through transformers' ``AttentionInterface`` (below).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the

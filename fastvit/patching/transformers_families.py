@@ -3,8 +3,8 @@ encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, A
 registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
-reported); and Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself:
-``fastvit.nn.hf_swinv2``).
+reported); and Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
+its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -42,6 +42,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLV
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 
 from fastvit.nn import hf_convnext, hf_embeddings, hf_layers, hf_swinv2
@@ -169,6 +170,7 @@ def _embedding_problems(embeddings: nn.Module) -> list[str]:
 
 
 _SWINV2_ATTENTIONS = fused_table(hf_swinv2.FusedSwinv2SelfAttention)
+_SWINV2_LAYERS = fused_table(hf_swinv2.FusedSwinv2Layer)
 _CONVNEXT_LAYERS = fused_table(hf_convnext.FusedConvNextLayer)
 _CONVNEXT_V2 = (
     "ConvNeXt V2's layer applies a global response norm (ConvNextV2GRN: each channel scaled by its norm over "
@@ -215,9 +217,38 @@ def _swinv2_attention_notes(attn: nn.Module) -> list[str]:
     return [f"attention dropout {p}: in training it runs Hugging Face's forward"] if p > 0 else []
 
 
+def _swinv2_layer_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a Swin V2 layer's MLP (``intermediate``, ``output``):
+    two Linears with an activation the op has, Hugging Face's dropout module."""
+    names = ("intermediate", "output", "layernorm_before", "layernorm_after", "drop_path", "attention", "maybe_pad",
+             "get_attn_mask", "window_size", "shift_size")  # fmt: skip
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    problems += exact_type(layer.intermediate, "intermediate", (Swinv2Intermediate,), "Swinv2Intermediate")
+    problems += exact_type(layer.output, "output", (Swinv2Output,), "Swinv2Output")
+    if problems:
+        return problems
+    problems += exact_type(layer.intermediate.dense, "intermediate.dense", (nn.Linear,), "nn.Linear")
+    problems += exact_type(layer.output.dense, "output.dense", (nn.Linear,), "nn.Linear")
+    problems += exact_type(layer.output.dropout, "output.dropout", (nn.Dropout,), "nn.Dropout")
+    act = layer.intermediate.intermediate_act_fn
+    if activation_of(act) is None:
+        problems.append(f"intermediate.intermediate_act_fn is {type(act).__qualname__}; the fused op computes GELU "
+                        "(exact or tanh), quick_gelu and SiLU")  # fmt: skip
+    return problems
+
+
+def _swinv2_layer_notes(layer: nn.Module) -> list[str]:
+    p = layer.output.dropout.p
+    return [f"hidden dropout {p}: in training its MLP runs Hugging Face's modules"] if p > 0 else []
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
     (or their fused classes), else None."""
+    if type(module) in _SWINV2_LAYERS:
+        return slot(path, module, "mlp", _SWINV2_LAYERS[type(module)], _swinv2_layer_problems, _swinv2_layer_notes)
     if type(module) in _SWINV2_ATTENTIONS:
         return slot(path, module, "attention", _SWINV2_ATTENTIONS[type(module)], _swinv2_attention_problems,
                     _swinv2_attention_notes)  # fmt: skip

@@ -493,7 +493,7 @@ def test_models_outside_the_interface_say_why():
         T.Swinv2Config(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2)
     )
     report = fastvit.patch(swinv2)
-    assert report.counts() == {"attention": 4} and not report.skipped
+    assert report.counts() == {"attention": 4, "mlp": 4} and not report.skipped
     report = fastvit.patch(build("siglip2"))
     (head,) = report.skipped
     assert (

@@ -1,10 +1,12 @@
 """Hugging Face's Swin V2 patched (fastvit.nn.hf_swinv2): ``Swinv2SelfAttention`` computes its scores
 itself (cosine attention, logit scale, continuous position bias, the shifted-window mask added
 twice), so it is swapped rather than routed through ``attn_implementation``: one
-fastvit.flash_attention call per forward. Outputs and every gradient (the bias MLP and the logit
-scale included) by the tolerance rule against the unpatched model in float64, on shifted and
-padded maps; ``output_attentions`` and attention dropout run Hugging Face's forward; hooks; unpatch;
-torch.compile; the Triton kernels in the interpreter.
+fastvit.flash_attention call per forward; and each post-norm ``Swinv2Layer``'s MLP alone is one
+fastvit.layernorm_mlp call (``norm="none"``), its norm, drop path and residual add Hugging Face's.
+Outputs and every gradient (the bias MLP and the logit scale included) by the tolerance rule against
+the unpatched model in float64, on shifted and padded maps; ``output_attentions``, attention and
+hidden dropout run Hugging Face's code; drop path in training; hooks; unpatch; torch.compile; the
+Triton kernels in the interpreter.
 
 A tiny Swin V2: 2 x 2 patches, dim 32, two stages of two layers (2 and 4 heads), 4 x 4 windows
 (every other layer shifted); no downloads.
@@ -28,9 +30,9 @@ from tests.patching.helpers import (
 
 T = pytest.importorskip("transformers")
 
-from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention  # noqa: E402
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, Swinv2SelfAttention  # noqa: E402
 
-from fastvit.nn.hf_swinv2 import FusedSwinv2SelfAttention  # noqa: E402
+from fastvit.nn.hf_swinv2 import FusedSwinv2Layer, FusedSwinv2SelfAttention  # noqa: E402
 
 LAYERS = 4
 
@@ -49,13 +51,23 @@ def attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, Swinv2SelfAttention)]
 
 
+def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, Swinv2Layer)]
+
+
 @pytest.mark.parametrize("size", [32, 20], ids=["shifted", "padded"])
 def test_matches_unpatched_by_the_rule(size, op_calls):
     reference, patched, report = pair(build())
-    assert report.counts() == {"attention": LAYERS} and not report.skipped
+    assert report.counts() == {"attention": LAYERS, "mlp": LAYERS} and not report.skipped
     assert [type(a) for a in attentions(patched)] == [FusedSwinv2SelfAttention] * LAYERS
-    assert all("Swinv2SelfAttention -> FusedSwinv2SelfAttention" in e.detail for e in report.replaced)
+    assert [type(layer) for layer in layers(patched)] == [FusedSwinv2Layer] * LAYERS
+    expected = {"attention": "Swinv2SelfAttention -> FusedSwinv2SelfAttention",
+                "mlp": "Swinv2Layer -> FusedSwinv2Layer"}  # fmt: skip
+    assert all(expected[e.part] in e.detail for e in report.replaced)
     assert_matches_by_the_rule(reference, patched, images(size))
+    (mlp, *_) = op_calls["layernorm_mlp"]  # the MLP alone: the layer normalises its output itself
+    assert len(op_calls["layernorm_mlp"]) == LAYERS
+    assert mlp["kwargs"]["norm"] == "none" and mlp["kwargs"]["residual"] is False
     calls = op_calls["flash_attention"]
     assert len(calls) == LAYERS
     kwargs = calls[1]["kwargs"]  # layer 1 shifts: windows as heads, the bias plus the doubled mask
@@ -70,12 +82,21 @@ def test_attention_weights_and_dropout_run_hugging_face(op_calls, fresh_warnings
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(got.attentions, want.attentions, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert not op_calls["flash_attention"]
-    reference, patched, report = pair(build(attention_probs_dropout_prob=0.2))
+    assert not op_calls["flash_attention"] and len(op_calls["layernorm_mlp"]) == LAYERS  # the MLPs: fused
+    op_calls["layernorm_mlp"].clear()
+    reference, patched, report = pair(build(attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.1))
     assert sum("attention dropout 0.2" in e.detail for e in report.replaced) == LAYERS
+    assert sum("hidden dropout 0.1: in training its MLP runs" in e.detail for e in report.replaced) == LAYERS
     with pytest.warns(fastvit.FastvitFallbackWarning, match="Swinv2SelfAttention"):
         assert_outputs_and_grads_match(reference.train(), patched.train(), images(), seed=0)
-    assert not op_calls["flash_attention"]
+    assert not op_calls["flash_attention"] and not op_calls["layernorm_mlp"]
+
+
+def test_training_step_with_drop_path(op_calls):
+    """The layer's drop path stays Hugging Face's (the same draws, around the fused MLP)."""
+    reference, patched, _ = pair(build(drop_path_rate=0.5))
+    assert_outputs_and_grads_match(reference.train(), patched.train(), images(), seed=3, rtol=1e-4, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == len(op_calls["flash_attention"]) == LAYERS
 
 
 def test_hooks():
@@ -85,6 +106,12 @@ def test_hooks():
     report = fastvit.patch(model)
     (skip,) = report.skipped
     assert skip.path.endswith("blocks.1.attention.self") and "dropout has a forward hook" in skip.detail
+    # a hook on an MLP layer added after patching: that layer's MLP runs Hugging Face's modules
+    reference, patched, _ = pair(build())
+    for model in (reference, patched):
+        layers(model)[2].intermediate.dense.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on intermediate.dense"):
+        torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-5, atol=1e-5)
     # hooks on the projections and the bias MLP run (the fused forward calls them)
     _, patched, _ = pair(build())
     seen = []
