@@ -3,7 +3,7 @@ drop_path(layer_scale * pwconv2(act(pwconv1(layernorm(dwconv(x)))))) over the co
 channels-last view, is one fastvit.layernorm_mlp call with ``residual=False``, the layer adding its
 input. Outputs and every gradient by the tolerance rule against the unpatched model in float64,
 seeded training with drop path (drawn as ConvNextDropPath draws it), hooks (Hugging Face's modules),
-ConvNeXt V2's GRN and other unfusable layers reported with why, unpatch, torch.compile, torch.fx
+ConvNeXt V2's GRN and other unfusable layers reported with why, unpatch, torch.compile, torch.export, torch.fx
 and the Triton kernels in the interpreter (Hugging Face's ConvNeXt does not script, patched or not).
 
 A narrow ConvNeXt: widths 16, 24, 32, 48, one layer per stage (two in the third), 64 x 64 images
@@ -120,6 +120,18 @@ def test_compile_and_fx(op_calls, fresh_warnings):
     torch.testing.assert_close(traced(stage_in), want, rtol=1e-5, atol=1e-5)
     # no TorchScript check: Hugging Face's ConvNextLayerNorm calls super().forward, which TorchScript
     # rejects in the unpatched model too
+
+
+@pytest.mark.interpreter
+def test_torch_export_keeps_the_custom_ops():
+    reference = build()
+    patched, x = pair(reference)[1], images(batch=1)
+    with fastvit.backend("triton"):
+        exported = torch.export.export(patched, (x,))
+        found = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
+        assert found == {"fastvit.layernorm_mlp_fwd.default"}
+        got = exported.module()(x)
+    torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.interpreter

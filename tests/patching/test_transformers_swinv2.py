@@ -5,7 +5,7 @@ fastvit.flash_attention call per forward; and each post-norm ``Swinv2Layer``'s M
 fastvit.layernorm_mlp call (``norm="none"``), its norm, drop path and residual add Hugging Face's.
 Outputs and every gradient (the bias MLP and the logit scale included) by the tolerance rule against
 the unpatched model in float64, on shifted and padded maps; ``output_attentions``, attention and
-hidden dropout run Hugging Face's code; drop path in training; hooks; unpatch; torch.compile; the
+hidden dropout run Hugging Face's code; drop path in training; hooks; unpatch; torch.compile; torch.export; the
 Triton kernels in the interpreter.
 
 A tiny Swin V2: 2 x 2 patches, dim 32, two stages of two layers (2 and 4 heads), 4 x 4 windows
@@ -129,6 +129,18 @@ def test_torch_compile_fullgraph(op_calls):
     reference, patched, _ = pair(build())
     compiled = torch.compile(patched, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(images()), reference(images()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_torch_export_keeps_the_custom_ops():
+    reference = build()
+    patched, x = pair(reference)[1], images(batch=1)
+    with fastvit.backend("triton"):
+        exported = torch.export.export(patched, (x,))
+        found = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
+        assert found == {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"}
+        got = exported.module()(x)
+    torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.interpreter
