@@ -3,9 +3,8 @@
 Variants (the MLPs of today's vision towers): ``activation`` "gelu" (erf), "gelu_tanh",
 "quick_gelu" (CLIP), "silu"; ``norm`` "layernorm", "rms" (Pixtral, AIMv2) or "none" (the MLP
 alone: post-norm blocks, Swin V2); gated MLPs (SwiGLU: DINOv2-giant, DINOv3, AIMv2), packed or as
-two linears; LayerScale (DINOv2/v3, timm). The Triton
-route covers all of them; the ``cuda`` route covers the GELU LayerNorm MLP and runs the others on
-the ``torch`` route with one warning.
+two linears; LayerScale (DINOv2/v3, timm). The Triton route covers all of them; the ``cuda`` route
+covers the GELU LayerNorm MLP and runs the others on the ``torch`` route with one warning.
 
 The Triton route is a pair of ``torch.library`` custom ops (``fastvit::layernorm_mlp_fwd`` and
 ``fastvit::layernorm_mlp_bwd``) with fake implementations and an autograd formula, so the op
@@ -537,8 +536,9 @@ def layernorm_mlp(
     activation, norm and gating included; float64 and rows wider than 4096 (``MAX_DIM``) run the
     ``torch`` route with one warning. The ``cuda`` backend covers LayerNorm with GELU (either
     form), ungated; RMSNorm, ``norm="none"``, the other activations and gated MLPs run the
-    ``torch`` route there with one warning. Under autocast the linears run in the autocast dtype (weights cast like
-    ``F.linear``), norm statistics in fp32. Differentiable in every tensor argument.
+    ``torch`` route there with one warning. Under autocast the linears run in the autocast dtype
+    (weights cast like ``F.linear``), norm statistics in fp32. Differentiable in every tensor
+    argument.
 
     Example:
         >>> from torch import nn
