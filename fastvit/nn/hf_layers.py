@@ -1,8 +1,8 @@
 """Fused subclasses of Hugging Face's pre-norm encoder layers beyond ViT: the LayerNorm+MLP half
 of each layer as one ``fastvit.layernorm_mlp`` call.
 
-Covered: ``DeiTLayer``, ``ViTMAELayer`` (ViT's layout), ``CLIPEncoderLayer``, ``SiglipEncoderLayer``,
-``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
+Covered: ``DeiTLayer``, ``ViTMAELayer``, ``SwinLayer`` (ViT's layout), ``CLIPEncoderLayer``,
+``SiglipEncoderLayer``, ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
 ``Qwen2_5_VLVisionBlock`` (RMSNorm + SwiGLU) and ``Qwen3VLVisionBlock`` (tanh-GELU MLP), on their
@@ -35,6 +35,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
+from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 
 import fastvit
@@ -59,6 +60,7 @@ __all__ = [
     "FusedQwen3VLVisionBlock",
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
+    "FusedSwinLayer",
     "FusedViTMAELayer",
     "MlpHalf",
 ]
@@ -196,6 +198,46 @@ class FusedViTMAELayer(_ViTLayoutForward, ViTMAELayer):
 
     fastvit_mlp = _VIT_LAYOUT
     fastvit_bypassed = _VIT_LAYOUT.bypassed()
+
+
+class FusedSwinLayer(FusedPreNormLayer, SwinLayer):
+    """``SwinLayer`` (Swin V1, pre-norm) whose LayerNorm+MLP half (with hidden dropout) is one op call;
+    its window attention half is Hugging Face's, line for line (the attention itself goes through
+    transformers' ``AttentionInterface``, which ``fastvit.patch`` routes to fastvit)."""
+
+    fastvit_mlp = _VIT_LAYOUT
+    fastvit_bypassed = _VIT_LAYOUT.bypassed()
+
+    def forward(
+        self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, input_dimensions, always_partition, **kwargs)
+        if not always_partition:
+            self.set_shift_and_window_size(input_dimensions)
+        height, width = input_dimensions
+        batch_size, _, channels = hidden_states.size()
+        shortcut = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states = hidden_states.view(batch_size, height, width, channels)
+        hidden_states, pad_values = self.maybe_pad(hidden_states, height, width)
+        _, height_pad, width_pad, _ = hidden_states.shape
+        hidden_states_windows = window_partition(self.cyclic_shift(hidden_states), self.window_size)
+        hidden_states_windows = hidden_states_windows.view(-1, self.window_size * self.window_size, channels)
+        attn_mask = self.get_attn_mask(
+            height_pad, width_pad, dtype=hidden_states.dtype, device=hidden_states_windows.device
+        )
+        attention_output, attn_weights = self.attention(hidden_states_windows, attn_mask, **kwargs)
+        attention_output = self.dropout(attention_output)
+        attention_windows = attention_output.view(-1, self.window_size, self.window_size, channels)
+        attention_windows = self.cyclic_shift(
+            window_reverse(attention_windows, self.window_size, height_pad, width_pad), reverse=True
+        )
+        if pad_values[3] > 0 or pad_values[5] > 0:
+            attention_windows = attention_windows[:, :height, :width, :].contiguous()
+        attention_windows = attention_windows.view(batch_size, height * width, channels)
+        hidden_states = shortcut + self.drop_path(attention_windows)
+        return self._fastvit_mlp_half(hidden_states), attn_weights
 
 
 class _SiglipLayoutForward(FusedPreNormLayer):
@@ -437,6 +479,7 @@ for _fused in (
     FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
     FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer, FusedAimv2EncoderLayer,
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
+    FusedSwinLayer,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
 for _fused in GATED_LAYERS.values():

@@ -1,5 +1,5 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
-encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
+encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, Swin, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
 registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
@@ -42,6 +42,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLV
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
+from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 
@@ -56,6 +57,7 @@ __all__ = ["finding"]
 _MLPS = {
     hf_layers.FusedDeiTLayer: DeiTMLP,
     hf_layers.FusedViTMAELayer: ViTMAEMLP,
+    hf_layers.FusedSwinLayer: SwinMLP,
     hf_layers.FusedCLIPEncoderLayer: CLIPMLP,
     hf_layers.FusedAimv2EncoderLayer: Aimv2MLP,
     hf_layers.FusedPixtralAttentionLayer: PixtralMLP,

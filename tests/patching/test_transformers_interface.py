@@ -188,7 +188,8 @@ FAMILIES = {
         DEPTH,
         masked=DEPTH,
     ),
-    # 2x2 windows, shifted in every second block: bias + shift mask, (B * windows, H, 4, 4)
+    # 2x2 windows, shifted in every second block: bias + shift mask, (B * windows, H, 4, 4); each
+    # SwinLayer's LayerNorm+MLP half swapped (hf_layers.FusedSwinLayer)
     "swin": Family(
         lambda: T.SwinModel(
             T.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2)
@@ -197,6 +198,7 @@ FAMILIES = {
         _hidden,
         routed=4,
         masked=4,
+        mlp=4,
     ),
     # beyond vision: a decoder with grouped-query attention (2 query heads on 1 kv head), causal
     # attention and padding
