@@ -1,7 +1,8 @@
 """Fused subclasses of Hugging Face's pre-norm encoder layers beyond ViT: the LayerNorm+MLP half
 of each layer as one ``fastvit.layernorm_mlp`` call.
 
-Covered: ``DeiTLayer``, ``ViTMAELayer``, ``SwinLayer`` (ViT's layout), ``CLIPEncoderLayer``,
+Covered: ``DeiTLayer``, ``ViTMAELayer``, ``SwinLayer`` (ViT's layout), ``BeitLayer`` (its
+``lambda_2``), ``CLIPEncoderLayer``,
 ``SiglipEncoderLayer``, ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
@@ -21,6 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 from transformers.models.aimv2.modeling_aimv2 import Aimv2EncoderLayer
+from transformers.models.beit.modeling_beit import BeitLayer
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2SwiGLUFFN
@@ -45,6 +47,7 @@ from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "FusedAimv2EncoderLayer",
+    "FusedBeitLayer",
     "FusedCLIPEncoderLayer",
     "FusedDINOv3ViTGatedLayer",
     "FusedDINOv3ViTLayer",
@@ -123,6 +126,11 @@ class FusedPreNormLayer(FusedModule):
                 out = getattr(self, name)(out)
         return out + hidden_states
 
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        """The (D,) layer scale of the MLP branch (a module's ``lambda1``: DINOv2/v3), or None."""
+        parts = self.fastvit_mlp
+        return getattr(self, parts.layer_scale).lambda1 if parts.layer_scale else None
+
     def _fastvit_regularised(self) -> bool:
         """Dropout or drop path would change values in this call (the op has neither)."""
         parts = self.fastvit_mlp
@@ -150,7 +158,7 @@ class FusedPreNormLayer(FusedModule):
         parts = self.fastvit_mlp
         norm, mlp = getattr(self, parts.norm), getattr(self, parts.mlp)
         fc1, fc2 = getattr(mlp, parts.fc1), getattr(mlp, parts.fc2)
-        layer_scale = getattr(self, parts.layer_scale).lambda1 if parts.layer_scale else None
+        layer_scale = self._fastvit_layer_scale()
         gate = getattr(mlp, parts.gate) if parts.gate else None
         variant = {"activation": activation_of(getattr(mlp, parts.act))}
         if parts.rms:
@@ -238,6 +246,51 @@ class FusedSwinLayer(FusedPreNormLayer, SwinLayer):
         attention_windows = attention_windows.view(batch_size, height * width, channels)
         hidden_states = shortcut + self.drop_path(attention_windows)
         return self._fastvit_mlp_half(hidden_states), attn_weights
+
+
+class FusedBeitLayer(FusedPreNormLayer, BeitLayer):
+    """``BeitLayer`` (BEiT, data2vec-vision) whose LayerNorm+MLP half,
+    ``h + drop_path(lambda_2 * dropout(mlp(layernorm_after(h))))``, is one op call (``lambda_2``, a
+    (D,) Parameter, as the layer scale; the float 1.0 of a model without layer scale: none); its
+    attention half (the relative position bias added to the mask) is Hugging Face's, line for line."""
+
+    fastvit_mlp = MlpHalf("layernorm_after", drop_path="drop_path", dropout="dropout")
+    fastvit_bypassed = fastvit_mlp.bypassed()
+
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module, in its order."""
+        out = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return self.drop_path(self.lambda_2 * out) + hidden_states
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.lambda_2 if isinstance(self.lambda_2, torch.Tensor) else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        resolution: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, interpolate_pos_encoding, resolution, **kwargs)
+        if self.relative_position_bias is not None:
+            height, width = resolution
+            window_size = (height // self.patch_size, width // self.patch_size)
+            relative_position_bias = self.relative_position_bias(
+                window_size, interpolate_pos_encoding, dim_size=hidden_states.shape[1]
+            )
+            attention_mask = (
+                relative_position_bias + attention_mask if attention_mask is not None else relative_position_bias
+            )
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.lambda_1 * hidden_states
+        hidden_states = self.drop_path(hidden_states) + residual
+        return self._fastvit_mlp_half(hidden_states)
 
 
 class _SiglipLayoutForward(FusedPreNormLayer):
@@ -479,7 +532,7 @@ for _fused in (
     FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
     FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer, FusedAimv2EncoderLayer,
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
-    FusedSwinLayer,
+    FusedSwinLayer, FusedBeitLayer,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
 for _fused in GATED_LAYERS.values():

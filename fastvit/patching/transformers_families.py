@@ -1,5 +1,5 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
-encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, Swin, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
+encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, Swin, BEiT, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
 registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
@@ -16,8 +16,10 @@ reason.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from transformers.models.aimv2.modeling_aimv2 import Aimv2MLP, Aimv2RMSNorm
+from transformers.models.beit.modeling_beit import BeitDropPath, BeitMLP
 from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.convnext.modeling_convnext import ConvNextDropPath, ConvNextLayerNorm
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer
@@ -58,6 +60,7 @@ _MLPS = {
     hf_layers.FusedDeiTLayer: DeiTMLP,
     hf_layers.FusedViTMAELayer: ViTMAEMLP,
     hf_layers.FusedSwinLayer: SwinMLP,
+    hf_layers.FusedBeitLayer: BeitMLP,
     hf_layers.FusedCLIPEncoderLayer: CLIPMLP,
     hf_layers.FusedAimv2EncoderLayer: Aimv2MLP,
     hf_layers.FusedPixtralAttentionLayer: PixtralMLP,
@@ -87,6 +90,7 @@ _LAYER_SCALES = {
     hf_layers.FusedDINOv3ViTGatedLayer: DINOv3ViTLayerScale,
 }
 _DROP_PATHS = {
+    hf_layers.FusedBeitLayer: BeitDropPath,
     hf_layers.FusedDinov2Layer: Dinov2DropPath,
     hf_layers.FusedDinov2GatedLayer: Dinov2DropPath,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
@@ -119,6 +123,11 @@ def _problems(layer: nn.Module) -> list[str]:
         problems += exact_type(getattr(layer, parts.drop_path), parts.drop_path, allowed, "its drop path")
     if parts.dropout:
         problems += exact_type(getattr(layer, parts.dropout), parts.dropout, (nn.Dropout,), "nn.Dropout")
+    if fused is hf_layers.FusedBeitLayer:  # a bare (D,) Parameter, or the float 1.0 without layer scale
+        scale, dim = getattr(layer, "lambda_2", None), norm.weight.shape[0]
+        plain = isinstance(scale, float) and scale == 1.0
+        if not (plain or (isinstance(scale, torch.Tensor) and scale.shape == (dim,))):
+            problems.append(f"lambda_2 is neither 1.0 nor a ({dim},) layer scale")
     if problems:
         return problems
     mlp = getattr(layer, parts.mlp)

@@ -181,12 +181,13 @@ FAMILIES = {
         mlp=DEPTH,
     ),
     # the relative position bias is a float mask that requires grad (its table learns through it)
-    "beit": Family(
+    "beit": Family(  # each BeitLayer's LayerNorm+MLP half swapped too (hf_layers.FusedBeitLayer)
         lambda: T.BeitModel(T.BeitConfig(**VISION, use_relative_position_bias=True)),
         lambda d: {"pixel_values": _pixels(d)},
         _hidden,
         DEPTH,
         masked=DEPTH,
+        mlp=DEPTH,
     ),
     # 2x2 windows, shifted in every second block: bias + shift mask, (B * windows, H, 4, 4); each
     # SwinLayer's LayerNorm+MLP half swapped (hf_layers.FusedSwinLayer)

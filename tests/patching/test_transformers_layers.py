@@ -213,3 +213,35 @@ def test_repatch_after_the_mlp_changed_kind_fuses_the_other_class(op_calls, fres
     assert_outputs_and_grads_match(reference, patched, images(), run=hidden, rtol=1e-4, atol=1e-5)
     fastvit.unpatch(patched)
     assert type(patched.encoder.layer[0]).__name__ == "Dinov2Layer"
+
+
+def beit(**overrides) -> torch.nn.Module:
+    args = VISION | dict(use_relative_position_bias=True, layer_scale_init_value=0.1)
+    return perturb_(T.BeitModel(T.BeitConfig(**(args | overrides)))).eval()
+
+
+@pytest.mark.parametrize("layer_scale", [0.1, 0.0], ids=["lambda", "none"])
+def test_beit_layer_scale_goes_to_the_op(layer_scale, op_calls):
+    """BEiT's MLP half, h + drop_path(lambda_2 * dropout(mlp(layernorm_after(h)))): lambda_2 (a bare (D,)
+    Parameter) as the layer scale, none for the float 1.0 of a model built without it."""
+    reference = beit(layer_scale_init_value=layer_scale)
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH} and not report.skipped
+    assert_outputs_and_grads_match(reference, patched, images(), run=hidden)
+    scale = op_calls["layernorm_mlp"][0]["kwargs"]["layer_scale"]
+    assert scale is (patched.layers[0].lambda_2 if layer_scale else None)
+
+
+def test_beit_drop_path_and_dropout_run_hugging_face(op_calls, fresh_warnings):
+    reference = beit(drop_path_rate=0.5, hidden_dropout_prob=0.1).train()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    with pytest.warns(UserWarning, match="hidden dropout or drop path"):
+        assert_outputs_and_grads_match(reference, patched, images(), run=hidden, seed=0)
+    assert not op_calls["layernorm_mlp"]
+    model = beit()
+    model.layers[1].lambda_2 = torch.nn.Parameter(torch.ones(1))  # broadcasts in HF; no (D,) layer scale
+    report = fastvit.patch(model)
+    (skip,) = [e for e in report.skipped if e.part == "mlp"]
+    assert skip.path == "layers.1" and "lambda_2 is neither 1.0 nor a (32,) layer scale" in skip.detail
