@@ -154,6 +154,20 @@ class HFLogits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
+def assert_exports_with_ops(reference: nn.Module, x: torch.Tensor, ops: set[str]) -> None:
+    """``torch.export`` of a patched copy of ``reference`` on the Triton route: the graph holds
+    exactly the fastvit custom ops ``ops`` (``"fastvit.layernorm_mlp_fwd.default"`` ...) and the
+    exported module computes what the unpatched model does."""
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    with fastvit.backend("triton"):
+        exported = torch.export.export(patched, (x,))
+        found = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
+        assert found == ops
+        got = exported.module()(x)
+    torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
+
+
 def module_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
 

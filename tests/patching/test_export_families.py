@@ -12,13 +12,10 @@ The models are each family test's own tiny builds (no downloads), one batch size
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import pytest
 import torch
-
-import fastvit
 
 pytest.importorskip("timm")
 
@@ -35,6 +32,7 @@ from tests.patching import (
     test_timm_tnt,
     test_timm_volo,
 )
+from tests.patching.helpers import assert_exports_with_ops
 
 # family -> (its tiny model, its input, the custom ops its graph must hold)
 ATTENTION, MLP = "fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"
@@ -62,13 +60,4 @@ FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], torch.Tens
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_export_keeps_the_custom_ops(family):
     build, images, ops = FAMILIES[family]
-    reference = build()
-    patched = copy.deepcopy(reference)
-    fastvit.patch(patched)
-    x = images()
-    with fastvit.backend("triton"):
-        exported = torch.export.export(patched, (x,))
-        found = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
-        assert found == ops
-        got = exported.module()(x)
-    torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
+    assert_exports_with_ops(build(), images(), ops)

@@ -19,6 +19,7 @@ import torch
 import fastvit
 from tests.patching.helpers import (
     HFLogits,
+    assert_exports_with_ops,
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
@@ -93,14 +94,8 @@ def test_torch_compile_fullgraph(op_calls):
 
 @pytest.mark.interpreter
 def test_torch_export_keeps_the_custom_ops():
-    reference = build()
-    patched, x = pair(reference)[1], images(batch=1)
-    with fastvit.backend("triton"):
-        exported = torch.export.export(patched, (x,))
-        found = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("fastvit.")}
-        assert found == {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"}
-        got = exported.module()(x)
-    torch.testing.assert_close(got, reference(x), rtol=1e-4, atol=1e-5)
+    ops = {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"}
+    assert_exports_with_ops(build(), images(batch=1), ops)
 
 
 @pytest.mark.interpreter
