@@ -1,7 +1,8 @@
 """Fused subclasses of Hugging Face's pre-norm encoder layers beyond ViT: the LayerNorm+MLP half
 of each layer as one ``fastvit.layernorm_mlp`` call.
 
-Covered: ``DeiTLayer``, ``ViTMAELayer``, ``SwinLayer`` (ViT's layout), ``BeitLayer`` (its
+Covered: ``DeiTLayer``, ``ViTMAELayer``, ``IJepaLayer``, ``ViTMSNLayer``, ``VivitLayer``, ``SwinLayer``
+(ViT's layout), ``BeitLayer`` (its
 ``lambda_2``), ``CLIPEncoderLayer``,
 ``SiglipEncoderLayer``, ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
@@ -31,6 +32,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersSwiGLUFFN,
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTLayer
+from transformers.models.ijepa.modeling_ijepa import IJepaLayer
 from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
@@ -39,6 +41,8 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
+from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer
+from transformers.models.vivit.modeling_vivit import VivitLayer
 
 import fastvit
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
@@ -56,6 +60,7 @@ __all__ = [
     "FusedDinov2Layer",
     "FusedDinov2WithRegistersGatedLayer",
     "FusedDinov2WithRegistersLayer",
+    "FusedIJepaLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
     "FusedQwen2VLVisionBlock",
@@ -65,6 +70,8 @@ __all__ = [
     "FusedSiglipEncoderLayer",
     "FusedSwinLayer",
     "FusedViTMAELayer",
+    "FusedViTMSNLayer",
+    "FusedVivitLayer",
     "MlpHalf",
 ]
 
@@ -203,6 +210,27 @@ class FusedDeiTLayer(_ViTLayoutForward, DeiTLayer):
 
 class FusedViTMAELayer(_ViTLayoutForward, ViTMAELayer):
     """``ViTMAELayer`` whose LayerNorm+MLP half (with hidden dropout) is one op call."""
+
+    fastvit_mlp = _VIT_LAYOUT
+    fastvit_bypassed = _VIT_LAYOUT.bypassed()
+
+
+class FusedIJepaLayer(_ViTLayoutForward, IJepaLayer):
+    """``IJepaLayer`` (I-JEPA) whose LayerNorm+MLP half (with hidden dropout) is one op call."""
+
+    fastvit_mlp = _VIT_LAYOUT
+    fastvit_bypassed = _VIT_LAYOUT.bypassed()
+
+
+class FusedViTMSNLayer(_ViTLayoutForward, ViTMSNLayer):
+    """``ViTMSNLayer`` whose LayerNorm+MLP half (with hidden dropout) is one op call."""
+
+    fastvit_mlp = _VIT_LAYOUT
+    fastvit_bypassed = _VIT_LAYOUT.bypassed()
+
+
+class FusedVivitLayer(_ViTLayoutForward, VivitLayer):
+    """``VivitLayer`` (ViViT's tubelet tokens) whose LayerNorm+MLP half (with hidden dropout) is one op call."""
 
     fastvit_mlp = _VIT_LAYOUT
     fastvit_bypassed = _VIT_LAYOUT.bypassed()
@@ -532,7 +560,7 @@ for _fused in (
     FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
     FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer, FusedAimv2EncoderLayer,
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
-    FusedSwinLayer, FusedBeitLayer,
+    FusedSwinLayer, FusedBeitLayer, FusedIJepaLayer, FusedViTMSNLayer, FusedVivitLayer,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
 for _fused in GATED_LAYERS.values():

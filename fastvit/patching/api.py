@@ -124,10 +124,9 @@ def patch(
       alone), MaxViT and ConvNeXt's LayerNorm+MLP (``convnext_*``);
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,
-      the MLP halves of Swin's and BEiT's layers and of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision
-      towers, ConvNeXt's
-      ``ConvNextLayer`` branch, Swin V2's attention (``Swinv2SelfAttention``) and its post-norm
-      layers' MLP alone, and every
+      the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
+      Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
+      (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, and every
       attention going through transformers' ``AttentionInterface`` (below).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the

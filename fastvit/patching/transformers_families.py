@@ -1,6 +1,7 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
-encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, Swin, BEiT, CLIP, SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+
-registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision blocks) and their patch embeddings
+encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
+SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
 reported); and Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
@@ -38,6 +39,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTLayerScale,
     DINOv3ViTMLP,
 )
+from transformers.models.ijepa.modeling_ijepa import IJepaMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
@@ -47,6 +49,8 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
+from transformers.models.vit_msn.modeling_vit_msn import ViTMSNMLP
+from transformers.models.vivit.modeling_vivit import VivitMLP
 
 from fastvit.nn import hf_convnext, hf_embeddings, hf_layers, hf_swinv2
 from fastvit.nn.hf_vit import activation_of
@@ -60,6 +64,9 @@ _MLPS = {
     hf_layers.FusedDeiTLayer: DeiTMLP,
     hf_layers.FusedViTMAELayer: ViTMAEMLP,
     hf_layers.FusedSwinLayer: SwinMLP,
+    hf_layers.FusedIJepaLayer: IJepaMLP,
+    hf_layers.FusedViTMSNLayer: ViTMSNMLP,
+    hf_layers.FusedVivitLayer: VivitMLP,
     hf_layers.FusedBeitLayer: BeitMLP,
     hf_layers.FusedCLIPEncoderLayer: CLIPMLP,
     hf_layers.FusedAimv2EncoderLayer: Aimv2MLP,

@@ -155,6 +155,30 @@ FAMILIES = {
         mlp=DEPTH,
         embed=1,
     ),
+    # ViT's 5.x layer layout in other families (hf_layers.FusedIJepaLayer, FusedViTMSNLayer, FusedVivitLayer)
+    "ijepa": Family(
+        lambda: T.IJepaModel(T.IJepaConfig(**VISION)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+        mlp=DEPTH,
+    ),
+    "vit_msn": Family(
+        lambda: T.ViTMSNModel(T.ViTMSNConfig(**VISION)),
+        lambda d: {"pixel_values": _pixels(d)},
+        _hidden,
+        DEPTH,
+        mlp=DEPTH,
+    ),
+    # two frames of 16 x 16, tubelets 2 x 4 x 4: 16 tokens; exact GELU (ViViT's default gelu_fast is reported)
+    "vivit": Family(
+        lambda: T.VivitModel(T.VivitConfig(**BLOCK, image_size=16, num_frames=2, tubelet_size=[2, 4, 4],
+                                           hidden_act="gelu")),
+        lambda d: {"pixel_values": torch.randn(BATCH, 2, 3, 16, 16, generator=_gen(0)).to(d)},
+        _hidden,
+        DEPTH,
+        mlp=DEPTH,
+    ),
     # random masking keeps 4 of the 16 patches: the noise fixes which
     "vit_mae": Family(
         lambda: T.ViTMAEModel(T.ViTMAEConfig(**VISION)),
