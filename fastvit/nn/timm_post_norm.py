@@ -22,7 +22,7 @@ from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import mlp_arguments, mlp_dropout_falls_back
 from fastvit.ops._fx import method_leaf
 
-__all__ = ["FusedGluMlpAlone", "FusedMlpAlone", "FusedSwiGLUAlone", "fused_mlp_alone_class"]
+__all__ = ["FusedGluMlpAlone", "FusedMlpAlone", "FusedSwiGLUAlone"]
 
 # the submodules the fused forward reads without calling them (FusedModule.fastvit_bypassed)
 _COMMON = ("act", "drop1", "norm", "fc2", "drop2")
@@ -83,15 +83,3 @@ class FusedSwiGLUAlone(_MlpAloneForward, SwiGLU):
     ``fastvit.layernorm_mlp`` call with ``norm="none"``."""
 
     fastvit_bypassed = ("fc1_g", "fc1_x", *_COMMON)
-
-
-_FUSED = {Mlp: FusedMlpAlone, GluMlp: FusedGluMlpAlone, SwiGLU: FusedSwiGLUAlone}
-
-
-def fused_mlp_alone_class(mlp: torch.nn.Module) -> type[FusedModule] | None:
-    """The fused class for ``mlp`` (timm's ``Mlp``, ``GluMlp`` or ``SwiGLU``, or one of their fused
-    classes), or None for any other module."""
-    cls = type(mlp)
-    if isinstance(mlp, _MlpAloneForward):
-        return cls.fastvit_fused_class()
-    return _FUSED.get(cls)

@@ -292,6 +292,10 @@ _POST_NORM_BLOCKS = {
     ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"),
     ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock"),
 }
+# {timm's Mlp / GluMlp / SwiGLU or its fused class: the fused class} for those blocks' mlp
+_MLPS_ALONE = fused_table(
+    timm_post_norm.FusedMlpAlone, timm_post_norm.FusedGluMlpAlone, timm_post_norm.FusedSwiGLUAlone
+)
 _LEFT_ALONE = {
     ("timm.models.pvt_v2", "Block"): (
         "mlp", "PVTv2's MLP (MlpWithDepthwiseConv: a 3x3 depthwise conv between fc1 and the GELU) is not a "
@@ -659,7 +663,7 @@ def _post_norm_mlp(path: str, block: nn.Module) -> Finding:
     """The finding for a post-norm block's ``mlp`` (``_POST_NORM_BLOCKS``): timm's Mlp, GluMlp or
     SwiGLU becomes its fused class (``timm_post_norm``), the block itself stays timm's."""
     mlp, mlp_path = block._modules.get("mlp"), join(path, "mlp")
-    fused_cls = timm_post_norm.fused_mlp_alone_class(mlp)
+    fused_cls = _MLPS_ALONE.get(type(mlp))
     if fused_cls is None:
         return Skip(mlp_path, "mlp", foreign(mlp, "timm's Mlp, GluMlp or SwiGLU"))
     return slot(mlp_path, mlp, "mlp", fused_cls, _mlp_module_problems, _mlp_alone_notes)
