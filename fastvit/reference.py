@@ -121,6 +121,10 @@ def layernorm_mlp(
     residual: bool = True,
     layer_scale: torch.Tensor | None = None,
     sample_scale: torch.Tensor | None = None,
+    hidden_norm: str = "none",
+    hidden_norm_weight: torch.Tensor | None = None,
+    hidden_norm_bias: torch.Tensor | None = None,
+    hidden_eps: float | None = None,
 ) -> torch.Tensor:
     """``x + sample_scale * layer_scale * fc2(act(fc1(norm(x))))`` over the last dim, written out.
 
@@ -139,6 +143,8 @@ def layernorm_mlp(
         residual: add x to the branch.
         layer_scale: (D,) LayerScale gamma, or None.
         sample_scale: (x.shape[0],) per-sample factor on the branch (drop-path), or None.
+        hidden_norm: "none" or "layernorm": fc2(LN(act(...))) with hidden_norm_weight / hidden_norm_bias
+            (Hd,) or None and hidden_eps (None: eps) -- timm's scale_mlp.
 
     Returns:
         Tensor of x's shape.
@@ -170,6 +176,11 @@ def layernorm_mlp(
     else:
         gate, value = a.chunk(2, dim=-1)
         h = act(gate) * value
+    if hidden_norm == "layernorm":  # written out: mean and biased variance over the hidden columns
+        centred = h - h.mean(-1, keepdim=True)
+        h = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + (eps if hidden_eps is None else hidden_eps))
+        h = h * hidden_norm_weight if hidden_norm_weight is not None else h
+        h = h + hidden_norm_bias if hidden_norm_bias is not None else h
     h = F.linear(h, fc2_weight, fc2_bias)
     if layer_scale is not None:
         h = h * layer_scale

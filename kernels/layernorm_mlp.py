@@ -453,8 +453,13 @@ def layernorm_mlp_fwd(
     fc1_gate_weight: torch.Tensor | None = None,
     fc1_gate_bias: torch.Tensor | None = None,
     no_norm: bool = False,
+    hidden_norm: bool = False,
+    hidden_norm_weight: torch.Tensor | None = None,
+    hidden_norm_bias: torch.Tensor | None = None,
+    hidden_eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Launch the forward: norm statistics, fc1 (+activation, gating), fc2 (+scales, residual).
+    """Launch the forward: norm statistics, fc1 (+activation, gating), [hidden LayerNorm,] fc2
+    (+scales, residual).
 
     Args:
         x: (B, N, D) tokens, unit stride in D, any dtype the kernels take.
@@ -470,11 +475,14 @@ def layernorm_mlp_fwd(
         rms: RMSNorm instead of LayerNorm.
         gated: g = act(a_gate) * a_value.
         no_norm: the MLP alone (fc1 reads x itself; norm_weight / norm_bias None, eps unused).
+        hidden_norm: a LayerNorm over g (HD' <= MAX_DIM) before fc2 (timm's ``scale_mlp``), with
+            ``hidden_norm_weight`` / ``hidden_norm_bias`` (HD',) or None and ``hidden_eps``.
 
     Returns:
         y (B, N, D) contiguous in ``out_dtype``; the pre-activation (B*N, HD) (gated: (B*N, 2 HD'),
-        [a_gate | a_value]) in the GEMM dtype, or None; mean (zeros for RMSNorm) and rstd (B*N,) float32
-        (``no_norm``: both empty, (0,)).
+        [a_gate | a_value]) in the GEMM dtype, or None; mean (zeros for RMSNorm) and rstd float32:
+        (B*N,) rows of the input norm (``no_norm``: none), then, with ``hidden_norm``, B*N rows of
+        the hidden norm's.
     """
     batch, n_tok, dim = x.shape
     w_gate, b_gate, w_value, b_value = fc1_weight, fc1_bias, None, None
@@ -490,8 +498,8 @@ def layernorm_mlp_fwd(
     rows = batch * n_tok
     device, gemm_dtype = x.device, fc1_weight.dtype
     stat_rows = 0 if no_norm else rows
-    mean = new_output((stat_rows,), dtype=torch.float32, device=device)
-    rstd = new_output((stat_rows,), dtype=torch.float32, device=device)
+    mean = new_output((stat_rows + (rows if hidden_norm else 0),), dtype=torch.float32, device=device)
+    rstd = new_output((stat_rows + (rows if hidden_norm else 0),), dtype=torch.float32, device=device)
     # fc1's A operand: LN(x) written by the statistics pass, or (no norm) x's rows themselves
     xhat = token_rows(x, gemm_dtype) if no_norm else new_output((rows, dim), dtype=gemm_dtype, device=device)
     g = new_output((rows, hidden), dtype=gemm_dtype, device=device)
@@ -524,6 +532,15 @@ def layernorm_mlp_fwd(
             ACTIVATION=activation, GATED=gated, EVEN_K=dim % c1.block_k == 0,
             num_warps=c1.num_warps, num_stages=c1.num_stages,
         )
+        if hidden_norm:  # LN(g) over HD', written over g (each program reads its rows, then writes them)
+            rc = row_config(hidden)
+            _ln_stats_kernel[(cdiv(rows, rc.block_rows),)](
+                g, mean[stat_rows:], rstd[stat_rows:], g, hidden_norm_weight, hidden_norm_bias, rows, rows,
+                hidden, 0, hidden, hidden_eps,
+                BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, WRITE_XHAT=True,
+                HAS_NORM_W=hidden_norm_weight is not None, HAS_NORM_B=hidden_norm_bias is not None,
+                num_warps=rc.num_warps,
+            )
         c2 = gemm_config(arch, gemm_dtype, "fc2")
         _fc2_kernel[(cdiv(rows, c2.block_m) * cdiv(dim, c2.block_n),)](
             g, fc2_weight, fc2_bias, x if residual else None, layer_scale, sample_scale, y,

@@ -67,7 +67,8 @@ from .runtime import AOT_DTYPE_NAMES, arch_of, cdiv, device_guard, dot_precision
 
 # Order of the gradients the launcher returns (and of the ``needs`` flags it takes).
 GRAD_NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
-              "layer_scale", "sample_scale", "fc1_gate_weight", "fc1_gate_bias")
+              "layer_scale", "sample_scale", "fc1_gate_weight", "fc1_gate_bias", "hidden_norm_weight",
+              "hidden_norm_bias")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +160,97 @@ def _fc2_bwd_kernel(
         if COMPUTE_DB1:
             part = tl.sum(tl.where(mask, da.to(tl.float32), 0.0), axis=0)
             tl.store(DB1Part + pid_m.to(tl.int64) * HD + cols, part, mask=col_ok)
+
+
+@triton.jit
+def _hidden_norm_bwd_kernel(
+    U,  # (T, HD) fp32: u = dy @ (ls * W2), the gradient of fc2's input before the per-sample scale
+    Pre,  # (T, HD) saved pre-activation a (GATED: (T, 2 HD), [a_gate | a_value]), contiguous
+    Mean, Rstd,  # (T,) fp32 statistics of the hidden norm (over g's HD columns)
+    HNormW, HNormB,  # (HD,) hidden LayerNorm weight and bias (HAS_HNORM_W / HAS_HNORM_B)
+    SS,  # (B,) per-sample scale (HAS_SS)
+    DA,  # (T, HD) out: dL/da (GATED: (T, 2 HD), [da_gate | da_value]) in the GEMM dtype, contiguous
+    NOut,  # (T, HD) out: ss * LN(g), dW2's right operand, in the GEMM dtype, contiguous (WRITE_N)
+    DHWPart, DHBPart,  # (num_programs, HD) fp32 out: partial sums of dn * ghat and of dn
+    DSSPart,  # (T,) fp32 out: sum_j LN(g) * u per row (COMPUTE_DSS)
+    T, N_TOK, HD,
+    HAS_HNORM_W: tl.constexpr, HAS_HNORM_B: tl.constexpr, HAS_SS: tl.constexpr,
+    WRITE_N: tl.constexpr, COMPUTE_DHW: tl.constexpr, COMPUTE_DHB: tl.constexpr, COMPUTE_DSS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D: HD rounded up to a width in ROW_BUCKETS
+    ACTIVATION: tl.constexpr = "gelu",  # "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "silu"
+    GATED: tl.constexpr = False,  # g = act(a_gate) * a_value
+):
+    # The hidden norm's rows (``scale_mlp``: fc2 reads n = LN(g), not g) in registers: recompute g
+    # from the saved pre-activation and n from the saved statistics, then dn = ss * u through the
+    # LayerNorm backward to dg and through the activation (and gating) to dA.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < HD
+    if HAS_HNORM_W:
+        w = tl.load(HNormW + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_HNORM_B:
+        bias = tl.load(HNormB + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dhw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dhb = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    # each program walks row blocks pid, pid + num_programs, ...: fixed order, deterministic sums
+    for blk in range(pid, (T + BLOCK_ROWS - 1) // BLOCK_ROWS, tl.num_programs(0)):
+        rows = blk * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < T
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * HD + cols[None, :]
+        # -- g = act(a) (GATED: act(a_gate) * a_value), rounded as the forward fed it to the norm --
+        if GATED:
+            pre_offs = rows.to(tl.int64)[:, None] * (2 * HD) + cols[None, :]
+            a = tl.load(Pre + pre_offs, mask=mask, other=0.0).to(tl.float32)
+            a_v = tl.load(Pre + pre_offs + HD, mask=mask, other=0.0).to(tl.float32)
+            s, ds = activation_and_grad(a, ACTIVATION)
+            g = (s * a_v).to(DA.dtype.element_ty).to(tl.float32)
+        else:
+            a = tl.load(Pre + offs, mask=mask, other=0.0).to(tl.float32)
+            g, dg_da = activation_and_grad(a, ACTIVATION)
+            g = g.to(DA.dtype.element_ty).to(tl.float32)
+        # -- n = LN(g) from the saved statistics, rounded as fc2 read it --
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        ghat = tl.where(mask, (g - mean[:, None]) * rstd[:, None], 0.0)
+        n = ghat
+        if HAS_HNORM_W:
+            n = n * w[None, :]
+        if HAS_HNORM_B:
+            n = n + bias[None, :]
+        n = n.to(DA.dtype.element_ty)
+        u = tl.load(U + offs, mask=mask, other=0.0)
+        if COMPUTE_DSS:  # sum_j n * u: the row's share of dL/dss (before the scale itself)
+            tl.store(DSSPart + rows, tl.sum(tl.where(mask, n.to(tl.float32) * u, 0.0), axis=1), mask=row_ok)
+        if HAS_SS:  # dn = ss * u; dW2 = dy^T (ss * n): the scale rides on the operand written here
+            ss = tl.load(SS + rows // N_TOK, mask=row_ok, other=0.0).to(tl.float32)  # t = b * N_TOK + n
+            u = u * ss[:, None]
+            if WRITE_N:
+                tl.store(NOut + offs, n * ss.to(NOut.dtype.element_ty)[:, None], mask=mask)
+        elif WRITE_N:
+            tl.store(NOut + offs, n, mask=mask)
+        if COMPUTE_DHW:
+            dhw += tl.sum(u * ghat, axis=0)
+        if COMPUTE_DHB:
+            dhb += tl.sum(u, axis=0)
+        # -- LayerNorm backward over HD: dg = rstd * (dgh - mean(dgh) - ghat * mean(dgh * ghat)) --
+        dgh = u * w[None, :] if HAS_HNORM_W else u
+        c1 = tl.sum(dgh * ghat, axis=1) / HD
+        c0 = tl.sum(dgh, axis=1) / HD
+        dg = (dgh - ghat * c1[:, None] - c0[:, None]) * rstd[:, None]
+        # -- through the activation (GATED: da_gate = dg * a_value * act'(a_gate), da_value = dg * act(a_gate)) --
+        if GATED:
+            tl.store(DA + pre_offs, (dg * a_v * ds).to(DA.dtype.element_ty), mask=mask)
+            tl.store(DA + pre_offs + HD, (dg * s).to(DA.dtype.element_ty), mask=mask)
+        else:
+            tl.store(DA + offs, (dg * dg_da).to(DA.dtype.element_ty), mask=mask)
+
+    part = pid.to(tl.int64) * HD + cols
+    if COMPUTE_DHW:
+        tl.store(DHWPart + part, dhw, mask=col_ok)
+    if COMPUTE_DHB:
+        tl.store(DHBPart + part, dhb, mask=col_ok)
 
 
 @triton.jit
@@ -354,6 +446,64 @@ def _stacked(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     return torch.cat((top, bottom))
 
 
+def _hidden_norm_da(
+    dy_rows: torch.Tensor, w2: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    hidden_norm_weight: torch.Tensor | None, hidden_norm_bias: torch.Tensor | None,
+    sample_scale: torch.Tensor | None, grads: dict[str, torch.Tensor], need: dict[str, bool], n_tok: int,
+    activation: str, gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Step 1 of the backward with a hidden norm (fc2 reads LN(g)): u = dy @ (ls * W2) as a plain
+    GEMM (``_fc2_kernel``, fp32 out: the LayerNorm backward needs row sums of u), then one row pass
+    (``_hidden_norm_bwd_kernel``) through the norm and the activation. Writes the hidden norm's
+    gradients into ``grads``; returns (dA, ss * LN(g) or None, db1 as a (1, fc1 rows) partial or
+    None, the (T, 1) dss partial or None), as the plain dA GEMM's launch gives them.
+
+    The price of the norm: u's T x HD fp32 write and read, which the plain path keeps in registers."""
+    rows, dim = dy_rows.shape
+    hidden = w2.shape[1]
+    device, gemm_dtype = dy_rows.device, dy_rows.dtype
+    arch = arch_of(device)
+    need_m2 = need["fc2_weight"] or need["layer_scale"]
+    if dy_rows.stride(0) != dim:  # the fc2 kernel reads its A operand at row stride K
+        dy_rows = dy_rows.contiguous()
+    u = new_output((rows, hidden), dtype=torch.float32, device=device)
+    c2 = gemm_config(arch, gemm_dtype, "fc2")
+    _fc2_kernel[(cdiv(rows, c2.block_m) * cdiv(hidden, c2.block_n),)](
+        dy_rows, w2, None, None, None, None, u,
+        rows, n_tok, hidden, dim, w2.stride(0), w2.stride(1), 0, 0,
+        HAS_BIAS=False, HAS_LS=False, HAS_SS=False, RESIDUAL=False, DOT_PRECISION=dot_precision(gemm_dtype),
+        BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
+        num_warps=c2.num_warps, num_stages=c2.num_stages,
+    )
+    rc = row_config(hidden)
+    programs = min(cdiv(rows, rc.block_rows), 4 * sm_count(device))
+    da = new_output((rows, preact.shape[1]), dtype=gemm_dtype, device=device)
+    n_out = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
+    dhw_part, dhb_part = (
+        new_output((programs, hidden), dtype=torch.float32, device=device) if need[k] else None
+        for k in ("hidden_norm_weight", "hidden_norm_bias")
+    )
+    dss_part = new_output((rows, 1), dtype=torch.float32, device=device) if need["sample_scale"] else None
+    _hidden_norm_bwd_kernel[(programs,)](
+        u, preact, mean, rstd, hidden_norm_weight, hidden_norm_bias, sample_scale, da, n_out,
+        dhw_part, dhb_part, dss_part, rows, n_tok, hidden,
+        HAS_HNORM_W=hidden_norm_weight is not None, HAS_HNORM_B=hidden_norm_bias is not None,
+        HAS_SS=sample_scale is not None, WRITE_N=need_m2, COMPUTE_DHW=need["hidden_norm_weight"],
+        COMPUTE_DHB=need["hidden_norm_bias"], COMPUTE_DSS=need["sample_scale"],
+        BLOCK_ROWS=rc.block_rows, BLOCK_D=rc.block_d, ACTIVATION=activation, GATED=gated,
+        num_warps=rc.num_warps,
+    )
+    del u
+    if need["hidden_norm_weight"]:
+        grads["hidden_norm_weight"] = dhw_part.sum(0).to(hidden_norm_weight.dtype)
+    if need["hidden_norm_bias"]:
+        grads["hidden_norm_bias"] = dhb_part.sum(0).to(hidden_norm_bias.dtype)
+    db1_part = None
+    if need["fc1_bias"] or need["fc1_gate_bias"]:  # column sums of the rounded dA, accumulated in fp32
+        db1_part = da.sum(0, keepdim=True, dtype=torch.float32)
+    return da, n_out, db1_part, dss_part
+
+
 def layernorm_mlp_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -378,6 +528,9 @@ def layernorm_mlp_bwd(
     fc1_gate_bias: torch.Tensor | None = None,
     wgrad_split: int | None = None,
     no_norm: bool = False,
+    hidden_norm: bool = False,
+    hidden_norm_weight: torch.Tensor | None = None,
+    hidden_norm_bias: torch.Tensor | None = None,
 ) -> list[torch.Tensor | None]:
     """Launch the backward and finish the small reductions in torch.
 
@@ -386,9 +539,11 @@ def layernorm_mlp_bwd(
         x, norm_weight, ..., sample_scale, fc1_gate_weight, fc1_gate_bias: the forward's inputs
             (x (B, N, D), unit stride in D; see ``layernorm_mlp_fwd`` for the gated layouts).
         preact: (B*N, HD) saved pre-activation (gated: (B*N, 2 HD'), [a_gate | a_value]);
-            mean, rstd: (B*N,) fp32 saved statistics (``no_norm``: unused).
-        activation, rms, gated, no_norm: as in the forward.
-        needs: one flag per entry of ``GRAD_NAMES`` (9 flags: the gate tensors not needed);
+            mean, rstd: fp32 saved statistics, the input norm's B*N rows (``no_norm``: none), then
+            (``hidden_norm``) the hidden norm's B*N rows.
+        activation, rms, gated, no_norm, hidden_norm, hidden_norm_weight, hidden_norm_bias: as in
+            the forward.
+        needs: one flag per entry of ``GRAD_NAMES`` (fewer: the last ones not needed);
             gradients not needed (or of None inputs) come back as None and their GEMMs /
             reductions are skipped.
         wgrad_split: force the token-split count of the weight-gradient GEMMs (tests).
@@ -397,7 +552,7 @@ def layernorm_mlp_bwd(
         The gradients in ``GRAD_NAMES`` order, each in its input's dtype and shape, or None.
     """
     inputs = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-              fc1_gate_weight, fc1_gate_bias)
+              fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias)
     needs = tuple(needs) + (False,) * (len(GRAD_NAMES) - len(needs))
     need = {k: bool(flag) and t is not None for k, flag, t in zip(GRAD_NAMES, needs, inputs, strict=True)}
     batch, n_tok, dim = x.shape
@@ -430,21 +585,27 @@ def layernorm_mlp_bwd(
         need_m2 = need["fc2_weight"] or need["layer_scale"]
         need_dss = need["sample_scale"]
         need_db1 = need["fc1_bias"] or need["fc1_gate_bias"]
-        cfg = gemm_config(arch, gemm_dtype, "fc2_bwd", gated, activation)
-        num_m, num_n = cdiv(rows, cfg.block_m), cdiv(hidden, cfg.block_n)
-        da = new_output((rows, fc1_rows), dtype=gemm_dtype, device=device)
-        g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
-        db1_part = new_output((num_m, fc1_rows), dtype=torch.float32, device=device) if need_db1 else None
-        dss_part = new_output((rows, num_n), dtype=torch.float32, device=device) if need_dss else None
-        _fc2_bwd_kernel[(num_m * num_n,)](
-            dy_rows, w2, preact, sample_scale, da, g, db1_part, dss_part,
-            rows, n_tok, dim, hidden, dy_rows.stride(0), w2.stride(0),
-            HAS_SS=sample_scale is not None,
-            WRITE_G=need_m2, COMPUTE_DB1=need_db1, COMPUTE_DSS=need_dss, DOT_PRECISION=precision,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            ACTIVATION=activation, GATED=gated, EVEN_K=dim % cfg.block_k == 0,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        if hidden_norm:
+            da, g, db1_part, dss_part = _hidden_norm_da(
+                dy_rows, w2, preact, mean[(0 if no_norm else rows):], rstd[(0 if no_norm else rows):],
+                hidden_norm_weight, hidden_norm_bias, sample_scale, grads, need, n_tok, activation, gated,
+            )
+        else:
+            cfg = gemm_config(arch, gemm_dtype, "fc2_bwd", gated, activation)
+            num_m, num_n = cdiv(rows, cfg.block_m), cdiv(hidden, cfg.block_n)
+            da = new_output((rows, fc1_rows), dtype=gemm_dtype, device=device)
+            g = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
+            db1_part = new_output((num_m, fc1_rows), dtype=torch.float32, device=device) if need_db1 else None
+            dss_part = new_output((rows, num_n), dtype=torch.float32, device=device) if need_dss else None
+            _fc2_bwd_kernel[(num_m * num_n,)](
+                dy_rows, w2, preact, sample_scale, da, g, db1_part, dss_part,
+                rows, n_tok, dim, hidden, dy_rows.stride(0), w2.stride(0),
+                HAS_SS=sample_scale is not None,
+                WRITE_G=need_m2, COMPUTE_DB1=need_db1, COMPUTE_DSS=need_dss, DOT_PRECISION=precision,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                ACTIVATION=activation, GATED=gated, EVEN_K=dim % cfg.block_k == 0,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
         del w2
         if need_db1:
             db1 = db1_part.sum(0)  # gated: [gate | value]

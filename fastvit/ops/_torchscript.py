@@ -81,6 +81,10 @@ def layernorm_mlp(
     residual: bool = True,
     layer_scale: Optional[torch.Tensor] = None,  # noqa: UP045
     sample_scale: Optional[torch.Tensor] = None,  # noqa: UP045
+    hidden_norm: str = "none",
+    hidden_norm_weight: Optional[torch.Tensor] = None,  # noqa: UP045
+    hidden_norm_bias: Optional[torch.Tensor] = None,  # noqa: UP045
+    hidden_eps: Optional[float] = None,  # noqa: UP045
 ) -> torch.Tensor:
     if torch.jit.is_scripting():
         act = "gelu" if activation is None else activation
@@ -117,6 +121,9 @@ def layernorm_mlp(
             hidden = F.gelu(pre, approximate="tanh" if act == "gelu_tanh" else "none")
         if value is not None:
             hidden = hidden * value
+        if hidden_norm == "layernorm":
+            h_eps = eps if hidden_eps is None else hidden_eps
+            hidden = F.layer_norm(hidden, [hidden.shape[-1]], hidden_norm_weight, hidden_norm_bias, h_eps)
         out = F.linear(hidden, fc2_weight, fc2_bias)
         if layer_scale is not None:
             out = out * layer_scale
@@ -128,6 +135,8 @@ def layernorm_mlp(
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=eps, approximate=approximate,
         activation=activation, norm=norm, gated=gated, fc1_gate_weight=fc1_gate_weight,
         fc1_gate_bias=fc1_gate_bias, residual=residual, layer_scale=layer_scale, sample_scale=sample_scale,
+        hidden_norm=hidden_norm, hidden_norm_weight=hidden_norm_weight, hidden_norm_bias=hidden_norm_bias,
+        hidden_eps=hidden_eps,
     )  # fmt: skip
 
 

@@ -45,9 +45,11 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 # other names the same functions go by (Hugging Face's ACT2FN keys, nn.SiLU's old name)
 _ACTIVATION_ALIASES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "swish": "silu"}
 NORMS = ("layernorm", "rms", "none")
+HIDDEN_NORMS = ("none", "layernorm")  # a norm between the activation and fc2 (timm's scale_mlp)
 # tensor inputs of the Triton custom op: x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-# fc2_bias, layer_scale, sample_scale, fc1_gate_weight, fc1_gate_bias; the cuda op takes the first 9
-_NUM_GRADS = 11
+# fc2_bias, layer_scale, sample_scale, fc1_gate_weight, fc1_gate_bias, hidden_norm_weight,
+# hidden_norm_bias; the cuda op takes the first 9
+_NUM_GRADS = 13
 _NUM_GRADS_CUDA = 9
 # widest rows the extension's LayerNorm kernels take (one row per block, in registers)
 _CUDA_MAX_DIM = 8192
@@ -79,6 +81,8 @@ def _layernorm_mlp_fwd(
     sample_scale: torch.Tensor | None,
     fc1_gate_weight: torch.Tensor | None,
     fc1_gate_bias: torch.Tensor | None,
+    hidden_norm_weight: torch.Tensor | None,
+    hidden_norm_bias: torch.Tensor | None,
     eps: float,
     activation: str,
     norm: str,
@@ -86,6 +90,8 @@ def _layernorm_mlp_fwd(
     residual: bool,
     out_dtype: torch.dtype,
     save_preact: bool,
+    hidden_norm: bool,
+    hidden_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastvit.kernels.layernorm_mlp import layernorm_mlp_fwd
 
@@ -93,7 +99,8 @@ def _layernorm_mlp_fwd(
         _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
         sample_scale, eps=eps, activation=activation, residual=residual, out_dtype=out_dtype,
         save_preact=save_preact, rms=norm == "rms", gated=gated, fc1_gate_weight=fc1_gate_weight,
-        fc1_gate_bias=fc1_gate_bias, no_norm=norm == "none",
+        fc1_gate_bias=fc1_gate_bias, no_norm=norm == "none", hidden_norm=hidden_norm,
+        hidden_norm_weight=hidden_norm_weight, hidden_norm_bias=hidden_norm_bias, hidden_eps=hidden_eps,
     )
     if pre is None:  # inference: nothing kept for a backward
         pre = x.new_empty((0,), dtype=fc1_weight.dtype)
@@ -104,10 +111,11 @@ def _layernorm_mlp_fwd(
 
 @_layernorm_mlp_fwd.register_fake
 def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-      fc1_gate_weight, fc1_gate_bias, eps, activation, norm, gated, residual, out_dtype, save_preact):
+      fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias, eps, activation, norm, gated, residual,
+      out_dtype, save_preact, hidden_norm, hidden_eps):
     rows = x.numel() // x.shape[-1]
     pre_shape = (rows, 2 * fc2_weight.shape[1] if gated else fc2_weight.shape[1]) if save_preact else (0,)
-    stat_rows = 0 if norm == "none" else rows
+    stat_rows = (0 if norm == "none" else rows) + (rows if hidden_norm else 0)
     return (
         x.new_empty(x.shape, dtype=out_dtype),
         x.new_empty(pre_shape, dtype=fc1_weight.dtype),
@@ -139,6 +147,8 @@ def _layernorm_mlp_bwd(
     sample_scale: torch.Tensor | None,
     fc1_gate_weight: torch.Tensor | None,
     fc1_gate_bias: torch.Tensor | None,
+    hidden_norm_weight: torch.Tensor | None,
+    hidden_norm_bias: torch.Tensor | None,
     preact: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
@@ -147,8 +157,9 @@ def _layernorm_mlp_bwd(
     gated: bool,
     residual: bool,
     needs: list[bool],
+    hidden_norm: bool,
 ) -> list[torch.Tensor]:
-    """Gradients for the 11 tensor inputs; an empty (0,) tensor stands for "not computed"."""
+    """Gradients for the 13 tensor inputs; an empty (0,) tensor stands for "not computed"."""
     from fastvit.kernels.layernorm_mlp_bwd import layernorm_mlp_bwd
 
     if grad_out.shape[-1] > 1 and grad_out.stride(-1) not in (0, 1):
@@ -160,6 +171,7 @@ def _layernorm_mlp_bwd(
         fc2_bias, layer_scale, sample_scale, preact, mean, rstd,
         activation=activation, residual=residual, needs=tuple(needs), rms=norm == "rms", gated=gated,
         fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias, no_norm=norm == "none",
+        hidden_norm=hidden_norm, hidden_norm_weight=hidden_norm_weight, hidden_norm_bias=hidden_norm_bias,
     )
     if grads[0] is not None:
         grads[0] = grads[0].view(x.shape)
@@ -168,19 +180,21 @@ def _layernorm_mlp_bwd(
 
 @_layernorm_mlp_bwd.register_fake
 def _(grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-      sample_scale, fc1_gate_weight, fc1_gate_bias, preact, mean, rstd, activation, norm, gated, residual, needs):
+      sample_scale, fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias, preact, mean, rstd,
+      activation, norm, gated, residual, needs, hidden_norm):
     return _fake_grads(needs, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-                       sample_scale, fc1_gate_weight, fc1_gate_bias)
+                       sample_scale, fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    """Triton route: keep the 11 tensor inputs and the internal outputs (preact, mean, rstd) for
+    """Triton route: keep the 13 tensor inputs and the internal outputs (preact, mean, rstd) for
     the backward, and the scalar arguments it needs."""
     ctx.num_grads = _NUM_GRADS
     ctx.save_for_backward(*inputs[:_NUM_GRADS], *output[1:])
     # the internal outputs never get a gradient: no zeros of preact's (rows, hidden) per backward
     ctx.set_materialize_grads(False)
-    _eps, ctx.activation, ctx.norm, ctx.gated, ctx.residual, _out_dtype, ctx.save_preact = inputs[_NUM_GRADS:]
+    (_eps, ctx.activation, ctx.norm, ctx.gated, ctx.residual, _out_dtype, ctx.save_preact, ctx.hidden_norm,
+     _hidden_eps) = inputs[_NUM_GRADS:]
 
 
 def _cuda_setup_context(ctx, inputs, output):
@@ -210,7 +224,7 @@ def _backward(ctx, grad_out, *_internal):
         return (None,) * len(ctx.needs_input_grad)
     return _run_backward(ctx, lambda needs: call(
         _layernorm_mlp_bwd, _layernorm_mlp_bwd_function, grad_out, *ctx.saved_tensors, ctx.activation,
-        ctx.norm, ctx.gated, ctx.residual, needs,
+        ctx.norm, ctx.gated, ctx.residual, needs, ctx.hidden_norm,
     ))
 
 
@@ -329,7 +343,8 @@ def _activate(a: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, activation, norm,
-               gated, fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale):
+               gated, fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale, hidden_norm="none",
+               hidden_norm_weight=None, hidden_norm_bias=None, hidden_eps=1e-6):
     if norm == "none":
         h = x
     elif norm == "rms":
@@ -344,6 +359,8 @@ def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_
     else:  # packed [gate; value]
         gate, value = a.chunk(2, dim=-1)
         h = _activate(gate, activation) * value
+    if hidden_norm == "layernorm":
+        h = F.layer_norm(h, (h.shape[-1],), hidden_norm_weight, hidden_norm_bias, hidden_eps)
     h = F.linear(h, fc2_weight, fc2_bias)
     if layer_scale is not None:
         h = h * layer_scale
@@ -403,7 +420,8 @@ def _fp32_norm_of_16bit_x(x: torch.Tensor, norm_weight: torch.Tensor | None, nor
 
 
 def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, norm, gated,
-              fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale) -> None:
+              fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale, hidden_norm, hidden_norm_weight,
+              hidden_norm_bias, hidden_eps) -> None:
     check_tensor("x", x, dtypes=_ALL_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., D) with D >= 1, got {tuple(x.shape)}")
@@ -459,13 +477,24 @@ def _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
         if x.dim() < 2:
             raise ValueError(f"sample_scale needs x with a leading batch dim, got x of shape {tuple(x.shape)}")
         _check_vector("sample_scale", sample_scale, x.shape[0], "x.shape[0]")
+    if hidden_norm not in HIDDEN_NORMS:
+        raise ValueError(f"hidden_norm must be one of {HIDDEN_NORMS}, got {hidden_norm!r}")
+    if hidden_norm == "none" and (hidden_norm_weight is not None or hidden_norm_bias is not None):
+        raise ValueError("hidden_norm_weight and hidden_norm_bias were given with hidden_norm='none'; pass "
+                         "hidden_norm='layernorm' for a norm between the activation and fc2")
+    _check_vector("hidden_norm_weight", hidden_norm_weight, hidden, "hidden, fc2_weight.shape[1]")
+    _check_vector("hidden_norm_bias", hidden_norm_bias, hidden, "hidden, fc2_weight.shape[1]")
     check_same_device(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight,
                       fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias, layer_scale=layer_scale,
-                      sample_scale=sample_scale, fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (is_finite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+                      sample_scale=sample_scale, fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias,
+                      hidden_norm_weight=hidden_norm_weight, hidden_norm_bias=hidden_norm_bias)
+    for name, value in (("eps", eps), ("hidden_eps", hidden_eps)):
+        if value is None and name == "hidden_eps":  # the input norm's eps
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not (is_finite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     check_flags(residual=residual)
 
 
@@ -489,6 +518,10 @@ def layernorm_mlp(
     residual: bool = True,
     layer_scale: torch.Tensor | None = None,
     sample_scale: torch.Tensor | None = None,
+    hidden_norm: str = "none",
+    hidden_norm_weight: torch.Tensor | None = None,
+    hidden_norm_bias: torch.Tensor | None = None,
+    hidden_eps: float | None = None,
 ) -> torch.Tensor:
     """The norm + MLP half of a pre-norm ViT block, fused.
 
@@ -526,6 +559,14 @@ def layernorm_mlp(
         layer_scale: (D,) LayerScale gamma (timm, DINOv2/v3 ``lambda1``), or None.
         sample_scale: (x.shape[0],) per-sample factor on the branch (drop-path's mask / keep_prob
             in training), or None.
+        hidden_norm: ``"none"`` (default) or ``"layernorm"``: a LayerNorm over the hidden
+            activations between the activation (gating) and fc2, ``fc2(LN(act(fc1(norm(x)))))``
+            -- timm's ``scale_mlp`` (EVA02-B/L, EVA-CLIP, BEiT / Eva with ``scale_mlp=True``), the
+            ``norm`` of timm's ``Mlp`` / ``GluMlp`` / ``SwiGLU``. The Triton route takes hidden
+            widths up to ``MAX_DIM`` (4096); wider ones run the ``torch`` route with one warning.
+        hidden_norm_weight, hidden_norm_bias: (hidden,) its affine parameters, or None; any float
+            dtype (an fp32 norm beside 16-bit weights is fine).
+        hidden_eps: its epsilon; None (default) means ``eps``.
 
     Returns:
         Tensor of x's shape. dtype: x's outside autocast; under autocast the composite's (fp32
@@ -557,24 +598,26 @@ def layernorm_mlp(
     activation = resolve_activation(approximate, activation)
     gated = fc1_gate_weight is not None if gated is None else gated
     _validate(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, norm, gated,
-              fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale)
+              fc1_gate_weight, fc1_gate_bias, residual, layer_scale, sample_scale, hidden_norm, hidden_norm_weight,
+              hidden_norm_bias, hidden_eps)
+    hidden_eps = float(eps if hidden_eps is None else hidden_eps)
     device = x.device
     (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-     fc1_gate_weight, fc1_gate_bias) = usable_in_autograd(
+     fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias) = usable_in_autograd(
         x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-        fc1_gate_weight, fc1_gate_bias,
+        fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias,
     )
     tensors = dict(x=x, norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
                    fc2_weight=fc2_weight, fc2_bias=fc2_bias, layer_scale=layer_scale, sample_scale=sample_scale,
-                   fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias)
+                   fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias,
+                   hidden_norm_weight=hidden_norm_weight, hidden_norm_bias=hidden_norm_bias)
     cast_to = autocast_dtype(device)
     if cast_to is None or any(t is not None and t.dtype == torch.float64 for t in tensors.values()):
-        if _fp32_norm_of_16bit_x(x, norm_weight, norm_bias):
-            # F.layer_norm's mixed precision (a 16-bit model that keeps its norms in fp32): the
-            # statistics and affine in fp32, the normalised rows in x's dtype, as the kernels do
-            check_same_dtype(**{k: t for k, t in tensors.items() if k not in ("norm_weight", "norm_bias")})
-        else:
-            check_same_dtype(**tensors)
+        # F.layer_norm's mixed precision (a 16-bit model that keeps its norms in fp32): the
+        # statistics and affine in fp32, the normalised rows in x's dtype, as the kernels do
+        mixed = {k for pair in (("norm_weight", "norm_bias"), ("hidden_norm_weight", "hidden_norm_bias"))
+                 if _fp32_norm_of_16bit_x(x, *(tensors[k] for k in pair)) for k in pair}
+        check_same_dtype(**{k: t for k, t in tensors.items() if k not in mixed})
         cast_to = None
 
     gemm_dtype = fc1_weight.dtype if cast_to is None else cast_to
@@ -594,12 +637,15 @@ def layernorm_mlp(
             reason = "dtype float64"
         elif x.shape[-1] > max_dim:
             reason = f"D = {x.shape[-1]} > {max_dim}"
+        elif route == "triton" and hidden_norm != "none" and hidden > MAX_DIM:
+            reason = f"a hidden norm over {hidden} > {MAX_DIM} columns"
         elif route == "triton" and interpreter_dtype_problem(device, gemm_dtype):
             reason = interpreter_dtype_problem(device, gemm_dtype)
-        elif route == "cuda" and (gated or norm != "layernorm" or activation not in _APPROXIMATE.values()):
+        elif route == "cuda" and (gated or norm != "layernorm" or activation not in _APPROXIMATE.values()
+                                  or hidden_norm != "none"):
             # the extension's composite has LayerNorm and GELU row kernels only
             reason = ("gated MLPs" if gated else "RMSNorm" if norm == "rms" else "norm='none'" if norm == "none"
-                      else f"activation {activation!r}")  # fmt: skip
+                      else "a hidden norm" if hidden_norm != "none" else f"activation {activation!r}")  # fmt: skip
         if reason is not None:
             warn_once(
                 f"layernorm_mlp:{route}:{reason}",
@@ -616,9 +662,12 @@ def layernorm_mlp(
             norm_weight, norm_bias = (
                 t if t is None or t.dtype == x.dtype else t.float() for t in (norm_weight, norm_bias)
             )
+            hidden_norm_weight, hidden_norm_bias = (  # over the hidden rows, in the autocast dtype
+                t if t is None or t.dtype == cast_to else t.float() for t in (hidden_norm_weight, hidden_norm_bias)
+            )
         return _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps),
                           activation, norm, gated, fc1_gate_weight, fc1_gate_bias, residual, layer_scale,
-                          sample_scale)
+                          sample_scale, hidden_norm, hidden_norm_weight, hidden_norm_bias, hidden_eps)
 
     # -- autocast rule (F.linear's): the GEMMs in the autocast dtype; norm statistics in fp32; the
     #    output in the composite's dtype (its scale multiplies and residual add promote) --
@@ -635,10 +684,10 @@ def layernorm_mlp(
     # the kernels read every last dim with a unit stride (x's other strides are free: views of a
     # token buffer are not copied); a transposed weight or strided vector is rare enough to copy
     (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-     fc1_gate_weight, fc1_gate_bias) = (
+     fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias) = (
         _unit_last_stride(t)
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-                  fc1_gate_weight, fc1_gate_bias)
+                  fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias)
     )
     if route == "cuda":
         y = call(
@@ -653,6 +702,7 @@ def layernorm_mlp(
     y, _, _, _ = call(
         _layernorm_mlp_fwd, _layernorm_mlp_fwd_function,
         _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
-        fc1_gate_weight, fc1_gate_bias, float(eps), activation, norm, gated, residual, out_dtype, save_preact,
+        fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias, float(eps), activation, norm, gated,
+        residual, out_dtype, save_preact, hidden_norm != "none", hidden_eps,
     )
     return y if y.shape == x.shape else y.view(x.shape)
