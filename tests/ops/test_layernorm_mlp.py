@@ -22,18 +22,20 @@ ON_GPU = torch.cuda.is_available()
 NAMES = ("x", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "layer_scale",
          "sample_scale")
 GATE_NAMES = ("fc1_gate_weight", "fc1_gate_bias")  # keyword-only; present with gated="split"
-ALL_NAMES = NAMES + GATE_NAMES
+HIDDEN_NAMES = ("hidden_norm_weight", "hidden_norm_bias")  # keyword-only; present with hidden_norm=True
+ALL_NAMES = NAMES + GATE_NAMES + HIDDEN_NAMES
 
 kernel_test = pytest.mark.interpreter if not ON_GPU else pytest.mark.gpu
 
 
 def _inputs(batch, n_tok, dim, hidden, *, bias=True, affine=True, layer_scale=False, sample_scale=False,
-            gated=None, norm="layernorm", dtype=torch.float32, device="cpu", seed=0):
+            gated=None, norm="layernorm", hidden_norm=False, dtype=torch.float32, device="cpu", seed=0):
     """Fresh random leaf tensors (None where absent), scaled like a trained block so every value
     stays O(1) in fp16. x gets a non-zero mean per row (LayerNorm's centring matters); the sample
     scale looks like drop-path's mask / keep_prob, one sample dropped (0) when batch > 1.
     ``gated``: None, "packed" (fc1 (2 hidden, D), [gate; value]) or "split" (fc1_gate_weight beside
-    fc1); ``norm="rms"`` leaves out norm_bias, ``norm="none"`` both norm parameters."""
+    fc1); ``norm="rms"`` leaves out norm_bias, ``norm="none"`` both norm parameters; ``hidden_norm``
+    adds the (hidden,) affine parameters of a LayerNorm before fc2 (call with hidden_norm="layernorm")."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -56,6 +58,8 @@ def _inputs(batch, n_tok, dim, hidden, *, bias=True, affine=True, layer_scale=Fa
         "sample_scale": ss,
         "fc1_gate_weight": None,
         "fc1_gate_bias": None,
+        "hidden_norm_weight": 1.0 + 0.2 * randn(hidden) if hidden_norm else None,
+        "hidden_norm_bias": 0.2 * randn(hidden) if hidden_norm else None,
     }
     if gated == "packed":
         tensors["fc1_weight"] = randn(2 * hidden, dim) / math.sqrt(dim)
@@ -73,7 +77,7 @@ def _inputs(batch, n_tok, dim, hidden, *, bias=True, affine=True, layer_scale=Fa
 def _call(inputs, op=None, **kwargs):
     """``op`` (fastvit.layernorm_mlp by default, or fastvit.reference's) on the tensors of ``inputs``."""
     op = op or fastvit.layernorm_mlp
-    gate = {k: inputs[k] for k in GATE_NAMES if inputs.get(k) is not None}
+    gate = {k: inputs[k] for k in GATE_NAMES + HIDDEN_NAMES if inputs.get(k) is not None}
     return op(
         inputs["x"], inputs["norm_weight"], inputs["norm_bias"], inputs["fc1_weight"], inputs["fc1_bias"],
         inputs["fc2_weight"], inputs["fc2_bias"], layer_scale=inputs["layer_scale"],
@@ -446,7 +450,7 @@ def test_kernel_weight_gradient_token_splits(kernel_device):
     one = layernorm_mlp_bwd(grad_out, *args, pre, mean, rstd, wgrad_split=1, **kw)
     three = layernorm_mlp_bwd(grad_out, *args, pre, mean, rstd, wgrad_split=3, **kw)
     for name, a, b in zip(ALL_NAMES, one, three, strict=True):
-        if name in GATE_NAMES:  # not gated: no gradient
+        if name in GATE_NAMES + HIDDEN_NAMES:  # not gated, no hidden norm: no gradient
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
@@ -504,24 +508,24 @@ def test_weight_gradient_split_heuristic():
 def test_kernel_opcheck(kernel_device):
     """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops."""
     inputs = _inputs(2, 3, 16, 24, layer_scale=True, sample_scale=True, device=kernel_device, seed=43)
-    args = [inputs[k] for k in NAMES] + [None, None]  # not gated: no gate weight, no gate bias
+    args = [inputs[k] for k in NAMES] + [None] * 4  # no gate weight / bias, no hidden norm
     with fastvit.backend("triton"):
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_fwd.default,
-            (*args, 1e-6, "gelu_tanh", "layernorm", False, True, torch.float32, True),
+            (*args, 1e-6, "gelu_tanh", "layernorm", False, True, torch.float32, True, False, 1e-6),
         )
         frozen = [t.detach() if t is not None else None for t in args]  # inference: nothing saved
         torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_fwd.default, (*frozen[:4], None, frozen[5], None, None, None, None, None,
+            torch.ops.fastvit.layernorm_mlp_fwd.default, (*frozen[:4], None, frozen[5], *[None] * 7,
                                                           1e-5, "gelu", "layernorm", False, False, torch.float32,
-                                                          False)
+                                                          False, False, 1e-5)
         )
         out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
-            *args, 1e-6, "gelu", "layernorm", False, True, torch.float32, True)
+            *args, 1e-6, "gelu", "layernorm", False, True, torch.float32, True, False, 1e-6)
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_bwd.default,
             (torch.randn_like(out), *frozen, pre.detach(), mean.detach(), rstd.detach(), "gelu", "layernorm", False,
-             True, [True, False] * 4 + [True, False, False]),
+             True, [True, False] * 4 + [True, False, False, False, False], False),
         )
     # gated (two weights), RMSNorm, SiLU: the other schema paths
     gated = _inputs(2, 3, 16, 24, gated="split", norm="rms", device=kernel_device, seed=44)
@@ -529,32 +533,50 @@ def test_kernel_opcheck(kernel_device):
     with fastvit.backend("triton"):
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_fwd.default,
-            (*gargs, 1e-6, "silu", "rms", True, True, torch.float32, True),
+            (*gargs, 1e-6, "silu", "rms", True, True, torch.float32, True, False, 1e-6),
         )
         out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
-            *gargs, 1e-6, "silu", "rms", True, True, torch.float32, True)
+            *gargs, 1e-6, "silu", "rms", True, True, torch.float32, True, False, 1e-6)
         gfrozen = [t.detach() if t is not None else None for t in gargs]
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_bwd.default,
             (torch.randn_like(out), *gfrozen, pre.detach(), mean.detach(), rstd.detach(), "silu", "rms", True,
-             True, [True] * 11),
+             True, [True] * 13, False),
         )
     # the MLP alone (norm="none"): no norm parameters, empty statistics
     alone = _inputs(2, 3, 16, 24, sample_scale=True, norm="none", device=kernel_device, seed=45)
-    aargs = [alone[k] for k in NAMES] + [None, None]
+    aargs = [alone[k] for k in NAMES] + [None] * 4
     with fastvit.backend("triton"):
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_fwd.default,
-            (*aargs, 1e-6, "gelu", "none", False, False, torch.float32, True),
+            (*aargs, 1e-6, "gelu", "none", False, False, torch.float32, True, False, 1e-6),
         )
         out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
-            *aargs, 1e-6, "gelu", "none", False, False, torch.float32, True)
+            *aargs, 1e-6, "gelu", "none", False, False, torch.float32, True, False, 1e-6)
         assert mean.shape == rstd.shape == (0,)
         afrozen = [t.detach() if t is not None else None for t in aargs]
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_bwd.default,
             (torch.randn_like(out), *afrozen, pre.detach(), mean.detach(), rstd.detach(), "gelu", "none", False,
-             False, [True] * 9 + [False, False]),
+             False, [True] * 9 + [False] * 4, False),
+        )
+    # a hidden norm (scale_mlp), packed SwiGLU: its two parameters, the statistics of both norms
+    scaled = _inputs(2, 3, 16, 24, gated="packed", hidden_norm=True, layer_scale=True, sample_scale=True,
+                     device=kernel_device, seed=46)
+    sargs = [scaled[k] for k in ALL_NAMES]
+    with fastvit.backend("triton"):
+        torch.library.opcheck(
+            torch.ops.fastvit.layernorm_mlp_fwd.default,
+            (*sargs, 1e-6, "silu", "layernorm", True, True, torch.float32, True, True, 1e-5),
+        )
+        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
+            *sargs, 1e-6, "silu", "layernorm", True, True, torch.float32, True, True, 1e-5)
+        assert mean.shape == rstd.shape == (12,)  # 6 rows of the input norm, then 6 of the hidden norm
+        sfrozen = [t.detach() if t is not None else None for t in sargs]
+        torch.library.opcheck(
+            torch.ops.fastvit.layernorm_mlp_bwd.default,
+            (torch.randn_like(out), *sfrozen, pre.detach(), mean.detach(), rstd.detach(), "silu", "layernorm", True,
+             True, [True] * 13, True),
         )
 
 
@@ -593,28 +615,31 @@ def test_kernel_gated_rms_under_torch_compile(kernel_device):
 
 
 @kernel_test
-@pytest.mark.parametrize("residual,scales,norm", [(True, True, "layernorm"), (True, False, "layernorm"),
-                                                (False, False, "layernorm"), (True, True, "none")])
-def test_kernel_autocast(kernel_device, residual, scales, norm):
+@pytest.mark.parametrize("residual,scales,norm,hidden_norm", [
+    (True, True, "layernorm", False), (True, False, "layernorm", False), (False, False, "layernorm", False),
+    (True, True, "none", False), (True, True, "layernorm", True), (False, False, "none", True)])
+def test_kernel_autocast(kernel_device, residual, scales, norm, hidden_norm):
     """Under autocast with timm's fp32 residual stream and fp32 parameters: the GEMMs run in the
     autocast dtype, LN statistics in fp32, and the output and gradients have the composite's dtypes
     (fp32 through the residual add or an fp32 scale; the autocast dtype for the bare branch).
-    norm="none": fc1 reads x's fp32 rows converted once to the autocast dtype."""
+    norm="none": fc1 reads x's fp32 rows converted once to the autocast dtype. A hidden norm: its
+    fp32 parameters over the autocast-dtype hidden rows, statistics in fp32."""
     low = torch.bfloat16 if ON_GPU else torch.float16
-    inputs = _inputs(2, 13, 48, 128, layer_scale=scales, sample_scale=scales, norm=norm, device=kernel_device,
-                     seed=53)
-    names = [k for k in NAMES if inputs[k] is not None]
+    inputs = _inputs(2, 13, 48, 128, layer_scale=scales, sample_scale=scales, norm=norm, hidden_norm=hidden_norm,
+                     device=kernel_device, seed=53)
+    names = [k for k in ALL_NAMES if inputs[k] is not None]
     leaves = [inputs[k] for k in names]
+    call = dict(residual=residual, norm=norm, hidden_norm="layernorm" if hidden_norm else "none")
     with torch.autocast(kernel_device.type, dtype=low):
         with fastvit.backend("triton"):
-            out = _call(inputs, residual=residual, norm=norm)
+            out = _call(inputs, **call)
         with fastvit.backend("torch"):
-            expected = _call(inputs, residual=residual, norm=norm)
+            expected = _call(inputs, **call)
     assert out.dtype == expected.dtype == (torch.float32 if residual or scales else low)
     grad_out = torch.randn(out.shape, device=kernel_device).to(out.dtype)
     grads = torch.autograd.grad(out, leaves, grad_out)
     grads_low = torch.autograd.grad(expected, leaves, grad_out)
-    out64, grads64 = _reference(inputs, grad_out, torch.float64, residual=residual, norm=norm)
+    out64, grads64 = _reference(inputs, grad_out, torch.float64, **call)
     assert_close_to_reference(out.float().cpu(), out64, expected.float().cpu(), name="out", dtype=low)
     for name, g, g_low in zip(names, grads, grads_low, strict=True):
         assert g.dtype == inputs[name].dtype == torch.float32
@@ -958,6 +983,144 @@ def test_kernel_mlp_alone_partial_grads(kernel_device):
     _check_partial_grads(inputs, (["x"], ["fc1_weight"], ["fc2_bias", "layer_scale", "sample_scale"]), norm="none")
 
 
+# ---------------------------------------------------------------------------------------------
+# A hidden norm (timm's scale_mlp: fc2(LN(act(fc1(norm(x)))))): EVA02-B/L, EVA-CLIP, BEiT / Eva
+# ---------------------------------------------------------------------------------------------
+HIDDEN_VARIANTS = [  # gating, activation, input norm
+    (None, "gelu", "layernorm"),
+    ("packed", "silu", "layernorm"),  # Eva's GluMlp
+    ("split", "silu", "layernorm"),  # EVA02's SwiGLU (fc1_g / fc1_x)
+    ("split", "gelu_tanh", "rms"),
+    (None, "quick_gelu", "none"),  # a post-norm block's MLP alone, with its hidden norm
+]
+
+
+@kernel_test
+@pytest.mark.parametrize("gated,activation,norm", HIDDEN_VARIANTS, ids=["-".join(map(str, v)) for v in HIDDEN_VARIANTS])
+def test_kernel_hidden_norm_fp32(kernel_device, gated, activation, norm):
+    """hidden_norm="layernorm": the forward normalises g in place, the backward runs u = dy (ls W2)
+    and the hidden-norm row pass. Output and every gradient (the hidden norm's weight and bias
+    included) against float64, 29 tokens, hidden 72 (masked columns), both scales on."""
+    build, call = _variant(gated, norm, activation)
+    inputs = _inputs(2, 29, 48, 72, layer_scale=True, sample_scale=True, hidden_norm=True, device=kernel_device,
+                     seed=171, **build)
+    call.update(hidden_norm="layernorm", hidden_eps=1e-5)
+    out, grad_out, grads = _run_kernel(inputs, **call)
+    assert set(HIDDEN_NAMES) <= set(grads)
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+@kernel_test
+def test_kernel_hidden_norm_odd_shapes(kernel_device):
+    """Odd D and hidden (37, 97: the hidden rows padded to a 128-wide bucket), 197 tokens, no
+    hidden-norm bias, a hidden eps that visibly matters, one sample, no fc biases."""
+    inputs = _inputs(1, 197, 37, 97, bias=False, sample_scale=True, hidden_norm=True, device=kernel_device, seed=173)
+    inputs["hidden_norm_bias"] = None
+    call = dict(activation="gelu", hidden_norm="layernorm", hidden_eps=0.25)
+    out, grad_out, grads = _run_kernel(inputs, **call)
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+@kernel_test
+@pytest.mark.parametrize("gated", [None, "split"], ids=["plain", "split"])
+def test_kernel_hidden_norm_fp16(kernel_device, gated):
+    """fp16 tensor-core dots with the hidden norm: g and LN(g) rounded as the composite rounds them."""
+    build, call = _variant(gated, "layernorm", "silu")
+    inputs = _inputs(2, 29, 64, 80, layer_scale=True, sample_scale=True, hidden_norm=True, dtype=torch.float16,
+                     device=kernel_device, seed=179, **build)
+    call["hidden_norm"] = "layernorm"
+    out, grad_out, grads = _run_kernel(inputs, **call)
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+@kernel_test
+def test_kernel_hidden_norm_partial_grads(kernel_device):
+    """Only some inputs require grad: the hidden norm's weight alone, its bias with x, fc1's bias
+    (dA's column sums), the per-sample scale (LN(g) . u row sums), fc2's weight (ss * LN(g))."""
+    inputs = _inputs(2, 7, 48, 40, gated="packed", layer_scale=True, sample_scale=True, hidden_norm=True,
+                     device=kernel_device, seed=181)
+    _check_partial_grads(
+        inputs, (["hidden_norm_weight"], ["hidden_norm_bias", "x"], ["fc1_bias"], ["sample_scale"], ["fc2_weight"]),
+        activation="silu", gated=True, hidden_norm="layernorm",
+    )
+
+
+@kernel_test
+def test_kernel_hidden_norm_under_torch_compile(kernel_device):
+    """torch.compile(fullgraph=True) of a SwiGLU with a hidden norm: the custom ops' new tensor and
+    scalar arguments trace, every gradient matches eager."""
+    inputs = _inputs(2, 9, 32, 40, gated="split", layer_scale=True, hidden_norm=True, device=kernel_device, seed=183)
+    names = [k for k in ALL_NAMES if inputs[k] is not None]
+
+    def block(*tensors):
+        t = dict(zip(names, tensors, strict=True))
+        y = fastvit.layernorm_mlp(t["x"] * 1.5, t["norm_weight"], t["norm_bias"], t["fc1_weight"], t["fc1_bias"],
+                                  t["fc2_weight"], t["fc2_bias"], activation="silu",
+                                  fc1_gate_weight=t["fc1_gate_weight"], fc1_gate_bias=t["fc1_gate_bias"],
+                                  layer_scale=t["layer_scale"], hidden_norm="layernorm",
+                                  hidden_norm_weight=t["hidden_norm_weight"], hidden_norm_bias=t["hidden_norm_bias"])
+        return y.square().sum()
+
+    assert_compiled_matches_eager(block, [inputs[k] for k in names], "triton")
+
+
+@kernel_test
+def test_kernel_wide_hidden_norm_falls_back_with_a_warning(kernel_device, monkeypatch):
+    """A hidden norm wider than the row kernels hold (MAX_DIM; lowered here) runs the composite,
+    with one warning naming it; D itself fits."""
+    from fastvit.kernels import layernorm_mlp as kernels
+
+    sys.modules["fastvit.backend"]._warned.clear()
+    monkeypatch.setattr(kernels, "MAX_DIM", 40)
+    inputs = _inputs(1, 3, 32, 48, hidden_norm=True, device=kernel_device, seed=187)
+    with fastvit.backend("triton"), pytest.warns(fastvit.FastvitFallbackWarning, match="hidden norm over 48 > 40"):
+        out = _call(inputs, hidden_norm="layernorm")
+    torch.testing.assert_close(out, _call(inputs, reference.layernorm_mlp, hidden_norm="layernorm"))
+
+
+@pytest.mark.parametrize("gated", GATINGS, ids=["plain", "packed", "split"])
+def test_torch_route_hidden_norm(gated):
+    """The composite with a hidden norm against the float64 reference, output and every gradient,
+    in fp32. (In fp16 the route is PyTorch's own F.layer_norm, whose CPU backward rounds its
+    parameter-gradient sums through fp16: 5.3e-3 off float64 on sums of ~10 here, measured, where
+    the written-out fp16 reference is off 2.2e-3; the kernels' fp16 route is checked above.)"""
+    build, call = _variant(gated, "layernorm", "silu")
+    inputs = _inputs(2, 9, 24, 20, layer_scale=True, sample_scale=True, hidden_norm=True, seed=191, **build)
+    call.update(hidden_norm="layernorm", hidden_eps=1e-3)
+    names = [k for k in ALL_NAMES if inputs.get(k) is not None]
+    with fastvit.backend("torch"):
+        out = _call(inputs, **call)
+    grad_out = torch.randn_like(out)
+    grads = dict(zip(names, torch.autograd.grad(out, [inputs[k] for k in names], grad_out), strict=True))
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+def test_hidden_norm_matches_timm_scale_mlp():
+    """The convention is timm's: ``Mlp(norm_layer=...)`` / ``SwiGLU(norm_layer=...)`` apply their
+    norm after the activation (gating) and dropout, before fc2; hidden_eps None takes eps."""
+    timm_mlp = pytest.importorskip("timm.layers.mlp")
+    torch.manual_seed(0)
+    dim, hidden, x = 16, 24, torch.randn(2, 5, 16)
+    norm = torch.nn.LayerNorm(dim, eps=1e-6)
+    h = norm(x)
+    mlp = timm_mlp.Mlp(dim, hidden, norm_layer=torch.nn.LayerNorm)
+    swiglu = timm_mlp.SwiGLU(dim, hidden, norm_layer=torch.nn.LayerNorm)
+    for m in (mlp.norm, swiglu.norm):
+        with torch.no_grad():
+            m.weight.add_(0.1 * torch.randn(hidden))
+            m.bias.add_(0.1 * torch.randn(hidden))
+    y = fastvit.layernorm_mlp(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                              eps=1e-5, hidden_norm="layernorm", hidden_norm_weight=mlp.norm.weight,
+                              hidden_norm_bias=mlp.norm.bias, residual=False)
+    torch.testing.assert_close(y, mlp(F.layer_norm(x, (dim,), norm.weight, norm.bias, 1e-5)))
+    y = fastvit.layernorm_mlp(x, norm.weight, norm.bias, swiglu.fc1_x.weight, swiglu.fc1_x.bias, swiglu.fc2.weight,
+                              swiglu.fc2.bias, eps=norm.eps, activation="silu", fc1_gate_weight=swiglu.fc1_g.weight,
+                              fc1_gate_bias=swiglu.fc1_g.bias, hidden_norm="layernorm",
+                              hidden_norm_weight=swiglu.norm.weight, hidden_norm_bias=swiglu.norm.bias,
+                              hidden_eps=swiglu.norm.eps)
+    torch.testing.assert_close(y, x + swiglu(h))
+
+
 @kernel_test
 @pytest.mark.parametrize("layout", ["token_strided", "padded_rows", "transposed"])
 def test_kernel_mlp_alone_strided_x_gives_the_contiguous_results(kernel_device, layout):
@@ -1135,6 +1298,13 @@ VARIANT_BAD = [
     (dict(fc1_gate_weight=torch.zeros(24, 16), fc1_gate_bias=torch.zeros(12)), ValueError,
      r"fc1_gate_bias must have shape \(24,\)"),
     (dict(fc1_gate_weight=torch.zeros(24, 16, dtype=torch.float16)), TypeError, "dtype"),
+    (dict(hidden_norm="rms"), ValueError, "hidden_norm must be one of"),
+    (dict(hidden_norm_weight=torch.ones(24)), ValueError, "given with hidden_norm='none'"),
+    (dict(hidden_norm="layernorm", hidden_norm_bias=torch.ones(16)), ValueError,
+     r"hidden_norm_bias must have shape \(24,\)"),
+    (dict(hidden_norm="layernorm", hidden_norm_weight=torch.ones(24, dtype=torch.float16)), TypeError, "dtype"),
+    (dict(hidden_norm="layernorm", hidden_eps=0.0), ValueError, "hidden_eps must be a finite number > 0"),
+    (dict(hidden_norm="layernorm", hidden_eps="1e-6"), TypeError, "hidden_eps must be a float"),
 ]
 
 
@@ -1155,9 +1325,10 @@ def test_gated_packed_needs_an_even_fc1():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-@pytest.mark.parametrize("activation,gated,norm", [("silu", "split", "rms"), ("gelu_tanh", "packed", "layernorm"),
-                                                   ("quick_gelu", None, "rms"), ("gelu", None, "none")])
-def test_torchscript_form_covers_the_variants(activation, gated, norm):
+@pytest.mark.parametrize("activation,gated,norm,hidden_norm", [
+    ("silu", "split", "rms", False), ("gelu_tanh", "packed", "layernorm", False), ("quick_gelu", None, "rms", False),
+    ("gelu", None, "none", False), ("silu", "split", "layernorm", True), ("gelu", None, "none", True)])
+def test_torchscript_form_covers_the_variants(activation, gated, norm, hidden_norm):
     """The TorchScript twin that FX graphs script (fastvit/ops/_torchscript.py) takes the same
     keywords and computes the same variants as the reference."""
     from fastvit.ops import _torchscript
@@ -1165,5 +1336,7 @@ def test_torchscript_form_covers_the_variants(activation, gated, norm):
     scripted = torch.jit.script(_torchscript.layernorm_mlp)
     build, call = _variant(gated, norm, activation)
     inputs = {k: None if t is None else t.detach()
-              for k, t in _inputs(2, 3, 16, 24, layer_scale=True, seed=149, **build).items()}
+              for k, t in _inputs(2, 3, 16, 24, layer_scale=True, hidden_norm=hidden_norm, seed=149, **build).items()}
+    if hidden_norm:
+        call.update(hidden_norm="layernorm", hidden_eps=1e-3)
     torch.testing.assert_close(_call(inputs, scripted, **call), _call(inputs, reference.layernorm_mlp, **call))
