@@ -12,8 +12,9 @@ timm's
 
 The layer scale goes to the op as ``layer_scale``, ``drop_path2`` as ``sample_scale`` (the same
 Bernoulli draws as timm's ``DropPath``, so a seeded training step matches timm exactly). What the
-op cannot express (``scale_mlp``'s norm between the activation and fc2) is reported and left alone
-by ``fastvit/patching/timm.py``; post-norm blocks' MLPs are fused alone (``fastvit.nn.timm_post_norm``).
+``scale_mlp``'s LayerNorm between the activation and fc2 (EVA02-B/L, EVA-CLIP) is the op's
+``hidden_norm``; what the op cannot express (another norm there) is reported and left alone by
+``fastvit/patching/timm.py``; post-norm blocks' MLPs are fused alone (``fastvit.nn.timm_post_norm``).
 The fused block classes live beside their attention: ``fastvit.nn.timm_vit`` (``Block``),
 ``fastvit.nn.timm_eva`` (``EvaBlock``) and ``fastvit.nn.timm_relpos`` (BEiT's ``Block``). Importing
 this module imports timm.
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, GluMlp, LayerScale, RmsNorm, RmsNormFp32, SwiGLU
+from timm.layers import DropPath, GluMlp, LayerScale, Mlp, RmsNorm, RmsNormFp32, SwiGLU
 from timm.layers.activations import GELU as TimmGELU
 from timm.layers.activations import GELUTanh as TimmGELUTanh
 from timm.layers.activations import QuickGELU
@@ -101,7 +102,8 @@ def mlp_activation(act: nn.Module) -> str | None:
 
 def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]:
     """``fastvit.layernorm_mlp``'s MLP arguments for a timm ``Mlp``, ``GluMlp`` or ``SwiGLU``
-    (the patcher has checked which, and that its activation has a name)."""
+    (the patcher has checked which, that its activation has a name, and that its ``norm`` is
+    Identity or a LayerNorm: ``scale_mlp``, the op's ``hidden_norm``)."""
     arguments = {"fc2_weight": mlp.fc2.weight, "fc2_bias": mlp.fc2.bias, "activation": mlp_activation(mlp.act)}
     # isinstance: the MLP may itself run a fused class (timm_post_norm's, a subclass of timm's)
     if isinstance(mlp, SwiGLU):  # act(fc1_g(x)) * fc1_x(x): fc1_x is the value, fc1_g the gate
@@ -117,6 +119,11 @@ def mlp_arguments(mlp: nn.Module) -> dict[str, torch.Tensor | str | bool | None]
         )  # fmt: skip
     else:  # Mlp; GluMlp with gate_last=False is packed [gate; value], the op's own layout
         arguments.update(fc1_weight=mlp.fc1.weight, fc1_bias=mlp.fc1.bias, gated=isinstance(mlp, GluMlp))
+    # scale_mlp: a LayerNorm over the hidden features, before fc2 (TinyViT's NormMlp, no subclass of
+    # these, has its norm before fc1: the block passes it as the input norm)
+    if isinstance(mlp, (Mlp, GluMlp, SwiGLU)) and not isinstance(mlp.norm, nn.Identity):
+        arguments.update(hidden_norm="layernorm", hidden_norm_weight=mlp.norm.weight, hidden_norm_bias=mlp.norm.bias,
+                         hidden_eps=mlp.norm.eps)  # fmt: skip
     return arguments
 
 

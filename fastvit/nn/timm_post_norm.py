@@ -7,9 +7,9 @@ fused: its forward is one ``fastvit.layernorm_mlp(..., norm="none", residual=Fal
 the activation and any gating in one GEMM epilogue, fc2 in another), and the block's own norm2,
 drop_path2 and residual add run as timm's, untouched. One fused class per MLP kind: ``Mlp``
 (GELU, QuickGELU or SiLU), ``GluMlp`` (packed, either gate order) and ``SwiGLU`` (two projections).
-An MLP with a norm inside (``scale_mlp``) or 1 x 1 convs is reported and left alone by
-``fastvit/patching/timm.py``. See ``fastvit.nn.fused`` for how the swap works. Importing this module
-imports timm.
+An MLP with a LayerNorm inside (``scale_mlp``) passes it as the op's ``hidden_norm``; another norm
+there, or 1 x 1 convs, is reported and left alone by ``fastvit/patching/timm.py``. See
+``fastvit.nn.fused`` for how the swap works. Importing this module imports timm.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class _MlpAloneForward(FusedModule):
                                      **mlp_arguments(self))  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, no norm (the block's post-norm runs after it)"
+        return f"{super().extra_repr()}, no input norm (the block's post-norm runs after it)"
 
 
 class FusedMlpAlone(_MlpAloneForward, Mlp):

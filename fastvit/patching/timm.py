@@ -648,13 +648,13 @@ def _mlp_half_problems(
 
 def _mlp_module_problems(mlp: nn.Module, name: str = "mlp") -> list[str]:
     """What the op must be able to compute of timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` (the module
-    named ``name`` in the reasons): no norm inside, Linears, an activation the op has."""
+    named ``name`` in the reasons): no norm inside or a LayerNorm over the hidden features (``scale_mlp``:
+    the op's ``hidden_norm``), Linears, an activation the op has."""
     problems = []
     if type(mlp.norm) is not nn.Identity:
-        problems.append(
-            f"{name}.norm is {type(mlp.norm).__qualname__} (scale_mlp: a norm between the activation and fc2); "
-            "fastvit.layernorm_mlp normalises only its input"
-        )
+        problems += layernorm_problems(mlp.norm, f"{name}.norm", (nn.LayerNorm, TimmLayerNorm))
+        if problems:
+            problems[-1] += " (scale_mlp: the op's hidden_norm is a LayerNorm)"
     linears = ("fc1_g", "fc1_x", "fc2") if type(mlp) is SwiGLU else ("fc1", "fc2")
     return problems + _mlp_layers_problems(mlp, linears, name)
 

@@ -47,6 +47,13 @@ CASES = {
         dict(norm="rms", activation="silu")),
     "quick_gelu_mlp": ("vit_tiny_patch16_224", dict(img_size=32, act_layer=QuickGELU), "FusedBlock",
                        dict(activation="quick_gelu")),
+    # scale_mlp_norm: a LayerNorm between the gating and fc2, the op's hidden norm
+    "swiglu_scale_mlp_norm": ("vit_tiny_patch16_224", dict(img_size=32, mlp_layer=SwiGLU, act_layer=nn.SiLU,
+                                                           scale_mlp_norm=True),
+                              "FusedSwiGLUBlock", dict(activation="silu", hidden_norm="layernorm")),
+    "packed_glu_scale_mlp_norm": ("vit_tiny_patch16_224", dict(
+        img_size=32, mlp_ratio=2.0, act_layer=nn.SiLU, mlp_layer=functools.partial(GluMlp, gate_last=False),
+        scale_mlp_norm=True), "FusedBlock", dict(gated=True, hidden_norm="layernorm")),
 }  # fmt: skip
 
 
@@ -106,7 +113,8 @@ def test_unfusable_norms_and_mlps_are_skipped_with_reasons():
     for overrides, reason in (
         (dict(norm_layer=nn.BatchNorm1d), "norm2 is BatchNorm1d, not nn.LayerNorm or an RMS norm"),
         (dict(act_layer=nn.ReLU), "mlp.act is ReLU"),
-        (dict(mlp_layer=SwiGLU, scale_mlp_norm=True), "mlp.norm is LayerNorm"),
+        # a hidden norm the op does not have (it takes a LayerNorm there)
+        (dict(mlp_layer=SwiGLU, scale_mlp_norm=True, norm_layer=RmsNorm), "mlp.norm is RmsNorm, not nn.LayerNorm"),
     ):
         model = perturb_(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
                                            **(TINY | overrides))).eval()  # fmt: skip
@@ -127,7 +135,7 @@ def test_fused_block_classes():
 
 @pytest.mark.interpreter
 def test_triton_route(op_calls):
-    for case in ("aimv2_rms_swiglu", "packed_glu_rmsnorm"):
+    for case in ("aimv2_rms_swiglu", "packed_glu_rmsnorm", "swiglu_scale_mlp_norm", "packed_glu_scale_mlp_norm"):
         reference, patched, _ = pair(build(case))
         with fastvit.backend("triton"):
             assert_matches_by_the_rule(reference, patched, images(reference))

@@ -33,6 +33,7 @@ from tests.patching.helpers import (
 )
 
 timm = pytest.importorskip("timm")
+from timm.layers import RmsNorm  # noqa: E402
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, num_classes=5)
 MODELS = {
@@ -140,6 +141,13 @@ VARIANTS = {
     "dinov3_rope": (lambda: eva(rope_type="dinov3", init_values=0.3, **ROPE), "Mlp", "FusedEvaBlock"),
     # learnable per-block RoPE frequencies: the model hands each block its own embedding
     "mixed_rope": (lambda: eva(rope_type="mixed", init_values=0.3, **ROPE), "Mlp", "FusedEvaBlock"),
+    # scale_mlp (EVA02-B/L): a LayerNorm between the activation (gating) and fc2, the op's hidden norm
+    "scale_mlp": (lambda: eva(scale_mlp=True, **ROPE), "Mlp", "FusedEvaBlock"),
+    "swiglu_scale_mlp": (
+        lambda: eva(swiglu_mlp=True, swiglu_align_to=16, scale_mlp=True, mlp_ratio=4 * 2 / 3, **ROPE),
+        "SwiGLU",
+        "FusedEvaSwiGLUBlock",
+    ),
 }
 
 
@@ -157,6 +165,10 @@ def test_eva_variants_match_unpatched(name, op_calls):
     assert len(calls) == DEPTH and len(op_calls["patch_embed"]) == 1
     block, kwargs = patched.blocks[0], calls[0]["kwargs"]
     assert kwargs["layer_scale"] is block.gamma_2  # the block's own Parameter, or None
+    if name.endswith("scale_mlp"):  # the MLP's own LayerNorm between the activation and fc2
+        assert kwargs["hidden_norm"] == "layernorm" and kwargs["hidden_norm_bias"] is block.mlp.norm.bias
+    else:
+        assert "hidden_norm" not in kwargs
     if mlp_kind == "SwiGLU":  # act(fc1_g(x)) * fc1_x(x): fc1_g is the gate, fc1_x the value
         assert kwargs["fc1_gate_weight"] is block.mlp.fc1_g.weight and kwargs["fc1_weight"] is block.mlp.fc1_x.weight
     elif name == "glu":  # packed [gate; value]: the op's own layout, no views
@@ -168,18 +180,21 @@ def test_eva_variants_match_unpatched(name, op_calls):
 
 
 def test_unfusable_mlp_halves_are_skipped_with_reasons(op_calls):
-    # scale_mlp: a norm between the activation and fc2 (Mlp and SwiGLU); post-norm blocks' MLPs are
-    # fused alone (test_timm_post_norm)
+    # scale_mlp with a norm other than a LayerNorm between the activation and fc2 (Mlp and SwiGLU:
+    # Eva builds SwiGLU for swiglu_mlp with scale_mlp): the op's hidden norm is a LayerNorm;
+    # post-norm blocks' MLPs are fused alone (test_timm_post_norm)
     cases = {
         "scale_mlp": eva(scale_mlp=True),
         "swiglu_scale_mlp": eva(swiglu_mlp=True, scale_mlp=True, init_values=0.3),
     }
     for name, model in cases.items():
+        for block in model.blocks:
+            block.mlp.norm = RmsNorm(block.mlp.fc2.in_features)
         reference, patched, report = pair(model.eval())
         assert report.counts() == expected_parts(attention=DEPTH, mlp=0, patch_embed=1), name
         reasons = [(e.path, e.detail) for e in report.skipped]
         assert [path for path, _ in reasons] == [f"blocks.{i}" for i in range(DEPTH)], name
-        assert all("mlp.norm is LayerNorm (scale_mlp" in detail for _, detail in reasons), reasons
+        assert all("mlp.norm is RmsNorm, not nn.LayerNorm (scale_mlp" in detail for _, detail in reasons), reasons
         assert_outputs_and_grads_match(reference, patched, images())
     assert op_calls["layernorm_mlp"] == []
 

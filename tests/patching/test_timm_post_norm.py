@@ -4,7 +4,7 @@ the block's norm2, drop path and residual add running as timm's. Swin V2, Swin V
 ``EvaBlockPostNorm`` (Mlp and packed SwiGLU), ``ResPostRelPosBlock`` and ViT's ``ResPostBlock``
 (with timm's Mlp and its two-projection SwiGLU): outputs and every gradient by the tolerance rule
 against the unpatched model in float64, seeded training with drop path, MLP dropout and hooks
-(timm's modules), scale_mlp reported, unpatch, torch.compile, timm's FX feature extraction,
+(timm's modules), scale_mlp's hidden norm, unpatch, torch.compile, timm's FX feature extraction,
 TorchScript (the original math) and the Triton kernels in the interpreter.
 
 Small models (no downloads): the sizes of the families' own test files.
@@ -31,7 +31,7 @@ from tests.patching.helpers import (
 
 timm = pytest.importorskip("timm")
 
-from timm.layers import Mlp, SwiGLU  # noqa: E402
+from timm.layers import Mlp, RmsNorm, SwiGLU  # noqa: E402
 from timm.models.vision_transformer import ResPostBlock  # noqa: E402
 
 from fastvit.nn.timm_post_norm import FusedGluMlpAlone, FusedMlpAlone, FusedSwiGLUAlone  # noqa: E402
@@ -44,6 +44,9 @@ MODELS = {
     "eva_post_norm": (lambda **kw: test_timm_eva.eva(use_post_norm=True, **kw), images, DEPTH, FusedMlpAlone),
     "eva_post_norm_swiglu": (lambda **kw: test_timm_eva.eva(use_post_norm=True, swiglu_mlp=True, **kw), images,
                              DEPTH, FusedGluMlpAlone),
+    # scale_mlp: the MLP's LayerNorm between the activation and fc2, the op's hidden norm
+    "eva_post_norm_scale_mlp": (lambda **kw: test_timm_eva.eva(use_post_norm=True, scale_mlp=True, **kw), images,
+                                DEPTH, FusedMlpAlone),
     "relpos_res_post": (lambda **kw: timm_model("vit_relpos_small_patch16_rpn_224", **kw), images, DEPTH,
                         FusedMlpAlone),
     "vit_res_post": (lambda **kw: timm_vit(block_fn=ResPostBlock, **kw), images, DEPTH, FusedMlpAlone),
@@ -85,6 +88,10 @@ def test_matches_unpatched_by_the_rule(name, op_calls):
     assert kwargs["norm_weight"] is None and kwargs["norm_bias"] is None
     assert "layer_scale" not in kwargs and "sample_scale" not in kwargs
     assert kwargs["fc2_weight"] is mlps(patched)[0].fc2.weight
+    if name.endswith("scale_mlp"):
+        assert kwargs["hidden_norm"] == "layernorm" and kwargs["hidden_norm_weight"] is mlps(patched)[0].norm.weight
+    else:
+        assert "hidden_norm" not in kwargs
 
 
 def test_report_names_the_mlp_and_keeps_the_block():
@@ -94,7 +101,7 @@ def test_report_names_the_mlp_and_keeps_the_block():
     assert first.path == "layers.0.blocks.0.mlp" and "Mlp -> FusedMlpAlone" in first.detail
     block = model.layers[0].blocks[0]
     assert type(block) is timm.models.swin_transformer_v2.SwinTransformerV2Block  # the block stays timm's
-    assert isinstance(block.mlp, Mlp) and "no norm" in repr(block.mlp)
+    assert isinstance(block.mlp, Mlp) and "no input norm" in repr(block.mlp)
 
 
 @pytest.mark.parametrize("name", ["swinv2", "eva_post_norm_swiglu", "vit_res_post_swiglu"])
@@ -126,11 +133,14 @@ def test_mlp_dropout_and_hooks_run_timm_modules(op_calls, fresh_warnings):
 
 
 def test_mlps_the_op_cannot_compute_are_reported_with_why():
-    # scale_mlp: a norm between the activation and fc2
-    report = fastvit.patch(build("eva_post_norm", scale_mlp=True))
+    # scale_mlp with an RMS norm between the activation and fc2 (the op's hidden norm is a LayerNorm)
+    model = build("eva_post_norm", scale_mlp=True)
+    for mlp in mlps(model):
+        mlp.norm = RmsNorm(mlp.fc2.in_features)
+    report = fastvit.patch(model)
     skipped = [e for e in report.skipped if e.part == "mlp"]
     assert [e.path for e in skipped] == [f"blocks.{i}.mlp" for i in range(DEPTH)]
-    assert all("mlp.norm is LayerNorm (scale_mlp" in e.detail for e in skipped)
+    assert all("mlp.norm is RmsNorm, not nn.LayerNorm (scale_mlp" in e.detail for e in skipped)
     # a hook on a submodule the fused forward bypasses, at patch time
     model = build("swinv2")
     mlps(model)[1].act.register_forward_hook(lambda *args: None)

@@ -224,12 +224,15 @@ def test_beit_mlp_half_matches_unpatched(name, op_calls):
         assert calls[0]["kwargs"]["fc1_gate_weight"] is patched.blocks[0].mlp.fc1_g.weight
 
 
-def test_beit_scale_mlp_is_left_alone_with_its_reason(op_calls):
-    reference, patched, report = pair(timm_model("beitv2_base_patch16_224", scale_mlp=True).eval())
-    reasons = [e.detail for e in report.skipped if e.part == "mlp"]
-    assert len(reasons) == DEPTH and all("mlp.norm is LayerNorm (scale_mlp" in r for r in reasons)
+def test_beit_scale_mlp_passes_its_norm_as_the_hidden_norm(op_calls):
+    # scale_mlp: the MLP's LayerNorm between the activation and fc2 is the op's hidden norm
+    reference, patched, report = pair(timm_model("beitv2_base_patch16_224", scale_mlp=True, init_values=0.1).eval())
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
+    assert not [e for e in report.skipped if e.part == "mlp"]
     assert_outputs_and_grads_match(reference, patched, images())
-    assert op_calls["layernorm_mlp"] == []
+    kwargs = op_calls["layernorm_mlp"][0]["kwargs"]
+    assert kwargs["hidden_norm"] == "layernorm" and kwargs["hidden_norm_weight"] is patched.blocks[0].mlp.norm.weight
+    assert kwargs["hidden_eps"] == patched.blocks[0].mlp.norm.eps
 
 
 def test_beit_drop_path_training_step_matches_timm(op_calls):
