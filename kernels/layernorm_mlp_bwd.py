@@ -446,6 +446,16 @@ def _stacked(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
     return torch.cat((top, bottom))
 
 
+def hidden_norm_row_config(hidden: int) -> RowConfig:
+    """Rows per program and warps of ``_hidden_norm_bwd_kernel`` for hidden width HD: the row
+    kernels' buckets, with 8 warps up to 1024 columns. On 4 warps each thread held 16 values of each
+    of its ~12 fp32 row tensors: 230-244 registers on sm_80 / 89, 2 CTAs (8 warps) per SM; on 8,
+    128 registers, 2 CTAs (16 warps) per SM on sm_80 / 89 / 90 (static figures, Triton 3.8,
+    2026-12-06; UNMEASURED on a GPU)."""
+    rc = row_config(hidden)
+    return dataclasses.replace(rc, num_warps=8) if rc.num_warps < 8 else rc
+
+
 def _hidden_norm_da(
     dy_rows: torch.Tensor, w2: torch.Tensor, preact: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     hidden_norm_weight: torch.Tensor | None, hidden_norm_bias: torch.Tensor | None,
@@ -475,7 +485,7 @@ def _hidden_norm_da(
         BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, BLOCK_K=c2.block_k, GROUP_M=c2.group_m,
         num_warps=c2.num_warps, num_stages=c2.num_stages,
     )
-    rc = row_config(hidden)
+    rc = hidden_norm_row_config(hidden)
     programs = min(cdiv(rows, rc.block_rows), 4 * sm_count(device))
     da = new_output((rows, preact.shape[1]), dtype=gemm_dtype, device=device)
     n_out = new_output((rows, hidden), dtype=gemm_dtype, device=device) if need_m2 else None
@@ -790,12 +800,32 @@ def ln_bwd_spec(arch: int, rc: RowConfig) -> KernelSpec:
     )
 
 
+def hidden_norm_bwd_spec(arch: int, rc: RowConfig) -> KernelSpec:
+    """The hidden-norm backward row kernel for one width bucket of the hidden size: bf16, gated with
+    the tanh GELU (two pre-activation halves and the heaviest activation), every output on."""
+    sig = signature(_hidden_norm_bwd_kernel, {
+        "U": "*fp32", "Pre": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "HNormW": "*bf16", "HNormB": "*bf16",
+        "SS": "*bf16", "DA": "*bf16", "NOut": "*bf16", "DHWPart": "*fp32", "DHBPart": "*fp32", "DSSPart": "*fp32"})
+    flags = {"HAS_HNORM_W": True, "HAS_HNORM_B": True, "HAS_SS": True, "WRITE_N": True, "COMPUTE_DHW": True,
+             "COMPUTE_DHB": True, "COMPUTE_DSS": True, "GATED": True, "ACTIVATION": "gelu_tanh",
+             "BLOCK_ROWS": rc.block_rows, "BLOCK_D": rc.block_d}
+    return KernelSpec(
+        "layernorm_mlp_bwd._hidden_norm_bwd_kernel",
+        f"hidden norm bwd gated gelu_tanh bf16 BLOCK_D={rc.block_d} rows={rc.block_rows} w={rc.num_warps}",
+        sig, flags, rc.num_warps, 1, arch,
+        divisible_by_16=("U", "Pre", "Mean", "Rstd", "HNormW", "HNormB", "SS", "DA", "NOut", "DHWPart", "DHBPart",
+                         "DSSPart", "HD"),
+    )
+
+
 def aot_specs() -> list[KernelSpec]:
     """Every backward (kernel, GEMM dtype, row width bucket, architecture) configuration the
     launcher uses: bf16 and fp32 GEMMs, the bf16 dA GEMM beside an fp32 x and dy (autocast with
     timm's fp32 residual stream; its epilogue reads the per-sample scale in x's dtype; the other
     GEMMs see only GEMM-dtype operands, so only their bf16 ones), and, for each width bucket (bf16),
-    the LayerNorm-backward row kernel and the statistics kernel's SAVED_STATS pass (LN(x) for dW1).
+    the LayerNorm-backward row kernel, the statistics kernel's SAVED_STATS pass (LN(x) for dW1) and
+    the hidden-norm backward row kernel (``scale_mlp``; the forward's hidden norm is the statistics
+    kernel's forward spec, and the backward's u GEMM the dLN spec: the same code).
     As for the forward, fp16 compiles to the bf16 code but for conversions and is left out; each
     spec is the heaviest variant."""
     specs = []
@@ -805,4 +835,5 @@ def aot_specs() -> list[KernelSpec]:
         specs += backward_specs(arch, torch.bfloat16, torch.float32, with_gemms=False)
         specs += [ln_bwd_spec(arch, row_config(block_d)) for block_d in ROW_BUCKETS]
         specs += [ln_stats_spec(arch, block_d, saved_stats=True) for block_d in ROW_BUCKETS]
+        specs += [hidden_norm_bwd_spec(arch, hidden_norm_row_config(block_d)) for block_d in ROW_BUCKETS]
     return specs
