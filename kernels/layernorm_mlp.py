@@ -18,6 +18,10 @@ Forward, three launches:
        the per-sample scale (drop-path), adds the residual and writes y once. The same kernel with
        every epilogue flag off computes ``dLN = dA @ W1`` in the backward.
 
+Hidden norm (timm's ``scale_mlp``: ``fc2(LN(g))``): between fc1 and fc2 the statistics kernel runs
+over g's (T, HD) rows and writes LN(g) over g in place (each program reads its rows, then writes
+them), its statistics kept after the input norm's; the backward is in ``layernorm_mlp_bwd.py``.
+
 Variants, as constexprs of the same kernels: ``ACTIVATION`` ("gelu" erf, "gelu_tanh",
 "quick_gelu", "silu") in fc1's epilogue and the dA epilogue; ``RMS`` (RMSNorm: the statistics
 kernel stores mean = 0 and rstd = 1 / sqrt(mean(x^2) + eps), so every consumer's

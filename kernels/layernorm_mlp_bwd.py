@@ -18,7 +18,11 @@ With ``h = LN(x)``, ``a = h W1^T + b1``, ``g = gelu(a)``, ``z = g W2^T + b2``,
 Gated (``g = act(a_g) * a_v``): ``da_g = ss * u * a_v * act'(a_g)``, ``da_v = ss * u * act(a_g)``, written
 as one (T, 2 HD) dA = [da_g | da_v], so dW1 = dA^T LN(x) and dLN = dA [W_g; W_v] stay single GEMMs
 (two separate fc1 weights are stacked once per backward unless they are adjacent rows of one
-tensor). RMSNorm: mean = 0 and dx = rstd * (dxh - xhat * mean(dxh * xhat)). No norm (the MLP
+tensor). RMSNorm: mean = 0 and dx = rstd * (dxh - xhat * mean(dxh * xhat)). Hidden norm (``n = LN_h(g)``
+feeds fc2): u = dy (ls W2) is a plain GEMM (the fc2 kernel, fp32 out), then
+``_hidden_norm_bwd_kernel`` recomputes g and n, writes ss * n for dW2, dss's row sums n . u, the
+norm's dw / db partials, and dA = act'-chain(LN_h backward of ss * u); db1 is dA's column sums (in
+torch). No norm (the MLP
 alone, a post-norm block's): LN(x) is x, so dW1 = dA^T x (x's rows, a view when they are GEMM-dtype
 rows) and the row pass writes dx = dLN [+ dy].
 
