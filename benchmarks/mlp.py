@@ -21,11 +21,18 @@ x and of every parameter. Sizes: ``n_tokens`` is N per image and ``batch`` the i
 has batch x N token rows; ``heads`` x ``head_dim`` encodes the width (ViT-S 6 x 64, ViT-B 12 x 64,
 ViT-L 16 x 64, ViT-H 16 x 80).
 
-Extra columns: ``dim``, ``hidden``, ``model``; and for ``fwd+bwd`` points ``saved_bytes``, the bytes
+Variants (``variant`` column): ``gelu``, the above at each width; ``swiglu_hidden_norm``, EVA02-B's
+MLP half (``eva02_b`` rows, run by default beside ViT-B's width unless ``--heads`` / ``--head-dim``
+or ``--quick`` pick the widths): ``x + fc2(LN_h(silu(fc1_g(LN(x))) * fc1_x(LN(x))))``, D = 768,
+hidden 2048 per projection, every bias, timm's ``scale_mlp`` LayerNorm (``LN_h``) before fc2; for
+fastvit one ``layernorm_mlp(..., fc1_gate_weight=..., hidden_norm="layernorm")`` call.
+
+Extra columns: ``dim``, ``hidden``, ``model``, ``variant``; and for ``fwd+bwd`` points ``saved_bytes``, the bytes
 autograd keeps for the backward (the activation memory: every tensor the forward saves, not
 counting the inputs and parameters), measured with ``saved_tensors_hooks`` in one extra, untimed
-forward after the timing. FLOPs: the two GEMMs, 4 * T * D * hidden forward (T token rows), three
-times that for forward+backward (fastvit recomputes LN and GELU, never a GEMM).
+forward after the timing. FLOPs: the GEMMs, 4 * T * D * hidden forward (T token rows; 6 * T * D *
+hidden for the gated variant's three projections), three times that for forward+backward (fastvit
+recomputes the norms and the activation, never a GEMM).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from .records import Point, Record
 from .roofline import mlp_bytes
 from .runner import run_impls
 
-__all__ = ["IMPLS", "build", "eager_mlp", "flops", "run", "saved_bytes"]
+__all__ = ["IMPLS", "build", "eager_mlp", "eager_swiglu_hidden_norm", "flops", "run", "saved_bytes"]
 
 NAME = "mlp"
 IMPLS = ("eager", "compiled", "compiled-max-autotune", *FASTVIT_IMPLS)
@@ -57,6 +64,8 @@ SIZES = {"cuda": ((256, 197), (64, 1025)), "cpu": ((4, 197), (1, 1025))}
 QUICK = {"cuda": (("vit_b",), ((64, 197),)), "cpu": (("vit_s",), ((2, 197),))}
 DEFAULT_WIDTHS = {"cuda": tuple(VIT_WIDTHS), "cpu": ("vit_s", "vit_b")}
 ROWS_PER_POINT = {"cuda": 50432, "cpu": 788}  # --seq-lens without --batch: batch = this // N
+# the variants' rows beside the ViT widths: (model label, heads, head_dim, variant, hidden)
+VARIANT_ROWS = (("eva02_b", 12, 64, "swiglu_hidden_norm", 2048),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +81,18 @@ def _sizes(args: Any) -> list[tuple[int, int]]:
     return token_sizes(args, QUICK[args.device][1] if args.quick else SIZES[args.device], ROWS_PER_POINT[args.device])
 
 
+def _rows(args: Any) -> list[tuple[str, int, int, str, int]]:
+    """(model label, heads, head_dim, variant, hidden) of each MLP to run: the ViT widths (GELU,
+    hidden 4 D), then the variants' rows unless the widths were picked (``--heads`` / ``--head-dim``,
+    ``--quick``)."""
+    rows = [(model, heads, head_dim, "gelu", MLP_RATIO * heads * head_dim) for model, heads, head_dim in _widths(args)]
+    if not (args.quick or args.heads or args.head_dim):
+        rows += list(VARIANT_ROWS)
+    return rows
+
+
 def points(args: Any, impl: str) -> list[Point]:
-    """The points of one implementation: each width, size and mode."""
+    """The points of one implementation: each MLP (width and variant), size and mode."""
     return [
         Point(
             suite=NAME,
@@ -85,9 +104,9 @@ def points(args: Any, impl: str) -> list[Point]:
             head_dim=head_dim,
             dtype=args.dtype,
             device=args.device,
-            params={"model": model, "dim": heads * head_dim, "hidden": MLP_RATIO * heads * head_dim},
+            params={"model": model, "dim": heads * head_dim, "hidden": hidden, "variant": variant},
         )
-        for model, heads, head_dim in _widths(args)
+        for model, heads, head_dim, variant, hidden in _rows(args)
         for batch, n in _sizes(args)
         for mode in modes(args)
     ]
@@ -119,13 +138,19 @@ def run(args: Any, progress: Progress) -> list[Record]:
 def min_bytes(point: Point) -> int:
     """Compulsory bytes of one call (``roofline.mlp_bytes``)."""
     return mlp_bytes(point.batch * point.n_tokens, point.params["dim"], point.params["hidden"], point.dtype,
-                     point.mode)
+                     point.mode, gated_hidden_norm=_variant(point) == "swiglu_hidden_norm")
 
 
 def flops(point: Point) -> float:
-    """The two GEMMs: 4 * T * D * hidden forward; forward+backward three times that."""
+    """The GEMMs: 4 * T * D * hidden forward (gated: 6, three projections); forward+backward three
+    times that."""
     rows, dim, hidden = point.batch * point.n_tokens, point.params["dim"], point.params["hidden"]
-    return 4.0 * rows * dim * hidden * (3.0 if point.mode == "fwd+bwd" else 1.0)
+    per_row = 6.0 if _variant(point) == "swiglu_hidden_norm" else 4.0
+    return per_row * rows * dim * hidden * (3.0 if point.mode == "fwd+bwd" else 1.0)
+
+
+def _variant(point: Point) -> str:
+    return point.params.get("variant", "gelu")  # records written before the variants: GELU
 
 
 def saved_bytes(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> int:
@@ -163,26 +188,58 @@ def eager_mlp(
     return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
 
 
+def eager_swiglu_hidden_norm(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    fc1_gate_weight: torch.Tensor,
+    fc1_gate_bias: torch.Tensor,
+    hidden_norm_weight: torch.Tensor,
+    hidden_norm_bias: torch.Tensor,
+) -> torch.Tensor:
+    """timm's EVA02-B MLP half, ``x + mlp(norm2(x))`` with ``SwiGLU(norm_layer=LayerNorm)``:
+    fc1_x is ``fc1_weight`` (the value), fc1_g the gate."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, EPS)
+    g = F.silu(F.linear(h, fc1_gate_weight, fc1_gate_bias)) * F.linear(h, fc1_weight, fc1_bias)
+    g = F.layer_norm(g, (g.shape[-1],), hidden_norm_weight, hidden_norm_bias, EPS)
+    return x + F.linear(g, fc2_weight, fc2_bias)
+
+
 def _implementation(point: Point) -> tuple[Callable[..., torch.Tensor], str]:
-    """(fn(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias), label)."""
+    """(fn(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias[, fc1_gate_weight,
+    fc1_gate_bias, hidden_norm_weight, hidden_norm_bias]), label): the variant's tensors after the
+    plain MLP's seven."""
+    gated = _variant(point) == "swiglu_hidden_norm"
+    eager = eager_swiglu_hidden_norm if gated else eager_mlp
     if point.impl == "eager":
-        return eager_mlp, "eager"
+        return eager, "eager"
     if point.impl == "compiled":
-        return torch.compile(eager_mlp, fullgraph=True, dynamic=False), "compiled"
+        return torch.compile(eager, fullgraph=True, dynamic=False), "compiled"
     if point.impl == "compiled-max-autotune":
-        return torch.compile(eager_mlp, fullgraph=True, dynamic=False, mode="max-autotune"), point.impl
+        return torch.compile(eager, fullgraph=True, dynamic=False, mode="max-autotune"), point.impl
     if point.impl in FASTVIT_IMPLS:
         import fastvit
         from fastvit.backend import resolve_backend
         from fastvit.tuning import layernorm_mlp_bucket
 
-        def fused(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        def fused(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *variant):
+            if not variant:
+                return fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                             eps=EPS)
+            gate_weight, gate_bias, hidden_weight, hidden_bias = variant
             return fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                         eps=EPS)
+                                         eps=EPS, activation="silu", fc1_gate_weight=gate_weight,
+                                         fc1_gate_bias=gate_bias, hidden_norm="layernorm",
+                                         hidden_norm_weight=hidden_weight, hidden_norm_bias=hidden_bias)
 
         def bucket() -> str:
             rows, dtype = point.batch * point.n_tokens, torch_dtype(point.dtype)
-            return layernorm_mlp_bucket(point.params["dim"], point.params["hidden"], dtype, rows, point.mode != "fwd")
+            fc1_rows = point.params["hidden"] * (2 if gated else 1)
+            return layernorm_mlp_bucket(point.params["dim"], fc1_rows, dtype, rows, point.mode != "fwd")
 
         return fastvit_implementation(
             point.impl, fused, lambda: resolve_backend(torch.device(point.device), "layernorm_mlp", bucket)
@@ -203,7 +260,7 @@ def build(point: Point) -> Workload:
 
     def make() -> tuple[torch.Tensor, ...]:
         # a trained block's scales: O(1) activations in bf16
-        return (
+        plain = (
             randn((b, n, d), dtype=dtype, device=device, requires_grad=backward),
             param(d, scale=0.1, shift=1.0),
             param(d, scale=0.1),
@@ -212,6 +269,11 @@ def build(point: Point) -> Workload:
             param(d, hidden, scale=hidden**-0.5),
             param(d, scale=0.1),
         )
+        if _variant(point) != "swiglu_hidden_norm":
+            return plain
+        # the gate projection and the hidden norm's weight and bias
+        return (*plain, param(hidden, d, scale=d**-0.5), param(hidden, scale=0.1), param(hidden, scale=0.1, shift=1.0),
+                param(hidden, scale=0.1))
 
     sets = input_sets(make, device)
     grads = [randn((b, n, d), dtype=dtype, device=device) for _ in sets] if backward else None

@@ -162,16 +162,23 @@ def varlen_attention_bytes(total_tokens: int, heads: int, head_dim: int, dtype: 
     return attention_bytes(1, heads, total_tokens, total_tokens, head_dim, dtype, mode)
 
 
-def mlp_bytes(rows: int, dim: int, hidden: int, dtype: str, mode: str) -> int:
-    """Compulsory bytes of x + fc2(gelu(fc1(layer_norm(x)))) over ``rows`` tokens (module docstring)."""
+def mlp_bytes(rows: int, dim: int, hidden: int, dtype: str, mode: str, *, gated_hidden_norm: bool = False) -> int:
+    """Compulsory bytes of x + fc2(gelu(fc1(layer_norm(x)))) over ``rows`` tokens (module docstring);
+    ``gated_hidden_norm``: x + fc2(LN_h(silu(fc1_g(h)) * fc1_x(h))), fc1 (2 hidden, D) in all, the
+    hidden norm's weight and bias, a (rows, 2 hidden) pre-activation and its statistics saved."""
     s = element_size(dtype)
-    params = 2 * dim + hidden * dim + hidden + dim * hidden + dim  # norm w, b; W1, b1; W2, b2
+    fc1_rows = 2 * hidden if gated_hidden_norm else hidden
+    hidden_norm = 2 * hidden if gated_hidden_norm else 0
+    params = 2 * dim + fc1_rows * dim + fc1_rows + dim * hidden + dim + hidden_norm  # norms, W1, b1, W2, b2
     forward = s * (rows * dim + params + rows * dim)  # x and parameters read, y written
     if mode == "fwd":
         return forward
-    saved = s * rows * hidden + 2 * FP32 * rows  # pre-activation, mean and rstd
-    # backward: dy, x, saved, norm w and b, W1, W2 read; dx and every parameter gradient written
-    backward = s * (2 * rows * dim + 2 * dim + 2 * hidden * dim) + saved + s * (rows * dim + params)
+    # pre-activation, mean and rstd (and the hidden norm's)
+    saved = s * rows * fc1_rows + (4 if gated_hidden_norm else 2) * FP32 * rows
+    # backward: dy, x, saved, the norms' weights and biases, W1, W2 read; dx and every parameter
+    # gradient written
+    reads = 2 * rows * dim + 2 * dim + hidden_norm + (fc1_rows + hidden) * dim
+    backward = s * reads + saved + s * (rows * dim + params)
     return forward + saved + backward
 
 

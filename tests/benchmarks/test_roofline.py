@@ -65,6 +65,18 @@ def test_mlp_bytes_by_hand():
     assert roofline.mlp_bytes(10, 4, 16, "float32", "fwd+bwd") == forward + backward_reads + backward_writes
 
 
+def test_gated_hidden_norm_mlp_bytes_by_hand():
+    # T=10, D=4, hidden=16 per projection, fp32; parameters: 8 (LN) + 128 + 32 (fc1_g, fc1_x) + 64 + 4
+    # (fc2) + 32 (the hidden norm's weight and bias) = 268
+    assert roofline.mlp_bytes(10, 4, 16, "float32", "fwd", gated_hidden_norm=True) == 4 * (40 + 268 + 40)
+    saved = 4 * 320 + 16 * 10  # the (10, 32) pre-activation; mean and rstd of both norms
+    forward = 4 * (40 + 268 + 40) + saved
+    backward_reads = 4 * (40 + 40 + 8 + 32 + 192) + saved  # dy, x, the norms' w / b, W1 (32 x 4), W2
+    backward_writes = 4 * (40 + 268)
+    assert roofline.mlp_bytes(10, 4, 16, "float32", "fwd+bwd", gated_hidden_norm=True) == (
+        forward + backward_reads + backward_writes)
+
+
 def test_patch_embed_bytes_by_hand_and_as_the_suite_counts_them():
     # B=2, C=3, 32 x 32 px, p=16 -> 4 patches + 1 cls, D=8, bf16
     images, params, tokens = 2 * 3 * 32 * 32, 8 * 3 * 256 + 8 + 8 + 5 * 8, 2 * 5 * 8

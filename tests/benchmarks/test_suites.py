@@ -1,13 +1,14 @@
-"""The attention and model suites end to end on tiny sizes, in process (workers still fork)."""
+"""The attention, mlp and model suites end to end on tiny sizes, in process (workers still fork)."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fastvit.benchmarks import attention, cli, model
+from fastvit.benchmarks import attention, cli, mlp, model
 from fastvit.benchmarks.progress import Progress
 from fastvit.benchmarks.records import Point
 from fastvit.benchmarks.report import SLOPE_HEADER, slope_rows
@@ -67,6 +68,28 @@ def test_attention_suite_rows():
     assert all(r.note for r in by_impl["sdpa[efficient]"])
     assert {r.status for r in by_impl["flash-attn"]} == {"unavailable"}
     assert "not installed" in by_impl["flash-attn"][0].note
+
+
+def test_mlp_suite_variant_rows():
+    """The mlp suite's variants: by default the ViT widths (GELU) and EVA02-B's gated MLP with its
+    hidden norm beside them (not under --quick or picked widths); the variant's eager function and
+    fastvit's call agree, its workload runs a training step, and its FLOPs count three projections."""
+    full = [(p.params["model"], p.params["variant"], p.params["hidden"])
+            for p in mlp.points(args(quick=False, heads=None, head_dim=None, mode="fwd"), "eager")]
+    assert ("eva02_b", "swiglu_hidden_norm", 2048) in full and ("vit_b", "gelu", 3072) in full
+    assert {p.params["variant"] for p in mlp.points(args(quick=True), "eager")} == {"gelu"}
+    point = Point("mlp", "eager", "fwd+bwd", 9, 2, 2, 8, "float32", "cpu",
+                  {"model": "eva02_b", "dim": 16, "hidden": 24, "variant": "swiglu_hidden_norm"})
+    torch.manual_seed(0)
+    shapes = ((16,), (16,), (24, 16), (24,), (16, 24), (16,), (24, 16), (24,), (24,), (24,))
+    tensors = [torch.randn(2, 9, 16), *(torch.randn(*shape) for shape in shapes)]
+    fused, label = mlp._implementation(dataclasses.replace(point, impl="fastvit"))
+    assert label == "fastvit[torch]"
+    torch.testing.assert_close(fused(*tensors), mlp.eager_swiglu_hidden_norm(*tensors))
+    mlp.build(point).step(0)
+    assert mlp.flops(point) == 3 * 6.0 * 18 * 16 * 24
+    old = Point("mlp", "eager", "fwd", 9, 2, 2, 8, "float32", "cpu", {"dim": 16, "hidden": 24})
+    assert mlp.flops(old) == 4.0 * 18 * 16 * 24  # a record written before the variants: GELU
 
 
 def test_attention_flops():
