@@ -17,8 +17,8 @@ import fastvit
 from fastvit.nn.fused import warn_attention_dropout  # re-exported: the fused classes import it from here
 
 __all__ = [
-    "biased_qkv", "cosine_qk", "mask_with_causal", "merge_heads", "self_attention", "split_packed_qkv",
-    "warn_attention_dropout", "windowed_attention",
+    "biased_qkv", "cosine_qk", "decomposed_rel_pos_tables", "mask_with_causal", "merge_heads", "self_attention",
+    "split_packed_qkv", "warn_attention_dropout", "windowed_attention",
 ]
 
 
@@ -41,6 +41,32 @@ def split_packed_qkv(
     qkv = qkv.permute(2, 0, 3, 1, 4) if batch_first else qkv.permute(2, 1, 3, 0, 4)
     q, k, v = qkv.unbind(0)
     return q, k, v
+
+
+def decomposed_rel_pos_tables(
+    q: torch.Tensor, r_h: torch.Tensor, r_w: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MViTv2 / SAM's decomposed relative position for self-attention, as the op's ``rel_pos``.
+
+    Args:
+        q: (B, H, N, D) queries (unscaled), N = h * w in row-major order.
+        r_h, r_w: (h, h, D) and (w, w, D) embeddings of each [query row, key row] and [query
+            column, key column] pair (the library's ``get_rel_pos``: timm's, Hugging Face's).
+        size: (h, w), the query grid, which is also the key grid.
+
+    Returns:
+        rel_h (B, H, N, h) and rel_w (B, H, N, w): the bias of query i and key j is
+        ``rel_h[..., i, j // w] + rel_w[..., i, j % w]``, as the libraries' (N, N) bias has it.
+
+    Example:
+        >>> rel_pos = decomposed_rel_pos_tables(q, r_h, r_w, (14, 14))
+        >>> out = fastvit.flash_attention(q, k, v, rel_pos=rel_pos)
+    """
+    h, w = size
+    grid_q = q.unflatten(2, (h, w))  # (B, H, h, w, D), a view
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, r_h).flatten(2, 3)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, r_w).flatten(2, 3)
+    return rel_h, rel_w
 
 
 def merge_heads(out: torch.Tensor, *, batch_first: bool = True) -> torch.Tensor:

@@ -42,7 +42,7 @@ import fastvit
 from fastvit.nn.fused import warn_fallback
 from fastvit.nn.hf_source import packs_for_flash
 
-__all__ = ["NAME", "PACKED_NAME", "fallback_reason", "fastvit_attention_forward", "register"]
+__all__ = ["NAME", "PACKED_NAME", "capturing_attentions", "fallback_reason", "fastvit_attention_forward", "register"]
 
 NAME = "fastvit"
 # The same function under a name transformers reads as a flash-attn implementation
@@ -60,7 +60,7 @@ def _eager_of(module: nn.Module) -> Callable | None:
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
-def _capturing_attentions() -> bool:
+def capturing_attentions() -> bool:
     """Whether the model's ``capture_outputs`` is collecting attention weights in this call.
 
     Many attention modules (CLIP, SigLIP, SigLIP2 ...) do not pass ``output_attentions`` on to the
@@ -77,7 +77,7 @@ def _capturing_attentions() -> bool:
 def _wants_weights(module: nn.Module, kwargs: dict) -> bool:
     config = getattr(module, "config", None)
     requested = kwargs.get("output_attentions", getattr(config, "output_attentions", False))
-    return bool(requested) or _capturing_attentions()
+    return bool(requested) or capturing_attentions()
 
 
 def fallback_reason(

@@ -22,7 +22,7 @@ from timm.layers import apply_rot_embed_cat
 from timm.models import vision_transformer_sam as sam
 
 import fastvit
-from fastvit.nn.attention import merge_heads, split_packed_qkv
+from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedSamAttention", "decomposed_rel_pos"]
@@ -46,10 +46,7 @@ def decomposed_rel_pos(
     h, w = size
     r_h = sam.get_rel_pos(h, h, rel_pos_h)  # (h, h, D): [query row, key row]
     r_w = sam.get_rel_pos(w, w, rel_pos_w)  # (w, w, D): [query column, key column]
-    grid_q = q.unflatten(2, (h, w))  # (B, H, h, w, D), a view
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, r_h).flatten(2, 3)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, r_w).flatten(2, 3)
-    return rel_h, rel_w
+    return decomposed_rel_pos_tables(q, r_h, r_w, size)
 
 
 class FusedSamAttention(FusedModule, sam.Attention):

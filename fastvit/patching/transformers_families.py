@@ -4,8 +4,9 @@ SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qw
 vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
-reported); and Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
-its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``).
+reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
+its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's vision encoder, its attention
+(decomposed relative position, its own forward) and its layers' LayerNorm+MLP half (``fastvit.nn.hf_sam``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -44,6 +45,7 @@ from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSN
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
+from transformers.models.sam.modeling_sam import SamMLPBlock
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
@@ -52,7 +54,7 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNMLP
 from transformers.models.vivit.modeling_vivit import VivitMLP
 
-from fastvit.nn import hf_convnext, hf_embeddings, hf_layers, hf_swinv2
+from fastvit.nn import hf_convnext, hf_embeddings, hf_layers, hf_sam, hf_swinv2
 from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, fused_table, slot
@@ -262,9 +264,59 @@ def _swinv2_layer_notes(layer: nn.Module) -> list[str]:
     return [f"hidden dropout {p}: in training its MLP runs Hugging Face's modules"] if p > 0 else []
 
 
+_SAM_ATTENTIONS = fused_table(hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionSdpaAttention)
+_SAM_LAYERS = fused_table(hf_sam.FusedSamVisionLayer)
+
+
+def _sam_attention_problems(attn: nn.Module) -> list[str]:
+    """What the fused SAM attention reads: the packed ``qkv`` and ``proj`` Linears, the head count and
+    scale, the relative position embeddings where used."""
+    names = ("qkv", "proj", "num_attention_heads", "scale", "dropout", "use_rel_pos", "get_rel_pos")
+    problems = missing_attributes(attn, names, "transformers")
+    if problems:
+        return problems
+    problems += exact_type(attn.qkv, "qkv", (nn.Linear,), "nn.Linear")
+    problems += exact_type(attn.proj, "proj", (nn.Linear,), "nn.Linear")
+    if not problems and attn.qkv.out_features % (3 * attn.num_attention_heads):
+        problems.append(f"qkv has {attn.qkv.out_features} outputs, not 3 x num_attention_heads x head_dim")
+    if attn.use_rel_pos:
+        problems += missing_attributes(attn, ("rel_pos_h", "rel_pos_w"), "transformers")
+    return problems
+
+
+def _sam_attention_notes(attn: nn.Module) -> list[str]:
+    if isinstance(attn, hf_sam.SamVisionSdpaAttention) or not attn.dropout:
+        return []  # Hugging Face's SDPA class applies no attention dropout
+    return [f"attention dropout {attn.dropout}: in training it runs Hugging Face's forward"]
+
+
+def _sam_layer_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a ``SamVisionLayer``'s second half: an ``nn.LayerNorm``
+    over the last dim, Hugging Face's ``SamMLPBlock`` of two Linears with an activation the op has."""
+    names = ("layer_norm1", "attn", "layer_norm2", "mlp", "window_size", "window_partition", "window_unpartition")
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    problems += layernorm_problems(layer.layer_norm2, "layer_norm2")
+    problems += exact_type(layer.mlp, "mlp", (SamMLPBlock,), "SamMLPBlock")
+    if problems:
+        return problems
+    problems += exact_type(layer.mlp.lin1, "mlp.lin1", (nn.Linear,), "nn.Linear")
+    problems += exact_type(layer.mlp.lin2, "mlp.lin2", (nn.Linear,), "nn.Linear")
+    if activation_of(layer.mlp.act) is None:
+        problems.append(f"mlp.act is {type(layer.mlp.act).__qualname__}; the fused op computes GELU (exact or "
+                        "tanh), quick_gelu and SiLU")  # fmt: skip
+    return problems
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
     (or their fused classes), else None."""
+    if type(module) in _SAM_LAYERS:
+        return slot(path, module, "mlp", _SAM_LAYERS[type(module)], _sam_layer_problems)
+    if type(module) in _SAM_ATTENTIONS:
+        return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
+                    _sam_attention_notes)  # fmt: skip
     if type(module) in _SWINV2_LAYERS:
         return slot(path, module, "mlp", _SWINV2_LAYERS[type(module)], _swinv2_layer_problems, _swinv2_layer_notes)
     if type(module) in _SWINV2_ATTENTIONS:

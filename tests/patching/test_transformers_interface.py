@@ -521,6 +521,12 @@ def test_models_outside_the_interface_say_why():
     )
     report = fastvit.patch(swinv2)
     assert report.counts() == {"attention": 4, "mlp": 4} and not report.skipped
+    # so does SAM's image encoder attention (decomposed relative position; test_transformers_sam)
+    sam = T.SamVisionModel(T.SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                             patch_size=8, output_channels=8, mlp_dim=32, window_size=2,
+                                             global_attn_indexes=[1]))  # fmt: skip
+    report = fastvit.patch(sam)
+    assert report.counts() == {"attention": 2, "mlp": 2} and not report.skipped
     report = fastvit.patch(build("siglip2"))
     (head,) = report.skipped
     assert (

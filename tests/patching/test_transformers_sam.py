@@ -1,0 +1,193 @@
+"""Hugging Face's SAM vision encoder patched (fastvit.nn.hf_sam): ``SamVisionAttention`` and
+``SamVisionSdpaAttention`` compute their scores themselves (decomposed relative position), so they are
+swapped rather than routed through ``attn_implementation``: one fastvit.flash_attention call with the
+op's ``rel_pos`` tables; and each ``SamVisionLayer``'s LayerNorm+MLP half is one
+fastvit.layernorm_mlp call. Outputs and every gradient (the relative position embeddings included)
+by the tolerance rule against the unpatched model in float64, on window layers with and without
+padding and a global layer, for both attention classes; attention weights (``output_attentions``,
+transformers' output capture) and the eager class's attention dropout run Hugging Face's code;
+hooks; unpatch; torch.compile; torch.export; the Triton kernels in the interpreter.
+
+A tiny SAM encoder: 8 x 8 patches of 4 px (32 px images), dim 32, 2 heads, three layers (windows of
+3: the 8 x 8 map padded to 9 x 9; then windows of 4; then a global layer); no downloads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import (
+    assert_exports_with_ops,
+    assert_matches_by_the_rule,
+    assert_matches_on_the_gpu,
+    assert_outputs_and_grads_match,
+    assert_patch_and_unpatch_keep_the_weights,
+    pair,
+    perturb_,
+)
+
+T = pytest.importorskip("transformers")
+
+from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer  # noqa: E402
+
+from fastvit.nn.hf_sam import FusedSamVisionAttention, FusedSamVisionLayer, FusedSamVisionSdpaAttention  # noqa: E402
+
+LAYERS = 3
+
+
+class SamEncoder(torch.nn.Module):
+    """A Hugging Face SamVisionModel returning its image embeddings (the helpers compare tensors)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).last_hidden_state
+
+
+def build(attn_implementation: str = "sdpa", windows: tuple[int, ...] = (3, 4), **overrides) -> torch.nn.Module:
+    """Layer i has window ``windows[i]`` (0: global); the layers past ``windows`` are global. The
+    relative position embeddings keep the sizes HF built them for (window 4, the 8 x 8 map): the
+    window of 3 reads them resized, through Hugging Face's ``get_rel_pos``."""
+    args = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=32, patch_size=4,
+                output_channels=16, mlp_dim=64, window_size=4, global_attn_indexes=[], use_rel_pos=True,
+                attn_implementation=attn_implementation)  # fmt: skip
+    config = T.SamVisionConfig(**(args | overrides))
+    model = T.SamVisionModel(config)
+    for layer, window in zip(model.vision_encoder.layers, windows, strict=False):  # HF takes one window size
+        layer.window_size = window
+    for layer in model.vision_encoder.layers[len(windows):]:
+        layer.window_size = 0
+    with torch.no_grad():  # HF initialises the embeddings to zeros: make the bias matter
+        for attn in attentions(model) if config.use_rel_pos else ():
+            attn.rel_pos_h.normal_(0, 0.5)
+            attn.rel_pos_w.normal_(0, 0.5)
+    return SamEncoder(perturb_(model)).eval()
+
+
+def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, SamVisionAttention)]
+
+
+def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, SamVisionLayer)]
+
+
+@pytest.mark.parametrize("implementation,fused", [("sdpa", FusedSamVisionSdpaAttention),
+                                                  ("eager", FusedSamVisionAttention)])
+def test_matches_unpatched_by_the_rule(implementation, fused, op_calls):
+    reference, patched, report = pair(build(implementation))
+    assert report.counts() == {"attention": LAYERS, "mlp": LAYERS} and not report.skipped
+    assert [type(a) for a in attentions(patched)] == [fused] * LAYERS
+    assert [type(layer) for layer in layers(patched)] == [FusedSamVisionLayer] * LAYERS
+    assert_matches_by_the_rule(reference, patched, images())
+    calls = op_calls["flash_attention"]
+    assert len(calls) == LAYERS and len(op_calls["layernorm_mlp"]) == LAYERS
+    # windows of 3 over the map padded to 9 x 9: 9 windows an image; the global layer's 8 x 8 map
+    rel_h, rel_w = calls[0]["kwargs"]["rel_pos"]
+    assert rel_h.shape == (2 * 9, 2, 9, 3) and rel_w.shape == (2 * 9, 2, 9, 3)
+    assert calls[2]["kwargs"]["rel_pos"][0].shape == (2, 2, 64, 8)
+    mlp = op_calls["layernorm_mlp"][0]
+    assert mlp["args"][0].shape == (2, 8, 8, 32) and mlp["kwargs"]["activation"] == "gelu"
+
+
+def test_without_relative_position(op_calls):
+    reference, patched, _ = pair(build(use_rel_pos=False))
+    assert_outputs_and_grads_match(reference, patched, images())
+    assert all(call["kwargs"]["rel_pos"] is None for call in op_calls["flash_attention"])
+
+
+def test_attention_weights_run_hugging_face(op_calls):
+    """Weights asked for: transformers' output capture records them from the attention modules'
+    outputs (hooks it installs on the first such call); the fused attention then runs Hugging
+    Face's forward, which computes them (eager) or returns None (SDPA: nothing is recorded), as
+    unpatched."""
+    for implementation in ("eager", "sdpa"):
+        reference, patched, _ = pair(build(implementation))
+        want = reference.model(pixel_values=images(), output_attentions=True)
+        got = patched.model(pixel_values=images(), output_attentions=True)
+        torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert len(got.attentions) == len(want.attentions) == (LAYERS if implementation == "eager" else 0)
+        for a, b in zip(got.attentions, want.attentions, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not op_calls["flash_attention"] and len(op_calls["layernorm_mlp"]) == LAYERS  # the MLPs: fused
+        op_calls["layernorm_mlp"].clear()
+        # the capture hooks stay installed, inactive: the next plain call runs the op again
+        torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-5, atol=1e-5)
+        assert len(op_calls["flash_attention"]) == LAYERS
+        op_calls["flash_attention"].clear()
+        op_calls["layernorm_mlp"].clear()
+
+
+def test_eager_attention_dropout_runs_hugging_face_in_training(op_calls, fresh_warnings):
+    reference, patched, report = pair(build("eager", attention_dropout=0.2))
+    assert sum("attention dropout 0.2" in e.detail for e in report.replaced) == LAYERS
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="SamVisionAttention"):
+        assert_outputs_and_grads_match(reference.train(), patched.train(), images(), seed=0)
+    assert not op_calls["flash_attention"] and len(op_calls["layernorm_mlp"]) == LAYERS
+    # the SDPA class never drops: the op runs in training too
+    op_calls["layernorm_mlp"].clear()
+    reference, patched, report = pair(build("sdpa", attention_dropout=0.2))
+    assert not any("attention dropout" in e.detail for e in report.replaced)
+    assert_outputs_and_grads_match(reference.train(), patched.train(), images(), seed=0, rtol=1e-4, atol=1e-5)
+    assert len(op_calls["flash_attention"]) == LAYERS
+
+
+def test_hooks(op_calls):
+    # a hook on an MLP layer added after patching: that layer's half runs Hugging Face's modules
+    reference, patched, _ = pair(build())
+    for model in (reference, patched):
+        layers(model)[1].mlp.lin1.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on mlp.lin1"):
+        torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == LAYERS - 1
+    # a hook on the MLP at patch time: that layer is left alone, with why
+    model = build()
+    layers(model)[0].mlp.act.register_forward_hook(lambda *args: None)
+    report = fastvit.patch(model)
+    (skip,) = report.skipped
+    assert skip.path.endswith("layers.0") and "mlp.act has a forward hook" in skip.detail
+    # hooks on the projections (called as modules) and on the attention itself run
+    _, patched, _ = pair(build())
+    seen = []
+    attentions(patched)[0].qkv.register_forward_hook(lambda *args: seen.append("qkv"))
+    attentions(patched)[0].register_forward_hook(lambda *args: seen.append("attn"))
+    patched(images())
+    assert seen == ["qkv", "attn"]
+
+
+def test_patch_and_unpatch_keep_the_weights():
+    assert_patch_and_unpatch_keep_the_weights(build())
+
+
+def test_torch_compile_fullgraph(op_calls):
+    reference, patched, _ = pair(build())
+    compiled = torch.compile(patched, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images()), reference(images()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_torch_export_keeps_the_custom_ops():
+    ops = {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"}
+    assert_exports_with_ops(build(), images(batch=1), ops)
+
+
+@pytest.mark.interpreter
+def test_triton_route(op_calls):
+    reference, patched, _ = pair(build())
+    with fastvit.backend("triton"):
+        assert_matches_by_the_rule(reference, patched, images(batch=1))
+    assert op_calls["flash_attention"]
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_the_gpu(op_calls):
+    assert_matches_on_the_gpu(build(), images())
+    assert len(op_calls["flash_attention"]) >= LAYERS
