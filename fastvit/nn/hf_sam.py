@@ -1,5 +1,6 @@
 """Fused subclasses of Hugging Face's SAM vision encoder (``facebook/sam-vit-*``, ``SamModel`` /
-``SamVisionModel``), swapped onto a model by ``fastvit.patch``.
+``SamVisionModel``; SAM-HQ's, ``SamHQModel``, whose encoder classes are copies of SAM's), swapped
+onto a model by ``fastvit.patch``.
 
 SAM's image encoder is a ViTDet: window layers (14 x 14 windows of the padded 64 x 64 map) and a
 few global layers, each ``h + attn(layer_norm1(h))`` then ``h + mlp(layer_norm2(h))``, with a
@@ -24,6 +25,11 @@ from __future__ import annotations
 
 import torch
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer, SamVisionSdpaAttention
+from transformers.models.sam_hq.modeling_sam_hq import (
+    SamHQVisionAttention,
+    SamHQVisionLayer,
+    SamHQVisionSdpaAttention,
+)
 
 import fastvit
 from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv, warn_attention_dropout
@@ -32,23 +38,27 @@ from fastvit.nn.hf_attention import capturing_attentions
 from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
-__all__ = ["FusedSamVisionAttention", "FusedSamVisionLayer", "FusedSamVisionSdpaAttention"]
+__all__ = [
+    "FusedSamHQVisionAttention", "FusedSamHQVisionLayer", "FusedSamHQVisionSdpaAttention", "FusedSamVisionAttention",
+    "FusedSamVisionLayer", "FusedSamVisionSdpaAttention",
+]  # fmt: skip
 
 
 class _SamAttentionForward(FusedModule):
-    """The forward of both fused SAM attentions (the base of each)."""
+    """The forward of the fused SAM attentions (the base of each)."""
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
     fastvit_bypassed = ()  # the projections are called as modules; the softmax and dropout are the op's
+    # whether Hugging Face's forward drops attention probabilities in training (the SDPA classes never do)
+    drops_attention = True
 
     def _fastvit_covers(self, output_attentions: bool | None) -> bool:
         """Whether the op computes this call: no attention weights asked for, no attention dropout
         Hugging Face's forward would apply (said once), nothing overridden since patching."""
         if output_attentions or capturing_attentions() or not self._fastvit_intact():
             return False
-        # the eager class drops attention probabilities in training; the SDPA class never does
-        if not isinstance(self, SamVisionSdpaAttention) and dropout_active(self.dropout, self.training):
+        if self.drops_attention and dropout_active(self.dropout, self.training):
             warn_attention_dropout(f"Hugging Face {type(self).fastvit_original().__name__}", self.dropout)
             return False
         return True
@@ -103,17 +113,32 @@ class FusedSamVisionSdpaAttention(_SamAttentionForward, SamVisionSdpaAttention):
         >>> fastvit.patch(model)  # vision_encoder.layers.*.attn -> FusedSamVisionSdpaAttention
     """
 
+    drops_attention = False
 
-class FusedSamVisionLayer(FusedModule, SamVisionLayer):
-    """Hugging Face ``SamVisionLayer`` whose second half, ``h + mlp(layer_norm2(h))``, is one
-    ``fastvit.layernorm_mlp`` call over the (B, H, W, C) map. Same signature, ``forward(hidden_states)``
-    -> (B, H, W, C); its ``attn`` is patched on its own. A hook on (or a replacement of) a bypassed
-    submodule runs Hugging Face's modules.
+
+class FusedSamHQVisionAttention(_SamAttentionForward, SamHQVisionAttention):
+    """SAM-HQ's ``SamHQVisionAttention``, as ``FusedSamVisionAttention``.
 
     Example:
-        >>> model = transformers.SamVisionModel(transformers.SamVisionConfig())
-        >>> fastvit.patch(model)  # vision_encoder.layers.* -> FusedSamVisionLayer
+        >>> model = transformers.SamHQModel.from_pretrained("syscv-community/sam-hq-vit-base",
+        ...                                                 attn_implementation="eager")
+        >>> fastvit.patch(model)  # vision_encoder.layers.*.attn -> FusedSamHQVisionAttention
     """
+
+
+class FusedSamHQVisionSdpaAttention(_SamAttentionForward, SamHQVisionSdpaAttention):
+    """SAM-HQ's ``SamHQVisionSdpaAttention``, as ``FusedSamVisionSdpaAttention``.
+
+    Example:
+        >>> model = transformers.SamHQModel.from_pretrained("syscv-community/sam-hq-vit-base")
+        >>> fastvit.patch(model)  # vision_encoder.layers.*.attn -> FusedSamHQVisionSdpaAttention
+    """
+
+    drops_attention = False
+
+
+class _SamLayerForward(FusedModule):
+    """The forward of the fused SAM layers (the base of each)."""
 
     fastvit_part = "mlp"
     fastvit_op = "layernorm_mlp"
@@ -157,3 +182,24 @@ class FusedSamVisionLayer(FusedModule, SamVisionLayer):
     def extra_repr(self) -> str:
         norm = self.layer_norm2
         return f"dim={norm.normalized_shape[0]}, eps={norm.eps}, window={self.window_size}, fastvit={self.fastvit_op}"
+
+
+class FusedSamVisionLayer(_SamLayerForward, SamVisionLayer):
+    """Hugging Face ``SamVisionLayer`` whose second half, ``h + mlp(layer_norm2(h))``, is one
+    ``fastvit.layernorm_mlp`` call over the (B, H, W, C) map. Same signature, ``forward(hidden_states)``
+    -> (B, H, W, C); its ``attn`` is patched on its own. A hook on (or a replacement of) a bypassed
+    submodule runs Hugging Face's modules.
+
+    Example:
+        >>> model = transformers.SamVisionModel(transformers.SamVisionConfig())
+        >>> fastvit.patch(model)  # vision_encoder.layers.* -> FusedSamVisionLayer
+    """
+
+
+class FusedSamHQVisionLayer(_SamLayerForward, SamHQVisionLayer):
+    """SAM-HQ's ``SamHQVisionLayer``, as ``FusedSamVisionLayer``.
+
+    Example:
+        >>> model = transformers.SamHQVisionModel(transformers.SamHQVisionConfig())
+        >>> fastvit.patch(model)  # vision_encoder.layers.* -> FusedSamHQVisionLayer
+    """

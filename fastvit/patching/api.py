@@ -127,7 +127,7 @@ def patch(
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
-      (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's image encoder
+      (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's and SAM-HQ's image encoder
       (``SamVisionAttention`` with its decomposed relative position, ``SamVisionLayer``'s MLP half), and every
       attention going through transformers' ``AttentionInterface`` (below).
 

@@ -5,7 +5,7 @@ vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
 reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
-its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's vision encoder, its attention
+its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's (and SAM-HQ's) vision encoder, its attention
 (decomposed relative position, its own forward) and its layers' LayerNorm+MLP half (``fastvit.nn.hf_sam``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
@@ -46,6 +46,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qw
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
 from transformers.models.sam.modeling_sam import SamMLPBlock
+from transformers.models.sam_hq.modeling_sam_hq import SamHQMLPBlock
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
@@ -264,8 +265,9 @@ def _swinv2_layer_notes(layer: nn.Module) -> list[str]:
     return [f"hidden dropout {p}: in training its MLP runs Hugging Face's modules"] if p > 0 else []
 
 
-_SAM_ATTENTIONS = fused_table(hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionSdpaAttention)
-_SAM_LAYERS = fused_table(hf_sam.FusedSamVisionLayer)
+_SAM_ATTENTIONS = fused_table(hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionSdpaAttention,
+                              hf_sam.FusedSamHQVisionAttention, hf_sam.FusedSamHQVisionSdpaAttention)
+_SAM_LAYERS = fused_table(hf_sam.FusedSamVisionLayer, hf_sam.FusedSamHQVisionLayer)
 
 
 def _sam_attention_problems(attn: nn.Module) -> list[str]:
@@ -285,20 +287,21 @@ def _sam_attention_problems(attn: nn.Module) -> list[str]:
 
 
 def _sam_attention_notes(attn: nn.Module) -> list[str]:
-    if isinstance(attn, hf_sam.SamVisionSdpaAttention) or not attn.dropout:
-        return []  # Hugging Face's SDPA class applies no attention dropout
+    if not _SAM_ATTENTIONS[type(attn)].drops_attention or not attn.dropout:
+        return []  # Hugging Face's SDPA classes apply no attention dropout
     return [f"attention dropout {attn.dropout}: in training it runs Hugging Face's forward"]
 
 
 def _sam_layer_problems(layer: nn.Module) -> list[str]:
     """What the op must be able to compute of a ``SamVisionLayer``'s second half: an ``nn.LayerNorm``
-    over the last dim, Hugging Face's ``SamMLPBlock`` of two Linears with an activation the op has."""
+    over the last dim, Hugging Face's ``SamMLPBlock`` (SAM-HQ's copy) of two Linears with an activation the
+    op has."""
     names = ("layer_norm1", "attn", "layer_norm2", "mlp", "window_size", "window_partition", "window_unpartition")
     problems = missing_attributes(layer, names, "transformers")
     if problems:
         return problems
     problems += layernorm_problems(layer.layer_norm2, "layer_norm2")
-    problems += exact_type(layer.mlp, "mlp", (SamMLPBlock,), "SamMLPBlock")
+    problems += exact_type(layer.mlp, "mlp", (SamMLPBlock, SamHQMLPBlock), "SamMLPBlock")
     if problems:
         return problems
     problems += exact_type(layer.mlp.lin1, "mlp.lin1", (nn.Linear,), "nn.Linear")

@@ -1,12 +1,13 @@
-"""Hugging Face's SAM vision encoder patched (fastvit.nn.hf_sam): ``SamVisionAttention`` and
-``SamVisionSdpaAttention`` compute their scores themselves (decomposed relative position), so they are
-swapped rather than routed through ``attn_implementation``: one fastvit.flash_attention call with the
-op's ``rel_pos`` tables; and each ``SamVisionLayer``'s LayerNorm+MLP half is one
-fastvit.layernorm_mlp call. Outputs and every gradient (the relative position embeddings included)
-by the tolerance rule against the unpatched model in float64, on window layers with and without
-padding and a global layer, for both attention classes; attention weights (``output_attentions``,
-transformers' output capture) and the eager class's attention dropout run Hugging Face's code;
-hooks; unpatch; torch.compile; torch.export; the Triton kernels in the interpreter.
+"""Hugging Face's SAM vision encoder (and SAM-HQ's, copies of SAM's classes) patched
+(fastvit.nn.hf_sam): ``SamVisionAttention`` and ``SamVisionSdpaAttention`` compute their scores
+themselves (decomposed relative position), so they are swapped rather than routed through
+``attn_implementation``: one fastvit.flash_attention call with the op's ``rel_pos`` tables; and each
+``SamVisionLayer``'s LayerNorm+MLP half is one fastvit.layernorm_mlp call. Outputs and every
+gradient (the relative position embeddings included) by the tolerance rule against the unpatched
+model in float64, on window layers with and without padding and a global layer, for both attention
+classes of both families; attention weights (``output_attentions``, transformers' output capture)
+and the eager class's attention dropout run Hugging Face's code; hooks; unpatch; torch.compile;
+torch.export; the Triton kernels in the interpreter.
 
 A tiny SAM encoder: 8 x 8 patches of 4 px (32 px images), dim 32, 2 heads, three layers (windows of
 3: the 8 x 8 map padded to 9 x 9; then windows of 4; then a global layer); no downloads.
@@ -31,8 +32,9 @@ from tests.patching.helpers import (
 T = pytest.importorskip("transformers")
 
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer  # noqa: E402
+from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionLayer  # noqa: E402
 
-from fastvit.nn.hf_sam import FusedSamVisionAttention, FusedSamVisionLayer, FusedSamVisionSdpaAttention  # noqa: E402
+from fastvit.nn import hf_sam  # noqa: E402
 
 LAYERS = 3
 
@@ -48,15 +50,21 @@ class SamEncoder(torch.nn.Module):
         return self.model(pixel_values=x).last_hidden_state
 
 
-def build(attn_implementation: str = "sdpa", windows: tuple[int, ...] = (3, 4), **overrides) -> torch.nn.Module:
+# family -> (model, config) classes of transformers
+FAMILIES = {"sam": ("SamVisionModel", "SamVisionConfig"), "sam_hq": ("SamHQVisionModel", "SamHQVisionConfig")}
+
+
+def build(attn_implementation: str = "sdpa", windows: tuple[int, ...] = (3, 4), family: str = "sam",
+          **overrides) -> torch.nn.Module:
     """Layer i has window ``windows[i]`` (0: global); the layers past ``windows`` are global. The
     relative position embeddings keep the sizes HF built them for (window 4, the 8 x 8 map): the
     window of 3 reads them resized, through Hugging Face's ``get_rel_pos``."""
     args = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=32, patch_size=4,
                 output_channels=16, mlp_dim=64, window_size=4, global_attn_indexes=[], use_rel_pos=True,
                 attn_implementation=attn_implementation)  # fmt: skip
-    config = T.SamVisionConfig(**(args | overrides))
-    model = T.SamVisionModel(config)
+    model_class, config_class = (getattr(T, name) for name in FAMILIES[family])
+    config = config_class(**(args | overrides))
+    model = model_class(config)
     for layer, window in zip(model.vision_encoder.layers, windows, strict=False):  # HF takes one window size
         layer.window_size = window
     for layer in model.vision_encoder.layers[len(windows):]:
@@ -73,20 +81,29 @@ def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, SamVisionAttention)]
+    return [m for m in model.modules() if isinstance(m, (SamVisionAttention, SamHQVisionAttention))]
 
 
 def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, SamVisionLayer)]
+    return [m for m in model.modules() if isinstance(m, (SamVisionLayer, SamHQVisionLayer))]
 
 
-@pytest.mark.parametrize("implementation,fused", [("sdpa", FusedSamVisionSdpaAttention),
-                                                  ("eager", FusedSamVisionAttention)])
-def test_matches_unpatched_by_the_rule(implementation, fused, op_calls):
-    reference, patched, report = pair(build(implementation))
+# family, attention implementation -> (fused attention, fused layer)
+FUSED = {
+    ("sam", "sdpa"): (hf_sam.FusedSamVisionSdpaAttention, hf_sam.FusedSamVisionLayer),
+    ("sam", "eager"): (hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionLayer),
+    ("sam_hq", "sdpa"): (hf_sam.FusedSamHQVisionSdpaAttention, hf_sam.FusedSamHQVisionLayer),
+    ("sam_hq", "eager"): (hf_sam.FusedSamHQVisionAttention, hf_sam.FusedSamHQVisionLayer),
+}
+
+
+@pytest.mark.parametrize("family,implementation", sorted(FUSED), ids=["-".join(k) for k in sorted(FUSED)])
+def test_matches_unpatched_by_the_rule(family, implementation, op_calls):
+    reference, patched, report = pair(build(implementation, family=family))
     assert report.counts() == {"attention": LAYERS, "mlp": LAYERS} and not report.skipped
-    assert [type(a) for a in attentions(patched)] == [fused] * LAYERS
-    assert [type(layer) for layer in layers(patched)] == [FusedSamVisionLayer] * LAYERS
+    fused_attention, fused_layer = FUSED[family, implementation]
+    assert [type(a) for a in attentions(patched)] == [fused_attention] * LAYERS
+    assert [type(layer) for layer in layers(patched)] == [fused_layer] * LAYERS
     assert_matches_by_the_rule(reference, patched, images())
     calls = op_calls["flash_attention"]
     assert len(calls) == LAYERS and len(op_calls["layernorm_mlp"]) == LAYERS
@@ -104,13 +121,14 @@ def test_without_relative_position(op_calls):
     assert all(call["kwargs"]["rel_pos"] is None for call in op_calls["flash_attention"])
 
 
-def test_attention_weights_run_hugging_face(op_calls):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_attention_weights_run_hugging_face(family, op_calls):
     """Weights asked for: transformers' output capture records them from the attention modules'
     outputs (hooks it installs on the first such call); the fused attention then runs Hugging
     Face's forward, which computes them (eager) or returns None (SDPA: nothing is recorded), as
     unpatched."""
     for implementation in ("eager", "sdpa"):
-        reference, patched, _ = pair(build(implementation))
+        reference, patched, _ = pair(build(implementation, family=family))
         want = reference.model(pixel_values=images(), output_attentions=True)
         got = patched.model(pixel_values=images(), output_attentions=True)
         torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-5, atol=1e-5)
