@@ -2,14 +2,16 @@
 of each layer as one ``fastvit.layernorm_mlp`` call.
 
 Covered: ``DeiTLayer``, ``ViTMAELayer``, ``IJepaLayer``, ``ViTMSNLayer``, ``VivitLayer``, ``SwinLayer``
-(ViT's layout), ``BeitLayer`` (its
-``lambda_2``), ``CLIPEncoderLayer``,
-``SiglipEncoderLayer``, ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
+(ViT's layout), ``BeitLayer`` (its ``lambda_2``), ``CLIPEncoderLayer``, ``SiglipEncoderLayer``,
+``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
 ``Qwen2_5_VLVisionBlock`` (RMSNorm + SwiGLU) and ``Qwen3VLVisionBlock`` (tanh-GELU MLP), on their
-packed (T, D) tokens. Their attention runs as in Hugging Face (through transformers' attention interface, which
-``fastvit.patch`` points at fastvit); the attention half of each forward below is Hugging Face's,
+packed (T, D) tokens; and the image encoders' layers of SAM (``SamVisionLayer``, SAM-HQ's copy),
+SAM 2 (``Sam2MultiScaleBlock``, Hiera) and SAM 3 (``Sam3ViTLayer``) on their (B, H, W, C) maps.
+Their attention runs as in Hugging Face (through transformers' attention interface, which
+``fastvit.patch`` points at fastvit; SAM's own attention is swapped by ``fastvit.nn.hf_sam``); the
+attention half of each forward below is Hugging Face's,
 line for line. The second half, ``x + drop_path(layer_scale * mlp(norm(x)))`` (or with hidden
 dropout), is one op call; calls it does not cover (dropout or drop path active in training, a hook
 or a replaced submodule) run the layer's own modules in Hugging Face's order. Importing this
@@ -37,6 +39,15 @@ from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock
+from transformers.models.sam.modeling_sam import SamVisionLayer
+from transformers.models.sam2.modeling_sam2 import Sam2MultiScaleBlock
+from transformers.models.sam2.modeling_sam2 import do_pool as sam2_do_pool
+from transformers.models.sam2.modeling_sam2 import window_partition as sam2_window_partition
+from transformers.models.sam2.modeling_sam2 import window_unpartition as sam2_window_unpartition
+from transformers.models.sam3.modeling_sam3 import Sam3ViTLayer
+from transformers.models.sam3.modeling_sam3 import window_partition as sam3_window_partition
+from transformers.models.sam3.modeling_sam3 import window_unpartition as sam3_window_unpartition
+from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
@@ -66,6 +77,10 @@ __all__ = [
     "FusedQwen2VLVisionBlock",
     "FusedQwen2_5_VLVisionBlock",
     "FusedQwen3VLVisionBlock",
+    "FusedSam2MultiScaleBlock",
+    "FusedSam3ViTLayer",
+    "FusedSamHQVisionLayer",
+    "FusedSamVisionLayer",
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
     "FusedSwinLayer",
@@ -89,6 +104,7 @@ class MlpHalf:
         layer_scale: a module with a ``lambda1`` (D,) Parameter (DINOv2/v3), or None.
         drop_path: the layer's drop path (Identity or a ``drop_prob`` module), or None.
         dropout: the hidden dropout applied to the MLP's output (ViT layout), or None.
+        mlp_dropout: a dropout inside the MLP module (SAM 3's, between fc1 and the activation), or None.
     """
 
     def __init__(
@@ -104,14 +120,15 @@ class MlpHalf:
         layer_scale: str | None = None,
         drop_path: str | None = None,
         dropout: str | None = None,
+        mlp_dropout: str | None = None,
     ) -> None:
         self.norm, self.fc1, self.act, self.fc2 = norm, fc1, act, fc2
         self.mlp, self.gate, self.rms = mlp, gate, rms
-        self.layer_scale, self.drop_path, self.dropout = layer_scale, drop_path, dropout
+        self.layer_scale, self.drop_path, self.dropout, self.mlp_dropout = layer_scale, drop_path, dropout, mlp_dropout
 
     def bypassed(self) -> tuple[str, ...]:
         """The submodules the fused half reads without calling (``FusedModule.fastvit_bypassed``)."""
-        inner = (self.fc1, self.act, self.fc2) + ((self.gate,) if self.gate else ())
+        inner = (self.fc1, self.act, self.fc2, *(name for name in (self.gate, self.mlp_dropout) if name))
         names = (self.norm, self.mlp, *(f"{self.mlp}.{name}" for name in inner))
         optional = (self.layer_scale, self.drop_path, self.dropout)
         return names + tuple(name for name in optional if name is not None)
@@ -141,9 +158,11 @@ class FusedPreNormLayer(FusedModule):
     def _fastvit_regularised(self) -> bool:
         """Dropout or drop path would change values in this call (the op has neither)."""
         parts = self.fastvit_mlp
-        dropout = getattr(self, parts.dropout) if parts.dropout else None
+        dropouts = [getattr(self, parts.dropout)] if parts.dropout else []
+        if parts.mlp_dropout:
+            dropouts.append(getattr(getattr(self, parts.mlp), parts.mlp_dropout))
         drop_path = getattr(self, parts.drop_path) if parts.drop_path else None
-        return (dropout is not None and dropout_active(dropout.p, dropout.training)) or (
+        return any(dropout_active(d.p, d.training) for d in dropouts) or (
             drop_path is not None and dropout_active(getattr(drop_path, "drop_prob", 0.0), drop_path.training)
         )
 
@@ -527,6 +546,113 @@ class FusedQwen3VLVisionBlock(_QwenVisionForward, Qwen3VLVisionBlock):
     fastvit_bypassed = _QWEN3_VL_LAYOUT.bypassed()
 
 
+# SAM's image encoder (ViTDet) and SAM-HQ's copy of it: h + mlp(layer_norm2(h)), SamMLPBlock (lin1, act, lin2)
+_SAM_LAYOUT = MlpHalf("layer_norm2", fc1="lin1", act="act", fc2="lin2")
+
+
+class _SamLayerForward(FusedPreNormLayer):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        if self.window_size > 0:
+            height, width = hidden_states.shape[1], hidden_states.shape[2]
+            hidden_states, padding_shape = self.window_partition(hidden_states, self.window_size)
+        hidden_states, _ = self.attn(
+            hidden_states=hidden_states,
+        )
+        if self.window_size > 0:
+            hidden_states = self.window_unpartition(hidden_states, self.window_size, padding_shape, (height, width))
+        hidden_states = residual + hidden_states
+        return self._fastvit_mlp_half(hidden_states)
+
+
+class FusedSamVisionLayer(_SamLayerForward, SamVisionLayer):
+    """SAM's ``SamVisionLayer`` whose LayerNorm+MLP half is one op call over its (B, H, W, C) map; its
+    attention (``fastvit.nn.hf_sam``) is patched on its own."""
+
+    fastvit_mlp = _SAM_LAYOUT
+    fastvit_bypassed = _SAM_LAYOUT.bypassed()
+
+
+class FusedSamHQVisionLayer(_SamLayerForward, SamHQVisionLayer):
+    """SAM-HQ's ``SamHQVisionLayer`` (SAM's, copied), as ``FusedSamVisionLayer``."""
+
+    fastvit_mlp = _SAM_LAYOUT
+    fastvit_bypassed = _SAM_LAYOUT.bypassed()
+
+
+# SAM 2's Hiera block: h + mlp(layer_norm2(h)), Sam2FeedForward with two layers (proj_in, activation, proj_out)
+_SAM2_LAYOUT = MlpHalf("layer_norm2", fc1="proj_in", act="activation", fc2="proj_out")
+
+
+class FusedSam2MultiScaleBlock(FusedPreNormLayer, Sam2MultiScaleBlock):
+    """SAM 2's ``Sam2MultiScaleBlock`` (its Hiera image encoder) whose LayerNorm+MLP half is one op call
+    over the (B, H, W, C) map; its first half (the pooled projection of a stage's first block, the
+    window partition, the attention with query pooling, the unpartition) is Hugging Face's, line
+    for line (the attention goes through transformers' ``AttentionInterface``)."""
+
+    fastvit_mlp = _SAM2_LAYOUT
+    fastvit_bypassed = (*_SAM2_LAYOUT.bypassed(), "mlp.layers")
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's forward itself
+            return super().forward(hidden_states, **kwargs)
+        residual = hidden_states  # batch_size, height, width, channel
+        hidden_states = self.layer_norm1(hidden_states)
+        if self.dim != self.dim_out:
+            residual = sam2_do_pool(self.proj(hidden_states), self.query_stride)
+        window_size = self.window_size
+        if self.window_size > 0:
+            H, W = hidden_states.shape[1], hidden_states.shape[2]
+            hidden_states, pad_hw = sam2_window_partition(hidden_states, window_size)
+        attn_output = self.attn(
+            hidden_states=hidden_states,
+            **kwargs,
+        )
+        hidden_states = attn_output
+        if self.query_stride:
+            window_size = self.window_size // self.query_stride[0]
+            H, W = residual.shape[1:3]
+            pad_h = (-H) % window_size
+            pad_w = (-W) % window_size
+            pad_hw = (H + pad_h, W + pad_w)
+        if self.window_size > 0:
+            hidden_states = sam2_window_unpartition(hidden_states, window_size, pad_hw, (H, W))
+        hidden_states = residual + hidden_states
+        return self._fastvit_mlp_half(hidden_states)
+
+
+# SAM 3's ViT layer: residual + dropout(mlp(layer_norm2(h))), Sam3MLP (fc1, dropout, activation_fn, fc2)
+_SAM3_LAYOUT = MlpHalf("layer_norm2", dropout="dropout", mlp_dropout="dropout")
+
+
+class FusedSam3ViTLayer(FusedPreNormLayer, Sam3ViTLayer):
+    """SAM 3's ``Sam3ViTLayer`` (its image encoder, RoPE and windows) whose LayerNorm+MLP half (with
+    hidden dropout, and its MLP's dropout after fc1) is one op call over the (B, H, W, C) map; its
+    attention half is Hugging Face's, line for line (the attention goes through transformers'
+    ``AttentionInterface``)."""
+
+    fastvit_mlp = _SAM3_LAYOUT
+    fastvit_bypassed = _SAM3_LAYOUT.bypassed()
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        if self.window_size > 0:
+            height, width = hidden_states.shape[1], hidden_states.shape[2]
+            hidden_states, pad_height_width = sam3_window_partition(hidden_states, self.window_size)
+        position_embeddings = self.rotary_emb(hidden_states, self.position_ids)
+        hidden_states, _ = self.attention(hidden_states, position_embeddings, **kwargs)
+        if self.window_size > 0:
+            hidden_states = sam3_window_unpartition(hidden_states, self.window_size, pad_height_width, (height, width))
+        hidden_states = residual + hidden_states
+        return self._fastvit_mlp_half(hidden_states)
+
+
 def fused_layer(module: nn.Module) -> type[FusedPreNormLayer] | None:
     """The fused class for ``module`` (a covered layer, or one already fused): by its MLP's kind
     where the family has a plain and a gated one (DINOv2, DINOv3), so a layer fused earlier whose MLP
@@ -560,7 +686,8 @@ for _fused in (
     FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
     FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer, FusedAimv2EncoderLayer,
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
-    FusedSwinLayer, FusedBeitLayer, FusedIJepaLayer, FusedViTMSNLayer, FusedVivitLayer,
+    FusedSwinLayer, FusedBeitLayer, FusedIJepaLayer, FusedViTMSNLayer, FusedVivitLayer, FusedSamVisionLayer,
+    FusedSamHQVisionLayer, FusedSam2MultiScaleBlock, FusedSam3ViTLayer,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
 for _fused in GATED_LAYERS.values():

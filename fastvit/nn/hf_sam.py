@@ -15,33 +15,27 @@ gradients. The attention weights requested (``output_attentions=True``, or trans
 capture collecting ``attentions``) and the eager class's attention dropout in training run Hugging
 Face's forward (the SDPA class applies no dropout).
 
-``SamVisionLayer``'s second half, ``h + mlp(layer_norm2(h))`` (``SamMLPBlock``: lin1, act, lin2), is
-one ``fastvit.layernorm_mlp`` call over the (B, H, W, C) map; its first half (norm, window
-partition and padding, attention, unpartition, residual add) is Hugging Face's, line for line.
-Importing this module imports transformers.
+``SamVisionLayer``'s second half, ``h + mlp(layer_norm2(h))``, is one ``fastvit.layernorm_mlp``
+call (``fastvit.nn.hf_layers.FusedSamVisionLayer``). Importing this module imports transformers.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer, SamVisionSdpaAttention
-from transformers.models.sam_hq.modeling_sam_hq import (
-    SamHQVisionAttention,
-    SamHQVisionLayer,
-    SamHQVisionSdpaAttention,
-)
+from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
+from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionSdpaAttention
 
 import fastvit
 from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv, warn_attention_dropout
 from fastvit.nn.fused import FusedModule, dropout_active
 from fastvit.nn.hf_attention import capturing_attentions
-from fastvit.nn.hf_vit import activation_of
-from fastvit.ops._fx import method_leaf
 
 __all__ = [
-    "FusedSamHQVisionAttention", "FusedSamHQVisionLayer", "FusedSamHQVisionSdpaAttention", "FusedSamVisionAttention",
-    "FusedSamVisionLayer", "FusedSamVisionSdpaAttention",
-]  # fmt: skip
+    "FusedSamHQVisionAttention",
+    "FusedSamHQVisionSdpaAttention",
+    "FusedSamVisionAttention",
+    "FusedSamVisionSdpaAttention",
+]
 
 
 class _SamAttentionForward(FusedModule):
@@ -135,71 +129,3 @@ class FusedSamHQVisionSdpaAttention(_SamAttentionForward, SamHQVisionSdpaAttenti
     """
 
     drops_attention = False
-
-
-class _SamLayerForward(FusedModule):
-    """The forward of the fused SAM layers (the base of each)."""
-
-    fastvit_part = "mlp"
-    fastvit_op = "layernorm_mlp"
-    fastvit_bypassed = ("layer_norm2", "mlp", "mlp.lin1", "mlp.act", "mlp.lin2")
-
-    def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``hidden_states + mlp(layer_norm2(hidden_states))``: one op call, or Hugging Face's modules."""
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return hidden_states + self.mlp(self.layer_norm2(hidden_states))
-        traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: decided when the graph runs
-        if traced is not None:
-            return traced
-        if not self._fastvit_submodules_intact():
-            return hidden_states + self.mlp(self.layer_norm2(hidden_states))
-        norm, lin1, lin2 = self.layer_norm2, self.mlp.lin1, self.mlp.lin2
-        return fastvit.layernorm_mlp(
-            hidden_states, norm.weight, norm.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias, eps=norm.eps,
-            activation=activation_of(self.mlp.act),
-        )  # fmt: skip
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(hidden_states)
-        if self._fastvit_overridden():  # the whole forward: the override may be SamVisionLayer.forward itself
-            return super().forward(hidden_states)
-        # -- Hugging Face's attention half, line for line --
-        residual = hidden_states
-        hidden_states = self.layer_norm1(hidden_states)
-        if self.window_size > 0:
-            height, width = hidden_states.shape[1], hidden_states.shape[2]
-            hidden_states, padding_shape = self.window_partition(hidden_states, self.window_size)
-        hidden_states, _ = self.attn(
-            hidden_states=hidden_states,
-        )
-        if self.window_size > 0:
-            hidden_states = self.window_unpartition(hidden_states, self.window_size, padding_shape, (height, width))
-        hidden_states = residual + hidden_states
-        # -- the LayerNorm+MLP half, fused --
-        return self._fastvit_mlp_half(hidden_states)
-
-    def extra_repr(self) -> str:
-        norm = self.layer_norm2
-        return f"dim={norm.normalized_shape[0]}, eps={norm.eps}, window={self.window_size}, fastvit={self.fastvit_op}"
-
-
-class FusedSamVisionLayer(_SamLayerForward, SamVisionLayer):
-    """Hugging Face ``SamVisionLayer`` whose second half, ``h + mlp(layer_norm2(h))``, is one
-    ``fastvit.layernorm_mlp`` call over the (B, H, W, C) map. Same signature, ``forward(hidden_states)``
-    -> (B, H, W, C); its ``attn`` is patched on its own. A hook on (or a replacement of) a bypassed
-    submodule runs Hugging Face's modules.
-
-    Example:
-        >>> model = transformers.SamVisionModel(transformers.SamVisionConfig())
-        >>> fastvit.patch(model)  # vision_encoder.layers.* -> FusedSamVisionLayer
-    """
-
-
-class FusedSamHQVisionLayer(_SamLayerForward, SamHQVisionLayer):
-    """SAM-HQ's ``SamHQVisionLayer``, as ``FusedSamVisionLayer``.
-
-    Example:
-        >>> model = transformers.SamHQVisionModel(transformers.SamHQVisionConfig())
-        >>> fastvit.patch(model)  # vision_encoder.layers.* -> FusedSamHQVisionLayer
-    """

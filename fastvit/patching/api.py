@@ -128,7 +128,8 @@ def patch(
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
       (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's and SAM-HQ's image encoder
-      (``SamVisionAttention`` with its decomposed relative position, ``SamVisionLayer``'s MLP half), and every
+      (``SamVisionAttention`` with its decomposed relative position, ``SamVisionLayer``'s MLP half), the
+      MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, and every
       attention going through transformers' ``AttentionInterface`` (below).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the

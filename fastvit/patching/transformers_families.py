@@ -5,8 +5,9 @@ vision blocks) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
 reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
-its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's (and SAM-HQ's) vision encoder, its attention
-(decomposed relative position, its own forward) and its layers' LayerNorm+MLP half (``fastvit.nn.hf_sam``).
+its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's (and SAM-HQ's) image encoder attention
+(decomposed relative position, its own forward: ``fastvit.nn.hf_sam``); the layers of SAM's, SAM 2's
+and SAM 3's image encoders are ``hf_layers``' like the others.
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -46,6 +47,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qw
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
 from transformers.models.sam.modeling_sam import SamMLPBlock
+from transformers.models.sam2.modeling_sam2 import Sam2FeedForward
+from transformers.models.sam3.modeling_sam3 import Sam3MLP
 from transformers.models.sam_hq.modeling_sam_hq import SamHQMLPBlock
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
@@ -85,6 +88,10 @@ _MLPS = {
     hf_layers.FusedQwen2VLVisionBlock: Qwen2VLVisionMlp,
     hf_layers.FusedQwen2_5_VLVisionBlock: Qwen2_5_VLMLP,
     hf_layers.FusedQwen3VLVisionBlock: Qwen3VLVisionMLP,
+    hf_layers.FusedSamVisionLayer: SamMLPBlock,
+    hf_layers.FusedSamHQVisionLayer: SamHQMLPBlock,
+    hf_layers.FusedSam2MultiScaleBlock: Sam2FeedForward,
+    hf_layers.FusedSam3ViTLayer: Sam3MLP,
 }
 _RMS_NORMS = {
     hf_layers.FusedAimv2EncoderLayer: Aimv2RMSNorm,
@@ -133,6 +140,11 @@ def _problems(layer: nn.Module) -> list[str]:
         problems += exact_type(getattr(layer, parts.drop_path), parts.drop_path, allowed, "its drop path")
     if parts.dropout:
         problems += exact_type(getattr(layer, parts.dropout), parts.dropout, (nn.Dropout,), "nn.Dropout")
+    if fused is hf_layers.FusedSam2MultiScaleBlock and not problems:  # proj_in, activation, proj_out only
+        mlp = getattr(layer, parts.mlp)
+        if len(mlp.layers) or mlp.sigmoid_output:
+            problems.append(f"mlp has {len(mlp.layers)} hidden layers and sigmoid_output={mlp.sigmoid_output}; the "
+                            "op computes proj_out(act(proj_in(x)))")  # fmt: skip
     if fused is hf_layers.FusedBeitLayer:  # a bare (D,) Parameter, or the float 1.0 without layer scale
         scale, dim = getattr(layer, "lambda_2", None), norm.weight.shape[0]
         plain = isinstance(scale, float) and scale == 1.0
@@ -161,6 +173,8 @@ def _notes(layer: nn.Module) -> list[str]:
     rates = []
     if parts.dropout and getattr(layer, parts.dropout).p > 0:
         rates.append(f"hidden dropout {getattr(layer, parts.dropout).p}")
+    if parts.mlp_dropout and getattr(getattr(layer, parts.mlp), parts.mlp_dropout).p > 0:
+        rates.append(f"MLP dropout {getattr(getattr(layer, parts.mlp), parts.mlp_dropout).p}")
     if parts.drop_path and getattr(getattr(layer, parts.drop_path), "drop_prob", 0.0) > 0:
         rates.append(f"drop path {getattr(layer, parts.drop_path).drop_prob}")
     return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
@@ -267,7 +281,6 @@ def _swinv2_layer_notes(layer: nn.Module) -> list[str]:
 
 _SAM_ATTENTIONS = fused_table(hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionSdpaAttention,
                               hf_sam.FusedSamHQVisionAttention, hf_sam.FusedSamHQVisionSdpaAttention)
-_SAM_LAYERS = fused_table(hf_sam.FusedSamVisionLayer, hf_sam.FusedSamHQVisionLayer)
 
 
 def _sam_attention_problems(attn: nn.Module) -> list[str]:
@@ -292,31 +305,9 @@ def _sam_attention_notes(attn: nn.Module) -> list[str]:
     return [f"attention dropout {attn.dropout}: in training it runs Hugging Face's forward"]
 
 
-def _sam_layer_problems(layer: nn.Module) -> list[str]:
-    """What the op must be able to compute of a ``SamVisionLayer``'s second half: an ``nn.LayerNorm``
-    over the last dim, Hugging Face's ``SamMLPBlock`` (SAM-HQ's copy) of two Linears with an activation the
-    op has."""
-    names = ("layer_norm1", "attn", "layer_norm2", "mlp", "window_size", "window_partition", "window_unpartition")
-    problems = missing_attributes(layer, names, "transformers")
-    if problems:
-        return problems
-    problems += layernorm_problems(layer.layer_norm2, "layer_norm2")
-    problems += exact_type(layer.mlp, "mlp", (SamMLPBlock, SamHQMLPBlock), "SamMLPBlock")
-    if problems:
-        return problems
-    problems += exact_type(layer.mlp.lin1, "mlp.lin1", (nn.Linear,), "nn.Linear")
-    problems += exact_type(layer.mlp.lin2, "mlp.lin2", (nn.Linear,), "nn.Linear")
-    if activation_of(layer.mlp.act) is None:
-        problems.append(f"mlp.act is {type(layer.mlp.act).__qualname__}; the fused op computes GELU (exact or "
-                        "tanh), quick_gelu and SiLU")  # fmt: skip
-    return problems
-
-
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
     (or their fused classes), else None."""
-    if type(module) in _SAM_LAYERS:
-        return slot(path, module, "mlp", _SAM_LAYERS[type(module)], _sam_layer_problems)
     if type(module) in _SAM_ATTENTIONS:
         return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
                     _sam_attention_notes)  # fmt: skip

@@ -154,6 +154,17 @@ class HFLogits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
+class HFLastHiddenState(nn.Module):
+    """A Hugging Face encoder returning its ``last_hidden_state`` tensor (SAM's image embeddings)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).last_hidden_state
+
+
 def assert_exports_with_ops(reference: nn.Module, x: torch.Tensor, ops: set[str]) -> None:
     """``torch.export`` of a patched copy of ``reference`` on the Triton route: the graph holds
     exactly the fastvit custom ops ``ops`` (``"fastvit.layernorm_mlp_fwd.default"`` ...) and the

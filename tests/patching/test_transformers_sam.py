@@ -20,6 +20,7 @@ import torch
 
 import fastvit
 from tests.patching.helpers import (
+    HFLastHiddenState,
     assert_exports_with_ops,
     assert_matches_by_the_rule,
     assert_matches_on_the_gpu,
@@ -34,20 +35,9 @@ T = pytest.importorskip("transformers")
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer  # noqa: E402
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionLayer  # noqa: E402
 
-from fastvit.nn import hf_sam  # noqa: E402
+from fastvit.nn import hf_layers, hf_sam  # noqa: E402
 
 LAYERS = 3
-
-
-class SamEncoder(torch.nn.Module):
-    """A Hugging Face SamVisionModel returning its image embeddings (the helpers compare tensors)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).last_hidden_state
 
 
 # family -> (model, config) classes of transformers
@@ -73,7 +63,7 @@ def build(attn_implementation: str = "sdpa", windows: tuple[int, ...] = (3, 4), 
         for attn in attentions(model) if config.use_rel_pos else ():
             attn.rel_pos_h.normal_(0, 0.5)
             attn.rel_pos_w.normal_(0, 0.5)
-    return SamEncoder(perturb_(model)).eval()
+    return HFLastHiddenState(perturb_(model)).eval()
 
 
 def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -90,10 +80,10 @@ def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 # family, attention implementation -> (fused attention, fused layer)
 FUSED = {
-    ("sam", "sdpa"): (hf_sam.FusedSamVisionSdpaAttention, hf_sam.FusedSamVisionLayer),
-    ("sam", "eager"): (hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionLayer),
-    ("sam_hq", "sdpa"): (hf_sam.FusedSamHQVisionSdpaAttention, hf_sam.FusedSamHQVisionLayer),
-    ("sam_hq", "eager"): (hf_sam.FusedSamHQVisionAttention, hf_sam.FusedSamHQVisionLayer),
+    ("sam", "sdpa"): (hf_sam.FusedSamVisionSdpaAttention, hf_layers.FusedSamVisionLayer),
+    ("sam", "eager"): (hf_sam.FusedSamVisionAttention, hf_layers.FusedSamVisionLayer),
+    ("sam_hq", "sdpa"): (hf_sam.FusedSamHQVisionSdpaAttention, hf_layers.FusedSamHQVisionLayer),
+    ("sam_hq", "eager"): (hf_sam.FusedSamHQVisionAttention, hf_layers.FusedSamHQVisionLayer),
 }
 
 
