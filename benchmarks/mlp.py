@@ -227,14 +227,12 @@ def _implementation(point: Point) -> tuple[Callable[..., torch.Tensor], str]:
         from fastvit.tuning import layernorm_mlp_bucket
 
         def fused(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *variant):
-            if not variant:
-                return fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                             eps=EPS)
-            gate_weight, gate_bias, hidden_weight, hidden_bias = variant
+            keywords = {}
+            if variant:  # the gate projection and the hidden norm
+                names = ("fc1_gate_weight", "fc1_gate_bias", "hidden_norm_weight", "hidden_norm_bias")
+                keywords = dict(zip(names, variant, strict=True), activation="silu", hidden_norm="layernorm")
             return fastvit.layernorm_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                         eps=EPS, activation="silu", fc1_gate_weight=gate_weight,
-                                         fc1_gate_bias=gate_bias, hidden_norm="layernorm",
-                                         hidden_norm_weight=hidden_weight, hidden_norm_bias=hidden_bias)
+                                         eps=EPS, **keywords)
 
         def bucket() -> str:
             rows, dtype = point.batch * point.n_tokens, torch_dtype(point.dtype)
