@@ -5,7 +5,7 @@ residual at a stage's first block, windows, global blocks) and of each SAM 3 ViT
 (``Sam3ViTLayer``: RoPE, windows with padding, hidden dropout and its MLP's dropout) is one
 fastvit.layernorm_mlp call over the (B, H, W, C) map. Outputs and every gradient by the tolerance
 rule against the unpatched model in float64; dropout in training runs Hugging Face's modules; an
-MLP the op cannot compute is reported; hooks; unpatch; torch.compile; the Triton kernels in the
+MLP the op cannot compute is reported; hooks; unpatch; torch.compile; torch.export; the Triton kernels in the
 interpreter.
 
 Tiny encoders, no downloads: a four-stage Hiera (dims 16-128, 64 px images) and a three-layer SAM 3
@@ -21,12 +21,11 @@ import fastvit
 from tests.patching.helpers import (
     HFLastHiddenState,
     assert_matches_by_the_rule,
-    assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
-    assert_patch_and_unpatch_keep_the_weights,
     pair,
     perturb_,
 )
+from tests.patching.model_checks import ModelChecks
 
 T = pytest.importorskip("transformers")
 
@@ -114,38 +113,21 @@ def test_hooks(name, op_calls):
     assert len(op_calls["layernorm_mlp"]) == layers - 1
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_patch_and_unpatch_keep_the_weights(name):
-    assert_patch_and_unpatch_keep_the_weights(MODELS[name][0]())
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_torch_compile_fullgraph(name, op_calls):
-    build, size, _, _ = MODELS[name]
-    reference, patched, _ = pair(build())
-    compiled = torch.compile(patched, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(images(size)), reference(images(size)), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_triton_route(name, op_calls):
-    build, size, _, _ = MODELS[name]
-    reference, patched, _ = pair(build())
-    with fastvit.backend("triton"):
-        assert_matches_by_the_rule(reference, patched, images(size, batch=1))
-    assert op_calls["layernorm_mlp"]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_compiled_kernels_on_the_gpu(name, op_calls):
-    build, size, layers, _ = MODELS[name]
-    assert_matches_on_the_gpu(build(), images(size))
-    assert len(op_calls["layernorm_mlp"]) >= layers
-
-
 def test_fused_classes_are_the_layer_table_entries():
     assert hf_layers.FUSED_LAYERS[T.models.sam2.modeling_sam2.Sam2MultiScaleBlock] is hf_layers.FusedSam2MultiScaleBlock
     assert hf_layers.FUSED_LAYERS[T.models.sam3.modeling_sam3.Sam3ViTLayer] is hf_layers.FusedSam3ViTLayer
     assert "mlp.dropout" in hf_layers.FusedSam3ViTLayer.fastvit_bypassed
+
+
+class TestHieraChecks(ModelChecks):
+    build = staticmethod(hiera)
+    inputs = staticmethod(lambda batch: images(64, batch))
+    export_ops = frozenset({"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"})
+    counted_op, calls = "layernorm_mlp", HIERA_BLOCKS
+
+
+class TestSam3ViTChecks(ModelChecks):
+    build = staticmethod(sam3_vit)
+    inputs = staticmethod(lambda batch: images(32, batch))
+    export_ops = frozenset({"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"})
+    counted_op, calls = "layernorm_mlp", VIT_LAYERS

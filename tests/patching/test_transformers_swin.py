@@ -19,14 +19,12 @@ import torch
 import fastvit
 from tests.patching.helpers import (
     HFLogits,
-    assert_exports_with_ops,
     assert_matches_by_the_rule,
-    assert_matches_on_the_gpu,
     assert_outputs_and_grads_match,
-    assert_patch_and_unpatch_keep_the_weights,
     pair,
     perturb_,
 )
+from tests.patching.model_checks import ModelChecks
 
 T = pytest.importorskip("transformers")
 
@@ -82,31 +80,9 @@ def test_hooks_run_hugging_face_modules(op_calls, fresh_warnings):
     assert len(op_calls["layernorm_mlp"]) == LAYERS - 1
 
 
-def test_patch_and_unpatch_keep_the_weights():
-    assert_patch_and_unpatch_keep_the_weights(build())
-
-
-def test_torch_compile_fullgraph(op_calls):
-    reference, patched, _ = pair(build())
-    compiled = torch.compile(patched, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(images()), reference(images()), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.interpreter
-def test_torch_export_keeps_the_custom_ops():
-    ops = {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"}
-    assert_exports_with_ops(build(), images(batch=1), ops)
-
-
-@pytest.mark.interpreter
-def test_triton_route(op_calls):
-    reference, patched, _ = pair(build())
-    with fastvit.backend("triton"):
-        assert_matches_by_the_rule(reference, patched, images(20, batch=1))
-    assert len(op_calls["layernorm_mlp"]) == LAYERS
-
-
-@pytest.mark.gpu
-def test_compiled_kernels_on_the_gpu(op_calls):
-    assert_matches_on_the_gpu(build(), images())
-    assert len(op_calls["layernorm_mlp"]) >= LAYERS
+class TestSwinChecks(ModelChecks):
+    build = staticmethod(build)
+    inputs = staticmethod(lambda batch: images(batch=batch))
+    triton_inputs = staticmethod(lambda: images(20, batch=1))  # a padded map
+    export_ops = frozenset({"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"})
+    counted_op, calls = "layernorm_mlp", LAYERS
