@@ -504,80 +504,50 @@ def test_weight_gradient_split_heuristic():
     assert wgrad_splits(tiles=144, rows=100, block_k=64, sms=132) == 1  # too few tokens to split
 
 
+def _opcheck_both_ops(inputs, activation, norm, gated, residual, hidden_norm, needs):
+    """opcheck of the forward op on ``inputs`` (ALL_NAMES order; absent ones None) and of the backward
+    op on what that forward saved; returns the forward's statistics (mean, rstd)."""
+    args = [inputs.get(k) for k in ALL_NAMES]
+    scalars = (1e-6, activation, norm, gated, residual, torch.float32, True, hidden_norm, 1e-5)
+    torch.library.opcheck(torch.ops.fastvit.layernorm_mlp_fwd.default, (*args, *scalars))
+    out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(*args, *scalars)
+    frozen = [t.detach() if t is not None else None for t in args]
+    torch.library.opcheck(
+        torch.ops.fastvit.layernorm_mlp_bwd.default,
+        (torch.randn_like(out), *frozen, pre.detach(), mean.detach(), rstd.detach(), activation, norm, gated,
+         residual, needs, hidden_norm),
+    )
+    return mean, rstd
+
+
 @kernel_test
 def test_kernel_opcheck(kernel_device):
     """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops."""
     inputs = _inputs(2, 3, 16, 24, layer_scale=True, sample_scale=True, device=kernel_device, seed=43)
-    args = [inputs[k] for k in NAMES] + [None] * 4  # no gate weight / bias, no hidden norm
     with fastvit.backend("triton"):
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_fwd.default,
-            (*args, 1e-6, "gelu_tanh", "layernorm", False, True, torch.float32, True, False, 1e-6),
-        )
-        frozen = [t.detach() if t is not None else None for t in args]  # inference: nothing saved
+        needs = [True, False] * 4 + [True] + [False] * 4
+        _opcheck_both_ops(inputs, "gelu_tanh", "layernorm", False, True, False, needs)
+        frozen = [inputs[k].detach() if inputs[k] is not None else None for k in NAMES]  # inference: nothing saved
         torch.library.opcheck(
             torch.ops.fastvit.layernorm_mlp_fwd.default, (*frozen[:4], None, frozen[5], *[None] * 7,
                                                           1e-5, "gelu", "layernorm", False, False, torch.float32,
                                                           False, False, 1e-5)
         )
-        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
-            *args, 1e-6, "gelu", "layernorm", False, True, torch.float32, True, False, 1e-6)
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_bwd.default,
-            (torch.randn_like(out), *frozen, pre.detach(), mean.detach(), rstd.detach(), "gelu", "layernorm", False,
-             True, [True, False] * 4 + [True, False, False, False, False], False),
-        )
     # gated (two weights), RMSNorm, SiLU: the other schema paths
     gated = _inputs(2, 3, 16, 24, gated="split", norm="rms", device=kernel_device, seed=44)
-    gargs = [gated[k] for k in ALL_NAMES]
     with fastvit.backend("triton"):
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_fwd.default,
-            (*gargs, 1e-6, "silu", "rms", True, True, torch.float32, True, False, 1e-6),
-        )
-        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
-            *gargs, 1e-6, "silu", "rms", True, True, torch.float32, True, False, 1e-6)
-        gfrozen = [t.detach() if t is not None else None for t in gargs]
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_bwd.default,
-            (torch.randn_like(out), *gfrozen, pre.detach(), mean.detach(), rstd.detach(), "silu", "rms", True,
-             True, [True] * 13, False),
-        )
+        _opcheck_both_ops(gated, "silu", "rms", True, True, False, [True] * 13)
     # the MLP alone (norm="none"): no norm parameters, empty statistics
     alone = _inputs(2, 3, 16, 24, sample_scale=True, norm="none", device=kernel_device, seed=45)
-    aargs = [alone[k] for k in NAMES] + [None] * 4
     with fastvit.backend("triton"):
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_fwd.default,
-            (*aargs, 1e-6, "gelu", "none", False, False, torch.float32, True, False, 1e-6),
-        )
-        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
-            *aargs, 1e-6, "gelu", "none", False, False, torch.float32, True, False, 1e-6)
-        assert mean.shape == rstd.shape == (0,)
-        afrozen = [t.detach() if t is not None else None for t in aargs]
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_bwd.default,
-            (torch.randn_like(out), *afrozen, pre.detach(), mean.detach(), rstd.detach(), "gelu", "none", False,
-             False, [True] * 9 + [False] * 4, False),
-        )
+        mean, rstd = _opcheck_both_ops(alone, "gelu", "none", False, False, False, [True] * 9 + [False] * 4)
+    assert mean.shape == rstd.shape == (0,)
     # a hidden norm (scale_mlp), packed SwiGLU: its two parameters, the statistics of both norms
     scaled = _inputs(2, 3, 16, 24, gated="packed", hidden_norm=True, layer_scale=True, sample_scale=True,
                      device=kernel_device, seed=46)
-    sargs = [scaled[k] for k in ALL_NAMES]
     with fastvit.backend("triton"):
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_fwd.default,
-            (*sargs, 1e-6, "silu", "layernorm", True, True, torch.float32, True, True, 1e-5),
-        )
-        out, pre, mean, rstd = torch.ops.fastvit.layernorm_mlp_fwd(
-            *sargs, 1e-6, "silu", "layernorm", True, True, torch.float32, True, True, 1e-5)
-        assert mean.shape == rstd.shape == (12,)  # 6 rows of the input norm, then 6 of the hidden norm
-        sfrozen = [t.detach() if t is not None else None for t in sargs]
-        torch.library.opcheck(
-            torch.ops.fastvit.layernorm_mlp_bwd.default,
-            (torch.randn_like(out), *sfrozen, pre.detach(), mean.detach(), rstd.detach(), "silu", "layernorm", True,
-             True, [True] * 13, True),
-        )
+        mean, rstd = _opcheck_both_ops(scaled, "silu", "layernorm", True, True, True, [True] * 13)
+    assert mean.shape == rstd.shape == (12,)  # 6 rows of the input norm, then 6 of the hidden norm
 
 
 @kernel_test
