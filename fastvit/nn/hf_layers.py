@@ -2,7 +2,9 @@
 of each layer as one ``fastvit.layernorm_mlp`` call.
 
 Covered: ``DeiTLayer``, ``ViTMAELayer``, ``IJepaLayer``, ``ViTMSNLayer``, ``VivitLayer``, ``SwinLayer``
-(ViT's layout), ``BeitLayer`` (its ``lambda_2``), ``CLIPEncoderLayer``, ``SiglipEncoderLayer``,
+(ViT's layout), ``BeitLayer`` (its ``lambda_2``), ``CLIPEncoderLayer`` and the layers that are CLIP's
+line for line (``CLIP_LAYOUT_FAMILIES``: Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics3,
+SmolVLM, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal), ``SiglipEncoderLayer``,
 ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
@@ -25,8 +27,11 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 from transformers.models.aimv2.modeling_aimv2 import Aimv2EncoderLayer
+from transformers.models.altclip.modeling_altclip import AltCLIPEncoderLayer, AltCLIPMLP
 from transformers.models.beit.modeling_beit import BeitLayer
+from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionLayer, ChineseCLIPVisionMLP
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.clipseg.modeling_clipseg import CLIPSegEncoderLayer, CLIPSegMLP
 from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2SwiGLUFFN
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
@@ -34,7 +39,17 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersSwiGLUFFN,
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTLayer
+from transformers.models.git.modeling_git import GitVisionEncoderLayer, GitVisionMLP
+from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionMLP
 from transformers.models.ijepa.modeling_ijepa import IJepaLayer
+from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
+from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
+from transformers.models.owlv2.modeling_owlv2 import Owlv2EncoderLayer, Owlv2MLP
+from transformers.models.owlvit.modeling_owlvit import OwlViTEncoderLayer, OwlViTMLP
+from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
+    Phi4MultimodalVisionEncoderLayer,
+    Phi4MultimodalVisionMLP,
+)
 from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
@@ -50,10 +65,12 @@ from transformers.models.sam3.modeling_sam3 import window_unpartition as sam3_wi
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
+from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer, SmolVLMVisionMLP
 from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer
 from transformers.models.vivit.modeling_vivit import VivitLayer
+from transformers.models.x_clip.modeling_x_clip import XCLIPMLP, XCLIPEncoderLayer
 
 import fastvit
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
@@ -61,6 +78,8 @@ from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
+    "CLIP_LAYOUT_FAMILIES",
+    "CLIP_LAYOUT_LAYERS",
     "FusedAimv2EncoderLayer",
     "FusedBeitLayer",
     "FusedCLIPEncoderLayer",
@@ -372,6 +391,47 @@ class FusedCLIPEncoderLayer(_SiglipLayoutForward, CLIPEncoderLayer):
 
     fastvit_mlp = _SIGLIP_LAYOUT
     fastvit_bypassed = _SIGLIP_LAYOUT.bypassed()
+
+
+# The families whose encoder layer is CLIP's, line for line (its forward, its attribute names), with
+# an MLP that is CLIP's fc2(act(fc1(x))) (checked against Hugging Face's source of transformers 5.25):
+# {original layer class: its MLP class}. Each gets a fused class of its own (the registry needs one
+# per original), made by ``_clip_layout_class``.
+CLIP_LAYOUT_FAMILIES: dict[type, type] = {
+    ChineseCLIPVisionLayer: ChineseCLIPVisionMLP,  # Chinese-CLIP's vision tower
+    AltCLIPEncoderLayer: AltCLIPMLP,
+    OwlViTEncoderLayer: OwlViTMLP,  # OWL-ViT
+    Owlv2EncoderLayer: Owlv2MLP,  # OWLv2
+    XCLIPEncoderLayer: XCLIPMLP,  # X-CLIP's frame encoder
+    GitVisionEncoderLayer: GitVisionMLP,  # GIT's CLIP tower (its attention stays eager: see the report)
+    Idefics3EncoderLayer: Idefics3VisionMLP,  # Idefics3's SigLIP tower
+    SmolVLMEncoderLayer: SmolVLMVisionMLP,  # SmolVLM's SigLIP tower
+    Kosmos2VisionEncoderLayer: Kosmos2VisionMLP,
+    CLIPSegEncoderLayer: CLIPSegMLP,
+    MetaClip2EncoderLayer: MetaClip2MLP,  # MetaCLIP 2
+    Phi4MultimodalVisionEncoderLayer: Phi4MultimodalVisionMLP,  # Phi-4-multimodal's SigLIP tower
+}
+
+
+def _clip_layout_class(original: type) -> type[FusedPreNormLayer]:
+    """The fused class of a layer in ``CLIP_LAYOUT_FAMILIES``: ``FusedCLIPEncoderLayer``'s forward on
+    ``original``, named ``Fused<original>`` in this module (so a patched model pickles)."""
+    name = f"Fused{original.__name__}"
+    cls = type(name, (_SiglipLayoutForward, original), {
+        "__doc__": f"``{original.__name__}`` (CLIP's layer, line for line) whose LayerNorm+MLP half is one op call.",
+        "__module__": __name__,
+        "__qualname__": name,
+        "fastvit_mlp": _SIGLIP_LAYOUT,
+        "fastvit_bypassed": _SIGLIP_LAYOUT.bypassed(),
+    })  # fmt: skip
+    globals()[name] = cls
+    return cls
+
+
+# {original layer class: its fused class}
+CLIP_LAYOUT_LAYERS: dict[type, type[FusedPreNormLayer]] = {
+    original: _clip_layout_class(original) for original in CLIP_LAYOUT_FAMILIES
+}
 
 
 _DINOV2_LAYOUT = MlpHalf("norm2", layer_scale="layer_scale2", drop_path="drop_path")
@@ -690,5 +750,6 @@ for _fused in (
     FusedSamHQVisionLayer, FusedSam2MultiScaleBlock, FusedSam3ViTLayer,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
-for _fused in GATED_LAYERS.values():
+for _fused in (*GATED_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values()):
     FUSED_LAYERS[_fused] = _fused
+FUSED_LAYERS.update(CLIP_LAYOUT_LAYERS)

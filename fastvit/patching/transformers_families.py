@@ -92,6 +92,7 @@ _MLPS = {
     hf_layers.FusedSamHQVisionLayer: SamHQMLPBlock,
     hf_layers.FusedSam2MultiScaleBlock: Sam2FeedForward,
     hf_layers.FusedSam3ViTLayer: Sam3MLP,
+    **{hf_layers.CLIP_LAYOUT_LAYERS[layer]: mlp for layer, mlp in hf_layers.CLIP_LAYOUT_FAMILIES.items()},
 }
 _RMS_NORMS = {
     hf_layers.FusedAimv2EncoderLayer: Aimv2RMSNorm,
