@@ -3,8 +3,9 @@ of each layer as one ``fastvit.layernorm_mlp`` call.
 
 Covered: ``DeiTLayer``, ``ViTMAELayer``, ``IJepaLayer``, ``ViTMSNLayer``, ``VivitLayer``, ``SwinLayer``
 (ViT's layout), ``BeitLayer`` (its ``lambda_2``), ``CLIPEncoderLayer`` and the layers that are CLIP's
-line for line (``CLIP_LAYOUT_FAMILIES``: Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics3,
-SmolVLM, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal), ``SiglipEncoderLayer``,
+line for line (``CLIP_LAYOUT_FAMILIES``: Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2,
+Idefics3, SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V,
+Molmo 2, Unlimited-OCR), ``SiglipEncoderLayer``,
 ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
@@ -40,10 +41,20 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTLayer
 from transformers.models.git.modeling_git import GitVisionEncoderLayer, GitVisionMLP
+from transformers.models.granite_docling.modeling_granite_docling import (
+    GraniteDoclingEncoderLayer,
+    GraniteDoclingVisionMLP,
+)
+from transformers.models.groupvit.modeling_groupvit import GroupViTEncoderLayer, GroupViTMLP
+from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer, Idefics2VisionMLP
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionMLP
 from transformers.models.ijepa.modeling_ijepa import IJepaLayer
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
+from transformers.models.minicpm_ocr.modeling_minicpm_ocr import MiniCPMOcrVisionEncoderLayer, MiniCPMOcrVisionMLP
+from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6VisionEncoderLayer, MiniCPMV4_6VisionMLP
+from transformers.models.minicpmv4_7.modeling_minicpmv4_7 import MiniCPMV4_7VisionEncoderLayer, MiniCPMV4_7VisionMLP
+from transformers.models.molmo2.modeling_molmo2 import Molmo2VisionEncoderLayer, Molmo2VisionMLP
 from transformers.models.owlv2.modeling_owlv2 import Owlv2EncoderLayer, Owlv2MLP
 from transformers.models.owlvit.modeling_owlvit import OwlViTEncoderLayer, OwlViTMLP
 from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
@@ -67,6 +78,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer, SmolVLMVisionMLP
 from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
+from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrEncoderLayer, UnlimitedOcrMLP
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer
 from transformers.models.vivit.modeling_vivit import VivitLayer
@@ -410,6 +422,14 @@ CLIP_LAYOUT_FAMILIES: dict[type, type] = {
     CLIPSegEncoderLayer: CLIPSegMLP,
     MetaClip2EncoderLayer: MetaClip2MLP,  # MetaCLIP 2
     Phi4MultimodalVisionEncoderLayer: Phi4MultimodalVisionMLP,  # Phi-4-multimodal's SigLIP tower
+    Idefics2EncoderLayer: Idefics2VisionMLP,  # Idefics2's SigLIP tower
+    GraniteDoclingEncoderLayer: GraniteDoclingVisionMLP,  # Granite-Docling's SigLIP tower
+    GroupViTEncoderLayer: GroupViTMLP,  # GroupViT's encoder (its grouping blocks and attention stay its own)
+    MiniCPMOcrVisionEncoderLayer: MiniCPMOcrVisionMLP,  # MiniCPM's packed SigLIP towers
+    MiniCPMV4_6VisionEncoderLayer: MiniCPMV4_6VisionMLP,
+    MiniCPMV4_7VisionEncoderLayer: MiniCPMV4_7VisionMLP,
+    Molmo2VisionEncoderLayer: Molmo2VisionMLP,  # Molmo 2's vision tower
+    UnlimitedOcrEncoderLayer: UnlimitedOcrMLP,
 }
 
 

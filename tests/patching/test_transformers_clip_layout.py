@@ -1,11 +1,13 @@
 """The Hugging Face encoder layers that are CLIP's line for line (fastvit.nn.hf_layers.CLIP_LAYOUT_FAMILIES:
-Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics3, SmolVLM, Kosmos-2, CLIPSeg, MetaCLIP 2,
-Phi-4-multimodal): each layer's LayerNorm+MLP half is one fastvit.layernorm_mlp call, by
-``FusedCLIPEncoderLayer``'s forward on a fused class of the family's own. That the layers are CLIP's
-is checked against the installed transformers' source (a family whose forward or MLP drifts from
-CLIP's fails here, not silently in a model); each family's tiny model patched matches the unpatched
-one by the tolerance rule (outputs and every gradient, float64 oracle); a patched model pickles and
-unpatches; the Triton kernels in the interpreter on one family.
+Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2, Idefics3, SmolVLM, Granite-Docling,
+Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR): each
+layer's LayerNorm+MLP half is one fastvit.layernorm_mlp call, by ``FusedCLIPEncoderLayer``'s forward
+on a fused class of the family's own. That the layers are CLIP's is checked against the installed
+transformers' source (a family whose forward or MLP drifts from CLIP's fails here, not silently in a
+model); each family patched matches the unpatched one by the tolerance rule (outputs and every
+gradient, float64 oracle: the model where images are all it takes, else a stack of two of its
+layers on tokens, MiniCPM's packed); a patched model pickles and unpatches; the Triton kernels in
+the interpreter on one family.
 """
 
 from __future__ import annotations
@@ -55,6 +57,35 @@ def _x_clip_text_encoder() -> torch.nn.Module:
     return EncoderOfEmbeddings(perturb_(T.XCLIPTextModel(config).encoder)).eval()
 
 
+class LayerStack(torch.nn.Module):
+    """Two of a family's encoder layers on (B, N, D) tokens, for the families whose models need more
+    than images (MiniCPM's packed sequences, Granite-Docling's and Unlimited-OCR's crops); ``kwargs``
+    reach the attention (``cu_seqlens`` ...)."""
+
+    def __init__(self, layers: torch.nn.ModuleList, **kwargs) -> None:
+        super().__init__()
+        self.layers, self.kwargs = layers, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, None, **self.kwargs)
+        return x
+
+
+def _layers(module: str, layer: str, config: str, config_args: dict | None = None, **kwargs) -> torch.nn.Module:
+    configs = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+    args = {k: v for k, v in TINY.items() if k not in ("image_size", "patch_size")}
+    cfg = getattr(configs, config)(**args, **(config_args or {}))
+    cfg._attn_implementation = "sdpa"
+    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), layer)
+    return LayerStack(perturb_(torch.nn.ModuleList([cls(cfg) for _ in range(LAYERS)])), **kwargs).eval()
+
+
+TOKENS = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
+# MiniCPM's towers attend within each image of a packed batch: two images of 5 and 9 tokens
+PACKED = dict(cu_seqlens=torch.tensor([0, 5, 14], dtype=torch.int32), max_seqlen=9)
+PACKED_TOKENS = torch.randn(1, 14, 32, generator=torch.Generator().manual_seed(2))
+
 # family -> (builder, inputs)
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 FAMILIES = {
@@ -70,6 +101,20 @@ FAMILIES = {
     "clipseg": (lambda: _vision("clipseg", "CLIPSegVisionModel"), IMAGES),
     "metaclip_2": (lambda: _vision("metaclip_2", "MetaClip2VisionModel"), IMAGES),
     "phi4_multimodal": (lambda: _vision("phi4_multimodal", "Phi4MultimodalVisionModel"), IMAGES),
+    "idefics2": (lambda: _vision("idefics2", "Idefics2VisionTransformer"), IMAGES),
+    "granite_docling": (lambda: _layers("granite_docling", "GraniteDoclingEncoderLayer",
+                                        "GraniteDoclingVisionConfig"), TOKENS),
+    "groupvit": (lambda: _layers("groupvit", "GroupViTEncoderLayer", "GroupViTVisionConfig"), TOKENS),
+    "minicpm_ocr": (lambda: _layers("minicpm_ocr", "MiniCPMOcrVisionEncoderLayer", "MiniCPMOcrVisionConfig",
+                                    **PACKED), PACKED_TOKENS),
+    "minicpmv4_6": (lambda: _layers("minicpmv4_6", "MiniCPMV4_6VisionEncoderLayer", "MiniCPMV4_6VisionConfig",
+                                    **PACKED), PACKED_TOKENS),
+    "minicpmv4_7": (lambda: _layers("minicpmv4_7", "MiniCPMV4_7VisionEncoderLayer", "MiniCPMV4_7VisionConfig",
+                                    **PACKED), PACKED_TOKENS),
+    "molmo2": (lambda: _layers("molmo2", "Molmo2VisionEncoderLayer", "Molmo2VisionConfig",
+                               dict(num_key_value_heads=2, head_dim=16)), TOKENS),
+    "unlimited_ocr": (lambda: _layers("unlimited_ocr", "UnlimitedOcrEncoderLayer", "UnlimitedOcrVisionEncoderConfig"),
+                      TOKENS),
 }
 
 
