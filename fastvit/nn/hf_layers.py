@@ -6,7 +6,8 @@ Covered: ``DeiTLayer``, ``ViTMAELayer``, ``IJepaLayer``, ``ViTMSNLayer``, ``Vivi
 line for line (``CLIP_LAYOUT_FAMILIES``: Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2,
 Idefics3, SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V,
 Molmo 2, Unlimited-OCR), ``SiglipEncoderLayer``,
-``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer`` and ``DINOv3ViTLayer``
+``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer``, the layers that are DINOv2's line
+for line (``DINOV2_LAYOUT_FAMILIES``: C-RADIO, EoMT, TIPSv2, VidEoMT) and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
 ``Qwen2_5_VLVisionBlock`` (RMSNorm + SwiGLU) and ``Qwen3VLVisionBlock`` (tanh-GELU MLP), on their
@@ -23,7 +24,7 @@ module imports transformers.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersSwiGLUFFN,
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTLayer
+from transformers.models.eomt.modeling_eomt import EomtDropPath, EomtLayer, EomtLayerScale, EomtMLP, EomtSwiGLUFFN
 from transformers.models.git.modeling_git import GitVisionEncoderLayer, GitVisionMLP
 from transformers.models.granite_docling.modeling_granite_docling import (
     GraniteDoclingEncoderLayer,
@@ -65,6 +67,13 @@ from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock
+from transformers.models.radio.modeling_radio import (
+    RadioDropPath,
+    RadioLayer,
+    RadioLayerScale,
+    RadioMLP,
+    RadioSwiGLUFFN,
+)
 from transformers.models.sam.modeling_sam import SamVisionLayer
 from transformers.models.sam2.modeling_sam2 import Sam2MultiScaleBlock
 from transformers.models.sam2.modeling_sam2 import do_pool as sam2_do_pool
@@ -78,7 +87,21 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer, SmolVLMVisionMLP
 from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
+from transformers.models.tipsv2.modeling_tipsv2 import (
+    Tipsv2VisionDropPath,
+    Tipsv2VisionLayer,
+    Tipsv2VisionLayerScale,
+    Tipsv2VisionMLP,
+    Tipsv2VisionSwiGLUFFN,
+)
 from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrEncoderLayer, UnlimitedOcrMLP
+from transformers.models.videomt.modeling_videomt import (
+    VideomtDropPath,
+    VideomtLayer,
+    VideomtLayerScale,
+    VideomtMLP,
+    VideomtSwiGLUFFN,
+)
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer
 from transformers.models.vivit.modeling_vivit import VivitLayer
@@ -92,6 +115,9 @@ from fastvit.ops._fx import method_leaf
 __all__ = [
     "CLIP_LAYOUT_FAMILIES",
     "CLIP_LAYOUT_LAYERS",
+    "DINOV2_LAYOUT_FAMILIES",
+    "DINOV2_LAYOUT_LAYERS",
+    "DinoParts",
     "FusedAimv2EncoderLayer",
     "FusedBeitLayer",
     "FusedCLIPEncoderLayer",
@@ -502,6 +528,57 @@ class FusedDinov2WithRegistersGatedLayer(_Dinov2LayoutForward, Dinov2WithRegiste
     fastvit_bypassed = _DINO_GATED_LAYOUT.bypassed()
 
 
+class DinoParts(NamedTuple):
+    """The module classes a DINOv2-layout family's layer may hold (what the patcher checks)."""
+
+    mlp: type  # the plain MLP (fc1, activation, fc2)
+    gated_mlp: type  # the SwiGLU FFN (``use_swiglu_ffn``)
+    layer_scale: type
+    drop_path: type
+
+
+# The families whose encoder layer is DINOv2's line for line (its forward, its attribute names, its
+# MLP, SwiGLU FFN, LayerScale and drop path: checked against Hugging Face's source of transformers
+# 5.25): {original layer class: its parts}. Each gets two fused classes of its own (plain and gated
+# MLP), made by ``_dinov2_layout_classes``.
+DINOV2_LAYOUT_FAMILIES: dict[type, DinoParts] = {
+    RadioLayer: DinoParts(RadioMLP, RadioSwiGLUFFN, RadioLayerScale, RadioDropPath),  # NVIDIA C-RADIO
+    EomtLayer: DinoParts(EomtMLP, EomtSwiGLUFFN, EomtLayerScale, EomtDropPath),  # EoMT segmentation
+    Tipsv2VisionLayer: DinoParts(Tipsv2VisionMLP, Tipsv2VisionSwiGLUFFN, Tipsv2VisionLayerScale,
+                                 Tipsv2VisionDropPath),  # TIPSv2's image tower
+    VideomtLayer: DinoParts(VideomtMLP, VideomtSwiGLUFFN, VideomtLayerScale, VideomtDropPath),  # VidEoMT
+}
+
+
+def _dinov2_layout_classes(original: type) -> tuple[type[FusedPreNormLayer], type[FusedPreNormLayer]]:
+    """The fused classes (plain MLP, SwiGLU FFN) of a layer in ``DINOV2_LAYOUT_FAMILIES``:
+    ``FusedDinov2Layer``'s and ``FusedDinov2GatedLayer``'s forward on ``original``, named
+    ``Fused<original>`` and ``Fused<original without "Layer">GatedLayer`` in this module (so a
+    patched model pickles)."""
+    made = []
+    for name, layout, kind in (
+        (f"Fused{original.__name__}", _DINOV2_LAYOUT, "LayerScale"),
+        (f"Fused{original.__name__.removesuffix('Layer')}GatedLayer", _DINO_GATED_LAYOUT, "SwiGLU FFN and LayerScale"),
+    ):
+        cls = type(name, (_Dinov2LayoutForward, original), {
+            "__doc__": f"``{original.__name__}`` (DINOv2's layer, line for line) whose LayerNorm+MLP half with its "
+                       f"{kind} is one op call.",
+            "__module__": __name__,
+            "__qualname__": name,
+            "fastvit_mlp": layout,
+            "fastvit_bypassed": layout.bypassed(),
+        })  # fmt: skip
+        globals()[name] = cls
+        made.append(cls)
+    return made[0], made[1]
+
+
+# {original layer class: (its plain fused class, its gated fused class)}
+DINOV2_LAYOUT_LAYERS: dict[type, tuple[type[FusedPreNormLayer], type[FusedPreNormLayer]]] = {
+    original: _dinov2_layout_classes(original) for original in DINOV2_LAYOUT_FAMILIES
+}
+
+
 class _DINOv3LayoutForward(FusedPreNormLayer):
     def forward(
         self,
@@ -753,7 +830,8 @@ def mlp_parts(module: nn.Module) -> MlpHalf:
 
 
 # the gated MLP classes of the families with two kinds (their layer's ``mlp``)
-_GATED_MLPS = (Dinov2SwiGLUFFN, Dinov2WithRegistersSwiGLUFFN, DINOv3ViTGatedMLP)
+_GATED_MLPS = (Dinov2SwiGLUFFN, Dinov2WithRegistersSwiGLUFFN, DINOv3ViTGatedMLP,
+               *(parts.gated_mlp for parts in DINOV2_LAYOUT_FAMILIES.values()))
 # {original layer: its fused class for the gated MLP}
 GATED_LAYERS: dict[type, type[FusedPreNormLayer]] = {
     Dinov2Layer: FusedDinov2GatedLayer,
@@ -770,6 +848,9 @@ for _fused in (
     FusedSamHQVisionLayer, FusedSam2MultiScaleBlock, FusedSam3ViTLayer,
 ):  # fmt: skip
     FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
-for _fused in (*GATED_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values()):
+for _original, (_plain, _gated) in DINOV2_LAYOUT_LAYERS.items():
+    FUSED_LAYERS[_original] = _plain
+    GATED_LAYERS[_original] = _gated
+for _fused in (*GATED_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values(), *(p for p, _ in DINOV2_LAYOUT_LAYERS.values())):
     FUSED_LAYERS[_fused] = _fused
 FUSED_LAYERS.update(CLIP_LAYOUT_LAYERS)

@@ -93,6 +93,8 @@ _MLPS = {
     hf_layers.FusedSam2MultiScaleBlock: Sam2FeedForward,
     hf_layers.FusedSam3ViTLayer: Sam3MLP,
     **{hf_layers.CLIP_LAYOUT_LAYERS[layer]: mlp for layer, mlp in hf_layers.CLIP_LAYOUT_FAMILIES.items()},
+    **{fused: mlp for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items()
+       for fused, mlp in zip(pair, hf_layers.DINOV2_LAYOUT_FAMILIES[layer][:2], strict=True)},  # plain, gated
 }
 _RMS_NORMS = {
     hf_layers.FusedAimv2EncoderLayer: Aimv2RMSNorm,
@@ -106,6 +108,8 @@ _LAYER_SCALES = {
     hf_layers.FusedDinov2WithRegistersGatedLayer: dinov2_registers.Dinov2WithRegistersLayerScale,
     hf_layers.FusedDINOv3ViTLayer: DINOv3ViTLayerScale,
     hf_layers.FusedDINOv3ViTGatedLayer: DINOv3ViTLayerScale,
+    **{fused: hf_layers.DINOV2_LAYOUT_FAMILIES[layer].layer_scale
+       for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items() for fused in pair},
 }
 _DROP_PATHS = {
     hf_layers.FusedBeitLayer: BeitDropPath,
@@ -115,6 +119,8 @@ _DROP_PATHS = {
     hf_layers.FusedDinov2WithRegistersGatedLayer: dinov2_registers.Dinov2WithRegistersDropPath,
     hf_layers.FusedDINOv3ViTLayer: Dinov3ViTDropPath,
     hf_layers.FusedDINOv3ViTGatedLayer: Dinov3ViTDropPath,
+    **{fused: hf_layers.DINOV2_LAYOUT_FAMILIES[layer].drop_path
+       for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items() for fused in pair},
 }
 
 
