@@ -128,6 +128,7 @@ def patch(
       the MLP halves of the layers that are CLIP's (Chinese-CLIP, AltCLIP, OWL-ViT / OWLv2, X-CLIP,
       GIT, Idefics2 / 3, SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal,
       GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR) and DINOv2's (C-RADIO, EoMT, TIPSv2, VidEoMT),
+      of DPT's, YOLOS's and VideoMAE's (ViT's 4.x layout),
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
       (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's and SAM-HQ's image encoder

@@ -7,7 +7,8 @@ vision blocks) and their patch embeddings
 reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
 its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's (and SAM-HQ's) image encoder attention
 (decomposed relative position, its own forward: ``fastvit.nn.hf_sam``); the layers of SAM's, SAM 2's
-and SAM 3's image encoders are ``hf_layers``' like the others.
+and SAM 3's image encoders are ``hf_layers``' like the others; the layers still in ViT's 4.x layout
+(``intermediate`` / ``output``: DPT, YOLOS, VideoMAE) are ``fastvit.nn.hf_intermediate_output``'s.
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -58,7 +59,7 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNMLP
 from transformers.models.vivit.modeling_vivit import VivitMLP
 
-from fastvit.nn import hf_convnext, hf_embeddings, hf_layers, hf_sam, hf_swinv2
+from fastvit.nn import hf_convnext, hf_embeddings, hf_intermediate_output, hf_layers, hf_sam, hf_swinv2
 from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, fused_table, slot
@@ -312,9 +313,45 @@ def _sam_attention_notes(attn: nn.Module) -> list[str]:
     return [f"attention dropout {attn.dropout}: in training it runs Hugging Face's forward"]
 
 
+_INTERMEDIATE_OUTPUT = fused_table(*hf_intermediate_output.INTERMEDIATE_OUTPUT_LAYERS.values())
+
+
+def _intermediate_output_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a layer in ViT's 4.x layout: an ``nn.LayerNorm`` over the
+    last dim, the family's ``intermediate`` and ``output`` of Linears, an activation the op has,
+    Hugging Face's dropout module."""
+    names = ("layernorm_before", "attention", "layernorm_after", "intermediate", "output")
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    original = _INTERMEDIATE_OUTPUT[type(layer)].fastvit_original()
+    intermediate_cls, output_cls = hf_intermediate_output.INTERMEDIATE_OUTPUT_FAMILIES[original]
+    problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
+    problems += exact_type(layer.intermediate, "intermediate", (intermediate_cls,), intermediate_cls.__name__)
+    problems += exact_type(layer.output, "output", (output_cls,), output_cls.__name__)
+    if problems:
+        return problems
+    problems += exact_type(layer.intermediate.dense, "intermediate.dense", (nn.Linear,), "nn.Linear")
+    problems += exact_type(layer.output.dense, "output.dense", (nn.Linear,), "nn.Linear")
+    problems += exact_type(layer.output.dropout, "output.dropout", (nn.Dropout,), "nn.Dropout")
+    act = layer.intermediate.intermediate_act_fn
+    if activation_of(act) is None:
+        problems.append(f"intermediate.intermediate_act_fn is {type(act).__qualname__}; the fused op computes GELU "
+                        "(exact or tanh), quick_gelu and SiLU")  # fmt: skip
+    return problems
+
+
+def _intermediate_output_notes(layer: nn.Module) -> list[str]:
+    p = layer.output.dropout.p
+    return [f"hidden dropout {p}: in training its MLP half runs Hugging Face's modules"] if p > 0 else []
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
     (or their fused classes), else None."""
+    if type(module) in _INTERMEDIATE_OUTPUT:
+        return slot(path, module, "mlp", _INTERMEDIATE_OUTPUT[type(module)], _intermediate_output_problems,
+                    _intermediate_output_notes)  # fmt: skip
     if type(module) in _SAM_ATTENTIONS:
         return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
                     _sam_attention_notes)  # fmt: skip

@@ -1,0 +1,92 @@
+"""Fused subclasses of the Hugging Face encoder layers still in ViT's 4.x layout, whose MLP half is two
+modules: ``intermediate`` (``dense``, ``intermediate_act_fn``) and ``output`` (``dense``, ``dropout``
+and the residual add, ``output(h, input)``). DPT's ``DPTViTLayer`` (DPT, and the depth models built on
+it), YOLOS's ``YolosLayer`` and VideoMAE's ``VideoMAELayer`` (``INTERMEDIATE_OUTPUT_FAMILIES``,
+checked line for line against one another in the tests).
+
+    hidden_states = attention(layernorm_before(h)) + h                     (Hugging Face's, kept)
+    layer_output  = output(intermediate(layernorm_after(hidden_states)), hidden_states)
+
+The second line is one ``fastvit.layernorm_mlp`` call (residual included); hidden dropout in
+training, or a hook on (or a replacement of) one of those modules, runs Hugging Face's modules. The
+attention goes through transformers' ``AttentionInterface`` (routed by ``fastvit.patch``). Importing
+this module imports transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.dpt.modeling_dpt import DPTViTIntermediate, DPTViTLayer, DPTViTOutput
+from transformers.models.videomae.modeling_videomae import VideoMAEIntermediate, VideoMAELayer, VideoMAEOutput
+from transformers.models.yolos.modeling_yolos import YolosIntermediate, YolosLayer, YolosOutput
+
+import fastvit
+from fastvit.nn.fused import FusedModule, mlp_dropout_fallback
+from fastvit.nn.hf_vit import activation_of
+from fastvit.ops._fx import method_leaf
+
+__all__ = ["INTERMEDIATE_OUTPUT_FAMILIES", "INTERMEDIATE_OUTPUT_LAYERS", "IntermediateOutputLayer"]
+
+# {original layer class: (its intermediate class, its output class)}
+INTERMEDIATE_OUTPUT_FAMILIES: dict[type, tuple[type, type]] = {
+    DPTViTLayer: (DPTViTIntermediate, DPTViTOutput),  # DPT (dpt-large, dpt-hybrid's ViT)
+    YolosLayer: (YolosIntermediate, YolosOutput),  # YOLOS detection
+    VideoMAELayer: (VideoMAEIntermediate, VideoMAEOutput),  # VideoMAE
+}
+
+
+class IntermediateOutputLayer(FusedModule):
+    """The forward of the fused layers in ViT's 4.x layout (the base of each): Hugging Face's attention
+    half line for line, then ``output(intermediate(layernorm_after(h)), h)`` as one op call."""
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+    fastvit_bypassed = ("layernorm_after", "intermediate", "intermediate.dense", "intermediate.intermediate_act_fn",
+                        "output", "output.dense", "output.dropout")  # fmt: skip
+
+    def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``output(intermediate(layernorm_after(h)), h)`` (..., D) -> (..., D): one op call, or
+        Hugging Face's modules."""
+        traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
+        if not self._fastvit_submodules_intact() or mlp_dropout_fallback(
+            "Hugging Face", type(self).fastvit_original().__name__, self.output.dropout
+        ):
+            return self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
+        norm, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
+        return fastvit.layernorm_mlp(
+            hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,
+            activation=activation_of(self.intermediate.intermediate_act_fn),
+        )  # fmt: skip
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, **kwargs)
+        hidden_states_norm = self.layernorm_before(hidden_states)
+        attention_output = self.attention(hidden_states_norm, **kwargs)
+        hidden_states = attention_output + hidden_states
+        return self._fastvit_mlp_half(hidden_states)
+
+    def extra_repr(self) -> str:
+        norm = self.layernorm_after
+        return f"dim={norm.normalized_shape[0]}, eps={norm.eps}, fastvit={self.fastvit_op}"
+
+
+def _fused_class(original: type) -> type[IntermediateOutputLayer]:
+    """``IntermediateOutputLayer``'s forward on ``original``, named ``Fused<original>`` in this module
+    (so a patched model pickles)."""
+    name = f"Fused{original.__name__}"
+    cls = type(name, (IntermediateOutputLayer, original), {
+        "__doc__": f"``{original.__name__}`` (ViT's 4.x layout) whose LayerNorm+MLP half is one op call.",
+        "__module__": __name__,
+        "__qualname__": name,
+    })  # fmt: skip
+    globals()[name] = cls
+    return cls
+
+
+# {original layer class: its fused class}
+INTERMEDIATE_OUTPUT_LAYERS: dict[type, type[IntermediateOutputLayer]] = {
+    original: _fused_class(original) for original in INTERMEDIATE_OUTPUT_FAMILIES
+}
