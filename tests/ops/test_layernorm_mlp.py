@@ -222,6 +222,21 @@ def test_kernel_low_precision_gpu(dim, hidden, n_tok, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim,hidden,gated", [(768, 2048, "split"), (1024, 2730, "split"), (768, 3072, None)],
+                         ids=["eva02-b", "eva02-l", "plain"])
+def test_kernel_hidden_norm_low_precision_gpu(dim, hidden, gated, dtype):
+    """The hidden norm at EVA02-B / -L widths (SwiGLU with its scale_mlp LayerNorm; 2730: a hidden
+    width in the 4096 row bucket, not a multiple of the tiles) on the compiled kernels."""
+    build, call = _variant(gated, "layernorm", "silu" if gated else "gelu")
+    inputs = _inputs(2, 197, dim, hidden, layer_scale=True, sample_scale=True, hidden_norm=True, dtype=dtype,
+                     device="cuda", seed=13, **build)
+    call["hidden_norm"] = "layernorm"
+    out, grad_out, grads = _run_kernel(inputs, **call)
+    _check_against_reference(inputs, out, grad_out, grads, **call)
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_kernel_int64_offsets_gpu():
     """tokens x hidden past 2^31 (3600 x 197 ViT-B rows: the (T, 3072) pre-activation, gelu and dA
