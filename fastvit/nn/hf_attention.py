@@ -302,7 +302,12 @@ def fastvit_attention_forward(
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q_length, kv_length = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = q_length > 1 and attention_mask is None and bool(is_causal)  # SDPA's rule
+    # SDPA's rule (causal without a mask and with more than one query), the length tested in an ``if``:
+    # under torch.compile's dynamic shapes it is symbolic, and ``q_length > 1 and ...`` handed the op
+    # a SymBool (SDPA rejects one); a branch makes dynamo guard on it and keeps the flag a bool
+    is_causal = bool(is_causal) and attention_mask is None
+    if is_causal and q_length <= 1:
+        is_causal = False
     if packed:  # flash-attn's packed sequences: one varlen launch
         return _varlen(query, key, value, scaling, is_causal, kwargs), None
     if is_causal and kv_length > q_length:  # prefill into an empty static cache, as SDPA crops it

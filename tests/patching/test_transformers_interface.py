@@ -720,3 +720,30 @@ def test_triton_kernels_on_masked_families(name, attention_calls):
     assert len(attention_calls) == family.routed
     assert sum(c["mask"] is not None for c in attention_calls) == family.masked
     assert sum(c["op"] == "flash_attention_varlen" for c in attention_calls) == family.packed
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pool", [9, 1], ids=["one-pooled-query", "all-queries"])
+def test_the_attention_function_compiles_with_dynamic_shapes(causal, pool):
+    """Under torch.compile with dynamic shapes (what a recompile at a second image size turns on) the
+    lengths are symbolic: the causal flag handed to the op must still be a bool. SDPA's
+    ``q_length > 1 and ... and is_causal`` returns its first falsy operand, a SymBool for one query
+    (SAM 2's Hiera pools a 2 x 2 window's queries to one: it failed to compile after another model
+    had compiled the same wrapper), which SDPA rejects."""
+    from fastvit.nn.hf_attention import fastvit_attention_forward
+
+    module = nn.Module()
+    module.is_causal = causal
+    gen = _gen(3)
+    q, k, v = (torch.randn(2, 2, 9, 16, generator=gen) for _ in range(3))
+
+    def attend(q, k, v):
+        q = q[:, :, : q.shape[2] // pool]  # Hiera's query pooling: a length derived from a symbolic one
+        return fastvit_attention_forward(module, q, k, v, None, dropout=0.0, scaling=0.25)[0]
+
+    compiled = torch.compile(attend, backend="eager", fullgraph=True, dynamic=True)
+    queries = 9 // pool
+    causal_here = causal and queries > 1  # SDPA's rule: one query attends to every key
+    want = torch.nn.functional.scaled_dot_product_attention(q[:, :, :queries], k, v, is_causal=causal_here,
+                                                            scale=0.25).transpose(1, 2)  # fmt: skip
+    torch.testing.assert_close(compiled(q, k, v), want, rtol=1e-5, atol=1e-6)
