@@ -268,8 +268,14 @@ def _swinv2_layer_problems(layer: nn.Module) -> list[str]:
     problems = missing_attributes(layer, names, "transformers")
     if problems:
         return problems
-    problems += exact_type(layer.intermediate, "intermediate", (Swinv2Intermediate,), "Swinv2Intermediate")
-    problems += exact_type(layer.output, "output", (Swinv2Output,), "Swinv2Output")
+    return problems + _intermediate_output_modules_problems(layer, Swinv2Intermediate, Swinv2Output)
+
+
+def _intermediate_output_modules_problems(layer: nn.Module, intermediate_cls: type, output_cls: type) -> list[str]:
+    """What the op must be able to compute of a layer's ``intermediate`` (``dense``, an activation the
+    op has) and ``output`` (``dense``, Hugging Face's dropout module), of the family's classes."""
+    problems = exact_type(layer.intermediate, "intermediate", (intermediate_cls,), intermediate_cls.__name__)
+    problems += exact_type(layer.output, "output", (output_cls,), output_cls.__name__)
     if problems:
         return problems
     problems += exact_type(layer.intermediate.dense, "intermediate.dense", (nn.Linear,), "nn.Linear")
@@ -327,18 +333,7 @@ def _intermediate_output_problems(layer: nn.Module) -> list[str]:
     original = _INTERMEDIATE_OUTPUT[type(layer)].fastvit_original()
     intermediate_cls, output_cls = hf_intermediate_output.INTERMEDIATE_OUTPUT_FAMILIES[original]
     problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
-    problems += exact_type(layer.intermediate, "intermediate", (intermediate_cls,), intermediate_cls.__name__)
-    problems += exact_type(layer.output, "output", (output_cls,), output_cls.__name__)
-    if problems:
-        return problems
-    problems += exact_type(layer.intermediate.dense, "intermediate.dense", (nn.Linear,), "nn.Linear")
-    problems += exact_type(layer.output.dense, "output.dense", (nn.Linear,), "nn.Linear")
-    problems += exact_type(layer.output.dropout, "output.dropout", (nn.Dropout,), "nn.Dropout")
-    act = layer.intermediate.intermediate_act_fn
-    if activation_of(act) is None:
-        problems.append(f"intermediate.intermediate_act_fn is {type(act).__qualname__}; the fused op computes GELU "
-                        "(exact or tanh), quick_gelu and SiLU")  # fmt: skip
-    return problems
+    return problems + _intermediate_output_modules_problems(layer, intermediate_cls, output_cls)
 
 
 def _intermediate_output_notes(layer: nn.Module) -> list[str]:

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 import io
-import re
 
 import pytest
 import torch
 
 import fastvit
-from tests.patching.helpers import HFLastHiddenState, assert_matches_by_the_rule, module_types, pair, perturb_
+from tests.patching.helpers import (
+    HFLastHiddenState,
+    assert_matches_by_the_rule,
+    module_types,
+    pair,
+    perturb_,
+    source_lines,
+)
 
 T = pytest.importorskip("transformers")
 
@@ -118,19 +123,12 @@ FAMILIES = {
 }
 
 
-def _source(function, *names: str) -> list[str]:
-    """``function``'s source lines without comments, docstrings or decorators, ``names`` replaced by X."""
-    text = re.sub(r"#.*", "", inspect.getsource(function))
-    for name in names:
-        text = text.replace(name, "X")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(('"""', "@"))]
-
-
 @pytest.mark.parametrize("layer", list(hf_layers.CLIP_LAYOUT_FAMILIES), ids=lambda c: c.__name__)
 def test_the_families_are_clip_line_for_line(layer):
     mlp = hf_layers.CLIP_LAYOUT_FAMILIES[layer]
-    assert _source(layer.forward, layer.__name__) == _source(CLIPEncoderLayer.forward, CLIPEncoderLayer.__name__)
-    assert _source(mlp.forward, mlp.__name__) == _source(CLIPMLP.forward, CLIPMLP.__name__)
+    clip_forward = source_lines(CLIPEncoderLayer.forward, CLIPEncoderLayer.__name__)
+    assert source_lines(layer.forward, layer.__name__) == clip_forward
+    assert source_lines(mlp.forward, mlp.__name__) == source_lines(CLIPMLP.forward, CLIPMLP.__name__)
     fused = hf_layers.CLIP_LAYOUT_LAYERS[layer]
     assert fused.__name__ == f"Fused{layer.__name__}" and fused.fastvit_original() is layer
     assert getattr(hf_layers, fused.__name__) is fused  # importable by name: a patched model pickles

@@ -12,14 +12,18 @@ is fused anew as that kind; the Triton kernels in the interpreter on one family.
 from __future__ import annotations
 
 import importlib
-import inspect
-import re
 
 import pytest
 import torch
 
 import fastvit
-from tests.patching.helpers import assert_matches_by_the_rule, assert_outputs_and_grads_match, pair, perturb_
+from tests.patching.helpers import (
+    assert_matches_by_the_rule,
+    assert_outputs_and_grads_match,
+    pair,
+    perturb_,
+    source_lines,
+)
 
 T = pytest.importorskip("transformers")
 
@@ -61,21 +65,13 @@ def build(family: str, **config_args) -> torch.nn.Module:
     return LayerStack(perturb_(torch.nn.ModuleList([cls(cfg) for _ in range(LAYERS)]))).eval()
 
 
-def _source(function, *names: str) -> list[str]:
-    """``function``'s source lines without comments, docstrings or decorators, ``names`` replaced by X."""
-    text = re.sub(r"#.*", "", inspect.getsource(function))
-    for name in names:
-        text = text.replace(name, "X")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(('"""', "@"))]
-
-
 @pytest.mark.parametrize("layer", list(hf_layers.DINOV2_LAYOUT_FAMILIES), ids=lambda c: c.__name__)
 def test_the_families_are_dinov2_line_for_line(layer):
     parts = hf_layers.DINOV2_LAYOUT_FAMILIES[layer]
     references = (dinov2.Dinov2Layer, dinov2.Dinov2MLP, dinov2.Dinov2SwiGLUFFN, dinov2.Dinov2LayerScale,
                   dinov2.Dinov2DropPath)  # fmt: skip
     for ours, reference in zip((layer, *parts), references, strict=True):
-        assert _source(ours.forward, ours.__name__) == _source(reference.forward, reference.__name__), ours
+        assert source_lines(ours.forward, ours.__name__) == source_lines(reference.forward, reference.__name__), ours
     plain, gated = hf_layers.DINOV2_LAYOUT_LAYERS[layer]
     assert plain.fastvit_original() is gated.fastvit_original() is layer
     assert getattr(hf_layers, plain.__name__) is plain and getattr(hf_layers, gated.__name__) is gated

@@ -10,9 +10,6 @@ in the interpreter on DPT.
 
 from __future__ import annotations
 
-import inspect
-import re
-
 import pytest
 import torch
 
@@ -23,6 +20,7 @@ from tests.patching.helpers import (
     assert_outputs_and_grads_match,
     pair,
     perturb_,
+    source_lines,
 )
 from tests.patching.model_checks import ModelChecks
 
@@ -54,14 +52,6 @@ def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, originals)]
 
 
-def _source(function, *names: str) -> list[str]:
-    """``function``'s source lines without comments, docstrings or decorators, ``names`` replaced by X."""
-    text = re.sub(r"#.*", "", inspect.getsource(function))
-    for name in names:
-        text = text.replace(name, "X")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(('"""', "@"))]
-
-
 def test_the_families_are_one_layout():
     """Each layer, intermediate and output forward is VideoMAE's, line for line (the fused forward
     copies VideoMAE's attention half)."""
@@ -70,7 +60,7 @@ def test_the_families_are_one_layout():
     for layer, (intermediate, output) in hf_intermediate_output.INTERMEDIATE_OUTPUT_FAMILIES.items():
         for ours, reference in ((layer, VideoMAELayer), (intermediate, VideoMAEIntermediate), (output, VideoMAEOutput)):
             prefix = ours.__name__.removesuffix(reference.__name__.removeprefix("VideoMAE"))
-            assert _source(ours.forward, prefix) == _source(reference.forward, "VideoMAE"), ours
+            assert source_lines(ours.forward, prefix) == source_lines(reference.forward, "VideoMAE"), ours
         fused = hf_intermediate_output.INTERMEDIATE_OUTPUT_LAYERS[layer]
         assert fused.fastvit_original() is layer and getattr(hf_intermediate_output, fused.__name__) is fused
 
