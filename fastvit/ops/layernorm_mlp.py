@@ -526,8 +526,9 @@ def layernorm_mlp(
     """The norm + MLP half of a pre-norm ViT block, fused.
 
     ``x + sample_scale * layer_scale * fc2(act(fc1(norm(x))))`` over the last dim, written once;
-    gated: ``fc2(act(gate) * value)``. The backward recomputes the norm and the activation (it
-    keeps only fc1's pre-activation and two fp32 statistics per token).
+    gated: ``fc2(act(gate) * value)``; with a hidden norm: ``fc2(LN(act(...)))``. The backward
+    recomputes the norms and the activation (it keeps only fc1's pre-activation and two fp32
+    statistics per token and norm).
 
     Args:
         x: (..., D) tokens, e.g. (B, N, D) or (T, D); any strides (a transposed view, such as a
@@ -574,12 +575,12 @@ def layernorm_mlp(
         scale).
 
     Routes: fp16, bf16 and fp32 run the Triton kernels (fp32 with IEEE fp32 dots, no TF32), every
-    activation, norm and gating included; float64 and rows wider than 4096 (``MAX_DIM``) run the
-    ``torch`` route with one warning. The ``cuda`` backend covers LayerNorm with GELU (either
-    form), ungated; RMSNorm, ``norm="none"``, the other activations and gated MLPs run the
-    ``torch`` route there with one warning. Under autocast the linears run in the autocast dtype
-    (weights cast like ``F.linear``), norm statistics in fp32. Differentiable in every tensor
-    argument.
+    activation, norm, gating and hidden norm included; float64, rows wider than 4096 (``MAX_DIM``)
+    and hidden norms wider than that run the ``torch`` route with one warning. The ``cuda`` backend
+    covers LayerNorm with GELU (either form), ungated; RMSNorm, ``norm="none"``, the other
+    activations, gated MLPs and hidden norms run the ``torch`` route there with one warning. Under
+    autocast the linears run in the autocast dtype (weights cast like ``F.linear``), norm statistics
+    in fp32. Differentiable in every tensor argument.
 
     Example:
         >>> from torch import nn
@@ -594,6 +595,13 @@ def layernorm_mlp(
         ...                          down=nn.Linear(2048, 768, bias=False))).cuda().bfloat16()
         >>> y = fastvit.layernorm_mlp(x, glu.rms.weight, None, glu.up.weight, None, glu.down.weight, None,
         ...                           eps=1e-5, norm="rms", activation="silu", fc1_gate_weight=glu.gate.weight)
+        >>> # EVA02-B's MLP half (timm SwiGLU with scale_mlp: a LayerNorm before fc2)
+        >>> blk = timm.create_model("eva02_base_patch14_224").blocks[0].cuda().bfloat16()
+        >>> y = fastvit.layernorm_mlp(x, blk.norm2.weight, blk.norm2.bias, blk.mlp.fc1_x.weight, blk.mlp.fc1_x.bias,
+        ...                           blk.mlp.fc2.weight, blk.mlp.fc2.bias, activation="silu",
+        ...                           fc1_gate_weight=blk.mlp.fc1_g.weight, fc1_gate_bias=blk.mlp.fc1_g.bias,
+        ...                           hidden_norm="layernorm", hidden_norm_weight=blk.mlp.norm.weight,
+        ...                           hidden_norm_bias=blk.mlp.norm.bias)
     """
     activation = resolve_activation(approximate, activation)
     gated = fc1_gate_weight is not None if gated is None else gated
