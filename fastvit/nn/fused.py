@@ -33,6 +33,7 @@ from fastvit.backend import warn_once
 
 __all__ = [
     "FusedModule",
+    "declare_fused",
     "dropout_active",
     "global_module_hooks",
     "hook_kinds",
@@ -471,6 +472,24 @@ def _renamed(function: object, name: str) -> object:
     copy.__qualname__ = f"{function.__qualname__.rpartition('.')[0]}.{name}".lstrip(".")
     copy.__module__ = function.__module__
     return copy
+
+
+def declare_fused(original: type, base: type, namespace: dict, doc: str, name: str | None = None, **attributes) -> type:
+    """A fused class made from a table entry: ``base``'s fused forward on ``original``, named ``name``
+    (``Fused<original>`` by default) and declared in the module whose ``globals()`` is ``namespace``,
+    so that a patched model pickles (pickle finds the class by module and name). ``attributes`` are
+    its class attributes (``fastvit_mlp``, ``fastvit_bypassed`` ...).
+
+    Example:
+        >>> FusedOwlViTEncoderLayer = declare_fused(OwlViTEncoderLayer, _SiglipLayoutForward, globals(),
+        ...                                         "OWL-ViT's layer ...", fastvit_mlp=_SIGLIP_LAYOUT)
+    """
+    name = name or f"Fused{original.__name__}"
+    cls = type(name, (base, original), {
+        "__doc__": doc, "__module__": namespace["__name__"], "__qualname__": name, **attributes,
+    })  # fmt: skip
+    namespace[name] = cls
+    return cls
 
 
 def dropout_active(p: float, training: bool) -> bool:

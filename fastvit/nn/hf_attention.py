@@ -39,10 +39,18 @@ except ImportError:  # another transformers layout: only the output_attentions k
     _active_collector = None
 
 import fastvit
-from fastvit.nn.fused import warn_fallback
+from fastvit.nn.fused import FusedModule, dropout_active, warn_attention_dropout, warn_fallback
 from fastvit.nn.hf_source import packs_for_flash
 
-__all__ = ["NAME", "PACKED_NAME", "capturing_attentions", "fallback_reason", "fastvit_attention_forward", "register"]
+__all__ = [
+    "NAME",
+    "PACKED_NAME",
+    "capturing_attentions",
+    "fallback_reason",
+    "fastvit_attention_forward",
+    "register",
+    "swapped_attention_covers",
+]
 
 NAME = "fastvit"
 # The same function under a name transformers reads as a flash-attn implementation
@@ -72,6 +80,23 @@ def capturing_attentions() -> bool:
         return False  # no capture started inside this graph (and a ContextVar read does not trace)
     collected = _active_collector.get()
     return bool(collected) and any(key.endswith("attentions") for key in collected)
+
+
+def swapped_attention_covers(
+    module: FusedModule, output_attentions: bool | None, dropout_p: float, dropout_training: bool
+) -> bool:
+    """Whether the fused forward of a swapped Hugging Face attention (one computing its scores in its
+    own forward, which ``attn_implementation`` cannot route: SAM's, Swin V2's) computes this call:
+    no attention weights asked for (``output_attentions``, or transformers' output capture collecting
+    them), no attention dropout Hugging Face's forward would apply in this call (``dropout_p`` while
+    ``dropout_training``: said once), nothing the fused forward replaces or bypasses changed since
+    patching (``FusedModule._fastvit_intact``). Otherwise the call runs Hugging Face's forward."""
+    if output_attentions or capturing_attentions() or not module._fastvit_intact():
+        return False
+    if dropout_active(dropout_p, dropout_training):
+        warn_attention_dropout(f"Hugging Face {type(module).fastvit_original().__name__}", dropout_p)
+        return False
+    return True
 
 
 def _wants_weights(module: nn.Module, kwargs: dict) -> bool:

@@ -21,7 +21,7 @@ from transformers.models.videomae.modeling_videomae import VideoMAEIntermediate,
 from transformers.models.yolos.modeling_yolos import YolosIntermediate, YolosLayer, YolosOutput
 
 import fastvit
-from fastvit.nn.fused import FusedModule, mlp_dropout_fallback
+from fastvit.nn.fused import FusedModule, declare_fused, mlp_dropout_fallback
 from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
@@ -73,20 +73,11 @@ class IntermediateOutputLayer(FusedModule):
         return f"dim={norm.normalized_shape[0]}, eps={norm.eps}, fastvit={self.fastvit_op}"
 
 
-def _fused_class(original: type) -> type[IntermediateOutputLayer]:
-    """``IntermediateOutputLayer``'s forward on ``original``, named ``Fused<original>`` in this module
-    (so a patched model pickles)."""
-    name = f"Fused{original.__name__}"
-    cls = type(name, (IntermediateOutputLayer, original), {
-        "__doc__": f"``{original.__name__}`` (ViT's 4.x layout) whose LayerNorm+MLP half is one op call.",
-        "__module__": __name__,
-        "__qualname__": name,
-    })  # fmt: skip
-    globals()[name] = cls
-    return cls
-
-
 # {original layer class: its fused class}
 INTERMEDIATE_OUTPUT_LAYERS: dict[type, type[IntermediateOutputLayer]] = {
-    original: _fused_class(original) for original in INTERMEDIATE_OUTPUT_FAMILIES
+    original: declare_fused(
+        original, IntermediateOutputLayer, globals(),
+        f"``{original.__name__}`` (ViT's 4.x layout) whose LayerNorm+MLP half is one op call.",
+    )
+    for original in INTERMEDIATE_OUTPUT_FAMILIES
 }

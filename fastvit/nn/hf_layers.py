@@ -34,7 +34,7 @@ from transformers.models.beit.modeling_beit import BeitLayer
 from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionLayer, ChineseCLIPVisionMLP
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.clipseg.modeling_clipseg import CLIPSegEncoderLayer, CLIPSegMLP
-from transformers.models.deit.modeling_deit import DeiTLayer
+from transformers.models.deit.modeling_deit import DeiTLayer, DeiTMLP
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2SwiGLUFFN
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersLayer,
@@ -50,7 +50,7 @@ from transformers.models.granite_docling.modeling_granite_docling import (
 from transformers.models.groupvit.modeling_groupvit import GroupViTEncoderLayer, GroupViTMLP
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer, Idefics2VisionMLP
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionMLP
-from transformers.models.ijepa.modeling_ijepa import IJepaLayer
+from transformers.models.ijepa.modeling_ijepa import IJepaLayer, IJepaMLP
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
 from transformers.models.minicpm_ocr.modeling_minicpm_ocr import MiniCPMOcrVisionEncoderLayer, MiniCPMOcrVisionMLP
@@ -102,13 +102,13 @@ from transformers.models.videomt.modeling_videomt import (
     VideomtMLP,
     VideomtSwiGLUFFN,
 )
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer
-from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer
-from transformers.models.vivit.modeling_vivit import VivitLayer
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer, ViTMAEMLP
+from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer, ViTMSNMLP
+from transformers.models.vivit.modeling_vivit import VivitLayer, VivitMLP
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP, XCLIPEncoderLayer
 
 import fastvit
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, declare_fused, dropout_active, warn_fallback
 from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
@@ -117,18 +117,18 @@ __all__ = [
     "CLIP_LAYOUT_LAYERS",
     "DINOV2_LAYOUT_FAMILIES",
     "DINOV2_LAYOUT_LAYERS",
+    "VIT_LAYOUT_FAMILIES",
+    "VIT_LAYOUT_LAYERS",
     "DinoParts",
     "FusedAimv2EncoderLayer",
     "FusedBeitLayer",
     "FusedCLIPEncoderLayer",
     "FusedDINOv3ViTGatedLayer",
     "FusedDINOv3ViTLayer",
-    "FusedDeiTLayer",
     "FusedDinov2GatedLayer",
     "FusedDinov2Layer",
     "FusedDinov2WithRegistersGatedLayer",
     "FusedDinov2WithRegistersLayer",
-    "FusedIJepaLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
     "FusedQwen2VLVisionBlock",
@@ -141,9 +141,6 @@ __all__ = [
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
     "FusedSwinLayer",
-    "FusedViTMAELayer",
-    "FusedViTMSNLayer",
-    "FusedVivitLayer",
     "MlpHalf",
 ]
 
@@ -197,6 +194,13 @@ class FusedPreNormLayer(FusedModule):
     fastvit_part = "mlp"
     fastvit_op = "layernorm_mlp"
     fastvit_mlp: ClassVar[MlpHalf]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A class naming its ``fastvit_mlp`` bypasses what that half reads (``MlpHalf.bypassed``),
+        unless it lists its ``fastvit_bypassed`` itself."""
+        super().__init_subclass__(**kwargs)
+        if "fastvit_mlp" in cls.__dict__ and "fastvit_bypassed" not in cls.__dict__:
+            cls.fastvit_bypassed = cls.fastvit_mlp.bypassed()
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
@@ -277,39 +281,27 @@ class _ViTLayoutForward(FusedPreNormLayer):
         return self._fastvit_mlp_half(hidden_states)
 
 
-class FusedDeiTLayer(_ViTLayoutForward, DeiTLayer):
-    """``DeiTLayer`` whose LayerNorm+MLP half (with hidden dropout) is one op call."""
-
-    fastvit_mlp = _VIT_LAYOUT
-    fastvit_bypassed = _VIT_LAYOUT.bypassed()
-
-
-class FusedViTMAELayer(_ViTLayoutForward, ViTMAELayer):
-    """``ViTMAELayer`` whose LayerNorm+MLP half (with hidden dropout) is one op call."""
-
-    fastvit_mlp = _VIT_LAYOUT
-    fastvit_bypassed = _VIT_LAYOUT.bypassed()
-
-
-class FusedIJepaLayer(_ViTLayoutForward, IJepaLayer):
-    """``IJepaLayer`` (I-JEPA) whose LayerNorm+MLP half (with hidden dropout) is one op call."""
-
-    fastvit_mlp = _VIT_LAYOUT
-    fastvit_bypassed = _VIT_LAYOUT.bypassed()
-
-
-class FusedViTMSNLayer(_ViTLayoutForward, ViTMSNLayer):
-    """``ViTMSNLayer`` whose LayerNorm+MLP half (with hidden dropout) is one op call."""
-
-    fastvit_mlp = _VIT_LAYOUT
-    fastvit_bypassed = _VIT_LAYOUT.bypassed()
-
-
-class FusedVivitLayer(_ViTLayoutForward, VivitLayer):
-    """``VivitLayer`` (ViViT's tubelet tokens) whose LayerNorm+MLP half (with hidden dropout) is one op call."""
-
-    fastvit_mlp = _VIT_LAYOUT
-    fastvit_bypassed = _VIT_LAYOUT.bypassed()
+# The families whose encoder layer is ViT's 5.x layer line for line (its forward, its attribute
+# names, an MLP of fc1, activation, fc2 with hidden dropout after it: checked against Hugging Face's
+# source of transformers 5.25): {original layer class: its MLP class}. Each gets a fused class of
+# its own (the registry needs one per original), ``Fused<original>`` in this module.
+VIT_LAYOUT_FAMILIES: dict[type, type] = {
+    DeiTLayer: DeiTMLP,
+    ViTMAELayer: ViTMAEMLP,
+    IJepaLayer: IJepaMLP,  # I-JEPA
+    ViTMSNLayer: ViTMSNMLP,
+    VivitLayer: VivitMLP,  # ViViT's tubelet tokens
+}
+# {original layer class: its fused class}
+VIT_LAYOUT_LAYERS: dict[type, type[FusedPreNormLayer]] = {
+    original: declare_fused(
+        original, _ViTLayoutForward, globals(),
+        f"``{original.__name__}`` (ViT's layer, line for line) whose LayerNorm+MLP half (with hidden dropout) "
+        "is one op call.",
+        fastvit_mlp=_VIT_LAYOUT,
+    )
+    for original in VIT_LAYOUT_FAMILIES
+}
 
 
 class FusedSwinLayer(FusedPreNormLayer, SwinLayer):
@@ -318,7 +310,6 @@ class FusedSwinLayer(FusedPreNormLayer, SwinLayer):
     transformers' ``AttentionInterface``, which ``fastvit.patch`` routes to fastvit)."""
 
     fastvit_mlp = _VIT_LAYOUT
-    fastvit_bypassed = _VIT_LAYOUT.bypassed()
 
     def forward(
         self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool = False, **kwargs
@@ -359,7 +350,6 @@ class FusedBeitLayer(FusedPreNormLayer, BeitLayer):
     attention half (the relative position bias added to the mask) is Hugging Face's, line for line."""
 
     fastvit_mlp = MlpHalf("layernorm_after", drop_path="drop_path", dropout="dropout")
-    fastvit_bypassed = fastvit_mlp.bypassed()
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
@@ -414,21 +404,18 @@ class FusedSiglipEncoderLayer(_SiglipLayoutForward, SiglipEncoderLayer):
     """``SiglipEncoderLayer`` (vision and text towers) whose LayerNorm+MLP half is one op call."""
 
     fastvit_mlp = _SIGLIP_LAYOUT
-    fastvit_bypassed = _SIGLIP_LAYOUT.bypassed()
 
 
 class FusedSiglip2EncoderLayer(_SiglipLayoutForward, Siglip2EncoderLayer):
     """``Siglip2EncoderLayer`` whose LayerNorm+MLP half is one op call."""
 
     fastvit_mlp = _SIGLIP_LAYOUT
-    fastvit_bypassed = _SIGLIP_LAYOUT.bypassed()
 
 
 class FusedCLIPEncoderLayer(_SiglipLayoutForward, CLIPEncoderLayer):
     """``CLIPEncoderLayer`` (vision and text towers) whose LayerNorm+MLP half is one op call."""
 
     fastvit_mlp = _SIGLIP_LAYOUT
-    fastvit_bypassed = _SIGLIP_LAYOUT.bypassed()
 
 
 # The families whose encoder layer is CLIP's, line for line (its forward, its attribute names), with
@@ -459,24 +446,14 @@ CLIP_LAYOUT_FAMILIES: dict[type, type] = {
 }
 
 
-def _clip_layout_class(original: type) -> type[FusedPreNormLayer]:
-    """The fused class of a layer in ``CLIP_LAYOUT_FAMILIES``: ``FusedCLIPEncoderLayer``'s forward on
-    ``original``, named ``Fused<original>`` in this module (so a patched model pickles)."""
-    name = f"Fused{original.__name__}"
-    cls = type(name, (_SiglipLayoutForward, original), {
-        "__doc__": f"``{original.__name__}`` (CLIP's layer, line for line) whose LayerNorm+MLP half is one op call.",
-        "__module__": __name__,
-        "__qualname__": name,
-        "fastvit_mlp": _SIGLIP_LAYOUT,
-        "fastvit_bypassed": _SIGLIP_LAYOUT.bypassed(),
-    })  # fmt: skip
-    globals()[name] = cls
-    return cls
-
-
 # {original layer class: its fused class}
 CLIP_LAYOUT_LAYERS: dict[type, type[FusedPreNormLayer]] = {
-    original: _clip_layout_class(original) for original in CLIP_LAYOUT_FAMILIES
+    original: declare_fused(
+        original, _SiglipLayoutForward, globals(),
+        f"``{original.__name__}`` (CLIP's layer, line for line) whose LayerNorm+MLP half is one op call.",
+        fastvit_mlp=_SIGLIP_LAYOUT,
+    )
+    for original in CLIP_LAYOUT_FAMILIES
 }
 
 
@@ -490,7 +467,6 @@ _DINO_GATED_LAYOUT = MlpHalf(
 
 class _Dinov2LayoutForward(FusedPreNormLayer):
     fastvit_mlp = _DINOV2_LAYOUT
-    fastvit_bypassed = _DINOV2_LAYOUT.bypassed()
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -518,14 +494,12 @@ class FusedDinov2GatedLayer(_Dinov2LayoutForward, Dinov2Layer):
     half with LayerScale is one gated op call."""
 
     fastvit_mlp = _DINO_GATED_LAYOUT
-    fastvit_bypassed = _DINO_GATED_LAYOUT.bypassed()
 
 
 class FusedDinov2WithRegistersGatedLayer(_Dinov2LayoutForward, Dinov2WithRegistersLayer):
     """``Dinov2WithRegistersLayer`` with the SwiGLU FFN, as ``FusedDinov2GatedLayer``."""
 
     fastvit_mlp = _DINO_GATED_LAYOUT
-    fastvit_bypassed = _DINO_GATED_LAYOUT.bypassed()
 
 
 class DinoParts(NamedTuple):
@@ -553,24 +527,13 @@ DINOV2_LAYOUT_FAMILIES: dict[type, DinoParts] = {
 def _dinov2_layout_classes(original: type) -> tuple[type[FusedPreNormLayer], type[FusedPreNormLayer]]:
     """The fused classes (plain MLP, SwiGLU FFN) of a layer in ``DINOV2_LAYOUT_FAMILIES``:
     ``FusedDinov2Layer``'s and ``FusedDinov2GatedLayer``'s forward on ``original``, named
-    ``Fused<original>`` and ``Fused<original without "Layer">GatedLayer`` in this module (so a
-    patched model pickles)."""
-    made = []
-    for name, layout, kind in (
-        (f"Fused{original.__name__}", _DINOV2_LAYOUT, "LayerScale"),
-        (f"Fused{original.__name__.removesuffix('Layer')}GatedLayer", _DINO_GATED_LAYOUT, "SwiGLU FFN and LayerScale"),
-    ):
-        cls = type(name, (_Dinov2LayoutForward, original), {
-            "__doc__": f"``{original.__name__}`` (DINOv2's layer, line for line) whose LayerNorm+MLP half with its "
-                       f"{kind} is one op call.",
-            "__module__": __name__,
-            "__qualname__": name,
-            "fastvit_mlp": layout,
-            "fastvit_bypassed": layout.bypassed(),
-        })  # fmt: skip
-        globals()[name] = cls
-        made.append(cls)
-    return made[0], made[1]
+    ``Fused<original>`` and ``Fused<original without "Layer">GatedLayer`` in this module."""
+    doc = f"``{original.__name__}`` (DINOv2's layer, line for line) whose LayerNorm+MLP half with %s is one op call."
+    plain = declare_fused(original, _Dinov2LayoutForward, globals(), doc % "its LayerScale")
+    gated_name = f"Fused{original.__name__.removesuffix('Layer')}GatedLayer"
+    gated = declare_fused(original, _Dinov2LayoutForward, globals(), doc % "its SwiGLU FFN and LayerScale", gated_name,
+                          fastvit_mlp=_DINO_GATED_LAYOUT)  # fmt: skip
+    return plain, gated
 
 
 # {original layer class: (its plain fused class, its gated fused class)}
@@ -602,7 +565,6 @@ class FusedDINOv3ViTLayer(_DINOv3LayoutForward, DINOv3ViTLayer):
     """``DINOv3ViTLayer`` (non-gated MLP) whose LayerNorm+MLP half with LayerScale is one op call."""
 
     fastvit_mlp = _DINOV3_LAYOUT
-    fastvit_bypassed = _DINOV3_LAYOUT.bypassed()
 
 
 class FusedDINOv3ViTGatedLayer(_DINOv3LayoutForward, DINOv3ViTLayer):
@@ -610,7 +572,6 @@ class FusedDINOv3ViTGatedLayer(_DINOv3LayoutForward, DINOv3ViTLayer):
     LayerNorm + gated MLP half with LayerScale is one gated op call."""
 
     fastvit_mlp = _DINO_GATED_LAYOUT
-    fastvit_bypassed = _DINO_GATED_LAYOUT.bypassed()
 
 
 _GATED_RMS = {"fc1": "up_proj", "act": "act_fn", "fc2": "down_proj", "gate": "gate_proj", "rms": True}
@@ -622,7 +583,6 @@ class FusedAimv2EncoderLayer(FusedPreNormLayer, Aimv2EncoderLayer):
     """``Aimv2EncoderLayer`` whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
 
     fastvit_mlp = _AIMV2_LAYOUT
-    fastvit_bypassed = _AIMV2_LAYOUT.bypassed()
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -638,7 +598,6 @@ class FusedPixtralAttentionLayer(FusedPreNormLayer, PixtralAttentionLayer):
     """Pixtral's vision layer whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
 
     fastvit_mlp = _PIXTRAL_LAYOUT
-    fastvit_bypassed = _PIXTRAL_LAYOUT.bypassed()
 
     def forward(
         self,
@@ -686,21 +645,18 @@ class FusedQwen2VLVisionBlock(_QwenVisionForward, Qwen2VLVisionBlock):
     """Qwen2-VL's vision block whose LayerNorm + QuickGELU MLP half is one op call."""
 
     fastvit_mlp = _QWEN2_VL_LAYOUT
-    fastvit_bypassed = _QWEN2_VL_LAYOUT.bypassed()
 
 
 class FusedQwen2_5_VLVisionBlock(_QwenVisionForward, Qwen2_5_VLVisionBlock):
     """Qwen2.5-VL's vision block whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
 
     fastvit_mlp = _QWEN2_5_VL_LAYOUT
-    fastvit_bypassed = _QWEN2_5_VL_LAYOUT.bypassed()
 
 
 class FusedQwen3VLVisionBlock(_QwenVisionForward, Qwen3VLVisionBlock):
     """Qwen3-VL's vision block whose LayerNorm + GELU MLP half is one op call."""
 
     fastvit_mlp = _QWEN3_VL_LAYOUT
-    fastvit_bypassed = _QWEN3_VL_LAYOUT.bypassed()
 
 
 # SAM's image encoder (ViTDet) and SAM-HQ's copy of it: h + mlp(layer_norm2(h)), SamMLPBlock (lin1, act, lin2)
@@ -730,14 +686,12 @@ class FusedSamVisionLayer(_SamLayerForward, SamVisionLayer):
     attention (``fastvit.nn.hf_sam``) is patched on its own."""
 
     fastvit_mlp = _SAM_LAYOUT
-    fastvit_bypassed = _SAM_LAYOUT.bypassed()
 
 
 class FusedSamHQVisionLayer(_SamLayerForward, SamHQVisionLayer):
     """SAM-HQ's ``SamHQVisionLayer`` (SAM's, copied), as ``FusedSamVisionLayer``."""
 
     fastvit_mlp = _SAM_LAYOUT
-    fastvit_bypassed = _SAM_LAYOUT.bypassed()
 
 
 # SAM 2's Hiera block: h + mlp(layer_norm2(h)), Sam2FeedForward with two layers (proj_in, activation, proj_out)
@@ -792,7 +746,6 @@ class FusedSam3ViTLayer(FusedPreNormLayer, Sam3ViTLayer):
     ``AttentionInterface``)."""
 
     fastvit_mlp = _SAM3_LAYOUT
-    fastvit_bypassed = _SAM3_LAYOUT.bypassed()
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
@@ -832,25 +785,32 @@ def mlp_parts(module: nn.Module) -> MlpHalf:
 # the gated MLP classes of the families with two kinds (their layer's ``mlp``)
 _GATED_MLPS = (Dinov2SwiGLUFFN, Dinov2WithRegistersSwiGLUFFN, DINOv3ViTGatedMLP,
                *(parts.gated_mlp for parts in DINOV2_LAYOUT_FAMILIES.values()))
-# {original layer: its fused class for the gated MLP}
-GATED_LAYERS: dict[type, type[FusedPreNormLayer]] = {
-    Dinov2Layer: FusedDinov2GatedLayer,
-    Dinov2WithRegistersLayer: FusedDinov2WithRegistersGatedLayer,
-    DINOv3ViTLayer: FusedDINOv3ViTGatedLayer,
-}
 # {original layer or fused class: the fused class} (the plain MLP's, where there are two)
 FUSED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
+# {original layer: its fused class for the gated MLP}
+GATED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
+
+
+def _register(plain: type[FusedPreNormLayer], gated: type[FusedPreNormLayer] | None = None) -> None:
+    """Enter a family's fused classes (its plain MLP's, and its gated MLP's where it has both) in the
+    tables, under their original layer class and under themselves."""
+    original = plain.fastvit_original()
+    FUSED_LAYERS[original] = FUSED_LAYERS[plain] = plain
+    if gated is not None:
+        GATED_LAYERS[original] = FUSED_LAYERS[gated] = gated
+
+
+for _plain, _gated in (
+    (FusedDinov2Layer, FusedDinov2GatedLayer),
+    (FusedDinov2WithRegistersLayer, FusedDinov2WithRegistersGatedLayer),
+    (FusedDINOv3ViTLayer, FusedDINOv3ViTGatedLayer),
+    *DINOV2_LAYOUT_LAYERS.values(),
+):
+    _register(_plain, _gated)
 for _fused in (
-    FusedDeiTLayer, FusedViTMAELayer, FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer,
-    FusedDinov2Layer, FusedDinov2WithRegistersLayer, FusedDINOv3ViTLayer, FusedAimv2EncoderLayer,
+    FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer, FusedAimv2EncoderLayer,
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
-    FusedSwinLayer, FusedBeitLayer, FusedIJepaLayer, FusedViTMSNLayer, FusedVivitLayer, FusedSamVisionLayer,
-    FusedSamHQVisionLayer, FusedSam2MultiScaleBlock, FusedSam3ViTLayer,
+    FusedSwinLayer, FusedBeitLayer, FusedSamVisionLayer, FusedSamHQVisionLayer, FusedSam2MultiScaleBlock,
+    FusedSam3ViTLayer, *VIT_LAYOUT_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values(),
 ):  # fmt: skip
-    FUSED_LAYERS[_fused.fastvit_original()] = FUSED_LAYERS[_fused] = _fused
-for _original, (_plain, _gated) in DINOV2_LAYOUT_LAYERS.items():
-    FUSED_LAYERS[_original] = _plain
-    GATED_LAYERS[_original] = _gated
-for _fused in (*GATED_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values(), *(p for p, _ in DINOV2_LAYOUT_LAYERS.values())):
-    FUSED_LAYERS[_fused] = _fused
-FUSED_LAYERS.update(CLIP_LAYOUT_LAYERS)
+    _register(_fused)

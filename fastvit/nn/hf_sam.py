@@ -26,9 +26,9 @@ from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSd
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionSdpaAttention
 
 import fastvit
-from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active
-from fastvit.nn.hf_attention import capturing_attentions
+from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv
+from fastvit.nn.fused import FusedModule
+from fastvit.nn.hf_attention import swapped_attention_covers
 
 __all__ = [
     "FusedSamHQVisionAttention",
@@ -47,16 +47,6 @@ class _SamAttentionForward(FusedModule):
     # whether Hugging Face's forward drops attention probabilities in training (the SDPA classes never do)
     drops_attention = True
 
-    def _fastvit_covers(self, output_attentions: bool | None) -> bool:
-        """Whether the op computes this call: no attention weights asked for, no attention dropout
-        Hugging Face's forward would apply (said once), nothing overridden since patching."""
-        if output_attentions or capturing_attentions() or not self._fastvit_intact():
-            return False
-        if self.drops_attention and dropout_active(self.dropout, self.training):
-            warn_attention_dropout(f"Hugging Face {type(self).fastvit_original().__name__}", self.dropout)
-            return False
-        return True
-
     def _fastvit_rel_pos(self, q: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Hugging Face's decomposed relative position as the op's (rel_h, rel_w) tables."""
         r_h = self.get_rel_pos(height, height, self.rel_pos_h)  # (h, h, D): [query row, key row]
@@ -68,7 +58,8 @@ class _SamAttentionForward(FusedModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(hidden_states, output_attentions)
-        if not self._fastvit_covers(output_attentions):
+        dropout = self.dropout if self.drops_attention else 0.0
+        if not swapped_attention_covers(self, output_attentions, dropout, self.training):
             return super().forward(hidden_states, output_attentions)
         batch, height, width, channels = hidden_states.shape
         heads = self.num_attention_heads

@@ -31,8 +31,9 @@ from transformers.models.swinv2.modeling_swinv2 import (
 )
 
 import fastvit
-from fastvit.nn.attention import cosine_qk, warn_attention_dropout, windowed_attention
-from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback
+from fastvit.nn.attention import cosine_qk, windowed_attention
+from fastvit.nn.fused import FusedModule, mlp_dropout_fallback
+from fastvit.nn.hf_attention import swapped_attention_covers
 from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
@@ -62,16 +63,6 @@ class FusedSwinv2SelfAttention(FusedModule, Swinv2SelfAttention):
         bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1)  # N, N, H
         return (16 * torch.sigmoid(bias.permute(2, 0, 1))).unsqueeze(0)
 
-    def _fastvit_covers(self, output_attentions: bool | None) -> bool:
-        """Whether the op computes this call: no attention weights asked for, no dropout that
-        Hugging Face's forward would apply (said once), the bypassed dropout as at patch time."""
-        if output_attentions or not self._fastvit_intact():
-            return False
-        if dropout_active(self.dropout.p, self.dropout.training):
-            warn_attention_dropout("Hugging Face Swinv2SelfAttention", self.dropout.p)
-            return False
-        return True
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -80,7 +71,7 @@ class FusedSwinv2SelfAttention(FusedModule, Swinv2SelfAttention):
     ) -> tuple[torch.Tensor, ...]:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(hidden_states, attention_mask, output_attentions)
-        if not self._fastvit_covers(output_attentions):
+        if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
             return super().forward(hidden_states, attention_mask, output_attentions)
         windows, tokens, _ = hidden_states.shape
         heads, head_dim = self.num_attention_heads, self.attention_head_size

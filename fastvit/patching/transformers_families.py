@@ -27,7 +27,7 @@ from transformers.models.beit.modeling_beit import BeitDropPath, BeitMLP
 from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.convnext.modeling_convnext import ConvNextDropPath, ConvNextLayerNorm
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer
-from transformers.models.deit.modeling_deit import DeiTMLP, DeiTPatchEmbeddings
+from transformers.models.deit.modeling_deit import DeiTPatchEmbeddings
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2DropPath,
     Dinov2LayerScale,
@@ -42,7 +42,6 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTLayerScale,
     DINOv3ViTMLP,
 )
-from transformers.models.ijepa.modeling_ijepa import IJepaMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
@@ -55,9 +54,6 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAEMLP
-from transformers.models.vit_msn.modeling_vit_msn import ViTMSNMLP
-from transformers.models.vivit.modeling_vivit import VivitMLP
 
 from fastvit.nn import hf_convnext, hf_embeddings, hf_intermediate_output, hf_layers, hf_sam, hf_swinv2
 from fastvit.nn.hf_vit import activation_of
@@ -68,12 +64,7 @@ __all__ = ["finding"]
 
 # The plain MLP class, LayerScale class and drop-path class each family's layer may hold.
 _MLPS = {
-    hf_layers.FusedDeiTLayer: DeiTMLP,
-    hf_layers.FusedViTMAELayer: ViTMAEMLP,
     hf_layers.FusedSwinLayer: SwinMLP,
-    hf_layers.FusedIJepaLayer: IJepaMLP,
-    hf_layers.FusedViTMSNLayer: ViTMSNMLP,
-    hf_layers.FusedVivitLayer: VivitMLP,
     hf_layers.FusedBeitLayer: BeitMLP,
     hf_layers.FusedCLIPEncoderLayer: CLIPMLP,
     hf_layers.FusedAimv2EncoderLayer: Aimv2MLP,
@@ -93,7 +84,10 @@ _MLPS = {
     hf_layers.FusedSamHQVisionLayer: SamHQMLPBlock,
     hf_layers.FusedSam2MultiScaleBlock: Sam2FeedForward,
     hf_layers.FusedSam3ViTLayer: Sam3MLP,
-    **{hf_layers.CLIP_LAYOUT_LAYERS[layer]: mlp for layer, mlp in hf_layers.CLIP_LAYOUT_FAMILIES.items()},
+    **{layers[layer]: mlp  # the families made from a table: ViT's and CLIP's layouts
+       for families, layers in ((hf_layers.VIT_LAYOUT_FAMILIES, hf_layers.VIT_LAYOUT_LAYERS),
+                                (hf_layers.CLIP_LAYOUT_FAMILIES, hf_layers.CLIP_LAYOUT_LAYERS))
+       for layer, mlp in families.items()},
     **{fused: mlp for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items()
        for fused, mlp in zip(pair, hf_layers.DINOV2_LAYOUT_FAMILIES[layer][:2], strict=True)},  # plain, gated
 }
