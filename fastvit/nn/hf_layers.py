@@ -1,11 +1,14 @@
 """Fused subclasses of Hugging Face's pre-norm encoder layers beyond ViT: the LayerNorm+MLP half
 of each layer as one ``fastvit.layernorm_mlp`` call.
 
-Covered: ``DeiTLayer``, ``ViTMAELayer``, ``IJepaLayer``, ``ViTMSNLayer``, ``VivitLayer``, ``SwinLayer``
-(ViT's layout), ``BeitLayer`` (its ``lambda_2``), ``CLIPEncoderLayer`` and the layers that are CLIP's
-line for line (``CLIP_LAYOUT_FAMILIES``: Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2,
+Covered: the layers that are ViT's line for line (``VIT_LAYOUT_FAMILIES``: DeiT, ViT-MAE, I-JEPA,
+ViT-MSN, ViViT, AST), ``SwinLayer`` (ViT's layout), ``BeitLayer`` (its ``lambda_2``),
+``CLIPEncoderLayer`` and the layers that are CLIP's line for line (``CLIP_LAYOUT_FAMILIES``: Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2,
 Idefics3, SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V,
-Molmo 2, Unlimited-OCR), ``SiglipEncoderLayer``,
+Molmo 2, Unlimited-OCR, HunYuan-VL, HY-V4-VL), the layers that are BLIP's line for line
+(``BLIP_LAYOUT_FAMILIES``: BLIP, BLIP-2, InstructBLIP, InstructBLIP-Video), ``InternVLVisionLayer``
+(``lambda_2``; LayerNorm or RMSNorm), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
+``XCLIPVisionEncoderLayer``, ``VideoPrismLayer`` (``weight + 1`` LayerNorms), ``SiglipEncoderLayer``,
 ``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer``, the layers that are DINOv2's line
 for line (``DINOV2_LAYOUT_FAMILIES``: C-RADIO, EoMT, TIPSv2, VidEoMT) and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
@@ -30,7 +33,10 @@ import torch
 import torch.nn as nn
 from transformers.models.aimv2.modeling_aimv2 import Aimv2EncoderLayer
 from transformers.models.altclip.modeling_altclip import AltCLIPEncoderLayer, AltCLIPMLP
+from transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer import ASTMLP, ASTLayer
 from transformers.models.beit.modeling_beit import BeitLayer
+from transformers.models.blip.modeling_blip import BlipEncoderLayer, BlipMLP
+from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer, Blip2MLP
 from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionLayer, ChineseCLIPVisionMLP
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.clipseg.modeling_clipseg import CLIPSegEncoderLayer, CLIPSegMLP
@@ -48,14 +54,24 @@ from transformers.models.granite_docling.modeling_granite_docling import (
     GraniteDoclingVisionMLP,
 )
 from transformers.models.groupvit.modeling_groupvit import GroupViTEncoderLayer, GroupViTMLP
+from transformers.models.hunyuan_vl.modeling_hunyuan_vl import HunYuanVLVisionBlock, HunYuanVLVisionMLP
+from transformers.models.hy_v4_vl.modeling_hy_v4_vl import HYV4VLVisionBlock, HYV4VLVisionMLP
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer, Idefics2VisionMLP
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionMLP
 from transformers.models.ijepa.modeling_ijepa import IJepaLayer, IJepaMLP
+from transformers.models.instructblip.modeling_instructblip import InstructBlipEncoderLayer, InstructBlipMLP
+from transformers.models.instructblipvideo.modeling_instructblipvideo import (
+    InstructBlipVideoEncoderLayer,
+    InstructBlipVideoMLP,
+)
+from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
+from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
 from transformers.models.minicpm_ocr.modeling_minicpm_ocr import MiniCPMOcrVisionEncoderLayer, MiniCPMOcrVisionMLP
 from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6VisionEncoderLayer, MiniCPMV4_6VisionMLP
 from transformers.models.minicpmv4_7.modeling_minicpmv4_7 import MiniCPMV4_7VisionEncoderLayer, MiniCPMV4_7VisionMLP
+from transformers.models.mlcd.modeling_mlcd import MLCDEncoderLayer
 from transformers.models.molmo2.modeling_molmo2 import Molmo2VisionEncoderLayer, Molmo2VisionMLP
 from transformers.models.owlv2.modeling_owlv2 import Owlv2EncoderLayer, Owlv2MLP
 from transformers.models.owlvit.modeling_owlvit import OwlViTEncoderLayer, OwlViTMLP
@@ -102,10 +118,11 @@ from transformers.models.videomt.modeling_videomt import (
     VideomtMLP,
     VideomtSwiGLUFFN,
 )
+from transformers.models.videoprism.modeling_videoprism import VideoPrismLayer
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer, ViTMAEMLP
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer, ViTMSNMLP
 from transformers.models.vivit.modeling_vivit import VivitLayer, VivitMLP
-from transformers.models.x_clip.modeling_x_clip import XCLIPMLP, XCLIPEncoderLayer
+from transformers.models.x_clip.modeling_x_clip import XCLIPMLP, XCLIPEncoderLayer, XCLIPVisionEncoderLayer
 
 import fastvit
 from fastvit.nn.fused import FusedModule, declare_fused, dropout_active, warn_fallback
@@ -113,6 +130,8 @@ from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
+    "BLIP_LAYOUT_FAMILIES",
+    "BLIP_LAYOUT_LAYERS",
     "CLIP_LAYOUT_FAMILIES",
     "CLIP_LAYOUT_LAYERS",
     "DINOV2_LAYOUT_FAMILIES",
@@ -129,6 +148,9 @@ __all__ = [
     "FusedDinov2Layer",
     "FusedDinov2WithRegistersGatedLayer",
     "FusedDinov2WithRegistersLayer",
+    "FusedInternVLVisionLayer",
+    "FusedJanusVisionEncoderLayer",
+    "FusedMLCDEncoderLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
     "FusedQwen2VLVisionBlock",
@@ -141,6 +163,8 @@ __all__ = [
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
     "FusedSwinLayer",
+    "FusedVideoPrismLayer",
+    "FusedXCLIPVisionEncoderLayer",
     "MlpHalf",
 ]
 
@@ -154,11 +178,14 @@ class MlpHalf:
             second Linear, inside the layer's ``mlp`` module.
         mlp: the MLP module's name in the layer (``mlp``, ``ffn``, ``feed_forward``).
         gate: a gated MLP's gate projection (``gate_proj``: ``fc2(act(gate(x)) * fc1(x))``), or None.
-        rms: the norm is an RMSNorm (``weight``, ``variance_epsilon``), not a LayerNorm.
+        rms: the norm is an RMSNorm (``weight``, ``variance_epsilon``), not a LayerNorm; None: the
+            norm module's class says (InternVL's ``norm_type``: an ``nn.LayerNorm`` or its RMSNorm).
+        norm_offset: added to the norm's weight (VideoPrism's LayerNorm scales by ``weight + 1``).
         layer_scale: a module with a ``lambda1`` (D,) Parameter (DINOv2/v3), or None.
         drop_path: the layer's drop path (Identity or a ``drop_prob`` module), or None.
         dropout: the hidden dropout applied to the MLP's output (ViT layout), or None.
-        mlp_dropout: a dropout inside the MLP module (SAM 3's, between fc1 and the activation), or None.
+        mlp_dropouts: the dropouts inside the MLP module (SAM 3's between fc1 and the activation,
+            Janus's after the activation and after fc2).
     """
 
     def __init__(
@@ -170,19 +197,21 @@ class MlpHalf:
         *,
         mlp: str = "mlp",
         gate: str | None = None,
-        rms: bool = False,
+        rms: bool | None = False,
+        norm_offset: float = 0.0,
         layer_scale: str | None = None,
         drop_path: str | None = None,
         dropout: str | None = None,
-        mlp_dropout: str | None = None,
+        mlp_dropouts: tuple[str, ...] = (),
     ) -> None:
         self.norm, self.fc1, self.act, self.fc2 = norm, fc1, act, fc2
-        self.mlp, self.gate, self.rms = mlp, gate, rms
-        self.layer_scale, self.drop_path, self.dropout, self.mlp_dropout = layer_scale, drop_path, dropout, mlp_dropout
+        self.mlp, self.gate, self.rms, self.norm_offset = mlp, gate, rms, norm_offset
+        self.layer_scale, self.drop_path, self.dropout = layer_scale, drop_path, dropout
+        self.mlp_dropouts = mlp_dropouts
 
     def bypassed(self) -> tuple[str, ...]:
         """The submodules the fused half reads without calling (``FusedModule.fastvit_bypassed``)."""
-        inner = (self.fc1, self.act, self.fc2, *(name for name in (self.gate, self.mlp_dropout) if name))
+        inner = (self.fc1, self.act, self.fc2, *((self.gate,) if self.gate else ()), *self.mlp_dropouts)
         names = (self.norm, self.mlp, *(f"{self.mlp}.{name}" for name in inner))
         optional = (self.layer_scale, self.drop_path, self.dropout)
         return names + tuple(name for name in optional if name is not None)
@@ -220,8 +249,7 @@ class FusedPreNormLayer(FusedModule):
         """Dropout or drop path would change values in this call (the op has neither)."""
         parts = self.fastvit_mlp
         dropouts = [getattr(self, parts.dropout)] if parts.dropout else []
-        if parts.mlp_dropout:
-            dropouts.append(getattr(getattr(self, parts.mlp), parts.mlp_dropout))
+        dropouts += [getattr(getattr(self, parts.mlp), name) for name in parts.mlp_dropouts]
         drop_path = getattr(self, parts.drop_path) if parts.drop_path else None
         return any(dropout_active(d.p, d.training) for d in dropouts) or (
             drop_path is not None and dropout_active(getattr(drop_path, "drop_prob", 0.0), drop_path.training)
@@ -248,21 +276,44 @@ class FusedPreNormLayer(FusedModule):
         layer_scale = self._fastvit_layer_scale()
         gate = getattr(mlp, parts.gate) if parts.gate else None
         variant = {"activation": activation_of(getattr(mlp, parts.act))}
-        if parts.rms:
+        rms = self._fastvit_rms()
+        if rms:
             variant.update(norm="rms", eps=norm.variance_epsilon)
         else:
             variant.update(eps=norm.eps)
         if gate is not None:  # fc2(act(gate(x)) * fc1(x)): fc1 is the value (up) projection
             variant.update(fc1_gate_weight=gate.weight, fc1_gate_bias=gate.bias)
+        norm_weight = norm.weight + parts.norm_offset if parts.norm_offset else norm.weight
         return fastvit.layernorm_mlp(
-            hidden_states, norm.weight, None if parts.rms else norm.bias, fc1.weight, fc1.bias, fc2.weight,
-            fc2.bias, layer_scale=layer_scale, **variant,
+            hidden_states, norm_weight, None if rms else norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+            layer_scale=layer_scale, **variant,
         )  # fmt: skip
+
+    def _fastvit_rms(self) -> bool:
+        """Whether the MLP half's norm is an RMSNorm (``MlpHalf.rms``; by the module's class where None)."""
+        rms = self.fastvit_mlp.rms
+        return rms if rms is not None else not isinstance(getattr(self, self.fastvit_mlp.norm), nn.LayerNorm)
 
     def extra_repr(self) -> str:
         norm = getattr(self, self.fastvit_mlp.norm)
-        eps = norm.variance_epsilon if self.fastvit_mlp.rms else norm.eps
+        eps = norm.variance_epsilon if self._fastvit_rms() else norm.eps
         return f"dim={norm.weight.shape[0]}, eps={eps}, fastvit={self.fastvit_op}"
+
+
+def _line_for_line_classes(
+    families: dict[type, type], base: type[FusedPreNormLayer], layout: MlpHalf, what: str
+) -> dict[type, type[FusedPreNormLayer]]:
+    """{original: its fused class} for a table of layers that are ``what``'s line for line: ``base``'s
+    forward on each original, ``Fused<original>`` in this module (the registry needs a class per
+    original; the name lets a patched model pickle)."""
+    return {
+        original: declare_fused(
+            original, base, globals(),
+            f"``{original.__name__}`` ({what}'s layer, line for line) whose LayerNorm+MLP half is one op call.",
+            fastvit_mlp=layout,
+        )
+        for original in families
+    }
 
 
 _VIT_LAYOUT = MlpHalf("layernorm_after", dropout="dropout")
@@ -291,17 +342,10 @@ VIT_LAYOUT_FAMILIES: dict[type, type] = {
     IJepaLayer: IJepaMLP,  # I-JEPA
     ViTMSNLayer: ViTMSNMLP,
     VivitLayer: VivitMLP,  # ViViT's tubelet tokens
+    ASTLayer: ASTMLP,  # the Audio Spectrogram Transformer (ViT on spectrogram patches)
 }
 # {original layer class: its fused class}
-VIT_LAYOUT_LAYERS: dict[type, type[FusedPreNormLayer]] = {
-    original: declare_fused(
-        original, _ViTLayoutForward, globals(),
-        f"``{original.__name__}`` (ViT's layer, line for line) whose LayerNorm+MLP half (with hidden dropout) "
-        "is one op call.",
-        fastvit_mlp=_VIT_LAYOUT,
-    )
-    for original in VIT_LAYOUT_FAMILIES
-}
+VIT_LAYOUT_LAYERS = _line_for_line_classes(VIT_LAYOUT_FAMILIES, _ViTLayoutForward, _VIT_LAYOUT, "ViT")
 
 
 class FusedSwinLayer(FusedPreNormLayer, SwinLayer):
@@ -443,18 +487,140 @@ CLIP_LAYOUT_FAMILIES: dict[type, type] = {
     MiniCPMV4_7VisionEncoderLayer: MiniCPMV4_7VisionMLP,
     Molmo2VisionEncoderLayer: Molmo2VisionMLP,  # Molmo 2's vision tower
     UnlimitedOcrEncoderLayer: UnlimitedOcrMLP,
+    HunYuanVLVisionBlock: HunYuanVLVisionMLP,  # HunYuan-VL's packed vision tower
+    HYV4VLVisionBlock: HYV4VLVisionMLP,  # HY-V4-VL's
 }
 
 
 # {original layer class: its fused class}
-CLIP_LAYOUT_LAYERS: dict[type, type[FusedPreNormLayer]] = {
-    original: declare_fused(
-        original, _SiglipLayoutForward, globals(),
-        f"``{original.__name__}`` (CLIP's layer, line for line) whose LayerNorm+MLP half is one op call.",
-        fastvit_mlp=_SIGLIP_LAYOUT,
-    )
-    for original in CLIP_LAYOUT_FAMILIES
+CLIP_LAYOUT_LAYERS = _line_for_line_classes(CLIP_LAYOUT_FAMILIES, _SiglipLayoutForward, _SIGLIP_LAYOUT, "CLIP")
+
+
+class _BlipLayoutForward(FusedPreNormLayer):
+    """BLIP's encoder layer: CLIP's with no attention mask (``forward(hidden_states, **kwargs)``)."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            **kwargs,
+        )
+        return self._fastvit_mlp_half(hidden_states + residual)
+
+
+# The vision towers' layers that are BLIP's line for line (its forward, an MLP that is CLIP's: checked
+# against Hugging Face's source of transformers 5.25): {original layer class: its MLP class}. BLIP's
+# attention computes its scores in its own forward (it stays Hugging Face's); BLIP-2's and the
+# InstructBLIP copies' go through transformers' ``AttentionInterface``.
+BLIP_LAYOUT_FAMILIES: dict[type, type] = {
+    BlipEncoderLayer: BlipMLP,
+    Blip2EncoderLayer: Blip2MLP,  # BLIP-2's EVA ViT-g tower
+    InstructBlipEncoderLayer: InstructBlipMLP,
+    InstructBlipVideoEncoderLayer: InstructBlipVideoMLP,
 }
+BLIP_LAYOUT_LAYERS = _line_for_line_classes(BLIP_LAYOUT_FAMILIES, _BlipLayoutForward, _SIGLIP_LAYOUT, "BLIP")
+
+
+class FusedMLCDEncoderLayer(FusedPreNormLayer, MLCDEncoderLayer):
+    """MLCD's ``MLCDEncoderLayer`` (CLIP's layer with the rotary position embeddings passed to its
+    attention) whose LayerNorm+MLP half is one op call."""
+
+    fastvit_mlp = _SIGLIP_LAYOUT
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        return self._fastvit_mlp_half(residual + hidden_states)
+
+
+class FusedJanusVisionEncoderLayer(_SiglipLayoutForward, JanusVisionEncoderLayer):
+    """Janus's ``JanusVisionEncoderLayer`` (CLIP's forward; its MLP drops after the activation and
+    after fc2) whose LayerNorm+MLP half is one op call (those dropouts active in training run Hugging
+    Face's modules)."""
+
+    fastvit_mlp = MlpHalf("layer_norm2", mlp_dropouts=("dropout1", "dropout2"))
+
+
+class FusedXCLIPVisionEncoderLayer(FusedPreNormLayer, XCLIPVisionEncoderLayer):
+    """X-CLIP's frame encoder layer (``XCLIPVisionEncoderLayer``: a message token per frame, attended
+    across the video's frames, joins each frame's tokens for the attention) whose LayerNorm+MLP half
+    is one op call; the message and attention steps are Hugging Face's, line for line."""
+
+    fastvit_mlp = _SIGLIP_LAYOUT
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        batch_time, seq_length, hidden_size = hidden_states.size()
+        batch_size = batch_time // self.num_frames
+        msg_token = self.message_fc(hidden_states[:, 0, :])
+        msg_token = msg_token.view(batch_size, self.num_frames, hidden_size)
+        msg_token = msg_token + self.drop_path(self.message_attn(self.message_ln(msg_token), **kwargs)[0])
+        msg_token = msg_token.view(-1, 1, hidden_size)
+        hidden_states = torch.cat([hidden_states, msg_token], dim=1)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return self._fastvit_mlp_half(hidden_states[:, :seq_length, :])
+
+
+class FusedInternVLVisionLayer(FusedPreNormLayer, InternVLVisionLayer):
+    """InternVL's ``InternVLVisionLayer`` (InternViT) whose norm+MLP half,
+    ``h + lambda_2 * dropout(mlp(layernorm_after(h)))``, is one op call: ``lambda_2`` (D,) as the
+    layer scale, the norm a LayerNorm or InternViT-6B's RMSNorm (``norm_type``); its attention half
+    (``lambda_1``) is Hugging Face's, line for line."""
+
+    fastvit_mlp = MlpHalf("layernorm_after", rms=None, dropout="dropout")
+
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module, in its order."""
+        layer_output = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        if self.lambda_2 is not None:
+            layer_output = self.lambda_2 * layer_output
+        return layer_output + hidden_states
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.lambda_2
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states)
+        attention_output, _ = self.attention(
+            self.layernorm_before(hidden_states),
+        )
+        attention_output = self.lambda_1 * attention_output
+        hidden_states = attention_output + hidden_states
+        return self._fastvit_mlp_half(hidden_states)
+
+
+class FusedVideoPrismLayer(_ViTLayoutForward, VideoPrismLayer):
+    """VideoPrism's ``VideoPrismLayer`` (ViT's layer, line for line, whose LayerNorms scale by
+    ``weight + 1``) whose LayerNorm+MLP half (with hidden dropout) is one op call, the norm's weight
+    passed as ``weight + 1``."""
+
+    fastvit_mlp = MlpHalf("layernorm_after", dropout="dropout", norm_offset=1.0)
 
 
 _DINOV2_LAYOUT = MlpHalf("norm2", layer_scale="layer_scale2", drop_path="drop_path")
@@ -736,7 +902,7 @@ class FusedSam2MultiScaleBlock(FusedPreNormLayer, Sam2MultiScaleBlock):
 
 
 # SAM 3's ViT layer: residual + dropout(mlp(layer_norm2(h))), Sam3MLP (fc1, dropout, activation_fn, fc2)
-_SAM3_LAYOUT = MlpHalf("layer_norm2", dropout="dropout", mlp_dropout="dropout")
+_SAM3_LAYOUT = MlpHalf("layer_norm2", dropout="dropout", mlp_dropouts=("dropout",))
 
 
 class FusedSam3ViTLayer(FusedPreNormLayer, Sam3ViTLayer):
@@ -811,6 +977,8 @@ for _fused in (
     FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer, FusedAimv2EncoderLayer,
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
     FusedSwinLayer, FusedBeitLayer, FusedSamVisionLayer, FusedSamHQVisionLayer, FusedSam2MultiScaleBlock,
-    FusedSam3ViTLayer, *VIT_LAYOUT_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values(),
+    FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
+    FusedInternVLVisionLayer, FusedVideoPrismLayer, *VIT_LAYOUT_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values(),
+    *BLIP_LAYOUT_LAYERS.values(),
 ):  # fmt: skip
     _register(_fused)

@@ -42,6 +42,9 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTLayerScale,
     DINOv3ViTMLP,
 )
+from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
+from transformers.models.janus.modeling_janus import JanusVisionMLP
+from transformers.models.mlcd.modeling_mlcd import MLCDMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
@@ -54,6 +57,8 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
+from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm, VideoPrismMLP
+from transformers.models.x_clip.modeling_x_clip import XCLIPMLP
 
 from fastvit.nn import hf_convnext, hf_embeddings, hf_intermediate_output, hf_layers, hf_sam, hf_swinv2
 from fastvit.nn.hf_vit import activation_of
@@ -84,9 +89,15 @@ _MLPS = {
     hf_layers.FusedSamHQVisionLayer: SamHQMLPBlock,
     hf_layers.FusedSam2MultiScaleBlock: Sam2FeedForward,
     hf_layers.FusedSam3ViTLayer: Sam3MLP,
-    **{layers[layer]: mlp  # the families made from a table: ViT's and CLIP's layouts
+    hf_layers.FusedMLCDEncoderLayer: MLCDMLP,
+    hf_layers.FusedJanusVisionEncoderLayer: JanusVisionMLP,
+    hf_layers.FusedXCLIPVisionEncoderLayer: XCLIPMLP,
+    hf_layers.FusedInternVLVisionLayer: InternVLVisionMLP,
+    hf_layers.FusedVideoPrismLayer: VideoPrismMLP,
+    **{layers[layer]: mlp  # the families made from a table: ViT's, CLIP's and BLIP's layouts
        for families, layers in ((hf_layers.VIT_LAYOUT_FAMILIES, hf_layers.VIT_LAYOUT_LAYERS),
-                                (hf_layers.CLIP_LAYOUT_FAMILIES, hf_layers.CLIP_LAYOUT_LAYERS))
+                                (hf_layers.CLIP_LAYOUT_FAMILIES, hf_layers.CLIP_LAYOUT_LAYERS),
+                                (hf_layers.BLIP_LAYOUT_FAMILIES, hf_layers.BLIP_LAYOUT_LAYERS))
        for layer, mlp in families.items()},
     **{fused: mlp for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items()
        for fused, mlp in zip(pair, hf_layers.DINOV2_LAYOUT_FAMILIES[layer][:2], strict=True)},  # plain, gated
@@ -95,7 +106,10 @@ _RMS_NORMS = {
     hf_layers.FusedAimv2EncoderLayer: Aimv2RMSNorm,
     hf_layers.FusedPixtralAttentionLayer: PixtralRMSNorm,
     hf_layers.FusedQwen2_5_VLVisionBlock: Qwen2_5_VLRMSNorm,
+    hf_layers.FusedInternVLVisionLayer: InternVLVisionRMSNorm,  # or an nn.LayerNorm (MlpHalf.rms None)
 }
+# the LayerNorm classes a family's layer may hold, where not nn.LayerNorm
+_LAYER_NORMS = {hf_layers.FusedVideoPrismLayer: (VideoPrismLayerNorm,)}
 _LAYER_SCALES = {
     hf_layers.FusedDinov2Layer: Dinov2LayerScale,
     hf_layers.FusedDinov2GatedLayer: Dinov2LayerScale,
@@ -129,11 +143,12 @@ def _problems(layer: nn.Module) -> list[str]:
     mlp_cls = _MLPS[fused]
     problems += exact_type(getattr(layer, parts.mlp), parts.mlp, (mlp_cls,), mlp_cls.__name__)
     norm = getattr(layer, parts.norm)
-    if parts.rms:
+    rms = parts.rms if parts.rms is not None else not isinstance(norm, nn.LayerNorm)
+    if rms:
         norm_cls = _RMS_NORMS[fused]
         problems += exact_type(norm, parts.norm, (norm_cls,), norm_cls.__name__)
     else:
-        problems += layernorm_problems(norm, parts.norm)
+        problems += layernorm_problems(norm, parts.norm, _LAYER_NORMS.get(fused, (nn.LayerNorm,)))
     if parts.layer_scale:
         scale_cls = _LAYER_SCALES[fused]
         problems += exact_type(getattr(layer, parts.layer_scale), parts.layer_scale, (scale_cls,), scale_cls.__name__)
@@ -147,9 +162,9 @@ def _problems(layer: nn.Module) -> list[str]:
         if len(mlp.layers) or mlp.sigmoid_output:
             problems.append(f"mlp has {len(mlp.layers)} hidden layers and sigmoid_output={mlp.sigmoid_output}; the "
                             "op computes proj_out(act(proj_in(x)))")  # fmt: skip
-    if fused is hf_layers.FusedBeitLayer:  # a bare (D,) Parameter, or the float 1.0 without layer scale
+    if fused in (hf_layers.FusedBeitLayer, hf_layers.FusedInternVLVisionLayer):  # a bare (D,) Parameter
         scale, dim = getattr(layer, "lambda_2", None), norm.weight.shape[0]
-        plain = isinstance(scale, float) and scale == 1.0
+        plain = fused is hf_layers.FusedBeitLayer and isinstance(scale, float) and scale == 1.0  # BEiT without one
         if not (plain or (isinstance(scale, torch.Tensor) and scale.shape == (dim,))):
             problems.append(f"lambda_2 is neither 1.0 nor a ({dim},) layer scale")
     if problems:
@@ -175,8 +190,9 @@ def _notes(layer: nn.Module) -> list[str]:
     rates = []
     if parts.dropout and getattr(layer, parts.dropout).p > 0:
         rates.append(f"hidden dropout {getattr(layer, parts.dropout).p}")
-    if parts.mlp_dropout and getattr(getattr(layer, parts.mlp), parts.mlp_dropout).p > 0:
-        rates.append(f"MLP dropout {getattr(getattr(layer, parts.mlp), parts.mlp_dropout).p}")
+    mlp_rates = [getattr(getattr(layer, parts.mlp), name).p for name in parts.mlp_dropouts]
+    if any(p > 0 for p in mlp_rates):
+        rates.append(f"MLP dropout {max(mlp_rates)}")
     if parts.drop_path and getattr(getattr(layer, parts.drop_path), "drop_prob", 0.0) > 0:
         rates.append(f"drop path {getattr(layer, parts.drop_path).drop_prob}")
     return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []

@@ -1,12 +1,13 @@
 """The Hugging Face encoder layers that are CLIP's line for line (fastvit.nn.hf_layers.CLIP_LAYOUT_FAMILIES:
 Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2, Idefics3, SmolVLM, Granite-Docling,
-Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR): each
+Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR, HunYuan-VL,
+HY-V4-VL): each
 layer's LayerNorm+MLP half is one fastvit.layernorm_mlp call, by ``FusedCLIPEncoderLayer``'s forward
 on a fused class of the family's own. That the layers are CLIP's is checked against the installed
 transformers' source (a family whose forward or MLP drifts from CLIP's fails here, not silently in a
 model); each family patched matches the unpatched one by the tolerance rule (outputs and every
 gradient, float64 oracle: the model where images are all it takes, else a stack of two of its
-layers on tokens, MiniCPM's packed); a patched model pickles and unpatches; the Triton kernels in
+layers on tokens, MiniCPM's and HunYuan-VL's packed); a patched model pickles and unpatches; the Triton kernels in
 the interpreter on one family.
 """
 
@@ -120,6 +121,9 @@ FAMILIES = {
                                dict(num_key_value_heads=2, head_dim=16)), TOKENS),
     "unlimited_ocr": (lambda: _layers("unlimited_ocr", "UnlimitedOcrEncoderLayer", "UnlimitedOcrVisionEncoderConfig"),
                       TOKENS),
+    "hunyuan_vl": (lambda: _layers("hunyuan_vl", "HunYuanVLVisionBlock", "HunYuanVLVisionConfig", **PACKED),
+                   PACKED_TOKENS),
+    "hy_v4_vl": (lambda: _layers("hy_v4_vl", "HYV4VLVisionBlock", "HYV4VLVisionConfig", **PACKED), PACKED_TOKENS),
 }
 
 

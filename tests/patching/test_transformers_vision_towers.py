@@ -1,0 +1,210 @@
+"""The vision towers of Hugging Face's vision-language models beyond CLIP's layout, and ViT-layout
+families made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (BLIP's layer line for
+line, ``hf_layers.BLIP_LAYOUT_FAMILIES``), InternVL's InternViT (``lambda_2`` layer scale; LayerNorm or
+RMSNorm by ``norm_type``), MLCD (rotary position embeddings), Janus (MLP dropouts), X-CLIP's frame
+encoder (message tokens), VideoPrism (LayerNorms scaling by ``weight + 1``) and the Audio Spectrogram
+Transformer (ViT's layer line for line, ``hf_layers.VIT_LAYOUT_FAMILIES``).
+
+Each layer's LayerNorm+MLP half is one fastvit.layernorm_mlp call; that the table families are their
+reference layer line for line is checked against the installed transformers' source; each patched
+model matches the unpatched one by the tolerance rule (outputs and every gradient, float64 oracle);
+dropout in training runs Hugging Face's modules; transformers' hidden-state capture sees the fused
+layers; a patched model pickles; InternViT-6B's RMSNorm layout through unpatch, torch.compile,
+torch.export and the Triton kernels in the interpreter (``ModelChecks``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import (
+    HFLastHiddenState,
+    assert_matches_by_the_rule,
+    module_types,
+    pair,
+    perturb_,
+    source_lines,
+)
+from tests.patching.model_checks import ModelChecks
+
+T = pytest.importorskip("transformers")
+
+from transformers.models.blip.modeling_blip import BlipEncoderLayer  # noqa: E402
+from transformers.models.clip.modeling_clip import CLIPMLP  # noqa: E402
+from transformers.models.videoprism import configuration_videoprism, modeling_videoprism  # noqa: E402
+from transformers.models.vit.modeling_vit import ViTLayer, ViTMLP  # noqa: E402
+
+from fastvit.nn import hf_layers  # noqa: E402
+
+LAYERS = 2
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=32,
+            patch_size=8)  # fmt: skip
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+IMAGES = torch.randn(2, 3, 32, 32, generator=_gen(0))
+
+
+def _vision(model: type, config: T.PretrainedConfig) -> torch.nn.Module:
+    return HFLastHiddenState(perturb_(model(config))).eval()
+
+
+def _internvl(norm_type: str = "layer_norm", **config_args) -> torch.nn.Module:
+    args = dict(TINY, image_size=[32, 32], patch_size=[8, 8], norm_type=norm_type, **config_args)
+    return _vision(T.InternVLVisionModel, T.InternVLVisionConfig(**args))
+
+
+def _janus(**config_args) -> torch.nn.Module:
+    args = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    return _vision(T.JanusVisionModel, T.JanusVisionConfig(**args, mlp_ratio=2.0, **config_args))
+
+
+class VideoModel(torch.nn.Module):
+    """VideoPrism's vision model on (B, frames, 3, H, W) videos: its last hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = configuration_videoprism.VideoPrismVisionConfig(
+            image_size=16, num_frames=2, tubelet_size=(1, 4, 4), hidden_size=32, num_attention_heads=2,
+            intermediate_size=64, num_spatial_layers=LAYERS, num_temporal_layers=1,
+        )  # fmt: skip
+        self.model = perturb_(modeling_videoprism.VideoPrismVisionModel(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values_videos=x).last_hidden_state
+
+
+class AudioModel(torch.nn.Module):
+    """The Audio Spectrogram Transformer on (B, frames, mel bins) spectrograms: its last hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = T.ASTConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=2, patch_size=4,
+            frequency_stride=4, time_stride=4, max_length=16, num_mel_bins=16,
+        )  # fmt: skip
+        self.model = perturb_(T.ASTModel(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_values=x).last_hidden_state
+
+
+# family -> (builder, inputs, MLP halves fused)
+FAMILIES = {
+    "blip": (lambda: _vision(T.BlipVisionModel, T.BlipVisionConfig(**TINY)), IMAGES, LAYERS),
+    "blip_2": (lambda: _vision(T.Blip2VisionModel, T.Blip2VisionConfig(**TINY)), IMAGES, LAYERS),
+    "instructblip": (lambda: _vision(T.InstructBlipVisionModel, T.InstructBlipVisionConfig(**TINY)), IMAGES, LAYERS),
+    "instructblipvideo": (lambda: _vision(T.InstructBlipVideoVisionModel, T.InstructBlipVideoVisionConfig(**TINY)),
+                          IMAGES, LAYERS),
+    "internvl": (_internvl, IMAGES, LAYERS),
+    "internvl_rms": (lambda: _internvl("rms_norm"), IMAGES, LAYERS),  # InternViT-6B's layout
+    "janus": (_janus, IMAGES, LAYERS),
+    "mlcd": (lambda: _vision(T.MLCDVisionModel, T.MLCDVisionConfig(**TINY)), IMAGES, LAYERS),
+    # one video of two frames: each frame's message token attends across the frames
+    "x_clip_vision": (lambda: _vision(T.XCLIPVisionModel, T.XCLIPVisionConfig(**TINY, num_frames=2)), IMAGES, LAYERS),
+    # two frames of 16 x 16, 4 x 4 tubelets: two spatial layers and one temporal
+    "videoprism": (lambda: VideoModel().eval(), torch.randn(2, 2, 3, 16, 16, generator=_gen(1)), LAYERS + 1),
+    "ast": (lambda: AudioModel().eval(), torch.randn(2, 16, 16, generator=_gen(2)), LAYERS),
+}
+
+
+@pytest.mark.parametrize("layer", [*hf_layers.BLIP_LAYOUT_FAMILIES, *hf_layers.VIT_LAYOUT_FAMILIES],
+                         ids=lambda c: c.__name__)  # fmt: skip
+def test_the_table_families_are_their_layout_line_for_line(layer):
+    blip = layer in hf_layers.BLIP_LAYOUT_FAMILIES
+    families, layers = (
+        (hf_layers.BLIP_LAYOUT_FAMILIES, hf_layers.BLIP_LAYOUT_LAYERS) if blip
+        else (hf_layers.VIT_LAYOUT_FAMILIES, hf_layers.VIT_LAYOUT_LAYERS)
+    )  # fmt: skip
+    reference, reference_mlp = (BlipEncoderLayer, CLIPMLP) if blip else (ViTLayer, ViTMLP)
+    mlp = families[layer]
+    assert source_lines(layer.forward, layer.__name__) == source_lines(reference.forward, reference.__name__)
+    assert source_lines(mlp.forward, mlp.__name__) == source_lines(reference_mlp.forward, reference_mlp.__name__)
+    fused = layers[layer]
+    assert fused.__name__ == f"Fused{layer.__name__}" and fused.fastvit_original() is layer
+    assert getattr(hf_layers, fused.__name__) is fused  # importable by name: a patched model pickles
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_matches_unpatched_by_the_rule(family, op_calls):
+    build, x, halves = FAMILIES[family]
+    reference, patched, report = pair(build())
+    assert report.counts()["mlp"] == halves
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["layernorm_mlp"]) == halves
+
+
+def test_internvl_norms_go_to_the_op_as_their_kind(monkeypatch):
+    seen, op = [], fastvit.layernorm_mlp
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("norm", "layernorm"))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(fastvit, "layernorm_mlp", recording)
+    for norm_type, kind in (("layer_norm", "layernorm"), ("rms_norm", "rms")):
+        model = _internvl(norm_type)
+        fastvit.patch(model)
+        model(IMAGES)
+        assert seen == [kind] * LAYERS, norm_type
+        seen.clear()
+
+
+@pytest.mark.parametrize("family, config_args, rate", [
+    ("janus", dict(hidden_dropout_rate=0.2), "MLP dropout 0.2"),
+    ("internvl", dict(hidden_dropout_prob=0.2), "hidden dropout 0.2"),
+])  # fmt: skip
+def test_dropout_in_training_runs_hugging_face_and_is_reported(family, config_args, rate, op_calls, fresh_warnings):
+    model = (_janus if family == "janus" else _internvl)(**config_args)
+    patched = copy.deepcopy(model)
+    report = fastvit.patch(patched)
+    assert report.counts()["mlp"] == LAYERS
+    assert any(rate in entry.detail for entry in report.replaced if entry.part == "mlp")
+    patched.train()
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="dropout"):
+        patched(IMAGES).sum().backward()
+    assert not op_calls["layernorm_mlp"]
+    patched.eval()
+    torch.testing.assert_close(patched(IMAGES), model(IMAGES), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == LAYERS
+
+
+def test_hidden_states_capture_sees_the_fused_layers():
+    model = perturb_(T.Blip2VisionModel(T.Blip2VisionConfig(**TINY))).eval()
+    patched = copy.deepcopy(model)
+    fastvit.patch(patched)
+    expected = model(IMAGES, output_hidden_states=True).hidden_states
+    found = patched(IMAGES, output_hidden_states=True).hidden_states
+    assert len(found) == len(expected) == LAYERS + 1
+    for a, b in zip(found, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_patched_model_pickles_and_unpatches():
+    build, x, _ = FAMILIES["blip_2"]
+    model = build()
+    types = module_types(model)
+    patched = copy.deepcopy(model)
+    fastvit.patch(patched)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    fastvit.unpatch(patched)
+    assert module_types(patched) == types
+
+
+class TestInternViTRmsChecks(ModelChecks):
+    build = staticmethod(lambda: _internvl("rms_norm"))
+    inputs = staticmethod(lambda batch: IMAGES[:batch])
+    export_ops = frozenset({"fastvit.layernorm_mlp_fwd.default", "fastvit.flash_attention_fwd.default"})
+    counted_op = "layernorm_mlp"
+    calls = LAYERS
