@@ -3,9 +3,10 @@ of each layer as one ``fastvit.layernorm_mlp`` call.
 
 Covered: the layers that are ViT's line for line (``VIT_LAYOUT_FAMILIES``: DeiT, ViT-MAE, I-JEPA,
 ViT-MSN, ViViT, AST), ``SwinLayer`` (ViT's layout), ``BeitLayer`` (its ``lambda_2``),
-``CLIPEncoderLayer`` and the layers that are CLIP's line for line (``CLIP_LAYOUT_FAMILIES``: Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2,
-Idefics3, SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V,
-Molmo 2, Unlimited-OCR, HunYuan-VL, HY-V4-VL), the layers that are BLIP's line for line
+``CLIPEncoderLayer`` and the layers that are CLIP's line for line (``CLIP_LAYOUT_FAMILIES``:
+Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2, Idefics3, SmolVLM, Granite-Docling,
+Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR,
+HunYuan-VL, HY-V4-VL), the layers that are BLIP's line for line
 (``BLIP_LAYOUT_FAMILIES``: BLIP, BLIP-2, InstructBLIP, InstructBLIP-Video), ``InternVLVisionLayer``
 (``lambda_2``; LayerNorm or RMSNorm), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
 ``XCLIPVisionEncoderLayer``, ``VideoPrismLayer`` (``weight + 1`` LayerNorms), ``SiglipEncoderLayer``,
@@ -15,9 +16,11 @@ for line (``DINOV2_LAYOUT_FAMILIES``: C-RADIO, EoMT, TIPSv2, VidEoMT) and ``DINO
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
 ``Qwen2_5_VLVisionBlock`` (RMSNorm + SwiGLU) and ``Qwen3VLVisionBlock`` (tanh-GELU MLP), on their
 packed (T, D) tokens; and the image encoders' layers of SAM (``SamVisionLayer``, SAM-HQ's copy),
-SAM 2 (``Sam2MultiScaleBlock``, Hiera) and SAM 3 (``Sam3ViTLayer``) on their (B, H, W, C) maps.
+SAM 2 (``Sam2MultiScaleBlock``, Hiera) and SAM 3 (``Sam3ViTLayer``), and the ViTDet backbone's
+(``VitDetLayer``) on their (B, H, W, C) maps.
 Their attention runs as in Hugging Face (through transformers' attention interface, which
-``fastvit.patch`` points at fastvit; SAM's own attention is swapped by ``fastvit.nn.hf_sam``); the
+``fastvit.patch`` points at fastvit; SAM's and ViTDet's own attentions are swapped by
+``fastvit.nn.hf_sam``); the
 attention half of each forward below is Hugging Face's,
 line for line. The second half, ``x + drop_path(layer_scale * mlp(norm(x)))`` (or with hidden
 dropout), is one op call; calls it does not cover (dropout or drop path active in training, a hook
@@ -121,6 +124,9 @@ from transformers.models.videomt.modeling_videomt import (
 from transformers.models.videoprism.modeling_videoprism import VideoPrismLayer
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer, ViTMAEMLP
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer, ViTMSNMLP
+from transformers.models.vitdet.modeling_vitdet import VitDetLayer
+from transformers.models.vitdet.modeling_vitdet import window_partition as vitdet_window_partition
+from transformers.models.vitdet.modeling_vitdet import window_unpartition as vitdet_window_unpartition
 from transformers.models.vivit.modeling_vivit import VivitLayer, VivitMLP
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP, XCLIPEncoderLayer, XCLIPVisionEncoderLayer
 
@@ -164,6 +170,7 @@ __all__ = [
     "FusedSiglipEncoderLayer",
     "FusedSwinLayer",
     "FusedVideoPrismLayer",
+    "FusedVitDetLayer",
     "FusedXCLIPVisionEncoderLayer",
     "MlpHalf",
 ]
@@ -929,6 +936,45 @@ class FusedSam3ViTLayer(FusedPreNormLayer, Sam3ViTLayer):
         return self._fastvit_mlp_half(hidden_states)
 
 
+# ViTDet's layer (VitDetMlp: fc1, act, drop, fc2, drop): h + drop_path(mlp(norm2(h))) on the (B, H, W, C) map
+_VITDET_LAYOUT = MlpHalf("norm2", act="act", drop_path="drop_path", mlp_dropouts=("drop",))
+
+
+class FusedVitDetLayer(FusedPreNormLayer, VitDetLayer):
+    """The ViTDet backbone's ``VitDetLayer`` whose LayerNorm+MLP half (with drop path) is one op call
+    over its (B, H, W, C) map; the rest (the NCHW permutes, the window partition, the attention,
+    the optional residual bottleneck block) is Hugging Face's, line for line. Its attention
+    (``fastvit.nn.hf_sam.FusedVitDetAttention``) is patched on its own."""
+
+    fastvit_mlp = _VITDET_LAYOUT
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, ...]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, output_attentions)
+        hidden_states = hidden_states.permute(0, 2, 3, 1)
+        shortcut = hidden_states
+        hidden_states = self.norm1(hidden_states)
+        if self.window_size > 0:
+            height, width = hidden_states.shape[1], hidden_states.shape[2]
+            hidden_states, pad_height_width = vitdet_window_partition(hidden_states, self.window_size)
+        self_attention_outputs = self.attention(
+            hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden_states = self_attention_outputs[0]
+        outputs = self_attention_outputs[1:]
+        if self.window_size > 0:
+            hidden_states = vitdet_window_unpartition(
+                hidden_states, self.window_size, pad_height_width, (height, width)
+            )
+        hidden_states = shortcut + self.drop_path(hidden_states)
+        hidden_states = self._fastvit_mlp_half(hidden_states)
+        hidden_states = hidden_states.permute(0, 3, 1, 2)
+        if self.use_residual_block:
+            hidden_states = self.residual(hidden_states)
+        return (hidden_states, *outputs)
+
+
 def fused_layer(module: nn.Module) -> type[FusedPreNormLayer] | None:
     """The fused class for ``module`` (a covered layer, or one already fused): by its MLP's kind
     where the family has a plain and a gated one (DINOv2, DINOv3), so a layer fused earlier whose MLP
@@ -978,7 +1024,7 @@ for _fused in (
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
     FusedSwinLayer, FusedBeitLayer, FusedSamVisionLayer, FusedSamHQVisionLayer, FusedSam2MultiScaleBlock,
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
-    FusedInternVLVisionLayer, FusedVideoPrismLayer, *VIT_LAYOUT_LAYERS.values(), *CLIP_LAYOUT_LAYERS.values(),
-    *BLIP_LAYOUT_LAYERS.values(),
+    FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
+    *CLIP_LAYOUT_LAYERS.values(), *BLIP_LAYOUT_LAYERS.values(),
 ):  # fmt: skip
     _register(_fused)

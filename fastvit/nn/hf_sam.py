@@ -1,6 +1,7 @@
 """Fused subclasses of Hugging Face's SAM vision encoder (``facebook/sam-vit-*``, ``SamModel`` /
-``SamVisionModel``; SAM-HQ's, ``SamHQModel``, whose encoder classes are copies of SAM's), swapped
-onto a model by ``fastvit.patch``.
+``SamVisionModel``; SAM-HQ's, ``SamHQModel``, whose encoder classes are copies of SAM's) and of the
+ViTDet backbone's attention (``VitDetAttention``: ``VitDetModel`` / ``VitDetBackbone``, the same
+design), swapped onto a model by ``fastvit.patch``.
 
 SAM's image encoder is a ViTDet: window layers (14 x 14 windows of the padded 64 x 64 map) and a
 few global layers, each ``h + attn(layer_norm1(h))`` then ``h + mlp(layer_norm2(h))``, with a
@@ -24,6 +25,8 @@ from __future__ import annotations
 import torch
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionSdpaAttention
+from transformers.models.vitdet.modeling_vitdet import VitDetAttention
+from transformers.models.vitdet.modeling_vitdet import get_rel_pos as vitdet_get_rel_pos
 
 import fastvit
 from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv
@@ -35,6 +38,7 @@ __all__ = [
     "FusedSamHQVisionSdpaAttention",
     "FusedSamVisionAttention",
     "FusedSamVisionSdpaAttention",
+    "FusedVitDetAttention",
 ]
 
 
@@ -120,3 +124,42 @@ class FusedSamHQVisionSdpaAttention(_SamAttentionForward, SamHQVisionSdpaAttenti
     """
 
     drops_attention = False
+
+
+class FusedVitDetAttention(FusedModule, VitDetAttention):
+    """Hugging Face ``VitDetAttention`` (the ViTDet backbone's, windowed or global, decomposed relative
+    position where ``use_relative_position_embeddings``) running one ``fastvit.flash_attention``
+    call, the relative position as ``rel_pos`` tables (``rel_pos_h`` / ``rel_pos_w`` learn through
+    them). ``output_attentions=True`` runs Hugging Face's forward (it has no attention dropout).
+
+    Same signature, ``forward(hidden_state, output_attentions=False)``: hidden_state (B, H, W, C),
+    windows or the whole map; returns ``(attn_output,)``, attn_output (B, H, W, C).
+
+    Example:
+        >>> model = transformers.VitDetBackbone(transformers.VitDetConfig(use_relative_position_embeddings=True))
+        >>> fastvit.patch(model)  # encoder.layer.*.attention -> FusedVitDetAttention
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ()  # the projections are called as modules; the softmax is the op's
+
+    def forward(self, hidden_state: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_state, output_attentions)
+        if not swapped_attention_covers(self, output_attentions, 0.0, False):
+            return super().forward(hidden_state, output_attentions)
+        batch, height, width, channels = hidden_state.shape
+        qkv = self.qkv(hidden_state.reshape(batch, height * width, channels))
+        q, k, v = split_packed_qkv(qkv, self.num_heads, qkv.shape[-1] // (3 * self.num_heads))  # (B, H, N, D) views
+        rel_pos = None
+        if self.use_relative_position_embeddings:
+            r_h = vitdet_get_rel_pos(height, height, self.rel_pos_h)  # (h, h, D): [query row, key row]
+            r_w = vitdet_get_rel_pos(width, width, self.rel_pos_w)  # (w, w, D): [query column, key column]
+            rel_pos = decomposed_rel_pos_tables(q, r_h, r_w, (height, width))
+        out = fastvit.flash_attention(q, k, v, scale=self.scale, rel_pos=rel_pos)
+        return (self.proj(merge_heads(out).view(batch, height, width, -1)),)
+
+    def extra_repr(self) -> str:
+        kind = "rel_pos" if self.use_relative_position_embeddings else "plain"
+        return f"heads={self.num_heads}, {kind}, fastvit={self.fastvit_op}"

@@ -58,6 +58,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
 from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm, VideoPrismMLP
+from transformers.models.vitdet.modeling_vitdet import VitDetDropPath, VitDetMlp
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP
 
 from fastvit.nn import hf_convnext, hf_embeddings, hf_intermediate_output, hf_layers, hf_sam, hf_swinv2
@@ -94,6 +95,7 @@ _MLPS = {
     hf_layers.FusedXCLIPVisionEncoderLayer: XCLIPMLP,
     hf_layers.FusedInternVLVisionLayer: InternVLVisionMLP,
     hf_layers.FusedVideoPrismLayer: VideoPrismMLP,
+    hf_layers.FusedVitDetLayer: VitDetMlp,
     **{layers[layer]: mlp  # the families made from a table: ViT's, CLIP's and BLIP's layouts
        for families, layers in ((hf_layers.VIT_LAYOUT_FAMILIES, hf_layers.VIT_LAYOUT_LAYERS),
                                 (hf_layers.CLIP_LAYOUT_FAMILIES, hf_layers.CLIP_LAYOUT_LAYERS),
@@ -122,6 +124,7 @@ _LAYER_SCALES = {
 }
 _DROP_PATHS = {
     hf_layers.FusedBeitLayer: BeitDropPath,
+    hf_layers.FusedVitDetLayer: VitDetDropPath,
     hf_layers.FusedDinov2Layer: Dinov2DropPath,
     hf_layers.FusedDinov2GatedLayer: Dinov2DropPath,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
@@ -351,6 +354,25 @@ def _intermediate_output_notes(layer: nn.Module) -> list[str]:
     return [f"hidden dropout {p}: in training its MLP half runs Hugging Face's modules"] if p > 0 else []
 
 
+_VITDET_ATTENTIONS = fused_table(hf_sam.FusedVitDetAttention)
+
+
+def _vitdet_attention_problems(attn: nn.Module) -> list[str]:
+    """What the fused ViTDet attention reads: the packed ``qkv`` and ``proj`` Linears, the head count
+    and scale, the relative position embeddings where used."""
+    names = ("qkv", "proj", "num_heads", "scale", "use_relative_position_embeddings")
+    problems = missing_attributes(attn, names, "transformers")
+    if problems:
+        return problems
+    problems += exact_type(attn.qkv, "qkv", (nn.Linear,), "nn.Linear")
+    problems += exact_type(attn.proj, "proj", (nn.Linear,), "nn.Linear")
+    if not problems and attn.qkv.out_features % (3 * attn.num_heads):
+        problems.append(f"qkv has {attn.qkv.out_features} outputs, not 3 x num_heads x head_dim")
+    if attn.use_relative_position_embeddings:
+        problems += missing_attributes(attn, ("rel_pos_h", "rel_pos_w"), "transformers")
+    return problems
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
     (or their fused classes), else None."""
@@ -360,6 +382,8 @@ def finding(path: str, module: nn.Module) -> Finding | None:
     if type(module) in _SAM_ATTENTIONS:
         return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
                     _sam_attention_notes)  # fmt: skip
+    if type(module) in _VITDET_ATTENTIONS:
+        return slot(path, module, "attention", _VITDET_ATTENTIONS[type(module)], _vitdet_attention_problems)
     if type(module) in _SWINV2_LAYERS:
         return slot(path, module, "mlp", _SWINV2_LAYERS[type(module)], _swinv2_layer_problems, _swinv2_layer_notes)
     if type(module) in _SWINV2_ATTENTIONS:
