@@ -16,7 +16,9 @@ for line (``DINOV2_LAYOUT_FAMILIES``: C-RADIO, EoMT, TIPSv2, VidEoMT) and ``DINO
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
 ``Qwen2_5_VLVisionBlock`` (RMSNorm + SwiGLU) and ``Qwen3VLVisionBlock`` (tanh-GELU MLP), on their
 packed (T, D) tokens; and the image encoders' layers of SAM (``SamVisionLayer``, SAM-HQ's copy),
-SAM 2 (``Sam2MultiScaleBlock``, Hiera) and SAM 3 (``Sam3ViTLayer``), and the ViTDet backbone's
+the SAM encoders copied into other models (``SAM_LAYOUT_FAMILIES``: DeepSeek-OCR 2, GOT-OCR 2.0,
+PP-FormulaNet, SLANeXt, Unlimited-OCR), SAM 2 (``Sam2MultiScaleBlock``, Hiera) and SAM 3
+(``Sam3ViTLayer``), and the ViTDet backbone's
 (``VitDetLayer``) on their (B, H, W, C) maps.
 Their attention runs as in Hugging Face (through transformers' attention interface, which
 ``fastvit.patch`` points at fastvit; SAM's and ViTDet's own attentions are swapped by
@@ -43,6 +45,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer, Blip2M
 from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionLayer, ChineseCLIPVisionMLP
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.clipseg.modeling_clipseg import CLIPSegEncoderLayer, CLIPSegMLP
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2SamMLPBlock, DeepseekOcr2SamVisionLayer
 from transformers.models.deit.modeling_deit import DeiTLayer, DeiTMLP
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2SwiGLUFFN
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
@@ -52,6 +55,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTLayer
 from transformers.models.eomt.modeling_eomt import EomtDropPath, EomtLayer, EomtLayerScale, EomtMLP, EomtSwiGLUFFN
 from transformers.models.git.modeling_git import GitVisionEncoderLayer, GitVisionMLP
+from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2MLPBlock, GotOcr2VisionLayer
 from transformers.models.granite_docling.modeling_granite_docling import (
     GraniteDoclingEncoderLayer,
     GraniteDoclingVisionMLP,
@@ -83,6 +87,7 @@ from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
     Phi4MultimodalVisionMLP,
 )
 from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
+from transformers.models.pp_formulanet.modeling_pp_formulanet import PPFormulaNetMLPBlock, PPFormulaNetVisionLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock
@@ -104,6 +109,7 @@ from transformers.models.sam3.modeling_sam3 import window_unpartition as sam3_wi
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
+from transformers.models.slanext.modeling_slanext import SLANeXtMLPBlock, SLANeXtVisionLayer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer, SmolVLMVisionMLP
 from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
 from transformers.models.tipsv2.modeling_tipsv2 import (
@@ -113,7 +119,12 @@ from transformers.models.tipsv2.modeling_tipsv2 import (
     Tipsv2VisionMLP,
     Tipsv2VisionSwiGLUFFN,
 )
-from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrEncoderLayer, UnlimitedOcrMLP
+from transformers.models.unlimited_ocr.modeling_unlimited_ocr import (
+    UnlimitedOcrEncoderLayer,
+    UnlimitedOcrMLP,
+    UnlimitedOcrSamMLPBlock,
+    UnlimitedOcrSamVisionLayer,
+)
 from transformers.models.videomt.modeling_videomt import (
     VideomtDropPath,
     VideomtLayer,
@@ -142,6 +153,8 @@ __all__ = [
     "CLIP_LAYOUT_LAYERS",
     "DINOV2_LAYOUT_FAMILIES",
     "DINOV2_LAYOUT_LAYERS",
+    "SAM_LAYOUT_FAMILIES",
+    "SAM_LAYOUT_LAYERS",
     "VIT_LAYOUT_FAMILIES",
     "VIT_LAYOUT_LAYERS",
     "DinoParts",
@@ -867,6 +880,18 @@ class FusedSamHQVisionLayer(_SamLayerForward, SamHQVisionLayer):
     fastvit_mlp = _SAM_LAYOUT
 
 
+# The layers of other models' SAM image encoders, SAM's line for line (forward, window partition and
+# MLP block: checked against Hugging Face's source of transformers 5.25): {original layer: its MLP block}
+SAM_LAYOUT_FAMILIES: dict[type, type] = {
+    DeepseekOcr2SamVisionLayer: DeepseekOcr2SamMLPBlock,  # DeepSeek-OCR 2
+    GotOcr2VisionLayer: GotOcr2MLPBlock,  # GOT-OCR 2.0
+    PPFormulaNetVisionLayer: PPFormulaNetMLPBlock,  # PP-FormulaNet
+    SLANeXtVisionLayer: SLANeXtMLPBlock,  # SLANeXt
+    UnlimitedOcrSamVisionLayer: UnlimitedOcrSamMLPBlock,
+}
+SAM_LAYOUT_LAYERS = _line_for_line_classes(SAM_LAYOUT_FAMILIES, _SamLayerForward, _SAM_LAYOUT, "SAM")
+
+
 # SAM 2's Hiera block: h + mlp(layer_norm2(h)), Sam2FeedForward with two layers (proj_in, activation, proj_out)
 _SAM2_LAYOUT = MlpHalf("layer_norm2", fc1="proj_in", act="activation", fc2="proj_out")
 
@@ -1025,6 +1050,6 @@ for _fused in (
     FusedSwinLayer, FusedBeitLayer, FusedSamVisionLayer, FusedSamHQVisionLayer, FusedSam2MultiScaleBlock,
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
     FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
-    *CLIP_LAYOUT_LAYERS.values(), *BLIP_LAYOUT_LAYERS.values(),
+    *CLIP_LAYOUT_LAYERS.values(), *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(),
 ):  # fmt: skip
     _register(_fused)

@@ -23,17 +23,30 @@ call (``fastvit.nn.hf_layers.FusedSamVisionLayer``). Importing this module impor
 from __future__ import annotations
 
 import torch
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
+    DeepseekOcr2SamVisionAttention,
+    DeepseekOcr2SamVisionSdpaAttention,
+)
+from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionAttention
+from transformers.models.pp_formulanet.modeling_pp_formulanet import PPFormulaNetVisionAttention
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionSdpaAttention
+from transformers.models.slanext.modeling_slanext import SLANeXtVisionAttention
+from transformers.models.unlimited_ocr.modeling_unlimited_ocr import (
+    UnlimitedOcrSamVisionAttention,
+    UnlimitedOcrSamVisionSdpaAttention,
+)
 from transformers.models.vitdet.modeling_vitdet import VitDetAttention
 from transformers.models.vitdet.modeling_vitdet import get_rel_pos as vitdet_get_rel_pos
 
 import fastvit
 from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv
-from fastvit.nn.fused import FusedModule
+from fastvit.nn.fused import FusedModule, declare_fused
 from fastvit.nn.hf_attention import swapped_attention_covers
 
 __all__ = [
+    "SAM_COPY_ATTENTIONS",
+    "SAM_COPY_FUSED",
     "FusedSamHQVisionAttention",
     "FusedSamHQVisionSdpaAttention",
     "FusedSamVisionAttention",
@@ -125,6 +138,27 @@ class FusedSamHQVisionSdpaAttention(_SamAttentionForward, SamHQVisionSdpaAttenti
 
     drops_attention = False
 
+
+# SAM's image encoder attention copied into other models' SAM encoders (each checked line for line
+# against SAM's in the tests): {its eager class: its SDPA class, or None where it has none}
+SAM_COPY_ATTENTIONS: dict[type, type | None] = {
+    DeepseekOcr2SamVisionAttention: DeepseekOcr2SamVisionSdpaAttention,  # DeepSeek-OCR 2
+    GotOcr2VisionAttention: None,  # GOT-OCR 2.0
+    PPFormulaNetVisionAttention: None,  # PP-FormulaNet
+    SLANeXtVisionAttention: None,  # SLANeXt (table recognition)
+    UnlimitedOcrSamVisionAttention: UnlimitedOcrSamVisionSdpaAttention,
+}
+# {original attention class: its fused class}, ``Fused<original>`` in this module (a patched model pickles)
+SAM_COPY_FUSED: dict[type, type[_SamAttentionForward]] = {
+    original: declare_fused(
+        original, _SamAttentionForward, globals(),
+        f"``{original.__name__}`` (SAM's image encoder attention, line for line), as ``FusedSamVisionAttention``.",
+        drops_attention=not original.__name__.endswith("SdpaAttention"),  # the SDPA classes apply no dropout
+    )
+    for eager, sdpa in SAM_COPY_ATTENTIONS.items()
+    for original in (eager, sdpa)
+    if original is not None
+}
 
 class FusedVitDetAttention(FusedModule, VitDetAttention):
     """Hugging Face ``VitDetAttention`` (the ViTDet backbone's, windowed or global, decomposed relative

@@ -96,10 +96,11 @@ _MLPS = {
     hf_layers.FusedInternVLVisionLayer: InternVLVisionMLP,
     hf_layers.FusedVideoPrismLayer: VideoPrismMLP,
     hf_layers.FusedVitDetLayer: VitDetMlp,
-    **{layers[layer]: mlp  # the families made from a table: ViT's, CLIP's and BLIP's layouts
+    **{layers[layer]: mlp  # the families made from a table: ViT's, CLIP's, BLIP's and SAM's layouts
        for families, layers in ((hf_layers.VIT_LAYOUT_FAMILIES, hf_layers.VIT_LAYOUT_LAYERS),
                                 (hf_layers.CLIP_LAYOUT_FAMILIES, hf_layers.CLIP_LAYOUT_LAYERS),
-                                (hf_layers.BLIP_LAYOUT_FAMILIES, hf_layers.BLIP_LAYOUT_LAYERS))
+                                (hf_layers.BLIP_LAYOUT_FAMILIES, hf_layers.BLIP_LAYOUT_LAYERS),
+                                (hf_layers.SAM_LAYOUT_FAMILIES, hf_layers.SAM_LAYOUT_LAYERS))
        for layer, mlp in families.items()},
     **{fused: mlp for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items()
        for fused, mlp in zip(pair, hf_layers.DINOV2_LAYOUT_FAMILIES[layer][:2], strict=True)},  # plain, gated
@@ -307,7 +308,8 @@ def _swinv2_layer_notes(layer: nn.Module) -> list[str]:
 
 
 _SAM_ATTENTIONS = fused_table(hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionSdpaAttention,
-                              hf_sam.FusedSamHQVisionAttention, hf_sam.FusedSamHQVisionSdpaAttention)
+                              hf_sam.FusedSamHQVisionAttention, hf_sam.FusedSamHQVisionSdpaAttention,
+                              *hf_sam.SAM_COPY_FUSED.values())
 
 
 def _sam_attention_problems(attn: nn.Module) -> list[str]:

@@ -9,11 +9,17 @@ classes of both families; attention weights (``output_attentions``, transformers
 and the eager class's attention dropout run Hugging Face's code; hooks; unpatch; torch.compile;
 torch.export; the Triton kernels in the interpreter.
 
+The SAM encoders other models copy (DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt,
+Unlimited-OCR: ``hf_layers.SAM_LAYOUT_FAMILIES``, ``hf_sam.SAM_COPY_ATTENTIONS``) are checked line for
+line against SAM's source and, as a stack of a window layer and a global layer, by the rule.
+
 A tiny SAM encoder: 8 x 8 patches of 4 px (32 px images), dim 32, 2 heads, three layers (windows of
 3: the 8 x 8 map padded to 9 x 9; then windows of 4; then a global layer); no downloads.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -25,12 +31,18 @@ from tests.patching.helpers import (
     assert_outputs_and_grads_match,
     pair,
     perturb_,
+    source_lines,
 )
 from tests.patching.model_checks import ModelChecks
 
 T = pytest.importorskip("transformers")
 
-from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer  # noqa: E402
+from transformers.models.sam.modeling_sam import (  # noqa: E402
+    SamMLPBlock,
+    SamVisionAttention,
+    SamVisionLayer,
+    SamVisionSdpaAttention,
+)
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionLayer  # noqa: E402
 
 from fastvit.nn import hf_layers, hf_sam  # noqa: E402
@@ -174,3 +186,82 @@ class TestSamChecks(ModelChecks):
     inputs = staticmethod(lambda batch: images(batch=batch))
     export_ops = frozenset({"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"})
     counted_op, calls = "flash_attention", LAYERS
+
+
+def _same_source(cls: type, reference: type, *methods: str) -> None:
+    for method in methods:
+        assert source_lines(getattr(cls, method), cls.__name__) == source_lines(
+            getattr(reference, method), reference.__name__
+        ), f"{cls.__name__}.{method}"
+
+
+@pytest.mark.parametrize("layer", list(hf_layers.SAM_LAYOUT_FAMILIES), ids=lambda c: c.__name__)
+def test_the_copies_are_sam_line_for_line(layer):
+    _same_source(layer, SamVisionLayer, "forward", "window_partition", "window_unpartition")
+    _same_source(hf_layers.SAM_LAYOUT_FAMILIES[layer], SamMLPBlock, "__init__", "forward")
+    fused = hf_layers.SAM_LAYOUT_LAYERS[layer]
+    assert fused.fastvit_original() is layer and getattr(hf_layers, fused.__name__) is fused
+
+
+@pytest.mark.parametrize("attention", list(hf_sam.SAM_COPY_ATTENTIONS), ids=lambda c: c.__name__)
+def test_the_copied_attentions_are_sam_line_for_line(attention):
+    _same_source(attention, SamVisionAttention, "__init__", "forward", "get_rel_pos", "get_decomposed_rel_pos")
+    sdpa = hf_sam.SAM_COPY_ATTENTIONS[attention]
+    if sdpa is not None:
+        _same_source(sdpa, SamVisionSdpaAttention, "__init__", "forward")
+    for original in (attention, sdpa) if sdpa is not None else (attention,):
+        fused = hf_sam.SAM_COPY_FUSED[original]
+        assert fused.fastvit_original() is original and getattr(hf_sam, fused.__name__) is fused
+        assert fused.drops_attention == (original is attention)
+
+
+class MapStack(torch.nn.Module):
+    """A window layer (windows of 3 over the padded 8 x 8 map) and a global layer of one of the
+    copies, on (B, H, W, C) maps."""
+
+    def __init__(self, module: str, prefix: str, config: str, implementation: str) -> None:
+        super().__init__()
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        configs = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+        cfg = getattr(configs, config)(hidden_size=32, num_attention_heads=2, mlp_dim=64, image_size=32, patch_size=4,
+                                       window_size=3, use_rel_pos=True)  # fmt: skip
+        cfg._attn_implementation = implementation
+        layer = getattr(modeling, f"{prefix}VisionLayer")
+        self.layers = torch.nn.ModuleList([layer(cfg, window_size=3), layer(cfg, window_size=0)])
+        with torch.no_grad():  # HF initialises the embeddings to zeros: make the bias matter
+            for stacked in self.layers:
+                stacked.attn.rel_pos_h.normal_(0, 0.5)
+                stacked.attn.rel_pos_w.normal_(0, 0.5)
+        perturb_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+# family -> (module, class prefix, config class, attention implementations)
+COPIES = {
+    "deepseek_ocr2": ("deepseek_ocr2", "DeepseekOcr2Sam", "DeepseekOcr2SamVisionConfig", ("sdpa", "eager")),
+    "got_ocr2": ("got_ocr2", "GotOcr2", "GotOcr2VisionConfig", ("eager",)),
+    "pp_formulanet": ("pp_formulanet", "PPFormulaNet", "PPFormulaNetVisionConfig", ("eager",)),
+    "slanext": ("slanext", "SLANeXt", "SLANeXtVisionConfig", ("eager",)),
+    "unlimited_ocr": ("unlimited_ocr", "UnlimitedOcrSam", "UnlimitedOcrSamVisionConfig", ("sdpa", "eager")),
+}
+
+
+def test_every_copy_has_a_model_here():
+    assert {c.__module__.split(".")[2] for c in hf_layers.SAM_LAYOUT_FAMILIES} == set(COPIES)
+
+
+@pytest.mark.parametrize(
+    "family,implementation", [(f, i) for f, (*_, kinds) in COPIES.items() for i in kinds], ids="-".join
+)
+def test_the_copies_match_unpatched_by_the_rule(family, implementation, op_calls):
+    module, prefix, config, _ = COPIES[family]
+    reference, patched, report = pair(MapStack(module, prefix, config, implementation).eval())
+    assert report.counts() == {"attention": 2, "mlp": 2} and not report.skipped
+    x = torch.randn(2, 8, 8, 32, generator=torch.Generator().manual_seed(3))
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["flash_attention"]) == len(op_calls["layernorm_mlp"]) == 2
+    assert all(call["kwargs"]["rel_pos"] is not None for call in op_calls["flash_attention"])
