@@ -6,7 +6,9 @@ ViT-MSN, ViViT, AST), ``SwinLayer`` (ViT's layout), ``BeitLayer`` (its ``lambda_
 ``CLIPEncoderLayer`` and the layers that are CLIP's line for line (``CLIP_LAYOUT_FAMILIES``:
 Chinese-CLIP, AltCLIP, OWL-ViT, OWLv2, X-CLIP, GIT, Idefics2, Idefics3, SmolVLM, Granite-Docling,
 Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR,
-HunYuan-VL, HY-V4-VL), the layers that are BLIP's line for line
+HunYuan-VL, HY-V4-VL; and ``PP_OCR_FAMILIES``, PP-OCR's recognisers' SVTR blocks), the packed
+towers whose layer is PaddleOCR-VL's line for line (``PACKED_ROPE_FAMILIES``: PaddleOCR-VL,
+VideoLLaMA 3, Ovis2.5), Cosmos 3 Edge's and MiniMax-M3-VL's, the layers that are BLIP's line for line
 (``BLIP_LAYOUT_FAMILIES``: BLIP, BLIP-2, InstructBLIP, InstructBLIP-Video), ``InternVLVisionLayer``
 (``lambda_2``; LayerNorm or RMSNorm), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
 ``XCLIPVisionEncoderLayer``, ``VideoPrismLayer`` (``weight + 1`` LayerNorms), ``SiglipEncoderLayer``,
@@ -45,6 +47,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer, Blip2M
 from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionLayer, ChineseCLIPVisionMLP
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.clipseg.modeling_clipseg import CLIPSegEncoderLayer, CLIPSegMLP
+from transformers.models.cosmos3_edge.modeling_cosmos3_edge import Cosmos3EdgeVisionEncoderLayer
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2SamMLPBlock, DeepseekOcr2SamVisionLayer
 from transformers.models.deit.modeling_deit import DeiTLayer, DeiTMLP
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2SwiGLUFFN
@@ -78,16 +81,28 @@ from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderL
 from transformers.models.minicpm_ocr.modeling_minicpm_ocr import MiniCPMOcrVisionEncoderLayer, MiniCPMOcrVisionMLP
 from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6VisionEncoderLayer, MiniCPMV4_6VisionMLP
 from transformers.models.minicpmv4_7.modeling_minicpmv4_7 import MiniCPMV4_7VisionEncoderLayer, MiniCPMV4_7VisionMLP
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionEncoderLayer
 from transformers.models.mlcd.modeling_mlcd import MLCDEncoderLayer
 from transformers.models.molmo2.modeling_molmo2 import Molmo2VisionEncoderLayer, Molmo2VisionMLP
+from transformers.models.ovis2_5.modeling_ovis2_5 import Ovis2_5VisionEncoderLayer, Ovis2_5VisionMLP
 from transformers.models.owlv2.modeling_owlv2 import Owlv2EncoderLayer, Owlv2MLP
 from transformers.models.owlvit.modeling_owlvit import OwlViTEncoderLayer, OwlViTMLP
+from transformers.models.paddleocr_vl.modeling_paddleocr_vl import PaddleOCRVisionEncoderLayer, PaddleOCRVisionMLP
 from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
     Phi4MultimodalVisionEncoderLayer,
     Phi4MultimodalVisionMLP,
 )
 from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.pp_formulanet.modeling_pp_formulanet import PPFormulaNetMLPBlock, PPFormulaNetVisionLayer
+from transformers.models.pp_ocrv5_mobile_rec.modeling_pp_ocrv5_mobile_rec import (
+    PPOCRV5MobileRecBlock,
+    PPOCRV5MobileRecMLP,
+)
+from transformers.models.pp_ocrv5_server_rec.modeling_pp_ocrv5_server_rec import (
+    PPOCRV5ServerRecBlock,
+    PPOCRV5ServerRecMLP,
+)
+from transformers.models.pp_ocrv6_small_rec.modeling_pp_ocrv6_small_rec import PPOCRV6SmallRecBlock, PPOCRV6SmallRecMLP
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock
@@ -125,6 +140,7 @@ from transformers.models.unlimited_ocr.modeling_unlimited_ocr import (
     UnlimitedOcrSamMLPBlock,
     UnlimitedOcrSamVisionLayer,
 )
+from transformers.models.video_llama_3.modeling_video_llama_3 import VideoLlama3VisionEncoderLayer, VideoLlama3VisionMLP
 from transformers.models.videomt.modeling_videomt import (
     VideomtDropPath,
     VideomtLayer,
@@ -153,6 +169,10 @@ __all__ = [
     "CLIP_LAYOUT_LAYERS",
     "DINOV2_LAYOUT_FAMILIES",
     "DINOV2_LAYOUT_LAYERS",
+    "PACKED_ROPE_FAMILIES",
+    "PACKED_ROPE_LAYERS",
+    "PP_OCR_FAMILIES",
+    "PP_OCR_LAYERS",
     "SAM_LAYOUT_FAMILIES",
     "SAM_LAYOUT_LAYERS",
     "VIT_LAYOUT_FAMILIES",
@@ -161,6 +181,7 @@ __all__ = [
     "FusedAimv2EncoderLayer",
     "FusedBeitLayer",
     "FusedCLIPEncoderLayer",
+    "FusedCosmos3EdgeVisionEncoderLayer",
     "FusedDINOv3ViTGatedLayer",
     "FusedDINOv3ViTLayer",
     "FusedDinov2GatedLayer",
@@ -170,6 +191,7 @@ __all__ = [
     "FusedInternVLVisionLayer",
     "FusedJanusVisionEncoderLayer",
     "FusedMLCDEncoderLayer",
+    "FusedMiniMaxM3VLVisionEncoderLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
     "FusedQwen2VLVisionBlock",
@@ -452,7 +474,9 @@ class FusedBeitLayer(FusedPreNormLayer, BeitLayer):
 
 
 class _SiglipLayoutForward(FusedPreNormLayer):
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
             return super().forward(hidden_states, attention_mask, **kwargs)
         residual = hidden_states
@@ -515,6 +539,88 @@ CLIP_LAYOUT_FAMILIES: dict[type, type] = {
 # {original layer class: its fused class}
 CLIP_LAYOUT_LAYERS = _line_for_line_classes(CLIP_LAYOUT_FAMILIES, _SiglipLayoutForward, _SIGLIP_LAYOUT, "CLIP")
 
+
+# PP-OCR's text recognisers' SVTR blocks: CLIP's forward line for line (called without a mask), an MLP
+# whose activation is ``activation`` with a dropout (``drop``) after it and after fc2:
+# {original block: its MLP class}
+PP_OCR_FAMILIES: dict[type, type] = {
+    PPOCRV5MobileRecBlock: PPOCRV5MobileRecMLP,
+    PPOCRV5ServerRecBlock: PPOCRV5ServerRecMLP,
+    PPOCRV6SmallRecBlock: PPOCRV6SmallRecMLP,
+}
+PP_OCR_LAYERS = _line_for_line_classes(
+    PP_OCR_FAMILIES, _SiglipLayoutForward, MlpHalf("layer_norm2", act="activation", mlp_dropouts=("drop",)), "CLIP"
+)
+
+
+class _PackedRopeForward(FusedPreNormLayer):
+    """PaddleOCR-VL's vision layer: CLIP's on packed (T, D) tokens, ``cu_seqlens`` and the rotary
+    ``position_embeddings`` passed to the attention."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states,
+            cu_seqlens=cu_seqlens,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        return self._fastvit_mlp_half(residual + hidden_states)
+
+
+# The packed vision towers whose layer is PaddleOCR-VL's line for line, with CLIP's MLP (checked against
+# Hugging Face's source of transformers 5.25): {original layer class: its MLP class}
+PACKED_ROPE_FAMILIES: dict[type, type] = {
+    PaddleOCRVisionEncoderLayer: PaddleOCRVisionMLP,  # PaddleOCR-VL
+    VideoLlama3VisionEncoderLayer: VideoLlama3VisionMLP,  # VideoLLaMA 3
+    Ovis2_5VisionEncoderLayer: Ovis2_5VisionMLP,  # Ovis2.5
+}
+PACKED_ROPE_LAYERS = _line_for_line_classes(PACKED_ROPE_FAMILIES, _PackedRopeForward, _SIGLIP_LAYOUT, "PaddleOCR-VL")
+
+
+class FusedCosmos3EdgeVisionEncoderLayer(FusedPreNormLayer, Cosmos3EdgeVisionEncoderLayer):
+    """Cosmos 3 Edge's vision layer (packed tokens; its attention returns a tensor) whose
+    LayerNorm+MLP half is one op call."""
+
+    fastvit_mlp = _SIGLIP_LAYOUT
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, cu_seqlens, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states = self.self_attn(
+            hidden_states=hidden_states,
+            cu_seqlens=cu_seqlens,
+            **kwargs,
+        )
+        return self._fastvit_mlp_half(residual + hidden_states)
+
+
+class FusedMiniMaxM3VLVisionEncoderLayer(FusedPreNormLayer, MiniMaxM3VLVisionEncoderLayer):
+    """MiniMax-M3-VL's vision layer (one packed sequence; its attention takes the tokens without the
+    batch dim and no mask) whose LayerNorm+MLP half is one op call."""
+
+    fastvit_mlp = _SIGLIP_LAYOUT
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states.squeeze(0), **kwargs)
+        return self._fastvit_mlp_half(residual + hidden_states)
 
 class _BlipLayoutForward(FusedPreNormLayer):
     """BLIP's encoder layer: CLIP's with no attention mask (``forward(hidden_states, **kwargs)``)."""
@@ -1050,6 +1156,7 @@ for _fused in (
     FusedSwinLayer, FusedBeitLayer, FusedSamVisionLayer, FusedSamHQVisionLayer, FusedSam2MultiScaleBlock,
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
     FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
-    *CLIP_LAYOUT_LAYERS.values(), *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(),
+    FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, *CLIP_LAYOUT_LAYERS.values(),
+    *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
 ):  # fmt: skip
     _register(_fused)

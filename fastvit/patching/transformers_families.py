@@ -27,6 +27,7 @@ from transformers.models.beit.modeling_beit import BeitDropPath, BeitMLP
 from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.convnext.modeling_convnext import ConvNextDropPath, ConvNextLayerNorm
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer
+from transformers.models.cosmos3_edge.modeling_cosmos3_edge import Cosmos3EdgeMLP
 from transformers.models.deit.modeling_deit import DeiTPatchEmbeddings
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2DropPath,
@@ -44,6 +45,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 )
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionMLP
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
@@ -96,11 +98,15 @@ _MLPS = {
     hf_layers.FusedInternVLVisionLayer: InternVLVisionMLP,
     hf_layers.FusedVideoPrismLayer: VideoPrismMLP,
     hf_layers.FusedVitDetLayer: VitDetMlp,
-    **{layers[layer]: mlp  # the families made from a table: ViT's, CLIP's, BLIP's and SAM's layouts
+    hf_layers.FusedCosmos3EdgeVisionEncoderLayer: Cosmos3EdgeMLP,
+    hf_layers.FusedMiniMaxM3VLVisionEncoderLayer: MiniMaxM3VLVisionMLP,
+    **{layers[layer]: mlp  # the families made from a table
        for families, layers in ((hf_layers.VIT_LAYOUT_FAMILIES, hf_layers.VIT_LAYOUT_LAYERS),
                                 (hf_layers.CLIP_LAYOUT_FAMILIES, hf_layers.CLIP_LAYOUT_LAYERS),
                                 (hf_layers.BLIP_LAYOUT_FAMILIES, hf_layers.BLIP_LAYOUT_LAYERS),
-                                (hf_layers.SAM_LAYOUT_FAMILIES, hf_layers.SAM_LAYOUT_LAYERS))
+                                (hf_layers.SAM_LAYOUT_FAMILIES, hf_layers.SAM_LAYOUT_LAYERS),
+                                (hf_layers.PP_OCR_FAMILIES, hf_layers.PP_OCR_LAYERS),
+                                (hf_layers.PACKED_ROPE_FAMILIES, hf_layers.PACKED_ROPE_LAYERS))
        for layer, mlp in families.items()},
     **{fused: mlp for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items()
        for fused, mlp in zip(pair, hf_layers.DINOV2_LAYOUT_FAMILIES[layer][:2], strict=True)},  # plain, gated

@@ -3,7 +3,10 @@ families made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (B
 line, ``hf_layers.BLIP_LAYOUT_FAMILIES``), InternVL's InternViT (``lambda_2`` layer scale; LayerNorm or
 RMSNorm by ``norm_type``), MLCD (rotary position embeddings), Janus (MLP dropouts), X-CLIP's frame
 encoder (message tokens), VideoPrism (LayerNorms scaling by ``weight + 1``) and the Audio Spectrogram
-Transformer (ViT's layer line for line, ``hf_layers.VIT_LAYOUT_FAMILIES``).
+Transformer (ViT's layer line for line, ``hf_layers.VIT_LAYOUT_FAMILIES``); and, as stacks of two layers
+on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5 (PaddleOCR-VL's layer line for
+line, ``hf_layers.PACKED_ROPE_FAMILIES``), Cosmos 3 Edge and MiniMax-M3-VL, and PP-OCR's recognisers'
+SVTR blocks (``hf_layers.PP_OCR_FAMILIES``).
 
 Each layer's LayerNorm+MLP half is one fastvit.layernorm_mlp call; that the table families are their
 reference layer line for line is checked against the installed transformers' source; each patched
@@ -16,6 +19,7 @@ torch.export and the Triton kernels in the interpreter (``ModelChecks``).
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 
 import pytest
@@ -35,7 +39,9 @@ from tests.patching.model_checks import ModelChecks
 T = pytest.importorskip("transformers")
 
 from transformers.models.blip.modeling_blip import BlipEncoderLayer  # noqa: E402
-from transformers.models.clip.modeling_clip import CLIPMLP  # noqa: E402
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer  # noqa: E402
+from transformers.models.paddleocr_vl.modeling_paddleocr_vl import PaddleOCRVisionEncoderLayer  # noqa: E402
+from transformers.models.pp_ocrv5_mobile_rec.modeling_pp_ocrv5_mobile_rec import PPOCRV5MobileRecMLP  # noqa: E402
 from transformers.models.videoprism import configuration_videoprism, modeling_videoprism  # noqa: E402
 from transformers.models.vit.modeling_vit import ViTLayer, ViTMLP  # noqa: E402
 
@@ -114,6 +120,80 @@ FAMILIES = {
     "videoprism": (lambda: VideoModel().eval(), torch.randn(2, 2, 3, 16, 16, generator=_gen(1)), LAYERS + 1),
     "ast": (lambda: AudioModel().eval(), torch.randn(2, 16, 16, generator=_gen(2)), LAYERS),
 }
+
+
+class LayerStack(torch.nn.Module):
+    """Two of a family's layers on tokens, each called as its encoder calls it (``kwargs``: the packed
+    towers' ``cu_seqlens`` and rotary ``position_embeddings``)."""
+
+    def __init__(self, module: str, layer: str, config: str, **kwargs) -> None:
+        super().__init__()
+        configs = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+        cfg = getattr(configs, config)(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+        cfg._attn_implementation = "sdpa"
+        cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), layer)
+        self.layers, self.kwargs = perturb_(torch.nn.ModuleList([cls(cfg) for _ in range(LAYERS)])), kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, **self.kwargs)
+        return x
+
+
+# two images of 5 and 9 tokens, packed; rotary angles per token (head dim 16)
+PACKED = dict(cu_seqlens=torch.tensor([0, 5, 14], dtype=torch.int32), max_seqlen=9)
+_ANGLES = torch.randn(14, 8, generator=_gen(3))
+ROPE = (torch.cat([_ANGLES.cos()] * 2, -1), torch.cat([_ANGLES.sin()] * 2, -1))
+PACKED_TOKENS = torch.randn(14, 32, generator=_gen(4))
+# family -> (builder, inputs)
+STACKS = {
+    "paddleocr_vl": (lambda: LayerStack("paddleocr_vl", "PaddleOCRVisionEncoderLayer", "PaddleOCRVisionConfig",
+                                        position_embeddings=ROPE, **PACKED), PACKED_TOKENS),
+    "video_llama_3": (lambda: LayerStack("video_llama_3", "VideoLlama3VisionEncoderLayer", "VideoLlama3VisionConfig",
+                                         position_embeddings=ROPE, **PACKED), PACKED_TOKENS),
+    "ovis2_5": (lambda: LayerStack("ovis2_5", "Ovis2_5VisionEncoderLayer", "Ovis2_5VisionConfig",
+                                   position_embeddings=ROPE, **PACKED), PACKED_TOKENS),
+    "cosmos3_edge": (lambda: LayerStack("cosmos3_edge", "Cosmos3EdgeVisionEncoderLayer", "Cosmos3EdgeVisionConfig",
+                                        **PACKED), PACKED_TOKENS),
+    "minimax_m3_vl": (lambda: LayerStack("minimax_m3_vl", "MiniMaxM3VLVisionEncoderLayer", "MiniMaxM3VLVisionConfig",
+                                         position_embeddings=ROPE, **PACKED), PACKED_TOKENS[None]),
+    "pp_ocrv5_mobile_rec": (lambda: LayerStack("pp_ocrv5_mobile_rec", "PPOCRV5MobileRecBlock",
+                                               "PPOCRV5MobileRecConfig"), torch.randn(2, 7, 32, generator=_gen(5))),
+    "pp_ocrv5_server_rec": (lambda: LayerStack("pp_ocrv5_server_rec", "PPOCRV5ServerRecBlock",
+                                               "PPOCRV5ServerRecConfig"), torch.randn(2, 7, 32, generator=_gen(5))),
+    "pp_ocrv6_small_rec": (lambda: LayerStack("pp_ocrv6_small_rec", "PPOCRV6SmallRecBlock", "PPOCRV6SmallRecConfig"),
+                           torch.randn(2, 7, 32, generator=_gen(5))),
+}  # fmt: skip
+
+
+def _body(function, name: str) -> list[str]:
+    """A layer forward's lines from its first statement (the signatures may differ in defaults)."""
+    lines = source_lines(function, name)
+    return lines[lines.index("residual = hidden_states"):]
+
+
+@pytest.mark.parametrize("layer", [*hf_layers.PP_OCR_FAMILIES, *hf_layers.PACKED_ROPE_FAMILIES],
+                         ids=lambda c: c.__name__)  # fmt: skip
+def test_the_token_families_are_their_layout_line_for_line(layer):
+    if layer in hf_layers.PP_OCR_FAMILIES:  # CLIP's forward, called without a mask; PP-OCR's MLP
+        assert _body(layer.forward, layer.__name__) == _body(CLIPEncoderLayer.forward, CLIPEncoderLayer.__name__)
+        mlp, fused = hf_layers.PP_OCR_FAMILIES[layer], hf_layers.PP_OCR_LAYERS[layer]
+        reference_mlp = PPOCRV5MobileRecMLP
+    else:
+        reference = PaddleOCRVisionEncoderLayer
+        assert source_lines(layer.forward, layer.__name__) == source_lines(reference.forward, reference.__name__)
+        mlp, reference_mlp, fused = hf_layers.PACKED_ROPE_FAMILIES[layer], CLIPMLP, hf_layers.PACKED_ROPE_LAYERS[layer]
+    assert source_lines(mlp.forward, mlp.__name__) == source_lines(reference_mlp.forward, reference_mlp.__name__)
+    assert fused.fastvit_original() is layer and getattr(hf_layers, fused.__name__) is fused
+
+
+@pytest.mark.parametrize("family", sorted(STACKS))
+def test_the_stacks_match_unpatched_by_the_rule(family, op_calls):
+    build, x = STACKS[family]
+    reference, patched, report = pair(build().eval())
+    assert report.counts()["mlp"] == LAYERS
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["layernorm_mlp"]) == LAYERS
 
 
 @pytest.mark.parametrize("layer", [*hf_layers.BLIP_LAYOUT_FAMILIES, *hf_layers.VIT_LAYOUT_FAMILIES],
