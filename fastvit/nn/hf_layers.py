@@ -20,11 +20,11 @@ the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
 packed (T, D) tokens; and the image encoders' layers of SAM (``SamVisionLayer``, SAM-HQ's copy),
 the SAM encoders copied into other models (``SAM_LAYOUT_FAMILIES``: DeepSeek-OCR 2, GOT-OCR 2.0,
 PP-FormulaNet, SLANeXt, Unlimited-OCR), SAM 2 (``Sam2MultiScaleBlock``, Hiera) and SAM 3
-(``Sam3ViTLayer``), and the ViTDet backbone's
+(``Sam3ViTLayer``), Hugging Face's Hiera (``HieraLayer``), and the ViTDet backbone's
 (``VitDetLayer``) on their (B, H, W, C) maps.
 Their attention runs as in Hugging Face (through transformers' attention interface, which
 ``fastvit.patch`` points at fastvit; SAM's and ViTDet's own attentions are swapped by
-``fastvit.nn.hf_sam``); the
+``fastvit.nn.hf_sam``, Hiera's by ``fastvit.nn.hf_hiera``); the
 attention half of each forward below is Hugging Face's,
 line for line. The second half, ``x + drop_path(layer_scale * mlp(norm(x)))`` (or with hidden
 dropout), is one op call; calls it does not cover (dropout or drop path active in training, a hook
@@ -64,6 +64,7 @@ from transformers.models.granite_docling.modeling_granite_docling import (
     GraniteDoclingVisionMLP,
 )
 from transformers.models.groupvit.modeling_groupvit import GroupViTEncoderLayer, GroupViTMLP
+from transformers.models.hiera.modeling_hiera import HieraLayer
 from transformers.models.hunyuan_vl.modeling_hunyuan_vl import HunYuanVLVisionBlock, HunYuanVLVisionMLP
 from transformers.models.hy_v4_vl.modeling_hy_v4_vl import HYV4VLVisionBlock, HYV4VLVisionMLP
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer, Idefics2VisionMLP
@@ -188,6 +189,7 @@ __all__ = [
     "FusedDinov2Layer",
     "FusedDinov2WithRegistersGatedLayer",
     "FusedDinov2WithRegistersLayer",
+    "FusedHieraLayer",
     "FusedInternVLVisionLayer",
     "FusedJanusVisionEncoderLayer",
     "FusedMLCDEncoderLayer",
@@ -1106,6 +1108,31 @@ class FusedVitDetLayer(FusedPreNormLayer, VitDetLayer):
         return (hidden_states, *outputs)
 
 
+class FusedHieraLayer(FusedPreNormLayer, HieraLayer):
+    """Hugging Face's Hiera ``HieraLayer`` whose LayerNorm+MLP half (with drop path) is one op call;
+    its first half (a stage's widening projection with its pooled residual, the attention) is Hugging
+    Face's, line for line. Its attention (``fastvit.nn.hf_hiera.FusedHieraMaskUnitAttention``) is
+    patched on its own."""
+
+    fastvit_mlp = MlpHalf("layernorm_after", drop_path="drop_path")
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, output_attentions)
+        batch_size = hidden_states.shape[0]
+        hidden_states_norm = self.layernorm_before(hidden_states)
+        if self.hidden_size != self.hidden_size_output:
+            hidden_states = self.proj(hidden_states_norm)
+            hidden_states = (
+                hidden_states.view(batch_size, self.query_stride, -1, self.hidden_size_output).max(dim=1).values
+            )
+        (hidden_states_norm, attn_weights) = self.attn(hidden_states_norm, output_attentions=output_attentions)
+        hidden_states = hidden_states + self.drop_path(hidden_states_norm)
+        return (self._fastvit_mlp_half(hidden_states), attn_weights)
+
+
 def fused_layer(module: nn.Module) -> type[FusedPreNormLayer] | None:
     """The fused class for ``module`` (a covered layer, or one already fused): by its MLP's kind
     where the family has a plain and a gated one (DINOv2, DINOv3), so a layer fused earlier whose MLP
@@ -1156,7 +1183,8 @@ for _fused in (
     FusedSwinLayer, FusedBeitLayer, FusedSamVisionLayer, FusedSamHQVisionLayer, FusedSam2MultiScaleBlock,
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
     FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
-    FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, *CLIP_LAYOUT_LAYERS.values(),
+    FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, FusedHieraLayer,
+    *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
 ):  # fmt: skip
     _register(_fused)

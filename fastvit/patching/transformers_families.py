@@ -43,6 +43,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTLayerScale,
     DINOv3ViTMLP,
 )
+from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionMLP
@@ -63,7 +64,7 @@ from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNo
 from transformers.models.vitdet.modeling_vitdet import VitDetDropPath, VitDetMlp
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP
 
-from fastvit.nn import hf_convnext, hf_embeddings, hf_intermediate_output, hf_layers, hf_sam, hf_swinv2
+from fastvit.nn import hf_convnext, hf_embeddings, hf_hiera, hf_intermediate_output, hf_layers, hf_sam, hf_swinv2
 from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, fused_table, slot
@@ -98,6 +99,7 @@ _MLPS = {
     hf_layers.FusedInternVLVisionLayer: InternVLVisionMLP,
     hf_layers.FusedVideoPrismLayer: VideoPrismMLP,
     hf_layers.FusedVitDetLayer: VitDetMlp,
+    hf_layers.FusedHieraLayer: HieraMlp,
     hf_layers.FusedCosmos3EdgeVisionEncoderLayer: Cosmos3EdgeMLP,
     hf_layers.FusedMiniMaxM3VLVisionEncoderLayer: MiniMaxM3VLVisionMLP,
     **{layers[layer]: mlp  # the families made from a table
@@ -132,6 +134,7 @@ _LAYER_SCALES = {
 _DROP_PATHS = {
     hf_layers.FusedBeitLayer: BeitDropPath,
     hf_layers.FusedVitDetLayer: VitDetDropPath,
+    hf_layers.FusedHieraLayer: HieraDropPath,
     hf_layers.FusedDinov2Layer: Dinov2DropPath,
     hf_layers.FusedDinov2GatedLayer: Dinov2DropPath,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
@@ -381,6 +384,23 @@ def _vitdet_attention_problems(attn: nn.Module) -> list[str]:
     return problems
 
 
+_HIERA_ATTENTIONS = fused_table(hf_hiera.FusedHieraMaskUnitAttention)
+
+
+def _hiera_attention_problems(attn: nn.Module) -> list[str]:
+    """What the fused Hiera attention reads: the ``qkv`` and ``proj`` Linears, the heads, the mask units."""
+    names = ("qkv", "proj", "num_heads", "head_dim", "scale", "query_stride", "window_size", "use_mask_unit_attn",
+             "hidden_size_output")  # fmt: skip
+    problems = missing_attributes(attn, names, "transformers")
+    if problems:
+        return problems
+    problems += exact_type(attn.qkv, "qkv", (nn.Linear,), "nn.Linear")
+    problems += exact_type(attn.proj, "proj", (nn.Linear,), "nn.Linear")
+    if not problems and attn.qkv.out_features != 3 * attn.num_heads * attn.head_dim:
+        problems.append(f"qkv has {attn.qkv.out_features} outputs, not 3 x num_heads x head_dim")
+    return problems
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
     (or their fused classes), else None."""
@@ -390,6 +410,8 @@ def finding(path: str, module: nn.Module) -> Finding | None:
     if type(module) in _SAM_ATTENTIONS:
         return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
                     _sam_attention_notes)  # fmt: skip
+    if type(module) in _HIERA_ATTENTIONS:
+        return slot(path, module, "attention", _HIERA_ATTENTIONS[type(module)], _hiera_attention_problems)
     if type(module) in _VITDET_ATTENTIONS:
         return slot(path, module, "attention", _VITDET_ATTENTIONS[type(module)], _vitdet_attention_problems)
     if type(module) in _SWINV2_LAYERS:
