@@ -8,7 +8,10 @@ reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scor
 its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's (and SAM-HQ's) image encoder attention
 (decomposed relative position, its own forward: ``fastvit.nn.hf_sam``); the layers of SAM's, SAM 2's
 and SAM 3's image encoders are ``hf_layers``' like the others; the layers still in ViT's 4.x layout
-(``intermediate`` / ``output``: DPT, YOLOS, VideoMAE) are ``fastvit.nn.hf_intermediate_output``'s.
+(``intermediate`` / ``output``: DPT, YOLOS, VideoMAE) are ``fastvit.nn.hf_intermediate_output``'s; the
+other attentions computing their scores in their own forward are swapped too: ViTDet's (with the
+SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
+Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -43,6 +46,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTLayerScale,
     DINOv3ViTMLP,
 )
+from transformers.models.donut.modeling_donut_swin import DonutSwinIntermediate, DonutSwinOutput
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
@@ -64,7 +68,16 @@ from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNo
 from transformers.models.vitdet.modeling_vitdet import VitDetDropPath, VitDetMlp
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP
 
-from fastvit.nn import hf_convnext, hf_embeddings, hf_hiera, hf_intermediate_output, hf_layers, hf_sam, hf_swinv2
+from fastvit.nn import (
+    hf_convnext,
+    hf_donut_swin,
+    hf_embeddings,
+    hf_hiera,
+    hf_intermediate_output,
+    hf_layers,
+    hf_sam,
+    hf_swinv2,
+)
 from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
 from fastvit.patching.registry import Finding, Skip, fused_table, slot
@@ -384,6 +397,35 @@ def _vitdet_attention_problems(attn: nn.Module) -> list[str]:
     return problems
 
 
+_SWIN_COPY_ATTENTIONS = fused_table(*hf_donut_swin.SWIN_COPY_FUSED.values())
+_DONUT_SWIN_LAYERS = fused_table(hf_donut_swin.FusedDonutSwinLayer)
+
+
+def _swin_copy_attention_problems(attn: nn.Module) -> list[str]:
+    """What the fused Swin-copy attention reads: the projections, the bias table and its index,
+    Hugging Face's dropout module."""
+    names = ("query", "key", "value", "dropout", "relative_position_bias_table", "relative_position_index",
+             "num_attention_heads", "attention_head_size", "window_size")  # fmt: skip
+    problems = missing_attributes(attn, names, "transformers")
+    if problems:
+        return problems
+    for name in ("query", "key", "value"):
+        problems += exact_type(getattr(attn, name), name, (nn.Linear,), "nn.Linear")
+    return problems + exact_type(attn.dropout, "dropout", (nn.Dropout,), "nn.Dropout")
+
+
+def _donut_swin_layer_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a Donut Swin layer's second half: an ``nn.LayerNorm``
+    over the last dim, the family's ``intermediate`` and ``output`` of Linears, an activation the op
+    has, Hugging Face's dropout module."""
+    names = ("layernorm_before", "attention", "layernorm_after", "intermediate", "output", "drop_path")
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
+    return problems + _intermediate_output_modules_problems(layer, DonutSwinIntermediate, DonutSwinOutput)
+
+
 _HIERA_ATTENTIONS = fused_table(hf_hiera.FusedHieraMaskUnitAttention)
 
 
@@ -410,6 +452,12 @@ def finding(path: str, module: nn.Module) -> Finding | None:
     if type(module) in _SAM_ATTENTIONS:
         return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
                     _sam_attention_notes)  # fmt: skip
+    if type(module) in _SWIN_COPY_ATTENTIONS:
+        return slot(path, module, "attention", _SWIN_COPY_ATTENTIONS[type(module)], _swin_copy_attention_problems,
+                    _swinv2_attention_notes)  # fmt: skip
+    if type(module) in _DONUT_SWIN_LAYERS:
+        return slot(path, module, "mlp", _DONUT_SWIN_LAYERS[type(module)], _donut_swin_layer_problems,
+                    _swinv2_layer_notes)  # fmt: skip
     if type(module) in _HIERA_ATTENTIONS:
         return slot(path, module, "attention", _HIERA_ATTENTIONS[type(module)], _hiera_attention_problems)
     if type(module) in _VITDET_ATTENTIONS:

@@ -61,7 +61,7 @@ def test_attention_weights_run_hugging_face(op_calls):
     x = images(2)
     expected = reference.model(x, output_attentions=True).attentions
     found = patched.model(x, output_attentions=True).attentions
-    assert len(found) == len(expected) == 4  # Hugging Face keeps each stage's last
+    assert len(found) == len(expected) == 4  # one per stage
     for a, b in zip(found, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not op_calls["flash_attention"] and len(op_calls["layernorm_mlp"]) == LAYERS
