@@ -11,7 +11,8 @@ and SAM 3's image encoders are ``hf_layers``' like the others; the layers still 
 (``intermediate`` / ``output``: DPT, YOLOS, VideoMAE) are ``fastvit.nn.hf_intermediate_output``'s; the
 other attentions computing their scores in their own forward are swapped too: ViTDet's (with the
 SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
-Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer).
+Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data2vec-vision's
+(``fastvit.nn.hf_data2vec_vision``, with its layer).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -31,6 +32,11 @@ from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.convnext.modeling_convnext import ConvNextDropPath, ConvNextLayerNorm
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer
 from transformers.models.cosmos3_edge.modeling_cosmos3_edge import Cosmos3EdgeMLP
+from transformers.models.data2vec.modeling_data2vec_vision import (
+    Data2VecVisionDropPath,
+    Data2VecVisionIntermediate,
+    Data2VecVisionOutput,
+)
 from transformers.models.deit.modeling_deit import DeiTPatchEmbeddings
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2DropPath,
@@ -70,6 +76,7 @@ from transformers.models.x_clip.modeling_x_clip import XCLIPMLP
 
 from fastvit.nn import (
     hf_convnext,
+    hf_data2vec_vision,
     hf_donut_swin,
     hf_embeddings,
     hf_hiera,
@@ -426,6 +433,51 @@ def _donut_swin_layer_problems(layer: nn.Module) -> list[str]:
     return problems + _intermediate_output_modules_problems(layer, DonutSwinIntermediate, DonutSwinOutput)
 
 
+_DATA2VEC_ATTENTIONS = fused_table(hf_data2vec_vision.FusedData2VecVisionSelfAttention,
+                                   hf_data2vec_vision.FusedData2VecVisionSdpaSelfAttention)
+_DATA2VEC_LAYERS = fused_table(hf_data2vec_vision.FusedData2VecVisionLayer)
+
+
+def _data2vec_attention_problems(attn: nn.Module) -> list[str]:
+    """What the fused data2vec-vision attention reads: the projections, the head size, its bias module."""
+    names = ("query", "key", "value", "attention_head_size", "has_relative_position_bias", "config")
+    problems = missing_attributes(attn, names, "transformers")
+    if problems:
+        return problems
+    for name in ("query", "key", "value"):
+        problems += exact_type(getattr(attn, name), name, (nn.Linear,), "nn.Linear")
+    if attn.has_relative_position_bias:
+        problems += missing_attributes(attn, ("relative_position_bias",), "transformers")
+    return problems
+
+
+def _data2vec_attention_notes(attn: nn.Module) -> list[str]:
+    p = attn.config.attention_probs_dropout_prob
+    return [f"attention dropout {p}: in training it runs Hugging Face's forward"] if p > 0 else []
+
+
+def _data2vec_layer_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a data2vec-vision layer's second half: an ``nn.LayerNorm``,
+    the family's ``intermediate`` and ``output``, a (D,) ``lambda_2`` or None, its drop path."""
+    names = ("layernorm_before", "attention", "layernorm_after", "intermediate", "output", "drop_path", "lambda_2")
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
+    problems += exact_type(layer.drop_path, "drop_path", (nn.Identity, Data2VecVisionDropPath), "its drop path")
+    scale, dim = layer.lambda_2, layer.layernorm_after.normalized_shape[0]
+    if scale is not None and tuple(scale.shape) != (dim,):
+        problems.append(f"lambda_2 has shape {tuple(scale.shape)}, not ({dim},)")
+    return problems + _intermediate_output_modules_problems(layer, Data2VecVisionIntermediate, Data2VecVisionOutput)
+
+
+def _data2vec_layer_notes(layer: nn.Module) -> list[str]:
+    rates = [f"hidden dropout {layer.output.dropout.p}"] if layer.output.dropout.p > 0 else []
+    if getattr(layer.drop_path, "drop_prob", 0.0) > 0:
+        rates.append(f"drop path {layer.drop_path.drop_prob}")
+    return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
+
+
 _HIERA_ATTENTIONS = fused_table(hf_hiera.FusedHieraMaskUnitAttention)
 
 
@@ -452,6 +504,12 @@ def finding(path: str, module: nn.Module) -> Finding | None:
     if type(module) in _SAM_ATTENTIONS:
         return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
                     _sam_attention_notes)  # fmt: skip
+    if type(module) in _DATA2VEC_ATTENTIONS:
+        return slot(path, module, "attention", _DATA2VEC_ATTENTIONS[type(module)], _data2vec_attention_problems,
+                    _data2vec_attention_notes)  # fmt: skip
+    if type(module) in _DATA2VEC_LAYERS:
+        return slot(path, module, "mlp", _DATA2VEC_LAYERS[type(module)], _data2vec_layer_problems,
+                    _data2vec_layer_notes)  # fmt: skip
     if type(module) in _SWIN_COPY_ATTENTIONS:
         return slot(path, module, "attention", _SWIN_COPY_ATTENTIONS[type(module)], _swin_copy_attention_problems,
                     _swinv2_attention_notes)  # fmt: skip
