@@ -12,7 +12,8 @@ and SAM 3's image encoders are ``hf_layers``' like the others; the layers still 
 other attentions computing their scores in their own forward are swapped too: ViTDet's (with the
 SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
 Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data2vec-vision's
-(``fastvit.nn.hf_data2vec_vision``, with its layer).
+(``fastvit.nn.hf_data2vec_vision``, with its layer), and PVT's, GLPN's, PVTv2's and TimeSformer's
+(``fastvit.nn.hf_self_attention``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -83,6 +84,7 @@ from fastvit.nn import (
     hf_intermediate_output,
     hf_layers,
     hf_sam,
+    hf_self_attention,
     hf_swinv2,
 )
 from fastvit.nn.hf_vit import activation_of
@@ -478,6 +480,33 @@ def _data2vec_layer_notes(layer: nn.Module) -> list[str]:
     return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
 
 
+# {fused class: (the Linears it reads, its dropout's name)} of the own-forward self-attentions
+_SELF_ATTENTIONS = {
+    hf_self_attention.FusedPvtEfficientSelfAttention: (("query", "key", "value"), "dropout"),
+    hf_self_attention.FusedGLPNEfficientSelfAttention: (("query", "key", "value"), "dropout"),
+    hf_self_attention.FusedPvtV2SelfAttention: (("query", "key", "value", "proj"), "attn_drop"),
+    hf_self_attention.FusedTimesformerSelfAttention: (("qkv",), "attn_drop"),
+}
+_SELF_ATTENTION_TABLE = fused_table(*_SELF_ATTENTIONS)
+
+
+def _self_attention_problems(attn: nn.Module) -> list[str]:
+    """What a fused own-forward self-attention reads: its Linears and Hugging Face's dropout module."""
+    linears, dropout = _SELF_ATTENTIONS[_SELF_ATTENTION_TABLE[type(attn)]]
+    problems = missing_attributes(attn, (*linears, dropout), "transformers")
+    if problems:
+        return problems
+    for name in linears:
+        problems += exact_type(getattr(attn, name), name, (nn.Linear,), "nn.Linear")
+    return problems + exact_type(getattr(attn, dropout), dropout, (nn.Dropout,), "nn.Dropout")
+
+
+def _self_attention_notes(attn: nn.Module) -> list[str]:
+    _, dropout = _SELF_ATTENTIONS[_SELF_ATTENTION_TABLE[type(attn)]]
+    p = getattr(attn, dropout).p
+    return [f"attention dropout {p}: in training it runs Hugging Face's forward"] if p > 0 else []
+
+
 _HIERA_ATTENTIONS = fused_table(hf_hiera.FusedHieraMaskUnitAttention)
 
 
@@ -504,6 +533,9 @@ def finding(path: str, module: nn.Module) -> Finding | None:
     if type(module) in _SAM_ATTENTIONS:
         return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
                     _sam_attention_notes)  # fmt: skip
+    if type(module) in _SELF_ATTENTION_TABLE:
+        return slot(path, module, "attention", _SELF_ATTENTION_TABLE[type(module)], _self_attention_problems,
+                    _self_attention_notes)  # fmt: skip
     if type(module) in _DATA2VEC_ATTENTIONS:
         return slot(path, module, "attention", _DATA2VEC_ATTENTIONS[type(module)], _data2vec_attention_problems,
                     _data2vec_attention_notes)  # fmt: skip

@@ -1,0 +1,171 @@
+"""Fused subclasses of the Hugging Face self-attentions that compute their scores in their own forward
+(not through transformers' ``AttentionInterface``, so ``attn_implementation`` cannot route them) with
+nothing between the projections but a softmax: PVT's and GLPN's efficient self-attention and PVTv2's
+(keys and values from a spatially reduced map: a strided conv and a LayerNorm, or PVTv2-Li's pooling),
+and TimeSformer's (its divided space-time attention: the layer folds time or space into the batch).
+
+Each fused forward keeps Hugging Face's Linears and reduction modules (called as modules, in Hugging
+Face's order) and runs the softmax attention as one ``fastvit.flash_attention`` call (N queries over
+the reduced map's M keys). The attention weights requested and attention dropout in training run
+Hugging Face's forward. Importing this module imports transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.models.glpn.modeling_glpn import GLPNEfficientSelfAttention
+from transformers.models.pvt.modeling_pvt import PvtEfficientSelfAttention
+from transformers.models.pvt_v2.modeling_pvt_v2 import PvtV2SelfAttention
+from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
+
+import fastvit
+from fastvit.nn.attention import merge_heads, split_packed_qkv
+from fastvit.nn.fused import FusedModule
+from fastvit.nn.hf_attention import swapped_attention_covers
+
+__all__ = [
+    "FusedGLPNEfficientSelfAttention",
+    "FusedPvtEfficientSelfAttention",
+    "FusedPvtV2SelfAttention",
+    "FusedTimesformerSelfAttention",
+]
+
+
+class _ReducedAttention(FusedModule):
+    """The shared part of the PVT-style fused attentions: heads, the op call, the fallback rule."""
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ()  # the Linears and the reduction are called as modules; the softmax and dropout are the op's
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H*D) -> (B, H, N, D), a view (Hugging Face's ``transpose_for_scores``)."""
+        return x.unflatten(-1, (self.num_attention_heads, self.attention_head_size)).transpose(1, 2)
+
+    def _attend(self, query: torch.Tensor, keys_from: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D)) v with k, v projected from ``keys_from`` (B, M, C): (B, N, H*D)."""
+        k, v = self._heads(self.key(keys_from)), self._heads(self.value(keys_from))
+        out = fastvit.flash_attention(self._heads(query), k, v, scale=1 / math.sqrt(self.attention_head_size))
+        return merge_heads(out)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_attention_heads}, fastvit={self.fastvit_op}"
+
+
+class FusedPvtEfficientSelfAttention(_ReducedAttention, PvtEfficientSelfAttention):
+    """PVT's ``PvtEfficientSelfAttention`` running one ``fastvit.flash_attention`` call: queries from
+    the (B, N, C) tokens, keys and values from the map reduced by ``sequences_reduction_ratio``.
+    Same signature, ``forward(hidden_states, height, width, output_attentions=False)``; returns
+    ``(context,)``, context (B, N, C).
+
+    Example:
+        >>> model = transformers.PvtModel(transformers.PvtConfig())
+        >>> fastvit.patch(model)  # encoder.block.*.*.attention.self -> FusedPvtEfficientSelfAttention
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, height, width, output_attentions)
+        if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
+            return super().forward(hidden_states, height, width, output_attentions)
+        query = self.query(hidden_states)
+        if self.sequences_reduction_ratio > 1:  # Hugging Face's lines
+            batch_size, _, num_channels = hidden_states.shape
+            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
+            hidden_states = self.sequence_reduction(hidden_states)
+            hidden_states = hidden_states.reshape(batch_size, num_channels, -1).permute(0, 2, 1)
+            hidden_states = self.layer_norm(hidden_states)
+        return (self._attend(query, hidden_states),)
+
+
+class FusedGLPNEfficientSelfAttention(_ReducedAttention, GLPNEfficientSelfAttention):
+    """GLPN's ``GLPNEfficientSelfAttention`` (SegFormer's) running one ``fastvit.flash_attention``
+    call, keys and values from the map reduced by ``sr_ratio``; as ``FusedPvtEfficientSelfAttention``.
+
+    Example:
+        >>> model = transformers.GLPNModel(transformers.GLPNConfig())
+        >>> fastvit.patch(model)  # encoder.block.*.*.attention.self -> FusedGLPNEfficientSelfAttention
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, height, width, output_attentions)
+        if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
+            return super().forward(hidden_states, height, width, output_attentions)
+        query = self.query(hidden_states)
+        if self.sr_ratio > 1:  # Hugging Face's lines
+            batch_size, _, num_channels = hidden_states.shape
+            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
+            hidden_states = self.sr(hidden_states)
+            hidden_states = hidden_states.reshape(batch_size, num_channels, -1).permute(0, 2, 1)
+            hidden_states = self.layer_norm(hidden_states)
+        return (self._attend(query, hidden_states),)
+
+
+class FusedPvtV2SelfAttention(_ReducedAttention, PvtV2SelfAttention):
+    """PVTv2's ``PvtV2SelfAttention`` running one ``fastvit.flash_attention`` call, keys and values from
+    the map reduced by ``spatial_reduction_ratio`` (or pooled to 7 x 7: ``linear_attention``); then
+    its ``proj`` and ``proj_drop``, as Hugging Face's.
+
+    Example:
+        >>> model = transformers.PvtV2Model(transformers.PvtV2Config())
+        >>> fastvit.patch(model)  # encoder.layers.*.blocks.*.attention -> FusedPvtV2SelfAttention
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, height, width, output_attentions)
+        if not swapped_attention_covers(self, output_attentions, self.attn_drop.p, self.attn_drop.training):
+            return super().forward(hidden_states, height, width, output_attentions)
+        batch_size, _, num_channels = hidden_states.shape
+        query = self.query(hidden_states)
+        if self.linear_attention:  # Hugging Face's lines
+            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
+            hidden_states = (
+                self.spatial_reduction(self.pool(hidden_states)).reshape(batch_size, num_channels, -1).permute(0, 2, 1)
+            )
+            hidden_states = self.act(self.layer_norm(hidden_states))
+        elif self.spatial_reduction_ratio > 1:
+            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
+            hidden_states = (
+                self.spatial_reduction(hidden_states).reshape(batch_size, num_channels, -1).permute(0, 2, 1)
+            )
+            hidden_states = self.layer_norm(hidden_states)
+        context_layer = self.proj(self._attend(query, hidden_states))
+        return (self.proj_drop(context_layer),)
+
+
+class FusedTimesformerSelfAttention(FusedModule, TimesformerSelfAttention):
+    """TimeSformer's ``TimesformerSelfAttention`` (packed ``qkv``; the layer calls it over time with
+    space in the batch, then over space with time in the batch) running one ``fastvit.flash_attention``
+    call. Same signature, ``forward(hidden_states, output_attentions=False)``: hidden_states (B', N, C);
+    returns ``(context,)``, context (B', N, C), before the layer's output projection.
+
+    Example:
+        >>> model = transformers.TimesformerModel(transformers.TimesformerConfig())
+        >>> fastvit.patch(model)  # encoder.layer.*.{attention,temporal_attention}.attention -> this class
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ()  # qkv is called as a module; the softmax and dropout are the op's
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, output_attentions)
+        if not swapped_attention_covers(self, output_attentions, self.attn_drop.p, self.attn_drop.training):
+            return super().forward(hidden_states, output_attentions)
+        qkv = self.qkv(hidden_states)
+        q, k, v = split_packed_qkv(qkv, self.num_heads, qkv.shape[-1] // (3 * self.num_heads))  # (B, H, N, D) views
+        return (merge_heads(fastvit.flash_attention(q, k, v, scale=self.scale)),)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, fastvit={self.fastvit_op}"

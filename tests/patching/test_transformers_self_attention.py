@@ -1,0 +1,106 @@
+"""Hugging Face's own-forward self-attentions patched (fastvit.nn.hf_self_attention): PVT's and GLPN's
+efficient self-attention and PVTv2's (keys and values from the spatially reduced map; PVTv2-Li's
+pooled) and TimeSformer's divided space-time attention, each one fastvit.flash_attention call.
+Outputs and every gradient (the reduction convs and norms included) by the tolerance rule against
+the unpatched model in float64; the attention weights requested and attention dropout in training
+run Hugging Face's forward; unpatch; torch.compile; torch.export; the Triton kernels in the
+interpreter.
+
+Tiny models, no downloads: two stages (dims 16 / 32, 1 and 2 heads, the first reducing its keys 2 x 2)
+on 32 px images (64 px for PVTv2-Li's 7 x 7 pooling), and a TimeSformer of two 16 px frames.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastvit
+from tests.patching.helpers import HFLastHiddenState, assert_matches_by_the_rule, pair, perturb_
+from tests.patching.model_checks import ModelChecks
+
+T = pytest.importorskip("transformers")
+
+from fastvit.nn import hf_self_attention  # noqa: E402
+
+STAGES = dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], mlp_ratios=[2, 2])
+OVERLAPPING = dict(STAGES, sr_ratios=[2, 1], patch_sizes=[7, 3], strides=[4, 2])
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def pvt_v2(**overrides) -> torch.nn.Module:
+    return HFLastHiddenState(perturb_(T.PvtV2Model(T.PvtV2Config(**(OVERLAPPING | overrides))))).eval()
+
+
+# family -> (builder, inputs, fused class, its calls)
+FAMILIES = {
+    "pvt": (lambda: HFLastHiddenState(perturb_(T.PvtModel(T.PvtConfig(
+        image_size=32, sequence_reduction_ratios=[2, 1], patch_sizes=[4, 2], strides=[4, 2], **STAGES)))).eval(),
+        torch.randn(2, 3, 32, 32, generator=_gen(0)), hf_self_attention.FusedPvtEfficientSelfAttention, 2),
+    "glpn": (lambda: HFLastHiddenState(perturb_(T.GLPNModel(T.GLPNConfig(**OVERLAPPING)))).eval(),
+             torch.randn(2, 3, 32, 32, generator=_gen(0)), hf_self_attention.FusedGLPNEfficientSelfAttention, 2),
+    "pvt_v2": (pvt_v2, torch.randn(2, 3, 32, 32, generator=_gen(0)), hf_self_attention.FusedPvtV2SelfAttention, 2),
+    "pvt_v2_li": (lambda: pvt_v2(linear_attention=True), torch.randn(2, 3, 64, 64, generator=_gen(0)),
+                  hf_self_attention.FusedPvtV2SelfAttention, 2),
+    # two frames of 16 x 16 in 4 x 4 patches: time attention (2 frames) then space attention (16 patches + cls)
+    "timesformer": (lambda: HFLastHiddenState(perturb_(T.TimesformerModel(T.TimesformerConfig(
+        image_size=16, patch_size=4, num_frames=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64)))).eval(), torch.randn(2, 2, 3, 16, 16, generator=_gen(1)),
+        hf_self_attention.FusedTimesformerSelfAttention, 4),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_matches_unpatched_by_the_rule(family, op_calls):
+    build, x, fused, calls = FAMILIES[family]
+    reference, patched, report = pair(build())
+    assert report.counts()["attention"] == calls and not report.skipped
+    assert [type(m) for m in patched.modules()].count(fused) == calls
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["flash_attention"]) == calls
+
+
+def test_reduced_keys_reach_the_op(op_calls):
+    build, x, _, _ = FAMILIES["pvt_v2"]
+    _, patched, _ = pair(build())
+    patched(x)
+    first, second = (call["args"] for call in op_calls["flash_attention"])
+    assert first[0].shape == (2, 1, 64, 16) and first[1].shape == (2, 1, 16, 16)  # 8 x 8 queries, 4 x 4 keys
+    assert second[0].shape == second[1].shape == (2, 2, 16, 16)  # no reduction
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_attention_weights_run_hugging_face(family, op_calls):
+    build, x, _, _ = FAMILIES[family]
+    reference, patched, _ = pair(build())
+    expected = reference.model(x, output_attentions=True).attentions
+    found = patched.model(x, output_attentions=True).attentions
+    assert len(found) == len(expected) > 0
+    for a, b in zip(found, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # TimeSformer asks its temporal attention for no weights: those two calls stay fused
+    assert len(op_calls["flash_attention"]) == (2 if family == "timesformer" else 0)
+
+
+def test_attention_dropout_in_training_runs_hugging_face(op_calls, fresh_warnings):
+    model = pvt_v2(attention_probs_dropout_prob=0.2)
+    patched = copy.deepcopy(model)
+    report = fastvit.patch(patched)
+    assert sum("attention dropout 0.2" in e.detail for e in report.replaced) == 2
+    patched.train()
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="PvtV2SelfAttention"):
+        patched(FAMILIES["pvt_v2"][1]).sum().backward()
+    assert not op_calls["flash_attention"]
+
+
+class TestPvtV2Checks(ModelChecks):
+    build = staticmethod(pvt_v2)
+    inputs = staticmethod(lambda batch: torch.randn(batch, 3, 32, 32, generator=_gen(batch)))
+    export_ops = frozenset({"fastvit.flash_attention_fwd.default"})
+    counted_op = "flash_attention"
+    calls = 2
