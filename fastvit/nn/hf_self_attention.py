@@ -2,7 +2,8 @@
 (not through transformers' ``AttentionInterface``, so ``attn_implementation`` cannot route them) with
 nothing between the projections but a softmax: PVT's and GLPN's efficient self-attention and PVTv2's
 (keys and values from a spatially reduced map: a strided conv and a LayerNorm, or PVTv2-Li's pooling),
-and TimeSformer's (its divided space-time attention: the layer folds time or space into the batch).
+TimeSformer's (its divided space-time attention: the layer folds time or space into the batch) and
+MobileViT's (over the unfolded patches' pixels).
 
 Each fused forward keeps Hugging Face's Linears and reduction modules (called as modules, in Hugging
 Face's order) and runs the softmax attention as one ``fastvit.flash_attention`` call (N queries over
@@ -16,6 +17,7 @@ import math
 
 import torch
 from transformers.models.glpn.modeling_glpn import GLPNEfficientSelfAttention
+from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttention
 from transformers.models.pvt.modeling_pvt import PvtEfficientSelfAttention
 from transformers.models.pvt_v2.modeling_pvt_v2 import PvtV2SelfAttention
 from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
@@ -27,6 +29,7 @@ from fastvit.nn.hf_attention import swapped_attention_covers
 
 __all__ = [
     "FusedGLPNEfficientSelfAttention",
+    "FusedMobileViTSelfAttention",
     "FusedPvtEfficientSelfAttention",
     "FusedPvtV2SelfAttention",
     "FusedTimesformerSelfAttention",
@@ -169,3 +172,22 @@ class FusedTimesformerSelfAttention(FusedModule, TimesformerSelfAttention):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, fastvit={self.fastvit_op}"
+
+
+class FusedMobileViTSelfAttention(_ReducedAttention, MobileViTSelfAttention):
+    """MobileViT's ``MobileViTSelfAttention`` (its transformer over the unfolded patches: (B * pixels
+    per patch, patches, C)) running one ``fastvit.flash_attention`` call. Same signature,
+    ``forward(hidden_states)``; returns the context (B', N, C). Attention dropout in training runs
+    Hugging Face's forward.
+
+    Example:
+        >>> model = transformers.MobileViTModel(transformers.MobileViTConfig())
+        >>> fastvit.patch(model)  # encoder.layer.*.transformer.layer.*.attention.attention -> this class
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states)
+        if not swapped_attention_covers(self, False, self.dropout.p, self.dropout.training):
+            return super().forward(hidden_states)
+        return self._attend(self.query(hidden_states), hidden_states)

@@ -23,6 +23,7 @@ imports transformers.
 from __future__ import annotations
 
 import torch
+from transformers.models.swin2sr.modeling_swin2sr import Swin2SRSelfAttention
 from transformers.models.swinv2.modeling_swinv2 import (
     Swinv2Layer,
     Swinv2SelfAttention,
@@ -32,24 +33,27 @@ from transformers.models.swinv2.modeling_swinv2 import (
 
 import fastvit
 from fastvit.nn.attention import cosine_qk, windowed_attention
-from fastvit.nn.fused import FusedModule, mlp_dropout_fallback
+from fastvit.nn.fused import FusedModule, declare_fused, mlp_dropout_fallback
 from fastvit.nn.hf_attention import swapped_attention_covers
 from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
-__all__ = ["FusedSwinv2Layer", "FusedSwinv2SelfAttention"]
+__all__ = [
+    "SWINV2_COPY_ATTENTIONS",
+    "SWINV2_COPY_FUSED",
+    "FusedSwinv2Layer",
+    "FusedSwinv2SelfAttention",
+    "Swinv2AttentionForward",
+]
 
 
-class FusedSwinv2SelfAttention(FusedModule, Swinv2SelfAttention):
-    """Hugging Face ``Swinv2SelfAttention`` running one ``fastvit.flash_attention`` call per forward.
+class Swinv2AttentionForward(FusedModule):
+    """The forward of the fused Swin V2 self-attentions (the base of each): Hugging Face's
+    ``Swinv2SelfAttention`` and its copies (``SWINV2_COPY_ATTENTIONS``).
 
     Same signature, ``forward(hidden_states, attention_mask=None, output_attentions=False)``:
     hidden_states (B*nW, N, C) windows, image-major; attention_mask (nW, N, N) or None; returns
     ``(context,)``, context (B*nW, N, C).
-
-    Example:
-        >>> model = transformers.Swinv2Model(transformers.Swinv2Config())
-        >>> fastvit.patch(model)  # encoder.layers.*.blocks.*.attention.self -> FusedSwinv2SelfAttention
     """
 
     fastvit_part = "attention"
@@ -88,6 +92,28 @@ class FusedSwinv2SelfAttention(FusedModule, Swinv2SelfAttention):
             f"heads={self.num_attention_heads}, window={tuple(self.window_size)}, cosine, fastvit={self.fastvit_op}"
         )
 
+
+class FusedSwinv2SelfAttention(Swinv2AttentionForward, Swinv2SelfAttention):
+    """Hugging Face ``Swinv2SelfAttention`` running one ``fastvit.flash_attention`` call per forward.
+
+    Example:
+        >>> model = transformers.Swinv2Model(transformers.Swinv2Config())
+        >>> fastvit.patch(model)  # encoder.layers.*.blocks.*.attention.self -> FusedSwinv2SelfAttention
+    """
+
+
+# Swin V2's self-attention copied into other models (checked line for line in the tests): Swin2SR's
+# (image super-resolution)
+SWINV2_COPY_ATTENTIONS: tuple[type, ...] = (Swin2SRSelfAttention,)
+# {original attention class: its fused class}, ``Fused<original>`` in this module (a patched model pickles)
+SWINV2_COPY_FUSED: dict[type, type[Swinv2AttentionForward]] = {
+    original: declare_fused(
+        original, Swinv2AttentionForward, globals(),
+        f"Hugging Face ``{original.__name__}`` (Swin V2's, line for line) running one ``fastvit.flash_attention`` "
+        "call per forward.",
+    )
+    for original in SWINV2_COPY_ATTENTIONS
+}
 
 class FusedSwinv2Layer(FusedModule, Swinv2Layer):
     """Hugging Face ``Swinv2Layer`` whose MLP (``intermediate``, ``output``) is one

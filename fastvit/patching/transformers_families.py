@@ -12,8 +12,8 @@ and SAM 3's image encoders are ``hf_layers``' like the others; the layers still 
 other attentions computing their scores in their own forward are swapped too: ViTDet's (with the
 SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
 Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data2vec-vision's
-(``fastvit.nn.hf_data2vec_vision``, with its layer), and PVT's, GLPN's, PVTv2's and TimeSformer's
-(``fastvit.nn.hf_self_attention``).
+(``fastvit.nn.hf_data2vec_vision``, with its layer), PVT's, GLPN's, PVTv2's, TimeSformer's and
+MobileViT's (``fastvit.nn.hf_self_attention``) and Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -257,7 +257,7 @@ def _embedding_problems(embeddings: nn.Module) -> list[str]:
     return problems
 
 
-_SWINV2_ATTENTIONS = fused_table(hf_swinv2.FusedSwinv2SelfAttention)
+_SWINV2_ATTENTIONS = fused_table(hf_swinv2.FusedSwinv2SelfAttention, *hf_swinv2.SWINV2_COPY_FUSED.values())
 _SWINV2_LAYERS = fused_table(hf_swinv2.FusedSwinv2Layer)
 _CONVNEXT_LAYERS = fused_table(hf_convnext.FusedConvNextLayer)
 _CONVNEXT_V2 = (
@@ -486,6 +486,7 @@ _SELF_ATTENTIONS = {
     hf_self_attention.FusedGLPNEfficientSelfAttention: (("query", "key", "value"), "dropout"),
     hf_self_attention.FusedPvtV2SelfAttention: (("query", "key", "value", "proj"), "attn_drop"),
     hf_self_attention.FusedTimesformerSelfAttention: (("qkv",), "attn_drop"),
+    hf_self_attention.FusedMobileViTSelfAttention: (("query", "key", "value"), "dropout"),
 }
 _SELF_ATTENTION_TABLE = fused_table(*_SELF_ATTENTIONS)
 

@@ -1,6 +1,6 @@
 """Hugging Face's own-forward self-attentions patched (fastvit.nn.hf_self_attention): PVT's and GLPN's
 efficient self-attention and PVTv2's (keys and values from the spatially reduced map; PVTv2-Li's
-pooled) and TimeSformer's divided space-time attention, each one fastvit.flash_attention call.
+pooled) TimeSformer's divided space-time attention and MobileViT's, each one fastvit.flash_attention call.
 Outputs and every gradient (the reduction convs and norms included) by the tolerance rule against
 the unpatched model in float64; the attention weights requested and attention dropout in training
 run Hugging Face's forward; unpatch; torch.compile; torch.export; the Triton kernels in the
@@ -52,6 +52,11 @@ FAMILIES = {
         image_size=16, patch_size=4, num_frames=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64)))).eval(), torch.randn(2, 2, 3, 16, 16, generator=_gen(1)),
         hf_self_attention.FusedTimesformerSelfAttention, 4),
+    # 64 px: three MobileViT blocks (2, 4 and 3 transformer layers) over 2 x 2 patches of their maps
+    "mobilevit": (lambda: HFLastHiddenState(perturb_(T.MobileViTModel(T.MobileViTConfig(
+        image_size=64, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+        num_attention_heads=2)))).eval(), torch.randn(2, 3, 64, 64, generator=_gen(2)),
+        hf_self_attention.FusedMobileViTSelfAttention, 9),
 }  # fmt: skip
 
 
@@ -74,7 +79,7 @@ def test_reduced_keys_reach_the_op(op_calls):
     assert second[0].shape == second[1].shape == (2, 2, 16, 16)  # no reduction
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"mobilevit"}))  # MobileViT never returns weights
 def test_attention_weights_run_hugging_face(family, op_calls):
     build, x, _, _ = FAMILIES[family]
     reference, patched, _ = pair(build())

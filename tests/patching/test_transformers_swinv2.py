@@ -19,11 +19,13 @@ import torch
 
 import fastvit
 from tests.patching.helpers import (
+    HFLastHiddenState,
     HFLogits,
     assert_matches_by_the_rule,
     assert_outputs_and_grads_match,
     pair,
     perturb_,
+    source_lines,
 )
 from tests.patching.model_checks import ModelChecks
 
@@ -31,6 +33,7 @@ T = pytest.importorskip("transformers")
 
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, Swinv2SelfAttention  # noqa: E402
 
+from fastvit.nn import hf_swinv2  # noqa: E402
 from fastvit.nn.hf_swinv2 import FusedSwinv2Layer, FusedSwinv2SelfAttention  # noqa: E402
 
 LAYERS = 4
@@ -126,3 +129,23 @@ class TestSwinv2Checks(ModelChecks):
     triton_inputs = staticmethod(lambda: images(20, batch=1))  # a padded map
     export_ops = frozenset({"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"})
     counted_op, calls = "flash_attention", LAYERS
+
+
+@pytest.mark.parametrize("attention", hf_swinv2.SWINV2_COPY_ATTENTIONS, ids=lambda c: c.__name__)
+def test_the_copies_are_swinv2_line_for_line(attention):
+    for method in ("__init__", "forward"):
+        assert source_lines(getattr(attention, method), attention.__name__) == source_lines(
+            getattr(Swinv2SelfAttention, method), Swinv2SelfAttention.__name__
+        )
+    fused = hf_swinv2.SWINV2_COPY_FUSED[attention]
+    assert fused.fastvit_original() is attention and getattr(hf_swinv2, fused.__name__) is fused
+
+
+def test_swin2sr_matches_unpatched_by_the_rule(op_calls):
+    config = T.Swin2SRConfig(image_size=16, patch_size=1, embed_dim=16, depths=[2], num_heads=[2], window_size=4)
+    model = HFLastHiddenState(perturb_(T.Swin2SRModel(config))).eval()
+    reference, patched, report = pair(model)
+    assert report.counts() == {"attention": 2} and not report.skipped  # its layers keep Hugging Face's MLP
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))  # a 12 x 12 map: 3 x 3 windows
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["flash_attention"]) == 2
