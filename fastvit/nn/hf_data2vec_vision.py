@@ -29,7 +29,7 @@ import fastvit
 from fastvit.nn.attention import merge_heads
 from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback, warn_fallback
 from fastvit.nn.hf_attention import swapped_attention_covers
-from fastvit.nn.hf_vit import activation_of
+from fastvit.nn.hf_intermediate_output import fused_intermediate_output
 from fastvit.ops._fx import method_leaf
 
 __all__ = ["FusedData2VecVisionLayer", "FusedData2VecVisionSdpaSelfAttention", "FusedData2VecVisionSelfAttention"]
@@ -147,11 +147,7 @@ class FusedData2VecVisionLayer(FusedModule, Data2VecVisionLayer):
                 "fastvit.layernorm_mlp has none, so its MLP half runs Hugging Face's modules",
             )
             return self._fastvit_original_half(hidden_states)
-        norm, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
-        return fastvit.layernorm_mlp(
-            hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,
-            layer_scale=self.lambda_2, activation=activation_of(self.intermediate.intermediate_act_fn),
-        )  # fmt: skip
+        return fused_intermediate_output(self, hidden_states, self.lambda_2)
 
     def forward(
         self,

@@ -25,11 +25,10 @@ from transformers.models.donut.modeling_donut_swin import (
 )
 from transformers.models.maskformer.modeling_maskformer_swin import MaskFormerSwinSelfAttention
 
-import fastvit
 from fastvit.nn.attention import windowed_attention
 from fastvit.nn.fused import FusedModule, declare_fused, mlp_dropout_fallback
 from fastvit.nn.hf_attention import swapped_attention_covers
-from fastvit.nn.hf_vit import activation_of
+from fastvit.nn.hf_intermediate_output import fused_intermediate_output
 from fastvit.ops._fx import method_leaf
 
 __all__ = ["SWIN_COPY_ATTENTIONS", "SWIN_COPY_FUSED", "FusedDonutSwinLayer", "SwinCopyAttention"]
@@ -116,11 +115,7 @@ class FusedDonutSwinLayer(FusedModule, DonutSwinLayer):
             "Hugging Face", "DonutSwinLayer", self.output.dropout
         ):
             return hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
-        norm, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
-        return fastvit.layernorm_mlp(
-            hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,
-            activation=activation_of(self.intermediate.intermediate_act_fn),
-        )  # fmt: skip
+        return fused_intermediate_output(self, hidden_states)
 
     def forward(
         self,

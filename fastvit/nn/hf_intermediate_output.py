@@ -25,7 +25,25 @@ from fastvit.nn.fused import FusedModule, declare_fused, mlp_dropout_fallback
 from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
-__all__ = ["INTERMEDIATE_OUTPUT_FAMILIES", "INTERMEDIATE_OUTPUT_LAYERS", "IntermediateOutputLayer"]
+__all__ = [
+    "INTERMEDIATE_OUTPUT_FAMILIES",
+    "INTERMEDIATE_OUTPUT_LAYERS",
+    "IntermediateOutputLayer",
+    "fused_intermediate_output",
+]
+
+
+def fused_intermediate_output(
+    layer: torch.nn.Module, hidden_states: torch.Tensor, layer_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``h + layer_scale * output.dense(act(intermediate.dense(layernorm_after(h))))`` as one
+    ``fastvit.layernorm_mlp`` call, from a layer in ViT's 4.x module layout (``layernorm_after``,
+    ``intermediate.dense`` / ``intermediate_act_fn``, ``output.dense``): (..., D) -> (..., D)."""
+    norm, fc1, fc2 = layer.layernorm_after, layer.intermediate.dense, layer.output.dense
+    return fastvit.layernorm_mlp(
+        hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,
+        layer_scale=layer_scale, activation=activation_of(layer.intermediate.intermediate_act_fn),
+    )  # fmt: skip
 
 # {original layer class: (its intermediate class, its output class)}
 INTERMEDIATE_OUTPUT_FAMILIES: dict[type, tuple[type, type]] = {
@@ -54,11 +72,7 @@ class IntermediateOutputLayer(FusedModule):
             "Hugging Face", type(self).fastvit_original().__name__, self.output.dropout
         ):
             return self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
-        norm, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
-        return fastvit.layernorm_mlp(
-            hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,
-            activation=activation_of(self.intermediate.intermediate_act_fn),
-        )  # fmt: skip
+        return fused_intermediate_output(self, hidden_states)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself

@@ -14,6 +14,7 @@ Hugging Face's forward. Importing this module imports transformers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from transformers.models.glpn.modeling_glpn import GLPNEfficientSelfAttention
@@ -47,6 +48,14 @@ class _ReducedAttention(FusedModule):
         """(B, N, H*D) -> (B, H, N, D), a view (Hugging Face's ``transpose_for_scores``)."""
         return x.unflatten(-1, (self.num_attention_heads, self.attention_head_size)).transpose(1, 2)
 
+    def _reduced(self, hidden_states: torch.Tensor, height: int, width: int, reduction: Callable) -> torch.Tensor:
+        """Hugging Face's spatial reduction of the (B, N, C) tokens of a (height, width) map: ``reduction``
+        (a strided conv) on the (B, C, height, width) map, its (B, M, C) tokens through ``layer_norm``."""
+        batch_size, _, num_channels = hidden_states.shape
+        hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
+        hidden_states = reduction(hidden_states).reshape(batch_size, num_channels, -1).permute(0, 2, 1)
+        return self.layer_norm(hidden_states)
+
     def _attend(self, query: torch.Tensor, keys_from: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(D)) v with k, v projected from ``keys_from`` (B, M, C): (B, N, H*D)."""
         k, v = self._heads(self.key(keys_from)), self._heads(self.value(keys_from))
@@ -76,12 +85,8 @@ class FusedPvtEfficientSelfAttention(_ReducedAttention, PvtEfficientSelfAttentio
         if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
             return super().forward(hidden_states, height, width, output_attentions)
         query = self.query(hidden_states)
-        if self.sequences_reduction_ratio > 1:  # Hugging Face's lines
-            batch_size, _, num_channels = hidden_states.shape
-            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
-            hidden_states = self.sequence_reduction(hidden_states)
-            hidden_states = hidden_states.reshape(batch_size, num_channels, -1).permute(0, 2, 1)
-            hidden_states = self.layer_norm(hidden_states)
+        if self.sequences_reduction_ratio > 1:
+            hidden_states = self._reduced(hidden_states, height, width, self.sequence_reduction)
         return (self._attend(query, hidden_states),)
 
 
@@ -102,12 +107,8 @@ class FusedGLPNEfficientSelfAttention(_ReducedAttention, GLPNEfficientSelfAttent
         if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
             return super().forward(hidden_states, height, width, output_attentions)
         query = self.query(hidden_states)
-        if self.sr_ratio > 1:  # Hugging Face's lines
-            batch_size, _, num_channels = hidden_states.shape
-            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
-            hidden_states = self.sr(hidden_states)
-            hidden_states = hidden_states.reshape(batch_size, num_channels, -1).permute(0, 2, 1)
-            hidden_states = self.layer_norm(hidden_states)
+        if self.sr_ratio > 1:
+            hidden_states = self._reduced(hidden_states, height, width, self.sr)
         return (self._attend(query, hidden_states),)
 
 
@@ -128,20 +129,12 @@ class FusedPvtV2SelfAttention(_ReducedAttention, PvtV2SelfAttention):
             return self._fastvit_original_forward(hidden_states, height, width, output_attentions)
         if not swapped_attention_covers(self, output_attentions, self.attn_drop.p, self.attn_drop.training):
             return super().forward(hidden_states, height, width, output_attentions)
-        batch_size, _, num_channels = hidden_states.shape
         query = self.query(hidden_states)
-        if self.linear_attention:  # Hugging Face's lines
-            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
-            hidden_states = (
-                self.spatial_reduction(self.pool(hidden_states)).reshape(batch_size, num_channels, -1).permute(0, 2, 1)
-            )
-            hidden_states = self.act(self.layer_norm(hidden_states))
+        if self.linear_attention:  # pooled to 7 x 7, then a 1 x 1 conv, the norm and GELU
+            pooled = self._reduced(hidden_states, height, width, lambda x: self.spatial_reduction(self.pool(x)))
+            hidden_states = self.act(pooled)
         elif self.spatial_reduction_ratio > 1:
-            hidden_states = hidden_states.permute(0, 2, 1).reshape(batch_size, num_channels, height, width)
-            hidden_states = (
-                self.spatial_reduction(hidden_states).reshape(batch_size, num_channels, -1).permute(0, 2, 1)
-            )
-            hidden_states = self.layer_norm(hidden_states)
+            hidden_states = self._reduced(hidden_states, height, width, self.spatial_reduction)
         context_layer = self.proj(self._attend(query, hidden_states))
         return (self.proj_drop(context_layer),)
 

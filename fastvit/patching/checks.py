@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-__all__ = ["exact_type", "layernorm_problems", "missing_attributes", "patch_conv_problems"]
+__all__ = ["exact_type", "layernorm_problems", "linear_problems", "missing_attributes", "patch_conv_problems"]
 
 
 def _name(cls: type) -> str:
@@ -20,6 +20,11 @@ def exact_type(module: object, name: str, allowed: Iterable[type], what: str) ->
     if type(module) in tuple(allowed):
         return []
     return [f"{name} is {_name(type(module))}, not {what}"]
+
+
+def linear_problems(module: nn.Module, names: Iterable[str]) -> list[str]:
+    """Each of ``names`` (dotted paths below ``module``) must be an ``nn.Linear``."""
+    return [p for name in names for p in exact_type(module.get_submodule(name), name, (nn.Linear,), "nn.Linear")]
 
 
 def missing_attributes(module: nn.Module, names: Iterable[str], family: str) -> list[str]:

@@ -88,7 +88,13 @@ from fastvit.nn import (
     hf_swinv2,
 )
 from fastvit.nn.hf_vit import activation_of
-from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
+from fastvit.patching.checks import (
+    exact_type,
+    layernorm_problems,
+    linear_problems,
+    missing_attributes,
+    patch_conv_problems,
+)
 from fastvit.patching.registry import Finding, Skip, fused_table, slot
 
 __all__ = ["finding"]
@@ -323,8 +329,7 @@ def _intermediate_output_modules_problems(layer: nn.Module, intermediate_cls: ty
     problems += exact_type(layer.output, "output", (output_cls,), output_cls.__name__)
     if problems:
         return problems
-    problems += exact_type(layer.intermediate.dense, "intermediate.dense", (nn.Linear,), "nn.Linear")
-    problems += exact_type(layer.output.dense, "output.dense", (nn.Linear,), "nn.Linear")
+    problems += linear_problems(layer, ("intermediate.dense", "output.dense"))
     problems += exact_type(layer.output.dropout, "output.dropout", (nn.Dropout,), "nn.Dropout")
     act = layer.intermediate.intermediate_act_fn
     if activation_of(act) is None:
@@ -344,17 +349,19 @@ _SAM_ATTENTIONS = fused_table(hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVis
 
 
 def _sam_attention_problems(attn: nn.Module) -> list[str]:
-    """What the fused SAM attention reads: the packed ``qkv`` and ``proj`` Linears, the head count and
-    scale, the relative position embeddings where used."""
-    names = ("qkv", "proj", "num_attention_heads", "scale", "dropout", "use_rel_pos", "get_rel_pos")
+    """What the fused SAM (or ViTDet) attention reads: the packed ``qkv`` and ``proj`` Linears, the head
+    count and scale, the relative position embeddings where used (the attribute names differ)."""
+    vitdet = type(attn) in _VITDET_ATTENTIONS
+    heads, uses_rel_pos = ("num_heads", "use_relative_position_embeddings") if vitdet else ("num_attention_heads",
+                                                                                            "use_rel_pos")  # fmt: skip
+    names = ("qkv", "proj", heads, "scale", uses_rel_pos, *(() if vitdet else ("dropout", "get_rel_pos")))
     problems = missing_attributes(attn, names, "transformers")
     if problems:
         return problems
-    problems += exact_type(attn.qkv, "qkv", (nn.Linear,), "nn.Linear")
-    problems += exact_type(attn.proj, "proj", (nn.Linear,), "nn.Linear")
-    if not problems and attn.qkv.out_features % (3 * attn.num_attention_heads):
-        problems.append(f"qkv has {attn.qkv.out_features} outputs, not 3 x num_attention_heads x head_dim")
-    if attn.use_rel_pos:
+    problems += linear_problems(attn, ("qkv", "proj"))
+    if not problems and attn.qkv.out_features % (3 * getattr(attn, heads)):
+        problems.append(f"qkv has {attn.qkv.out_features} outputs, not 3 x {heads} x head_dim")
+    if getattr(attn, uses_rel_pos):
         problems += missing_attributes(attn, ("rel_pos_h", "rel_pos_w"), "transformers")
     return problems
 
@@ -388,24 +395,6 @@ def _intermediate_output_notes(layer: nn.Module) -> list[str]:
 
 
 _VITDET_ATTENTIONS = fused_table(hf_sam.FusedVitDetAttention)
-
-
-def _vitdet_attention_problems(attn: nn.Module) -> list[str]:
-    """What the fused ViTDet attention reads: the packed ``qkv`` and ``proj`` Linears, the head count
-    and scale, the relative position embeddings where used."""
-    names = ("qkv", "proj", "num_heads", "scale", "use_relative_position_embeddings")
-    problems = missing_attributes(attn, names, "transformers")
-    if problems:
-        return problems
-    problems += exact_type(attn.qkv, "qkv", (nn.Linear,), "nn.Linear")
-    problems += exact_type(attn.proj, "proj", (nn.Linear,), "nn.Linear")
-    if not problems and attn.qkv.out_features % (3 * attn.num_heads):
-        problems.append(f"qkv has {attn.qkv.out_features} outputs, not 3 x num_heads x head_dim")
-    if attn.use_relative_position_embeddings:
-        problems += missing_attributes(attn, ("rel_pos_h", "rel_pos_w"), "transformers")
-    return problems
-
-
 _SWIN_COPY_ATTENTIONS = fused_table(*hf_donut_swin.SWIN_COPY_FUSED.values())
 _DONUT_SWIN_LAYERS = fused_table(hf_donut_swin.FusedDonutSwinLayer)
 
@@ -418,8 +407,7 @@ def _swin_copy_attention_problems(attn: nn.Module) -> list[str]:
     problems = missing_attributes(attn, names, "transformers")
     if problems:
         return problems
-    for name in ("query", "key", "value"):
-        problems += exact_type(getattr(attn, name), name, (nn.Linear,), "nn.Linear")
+    problems += linear_problems(attn, ("query", "key", "value"))
     return problems + exact_type(attn.dropout, "dropout", (nn.Dropout,), "nn.Dropout")
 
 
@@ -446,8 +434,7 @@ def _data2vec_attention_problems(attn: nn.Module) -> list[str]:
     problems = missing_attributes(attn, names, "transformers")
     if problems:
         return problems
-    for name in ("query", "key", "value"):
-        problems += exact_type(getattr(attn, name), name, (nn.Linear,), "nn.Linear")
+    problems += linear_problems(attn, ("query", "key", "value"))
     if attn.has_relative_position_bias:
         problems += missing_attributes(attn, ("relative_position_bias",), "transformers")
     return problems
@@ -497,8 +484,7 @@ def _self_attention_problems(attn: nn.Module) -> list[str]:
     problems = missing_attributes(attn, (*linears, dropout), "transformers")
     if problems:
         return problems
-    for name in linears:
-        problems += exact_type(getattr(attn, name), name, (nn.Linear,), "nn.Linear")
+    problems += linear_problems(attn, linears)
     return problems + exact_type(getattr(attn, dropout), dropout, (nn.Dropout,), "nn.Dropout")
 
 
@@ -518,8 +504,7 @@ def _hiera_attention_problems(attn: nn.Module) -> list[str]:
     problems = missing_attributes(attn, names, "transformers")
     if problems:
         return problems
-    problems += exact_type(attn.qkv, "qkv", (nn.Linear,), "nn.Linear")
-    problems += exact_type(attn.proj, "proj", (nn.Linear,), "nn.Linear")
+    problems += linear_problems(attn, ("qkv", "proj"))
     if not problems and attn.qkv.out_features != 3 * attn.num_heads * attn.head_dim:
         problems.append(f"qkv has {attn.qkv.out_features} outputs, not 3 x num_heads x head_dim")
     return problems
@@ -552,7 +537,7 @@ def finding(path: str, module: nn.Module) -> Finding | None:
     if type(module) in _HIERA_ATTENTIONS:
         return slot(path, module, "attention", _HIERA_ATTENTIONS[type(module)], _hiera_attention_problems)
     if type(module) in _VITDET_ATTENTIONS:
-        return slot(path, module, "attention", _VITDET_ATTENTIONS[type(module)], _vitdet_attention_problems)
+        return slot(path, module, "attention", _VITDET_ATTENTIONS[type(module)], _sam_attention_problems)
     if type(module) in _SWINV2_LAYERS:
         return slot(path, module, "mlp", _SWINV2_LAYERS[type(module)], _swinv2_layer_problems, _swinv2_layer_notes)
     if type(module) in _SWINV2_ATTENTIONS:
