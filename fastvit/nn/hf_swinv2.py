@@ -23,7 +23,12 @@ imports transformers.
 from __future__ import annotations
 
 import torch
-from transformers.models.swin2sr.modeling_swin2sr import Swin2SRSelfAttention
+from transformers.models.swin2sr.modeling_swin2sr import (
+    Swin2SRIntermediate,
+    Swin2SRLayer,
+    Swin2SROutput,
+    Swin2SRSelfAttention,
+)
 from transformers.models.swinv2.modeling_swinv2 import (
     Swinv2Layer,
     Swinv2SelfAttention,
@@ -41,9 +46,12 @@ from fastvit.ops._fx import method_leaf
 __all__ = [
     "SWINV2_COPY_ATTENTIONS",
     "SWINV2_COPY_FUSED",
+    "SWINV2_LAYER_COPIES",
+    "SWINV2_LAYER_COPIES_FUSED",
     "FusedSwinv2Layer",
     "FusedSwinv2SelfAttention",
     "Swinv2AttentionForward",
+    "Swinv2LayerForward",
 ]
 
 
@@ -115,16 +123,13 @@ SWINV2_COPY_FUSED: dict[type, type[Swinv2AttentionForward]] = {
     for original in SWINV2_COPY_ATTENTIONS
 }
 
-class FusedSwinv2Layer(FusedModule, Swinv2Layer):
-    """Hugging Face ``Swinv2Layer`` whose MLP (``intermediate``, ``output``) is one
-    ``fastvit.layernorm_mlp`` call with ``norm="none"``, between Hugging Face's attention half and its
-    post-norm, drop path and residual add. Same signature, ``forward(hidden_states, input_dimensions,
-    output_attentions=False)``; its ``attention`` is patched on its own. Hidden dropout in training,
-    or a hook on (or a replacement of) an MLP submodule, run Hugging Face's modules.
-
-    Example:
-        >>> model = transformers.Swinv2Model(transformers.Swinv2Config())
-        >>> fastvit.patch(model)  # encoder.layers.*.blocks.* -> FusedSwinv2Layer
+class Swinv2LayerForward(FusedModule):
+    """The forward of the fused Swin V2 layers (the base of each: ``Swinv2Layer`` and its copies,
+    ``SWINV2_LAYER_COPIES``): the MLP (``intermediate``, ``output``) is one ``fastvit.layernorm_mlp``
+    call with ``norm="none"``, between Hugging Face's attention half and its post-norm, drop path and
+    residual add. Same signature, ``forward(hidden_states, input_dimensions, output_attentions=False)``;
+    the ``attention`` is patched on its own. Hidden dropout in training, or a hook on (or a replacement
+    of) an MLP submodule, run Hugging Face's modules.
     """
 
     fastvit_part = "mlp"
@@ -141,7 +146,7 @@ class FusedSwinv2Layer(FusedModule, Swinv2Layer):
         if traced is not None:
             return traced
         if not self._fastvit_submodules_intact() or mlp_dropout_fallback(
-            "Hugging Face", "Swinv2Layer", self.output.dropout
+            "Hugging Face", type(self).fastvit_original().__name__, self.output.dropout
         ):
             return self.output(self.intermediate(hidden_states))
         fc1, fc2 = self.intermediate.dense, self.output.dense
@@ -196,3 +201,25 @@ class FusedSwinv2Layer(FusedModule, Swinv2Layer):
 
     def extra_repr(self) -> str:
         return f"window={self.window_size}, shift={self.shift_size}, MLP alone (post-norm), fastvit={self.fastvit_op}"
+
+
+class FusedSwinv2Layer(Swinv2LayerForward, Swinv2Layer):
+    """Hugging Face ``Swinv2Layer`` whose MLP is one ``fastvit.layernorm_mlp`` call (``Swinv2LayerForward``).
+
+    Example:
+        >>> model = transformers.Swinv2Model(transformers.Swinv2Config())
+        >>> fastvit.patch(model)  # encoder.layers.*.blocks.* -> FusedSwinv2Layer
+    """
+
+
+# Swin V2's layer copied into other models (checked line for line in the tests), with the MLP module
+# classes it holds: {original layer: (its intermediate class, its output class)}
+SWINV2_LAYER_COPIES: dict[type, tuple[type, type]] = {Swin2SRLayer: (Swin2SRIntermediate, Swin2SROutput)}
+SWINV2_LAYER_COPIES_FUSED: dict[type, type[Swinv2LayerForward]] = {
+    original: declare_fused(
+        original, Swinv2LayerForward, globals(),
+        f"Hugging Face ``{original.__name__}`` (Swin V2's, line for line) whose MLP is one ``fastvit.layernorm_mlp`` "
+        "call.",
+    )
+    for original in SWINV2_LAYER_COPIES
+}

@@ -70,7 +70,7 @@ from transformers.models.sam_hq.modeling_sam_hq import SamHQMLPBlock
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
-from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Layer, Swinv2Output
 from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm, VideoPrismMLP
 from transformers.models.vitdet.modeling_vitdet import VitDetDropPath, VitDetMlp
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP
@@ -264,7 +264,9 @@ def _embedding_problems(embeddings: nn.Module) -> list[str]:
 
 
 _SWINV2_ATTENTIONS = fused_table(hf_swinv2.FusedSwinv2SelfAttention, *hf_swinv2.SWINV2_COPY_FUSED.values())
-_SWINV2_LAYERS = fused_table(hf_swinv2.FusedSwinv2Layer)
+_SWINV2_LAYERS = fused_table(hf_swinv2.FusedSwinv2Layer, *hf_swinv2.SWINV2_LAYER_COPIES_FUSED.values())
+# {original layer: (its intermediate class, its output class)}
+_SWINV2_MLP_MODULES = {Swinv2Layer: (Swinv2Intermediate, Swinv2Output), **hf_swinv2.SWINV2_LAYER_COPIES}
 _CONVNEXT_LAYERS = fused_table(hf_convnext.FusedConvNextLayer)
 _CONVNEXT_V2 = (
     "ConvNeXt V2's layer applies a global response norm (ConvNextV2GRN: each channel scaled by its norm over "
@@ -319,7 +321,8 @@ def _swinv2_layer_problems(layer: nn.Module) -> list[str]:
     problems = missing_attributes(layer, names, "transformers")
     if problems:
         return problems
-    return problems + _intermediate_output_modules_problems(layer, Swinv2Intermediate, Swinv2Output)
+    modules = _SWINV2_MLP_MODULES[_SWINV2_LAYERS[type(layer)].fastvit_original()]
+    return problems + _intermediate_output_modules_problems(layer, *modules)
 
 
 def _intermediate_output_modules_problems(layer: nn.Module, intermediate_cls: type, output_cls: type) -> list[str]:

@@ -141,11 +141,23 @@ def test_the_copies_are_swinv2_line_for_line(attention):
     assert fused.fastvit_original() is attention and getattr(hf_swinv2, fused.__name__) is fused
 
 
+@pytest.mark.parametrize("layer", list(hf_swinv2.SWINV2_LAYER_COPIES), ids=lambda c: c.__name__)
+def test_the_layer_copies_are_swinv2_line_for_line(layer):
+    assert source_lines(layer.forward, layer.__name__) == source_lines(Swinv2Layer.forward, Swinv2Layer.__name__)
+    intermediate, output = hf_swinv2.SWINV2_LAYER_COPIES[layer]
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Output
+
+    for ours, reference in ((intermediate, Swinv2Intermediate), (output, Swinv2Output)):
+        assert source_lines(ours.forward, ours.__name__) == source_lines(reference.forward, reference.__name__)
+    fused = hf_swinv2.SWINV2_LAYER_COPIES_FUSED[layer]
+    assert fused.fastvit_original() is layer and getattr(hf_swinv2, fused.__name__) is fused
+
+
 def test_swin2sr_matches_unpatched_by_the_rule(op_calls):
     config = T.Swin2SRConfig(image_size=16, patch_size=1, embed_dim=16, depths=[2], num_heads=[2], window_size=4)
     model = HFLastHiddenState(perturb_(T.Swin2SRModel(config))).eval()
     reference, patched, report = pair(model)
-    assert report.counts() == {"attention": 2} and not report.skipped  # its layers keep Hugging Face's MLP
+    assert report.counts() == {"attention": 2, "mlp": 2} and not report.skipped
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))  # a 12 x 12 map: 3 x 3 windows
     assert_matches_by_the_rule(reference, patched, x)
-    assert len(op_calls["flash_attention"]) == 2
+    assert len(op_calls["flash_attention"]) == len(op_calls["layernorm_mlp"]) == 2
