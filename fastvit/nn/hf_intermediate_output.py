@@ -2,7 +2,7 @@
 modules: ``intermediate`` (``dense``, ``intermediate_act_fn``) and ``output`` (``dense``, ``dropout``
 and the residual add, ``output(h, input)``). DPT's ``DPTViTLayer`` (DPT, and the depth models built on
 it), YOLOS's ``YolosLayer`` and VideoMAE's ``VideoMAELayer`` (``INTERMEDIATE_OUTPUT_FAMILIES``,
-checked line for line against one another in the tests).
+checked line for line against one another in the tests), and MobileViT's ``MobileViTTransformerLayer``.
 
     hidden_states = attention(layernorm_before(h)) + h                     (Hugging Face's, kept)
     layer_output  = output(intermediate(layernorm_after(hidden_states)), hidden_states)
@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import torch
 from transformers.models.dpt.modeling_dpt import DPTViTIntermediate, DPTViTLayer, DPTViTOutput
+from transformers.models.mobilevit.modeling_mobilevit import (
+    MobileViTIntermediate,
+    MobileViTOutput,
+    MobileViTTransformerLayer,
+)
 from transformers.models.videomae.modeling_videomae import VideoMAEIntermediate, VideoMAELayer, VideoMAEOutput
 from transformers.models.yolos.modeling_yolos import YolosIntermediate, YolosLayer, YolosOutput
 
@@ -28,6 +33,8 @@ from fastvit.ops._fx import method_leaf
 __all__ = [
     "INTERMEDIATE_OUTPUT_FAMILIES",
     "INTERMEDIATE_OUTPUT_LAYERS",
+    "INTERMEDIATE_OUTPUT_MODULES",
+    "FusedMobileViTTransformerLayer",
     "IntermediateOutputLayer",
     "fused_intermediate_output",
 ]
@@ -94,4 +101,23 @@ INTERMEDIATE_OUTPUT_LAYERS: dict[type, type[IntermediateOutputLayer]] = {
         f"``{original.__name__}`` (ViT's 4.x layout) whose LayerNorm+MLP half is one op call.",
     )
     for original in INTERMEDIATE_OUTPUT_FAMILIES
+}
+
+
+class FusedMobileViTTransformerLayer(IntermediateOutputLayer, MobileViTTransformerLayer):
+    """MobileViT's ``MobileViTTransformerLayer`` (ViT's 4.x layout over the unfolded patches, its
+    attention called without arguments) whose LayerNorm+MLP half is one op call."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states)
+        attention_output = self.attention(self.layernorm_before(hidden_states))
+        hidden_states = attention_output + hidden_states
+        return self._fastvit_mlp_half(hidden_states)
+
+
+# {original layer class: (its intermediate class, its output class)}: the table's families and MobileViT's
+INTERMEDIATE_OUTPUT_MODULES: dict[type, tuple[type, type]] = {
+    **INTERMEDIATE_OUTPUT_FAMILIES,
+    MobileViTTransformerLayer: (MobileViTIntermediate, MobileViTOutput),
 }

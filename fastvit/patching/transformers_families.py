@@ -375,7 +375,8 @@ def _sam_attention_notes(attn: nn.Module) -> list[str]:
     return [f"attention dropout {attn.dropout}: in training it runs Hugging Face's forward"]
 
 
-_INTERMEDIATE_OUTPUT = fused_table(*hf_intermediate_output.INTERMEDIATE_OUTPUT_LAYERS.values())
+_INTERMEDIATE_OUTPUT = fused_table(*hf_intermediate_output.INTERMEDIATE_OUTPUT_LAYERS.values(),
+                                   hf_intermediate_output.FusedMobileViTTransformerLayer)
 
 
 def _intermediate_output_problems(layer: nn.Module) -> list[str]:
@@ -387,7 +388,7 @@ def _intermediate_output_problems(layer: nn.Module) -> list[str]:
     if problems:
         return problems
     original = _INTERMEDIATE_OUTPUT[type(layer)].fastvit_original()
-    intermediate_cls, output_cls = hf_intermediate_output.INTERMEDIATE_OUTPUT_FAMILIES[original]
+    intermediate_cls, output_cls = hf_intermediate_output.INTERMEDIATE_OUTPUT_MODULES[original]
     problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
     return problems + _intermediate_output_modules_problems(layer, intermediate_cls, output_cls)
 

@@ -1,6 +1,7 @@
 """Hugging Face's own-forward self-attentions patched (fastvit.nn.hf_self_attention): PVT's and GLPN's
 efficient self-attention and PVTv2's (keys and values from the spatially reduced map; PVTv2-Li's
-pooled) TimeSformer's divided space-time attention and MobileViT's, each one fastvit.flash_attention call.
+pooled) TimeSformer's divided space-time attention and MobileViT's, each one fastvit.flash_attention call
+(MobileViT's transformer layers' LayerNorm+MLP halves one fastvit.layernorm_mlp call each).
 Outputs and every gradient (the reduction convs and norms included) by the tolerance rule against
 the unpatched model in float64; the attention weights requested and attention dropout in training
 run Hugging Face's forward; unpatch; torch.compile; torch.export; the Triton kernels in the
@@ -68,6 +69,19 @@ def test_matches_unpatched_by_the_rule(family, op_calls):
     assert [type(m) for m in patched.modules()].count(fused) == calls
     assert_matches_by_the_rule(reference, patched, x)
     assert len(op_calls["flash_attention"]) == calls
+
+
+def test_mobilevit_layers_fuse_their_mlp_half_too(op_calls):
+    """MobileViT's transformer layers (ViT's 4.x module layout) also get their LayerNorm+MLP half fused
+    (``hf_intermediate_output.FusedMobileViTTransformerLayer``)."""
+    from fastvit.nn import hf_intermediate_output
+
+    build, x, _, calls = FAMILIES["mobilevit"]
+    reference, patched, report = pair(build())
+    assert report.counts() == {"attention": calls, "mlp": calls}
+    assert [type(m) for m in patched.modules()].count(hf_intermediate_output.FusedMobileViTTransformerLayer) == calls
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["layernorm_mlp"]) == calls
 
 
 def test_reduced_keys_reach_the_op(op_calls):
