@@ -48,15 +48,18 @@ class FusedHieraMaskUnitAttention(FusedModule, HieraMaskUnitAttention):
             return super().forward(hidden_states, output_attentions)
         batch, tokens, _ = hidden_states.shape
         heads, head_dim = self.num_heads, self.head_dim
-        units = tokens // (self.query_stride * self.window_size) if self.use_mask_unit_attn else 1
+        units, unit_tokens = 1, tokens  # Hugging Face's num_windows, tokens_per_window
+        if self.use_mask_unit_attn:
+            units, unit_tokens = tokens // (self.query_stride * self.window_size), self.query_stride * self.window_size
         # (B, T, units, 3, H, D) -> (3, B, H, units, T, D): views, as Hugging Face's
-        qkv = self.qkv(hidden_states).reshape(batch, -1, units, 3, heads, head_dim).permute(3, 0, 4, 2, 1, 5)
+        qkv = self.qkv(hidden_states).reshape(batch, unit_tokens, units, 3, heads, head_dim).permute(3, 0, 4, 2, 1, 5)
         query, key, value = qkv.unbind(0)
         if self.query_stride > 1:  # max over the query_stride groups of T / query_stride tokens, as Hugging Face's
-            query = query.unflatten(3, (self.query_stride, -1)).max(dim=3).values
+            pooled = unit_tokens // self.query_stride
+            query = query.view(batch, heads, units, self.query_stride, pooled, head_dim).max(dim=3).values
         # mask units as heads: (B, H, units, T, D) -> (B, H * units, T, D) (a view where units is 1)
         q, k, v = (t.reshape(batch, heads * units, t.shape[3], head_dim) for t in (query, key, value))
-        out = fastvit.flash_attention(q, k, v, scale=self.scale).unflatten(1, (heads, units))  # (B, H, units, T', D)
+        out = fastvit.flash_attention(q, k, v, scale=self.scale).view(batch, heads, units, q.shape[2], head_dim)
         out = out.transpose(1, 3).reshape(batch, -1, self.hidden_size_output)  # (B, T', units, H, D) -> (B, N', C)
         return self.proj(out), None
 

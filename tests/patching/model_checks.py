@@ -49,6 +49,10 @@ class ModelChecks:
         assert_patch_and_unpatch_keep_the_weights(self.build())
 
     def test_torch_compile_fullgraph(self, op_calls):
+        # A fresh dynamo: the families' wrappers (HFLastHiddenState ...) share one forward, so a model
+        # compiled earlier in this process would make dynamo recompile this one with dynamic shapes
+        # (automatic dynamic), a slower compile whose cost depends on the test order
+        torch._dynamo.reset()
         reference, patched, _ = pair(self.build())
         x = self.inputs(2)
         compiled = torch.compile(patched, backend="eager", fullgraph=True)
