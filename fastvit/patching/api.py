@@ -127,13 +127,18 @@ def patch(
       embeddings of DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral,
       the MLP halves of the layers that are CLIP's (Chinese-CLIP, AltCLIP, OWL-ViT / OWLv2, X-CLIP,
       GIT, Idefics2 / 3, SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal,
-      GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR) and DINOv2's (C-RADIO, EoMT, TIPSv2, VidEoMT),
-      of DPT's, YOLOS's and VideoMAE's (ViT's 4.x layout),
+      GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR, HunYuan-VL, HY-V4-VL, PP-OCR's SVTR blocks) and
+      DINOv2's (C-RADIO, EoMT, TIPSv2, VidEoMT), of DPT's, YOLOS's, VideoMAE's and MobileViT's (ViT's
+      4.x layout), of the vision towers of BLIP / BLIP-2 / InstructBLIP(-Video), InternVL, MLCD, Janus,
+      X-CLIP, VideoPrism, PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge and MiniMax-M3-VL, and AST's,
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
       (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's and SAM-HQ's image encoder
       (``SamVisionAttention`` with its decomposed relative position, ``SamVisionLayer``'s MLP half), the
-      MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, and every
+      MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, the attentions that compute their
+      scores in their own forward and their layers' MLP halves where fusable: ViTDet, Hiera, Donut's
+      and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT and
+      the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR; and every
       attention going through transformers' ``AttentionInterface`` (below).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the
