@@ -95,6 +95,8 @@ class FusedData2VecVisionSelfAttention(_SelfAttentionForward, Data2VecVisionSelf
         >>> fastvit.patch(model)  # encoder.layer.*.attention.attention -> FusedData2VecVisionSelfAttention
     """
 
+    fastvit_bypassed = ("dropout",)  # the eager class's attention dropout is the op's (it has none)
+
 
 class FusedData2VecVisionSdpaSelfAttention(_SelfAttentionForward, Data2VecVisionSdpaSelfAttention):
     """``Data2VecVisionSdpaSelfAttention`` (the default) running one ``fastvit.flash_attention`` call;

@@ -2,8 +2,8 @@
 (not through transformers' ``AttentionInterface``, so ``attn_implementation`` cannot route them) with
 nothing between the projections but a softmax: PVT's and GLPN's efficient self-attention and PVTv2's
 (keys and values from a spatially reduced map: a strided conv and a LayerNorm, or PVTv2-Li's pooling),
-TimeSformer's (its divided space-time attention: the layer folds time or space into the batch) and
-MobileViT's (over the unfolded patches' pixels).
+TimeSformer's (its divided space-time attention: the layer folds time or space into the batch),
+MobileViT's (over the unfolded patches' pixels) and BLIP's vision tower's.
 
 Each fused forward keeps Hugging Face's Linears and reduction modules (called as modules, in Hugging
 Face's order) and runs the softmax attention as one ``fastvit.flash_attention`` call (N queries over
@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.glpn.modeling_glpn import GLPNEfficientSelfAttention
 from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttention
 from transformers.models.pvt.modeling_pvt import PvtEfficientSelfAttention
@@ -29,6 +30,7 @@ from fastvit.nn.fused import FusedModule
 from fastvit.nn.hf_attention import swapped_attention_covers
 
 __all__ = [
+    "FusedBlipAttention",
     "FusedGLPNEfficientSelfAttention",
     "FusedMobileViTSelfAttention",
     "FusedPvtEfficientSelfAttention",
@@ -42,7 +44,8 @@ class _ReducedAttention(FusedModule):
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
-    fastvit_bypassed = ()  # the Linears and the reduction are called as modules; the softmax and dropout are the op's
+    # the Linears and the reduction are called as modules; the softmax and the attention dropout are the op's
+    fastvit_bypassed = ("dropout",)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, H*D) -> (B, H, N, D), a view (Hugging Face's ``transpose_for_scores``)."""
@@ -122,6 +125,8 @@ class FusedPvtV2SelfAttention(_ReducedAttention, PvtV2SelfAttention):
         >>> fastvit.patch(model)  # encoder.layers.*.blocks.*.attention -> FusedPvtV2SelfAttention
     """
 
+    fastvit_bypassed = ("attn_drop",)
+
     def forward(
         self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
     ) -> tuple[torch.Tensor, ...]:
@@ -152,7 +157,7 @@ class FusedTimesformerSelfAttention(FusedModule, TimesformerSelfAttention):
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
-    fastvit_bypassed = ()  # qkv is called as a module; the softmax and dropout are the op's
+    fastvit_bypassed = ("attn_drop",)  # qkv is called as a module; the softmax and dropout are the op's
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, ...]:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
@@ -184,3 +189,34 @@ class FusedMobileViTSelfAttention(_ReducedAttention, MobileViTSelfAttention):
         if not swapped_attention_covers(self, False, self.dropout.p, self.dropout.training):
             return super().forward(hidden_states)
         return self._attend(self.query(hidden_states), hidden_states)
+
+
+class FusedBlipAttention(FusedModule, BlipAttention):
+    """BLIP's ``BlipAttention`` (its vision tower; packed ``qkv``, ``projection``) running one
+    ``fastvit.flash_attention`` call. Same signature, ``forward(hidden_states, **kwargs)``; returns
+    ``(output, None)``: the attention weights Hugging Face's forward returns are computed only when
+    asked for (transformers' output capture collecting ``attentions``, ``output_attentions=True`` on
+    the model), by Hugging Face's forward, as are the calls with attention dropout in training.
+
+    Example:
+        >>> model = transformers.BlipVisionModel(transformers.BlipVisionConfig())
+        >>> fastvit.patch(model)  # encoder.layers.*.self_attn -> FusedBlipAttention
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("dropout",)  # qkv and projection are called as modules; the softmax and dropout are the op's
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states)
+        if not swapped_attention_covers(
+            self, kwargs.get("output_attentions"), self.dropout.p, self.dropout.training
+        ):
+            return super().forward(hidden_states, **kwargs)
+        qkv = self.qkv(hidden_states)
+        q, k, v = split_packed_qkv(qkv, self.num_heads, self.head_dim)  # (B, H, N, D) views
+        return self.projection(merge_heads(fastvit.flash_attention(q, k, v, scale=self.scale))), None
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, fastvit={self.fastvit_op}"

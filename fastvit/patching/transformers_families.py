@@ -13,7 +13,7 @@ other attentions computing their scores in their own forward are swapped too: Vi
 SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
 Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data2vec-vision's
 (``fastvit.nn.hf_data2vec_vision``, with its layer), PVT's, GLPN's, PVTv2's, TimeSformer's and
-MobileViT's (``fastvit.nn.hf_self_attention``) and Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``).
+MobileViT's and BLIP's (``fastvit.nn.hf_self_attention``) and Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -478,6 +478,7 @@ _SELF_ATTENTIONS = {
     hf_self_attention.FusedPvtV2SelfAttention: (("query", "key", "value", "proj"), "attn_drop"),
     hf_self_attention.FusedTimesformerSelfAttention: (("qkv",), "attn_drop"),
     hf_self_attention.FusedMobileViTSelfAttention: (("query", "key", "value"), "dropout"),
+    hf_self_attention.FusedBlipAttention: (("qkv", "projection"), "dropout"),
 }
 _SELF_ATTENTION_TABLE = fused_table(*_SELF_ATTENTIONS)
 

@@ -1,7 +1,7 @@
 """The vision towers of Hugging Face's vision-language models beyond CLIP's layout, and ViT-layout
 families made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (BLIP's layer line for
-line, ``hf_layers.BLIP_LAYOUT_FAMILIES``), InternVL's InternViT (``lambda_2`` layer scale; LayerNorm or
-RMSNorm by ``norm_type``), MLCD (rotary position embeddings), Janus (MLP dropouts), X-CLIP's frame
+line, ``hf_layers.BLIP_LAYOUT_FAMILIES``; BLIP's own-forward attention swapped), InternVL's
+InternViT (``lambda_2`` layer scale; LayerNorm or RMSNorm by ``norm_type``), MLCD (rotary position embeddings), Janus (MLP dropouts), X-CLIP's frame
 encoder (message tokens), VideoPrism (LayerNorms scaling by ``weight + 1``) and the Audio Spectrogram
 Transformer (ViT's layer line for line, ``hf_layers.VIT_LAYOUT_FAMILIES``); and, as stacks of two layers
 on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5 (PaddleOCR-VL's layer line for
@@ -255,6 +255,27 @@ def test_dropout_in_training_runs_hugging_face_and_is_reported(family, config_ar
     patched.eval()
     torch.testing.assert_close(patched(IMAGES), model(IMAGES), rtol=1e-5, atol=1e-5)
     assert len(op_calls["layernorm_mlp"]) == LAYERS
+
+
+def test_blip_attention_is_swapped_and_weights_run_hugging_face(op_calls):
+    """BLIP's ``BlipAttention`` computes its scores in its own forward: swapped
+    (``hf_self_attention.FusedBlipAttention``); the weights transformers' output capture collects run
+    Hugging Face's forward, as unpatched."""
+    from fastvit.nn import hf_self_attention
+
+    build, x, _ = FAMILIES["blip"]
+    reference, patched, report = pair(build())
+    assert report.counts() == {"attention": LAYERS, "mlp": LAYERS} and not report.skipped
+    assert [type(m) for m in patched.modules()].count(hf_self_attention.FusedBlipAttention) == LAYERS
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["flash_attention"]) == LAYERS
+    op_calls["flash_attention"].clear()
+    expected = reference.model(x, output_attentions=True).attentions
+    found = patched.model(x, output_attentions=True).attentions
+    assert len(found) == len(expected) == LAYERS
+    for a, b in zip(found, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not op_calls["flash_attention"]
 
 
 def test_hidden_states_capture_sees_the_fused_layers():
