@@ -1,9 +1,10 @@
 """The vision towers of Hugging Face's vision-language models beyond CLIP's layout, and ViT-layout
 families made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (BLIP's layer line for
 line, ``hf_layers.BLIP_LAYOUT_FAMILIES``; BLIP's own-forward attention swapped), InternVL's
-InternViT (``lambda_2`` layer scale; LayerNorm or RMSNorm by ``norm_type``), MLCD (rotary position embeddings), Janus (MLP dropouts), X-CLIP's frame
-encoder (message tokens), VideoPrism (LayerNorms scaling by ``weight + 1``) and the Audio Spectrogram
-Transformer (ViT's layer line for line, ``hf_layers.VIT_LAYOUT_FAMILIES``); and, as stacks of two layers
+InternViT (``lambda_2`` layer scale; LayerNorm or RMSNorm by ``norm_type``), MLCD (rotary position
+embeddings), Janus (MLP dropouts), X-CLIP's frame encoder (message tokens), VideoPrism (LayerNorms
+scaling by ``weight + 1``) and the Audio Spectrogram Transformer (ViT's layer line for line,
+``hf_layers.VIT_LAYOUT_FAMILIES``); and, as stacks of two layers
 on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5 (PaddleOCR-VL's layer line for
 line, ``hf_layers.PACKED_ROPE_FAMILIES``), Cosmos 3 Edge and MiniMax-M3-VL, and PP-OCR's recognisers'
 SVTR blocks (``hf_layers.PP_OCR_FAMILIES``).
