@@ -117,6 +117,21 @@ def test_attention_dropout_in_training_runs_hugging_face(op_calls, fresh_warning
     assert not op_calls["flash_attention"]
 
 
+@pytest.mark.parametrize("family, dropout", [("pvt_v2", "attn_drop"), ("glpn", "dropout"),
+                                             ("timesformer", "attn_drop")])  # fmt: skip
+def test_a_hook_on_the_skipped_dropout_runs_hugging_face(family, dropout, op_calls, fresh_warnings):
+    """The fused forward skips the attention dropout module (the op has none): a hook on it added after
+    patching sends the calls to Hugging Face's forward, which calls it."""
+    build, x, fused, calls = FAMILIES[family]
+    reference, patched, _ = pair(build())
+    seen = []
+    first = next(m for m in patched.modules() if type(m) is fused)
+    getattr(first, dropout).register_forward_hook(lambda *args: seen.append(True))
+    with pytest.warns(fastvit.FastvitFallbackWarning, match=f"a hook on {dropout}"):
+        torch.testing.assert_close(patched(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert seen and len(op_calls["flash_attention"]) < calls
+
+
 class TestPvtV2Checks(ModelChecks):
     build = staticmethod(pvt_v2)
     inputs = staticmethod(lambda batch: torch.randn(batch, 3, 32, 32, generator=_gen(batch)))
