@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from transformers.models.blip.modeling_blip import BlipAttention
@@ -69,50 +70,50 @@ class _ReducedAttention(FusedModule):
         return f"heads={self.num_attention_heads}, fastvit={self.fastvit_op}"
 
 
-class FusedPvtEfficientSelfAttention(_ReducedAttention, PvtEfficientSelfAttention):
-    """PVT's ``PvtEfficientSelfAttention`` running one ``fastvit.flash_attention`` call: queries from
-    the (B, N, C) tokens, keys and values from the map reduced by ``sequences_reduction_ratio``.
-    Same signature, ``forward(hidden_states, height, width, output_attentions=False)``; returns
-    ``(context,)``, context (B, N, C).
+class _EfficientSelfAttentionForward(_ReducedAttention):
+    """The forward of PVT's and GLPN's fused efficient self-attentions: queries from the (B, N, C)
+    tokens, keys and values from the map reduced by the module named ``fastvit_reduction`` where the
+    ratio named ``fastvit_reduction_ratio`` is above 1. Same signature as Hugging Face's, ``forward(hidden_states,
+    height, width, output_attentions=False)``; returns ``(context,)``, context (B, N, C)."""
+
+    fastvit_reduction_ratio: ClassVar[str]  # the attribute holding the reduction ratio
+    fastvit_reduction: ClassVar[str]  # the strided conv's attribute
+
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, height, width, output_attentions)
+        if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
+            return super().forward(hidden_states, height, width, output_attentions)
+        query = self.query(hidden_states)
+        if getattr(self, self.fastvit_reduction_ratio) > 1:
+            hidden_states = self._reduced(hidden_states, height, width, getattr(self, self.fastvit_reduction))
+        return (self._attend(query, hidden_states),)
+
+
+class FusedPvtEfficientSelfAttention(_EfficientSelfAttentionForward, PvtEfficientSelfAttention):
+    """PVT's ``PvtEfficientSelfAttention`` running one ``fastvit.flash_attention`` call, keys and values
+    from the map reduced by ``sequences_reduction_ratio``.
 
     Example:
         >>> model = transformers.PvtModel(transformers.PvtConfig())
         >>> fastvit.patch(model)  # encoder.block.*.*.attention.self -> FusedPvtEfficientSelfAttention
     """
 
-    def forward(
-        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(hidden_states, height, width, output_attentions)
-        if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
-            return super().forward(hidden_states, height, width, output_attentions)
-        query = self.query(hidden_states)
-        if self.sequences_reduction_ratio > 1:
-            hidden_states = self._reduced(hidden_states, height, width, self.sequence_reduction)
-        return (self._attend(query, hidden_states),)
+    fastvit_reduction_ratio, fastvit_reduction = "sequences_reduction_ratio", "sequence_reduction"
 
 
-class FusedGLPNEfficientSelfAttention(_ReducedAttention, GLPNEfficientSelfAttention):
+class FusedGLPNEfficientSelfAttention(_EfficientSelfAttentionForward, GLPNEfficientSelfAttention):
     """GLPN's ``GLPNEfficientSelfAttention`` (SegFormer's) running one ``fastvit.flash_attention``
-    call, keys and values from the map reduced by ``sr_ratio``; as ``FusedPvtEfficientSelfAttention``.
+    call, keys and values from the map reduced by ``sr_ratio``.
 
     Example:
         >>> model = transformers.GLPNModel(transformers.GLPNConfig())
         >>> fastvit.patch(model)  # encoder.block.*.*.attention.self -> FusedGLPNEfficientSelfAttention
     """
 
-    def forward(
-        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(hidden_states, height, width, output_attentions)
-        if not swapped_attention_covers(self, output_attentions, self.dropout.p, self.dropout.training):
-            return super().forward(hidden_states, height, width, output_attentions)
-        query = self.query(hidden_states)
-        if self.sr_ratio > 1:
-            hidden_states = self._reduced(hidden_states, height, width, self.sr)
-        return (self._attend(query, hidden_states),)
+    fastvit_reduction_ratio, fastvit_reduction = "sr_ratio", "sr"
 
 
 class FusedPvtV2SelfAttention(_ReducedAttention, PvtV2SelfAttention):
