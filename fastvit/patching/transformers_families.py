@@ -25,6 +25,8 @@ reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from transformers.models.aimv2.modeling_aimv2 import Aimv2MLP, Aimv2RMSNorm
@@ -87,6 +89,7 @@ from fastvit.nn import (
     hf_self_attention,
     hf_swinv2,
 )
+from fastvit.nn.fused import FusedModule
 from fastvit.nn.hf_vit import activation_of
 from fastvit.patching.checks import (
     exact_type,
@@ -515,41 +518,32 @@ def _hiera_attention_problems(attn: nn.Module) -> list[str]:
     return problems
 
 
+# (its fused classes, the part, why an instance cannot be fused, the report's notes) of each family
+# whose modules are looked up by class; the tables of hf_layers and hf_embeddings come after these
+_Reasons = Callable[[nn.Module], list[str]]
+_FAMILIES: tuple[tuple[dict[type, type[FusedModule]], str, _Reasons, _Reasons | None], ...] = (
+    (_INTERMEDIATE_OUTPUT, "mlp", _intermediate_output_problems, _intermediate_output_notes),
+    (_SAM_ATTENTIONS, "attention", _sam_attention_problems, _sam_attention_notes),
+    (_SELF_ATTENTION_TABLE, "attention", _self_attention_problems, _self_attention_notes),
+    (_DATA2VEC_ATTENTIONS, "attention", _data2vec_attention_problems, _data2vec_attention_notes),
+    (_DATA2VEC_LAYERS, "mlp", _data2vec_layer_problems, _data2vec_layer_notes),
+    (_SWIN_COPY_ATTENTIONS, "attention", _swin_copy_attention_problems, _swinv2_attention_notes),
+    (_DONUT_SWIN_LAYERS, "mlp", _donut_swin_layer_problems, _swinv2_layer_notes),
+    (_HIERA_ATTENTIONS, "attention", _hiera_attention_problems, None),
+    (_VITDET_ATTENTIONS, "attention", _sam_attention_problems, None),
+    (_SWINV2_LAYERS, "mlp", _swinv2_layer_problems, _swinv2_layer_notes),
+    (_SWINV2_ATTENTIONS, "attention", _swinv2_attention_problems, _swinv2_attention_notes),
+    (_CONVNEXT_LAYERS, "mlp", _convnext_problems, None),
+)
+
+
 def finding(path: str, module: nn.Module) -> Finding | None:
     """The finding for ``module`` if it is one of the covered layer, attention or embedding classes
     (or their fused classes), else None."""
-    if type(module) in _INTERMEDIATE_OUTPUT:
-        return slot(path, module, "mlp", _INTERMEDIATE_OUTPUT[type(module)], _intermediate_output_problems,
-                    _intermediate_output_notes)  # fmt: skip
-    if type(module) in _SAM_ATTENTIONS:
-        return slot(path, module, "attention", _SAM_ATTENTIONS[type(module)], _sam_attention_problems,
-                    _sam_attention_notes)  # fmt: skip
-    if type(module) in _SELF_ATTENTION_TABLE:
-        return slot(path, module, "attention", _SELF_ATTENTION_TABLE[type(module)], _self_attention_problems,
-                    _self_attention_notes)  # fmt: skip
-    if type(module) in _DATA2VEC_ATTENTIONS:
-        return slot(path, module, "attention", _DATA2VEC_ATTENTIONS[type(module)], _data2vec_attention_problems,
-                    _data2vec_attention_notes)  # fmt: skip
-    if type(module) in _DATA2VEC_LAYERS:
-        return slot(path, module, "mlp", _DATA2VEC_LAYERS[type(module)], _data2vec_layer_problems,
-                    _data2vec_layer_notes)  # fmt: skip
-    if type(module) in _SWIN_COPY_ATTENTIONS:
-        return slot(path, module, "attention", _SWIN_COPY_ATTENTIONS[type(module)], _swin_copy_attention_problems,
-                    _swinv2_attention_notes)  # fmt: skip
-    if type(module) in _DONUT_SWIN_LAYERS:
-        return slot(path, module, "mlp", _DONUT_SWIN_LAYERS[type(module)], _donut_swin_layer_problems,
-                    _swinv2_layer_notes)  # fmt: skip
-    if type(module) in _HIERA_ATTENTIONS:
-        return slot(path, module, "attention", _HIERA_ATTENTIONS[type(module)], _hiera_attention_problems)
-    if type(module) in _VITDET_ATTENTIONS:
-        return slot(path, module, "attention", _VITDET_ATTENTIONS[type(module)], _sam_attention_problems)
-    if type(module) in _SWINV2_LAYERS:
-        return slot(path, module, "mlp", _SWINV2_LAYERS[type(module)], _swinv2_layer_problems, _swinv2_layer_notes)
-    if type(module) in _SWINV2_ATTENTIONS:
-        return slot(path, module, "attention", _SWINV2_ATTENTIONS[type(module)], _swinv2_attention_problems,
-                    _swinv2_attention_notes)  # fmt: skip
-    if type(module) in _CONVNEXT_LAYERS:
-        return slot(path, module, "mlp", _CONVNEXT_LAYERS[type(module)], _convnext_problems)
+    for table, part, problems, notes in _FAMILIES:
+        fused = table.get(type(module))
+        if fused is not None:
+            return slot(path, module, part, fused, problems, notes)
     if type(module) is ConvNextV2Layer:
         return Skip(path, "mlp", _CONVNEXT_V2)
     layer = hf_layers.fused_layer(module)
