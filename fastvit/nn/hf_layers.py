@@ -20,10 +20,10 @@ the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
 packed (T, D) tokens; and the image encoders' layers of SAM (``SamVisionLayer``, SAM-HQ's copy),
 the SAM encoders copied into other models (``SAM_LAYOUT_FAMILIES``: DeepSeek-OCR 2, GOT-OCR 2.0,
 PP-FormulaNet, SLANeXt, Unlimited-OCR), SAM 2 (``Sam2MultiScaleBlock``, Hiera) and SAM 3
-(``Sam3ViTLayer``), Hugging Face's Hiera (``HieraLayer``), and the ViTDet backbone's
-(``VitDetLayer``) on their (B, H, W, C) maps.
+(``Sam3ViTLayer``), Hugging Face's Hiera (``HieraLayer``), the ViTDet backbone's (``VitDetLayer``)
+and SegGPT's (``SegGptLayer``) on their (B, H, W, C) maps.
 Their attention runs as in Hugging Face (through transformers' attention interface, which
-``fastvit.patch`` points at fastvit; SAM's and ViTDet's own attentions are swapped by
+``fastvit.patch`` points at fastvit; SAM's, ViTDet's and SegGPT's own attentions are swapped by
 ``fastvit.nn.hf_sam``, Hiera's by ``fastvit.nn.hf_hiera``); the
 attention half of each forward below is Hugging Face's,
 line for line. The second half, ``x + drop_path(layer_scale * mlp(norm(x)))`` (or with hidden
@@ -123,6 +123,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3ViTLayer
 from transformers.models.sam3.modeling_sam3 import window_partition as sam3_window_partition
 from transformers.models.sam3.modeling_sam3 import window_unpartition as sam3_window_unpartition
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionLayer
+from transformers.models.seggpt.modeling_seggpt import SegGptLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.slanext.modeling_slanext import SLANeXtMLPBlock, SLANeXtVisionLayer
@@ -203,6 +204,7 @@ __all__ = [
     "FusedSam3ViTLayer",
     "FusedSamHQVisionLayer",
     "FusedSamVisionLayer",
+    "FusedSegGptLayer",
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
     "FusedSwinLayer",
@@ -1108,6 +1110,44 @@ class FusedVitDetLayer(FusedPreNormLayer, VitDetLayer):
         return (hidden_states, *outputs)
 
 
+class FusedSegGptLayer(FusedPreNormLayer, SegGptLayer):
+    """SegGPT's ``SegGptLayer`` (a ViT-L over the (B, H, W, C) map of the input and prompt images)
+    whose LayerNorm+MLP half (with drop path) is one op call; the rest (the attention, the feature
+    ensemble over the prompts) is Hugging Face's, line for line. Its attention
+    (``fastvit.nn.hf_sam.FusedSegGptAttention``) is patched on its own."""
+
+    fastvit_mlp = MlpHalf("layernorm_after", fc1="lin1", act="act", fc2="lin2", drop_path="drop_path")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        ensemble_cond: int,
+        feature_ensemble: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, ensemble_cond, feature_ensemble, output_attentions)
+        self_attention_outputs = self.attention(
+            self.layernorm_before(hidden_states),
+            output_attentions=output_attentions,
+        )
+        attention_output = self_attention_outputs[0]
+        outputs = self_attention_outputs[1:]
+        if feature_ensemble and attention_output.shape[0] // 2 >= ensemble_cond:
+            prompt, inputs = attention_output.split(attention_output.shape[1] // 2, dim=1)
+            if ensemble_cond == 2:
+                num_prompts = attention_output.shape[0] // 2
+                inputs = inputs.reshape(2, num_prompts, -1)
+                inputs = inputs.mean(dim=1, keepdim=True).expand_as(inputs)
+                inputs = inputs.reshape(*prompt.shape)
+            else:
+                inputs = inputs.mean(dim=0, keepdim=True).expand_as(inputs)
+            attention_output = torch.cat([prompt, inputs], dim=1)
+        hidden_states = self.drop_path(attention_output) + hidden_states
+        hidden_states = self._fastvit_mlp_half(hidden_states)
+        return (hidden_states, *outputs)
+
+
 class FusedHieraLayer(FusedPreNormLayer, HieraLayer):
     """Hugging Face's Hiera ``HieraLayer`` whose LayerNorm+MLP half (with drop path) is one op call;
     its first half (a stage's widening projection with its pooled residual, the attention) is Hugging
@@ -1183,7 +1223,7 @@ for _fused in (
     FusedSwinLayer, FusedBeitLayer, FusedSamVisionLayer, FusedSamHQVisionLayer, FusedSam2MultiScaleBlock,
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
     FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
-    FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, FusedHieraLayer,
+    FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, FusedHieraLayer, FusedSegGptLayer,
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
 ):  # fmt: skip

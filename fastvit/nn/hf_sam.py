@@ -1,7 +1,7 @@
 """Fused subclasses of Hugging Face's SAM vision encoder (``facebook/sam-vit-*``, ``SamModel`` /
 ``SamVisionModel``; SAM-HQ's, ``SamHQModel``, whose encoder classes are copies of SAM's) and of the
 ViTDet backbone's attention (``VitDetAttention``: ``VitDetModel`` / ``VitDetBackbone``, the same
-design), swapped onto a model by ``fastvit.patch``.
+design) and SegGPT's (``SegGptAttention``, SAM's design again), swapped onto a model by ``fastvit.patch``.
 
 SAM's image encoder is a ViTDet: window layers (14 x 14 windows of the padded 64 x 64 map) and a
 few global layers, each ``h + attn(layer_norm1(h))`` then ``h + mlp(layer_norm2(h))``, with a
@@ -31,6 +31,7 @@ from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionAttentio
 from transformers.models.pp_formulanet.modeling_pp_formulanet import PPFormulaNetVisionAttention
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
 from transformers.models.sam_hq.modeling_sam_hq import SamHQVisionAttention, SamHQVisionSdpaAttention
+from transformers.models.seggpt.modeling_seggpt import SegGptAttention
 from transformers.models.slanext.modeling_slanext import SLANeXtVisionAttention
 from transformers.models.unlimited_ocr.modeling_unlimited_ocr import (
     UnlimitedOcrSamVisionAttention,
@@ -51,6 +52,7 @@ __all__ = [
     "FusedSamHQVisionSdpaAttention",
     "FusedSamVisionAttention",
     "FusedSamVisionSdpaAttention",
+    "FusedSegGptAttention",
     "FusedVitDetAttention",
 ]
 
@@ -63,6 +65,8 @@ class _SamAttentionForward(FusedModule):
     fastvit_bypassed = ()  # the projections are called as modules; the softmax and dropout are the op's
     # whether Hugging Face's forward drops attention probabilities in training (the SDPA classes never do)
     drops_attention = True
+    # the attribute saying whether the relative position is used (SegGPT's has another name)
+    rel_pos_flag = "use_rel_pos"
 
     def _fastvit_rel_pos(self, q: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Hugging Face's decomposed relative position as the op's (rel_h, rel_w) tables."""
@@ -82,12 +86,12 @@ class _SamAttentionForward(FusedModule):
         heads = self.num_attention_heads
         qkv = self.qkv(hidden_states.reshape(batch, height * width, channels))
         q, k, v = split_packed_qkv(qkv, heads, qkv.shape[-1] // (3 * heads))  # (B, H, N, D) views
-        rel_pos = self._fastvit_rel_pos(q, height, width) if self.use_rel_pos else None
+        rel_pos = self._fastvit_rel_pos(q, height, width) if getattr(self, self.rel_pos_flag) else None
         out = fastvit.flash_attention(q, k, v, scale=self.scale, rel_pos=rel_pos)
         return self.proj(merge_heads(out).view(batch, height, width, -1)), None
 
     def extra_repr(self) -> str:
-        kind = "rel_pos" if self.use_rel_pos else "plain"
+        kind = "rel_pos" if getattr(self, self.rel_pos_flag) else "plain"
         return f"heads={self.num_attention_heads}, {kind}, fastvit={self.fastvit_op}"
 
 
@@ -137,6 +141,23 @@ class FusedSamHQVisionSdpaAttention(_SamAttentionForward, SamHQVisionSdpaAttenti
     """
 
     drops_attention = False
+
+
+class FusedSegGptAttention(_SamAttentionForward, SegGptAttention):
+    """SegGPT's ``SegGptAttention`` (SAM's design: packed ``qkv``, decomposed relative position where
+    ``use_relative_position_embeddings``, no attention dropout) running one ``fastvit.flash_attention``
+    call, as ``FusedSamVisionAttention``; ``output_attentions=True`` runs Hugging Face's forward.
+
+    Same signature, ``forward(hidden_states, output_attentions=False)``: hidden_states (B, H, W, C);
+    returns ``(attn_output, None)``, attn_output (B, H, W, C).
+
+    Example:
+        >>> model = transformers.SegGptForImageSegmentation.from_pretrained("BAAI/seggpt-vit-large")
+        >>> fastvit.patch(model)  # model.encoder.layers.*.attention -> FusedSegGptAttention
+    """
+
+    drops_attention = False
+    rel_pos_flag = "use_relative_position_embeddings"
 
 
 # SAM's image encoder attention copied into other models' SAM encoders (each checked line for line

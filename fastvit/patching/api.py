@@ -138,7 +138,8 @@ def patch(
       MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, the attentions that compute their
       scores in their own forward and their layers' MLP halves where fusable: BLIP, ViTDet, Hiera, Donut's
       and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT and
-      the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR; and every
+      the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR, and
+      SegGPT; and every
       attention going through transformers' ``AttentionInterface`` (below).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the

@@ -13,7 +13,8 @@ other attentions computing their scores in their own forward are swapped too: Vi
 SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
 Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data2vec-vision's
 (``fastvit.nn.hf_data2vec_vision``, with its layer), PVT's, GLPN's, PVTv2's, TimeSformer's and
-MobileViT's and BLIP's (``fastvit.nn.hf_self_attention``) and Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``).
+MobileViT's and BLIP's (``fastvit.nn.hf_self_attention``), Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``)
+and SegGPT's (SAM's design, ``fastvit.nn.hf_sam``, with its layer).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -69,6 +70,7 @@ from transformers.models.sam.modeling_sam import SamMLPBlock
 from transformers.models.sam2.modeling_sam2 import Sam2FeedForward
 from transformers.models.sam3.modeling_sam3 import Sam3MLP
 from transformers.models.sam_hq.modeling_sam_hq import SamHQMLPBlock
+from transformers.models.seggpt.modeling_seggpt import SegGptDropPath, SegGptMlp
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
@@ -131,6 +133,7 @@ _MLPS = {
     hf_layers.FusedVideoPrismLayer: VideoPrismMLP,
     hf_layers.FusedVitDetLayer: VitDetMlp,
     hf_layers.FusedHieraLayer: HieraMlp,
+    hf_layers.FusedSegGptLayer: SegGptMlp,
     hf_layers.FusedCosmos3EdgeVisionEncoderLayer: Cosmos3EdgeMLP,
     hf_layers.FusedMiniMaxM3VLVisionEncoderLayer: MiniMaxM3VLVisionMLP,
     **{layers[layer]: mlp  # the families made from a table
@@ -166,6 +169,7 @@ _DROP_PATHS = {
     hf_layers.FusedBeitLayer: BeitDropPath,
     hf_layers.FusedVitDetLayer: VitDetDropPath,
     hf_layers.FusedHieraLayer: HieraDropPath,
+    hf_layers.FusedSegGptLayer: SegGptDropPath,
     hf_layers.FusedDinov2Layer: Dinov2DropPath,
     hf_layers.FusedDinov2GatedLayer: Dinov2DropPath,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
@@ -351,17 +355,20 @@ def _swinv2_layer_notes(layer: nn.Module) -> list[str]:
 
 _SAM_ATTENTIONS = fused_table(hf_sam.FusedSamVisionAttention, hf_sam.FusedSamVisionSdpaAttention,
                               hf_sam.FusedSamHQVisionAttention, hf_sam.FusedSamHQVisionSdpaAttention,
-                              *hf_sam.SAM_COPY_FUSED.values())
+                              hf_sam.FusedSegGptAttention, *hf_sam.SAM_COPY_FUSED.values())
 
 
 def _sam_attention_problems(attn: nn.Module) -> list[str]:
-    """What the fused SAM (or ViTDet) attention reads: the packed ``qkv`` and ``proj`` Linears, the head
-    count and scale, the relative position embeddings where used (the attribute names differ)."""
-    vitdet = type(attn) in _VITDET_ATTENTIONS
-    heads, uses_rel_pos = ("num_heads", "use_relative_position_embeddings") if vitdet else ("num_attention_heads",
-                                                                                            "use_rel_pos")  # fmt: skip
-    names = ("qkv", "proj", heads, "scale", uses_rel_pos, *(() if vitdet else ("dropout", "get_rel_pos")))
-    problems = missing_attributes(attn, names, "transformers")
+    """What the fused SAM (ViTDet, SegGPT) attention reads: the packed ``qkv`` and ``proj`` Linears, the
+    head count and scale, the relative position embeddings where used (the attribute names differ),
+    the dropout where Hugging Face's forward applies one."""
+    if type(attn) in _VITDET_ATTENTIONS:
+        heads, uses_rel_pos, reads = "num_heads", "use_relative_position_embeddings", ()
+    else:
+        fused = _SAM_ATTENTIONS[type(attn)]
+        heads, uses_rel_pos = "num_attention_heads", fused.rel_pos_flag
+        reads = ("get_rel_pos", *(("dropout",) if fused.drops_attention else ()))
+    problems = missing_attributes(attn, ("qkv", "proj", heads, "scale", uses_rel_pos, *reads), "transformers")
     if problems:
         return problems
     problems += linear_problems(attn, ("qkv", "proj"))
