@@ -2,7 +2,8 @@
 modules: ``intermediate`` (``dense``, ``intermediate_act_fn``) and ``output`` (``dense``, ``dropout``
 and the residual add, ``output(h, input)``). DPT's ``DPTViTLayer`` (DPT, and the depth models built on
 it), YOLOS's ``YolosLayer`` and VideoMAE's ``VideoMAELayer`` (``INTERMEDIATE_OUTPUT_FAMILIES``,
-checked line for line against one another in the tests), and MobileViT's ``MobileViTTransformerLayer``.
+checked line for line against one another in the tests), MobileViT's ``MobileViTTransformerLayer`` and
+FLAVA's ``FlavaLayer`` (its image, text and multimodal encoders).
 
     hidden_states = attention(layernorm_before(h)) + h                     (Hugging Face's, kept)
     layer_output  = output(intermediate(layernorm_after(hidden_states)), hidden_states)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from transformers.models.dpt.modeling_dpt import DPTViTIntermediate, DPTViTLayer, DPTViTOutput
+from transformers.models.flava.modeling_flava import FlavaIntermediate, FlavaLayer, FlavaOutput
 from transformers.models.mobilevit.modeling_mobilevit import (
     MobileViTIntermediate,
     MobileViTOutput,
@@ -34,6 +36,7 @@ __all__ = [
     "INTERMEDIATE_OUTPUT_FAMILIES",
     "INTERMEDIATE_OUTPUT_LAYERS",
     "INTERMEDIATE_OUTPUT_MODULES",
+    "FusedFlavaLayer",
     "FusedMobileViTTransformerLayer",
     "IntermediateOutputLayer",
     "fused_intermediate_output",
@@ -116,8 +119,29 @@ class FusedMobileViTTransformerLayer(IntermediateOutputLayer, MobileViTTransform
         return self._fastvit_mlp_half(hidden_states)
 
 
-# {original layer class: (its intermediate class, its output class)}: the table's families and MobileViT's
+class FusedFlavaLayer(IntermediateOutputLayer, FlavaLayer):
+    """FLAVA's ``FlavaLayer`` (ViT's 4.x layout; the attention takes the additive mask and returns a
+    tuple, its weights after the output) whose LayerNorm+MLP half is one op call. Its attention
+    (``fastvit.nn.hf_self_attention.FusedFlavaSelfAttention``) is patched on its own."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        self_attention_outputs = self.attention(
+            self.layernorm_before(hidden_states),
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+        )
+        hidden_states = self_attention_outputs[0] + hidden_states
+        return (self._fastvit_mlp_half(hidden_states), *self_attention_outputs[1:])
+
+
+# {original layer class: (its intermediate class, its output class)}: the table's families, MobileViT's
+# and FLAVA's
 INTERMEDIATE_OUTPUT_MODULES: dict[type, tuple[type, type]] = {
     **INTERMEDIATE_OUTPUT_FAMILIES,
     MobileViTTransformerLayer: (MobileViTIntermediate, MobileViTOutput),
+    FlavaLayer: (FlavaIntermediate, FlavaOutput),
 }

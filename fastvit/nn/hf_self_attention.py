@@ -3,7 +3,8 @@
 nothing between the projections but a softmax: PVT's and GLPN's efficient self-attention and PVTv2's
 (keys and values from a spatially reduced map: a strided conv and a LayerNorm, or PVTv2-Li's pooling),
 TimeSformer's (its divided space-time attention: the layer folds time or space into the batch),
-MobileViT's (over the unfolded patches' pixels) and BLIP's vision tower's.
+MobileViT's (over the unfolded patches' pixels), BLIP's vision tower's and FLAVA's (its image, text and
+multimodal encoders: BERT's self-attention, an additive mask added to the scores).
 
 Each fused forward keeps Hugging Face's Linears and reduction modules (called as modules, in Hugging
 Face's order) and runs the softmax attention as one ``fastvit.flash_attention`` call (N queries over
@@ -19,6 +20,7 @@ from typing import ClassVar
 
 import torch
 from transformers.models.blip.modeling_blip import BlipAttention
+from transformers.models.flava.modeling_flava import FlavaSelfAttention
 from transformers.models.glpn.modeling_glpn import GLPNEfficientSelfAttention
 from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttention
 from transformers.models.pvt.modeling_pvt import PvtEfficientSelfAttention
@@ -32,6 +34,7 @@ from fastvit.nn.hf_attention import swapped_attention_covers
 
 __all__ = [
     "FusedBlipAttention",
+    "FusedFlavaSelfAttention",
     "FusedGLPNEfficientSelfAttention",
     "FusedMobileViTSelfAttention",
     "FusedPvtEfficientSelfAttention",
@@ -41,7 +44,8 @@ __all__ = [
 
 
 class _ReducedAttention(FusedModule):
-    """The shared part of the PVT-style fused attentions: heads, the op call, the fallback rule."""
+    """The shared part of the fused attentions with ``query`` / ``key`` / ``value`` Linears (the
+    PVT-style ones, MobileViT's, FLAVA's): heads, the op call."""
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
@@ -60,11 +64,14 @@ class _ReducedAttention(FusedModule):
         hidden_states = reduction(hidden_states).reshape(batch_size, num_channels, -1).permute(0, 2, 1)
         return self.layer_norm(hidden_states)
 
-    def _attend(self, query: torch.Tensor, keys_from: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(D)) v with k, v projected from ``keys_from`` (B, M, C): (B, N, H*D)."""
+    def _attend(
+        self, query: torch.Tensor, keys_from: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + attn_mask) v with k, v projected from ``keys_from`` (B, M, C):
+        (B, N, H*D)."""
         k, v = self._heads(self.key(keys_from)), self._heads(self.value(keys_from))
-        out = fastvit.flash_attention(self._heads(query), k, v, scale=1 / math.sqrt(self.attention_head_size))
-        return merge_heads(out)
+        scale = 1 / math.sqrt(self.attention_head_size)
+        return merge_heads(fastvit.flash_attention(self._heads(query), k, v, scale=scale, attn_mask=attn_mask))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_attention_heads}, fastvit={self.fastvit_op}"
@@ -221,3 +228,31 @@ class FusedBlipAttention(FusedModule, BlipAttention):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, fastvit={self.fastvit_op}"
+
+
+class FusedFlavaSelfAttention(_ReducedAttention, FlavaSelfAttention):
+    """FLAVA's ``FlavaSelfAttention`` (BERT's: ``query`` / ``key`` / ``value`` Linears, an additive mask
+    added to the scores; in FLAVA's image, text and multimodal encoders) running one
+    ``fastvit.flash_attention`` call, the mask as its floating ``attn_mask``. Same signature,
+    ``forward(hidden_states, attention_mask=None, output_attentions=False)``: hidden_states (B, N, C),
+    attention_mask broadcastable to (B, H, N, N) (the text model's (B, 1, 1, N) extended mask);
+    returns ``(context,)``, context (B, N, C), before the output projection. The weights requested,
+    attention dropout in training and a mask that is not floating (Hugging Face adds even a bool
+    mask to the scores, as 0 / 1) run Hugging Face's forward.
+
+    Example:
+        >>> model = transformers.FlavaModel.from_pretrained("facebook/flava-full")
+        >>> fastvit.patch(model)  # {image,text,multimodal}_model.encoder.layer.*.attention.attention
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, attention_mask, output_attentions)
+        additive = attention_mask is None or (attention_mask.is_floating_point() and attention_mask.dim() <= 4)
+        if not additive or not swapped_attention_covers(
+            self, output_attentions, self.dropout.p, self.dropout.training
+        ):
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        return (self._attend(self.query(hidden_states), hidden_states, attention_mask),)

@@ -13,7 +13,8 @@ other attentions computing their scores in their own forward are swapped too: Vi
 SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
 Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data2vec-vision's
 (``fastvit.nn.hf_data2vec_vision``, with its layer), PVT's, GLPN's, PVTv2's, TimeSformer's and
-MobileViT's and BLIP's (``fastvit.nn.hf_self_attention``), Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``)
+MobileViT's, BLIP's and FLAVA's (``fastvit.nn.hf_self_attention``; FLAVA's layer is
+``hf_intermediate_output``'s), Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``)
 and SegGPT's (SAM's design, ``fastvit.nn.hf_sam``, with its layer).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
@@ -386,7 +387,8 @@ def _sam_attention_notes(attn: nn.Module) -> list[str]:
 
 
 _INTERMEDIATE_OUTPUT = fused_table(*hf_intermediate_output.INTERMEDIATE_OUTPUT_LAYERS.values(),
-                                   hf_intermediate_output.FusedMobileViTTransformerLayer)
+                                   hf_intermediate_output.FusedMobileViTTransformerLayer,
+                                   hf_intermediate_output.FusedFlavaLayer)
 
 
 def _intermediate_output_problems(layer: nn.Module) -> list[str]:
@@ -489,6 +491,7 @@ _SELF_ATTENTIONS = {
     hf_self_attention.FusedTimesformerSelfAttention: (("qkv",), "attn_drop"),
     hf_self_attention.FusedMobileViTSelfAttention: (("query", "key", "value"), "dropout"),
     hf_self_attention.FusedBlipAttention: (("qkv", "projection"), "dropout"),
+    hf_self_attention.FusedFlavaSelfAttention: (("query", "key", "value"), "dropout"),
 }
 _SELF_ATTENTION_TABLE = fused_table(*_SELF_ATTENTIONS)
 
