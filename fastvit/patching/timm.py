@@ -209,19 +209,24 @@ __all__ = ["FAMILY", "find"]
 
 FAMILY = "timm"
 _ATTENTIONS = fused_table(fused.FusedAttention)
-# timm's pre-norm Block: {class: (fused for Mlp / GluMlp, fused for SwiGLU)}
-_BLOCKS = {
-    cls: pair for pair in ((fused.FusedBlock, fused.FusedSwiGLUBlock),) for cls in (pair[0].fastvit_original(), *pair)
-}
+# timm's pre-norm Block: {its MLP's class: the fused class}, None for Mlp / GluMlp
+_BLOCK_KINDS: dict[type | None, type[FusedModule]] = {None: fused.FusedBlock, SwiGLU: fused.FusedSwiGLUBlock}
+try:  # ViTamin's GeGluMlp (fastvit.nn.timm_vitamin), in timm's recent releases
+    from fastvit.nn import timm_vitamin
+
+    _BLOCK_KINDS[timm_vitamin.GeGluMlp] = timm_vitamin.FusedGeGluBlock
+except ImportError:
+    timm_vitamin = None
+_BLOCKS = {cls: _BLOCK_KINDS for cls in (fused.FusedBlock.fastvit_original(), *_BLOCK_KINDS.values())}
 _MODELS = fused_table(fused.FusedVisionTransformer, fused.FusedVisionTransformerDistilled, timm_eva.FusedEva)
-# blocks ending in x + drop_path2(gamma_2 * mlp(norm2(x))): {class: (fused for Mlp / GluMlp, fused for SwiGLU)}
+# blocks ending in x + drop_path2(gamma_2 * mlp(norm2(x))): {class: {its MLP's class: the fused class}}
 _GAMMA_BLOCKS = {
-    cls: pair
-    for pair in (
-        (timm_eva.FusedEvaBlock, timm_eva.FusedEvaSwiGLUBlock),
-        (timm_relpos.FusedBeitBlock, timm_relpos.FusedBeitSwiGLUBlock),
+    cls: kinds
+    for kinds in (
+        {None: timm_eva.FusedEvaBlock, SwiGLU: timm_eva.FusedEvaSwiGLUBlock},
+        {None: timm_relpos.FusedBeitBlock, SwiGLU: timm_relpos.FusedBeitSwiGLUBlock},
     )
-    for cls in (pair[0].fastvit_original(), *pair)
+    for cls in (kinds[None].fastvit_original(), *kinds.values())
 }
 # the other families' attentions: {class: (fused class, attributes its forward reads)}
 _QKV = ("qkv", "attn_drop", "proj", "proj_drop", "num_heads", "scale")
@@ -427,15 +432,25 @@ def _block_problems(block: nn.Module) -> list[str]:
     if problems:
         return problems
     problems += exact_type(block.ls2, "ls2", (nn.Identity, LayerScale), "LayerScale")
+    if timm_vitamin is not None and type(block.mlp) is timm_vitamin.GeGluMlp:
+        return problems + _geglu_mlp_half_problems(block)
     return problems + _mlp_half_problems(block)
+
+
+def _geglu_mlp_half_problems(block: nn.Module) -> list[str]:
+    """What the op must be able to compute of a ViTamin block's ``mlp`` (``GeGluMlp``: its own norm,
+    then w2(act(w0(x)) * w1(x))) and ``drop_path2``; ``norm2`` runs as the block's module, whatever it is."""
+    problems = exact_type(block.drop_path2, "drop_path2", (nn.Identity, DropPath), "DropPath")
+    problems += _norm_problems(block.mlp.norm, "mlp.norm")
+    return problems + _mlp_layers_problems(block.mlp, ("w0", "w1", "w2"))
 
 
 def _block_fused(block: nn.Module, table: dict) -> type[FusedModule]:
     """The fused class for a timm, Eva or BEiT block (``table``: ``_BLOCKS`` / ``_GAMMA_BLOCKS``):
     by its MLP's kind (the submodules it bypasses), for a block fused earlier too (its MLP replaced
-    by the other kind since: fused anew as the other class)."""
-    packed, swiglu = table[type(block)]
-    return swiglu if type(getattr(block, "mlp", None)) is SwiGLU else packed
+    by another kind since: fused anew as that kind's class)."""
+    kinds = table[type(block)]
+    return kinds.get(type(getattr(block, "mlp", None)), kinds[None])
 
 
 def _gamma_block_problems(block: nn.Module) -> list[str]:
@@ -633,17 +648,21 @@ def _mlp_half_problems(
     """What the op must be able to compute of a block's ``norm2``, ``mlp`` and ``drop_path2`` (or
     the modules named): a LayerNorm or RMS norm over the last dim, timm's ``Mlp``, ``GluMlp`` or
     ``SwiGLU`` of Linears with an activation the op has, no norm inside the MLP."""
-    norm_name, norm, layernorms = norm, getattr(block, norm), (nn.LayerNorm, TimmLayerNorm)
-    if type(norm) in timm_mlp.RMS_NORMS:
-        problems = layernorm_problems(norm, norm_name, timm_mlp.RMS_NORMS)  # over the last dim only
-    elif type(norm) in layernorms:
-        problems = layernorm_problems(norm, norm_name, layernorms)
-    else:
-        problems = [f"{norm_name} is {type(norm).__qualname__}, not nn.LayerNorm or an RMS norm (timm's RmsNorm)"]
+    problems = _norm_problems(getattr(block, norm), norm)
     problems += exact_type(getattr(block, drop_path), drop_path, (nn.Identity, DropPath), "DropPath")
     mlp_name, mlp = mlp, getattr(block, mlp)
     problems += exact_type(mlp, mlp_name, (Mlp, GluMlp, SwiGLU), "timm's Mlp, GluMlp or SwiGLU")
     return problems or _mlp_module_problems(mlp, mlp_name)
+
+
+def _norm_problems(norm: nn.Module, name: str) -> list[str]:
+    """What the op must be able to compute of the norm named ``name``: a LayerNorm or RMS norm over the last dim."""
+    layernorms = (nn.LayerNorm, TimmLayerNorm)
+    if type(norm) in timm_mlp.RMS_NORMS:
+        return layernorm_problems(norm, name, timm_mlp.RMS_NORMS)  # over the last dim only
+    if type(norm) in layernorms:
+        return layernorm_problems(norm, name, layernorms)
+    return [f"{name} is {type(norm).__qualname__}, not nn.LayerNorm or an RMS norm (timm's RmsNorm)"]
 
 
 def _mlp_module_problems(mlp: nn.Module, name: str = "mlp") -> list[str]:

@@ -1,6 +1,7 @@
 """timm's pre-norm ``Block`` with the MLPs and norms of today's ViTs (fastvit.nn.timm_vit,
 fastvit.nn.timm_mlp): ``SwiGLU`` (AIMv2; FusedSwiGLUBlock), packed ``GluMlp``, SiLU / QuickGELU
-``Mlp``, timm's ``RmsNorm`` or ``nn.RMSNorm`` as ``norm2``, LayerScale. The MLP half is one
+``Mlp``, timm's ``RmsNorm`` or ``nn.RMSNorm`` as ``norm2``, LayerScale, ViTamin's ``GeGluMlp`` (its
+own LayerNorm after the block's; fastvit.nn.timm_vitamin.FusedGeGluBlock). The MLP half is one
 fastvit.layernorm_mlp call; outputs and every gradient by the tolerance rule against the unpatched
 model in float64. Tiny random configs, no downloads.
 """
@@ -28,8 +29,9 @@ from tests.patching.helpers import (
 timm = pytest.importorskip("timm")
 from timm.layers import GluMlp, RmsNorm, SwiGLU  # noqa: E402
 from timm.layers.activations import QuickGELU  # noqa: E402
+from timm.models.vitamin import GeGluMlp  # noqa: E402
 
-from fastvit.nn import timm_vit  # noqa: E402
+from fastvit.nn import timm_vit, timm_vitamin  # noqa: E402
 
 TINY = dict(embed_dim=32, depth=DEPTH, num_heads=2, num_classes=5)
 # name -> (model, create_model overrides, fused block class, the op's keywords it must see)
@@ -54,6 +56,10 @@ CASES = {
     "packed_glu_scale_mlp_norm": ("vit_tiny_patch16_224", dict(
         img_size=32, mlp_ratio=2.0, act_layer=nn.SiLU, mlp_layer=functools.partial(GluMlp, gate_last=False),
         scale_mlp_norm=True), "FusedBlock", dict(gated=True, hidden_norm="layernorm")),
+    # ViTamin's GELU-gated MLP with its own LayerNorm: norm2 runs as a module, the op adds no residual
+    "vitamin_geglu_layerscale": ("vit_tiny_patch16_224", dict(img_size=32, mlp_ratio=2.0, mlp_layer=GeGluMlp,
+                                                              init_values=0.3),
+                                 "FusedGeGluBlock", dict(activation="gelu", residual=False)),
 }  # fmt: skip
 
 
@@ -83,13 +89,34 @@ def test_mlp_halves_fused_and_match_by_the_rule(case, op_calls):
     assert module_types(patched) == types
 
 
-def test_training_step_with_layer_scale_and_drop_path_matches_timm(op_calls):
-    reference = build("aimv2_rms_swiglu", init_values=0.3, drop_path_rate=0.3).train()
+@pytest.mark.parametrize("case", ["aimv2_rms_swiglu", "vitamin_geglu_layerscale"])
+def test_training_step_with_layer_scale_and_drop_path_matches_timm(case, op_calls):
+    reference = build(case, init_values=0.3, drop_path_rate=0.3).train()
     patched = copy.deepcopy(reference)
     fastvit.patch(patched)
     # same seed, same drop-path draws: timm's DropPath and the op's sample_scale
     assert_outputs_and_grads_match(reference, patched, images(reference), seed=0, rtol=1e-4, atol=1e-5)
     assert len(op_calls["layernorm_mlp"]) == DEPTH
+
+
+def test_vitamin_blocks_fused():
+    """timm's ViTamin (its hybrid conv stem reported, every block's attention and MLP half fused)."""
+    reference, patched, report = pair(perturb_(timm.create_model("vitamin_small_224", pretrained=False, depth=2,
+                                                                 img_size=64)).eval())  # fmt: skip
+    assert report.counts() == {"attention": 2, "mlp": 2}
+    assert all(type(block) is timm_vitamin.FusedGeGluBlock for block in patched.blocks)
+    assert "eps=1e-06, mlp=GeGluMlp" in patched.blocks[0].extra_repr()
+    assert_matches_by_the_rule(reference, patched, torch.randn(1, 3, 64, 64))
+
+
+def test_hook_on_the_geglu_norm_runs_timm(op_calls, fresh_warnings):
+    reference, patched, _ = pair(build("vitamin_geglu_layerscale"))
+    for model in (reference, patched):
+        model.blocks[0].mlp.norm.register_forward_hook(lambda m, args, out: out * 2)
+    x = images(reference)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on mlp.norm"):
+        torch.testing.assert_close(patched(x), reference(x))
+    assert len(op_calls["layernorm_mlp"]) == DEPTH - 1
 
 
 def test_mlp_dropout_in_training_runs_timm(op_calls, fresh_warnings):
@@ -115,6 +142,7 @@ def test_unfusable_norms_and_mlps_are_skipped_with_reasons():
         (dict(act_layer=nn.ReLU), "mlp.act is ReLU"),
         # a hidden norm the op does not have (it takes a LayerNorm there)
         (dict(mlp_layer=SwiGLU, scale_mlp_norm=True, norm_layer=RmsNorm), "mlp.norm is RmsNorm, not nn.LayerNorm"),
+        (dict(mlp_layer=GeGluMlp, act_layer=nn.ReLU), "mlp.act is ReLU"),
     ):
         model = perturb_(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
                                            **(TINY | overrides))).eval()  # fmt: skip
@@ -131,11 +159,15 @@ def test_fused_block_classes():
     assert timm_vit.FusedBlock.fastvit_original() is timm_vit.FusedSwiGLUBlock.fastvit_original()
     assert {"mlp.fc1_g", "mlp.fc1_x", "ls2"} <= set(timm_vit.FusedSwiGLUBlock.fastvit_bypassed)
     assert {"mlp.fc1", "ls2"} <= set(timm_vit.FusedBlock.fastvit_bypassed)
+    assert timm_vitamin.FusedGeGluBlock.fastvit_original() is timm_vit.FusedBlock.fastvit_original()
+    assert "norm2" not in timm_vitamin.FusedGeGluBlock.fastvit_bypassed  # called as a module
+    assert {"mlp.norm", "mlp.w0", "mlp.w1", "mlp.w2", "ls2"} <= set(timm_vitamin.FusedGeGluBlock.fastvit_bypassed)
 
 
 @pytest.mark.interpreter
 def test_triton_route(op_calls):
-    for case in ("aimv2_rms_swiglu", "packed_glu_rmsnorm", "swiglu_scale_mlp_norm", "packed_glu_scale_mlp_norm"):
+    for case in ("aimv2_rms_swiglu", "packed_glu_rmsnorm", "swiglu_scale_mlp_norm", "packed_glu_scale_mlp_norm",
+                 "vitamin_geglu_layerscale"):
         reference, patched, _ = pair(build(case))
         with fastvit.backend("triton"):
             assert_matches_by_the_rule(reference, patched, images(reference))
