@@ -112,7 +112,8 @@ def patch(
       the attention of BEiT/BEiTv2, ``vit_relpos_*``, TinyViT, LeViT, EfficientFormer, Swin V1/V2
       and V2-CR, SAM, Hiera, SAM 2's HieraDet, Eva (EVA02, RoPE ViTs, timm's DINOv3),
       ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the Qwen3-VL and DeepSeek towers), the Gemma 4
-      tower, MaxViT / CoAtNet, DaViT (Florence-2's encoders), Twins (SVT, PCPVT), NesT, GCViT (the
+      tower (its unclamped blocks' MLP halves too), MaxViT / CoAtNet, DaViT (Florence-2's encoders),
+      Twins (SVT, PCPVT), NesT, GCViT (the
       MLP halves of these four too), Visformer, CrossViT's cross attention, PVTv2, MViTv2, VOLO,
       ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt (cross-covariance), Next-ViT, TNT and
       Apple's FastViT / MobileCLIP (``fastvit_sa*``, ``fastvit_mci*``); the MLP halves of the Swin

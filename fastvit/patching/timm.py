@@ -38,6 +38,8 @@ architectures are left alone."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from timm.layers import ConvMlp, DropPath, GluMlp, LayerScale, LayerScale2d, Mlp, PatchEmbed, SwiGLU
@@ -91,6 +93,9 @@ try:  # AttentionRope, in timm's recent releases (vit_pe_*, NaFlexVit's RoPE, Qw
 except ImportError:
     _RECENT_ATTENTIONS = ()
 
+# the other families' blocks: {original or fused class: fused class}
+_OTHER_BLOCKS: dict[type, type[FusedModule]] = {}
+
 try:  # the Gemma 4 vision tower, in timm's recent releases (fastvit.nn.timm_gemma4)
     from fastvit.nn import timm_gemma4
 
@@ -98,15 +103,16 @@ try:  # the Gemma 4 vision tower, in timm's recent releases (fastvit.nn.timm_gem
         "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "v_norm", "attn_drop", "proj_drop", "num_heads",
         "num_kv_heads", "num_kv_groups", "head_dim",
     )),)  # fmt: skip
+    _OTHER_BLOCKS |= fused_table(timm_gemma4.FusedGemma4Block)
 except ImportError:
-    pass
+    timm_gemma4 = None
 
 try:  # the DeepSeek tower's block (its AttentionRope: fastvit.nn.timm_rope), in timm's recent releases
     from fastvit.nn import timm_deepseek
 
-    _OTHER_BLOCKS = fused_table(timm_deepseek.FusedDeepseekVitBlock)
+    _OTHER_BLOCKS |= fused_table(timm_deepseek.FusedDeepseekVitBlock)
 except ImportError:
-    _OTHER_BLOCKS = {}
+    pass
 
 try:  # DaViT (Florence-2's encoders), in timm's recent releases (fastvit.nn.timm_davit)
     from fastvit.nn import timm_davit
@@ -640,6 +646,44 @@ _BLOCK_CHECKS = {
     timm_edgenext.FusedSplitTransposeBlock: _edgenext_block_problems,
     timm_convnext.FusedConvNeXtBlock: _convnext_block_problems,
 }
+# the blocks of _OTHER_BLOCKS whose report notes differ from _block_notes
+_BLOCK_NOTES: dict[type[FusedModule], Callable[[nn.Module], list[str]]] = {}
+
+
+def _gemma4_block_problems(block: nn.Module) -> list[str]:
+    """What the op must be able to compute of a Gemma 4 block's ``norm3`` and ``mlp``: an RMS norm (or
+    LayerNorm) over the last dim, ``Gemma4GatedMlp`` of unclamped linears with an activation the op has."""
+    names = ("norm1", "attn", "norm2", "norm3", "mlp", "norm4", "drop_path")
+    problems = missing_attributes(block, names, "timm")
+    if problems:
+        return problems
+    problems += _norm_problems(block.norm3, "norm3")
+    mlp_cls = timm_gemma4.Gemma4GatedMlp
+    problems += exact_type(block.mlp, "mlp", (mlp_cls,), mlp_cls.__name__)
+    if problems:
+        return problems
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        layer = getattr(block.mlp, name)
+        wrong = exact_type(layer, f"mlp.{name}", (timm_gemma4.Gemma4ClippableLinear,), "Gemma4ClippableLinear")
+        if not wrong and layer.use_clipped:
+            wrong.append(f"mlp.{name} clamps its input and output (use_clipped_linears, Gemma 4 E4B); the op "
+                         "has no clamps")  # fmt: skip
+        problems += wrong or exact_type(layer.linear, f"mlp.{name}.linear", (nn.Linear,), "nn.Linear")
+    problems += exact_type(block.mlp.drop, "mlp.drop", (nn.Dropout,), "nn.Dropout")
+    if timm_mlp.mlp_activation(block.mlp.act) is None:
+        problems.append(f"mlp.act is {type(block.mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), "
+                        "QuickGELU or SiLU")  # fmt: skip
+    return problems
+
+
+def _mlp_dropout_notes(block: nn.Module) -> list[str]:
+    p = timm_mlp.mlp_dropout_p(block.mlp)
+    return [f"MLP dropout {p}: in training its MLP half runs timm's modules"] if p > 0 else []
+
+
+if timm_gemma4 is not None:  # its drop path runs as the block's module, outside the op
+    _BLOCK_CHECKS[timm_gemma4.FusedGemma4Block] = _gemma4_block_problems
+    _BLOCK_NOTES[timm_gemma4.FusedGemma4Block] = _mlp_dropout_notes
 
 
 def _mlp_half_problems(
@@ -787,7 +831,7 @@ def find(model: nn.Module) -> list[Finding]:
         elif cls in _OTHER_BLOCKS:
             fused_cls = _OTHER_BLOCKS[cls]
             problems = _BLOCK_CHECKS.get(fused_cls, _other_block_problems)
-            findings.append(slot(path, module, "mlp", fused_cls, problems, _block_notes))
+            findings.append(slot(path, module, "mlp", fused_cls, problems, _BLOCK_NOTES.get(fused_cls, _block_notes)))
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
         elif cls in _NAFLEX:
