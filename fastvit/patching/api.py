@@ -108,7 +108,8 @@ def patch(
 
     Recognised, alone or inside a larger model:
 
-    - timm: ``VisionTransformer`` and the models sharing its blocks (vit_*, deit_*, deit3_* ...);
+    - timm: ``VisionTransformer`` and the models sharing its blocks (vit_*, deit_*, deit3_*, ViTamin's
+      GeGLU blocks ...);
       the attention of BEiT/BEiTv2, ``vit_relpos_*``, TinyViT, LeViT, EfficientFormer, Swin V1/V2
       and V2-CR, SAM, Hiera, SAM 2's HieraDet, Eva (EVA02, RoPE ViTs, timm's DINOv3),
       ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the Qwen3-VL and DeepSeek towers), the Gemma 4
@@ -131,7 +132,8 @@ def patch(
       GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR, HunYuan-VL, HY-V4-VL, PP-OCR's SVTR blocks) and
       DINOv2's (C-RADIO, EoMT, TIPSv2, VidEoMT), of DPT's, YOLOS's, VideoMAE's and MobileViT's (ViT's
       4.x layout), of the vision towers of BLIP / BLIP-2 / InstructBLIP(-Video), InternVL, MLCD, Janus,
-      X-CLIP, VideoPrism, PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge and MiniMax-M3-VL, and AST's,
+      X-CLIP, VideoPrism, PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge, MiniMax-M3-VL and Gemma 4
+      (its sandwich's pre-MLP norm and gated MLP), and AST's,
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
       (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's and SAM-HQ's image encoder

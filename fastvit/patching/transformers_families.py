@@ -15,7 +15,8 @@ Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data
 (``fastvit.nn.hf_data2vec_vision``, with its layer), PVT's, GLPN's, PVTv2's, TimeSformer's and
 MobileViT's, BLIP's and FLAVA's (``fastvit.nn.hf_self_attention``; FLAVA's layer is
 ``hf_intermediate_output``'s), Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``)
-and SegGPT's (SAM's design, ``fastvit.nn.hf_sam``, with its layer).
+and SegGPT's (SAM's design, ``fastvit.nn.hf_sam``, with its layer); and the Gemma 4 vision layers'
+pre-MLP RMS norm and gated MLP (``fastvit.nn.hf_gemma4``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -85,6 +86,7 @@ from fastvit.nn import (
     hf_data2vec_vision,
     hf_donut_swin,
     hf_embeddings,
+    hf_gemma4,
     hf_hiera,
     hf_intermediate_output,
     hf_layers,
@@ -528,6 +530,34 @@ def _hiera_attention_problems(attn: nn.Module) -> list[str]:
     return problems
 
 
+_GEMMA4_LAYERS = fused_table(hf_gemma4.FusedGemma4VisionEncoderLayer)
+
+
+def _gemma4_layer_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a Gemma 4 vision layer's ``pre_feedforward_layernorm``
+    and ``mlp``: Gemma's RMS norm, ``Gemma4VisionMLP`` of unclamped linears with an activation the op has."""
+    names = ("input_layernorm", "self_attn", "post_attention_layernorm", "pre_feedforward_layernorm", "mlp",
+             "post_feedforward_layernorm")  # fmt: skip
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    norm, mlp = layer.pre_feedforward_layernorm, layer.mlp
+    problems += exact_type(norm, "pre_feedforward_layernorm", (hf_gemma4.Gemma4RMSNorm,), "Gemma4RMSNorm")
+    problems += exact_type(mlp, "mlp", (hf_gemma4.Gemma4VisionMLP,), "Gemma4VisionMLP")
+    if problems:
+        return problems
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        proj = getattr(mlp, name)
+        wrong = exact_type(proj, f"mlp.{name}", (hf_gemma4.Gemma4ClippableLinear,), "Gemma4ClippableLinear")
+        if not wrong and proj.use_clipped_linears:
+            wrong.append(f"mlp.{name} clamps its input and output (use_clipped_linears); the op has no clamps")
+        problems += wrong or linear_problems(mlp, (f"{name}.linear",))
+    if activation_of(mlp.act_fn) is None:
+        problems.append(f"mlp.act_fn is {type(mlp.act_fn).__qualname__}; the fused op computes GELU (exact or tanh), "
+                        "quick_gelu and SiLU")  # fmt: skip
+    return problems
+
+
 # (its fused classes, the part, why an instance cannot be fused, the report's notes) of each family
 # whose modules are looked up by class; the tables of hf_layers and hf_embeddings come after these
 _Reasons = Callable[[nn.Module], list[str]]
@@ -544,6 +574,7 @@ _FAMILIES: tuple[tuple[dict[type, type[FusedModule]], str, _Reasons, _Reasons | 
     (_SWINV2_LAYERS, "mlp", _swinv2_layer_problems, _swinv2_layer_notes),
     (_SWINV2_ATTENTIONS, "attention", _swinv2_attention_problems, _swinv2_attention_notes),
     (_CONVNEXT_LAYERS, "mlp", _convnext_problems, None),
+    (_GEMMA4_LAYERS, "mlp", _gemma4_layer_problems, None),
 )
 
 
