@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from transformers.activations import (
+    AccurateGELUActivation,
+    FastGELUActivation,
     GELUActivation,
     GELUTanh,
     NewGELUActivation,
@@ -38,12 +40,16 @@ def gelu_approximate(act: nn.Module) -> str | None:
         return "none"
     if type(act) in (GELUTanh, NewGELUActivation):  # "gelu_pytorch_tanh", "gelu_new"
         return "tanh"
+    # "gelu_fast" (ViViT's default: its constant 0.7978845608 is sqrt(2 / pi) to 3e-12, far below
+    # fp32's resolution) and "gelu_accurate": the tanh formula again, written otherwise
+    if type(act) in (FastGELUActivation, AccurateGELUActivation):
+        return "tanh"
     return None
 
 
 def activation_of(act: nn.Module) -> str | None:
     """``fastvit.layernorm_mlp``'s ``activation=`` for an ``ACT2FN`` module (or torch's GELU/SiLU),
-    None for one it does not compute (FastGELU, ClippedGELU, ...).
+    None for one it does not compute (ClippedGELU, ReLU, ...).
 
     Example:
         >>> activation_of(ACT2FN["quick_gelu"]), activation_of(nn.GELU(approximate="tanh"))

@@ -65,9 +65,16 @@ def test_activations_go_to_the_op_and_others_are_reported(op_calls):
     assert fastvit.patch(patched).counts()["mlp"] == DEPTH
     assert_outputs_and_grads_match(clip, patched, images(), run=hidden)
     assert [c["kwargs"]["activation"] for c in op_calls["layernorm_mlp"]] == ["quick_gelu"] * DEPTH
-    fast = T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64, hidden_act="gelu_fast"))
-    reasons = [e.detail for e in fastvit.patch(fast).skipped if e.part == "mlp"]
-    assert len(reasons) == DEPTH and "FastGELUActivation" in reasons[0]
+    # gelu_fast and gelu_accurate are the tanh formula written otherwise (ViViT's default is gelu_fast)
+    for name in ("gelu_fast", "gelu_accurate"):
+        clip = perturb_(T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64, hidden_act=name))).eval()
+        patched = copy.deepcopy(clip)
+        assert fastvit.patch(patched).counts()["mlp"] == DEPTH
+        assert_outputs_and_grads_match(clip, patched, images(), run=hidden, rtol=1e-4, atol=1e-5)
+        assert op_calls["layernorm_mlp"][-1]["kwargs"]["activation"] == "gelu_tanh"
+    relu = T.CLIPVisionModel(T.CLIPVisionConfig(**VISION, intermediate_size=64, hidden_act="relu"))
+    reasons = [e.detail for e in fastvit.patch(relu).skipped if e.part == "mlp"]
+    assert len(reasons) == DEPTH and "ReLU" in reasons[0]
 
 
 def test_rms_norm_swiglu_layers_go_to_the_op(op_calls):
