@@ -2,8 +2,9 @@
 modules: ``intermediate`` (``dense``, ``intermediate_act_fn``) and ``output`` (``dense``, ``dropout``
 and the residual add, ``output(h, input)``). DPT's ``DPTViTLayer`` (DPT, and the depth models built on
 it), YOLOS's ``YolosLayer`` and VideoMAE's ``VideoMAELayer`` (``INTERMEDIATE_OUTPUT_FAMILIES``,
-checked line for line against one another in the tests), MobileViT's ``MobileViTTransformerLayer`` and
-FLAVA's ``FlavaLayer`` (its image, text and multimodal encoders).
+checked line for line against one another in the tests), MobileViT's ``MobileViTTransformerLayer``,
+FLAVA's ``FlavaLayer`` (its image, text and multimodal encoders) and CvT's ``CvtLayer`` (its activation
+``intermediate.activation``; its drop path applied to the whole layer's output, as Hugging Face's).
 
     hidden_states = attention(layernorm_before(h)) + h                     (Hugging Face's, kept)
     layer_output  = output(intermediate(layernorm_after(hidden_states)), hidden_states)
@@ -17,6 +18,7 @@ this module imports transformers.
 from __future__ import annotations
 
 import torch
+from transformers.models.cvt.modeling_cvt import CvtIntermediate, CvtLayer, CvtOutput
 from transformers.models.dpt.modeling_dpt import DPTViTIntermediate, DPTViTLayer, DPTViTOutput
 from transformers.models.flava.modeling_flava import FlavaIntermediate, FlavaLayer, FlavaOutput
 from transformers.models.mobilevit.modeling_mobilevit import (
@@ -36,6 +38,7 @@ __all__ = [
     "INTERMEDIATE_OUTPUT_FAMILIES",
     "INTERMEDIATE_OUTPUT_LAYERS",
     "INTERMEDIATE_OUTPUT_MODULES",
+    "FusedCvtLayer",
     "FusedFlavaLayer",
     "FusedMobileViTTransformerLayer",
     "IntermediateOutputLayer",
@@ -44,15 +47,18 @@ __all__ = [
 
 
 def fused_intermediate_output(
-    layer: torch.nn.Module, hidden_states: torch.Tensor, layer_scale: torch.Tensor | None = None
+    layer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    layer_scale: torch.Tensor | None = None,
+    activation: str = "intermediate_act_fn",
 ) -> torch.Tensor:
     """``h + layer_scale * output.dense(act(intermediate.dense(layernorm_after(h))))`` as one
     ``fastvit.layernorm_mlp`` call, from a layer in ViT's 4.x module layout (``layernorm_after``,
-    ``intermediate.dense`` / ``intermediate_act_fn``, ``output.dense``): (..., D) -> (..., D)."""
+    ``intermediate.dense`` / ``intermediate.<activation>``, ``output.dense``): (..., D) -> (..., D)."""
     norm, fc1, fc2 = layer.layernorm_after, layer.intermediate.dense, layer.output.dense
     return fastvit.layernorm_mlp(
         hidden_states, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=norm.eps,
-        layer_scale=layer_scale, activation=activation_of(layer.intermediate.intermediate_act_fn),
+        layer_scale=layer_scale, activation=activation_of(getattr(layer.intermediate, activation)),
     )  # fmt: skip
 
 # {original layer class: (its intermediate class, its output class)}
@@ -71,6 +77,7 @@ class IntermediateOutputLayer(FusedModule):
     fastvit_op = "layernorm_mlp"
     fastvit_bypassed = ("layernorm_after", "intermediate", "intermediate.dense", "intermediate.intermediate_act_fn",
                         "output", "output.dense", "output.dropout")  # fmt: skip
+    fastvit_activation = "intermediate_act_fn"  # the activation's name in ``intermediate``
 
     def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``output(intermediate(layernorm_after(h)), h)`` (..., D) -> (..., D): one op call, or
@@ -82,7 +89,7 @@ class IntermediateOutputLayer(FusedModule):
             "Hugging Face", type(self).fastvit_original().__name__, self.output.dropout
         ):
             return self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
-        return fused_intermediate_output(self, hidden_states)
+        return fused_intermediate_output(self, hidden_states, activation=self.fastvit_activation)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
@@ -138,10 +145,30 @@ class FusedFlavaLayer(IntermediateOutputLayer, FlavaLayer):
         return (self._fastvit_mlp_half(hidden_states), *self_attention_outputs[1:])
 
 
-# {original layer class: (its intermediate class, its output class)}: the table's families, MobileViT's
-# and FLAVA's
+class FusedCvtLayer(IntermediateOutputLayer, CvtLayer):
+    """CvT's ``CvtLayer`` (ViT's 4.x layout over its stage's tokens, the class token first in the last
+    stage; its attention takes the map's height and width) whose LayerNorm+MLP half is one op call.
+    Its drop path applies to the attention's output and then to the whole layer's output (the
+    residual included), as Hugging Face's: both stay the layer's module calls. Its attention
+    (``fastvit.nn.hf_self_attention.FusedCvtSelfAttention``) is patched on its own."""
+
+    fastvit_bypassed = ("layernorm_after", "intermediate", "intermediate.dense", "intermediate.activation", "output",
+                        "output.dense", "output.dropout")  # fmt: skip
+    fastvit_activation = "activation"
+
+    def forward(self, hidden_state: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_state, height, width)
+        self_attention_output = self.attention(self.layernorm_before(hidden_state), height, width)
+        hidden_state = self.drop_path(self_attention_output) + hidden_state
+        return self.drop_path(self._fastvit_mlp_half(hidden_state))
+
+
+# {original layer class: (its intermediate class, its output class)}: the table's families, MobileViT's,
+# FLAVA's and CvT's
 INTERMEDIATE_OUTPUT_MODULES: dict[type, tuple[type, type]] = {
     **INTERMEDIATE_OUTPUT_FAMILIES,
     MobileViTTransformerLayer: (MobileViTIntermediate, MobileViTOutput),
     FlavaLayer: (FlavaIntermediate, FlavaOutput),
+    CvtLayer: (CvtIntermediate, CvtOutput),
 }

@@ -3,8 +3,9 @@
 nothing between the projections but a softmax: PVT's and GLPN's efficient self-attention and PVTv2's
 (keys and values from a spatially reduced map: a strided conv and a LayerNorm, or PVTv2-Li's pooling),
 TimeSformer's (its divided space-time attention: the layer folds time or space into the batch),
-MobileViT's (over the unfolded patches' pixels), BLIP's vision tower's and FLAVA's (its image, text and
-multimodal encoders: BERT's self-attention, an additive mask added to the scores).
+MobileViT's (over the unfolded patches' pixels), BLIP's vision tower's, FLAVA's (its image, text and
+multimodal encoders: BERT's self-attention, an additive mask added to the scores) and CvT's (queries,
+keys and values from depthwise-conv projections of the map, keys and values strided).
 
 Each fused forward keeps Hugging Face's Linears and reduction modules (called as modules, in Hugging
 Face's order) and runs the softmax attention as one ``fastvit.flash_attention`` call (N queries over
@@ -20,6 +21,7 @@ from typing import ClassVar
 
 import torch
 from transformers.models.blip.modeling_blip import BlipAttention
+from transformers.models.cvt.modeling_cvt import CvtSelfAttention
 from transformers.models.flava.modeling_flava import FlavaSelfAttention
 from transformers.models.glpn.modeling_glpn import GLPNEfficientSelfAttention
 from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttention
@@ -34,6 +36,7 @@ from fastvit.nn.hf_attention import swapped_attention_covers
 
 __all__ = [
     "FusedBlipAttention",
+    "FusedCvtSelfAttention",
     "FusedFlavaSelfAttention",
     "FusedGLPNEfficientSelfAttention",
     "FusedMobileViTSelfAttention",
@@ -256,3 +259,45 @@ class FusedFlavaSelfAttention(_ReducedAttention, FlavaSelfAttention):
         ):
             return super().forward(hidden_states, attention_mask, output_attentions)
         return (self._attend(self.query(hidden_states), hidden_states, attention_mask),)
+
+
+class FusedCvtSelfAttention(FusedModule, CvtSelfAttention):
+    """CvT's ``CvtSelfAttention`` running one ``fastvit.flash_attention`` call: the (B, 1 + N, C) tokens
+    (class token first where ``with_cls_token``) of a (height, width) map, queries from its
+    depthwise-conv projection, keys and values from the strided ones (M <= N), then the Linear
+    projections, all Hugging Face's modules in its order; its scale ``embed_dim ** -0.5``, as Hugging
+    Face's. Same signature, ``forward(hidden_state, height, width)``; returns the context (B, 1 + N, C)
+    before the output projection. Attention dropout in training runs Hugging Face's forward.
+
+    Example:
+        >>> model = transformers.CvtForImageClassification.from_pretrained("microsoft/cvt-13")
+        >>> fastvit.patch(model)  # cvt.encoder.stages.*.layers.*.attention.attention -> this class
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+    fastvit_bypassed = ("dropout",)  # the projections are called as modules; the softmax and dropout are the op's
+
+    def forward(self, hidden_state: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_state, height, width)
+        if not swapped_attention_covers(self, False, self.dropout.p, self.dropout.training):
+            return super().forward(hidden_state, height, width)
+        if self.with_cls_token:
+            cls_token, hidden_state = torch.split(hidden_state, [1, height * width], 1)
+        batch_size, _, num_channels = hidden_state.shape
+        hidden_state = hidden_state.permute(0, 2, 1).view(batch_size, num_channels, height, width)
+        key = self.convolution_projection_key(hidden_state)
+        query = self.convolution_projection_query(hidden_state)
+        value = self.convolution_projection_value(hidden_state)
+        if self.with_cls_token:
+            query = torch.cat((cls_token, query), dim=1)
+            key = torch.cat((cls_token, key), dim=1)
+            value = torch.cat((cls_token, value), dim=1)
+        query = self.rearrange_for_multi_head_attention(self.projection_query(query))  # (B, H, N, D) views
+        key = self.rearrange_for_multi_head_attention(self.projection_key(key))
+        value = self.rearrange_for_multi_head_attention(self.projection_value(value))
+        return merge_heads(fastvit.flash_attention(query, key, value, scale=self.scale))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, fastvit={self.fastvit_op}"

@@ -140,7 +140,7 @@ def patch(
       (``SamVisionAttention`` with its decomposed relative position, ``SamVisionLayer``'s MLP half), the
       MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, the attentions that compute their
       scores in their own forward and their layers' MLP halves where fusable: BLIP, ViTDet, Hiera, Donut's
-      and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT, FLAVA and
+      and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT, FLAVA, CvT and
       the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR, and
       SegGPT; and every
       attention going through transformers' ``AttentionInterface`` (below).
@@ -195,7 +195,7 @@ def patch(
 
     report = PatchReport(model=type(model).__name__)
     swaps = _find_swaps(model, parts, report)
-    routing = hf_interface.route(model, {id(s.module) for s in swaps}, report) if attention else None
+    routing = hf_interface.route(model, {id(s.module): s.part for s in swaps}, report) if attention else None
     if not swaps and not routing and not report.already_patched:
         families = ", ".join(a.family for a in ADAPTERS)
         reasons = "\n".join(f"  {e.part:<12} {e.where}: {e.detail}" for e in report.skipped)

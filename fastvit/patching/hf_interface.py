@@ -103,7 +103,7 @@ def install() -> None:
         sys.meta_path.insert(0, _FINDER)
 
 
-def route(model: nn.Module, claimed: set[int], report: PatchReport) -> InterfaceRouting | None:
+def route(model: nn.Module, claimed: dict[int, str], report: PatchReport) -> InterfaceRouting | None:
     """``fastvit.patch``'s plan for the attention that goes through transformers' interface (see
     ``fastvit.patching.transformers.find_interface``); None when transformers is not imported or
     its adapter does not load (the report already says why)."""

@@ -301,7 +301,7 @@ class InterfaceRouting:
                 module.config = copies[id(config)]
 
 
-def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> InterfaceRouting:
+def find_interface(model: nn.Module, report: PatchReport, claimed: dict[int, str]) -> InterfaceRouting:
     """Plan routing ``model``'s interface attention through fastvit; changes nothing.
 
     Registers ``"fastvit"`` with transformers first (a no-op if the import hook did). Modules
@@ -311,7 +311,8 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> 
     Args:
         model: any module holding transformers models (a VLM's vision tower, a CLIPModel ...).
         report: where skips and earlier patches are recorded.
-        claimed: ids of modules a module swap of this patch already covers (ViT's attention).
+        claimed: {id: part} of the modules a module swap of this patch already covers (ViT's
+            attention: ``"attention"``; a layer's MLP half: ``"mlp"``).
     """
     modules = dict(model.named_modules())
     routing = InterfaceRouting(modules=modules)
@@ -324,8 +325,11 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: set[int]) -> 
     attention_paths = [p for p, m in modules.items() if _attention_like(p, m, modules) or _routable(m)]
     # attention a module swap of this patch left alone (Swin V2's, with a hook): already said, with why
     said = {e.path for e in report.skipped if e.part == "attention"}
+    # the attentions a module swap covers: their submodules (CvT's *AttentionConvProjection) are theirs
+    parts = {p: claimed.get(id(m), getattr(m, "fastvit_part", None)) for p, m in modules.items()}
+    swapped = tuple(f"{p}." for p, part in parts.items() if p and part == "attention")
     for path, module in modules.items():
-        if id(module) in claimed or isinstance(module, FusedModule):
+        if id(module) in claimed or isinstance(module, FusedModule) or path.startswith(swapped):
             continue  # a module swap covers it (and the report lists it)
         if _routable(module):
             if (problem := _sdpa_problem(path, modules)) is not None:

@@ -13,8 +13,8 @@ other attentions computing their scores in their own forward are swapped too: Vi
 SAM copies', ``fastvit.nn.hf_sam``), Hiera's (``fastvit.nn.hf_hiera``) and the Swin V1 copies of
 Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data2vec-vision's
 (``fastvit.nn.hf_data2vec_vision``, with its layer), PVT's, GLPN's, PVTv2's, TimeSformer's and
-MobileViT's, BLIP's and FLAVA's (``fastvit.nn.hf_self_attention``; FLAVA's layer is
-``hf_intermediate_output``'s), Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``)
+MobileViT's, BLIP's, FLAVA's and CvT's (``fastvit.nn.hf_self_attention``; FLAVA's and CvT's
+layers are ``hf_intermediate_output``'s), Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``)
 and SegGPT's (SAM's design, ``fastvit.nn.hf_sam``, with its layer); and the Gemma 4 vision layers'
 pre-MLP RMS norm and gated MLP (``fastvit.nn.hf_gemma4``).
 
@@ -335,18 +335,21 @@ def _swinv2_layer_problems(layer: nn.Module) -> list[str]:
     return problems + _intermediate_output_modules_problems(layer, *modules)
 
 
-def _intermediate_output_modules_problems(layer: nn.Module, intermediate_cls: type, output_cls: type) -> list[str]:
+def _intermediate_output_modules_problems(
+    layer: nn.Module, intermediate_cls: type, output_cls: type, activation: str = "intermediate_act_fn"
+) -> list[str]:
     """What the op must be able to compute of a layer's ``intermediate`` (``dense``, an activation the
-    op has) and ``output`` (``dense``, Hugging Face's dropout module), of the family's classes."""
+    op has, named ``activation``) and ``output`` (``dense``, Hugging Face's dropout module), of the
+    family's classes."""
     problems = exact_type(layer.intermediate, "intermediate", (intermediate_cls,), intermediate_cls.__name__)
     problems += exact_type(layer.output, "output", (output_cls,), output_cls.__name__)
     if problems:
         return problems
     problems += linear_problems(layer, ("intermediate.dense", "output.dense"))
     problems += exact_type(layer.output.dropout, "output.dropout", (nn.Dropout,), "nn.Dropout")
-    act = layer.intermediate.intermediate_act_fn
+    act = getattr(layer.intermediate, activation)
     if activation_of(act) is None:
-        problems.append(f"intermediate.intermediate_act_fn is {type(act).__qualname__}; the fused op computes GELU "
+        problems.append(f"intermediate.{activation} is {type(act).__qualname__}; the fused op computes GELU "
                         "(exact or tanh), quick_gelu and SiLU")  # fmt: skip
     return problems
 
@@ -390,7 +393,7 @@ def _sam_attention_notes(attn: nn.Module) -> list[str]:
 
 _INTERMEDIATE_OUTPUT = fused_table(*hf_intermediate_output.INTERMEDIATE_OUTPUT_LAYERS.values(),
                                    hf_intermediate_output.FusedMobileViTTransformerLayer,
-                                   hf_intermediate_output.FusedFlavaLayer)
+                                   hf_intermediate_output.FusedFlavaLayer, hf_intermediate_output.FusedCvtLayer)
 
 
 def _intermediate_output_problems(layer: nn.Module) -> list[str]:
@@ -401,10 +404,11 @@ def _intermediate_output_problems(layer: nn.Module) -> list[str]:
     problems = missing_attributes(layer, names, "transformers")
     if problems:
         return problems
-    original = _INTERMEDIATE_OUTPUT[type(layer)].fastvit_original()
-    intermediate_cls, output_cls = hf_intermediate_output.INTERMEDIATE_OUTPUT_MODULES[original]
+    fused = _INTERMEDIATE_OUTPUT[type(layer)]
+    intermediate_cls, output_cls = hf_intermediate_output.INTERMEDIATE_OUTPUT_MODULES[fused.fastvit_original()]
     problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
-    return problems + _intermediate_output_modules_problems(layer, intermediate_cls, output_cls)
+    return problems + _intermediate_output_modules_problems(layer, intermediate_cls, output_cls,
+                                                            fused.fastvit_activation)  # fmt: skip
 
 
 def _intermediate_output_notes(layer: nn.Module) -> list[str]:
@@ -494,14 +498,22 @@ _SELF_ATTENTIONS = {
     hf_self_attention.FusedMobileViTSelfAttention: (("query", "key", "value"), "dropout"),
     hf_self_attention.FusedBlipAttention: (("qkv", "projection"), "dropout"),
     hf_self_attention.FusedFlavaSelfAttention: (("query", "key", "value"), "dropout"),
+    hf_self_attention.FusedCvtSelfAttention: (("projection_query", "projection_key", "projection_value"), "dropout"),
+}
+# what else they read, where more than their Linears and dropout
+_SELF_ATTENTION_READS = {
+    hf_self_attention.FusedCvtSelfAttention: ("convolution_projection_query", "convolution_projection_key",
+                                              "convolution_projection_value", "with_cls_token", "scale", "num_heads",
+                                              "rearrange_for_multi_head_attention"),
 }
 _SELF_ATTENTION_TABLE = fused_table(*_SELF_ATTENTIONS)
 
 
 def _self_attention_problems(attn: nn.Module) -> list[str]:
     """What a fused own-forward self-attention reads: its Linears and Hugging Face's dropout module."""
-    linears, dropout = _SELF_ATTENTIONS[_SELF_ATTENTION_TABLE[type(attn)]]
-    problems = missing_attributes(attn, (*linears, dropout), "transformers")
+    fused = _SELF_ATTENTION_TABLE[type(attn)]
+    linears, dropout = _SELF_ATTENTIONS[fused]
+    problems = missing_attributes(attn, (*linears, dropout, *_SELF_ATTENTION_READS.get(fused, ())), "transformers")
     if problems:
         return problems
     problems += linear_problems(attn, linears)
