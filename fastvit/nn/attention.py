@@ -17,8 +17,8 @@ import fastvit
 from fastvit.nn.fused import warn_attention_dropout  # re-exported: the fused classes import it from here
 
 __all__ = [
-    "biased_qkv", "cosine_qk", "decomposed_rel_pos_tables", "mask_with_causal", "merge_heads", "self_attention",
-    "split_packed_qkv", "warn_attention_dropout", "windowed_attention",
+    "biased_attention", "biased_qkv", "cosine_qk", "decomposed_rel_pos_tables", "mask_with_causal", "merge_heads",
+    "per_head_biased_attention", "self_attention", "split_packed_qkv", "warn_attention_dropout", "windowed_attention",
 ]
 
 
@@ -180,3 +180,56 @@ def cosine_qk(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor) -> tu
     """
     scale = torch.clamp(logit_scale.reshape(-1, 1, 1), max=math.log(1.0 / 0.01)).exp()  # (H, 1, 1)
     return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+
+
+def biased_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    *,
+    key_dim: int,
+    val_dim: int,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + bias) @ v`` through ``fastvit.flash_attention``, for heads
+    whose q / k width may differ from v's (LeViT's ``attn_ratio``): the narrower side is
+    zero-padded (zero columns add nothing to q.k; zero value columns are sliced off the output).
+
+    Args:
+        q: (B, H, N, Dk); k: (B, H, M, Dk); v: (B, H, M, Dv).
+        bias: broadcastable to (B, H, N, M), e.g. (H, N, M); or None.
+        scale: multiplies q.k.
+        key_dim, val_dim: Dk and Dv, the module's own ints (so torch.fx traces no shape test).
+        contiguous: copy q, k, v to a unit last-dim stride (transposed views of a conv layout);
+            a padded tensor is a fresh contiguous one already.
+
+    Returns:
+        (B, H, N, Dv).
+    """
+    if key_dim < val_dim:
+        q, k = F.pad(q, (0, val_dim - key_dim)), F.pad(k, (0, val_dim - key_dim))
+    elif val_dim < key_dim:
+        v = F.pad(v, (0, key_dim - val_dim))
+    if contiguous:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops on the padded ones
+    out = self_attention(q, k, v, scale=scale, attn_mask=bias)
+    return out if val_dim >= key_dim else out[..., :val_dim]
+
+
+def per_head_biased_attention(
+    qkv: torch.Tensor, num_heads: int, key_dim: int, val_dim: int, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``biased_attention`` on a projection laid out per head as [q; k; v] (TinyViT's, LeViT's and
+    EfficientFormer's ``qkv``): (B, N, H * (2 Dk + Dv)) -> (B, N, H * Dv), the heads merged.
+
+    q, k and v are views of ``qkv`` (B, H, N, D), except where ``biased_attention`` pads them.
+
+    Example:
+        >>> out = attn.proj(per_head_biased_attention(attn.qkv(x), attn.num_heads, attn.key_dim,
+        ...                                           attn.val_dim, attn.get_attention_biases(x.device), attn.scale))
+    """
+    q, k, v = qkv.unflatten(-1, (num_heads, -1)).split([key_dim, key_dim, val_dim], dim=3)  # (B, N, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
+    return merge_heads(biased_attention(q, k, v, bias, scale, key_dim=key_dim, val_dim=val_dim))

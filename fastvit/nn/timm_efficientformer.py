@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from timm.models import efficientformer
 
+from fastvit.nn.attention import per_head_biased_attention
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, PreNormMlpHalf
-from fastvit.nn.timm_relpos import per_head_biased_attention
 
 __all__ = ["FusedEfficientFormerAttention", "FusedMetaBlock1d"]
 

@@ -39,7 +39,14 @@ from timm.models.tiny_vit import Attention as TinyVitAttention
 from timm.models.tiny_vit import TinyVitBlock
 from timm.models.vision_transformer_relpos import RelPosAttention
 
-from fastvit.nn.attention import biased_qkv, merge_heads, self_attention, split_packed_qkv
+from fastvit.nn.attention import (
+    biased_attention,
+    biased_qkv,
+    merge_heads,
+    per_head_biased_attention,
+    self_attention,
+    split_packed_qkv,
+)
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 
@@ -52,62 +59,7 @@ __all__ = [
     "FusedRelPosAttention",
     "FusedTinyVitAttention",
     "FusedTinyVitBlock",
-    "biased_attention",
-    "per_head_biased_attention",
 ]
-
-
-def biased_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: float,
-    *,
-    key_dim: int,
-    val_dim: int,
-    contiguous: bool = False,
-) -> torch.Tensor:
-    """``softmax(scale * q @ k^T + bias) @ v`` through ``fastvit.flash_attention``, for heads
-    whose q / k width may differ from v's (LeViT's ``attn_ratio``): the narrower side is
-    zero-padded (zero columns add nothing to q.k; zero value columns are sliced off the output).
-
-    Args:
-        q: (B, H, N, Dk); k: (B, H, M, Dk); v: (B, H, M, Dv).
-        bias: broadcastable to (B, H, N, M), e.g. (H, N, M); or None.
-        scale: multiplies q.k.
-        key_dim, val_dim: Dk and Dv, the module's own ints (so torch.fx traces no shape test).
-        contiguous: copy q, k, v to a unit last-dim stride (transposed views of a conv layout);
-            a padded tensor is a fresh contiguous one already.
-
-    Returns:
-        (B, H, N, Dv).
-    """
-    if key_dim < val_dim:
-        q, k = F.pad(q, (0, val_dim - key_dim)), F.pad(k, (0, val_dim - key_dim))
-    elif val_dim < key_dim:
-        v = F.pad(v, (0, key_dim - val_dim))
-    if contiguous:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # no-ops on the padded ones
-    out = self_attention(q, k, v, scale=scale, attn_mask=bias)
-    return out if val_dim >= key_dim else out[..., :val_dim]
-
-
-def per_head_biased_attention(
-    qkv: torch.Tensor, num_heads: int, key_dim: int, val_dim: int, bias: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """``biased_attention`` on a projection laid out per head as [q; k; v] (TinyViT's, LeViT's and
-    EfficientFormer's ``qkv``): (B, N, H * (2 Dk + Dv)) -> (B, N, H * Dv), the heads merged.
-
-    q, k and v are views of ``qkv`` (B, H, N, D), except where ``biased_attention`` pads them.
-
-    Example:
-        >>> out = attn.proj(per_head_biased_attention(attn.qkv(x), attn.num_heads, attn.key_dim,
-        ...                                           attn.val_dim, attn.get_attention_biases(x.device), attn.scale))
-    """
-    q, k, v = qkv.unflatten(-1, (num_heads, -1)).split([key_dim, key_dim, val_dim], dim=3)  # (B, N, H, D)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
-    return merge_heads(biased_attention(q, k, v, bias, scale, key_dim=key_dim, val_dim=val_dim))
 
 
 class FusedBeitAttention(FusedModule, BeitAttention):

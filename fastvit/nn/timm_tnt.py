@@ -18,10 +18,9 @@ import torch
 from timm.models import tnt
 
 import fastvit
-from fastvit.nn.attention import merge_heads
+from fastvit.nn.attention import biased_attention, merge_heads
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import fused_mlp_half
-from fastvit.nn.timm_relpos import biased_attention
 from fastvit.ops._fx import method_leaf
 
 __all__ = ["FusedTntAttention", "FusedTntBlock"]

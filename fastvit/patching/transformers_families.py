@@ -16,7 +16,8 @@ Donut and MaskFormer (``fastvit.nn.hf_donut_swin``, with Donut's layer) and data
 MobileViT's, BLIP's, FLAVA's and CvT's (``fastvit.nn.hf_self_attention``; FLAVA's and CvT's
 layers are ``hf_intermediate_output``'s), Swin2SR's (Swin V2's copy, ``fastvit.nn.hf_swinv2``)
 and SegGPT's (SAM's design, ``fastvit.nn.hf_sam``, with its layer); and the Gemma 4 vision layers'
-pre-MLP RMS norm and gated MLP (``fastvit.nn.hf_gemma4``).
+pre-MLP RMS norm and gated MLP (``fastvit.nn.hf_gemma4``); LeViT's attentions (their learned biases as
+the op's float mask, ``fastvit.nn.hf_levit``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
 AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
@@ -90,6 +91,7 @@ from fastvit.nn import (
     hf_hiera,
     hf_intermediate_output,
     hf_layers,
+    hf_levit,
     hf_sam,
     hf_self_attention,
     hf_swinv2,
@@ -570,6 +572,21 @@ def _gemma4_layer_problems(layer: nn.Module) -> list[str]:
     return problems
 
 
+_LEVIT_ATTENTIONS = fused_table(hf_levit.FusedLevitAttention, hf_levit.FusedLevitAttentionSubsample)
+# {fused class: the projections it reads}
+_LEVIT_PROJECTIONS = {
+    hf_levit.FusedLevitAttention: ("queries_keys_values",),
+    hf_levit.FusedLevitAttentionSubsample: ("keys_values", "queries", "queries_subsample", "resolution_out"),
+}
+
+
+def _levit_attention_problems(attn: nn.Module) -> list[str]:
+    """What the fused LeViT attentions read: their projections, the bias gather, the head sizes."""
+    names = (*_LEVIT_PROJECTIONS[_LEVIT_ATTENTIONS[type(attn)]], "activation", "projection", "get_attention_biases",
+             "num_attention_heads", "key_dim", "attention_ratio", "scale")  # fmt: skip
+    return missing_attributes(attn, names, "transformers")
+
+
 # (its fused classes, the part, why an instance cannot be fused, the report's notes) of each family
 # whose modules are looked up by class; the tables of hf_layers and hf_embeddings come after these
 _Reasons = Callable[[nn.Module], list[str]]
@@ -587,6 +604,7 @@ _FAMILIES: tuple[tuple[dict[type, type[FusedModule]], str, _Reasons, _Reasons | 
     (_SWINV2_ATTENTIONS, "attention", _swinv2_attention_problems, _swinv2_attention_notes),
     (_CONVNEXT_LAYERS, "mlp", _convnext_problems, None),
     (_GEMMA4_LAYERS, "mlp", _gemma4_layer_problems, None),
+    (_LEVIT_ATTENTIONS, "attention", _levit_attention_problems, None),
 )
 
 
