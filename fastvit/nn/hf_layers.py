@@ -12,7 +12,8 @@ VideoLLaMA 3, Ovis2.5), Cosmos 3 Edge's and MiniMax-M3-VL's, the layers that are
 (``BLIP_LAYOUT_FAMILIES``: BLIP, BLIP-2, InstructBLIP, InstructBLIP-Video), ``InternVLVisionLayer``
 (``lambda_2``; LayerNorm or RMSNorm), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
 ``XCLIPVisionEncoderLayer``, ``VideoPrismLayer`` (``weight + 1`` LayerNorms), ``SiglipEncoderLayer``,
-``Siglip2EncoderLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer``, the layers that are DINOv2's line
+``Siglip2EncoderLayer``, MGP-STR's ``MgpstrLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer``, the
+layers that are DINOv2's line
 for line (``DINOV2_LAYOUT_FAMILIES``: C-RADIO, EoMT, TIPSv2, VidEoMT) and ``DINOv3ViTLayer``
 (LayerScale, drop path), ``Aimv2EncoderLayer`` and ``PixtralAttentionLayer`` (RMSNorm + SwiGLU), and
 the vision blocks of the Qwen-VL towers: ``Qwen2VLVisionBlock`` (QuickGELU MLP),
@@ -79,6 +80,7 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
+from transformers.models.mgp_str.modeling_mgp_str import MgpstrLayer
 from transformers.models.minicpm_ocr.modeling_minicpm_ocr import MiniCPMOcrVisionEncoderLayer, MiniCPMOcrVisionMLP
 from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6VisionEncoderLayer, MiniCPMV4_6VisionMLP
 from transformers.models.minicpmv4_7.modeling_minicpmv4_7 import MiniCPMV4_7VisionEncoderLayer, MiniCPMV4_7VisionMLP
@@ -194,6 +196,7 @@ __all__ = [
     "FusedInternVLVisionLayer",
     "FusedJanusVisionEncoderLayer",
     "FusedMLCDEncoderLayer",
+    "FusedMgpstrLayer",
     "FusedMiniMaxM3VLVisionEncoderLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
@@ -1110,6 +1113,24 @@ class FusedVitDetLayer(FusedPreNormLayer, VitDetLayer):
         return (hidden_states, *outputs)
 
 
+class FusedMgpstrLayer(FusedPreNormLayer, MgpstrLayer):
+    """MGP-STR's ``MgpstrLayer`` (scene-text recognition: a ViT over the word image) whose LayerNorm+MLP
+    half (with drop path) is one op call; its attention half is Hugging Face's, line for line (its
+    ``MgpstrAttention`` returns the probabilities the encoder collects whenever asked for them, so it
+    stays Hugging Face's: ``fastvit.patch`` reports it)."""
+
+    fastvit_mlp = MlpHalf("norm2", act="act", drop_path="drop_path", mlp_dropouts=("drop",))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states)
+        self_attention_outputs = self.attn(self.norm1(hidden_states))
+        attention_output = self_attention_outputs[0]
+        outputs = self_attention_outputs[1]
+        hidden_states = self.drop_path(attention_output) + hidden_states
+        return (self._fastvit_mlp_half(hidden_states), outputs)
+
+
 class FusedSegGptLayer(FusedPreNormLayer, SegGptLayer):
     """SegGPT's ``SegGptLayer`` (a ViT-L over the (B, H, W, C) map of the input and prompt images)
     whose LayerNorm+MLP half (with drop path) is one op call; the rest (the attention, the feature
@@ -1224,6 +1245,7 @@ for _fused in (
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
     FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
     FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, FusedHieraLayer, FusedSegGptLayer,
+    FusedMgpstrLayer,
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
 ):  # fmt: skip

@@ -63,6 +63,7 @@ from transformers.models.donut.modeling_donut_swin import DonutSwinIntermediate,
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
+from transformers.models.mgp_str.modeling_mgp_str import MgpStrDropPath, MgpstrMlp
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionMLP
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
@@ -139,6 +140,7 @@ _MLPS = {
     hf_layers.FusedVitDetLayer: VitDetMlp,
     hf_layers.FusedHieraLayer: HieraMlp,
     hf_layers.FusedSegGptLayer: SegGptMlp,
+    hf_layers.FusedMgpstrLayer: MgpstrMlp,
     hf_layers.FusedCosmos3EdgeVisionEncoderLayer: Cosmos3EdgeMLP,
     hf_layers.FusedMiniMaxM3VLVisionEncoderLayer: MiniMaxM3VLVisionMLP,
     **{layers[layer]: mlp  # the families made from a table
@@ -175,6 +177,7 @@ _DROP_PATHS = {
     hf_layers.FusedVitDetLayer: VitDetDropPath,
     hf_layers.FusedHieraLayer: HieraDropPath,
     hf_layers.FusedSegGptLayer: SegGptDropPath,
+    hf_layers.FusedMgpstrLayer: MgpStrDropPath,
     hf_layers.FusedDinov2Layer: Dinov2DropPath,
     hf_layers.FusedDinov2GatedLayer: Dinov2DropPath,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
