@@ -215,6 +215,7 @@ __all__ = [
     "FusedVitDetLayer",
     "FusedXCLIPVisionEncoderLayer",
     "MlpHalf",
+    "register",
 ]
 
 
@@ -1214,30 +1215,33 @@ def mlp_parts(module: nn.Module) -> MlpHalf:
 
 
 # the gated MLP classes of the families with two kinds (their layer's ``mlp``)
-_GATED_MLPS = (Dinov2SwiGLUFFN, Dinov2WithRegistersSwiGLUFFN, DINOv3ViTGatedMLP,
-               *(parts.gated_mlp for parts in DINOV2_LAYOUT_FAMILIES.values()))
+_GATED_MLPS: set[type] = set()
 # {original layer or fused class: the fused class} (the plain MLP's, where there are two)
 FUSED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
 # {original layer: its fused class for the gated MLP}
 GATED_LAYERS: dict[type, type[FusedPreNormLayer]] = {}
 
 
-def _register(plain: type[FusedPreNormLayer], gated: type[FusedPreNormLayer] | None = None) -> None:
-    """Enter a family's fused classes (its plain MLP's, and its gated MLP's where it has both) in the
-    tables, under their original layer class and under themselves."""
+def register(
+    plain: type[FusedPreNormLayer], gated: type[FusedPreNormLayer] | None = None, gated_mlp: type | None = None
+) -> None:
+    """Enter a family's fused classes in the tables ``fused_layer`` reads, under their original layer
+    class and under themselves: its plain MLP's, and where it has both kinds its gated MLP's with the
+    class of that gated MLP (the layer's ``mlp``). ``fastvit.nn.hf_backbone_layers`` enters its own."""
     original = plain.fastvit_original()
     FUSED_LAYERS[original] = FUSED_LAYERS[plain] = plain
     if gated is not None:
         GATED_LAYERS[original] = FUSED_LAYERS[gated] = gated
+        _GATED_MLPS.add(gated_mlp)
 
 
-for _plain, _gated in (
-    (FusedDinov2Layer, FusedDinov2GatedLayer),
-    (FusedDinov2WithRegistersLayer, FusedDinov2WithRegistersGatedLayer),
-    (FusedDINOv3ViTLayer, FusedDINOv3ViTGatedLayer),
-    *DINOV2_LAYOUT_LAYERS.values(),
+for _plain, _gated, _gated_mlp in (
+    (FusedDinov2Layer, FusedDinov2GatedLayer, Dinov2SwiGLUFFN),
+    (FusedDinov2WithRegistersLayer, FusedDinov2WithRegistersGatedLayer, Dinov2WithRegistersSwiGLUFFN),
+    (FusedDINOv3ViTLayer, FusedDINOv3ViTGatedLayer, DINOv3ViTGatedMLP),
+    *((*DINOV2_LAYOUT_LAYERS[layer], parts.gated_mlp) for layer, parts in DINOV2_LAYOUT_FAMILIES.items()),
 ):
-    _register(_plain, _gated)
+    register(_plain, _gated, _gated_mlp)
 for _fused in (
     FusedCLIPEncoderLayer, FusedSiglipEncoderLayer, FusedSiglip2EncoderLayer, FusedAimv2EncoderLayer,
     FusedPixtralAttentionLayer, FusedQwen2VLVisionBlock, FusedQwen2_5_VLVisionBlock, FusedQwen3VLVisionBlock,
@@ -1249,4 +1253,4 @@ for _fused in (
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
 ):  # fmt: skip
-    _register(_fused)
+    register(_fused)

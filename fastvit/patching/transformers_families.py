@@ -1,7 +1,8 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
 SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
-vision blocks) and their patch embeddings
+vision blocks ...; ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
+DINOv2, LW-DETR's ViT) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
 reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
@@ -63,17 +64,31 @@ from transformers.models.donut.modeling_donut_swin import DonutSwinIntermediate,
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
+from transformers.models.lw_detr.modeling_lw_detr import LwDetrViTMlp
 from transformers.models.mgp_str.modeling_mgp_str import MgpStrDropPath, MgpstrMlp
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionMLP
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
+from transformers.models.pixio.modeling_pixio import PixioDropPath, PixioMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
+from transformers.models.rf_detr.modeling_rf_detr import (
+    RfDetrDinov2DropPath,
+    RfDetrDinov2LayerScale,
+    RfDetrDinov2MLP,
+    RfDetrDinov2SwiGLUFFN,
+)
 from transformers.models.sam.modeling_sam import SamMLPBlock
 from transformers.models.sam2.modeling_sam2 import Sam2FeedForward
 from transformers.models.sam3.modeling_sam3 import Sam3MLP
 from transformers.models.sam_hq.modeling_sam_hq import SamHQMLPBlock
+from transformers.models.sapiens2.modeling_sapiens2 import (
+    Sapiens2DropPath,
+    Sapiens2GatedMLP,
+    Sapiens2MLP,
+    Sapiens2RMSNorm,
+)
 from transformers.models.seggpt.modeling_seggpt import SegGptDropPath, SegGptMlp
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
@@ -81,9 +96,12 @@ from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Layer, Swinv2Output
 from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm, VideoPrismMLP
 from transformers.models.vitdet.modeling_vitdet import VitDetDropPath, VitDetMlp
+from transformers.models.vitpose_backbone.modeling_vitpose_backbone import VitPoseBackboneMLP
+from transformers.models.vjepa2.modeling_vjepa2 import VJEPA2MLP, VJEPA2DropPath
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP
 
 from fastvit.nn import (
+    hf_backbone_layers,
     hf_convnext,
     hf_data2vec_vision,
     hf_donut_swin,
@@ -141,6 +159,14 @@ _MLPS = {
     hf_layers.FusedHieraLayer: HieraMlp,
     hf_layers.FusedSegGptLayer: SegGptMlp,
     hf_layers.FusedMgpstrLayer: MgpstrMlp,
+    hf_backbone_layers.FusedVJEPA2Layer: VJEPA2MLP,
+    hf_backbone_layers.FusedVitPoseBackboneLayer: VitPoseBackboneMLP,
+    hf_backbone_layers.FusedPixioLayer: PixioMLP,
+    hf_backbone_layers.FusedSapiens2Layer: Sapiens2MLP,
+    hf_backbone_layers.FusedSapiens2GatedLayer: Sapiens2GatedMLP,
+    hf_backbone_layers.FusedRfDetrDinov2Layer: RfDetrDinov2MLP,
+    hf_backbone_layers.FusedRfDetrDinov2GatedLayer: RfDetrDinov2SwiGLUFFN,
+    hf_backbone_layers.FusedLwDetrViTLayer: LwDetrViTMlp,
     hf_layers.FusedCosmos3EdgeVisionEncoderLayer: Cosmos3EdgeMLP,
     hf_layers.FusedMiniMaxM3VLVisionEncoderLayer: MiniMaxM3VLVisionMLP,
     **{layers[layer]: mlp  # the families made from a table
@@ -159,6 +185,8 @@ _RMS_NORMS = {
     hf_layers.FusedPixtralAttentionLayer: PixtralRMSNorm,
     hf_layers.FusedQwen2_5_VLVisionBlock: Qwen2_5_VLRMSNorm,
     hf_layers.FusedInternVLVisionLayer: InternVLVisionRMSNorm,  # or an nn.LayerNorm (MlpHalf.rms None)
+    hf_backbone_layers.FusedSapiens2Layer: Sapiens2RMSNorm,
+    hf_backbone_layers.FusedSapiens2GatedLayer: Sapiens2RMSNorm,
 }
 # the LayerNorm classes a family's layer may hold, where not nn.LayerNorm
 _LAYER_NORMS = {hf_layers.FusedVideoPrismLayer: (VideoPrismLayerNorm,)}
@@ -169,8 +197,16 @@ _LAYER_SCALES = {
     hf_layers.FusedDinov2WithRegistersGatedLayer: dinov2_registers.Dinov2WithRegistersLayerScale,
     hf_layers.FusedDINOv3ViTLayer: DINOv3ViTLayerScale,
     hf_layers.FusedDINOv3ViTGatedLayer: DINOv3ViTLayerScale,
+    hf_backbone_layers.FusedRfDetrDinov2Layer: RfDetrDinov2LayerScale,
+    hf_backbone_layers.FusedRfDetrDinov2GatedLayer: RfDetrDinov2LayerScale,
     **{fused: hf_layers.DINOV2_LAYOUT_FAMILIES[layer].layer_scale
        for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items() for fused in pair},
+}
+# {fused class: the name of its bare (D,) layer-scale Parameter}
+_BARE_LAYER_SCALES = {
+    hf_layers.FusedBeitLayer: "lambda_2",
+    hf_layers.FusedInternVLVisionLayer: "lambda_2",
+    hf_backbone_layers.FusedLwDetrViTLayer: "gamma_2",
 }
 _DROP_PATHS = {
     hf_layers.FusedBeitLayer: BeitDropPath,
@@ -178,6 +214,12 @@ _DROP_PATHS = {
     hf_layers.FusedHieraLayer: HieraDropPath,
     hf_layers.FusedSegGptLayer: SegGptDropPath,
     hf_layers.FusedMgpstrLayer: MgpStrDropPath,
+    hf_backbone_layers.FusedVJEPA2Layer: VJEPA2DropPath,
+    hf_backbone_layers.FusedPixioLayer: PixioDropPath,
+    hf_backbone_layers.FusedSapiens2Layer: Sapiens2DropPath,
+    hf_backbone_layers.FusedSapiens2GatedLayer: Sapiens2DropPath,
+    hf_backbone_layers.FusedRfDetrDinov2Layer: RfDetrDinov2DropPath,
+    hf_backbone_layers.FusedRfDetrDinov2GatedLayer: RfDetrDinov2DropPath,
     hf_layers.FusedDinov2Layer: Dinov2DropPath,
     hf_layers.FusedDinov2GatedLayer: Dinov2DropPath,
     hf_layers.FusedDinov2WithRegistersLayer: dinov2_registers.Dinov2WithRegistersDropPath,
@@ -218,11 +260,14 @@ def _problems(layer: nn.Module) -> list[str]:
         if len(mlp.layers) or mlp.sigmoid_output:
             problems.append(f"mlp has {len(mlp.layers)} hidden layers and sigmoid_output={mlp.sigmoid_output}; the "
                             "op computes proj_out(act(proj_in(x)))")  # fmt: skip
-    if fused in (hf_layers.FusedBeitLayer, hf_layers.FusedInternVLVisionLayer):  # a bare (D,) Parameter
-        scale, dim = getattr(layer, "lambda_2", None), norm.weight.shape[0]
+    if fused in _BARE_LAYER_SCALES:  # a bare (D,) Parameter
+        name = _BARE_LAYER_SCALES[fused]
+        scale, dim = getattr(layer, name, None), norm.weight.shape[0]
         plain = fused is hf_layers.FusedBeitLayer and isinstance(scale, float) and scale == 1.0  # BEiT without one
         if not (plain or (isinstance(scale, torch.Tensor) and scale.shape == (dim,))):
-            problems.append(f"lambda_2 is neither 1.0 nor a ({dim},) layer scale")
+            problems.append(f"{name} is neither 1.0 nor a ({dim},) layer scale")
+    if fused in (hf_backbone_layers.FusedSapiens2Layer, hf_backbone_layers.FusedSapiens2GatedLayer):
+        problems += exact_type(getattr(layer, "layer_scale2", None), "layer_scale2", (nn.Identity,), "nn.Identity")
     if problems:
         return problems
     mlp = getattr(layer, parts.mlp)
