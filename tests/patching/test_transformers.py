@@ -185,3 +185,19 @@ def test_transformers_4_layout_is_recognised(installed_layout_supported, monkeyp
     model = nn.Sequential(ViTLayer(), ViTLayer())
     with pytest.raises(ValueError, match=r"(?s)nothing to patch.*transformers 4\.x layout.*>= 5"):
         fastvit.patch(model)
+
+
+def test_a_layer_fastvit_does_not_know_is_named_in_the_report():
+    """A transformers layer with an attention and an MLP that no entry covers (TimeSformer's, whose
+    divided space-time forward is its own; BLIP's text layers) is listed, so that its MLP half is not
+    left out of the report; the layers fastvit fuses are not."""
+    block = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = transformers.TimesformerConfig(image_size=16, patch_size=8, num_frames=2, **block)
+    report = fastvit.patch(transformers.TimesformerModel(config))
+    assert report.counts() == {"attention": 4}  # its space and time attentions
+    skipped = [e for e in report.skipped if e.part == "mlp"]
+    assert [e.path for e in skipped] == ["encoder.layer.0", "encoder.layer.1"]
+    reason = "TimesformerLayer (transformers.models.timesformer.modeling_timesformer) is not a layer fastvit fuses"
+    assert all(reason in e.detail for e in skipped)
+    vit = fastvit.patch(ViTModel(transformers.ViTConfig(image_size=16, patch_size=8, **block)))
+    assert not vit.skipped

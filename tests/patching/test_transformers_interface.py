@@ -527,10 +527,11 @@ def test_models_outside_the_interface_say_why():
     report = fastvit.patch(sam)
     assert report.counts() == {"attention": 2, "mlp": 2} and not report.skipped
     report = fastvit.patch(build("siglip2"))
-    (head,) = report.skipped
+    head, attention = report.skipped  # the pooling head's MLP half, then its nn.MultiheadAttention
+    assert head.path == "head" and "Siglip2MultiheadAttentionPoolingHead" in head.detail and head.part == "mlp"
     assert (
-        head.path == "head.attention"
-        and "nn.MultiheadAttention (in Siglip2MultiheadAttentionPoolingHead)" in head.detail
+        attention.path == "head.attention"
+        and "nn.MultiheadAttention (in Siglip2MultiheadAttentionPoolingHead)" in attention.detail
     )
     report = fastvit.patch(build("aimv2"))
     assert [e.path for e in report.skipped] == ["head"]  # the pooling head's own SDPA call

@@ -65,7 +65,9 @@ FAMILIES = {
 def test_matches_unpatched_by_the_rule(family, op_calls):
     build, x, fused, calls = FAMILIES[family]
     reference, patched, report = pair(build())
-    assert report.counts()["attention"] == calls and not report.skipped
+    assert report.counts()["attention"] == calls and not [e for e in report.skipped if e.part == "attention"]
+    # their layers' MLP halves (PVT's FFN, the Mix-FFN's depthwise conv, TimeSformer's layer) are named
+    assert all("is not a layer fastvit fuses" in e.detail for e in report.skipped)
     assert [type(m) for m in patched.modules()].count(fused) == calls
     assert_matches_by_the_rule(reference, patched, x)
     assert len(op_calls["flash_attention"]) == calls
