@@ -65,6 +65,7 @@ from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
 from transformers.models.lw_detr.modeling_lw_detr import LwDetrViTMlp
+from transformers.models.maskformer.modeling_maskformer_swin import MaskFormerSwinIntermediate, MaskFormerSwinOutput
 from transformers.models.mgp_str.modeling_mgp_str import MgpStrDropPath, MgpstrMlp
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionMLP
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
@@ -468,7 +469,12 @@ def _intermediate_output_notes(layer: nn.Module) -> list[str]:
 
 _VITDET_ATTENTIONS = fused_table(hf_sam.FusedVitDetAttention)
 _SWIN_COPY_ATTENTIONS = fused_table(*hf_donut_swin.SWIN_COPY_FUSED.values())
-_DONUT_SWIN_LAYERS = fused_table(hf_donut_swin.FusedDonutSwinLayer)
+_DONUT_SWIN_LAYERS = fused_table(hf_donut_swin.FusedDonutSwinLayer, hf_donut_swin.FusedMaskFormerSwinLayer)
+# {fused Swin-copy layer: (its intermediate class, its output class)}
+_SWIN_COPY_MLP_MODULES = {
+    hf_donut_swin.FusedDonutSwinLayer: (DonutSwinIntermediate, DonutSwinOutput),
+    hf_donut_swin.FusedMaskFormerSwinLayer: (MaskFormerSwinIntermediate, MaskFormerSwinOutput),
+}
 
 
 def _swin_copy_attention_problems(attn: nn.Module) -> list[str]:
@@ -484,7 +490,7 @@ def _swin_copy_attention_problems(attn: nn.Module) -> list[str]:
 
 
 def _donut_swin_layer_problems(layer: nn.Module) -> list[str]:
-    """What the op must be able to compute of a Donut Swin layer's second half: an ``nn.LayerNorm``
+    """What the op must be able to compute of a Donut (or MaskFormer) Swin layer's second half: an ``nn.LayerNorm``
     over the last dim, the family's ``intermediate`` and ``output`` of Linears, an activation the op
     has, Hugging Face's dropout module."""
     names = ("layernorm_before", "attention", "layernorm_after", "intermediate", "output", "drop_path")
@@ -492,7 +498,8 @@ def _donut_swin_layer_problems(layer: nn.Module) -> list[str]:
     if problems:
         return problems
     problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
-    return problems + _intermediate_output_modules_problems(layer, DonutSwinIntermediate, DonutSwinOutput)
+    modules = _SWIN_COPY_MLP_MODULES[_DONUT_SWIN_LAYERS[type(layer)]]
+    return problems + _intermediate_output_modules_problems(layer, *modules)
 
 
 _DATA2VEC_ATTENTIONS = fused_table(hf_data2vec_vision.FusedData2VecVisionSelfAttention,

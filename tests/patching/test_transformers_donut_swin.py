@@ -4,7 +4,8 @@
 the relative-position bias and the shifted-window mask as ``attn_mask``; each ``DonutSwinLayer``'s
 LayerNorm+MLP half is one fastvit.layernorm_mlp call. The copies are checked line for line against
 Donut's source; outputs and every gradient (the bias tables included) by the tolerance rule against
-the unpatched model in float64, on a padded, shifted map; ``output_attentions`` and attention /
+the unpatched model in float64, on a padded, shifted map (MaskFormer's layers' MLP halves too);
+``output_attentions`` and attention /
 hidden dropout in training run Hugging Face's code; unpatch; torch.compile; torch.export; the
 Triton kernels in the interpreter.
 
@@ -81,9 +82,20 @@ def test_donut_matches_unpatched_by_the_rule(op_calls):
 
 def test_maskformer_backbone_matches_unpatched_by_the_rule(op_calls):
     reference, patched, report = pair(maskformer())
-    assert report.counts() == {"attention": LAYERS}  # its layers keep Hugging Face's MLP half
+    assert report.counts() == {"attention": LAYERS, "mlp": LAYERS} and not report.skipped
+    assert [type(m) for m in patched.modules()].count(hf_donut_swin.FusedMaskFormerSwinLayer) == LAYERS
     assert_matches_by_the_rule(reference, patched, images(2, 32, 32))
-    assert len(op_calls["flash_attention"]) == LAYERS
+    assert len(op_calls["flash_attention"]) == len(op_calls["layernorm_mlp"]) == LAYERS
+
+
+def test_maskformer_hidden_dropout_in_training_runs_hugging_face(op_calls, fresh_warnings):
+    config = MaskFormerSwinConfig(**SWIN, image_size=32, hidden_dropout_prob=0.1)
+    reference, patched, report = pair(HFLastHiddenState(perturb_(MaskFormerSwinModel(config))).eval())
+    assert all("hidden dropout 0.1" in e.detail for e in report.replaced if e.part == "mlp")
+    reference.train(), patched.train()
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="MaskFormerSwinLayer has MLP dropout"):
+        assert_outputs_and_grads_match(reference, patched, images(2, 32, 32), seed=0, rtol=1e-4, atol=1e-5)
+    assert not op_calls["layernorm_mlp"]
 
 
 def test_attention_weights_and_dropout_run_hugging_face(op_calls, fresh_warnings):
@@ -103,6 +115,14 @@ def test_attention_weights_and_dropout_run_hugging_face(op_calls, fresh_warnings
     with pytest.warns(fastvit.FastvitFallbackWarning, match="dropout"):
         assert_outputs_and_grads_match(reference.train(), patched.train(), x, seed=0)
     assert not op_calls["flash_attention"] and not op_calls["layernorm_mlp"]
+
+
+class TestMaskFormerSwinChecks(ModelChecks):
+    build = staticmethod(maskformer)
+    inputs = staticmethod(lambda batch: images(batch, 32, 32))
+    export_ops = frozenset({"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"})
+    counted_op = "layernorm_mlp"
+    calls = LAYERS
 
 
 class TestDonutSwinChecks(ModelChecks):
