@@ -5,10 +5,12 @@ Covered: V-JEPA 2's ``VJEPA2Layer`` (its RoPE attention returns its weights besi
 ViTPose's ``VitPoseBackboneLayer`` (one MLP; the multi-expert MLP of ViTPose+ is reported),
 Pixio's ``PixioLayer`` (hidden dropout then drop path), Sapiens2's ``Sapiens2Layer`` (RMSNorm, a plain
 or gated MLP, ``layer_scale2`` an ``nn.Identity``), RF-DETR's windowed DINOv2 backbone
-(``RfDetrDinov2Layer``: the windows merged for its global layers; a plain or SwiGLU MLP, LayerScale)
-and LW-DETR's ViT (``LwDetrViTLayer``: its MLP named ``intermediate``, ``gamma_2`` a bare (D,) layer
-scale). The attention half of each forward below is Hugging Face's, line for line (the attention
-goes through transformers' ``AttentionInterface``, routed by ``fastvit.patch``); the MLP half's
+(``RfDetrDinov2Layer``: the windows merged for its global layers; a plain or SwiGLU MLP, LayerScale),
+LW-DETR's ViT (``LwDetrViTLayer``: its MLP named ``intermediate``, ``gamma_2`` a bare (D,) layer
+scale) and PVT's ``PvtLayer`` (its ``PvtFFN``; its attention over the spatially reduced keys is
+``fastvit.nn.hf_self_attention``'s). The attention half of each forward below is Hugging Face's,
+line for line (the attention goes through transformers' ``AttentionInterface``, routed by
+``fastvit.patch``, or is swapped on its own); the MLP half's
 calls the op does not cover (dropout or drop path active in training, a hook on or a replacement
 of a module it reads) run the layer's own modules in Hugging Face's order. Importing this module
 imports transformers and enters the classes in ``fastvit.nn.hf_layers``' tables.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 from transformers.models.lw_detr.modeling_lw_detr import LwDetrViTLayer
 from transformers.models.pixio.modeling_pixio import PixioLayer
+from transformers.models.pvt.modeling_pvt import PvtLayer
 from transformers.models.rf_detr.modeling_rf_detr import RfDetrDinov2Layer, RfDetrDinov2SwiGLUFFN
 from transformers.models.sapiens2.modeling_sapiens2 import Sapiens2GatedMLP, Sapiens2Layer
 from transformers.models.vitpose_backbone.modeling_vitpose_backbone import VitPoseBackboneLayer
@@ -29,6 +32,7 @@ from fastvit.nn.hf_layers import FusedPreNormLayer, MlpHalf, register
 __all__ = [
     "FusedLwDetrViTLayer",
     "FusedPixioLayer",
+    "FusedPvtLayer",
     "FusedRfDetrDinov2GatedLayer",
     "FusedRfDetrDinov2Layer",
     "FusedSapiens2GatedLayer",
@@ -212,7 +216,32 @@ class FusedLwDetrViTLayer(FusedPreNormLayer, LwDetrViTLayer):
         return self._fastvit_mlp_half(hidden_states)
 
 
-for _fused in (FusedVJEPA2Layer, FusedVitPoseBackboneLayer, FusedPixioLayer, FusedLwDetrViTLayer):
+class FusedPvtLayer(FusedPreNormLayer, PvtLayer):
+    """PVT's ``PvtLayer`` whose LayerNorm+MLP half (``PvtFFN``: ``dense1``, the activation, ``dense2``,
+    its dropout twice; drop path) is one op call."""
+
+    fastvit_mlp = MlpHalf("layer_norm_2", "dense1", "intermediate_act_fn", "dense2", drop_path="drop_path",
+                          mlp_dropouts=("dropout",))  # fmt: skip
+
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, height, width, output_attentions)
+        self_attention_outputs = self.attention(
+            hidden_states=self.layer_norm_1(hidden_states),
+            height=height,
+            width=width,
+            output_attentions=output_attentions,
+        )
+        attention_output = self_attention_outputs[0]
+        outputs = self_attention_outputs[1:]
+        attention_output = self.drop_path(attention_output)
+        hidden_states = attention_output + hidden_states
+        return (self._fastvit_mlp_half(hidden_states), *outputs)
+
+
+for _fused in (FusedVJEPA2Layer, FusedVitPoseBackboneLayer, FusedPixioLayer, FusedLwDetrViTLayer, FusedPvtLayer):
     register(_fused)
 register(FusedSapiens2Layer, FusedSapiens2GatedLayer, Sapiens2GatedMLP)
 register(FusedRfDetrDinov2Layer, FusedRfDetrDinov2GatedLayer, RfDetrDinov2SwiGLUFFN)

@@ -2,7 +2,7 @@
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
 SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 vision blocks ...; ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
-DINOv2, LW-DETR's ViT) and their patch embeddings
+DINOv2, LW-DETR's ViT, PVT) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
 reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
@@ -71,6 +71,7 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VL
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
 from transformers.models.pixio.modeling_pixio import PixioDropPath, PixioMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
+from transformers.models.pvt.modeling_pvt import PvtDropPath, PvtFFN
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
@@ -168,6 +169,7 @@ _MLPS = {
     hf_backbone_layers.FusedRfDetrDinov2Layer: RfDetrDinov2MLP,
     hf_backbone_layers.FusedRfDetrDinov2GatedLayer: RfDetrDinov2SwiGLUFFN,
     hf_backbone_layers.FusedLwDetrViTLayer: LwDetrViTMlp,
+    hf_backbone_layers.FusedPvtLayer: PvtFFN,
     hf_layers.FusedCosmos3EdgeVisionEncoderLayer: Cosmos3EdgeMLP,
     hf_layers.FusedMiniMaxM3VLVisionEncoderLayer: MiniMaxM3VLVisionMLP,
     **{layers[layer]: mlp  # the families made from a table
@@ -216,6 +218,7 @@ _DROP_PATHS = {
     hf_layers.FusedSegGptLayer: SegGptDropPath,
     hf_layers.FusedMgpstrLayer: MgpStrDropPath,
     hf_backbone_layers.FusedVJEPA2Layer: VJEPA2DropPath,
+    hf_backbone_layers.FusedPvtLayer: PvtDropPath,
     hf_backbone_layers.FusedPixioLayer: PixioDropPath,
     hf_backbone_layers.FusedSapiens2Layer: Sapiens2DropPath,
     hf_backbone_layers.FusedSapiens2GatedLayer: Sapiens2DropPath,

@@ -73,15 +73,19 @@ def test_matches_unpatched_by_the_rule(family, op_calls):
     assert len(op_calls["flash_attention"]) == calls
 
 
-def test_mobilevit_layers_fuse_their_mlp_half_too(op_calls):
-    """MobileViT's transformer layers (ViT's 4.x module layout) also get their LayerNorm+MLP half fused
-    (``hf_intermediate_output.FusedMobileViTTransformerLayer``)."""
-    from fastvit.nn import hf_intermediate_output
+@pytest.mark.parametrize("family", ["mobilevit", "pvt"])
+def test_their_layers_fuse_their_mlp_half_too(family, op_calls):
+    """MobileViT's transformer layers (ViT's 4.x module layout:
+    ``hf_intermediate_output.FusedMobileViTTransformerLayer``) and PVT's (``PvtFFN``:
+    ``hf_backbone_layers.FusedPvtLayer``) also get their LayerNorm+MLP half fused."""
+    from fastvit.nn import hf_backbone_layers, hf_intermediate_output
 
-    build, x, _, calls = FAMILIES["mobilevit"]
+    fused = {"mobilevit": hf_intermediate_output.FusedMobileViTTransformerLayer,
+             "pvt": hf_backbone_layers.FusedPvtLayer}[family]  # fmt: skip
+    build, x, _, calls = FAMILIES[family]
     reference, patched, report = pair(build())
-    assert report.counts() == {"attention": calls, "mlp": calls}
-    assert [type(m) for m in patched.modules()].count(hf_intermediate_output.FusedMobileViTTransformerLayer) == calls
+    assert report.counts() == {"attention": calls, "mlp": calls} and not report.skipped
+    assert [type(m) for m in patched.modules()].count(fused) == calls
     assert_matches_by_the_rule(reference, patched, x)
     assert len(op_calls["layernorm_mlp"]) == calls
 
