@@ -7,13 +7,14 @@ Pixio's ``PixioLayer`` (hidden dropout then drop path), Sapiens2's ``Sapiens2Lay
 or gated MLP, ``layer_scale2`` an ``nn.Identity``), RF-DETR's windowed DINOv2 backbone
 (``RfDetrDinov2Layer``: the windows merged for its global layers; a plain or SwiGLU MLP, LayerScale),
 LW-DETR's ViT (``LwDetrViTLayer``: its MLP named ``intermediate``, ``gamma_2`` a bare (D,) layer
-scale) and PVT's ``PvtLayer`` (its ``PvtFFN``; its attention over the spatially reduced keys is
-``fastvit.nn.hf_self_attention``'s). The attention half of each forward below is Hugging Face's,
-line for line (the attention goes through transformers' ``AttentionInterface``, routed by
-``fastvit.patch``, or is swapped on its own); the MLP half's
-calls the op does not cover (dropout or drop path active in training, a hook on or a replacement
-of a module it reads) run the layer's own modules in Hugging Face's order. Importing this module
-imports transformers and enters the classes in ``fastvit.nn.hf_layers``' tables.
+scale), PVT's ``PvtLayer`` (its ``PvtFFN``) and TimeSformer's ``TimesformerLayer`` (its MLP half in
+ViT's 4.x module layout, with drop path). The attention half of each forward below is Hugging
+Face's, line for line (the attention goes through transformers' ``AttentionInterface``, routed by
+``fastvit.patch``, or is swapped on its own: PVT's and TimeSformer's by
+``fastvit.nn.hf_self_attention``); the MLP half's calls the op does not cover (dropout or drop path
+active in training, a hook on or a replacement of a module it reads) run the layer's own modules in
+Hugging Face's order. Importing this module imports transformers and enters the
+``FusedPreNormLayer`` classes in ``fastvit.nn.hf_layers``' tables.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from transformers.models.pixio.modeling_pixio import PixioLayer
 from transformers.models.pvt.modeling_pvt import PvtLayer
 from transformers.models.rf_detr.modeling_rf_detr import RfDetrDinov2Layer, RfDetrDinov2SwiGLUFFN
 from transformers.models.sapiens2.modeling_sapiens2 import Sapiens2GatedMLP, Sapiens2Layer
+from transformers.models.timesformer.modeling_timesformer import TimesformerLayer
 from transformers.models.vitpose_backbone.modeling_vitpose_backbone import VitPoseBackboneLayer
 from transformers.models.vjepa2.modeling_vjepa2 import VJEPA2Layer
 
+from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.hf_intermediate_output import fused_intermediate_output
 from fastvit.nn.hf_layers import FusedPreNormLayer, MlpHalf, register
+from fastvit.ops._fx import method_leaf
 
 __all__ = [
     "FusedLwDetrViTLayer",
@@ -37,6 +42,7 @@ __all__ = [
     "FusedRfDetrDinov2Layer",
     "FusedSapiens2GatedLayer",
     "FusedSapiens2Layer",
+    "FusedTimesformerLayer",
     "FusedVJEPA2Layer",
     "FusedVitPoseBackboneLayer",
 ]
@@ -239,6 +245,115 @@ class FusedPvtLayer(FusedPreNormLayer, PvtLayer):
         attention_output = self.drop_path(attention_output)
         hidden_states = attention_output + hidden_states
         return (self._fastvit_mlp_half(hidden_states), *outputs)
+
+
+class FusedTimesformerLayer(FusedModule, TimesformerLayer):
+    """TimeSformer's ``TimesformerLayer`` whose LayerNorm+MLP half, ``h + drop_path(output(intermediate(
+    layernorm_after(h))))``, is one op call; the attention half (space-only, joint, or divided: time
+    then space, the class token averaged over the frames) is Hugging Face's, line for line. Same
+    signature, ``forward(hidden_states, output_attentions=False)``. Hidden dropout or drop path in
+    training, or a hook on (or a replacement of) an MLP submodule, run Hugging Face's modules.
+
+    Example:
+        >>> model = transformers.TimesformerForVideoClassification.from_pretrained(
+        ...     "facebook/timesformer-base-finetuned-k400")
+        >>> fastvit.patch(model)  # timesformer.encoder.layer.* -> FusedTimesformerLayer
+    """
+
+    fastvit_part = "mlp"
+    fastvit_op = "layernorm_mlp"
+    fastvit_bypassed = ("layernorm_after", "intermediate", "intermediate.dense", "intermediate.intermediate_act_fn",
+                        "intermediate.dropout", "output", "output.dense", "output.dropout")  # fmt: skip
+
+    def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``h + drop_path(output(intermediate(layernorm_after(h))))`` (B, N, D) -> (B, N, D): one op
+        call, or Hugging Face's modules."""
+        traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: decided when the graph runs
+        if traced is not None:
+            return traced
+        drops = (self.intermediate.dropout, self.output.dropout)
+        regularised = any(dropout_active(d.p, d.training) for d in drops) or dropout_active(
+            getattr(self.drop_path, "drop_prob", 0.0), self.drop_path.training
+        )
+        if regularised:
+            warn_fallback(
+                "patched-mlp-dropout:TimesformerLayer",
+                "fastvit: a patched Hugging Face TimesformerLayer has hidden dropout or drop path > 0 and is in "
+                "training mode; fastvit.layernorm_mlp has neither, so its MLP half runs Hugging Face's modules",
+            )
+        if regularised or not self._fastvit_submodules_intact():
+            layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+            return hidden_states + self.drop_path(layer_output)
+        return fused_intermediate_output(self, hidden_states)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, ...]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, output_attentions)
+        num_frames = self.config.num_frames
+        num_patch_width = self.config.image_size // self.config.patch_size
+        batch_size = hidden_states.shape[0]
+        num_spatial_tokens = (hidden_states.size(1) - 1) // num_frames
+        num_patch_height = num_spatial_tokens // num_patch_width
+        if self.attention_type in ["space_only", "joint_space_time"]:
+            self_attention_outputs = self.attention(
+                self.layernorm_before(hidden_states), output_attentions=output_attentions
+            )
+            attention_output = self_attention_outputs[0]
+            outputs = self_attention_outputs[1:]
+            hidden_states = hidden_states + self.drop_path(attention_output)
+            return (self._fastvit_mlp_half(hidden_states), *outputs)
+        # divided_space_time: temporal, then spatial
+        temporal_embedding = hidden_states[:, 1:, :]
+        temporal_embedding = temporal_embedding.reshape(
+            batch_size, num_patch_height, num_patch_width, num_frames, temporal_embedding.shape[2]
+        ).reshape(batch_size * num_patch_height * num_patch_width, num_frames, temporal_embedding.shape[2])
+        temporal_attention_outputs = self.temporal_attention(
+            self.temporal_layernorm(temporal_embedding),
+        )
+        attention_output = temporal_attention_outputs[0]
+        residual_temporal = self.drop_path(attention_output)
+        residual_temporal = residual_temporal.reshape(
+            batch_size, num_patch_height, num_patch_width, num_frames, residual_temporal.shape[2]
+        ).reshape(batch_size, num_patch_height * num_patch_width * num_frames, residual_temporal.shape[2])
+        residual_temporal = self.temporal_dense(residual_temporal)
+        temporal_embedding = hidden_states[:, 1:, :] + residual_temporal
+        init_cls_token = hidden_states[:, 0, :].unsqueeze(1)
+        cls_token = init_cls_token.repeat(1, num_frames, 1)
+        cls_token = cls_token.reshape(batch_size * num_frames, 1, cls_token.shape[2])
+        spatial_embedding = temporal_embedding
+        spatial_embedding = (
+            spatial_embedding.reshape(
+                batch_size, num_patch_height, num_patch_width, num_frames, spatial_embedding.shape[2]
+            )
+            .permute(0, 3, 1, 2, 4)
+            .reshape(batch_size * num_frames, num_patch_height * num_patch_width, spatial_embedding.shape[2])
+        )
+        spatial_embedding = torch.cat((cls_token, spatial_embedding), 1)
+        spatial_attention_outputs = self.attention(
+            self.layernorm_before(spatial_embedding), output_attentions=output_attentions
+        )
+        attention_output = spatial_attention_outputs[0]
+        outputs = spatial_attention_outputs[1:]
+        residual_spatial = self.drop_path(attention_output)
+        cls_token = residual_spatial[:, 0, :]
+        cls_token = cls_token.reshape(batch_size, num_frames, cls_token.shape[1])
+        cls_token = torch.mean(cls_token, 1, True)
+        residual_spatial = residual_spatial[:, 1:, :]
+        residual_spatial = (
+            residual_spatial.reshape(
+                batch_size, num_frames, num_patch_height, num_patch_width, residual_spatial.shape[2]
+            )
+            .permute(0, 2, 3, 1, 4)
+            .reshape(batch_size, num_patch_height * num_patch_width * num_frames, residual_spatial.shape[2])
+        )
+        residual = residual_spatial
+        hidden_states = temporal_embedding
+        hidden_states = torch.cat((init_cls_token, hidden_states), 1) + torch.cat((cls_token, residual), 1)
+        return (self._fastvit_mlp_half(hidden_states), *outputs)
+
+    def extra_repr(self) -> str:
+        norm = self.layernorm_after
+        return f"dim={norm.normalized_shape[0]}, eps={norm.eps}, {self.attention_type}, fastvit={self.fastvit_op}"
 
 
 for _fused in (FusedVJEPA2Layer, FusedVitPoseBackboneLayer, FusedPixioLayer, FusedLwDetrViTLayer, FusedPvtLayer):

@@ -134,7 +134,7 @@ def patch(
       4.x layout), of the vision towers of BLIP / BLIP-2 / InstructBLIP(-Video), InternVL, MLCD, Janus,
       X-CLIP, VideoPrism, PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge, MiniMax-M3-VL and Gemma 4
       (its sandwich's pre-MLP norm and gated MLP), MGP-STR's and AST's, of the V-JEPA 2, ViTPose, Pixio,
-      Sapiens2, RF-DETR (DINOv2), LW-DETR (ViT) and PVT backbones,
+      Sapiens2, RF-DETR (DINOv2), LW-DETR (ViT), PVT and TimeSformer backbones,
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
       (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's and SAM-HQ's image encoder

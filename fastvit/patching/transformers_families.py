@@ -2,7 +2,7 @@
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
 SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 vision blocks ...; ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
-DINOv2, LW-DETR's ViT, PVT) and their patch embeddings
+DINOv2, LW-DETR's ViT, PVT, TimeSformer) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
 reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
@@ -96,6 +96,11 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
 from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Layer, Swinv2Output
+from transformers.models.timesformer.modeling_timesformer import (
+    TimesformerDropPath,
+    TimesformerIntermediate,
+    TimesformerOutput,
+)
 from transformers.models.videoprism.modeling_videoprism import VideoPrismLayerNorm, VideoPrismMLP
 from transformers.models.vitdet.modeling_vitdet import VitDetDropPath, VitDetMlp
 from transformers.models.vitpose_backbone.modeling_vitpose_backbone import VitPoseBackboneMLP
@@ -645,6 +650,33 @@ def _levit_attention_problems(attn: nn.Module) -> list[str]:
     return missing_attributes(attn, names, "transformers")
 
 
+_TIMESFORMER_LAYERS = fused_table(hf_backbone_layers.FusedTimesformerLayer)
+
+
+def _timesformer_layer_problems(layer: nn.Module) -> list[str]:
+    """What the op must be able to compute of a TimeSformer layer's second half: an ``nn.LayerNorm``,
+    the family's ``intermediate`` (with its dropout) and ``output`` of Linears, an activation the op
+    has, its drop path."""
+    names = ("layernorm_before", "attention", "layernorm_after", "intermediate", "output", "drop_path", "config",
+             "attention_type")  # fmt: skip
+    problems = missing_attributes(layer, names, "transformers")
+    if problems:
+        return problems
+    problems += layernorm_problems(layer.layernorm_after, "layernorm_after")
+    problems += exact_type(layer.drop_path, "drop_path", (nn.Identity, TimesformerDropPath), "its drop path")
+    problems += _intermediate_output_modules_problems(layer, TimesformerIntermediate, TimesformerOutput)
+    if not problems:
+        problems += exact_type(layer.intermediate.dropout, "intermediate.dropout", (nn.Dropout,), "nn.Dropout")
+    return problems
+
+
+def _timesformer_layer_notes(layer: nn.Module) -> list[str]:
+    rates = [f"hidden dropout {layer.output.dropout.p}"] if layer.output.dropout.p > 0 else []
+    if getattr(layer.drop_path, "drop_prob", 0.0) > 0:
+        rates.append(f"drop path {layer.drop_path.drop_prob}")
+    return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
+
+
 # (its fused classes, the part, why an instance cannot be fused, the report's notes) of each family
 # whose modules are looked up by class; the tables of hf_layers and hf_embeddings come after these
 _Reasons = Callable[[nn.Module], list[str]]
@@ -663,6 +695,7 @@ _FAMILIES: tuple[tuple[dict[type, type[FusedModule]], str, _Reasons, _Reasons | 
     (_CONVNEXT_LAYERS, "mlp", _convnext_problems, None),
     (_GEMMA4_LAYERS, "mlp", _gemma4_layer_problems, None),
     (_LEVIT_ATTENTIONS, "attention", _levit_attention_problems, None),
+    (_TIMESFORMER_LAYERS, "mlp", _timesformer_layer_problems, _timesformer_layer_notes),
 )
 
 

@@ -188,16 +188,17 @@ def test_transformers_4_layout_is_recognised(installed_layout_supported, monkeyp
 
 
 def test_a_layer_fastvit_does_not_know_is_named_in_the_report():
-    """A transformers layer with an attention and an MLP that no entry covers (TimeSformer's, whose
-    divided space-time forward is its own; BLIP's text layers) is listed, so that its MLP half is not
-    left out of the report; the layers fastvit fuses are not."""
-    block = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    config = transformers.TimesformerConfig(image_size=16, patch_size=8, num_frames=2, **block)
-    report = fastvit.patch(transformers.TimesformerModel(config))
-    assert report.counts() == {"attention": 4}  # its space and time attentions
+    """A transformers layer with an attention and an MLP that no entry covers (GLPN's, whose Mix-FFN
+    has a depthwise conv inside; BLIP's text layers) is listed, so that its MLP half is not left out of
+    the report; the layers fastvit fuses are not."""
+    stages = dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2])
+    config = transformers.GLPNConfig(**stages, mlp_ratios=[2, 2], sr_ratios=[2, 1], patch_sizes=[7, 3], strides=[4, 2])
+    report = fastvit.patch(transformers.GLPNModel(config))
+    assert report.counts() == {"attention": 2}  # its efficient self-attentions
     skipped = [e for e in report.skipped if e.part == "mlp"]
-    assert [e.path for e in skipped] == ["encoder.layer.0", "encoder.layer.1"]
-    reason = "TimesformerLayer (transformers.models.timesformer.modeling_timesformer) is not a layer fastvit fuses"
+    assert [e.path for e in skipped] == ["encoder.block.0.0", "encoder.block.1.0"]
+    reason = "GLPNLayer (transformers.models.glpn.modeling_glpn) is not a layer fastvit fuses"
     assert all(reason in e.detail for e in skipped)
+    block = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     vit = fastvit.patch(ViTModel(transformers.ViTConfig(image_size=16, patch_size=8, **block)))
     assert not vit.skipped

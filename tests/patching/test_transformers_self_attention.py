@@ -19,7 +19,13 @@ import pytest
 import torch
 
 import fastvit
-from tests.patching.helpers import HFLastHiddenState, assert_matches_by_the_rule, pair, perturb_
+from tests.patching.helpers import (
+    HFLastHiddenState,
+    assert_matches_by_the_rule,
+    assert_outputs_and_grads_match,
+    pair,
+    perturb_,
+)
 from tests.patching.model_checks import ModelChecks
 
 T = pytest.importorskip("transformers")
@@ -73,21 +79,39 @@ def test_matches_unpatched_by_the_rule(family, op_calls):
     assert len(op_calls["flash_attention"]) == calls
 
 
-@pytest.mark.parametrize("family", ["mobilevit", "pvt"])
+@pytest.mark.parametrize("family", ["mobilevit", "pvt", "timesformer"])
 def test_their_layers_fuse_their_mlp_half_too(family, op_calls):
     """MobileViT's transformer layers (ViT's 4.x module layout:
-    ``hf_intermediate_output.FusedMobileViTTransformerLayer``) and PVT's (``PvtFFN``:
-    ``hf_backbone_layers.FusedPvtLayer``) also get their LayerNorm+MLP half fused."""
+    ``hf_intermediate_output.FusedMobileViTTransformerLayer``), PVT's (``PvtFFN``:
+    ``hf_backbone_layers.FusedPvtLayer``) and TimeSformer's (its divided space-time layer:
+    ``hf_backbone_layers.FusedTimesformerLayer``) also get their LayerNorm+MLP half fused."""
     from fastvit.nn import hf_backbone_layers, hf_intermediate_output
 
-    fused = {"mobilevit": hf_intermediate_output.FusedMobileViTTransformerLayer,
-             "pvt": hf_backbone_layers.FusedPvtLayer}[family]  # fmt: skip
+    fused, layers = {"mobilevit": (hf_intermediate_output.FusedMobileViTTransformerLayer, 9),
+                     "pvt": (hf_backbone_layers.FusedPvtLayer, 2),
+                     "timesformer": (hf_backbone_layers.FusedTimesformerLayer, 2)}[family]  # fmt: skip
     build, x, _, calls = FAMILIES[family]
     reference, patched, report = pair(build())
-    assert report.counts() == {"attention": calls, "mlp": calls} and not report.skipped
-    assert [type(m) for m in patched.modules()].count(fused) == calls
+    assert report.counts() == {"attention": calls, "mlp": layers} and not report.skipped
+    assert [type(m) for m in patched.modules()].count(fused) == layers
     assert_matches_by_the_rule(reference, patched, x)
-    assert len(op_calls["layernorm_mlp"]) == calls
+    assert len(op_calls["layernorm_mlp"]) == layers
+
+
+def test_timesformer_drop_path_in_training_runs_hugging_face(op_calls, fresh_warnings):
+    from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
+
+    model = perturb_(T.TimesformerModel(T.TimesformerConfig(
+        image_size=16, patch_size=4, num_frames=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, attention_type="space_only")))  # fmt: skip
+    model.encoder.layer[1].drop_path = TimesformerDropPath(0.3)  # its config types the rate as an int
+    reference, patched, report = pair(HFLastHiddenState(model).eval())
+    assert any("drop path" in e.detail for e in report.replaced if e.part == "mlp")
+    reference.train(), patched.train()
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="TimesformerLayer has hidden dropout or drop path"):
+        assert_outputs_and_grads_match(reference, patched, FAMILIES["timesformer"][1], seed=0, rtol=1e-4,
+                                       atol=1e-5)  # fmt: skip
+    assert len(op_calls["layernorm_mlp"]) == 1  # the first layer's drop path is 0
 
 
 def test_reduced_keys_reach_the_op(op_calls):
