@@ -31,7 +31,7 @@ from transformers.models.vjepa2.modeling_vjepa2 import VJEPA2Layer
 
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 from fastvit.nn.hf_intermediate_output import fused_intermediate_output
-from fastvit.nn.hf_layers import FusedPreNormLayer, MlpHalf, register
+from fastvit.nn.hf_layers import DINOv3LayoutForward, FusedPreNormLayer, MlpHalf, register
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
@@ -106,9 +106,10 @@ class FusedPixioLayer(FusedPreNormLayer, PixioLayer):
         return self._fastvit_mlp_half(hidden_states)
 
 
-class _Sapiens2LayerForward(FusedPreNormLayer):
-    """The forward of the fused Sapiens2 layers: ``layer_scale2`` (an ``nn.Identity``, checked by the
-    patcher) is bypassed with the MLP half, and called by Hugging Face's half."""
+class _Sapiens2LayerForward(DINOv3LayoutForward):
+    """The forward of the fused Sapiens2 layers: DINOv3's, line for line (``layer_scale2``, an
+    ``nn.Identity`` checked by the patcher, is bypassed with the MLP half and called by Hugging Face's
+    half)."""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -117,27 +118,6 @@ class _Sapiens2LayerForward(FusedPreNormLayer):
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
-            return super().forward(hidden_states, attention_mask, position_embeddings, **kwargs)
-        residual = hidden_states
-        hidden_states = self.norm1(hidden_states)
-        hidden_states, _ = self.attention(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states = self.layer_scale1(hidden_states)
-        hidden_states = self.drop_path(hidden_states) + residual
-        return self._fastvit_mlp_half(hidden_states)
 
 
 _SAPIENS2 = {"fc1": "up_proj", "act": "act_fn", "fc2": "down_proj", "rms": True, "drop_path": "drop_path"}

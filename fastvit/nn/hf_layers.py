@@ -181,6 +181,7 @@ __all__ = [
     "SAM_LAYOUT_LAYERS",
     "VIT_LAYOUT_FAMILIES",
     "VIT_LAYOUT_LAYERS",
+    "DINOv3LayoutForward",
     "DinoParts",
     "FusedAimv2EncoderLayer",
     "FusedBeitLayer",
@@ -842,7 +843,11 @@ DINOV2_LAYOUT_LAYERS: dict[type, tuple[type[FusedPreNormLayer], type[FusedPreNor
 }
 
 
-class _DINOv3LayoutForward(FusedPreNormLayer):
+class DINOv3LayoutForward(FusedPreNormLayer):
+    """The forward of the fused ``DINOv3ViTLayer`` classes (and of Sapiens2's layer, DINOv3's line for
+    line: ``fastvit.nn.hf_backbone_layers``): Hugging Face's attention half with LayerScale, then the
+    fused MLP half."""
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -861,13 +866,13 @@ class _DINOv3LayoutForward(FusedPreNormLayer):
         return self._fastvit_mlp_half(self.drop_path(hidden_states) + residual)
 
 
-class FusedDINOv3ViTLayer(_DINOv3LayoutForward, DINOv3ViTLayer):
+class FusedDINOv3ViTLayer(DINOv3LayoutForward, DINOv3ViTLayer):
     """``DINOv3ViTLayer`` (non-gated MLP) whose LayerNorm+MLP half with LayerScale is one op call."""
 
     fastvit_mlp = _DINOV3_LAYOUT
 
 
-class FusedDINOv3ViTGatedLayer(_DINOv3LayoutForward, DINOv3ViTLayer):
+class FusedDINOv3ViTGatedLayer(DINOv3LayoutForward, DINOv3ViTLayer):
     """``DINOv3ViTLayer`` with the gated MLP (``use_gated_mlp``: DINOv3 ViT-L and larger) whose
     LayerNorm + gated MLP half with LayerScale is one gated op call."""
 

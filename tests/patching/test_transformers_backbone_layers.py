@@ -22,7 +22,13 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from tests.patching.helpers import assert_matches_by_the_rule, assert_outputs_and_grads_match, pair, perturb_
+from tests.patching.helpers import (
+    assert_matches_by_the_rule,
+    assert_outputs_and_grads_match,
+    pair,
+    perturb_,
+    source_lines,
+)
 from tests.patching.model_checks import ModelChecks
 
 T = pytest.importorskip("transformers")
@@ -146,6 +152,14 @@ def test_regularisation_in_training_runs_hugging_face_in_its_order(name, overrid
     reference.train(), patched.train()
     with pytest.warns(fastvit.FastvitFallbackWarning):
         assert_outputs_and_grads_match(reference, patched, inputs(name), seed=0, rtol=1e-4, atol=1e-5)
+
+
+def test_sapiens2_layer_is_dinov3_line_for_line():
+    """The fused Sapiens2 layers run DINOv3's fused forward (``hf_layers.DINOv3LayoutForward``)."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
+    from transformers.models.sapiens2.modeling_sapiens2 import Sapiens2Layer
+
+    assert source_lines(Sapiens2Layer.forward) == source_lines(DINOv3ViTLayer.forward)
 
 
 def test_what_the_op_cannot_compute_is_reported():
