@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         help="model suite: comma-separated timm model names, zoo names (hf-clip-vit-b16, hf-siglip-base-p16, "
-        "hf-dinov2-vit-b14, hf-swin-b, tv-swin-b) or the group scaling (vit_base_patch16_224, "
+        "hf-dinov2-vit-b14, hf-swin-b, hf-sam-vit-b, tv-swin-b) or the group scaling (vit_base_patch16_224, "
         "eva02_base_patch14_224, samvit_base_patch16 against N: 197, 577, 1025, 4097 tokens on a GPU, "
         "50, 197, 577 on the CPU, unless --seq-lens or --resolutions say otherwise); default: "
         "vit_base_patch16_224, eva02_base_patch14_224, vit_base_patch16_rope_reg1_gap_256, "

@@ -15,6 +15,9 @@ rows of several models never share a series (a plot line, a slope, a ``compare``
   DINOv2 ViT-B/14, Swin-B window 7); patching routes their attention through transformers'
   ``AttentionInterface`` (``attn_implementation="fastvit"``) and swaps the modules that fit;
   unpatched they run transformers' default (``sdpa``);
+- ``hf-sam-vit-b``: Hugging Face's SAM ViT-B image encoder (``SamVisionModel``; its own-forward
+  attention swapped, ``fastvit.nn.hf_sam``) under a mean-pooled linear head, at 448 (2 x 2 of its
+  14 x 14 windows; the CPU's and ``--quick``'s size) and 1024 (its native size);
 - ``tv-swin-b``: torchvision's ``swin_b`` (window attention and MLP halves patched,
   ``fastvit.nn.torchvision_swin``).
 
@@ -124,6 +127,27 @@ def _hf_dinov2(resolution: int, depth: int | None) -> torch.nn.Module:
     return t.Dinov2ForImageClassification(config)
 
 
+class _HFSamClassifier(torch.nn.Module):
+    """Hugging Face SAM's image encoder (``SamVisionModel``) under a mean-pooled linear head: the
+    suite's training step needs logits (SAM predicts masks from the (B, 256, H/16, W/16) embeddings)."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.config = encoder, encoder.config
+        self.head = torch.nn.Linear(encoder.config.output_channels, NUM_CLASSES)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(pixel_values=pixel_values).last_hidden_state.mean(dim=(2, 3)))
+
+
+def _hf_sam(resolution: int, depth: int | None) -> torch.nn.Module:
+    t = _quiet_transformers()
+    layers = _sam_depth(depth) if depth is not None else {"depth": 12, "global_attn_indexes": (2, 5, 8, 11)}
+    config = t.SamVisionConfig(image_size=resolution, num_hidden_layers=layers["depth"],
+                               global_attn_indexes=list(layers["global_attn_indexes"]))  # fmt: skip
+    return _HFSamClassifier(t.SamVisionModel(config))
+
+
 def _swin_b_depths(depth: int | None) -> list[int]:
     return [2, 2, 18, 2] if depth is None else [min(depth, 2), min(depth, 2), depth, min(depth, 2)]
 
@@ -188,6 +212,11 @@ ZOO: dict[str, ZooModel] = {
     "hf-swin-b": ZooModel(
         _hf_swin, lambda m: [(b, b.attention) for stage in m.swin.encoder.layers for b in stage.blocks], 4, 2,
         "Swin-B, window 7 (transformers SwinForImageClassification)", prefix=0,
+    ),
+    "hf-sam-vit-b": ZooModel(
+        _hf_sam, lambda m: _vit_blocks(m.encoder.vision_encoder.layers, "attn"), 16, 2,
+        "SAM ViT-B image encoder (transformers SamVisionModel, a pooled head for the loss): 14 x 14 windows, "
+        "global blocks, decomposed relative position", (448, 1024), prefix=0,
     ),
     "tv-swin-b": ZooModel(
         _tv_swin, lambda m: [(b, b.attn) for stage in m.features[1::2] for b in stage], 4, 2,

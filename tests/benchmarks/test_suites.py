@@ -339,3 +339,16 @@ def test_out_naming_a_file_is_refused_before_measuring(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["attention", "--quick", "--out", str(path)])
     assert "is a file; it must be a folder" in capsys.readouterr().err
+
+
+def test_model_suite_hugging_face_sam_row():
+    # Hugging Face's SAM ViT-B image encoder, 2 blocks on the CPU (one windowed, one global), at 64 px:
+    # 4 x 4 tokens, one padded 14 x 14 window; its own-forward attention swapped (fastvit.nn.hf_sam)
+    records = model.run(args(model="hf-sam-vit-b", resolutions=[64], mode="both"), Progress(enabled=False))
+    unpatched, patched = model.impls_of("hf-sam-vit-b")
+    assert [(r.impl, r.mode) for r in records] == [(unpatched, "fwd"), (unpatched, "fwd+bwd"), (patched, "fwd"),
+                                                   (patched, "fwd+bwd")]  # fmt: skip
+    for r in records:
+        assert r.status == "ok", (r.impl, r.note)
+        assert (r.n_tokens, r.heads, r.head_dim) == (16, 12, 64) and r.extra["depth"] == 2
+    assert all("patched: 2 mlp, 2 attention; 0 skipped" in r.note for r in records[2:])
