@@ -114,10 +114,10 @@ def patch(
       and V2-CR, SAM, Hiera, SAM 2's HieraDet, Eva (EVA02, RoPE ViTs, timm's DINOv3),
       ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the Qwen3-VL and DeepSeek towers), the Gemma 4
       tower (its unclamped blocks' MLP halves too), MaxViT / CoAtNet, DaViT (Florence-2's encoders),
-      Twins (SVT, PCPVT), NesT, GCViT (the
-      MLP halves of these four too), Visformer, CrossViT's cross attention, PVTv2, MViTv2, VOLO,
-      ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt (cross-covariance), Next-ViT, TNT and
-      Apple's FastViT / MobileCLIP (``fastvit_sa*``, ``fastvit_mci*``); the MLP halves of the Swin
+      Twins (SVT, PCPVT), NesT, GCViT (the MLP halves of these four too), Visformer, CrossViT's cross
+      attention, PVTv2, MViTv2, VOLO, ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt
+      (cross-covariance), Next-ViT, TNT and Apple's FastViT / MobileCLIP (``fastvit_sa*``,
+      ``fastvit_mci*``); the MLP halves of the Swin
       V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO,
       MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP
       towers); the MLP alone (``norm="none"``) of the post-norm blocks (Swin V2, V2-CR,
@@ -142,10 +142,9 @@ def patch(
       MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, the attentions that compute their
       scores in their own forward and their layers' MLP halves where fusable: BLIP, ViTDet, Hiera, Donut's
       and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT, FLAVA, CvT,
-      LeViT and
-      the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR, and
-      SegGPT; and every
-      attention going through transformers' ``AttentionInterface`` (below).
+      LeViT, the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR,
+      and SegGPT; and every attention going through transformers' ``AttentionInterface`` (below). A
+      Hugging Face layer none of these covers is named in the report (its MLP half left as it is).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the
     LayerNorm+MLP half of each block with its residual add (``fastvit.layernorm_mlp``) and the
