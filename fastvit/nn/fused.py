@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import types
 import weakref
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "dropout_active",
     "global_module_hooks",
     "hook_kinds",
+    "regularisation_fallback",
     "unfused_class",
     "warn_attention_dropout",
     "warn_fallback",
@@ -502,6 +504,25 @@ def warn_fallback(key: str, message: str) -> None:
     (and the patch report already lists every such fallback)."""
     if not torch.compiler.is_compiling():
         warn_once(key, message)
+
+
+def regularisation_fallback(
+    library: str, name: str, dropouts: Iterable[nn.Module], drop_path: nn.Module | None
+) -> bool:
+    """True, with a warning once per class, while one of ``dropouts`` (``nn.Dropout``) or ``drop_path``
+    (a module with ``drop_prob``, or an Identity) would change values in this training call:
+    ``fastvit.layernorm_mlp`` has neither, so the caller runs the library's modules for its MLP half.
+    ``name`` is the original class's (``"TimesformerLayer"``)."""
+    active = any(dropout_active(d.p, d.training) for d in dropouts) or (
+        drop_path is not None and dropout_active(getattr(drop_path, "drop_prob", 0.0), drop_path.training)
+    )
+    if active:
+        warn_fallback(
+            f"patched-mlp-dropout:{name}",
+            f"fastvit: a patched {library} {name} has hidden dropout or drop path > 0 and is in training mode; "
+            f"fastvit.layernorm_mlp has neither, so its MLP half runs {library}'s modules",
+        )
+    return active
 
 
 def mlp_dropout_fallback(library: str, name: str, *drops: nn.Module) -> bool:

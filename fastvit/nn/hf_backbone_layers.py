@@ -29,7 +29,7 @@ from transformers.models.timesformer.modeling_timesformer import TimesformerLaye
 from transformers.models.vitpose_backbone.modeling_vitpose_backbone import VitPoseBackboneLayer
 from transformers.models.vjepa2.modeling_vjepa2 import VJEPA2Layer
 
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, regularisation_fallback
 from fastvit.nn.hf_intermediate_output import fused_intermediate_output
 from fastvit.nn.hf_layers import DINOv3LayoutForward, FusedPreNormLayer, MlpHalf, register
 from fastvit.ops._fx import method_leaf
@@ -251,17 +251,10 @@ class FusedTimesformerLayer(FusedModule, TimesformerLayer):
         traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: decided when the graph runs
         if traced is not None:
             return traced
-        drops = (self.intermediate.dropout, self.output.dropout)
-        regularised = any(dropout_active(d.p, d.training) for d in drops) or dropout_active(
-            getattr(self.drop_path, "drop_prob", 0.0), self.drop_path.training
-        )
-        if regularised:
-            warn_fallback(
-                "patched-mlp-dropout:TimesformerLayer",
-                "fastvit: a patched Hugging Face TimesformerLayer has hidden dropout or drop path > 0 and is in "
-                "training mode; fastvit.layernorm_mlp has neither, so its MLP half runs Hugging Face's modules",
-            )
-        if regularised or not self._fastvit_submodules_intact():
+        dropouts = (self.intermediate.dropout, self.output.dropout)
+        if not self._fastvit_submodules_intact() or regularisation_fallback(
+            "Hugging Face", "TimesformerLayer", dropouts, self.drop_path
+        ):
             layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
             return hidden_states + self.drop_path(layer_output)
         return fused_intermediate_output(self, hidden_states)

@@ -162,7 +162,7 @@ from transformers.models.vivit.modeling_vivit import VivitLayer, VivitMLP
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP, XCLIPEncoderLayer, XCLIPVisionEncoderLayer
 
 import fastvit
-from fastvit.nn.fused import FusedModule, declare_fused, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, declare_fused, regularisation_fallback
 from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
@@ -296,15 +296,12 @@ class FusedPreNormLayer(FusedModule):
         parts = self.fastvit_mlp
         return getattr(self, parts.layer_scale).lambda1 if parts.layer_scale else None
 
-    def _fastvit_regularised(self) -> bool:
-        """Dropout or drop path would change values in this call (the op has neither)."""
+    def _fastvit_regularisers(self) -> tuple[list[nn.Module], nn.Module | None]:
+        """The MLP half's dropouts and drop path (or None), which the op has not."""
         parts = self.fastvit_mlp
         dropouts = [getattr(self, parts.dropout)] if parts.dropout else []
         dropouts += [getattr(getattr(self, parts.mlp), name) for name in parts.mlp_dropouts]
-        drop_path = getattr(self, parts.drop_path) if parts.drop_path else None
-        return any(dropout_active(d.p, d.training) for d in dropouts) or (
-            drop_path is not None and dropout_active(getattr(drop_path, "drop_prob", 0.0), drop_path.training)
-        )
+        return dropouts, getattr(self, parts.drop_path) if parts.drop_path else None
 
     def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states + [drop_path/dropout](layer_scale * mlp(norm(hidden_states)))``, fused."""
@@ -313,13 +310,8 @@ class FusedPreNormLayer(FusedModule):
             return traced
         if not self._fastvit_submodules_intact():
             return self._fastvit_original_half(hidden_states)
-        if self._fastvit_regularised():
-            name = type(self).fastvit_original().__name__
-            warn_fallback(
-                f"patched-mlp-dropout:{name}",
-                f"fastvit: a patched Hugging Face {name} has hidden dropout or drop path > 0 and is in "
-                "training mode; fastvit.layernorm_mlp has neither, so its MLP half runs Hugging Face's modules",
-            )
+        name = type(self).fastvit_original().__name__
+        if regularisation_fallback("Hugging Face", name, *self._fastvit_regularisers()):
             return self._fastvit_original_half(hidden_states)
         parts = self.fastvit_mlp
         norm, mlp = getattr(self, parts.norm), getattr(self, parts.mlp)

@@ -8,7 +8,10 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-__all__ = ["exact_type", "layernorm_problems", "linear_problems", "missing_attributes", "patch_conv_problems"]
+__all__ = [
+    "exact_type", "layernorm_problems", "linear_problems", "missing_attributes", "patch_conv_problems",
+    "unclamped_linear_problems",
+]
 
 
 def _name(cls: type) -> str:
@@ -54,4 +57,20 @@ def patch_conv_problems(conv: object, name: str) -> list[str]:
         problems.append(f"{name} has kernel {kernel} and stride {stride}; {needs}")
     if conv.padding not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
         problems.append(f"{name} has padding {conv.padding}, dilation {conv.dilation}, groups {conv.groups}")
+    return problems
+
+
+def unclamped_linear_problems(
+    mlp: nn.Module, prefix: str, wrapper: type, flag: str, names: Iterable[str] = ("gate_proj", "up_proj", "down_proj")
+) -> list[str]:
+    """Each of ``names`` in ``mlp`` (named ``prefix`` in the reasons) must be a ``wrapper`` (Gemma 4's
+    ``Gemma4ClippableLinear``: an ``nn.Linear`` named ``linear``, optionally clamping its input and
+    output) whose clamps are off (its bool attribute ``flag``): the op has no clamps."""
+    problems = []
+    for name in names:
+        layer = getattr(mlp, name)
+        wrong = exact_type(layer, f"{prefix}.{name}", (wrapper,), wrapper.__name__)
+        if not wrong and getattr(layer, flag):
+            wrong.append(f"{prefix}.{name} clamps its input and output (use_clipped_linears); the op has no clamps")
+        problems += wrong or exact_type(layer.linear, f"{prefix}.{name}.linear", (nn.Linear,), "nn.Linear")
     return problems

@@ -73,7 +73,13 @@ from fastvit.nn import (
 )
 from fastvit.nn import timm_vit as fused
 from fastvit.nn.fused import FusedModule
-from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
+from fastvit.patching.checks import (
+    exact_type,
+    layernorm_problems,
+    missing_attributes,
+    patch_conv_problems,
+    unclamped_linear_problems,
+)
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
 
 try:  # NaFlexVit, in timm's recent releases: its embedding and padding mask (fastvit.nn.timm_naflex)
@@ -662,13 +668,7 @@ def _gemma4_block_problems(block: nn.Module) -> list[str]:
     problems += exact_type(block.mlp, "mlp", (mlp_cls,), mlp_cls.__name__)
     if problems:
         return problems
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        layer = getattr(block.mlp, name)
-        wrong = exact_type(layer, f"mlp.{name}", (timm_gemma4.Gemma4ClippableLinear,), "Gemma4ClippableLinear")
-        if not wrong and layer.use_clipped:
-            wrong.append(f"mlp.{name} clamps its input and output (use_clipped_linears, Gemma 4 E4B); the op "
-                         "has no clamps")  # fmt: skip
-        problems += wrong or exact_type(layer.linear, f"mlp.{name}.linear", (nn.Linear,), "nn.Linear")
+    problems += unclamped_linear_problems(block.mlp, "mlp", timm_gemma4.Gemma4ClippableLinear, "use_clipped")
     problems += exact_type(block.mlp.drop, "mlp.drop", (nn.Dropout,), "nn.Dropout")
     if timm_mlp.mlp_activation(block.mlp.act) is None:
         problems.append(f"mlp.act is {type(block.mlp.act).__qualname__}; the fused op computes GELU (exact or tanh), "
@@ -677,6 +677,8 @@ def _gemma4_block_problems(block: nn.Module) -> list[str]:
 
 
 def _mlp_dropout_notes(block: nn.Module) -> list[str]:
+    """The report's note on a block whose MLP dropout falls back in training (``_block_notes``' first
+    half; the Gemma 4 block's whole note, its drop path being a module call outside the op)."""
     p = timm_mlp.mlp_dropout_p(block.mlp)
     return [f"MLP dropout {p}: in training its MLP half runs timm's modules"] if p > 0 else []
 
@@ -754,11 +756,7 @@ def _mlp_layers_problems(mlp: nn.Module, linears: tuple[str, ...], name: str = "
 
 
 def _block_notes(block: nn.Module) -> list[str]:
-    notes = []
-    mlp = block.mlp
-    p = timm_mlp.mlp_dropout_p(mlp)
-    if p > 0:
-        notes.append(f"MLP dropout {p}: in training its MLP half runs timm's modules")
+    notes = _mlp_dropout_notes(block)
     # CaiT's and ConViT's blocks have one drop_path for both halves
     drop_path = block.drop_path2 if hasattr(block, "drop_path2") else getattr(block, "drop_path", None)
     if isinstance(drop_path, DropPath) and drop_path.drop_prob > 0:

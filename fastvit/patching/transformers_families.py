@@ -130,6 +130,7 @@ from fastvit.patching.checks import (
     linear_problems,
     missing_attributes,
     patch_conv_problems,
+    unclamped_linear_problems,
 )
 from fastvit.patching.registry import Finding, Skip, fused_table, slot
 
@@ -547,7 +548,9 @@ def _data2vec_layer_problems(layer: nn.Module) -> list[str]:
     return problems + _intermediate_output_modules_problems(layer, Data2VecVisionIntermediate, Data2VecVisionOutput)
 
 
-def _data2vec_layer_notes(layer: nn.Module) -> list[str]:
+def _output_dropout_and_drop_path_notes(layer: nn.Module) -> list[str]:
+    """The report's note on a layer whose ``output.dropout`` or ``drop_path`` falls back in training
+    (data2vec-vision's, TimeSformer's)."""
     rates = [f"hidden dropout {layer.output.dropout.p}"] if layer.output.dropout.p > 0 else []
     if getattr(layer.drop_path, "drop_prob", 0.0) > 0:
         rates.append(f"drop path {layer.drop_path.drop_prob}")
@@ -623,12 +626,7 @@ def _gemma4_layer_problems(layer: nn.Module) -> list[str]:
     problems += exact_type(mlp, "mlp", (hf_gemma4.Gemma4VisionMLP,), "Gemma4VisionMLP")
     if problems:
         return problems
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        proj = getattr(mlp, name)
-        wrong = exact_type(proj, f"mlp.{name}", (hf_gemma4.Gemma4ClippableLinear,), "Gemma4ClippableLinear")
-        if not wrong and proj.use_clipped_linears:
-            wrong.append(f"mlp.{name} clamps its input and output (use_clipped_linears); the op has no clamps")
-        problems += wrong or linear_problems(mlp, (f"{name}.linear",))
+    problems += unclamped_linear_problems(mlp, "mlp", hf_gemma4.Gemma4ClippableLinear, "use_clipped_linears")
     if activation_of(mlp.act_fn) is None:
         problems.append(f"mlp.act_fn is {type(mlp.act_fn).__qualname__}; the fused op computes GELU (exact or tanh), "
                         "quick_gelu and SiLU")  # fmt: skip
@@ -670,13 +668,6 @@ def _timesformer_layer_problems(layer: nn.Module) -> list[str]:
     return problems
 
 
-def _timesformer_layer_notes(layer: nn.Module) -> list[str]:
-    rates = [f"hidden dropout {layer.output.dropout.p}"] if layer.output.dropout.p > 0 else []
-    if getattr(layer.drop_path, "drop_prob", 0.0) > 0:
-        rates.append(f"drop path {layer.drop_path.drop_prob}")
-    return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
-
-
 # (its fused classes, the part, why an instance cannot be fused, the report's notes) of each family
 # whose modules are looked up by class; the tables of hf_layers and hf_embeddings come after these
 _Reasons = Callable[[nn.Module], list[str]]
@@ -685,7 +676,7 @@ _FAMILIES: tuple[tuple[dict[type, type[FusedModule]], str, _Reasons, _Reasons | 
     (_SAM_ATTENTIONS, "attention", _sam_attention_problems, _sam_attention_notes),
     (_SELF_ATTENTION_TABLE, "attention", _self_attention_problems, _self_attention_notes),
     (_DATA2VEC_ATTENTIONS, "attention", _data2vec_attention_problems, _data2vec_attention_notes),
-    (_DATA2VEC_LAYERS, "mlp", _data2vec_layer_problems, _data2vec_layer_notes),
+    (_DATA2VEC_LAYERS, "mlp", _data2vec_layer_problems, _output_dropout_and_drop_path_notes),
     (_SWIN_COPY_ATTENTIONS, "attention", _swin_copy_attention_problems, _swinv2_attention_notes),
     (_DONUT_SWIN_LAYERS, "mlp", _donut_swin_layer_problems, _swinv2_layer_notes),
     (_HIERA_ATTENTIONS, "attention", _hiera_attention_problems, None),
@@ -695,7 +686,7 @@ _FAMILIES: tuple[tuple[dict[type, type[FusedModule]], str, _Reasons, _Reasons | 
     (_CONVNEXT_LAYERS, "mlp", _convnext_problems, None),
     (_GEMMA4_LAYERS, "mlp", _gemma4_layer_problems, None),
     (_LEVIT_ATTENTIONS, "attention", _levit_attention_problems, None),
-    (_TIMESFORMER_LAYERS, "mlp", _timesformer_layer_problems, _timesformer_layer_notes),
+    (_TIMESFORMER_LAYERS, "mlp", _timesformer_layer_problems, _output_dropout_and_drop_path_notes),
 )
 
 
