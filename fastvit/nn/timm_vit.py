@@ -99,13 +99,15 @@ class FusedSwiGLUBlock(_BlockForward, Block):
 
 
 class _FusedEmbedding(FusedModule):
-    """What the fused ``VisionTransformer`` classes (and ``fastvit.nn.timm_eva.FusedEva``) share:
-    ``forward_features`` embeds with one ``fastvit.patch_embed`` call, in place of ``patch_embed``
-    then ``_pos_embed``.
+    """What the fused timm models share (the ``VisionTransformer`` classes, ``fastvit.nn.timm_eva.FusedEva``
+    and ``fastvit.nn.timm_embeddings``' models): each one's ``forward_features`` embeds with one
+    ``fastvit.patch_embed`` call (``_fastvit_tokens``), in place of ``patch_embed`` then
+    ``_pos_embed`` (or the model's own concat and add), and runs the rest as timm's.
 
-    That call projects the patches, prepends the class / distillation / register tokens and adds
-    ``pos_embed`` (resampled as timm does under ``dynamic_img_size``); ``pos_drop``, ``patch_drop``,
-    ``norm_pre``, the blocks and ``norm`` then run as in timm. ``model.patch_embed`` itself is not
+    That call projects the patches, prepends the tokens ``_fastvit_prefix`` names (class /
+    distillation / register) and adds ``_fastvit_pos_embed`` (resampled as timm does under
+    ``dynamic_img_size``); ``pos_drop``, ``patch_drop``, ``norm_pre``, the blocks and ``norm`` then
+    run as in timm. ``model.patch_embed`` itself is not
     touched: called on its own (or by ``forward_intermediates``, which runs timm's embedding) it
     returns what it always did. A hook on ``patch_embed`` or its ``proj`` / ``norm``, or a
     replaced ``patch_embed``, sends the call to timm's ``forward_features``.
@@ -117,7 +119,21 @@ class _FusedEmbedding(FusedModule):
     fastvit_bypassed_methods = ("_pos_embed",)  # timm's forward_features calls it; the op embeds
 
     def _fastvit_prefix(self) -> list[torch.Tensor]:
+        """The tokens timm puts before the patches, in its order."""
         return [t for t in (self.cls_token, self.reg_token) if t is not None]
+
+    def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The position embedding timm adds, (1, P+N, D) or (1, N, D), for a (H, W) patch grid
+        (rounded up under ``dynamic_img_pad``): resampled under ``dynamic_img_size``."""
+        pos_embed = self.pos_embed
+        if pos_embed is not None and self.dynamic_img_size:
+            pos_embed = resample_abs_pos_embed(
+                pos_embed,
+                new_size=grid,
+                old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            )
+        return pos_embed
 
     def _fastvit_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, P+N, D) tokens with prefix tokens and pos_embed."""
@@ -134,18 +150,17 @@ class _FusedEmbedding(FusedModule):
                 torch._assert(width % patch_width == 0, message.format("width", width, patch_width))
         prefix = self._fastvit_prefix()
         prefix_tokens = None if not prefix else prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)
-        pos_embed = self.pos_embed
-        if pos_embed is not None and self.dynamic_img_size:
-            pos_embed = resample_abs_pos_embed(
-                pos_embed,
-                new_size=embed.dynamic_feat_size(x.shape[-2:]),  # rounded up under dynamic_img_pad
-                old_size=embed.grid_size,
-                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-            )
+        pos_embed = self._fastvit_pos_embed(embed.dynamic_feat_size(x.shape[-2:]))
         padding = {"dynamic_img_pad": True} if embed.dynamic_img_pad else {}  # zero-pads bottom/right
         return fastvit.patch_embed(
             x, embed.proj.weight, embed.proj.bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, **padding
         )  # fmt: skip
+
+
+
+class _VisionTransformerForward(_FusedEmbedding):
+    """``VisionTransformer.forward_features`` with the embedding as one ``fastvit.patch_embed``
+    call (``_FusedEmbedding``)."""
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -168,11 +183,11 @@ class _FusedEmbedding(FusedModule):
         return self.norm(x)
 
 
-class FusedVisionTransformer(_FusedEmbedding, VisionTransformer):
+class FusedVisionTransformer(_VisionTransformerForward, VisionTransformer):
     """timm ``VisionTransformer`` embedding its input with ``fastvit.patch_embed``."""
 
 
-class FusedVisionTransformerDistilled(_FusedEmbedding, VisionTransformerDistilled):
+class FusedVisionTransformerDistilled(_VisionTransformerForward, VisionTransformerDistilled):
     """DeiT ``VisionTransformerDistilled``: class then distillation token, then the patches."""
 
     def _fastvit_prefix(self) -> list[torch.Tensor]:

@@ -54,6 +54,7 @@ from fastvit.nn import (
     timm_convnext,
     timm_edgenext,
     timm_efficientformer,
+    timm_embeddings,
     timm_eva,
     timm_fastvit,
     timm_hiera,
@@ -231,6 +232,14 @@ except ImportError:
     timm_vitamin = None
 _BLOCKS = {cls: _BLOCK_KINDS for cls in (fused.FusedBlock.fastvit_original(), *_BLOCK_KINDS.values())}
 _MODELS = fused_table(fused.FusedVisionTransformer, fused.FusedVisionTransformerDistilled, timm_eva.FusedEva)
+# models whose forward_features embeds (B, C, H, W) -> tokens with timm's plain PatchEmbed
+_OTHER_MODELS = fused_table(
+    timm_embeddings.FusedBeit,
+    timm_embeddings.FusedVisionTransformerRelPos,
+    timm_embeddings.FusedCait,
+    timm_embeddings.FusedConVit,
+    timm_embeddings.FusedVisionTransformerSAM,
+)
 # blocks ending in x + drop_path2(gamma_2 * mlp(norm2(x))): {class: {its MLP's class: the fused class}}
 _GAMMA_BLOCKS = {
     cls: kinds
@@ -361,12 +370,9 @@ _LEFT_ALONE = {
 _NOT_YET = "patch embedding is not fused yet: it runs timm's modules"
 _CONV_STEM = "stem is a stack of strided convolutions, not one patchify conv (fastvit.patch_embed): left alone"
 _LEFT_ALONE_MODELS = {
-    ("timm.models.beit", "Beit"): _NOT_YET,
-    ("timm.models.vision_transformer_relpos", "VisionTransformerRelPos"): _NOT_YET,
     ("timm.models.swin_transformer", "SwinTransformer"): _NOT_YET,
     ("timm.models.swin_transformer_v2", "SwinTransformerV2"): _NOT_YET,
     ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr"): _NOT_YET,
-    ("timm.models.vision_transformer_sam", "VisionTransformerSAM"): _NOT_YET,
     ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
@@ -378,9 +384,7 @@ _LEFT_ALONE_MODELS = {
     "map, feeding conv stages, not a ViT's token embedding (fastvit.patch_embed): left alone",
     ("timm.models.edgenext", "EdgeNeXt"): "stem is a conv over a (B, C, H, W) map followed by a LayerNorm2d, "
     "feeding conv stages, not a ViT's token embedding (fastvit.patch_embed): left alone",
-    ("timm.models.cait", "Cait"): _NOT_YET,
     ("timm.models.volo", "VOLO"): _CONV_STEM,
-    ("timm.models.convit", "ConVit"): _NOT_YET,
     ("timm.models.xcit", "Xcit"): _CONV_STEM,
     ("timm.models.pvt_v2", "PyramidVisionTransformerV2"): "patch embedding is an overlapping conv (kernel 7, "
     "stride 4, padding 3) followed by a LayerNorm, not a patchify conv (fastvit.patch_embed): left alone",
@@ -764,7 +768,11 @@ def _block_notes(block: nn.Module) -> list[str]:
     return notes
 
 
-def _embed_problems(model: nn.Module) -> list[str]:
+def _embed_problems(model: nn.Module, nhwc: bool = False) -> list[str]:
+    """Why ``model``'s embedding cannot be one ``fastvit.patch_embed`` call: timm's ``PatchEmbed``
+    with a patchify conv and no norm, giving flat (B, N, D) tokens, or (B, H, W, D) patches where
+    the fused model views the op's tokens so (``nhwc``: SAM) or resamples ``pos_embed`` for them
+    (``dynamic_img_size``)."""
     embed = model.patch_embed
     problems = exact_type(embed, "patch_embed", (PatchEmbed,), "timm's PatchEmbed (e.g. a hybrid CNN stem)")
     if problems:
@@ -774,7 +782,8 @@ def _embed_problems(model: nn.Module) -> list[str]:
         embed.norm, "patch_embed.norm", (nn.Identity,), "Identity (a norm before the tokens)"
     )
     flat = embed.flatten and embed.output_fmt == Format.NCHW
-    if not (flat or (model.dynamic_img_size and embed.output_fmt == Format.NHWC)):
+    grid = embed.output_fmt == Format.NHWC and not embed.flatten
+    if not (grid if nhwc else flat or (getattr(model, "dynamic_img_size", False) and grid)):
         problems.append(f"patch_embed output format {embed.output_fmt} (flatten={embed.flatten})")
     return problems
 
@@ -832,6 +841,11 @@ def find(model: nn.Module) -> list[Finding]:
             findings.append(slot(path, module, "mlp", fused_cls, problems, _BLOCK_NOTES.get(fused_cls, _block_notes)))
         elif cls in _MODELS:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
+        elif cls in _OTHER_MODELS:
+            fused_cls = _OTHER_MODELS[cls]
+            nhwc = fused_cls is timm_embeddings.FusedVisionTransformerSAM  # timm's (B, H, W, D) patches
+            problems = lambda m, nhwc=nhwc: _embed_problems(m, nhwc=nhwc)
+            findings.append(slot(path, module, "patch_embed", fused_cls, problems))
         elif cls in _NAFLEX:
             problems, notes = timm_naflex.embed_problems, timm_naflex.embed_notes
             findings.append(slot(path, module, "patch_embed", _NAFLEX[cls], problems, notes))

@@ -45,7 +45,7 @@ FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], torch.Tens
     "apple_fastvit": (test_timm_apple_fastvit.build, lambda: test_timm_apple_fastvit.images(batch=1), {ATTENTION}),
     "tnt": (test_timm_tnt.build, test_timm_tnt.images, {ATTENTION, MLP}),
     "volo": (test_timm_volo.build, lambda: test_timm_volo.images(batch=2), {ATTENTION, MLP}),
-    "convit": (test_timm_convit.build, lambda: test_timm_convit.images(batch=2), {ATTENTION, MLP}),
+    "convit": (test_timm_convit.build, lambda: test_timm_convit.images(batch=2), {ATTENTION, MLP, EMBED}),
     "tiny_vit": (lambda: test_timm_relpos.tiny_vit().eval(), lambda: torch.randn(2, 3, 64, 64), {ATTENTION, MLP}),
     "coatnet": (lambda: test_timm_maxxvit.build("coatnet_nano_rw", img_size=32), lambda: torch.randn(2, 3, 32, 32),
                 {ATTENTION, MLP}),

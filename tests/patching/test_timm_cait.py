@@ -50,7 +50,7 @@ def test_both_blocks_mlp_halves_match_unpatched(op_calls):
     patched = copy.deepcopy(reference)
     types, storages = module_types(patched), storage_map(patched)
     report = fastvit.patch(patched)
-    assert report.counts() == {"attention": CLASS_BLOCKS, "mlp": TALKING_BLOCKS + CLASS_BLOCKS}
+    assert report.counts() == {"attention": CLASS_BLOCKS, "mlp": TALKING_BLOCKS + CLASS_BLOCKS, "patch_embed": 1}
     assert [type(b) for b in patched.blocks] == [FusedLayerScaleBlock] * TALKING_BLOCKS
     assert [type(b) for b in patched.blocks_token_only] == [FusedLayerScaleBlockClassAttn] * CLASS_BLOCKS
     assert not [e for e in report.skipped if e.part == "mlp"]

@@ -53,7 +53,7 @@ def test_matches_unpatched_by_the_rule(op_calls):
     patched = copy.deepcopy(reference)
     types, storages = module_types(patched), storage_map(patched)
     report = fastvit.patch(patched)
-    assert report.counts() == {"attention": BLOCKS - GPSA_BLOCKS, "mlp": BLOCKS}
+    assert report.counts() == {"attention": BLOCKS - GPSA_BLOCKS, "mlp": BLOCKS, "patch_embed": 1}
     assert [type(b) for b in patched.blocks] == [FusedConvitBlock] * BLOCKS
     assert type(patched.blocks[-1].attn) is FusedConvitMHSA
     gpsa = [e for e in report.skipped if e.part == "attention"]

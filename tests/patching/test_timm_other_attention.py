@@ -42,11 +42,12 @@ from tests.patching.helpers import (
 )
 
 timm = pytest.importorskip("timm")
-from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn  # noqa: E402
+from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn  # noqa: E402
 from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock, MultiScaleVit, MultiScaleVitCfg  # noqa: E402
 from timm.models.pvt_v2 import Attention as PvtAttention  # noqa: E402
 
 from fastvit.nn.timm_cait import FusedClassAttn, FusedLayerScaleBlock, FusedLayerScaleBlockClassAttn  # noqa: E402
+from fastvit.nn.timm_embeddings import FusedCait  # noqa: E402
 from fastvit.nn.timm_mvit import FusedMultiScaleAttention, FusedMultiScaleBlock  # noqa: E402
 from fastvit.nn.timm_pvt import FusedPvtAttention  # noqa: E402
 
@@ -113,7 +114,7 @@ def test_pvt_matches_unpatched(linear, size, op_calls):
 
 def test_cait_class_attention_matches_unpatched(op_calls):
     reference, patched, report = pair(cait().eval())
-    assert report.counts() == {"attention": CAIT_CLASS_BLOCKS, "mlp": CAIT_MLP_HALVES}
+    assert report.counts() == {"attention": CAIT_CLASS_BLOCKS, "mlp": CAIT_MLP_HALVES, "patch_embed": 1}
     assert_matches_by_the_rule(reference, patched, images(16))
     calls = op_calls["flash_attention"]
     assert len(calls) == CAIT_CLASS_BLOCKS
@@ -131,7 +132,7 @@ def test_cait_talking_heads_are_reported_skipped():
     for entry in talking:
         assert "TalkingHeadAttn mixes the heads" in entry.detail and "before and after the softmax" in entry.detail
     skipped = {e.where: (e.part, e.detail) for e in report.skipped}
-    assert skipped["(model)"][0] == "patch_embed" and "Cait's patch embedding" in skipped["(model)"][1]
+    assert "(model)" not in skipped  # its embedding is fused (test_timm_embeddings.py)
     assert "blocks.0" not in skipped and "blocks_token_only.0" not in skipped  # their MLP halves are fused
     model = cait()
     assert type(model.blocks[0].attn) is TalkingHeadAttn  # left as timm's class
@@ -223,10 +224,11 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if type(m) in (FusedPvtAttention, FusedClassAttn, FusedMultiScaleAttention,
                                                          FusedLayerScaleBlock, FusedLayerScaleBlockClassAttn,
-                                                         FusedMultiScaleBlock)]  # fmt: skip
-    assert len(fused) == len(report.replaced) == FUSED[name] + MLP_HALVES.get(name, 0)
+                                                         FusedMultiScaleBlock, FusedCait)]  # fmt: skip
+    embeddings = 1 if name == "cait" else 0  # CaiT's embedding (test_timm_embeddings.py)
+    assert len(fused) == len(report.replaced) == FUSED[name] + MLP_HALVES.get(name, 0) + embeddings
     assert all(isinstance(m, (PvtAttention, ClassAttn, MultiScaleAttention, LayerScaleBlock,
-                              LayerScaleBlockClassAttn, MultiScaleBlock)) for m in fused)  # fmt: skip
+                              LayerScaleBlockClassAttn, MultiScaleBlock, Cait)) for m in fused)  # fmt: skip
     assert len(fastvit.unpatch(model).replaced) == len(report.replaced)
     assert module_types(model) == before_types and storage_map(model) == before_storage
     assert torch.equal(model(x), before_out)
@@ -297,7 +299,7 @@ def test_timm_fx_feature_extraction(name):
     extractor = create_feature_extractor(patched, return_nodes=nodes)
     leaves = [n.target.__name__ for n in extractor.graph.nodes if n.op == "call_function"
               and getattr(n.target, "__module__", "").startswith("fastvit.ops")]  # fmt: skip
-    assert leaves == ["flash_attention"] * FUSED[name]
+    assert leaves == ["patch_embed"] * (name == "cait") + ["flash_attention"] * FUSED[name]  # CaiT's embedding too
     x = images(SIZES[name])
     want = create_feature_extractor(reference, return_nodes=nodes)(x)["out"]
     torch.testing.assert_close(extractor(x)["out"], want, rtol=1e-5, atol=1e-5)

@@ -88,11 +88,11 @@ BIAS_MODELS = {"levit": levit, "levit_conv": lambda **kw: levit(conv=True, **kw)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_patched_matches_unpatched(name, op_calls):
     reference, patched, report = pair(_model(name).eval())
-    # BEiT's Block (test_beit_mlp_half_*) and RelPosBlock (fastvit.nn.timm_blocks): their MLP halves are fused too
-    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
-    assert {e.part for e in report.skipped} == {"patch_embed"}
-    assert all("not fused yet" in e.detail for e in report.skipped)
+    # BEiT's Block (test_beit_mlp_half_*) and RelPosBlock (fastvit.nn.timm_blocks): their MLP halves are fused
+    # too, and the model's embedding (test_timm_embeddings.py)
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH, "patch_embed": 1} and not report.skipped
     assert_outputs_and_grads_match(reference, patched, images())
+    assert len(op_calls["patch_embed"]) == 1
     calls = op_calls["flash_attention"]
     assert len(calls) == DEPTH
     tokens = MODELS[name][1]
@@ -192,8 +192,9 @@ def test_state_dict_is_untouched_and_unpatch_restores_exactly(name):
     report = fastvit.patch(model)
     assert storage_map(model) == before_storage
     fused = [m for m in model.modules() if isinstance(m, FusedModule)]
-    # attention and MLP halves (LeViT's attention only)
-    assert len(fused) == len(report.replaced) == (3 if name == "levit_conv" else 6 if name == "tiny_vit" else 2 * DEPTH)
+    # attention and MLP halves (LeViT's attention only), and BEiT's / VisionTransformerRelPos's embedding
+    replaced = {"levit_conv": 3, "tiny_vit": 6}.get(name, 2 * DEPTH + 1)
+    assert len(fused) == len(report.replaced) == replaced
     assert all(isinstance(m, type(m).fastvit_original()) for m in fused)  # isinstance checks still pass
     if name not in BIAS_MODELS:
         assert type(model.blocks[0].attn) in (FusedBeitAttention, FusedRelPosAttention)
@@ -215,7 +216,7 @@ BEIT_BLOCKS = {
 def test_beit_mlp_half_matches_unpatched(name, op_calls):
     overrides, fused_name = BEIT_BLOCKS[name]
     reference, patched, report = pair(timm_model("beitv2_base_patch16_224", **overrides).eval())
-    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH, "patch_embed": 1}
     assert all(f"Block -> {fused_name}" in e.detail for e in report.replaced if e.part == "mlp")
     assert_outputs_and_grads_match(reference, patched, images())
     calls = op_calls["layernorm_mlp"]
@@ -227,7 +228,7 @@ def test_beit_mlp_half_matches_unpatched(name, op_calls):
 def test_beit_scale_mlp_passes_its_norm_as_the_hidden_norm(op_calls):
     # scale_mlp: the MLP's LayerNorm between the activation and fc2 is the op's hidden norm
     reference, patched, report = pair(timm_model("beitv2_base_patch16_224", scale_mlp=True, init_values=0.1).eval())
-    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
+    assert report.counts() == {"attention": DEPTH, "mlp": DEPTH, "patch_embed": 1}
     assert not [e for e in report.skipped if e.part == "mlp"]
     assert_outputs_and_grads_match(reference, patched, images())
     kwargs = op_calls["layernorm_mlp"][0]["kwargs"]
