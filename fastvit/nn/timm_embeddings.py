@@ -16,6 +16,10 @@ position-embedding add; the rest of ``forward_features`` runs as timm's, line fo
 - ``VisionTransformerSAM`` (SAM / ViTDet image encoders): the patches in timm's (B, H, W, D) layout
   (the op's (B, N, D) tokens viewed as the grid, no copy) plus the (1, H, W, D) ``pos_embed``,
   resampled as timm does for another grid and read as (1, N, D).
+- ``Qwen3VitEncoder`` and ``DeepseekVitEncoder`` (the ``qwen3_vit_*`` / ``deepseek_vit_*`` towers,
+  also inside their classifiers): the patches, plus Qwen's learned 48 x 48 ``pos_embed`` resampled
+  by timm's function to the grid and cast to the patches' dtype, as timm does (DeepSeek has none);
+  the rotary table for the grid and the blocks as timm's, the output viewed as (B, H, W, D).
 
 ``model.patch_embed`` is untouched: called on its own, or by ``forward_intermediates`` (timm's
 embedding), it returns what it always did. A hook on ``patch_embed`` or its ``proj`` / ``norm``, or
@@ -29,9 +33,23 @@ from __future__ import annotations
 import torch
 from timm.models import beit, cait, convit, vision_transformer_relpos, vision_transformer_sam
 
-from fastvit.nn.timm_vit import _FusedEmbedding
+try:  # the Qwen3-VL and DeepSeek towers, in timm's recent releases
+    from timm.models import deepseek_vit, qwen3_vit
+except ImportError:
+    deepseek_vit = qwen3_vit = None
 
-__all__ = ["FusedBeit", "FusedCait", "FusedConVit", "FusedVisionTransformerRelPos", "FusedVisionTransformerSAM"]
+from fastvit.nn.timm_vit import _FusedEmbedding
+from fastvit.ops._checks import autocast_dtype
+
+__all__ = [
+    "FusedBeit",
+    "FusedCait",
+    "FusedConVit",
+    "FusedDeepseekVitEncoder",
+    "FusedQwen3VitEncoder",
+    "FusedVisionTransformerRelPos",
+    "FusedVisionTransformerSAM",
+]
 
 
 class FusedBeit(_FusedEmbedding, beit.Beit):
@@ -143,6 +161,7 @@ class FusedVisionTransformerSAM(_FusedEmbedding, vision_transformer_sam.VisionTr
     ``fastvit.patch_embed`` call: the op's (B, N, D) tokens are viewed as timm's (B, H, W, D) map."""
 
     fastvit_bypassed_methods = ()
+    fastvit_patch_grid = True
 
     def _fastvit_prefix(self) -> list[torch.Tensor]:
         return []
@@ -165,3 +184,59 @@ class FusedVisionTransformerSAM(_FusedEmbedding, vision_transformer_sam.VisionTr
         x = self.norm_pre(self.patch_drop(self.pos_drop(x)))
         x = vision_transformer_sam.checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x)
         return self.neck(x.permute(0, 3, 1, 2))
+
+
+class _RopeTowerForward(_FusedEmbedding):
+    """The Qwen3-VL / DeepSeek encoders' ``forward_features``: the patches (and Qwen's resampled
+    ``pos_embed``) as one ``fastvit.patch_embed`` call in place of ``patch_embed`` then
+    ``_pos_embed``; the rotary table for the patch grid, the blocks and (DeepSeek) the final norm as
+    timm's; (B, N, D) -> (B, H, W, D) a view."""
+
+    fastvit_patch_grid = True
+    _fastvit_module = None  # timm's module of the model (its checkpoint helper)
+    _fastvit_final_norm = False  # whether forward_features ends in self.norm (DeepSeek)
+
+    def _fastvit_prefix(self) -> list[torch.Tensor]:
+        return []
+
+    def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        return None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward_features(x)
+        if not self._fastvit_intact():
+            return self._fastvit_original_forward_features(x)
+        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        x = self._fastvit_tokens(x)
+        rope = self.rope.get_embed(shape=grid)
+        checkpoint = self._fastvit_module.checkpoint
+        for block in self.blocks:
+            x = checkpoint(block, x, rope=rope) if self.grad_checkpointing else block(x, rope=rope)
+        if self._fastvit_final_norm:
+            x = self.norm(x)
+        return x.unflatten(1, grid)
+
+
+if qwen3_vit is not None:
+
+    class FusedQwen3VitEncoder(_RopeTowerForward, qwen3_vit.Qwen3VitEncoder):
+        """timm ``Qwen3VitEncoder`` embedding its patches and resampled ``pos_embed`` with one
+        ``fastvit.patch_embed`` call."""
+
+        _fastvit_module = qwen3_vit
+
+        def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
+            # timm's bilinear resample of the 48 x 48 table (looked up on timm's module: its FX tracer
+            # wraps it there), cast to the patches' dtype as timm's x + pos_embed.to(x.dtype)
+            pos_embed = qwen3_vit.resample_pos_embed_grid(self.pos_embed, self.pos_embed_grid_size, grid)
+            weight = self.patch_embed.proj.weight
+            autocast = autocast_dtype(weight.device) if weight.dtype != torch.float64 else None  # as conv2d's
+            return pos_embed.to(autocast or weight.dtype)
+
+    class FusedDeepseekVitEncoder(_RopeTowerForward, deepseek_vit.DeepseekVitEncoder):
+        """timm ``DeepseekVitEncoder`` embedding its patches with one ``fastvit.patch_embed`` call (it
+        has no absolute position embedding)."""
+
+        _fastvit_module = deepseek_vit
+        _fastvit_final_norm = True

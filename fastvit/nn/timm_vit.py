@@ -9,6 +9,8 @@ Importing this module imports timm.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from timm.layers import Attention, resample_abs_pos_embed
 from timm.models._manipulate import checkpoint_seq
@@ -117,6 +119,8 @@ class _FusedEmbedding(FusedModule):
     fastvit_op = "patch_embed"
     fastvit_bypassed = ("patch_embed", "patch_embed.proj", "patch_embed.norm")
     fastvit_bypassed_methods = ("_pos_embed",)  # timm's forward_features calls it; the op embeds
+    # whether the model's patch_embed gives timm's (B, H, W, D) map, the op's tokens viewed so
+    fastvit_patch_grid: ClassVar[bool] = False
 
     def _fastvit_prefix(self) -> list[torch.Tensor]:
         """The tokens timm puts before the patches, in its order."""

@@ -122,7 +122,9 @@ def patch(
       MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP
       towers); the MLP alone (``norm="none"``) of the post-norm blocks (Swin V2, V2-CR,
       ``EvaBlockPostNorm``, ``ResPostRelPosBlock``, ``ResPostBlock``); ``scale_mlp``'s LayerNorm
-      between the activation and fc2 (EVA02-B/L, EVA02-CLIP) as the op's ``hidden_norm``;
+      between the activation and fc2 (EVA02-B/L, EVA02-CLIP) as the op's ``hidden_norm``; the
+      embeddings of ``VisionTransformer``, Eva, BEiT, ``vit_relpos_*``, CaiT, ConViT, SAM and the
+      Qwen3-VL and DeepSeek towers;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``: V2's post-norm MLP
       alone), MaxViT and ConvNeXt's LayerNorm+MLP (``convnext_*``);
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves and

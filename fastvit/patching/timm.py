@@ -1,5 +1,7 @@
 """timm adapter: ``Attention`` anywhere, the pre-norm ``Block``'s LayerNorm+MLP half, and the
-``VisionTransformer`` / ``VisionTransformerDistilled`` embedding.
+``VisionTransformer`` / ``VisionTransformerDistilled`` embedding (and the embeddings of BEiT,
+``VisionTransformerRelPos``, CaiT, ConViT, SAM and the Qwen3-VL / DeepSeek towers:
+``timm_embeddings``).
 
 That covers vit_* (register tokens, ``qk_norm``, ``no_embed_class``, ``class_token=False``,
 ``dynamic_img_size``), deit_* (distilled too), deit3_* (LayerScale) and the other timm models built from
@@ -239,6 +241,11 @@ _OTHER_MODELS = fused_table(
     timm_embeddings.FusedCait,
     timm_embeddings.FusedConVit,
     timm_embeddings.FusedVisionTransformerSAM,
+    *(
+        (timm_embeddings.FusedQwen3VitEncoder, timm_embeddings.FusedDeepseekVitEncoder)
+        if timm_embeddings.qwen3_vit is not None
+        else ()
+    ),
 )
 # blocks ending in x + drop_path2(gamma_2 * mlp(norm2(x))): {class: {its MLP's class: the fused class}}
 _GAMMA_BLOCKS = {
@@ -308,7 +315,7 @@ _OTHER_ATTENTIONS = {
     )
     for cls in table
 }
-# Blocks and models of those families whose other parts are not fused yet: (module, class) -> (part, reason)
+# Blocks and models of those families whose other parts are not fused: (module, class) -> (part, reason)
 # Post-norm blocks, x + drop_path2(norm2(mlp(x))): their ``mlp`` module alone is fused (timm_post_norm),
 # the block's norm2, drop_path2 and residual add run as timm's
 _POST_NORM_BLOCKS = {
@@ -367,12 +374,15 @@ _LEFT_ALONE = {
         "modules",
     ),
 }
-_NOT_YET = "patch embedding is not fused yet: it runs timm's modules"
+_NORMED_PATCHES = (
+    "patch embedding normalises the patches (timm's PatchEmbed with a LayerNorm, feeding the window stages as a "
+    "map), which fastvit.patch_embed does not compute: left alone"
+)
 _CONV_STEM = "stem is a stack of strided convolutions, not one patchify conv (fastvit.patch_embed): left alone"
 _LEFT_ALONE_MODELS = {
-    ("timm.models.swin_transformer", "SwinTransformer"): _NOT_YET,
-    ("timm.models.swin_transformer_v2", "SwinTransformerV2"): _NOT_YET,
-    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr"): _NOT_YET,
+    ("timm.models.swin_transformer", "SwinTransformer"): _NORMED_PATCHES,
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2"): _NORMED_PATCHES,
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr"): _NORMED_PATCHES,
     ("timm.models.tiny_vit", "TinyVit"): _CONV_STEM,
     ("timm.models.levit", "Levit"): _CONV_STEM,
     ("timm.models.levit", "LevitDistilled"): _CONV_STEM,
@@ -406,9 +416,10 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.davit", "DaVit"): "stem is an overlapping conv (kernel 7, stride 4, padding 3) followed by a "
     "LayerNorm2d, not a patchify conv (fastvit.patch_embed): left alone",
     **{
-        ("timm.models." + module, cls): _NOT_YET
-        for module, prefix in (("qwen3_vit", "Qwen3Vit"), ("deepseek_vit", "DeepseekVit"), ("gemma4_vit", "Gemma4Vit"))
-        for cls in (prefix + "Classifier", prefix + "Encoder")
+        ("timm.models.gemma4_vit", cls): "patch embedding is a Linear over patches flattened in P-P-C order (or "
+        "NaFlex's pre-patchified ones) plus a 2-D position table looked up by patch coordinate, not a patchify "
+        "Conv2d with one position embedding (fastvit.patch_embed): left alone"
+        for cls in ("Gemma4VitClassifier", "Gemma4VitEncoder")
     },
 }
 
@@ -843,8 +854,7 @@ def find(model: nn.Module) -> list[Finding]:
             findings.append(slot(path, module, "patch_embed", _MODELS[cls], _embed_problems))
         elif cls in _OTHER_MODELS:
             fused_cls = _OTHER_MODELS[cls]
-            nhwc = fused_cls is timm_embeddings.FusedVisionTransformerSAM  # timm's (B, H, W, D) patches
-            problems = lambda m, nhwc=nhwc: _embed_problems(m, nhwc=nhwc)
+            problems = lambda m, nhwc=fused_cls.fastvit_patch_grid: _embed_problems(m, nhwc=nhwc)
             findings.append(slot(path, module, "patch_embed", fused_cls, problems))
         elif cls in _NAFLEX:
             problems, notes = timm_naflex.embed_problems, timm_naflex.embed_notes

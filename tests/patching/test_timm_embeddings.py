@@ -50,6 +50,7 @@ class Case:
     size: int = 16
     prefix: Callable[[nn.Module], torch.Tensor | None] = lambda m: None  # what the op gets as prefix_tokens
     pos_embed: Callable[[nn.Module], torch.Tensor | None] = lambda m: None  # the Parameter pos_embed reads
+    embedder: Callable[[nn.Module], nn.Module] = lambda m: m  # the module fused (an encoder in a classifier)
 
 
 CASES = {
@@ -79,18 +80,34 @@ CASES = {
     # (B, H, W, D) patches plus the (1, H, W, D) pos_embed, read as (1, N, D)
     "sam": Case(samvit, timm_embeddings.FusedVisionTransformerSAM, size=32, pos_embed=lambda m: m.pos_embed),
 }
+if timm_embeddings.qwen3_vit is not None:
+    CASES |= {
+        # the Qwen3-VL tower in its classifier: a 4 x 4 pos_embed table (48 x 48 in the checkpoints), RoPE
+        "qwen3_vit": Case(
+            lambda **kw: timm_model("qwen3_vit_88m", img_size=32, patch_size=8, pos_embed_grid_size=4, mlp_ratio=2.0,
+                                    **kw),
+            timm_embeddings.FusedQwen3VitEncoder,
+            size=32,
+            pos_embed=lambda m: m.encoder.pos_embed,
+            embedder=lambda m: m.encoder,
+        ),
+        # the DeepSeek tower: no absolute position embedding, a final norm
+        "deepseek_vit": Case(lambda **kw: timm_model("deepseek_vit_412m", img_size=32, patch_size=8, **kw),
+                             timm_embeddings.FusedDeepseekVitEncoder, size=32, embedder=lambda m: m.encoder),
+    }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_embedding_matches_unpatched_with_the_models_parameters(name, op_calls):
     case = CASES[name]
     reference, patched, report = pair(case.build().eval())
-    assert type(patched) is case.fused and isinstance(patched, type(reference))
+    embedder = case.embedder(patched)
+    assert type(embedder) is case.fused and isinstance(embedder, type(case.embedder(reference)))
     assert report.counts()["patch_embed"] == 1 and not [e for e in report.skipped if e.part == "patch_embed"]
     assert_matches_by_the_rule(reference, patched, images(size=case.size))
     (call, *_) = op_calls["patch_embed"]
     _, weight, bias = call["args"]
-    assert weight is patched.patch_embed.proj.weight and bias is patched.patch_embed.proj.bias
+    assert weight is embedder.patch_embed.proj.weight and bias is embedder.patch_embed.proj.bias
     assert call["kwargs"]["prefix_tokens"] is case.prefix(patched)
     pos_embed, want = call["kwargs"]["pos_embed"], case.pos_embed(patched)
     if want is None or want.dim() == 3:
@@ -127,12 +144,33 @@ def test_position_dropout_draws_as_timm_in_training(name, op_calls):
     assert len(op_calls["patch_embed"]) == 1
 
 
-@pytest.mark.parametrize("name", ["beit", "relpos_no_cls", "cait", "sam"])
+@pytest.mark.skipif(timm_embeddings.qwen3_vit is None, reason="this timm has no Qwen3-VL tower")
+@pytest.mark.parametrize("size", [(48, 40), (16, 24)], ids=["larger", "smaller"])
+def test_qwen_resamples_pos_embed_and_casts_it_to_the_patches_dtype(size, op_calls):
+    # timm's bilinear resample of the table to the 6 x 5 (2 x 3) grid; under autocast timm adds
+    # pos_embed.to(x.dtype) to the bf16 patches, so the op gets it in bf16 and the tokens stay bf16
+    case = CASES["qwen3_vit"]
+    reference, patched, _ = pair(case.build().eval())
+    x = images(size=size)
+    assert_matches_by_the_rule(reference, patched, x)
+    grid = (size[0] // 8, size[1] // 8)
+    assert op_calls["patch_embed"][0]["kwargs"]["pos_embed"].shape == (1, grid[0] * grid[1], 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = patched.forward_features(x), reference.forward_features(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == (3, *grid, 32)
+    assert op_calls["patch_embed"][-1]["kwargs"]["pos_embed"].dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["beit", "relpos_no_cls", "cait", "sam", "qwen3_vit", "deepseek_vit"])
 def test_grad_checkpointing(name, op_calls):
+    if name not in CASES:
+        pytest.skip("this timm has no Qwen3-VL / DeepSeek tower")
     case = CASES[name]
     reference, patched, _ = pair(case.build().eval())
     for model in (reference, patched):
         model.set_grad_checkpointing(True)
+        assert case.embedder(model).grad_checkpointing
     assert_outputs_and_grads_match(reference, patched, images(size=case.size))
     assert len(op_calls["patch_embed"]) == 1
 
@@ -180,12 +218,13 @@ def test_beit_compiles_fx_traces_and_scripts(op_calls, fresh_warnings):
 
 @pytest.mark.interpreter
 def test_triton_route(op_calls):
-    for name in ("beit_abs_pos", "relpos_cls", "cait", "convit", "sam"):
+    names = [n for n in ("beit_abs_pos", "relpos_cls", "cait", "convit", "sam", "qwen3_vit") if n in CASES]
+    for name in names:
         case = CASES[name]
         reference, patched, _ = pair(case.build().eval())
         with fastvit.backend("triton"):
             assert_matches_by_the_rule(reference, patched, images(batch=1, size=case.size))
-    assert len(op_calls["patch_embed"]) == 5
+    assert len(op_calls["patch_embed"]) == len(names)
 
 
 class TestSamChecks(ModelChecks):

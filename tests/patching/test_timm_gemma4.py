@@ -136,4 +136,4 @@ def test_triton_route(op_calls):
 def test_report_names_the_patch_embedding():
     report = fastvit.patch(build())
     (skip,) = [e for e in report.skipped if e.part == "patch_embed"]
-    assert skip.path == "" and "Gemma4VitClassifier's patch embedding is not fused yet" in skip.detail
+    assert skip.path == "" and "Gemma4VitClassifier's patch embedding is a Linear over patches" in skip.detail

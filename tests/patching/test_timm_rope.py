@@ -37,9 +37,9 @@ TINY = dict(embed_dim=32, depth=DEPTH, num_heads=2, num_classes=5)
 # name -> (overrides, expected fused parts (attention, mlp, patch_embed), rotary_qk calls per forward)
 MODELS = {
     # Qwen3-VL tower: EvaBlock + AttentionRope, rotate_half RoPE, no prefix tokens, pos embed resampled
-    "qwen3_vit_88m": (dict(img_size=32, patch_size=8, pos_embed_grid_size=4, mlp_ratio=2.0), (DEPTH, DEPTH, 0)),
+    "qwen3_vit_88m": (dict(img_size=32, patch_size=8, pos_embed_grid_size=4, mlp_ratio=2.0), (DEPTH, DEPTH, 1)),
     # DeepSeek tower: its own block (fp32 RMSNorm, bias-free packed SwiGLU: fastvit.nn.timm_deepseek)
-    "deepseek_vit_412m": (dict(img_size=32, patch_size=8), (DEPTH, DEPTH, 0)),
+    "deepseek_vit_412m": (dict(img_size=32, patch_size=8), (DEPTH, DEPTH, 1)),
     # Perception Encoder: Eva with attn_type='rope', class token, attention-pool head ('map')
     "vit_pe_core_small_patch16_384": (dict(img_size=32, patch_size=8), (DEPTH + 1, DEPTH, 1)),
 }
