@@ -2,41 +2,62 @@
 and the position embedding as one ``fastvit.patch_embed`` call.
 
 Covered: ``CLIPVisionEmbeddings``, ``SiglipVisionEmbeddings``, ``Dinov2Embeddings``,
-``Dinov2WithRegistersEmbeddings``, ``DINOv3ViTEmbeddings`` and ``DeiTEmbeddings``. Calls the op
-does not cover (``interpolate_pos_encoding``, a resolution whose position embedding Hugging Face
-would resample, ``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which
-also keeps its own error messages. Importing this module imports transformers.
+``Dinov2WithRegistersEmbeddings``, ``DINOv3ViTEmbeddings``, ``DeiTEmbeddings``, ViT's copies
+``ViTMSNEmbeddings`` and ``IJepaEmbeddings`` (no class token), ``ViTMAEEmbeddings`` (the patches
+before its random masking), and BEiT's ``BeitEmbeddings`` and its
+copy ``Data2VecVisionEmbeddings`` (the absolute position embedding optional). Calls the op does not
+cover (``interpolate_pos_encoding``, a resolution whose position embedding Hugging Face would
+resample, ``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which also
+keeps its own error messages. Importing this module imports transformers.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+from transformers.models.beit.modeling_beit import BeitEmbeddings, BeitPatchEmbeddings
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
-from transformers.models.deit.modeling_deit import DeiTEmbeddings
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+from transformers.models.data2vec.modeling_data2vec_vision import (
+    Data2VecVisionEmbeddings,
+    Data2VecVisionPatchEmbeddings,
+)
+from transformers.models.deit.modeling_deit import DeiTEmbeddings, DeiTPatchEmbeddings
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings, Dinov2PatchEmbeddings
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersEmbeddings,
+    Dinov2WithRegistersPatchEmbeddings,
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTEmbeddings
+from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings, IJepaPatchEmbeddings
 from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings, ViTMAEPatchEmbeddings
+from transformers.models.vit_msn.modeling_vit_msn import ViTMSNEmbeddings, ViTMSNPatchEmbeddings
 
 import fastvit
 from fastvit.nn.fused import FusedModule
 
 __all__ = [
     "FUSED_EMBEDDINGS",
+    "FusedBeitEmbeddings",
     "FusedCLIPVisionEmbeddings",
     "FusedDINOv3ViTEmbeddings",
+    "FusedData2VecVisionEmbeddings",
     "FusedDeiTEmbeddings",
     "FusedDinov2Embeddings",
     "FusedDinov2WithRegistersEmbeddings",
+    "FusedIJepaEmbeddings",
     "FusedSiglipVisionEmbeddings",
+    "FusedViTMAEEmbeddings",
+    "FusedViTMSNEmbeddings",
 ]
 
 
 class _FusedEmbeddings(FusedModule):
     fastvit_part = "patch_embed"
     fastvit_op = "patch_embed"
+    # the family's PatchEmbeddings class holding the projection, where it has one (checked exactly)
+    fastvit_patch_holder: ClassVar[type | None] = None
 
 
 def _whole_patches(pixel_values: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
@@ -127,9 +148,13 @@ class _DinoEmbeddings(_FusedEmbeddings):
 class FusedDinov2Embeddings(_DinoEmbeddings, Dinov2Embeddings):
     """``Dinov2Embeddings`` as one ``fastvit.patch_embed`` call, then its dropout."""
 
+    fastvit_patch_holder = Dinov2PatchEmbeddings
+
 
 class FusedDinov2WithRegistersEmbeddings(_DinoEmbeddings, Dinov2WithRegistersEmbeddings):
     """DINOv2 with registers: class token, registers (no position embedding), patches."""
+
+    fastvit_patch_holder = Dinov2WithRegistersPatchEmbeddings
 
     def _fastvit_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         registers = self.register_tokens
@@ -158,6 +183,7 @@ class FusedDeiTEmbeddings(_FusedEmbeddings, DeiTEmbeddings):
     """``DeiTEmbeddings``: class and distillation tokens, position embedding, then dropout."""
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
+    fastvit_patch_holder = DeiTPatchEmbeddings
 
     def forward(
         self,
@@ -178,9 +204,144 @@ class FusedDeiTEmbeddings(_FusedEmbeddings, DeiTEmbeddings):
         return self.dropout(tokens)
 
 
+class _ViTLayoutEmbeddings(_FusedEmbeddings):
+    """ViT's embedding as Hugging Face copies it (ViT-MSN, I-JEPA): the projection, the class token
+    where the family has one, ``position_embeddings`` (1, P+N, D), then dropout, at the configured
+    image size. ``bool_masked_pos``, ``interpolate_pos_encoding`` and another size (Hugging Face's
+    error) run Hugging Face's forward."""
+
+    fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
+
+    def _fastvit_prefix(self) -> torch.Tensor | None:
+        return self.cls_token
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        channels = pixel_values.shape[1] == self.patch_embeddings.num_channels
+        exact = (height, width) == tuple(self.image_size) and channels
+        if bool_masked_pos is not None or interpolate_pos_encoding or not exact or not self._fastvit_intact():
+            return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
+        projection = self.patch_embeddings.projection
+        tokens = fastvit.patch_embed(
+            pixel_values, projection.weight, projection.bias, pos_embed=self.position_embeddings,
+            prefix_tokens=self._fastvit_prefix(),
+        )  # fmt: skip
+        return self.dropout(tokens)
+
+
+class FusedViTMSNEmbeddings(_ViTLayoutEmbeddings, ViTMSNEmbeddings):
+    """``ViTMSNEmbeddings`` (ViT's): class token, position embedding, then dropout."""
+
+    fastvit_patch_holder = ViTMSNPatchEmbeddings
+
+
+class FusedIJepaEmbeddings(_ViTLayoutEmbeddings, IJepaEmbeddings):
+    """``IJepaEmbeddings``: ViT's without a class token, the position embedding (1, N, D) over the
+    patches."""
+
+    fastvit_patch_holder = IJepaPatchEmbeddings
+
+    def _fastvit_prefix(self) -> torch.Tensor | None:
+        return None
+
+
+class FusedViTMAEEmbeddings(_FusedEmbeddings, ViTMAEEmbeddings):
+    """``ViTMAEEmbeddings``: the patches plus the position embedding's patch rows as one
+    ``fastvit.patch_embed`` call; then, as Hugging Face's, the random masking (``noise``) and the
+    class token plus its position row prepended. ``interpolate_pos_encoding`` and another size
+    (Hugging Face's error) run Hugging Face's forward."""
+
+    fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
+    fastvit_patch_holder = ViTMAEPatchEmbeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        channels = pixel_values.shape[1] == self.patch_embeddings.num_channels
+        exact = (height, width) == tuple(self.image_size) and channels
+        if interpolate_pos_encoding or not exact or not self._fastvit_intact():
+            return super().forward(pixel_values, noise, interpolate_pos_encoding)
+        projection = self.patch_embeddings.projection
+        position_embeddings = self.position_embeddings  # (1, 1+N, D); its patch rows, a view, go to the op
+        embeddings = fastvit.patch_embed(
+            pixel_values, projection.weight, projection.bias, pos_embed=position_embeddings[:, 1:]
+        )
+        embeddings, mask, ids_restore = self.random_masking(embeddings, noise)
+        cls_tokens = (self.cls_token + position_embeddings[:, :1]).expand(embeddings.shape[0], -1, -1)
+        return torch.cat((cls_tokens, embeddings), dim=1), mask, ids_restore
+
+
+class _BeitLayoutEmbeddings(_FusedEmbeddings):
+    """BEiT's embedding (and data2vec-vision's copy): the projection, the class token, the absolute
+    position embedding where the config has one (``use_absolute_position_embeddings``; BEiT's
+    checkpoints use the relative one), then dropout. With a position embedding, only at the trained
+    grid of a square image (Hugging Face resamples it at any other, and always while tracing);
+    without one, at any size of whole patches. ``bool_masked_pos`` runs Hugging Face's forward."""
+
+    fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
+    fastvit_bypassed_methods = ("interpolate_pos_encoding",)  # Hugging Face calls it with a position embedding
+
+    def forward(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]]:
+        projection = self.patch_embeddings.projection
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        covered = (
+            bool_masked_pos is None
+            and pixel_values.shape[1] == self.patch_embeddings.num_channels
+            and _whole_patches(pixel_values, projection)
+            and self._fastvit_intact()
+        )
+        pos_embed = self.position_embeddings
+        if covered and pos_embed is not None:
+            patch_h, patch_w = projection.stride
+            grid = (height // patch_h) * (width // patch_w)
+            covered = grid == pos_embed.shape[1] - 1 and height == width and not torch.jit.is_tracing()
+        if not covered:
+            return super().forward(pixel_values, bool_masked_pos)
+        tokens = fastvit.patch_embed(
+            pixel_values, projection.weight, projection.bias, pos_embed=pos_embed, prefix_tokens=self.cls_token
+        )
+        return self._fastvit_output(self.dropout(tokens), pixel_values)
+
+    def _fastvit_output(
+        self, tokens: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]]:
+        return tokens
+
+
+class FusedBeitEmbeddings(_BeitLayoutEmbeddings, BeitEmbeddings):
+    """``BeitEmbeddings`` as one ``fastvit.patch_embed`` call, then its dropout."""
+
+    fastvit_patch_holder = BeitPatchEmbeddings
+
+
+class FusedData2VecVisionEmbeddings(_BeitLayoutEmbeddings, Data2VecVisionEmbeddings):
+    """``Data2VecVisionEmbeddings`` (BEiT's earlier layout) as one ``fastvit.patch_embed`` call, then
+    its dropout; it returns the tokens with the (H, W) patch grid, as Hugging Face's."""
+
+    fastvit_patch_holder = Data2VecVisionPatchEmbeddings
+
+    def _fastvit_output(
+        self, tokens: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]]:
+        patch_h, patch_w = self.patch_embeddings.projection.stride
+        return tokens, (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
+
+
 FUSED_EMBEDDINGS: dict[type, type[FusedModule]] = {}
 for _fused in (
     FusedCLIPVisionEmbeddings, FusedSiglipVisionEmbeddings, FusedDinov2Embeddings, FusedDinov2WithRegistersEmbeddings,
-    FusedDINOv3ViTEmbeddings, FusedDeiTEmbeddings,
+    FusedDINOv3ViTEmbeddings, FusedDeiTEmbeddings, FusedViTMSNEmbeddings, FusedIJepaEmbeddings, FusedViTMAEEmbeddings,
+    FusedBeitEmbeddings, FusedData2VecVisionEmbeddings,
 ):  # fmt: skip
     FUSED_EMBEDDINGS[_fused.fastvit_original()] = FUSED_EMBEDDINGS[_fused] = _fused

@@ -206,7 +206,7 @@ class _RopeTowerForward(_FusedEmbedding):
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x)
         if not self._fastvit_intact():
-            return self._fastvit_original_forward_features(x)
+            return super().forward_features(x)
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
         x = self._fastvit_tokens(x)
         rope = self.rope.get_embed(shape=grid)

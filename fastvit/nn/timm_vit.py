@@ -161,7 +161,6 @@ class _FusedEmbedding(FusedModule):
         )  # fmt: skip
 
 
-
 class _VisionTransformerForward(_FusedEmbedding):
     """``VisionTransformer.forward_features`` with the embedding as one ``fastvit.patch_embed``
     call (``_FusedEmbedding``)."""

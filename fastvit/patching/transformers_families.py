@@ -45,12 +45,10 @@ from transformers.models.data2vec.modeling_data2vec_vision import (
     Data2VecVisionIntermediate,
     Data2VecVisionOutput,
 )
-from transformers.models.deit.modeling_deit import DeiTPatchEmbeddings
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2DropPath,
     Dinov2LayerScale,
     Dinov2MLP,
-    Dinov2PatchEmbeddings,
     Dinov2SwiGLUFFN,
 )
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_registers
@@ -309,18 +307,11 @@ def _notes(layer: nn.Module) -> list[str]:
     return [f"{' and '.join(rates)}: in training its MLP half runs Hugging Face's modules"] if rates else []
 
 
-_PATCH_HOLDERS = {
-    hf_embeddings.FusedDinov2Embeddings: Dinov2PatchEmbeddings,
-    hf_embeddings.FusedDinov2WithRegistersEmbeddings: dinov2_registers.Dinov2WithRegistersPatchEmbeddings,
-    hf_embeddings.FusedDeiTEmbeddings: DeiTPatchEmbeddings,
-}
-
-
 def _embedding_problems(embeddings: nn.Module) -> list[str]:
     """The projection must be a patchify Conv2d (inside ``patch_embeddings`` where the family has one)."""
     fused = hf_embeddings.FUSED_EMBEDDINGS[type(embeddings)]
     conv_path = fused.fastvit_bypassed[-1]  # "patch_embedding", "patch_embeddings" or "...projection"
-    holder_cls = _PATCH_HOLDERS.get(fused)
+    holder_cls = fused.fastvit_patch_holder
     if holder_cls is not None:  # the projection sits in the family's PatchEmbeddings module
         holder = getattr(embeddings, "patch_embeddings", None)
         problems = exact_type(holder, "patch_embeddings", (holder_cls,), holder_cls.__name__)

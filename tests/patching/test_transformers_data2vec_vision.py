@@ -53,7 +53,7 @@ def images(batch: int, size: int = 16) -> torch.Tensor:
 @pytest.mark.parametrize("bias", ["own", "shared", "none"])
 def test_matches_unpatched_by_the_rule(implementation, bias, op_calls):
     reference, patched, report = pair(build(implementation, bias))
-    assert report.counts() == {"attention": LAYERS, "mlp": LAYERS} and not report.skipped
+    assert report.counts() == {"attention": LAYERS, "mlp": LAYERS, "patch_embed": 1} and not report.skipped
     assert [type(m) for m in patched.modules()].count(FUSED[implementation]) == LAYERS
     assert_matches_by_the_rule(reference, patched, images(2))
     calls = op_calls["flash_attention"]
@@ -100,6 +100,8 @@ def test_dropout_and_drop_path_in_training_run_hugging_face(implementation, op_c
 class TestData2VecVisionChecks(ModelChecks):
     build = staticmethod(build)
     inputs = staticmethod(images)
-    export_ops = frozenset({"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default"})
+    export_ops = frozenset(
+        {"fastvit.flash_attention_fwd.default", "fastvit.layernorm_mlp_fwd.default", "fastvit.patch_embed_fwd.default"}
+    )
     counted_op = "flash_attention"
     calls = LAYERS

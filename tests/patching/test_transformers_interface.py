@@ -162,6 +162,7 @@ FAMILIES = {
         _hidden,
         DEPTH,
         mlp=DEPTH,
+        embed=1,
     ),
     "vit_msn": Family(
         lambda: T.ViTMSNModel(T.ViTMSNConfig(**VISION)),
@@ -169,6 +170,7 @@ FAMILIES = {
         _hidden,
         DEPTH,
         mlp=DEPTH,
+        embed=1,
     ),
     # two frames of 16 x 16, tubelets 2 x 4 x 4: 16 tokens; ViViT's default gelu_fast (the op's gelu_tanh)
     "vivit": Family(
@@ -185,6 +187,7 @@ FAMILIES = {
         _hidden,
         DEPTH,
         mlp=DEPTH,
+        embed=1,
     ),
     "aimv2": Family(
         lambda: T.Aimv2VisionModel(T.Aimv2VisionConfig(**VISION)),
@@ -211,6 +214,7 @@ FAMILIES = {
         DEPTH,
         masked=DEPTH,
         mlp=DEPTH,
+        embed=1,
     ),
     # 2x2 windows, shifted in every second block: bias + shift mask, (B * windows, H, 4, 4); each
     # SwinLayer's LayerNorm+MLP half swapped (hf_layers.FusedSwinLayer)
