@@ -41,15 +41,7 @@ except ImportError:
 from fastvit.nn.timm_vit import _FusedEmbedding
 from fastvit.ops._checks import autocast_dtype
 
-__all__ = [
-    "FusedBeit",
-    "FusedCait",
-    "FusedConVit",
-    "FusedDeepseekVitEncoder",
-    "FusedQwen3VitEncoder",
-    "FusedVisionTransformerRelPos",
-    "FusedVisionTransformerSAM",
-]
+__all__ = ["FusedBeit", "FusedCait", "FusedConVit", "FusedVisionTransformerRelPos", "FusedVisionTransformerSAM"]
 
 
 class FusedBeit(_FusedEmbedding, beit.Beit):
@@ -219,6 +211,7 @@ class _RopeTowerForward(_FusedEmbedding):
 
 
 if qwen3_vit is not None:
+    __all__ += ["FusedDeepseekVitEncoder", "FusedQwen3VitEncoder"]
 
     class FusedQwen3VitEncoder(_RopeTowerForward, qwen3_vit.Qwen3VitEncoder):
         """timm ``Qwen3VitEncoder`` embedding its patches and resampled ``pos_embed`` with one
