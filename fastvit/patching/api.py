@@ -147,7 +147,8 @@ def patch(
       and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT, FLAVA, CvT,
       LeViT, the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR,
       and SegGPT; and every attention going through transformers' ``AttentionInterface`` (below). A
-      Hugging Face layer none of these covers is named in the report (its MLP half left as it is).
+      Hugging Face layer none of these covers is named in the report (its MLP half left as it is), and
+      so is a patch embedding none of them fuses (SAM's, YOLOS', VideoMAE's, AIMv2's ...).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the
     LayerNorm+MLP half of each block with its residual add (``fastvit.layernorm_mlp``) and the

@@ -74,6 +74,20 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn", "intermediate")
 _ATTENTION_NAMES = ("attention", "self_attn", "attn", "self_attention")
 
 
+def _is_patch_embedding(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a transformers patch embedding: a class named for an embedding
+    (``...Embeddings``, ``...PatchEmbed``) holding a patchifying convolution (stride = kernel) as a
+    direct child. Named in the report where no fastvit entry covers it or its parent."""
+    return (
+        _from_transformers(module)
+        and "Embed" in type(module).__name__
+        and any(
+            type(child) in (nn.Conv2d, nn.Conv3d) and tuple(child.stride) == tuple(child.kernel_size)
+            for child in module._modules.values()
+        )
+    )
+
+
 def _is_unknown_layer(module: nn.Module) -> bool:
     """Whether ``module`` looks like a transformers encoder / decoder layer (an attention and an MLP
     submodule under Hugging Face's names) that no fastvit entry covers: named in the report, so that
@@ -149,7 +163,8 @@ def find(model: nn.Module) -> list[Finding]:
     if not INSTALLED_LAYOUT_SUPPORTED:
         return _v4_findings(model)
     findings: list[Finding] = []
-    for path, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
         cls = type(module)
         if cls in _ATTENTIONS:
             findings.append(
@@ -169,7 +184,17 @@ def find(model: nn.Module) -> list[Finding]:
         elif path and _is_unknown_layer(module):  # said, not left out of the report
             findings.append(Skip(path, "mlp", f"{cls.__name__} ({cls.__module__}) is not a layer fastvit fuses: its "
                                  "MLP half runs Hugging Face's modules"))  # fmt: skip
+        elif _is_patch_embedding(module) and not _in_fused_embedding(path, modules):  # said, not left out
+            findings.append(Skip(path, "patch_embed", f"{cls.__name__} ({cls.__module__}) is not a patch embedding "
+                                 "fastvit fuses: it runs Hugging Face's modules"))  # fmt: skip
     return findings
+
+
+def _in_fused_embedding(path: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether the module at ``path`` is the projection holder of an embedding fastvit fuses (ViT's
+    ``ViTPatchEmbeddings`` in ``ViTEmbeddings`` ...), which that embedding's entry reports."""
+    parent = type(modules.get(path.rpartition(".")[0])) if path else None
+    return parent in _EMBEDDINGS or transformers_families.fused_embedding(parent)
 
 
 # ---------------------------------------------------------------------------------------------

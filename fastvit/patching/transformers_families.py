@@ -697,3 +697,8 @@ def finding(path: str, module: nn.Module) -> Finding | None:
     if embeddings is not None:
         return slot(path, module, "patch_embed", embeddings, _embedding_problems)
     return None
+
+
+def fused_embedding(cls: type | None) -> bool:
+    """Whether ``cls`` is an embedding class these families fuse (its original or fused class)."""
+    return cls in hf_embeddings.FUSED_EMBEDDINGS

@@ -351,4 +351,5 @@ def test_model_suite_hugging_face_sam_row():
     for r in records:
         assert r.status == "ok", (r.impl, r.note)
         assert (r.n_tokens, r.heads, r.head_dim) == (16, 12, 64) and r.extra["depth"] == 2
-    assert all("patched: 2 mlp, 2 attention; 0 skipped" in r.note for r in records[2:])
+    # SAM's patch embedding is named in the report (fastvit does not fuse it)
+    assert all("patched: 2 mlp, 2 attention; 1 skipped" in r.note for r in records[2:])

@@ -181,6 +181,28 @@ def test_unpatch_restores_the_embeddings():
         assert type(model.model.embeddings) is before
 
 
+def test_embeddings_fastvit_does_not_fuse_are_named_in_the_report():
+    # the patch embeddings of SAM's encoder, YOLOS (its detection tokens), VideoMAE (a Conv3d over
+    # tubelets) and AIMv2 (an RMS norm after the conv): each named with its path, its modules left as
+    # they are; the projection holder inside an embedding fastvit fuses (ViT-MSN's) is not
+    models = {
+        "vision_encoder.patch_embed": T.SamVisionModel(T.SamVisionConfig(**VISION, output_channels=8)),
+        "embeddings.patch_embeddings": T.YolosModel(
+            T.YolosConfig(**(VISION | dict(image_size=[16, 16])), num_detection_tokens=2)
+        ),
+        "embeddings": T.Aimv2VisionModel(T.Aimv2VisionConfig(**VISION)),
+    }
+    for path, model in models.items():
+        report = fastvit.patch(model)
+        (entry,) = [e for e in report.skipped if e.part == "patch_embed"]
+        assert entry.where == path and "is not a patch embedding fastvit fuses" in entry.detail
+        assert type(model.get_submodule(path)).__module__.startswith("transformers.")  # left as it is
+    video = T.VideoMAEModel(T.VideoMAEConfig(**VISION, num_frames=2, tubelet_size=2))
+    assert "VideoMAEPatchEmbeddings" in str(fastvit.patch(video))
+    report = fastvit.patch(build("vit_msn").model)
+    assert not report.skipped and report.counts()["patch_embed"] == 1
+
+
 @pytest.mark.interpreter
 def test_triton_route(op_calls):
     for name in ("ijepa", "beit_abs_pos", "data2vec_vision", "vit_mae"):
