@@ -179,35 +179,10 @@ class FusedDINOv3ViTEmbeddings(_FusedEmbeddings, DINOv3ViTEmbeddings):
         )  # fmt: skip
 
 
-class FusedDeiTEmbeddings(_FusedEmbeddings, DeiTEmbeddings):
-    """``DeiTEmbeddings``: class and distillation tokens, position embedding, then dropout."""
-
-    fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
-    fastvit_patch_holder = DeiTPatchEmbeddings
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.BoolTensor | None = None,
-        interpolate_pos_encoding: bool = False,
-    ) -> torch.Tensor:
-        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
-        channels = pixel_values.shape[1] == self.patch_embeddings.num_channels
-        exact = (height, width) == tuple(self.image_size) and channels
-        if bool_masked_pos is not None or interpolate_pos_encoding or not exact or not self._fastvit_intact():
-            return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
-        projection = self.patch_embeddings.projection
-        tokens = fastvit.patch_embed(
-            pixel_values, projection.weight, projection.bias, pos_embed=self.position_embeddings,
-            prefix_tokens=torch.cat((self.cls_token, self.distillation_token), dim=1),
-        )  # fmt: skip
-        return self.dropout(tokens)
-
-
 class _ViTLayoutEmbeddings(_FusedEmbeddings):
-    """ViT's embedding as Hugging Face copies it (ViT-MSN, I-JEPA): the projection, the class token
-    where the family has one, ``position_embeddings`` (1, P+N, D), then dropout, at the configured
-    image size. ``bool_masked_pos``, ``interpolate_pos_encoding`` and another size (Hugging Face's
+    """ViT's embedding as Hugging Face copies it (DeiT, ViT-MSN, I-JEPA): the projection, the
+    family's prefix tokens (``_fastvit_prefix``), ``position_embeddings`` (1, P+N, D), then dropout,
+    at the configured image size. ``bool_masked_pos``, ``interpolate_pos_encoding`` and another size (Hugging Face's
     error) run Hugging Face's forward."""
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
@@ -232,6 +207,15 @@ class _ViTLayoutEmbeddings(_FusedEmbeddings):
             prefix_tokens=self._fastvit_prefix(),
         )  # fmt: skip
         return self.dropout(tokens)
+
+
+class FusedDeiTEmbeddings(_ViTLayoutEmbeddings, DeiTEmbeddings):
+    """``DeiTEmbeddings``: class and distillation tokens, position embedding, then dropout."""
+
+    fastvit_patch_holder = DeiTPatchEmbeddings
+
+    def _fastvit_prefix(self) -> torch.Tensor | None:
+        return torch.cat((self.cls_token, self.distillation_token), dim=1)
 
 
 class FusedViTMSNEmbeddings(_ViTLayoutEmbeddings, ViTMSNEmbeddings):

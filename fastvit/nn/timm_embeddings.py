@@ -44,11 +44,23 @@ from fastvit.ops._checks import autocast_dtype
 __all__ = ["FusedBeit", "FusedCait", "FusedConVit", "FusedVisionTransformerRelPos", "FusedVisionTransformerSAM"]
 
 
-class FusedBeit(_FusedEmbedding, beit.Beit):
+class _ModelEmbedding(_FusedEmbedding):
+    """What these models share: no prefix tokens and no position embedding unless the class says
+    so, and (but for the Qwen3-VL / DeepSeek towers) no ``_pos_embed`` method: their
+    ``forward_features`` concatenates and adds itself."""
+
+
+    def _fastvit_prefix(self) -> list[torch.Tensor]:
+        return []
+
+    def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        return None
+
+
+class FusedBeit(_ModelEmbedding, beit.Beit):
     """timm ``Beit`` embedding its input (patches, class token, ``pos_embed``) with
     ``fastvit.patch_embed``."""
 
-    fastvit_bypassed_methods = ()
 
     def _fastvit_prefix(self) -> list[torch.Tensor]:
         return [self.cls_token]
@@ -71,17 +83,12 @@ class FusedBeit(_FusedEmbedding, beit.Beit):
         return self.norm(x)
 
 
-class FusedVisionTransformerRelPos(_FusedEmbedding, vision_transformer_relpos.VisionTransformerRelPos):
+class FusedVisionTransformerRelPos(_ModelEmbedding, vision_transformer_relpos.VisionTransformerRelPos):
     """timm ``VisionTransformerRelPos`` embedding its input (patches, class token when it has one)
     with ``fastvit.patch_embed``; it has no absolute position embedding."""
 
-    fastvit_bypassed_methods = ()
-
     def _fastvit_prefix(self) -> list[torch.Tensor]:
         return [] if self.cls_token is None else [self.cls_token]
-
-    def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
-        return None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
@@ -98,14 +105,10 @@ class FusedVisionTransformerRelPos(_FusedEmbedding, vision_transformer_relpos.Vi
         return self.norm(x)
 
 
-class FusedCait(_FusedEmbedding, cait.Cait):
+class FusedCait(_ModelEmbedding, cait.Cait):
     """timm ``Cait`` embedding its patches with ``pos_embed`` in one ``fastvit.patch_embed`` call; its
     class token joins in the class-attention blocks, as in timm."""
 
-    fastvit_bypassed_methods = ()
-
-    def _fastvit_prefix(self) -> list[torch.Tensor]:
-        return []  # the class token is prepended after the self-attention blocks (forward_cls)
 
     def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
         return self.pos_embed  # (1, N, D)
@@ -122,15 +125,11 @@ class FusedCait(_FusedEmbedding, cait.Cait):
         return self.norm(x)
 
 
-class FusedConVit(_FusedEmbedding, convit.ConVit):
+class FusedConVit(_ModelEmbedding, convit.ConVit):
     """timm ``ConVit`` embedding its patches (with ``pos_embed`` when ``use_pos_embed``) in one
     ``fastvit.patch_embed`` call; its class token joins before block ``local_up_to_layer``, as in
     timm."""
 
-    fastvit_bypassed_methods = ()
-
-    def _fastvit_prefix(self) -> list[torch.Tensor]:
-        return []  # the class token is prepended between the GPSA and the MHSA blocks
 
     def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
         return self.pos_embed if self.use_pos_embed else None  # (1, N, D)
@@ -148,15 +147,11 @@ class FusedConVit(_FusedEmbedding, convit.ConVit):
         return self.norm(x)
 
 
-class FusedVisionTransformerSAM(_FusedEmbedding, vision_transformer_sam.VisionTransformerSAM):
+class FusedVisionTransformerSAM(_ModelEmbedding, vision_transformer_sam.VisionTransformerSAM):
     """timm ``VisionTransformerSAM`` embedding its patches and ``pos_embed`` with one
     ``fastvit.patch_embed`` call: the op's (B, N, D) tokens are viewed as timm's (B, H, W, D) map."""
 
-    fastvit_bypassed_methods = ()
     fastvit_patch_grid = True
-
-    def _fastvit_prefix(self) -> list[torch.Tensor]:
-        return []
 
     def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
         if self.pos_embed is None:
@@ -178,21 +173,16 @@ class FusedVisionTransformerSAM(_FusedEmbedding, vision_transformer_sam.VisionTr
         return self.neck(x.permute(0, 3, 1, 2))
 
 
-class _RopeTowerForward(_FusedEmbedding):
+class _RopeTowerForward(_ModelEmbedding):
     """The Qwen3-VL / DeepSeek encoders' ``forward_features``: the patches (and Qwen's resampled
     ``pos_embed``) as one ``fastvit.patch_embed`` call in place of ``patch_embed`` then
     ``_pos_embed``; the rotary table for the patch grid, the blocks and (DeepSeek) the final norm as
     timm's; (B, N, D) -> (B, H, W, D) a view."""
 
+    fastvit_bypassed_methods = ("_pos_embed",)  # timm's forward_features calls it; the op embeds
     fastvit_patch_grid = True
     _fastvit_module = None  # timm's module of the model (its checkpoint helper)
     _fastvit_final_norm = False  # whether forward_features ends in self.norm (DeepSeek)
-
-    def _fastvit_prefix(self) -> list[torch.Tensor]:
-        return []
-
-    def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
-        return None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
