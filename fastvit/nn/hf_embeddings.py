@@ -4,11 +4,11 @@ and the position embedding as one ``fastvit.patch_embed`` call.
 Covered: ``CLIPVisionEmbeddings``, ``SiglipVisionEmbeddings``, ``Dinov2Embeddings``,
 ``Dinov2WithRegistersEmbeddings``, ``DINOv3ViTEmbeddings``, ``DeiTEmbeddings``, ViT's copies
 ``ViTMSNEmbeddings`` and ``IJepaEmbeddings`` (no class token), ``ViTMAEEmbeddings`` (the patches
-before its random masking), and BEiT's ``BeitEmbeddings`` and its
-copy ``Data2VecVisionEmbeddings`` (the absolute position embedding optional). Calls the op does not
-cover (``interpolate_pos_encoding``, a resolution whose position embedding Hugging Face would
-resample, ``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which also
-keeps its own error messages. Importing this module imports transformers.
+before its random masking), and BEiT's ``BeitEmbeddings`` and its copy ``Data2VecVisionEmbeddings``
+(the absolute position embedding optional). Calls the op does not cover
+(``interpolate_pos_encoding``, a resolution whose position embedding Hugging Face would resample,
+``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which also keeps its own
+error messages. Importing this module imports transformers.
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ class FusedDINOv3ViTEmbeddings(_FusedEmbeddings, DINOv3ViTEmbeddings):
 class _ViTLayoutEmbeddings(_FusedEmbeddings):
     """ViT's embedding as Hugging Face copies it (DeiT, ViT-MSN, I-JEPA): the projection, the
     family's prefix tokens (``_fastvit_prefix``), ``position_embeddings`` (1, P+N, D), then dropout,
-    at the configured image size. ``bool_masked_pos``, ``interpolate_pos_encoding`` and another size (Hugging Face's
-    error) run Hugging Face's forward."""
+    at the configured image size. ``bool_masked_pos``, ``interpolate_pos_encoding`` and another
+    size (Hugging Face's error) run Hugging Face's forward."""
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
 

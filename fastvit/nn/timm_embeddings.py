@@ -49,7 +49,6 @@ class _ModelEmbedding(_FusedEmbedding):
     so, and (but for the Qwen3-VL / DeepSeek towers) no ``_pos_embed`` method: their
     ``forward_features`` concatenates and adds itself."""
 
-
     def _fastvit_prefix(self) -> list[torch.Tensor]:
         return []
 
@@ -60,7 +59,6 @@ class _ModelEmbedding(_FusedEmbedding):
 class FusedBeit(_ModelEmbedding, beit.Beit):
     """timm ``Beit`` embedding its input (patches, class token, ``pos_embed``) with
     ``fastvit.patch_embed``."""
-
 
     def _fastvit_prefix(self) -> list[torch.Tensor]:
         return [self.cls_token]
@@ -109,7 +107,6 @@ class FusedCait(_ModelEmbedding, cait.Cait):
     """timm ``Cait`` embedding its patches with ``pos_embed`` in one ``fastvit.patch_embed`` call; its
     class token joins in the class-attention blocks, as in timm."""
 
-
     def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
         return self.pos_embed  # (1, N, D)
 
@@ -129,7 +126,6 @@ class FusedConVit(_ModelEmbedding, convit.ConVit):
     """timm ``ConVit`` embedding its patches (with ``pos_embed`` when ``use_pos_embed``) in one
     ``fastvit.patch_embed`` call; its class token joins before block ``local_up_to_layer``, as in
     timm."""
-
 
     def _fastvit_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor | None:
         return self.pos_embed if self.use_pos_embed else None  # (1, N, D)
