@@ -1,9 +1,10 @@
 """The static GPU report: ``python -m benchmarks static [--arch 80,89,90] [--json PATH] [--figures PATH]
 [--only triton|csrc] [--match TEXT]``.
 
-One tool in four files: this one (the command, the csrc half, the table), ``static_triton`` (the
-Triton compile), ``static_sass`` / ``static_ttgir`` (reading machine code and Triton's IR) and
-``static_model`` (the performance model and the problems).
+One tool in five files: this one (the command, the csrc half, the table), ``static_triton`` (the
+Triton compile), ``static_disasm`` (Triton's cubins disassembled in batches), ``static_sass`` /
+``static_ttgir`` (reading machine code and Triton's IR) and ``static_model`` (the performance model
+and the problems).
 
 Compiles, on this machine (no GPU needed), every Triton kernel configuration the launchers can
 pick (each kernel module's ``aot_specs()``, ``fastvit.kernels.aot.KernelSpec``) and every kernel of the CUDA
@@ -20,7 +21,7 @@ template instantiation for the .cu files) and architecture:
   reservation) plus, for Triton, the dynamic amount its launch requests. The csrc kernels'
   dynamic shared memory (if any) is chosen by their launchers at run time and not counted;
 - ``hmma`` / ``hgmma``: the warp-level and warpgroup (sm_90) tensor-core MMA instructions in the
-  SASS (``cuobjdump -sass``);
+  SASS (``cuobjdump -sass`` of each csrc cubin; Triton's, a batch at a time, by ``nvdisasm``);
 - Triton rows only, the performance model (``static_model``; the constants are stated there):
   ``ctas_per_sm`` and ``regs_to_cliff`` (occupancy), ``mma_shapes`` (the MMA histogram),
   ``mma_rows_replicated`` (a dot's MMA layout spans more rows than its tile: rows computed twice;

@@ -22,6 +22,7 @@ __all__ = [
     "loops",
     "mma_shape",
     "mma_shapes",
+    "parse_instruction",
     "parse_ptxas_log",
     "parse_resource_usage",
     "parse_sass",
@@ -103,11 +104,20 @@ def sass_functions(text: str) -> dict[str, list[Instruction]]:
         if match:
             current = out[match.group(1)] = []
             continue
-        ins = _INSTRUCTION.match(line)
+        ins = parse_instruction(line)
         if current is not None and ins is not None:
-            address, predicate, opcode, operands = ins.groups()
-            current.append(Instruction(int(address, 16), opcode, operands.strip(), predicate is not None))
+            current.append(ins)
     return out
+
+
+def parse_instruction(line: str) -> Instruction | None:
+    """One line of a SASS listing (``cuobjdump -sass`` or ``nvdisasm``) -> its instruction; None
+    for anything else (a control word ``/* 0x... */`` alone, a header, a comment)."""
+    match = _INSTRUCTION.match(line)
+    if match is None:
+        return None
+    address, predicate, opcode, operands = match.groups()
+    return Instruction(int(address, 16), opcode, operands.strip(), predicate is not None)
 
 
 def instruction_counts(instructions: list[Instruction]) -> dict[str, int]:

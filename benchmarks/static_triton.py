@@ -3,11 +3,12 @@ this machine may not have, and read its machine code.
 
 Each kernel module named in ``KERNEL_MODULES`` exposes ``aot_specs() -> list[KernelSpec]``
 (``fastvit.kernels.aot``): one spec per (configuration, dtype, head dim or width bucket,
-architecture) that its launcher can pick. ``compile_spec`` compiles one with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reads, with the
-``cuobjdump`` shipped in Triton's wheel, registers, stack frame, shared memory and the SASS, and
-from the TTGIR the dots' MMA layouts; ``static_model`` turns those into occupancy, the hot loop's
-issue ratio and the problems.
+architecture) that its launcher can pick. ``compile_specs`` compiles a batch of one architecture
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reads, with the
+CUDA tools shipped in Triton's wheel, each kernel's registers, stack frame and shared memory
+(``cuobjdump``) and its SASS (the batch's in one ``nvdisasm`` run, ``static_disasm``), and from the
+TTGIR the dots' MMA layouts; ``static_model`` turns those into occupancy, the hot loop's issue ratio
+and the problems.
 
 Run it in a process where ``TRITON_INTERPRET`` is unset (the interpreter replaces ``@triton.jit``
 functions at import): ``python -m fastvit.benchmarks.static_triton --json rows.json`` (the
@@ -29,6 +30,7 @@ from typing import Any
 
 from fastvit.kernels.aot import ARCHS, KernelSpec, defaults
 
+from .static_disasm import disassemble
 from .static_model import (
     SHARED_MEMORY_LIMIT,
     SM90_RESERVED_SHARED,
@@ -39,19 +41,22 @@ from .static_model import (
     regs_to_cliff,
 )
 from .static_sass import (
+    Instruction,
     async_copy,
     instruction_counts,
     local_accesses_in_loops,
     mma_shapes,
     parse_resource_usage,
-    sass_functions,
 )
 from .static_ttgir import mma_tiles
 
-__all__ = ["KERNEL_MODULES", "all_specs", "compile_spec", "main", "model_fields", "run", "tool"]
+__all__ = ["KERNEL_MODULES", "all_specs", "batches", "compile_spec", "compile_specs", "main", "model_fields", "run",
+           "tool"]
 
 # Kernel modules (under fastvit.kernels) that provide aot_specs().
 KERNEL_MODULES: tuple[str, ...] = ("flash_attention", "patch_embed", "layernorm_mlp", "layernorm_mlp_bwd", "rotary")
+# the most specs ``run`` compiles in one process call and disassembles in one nvdisasm run
+BATCH_SIZE = 12
 
 
 def tool(name: str) -> str:
@@ -69,9 +74,10 @@ def _resolve(kernel: str):
     return getattr(importlib.import_module(full), fn_name)
 
 
-def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: int, shared: int) -> dict[str, Any]:
-    """The performance model's fields of one compiled kernel (its SASS and TTGIR text)."""
-    code = next(iter(sass_functions(sass).values()), [])
+def model_fields(
+    code: list[Instruction], ttgir: str, arch: int, num_warps: int, registers: int, shared: int
+) -> dict[str, Any]:
+    """The performance model's fields of one compiled kernel (its SASS instructions and TTGIR text)."""
     tiles = mma_tiles(ttgir)
     loop = hot_loop(code, arch, num_warps)
     ctas = ctas_per_sm(arch, registers, shared, num_warps)
@@ -99,8 +105,9 @@ def model_fields(sass: str, ttgir: str, arch: int, num_warps: int, registers: in
     }
 
 
-def compile_spec(spec: KernelSpec) -> dict[str, Any]:
-    """Compile one spec; return its row (resources, MMA counts, the model's fields, problems)."""
+def _compile(spec: KernelSpec) -> tuple[dict[str, Any], Any]:
+    """(the spec's row so far, Triton's compiled kernel); the kernel is None and the row holds the
+    ``error`` and ``problems`` where it does not compile."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -132,18 +139,27 @@ def compile_spec(spec: KernelSpec) -> dict[str, Any]:
     except Exception as exc:  # reported, and the test fails on it
         row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
         row["problems"] = problems(row)
-        return row
+        return row, None
     row["compile_s"] = round(time.perf_counter() - start, 2)
+    return row, compiled
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """``cuobjdump --dump-resource-usage`` of a one-kernel cubin: REG, STACK, SHARED, LOCAL."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-        cubin = f.name
+        f.write(cubin)
+        path = f.name
     try:
-        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True,
+        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
                                check=True).stdout  # fmt: skip
-        sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
     finally:
-        os.unlink(cubin)
-    resources = next(iter(parse_resource_usage(usage).values()), {})  # one kernel per Triton cubin
+        os.unlink(path)
+    return next(iter(parse_resource_usage(usage).values()), {})  # one kernel per Triton cubin
+
+
+def _read_machine_code(row: dict[str, Any], spec: KernelSpec, compiled: Any, code: list[Instruction]) -> None:
+    """Fill a compiled spec's row: resources, the model's fields (from its SASS ``code``), problems."""
+    resources = _resource_usage(compiled.asm["cubin"])
     row["registers"] = resources.get("REG", -1)
     row["stack"] = resources.get("STACK", 0)
     row["local"] = resources.get("LOCAL", 0)
@@ -155,9 +171,37 @@ def compile_spec(spec: KernelSpec) -> dict[str, Any]:
     row["shared"] = row["shared_static"] + row["shared_dynamic"]
     row["shared_cubin"] = cubin_shared
     row["shared_limit"] = SHARED_MEMORY_LIMIT[spec.arch]
-    row.update(model_fields(sass, compiled.asm["ttgir"], spec.arch, spec.num_warps, row["registers"], row["shared"]))
+    row.update(model_fields(code, compiled.asm["ttgir"], spec.arch, spec.num_warps, row["registers"], row["shared"]))
     row["problems"] = problems(row)
-    return row
+
+
+def compile_specs(specs: list[KernelSpec]) -> list[dict[str, Any]]:
+    """Compile specs of one architecture; their rows (resources, MMA counts, the model's fields,
+    problems), in order. The cubins are disassembled together, in one nvdisasm run
+    (``static_disasm``)."""
+    if len({s.arch for s in specs}) > 1:
+        raise ValueError("compile_specs takes the specs of one architecture")
+    compiled = [(spec, *_compile(spec)) for spec in specs]
+    built = [(spec, row, kernel) for spec, row, kernel in compiled if kernel is not None]
+    if built:
+        code = disassemble([kernel.asm["cubin"] for _, _, kernel in built], built[0][0].arch, tool("nvdisasm"))
+        for (spec, row, kernel), (_, instructions) in zip(built, code, strict=True):
+            _read_machine_code(row, spec, kernel, instructions)
+    return [row for _, row, _ in compiled]
+
+
+def compile_spec(spec: KernelSpec) -> dict[str, Any]:
+    """Compile one spec; return its row (resources, MMA counts, the model's fields, problems)."""
+    return compile_specs([spec])[0]
+
+
+def batches(specs: list[KernelSpec], size: int) -> list[list[int]]:
+    """The specs' indices in batches of at most ``size``, each of one architecture (one nvdisasm
+    run), in the specs' order within an architecture."""
+    by_arch: dict[int, list[int]] = {}
+    for index, spec in enumerate(specs):
+        by_arch.setdefault(spec.arch, []).append(index)
+    return [indices[i : i + size] for indices in by_arch.values() for i in range(0, len(indices), size)]
 
 
 def all_specs(modules: tuple[str, ...] = KERNEL_MODULES, archs: tuple[int, ...] = ARCHS) -> list[KernelSpec]:
@@ -182,10 +226,20 @@ def run(
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (it is set to 1)")
     specs = [s for s in all_specs(modules, archs) if match is None or match in f"{s.kernel} [{s.config}]"]
     jobs = jobs or os.cpu_count() or 1
+    # a dozen specs per nvdisasm run, and several batches per process to keep the processes busy
+    # to the end
+    groups = batches(specs, max(1, min(BATCH_SIZE, len(specs) // (4 * jobs))))
+    grouped = [[specs[i] for i in group] for group in groups]
     if jobs == 1:
-        return [compile_spec(s) for s in specs]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(compile_spec, specs, chunksize=1))
+        results = [compile_specs(g) for g in grouped]
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(compile_specs, grouped, chunksize=1))
+    rows: list[dict[str, Any]] = [{}] * len(specs)
+    for group, group_rows in zip(groups, results, strict=True):
+        for index, row in zip(group, group_rows, strict=True):
+            rows[index] = row
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
