@@ -52,6 +52,20 @@ def _rng_seeded_per_test(request):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_dynamo_after_a_compile():
+    """A test that ran dynamo (torch.compile, torch.export) leaves it reset. Dynamo keys its caches
+    by code object, and a timm forward (``Block.forward``) serves many models: one compiled by an
+    earlier test made dynamo compile the next model's with dynamic shapes ("automatic dynamic"), a
+    far slower compile whose cost hung on which tests an xdist worker happened to run before
+    (HieraDet's fullgraph compile: 3 s alone, 176 s after timm_blocks' compile tests)."""
+    yield
+    from torch._dynamo import convert_frame
+
+    if convert_frame.FRAME_COUNTER:  # frames dynamo converted since the last reset (which zeroes it)
+        torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
 def _nan_filled_outputs():
     """Every launcher's outputs start as NaN, so elements a kernel never writes fail the checks."""
     from fastvit.kernels import runtime
