@@ -5,18 +5,14 @@ and sm_80, the same instructions as ``cuobjdump -sass`` of each cubin alone."""
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from fastvit.benchmarks.static_disasm import _rebased, code_section, nvdisasm_arch
 from fastvit.benchmarks.static_sass import Instruction, parse_instruction
 
-ROOT = Path(__file__).resolve().parents[2]
+from ._aot_process import run_without_interpreter
 
 
 def _elf(sections: dict[str, bytes]) -> bytes:
@@ -104,12 +100,7 @@ json.dump(out, open(sys.argv[1], "w"))
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("static-disasm") / "compared.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", COMPARE, str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    if proc.returncode != 0:
-        pytest.fail(f"compiling or disassembling the hand-made kernels failed:\n{proc.stderr[-3000:]}")
+    run_without_interpreter(COMPARE, out, "compiling or disassembling the hand-made kernels", timeout=600)
     return {int(arch): figures for arch, figures in json.loads(out.read_text()).items()}
 
 

@@ -7,10 +7,6 @@ issue-bound, clean tiles must pass)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -29,9 +25,8 @@ from fastvit.benchmarks.static_model import (
 from fastvit.benchmarks.static_sass import sass_functions
 from fastvit.benchmarks.static_ttgir import mma_tiles
 
+from ._aot_process import run_without_interpreter
 from .test_static_sass import LOOP
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,12 +263,7 @@ json.dump({name: compile_spec(spec) for name, spec in SPECS.items()}, open(sys.a
 @pytest.fixture(scope="module")
 def hand_made(tmp_path_factory):
     out = tmp_path_factory.mktemp("static-model") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", COMPILE, str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
-    if proc.returncode != 0:
-        pytest.fail(f"compiling the hand-made kernels failed:\n{proc.stderr[-3000:]}")
+    run_without_interpreter(COMPILE, out, "compiling the hand-made kernels")
     rows = json.loads(out.read_text())
     errors = {name: row["error"] for name, row in rows.items() if "error" in row}
     assert not errors
