@@ -35,7 +35,7 @@ _ELF_MAGIC = b"\x7fELF\x02\x01"
 _SECTION_HEADER = struct.Struct("<IIQQQQ")
 # instructions whose last operand is a code address (absolute in nvdisasm's raw listing)
 _ADDRESS_OPERAND = frozenset({"BRA", "BSSY", "CALL", "JMP", "BPT"})
-_TRAILING_ADDRESS = re.compile(r"0x([0-9a-f]+)(\s*)$")
+_TRAILING_ADDRESS = re.compile(r"0x([0-9a-f]+)$")  # operands come stripped (parse_instruction)
 
 
 def code_section(cubin: bytes) -> tuple[str, bytes]:
@@ -69,7 +69,7 @@ def nvdisasm_arch(arch: int) -> str:
 def _rebased(ins: Instruction, start: int) -> Instruction:
     operands = ins.operands
     if ins.name in _ADDRESS_OPERAND:
-        operands = _TRAILING_ADDRESS.sub(lambda m: f"0x{int(m.group(1), 16) - start:x}{m.group(2)}", operands)
+        operands = _TRAILING_ADDRESS.sub(lambda m: f"0x{int(m.group(1), 16) - start:x}", operands)
     return dataclasses.replace(ins, address=ins.address - start, operands=operands)
 
 
