@@ -148,7 +148,8 @@ def patch(
       LeViT, the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR,
       and SegGPT; and every attention going through transformers' ``AttentionInterface`` (below). A
       Hugging Face layer none of these covers is named in the report (its MLP half left as it is), and
-      so is a patch embedding none of them fuses (SAM's, YOLOS', VideoMAE's, AIMv2's ...).
+      so is a patch embedding none of them fuses (SAM's, YOLOS', VideoMAE's, AIMv2's; Hiera's
+      overlapping conv, SigLIP2's Linear over cut patches, Pixtral's ``patch_conv`` ...).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the
     LayerNorm+MLP half of each block with its residual add (``fastvit.layernorm_mlp``) and the

@@ -74,17 +74,40 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn", "intermediate")
 _ATTENTION_NAMES = ("attention", "self_attn", "attn", "self_attention")
 
 
+def _is_patch_conv(module: nn.Module) -> bool:
+    """A plain nn.Conv2d / nn.Conv3d that cuts its input into patches: stride = kernel (ViT's, a
+    video's tubelets) or a stride over every dim with overlapping windows (Hiera's and CvT's 7 x 7
+    at stride 4)."""
+    return type(module) in (nn.Conv2d, nn.Conv3d) and (
+        tuple(module.stride) == tuple(module.kernel_size) or min(module.stride) > 1
+    )
+
+
 def _is_patch_embedding(module: nn.Module) -> bool:
     """Whether ``module`` looks like a transformers patch embedding: a class named for an embedding
-    (``...Embeddings``, ``...PatchEmbed``) holding a patchifying convolution (stride = kernel) as a
-    direct child. Named in the report where no fastvit entry covers it or its parent."""
+    (``...Embeddings``, ``...PatchEmbed``) holding, as a direct child, a patch convolution (``_is_patch_conv``) or
+    a Linear named for patches (SigLIP2's ``patch_embedding`` over pre-cut patches). Named in the
+    report where no fastvit entry covers it or its parent."""
     return (
         _from_transformers(module)
         and "Embed" in type(module).__name__
         and any(
-            type(child) in (nn.Conv2d, nn.Conv3d) and tuple(child.stride) == tuple(child.kernel_size)
-            for child in module._modules.values()
+            _is_patch_conv(child) or (type(child) is nn.Linear and "patch" in name)
+            for name, child in module._modules.items()
         )
+    )
+
+
+def _patch_conv_outside_an_embedding(path: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    """Whether ``module`` is a patch convolution named for patches (``patch_conv``) held directly by a
+    transformers module that is no embedding class (Pixtral's vision model holds its own): named in
+    the report as the patch embedding fastvit leaves alone."""
+    return (
+        parent is not None
+        and _from_transformers(parent)
+        and "Embed" not in type(parent).__name__
+        and "patch" in path.rpartition(".")[2]
+        and _is_patch_conv(module)
     )
 
 
@@ -187,6 +210,10 @@ def find(model: nn.Module) -> list[Finding]:
         elif _is_patch_embedding(module) and not _in_fused_embedding(path, modules):  # said, not left out
             findings.append(Skip(path, "patch_embed", f"{cls.__name__} ({cls.__module__}) is not a patch embedding "
                                  "fastvit fuses: it runs Hugging Face's modules"))  # fmt: skip
+        elif _patch_conv_outside_an_embedding(path, module, modules.get(path.rpartition(".")[0])):
+            owner = type(modules[path.rpartition(".")[0]])
+            findings.append(Skip(path, "patch_embed", f"{cls.__name__} of {owner.__name__} ({owner.__module__}) is "
+                                 "not a patch embedding fastvit fuses: it runs Hugging Face's modules"))  # fmt: skip
     return findings
 
 

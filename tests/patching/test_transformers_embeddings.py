@@ -203,6 +203,26 @@ def test_embeddings_fastvit_does_not_fuse_are_named_in_the_report():
     assert not report.skipped and report.counts()["patch_embed"] == 1
 
 
+def test_patch_embeddings_of_other_shapes_are_named_in_the_report():
+    # a patch Linear over pre-cut patches (SigLIP2's NaFlex embedding), a patch conv the vision
+    # model holds itself (Pixtral's patch_conv) and an overlapping conv (Hiera's 7 x 7 at stride
+    # 4; CvT's): each named, with its attention and MLP halves fused as before
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    models = {
+        "embeddings": T.Siglip2VisionModel(T.Siglip2VisionConfig(**layers, patch_size=4, num_patches=16)),
+        "patch_conv": T.PixtralVisionModel(T.PixtralVisionConfig(**layers, image_size=16, patch_size=4)),
+        "embeddings.patch_embeddings": T.HieraModel(T.HieraConfig(embed_dim=8, depths=[1] * 4, num_heads=[1] * 4)),
+    }
+    for path, model in models.items():
+        report = fastvit.patch(model)
+        (entry,) = [e for e in report.skipped if e.part == "patch_embed"]
+        assert entry.where == path and "is not a patch embedding fastvit fuses" in entry.detail
+        assert report.counts()["attention"] >= 1 and report.counts()["mlp"] >= 1
+    cvt = T.CvtModel(T.CvtConfig(embed_dim=[8, 16, 24], num_heads=[1, 2, 3], depth=[1, 2, 3]))
+    named = [e.where for e in fastvit.patch(cvt).skipped if e.part == "patch_embed"]
+    assert named == [f"encoder.stages.{i}.embedding.convolution_embeddings" for i in range(3)]
+
+
 @pytest.mark.interpreter
 def test_triton_route(op_calls):
     for name in ("ijepa", "beit_abs_pos", "data2vec_vision", "vit_mae"):

@@ -531,7 +531,9 @@ def test_models_outside_the_interface_say_why():
     report = fastvit.patch(sam)
     assert report.counts() == {"attention": 2, "mlp": 2} and unfused_embeddings_only(report)
     report = fastvit.patch(build("siglip2"))
-    head, attention = report.skipped  # the pooling head's MLP half, then its nn.MultiheadAttention
+    embedding, head, attention = report.skipped  # its Linear patch embedding (named); the pooling
+    # head's MLP half, then its nn.MultiheadAttention
+    assert embedding.path == "embeddings" and embedding.part == "patch_embed"
     assert head.path == "head" and "Siglip2MultiheadAttentionPoolingHead" in head.detail and head.part == "mlp"
     assert (
         attention.path == "head.attention"

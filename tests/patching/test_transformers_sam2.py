@@ -95,7 +95,8 @@ def test_an_mlp_the_op_cannot_compute_is_reported(op_calls):
     model.model.blocks[2].mlp.layers.append(torch.nn.Linear(128, 128))  # a third layer: act between each
     model.model.blocks[2].mlp.num_layers = 3
     reference, patched, report = pair(model)
-    (skip,) = report.skipped
+    embedding, skip = report.skipped  # Hiera's overlapping patch conv (named), then the MLP
+    assert embedding.part == "patch_embed"
     assert skip.path == "model.blocks.2" and "mlp has 1 hidden layers" in skip.detail
     assert_outputs_and_grads_match(reference, patched, images(64))
     assert len(op_calls["layernorm_mlp"]) == HIERA_BLOCKS - 1
