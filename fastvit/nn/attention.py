@@ -18,7 +18,8 @@ from fastvit.nn.fused import warn_attention_dropout  # re-exported: the fused cl
 
 __all__ = [
     "biased_attention", "biased_qkv", "cosine_qk", "decomposed_rel_pos_tables", "mask_with_causal", "merge_heads",
-    "per_head_biased_attention", "self_attention", "split_packed_qkv", "warn_attention_dropout", "windowed_attention",
+    "per_head_biased_attention", "self_attention", "split_packed_qkv", "timm_scale", "warn_attention_dropout",
+    "windowed_attention",
 ]
 
 
@@ -94,6 +95,21 @@ def self_attention(
     if attn_mask is None:
         return fastvit.flash_attention(q, k, v, scale=scale, causal=causal)
     return fastvit.flash_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
+
+
+def timm_scale(attn: nn.Module, head_dim: int | None = None) -> float | None:
+    """The factor timm's attention module ``attn`` puts on q.k. On timm's fused path
+    (``attn.fused_attn``, the default) timm calls SDPA without a scale, so SDPA's default applies
+    whatever ``attn.scale`` holds (a scale set after construction, or ``num_heads`` changed, is not
+    read): None, the op's same default 1/sqrt(D), or ``head_dim ** -0.5`` where the caller pads q
+    past its ``head_dim`` channels. On the unfused path timm multiplies by ``attn.scale``.
+
+    Example:
+        >>> out = fastvit.flash_attention(q, k, v, scale=timm_scale(attn))
+    """
+    if getattr(attn, "fused_attn", False):
+        return None if head_dim is None else head_dim**-0.5
+    return attn.scale
 
 
 def mask_with_causal(attn_mask: object, is_causal: object) -> bool:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm.models.cait import ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn
 
 import fastvit
-from fastvit.nn.attention import merge_heads
+from fastvit.nn.attention import merge_heads, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import SharedDropPathBlock, SharedDropPathMlpHalf
 
@@ -32,7 +32,7 @@ __all__ = ["FusedClassAttn", "FusedLayerScaleBlock", "FusedLayerScaleBlockClassA
 
 
 def class_token_attention(
-    x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module, num_heads: int, scale: float
+    x: torch.Tensor, q: nn.Module, k: nn.Module, v: nn.Module, num_heads: int, scale: float | None
 ) -> torch.Tensor:
     """The class token attending to every token (CaiT's ``ClassAttn``, CrossViT's
     ``CrossAttention``): x (B, N, C), class token first, and the three projections -> the class
@@ -62,7 +62,7 @@ class FusedClassAttn(FusedModule, ClassAttn):
             return self._fastvit_original_forward(x)
         if self._fastvit_unfused("timm CaiT ClassAttn"):
             return super().forward(x)
-        x = class_token_attention(x, self.q, self.k, self.v, self.num_heads, self.scale)
+        x = class_token_attention(x, self.q, self.k, self.v, self.num_heads, timm_scale(self))
         return self.proj_drop(self.proj(x))  # (B, 1, C)
 
     def extra_repr(self) -> str:

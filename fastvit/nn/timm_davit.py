@@ -34,7 +34,7 @@ from timm.models.davit import ChannelAttention, ChannelAttentionV2, ChannelBlock
 
 import fastvit
 from fastvit.kernels.flash_attention import MAX_HEAD_DIM
-from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv
+from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import PreNormMlpHalf
 
@@ -64,7 +64,7 @@ class FusedDaVitWindowAttention(FusedModule, WindowAttention):
         if not self._fastvit_intact():  # a hook on, or a replacement of, softmax: timm's forward
             return super().forward(x)
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, x.shape[-1] // self.num_heads)  # views
-        return self.proj(merge_heads(self_attention(q, k, v, scale=self.scale)))
+        return self.proj(merge_heads(self_attention(q, k, v, scale=timm_scale(self))))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, window={tuple(self.window_size)}, fastvit={self.fastvit_op}"

@@ -25,7 +25,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 import fastvit
-from fastvit.nn.attention import biased_qkv, mask_with_causal, merge_heads, self_attention
+from fastvit.nn.attention import biased_qkv, mask_with_causal, merge_heads, self_attention, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 from fastvit.nn.timm_vit import _FusedEmbedding
@@ -112,7 +112,8 @@ class RopeAttentionForward(FusedModule):
         groups = getattr(self, "num_kv_groups", 1)
         if groups > 1:  # head h reads kv head h // groups, as timm
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
+        scale = timm_scale(self)
+        out = self.norm(merge_heads(self_attention(q, k, v, scale=scale, causal=is_causal, attn_mask=attn_mask)))
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))

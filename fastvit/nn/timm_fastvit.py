@@ -16,7 +16,7 @@ import torch
 from timm.models.fastvit import Attention as AppleFastVitAttention
 
 import fastvit
-from fastvit.nn.attention import merge_heads, split_packed_qkv
+from fastvit.nn.attention import merge_heads, split_packed_qkv, timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedAppleFastVitAttention"]
@@ -46,7 +46,7 @@ class FusedAppleFastVitAttention(FusedModule, AppleFastVitAttention):
         B, C, H, W = x.shape
         tokens = x.flatten(2).transpose(-2, -1)  # (B, N, C), a view
         q, k, v = split_packed_qkv(self.qkv(tokens), self.num_heads, self.head_dim)  # (B, heads, N, D) views
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))
         out = self.proj_drop(self.proj(merge_heads(out)))  # (B, N, C)
         return out.transpose(-2, -1).reshape(B, C, H, W)
 

@@ -20,7 +20,7 @@ import torch
 from timm.models.hiera import MaskUnitAttention
 
 import fastvit
-from fastvit.nn.attention import merge_heads, split_packed_qkv
+from fastvit.nn.attention import merge_heads, split_packed_qkv, timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedMaskUnitAttention"]
@@ -45,7 +45,7 @@ class FusedMaskUnitAttention(FusedModule, MaskUnitAttention):
             q, k, v = split_packed_qkv(self.qkv(x), heads, head_dim)  # (B, H, N, D) views
             if self.q_stride > 1:  # max over the q_stride groups of N / q_stride tokens
                 q = q.unflatten(2, (self.q_stride, -1)).amax(dim=2)
-            out = fastvit.flash_attention(q, k, v, scale=self.scale)
+            out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))
             return self.proj(merge_heads(out))
         num_windows = tokens // (self.q_stride * self.window_size)
         # (B, T, nW, 3, H, D) -> (3, B, H, nW, T, D), views
@@ -54,7 +54,7 @@ class FusedMaskUnitAttention(FusedModule, MaskUnitAttention):
             q = q.unflatten(3, (self.q_stride, -1)).amax(dim=3)
         # units as heads: (B, H, nW, T, D) -> (B, H*nW, T, D), a view of q after pooling, else a copy
         q, k, v = (t.reshape(batch, heads * num_windows, t.shape[3], head_dim) for t in (q, k, v))
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, H*nW, T', D)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))  # (B, H*nW, T', D)
         out = out.unflatten(1, (heads, num_windows))  # (B, H, nW, T', D), a view
         return self.proj(out.transpose(1, 3).reshape(batch, -1, self.dim_out))  # (B, T', nW, H, D) -> (B, N', C)
 

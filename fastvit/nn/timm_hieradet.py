@@ -17,6 +17,7 @@ import torch
 from timm.models.hieradet_sam2 import MultiScaleAttention
 
 import fastvit
+from fastvit.nn.attention import timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedHieraDetAttention"]
@@ -47,7 +48,7 @@ class FusedHieraDetAttention(FusedModule, MultiScaleAttention):
             q = self.q_pool(q.reshape(batch, height, width, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             height, width = q.shape[1:3]
             q = q.reshape(batch, height * width, self.num_heads, -1)
-        out = fastvit.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
+        out = fastvit.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=timm_scale(self))
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
 
     def extra_repr(self) -> str:

@@ -23,6 +23,7 @@ from timm.layers import LayerScale2d, RelPosBias, RelPosBiasTf, RelPosMlp
 from timm.models.maxxvit import Attention2d, AttentionCl, TransformerBlock2d
 
 import fastvit
+from fastvit.nn.attention import timm_scale
 from fastvit.nn.fused import FusedModule, global_module_hooks, hook_kinds, warn_fallback
 from fastvit.nn.timm_mlp import FusedGammaMlpHalf, conv_mlp_arguments, drop_path_scale, mlp_dropout_falls_back
 
@@ -61,7 +62,9 @@ def _bias(attn: AttentionCl | Attention2d, shared_rel_pos: torch.Tensor | None) 
     return shared_rel_pos
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, bias: torch.Tensor | None
+) -> torch.Tensor:
     """(B, H, N, D) q, k, v -> (B, H, N, D), the bias as the op's float mask when there is one."""
     if bias is None:
         return fastvit.flash_attention(q, k, v, scale=scale)
@@ -109,7 +112,7 @@ class FusedAttentionCl(_RelPosAttentionForward, AttentionCl):
             q, k, v = self.qkv(x).view(batch, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
         else:  # (B, N, 3, H, D) -> three (B, H, N, D) views
             q, k, v = self.qkv(x).reshape(batch, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
-        out = _attend(q, k, v, self.scale, bias)
+        out = _attend(q, k, v, timm_scale(self), bias)
         # tuple concatenation, as timm: torch.fx traces it (a Proxy size cannot be unpacked with *)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(restore_shape + (-1,))))  # noqa: RUF005
 
@@ -133,7 +136,7 @@ class FusedAttention2d(_RelPosAttentionForward, Attention2d):
             q, k, v = self.qkv(x).reshape(batch, 3, self.num_heads, self.dim_head, -1).unbind(1)
         # the op reads D with a unit stride: token-major copies, as timm's SDPA path makes
         q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
-        out = _attend(q, k, v, self.scale, bias)  # (B, H, N, D)
+        out = _attend(q, k, v, timm_scale(self), bias)  # (B, H, N, D)
         return self.proj_drop(self.proj(out.transpose(-1, -2).reshape(batch, -1, height, width)))
 
 

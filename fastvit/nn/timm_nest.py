@@ -16,6 +16,7 @@ import torch
 from timm.models.nest import Attention, TransformerLayer
 
 import fastvit
+from fastvit.nn.attention import timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import PreNormMlpHalf
 
@@ -45,7 +46,7 @@ class FusedNestAttention(FusedModule, Attention):
         heads = self.num_heads
         # (B, T, N, 3C) -> (3, B*T, heads, N, D): views of the projection's output
         q, k, v = self.qkv(x).reshape(B * T, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B*T, heads, N, D)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))  # (B*T, heads, N, D)
         # timm's merge: (B, heads, T, N, D) -> (B, T, N, D, heads) -> (B, T, N, C)
         out = out.reshape(B, T, heads, N, C // heads).permute(0, 1, 3, 4, 2).reshape(B, T, N, C)
         return self.proj_drop(self.proj(out))

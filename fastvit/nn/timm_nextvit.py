@@ -17,7 +17,7 @@ import torch
 from timm.models.nextvit import EfficientAttention
 
 import fastvit
-from fastvit.nn.attention import merge_heads
+from fastvit.nn.attention import merge_heads, timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedEfficientAttention"]
@@ -50,7 +50,7 @@ class FusedEfficientAttention(FusedModule, EfficientAttention):
             x = self.norm(self.sr(x.transpose(1, 2))).transpose(1, 2)
         k = self.k(x).unflatten(-1, heads).transpose(1, 2)  # (B, H, M, D)
         v = self.v(x).unflatten(-1, heads).transpose(1, 2)
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, H, N, D)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))  # (B, H, N, D)
         return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ import torch
 from timm.layers.attention_pool import AttentionPoolLatent
 
 import fastvit
+from fastvit.nn.attention import timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedAttentionPoolLatent"]
@@ -39,7 +40,7 @@ class FusedAttentionPoolLatent(FusedModule, AttentionPoolLatent):
         q = q.reshape(batch, self.latent_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k, v = self.kv(x).reshape(batch, tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = fastvit.flash_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)  # (B, H, L, D)
+        x = fastvit.flash_attention(q, k, v, attn_mask=attn_mask, scale=timm_scale(self))  # (B, H, L, D)
         x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, self.latent_len, channels)))
         if self.mlp is not None:
             x = x + self.mlp(self.norm(x))

@@ -15,7 +15,7 @@ import torch
 from timm.models import pvt_v2
 
 import fastvit
-from fastvit.nn.attention import merge_heads
+from fastvit.nn.attention import merge_heads, timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedPvtAttention"]
@@ -49,7 +49,7 @@ class FusedPvtAttention(FusedModule, pvt_v2.Attention):
                 x = self.act(x)
         # (B, M, 2*C) -> (2, B, H, M, D), views
         k, v = self.kv(x).unflatten(-1, (2, *heads)).permute(2, 0, 3, 1, 4).unbind(0)
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, H, N, D)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))  # (B, H, N, D)
         return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:

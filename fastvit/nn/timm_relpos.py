@@ -46,6 +46,7 @@ from fastvit.nn.attention import (
     per_head_biased_attention,
     self_attention,
     split_packed_qkv,
+    timm_scale,
 )
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
@@ -89,7 +90,7 @@ class FusedBeitAttention(FusedModule, BeitAttention):
             bias = self._get_rel_pos_bias()  # (1, H, N, N), from the table
             if shared_rel_pos_bias is not None:
                 bias = bias + shared_rel_pos_bias
-        x = merge_heads(self_attention(q, k, v, scale=self.scale, attn_mask=bias))
+        x = merge_heads(self_attention(q, k, v, scale=timm_scale(self), attn_mask=bias))
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
@@ -120,7 +121,7 @@ class FusedRelPosAttention(FusedModule, RelPosAttention):
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, H, N, D) views
         q, k = self.q_norm(q), self.k_norm(k)
         bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos  # (1, H, N, N)
-        x = merge_heads(self_attention(q, k, v, scale=self.scale, attn_mask=bias))
+        x = merge_heads(self_attention(q, k, v, scale=timm_scale(self), attn_mask=bias))
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
@@ -148,7 +149,7 @@ class FusedTinyVitAttention(FusedModule, TinyVitAttention):
             return super().forward(x)
         bias = self.get_attention_biases(x.device)  # (H, N, N)
         out = per_head_biased_attention(self.qkv(self.norm(x)), self.num_heads, self.key_dim, self.val_dim, bias,
-                                        self.scale)  # fmt: skip
+                                        timm_scale(self, self.key_dim))  # fmt: skip
         return self.proj(out)  # (B, N, H*Dv) -> (B, N, C)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from timm.layers import apply_rot_embed_cat
 from timm.models import vision_transformer_sam as sam
 
 import fastvit
-from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv
+from fastvit.nn.attention import decomposed_rel_pos_tables, merge_heads, split_packed_qkv, timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedSamAttention", "decomposed_rel_pos"]
@@ -73,13 +73,13 @@ class FusedSamAttention(FusedModule, sam.Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rel_pos:
             rel_pos = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (height, width))
-            out = fastvit.flash_attention(q, k, v, scale=self.scale, rel_pos=rel_pos)
+            out = fastvit.flash_attention(q, k, v, scale=timm_scale(self), rel_pos=rel_pos)
         else:
             if self.rope is not None:
                 rope = self.rope.get_embed()
                 q = apply_rot_embed_cat(q, rope).type_as(v)
                 k = apply_rot_embed_cat(k, rope).type_as(v)
-            out = fastvit.flash_attention(q, k, v, scale=self.scale)
+            out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))
         x = self.proj_drop(self.proj(merge_heads(out)))
         return x.view(batch, height, width, -1)
 

@@ -35,6 +35,7 @@ from fastvit.nn.attention import (
     biased_qkv,
     cosine_qk,
     split_packed_qkv,
+    timm_scale,
     windowed_attention,
 )
 from fastvit.nn.fused import FusedModule
@@ -61,7 +62,7 @@ class FusedSwinWindowAttention(FusedModule, SwinWindowAttention):
             return super().forward(x, mask=mask)
         head_dim = self.qkv.out_features // (3 * self.num_heads)
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, head_dim)  # (B*nW, H, N, D) views
-        x = windowed_attention(q, k, v, self._get_rel_pos_bias(), mask, self.scale)
+        x = windowed_attention(q, k, v, self._get_rel_pos_bias(), mask, timm_scale(self))
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.models.twins import Block, GlobalSubSampleAttn, LocallyGroupedAttn
 
 import fastvit
-from fastvit.nn.attention import merge_heads
+from fastvit.nn.attention import merge_heads, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import PreNormMlpHalf
 
@@ -68,7 +68,7 @@ class FusedLocallyGroupedAttn(FusedModule, LocallyGroupedAttn):
         # (B, groups, ws*ws, 3, heads, D) -> (3, B*groups, heads, ws*ws, D): views of the projection
         qkv = self.qkv(x).reshape(B * _h * _w, ws * ws, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = merge_heads(fastvit.flash_attention(q, k, v, scale=self.scale))  # (B*groups, ws*ws, C)
+        out = merge_heads(fastvit.flash_attention(q, k, v, scale=timm_scale(self)))  # (B*groups, ws*ws, C)
         # timm's ungrouping
         x = out.reshape(B, _h, _w, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if pad_r > 0 or pad_b > 0:
@@ -102,7 +102,7 @@ class FusedGlobalSubSampleAttn(FusedModule, GlobalSubSampleAttn):
         if self.sr is not None:  # timm's reduction: (B, N, C) -> NCHW -> strided conv -> (B, M, C)
             x = self.norm(self.sr(x.transpose(1, 2).reshape(B, C, *size)).flatten(2).transpose(1, 2))
         k, v = self.kv(x).unflatten(-1, (2, *heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, M, D) views
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, H, N, D)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))  # (B, H, N, D)
         return self.proj_drop(self.proj(merge_heads(out)))
 
     def extra_repr(self) -> str:

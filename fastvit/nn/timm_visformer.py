@@ -16,6 +16,7 @@ import torch
 from timm.models.visformer import Attention
 
 import fastvit
+from fastvit.nn.attention import timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedVisformerAttention"]
@@ -47,7 +48,7 @@ class FusedVisformerAttention(FusedModule, Attention):
         # copies, as timm's SDPA path makes
         qkv = self.qkv(x).reshape(B, 3, self.num_heads, self.head_dim, -1).transpose(-1, -2)
         q, k, v = qkv.contiguous().unbind(1)
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, heads, H*W, D)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))  # (B, heads, H*W, D)
         x = out.transpose(-1, -2).reshape(B, -1, H, W)  # timm's (B, heads, D, H*W) -> (B, heads*D, H, W)
         return self.proj_drop(self.proj(x))
 

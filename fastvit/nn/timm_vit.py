@@ -18,7 +18,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import fastvit
-from fastvit.nn.attention import mask_with_causal, merge_heads, self_attention, split_packed_qkv
+from fastvit.nn.attention import mask_with_causal, merge_heads, self_attention, split_packed_qkv, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, PreNormMlpHalf
 
@@ -55,7 +55,8 @@ class FusedAttention(FusedModule, Attention):
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, H, N, D) views
         q, k = self.q_norm(q), self.k_norm(k)
-        x = self.norm(merge_heads(self_attention(q, k, v, scale=self.scale, causal=is_causal, attn_mask=attn_mask)))
+        scale = timm_scale(self)
+        x = self.norm(merge_heads(self_attention(q, k, v, scale=scale, causal=is_causal, attn_mask=attn_mask)))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))

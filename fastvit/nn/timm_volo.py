@@ -25,7 +25,7 @@ import torch
 from timm.models import volo
 
 import fastvit
-from fastvit.nn.attention import merge_heads, split_packed_qkv
+from fastvit.nn.attention import merge_heads, split_packed_qkv, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import PreNormMlpHalf
 
@@ -58,7 +58,7 @@ class FusedVoloAttention(FusedModule, volo.Attention):
         _, H, W, C = x.shape
         # (B, H, W, 3C) -> q, k, v (B, heads, H*W, D): views of the projection, unit stride in D
         q, k, v = split_packed_qkv(self.qkv(x).flatten(1, 2), self.num_heads, C // self.num_heads)
-        out = fastvit.flash_attention(q, k, v, scale=self.scale)  # (B, heads, H*W, D)
+        out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))  # (B, heads, H*W, D)
         x = merge_heads(out).unflatten(1, (H, W))  # a view where the kernels ran (README)
         return self.proj_drop(self.proj(x))
 
