@@ -34,6 +34,7 @@ from fastvit.backend import warn_once
 
 __all__ = [
     "FusedModule",
+    "conv_settings",
     "declare_fused",
     "dropout_active",
     "global_module_hooks",
@@ -183,14 +184,14 @@ class FusedModule:
 
     @classmethod
     def _fastvit_watch(cls, module: nn.Module) -> tuple:
-        """(parent, name, child, class, forward) of each bypassed submodule of ``module`` as it is
-        now: what ``_fastvit_submodules_intact`` compares each call against."""
+        """(parent, name, child, class, forward, conv settings) of each bypassed submodule of
+        ``module`` as it is now: what ``_fastvit_submodules_intact`` compares each call against."""
         watched = []
         for path in cls.fastvit_bypassed:
             parent_path, _, name = path.rpartition(".")
             parent = module.get_submodule(parent_path)
             child = parent._modules[name]
-            watched.append((parent, name, child, type(child), type(child).forward))
+            watched.append((parent, name, child, type(child), type(child).forward, conv_settings(child)))
         return tuple(watched)
 
     def fastvit_replaced_submodules(self) -> list[str]:
@@ -199,7 +200,7 @@ class FusedModule:
         fuses it anew over the new submodules where they qualify. Quiet: no warning."""
         return [
             path
-            for path, (parent, name, child, cls, _) in zip(self.fastvit_bypassed, self._fastvit_watched, strict=True)
+            for path, (parent, name, child, cls, _, _) in zip(self.fastvit_bypassed, self._fastvit_watched, strict=True)
             if parent._modules.get(name) is not child or type(child) is not cls
         ]
 
@@ -287,13 +288,14 @@ class FusedModule:
 
     def _fastvit_submodules_intact(self) -> bool:
         """Whether every bypassed submodule is the one seen at patch time, of the same class with
-        the same ``forward``, without hooks, and no global module hook exists (what a block's MLP
-        half checks once its forward has checked ``_fastvit_overridden``). A few dict and identity
-        checks per call (traced by torch.compile without a graph break). False also warns once,
-        naming the module's class."""
+        the same ``forward``, without hooks, a conv with the stride, padding, dilation and groups it
+        had (the fused embeddings compute the patchifying conv ``fastvit.patch`` checked), and no
+        global module hook exists (what a block's MLP half checks once its forward has checked
+        ``_fastvit_overridden``). A few dict and identity checks per call (traced by torch.compile
+        without a graph break). False also warns once, naming the module's class."""
         broken = "a global module hook" if global_module_hooks() else None
         watched = () if broken else zip(self.fastvit_bypassed, self._fastvit_watched, strict=True)
-        for path, (parent, name, child, cls, forward) in watched:
+        for path, (parent, name, child, cls, forward, settings) in watched:
             if parent._modules.get(name) is not child or type(child) is not cls:
                 broken = f"{path} replaced or wrapped"
             elif cls.forward is not forward:  # a class-level monkeypatch, e.g. of timm's Mlp.forward
@@ -302,6 +304,8 @@ class FusedModule:
                 broken = f"a hook on {path}"
             elif not _bound_to(child.forward, forward):
                 broken = f"{path}.forward replaced on the instance"
+            elif settings is not None and conv_settings(child) != settings:
+                broken = f"{path}'s stride, padding, dilation or groups changed"
             if broken:
                 break
         intact = broken is None
@@ -324,6 +328,20 @@ class FusedModule:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # the original class's
         return f"{base}, fastvit={self.fastvit_op}" if base else f"fastvit={self.fastvit_op}"
+
+
+def conv_settings(module: nn.Module) -> tuple | None:
+    """What a convolution computes besides its weight and bias (stride, padding, dilation, groups,
+    padding mode), None for any other module: ``fastvit.patch`` checks a patch embedding's conv
+    once, and its fused forward reads only the weight and bias.
+
+    Example:
+        >>> conv_settings(nn.Conv2d(3, 8, 16, stride=16))
+        ((16, 16), (0, 0), (1, 1), 1, 'zeros')
+    """
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return (module.stride, module.padding, module.dilation, module.groups, module.padding_mode)
+    return None
 
 
 def _fx_leaf_class(cls: type[nn.Module]) -> bool:

@@ -262,6 +262,38 @@ def test_submodule_changed_after_patching(family, path, change, fresh_warnings):
     torch.testing.assert_close(run(patched, x), run(reference, x), rtol=RTOL, atol=ATOL)
 
 
+PATCH_CONVS = {"timm": "patch_embed.proj", "torchvision": "conv_proj",
+               "transformers": "vit.embeddings.patch_embeddings.projection"}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("setting, value", [("padding", (1, 1)), ("stride", (2, 2)), ("dilation", (2, 2))])
+def test_patch_conv_settings_changed_after_patching(family, setting, value, op_calls, fresh_warnings):
+    # the fused embeddings compute the patchifying conv fastvit.patch checked from its weight and
+    # bias: a stride, padding or dilation set later sends the calls to the original forward, with a
+    # warning, and back to the op once it is undone (the change was ignored silently before)
+    reference = BUILDERS[family]()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    conv = patched.get_submodule(PATCH_CONVS[family])
+    before = getattr(conv, setting)
+    for model in (reference, patched):
+        setattr(model.get_submodule(PATCH_CONVS[family]), setting, value)
+    x = images()
+    if setting != "padding":  # fewer or more patches than positions: the unpatched model raises, so must this
+        with pytest.raises(Exception) as error:
+            run(reference, x)
+        with pytest.raises(error.type), pytest.warns(fastvit.FastvitFallbackWarning, match="stride, padding"):
+            run(patched, x)
+    else:  # padding 1 keeps the number of patches: another output
+        with pytest.warns(fastvit.FastvitFallbackWarning, match="stride, padding, dilation or groups changed"):
+            torch.testing.assert_close(run(patched, x), run(reference, x), rtol=RTOL, atol=ATOL)
+    assert op_calls["patch_embed"] == []
+    setattr(conv, setting, before)
+    run(patched, images())
+    assert len(op_calls["patch_embed"]) == 1
+
+
 @pytest.mark.parametrize(
     "family, path",
     [("timm", "blocks.0.mlp.fc1"), ("torchvision", "encoder.layers.encoder_layer_1.mlp.3"),
@@ -449,3 +481,36 @@ def test_a_failing_swap_rolls_everything_back(build, monkeypatch):
         fastvit.patch(model)
     assert module_types(model) == before_types
     assert not any("_fastvit_watched" in m.__dict__ for m in model.modules())
+
+
+def _timm_attention_models() -> dict[str, nn.Module]:
+    import timm
+
+    from tests.patching.test_timm_relpos import tiny_vit
+    from tests.patching.test_timm_windows import swin
+
+    tiny = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    return {
+        "vit": timm_vit(img_size=32),
+        "eva02": perturb_(timm.create_model("eva02_tiny_patch14_224", **tiny)),
+        "beitv2": perturb_(timm.create_model("beitv2_base_patch16_224", **tiny)),
+        "swin": swin(),
+        "tiny_vit": tiny_vit(),
+    }
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_attention_scale_set_after_patching_acts_as_in_timm(fused_attn):
+    # timm's fused path (fused_attn, the default) calls SDPA without a scale: an attn.scale set later
+    # changes nothing there, and does on the unfused path. The patched model follows the path timm
+    # would take (it used attn.scale on both: 6.7e-3 off on a ViT with scale = 1.0)
+    x = images(batch=2, size=32)
+    for name, reference in _timm_attention_models().items():
+        reference.eval()
+        patched = copy.deepcopy(reference)
+        fastvit.patch(patched)
+        for model in (reference, patched):
+            for module in model.modules():
+                if hasattr(module, "fused_attn") and isinstance(getattr(module, "scale", None), float):
+                    module.fused_attn, module.scale = fused_attn, 0.5
+        torch.testing.assert_close(patched(x), reference(x), rtol=RTOL, atol=ATOL, msg=name)
