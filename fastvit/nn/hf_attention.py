@@ -12,7 +12,8 @@ at all (transformers drops padding masks for it), hence both registrations. ``PA
 the vision towers that then pack their images (``fastvit.patch`` sets it on their configs).
 
 Calls the op does not cover run transformers' own function for that call, with one warning:
-attention weights requested (``output_attentions=True``: the model's ``eager_attention_forward``),
+attention weights requested of a model patched over eager attention (``output_attentions=True``:
+the model's ``eager_attention_forward``; over SDPA, flash-attn or flex no weights, as theirs),
 attention dropout in training, and value head dim != query head dim (SDPA), softcapping and
 attention sinks (eager).
 
@@ -99,7 +100,19 @@ def swapped_attention_covers(
     return True
 
 
+# The attribute ``fastvit.patch`` sets on each attention module it routes here: the
+# ``attn_implementation`` its config had (``fastvit.patching.transformers._PREVIOUS``).
+PREVIOUS_IMPLEMENTATION = "_fastvit_previous_attn_implementation"
+
+
 def _wants_weights(module: nn.Module, kwargs: dict) -> bool:
+    """Whether this call asks for attention weights that the implementation ``fastvit.patch``
+    replaced would return. Eager attention returns them; SDPA, flash-attn and flex attention return
+    None (the unpatched model's ``attentions`` is then empty), and so does fastvit's, without
+    running eager. A module switched to "fastvit" by hand (no previous value) counts as eager."""
+    previous = vars(module).get(PREVIOUS_IMPLEMENTATION)
+    if isinstance(previous, str) and any(name in previous for name in ("sdpa", "flash", "flex")):
+        return False
     config = getattr(module, "config", None)
     requested = kwargs.get("output_attentions", getattr(config, "output_attentions", False))
     return bool(requested) or capturing_attentions()

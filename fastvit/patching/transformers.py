@@ -232,7 +232,7 @@ PACKED_INTERFACE_NAME = "fastvit_flash_varlen"  # hf_attention.PACKED_NAME: for 
 FASTVIT_NAMES = (INTERFACE_NAME, PACKED_INTERFACE_NAME)
 # Set on each routed attention module (a plain attribute: not in state_dict): the config's
 # attn_implementation before fastvit.patch, which fastvit.unpatch restores.
-_PREVIOUS = "_fastvit_previous_attn_implementation"
+_PREVIOUS = "_fastvit_previous_attn_implementation"  # hf_attention.PREVIOUS_IMPLEMENTATION, which reads it
 
 
 def _routable(module: nn.Module) -> bool:

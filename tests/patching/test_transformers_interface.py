@@ -18,6 +18,7 @@ import itertools
 import subprocess
 import sys
 import types
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -408,11 +409,12 @@ def test_patch_twice_and_implementation_changed_in_between():
 
 
 def test_output_attentions_and_hidden_states(attention_calls, fresh_warnings):
-    # weights requested: that call runs the model's eager attention (which returns them), warned
+    # weights requested from a model patched over eager attention: that call runs the model's eager
+    # attention (which returns them), warned
     reference = build("siglip2")
     eager = copy.deepcopy(reference)
     eager.set_attn_implementation("eager")
-    patched = copy.deepcopy(reference)
+    patched = copy.deepcopy(eager)
     fastvit.patch(patched)
     inputs = FAMILIES["siglip2"].inputs(torch.float32)
     with pytest.warns(fastvit.FastvitFallbackWarning, match="output_attentions=True"):
@@ -422,10 +424,34 @@ def test_output_attentions_and_hidden_states(attention_calls, fresh_warnings):
     assert len(got.attentions) == DEPTH
     for a, b in zip(got.attentions, want.attentions, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
     got, want = patched(**inputs, output_hidden_states=True), reference(**inputs, output_hidden_states=True)
     assert len(attention_calls) == DEPTH and len(got.hidden_states) == DEPTH + 1
     for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["siglip2", "clip", "dinov2"])
+def test_output_attentions_over_sdpa_returns_none_as_sdpa(name, attention_calls, fresh_warnings):
+    # a model patched over SDPA (transformers' default) gives no attention weights, as SDPA gives
+    # none: fastvit's op runs (it ran eager, returning weights the unpatched model does not)
+    reference = build(name)
+    assert reference.config._attn_implementation == "sdpa"
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    inputs = FAMILIES[name].inputs(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvit.FastvitFallbackWarning)
+        got = patched(**inputs, output_attentions=True)
+    want = reference(**inputs, output_attentions=True)
+    def maps(out) -> dict:  # every attentions field, the towers' of a two-tower model included
+        return {k: v for k, v in out.items() if k == "attentions"} | {
+            k: v.attentions for k, v in out.items() if hasattr(v, "attentions")
+        }
+
+    assert attention_calls and maps(want) and maps(got) == maps(want)  # none: ()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padding", "no padding"])
@@ -433,8 +459,9 @@ def test_output_attentions_of_a_causal_text_tower(padded, fresh_warnings):
     # without padding SDPA's mask function returns None (causality left to is_causal): the eager
     # fallback must still be causal
     reference = build("clip")
-    eager, patched = copy.deepcopy(reference), copy.deepcopy(reference)
+    eager = copy.deepcopy(reference)
     eager.set_attn_implementation("eager")
+    patched = copy.deepcopy(eager)
     fastvit.patch(patched)
     inputs = FAMILIES["clip"].inputs(torch.float32)
     if not padded:
