@@ -239,6 +239,22 @@ def _bounds(name: str, cu: torch.Tensor, total: int, tensor_name: str, why: str)
     return list(itertools.pairwise(values))
 
 
+def _assert_on_device(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    """What ``_bounds`` checks on the host, checked on the device where a given ``max_seqlen``
+    spares the host read: ``cu`` starts at 0, never decreases and ends at ``total``, and no sequence
+    is longer than ``max_seqlen`` (the launch grid and the short backward are sized by it). A few
+    small ops and no sync; a failure raises where the device reports it (at once on the CPU, at the
+    next synchronisation on a GPU: a device-side assertion), never a wrong answer or a read past
+    the tensors."""
+    lengths = cu[1:] - cu[:-1]
+    ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
+    torch._assert_async(
+        ok,
+        f"fastvit.flash_attention_varlen: {name} must start at 0, never decrease and end at {total}, and "
+        f"{max_name} ({max_seqlen}) must be at least its longest sequence",
+    )
+
+
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale) -> None:
     """Everything that can be checked from shapes, dtypes and devices (no host sync)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -271,8 +287,13 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
                 f"cu_seqlens_k must describe as many sequences as cu_seqlens_q: got {cu_seqlens_k.shape[0]} "
                 f"and {cu_seqlens_q.shape[0]} entries"
             )
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    sequences = cu_seqlens_q.shape[0] - 1
+    for name, value, t in (("max_seqlen_q", max_seqlen_q, q), ("max_seqlen_k", max_seqlen_k, k)):
+        if _check_max_seqlen(name, value) is not None and value * sequences < t.shape[0]:
+            raise ValueError(
+                f"{name} ({value}) must be at least the longest sequence: {sequences} sequences of at most "
+                f"{value} tokens cannot hold {'q' if t is q else 'k'}'s {t.shape[0]}"
+            )
     check_scale(scale)
 
 
@@ -321,7 +342,8 @@ def flash_attention_varlen(
         cu_seqlens_k: int32 (S+1,) for the keys, ending at Tk; None: the same as ``cu_seqlens_q``.
         max_seqlen_q, max_seqlen_k: the longest query / key sequence (at least that: they size the
             launch grid). Given, they spare a host sync on the Triton route: the values of that
-            side's ``cu_seqlens`` are then neither read nor checked on the host, and with both
+            side's ``cu_seqlens`` are then not read on the host but checked on the device (a
+            device-side assertion on a GPU: raised at the next synchronisation), and with both
             given the op runs under ``torch.compile(fullgraph=True)``. ``max_seqlen_k`` defaults to
             ``max_seqlen_q`` when ``cu_seqlens_k`` is None.
         scale: multiplies q.k before the softmax; default ``1 / sqrt(D)``.
@@ -342,7 +364,9 @@ def flash_attention_varlen(
         TypeError / ValueError naming the argument: q, k, v not (T, H, D) or mismatched;
         ``cu_seqlens_*`` not int32, not 1-D, on another device, of different lengths, or (when
         read: the matching ``max_seqlen_*`` not given) not starting at 0, decreasing, or not
-        ending at the total tokens; ``max_seqlen_*`` not a non-negative int.
+        ending at the total tokens; ``max_seqlen_*`` not a non-negative int, or too small for
+        S sequences to hold the tokens. RuntimeError (the device's assertion) where a given
+        ``max_seqlen_*`` is shorter than a sequence or its ``cu_seqlens`` is malformed.
 
     Example:
         >>> import torch.nn.functional as F
@@ -355,6 +379,9 @@ def flash_attention_varlen(
     """
     check_flags(causal=causal, return_lse=return_lse)
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+    # the kernels index cu_seqlens with a unit stride: a strided view (S+1 int32s) is copied
+    cu_seqlens_q = cu_seqlens_q.contiguous()
+    cu_seqlens_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
     # the Triton route saves cu_seqlens for the backward too
     q, k, v, cu_seqlens_q, cu_seqlens_k = usable_in_autograd(q, k, v, cu_seqlens_q, cu_seqlens_k)
     if cu_seqlens_k is None:
@@ -387,6 +414,10 @@ def flash_attention_varlen(
 
     route = resolve_backend(q.device)
     if route == "triton":
+        if bounds_q is None:
+            _assert_on_device("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+        if bounds_k is None and not (cu_seqlens_k is cu_seqlens_q and max_seqlen_k == max_seqlen_q):
+            _assert_on_device("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
         reason = _fallback_reason(q, scale)
         if reason is not None:
             warn_once(

@@ -218,6 +218,41 @@ def test_kernel_grid_size_and_max_seqlen_do_not_change_results(kernel_device):
 
 
 @kernel_test
+def test_kernel_strided_cu_seqlens_views(kernel_device):
+    """cu_seqlens as strided 1-D views (a column of a table of offsets): the kernels read them with
+    a unit stride, so the op copies them (S+1 int32s). Before, a strided cu_seqlens_q gave NaN and
+    a strided cu_seqlens_k an error of 1.9 (interpreter)."""
+    q, k, v, cu_q, cu_k = _inputs(CROSS_Q, CROSS_K, 2, 16, torch.float32, kernel_device, seed=21)
+    strided_q, strided_k = (torch.stack([cu, cu + 7], 1)[:, 0] for cu in (cu_q, cu_k))
+    assert strided_q.stride() == (2,) and torch.equal(strided_q, cu_q)
+    for maxes in ({}, {"max_seqlen_q": max(CROSS_Q), "max_seqlen_k": max(CROSS_K)}):
+        out, lse, grad_out, grads = _run("triton", q, k, v, strided_q, strided_k, **maxes)
+        _check(q, k, v, cu_q, cu_k, out, lse, grad_out, grads)
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "lengths, overrides",
+    [((1, 70, 70), {"max_seqlen_q": 69, "max_seqlen_k": 70}),  # S * max still holds T: not seen from shapes
+     ((1, 70, 70), {"max_seqlen_q": 70, "max_seqlen_k": 69}),  # a forward right, a backward wrong before
+     ((5, 7, 5), {"max_seqlen_q": 7, "max_seqlen_k": 7, "cu_seqlens_q": (0, 5, 12, 20)}),  # past T
+     ((5, 7, 5), {"max_seqlen_q": 7, "cu_seqlens_q": (0, 7, 5, 17)})],  # decreasing
+    ids=["max_seqlen_q short", "max_seqlen_k short", "cu_seqlens past the tokens", "cu_seqlens decreasing"],
+)
+def test_kernel_given_max_seqlen_and_cu_seqlens_checked_on_the_device(kernel_device, lengths, overrides):
+    """With max_seqlen given, cu_seqlens is not read on the host; what the host would check is
+    checked on the device. Before: wrong outputs, gradients of 1e20 (unwritten memory), or a crash."""
+    q, k, v, cu_q, _ = _inputs(lengths, lengths, 2, 16, torch.float32, kernel_device, seed=22)
+    if "cu_seqlens_q" in overrides:
+        cu_q = torch.tensor(overrides.pop("cu_seqlens_q"), dtype=torch.int32, device=kernel_device)
+    with fastvit.backend("triton"), pytest.raises(RuntimeError, match="must be at least its longest sequence"):
+        out = fastvit.flash_attention_varlen(q, k, v, cu_q, **overrides)
+        torch.autograd.grad(out.sum(), (q, k, v))
+        if ON_GPU:
+            torch.cuda.synchronize()  # a device-side assertion raises here
+
+
+@kernel_test
 def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     """The block shapes the GPU launchers pick (not only the small interpreter tiles): every
     distinct (forward, dK/dV, dQ) triple, causal, cross lengths around them."""
@@ -468,6 +503,9 @@ def _i32(*values):
         (_bad(cu_seqlens_k=_i32(0, 3, 10).float()), TypeError, r"cu_seqlens_k must have dtype int32"),
         (_bad(max_seqlen_q=6.0), TypeError, r"max_seqlen_q must be an int or None, got float"),
         (_bad(max_seqlen_k=-1), ValueError, r"max_seqlen_k must be >= 0"),
+        (_bad(max_seqlen_q=4), ValueError, r"max_seqlen_q \(4\) must be at least the longest sequence: 2 sequences"),
+        (_bad(max_seqlen_q=0), ValueError, r"max_seqlen_q \(0\) must be at least the longest sequence"),
+        (_bad(max_seqlen_q=6, max_seqlen_k=4), ValueError, r"cannot hold k's 10"),
         (_bad(scale="0.5"), TypeError, r"scale must be a finite float"),
     ],
 )
