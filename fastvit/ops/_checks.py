@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -172,14 +173,15 @@ def is_finite(value: float) -> bool:
 
 
 def check_scale(scale: object) -> None:
-    """An attention's ``scale``: a finite float (or int) or None. TypeError otherwise.
+    """An attention's ``scale``: a finite real number (float, int, a NumPy float such as
+    ``np.float32``, as SDPA takes) or None. TypeError otherwise; the ops use ``float(scale)``.
 
     Example:
         >>> check_scale(0.125)  # check_scale(float("inf")) and check_scale("0.1") raise TypeError
     """
     if scale is None:
         return
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not is_finite(scale):
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not is_finite(float(scale)):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
 
 

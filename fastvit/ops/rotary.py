@@ -63,16 +63,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(rope)
     ctx.num_prefix, ctx.half = num_prefix, half
     ctx.like = (q.shape, q.dtype, q.device)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (see _backward)
 
 
 def _backward(ctx, grad_q, grad_k):
     (rope,) = ctx.saved_tensors
     shape, dtype, device = ctx.like
-    # an output whose gradient autograd did not materialise (custom ops may pass None)
+    # an output whose gradient autograd did not materialise (custom ops may pass None): its input
+    # gets no gradient (None, as on the torch route, where q and k are separate graphs), not zeros
+    needs_q = ctx.needs_input_grad[0] and grad_q is not None
+    needs_k = ctx.needs_input_grad[1] and grad_k is not None
     grad_q = torch.zeros(shape, dtype=dtype, device=device) if grad_q is None else grad_q
     grad_k = torch.zeros(shape, dtype=dtype, device=device) if grad_k is None else grad_k
     dq, dk = call(_rotary_qk_bwd, _bwd_function, grad_q, grad_k, rope, ctx.num_prefix, ctx.half)
-    needs_q, needs_k = ctx.needs_input_grad[:2]
     return dq if needs_q else None, dk if needs_k else None, None, None, None
 
 

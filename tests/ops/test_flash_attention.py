@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -801,6 +802,20 @@ def test_bad_scale():
         fastvit.flash_attention(q, q, q, scale=math.inf)
     with pytest.raises(TypeError, match="scale"):
         fastvit.flash_attention(q, q, q, scale="0.5")
+    with pytest.raises(TypeError, match="scale"):
+        fastvit.flash_attention(q, q, q, scale=np.float32("nan"))
+
+
+@pytest.mark.parametrize("route", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_numpy_scale_is_taken_as_sdpa_takes_it(route):
+    # SDPA takes a NumPy float (a scale read from a config array); fastvit raised TypeError on np.float32
+    q = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(3))
+    with fastvit.backend(route):
+        want = fastvit.flash_attention(q, q, q, scale=0.3)
+        for scale in (np.float32(0.3), np.float64(0.3)):
+            torch.testing.assert_close(fastvit.flash_attention(q, q, q, scale=scale), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fastvit.window_attention(q, q, q, (1, 5), (1, 5), scale=np.float32(0.3)),
+                                   want, rtol=1e-6, atol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

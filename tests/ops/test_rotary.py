@@ -134,6 +134,25 @@ def test_kernel_expanded_and_strided_gradients(kernel_device):
 
 
 @kernel_test
+@pytest.mark.parametrize("used", ["q_rot", "k_rot"])
+def test_kernel_unused_output_leaves_its_input_without_gradient(kernel_device, used):
+    """Only one of q_rot, k_rot in the loss: the other input's .grad stays None, as on the torch
+    route (it was a tensor of zeros), and the used one's gradient is the reference's."""
+    q, k, rope = _inputs(2, 3, 10, 8, 1, "heads", device=kernel_device, seed=8)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    with fastvit.backend("triton"):
+        q_rot, k_rot = fastvit.rotary_qk(q, k, rope, num_prefix_tokens=1)
+    (q_rot if used == "q_rot" else k_rot).square().sum().backward()
+    (kept, kept_out), (dropped, _) = ((q, q_rot), (k, k_rot)) if used == "q_rot" else ((k, k_rot), (q, q_rot))
+    assert dropped.grad is None and kept.grad is not None
+    grads = [torch.zeros(q.shape).to(kernel_device)] * 2
+    grads[0 if used == "q_rot" else 1] = 2 * kept_out.detach()
+    oracle, lowp = _reference(q, k, rope, 1, False, grads)
+    index = 2 if used == "q_rot" else 3
+    assert_close_to_reference(kept.grad.cpu(), oracle[index], lowp[index], name="grad")
+
+
+@kernel_test
 def test_kernel_all_prefix_and_empty_batch(kernel_device):
     """N == P (nothing rotated: an empty embedding) copies q and k; an empty batch returns empties."""
     q, k, rope = _inputs(2, 2, 3, 4, 3, device=kernel_device)
