@@ -243,9 +243,9 @@ def _assert_on_device(name: str, cu: torch.Tensor, total: int, max_seqlen: int, 
     """What ``_bounds`` checks on the host, checked on the device where a given ``max_seqlen``
     spares the host read: ``cu`` starts at 0, never decreases and ends at ``total``, and no sequence
     is longer than ``max_seqlen`` (the launch grid and the short backward are sized by it). A few
-    small ops and no sync; a failure raises where the device reports it (at once on the CPU, at the
-    next synchronisation on a GPU: a device-side assertion), never a wrong answer or a read past
-    the tensors."""
+    small ops and no sync; a failure raises where the device reports it (at once on the CPU with
+    this message; on a GPU at the next synchronisation, as PyTorch's generic device-side assertion,
+    which ends the CUDA context), never a wrong answer or a read past the tensors."""
     lengths = cu[1:] - cu[:-1]
     ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
     torch._assert_async(
@@ -342,8 +342,9 @@ def flash_attention_varlen(
         cu_seqlens_k: int32 (S+1,) for the keys, ending at Tk; None: the same as ``cu_seqlens_q``.
         max_seqlen_q, max_seqlen_k: the longest query / key sequence (at least that: they size the
             launch grid). Given, they spare a host sync on the Triton route: the values of that
-            side's ``cu_seqlens`` are then not read on the host but checked on the device (a
-            device-side assertion on a GPU: raised at the next synchronisation), and with both
+            side's ``cu_seqlens`` are then not read on the host but checked on the device (on a
+            GPU a failure is PyTorch's generic device-side assertion, raised at the next
+            synchronisation, which ends the CUDA context), and with both
             given the op runs under ``torch.compile(fullgraph=True)``. ``max_seqlen_k`` defaults to
             ``max_seqlen_q`` when ``cu_seqlens_k`` is None.
         scale: multiplies q.k before the softmax; default ``1 / sqrt(D)``.
