@@ -84,15 +84,23 @@ def capturing_attentions() -> bool:
 
 
 def swapped_attention_covers(
-    module: FusedModule, output_attentions: bool | None, dropout_p: float, dropout_training: bool
+    module: FusedModule,
+    output_attentions: bool | None,
+    dropout_p: float,
+    dropout_training: bool,
+    *,
+    returns_weights: bool = True,
 ) -> bool:
     """Whether the fused forward of a swapped Hugging Face attention (one computing its scores in its
     own forward, which ``attn_implementation`` cannot route: SAM's, Swin V2's) computes this call:
     no attention weights asked for (``output_attentions``, or transformers' output capture collecting
     them), no attention dropout Hugging Face's forward would apply in this call (``dropout_p`` while
     ``dropout_training``: said once), nothing the fused forward replaces or bypasses changed since
-    patching (``FusedModule._fastvit_intact``). Otherwise the call runs Hugging Face's forward."""
-    if output_attentions or capturing_attentions() or not module._fastvit_intact():
+    patching (``FusedModule._fastvit_intact``). Otherwise the call runs Hugging Face's forward.
+    ``returns_weights=False`` for an original that returns no weights even when asked (an SDPA
+    class: data2vec-vision's), whose fused forward then returns None for them too."""
+    wants_weights = returns_weights and (output_attentions or capturing_attentions())
+    if wants_weights or not module._fastvit_intact():
         return False
     if dropout_active(dropout_p, dropout_training):
         warn_attention_dropout(f"Hugging Face {type(module).fastvit_original().__name__}", dropout_p)
@@ -164,10 +172,11 @@ def _fallback(
     eager = _eager_of(module) if route == "eager" else None
     target = eager or sdpa_attention_forward
     name = "its eager attention" if eager is not None else "transformers' sdpa attention"
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", NAME)  # or PACKED_NAME
     warn_fallback(
         f"hf-attention:{reason}:{type(module).__qualname__}",
-        f"fastvit: {type(module).__name__} (attn_implementation='{NAME}') runs {name} for calls with {reason}; "
-        "fastvit.flash_attention does not cover them",
+        f"fastvit: {type(module).__name__} (attn_implementation='{implementation}') runs {name} for calls with "
+        f"{reason}; fastvit.flash_attention does not cover them",
     )
     if eager is not None:  # the eager functions take no is_causal (the mask carries causality)
         module, query, key, value, mask = args

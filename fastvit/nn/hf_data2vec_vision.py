@@ -61,7 +61,9 @@ class _SelfAttentionForward(FusedModule):
             return self._fastvit_original_forward(
                 hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution
             )
-        if not swapped_attention_covers(self, output_attentions, *self._fastvit_dropout()):
+        # the SDPA class returns None for the weights even when asked (Hugging Face warns): so does this
+        dropout = self._fastvit_dropout()
+        if not swapped_attention_covers(self, output_attentions, *dropout, returns_weights=not self.sdpa):
             return super().forward(
                 hidden_states, output_attentions, relative_position_bias, interpolate_pos_encoding, resolution
             )

@@ -87,6 +87,19 @@ def test_attention_weights_run_hugging_face(op_calls):
     assert not op_calls["flash_attention"] and len(op_calls["layernorm_mlp"]) == LAYERS
 
 
+def test_attention_weights_over_sdpa_stay_fused(op_calls):
+    # Hugging Face's SDPA class returns None for the weights even when asked: so does the fused
+    # one, with the op (it ran Hugging Face's forward, unfused, without a word)
+    reference, patched, _ = pair(build("sdpa"))
+    x = images(2)
+    expected = reference.model(x, output_attentions=True)
+    found = patched.model(x, output_attentions=True)
+    assert len(found.attentions) == len(expected.attentions) == LAYERS
+    assert all(a is None for a in (*found.attentions, *expected.attentions))
+    torch.testing.assert_close(found.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert len(op_calls["flash_attention"]) == LAYERS
+
+
 @pytest.mark.parametrize("implementation", sorted(FUSED))
 def test_dropout_and_drop_path_in_training_run_hugging_face(implementation, op_calls, fresh_warnings):
     model = build(implementation, attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.2, drop_path_rate=0.1)

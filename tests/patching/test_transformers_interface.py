@@ -664,6 +664,17 @@ def test_function_varlen_route_with_cu_seqlens(attention_calls):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
+def test_fallback_warning_names_the_module_s_implementation(fresh_warnings):
+    # a packing tower's config reads "fastvit_flash_varlen": its fallback says so (it said "fastvit")
+    config = T.CLIPVisionConfig(**VISION)
+    config._attn_implementation = hf_attention.PACKED_NAME
+    module = T.models.clip.modeling_clip.CLIPAttention(config)
+    q = torch.randn(1, 2, 5, 16, generator=_gen(7))
+    said = r"attn_implementation='fastvit_flash_varlen'\) runs its eager"
+    with pytest.warns(fastvit.FastvitFallbackWarning, match=said):
+        hf_attention.fastvit_attention_forward(module, q, q, q, None, scaling=0.25, output_attentions=True)
+
+
 @pytest.mark.parametrize("case", ["weights", "mask", "causal"])
 def test_function_packed_calls_it_does_not_cover_stay_per_sequence(case, attention_calls, fresh_warnings):
     # packed sequences (cu_seq_lens_q) with weights requested (the eager fallback) or a mask beside
