@@ -140,6 +140,19 @@ class _FusedEmbedding(FusedModule):
             )
         return pos_embed
 
+    def _fastvit_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The (H, W) patch grid of images ``x`` (rounded up under ``dynamic_img_pad``), the size
+        ``pos_embed`` is resampled to. Under ``torch.compile``, where ``patch_embed`` gives timm's
+        (B, H, W, D) map, it is read off that map's shape, as timm's ``_pos_embed`` reads it (the
+        conv is then dead code the compiler drops): from the images' own symbolic shape, PyTorch
+        2.14's fake ``_upsample_bicubic2d_aa_backward`` failed at a second image size with autograd
+        on ("isIntList() INTERNAL ASSERT FAILED"; dynamic_img_size ViTs, EVA, SAM), which timm's
+        path does not hit."""
+        embed = self.patch_embed
+        if torch.compiler.is_compiling() and getattr(embed, "output_fmt", None) == "NHWC":
+            return tuple(embed(x).shape[1:3])
+        return embed.dynamic_feat_size(x.shape[-2:])
+
     def _fastvit_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, P+N, D) tokens with prefix tokens and pos_embed."""
         embed = self.patch_embed
@@ -155,7 +168,7 @@ class _FusedEmbedding(FusedModule):
                 torch._assert(width % patch_width == 0, message.format("width", width, patch_width))
         prefix = self._fastvit_prefix()
         prefix_tokens = None if not prefix else prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)
-        pos_embed = self._fastvit_pos_embed(embed.dynamic_feat_size(x.shape[-2:]))
+        pos_embed = self._fastvit_pos_embed(self._fastvit_grid(x))
         padding = {"dynamic_img_pad": True} if embed.dynamic_img_pad else {}  # zero-pads bottom/right
         return fastvit.patch_embed(
             x, embed.proj.weight, embed.proj.bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, **padding

@@ -74,6 +74,19 @@ def test_fullgraph_with_dynamic_shapes(route):
                 torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_dynamic_image_size_training_at_two_sizes():
+    """A second image size with autograd on: the pos_embed resample's size read off the images'
+    own symbolic shape made PyTorch's fake bicubic-antialias backward fail ("isIntList() INTERNAL
+    ASSERT FAILED"); read off patch_embed's output as timm does, it compiles. The unpatched model
+    compiles too."""
+    pytest.importorskip("timm")
+    reference, patched, _ = pair(timm_vit(img_size=8, dynamic_img_size=True).train())
+    compiled = torch.compile(patched, backend="aot_eager")
+    with fastvit.backend("torch"):
+        for x in (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 12, 8)):
+            assert_outputs_and_grads_match(reference, compiled, x, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.interpreter
 def test_fullgraph_triton_route_in_the_interpreter(op_calls):
     # 8x8 images, patch 4, dim 32, 2 heads, 2 blocks: 4 patches + cls + 1 register = 6 tokens
