@@ -60,6 +60,15 @@ def _attention_notes(mha: nn.Module) -> list[str]:
     )
 
 
+def _class_names(classes: tuple[type, ...]) -> str:
+    """The layer classes a report names: torch.nn's by name, any other with its module, so a
+    quantized ``Linear`` (``torch.ao.nn.quantized.dynamic``) does not read as ``nn.Linear``."""
+    return ", ".join(
+        cls.__name__ if cls.__module__.startswith("torch.nn.modules") else f"{cls.__module__}.{cls.__qualname__}"
+        for cls in classes
+    )
+
+
 def _block_problems(block: nn.Module) -> list[str]:
     problems = missing_attributes(block, ("ln_1", "self_attention", "dropout", "ln_2", "mlp"), "torchvision")
     if problems:
@@ -71,7 +80,7 @@ def _block_problems(block: nn.Module) -> list[str]:
     expected = (nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout)
     got = tuple(type(layer) for layer in block.mlp)
     if got != expected:
-        names = ", ".join(cls.__name__ for cls in got)
+        names = _class_names(got)
         problems.append(f"mlp holds ({names}), not (Linear, GELU, Dropout, Linear, Dropout)")
     return problems
 
@@ -150,7 +159,7 @@ def _mlp_layers_problems(mlp: nn.Module) -> list[str]:
     got = tuple(type(layer) for layer in mlp)
     if got == expected:
         return []
-    names = ", ".join(cls.__name__ for cls in got)
+    names = _class_names(got)
     return [f"mlp holds ({names}), not (Linear, GELU, Dropout, Linear, Dropout)"]
 
 
@@ -187,7 +196,7 @@ def _maxvit_layer_problems(layer: nn.Module) -> list[str]:
         return problems
     got = tuple(type(m) for m in layer.mlp_layer)
     if got[:2] + got[3:] != (nn.LayerNorm, nn.Linear, nn.Linear, nn.Dropout) or len(got) != 5:
-        names = ", ".join(cls.__name__ for cls in got)
+        names = _class_names(got)
         return [f"mlp_layer holds ({names}), not (LayerNorm, Linear, activation, Linear, Dropout)"]
     problems += layernorm_problems(layer.mlp_layer[0], "mlp_layer.0")
     if torchvision_maxvit.torchvision_activation(layer.mlp_layer[2]) is None:
@@ -212,7 +221,7 @@ def _convnext_block_problems(block: nn.Module) -> list[str]:
         return problems
     got = tuple(type(m) for m in block.block)
     if len(got) != 7 or got[:4] + got[5:] != (nn.Conv2d, Permute, nn.LayerNorm, nn.Linear, nn.Linear, Permute):
-        names = ", ".join(cls.__name__ for cls in got)
+        names = _class_names(got)
         return [f"block holds ({names}), not (Conv2d, Permute, LayerNorm, Linear, activation, Linear, Permute)"]
     if list(block.block[1].dims) != [0, 2, 3, 1] or list(block.block[6].dims) != [0, 3, 1, 2]:
         problems.append(f"block's permutes are {block.block[1].dims} and {block.block[6].dims}, not channels-last "

@@ -146,3 +146,20 @@ def test_conv_stem_is_left_alone():
         assert "conv_proj is Sequential, not nn.Conv2d" in entry.detail
     assert report.counts() == {"attention": DEPTH, "mlp": DEPTH}
     assert_outputs_and_grads_match(reference, patched, images())
+
+
+def test_dynamically_quantized_mlps_are_reported_by_their_own_class():
+    # quantize_dynamic swaps the MLP's Linears for torch.ao's (also named "Linear"): the report
+    # read "mlp holds (Linear, GELU, ...), not (Linear, GELU, ...)"; it names their module now, and
+    # the quantized MLPs run as they are
+    if "fbgemm" not in torch.backends.quantized.supported_engines and "qnnpack" not in (
+        torch.backends.quantized.supported_engines
+    ):
+        pytest.skip("no quantized engine")
+    model = torch.ao.quantization.quantize_dynamic(torchvision_vit().eval(), {nn.Linear}, dtype=torch.qint8)
+    reference, patched, report = pair(model)
+    mlps = [e for e in report.skipped if e.part == "mlp"]
+    assert len(mlps) == DEPTH
+    assert all("mlp holds (torch.ao.nn.quantized.dynamic.modules.linear.Linear, GELU" in e.detail for e in mlps)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-5, atol=1e-5)
