@@ -29,7 +29,9 @@ import contextlib
 import contextvars
 import itertools
 import os
+import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -264,9 +266,33 @@ def warn_once(key: str, message: str) -> None:
     """Emit ``FastvitFallbackWarning(message)`` the first time ``key`` is seen in this process.
 
     Silent while ``torch.compile`` traces (a warning there would break the graph); the eager
-    call that precedes or follows compilation warns as usual.
+    call that precedes or follows compilation warns as usual. A call whose warning the filters
+    ignore (a library's ``catch_warnings`` with "ignore") or turn into an error does not count as
+    the first: the next call of that key warns (or raises) again.
     """
     if key in _warned or torch.compiler.is_compiling():
         return
+    try:
+        frame = sys._getframe(2)  # where stacklevel=3 attributes the warning
+    except ValueError:  # a shallower stack: warnings.warn attributes it to "sys"
+        frame = None
+    if _ignored(message, frame):
+        return
+    warnings.warn(message, FastvitFallbackWarning, stacklevel=3)  # raises under an "error" filter
     _warned.add(key)
-    warnings.warn(message, FastvitFallbackWarning, stacklevel=3)
+
+
+def _ignored(message: str, frame: types.FrameType | None) -> bool:
+    """Whether the warning filters, matched as ``warnings.warn`` matches them for a
+    ``FastvitFallbackWarning(message)`` attributed to ``frame``, ignore it."""
+    module = "sys" if frame is None else frame.f_globals.get("__name__", "<string>")
+    lineno = 0 if frame is None else frame.f_lineno
+    for action, text, category, module_pattern, line in warnings.filters:
+        if (
+            (text is None or text.match(message))
+            and issubclass(FastvitFallbackWarning, category)
+            and (module_pattern is None or module_pattern.match(module))
+            and (line == 0 or line == lineno)
+        ):
+            return action == "ignore"
+    return False
