@@ -171,6 +171,24 @@ def test_patch_on_a_gpu_without_a_table_says_how_to_make_one(table, monkeypatch)
         fastvit.patch(timm_vit())  # on a CPU: nothing to say
 
 
+def test_the_tuning_hint_as_an_error_leaves_the_model_unpatched(table, monkeypatch):
+    # with warnings as errors (pytest -W error) the hint raised after the swaps: the model stayed
+    # patched, its Hugging Face configs not routed, no report returned
+    from fastvit.patching import api
+    from tests.patching.helpers import timm_vit
+
+    pytest.importorskip("timm")
+    monkeypatch.setattr(backend_module, "_warned", set())
+    monkeypatch.setattr(api, "_gpu_of", lambda model: GPU)
+    model = timm_vit()
+    before = [type(m) for m in model.modules()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvit.FastvitFallbackWarning)
+        with pytest.raises(fastvit.FastvitFallbackWarning, match="no tuning table"):
+            fastvit.patch(model)
+    assert [type(m) for m in model.modules()] == before
+
+
 def test_lookup_looks_at_the_file_once_per_recheck_interval(table, monkeypatch):
     """auto asks the table on every GPU op call: no stat per call (slow on sandboxed hosts), and a
     table another process replaced is still seen once RECHECK_S has passed."""

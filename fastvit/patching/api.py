@@ -51,6 +51,13 @@ def _gpu_of(model: nn.Module) -> torch.device | None:
     return None
 
 
+def _class_name(model: nn.Module) -> str:
+    """The model's class as its reports name it: a fused model's original (``VisionTransformer``,
+    not ``FusedVisionTransformer``), so that patching or unpatching a patched model reads alike."""
+    cls = type(model)
+    return (cls.fastvit_original() if issubclass(cls, FusedModule) else cls).__name__
+
+
 def _tuning_hint(model: nn.Module) -> None:
     """On a GPU with no tuning table, say once how to make one: without it ``auto`` runs the
     Triton kernels everywhere, also where PyTorch's route or the cuda backend is faster."""
@@ -199,7 +206,7 @@ def patch(
         raise ValueError("fastvit.patch: attention, patch_embed and mlp are all False; nothing was asked for")
     _check_not_meta(model)
 
-    report = PatchReport(model=type(model).__name__)
+    report = PatchReport(model=_class_name(model))
     swaps = _find_swaps(model, parts, report)
     routing = hf_interface.route(model, {id(s.module): s.part for s in swaps}, report) if attention else None
     if not swaps and not routing and not report.already_patched:
@@ -209,6 +216,7 @@ def patch(
         name = type(model).__name__
         raise ValueError(f"fastvit.patch: nothing to patch in {name}{found}\nThe model is unchanged.")
 
+    _tuning_hint(model)  # before any change: a warnings filter that makes it an error leaves the model as it was
     done: list[tuple[nn.Module, tuple | None, type | None]] = []  # (module, earlier snapshot, earlier class)
     try:
         for swap in swaps:
@@ -230,8 +238,9 @@ def patch(
                 _restore_class(module, earlier_class, earlier)
         raise
     report.replaced.extend(PatchEntry(s.path, s.part, _replacement_detail(s)) for s in swaps)
-    rename_no_split(model, {type(s.module) for s in swaps})  # the layer classes named by class name
-    _tuning_hint(model)
+    # the layer classes named by class name: every fused class in the model, those of an earlier
+    # fastvit.patch of a submodule too (its call could not reach the lists above it)
+    rename_no_split(model, {type(m) for m in model.modules() if isinstance(m, FusedModule)})
     if routing:  # attention through transformers' AttentionInterface: its configs, not its modules
         routing.apply(report)
     return report
@@ -309,4 +318,4 @@ def unpatch(model: nn.Module) -> PatchReport:
         restored.append(PatchEntry(path, fused.fastvit_part, f"{fused.__name__} -> {original.__name__}"))
     restored += hf_interface.restore(model)
     restore_no_split(model)
-    return PatchReport(model=type(model).__name__, action="unpatch", replaced=restored)
+    return PatchReport(model=_class_name(model), action="unpatch", replaced=restored)

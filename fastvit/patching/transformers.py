@@ -427,15 +427,17 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: dict[int, str
 def restore_interface(model: nn.Module) -> list[PatchEntry]:
     """Undo ``InterfaceRouting.apply``: each routed module's config gets back the
     ``attn_implementation`` it had (unless it was changed again since). Returns what was restored."""
+    routed = [(path, module) for path, module in model.named_modules() if _PREVIOUS in vars(module)]
+    # every name read before any config changes: modules sharing a config (a tower's layers) all
+    # report what they ran
+    names = [module.config._attn_implementation_internal for _, module in routed]
     restored = []
-    for path, module in model.named_modules():
-        if _PREVIOUS not in vars(module):
-            continue
+    for (path, module), name in zip(routed, names, strict=True):
         previous = vars(module).pop(_PREVIOUS)
-        config = module.config
-        name = config._attn_implementation_internal
         if name in FASTVIT_NAMES:
-            config._attn_implementation_internal = previous
-        detail = f"{type(module).__name__}: attn_implementation {name!r} -> {previous!r}"
+            module.config._attn_implementation_internal = previous
+            detail = f"{type(module).__name__}: attn_implementation {name!r} -> {previous!r}"
+        else:  # set otherwise since fastvit.patch (set_attn_implementation): left as it is
+            detail = f"{type(module).__name__}: attn_implementation {name!r} left as set since fastvit.patch"
         restored.append(PatchEntry(path, "attention", detail))
     return restored

@@ -116,6 +116,17 @@ def test_a_failed_patch_leaves_the_model_untouched(monkeypatch):
     assert module_types(model) == types and storage_map(model) == storage
 
 
+def test_reports_name_a_patched_model_by_its_own_class():
+    # a timm ViT is itself a fused module (its embedding): patching or unpatching it again printed
+    # "fastvit.patch(FusedVisionTransformer)"
+    if not HAS_PATCH_EMBED:
+        pytest.skip("the embedding is not fused in this build")
+    model = timm_vit()
+    fastvit.patch(model)
+    assert str(fastvit.patch(model)).startswith("fastvit.patch(VisionTransformer)")
+    assert str(fastvit.unpatch(model)).startswith("fastvit.unpatch(VisionTransformer)")
+
+
 def test_unpatching_an_unpatched_model_changes_nothing():
     model = timm_vit()
     types = module_types(model)

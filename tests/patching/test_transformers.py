@@ -94,6 +94,20 @@ def test_no_split_modules_name_the_fused_layers():
     assert not any("_fastvit_previous_no_split_modules" in vars(m) for m in model.modules())
 
 
+def test_no_split_modules_after_patching_a_submodule_then_the_model():
+    # fastvit.patch(model.vit.layers) first: the second call's swaps were the embedding alone, and
+    # the model's list kept "ViTLayer", which no module was any more, without "FusedViTLayer"
+    from transformers.trainer_pt_utils import get_module_class_from_name
+
+    model = hf_classifier().eval()
+    layers = next(m for name, m in model.named_modules() if name.endswith("layers") or name.endswith("layer"))
+    fastvit.patch(layers)
+    fastvit.patch(model)
+    names = set(model._no_split_modules)
+    assert {"FusedViTLayer", "FusedViTEmbeddings"} <= names and "ViTLayer" not in names
+    assert all(get_module_class_from_name(model, name) is not None for name in names)
+
+
 def test_output_attentions_and_hidden_states(op_calls):
     # output_attentions runs Hugging Face's attention for that call (eager returns the weights);
     # hidden states are captured by hooks matched on ViTLayer, which the fused layer still is

@@ -404,8 +404,21 @@ def test_patch_twice_and_implementation_changed_in_between():
     assert again.replaced == [] and len(again.already_patched) == 2 * DEPTH + 1  # attention, MLPs, embedding
     assert all("an earlier fastvit.patch" in entry.detail for entry in again.already_patched)
     model.set_attn_implementation("eager")  # the user's later choice wins over unpatch's memory
-    fastvit.unpatch(model)
+    report = fastvit.unpatch(model)
     assert model.config._attn_implementation == "eager"
+    attention = [e for e in report.replaced if e.part == "attention"]
+    assert len(attention) == DEPTH and all("'eager' left as set since fastvit.patch" in e.detail for e in attention)
+
+
+def test_unpatch_report_says_what_each_layer_ran():
+    # the layers share one config: the second and later said "'sdpa' -> 'sdpa'", the first having
+    # restored it already; and a patched model's reports name its own class, not the fused one
+    model = build("dinov2")
+    fastvit.patch(model)
+    assert str(fastvit.patch(model)).startswith("fastvit.patch(Dinov2Model)")
+    report = fastvit.unpatch(model)
+    attention = [e for e in report.replaced if e.part == "attention"]
+    assert len(attention) == DEPTH and all("'fastvit' -> 'sdpa'" in e.detail for e in attention)
 
 
 def test_output_attentions_and_hidden_states(attention_calls, fresh_warnings):
