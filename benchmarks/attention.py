@@ -310,6 +310,22 @@ def _probe(fn: Callable, label: str, shape: tuple[int, ...], dtype: torch.dtype,
             raise Unavailable(f"{label} cannot run {str(dtype)[6:]} on {device} here: {why}"[:300]) from exc
 
 
+def attention_route(
+    device: str, head_dim: int, dtype: torch.dtype, tokens: int, batch_heads: int, masked: bool, train: bool
+) -> str:
+    """The route ``fastvit.flash_attention`` takes for such a call under ``auto``: the tuning table's
+    choice for its bucket where one is measured (the op reads the same), else the device's default.
+    A row's label must say it: after ``tune`` most attention buckets of an H200 ran SDPA, labelled
+    ``fastvit[triton]`` before."""
+    from fastvit.backend import resolve_backend
+    from fastvit.tuning import attention_bucket
+
+    return resolve_backend(
+        torch.device(device), "flash_attention",
+        lambda: attention_bucket(head_dim, dtype, tokens, batch_heads, False, masked, train),
+    )  # fmt: skip
+
+
 def _implementation(point: Point) -> tuple[Callable, str, Callable[[], Any]]:
     """(fn(q, k, v), label, a factory of the context entered around the calls) for the point's impl."""
     impl = point.impl
@@ -346,9 +362,10 @@ def _implementation(point: Point) -> tuple[Callable, str, Callable[[], Any]]:
         return window_attention, impl, contextlib.nullcontext
     if impl in FASTVIT_IMPLS:
         import fastvit
-        from fastvit.backend import resolve_backend
 
-        route = resolve_backend(torch.device(point.device))
+        masked = impl in ("fastvit+bias", "fastvit+rel_pos")
+        route = attention_route(point.device, point.head_dim, torch_dtype(point.dtype), point.n_tokens,
+                                point.batch * point.heads, masked, point.mode == "fwd+bwd")  # fmt: skip
         fns = {
             "fastvit": fastvit.flash_attention,
             "fastvit+bias": lambda q, k, v, bias: fastvit.flash_attention(q, k, v, attn_mask=bias),

@@ -205,8 +205,12 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
     if arch is None:
         return rows
     for r in records:
-        base = r.impl.split("[")[0]
+        base, _, route = r.impl.partition("[")
+        # the model is of the Triton kernels: a row that ran another route (fastvit[torch] where a
+        # tuning table chose SDPA, any row on a CPU) is not one of them
         if (r.suite, r.mode, r.status) != ("attention", "fwd", "ok") or base not in _MODELLED_IMPLS:
+            continue
+        if route.rstrip("]") != "triton":
             continue
         floor_ms = r.extra.get("floor_ms")
         if not floor_ms or not r.ms:
@@ -223,7 +227,7 @@ def attention_forward_rows(records: Iterable[Any], figures_rows: dict[str, dict[
                                   peak_tflops=(ceilings.get("matmul_tflops") or {}).get(r.dtype))  # fmt: skip
         predicted_ms = model.predicted_s(floor_ms / 1e3) * 1e3
         rows.append([
-            base, str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",
+            r.impl, str(r.n_tokens), f"{r.batch} x {r.heads}", str(r.head_dim), f"{r.ms:.4g}", f"{floor_ms:.3g}",
             f"{model.padded_fraction:.2f}", f"{model.waves:.2f}", f"{model.wave_efficiency:.2f}",
             f"{model.loop_efficiency:.2f}", f"{model.l2_efficiency:.2f}", f"{predicted_ms:.3g}",
             f"{r.ms / predicted_ms:.3g}",

@@ -150,10 +150,15 @@ def _implementation(point: Point, lens: list[int]) -> tuple[Callable, Callable[[
     def qkv(shape) -> tuple[torch.Tensor, ...]:
         return tuple(randn(shape, dtype=dtype, device=device, requires_grad=grad) for _ in range(3))
 
-    if point.impl in FASTVIT_IMPLS:
+    if point.impl == "fastvit-varlen":  # the varlen op reads no tuning table: the device's route
         from fastvit.backend import resolve_backend
 
         label = f"{point.impl}[{resolve_backend(torch.device(device))}]"
+    elif point.impl == "fastvit-dense":  # one call per length: each bucket's own route, or "mixed"
+        from .attention import attention_route
+
+        routes = {attention_route(device, head_dim, dtype, n, lens.count(n) * heads, False, grad) for n in set(lens)}
+        label = f"{point.impl}[{routes.pop() if len(routes) == 1 else 'mixed'}]"
     if point.impl == "fastvit-varlen":
         import fastvit
 

@@ -103,6 +103,7 @@ def test_attention_rows_put_the_model_beside_the_measurement():
         _fwd_record(197, ms=0.1, floor_ms=0.001, impl="sdpa[flash]"),  # not fastvit: no model
         _fwd_record(197, ms=1.0, floor_ms=0.003, mode="fwd+bwd"),  # the backward: not modelled
         _fwd_record(197, ms=0.3, floor_ms=None),  # no floor (no ceilings measured): no model
+        _fwd_record(197, ms=0.1, floor_ms=0.001, impl="fastvit[torch]"),  # SDPA ran (a tuning table's pick): no model
     ]
     rows = attention_forward_rows(records, FIGURES, arch=90)
     assert len(rows) == 1
@@ -138,8 +139,8 @@ def test_the_masked_rows_read_the_masked_configurations():
     rows = [dict(zip(SHAPE_MODEL_HEADER, row, strict=True))
             for row in attention_forward_rows([bias, windows, sam_global, wider], figures, arch=90)]  # fmt: skip
     assert [(r["impl"], r["N"], r["loop eff"]) for r in rows] == [
-        ("fastvit+bias", "197", f"{1 / 2.5:.2f}"), ("fastvit+rel_pos", "196", f"{1 / 1.25:.2f}"),
-        ("fastvit+rel_pos", "4096", "0.50")]  # fmt: skip
+        ("fastvit+bias[triton]", "197", f"{1 / 2.5:.2f}"), ("fastvit+rel_pos[triton]", "196", f"{1 / 1.25:.2f}"),
+        ("fastvit+rel_pos[triton]", "4096", "0.50")]  # fmt: skip
 
 
 def test_the_key_tail_is_read_from_the_configuration_label(monkeypatch):

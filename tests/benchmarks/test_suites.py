@@ -353,3 +353,25 @@ def test_model_suite_hugging_face_sam_row():
         assert (r.n_tokens, r.heads, r.head_dim) == (16, 12, 64) and r.extra["depth"] == 2
     # SAM's patch embedding is named in the report (fastvit does not fuse it)
     assert all("patched: 2 mlp, 2 attention; 1 skipped" in r.note for r in records[2:])
+
+
+def test_fastvit_attention_rows_are_labelled_with_the_route_the_tuning_table_picks(tmp_path, monkeypatch):
+    # after `tune`, auto runs SDPA where the table measured it faster (69 of 72 attention buckets on
+    # an H200): the rows said "fastvit[triton]" there, the label read with no bucket; the op reads
+    # the bucket's entry. No GPU runs: only the lookups see a "cuda" device
+    from fastvit import tuning
+    from fastvit.benchmarks import varlen
+
+    monkeypatch.setenv("FASTVIT_TUNE_TABLE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Test GPU" if device.type == "cuda" else "cpu")
+    key = tuning.attention_bucket(64, torch.bfloat16, 197, 4 * 12, False, False, False)
+    tuning.record("Test GPU", "flash_attention", key, {"triton": 2.0, "torch": 1.0})
+    point = Point(suite="attention", impl="fastvit", mode="fwd", n_tokens=197, batch=4, heads=12, head_dim=64,
+                  dtype="bfloat16", device="cuda")  # fmt: skip
+    assert attention._implementation(point)[1] == "fastvit[torch]"
+    masked = dataclasses.replace(point, impl="fastvit+bias")  # another bucket: no entry, the GPU's default
+    assert attention._implementation(masked)[1] == "fastvit+bias[triton]"
+    dense = Point(suite="varlen", impl="fastvit-dense", mode="fwd", n_tokens=4 * 197, batch=4, heads=12,
+                  head_dim=64, dtype="bfloat16", device="cuda")  # fmt: skip
+    assert varlen._implementation(dense, [197] * 4)[3] == "fastvit-dense[torch]"
+    assert varlen._implementation(dense, [197, 197, 197, 50])[3] == "fastvit-dense[mixed]"
