@@ -81,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in matched:
         s = c.speedup
-        rows.append([*(str(v) for v in c.key), _ms(c.base), _ms(c.new), "-" if s is None else f"{s:.3f}"])
+        key = ("-" if v is None else str(v) for v in c.key)  # KEY_FIELDS, then the model (Record.key)
+        rows.append([*key, _ms(c.base), _ms(c.new), "-" if s is None else f"{s:.3f}"])
     title = f"BASE {args.base} vs NEW {args.new} (BASE.ms / NEW.ms: above 1 = NEW faster)"
-    print_table(title, [*KEY_FIELDS, "BASE ms", "NEW ms", "BASE/NEW"], rows)
+    print_table(title, [*KEY_FIELDS, "model", "BASE ms", "NEW ms", "BASE/NEW"], rows)
 
     groups: dict[tuple, list[float]] = {}
     for c in matched:

@@ -33,10 +33,12 @@ def plot_all(records: list[Record], out_dir: Path) -> list[Path]:
     paths = []
     for (suite, mode), lines in figures.items():
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
-        several_shapes = len({key[3:] for key, _ in lines}) > 1
+        several_shapes = len({key[3:7] for key, _ in lines}) > 1
+        several_models = len({key[7] for key, _ in lines}) > 1
         for key, ok in lines:
             ns = [r.n_tokens for r in ok]
-            label = key[1] + (f" B{key[3]} H{key[4]} D{key[5]} {key[6]}" if several_shapes else "")
+            label = key[1] + (f" {key[7]}" if several_models else "")
+            label += f" B{key[3]} H{key[4]} D{key[5]} {key[6]}" if several_shapes else ""
             for ax, ys, scale in (
                 (ax_t, [r.ms for r in ok], 1.0),
                 (ax_m, [r.peak_mem_bytes for r in ok], 2**-20),

@@ -63,7 +63,8 @@ class Point:
     def group(self) -> tuple:
         """Points of one group differ only in size (n_tokens and the suite's params): a group's
         failure at one size (out of memory, over the time budget) predicts it at larger sizes."""
-        return (self.suite, self.impl, self.mode, self.batch, self.heads, self.head_dim, self.dtype)
+        return (self.suite, self.impl, self.mode, self.batch, self.heads, self.head_dim, self.dtype,
+                self.params.get("model"))  # fmt: skip
 
 
 @dataclass
@@ -128,7 +129,10 @@ class Record:
         )
 
     def key(self) -> tuple:
-        return tuple(getattr(self, f) for f in KEY_FIELDS)
+        """The KEY_FIELDS, then the model the shape is taken from (``model`` among the point's
+        params): the mlp suite's ViT-B and EVA02-B rows share heads 12 and head dim 64, and
+        ``compare`` matched them as one row."""
+        return (*(getattr(self, f) for f in KEY_FIELDS), self.extra.get("model"))
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict: the RECORD_FIELDS first, then the extra fields (which never override them)."""

@@ -61,13 +61,16 @@ def fit_slope(ns: Sequence[float], ys: Sequence[float | None]) -> Slope | None:
 
 
 def series(records: Iterable[Record]) -> dict[tuple, list[Record]]:
-    """Records grouped into series (suite, impl, mode, batch, heads, head_dim, dtype), N ascending.
+    """Records grouped into series (suite, impl, mode, batch, heads, head_dim, dtype, model), N
+    ascending: ``model``, the model a suite takes its shapes from (None where it takes none), keeps
+    two models of one shape (the mlp suite's ViT-B and EVA02-B) apart.
 
     Each series is one line in a plot and one row of the slope table.
     """
     out: dict[tuple, list[Record]] = {}
     for r in records:
-        out.setdefault((r.suite, r.impl, r.mode, r.batch, r.heads, r.head_dim, r.dtype), []).append(r)
+        key = (r.suite, r.impl, r.mode, r.batch, r.heads, r.head_dim, r.dtype, r.extra.get("model"))
+        out.setdefault(key, []).append(r)
     for rs in out.values():
         rs.sort(key=lambda r: r.n_tokens)
     return out
@@ -190,12 +193,13 @@ def slope_rows(records: Iterable[Record]) -> list[list[str]]:
     fits = slopes(records)
     rows = []
     for key, rs in series(records).items():
-        suite, impl, mode, batch, heads, head_dim, dtype = key
+        suite, impl, mode, batch, heads, head_dim, dtype, model = key
         t, m = fits[key]
         ok = sorted(r.n_tokens for r in rs if r.status == "ok")
         span = f"{ok[0]}-{ok[-1]}" if ok else "-"
         fixed = [str(batch), str(heads), str(head_dim), dtype]
-        rows.append([suite, impl, mode, *fixed, str(t) if t else "-", str(m) if m else "-", str(len(ok)), span])
+        shown = impl if model is None or suite == "model" else f"{impl} ({model})"  # model rows: in impl
+        rows.append([suite, shown, mode, *fixed, str(t) if t else "-", str(m) if m else "-", str(len(ok)), span])
     return rows
 
 

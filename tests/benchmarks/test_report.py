@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -71,15 +72,30 @@ def test_slopes_per_series_use_only_ok_points():
     records += [record("flash", n, 1e-6 * n**2, 1000 * n) for n in NS]
     records += [record("flash", 197, 1.0, 10, mode="fwd+bwd")]  # one point: no fit
     fits = slopes(records)
-    t, m = fits[("attention", "eager", "fwd", 1, 12, 64, "float32")]
+    t, m = fits[("attention", "eager", "fwd", 1, 12, 64, "float32", None)]  # no model named: None
     assert t.slope == pytest.approx(2.0) and m.slope == pytest.approx(2.0) and m.points == 4
-    t, m = fits[("attention", "flash", "fwd", 1, 12, 64, "float32")]
+    t, m = fits[("attention", "flash", "fwd", 1, 12, 64, "float32", None)]
     assert m.slope == pytest.approx(1.0)
-    assert fits[("attention", "flash", "fwd+bwd", 1, 12, 64, "float32")] == (None, None)
+    assert fits[("attention", "flash", "fwd+bwd", 1, 12, 64, "float32", None)] == (None, None)
     rows = slope_rows(records)
     fixed = ["1", "12", "64", "float32"]  # B, H, D, dtype
     assert ["attention", "eager", "fwd", *fixed, "2.00", "2.00", "4", "197-2305"] in rows
     assert ["attention", "flash", "fwd+bwd", *fixed, "-", "-", "1", "197-197"] in rows
+
+
+def test_two_models_of_one_shape_are_two_series_and_two_comparisons():
+    # the mlp suite's ViT-B and EVA02-B rows share heads 12 and head dim 64: one series (slope 2.75
+    # over repeated N, jumps in the plot) and compare matched 4 of 6 rows
+    from fastvit.benchmarks.compare import compare
+
+    records = [dataclasses.replace(record("eager", n, 1e-6 * n * k, 10 * n), extra={"model": model})
+               for model, k in (("vit_b", 1.0), ("eva02_b", 3.0)) for n in NS[:3]]  # fmt: skip
+    fits = slopes(records)
+    assert {key[-1] for key in fits} == {"vit_b", "eva02_b"}
+    assert all(t.slope == pytest.approx(1.0) and t.points == 3 for t, _ in fits.values())
+    assert {row[1] for row in slope_rows(records)} == {"eager (vit_b)", "eager (eva02_b)"}
+    matched, only_base, only_new = compare(records, records)
+    assert len(matched) == 6 and not only_base and not only_new
 
 
 def test_slope_rows_show_what_each_series_holds_fixed():
