@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import signal
 import sys
 import time
@@ -207,6 +208,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         _check_impls(parser, args)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; it must be a folder (made if missing)")
+    if args.out is not None:  # before any suite is measured: the results are written after each
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--out {args.out}: cannot make the folder ({error.strerror or error})")
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            parser.error(f"--out {args.out}: the folder is not writable")
     args.deadline = time.monotonic() + 60 * args.time_limit if args.time_limit else None
     return args
 

@@ -396,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or os.cpu_count() or 1
     if args.match:
         args.only = "triton"
+    if args.figures and args.match:  # a --match run updates the file's matching rows only
+        from .static_figures import figures_version
+
+        written = figures_version(args.figures)
+        if written not in (None, _version("triton")):
+            parser.error(f"--figures {args.figures} holds the figures of Triton {written}: a --match run with "
+                         f"Triton {_version('triton')} would replace them with its matching rows alone; write "
+                         "to another file, or run without --match")  # fmt: skip
 
     started = time.monotonic()
     nvcc = find_nvcc()

@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FIGURES_DIR", "FIGURE_FIELDS", "compare", "figures", "figures_path", "row_key", "write_figures"]
+__all__ = [
+    "FIGURES_DIR", "FIGURE_FIELDS", "compare", "figures", "figures_path", "figures_version", "row_key", "write_figures",
+]
 
 FIGURES_DIR = Path(__file__).resolve().parent / "results" / "static"
 # the figures kept per row: resources, MMA, the performance model, the problems
@@ -47,6 +49,14 @@ def figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def figures_path(triton_version: str | None) -> Path:
     """The committed figures of one Triton version (Triton's code generation differs per version)."""
     return FIGURES_DIR / f"figures-triton-{triton_version}.json"
+
+
+def figures_version(path: Path | str) -> str | None:
+    """The Triton version a figures file was written with; None where there is no such file."""
+    try:
+        return json.loads(Path(path).read_text())["meta"]["triton"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_figures(path: Path, rows: list[dict[str, Any]], triton_version: str | None, match: str | None = None,

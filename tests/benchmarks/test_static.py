@@ -204,3 +204,14 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         static.main(["--arch", "70"])
     assert "--arch" in capsys.readouterr().err
+
+
+def test_a_match_run_refuses_a_figures_file_of_another_triton(tmp_path, capsys):
+    # static --match X --figures FILE over the reviewed figures of another Triton replaced the file's
+    # 1060 rows with the matching ones alone (0 for a match of nothing), exit 0
+    figures = tmp_path / "figures.json"
+    figures.write_text(json.dumps({"meta": {"triton": "0.0.1"}, "rows": {"sm_90 k [c]": {"problems": []}}}))
+    with pytest.raises(SystemExit):
+        static.main(["--match", "NO_SUCH_KERNEL", "--figures", str(figures)])
+    assert "holds the figures of Triton 0.0.1" in capsys.readouterr().err
+    assert json.loads(figures.read_text())["rows"] == {"sm_90 k [c]": {"problems": []}}

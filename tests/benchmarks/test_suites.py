@@ -341,6 +341,17 @@ def test_out_naming_a_file_is_refused_before_measuring(tmp_path, capsys):
     assert "is a file; it must be a folder" in capsys.readouterr().err
 
 
+def test_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):
+    # a folder that cannot be made (under a file) or written: measured a suite, then a traceback
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["attention", "--quick", "--out", str(blocker / "results")])
+    assert "cannot make the folder" in capsys.readouterr().err
+    made = tmp_path / "made" / "deeper"
+    assert cli.parse_args(["attention", "--quick", "--out", str(made)]).out == made and made.is_dir()
+
+
 def test_model_suite_hugging_face_sam_row():
     # Hugging Face's SAM ViT-B image encoder, 2 blocks on the CPU (one windowed, one global), at 64 px:
     # 4 x 4 tokens, one padded 14 x 14 window; its own-forward attention swapped (fastvit.nn.hf_sam)
