@@ -197,6 +197,10 @@ def _run(args: argparse.Namespace) -> int:
     import triton
 
     rows = []
+    if args.match and not any(args.match in case.name for case in CASES):
+        print(f"--match {args.match!r}: no op's name contains it; ops: {', '.join(c.name for c in CASES)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     print(f"{'op':36s} {'mode':6s} {'layers us':>10s} {'launches':>9s} {'bind us':>8s}")
     with _Recorder() as recorder:
         for case in CASES:

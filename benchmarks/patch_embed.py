@@ -25,6 +25,7 @@ writes the parameter gradients), and ``gb_per_s``, that traffic over the measure
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,8 @@ def _not_here(impl: str, device: str) -> str | None:
 def run(args: Any, progress: Progress) -> list[Record]:
     """Every implementation in ``args.impls`` (default: all), every mode and resolution."""
     impls = IMPLS if args.impls is None else applicable_impls(NAME, IMPLS, args.impls)
+    if getattr(args, "seq_lens", None) and not args.resolutions:  # said, not ignored silently
+        print(f"{NAME}: --seq-lens is not used (this suite sweeps image sizes: --resolutions)", file=sys.stderr)
     records = []
     for impl in impls:
         pts = points(args, impl)

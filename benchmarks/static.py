@@ -439,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     if csrc_skipped:
         summary.append(f"csrc skipped: {csrc_skipped}")
     print("\n" + "\n".join(summary))
+    if args.match and not rows:  # said, not an empty table and exit 0
+        print(f"--match {args.match!r}: no kernel configuration contains it; nothing compiled or written",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.figures:
         from .static_figures import write_figures
 

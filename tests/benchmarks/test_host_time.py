@@ -45,3 +45,9 @@ def test_the_real_launch_comes_back_after_a_run():
     with host_time._Recorder() as recorder:
         assert InterpretedFunction.run is not original
     assert InterpretedFunction.run is original and recorder.launches == []
+
+
+def test_a_match_of_nothing_is_said(capsys):
+    # an empty table and exit 0 before
+    assert host_time.main(["--match", "NO_SUCH_OP"]) == 2
+    assert "no op's name contains it" in capsys.readouterr().err

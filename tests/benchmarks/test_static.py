@@ -215,3 +215,9 @@ def test_a_match_run_refuses_a_figures_file_of_another_triton(tmp_path, capsys):
         static.main(["--match", "NO_SUCH_KERNEL", "--figures", str(figures)])
     assert "holds the figures of Triton 0.0.1" in capsys.readouterr().err
     assert json.loads(figures.read_text())["rows"] == {"sm_90 k [c]": {"problems": []}}
+
+
+def test_a_match_of_nothing_is_said(capsys):
+    # an empty table and exit 0 before
+    assert static.main(["--match", "NO_SUCH_KERNEL_CONFIGURATION", "--arch", "90", "--no-table"]) == 2
+    assert "no kernel configuration contains it" in capsys.readouterr().err

@@ -386,3 +386,14 @@ def test_fastvit_attention_rows_are_labelled_with_the_route_the_tuning_table_pic
                   head_dim=64, dtype="bfloat16", device="cuda")  # fmt: skip
     assert varlen._implementation(dense, [197] * 4)[3] == "fastvit-dense[torch]"
     assert varlen._implementation(dense, [197, 197, 197, 50])[3] == "fastvit-dense[mixed]"
+
+
+def test_patch_embed_says_it_does_not_use_seq_lens(capsys):
+    # the suite sweeps image sizes: --seq-lens 65 measured 224 and 384 px without a word
+    from types import SimpleNamespace
+
+    from fastvit.benchmarks import patch_embed
+
+    args = SimpleNamespace(impls=["eager-only-in-another-suite"], seq_lens=[65], resolutions=None)
+    assert patch_embed.run(args, Progress(enabled=False)) == []
+    assert "--seq-lens is not used" in capsys.readouterr().err
