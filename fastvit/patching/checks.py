@@ -9,20 +9,26 @@ from collections.abc import Iterable
 import torch.nn as nn
 
 __all__ = [
-    "exact_type", "layernorm_problems", "linear_problems", "missing_attributes", "patch_conv_problems",
+    "class_name", "exact_type", "layernorm_problems", "linear_problems", "missing_attributes", "patch_conv_problems",
     "unclamped_linear_problems",
 ]
 
 
-def _name(cls: type) -> str:
+def class_name(cls: type) -> str:
+    """``cls`` as a report names it: its qualified name, with its module where that name is also a
+    different ``torch.nn`` class's and the class is another of torch's (a dynamically quantized
+    ``Linear`` from ``torch.ao``), which the report would otherwise seem to name."""
+    if getattr(nn, cls.__name__, cls) is not cls and cls.__module__.startswith("torch."):
+        return f"{cls.__module__}.{cls.__qualname__}"
     return cls.__qualname__
+
 
 
 def exact_type(module: object, name: str, allowed: Iterable[type], what: str) -> list[str]:
     """``[]`` if ``type(module)`` is one of ``allowed``, else ``["<name> is X, not <what>"]``."""
     if type(module) in tuple(allowed):
         return []
-    return [f"{name} is {_name(type(module))}, not {what}"]
+    return [f"{name} is {class_name(type(module))}, not {what}"]
 
 
 def linear_problems(module: nn.Module, names: Iterable[str]) -> list[str]:
@@ -35,7 +41,7 @@ def missing_attributes(module: nn.Module, names: Iterable[str], family: str) -> 
     missing = [n for n in names if not hasattr(module, n)]
     if not missing:
         return []
-    return [f"{_name(type(module))} has no {', '.join(missing)} (a {family} version fastvit does not know)"]
+    return [f"{class_name(type(module))} has no {', '.join(missing)} (a {family} version fastvit does not know)"]
 
 
 def layernorm_problems(norm: object, name: str, allowed: Iterable[type] = (nn.LayerNorm,)) -> list[str]:

@@ -22,7 +22,13 @@ from torchvision.ops.stochastic_depth import StochasticDepth
 
 from fastvit.nn import torchvision_convnext, torchvision_maxvit, torchvision_swin
 from fastvit.nn import torchvision_vit as fused
-from fastvit.patching.checks import exact_type, layernorm_problems, missing_attributes, patch_conv_problems
+from fastvit.patching.checks import (
+    class_name,
+    exact_type,
+    layernorm_problems,
+    missing_attributes,
+    patch_conv_problems,
+)
 from fastvit.patching.registry import Finding, Skip, foreign, fused_table, join, slot
 
 __all__ = ["FAMILY", "find"]
@@ -61,12 +67,7 @@ def _attention_notes(mha: nn.Module) -> list[str]:
 
 
 def _class_names(classes: tuple[type, ...]) -> str:
-    """The layer classes a report names: torch.nn's by name, any other with its module, so a
-    quantized ``Linear`` (``torch.ao.nn.quantized.dynamic``) does not read as ``nn.Linear``."""
-    return ", ".join(
-        cls.__name__ if cls.__module__.startswith("torch.nn.modules") else f"{cls.__module__}.{cls.__qualname__}"
-        for cls in classes
-    )
+    return ", ".join(class_name(cls) for cls in classes)
 
 
 def _block_problems(block: nn.Module) -> list[str]:

@@ -210,8 +210,8 @@ def find(model: nn.Module) -> list[Finding]:
         elif _is_patch_embedding(module) and not _in_fused_embedding(path, modules):  # said, not left out
             findings.append(Skip(path, "patch_embed", f"{cls.__name__} ({cls.__module__}) is not a patch embedding "
                                  "fastvit fuses: it runs Hugging Face's modules"))  # fmt: skip
-        elif _patch_conv_outside_an_embedding(path, module, modules.get(path.rpartition(".")[0])):
-            owner = type(modules[path.rpartition(".")[0]])
+        elif _patch_conv_outside_an_embedding(path, module, parent := modules.get(path.rpartition(".")[0])):
+            owner = type(parent)
             findings.append(Skip(path, "patch_embed", f"{cls.__name__} of {owner.__name__} ({owner.__module__}) is "
                                  "not a patch embedding fastvit fuses: it runs Hugging Face's modules"))  # fmt: skip
     return findings

@@ -163,3 +163,8 @@ def test_dynamically_quantized_mlps_are_reported_by_their_own_class():
     assert all("mlp holds (torch.ao.nn.quantized.dynamic.modules.linear.Linear, GELU" in e.detail for e in mlps)
     with torch.no_grad():
         torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-5, atol=1e-5)
+    # the checks every adapter shares name it the same way ("mlp.fc1 is Linear, not nn.Linear" before)
+    from fastvit.patching.checks import exact_type
+
+    (reason,) = exact_type(model.encoder.layers[0].mlp[0], "mlp.fc1", (nn.Linear,), "nn.Linear")
+    assert reason.startswith("mlp.fc1 is torch.ao.nn.quantized.dynamic.modules.linear.Linear, not")
