@@ -272,14 +272,29 @@ def warn_once(key: str, message: str) -> None:
     """
     if key in _warned or torch.compiler.is_compiling():
         return
-    try:
-        frame = sys._getframe(2)  # where stacklevel=3 attributes the warning
-    except ValueError:  # a shallower stack: warnings.warn attributes it to "sys"
-        frame = None
+    frame, stacklevel = _caller_outside_fastvit()
     if _ignored(message, frame):
         return
-    warnings.warn(message, FastvitFallbackWarning, stacklevel=3)  # raises under an "error" filter
+    warnings.warn(message, FastvitFallbackWarning, stacklevel=stacklevel)  # raises under an "error" filter
     _warned.add(key)
+
+
+# the packages whose frames a warning skips: fastvit's own, and torch's (Module.__call__,
+# autograd.Function.apply, checkpoint) between fastvit and the code that called it
+_SKIPPED_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
+
+
+def _caller_outside_fastvit() -> tuple[types.FrameType, int]:
+    """The first frame above ``warn_once`` outside fastvit's and torch's packages (the user's
+    line, or the model library's forward that called a fused module) and the ``stacklevel`` that
+    makes ``warnings.warn``, called from ``warn_once``, attribute the warning to it (as Python
+    3.12's ``skip_file_prefixes``); the outermost frame where every frame is inside them."""
+    frame = sys._getframe(2)  # warn_once's caller, stacklevel 2
+    stacklevel = 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED_DIRS):
+        frame = frame.f_back
+        stacklevel += 1
+    return frame, stacklevel
 
 
 def _ignored(message: str, frame: types.FrameType | None) -> bool:

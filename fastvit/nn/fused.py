@@ -558,9 +558,10 @@ def mlp_dropout_fallback(library: str, name: str, *drops: nn.Module) -> bool:
 
 
 def warn_attention_dropout(kind: str, p: float) -> None:
-    """Warn once that a patched attention with dropout ``p`` in training runs its original forward."""
+    """Warn once per (kind, p) that a patched attention with dropout ``p`` in training runs its
+    original forward."""
     warn_fallback(
-        f"patched-attention-dropout:{kind}",
+        f"patched-attention-dropout:{kind}:{p}",
         f"fastvit: a patched {kind} applies attention dropout p={p} in this call (training mode); "
         "fastvit.flash_attention has no dropout, so these calls run the module's original PyTorch "
         "forward (model.eval() or p=0 runs the fused op)",

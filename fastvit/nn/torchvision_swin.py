@@ -179,7 +179,7 @@ def _covered(module: ShiftedWindowAttention, kind: str) -> bool:
     ]
     if active:
         warn_fallback(
-            f"patched-attention-dropout:{kind}",
+            f"patched-attention-dropout:{kind}:{', '.join(active)}",
             f"fastvit: a patched torchvision {kind} has {' and '.join(active)} and is in training mode; "
             "fastvit.flash_attention has no dropout, so these calls run torchvision's forward "
             "(model.eval() or p=0 runs the fused op)",

@@ -7,6 +7,7 @@ same output and the same gradient on every parameter and on the input.
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 
 import pytest
@@ -199,6 +200,31 @@ def test_attention_dropout_runs_timm_in_training(op_calls, fresh_warnings):
     reference.eval(), patched.eval()
     assert_outputs_and_grads_match(reference, patched, images())
     assert len(op_calls["flash_attention"]) == DEPTH
+
+
+def test_attention_dropout_warning_is_said_again_for_another_p(fresh_warnings):
+    # the warning's key left p out: a second model with another p was not said, its message
+    # naming the first model's p
+    for p in (0.25, 0.5):
+        _, patched, _ = pair(timm_vit(attn_drop_rate=p).train())
+        with pytest.warns(fastvit.FastvitFallbackWarning, match=f"attention dropout p={p}"):
+            patched(images())
+
+
+def test_a_fallback_warning_names_the_line_that_called_the_model(monkeypatch):
+    # stacklevel 3 named a line inside fastvit (fastvit/nn/fused.py), not the caller's
+    import timm.models.vision_transformer as timm_vit_module
+
+    backend_module = importlib.import_module("fastvit.backend")
+    _, patched, _ = pair(timm_vit(attn_drop_rate=0.25).train())
+    for call, caller in (
+        (lambda: patched(images()), timm_vit_module.__file__),  # timm's block called the attention
+        (lambda: patched.blocks[0].attn(torch.randn(1, 5, patched.embed_dim)), __file__),
+    ):
+        monkeypatch.setattr(backend_module, "_warned", set())
+        with pytest.warns(fastvit.FastvitFallbackWarning, match="attention dropout") as record:
+            call()
+        assert [w.filename for w in record] == [caller]
 
 
 def test_mlp_dropout_runs_timm_in_training(op_calls, fresh_warnings):
