@@ -10,6 +10,7 @@ Public API::
     fastvit.window_attention(q, k, v, grid, window, *, shift=0, num_prefix_tokens=0, scale=None)  # (shifted) windows
     fastvit.rotary_qk(q, k, rope, *, num_prefix_tokens=0, rotate_half=False)  # timm's RoPE of q and k, one pass
     report = fastvit.patch(model, *, attention=True, patch_embed=True, mlp=True); fastvit.unpatch(model)
+    fastvit.PatchReport, fastvit.PatchEntry  # the report and its rows (report.replaced, report.skipped)
     with fastvit.backend("auto" | "triton" | "torch" | "cuda"): ...
 """
 
@@ -21,12 +22,13 @@ from fastvit.ops.layernorm_mlp import layernorm_mlp
 from fastvit.ops.patch_embed import patch_embed
 from fastvit.ops.rotary import rotary_qk
 from fastvit.ops.window_attention import window_attention
-from fastvit.patching import PatchReport, patch, unpatch
+from fastvit.patching import PatchEntry, PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FastvitFallbackWarning",
+    "PatchEntry",
     "PatchReport",
     "axial_attention",
     "backend",

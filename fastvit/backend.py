@@ -137,9 +137,9 @@ def current_backend() -> str:
     blocks = _open_blocks
     if blocks:
         return blocks[-1][1]
-    env = os.environ.get("FASTVIT_BACKEND")
+    env = os.environ.get("FASTVIT_BACKEND", "").strip()  # set to blanks reads as unset, as set empty
     if env:
-        return _check_name(env.strip().lower(), "environment variable FASTVIT_BACKEND")
+        return _check_name(env.lower(), "environment variable FASTVIT_BACKEND")
     return "auto"
 
 

@@ -707,6 +707,11 @@ def test_env_var_selects_backend(monkeypatch):
         fastvit.current_backend()
     with pytest.raises(ValueError, match="backend name"):
         fastvit.backend("cudnn").__enter__()
+    for unset in ("", "  "):  # blanks read as unset (they raised "got ''")
+        monkeypatch.setenv("FASTVIT_BACKEND", unset)
+        assert fastvit.current_backend() == "auto"
+    monkeypatch.setenv("FASTVIT_BACKEND", " Torch\n")
+    assert fastvit.current_backend() == "torch"
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU-only: the interpreter message")

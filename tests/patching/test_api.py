@@ -20,6 +20,8 @@ from fastvit.nn import timm_vit as fused
 def test_public_api():
     assert fastvit.patch is fastvit.patching.patch and fastvit.unpatch is fastvit.patching.unpatch
     assert fastvit.PatchReport is fastvit.patching.PatchReport
+    assert fastvit.PatchEntry is fastvit.patching.PatchEntry  # the report's rows, for annotations
+    assert {"PatchReport", "PatchEntry", "patch", "unpatch"} <= set(fastvit.__all__)
 
 
 def test_argument_checks():
