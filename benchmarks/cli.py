@@ -204,8 +204,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     elif "all" in args.suites:
         args.suites = list(SUITES)
     args.suites = list(dict.fromkeys(args.suites))
+    if args.impls is not None and not args.impls:  # (it measured nothing, exit 0)
+        parser.error("--impls names no implementation; leave it out to run them all")
     if args.impls:
         _check_impls(parser, args)
+    if "model" in args.suites and args.model and _module_exists("model"):
+        model = importlib.import_module(f".{SUITES['model']}", _PACKAGE)
+        unknown = model.unknown_names(args)
+        if unknown:  # (a run of error rows, exit 0)
+            parser.error(
+                f"--model {unknown}: not timm models, the zoo's ({', '.join(model.ZOO)}) or the group scaling"
+            )
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; it must be a folder (made if missing)")
     if args.out is not None:  # before any suite is measured: the results are written after each

@@ -81,7 +81,7 @@ from .progress import Progress
 from .records import Point, Record
 from .runner import not_run, policy_from_args, run_points
 
-__all__ = ["SCALING", "TIMM_MODELS", "ZOO", "build", "resolution_for", "run", "token_layout"]
+__all__ = ["SCALING", "TIMM_MODELS", "ZOO", "build", "resolution_for", "run", "token_layout", "unknown_names"]
 
 NAME = "model"
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -394,6 +394,18 @@ def model_names(args: Any) -> list[str]:
         return [DEFAULT_MODEL, *TIMM_MODELS, *ZOO]
     names = [m for n in _requested(args) for m in (SCALING if n == "scaling" else (n,))]
     return list(dict.fromkeys(names))
+
+
+def unknown_names(args: Any) -> list[str]:
+    """The names of ``--model`` that are neither the group ``scaling``, a ``ZOO`` model nor a timm
+    model (all of them where timm is not installed): the command line refuses them, rather than
+    a run of error rows."""
+    requested = [n for n in _requested(args) if n != "scaling" and n not in ZOO]
+    try:
+        import timm
+    except ImportError:
+        return requested
+    return [n for n in requested if not timm.is_model(n)]
 
 
 def sweep_seq_lens(args: Any) -> tuple[int, ...] | None:

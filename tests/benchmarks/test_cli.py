@@ -55,6 +55,26 @@ def test_bad_arguments_exit_with_a_message(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["attention", "--impls", ""], "--impls names no implementation"),  # measured nothing, exit 0
+        (["attention", "--impls", " , "], "--impls names no implementation"),
+        (["model", "--model", "vit_base_patch16_224,nosuch"], "--model ['nosuch']: not timm models"),  # error rows
+    ],
+)
+def test_a_run_that_would_measure_nothing_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_model_names_of_timm_the_zoo_and_the_group_are_accepted():
+    pytest.importorskip("timm")
+    args = cli.parse_args(["model", "--model", "vit_base_patch16_224, hf-clip-vit-b16,scaling"])
+    assert args.model == "vit_base_patch16_224, hf-clip-vit-b16,scaling"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_cuda_without_a_gpu_is_refused(capsys):
     with pytest.raises(SystemExit):
