@@ -217,7 +217,14 @@ def points(args: Any, impl: str) -> list[Point]:
                     unavailable=unavailable,
                 )
             )
-    return out
+    # -- one point per (mode, N): rel_pos maps N to an N - 1 grid, so --seq-lens 1,2 gave two rows of
+    #    N = 1 (one unavailable); a measurable point wins over an unavailable one --
+    kept: dict[tuple[str, int], Point] = {}
+    for point in out:
+        key = (point.mode, point.n_tokens)
+        if key not in kept or (kept[key].unavailable and not point.unavailable):
+            kept[key] = point
+    return list(kept.values())
 
 
 def run(args: Any, progress: Progress) -> list[Record]:

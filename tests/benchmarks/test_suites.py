@@ -177,6 +177,15 @@ def test_a_grid_attention_at_one_token_is_an_unavailable_row():
     assert "no token grid" in points[0].unavailable
 
 
+@pytest.mark.parametrize("impl", ["fastvit+rel_pos", "sdpa+rel_pos"])
+def test_rel_pos_lengths_giving_one_grid_are_one_row(impl):
+    # rel_pos runs N - 1 tokens (SAM: no class token): --seq-lens 1,2 gave two rows of N = 1, one of
+    # them unavailable, under one key
+    points = attention.points(args(seq_lens=[1, 2, 197], mode="fwd"), impl)
+    assert [(p.n_tokens, p.params.get("grid"), bool(p.unavailable)) for p in points] == [
+        (1, "1x1", False), (196, "14x14", False)]  # fmt: skip
+
+
 def test_model_suite_rows():
     records = model.run(args(model="vit_tiny_patch16_224", resolutions=[32, 48], batch=2), Progress(enabled=False))
     impls = ("vit_tiny_patch16_224", "vit_tiny_patch16_224+fastvit")  # a timm model's rows carry its name
