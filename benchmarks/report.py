@@ -26,6 +26,7 @@ __all__ = [
     "slope_rows",
     "slopes",
     "table_rows",
+    "within_spread",
 ]
 
 
@@ -131,28 +132,49 @@ def _group(record: Record) -> tuple:
             record.device, variant, shape)  # fmt: skip
 
 
+def _best_pytorch(records: Sequence[Record]) -> dict[tuple, Record]:
+    """The fastest ok PyTorch row of each ``_group``."""
+    best: dict[tuple, Record] = {}
+    for r in records:
+        if r.status == "ok" and r.ms and is_pytorch(r):
+            key = _group(r)
+            if key not in best or r.ms < best[key].ms:
+                best[key] = r
+    return best
+
+
 def pytorch_speedups(records: Sequence[Record]) -> list[float | None]:
     """Per record: for a fastvit row, the best (fastest) PyTorch row's time over its own, among the
     rows of the same run with the same suite, mode, shape and variant (``fastvit+bias`` against
     ``sdpa+bias``); above 1 fastvit is faster. None for other rows, or without a PyTorch row."""
-    best: dict[tuple, float] = {}
-    for r in records:
-        if r.status == "ok" and r.ms and is_pytorch(r):
-            key = _group(r)
-            best[key] = min(best.get(key, r.ms), r.ms)
+    best = _best_pytorch(records)
     return [
-        best[_group(r)] / r.ms if r.status == "ok" and r.ms and is_fastvit(r) and _group(r) in best else None
+        best[_group(r)].ms / r.ms if r.status == "ok" and r.ms and is_fastvit(r) and _group(r) in best else None
         for r in records
     ]
+
+
+def within_spread(records: Sequence[Record]) -> list[bool]:
+    """Per record: True for a fastvit row whose middle half of times (p25-p75) overlaps that of
+    the best PyTorch row ``pytorch_speedups`` compares it with: the two are not told apart by
+    this run (the table marks the speedup with ``~``). False elsewhere, or without both spreads."""
+    best = _best_pytorch(records)
+    out = []
+    for r, speedup in zip(records, pytorch_speedups(records), strict=True):
+        other = best.get(_group(r)) if speedup is not None else None
+        spreads = other is not None and None not in (r.ms_p25, r.ms_p75, other.ms_p25, other.ms_p75)
+        out.append(spreads and r.ms_p25 <= other.ms_p75 and other.ms_p25 <= r.ms_p75)
+    return out
 
 
 def table_rows(records: Iterable[Record]) -> list[list[str]]:
     """The result table: impl, mode, N, ms, p25-p75, TFLOP/s, the roofline floor and the percentage
     of it reached (``roofline.annotate``), each fastvit row's speedup over the best PyTorch row of
-    the same shape (``pytorch_speedups``), peak memory, status, note."""
+    the same shape (``pytorch_speedups``; ``~`` where their p25-p75 overlap: ``within_spread``),
+    peak memory, status, note."""
     records = list(records)
     rows = []
-    for r, speedup in zip(records, pytorch_speedups(records), strict=True):
+    for r, speedup, close in zip(records, pytorch_speedups(records), within_spread(records), strict=True):
         iqr = "-" if r.ms_p25 is None else f"{r.ms_p25:.3g}-{r.ms_p75:.3g}"
         rows.append(
             [
@@ -165,7 +187,7 @@ def table_rows(records: Iterable[Record]) -> list[list[str]]:
                 _fmt(r.tflops, ".3g"),
                 _fmt(r.extra.get("floor_ms"), ".3g"),
                 _fmt(r.extra.get("pct_of_floor"), ".3g"),
-                "-" if speedup is None else f"{speedup:.2f}x",
+                "-" if speedup is None else f"{speedup:.2f}x" + ("~" if close else ""),
                 format_bytes(r.peak_mem_bytes),
                 r.status,
                 r.note,

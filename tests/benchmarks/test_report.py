@@ -14,6 +14,7 @@ from fastvit.benchmarks.report import (
     fit_slope,
     format_bytes,
     pytorch_speedups,
+    within_spread,
     slope_rows,
     slopes,
     table_rows,
@@ -151,3 +152,18 @@ def test_each_fastvit_row_shows_its_speedup_over_the_best_pytorch_row():
              for impl, ms, name in (("timm", 10.0, "vit_b"), ("timm+fastvit", 8.0, "vit_b"),
                                     ("timm", 30.0, "vit_l"), ("timm+fastvit", 20.0, "vit_l"))]  # fmt: skip
     assert pytorch_speedups(model) == [None, 1.25, None, 1.5]
+
+
+def test_a_speedup_inside_the_rows_spread_is_marked():
+    # "vs PyTorch" read 1.05x where the two rows' middle halves of times overlap (a contended or noisy
+    # run): the run does not tell them apart
+    def timed(impl, ms, p25, p75):
+        r = record(impl, 197, ms, 1)
+        r.ms_p25, r.ms_p75 = p25, p75
+        return r
+
+    records = [timed("sdpa[flash]", 2.1, 2.0, 2.3), timed("fastvit[triton]", 2.0, 1.9, 2.05),
+               timed("fastvit[torch]", 1.0, 0.9, 1.1), record("fastvit[cuda]", 197, 1.5, 1)]  # fmt: skip
+    assert within_spread(records) == [False, True, False, False]  # (no spread: not marked)
+    column = TABLE_HEADER.index("vs PyTorch")
+    assert [row[column] for row in table_rows(records)] == ["-", "1.05x~", "2.10x", "1.40x"]
