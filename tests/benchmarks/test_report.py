@@ -14,10 +14,10 @@ from fastvit.benchmarks.report import (
     fit_slope,
     format_bytes,
     pytorch_speedups,
-    within_spread,
     slope_rows,
     slopes,
     table_rows,
+    within_spread,
 )
 
 NS = [197, 577, 1025, 2305, 4097, 9217]
