@@ -200,12 +200,15 @@ def _loop_batching_rule(function: type[torch.autograd.Function], info: Any, in_d
 
 def _plain_eager(args: tuple) -> bool:
     """No dispatch mode is active and every tensor argument is a dense ``torch.Tensor`` (not a
-    subclass: FakeTensor, DTensor ...) on a real device."""
+    subclass: FakeTensor, DTensor ...) on a real device, and not one of the batched tensors of
+    ``is_grads_batched`` / ``jacobian(vectorize=True)`` (PyTorch's batching fallback loops over the
+    registered op for those; the implementation cannot read their storage)."""
     if torch._C._len_torch_dispatch_stack():
         return False
     for arg in args:
         if isinstance(arg, torch.Tensor) and (
             type(arg) is not torch.Tensor or arg.is_meta or arg.layout != torch.strided
+            or torch._C._functorch.is_legacy_batchedtensor(arg)
         ):
             return False
     return True

@@ -51,6 +51,10 @@ HIDDEN_NORMS = ("none", "layernorm")  # a norm between the activation and fc2 (t
 # hidden_norm_bias; the cuda op takes the first 9
 _NUM_GRADS = 13
 _NUM_GRADS_CUDA = 9
+# the backward ops return one tensor per input, a fixed tuple (not Tensor[]: PyTorch's batching
+# fallback, which runs is_grads_batched / jacobian(vectorize=True), cannot loop over a list return)
+_GRADS = tuple[(torch.Tensor,) * _NUM_GRADS]
+_GRADS_CUDA = tuple[(torch.Tensor,) * _NUM_GRADS_CUDA]
 # widest rows the extension's LayerNorm kernels take (one row per block, in registers)
 _CUDA_MAX_DIM = 8192
 
@@ -127,10 +131,10 @@ def _(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, lay
 def _fake_grads(needs, *inputs):
     """The fake of a backward op: a contiguous gradient per needed input, (0,) elsewhere."""
     x = inputs[0]
-    return [
+    return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty((0,))
         for t, need in zip(inputs, needs, strict=True)
-    ]
+    )
 
 
 @torch.library.custom_op("fastvit::layernorm_mlp_bwd", mutates_args=())
@@ -158,7 +162,7 @@ def _layernorm_mlp_bwd(
     residual: bool,
     needs: list[bool],
     hidden_norm: bool,
-) -> list[torch.Tensor]:
+) -> _GRADS:
     """Gradients for the 13 tensor inputs; an empty (0,) tensor stands for "not computed"."""
     from fastvit.kernels.layernorm_mlp_bwd import layernorm_mlp_bwd
 
@@ -175,7 +179,7 @@ def _layernorm_mlp_bwd(
     )
     if grads[0] is not None:
         grads[0] = grads[0].view(x.shape)
-    return [g if g is not None else x.new_empty((0,)) for g in grads]
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @_layernorm_mlp_bwd.register_fake
@@ -298,9 +302,9 @@ def _layernorm_mlp_cuda_bwd(
     approximate: str,
     residual: bool,
     needs: list[bool],
-) -> list[torch.Tensor]:
+) -> _GRADS_CUDA:
     """Gradients of the 9 tensor inputs of ``fastvit_C::layernorm_mlp_bwd``; (0,) where not needed."""
-    return list(torch.ops.fastvit_C.layernorm_mlp_bwd(
+    return tuple(torch.ops.fastvit_C.layernorm_mlp_bwd(
         grad_out, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
         preact, mean, rstd, branch, eps, approximate, residual, needs,
     ))

@@ -173,12 +173,16 @@ def _(x, weight, bias, pos_embed, prefix_tokens):
     return x.new_empty((x.shape[0], num_prefix + tokens, weight.shape[0]), dtype=dtype)
 
 
+# a fixed tuple, not Tensor[]: PyTorch's batching fallback (is_grads_batched) cannot loop over a list return
+_CUDA_GRADS = tuple[(torch.Tensor,) * 5]
+
+
 @torch.library.custom_op("fastvit::patch_embed_cuda_bwd", mutates_args=())
 def _patch_embed_cuda_bwd(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, num_prefix: int, pos_len: int, needs: list[bool]
-) -> list[torch.Tensor]:
+) -> _CUDA_GRADS:
     """(dx, dweight, dbias, dpos_embed, dprefix_tokens); the last three fp32 sums; (0,) where not needed."""
-    return list(torch.ops.fastvit_C.patch_embed_bwd(grad, x, weight, num_prefix, pos_len, needs))
+    return tuple(torch.ops.fastvit_C.patch_embed_bwd(grad, x, weight, num_prefix, pos_len, needs))
 
 
 @_patch_embed_cuda_bwd.register_fake
@@ -188,9 +192,9 @@ def _(grad, x, weight, num_prefix, pos_len, needs):
         (tuple(x.shape), x.dtype), (tuple(weight.shape), weight.dtype), ((dim,), torch.float32),
         ((1, pos_len, dim), torch.float32), ((1, num_prefix, dim), torch.float32),
     )
-    return [
+    return tuple(
         x.new_empty(shape if need else (0,), dtype=dtype) for (shape, dtype), need in zip(shapes, needs, strict=True)
-    ]
+    )
 
 
 def _cuda_setup_context(ctx, inputs, output):

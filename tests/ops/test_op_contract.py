@@ -224,6 +224,33 @@ def test_torch_func_jacrev_on_a_fused_route_matches_autograd(op, route, request)
             torch.testing.assert_close(jacobian[i], row, **_rerun_tolerance(row))
 
 
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("op", OPS)
+def test_batched_gradients_match_a_loop_of_gradients(op, route, request):
+    """torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional.jacobian(vectorize=True)
+    hand the backward PyTorch's (legacy) batched tensors: the fused routes ran their kernels on them
+    ("Cannot access storage of BatchedTensorImpl"), or could not be looped over (layernorm_mlp's backward
+    returned a list). Every differentiable input's batched gradient equals one backward per vector."""
+    _use_route(route, request)
+    call, tensors = _case(op, seed=6)
+    with fastvit.backend(route):
+        leaves = _leaves(tensors)
+        out = call(*leaves)
+        vectors = torch.randn(3, *out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+        batched = torch.autograd.grad(out, leaves, vectors, retain_graph=True, is_grads_batched=True)
+        for i, vector in enumerate(vectors):
+            looped = torch.autograd.grad(out, leaves, vector, retain_graph=True)
+            for got, expected in zip(batched, looped, strict=True):  # (the composite's batched matmuls
+                torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-6)  # sum in another order)
+
+        def some_outputs(first):
+            return call(first, *tensors[1:]).sum(-1).flatten()[:4]
+
+        vectorized = torch.autograd.functional.jacobian(some_outputs, tensors[0], vectorize=True)
+        looped = torch.autograd.functional.jacobian(some_outputs, tensors[0])
+        torch.testing.assert_close(vectorized, looped, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Meta tensors (issue 17, item 12)
 # ---------------------------------------------------------------------------------------------
