@@ -40,6 +40,7 @@ __all__ = [
     "global_module_hooks",
     "hook_kinds",
     "regularisation_fallback",
+    "submodules_called_problem",
     "unfused_class",
     "warn_attention_dropout",
     "warn_fallback",
@@ -342,6 +343,40 @@ def conv_settings(module: nn.Module) -> tuple | None:
     if isinstance(module, nn.modules.conv._ConvNd):
         return (module.stride, module.padding, module.dilation, module.groups, module.padding_mode)
     return None
+
+
+def submodules_called_problem(
+    owner: nn.Module, submodules: Iterable[tuple[str, nn.Module | None]], problem: str | None = None
+) -> str | None:
+    """Why a standalone fused module (``FusedLayerNormMLP``, ``FusedPatchEmbed``) must call its
+    ``submodules`` ((name, module) pairs; None entries are skipped) rather than read their
+    parameters: ``problem`` (the caller's own finding), a global module hook, or a forward /
+    backward hook on one of them (old-style ``weight_norm`` and ``prune`` recompute the weight in a
+    pre-hook), said once per reason with a ``FastvitFallbackWarning``; None where the fused op
+    computes what the calls would.
+
+    Example:
+        >>> mlp = fastvit.nn.FusedLayerNormMLP(64)
+        >>> handle = mlp.fc1.register_forward_hook(lambda m, i, o: o * 2)
+        >>> submodules_called_problem(mlp, [("fc1", mlp.fc1)])  # warns once
+        'a hook on fc1'
+    """
+    if problem is None and global_module_hooks():
+        problem = "a global module hook"
+    for name, child in () if problem else submodules:
+        if child is not None and (
+            child._forward_pre_hooks or child._forward_hooks or child._backward_pre_hooks or child._backward_hooks
+        ):
+            problem = f"a hook on {name}"
+            break
+    if problem is not None:
+        cls = type(owner).__name__
+        warn_fallback(
+            f"standalone-submodules-called:{cls}:{problem}",
+            f"fastvit: {cls} found {problem} (its fused op reads the submodules' parameters without calling "
+            "them); such calls run its submodules one by one until that is undone",
+        )
+    return problem
 
 
 def _fx_leaf_class(cls: type[nn.Module]) -> bool:

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from fastvit.backend import current_backend
-from fastvit.ops.layernorm_mlp import layernorm_mlp, resolve_activation
+from fastvit.nn.fused import submodules_called_problem
+from fastvit.ops.layernorm_mlp import activate, layernorm_mlp, resolve_activation
 
 __all__ = ["FusedLayerNormMLP"]
 
@@ -241,6 +242,10 @@ class FusedLayerNormMLP(nn.Module):
         drop = self._drop_path_scale(x) if x.dim() >= 2 else None
         if drop is not None:
             sample_scale = drop if sample_scale is None else sample_scale * drop
+        submodules = (("norm", self.norm), ("fc1", self.fc1), ("fc2", self.fc2), ("fc1_gate", self.fc1_gate),
+                      ("ls", self.ls))  # fmt: skip
+        if submodules_called_problem(self, submodules):
+            return self._forward_by_submodules(x, sample_scale)
         gate = self.fc1_gate
         eps = self.norm.eps
         if eps is None:  # nn.RMSNorm's default: the input dtype's machine epsilon
@@ -252,6 +257,26 @@ class FusedLayerNormMLP(nn.Module):
             fc1_gate_bias=gate.bias if gate is not None else None,
             residual=self.residual, layer_scale=self.gamma, sample_scale=sample_scale,
         )
+
+    def _forward_by_submodules(self, x: torch.Tensor, sample_scale: torch.Tensor | None) -> torch.Tensor:
+        """The forward as calls of the submodules (their hooks run): the fused op's math, op by op."""
+        normed = self.norm(x)
+        a = self.fc1(normed)
+        if not self.gated:
+            h = activate(a, self.activation)
+        elif self.fc1_gate is not None:  # two linears: fc1 is the value (up) projection
+            h = activate(self.fc1_gate(normed), self.activation) * a
+        else:  # packed [gate; value]
+            gate, value = a.chunk(2, dim=-1)
+            h = activate(gate, self.activation) * value
+        branch = self.fc2(h)
+        if self.ls is not None:
+            branch = self.ls(branch)
+        elif self.layer_scale is not None:
+            branch = branch * self.layer_scale
+        if sample_scale is not None:
+            branch = branch * sample_scale.reshape((-1,) + (1,) * (x.dim() - 1))
+        return x + branch if self.residual else branch
 
     def extra_repr(self) -> str:
         return (

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from fastvit.backend import current_backend
-from fastvit.ops.patch_embed import patch_embed
+from fastvit.nn.fused import conv_settings, submodules_called_problem
+from fastvit.ops.patch_embed import assemble_tokens, pad_to_patches, patch_embed
 
 __all__ = ["FusedPatchEmbed"]
 
@@ -77,6 +78,8 @@ class FusedPatchEmbed(nn.Module):
     ) -> None:
         self.conv_name = name
         self.add_module(name, conv)
+        # what the fused op computes besides the weight and bias: a patchifier's stride, padding ...
+        self.conv_settings = conv_settings(conv)
         self.patch_size = tuple(conv.kernel_size)
         self.in_chans = conv.in_channels
         self.embed_dim = conv.out_channels
@@ -201,6 +204,12 @@ class FusedPatchEmbed(nn.Module):
                 f"(x is {tuple(x.shape)}); build the module with dynamic_img_pad=True to zero-pad them"
             )
         conv = self.conv
+        changed = None
+        if conv_settings(conv) != self.conv_settings:
+            changed = f"{self.conv_name}'s stride, padding, dilation or groups changed"
+        problem = submodules_called_problem(self, ((self.conv_name, conv),), changed)
+        if problem is not None:  # the conv called as a module: its hooks run, its settings apply
+            return assemble_tokens(conv(pad_to_patches(x, p) if self.dynamic_img_pad else x), pos_embed, prefix_tokens)
         return patch_embed(
             x, conv.weight, conv.bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens,
             dynamic_img_pad=self.dynamic_img_pad,

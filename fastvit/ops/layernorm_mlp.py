@@ -338,7 +338,14 @@ _layernorm_mlp_cuda_fwd_function = function_twin(_layernorm_mlp_cuda_fwd, _cuda_
 # ---------------------------------------------------------------------------------------------
 # torch route: the composite
 # ---------------------------------------------------------------------------------------------
-def _activate(a: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation named by ``resolve_activation`` ("gelu", "gelu_tanh", "quick_gelu", "silu"),
+    elementwise on any tensor, as the ``torch`` route computes it.
+
+    Example:
+        >>> activate(torch.zeros(3), "silu")
+        tensor([0., 0., 0.])
+    """
     if activation == "quick_gelu":
         return a * torch.sigmoid(1.702 * a)
     if activation == "silu":
@@ -357,12 +364,12 @@ def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_
         h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     a = F.linear(h, fc1_weight, fc1_bias)
     if not gated:
-        h = _activate(a, activation)
+        h = activate(a, activation)
     elif fc1_gate_weight is not None:  # two linears: fc1 is the value (up) projection
-        h = _activate(F.linear(h, fc1_gate_weight, fc1_gate_bias), activation) * a
+        h = activate(F.linear(h, fc1_gate_weight, fc1_gate_bias), activation) * a
     else:  # packed [gate; value]
         gate, value = a.chunk(2, dim=-1)
-        h = _activate(gate, activation) * value
+        h = activate(gate, activation) * value
     if hidden_norm == "layernorm":
         h = F.layer_norm(h, (h.shape[-1],), hidden_norm_weight, hidden_norm_bias, hidden_eps)
     h = F.linear(h, fc2_weight, fc2_bias)

@@ -232,7 +232,7 @@ _patch_embed_cuda_fwd_function = function_twin(_patch_embed_cuda_fwd, _cuda_setu
 # ---------------------------------------------------------------------------------------------
 # torch route
 # ---------------------------------------------------------------------------------------------
-def _pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Zero-pad the bottom and right of ``x`` to multiples of ``patch`` (timm's dynamic_img_pad)."""
     pad_h = -x.shape[2] % patch
     pad_w = -x.shape[3] % patch
@@ -242,13 +242,27 @@ def _pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
 def _torch_route(x, weight, bias, pos_embed, prefix_tokens, pad):
     patch = weight.shape[-1]
     if pad:
-        x = _pad_to_patches(x, patch)
-    tokens = F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)  # NCHW -> NLC
+        x = pad_to_patches(x, patch)
+    return assemble_tokens(F.conv2d(x, weight, bias, stride=patch), pos_embed, prefix_tokens)
+
+
+def assemble_tokens(
+    grid: torch.Tensor, pos_embed: torch.Tensor | None, prefix_tokens: torch.Tensor | None
+) -> torch.Tensor:
+    """The patch conv's (B, D, h, w) output -> (B, P+N, D) tokens: flattened, the prefix tokens
+    before the patches, pos_embed added (over P+N tokens, or over the N patches alone), as the
+    ``torch`` route computes it.
+
+    Example:
+        >>> assemble_tokens(torch.zeros(2, 8, 3, 4), torch.ones(1, 13, 8), torch.zeros(1, 1, 8)).shape
+        torch.Size([2, 13, 8])
+    """
+    tokens = grid.flatten(2).transpose(1, 2)  # NCHW -> NLC
     if pos_embed is not None and pos_embed.shape[1] == tokens.shape[1]:
         tokens = tokens + pos_embed  # patches only (also the P == 0 case)
         pos_embed = None
     if prefix_tokens is not None:
-        tokens = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1), tokens], dim=1)
+        tokens = torch.cat([prefix_tokens.expand(grid.shape[0], -1, -1), tokens], dim=1)
     if pos_embed is not None:
         tokens = tokens + pos_embed
     return tokens

@@ -274,3 +274,65 @@ def test_kernel_route_matches_timm_swiglu_packed(kernel_device):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("fastvit.backend"), "_warned", set())
+
+
+@pytest.mark.parametrize("variant", ["plain", "packed-gate", "two-linears", "layer-scale-module", "branch-only"])
+def test_a_hook_on_a_submodule_runs_the_submodules(variant, monkeypatch):
+    """A standalone module read its submodules' parameters without calling them: hooks on norm / fc1
+    / fc2 (an activation capture, old-style weight_norm's recomputing pre-hook) never ran. Such calls
+    now go through the submodules, with one warning, and give the fused op's numbers."""
+    _fresh_warnings(monkeypatch)
+    torch.manual_seed(11)
+    if variant == "two-linears":
+        norm, gate = nn.RMSNorm(16, eps=1e-5), nn.Linear(16, 40)
+        m = FusedLayerNormMLP.from_modules(norm, nn.Linear(16, 40), nn.Linear(40, 16), fc1_gate=gate, activation="silu")
+    elif variant == "layer-scale-module":
+        timm_layers = pytest.importorskip("timm.layers")
+        m = FusedLayerNormMLP.from_modules(nn.LayerNorm(16), nn.Linear(16, 40), nn.Linear(40, 16),
+                                           timm_layers.LayerScale(16, init_values=0.3))  # fmt: skip
+    else:
+        m = FusedLayerNormMLP(16, 40, gated=variant == "packed-gate", init_values=0.5,
+                              residual=variant != "branch-only", activation="gelu_tanh")  # fmt: skip
+    x = torch.randn(2, 5, 16)
+    scale = torch.tensor([1.0, 0.5])
+    with fastvit.backend("torch"):
+        fused = m(x, sample_scale=scale)
+        seen = []
+        handle = m.fc2.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        with pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on fc2"):
+            by_calls = m(x, sample_scale=scale)
+        assert seen == [torch.Size([2, 5, 16])]
+        torch.testing.assert_close(by_calls, fused, rtol=1e-6, atol=1e-6)
+        handle.remove()
+        m(x)
+    assert len(seen) == 1  # the hook removed: the fused op again
+
+
+def test_old_style_weight_norm_on_a_submodule_trains_and_serves_like_the_submodules(monkeypatch):
+    # weight_norm recomputes fc1.weight in a forward pre-hook: the fused op read the stale weight
+    # (serving after load_state_dict: 21.6 off), and training raised "backward through the graph a second time"
+    _fresh_warnings(monkeypatch)
+
+    def build() -> tuple[nn.Module, ...]:
+        torch.manual_seed(12)
+        return nn.LayerNorm(8), torch.nn.utils.weight_norm(nn.Linear(8, 16)), nn.Linear(16, 8)
+
+    fused = FusedLayerNormMLP.from_modules(*build())
+    norm, fc1, fc2 = build()
+    optimizers = [torch.optim.SGD(fused.parameters(), lr=0.5),
+                  torch.optim.SGD([*norm.parameters(), *fc1.parameters(), *fc2.parameters()], lr=0.5)]  # fmt: skip
+    with fastvit.backend("torch"), pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on fc1"):
+        for _ in range(2):
+            x = torch.randn(4, 3, 8)
+            losses = [fused(x).square().mean(), (x + fc2(F.gelu(fc1(norm(x))))).square().mean()]
+            for loss, optimizer in zip(losses, optimizers, strict=True):
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            torch.testing.assert_close(losses[0], losses[1])

@@ -159,3 +159,41 @@ def test_from_conv_rejects_conv_subclasses():
     with pytest.raises(TypeError, match=r"exactly nn\.Conv2d"):
         FusedPatchEmbed.from_conv(Scaled(3, 8, 4, stride=4))
     FusedPatchEmbed.from_conv(nn.Conv2d(3, 8, 4, stride=4))  # the class itself is fine
+
+
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("fastvit.backend"), "_warned", set())
+
+
+def test_a_hook_on_the_conv_runs_the_conv(monkeypatch):
+    """FusedPatchEmbed read the conv's weight without calling it: a forward hook on the conv (here one
+    scaling its output) was ignored, 0.68 off. Such calls run the conv as a module, with one warning."""
+    _fresh_warnings(monkeypatch)
+    torch.manual_seed(13)
+    conv = nn.Conv2d(3, 16, 4, stride=4)
+    embed = FusedPatchEmbed.from_conv(conv, img_size=(8, 12))
+    x, cls, pos = torch.randn(2, 3, 8, 12), torch.randn(1, 1, 16), torch.randn(1, 7, 16)
+    handle = conv.register_forward_hook(lambda m, args, out: out * 2)
+    expected = torch.cat([cls.expand(2, -1, -1), (conv(x)).flatten(2).transpose(1, 2)], dim=1) + pos
+    with fastvit.backend("torch"), pytest.warns(fastvit.FastvitFallbackWarning, match="a hook on proj"):
+        torch.testing.assert_close(embed(x, pos_embed=pos, prefix_tokens=cls), expected)
+    handle.remove()
+    expected = torch.cat([cls.expand(2, -1, -1), (conv(x)).flatten(2).transpose(1, 2)], dim=1) + pos
+    with fastvit.backend("torch"):
+        torch.testing.assert_close(embed(x, pos_embed=pos, prefix_tokens=cls), expected)
+
+
+def test_a_conv_whose_settings_change_runs_the_conv(monkeypatch):
+    # the fused op computes the patchifier from_conv checked: a stride changed later was ignored
+    _fresh_warnings(monkeypatch)
+    torch.manual_seed(14)
+    conv = nn.Conv2d(3, 16, 4, stride=4)
+    embed = FusedPatchEmbed.from_conv(conv, strict_img_size=False)
+    x = torch.randn(1, 3, 8, 8)
+    conv.stride = (2, 2)
+    with fastvit.backend("torch"), pytest.warns(fastvit.FastvitFallbackWarning, match="stride, padding"):
+        out = embed(x)
+    torch.testing.assert_close(out, conv(x).flatten(2).transpose(1, 2))
+    assert out.shape == (1, 9, 16)
