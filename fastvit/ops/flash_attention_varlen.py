@@ -433,6 +433,14 @@ def flash_attention_varlen(
             bounds_q = _bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", per_sequence)
         if bounds_k is None:
             bounds_k = _bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", per_sequence)
+        # a given max_seqlen shorter than a sequence: an error here too, as the kernels' device check
+        for name, bounds, longest in (("max_seqlen_q", bounds_q, max_seqlen_q),
+                                      ("max_seqlen_k", bounds_k, max_seqlen_k)):  # fmt: skip
+            if (actual := max((b - a for a, b in bounds), default=0)) > longest:
+                raise ValueError(
+                    f"fastvit.flash_attention_varlen: {name} ({longest}) must be at least its longest sequence "
+                    f"({actual})"
+                )
         return _torch_route(q, k, v, bounds_q, bounds_k, scale, bool(causal), return_lse)
     out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                     int(max_seqlen_k), scale, bool(causal))

@@ -251,6 +251,19 @@ def test_given_max_seqlen_and_cu_seqlens_checked_on_the_device(lengths, override
         torch.autograd.grad(out.sum(), (q, k, v))
 
 
+@pytest.mark.parametrize("short", ["max_seqlen_q", "max_seqlen_k"])
+def test_a_short_max_seqlen_is_an_error_on_the_torch_route_too(short):
+    # the torch route ignored it (right results on a CPU), where the kernels' device check fails: code
+    # that ran on a CPU ended the CUDA context on a GPU
+    q, k, v, cu_q, _ = _inputs((3, 5), (3, 5), 2, 16, torch.float32, "cpu", seed=23)
+    given = {"max_seqlen_q": 5, "max_seqlen_k": 5, short: 4}
+    message = rf"{short} \(4\) must be at least its longest sequence \(5\)"
+    with fastvit.backend("torch"), pytest.raises(ValueError, match=message):
+        fastvit.flash_attention_varlen(q, k, v, cu_q, **given)
+    with fastvit.backend("torch"):
+        fastvit.flash_attention_varlen(q, k, v, cu_q, max_seqlen_q=6, max_seqlen_k=5)  # longer: fine, as in the kernels
+
+
 @kernel_test
 def test_kernel_production_block_shapes(kernel_device, monkeypatch):
     """The block shapes the GPU launchers pick (not only the small interpreter tiles): every
