@@ -67,21 +67,22 @@ def _layernorm_mlp(torch):
     x = torch.randn(1, 197, 64)
     params = (torch.ones(64), torch.zeros(64), torch.randn(256, 64) / 8, torch.zeros(256),
               torch.randn(64, 256) / 16, torch.zeros(64))  # fmt: skip
-    return fastvit.layernorm_mlp, (x, *params)
+    return fastvit.layernorm_mlp, (x, *map(torch.nn.Parameter, params))  # a module's weights
 
 
 def _patch_embed(torch):
     import fastvit
 
     x = torch.randn(1, 3, 32, 32)
-    return fastvit.patch_embed, (x, torch.randn(64, 3, 16, 16) / 16, torch.zeros(64))
+    weights = torch.nn.Parameter(torch.randn(64, 3, 16, 16) / 16), torch.nn.Parameter(torch.zeros(64))
+    return fastvit.patch_embed, (x, *weights)
 
 
 CASES = (
     Case("flash_attention", "q, k, v (1, 2, 197, 64) fp16", _attention(False)),
     Case("flash_attention key-padding mask", "q, k, v (1, 2, 197, 64) fp16, bool (1, 1, 1, 197)", _attention(True)),
-    Case("layernorm_mlp", "x (1, 197, 64) fp32, hidden 256", _layernorm_mlp),
-    Case("patch_embed", "x (1, 3, 32, 32) fp32, patch 16, dim 64", _patch_embed),
+    Case("layernorm_mlp", "x (1, 197, 64) fp32, hidden 256, nn.Parameter weights", _layernorm_mlp),
+    Case("patch_embed", "x (1, 3, 32, 32) fp32, patch 16, dim 64, nn.Parameter weights", _patch_embed),
 )
 
 
@@ -157,7 +158,9 @@ def measure_case(case: Case, mode: str, calls: int, repeats: int, recorder: _Rec
 
     call, inputs = case.build(torch)
     if mode == "train":
-        inputs = tuple(t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs)
+        # activations as leaves that require grad; a module's Parameters as they are
+        inputs = tuple(t.detach().requires_grad_() if t.is_floating_point() and not isinstance(t, torch.nn.Parameter)
+                       else t for t in inputs)  # fmt: skip
         grad = torch.randn_like(call(*inputs))
 
         def step():

@@ -19,10 +19,10 @@ backward custom ops. Two gaps of that design are closed here:
   in ``torch.library``'s dispatch (on this CPU build: ~90 us per call with inputs that require grad,
   against ~24 us for an ``autograd.Function`` around the same implementation). In plain eager mode
   (no ``torch.compile`` tracing, no ``torch.func`` transform, no dispatch mode such as
-  FakeTensorMode, only plain dense tensors on a real device) ``call`` therefore runs the twin's
-  ``eager`` form, which calls the op's implementation directly with the same formulas; everywhere
-  else the registered custom op runs, so ``torch.compile``, ``torch.export``, fake/meta tensors
-  and ``opcheck`` see it unchanged.
+  FakeTensorMode, only plain dense tensors or a module's Parameters on a real device) ``call``
+  therefore runs the twin's ``eager`` form, which calls the op's implementation directly with the
+  same formulas; everywhere else the registered custom op runs, so ``torch.compile``,
+  ``torch.export``, fake/meta tensors and ``opcheck`` see it unchanged.
 """
 
 from __future__ import annotations
@@ -198,16 +198,22 @@ def _loop_batching_rule(function: type[torch.autograd.Function], info: Any, in_d
     return stacked, (0,) * len(stacked)
 
 
+# a module's weights are nn.Parameters: a subclass whose __torch_function__ is disabled, a plain
+# tensor to the implementation (UninitializedParameter, FakeTensor, DTensor ... are not these types)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(args: tuple) -> bool:
-    """No dispatch mode is active and every tensor argument is a dense ``torch.Tensor`` (not a
-    subclass: FakeTensor, DTensor ...) on a real device, and not one of the batched tensors of
-    ``is_grads_batched`` / ``jacobian(vectorize=True)`` (PyTorch's batching fallback loops over the
-    registered op for those; the implementation cannot read their storage)."""
+    """No dispatch mode is active and every tensor argument is a dense ``torch.Tensor`` or
+    ``nn.Parameter`` (not another subclass: FakeTensor, DTensor ...) on a real device, and not one
+    of the batched tensors of ``is_grads_batched`` / ``jacobian(vectorize=True)`` (PyTorch's
+    batching fallback loops over the registered op for those; the implementation cannot read their
+    storage)."""
     if torch._C._len_torch_dispatch_stack():
         return False
     for arg in args:
         if isinstance(arg, torch.Tensor) and (
-            type(arg) is not torch.Tensor or arg.is_meta or arg.layout != torch.strided
+            type(arg) not in _PLAIN_TYPES or arg.is_meta or arg.layout != torch.strided
             or torch._C._functorch.is_legacy_batchedtensor(arg)
         ):
             return False
