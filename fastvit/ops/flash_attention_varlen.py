@@ -17,8 +17,9 @@ Routes:
 
 Host syncs: checking the values of ``cu_seqlens`` (starts at 0, non-decreasing, ends at T) needs
 them on the host, so the Triton route does it only for a side whose ``max_seqlen_*`` is not given;
-with both given it never reads ``cu_seqlens`` on the host and trusts them. The torch route reads
-(and checks) them always. Inside a CUDA graph capture a read would break the capture, so there the
+with both given it never reads ``cu_seqlens`` on the host: the same checks, and "no sequence longer
+than ``max_seqlen_*``", run on the device (``_assert_on_device``). The torch route reads (and
+checks) them always. Inside a CUDA graph capture a read would break the capture, so there the
 op raises an error that says to pass both maxima.
 """
 
