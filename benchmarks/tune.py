@@ -140,7 +140,7 @@ def measure_attention(
     ``backend`` (``"torch"``: SDPA with its own backend choice), forward or forward + backward;
     None when it fell back to another route or could not run."""
     import fastvit
-    from fastvit.backend import FastvitFallbackWarning
+    from fastvit.backend import FastvitFallbackWarning, every_fallback_warns
 
     from .measure import classify_exception
 
@@ -160,8 +160,8 @@ def measure_attention(
             out.backward(grad)
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught, every_fallback_warns():
+            warnings.simplefilter("always")  # (a reason said for an earlier bucket is said again)
             step(0)
         fallback = next((w for w in caught if issubclass(w.category, FastvitFallbackWarning)), None)
         if fallback is not None:
@@ -202,13 +202,15 @@ def _timed_ms(step: Callable[[int], Any], device: torch.device, target_s: float,
 def measure_backend(point: Point, target_s: float = 0.25, max_reps: int = 200) -> tuple[float | None, str]:
     """(median ms, note) of ``point`` (a ``fastvit-triton`` / ``fastvit-cuda`` row of its suite);
     ms is None when it could not run or fell back to another route (the note says why)."""
+    from fastvit.backend import every_fallback_warns
+
     from . import mlp, patch_embed
     from .measure import classify_exception
 
     suite = mlp if point.suite == mlp.NAME else patch_embed
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught, every_fallback_warns():
+            warnings.simplefilter("always")  # (a reason said for an earlier bucket is said again)
             workload = suite.build(point)
             if workload.after_warmup is not None:
                 workload.step(0)

@@ -43,6 +43,7 @@ __all__ = [
     "FastvitFallbackWarning",
     "backend",
     "current_backend",
+    "every_fallback_warns",
     "resolve_backend",
     "warn_once",
 ]
@@ -277,6 +278,26 @@ def warn_once(key: str, message: str) -> None:
         return
     warnings.warn(message, FastvitFallbackWarning, stacklevel=stacklevel)  # raises under an "error" filter
     _warned.add(key)
+
+
+@contextlib.contextmanager
+def every_fallback_warns() -> Iterator[None]:
+    """Inside the block every fallback warns, said before or not (for a harness that tells a
+    fallback by its warning: ``python -m benchmarks tune`` times many shapes in one process, and
+    a reason said once is silent after); the reasons said inside count as said after it.
+
+    Example:
+        >>> from fastvit.backend import every_fallback_warns
+        >>> with every_fallback_warns(), warnings.catch_warnings(record=True) as caught:
+        ...     fastvit.flash_attention(q, k, v)  # a head dim the kernels do not cover warns again
+    """
+    global _warned
+    outside = _warned
+    _warned = set()
+    try:
+        yield
+    finally:
+        _warned = outside | _warned
 
 
 # the packages whose frames a warning skips: fastvit's own, and torch's (Module.__call__,

@@ -49,6 +49,21 @@ def test_tune_measures_every_route_and_records_the_fastest(tmp_path, capsys):
     assert "layernorm_mlp" in capsys.readouterr().out
 
 
+@pytest.mark.interpreter if DEVICE == "cpu" else pytest.mark.gpu
+def test_a_fallback_is_not_recorded_in_any_bucket(tmp_path, capsys):
+    # fallbacks are told by their warning, said once per process and reason: from the second bucket
+    # with the same reason on, the torch route's time was recorded as triton's
+    table = tmp_path / "tune.json"
+    shapes = ["--ops", "flash_attention", "--modes", "fwd", "--attention-shapes", "272:9:1,272:17:1"]
+    assert tune.main(["--device", DEVICE, "--dtype", "float32", "--target-s", "0.01", *shapes,
+                      "--table", str(table)]) == 1  # fmt: skip  (not every bucket recorded)
+    out = capsys.readouterr().out
+    assert out.count("triton: fell back") == 2, out  # head dim 272 > 256, in both buckets
+    entries = json.loads(table.read_text())["entries"] if table.exists() else {}
+    assert not any(entry.get("backend") == "triton" for device in entries.values() for op in device.values()
+                   for entry in op.values())  # fmt: skip
+
+
 def test_tune_without_a_gpu_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
