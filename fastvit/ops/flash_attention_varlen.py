@@ -13,7 +13,8 @@ Routes:
   custom ops (``fastvit::flash_attention_varlen_fwd`` / ``_bwd``) with fakes and autograd, so with
   ``max_seqlen_q`` / ``max_seqlen_k`` given the op traces under ``torch.compile(fullgraph=True)``.
 - ``torch`` (the CPU default): one ``F.scaled_dot_product_attention`` call per sequence (reads
-  ``cu_seqlens`` on the host).
+  ``cu_seqlens`` on the host); while ``torch.compile`` traces, with both maxima given, a padded
+  form that reads nothing on the host (``_torch_route_padded``), so it traces with fullgraph too.
 
 Host syncs: checking the values of ``cu_seqlens`` (starts at 0, non-decreasing, ends at T) needs
 them on the host, so the Triton route does it only for a side whose ``max_seqlen_*`` is not given;
@@ -102,6 +103,51 @@ def _torch_route(q, k, v, bounds_q, bounds_k, scale, causal, return_lse):
                 lse[:, q0:q1] = _sequence_lse(q_s, k_s, scale, causal)
     out = torch.cat(outs, dim=0) if outs else torch.where(no, q, 0.0)  # T == 0: an empty (0, H, D)
     return (out, lse) if return_lse else out
+
+
+def _packed_layout(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, position in it) of each of the ``total`` packed tokens, from ``cu`` (S+1,), on the
+    device (no host read): token t is in sequence s where cu[s] <= t < cu[s + 1]."""
+    tokens = torch.arange(total, device=cu.device)
+    sequence = torch.bucketize(tokens, cu[1:].long(), right=True)
+    return sequence, tokens - cu[sequence].long()
+
+
+def _torch_route_padded(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, return_lse):
+    """The torch route with no host read of ``cu_seqlens`` (under ``torch.compile``, which cannot
+    trace the per-sequence loop's reads): the sequences scattered into zero-padded (S, H, max, D)
+    batches, the softmax over each sequence's keys (a (S, 1, max_q, max_k) key mask, causal top-left
+    within the sequence) in fp32 (fp64 for fp64 inputs), gathered back to (T, H, D). Rows with no
+    key give zeros and lse -inf. Memory grows as S * H * max_q * max_k."""
+    sequences = cu_q.shape[0] - 1
+    (total_q, heads, head_dim), total_k = q.shape, k.shape[0]
+    seq_q, pos_q = _packed_layout(cu_q, total_q)
+    seq_k, pos_k = _packed_layout(cu_k, total_k)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    max_k = max(max_k, 1)  # every key sequence empty: one padded key, masked (zeros, lse -inf)
+
+    def padded(t: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, longest: int) -> torch.Tensor:
+        batch = t.new_zeros((sequences, longest, heads, head_dim), dtype=work)
+        return batch.index_put((seq, pos), t.to(work)).transpose(1, 2)  # (S, H, longest, D)
+
+    qp, kp, vp = padded(q, seq_q, pos_q, max_q), padded(k, seq_k, pos_k, max_k), padded(v, seq_k, pos_k, max_k)
+    keys = torch.arange(max_k, device=q.device)
+    keep = (keys[None, :] < (cu_k[1:] - cu_k[:-1])[:, None])[:, None, None, :]  # (S, 1, 1, max_k)
+    if causal:
+        keep = keep & (torch.arange(max_q, device=q.device)[:, None] >= keys[None, :])
+    scores = torch.matmul(qp, kp.transpose(-2, -1)).mul(scale).masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max).detach()  # rows with no key: exp(-inf) = 0
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights, vp) / torch.where(total == 0, 1.0, total)  # (S, H, max_q, D)
+    out = out.transpose(1, 2)[seq_q, pos_q].to(q.dtype)  # (T, H, D)
+    if not return_lse:
+        return out
+    with torch.no_grad():
+        lse = (torch.log(total) + row_max).squeeze(-1)  # (S, H, max_q); -inf where no key
+        lse = lse.permute(1, 0, 2)[:, seq_q, pos_q].float()  # (H, T)
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +449,16 @@ def flash_attention_varlen(
         out, lse = call(_varlen_fwd, _varlen_fwd_function, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0),
                         int(max_seqlen_k or 0), scale, bool(causal))
         return (out, lse.detach().to(torch.float32)) if return_lse else out
+
+    if torch.compiler.is_compiling() and max_seqlen_q is not None and max_seqlen_k is not None:
+        route = resolve_backend(q.device)
+        if route == "triton" and _fallback_reason(q, scale) is not None:
+            route = "torch"
+        if route == "torch":  # no host read of cu_seqlens while compiling: the padded form
+            _assert_on_device("cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), "max_seqlen_q")
+            _assert_on_device("cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k), "max_seqlen_k")
+            return _torch_route_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                       scale, bool(causal), return_lse)  # fmt: skip
 
     # values of cu_seqlens: checked (and the longest length found) only where no max was given
     bounds_q = bounds_k = None
