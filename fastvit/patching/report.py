@@ -20,6 +20,13 @@ class PatchEntry:
             or ``"model"`` for notes about the whole model.
         detail: for a replacement, ``"Attention -> FusedAttention"`` plus any note; for a skip,
             the reason.
+
+    Example:
+        >>> report = fastvit.patch(timm.create_model("vit_tiny_patch16_224"))
+        >>> [(e.where, e.part) for e in report.replaced[:3]]
+        [('(model)', 'patch_embed'), ('blocks.0', 'mlp'), ('blocks.0.attn', 'attention')]
+        >>> [e.path for e in report.skipped if e.part == "attention"]  # each with its reason in e.detail
+        []
     """
 
     path: str
@@ -28,6 +35,12 @@ class PatchEntry:
 
     @property
     def where(self) -> str:
+        """The path as the report prints it: ``"(model)"`` for the model itself.
+
+        Example:
+            >>> PatchEntry("", "model", "no ViT block found").where
+            '(model)'
+        """
         return self.path or "(model)"
 
 
