@@ -159,13 +159,17 @@ def interpreter_dtype_problem(device: torch.device, dtype: torch.dtype) -> str |
     return "bfloat16 in Triton's interpreter (its tl.dot is wrong for bf16)" if INTERPRETER else None
 
 
-def _interpreter_check(device: torch.device) -> None:
+def _interpreter_check(device: torch.device, selected: str = "triton", op: str | None = None) -> None:
     from fastvit.kernels.runtime import INTERPRETER
 
     if not INTERPRETER:
+        # under 'cuda' an op the extension does not cover runs its Triton kernels: say so
+        runs = f"fastvit backend 'triton' on {device.type} tensors runs the Triton kernels in Triton's interpreter"
+        if selected != "triton":
+            runs = (f"fastvit backend {selected!r} runs {op or 'this op'}'s Triton kernels (the extension does not "
+                    f"cover it), on {device.type} tensors in Triton's interpreter")  # fmt: skip
         raise RuntimeError(
-            f"fastvit backend 'triton' on {device.type} tensors runs the Triton kernels in "
-            "Triton's interpreter, which needs TRITON_INTERPRET=1 set in the environment before "
+            f"{runs}, which needs TRITON_INTERPRET=1 set in the environment before "
             "fastvit's kernels are imported; it was not set then. Set it before starting Python "
             "(TRITON_INTERPRET=1 python ...), or use fastvit.backend('torch') on the CPU."
         )
@@ -242,13 +246,14 @@ def resolve_backend(device: torch.device, op: str | None = None, bucket: Callabl
                     f"not available ({extension.unavailable_reason()}); running the Triton kernels",
                 )
         return "triton"
+    selected = name
     if name == "cuda":
         if covered:
             _extension_check(device)
             return "cuda"
         name = "triton"
     if name == "triton" and device.type != "cuda":
-        _interpreter_check(device)
+        _interpreter_check(device, selected, op)
     return name
 
 
