@@ -9,6 +9,7 @@ Importing this module imports timm.
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import torch
@@ -132,7 +133,11 @@ class _FusedEmbedding(FusedModule):
         (rounded up under ``dynamic_img_pad``): resampled under ``dynamic_img_size``."""
         pos_embed = self.pos_embed
         if pos_embed is not None and self.dynamic_img_size:
-            pos_embed = resample_abs_pos_embed(
+            # looked up on the original class's timm module, where timm's FX tracer wraps it (a leaf,
+            # as in timm's _pos_embed: its size checks would be control flow on traced values)
+            module = sys.modules.get(type(self).fastvit_original().__module__)
+            resample = getattr(module, "resample_abs_pos_embed", resample_abs_pos_embed)
+            pos_embed = resample(
                 pos_embed,
                 new_size=grid,
                 old_size=self.patch_embed.grid_size,

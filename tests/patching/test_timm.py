@@ -81,6 +81,19 @@ def test_dynamic_img_size_resamples_pos_embed(op_calls):
         assert op_calls["patch_embed"][-1]["kwargs"]["dynamic_img_pad"] is True
 
 
+def test_fx_feature_extraction_of_a_dynamic_img_size_vit():
+    # timm's FX tracer keeps resample_abs_pos_embed a leaf where timm's module calls it; the fused
+    # embedding called its own import, whose size checks were control flow on traced values
+    # ("symbolically traced variables cannot be used as inputs to control flow")
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    reference, patched, _ = pair(timm_vit(dynamic_img_size=True, reg_tokens=1).eval())
+    x = images(size=(20, 24))
+    nodes = {get_graph_node_names(reference)[1][-1]: "out"}
+    want = create_feature_extractor(reference, return_nodes=nodes)(x)["out"]
+    torch.testing.assert_close(create_feature_extractor(patched, return_nodes=nodes)(x)["out"], want)
+
+
 def test_attention_splits_packed_qkv_without_copies(op_calls):
     # without qk_norm, q, k and v are strided views into one qkv output; with it, v still is
     for qk_norm in (False, True):
