@@ -60,3 +60,7 @@ class FusedConvitBlock(SharedDropPathBlock, convit.Block):
     runs first, as in timm (the forward: ``fastvit.nn.timm_mlp.SharedDropPathBlock``)."""
 
     fastvit_gamma = False  # no layer scale
+
+    def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's second half, module by module (no layer scale)."""
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -27,6 +27,22 @@ from fastvit.ops._fx import method_leaf
 __all__ = ["FusedConvNeXtBlock"]
 
 
+
+def _fused_branch(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused branch of ``FusedConvNeXtBlock._fastvit_mlp_branch``. A function of its own:
+    TorchScript parses every line of a method it compiles (an FX graph's call of the method compiles
+    it), and it cannot parse ``**`` arguments."""
+    mlp, norm = block.mlp, block.norm
+    x_cl = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+    if block.use_conv_mlp:  # LayerNorm2d's parameters; the 1 x 1 convs' (out, in, 1, 1) weights as views
+        y = fastvit.layernorm_mlp(
+            x_cl, **conv_mlp_arguments(norm, mlp), residual=False, layer_scale=block.gamma,
+            sample_scale=drop_path_scale(block.drop_path, x),
+        )
+    else:
+        y = fused_mlp_branch(x_cl, norm, mlp, block.drop_path, block.gamma)
+    return y.permute(0, 3, 1, 2)
+
 class FusedConvNeXtBlock(FusedModule, ConvNeXtBlock):
     """timm ``ConvNeXtBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same signature,
     ``forward(x)``: x (B, C, H, W) -> (B, C', H', W')); its depthwise conv and shortcut run as
@@ -63,16 +79,7 @@ class FusedConvNeXtBlock(FusedModule, ConvNeXtBlock):
             return traced
         if not self._fastvit_submodules_intact() or mlp_dropout_falls_back(self, self.mlp):
             return self._fastvit_original_branch(x)
-        mlp, norm = self.mlp, self.norm
-        x_cl = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-        if self.use_conv_mlp:  # LayerNorm2d's parameters; the 1 x 1 convs' (out, in, 1, 1) weights as views
-            y = fastvit.layernorm_mlp(
-                x_cl, **conv_mlp_arguments(norm, mlp), residual=False, layer_scale=self.gamma,
-                sample_scale=drop_path_scale(self.drop_path, x),
-            )
-        else:
-            y = fused_mlp_branch(x_cl, norm, mlp, self.drop_path, self.gamma)
-        return y.permute(0, 3, 1, 2)
+        return _fused_branch(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)

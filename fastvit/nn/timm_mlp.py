@@ -300,11 +300,10 @@ class SharedDropPathMlpHalf(FusedGammaMlpHalf):
     fastvit_gamma = True  # the block scales its MLP branch by gamma_2
 
     def _fastvit_original_half(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's second half, module by module."""
-        x_mlp = self.mlp(self.norm2(x))
-        if self.fastvit_gamma:
-            x_mlp = self.gamma_2 * x_mlp
-        return x + self.drop_path(x_mlp)
+        """timm's second half, module by module, with ``gamma_2`` (ConViT's, without, overrides it:
+        TorchScript compiles this method where an FX graph calls the fused half, and it cannot read
+        the class attribute ``fastvit_gamma``)."""
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
     def _fastvit_layer_scale(self) -> torch.Tensor | None:
         return self.gamma_2 if self.fastvit_gamma else None

@@ -72,10 +72,11 @@ def pooled_rel_pos(
     q: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
-    q_size: tuple[int, int],
-    k_size: tuple[int, int],
+    q_size: list[int],
+    k_size: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's MViTv2 ``cal_rel_pos_type`` bias as the op's two tables.
+    """timm's MViTv2 ``cal_rel_pos_type`` bias as the op's two tables (an FX leaf: the sizes typed as
+    timm's pooling gives them, lists, for TorchScript compiling an FX graph that calls it).
 
     Args:
         q: (B, H, N, D) patch queries (no class token), N = q_h * q_w in row-major order.
@@ -87,7 +88,8 @@ def pooled_rel_pos(
         rel_h (B, H, N, k_h) and rel_w (B, H, N, k_w): the bias of query i and key j is
         ``rel_h[..., i, j // k_w] + rel_w[..., i, j % k_w]``.
     """
-    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    q_h, q_w = q_size[0], q_size[1]
+    k_h, k_w = k_size[0], k_size[1]
     r_h = rel_pos_h[_grid_distance(q_h, k_h, q.device)]  # (q_h, k_h, D): [query row, key row]
     r_w = rel_pos_w[_grid_distance(q_w, k_w, q.device)]  # (q_w, k_w, D): [query column, key column]
     grid_q = q.unflatten(2, (q_h, q_w))  # (B, H, q_h, q_w, D)

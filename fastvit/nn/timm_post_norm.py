@@ -52,11 +52,18 @@ class _MlpAloneForward(FusedModule):
             return traced
         if not self._fastvit_submodules_intact() or mlp_dropout_falls_back(self, self):
             return self._fastvit_original_forward(x)
-        return fastvit.layernorm_mlp(x, norm_weight=None, norm_bias=None, norm="none", residual=False,
-                                     **mlp_arguments(self))  # fmt: skip
+        return _fused_mlp_alone(self, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, no input norm (the block's post-norm runs after it)"
+
+
+def _fused_mlp_alone(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``fastvit.layernorm_mlp`` with no norm and no residual over ``mlp``'s Linears. A function of its
+    own: TorchScript parses every line of a method it compiles (an FX graph's call of ``_fastvit_mlp``
+    compiles it), and it cannot parse ``**`` arguments."""
+    return fastvit.layernorm_mlp(x, norm_weight=None, norm_bias=None, norm="none", residual=False,
+                                 **mlp_arguments(mlp))  # fmt: skip
 
 
 class FusedMlpAlone(_MlpAloneForward, Mlp):

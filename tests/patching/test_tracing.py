@@ -472,3 +472,42 @@ def test_every_fused_forward_has_a_torchscript_branch():
         original = cls.fastvit_original()
         alias = cls._fastvit_original_forward
         assert alias.__code__ is original.forward.__code__ and alias.__name__ == "_fastvit_original_forward"
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("cait_xxs24_224", {"depth": 2, "img_size": 64}), ("convit_tiny", {"depth": 2, "img_size": 64}),
+     ("test_convnext", {}), ("swinv2_cr_tiny_224", {"depths": (1, 1, 1, 1)}),
+     ("swinv2_tiny_window8_256", {"depths": (1, 1, 1, 1), "img_size": 64, "window_size": 4}),
+     ("mvitv2_tiny", {})],
+)  # fmt: skip
+def test_timm_fx_feature_graph_scripts_as_the_unpatched_one(name, kwargs):
+    """timm's own test_model_forward_fx_torchscript: its FX feature extractor, then torch.jit.script of
+    the graph. Scripting compiles the fused methods the graph calls (FX leaves): CaiT / ConViT read a
+    class attribute there, ConvNeXt and the post-norm MLPs had ** arguments (which TorchScript cannot
+    parse), MViTv2's rel-pos leaf typed its sizes as tuples where timm gives lists."""
+    import timm
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    tracer = {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions(),
+              "param_shapes_constant": True}  # fmt: skip
+    with timm.set_scriptable(True):
+        torch.manual_seed(0)
+        reference = timm.create_model(name, **kwargs).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    size = kwargs.get("img_size", reference.pretrained_cfg["input_size"][-1])
+    x = torch.randn(1, 3, size, size)
+
+    def scripted(model: nn.Module) -> torch.jit.ScriptModule:
+        train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer)
+        graph = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                         eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation; fastvit's "scripts the original"
+            return torch.jit.script(graph)
+
+    with torch.no_grad():
+        want = next(iter(scripted(reference)(x).values()))
+        torch.testing.assert_close(next(iter(scripted(patched)(x).values())), want)
