@@ -205,7 +205,8 @@ class FusedPatchEmbed(nn.Module):
             )
         conv = self.conv
         changed = None
-        if conv_settings(conv) != self.conv_settings:
+        built_with = getattr(self, "conv_settings", None)  # (None: a module pickled before it was kept)
+        if built_with is not None and conv_settings(conv) != built_with:
             changed = f"{self.conv_name}'s stride, padding, dilation or groups changed"
         problem = submodules_called_problem(self, ((self.conv_name, conv),), changed)
         if problem is not None:  # the conv called as a module: its hooks run, its settings apply

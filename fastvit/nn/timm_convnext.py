@@ -27,7 +27,6 @@ from fastvit.ops._fx import method_leaf
 __all__ = ["FusedConvNeXtBlock"]
 
 
-
 def _fused_branch(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fused branch of ``FusedConvNeXtBlock._fastvit_mlp_branch``. A function of its own:
     TorchScript parses every line of a method it compiles (an FX graph's call of the method compiles
@@ -42,6 +41,7 @@ def _fused_branch(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         y = fused_mlp_branch(x_cl, norm, mlp, block.drop_path, block.gamma)
     return y.permute(0, 3, 1, 2)
+
 
 class FusedConvNeXtBlock(FusedModule, ConvNeXtBlock):
     """timm ``ConvNeXtBlock`` whose MLP half is one ``fastvit.layernorm_mlp`` call (same signature,

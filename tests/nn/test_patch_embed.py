@@ -197,3 +197,8 @@ def test_a_conv_whose_settings_change_runs_the_conv(monkeypatch):
         out = embed(x)
     torch.testing.assert_close(out, conv(x).flatten(2).transpose(1, 2))
     assert out.shape == (1, 9, 16)
+    # a whole module pickled before the settings were kept (no attribute): the fused op, no error
+    conv.stride = (4, 4)
+    del embed.conv_settings
+    with fastvit.backend("torch"):
+        torch.testing.assert_close(embed(x), conv(x).flatten(2).transpose(1, 2))
