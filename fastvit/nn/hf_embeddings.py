@@ -36,6 +36,7 @@ from transformers.models.vit_msn.modeling_vit_msn import ViTMSNEmbeddings, ViTMS
 
 import fastvit
 from fastvit.nn.fused import FusedModule
+from fastvit.ops.patch_embed import crop_to_patches
 
 __all__ = [
     "FUSED_EMBEDDINGS",
@@ -60,11 +61,10 @@ class _FusedEmbeddings(FusedModule):
     fastvit_patch_holder: ClassVar[type | None] = None
 
 
-def _whole_patches(pixel_values: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
-    """Whether the image is a whole number of patches (Hugging Face's Conv2d drops a remainder,
-    which ``fastvit.patch_embed`` does not: such calls run Hugging Face's forward)."""
-    patch_h, patch_w = conv.stride
-    return pixel_values.shape[-2] % patch_h == 0 and pixel_values.shape[-1] % patch_w == 0
+def _patch_pixels(pixel_values: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The pixels Hugging Face's patchifying Conv2d reads, a view: it drops a partial patch at the
+    bottom and right (SigLIP so400m at 384 / 14), which ``fastvit.patch_embed`` would refuse."""
+    return crop_to_patches(pixel_values, conv.weight.shape[-1])
 
 
 class FusedCLIPVisionEmbeddings(_FusedEmbeddings, CLIPVisionEmbeddings):
@@ -79,7 +79,7 @@ class FusedCLIPVisionEmbeddings(_FusedEmbeddings, CLIPVisionEmbeddings):
             return super().forward(pixel_values, interpolate_pos_encoding)
         conv = self.patch_embedding
         return fastvit.patch_embed(
-            pixel_values.to(dtype=conv.weight.dtype),  # as Hugging Face casts
+            _patch_pixels(pixel_values, conv).to(dtype=conv.weight.dtype),  # as Hugging Face casts
             conv.weight,
             conv.bias,
             pos_embed=self.position_embedding(self.position_ids),  # (1, 1+N, D)
@@ -95,12 +95,11 @@ class FusedSiglipVisionEmbeddings(_FusedEmbeddings, SiglipVisionEmbeddings):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         height, width = pixel_values.shape[-2], pixel_values.shape[-1]
         grid = (height // self.patch_size) * (width // self.patch_size)
-        covered = grid == self.num_patches and _whole_patches(pixel_values, self.patch_embedding)
-        if interpolate_pos_encoding or not covered or not self._fastvit_intact():
+        if interpolate_pos_encoding or grid != self.num_patches or not self._fastvit_intact():
             return super().forward(pixel_values, interpolate_pos_encoding)  # its shape error, if any
         conv = self.patch_embedding
         return fastvit.patch_embed(
-            pixel_values.to(dtype=conv.weight.dtype),
+            _patch_pixels(pixel_values, conv).to(dtype=conv.weight.dtype),
             conv.weight,
             conv.bias,
             pos_embed=self.position_embedding(self.position_ids),  # (1, N, D)
@@ -121,7 +120,6 @@ class _DinoEmbeddings(_FusedEmbeddings):
         grid = (height // patch_h) * (width // patch_w)
         return (
             bool_masked_pos is None
-            and _whole_patches(pixel_values, projection)
             and height == width
             and grid == self.position_embeddings.shape[1] - 1
             and pixel_values.shape[1] == self.patch_embeddings.num_channels
@@ -139,7 +137,7 @@ class _DinoEmbeddings(_FusedEmbeddings):
         projection = self.patch_embeddings.projection
         prefix, pos_embed = self._fastvit_prefix()
         tokens = fastvit.patch_embed(
-            pixel_values.to(projection.weight.dtype), projection.weight, projection.bias,
+            _patch_pixels(pixel_values, projection).to(projection.weight.dtype), projection.weight, projection.bias,
             pos_embed=pos_embed, prefix_tokens=prefix,
         )  # fmt: skip
         return self.dropout(tokens)
@@ -169,12 +167,11 @@ class FusedDINOv3ViTEmbeddings(_FusedEmbeddings, DINOv3ViTEmbeddings):
     fastvit_bypassed = ("patch_embeddings",)
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
-        whole = _whole_patches(pixel_values, self.patch_embeddings)
-        if bool_masked_pos is not None or not whole or not self._fastvit_intact():
+        if bool_masked_pos is not None or not self._fastvit_intact():
             return super().forward(pixel_values, bool_masked_pos)
         conv = self.patch_embeddings
         return fastvit.patch_embed(
-            pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias,
+            _patch_pixels(pixel_values, conv).to(dtype=conv.weight.dtype), conv.weight, conv.bias,
             prefix_tokens=torch.cat((self.cls_token, self.register_tokens), dim=1),
         )  # fmt: skip
 
@@ -203,8 +200,8 @@ class _ViTLayoutEmbeddings(_FusedEmbeddings):
             return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         projection = self.patch_embeddings.projection
         tokens = fastvit.patch_embed(
-            pixel_values, projection.weight, projection.bias, pos_embed=self.position_embeddings,
-            prefix_tokens=self._fastvit_prefix(),
+            _patch_pixels(pixel_values, projection), projection.weight, projection.bias,
+            pos_embed=self.position_embeddings, prefix_tokens=self._fastvit_prefix(),
         )  # fmt: skip
         return self.dropout(tokens)
 
@@ -257,7 +254,8 @@ class FusedViTMAEEmbeddings(_FusedEmbeddings, ViTMAEEmbeddings):
         projection = self.patch_embeddings.projection
         position_embeddings = self.position_embeddings  # (1, 1+N, D); its patch rows, a view, go to the op
         embeddings = fastvit.patch_embed(
-            pixel_values, projection.weight, projection.bias, pos_embed=position_embeddings[:, 1:]
+            _patch_pixels(pixel_values, projection), projection.weight, projection.bias,
+            pos_embed=position_embeddings[:, 1:],
         )
         embeddings, mask, ids_restore = self.random_masking(embeddings, noise)
         cls_tokens = (self.cls_token + position_embeddings[:, :1]).expand(embeddings.shape[0], -1, -1)
@@ -269,7 +267,8 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
     position embedding where the config has one (``use_absolute_position_embeddings``; BEiT's
     checkpoints use the relative one), then dropout. With a position embedding, only at the trained
     grid of a square image (Hugging Face resamples it at any other, and always while tracing);
-    without one, at any size of whole patches. ``bool_masked_pos`` runs Hugging Face's forward."""
+    without one, at any size (a partial patch dropped, as its conv drops it). ``bool_masked_pos``
+    runs Hugging Face's forward."""
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
     fastvit_bypassed_methods = ("interpolate_pos_encoding",)  # Hugging Face calls it with a position embedding
@@ -282,7 +281,6 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
         covered = (
             bool_masked_pos is None
             and pixel_values.shape[1] == self.patch_embeddings.num_channels
-            and _whole_patches(pixel_values, projection)
             and self._fastvit_intact()
         )
         pos_embed = self.position_embeddings
@@ -293,7 +291,8 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
         if not covered:
             return super().forward(pixel_values, bool_masked_pos)
         tokens = fastvit.patch_embed(
-            pixel_values, projection.weight, projection.bias, pos_embed=pos_embed, prefix_tokens=self.cls_token
+            _patch_pixels(pixel_values, projection), projection.weight, projection.bias, pos_embed=pos_embed,
+            prefix_tokens=self.cls_token,
         )
         return self._fastvit_output(self.dropout(tokens), pixel_values)
 

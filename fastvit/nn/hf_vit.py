@@ -28,6 +28,7 @@ import fastvit
 from fastvit.nn.attention import self_attention, warn_attention_dropout
 from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
 from fastvit.ops._fx import method_leaf
+from fastvit.ops.patch_embed import crop_to_patches
 
 __all__ = ["FusedViTAttention", "FusedViTEmbeddings", "FusedViTLayer", "activation_of", "gelu_approximate"]
 
@@ -178,7 +179,7 @@ class FusedViTEmbeddings(FusedModule, ViTEmbeddings):
             )
         projection = self.patch_embeddings.projection
         embeddings = fastvit.patch_embed(
-            pixel_values,
+            crop_to_patches(pixel_values, projection.weight.shape[-1]),  # its conv drops a partial patch
             projection.weight,
             projection.bias,
             pos_embed=self.position_embeddings,

@@ -14,7 +14,7 @@ from torch import nn
 
 from fastvit.backend import current_backend
 from fastvit.nn.fused import conv_settings, submodules_called_problem
-from fastvit.ops.patch_embed import assemble_tokens, pad_to_patches, patch_embed
+from fastvit.ops.patch_embed import assemble_tokens, crop_to_patches, pad_to_patches, patch_embed
 
 __all__ = ["FusedPatchEmbed"]
 
@@ -38,8 +38,10 @@ class FusedPatchEmbed(nn.Module):
         embed_dim: D.
         bias: whether the projection has a bias.
         strict_img_size: with ``img_size``, reject images of another size (timm's default).
-        dynamic_img_pad: zero-pad H and W up to multiples of p (in the kernel's masks, not a copy);
-            without it, an image whose H or W is not a multiple of p raises ``ValueError``.
+        dynamic_img_pad: zero-pad H and W up to multiples of p (in the kernel's masks, not a copy).
+            Without it, an image whose H or W is not a multiple of p raises ``ValueError``, except
+            at a strict ``img_size`` (384 with p = 14), where the partial patch at the bottom and
+            right is dropped, as timm's ``PatchEmbed`` (its conv) drops it.
         device, dtype: of the new projection.
 
     Example:
@@ -173,7 +175,7 @@ class FusedPatchEmbed(nn.Module):
             prefix_tokens: (1, P, D) cls / distillation / register tokens, owned by the model; or None.
 
         Returns:
-            (B, P+N, D) tokens, N = (H / p) * (W / p) (rounded up with ``dynamic_img_pad``).
+            (B, P+N, D) tokens, N = (H // p) * (W // p) (rounded up with ``dynamic_img_pad``).
 
         dtypes: outside autocast x, pos_embed and prefix_tokens must have the projection's dtype,
         and the tokens have it (fp16, bf16 and fp32 run the kernels, float64 the ``torch`` route).
@@ -198,7 +200,10 @@ class FusedPatchEmbed(nn.Module):
                 "to accept other sizes"
             )
         p = self.patch_size[0]
-        if x.dim() == 4 and not self.dynamic_img_pad and (x.shape[-2] % p or x.shape[-1] % p):
+        partial = x.dim() == 4 and not self.dynamic_img_pad and (x.shape[-2] % p or x.shape[-1] % p)
+        if partial and strict:  # the strict img_size is not whole patches: timm's conv drops the rest
+            x = crop_to_patches(x, p)
+        elif partial:
             raise ValueError(
                 f"input height and width {tuple(x.shape[-2:])} must be multiples of the patch size {p} "
                 f"(x is {tuple(x.shape)}); build the module with dynamic_img_pad=True to zero-pad them"

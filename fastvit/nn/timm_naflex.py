@@ -36,7 +36,8 @@ all use it; ``model.embeds`` itself is untouched and keeps its meaning):
 
 Left to timm's code at call time: ``(B, L, p, p, C)`` input through the patch-size interpolator,
 (C, p, p) patch layout on pre-patchified input (no strided view exists), images whose size is not
-a multiple of the patch without ``dynamic_img_pad`` (timm's conv floors, its Linear raises). A hook
+a multiple of the patch without ``dynamic_img_pad`` for a Linear projection (timm's error; its
+conv drops the partial patch, which the fused call crops away as a view). A hook
 on ``embeds`` or its ``proj`` / ``norm``, or a replaced one, runs timm's ``_forward_embeds``.
 Importing this module imports timm's ``naflexvit`` (a timm without it: the adapter leaves
 NaFlexVit unknown).
@@ -54,6 +55,7 @@ from timm.models.naflexvit import NaFlexEmbeds, NaFlexVit, create_attention_mask
 
 import fastvit
 from fastvit.nn.fused import FusedModule
+from fastvit.ops.patch_embed import crop_to_patches
 
 __all__ = ["FusedNaFlexVit", "embed_notes", "embed_problems", "key_padding_mask"]
 
@@ -193,8 +195,11 @@ class FusedNaFlexVit(FusedModule, NaFlexVit):
         embeds = self.embeds
         patch = embeds.patch_size[0]
         pad = embeds.dynamic_img_pad
-        if x.ndim != 4 or (not pad and (x.shape[-2] % patch or x.shape[-1] % patch)):
-            return None  # timm's asserts, or its floor (conv) / error (Linear) on a partial patch
+        partial = x.ndim == 4 and not pad and (x.shape[-2] % patch or x.shape[-1] % patch)
+        if x.ndim != 4 or (partial and embeds.is_linear):
+            return None  # timm's asserts, or its Linear's error on a partial patch
+        if partial:  # timm's conv drops the partial patch's rows and columns (a view here)
+            x = crop_to_patches(x, patch)
         grid = (-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))
         weight = embeds.proj.weight
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype

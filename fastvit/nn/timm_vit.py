@@ -22,6 +22,7 @@ import fastvit
 from fastvit.nn.attention import mask_with_causal, merge_heads, self_attention, split_packed_qkv, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, PreNormMlpHalf
+from fastvit.ops.patch_embed import crop_to_patches
 
 __all__ = [
     "FusedAttention",
@@ -175,6 +176,8 @@ class _FusedEmbedding(FusedModule):
         prefix_tokens = None if not prefix else prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)
         pos_embed = self._fastvit_pos_embed(self._fastvit_grid(x))
         padding = {"dynamic_img_pad": True} if embed.dynamic_img_pad else {}  # zero-pads bottom/right
+        if not embed.dynamic_img_pad:  # timm's conv drops a partial patch (a strict img_size of 384 / 14)
+            x = crop_to_patches(x, embed.proj.weight.shape[-1])
         return fastvit.patch_embed(
             x, embed.proj.weight, embed.proj.bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, **padding
         )  # fmt: skip

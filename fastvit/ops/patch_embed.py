@@ -239,6 +239,22 @@ def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
+def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The rows and columns of ``x`` that whole ``patch`` x ``patch`` patches cover, a view: what
+    a patchifying Conv2d (stride = kernel = patch) reads, dropping the partial patch at the bottom
+    and right edges (timm's ``PatchEmbed`` at a strict ``img_size`` that is not a multiple of the
+    patch, e.g. SigLIP so400m at 384 / 14; Hugging Face's embeddings).
+
+    Example:
+        >>> crop_to_patches(torch.zeros(2, 3, 384, 390), 14).shape
+        torch.Size([2, 3, 378, 378])
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    if isinstance(height, int) and isinstance(width, int) and not (height % patch or width % patch):
+        return x  # already whole (under FX tracing the sizes are proxies: always sliced)
+    return x[..., : height - height % patch, : width - width % patch]
+
+
 def _torch_route(x, weight, bias, pos_embed, prefix_tokens, pad):
     patch = weight.shape[-1]
     if pad:

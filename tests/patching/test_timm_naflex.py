@@ -173,11 +173,20 @@ def test_conv_projection_dynamic_pad_and_channels_first_patches(op_calls):
     assert weight.is_contiguous() and weight.data_ptr() == patched.embeds.proj.weight.data_ptr()
 
 
-def test_partial_patch_without_padding_runs_timm(op_calls):
-    # 18x16 images without dynamic_img_pad: timm's conv drops the last rows; the fused path stays out
+def test_partial_patch_without_padding_is_dropped_as_timms_conv_drops_it(op_calls):
+    # 18x16 images without dynamic_img_pad: timm's conv drops the last 2 rows; the op gets a view of the rest
     reference, patched, _ = pair(naflex(embed_proj_type="conv", class_token=True, global_pool="token").eval())
-    assert_outputs_and_grads_match(reference, patched, images(size=(18, 16)))
-    assert op_calls["patch_embed"] == []
+    x = images(size=(18, 16))
+    assert_matches_by_the_rule(reference, patched, x)
+    (call,) = op_calls["patch_embed"]  # the oracle is unpatched
+    assert call["args"][0].shape[-2:] == (16, 16) and call["args"][0]._is_view()  # of the input (a clone)
+    # timm's Linear projection refuses a partial patch: its error, from timm's path
+    reference, patched, _ = pair(naflex(class_token=True, global_pool="token").eval())
+    with pytest.raises(Exception) as unpatched_error:
+        reference(x)
+    with pytest.raises(type(unpatched_error.value)):
+        patched(x)
+    assert len(op_calls["patch_embed"]) == 1
 
 
 # --- pre-patchified input with padding -------------------------------------------------------------
