@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from transformers.configuration_utils import PretrainedConfig
 from transformers.integrations.sdpa_attention import create_position_bias_mask, repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -46,6 +47,7 @@ from fastvit.nn.hf_source import packs_for_flash
 __all__ = [
     "NAME",
     "PACKED_NAME",
+    "RoutedName",
     "capturing_attentions",
     "fallback_reason",
     "fastvit_attention_forward",
@@ -62,6 +64,36 @@ NAME = "fastvit"
 # launch. ``fastvit.patch`` sets it only on the configs of such towers (their masks stay SDPA's:
 # the mask function is SDPA's as for NAME); transformers' model checks take it (_accept_packed_name).
 PACKED_NAME = "fastvit_flash_varlen"
+
+
+def returns_weights(implementation: str | None) -> bool:
+    """Whether the unpatched ``attn_implementation`` returns attention weights: eager (and a name
+    of the model's own, or None) does; SDPA, flash-attn and flex attention return None."""
+    return not (isinstance(implementation, str) and any(name in implementation for name in ("sdpa", "flash", "flex")))
+
+
+class RoutedName(str):
+    """The ``attn_implementation`` ``fastvit.patch`` sets on a config (``NAME`` or ``PACKED_NAME``):
+    equal to that name everywhere transformers reads it (a ``str``), remembering the implementation
+    the config had before (``previous``), which decides what ``config.output_attentions = True``
+    does (``_accept_output_attentions``). Kept in ``_attn_implementation_internal``, which
+    transformers never serializes; survives ``copy.deepcopy`` and pickling of the model.
+
+    Example:
+        >>> name = RoutedName("fastvit", "eager")
+        >>> name == "fastvit", name.previous
+        (True, 'eager')
+    """
+
+    previous: str | None
+
+    def __new__(cls, name: str, previous: str | None) -> RoutedName:
+        routed = super().__new__(cls, name)
+        routed.previous = previous
+        return routed
+
+    def __reduce__(self) -> tuple:
+        return RoutedName, (str(self), self.previous)
 
 
 def _eager_of(module: nn.Module) -> Callable | None:
@@ -118,8 +150,7 @@ def _wants_weights(module: nn.Module, kwargs: dict) -> bool:
     replaced would return. Eager attention returns them; SDPA, flash-attn and flex attention return
     None (the unpatched model's ``attentions`` is then empty), and so does fastvit's, without
     running eager. A module switched to "fastvit" by hand (no previous value) counts as eager."""
-    previous = vars(module).get(PREVIOUS_IMPLEMENTATION)
-    if isinstance(previous, str) and any(name in previous for name in ("sdpa", "flash", "flex")):
+    if not returns_weights(vars(module).get(PREVIOUS_IMPLEMENTATION)):
         return False
     config = getattr(module, "config", None)
     requested = kwargs.get("output_attentions", getattr(config, "output_attentions", False))
@@ -145,7 +176,7 @@ def fallback_reason(
         kwargs: the remaining keyword arguments of the call.
     """
     if _wants_weights(module, kwargs):
-        return "the attention weights are requested (output_attentions=True)", "eager"
+        return "the attention weights requested (output_attentions=True)", "eager"
     if kwargs.get("softcap") is not None:
         return "logit softcapping", "eager"
     if kwargs.get("s_aux") is not None:
@@ -394,6 +425,54 @@ def _accept_packed_name() -> None:
     PreTrainedModel._check_and_adjust_attn_implementation = check_and_adjust
 
 
+def _output_attentions_allowed(config: PretrainedConfig, value: bool) -> bool:
+    """Whether ``output_attentions = value`` on a config routed to fastvit is what the unpatched
+    model allowed: transformers allows it only under eager attention; a config ``fastvit.patch``
+    switched from eager (or one set to "fastvit" by hand, whose calls asking for weights run eager
+    attention, ``_wants_weights``) returns the weights as before. Switched from SDPA, flash-attn or
+    flex: transformers' error, as unpatched."""
+    name = config._attn_implementation
+    return bool(value) and name in (NAME, PACKED_NAME) and returns_weights(getattr(name, "previous", None))
+
+
+def _accept_output_attentions() -> None:
+    """Let ``config.output_attentions = True`` (and transformers' ``validate_output_attentions``)
+    pass on the configs ``_output_attentions_allowed`` names: transformers' setter raises for every
+    implementation but "eager", so a model patched over eager attention refused what it accepted
+    unpatched (transformers' own test_attention_outputs failed patched). Wrapped once; every other
+    config goes through transformers' code."""
+    setter = vars(PretrainedConfig)["output_attentions"]
+    if getattr(setter.fset, "_fastvit_accepts", False):
+        return
+
+    @functools.wraps(setter.fset)
+    def set_output_attentions(self, value: bool) -> None:
+        if _output_attentions_allowed(self, value):
+            self._output_attentions = value  # what transformers' setter stores under eager
+            return
+        setter.fset(self, value)
+
+    validate = PretrainedConfig.validate_output_attentions
+
+    @functools.wraps(validate)
+    def validate_output_attentions(self) -> None:
+        if not _output_attentions_allowed(self, self.output_attentions):
+            validate(self)
+
+    set_output_attentions._fastvit_accepts = True
+    PretrainedConfig.output_attentions = property(setter.fget, set_output_attentions, setter.fdel, setter.__doc__)
+    PretrainedConfig.validate_output_attentions = validate_output_attentions
+    # huggingface_hub's @strict lists each config class's validators when the class is defined
+    # (config.validate(), which save_pretrained runs): the classes defined already list the original
+    classes = [PretrainedConfig]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        listed = vars(cls).get("__class_validators__")
+        if isinstance(listed, list):
+            listed[:] = [validate_output_attentions if v is validate else v for v in listed]
+
+
 def register() -> None:
     """Register ``"fastvit"`` in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
 
@@ -411,3 +490,4 @@ def register() -> None:
         AttentionInterface.register(name, fastvit_attention_forward)
         AttentionMaskInterface.register(name, sdpa_mask)
     _accept_packed_name()
+    _accept_output_attentions()

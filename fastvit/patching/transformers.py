@@ -233,6 +233,10 @@ FASTVIT_NAMES = (INTERFACE_NAME, PACKED_INTERFACE_NAME)
 # Set on each routed attention module (a plain attribute: not in state_dict): the config's
 # attn_implementation before fastvit.patch, which fastvit.unpatch restores.
 _PREVIOUS = "_fastvit_previous_attn_implementation"  # hf_attention.PREVIOUS_IMPLEMENTATION, which reads it
+# Set on each module whose config fastvit.patch replaced by its copy: the config object it held,
+# which fastvit.unpatch puts back when the copy still says what it said (the user's config object
+# is then the model's again).
+_ORIGINAL_CONFIG = "_fastvit_original_config"
 
 
 def _routable(module: nn.Module) -> bool:
@@ -334,8 +338,14 @@ class InterfaceRouting:
                 )
             detail = f"{type(module).__name__}: attn_implementation {previous!r} -> {name!r} ({how})"
             report.replaced.append(PatchEntry(path, "attention", "; ".join((detail, *self.notes.get(path, ())))))
+        from fastvit.nn.hf_attention import RoutedName  # registered by now (find_interface)
+
+        routed = {}  # each config's name, remembering its previous implementation (output_attentions)
         for _, module in self.routes:
-            module.config._attn_implementation_internal = names[id(module.config)]
+            config = module.config
+            routed.setdefault(id(config), RoutedName(names[id(config)], config._attn_implementation_internal))
+        for _, module in self.routes:
+            module.config._attn_implementation_internal = routed[id(module.config)]
 
     def _names(self) -> dict[int, str]:
         """The implementation each routed config gets, by id: ``PACKED_INTERFACE_NAME`` where every
@@ -371,6 +381,7 @@ class InterfaceRouting:
             config = vars(module).get("config")
             if config is not None and config is originals.get(id(config)):
                 module.config = copies[id(config)]
+                setattr(module, _ORIGINAL_CONFIG, config)
 
 
 def find_interface(model: nn.Module, report: PatchReport, claimed: dict[int, str]) -> InterfaceRouting:
@@ -440,4 +451,40 @@ def restore_interface(model: nn.Module) -> list[PatchEntry]:
         else:  # set otherwise since fastvit.patch (set_attn_implementation): left as it is
             detail = f"{type(module).__name__}: attn_implementation {name!r} left as set since fastvit.patch"
         restored.append(PatchEntry(path, "attention", detail))
+    _restore_configs(model)
     return restored
+
+
+def _same_settings(config: PretrainedConfig, original: PretrainedConfig) -> bool:
+    """Whether the model's copy of a config says what the original says, attribute by attribute
+    (``_attn_implementation_internal`` included, which a config class's dataclass ``==`` skips;
+    sub-configs compared so); False where a setting changed since ``fastvit.patch``, or cannot be
+    compared."""
+    mine, theirs = vars(config), vars(original)
+    if mine.keys() != theirs.keys():
+        return False
+    for key, value in mine.items():
+        other = theirs[key]
+        if isinstance(value, PretrainedConfig) and isinstance(other, PretrainedConfig):
+            if not _same_settings(value, other):
+                return False
+            continue
+        try:
+            if not (value is other or bool(value == other)):
+                return False
+        except Exception:  # a setting whose == is not a bool (a tensor): keep the copy
+            return False
+    return True
+
+
+def _restore_configs(model: nn.Module) -> None:
+    """Put back the config objects ``InterfaceRouting._own_configs`` replaced, on every module that
+    held one, when every copy's settings are the original's again (their attn_implementation
+    restored): a config the user holds is then the model's once more. If one copy changed since
+    the patch (``model.config.output_hidden_states = True``, ``set_attn_implementation``), all
+    stay, with what was set on them (a parent copy holds its sub-configs' copies: restoring some
+    would split ``model.config.vision_config`` from the vision model's config)."""
+    held = [(m, original) for m in model.modules() if (original := vars(m).pop(_ORIGINAL_CONFIG, None)) is not None]
+    if all(_same_settings(module.config, original) for module, original in held):
+        for module, original in held:
+            module.config = original

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import pickle
 import subprocess
 import sys
 import types
@@ -443,6 +444,71 @@ def test_output_attentions_and_hidden_states(attention_calls, fresh_warnings):
     assert len(attention_calls) == DEPTH and len(got.hidden_states) == DEPTH + 1
     for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["siglip2", "clip", "dinov2"])
+def test_config_output_attentions_as_unpatched(name, attention_calls, fresh_warnings):
+    # transformers' own test_attention_outputs sets config.output_attentions on the model: its setter
+    # raises for every implementation but eager, so a model patched over eager refused what it took
+    # unpatched. Over eager: accepted, the weights returned (eager runs), validated and saved as
+    # unpatched; over SDPA: transformers' error, as unpatched.
+    reference = build(name)
+    reference.set_attn_implementation("eager")
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    inputs = FAMILIES[name].inputs(torch.float32)
+    towers = [c for _, c in _configs(patched) if c._attn_implementation == "fastvit"]
+    assert towers and all(c._attn_implementation.previous == "eager" for c in towers)
+    for model in (reference, patched):
+        for config in [c for _, c in _configs(model)]:
+            config.output_attentions = True
+            config.validate()  # huggingface_hub's class validators (save_pretrained runs them)
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="output_attentions=True"):
+        got = patched(**inputs)
+    want = reference(**inputs)
+    # every attentions field, the towers' of a two-tower model included
+    got_maps = [v.attentions for v in (got, *got.values()) if getattr(v, "attentions", None)]
+    want_maps = [v.attentions for v in (want, *want.values()) if getattr(v, "attentions", None)]
+    assert len(got_maps) == len(want_maps) >= 1
+    for a, b in zip(got_maps, want_maps, strict=True):
+        assert len(a) == len(b) == DEPTH
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert attention_calls == []
+    # the name remembers eager through a deepcopy and a pickle of the config
+    routed = towers[0]
+    assert pickle.loads(pickle.dumps(routed))._attn_implementation.previous == "eager"
+    assert copy.deepcopy(routed)._attn_implementation == "fastvit"
+    over_sdpa = copy.deepcopy(build(name))
+    fastvit.patch(over_sdpa)
+    config = next(c for _, c in _configs(over_sdpa) if c._attn_implementation == "fastvit")
+    with pytest.raises(ValueError, match="not supported when using the `attn_implementation` set to fastvit"):
+        config.output_attentions = True
+    with pytest.raises(ValueError, match="set to sdpa"):
+        next(c for _, c in _configs(build(name)) if c._attn_implementation == "sdpa").output_attentions = True
+
+
+@pytest.mark.parametrize("name", ["clip", "dinov2"])
+def test_unpatch_gives_back_the_config_objects(name):
+    # fastvit.patch gives the model copies of its configs (models built from one config stay apart):
+    # a config the user held was no longer the model's, even after unpatch. Unpatch puts the objects
+    # back where the copies were not changed; a change made on model.config while patched stays.
+    model = build(name)
+    held = dict(_configs(model))
+    holders = {n: m.config for n, m in model.named_modules() if "config" in vars(m)}
+    fastvit.patch(model)
+    assert model.config is not held["config"]
+    fastvit.unpatch(model)
+    assert dict(_configs(model)) == held and all(a is held[n] for n, a in _configs(model))
+    assert all(m.config is holders[n] for n, m in model.named_modules() if "config" in vars(m))
+    fastvit.patch(model)
+    model.config.output_hidden_states = True  # set on the model's config while patched
+    fastvit.unpatch(model)
+    assert model.config is not held["config"] and model.config.output_hidden_states is True
+    assert held["config"].output_hidden_states is False
+    sub = [c for n, c in _configs(model) if n != "config"]
+    assert all(any(m.config is c for m in model.modules() if "config" in vars(m)) for c in sub)  # one set of copies
+    assert not any(hasattr(m, "_fastvit_original_config") for m in model.modules())
 
 
 @pytest.mark.parametrize("name", ["siglip2", "clip", "dinov2"])
