@@ -6,7 +6,9 @@ eager_attention_forward)``), and builds their masks through the function of the 
 ``AttentionMaskInterface``. ``register()`` adds ``"fastvit"`` to both: the attention runs
 ``fastvit.flash_attention`` (``fastvit.flash_attention_varlen`` where the model passes flash-attn's
 ``cu_seq_lens_q``), and the masks are SDPA's (bool, True = attend; ``None`` when nothing is masked),
-which the op takes as ``attn_mask``. Without a mask function of its own, a custom name gets no mask
+which the op takes as ``attn_mask`` -- or, on a config ``fastvit.patch`` switched from eager
+attention, eager's (float, 0 / finfo.min; ``fastvit_mask``), which models such as BEiT add their
+bias to, as they did unpatched. Without a mask function of its own, a custom name gets no mask
 at all (transformers drops padding masks for it), hence both registrations. ``PACKED_NAME``
 (``"fastvit_flash_varlen"``) is the same pair under a name transformers reads as flash-attn's, for
 the vision towers that then pack their images (``fastvit.patch`` sets it on their configs).
@@ -33,7 +35,7 @@ import torch
 import torch.nn as nn
 from transformers.configuration_utils import PretrainedConfig
 from transformers.integrations.sdpa_attention import create_position_bias_mask, repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 try:  # transformers' output capture (output_attentions=True fills it through forward hooks)
     from transformers.utils.output_capturing import _active_collector
@@ -51,6 +53,7 @@ __all__ = [
     "capturing_attentions",
     "fallback_reason",
     "fastvit_attention_forward",
+    "fastvit_mask",
     "register",
     "swapped_attention_covers",
 ]
@@ -425,6 +428,28 @@ def _accept_packed_name() -> None:
     PreTrainedModel._check_and_adjust_attn_implementation = check_and_adjust
 
 
+def fastvit_mask(*, config: PretrainedConfig | None = None, **kwargs) -> torch.Tensor | None:
+    """The attention mask transformers builds for a config on ``"fastvit"``
+    (``AttentionMaskInterface["fastvit"]``, called with the arguments of ``sdpa_mask``).
+
+    SDPA's bool mask (True = attend; None when nothing is masked), except on a config
+    ``fastvit.patch`` switched from eager attention: eager's float mask (0 = attend, dtype's
+    finfo.min = masked), which the unpatched model built. Models that add their own bias to the mask
+    (BEiT, data2vec-vision: ``bias + attention_mask``) turned a bool mask into +1 / 0, giving padded
+    keys weight; a causal text tower's padded rows averaged v under eager and not under SDPA. The op
+    takes both kinds as ``attn_mask``.
+
+    Example:
+        >>> fastvit_mask(batch_size=1, q_length=2, kv_length=2, attention_mask=torch.tensor([[1, 0]]),
+        ...              mask_function=lambda b, h, q, kv: torch.ones((), dtype=torch.bool)).shape
+        torch.Size([1, 1, 2, 2])
+    """
+    name = getattr(config, "_attn_implementation", None)
+    if isinstance(name, RoutedName) and name.previous == "eager":
+        return eager_mask(config=config, **kwargs)
+    return sdpa_mask(config=config, **kwargs)
+
+
 def _output_attentions_allowed(config: PretrainedConfig, value: bool) -> bool:
     """Whether ``output_attentions = value`` on a config routed to fastvit is what the unpatched
     model allowed: transformers allows it only under eager attention; a config ``fastvit.patch``
@@ -488,6 +513,7 @@ def register() -> None:
 
     for name in (NAME, PACKED_NAME):
         AttentionInterface.register(name, fastvit_attention_forward)
-        AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(NAME, fastvit_mask)
+    AttentionMaskInterface.register(PACKED_NAME, sdpa_mask)  # the packing towers' own masks: SDPA's
     _accept_packed_name()
     _accept_output_attentions()

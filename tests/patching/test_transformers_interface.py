@@ -533,6 +533,58 @@ def test_output_attentions_over_sdpa_returns_none_as_sdpa(name, attention_calls,
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
+def _beit_padded(dtype: torch.dtype) -> dict:
+    """BEiT with a padding mask over its 17 tokens (the third image keeps 9)."""
+    mask = torch.ones(BATCH, 17, dtype=torch.long)
+    mask[2, 9:] = 0
+    return {"pixel_values": _pixels(dtype), "attention_mask": mask}
+
+
+def _left_padded_text(dtype: torch.dtype) -> dict:
+    """Token ids with left padding (lengths 7, 5, 3): a causal tower's first rows see no key."""
+    inputs = _text()
+    inputs["attention_mask"] = inputs["attention_mask"].flip(-1)
+    return inputs
+
+
+EAGER_MASKS = {
+    # BEiT adds its relative position bias to the mask: bias + bool gave padded keys weight (+1 / 0)
+    "beit": (FAMILIES["beit"], _beit_padded),
+    # a causal decoder with left padding: eager averages v over the fully masked rows, SDPA's did not
+    "llama": (FAMILIES["llama"], _left_padded_text),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EAGER_MASKS))
+def test_a_model_built_eager_gets_eager_masks(name, attention_calls):
+    # the mask function of "fastvit" gave every model SDPA's bool mask: a model patched over eager
+    # then computed what the unpatched model computes over SDPA (BEiT: padded keys weighted; a
+    # left-padded causal tower: its padded rows), not what it computed. Patched over eager it gets
+    # eager's float mask (0 / finfo.min); over SDPA, SDPA's bool mask as before.
+    family, inputs = EAGER_MASKS[name]
+    family = dataclasses.replace(family, inputs=inputs)
+    reference = build(name)
+    reference.set_attn_implementation("eager")
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    if name != "llama":  # (Llama's float64 eager gives NaN rows: finfo(float64).min is -inf in its fp32 softmax)
+        assert_follows_tolerance_rule(reference, patched, family)
+    else:
+        patched(**family.inputs(torch.float32))
+    masks = [c["mask"] for c in attention_calls[-DEPTH:]]
+    assert all(m is not None and m.is_floating_point() for m in masks)
+    assert any((m <= torch.finfo(torch.float32).min / 2).any() for m in masks)  # eager's masked value
+    got = patched(**family.inputs(torch.float32)).last_hidden_state
+    want = reference(**family.inputs(torch.float32)).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the padded rows too
+    over_sdpa = build(name)
+    fastvit.patch(over_sdpa)
+    attention_calls.clear()
+    over_sdpa(**family.inputs(torch.float32))
+    assert all(c["mask"] is None or c["mask"].dtype == torch.bool or c["mask"].requires_grad for c in attention_calls)
+    assert any(c["mask"] is not None for c in attention_calls)
+
+
 @pytest.mark.parametrize("padded", [True, False], ids=["padding", "no padding"])
 def test_output_attentions_of_a_causal_text_tower(padded, fresh_warnings):
     # without padding SDPA's mask function returns None (causality left to is_causal): the eager
@@ -678,7 +730,8 @@ def test_registration_when_transformers_came_first(monkeypatch):
     hf_interface.install()
     for name in ("fastvit", "fastvit_flash_varlen"):
         assert ALL_ATTENTION_FUNCTIONS[name] is hf_attention.fastvit_attention_forward
-        assert AttentionMaskInterface._global_mapping[name] is hf_attention.sdpa_mask
+    assert AttentionMaskInterface._global_mapping["fastvit"] is hf_attention.fastvit_mask
+    assert AttentionMaskInterface._global_mapping["fastvit_flash_varlen"] is hf_attention.sdpa_mask
 
 
 # --- the attention function itself, against transformers' sdpa_attention_forward -------------
