@@ -301,7 +301,7 @@ class FusedModule:
                 broken = f"{path} replaced or wrapped"
             elif cls.forward is not forward:  # a class-level monkeypatch, e.g. of timm's Mlp.forward
                 broken = f"{cls.__name__}.forward replaced (on {path}'s class)"
-            elif child._forward_pre_hooks or child._forward_hooks or child._backward_pre_hooks or child._backward_hooks:
+            elif has_hooks(child):
                 broken = f"a hook on {path}"
             elif not _bound_to(child.forward, forward):
                 broken = f"{path}.forward replaced on the instance"
@@ -345,6 +345,21 @@ def conv_settings(module: nn.Module) -> tuple | None:
     return None
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has a forward (pre-)hook or a backward (pre-)hook of its own, which a fused
+    op that reads its parameters without calling it would skip (old-style ``weight_norm`` and
+    ``prune`` recompute the weight in a forward pre-hook).
+
+    Example:
+        >>> fc = torch.nn.Linear(4, 4)
+        >>> handle = fc.register_forward_pre_hook(lambda m, args: None)
+        >>> has_hooks(fc)
+        True
+    """
+    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    return any(hooks)
+
+
 def submodules_called_problem(
     owner: nn.Module, submodules: Iterable[tuple[str, nn.Module | None]], problem: str | None = None
 ) -> str | None:
@@ -364,9 +379,7 @@ def submodules_called_problem(
     if problem is None and global_module_hooks():
         problem = "a global module hook"
     for name, child in () if problem else submodules:
-        if child is not None and (
-            child._forward_pre_hooks or child._forward_hooks or child._backward_pre_hooks or child._backward_hooks
-        ):
+        if child is not None and has_hooks(child):
             problem = f"a hook on {name}"
             break
     if problem is not None:
