@@ -356,8 +356,10 @@ def has_hooks(module: nn.Module) -> bool:
         >>> has_hooks(fc)
         True
     """
-    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
-    return any(hooks)
+    # an `or` of the dicts, which torch.compile guards on (any() of them was not guarded: a hook added
+    # after compiling went unseen)
+    forward = module._forward_pre_hooks or module._forward_hooks
+    return bool(forward or module._backward_pre_hooks or module._backward_hooks)
 
 
 def submodules_called_problem(
