@@ -52,4 +52,13 @@ class AxialAttention(GridAttention):
         )  # fmt: skip
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, H, P + h * w, D) q, k, v (views of the qkv projection) -> (B, H, P + h * w, D):
+        ``fastvit.axial_attention`` over the (h, w) ``grid`` with this layer's prefix tokens.
+
+        Example:
+            >>> attn = fastvit.nn.AxialAttention(64, num_heads=2, num_prefix_tokens=1)
+            >>> q = k = v = torch.randn(2, 2, 1 + 4 * 6, 32)
+            >>> attn.attend(q, k, v, (4, 6)).shape
+            torch.Size([2, 2, 25, 32])
+        """
         return axial_attention(q, k, v, grid, self.num_prefix_tokens)

@@ -97,12 +97,22 @@ class FusedLayerNormMLP(nn.Module):
 
     @property
     def approximate(self) -> str | None:
-        """F.gelu's keyword for the GELU activations ("none" / "tanh"); None for the others."""
+        """F.gelu's keyword for the GELU activations ("none" / "tanh"); None for the others.
+
+        Example:
+            >>> fastvit.nn.FusedLayerNormMLP(64, activation="gelu_tanh").approximate
+            'tanh'
+        """
         return {"gelu": "none", "gelu_tanh": "tanh"}.get(self.activation)
 
     @property
     def norm_kind(self) -> str:
-        """``"rms"`` for an nn.RMSNorm, else ``"layernorm"``."""
+        """``"rms"`` for an nn.RMSNorm, else ``"layernorm"``.
+
+        Example:
+            >>> fastvit.nn.FusedLayerNormMLP(64, norm="rms").norm_kind
+            'rms'
+        """
         return "rms" if isinstance(self.norm, nn.RMSNorm) else "layernorm"
 
     @classmethod
@@ -208,7 +218,13 @@ class FusedLayerNormMLP(nn.Module):
 
     @property
     def gamma(self) -> torch.Tensor | None:
-        """The layer-scale vector used at call time (the LayerScale module's, else ``layer_scale``)."""
+        """The layer-scale vector used at call time (the LayerScale module's, else ``layer_scale``),
+        (dim,); None without layer scale.
+
+        Example:
+            >>> fastvit.nn.FusedLayerNormMLP(64, init_values=1e-5).gamma.shape
+            torch.Size([64])
+        """
         return self.ls.gamma if self.ls is not None else self.layer_scale
 
     def _drop_path_scale(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -279,6 +295,12 @@ class FusedLayerNormMLP(nn.Module):
         return x + branch if self.residual else branch
 
     def extra_repr(self) -> str:
+        """The module's sizes and options in its ``repr`` (the backend is read at call time).
+
+        Example:
+            >>> fastvit.nn.FusedLayerNormMLP(64).extra_repr()[:30]
+            'dim=64, hidden_dim=256, eps=1e'
+        """
         return (
             f"dim={self.fc1.in_features}, hidden_dim={self.fc2.in_features}, eps={self.norm.eps}, "
             f"norm={self.norm_kind!r}, activation={self.activation!r}, gated={self.gated}, "

@@ -157,7 +157,12 @@ class FusedPatchEmbed(nn.Module):
 
     @property
     def conv(self) -> nn.Conv2d:
-        """The projection Conv2d (registered as ``self.<conv_name>``)."""
+        """The projection Conv2d (registered as ``self.<conv_name>``).
+
+        Example:
+            >>> fastvit.nn.FusedPatchEmbed(32, 8, 3, 16).conv
+            Conv2d(3, 16, kernel_size=(8, 8), stride=(8, 8))
+        """
         return self._modules[self.conv_name]  # type: ignore[return-value]
 
     def forward(
@@ -222,6 +227,12 @@ class FusedPatchEmbed(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The module's sizes and options in its ``repr`` (the backend is read at call time).
+
+        Example:
+            >>> fastvit.nn.FusedPatchEmbed(32, 8, 3, 16).extra_repr()[:40]
+            'img_size=(32, 32), patch_size=8, in_chan'
+        """
         return (
             f"img_size={self.img_size}, patch_size={self.patch_size[0]}, in_chans={self.in_chans}, "
             f"embed_dim={self.embed_dim}, bias={self.conv.bias is not None}, "

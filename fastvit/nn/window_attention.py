@@ -61,9 +61,25 @@ class WindowAttention(GridAttention):
         self.window, self.shift = check_window_and_shift(window, shift)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, H, P + h * w, D) q, k, v (views of the qkv projection) -> (B, H, P + h * w, D):
+        ``fastvit.window_attention`` over the (h, w) ``grid`` with this layer's window, shift and
+        prefix tokens.
+
+        Example:
+            >>> attn = fastvit.nn.WindowAttention(64, num_heads=2, window=4, shift=2)
+            >>> q = k = v = torch.randn(2, 2, 8 * 8, 32)
+            >>> attn.attend(q, k, v, (8, 8)).shape
+            torch.Size([2, 2, 64, 32])
+        """
         return window_attention(q, k, v, grid, self.window, shift=self.shift, num_prefix_tokens=self.num_prefix_tokens)
 
     def extra_repr(self) -> str:
+        """The layer's sizes, window and shift in its ``repr``.
+
+        Example:
+            >>> fastvit.nn.WindowAttention(96, 3, window=7, shift=3).extra_repr()
+            'dim=96, num_heads=3, window=(7, 7), shift=(3, 3), grid_size=None, num_prefix_tokens=0'
+        """
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, window={self.window}, shift={self.shift}, "
             f"grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}"

@@ -308,7 +308,11 @@ def unpatch(model: nn.Module) -> PatchReport:
         >>> import timm
         >>> model = timm.create_model("vit_base_patch16_224")
         >>> report = fastvit.patch(model)
-        >>> print(fastvit.unpatch(model))  # fastvit.unpatch(VisionTransformer): 25 restored ...
+        >>> print(fastvit.unpatch(model))  # doctest: +ELLIPSIS
+        fastvit.unpatch(VisionTransformer): 25 restored
+          restored:
+            patch_embed  (model)              FusedVisionTransformer -> VisionTransformer
+        ...
     """
     _check_model(model, "unpatch")
     restored = []

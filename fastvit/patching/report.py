@@ -22,6 +22,7 @@ class PatchEntry:
             the reason.
 
     Example:
+        >>> import timm
         >>> report = fastvit.patch(timm.create_model("vit_tiny_patch16_224"))
         >>> [(e.where, e.part) for e in report.replaced[:3]]
         [('(model)', 'patch_embed'), ('blocks.0', 'mlp'), ('blocks.0.attn', 'attention')]
