@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from transformers.configuration_utils import PretrainedConfig
 from transformers.integrations.sdpa_attention import create_position_bias_mask, repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 try:  # transformers' output capture (output_attentions=True fills it through forward hooks)
     from transformers.utils.output_capturing import _active_collector
@@ -433,11 +433,13 @@ def fastvit_mask(*, config: PretrainedConfig | None = None, **kwargs) -> torch.T
     (``AttentionMaskInterface["fastvit"]``, called with the arguments of ``sdpa_mask``).
 
     SDPA's bool mask (True = attend; None when nothing is masked), except on a config
-    ``fastvit.patch`` switched from eager attention: eager's float mask (0 = attend, dtype's
-    finfo.min = masked), which the unpatched model built. Models that add their own bias to the mask
-    (BEiT, data2vec-vision: ``bias + attention_mask``) turned a bool mask into +1 / 0, giving padded
-    keys weight; a causal text tower's padded rows averaged v under eager and not under SDPA. The op
-    takes both kinds as ``attn_mask``.
+    ``fastvit.patch`` switched from eager attention: an additive float mask as eager's (0 = attend),
+    which the unpatched model built. Models that add their own bias to the mask (BEiT,
+    data2vec-vision: ``bias + attention_mask``) turned a bool mask into +1 / 0, giving padded keys
+    weight; a causal text tower's padded rows averaged v under eager and not under SDPA. Its masked
+    value is a quarter of eager's ``finfo(dtype).min``: still far below any score (a partly masked
+    row weighs its masked keys 0, a row masked throughout averages v, as eager), and finite in the
+    kernels' base-2 scores, where eager's own value overflows to -inf and such a row gets 0.
 
     Example:
         >>> fastvit_mask(batch_size=1, q_length=2, kv_length=2, attention_mask=torch.tensor([[1, 0]]),
@@ -445,9 +447,15 @@ def fastvit_mask(*, config: PretrainedConfig | None = None, **kwargs) -> torch.T
         torch.Size([1, 1, 2, 2])
     """
     name = getattr(config, "_attn_implementation", None)
-    if isinstance(name, RoutedName) and name.previous == "eager":
-        return eager_mask(config=config, **kwargs)
-    return sdpa_mask(config=config, **kwargs)
+    eager = isinstance(name, RoutedName) and name.previous == "eager"
+    dtype = kwargs.pop("dtype", torch.float32)
+    if eager:  # as eager_mask: causality is in the mask, never left to is_causal
+        kwargs["allow_is_causal_skip"] = False
+    mask = sdpa_mask(config=config, **kwargs)
+    if not eager or mask is None:
+        return mask
+    # eager_mask's torch.where(mask, 0, finfo.min), with the masked value a quarter of it
+    return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min / 4)
 
 
 def _output_attentions_allowed(config: PretrainedConfig, value: bool) -> bool:

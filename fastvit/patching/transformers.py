@@ -233,9 +233,9 @@ FASTVIT_NAMES = (INTERFACE_NAME, PACKED_INTERFACE_NAME)
 # Set on each routed attention module (a plain attribute: not in state_dict): the config's
 # attn_implementation before fastvit.patch, which fastvit.unpatch restores.
 _PREVIOUS = "_fastvit_previous_attn_implementation"  # hf_attention.PREVIOUS_IMPLEMENTATION, which reads it
-# Set on each module whose config fastvit.patch replaced by its copy: the config object it held,
-# which fastvit.unpatch puts back when the copy still says what it said (the user's config object
-# is then the model's again).
+# Set on each module whose config fastvit.patch replaced by its copy: (the config object it held,
+# the list of every module one patch gave copies), which fastvit.unpatch puts back when the copies
+# still say what they said (the user's config object is then the model's again).
 _ORIGINAL_CONFIG = "_fastvit_original_config"
 
 
@@ -377,11 +377,13 @@ class InterfaceRouting:
             for name, value in list(vars(config).items()):
                 if id(value) in originals and value is originals[id(value)]:
                     setattr(config, name, copies[id(value)])
+        given: list[nn.Module] = []  # the modules this patch gives copies, all restored together or none
         for module in self.modules.values():
             config = vars(module).get("config")
             if config is not None and config is originals.get(id(config)):
                 module.config = copies[id(config)]
-                setattr(module, _ORIGINAL_CONFIG, config)
+                setattr(module, _ORIGINAL_CONFIG, (config, given))
+                given.append(module)
 
 
 def find_interface(model: nn.Module, report: PatchReport, claimed: dict[int, str]) -> InterfaceRouting:
@@ -480,11 +482,21 @@ def _same_settings(config: PretrainedConfig, original: PretrainedConfig) -> bool
 def _restore_configs(model: nn.Module) -> None:
     """Put back the config objects ``InterfaceRouting._own_configs`` replaced, on every module that
     held one, when every copy's settings are the original's again (their attn_implementation
-    restored): a config the user holds is then the model's once more. If one copy changed since
-    the patch (``model.config.output_hidden_states = True``, ``set_attn_implementation``), all
-    stay, with what was set on them (a parent copy holds its sub-configs' copies: restoring some
-    would split ``model.config.vision_config`` from the vision model's config)."""
-    held = [(m, original) for m in model.modules() if (original := vars(m).pop(_ORIGINAL_CONFIG, None)) is not None]
-    if all(_same_settings(module.config, original) for module, original in held):
-        for module, original in held:
-            module.config = original
+    restored): a config the user holds is then the model's once more. The modules one patch gave
+    copies are restored together or not at all: if one copy changed since the patch
+    (``model.config.output_hidden_states = True``, ``set_attn_implementation``), all stay, with what
+    was set on them, and ``fastvit.unpatch`` of a part (the vision tower of a patched CLIPModel)
+    restores none, leaving them to the unpatch of the whole (a parent copy holds its sub-configs'
+    copies: restoring some would split ``model.config.vision_config`` from the tower's config)."""
+    inside = {id(m) for m in model.modules()}
+    groups: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        if _ORIGINAL_CONFIG in vars(module):
+            groups.setdefault(id(vars(module)[_ORIGINAL_CONFIG][1]), vars(module)[_ORIGINAL_CONFIG][1])
+    for given in groups.values():
+        if not all(id(m) in inside for m in given):
+            continue  # a part of what one patch gave copies: left for the unpatch of the whole
+        originals = [(m, vars(m).pop(_ORIGINAL_CONFIG)[0]) for m in given]
+        if all(_same_settings(module.config, original) for module, original in originals):
+            for module, original in originals:
+                module.config = original

@@ -129,6 +129,12 @@ def test_crop_keeps_whole_images_and_channels_last_as_they_are():
     cropped = crop_to_patches(channels_last, PATCH)
     assert cropped.shape[-2:] == (16, 20) and cropped.stride() == channels_last.stride()
     torch.testing.assert_close(cropped, channels_last[:, :, :16, :20], rtol=0, atol=0)
+    # smaller than one patch: nothing to crop to; the op's error names the patch size (not "no rows")
+    tiny = images(size=3)
+    assert crop_to_patches(tiny, PATCH) is tiny
+    embed = fastvit.nn.FusedPatchEmbed(3, PATCH, 3, DIM)
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        embed(tiny)
 
 
 @pytest.mark.interpreter
