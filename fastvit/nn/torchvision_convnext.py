@@ -42,8 +42,9 @@ class FusedCNBlock(FusedModule, CNBlock):
 
     def _fastvit_original_branch(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision's branch after the conv, module by module: (B, C, H, W) -> (B, C, H, W)."""
-        for layer in self.block[1:]:
-            x = layer(x)
+        for index, layer in enumerate(self.block):  # (TorchScript cannot iterate a slice of a Sequential)
+            if index > 0:
+                x = layer(x)
         return self.stochastic_depth(self.layer_scale * x)
 
     def _fastvit_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:

@@ -511,3 +511,37 @@ def test_timm_fx_feature_graph_scripts_as_the_unpatched_one(name, kwargs):
     with torch.no_grad():
         want = next(iter(scripted(reference)(x).values()))
         torch.testing.assert_close(next(iter(scripted(patched)(x).values())), want)
+
+
+def _torchvision_family(name: str) -> nn.Module:
+    from tests.patching import test_torchvision_convnext, test_torchvision_swin
+
+    builds = {"vit": torchvision_vit, "convnext": test_torchvision_convnext.build, **test_torchvision_swin.MODELS}
+    return builds[name]().eval()
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext", "swin", "swin_v2", "maxvit"])
+def test_torchvision_fx_graph_scripts_as_the_unpatched_one(name):
+    """torchvision's own TestFxFeatureExtraction.test_jit_forward_backward: its feature extractor,
+    then torch.jit.script of the graph, which compiles the fused methods the graph calls. ConvNeXt's
+    iterated a slice of its Sequential, which TorchScript cannot ("'Permute' object has no attribute
+    or method '__call__'"); found by running torchvision's tests against patched models."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    reference = _torchvision_family(name)
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) if name != "vit" else images()
+
+    def scripted(model: nn.Module) -> torch.jit.ScriptModule:
+        train_nodes, eval_nodes = get_graph_node_names(model)
+        graph = create_feature_extractor(
+            model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation; fastvit's "scripts the original"
+            return torch.jit.script(graph.eval())
+
+    with torch.no_grad():
+        want = next(iter(scripted(reference)(x).values()))
+        torch.testing.assert_close(next(iter(scripted(patched)(x).values())), want, rtol=RTOL, atol=ATOL)
