@@ -250,9 +250,9 @@ def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
         torch.Size([2, 3, 378, 378])
     """
     height, width = x.shape[-2], x.shape[-1]
-    if isinstance(height, int) and isinstance(width, int):
-        if not (height % patch or width % patch) or height < patch or width < patch:
-            return x  # already whole; or smaller than one patch: left for the op's error, which names it
+    concrete = isinstance(height, int) and isinstance(width, int)
+    if concrete and (not (height % patch or width % patch) or height < patch or width < patch):
+        return x  # already whole; or smaller than one patch: left for the op's error, which names it
     return x[..., : height - height % patch, : width - width % patch]  # FX proxies, symbolic sizes: sliced
 
 
