@@ -7,8 +7,8 @@ eager_attention_forward)``), and builds their masks through the function of the 
 ``fastvit.flash_attention`` (``fastvit.flash_attention_varlen`` where the model passes flash-attn's
 ``cu_seq_lens_q``), and the masks are SDPA's (bool, True = attend; ``None`` when nothing is masked),
 which the op takes as ``attn_mask`` -- or, on a config ``fastvit.patch`` switched from eager
-attention, eager's (float, 0 / finfo.min; ``fastvit_mask``), which models such as BEiT add their
-bias to, as they did unpatched. Without a mask function of its own, a custom name gets no mask
+attention, an additive float mask as eager's (0 / finfo.min / 4; ``fastvit_mask``), which models
+such as BEiT add their bias to, as they did unpatched. Without a mask function of its own, a custom name gets no mask
 at all (transformers drops padding masks for it), hence both registrations. ``PACKED_NAME``
 (``"fastvit_flash_varlen"``) is the same pair under a name transformers reads as flash-attn's, for
 the vision towers that then pack their images (``fastvit.patch`` sets it on their configs).
