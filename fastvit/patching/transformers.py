@@ -338,27 +338,30 @@ class InterfaceRouting:
                 )
             detail = f"{type(module).__name__}: attn_implementation {previous!r} -> {name!r} ({how})"
             report.replaced.append(PatchEntry(path, "attention", "; ".join((detail, *self.notes.get(path, ())))))
-        from fastvit.nn.hf_attention import RoutedName  # registered by now (find_interface)
-
-        routed = {}  # each config's name, remembering its previous implementation (output_attentions)
         for _, module in self.routes:
-            config = module.config
-            routed.setdefault(id(config), RoutedName(names[id(config)], config._attn_implementation_internal))
-        for _, module in self.routes:
-            module.config._attn_implementation_internal = routed[id(module.config)]
+            module.config._attn_implementation_internal = names[id(module.config)]
 
     def _names(self) -> dict[int, str]:
         """The implementation each routed config gets, by id: ``PACKED_INTERFACE_NAME`` where every
         routed module reading it packs its images for flash-named implementations (its class or the
         model that owns the config, ``packs_for_flash``), else ``INTERFACE_NAME``. The name is read
         by every module holding the config, so one module that would take it for flash-attn's
-        conventions without packing keeps the whole config on ``"fastvit"``."""
+        conventions without packing keeps the whole config on ``"fastvit"``. Each is a
+        ``RoutedName`` remembering the config's implementation before (``config.output_attentions``
+        and the masks follow it), read before any config changes."""
+        from fastvit.nn.hf_attention import RoutedName  # registered by now (find_interface)
+
         packs: dict[int, bool] = {}
+        previous: dict[int, str | None] = {}
         for path, module in self.routes:
             owner = _owner(path, self.modules)
             owned = owner is not None and owner.config is module.config and packs_for_flash(type(owner))
             packs[id(module.config)] = packs.get(id(module.config), True) and (packs_for_flash(type(module)) or owned)
-        return {key: PACKED_INTERFACE_NAME if packed else INTERFACE_NAME for key, packed in packs.items()}
+            previous[id(module.config)] = module.config._attn_implementation_internal
+        return {
+            key: RoutedName(PACKED_INTERFACE_NAME if packed else INTERFACE_NAME, previous[key])
+            for key, packed in packs.items()
+        }
 
     def _own_configs(self) -> None:
         """Copy the routed modules' configs, and the model's configs that hold one of them as a
@@ -489,10 +492,10 @@ def _restore_configs(model: nn.Module) -> None:
     restores none, leaving them to the unpatch of the whole (a parent copy holds its sub-configs'
     copies: restoring some would split ``model.config.vision_config`` from the tower's config)."""
     inside = {id(m) for m in model.modules()}
-    groups: dict[int, list[nn.Module]] = {}
+    groups: dict[int, list[nn.Module]] = {}  # each patch's list of modules given copies, by id
     for module in model.modules():
-        if _ORIGINAL_CONFIG in vars(module):
-            groups.setdefault(id(vars(module)[_ORIGINAL_CONFIG][1]), vars(module)[_ORIGINAL_CONFIG][1])
+        if (held := vars(module).get(_ORIGINAL_CONFIG)) is not None:
+            groups[id(held[1])] = held[1]
     for given in groups.values():
         if not all(id(m) in inside for m in given):
             continue  # a part of what one patch gave copies: left for the unpatch of the whole
