@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
 from fastvit.ops._autograd import call, function_twin, no_double_backward
@@ -236,6 +237,10 @@ def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Zero-pad the bottom and right of ``x`` to multiples of ``patch`` (timm's dynamic_img_pad)."""
     pad_h = -x.shape[2] % patch
     pad_w = -x.shape[3] % patch
+    if isinstance(pad_h, torch.SymInt) or isinstance(pad_w, torch.SymInt):
+        # traced sizes (torch.export): padded as timm pads, without asking whether the pads are
+        # zero, which the tracer would record as a guard that a dynamic Dim range rejects
+        return F.pad(x, (0, pad_w, 0, pad_h))
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
@@ -250,10 +255,25 @@ def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
         torch.Size([2, 3, 378, 378])
     """
     height, width = x.shape[-2], x.shape[-1]
+    if isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt):
+        return _crop_symbolic(x, height, width, patch)
     concrete = isinstance(height, int) and isinstance(width, int)
     if concrete and (not (height % patch or width % patch) or height < patch or width < patch):
         return x  # already whole; or smaller than one patch: left for the op's error, which names it
-    return x[..., : height - height % patch, : width - width % patch]  # FX proxies, symbolic sizes: sliced
+    return x[..., : height - height % patch, : width - width % patch]  # FX proxies, torch.compile's sizes: sliced
+
+
+def _crop_symbolic(x: torch.Tensor, height, width, patch: int) -> torch.Tensor:
+    """The crop under torch.export's (non-strict) tracing, where sizes are SymInts: a strided view
+    whose contiguity depends on H % p and W % p makes the tracer record that as a guard, which a
+    dynamic Dim range then rejects ("Constraints violated") where the unpatched Conv2d exports. Not
+    known to be whole, the crop is F.pad with negative pads: a contiguous copy of the cropped
+    images (3 channels: small beside the tokens the embedding writes), no guard. (torch.compile and
+    strict export trace through Dynamo, where sizes read as ints: there the view stands, and its
+    guard is a recompile under torch.compile.)"""
+    if statically_known_true(height % patch == 0) and statically_known_true(width % patch == 0):
+        return x
+    return F.pad(x, (0, -(width % patch), 0, -(height % patch)))
 
 
 def _torch_route(x, weight, bias, pos_embed, prefix_tokens, pad):

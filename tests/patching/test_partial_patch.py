@@ -22,7 +22,17 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from tests.patching.helpers import DIM, HEADS, PATCH, HFLastHiddenState, assert_matches_by_the_rule, images, perturb_
+from tests.patching.helpers import (
+    ATOL,
+    DIM,
+    HEADS,
+    PATCH,
+    RTOL,
+    HFLastHiddenState,
+    assert_matches_by_the_rule,
+    images,
+    perturb_,
+)
 
 SIZE = 18  # 4 whole patches of 4 and 2 pixels left over, per side
 TIMM_ARGS = dict(img_size=SIZE, patch_size=PATCH, embed_dim=DIM, depth=1, num_heads=HEADS, num_classes=5)
@@ -148,3 +158,36 @@ def test_triton_route_reads_the_cropped_view(name, op_calls):
     with fastvit.backend("triton"):
         assert_matches_by_the_rule(reference, patched, x)
     assert len(op_calls["patch_embed"]) == 1
+
+
+EXPORTED = {
+    # its conv drops the partial patch: the fused embedding crops
+    "hf_dinov3": MODELS["hf_dinov3"],
+    # timm's dynamic_img_pad: the torch route pads to whole patches as timm's PatchEmbed does
+    "timm_vit_dynamic_pad": _timm("vision_transformer", "VisionTransformer", dynamic_img_size=True,
+                                  dynamic_img_pad=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("name", sorted(EXPORTED))
+def test_export_with_free_image_sizes_as_the_unpatched_model(name, route):
+    """torch.export (non-strict, its default) with a dynamic height and width that need not be whole
+    patches: the unpatched model exports; patched, the crop's strided view (its contiguity depends
+    on H % p) and the padding's "are the pads zero" made the tracer record H % p as a guard, which
+    the Dim range rejected ("Constraints violated")."""
+    from torch.export import Dim
+
+    reference = EXPORTED[name]().eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    sizes = ({2: Dim("height", min=8, max=64), 3: Dim("width", min=8, max=64)},)
+    with fastvit.backend(route):
+        exported = torch.export.export(patched, (images(size=SIZE),), dynamic_shapes=sizes)
+        custom_ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+        assert ("fastvit.patch_embed_fwd.default" in custom_ops) == (route == "triton")
+        for size in ((SIZE, SIZE), (22, 27), (16, 20)):
+            x = images(size=size)
+            with torch.no_grad():
+                torch.testing.assert_close(exported.module()(x), patched(x), rtol=RTOL, atol=ATOL)
+                torch.testing.assert_close(exported.module()(x), reference(x), rtol=RTOL, atol=ATOL)
