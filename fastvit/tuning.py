@@ -13,7 +13,9 @@ A bucket names the shape features that decide which backend is faster: the op's 
 dtype, the token rows rounded up to a power of two, and whether a backward will follow (``train``)
 or not (``infer``), e.g. ``"D=768,hidden=3072,bfloat16,rows<=65536,train"``. For attention the
 rows are the query tokens per sequence, beside the (batch x heads) bucket and the causal / masked
-flags: ``"D=64,bfloat16,BH<=64,full,dense,rows<=256,infer"``.
+flags: ``"D=64,bfloat16,BH<=64,full,dense,rows<=256,infer"``. While torch.compile or torch.export
+traces, the sizes may be dynamic and are not read: the bucket's size fields are ``<=*`` and ``auto``
+follows the backend fastest over all the measured sizes of the other fields together.
 
 File layout::
 
@@ -49,6 +51,7 @@ __all__ = [
     "lookup",
     "patch_embed_bucket",
     "record",
+    "size_field",
     "table_path",
 ]
 
@@ -86,8 +89,24 @@ def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def _rows_bucket(rows: int) -> str:
-    return f"rows<={1 << max(0, int(rows) - 1).bit_length()}"
+# the size field of a bucket built while torch.compile / torch.export traces (see ``size_field``)
+_ANY_SIZE = "*"
+
+
+def size_field(name: str, size: int) -> str:
+    """A bucket's size field: ``size`` rounded up to a power of two (``"rows<=256"``); ``"rows<=*"``
+    while torch.compile or torch.export traces, where sizes may be dynamic and reading one
+    (``int(size)``) would specialize the graph to it: a recompile at every new batch or image size,
+    and a "Constraints violated" error from torch.export with a dynamic dimension. ``lookup`` reads
+    such a bucket over every measured size.
+
+    Example:
+        >>> size_field("rows", 197)
+        'rows<=256'
+    """
+    if torch.compiler.is_compiling():
+        return f"{name}<={_ANY_SIZE}"
+    return f"{name}<={1 << max(0, int(size) - 1).bit_length()}"
 
 
 def bucket(*features: object, rows: int, train: bool) -> str:
@@ -97,7 +116,7 @@ def bucket(*features: object, rows: int, train: bool) -> str:
         >>> bucket("D=768", "hidden=3072", "bfloat16", rows=50432, train=True)
         'D=768,hidden=3072,bfloat16,rows<=65536,train'
     """
-    return ",".join([*(str(f) for f in features), _rows_bucket(rows), "train" if train else "infer"])
+    return ",".join([*(str(f) for f in features), size_field("rows", rows), "train" if train else "infer"])
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -124,10 +143,9 @@ def attention_bucket(
         >>> attention_bucket(64, torch.bfloat16, 197, 48, False, False, False)
         'D=64,bfloat16,BH<=64,full,dense,rows<=256,infer'
     """
-    heads = f"BH<={1 << max(0, int(batch_heads) - 1).bit_length()}"
     return bucket(
-        f"D={head_dim}", _dtype_name(dtype), heads, "causal" if causal else "full", "masked" if masked else "dense",
-        rows=tokens, train=train,
+        f"D={head_dim}", _dtype_name(dtype), size_field("BH", batch_heads), "causal" if causal else "full",
+        "masked" if masked else "dense", rows=tokens, train=train,
     )  # fmt: skip
 
 
@@ -178,18 +196,44 @@ def lookup(device: torch.device | str, op: str, key: str) -> str | None:
 
     Under ``torch.compile`` the answer is read once, when the graph is traced, and kept in it as a
     constant (the table file, its mtime and the GPU's name are not traceable, and a route chosen
-    per call would be a graph break under ``fullgraph=True``).
+    per call would be a graph break under ``fullgraph=True``). A bucket built while tracing has
+    any-size fields (``size_field``): its answer is the backend fastest over every measured size.
 
     Example:
         >>> lookup(torch.device("cuda"), "layernorm_mlp", layernorm_mlp_bucket(768, 3072, torch.bfloat16, 50432, True))
         'cuda'
     """
     name = device if isinstance(device, str) else device_name(device)
-    entry = load_table()["entries"].get(name, {}).get(op, {}).get(key)
+    entries = load_table()["entries"].get(name, {}).get(op, {})
+    if f"<={_ANY_SIZE}" in key:
+        return _fastest_over_sizes(entries, key)
+    entry = entries.get(key)
     if not isinstance(entry, dict):
         return None
     choice = entry.get("backend")
     return choice if choice in TUNABLE_BACKENDS else None
+
+
+def _fastest_over_sizes(entries: dict[str, Any], key: str) -> str | None:
+    """For a bucket traced with ``size_field``'s any-size fields: the backend with the least total
+    time over every measured bucket that matches it (its other fields equal), among the backends
+    timed in all of them; None where nothing matches."""
+    fields = key.split(",")
+    totals: dict[str, float] | None = None
+    for other, entry in entries.items():
+        other_fields = other.split(",")
+        if not isinstance(entry, dict) or len(other_fields) != len(fields):
+            continue
+        if not all(
+            mine == theirs or (mine.endswith(f"<={_ANY_SIZE}") and theirs.startswith(mine[: -len(_ANY_SIZE)]))
+            for mine, theirs in zip(fields, other_fields, strict=True)
+        ):
+            continue
+        ms = {b: t for b, t in entry.get("ms", {}).items() if b in TUNABLE_BACKENDS}
+        totals = ms if totals is None else {b: totals[b] + ms[b] for b in totals if b in ms}
+    if not totals:
+        return None
+    return min(totals, key=totals.__getitem__)
 
 
 def record(device: str, op: str, key: str, ms: dict[str, float], *, shape: str = "", path: Path | None = None) -> str:

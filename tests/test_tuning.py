@@ -226,3 +226,65 @@ def test_lookup_is_a_constant_under_torch_compile(table):
     torch._dynamo.reset()
     x = torch.ones(3)
     torch.testing.assert_close(torch.compile(route_dependent, fullgraph=True, backend="eager")(x), x * 2)
+
+
+class _TracedRoute(torch.nn.Module):
+    """Builds the three ops' buckets from its input's sizes and picks attention's route on the
+    pretend GPU, as the ops do under ``auto``: x * 2 where the table names PyTorch, else x * 3."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, rows = x.shape[1], x.shape[0] * x.shape[1]
+        tuning.layernorm_mlp_bucket(8, 32, x.dtype, rows, False)
+        tuning.patch_embed_bucket(3, 16, 8, x.dtype, rows, False)
+        key = tuning.attention_bucket(64, torch.bfloat16, tokens, x.shape[0] * 4, False, False, False)
+        route = backend_module.resolve_backend(GPU, "flash_attention", lambda: key)
+        return x * 2 if route == "torch" else x * 3
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["export", "export-strict"])
+def test_buckets_built_while_exporting_leave_dynamic_sizes_dynamic(table, strict):
+    """Reading a traced size (int(rows) for its power-of-two bucket) specialized the graph to it:
+    torch.export with a dynamic batch or token count raised "Constraints violated" on a GPU under
+    ``auto``, for every patched model. While tracing the buckets' sizes are any (``<=*``)."""
+    from torch.export import Dim
+
+    x = torch.randn(4, 197, 8)
+    exported = torch.export.export(
+        _TracedRoute(), (x,), dynamic_shapes=({0: Dim("batch"), 1: Dim("tokens")},), strict=strict
+    )
+    y = torch.randn(3, 50, 8)
+    torch.testing.assert_close(exported.module()(y), y * 3)  # no entry: Triton
+
+
+def test_buckets_built_under_dynamic_compile_do_not_recompile_per_size(table):
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_TracedRoute(), fullgraph=True, backend=counting_backend, dynamic=True)
+    for batch, tokens in ((4, 197), (5, 100), (6, 577)):
+        x = torch.randn(batch, tokens, 8)
+        torch.testing.assert_close(compiled(x), x * 3)
+    assert len(graphs) == 1  # it was one graph per size: each one specialized to its rows' bucket
+
+
+def test_a_traced_bucket_follows_the_fastest_over_every_measured_size(table):
+    def key(tokens: int, batch_heads: int, causal: bool = False) -> str:
+        return tuning.attention_bucket(64, torch.bfloat16, tokens, batch_heads, causal, False, False)
+
+    # PyTorch wins the small bucket, Triton the large one by more: Triton is faster in total
+    tuning.record("Test GPU", "flash_attention", key(197, 48), {"triton": 2.0, "torch": 1.0})
+    tuning.record("Test GPU", "flash_attention", key(4096, 48), {"triton": 5.0, "torch": 10.0})
+    # other fields (causal) and backends not timed in every bucket do not count
+    tuning.record("Test GPU", "flash_attention", key(197, 48, causal=True), {"triton": 99.0, "torch": 0.1})
+    tuning.record("Test GPU", "flash_attention", key(1024, 16), {"triton": 1.0, "torch": 1.0, "cuda": 0.001})
+    traced = "D=64,bfloat16,BH<=*,full,dense,rows<=*,infer"
+    assert tuning.lookup("Test GPU", "flash_attention", traced) == "triton"
+    tuning.record("Test GPU", "flash_attention", key(50, 8), {"triton": 9.0, "torch": 1.0})
+    assert tuning.lookup("Test GPU", "flash_attention", traced) == "torch"  # 17 vs 13 ms
+    assert tuning.lookup("Test GPU", "flash_attention", traced.replace("D=64", "D=80")) is None  # nothing measured
+    assert tuning.lookup("Test GPU", "flash_attention", key(197, 48)) == "torch"  # exact buckets as before
+    assert tuning.size_field("rows", 197) == "rows<=256"  # outside tracing: a power of two
