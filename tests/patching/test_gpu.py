@@ -93,3 +93,42 @@ def test_training_step_of_the_patched_model_replays_from_a_cuda_graph(family, op
     for i, (got, want) in enumerate(zip(captured, expected, strict=True)):
         _assert_close_relative(got, want, f"replayed output {i}", rel=1e-2)
     assert op_calls["flash_attention"] and op_calls["layernorm_mlp"]
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers"])
+def test_export_and_compile_keep_the_batch_and_image_size_dynamic_under_auto(family):
+    """Under ``auto`` on a GPU every op builds its tuning bucket from the call's sizes; reading a
+    traced size (int(rows)) specialized it: torch.export with a dynamic batch raised "Constraints
+    violated" for every patched model, and dynamic torch.compile recompiled per batch size."""
+    from torch.export import Dim
+
+    pytest.importorskip(family)
+    model, run = FAMILIES[family]()
+    reference, patched, _ = pair(model.cuda().eval())
+
+    class Run(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return run(self.inner, x)
+
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    exported = torch.export.export(Run(patched), (x,), dynamic_shapes=({0: Dim("batch", min=2, max=64)},))
+    assert any("fastvit" in str(node.target) for node in exported.graph.nodes)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(Run(patched), backend=counting_backend, dynamic=True)
+    with torch.no_grad():
+        for batch in (5, 6, 9):  # not 3: duck sizing would give the batch the channels' symbol
+            y = torch.randn(batch, 3, 64, 64, device="cuda")
+            want = run(reference, y)
+            _assert_close_relative(exported.module()(y), want, f"exported, batch {batch}", rel=1e-3)
+            _assert_close_relative(compiled(y), want, f"compiled, batch {batch}", rel=1e-3)
+    assert len(graphs) == 1
