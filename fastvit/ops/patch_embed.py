@@ -237,9 +237,9 @@ def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Zero-pad the bottom and right of ``x`` to multiples of ``patch`` (timm's dynamic_img_pad)."""
     pad_h = -x.shape[2] % patch
     pad_w = -x.shape[3] % patch
-    if isinstance(pad_h, torch.SymInt) or isinstance(pad_w, torch.SymInt):
-        # traced sizes (torch.export): padded as timm pads, without asking whether the pads are
-        # zero, which the tracer would record as a guard that a dynamic Dim range rejects
+    if isinstance(pad_h, torch.SymInt) or isinstance(pad_w, torch.SymInt) or torch.compiler.is_dynamo_compiling():
+        # traced sizes (torch.compile, torch.export): padded as timm pads, without asking whether
+        # the pads are zero (a guard: a recompile when it flips, or a dynamic Dim's "Constraints violated")
         return F.pad(x, (0, pad_w, 0, pad_h))
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
@@ -255,23 +255,33 @@ def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
         torch.Size([2, 3, 378, 378])
     """
     height, width = x.shape[-2], x.shape[-1]
-    if isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt):
-        return _crop_symbolic(x, height, width, patch)
+    symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
+    if symbolic or torch.compiler.is_dynamo_compiling():
+        return _crop_traced(x, height, width, patch)
     concrete = isinstance(height, int) and isinstance(width, int)
     if concrete and (not (height % patch or width % patch) or height < patch or width < patch):
         return x  # already whole; or smaller than one patch: left for the op's error, which names it
-    return x[..., : height - height % patch, : width - width % patch]  # FX proxies, torch.compile's sizes: sliced
+    return x[..., : height - height % patch, : width - width % patch]  # FX proxies: sliced in the graph
 
 
-def _crop_symbolic(x: torch.Tensor, height, width, patch: int) -> torch.Tensor:
-    """The crop under torch.export's (non-strict) tracing, where sizes are SymInts: a strided view
-    whose contiguity depends on H % p and W % p makes the tracer record that as a guard, which a
-    dynamic Dim range then rejects ("Constraints violated") where the unpatched Conv2d exports. Not
-    known to be whole, the crop is F.pad with negative pads: a contiguous copy of the cropped
-    images (3 channels: small beside the tokens the embedding writes), no guard. (torch.compile and
-    strict export trace through Dynamo, where sizes read as ints: there the view stands, and its
-    guard is a recompile under torch.compile.)"""
-    if statically_known_true(height % patch == 0) and statically_known_true(width % patch == 0):
+def _crop_traced(x: torch.Tensor, height, width, patch: int) -> torch.Tensor:
+    """The crop while torch.compile or torch.export traces, asking nothing of the sizes: a
+    branch on whether they are whole patches would be a guard (a recompile when it flips, where
+    the unpatched Conv2d compiles once; torch.export's "Constraints violated" for a dynamic Dim).
+
+    - torch.compile (Dynamo, where traced sizes read as ints): the view, always.
+    - torch.export: a strided view's contiguity depends on H % p and W % p, and export records it
+      as a guard (at export, or as a runtime assertion in the program). Sizes not known to be whole
+      are cropped by F.pad with negative pads: a contiguous copy of the cropped images (3 channels:
+      small beside the tokens the embedding writes). Non-strict export (its default) sees the
+      dynamic sizes as SymInts (static ones stay ints: the eager crop); strict export reads every
+      size as an int through Dynamo and always copies.
+    """
+    if not torch.compiler.is_exporting():
+        return x[..., : height - height % patch, : width - width % patch]
+    if not torch.compiler.is_dynamo_compiling() and all(
+        statically_known_true(size % patch == 0) for size in (height, width)
+    ):
         return x
     return F.pad(x, (0, -(width % patch), 0, -(height % patch)))
 

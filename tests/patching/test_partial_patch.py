@@ -169,13 +169,14 @@ EXPORTED = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["export", "export-strict"])
 @pytest.mark.parametrize("route", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("name", sorted(EXPORTED))
-def test_export_with_free_image_sizes_as_the_unpatched_model(name, route):
-    """torch.export (non-strict, its default) with a dynamic height and width that need not be whole
-    patches: the unpatched model exports; patched, the crop's strided view (its contiguity depends
-    on H % p) and the padding's "are the pads zero" made the tracer record H % p as a guard, which
-    the Dim range rejected ("Constraints violated")."""
+def test_export_with_free_image_sizes_as_the_unpatched_model(name, route, strict):
+    """torch.export with a dynamic height and width that need not be whole patches: the unpatched
+    model exports; patched, the crop's strided view (its contiguity depends on H % p), the crop's
+    "is it whole" and the padding's "are the pads zero" made the tracer record H % p as a guard,
+    which the Dim range rejected ("Constraints violated")."""
     from torch.export import Dim
 
     reference = EXPORTED[name]().eval()
@@ -183,7 +184,7 @@ def test_export_with_free_image_sizes_as_the_unpatched_model(name, route):
     fastvit.patch(patched)
     sizes = ({2: Dim("height", min=8, max=64), 3: Dim("width", min=8, max=64)},)
     with fastvit.backend(route):
-        exported = torch.export.export(patched, (images(size=SIZE),), dynamic_shapes=sizes)
+        exported = torch.export.export(patched, (images(size=SIZE),), dynamic_shapes=sizes, strict=strict)
         custom_ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
         assert ("fastvit.patch_embed_fwd.default" in custom_ops) == (route == "triton")
         for size in ((SIZE, SIZE), (22, 27), (16, 20)):
@@ -191,3 +192,28 @@ def test_export_with_free_image_sizes_as_the_unpatched_model(name, route):
             with torch.no_grad():
                 torch.testing.assert_close(exported.module()(x), patched(x), rtol=RTOL, atol=ATOL)
                 torch.testing.assert_close(exported.module()(x), reference(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTED))
+def test_dynamic_compile_recompiles_no_more_than_the_unpatched_model(name):
+    """torch.compile(dynamic=True) over sizes whole and partial: the crop's "is it whole" (and the
+    padding's "are the pads zero") was a guard, one more graph each time it flipped."""
+
+    def graphs_over_sizes(model: nn.Module) -> int:
+        graphs = []
+
+        def counting_backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=counting_backend, dynamic=True)
+        with torch.no_grad():
+            for size in ((SIZE, SIZE), (16, 20), (22, 27), (24, 24), (21, 30)):
+                torch.testing.assert_close(compiled(images(size=size)), model(images(size=size)), rtol=RTOL, atol=ATOL)
+        return len(graphs)
+
+    reference = EXPORTED[name]().eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    assert graphs_over_sizes(patched) == graphs_over_sizes(reference)
