@@ -229,7 +229,8 @@ def _fastest_over_sizes(entries: dict[str, Any], key: str) -> str | None:
             for mine, theirs in zip(fields, other_fields, strict=True)
         ):
             continue
-        ms = {b: t for b, t in entry.get("ms", {}).items() if b in TUNABLE_BACKENDS}
+        timed = entry.get("ms")
+        ms = {b: t for b, t in timed.items() if b in TUNABLE_BACKENDS} if isinstance(timed, dict) else {}
         totals = ms if totals is None else {b: totals[b] + ms[b] for b in totals if b in ms}
     if not totals:
         return None

@@ -248,7 +248,8 @@ def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """The rows and columns of ``x`` that whole ``patch`` x ``patch`` patches cover, a view: what
     a patchifying Conv2d (stride = kernel = patch) reads, dropping the partial patch at the bottom
     and right edges (timm's ``PatchEmbed`` at a strict ``img_size`` that is not a multiple of the
-    patch, e.g. SigLIP so400m at 384 / 14; Hugging Face's embeddings).
+    patch, e.g. SigLIP so400m at 384 / 14; Hugging Face's embeddings). While torch.export traces
+    dynamic sizes, a copy (``_crop_traced`` says why).
 
     Example:
         >>> crop_to_patches(torch.zeros(2, 3, 384, 390), 14).shape
