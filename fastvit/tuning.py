@@ -13,9 +13,9 @@ A bucket names the shape features that decide which backend is faster: the op's 
 dtype, the token rows rounded up to a power of two, and whether a backward will follow (``train``)
 or not (``infer``), e.g. ``"D=768,hidden=3072,bfloat16,rows<=65536,train"``. For attention the
 rows are the query tokens per sequence, beside the (batch x heads) bucket and the causal / masked
-flags: ``"D=64,bfloat16,BH<=64,full,dense,rows<=256,infer"``. While torch.compile or torch.export
-traces, the sizes may be dynamic and are not read: the bucket's size fields are ``<=*`` and ``auto``
-follows the backend fastest over all the measured sizes of the other fields together.
+flags: ``"D=64,bfloat16,BH<=64,full,dense,rows<=256,infer"``. A dynamic size of a graph that
+torch.compile or torch.export traces is not read: its field is ``<=*`` and ``auto`` follows the
+backend fastest over all the measured sizes of the other fields together.
 
 File layout::
 
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from fastvit.cache import cache_dir
 
@@ -95,16 +96,16 @@ _ANY_SIZE = "*"
 
 def size_field(name: str, size: int) -> str:
     """A bucket's size field: ``size`` rounded up to a power of two (``"rows<=256"``); ``"rows<=*"``
-    while torch.compile or torch.export traces, where sizes may be dynamic and reading one
+    for a dynamic size of a graph torch.compile or torch.export traces, where reading it
     (``int(size)``) would specialize the graph to it: a recompile at every new batch or image size,
     and a "Constraints violated" error from torch.export with a dynamic dimension. ``lookup`` reads
-    such a bucket over every measured size.
+    such a bucket over every measured size. Static sizes of a traced graph are read as in eager.
 
     Example:
         >>> size_field("rows", 197)
         'rows<=256'
     """
-    if torch.compiler.is_compiling():
+    if not isinstance(size, torch.Tensor) and not has_static_value(size):  # (torch.jit.trace's sizes are tensors)
         return f"{name}<={_ANY_SIZE}"
     return f"{name}<={1 << max(0, int(size) - 1).bit_length()}"
 
@@ -196,8 +197,9 @@ def lookup(device: torch.device | str, op: str, key: str) -> str | None:
 
     Under ``torch.compile`` the answer is read once, when the graph is traced, and kept in it as a
     constant (the table file, its mtime and the GPU's name are not traceable, and a route chosen
-    per call would be a graph break under ``fullgraph=True``). A bucket built while tracing has
-    any-size fields (``size_field``): its answer is the backend fastest over every measured size.
+    per call would be a graph break under ``fullgraph=True``). A bucket of a traced graph's dynamic
+    sizes has any-size fields (``size_field``): its answer is the backend fastest over every
+    measured size.
 
     Example:
         >>> lookup(torch.device("cuda"), "layernorm_mlp", layernorm_mlp_bucket(768, 3072, torch.bfloat16, 50432, True))

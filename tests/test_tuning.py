@@ -288,3 +288,19 @@ def test_a_traced_bucket_follows_the_fastest_over_every_measured_size(table):
     assert tuning.lookup("Test GPU", "flash_attention", traced.replace("D=64", "D=80")) is None  # nothing measured
     assert tuning.lookup("Test GPU", "flash_attention", key(197, 48)) == "torch"  # exact buckets as before
     assert tuning.size_field("rows", 197) == "rows<=256"  # outside tracing: a power of two
+    assert tuning.size_field("rows", torch.tensor(197)) == "rows<=256"  # a size as torch.jit.trace records it
+
+
+def test_a_static_compile_reads_its_exact_bucket(table):
+    """Static sizes of a traced graph are read as in eager (no guard to add): the exact bucket."""
+    small = tuning.attention_bucket(64, torch.bfloat16, 197, 16, False, False, False)
+    tuning.record("Test GPU", "flash_attention", small, {"triton": 2.0, "torch": 1.0})
+    large = tuning.attention_bucket(64, torch.bfloat16, 4096, 16, False, False, False)
+    tuning.record("Test GPU", "flash_attention", large, {"triton": 5.0, "torch": 10.0})
+    torch._dynamo.reset()
+    compiled = torch.compile(_TracedRoute(), fullgraph=True, backend="eager", dynamic=False)
+    x = torch.randn(4, 197, 8)  # BH = 16, 197 tokens: PyTorch measured faster
+    torch.testing.assert_close(compiled(x), x * 2)
+    torch._dynamo.reset()
+    dynamic = torch.compile(_TracedRoute(), fullgraph=True, backend="eager", dynamic=True)
+    torch.testing.assert_close(dynamic(x), x * 3)  # dynamic: Triton is faster over both sizes (7 vs 11 ms)

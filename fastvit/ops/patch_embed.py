@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import has_static_value, statically_known_true
 
 from fastvit.backend import interpreter_dtype_problem, resolve_backend, warn_once
 from fastvit.ops._autograd import call, function_twin, no_double_backward
@@ -237,9 +237,9 @@ def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Zero-pad the bottom and right of ``x`` to multiples of ``patch`` (timm's dynamic_img_pad)."""
     pad_h = -x.shape[2] % patch
     pad_w = -x.shape[3] % patch
-    if isinstance(pad_h, torch.SymInt) or isinstance(pad_w, torch.SymInt) or torch.compiler.is_dynamo_compiling():
-        # traced sizes (torch.compile, torch.export): padded as timm pads, without asking whether
-        # the pads are zero (a guard: a recompile when it flips, or a dynamic Dim's "Constraints violated")
+    if _dynamic(pad_h, pad_w):
+        # padded as timm pads, without asking whether the pads are zero (a guard on a dynamic size:
+        # a recompile when it flips, or torch.export's "Constraints violated")
         return F.pad(x, (0, pad_w, 0, pad_h))
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
@@ -249,41 +249,50 @@ def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     a patchifying Conv2d (stride = kernel = patch) reads, dropping the partial patch at the bottom
     and right edges (timm's ``PatchEmbed`` at a strict ``img_size`` that is not a multiple of the
     patch, e.g. SigLIP so400m at 384 / 14; Hugging Face's embeddings). While torch.export traces
-    dynamic sizes, a copy (``_crop_traced`` says why).
+    dynamic sizes, a copy (``_crop_dynamic`` says why).
 
     Example:
         >>> crop_to_patches(torch.zeros(2, 3, 384, 390), 14).shape
         torch.Size([2, 3, 378, 378])
     """
     height, width = x.shape[-2], x.shape[-1]
-    symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
-    if symbolic or torch.compiler.is_dynamo_compiling():
-        return _crop_traced(x, height, width, patch)
-    concrete = isinstance(height, int) and isinstance(width, int)
-    if concrete and (not (height % patch or width % patch) or height < patch or width < patch):
+    if isinstance(height, _RECORDED) or isinstance(width, _RECORDED):
+        return x[..., : height - height % patch, : width - width % patch]  # sliced in the fx / jit.trace graph
+    if _dynamic(height, width):
+        return _crop_dynamic(x, height, width, patch)
+    if not (height % patch or width % patch) or height < patch or width < patch:
         return x  # already whole; or smaller than one patch: left for the op's error, which names it
-    return x[..., : height - height % patch, : width - width % patch]  # FX proxies: sliced in the graph
+    return x[..., : height - height % patch, : width - width % patch]
 
 
-def _crop_traced(x: torch.Tensor, height, width, patch: int) -> torch.Tensor:
-    """The crop while torch.compile or torch.export traces, asking nothing of the sizes: a
-    branch on whether they are whole patches would be a guard (a recompile when it flips, where
+# sizes as torch.fx (Proxy) and torch.jit.trace (0-dim tensors) record them
+_RECORDED = (torch.fx.Proxy, torch.Tensor)
+
+
+def _dynamic(*sizes: int) -> bool:
+    """Whether a size is dynamic in a graph torch.compile or torch.export traces, where a branch on
+    it is a guard; False for ints, for the static sizes of a traced graph and for the sizes torch.fx
+    and torch.jit.trace record."""
+    return any(not isinstance(size, _RECORDED) and not has_static_value(size) for size in sizes)
+
+
+def _crop_dynamic(x: torch.Tensor, height, width, patch: int) -> torch.Tensor:
+    """The crop of dynamic sizes while torch.compile or torch.export traces, asking nothing of them:
+    a branch on whether they are whole patches would be a guard (a recompile when it flips, where
     the unpatched Conv2d compiles once; torch.export's "Constraints violated" for a dynamic Dim).
 
-    - torch.compile (Dynamo, where traced sizes read as ints): the view, always.
+    - torch.compile: the view.
     - torch.export: a strided view's contiguity depends on H % p and W % p, and export records it
       as a guard (at export, or as a runtime assertion in the program). Sizes not known to be whole
       are cropped by F.pad with negative pads: a contiguous copy of the cropped images (3 channels:
-      small beside the tokens the embedding writes). Non-strict export (its default) sees the
-      dynamic sizes as SymInts (static ones stay ints: the eager crop); strict export reads every
-      size as an int through Dynamo and always copies.
+      small beside the tokens the embedding writes).
     """
     if not torch.compiler.is_exporting():
         return x[..., : height - height % patch, : width - width % patch]
     if not torch.compiler.is_dynamo_compiling() and all(
         statically_known_true(size % patch == 0) for size in (height, width)
     ):
-        return x
+        return x  # non-strict export: a dynamic size known to be whole patches (Dim multiples)
     return F.pad(x, (0, -(width % patch), 0, -(height % patch)))
 
 
