@@ -90,7 +90,7 @@ def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-# the size field of a bucket built while torch.compile / torch.export traces (see ``size_field``)
+# the size field of a traced graph's dynamic size (see ``size_field``)
 _ANY_SIZE = "*"
 
 

@@ -233,6 +233,17 @@ _patch_embed_cuda_fwd_function = function_twin(_patch_embed_cuda_fwd, _cuda_setu
 # ---------------------------------------------------------------------------------------------
 # torch route
 # ---------------------------------------------------------------------------------------------
+# sizes as torch.fx (Proxy) and torch.jit.trace (0-dim tensors) record them
+_RECORDED = (torch.fx.Proxy, torch.Tensor)
+
+
+def _dynamic(*sizes: int) -> bool:
+    """Whether a size is dynamic in a graph torch.compile or torch.export traces, where a branch on
+    it is a guard; False for ints, for the static sizes of a traced graph and for the sizes torch.fx
+    and torch.jit.trace record."""
+    return any(not isinstance(size, _RECORDED) and not has_static_value(size) for size in sizes)
+
+
 def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Zero-pad the bottom and right of ``x`` to multiples of ``patch`` (timm's dynamic_img_pad)."""
     pad_h = -x.shape[2] % patch
@@ -263,17 +274,6 @@ def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     if not (height % patch or width % patch) or height < patch or width < patch:
         return x  # already whole; or smaller than one patch: left for the op's error, which names it
     return x[..., : height - height % patch, : width - width % patch]
-
-
-# sizes as torch.fx (Proxy) and torch.jit.trace (0-dim tensors) record them
-_RECORDED = (torch.fx.Proxy, torch.Tensor)
-
-
-def _dynamic(*sizes: int) -> bool:
-    """Whether a size is dynamic in a graph torch.compile or torch.export traces, where a branch on
-    it is a guard; False for ints, for the static sizes of a traced graph and for the sizes torch.fx
-    and torch.jit.trace record."""
-    return any(not isinstance(size, _RECORDED) and not has_static_value(size) for size in sizes)
 
 
 def _crop_dynamic(x: torch.Tensor, height, width, patch: int) -> torch.Tensor:
