@@ -5,7 +5,11 @@ Covered: ``CLIPVisionEmbeddings``, ``SiglipVisionEmbeddings``, ``Dinov2Embedding
 ``Dinov2WithRegistersEmbeddings``, ``DINOv3ViTEmbeddings``, ``DeiTEmbeddings``, ViT's copies
 ``ViTMSNEmbeddings`` and ``IJepaEmbeddings`` (no class token), ``ViTMAEEmbeddings`` (the patches
 before its random masking), and BEiT's ``BeitEmbeddings`` and its copy ``Data2VecVisionEmbeddings``
-(the absolute position embedding optional). Calls the op does not cover
+(the absolute position embedding optional), OWL-ViT's ``OwlViTVisionEmbeddings``, and the copies
+Hugging Face made of these, ``__init__`` and ``forward`` line for line (``EMBEDDING_COPIES``:
+AltCLIP, BridgeTower, Chinese-CLIP, GIT, Kosmos-2, MetaCLIP 2 and X-CLIP of CLIP's; OWLv2 of
+OWL-ViT's; Granite Docling and Step3p7 of SigLIP's; TIPSv2 of DINOv2-with-registers'; EoMT-DINOv3
+of DINOv3's). Calls the op does not cover
 (``interpolate_pos_encoding``, a resolution whose position embedding Hugging Face would resample,
 ``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which also keeps its own
 error messages. Importing this module imports transformers.
@@ -13,10 +17,13 @@ error messages. Importing this module imports transformers.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
+from transformers.models.altclip.modeling_altclip import AltCLIPVisionEmbeddings
 from transformers.models.beit.modeling_beit import BeitEmbeddings, BeitPatchEmbeddings
+from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerVisionEmbeddings
+from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionEmbeddings
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.models.data2vec.modeling_data2vec_vision import (
     Data2VecVisionEmbeddings,
@@ -29,17 +36,29 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersPatchEmbeddings,
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTEmbeddings
+from transformers.models.eomt_dinov3.modeling_eomt_dinov3 import EomtDinov3Embeddings
+from transformers.models.git.modeling_git import GitVisionEmbeddings
+from transformers.models.granite_docling.modeling_granite_docling import GraniteDoclingVisionEmbeddings
 from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings, IJepaPatchEmbeddings
+from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEmbeddings
+from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2VisionEmbeddings
+from transformers.models.owlv2.modeling_owlv2 import Owlv2VisionEmbeddings
+from transformers.models.owlvit.modeling_owlvit import OwlViTVisionEmbeddings
 from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+from transformers.models.step3p7.modeling_step3p7 import Step3p7VisionEmbeddings
+from transformers.models.tipsv2.modeling_tipsv2 import Tipsv2VisionEmbeddings, Tipsv2VisionPatchEmbeddings
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings, ViTMAEPatchEmbeddings
 from transformers.models.vit_msn.modeling_vit_msn import ViTMSNEmbeddings, ViTMSNPatchEmbeddings
+from transformers.models.x_clip.modeling_x_clip import XCLIPVisionEmbeddings
 
 import fastvit
-from fastvit.nn.fused import FusedModule
+from fastvit.nn.fused import FusedModule, declare_fused
 from fastvit.ops.patch_embed import crop_to_patches
 
 __all__ = [
+    "EMBEDDING_COPIES",
     "FUSED_EMBEDDINGS",
+    "EmbeddingCopy",
     "FusedBeitEmbeddings",
     "FusedCLIPVisionEmbeddings",
     "FusedDINOv3ViTEmbeddings",
@@ -48,6 +67,7 @@ __all__ = [
     "FusedDinov2Embeddings",
     "FusedDinov2WithRegistersEmbeddings",
     "FusedIJepaEmbeddings",
+    "FusedOwlViTVisionEmbeddings",
     "FusedSiglipVisionEmbeddings",
     "FusedViTMAEEmbeddings",
     "FusedViTMSNEmbeddings",
@@ -67,8 +87,9 @@ def _patch_pixels(pixel_values: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Te
     return crop_to_patches(pixel_values, conv.weight.shape[-1])
 
 
-class FusedCLIPVisionEmbeddings(_FusedEmbeddings, CLIPVisionEmbeddings):
-    """CLIP's embedding: class embedding prepended, ``position_embedding(position_ids)`` added."""
+class _CLIPLayoutEmbeddings(_FusedEmbeddings):
+    """CLIP's embedding, and Hugging Face's copies of it (``EMBEDDING_COPIES``): class embedding
+    prepended, ``position_embedding(position_ids)`` added, at the configured image size."""
 
     fastvit_bypassed = ("patch_embedding",)
 
@@ -87,8 +108,40 @@ class FusedCLIPVisionEmbeddings(_FusedEmbeddings, CLIPVisionEmbeddings):
         )
 
 
-class FusedSiglipVisionEmbeddings(_FusedEmbeddings, SiglipVisionEmbeddings):
-    """SigLIP's embedding: patches plus ``position_embedding(position_ids)``, no prefix tokens."""
+class FusedCLIPVisionEmbeddings(_CLIPLayoutEmbeddings, CLIPVisionEmbeddings):
+    """``CLIPVisionEmbeddings`` as one ``fastvit.patch_embed`` call (``_CLIPLayoutEmbeddings``)."""
+
+
+class _OwlViTLayoutEmbeddings(_FusedEmbeddings):
+    """OWL-ViT's embedding (and OWLv2's, its copy): CLIP's without its size check and dtype cast,
+    so any image of the trained patch count takes the position embedding as Hugging Face adds it
+    (a non-square grid included). ``interpolate_pos_encoding``, another patch count, or images
+    the conv would refuse (another dtype outside autocast, other channels) run Hugging Face's
+    forward, which keeps its results and errors."""
+
+    fastvit_bypassed = ("patch_embedding",)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        conv = self.patch_embedding
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        grid = (height // self.patch_size) * (width // self.patch_size)
+        conv_takes = pixel_values.shape[1] == conv.in_channels and (
+            pixel_values.dtype == conv.weight.dtype or torch.is_autocast_enabled(pixel_values.device.type)
+        )
+        if interpolate_pos_encoding or grid != self.num_patches or not conv_takes or not self._fastvit_intact():
+            return super().forward(pixel_values, interpolate_pos_encoding)
+        return fastvit.patch_embed(
+            _patch_pixels(pixel_values, conv),
+            conv.weight,
+            conv.bias,
+            pos_embed=self.position_embedding(self.position_ids),  # (1, 1+N, D)
+            prefix_tokens=self.class_embedding.view(1, 1, -1),
+        )
+
+
+class _SiglipLayoutEmbeddings(_FusedEmbeddings):
+    """SigLIP's embedding, and Hugging Face's copies of it (``EMBEDDING_COPIES``): patches plus
+    ``position_embedding(position_ids)``, no prefix tokens."""
 
     fastvit_bypassed = ("patch_embedding",)
 
@@ -104,6 +157,10 @@ class FusedSiglipVisionEmbeddings(_FusedEmbeddings, SiglipVisionEmbeddings):
             conv.bias,
             pos_embed=self.position_embedding(self.position_ids),  # (1, N, D)
         )
+
+
+class FusedSiglipVisionEmbeddings(_SiglipLayoutEmbeddings, SiglipVisionEmbeddings):
+    """``SiglipVisionEmbeddings`` as one ``fastvit.patch_embed`` call (``_SiglipLayoutEmbeddings``)."""
 
 
 class _DinoEmbeddings(_FusedEmbeddings):
@@ -149,10 +206,9 @@ class FusedDinov2Embeddings(_DinoEmbeddings, Dinov2Embeddings):
     fastvit_patch_holder = Dinov2PatchEmbeddings
 
 
-class FusedDinov2WithRegistersEmbeddings(_DinoEmbeddings, Dinov2WithRegistersEmbeddings):
-    """DINOv2 with registers: class token, registers (no position embedding), patches."""
-
-    fastvit_patch_holder = Dinov2WithRegistersPatchEmbeddings
+class _Dinov2WithRegistersLayoutEmbeddings(_DinoEmbeddings):
+    """DINOv2 with registers (and Hugging Face's copies, ``EMBEDDING_COPIES``): class token,
+    registers (no position embedding), patches."""
 
     def _fastvit_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         registers = self.register_tokens
@@ -161,8 +217,15 @@ class FusedDinov2WithRegistersEmbeddings(_DinoEmbeddings, Dinov2WithRegistersEmb
         return torch.cat((self.cls_token, registers), dim=1), pos
 
 
-class FusedDINOv3ViTEmbeddings(_FusedEmbeddings, DINOv3ViTEmbeddings):
-    """DINOv3's embedding (position comes from RoPE in attention): class token, registers, patches."""
+class FusedDinov2WithRegistersEmbeddings(_Dinov2WithRegistersLayoutEmbeddings, Dinov2WithRegistersEmbeddings):
+    """``Dinov2WithRegistersEmbeddings`` as one ``fastvit.patch_embed`` call, then its dropout."""
+
+    fastvit_patch_holder = Dinov2WithRegistersPatchEmbeddings
+
+
+class _DINOv3LayoutEmbeddings(_FusedEmbeddings):
+    """DINOv3's embedding (position comes from RoPE in attention), and Hugging Face's copies of it
+    (``EMBEDDING_COPIES``): class token, registers, patches."""
 
     fastvit_bypassed = ("patch_embeddings",)
 
@@ -174,6 +237,10 @@ class FusedDINOv3ViTEmbeddings(_FusedEmbeddings, DINOv3ViTEmbeddings):
             _patch_pixels(pixel_values, conv).to(dtype=conv.weight.dtype), conv.weight, conv.bias,
             prefix_tokens=torch.cat((self.cls_token, self.register_tokens), dim=1),
         )  # fmt: skip
+
+
+class FusedDINOv3ViTEmbeddings(_DINOv3LayoutEmbeddings, DINOv3ViTEmbeddings):
+    """``DINOv3ViTEmbeddings`` as one ``fastvit.patch_embed`` call (``_DINOv3LayoutEmbeddings``)."""
 
 
 class _ViTLayoutEmbeddings(_FusedEmbeddings):
@@ -321,10 +388,46 @@ class FusedData2VecVisionEmbeddings(_BeitLayoutEmbeddings, Data2VecVisionEmbeddi
         return tokens, (pixel_values.shape[-2] // patch_h, pixel_values.shape[-1] // patch_w)
 
 
+class EmbeddingCopy(NamedTuple):
+    """An embedding Hugging Face copied: the class it copies (``__init__`` and ``forward`` line for
+    line, checked against the installed source in the tests), the fused forward it takes, and its
+    own patch projection holder where the layout checks one (``_FusedEmbeddings.fastvit_patch_holder``)."""
+
+    copies: type
+    layout: type[_FusedEmbeddings]
+    patch_holder: type | None = None
+
+
+# {Hugging Face's copy: what it copies}; each gets a fused class ``Fused<copy>`` in this module
+EMBEDDING_COPIES: dict[type, EmbeddingCopy] = {
+    **{copy: EmbeddingCopy(CLIPVisionEmbeddings, _CLIPLayoutEmbeddings) for copy in (
+        AltCLIPVisionEmbeddings, BridgeTowerVisionEmbeddings, ChineseCLIPVisionEmbeddings, GitVisionEmbeddings,
+        Kosmos2VisionEmbeddings, MetaClip2VisionEmbeddings, XCLIPVisionEmbeddings,
+    )},
+    Owlv2VisionEmbeddings: EmbeddingCopy(OwlViTVisionEmbeddings, _OwlViTLayoutEmbeddings),
+    GraniteDoclingVisionEmbeddings: EmbeddingCopy(SiglipVisionEmbeddings, _SiglipLayoutEmbeddings),
+    Step3p7VisionEmbeddings: EmbeddingCopy(SiglipVisionEmbeddings, _SiglipLayoutEmbeddings),  # its conv without bias
+    Tipsv2VisionEmbeddings: EmbeddingCopy(
+        Dinov2WithRegistersEmbeddings, _Dinov2WithRegistersLayoutEmbeddings, Tipsv2VisionPatchEmbeddings
+    ),
+    EomtDinov3Embeddings: EmbeddingCopy(DINOv3ViTEmbeddings, _DINOv3LayoutEmbeddings),  # + num_prefix_tokens
+}  # fmt: skip
+
+
+class FusedOwlViTVisionEmbeddings(_OwlViTLayoutEmbeddings, OwlViTVisionEmbeddings):
+    """``OwlViTVisionEmbeddings`` as one ``fastvit.patch_embed`` call (``_OwlViTLayoutEmbeddings``)."""
+
+
 FUSED_EMBEDDINGS: dict[type, type[FusedModule]] = {}
 for _fused in (
     FusedCLIPVisionEmbeddings, FusedSiglipVisionEmbeddings, FusedDinov2Embeddings, FusedDinov2WithRegistersEmbeddings,
     FusedDINOv3ViTEmbeddings, FusedDeiTEmbeddings, FusedViTMSNEmbeddings, FusedIJepaEmbeddings, FusedViTMAEEmbeddings,
-    FusedBeitEmbeddings, FusedData2VecVisionEmbeddings,
+    FusedBeitEmbeddings, FusedData2VecVisionEmbeddings, FusedOwlViTVisionEmbeddings,
+    *(declare_fused(
+        copy, entry.layout, globals(),
+        f"Hugging Face ``{copy.__name__}`` ({entry.copies.__name__}'s, line for line) as one ``fastvit.patch_embed`` "
+        "call.",
+        **({"fastvit_patch_holder": entry.patch_holder} if entry.patch_holder else {}),
+    ) for copy, entry in EMBEDDING_COPIES.items()),
 ):  # fmt: skip
     FUSED_EMBEDDINGS[_fused.fastvit_original()] = FUSED_EMBEDDINGS[_fused] = _fused
