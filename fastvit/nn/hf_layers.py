@@ -86,6 +86,7 @@ from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6Visi
 from transformers.models.minicpmv4_7.modeling_minicpmv4_7 import MiniCPMV4_7VisionEncoderLayer, MiniCPMV4_7VisionMLP
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionEncoderLayer
 from transformers.models.mlcd.modeling_mlcd import MLCDEncoderLayer
+from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
 from transformers.models.molmo2.modeling_molmo2 import Molmo2VisionEncoderLayer, Molmo2VisionMLP
 from transformers.models.ovis2_5.modeling_ovis2_5 import Ovis2_5VisionEncoderLayer, Ovis2_5VisionMLP
 from transformers.models.owlv2.modeling_owlv2 import Owlv2EncoderLayer, Owlv2MLP
@@ -130,6 +131,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 from transformers.models.slanext.modeling_slanext import SLANeXtMLPBlock, SLANeXtVisionLayer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer, SmolVLMVisionMLP
+from transformers.models.step3p7.modeling_step3p7 import Step3p7VisionEncoderLayer
 from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
 from transformers.models.tipsv2.modeling_tipsv2 import (
     Tipsv2VisionDropPath,
@@ -199,6 +201,7 @@ __all__ = [
     "FusedMLCDEncoderLayer",
     "FusedMgpstrLayer",
     "FusedMiniMaxM3VLVisionEncoderLayer",
+    "FusedMllamaVisionEncoderLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
     "FusedQwen2VLVisionBlock",
@@ -211,6 +214,7 @@ __all__ = [
     "FusedSegGptLayer",
     "FusedSiglip2EncoderLayer",
     "FusedSiglipEncoderLayer",
+    "FusedStep3p7VisionEncoderLayer",
     "FusedSwinLayer",
     "FusedVideoPrismLayer",
     "FusedVitDetLayer",
@@ -742,6 +746,72 @@ class FusedInternVLVisionLayer(FusedPreNormLayer, InternVLVisionLayer):
         return self._fastvit_mlp_half(hidden_states)
 
 
+class FusedStep3p7VisionEncoderLayer(FusedPreNormLayer, Step3p7VisionEncoderLayer):
+    """Step3p7's vision layer (pre-norm, RoPE attention, layer scales ``lambda_1`` / ``lambda_2``)
+    whose LayerNorm+MLP half, ``h + lambda_2 * mlp(layernorm_after(h))``, is one op call
+    (``lambda_2``, a (D,) Parameter, as the layer scale); its attention half is Hugging Face's, line
+    for line."""
+
+    fastvit_mlp = MlpHalf("layernorm_after")
+
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module, in its order."""
+        return self.lambda_2 * self.mlp(self.layernorm_after(hidden_states)) + hidden_states
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.lambda_2
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, position_embeddings, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs
+        )
+        hidden_states = self.lambda_1 * hidden_states + residual
+        return self._fastvit_mlp_half(hidden_states)
+
+
+class FusedMllamaVisionEncoderLayer(FusedPreNormLayer, MllamaVisionEncoderLayer):
+    """Llama 3.2 Vision's encoder layer (Mllama: the local layers and the gated global ones) whose
+    LayerNorm+MLP half, ``h + gate_ffn.tanh() * mlp(post_attention_layernorm(h))`` (no gate where
+    the layer is not gated), is one op call: the gate's tanh, a (1,) Parameter's, as the layer
+    scale, a (D,) view expanding it (its gradient the sum the expand gives); the attention half is
+    Hugging Face's, line for line."""
+
+    fastvit_mlp = MlpHalf("post_attention_layernorm")
+
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module, in its order."""
+        out = self.mlp(self.post_attention_layernorm(hidden_states))
+        if self.is_gated:
+            out = self.gate_ffn.tanh() * out
+        return hidden_states + out
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        if not self.is_gated:
+            return None
+        return self.gate_ffn.tanh().expand(self.post_attention_layernorm.weight.shape[0])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask)
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
+        if self.is_gated:
+            hidden_states = self.gate_attn.tanh() * hidden_states
+        hidden_states = residual + hidden_states
+        return self._fastvit_mlp_half(hidden_states)
+
+
 class FusedVideoPrismLayer(_ViTLayoutForward, VideoPrismLayer):
     """VideoPrism's ``VideoPrismLayer`` (ViT's layer, line for line, whose LayerNorms scale by
     ``weight + 1``) whose LayerNorm+MLP half (with hidden dropout) is one op call, the norm's weight
@@ -1246,7 +1316,7 @@ for _fused in (
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
     FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
     FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, FusedHieraLayer, FusedSegGptLayer,
-    FusedMgpstrLayer,
+    FusedMgpstrLayer, FusedStep3p7VisionEncoderLayer, FusedMllamaVisionEncoderLayer,
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
 ):  # fmt: skip

@@ -1,9 +1,11 @@
 """Hugging Face adapter, part two: the families beyond ViT. The LayerNorm+MLP half of pre-norm
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
 SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
-vision blocks ...; ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
+vision blocks, Step3p7's and Llama 3.2 Vision's (Mllama: its gated global layers' gate as the layer
+scale) ...; ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
 DINOv2, LW-DETR's ViT, PVT, TimeSformer) and their patch embeddings
-(``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT); and ConvNeXt's
+(``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT, OWL-ViT and the copies
+Hugging Face made of them); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
 reported); Swin V2's attention (``Swinv2SelfAttention``, which computes its scores itself) and
 its post-norm layers' MLP alone (``fastvit.nn.hf_swinv2``); SAM's (and SAM-HQ's) image encoder attention
@@ -67,6 +69,7 @@ from transformers.models.maskformer.modeling_maskformer_swin import MaskFormerSw
 from transformers.models.mgp_str.modeling_mgp_str import MgpStrDropPath, MgpstrMlp
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionMLP
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
+from transformers.models.mllama.modeling_mllama import MllamaVisionMLP
 from transformers.models.pixio.modeling_pixio import PixioDropPath, PixioMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.pvt.modeling_pvt import PvtDropPath, PvtFFN
@@ -92,6 +95,7 @@ from transformers.models.sapiens2.modeling_sapiens2 import (
 from transformers.models.seggpt.modeling_seggpt import SegGptDropPath, SegGptMlp
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.siglip2.modeling_siglip2 import Siglip2MLP
+from transformers.models.step3p7.modeling_step3p7 import Step3p7VisionMLP
 from transformers.models.swin.modeling_swin import SwinMLP
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Intermediate, Swinv2Layer, Swinv2Output
 from transformers.models.timesformer.modeling_timesformer import (
@@ -165,6 +169,8 @@ _MLPS = {
     hf_layers.FusedHieraLayer: HieraMlp,
     hf_layers.FusedSegGptLayer: SegGptMlp,
     hf_layers.FusedMgpstrLayer: MgpstrMlp,
+    hf_layers.FusedStep3p7VisionEncoderLayer: Step3p7VisionMLP,
+    hf_layers.FusedMllamaVisionEncoderLayer: MllamaVisionMLP,
     hf_backbone_layers.FusedVJEPA2Layer: VJEPA2MLP,
     hf_backbone_layers.FusedVitPoseBackboneLayer: VitPoseBackboneMLP,
     hf_backbone_layers.FusedPixioLayer: PixioMLP,
@@ -213,6 +219,7 @@ _LAYER_SCALES = {
 _BARE_LAYER_SCALES = {
     hf_layers.FusedBeitLayer: "lambda_2",
     hf_layers.FusedInternVLVisionLayer: "lambda_2",
+    hf_layers.FusedStep3p7VisionEncoderLayer: "lambda_2",
     hf_backbone_layers.FusedLwDetrViTLayer: "gamma_2",
 }
 _DROP_PATHS = {
@@ -274,6 +281,10 @@ def _problems(layer: nn.Module) -> list[str]:
         plain = fused is hf_layers.FusedBeitLayer and isinstance(scale, float) and scale == 1.0  # BEiT without one
         if not (plain or (isinstance(scale, torch.Tensor) and scale.shape == (dim,))):
             problems.append(f"{name} is neither 1.0 nor a ({dim},) layer scale")
+    if fused is hf_layers.FusedMllamaVisionEncoderLayer and layer.is_gated:  # a (1,) gate, its tanh the scale
+        gate = getattr(layer, "gate_ffn", None)
+        if not (isinstance(gate, torch.Tensor) and gate.shape == (1,)):
+            problems.append("gate_ffn is not a (1,) gate")
     if fused in (hf_backbone_layers.FusedSapiens2Layer, hf_backbone_layers.FusedSapiens2GatedLayer):
         problems += exact_type(getattr(layer, "layer_scale2", None), "layer_scale2", (nn.Identity,), "nn.Identity")
     if problems:

@@ -46,7 +46,10 @@ def _eomt_dinov3() -> nn.Module:
     # the segmentation model needs scipy (its loss); its embeddings alone, in a container
     config = T.EomtDinov3Config(hidden_size=32, num_attention_heads=2, image_size=16, patch_size=4,
                                 num_register_tokens=2)  # fmt: skip
-    return nn.ModuleDict({"embeddings": EomtDinov3Embeddings(config)})
+    embeddings = EomtDinov3Embeddings(config)
+    with torch.no_grad():  # torch.empty: the model's post_init would set them, not the module alone
+        embeddings.register_tokens.normal_(generator=torch.Generator().manual_seed(3))
+    return nn.ModuleDict({"embeddings": embeddings})
 
 
 # {embedding class: a tiny model holding it}

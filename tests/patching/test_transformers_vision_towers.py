@@ -3,8 +3,9 @@ families made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (B
 line, ``hf_layers.BLIP_LAYOUT_FAMILIES``; BLIP's own-forward attention swapped), InternVL's
 InternViT (``lambda_2`` layer scale; LayerNorm or RMSNorm by ``norm_type``), MLCD (rotary position
 embeddings), Janus (MLP dropouts), X-CLIP's frame encoder (message tokens), VideoPrism (LayerNorms
-scaling by ``weight + 1``) and the Audio Spectrogram Transformer (ViT's layer line for line,
-``hf_layers.VIT_LAYOUT_FAMILIES``); and, as stacks of two layers
+scaling by ``weight + 1``), the Audio Spectrogram Transformer (ViT's layer line for line,
+``hf_layers.VIT_LAYOUT_FAMILIES``), Llama 3.2 Vision's tiled tower (Mllama: its gated global layers'
+gate as the layer scale) and Step3p7's (``lambda_2``); and, as stacks of two layers
 on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5 (PaddleOCR-VL's layer line for
 line, ``hf_layers.PACKED_ROPE_FAMILIES``), Cosmos 3 Edge and MiniMax-M3-VL, and PP-OCR's recognisers'
 SVTR blocks (``hf_layers.PP_OCR_FAMILIES``).
@@ -14,7 +15,7 @@ reference layer line for line is checked against the installed transformers' sou
 model matches the unpatched one by the tolerance rule (outputs and every gradient, float64 oracle);
 dropout in training runs Hugging Face's modules; transformers' hidden-state capture sees the fused
 layers; a patched model pickles; InternViT-6B's RMSNorm layout through unpatch, torch.compile,
-torch.export and the Triton kernels in the interpreter (``ModelChecks``).
+torch.export and the Triton kernels in the interpreter (``ModelChecks``), and Mllama's the same.
 """
 
 from __future__ import annotations
@@ -90,6 +91,27 @@ class VideoModel(torch.nn.Module):
         return self.model(pixel_values_videos=x).last_hidden_state
 
 
+class MllamaModel(torch.nn.Module):
+    """Llama 3.2 Vision's tower on (B, 1, tiles, 3, H, W) tiled images: two local layers and one gated
+    global layer (its attention and MLP branches scaled by the tanh of a (1,) gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = T.MllamaVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_global_layers=1, attention_heads=2,
+            image_size=16, patch_size=4, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2]],
+            vision_output_dim=96, intermediate_layers_indices=[0],
+        )  # fmt: skip
+        self.model = perturb_(T.MllamaVisionModel(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = torch.full((x.shape[0], 1), 2), torch.ones(x.shape[0], 1, 2, dtype=torch.long)  # 1 x 2 tiles
+        return self.model(pixel_values=x, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+
+
+MLLAMA_TILES = torch.randn(2, 1, 2, 3, 16, 16, generator=_gen(6))
+
+
 class AudioModel(torch.nn.Module):
     """The Audio Spectrogram Transformer on (B, frames, mel bins) spectrograms: its last hidden state."""
 
@@ -121,6 +143,9 @@ FAMILIES = {
     # two frames of 16 x 16, 4 x 4 tubelets: two spatial layers and one temporal
     "videoprism": (lambda: VideoModel().eval(), torch.randn(2, 2, 3, 16, 16, generator=_gen(1)), LAYERS + 1),
     "ast": (lambda: AudioModel().eval(), torch.randn(2, 16, 16, generator=_gen(2)), LAYERS),
+    "mllama": (lambda: MllamaModel().eval(), MLLAMA_TILES, LAYERS + 1),
+    # pre-norm with LayerScale lambda_1 / lambda_2, RoPE attention; its embedding a copy of SigLIP's
+    "step3p7": (lambda: _vision(T.Step3p7VisionModel, T.Step3p7VisionConfig(**TINY)), IMAGES, LAYERS),
 }
 
 
@@ -303,6 +328,42 @@ def test_a_patched_model_pickles_and_unpatches():
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
     fastvit.unpatch(patched)
     assert module_types(patched) == types
+
+
+def test_mllama_gate_is_the_layer_scale(op_calls):
+    # the global layer's gate_ffn (a (1,) Parameter): its tanh expanded to (D,), a view, learns
+    # through the op's layer-scale gradient; the local layers have none
+    reference, patched, _ = pair(MllamaModel().eval())
+    scales = [layer._fastvit_layer_scale() for layer in patched.model.transformer.layers]
+    (gated,) = patched.model.global_transformer.layers
+    scale = gated._fastvit_layer_scale()
+    assert scales == [None] * LAYERS and scale.shape == (32,) and scale.stride() == (0,)
+    assert_matches_by_the_rule(reference, patched, MLLAMA_TILES)
+    assert op_calls["layernorm_mlp"][-1]["kwargs"]["layer_scale"].shape == (32,)
+
+
+def test_mllama_gate_of_another_shape_is_reported():
+    model = MllamaModel().eval()
+    (gated,) = model.model.global_transformer.layers
+    gated.gate_ffn = torch.nn.Parameter(torch.ones(32))
+    report = fastvit.patch(model)
+    (entry,) = [e for e in report.skipped if e.part == "mlp"]
+    assert entry.where == "model.global_transformer.layers.0" and "gate_ffn is not a (1,) gate" in entry.detail
+    assert report.counts()["mlp"] == LAYERS
+
+
+def test_step3p7_lambda_2_is_the_layer_scale(op_calls):
+    _, patched, _ = pair(FAMILIES["step3p7"][0]())
+    patched(IMAGES)
+    assert op_calls["layernorm_mlp"][0]["kwargs"]["layer_scale"] is patched.model.layers[0].lambda_2
+
+
+class TestMllamaChecks(ModelChecks):
+    build = staticmethod(lambda: MllamaModel().eval())
+    inputs = staticmethod(lambda batch: MLLAMA_TILES[:batch])
+    export_ops = frozenset({"fastvit.layernorm_mlp_fwd.default", "fastvit.flash_attention_fwd.default"})
+    counted_op = "layernorm_mlp"
+    calls = LAYERS + 1
 
 
 class TestInternViTRmsChecks(ModelChecks):
