@@ -163,6 +163,7 @@ def _wants_weights(module: nn.Module, kwargs: dict) -> bool:
 def fallback_reason(
     module: nn.Module,
     query: torch.Tensor,
+    key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     dropout: float,
@@ -172,7 +173,7 @@ def fallback_reason(
 
     Args:
         module: the attention module calling the interface.
-        query: (B, H, N, D); value: (B, Hkv, M, Dv).
+        query: (B, H, N, D); key: (B, Hkv, M, D); value: (B, Hkv, M, Dv).
         attention_mask: what the model passes (None, a tensor, or something else such as a
             flex ``BlockMask`` of another implementation).
         dropout: the attention dropout the module asks for (0 outside training).
@@ -190,6 +191,10 @@ def fallback_reason(
         return f"value head dim {value.shape[-1]} != query head dim {query.shape[-1]}", "sdpa"
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         return f"an attention mask of type {type(attention_mask).__name__}", "sdpa"
+    if any(t.stride(-1) != 1 for t in (query, key, value)):  # SDPA reads them; the kernels need a unit stride
+        # Florence-2's channel attention: its "head dim" is the image's tokens, a strided view (and
+        # mostly beyond the kernels' head dims); a copy for the kernels would cost what SDPA saves
+        return "a query, key or value whose head dim is strided (not contiguous)", "sdpa"
     return None
 
 
@@ -360,7 +365,7 @@ def fastvit_attention_forward(
         >>> model.set_attn_implementation("fastvit")  # or switch an existing model
     """
     packed = kwargs.get("cu_seq_lens_q") is not None  # flash-attn's layout (PACKED_NAME, or a caller's)
-    reason = fallback_reason(module, query, value, attention_mask, dropout, kwargs)
+    reason = fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
     per_sequence = packed and reason is not None and attention_mask is None and query.shape[0] == 1
     if per_sequence and packs_for_flash(type(module)):  # as its own non-flash branch: a call per image
         return _per_sequence(module, query, key, value, dropout, scaling, is_causal, kwargs)

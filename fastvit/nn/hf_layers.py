@@ -278,6 +278,10 @@ class FusedPreNormLayer(FusedModule):
     fastvit_part = "mlp"
     fastvit_op = "layernorm_mlp"
     fastvit_mlp: ClassVar[MlpHalf]
+    # True: the op returns the branch alone (``residual=False``) and the half adds it to the residual
+    # as Hugging Face does, so the sum takes the residual's memory layout (Florence-2's channel-first
+    # maps seen as (B, H*W, C) tokens); False: the op adds the residual itself
+    fastvit_residual_after: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         """A class naming its ``fastvit_mlp`` bypasses what that half reads (``MlpHalf.bypassed``),
@@ -331,10 +335,12 @@ class FusedPreNormLayer(FusedModule):
         if gate is not None:  # fc2(act(gate(x)) * fc1(x)): fc1 is the value (up) projection
             variant.update(fc1_gate_weight=gate.weight, fc1_gate_bias=gate.bias)
         norm_weight = norm.weight + parts.norm_offset if parts.norm_offset else norm.weight
-        return fastvit.layernorm_mlp(
+        residual_after = self.fastvit_residual_after
+        out = fastvit.layernorm_mlp(
             hidden_states, norm_weight, None if rms else norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-            layer_scale=layer_scale, **variant,
+            layer_scale=layer_scale, residual=not residual_after, **variant,
         )  # fmt: skip
+        return hidden_states + out if residual_after else out
 
     def _fastvit_rms(self) -> bool:
         """Whether the MLP half's norm is an RMSNorm (``MlpHalf.rms``; by the module's class where None)."""

@@ -97,6 +97,18 @@ def check_unit_last_stride(name: str, t: torch.Tensor) -> None:
         )
 
 
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a copy with a unit stride in its last dim where it has another (a last dim of size
+    0 or 1 needs none). The ops' real implementations call it on what their kernels read as
+    vectors: an exported or compiled graph decides its layouts while tracing, from fake tensors,
+    and a real tensor may come another way (PyTorch's CPU convolution of a batch of one returns
+    NCHW where its fake said channels_last), so a unit stride checked at trace time is checked
+    again here (a no-op on what the public op already laid out)."""
+    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 def usable_in_autograd(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """``tensors``, with a clone (a normal tensor) in place of each inference tensor when this call
     records autograd (grad mode on, outside inference mode, some tensor requires grad): an input

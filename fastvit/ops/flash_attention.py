@@ -27,6 +27,7 @@ from fastvit.ops._checks import (
     check_tensor,
     check_unit_last_stride,
     may_overlap,
+    unit_last_stride,
     usable_in_autograd,
 )
 from fastvit.ops._fx import fx_leaf
@@ -61,6 +62,7 @@ def _flash_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fastvit.kernels.flash_attention import flash_attention_forward
 
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))  # checked when traced; a graph's real layout may differ
     return flash_attention_forward(q, k, v, scale, causal, bias=bias, rel_h=rel_h, rel_w=rel_w)
 
 
@@ -98,6 +100,7 @@ def _flash_attention_bwd(
         # the kernels take any dO strides, but the head dim is read as a vector: a gradient
         # that is neither unit-stride nor broadcast there is rare enough to copy.
         grad_out = grad_out.contiguous()
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))  # as saved: a traced graph's real layout may differ
     # lse is this op's own saved output (contiguous); .contiguous() is a no-op guard for direct callers
     dq, dk, dv, dbias, drel_h, drel_w = flash_attention_backward(
         grad_out, q, k, v, out, lse.contiguous(), scale, causal,

@@ -45,6 +45,7 @@ from fastvit.ops._checks import (
     check_unit_last_stride,
     may_overlap,
     stream_capturing,
+    unit_last_stride,
     usable_in_autograd,
 )
 from fastvit.ops._fx import fx_leaf
@@ -167,6 +168,7 @@ def _varlen_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fastvit.kernels.flash_attention import flash_attention_varlen_forward
 
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))  # checked when traced; a graph's real layout may differ
     return flash_attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           scale, causal)
 
@@ -199,6 +201,7 @@ def _varlen_bwd(
 
     if grad_out.stride(-1) != 1 and grad_out.stride(-1) != 0:
         grad_out = grad_out.contiguous()  # the head dim is read as a vector (stride 0 is fine)
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))  # as saved: a traced graph's real layout may differ
     return flash_attention_varlen_backward(grad_out, q, k, v, out, lse.contiguous(), cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k, scale, causal)
 

@@ -30,6 +30,7 @@ from fastvit.ops._checks import (
     check_same_dtype,
     check_tensor,
     is_finite,
+    unit_last_stride,
     usable_in_autograd,
 )
 from fastvit.ops._fx import fx_leaf
@@ -99,6 +100,9 @@ def _layernorm_mlp_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastvit.kernels.layernorm_mlp import layernorm_mlp_fwd
 
+    # the public op lays every input out with a unit last stride; in a traced graph the computed ones
+    # may come another way than its fake tensors said (the Parameters do not change layout)
+    x, layer_scale, sample_scale = (unit_last_stride(t) for t in (x, layer_scale, sample_scale))
     y, pre, mean, rstd = layernorm_mlp_fwd(
         _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
         sample_scale, eps=eps, activation=activation, residual=residual, out_dtype=out_dtype,
@@ -170,8 +174,9 @@ def _layernorm_mlp_bwd(
         # the kernels take any strides for grad_out, but read D as a vector: a gradient that is
         # neither unit-stride nor broadcast in D is rare enough to copy
         grad_out = grad_out.contiguous()
+    x_tokens = _as_tokens(unit_last_stride(x))  # x as saved: a traced graph's real layout may differ
     grads = layernorm_mlp_bwd(
-        _as_tokens(grad_out), _as_tokens(x), norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+        _as_tokens(grad_out), x_tokens, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
         fc2_bias, layer_scale, sample_scale, preact, mean, rstd,
         activation=activation, residual=residual, needs=tuple(needs), rms=norm == "rms", gated=gated,
         fc1_gate_weight=fc1_gate_weight, fc1_gate_bias=fc1_gate_bias, no_norm=norm == "none",
@@ -383,12 +388,6 @@ def _composite(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_
 # ---------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------
-def _unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
-
-
 def _check_vector(name: str, t: torch.Tensor | None, length: int, what: str) -> None:
     check_optional_tensor(name, t, ndim=1, dtypes=_ALL_DTYPES, shape_hint=f"({what},)")
     if t is not None and t.shape[0] != length:
@@ -704,7 +703,7 @@ def layernorm_mlp(
     # token buffer are not copied); a transposed weight or strided vector is rare enough to copy
     (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
      fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias) = (
-        _unit_last_stride(t)
+        unit_last_stride(t)
         for t in (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, sample_scale,
                   fc1_gate_weight, fc1_gate_bias, hidden_norm_weight, hidden_norm_bias)
     )

@@ -25,6 +25,7 @@ from fastvit.ops._checks import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    unit_last_stride,
     usable_in_autograd,
 )
 from fastvit.ops._fx import fx_leaf
@@ -55,6 +56,8 @@ def _patch_embed_fwd(
 ) -> torch.Tensor:
     from fastvit.kernels.patch_embed import patch_embed_forward
 
+    # the kernels read these as vectors: checked when traced, a graph's real layout may differ
+    bias, pos_embed, prefix_tokens = (unit_last_stride(t) for t in (bias, pos_embed, prefix_tokens))
     return patch_embed_forward(x, weight, bias, pos_embed, prefix_tokens, pad)
 
 
@@ -387,12 +390,6 @@ def _num_tokens(x: torch.Tensor, patch: int, prefix_tokens: torch.Tensor | None)
     return (0 if prefix_tokens is None else prefix_tokens.shape[1]) + -(-x.shape[2] // patch) * -(-x.shape[3] // patch)
 
 
-def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
-    # bias, pos_embed and prefix tokens are read along D as vectors; the rare strided view of one
-    # of these small tensors is copied (they hold D or (P+N)*D elements, never the image)
-    return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 @fx_leaf  # one node in torch.fx graphs
 def patch_embed(
     x: torch.Tensor,
@@ -506,7 +503,7 @@ def patch_embed(
         pos_embed = None if pos_embed is None else pos_embed.to(out_dtype)
         prefix_tokens = None if prefix_tokens is None else prefix_tokens.to(out_dtype)
     if route == "cuda":
-        return call(_patch_embed_cuda_fwd, _patch_embed_cuda_fwd_function, x, weight, _unit_last(bias),
-                    _unit_last(pos_embed), _unit_last(prefix_tokens))
-    return call(_patch_embed_fwd, _patch_embed_fwd_function, x, weight, _unit_last(bias), _unit_last(pos_embed),
-                _unit_last(prefix_tokens), pad)
+        return call(_patch_embed_cuda_fwd, _patch_embed_cuda_fwd_function, x, weight, unit_last_stride(bias),
+                    unit_last_stride(pos_embed), unit_last_stride(prefix_tokens))
+    return call(_patch_embed_fwd, _patch_embed_fwd_function, x, weight, unit_last_stride(bias),
+                unit_last_stride(pos_embed), unit_last_stride(prefix_tokens), pad)

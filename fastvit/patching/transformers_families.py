@@ -2,7 +2,8 @@
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
 SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 vision blocks, Step3p7's and Llama 3.2 Vision's (Mllama: its gated global layers' gate as the layer
-scale) ...; ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
+scale) ...; Florence-2's DaViT blocks' FFN halves on their channel-first maps
+(``fastvit.nn.hf_florence2``); ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
 DINOv2, LW-DETR's ViT, PVT, TimeSformer) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT, OWL-ViT and the copies
 Hugging Face made of them); and ConvNeXt's
@@ -61,6 +62,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTMLP,
 )
 from transformers.models.donut.modeling_donut_swin import DonutSwinIntermediate, DonutSwinOutput
+from transformers.models.florence2.modeling_florence2 import Florence2DropPath, Florence2VisionMLP
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
@@ -115,6 +117,7 @@ from fastvit.nn import (
     hf_data2vec_vision,
     hf_donut_swin,
     hf_embeddings,
+    hf_florence2,
     hf_gemma4,
     hf_hiera,
     hf_intermediate_output,
@@ -171,6 +174,8 @@ _MLPS = {
     hf_layers.FusedMgpstrLayer: MgpstrMlp,
     hf_layers.FusedStep3p7VisionEncoderLayer: Step3p7VisionMLP,
     hf_layers.FusedMllamaVisionEncoderLayer: MllamaVisionMLP,
+    hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2VisionMLP,
+    hf_florence2.FusedFlorence2VisionChannelBlock: Florence2VisionMLP,
     hf_backbone_layers.FusedVJEPA2Layer: VJEPA2MLP,
     hf_backbone_layers.FusedVitPoseBackboneLayer: VitPoseBackboneMLP,
     hf_backbone_layers.FusedPixioLayer: PixioMLP,
@@ -224,6 +229,8 @@ _BARE_LAYER_SCALES = {
 }
 _DROP_PATHS = {
     hf_layers.FusedBeitLayer: BeitDropPath,
+    hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2DropPath,
+    hf_florence2.FusedFlorence2VisionChannelBlock: Florence2DropPath,
     hf_layers.FusedVitDetLayer: VitDetDropPath,
     hf_layers.FusedHieraLayer: HieraDropPath,
     hf_layers.FusedSegGptLayer: SegGptDropPath,

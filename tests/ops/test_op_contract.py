@@ -443,3 +443,57 @@ def test_autocast_dtype_inside_torch_compile():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compiled(torch.ones(2)).tolist() == [3.0, 3.0]
     torch._dynamo.reset()
+
+
+def _strided_like(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values with a non-unit stride in the last dim (its last two dims stored transposed)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@kernel_mark
+def test_custom_ops_take_the_strided_last_dim_a_traced_graph_may_hand_them():
+    """An exported or compiled graph decides its layouts while tracing, from fake tensors, and a
+    real tensor may come another way: PyTorch's CPU convolution of a batch of one returns NCHW
+    where its fake said channels_last, so Florence-2's token view, which the public op saw with a
+    unit channel stride, reached the layernorm_mlp kernels strided (the exported tower was off by
+    3.7). Each custom op's real implementation takes what it was handed; its output matches the
+    unit-stride call's."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    ops = torch.ops.fastvit
+    x, d, hd = rand(2, 6, 16), 16, 32
+    weights = (rand(d), rand(d), rand(hd, d), rand(hd), rand(d, hd), rand(d))
+    scale = rand(d)
+    tail = (None, None, None, None, None, 1e-6, "gelu", "layernorm", False, True, torch.float32, True, False, 1e-6)
+    want = ops.layernorm_mlp_fwd(x, *weights, scale, *tail)
+    strided_scale = torch.stack((scale, scale), -1)[:, 0]  # (d,) at stride 2
+    got = ops.layernorm_mlp_fwd(_strided_like(x), *weights, strided_scale, *tail)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grad = rand(2, 6, 16)
+    bwd_args = (*weights, scale, *tail[:5], *want[1:], "gelu", "layernorm", False, True, [True] * 13, False)
+    torch.testing.assert_close(ops.layernorm_mlp_bwd(grad, _strided_like(x), *bwd_args),
+                               ops.layernorm_mlp_bwd(grad, x, *bwd_args), rtol=0, atol=0)  # fmt: skip
+
+    q, k, v = rand(1, 2, 5, 16), rand(1, 2, 7, 16), rand(1, 2, 7, 16)
+    out, lse = ops.flash_attention_fwd(q, k, v, 0.25, False)
+    strided = [_strided_like(t) for t in (q, k, v)]
+    torch.testing.assert_close(ops.flash_attention_fwd(*strided, 0.25, False), (out, lse), rtol=0, atol=0)
+    grad = rand(1, 2, 5, 16)
+    got = ops.flash_attention_bwd(grad, *strided, out, lse, 0.25, False)[:3]
+    torch.testing.assert_close(got, ops.flash_attention_bwd(grad, q, k, v, out, lse, 0.25, False)[:3], rtol=0, atol=0)
+
+    tokens = rand(9, 2, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    varlen = (cu, cu, 5, 5, 0.25, False)
+    want = ops.flash_attention_varlen_fwd(tokens, tokens, tokens, *varlen)
+    strided = _strided_like(tokens)
+    torch.testing.assert_close(ops.flash_attention_varlen_fwd(strided, strided, strided, *varlen), want, rtol=0, atol=0)
+
+    images, weight, pos = rand(2, 3, 8, 8), rand(16, 3, 4, 4), rand(1, 4, 16)
+    want = ops.patch_embed_fwd(images, weight, None, pos, None, False)
+    torch.testing.assert_close(ops.patch_embed_fwd(images, weight, None, _strided_like(pos), None, False), want,
+                               rtol=0, atol=0)  # fmt: skip
