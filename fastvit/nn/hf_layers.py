@@ -48,6 +48,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer, Blip2M
 from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionLayer, ChineseCLIPVisionMLP
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.clipseg.modeling_clipseg import CLIPSegEncoderLayer, CLIPSegMLP
+from transformers.models.cohere_compass.modeling_cohere_compass import CohereCompassVisionBlock, CohereCompassVisionMLP
 from transformers.models.cosmos3_edge.modeling_cosmos3_edge import Cosmos3EdgeVisionEncoderLayer
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2SamMLPBlock, DeepseekOcr2SamVisionLayer
 from transformers.models.deit.modeling_deit import DeiTLayer, DeiTMLP
@@ -58,7 +59,12 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 )
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTGatedMLP, DINOv3ViTLayer
 from transformers.models.eomt.modeling_eomt import EomtDropPath, EomtLayer, EomtLayerScale, EomtMLP, EomtSwiGLUFFN
+from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import Ernie4_5_VLMoeVisionBlock, Ernie4_5VLVisionMLP
+from transformers.models.exaone4_5.modeling_exaone4_5 import Exaone4_5_MLP, Exaone4_5_VisionBlock
 from transformers.models.git.modeling_git import GitVisionEncoderLayer, GitVisionMLP
+from transformers.models.glm4v.modeling_glm4v import Glm4VisionMlp, Glm4vVisionBlock
+from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeisionMlp, Glm4vMoeVisionBlock
+from transformers.models.glm_ocr.modeling_glm_ocr import GlmOcrVisionBlock, GlmOcrVisionMlp
 from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2MLPBlock, GotOcr2VisionLayer
 from transformers.models.granite_docling.modeling_granite_docling import (
     GraniteDoclingEncoderLayer,
@@ -78,6 +84,7 @@ from transformers.models.instructblipvideo.modeling_instructblipvideo import (
 )
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
+from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25VisionEncoderLayer, Kimi_K25VisionMLP
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
 from transformers.models.mgp_str.modeling_mgp_str import MgpstrLayer
@@ -88,6 +95,9 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VL
 from transformers.models.mlcd.modeling_mlcd import MLCDEncoderLayer
 from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
 from transformers.models.molmo2.modeling_molmo2 import Molmo2VisionEncoderLayer, Molmo2VisionMLP
+from transformers.models.muse_glimmer.modeling_muse_glimmer import MuseGlimmerVisionEncoderLayer, MuseGlimmerVisionMLP
+from transformers.models.muse_spark.modeling_muse_spark import MuseSparkVisionEncoderLayer, MuseSparkVisionMLP
+from transformers.models.ovis2.modeling_ovis2 import Ovis2MLP, Ovis2VisionEncoderLayer
 from transformers.models.ovis2_5.modeling_ovis2_5 import Ovis2_5VisionEncoderLayer, Ovis2_5VisionMLP
 from transformers.models.owlv2.modeling_owlv2 import Owlv2EncoderLayer, Owlv2MLP
 from transformers.models.owlvit.modeling_owlvit import OwlViTEncoderLayer, OwlViTMLP
@@ -109,7 +119,12 @@ from transformers.models.pp_ocrv5_server_rec.modeling_pp_ocrv5_server_rec import
 from transformers.models.pp_ocrv6_small_rec.modeling_pp_ocrv6_small_rec import PPOCRV6SmallRecBlock, PPOCRV6SmallRecMLP
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionBlock, Qwen3_5VisionMLP
+from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionBlock, Qwen3_5MoeVisionMLP
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeVisionBlock, Qwen3OmniMoeVisionMLP
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionBlock
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionBlock, Qwen3VLMoeVisionMLP
+from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpVisionBlock, Qwen4ExpVisionMLP
 from transformers.models.radio.modeling_radio import (
     RadioDropPath,
     RadioLayer,
@@ -169,6 +184,8 @@ from fastvit.nn.hf_vit import activation_of
 from fastvit.ops._fx import method_leaf
 
 __all__ = [
+    "AIMV2_LAYOUT_FAMILIES",
+    "AIMV2_LAYOUT_LAYERS",
     "BLIP_LAYOUT_FAMILIES",
     "BLIP_LAYOUT_LAYERS",
     "CLIP_LAYOUT_FAMILIES",
@@ -179,6 +196,10 @@ __all__ = [
     "PACKED_ROPE_LAYERS",
     "PP_OCR_FAMILIES",
     "PP_OCR_LAYERS",
+    "QWEN2_5_VL_LAYOUT_FAMILIES",
+    "QWEN2_VL_LAYOUT_FAMILIES",
+    "QWEN3_VL_LAYOUT_FAMILIES",
+    "QWEN_LAYOUT_LAYERS",
     "SAM_LAYOUT_FAMILIES",
     "SAM_LAYOUT_LAYERS",
     "VIT_LAYOUT_FAMILIES",
@@ -952,10 +973,9 @@ _AIMV2_LAYOUT = MlpHalf("rms_norm2", mlp="ffn", **_GATED_RMS)
 _PIXTRAL_LAYOUT = MlpHalf("ffn_norm", mlp="feed_forward", **_GATED_RMS)
 
 
-class FusedAimv2EncoderLayer(FusedPreNormLayer, Aimv2EncoderLayer):
-    """``Aimv2EncoderLayer`` whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
-
-    fastvit_mlp = _AIMV2_LAYOUT
+class _Aimv2LayoutForward(FusedPreNormLayer):
+    """AIMv2's layer forward (and its copies', ``AIMV2_LAYOUT_FAMILIES``): the attention half as
+    Hugging Face's, then the RMSNorm + SwiGLU half fused."""
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -965,6 +985,18 @@ class FusedAimv2EncoderLayer(FusedPreNormLayer, Aimv2EncoderLayer):
         norm_hidden_states = self.rms_norm1(hidden_states)
         attn_output, _ = self.attention(hidden_states=norm_hidden_states, attention_mask=attention_mask, **kwargs)
         return self._fastvit_mlp_half(hidden_states + attn_output)
+
+
+class FusedAimv2EncoderLayer(_Aimv2LayoutForward, Aimv2EncoderLayer):
+    """``Aimv2EncoderLayer`` whose RMSNorm + SwiGLU half is one op call (``norm="rms"``, gated)."""
+
+    fastvit_mlp = _AIMV2_LAYOUT
+
+
+# The layers that are AIMv2's line for line (forward and MLP: checked against transformers' source in
+# the tests): {original layer class: its MLP class}
+AIMV2_LAYOUT_FAMILIES: dict[type, type] = {Ovis2VisionEncoderLayer: Ovis2MLP}  # Ovis2's AIMv2 tower
+AIMV2_LAYOUT_LAYERS = _line_for_line_classes(AIMV2_LAYOUT_FAMILIES, _Aimv2LayoutForward, _AIMV2_LAYOUT, "AIMv2")
 
 
 class FusedPixtralAttentionLayer(FusedPreNormLayer, PixtralAttentionLayer):
@@ -1030,6 +1062,37 @@ class FusedQwen3VLVisionBlock(_QwenVisionForward, Qwen3VLVisionBlock):
     """Qwen3-VL's vision block whose LayerNorm + GELU MLP half is one op call."""
 
     fastvit_mlp = _QWEN3_VL_LAYOUT
+
+
+# The vision blocks whose forward is the Qwen-VL blocks' line for line (packed tokens, cu_seqlens,
+# rotary angles), each with the MLP of one Qwen-VL generation (forward and norm checked against
+# transformers' source in the tests): {original block: its MLP class}
+QWEN2_VL_LAYOUT_FAMILIES: dict[type, type] = {  # LayerNorm; fc1, act, fc2
+    Ernie4_5_VLMoeVisionBlock: Ernie4_5VLVisionMLP,  # ERNIE 4.5 VL
+    Kimi_K25VisionEncoderLayer: Kimi_K25VisionMLP,  # Kimi K2.5
+    MuseGlimmerVisionEncoderLayer: MuseGlimmerVisionMLP,
+    MuseSparkVisionEncoderLayer: MuseSparkVisionMLP,
+}
+QWEN2_5_VL_LAYOUT_FAMILIES: dict[type, type] = {  # RMSNorm; SwiGLU (gate_proj, up_proj, down_proj)
+    Exaone4_5_VisionBlock: Exaone4_5_MLP,  # EXAONE 4.5
+    Glm4vVisionBlock: Glm4VisionMlp,  # GLM-4.1V
+    Glm4vMoeVisionBlock: Glm4vMoeisionMlp,  # GLM-4.5V
+    GlmOcrVisionBlock: GlmOcrVisionMlp,  # GLM-OCR
+}
+QWEN3_VL_LAYOUT_FAMILIES: dict[type, type] = {  # LayerNorm; linear_fc1, act_fn, linear_fc2
+    Qwen3VLMoeVisionBlock: Qwen3VLMoeVisionMLP,  # Qwen3-VL MoE (30B-A3B, 235B-A22B)
+    Qwen3_5VisionBlock: Qwen3_5VisionMLP,  # Qwen3.5
+    Qwen3_5MoeVisionBlock: Qwen3_5MoeVisionMLP,
+    Qwen3OmniMoeVisionBlock: Qwen3OmniMoeVisionMLP,  # Qwen3-Omni
+    Qwen4ExpVisionBlock: Qwen4ExpVisionMLP,
+    CohereCompassVisionBlock: CohereCompassVisionMLP,
+}
+# {original block: its fused class}
+QWEN_LAYOUT_LAYERS: dict[type, type[FusedPreNormLayer]] = {
+    **_line_for_line_classes(QWEN2_VL_LAYOUT_FAMILIES, _QwenVisionForward, _QWEN2_VL_LAYOUT, "Qwen2-VL"),
+    **_line_for_line_classes(QWEN2_5_VL_LAYOUT_FAMILIES, _QwenVisionForward, _QWEN2_5_VL_LAYOUT, "Qwen2.5-VL"),
+    **_line_for_line_classes(QWEN3_VL_LAYOUT_FAMILIES, _QwenVisionForward, _QWEN3_VL_LAYOUT, "Qwen3-VL"),
+}
 
 
 # SAM's image encoder (ViTDet) and SAM-HQ's copy of it: h + mlp(layer_norm2(h)), SamMLPBlock (lin1, act, lin2)
@@ -1325,5 +1388,6 @@ for _fused in (
     FusedMgpstrLayer, FusedStep3p7VisionEncoderLayer, FusedMllamaVisionEncoderLayer,
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
+    *QWEN_LAYOUT_LAYERS.values(), *AIMV2_LAYOUT_LAYERS.values(),
 ):  # fmt: skip
     register(_fused)

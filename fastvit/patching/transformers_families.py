@@ -62,7 +62,11 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTMLP,
 )
 from transformers.models.donut.modeling_donut_swin import DonutSwinIntermediate, DonutSwinOutput
+from transformers.models.exaone4_5.modeling_exaone4_5 import Exaone4_5_RMSNorm, Exaone4_5_VisionBlock
 from transformers.models.florence2.modeling_florence2 import Florence2DropPath, Florence2VisionMLP
+from transformers.models.glm4v.modeling_glm4v import Glm4vRMSNorm, Glm4vVisionBlock
+from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeRMSNorm, Glm4vMoeVisionBlock
+from transformers.models.glm_ocr.modeling_glm_ocr import GlmOcrRMSNorm, GlmOcrVisionBlock
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
@@ -72,6 +76,7 @@ from transformers.models.mgp_str.modeling_mgp_str import MgpStrDropPath, MgpstrM
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLVisionMLP
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
 from transformers.models.mllama.modeling_mllama import MllamaVisionMLP
+from transformers.models.ovis2.modeling_ovis2 import Ovis2RMSNorm, Ovis2VisionEncoderLayer
 from transformers.models.pixio.modeling_pixio import PixioDropPath, PixioMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.pvt.modeling_pvt import PvtDropPath, PvtFFN
@@ -193,7 +198,11 @@ _MLPS = {
                                 (hf_layers.BLIP_LAYOUT_FAMILIES, hf_layers.BLIP_LAYOUT_LAYERS),
                                 (hf_layers.SAM_LAYOUT_FAMILIES, hf_layers.SAM_LAYOUT_LAYERS),
                                 (hf_layers.PP_OCR_FAMILIES, hf_layers.PP_OCR_LAYERS),
-                                (hf_layers.PACKED_ROPE_FAMILIES, hf_layers.PACKED_ROPE_LAYERS))
+                                (hf_layers.PACKED_ROPE_FAMILIES, hf_layers.PACKED_ROPE_LAYERS),
+                                (hf_layers.QWEN2_VL_LAYOUT_FAMILIES, hf_layers.QWEN_LAYOUT_LAYERS),
+                                (hf_layers.QWEN2_5_VL_LAYOUT_FAMILIES, hf_layers.QWEN_LAYOUT_LAYERS),
+                                (hf_layers.QWEN3_VL_LAYOUT_FAMILIES, hf_layers.QWEN_LAYOUT_LAYERS),
+                                (hf_layers.AIMV2_LAYOUT_FAMILIES, hf_layers.AIMV2_LAYOUT_LAYERS))
        for layer, mlp in families.items()},
     **{fused: mlp for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items()
        for fused, mlp in zip(pair, hf_layers.DINOV2_LAYOUT_FAMILIES[layer][:2], strict=True)},  # plain, gated
@@ -205,7 +214,12 @@ _RMS_NORMS = {
     hf_layers.FusedInternVLVisionLayer: InternVLVisionRMSNorm,  # or an nn.LayerNorm (MlpHalf.rms None)
     hf_backbone_layers.FusedSapiens2Layer: Sapiens2RMSNorm,
     hf_backbone_layers.FusedSapiens2GatedLayer: Sapiens2RMSNorm,
-}
+    **{hf_layers.QWEN_LAYOUT_LAYERS[layer]: norm for layer, norm in (  # Qwen2.5-VL's layout
+        (Exaone4_5_VisionBlock, Exaone4_5_RMSNorm), (Glm4vVisionBlock, Glm4vRMSNorm),
+        (Glm4vMoeVisionBlock, Glm4vMoeRMSNorm), (GlmOcrVisionBlock, GlmOcrRMSNorm),
+    )},
+    hf_layers.AIMV2_LAYOUT_LAYERS[Ovis2VisionEncoderLayer]: Ovis2RMSNorm,
+}  # fmt: skip
 # the LayerNorm classes a family's layer may hold, where not nn.LayerNorm
 _LAYER_NORMS = {hf_layers.FusedVideoPrismLayer: (VideoPrismLayerNorm,)}
 _LAYER_SCALES = {
