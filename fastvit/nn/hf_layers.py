@@ -86,6 +86,7 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
 from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25VisionEncoderLayer, Kimi_K25VisionMLP
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
+from transformers.models.llama4.modeling_llama4 import Llama4VisionEncoderLayer
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
 from transformers.models.mgp_str.modeling_mgp_str import MgpstrLayer
 from transformers.models.minicpm_ocr.modeling_minicpm_ocr import MiniCPMOcrVisionEncoderLayer, MiniCPMOcrVisionMLP
@@ -117,6 +118,7 @@ from transformers.models.pp_ocrv5_server_rec.modeling_pp_ocrv5_server_rec import
     PPOCRV5ServerRecMLP,
 )
 from transformers.models.pp_ocrv6_small_rec.modeling_pp_ocrv6_small_rec import PPOCRV6SmallRecBlock, PPOCRV6SmallRecMLP
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniMLP, Qwen2_5OmniVisionBlock
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionBlock, Qwen3_5VisionMLP
@@ -219,6 +221,7 @@ __all__ = [
     "FusedHieraLayer",
     "FusedInternVLVisionLayer",
     "FusedJanusVisionEncoderLayer",
+    "FusedLlama4VisionEncoderLayer",
     "FusedMLCDEncoderLayer",
     "FusedMgpstrLayer",
     "FusedMiniMaxM3VLVisionEncoderLayer",
@@ -839,6 +842,30 @@ class FusedMllamaVisionEncoderLayer(FusedPreNormLayer, MllamaVisionEncoderLayer)
         return self._fastvit_mlp_half(hidden_states)
 
 
+class FusedLlama4VisionEncoderLayer(FusedPreNormLayer, Llama4VisionEncoderLayer):
+    """Llama 4's vision encoder layer (Scout, Maverick) whose LayerNorm+MLP half,
+    ``h + mlp(post_attention_layernorm(h))`` (fc1, GELU, fc2), is one op call; its attention half
+    (complex rotary ``freqs_ci``) is Hugging Face's, line for line, and so are its outputs (a tuple,
+    with the attention weights when asked for)."""
+
+    fastvit_mlp = MlpHalf("post_attention_layernorm")
+
+    def forward(
+        self,
+        hidden_state: torch.Tensor,
+        freqs_ci: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_state, freqs_ci, attention_mask, output_attentions)
+        residual = hidden_state
+        hidden_state = self.input_layernorm(hidden_state)
+        hidden_state, attn_weights = self.self_attn(hidden_state, freqs_ci=freqs_ci, attention_mask=attention_mask)
+        hidden_state = self._fastvit_mlp_half(residual + hidden_state)
+        return (hidden_state, attn_weights) if output_attentions else (hidden_state,)
+
+
 class FusedVideoPrismLayer(_ViTLayoutForward, VideoPrismLayer):
     """VideoPrism's ``VideoPrismLayer`` (ViT's layer, line for line, whose LayerNorms scale by
     ``weight + 1``) whose LayerNorm+MLP half (with hidden dropout) is one op call, the norm's weight
@@ -1078,6 +1105,7 @@ QWEN2_5_VL_LAYOUT_FAMILIES: dict[type, type] = {  # RMSNorm; SwiGLU (gate_proj, 
     Glm4vVisionBlock: Glm4VisionMlp,  # GLM-4.1V
     Glm4vMoeVisionBlock: Glm4vMoeisionMlp,  # GLM-4.5V
     GlmOcrVisionBlock: GlmOcrVisionMlp,  # GLM-OCR
+    Qwen2_5OmniVisionBlock: Qwen2_5OmniMLP,  # Qwen2.5-Omni (its signature annotates the angles otherwise)
 }
 QWEN3_VL_LAYOUT_FAMILIES: dict[type, type] = {  # LayerNorm; linear_fc1, act_fn, linear_fc2
     Qwen3VLMoeVisionBlock: Qwen3VLMoeVisionMLP,  # Qwen3-VL MoE (30B-A3B, 235B-A22B)
@@ -1385,7 +1413,7 @@ for _fused in (
     FusedSam3ViTLayer, FusedMLCDEncoderLayer, FusedJanusVisionEncoderLayer, FusedXCLIPVisionEncoderLayer,
     FusedInternVLVisionLayer, FusedVideoPrismLayer, FusedVitDetLayer, *VIT_LAYOUT_LAYERS.values(),
     FusedCosmos3EdgeVisionEncoderLayer, FusedMiniMaxM3VLVisionEncoderLayer, FusedHieraLayer, FusedSegGptLayer,
-    FusedMgpstrLayer, FusedStep3p7VisionEncoderLayer, FusedMllamaVisionEncoderLayer,
+    FusedMgpstrLayer, FusedStep3p7VisionEncoderLayer, FusedMllamaVisionEncoderLayer, FusedLlama4VisionEncoderLayer,
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
     *QWEN_LAYOUT_LAYERS.values(), *AIMV2_LAYOUT_LAYERS.values(),

@@ -70,6 +70,7 @@ from transformers.models.glm_ocr.modeling_glm_ocr import GlmOcrRMSNorm, GlmOcrVi
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
+from transformers.models.llama4.modeling_llama4 import Llama4VisionMLP
 from transformers.models.lw_detr.modeling_lw_detr import LwDetrViTMlp
 from transformers.models.maskformer.modeling_maskformer_swin import MaskFormerSwinIntermediate, MaskFormerSwinOutput
 from transformers.models.mgp_str.modeling_mgp_str import MgpStrDropPath, MgpstrMlp
@@ -80,6 +81,7 @@ from transformers.models.ovis2.modeling_ovis2 import Ovis2RMSNorm, Ovis2VisionEn
 from transformers.models.pixio.modeling_pixio import PixioDropPath, PixioMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.pvt.modeling_pvt import PvtDropPath, PvtFFN
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRMSNorm, Qwen2_5OmniVisionBlock
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionMLP
@@ -179,6 +181,7 @@ _MLPS = {
     hf_layers.FusedMgpstrLayer: MgpstrMlp,
     hf_layers.FusedStep3p7VisionEncoderLayer: Step3p7VisionMLP,
     hf_layers.FusedMllamaVisionEncoderLayer: MllamaVisionMLP,
+    hf_layers.FusedLlama4VisionEncoderLayer: Llama4VisionMLP,
     hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2VisionMLP,
     hf_florence2.FusedFlorence2VisionChannelBlock: Florence2VisionMLP,
     hf_backbone_layers.FusedVJEPA2Layer: VJEPA2MLP,
@@ -217,6 +220,7 @@ _RMS_NORMS = {
     **{hf_layers.QWEN_LAYOUT_LAYERS[layer]: norm for layer, norm in (  # Qwen2.5-VL's layout
         (Exaone4_5_VisionBlock, Exaone4_5_RMSNorm), (Glm4vVisionBlock, Glm4vRMSNorm),
         (Glm4vMoeVisionBlock, Glm4vMoeRMSNorm), (GlmOcrVisionBlock, GlmOcrRMSNorm),
+        (Qwen2_5OmniVisionBlock, Qwen2_5OmniRMSNorm),
     )},
     hf_layers.AIMV2_LAYOUT_LAYERS[Ovis2VisionEncoderLayer]: Ovis2RMSNorm,
 }  # fmt: skip

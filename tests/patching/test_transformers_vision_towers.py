@@ -1,21 +1,22 @@
-"""The vision towers of Hugging Face's vision-language models beyond CLIP's layout, and ViT-layout
-families made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (BLIP's layer line for
-line, ``hf_layers.BLIP_LAYOUT_FAMILIES``; BLIP's own-forward attention swapped), InternVL's
-InternViT (``lambda_2`` layer scale; LayerNorm or RMSNorm by ``norm_type``), MLCD (rotary position
-embeddings), Janus (MLP dropouts), X-CLIP's frame encoder (message tokens), VideoPrism (LayerNorms
-scaling by ``weight + 1``), the Audio Spectrogram Transformer (ViT's layer line for line,
+"""The vision towers of Hugging Face's vision-language models beyond CLIP's layout, and ViT-layout families
+made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (BLIP's layer line for line,
+``hf_layers.BLIP_LAYOUT_FAMILIES``; BLIP's own-forward attention swapped), InternVL's InternViT
+(``lambda_2`` layer scale; LayerNorm or RMSNorm by ``norm_type``), MLCD (rotary position embeddings),
+Janus (MLP dropouts), X-CLIP's frame encoder (message tokens), VideoPrism (LayerNorms scaling by
+``weight + 1``), the Audio Spectrogram Transformer (ViT's layer line for line,
 ``hf_layers.VIT_LAYOUT_FAMILIES``), Llama 3.2 Vision's tiled tower (Mllama: its gated global layers'
-gate as the layer scale) and Step3p7's (``lambda_2``); and, as stacks of two layers
-on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5 (PaddleOCR-VL's layer line for
-line, ``hf_layers.PACKED_ROPE_FAMILIES``), Cosmos 3 Edge and MiniMax-M3-VL, and PP-OCR's recognisers'
-SVTR blocks (``hf_layers.PP_OCR_FAMILIES``).
+gate as the layer scale), Llama 4's (its layers return tuples) and Step3p7's (``lambda_2``); and, as
+stacks of two layers on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5
+(PaddleOCR-VL's layer line for line, ``hf_layers.PACKED_ROPE_FAMILIES``), Cosmos 3 Edge and
+MiniMax-M3-VL, and PP-OCR's recognisers' SVTR blocks (``hf_layers.PP_OCR_FAMILIES``).
 
 Each layer's LayerNorm+MLP half is one fastvit.layernorm_mlp call; that the table families are their
 reference layer line for line is checked against the installed transformers' source; each patched
 model matches the unpatched one by the tolerance rule (outputs and every gradient, float64 oracle);
 dropout in training runs Hugging Face's modules; transformers' hidden-state capture sees the fused
 layers; a patched model pickles; InternViT-6B's RMSNorm layout through unpatch, torch.compile,
-torch.export and the Triton kernels in the interpreter (``ModelChecks``), and Mllama's the same.
+torch.export and the Triton kernels in the interpreter (``ModelChecks``), and Mllama's and Llama 4's the
+same.
 """
 
 from __future__ import annotations
@@ -112,6 +113,16 @@ class MllamaModel(torch.nn.Module):
 MLLAMA_TILES = torch.randn(2, 1, 2, 3, 16, 16, generator=_gen(6))
 
 
+def _llama4() -> torch.nn.Module:
+    """Llama 4's vision tower (complex rotary angles; layers returning tuples), its pixel-shuffle
+    adapter sized to match: 4 x 4 patches shuffled to 2 x 2 of 4 * 32 channels."""
+    config = T.Llama4VisionConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=2, image_size=32,
+        patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5,
+    )  # fmt: skip
+    return _vision(T.Llama4VisionModel, config)
+
+
 class AudioModel(torch.nn.Module):
     """The Audio Spectrogram Transformer on (B, frames, mel bins) spectrograms: its last hidden state."""
 
@@ -144,6 +155,7 @@ FAMILIES = {
     "videoprism": (lambda: VideoModel().eval(), torch.randn(2, 2, 3, 16, 16, generator=_gen(1)), LAYERS + 1),
     "ast": (lambda: AudioModel().eval(), torch.randn(2, 16, 16, generator=_gen(2)), LAYERS),
     "mllama": (lambda: MllamaModel().eval(), MLLAMA_TILES, LAYERS + 1),
+    "llama4": (lambda: _llama4(), IMAGES, LAYERS),
     # pre-norm with LayerScale lambda_1 / lambda_2, RoPE attention; its embedding a copy of SigLIP's
     "step3p7": (lambda: _vision(T.Step3p7VisionModel, T.Step3p7VisionConfig(**TINY)), IMAGES, LAYERS),
 }
@@ -364,6 +376,14 @@ class TestMllamaChecks(ModelChecks):
     export_ops = frozenset({"fastvit.layernorm_mlp_fwd.default", "fastvit.flash_attention_fwd.default"})
     counted_op = "layernorm_mlp"
     calls = LAYERS + 1
+
+
+class TestLlama4Checks(ModelChecks):
+    build = staticmethod(_llama4)
+    inputs = staticmethod(lambda batch: IMAGES[:batch])
+    export_ops = frozenset({"fastvit.layernorm_mlp_fwd.default", "fastvit.flash_attention_fwd.default"})
+    counted_op = "layernorm_mlp"
+    calls = LAYERS
 
 
 class TestInternViTRmsChecks(ModelChecks):
