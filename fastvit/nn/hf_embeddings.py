@@ -6,7 +6,8 @@ Covered: ``CLIPVisionEmbeddings``, ``SiglipVisionEmbeddings``, ``Dinov2Embedding
 ``ViTMSNEmbeddings`` and ``IJepaEmbeddings`` (no class token), ``ViTMAEEmbeddings`` (the patches
 before its random masking), and BEiT's ``BeitEmbeddings`` and its copy ``Data2VecVisionEmbeddings``
 (the absolute position embedding optional), OWL-ViT's ``OwlViTVisionEmbeddings``, and the copies
-Hugging Face made of these, ``__init__`` and ``forward`` line for line (``EMBEDDING_COPIES``:
+Hugging Face made of these, ``forward`` line for line and ``__init__`` too but for the lines the
+tests name (Step3p7's conv without a bias, EoMT-DINOv3's ``num_prefix_tokens``) (``EMBEDDING_COPIES``:
 AltCLIP, BridgeTower, Chinese-CLIP, GIT, Kosmos-2, MetaCLIP 2 and X-CLIP of CLIP's; OWLv2 of
 OWL-ViT's; Granite Docling and Step3p7 of SigLIP's; TIPSv2 of DINOv2-with-registers'; EoMT-DINOv3
 of DINOv3's). Calls the op does not cover
@@ -389,9 +390,10 @@ class FusedData2VecVisionEmbeddings(_BeitLayoutEmbeddings, Data2VecVisionEmbeddi
 
 
 class EmbeddingCopy(NamedTuple):
-    """An embedding Hugging Face copied: the class it copies (``__init__`` and ``forward`` line for
-    line, checked against the installed source in the tests), the fused forward it takes, and its
-    own patch projection holder where the layout checks one (``_FusedEmbeddings.fastvit_patch_holder``)."""
+    """An embedding Hugging Face copied: the class it copies (``forward`` line for line, ``__init__``
+    too but for the lines the tests name, checked against the installed source), the fused forward
+    it takes, and its own patch projection holder where the layout checks one
+    (``_FusedEmbeddings.fastvit_patch_holder``)."""
 
     copies: type
     layout: type[_FusedEmbeddings]

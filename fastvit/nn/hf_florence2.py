@@ -38,6 +38,11 @@ class _Florence2MapBlock(FusedPreNormLayer):
     fastvit_mlp = FLORENCE2_FFN_HALF
     fastvit_residual_after = True
 
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's FFN half, module by module, the residual first (the sum's layout is the
+        residual's, as unpatched)."""
+        return hidden_states + self.drop_path2(self.ffn(self.norm2(hidden_states)))
+
     def _fastvit_map_ffn_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second block, (B, C, H, W) -> (B, C, H, W): the conv position encoding
         added, then the FFN half on the map's (B, H*W, C) tokens as one op call."""

@@ -90,6 +90,14 @@ def test_drop_path_in_training_runs_hugging_face(op_calls, fresh_warnings):
     with pytest.warns(fastvit.FastvitFallbackWarning, match="drop"):
         patched(IMAGES).sum().backward()
     assert len(op_calls["layernorm_mlp"]) == 2 * BLOCKS - len(dropping)
+    model.train()
+    torch.manual_seed(1)
+    want = model(IMAGES)
+    torch.manual_seed(1)
+    got = patched(IMAGES)  # the same draws, in Hugging Face's order; its layout too
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.stride() == want.stride()
+    model.eval()
     op_calls["layernorm_mlp"].clear()
     patched.eval()
     torch.testing.assert_close(patched(IMAGES), model(IMAGES), rtol=1e-5, atol=1e-5)
