@@ -64,6 +64,7 @@ from transformers.models.exaone4_5.modeling_exaone4_5 import Exaone4_5_MLP, Exao
 from transformers.models.git.modeling_git import GitVisionEncoderLayer, GitVisionMLP
 from transformers.models.glm4v.modeling_glm4v import Glm4VisionMlp, Glm4vVisionBlock
 from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeisionMlp, Glm4vMoeVisionBlock
+from transformers.models.glm_image.modeling_glm_image import GlmImageVisionBlock, GlmImageVisionMLP
 from transformers.models.glm_ocr.modeling_glm_ocr import GlmOcrVisionBlock, GlmOcrVisionMlp
 from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2MLPBlock, GotOcr2VisionLayer
 from transformers.models.granite_docling.modeling_granite_docling import (
@@ -77,6 +78,7 @@ from transformers.models.hy_v4_vl.modeling_hy_v4_vl import HYV4VLVisionBlock, HY
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer, Idefics2VisionMLP
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer, Idefics3VisionMLP
 from transformers.models.ijepa.modeling_ijepa import IJepaLayer, IJepaMLP
+from transformers.models.inkling2.modeling_inkling2 import Inkling2VisionEncoderLayer
 from transformers.models.instructblip.modeling_instructblip import InstructBlipEncoderLayer, InstructBlipMLP
 from transformers.models.instructblipvideo.modeling_instructblipvideo import (
     InstructBlipVideoEncoderLayer,
@@ -87,6 +89,10 @@ from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
 from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25VisionEncoderLayer, Kimi_K25VisionMLP
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
 from transformers.models.llama4.modeling_llama4 import Llama4VisionEncoderLayer
+from transformers.models.llava_onevision1_5.modeling_llava_onevision1_5 import (
+    LlavaOnevision15VisionBlock,
+    LlavaOnevision15VisionMLP,
+)
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2EncoderLayer, MetaClip2MLP
 from transformers.models.mgp_str.modeling_mgp_str import MgpstrLayer
 from transformers.models.minicpm_ocr.modeling_minicpm_ocr import MiniCPMOcrVisionEncoderLayer, MiniCPMOcrVisionMLP
@@ -194,6 +200,8 @@ __all__ = [
     "CLIP_LAYOUT_LAYERS",
     "DINOV2_LAYOUT_FAMILIES",
     "DINOV2_LAYOUT_LAYERS",
+    "PACKED_BLOCK_FAMILIES",
+    "PACKED_BLOCK_LAYERS",
     "PACKED_ROPE_FAMILIES",
     "PACKED_ROPE_LAYERS",
     "PP_OCR_FAMILIES",
@@ -219,6 +227,7 @@ __all__ = [
     "FusedDinov2WithRegistersGatedLayer",
     "FusedDinov2WithRegistersLayer",
     "FusedHieraLayer",
+    "FusedInkling2VisionEncoderLayer",
     "FusedInternVLVisionLayer",
     "FusedJanusVisionEncoderLayer",
     "FusedLlama4VisionEncoderLayer",
@@ -620,6 +629,61 @@ PACKED_ROPE_FAMILIES: dict[type, type] = {
     Ovis2_5VisionEncoderLayer: Ovis2_5VisionMLP,  # Ovis2.5
 }
 PACKED_ROPE_LAYERS = _line_for_line_classes(PACKED_ROPE_FAMILIES, _PackedRopeForward, _SIGLIP_LAYOUT, "PaddleOCR-VL")
+
+
+class _PackedBlockForward(FusedPreNormLayer):
+    """LLaVA-OneVision-1.5's vision block forward (``PACKED_BLOCK_FAMILIES``): packed (T, D) tokens
+    and ``cu_seqlens``, an attention returning a tensor, then the LayerNorm+MLP half fused."""
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the block's forward itself
+            return super().forward(hidden_states, cu_seqlens, **kwargs)
+        residual = hidden_states
+        hidden_states = self.norm1(hidden_states)
+        hidden_states = self.attn(hidden_states, cu_seqlens=cu_seqlens, **kwargs)
+        return self._fastvit_mlp_half(residual + hidden_states)
+
+
+# The vision blocks that are LLaVA-OneVision-1.5's line for line (forward and MLP: checked against
+# transformers' source in the tests): {original block: its MLP class (fc1, activation_fn, fc2)}
+PACKED_BLOCK_FAMILIES: dict[type, type] = {
+    LlavaOnevision15VisionBlock: LlavaOnevision15VisionMLP,  # LLaVA-OneVision-1.5
+    GlmImageVisionBlock: GlmImageVisionMLP,  # GLM-Image
+}
+PACKED_BLOCK_LAYERS = _line_for_line_classes(
+    PACKED_BLOCK_FAMILIES, _PackedBlockForward, MlpHalf("norm2"), "LLaVA-OneVision-1.5"
+)
+
+
+class FusedInkling2VisionEncoderLayer(FusedPreNormLayer, Inkling2VisionEncoderLayer):
+    """Inkling2's vision layer (packed tokens, rotary angles, layer scales ``lambda_1`` /
+    ``lambda_2``) whose LayerNorm+MLP half, ``h + lambda_2 * mlp(layernorm_after(h))``, is one op
+    call; its attention half is Hugging Face's, line for line."""
+
+    fastvit_mlp = MlpHalf("layernorm_after")
+
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module, in its order."""
+        return hidden_states + self.lambda_2 * self.mlp(self.layernorm_after(hidden_states))
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.lambda_2
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs
+        )
+        return self._fastvit_mlp_half(residual + self.lambda_1 * hidden_states)
 
 
 class FusedCosmos3EdgeVisionEncoderLayer(FusedPreNormLayer, Cosmos3EdgeVisionEncoderLayer):
@@ -1416,6 +1480,7 @@ for _fused in (
     FusedMgpstrLayer, FusedStep3p7VisionEncoderLayer, FusedMllamaVisionEncoderLayer, FusedLlama4VisionEncoderLayer,
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
-    *QWEN_LAYOUT_LAYERS.values(), *AIMV2_LAYOUT_LAYERS.values(),
+    *QWEN_LAYOUT_LAYERS.values(), *AIMV2_LAYOUT_LAYERS.values(), *PACKED_BLOCK_LAYERS.values(),
+    FusedInkling2VisionEncoderLayer,
 ):  # fmt: skip
     register(_fused)

@@ -68,6 +68,7 @@ from transformers.models.glm4v.modeling_glm4v import Glm4vRMSNorm, Glm4vVisionBl
 from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeRMSNorm, Glm4vMoeVisionBlock
 from transformers.models.glm_ocr.modeling_glm_ocr import GlmOcrRMSNorm, GlmOcrVisionBlock
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
+from transformers.models.inkling2.modeling_inkling2 import Inkling2VisionMLP
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
 from transformers.models.llama4.modeling_llama4 import Llama4VisionMLP
@@ -182,6 +183,7 @@ _MLPS = {
     hf_layers.FusedStep3p7VisionEncoderLayer: Step3p7VisionMLP,
     hf_layers.FusedMllamaVisionEncoderLayer: MllamaVisionMLP,
     hf_layers.FusedLlama4VisionEncoderLayer: Llama4VisionMLP,
+    hf_layers.FusedInkling2VisionEncoderLayer: Inkling2VisionMLP,
     hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2VisionMLP,
     hf_florence2.FusedFlorence2VisionChannelBlock: Florence2VisionMLP,
     hf_backbone_layers.FusedVJEPA2Layer: VJEPA2MLP,
@@ -205,7 +207,8 @@ _MLPS = {
                                 (hf_layers.QWEN2_VL_LAYOUT_FAMILIES, hf_layers.QWEN_LAYOUT_LAYERS),
                                 (hf_layers.QWEN2_5_VL_LAYOUT_FAMILIES, hf_layers.QWEN_LAYOUT_LAYERS),
                                 (hf_layers.QWEN3_VL_LAYOUT_FAMILIES, hf_layers.QWEN_LAYOUT_LAYERS),
-                                (hf_layers.AIMV2_LAYOUT_FAMILIES, hf_layers.AIMV2_LAYOUT_LAYERS))
+                                (hf_layers.AIMV2_LAYOUT_FAMILIES, hf_layers.AIMV2_LAYOUT_LAYERS),
+                                (hf_layers.PACKED_BLOCK_FAMILIES, hf_layers.PACKED_BLOCK_LAYERS))
        for layer, mlp in families.items()},
     **{fused: mlp for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items()
        for fused, mlp in zip(pair, hf_layers.DINOV2_LAYOUT_FAMILIES[layer][:2], strict=True)},  # plain, gated
@@ -243,6 +246,7 @@ _BARE_LAYER_SCALES = {
     hf_layers.FusedBeitLayer: "lambda_2",
     hf_layers.FusedInternVLVisionLayer: "lambda_2",
     hf_layers.FusedStep3p7VisionEncoderLayer: "lambda_2",
+    hf_layers.FusedInkling2VisionEncoderLayer: "lambda_2",
     hf_backbone_layers.FusedLwDetrViTLayer: "gamma_2",
 }
 _DROP_PATHS = {

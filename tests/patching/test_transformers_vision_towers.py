@@ -7,7 +7,8 @@ Janus (MLP dropouts), X-CLIP's frame encoder (message tokens), VideoPrism (Layer
 ``hf_layers.VIT_LAYOUT_FAMILIES``), Llama 3.2 Vision's tiled tower (Mllama: its gated global layers'
 gate as the layer scale), Llama 4's (its layers return tuples) and Step3p7's (``lambda_2``); and, as
 stacks of two layers on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5
-(PaddleOCR-VL's layer line for line, ``hf_layers.PACKED_ROPE_FAMILIES``), Cosmos 3 Edge and
+(PaddleOCR-VL's layer line for line, ``hf_layers.PACKED_ROPE_FAMILIES``), LLaVA-OneVision-1.5 and
+GLM-Image (``hf_layers.PACKED_BLOCK_FAMILIES``), Inkling2 (``lambda_2``), Cosmos 3 Edge and
 MiniMax-M3-VL, and PP-OCR's recognisers' SVTR blocks (``hf_layers.PP_OCR_FAMILIES``).
 
 Each layer's LayerNorm+MLP half is one fastvit.layernorm_mlp call; that the table families are their
@@ -44,6 +45,9 @@ T = pytest.importorskip("transformers")
 
 from transformers.models.blip.modeling_blip import BlipEncoderLayer  # noqa: E402
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPEncoderLayer  # noqa: E402
+from transformers.models.llava_onevision1_5.modeling_llava_onevision1_5 import (  # noqa: E402
+    LlavaOnevision15VisionBlock,
+)
 from transformers.models.paddleocr_vl.modeling_paddleocr_vl import PaddleOCRVisionEncoderLayer  # noqa: E402
 from transformers.models.pp_ocrv5_mobile_rec.modeling_pp_ocrv5_mobile_rec import PPOCRV5MobileRecMLP  # noqa: E402
 from transformers.models.videoprism import configuration_videoprism, modeling_videoprism  # noqa: E402
@@ -196,6 +200,13 @@ STACKS = {
                                         **PACKED), PACKED_TOKENS),
     "minimax_m3_vl": (lambda: LayerStack("minimax_m3_vl", "MiniMaxM3VLVisionEncoderLayer", "MiniMaxM3VLVisionConfig",
                                          position_embeddings=ROPE, **PACKED), PACKED_TOKENS[None]),
+    "llava_onevision1_5": (lambda: LayerStack("llava_onevision1_5", "LlavaOnevision15VisionBlock",
+                                              "LlavaOnevision15VisionConfig", position_embeddings=ROPE, **PACKED),
+                           PACKED_TOKENS),  # its attention takes the angles through **kwargs
+    "glm_image": (lambda: LayerStack("glm_image", "GlmImageVisionBlock", "GlmImageVisionConfig", **PACKED),
+                  PACKED_TOKENS),
+    "inkling2": (lambda: LayerStack("inkling2", "Inkling2VisionEncoderLayer", "Inkling2VisionConfig",
+                                    position_embeddings=ROPE, **PACKED), PACKED_TOKENS),
     "pp_ocrv5_mobile_rec": (lambda: LayerStack("pp_ocrv5_mobile_rec", "PPOCRV5MobileRecBlock",
                                                "PPOCRV5MobileRecConfig"), torch.randn(2, 7, 32, generator=_gen(5))),
     "pp_ocrv5_server_rec": (lambda: LayerStack("pp_ocrv5_server_rec", "PPOCRV5ServerRecBlock",
@@ -211,13 +222,18 @@ def _body(function, name: str) -> list[str]:
     return lines[lines.index("residual = hidden_states"):]
 
 
-@pytest.mark.parametrize("layer", [*hf_layers.PP_OCR_FAMILIES, *hf_layers.PACKED_ROPE_FAMILIES],
-                         ids=lambda c: c.__name__)  # fmt: skip
+@pytest.mark.parametrize("layer", [*hf_layers.PP_OCR_FAMILIES, *hf_layers.PACKED_ROPE_FAMILIES,
+                                   *hf_layers.PACKED_BLOCK_FAMILIES], ids=lambda c: c.__name__)  # fmt: skip
 def test_the_token_families_are_their_layout_line_for_line(layer):
     if layer in hf_layers.PP_OCR_FAMILIES:  # CLIP's forward, called without a mask; PP-OCR's MLP
         assert _body(layer.forward, layer.__name__) == _body(CLIPEncoderLayer.forward, CLIPEncoderLayer.__name__)
         mlp, fused = hf_layers.PP_OCR_FAMILIES[layer], hf_layers.PP_OCR_LAYERS[layer]
         reference_mlp = PPOCRV5MobileRecMLP
+    elif layer in hf_layers.PACKED_BLOCK_FAMILIES:  # LLaVA-OneVision-1.5's forward; CLIP's MLP
+        reference = LlavaOnevision15VisionBlock
+        assert source_lines(layer.forward, layer.__name__) == source_lines(reference.forward, reference.__name__)
+        mlp, reference_mlp = hf_layers.PACKED_BLOCK_FAMILIES[layer], CLIPMLP
+        fused = hf_layers.PACKED_BLOCK_LAYERS[layer]
     else:
         reference = PaddleOCRVisionEncoderLayer
         assert source_lines(layer.forward, layer.__name__) == source_lines(reference.forward, reference.__name__)
