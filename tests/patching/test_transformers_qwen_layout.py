@@ -11,6 +11,7 @@ call per block; the Triton kernels in the interpreter on one family per layout. 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -50,9 +51,9 @@ def _body(cls: type, *names: str) -> list[str]:
 
 
 def _norm_class(layer: type) -> type:
-    module = importlib.import_module(layer.__module__)
-    (name,) = {n for n in vars(module) if n.endswith("RMSNorm") and f"{n}(" in
-               importlib.import_module("inspect").getsource(layer.__init__)}  # fmt: skip
+    """The RMSNorm class ``layer.__init__`` builds its norms of."""
+    module, source = importlib.import_module(layer.__module__), inspect.getsource(layer.__init__)
+    (name,) = {n for n in vars(module) if n.endswith("RMSNorm") and f"{n}(" in source}
     return getattr(module, name)
 
 
