@@ -56,7 +56,8 @@ def _patch_embed_fwd(
 ) -> torch.Tensor:
     from fastvit.kernels.patch_embed import patch_embed_forward
 
-    # the kernels read these as vectors: checked when traced, a graph's real layout may differ
+    # the kernels read these as vectors: laid out here, where the real tensors are (a traced graph's
+    # layouts come from fake tensors); they hold D or (P+N)*D elements, never the image
     bias, pos_embed, prefix_tokens = (unit_last_stride(t) for t in (bias, pos_embed, prefix_tokens))
     return patch_embed_forward(x, weight, bias, pos_embed, prefix_tokens, pad)
 
@@ -165,6 +166,7 @@ def _patch_embed_cuda_fwd(
     pos_embed: torch.Tensor | None,
     prefix_tokens: torch.Tensor | None,
 ) -> torch.Tensor:
+    bias, pos_embed, prefix_tokens = (unit_last_stride(t) for t in (bias, pos_embed, prefix_tokens))  # as above
     return torch.ops.fastvit_C.patch_embed_fwd(x, weight, bias, pos_embed, prefix_tokens)
 
 
@@ -503,7 +505,5 @@ def patch_embed(
         pos_embed = None if pos_embed is None else pos_embed.to(out_dtype)
         prefix_tokens = None if prefix_tokens is None else prefix_tokens.to(out_dtype)
     if route == "cuda":
-        return call(_patch_embed_cuda_fwd, _patch_embed_cuda_fwd_function, x, weight, unit_last_stride(bias),
-                    unit_last_stride(pos_embed), unit_last_stride(prefix_tokens))
-    return call(_patch_embed_fwd, _patch_embed_fwd_function, x, weight, unit_last_stride(bias),
-                unit_last_stride(pos_embed), unit_last_stride(prefix_tokens), pad)
+        return call(_patch_embed_cuda_fwd, _patch_embed_cuda_fwd_function, x, weight, bias, pos_embed, prefix_tokens)
+    return call(_patch_embed_fwd, _patch_embed_fwd_function, x, weight, bias, pos_embed, prefix_tokens, pad)
