@@ -10,7 +10,9 @@ HunYuan-VL, HY-V4-VL; and ``PP_OCR_FAMILIES``, PP-OCR's recognisers' SVTR blocks
 towers whose layer is PaddleOCR-VL's line for line (``PACKED_ROPE_FAMILIES``: PaddleOCR-VL,
 VideoLLaMA 3, Ovis2.5), Cosmos 3 Edge's and MiniMax-M3-VL's, the layers that are BLIP's line for line
 (``BLIP_LAYOUT_FAMILIES``: BLIP, BLIP-2, InstructBLIP, InstructBLIP-Video), ``InternVLVisionLayer``
-(``lambda_2``; LayerNorm or RMSNorm), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
+(``lambda_2``; LayerNorm or RMSNorm) and Qianfan-OCR's copy with drop path, the OCR towers' layers of
+their own: Pix2Struct's and Kosmos-2.5's (T5's RMSNorm and gated feed-forward), DeepSeek-OCR 2's
+vision encoder (a Qwen2 decoder layer: RMSNorm + SwiGLU), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
 ``XCLIPVisionEncoderLayer``, ``VideoPrismLayer`` (``weight + 1`` LayerNorms), ``SiglipEncoderLayer``,
 ``Siglip2EncoderLayer``, MGP-STR's ``MgpstrLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer``, the
 layers that are DINOv2's line
@@ -50,7 +52,11 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.clipseg.modeling_clipseg import CLIPSegEncoderLayer, CLIPSegMLP
 from transformers.models.cohere_compass.modeling_cohere_compass import CohereCompassVisionBlock, CohereCompassVisionMLP
 from transformers.models.cosmos3_edge.modeling_cosmos3_edge import Cosmos3EdgeVisionEncoderLayer
-from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2SamMLPBlock, DeepseekOcr2SamVisionLayer
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
+    DeepseekOcr2SamMLPBlock,
+    DeepseekOcr2SamVisionLayer,
+    DeepseekOcr2VisionEncoderLayer,
+)
 from transformers.models.deit.modeling_deit import DeiTLayer, DeiTMLP
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2SwiGLUFFN
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
@@ -88,6 +94,7 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
 from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
 from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25VisionEncoderLayer, Kimi_K25VisionMLP
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
+from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5VisionLayer
 from transformers.models.llama4.modeling_llama4 import Llama4VisionEncoderLayer
 from transformers.models.llava_onevision1_5.modeling_llava_onevision1_5 import (
     LlavaOnevision15VisionBlock,
@@ -113,6 +120,7 @@ from transformers.models.phi4_multimodal.modeling_phi4_multimodal import (
     Phi4MultimodalVisionEncoderLayer,
     Phi4MultimodalVisionMLP,
 )
+from transformers.models.pix2struct.modeling_pix2struct import Pix2StructVisionLayer
 from transformers.models.pixtral.modeling_pixtral import PixtralAttentionLayer
 from transformers.models.pp_formulanet.modeling_pp_formulanet import PPFormulaNetMLPBlock, PPFormulaNetVisionLayer
 from transformers.models.pp_ocrv5_mobile_rec.modeling_pp_ocrv5_mobile_rec import (
@@ -124,6 +132,7 @@ from transformers.models.pp_ocrv5_server_rec.modeling_pp_ocrv5_server_rec import
     PPOCRV5ServerRecMLP,
 )
 from transformers.models.pp_ocrv6_small_rec.modeling_pp_ocrv6_small_rec import PPOCRV6SmallRecBlock, PPOCRV6SmallRecMLP
+from transformers.models.qianfan_ocr.modeling_qianfan_ocr import QianfanOCRVisionLayer
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniMLP, Qwen2_5OmniVisionBlock
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionBlock
@@ -185,6 +194,7 @@ from transformers.models.vitdet.modeling_vitdet import window_partition as vitde
 from transformers.models.vitdet.modeling_vitdet import window_unpartition as vitdet_window_unpartition
 from transformers.models.vivit.modeling_vivit import VivitLayer, VivitMLP
 from transformers.models.x_clip.modeling_x_clip import XCLIPMLP, XCLIPEncoderLayer, XCLIPVisionEncoderLayer
+from transformers.utils.deprecation import deprecate_kwarg
 
 import fastvit
 from fastvit.nn.fused import FusedModule, declare_fused, regularisation_fallback
@@ -222,6 +232,7 @@ __all__ = [
     "FusedCosmos3EdgeVisionEncoderLayer",
     "FusedDINOv3ViTGatedLayer",
     "FusedDINOv3ViTLayer",
+    "FusedDeepseekOcr2VisionEncoderLayer",
     "FusedDinov2GatedLayer",
     "FusedDinov2Layer",
     "FusedDinov2WithRegistersGatedLayer",
@@ -230,13 +241,16 @@ __all__ = [
     "FusedInkling2VisionEncoderLayer",
     "FusedInternVLVisionLayer",
     "FusedJanusVisionEncoderLayer",
+    "FusedKosmos2_5VisionLayer",
     "FusedLlama4VisionEncoderLayer",
     "FusedMLCDEncoderLayer",
     "FusedMgpstrLayer",
     "FusedMiniMaxM3VLVisionEncoderLayer",
     "FusedMllamaVisionEncoderLayer",
+    "FusedPix2StructVisionLayer",
     "FusedPixtralAttentionLayer",
     "FusedPreNormLayer",
+    "FusedQianfanOCRVisionLayer",
     "FusedQwen2VLVisionBlock",
     "FusedQwen2_5_VLVisionBlock",
     "FusedQwen3VLVisionBlock",
@@ -930,6 +944,132 @@ class FusedLlama4VisionEncoderLayer(FusedPreNormLayer, Llama4VisionEncoderLayer)
         return (hidden_state, attn_weights) if output_attentions else (hidden_state,)
 
 
+class FusedQianfanOCRVisionLayer(FusedPreNormLayer, QianfanOCRVisionLayer):
+    """Qianfan-OCR's vision layer (InternViT's, with drop path) whose norm+MLP half,
+    ``h + drop_path2(lambda_2 * dropout(mlp(layernorm_after(h))))``, is one op call: ``lambda_2`` (D,)
+    as the layer scale, the norm a LayerNorm or its RMSNorm (``norm_type``); its attention half is
+    Hugging Face's, line for line."""
+
+    fastvit_mlp = MlpHalf("layernorm_after", rms=None, dropout="dropout", drop_path="drop_path2")
+
+    def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's second half, module by module, in its order."""
+        layer_output = self.lambda_2 * self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return self.drop_path2(layer_output) + hidden_states
+
+    def _fastvit_layer_scale(self) -> torch.Tensor | None:
+        return self.lambda_2
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, **kwargs)
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states, _ = self.attention(hidden_states, **kwargs)
+        hidden_states = self.lambda_1 * hidden_states
+        hidden_states = self.drop_path1(hidden_states)
+        return self._fastvit_mlp_half(hidden_states + residual)
+
+
+class FusedDeepseekOcr2VisionEncoderLayer(FusedPreNormLayer, DeepseekOcr2VisionEncoderLayer):
+    """DeepSeek-OCR 2's vision encoder layer (a Qwen2 decoder layer over the SAM features and the
+    learned queries, under a mask bidirectional over the image tokens and causal over the queries)
+    whose RMSNorm+SwiGLU half, ``h + down_proj(silu(gate_proj(x)) * up_proj(x))`` with
+    ``x = post_attention_layernorm(h)``, is one op call; its attention half is Hugging Face's, line
+    for line."""
+
+    fastvit_mlp = MlpHalf("post_attention_layernorm", fc1="up_proj", act="act_fn", fc2="down_proj",
+                          gate="gate_proj", rms=True)  # fmt: skip
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(
+                hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+            )  # fmt: skip
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        return self._fastvit_mlp_half(residual + hidden_states)
+
+
+# T5's gated feed-forward (``wo(dropout(act(wi_0(x)) * wi_1(x)))``, no biases) after T5's RMSNorm
+_T5_LAYOUT = MlpHalf("pre_mlp_layer_norm", fc1="wi_1", act="act", fc2="wo", gate="wi_0", rms=True,
+                     mlp_dropouts=("dropout",))  # fmt: skip
+
+
+class _Pix2StructLayoutHalf(FusedPreNormLayer):
+    """The MLP half of Pix2Struct's vision layer and of its copy in Kosmos-2.5: T5's RMSNorm and gated
+    feed-forward. Hugging Face casts between them (the norm's output to a 16-bit norm weight's dtype,
+    the product to ``wo``'s dtype: T5 keeps ``wo`` in fp32 in 16-bit models); outside autocast, a call
+    whose tensors are not all of one dtype runs Hugging Face's modules, which make those casts."""
+
+    fastvit_mlp = _T5_LAYOUT
+
+    def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: no dtypes to compare
+        if traced is not None:
+            return traced
+        mlp = self.mlp
+        weights = (self.pre_mlp_layer_norm.weight, mlp.wi_0.weight, mlp.wi_1.weight, mlp.wo.weight)
+        mixed = any(weight.dtype != hidden_states.dtype for weight in weights)
+        if mixed and not torch.is_autocast_enabled(hidden_states.device.type):
+            return self._fastvit_original_half(hidden_states)
+        return super()._fastvit_mlp_half(hidden_states)
+
+
+class FusedPix2StructVisionLayer(_Pix2StructLayoutHalf, Pix2StructVisionLayer):
+    """Pix2Struct's vision layer (Pix2Struct, DePlot, MatCha) whose T5-style half,
+    ``h + wo(act(wi_0(x)) * wi_1(x))`` with ``x = pre_mlp_layer_norm(h)`` (an RMSNorm; tanh GELU by
+    default), is one op call; its attention half and its outputs (the attention weights beside the
+    tokens) are Hugging Face's, line for line."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        residual = hidden_states
+        hidden_states = self.pre_attention_layer_norm(hidden_states)
+        attention_output, attn_weights = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = attention_output + residual
+        return self._fastvit_mlp_half(hidden_states), attn_weights
+
+
+class FusedKosmos2_5VisionLayer(_Pix2StructLayoutHalf, Kosmos2_5VisionLayer):
+    """Kosmos-2.5's vision layer (Pix2Struct's, returning the tokens alone) whose T5-style half is one
+    op call; its attention half is Hugging Face's, line for line."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        residual = hidden_states
+        hidden_states = self.pre_attention_layer_norm(hidden_states)
+        attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = attention_output + residual
+        return self._fastvit_mlp_half(hidden_states)
+
+
 class FusedVideoPrismLayer(_ViTLayoutForward, VideoPrismLayer):
     """VideoPrism's ``VideoPrismLayer`` (ViT's layer, line for line, whose LayerNorms scale by
     ``weight + 1``) whose LayerNorm+MLP half (with hidden dropout) is one op call, the norm's weight
@@ -1481,6 +1621,7 @@ for _fused in (
     *CLIP_LAYOUT_LAYERS.values(),
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
     *QWEN_LAYOUT_LAYERS.values(), *AIMV2_LAYOUT_LAYERS.values(), *PACKED_BLOCK_LAYERS.values(),
-    FusedInkling2VisionEncoderLayer,
+    FusedInkling2VisionEncoderLayer, FusedQianfanOCRVisionLayer, FusedDeepseekOcr2VisionEncoderLayer,
+    FusedPix2StructVisionLayer, FusedKosmos2_5VisionLayer,
 ):  # fmt: skip
     register(_fused)

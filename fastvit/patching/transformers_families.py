@@ -2,9 +2,10 @@
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
 SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 vision blocks, Step3p7's and Llama 3.2 Vision's (Mllama: its gated global layers' gate as the layer
-scale) ...; Florence-2's DaViT blocks' FFN halves on their channel-first maps
-(``fastvit.nn.hf_florence2``); ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's
-DINOv2, LW-DETR's ViT, PVT, TimeSformer) and their patch embeddings
+scale), the OCR towers' (Pix2Struct, Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2) ...; Florence-2's
+DaViT blocks' FFN halves on their channel-first maps (``fastvit.nn.hf_florence2``);
+``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's DINOv2, LW-DETR's
+ViT, PVT, TimeSformer) and their patch embeddings
 (``fastvit.nn.hf_embeddings``: CLIP, SigLIP, DINOv2 (+ registers), DINOv3, DeiT, OWL-ViT and the copies
 Hugging Face made of them); and ConvNeXt's
 ``ConvNextLayer`` branch, ``residual=False`` (``fastvit.nn.hf_convnext``; ConvNeXt V2's layers are
@@ -24,7 +25,7 @@ pre-MLP RMS norm and gated MLP (``fastvit.nn.hf_gemma4``); LeViT's attentions (t
 the op's float mask, ``fastvit.nn.hf_levit``).
 
 A layer can be fused when its norm is an ``nn.LayerNorm`` over the last dim (or the family's RMSNorm:
-AIMv2, Pixtral, Qwen2.5-VL), its MLP the family's own MLP class (plain, or gated with a
+AIMv2, Pixtral, Qwen2.5-VL, T5's in Pix2Struct), its MLP the family's own MLP class (plain, or gated with a
 ``gate_proj``: AIMv2, Pixtral, Qwen2.5-VL, DINOv2's SwiGLU FFN, DINOv3's gated MLP) of ``nn.Linear``
 layers with an activation the op computes (GELU exact or tanh, quick_gelu, SiLU), and its
 LayerScale, drop path and dropout the family's own modules. Other layers are reported with the
@@ -48,6 +49,7 @@ from transformers.models.data2vec.modeling_data2vec_vision import (
     Data2VecVisionIntermediate,
     Data2VecVisionOutput,
 )
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2VisionMLP, DeepseekOcr2VisionRMSNorm
 from transformers.models.dinov2.modeling_dinov2 import (
     Dinov2DropPath,
     Dinov2LayerScale,
@@ -71,6 +73,7 @@ from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.inkling2.modeling_inkling2 import Inkling2VisionMLP
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
+from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5LayerNorm, Kosmos2_5VisionMlp
 from transformers.models.llama4.modeling_llama4 import Llama4VisionMLP
 from transformers.models.lw_detr.modeling_lw_detr import LwDetrViTMlp
 from transformers.models.maskformer.modeling_maskformer_swin import MaskFormerSwinIntermediate, MaskFormerSwinOutput
@@ -79,9 +82,15 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VL
 from transformers.models.mlcd.modeling_mlcd import MLCDMLP
 from transformers.models.mllama.modeling_mllama import MllamaVisionMLP
 from transformers.models.ovis2.modeling_ovis2 import Ovis2RMSNorm, Ovis2VisionEncoderLayer
+from transformers.models.pix2struct.modeling_pix2struct import Pix2StructLayerNorm, Pix2StructVisionMlp
 from transformers.models.pixio.modeling_pixio import PixioDropPath, PixioMLP
 from transformers.models.pixtral.modeling_pixtral import PixtralMLP, PixtralRMSNorm
 from transformers.models.pvt.modeling_pvt import PvtDropPath, PvtFFN
+from transformers.models.qianfan_ocr.modeling_qianfan_ocr import (
+    QianfanOCRDropPath,
+    QianfanOCRVisionMLP,
+    QianfanOCRVisionRMSNorm,
+)
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRMSNorm, Qwen2_5OmniVisionBlock
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionMlp as Qwen2VLVisionMlp
@@ -184,6 +193,10 @@ _MLPS = {
     hf_layers.FusedMllamaVisionEncoderLayer: MllamaVisionMLP,
     hf_layers.FusedLlama4VisionEncoderLayer: Llama4VisionMLP,
     hf_layers.FusedInkling2VisionEncoderLayer: Inkling2VisionMLP,
+    hf_layers.FusedQianfanOCRVisionLayer: QianfanOCRVisionMLP,
+    hf_layers.FusedDeepseekOcr2VisionEncoderLayer: DeepseekOcr2VisionMLP,
+    hf_layers.FusedPix2StructVisionLayer: Pix2StructVisionMlp,
+    hf_layers.FusedKosmos2_5VisionLayer: Kosmos2_5VisionMlp,
     hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2VisionMLP,
     hf_florence2.FusedFlorence2VisionChannelBlock: Florence2VisionMLP,
     hf_backbone_layers.FusedVJEPA2Layer: VJEPA2MLP,
@@ -218,6 +231,10 @@ _RMS_NORMS = {
     hf_layers.FusedPixtralAttentionLayer: PixtralRMSNorm,
     hf_layers.FusedQwen2_5_VLVisionBlock: Qwen2_5_VLRMSNorm,
     hf_layers.FusedInternVLVisionLayer: InternVLVisionRMSNorm,  # or an nn.LayerNorm (MlpHalf.rms None)
+    hf_layers.FusedQianfanOCRVisionLayer: QianfanOCRVisionRMSNorm,  # or an nn.LayerNorm (MlpHalf.rms None)
+    hf_layers.FusedDeepseekOcr2VisionEncoderLayer: DeepseekOcr2VisionRMSNorm,
+    hf_layers.FusedPix2StructVisionLayer: Pix2StructLayerNorm,  # T5's RMSNorm
+    hf_layers.FusedKosmos2_5VisionLayer: Kosmos2_5LayerNorm,  # T5's RMSNorm
     hf_backbone_layers.FusedSapiens2Layer: Sapiens2RMSNorm,
     hf_backbone_layers.FusedSapiens2GatedLayer: Sapiens2RMSNorm,
     **{hf_layers.QWEN_LAYOUT_LAYERS[layer]: norm for layer, norm in (  # Qwen2.5-VL's layout
@@ -247,6 +264,7 @@ _BARE_LAYER_SCALES = {
     hf_layers.FusedInternVLVisionLayer: "lambda_2",
     hf_layers.FusedStep3p7VisionEncoderLayer: "lambda_2",
     hf_layers.FusedInkling2VisionEncoderLayer: "lambda_2",
+    hf_layers.FusedQianfanOCRVisionLayer: "lambda_2",
     hf_backbone_layers.FusedLwDetrViTLayer: "gamma_2",
 }
 _DROP_PATHS = {
@@ -254,6 +272,7 @@ _DROP_PATHS = {
     hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2DropPath,
     hf_florence2.FusedFlorence2VisionChannelBlock: Florence2DropPath,
     hf_layers.FusedVitDetLayer: VitDetDropPath,
+    hf_layers.FusedQianfanOCRVisionLayer: QianfanOCRDropPath,
     hf_layers.FusedHieraLayer: HieraDropPath,
     hf_layers.FusedSegGptLayer: SegGptDropPath,
     hf_layers.FusedMgpstrLayer: MgpStrDropPath,
