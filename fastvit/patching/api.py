@@ -123,7 +123,8 @@ def patch(
       tower (its unclamped blocks' MLP halves too), MaxViT / CoAtNet, DaViT (Florence-2's encoders),
       Twins (SVT, PCPVT), NesT, GCViT (the MLP halves of these four too), Visformer, CrossViT's cross
       attention, PVTv2, MViTv2, VOLO, ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt
-      (cross-covariance), Next-ViT, TNT and Apple's FastViT / MobileCLIP (``fastvit_sa*``,
+      (cross-covariance), Next-ViT, CAFormer (MetaFormer's attention token mixer), TNT and Apple's
+      FastViT / MobileCLIP (``fastvit_sa*``,
       ``fastvit_mci*``); the MLP halves of the Swin
       V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO,
       MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP
@@ -143,7 +144,8 @@ def patch(
       DINOv2's (C-RADIO, EoMT, TIPSv2, VidEoMT), of DPT's, YOLOS's, VideoMAE's and MobileViT's (ViT's
       4.x layout), of the vision towers of BLIP / BLIP-2 / InstructBLIP(-Video), InternVL, MLCD, Janus,
       X-CLIP, VideoPrism, PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge, MiniMax-M3-VL and Gemma 4
-      (its sandwich's pre-MLP norm and gated MLP), MGP-STR's and AST's, of the V-JEPA 2, ViTPose, Pixio,
+      (its sandwich's pre-MLP norm and gated MLP), MGP-STR's and AST's, of the OCR towers' own layers
+      (Pix2Struct, Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2's vision encoder), of the V-JEPA 2, ViTPose, Pixio,
       Sapiens2, RF-DETR (DINOv2), LW-DETR (ViT), PVT and TimeSformer backbones,
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention

@@ -34,7 +34,8 @@ block (``timm_deepseek``), DaViT's window and channel attentions and its blocks'
 (Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
 halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
 window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
-cross attention (``timm_crossvit``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
+cross attention (``timm_crossvit``), CAFormer's attention (MetaFormer's token mixer:
+``timm_metaformer``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
 other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
 architectures are left alone."""
 
@@ -176,6 +177,15 @@ try:  # Visformer's conv-projected attention (fastvit.nn.timm_visformer)
     from fastvit.nn import timm_visformer
 
     _RECENT_ATTENTIONS += ((fused_table(timm_visformer.FusedVisformerAttention), (
+        "qkv", "attn_drop", "proj", "proj_drop", "num_heads", "head_dim", "scale",
+    )),)  # fmt: skip
+except ImportError:
+    pass
+
+try:  # CAFormer's attention (MetaFormer's token mixer; fastvit.nn.timm_metaformer)
+    from fastvit.nn import timm_metaformer
+
+    _RECENT_ATTENTIONS += ((fused_table(timm_metaformer.FusedMetaFormerAttention), (
         "qkv", "attn_drop", "proj", "proj_drop", "num_heads", "head_dim", "scale",
     )),)  # fmt: skip
 except ImportError:
@@ -373,6 +383,11 @@ _LEFT_ALONE = {
         "mlp", "LeViT's LevitMlp is Linear+BatchNorm with Hardswish, not a LayerNorm+GELU MLP: it runs timm's "
         "modules",
     ),
+    ("timm.models.metaformer", "MetaFormerBlock"): (
+        "mlp", "MetaFormer's block activates its MLP with StarReLU (s * relu(x)^2 + b: CAFormer, ConvFormer, "
+        "PoolFormer v2) or normalises with a GroupNorm over the (B, C, H, W) map (PoolFormer), and may scale its "
+        "residual stream (res_scale2), which fastvit.layernorm_mlp does not compute: it runs timm's modules",
+    ),
 }
 _NORMED_PATCHES = (
     "patch embedding normalises the patches (timm's PatchEmbed with a LayerNorm, feeding the window stages as a "
@@ -413,6 +428,8 @@ _LEFT_ALONE_MODELS = {
     ("timm.models.visformer", "Visformer"): _CONV_STEM,
     ("timm.models.crossvit", "CrossVit"): "patch embeddings are one per branch (two patch sizes, each with its "
     "own class token and position embedding), not a ViT's single embedding (fastvit.patch_embed): left alone",
+    ("timm.models.metaformer", "MetaFormer"): "stem is an overlapping conv (kernel 7, stride 4, padding 2) "
+    "followed by a LayerNorm2d, feeding conv stages, not a patchify conv (fastvit.patch_embed): left alone",
     ("timm.models.davit", "DaVit"): "stem is an overlapping conv (kernel 7, stride 4, padding 3) followed by a "
     "LayerNorm2d, not a patchify conv (fastvit.patch_embed): left alone",
     **{
