@@ -122,7 +122,8 @@ def patch(
       ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the Qwen3-VL and DeepSeek towers), the Gemma 4
       tower (its unclamped blocks' MLP halves too), MaxViT / CoAtNet, DaViT (Florence-2's encoders),
       Twins (SVT, PCPVT), NesT, GCViT (the MLP halves of these four too), Visformer, CrossViT's cross
-      attention, PVTv2, MViTv2, VOLO, ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt
+      attention, ViT-22B's parallel block (``vit_*_xp_*``), PVTv2, MViTv2, VOLO, ConViT's MHSA, CaiT's
+      class attention, XCiT and EdgeNeXt
       (cross-covariance), Next-ViT, CAFormer (MetaFormer's attention token mixer), TNT and Apple's
       FastViT / MobileCLIP (``fastvit_sa*``,
       ``fastvit_mci*``); the MLP halves of the Swin

@@ -34,7 +34,8 @@ block (``timm_deepseek``), DaViT's window and channel attentions and its blocks'
 (Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
 halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
 window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
-cross attention (``timm_crossvit``), CAFormer's attention (MetaFormer's token mixer:
+cross attention (``timm_crossvit``), the attention of ViT-22B's parallel block (``ParallelScalingBlock``:
+``timm_parallel``), CAFormer's attention (MetaFormer's token mixer:
 ``timm_metaformer``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
 other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
 architectures are left alone."""
@@ -190,6 +191,23 @@ try:  # CAFormer's attention (MetaFormer's token mixer; fastvit.nn.timm_metaform
     )),)  # fmt: skip
 except ImportError:
     pass
+
+try:  # the attention of ViT-22B's parallel block (fastvit.nn.timm_parallel)
+    from fastvit.nn import timm_parallel
+
+    _RECENT_ATTENTIONS += ((fused_table(timm_parallel.FusedParallelScalingBlock), (
+        "in_norm", "in_proj", "in_split", "mlp_bias", "q_norm", "k_norm", "attn_drop", "mlp_act", "mlp_drop",
+        "out_proj", "attn_out_proj", "mlp_out_proj", "ls", "drop_path", "num_heads", "head_dim", "scale",
+    )),)  # fmt: skip
+    # {fused class: why the block's MLP branch, beside the attention fused, runs timm's modules}
+    _SHARED_MLP_NOTES = {
+        timm_parallel.FusedParallelScalingBlock: "ParallelScalingBlock's MLP branch shares the block's norm and "
+        "input projection with its attention (fc1 is rows of in_proj, fc2 is added to the attention's output "
+        "projection before the residual), which is no LayerNorm+MLP half fastvit.layernorm_mlp computes: it runs "
+        "timm's modules",
+    }
+except ImportError:
+    _SHARED_MLP_NOTES = {}
 
 try:  # CrossViT's cross attention between its branches (fastvit.nn.timm_crossvit)
     from fastvit.nn import timm_crossvit
@@ -880,6 +898,8 @@ def find(model: nn.Module) -> list[Finding]:
             fused_cls, names = _OTHER_ATTENTIONS[cls]
             problems = lambda m, names=names: missing_attributes(m, names, "timm")
             findings.append(slot(path, module, "attention", fused_cls, problems, _other_attention_notes))
+            if fused_cls in _SHARED_MLP_NOTES:
+                findings.append(Skip(path, "mlp", _SHARED_MLP_NOTES[fused_cls]))
         elif (cls.__module__, cls.__name__) in _POST_NORM_BLOCKS:
             findings.append(_post_norm_mlp(path, module))
         elif (cls.__module__, cls.__name__) in _LEFT_ALONE:
