@@ -5,16 +5,16 @@
 Each block works on a (B, C, H, W) map: a depthwise conv position encoding added, the map seen as
 (B, H*W, C) tokens (a transposed view, the channels at stride H*W), an attention half (window
 attention in the spatial block, channel attention in the channel block: both through transformers'
-``AttentionInterface``, routed by ``fastvit.patch``), a second conv position encoding, then the
-FFN half ``residual + drop_path2(ffn(norm2(tokens)))``, back to (B, C, H, W). The FFN half is one
-``fastvit.layernorm_mlp`` call on the tokens (the op reads the transposed view; it copies it once
-to a unit channel stride, as Hugging Face's LayerNorm does), the branch alone (``residual=False``):
-the residual add is Hugging Face's, so the map comes out with the strides it has unpatched
-(``FusedPreNormLayer.fastvit_residual_after``). The rest of each forward is Hugging Face's, line
-for line; drop path in training, or a hook on (or a replacement of) a module the half reads, run
-Hugging Face's modules. Importing this module imports transformers and enters the fused classes in
-``fastvit.nn.hf_layers``' tables.
-"""
+``AttentionInterface``, routed by ``fastvit.patch``; the channel attention's calls, whose head dim
+is the map's tokens as a strided view, run SDPA, and the report lists it as left alone), a second
+conv position encoding, then the FFN half ``residual + drop_path2(ffn(norm2(tokens)))``, back to
+(B, C, H, W). The FFN half is one ``fastvit.layernorm_mlp`` call on the tokens (the op reads the
+transposed view; it copies it once to a unit channel stride, as Hugging Face's LayerNorm does), the
+branch alone (``residual=False``): the residual add is Hugging Face's, so the map comes out with the
+strides it has unpatched (``FusedPreNormLayer.fastvit_residual_after``). The rest of each forward is
+Hugging Face's, line for line; drop path in training, or a hook on (or a replacement of) a module
+the half reads, run Hugging Face's modules. Importing this module imports transformers and enters
+the fused classes in ``fastvit.nn.hf_layers``' tables."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import transformers
 from transformers.configuration_utils import PretrainedConfig
 from transformers.modeling_utils import PreTrainedModel
+from transformers.models.florence2.modeling_florence2 import Florence2VisionChannelAttention
 from transformers.models.vit import modeling_vit
 
 from fastvit.nn.fused import FusedModule
@@ -232,6 +233,13 @@ PACKED_INTERFACE_NAME = "fastvit_flash_varlen"  # hf_attention.PACKED_NAME: for 
 FASTVIT_NAMES = (INTERFACE_NAME, PACKED_INTERFACE_NAME)
 # Set on each routed attention module (a plain attribute: not in state_dict): the config's
 # attn_implementation before fastvit.patch, which fastvit.unpatch restores.
+# interface attentions every call of which the interface's fallback sends to SDPA: reported as
+# left alone, not as routed (their config, shared with attentions that are routed, still switches)
+_ALWAYS_SDPA = {
+    Florence2VisionChannelAttention: "Florence2VisionChannelAttention attends between channels: its head dim "
+    "is the map's H*W tokens, a strided view the kernels do not read (and mostly beyond their head dims), so "
+    "transformers' interface sends each of its calls to SDPA (said once in a warning)",
+}
 _PREVIOUS = "_fastvit_previous_attn_implementation"  # hf_attention.PREVIOUS_IMPLEMENTATION, which reads it
 # Set on each module whose config fastvit.patch replaced by its copy: (the config object it held,
 # the list of every module one patch gave copies), which fastvit.unpatch puts back when the copies
@@ -419,6 +427,9 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: dict[int, str
     for path, module in modules.items():
         if id(module) in claimed or isinstance(module, FusedModule) or path.startswith(swapped):
             continue  # a module swap covers it (and the report lists it)
+        if type(module) in _ALWAYS_SDPA:
+            report.skipped.append(PatchEntry(path, "attention", _ALWAYS_SDPA[type(module)]))
+            continue
         if _routable(module):
             if (problem := _sdpa_problem(path, modules)) is not None:
                 report.skipped.append(PatchEntry(path, "attention", problem))
