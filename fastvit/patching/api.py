@@ -128,9 +128,9 @@ def patch(
       FastViT / MobileCLIP (``fastvit_sa*``,
       ``fastvit_mci*``); the MLP halves of the Swin
       V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO,
-      MViTv2, XCiT, ConViT, TNT and EdgeNeXt blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP
-      towers); the MLP alone (``norm="none"``) of the post-norm blocks (Swin V2, V2-CR,
-      ``EvaBlockPostNorm``, ``ResPostRelPosBlock``, ``ResPostBlock``); ``scale_mlp``'s LayerNorm
+      MViTv2, XCiT, ConViT, TNT, EdgeNeXt and CSATv2 (transformer) blocks, and ConvNeXt's
+      (``convnext_*``, the ConvNeXt CLIP towers); the MLP alone (``norm="none"``) of the post-norm
+      blocks (Swin V2, V2-CR, ``EvaBlockPostNorm``, ``ResPostRelPosBlock``, ``ResPostBlock``); ``scale_mlp``'s LayerNorm
       between the activation and fc2 (EVA02-B/L, EVA02-CLIP) as the op's ``hidden_norm``; the
       embeddings of ``VisionTransformer``, Eva, BEiT, ``vit_relpos_*``, CaiT, ConViT, SAM and the
       Qwen3-VL and DeepSeek towers;

@@ -34,9 +34,10 @@ block (``timm_deepseek``), DaViT's window and channel attentions and its blocks'
 (Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
 halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
 window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
-cross attention (``timm_crossvit``), the attention of ViT-22B's parallel block (``ParallelScalingBlock``:
-``timm_parallel``), CAFormer's attention (MetaFormer's token mixer:
-``timm_metaformer``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
+cross attention (``timm_crossvit``), the attention of ViT-22B's parallel block
+(``ParallelScalingBlock``: ``timm_parallel``), the MLP halves of CSATv2's transformer blocks
+(``timm_csatv2``), CAFormer's attention (MetaFormer's token mixer: ``timm_metaformer``), and
+NaFlexVit's embedding and padding mask (``timm_naflex``); the
 other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
 architectures are left alone."""
 
@@ -208,6 +209,13 @@ try:  # the attention of ViT-22B's parallel block (fastvit.nn.timm_parallel)
     }
 except ImportError:
     _SHARED_MLP_NOTES = {}
+
+try:  # CSATv2's transformer blocks' MLP halves, on their (B, C, H, W) maps (fastvit.nn.timm_csatv2)
+    from fastvit.nn import timm_csatv2
+
+    _OTHER_BLOCKS |= fused_table(timm_csatv2.FusedCsatv2TransformerBlock)
+except ImportError:
+    pass
 
 try:  # CrossViT's cross attention between its branches (fastvit.nn.timm_crossvit)
     from fastvit.nn import timm_crossvit
