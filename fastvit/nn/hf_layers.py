@@ -1035,6 +1035,16 @@ class _Pix2StructLayoutHalf(FusedPreNormLayer):
             return self._fastvit_original_half(hidden_states)
         return super()._fastvit_mlp_half(hidden_states)
 
+    def _fastvit_layer(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pix2Struct's layer, line for line, but for its MLP half: (tokens, attention weights)."""
+        residual = hidden_states
+        hidden_states = self.pre_attention_layer_norm(hidden_states)
+        attention_output, attn_weights = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = attention_output + residual
+        return self._fastvit_mlp_half(hidden_states), attn_weights
+
 
 class FusedPix2StructVisionLayer(_Pix2StructLayoutHalf, Pix2StructVisionLayer):
     """Pix2Struct's vision layer (Pix2Struct, DePlot, MatCha) whose T5-style half,
@@ -1047,11 +1057,7 @@ class FusedPix2StructVisionLayer(_Pix2StructLayoutHalf, Pix2StructVisionLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
             return super().forward(hidden_states, attention_mask, **kwargs)
-        residual = hidden_states
-        hidden_states = self.pre_attention_layer_norm(hidden_states)
-        attention_output, attn_weights = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
-        hidden_states = attention_output + residual
-        return self._fastvit_mlp_half(hidden_states), attn_weights
+        return self._fastvit_layer(hidden_states, attention_mask, kwargs)
 
 
 class FusedKosmos2_5VisionLayer(_Pix2StructLayoutHalf, Kosmos2_5VisionLayer):
@@ -1063,11 +1069,7 @@ class FusedKosmos2_5VisionLayer(_Pix2StructLayoutHalf, Kosmos2_5VisionLayer):
     ) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
             return super().forward(hidden_states, attention_mask, **kwargs)
-        residual = hidden_states
-        hidden_states = self.pre_attention_layer_norm(hidden_states)
-        attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
-        hidden_states = attention_output + residual
-        return self._fastvit_mlp_half(hidden_states)
+        return self._fastvit_layer(hidden_states, attention_mask, kwargs)[0]
 
 
 class FusedVideoPrismLayer(_ViTLayoutForward, VideoPrismLayer):
