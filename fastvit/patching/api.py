@@ -121,16 +121,17 @@ def patch(
       DINOv3), ``AttentionRope`` (vit_pe_*, NaFlexVit's RoPE, the Qwen3-VL and DeepSeek towers), the
       Gemma 4 tower (its unclamped blocks' MLP halves too), MaxViT / CoAtNet, DaViT (Florence-2's
       encoders), Twins (SVT, PCPVT), NesT, GCViT (the MLP halves of these four too), Visformer,
-      CrossViT's cross attention, ViT-22B's parallel block (``vit_*_xp_*``), PVTv2, MViTv2, VOLO,
-      ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt (cross-covariance), Next-ViT, CAFormer
-      (MetaFormer's attention token mixer), TNT and Apple's FastViT / MobileCLIP (``fastvit_sa*``,
-      ``fastvit_mci*``); the MLP halves of the Swin V1, SAM, HieraDet, Hiera, MaxViT, CoAtNet,
-      vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO, MViTv2, XCiT, ConViT, TNT, EdgeNeXt and CSATv2
-      (transformer) blocks, and ConvNeXt's (``convnext_*``, the ConvNeXt CLIP towers); the MLP alone
-      (``norm="none"``) of the post-norm blocks (Swin V2, V2-CR, ``EvaBlockPostNorm``,
-      ``ResPostRelPosBlock``, ``ResPostBlock``); ``scale_mlp``'s LayerNorm between the activation and
-      fc2 (EVA02-B/L, EVA02-CLIP) as the op's ``hidden_norm``; the embeddings of ``VisionTransformer``,
-      Eva, BEiT, ``vit_relpos_*``, CaiT, ConViT, SAM and the Qwen3-VL and DeepSeek towers;
+      CrossViT's cross attention, ViT-22B's parallel blocks (``vit_*_xp_*``, differential:
+      ``vit_dpwee_*``), PVTv2, MViTv2, VOLO, ConViT's MHSA, CaiT's class attention, XCiT and EdgeNeXt
+      (cross-covariance), Next-ViT, CAFormer (MetaFormer's attention token mixer), TNT and Apple's
+      FastViT / MobileCLIP (``fastvit_sa*``, ``fastvit_mci*``); the MLP halves of the Swin V1, SAM,
+      HieraDet, Hiera, MaxViT, CoAtNet, vit_relpos, TinyViT, EfficientFormer, CaiT, VOLO, MViTv2, XCiT,
+      ConViT, TNT, EdgeNeXt and CSATv2 (transformer) blocks, and ConvNeXt's (``convnext_*``, the
+      ConvNeXt CLIP towers); the MLP alone (``norm="none"``) of the post-norm blocks (Swin V2, V2-CR,
+      ``EvaBlockPostNorm``, ``ResPostRelPosBlock``, ``ResPostBlock``); ``scale_mlp``'s LayerNorm between
+      the activation and fc2 (EVA02-B/L, EVA02-CLIP) as the op's ``hidden_norm``; the embeddings of
+      ``VisionTransformer``, Eva, BEiT, ``vit_relpos_*``, CaiT, ConViT, SAM and the Qwen3-VL and
+      DeepSeek towers;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``: V2's post-norm MLP
       alone), MaxViT and ConvNeXt's LayerNorm+MLP (``convnext_*``);
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves of

@@ -34,10 +34,10 @@ block (``timm_deepseek``), DaViT's window and channel attentions and its blocks'
 (Florence-2's encoders: ``timm_davit``), Twins' grouped and sub-sampled attentions and its blocks' MLP
 halves (``timm_twins``), NesT's block-local attention and layers (``timm_nest``), GCViT's local / global
 window attention and blocks (``timm_gcvit``), Visformer's attention (``timm_visformer``), CrossViT's
-cross attention (``timm_crossvit``), the attention of ViT-22B's parallel block
-(``ParallelScalingBlock``: ``timm_parallel``), the MLP halves of CSATv2's transformer blocks
-(``timm_csatv2``), CAFormer's attention (MetaFormer's token mixer: ``timm_metaformer``), and
-NaFlexVit's embedding and padding mask (``timm_naflex``); the
+cross attention (``timm_crossvit``), the attention of ViT-22B's parallel blocks
+(``ParallelScalingBlock``, ``DiffParallelScalingBlock``: ``timm_parallel``), the MLP halves of
+CSATv2's transformer blocks (``timm_csatv2``), CAFormer's attention (MetaFormer's token mixer:
+``timm_metaformer``), and NaFlexVit's embedding and padding mask (``timm_naflex``); the
 other families' MLP halves and embeddings are reported as left alone, with the reason. Other timm
 architectures are left alone."""
 
@@ -196,16 +196,19 @@ except ImportError:
 try:  # the attention of ViT-22B's parallel block (fastvit.nn.timm_parallel)
     from fastvit.nn import timm_parallel
 
-    _RECENT_ATTENTIONS += ((fused_table(timm_parallel.FusedParallelScalingBlock), (
-        "in_norm", "in_proj", "in_split", "mlp_bias", "q_norm", "k_norm", "attn_drop", "mlp_act", "mlp_drop",
-        "out_proj", "attn_out_proj", "mlp_out_proj", "ls", "drop_path", "num_heads", "head_dim", "scale",
-    )),)  # fmt: skip
+    _PARALLEL = ("in_norm", "in_proj", "in_split", "mlp_bias", "q_norm", "k_norm", "attn_drop", "mlp_act",
+                 "mlp_drop", "out_proj", "ls", "drop_path", "num_heads", "head_dim", "scale")  # fmt: skip
+    _RECENT_ATTENTIONS += (
+        (fused_table(timm_parallel.FusedParallelScalingBlock), (*_PARALLEL, "attn_out_proj", "mlp_out_proj")),
+        (fused_table(timm_parallel.FusedDiffParallelScalingBlock), (*_PARALLEL, "attn_drop_p", "sub_norm",
+                                                                    "lambda_init", "_compute_lambda")),
+    )  # fmt: skip
     # {fused class: why the block's MLP branch, beside the attention fused, runs timm's modules}
     _SHARED_MLP_NOTES = {
-        timm_parallel.FusedParallelScalingBlock: "ParallelScalingBlock's MLP branch shares the block's norm and "
-        "input projection with its attention (fc1 is rows of in_proj, fc2 is added to the attention's output "
-        "projection before the residual), which is no LayerNorm+MLP half fastvit.layernorm_mlp computes: it runs "
-        "timm's modules",
+        cls: f"{cls.fastvit_original().__name__}'s MLP branch shares the block's norm and input projection with "
+        "its attention (fc1 is rows of in_proj, fc2 is added to the attention's output projection before the "
+        "residual), which is no LayerNorm+MLP half fastvit.layernorm_mlp computes: it runs timm's modules"
+        for cls in (timm_parallel.FusedParallelScalingBlock, timm_parallel.FusedDiffParallelScalingBlock)
     }
 except ImportError:
     _SHARED_MLP_NOTES = {}
