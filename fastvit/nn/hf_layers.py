@@ -12,7 +12,8 @@ VideoLLaMA 3, Ovis2.5), Cosmos 3 Edge's and MiniMax-M3-VL's, the layers that are
 (``BLIP_LAYOUT_FAMILIES``: BLIP, BLIP-2, InstructBLIP, InstructBLIP-Video), ``InternVLVisionLayer``
 (``lambda_2``; LayerNorm or RMSNorm) and Qianfan-OCR's copy with drop path, the OCR towers' layers of
 their own: Pix2Struct's and Kosmos-2.5's (T5's RMSNorm and gated feed-forward), DeepSeek-OCR 2's
-vision encoder (a Qwen2 decoder layer: RMSNorm + SwiGLU), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
+vision encoder (a Qwen2 decoder layer: RMSNorm + SwiGLU), LFM3-VL's (conv or attention, then
+RMSNorm + SwiGLU), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
 ``XCLIPVisionEncoderLayer``, ``VideoPrismLayer`` (``weight + 1`` LayerNorms), ``SiglipEncoderLayer``,
 ``Siglip2EncoderLayer``, MGP-STR's ``MgpstrLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer``, the
 layers that are DINOv2's line
@@ -95,6 +96,7 @@ from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
 from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25VisionEncoderLayer, Kimi_K25VisionMLP
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEncoderLayer, Kosmos2VisionMLP
 from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5VisionLayer
+from transformers.models.lfm3_vl.modeling_lfm3_vl import Lfm3VlVisionLayer
 from transformers.models.llama4.modeling_llama4 import Llama4VisionEncoderLayer
 from transformers.models.llava_onevision1_5.modeling_llava_onevision1_5 import (
     LlavaOnevision15VisionBlock,
@@ -242,6 +244,7 @@ __all__ = [
     "FusedInternVLVisionLayer",
     "FusedJanusVisionEncoderLayer",
     "FusedKosmos2_5VisionLayer",
+    "FusedLfm3VlVisionLayer",
     "FusedLlama4VisionEncoderLayer",
     "FusedMLCDEncoderLayer",
     "FusedMgpstrLayer",
@@ -277,7 +280,8 @@ class MlpHalf:
     Attributes:
         norm: the norm before the MLP (``layernorm_after``, ``norm2``, ``layer_norm2``, ``ffn_norm``).
         fc1, act, fc2: the MLP's first Linear (the value projection of a gated MLP), activation and
-            second Linear, inside the layer's ``mlp`` module.
+            second Linear, inside the layer's ``mlp`` module; ``act`` None where the MLP's forward
+            applies a function (``F.silu``) rather than a module: ``activation`` names it.
         mlp: the MLP module's name in the layer (``mlp``, ``ffn``, ``feed_forward``).
         gate: a gated MLP's gate projection (``gate_proj``: ``fc2(act(gate(x)) * fc1(x))``), or None.
         rms: the norm is an RMSNorm (``weight``, ``variance_epsilon``), not a LayerNorm; None: the
@@ -288,13 +292,15 @@ class MlpHalf:
         dropout: the hidden dropout applied to the MLP's output (ViT layout), or None.
         mlp_dropouts: the dropouts inside the MLP module (SAM 3's between fc1 and the activation,
             Janus's after the activation and after fc2).
+        activation: the op's ``activation`` for an MLP whose forward calls a function (``act`` None;
+            the MLP's class, checked by the patcher, fixes it), else None.
     """
 
     def __init__(
         self,
         norm: str,
         fc1: str = "fc1",
-        act: str = "activation_fn",
+        act: str | None = "activation_fn",
         fc2: str = "fc2",
         *,
         mlp: str = "mlp",
@@ -305,15 +311,17 @@ class MlpHalf:
         drop_path: str | None = None,
         dropout: str | None = None,
         mlp_dropouts: tuple[str, ...] = (),
+        activation: str | None = None,
     ) -> None:
         self.norm, self.fc1, self.act, self.fc2 = norm, fc1, act, fc2
         self.mlp, self.gate, self.rms, self.norm_offset = mlp, gate, rms, norm_offset
         self.layer_scale, self.drop_path, self.dropout = layer_scale, drop_path, dropout
-        self.mlp_dropouts = mlp_dropouts
+        self.mlp_dropouts, self.activation = mlp_dropouts, activation
 
     def bypassed(self) -> tuple[str, ...]:
         """The submodules the fused half reads without calling (``FusedModule.fastvit_bypassed``)."""
-        inner = (self.fc1, self.act, self.fc2, *((self.gate,) if self.gate else ()), *self.mlp_dropouts)
+        inner = (self.fc1, *((self.act,) if self.act else ()), self.fc2, *((self.gate,) if self.gate else ()),
+                 *self.mlp_dropouts)  # fmt: skip
         names = (self.norm, self.mlp, *(f"{self.mlp}.{name}" for name in inner))
         optional = (self.layer_scale, self.drop_path, self.dropout)
         return names + tuple(name for name in optional if name is not None)
@@ -373,7 +381,7 @@ class FusedPreNormLayer(FusedModule):
         fc1, fc2 = getattr(mlp, parts.fc1), getattr(mlp, parts.fc2)
         layer_scale = self._fastvit_layer_scale()
         gate = getattr(mlp, parts.gate) if parts.gate else None
-        variant = {"activation": activation_of(getattr(mlp, parts.act))}
+        variant = {"activation": activation_of(getattr(mlp, parts.act)) if parts.act else parts.activation}
         rms = self._fastvit_rms()
         if rms:
             variant.update(norm="rms", eps=norm.variance_epsilon)
@@ -1011,6 +1019,50 @@ class FusedDeepseekOcr2VisionEncoderLayer(FusedPreNormLayer, DeepseekOcr2VisionE
         return self._fastvit_mlp_half(residual + hidden_states)
 
 
+class FusedLfm3VlVisionLayer(FusedPreNormLayer, Lfm3VlVisionLayer):
+    """LFM3-VL's vision layer (packed frames; a gated depthwise conv or a grouped-query attention as
+    its first half, by ``layer_types``) whose RMSNorm+SwiGLU half,
+    ``h + w2(silu(w1(x)) * w3(x))`` with ``x = ffn_norm(h)``, is one op call in both kinds of layer;
+    its first half is Hugging Face's, line for line."""
+
+    fastvit_mlp = MlpHalf("ffn_norm", fc1="w3", act=None, fc2="w2", mlp="feed_forward", gate="w1", rms=True,
+                          activation="silu")  # fmt: skip
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(
+                hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                position_ids=position_ids, cache=cache, **kwargs,
+            )  # fmt: skip
+        residual = hidden_states
+        if self.is_attention_layer:
+            hidden_states, _ = self.self_attn(
+                hidden_states=self.operator_norm(hidden_states),
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                **kwargs,
+            )
+        else:
+            hidden_states = self.conv(
+                hidden_states=self.operator_norm(hidden_states),
+                cache=cache,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+        return self._fastvit_mlp_half(hidden_states + residual)
+
+
 # T5's gated feed-forward (``wo(dropout(act(wi_0(x)) * wi_1(x)))``, no biases) after T5's RMSNorm
 _T5_LAYOUT = MlpHalf("pre_mlp_layer_norm", fc1="wi_1", act="act", fc2="wo", gate="wi_0", rms=True,
                      mlp_dropouts=("dropout",))  # fmt: skip
@@ -1624,6 +1676,6 @@ for _fused in (
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
     *QWEN_LAYOUT_LAYERS.values(), *AIMV2_LAYOUT_LAYERS.values(), *PACKED_BLOCK_LAYERS.values(),
     FusedInkling2VisionEncoderLayer, FusedQianfanOCRVisionLayer, FusedDeepseekOcr2VisionEncoderLayer,
-    FusedPix2StructVisionLayer, FusedKosmos2_5VisionLayer,
+    FusedPix2StructVisionLayer, FusedKosmos2_5VisionLayer, FusedLfm3VlVisionLayer,
 ):  # fmt: skip
     register(_fused)

@@ -144,7 +144,8 @@ def patch(
       4.x layout), of the vision towers of BLIP / BLIP-2 / InstructBLIP(-Video), InternVL, MLCD, Janus,
       X-CLIP, VideoPrism, PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge, MiniMax-M3-VL and Gemma 4
       (its sandwich's pre-MLP norm and gated MLP), MGP-STR's and AST's, of the OCR towers' own layers
-      (Pix2Struct, Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2's vision encoder), of the V-JEPA 2, ViTPose, Pixio,
+      (Pix2Struct, Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2's vision encoder), of LFM3-VL's tower, of the
+      V-JEPA 2, ViTPose, Pixio,
       Sapiens2, RF-DETR (DINOv2), LW-DETR (ViT), PVT and TimeSformer backbones,
       the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
       Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention

@@ -2,7 +2,7 @@
 encoder layers (``fastvit.nn.hf_layers``: DeiT, ViTMAE, I-JEPA, ViT-MSN, ViViT, Swin, BEiT, CLIP,
 SigLIP, SigLIP2, AIMv2, Pixtral, DINOv2 (+ registers), DINOv3, the Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 vision blocks, Step3p7's and Llama 3.2 Vision's (Mllama: its gated global layers' gate as the layer
-scale), the OCR towers' (Pix2Struct, Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2) ...; Florence-2's
+scale), the OCR towers' (Pix2Struct, Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2), LFM3-VL's ...; Florence-2's
 DaViT blocks' FFN halves on their channel-first maps (``fastvit.nn.hf_florence2``);
 ``fastvit.nn.hf_backbone_layers``: V-JEPA 2, ViTPose, Pixio, Sapiens2, RF-DETR's DINOv2, LW-DETR's
 ViT, PVT, TimeSformer) and their patch embeddings
@@ -74,6 +74,7 @@ from transformers.models.inkling2.modeling_inkling2 import Inkling2VisionMLP
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
 from transformers.models.janus.modeling_janus import JanusVisionMLP
 from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5LayerNorm, Kosmos2_5VisionMlp
+from transformers.models.lfm3_vl.modeling_lfm3_vl import Lfm3VlVisionMLP, Lfm3VlVisionRMSNorm
 from transformers.models.llama4.modeling_llama4 import Llama4VisionMLP
 from transformers.models.lw_detr.modeling_lw_detr import LwDetrViTMlp
 from transformers.models.maskformer.modeling_maskformer_swin import MaskFormerSwinIntermediate, MaskFormerSwinOutput
@@ -197,6 +198,7 @@ _MLPS = {
     hf_layers.FusedDeepseekOcr2VisionEncoderLayer: DeepseekOcr2VisionMLP,
     hf_layers.FusedPix2StructVisionLayer: Pix2StructVisionMlp,
     hf_layers.FusedKosmos2_5VisionLayer: Kosmos2_5VisionMlp,
+    hf_layers.FusedLfm3VlVisionLayer: Lfm3VlVisionMLP,  # its forward applies F.silu (MlpHalf.activation)
     hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2VisionMLP,
     hf_florence2.FusedFlorence2VisionChannelBlock: Florence2VisionMLP,
     hf_backbone_layers.FusedVJEPA2Layer: VJEPA2MLP,
@@ -235,6 +237,7 @@ _RMS_NORMS = {
     hf_layers.FusedDeepseekOcr2VisionEncoderLayer: DeepseekOcr2VisionRMSNorm,
     hf_layers.FusedPix2StructVisionLayer: Pix2StructLayerNorm,  # T5's RMSNorm
     hf_layers.FusedKosmos2_5VisionLayer: Kosmos2_5LayerNorm,  # T5's RMSNorm
+    hf_layers.FusedLfm3VlVisionLayer: Lfm3VlVisionRMSNorm,
     hf_backbone_layers.FusedSapiens2Layer: Sapiens2RMSNorm,
     hf_backbone_layers.FusedSapiens2GatedLayer: Sapiens2RMSNorm,
     **{hf_layers.QWEN_LAYOUT_LAYERS[layer]: norm for layer, norm in (  # Qwen2.5-VL's layout
@@ -339,11 +342,13 @@ def _problems(layer: nn.Module) -> list[str]:
         return problems
     mlp = getattr(layer, parts.mlp)
     linears = (parts.fc1, parts.fc2) + ((parts.gate,) if parts.gate else ())
-    problems += missing_attributes(mlp, (*linears, parts.act), "transformers")
+    problems += missing_attributes(mlp, (*linears, *((parts.act,) if parts.act else ())), "transformers")
     if problems:
         return problems
     for name in linears:
         problems += exact_type(getattr(mlp, name), f"{parts.mlp}.{name}", (nn.Linear,), "nn.Linear")
+    if parts.act is None:  # the MLP's forward applies parts.activation: its class, checked above, fixes it
+        return problems
     act = getattr(mlp, parts.act)
     if activation_of(act) is None:
         problems.append(

@@ -5,7 +5,8 @@ made from a table: BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video (BLIP's lay
 Janus (MLP dropouts), X-CLIP's frame encoder (message tokens), VideoPrism (LayerNorms scaling by
 ``weight + 1``), the Audio Spectrogram Transformer (ViT's layer line for line,
 ``hf_layers.VIT_LAYOUT_FAMILIES``), Llama 3.2 Vision's tiled tower (Mllama: its gated global layers'
-gate as the layer scale), Llama 4's (its layers return tuples) and Step3p7's (``lambda_2``); and, as
+gate as the layer scale), Llama 4's (its layers return tuples), Step3p7's (``lambda_2``) and LFM3-VL's
+(packed frames; gated-conv and attention layers, each with an RMSNorm + SwiGLU half); and, as
 stacks of two layers on tokens, the packed towers of PaddleOCR-VL, VideoLLaMA 3 and Ovis2.5
 (PaddleOCR-VL's layer line for line, ``hf_layers.PACKED_ROPE_FAMILIES``), LLaVA-OneVision-1.5 and
 GLM-Image (``hf_layers.PACKED_BLOCK_FAMILIES``), Inkling2 (``lambda_2``), Cosmos 3 Edge and
@@ -142,6 +143,28 @@ class AudioModel(torch.nn.Module):
         return self.model(input_values=x).last_hidden_state
 
 
+class Lfm3VlModel(torch.nn.Module):
+    """LFM3-VL's vision tower (packed frames: a 4 x 4 and a 2 x 6 grid of 4 x 4 patches, 28 tokens) on
+    its (28, 48) flattened patches: two conv layers, an attention layer (grouped-query, routed as
+    packed varlen attention) and a conv layer, each with its RMSNorm + SwiGLU half."""
+
+    GRID = torch.tensor([[1, 4, 4], [1, 2, 6]])
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.lfm3_vl import configuration_lfm3_vl, modeling_lfm3_vl
+
+        config = configuration_lfm3_vl.Lfm3VlVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            patch_size=4, temporal_patch_size=1,
+        )  # fmt: skip
+        config._attn_implementation = "sdpa"
+        self.model = perturb_(modeling_lfm3_vl.Lfm3VlVisionModel(config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.GRID).last_hidden_state
+
+
 # family -> (builder, inputs, MLP halves fused)
 FAMILIES = {
     "blip": (lambda: _vision(T.BlipVisionModel, T.BlipVisionConfig(**TINY)), IMAGES, LAYERS),
@@ -162,6 +185,8 @@ FAMILIES = {
     "llama4": (lambda: _llama4(), IMAGES, LAYERS),
     # pre-norm with LayerScale lambda_1 / lambda_2, RoPE attention; its embedding a copy of SigLIP's
     "step3p7": (lambda: _vision(T.Step3p7VisionModel, T.Step3p7VisionConfig(**TINY)), IMAGES, LAYERS),
+    # conv, conv, attention, conv layers: every layer's MLP half fused
+    "lfm3_vl": (lambda: Lfm3VlModel().eval(), torch.randn(28, 48, generator=_gen(7)), 4),
 }
 
 
@@ -378,6 +403,37 @@ def test_mllama_gate_of_another_shape_is_reported():
     (entry,) = [e for e in report.skipped if e.part == "mlp"]
     assert entry.where == "model.global_transformer.layers.0" and "gate_ffn is not a (1,) gate" in entry.detail
     assert report.counts()["mlp"] == LAYERS
+
+
+def test_lfm3_vl_mlp_applies_silu_as_the_fused_half_assumes():
+    """LFM3-VL's MLP holds no activation module: its forward applies F.silu, which the fused half
+    passes as the op's activation (``MlpHalf.activation``). A transformers release changing that
+    forward fails here."""
+    from transformers.models.lfm3_vl.modeling_lfm3_vl import Lfm3VlVisionMLP
+
+    forward = ["def forward(self, x):", "return self.w2(F.silu(self.w1(x)) * self.w3(x))"]
+    assert source_lines(Lfm3VlVisionMLP.forward) == forward
+    assert hf_layers.FusedLfm3VlVisionLayer.fastvit_mlp.activation == "silu"
+
+
+def test_lfm3_vl_halves_go_to_the_op_as_gated_rms_silu(op_calls):
+    _, patched, report = pair(Lfm3VlModel().eval())
+    assert report.counts() == {"attention": 1, "mlp": 4}
+    patched(FAMILIES["lfm3_vl"][1])
+    layers = patched.model.layers
+    for layer, call in zip(layers, op_calls["layernorm_mlp"], strict=True):
+        kwargs = call["kwargs"]
+        assert (kwargs["norm"], kwargs["activation"]) == ("rms", "silu")
+        assert kwargs["fc1_gate_weight"] is layer.feed_forward.w1.weight
+    assert len(op_calls["flash_attention_varlen"]) == 1
+
+
+@pytest.mark.interpreter
+def test_lfm3_vl_triton_route(op_calls):
+    reference, patched, _ = pair(Lfm3VlModel().eval())
+    with fastvit.backend("triton"):
+        assert_matches_by_the_rule(reference, patched, FAMILIES["lfm3_vl"][1])
+    assert len(op_calls["layernorm_mlp"]) == 4 and len(op_calls["flash_attention_varlen"]) == 1
 
 
 def test_step3p7_lambda_2_is_the_layer_scale(op_calls):
