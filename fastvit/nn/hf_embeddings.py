@@ -7,11 +7,12 @@ Covered: ``CLIPVisionEmbeddings``, ``SiglipVisionEmbeddings``, ``Dinov2Embedding
 before its random masking), and BEiT's ``BeitEmbeddings`` and its copy ``Data2VecVisionEmbeddings``
 (the absolute position embedding optional), OWL-ViT's ``OwlViTVisionEmbeddings``, and the copies
 Hugging Face made of these, ``forward`` line for line and ``__init__`` too but for the lines the
-tests name (Step3p7's conv without a bias, EoMT-DINOv3's ``num_prefix_tokens``) (``EMBEDDING_COPIES``:
-AltCLIP, BridgeTower, Chinese-CLIP, GIT, Kosmos-2, MetaCLIP 2 and X-CLIP of CLIP's; OWLv2 of
+tests name (Step3p7's conv without a bias, EoMT-DINOv3's ``num_prefix_tokens``, CLIPSeg's
+``interpolate_pos_encoding`` default) (``EMBEDDING_COPIES``: AltCLIP, BridgeTower, Chinese-CLIP,
+CLIPSeg, GIT, Kosmos-2, MetaCLIP 2 and X-CLIP of CLIP's; OWLv2 of
 OWL-ViT's; Granite Docling and Step3p7 of SigLIP's; TIPSv2 of DINOv2-with-registers'; EoMT-DINOv3
 of DINOv3's). Calls the op does not cover
-(``interpolate_pos_encoding``, a resolution whose position embedding Hugging Face would resample,
+(``interpolate_pos_encoding`` or a resolution where Hugging Face resamples the position embedding,
 ``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which also keeps its own
 error messages. Importing this module imports transformers.
 """
@@ -26,6 +27,7 @@ from transformers.models.beit.modeling_beit import BeitEmbeddings, BeitPatchEmbe
 from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerVisionEmbeddings
 from transformers.models.chinese_clip.modeling_chinese_clip import ChineseCLIPVisionEmbeddings
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+from transformers.models.clipseg.modeling_clipseg import CLIPSegVisionEmbeddings
 from transformers.models.data2vec.modeling_data2vec_vision import (
     Data2VecVisionEmbeddings,
     Data2VecVisionPatchEmbeddings,
@@ -90,14 +92,17 @@ def _patch_pixels(pixel_values: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Te
 
 class _CLIPLayoutEmbeddings(_FusedEmbeddings):
     """CLIP's embedding, and Hugging Face's copies of it (``EMBEDDING_COPIES``): class embedding
-    prepended, ``position_embedding(position_ids)`` added, at the configured image size."""
+    prepended, ``position_embedding(position_ids)`` added, at the configured image size. There
+    ``interpolate_pos_encoding`` changes nothing (Hugging Face's interpolation returns the learned
+    embedding at the trained square size, outside ``torch.jit.trace``), so such calls are fused too."""
 
     fastvit_bypassed = ("patch_embedding",)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         height, width = pixel_values.shape[-2], pixel_values.shape[-1]
         exact = height == self.image_size and width == self.image_size
-        if interpolate_pos_encoding or not exact or not self._fastvit_intact():
+        interpolates = interpolate_pos_encoding and torch.jit.is_tracing()  # Hugging Face resamples when traced
+        if interpolates or not exact or not self._fastvit_intact():
             return super().forward(pixel_values, interpolate_pos_encoding)
         conv = self.patch_embedding
         return fastvit.patch_embed(
@@ -111,6 +116,14 @@ class _CLIPLayoutEmbeddings(_FusedEmbeddings):
 
 class FusedCLIPVisionEmbeddings(_CLIPLayoutEmbeddings, CLIPVisionEmbeddings):
     """``CLIPVisionEmbeddings`` as one ``fastvit.patch_embed`` call (``_CLIPLayoutEmbeddings``)."""
+
+
+class _CLIPSegLayoutEmbeddings(_CLIPLayoutEmbeddings):
+    """CLIPSeg's embedding: CLIP's line for line, ``interpolate_pos_encoding`` True by default (other
+    image sizes resample the position embedding: Hugging Face's forward)."""
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = True) -> torch.Tensor:
+        return _CLIPLayoutEmbeddings.forward(self, pixel_values, interpolate_pos_encoding)
 
 
 class _OwlViTLayoutEmbeddings(_FusedEmbeddings):
@@ -406,6 +419,7 @@ EMBEDDING_COPIES: dict[type, EmbeddingCopy] = {
         AltCLIPVisionEmbeddings, BridgeTowerVisionEmbeddings, ChineseCLIPVisionEmbeddings, GitVisionEmbeddings,
         Kosmos2VisionEmbeddings, MetaClip2VisionEmbeddings, XCLIPVisionEmbeddings,
     )},
+    CLIPSegVisionEmbeddings: EmbeddingCopy(CLIPVisionEmbeddings, _CLIPSegLayoutEmbeddings),  # interpolating by default
     Owlv2VisionEmbeddings: EmbeddingCopy(OwlViTVisionEmbeddings, _OwlViTLayoutEmbeddings),
     GraniteDoclingVisionEmbeddings: EmbeddingCopy(SiglipVisionEmbeddings, _SiglipLayoutEmbeddings),
     Step3p7VisionEmbeddings: EmbeddingCopy(SiglipVisionEmbeddings, _SiglipLayoutEmbeddings),  # its conv without bias

@@ -1,4 +1,5 @@
-"""Hugging Face's copies of the CLIP, SigLIP, DINOv2-with-registers and DINOv3 embeddings, and
+"""Hugging Face's copies of the CLIP (CLIPSeg's interpolating by default), SigLIP, DINOv2-with-registers
+and DINOv3 embeddings, and
 OWL-ViT's (with its copy OWLv2), as one fastvit.patch_embed call (fastvit.nn.hf_embeddings:
 ``EMBEDDING_COPIES``, ``FusedOwlViTVisionEmbeddings``).
 
@@ -28,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 T = transformers
 
 from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerVisionModel  # noqa: E402
+from transformers.models.clipseg.modeling_clipseg import CLIPSegVisionEmbeddings  # noqa: E402
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (  # noqa: E402
     Dinov2WithRegistersPatchEmbeddings,
 )
@@ -64,6 +66,7 @@ MODELS: dict[type, Callable[[], nn.Module]] = {
         T.ChineseCLIPVisionConfig(**VISION)
     ),
     T.models.git.modeling_git.GitVisionEmbeddings: lambda: T.GitVisionModel(T.GitVisionConfig(**VISION)),
+    CLIPSegVisionEmbeddings: lambda: T.CLIPSegVisionModel(T.CLIPSegVisionConfig(**VISION)),
     T.models.kosmos2.modeling_kosmos2.Kosmos2VisionEmbeddings: lambda: Kosmos2VisionModel(
         T.Kosmos2VisionConfig(**VISION)
     ),
@@ -94,6 +97,15 @@ INIT_DIFFERENCES = {
     ),
     EomtDinov3Embeddings: (set(), {"self.num_prefix_tokens = 1 + config.num_register_tokens"}),
 }  # fmt: skip
+
+
+# The forward lines a copy has in place of the original's: {copy: {its line: the original's}}
+FORWARD_DIFFERENCES = {
+    CLIPSegVisionEmbeddings: {  # interpolating by default
+        "def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding=True) -> torch.Tensor:":
+        "def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding=False) -> torch.Tensor:",
+    },
+}
 
 
 def _lines(function: Callable, *names: str) -> list[str]:
@@ -130,7 +142,10 @@ def test_copies_are_line_for_line(cls):
     names = (cls.__name__, entry.copies.__name__)
     if entry.patch_holder is not None:  # the two holder classes, named alike
         names += (entry.patch_holder.__name__, Dinov2WithRegistersPatchEmbeddings.__name__)
-    assert _lines(cls.forward, *names) == _lines(entry.copies.forward, *names)
+    differences = FORWARD_DIFFERENCES.get(cls, {})
+    ours = _lines(cls.forward, *names)
+    assert [differences.get(line, line) for line in ours] == _lines(entry.copies.forward, *names)
+    assert set(differences) <= set(ours)  # the differences named are the ones there are
     ours, theirs = _lines(cls.__init__, *names), _lines(entry.copies.__init__, *names)
     removed, added = INIT_DIFFERENCES.get(cls, (set(), set()))
     assert [line for line in theirs if line not in removed] == [line for line in ours if line not in added]
@@ -172,6 +187,25 @@ def test_owl_vit_any_grid_of_its_patch_count_and_hugging_face_for_the_rest(cls, 
             model(x)
         with pytest.raises(RuntimeError):
             model(images().double())
+    assert len(op_calls["patch_embed"]) == 2
+
+
+def test_clipseg_interpolates_by_default_where_hugging_face_resamples(op_calls):
+    """CLIPSeg's embedding interpolates by default: at the trained size Hugging Face's interpolation
+    returns the learned position embedding (fused: one op call), at another it resamples (Hugging
+    Face's forward, no op call); CLIP's, asked to interpolate at its trained size, is fused too."""
+    reference, patched, _ = pair(CLIPSegVisionEmbeddings)
+    assert_matches_by_the_rule(reference, patched, images())  # 16 x 16, the trained size
+    assert len(op_calls["patch_embed"]) == 1
+    ref_emb, emb = (m.model.get_submodule(m.path) for m in (reference, patched))
+    x = images(size=24)
+    torch.testing.assert_close(emb(x), ref_emb(x))  # 6 x 6 patches: resampled
+    assert len(op_calls["patch_embed"]) == 1
+    clip = perturb_(T.CLIPVisionModel(T.CLIPVisionConfig(**VISION))).eval()
+    clip_patched = copy.deepcopy(clip)
+    fastvit.patch(clip_patched)
+    want, got = (m(images(), interpolate_pos_encoding=True).last_hidden_state for m in (clip, clip_patched))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(op_calls["patch_embed"]) == 2
 
 
