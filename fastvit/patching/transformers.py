@@ -424,6 +424,9 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: dict[int, str
     # the attentions a module swap covers: their submodules (CvT's *AttentionConvProjection) are theirs
     parts = {p: claimed.get(id(m), getattr(m, "fastvit_part", None)) for p, m in modules.items()}
     swapped = tuple(f"{p}." for p, part in parts.items() if p and part == "attention")
+    # a module named *Attention* inside an attention that goes through the interface is one of its parts
+    # (NeoMME's ExclusiveSelfAttention, a projection applied to the interface's output), not an attention
+    routable = tuple(f"{p}." for p, m in modules.items() if p and _routable(m))
     for path, module in modules.items():
         if id(module) in claimed or isinstance(module, FusedModule) or path.startswith(swapped):
             continue  # a module swap covers it (and the report lists it)
@@ -441,7 +444,7 @@ def find_interface(model: nn.Module, report: PatchReport, claimed: dict[int, str
                 routing.routes.append((path, module))
                 routing.notes[path] = _dropout_notes(module)
             continue
-        if not _attention_like(path, module, modules):
+        if not _attention_like(path, module, modules) or path.startswith(routable):
             continue
         inner = any(other.startswith(f"{path}.") for other in attention_paths) if path else len(attention_paths) > 1
         if not inner and path not in said:  # a container (Swinv2Attention around its self-attention) is not reported

@@ -720,6 +720,22 @@ def test_models_outside_the_interface_say_why():
         fastvit.patch(gemma2)
 
 
+def test_a_part_named_attention_inside_a_routed_attention_is_not_reported_as_one():
+    """NeoMME's attention goes through the interface (routed) and holds an ``ExclusiveSelfAttention``:
+    a projection of the interface's output, no attention of its own. The report named it as an
+    attention left alone ("computes its attention in its own forward"); it is part of the routed one."""
+    from transformers.models.neomme import configuration_neomme, modeling_neomme
+
+    config = configuration_neomme.NeoMMEConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=64,
+    )  # fmt: skip
+    report = fastvit.patch(modeling_neomme.NeoMMEModel(config))
+    assert report.counts() == {"attention": 2}
+    assert not [e for e in report.skipped if e.part == "attention"]
+    assert [e.part for e in report.skipped] == ["mlp", "mlp"]  # its relu2 MLP halves, said
+
+
 def test_registration_hook_when_transformers_comes_later(tmp_path):
     # fastvit first, transformers after: the import hook registers "fastvit" in both interfaces and
     # leaves no finder and no loader of its own behind (run outside the checkout: see README, Layout)
