@@ -256,11 +256,20 @@ def _from_transformers(module: nn.Module | None) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
+# the modules an attention projects its queries, keys and values with (or holds, as a container)
+_PROJECTIONS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
 def _attention_like(path: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
-    """A transformers module named *Attention*, or an ``nn.MultiheadAttention`` in one."""
+    """A transformers module named *Attention* that projects (a Linear, a conv or an
+    ``nn.MultiheadAttention`` below it), or an ``nn.MultiheadAttention`` in one. A module so named
+    without any is a part of one (Phi-4-multimodal's RelativeAttentionBias, an embedding table; NeoMME's
+    ExclusiveSelfAttention, a projection of an attention's output), not an attention to report."""
     if type(module) is nn.MultiheadAttention:
         return _from_transformers(modules.get(path.rpartition(".")[0]))
-    return _from_transformers(module) and "Attention" in type(module).__name__
+    if not (_from_transformers(module) and "Attention" in type(module).__name__):
+        return False
+    return any(isinstance(m, _PROJECTIONS) for m in module.modules())
 
 
 def _owner(path: str, modules: dict[str, nn.Module]) -> nn.Module | None:

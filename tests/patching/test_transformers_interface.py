@@ -720,11 +720,13 @@ def test_models_outside_the_interface_say_why():
         fastvit.patch(gemma2)
 
 
-def test_a_part_named_attention_inside_a_routed_attention_is_not_reported_as_one():
+def test_parts_named_attention_are_not_reported_as_attentions():
     """NeoMME's attention goes through the interface (routed) and holds an ``ExclusiveSelfAttention``:
-    a projection of the interface's output, no attention of its own. The report named it as an
-    attention left alone ("computes its attention in its own forward"); it is part of the routed one."""
+    a projection of the interface's output, no attention of its own; Phi-4-multimodal's audio encoder
+    holds a ``RelativeAttentionBias`` (an embedding table). The report named each as an attention left
+    alone ("computes its attention in its own forward"); neither projects anything."""
     from transformers.models.neomme import configuration_neomme, modeling_neomme
+    from transformers.models.phi4_multimodal import configuration_phi4_multimodal, modeling_phi4_multimodal
 
     config = configuration_neomme.NeoMMEConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -734,6 +736,12 @@ def test_a_part_named_attention_inside_a_routed_attention_is_not_reported_as_one
     assert report.counts() == {"attention": 2}
     assert not [e for e in report.skipped if e.part == "attention"]
     assert [e.part for e in report.skipped] == ["mlp", "mlp"]  # its relu2 MLP halves, said
+    config = configuration_phi4_multimodal.Phi4MultimodalAudioConfig(
+        hidden_size=32, intermediate_size=64, num_blocks=2, num_attention_heads=2, depthwise_separable_out_channel=32,
+        nemo_conv_channels=32, ext_pw_out_channel=32, input_size=16,
+    )  # fmt: skip
+    report = fastvit.patch(modeling_phi4_multimodal.Phi4MultimodalAudioModel(config))
+    assert report.counts() == {"attention": 2} and not report.skipped
 
 
 def test_registration_hook_when_transformers_comes_later(tmp_path):
