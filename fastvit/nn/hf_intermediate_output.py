@@ -3,7 +3,8 @@ modules: ``intermediate`` (``dense``, ``intermediate_act_fn``) and ``output`` (`
 and the residual add, ``output(h, input)``). DPT's ``DPTViTLayer`` (DPT, and the depth models built on
 it), YOLOS's ``YolosLayer`` and VideoMAE's ``VideoMAELayer`` (``INTERMEDIATE_OUTPUT_FAMILIES``,
 checked line for line against one another in the tests), MobileViT's ``MobileViTTransformerLayer``,
-FLAVA's ``FlavaLayer`` (its image, text and multimodal encoders) and CvT's ``CvtLayer`` (its activation
+FLAVA's ``FlavaLayer`` (its image, text and multimodal encoders), ViLT's ``ViltLayer`` (FLAVA's over
+its joint text and image tokens) and CvT's ``CvtLayer`` (its activation
 ``intermediate.activation``; its drop path applied to the whole layer's output, as Hugging Face's).
 
     hidden_states = attention(layernorm_before(h)) + h                     (Hugging Face's, kept)
@@ -27,6 +28,7 @@ from transformers.models.mobilevit.modeling_mobilevit import (
     MobileViTTransformerLayer,
 )
 from transformers.models.videomae.modeling_videomae import VideoMAEIntermediate, VideoMAELayer, VideoMAEOutput
+from transformers.models.vilt.modeling_vilt import ViltIntermediate, ViltLayer, ViltOutput
 from transformers.models.yolos.modeling_yolos import YolosIntermediate, YolosLayer, YolosOutput
 
 import fastvit
@@ -41,6 +43,7 @@ __all__ = [
     "FusedCvtLayer",
     "FusedFlavaLayer",
     "FusedMobileViTTransformerLayer",
+    "FusedViltLayer",
     "IntermediateOutputLayer",
     "fused_intermediate_output",
 ]
@@ -145,6 +148,27 @@ class FusedFlavaLayer(IntermediateOutputLayer, FlavaLayer):
         return (self._fastvit_mlp_half(hidden_states), *self_attention_outputs[1:])
 
 
+class FusedViltLayer(IntermediateOutputLayer, ViltLayer):
+    """ViLT's ``ViltLayer`` (FLAVA's layer over the joint text and image tokens: ViT's 4.x layout; the
+    attention takes the additive mask and returns a tuple, its weights after the output) whose
+    LayerNorm+MLP half is one op call. Its attention (``fastvit.nn.hf_self_attention.FusedViltSelfAttention``)
+    is patched on its own."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        self_attention_outputs = self.attention(
+            self.layernorm_before(hidden_states),
+            attention_mask,
+            output_attentions=output_attentions,
+        )
+        attention_output = self_attention_outputs[0]
+        hidden_states = attention_output + hidden_states.to(attention_output.device)
+        return (self._fastvit_mlp_half(hidden_states), *self_attention_outputs[1:])
+
+
 class FusedCvtLayer(IntermediateOutputLayer, CvtLayer):
     """CvT's ``CvtLayer`` (ViT's 4.x layout over its stage's tokens, the class token first in the last
     stage; its attention takes the map's height and width) whose LayerNorm+MLP half is one op call.
@@ -170,5 +194,6 @@ INTERMEDIATE_OUTPUT_MODULES: dict[type, tuple[type, type]] = {
     **INTERMEDIATE_OUTPUT_FAMILIES,
     MobileViTTransformerLayer: (MobileViTIntermediate, MobileViTOutput),
     FlavaLayer: (FlavaIntermediate, FlavaOutput),
+    ViltLayer: (ViltIntermediate, ViltOutput),
     CvtLayer: (CvtIntermediate, CvtOutput),
 }

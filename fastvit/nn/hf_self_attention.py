@@ -4,7 +4,8 @@ nothing between the projections but a softmax: PVT's and GLPN's efficient self-a
 (keys and values from a spatially reduced map: a strided conv and a LayerNorm, or PVTv2-Li's pooling),
 TimeSformer's (its divided space-time attention: the layer folds time or space into the batch),
 MobileViT's (over the unfolded patches' pixels), BLIP's vision tower's, FLAVA's (its image, text and
-multimodal encoders: BERT's self-attention, an additive mask added to the scores) and CvT's (queries,
+multimodal encoders: BERT's self-attention, an additive mask added to the scores) and ViLT's (FLAVA's
+line for line, over its joint text and image tokens) and CvT's (queries,
 keys and values from depthwise-conv projections of the map, keys and values strided).
 
 Each fused forward keeps Hugging Face's Linears and reduction modules (called as modules, in Hugging
@@ -28,6 +29,7 @@ from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttent
 from transformers.models.pvt.modeling_pvt import PvtEfficientSelfAttention
 from transformers.models.pvt_v2.modeling_pvt_v2 import PvtV2SelfAttention
 from transformers.models.timesformer.modeling_timesformer import TimesformerSelfAttention
+from transformers.models.vilt.modeling_vilt import ViltSelfAttention
 
 import fastvit
 from fastvit.nn.attention import merge_heads, split_packed_qkv
@@ -43,6 +45,7 @@ __all__ = [
     "FusedPvtEfficientSelfAttention",
     "FusedPvtV2SelfAttention",
     "FusedTimesformerSelfAttention",
+    "FusedViltSelfAttention",
 ]
 
 
@@ -233,20 +236,14 @@ class FusedBlipAttention(FusedModule, BlipAttention):
         return f"heads={self.num_heads}, fastvit={self.fastvit_op}"
 
 
-class FusedFlavaSelfAttention(_ReducedAttention, FlavaSelfAttention):
-    """FLAVA's ``FlavaSelfAttention`` (BERT's: ``query`` / ``key`` / ``value`` Linears, an additive mask
-    added to the scores; in FLAVA's image, text and multimodal encoders) running one
-    ``fastvit.flash_attention`` call, the mask as its floating ``attn_mask``. Same signature,
-    ``forward(hidden_states, attention_mask=None, output_attentions=False)``: hidden_states (B, N, C),
-    attention_mask broadcastable to (B, H, N, N) (the text model's (B, 1, 1, N) extended mask);
-    returns ``(context,)``, context (B, N, C), before the output projection. The weights requested,
-    attention dropout in training and a mask that is not floating (Hugging Face adds even a bool
-    mask to the scores, as 0 / 1) run Hugging Face's forward.
-
-    Example:
-        >>> model = transformers.FlavaModel.from_pretrained("facebook/flava-full")
-        >>> fastvit.patch(model)  # {image,text,multimodal}_model.encoder.layer.*.attention.attention
-    """
+class _BertSelfAttentionForward(_ReducedAttention):
+    """BERT's self-attention (``query`` / ``key`` / ``value`` Linears, an additive mask added to the
+    scores) running one ``fastvit.flash_attention`` call, the mask as its floating ``attn_mask``. Same
+    signature, ``forward(hidden_states, attention_mask=None, output_attentions=False)``:
+    hidden_states (B, N, C), attention_mask broadcastable to (B, H, N, N) (an extended (B, 1, 1, N)
+    padding mask); returns ``(context,)``, context (B, N, C), before the output projection. The
+    weights requested, attention dropout in training and a mask that is not floating (Hugging Face
+    adds even a bool mask to the scores, as 0 / 1) run Hugging Face's forward."""
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
@@ -259,6 +256,27 @@ class FusedFlavaSelfAttention(_ReducedAttention, FlavaSelfAttention):
         ):
             return super().forward(hidden_states, attention_mask, output_attentions)
         return (self._attend(self.query(hidden_states), hidden_states, attention_mask),)
+
+
+class FusedFlavaSelfAttention(_BertSelfAttentionForward, FlavaSelfAttention):
+    """FLAVA's ``FlavaSelfAttention`` (BERT's, in FLAVA's image, text and multimodal encoders) running one
+    ``fastvit.flash_attention`` call (``_BertSelfAttentionForward``).
+
+    Example:
+        >>> model = transformers.FlavaModel.from_pretrained("facebook/flava-full")
+        >>> fastvit.patch(model)  # {image,text,multimodal}_model.encoder.layer.*.attention.attention
+    """
+
+
+class FusedViltSelfAttention(_BertSelfAttentionForward, ViltSelfAttention):
+    """ViLT's ``ViltSelfAttention`` (FLAVA's line for line: BERT's, over the joint text and image tokens
+    with their extended padding mask) running one ``fastvit.flash_attention`` call
+    (``_BertSelfAttentionForward``).
+
+    Example:
+        >>> model = transformers.ViltModel.from_pretrained("dandelin/vilt-b32-mlm")
+        >>> fastvit.patch(model)  # encoder.layer.*.attention.attention
+    """
 
 
 class FusedCvtSelfAttention(FusedModule, CvtSelfAttention):

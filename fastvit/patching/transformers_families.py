@@ -508,7 +508,8 @@ def _sam_attention_notes(attn: nn.Module) -> list[str]:
 
 _INTERMEDIATE_OUTPUT = fused_table(*hf_intermediate_output.INTERMEDIATE_OUTPUT_LAYERS.values(),
                                    hf_intermediate_output.FusedMobileViTTransformerLayer,
-                                   hf_intermediate_output.FusedFlavaLayer, hf_intermediate_output.FusedCvtLayer)
+                                   hf_intermediate_output.FusedFlavaLayer, hf_intermediate_output.FusedCvtLayer,
+                                   hf_intermediate_output.FusedViltLayer)
 
 
 def _intermediate_output_problems(layer: nn.Module) -> list[str]:
@@ -621,6 +622,7 @@ _SELF_ATTENTIONS = {
     hf_self_attention.FusedMobileViTSelfAttention: (("query", "key", "value"), "dropout"),
     hf_self_attention.FusedBlipAttention: (("qkv", "projection"), "dropout"),
     hf_self_attention.FusedFlavaSelfAttention: (("query", "key", "value"), "dropout"),
+    hf_self_attention.FusedViltSelfAttention: (("query", "key", "value"), "dropout"),
     hf_self_attention.FusedCvtSelfAttention: (("projection_query", "projection_key", "projection_value"), "dropout"),
 }
 # what else they read, where more than their Linears and dropout
