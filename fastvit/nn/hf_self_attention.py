@@ -4,8 +4,8 @@ nothing between the projections but a softmax: PVT's and GLPN's efficient self-a
 (keys and values from a spatially reduced map: a strided conv and a LayerNorm, or PVTv2-Li's pooling),
 TimeSformer's (its divided space-time attention: the layer folds time or space into the batch),
 MobileViT's (over the unfolded patches' pixels), BLIP's vision tower's, FLAVA's (its image, text and
-multimodal encoders: BERT's self-attention, an additive mask added to the scores) and ViLT's (FLAVA's
-line for line, over its joint text and image tokens) and CvT's (queries,
+multimodal encoders: BERT's self-attention, an additive mask added to the scores), ViLT's (FLAVA's
+line for line, over its joint text and image tokens), GroupViT's (self- and cross-attention) and CvT's (queries,
 keys and values from depthwise-conv projections of the map, keys and values strided).
 
 Each fused forward keeps Hugging Face's Linears and reduction modules (called as modules, in Hugging
@@ -25,6 +25,7 @@ from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.cvt.modeling_cvt import CvtSelfAttention
 from transformers.models.flava.modeling_flava import FlavaSelfAttention
 from transformers.models.glpn.modeling_glpn import GLPNEfficientSelfAttention
+from transformers.models.groupvit.modeling_groupvit import GroupViTAttention
 from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttention
 from transformers.models.pvt.modeling_pvt import PvtEfficientSelfAttention
 from transformers.models.pvt_v2.modeling_pvt_v2 import PvtV2SelfAttention
@@ -41,6 +42,7 @@ __all__ = [
     "FusedCvtSelfAttention",
     "FusedFlavaSelfAttention",
     "FusedGLPNEfficientSelfAttention",
+    "FusedGroupViTAttention",
     "FusedMobileViTSelfAttention",
     "FusedPvtEfficientSelfAttention",
     "FusedPvtV2SelfAttention",
@@ -277,6 +279,58 @@ class FusedViltSelfAttention(_BertSelfAttentionForward, ViltSelfAttention):
         >>> model = transformers.ViltModel.from_pretrained("dandelin/vilt-b32-mlm")
         >>> fastvit.patch(model)  # encoder.layer.*.attention.attention
     """
+
+
+class FusedGroupViTAttention(FusedModule, GroupViTAttention):
+    """GroupViT's ``GroupViTAttention`` (CLIP's projections; its vision stages' self-attention, the
+    cross-attention of its token assignment from the group tokens to the image tokens, and its text
+    tower's causal self-attention) running one ``fastvit.flash_attention`` call.
+
+    Same signature, ``forward(hidden_states, attention_mask=None, encoder_hidden_states=None)``:
+    hidden_states (B, N, C) the queries; keys and values from ``encoder_hidden_states`` (B, M, C)
+    where given (cross-attention), else from hidden_states; attention_mask an additive float
+    (B, 1, N, M) mask (the text tower's causal and padding mask). Returns ``(output, None)``: the
+    weights Hugging Face's forward returns are computed only when asked for (transformers' output
+    capture collecting ``attentions``), by Hugging Face's forward, as are the calls with attention
+    dropout in training and masks of another shape or kind (Hugging Face raises on the shape, and adds
+    a bool mask to the scores as 0 / 1).
+
+    Example:
+        >>> model = transformers.GroupViTModel.from_pretrained("nvidia/groupvit-gcc-yfcc")
+        >>> fastvit.patch(model)  # *.self_attn and the token assignment's pre_assign_attn.attn
+    """
+
+    fastvit_part = "attention"
+    fastvit_op = "flash_attention"
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
+            return self._fastvit_original_forward(hidden_states, attention_mask, encoder_hidden_states)
+        keys_from = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        (batch, queries), keys = hidden_states.shape[:2], keys_from.shape[1]
+        additive = attention_mask is None or (
+            attention_mask.is_floating_point() and tuple(attention_mask.shape) == (batch, 1, queries, keys)
+        )
+        # GroupViT's attention has no dropout module: the functional dropout with its float p, in training
+        if not additive or not swapped_attention_covers(self, kwargs.get("output_attentions"), self.dropout,
+                                                        self.training):  # fmt: skip
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
+        heads = (self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, D) views
+        k = self.k_proj(keys_from).unflatten(-1, heads).transpose(1, 2)
+        v = self.v_proj(keys_from).unflatten(-1, heads).transpose(1, 2)
+        out = fastvit.flash_attention(q, k, v, scale=self.scale, **({} if attention_mask is None else
+                                                                    {"attn_mask": attention_mask}))  # fmt: skip
+        return self.out_proj(merge_heads(out)), None
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, fastvit={self.fastvit_op}"
 
 
 class FusedCvtSelfAttention(FusedModule, CvtSelfAttention):

@@ -134,31 +134,31 @@ def patch(
       DeepSeek towers;
     - torchvision: ``VisionTransformer``, Swin V1/V2 (``swin_*``, ``swin_v2_*``: V2's post-norm MLP
       alone), MaxViT and ConvNeXt's LayerNorm+MLP (``convnext_*``);
-    - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves of
-      DeiT, ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral, the embeddings
-      of DeiT, ViTMAE, ViT-MSN, I-JEPA, BEiT, data2vec-vision, CLIP, SigLIP and DINOv2/v3,
-      the MLP halves of the layers that are CLIP's (Chinese-CLIP, AltCLIP, OWL-ViT / OWLv2, X-CLIP,
-      GIT, Idefics2 / 3, SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal,
-      GroupViT, MiniCPM-V, Molmo 2, Unlimited-OCR, HunYuan-VL, HY-V4-VL, PP-OCR's SVTR blocks) and
-      DINOv2's (C-RADIO, EoMT, TIPSv2, VidEoMT), of DPT's, YOLOS's, VideoMAE's and MobileViT's (ViT's
-      4.x layout), of the vision towers of BLIP / BLIP-2 / InstructBLIP(-Video), InternVL, MLCD, Janus,
-      X-CLIP, VideoPrism, PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge, MiniMax-M3-VL and Gemma 4
-      (its sandwich's pre-MLP norm and gated MLP), MGP-STR's and AST's, of the OCR towers' own layers
-      (Pix2Struct, Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2's vision encoder), of LFM3-VL's tower, of the
-      V-JEPA 2, ViTPose, Pixio,
-      Sapiens2, RF-DETR (DINOv2), LW-DETR (ViT), PVT and TimeSformer backbones,
-      the MLP halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL /
-      Qwen2.5-VL / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
+    - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves of DeiT,
+      ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral, the embeddings of DeiT,
+      ViTMAE, ViT-MSN, I-JEPA, BEiT, data2vec-vision, CLIP, SigLIP and DINOv2/v3, the MLP halves of the
+      layers that are CLIP's (Chinese-CLIP, AltCLIP, OWL-ViT / OWLv2, X-CLIP, GIT, Idefics2 / 3,
+      SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V,
+      Molmo 2, Unlimited-OCR, HunYuan-VL, HY-V4-VL, PP-OCR's SVTR blocks) and DINOv2's (C-RADIO, EoMT,
+      TIPSv2, VidEoMT), of DPT's, YOLOS's, VideoMAE's and MobileViT's (ViT's 4.x layout), of the vision
+      towers of BLIP / BLIP-2 / InstructBLIP(-Video), InternVL, MLCD, Janus, X-CLIP, VideoPrism,
+      PaddleOCR-VL, VideoLLaMA 3, Ovis2.5, Cosmos 3 Edge, MiniMax-M3-VL and Gemma 4 (its sandwich's
+      pre-MLP norm and gated MLP), MGP-STR's and AST's, of the OCR towers' own layers (Pix2Struct,
+      Kosmos-2.5, Qianfan-OCR, DeepSeek-OCR 2's vision encoder), of LFM3-VL's tower, of the V-JEPA 2,
+      ViTPose, Pixio, Sapiens2, RF-DETR (DINOv2), LW-DETR (ViT), PVT and TimeSformer backbones, the MLP
+      halves of I-JEPA's, ViT-MSN's, ViViT's, Swin's and BEiT's layers and of the Qwen2-VL / Qwen2.5-VL
+      / Qwen3-VL vision towers, ConvNeXt's ``ConvNextLayer`` branch, Swin V2's attention
       (``Swinv2SelfAttention``) and its post-norm layers' MLP alone, SAM's and SAM-HQ's image encoder
       (``SamVisionAttention`` with its decomposed relative position, ``SamVisionLayer``'s MLP half), the
       MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, the attentions that compute their
-      scores in their own forward and their layers' MLP halves where fusable: BLIP, ViTDet, Hiera, Donut's
-      and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT, FLAVA, ViLT, CvT,
-      LeViT, the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet, SLANeXt and Unlimited-OCR,
-      and SegGPT; and every attention going through transformers' ``AttentionInterface`` (below). A
-      Hugging Face layer none of these covers is named in the report (its MLP half left as it is), and
-      so is a patch embedding none of them fuses (SAM's, YOLOS', VideoMAE's, AIMv2's; Hiera's
-      overlapping conv, SigLIP2's Linear over cut patches, Pixtral's ``patch_conv`` ...).
+      scores in their own forward and their layers' MLP halves where fusable: BLIP, ViTDet, Hiera,
+      Donut's and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT,
+      FLAVA, ViLT, GroupViT, CvT, LeViT, the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet,
+      SLANeXt and Unlimited-OCR, and SegGPT; and every attention going through transformers'
+      ``AttentionInterface`` (below). A Hugging Face layer none of these covers is named in the report
+      (its MLP half left as it is), and so is a patch embedding none of them fuses (SAM's, YOLOS',
+      VideoMAE's, AIMv2's; Hiera's overlapping conv, SigLIP2's Linear over cut patches, Pixtral's
+      ``patch_conv`` ...).
 
     Each part is replaced per module: the attention (``fastvit.flash_attention``), the
     LayerNorm+MLP half of each block with its residual add (``fastvit.layernorm_mlp``) and the

@@ -623,10 +623,12 @@ _SELF_ATTENTIONS = {
     hf_self_attention.FusedBlipAttention: (("qkv", "projection"), "dropout"),
     hf_self_attention.FusedFlavaSelfAttention: (("query", "key", "value"), "dropout"),
     hf_self_attention.FusedViltSelfAttention: (("query", "key", "value"), "dropout"),
+    hf_self_attention.FusedGroupViTAttention: (("q_proj", "k_proj", "v_proj", "out_proj"), None),
     hf_self_attention.FusedCvtSelfAttention: (("projection_query", "projection_key", "projection_value"), "dropout"),
 }
 # what else they read, where more than their Linears and dropout
 _SELF_ATTENTION_READS = {
+    hf_self_attention.FusedGroupViTAttention: ("num_heads", "head_dim", "scale"),
     hf_self_attention.FusedCvtSelfAttention: ("convolution_projection_query", "convolution_projection_key",
                                               "convolution_projection_value", "with_cls_token", "scale", "num_heads",
                                               "rearrange_for_multi_head_attention"),
@@ -635,19 +637,23 @@ _SELF_ATTENTION_TABLE = fused_table(*_SELF_ATTENTIONS)
 
 
 def _self_attention_problems(attn: nn.Module) -> list[str]:
-    """What a fused own-forward self-attention reads: its Linears and Hugging Face's dropout module."""
+    """What a fused own-forward self-attention reads: its Linears and Hugging Face's dropout module
+    (GroupViT's, None: a float its forward passes to the functional dropout)."""
     fused = _SELF_ATTENTION_TABLE[type(attn)]
     linears, dropout = _SELF_ATTENTIONS[fused]
-    problems = missing_attributes(attn, (*linears, dropout, *_SELF_ATTENTION_READS.get(fused, ())), "transformers")
+    names = (*linears, dropout or "dropout", *_SELF_ATTENTION_READS.get(fused, ()))
+    problems = missing_attributes(attn, names, "transformers")
     if problems:
         return problems
     problems += linear_problems(attn, linears)
+    if dropout is None:
+        return problems
     return problems + exact_type(getattr(attn, dropout), dropout, (nn.Dropout,), "nn.Dropout")
 
 
 def _self_attention_notes(attn: nn.Module) -> list[str]:
     _, dropout = _SELF_ATTENTIONS[_SELF_ATTENTION_TABLE[type(attn)]]
-    p = getattr(attn, dropout).p
+    p = attn.dropout if dropout is None else getattr(attn, dropout).p
     return [f"attention dropout {p}: in training it runs Hugging Face's forward"] if p > 0 else []
 
 
