@@ -40,7 +40,9 @@ class FusedMetaFormerAttention(FusedModule, MetaFormerAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if self._fastvit_unfused("timm MetaFormer Attention"):
+        # heads narrower than the tokens (dim not a multiple of head_dim): timm's reshape to (B, N, C)
+        # raises there, and keeps raising
+        if self.attention_dim != self.qkv.in_features or self._fastvit_unfused("timm MetaFormer Attention"):
             return super().forward(x)
         q, k, v = split_packed_qkv(self.qkv(x), self.num_heads, self.head_dim)  # (B, heads, N, D) views
         out = fastvit.flash_attention(q, k, v, scale=timm_scale(self))

@@ -7,11 +7,11 @@ split into the MLP's hidden pre-activation and q, k, v, and adds both branches' 
 to the residual stream at once. Its attention becomes one ``fastvit.flash_attention`` call on views
 of that projection (qk norm as timm applies it); every module of the block runs as in timm, in
 timm's order. The MLP branch shares the block's norm and input projection with the attention, so
-it is no LayerNorm+MLP half the op computes: it runs timm's modules (reported). Differential attention,
-``softmax(q1 k1^T) v - lambda * softmax(q2 k2^T) v`` with q / k heads half as wide as v's, is two op
-calls, q and k zero-padded to v's width (zero columns add nothing to q.k; the scale is the unpadded
-width's). See
-``fastvit.nn.fused`` for how the swap works. Importing this module imports timm.
+it is no LayerNorm+MLP half the op computes: it runs timm's modules (reported). Differential
+attention, ``softmax(q1 k1^T) v - lambda * softmax(q2 k2^T) v`` with q / k heads half as wide as v's,
+is two op calls, q and k zero-padded to v's width (zero columns add nothing to q.k; the scale is the
+unpadded width's). See ``fastvit.nn.fused`` for how the swap works. Importing this module imports
+timm.
 """
 
 from __future__ import annotations

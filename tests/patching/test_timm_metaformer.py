@@ -131,3 +131,12 @@ def test_triton_route(op_calls):
 def test_compiled_kernels_on_the_gpu(op_calls):
     assert_matches_on_the_gpu(build(), images())
     assert op_calls["flash_attention"]
+
+
+def test_heads_narrower_than_the_tokens_keep_timms_error():
+    # dim 80 with heads of 32: two heads (64 channels); timm's reshape to (B, N, 80) raises, patched too
+    reference, patched, _ = pair(build(dims=(32, 48, 80, 96)))
+    x = images(batch=1)
+    for model in (reference, patched):
+        with pytest.raises(RuntimeError):
+            model(x)
