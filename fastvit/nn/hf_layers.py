@@ -1080,6 +1080,8 @@ class _Pix2StructLayoutHalf(FusedPreNormLayer):
         traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: no dtypes to compare
         if traced is not None:
             return traced
+        if not self._fastvit_submodules_intact():  # a replaced module: its tensors are not read
+            return self._fastvit_original_half(hidden_states)
         mlp = self.mlp
         weights = (self.pre_mlp_layer_norm.weight, mlp.wi_0.weight, mlp.wi_1.weight, mlp.wo.weight)
         mixed = any(weight.dtype != hidden_states.dtype for weight in weights)

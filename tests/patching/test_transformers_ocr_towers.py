@@ -252,3 +252,20 @@ class TestDeepseekOcr2Checks(ModelChecks):
     export_ops = frozenset({"fastvit.layernorm_mlp_fwd.default", "fastvit.flash_attention_fwd.default"})
     counted_op = "layernorm_mlp"
     calls = LAYERS
+
+
+def test_a_replaced_wo_runs_hugging_faces_modules(op_calls, fresh_warnings):
+    # a wo replaced after patching (a quantized layer, a wrapper): Hugging Face's modules run, with it
+    class Halved(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 0.5
+
+    reference, patched, _ = pair(_pix2struct())
+    for model in (reference, patched):
+        mlp = model.model.encoder.layer[0].mlp
+        halved = Halved(mlp.wo.in_features, mlp.wo.out_features, bias=False)
+        halved.weight = mlp.wo.weight
+        mlp.wo = halved
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="replaced"):
+        torch.testing.assert_close(patched(PATCH_INPUTS), reference(PATCH_INPUTS), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["layernorm_mlp"]) == LAYERS - 1
