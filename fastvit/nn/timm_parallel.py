@@ -26,44 +26,39 @@ from fastvit.nn.fused import FusedModule
 __all__ = ["FusedDiffParallelScalingBlock", "FusedParallelScalingBlock"]
 
 
-class FusedParallelScalingBlock(FusedModule, ParallelScalingBlock):
-    """timm ``ParallelScalingBlock`` whose attention runs ``fastvit.flash_attention``.
-
-    Same signature, ``forward(x, attn_mask=None, is_causal=False)``: x (B, N, C) -> (B, N, C). q, k,
-    v are (B, heads, N, head_dim) views into the block's ``in_proj`` output (no copies); ``attn_mask``
-    (SDPA's convention) goes to the op. Calls in training with attention dropout > 0, or with both a
-    mask and ``is_causal`` (timm's SDPA path raises, its eager path drops the mask), run timm's
-    forward.
-
-    Example:
-        >>> model = timm.create_model("vit_base_patch16_xp_224")
-        >>> fastvit.patch(model)  # blocks.* -> FusedParallelScalingBlock (attention)
-    """
+class _ParallelBlockForward(FusedModule):
+    """The forward the parallel blocks share, timm's line for line but for the attention
+    (``_fastvit_attention``): ``x + drop_path(ls(out_proj([attention(q, k, v); act(x_mlp)])))`` with
+    ``x_mlp, q, k, v`` split from ``in_proj(in_norm(x))``. Same signature as timm's,
+    ``forward(x, attn_mask=None, is_causal=False)``: x (B, N, C) -> (B, N, C). Calls in training
+    with attention dropout, or with both a mask and ``is_causal`` (timm's SDPA path raises, its eager
+    path drops the mask), run timm's forward."""
 
     fastvit_part = "attention"
     fastvit_op = "flash_attention"
     fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
+
+    def _fastvit_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        """The attention branch from the (B, N, C) slices of ``in_proj``'s output: (B, N, C)."""
+        raise NotImplementedError
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm ParallelScalingBlock"):
+        name = type(self).fastvit_original().__name__
+        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused(f"timm {name}"):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        B, N, C = x.shape
         # the MLP's fc1 and q, k, v: one projection of the normalised tokens, split as views
         y = self.in_proj(self.in_norm(x))
         x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
         if self.mlp_bias is not None:
             x_mlp = x_mlp + self.mlp_bias
-        # attention on (B, heads, N, head_dim) views, qk norm over each head as timm applies it
-        q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
-        v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        x_attn = self_attention(q, k, v, scale=timm_scale(self), causal=is_causal, attn_mask=attn_mask)
-        x_attn = x_attn.transpose(1, 2).reshape(B, N, C)
-        # the MLP branch and both output projections, as timm
+        x_attn = self._fastvit_attention(q, k, v, attn_mask, is_causal)
+        # the MLP branch and the output projection(s), as timm
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         if self.out_proj is not None:
             y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
@@ -71,29 +66,44 @@ class FusedParallelScalingBlock(FusedModule, ParallelScalingBlock):
             y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
         return x + self.drop_path(self.ls(y))
 
+
+class FusedParallelScalingBlock(_ParallelBlockForward, ParallelScalingBlock):
+    """timm ``ParallelScalingBlock`` whose attention runs ``fastvit.flash_attention``
+    (``_ParallelBlockForward``): q, k, v are (B, heads, N, head_dim) views into the block's ``in_proj``
+    output (no copies); ``attn_mask`` (SDPA's convention) goes to the op.
+
+    Example:
+        >>> model = timm.create_model("vit_base_patch16_xp_224")
+        >>> fastvit.patch(model)  # blocks.* -> FusedParallelScalingBlock (attention)
+    """
+
+    def _fastvit_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        B, N, C = q.shape
+        # (B, heads, N, head_dim) views, qk norm over each head as timm applies it
+        q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        x_attn = self_attention(q, k, v, scale=timm_scale(self), causal=is_causal, attn_mask=attn_mask)
+        return x_attn.transpose(1, 2).reshape(B, N, C)
+
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, fastvit={self.fastvit_op}"
 
 
-class FusedDiffParallelScalingBlock(FusedModule, DiffParallelScalingBlock):
+class FusedDiffParallelScalingBlock(_ParallelBlockForward, DiffParallelScalingBlock):
     """timm ``DiffParallelScalingBlock`` whose differential attention runs two
-    ``fastvit.flash_attention`` calls.
-
-    Same signature, ``forward(x, attn_mask=None, is_causal=False)``: x (B, N, C) -> (B, N, C). Each
-    softmax of the pair is one call on q_i, k_i (B, heads, N, head_dim), zero-padded to v's
-    2 * head_dim, and v (B, heads, N, 2 * head_dim), a view of the block's ``in_proj`` output; the
-    difference, its sub-norm and scale are timm's. Calls in training with attention dropout (timm's
-    ``attn_drop_p`` on its SDPA path, ``attn_drop`` on its eager path), or with both a mask and
-    ``is_causal``, run timm's forward.
+    ``fastvit.flash_attention`` calls (``_ParallelBlockForward``): each softmax of the pair is one
+    call on q_i, k_i (B, heads, N, head_dim), zero-padded to v's 2 * head_dim, and v (B, heads, N,
+    2 * head_dim), a view of the block's ``in_proj`` output; the difference, its sub-norm and scale
+    are timm's. Its attention dropout is timm's ``attn_drop_p`` on its SDPA path, ``attn_drop`` on
+    its eager path.
 
     Example:
         >>> model = timm.create_model("vit_dpwee_patch16_reg1_gap_256")
         >>> fastvit.patch(model)  # blocks.* -> FusedDiffParallelScalingBlock (attention)
     """
-
-    fastvit_part = "attention"
-    fastvit_op = "flash_attention"
-    fastvit_bypassed = ("attn_drop",)  # timm calls it only with fused_attn=False
 
     def _fastvit_timm_attention_dropout(self, sdpa_dropout: bool) -> float:
         """timm's SDPA path drops with the float ``attn_drop_p`` while the block trains, its eager
@@ -102,18 +112,10 @@ class FusedDiffParallelScalingBlock(FusedModule, DiffParallelScalingBlock):
             return self.attn_drop_p if self.training else 0.0
         return self.attn_drop.p if self.attn_drop.training else 0.0
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    def _fastvit_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
     ) -> torch.Tensor:
-        if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
-            return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm DiffParallelScalingBlock"):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        B, N, C = x.shape
-        y = self.in_proj(self.in_norm(x))
-        x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
-        if self.mlp_bias is not None:
-            x_mlp = x_mlp + self.mlp_bias
+        B, N, C = q.shape
         # twice the heads at half the width for q / k, v at the full width, as timm lays them out
         q = q.reshape(B, N, 2 * self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(B, N, 2 * self.num_heads, self.head_dim).transpose(1, 2)
@@ -128,10 +130,7 @@ class FusedDiffParallelScalingBlock(FusedModule, DiffParallelScalingBlock):
         attn2 = self_attention(F.pad(q2, pad), F.pad(k2, pad), v, scale=scale, causal=is_causal, attn_mask=attn_mask)
         x_attn = self.sub_norm(attn1 - lambda_full * attn2)
         x_attn = x_attn * (1 - self.lambda_init)
-        x_attn = x_attn.transpose(1, 2).reshape(B, N, C)
-        x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
-        y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
-        return x + self.drop_path(self.ls(y))
+        return x_attn.transpose(1, 2).reshape(B, N, C)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, head_dim={self.head_dim} (q, k; v: {2 * self.head_dim}), differential, "
