@@ -371,7 +371,7 @@ class FusedPreNormLayer(FusedModule):
         traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: decided when the graph runs
         if traced is not None:
             return traced
-        if not self._fastvit_submodules_intact():
+        if not self._fastvit_submodules_intact() or not self._fastvit_op_covers(hidden_states):
             return self._fastvit_original_half(hidden_states)
         name = type(self).fastvit_original().__name__
         if regularisation_fallback("Hugging Face", name, *self._fastvit_regularisers()):
@@ -396,6 +396,11 @@ class FusedPreNormLayer(FusedModule):
             layer_scale=layer_scale, residual=not residual_after, **variant,
         )  # fmt: skip
         return hidden_states + out if residual_after else out
+
+    def _fastvit_op_covers(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the op computes this call as the layer's own modules would (read once its modules
+        are known intact); False runs Hugging Face's half. Every call, unless a family says otherwise."""
+        return True
 
     def _fastvit_rms(self) -> bool:
         """Whether the MLP half's norm is an RMSNorm (``MlpHalf.rms``; by the module's class where None)."""
@@ -1076,18 +1081,12 @@ class _Pix2StructLayoutHalf(FusedPreNormLayer):
 
     fastvit_mlp = _T5_LAYOUT
 
-    def _fastvit_mlp_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        traced = method_leaf(self, "_fastvit_mlp_half", hidden_states)  # torch.fx: no dtypes to compare
-        if traced is not None:
-            return traced
-        if not self._fastvit_submodules_intact():  # a replaced module: its tensors are not read
-            return self._fastvit_original_half(hidden_states)
+    def _fastvit_op_covers(self, hidden_states: torch.Tensor) -> bool:
+        """All of one dtype, or under autocast: the op's casts are Hugging Face's."""
         mlp = self.mlp
         weights = (self.pre_mlp_layer_norm.weight, mlp.wi_0.weight, mlp.wi_1.weight, mlp.wo.weight)
         mixed = any(weight.dtype != hidden_states.dtype for weight in weights)
-        if mixed and not torch.is_autocast_enabled(hidden_states.device.type):
-            return self._fastvit_original_half(hidden_states)
-        return super()._fastvit_mlp_half(hidden_states)
+        return not mixed or torch.is_autocast_enabled(hidden_states.device.type)
 
     def _fastvit_layer(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict
