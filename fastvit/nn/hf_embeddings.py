@@ -5,13 +5,14 @@ Covered: ``CLIPVisionEmbeddings``, ``SiglipVisionEmbeddings``, ``Dinov2Embedding
 ``Dinov2WithRegistersEmbeddings``, ``DINOv3ViTEmbeddings``, ``DeiTEmbeddings``, ViT's copies
 ``ViTMSNEmbeddings`` and ``IJepaEmbeddings`` (no class token), ``ViTMAEEmbeddings`` (the patches
 before its random masking), and BEiT's ``BeitEmbeddings`` and its copy ``Data2VecVisionEmbeddings``
-(the absolute position embedding optional), OWL-ViT's ``OwlViTVisionEmbeddings``, and the copies
+(the absolute position embedding optional), InternVL's ``InternVLVisionEmbeddings`` (BEiT's forward,
+the pixels cast to the conv's dtype), OWL-ViT's ``OwlViTVisionEmbeddings``, and the copies
 Hugging Face made of these, ``forward`` line for line and ``__init__`` too but for the lines the
 tests name (Step3p7's conv without a bias, EoMT-DINOv3's ``num_prefix_tokens``, CLIPSeg's
 ``interpolate_pos_encoding`` default) (``EMBEDDING_COPIES``: AltCLIP, BridgeTower, Chinese-CLIP,
 CLIPSeg, GIT, Kosmos-2, MetaCLIP 2 and X-CLIP of CLIP's; OWLv2 of
 OWL-ViT's; Granite Docling and Step3p7 of SigLIP's; TIPSv2 of DINOv2-with-registers'; EoMT-DINOv3
-of DINOv3's). Calls the op does not cover
+of DINOv3's; Qianfan-OCR of InternVL's). Calls the op does not cover
 (``interpolate_pos_encoding`` or a resolution where Hugging Face resamples the position embedding,
 ``bool_masked_pos``, a hook on the projection) run Hugging Face's forward, which also keeps its own
 error messages. Importing this module imports transformers.
@@ -43,10 +44,15 @@ from transformers.models.eomt_dinov3.modeling_eomt_dinov3 import EomtDinov3Embed
 from transformers.models.git.modeling_git import GitVisionEmbeddings
 from transformers.models.granite_docling.modeling_granite_docling import GraniteDoclingVisionEmbeddings
 from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings, IJepaPatchEmbeddings
+from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings, InternVLVisionPatchEmbeddings
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEmbeddings
 from transformers.models.metaclip_2.modeling_metaclip_2 import MetaClip2VisionEmbeddings
 from transformers.models.owlv2.modeling_owlv2 import Owlv2VisionEmbeddings
 from transformers.models.owlvit.modeling_owlvit import OwlViTVisionEmbeddings
+from transformers.models.qianfan_ocr.modeling_qianfan_ocr import (
+    QianfanOCRVisionEmbeddings,
+    QianfanOCRVisionPatchEmbeddings,
+)
 from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
 from transformers.models.step3p7.modeling_step3p7 import Step3p7VisionEmbeddings
 from transformers.models.tipsv2.modeling_tipsv2 import Tipsv2VisionEmbeddings, Tipsv2VisionPatchEmbeddings
@@ -70,6 +76,7 @@ __all__ = [
     "FusedDinov2Embeddings",
     "FusedDinov2WithRegistersEmbeddings",
     "FusedIJepaEmbeddings",
+    "FusedInternVLVisionEmbeddings",
     "FusedOwlViTVisionEmbeddings",
     "FusedSiglipVisionEmbeddings",
     "FusedViTMAEEmbeddings",
@@ -97,6 +104,8 @@ class _CLIPLayoutEmbeddings(_FusedEmbeddings):
     embedding at the trained square size, outside ``torch.jit.trace``), so such calls are fused too."""
 
     fastvit_bypassed = ("patch_embedding",)
+    # Hugging Face calls it when asked to interpolate: the fused call at the trained size stands for it
+    fastvit_bypassed_methods = ("interpolate_pos_encoding",)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         height, width = pixel_values.shape[-2], pixel_values.shape[-1]
@@ -372,15 +381,36 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
         if not covered:
             return super().forward(pixel_values, bool_masked_pos)
         tokens = fastvit.patch_embed(
-            _patch_pixels(pixel_values, projection), projection.weight, projection.bias, pos_embed=pos_embed,
+            self._fastvit_pixels(pixel_values, projection), projection.weight, projection.bias, pos_embed=pos_embed,
             prefix_tokens=self.cls_token,
         )
         return self._fastvit_output(self.dropout(tokens), pixel_values)
+
+    def _fastvit_pixels(self, pixel_values: torch.Tensor, projection: torch.nn.Conv2d) -> torch.Tensor:
+        """The pixels the projection reads (BEiT's: as they come; a dtype other than the conv's is
+        the op's error where it is the conv's)."""
+        return _patch_pixels(pixel_values, projection)
 
     def _fastvit_output(
         self, tokens: torch.Tensor, pixel_values: torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]]:
         return tokens
+
+
+class _InternVLLayoutEmbeddings(_BeitLayoutEmbeddings):
+    """InternVL's embedding (InternViT's, and Qianfan-OCR's copy): BEiT's ``forward`` line for line
+    (its masked-token blend names its weight ``w``) and BEiT's interpolation rule, with a projection
+    holder of its own that casts the pixels to the conv's dtype, as the fused call does."""
+
+    def _fastvit_pixels(self, pixel_values: torch.Tensor, projection: torch.nn.Conv2d) -> torch.Tensor:
+        return _patch_pixels(pixel_values, projection).to(dtype=projection.weight.dtype)  # as Hugging Face casts
+
+
+class FusedInternVLVisionEmbeddings(_InternVLLayoutEmbeddings, InternVLVisionEmbeddings):
+    """``InternVLVisionEmbeddings`` as one ``fastvit.patch_embed`` call, then its dropout
+    (``_InternVLLayoutEmbeddings``)."""
+
+    fastvit_patch_holder = InternVLVisionPatchEmbeddings
 
 
 class FusedBeitEmbeddings(_BeitLayoutEmbeddings, BeitEmbeddings):
@@ -427,6 +457,9 @@ EMBEDDING_COPIES: dict[type, EmbeddingCopy] = {
         Dinov2WithRegistersEmbeddings, _Dinov2WithRegistersLayoutEmbeddings, Tipsv2VisionPatchEmbeddings
     ),
     EomtDinov3Embeddings: EmbeddingCopy(DINOv3ViTEmbeddings, _DINOv3LayoutEmbeddings),  # + num_prefix_tokens
+    QianfanOCRVisionEmbeddings: EmbeddingCopy(
+        InternVLVisionEmbeddings, _InternVLLayoutEmbeddings, QianfanOCRVisionPatchEmbeddings
+    ),
 }  # fmt: skip
 
 
@@ -438,7 +471,7 @@ FUSED_EMBEDDINGS: dict[type, type[FusedModule]] = {}
 for _fused in (
     FusedCLIPVisionEmbeddings, FusedSiglipVisionEmbeddings, FusedDinov2Embeddings, FusedDinov2WithRegistersEmbeddings,
     FusedDINOv3ViTEmbeddings, FusedDeiTEmbeddings, FusedViTMSNEmbeddings, FusedIJepaEmbeddings, FusedViTMAEEmbeddings,
-    FusedBeitEmbeddings, FusedData2VecVisionEmbeddings, FusedOwlViTVisionEmbeddings,
+    FusedBeitEmbeddings, FusedData2VecVisionEmbeddings, FusedInternVLVisionEmbeddings, FusedOwlViTVisionEmbeddings,
     *(declare_fused(
         copy, entry.layout, globals(),
         f"Hugging Face ``{copy.__name__}`` ({entry.copies.__name__}'s, line for line) as one ``fastvit.patch_embed`` "

@@ -136,7 +136,8 @@ def patch(
       alone), MaxViT and ConvNeXt's LayerNorm+MLP (``convnext_*``);
     - Hugging Face: ``ViTModel`` / ``ViTForImageClassification`` (module swaps), the MLP halves of DeiT,
       ViTMAE, CLIP, SigLIP(2), DINOv2/v3 (gated MLPs too), AIMv2 and Pixtral, the embeddings of DeiT,
-      ViTMAE, ViT-MSN, I-JEPA, BEiT, data2vec-vision, CLIP, SigLIP and DINOv2/v3, the MLP halves of the
+      ViTMAE, ViT-MSN, I-JEPA, BEiT, data2vec-vision, CLIP, SigLIP, DINOv2/v3 and InternVL (with its
+      copy in Qianfan-OCR), the MLP halves of the
       layers that are CLIP's (Chinese-CLIP, AltCLIP, OWL-ViT / OWLv2, X-CLIP, GIT, Idefics2 / 3,
       SmolVLM, Granite-Docling, Kosmos-2, CLIPSeg, MetaCLIP 2, Phi-4-multimodal, GroupViT, MiniCPM-V,
       Molmo 2, Unlimited-OCR, HunYuan-VL, HY-V4-VL, PP-OCR's SVTR blocks) and DINOv2's (C-RADIO, EoMT,

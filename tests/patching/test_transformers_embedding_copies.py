@@ -1,7 +1,7 @@
 """Hugging Face's copies of the CLIP (CLIPSeg's interpolating by default), SigLIP, DINOv2-with-registers
-and DINOv3 embeddings, and
-OWL-ViT's (with its copy OWLv2), as one fastvit.patch_embed call (fastvit.nn.hf_embeddings:
-``EMBEDDING_COPIES``, ``FusedOwlViTVisionEmbeddings``).
+and DINOv3 embeddings, OWL-ViT's (with its copy OWLv2) and InternVL's (BEiT's forward; with its
+copy in Qianfan-OCR), as one fastvit.patch_embed call (fastvit.nn.hf_embeddings:
+``EMBEDDING_COPIES``, ``FusedOwlViTVisionEmbeddings``, ``FusedInternVLVisionEmbeddings``).
 
 Each copy's ``forward`` and ``__init__`` are checked line for line against the installed source of
 what it copies (the two ``__init__`` that differ, by the lines they differ in), so that a
@@ -28,12 +28,11 @@ from tests.patching.helpers import assert_matches_by_the_rule, images, perturb_,
 transformers = pytest.importorskip("transformers")
 T = transformers
 
+from transformers.models.beit.modeling_beit import BeitEmbeddings  # noqa: E402
 from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerVisionModel  # noqa: E402
 from transformers.models.clipseg.modeling_clipseg import CLIPSegVisionEmbeddings  # noqa: E402
-from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (  # noqa: E402
-    Dinov2WithRegistersPatchEmbeddings,
-)
 from transformers.models.eomt_dinov3.modeling_eomt_dinov3 import EomtDinov3Embeddings  # noqa: E402
+from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings  # noqa: E402
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionModel  # noqa: E402
 from transformers.models.owlvit.modeling_owlvit import OwlViTVisionEmbeddings  # noqa: E402
 from transformers.models.step3p7.modeling_step3p7 import Step3p7VisionEmbeddings  # noqa: E402
@@ -84,6 +83,10 @@ MODELS: dict[type, Callable[[], nn.Module]] = {
         T.Tipsv2VisionConfig(**VISION)
     ),
     EomtDinov3Embeddings: _eomt_dinov3,
+    InternVLVisionEmbeddings: lambda: T.InternVLVisionModel(T.InternVLVisionConfig(**VISION)),
+    T.models.qianfan_ocr.modeling_qianfan_ocr.QianfanOCRVisionEmbeddings: lambda: T.QianfanOCRVisionModel(
+        T.QianfanOCRVisionConfig(**VISION)
+    ),
 }
 NAMES = {cls: cls.__name__ for cls in MODELS}
 
@@ -113,6 +116,15 @@ def _lines(function: Callable, *names: str) -> list[str]:
     return [re.sub(r"\b\w*Config\b", "X", line) for line in source_lines(function, *names)]
 
 
+def _early_return(function: Callable, names: tuple[str, ...]) -> list[str]:
+    """The lines of Hugging Face's interpolation that return the learned position embedding (the rule
+    the fused forward stands for: its resampling branch is Hugging Face's whatever it computes)."""
+    lines = _lines(function, *names)
+    start = next(i for i, line in enumerate(lines) if "is_tracing" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("return"))
+    return lines[start : end + 1]
+
+
 class _Embeds(nn.Module):
     """The embedding of a whole model (patched as users patch: the model), pixels -> tokens."""
 
@@ -132,16 +144,17 @@ def pair(cls: type) -> tuple[_Embeds, _Embeds, fastvit.PatchReport]:
     return reference, patched, fastvit.patch(patched)
 
 
-def test_every_copy_and_owl_vit_have_a_model_here():
-    assert set(MODELS) == set(hf_embeddings.EMBEDDING_COPIES) | {OwlViTVisionEmbeddings}
+def test_every_copy_owl_vit_and_internvl_have_a_model_here():
+    assert set(MODELS) == set(hf_embeddings.EMBEDDING_COPIES) | {OwlViTVisionEmbeddings, InternVLVisionEmbeddings}
 
 
 @pytest.mark.parametrize("cls", list(hf_embeddings.EMBEDDING_COPIES), ids=lambda c: c.__name__)
 def test_copies_are_line_for_line(cls):
     entry = hf_embeddings.EMBEDDING_COPIES[cls]
     names = (cls.__name__, entry.copies.__name__)
+    holder = hf_embeddings.FUSED_EMBEDDINGS[entry.copies].fastvit_patch_holder  # what the copy's holder copies
     if entry.patch_holder is not None:  # the two holder classes, named alike
-        names += (entry.patch_holder.__name__, Dinov2WithRegistersPatchEmbeddings.__name__)
+        names += (entry.patch_holder.__name__, holder.__name__)
     differences = FORWARD_DIFFERENCES.get(cls, {})
     ours = _lines(cls.forward, *names)
     assert [differences.get(line, line) for line in ours] == _lines(entry.copies.forward, *names)
@@ -150,11 +163,11 @@ def test_copies_are_line_for_line(cls):
     removed, added = INIT_DIFFERENCES.get(cls, (set(), set()))
     assert [line for line in theirs if line not in removed] == [line for line in ours if line not in added]
     assert removed <= set(theirs) and added <= set(ours)  # the differences named are the ones there are
-    if entry.patch_holder is not None:  # TIPSv2's own projection holder: DINOv2-with-registers'
+    if entry.patch_holder is not None:  # TIPSv2's and Qianfan-OCR's own projection holders
         for method in ("__init__", "forward"):
-            assert _lines(getattr(entry.patch_holder, method), *names) == _lines(
-                getattr(Dinov2WithRegistersPatchEmbeddings, method), *names
-            )
+            assert _lines(getattr(entry.patch_holder, method), *names) == _lines(getattr(holder, method), *names)
+    for method in entry.layout.fastvit_bypassed_methods:  # the interpolation's rule, which the fused forward reads
+        assert _early_return(getattr(cls, method), names) == _early_return(getattr(entry.copies, method), names)
 
 
 @pytest.mark.parametrize("cls", list(MODELS), ids=lambda c: c.__name__)
@@ -209,6 +222,50 @@ def test_clipseg_interpolates_by_default_where_hugging_face_resamples(op_calls):
     assert len(op_calls["patch_embed"]) == 2
 
 
+def test_internvl_runs_beits_fused_forward_and_casts_the_pixels_as_its_holder(op_calls):
+    """InternVL's embedding is BEiT's forward line for line (its masked-token blend weight named
+    ``w``) under BEiT's interpolation rule, and its projection holder casts the pixels to the conv's
+    dtype: the fused call casts too (float32 pixels into a float64 model). ``bool_masked_pos``,
+    another grid (resampled), another channel count (Hugging Face's error) run Hugging Face's."""
+    names = (InternVLVisionEmbeddings.__name__, BeitEmbeddings.__name__)
+    ours = [re.sub(r"\bw\b", "mask", line) for line in _lines(InternVLVisionEmbeddings.forward, *names)]
+    assert ours == _lines(BeitEmbeddings.forward, *names)
+    rule = "if not torch.jit.is_tracing() and num_patches == num_positions and height == width:"
+    for cls in (InternVLVisionEmbeddings, BeitEmbeddings):
+        assert rule in _lines(cls.interpolate_pos_encoding)
+    holder = hf_embeddings.FusedInternVLVisionEmbeddings.fastvit_patch_holder
+    assert "embeddings = self.projection(pixel_values.to(self.projection.weight.dtype))" in _lines(holder.forward)
+
+    reference, patched, _ = pair(InternVLVisionEmbeddings)
+    reference.double(), patched.double()
+    torch.testing.assert_close(patched(images()), reference(images()), rtol=1e-12, atol=1e-12)
+    assert len(op_calls["patch_embed"]) == 1 and op_calls["patch_embed"][0]["args"][0].dtype == torch.float64
+    ref_emb, emb = (m.model.get_submodule(m.path) for m in (reference, patched))
+    x = images().double()
+    masked = torch.zeros(x.shape[0], 16, dtype=torch.bool)
+    masked[:, ::3] = True
+    emb.mask_token = ref_emb.mask_token = nn.Parameter(torch.randn(1, 1, 32, dtype=torch.float64))
+    torch.testing.assert_close(emb(x, bool_masked_pos=masked), ref_emb(x, bool_masked_pos=masked))
+    torch.testing.assert_close(emb(images(size=24).double()), ref_emb(images(size=24).double()))  # resampled
+    assert len(op_calls["patch_embed"]) == 1
+    for model in (ref_emb, emb):
+        with pytest.raises(ValueError, match="channel dimension"):
+            model(torch.randn(2, 4, 16, 16, dtype=torch.float64))
+
+
+def test_an_interpolation_replaced_on_a_clip_embedding_is_called(op_calls, fresh_warnings):
+    """CLIP's fused forward (here MetaCLIP 2's copy) stands for Hugging Face's interpolation at the trained size; an
+    interpolation replaced on the instance is called there, through Hugging Face's forward."""
+    reference, patched, _ = pair(T.models.metaclip_2.modeling_metaclip_2.MetaClip2VisionEmbeddings)
+    emb = patched.model.get_submodule(patched.path)
+    emb.interpolate_pos_encoding = lambda embeddings, height, width: torch.ones_like(embeddings[:1])
+    with pytest.warns(fastvit.FastvitFallbackWarning, match="interpolate_pos_encoding replaced"):
+        got = emb(images(), interpolate_pos_encoding=True)
+    want = reference.model.get_submodule(reference.path)(images())
+    torch.testing.assert_close(got, want - reference.model.get_submodule(reference.path).position_embedding.weight + 1)
+    assert op_calls["patch_embed"] == []
+
+
 def test_a_hook_on_a_copys_projection_runs_hugging_face(op_calls, fresh_warnings):
     cls = T.models.metaclip_2.modeling_metaclip_2.MetaClip2VisionEmbeddings
     reference, patched, _ = pair(cls)
@@ -222,8 +279,8 @@ def test_a_hook_on_a_copys_projection_runs_hugging_face(op_calls, fresh_warnings
 @pytest.mark.interpreter
 def test_triton_route(op_calls):
     for cls in (OwlViTVisionEmbeddings, Step3p7VisionEmbeddings, EomtDinov3Embeddings,
-                T.models.tipsv2.modeling_tipsv2.Tipsv2VisionEmbeddings):  # fmt: skip
+                T.models.tipsv2.modeling_tipsv2.Tipsv2VisionEmbeddings, InternVLVisionEmbeddings):  # fmt: skip
         reference, patched, _ = pair(cls)
         with fastvit.backend("triton"):
             assert_matches_by_the_rule(reference, patched, images(batch=1))
-    assert len(op_calls["patch_embed"]) == 4
+    assert len(op_calls["patch_embed"]) == 5
