@@ -176,14 +176,12 @@ class FusedLwDetrViTLayer(FusedPreNormLayer, LwDetrViTLayer):
     ``h + gamma_2 * intermediate(layernorm_after(h))``, is one op call (``gamma_2``, a (D,) Parameter,
     as the layer scale)."""
 
-    fastvit_mlp = MlpHalf("layernorm_after", act="act", mlp="intermediate", mlp_dropouts=("drop",))
+    fastvit_mlp = MlpHalf("layernorm_after", act="act", mlp="intermediate", mlp_dropouts=("drop",),
+                          scale_param="gamma_2")  # fmt: skip
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
         return hidden_states + self.intermediate(self.layernorm_after(hidden_states)) * self.gamma_2
-
-    def _fastvit_layer_scale(self) -> torch.Tensor:
-        return self.gamma_2
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself

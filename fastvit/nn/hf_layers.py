@@ -288,6 +288,8 @@ class MlpHalf:
             norm module's class says (InternVL's ``norm_type``: an ``nn.LayerNorm`` or its RMSNorm).
         norm_offset: added to the norm's weight (VideoPrism's LayerNorm scales by ``weight + 1``).
         layer_scale: a module with a ``lambda1`` (D,) Parameter (DINOv2/v3), or None.
+        scale_param: the layer's own (D,) layer-scale Parameter (``lambda_2``: BEiT, InternVL ...;
+            ``gamma_2``: LW-DETR), or None. BEiT's is the float 1.0 where it has none: no scale.
         drop_path: the layer's drop path (Identity or a ``drop_prob`` module), or None.
         dropout: the hidden dropout applied to the MLP's output (ViT layout), or None.
         mlp_dropouts: the dropouts inside the MLP module (SAM 3's between fc1 and the activation,
@@ -308,6 +310,7 @@ class MlpHalf:
         rms: bool | None = False,
         norm_offset: float = 0.0,
         layer_scale: str | None = None,
+        scale_param: str | None = None,
         drop_path: str | None = None,
         dropout: str | None = None,
         mlp_dropouts: tuple[str, ...] = (),
@@ -315,7 +318,7 @@ class MlpHalf:
     ) -> None:
         self.norm, self.fc1, self.act, self.fc2 = norm, fc1, act, fc2
         self.mlp, self.gate, self.rms, self.norm_offset = mlp, gate, rms, norm_offset
-        self.layer_scale, self.drop_path, self.dropout = layer_scale, drop_path, dropout
+        self.layer_scale, self.scale_param, self.drop_path, self.dropout = layer_scale, scale_param, drop_path, dropout
         self.mlp_dropouts, self.activation = mlp_dropouts, activation
 
     def bypassed(self) -> tuple[str, ...]:
@@ -355,8 +358,12 @@ class FusedPreNormLayer(FusedModule):
         return out + hidden_states
 
     def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        """The (D,) layer scale of the MLP branch (a module's ``lambda1``: DINOv2/v3), or None."""
+        """The (D,) layer scale of the MLP branch (the layer's ``lambda_2``, a module's ``lambda1``:
+        DINOv2/v3), or None (BEiT's float 1.0 included, which the patcher checks is 1.0)."""
         parts = self.fastvit_mlp
+        if parts.scale_param:
+            scale = getattr(self, parts.scale_param)
+            return scale if isinstance(scale, torch.Tensor) else None
         return getattr(self, parts.layer_scale).lambda1 if parts.layer_scale else None
 
     def _fastvit_regularisers(self) -> tuple[list[nn.Module], nn.Module | None]:
@@ -506,15 +513,12 @@ class FusedBeitLayer(FusedPreNormLayer, BeitLayer):
     (D,) Parameter, as the layer scale; the float 1.0 of a model without layer scale: none); its
     attention half (the relative position bias added to the mask) is Hugging Face's, line for line."""
 
-    fastvit_mlp = MlpHalf("layernorm_after", drop_path="drop_path", dropout="dropout")
+    fastvit_mlp = MlpHalf("layernorm_after", scale_param="lambda_2", drop_path="drop_path", dropout="dropout")
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
         out = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
         return self.drop_path(self.lambda_2 * out) + hidden_states
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return self.lambda_2 if isinstance(self.lambda_2, torch.Tensor) else None
 
     def forward(
         self,
@@ -687,14 +691,11 @@ class FusedInkling2VisionEncoderLayer(FusedPreNormLayer, Inkling2VisionEncoderLa
     ``lambda_2``) whose LayerNorm+MLP half, ``h + lambda_2 * mlp(layernorm_after(h))``, is one op
     call; its attention half is Hugging Face's, line for line."""
 
-    fastvit_mlp = MlpHalf("layernorm_after")
+    fastvit_mlp = MlpHalf("layernorm_after", scale_param="lambda_2")
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
         return hidden_states + self.lambda_2 * self.mlp(self.layernorm_after(hidden_states))
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return self.lambda_2
 
     def forward(
         self,
@@ -844,7 +845,7 @@ class FusedInternVLVisionLayer(FusedPreNormLayer, InternVLVisionLayer):
     layer scale, the norm a LayerNorm or InternViT-6B's RMSNorm (``norm_type``); its attention half
     (``lambda_1``) is Hugging Face's, line for line."""
 
-    fastvit_mlp = MlpHalf("layernorm_after", rms=None, dropout="dropout")
+    fastvit_mlp = MlpHalf("layernorm_after", scale_param="lambda_2", rms=None, dropout="dropout")
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
@@ -852,9 +853,6 @@ class FusedInternVLVisionLayer(FusedPreNormLayer, InternVLVisionLayer):
         if self.lambda_2 is not None:
             layer_output = self.lambda_2 * layer_output
         return layer_output + hidden_states
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return self.lambda_2
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
@@ -873,14 +871,11 @@ class FusedStep3p7VisionEncoderLayer(FusedPreNormLayer, Step3p7VisionEncoderLaye
     (``lambda_2``, a (D,) Parameter, as the layer scale); its attention half is Hugging Face's, line
     for line."""
 
-    fastvit_mlp = MlpHalf("layernorm_after")
+    fastvit_mlp = MlpHalf("layernorm_after", scale_param="lambda_2")
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
         return self.lambda_2 * self.mlp(self.layernorm_after(hidden_states)) + hidden_states
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return self.lambda_2
 
     def forward(
         self,
@@ -963,15 +958,13 @@ class FusedQianfanOCRVisionLayer(FusedPreNormLayer, QianfanOCRVisionLayer):
     as the layer scale, the norm a LayerNorm or its RMSNorm (``norm_type``); its attention half is
     Hugging Face's, line for line."""
 
-    fastvit_mlp = MlpHalf("layernorm_after", rms=None, dropout="dropout", drop_path="drop_path2")
+    fastvit_mlp = MlpHalf("layernorm_after", scale_param="lambda_2", rms=None, dropout="dropout",
+                          drop_path="drop_path2")  # fmt: skip
 
     def _fastvit_original_half(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Hugging Face's second half, module by module, in its order."""
         layer_output = self.lambda_2 * self.dropout(self.mlp(self.layernorm_after(hidden_states)))
         return self.drop_path2(layer_output) + hidden_states
-
-    def _fastvit_layer_scale(self) -> torch.Tensor | None:
-        return self.lambda_2
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself

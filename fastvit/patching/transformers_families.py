@@ -261,15 +261,6 @@ _LAYER_SCALES = {
     **{fused: hf_layers.DINOV2_LAYOUT_FAMILIES[layer].layer_scale
        for layer, pair in hf_layers.DINOV2_LAYOUT_LAYERS.items() for fused in pair},
 }
-# {fused class: the name of its bare (D,) layer-scale Parameter}
-_BARE_LAYER_SCALES = {
-    hf_layers.FusedBeitLayer: "lambda_2",
-    hf_layers.FusedInternVLVisionLayer: "lambda_2",
-    hf_layers.FusedStep3p7VisionEncoderLayer: "lambda_2",
-    hf_layers.FusedInkling2VisionEncoderLayer: "lambda_2",
-    hf_layers.FusedQianfanOCRVisionLayer: "lambda_2",
-    hf_backbone_layers.FusedLwDetrViTLayer: "gamma_2",
-}
 _DROP_PATHS = {
     hf_layers.FusedBeitLayer: BeitDropPath,
     hf_florence2.FusedFlorence2VisionSpatialBlock: Florence2DropPath,
@@ -326,8 +317,8 @@ def _problems(layer: nn.Module) -> list[str]:
         if len(mlp.layers) or mlp.sigmoid_output:
             problems.append(f"mlp has {len(mlp.layers)} hidden layers and sigmoid_output={mlp.sigmoid_output}; the "
                             "op computes proj_out(act(proj_in(x)))")  # fmt: skip
-    if fused in _BARE_LAYER_SCALES:  # a bare (D,) Parameter
-        name = _BARE_LAYER_SCALES[fused]
+    if parts.scale_param:  # a bare (D,) Parameter
+        name = parts.scale_param
         scale, dim = getattr(layer, name, None), norm.weight.shape[0]
         plain = fused is hf_layers.FusedBeitLayer and isinstance(scale, float) and scale == 1.0  # BEiT without one
         if not (plain or (isinstance(scale, torch.Tensor) and scale.shape == (dim,))):

@@ -442,6 +442,24 @@ def test_step3p7_lambda_2_is_the_layer_scale(op_calls):
     assert op_calls["layernorm_mlp"][0]["kwargs"]["layer_scale"] is patched.model.layers[0].lambda_2
 
 
+@pytest.mark.parametrize("family", ["internvl", "step3p7", "inkling2"])
+def test_a_lambda_2_of_another_shape_is_reported(family, op_calls):
+    """The bare (D,) ``lambda_2`` these layers scale their MLP branch by (``MlpHalf.scale_param``):
+    one that only broadcasts (1,) is no layer scale the op takes; that layer is reported and runs
+    Hugging Face's, the others go to the op with theirs."""
+    build, x, calls = FAMILIES[family] if family in FAMILIES else (*STACKS[family], LAYERS)
+    reference = build()
+    path, layer = next((p, m) for p, m in reference.named_modules() if isinstance(getattr(m, "lambda_2", None),
+                                                                                  torch.nn.Parameter))  # fmt: skip
+    layer.lambda_2 = torch.nn.Parameter(torch.full((1,), 0.5))
+    patched = copy.deepcopy(reference)
+    report = fastvit.patch(patched)
+    (skip,) = [e for e in report.skipped if e.part == "mlp"]
+    assert skip.path == path and "lambda_2 is neither 1.0 nor a (32,) layer scale" in skip.detail
+    assert_matches_by_the_rule(reference, patched, x)
+    assert len(op_calls["layernorm_mlp"]) == calls - 1
+
+
 class TestMllamaChecks(ModelChecks):
     build = staticmethod(lambda: MllamaModel().eval())
     inputs = staticmethod(lambda batch: MLLAMA_TILES[:batch])
