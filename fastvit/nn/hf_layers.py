@@ -13,7 +13,8 @@ VideoLLaMA 3, Ovis2.5), Cosmos 3 Edge's and MiniMax-M3-VL's, the layers that are
 (``lambda_2``; LayerNorm or RMSNorm) and Qianfan-OCR's copy with drop path, the OCR towers' layers of
 their own: Pix2Struct's and Kosmos-2.5's (T5's RMSNorm and gated feed-forward), DeepSeek-OCR 2's
 vision encoder (a Qwen2 decoder layer: RMSNorm + SwiGLU), LFM3-VL's (conv or attention, then
-RMSNorm + SwiGLU), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
+RMSNorm + SwiGLU), GroupViT's ``GroupViTCrossAttentionLayer`` (before each token assignment; its
+post norm Hugging Face's), ``MLCDEncoderLayer``, ``JanusVisionEncoderLayer``,
 ``XCLIPVisionEncoderLayer``, ``VideoPrismLayer`` (``weight + 1`` LayerNorms), ``SiglipEncoderLayer``,
 ``Siglip2EncoderLayer``, MGP-STR's ``MgpstrLayer``, ``Dinov2Layer``, ``Dinov2WithRegistersLayer``, the
 layers that are DINOv2's line
@@ -78,7 +79,11 @@ from transformers.models.granite_docling.modeling_granite_docling import (
     GraniteDoclingEncoderLayer,
     GraniteDoclingVisionMLP,
 )
-from transformers.models.groupvit.modeling_groupvit import GroupViTEncoderLayer, GroupViTMLP
+from transformers.models.groupvit.modeling_groupvit import (
+    GroupViTCrossAttentionLayer,
+    GroupViTEncoderLayer,
+    GroupViTMLP,
+)
 from transformers.models.hiera.modeling_hiera import HieraLayer
 from transformers.models.hunyuan_vl.modeling_hunyuan_vl import HunYuanVLVisionBlock, HunYuanVLVisionMLP
 from transformers.models.hy_v4_vl.modeling_hy_v4_vl import HYV4VLVisionBlock, HYV4VLVisionMLP
@@ -239,6 +244,7 @@ __all__ = [
     "FusedDinov2Layer",
     "FusedDinov2WithRegistersGatedLayer",
     "FusedDinov2WithRegistersLayer",
+    "FusedGroupViTCrossAttentionLayer",
     "FusedHieraLayer",
     "FusedInkling2VisionEncoderLayer",
     "FusedInternVLVisionLayer",
@@ -1017,6 +1023,21 @@ class FusedDeepseekOcr2VisionEncoderLayer(FusedPreNormLayer, DeepseekOcr2VisionE
         return self._fastvit_mlp_half(residual + hidden_states)
 
 
+class FusedGroupViTCrossAttentionLayer(FusedPreNormLayer, GroupViTCrossAttentionLayer):
+    """GroupViT's cross-attention layer (the group tokens attending to the image tokens before each
+    token assignment), ``norm_post(x + mlp(norm2(x)))`` with ``x = query + attn(query, key)``: its
+    LayerNorm+MLP half (CLIP's MLP) is one op call; its attention and post norm are Hugging Face's."""
+
+    fastvit_mlp = MlpHalf("norm2")
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        if self._fastvit_overridden():  # the whole forward: the override may be the layer's forward itself
+            return super().forward(query, key)
+        x = query
+        x = x + self.attn(query, encoder_hidden_states=key)[0]
+        return self.norm_post(self._fastvit_mlp_half(x))
+
+
 class FusedLfm3VlVisionLayer(FusedPreNormLayer, Lfm3VlVisionLayer):
     """LFM3-VL's vision layer (packed frames; a gated depthwise conv or a grouped-query attention as
     its first half, by ``layer_types``) whose RMSNorm+SwiGLU half,
@@ -1670,6 +1691,6 @@ for _fused in (
     *BLIP_LAYOUT_LAYERS.values(), *SAM_LAYOUT_LAYERS.values(), *PP_OCR_LAYERS.values(), *PACKED_ROPE_LAYERS.values(),
     *QWEN_LAYOUT_LAYERS.values(), *AIMV2_LAYOUT_LAYERS.values(), *PACKED_BLOCK_LAYERS.values(),
     FusedInkling2VisionEncoderLayer, FusedQianfanOCRVisionLayer, FusedDeepseekOcr2VisionEncoderLayer,
-    FusedPix2StructVisionLayer, FusedKosmos2_5VisionLayer, FusedLfm3VlVisionLayer,
+    FusedPix2StructVisionLayer, FusedKosmos2_5VisionLayer, FusedLfm3VlVisionLayer, FusedGroupViTCrossAttentionLayer,
 ):  # fmt: skip
     register(_fused)

@@ -154,7 +154,8 @@ def patch(
       MLP halves of SAM 2's Hiera blocks and SAM 3's ViT layers, the attentions that compute their
       scores in their own forward and their layers' MLP halves where fusable: BLIP, ViTDet, Hiera,
       Donut's and MaskFormer's Swin, Swin2SR, data2vec-vision, PVT, GLPN, PVTv2, TimeSformer, MobileViT,
-      FLAVA, ViLT, GroupViT, CvT, LeViT, the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet,
+      FLAVA, ViLT, GroupViT (its assignment's cross-attention layer's MLP half too),
+      CvT, LeViT, the SAM encoders of DeepSeek-OCR 2, GOT-OCR 2.0, PP-FormulaNet,
       SLANeXt and Unlimited-OCR, and SegGPT; and every attention going through transformers'
       ``AttentionInterface`` (below). A Hugging Face layer none of these covers is named in the report
       (its MLP half left as it is), and so is a patch embedding none of them fuses (SAM's, YOLOS',

@@ -69,6 +69,7 @@ from transformers.models.florence2.modeling_florence2 import Florence2DropPath, 
 from transformers.models.glm4v.modeling_glm4v import Glm4vRMSNorm, Glm4vVisionBlock
 from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeRMSNorm, Glm4vMoeVisionBlock
 from transformers.models.glm_ocr.modeling_glm_ocr import GlmOcrRMSNorm, GlmOcrVisionBlock
+from transformers.models.groupvit.modeling_groupvit import GroupViTMLP
 from transformers.models.hiera.modeling_hiera import HieraDropPath, HieraMlp
 from transformers.models.inkling2.modeling_inkling2 import Inkling2VisionMLP
 from transformers.models.internvl.modeling_internvl import InternVLVisionMLP, InternVLVisionRMSNorm
@@ -195,6 +196,7 @@ _MLPS = {
     hf_layers.FusedLlama4VisionEncoderLayer: Llama4VisionMLP,
     hf_layers.FusedInkling2VisionEncoderLayer: Inkling2VisionMLP,
     hf_layers.FusedQianfanOCRVisionLayer: QianfanOCRVisionMLP,
+    hf_layers.FusedGroupViTCrossAttentionLayer: GroupViTMLP,
     hf_layers.FusedDeepseekOcr2VisionEncoderLayer: DeepseekOcr2VisionMLP,
     hf_layers.FusedPix2StructVisionLayer: Pix2StructVisionMlp,
     hf_layers.FusedKosmos2_5VisionLayer: Kosmos2_5VisionMlp,

@@ -2,8 +2,9 @@
 (CLIP's projections) as the vision stages' self-attention, the token assignment's cross-attention
 from the group tokens to the image tokens, and the text tower's causal self-attention (an additive
 causal and padding mask). Each is swapped (fastvit.nn.hf_self_attention.FusedGroupViTAttention: one
-fastvit.flash_attention call); the encoder layers' LayerNorm+MLP halves are CLIP's layout, one
-fastvit.layernorm_mlp call each. The image and text embeddings, every gradient of the image tower and
+fastvit.flash_attention call); the encoder layers' LayerNorm+MLP halves are CLIP's layout, and so is
+the cross-attention layer's before each assignment (fastvit.nn.hf_layers.FusedGroupViTCrossAttentionLayer),
+one fastvit.layernorm_mlp call each. The image and text embeddings, every gradient of the image tower and
 the text tower's output by the tolerance rule against the unpatched model in float64 (the text padded);
 the attention weights captured, dropout in training and masks Hugging Face adds as they are run
 Hugging Face's forward; the hard group assignment (a Gumbel-softmax over groups) is reported as left
@@ -76,12 +77,19 @@ IDS = torch.randint(0, 100, (2, TOKENS), generator=torch.Generator().manual_seed
 def test_image_tower_matches_unpatched_by_the_rule(op_calls):
     reference, patched, report = pair(ImageTower(groupvit()))
     counts = report.counts()
-    assert counts == {"attention": 2 + 1 + 2, "mlp": 2 + 2}  # vision and text self-attention, the assignment's
+    # vision and text self-attention, the assignment's; the encoder layers' and the cross-attention layer's MLPs
+    assert counts == {"attention": 2 + 1 + 2, "mlp": 2 + 2 + 1}
     assign = [e for e in report.skipped if e.part == "attention"]
     assert [e.where.rsplit(".", 1)[-1] for e in assign] == ["assign"]  # the hard group assignment, said
+    assert not [e for e in report.skipped if e.part == "mlp"]
     assert_matches_by_the_rule(reference, patched, IMAGES)
     shapes = [call["args"][0].shape for call in op_calls["flash_attention"]]
     assert shapes == [(2, 2, 20, 16), (2, 2, 4, 16), (2, 2, 4, 16)]  # 16 + 4 tokens; 4 groups over 16; the groups
+    mlp_shapes = [call["args"][0].shape for call in op_calls["layernorm_mlp"]]
+    assert mlp_shapes == [(2, 20, 32), (2, 4, 32), (2, 4, 32)]  # stage 1; the 4 groups after their cross-attention
+    layer = patched.model.vision_model.encoder.stages[0].downsample.pre_assign_attn
+    assert type(layer).__name__ == "FusedGroupViTCrossAttentionLayer"
+    assert op_calls["layernorm_mlp"][1]["args"][3] is layer.mlp.fc1.weight
 
 
 def test_text_tower_matches_unpatched_with_its_causal_padding_mask(op_calls):
