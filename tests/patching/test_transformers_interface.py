@@ -342,6 +342,24 @@ def test_unpatched_vit_through_set_attn_implementation(attention_calls):
     assert len(attention_calls) == DEPTH
 
 
+def test_a_tower_patched_alone_gets_its_own_config_until_unpatched():
+    """``fastvit.patch(model.vision_model)`` gives the tower its own config copy, as any patched model
+    (another model built from the same config object keeps its attention); the composite's
+    ``model.config.vision_config``, which the tower cannot see, stays the object it was and names the
+    implementation it had (the README says so: patch the model you run). Outputs are the unpatched
+    model's; unpatching the tower gives it back the composite's object."""
+    model = build("clip")
+    held = model.config.vision_config
+    inputs = FAMILIES["clip"].inputs(torch.float32)
+    want = model(**inputs).logits_per_image
+    fastvit.patch(model.vision_model)
+    assert model.vision_model.config is not held and model.config.vision_config is held
+    assert (held._attn_implementation, model.vision_model.config._attn_implementation) == ("sdpa", "fastvit")
+    torch.testing.assert_close(model(**inputs).logits_per_image, want, rtol=1e-5, atol=1e-6)
+    fastvit.unpatch(model.vision_model)
+    assert model.vision_model.config is held is model.config.vision_config
+
+
 def test_state_dict_unchanged_and_unpatch_restores_each_sub_config():
     model = build("clip")
     model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
