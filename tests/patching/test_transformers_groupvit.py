@@ -138,6 +138,15 @@ def test_unpatch_restores_hugging_faces_classes():
     assert [type(m) for m in patched.modules()] == [type(m) for m in model.modules()]
 
 
+def test_torch_compile(op_calls):
+    """The image tower compiled (its fused attentions, encoder layers and cross-attention layer)."""
+    torch._dynamo.reset()
+    reference, patched, _ = pair(ImageTower(groupvit()))
+    compiled = torch.compile(patched, backend="eager", fullgraph=False)
+    torch.testing.assert_close(compiled(IMAGES), reference(IMAGES), rtol=1e-5, atol=1e-5)
+    assert len(op_calls["flash_attention"]) == 3 and len(op_calls["layernorm_mlp"]) == 3
+
+
 @pytest.mark.interpreter
 def test_triton_route(op_calls):
     reference, patched, _ = pair(ImageTower(groupvit()))
