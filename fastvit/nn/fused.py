@@ -35,6 +35,7 @@ from fastvit.backend import warn_once
 __all__ = [
     "FusedModule",
     "conv_settings",
+    "conv_takes",
     "declare_fused",
     "dropout_active",
     "global_module_hooks",
@@ -329,6 +330,21 @@ class FusedModule:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # the original class's
         return f"{base}, fastvit={self.fastvit_op}" if base else f"fastvit={self.fastvit_op}"
+
+
+def conv_takes(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether ``conv(x)`` (or a Linear's) takes x as it is: x in the weight's dtype, or under
+    autocast on x's device (which casts both). A fused embedding whose original projects the pixels
+    as given (no cast: timm's, torchvision's, ViT's and BEiT's) runs its original forward otherwise,
+    which raises its own error. True while torch.fx traces (x a Proxy, of no dtype yet).
+
+    Example:
+        >>> conv_takes(torch.zeros(1, 3, 16, 16, dtype=torch.float64), nn.Conv2d(3, 8, 16, stride=16))
+        False
+    """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no dtype yet (the op checks it when the graph runs)
+        return True
+    return x.dtype == conv.weight.dtype or torch.is_autocast_enabled(x.device.type)
 
 
 def conv_settings(module: nn.Module) -> tuple | None:

@@ -61,7 +61,7 @@ from transformers.models.vit_msn.modeling_vit_msn import ViTMSNEmbeddings, ViTMS
 from transformers.models.x_clip.modeling_x_clip import XCLIPVisionEmbeddings
 
 import fastvit
-from fastvit.nn.fused import FusedModule, declare_fused
+from fastvit.nn.fused import FusedModule, conv_takes, declare_fused
 from fastvit.ops.patch_embed import crop_to_patches
 
 __all__ = [
@@ -148,10 +148,9 @@ class _OwlViTLayoutEmbeddings(_FusedEmbeddings):
         conv = self.patch_embedding
         height, width = pixel_values.shape[-2], pixel_values.shape[-1]
         grid = (height // self.patch_size) * (width // self.patch_size)
-        conv_takes = pixel_values.shape[1] == conv.in_channels and (
-            pixel_values.dtype == conv.weight.dtype or torch.is_autocast_enabled(pixel_values.device.type)
-        )
-        if interpolate_pos_encoding or grid != self.num_patches or not conv_takes or not self._fastvit_intact():
+        if interpolate_pos_encoding or grid != self.num_patches or not self._fastvit_intact():
+            return super().forward(pixel_values, interpolate_pos_encoding)
+        if pixel_values.shape[1] != conv.in_channels or not conv_takes(pixel_values, conv):  # its conv's errors
             return super().forward(pixel_values, interpolate_pos_encoding)
         return fastvit.patch_embed(
             _patch_pixels(pixel_values, conv),
@@ -269,8 +268,9 @@ class FusedDINOv3ViTEmbeddings(_DINOv3LayoutEmbeddings, DINOv3ViTEmbeddings):
 class _ViTLayoutEmbeddings(_FusedEmbeddings):
     """ViT's embedding as Hugging Face copies it (DeiT, ViT-MSN, I-JEPA): the projection, the
     family's prefix tokens (``_fastvit_prefix``), ``position_embeddings`` (1, P+N, D), then dropout,
-    at the configured image size. ``bool_masked_pos``, ``interpolate_pos_encoding`` and another
-    size (Hugging Face's error) run Hugging Face's forward."""
+    at the configured image size. ``bool_masked_pos``, ``interpolate_pos_encoding``, another
+    size or pixels of another dtype than the conv's outside autocast (Hugging Face's errors) run
+    Hugging Face's forward."""
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
 
@@ -289,6 +289,8 @@ class _ViTLayoutEmbeddings(_FusedEmbeddings):
         if bool_masked_pos is not None or interpolate_pos_encoding or not exact or not self._fastvit_intact():
             return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         projection = self.patch_embeddings.projection
+        if not conv_takes(pixel_values, projection):  # another dtype outside autocast: its conv's error
+            return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         tokens = fastvit.patch_embed(
             _patch_pixels(pixel_values, projection), projection.weight, projection.bias,
             pos_embed=self.position_embeddings, prefix_tokens=self._fastvit_prefix(),
@@ -324,8 +326,9 @@ class FusedIJepaEmbeddings(_ViTLayoutEmbeddings, IJepaEmbeddings):
 class FusedViTMAEEmbeddings(_FusedEmbeddings, ViTMAEEmbeddings):
     """``ViTMAEEmbeddings``: the patches plus the position embedding's patch rows as one
     ``fastvit.patch_embed`` call; then, as Hugging Face's, the random masking (``noise``) and the
-    class token plus its position row prepended. ``interpolate_pos_encoding`` and another size
-    (Hugging Face's error) run Hugging Face's forward."""
+    class token plus its position row prepended. ``interpolate_pos_encoding``, another size or
+    pixels of another dtype than the conv's outside autocast (Hugging Face's errors) run Hugging
+    Face's forward."""
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
     fastvit_patch_holder = ViTMAEPatchEmbeddings
@@ -342,6 +345,8 @@ class FusedViTMAEEmbeddings(_FusedEmbeddings, ViTMAEEmbeddings):
         if interpolate_pos_encoding or not exact or not self._fastvit_intact():
             return super().forward(pixel_values, noise, interpolate_pos_encoding)
         projection = self.patch_embeddings.projection
+        if not conv_takes(pixel_values, projection):  # another dtype outside autocast: its conv's error
+            return super().forward(pixel_values, noise, interpolate_pos_encoding)
         position_embeddings = self.position_embeddings  # (1, 1+N, D); its patch rows, a view, go to the op
         embeddings = fastvit.patch_embed(
             _patch_pixels(pixel_values, projection), projection.weight, projection.bias,
@@ -362,6 +367,9 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
 
     fastvit_bypassed = ("patch_embeddings", "patch_embeddings.projection")
     fastvit_bypassed_methods = ("interpolate_pos_encoding",)  # Hugging Face calls it with a position embedding
+    # whether the family's projection holder casts the pixels to the conv's dtype (data2vec-vision's,
+    # InternVL's); BEiT's convolves them as given, so another dtype outside autocast runs its error
+    fastvit_casts_pixels: ClassVar[bool] = False
 
     def forward(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None
@@ -372,6 +380,7 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
             bool_masked_pos is None
             and pixel_values.shape[1] == self.patch_embeddings.num_channels
             and self._fastvit_intact()
+            and (self.fastvit_casts_pixels or conv_takes(pixel_values, projection))  # else its conv's error
         )
         pos_embed = self.position_embeddings
         if covered and pos_embed is not None:
@@ -387,9 +396,9 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
         return self._fastvit_output(self.dropout(tokens), pixel_values)
 
     def _fastvit_pixels(self, pixel_values: torch.Tensor, projection: torch.nn.Conv2d) -> torch.Tensor:
-        """The pixels the projection reads (BEiT's: as they come; a dtype other than the conv's is
-        the op's error where it is the conv's)."""
-        return _patch_pixels(pixel_values, projection)
+        """The pixels the projection reads, cast to its dtype where the family's holder casts them."""
+        pixels = _patch_pixels(pixel_values, projection)
+        return pixels.to(dtype=projection.weight.dtype) if self.fastvit_casts_pixels else pixels
 
     def _fastvit_output(
         self, tokens: torch.Tensor, pixel_values: torch.Tensor
@@ -402,8 +411,7 @@ class _InternVLLayoutEmbeddings(_BeitLayoutEmbeddings):
     (its masked-token blend names its weight ``w``) and BEiT's interpolation rule, with a projection
     holder of its own that casts the pixels to the conv's dtype, as the fused call does."""
 
-    def _fastvit_pixels(self, pixel_values: torch.Tensor, projection: torch.nn.Conv2d) -> torch.Tensor:
-        return _patch_pixels(pixel_values, projection).to(dtype=projection.weight.dtype)  # as Hugging Face casts
+    fastvit_casts_pixels = True
 
 
 class FusedInternVLVisionEmbeddings(_InternVLLayoutEmbeddings, InternVLVisionEmbeddings):
@@ -424,6 +432,7 @@ class FusedData2VecVisionEmbeddings(_BeitLayoutEmbeddings, Data2VecVisionEmbeddi
     its dropout; it returns the tokens with the (H, W) patch grid, as Hugging Face's."""
 
     fastvit_patch_holder = Data2VecVisionPatchEmbeddings
+    fastvit_casts_pixels = True  # its holder casts the pixels to the conv's dtype
 
     def _fastvit_output(
         self, tokens: torch.Tensor, pixel_values: torch.Tensor

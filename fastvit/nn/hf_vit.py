@@ -26,7 +26,7 @@ from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, Vi
 
 import fastvit
 from fastvit.nn.attention import self_attention, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active, warn_fallback
+from fastvit.nn.fused import FusedModule, conv_takes, dropout_active, warn_fallback
 from fastvit.ops._fx import method_leaf
 from fastvit.ops.patch_embed import crop_to_patches
 
@@ -152,7 +152,8 @@ class FusedViTLayer(FusedModule, ViTLayer):
 class FusedViTEmbeddings(FusedModule, ViTEmbeddings):
     """``ViTEmbeddings`` as one ``fastvit.patch_embed`` call (projection, ``cls_token``
     prepended, ``position_embeddings`` added) then dropout. Calls with ``bool_masked_pos`` or
-    ``interpolate_pos_encoding`` run Hugging Face's forward."""
+    ``interpolate_pos_encoding``, or pixels its conv would refuse (another dtype outside autocast),
+    run Hugging Face's forward."""
 
     fastvit_part = "patch_embed"
     fastvit_op = "patch_embed"
@@ -164,7 +165,12 @@ class FusedViTEmbeddings(FusedModule, ViTEmbeddings):
         bool_masked_pos: torch.BoolTensor | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
-        if bool_masked_pos is not None or interpolate_pos_encoding or not self._fastvit_intact():
+        if (
+            bool_masked_pos is not None
+            or interpolate_pos_encoding
+            or not self._fastvit_intact()
+            or not conv_takes(pixel_values, self.patch_embeddings.projection)  # its conv's error, after its checks
+        ):
             return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         _, channels, height, width = pixel_values.shape  # Hugging Face's checks, with its messages
         if channels != self.patch_embeddings.num_channels:

@@ -69,7 +69,7 @@ class FusedBeit(_ModelEmbedding, beit.Beit):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return super().forward_features(x)
         x = self.pos_drop(self._fastvit_tokens(x))
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
@@ -91,7 +91,7 @@ class FusedVisionTransformerRelPos(_ModelEmbedding, vision_transformer_relpos.Vi
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return super().forward_features(x)
         x = self._fastvit_tokens(x)
         shared_rel_pos = self.shared_rel_pos.get_bias() if self.shared_rel_pos is not None else None
@@ -113,7 +113,7 @@ class FusedCait(_ModelEmbedding, cait.Cait):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return super().forward_features(x)
         x = self.pos_drop(self._fastvit_tokens(x))
         x = cait.checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x)
@@ -133,7 +133,7 @@ class FusedConVit(_ModelEmbedding, convit.ConVit):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return super().forward_features(x)
         x = self.pos_drop(self._fastvit_tokens(x))
         for index, block in enumerate(self.blocks):
@@ -160,7 +160,7 @@ class FusedVisionTransformerSAM(_ModelEmbedding, vision_transformer_sam.VisionTr
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return super().forward_features(x)
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
         x = self._fastvit_tokens(x).unflatten(1, grid)  # (B, N, D) -> (B, H, W, D), a view
@@ -183,7 +183,7 @@ class _RopeTowerForward(_ModelEmbedding):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return super().forward_features(x)
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
         x = self._fastvit_tokens(x)

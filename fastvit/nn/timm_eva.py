@@ -202,7 +202,7 @@ class FusedEva(_FusedEmbedding, Eva):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return Eva.forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])  # the (H, W) of timm's NHWC patches
         x = self._fastvit_tokens(x)  # (B, C, H, W) -> (B, P+N, D): patches, prefix tokens, pos_embed

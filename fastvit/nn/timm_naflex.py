@@ -54,7 +54,7 @@ from timm.layers import apply_keep_indices_nlc
 from timm.models.naflexvit import NaFlexEmbeds, NaFlexVit, create_attention_mask
 
 import fastvit
-from fastvit.nn.fused import FusedModule
+from fastvit.nn.fused import FusedModule, conv_takes
 from fastvit.ops.patch_embed import crop_to_patches
 
 __all__ = ["FusedNaFlexVit", "embed_notes", "embed_problems", "key_padding_mask"]
@@ -196,8 +196,8 @@ class FusedNaFlexVit(FusedModule, NaFlexVit):
         patch = embeds.patch_size[0]
         pad = embeds.dynamic_img_pad
         partial = x.ndim == 4 and not pad and (x.shape[-2] % patch or x.shape[-1] % patch)
-        if x.ndim != 4 or (partial and embeds.is_linear):
-            return None  # timm's asserts, or its Linear's error on a partial patch
+        if x.ndim != 4 or (partial and embeds.is_linear) or not conv_takes(x, embeds.proj):
+            return None  # timm's asserts, or its projection's error on a partial patch or another dtype
         if partial:  # timm's conv drops the partial patch's rows and columns (a view here)
             x = crop_to_patches(x, patch)
         grid = (-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))
@@ -214,7 +214,12 @@ class FusedNaFlexVit(FusedModule, NaFlexVit):
         """(B, L, p*p*C) patches -> (B, P+L, D) tokens, or None for timm's path."""
         embeds = self.embeds
         patch, chans = embeds.patch_size[0], embeds.in_chans
-        if not (embeds.is_linear and embeds.channels_last) or x.ndim != 3 or x.shape[-1] != patch * patch * chans:
+        if (
+            not (embeds.is_linear and embeds.channels_last)
+            or x.ndim != 3
+            or x.shape[-1] != patch * patch * chans
+            or not conv_takes(x, embeds.proj)  # another dtype: its Linear's error
+        ):
             return None  # (C, p, p) layout, the patch-size interpolator's 5-D input, or timm's error
         # (B, L, p*p*C) -> (B, L, p, p, C) -> (B, C, L, p, p) -> (B, C, L*p, p): patch l is rows
         # l*p ... l*p + p-1 of a channels_last image, a view when x's patches are laid out densely

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 import fastvit
 from fastvit.nn.attention import mask_with_causal, merge_heads, self_attention, split_packed_qkv, timm_scale
-from fastvit.nn.fused import FusedModule
+from fastvit.nn.fused import FusedModule, conv_takes
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, PreNormMlpHalf
 from fastvit.ops.patch_embed import crop_to_patches
 
@@ -159,6 +159,12 @@ class _FusedEmbedding(FusedModule):
             return tuple(embed(x).shape[1:3])
         return embed.dynamic_feat_size(x.shape[-2:])
 
+    def _fastvit_takes(self, x: torch.Tensor) -> bool:
+        """Whether the fused embedding computes this call as timm's: images the conv takes as they
+        are (another dtype outside autocast: timm's conv raises its own error, ``conv_takes``) and
+        nothing overridden or hooked (``_fastvit_intact``)."""
+        return self._fastvit_intact() and conv_takes(x, self.patch_embed.proj)  # intact: proj is a conv
+
     def _fastvit_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, P+N, D) tokens with prefix tokens and pos_embed."""
         embed = self.patch_embed
@@ -192,7 +198,7 @@ class _VisionTransformerForward(_FusedEmbedding):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        if not self._fastvit_intact():
+        if not self._fastvit_takes(x):
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         x = self._fastvit_tokens(x)
         if self.pos_embed is not None:  # timm applies pos_drop only with a pos_embed

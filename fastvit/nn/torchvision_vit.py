@@ -19,7 +19,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 
 import fastvit
 from fastvit.nn.attention import merge_heads, self_attention, split_packed_qkv, warn_attention_dropout
-from fastvit.nn.fused import FusedModule, dropout_active, mlp_dropout_fallback
+from fastvit.nn.fused import FusedModule, conv_takes, dropout_active, mlp_dropout_fallback
 from fastvit.ops._fx import method_leaf
 
 __all__ = ["FusedEncoderBlock", "FusedMultiheadAttention", "FusedVisionTransformer"]
@@ -168,7 +168,7 @@ class FusedVisionTransformer(FusedModule, VisionTransformer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if not self._fastvit_intact():
+        if not self._fastvit_intact() or not conv_takes(x, self.conv_proj):  # another dtype: its conv's error
             return super().forward(x)
         _, _, height, width = x.shape  # torchvision's checks, with its messages
         torch._assert(
