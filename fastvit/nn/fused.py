@@ -332,19 +332,23 @@ class FusedModule:
         return f"{base}, fastvit={self.fastvit_op}" if base else f"fastvit={self.fastvit_op}"
 
 
-def conv_takes(x: torch.Tensor, conv: nn.Module) -> bool:
-    """Whether ``conv(x)`` (or a Linear's) takes x as it is: x in the weight's dtype, or under
-    autocast on x's device (which casts both). A fused embedding whose original projects the pixels
-    as given (no cast: timm's, torchvision's, ViT's and BEiT's) runs its original forward otherwise,
-    which raises its own error. True while torch.fx traces (x a Proxy, of no dtype yet).
+def conv_takes(x: torch.Tensor, conv: nn.Module, cast: bool = False) -> bool:
+    """Whether the patch projection ``conv`` (a Conv2d, or NaFlex's Linear) takes x as it is: for a
+    Conv2d a 4-D batch with its input channels, and x in the weight's dtype or under autocast on x's
+    device (which casts both), or any dtype where the caller casts x to the weight's (``cast``, as
+    Hugging Face's CLIP and DINOv2 do). A fused embedding runs its original forward otherwise, which
+    raises its own error (the op's would be another). True while torch.fx traces (x a Proxy, of no
+    shape or dtype yet: the op checks them when the graph runs).
 
     Example:
         >>> conv_takes(torch.zeros(1, 3, 16, 16, dtype=torch.float64), nn.Conv2d(3, 8, 16, stride=16))
         False
     """
-    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no dtype yet (the op checks it when the graph runs)
+    if isinstance(x, torch.fx.Proxy):
         return True
-    return x.dtype == conv.weight.dtype or torch.is_autocast_enabled(x.device.type)
+    if isinstance(conv, nn.Conv2d) and (x.ndim != 4 or x.shape[1] != conv.in_channels):
+        return False
+    return cast or x.dtype == conv.weight.dtype or torch.is_autocast_enabled(x.device.type)
 
 
 def conv_settings(module: nn.Module) -> tuple | None:

@@ -114,6 +114,8 @@ class _CLIPLayoutEmbeddings(_FusedEmbeddings):
         if interpolates or not exact or not self._fastvit_intact():
             return super().forward(pixel_values, interpolate_pos_encoding)
         conv = self.patch_embedding
+        if not conv_takes(pixel_values, conv, cast=True):  # other channels: its conv's error
+            return super().forward(pixel_values, interpolate_pos_encoding)
         return fastvit.patch_embed(
             _patch_pixels(pixel_values, conv).to(dtype=conv.weight.dtype),  # as Hugging Face casts
             conv.weight,
@@ -173,6 +175,8 @@ class _SiglipLayoutEmbeddings(_FusedEmbeddings):
         if interpolate_pos_encoding or grid != self.num_patches or not self._fastvit_intact():
             return super().forward(pixel_values, interpolate_pos_encoding)  # its shape error, if any
         conv = self.patch_embedding
+        if not conv_takes(pixel_values, conv, cast=True):  # other channels: its conv's error
+            return super().forward(pixel_values, interpolate_pos_encoding)
         return fastvit.patch_embed(
             _patch_pixels(pixel_values, conv).to(dtype=conv.weight.dtype),
             conv.weight,
@@ -255,6 +259,8 @@ class _DINOv3LayoutEmbeddings(_FusedEmbeddings):
         if bool_masked_pos is not None or not self._fastvit_intact():
             return super().forward(pixel_values, bool_masked_pos)
         conv = self.patch_embeddings
+        if not conv_takes(pixel_values, conv, cast=True):  # other channels: its conv's error
+            return super().forward(pixel_values, bool_masked_pos)
         return fastvit.patch_embed(
             _patch_pixels(pixel_values, conv).to(dtype=conv.weight.dtype), conv.weight, conv.bias,
             prefix_tokens=torch.cat((self.cls_token, self.register_tokens), dim=1),
@@ -380,7 +386,7 @@ class _BeitLayoutEmbeddings(_FusedEmbeddings):
             bool_masked_pos is None
             and pixel_values.shape[1] == self.patch_embeddings.num_channels
             and self._fastvit_intact()
-            and (self.fastvit_casts_pixels or conv_takes(pixel_values, projection))  # else its conv's error
+            and conv_takes(pixel_values, projection, cast=self.fastvit_casts_pixels)  # else its conv's error
         )
         pos_embed = self.position_embeddings
         if covered and pos_embed is not None:

@@ -196,8 +196,9 @@ class FusedNaFlexVit(FusedModule, NaFlexVit):
         patch = embeds.patch_size[0]
         pad = embeds.dynamic_img_pad
         partial = x.ndim == 4 and not pad and (x.shape[-2] % patch or x.shape[-1] % patch)
-        if x.ndim != 4 or (partial and embeds.is_linear) or not conv_takes(x, embeds.proj):
-            return None  # timm's asserts, or its projection's error on a partial patch or another dtype
+        takes = x.ndim == 4 and x.shape[1] == embeds.in_chans and conv_takes(x, embeds.proj)
+        if not takes or (partial and embeds.is_linear):
+            return None  # timm's asserts, or its projection's error (a partial patch, other channels or dtype)
         if partial:  # timm's conv drops the partial patch's rows and columns (a view here)
             x = crop_to_patches(x, patch)
         grid = (-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))

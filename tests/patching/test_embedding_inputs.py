@@ -1,10 +1,15 @@
-"""Every patch embedding fastvit fuses (timm, torchvision, Hugging Face), given pixels of another
-dtype than the model's (float32 images into a float64 model and back), does what the unpatched
-model does. Where Hugging Face's projection holder casts the pixels to the conv's dtype (CLIP,
-SigLIP, DINOv2 / v3, data2vec-vision, InternVL) the fused call casts them too and the tokens match;
-where the conv (or NaFlex's Linear) takes them as given (timm, torchvision, Hugging Face's ViT, DeiT,
-ViT-MSN, I-JEPA, ViTMAE, BEiT, OWL-ViT) the call runs the original forward, which raises its own
-error, message for message (``fastvit.nn.fused.conv_takes``). Tiny models, no downloads.
+"""Every patch embedding fastvit fuses (timm, torchvision, Hugging Face), given images its projection
+does not take as they are, does what the unpatched model does (``fastvit.nn.fused.conv_takes``).
+
+- Pixels of another dtype than the model's (float32 images into a float64 model and back): where
+  Hugging Face's projection holder casts the pixels to the conv's dtype (CLIP, SigLIP, DINOv2 / v3,
+  data2vec-vision, InternVL) the fused call casts them too and the tokens match; where the conv (or
+  NaFlex's Linear) takes them as given (timm, torchvision, Hugging Face's ViT, DeiT, ViT-MSN, I-JEPA,
+  ViTMAE, BEiT, OWL-ViT) the call runs the original forward, which raises its own error.
+- Images with other channels than the conv's, or without a batch dimension: the original forward's
+  error, message for message, where the op would raise its own.
+
+Tiny models, no downloads.
 """
 
 from __future__ import annotations
@@ -106,4 +111,21 @@ def test_pixels_of_another_dtype_as_unpatched(family, model_dtype, pixel_dtype, 
     with pytest.raises(RuntimeError) as got:
         call(patched, x)
     assert str(got.value) == str(want.value)  # the projection's own error, from the original forward
+    assert op_calls["patch_embed"] == []
+
+
+@pytest.mark.parametrize("images", ["4_channels", "no_batch_dim"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_images_the_projection_refuses_raise_the_original_error(family, images, op_calls):
+    build, call, size, _ = FAMILIES[family]
+    reference = perturb_(build()).eval()
+    patched = copy.deepcopy(reference)
+    fastvit.patch(patched)
+    shape = (2, 4, size, size) if images == "4_channels" else (3, size, size)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Exception) as want:
+        call(reference, x)
+    with pytest.raises(Exception) as got:
+        call(patched, x)
+    assert (type(got.value), str(got.value)) == (type(want.value), str(want.value))
     assert op_calls["patch_embed"] == []
