@@ -152,7 +152,7 @@ class _OwlViTLayoutEmbeddings(_FusedEmbeddings):
         grid = (height // self.patch_size) * (width // self.patch_size)
         if interpolate_pos_encoding or grid != self.num_patches or not self._fastvit_intact():
             return super().forward(pixel_values, interpolate_pos_encoding)
-        if pixel_values.shape[1] != conv.in_channels or not conv_takes(pixel_values, conv):  # its conv's errors
+        if not conv_takes(pixel_values, conv):  # other channels or another dtype: its conv's errors
             return super().forward(pixel_values, interpolate_pos_encoding)
         return fastvit.patch_embed(
             _patch_pixels(pixel_values, conv),

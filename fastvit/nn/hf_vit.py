@@ -152,8 +152,8 @@ class FusedViTLayer(FusedModule, ViTLayer):
 class FusedViTEmbeddings(FusedModule, ViTEmbeddings):
     """``ViTEmbeddings`` as one ``fastvit.patch_embed`` call (projection, ``cls_token``
     prepended, ``position_embeddings`` added) then dropout. Calls with ``bool_masked_pos`` or
-    ``interpolate_pos_encoding``, or pixels its conv would refuse (another dtype outside autocast),
-    run Hugging Face's forward."""
+    ``interpolate_pos_encoding``, or pixels its conv would refuse (other channels, another dtype
+    outside autocast), run Hugging Face's forward."""
 
     fastvit_part = "patch_embed"
     fastvit_op = "patch_embed"
@@ -169,7 +169,7 @@ class FusedViTEmbeddings(FusedModule, ViTEmbeddings):
             bool_masked_pos is not None
             or interpolate_pos_encoding
             or not self._fastvit_intact()
-            or not conv_takes(pixel_values, self.patch_embeddings.projection)  # its conv's error, after its checks
+            or not conv_takes(pixel_values, self.patch_embeddings.projection)  # Hugging Face's errors
         ):
             return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         _, channels, height, width = pixel_values.shape  # Hugging Face's checks, with its messages

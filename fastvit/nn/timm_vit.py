@@ -160,9 +160,9 @@ class _FusedEmbedding(FusedModule):
         return embed.dynamic_feat_size(x.shape[-2:])
 
     def _fastvit_takes(self, x: torch.Tensor) -> bool:
-        """Whether the fused embedding computes this call as timm's: images the conv takes as they
-        are (another dtype outside autocast: timm's conv raises its own error, ``conv_takes``) and
-        nothing overridden or hooked (``_fastvit_intact``)."""
+        """Whether the fused embedding computes this call as timm's: nothing overridden or hooked
+        (``_fastvit_intact``) and images the conv takes as they are (other channels, no batch
+        dimension or another dtype outside autocast: timm raises its own error, ``conv_takes``)."""
         return self._fastvit_intact() and conv_takes(x, self.patch_embed.proj)  # intact: proj is a conv
 
     def _fastvit_tokens(self, x: torch.Tensor) -> torch.Tensor:

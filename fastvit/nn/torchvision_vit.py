@@ -168,7 +168,7 @@ class FusedVisionTransformer(FusedModule, VisionTransformer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x)
-        if not self._fastvit_intact() or not conv_takes(x, self.conv_proj):  # another dtype: its conv's error
+        if not self._fastvit_intact() or not conv_takes(x, self.conv_proj):  # torchvision's errors
             return super().forward(x)
         _, _, height, width = x.shape  # torchvision's checks, with its messages
         torch._assert(
