@@ -17,9 +17,9 @@ import fastvit
 from fastvit.nn.fused import warn_attention_dropout  # re-exported: the fused classes import it from here
 
 __all__ = [
-    "biased_attention", "biased_qkv", "cosine_qk", "decomposed_rel_pos_tables", "mask_with_causal", "merge_heads",
-    "per_head_biased_attention", "self_attention", "split_packed_qkv", "timm_scale", "warn_attention_dropout",
-    "windowed_attention",
+    "biased_attention", "biased_qkv", "cosine_qk", "decomposed_rel_pos_tables", "mask_refused", "mask_with_causal",
+    "merge_heads", "per_head_biased_attention", "self_attention", "split_packed_qkv", "timm_scale",
+    "warn_attention_dropout", "windowed_attention",
 ]
 
 
@@ -122,6 +122,31 @@ def mask_with_causal(attn_mask: object, is_causal: object) -> bool:
         ...     return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
     """
     return is_causal is True and isinstance(attn_mask, torch.Tensor)
+
+
+def mask_refused(attn_mask: object, x: torch.Tensor, num_heads: int) -> bool:
+    """Whether a user's mask is one the fused timm attentions leave to timm's forward, which then
+    raises (or computes) what it always did: a tensor neither bool nor floating, floating in another
+    dtype than the tokens x outside autocast (SDPA refuses it; the op would promote it), or not
+    broadcastable to (B, num_heads, N, N) (the op's error would be another). False for None, and
+    under ``torch.fx`` tracing (a Proxy: the graph passes the mask on to the op).
+
+    Example:
+        >>> mask_refused(torch.zeros(2, 1, 5, 5, dtype=torch.float64), torch.zeros(2, 5, 8), 2)
+        True
+    """
+    if not isinstance(attn_mask, torch.Tensor) or isinstance(x, torch.fx.Proxy):
+        return False
+    if attn_mask.dtype != torch.bool:
+        if not attn_mask.is_floating_point():
+            return True
+        if attn_mask.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            return True
+    scores = (x.shape[0], num_heads, x.shape[-2], x.shape[-2])
+    try:
+        return torch.broadcast_shapes(attn_mask.shape, scores) != scores
+    except RuntimeError:  # not broadcastable
+        return True
 
 
 def biased_qkv(

@@ -25,7 +25,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 import fastvit
-from fastvit.nn.attention import biased_qkv, mask_with_causal, merge_heads, self_attention, timm_scale
+from fastvit.nn.attention import biased_qkv, mask_refused, mask_with_causal, merge_heads, self_attention, timm_scale
 from fastvit.nn.fused import FusedModule
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, FusedGammaMlpHalf
 from fastvit.nn.timm_vit import _FusedEmbedding
@@ -102,7 +102,8 @@ class RopeAttentionForward(FusedModule):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused():
+        refused = mask_with_causal(attn_mask, is_causal) or mask_refused(attn_mask, x, self.num_heads)
+        if refused or self._fastvit_unfused():
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self._fastvit_qkv(x)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 
-from fastvit.nn.attention import mask_with_causal, self_attention, timm_scale
+from fastvit.nn.attention import mask_refused, mask_with_causal, self_attention, timm_scale
 from fastvit.nn.fused import FusedModule
 
 __all__ = ["FusedDiffParallelScalingBlock", "FusedParallelScalingBlock"]
@@ -50,7 +50,8 @@ class _ParallelBlockForward(FusedModule):
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
         name = type(self).fastvit_original().__name__
-        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused(f"timm {name}"):
+        refused = mask_with_causal(attn_mask, is_causal) or mask_refused(attn_mask, x, self.num_heads)
+        if refused or self._fastvit_unfused(f"timm {name}"):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         # the MLP's fc1 and q, k, v: one projection of the normalised tokens, split as views
         y = self.in_proj(self.in_norm(x))

@@ -19,7 +19,14 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import fastvit
-from fastvit.nn.attention import mask_with_causal, merge_heads, self_attention, split_packed_qkv, timm_scale
+from fastvit.nn.attention import (
+    mask_refused,
+    mask_with_causal,
+    merge_heads,
+    self_attention,
+    split_packed_qkv,
+    timm_scale,
+)
 from fastvit.nn.fused import FusedModule, conv_takes
 from fastvit.nn.timm_mlp import MLP_BYPASSED, SWIGLU_BYPASSED, PreNormMlpHalf
 from fastvit.ops.patch_embed import crop_to_patches
@@ -51,7 +58,8 @@ class FusedAttention(FusedModule, Attention):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles the original math (FusedModule)
             return self._fastvit_original_forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if mask_with_causal(attn_mask, is_causal) or self._fastvit_unfused("timm Attention"):
+        refused = mask_with_causal(attn_mask, is_causal) or mask_refused(attn_mask, x, self.num_heads)
+        if refused or self._fastvit_unfused("timm Attention"):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         gate_layer = getattr(self, "gate", None)
         gate = gate_layer(x).sigmoid() if gate_layer is not None else None
